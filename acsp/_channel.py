@@ -1,0 +1,252 @@
+"""gRPC channels for the SDK: TLS with the mesh's CA, the caller's token, deadlines, retries.
+
+Every call gets a deadline: the per-call ``timeout=`` if given, else the client's default.
+Calls are retried on UNAVAILABLE by gRPC itself (a retry policy in the channel's service config)
+only when they are idempotent: reads, and mutating calls whose request carries a
+``request_id``. The SDK fills an empty ``request_id`` with a fresh UUID before the first try,
+so that every retry of that call carries the same id and the server applies it once.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, NamedTuple
+
+import grpc
+import grpc.aio
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+
+DEFAULT_TIMEOUT_S: Final = 10.0
+"""Deadline of a call that sets none, in seconds."""
+REQUEST_ID_FIELD: Final = "request_id"
+READ_PREFIXES: Final = ("Get", "List", "Watch", "Query", "Check", "Export")
+"""Method name prefixes of read calls, which change nothing and so are safe to retry."""
+
+MAX_ATTEMPTS: Final = 5
+INITIAL_BACKOFF_S: Final = 0.1
+MAX_BACKOFF_S: Final = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Caller credentials: the CA to trust, a bearer token and an optional client certificate."""
+
+    ca_cert_pem: bytes | None = None
+    """PEM of the CA that signed the servers; None makes a plaintext channel (tests, debugging)."""
+    token: str | None = None
+    """Signed token sent as ``authorization: Bearer <token>`` on every call."""
+    client_cert_pem: bytes | None = None
+    """PEM client certificate, required by servers that run mutual TLS."""
+    client_key_pem: bytes | None = None
+    """PEM private key of ``client_cert_pem``."""
+
+    @classmethod
+    def from_files(
+        cls,
+        *,
+        ca_cert: Path | None,
+        token: str | None = None,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
+    ) -> Credentials:
+        return cls(
+            ca_cert_pem=ca_cert.read_bytes() if ca_cert is not None else None,
+            token=token,
+            client_cert_pem=client_cert.read_bytes() if client_cert is not None else None,
+            client_key_pem=client_key.read_bytes() if client_key is not None else None,
+        )
+
+    def __repr__(self) -> str:
+        # Never show the token, since reprs end up in logs and tracebacks.
+        token = "set" if self.token else None
+        return (
+            f"Credentials(tls={self.ca_cert_pem is not None}, token={token}, "
+            f"client_cert={self.client_cert_pem is not None})"
+        )
+
+
+def is_idempotent(method: MethodDescriptor) -> bool:
+    """Return True if repeating ``method`` is safe: a read, or a request with a request id."""
+    if method.name.startswith(READ_PREFIXES):
+        return True
+    return REQUEST_ID_FIELD in method.input_type.fields_by_name
+
+
+def retry_service_config(services: Iterable[ServiceDescriptor]) -> str:
+    """Return a gRPC service config (JSON) that retries the idempotent methods on UNAVAILABLE."""
+    names = [
+        {"service": service.full_name, "method": method.name}
+        for service in services
+        for method in service.methods
+        if is_idempotent(method)
+    ]
+    config: dict[str, Any] = {"methodConfig": []}
+    if names:
+        config["methodConfig"].append(
+            {
+                "name": names,
+                "retryPolicy": {
+                    "maxAttempts": MAX_ATTEMPTS,
+                    "initialBackoff": f"{INITIAL_BACKOFF_S}s",
+                    "maxBackoff": f"{MAX_BACKOFF_S}s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        )
+    return json.dumps(config)
+
+
+def channel_options(services: Sequence[ServiceDescriptor]) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", retry_service_config(services)),
+        # Short keepalive so that a client notices a restarted local service quickly.
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
+
+
+def _channel_credentials(credentials: Credentials) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=credentials.ca_cert_pem,
+        private_key=credentials.client_key_pem,
+        certificate_chain=credentials.client_cert_pem,
+    )
+
+
+def _with_request_id(request: Any) -> Any:
+    """Return a copy of ``request`` whose empty ``request_id`` is set to a fresh UUID.
+
+    Returns ``request`` itself when it has no such field or the field is already set.
+    """
+    if not isinstance(request, Message):
+        return request
+    descriptor = request.DESCRIPTOR
+    if REQUEST_ID_FIELD not in descriptor.fields_by_name:
+        return request
+    if getattr(request, REQUEST_ID_FIELD):
+        return request
+    filled = type(request)()
+    filled.CopyFrom(request)
+    setattr(filled, REQUEST_ID_FIELD, str(uuid.uuid4()))
+    return filled
+
+
+def _merged_metadata(
+    metadata: Sequence[tuple[str, str | bytes]] | None, token: str | None
+) -> list[tuple[str, str | bytes]]:
+    merged = list(metadata or ())
+    if token and not any(key == "authorization" for key, _ in merged):
+        merged.append(("authorization", f"Bearer {token}"))
+    return merged
+
+
+# --- asyncio ----------------------------------------------------------------------------------
+
+
+class _AsyncCallDefaults(
+    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
+):
+    """Add the token, the default deadline and a request id to every asyncio call."""
+
+    def __init__(self, token: str | None, timeout_s: float) -> None:
+        self._token = token
+        self._timeout_s = timeout_s
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(
+            method=details.method,
+            timeout=details.timeout if details.timeout is not None else self._timeout_s,
+            metadata=grpc.aio.Metadata(*_merged_metadata(details.metadata, self._token)),
+            credentials=details.credentials,
+            wait_for_ready=details.wait_for_ready,
+        )
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), _with_request_id(request))
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), _with_request_id(request))
+
+
+def open_async_channel(
+    target: str,
+    credentials: Credentials,
+    *,
+    services: Sequence[ServiceDescriptor],
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> grpc.aio.Channel:
+    """Open an asyncio channel to ``target`` (``host:port``) for the given services."""
+    interceptors = [_AsyncCallDefaults(credentials.token, timeout_s)]
+    options = channel_options(services)
+    if credentials.ca_cert_pem is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        target, _channel_credentials(credentials), options=options, interceptors=interceptors
+    )
+
+
+# --- blocking ---------------------------------------------------------------------------------
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str | bytes]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class _SyncCallDefaults(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Add the token, the default deadline and a request id to every blocking call."""
+
+    def __init__(self, token: str | None, timeout_s: float) -> None:
+        self._token = token
+        self._timeout_s = timeout_s
+
+    def _details(self, details: Any) -> grpc.ClientCallDetails:
+        timeout = details.timeout if details.timeout is not None else self._timeout_s
+        return _CallDetails(  # type: ignore[return-value]
+            method=details.method,
+            timeout=timeout,
+            metadata=_merged_metadata(details.metadata, self._token),
+            credentials=details.credentials,
+            wait_for_ready=getattr(details, "wait_for_ready", None),
+            compression=getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        return continuation(self._details(client_call_details), _with_request_id(request))
+
+    def intercept_unary_stream(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        return continuation(self._details(client_call_details), _with_request_id(request))
+
+
+def open_channel(
+    target: str,
+    credentials: Credentials,
+    *,
+    services: Sequence[ServiceDescriptor],
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> grpc.Channel:
+    """Open a blocking channel to ``target`` (``host:port``) for the given services."""
+    options = channel_options(services)
+    if credentials.ca_cert_pem is None:
+        channel = grpc.insecure_channel(target, options=options)
+    else:
+        channel = grpc.secure_channel(target, _channel_credentials(credentials), options=options)
+    return grpc.intercept_channel(channel, _SyncCallDefaults(credentials.token, timeout_s))

@@ -1,0 +1,137 @@
+"""Helpers every ``acsp`` command shares: connection options, output, errors, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import grpc
+from rich.console import Console
+from rich.table import Table
+
+from acsp._channel import DEFAULT_TIMEOUT_S
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+"""A call failed, a service is not serving, or a child of the mesh died."""
+EXIT_USAGE: Final = 2
+"""Bad command line or bad input (argparse also exits 2)."""
+EXIT_NO_MESH: Final = 3
+"""No running mesh was found (no mesh file) or its services could not be reached."""
+EXIT_INTERRUPTED: Final = 130
+"""Stopped by Ctrl-C, as shells report SIGINT."""
+
+OUTPUT_FORMATS: Final = ("table", "csv", "json")
+
+
+class CommandError(Exception):
+    """An error to print as one line, without a traceback, and exit with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def connection_options() -> argparse.ArgumentParser:
+    """Return a parent parser with --data-dir, --token and --timeout for commands that connect."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data directory of the running mesh (default: $ACSP_DATA_DIR or ~/.acsp)",
+    )
+    group.add_argument(
+        "--token",
+        default=None,
+        help="bearer token to send (default: $ACSP_TOKEN); get one with `acsp token`",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
+    )
+    return parser
+
+
+def output_options() -> argparse.ArgumentParser:
+    """Return a parent parser with --format for commands that print records."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--format",
+        choices=OUTPUT_FORMATS,
+        default="table",
+        help="output format: a table for people, csv or json for scripts (default: table)",
+    )
+    return parser
+
+
+def print_records(
+    records: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    output_format: str = "table",
+    title: str | None = None,
+    stream: TextIO | None = None,
+) -> None:
+    """Print ``records`` (one mapping per row) as a rich table, CSV or JSON lines.
+
+    Values are printed with ``str()``, so Decimal amounts keep every digit.
+    """
+    out = stream if stream is not None else sys.stdout
+    if output_format == "csv":
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        for record in records:
+            writer.writerow([_cell(record.get(column)) for column in columns])
+        return
+    if output_format == "json":
+        for record in records:
+            out.write(json.dumps({column: _cell(record.get(column)) for column in columns}) + "\n")
+        return
+    table = Table(title=title, show_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column)
+    for record in records:
+        table.add_row(*(_cell(record.get(column)) for column in columns))
+    Console(file=out, soft_wrap=True).print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return str(value)
+
+
+def print_error(message: str, stream: TextIO | None = None) -> None:
+    (stream if stream is not None else sys.stderr).write(f"error: {message}\n")
+
+
+def describe_rpc_error(error: grpc.RpcError) -> str:
+    """Return ``CODE: message`` for a failed gRPC call."""
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else None
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    return f"{name}: {details or 'no details'}"
+
+
+def exit_code_for_rpc_error(error: grpc.RpcError) -> int:
+    code = error.code() if hasattr(error, "code") else None
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return EXIT_NO_MESH
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return EXIT_USAGE
+    return EXIT_FAILURE
+
+
+def rows_of(pairs: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """Return ``[{"field": k, "value": v}, ...]`` for printing one object as a table."""
+    return [{"field": key, "value": value} for key, value in pairs]

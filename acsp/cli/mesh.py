@@ -1,0 +1,259 @@
+"""``acsp up``, ``acsp status`` and ``acsp token``: run and inspect the local mesh."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from acsp._channel import Credentials
+from acsp.cli._common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_NO_MESH,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    connection_options,
+    output_options,
+    print_records,
+)
+from acsp.mesh.credentials import mint_token
+from acsp.mesh.endpoints import MeshInfo, default_data_dir, load_mesh, supervisor_alive
+from acsp.mesh.health import HealthReport, check_health
+from acsp.mesh.supervisor import LocalMesh, MeshConfig, MeshStartError
+
+logger = logging.getLogger(__name__)
+
+TOKEN_KEY_PATH = Path("token") / "signing.key"
+"""Path of the key that :func:`services.runtime.auth.ensure_signing_key` writes, in the data dir."""
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    up = subparsers.add_parser(
+        "up",
+        help="run the local mesh: PostgreSQL, NATS, the services and a simulated fleet",
+        description=(
+            "Start the local mesh and keep it running until Ctrl-C or SIGTERM. Uses the "
+            "PostgreSQL and NATS named by ACSP_DATABASE_URL and ACSP_NATS_URL when they are "
+            "set, and starts embedded ones otherwise."
+        ),
+    )
+    up.add_argument(
+        "--agents",
+        type=int,
+        default=4,
+        help="simulated nodes in the fleet; 0 for none (default: 4)",
+    )
+    up.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder for the mesh's state, keys and logs (default: $ACSP_DATA_DIR or ~/.acsp)",
+    )
+    up.add_argument(
+        "--start-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds for every service to report SERVING (default: 60)",
+    )
+    up.set_defaults(func=run_up)
+
+    status = subparsers.add_parser(
+        "status",
+        parents=[connection_options(), output_options()],
+        help="print each service's health; exit 0 only if all are SERVING",
+    )
+    status.set_defaults(func=run_status)
+
+    token = subparsers.add_parser(
+        "token",
+        help="mint a bearer token with the local mesh's signing key",
+        description=(
+            "Print a signed token for use as ACSP_TOKEN, e.g. "
+            "export ACSP_TOKEN=$(acsp token --role pi --subject alice --institution uni-a)"
+        ),
+    )
+    token.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        help="researcher, pi, reviewer, program_office, provider_operator or service; repeatable",
+    )
+    token.add_argument("--subject", required=True, help="the user id the token speaks for")
+    token.add_argument("--institution", default=None, help="the user's institution id")
+    token.add_argument("--provider", default=None, help="the provider a provider_operator acts for")
+    token.add_argument(
+        "--ttl",
+        type=float,
+        default=12 * 3600.0,
+        metavar="SECONDS",
+        help="lifetime of the token in seconds (default: 43200, 12 hours)",
+    )
+    token.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data directory of the mesh whose key signs (default: $ACSP_DATA_DIR or ~/.acsp)",
+    )
+    token.set_defaults(func=run_token)
+
+
+# --- acsp up ------------------------------------------------------------------------------
+
+
+def run_up(args: argparse.Namespace) -> int:
+    if args.agents < 0:
+        raise CommandError(f"--agents must be 0 or more, got {args.agents}", EXIT_USAGE)
+    if args.start_timeout <= 0:
+        raise CommandError(
+            f"--start-timeout must be positive, got {args.start_timeout}", EXIT_USAGE
+        )
+    # The supervisor reports its progress at INFO unless -v asked for more.
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    data_dir = args.data_dir.expanduser() if args.data_dir is not None else default_data_dir()
+    config = MeshConfig.from_env(data_dir, agents=args.agents)
+    config = MeshConfig(
+        data_dir=config.data_dir,
+        agents=config.agents,
+        database_url=config.database_url,
+        nats_url=config.nats_url,
+        start_timeout_s=args.start_timeout,
+    )
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: MeshConfig) -> int:
+    """Run the mesh until a stop signal (exit 0) or a child's death (exit 1)."""
+    loop = asyncio.get_running_loop()
+    mesh = LocalMesh(config)
+    stop_requested = asyncio.Event()
+    start = loop.create_task(mesh.start(), name="start mesh")
+
+    def on_signal(signum: int) -> None:
+        logger.info("received %s; stopping the mesh", signal.Signals(signum).name)
+        stop_requested.set()
+        if not start.done():
+            start.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        try:
+            await start
+        except asyncio.CancelledError:
+            # start() stopped whatever it had started before re-raising.
+            return EXIT_INTERRUPTED
+        except MeshStartError as exc:
+            print(f"error: the mesh failed to start: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        _print_banner(mesh.info)
+        failure_task = loop.create_task(mesh.wait_failure(), name="wait for a child to die")
+        stop_task = loop.create_task(stop_requested.wait(), name="wait for a stop signal")
+        done, _ = await asyncio.wait({failure_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (failure_task, stop_task):
+            task.cancel()
+        if failure_task in done and not failure_task.cancelled():
+            print(f"error: {failure_task.result()}", file=sys.stderr)
+            print("stopping the rest of the mesh", file=sys.stderr)
+            await mesh.stop()
+            return EXIT_FAILURE
+        await mesh.stop()
+        print("mesh stopped", file=sys.stderr)
+        return EXIT_OK
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def _print_banner(info: MeshInfo) -> None:
+    lines = [f"acsp mesh is up (data dir {info.data_dir})"]
+    for name, endpoint in info.endpoints.items():
+        lines.append(f"  {name:<10} {endpoint}   SERVING")
+    lines += [
+        f"  {'postgres':<10} {info.database_url}",
+        f"  {'nats':<10} {info.nats_url}",
+        f"  {'CA':<10} {info.ca_cert}",
+        f"  {'mesh file':<10} {info.data_dir / 'mesh.json'}",
+        f"  {'logs':<10} {info.data_dir / 'logs'}",
+        "",
+        "Get a token (roles: researcher, pi, reviewer, program_office, provider_operator):",
+        f"  export ACSP_TOKEN=$(acsp token --data-dir {info.data_dir} "
+        "--role program_office --subject admin)",
+        f"Check health:  acsp status --data-dir {info.data_dir}",
+        "Press Ctrl-C to stop.",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+# --- acsp status --------------------------------------------------------------------------
+
+
+def run_status(args: argparse.Namespace) -> int:
+    info = load_mesh(args.data_dir)
+    reports = asyncio.run(_check_all(info, args.timeout))
+    records = [
+        {
+            "service": report.service,
+            "endpoint": report.target,
+            "status": report.status,
+            "detail": report.detail,
+        }
+        for report in reports
+    ]
+    print_records(records, ["service", "endpoint", "status", "detail"], output_format=args.format)
+    if not supervisor_alive(info):
+        print(
+            f"warning: the supervisor (pid {info.supervisor_pid}) that wrote "
+            f"{info.data_dir / 'mesh.json'} is not running",
+            file=sys.stderr,
+        )
+    if all(report.serving for report in reports):
+        return EXIT_OK
+    if all(report.status == "UNREACHABLE" for report in reports):
+        return EXIT_NO_MESH
+    return EXIT_FAILURE
+
+
+async def _check_all(info: MeshInfo, timeout_s: float) -> list[HealthReport]:
+    credentials = Credentials.from_files(
+        ca_cert=info.ca_cert, client_cert=info.client_cert, client_key=info.client_key
+    )
+    checks = [
+        check_health(name, endpoint, credentials, timeout_s=timeout_s)
+        for name, endpoint in info.endpoints.items()
+    ]
+    return list(await asyncio.gather(*checks))
+
+
+# --- acsp token ---------------------------------------------------------------------------
+
+
+def run_token(args: argparse.Namespace) -> int:
+    data_dir = args.data_dir.expanduser() if args.data_dir is not None else default_data_dir()
+    key_path = data_dir / TOKEN_KEY_PATH
+    if not key_path.is_file():
+        raise CommandError(
+            f"no signing key at {key_path}: run `acsp up --data-dir {data_dir}` once to create "
+            "it, or pass the --data-dir of your mesh",
+            EXIT_NO_MESH,
+        )
+    try:
+        token = mint_token(
+            key_path,
+            role=args.role,
+            subject=args.subject,
+            institution=args.institution,
+            provider=args.provider,
+            ttl_s=args.ttl,
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    print(token)
+    return EXIT_OK

@@ -1,0 +1,145 @@
+"""Child processes of the local mesh: start with a log file, stop in two phases, tail the log."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG: Final = 1
+TAIL_LINES: Final = 20
+"""Lines of a child's log shown when it dies."""
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this child when the supervisor dies, even by SIGKILL.
+
+    Runs in the child between fork and exec, after any change of user, because a change of
+    credentials clears the setting.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class ChildProcess:
+    """One process that the mesh started, with its output in ``log_path``.
+
+    Each child runs in its own session, so a Ctrl-C in the terminal reaches only the
+    supervisor, which then stops the children in order.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        user: str | None = None,
+        stop_signal: signal.Signals = signal.SIGTERM,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._env = dict(env) if env is not None else None
+        self._cwd = cwd
+        self._user = user
+        self._stop_signal = stop_signal
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode if self._process is not None else None
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self._env,
+                cwd=self._cwd,
+                user=self._user,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        logger.info("started %s (pid %s): %s", self.name, self._process.pid, " ".join(self.argv))
+
+    async def wait(self) -> int:
+        """Wait for the process to exit and return its exit status."""
+        if self._process is None:
+            raise RuntimeError(f"{self.name} was never started")
+        return await self._process.wait()
+
+    async def stop(self, grace_s: float) -> int | None:
+        """Send the stop signal, wait up to ``grace_s`` seconds, then SIGKILL.
+
+        Returns the exit status, or None if the process was never started.
+        """
+        process = self._process
+        if process is None:
+            return None
+        if process.returncode is not None:
+            return process.returncode
+        self._signal(self._stop_signal)
+        try:
+            return await asyncio.wait_for(asyncio.shield(process.wait()), grace_s)
+        except TimeoutError:
+            logger.warning(
+                "%s (pid %s) did not exit within %.1f s of %s; killing it",
+                self.name,
+                process.pid,
+                grace_s,
+                self._stop_signal.name,
+            )
+        self._signal(signal.SIGKILL)
+        # After SIGKILL the kernel reaps the process promptly; the bound only guards a stuck
+        # uninterruptible sleep.
+        return await asyncio.wait_for(process.wait(), 10.0)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        try:
+            # The child leads its own process group, so this reaches its own children too.
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+
+    def tail(self, lines: int = TAIL_LINES) -> str:
+        """Return the last ``lines`` lines of the child's log, or '' if there is none."""
+        try:
+            data = self.log_path.read_bytes()
+        except FileNotFoundError:
+            return ""
+        text = data[-64 * 1024 :].decode("utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def describe_exit(self) -> str:
+        """Return a sentence that describes how the process ended, for error messages."""
+        code = self.returncode
+        if code is None:
+            return f"{self.name} is still running"
+        if code < 0:
+            try:
+                ending = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                ending = f"was killed by signal {-code}"
+        else:
+            ending = f"exited with status {code}"
+        return f"{self.name} (pid {self.pid}) {ending}; log: {self.log_path}"

@@ -1,0 +1,446 @@
+"""The local mesh supervisor: PostgreSQL, NATS, the three services and the simulated fleet.
+
+Use it from Python (tests, ``acsp demo``, notebooks)::
+
+    async with LocalMesh(MeshConfig(data_dir=Path("/tmp/mesh"), agents=4)) as mesh:
+        token = mesh.token(role="pi", subject="alice@uni.example")
+        async with AsyncClient.from_mesh(mesh.info, token=token) as client:
+            ...
+
+or as ``acsp up``, which runs it until Ctrl-C or SIGTERM. It starts every process in its own
+session, waits until each service reports SERVING via grpc.health.v1, writes the mesh file
+(:mod:`acsp.mesh.endpoints`), and stops what it started in two phases (stop signal, wait,
+SIGKILL) in reverse order. If a child dies while the mesh runs, :meth:`LocalMesh.wait_failure`
+returns which one and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+from acsp._channel import Credentials
+from acsp.mesh import credentials as mesh_credentials
+from acsp.mesh._ports import LOOPBACK, free_port
+from acsp.mesh._process import ChildProcess
+from acsp.mesh.endpoints import MESH_FILE_NAME, SERVICE_NAMES, MeshInfo
+from acsp.mesh.health import wait_serving
+from acsp.mesh.nats import EmbeddedNats
+from acsp.mesh.postgres import EmbeddedPostgres, cluster_dir_for
+
+logger = logging.getLogger(__name__)
+
+DATABASE_URL_ENV: Final = "ACSP_DATABASE_URL"
+NATS_URL_ENV: Final = "ACSP_NATS_URL"
+
+SERVICE_MODULES: Final = {
+    "grant": "services.grant",
+    "scheduler": "scheduler.service",
+    "metering": "services.metering",
+}
+"""The module that ``python -m`` runs for each service."""
+AGENTS_NAME: Final = "agents"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSpec:
+    """One process of the mesh: how to start it and whether it serves gRPC."""
+
+    name: str
+    """Name in logs, messages and the mesh file."""
+    argv: Sequence[str]
+    """Command line; the first item is the executable."""
+    serves_grpc: bool = True
+    """True for services, which get a port, TLS files, and are health-checked."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Extra environment variables for this process only."""
+
+
+def default_processes(agents: int) -> tuple[ProcessSpec, ...]:
+    """Return the grant, scheduler and metering services and, if ``agents`` > 0, the fleet."""
+    specs = [
+        ProcessSpec(name, [sys.executable, "-m", module])
+        for name, module in SERVICE_MODULES.items()
+    ]
+    if agents > 0:
+        specs.append(
+            ProcessSpec(
+                AGENTS_NAME,
+                [sys.executable, "-m", "agents", "--backend", "simulated", "--nodes", str(agents)],
+                serves_grpc=False,
+            )
+        )
+    return tuple(specs)
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """How to run a local mesh."""
+
+    data_dir: Path
+    """Folder for the mesh file, TLS files, token key, logs and the embedded servers' data."""
+    agents: int = 4
+    """Number of simulated nodes in the fleet process; 0 starts no fleet."""
+    database_url: str | None = None
+    """PostgreSQL to use; None starts an embedded one."""
+    nats_url: str | None = None
+    """NATS (with JetStream) to use; None starts an embedded one."""
+    processes: tuple[ProcessSpec, ...] | None = None
+    """Processes to run; None means :func:`default_processes` for ``agents``."""
+    start_timeout_s: float = 60.0
+    """Seconds for everything to start and report SERVING."""
+    stop_grace_s: float = 10.0
+    """Seconds each process gets to exit after its stop signal before SIGKILL."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Extra environment variables for every child process."""
+
+    @classmethod
+    def from_env(
+        cls, data_dir: Path, *, agents: int = 4, environ: Mapping[str, str] | None = None
+    ) -> MeshConfig:
+        """Build a config that uses ACSP_DATABASE_URL and ACSP_NATS_URL when they are set."""
+        env = os.environ if environ is None else environ
+        return cls(
+            data_dir=data_dir,
+            agents=agents,
+            database_url=env.get(DATABASE_URL_ENV, "").strip() or None,
+            nats_url=env.get(NATS_URL_ENV, "").strip() or None,
+        )
+
+    def resolved_processes(self) -> tuple[ProcessSpec, ...]:
+        return self.processes if self.processes is not None else default_processes(self.agents)
+
+
+class MeshStartError(RuntimeError):
+    """The mesh failed to start; the message names the process and shows its last log lines."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChildExit:
+    """A child of the mesh that exited while the mesh was running."""
+
+    name: str
+    returncode: int
+    description: str
+    """Exit status and log path, as one sentence."""
+    log_tail: str
+    """Its last log lines."""
+
+    def __str__(self) -> str:
+        return f"{self.description}\n--- last lines of its log ---\n{self.log_tail}"
+
+
+class LocalMesh:
+    """Runs a local mesh; an async context manager that starts it and stops it."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.data_dir = config.data_dir.resolve()
+        self._postgres: EmbeddedPostgres | None = None
+        self._nats: EmbeddedNats | None = None
+        self._children: list[ChildProcess] = []
+        self._pki: mesh_credentials.MeshCredentials | None = None
+        self._info: MeshInfo | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+        self._failure: asyncio.Future[ChildExit] | None = None
+        self._stopping = False
+
+    # --- public surface -------------------------------------------------------------------
+
+    @property
+    def info(self) -> MeshInfo:
+        """Endpoints and credential paths; available once :meth:`start` returned."""
+        if self._info is None:
+            raise RuntimeError("the mesh is not running: use `async with LocalMesh(...)`")
+        return self._info
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Process ids of every child the mesh started and that still runs."""
+        result = {}
+        for child in self._all_children():
+            if child.pid is not None and child.returncode is None:
+                result[child.name] = child.pid
+        return result
+
+    def token(
+        self,
+        role: str | Sequence[str],
+        subject: str,
+        *,
+        institution: str | None = None,
+        provider: str | None = None,
+        ttl_s: float = 3600.0,
+    ) -> str:
+        """Mint a bearer token for ``subject`` with ``role``, signed by the mesh's key."""
+        if self._pki is None:
+            raise RuntimeError("the mesh is not running: use `async with LocalMesh(...)`")
+        return self._pki.mint_token(
+            role=role, subject=subject, institution=institution, provider=provider, ttl_s=ttl_s
+        )
+
+    def client_credentials(self, token: str | None) -> Credentials:
+        info = self.info
+        return Credentials.from_files(
+            ca_cert=info.ca_cert,
+            token=token,
+            client_cert=info.client_cert,
+            client_key=info.client_key,
+        )
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def wait_failure(self) -> ChildExit:
+        """Wait until a child exits on its own and return which one and why."""
+        if self._failure is None:
+            raise RuntimeError("the mesh is not running")
+        return await asyncio.shield(self._failure)
+
+    # --- start ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start everything and wait until every service reports SERVING.
+
+        Raises MeshStartError (after stopping whatever started) if any part fails or the
+        services are not SERVING within ``start_timeout_s``.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.start_timeout_s
+        self._failure = loop.create_future()
+        try:
+            await self._start(deadline)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / MESH_FILE_NAME).unlink(missing_ok=True)
+        specs = self.config.resolved_processes()
+        grpc_names = [spec.name for spec in specs if spec.serves_grpc]
+        self._pki = await asyncio.to_thread(
+            mesh_credentials.prepare, self.data_dir, services=grpc_names
+        )
+
+        database_url, nats_url = await self._start_servers(deadline - loop.time())
+        ports = {name: free_port() for name in grpc_names}
+        endpoints = {name: f"{LOOPBACK}:{port}" for name, port in ports.items()}
+        for spec in specs:
+            child = ChildProcess(
+                spec.name,
+                spec.argv,
+                log_path=self._log_path(spec.name),
+                env=self._child_env(spec, database_url, nats_url, endpoints),
+                cwd=Path.cwd(),
+            )
+            self._children.append(child)
+            await child.start()
+
+        credentials = Credentials.from_files(
+            ca_cert=self._pki.ca_cert,
+            client_cert=self._pki.client_cert,
+            client_key=self._pki.client_key,
+        )
+        await self._wait_services(endpoints, credentials, deadline)
+        await self._check_fleet_alive()
+
+        self._info = MeshInfo(
+            data_dir=self.data_dir,
+            endpoints=endpoints,
+            ca_cert=self._pki.ca_cert,
+            token_key=self._pki.token_private_key,
+            database_url=database_url,
+            nats_url=nats_url,
+            supervisor_pid=os.getpid(),
+            client_cert=self._pki.client_cert,
+            client_key=self._pki.client_key,
+            extra={"pids": self.pids, "logs": str(self.data_dir / "logs")},
+        )
+        self._info.write()
+        for child in self._all_children():
+            self._watchers.append(loop.create_task(self._watch(child), name=f"watch {child.name}"))
+        logger.info("local mesh is up in %s: %s", self.data_dir, endpoints)
+
+    async def _start_servers(self, timeout_s: float) -> tuple[str, str]:
+        """Start the embedded PostgreSQL and NATS unless the config names external ones."""
+        database_url = self.config.database_url
+        nats_url = self.config.nats_url
+        starts = []
+        if database_url is None:
+            self._postgres = EmbeddedPostgres(
+                cluster_dir_for(self.data_dir), log_path=self._log_path("postgres")
+            )
+            starts.append(self._postgres.start(timeout_s))
+        if nats_url is None:
+            self._nats = EmbeddedNats(self.data_dir / "nats", log_path=self._log_path("nats"))
+            starts.append(self._nats.start(timeout_s))
+        results = await asyncio.gather(*starts, return_exceptions=True)
+        errors = [result for result in results if isinstance(result, BaseException)]
+        if errors:
+            raise MeshStartError(f"the mesh's servers failed to start: {errors[0]}") from errors[0]
+        if self._postgres is not None:
+            database_url = self._postgres.url()
+        if self._nats is not None:
+            nats_url = self._nats.url
+        assert database_url is not None and nats_url is not None
+        return database_url, nats_url
+
+    def _child_env(
+        self, spec: ProcessSpec, database_url: str, nats_url: str, endpoints: Mapping[str, str]
+    ) -> dict[str, str]:
+        assert self._pki is not None
+        env = dict(os.environ)
+        env.update(self.config.env)
+        env.update(
+            {
+                "ACSP_DATABASE_URL": database_url,
+                "ACSP_NATS_URL": nats_url,
+                "ACSP_DATA_DIR": str(self.data_dir),
+                "ACSP_TOKEN_PUBLIC_KEY": str(self._pki.token_public_key),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        for name, endpoint in endpoints.items():
+            env[f"ACSP_{name.upper()}_ENDPOINT"] = endpoint
+        # Processes that call services (the scheduler calls the grant service, say) use the
+        # client certificate unless they are services with a certificate of their own.
+        identity = self._pki.identities.get(spec.name, self._pki.client_identity)
+        env.update(
+            {
+                "ACSP_TLS_CA": str(identity.ca),
+                "ACSP_TLS_CERT": str(identity.cert),
+                "ACSP_TLS_KEY": str(identity.key),
+            }
+        )
+        if spec.serves_grpc:
+            env["ACSP_GRPC_LISTEN"] = endpoints[spec.name]
+            ready_file = self.data_dir / "run" / f"{spec.name}.addr"
+            ready_file.parent.mkdir(parents=True, exist_ok=True)
+            ready_file.unlink(missing_ok=True)
+            env["ACSP_READY_FILE"] = str(ready_file)
+        env.update(spec.env)
+        return env
+
+    async def _wait_services(
+        self, endpoints: Mapping[str, str], credentials: Credentials, deadline: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        children = {child.name: child for child in self._children}
+
+        async def wait_one(name: str) -> None:
+            child = children[name]
+            try:
+                await wait_serving(
+                    name,
+                    endpoints[name],
+                    credentials,
+                    timeout_s=max(deadline - loop.time(), 0.1),
+                    still_running=lambda: child.returncode is None,
+                )
+            except RuntimeError:
+                raise MeshStartError(
+                    f"{child.describe_exit()}\n--- last lines of its log ---\n{child.tail()}"
+                ) from None
+            except TimeoutError as exc:
+                raise MeshStartError(
+                    f"{exc}\nlog: {child.log_path}\n--- last lines of its log ---\n{child.tail()}"
+                ) from None
+            logger.info("%s is SERVING at %s", name, endpoints[name])
+
+        async with asyncio.TaskGroup() as group:
+            for name in endpoints:
+                group.create_task(wait_one(name))
+
+    async def _check_fleet_alive(self) -> None:
+        """Fail the start if a process without a health endpoint already died."""
+        for child in self._children:
+            if child.returncode is not None:
+                raise MeshStartError(
+                    f"{child.describe_exit()}\n--- last lines of its log ---\n{child.tail()}"
+                )
+
+    async def _watch(self, child: ChildProcess) -> None:
+        returncode = await child.wait()
+        if self._stopping or self._failure is None or self._failure.done():
+            return
+        failure = ChildExit(child.name, returncode, child.describe_exit(), child.tail())
+        logger.error("%s", failure)
+        self._failure.set_result(failure)
+
+    # --- stop -----------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Stop everything the mesh started: the fleet, then services, then NATS and PostgreSQL.
+
+        Each process gets ``stop_grace_s`` after its stop signal, then SIGKILL. Safe to call
+        twice. Cancellation during stop is deferred until every child is gone, so that no
+        process outlives the mesh.
+        """
+        self._stopping = True
+        stopping = asyncio.ensure_future(self._stop_all())
+        try:
+            await asyncio.shield(stopping)
+        except asyncio.CancelledError:
+            await stopping
+            raise
+
+    async def _stop_all(self) -> None:
+        grace = self.config.stop_grace_s
+        fleet = [child for child in self._children if child.name == AGENTS_NAME]
+        services = [child for child in self._children if child.name != AGENTS_NAME]
+        await asyncio.gather(*(child.stop(grace) for child in fleet))
+        await asyncio.gather(*(child.stop(grace) for child in services))
+        servers = [server for server in (self._nats, self._postgres) if server is not None]
+        await asyncio.gather(*(server.stop(grace) for server in servers))
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        self._watchers.clear()
+        if self._info is not None:
+            with contextlib.suppress(FileNotFoundError):
+                mesh_file = self.data_dir / MESH_FILE_NAME
+                # Remove only our own file: another mesh may have taken the directory since.
+                if f'"supervisor_pid": {os.getpid()}' in mesh_file.read_text():
+                    mesh_file.unlink()
+        if self._failure is not None and not self._failure.done():
+            self._failure.cancel()
+        logger.info("local mesh in %s stopped", self.data_dir)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _all_children(self) -> list[ChildProcess]:
+        servers = [server.process for server in (self._postgres, self._nats) if server is not None]
+        return [*servers, *self._children]
+
+    def _log_path(self, name: str) -> Path:
+        return self.data_dir / "logs" / f"{name}.log"
+
+
+__all__ = [
+    "SERVICE_NAMES",
+    "ChildExit",
+    "LocalMesh",
+    "MeshConfig",
+    "MeshStartError",
+    "ProcessSpec",
+    "default_processes",
+]
