@@ -1,0 +1,265 @@
+"""Usage samples: decoding a UsageReport from the wire and validating each sample.
+
+Protobuf stops here. :func:`decode_report` turns one NATS message into :class:`UsageSample`
+values and :class:`Rejection` values (one per invalid sample, or one for the whole message when
+it cannot be parsed), so one bad sample never holds back the rest of its report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, Inexact, InvalidOperation
+from typing import Final
+
+from google.protobuf.message import DecodeError
+
+from acsp.subjects import TOKEN_PATTERN
+from acsp.v1 import agent_pb2
+from services.metering.ratecard import EXACT, SECONDS_QUANTUM
+
+MAX_ID_LENGTH: Final = 256
+MAX_INTERVAL: Final = timedelta(hours=24)
+"""The longest interval one sample may cover; agents report every few seconds to minutes."""
+MAX_CLOCK_SKEW: Final = timedelta(minutes=10)
+"""How far in the future a sample may end, to allow for agent clock skew."""
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLI: Final = Decimal("0.001")
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a message came from: its subject tokens and its JetStream sequence."""
+
+    subject: str
+    provider: str
+    region: str
+    node: str
+    stream_sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSample:
+    """One validated sample: an attempt's use of one accelerator over one interval."""
+
+    sample_id: str
+    job_id: str
+    attempt: int
+    task_id: str
+    provider: str
+    region: str
+    node: str
+    accelerator_id: str
+    accelerator_model: str
+    share: Decimal
+    """Fraction of the accelerator, in (0, 1]."""
+    start_time: datetime
+    end_time: datetime
+    accelerator_seconds: Decimal
+    """Interval seconds x share, on SECONDS_QUANTUM."""
+    utilization: float | None
+    """Mean utilization over the interval, 0..1, or None where the device cannot report it."""
+    stream_sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A sample or message that failed validation, bound for the dead-letter table."""
+
+    dedupe_key: str
+    subject: str
+    stream_sequence: int
+    sample_id: str | None
+    reason: str
+    payload: bytes | None
+
+
+class InvalidSample(ValueError):
+    """A sample field is invalid; the message names the field and the reason."""
+
+
+def parse_subject(subject: str, stream_sequence: int) -> Origin:
+    """Parse ``acsp.usage.<provider>.<region>.<node>``; raise InvalidSample otherwise."""
+    parts = subject.split(".")
+    if len(parts) != 5 or parts[0] != "acsp" or parts[1] != "usage":
+        raise InvalidSample(f"subject {subject!r} is not acsp.usage.<provider>.<region>.<node>")
+    for token in parts[2:]:
+        if not TOKEN_PATTERN.match(token):
+            raise InvalidSample(f"subject {subject!r} has an invalid token {token!r}")
+    return Origin(subject, parts[2], parts[3], parts[4], stream_sequence)
+
+
+def decode_report(
+    data: bytes,
+    origin: Origin,
+    *,
+    known_models: Mapping[str, object],
+    node_owner: Callable[[str], str | None],
+    now: datetime,
+) -> tuple[list[UsageSample], list[Rejection]]:
+    """Decode one UsageReport and validate its samples.
+
+    ``node_owner`` returns the provider a node is registered to, or None when it is unknown;
+    a node registered to another provider than the subject's is a forgery and every sample of
+    the report is rejected.
+    """
+    report = agent_pb2.UsageReport()
+    try:
+        report.ParseFromString(data)
+    except DecodeError as error:
+        return [], [_message_rejection(origin, f"not a UsageReport: {error}", data)]
+    try:
+        _check_report_node(report, origin, node_owner)
+    except InvalidSample as error:
+        return [], [_message_rejection(origin, str(error), data)]
+
+    accepted: list[UsageSample] = []
+    rejected: list[Rejection] = []
+    latest_end = now + MAX_CLOCK_SKEW
+    for index, item in enumerate(report.samples):
+        try:
+            accepted.append(_convert(item, origin, known_models, latest_end))
+        except InvalidSample as error:
+            sample_id = item.sample_id or None
+            key = _sample_key(origin, sample_id, index)
+            payload = item.SerializeToString()
+            reason = str(error)
+            rejected.append(
+                Rejection(key, origin.subject, origin.stream_sequence, sample_id, reason, payload)
+            )
+    return accepted, rejected
+
+
+def _check_report_node(
+    report: agent_pb2.UsageReport, origin: Origin, node_owner: Callable[[str], str | None]
+) -> None:
+    node = report.node
+    if node.node_id and node.node_id != origin.node:
+        raise InvalidSample(
+            f"node.node_id {node.node_id!r} does not match node {origin.node!r} of the subject"
+        )
+    if node.provider_id and node.provider_id != origin.provider:
+        raise InvalidSample(
+            f"node.provider_id {node.provider_id!r} does not match provider "
+            f"{origin.provider!r} of the subject"
+        )
+    owner = node_owner(origin.node)
+    if owner is not None and owner != origin.provider:
+        raise InvalidSample(
+            f"node {origin.node!r} belongs to provider {owner!r}, not {origin.provider!r}: "
+            "a provider may report usage only for its own nodes"
+        )
+
+
+def _convert(
+    item: agent_pb2.UsageSample,
+    origin: Origin,
+    known_models: Mapping[str, object],
+    latest_end: datetime,
+) -> UsageSample:
+    sample_id = _check_id("sample_id", item.sample_id)
+    task_id = _check_id("task_id", item.task_id)
+    job_id, attempt = _parse_task_id(task_id)
+    if item.job_id and item.job_id != job_id:
+        raise InvalidSample(f"job_id {item.job_id!r} does not match task_id {task_id!r}")
+    accelerator_id = _check_id("accelerator_id", item.accelerator_id)
+    if item.model not in known_models:
+        raise InvalidSample(f"model {item.model!r} is not in the rate card")
+    if not 1 <= item.share_millis <= 1000:
+        raise InvalidSample(f"share_millis {item.share_millis} is outside 1..1000")
+    if not item.HasField("start_time") or not item.HasField("end_time"):
+        raise InvalidSample("start_time and end_time are required")
+    start_ns = item.start_time.seconds * 1_000_000_000 + item.start_time.nanos
+    end_ns = item.end_time.seconds * 1_000_000_000 + item.end_time.nanos
+    if end_ns <= start_ns:
+        raise InvalidSample("end_time is not after start_time")
+    start_time = _EPOCH + timedelta(microseconds=start_ns // 1000)
+    end_time = _EPOCH + timedelta(microseconds=end_ns // 1000)
+    if end_time - start_time > MAX_INTERVAL:
+        raise InvalidSample(f"interval {end_time - start_time} is longer than {MAX_INTERVAL}")
+    if end_time > latest_end:
+        raise InvalidSample(f"end_time {end_time.isoformat()} is in the future")
+    share = Decimal(item.share_millis) * _MILLI
+    seconds = _check_accelerator_seconds(item.accelerator_seconds.value, end_ns - start_ns, share)
+    utilization: float | None = None
+    if item.HasField("utilization") and not item.utilization.unsupported:
+        utilization = item.utilization.value
+        if not 0.0 <= utilization <= 1.0:
+            raise InvalidSample(f"utilization {utilization} is outside 0..1")
+    return UsageSample(
+        sample_id=sample_id,
+        job_id=job_id,
+        attempt=attempt,
+        task_id=task_id,
+        provider=origin.provider,
+        region=origin.region,
+        node=origin.node,
+        accelerator_id=accelerator_id,
+        accelerator_model=item.model,
+        share=share,
+        start_time=start_time,
+        end_time=end_time,
+        accelerator_seconds=seconds,
+        utilization=utilization,
+        stream_sequence=origin.stream_sequence,
+    )
+
+
+def _check_accelerator_seconds(text: str, interval_ns: int, share: Decimal) -> Decimal:
+    try:
+        value = Decimal(text)
+        exact = value.quantize(SECONDS_QUANTUM, context=EXACT)
+    except Inexact:
+        raise InvalidSample(
+            f"accelerator_seconds {text!r} has more than 6 decimal places"
+        ) from None
+    except InvalidOperation:
+        raise InvalidSample(f"accelerator_seconds {text!r} is not a decimal number") from None
+    if not exact.is_finite() or exact <= 0:
+        raise InvalidSample(f"accelerator_seconds {text!r} is not positive")
+    # The agent rounds interval x share to 6 places, so allow one quantum above the product.
+    limit = Decimal(interval_ns) / 1_000_000_000 * share + SECONDS_QUANTUM
+    if exact > limit:
+        raise InvalidSample(
+            f"accelerator_seconds {text} exceeds the interval times the share ({limit})"
+        )
+    return exact
+
+
+def _check_id(field: str, value: str) -> str:
+    if not value:
+        raise InvalidSample(f"{field} is missing")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidSample(f"{field} is longer than {MAX_ID_LENGTH} characters")
+    return value
+
+
+def _parse_task_id(task_id: str) -> tuple[str, int]:
+    """Split ``<job_id>/<attempt>/<task_index>`` into the job id and the attempt."""
+    parts = task_id.rsplit("/", 2)
+    if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2].isdigit():
+        raise InvalidSample(f"task_id {task_id!r} is not <job_id>/<attempt>/<task_index>")
+    return parts[0], int(parts[1])
+
+
+def _sample_key(origin: Origin, sample_id: str | None, index: int) -> str:
+    if sample_id:
+        return f"sample:{sample_id}"
+    return f"seq:{origin.stream_sequence}:{index}"
+
+
+def _message_rejection(origin: Origin, reason: str, data: bytes) -> Rejection:
+    return Rejection(
+        f"seq:{origin.stream_sequence}", origin.subject, origin.stream_sequence, None, reason, data
+    )
+
+
+def period_start(time: datetime, period_seconds: int) -> datetime:
+    """Return the start of the charging period that contains ``time`` (periods align to epoch).
+
+    A sample belongs to the period in which it starts, so a sample ending exactly on a
+    boundary is charged in the period before it and never in the next one.
+    """
+    seconds = int((time - _EPOCH).total_seconds() // period_seconds) * period_seconds
+    return _EPOCH + timedelta(seconds=seconds)
