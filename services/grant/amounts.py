@@ -1,0 +1,84 @@
+"""Exact PF-day amounts: parsing and validation.
+
+Every amount is a :class:`~decimal.Decimal` with at most 24 decimal places (the ledger quantum,
+1e-24 PF-day) and at most 24 integer digits, which is what a ``NUMERIC(48,24)`` column holds.
+"""
+
+from __future__ import annotations
+
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, localcontext
+from typing import Final
+
+from services.grant.errors import InvalidArgument
+
+QUANTUM: Final = Decimal("1e-24")
+"""The smallest amount the ledger records, in PF-days."""
+LIMIT: Final = Decimal(10) ** 24
+"""Amounts must be below this many PF-days to fit NUMERIC(48,24)."""
+_FIX: Final = "give a decimal number of PF-days, e.g. '12.5'"
+_FRACTION_FIX: Final = "give a decimal number between 0 and 1, e.g. '0.1'"
+ZERO: Final = Decimal(0)
+EXACT: Final = Context(prec=60, traps=[InvalidOperation, Inexact, Overflow])
+"""Arithmetic context for ledger sums: 60 digits hold any sum of NUMERIC(48,24) values that the
+ledger forms, and the Inexact trap turns any rounding into an error instead of a lost quantum."""
+
+
+def parse_amount(field: str, text: str, *, allow_zero: bool = False) -> Decimal:
+    """Parse an exact decimal string into a validated amount in PF-days.
+
+    Raises InvalidArgument naming ``field`` when the text is empty, not a decimal number, NaN or
+    infinite, negative, zero (unless ``allow_zero``), has more than 24 decimal places or does not
+    fit 24 integer digits.
+    """
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidArgument(field, "is missing", "give a decimal number of PF-days, e.g. '12.5'")
+    try:
+        value = Decimal(stripped)
+    except InvalidOperation:
+        raise InvalidArgument(
+            field, f"{text!r} is not a decimal number", "give PF-days such as '12.5'"
+        ) from None
+    return validate_amount(field, value, allow_zero=allow_zero)
+
+
+def validate_amount(field: str, value: Decimal, *, allow_zero: bool = False) -> Decimal:
+    """Return ``value`` normalised if it is a valid ledger amount, else raise InvalidArgument."""
+    if not value.is_finite():
+        raise InvalidArgument(field, f"{value} is not a finite number", _FIX)
+    if value.is_signed() and value != ZERO:
+        raise InvalidArgument(field, f"{value} is negative", "amounts must be positive")
+    if value == ZERO and not allow_zero:
+        raise InvalidArgument(field, "is zero", "amounts must be greater than zero")
+    if value >= LIMIT:
+        raise InvalidArgument(field, f"{value} is too large", "amounts must be below 1e24 PF-days")
+    with localcontext(EXACT):
+        try:
+            exact = value.quantize(QUANTUM)
+        except Inexact:
+            raise InvalidArgument(
+                field,
+                f"{value} has more than 24 decimal places",
+                "round to the ledger quantum, 1e-24 PF-day",
+            ) from None
+        # Drop the sign of "-0" and the exponent form of e.g. "1E+2".
+        return abs(exact).normalize() if exact != ZERO else ZERO
+
+
+def parse_fraction(field: str, text: str) -> Decimal:
+    """Parse a fraction in [0, 1], e.g. the budget-low threshold."""
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise InvalidArgument(field, f"{text!r} is not a decimal number", _FRACTION_FIX) from None
+    if not value.is_finite() or value < 0 or value > 1:
+        raise InvalidArgument(field, f"{text!r} is outside 0..1", _FRACTION_FIX)
+    return value
+
+
+def format_amount(value: Decimal) -> str:
+    """Format an amount as a plain decimal string without exponent or trailing zeros."""
+    if value == ZERO:
+        return "0"
+    text = format(value.normalize(), "f")
+    return text

@@ -1,0 +1,38 @@
+"""Errors of the grant service beyond the shared ones in :mod:`services.runtime.errors`."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from services.runtime.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+
+__all__ = [
+    "AlreadyExists",
+    "FailedPrecondition",
+    "InsufficientBudget",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+]
+
+
+class InsufficientBudget(FailedPrecondition):
+    """A grant or sub-allocation has less available budget than a request needs."""
+
+    def __init__(self, account: str, requested: Decimal, available: Decimal) -> None:
+        shortfall = requested - available
+        super().__init__(
+            f"insufficient budget on {account}: requested {requested} PF-days, "
+            f"available {available} PF-days, shortfall {shortfall} PF-days",
+            field="amount_pf_days",
+        )
+        self.account = account
+        self.requested = requested
+        self.available = available
+        self.shortfall = shortfall

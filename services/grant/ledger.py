@@ -1,0 +1,537 @@
+"""The ledger's database side: applies batches of hold, charge, release and refund requests.
+
+One batch is one transaction. It locks the grant rows it touches (``SELECT ... FOR UPDATE`` in
+id order, then sub-allocations, then holds, so concurrent batches never deadlock), looks up the
+idempotency keys after the locks so that a concurrent request with the same key is seen, applies
+each request with the pure rules of :mod:`services.grant.ledger_rules` in memory, and writes
+entries, postings and balances with one statement per table. A request the rules reject gets its
+error and changes nothing, while the rest of its batch commits. The ``UNIQUE`` constraint on the
+idempotency key is the final guard: a violation rolls the batch back and it is tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Final
+
+import asyncpg
+
+from services.grant import ledger_rules as rules
+from services.grant.errors import FailedPrecondition, NotFound
+from services.grant.events import EventKind, OutboxEvent, write_events
+from services.grant.ledger_ops import (
+    ChargeRequest,
+    EntryResult,
+    HoldRequest,
+    LedgerRequest,
+    ReleaseRequest,
+)
+from services.grant.ledger_rules import EntryKind, GrantState, HoldBalance, Movement, Pot
+from services.runtime.db import Database
+from services.runtime.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_SQLSTATES: Final = frozenset({"40001", "40P01", "23505"})
+"""Serialization failure, deadlock, and a unique violation on an idempotency key."""
+
+Outcome = EntryResult | Exception
+
+
+class _Written:
+    """Marker outcome: the request's entry is in the batch and gets its id once written."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Duplicate:
+    """Marker outcome: the request repeats the key of the batch's request at ``index``."""
+
+    index: int
+
+
+WRITTEN: Final = _Written()
+_Pending = EntryResult | Exception | _Written | _Duplicate
+
+
+@dataclass
+class _Batch:
+    """Rows locked for one batch and the changes applied to them so far."""
+
+    now: datetime
+    grants: dict[str, GrantState] = field(default_factory=dict)
+    grant_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pots: dict[str, Pot] = field(default_factory=dict)
+    """Keyed by pot name: ``grant:<id>`` or ``sub_allocation:<id>``."""
+    pot_grant: dict[str, str] = field(default_factory=dict)
+    holds: dict[str, HoldBalance] = field(default_factory=dict)
+    hold_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    new_holds: set[str] = field(default_factory=set)
+    existing: dict[str, asyncpg.Record] = field(default_factory=dict)
+    changed_pots: set[str] = field(default_factory=set)
+    changed_holds: set[str] = field(default_factory=set)
+    entries: list[tuple[LedgerRequest, Movement, str, str | None, str | None, str]] = field(
+        default_factory=list
+    )
+    """(request, movement, grant id, hold id, allocation id, job id) for each applied request."""
+    events: list[OutboxEvent] = field(default_factory=list)
+
+
+def grant_pot_name(grant_id: str) -> str:
+    return f"grant:{grant_id}"
+
+
+def allocation_pot_name(allocation_id: str) -> str:
+    return f"sub_allocation:{allocation_id}"
+
+
+class Ledger:
+    """Applies ledger requests in transactions on a connection pool.
+
+    ``low_fraction`` is the share of credited budget below which a grant's available budget
+    emits one budget-low event.
+    """
+
+    def __init__(
+        self, db: Database, *, low_fraction: Decimal = Decimal("0.1"), max_attempts: int = 8
+    ) -> None:
+        self._db = db
+        self._low_fraction = low_fraction
+        self._max_attempts = max_attempts
+
+    async def apply(self, requests: Sequence[LedgerRequest]) -> list[Outcome]:
+        """Apply requests in one transaction; return one result or error per request, in order.
+
+        Serialization failures, deadlocks and idempotency-key races roll the batch back and
+        retry it with jittered backoff, at most ``max_attempts`` times, then raise Unavailable.
+        """
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                async with self._db.acquire() as conn:
+                    return await self._apply_once(conn, requests)
+            except asyncpg.PostgresError as error:
+                if error.sqlstate not in RETRYABLE_SQLSTATES:
+                    raise
+                log.info(
+                    "ledger batch of %s requests rolled back (%s), attempt %s of %s",
+                    len(requests),
+                    error.sqlstate,
+                    attempt,
+                    self._max_attempts,
+                )
+                await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
+        raise Unavailable(
+            f"the ledger batch kept conflicting after {self._max_attempts} attempts; retry later"
+        )
+
+    async def _apply_once(
+        self, conn: asyncpg.Connection, requests: Sequence[LedgerRequest]
+    ) -> list[Outcome]:
+        batch = _Batch(now=datetime.now(UTC))
+        async with conn.transaction():
+            outcomes = await self._lock_and_apply(conn, batch, requests)
+            written = await self._write(conn, batch) if batch.entries else {}
+        return _finish(outcomes, requests, written)
+
+    async def _lock_and_apply(
+        self, conn: asyncpg.Connection, batch: _Batch, requests: Sequence[LedgerRequest]
+    ) -> list[_Pending]:
+        hold_ids = sorted({r.hold_id for r in requests if not isinstance(r, HoldRequest)})
+        hold_grants: dict[str, str] = {}
+        if hold_ids:
+            rows = await conn.fetch("SELECT id, grant_id FROM holds WHERE id = ANY($1)", hold_ids)
+            hold_grants = {r["id"]: r["grant_id"] for r in rows}
+        project_ids = sorted(
+            {
+                r.project_id
+                for r in requests
+                if isinstance(r, HoldRequest) and not r.grant_id and r.project_id
+            }
+        )
+        project_grants: dict[str, list[str]] = {}
+        if project_ids:
+            rows = await conn.fetch(
+                "SELECT id, project_id FROM grants WHERE project_id = ANY($1) AND NOT expired",
+                project_ids,
+            )
+            for row in rows:
+                project_grants.setdefault(row["project_id"], []).append(row["id"])
+        grant_ids = set(hold_grants.values())
+        grant_ids.update(r.grant_id for r in requests if isinstance(r, HoldRequest) and r.grant_id)
+        for ids in project_grants.values():
+            grant_ids.update(ids)
+        await self._lock_grants(conn, batch, sorted(grant_ids))
+        allocation_ids = sorted(
+            {r.allocation_id for r in requests if isinstance(r, HoldRequest) and r.allocation_id}
+        )
+        await self._lock_allocations(conn, batch, allocation_ids, hold_ids)
+        await self._lock_holds(conn, batch, hold_ids)
+        keys = [r.key for r in requests]
+        rows = await conn.fetch(
+            "SELECT * FROM ledger_entries WHERE idempotency_key = ANY($1)", keys
+        )
+        batch.existing = {r["idempotency_key"]: r for r in rows}
+
+        outcomes: list[_Pending] = []
+        seen: dict[str, int] = {}
+        for index, request in enumerate(requests):
+            if request.key in seen:
+                # A duplicate inside the batch gets the first one's outcome once it is written.
+                outcomes.append(_Duplicate(seen[request.key]))
+                continue
+            seen[request.key] = index
+            try:
+                outcomes.append(self._apply_one(batch, request, project_grants))
+            except (FailedPrecondition, NotFound) as error:
+                outcomes.append(error)
+        return outcomes
+
+    async def _lock_grants(self, conn: asyncpg.Connection, batch: _Batch, ids: list[str]) -> None:
+        if not ids:
+            return
+        rows = await conn.fetch(
+            "SELECT * FROM grants WHERE id = ANY($1) ORDER BY id FOR UPDATE", ids
+        )
+        for row in rows:
+            grant = GrantState(row["id"], row["starts_at"], row["ends_at"], row["expired"])
+            batch.grants[grant.grant_id] = grant
+            batch.grant_meta[grant.grant_id] = dict(row)
+            name = grant_pot_name(grant.grant_id)
+            batch.pots[name] = _pot(name, row)
+            batch.pot_grant[name] = grant.grant_id
+
+    async def _lock_allocations(
+        self,
+        conn: asyncpg.Connection,
+        batch: _Batch,
+        allocation_ids: list[str],
+        hold_ids: list[str],
+    ) -> None:
+        rows = await conn.fetch(
+            """
+            SELECT * FROM allocations
+            WHERE id = ANY($1)
+               OR id IN (SELECT allocation_id FROM holds WHERE id = ANY($2))
+            ORDER BY id FOR UPDATE
+            """,
+            allocation_ids,
+            hold_ids,
+        )
+        for row in rows:
+            name = allocation_pot_name(row["id"])
+            batch.pots[name] = _pot(name, row)
+            batch.pot_grant[name] = row["grant_id"]
+
+    async def _lock_holds(self, conn: asyncpg.Connection, batch: _Batch, ids: list[str]) -> None:
+        if not ids:
+            return
+        rows = await conn.fetch(
+            "SELECT * FROM holds WHERE id = ANY($1) ORDER BY id FOR UPDATE", ids
+        )
+        for row in rows:
+            batch.hold_rows[row["id"]] = dict(row)
+            batch.holds[row["id"]] = HoldBalance(
+                hold_id=row["id"],
+                amount=row["amount"],
+                remaining=row["remaining"],
+                charged=row["charged"],
+                refunded=row["refunded"],
+                released=row["released"],
+                settled=row["settled"],
+            )
+
+    def _apply_one(
+        self, batch: _Batch, request: LedgerRequest, project_grants: dict[str, list[str]]
+    ) -> _Pending:
+        stored = batch.existing.get(request.key)
+        if stored is not None:
+            if stored["request_digest"] != request.digest():
+                raise FailedPrecondition(
+                    f"idempotency key {request.key!r} was already used for a different request",
+                    field="request_id",
+                )
+            return _result_from_row(stored, applied=False)
+        if isinstance(request, HoldRequest):
+            return self._hold(batch, request, project_grants)
+        hold = batch.holds.get(request.hold_id)
+        if hold is None:
+            raise NotFound("hold", request.hold_id)
+        row = batch.hold_rows[request.hold_id]
+        grant = batch.grants[row["grant_id"]]
+        pot_name = (
+            allocation_pot_name(row["allocation_id"])
+            if row["allocation_id"]
+            else grant_pot_name(grant.grant_id)
+        )
+        pot = batch.pots[pot_name]
+        if isinstance(request, ChargeRequest):
+            movement = rules.charge(pot, hold, request.amount)
+        elif isinstance(request, ReleaseRequest):
+            movement = rules.release(grant, pot, hold)
+        else:
+            movement = rules.refund(grant, pot, hold, request.amount)
+        self._record(
+            batch,
+            request,
+            movement,
+            grant.grant_id,
+            hold.hold_id,
+            row["allocation_id"],
+            row["job_id"],
+        )
+        return WRITTEN
+
+    def _hold(
+        self, batch: _Batch, request: HoldRequest, project_grants: dict[str, list[str]]
+    ) -> _Pending:
+        if request.grant_id:
+            grant = batch.grants.get(request.grant_id)
+            if grant is None:
+                raise NotFound("grant", request.grant_id)
+            pot = batch.pots[grant_pot_name(grant.grant_id)]
+        else:
+            assert request.project_id is not None
+            candidates = [
+                (batch.grants[g], batch.pots[grant_pot_name(g)])
+                for g in project_grants.get(request.project_id, [])
+            ]
+            grant, pot = rules.choose_grant(candidates, request.amount, batch.now)
+        if request.allocation_id:
+            name = allocation_pot_name(request.allocation_id)
+            if batch.pot_grant.get(name) != grant.grant_id:
+                raise NotFound("sub-allocation", request.allocation_id)
+            pot = batch.pots[name]
+        hold_id = f"hold-{uuid.uuid4().hex}"
+        movement = rules.place_hold(grant, pot, hold_id, request.amount, batch.now)
+        batch.new_holds.add(hold_id)
+        batch.hold_rows[hold_id] = {
+            "grant_id": grant.grant_id,
+            "allocation_id": request.allocation_id,
+            "job_id": request.job_id,
+        }
+        self._record(
+            batch, request, movement, grant.grant_id, hold_id, request.allocation_id, request.job_id
+        )
+        return WRITTEN
+
+    def _record(
+        self,
+        batch: _Batch,
+        request: LedgerRequest,
+        movement: Movement,
+        grant_id: str,
+        hold_id: str | None,
+        allocation_id: str | None,
+        job_id: str,
+    ) -> None:
+        grant_pot = grant_pot_name(grant_id)
+        before = batch.pots[grant_pot].available
+        for pot in movement.pots:
+            batch.pots[pot.name] = pot
+            batch.changed_pots.add(pot.name)
+        if movement.hold is not None and hold_id is not None:
+            batch.holds[hold_id] = movement.hold
+            batch.changed_holds.add(hold_id)
+        batch.entries.append((request, movement, grant_id, hold_id, allocation_id, job_id))
+        meta = batch.grant_meta[grant_id]
+        after = batch.pots[grant_pot]
+        if not meta["low_notified"] and rules.crossed_low(
+            before, after.available, after.credited, self._low_fraction
+        ):
+            meta["low_notified"] = True
+            batch.events.append(
+                OutboxEvent(
+                    kind=EventKind.BUDGET_LOW,
+                    grant_id=grant_id,
+                    project_id=meta["project_id"],
+                    available=after.available,
+                    at=batch.now,
+                    actor=request.cause.actor,
+                    trigger=request.cause.trigger,
+                    reference_id=request.key,
+                    reason=f"available fell below {self._low_fraction} of credited",
+                )
+            )
+
+    async def _write(self, conn: asyncpg.Connection, batch: _Batch) -> dict[str, asyncpg.Record]:
+        """Write the batch's holds, entries, postings, balances and events; return new entries."""
+        new_holds = [batch.holds[h] for h in sorted(batch.new_holds)]
+        if new_holds:
+            await conn.execute(
+                """
+                INSERT INTO holds (id, grant_id, allocation_id, job_id, amount, remaining)
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                                     $5::numeric[], $6::numeric[])
+                """,
+                [h.hold_id for h in new_holds],
+                [batch.hold_rows[h.hold_id]["grant_id"] for h in new_holds],
+                [batch.hold_rows[h.hold_id]["allocation_id"] for h in new_holds],
+                [batch.hold_rows[h.hold_id]["job_id"] for h in new_holds],
+                [h.amount for h in new_holds],
+                [h.amount for h in new_holds],
+            )
+        rows = await conn.fetch(
+            """
+            INSERT INTO ledger_entries (idempotency_key, request_digest, kind, grant_id, hold_id,
+                                        allocation_id, job_id, amount, from_held, actor, trigger,
+                                        reason, created_at)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                 $6::text[], $7::text[], $8::numeric[], $9::numeric[],
+                                 $10::text[], $11::text[], $12::text[], $13::timestamptz[])
+            RETURNING *
+            """,
+            *_entry_columns(batch),
+        )
+        written = {r["idempotency_key"]: r for r in rows}
+        entry_ids: list[int] = []
+        accounts: list[str] = []
+        amounts: list[Decimal] = []
+        for request, movement, *_ in batch.entries:
+            entry_id = written[request.key]["id"]
+            for posting in movement.postings:
+                entry_ids.append(entry_id)
+                accounts.append(posting.account)
+                amounts.append(posting.amount)
+        if entry_ids:
+            await conn.execute(
+                """
+                INSERT INTO postings (entry_id, account, amount)
+                SELECT * FROM unnest($1::bigint[], $2::text[], $3::numeric[])
+                """,
+                entry_ids,
+                accounts,
+                amounts,
+            )
+        await self._write_pots(conn, batch)
+        await self._write_holds(conn, batch)
+        await write_events(conn, batch.events)
+        return written
+
+    async def _write_pots(self, conn: asyncpg.Connection, batch: _Batch) -> None:
+        changed = [batch.pots[name] for name in sorted(batch.changed_pots)]
+        grants = [p for p in changed if p.name.startswith("grant:")]
+        allocations = [p for p in changed if p.name.startswith("sub_allocation:")]
+        for table, pots, prefix in (
+            ("grants", grants, "grant:"),
+            ("allocations", allocations, "sub_allocation:"),
+        ):
+            if not pots:
+                continue
+            extra = ", low_notified = v.low_notified" if table == "grants" else ""
+            low = [
+                bool(batch.grant_meta.get(p.name.removeprefix(prefix), {}).get("low_notified"))
+                for p in pots
+            ]
+            await conn.execute(
+                f"""
+                UPDATE {table} AS t
+                SET credited = v.credited, available = v.available, held = v.held,
+                    consumed = v.consumed, refunded = v.refunded{extra}
+                FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::numeric[],
+                            $5::numeric[], $6::numeric[], $7::boolean[])
+                     AS v(id, credited, available, held, consumed, refunded, low_notified)
+                WHERE t.id = v.id
+                """,
+                [p.name.removeprefix(prefix) for p in pots],
+                [p.credited for p in pots],
+                [p.available for p in pots],
+                [p.held for p in pots],
+                [p.consumed for p in pots],
+                [p.refunded for p in pots],
+                low,
+            )
+
+    async def _write_holds(self, conn: asyncpg.Connection, batch: _Batch) -> None:
+        holds = [batch.holds[h] for h in sorted(batch.changed_holds)]
+        if not holds:
+            return
+        await conn.execute(
+            """
+            UPDATE holds AS h
+            SET remaining = v.remaining, charged = v.charged, refunded = v.refunded,
+                released = v.released, settled = v.settled
+            FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::numeric[], $5::numeric[],
+                        $6::boolean[]) AS v(id, remaining, charged, refunded, released, settled)
+            WHERE h.id = v.id
+            """,
+            [h.hold_id for h in holds],
+            [h.remaining for h in holds],
+            [h.charged for h in holds],
+            [h.refunded for h in holds],
+            [h.released for h in holds],
+            [h.settled for h in holds],
+        )
+
+
+def _pot(name: str, row: asyncpg.Record) -> Pot:
+    return Pot(
+        name=name,
+        credited=row["credited"],
+        available=row["available"],
+        held=row["held"],
+        consumed=row["consumed"],
+        refunded=row["refunded"],
+    )
+
+
+def _entry_columns(batch: _Batch) -> list[list[Any]]:
+    columns: list[list[Any]] = [[] for _ in range(13)]
+    for request, movement, grant_id, hold_id, allocation_id, job_id in batch.entries:
+        values = (
+            request.key,
+            request.digest(),
+            movement.kind.value,
+            grant_id,
+            hold_id,
+            allocation_id,
+            job_id,
+            movement.amount,
+            movement.from_held,
+            request.cause.actor,
+            request.cause.trigger,
+            request.cause.reason,
+            batch.now,
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return columns
+
+
+def _result_from_row(row: asyncpg.Record, *, applied: bool) -> EntryResult:
+    return EntryResult(
+        entry_id=row["id"],
+        kind=EntryKind(row["kind"]),
+        grant_id=row["grant_id"],
+        hold_id=row["hold_id"],
+        allocation_id=row["allocation_id"],
+        job_id=row["job_id"],
+        amount=row["amount"],
+        from_held=row["from_held"],
+        created_at=row["created_at"],
+        applied=applied,
+    )
+
+
+def _finish(
+    pending: list[_Pending],
+    requests: Sequence[LedgerRequest],
+    written: dict[str, asyncpg.Record],
+) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    for request, outcome in zip(requests, pending, strict=True):
+        if isinstance(outcome, _Written):
+            outcomes.append(_result_from_row(written[request.key], applied=True))
+        elif isinstance(outcome, _Duplicate):
+            first = outcomes[outcome.index]
+            outcomes.append(
+                replace(first, applied=False) if isinstance(first, EntryResult) else first
+            )
+        else:
+            outcomes.append(outcome)
+    return outcomes

@@ -1,0 +1,140 @@
+"""Pure rules of applications and review: tiers, limits, conflicts of interest, decisions."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from decimal import Decimal
+from enum import StrEnum
+
+from services.grant.errors import FailedPrecondition, InvalidArgument
+
+
+class Tier(StrEnum):
+    """Size class of an application and of the grant it leads to."""
+
+    EXPLORATORY = "exploratory"
+    STANDARD = "standard"
+    FLAGSHIP = "flagship"
+
+
+class ApplicationState(StrEnum):
+    SUBMITTED = "submitted"
+    """Waiting for reviewers or reviews."""
+    AWARDED = "awarded"
+    REJECTED = "rejected"
+
+
+class Decision(StrEnum):
+    AWARD = "award"
+    AWARD_LESS = "award_less"
+    REJECT = "reject"
+
+
+class RatePolicy(StrEnum):
+    """How a grant's usage is priced."""
+
+    FIXED_AT_AWARD = "fixed_at_award"
+    """Rates of the rate card version current at award time, for the whole grant."""
+    CURRENT_CARD = "current_card"
+    """Rates of whichever rate card version is current when usage is charged."""
+
+
+def parse_tier(field: str, text: str) -> Tier:
+    try:
+        return Tier(text.strip().lower())
+    except ValueError:
+        choices = ", ".join(t.value for t in Tier)
+        raise InvalidArgument(field, f"{text!r} is not a tier", f"use one of {choices}") from None
+
+
+def check_requested(tier: Tier, requested: Decimal, limits: Mapping[Tier, Decimal]) -> None:
+    """Raise InvalidArgument naming ``requested_pf_days`` when it exceeds the tier limit."""
+    limit = limits[tier]
+    if requested > limit:
+        raise InvalidArgument(
+            "requested_pf_days",
+            f"{requested} exceeds the {tier} limit of {limit} PF-days",
+            "request less or apply for a larger tier",
+        )
+
+
+def is_auto_approved(tier: Tier) -> bool:
+    """Return whether applications of the tier are awarded without review (within its limit)."""
+    return tier is Tier.EXPLORATORY
+
+
+def check_reviewer_conflict(
+    reviewer: str,
+    reviewer_institution: str,
+    applicant_institution: str,
+    project_members: Collection[str],
+) -> None:
+    """Raise FailedPrecondition when the reviewer has a conflict of interest.
+
+    A reviewer conflicts when they belong to the applicant's institution or to the project.
+    """
+    if reviewer in project_members:
+        raise FailedPrecondition(
+            f"reviewer {reviewer!r} is a member of the applying project: conflict of interest",
+            field="reviewer_subject",
+        )
+    if reviewer_institution == applicant_institution:
+        raise FailedPrecondition(
+            f"reviewer {reviewer!r} belongs to the applicant's institution "
+            f"{applicant_institution!r}: conflict of interest",
+            field="reviewer_institution_id",
+        )
+
+
+def check_score(score: int, *, minimum: int = 1, maximum: int = 5) -> None:
+    if not minimum <= score <= maximum:
+        raise InvalidArgument(
+            "score",
+            f"{score} is outside {minimum}..{maximum}",
+            f"give a whole score from {minimum} to {maximum}",
+        )
+
+
+def decide_amount(
+    decision: Decision, requested: Decimal, awarded: Decimal | None, reason: str
+) -> Decimal:
+    """Return the PF-days a decision awards, zero for a rejection.
+
+    ``award`` grants what was requested, ``award_less`` needs an amount below it, and every
+    decision needs a reason.
+    """
+    if not reason.strip():
+        raise InvalidArgument("decision.reason", "is missing", "record why the decision was made")
+    if decision is Decision.REJECT:
+        return Decimal(0)
+    if decision is Decision.AWARD:
+        return requested
+    if awarded is None:
+        raise InvalidArgument(
+            "decision.awarded_pf_days", "is missing", "give the amount that award_less grants"
+        )
+    if awarded >= requested:
+        raise InvalidArgument(
+            "decision.awarded_pf_days",
+            f"{awarded} is not less than the requested {requested}",
+            "use the outcome award to grant the full request",
+        )
+    return awarded
+
+
+def check_supplement(
+    tier: Tier, amount: Decimal, already_supplemented: bool, limits: Mapping[Tier, Decimal]
+) -> None:
+    """Raise unless a supplement is the grant's first and at most half its tier limit."""
+    if already_supplemented:
+        raise FailedPrecondition(
+            "the grant was already supplemented: a grant gets at most one supplement",
+            field="grant_id",
+        )
+    cap = limits[tier] / 2
+    if amount > cap:
+        raise InvalidArgument(
+            "amount_pf_days",
+            f"{amount} exceeds half the {tier} limit, {cap} PF-days",
+            "request at most half the tier limit",
+        )
