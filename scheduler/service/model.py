@@ -1,0 +1,204 @@
+"""Frozen dataclasses for jobs, tasks and dispatches, free of protobuf and I/O.
+
+The gRPC layer converts requests into these types before any logic runs, and the store
+persists them. Amounts are :class:`~decimal.Decimal` PF-days, durations are seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Final, Literal
+
+JobState = Literal[
+    "pending", "starting", "running", "stopping", "completed", "failed", "cancelled", "timed_out"
+]
+"""Lifecycle of a job, as ``acsp.v1.JobState`` names it in lower case.
+
+``pending`` waits for placement or admission (``Job.pending_reason`` says why), ``starting`` has
+a placement and a hold and its start commands are out, ``running`` has every task started,
+``stopping`` waits for its tasks to exit after a cancel, preemption or the wall-time limit.
+The last four are terminal.
+"""
+
+JOB_STATES: Final[tuple[str, ...]] = (
+    "pending",
+    "starting",
+    "running",
+    "stopping",
+    "completed",
+    "failed",
+    "cancelled",
+    "timed_out",
+)
+TERMINAL_STATES: Final[frozenset[str]] = frozenset(
+    {"completed", "failed", "cancelled", "timed_out"}
+)
+OPEN_STATES: Final[frozenset[str]] = frozenset({"pending", "starting", "running", "stopping"})
+
+PENDING_REASONS: Final[tuple[str, ...]] = (
+    "",
+    "no_capacity",
+    "no_matching_model",
+    "budget",
+    "fair_share",
+    "reservation",
+    "provider_recall",
+    "limit",
+    "topology",
+    "requeued",
+    "priority",
+)
+"""Why a pending job waits, as ``acsp.v1.PendingReason`` names it in lower case."""
+
+PRIORITY_CLASSES: Final[tuple[str, ...]] = ("interactive", "standard", "preemptible")
+"""Priority classes, highest first, as ``acsp.v1.PriorityClass`` names them."""
+
+TOPOLOGIES: Final[tuple[str, ...]] = (
+    "",
+    "same_node",
+    "same_interconnect_domain",
+    "same_region",
+    "same_provider",
+)
+"""Topology rules of a multi-task job; empty applies the default rule (same provider)."""
+
+MILLIS_PER_ACCELERATOR: Final = 1000
+
+
+def new_job_id() -> str:
+    """Return a job id that sorts by creation time: ``j`` + 12 hex ms digits + 8 random hex."""
+    millis = time.time_ns() // 1_000_000
+    return f"j{millis:012x}{os.urandom(4).hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What a researcher asks to run, validated and independent of the wire format."""
+
+    name: str
+    """Free-form label shown in listings."""
+    project_id: str
+    """Project the job runs for."""
+    command: tuple[str, ...]
+    """Program and arguments each task runs (argv, no shell)."""
+    grant_id: str = ""
+    """Grant that pays; empty lets the grant service pick the project's grant expiring first."""
+    sub_allocation_id: str = ""
+    task_count: int = 1
+    accelerator_millis_per_task: int = MILLIS_PER_ACCELERATOR
+    """Accelerators per task in thousandths: 250 is a quarter of one, 8000 is eight."""
+    gang: bool = True
+    """All tasks start together or none does."""
+    topology: str = ""
+    """One of :data:`TOPOLOGIES`."""
+    allow_cross_provider: bool = False
+    models: tuple[str, ...] = ()
+    """Accepted catalog models; empty accepts any."""
+    vendor: str = ""
+    """Required vendor (``nvidia``, ``amd``, ...); empty accepts any."""
+    min_memory_gib: int = 0
+    software_stack: str = ""
+    """Required software stack prefix, e.g. ``cuda-12``; empty accepts any."""
+    allowed_regions: tuple[str, ...] = ()
+    """``<provider>/<region>`` or ``jurisdiction:<code>`` entries; empty allows any."""
+    priority: str = "standard"
+    """One of :data:`PRIORITY_CLASSES`."""
+    wall_time_s: int = 3600
+    """Wall-time limit in seconds; the hold covers accelerators times this."""
+    checkpointable: bool = False
+    grace_s: int = 30
+    """Seconds between SIGTERM and SIGKILL when the job is stopped."""
+    env: tuple[tuple[str, str], ...] = ()
+    checkpoint_ref: str = ""
+    """Checkpoint the job starts from; a requeue passes the latest one back."""
+    simulated_run_s: float = 0.0
+    """Run time a simulated agent plays instead of running the command; 0 runs it."""
+
+    @property
+    def total_millis(self) -> int:
+        return self.task_count * self.accelerator_millis_per_task
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPlacement:
+    """One task of a job assigned to accelerators of one node."""
+
+    task_index: int
+    provider: str
+    region: str
+    node: str
+    accelerators: tuple[str, ...]
+    """Accelerator UUIDs or PCI bus ids on that node."""
+    millis: int = MILLIS_PER_ACCELERATOR
+    """Thousandths of each accelerator the task gets (1000 for exclusive use)."""
+    state: str = "assigned"
+    """Task state reported by the agent: ``assigned``, ``started``, ``exited``, ``lost``."""
+    exit_code: int | None = None
+
+    @property
+    def node_key(self) -> str:
+        """``provider.region.node``, the key agents use in subjects and the heartbeat bucket."""
+        return f"{self.provider}.{self.region}.{self.node}"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job as the store and the API see it."""
+
+    job_id: str
+    spec: JobSpec
+    owner: str
+    """Identity that submitted the job (from the caller's token)."""
+    institution: str = ""
+    """Institution of the submitter, for fair share across institutions."""
+    state: JobState = "pending"
+    pending_reason: str = ""
+    """One of :data:`PENDING_REASONS` while pending."""
+    reason: str = ""
+    """Readable detail of the wait or the end (the state message)."""
+    attempt: int = 1
+    """Incremented on every requeue; tasks, holds and dispatches are keyed by it."""
+    array_id: str = ""
+    """Id shared by the jobs of one array submission; empty for a single job."""
+    array_index: int = 0
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+    hold_id: str = ""
+    """The grant service's hold for the current attempt; empty until admitted."""
+    hold_amount: Decimal | None = None
+    """PF-days held on the grant for the current attempt."""
+    checkpoint_ref: str = ""
+    """Latest checkpoint the job reported; a requeued attempt starts from it."""
+    exit_code: int | None = None
+    placement: tuple[TaskPlacement, ...] = ()
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def with_state(self, state: JobState, reason: str = "", pending_reason: str = "") -> Job:
+        return replace(self, state=state, reason=reason, pending_reason=pending_reason)
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    """Filters of a job listing; empty fields match everything."""
+
+    states: tuple[str, ...] = ()
+    project_id: str = ""
+    array_id: str = ""
+    owner: str = ""
+
+
+def idempotency_key(job_id: str, attempt: int) -> str:
+    """Key of the hold for one attempt of a job."""
+    return f"{job_id}/{attempt}"
+
+
+def dispatch_msg_id(job_id: str, attempt: int, task_index: int, kind: str = "start") -> str:
+    """``Nats-Msg-Id`` of a command, so JetStream drops a republished duplicate."""
+    return f"{job_id}/{attempt}/{task_index}/{kind}"

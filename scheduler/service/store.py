@@ -1,0 +1,413 @@
+"""Persistence of jobs and dispatch records, every write fenced by the leader epoch.
+
+Each writing transaction first reads the shard's epoch with ``FOR SHARE`` and raises
+:class:`Fenced` when another leader has taken over. A new leader bumps the epoch with an
+``UPDATE`` that waits for those shared locks, so once it holds the new epoch no write of
+the old leader can commit.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final, cast
+
+import asyncpg
+
+from .codec import (
+    from_datetime,
+    placement_from_json,
+    placement_to_json,
+    spec_from_json,
+    spec_to_json,
+    to_datetime,
+)
+from .model import Job, JobFilter, JobState
+
+logger = logging.getLogger(__name__)
+
+MAX_PAGE_SIZE: Final = 1000
+DEFAULT_PAGE_SIZE: Final = 100
+
+
+class Fenced(Exception):
+    """This process's leader epoch is stale: another scheduler leads the shard now."""
+
+    def __init__(self, shard: str, mine: int, current: int | None) -> None:
+        super().__init__(f"shard {shard!r}: epoch {mine} is fenced off by epoch {current}")
+        self.shard = shard
+        self.mine = mine
+        self.current = current
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchRecord:
+    """A command to one agent, recorded before it is published."""
+
+    job_id: str
+    attempt: int
+    task_index: int
+    kind: str
+    """``start`` or ``stop``."""
+    node_key: str
+    payload: bytes
+    """The serialized command, republished unchanged after a restart."""
+
+    @property
+    def key(self) -> tuple[str, int, int, str]:
+        return (self.job_id, self.attempt, self.task_index, self.kind)
+
+
+_JOB_COLUMNS: Final = (
+    "job_id",
+    "shard",
+    "owner",
+    "institution",
+    "grant_id",
+    "project_id",
+    "spec",
+    "state",
+    "pending_reason",
+    "reason",
+    "attempt",
+    "array_id",
+    "array_index",
+    "submitted_at",
+    "started_at",
+    "ended_at",
+    "hold_id",
+    "hold_amount",
+    "checkpoint_ref",
+    "exit_code",
+    "placement",
+    "cause",
+    "epoch",
+)
+
+
+class JobStore:
+    """Reads and fenced writes of the ``scheduler`` schema for one shard."""
+
+    def __init__(self, pool: asyncpg.Pool, shard: str, timeout_s: float = 10.0) -> None:
+        self._pool = pool
+        self.shard = shard
+        self._timeout = timeout_s
+
+    async def _check_epoch(self, conn: asyncpg.Connection, epoch: int) -> None:
+        current = await conn.fetchval(
+            "SELECT epoch FROM scheduler.leaders WHERE shard = $1 FOR SHARE",
+            self.shard,
+            timeout=self._timeout,
+        )
+        if current != epoch:
+            raise Fenced(self.shard, epoch, current)
+
+    async def insert_jobs(
+        self, jobs: Sequence[Job], request_ids: Sequence[str | None], epoch: int, cause: str
+    ) -> dict[str, Job]:
+        """Insert new jobs in one statement; return the job stored for each request id.
+
+        A request id seen before keeps its first job, so a retried submission returns the
+        original instead of creating a second one.
+        """
+        records = [self._job_record(job, epoch, cause) for job in jobs]
+        columns = list(zip(*records, strict=True)) if records else [()] * len(_JOB_COLUMNS)
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await self._check_epoch(conn, epoch)
+            inserted = await conn.fetch(
+                _INSERT_JOBS,
+                *[list(c) for c in columns],
+                list(request_ids),
+                timeout=self._timeout,
+            )
+            done = {row[0] for row in inserted}
+            missing = [
+                rid
+                for job, rid in zip(jobs, request_ids, strict=True)
+                if job.job_id not in done and rid
+            ]
+            existing = (
+                await conn.fetch(
+                    f"SELECT {_SELECT}, request_id FROM scheduler.jobs"
+                    " WHERE request_id = ANY($1::text[])",
+                    missing,
+                    timeout=self._timeout,
+                )
+                if missing
+                else []
+            )
+        out = {
+            rid: job
+            for job, rid in zip(jobs, request_ids, strict=True)
+            if rid and job.job_id in done
+        }
+        for row in existing:
+            out[row["request_id"]] = _job_from_row(row)
+        return out
+
+    async def update_jobs(self, jobs: Sequence[Job], epoch: int, causes: Sequence[str]) -> None:
+        """Write the mutable columns of ``jobs`` in one statement."""
+        if not jobs:
+            return
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await self._check_epoch(conn, epoch)
+            await conn.execute(
+                _UPDATE_JOBS,
+                [job.job_id for job in jobs],
+                [job.state for job in jobs],
+                [job.pending_reason for job in jobs],
+                [job.reason for job in jobs],
+                [job.attempt for job in jobs],
+                [to_datetime(job.started_at) for job in jobs],
+                [to_datetime(job.ended_at) for job in jobs],
+                [job.hold_id for job in jobs],
+                [job.hold_amount for job in jobs],
+                [job.checkpoint_ref for job in jobs],
+                [job.exit_code for job in jobs],
+                [placement_to_json(job.placement) for job in jobs],
+                list(causes),
+                epoch,
+                timeout=self._timeout,
+            )
+
+    async def record_dispatches(
+        self, records: Sequence[DispatchRecord], epoch: int
+    ) -> list[DispatchRecord]:
+        """Record commands before publishing; return those not recorded before."""
+        if not records:
+            return []
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await self._check_epoch(conn, epoch)
+            rows = await conn.fetch(
+                _INSERT_DISPATCHES,
+                [r.job_id for r in records],
+                [r.attempt for r in records],
+                [r.task_index for r in records],
+                [r.kind for r in records],
+                [r.node_key for r in records],
+                [r.payload for r in records],
+                epoch,
+                timeout=self._timeout,
+            )
+        fresh = {(row[0], row[1], row[2], row[3]) for row in rows}
+        return [r for r in records if r.key in fresh]
+
+    async def ack_dispatches(self, keys: Iterable[tuple[str, int, int, str]]) -> None:
+        """Mark commands as stored by JetStream; unacked ones are republished after a restart."""
+        keys = list(keys)
+        if not keys:
+            return
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.execute(
+                _ACK_DISPATCHES,
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+                [k[2] for k in keys],
+                [k[3] for k in keys],
+                timeout=self._timeout,
+            )
+
+    async def unacked_dispatches(self) -> list[DispatchRecord]:
+        """Return commands recorded but never acknowledged by JetStream, oldest first."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT d.job_id, d.attempt, d.task_index, d.kind, d.node_key, d.payload"
+                " FROM scheduler.dispatches d JOIN scheduler.jobs j USING (job_id)"
+                " WHERE d.acked_at IS NULL AND j.shard = $1 ORDER BY d.created_at",
+                self.shard,
+                timeout=self._timeout,
+            )
+        return [DispatchRecord(*row) for row in rows]
+
+    async def dispatched_keys(self, job_ids: Sequence[str]) -> set[tuple[str, int, int, str]]:
+        """Return the keys of every command recorded for ``job_ids``."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT job_id, attempt, task_index, kind FROM scheduler.dispatches"
+                " WHERE job_id = ANY($1::text[])",
+                list(job_ids),
+                timeout=self._timeout,
+            )
+        return {(row[0], row[1], row[2], row[3]) for row in rows}
+
+    async def load_open_jobs(self) -> list[Job]:
+        """Return every pending, starting or running job of the shard, oldest first."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                f"SELECT {_SELECT} FROM scheduler.jobs WHERE shard = $1"
+                " AND state IN ('pending', 'starting', 'running', 'stopping') ORDER BY job_id",
+                self.shard,
+                timeout=self._timeout,
+            )
+        return [_job_from_row(row) for row in rows]
+
+    async def get_job(self, job_id: str) -> Job | None:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_SELECT} FROM scheduler.jobs WHERE job_id = $1",
+                job_id,
+                timeout=self._timeout,
+            )
+        return None if row is None else _job_from_row(row)
+
+    async def list_jobs(
+        self, filters: JobFilter, page_size: int, page_token: str
+    ) -> tuple[list[Job], str]:
+        """Return one page of jobs, newest first, and the token of the next page."""
+        size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+        clauses: list[str] = []
+        args: list[Any] = []
+
+        def where(sql: str, value: Any) -> None:
+            args.append(value)
+            clauses.append(sql.format(f"${len(args)}"))
+
+        if page_token:
+            where("job_id < {}", decode_page_token(page_token))
+        if filters.states:
+            where("state = ANY({}::text[])", list(filters.states))
+        if filters.project_id:
+            where("project_id = {}", filters.project_id)
+        if filters.owner:
+            where("owner = {}", filters.owner)
+        if filters.array_id:
+            where("array_id = {}", filters.array_id)
+        sql = f"SELECT {_SELECT} FROM scheduler.jobs"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        args.append(size + 1)
+        sql += f" ORDER BY job_id DESC LIMIT ${len(args)}"
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(sql, *args, timeout=self._timeout)
+        jobs = [_job_from_row(row) for row in rows[:size]]
+        token = encode_page_token(jobs[-1].job_id) if len(rows) > size else ""
+        return jobs, token
+
+    def _job_record(self, job: Job, epoch: int, cause: str) -> tuple[Any, ...]:
+        return (
+            job.job_id,
+            self.shard,
+            job.owner,
+            job.institution,
+            job.spec.grant_id,
+            job.spec.project_id,
+            spec_to_json(job.spec),
+            job.state,
+            job.pending_reason,
+            job.reason,
+            job.attempt,
+            job.array_id,
+            job.array_index,
+            to_datetime(job.submitted_at),
+            to_datetime(job.started_at),
+            to_datetime(job.ended_at),
+            job.hold_id,
+            job.hold_amount,
+            job.checkpoint_ref,
+            job.exit_code,
+            placement_to_json(job.placement),
+            cause,
+            epoch,
+        )
+
+
+def encode_page_token(last_job_id: str) -> str:
+    return base64.urlsafe_b64encode(last_job_id.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> str:
+    """Return the job id a page token continues after; raises ``ValueError`` if malformed."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        value = raw.decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"page_token {token!r} is malformed") from exc
+    if not value.startswith("j"):
+        raise ValueError(f"page_token {token!r} is malformed")
+    return value
+
+
+_SELECT: Final = (
+    "job_id, owner, institution, spec::text, state, pending_reason, reason, attempt, array_id,"
+    " array_index, submitted_at, started_at, ended_at, hold_id, hold_amount, checkpoint_ref, exit_code, placement::text"
+)
+
+
+def _job_from_row(row: asyncpg.Record) -> Job:
+    submitted = cast(datetime, row["submitted_at"])
+    hold_amount = cast(Decimal | None, row["hold_amount"])
+    return Job(
+        job_id=row["job_id"],
+        spec=spec_from_json(row["spec"]),
+        owner=row["owner"],
+        institution=row["institution"],
+        state=cast(JobState, row["state"]),
+        pending_reason=row["pending_reason"],
+        reason=row["reason"],
+        attempt=row["attempt"],
+        array_id=row["array_id"],
+        array_index=row["array_index"],
+        submitted_at=submitted.timestamp(),
+        started_at=from_datetime(row["started_at"]),
+        ended_at=from_datetime(row["ended_at"]),
+        hold_id=row["hold_id"],
+        hold_amount=hold_amount,
+        checkpoint_ref=row["checkpoint_ref"],
+        exit_code=row["exit_code"],
+        placement=placement_from_json(row["placement"]),
+    )
+
+
+_INSERT_JOBS: Final = """
+INSERT INTO scheduler.jobs (job_id, shard, owner, institution, grant_id, project_id, spec, state,
+    pending_reason, reason, attempt, array_id, array_index, submitted_at, started_at, ended_at,
+    hold_id, hold_amount, checkpoint_ref, exit_code, placement, cause, epoch, request_id)
+SELECT u.job_id, u.shard, u.owner, u.institution, u.grant_id, u.project_id, u.spec::jsonb,
+    u.state, u.pending_reason, u.reason, u.attempt, u.array_id, u.array_index, u.submitted_at,
+    u.started_at, u.ended_at, u.hold_id, u.hold_amount, u.checkpoint_ref, u.exit_code,
+    u.placement::jsonb, u.cause, u.epoch, u.request_id
+FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+    $8::text[], $9::text[], $10::text[], $11::int[], $12::text[], $13::int[],
+    $14::timestamptz[], $15::timestamptz[], $16::timestamptz[], $17::text[], $18::numeric[],
+    $19::text[], $20::int[], $21::text[], $22::text[], $23::bigint[], $24::text[]
+) AS u(job_id, shard, owner, institution, grant_id, project_id, spec, state, pending_reason,
+       reason, attempt, array_id, array_index, submitted_at, started_at, ended_at, hold_id,
+       hold_amount, checkpoint_ref, exit_code, placement, cause, epoch, request_id)
+ON CONFLICT (request_id) DO NOTHING
+RETURNING job_id
+"""
+
+_UPDATE_JOBS: Final = """
+UPDATE scheduler.jobs AS j SET
+    state = u.state, pending_reason = u.pending_reason, reason = u.reason, attempt = u.attempt,
+    started_at = u.started_at, ended_at = u.ended_at, hold_id = u.hold_id,
+    hold_amount = u.hold_amount, checkpoint_ref = u.checkpoint_ref, exit_code = u.exit_code,
+    placement = u.placement::jsonb, cause = u.cause, epoch = $14, updated_at = now()
+FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
+    $7::timestamptz[], $8::text[], $9::numeric[], $10::text[], $11::int[], $12::text[],
+    $13::text[]
+) AS u(job_id, state, pending_reason, reason, attempt, started_at, ended_at, hold_id,
+       hold_amount, checkpoint_ref, exit_code, placement, cause)
+WHERE j.job_id = u.job_id
+"""
+
+_INSERT_DISPATCHES: Final = """
+INSERT INTO scheduler.dispatches (job_id, attempt, task_index, kind, node_key, payload, epoch)
+SELECT u.*, $7 FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::text[], $6::bytea[])
+    AS u(job_id, attempt, task_index, kind, node_key, payload)
+ON CONFLICT DO NOTHING
+RETURNING job_id, attempt, task_index, kind
+"""
+
+_ACK_DISPATCHES: Final = """
+UPDATE scheduler.dispatches AS d SET acked_at = now()
+FROM unnest($1::text[], $2::int[], $3::int[], $4::text[]) AS u(job_id, attempt, task_index, kind)
+WHERE d.job_id = u.job_id AND d.attempt = u.attempt AND d.task_index = u.task_index
+    AND d.kind = u.kind AND d.acked_at IS NULL
+"""

@@ -1,0 +1,134 @@
+"""Checks on a job submission, each failure naming the field, the value and the fix."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from acsp.subjects import TOKEN_PATTERN
+
+from .model import MILLIS_PER_ACCELERATOR, PRIORITY_CLASSES, TOPOLOGIES, JobSpec
+
+MAX_TASKS: Final = 4096
+MAX_MILLIS_PER_TASK: Final = 64 * MILLIS_PER_ACCELERATOR
+MAX_WALL_TIME_S: Final = 60 * 86_400
+"""Sixty days; longer work needs an advance reservation arranged with the program office."""
+MAX_GRACE_S: Final = 3600
+MAX_ARRAY_SIZE: Final = 10_000
+MAX_NAME_LENGTH: Final = 128
+MAX_COMMAND_BYTES: Final = 64 * 1024
+VENDORS: Final = ("", "nvidia", "amd", "huawei", "cambricon", "other")
+
+_ENV_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_ID: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_JURISDICTION: Final = re.compile(r"^jurisdiction:[A-Z]{2,8}$")
+
+_Reporter = Callable[[str, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One invalid field of a request."""
+
+    field: str
+    """Dotted path of the field, as named in the protobuf request."""
+    reason: str
+    """What is wrong and how to fix it."""
+
+
+class InvalidJobSpec(ValueError):
+    """A submission failed validation; ``violations`` lists every invalid field."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = tuple(violations)
+        super().__init__("; ".join(f"{v.field}: {v.reason}" for v in violations))
+
+
+def validate_spec(spec: JobSpec, prefix: str = "spec") -> list[FieldViolation]:
+    """Return every violation in ``spec``; an empty list means it is valid."""
+    out: list[FieldViolation] = []
+
+    def bad(name: str, reason: str) -> None:
+        out.append(FieldViolation(f"{prefix}.{name}", reason))
+
+    if len(spec.name) > MAX_NAME_LENGTH:
+        bad("name", f"is {len(spec.name)} characters long; use at most {MAX_NAME_LENGTH}")
+    _check_ids(spec, bad)
+    _check_command(spec, bad)
+    if not 1 <= spec.task_count <= MAX_TASKS:
+        bad("task_count", f"is {spec.task_count}; use 1 to {MAX_TASKS}")
+    _check_millis(spec, bad)
+    if not 1 <= spec.wall_time_s <= MAX_WALL_TIME_S:
+        bad("wall_time_seconds", f"is {spec.wall_time_s}; use 1 to {MAX_WALL_TIME_S}")
+    if not 0 <= spec.grace_s <= MAX_GRACE_S:
+        bad("grace_seconds", f"is {spec.grace_s}; use 0 to {MAX_GRACE_S}")
+    if spec.priority not in PRIORITY_CLASSES:
+        bad("priority_class", f"{spec.priority!r} is unknown; use {', '.join(PRIORITY_CLASSES)}")
+    if spec.topology not in TOPOLOGIES:
+        bad("topology", f"{spec.topology!r} is unknown")
+    if spec.vendor not in VENDORS:
+        bad("accelerators.vendor", f"{spec.vendor!r} is unknown")
+    for i, model in enumerate(spec.models):
+        if not TOKEN_PATTERN.match(model):
+            bad(f"accelerators.models[{i}]", f"{model!r} is not a catalog model name")
+    for i, entry in enumerate(spec.allowed_regions):
+        if not _valid_region_entry(entry):
+            bad(
+                f"allowed_regions[{i}]",
+                f"{entry!r} is neither '<provider>/<region>' nor 'jurisdiction:<CODE>'",
+            )
+    for key, _ in spec.env:
+        if not _ENV_NAME.match(key):
+            bad(f"environment[{key!r}]", "is not a valid environment variable name")
+    if spec.simulated_run_s < 0 or spec.simulated_run_s != spec.simulated_run_s:
+        bad("simulated_run_seconds", f"is {spec.simulated_run_s}; use 0 or a positive number")
+    return out
+
+
+def validate_array_size(size: int, field: str = "spec.array_size") -> list[FieldViolation]:
+    """Check the size of a job array; 0 and 1 mean a single job."""
+    if not 0 <= size <= MAX_ARRAY_SIZE:
+        return [FieldViolation(field, f"is {size}; use 0 (no array) to {MAX_ARRAY_SIZE}")]
+    return []
+
+
+def _check_ids(spec: JobSpec, bad: _Reporter) -> None:
+    if not spec.project_id:
+        bad("project_id", "is missing; name the project the job runs for")
+    elif not _ID.match(spec.project_id):
+        bad("project_id", f"{spec.project_id!r} is not a valid project id")
+    if spec.grant_id and not _ID.match(spec.grant_id):
+        bad("grant_id", f"{spec.grant_id!r} is not a valid grant id")
+    if spec.sub_allocation_id and not _ID.match(spec.sub_allocation_id):
+        bad("sub_allocation_id", f"{spec.sub_allocation_id!r} is not a valid id")
+
+
+def _check_command(spec: JobSpec, bad: _Reporter) -> None:
+    if not spec.command or not spec.command[0]:
+        bad("command", "is empty; give the program to run and its arguments")
+        return
+    size = sum(len(arg.encode()) for arg in spec.command)
+    if size > MAX_COMMAND_BYTES:
+        bad("command", f"is {size} bytes; use at most {MAX_COMMAND_BYTES}")
+    if any("\x00" in arg for arg in spec.command):
+        bad("command", "contains a NUL character")
+
+
+def _check_millis(spec: JobSpec, bad: _Reporter) -> None:
+    millis = spec.accelerator_millis_per_task
+    name = "accelerator_millis_per_task"
+    if millis <= 0:
+        bad(name, f"is {millis}; use 1-999 for a share of one accelerator or multiples of 1000")
+    elif millis > MAX_MILLIS_PER_TASK:
+        bad(name, f"is {millis}; use at most {MAX_MILLIS_PER_TASK}")
+    elif millis > MILLIS_PER_ACCELERATOR and millis % MILLIS_PER_ACCELERATOR:
+        bad(name, f"is {millis}; above 1000 use a whole multiple of 1000")
+
+
+def _valid_region_entry(entry: str) -> bool:
+    if _JURISDICTION.match(entry):
+        return True
+    provider, sep, region = entry.partition("/")
+    return bool(sep) and bool(TOKEN_PATTERN.match(provider)) and bool(TOKEN_PATTERN.match(region))
