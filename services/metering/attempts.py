@@ -1,0 +1,374 @@
+"""Attempt lifecycle in PostgreSQL: job facts, health events, hold settlement and refunds."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+
+from services.metering.ledger import Ledger, LedgerRejected, LedgerUnavailable
+from services.metering.ratecard import RateCardHistory, RatePolicy
+from services.metering.refunds import (
+    EndedAttempt,
+    HealthFact,
+    RefundDecision,
+    SampleSlice,
+    decide_refund,
+    find_cause,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptFacts:
+    """What a job event says about one attempt; None fields leave the stored value alone."""
+
+    job_id: str
+    attempt: int
+    hold_id: str
+    grant_id: str
+    project_id: str = ""
+    institution_id: str = ""
+    rate_policy: RatePolicy = RatePolicy.CURRENT
+    award_rate_card_version: int | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    end_reason: str = ""
+    end_trigger: str = ""
+    last_checkpoint_at: datetime | None = None
+    cause: str = ""
+
+
+async def record_attempt(conn: asyncpg.Connection, facts: AttemptFacts) -> None:
+    """Insert or update an attempt; an end, once recorded, is never moved."""
+    await conn.execute(
+        """
+        INSERT INTO metering.jobs AS j
+            (job_id, attempt, hold_id, grant_id, project_id, institution_id, rate_policy,
+             award_rate_card_version, started_at, ended_at, end_reason, end_trigger,
+             last_checkpoint_at, cause)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+        ON CONFLICT (job_id, attempt) DO UPDATE SET
+            hold_id = CASE WHEN excluded.hold_id <> '' THEN excluded.hold_id ELSE j.hold_id END,
+            grant_id = CASE WHEN excluded.grant_id <> '' THEN excluded.grant_id
+                            ELSE j.grant_id END,
+            project_id = CASE WHEN excluded.project_id <> '' THEN excluded.project_id
+                              ELSE j.project_id END,
+            institution_id = CASE WHEN excluded.institution_id <> ''
+                                  THEN excluded.institution_id ELSE j.institution_id END,
+            rate_policy = excluded.rate_policy,
+            award_rate_card_version = excluded.award_rate_card_version,
+            started_at = coalesce(j.started_at, excluded.started_at),
+            ended_at = coalesce(j.ended_at, excluded.ended_at),
+            end_reason = CASE WHEN j.ended_at IS NULL THEN excluded.end_reason
+                              ELSE j.end_reason END,
+            end_trigger = CASE WHEN j.end_trigger = '' THEN excluded.end_trigger
+                               ELSE j.end_trigger END,
+            last_checkpoint_at = greatest(j.last_checkpoint_at, excluded.last_checkpoint_at),
+            cause = excluded.cause,
+            updated_at = now()
+        """,
+        facts.job_id,
+        facts.attempt,
+        facts.hold_id,
+        facts.grant_id,
+        facts.project_id,
+        facts.institution_id,
+        facts.rate_policy.value,
+        facts.award_rate_card_version,
+        facts.started_at,
+        facts.ended_at,
+        facts.end_reason,
+        facts.end_trigger,
+        facts.last_checkpoint_at,
+        facts.cause,
+    )
+
+
+async def record_end_trigger(
+    conn: asyncpg.Connection, job_id: str, attempt: int, trigger: str
+) -> None:
+    """Record what ended an attempt (e.g. the health event an agent named), if none is yet."""
+    await conn.execute(
+        """
+        INSERT INTO metering.jobs (job_id, attempt, hold_id, grant_id, end_trigger, cause)
+        VALUES ($1, $2, '', '', $3, 'event:task')
+        ON CONFLICT (job_id, attempt) DO UPDATE SET end_trigger = excluded.end_trigger
+        WHERE metering.jobs.end_trigger = ''
+        """,
+        job_id,
+        attempt,
+        trigger,
+    )
+
+
+async def record_health_event(
+    conn: asyncpg.Connection, fact: HealthFact, provider: str, region: str, detail: str
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO metering.health_events
+            (event_id, provider, region, node, accelerator_id, kind, code, fatal, detail,
+             event_time)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+        ON CONFLICT (event_id) DO NOTHING
+        """,
+        fact.event_id,
+        provider,
+        region,
+        fact.node,
+        fact.accelerator_id,
+        fact.condition,
+        fact.xid,
+        fact.fatal_severity,
+        detail,
+        fact.time,
+    )
+
+
+async def settle_ended_attempts(
+    conn: asyncpg.Connection, ledger: Ledger, *, now: datetime, lateness_s: float, timeout_s: float
+) -> int:
+    """Release what is left of the holds of attempts whose final charges are committed."""
+    rows = await conn.fetch(
+        """
+        SELECT j.job_id, j.attempt, j.hold_id FROM metering.jobs j
+        WHERE j.settled_at IS NULL AND j.ended_at IS NOT NULL AND j.ended_at <= $1
+          AND j.hold_id <> ''
+          AND NOT EXISTS (
+              SELECT 1 FROM metering.usage_periods up
+              WHERE up.job_id = j.job_id AND up.attempt = j.attempt
+                AND up.accelerator_seconds > up.charged_seconds)
+          AND NOT EXISTS (
+              SELECT 1 FROM metering.charges c
+              WHERE c.job_id = j.job_id AND c.attempt = j.attempt AND c.state = 'pending')
+        ORDER BY j.ended_at
+        LIMIT 500
+        """,
+        now - timedelta(seconds=lateness_s),
+    )
+    settled = 0
+    for row in rows:
+        request_id = f"settle/{row['job_id']}/{row['attempt']}"
+        try:
+            await ledger.settle_hold(request_id, row["hold_id"], timeout_s)
+        except LedgerUnavailable as error:
+            logger.warning("ledger unavailable settling hold %s: %s", row["hold_id"], error)
+            return settled
+        except LedgerRejected as error:
+            logger.error(
+                "ledger rejected settling hold %s of job %s: %s",
+                row["hold_id"],
+                row["job_id"],
+                error,
+                extra={"job_id": row["job_id"], "hold_id": row["hold_id"]},
+            )
+        await conn.execute(
+            "UPDATE metering.jobs SET settled_at = $3 WHERE job_id = $1 AND attempt = $2",
+            row["job_id"],
+            row["attempt"],
+            now,
+        )
+        settled += 1
+    return settled
+
+
+async def decide_due_refunds(
+    conn: asyncpg.Connection,
+    history: RateCardHistory,
+    *,
+    now: datetime,
+    max_lost: timedelta,
+    tie_window: timedelta,
+) -> list[RefundDecision]:
+    """Check settled attempts for a refund once, and record each refund as pending."""
+    decisions: list[RefundDecision] = []
+    async with conn.transaction():
+        rows = await conn.fetch(
+            """
+            SELECT * FROM metering.jobs
+            WHERE settled_at IS NOT NULL AND refund_checked_at IS NULL
+            ORDER BY settled_at LIMIT 200 FOR UPDATE SKIP LOCKED
+            """
+        )
+        for row in rows:
+            decision = await _decide_one(conn, row, history, max_lost, tie_window)
+            if decision is not None:
+                await _insert_refund(conn, row, decision)
+                decisions.append(decision)
+            await conn.execute(
+                "UPDATE metering.jobs SET refund_checked_at = $3 "
+                "WHERE job_id = $1 AND attempt = $2",
+                row["job_id"],
+                row["attempt"],
+                now,
+            )
+    return decisions
+
+
+async def _decide_one(
+    conn: asyncpg.Connection,
+    row: asyncpg.Record,
+    history: RateCardHistory,
+    max_lost: timedelta,
+    tie_window: timedelta,
+) -> RefundDecision | None:
+    attempt = EndedAttempt(
+        row["job_id"],
+        row["attempt"],
+        row["hold_id"],
+        row["started_at"],
+        row["ended_at"],
+        row["end_reason"],
+        row["end_trigger"],
+        row["last_checkpoint_at"],
+    )
+    sample_rows = await conn.fetch(
+        """
+        SELECT start_time, provider, region, accelerator_model, accelerator_id, node,
+               accelerator_seconds
+        FROM metering.usage_samples WHERE job_id = $1 AND attempt = $2
+        """,
+        attempt.job_id,
+        attempt.attempt,
+    )
+    samples = [SampleSlice(*r) for r in sample_rows]
+    accelerators = frozenset(s.accelerator_id for s in samples)
+    nodes = frozenset(s.node for s in samples)
+    event_rows = await conn.fetch(
+        """
+        SELECT event_id, accelerator_id, node, kind, code, fatal, event_time
+        FROM metering.health_events
+        WHERE accelerator_id = any($1::text[]) OR (accelerator_id = '' AND node = any($2::text[]))
+           OR event_id = $3
+        """,
+        list(accelerators),
+        list(nodes),
+        attempt.end_trigger.removeprefix("health:"),
+    )
+    events = [HealthFact(*r) for r in event_rows]
+    cause = find_cause(attempt, events, accelerators, nodes, tie_window)
+    if cause is None:
+        return None
+    charged_row = await conn.fetchrow(
+        """
+        SELECT coalesce(sum(amount), 0) AS charged, max(rate_card_version) AS version
+        FROM metering.charges WHERE job_id = $1 AND attempt = $2 AND state = 'committed'
+        """,
+        attempt.job_id,
+        attempt.attempt,
+    )
+    assert charged_row is not None
+    if charged_row["version"] is None:
+        return None
+    card = history.get(charged_row["version"])
+    return decide_refund(attempt, cause, samples, card, max_lost, Decimal(charged_row["charged"]))
+
+
+async def _insert_refund(
+    conn: asyncpg.Connection, row: asyncpg.Record, decision: RefundDecision
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO metering.refunds
+            (job_id, attempt, request_id, hold_id, amount, accelerator_seconds, lost_from,
+             lost_until, reason, cause)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+        ON CONFLICT DO NOTHING
+        """,
+        row["job_id"],
+        row["attempt"],
+        decision.request_id,
+        row["hold_id"],
+        decision.amount,
+        decision.seconds,
+        decision.lost_from,
+        decision.lost_until,
+        decision.reason,
+        row["end_trigger"] or f"job ended: {row['end_reason']}",
+    )
+    await conn.executemany(
+        """
+        INSERT INTO metering.refund_lines
+            (job_id, attempt, provider, region, accelerator_model, accelerator_seconds, amount,
+             refund_time)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        ON CONFLICT DO NOTHING
+        """,
+        [
+            (
+                row["job_id"],
+                row["attempt"],
+                line.provider,
+                line.region,
+                line.accelerator_model,
+                line.seconds,
+                line.amount,
+                decision.lost_until,
+            )
+            for line in decision.lines
+        ],
+    )
+
+
+async def post_pending_refunds(
+    conn: asyncpg.Connection, ledger: Ledger, *, now: datetime, timeout_s: float, max_attempts: int
+) -> int:
+    """Send pending refunds to the ledger, each as its own entry."""
+    committed = 0
+    async with conn.transaction():
+        rows = await conn.fetch(
+            """
+            SELECT job_id, attempt, request_id, hold_id, amount, reason, attempts
+            FROM metering.refunds WHERE state = 'pending'
+            ORDER BY created_at LIMIT 100 FOR UPDATE SKIP LOCKED
+            """
+        )
+        for row in rows:
+            try:
+                entry_id = await ledger.refund(
+                    row["request_id"], row["hold_id"], row["amount"], row["reason"], timeout_s
+                )
+            except LedgerUnavailable as error:
+                logger.warning("ledger unavailable for refund %s: %s", row["request_id"], error)
+                await _refund_error(conn, row["request_id"], str(error), None)
+                break
+            except LedgerRejected as error:
+                give_up = row["attempts"] + 1 >= max_attempts
+                logger.error("ledger rejected refund %s: %s", row["request_id"], error)
+                await _refund_error(
+                    conn, row["request_id"], str(error), "failed" if give_up else None
+                )
+                continue
+            await conn.execute(
+                """
+                UPDATE metering.refunds
+                SET state = 'committed', ledger_entry_id = $2, committed_at = $3,
+                    attempts = attempts + 1
+                WHERE request_id = $1
+                """,
+                row["request_id"],
+                entry_id,
+                now,
+            )
+            committed += 1
+    return committed
+
+
+async def _refund_error(
+    conn: asyncpg.Connection, request_id: str, error: str, state: str | None
+) -> None:
+    await conn.execute(
+        """
+        UPDATE metering.refunds SET attempts = attempts + 1, last_error = $2,
+            state = coalesce($3, state)
+        WHERE request_id = $1
+        """,
+        request_id,
+        error[:2000],
+        state,
+    )

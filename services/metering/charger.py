@@ -1,0 +1,132 @@
+"""The charging loop: prices closed periods, commits charges, settles holds, refunds faults."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from services.metering.attempts import (
+    decide_due_refunds,
+    post_pending_refunds,
+    settle_ended_attempts,
+)
+from services.metering.charge_store import post_pending_charges, record_due_charges
+from services.metering.ledger import Ledger
+from services.metering.ratecard import RateCardHistory
+from services.runtime.db import Database
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChargerConfig:
+    period_seconds: int = 300
+    lateness_s: float = 30.0
+    """Seconds after a period ends (or an attempt ends) before its usage is charged, so that
+    samples still in flight arrive first. Later samples get a further charge."""
+    interval_s: float = 1.0
+    """Seconds between passes when there is no backlog."""
+    ledger_batch: int = 500
+    ledger_timeout_s: float = 5.0
+    max_attempts: int = 20
+    """Ledger rejections after which a charge or refund is marked failed for an operator."""
+    max_refund_s: float = 6 * 3600.0
+    """The most lost time refunded for one fault, however old the last checkpoint."""
+    tie_window_s: float = 300.0
+    """How long after an attempt ends a fatal health event still counts as its cause."""
+
+
+@dataclass
+class ChargerCounters:
+    charges_recorded: int = 0
+    charges_committed: int = 0
+    charges_failed: int = 0
+    holds_settled: int = 0
+    refunds_recorded: int = 0
+    refunds_committed: int = 0
+
+
+class Charger:
+    def __init__(
+        self,
+        db: Database,
+        ledger: Ledger,
+        history: Callable[[], RateCardHistory],
+        config: ChargerConfig,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._db = db
+        self._ledger = ledger
+        self._history = history
+        self._config = config
+        self._clock = clock
+        self.counters = ChargerCounters()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        logger.info("charger starting: period %d s", self._config.period_seconds)
+        while not stop.is_set():
+            busy = await self.run_once()
+            if not busy:
+                try:
+                    await asyncio.wait_for(stop.wait(), self._config.interval_s)
+                except TimeoutError:
+                    pass
+        logger.info("charger stopped")
+
+    async def run_once(self) -> bool:
+        """Make one pass; return whether it found work (so the next pass starts at once)."""
+        config = self._config
+        counters = self.counters
+        now = self._clock()
+        history = self._history()
+        async with self._db.acquire() as conn:
+            planned = await record_due_charges(
+                conn,
+                history,
+                now=now,
+                period_seconds=config.period_seconds,
+                lateness_s=config.lateness_s,
+            )
+            posted = await post_pending_charges(
+                conn,
+                self._ledger,
+                batch=config.ledger_batch,
+                timeout_s=config.ledger_timeout_s,
+                max_attempts=config.max_attempts,
+                now=self._clock(),
+            )
+            settled = await settle_ended_attempts(
+                conn,
+                self._ledger,
+                now=now,
+                lateness_s=config.lateness_s,
+                timeout_s=config.ledger_timeout_s,
+            )
+            refunds = await decide_due_refunds(
+                conn,
+                history,
+                now=now,
+                max_lost=timedelta(seconds=config.max_refund_s),
+                tie_window=timedelta(seconds=config.tie_window_s),
+            )
+            refunded = await post_pending_refunds(
+                conn,
+                self._ledger,
+                now=self._clock(),
+                timeout_s=config.ledger_timeout_s,
+                max_attempts=config.max_attempts,
+            )
+        counters.charges_recorded += len(planned)
+        counters.charges_committed += posted.committed
+        counters.charges_failed += posted.failed
+        counters.holds_settled += settled
+        counters.refunds_recorded += len(refunds)
+        counters.refunds_committed += refunded
+        for refund in refunds:
+            logger.info(
+                "refund %s: %s PF-days, %s", refund.request_id, refund.amount, refund.reason
+            )
+        return bool(planned or posted.committed or settled or refunds or refunded)

@@ -1,0 +1,145 @@
+"""The grant ledger as metering sees it: charges, hold settlement and refunds.
+
+:class:`Ledger` is what charging and refunds call; :class:`GrpcLedger` implements it over the
+grant service's RPCs. Every call carries an idempotency key, so a retry after a crash or a lost
+response changes nothing in the ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol
+
+import grpc
+
+from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
+from services.metering.ratecard import RatePolicy
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerCharge:
+    """One charge to commit against a hold."""
+
+    request_id: str
+    hold_id: str
+    amount: Decimal
+    rate_card_version: int
+    usage_reference: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeOutcome:
+    request_id: str
+    entry_id: int
+    applied: bool
+    """False when an earlier call had already applied the same request id."""
+
+
+@dataclass(frozen=True, slots=True)
+class GrantTerms:
+    """How a grant prices usage."""
+
+    rate_policy: RatePolicy
+    award_rate_card_version: int | None
+
+
+class LedgerRejected(Exception):
+    """The ledger refused a request that will fail again unchanged (e.g. a settled hold)."""
+
+
+class LedgerUnavailable(Exception):
+    """The ledger could not be reached or timed out; retry later with the same key."""
+
+
+class Ledger(Protocol):
+    async def commit_charges(
+        self, charges: Sequence[LedgerCharge], timeout_s: float
+    ) -> list[ChargeOutcome]: ...
+
+    async def settle_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None: ...
+
+    async def refund(
+        self, request_id: str, hold_id: str, amount: Decimal, reason: str, timeout_s: float
+    ) -> int: ...
+
+    async def grant_terms(self, grant_id: str, timeout_s: float) -> GrantTerms: ...
+
+
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
+
+
+def _translate(error: grpc.aio.AioRpcError) -> Exception:
+    message = f"{error.code().name}: {error.details()}"
+    if error.code() in _RETRYABLE:
+        return LedgerUnavailable(message)
+    return LedgerRejected(message)
+
+
+class GrpcLedger:
+    """The ledger over the grant service's gRPC API."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = grant_pb2_grpc.GrantServiceStub(channel)
+
+    async def commit_charges(
+        self, charges: Sequence[LedgerCharge], timeout_s: float
+    ) -> list[ChargeOutcome]:
+        request = grant_pb2.CommitChargesRequest(
+            charges=[
+                grant_pb2.ChargeItem(
+                    request_id=c.request_id,
+                    hold_id=c.hold_id,
+                    amount_pf_days=common_pb2.Decimal(value=str(c.amount)),
+                    rate_card_version=c.rate_card_version,
+                    usage_reference=c.usage_reference,
+                )
+                for c in charges
+            ]
+        )
+        try:
+            response = await self._stub.CommitCharges(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error) from error
+        return [ChargeOutcome(r.request_id, r.entry_id, r.applied) for r in response.results]
+
+    async def settle_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None:
+        request = grant_pb2.ReleaseHoldRequest(request_id=request_id, hold_id=hold_id, settle=True)
+        try:
+            await self._stub.ReleaseHold(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error) from error
+
+    async def refund(
+        self, request_id: str, hold_id: str, amount: Decimal, reason: str, timeout_s: float
+    ) -> int:
+        request = grant_pb2.RefundRequest(
+            request_id=request_id,
+            hold_id=hold_id,
+            amount_pf_days=common_pb2.Decimal(value=str(amount)),
+            reason=reason,
+        )
+        try:
+            entry = await self._stub.Refund(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error) from error
+        return int(entry.entry_id)
+
+    async def grant_terms(self, grant_id: str, timeout_s: float) -> GrantTerms:
+        try:
+            grant = await self._stub.GetGrant(
+                grant_pb2.GetGrantRequest(grant_id=grant_id), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error) from error
+        if grant.rate_policy == grant_pb2.RATE_POLICY_FIXED_AT_AWARD:
+            return GrantTerms(RatePolicy.FIXED_AT_AWARD, grant.rate_card_version or None)
+        return GrantTerms(RatePolicy.CURRENT, None)

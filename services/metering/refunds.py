@@ -1,0 +1,179 @@
+"""Refund rules: which ended attempts lost work to a hardware fault or a recall, and how much.
+
+Pure, no I/O. An attempt is refunded when it ended because of its accelerators (a fatal XID,
+an uncorrectable ECC error, a GPU fallen off the bus) or because its provider recalled the
+capacity. The time lost runs from the attempt's last checkpoint (or its start) to the fault,
+bounded by the program's maximum; the refund prices that time with the rates its charges used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Final
+
+from services.metering.ratecard import EXACT, RateCard
+
+FATAL_XIDS: Final = frozenset({48, 63, 64, 74, 79, 94, 95, 119, 120})
+"""XID codes that mean the GPU, not the job, failed, after NVIDIA's XID error catalog: 48
+double-bit ECC, 63/64 row remapping, 74 NVLink, 79 fallen off the bus, 94/95 contained and
+uncontained ECC, 119/120 GSP errors."""
+FATAL_CONDITIONS: Final = frozenset({"ecc_dbe", "fallen_off_bus", "row_remap_failure"})
+
+
+@dataclass(frozen=True, slots=True)
+class HealthFact:
+    event_id: str
+    accelerator_id: str
+    node: str
+    condition: str
+    xid: int
+    fatal_severity: bool
+    time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EndedAttempt:
+    job_id: str
+    attempt: int
+    hold_id: str
+    started_at: datetime | None
+    ended_at: datetime
+    end_reason: str
+    end_trigger: str
+    """What ended it: ``recall:<id>``, ``health:<event_id>`` or empty."""
+    last_checkpoint_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SampleSlice:
+    """A sample of the attempt, reduced to what pricing a refund needs."""
+
+    start_time: datetime
+    provider: str
+    region: str
+    accelerator_model: str
+    accelerator_id: str
+    node: str
+    seconds: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class RefundLine:
+    provider: str
+    region: str
+    accelerator_model: str
+    seconds: Decimal
+    amount: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class RefundDecision:
+    request_id: str
+    lost_from: datetime
+    lost_until: datetime
+    seconds: Decimal
+    amount: Decimal
+    reason: str
+    lines: tuple[RefundLine, ...]
+
+
+def is_fatal(condition: str, xid: int, fatal_severity: bool) -> bool:
+    """Return whether a health event means the accelerator failed under the job."""
+    if condition == "xid":
+        return xid in FATAL_XIDS
+    return condition in FATAL_CONDITIONS or (fatal_severity and condition != "thermal")
+
+
+def find_cause(
+    attempt: EndedAttempt,
+    events: Iterable[HealthFact],
+    used_accelerators: frozenset[str],
+    used_nodes: frozenset[str],
+    tie_window: timedelta,
+) -> tuple[str, datetime] | None:
+    """Return (reason, time of the loss) when the attempt's end is the provider's fault.
+
+    A fatal event ties the end to the hardware when the agent named it as the cause, or when it
+    hit an accelerator the attempt used (or its node, for node-wide events) between the
+    attempt's start and ``tie_window`` after its end.
+    """
+    if attempt.end_trigger.startswith("recall:"):
+        return f"provider recall {attempt.end_trigger.removeprefix('recall:')}", attempt.ended_at
+    if attempt.end_reason not in {"failed", "failed_hardware", "lost"}:
+        return None
+    named = attempt.end_trigger.removeprefix("health:") if attempt.end_trigger else ""
+    start = attempt.started_at or datetime.min.replace(tzinfo=attempt.ended_at.tzinfo)
+    latest = attempt.ended_at + tie_window
+    for event in sorted(events, key=lambda e: e.time):
+        if not is_fatal(event.condition, event.xid, event.fatal_severity):
+            continue
+        on_ours = (
+            event.accelerator_id in used_accelerators
+            if event.accelerator_id
+            else event.node in used_nodes
+        )
+        if event.event_id == named or (on_ours and start <= event.time <= latest):
+            what = f"xid {event.xid}" if event.condition == "xid" else event.condition
+            target = event.accelerator_id or f"node {event.node}"
+            return f"{what} on {target}", min(event.time, attempt.ended_at)
+    return None
+
+
+def decide_refund(
+    attempt: EndedAttempt,
+    cause: tuple[str, datetime],
+    samples: Sequence[SampleSlice],
+    card: RateCard,
+    max_lost: timedelta,
+    charged: Decimal,
+) -> RefundDecision | None:
+    """Price the work lost since the last checkpoint, bounded by ``max_lost``.
+
+    The refund covers the samples that started at or after the last checkpoint (or the bound)
+    and before the loss, and never exceeds what the attempt was charged.
+    """
+    reason, lost_until = cause
+    since = attempt.last_checkpoint_at or attempt.started_at or lost_until - max_lost
+    lost_from = max(since, lost_until - max_lost)
+    seconds: dict[tuple[str, str, str], Decimal] = {}
+    for sample in samples:
+        if lost_from <= sample.start_time < lost_until:
+            key = (sample.provider, sample.region, sample.accelerator_model)
+            seconds[key] = EXACT.add(seconds.get(key, Decimal(0)), sample.seconds)
+    lines = tuple(
+        RefundLine(p, r, m, total, card.charge(m, total))
+        for (p, r, m), total in sorted(seconds.items())
+    )
+    amount = sum((line.amount for line in lines), Decimal(0))
+    if amount <= 0 or charged <= 0:
+        return None
+    if amount > charged:
+        # Charges priced with another card version can sum to less; never refund more.
+        lines = _scale_down(lines, charged)
+        amount = charged
+    lost_seconds = (lost_until - lost_from).total_seconds()
+    return RefundDecision(
+        request_id=f"refund/{attempt.job_id}/{attempt.attempt}",
+        lost_from=lost_from,
+        lost_until=lost_until,
+        seconds=sum((line.seconds for line in lines), Decimal(0)),
+        amount=amount,
+        reason=f"{reason}, {lost_seconds:,.0f} s since checkpoint",
+        lines=lines,
+    )
+
+
+def _scale_down(lines: tuple[RefundLine, ...], cap: Decimal) -> tuple[RefundLine, ...]:
+    """Assign the capped amount to the lines in order, so their amounts still add up exactly."""
+    left = cap
+    scaled = []
+    for line in lines:
+        amount = min(line.amount, left)
+        left -= amount
+        scaled.append(
+            RefundLine(line.provider, line.region, line.accelerator_model, line.seconds, amount)
+        )
+    return tuple(scaled)
