@@ -9,7 +9,7 @@ from __future__ import annotations
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, localcontext
 from typing import Final
 
-from services.grant.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument
 
 QUANTUM: Final = Decimal("1e-24")
 """The smallest amount the ledger records, in PF-days."""

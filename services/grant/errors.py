@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from services.grant.amounts import format_amount
 from services.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -28,8 +29,9 @@ class InsufficientBudget(FailedPrecondition):
     def __init__(self, account: str, requested: Decimal, available: Decimal) -> None:
         shortfall = requested - available
         super().__init__(
-            f"insufficient budget on {account}: requested {requested} PF-days, "
-            f"available {available} PF-days, shortfall {shortfall} PF-days",
+            f"insufficient budget on {account}: requested {format_amount(requested)} PF-days, "
+            f"available {format_amount(available)} PF-days, "
+            f"shortfall {format_amount(shortfall)} PF-days",
             field="amount_pf_days",
         )
         self.account = account

@@ -22,7 +22,7 @@ from decimal import Decimal, localcontext
 from enum import StrEnum
 from typing import Final
 
-from services.grant.amounts import EXACT, ZERO
+from services.grant.amounts import EXACT, ZERO, format_amount
 from services.grant.errors import FailedPrecondition, InsufficientBudget, InvalidArgument
 
 PROGRAM_POOL: Final = "program:pool"
@@ -253,7 +253,8 @@ def refund(grant: GrantState, pot: Pot, hold: HoldBalance, amount: Decimal) -> M
         refundable = hold.charged - hold.refunded
         if amount > refundable:
             raise FailedPrecondition(
-                f"refund of {amount} PF-days exceeds the {refundable} PF-days charged on hold "
+                f"refund of {format_amount(amount)} PF-days exceeds the "
+                f"{format_amount(refundable)} PF-days charged on hold "
                 f"{hold.hold_id} and not yet refunded",
                 field="amount_pf_days",
             )

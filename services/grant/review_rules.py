@@ -19,9 +19,12 @@ class Tier(StrEnum):
 
 class ApplicationState(StrEnum):
     SUBMITTED = "submitted"
-    """Waiting for reviewers or reviews."""
+    """Waiting for reviewers."""
+    IN_REVIEW = "in_review"
+    """Reviewers assigned; reviews in progress."""
     AWARDED = "awarded"
     REJECTED = "rejected"
+    WITHDRAWN = "withdrawn"
 
 
 class Decision(StrEnum):
@@ -35,7 +38,7 @@ class RatePolicy(StrEnum):
 
     FIXED_AT_AWARD = "fixed_at_award"
     """Rates of the rate card version current at award time, for the whole grant."""
-    CURRENT_CARD = "current_card"
+    CURRENT = "current"
     """Rates of whichever rate card version is current when usage is charged."""
 
 

@@ -46,7 +46,9 @@ CREATE TABLE applications (
     regions             text[] NOT NULL DEFAULT '{}',
     providers           text[] NOT NULL DEFAULT '{}',
     justification       text NOT NULL,
-    state               text NOT NULL CHECK (state IN ('submitted', 'awarded', 'rejected')),
+    state               text NOT NULL
+                        CHECK (state IN ('submitted', 'in_review', 'awarded', 'rejected',
+                                         'withdrawn')),
     submitted_by        text NOT NULL,
     submitted_at        timestamptz NOT NULL DEFAULT now(),
     decision            text CHECK (decision IN ('award', 'award_less', 'reject')),
