@@ -1,0 +1,417 @@
+"""NATS and JetStream for acsp services: connect, declare, publish with many acks, consume.
+
+::
+
+    client = await connect_nats(settings, "metering")      # reconnects forever after this
+    js = client.jetstream()
+    await ensure_stream(js, StreamConfig(name=USAGE_STREAM, subjects=list(USAGE_SUBJECTS)))
+    await ensure_key_value(js, KeyValueConfig(bucket=RATE_CARD_BUCKET, history=16))
+
+    publisher = Publisher(js)                               # bounded acks in flight
+    acks = [await publisher.publish(subject, data, msg_id=sample_id) for ...]
+    await publisher.wait(acks)                              # raises on the first failed ack
+
+    consumer = PullConsumer(js, USAGE_STREAM, "metering", handle_batch)
+    runtime.spawn(consumer.run(runtime.stopping), name="usage-consumer")
+
+A :class:`PullConsumer` calls ``handle_batch(messages)``, which commits its database
+transaction and returns; only then are the messages acked. While the handler works, each
+message gets an in-progress ack so JetStream does not redeliver it. A handler that raises gets
+its batch redelivered after a delay (``nak``); raising :class:`Reject` terminates the messages
+instead (use it for payloads that can never be processed). Publishes and consumed batches carry
+the trace context in message headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Final
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, KeyValueConfig, PubAck, StreamConfig, StreamInfo
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind
+
+from services.runtime.errors import Unavailable
+from services.runtime.settings import Settings, SettingsError
+from services.runtime.telemetry import context_from_headers, inject_headers
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S: Final = 10.0
+RECONNECT_WAIT_S: Final = 2
+DRAIN_TIMEOUT_S: Final = 10
+MSG_ID_HEADER: Final = "Nats-Msg-Id"
+
+
+async def connect_nats(settings: Settings, name: str) -> Client:
+    """Connect to ``ACSP_NATS_URL`` within CONNECT_TIMEOUT_S; raise SettingsError if it fails.
+
+    After the first connection the client reconnects forever, every RECONNECT_WAIT_S seconds
+    (nats-py adds jitter), and buffers publishes meanwhile.
+    """
+    url: str = settings.require("nats_url")
+    options: dict[str, Any] = {
+        "servers": [part.strip() for part in url.split(",")],
+        "name": f"acsp-{name}",
+        "connect_timeout": 2,
+        "reconnect_time_wait": RECONNECT_WAIT_S,
+        "max_reconnect_attempts": -1,
+        "drain_timeout": DRAIN_TIMEOUT_S,
+        "error_cb": _log_error,
+        "disconnected_cb": _log_disconnected,
+        "reconnected_cb": _log_reconnected,
+    }
+    if settings.nats_user is not None:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password
+    if settings.nats_creds is not None:
+        options["user_credentials"] = str(settings.nats_creds)
+    client = Client()
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            await client.connect(**options)
+    except (OSError, TimeoutError, nats.errors.Error) as error:
+        await _close_quietly(client)
+        reason = str(error) or type(error).__name__
+        raise SettingsError(
+            "ACSP_NATS_URL",
+            f"cannot connect to {url} within {CONNECT_TIMEOUT_S:.0f} s: {reason}",
+            "start nats-server with JetStream there, or check ACSP_NATS_USER/PASSWORD/CREDS",
+        ) from None
+    log.info(
+        "connected to NATS",
+        extra={"server": client.connected_url.netloc if client.connected_url else url},
+    )
+    return client
+
+
+async def close_nats(client: Client, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """Drain subscriptions and pending publishes, then close, within ``timeout_s``."""
+    if client.is_closed:
+        return
+    try:
+        async with asyncio.timeout(timeout_s):
+            await client.drain()
+    except (TimeoutError, nats.errors.Error) as error:
+        log.warning("NATS drain did not finish: %s; closing", error)
+        await _close_quietly(client)
+    log.info("NATS connection closed")
+
+
+async def _close_quietly(client: Client) -> None:
+    with contextlib.suppress(nats.errors.Error, OSError):
+        await client.close()
+
+
+async def _log_error(error: Exception) -> None:
+    log.warning("NATS error: %s", error)
+
+
+async def _log_disconnected() -> None:
+    log.warning("disconnected from NATS; reconnecting")
+
+
+async def _log_reconnected() -> None:
+    log.info("reconnected to NATS")
+
+
+# Declarations.
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
+    """Create the stream, or update it if a field set in ``config`` differs on the server."""
+    assert config.name is not None
+    try:
+        info = await js.stream_info(config.name)
+    except nats.js.errors.NotFoundError:
+        log.info("creating stream", extra={"stream": config.name})
+        return await js.add_stream(config)
+    changed = _changed_fields(config, info.config)
+    if not changed:
+        return info
+    log.info("updating stream", extra={"stream": config.name, "fields": ",".join(changed)})
+    merged = dataclasses.replace(info.config, **{name: getattr(config, name) for name in changed})
+    return await js.update_stream(merged)
+
+
+async def ensure_key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """Create the bucket, or update its history, TTL and limits if they differ."""
+    try:
+        bucket = await js.key_value(config.bucket)
+    except nats.js.errors.BucketNotFoundError:
+        log.info("creating key-value bucket", extra={"bucket": config.bucket})
+        return await js.create_key_value(config)
+    stream_name = f"KV_{config.bucket}"
+    info = await js.stream_info(stream_name)
+    wanted: dict[str, Any] = {
+        "max_msgs_per_subject": config.history,
+        "max_age": config.ttl,
+        "max_bytes": config.max_bytes,
+        "max_msg_size": config.max_value_size,
+        "num_replicas": config.replicas,
+        "description": config.description,
+    }
+    changed = {
+        name: value
+        for name, value in wanted.items()
+        if value is not None and _normalized(getattr(info.config, name)) != _normalized(value)
+    }
+    if changed:
+        log.info(
+            "updating key-value bucket",
+            extra={"bucket": config.bucket, "fields": ",".join(changed)},
+        )
+        await js.update_stream(dataclasses.replace(info.config, **changed))
+        bucket = await js.key_value(config.bucket)
+    return bucket
+
+
+def _changed_fields(wanted: Any, current: Any) -> list[str]:
+    changed = []
+    for spec in dataclasses.fields(wanted):
+        value = getattr(wanted, spec.name)
+        if value is None:
+            continue
+        if _normalized(value) != _normalized(getattr(current, spec.name, None)):
+            changed.append(spec.name)
+    return changed
+
+
+def _normalized(value: Any) -> Any:
+    # The server echoes subject lists in its own order and durations as floats.
+    if isinstance(value, list):
+        return sorted(map(str, value))
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+# Publishing.
+
+
+class Publisher:
+    """Publish to JetStream with up to ``max_pending`` acks in flight, each bounded in time.
+
+    :meth:`publish` returns once the message is handed to the client; the returned task
+    resolves to the ``PubAck`` or raises Unavailable. When ``max_pending`` acks are
+    outstanding, :meth:`publish` waits for a slot, up to ``stall_timeout_s``.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        max_pending: int = 1024,
+        ack_timeout_s: float = 5.0,
+        stall_timeout_s: float = 5.0,
+    ) -> None:
+        self._js = js
+        self._slots = asyncio.Semaphore(max_pending)
+        self._ack_timeout_s = ack_timeout_s
+        self._stall_timeout_s = stall_timeout_s
+        self._pending: set[asyncio.Task[PubAck]] = set()
+        self._tracer = trace.get_tracer(__name__)
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: dict[str, str] | None = None,
+        msg_id: str | None = None,
+    ) -> asyncio.Task[PubAck]:
+        """Send one message; ``msg_id`` lets JetStream drop a duplicate within its window."""
+        try:
+            async with asyncio.timeout(self._stall_timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise Unavailable(
+                f"{len(self._pending)} JetStream acks outstanding for {self._stall_timeout_s} s; "
+                "NATS is slow or unreachable"
+            ) from None
+        with self._tracer.start_as_current_span(
+            f"publish {subject}", kind=SpanKind.PRODUCER, attributes={"messaging.system": "nats"}
+        ):
+            message_headers = inject_headers(headers)
+        if msg_id is not None:
+            message_headers[MSG_ID_HEADER] = msg_id
+        task = asyncio.create_task(self._send(subject, payload, message_headers))
+        self._pending.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    async def _send(self, subject: str, payload: bytes, headers: dict[str, str]) -> PubAck:
+        try:
+            return await self._js.publish(
+                subject, payload, timeout=self._ack_timeout_s, headers=headers
+            )
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as error:
+            raise Unavailable(f"JetStream did not ack a message on {subject}: {error}") from error
+
+    def _finished(self, task: asyncio.Task[PubAck]) -> None:
+        self._pending.discard(task)
+        self._slots.release()
+
+    @property
+    def pending(self) -> int:
+        """Number of messages whose ack has not arrived yet."""
+        return len(self._pending)
+
+    async def wait(self, acks: Iterable[asyncio.Task[PubAck]]) -> list[PubAck]:
+        """Wait for ``acks``; raise the first failure after all of them have settled."""
+        results = await asyncio.gather(*acks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [result for result in results if isinstance(result, PubAck)]
+
+    async def flush(self) -> None:
+        """Wait until every outstanding ack has settled (each is bounded by its ack timeout)."""
+        if self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+
+# Consuming.
+
+
+class Reject(Exception):
+    """Raised by a consumer handler for messages that can never be processed; they are termed."""
+
+
+BatchHandler = Callable[[list[Msg]], Awaitable[None]]
+
+
+class PullConsumer:
+    """A durable pull consumer that acks each batch only after its handler returned."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stream: str,
+        durable: str,
+        handler: BatchHandler,
+        *,
+        subject_filter: str | None = None,
+        batch: int = 100,
+        fetch_timeout_s: float = 2.0,
+        ack_wait_s: float = 30.0,
+        max_deliver: int = -1,
+        retry_delay_s: float = 5.0,
+    ) -> None:
+        self._js = js
+        self.stream = stream
+        self.durable = durable
+        self._handler = handler
+        self._subject_filter = subject_filter
+        self._batch = batch
+        self._fetch_timeout_s = fetch_timeout_s
+        self._ack_wait_s = ack_wait_s
+        self._max_deliver = max_deliver
+        self._retry_delay_s = retry_delay_s
+        self._tracer = trace.get_tracer(__name__)
+
+    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_wait=self._ack_wait_s,
+            max_deliver=self._max_deliver,
+            filter_subject=self._subject_filter,
+            max_ack_pending=max(1000, self._batch * 4),
+        )
+        return await self._js.pull_subscribe(
+            self._subject_filter or "", durable=self.durable, stream=self.stream, config=config
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetch and handle batches until ``stop`` is set; cancellation leaves messages unacked."""
+        subscription = await self._subscribe()
+        log.info("consumer started", extra={"stream": self.stream, "durable": self.durable})
+        try:
+            while not stop.is_set():
+                try:
+                    messages = await subscription.fetch(self._batch, timeout=self._fetch_timeout_s)
+                except nats.errors.TimeoutError:
+                    continue
+                await self._handle(messages)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
+            log.info("consumer stopped", extra={"stream": self.stream, "durable": self.durable})
+
+    async def _handle(self, messages: list[Msg]) -> None:
+        links = [
+            Link(trace.get_current_span(context_from_headers(message.headers)).get_span_context())
+            for message in messages
+        ]
+        with self._tracer.start_as_current_span(
+            f"consume {self.stream}/{self.durable}",
+            kind=SpanKind.CONSUMER,
+            links=[link for link in links if link.context.is_valid],
+            attributes={"messaging.system": "nats", "messaging.batch.message_count": len(messages)},
+        ):
+            try:
+                async with self._in_progress(messages):
+                    await self._handler(messages)
+            except Reject as rejection:
+                log.error(
+                    "rejected batch; terminating its messages: %s",
+                    rejection,
+                    extra={"stream": self.stream, "count": len(messages)},
+                )
+                await asyncio.shield(_settle(messages, "term"))
+                return
+            except Exception:
+                log.exception(
+                    "batch handler failed; messages will be redelivered",
+                    extra={"stream": self.stream, "count": len(messages)},
+                )
+                await asyncio.shield(_settle(messages, "nak", self._retry_delay_s))
+                return
+            # The handler committed: acking must happen even if we are cancelled now.
+            await asyncio.shield(_settle(messages, "ack"))
+
+    @contextlib.asynccontextmanager
+    async def _in_progress(self, messages: list[Msg]) -> AsyncIterator[None]:
+        interval = max(0.1, self._ack_wait_s / 3)
+
+        async def keep_alive() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                for message in messages:
+                    try:
+                        await message.in_progress()
+                    except nats.errors.Error as error:
+                        log.warning("in-progress ack failed: %s", error)
+
+        task = asyncio.create_task(keep_alive(), name=f"in-progress {self.durable}")
+        try:
+            yield
+        finally:
+            task.cancel()
+            # asyncio.wait does not raise the task's CancelledError, only ours.
+            await asyncio.wait([task])
+
+
+async def _settle(messages: list[Msg], action: str, delay: float | None = None) -> None:
+    for message in messages:
+        try:
+            if action == "ack":
+                await message.ack()
+            elif action == "nak":
+                await message.nak(delay=delay)
+            else:
+                await message.term()
+        except nats.errors.Error as error:
+            # An ack lost here means a redelivery, which the handler's idempotency absorbs.
+            log.warning("could not %s a message: %s", action, error)
