@@ -1,0 +1,84 @@
+"""Pool caps from pledges, recalls and pool limits at a point in virtual time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduler.engine.events import RecallAnnounced
+from scheduler.engine.fleet import Pool, PoolKey
+from scheduler.engine.spec import MILLIS_PER_ACCELERATOR, InvalidInputError, Pledge
+
+
+@dataclass(frozen=True, slots=True)
+class PoolCap:
+    """What a pool may hold at one time, in millis; ``None`` fields mean no cap."""
+
+    placement_millis: int | None
+    """Cap on new placements: pledge cap (after recalls) and the pool limit."""
+    pledge_millis: int | None
+    """Cap running jobs are preempted down to: pledges minus recalls only."""
+    protected_millis: int | None
+    recall_id: str
+    """The recall that lowers the cap now, or empty."""
+    deadline: float
+    """When the lowered cap takes effect for running jobs."""
+
+
+class CapacityPlan:
+    """Pledges, recalls and pool limits, evaluated per pool at a time."""
+
+    def __init__(self) -> None:
+        self.pledges: dict[str, Pledge] = {}
+        self.recalls: dict[str, RecallAnnounced] = {}
+        self.pool_limits: dict[str, int] = {}
+        self._pledged_pools: dict[PoolKey, list[Pledge]] = {}
+
+    def add_pledge(self, pledge: Pledge) -> None:
+        if pledge.protected < 0 or pledge.recallable < 0:
+            raise InvalidInputError(f"pledge {pledge.pledge_id}: counts must be >= 0")
+        if pledge.end <= pledge.start:
+            raise InvalidInputError(f"pledge {pledge.pledge_id}: end must be after start")
+        self.remove_pledge(pledge.pledge_id)
+        self.pledges[pledge.pledge_id] = pledge
+        key = (pledge.provider, pledge.region, pledge.model)
+        self._pledged_pools.setdefault(key, []).append(pledge)
+
+    def remove_pledge(self, pledge_id: str) -> None:
+        old = self.pledges.pop(pledge_id, None)
+        if old is not None:
+            key = (old.provider, old.region, old.model)
+            self._pledged_pools[key].remove(old)
+
+    def add_recall(self, recall: RecallAnnounced) -> None:
+        if recall.count < 0:
+            raise InvalidInputError(f"recall {recall.recall_id}: count must be >= 0")
+        self.recalls[recall.recall_id] = recall
+
+    def cap(self, pool: Pool, now: float) -> PoolCap:
+        limit = self.pool_limits.get(pool.name)
+        pledges = self._pledged_pools.get(pool.key)
+        if not pledges:
+            # A pool nobody pledged explicitly is usable whole, as its nodes were registered.
+            return PoolCap(limit, None, None, "", now)
+        active = [p for p in pledges if p.start <= now < p.end]
+        protected = sum(p.protected for p in active)
+        recallable = sum(p.recallable for p in active)
+        recalled = 0
+        recall_id = ""
+        deadline = now
+        for recall in sorted(self.recalls.values(), key=lambda r: r.recall_id):
+            if (recall.provider, recall.region, recall.model) != pool.key:
+                continue
+            if recall.until is not None and recall.until <= now:
+                continue
+            recalled += recall.count
+            if not recall_id:
+                recall_id = recall.recall_id
+                deadline = max(now, recall.effective_at)
+        pledge_millis = (
+            protected + recallable - min(recalled, recallable)
+        ) * MILLIS_PER_ACCELERATOR
+        placement = pledge_millis if limit is None else min(limit, pledge_millis)
+        return PoolCap(
+            placement, pledge_millis, protected * MILLIS_PER_ACCELERATOR, recall_id, deadline
+        )

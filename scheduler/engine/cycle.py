@@ -1,0 +1,372 @@
+"""One scheduling pass: caps, shrinking pools, repairs, then the queue in order.
+
+The queue is served class by class (interactive, standard, preemptible) and, inside a class,
+project by project in hierarchical fair-share order, each project's jobs first come first
+served. Capacity only shrinks while the queue is served, so a job shape that found no room
+once in a pass is not searched again; the cache key includes the reservations the job must
+respect.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from dataclasses import dataclass, field
+
+from scheduler.engine.decisions import (
+    Decision,
+    Place,
+    ReasonCode,
+    Reserve,
+    ScheduleResult,
+    TaskPlacement,
+    Waiting,
+)
+from scheduler.engine.engine import Engine, QueueKey
+from scheduler.engine.fairshare import FairShareKey
+from scheduler.engine.fleet import Pool
+from scheduler.engine.placement import (
+    Excluded,
+    TaskPlan,
+    best_fit_share,
+    plan_domain,
+    plan_same_node,
+    plan_spread,
+    topology_groups,
+)
+from scheduler.engine.reasons import capacity_reason
+from scheduler.engine.records import JobRecord
+from scheduler.engine.repair import preempt_for, repair_broken, shrink_pools
+from scheduler.engine.reservations import Reservation, earliest_start
+from scheduler.engine.spec import JobSpec, LimitScope, PriorityClass, Topology
+
+_TENTATIVE = "~tentative"
+_CAPACITY_REASONS = frozenset(
+    {ReasonCode.NO_CAPACITY, ReasonCode.FAIR_SHARE, ReasonCode.PRIORITY, ReasonCode.TOPOLOGY}
+)
+
+
+@dataclass
+class PassState:
+    engine: Engine
+    now: float
+    decisions: list[Decision] = field(default_factory=list)
+    waiting: list[Waiting] = field(default_factory=list)
+    reservations: list[Reservation] = field(default_factory=list)
+    """Sorted by start time."""
+    queue_reservations: int = 0
+    excluded_prefix: list[Excluded] = field(default_factory=lambda: [frozenset()])
+    """``excluded_prefix[n]``: nodes of the ``n`` earliest reservations."""
+    failed: dict[tuple[object, ...], tuple[ReasonCode, str]] = field(default_factory=dict)
+    placed_classes: dict[int, PriorityClass] = field(default_factory=dict)
+    """Pool ordinal -> highest class placed there in this pass."""
+    charged: dict[str, float] = field(default_factory=dict)
+    preemptions_left: int = 0
+
+    # Pools and exclusions.
+
+    def candidate_pools(self, spec: JobSpec) -> tuple[tuple[object, ...], tuple[Pool, ...]]:
+        engine = self.engine
+        if engine._pool_cache_version != engine.fleet.version:
+            engine._pool_cache.clear()
+            engine._pool_cache_version = engine.fleet.version
+        key = (spec.models, spec.constraint, spec.regions)
+        pools = engine._pool_cache.get(key)
+        if pools is None:
+            pools = tuple(p for p in engine.fleet.pools.values() if self._accepts(spec, p))
+            engine._pool_cache[key] = pools
+        return key, pools
+
+    def _accepts(self, spec: JobSpec, pool: Pool) -> bool:
+        if spec.models and pool.model not in spec.models:
+            return False
+        if spec.regions and pool.region_key not in spec.regions:
+            return False
+        model = self.engine.catalog.get(pool.model)
+        constraint = spec.constraint
+        if constraint.vendor and model.vendor != constraint.vendor:
+            return False
+        if model.memory_gib < constraint.min_memory_gib:
+            return False
+        return model.software_stack.startswith(constraint.software_stack)
+
+    def exclusions(self, spec: JobSpec) -> tuple[int, Excluded]:
+        """Return how many reservations the job must avoid, and their nodes."""
+        if not self.reservations:
+            return 0, frozenset()
+        end = math.inf if spec.wall_time_s is None else self.now + spec.wall_time_s
+        starts = [r.start for r in self.reservations]
+        count = bisect.bisect_left(starts, end)
+        return count, self.excluded_prefix[count]
+
+    def add_reservation(self, reservation: Reservation) -> None:
+        self.reservations.append(reservation)
+        self.reservations.sort(key=lambda r: (r.start, r.job_id))
+        prefix: list[Excluded] = [frozenset()]
+        for r in self.reservations:
+            prefix.append(prefix[-1] | r.nodes)
+        self.excluded_prefix = prefix
+        self.failed.clear()
+        node_ids = tuple(sorted(self.engine.fleet.nodes[o].spec.node_id for o in reservation.nodes))
+        self.decisions.append(Reserve(reservation.job_id, reservation.start, node_ids))
+
+    # Planning.
+
+    def plan(
+        self, spec: JobSpec, pools: tuple[Pool, ...], excluded: Excluded
+    ) -> list[TaskPlan] | None:
+        fleet = self.engine.fleet
+        if spec.fractional:
+            return self._plan_fractional(spec, pools, excluded)
+        if spec.task_count == 1 or spec.topology is Topology.SAME_NODE:
+            return plan_same_node(fleet, spec, pools, excluded)
+        if spec.topology is Topology.SAME_INTERCONNECT_DOMAIN:
+            return plan_domain(fleet, spec, pools, excluded)
+        return plan_spread(fleet, spec, topology_groups(spec, pools), excluded)
+
+    def _plan_fractional(
+        self, spec: JobSpec, pools: tuple[Pool, ...], excluded: Excluded
+    ) -> list[TaskPlan] | None:
+        fleet = self.engine.fleet
+        if spec.task_count == 1:
+            found = best_fit_share(fleet, pools, spec.millis_per_task, excluded)
+            if found is None:
+                return None
+            return [TaskPlan(0, found[0], (found[1],), spec.millis_per_task)]
+        for group in topology_groups(spec, pools):
+            plans: list[TaskPlan] = []
+            for task in range(spec.task_count):
+                found = best_fit_share(fleet, group, spec.millis_per_task, excluded)
+                if found is None:
+                    break
+                fleet.hold(found[0], found[1], _TENTATIVE, spec.millis_per_task)
+                plans.append(TaskPlan(task, found[0], (found[1],), spec.millis_per_task))
+            for node in {plan.node.ordinal: plan.node for plan in plans}.values():
+                fleet.release_job(node, _TENTATIVE)
+            if len(plans) == spec.task_count:
+                return plans
+        return None
+
+    # Serving one job.
+
+    def try_job(self, record: JobRecord) -> bool:
+        """Place ``record`` or record why it waits; return whether it was placed."""
+        spec = record.spec
+        engine = self.engine
+        if spec.project in engine.no_budget:
+            return self.wait(record, ReasonCode.BUDGET, "the project's grants have no budget left")
+        pool_key, pools = self.candidate_pools(spec)
+        if not pools:
+            return self.wait(
+                record,
+                ReasonCode.NO_MATCHING_MODEL,
+                "no node in the fleet has an accepted accelerator model in an allowed region",
+            )
+        blocked = self.limit_blocking(spec)
+        if blocked:
+            return self.wait(record, ReasonCode.LIMIT, blocked)
+        awaiting = {
+            v for v in record.awaiting_victims if v in engine.jobs and engine.jobs[v].running
+        }
+        record.awaiting_victims = awaiting
+        count, excluded = self.exclusions(spec)
+        shape = (
+            pool_key,
+            spec.task_count,
+            spec.millis_per_task,
+            spec.topology,
+            spec.allow_cross_provider,
+            count,
+        )
+        cached = self.failed.get(shape)
+        plans = None if cached else self.plan(spec, pools, excluded)
+        if plans is not None:
+            self.place(record, plans)
+            return True
+        if cached is None:
+            cached = self.explain(spec, pools, count)
+            self.failed[shape] = cached
+        code, message = cached
+        if code in _CAPACITY_REASONS:
+            if awaiting:
+                return self.wait(
+                    record,
+                    ReasonCode.PRIORITY,
+                    f"waiting for {len(awaiting)} preempted job(s) to stop",
+                )
+            if spec.priority > PriorityClass.PREEMPTIBLE and self.preemptions_left > 0:
+                self.preemptions_left -= 1
+                victims = preempt_for(self, record, pools)
+                if victims:
+                    return self.wait(
+                        record,
+                        ReasonCode.PRIORITY,
+                        f"preempting {len(victims)} preemptible job(s) to make room",
+                    )
+            message = self.maybe_reserve(record, pools, message)
+        return self.wait(record, code, message)
+
+    def explain(self, spec: JobSpec, pools: tuple[Pool, ...], count: int) -> tuple[ReasonCode, str]:
+        if count and self.plan(spec, pools, frozenset()) is not None:
+            first = self.reservations[0]
+            return (
+                ReasonCode.RESERVATION,
+                f"starting now would delay the reservation of job {first.job_id} "
+                f"from t={first.start:g}",
+            )
+        return capacity_reason(spec, pools, self.placed_classes)
+
+    def maybe_reserve(self, record: JobRecord, pools: tuple[Pool, ...], message: str) -> str:
+        if self.queue_reservations >= self.engine.config.reservation_depth:
+            return message
+        reservation = self.reserve(record.spec, pools, self.now)
+        if reservation is None:
+            return message
+        self.queue_reservations += 1
+        return f"{message}; reserved from t={reservation.start:g}"
+
+    def reserve(
+        self, spec: JobSpec, pools: tuple[Pool, ...], not_before: float
+    ) -> Reservation | None:
+        jobs = self.engine.jobs
+        running = [jobs[job_id] for pool in pools for job_id in sorted(pool.jobs)]
+        unique = list({r.job_id: r for r in running}.values())
+        reservation = earliest_start(
+            self.engine.fleet, spec, pools, unique, not_before, self.excluded_prefix[-1]
+        )
+        if reservation is not None:
+            self.add_reservation(reservation)
+        return reservation
+
+    def limit_blocking(self, spec: JobSpec) -> str:
+        engine = self.engine
+        for scope, key in (
+            (LimitScope.PROJECT, spec.project),
+            (LimitScope.INSTITUTION, spec.institution),
+        ):
+            limit = engine.limits.get((scope, key))
+            if limit is None:
+                continue
+            used = engine.in_use.get((scope, key), 0)
+            if used + spec.total_millis > limit:
+                return (
+                    f"{scope} {key} limit is {limit / 1000:g} accelerators, {used / 1000:g} in "
+                    f"use, the job needs {spec.total_millis / 1000:g}"
+                )
+        return ""
+
+    def place(self, record: JobRecord, plans: list[TaskPlan]) -> None:
+        engine = self.engine
+        engine._commit(record, plans, self.now)
+        spec = record.spec
+        for plan in plans:
+            ordinal = plan.node.pool.ordinal
+            self.placed_classes[ordinal] = max(
+                self.placed_classes.get(ordinal, PriorityClass.PREEMPTIBLE), spec.priority
+            )
+        tasks = tuple(
+            TaskPlacement(
+                plan.task_index,
+                plan.node.spec.node_id,
+                tuple(plan.node.spec.accelerator_ids[i] for i in plan.indices),
+                plan.millis,
+            )
+            for plan in sorted(plans, key=lambda p: p.task_index)
+        )
+        self.decisions.append(Place(spec.job_id, tasks))
+        # Charge the job's expected decayed usage now, so that the next job of the same
+        # project sorts behind its siblings inside this pass; undone when the pass ends.
+        half_life = engine.config.half_life_s or 1.0
+        horizon = min(spec.wall_time_s or half_life, half_life)
+        charge = spec.total_millis * horizon
+        engine.fair_share.charge(spec.project, charge)
+        self.charged[spec.project] = self.charged.get(spec.project, 0.0) + charge
+
+    def wait(self, record: JobRecord, code: ReasonCode, message: str) -> bool:
+        if record.requeue_message:
+            message = f"{record.requeue_message}; {message}"
+        self.waiting.append(Waiting(record.job_id, code, message))
+        return False
+
+    # The queue.
+
+    def serve_queue(self) -> None:
+        engine = self.engine
+        snapshots: dict[QueueKey, list[tuple[float, int, str]]] = {
+            key: list(queue) for key, queue in engine.queues.items()
+        }
+        keys: dict[str, FairShareKey] = {}
+        heap: list[tuple[int, FairShareKey, float, int, QueueKey, int]] = []
+        for queue_key, items in snapshots.items():
+            project = queue_key[1]
+            if project not in keys:
+                keys[project] = engine.fair_share.key(project)
+            submit, sequence, _ = items[0]
+            heap.append((-int(queue_key[0]), keys[project], submit, sequence, queue_key, 0))
+        heapq.heapify(heap)
+        while heap:
+            rank, _, _, _, queue_key, position = heapq.heappop(heap)
+            items = snapshots[queue_key]
+            record = engine.jobs[items[position][2]]
+            project = queue_key[1]
+            if record.spec.start_at is None and self.try_job(record):
+                keys[project] = engine.fair_share.key(project)
+            position += 1
+            if position < len(items):
+                submit, sequence, _ = items[position]
+                heapq.heappush(heap, (rank, keys[project], submit, sequence, queue_key, position))
+
+    def serve_advance(self) -> None:
+        """Place advance reservations that are due; reserve protected room for later ones."""
+        engine = self.engine
+        due = sorted(
+            (r for r in engine.jobs.values() if not r.running and r.spec.start_at is not None),
+            key=lambda r: (r.spec.start_at, r.sequence),
+        )
+        for record in due:
+            spec = record.spec
+            assert spec.start_at is not None
+            _, pools = self.candidate_pools(spec)
+            protected = tuple(
+                p
+                for p in pools
+                if p.protected_millis is None or p.protected_millis >= spec.total_millis
+            )
+            if spec.start_at <= self.now:
+                plans = self.plan(spec, protected, self.excluded_prefix[-1]) if protected else None
+                if plans is not None:
+                    self.place(record, plans)
+                    record.protected = True
+                else:
+                    code, message = self.explain(spec, protected or pools, 0)
+                    self.wait(record, code, f"advance reservation is due; {message}")
+                continue
+            reservation = self.reserve(spec, protected, spec.start_at) if protected else None
+            record.requeue_message = ""
+            if reservation is None:
+                self.wait(
+                    record,
+                    ReasonCode.RESERVATION,
+                    f"advance reservation from t={spec.start_at:g} has no protected room yet",
+                )
+            else:
+                self.wait(
+                    record,
+                    ReasonCode.RESERVATION,
+                    f"advance reservation from t={reservation.start:g}",
+                )
+
+    def finish(self) -> ScheduleResult:
+        for project, charge in sorted(self.charged.items()):
+            self.engine.fair_share.charge(project, -charge)
+        return ScheduleResult(self.now, tuple(self.decisions), tuple(self.waiting))
+
+
+def run_pass(engine: Engine, now: float) -> ScheduleResult:
+    state = PassState(engine, now, preemptions_left=engine.config.preemptions_per_pass)
+    shrink_pools(state)
+    repair_broken(state)
+    state.serve_advance()
+    state.serve_queue()
+    return state.finish()

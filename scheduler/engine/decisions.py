@@ -1,0 +1,110 @@
+"""Frozen outputs of a scheduling pass: decisions and the reason every pending job waits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ReasonCode(StrEnum):
+    """Why a job is pending; the names match ``acsp.v1.PendingReason`` in lower case."""
+
+    NO_CAPACITY = "no_capacity"
+    NO_MATCHING_MODEL = "no_matching_model"
+    BUDGET = "budget"
+    FAIR_SHARE = "fair_share"
+    RESERVATION = "reservation"
+    PROVIDER_RECALL = "provider_recall"
+    LIMIT = "limit"
+    TOPOLOGY = "topology"
+    REQUEUED = "requeued"
+    PRIORITY = "priority"
+
+
+class Cause(StrEnum):
+    """What triggered a preemption or a requeue."""
+
+    PRIORITY = "priority"
+    PROVIDER_RECALL = "provider_recall"
+    PLEDGE_ENDED = "pledge_ended"
+    NODE_FAILURE = "node_failure"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPlacement:
+    """One task on accelerators of one node."""
+
+    task_index: int
+    node_id: str
+    accelerator_ids: tuple[str, ...]
+    millis: int
+    """Thousandths of each listed accelerator the task gets (1000 for exclusive use)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    job_id: str
+    tasks: tuple[TaskPlacement, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaceTask:
+    """Start a gang's lost task on new accelerators; the other tasks keep running."""
+
+    job_id: str
+    task: TaskPlacement
+    lost_node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Preempt:
+    """Stop a running job by ``deadline``; it returns to the queue once stopped."""
+
+    job_id: str
+    cause: Cause
+    cause_id: str
+    """The preempting job id, or the recall or pledge id."""
+    deadline: float
+    """Time by which the job must have stopped; ``deadline - now`` is its grace."""
+
+
+@dataclass(frozen=True, slots=True)
+class Requeue:
+    """A running job lost tasks and goes back to the queue whole.
+
+    Its tasks on healthy nodes are released at once, so the caller must deliver their stop
+    commands before any start command for the same node. Tasks on an unknown node stay held
+    until :class:`~scheduler.engine.events.TasksStopped`.
+    """
+
+    job_id: str
+    cause: Cause
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    """Accelerators kept for a pending job from ``start_time`` on; backfill may not delay it."""
+
+    job_id: str
+    start_time: float
+    node_ids: tuple[str, ...]
+
+
+Decision = Place | ReplaceTask | Preempt | Requeue | Reserve
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Why one pending job did not start in this pass."""
+
+    job_id: str
+    reason: ReasonCode
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleResult:
+    now: float
+    decisions: tuple[Decision, ...]
+    waiting: tuple[Waiting, ...]

@@ -1,0 +1,337 @@
+"""The engine: fleet, queue and policy state, events, and the entry point of a pass."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sortedcontainers import SortedList
+
+from scheduler.engine import events as ev
+from scheduler.engine.capacity import CapacityPlan
+from scheduler.engine.catalog import Catalog
+from scheduler.engine.decisions import ScheduleResult
+from scheduler.engine.fairshare import FairShare, Level
+from scheduler.engine.fleet import Fleet, NodeRecord, Pool
+from scheduler.engine.placement import TaskPlan
+from scheduler.engine.records import JobRecord, TaskHold, job_of
+from scheduler.engine.spec import (
+    EngineConfig,
+    InvalidInputError,
+    JobSpec,
+    Limit,
+    LimitScope,
+    NodeSpec,
+    NodeState,
+    Pledge,
+    PriorityClass,
+)
+
+logger = logging.getLogger(__name__)
+
+QueueKey = tuple[PriorityClass, str]
+"""``(priority class, project)``: one FIFO of pending jobs."""
+
+
+class Engine:
+    """A pure, deterministic scheduler: feed it facts, call :meth:`schedule`, act on decisions.
+
+    Nothing here reads a clock or does I/O; every time is a number the caller passes in.
+    """
+
+    def __init__(self, config: EngineConfig, catalog: Catalog | None = None) -> None:
+        config.validate()
+        assert config.half_life_s is not None
+        self.config = config
+        self.catalog = catalog or Catalog()
+        self.fleet = Fleet()
+        self.capacity = CapacityPlan()
+        self.fair_share = FairShare(config.half_life_s, config.default_weight)
+        self.jobs: dict[str, JobRecord] = {}
+        self.queues: dict[QueueKey, SortedList] = {}
+        """Pending jobs: ``(submit_time, sequence, job_id)`` per class and project."""
+        self.limits: dict[tuple[LimitScope, str], int] = {}
+        self.in_use: dict[tuple[LimitScope, str], int] = {}
+        """Millis running per project and per institution."""
+        self.no_budget: set[str] = set()
+        self.broken: set[str] = set()
+        """Running jobs that lost tasks and await repair or requeue in the next pass."""
+        self.clock: float | None = None
+        self._sequence = 0
+        self._pool_cache: dict[tuple[object, ...], tuple[Pool, ...]] = {}
+        self._pool_cache_version = -1
+
+    # Fleet, pledges, limits, weights.
+
+    def add_node(self, spec: NodeSpec) -> None:
+        if spec.model not in self.catalog:
+            raise InvalidInputError(
+                f"node {spec.node_id}: model {spec.model!r} is not in the accelerator catalog"
+            )
+        self.fleet.add_node(spec)
+
+    def add_nodes(self, specs: Iterable[NodeSpec]) -> None:
+        for spec in specs:
+            self.add_node(spec)
+
+    def add_pledge(self, pledge: Pledge) -> None:
+        self.capacity.add_pledge(pledge)
+
+    def set_limit(self, limit: Limit) -> None:
+        if limit.max_millis < 0:
+            raise InvalidInputError(f"limit {limit.scope}/{limit.key}: max_millis must be >= 0")
+        if limit.scope is LimitScope.POOL:
+            self.capacity.pool_limits[limit.key] = limit.max_millis
+        else:
+            self.limits[(limit.scope, limit.key)] = limit.max_millis
+
+    def set_weight(self, level: Level, name: str, weight: float) -> None:
+        self.fair_share.set_weight(level, name, weight)
+
+    # Jobs.
+
+    def submit(self, spec: JobSpec) -> None:
+        """Add a job to the queue; raise :class:`InvalidInputError` for an invalid one."""
+        spec.validate()
+        if spec.job_id in self.jobs:
+            raise InvalidInputError(f"job {spec.job_id}: already submitted")
+        for model in spec.models:
+            if model not in self.catalog:
+                raise InvalidInputError(
+                    f"job {spec.job_id}: models: {model!r} is not in the catalog"
+                )
+        self.fair_share.register(spec.project, spec.institution, spec.program)
+        record = JobRecord(spec, self._sequence)
+        self._sequence += 1
+        self.jobs[spec.job_id] = record
+        self._enqueue(record)
+
+    def remove(self, job_id: str) -> None:
+        """Forget a job: a pending one leaves the queue, a running one (already stopped by the
+        caller) releases what it holds."""
+        record = self._job(job_id)
+        if record.running:
+            self._release(record)
+        else:
+            self._dequeue(record)
+        self.broken.discard(job_id)
+        del self.jobs[job_id]
+
+    def pending(self) -> list[str]:
+        return sorted(j.job_id for j in self.jobs.values() if not j.running)
+
+    def running(self) -> list[str]:
+        return sorted(j.job_id for j in self.jobs.values() if j.running)
+
+    # Events.
+
+    def apply(self, event: ev.Event, now: float | None = None) -> None:
+        """Apply one fact; ``now`` (when given) first advances the fair-share clock."""
+        if now is not None:
+            self._advance(now)
+        handler = _HANDLERS.get(type(event))
+        if handler is None:
+            raise InvalidInputError(f"event {type(event).__name__}: not an engine event")
+        handler(self, event)
+
+    def schedule(self, now: float) -> ScheduleResult:
+        """Run one scheduling pass at ``now`` and return its decisions and waiting reasons."""
+        from scheduler.engine.cycle import run_pass
+
+        self._advance(now)
+        return run_pass(self, now)
+
+    # Internals shared with the pass.
+
+    def _advance(self, now: float) -> None:
+        if self.clock is not None and now < self.clock:
+            raise InvalidInputError(f"now={now}: time went back from {self.clock}")
+        self.clock = now
+        self.fair_share.advance(now)
+
+    def _job(self, job_id: str) -> JobRecord:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise InvalidInputError(f"job {job_id}: not known to the engine") from None
+
+    def _enqueue(self, record: JobRecord) -> None:
+        spec = record.spec
+        key = (spec.priority, spec.project)
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = SortedList()
+            self.queues[key] = queue
+        queue.add((spec.submit_time, record.sequence, spec.job_id))
+
+    def _dequeue(self, record: JobRecord) -> None:
+        spec = record.spec
+        key = (spec.priority, spec.project)
+        queue = self.queues[key]
+        queue.remove((spec.submit_time, record.sequence, spec.job_id))
+        if not queue:
+            del self.queues[key]
+
+    def _commit(self, record: JobRecord, plans: list[TaskPlan], now: float) -> None:
+        """Hold the planned accelerators for a pending job and mark it running."""
+        self._dequeue(record)
+        record.attempt += 1
+        record.tasks = {}
+        record.start = now
+        record.requeue_message = ""
+        for plan in plans:
+            self._hold_task(record, plan)
+        spec = record.spec
+        self._count(spec, spec.total_millis)
+
+    def _hold_task(self, record: JobRecord, plan: TaskPlan) -> None:
+        assert record.tasks is not None
+        for index in plan.indices:
+            self.fleet.hold(plan.node, index, record.holder, plan.millis)
+        record.tasks[plan.task_index] = TaskHold(plan.node, plan.indices, plan.millis)
+        plan.node.pool.jobs.add(record.job_id)
+
+    def _count(self, spec: JobSpec, millis: int) -> None:
+        for key in ((LimitScope.PROJECT, spec.project), (LimitScope.INSTITUTION, spec.institution)):
+            self.in_use[key] = self.in_use.get(key, 0) + millis
+        self.fair_share.add_running(spec.project, millis)
+
+    def _release(self, record: JobRecord, keep_fenced: bool = True) -> None:
+        """Release every hold of a running job (fenced holds on unknown nodes stay)."""
+        assert record.tasks is not None
+        for hold in record.tasks.values():
+            node = hold.node
+            if keep_fenced and record.holder in node.fenced:
+                continue
+            self.fleet.release_job(node, record.holder)
+        for pool_node in {hold.node.pool for hold in record.tasks.values()}:
+            pool_node.jobs.discard(record.job_id)
+        self._count(record.spec, -record.spec.total_millis)
+        record.tasks = None
+        record.start = None
+        record.lost.clear()
+        record.lost_nodes.clear()
+        record.stopping = False
+        record.awaiting_victims.clear()
+
+    def _requeue(self, record: JobRecord, message: str) -> None:
+        self._release(record)
+        record.requeue_message = message
+        self.broken.discard(record.job_id)
+        self._enqueue(record)
+
+    def _lose_tasks(self, node: NodeRecord, fence: bool) -> None:
+        """Mark every task on ``node`` lost; with ``fence`` its holds stay until confirmed."""
+        for holder in sorted(node.jobs):
+            job_id = job_of(holder)
+            record = self.jobs.get(job_id)
+            if record is None or record.holder != holder or record.tasks is None:
+                # A fence of an earlier attempt or a forgotten job: keep it until confirmed.
+                continue
+            if fence:
+                node.fenced.add(holder)
+            else:
+                self.fleet.release_job(node, holder)
+            for task_index, hold in record.tasks.items():
+                if hold.node is node:
+                    record.lost.add(task_index)
+                    record.lost_nodes[task_index] = node.spec.node_id
+            self.broken.add(job_id)
+        if not fence:
+            for holder in list(node.jobs):
+                if holder not in node.fenced:
+                    self.fleet.release_job(node, holder)
+
+
+def _on_node_added(engine: Engine, event: ev.NodeAdded) -> None:
+    engine.add_node(event.node)
+
+
+def _on_heartbeat(engine: Engine, event: ev.NodeHeartbeat) -> None:
+    node = engine.fleet.node(event.node_id)
+    if node.state in (NodeState.UNKNOWN, NodeState.DOWN):
+        logger.info("node %s is up again after %s", event.node_id, node.state)
+        engine.fleet.set_state(node, NodeState.UP)
+
+
+def _on_missed(engine: Engine, event: ev.NodeMissedHeartbeats) -> None:
+    node = engine.fleet.node(event.node_id)
+    if node.state is NodeState.DOWN:
+        return
+    engine.fleet.set_state(node, NodeState.UNKNOWN)
+    engine._lose_tasks(node, fence=True)
+
+
+def _on_down(engine: Engine, event: ev.NodeDown) -> None:
+    node = engine.fleet.node(event.node_id)
+    engine.fleet.set_state(node, NodeState.DOWN)
+    engine._lose_tasks(node, fence=False)
+    for holder in list(node.fenced):
+        engine.fleet.release_job(node, holder)
+
+
+def _on_drain(engine: Engine, event: ev.NodeDrain) -> None:
+    node = engine.fleet.node(event.node_id)
+    if node.state is NodeState.UP:
+        engine.fleet.set_state(node, NodeState.DRAINING)
+    if event.evict:
+        engine._lose_tasks(node, fence=False)
+
+
+def _on_tasks_stopped(engine: Engine, event: ev.TasksStopped) -> None:
+    node = engine.fleet.node(event.node_id)
+    for holder in sorted(node.fenced):
+        if job_of(holder) == event.job_id:
+            engine.fleet.release_job(node, holder)
+
+
+def _on_job_ended(engine: Engine, event: ev.JobEnded) -> None:
+    record = engine._job(event.job_id)
+    if not record.running:
+        raise InvalidInputError(f"job {event.job_id}: ended but it is not running")
+    if event.outcome is ev.JobOutcome.PREEMPTED:
+        engine._requeue(record, "preempted; back in the queue")
+        return
+    engine._release(record)
+    engine.broken.discard(event.job_id)
+    del engine.jobs[event.job_id]
+
+
+def _on_pledge_added(engine: Engine, event: ev.PledgeAdded) -> None:
+    engine.capacity.add_pledge(event.pledge)
+
+
+def _on_pledge_removed(engine: Engine, event: ev.PledgeRemoved) -> None:
+    engine.capacity.remove_pledge(event.pledge_id)
+
+
+def _on_recall(engine: Engine, event: ev.RecallAnnounced) -> None:
+    engine.capacity.add_recall(event)
+
+
+def _on_recall_ended(engine: Engine, event: ev.RecallEnded) -> None:
+    engine.capacity.recalls.pop(event.recall_id, None)
+
+
+def _on_budget(engine: Engine, event: ev.BudgetChanged) -> None:
+    if event.available:
+        engine.no_budget.discard(event.project)
+    else:
+        engine.no_budget.add(event.project)
+
+
+_HANDLERS: dict[type, Callable[[Engine, Any], None]] = {
+    ev.NodeAdded: _on_node_added,
+    ev.NodeHeartbeat: _on_heartbeat,
+    ev.NodeMissedHeartbeats: _on_missed,
+    ev.NodeDown: _on_down,
+    ev.NodeDrain: _on_drain,
+    ev.TasksStopped: _on_tasks_stopped,
+    ev.JobEnded: _on_job_ended,
+    ev.PledgeAdded: _on_pledge_added,
+    ev.PledgeRemoved: _on_pledge_removed,
+    ev.RecallAnnounced: _on_recall,
+    ev.RecallEnded: _on_recall_ended,
+    ev.BudgetChanged: _on_budget,
+}

@@ -1,0 +1,131 @@
+"""Facts the engine applies between scheduling passes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from scheduler.engine.spec import NodeSpec, Pledge
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAdded:
+    node: NodeSpec
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHeartbeat:
+    """A heartbeat from a node's agent: an unknown or down node is up again.
+
+    It frees nothing: accelerators held by tasks of an unknown node stay held until
+    :class:`TasksStopped` confirms those tasks are gone.
+    """
+
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeMissedHeartbeats:
+    """The node's heartbeats stopped: it becomes unknown and its jobs lose their tasks there."""
+
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDown:
+    """The node is off (operator or provider says so): nothing runs on it any more."""
+
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDrain:
+    """No new tasks start on the node.
+
+    With ``evict`` the operator has stopped its tasks as well; their jobs are repaired or
+    requeued in the next pass. Without it running tasks go on until they end.
+    """
+
+    node_id: str
+    evict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TasksStopped:
+    """The agent confirms a job's tasks on the node have stopped, which frees what they held."""
+
+    node_id: str
+    job_id: str
+
+
+class JobOutcome(StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    PREEMPTED = "preempted"
+    """Stopped by a preemption decision: the job goes back to the queue."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobEnded:
+    """Every task of a running job has stopped."""
+
+    job_id: str
+    outcome: JobOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class PledgeAdded:
+    pledge: Pledge
+
+
+@dataclass(frozen=True, slots=True)
+class PledgeRemoved:
+    pledge_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecallAnnounced:
+    """A provider takes ``count`` recallable accelerators of a pool back at ``effective_at``.
+
+    New work stops using them at once; running jobs over the reduced capacity are preempted
+    with the notice period as their grace.
+    """
+
+    recall_id: str
+    provider: str
+    region: str
+    model: str
+    count: int
+    effective_at: float
+    until: float | None = None
+    """End of the recall; ``None`` lasts until :class:`RecallEnded`."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecallEnded:
+    recall_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetChanged:
+    """Whether the project's grants can hold budget for another job (from the grant service)."""
+
+    project: str
+    available: bool
+
+
+Event = (
+    NodeAdded
+    | NodeHeartbeat
+    | NodeMissedHeartbeats
+    | NodeDown
+    | NodeDrain
+    | TasksStopped
+    | JobEnded
+    | PledgeAdded
+    | PledgeRemoved
+    | RecallAnnounced
+    | RecallEnded
+    | BudgetChanged
+)

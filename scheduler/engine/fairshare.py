@@ -1,0 +1,131 @@
+"""Hierarchical fair share: program -> institution -> project, on decayed usage.
+
+Usage is accelerator-seconds (in millis) decayed with a half-life, so what a project ran an
+hour ago weighs less than what it runs now. At each level an account's ratio is its share of
+its siblings' usage over its share of their weights; the queue serves the lowest ratio first,
+level by level from the top. An account with zero weight gets an infinite ratio and sorts last.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from scheduler.engine.spec import InvalidInputError
+
+FairShareKey = tuple[float, float, float]
+
+
+class Level(StrEnum):
+    PROGRAM = "program"
+    INSTITUTION = "institution"
+    PROJECT = "project"
+
+
+@dataclass(slots=True)
+class _Account:
+    weight: float | None = None
+    usage: float = 0.0
+    """Decayed millis x seconds."""
+    rate: int = 0
+    """Millis running now."""
+    children: set[str] = field(default_factory=set)
+
+
+class FairShare:
+    """Decayed usage and weights of every account, and the ordering key they give."""
+
+    def __init__(self, half_life_s: float, default_weight: float) -> None:
+        self._decay_per_s = math.log(2) / half_life_s
+        self._default_weight = default_weight
+        self._accounts: dict[tuple[Level, str], _Account] = {}
+        self._parent: dict[tuple[Level, str], tuple[Level, str] | None] = {}
+        self._clock: float | None = None
+
+    def set_weight(self, level: Level, name: str, weight: float) -> None:
+        """Set an account's weight (from its grants); 0 puts its jobs last."""
+        if weight < 0 or math.isnan(weight):
+            raise InvalidInputError(f"weight of {level} {name!r}: {weight} must be >= 0")
+        self._account(level, name).weight = weight
+
+    def register(self, project: str, institution: str, program: str) -> None:
+        """Record where a project sits; a project belongs to one institution and program."""
+        key = (Level.PROJECT, project)
+        if key in self._parent:
+            return
+        self._parent[(Level.PROGRAM, program)] = None
+        self._parent[(Level.INSTITUTION, institution)] = (Level.PROGRAM, program)
+        self._parent[key] = (Level.INSTITUTION, institution)
+        self._account(Level.PROGRAM, "").children.add(program)
+        self._account(Level.PROGRAM, program).children.add(institution)
+        self._account(Level.INSTITUTION, institution).children.add(project)
+        self._account(Level.PROJECT, project)
+
+    def advance(self, now: float) -> None:
+        """Decay every account to ``now`` and add what ran since the last call."""
+        if self._clock is None or now <= self._clock:
+            self._clock = now if self._clock is None else max(self._clock, now)
+            return
+        elapsed = now - self._clock
+        self._clock = now
+        factor = math.exp(-self._decay_per_s * elapsed)
+        # A constant rate r over the interval, decayed, adds r * (1 - factor) / lambda.
+        accrual = (1.0 - factor) / self._decay_per_s
+        for account in self._accounts.values():
+            account.usage = account.usage * factor + account.rate * accrual
+
+    def add_running(self, project: str, millis: int) -> None:
+        """Change the millis a project (and its parents) run now; negative when jobs stop."""
+        key: tuple[Level, str] | None = (Level.PROJECT, project)
+        while key is not None:
+            self._account(*key).rate += millis
+            key = self._parent.get(key)
+
+    def charge(self, project: str, usage: float) -> None:
+        """Add usage at once, e.g. for a job admitted in the current pass."""
+        key: tuple[Level, str] | None = (Level.PROJECT, project)
+        while key is not None:
+            self._account(*key).usage += usage
+            key = self._parent.get(key)
+
+    def usage(self, level: Level, name: str) -> float:
+        return self._account(level, name).usage
+
+    def key(self, project: str) -> FairShareKey:
+        """Return ``(program ratio, institution ratio, project ratio)``; lower is served first."""
+        project_key = (Level.PROJECT, project)
+        institution_key = self._parent[project_key]
+        assert institution_key is not None
+        program_key = self._parent[institution_key]
+        assert program_key is not None
+        return (
+            self._ratio(program_key, (Level.PROGRAM, "")),
+            self._ratio(institution_key, program_key),
+            self._ratio(project_key, institution_key),
+        )
+
+    def _ratio(self, key: tuple[Level, str], parent_key: tuple[Level, str]) -> float:
+        account = self._account(*key)
+        weight = self._weight(account)
+        if weight == 0:
+            return math.inf
+        child_level = key[0]
+        siblings = [
+            self._account(child_level, name) for name in self._account(*parent_key).children
+        ]
+        total_weight = sum(self._weight(s) for s in siblings)
+        total_usage = sum(s.usage for s in siblings)
+        if total_usage <= 0:
+            return 0.0
+        return (account.usage / total_usage) / (weight / total_weight)
+
+    def _weight(self, account: _Account) -> float:
+        return self._default_weight if account.weight is None else account.weight
+
+    def _account(self, level: Level, name: str) -> _Account:
+        account = self._accounts.get((level, name))
+        if account is None:
+            account = _Account()
+            self._accounts[(level, name)] = account
+        return account

@@ -1,0 +1,256 @@
+"""The fleet and its free-capacity index.
+
+Nodes are grouped into pools, one per ``provider/region/model``. Each pool indexes its up
+nodes by their count of free whole accelerators (one sorted bucket per count), its partly
+used shared accelerators by free millis, and its interconnect domains by free whole
+accelerators. Holding or releasing an accelerator updates these in O(log n), so placement
+never scans every node.
+"""
+
+from __future__ import annotations
+
+from sortedcontainers import SortedList
+
+from scheduler.engine.spec import MILLIS_PER_ACCELERATOR, InvalidInputError, NodeSpec, NodeState
+
+PoolKey = tuple[str, str, str]
+"""``(provider, region, model)``."""
+
+
+class Domain:
+    """An interconnect domain inside one pool."""
+
+    __slots__ = ("free", "name", "nodes", "ordinal")
+
+    def __init__(self, name: str, ordinal: int) -> None:
+        self.name = name
+        self.ordinal = ordinal
+        self.nodes: list[NodeRecord] = []
+        self.free = 0
+        """Free whole accelerators on the domain's up nodes."""
+
+
+class NodeRecord:
+    """Mutable state of one node."""
+
+    __slots__ = (
+        "domain",
+        "fenced",
+        "free_whole",
+        "holders",
+        "jobs",
+        "ordinal",
+        "pool",
+        "spec",
+        "state",
+        "used",
+    )
+
+    def __init__(self, spec: NodeSpec, ordinal: int, pool: Pool, domain: Domain) -> None:
+        self.spec = spec
+        self.ordinal = ordinal
+        self.pool = pool
+        self.domain = domain
+        self.state = NodeState.UP
+        size = len(spec.accelerator_ids)
+        self.used = [0] * size
+        """Millis held on each accelerator."""
+        self.holders: list[dict[str, int]] = [{} for _ in range(size)]
+        """Per accelerator: job id -> millis it holds."""
+        self.free_whole = size
+        self.jobs: dict[str, list[int]] = {}
+        """Job id -> accelerator indices it holds here."""
+        self.fenced: set[str] = set()
+        """Jobs whose tasks here were lost but are not confirmed stopped."""
+
+    @property
+    def schedulable(self) -> bool:
+        return self.state is NodeState.UP
+
+    def free_indices(self, count: int) -> list[int]:
+        """Return the first ``count`` wholly free accelerator indices."""
+        free = [i for i, used in enumerate(self.used) if used == 0]
+        return free[:count]
+
+
+class Pool:
+    """The nodes of one ``provider/region/model`` and their free-capacity index."""
+
+    def __init__(self, key: PoolKey, ordinal: int) -> None:
+        self.key = key
+        self.ordinal = ordinal
+        self.name = "/".join(key)
+        self.nodes: list[NodeRecord] = []
+        self.buckets: list[SortedList] = [SortedList()]
+        """``buckets[n]``: ordinals of up nodes with exactly ``n`` free whole accelerators."""
+        self.shared: SortedList = SortedList()
+        """``(free_millis, node_ordinal, index)`` of partly used accelerators on up nodes."""
+        self.domains: dict[str, Domain] = {}
+        self.domain_list: list[Domain] = []
+        """Domains by ordinal."""
+        self.domain_free: SortedList = SortedList()
+        """``(free whole accelerators, domain ordinal)`` of every domain."""
+        self.used_millis = 0
+        """Millis held on this pool's nodes in any state."""
+        self.total_millis = 0
+        self.cap_millis: int | None = None
+        """Millis the plan may use now (pledges, recalls and pool limits); ``None`` is no cap."""
+        self.protected_millis: int | None = None
+        self.recall_id = ""
+        """The recall lowering the cap now, or empty."""
+        self.jobs: set[str] = set()
+        """Ids of running jobs holding accelerators here."""
+
+    @property
+    def provider(self) -> str:
+        return self.key[0]
+
+    @property
+    def region_key(self) -> str:
+        return f"{self.key[0]}/{self.key[1]}"
+
+    @property
+    def model(self) -> str:
+        return self.key[2]
+
+    @property
+    def max_accelerators(self) -> int:
+        return len(self.buckets) - 1
+
+    def available_millis(self) -> int:
+        """Millis the cap still allows on top of what is held."""
+        if self.cap_millis is None:
+            return self.total_millis
+        return max(0, self.cap_millis - self.used_millis)
+
+
+class Fleet:
+    """All nodes, their pools, and the hold/release operations that keep the index right."""
+
+    def __init__(self) -> None:
+        self.nodes: list[NodeRecord] = []
+        self.by_id: dict[str, NodeRecord] = {}
+        self.pools: dict[PoolKey, Pool] = {}
+        self.version = 0
+        """Bumped whenever a pool or node is added, so cached pool lists can be rebuilt."""
+
+    def add_node(self, spec: NodeSpec) -> NodeRecord:
+        if spec.node_id in self.by_id:
+            raise InvalidInputError(f"node {spec.node_id}: already in the fleet")
+        if not spec.accelerator_ids:
+            raise InvalidInputError(f"node {spec.node_id}: accelerator_ids must not be empty")
+        if len(set(spec.accelerator_ids)) != len(spec.accelerator_ids):
+            raise InvalidInputError(f"node {spec.node_id}: accelerator_ids must be unique")
+        key = (spec.provider, spec.region, spec.model)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = Pool(key, len(self.pools))
+            self.pools[key] = pool
+        domain_name = spec.interconnect_domain or f"node:{spec.node_id}"
+        domain = pool.domains.get(domain_name)
+        if domain is None:
+            domain = Domain(domain_name, len(pool.domains))
+            pool.domains[domain_name] = domain
+            pool.domain_list.append(domain)
+            pool.domain_free.add((0, domain.ordinal))
+        node = NodeRecord(spec, len(self.nodes), pool, domain)
+        self.nodes.append(node)
+        self.by_id[spec.node_id] = node
+        pool.nodes.append(node)
+        domain.nodes.append(node)
+        size = len(spec.accelerator_ids)
+        pool.total_millis += size * MILLIS_PER_ACCELERATOR
+        while len(pool.buckets) <= size:
+            pool.buckets.append(SortedList())
+        self._index_add(node)
+        self.version += 1
+        return node
+
+    def node(self, node_id: str) -> NodeRecord:
+        try:
+            return self.by_id[node_id]
+        except KeyError:
+            raise InvalidInputError(f"node {node_id}: not in the fleet") from None
+
+    def set_state(self, node: NodeRecord, state: NodeState) -> None:
+        if node.state is state:
+            return
+        if node.schedulable:
+            self._index_remove(node)
+        node.state = state
+        if node.schedulable:
+            self._index_add(node)
+
+    def hold(self, node: NodeRecord, index: int, job_id: str, millis: int) -> None:
+        """Give ``millis`` of accelerator ``index`` on ``node`` to ``job_id``."""
+        indexed = node.schedulable
+        if indexed:
+            self._index_remove_accelerator(node, index)
+        before = node.used[index]
+        node.used[index] = before + millis
+        node.holders[index][job_id] = node.holders[index].get(job_id, 0) + millis
+        node.jobs.setdefault(job_id, []).append(index)
+        node.pool.used_millis += millis
+        if before == 0:
+            self._set_free_whole(node, node.free_whole - 1)
+        if indexed:
+            self._index_add_accelerator(node, index)
+
+    def release_job(self, node: NodeRecord, job_id: str) -> int:
+        """Release everything ``job_id`` holds on ``node``; return the millis released."""
+        indices = node.jobs.pop(job_id, [])
+        node.fenced.discard(job_id)
+        released = 0
+        for index in sorted(set(indices)):
+            indexed = node.schedulable
+            if indexed:
+                self._index_remove_accelerator(node, index)
+            millis = node.holders[index].pop(job_id, 0)
+            node.used[index] -= millis
+            released += millis
+            if node.used[index] == 0:
+                self._set_free_whole(node, node.free_whole + 1)
+            if indexed:
+                self._index_add_accelerator(node, index)
+        node.pool.used_millis -= released
+        return released
+
+    def _set_free_whole(self, node: NodeRecord, free: int) -> None:
+        if node.schedulable:
+            pool = node.pool
+            pool.buckets[node.free_whole].remove(node.ordinal)
+            pool.buckets[free].add(node.ordinal)
+            self._move_domain(node.domain, free - node.free_whole)
+        node.free_whole = free
+
+    def _move_domain(self, domain: Domain, delta: int) -> None:
+        if delta == 0:
+            return
+        pool = domain.nodes[0].pool
+        pool.domain_free.remove((domain.free, domain.ordinal))
+        domain.free += delta
+        pool.domain_free.add((domain.free, domain.ordinal))
+
+    def _index_add(self, node: NodeRecord) -> None:
+        node.pool.buckets[node.free_whole].add(node.ordinal)
+        self._move_domain(node.domain, node.free_whole)
+        for index in range(len(node.used)):
+            self._index_add_accelerator(node, index)
+
+    def _index_remove(self, node: NodeRecord) -> None:
+        node.pool.buckets[node.free_whole].remove(node.ordinal)
+        self._move_domain(node.domain, -node.free_whole)
+        for index in range(len(node.used)):
+            self._index_remove_accelerator(node, index)
+
+    @staticmethod
+    def _index_add_accelerator(node: NodeRecord, index: int) -> None:
+        used = node.used[index]
+        if 0 < used < MILLIS_PER_ACCELERATOR:
+            node.pool.shared.add((MILLIS_PER_ACCELERATOR - used, node.ordinal, index))
+
+    @staticmethod
+    def _index_remove_accelerator(node: NodeRecord, index: int) -> None:
+        used = node.used[index]
+        if 0 < used < MILLIS_PER_ACCELERATOR:
+            node.pool.shared.remove((MILLIS_PER_ACCELERATOR - used, node.ordinal, index))

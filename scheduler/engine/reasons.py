@@ -1,0 +1,79 @@
+"""Reason codes and messages for jobs that did not start."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from scheduler.engine.decisions import ReasonCode
+from scheduler.engine.fleet import Pool
+from scheduler.engine.spec import MILLIS_PER_ACCELERATOR, JobSpec, PriorityClass
+
+
+def free_millis(pool: Pool) -> int:
+    """Millis of wholly free accelerators on the pool's up nodes, ignoring its cap."""
+    whole = sum(count * len(bucket) for count, bucket in enumerate(pool.buckets))
+    return whole * MILLIS_PER_ACCELERATOR
+
+
+def up_nodes(pool: Pool) -> int:
+    # Every up node sits in exactly one bucket.
+    return sum(len(bucket) for bucket in pool.buckets)
+
+
+def describe_demand(job: JobSpec) -> str:
+    if job.fractional:
+        each = f"{job.millis_per_task / MILLIS_PER_ACCELERATOR:g} of an accelerator"
+    else:
+        each = f"{job.accelerators_per_task} accelerator(s)"
+    if job.task_count == 1:
+        return each
+    return f"{job.task_count} tasks x {each} ({job.topology})"
+
+
+def describe_pools(pools: Sequence[Pool]) -> str:
+    models = sorted({pool.model for pool in pools})
+    regions = sorted({pool.region_key for pool in pools})
+    return f"models {','.join(models)} in {','.join(regions)}"
+
+
+def capacity_reason(
+    job: JobSpec,
+    pools: Sequence[Pool],
+    placed_classes: dict[int, PriorityClass],
+) -> tuple[ReasonCode, str]:
+    """Explain why a job found no room among ``pools`` (limits and budget already passed)."""
+    need = job.total_millis
+    demand = describe_demand(job)
+    where = describe_pools(pools)
+    if sum(up_nodes(pool) for pool in pools) == 0:
+        return ReasonCode.NO_CAPACITY, f"no node of {where} is up"
+    free_total = sum(free_millis(pool) for pool in pools)
+    recalled = [pool for pool in pools if pool.recall_id and free_millis(pool) >= need]
+    if recalled and all(pool.available_millis() < need for pool in recalled):
+        names = ",".join(pool.name for pool in recalled)
+        return (
+            ReasonCode.PROVIDER_RECALL,
+            f"{demand} would fit on {names} but the provider recalled that capacity",
+        )
+    ahead = [placed_classes[pool.ordinal] for pool in pools if pool.ordinal in placed_classes]
+    if ahead and max(ahead) > job.priority:
+        return (
+            ReasonCode.PRIORITY,
+            f"jobs of a higher priority class took the free {where} in this pass",
+        )
+    if ahead:
+        return (
+            ReasonCode.FAIR_SHARE,
+            f"jobs ahead in fair-share order took the free {where} in this pass",
+        )
+    if job.task_count > 1 and free_total >= need:
+        return (
+            ReasonCode.TOPOLOGY,
+            f"{free_total / MILLIS_PER_ACCELERATOR:g} accelerators of {where} are free but "
+            f"not as {demand}",
+        )
+    return (
+        ReasonCode.NO_CAPACITY,
+        f"no room for {demand} on {where}: "
+        f"{free_total / MILLIS_PER_ACCELERATOR:g} accelerators free",
+    )

@@ -1,0 +1,63 @@
+"""Mutable per-job state kept by the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler.engine.decisions import Cause
+from scheduler.engine.fleet import NodeRecord
+from scheduler.engine.spec import JobSpec
+
+
+@dataclass(slots=True)
+class TaskHold:
+    """What one running task holds."""
+
+    node: NodeRecord
+    indices: tuple[int, ...]
+    millis: int
+
+
+@dataclass(slots=True)
+class JobRecord:
+    spec: JobSpec
+    sequence: int
+    """Submission order; breaks ties so the engine is deterministic."""
+    attempt: int = 0
+    tasks: dict[int, TaskHold] | None = None
+    """Task index -> hold while the job runs; ``None`` while pending."""
+    start: float | None = None
+    lost: set[int] = field(default_factory=set)
+    """Tasks lost to a failed, unknown or evicted node, awaiting repair."""
+    lost_nodes: dict[int, str] = field(default_factory=dict)
+    stopping: bool = False
+    """A preemption decision is out and the job has not stopped yet."""
+    preempted_by: set[tuple[Cause, str]] = field(default_factory=set)
+    awaiting_victims: set[str] = field(default_factory=set)
+    requeue_message: str = ""
+    protected: bool = False
+    """Placed through an advance reservation on protected capacity."""
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.job_id
+
+    @property
+    def holder(self) -> str:
+        """Holder id of the current attempt on accelerators: ``job_id#attempt``."""
+        return f"{self.spec.job_id}#{self.attempt}"
+
+    @property
+    def running(self) -> bool:
+        return self.tasks is not None
+
+    @property
+    def end_estimate(self) -> float | None:
+        if self.start is None or self.spec.wall_time_s is None:
+            return None
+        return self.start + self.spec.wall_time_s
+
+
+def job_of(holder: str) -> str:
+    """Return the job id of a holder id."""
+    return holder.rsplit("#", 1)[0]

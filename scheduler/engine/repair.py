@@ -1,0 +1,175 @@
+"""Pass steps that act on running jobs: shrinking pools, repairing gangs, preempting."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from scheduler.engine.decisions import Cause, Preempt, ReplaceTask, Requeue, TaskPlacement
+from scheduler.engine.fleet import NodeRecord, Pool
+from scheduler.engine.placement import TaskPlan, best_fit_share, emptiest_first, fill_nodes
+from scheduler.engine.preemption import grace_deadline, priority_victims, shrink_victims
+from scheduler.engine.records import JobRecord
+from scheduler.engine.spec import MILLIS_PER_ACCELERATOR, PriorityClass, Topology
+
+if TYPE_CHECKING:
+    from scheduler.engine.cycle import PassState
+
+
+def shrink_pools(state: PassState) -> None:
+    """Apply pool caps at ``now`` and preempt running jobs over a recalled or ended pledge."""
+    engine = state.engine
+    for pool in engine.fleet.pools.values():
+        cap = engine.capacity.cap(pool, state.now)
+        pool.cap_millis = cap.placement_millis
+        pool.protected_millis = cap.protected_millis
+        pool.recall_id = cap.recall_id
+        if cap.pledge_millis is None:
+            continue
+        stopping = sum(
+            hold.millis * len(hold.indices)
+            for job_id in pool.jobs
+            if engine.jobs[job_id].stopping
+            for hold in (engine.jobs[job_id].tasks or {}).values()
+            if hold.node.pool is pool
+        )
+        over = pool.used_millis - stopping - cap.pledge_millis
+        if over <= 0:
+            continue
+        if cap.recall_id:
+            cause, cause_id = Cause.PROVIDER_RECALL, cap.recall_id
+        else:
+            cause, cause_id = Cause.PLEDGE_ENDED, pool.name
+        for victim in shrink_victims(pool, over, engine.jobs, (cause, cause_id)):
+            deadline = max(
+                cap.deadline, grace_deadline(victim, state.now, engine.config.preemption_grace_s)
+            )
+            _preempt(state, victim, cause, cause_id, deadline)
+
+
+def _preempt(
+    state: PassState, victim: JobRecord, cause: Cause, cause_id: str, deadline: float
+) -> None:
+    victim.stopping = True
+    victim.preempted_by.add((cause, cause_id))
+    state.decisions.append(Preempt(victim.job_id, cause, cause_id, deadline))
+
+
+def preempt_for(state: PassState, record: JobRecord, pools: tuple[Pool, ...]) -> list[str]:
+    """Preempt preemptible jobs so that ``record`` fits later; return the victims."""
+    engine = state.engine
+    nodes: dict[int, NodeRecord] = {}
+    for pool in pools:
+        for job_id in sorted(pool.jobs):
+            other = engine.jobs[job_id]
+            if other.spec.priority is not PriorityClass.PREEMPTIBLE or other.tasks is None:
+                continue
+            for hold in other.tasks.values():
+                if hold.node.pool is pool and hold.node.schedulable:
+                    nodes[hold.node.ordinal] = hold.node
+    if not nodes:
+        return []
+    ordered = [nodes[o] for o in sorted(nodes)]
+    victims = priority_victims(record.spec, pools, ordered, engine.jobs)
+    if not victims:
+        return []
+    for job_id in victims:
+        victim = engine.jobs[job_id]
+        if victim.stopping:
+            continue
+        deadline = grace_deadline(victim, state.now, engine.config.preemption_grace_s)
+        _preempt(state, victim, Cause.PRIORITY, record.job_id, deadline)
+    record.awaiting_victims = set(victims)
+    return victims
+
+
+def repair_broken(state: PassState) -> None:
+    """Replace the lost tasks of broken gangs in place, or requeue them whole."""
+    engine = state.engine
+    broken = sorted(
+        (engine.jobs[j] for j in engine.broken if j in engine.jobs), key=lambda r: r.sequence
+    )
+    engine.broken.clear()
+    for record in broken:
+        if record.tasks is None or not record.lost:
+            continue
+        spec = record.spec
+        plans = None
+        if len(record.lost) < spec.task_count and spec.topology is not Topology.SAME_NODE:
+            plans = _plan_replacements(state, record)
+        if plans is None:
+            lost_nodes = ",".join(sorted(set(record.lost_nodes.values())))
+            message = f"lost task(s) on node {lost_nodes} and found no replacement"
+            engine._requeue(record, f"requeued: {message}")
+            state.decisions.append(Requeue(spec.job_id, Cause.NODE_FAILURE, message))
+            continue
+        for plan in plans:
+            lost_node = record.lost_nodes[plan.task_index]
+            engine._hold_task(record, plan)
+            placement = TaskPlacement(
+                plan.task_index,
+                plan.node.spec.node_id,
+                tuple(plan.node.spec.accelerator_ids[i] for i in plan.indices),
+                plan.millis,
+            )
+            state.decisions.append(ReplaceTask(spec.job_id, placement, lost_node))
+        record.lost.clear()
+        record.lost_nodes.clear()
+
+
+def _plan_replacements(state: PassState, record: JobRecord) -> list[TaskPlan] | None:
+    spec = record.spec
+    assert record.tasks is not None
+    fleet = state.engine.fleet
+    survivor = next(h for i, h in sorted(record.tasks.items()) if i not in record.lost)
+    lost = sorted(record.lost)
+    _, candidates = state.candidate_pools(spec)
+    if spec.topology is Topology.SAME_REGION:
+        pools = [survivor.node.pool]
+    elif spec.allow_cross_provider:
+        pools = [p for p in candidates if p.model == survivor.node.pool.model]
+    else:
+        pools = [
+            p
+            for p in candidates
+            if p.key[0] == survivor.node.pool.provider and p.model == survivor.node.pool.model
+        ]
+    if spec.fractional:
+        plans: list[TaskPlan] = []
+        for task in lost:
+            found = best_fit_share(fleet, pools, spec.millis_per_task, frozenset())
+            if found is None:
+                break
+            plans.append(TaskPlan(task, found[0], (found[1],), spec.millis_per_task))
+            fleet.hold(found[0], found[1], "~tentative", spec.millis_per_task)
+        for node in {p.node.ordinal: p.node for p in plans}.values():
+            fleet.release_job(node, "~tentative")
+        return plans if len(plans) == len(lost) else None
+    per_task = spec.accelerators_per_task
+    if spec.topology is Topology.SAME_INTERCONNECT_DOMAIN:
+        nodes = sorted(
+            (n for n in survivor.node.domain.nodes if n.schedulable),
+            key=lambda n: (-n.free_whole, n.ordinal),
+        )
+        found_plans = fill_nodes(nodes, len(lost), per_task)
+    else:
+        found_plans = []
+        for pool in pools:
+            if len(found_plans) == len(lost):
+                break
+            if pool.available_millis() < per_task * MILLIS_PER_ACCELERATOR:
+                continue
+            remaining = len(lost) - len(found_plans)
+            found_plans.extend(
+                fill_nodes(
+                    emptiest_first(fleet, pool, per_task, frozenset()),
+                    remaining,
+                    per_task,
+                    len(found_plans),
+                )
+            )
+    if len(found_plans) < len(lost):
+        return None
+    return [
+        TaskPlan(lost[i], plan.node, plan.indices, plan.millis)
+        for i, plan in enumerate(found_plans)
+    ]

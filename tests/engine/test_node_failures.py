@@ -1,0 +1,97 @@
+"""Unknown, down and draining nodes."""
+
+from __future__ import annotations
+
+from scheduler.engine import (
+    JobEnded,
+    JobOutcome,
+    NodeDown,
+    NodeDrain,
+    NodeHeartbeat,
+    NodeMissedHeartbeats,
+    NodeState,
+    Requeue,
+    TasksStopped,
+)
+from tests.engine.helpers import job, make_engine, node, placed
+
+
+def test_late_heartbeat_does_not_free_accelerators() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.submit(job("a", accelerators=4))
+    engine.schedule(0.0)
+
+    engine.apply(NodeMissedHeartbeats("n1"))
+    result = engine.schedule(10.0)
+    assert [d.job_id for d in result.decisions if isinstance(d, Requeue)] == ["a"]
+
+    engine.apply(NodeHeartbeat("n1"))
+    engine.submit(job("b", accelerators=1, submit=11.0))
+    result = engine.schedule(20.0)
+
+    n1 = engine.fleet.by_id["n1"]
+    assert n1.state is NodeState.UP
+    assert n1.free_whole == 0
+    assert placed(result) == {}
+
+
+def test_confirmed_stop_frees_unknown_node() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.submit(job("a", accelerators=4))
+    engine.schedule(0.0)
+    engine.apply(NodeMissedHeartbeats("n1"))
+    engine.schedule(10.0)
+    engine.apply(NodeHeartbeat("n1"))
+
+    engine.apply(TasksStopped("n1", "a"))
+    result = engine.schedule(20.0)
+
+    assert "a" in placed(result)
+    assert engine.fleet.by_id["n1"].free_whole == 0
+    engine.apply(JobEnded("a", JobOutcome.COMPLETED))
+    assert engine.fleet.by_id["n1"].free_whole == 4
+
+
+def test_unknown_node_job_restarts_elsewhere() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.add_node(node("n2", 4))
+    engine.submit(job("a", accelerators=4))
+    first = placed(engine.schedule(0.0))["a"].tasks[0].node_id
+
+    engine.apply(NodeMissedHeartbeats(first))
+    result = engine.schedule(5.0)
+
+    second = placed(result)["a"].tasks[0].node_id
+    assert second != first
+    assert engine.fleet.by_id[first].free_whole == 0
+
+
+def test_down_node_releases_everything() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.submit(job("a", accelerators=2))
+    engine.schedule(0.0)
+
+    engine.apply(NodeDown("n1"))
+    engine.schedule(1.0)
+
+    n1 = engine.fleet.by_id["n1"]
+    assert n1.used == [0, 0, 0, 0]
+    assert engine.pending() == ["a"]
+
+
+def test_draining_node_takes_no_new_tasks() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.submit(job("a", accelerators=1))
+    engine.schedule(0.0)
+
+    engine.apply(NodeDrain("n1"))
+    engine.submit(job("b", accelerators=1, submit=1.0))
+    result = engine.schedule(1.0)
+
+    assert placed(result) == {}
+    assert engine.running() == ["a"]

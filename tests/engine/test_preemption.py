@@ -1,0 +1,133 @@
+"""Priority preemption, provider recalls and loop freedom."""
+
+from __future__ import annotations
+
+from scheduler.engine import (
+    Cause,
+    JobEnded,
+    JobOutcome,
+    Pledge,
+    Preempt,
+    PriorityClass,
+    RecallAnnounced,
+)
+from tests.engine.helpers import job, make_engine, node, placed, reasons
+
+A100 = "A100-SXM4-80GB"
+
+
+def preempts(result: object) -> list[Preempt]:
+    return [d for d in result.decisions if isinstance(d, Preempt)]  # type: ignore[attr-defined]
+
+
+def test_interactive_preempts_preemptible_with_grace_for_checkpointable() -> None:
+    engine = make_engine(preemption_grace_s=120.0)
+    engine.add_node(node("n1", 4))
+    engine.submit(job("low", accelerators=4, priority=PriorityClass.PREEMPTIBLE, checkpointable=True))
+    engine.schedule(0.0)
+
+    engine.submit(job("high", accelerators=2, priority=PriorityClass.INTERACTIVE, submit=5.0))
+    result = engine.schedule(10.0)
+
+    [decision] = preempts(result)
+    assert decision.job_id == "low"
+    assert decision.cause is Cause.PRIORITY
+    assert decision.cause_id == "high"
+    assert decision.deadline == 130.0
+    assert reasons(result)["high"] == "priority"
+
+    engine.apply(JobEnded("low", JobOutcome.PREEMPTED))
+    result = engine.schedule(130.0)
+    assert "high" in placed(result)
+
+
+def test_standard_never_preempts_standard() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.submit(job("first", accelerators=4))
+    engine.schedule(0.0)
+    engine.submit(job("second", accelerators=4, priority=PriorityClass.INTERACTIVE, submit=1.0))
+
+    result = engine.schedule(1.0)
+
+    assert preempts(result) == []
+
+
+def test_preemption_does_not_loop() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.submit(job("low", accelerators=4, priority=PriorityClass.PREEMPTIBLE))
+    engine.schedule(0.0)
+    engine.submit(job("high", accelerators=4, priority=PriorityClass.INTERACTIVE, submit=1.0))
+
+    causes: list[tuple[str, str]] = []
+    now = 1.0
+    for _ in range(6):
+        result = engine.schedule(now)
+        causes += [(d.job_id, d.cause_id) for d in preempts(result)]
+        for decision in preempts(result):
+            engine.apply(JobEnded(decision.job_id, JobOutcome.PREEMPTED))
+        now += 10.0
+
+    assert causes == [("low", "high")]
+    assert engine.running() == ["high"]
+    assert engine.pending() == ["low"]
+
+
+def test_recalled_job_restarts_in_another_region() -> None:
+    engine = make_engine()
+    engine.add_node(node("east1", 4, region="east"))
+    engine.add_pledge(Pledge("pl-east", "p1", "east", A100, 0, 4, 0.0, 1e9))
+    engine.submit(job("j", accelerators=4))
+    assert placed(engine.schedule(0.0))["j"].tasks[0].node_id == "east1"
+    engine.add_node(node("west1", 4, region="west"))
+
+    engine.apply(RecallAnnounced("rc1", "p1", "east", A100, 4, effective_at=600.0))
+    result = engine.schedule(100.0)
+    [decision] = preempts(result)
+    assert decision.cause is Cause.PROVIDER_RECALL
+    assert decision.deadline == 600.0
+
+    engine.apply(JobEnded("j", JobOutcome.PREEMPTED))
+    result = engine.schedule(600.0)
+    assert placed(result)["j"].tasks[0].node_id == "west1"
+    assert preempts(engine.schedule(700.0)) == []
+
+
+def test_recall_spares_protected_capacity() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 8))
+    engine.add_pledge(Pledge("pl", "p1", "r1", A100, 4, 4, 0.0, 1e9))
+    engine.submit(job("a", accelerators=4))
+    engine.submit(job("b", accelerators=4, priority=PriorityClass.PREEMPTIBLE, submit=1.0))
+    engine.schedule(0.0)
+
+    engine.apply(RecallAnnounced("rc", "p1", "r1", A100, 4, effective_at=50.0))
+    result = engine.schedule(10.0)
+
+    assert [d.job_id for d in preempts(result)] == ["b"]
+
+
+def test_recalled_capacity_takes_no_new_work() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.add_pledge(Pledge("pl", "p1", "r1", A100, 0, 4, 0.0, 1e9))
+    engine.apply(RecallAnnounced("rc", "p1", "r1", A100, 4, effective_at=50.0))
+    engine.submit(job("a", accelerators=1))
+
+    result = engine.schedule(0.0)
+
+    assert reasons(result)["a"] == "provider_recall"
+
+
+def test_pledge_window_end_preempts() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.add_pledge(Pledge("pl", "p1", "r1", A100, 4, 0, 0.0, 100.0))
+    engine.submit(job("a", accelerators=2))
+    engine.schedule(0.0)
+
+    result = engine.schedule(100.0)
+
+    [decision] = preempts(result)
+    assert decision.cause is Cause.PLEDGE_ENDED
