@@ -31,6 +31,10 @@ def nats_server_binary() -> Path:
     return Path(found)
 
 
+async def _ignore_error(error: Exception) -> None:
+    return None
+
+
 class EmbeddedNats:
     """A nats-server with JetStream storing its streams in ``store_dir``."""
 
@@ -82,7 +86,13 @@ class EmbeddedNats:
 
     async def _probe_jetstream(self) -> None:
         client = await nats.connect(
-            self.url, connect_timeout=1, allow_reconnect=False, max_reconnect_attempts=0
+            self.url,
+            connect_timeout=1,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+            # The default callback logs a traceback for each refused connection while the
+            # server starts; the caller retries and reports the last error instead.
+            error_cb=_ignore_error,
         )
         try:
             await client.jetstream(timeout=2).account_info()

@@ -31,7 +31,14 @@ from acsp._channel import Credentials
 from acsp.mesh import credentials as mesh_credentials
 from acsp.mesh._ports import LOOPBACK, free_port
 from acsp.mesh._process import ChildProcess
-from acsp.mesh.endpoints import MESH_FILE_NAME, SERVICE_NAMES, MeshInfo
+from acsp.mesh.endpoints import (
+    MESH_FILE_NAME,
+    SERVICE_NAMES,
+    MeshInfo,
+    MeshNotFoundError,
+    load_mesh,
+    supervisor_alive,
+)
 from acsp.mesh.health import wait_serving
 from acsp.mesh.nats import EmbeddedNats
 from acsp.mesh.postgres import EmbeddedPostgres, cluster_dir_for
@@ -234,7 +241,7 @@ class LocalMesh:
     async def _start(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        (self.data_dir / MESH_FILE_NAME).unlink(missing_ok=True)
+        self._claim_data_dir()
         specs = self.config.resolved_processes()
         grpc_names = [spec.name for spec in specs if spec.serves_grpc]
         self._pki = await asyncio.to_thread(
@@ -279,6 +286,22 @@ class LocalMesh:
         for child in self._all_children():
             self._watchers.append(loop.create_task(self._watch(child), name=f"watch {child.name}"))
         logger.info("local mesh is up in %s: %s", self.data_dir, endpoints)
+
+    def _claim_data_dir(self) -> None:
+        """Remove a mesh file left by a dead supervisor; raise if its supervisor still runs."""
+        try:
+            previous = load_mesh(self.data_dir)
+        except MeshNotFoundError:
+            return
+        except ValueError:
+            previous = None
+        if previous is not None and previous.supervisor_pid != os.getpid():
+            if supervisor_alive(previous):
+                raise MeshStartError(
+                    f"another mesh (supervisor pid {previous.supervisor_pid}) runs with data "
+                    f"directory {self.data_dir}: stop it or pass another --data-dir"
+                )
+        (self.data_dir / MESH_FILE_NAME).unlink(missing_ok=True)
 
     async def _start_servers(self, timeout_s: float) -> tuple[str, str]:
         """Start the embedded PostgreSQL and NATS unless the config names external ones."""
@@ -366,9 +389,19 @@ class LocalMesh:
                 ) from None
             logger.info("%s is SERVING at %s", name, endpoints[name])
 
-        async with asyncio.TaskGroup() as group:
-            for name in endpoints:
-                group.create_task(wait_one(name))
+        waits = [loop.create_task(wait_one(name), name=f"wait for {name}") for name in endpoints]
+        if not waits:
+            return
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                # Raise the first failure as itself, not wrapped in an ExceptionGroup, so the
+                # caller sees which process failed.
+                task.result()
+        finally:
+            for task in waits:
+                task.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _check_fleet_alive(self) -> None:
         """Fail the start if a process without a health endpoint already died."""

@@ -1,0 +1,246 @@
+"""``acsp up`` against the PostgreSQL and NATS already running, SIGTERM, and child failures.
+
+These tests need PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres) and NATS with
+JetStream on 127.0.0.1:4222. Each run gets its own database, created and dropped here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+import grpc
+import pytest
+import pytest_asyncio
+
+from acsp.client import AsyncClient
+from acsp.mesh import LocalMesh, MeshConfig, ProcessSpec, load_mesh
+from acsp.mesh._ports import is_listening
+from acsp.mesh.supervisor import MeshStartError
+from acsp.v1 import grant_pb2
+from tests.conftest import make_mesh_dir
+
+EXTERNAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+EXTERNAL_NATS = "nats://127.0.0.1:4222"
+START_TIMEOUT_S = 90.0
+
+
+async def _poll(condition, timeout_s: float, what: str, interval_s: float = 0.1) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); count it as gone once it no longer runs.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest_asyncio.fixture
+async def external_database() -> AsyncIterator[str]:
+    """A fresh database on the PostgreSQL at 127.0.0.1:5432, dropped afterwards."""
+    name = f"acsp_mesh_{uuid.uuid4().hex[:12]}"
+    connection = await asyncpg.connect(f"{EXTERNAL_POSTGRES}/postgres", timeout=10)
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"', timeout=10)
+    finally:
+        await connection.close(timeout=5)
+    yield f"{EXTERNAL_POSTGRES}/{name}"
+    connection = await asyncpg.connect(f"{EXTERNAL_POSTGRES}/postgres", timeout=10)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', timeout=30)
+    finally:
+        await connection.close(timeout=5)
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    directory = make_mesh_dir()
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_acsp_up_on_external_servers_stops_cleanly(external_database: str, data_dir: Path):
+    env = dict(os.environ, ACSP_DATABASE_URL=external_database, ACSP_NATS_URL=EXTERNAL_NATS)
+    env.pop("ACSP_TOKEN", None)
+    log_path = data_dir / "acsp-up.out"
+    with log_path.open("wb") as log:
+        up = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "acsp.cli.main",
+            "up",
+            "--agents",
+            "0",
+            "--data-dir",
+            str(data_dir),
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        mesh_file = data_dir / "mesh.json"
+        await _poll(
+            lambda: mesh_file.exists() or up.returncode is not None,
+            START_TIMEOUT_S,
+            "acsp up to write its mesh file",
+        )
+        assert up.returncode is None, log_path.read_text()
+        info = load_mesh(data_dir)
+        pids = json.loads(mesh_file.read_text())["pids"]
+        assert info.database_url == external_database
+        assert info.nats_url == EXTERNAL_NATS
+        assert "postgres" not in pids
+        assert "nats-server" not in pids
+        assert sorted(pids) == ["grant", "metering", "scheduler"]
+
+        status = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "acsp.cli.main",
+            "status",
+            "--data-dir",
+            str(data_dir),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        status_out, status_err = await asyncio.wait_for(status.communicate(), 30)
+        assert status.returncode == 0, status_out.decode() + status_err.decode()
+
+        token = await _mint_token_with_cli(data_dir, env)
+        async with AsyncClient.from_mesh(info, token=token) as client:
+            await client.grants.ListInstitutions(grant_pb2.ListInstitutionsRequest())
+        async with AsyncClient.from_mesh(info, token=None) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await client.grants.ListInstitutions(grant_pb2.ListInstitutionsRequest())
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        ports = [int(endpoint.rsplit(":", 1)[1]) for endpoint in info.endpoints.values()]
+        up.send_signal(signal.SIGTERM)
+        returncode = await asyncio.wait_for(up.wait(), 60)
+    finally:
+        if up.returncode is None:
+            up.kill()
+            await up.wait()
+
+    assert returncode == 0, log_path.read_text()
+    for name, pid in pids.items():
+        assert not _alive(pid), f"{name} (pid {pid}) outlived acsp up"
+    for port in ports:
+        assert not is_listening("127.0.0.1", port), f"port {port} still listens"
+    assert not mesh_file.exists()
+
+    status = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "acsp.cli.main",
+        "status",
+        "--data-dir",
+        str(data_dir),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=env,
+    )
+    assert await asyncio.wait_for(status.wait(), 30) == 3
+
+
+async def _mint_token_with_cli(data_dir: Path, env: dict[str, str]) -> str:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "acsp.cli.main",
+        "token",
+        "--data-dir",
+        str(data_dir),
+        "--role",
+        "program_office",
+        "--subject",
+        "test-admin",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode().strip()
+
+
+def _external_config(data_dir: Path, database_url: str, *processes: ProcessSpec) -> MeshConfig:
+    return MeshConfig(
+        data_dir=data_dir,
+        database_url=database_url,
+        nats_url=EXTERNAL_NATS,
+        processes=processes,
+        start_timeout_s=20,
+        stop_grace_s=5,
+    )
+
+
+async def test_child_death_is_reported_with_log_tail(external_database: str, data_dir: Path):
+    trigger = data_dir / "die-now"
+    script = (
+        "import pathlib, sys, time\n"
+        f"trigger = pathlib.Path({str(trigger)!r})\n"
+        "while not trigger.exists():\n"
+        "    time.sleep(0.05)\n"
+        "print('simulated fleet lost its NATS credentials', flush=True)\n"
+        "sys.exit(3)\n"
+    )
+    spec = ProcessSpec("fleet", [sys.executable, "-c", script], serves_grpc=False)
+    async with LocalMesh(_external_config(data_dir, external_database, spec)) as mesh:
+        trigger.touch()
+        failure = await asyncio.wait_for(mesh.wait_failure(), 30)
+    assert failure.name == "fleet"
+    assert failure.returncode == 3
+    assert "exited with status 3" in failure.description
+    assert "lost its NATS credentials" in failure.log_tail
+
+
+async def test_start_failure_names_process_and_stops_rest(external_database: str, data_dir: Path):
+    sleeper = ProcessSpec(
+        "sleeper", [sys.executable, "-c", "import time; time.sleep(600)"], serves_grpc=False
+    )
+    broken = ProcessSpec(
+        "broken", [sys.executable, "-c", "print('ACSP_GRPC_LISTEN: cannot bind'); exit(2)"]
+    )
+    mesh = LocalMesh(_external_config(data_dir, external_database, sleeper, broken))
+    with pytest.raises(MeshStartError) as raised:
+        await mesh.start()
+    message = str(raised.value)
+    assert "broken" in message
+    assert "exited with status 2" in message
+    assert "cannot bind" in message
+    assert mesh.pids == {}
+    assert not (data_dir / "mesh.json").exists()
+
+
+def test_external_urls_come_from_environment(tmp_path: Path):
+    config = MeshConfig.from_env(
+        tmp_path,
+        environ={"ACSP_DATABASE_URL": "postgresql://db/x", "ACSP_NATS_URL": " nats://n:1 "},
+    )
+    assert config.database_url == "postgresql://db/x"
+    assert config.nats_url == "nats://n:1"
+    assert urlsplit(config.nats_url).port == 1
+    assert MeshConfig.from_env(tmp_path, environ={}).database_url is None

@@ -1,0 +1,183 @@
+"""The mesh file, token minting and the CLI frame, without starting a mesh."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from pathlib import Path
+
+import grpc
+import jwt
+import pytest
+
+from acsp.cli import _common, main
+from acsp.mesh.credentials import mint_token, prepare
+from acsp.mesh.endpoints import MeshInfo, MeshNotFoundError, load_mesh, supervisor_alive
+
+
+def _info(data_dir: Path) -> MeshInfo:
+    return MeshInfo(
+        data_dir=data_dir,
+        endpoints={"grant": "127.0.0.1:1", "scheduler": "127.0.0.1:2", "metering": "127.0.0.1:3"},
+        ca_cert=data_dir / "tls" / "ca.crt",
+        token_key=data_dir / "token" / "signing.key",
+        database_url="postgresql://postgres@127.0.0.1:5/acsp",
+        nats_url="nats://127.0.0.1:6",
+        supervisor_pid=os.getpid(),
+        client_cert=data_dir / "tls" / "client.crt",
+        client_key=data_dir / "tls" / "client.key",
+        extra={"pids": {"grant": 11}},
+    )
+
+
+def test_mesh_file_round_trip(tmp_path: Path):
+    written = _info(tmp_path)
+    written.write()
+    loaded = load_mesh(tmp_path)
+    assert loaded == written
+    assert supervisor_alive(loaded)
+
+
+def test_mesh_file_missing_names_the_fix(tmp_path: Path):
+    with pytest.raises(MeshNotFoundError, match="acsp up"):
+        load_mesh(tmp_path)
+
+
+def test_mesh_file_of_other_version_is_rejected(tmp_path: Path):
+    document = _info(tmp_path).to_json()
+    document["format_version"] = 99
+    (tmp_path / "mesh.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="format_version"):
+        load_mesh(tmp_path)
+
+
+def test_unknown_endpoint_lists_known_ones(tmp_path: Path):
+    with pytest.raises(KeyError, match="grant, metering, scheduler"):
+        _info(tmp_path).endpoint("billing")
+
+
+def test_minted_token_carries_claims(tmp_path: Path):
+    credentials = prepare(tmp_path, services=["grant"])
+    token = credentials.mint_token(role="pi", subject="alice", institution="uni-a", ttl_s=60)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["sub"] == "alice"
+    assert claims["roles"] == ["pi"]
+    assert claims["inst"] == "uni-a"
+    assert claims["exp"] - claims["iat"] == 60
+
+
+def test_prepare_keeps_existing_key(tmp_path: Path):
+    first = prepare(tmp_path, services=["grant"])
+    key_bytes = first.token_private_key.read_bytes()
+    second = prepare(tmp_path, services=["grant", "scheduler"])
+    assert second.token_private_key.read_bytes() == key_bytes
+    assert second.identities["scheduler"].cert.is_file()
+
+
+def test_unknown_role_is_rejected(tmp_path: Path):
+    credentials = prepare(tmp_path, services=[])
+    with pytest.raises(ValueError, match="unknown role 'admin'"):
+        mint_token(credentials.token_private_key, role="admin", subject="x")
+
+
+def test_provider_operator_needs_provider(tmp_path: Path):
+    credentials = prepare(tmp_path, services=[])
+    with pytest.raises(ValueError, match="provider"):
+        mint_token(credentials.token_private_key, role="provider_operator", subject="op")
+
+
+def test_token_command_prints_token(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    prepare(tmp_path, services=[])
+    code = main.main(
+        ["token", "--data-dir", str(tmp_path), "--role", "reviewer", "--subject", "bob"]
+    )
+    output = capsys.readouterr().out.strip()
+    assert code == _common.EXIT_OK
+    assert jwt.decode(output, options={"verify_signature": False})["roles"] == ["reviewer"]
+
+
+def test_token_command_without_key_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    code = main.main(["token", "--data-dir", str(tmp_path), "--role", "pi", "--subject", "a"])
+    assert code == _common.EXIT_NO_MESH
+    assert "acsp up" in capsys.readouterr().err
+
+
+def test_status_without_mesh_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    code = main.main(["status", "--data-dir", str(tmp_path)])
+    assert code == _common.EXIT_NO_MESH
+    assert "no running mesh found" in capsys.readouterr().err
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]):
+    assert main.main([]) == _common.EXIT_USAGE
+    assert "usage: acsp" in capsys.readouterr().err
+
+
+def test_parser_has_mesh_commands():
+    parser = main.build_parser()
+    for command in ("up", "status", "token"):
+        assert (
+            parser.parse_args(
+                [command] if command != "token" else ["token", "--role", "pi", "--subject", "a"]
+            ).func
+            is not None
+        )
+
+
+def test_records_print_as_csv_with_exact_decimals():
+    stream = io.StringIO()
+    records = [{"grant": "g-1", "available": "12.000000000000000000000001"}]
+    _common.print_records(records, ["grant", "available"], output_format="csv", stream=stream)
+    assert stream.getvalue().splitlines() == ["grant,available", "g-1,12.000000000000000000000001"]
+
+
+def test_records_print_as_table():
+    stream = io.StringIO()
+    _common.print_records([{"a": 1, "b": None}], ["a", "b"], stream=stream)
+    assert "a" in stream.getvalue()
+    assert "1" in stream.getvalue()
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_rpc_error_prints_code_and_message():
+    error = _FakeRpcError(grpc.StatusCode.NOT_FOUND, "grant g-9 not found")
+    assert _common.describe_rpc_error(error) == "NOT_FOUND: grant g-9 not found"
+    assert _common.exit_code_for_rpc_error(error) == _common.EXIT_FAILURE
+
+
+def test_unavailable_maps_to_no_mesh_exit():
+    error = _FakeRpcError(grpc.StatusCode.UNAVAILABLE, "connection refused")
+    assert _common.exit_code_for_rpc_error(error) == _common.EXIT_NO_MESH
+
+
+def test_command_rpc_error_prints_without_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    build_parser = main.build_parser
+
+    def failing(args: object) -> int:
+        raise _FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "needs program_office")
+
+    def build_failing_parser() -> argparse.ArgumentParser:
+        parser = build_parser()
+        parser.set_defaults(func=failing)
+        return parser
+
+    monkeypatch.setattr(main, "build_parser", build_failing_parser)
+    code = main.main([])
+    err = capsys.readouterr().err
+    assert code == _common.EXIT_FAILURE
+    assert err == "error: PERMISSION_DENIED: needs program_office\n"
