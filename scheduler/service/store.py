@@ -62,6 +62,16 @@ class DispatchRecord:
         return (self.job_id, self.attempt, self.task_index, self.kind)
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """A job event for ``ACSP_EVENTS``, recorded with the change that caused it."""
+
+    subject: str
+    msg_id: str
+    """The event id, also the ``Nats-Msg-Id``."""
+    payload: bytes
+
+
 _JOB_COLUMNS: Final = (
     "job_id",
     "shard",
@@ -211,17 +221,62 @@ class JobStore:
                 timeout=self._timeout,
             )
 
-    async def unacked_dispatches(self) -> list[DispatchRecord]:
-        """Return commands recorded but never acknowledged by JetStream, oldest first."""
+    async def unacked_dispatches(self, older_than_s: float = 0.0) -> list[DispatchRecord]:
+        """Return commands recorded but not acknowledged by JetStream, oldest first."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(
                 "SELECT d.job_id, d.attempt, d.task_index, d.kind, d.node_key, d.payload"
                 " FROM scheduler.dispatches d JOIN scheduler.jobs j USING (job_id)"
-                " WHERE d.acked_at IS NULL AND j.shard = $1 ORDER BY d.created_at",
+                " WHERE d.acked_at IS NULL AND j.shard = $1"
+                " AND d.created_at <= now() - make_interval(secs => $2)"
+                " ORDER BY d.created_at, d.kind DESC LIMIT 10000",
                 self.shard,
+                older_than_s,
                 timeout=self._timeout,
             )
         return [DispatchRecord(*row) for row in rows]
+
+    async def record_events(self, events: Sequence[OutboxEvent], epoch: int) -> None:
+        """Record job events in the outbox before publishing; a repeated id is kept once."""
+        if not events:
+            return
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await self._check_epoch(conn, epoch)
+            await conn.execute(
+                "INSERT INTO scheduler.outbox (event_id, shard, subject, payload)"
+                " SELECT u.event_id, $4, u.subject, u.payload"
+                " FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(event_id, subject, payload)"
+                " ON CONFLICT DO NOTHING",
+                [e.msg_id for e in events],
+                [e.subject for e in events],
+                [e.payload for e in events],
+                self.shard,
+                timeout=self._timeout,
+            )
+
+    async def ack_events(self, event_ids: Sequence[str]) -> None:
+        if not event_ids:
+            return
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.execute(
+                "UPDATE scheduler.outbox SET acked_at = now()"
+                " WHERE event_id = ANY($1::text[]) AND acked_at IS NULL",
+                list(event_ids),
+                timeout=self._timeout,
+            )
+
+    async def unacked_events(self, older_than_s: float = 0.0) -> list[OutboxEvent]:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT subject, event_id, payload FROM scheduler.outbox"
+                " WHERE acked_at IS NULL AND shard = $1"
+                " AND created_at <= now() - make_interval(secs => $2)"
+                " ORDER BY created_at LIMIT 10000",
+                self.shard,
+                older_than_s,
+                timeout=self._timeout,
+            )
+        return [OutboxEvent(row[0], row[1], row[2]) for row in rows]
 
     async def dispatched_keys(self, job_ids: Sequence[str]) -> set[tuple[str, int, int, str]]:
         """Return the keys of every command recorded for ``job_ids``."""
@@ -333,7 +388,8 @@ def decode_page_token(token: str) -> str:
 
 _SELECT: Final = (
     "job_id, owner, institution, spec::text, state, pending_reason, reason, attempt, array_id,"
-    " array_index, submitted_at, started_at, ended_at, hold_id, hold_amount, checkpoint_ref, exit_code, placement::text"
+    " array_index, submitted_at, started_at, ended_at, hold_id, hold_amount, checkpoint_ref,"
+    " exit_code, placement::text"
 )
 
 
@@ -411,3 +467,55 @@ FROM unnest($1::text[], $2::int[], $3::int[], $4::text[]) AS u(job_id, attempt, 
 WHERE d.job_id = u.job_id AND d.attempt = u.attempt AND d.task_index = u.task_index
     AND d.kind = u.kind AND d.acked_at IS NULL
 """
+
+
+class NodeStore:
+    """Node inventories and drain flags, so a new leader knows the fleet before agents speak."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float = 10.0) -> None:
+        self._pool = pool
+        self._timeout = timeout_s
+
+    async def upsert_inventories(self, rows: Sequence[tuple[str, str, str, bytes]]) -> None:
+        """Store ``(provider, region, node, serialized Inventory)`` rows."""
+        if not rows:
+            return
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.execute(
+                "INSERT INTO scheduler.nodes (provider, region, node, inventory)"
+                " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])"
+                " ON CONFLICT (provider, region, node) DO UPDATE"
+                " SET inventory = EXCLUDED.inventory, updated_at = now()",
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                [r[2] for r in rows],
+                [r[3] for r in rows],
+                timeout=self._timeout,
+            )
+
+    async def set_draining(
+        self, provider: str, region: str, node: str, draining: bool, reason: str
+    ) -> bool:
+        """Set a node's drain flag; return False if the node is not known."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            status = await conn.execute(
+                "UPDATE scheduler.nodes SET draining = $4, drain_reason = $5, updated_at = now()"
+                " WHERE provider = $1 AND region = $2 AND node = $3",
+                provider,
+                region,
+                node,
+                draining,
+                reason,
+                timeout=self._timeout,
+            )
+        return bool(status.endswith(" 1"))
+
+    async def load(self) -> list[tuple[bytes, bool, str]]:
+        """Return ``(serialized Inventory, draining, drain_reason)`` of every known node."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT inventory, draining, drain_reason FROM scheduler.nodes"
+                " WHERE inventory IS NOT NULL ORDER BY provider, region, node",
+                timeout=self._timeout,
+            )
+        return [(row[0], row[1], row[2]) for row in rows]

@@ -65,6 +65,19 @@ CREATE TABLE scheduler.dispatches (
 
 CREATE INDEX dispatches_unacked ON scheduler.dispatches (created_at) WHERE acked_at IS NULL;
 
+-- Job events recorded with the change that caused them and published after the commit;
+-- unacknowledged ones are published again under the same Nats-Msg-Id.
+CREATE TABLE scheduler.outbox (
+    event_id text PRIMARY KEY,
+    shard text NOT NULL,
+    subject text NOT NULL,
+    payload bytea NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    acked_at timestamptz
+);
+
+CREATE INDEX outbox_unacked ON scheduler.outbox (shard, created_at) WHERE acked_at IS NULL;
+
 CREATE TABLE scheduler.nodes (
     provider text NOT NULL,
     region text NOT NULL,

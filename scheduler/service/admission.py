@@ -1,0 +1,119 @@
+"""Admission: price a placed job with the rate card and hold that budget on its grant."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Final, Literal
+
+import grpc
+
+from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, metering_pb2
+from scheduler.engine.catalog import DEFAULT_CATALOG
+
+from .model import MILLIS_PER_ACCELERATOR, Job, idempotency_key
+
+logger = logging.getLogger(__name__)
+
+PF_DAY_QUANTUM: Final = Decimal("1e-24")
+SECONDS_PER_DAY: Final = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class RateCard:
+    """PF-days per accelerator-second of a whole device, per catalog model."""
+
+    version: int
+    per_second: Mapping[str, Decimal]
+    source: str
+
+    @classmethod
+    def from_proto(cls, msg: metering_pb2.RateCard) -> RateCard:
+        rates = {
+            rate.model.name: Decimal(rate.pf_days_per_accelerator_second.value)
+            for rate in msg.rates
+        }
+        return cls(msg.version, rates, f"rate card v{msg.version}")
+
+    @classmethod
+    def from_catalog(cls) -> RateCard:
+        """Price at peak dense throughput from the engine's catalog (PF/s divided by a day)."""
+        rates = {
+            model.name: model.peak_tflops / 1000 / SECONDS_PER_DAY for model in DEFAULT_CATALOG
+        }
+        return cls(0, rates, "catalog peak throughput")
+
+    def hold_amount(self, job: Job, model: str) -> Decimal:
+        """Price the whole wall time of ``job`` on ``model``, rounded up to the ledger quantum.
+
+        Raises ``KeyError`` when the rate card has no price for ``model``.
+        """
+        rate = self.per_second[model]
+        accelerators = Decimal(job.spec.total_millis) / MILLIS_PER_ACCELERATOR
+        amount = accelerators * job.spec.wall_time_s * rate
+        return amount.quantize(PF_DAY_QUANTUM, rounding="ROUND_UP")
+
+
+HoldStatus = Literal["held", "no_budget", "rejected", "unavailable"]
+
+
+@dataclass(frozen=True, slots=True)
+class HoldOutcome:
+    """Result of one hold request."""
+
+    status: HoldStatus
+    """``held``; ``no_budget`` (the job waits); ``rejected`` (the job fails: unknown grant,
+    not allowed); ``unavailable`` (retried later)."""
+    hold_id: str = ""
+    grant_id: str = ""
+    amount: Decimal | None = None
+    message: str = ""
+
+
+_NO_BUDGET_CODES: Final = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
+_REJECT_CODES: Final = (
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+)
+
+
+class GrantAdmission:
+    """Places holds through the grant service, keyed ``<job_id>/<attempt>`` for retries."""
+
+    def __init__(
+        self,
+        stub: grant_pb2_grpc.GrantServiceStub,
+        metadata: tuple[tuple[str, str], ...] = (),
+        timeout_s: float = 5.0,
+    ) -> None:
+        self._stub = stub
+        self._metadata = metadata
+        self._timeout = timeout_s
+
+    async def place_hold(self, job: Job, amount: Decimal) -> HoldOutcome:
+        request = grant_pb2.PlaceHoldRequest(
+            request_id=idempotency_key(job.job_id, job.attempt),
+            grant_id=job.spec.grant_id,
+            project_id=job.spec.project_id,
+            sub_allocation_id=job.spec.sub_allocation_id,
+            job_id=job.job_id,
+            amount_pf_days=common_pb2.Decimal(value=str(amount)),
+        )
+        try:
+            hold = await self._stub.PlaceHold(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            code, detail = exc.code(), exc.details() or ""
+            if code in _NO_BUDGET_CODES:
+                return HoldOutcome("no_budget", message=detail)
+            if code in _REJECT_CODES:
+                return HoldOutcome("rejected", message=f"{code.name}: {detail}")
+            logger.warning("hold for job %s failed with %s: %s", job.job_id, code.name, detail)
+            return HoldOutcome("unavailable", message=f"{code.name}: {detail}")
+        return HoldOutcome(
+            "held", hold.hold_id, hold.grant_id, Decimal(hold.held_pf_days.value or amount)
+        )

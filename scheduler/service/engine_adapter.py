@@ -1,0 +1,223 @@
+"""The one place the service calls the placement engine, converting to and from its types.
+
+The engine (``scheduler.engine``) is pure: it takes nodes, jobs and events and returns
+decisions. This adapter keeps the service's dataclasses (:mod:`.model`, :mod:`.fleet`) on one
+side and the engine's (:mod:`scheduler.engine.spec`, ``.events``, ``.decisions``) on the
+other. Engine node ids are ``provider.region.node`` keys, which are unique across the fleet.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from scheduler.engine import decisions as d
+from scheduler.engine import events as ev
+from scheduler.engine import spec as es
+from scheduler.engine.engine import Engine
+from scheduler.engine.placement import TaskPlan
+
+from .fleet import NodeView
+from .model import Job, TaskPlacement
+
+logger = logging.getLogger(__name__)
+
+_PRIORITY = {
+    "interactive": es.PriorityClass.INTERACTIVE,
+    "standard": es.PriorityClass.STANDARD,
+    "preemptible": es.PriorityClass.PREEMPTIBLE,
+}
+_OUTCOME = {
+    "completed": ev.JobOutcome.COMPLETED,
+    "failed": ev.JobOutcome.FAILED,
+    "timed_out": ev.JobOutcome.FAILED,
+    "cancelled": ev.JobOutcome.CANCELLED,
+    "preempted": ev.JobOutcome.PREEMPTED,
+}
+
+
+@dataclass(slots=True)
+class PassResult:
+    """One scheduling pass in the service's terms."""
+
+    places: list[tuple[str, tuple[TaskPlacement, ...]]] = field(default_factory=list)
+    models: dict[str, str] = field(default_factory=dict)
+    """Accelerator model of each placed job, which prices its hold."""
+    requeues: list[tuple[str, str]] = field(default_factory=list)
+    """Job id and message of running jobs that lost tasks and go back to the queue."""
+    preempts: list[tuple[str, int, str]] = field(default_factory=list)
+    """Job id, grace in seconds and message of jobs to stop."""
+    waiting: list[tuple[str, str, str]] = field(default_factory=list)
+    """Job id, pending reason and message of jobs that did not start."""
+
+
+def job_to_engine(job: Job) -> es.JobSpec:
+    spec = job.spec
+    topology = es.Topology(spec.topology) if spec.topology else es.Topology.SAME_PROVIDER
+    return es.JobSpec(
+        job_id=job.job_id,
+        project=spec.project_id,
+        institution=job.institution or spec.project_id,
+        submit_time=job.submitted_at,
+        priority=_PRIORITY[spec.priority],
+        task_count=spec.task_count,
+        millis_per_task=spec.accelerator_millis_per_task,
+        topology=topology,
+        allow_cross_provider=spec.allow_cross_provider,
+        models=frozenset(spec.models),
+        constraint=es.ModelConstraint(spec.vendor, spec.min_memory_gib, spec.software_stack),
+        regions=frozenset(spec.allowed_regions),
+        wall_time_s=float(spec.wall_time_s),
+        checkpointable=spec.checkpointable,
+    )
+
+
+def node_to_engine(node: NodeView) -> es.NodeSpec:
+    domains = {acc.interconnect_domain for acc in node.accelerators}
+    domain = domains.pop() if len(domains) == 1 else ""
+    return es.NodeSpec(
+        node_id=node.key,
+        provider=node.provider,
+        region=node.region,
+        model=node.model,
+        accelerator_ids=tuple(acc.accelerator_id for acc in node.accelerators if acc.healthy),
+        interconnect_domain=f"{node.key}/{domain}" if domain else "",
+    )
+
+
+def placement_from_engine(task: d.TaskPlacement) -> TaskPlacement:
+    provider, region, node = task.node_id.split(".", 2)
+    return TaskPlacement(
+        task_index=task.task_index,
+        provider=provider,
+        region=region,
+        node=node,
+        accelerators=task.accelerator_ids,
+        millis=task.millis,
+    )
+
+
+class EngineAdapter:
+    """Feeds one :class:`scheduler.engine.engine.Engine` and converts its pass results."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._known_nodes: set[str] = set()
+
+    # Fleet.
+
+    def add_node(self, node: NodeView) -> bool:
+        """Add a node the first time it is seen; return False if the engine rejects it."""
+        if node.key in self._known_nodes:
+            return True
+        try:
+            self.engine.add_node(node_to_engine(node))
+        except es.InvalidInputError as exc:
+            logger.warning("node %s left out of scheduling: %s", node.key, exc)
+            return False
+        self._known_nodes.add(node.key)
+        return True
+
+    def has_node(self, key: str) -> bool:
+        return key in self._known_nodes
+
+    def node_unknown(self, key: str, now: float) -> None:
+        if key in self._known_nodes:
+            self.engine.apply(ev.NodeMissedHeartbeats(key), now)
+
+    def node_back(self, key: str, now: float) -> None:
+        if key in self._known_nodes:
+            self.engine.apply(ev.NodeHeartbeat(key), now)
+
+    def set_draining(self, key: str, draining: bool, now: float) -> None:
+        if key not in self._known_nodes:
+            return
+        if draining:
+            self.engine.apply(ev.NodeDrain(key), now)
+            return
+        # NOTE: the engine has no undrain event; setting the state directly is the only way.
+        node = self.engine.fleet.node(key)
+        if node.state is es.NodeState.DRAINING:
+            self.engine.fleet.set_state(node, es.NodeState.UP)
+
+    def tasks_stopped(self, key: str, job_id: str) -> None:
+        if key in self._known_nodes:
+            self.engine.apply(ev.TasksStopped(key, job_id))
+
+    # Jobs.
+
+    def add_job(self, job: Job) -> None:
+        self.engine.submit(job_to_engine(job))
+
+    def add_running(self, job: Job, now: float) -> None:
+        """Re-enter a job that runs on its persisted placement, after a restart."""
+        # NOTE: the engine has no public call to adopt a running job; this uses its
+        # commit step, which holds the listed accelerators exactly as a pass would.
+        spec = job_to_engine(job)
+        self.engine.submit(spec)
+        record = self.engine.jobs[spec.job_id]
+        plans = []
+        for task in job.placement:
+            node = self.engine.fleet.node(task.node_key)
+            ids = node.spec.accelerator_ids
+            indices = tuple(ids.index(acc) for acc in task.accelerators if acc in ids)
+            plans.append(TaskPlan(task.task_index, node, indices, task.millis))
+        self.engine._commit(record, plans, now)
+
+    def running_in_engine(self, job_id: str) -> bool:
+        record = self.engine.jobs.get(job_id)
+        return record is not None and record.running
+
+    def remove(self, job_id: str) -> None:
+        """Forget a job, releasing what it holds (held accelerators of unknown nodes stay)."""
+        if job_id in self.engine.jobs:
+            self.engine.remove(job_id)
+
+    def requeue(self, job_id: str, now: float) -> None:
+        """Send a placed job back to the queue, releasing its accelerators."""
+        if self.running_in_engine(job_id):
+            self.engine.apply(ev.JobEnded(job_id, ev.JobOutcome.PREEMPTED), now)
+        elif job_id not in self.engine.jobs:
+            logger.warning("requeue of job %s that the engine does not know", job_id)
+
+    def end(self, job_id: str, outcome: str, now: float) -> None:
+        """Record a finished job: ``completed``, ``failed``, ``timed_out`` or ``cancelled``."""
+        if self.running_in_engine(job_id):
+            self.engine.apply(ev.JobEnded(job_id, _OUTCOME[outcome]), now)
+        else:
+            self.remove(job_id)
+
+    def set_budget(self, project: str, available: bool) -> None:
+        self.engine.apply(ev.BudgetChanged(project, available))
+
+    # Passes.
+
+    def schedule(self, now: float) -> PassResult:
+        result = self.engine.schedule(now)
+        out = PassResult()
+        for decision in result.decisions:
+            if isinstance(decision, d.Place):
+                tasks = tuple(placement_from_engine(t) for t in decision.tasks)
+                out.places.append((decision.job_id, tasks))
+                first = decision.tasks[0].node_id
+                out.models[decision.job_id] = self.engine.fleet.node(first).spec.model
+            elif isinstance(decision, d.Requeue):
+                out.requeues.append((decision.job_id, decision.message))
+            elif isinstance(decision, d.Preempt):
+                grace = max(0, int(decision.deadline - now))
+                out.preempts.append(
+                    (decision.job_id, grace, f"{decision.cause} {decision.cause_id}")
+                )
+            elif isinstance(decision, d.ReplaceTask):
+                # NOTE: replacing one task of a running gang is not dispatched yet; the job
+                # goes back to the queue whole instead.
+                self.engine.apply(ev.JobEnded(decision.job_id, ev.JobOutcome.PREEMPTED), now)
+                out.requeues.append(
+                    (
+                        decision.job_id,
+                        f"task {decision.task.task_index} lost on {decision.lost_node_id}",
+                    )
+                )
+        for waiting in result.waiting:
+            out.waiting.append((waiting.job_id, str(waiting.reason), waiting.message))
+        return out

@@ -1,0 +1,132 @@
+"""The scheduler's view of nodes, built from agent inventories and heartbeats (no I/O).
+
+A node is ``up`` while heartbeats arrive within ``heartbeat_timeout_s``. When they stop it
+becomes ``unknown``: nothing new is placed on it and its accelerators stay held until its
+agent confirms the tasks stopped (a later inventory or heartbeat without them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Final, Literal
+
+NodeStatus = Literal["up", "draining", "drained", "unknown", "down"]
+NODE_STATUSES: Final[tuple[str, ...]] = ("up", "draining", "drained", "unknown", "down")
+
+
+@dataclass(frozen=True, slots=True)
+class AcceleratorView:
+    """One accelerator as its node's inventory reported it."""
+
+    accelerator_id: str
+    model: str
+    interconnect_domain: str = ""
+    healthy: bool = True
+    pci_bus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """One node: identity, inventory and the state the scheduler derives."""
+
+    provider: str
+    region: str
+    node: str
+    accelerators: tuple[AcceleratorView, ...] = ()
+    software_stacks: tuple[str, ...] = ()
+    status: NodeStatus = "up"
+    status_reason: str = ""
+    boot_id: str = ""
+    last_heartbeat: float = 0.0
+    draining: bool = False
+    running_task_ids: frozenset[str] = field(default_factory=frozenset)
+    """Task ids the agent said it runs in its latest inventory or heartbeat."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider}.{self.region}.{self.node}"
+
+    @property
+    def model(self) -> str:
+        """The node's accelerator model; nodes carry one model, as the engine assumes."""
+        return self.accelerators[0].model if self.accelerators else ""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeChange:
+    """A node whose status changed, and why."""
+
+    node: NodeView
+    previous: NodeStatus | None
+    """``None`` for a node seen for the first time."""
+    reason: str
+
+
+class FleetView:
+    """Nodes by key; every method returns what changed so the caller can feed the engine."""
+
+    def __init__(self, heartbeat_timeout_s: float) -> None:
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._nodes: dict[str, NodeView] = {}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, key: str) -> NodeView | None:
+        return self._nodes.get(key)
+
+    def nodes(self) -> list[NodeView]:
+        return list(self._nodes.values())
+
+    def apply_inventory(self, node: NodeView, now: float) -> NodeChange:
+        """Record a node's inventory; a new or returning node is ``up`` unless drained."""
+        old = self._nodes.get(node.key)
+        draining = old.draining if old else node.draining
+        status: NodeStatus = "draining" if draining else "up"
+        updated = replace(node, status=status, last_heartbeat=now, draining=draining)
+        self._nodes[node.key] = updated
+        return NodeChange(updated, old.status if old else None, "inventory received")
+
+    def apply_heartbeat(
+        self, key: str, boot_id: str, running: frozenset[str], now: float
+    ) -> NodeChange | None:
+        """Record a heartbeat; return the change if an unknown node came back."""
+        old = self._nodes.get(key)
+        if old is None:
+            return None
+        status = old.status
+        if status == "unknown":
+            status = "draining" if old.draining else "up"
+        updated = replace(
+            old,
+            last_heartbeat=now,
+            boot_id=boot_id or old.boot_id,
+            running_task_ids=running,
+            status=status,
+        )
+        self._nodes[key] = updated
+        if status != old.status:
+            return NodeChange(updated, old.status, "heartbeats resumed")
+        return None
+
+    def expire(self, now: float) -> list[NodeChange]:
+        """Mark nodes whose last heartbeat is older than the timeout as ``unknown``."""
+        changes: list[NodeChange] = []
+        limit = now - self.heartbeat_timeout_s
+        for key, node in self._nodes.items():
+            if node.status in ("up", "draining") and node.last_heartbeat < limit:
+                reason = f"no heartbeat for {now - node.last_heartbeat:.1f} s"
+                updated = replace(node, status="unknown", status_reason=reason)
+                self._nodes[key] = updated
+                changes.append(NodeChange(updated, node.status, reason))
+        return changes
+
+    def set_draining(self, key: str, draining: bool, reason: str) -> NodeChange:
+        """Start or undo a drain; raise ``KeyError`` for an unknown node key."""
+        old = self._nodes[key]
+        status: NodeStatus = old.status
+        if old.status in ("up", "draining", "drained"):
+            status = "draining" if draining else "up"
+        updated = replace(old, draining=draining, status=status, status_reason=reason)
+        self._nodes[key] = updated
+        return NodeChange(updated, old.status, reason)

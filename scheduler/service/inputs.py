@@ -1,0 +1,82 @@
+"""Messages the scheduling loop receives from the gRPC handlers, NATS consumers and itself."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from .admission import HoldOutcome
+from .fleet import NodeView
+from .model import Job
+
+Ack = Callable[[], Awaitable[None]]
+"""Acknowledges a NATS message; the loop calls it after the effects are committed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """Jobs already stored by the submission batcher."""
+
+    jobs: tuple[Job, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequested:
+    job_id: str
+    reason: str
+    cause: str
+    reply: asyncio.Future[Job | None]
+
+
+@dataclass(frozen=True, slots=True)
+class DrainRequested:
+    node_key: str
+    draining: bool
+    reason: str
+    reply: asyncio.Future[NodeView | None]
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryReceived:
+    node: NodeView
+    payload: bytes
+    """The serialized ``acsp.v1.Inventory``, stored so a new leader knows the node."""
+    ack: Ack | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReceived:
+    node_key: str
+    boot_id: str
+    running: frozenset[str]
+    drain_requested: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TaskReported:
+    node_key: str
+    task_id: str
+    state: str
+    """``acsp.v1.TaskState`` name in lower case without its prefix, e.g. ``started``."""
+    exit_code: int
+    message: str
+    ack: Ack | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HoldDone:
+    job_id: str
+    attempt: int
+    outcome: HoldOutcome
+
+
+Input = (
+    Submitted
+    | CancelRequested
+    | DrainRequested
+    | InventoryReceived
+    | HeartbeatReceived
+    | TaskReported
+    | HoldDone
+)

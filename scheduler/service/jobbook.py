@@ -1,0 +1,339 @@
+"""The open jobs of a shard and their transitions, as pure code that returns its effects.
+
+The scheduling loop owns one :class:`JobBook`. Each method changes jobs in memory, tells the
+engine adapter what happened, and appends to :class:`Effects` what the loop must persist,
+dispatch and publish. Nothing here awaits, so the transitions are tested without servers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+from .admission import HoldOutcome
+from .commands import JobEventOut, TaskId, job_event, start_record, stop_record
+from .engine_adapter import EngineAdapter, PassResult
+from .model import Job, JobState, TaskPlacement
+from .store import DispatchRecord
+
+logger = logging.getLogger(__name__)
+
+# Agent task states (``acsp.v1.TaskState`` in lower case) by what they mean for the job.
+_FAULTS = frozenset({"lost", "failed_hardware", "start_failed"})
+TASK_STATES = frozenset({"started", "exited", "stopped", "timed_out"}) | _FAULTS
+_LIVE = ("assigned", "started")
+
+
+@dataclass(slots=True)
+class Effects:
+    """What one batch of inputs asks the loop to do, in order: persist, dispatch, publish."""
+
+    now: float
+    changed: dict[str, tuple[Job, str]] = field(default_factory=dict)
+    """Job id to its new value and the cause of the change."""
+    commands: list[DispatchRecord] = field(default_factory=list)
+    events: list[JobEventOut] = field(default_factory=list)
+    admit: list[tuple[Job, str]] = field(default_factory=list)
+    """Jobs placed by the engine that need a hold, with the model of their placement."""
+
+    def change(self, job: Job, cause: str) -> None:
+        self.changed[job.job_id] = (job, cause)
+
+
+@dataclass(slots=True)
+class _Stopping:
+    """A job whose tasks are being stopped, and what it becomes once they are."""
+
+    outcome: JobState | None
+    """Terminal state to enter, or None to requeue."""
+    reason: str
+    pending: set[int]
+    """Task indexes not yet confirmed stopped."""
+
+
+class JobBook:
+    """Open jobs by id and the transitions between their states."""
+
+    def __init__(self, engine: EngineAdapter, epoch: int) -> None:
+        self.engine = engine
+        self.epoch = epoch
+        self.jobs: dict[str, Job] = {}
+        self._stopping: dict[str, _Stopping] = {}
+        self._admitting: set[str] = set()
+        self._orphans: dict[str, set[str]] = {}
+        """Node key to task ids of ended attempts not yet confirmed stopped there."""
+
+    # Loading and submission.
+
+    def add(self, jobs: list[Job], now: float) -> None:
+        """Add submitted or reloaded jobs: pending ones are queued, others hold their place."""
+        for job in jobs:
+            if job.job_id in self.jobs:
+                continue
+            self.jobs[job.job_id] = job
+            if job.state == "pending":
+                self.engine.add_job(job)
+                continue
+            self.engine.add_running(job, now)
+            if job.state == "stopping":
+                live = {t.task_index for t in job.placement if t.state in _LIVE}
+                self._stopping[job.job_id] = _Stopping("cancelled", job.reason, live)
+
+    # Engine passes.
+
+    def apply_pass(self, result: PassResult, fx: Effects) -> None:
+        for job_id, reason, message in result.waiting:
+            job = self.jobs.get(job_id)
+            if job is None or job.state != "pending" or job_id in self._admitting:
+                continue
+            if (job.pending_reason, job.reason) != (reason, message):
+                waiting = replace(job, pending_reason=reason, reason=message)
+                self.jobs[job_id] = waiting
+                fx.change(waiting, "engine:waiting")
+        for job_id, tasks in result.places:
+            job = self.jobs.get(job_id)
+            if job is None or job.state != "pending" or job_id in self._admitting:
+                logger.warning("engine placed job %s which is not waiting here", job_id)
+                continue
+            placed = replace(job, placement=tasks)
+            self.jobs[job_id] = placed
+            self._admitting.add(job_id)
+            fx.admit.append((placed, result.models.get(job_id, "")))
+        for job_id, message in result.requeues:
+            self.requeue(job_id, message, "engine:requeue", fx, release=False)
+        for job_id, grace_s, message in result.preempts:
+            self.stop(job_id, None, f"preempted: {message}", grace_s, "engine:preempt", fx)
+
+    # Admission.
+
+    def apply_hold(self, job_id: str, attempt: int, outcome: HoldOutcome, fx: Effects) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.attempt != attempt or job_id not in self._admitting:
+            return
+        self._admitting.discard(job_id)
+        if outcome.status == "held":
+            starting = replace(
+                job,
+                state="starting",
+                pending_reason="",
+                reason="start commands sent",
+                hold_id=outcome.hold_id,
+                hold_amount=outcome.amount,
+                spec=replace(job.spec, grant_id=outcome.grant_id or job.spec.grant_id),
+            )
+            self.jobs[job_id] = starting
+            fx.change(starting, f"hold:{outcome.hold_id}")
+            fx.commands.extend(start_record(starting, t, self.epoch) for t in starting.placement)
+            fx.events.append(job_event(starting, "admitted", "hold", "budget held"))
+            return
+        cleared = replace(job, placement=())
+        if outcome.status == "rejected":
+            self.engine.remove(job_id)
+            self._finish(cleared, "failed", f"hold rejected: {outcome.message}", "hold", fx)
+            return
+        self.engine.requeue(job_id, fx.now)
+        if outcome.status == "no_budget":
+            self.engine.set_budget(job.spec.project_id, False)
+            message = f"the grant cannot pay the hold: {outcome.message}"
+        else:
+            message = f"grant service unavailable, retrying: {outcome.message}"
+        waiting = cleared.with_state("pending", message, "budget")
+        self.jobs[job_id] = waiting
+        fx.change(waiting, "hold")
+
+    # Agent reports.
+
+    def apply_task(
+        self, node_key: str, task_id: str, state: str, exit_code: int, message: str, fx: Effects
+    ) -> None:
+        """Apply one task event from an agent; events of older attempts confirm stops."""
+        try:
+            tid = TaskId.parse(task_id)
+        except ValueError:
+            logger.warning("ignoring task event with malformed task id %r", task_id)
+            return
+        if state != "started":
+            self._confirm_orphan(node_key, task_id, tid.job_id)
+        job = self.jobs.get(tid.job_id)
+        if job is None or job.attempt != tid.attempt:
+            if state == "started" and job is not None and tid.attempt < job.attempt:
+                self._stop_stale(job, tid, node_key, fx)
+            return
+        tasks = list(job.placement)
+        index = next((i for i, t in enumerate(tasks) if t.task_index == tid.task_index), None)
+        if index is None:
+            logger.warning("task %s is not in the placement of job %s", task_id, job.job_id)
+            return
+        if tasks[index].state not in _LIVE:
+            return  # a redelivered event for a task that already ended
+        tasks[index] = replace(tasks[index], state=state, exit_code=exit_code)
+        job = replace(job, placement=tuple(tasks))
+        self.jobs[job.job_id] = job
+        if job.job_id in self._stopping:
+            self._on_stopping_task(job, tid.task_index, state, node_key, fx)
+        elif state == "started":
+            self._on_started(job, fx)
+        elif state == "exited" and exit_code == 0:
+            self._on_task_done(job, node_key, fx)
+        elif state in _FAULTS:
+            self.engine.tasks_stopped(node_key, job.job_id)
+            reason = f"task {tid.task_index} {state.replace('_', ' ')}: {message}"
+            self.requeue(job.job_id, reason, f"task:{state}", fx, release=True)
+        else:
+            outcome: JobState = "timed_out" if state == "timed_out" else "failed"
+            self.engine.tasks_stopped(node_key, job.job_id)
+            reason = f"task {tid.task_index} {state} with exit code {exit_code}: {message}"
+            self.stop(job.job_id, outcome, reason, 0, f"task:{state}", fx)
+
+    def apply_node_running(self, node_key: str, running: frozenset[str]) -> None:
+        """Confirm stopped tasks of ended attempts that a node no longer lists as running."""
+        orphans = self._orphans.get(node_key)
+        if not orphans:
+            return
+        for task_id in list(orphans):
+            if task_id not in running:
+                self._confirm_orphan(node_key, task_id, task_id.split("/", 1)[0])
+
+    # Owner and operator requests.
+
+    def cancel(self, job_id: str, reason: str, cause: str, fx: Effects) -> Job | None:
+        """Cancel a job; return its new value, or None if it is not open here."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        if job.state == "pending":
+            self._admitting.discard(job_id)
+            self.engine.remove(job_id)
+            self._finish(replace(job, placement=()), "cancelled", reason, cause, fx)
+        elif job_id not in self._stopping:
+            self.stop(job_id, "cancelled", reason, job.spec.grace_s, cause, fx)
+        return fx.changed[job_id][0] if job_id in fx.changed else self.jobs.get(job_id)
+
+    # Shared transitions.
+
+    def stop(
+        self,
+        job_id: str,
+        outcome: JobState | None,
+        reason: str,
+        grace_s: int,
+        cause: str,
+        fx: Effects,
+    ) -> None:
+        """Stop every live task of the current attempt; finish or requeue once all stopped."""
+        job = self.jobs.get(job_id)
+        if job is None or job.terminal:
+            return
+        live = [t for t in job.placement if t.state in _LIVE]
+        if not live:
+            self._settle_stopped(job, outcome, reason, cause, fx)
+            return
+        self._stopping[job_id] = _Stopping(outcome, reason, {t.task_index for t in live})
+        fx.commands.extend(
+            stop_record(job_id, job.attempt, t, reason, grace_s, self.epoch) for t in live
+        )
+        stopping = job.with_state("stopping", reason)
+        self.jobs[job_id] = stopping
+        fx.change(stopping, cause)
+
+    def requeue(self, job_id: str, reason: str, cause: str, fx: Effects, *, release: bool) -> None:
+        """End the current attempt and queue the job again as the next attempt.
+
+        Live tasks of the old attempt get stop commands, published before any later start
+        on the same node. The engine keeps what they hold on unknown nodes until the agent
+        confirms they stopped.
+        """
+        job = self.jobs.get(job_id)
+        if job is None or job.terminal:
+            return
+        self._admitting.discard(job_id)
+        self._stopping.pop(job_id, None)
+        for task in job.placement:
+            if task.state not in _LIVE:
+                continue
+            fx.commands.append(stop_record(job_id, job.attempt, task, reason, 0, self.epoch))
+            self._orphans.setdefault(task.node_key, set()).add(
+                str(TaskId(job_id, job.attempt, task.task_index))
+            )
+        if job.hold_id:
+            fx.events.append(job_event(job, "requeued", cause, reason))
+        if release:
+            self.engine.requeue(job_id, fx.now)
+        requeued = replace(
+            job,
+            state="pending",
+            pending_reason="requeued",
+            reason=reason,
+            attempt=job.attempt + 1,
+            placement=(),
+            hold_id="",
+            hold_amount=None,
+            started_at=None,
+        )
+        self.jobs[job_id] = requeued
+        fx.change(requeued, cause)
+
+    def _on_started(self, job: Job, fx: Effects) -> None:
+        fx.change(job, "task:started")
+        if job.state == "starting" and all(t.state == "started" for t in job.placement):
+            running = replace(job, state="running", reason="", started_at=fx.now)
+            self.jobs[job.job_id] = running
+            fx.change(running, "task:started")
+            fx.events.append(job_event(running, "started", "task:started", "every task started"))
+
+    def _on_task_done(self, job: Job, node_key: str, fx: Effects) -> None:
+        fx.change(job, "task:exited")
+        if all(t.state == "exited" and t.exit_code == 0 for t in job.placement):
+            self.engine.end(job.job_id, "completed", fx.now)
+            self._finish(job, "completed", "every task exited with code 0", "task:exited", fx)
+
+    def _on_stopping_task(
+        self, job: Job, task_index: int, state: str, node_key: str, fx: Effects
+    ) -> None:
+        fx.change(job, f"task:{state}")
+        if state == "started":
+            return
+        self.engine.tasks_stopped(node_key, job.job_id)
+        stopping = self._stopping[job.job_id]
+        stopping.pending.discard(task_index)
+        if not stopping.pending:
+            del self._stopping[job.job_id]
+            self._settle_stopped(job, stopping.outcome, stopping.reason, f"task:{state}", fx)
+
+    def _settle_stopped(
+        self, job: Job, outcome: JobState | None, reason: str, cause: str, fx: Effects
+    ) -> None:
+        if outcome is None:
+            fx.events.append(job_event(job, "preempted", cause, reason))
+            self.requeue(job.job_id, reason, cause, fx, release=True)
+            return
+        self.engine.end(job.job_id, outcome, fx.now)
+        self._finish(job, outcome, reason, cause, fx)
+
+    def _finish(self, job: Job, state: JobState, reason: str, cause: str, fx: Effects) -> None:
+        """Make ``job`` terminal; the caller has already told the engine."""
+        ended = replace(job, state=state, reason=reason, pending_reason="", ended_at=fx.now)
+        codes = [t.exit_code for t in job.placement if t.exit_code]
+        if codes:
+            ended = replace(ended, exit_code=codes[0])
+        elif state == "completed":
+            ended = replace(ended, exit_code=0)
+        self.jobs.pop(job.job_id, None)
+        self._stopping.pop(job.job_id, None)
+        self._admitting.discard(job.job_id)
+        fx.change(ended, cause)
+        fx.events.append(job_event(ended, "ended", cause, reason))
+
+    def _stop_stale(self, job: Job, tid: TaskId, node_key: str, fx: Effects) -> None:
+        provider, region, node = node_key.split(".", 2)
+        task = TaskPlacement(tid.task_index, provider, region, node, ())
+        fx.commands.append(
+            stop_record(job.job_id, tid.attempt, task, "attempt superseded", 0, self.epoch)
+        )
+        self._orphans.setdefault(node_key, set()).add(str(tid))
+
+    def _confirm_orphan(self, node_key: str, task_id: str, job_id: str) -> None:
+        orphans = self._orphans.get(node_key)
+        if orphans and task_id in orphans:
+            orphans.discard(task_id)
+            self.engine.tasks_stopped(node_key, job_id)

@@ -1,0 +1,248 @@
+"""The scheduling loop: one task that owns the job book, the fleet view and the engine.
+
+Inputs arrive on a bounded queue. Each turn takes every queued input (up to a batch), applies
+them, runs an engine pass when something changed or a tick elapsed, then commits the job
+changes and dispatch records in batched statements, and only after the commit publishes
+commands and events, acknowledges NATS messages, answers waiting requests and notifies
+watchers. Holds run as owned tasks whose results come back as inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from .admission import GrantAdmission, HoldOutcome, RateCard
+from .fleet import FleetView, NodeChange
+from .inputs import (
+    Ack,
+    CancelRequested,
+    DrainRequested,
+    HeartbeatReceived,
+    HoldDone,
+    Input,
+    InventoryReceived,
+    Submitted,
+    TaskReported,
+)
+from .jobbook import Effects, JobBook
+from .model import Job
+from .publisher import Publisher
+from .store import DispatchRecord, JobStore, NodeStore, OutboxEvent
+from .watch import WatchHub
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LoopSettings:
+    max_batch: int = 2000
+    """Inputs applied per turn at most, which bounds the work of one turn."""
+    tick_s: float = 1.0
+    """Longest wait between passes, for heartbeat expiry and time-based decisions."""
+    max_holds_in_flight: int = 256
+    budget_retry_s: float = 30.0
+    """Seconds before a project whose hold failed for budget is tried again."""
+    republish_after_s: float = 5.0
+    """Age of a recorded but unacknowledged command before it is published again."""
+
+
+class SchedulingLoop:
+    """Runs the shard for one leader epoch; any :class:`~.store.Fenced` error ends it."""
+
+    def __init__(
+        self,
+        *,
+        book: JobBook,
+        fleet: FleetView,
+        store: JobStore,
+        nodes: NodeStore,
+        admission: GrantAdmission,
+        rates: RateCard,
+        publisher: Publisher,
+        watchers: WatchHub,
+        settings: LoopSettings,
+        inbox: asyncio.Queue[Input],
+    ) -> None:
+        self.book = book
+        self.fleet = fleet
+        self.store = store
+        self.nodes = nodes
+        self.admission = admission
+        self.rates = rates
+        self.publisher = publisher
+        self.watchers = watchers
+        self.settings = settings
+        self.inbox = inbox
+        self.epoch = book.epoch
+        self._holds = asyncio.Semaphore(settings.max_holds_in_flight)
+        self._no_budget: dict[str, float] = {}
+        self._last_pass = 0.0
+        self._last_republish = 0.0
+        self._clock = 0.0
+        self.passes = 0
+
+    def now(self) -> float:
+        """Wall-clock seconds, never going back (the engine rejects time that does)."""
+        self._clock = max(self._clock, time.time())
+        return self._clock
+
+    async def run(self) -> None:
+        """Run turns until cancelled or fenced; hold requests run in an owned task group."""
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            await self._republish(older_than_s=0.0)
+            while True:
+                batch = await self._next_batch()
+                await self._turn(batch)
+
+    async def _next_batch(self) -> list[Input]:
+        batch: list[Input] = []
+        try:
+            first = await asyncio.wait_for(self.inbox.get(), timeout=self.settings.tick_s)
+        except TimeoutError:
+            return batch
+        batch.append(first)
+        while len(batch) < self.settings.max_batch:
+            try:
+                batch.append(self.inbox.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return batch
+
+    async def _turn(self, batch: list[Input]) -> None:
+        now = self.now()
+        fx = Effects(now)
+        acks: list[Ack] = []
+        replies: list[tuple[asyncio.Future[object], object]] = []
+        inventories: list[InventoryReceived] = []
+        for item in batch:
+            self._apply(item, fx, acks, replies, inventories)
+        for change in self.fleet.expire(now):
+            self._on_node_change(change, now)
+        self._retry_budgets(now)
+        if batch or now - self._last_pass >= self.settings.tick_s:
+            self._last_pass = now
+            self.passes += 1
+            self.book.apply_pass(self.book.engine.schedule(now), fx)
+        await self._commit(fx, inventories)
+        for job, model in fx.admit:
+            self._tasks.create_task(self._hold(job, model))
+        await self._send(fx.commands, fx.events)
+        for ack in acks:
+            await ack()
+        for future, value in replies:
+            if not future.done():
+                future.set_result(value)
+        self.watchers.publish(job for job, _ in fx.changed.values())
+        if now - self._last_republish >= self.settings.republish_after_s:
+            self._last_republish = now
+            await self._republish(self.settings.republish_after_s)
+
+    def _apply(
+        self,
+        item: Input,
+        fx: Effects,
+        acks: list[Ack],
+        replies: list[tuple[asyncio.Future[object], object]],
+        inventories: list[InventoryReceived],
+    ) -> None:
+        match item:
+            case Submitted(jobs):
+                self.book.add(list(jobs), fx.now)
+            case TaskReported(node_key, task_id, state, exit_code, message, ack):
+                self.book.apply_task(node_key, task_id, state, exit_code, message, fx)
+                if ack is not None:
+                    acks.append(ack)
+            case HoldDone(job_id, attempt, outcome):
+                self.book.apply_hold(job_id, attempt, outcome, fx)
+                if outcome.status == "no_budget":
+                    self._no_budget[self.book_project(job_id)] = fx.now
+            case HeartbeatReceived(key, boot_id, running, _):
+                change = self.fleet.apply_heartbeat(key, boot_id, running, fx.now)
+                if change is not None:
+                    self._on_node_change(change, fx.now)
+                self.book.apply_node_running(key, running)
+            case InventoryReceived(node, _, ack):
+                change = self.fleet.apply_inventory(node, fx.now)
+                self._on_node_change(change, fx.now)
+                self.book.apply_node_running(node.key, node.running_task_ids)
+                inventories.append(item)
+                if ack is not None:
+                    acks.append(ack)
+            case CancelRequested(job_id, reason, cause, reply):
+                job = self.book.cancel(job_id, reason, cause, fx)
+                replies.append((reply, job))  # type: ignore[arg-type]
+            case DrainRequested(key, draining, reason, reply):
+                node_view = None
+                if self.fleet.get(key) is not None:
+                    change = self.fleet.set_draining(key, draining, reason)
+                    self.book.engine.set_draining(key, draining, fx.now)
+                    node_view = change.node
+                replies.append((reply, node_view))  # type: ignore[arg-type]
+
+    def book_project(self, job_id: str) -> str:
+        job = self.book.jobs.get(job_id)
+        return job.spec.project_id if job else ""
+
+    def _on_node_change(self, change: NodeChange, now: float) -> None:
+        node = change.node
+        engine = self.book.engine
+        if change.previous is None or not engine.has_node(node.key):
+            engine.add_node(node)
+            if node.draining:
+                engine.set_draining(node.key, True, now)
+        elif node.status == "unknown":
+            logger.warning("node %s is unknown: %s", node.key, change.reason)
+            engine.node_unknown(node.key, now)
+        elif change.previous == "unknown":
+            logger.info("node %s is back: %s", node.key, change.reason)
+            engine.node_back(node.key, now)
+
+    def _retry_budgets(self, now: float) -> None:
+        for project, since in list(self._no_budget.items()):
+            if now - since >= self.settings.budget_retry_s:
+                del self._no_budget[project]
+                self.book.engine.set_budget(project, True)
+
+    async def _commit(self, fx: Effects, inventories: list[InventoryReceived]) -> None:
+        if inventories:
+            await self.nodes.upsert_inventories(
+                [(i.node.provider, i.node.region, i.node.node, i.payload) for i in inventories]
+            )
+        if fx.changed:
+            jobs = [job for job, _ in fx.changed.values()]
+            causes = [cause for _, cause in fx.changed.values()]
+            await self.store.update_jobs(jobs, self.epoch, causes)
+        if fx.commands:
+            # Every record is new unless a reloaded job repeats one; repeats stay unpublished.
+            fx.commands[:] = await self.store.record_dispatches(fx.commands, self.epoch)
+        await self.store.record_events(fx.events, self.epoch)
+
+    async def _send(self, commands: list[DispatchRecord], events: list[OutboxEvent]) -> None:
+        if commands:
+            await self.store.ack_dispatches(await self.publisher.publish_commands(commands))
+        if events:
+            await self.store.ack_events(await self.publisher.publish_events(events))
+
+    async def _republish(self, older_than_s: float) -> None:
+        records = await self.store.unacked_dispatches(older_than_s)
+        if records:
+            logger.info("publishing %d recorded but unacknowledged commands", len(records))
+            await self.store.ack_dispatches(await self.publisher.publish_commands(records))
+        events = await self.store.unacked_events(older_than_s)
+        if events:
+            logger.info("publishing %d recorded but unacknowledged job events", len(events))
+            await self.store.ack_events(await self.publisher.publish_events(events))
+
+    async def _hold(self, job: Job, model: str) -> None:
+        try:
+            amount = self.rates.hold_amount(job, model)
+        except KeyError:
+            outcome = HoldOutcome("rejected", message=f"no rate for accelerator model {model!r}")
+        else:
+            async with self._holds:
+                outcome = await self.admission.place_hold(job, amount)
+        await self.inbox.put(HoldDone(job.job_id, job.attempt, outcome))

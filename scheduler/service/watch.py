@@ -1,0 +1,84 @@
+"""Fan-out of committed job changes to ``WatchJobs`` streams, with a bounded queue each."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .model import Job
+
+logger = logging.getLogger(__name__)
+
+
+class WatchOverflow(Exception):
+    """A watcher fell behind by more than its queue holds; it must watch again."""
+
+
+@dataclass(eq=False, slots=True)
+class Watcher:
+    """One stream's subscription; empty filters match every job."""
+
+    job_id: str
+    project_id: str
+    queue: asyncio.Queue[Job | None] = field(default_factory=lambda: asyncio.Queue(1024))
+    overflowed: bool = False
+
+    def matches(self, job: Job) -> bool:
+        if self.job_id and job.job_id != self.job_id:
+            return False
+        return not self.project_id or job.spec.project_id == self.project_id
+
+    async def next(self, timeout_s: float) -> Job | None:
+        """Return the next change, or None after ``timeout_s`` without one.
+
+        Raises :class:`WatchOverflow` once the queue overflowed and is drained.
+        """
+        try:
+            job = await asyncio.wait_for(self.queue.get(), timeout=timeout_s)
+        except TimeoutError:
+            return None
+        if job is None:
+            raise WatchOverflow("the watch fell behind; watch again with send_initial")
+        return job
+
+
+class WatchHub:
+    """Registry of watchers; :meth:`publish` never blocks the scheduling loop."""
+
+    def __init__(self, queue_size: int = 1024) -> None:
+        self._watchers: set[Watcher] = set()
+        self._queue_size = queue_size
+
+    def subscribe(self, job_id: str = "", project_id: str = "") -> Watcher:
+        watcher = Watcher(job_id, project_id, asyncio.Queue(self._queue_size))
+        self._watchers.add(watcher)
+        return watcher
+
+    def unsubscribe(self, watcher: Watcher) -> None:
+        self._watchers.discard(watcher)
+
+    def publish(self, jobs: Iterable[Job]) -> None:
+        if not self._watchers:
+            return
+        for job in jobs:
+            for watcher in list(self._watchers):
+                if watcher.overflowed or not watcher.matches(job):
+                    continue
+                try:
+                    watcher.queue.put_nowait(job)
+                except asyncio.QueueFull:
+                    self._overflow(watcher)
+
+    def _overflow(self, watcher: Watcher) -> None:
+        watcher.overflowed = True
+        self._watchers.discard(watcher)
+        logger.warning(
+            "watch of job %r project %r fell behind and was closed",
+            watcher.job_id,
+            watcher.project_id,
+        )
+        # Make room for the end marker by dropping the oldest queued change.
+        watcher.queue.get_nowait()
+        watcher.queue.put_nowait(None)

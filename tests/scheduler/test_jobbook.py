@@ -1,0 +1,192 @@
+"""Job transitions against the real (pure) engine, without servers."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from acsp.v1 import agent_pb2
+from scheduler.engine.engine import Engine
+from scheduler.engine.spec import EngineConfig
+from scheduler.service.admission import HoldOutcome, RateCard
+from scheduler.service.engine_adapter import EngineAdapter
+from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
+from scheduler.service.jobbook import Effects, JobBook
+from scheduler.service.model import Job, JobSpec, new_job_id
+
+NOW = 1_800_000_000.0
+
+
+def make_book(gpus: int = 8) -> JobBook:
+    adapter = EngineAdapter(Engine(EngineConfig(half_life_s=3600.0)))
+    fleet = FleetView(heartbeat_timeout_s=15)
+    node = NodeView(
+        "prov",
+        "reg",
+        "n1",
+        tuple(AcceleratorView(f"GPU-{i}", "A100-SXM4-80GB") for i in range(gpus)),
+    )
+    change = fleet.apply_inventory(node, NOW)
+    adapter.add_node(change.node)
+    return JobBook(adapter, epoch=7)
+
+
+def make_job(tasks: int = 2, millis: int = 1000, project: str = "proj") -> Job:
+    spec = JobSpec(
+        name="train",
+        project_id=project,
+        command=("true",),
+        grant_id="g1",
+        task_count=tasks,
+        accelerator_millis_per_task=millis,
+        wall_time_s=3600,
+    )
+    return Job(job_id=new_job_id(), spec=spec, owner="alice", submitted_at=NOW)
+
+
+def place(book: JobBook, job: Job, now: float = NOW + 1) -> Effects:
+    book.add([job], now)
+    fx = Effects(now)
+    book.apply_pass(book.engine.schedule(now), fx)
+    return fx
+
+
+def held(book: JobBook, job: Job) -> Effects:
+    fx = Effects(NOW + 2)
+    book.apply_hold(job.job_id, job.attempt, HoldOutcome("held", "h1", "g1", Decimal(1)), fx)
+    return fx
+
+
+def report(book: JobBook, job: Job, index: int, state: str, code: int = 0) -> Effects:
+    fx = Effects(NOW + 3)
+    task_id = f"{job.job_id}/{book.jobs.get(job.job_id, job).attempt}/{index}"
+    book.apply_task("prov.reg.n1", task_id, state, code, "", fx)
+    return fx
+
+
+def test_placed_job_waits_for_hold() -> None:
+    book = make_book()
+    job = make_job()
+    fx = place(book, job)
+    assert [j.job_id for j, _ in fx.admit] == [job.job_id]
+    assert fx.admit[0][1] == "A100-SXM4-80GB"
+    assert book.jobs[job.job_id].state == "pending"
+    assert len(book.jobs[job.job_id].placement) == 2
+
+
+def test_hold_sends_one_start_per_task() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    fx = held(book, job)
+    assert book.jobs[job.job_id].state == "starting"
+    assert book.jobs[job.job_id].hold_id == "h1"
+    assert sorted(r.task_index for r in fx.commands) == [0, 1]
+    assert {r.kind for r in fx.commands} == {"start"}
+    command = agent_pb2.AgentCommand.FromString(fx.commands[0].payload)
+    assert command.fencing_token == 7
+    assert command.command_id == f"{job.job_id}/1/{fx.commands[0].task_index}/start"
+
+
+def test_job_runs_when_every_task_started() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "started")
+    assert book.jobs[job.job_id].state == "starting"
+    fx = report(book, job, 1, "started")
+    assert book.jobs[job.job_id].state == "running"
+    assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/started"]
+
+
+def test_job_completes_and_emits_ended_event() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "started")
+    report(book, job, 1, "started")
+    report(book, job, 0, "exited")
+    fx = report(book, job, 1, "exited")
+    ended = fx.changed[job.job_id][0]
+    assert ended.state == "completed"
+    assert ended.exit_code == 0
+    assert job.job_id not in book.jobs
+    assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/ended"]
+    assert book.engine.engine.jobs == {}
+
+
+def test_no_budget_returns_job_to_queue_with_reason() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    fx = Effects(NOW + 2)
+    book.apply_hold(job.job_id, 1, HoldOutcome("no_budget", message="available 0"), fx)
+    waiting = book.jobs[job.job_id]
+    assert waiting.state == "pending"
+    assert waiting.pending_reason == "budget"
+    assert waiting.placement == ()
+    assert fx.commands == []
+    # Its accelerators are free again: another project's job can take all eight.
+    other = make_job(tasks=8, project="other")
+    fx2 = place(book, other, NOW + 3)
+    assert [j.job_id for j, _ in fx2.admit] == [other.job_id]
+    assert book.jobs[job.job_id].pending_reason == "budget"
+
+
+def test_gang_task_start_failure_requeues_whole_job() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "started")
+    fx = report(book, job, 1, "start_failed")
+    requeued = book.jobs[job.job_id]
+    assert requeued.state == "pending"
+    assert requeued.attempt == 2
+    assert requeued.pending_reason == "requeued"
+    stops = [r for r in fx.commands if r.kind == "stop"]
+    assert [(r.attempt, r.task_index) for r in stops] == [(1, 0)]
+    assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/requeued"]
+
+
+def test_cancel_running_job_stops_tasks_then_ends() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "started")
+    report(book, job, 1, "started")
+    fx = Effects(NOW + 4)
+    book.cancel(job.job_id, "owner asked", "rpc:CancelJob", fx)
+    assert book.jobs[job.job_id].state == "stopping"
+    assert sorted(r.task_index for r in fx.commands if r.kind == "stop") == [0, 1]
+    report(book, job, 0, "stopped", -15)
+    fx = report(book, job, 1, "stopped", -15)
+    assert fx.changed[job.job_id][0].state == "cancelled"
+
+
+def test_cancel_pending_job_ends_at_once() -> None:
+    book = make_book(gpus=1)
+    job = make_job(tasks=4)
+    book.add([job], NOW)
+    fx = Effects(NOW + 1)
+    book.cancel(job.job_id, "not needed", "rpc:CancelJob", fx)
+    assert fx.changed[job.job_id][0].state == "cancelled"
+    assert fx.commands == []
+
+
+def test_waiting_job_carries_engine_reason() -> None:
+    book = make_book(gpus=1)
+    job = make_job(tasks=4)
+    fx = place(book, job)
+    assert fx.admit == []
+    waiting = book.jobs[job.job_id]
+    assert waiting.pending_reason != ""
+    assert waiting.reason != ""
+
+
+def test_rate_card_prices_wall_time_exactly() -> None:
+    job = make_job(tasks=2, millis=1000)
+    rates = RateCard(1, {"A100-SXM4-80GB": Decimal("0.001")}, "test")
+    assert rates.hold_amount(job, "A100-SXM4-80GB") == Decimal("7.2")
