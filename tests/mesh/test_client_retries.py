@@ -1,0 +1,131 @@
+"""The SDK clients against a real in-process gRPC server: retries, request ids, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from acsp._channel import Credentials
+from acsp.client import AsyncClient, Client
+from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
+
+
+class FlakyGrantService(grant_pb2_grpc.GrantServiceServicer):
+    """Fails the first ``failures`` calls of each method with UNAVAILABLE, then succeeds."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls: dict[str, int] = {}
+        self.request_ids: list[str] = []
+        self.metadata: list[dict[str, str]] = []
+
+    async def _maybe_fail(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.calls[method] = self.calls.get(method, 0) + 1
+        self.metadata.append({key: str(value) for key, value in context.invocation_metadata()})
+        if self.calls[method] <= self.failures:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+
+    async def GetBalance(self, request, context):
+        await self._maybe_fail("GetBalance", context)
+        return grant_pb2.Balance(credited_pf_days=common_pb2.Decimal(value="1.5"))
+
+    async def PlaceHold(self, request, context):
+        self.request_ids.append(request.request_id)
+        await self._maybe_fail("PlaceHold", context)
+        return grant_pb2.Hold(hold_id="h-1")
+
+    async def CommitCharges(self, request, context):
+        await self._maybe_fail("CommitCharges", context)
+        return grant_pb2.CommitChargesResponse()
+
+    async def ExpireGrants(self, request, context):
+        self.calls["ExpireGrants"] = self.calls.get("ExpireGrants", 0) + 1
+        await asyncio.sleep(5)
+        return grant_pb2.ExpireGrantsResponse()
+
+
+@pytest_asyncio.fixture
+async def flaky() -> AsyncIterator[tuple[FlakyGrantService, dict[str, str]]]:
+    service = FlakyGrantService(failures=2)
+    server = grpc.aio.server()
+    grant_pb2_grpc.add_GrantServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    # Only the grant service runs here; the other endpoints point at it and are never called.
+    target = f"127.0.0.1:{port}"
+    yield service, {"grant": target, "scheduler": target, "metering": target}
+    await server.stop(0)
+
+
+async def test_read_is_retried_on_unavailable(flaky):
+    service, endpoints = flaky
+    async with AsyncClient(endpoints, Credentials(token="tok")) as client:
+        balance = await client.grants.GetBalance(grant_pb2.GetBalanceRequest(grant_id="g"))
+    assert balance.credited_pf_days.value == "1.5"
+    assert service.calls["GetBalance"] == 3
+
+
+async def test_retried_mutation_keeps_one_request_id(flaky):
+    service, endpoints = flaky
+    async with AsyncClient(endpoints, Credentials()) as client:
+        hold = await client.grants.PlaceHold(grant_pb2.PlaceHoldRequest(grant_id="g"))
+    assert hold.hold_id == "h-1"
+    assert len(service.request_ids) == 3
+    assert service.request_ids[0] != ""
+    assert len(set(service.request_ids)) == 1
+
+
+async def test_call_without_request_id_is_not_retried(flaky):
+    service, endpoints = flaky
+    async with AsyncClient(endpoints, Credentials()) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.grants.CommitCharges(grant_pb2.CommitChargesRequest())
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert service.calls["CommitCharges"] == 1
+
+
+async def test_token_travels_as_bearer_metadata(flaky):
+    service, endpoints = flaky
+    async with AsyncClient(endpoints, Credentials(token="tok-123")) as client:
+        await client.grants.GetBalance(grant_pb2.GetBalanceRequest(grant_id="g"))
+    assert all(seen["authorization"] == "Bearer tok-123" for seen in service.metadata)
+
+
+async def test_default_deadline_and_per_call_override(flaky):
+    service, endpoints = flaky
+    loop = asyncio.get_running_loop()
+    async with AsyncClient(endpoints, Credentials(), timeout_s=0.2) as client:
+        started = loop.time()
+        with pytest.raises(grpc.aio.AioRpcError) as default_deadline:
+            await client.grants.ExpireGrants(grant_pb2.ExpireGrantsRequest())
+        default_elapsed = loop.time() - started
+        started = loop.time()
+        with pytest.raises(grpc.aio.AioRpcError) as override:
+            await client.grants.ExpireGrants(grant_pb2.ExpireGrantsRequest(), timeout=1.5)
+        override_elapsed = loop.time() - started
+    assert default_deadline.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert override.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert default_elapsed < 1.4
+    assert override_elapsed >= 1.4
+
+
+async def test_blocking_client_retries_and_keeps_request_id(flaky):
+    service, endpoints = flaky
+
+    def call() -> tuple[grant_pb2.Balance, grant_pb2.Hold]:
+        with Client(endpoints, Credentials(token="tok")) as client:
+            balance = client.grants.GetBalance(grant_pb2.GetBalanceRequest(grant_id="g"))
+            hold = client.grants.PlaceHold(grant_pb2.PlaceHoldRequest(grant_id="g"))
+            return balance, hold
+
+    # The server runs on this loop, so the blocking client runs in a thread.
+    balance, hold = await asyncio.wait_for(asyncio.to_thread(call), 30)
+    assert balance.credited_pf_days.value == "1.5"
+    assert hold.hold_id == "h-1"
+    assert service.calls["GetBalance"] == 3
+    assert len(set(service.request_ids)) == 1
+    assert service.metadata[0]["authorization"] == "Bearer tok"
