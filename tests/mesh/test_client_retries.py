@@ -96,7 +96,7 @@ async def test_token_travels_as_bearer_metadata(flaky):
 
 
 async def test_default_deadline_and_per_call_override(flaky):
-    service, endpoints = flaky
+    _service, endpoints = flaky
     loop = asyncio.get_running_loop()
     async with AsyncClient(endpoints, Credentials(), timeout_s=0.2) as client:
         started = loop.time()
