@@ -1,0 +1,223 @@
+"""Provider settlements: what a provider delivered in a period, against its pledge, net of refunds.
+
+Delivered PF-days are the charges' lines for the provider's usage whose charging period starts
+in the settlement period; refunds are the refund lines for the provider's faults and recalls in
+it. Pledged and recalled accelerator-hours come from the pledge and recall records clipped to
+the period. A pledge is kept when no recall took more than the pledge's recallable capacity.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+import asyncpg
+
+_HOURS = Decimal(3600)
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementLine:
+    region: str
+    accelerator_model: str
+    accelerator_hours: Decimal
+    pf_days: Decimal
+    refunded_pf_days: Decimal
+    pledged_accelerator_hours: Decimal
+    recalled_accelerator_hours: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    provider: str
+    period_start: datetime
+    period_end: datetime
+    lines: tuple[SettlementLine, ...]
+    delivered_pf_days: Decimal
+    refunded_pf_days: Decimal
+    net_pf_days: Decimal
+    pledge_kept: bool
+    recall_count: int
+
+
+async def build_settlement(
+    conn: asyncpg.Connection, provider: str, start: datetime, end: datetime
+) -> Settlement:
+    """Build one provider's settlement for the half-open period [start, end)."""
+    delivered = await conn.fetch(
+        """
+        SELECT region, accelerator_model, sum(accelerator_seconds) AS seconds,
+               sum(amount) AS amount
+        FROM metering.charge_lines
+        WHERE provider = $1 AND period_start >= $2 AND period_start < $3
+        GROUP BY region, accelerator_model
+        """,
+        provider,
+        start,
+        end,
+    )
+    refunded = await conn.fetch(
+        """
+        SELECT region, accelerator_model, sum(amount) AS amount
+        FROM metering.refund_lines rl
+        JOIN metering.refunds r USING (job_id, attempt)
+        WHERE rl.provider = $1 AND rl.refund_time >= $2 AND rl.refund_time < $3
+          AND r.state <> 'failed'
+        GROUP BY region, accelerator_model
+        """,
+        provider,
+        start,
+        end,
+    )
+    pledged = await conn.fetch(
+        """
+        SELECT region, accelerator_model,
+               sum((protected_count + recallable_count) * extract(epoch FROM
+                   least(window_end, $3) - greatest(window_start, $2))) AS seconds
+        FROM metering.pledges
+        WHERE provider = $1 AND window_start < $3 AND window_end > $2
+        GROUP BY region, accelerator_model
+        """,
+        provider,
+        start,
+        end,
+    )
+    recalls = await conn.fetch(
+        """
+        SELECT p.region, p.accelerator_model, r.accelerator_count, p.recallable_count,
+               extract(epoch FROM least(r.end_time, $3) - greatest(r.start_time, $2)) AS seconds
+        FROM metering.recalls r JOIN metering.pledges p USING (pledge_id)
+        WHERE p.provider = $1 AND r.start_time < $3 AND r.end_time > $2
+        """,
+        provider,
+        start,
+        end,
+    )
+    return assemble(provider, start, end, delivered, refunded, pledged, recalls)
+
+
+def assemble(
+    provider: str,
+    start: datetime,
+    end: datetime,
+    delivered: list[asyncpg.Record],
+    refunded: list[asyncpg.Record],
+    pledged: list[asyncpg.Record],
+    recalls: list[asyncpg.Record],
+) -> Settlement:
+    keys: set[tuple[str, str]] = set()
+    seconds: dict[tuple[str, str], Decimal] = {}
+    amounts: dict[tuple[str, str], Decimal] = {}
+    refunds: dict[tuple[str, str], Decimal] = {}
+    pledge_seconds: dict[tuple[str, str], Decimal] = {}
+    recall_seconds: dict[tuple[str, str], Decimal] = {}
+    for row in delivered:
+        key = (row["region"], row["accelerator_model"])
+        keys.add(key)
+        seconds[key] = row["seconds"]
+        amounts[key] = row["amount"]
+    for row in refunded:
+        key = (row["region"], row["accelerator_model"])
+        keys.add(key)
+        refunds[key] = row["amount"]
+    for row in pledged:
+        key = (row["region"], row["accelerator_model"])
+        keys.add(key)
+        pledge_seconds[key] = Decimal(row["seconds"])
+    kept = True
+    for row in recalls:
+        key = (row["region"], row["accelerator_model"])
+        keys.add(key)
+        taken = Decimal(row["accelerator_count"]) * Decimal(row["seconds"])
+        recall_seconds[key] = recall_seconds.get(key, Decimal(0)) + taken
+        kept = kept and row["accelerator_count"] <= row["recallable_count"]
+    zero = Decimal(0)
+    lines = tuple(
+        SettlementLine(
+            region=key[0],
+            accelerator_model=key[1],
+            accelerator_hours=_hours(seconds.get(key, zero)),
+            pf_days=amounts.get(key, zero),
+            refunded_pf_days=refunds.get(key, zero),
+            pledged_accelerator_hours=_hours(pledge_seconds.get(key, zero)),
+            recalled_accelerator_hours=_hours(recall_seconds.get(key, zero)),
+        )
+        for key in sorted(keys)
+    )
+    delivered_total = sum((line.pf_days for line in lines), zero)
+    refunded_total = sum((line.refunded_pf_days for line in lines), zero)
+    return Settlement(
+        provider=provider,
+        period_start=start,
+        period_end=end,
+        lines=lines,
+        delivered_pf_days=delivered_total,
+        refunded_pf_days=refunded_total,
+        net_pf_days=delivered_total - refunded_total,
+        pledge_kept=kept,
+        recall_count=len(recalls),
+    )
+
+
+def _hours(seconds: Decimal) -> Decimal:
+    """Convert to hours, rounded to 1e-12 h; hours are a report figure, not money."""
+    return (seconds / _HOURS).quantize(Decimal("1e-12"))
+
+
+CSV_HEADER = (
+    "provider",
+    "period_start",
+    "period_end",
+    "region",
+    "accelerator_model",
+    "accelerator_hours",
+    "pf_days",
+    "refunded_pf_days",
+    "net_pf_days",
+    "pledged_accelerator_hours",
+    "recalled_accelerator_hours",
+)
+
+
+def settlement_csv(settlement: Settlement) -> str:
+    """Render a settlement as CSV: one row per region and model, then a TOTAL row."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    start = settlement.period_start.isoformat()
+    end = settlement.period_end.isoformat()
+    for line in settlement.lines:
+        writer.writerow(
+            (
+                settlement.provider,
+                start,
+                end,
+                line.region,
+                line.accelerator_model,
+                line.accelerator_hours,
+                line.pf_days,
+                line.refunded_pf_days,
+                line.pf_days - line.refunded_pf_days,
+                line.pledged_accelerator_hours,
+                line.recalled_accelerator_hours,
+            )
+        )
+    writer.writerow(
+        (
+            settlement.provider,
+            start,
+            end,
+            "TOTAL",
+            "",
+            sum((line.accelerator_hours for line in settlement.lines), Decimal(0)),
+            settlement.delivered_pf_days,
+            settlement.refunded_pf_days,
+            settlement.net_pf_days,
+            sum((line.pledged_accelerator_hours for line in settlement.lines), Decimal(0)),
+            sum((line.recalled_accelerator_hours for line in settlement.lines), Decimal(0)),
+        )
+    )
+    return out.getvalue()

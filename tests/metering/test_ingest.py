@@ -1,0 +1,150 @@
+"""Ingest against a real nats-server and PostgreSQL: exactly-once, dead letters, replicas."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+import nats
+
+from acsp.subjects import usage_subject
+from services.metering.ingest import (
+    IngestConfig,
+    UsageIngest,
+    consumer_config,
+    declare_usage_stream,
+)
+from services.metering.ratecard import default_rate_card
+from services.runtime.db import Database
+from tests.metering.helpers import (
+    T0,
+    Clock,
+    LedgerDouble,
+    admit,
+    count,
+    drain,
+    make_charger,
+    report,
+    running_ingest,
+    sample,
+    wait_until,
+)
+
+SUBJECT = usage_subject("prov-a", "r1", "node-1")
+RATE = default_rate_card().rate_per_second("A100-SXM4-80GB")
+
+
+async def test_republished_sample_gives_one_row_and_one_charge(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    payload = report([sample("node-1/1", "job-1", T0)])
+    async with running_ingest(nats_url, db) as (js, ingest):
+        # The agent's spool replays the same sample at 0, 60, 120 and 180 s: each replay is a
+        # new stream message, past JetStream's duplicate window, so only the database sees it.
+        for replay in range(4):
+            await js.publish(SUBJECT, payload)
+            await wait_until(lambda n=replay: _messages_done(ingest, n + 1))
+    assert ingest.counters.inserted == 1
+    assert ingest.counters.duplicates == 3
+    assert await count(db, "SELECT count(*) FROM metering.usage_samples") == 1
+
+    await admit(db, "job-1", ended_at=T0 + timedelta(seconds=60), end_reason="completed")
+    charger = make_charger(db, ledger, Clock(T0 + timedelta(hours=2)))
+    await drain(charger)
+    await drain(charger)
+    assert len(ledger.charges) == 1
+    assert ledger.total_charged() == 60 * RATE
+
+
+async def _messages_done(ingest: object, expected: int) -> bool:
+    return getattr(ingest, "counters").messages >= expected  # noqa: B009
+
+
+async def test_redelivery_to_another_replica_gives_one_row(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    payload = report([sample(f"node-1/{i}", "job-2", T0 + timedelta(minutes=i)) for i in range(3)])
+    config = IngestConfig(ack_wait_s=1.0, period_seconds=300)
+    client = await nats.connect(nats_url)
+    try:
+        js = client.jetstream()
+        await declare_usage_stream(js, config)
+        await js.publish(SUBJECT, payload)
+        # Replica A fetches the message and stalls before writing it.
+        sub = await js.pull_subscribe(
+            ">", durable=config.durable, stream=config.stream, config=consumer_config(config)
+        )
+        stalled = await sub.fetch(1, timeout=5)
+        card = default_rate_card()
+        replica_a = UsageIngest(js, db, config, lambda: card.rates)
+        # Past the ack wait JetStream redelivers it to replica B, which commits it.
+        async with running_ingest(nats_url, db, workers=1, ack_wait_s=1.0) as (_, replica_b):
+            await wait_until(lambda: _messages_done(replica_b, 1))
+        assert await count(db, "SELECT count(*) FROM metering.usage_samples") == 3
+        # A wakes up and writes the same batch late: nothing changes.
+        late = await replica_a.process(stalled)
+    finally:
+        await client.close()
+    assert late.inserted == 0
+    assert late.duplicates == 3
+    assert await count(db, "SELECT count(*) FROM metering.usage_samples") == 3
+    await admit(db, "job-2", ended_at=T0 + timedelta(minutes=3), end_reason="completed")
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=1))))
+    assert len(ledger.charges) == 1
+    assert ledger.total_charged() == 180 * RATE
+
+
+async def test_malformed_sample_goes_to_dead_letter_rest_charged(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    items = [sample(f"node-1/{i}", "job-3", T0 + timedelta(seconds=10 * i), 10) for i in range(1000)]
+    items[417].share_millis = 0
+    async with running_ingest(nats_url, db) as (js, ingest):
+        for start in range(0, 1000, 100):
+            await js.publish(SUBJECT, report(items[start : start + 100]))
+        await wait_until(lambda: _messages_done(ingest, 10))
+    assert await count(db, "SELECT count(*) FROM metering.usage_samples") == 999
+    async with db.acquire() as conn:
+        dead = await conn.fetch("SELECT sample_id, reason FROM metering.dead_letters")
+    assert [row["sample_id"] for row in dead] == ["node-1/417"]
+    assert "share_millis 0" in dead[0]["reason"]
+
+    await admit(db, "job-3", ended_at=T0 + timedelta(seconds=10_000), end_reason="completed")
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=4))))
+    assert ledger.total_charged() == 999 * 10 * RATE
+
+
+async def test_sample_for_other_providers_node_rejected(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(SUBJECT, report([sample("node-1/1", "job-4", T0)]))
+        await wait_until(lambda: _messages_done(ingest, 1))
+        # Provider b publishes on its own subject but names provider a's node.
+        forged = report([sample("node-1/2", "job-4", T0)], provider="prov-b", node="node-1")
+        await js.publish(usage_subject("prov-b", "r9", "node-1"), forged)
+        await wait_until(lambda: _messages_done(ingest, 2))
+    assert await count(db, "SELECT count(*) FROM metering.usage_samples") == 1
+    async with db.acquire() as conn:
+        reason = await conn.fetchval("SELECT reason FROM metering.dead_letters")
+    assert "belongs to provider 'prov-a'" in reason
+
+
+async def test_job_ending_on_period_boundary_charged_once(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    # Five one-minute samples fill the period [T0, T0+300 s) exactly; the job ends on the boundary.
+    items = [sample(f"node-1/{i}", "job-5", T0 + timedelta(minutes=i)) for i in range(5)]
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(SUBJECT, report(items))
+        await wait_until(lambda: _messages_done(ingest, 1))
+    boundary = T0 + timedelta(seconds=300)
+    await admit(db, "job-5", ended_at=boundary, end_reason="completed")
+    clock = Clock(boundary + timedelta(seconds=31))
+    charger = make_charger(db, ledger, clock)
+    await drain(charger)
+    clock.now += timedelta(hours=1)
+    await drain(charger)
+    assert list(ledger.charges) == [f"job-5/0/{int(T0.timestamp())}"]
+    assert ledger.total_charged() == Decimal(300) * RATE
+    assert ledger.settled == {"settle/job-5/0": "hold-job-5-0"}
