@@ -292,30 +292,42 @@ class PassState:
     # The queue.
 
     def serve_queue(self) -> None:
+        """Try every pending job once, in class then fair-share order.
+
+        A placement raises the fair-share key of its project (and of the projects under the
+        same institution and program), never lowers any, so a popped entry whose key is stale
+        is pushed back with its fresh key before it is served.
+        """
         engine = self.engine
         snapshots: dict[QueueKey, list[tuple[float, int, str]]] = {
             key: list(queue) for key, queue in engine.queues.items()
         }
-        keys: dict[str, FairShareKey] = {}
-        heap: list[tuple[int, FairShareKey, float, int, QueueKey, int]] = []
+        epoch = 0
+        heap: list[tuple[int, FairShareKey, float, int, int, QueueKey, int]] = []
         for queue_key, items in snapshots.items():
-            project = queue_key[1]
-            if project not in keys:
-                keys[project] = engine.fair_share.key(project)
             submit, sequence, _ = items[0]
-            heap.append((-int(queue_key[0]), keys[project], submit, sequence, queue_key, 0))
+            key = engine.fair_share.key(queue_key[1])
+            heap.append((-int(queue_key[0]), key, submit, sequence, epoch, queue_key, 0))
         heapq.heapify(heap)
         while heap:
-            rank, _, _, _, queue_key, position = heapq.heappop(heap)
+            entry = heapq.heappop(heap)
+            rank, key, submit, sequence, seen, queue_key, position = entry
+            if seen != epoch:
+                fresh = engine.fair_share.key(queue_key[1])
+                if fresh != key:
+                    heapq.heappush(
+                        heap, (rank, fresh, submit, sequence, epoch, queue_key, position)
+                    )
+                    continue
             items = snapshots[queue_key]
             record = engine.jobs[items[position][2]]
-            project = queue_key[1]
             if record.spec.start_at is None and self.try_job(record):
-                keys[project] = engine.fair_share.key(project)
+                epoch += 1
+                key = engine.fair_share.key(queue_key[1])
             position += 1
             if position < len(items):
                 submit, sequence, _ = items[position]
-                heapq.heappush(heap, (rank, keys[project], submit, sequence, queue_key, position))
+                heapq.heappush(heap, (rank, key, submit, sequence, epoch, queue_key, position))
 
     def serve_advance(self) -> None:
         """Place advance reservations that are due; reserve protected room for later ones."""

@@ -1,9 +1,9 @@
 """Hierarchical fair share: program -> institution -> project, on decayed usage.
 
 Usage is accelerator-seconds (in millis) decayed with a half-life, so what a project ran an
-hour ago weighs less than what it runs now. At each level an account's ratio is its share of
-its siblings' usage over its share of their weights; the queue serves the lowest ratio first,
-level by level from the top. An account with zero weight gets an infinite ratio and sorts last.
+hour ago weighs less than what it runs now. At each level an account is ranked by its share of
+its siblings' usage over its share of their weights; the queue serves the lowest first, level
+by level from the top. An account with zero weight sorts last.
 """
 
 from __future__ import annotations
@@ -93,32 +93,31 @@ class FairShare:
         return self._account(level, name).usage
 
     def key(self, project: str) -> FairShareKey:
-        """Return ``(program ratio, institution ratio, project ratio)``; lower is served first."""
+        """Return ``(program, institution, project)`` normalised usage; lower is served first.
+
+        Each part is usage over the account's share of its siblings' weights. Siblings share
+        the total of their usage, so this orders them as usage share over weight share does,
+        and charging one project only raises its own and its parents' parts.
+        """
         project_key = (Level.PROJECT, project)
         institution_key = self._parent[project_key]
         assert institution_key is not None
         program_key = self._parent[institution_key]
         assert program_key is not None
         return (
-            self._ratio(program_key, (Level.PROGRAM, "")),
-            self._ratio(institution_key, program_key),
-            self._ratio(project_key, institution_key),
+            self._normalised(program_key, (Level.PROGRAM, "")),
+            self._normalised(institution_key, program_key),
+            self._normalised(project_key, institution_key),
         )
 
-    def _ratio(self, key: tuple[Level, str], parent_key: tuple[Level, str]) -> float:
+    def _normalised(self, key: tuple[Level, str], parent_key: tuple[Level, str]) -> float:
         account = self._account(*key)
         weight = self._weight(account)
         if weight == 0:
             return math.inf
-        child_level = key[0]
-        siblings = [
-            self._account(child_level, name) for name in self._account(*parent_key).children
-        ]
-        total_weight = sum(self._weight(s) for s in siblings)
-        total_usage = sum(s.usage for s in siblings)
-        if total_usage <= 0:
-            return 0.0
-        return (account.usage / total_usage) / (weight / total_weight)
+        parent = self._account(*parent_key)
+        total_weight = sum(self._weight(self._account(key[0], name)) for name in parent.children)
+        return account.usage * total_weight / weight
 
     def _weight(self, account: _Account) -> float:
         return self._default_weight if account.weight is None else account.weight

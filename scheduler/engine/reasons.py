@@ -64,7 +64,7 @@ def capacity_reason(
     if ahead:
         return (
             ReasonCode.FAIR_SHARE,
-            f"jobs ahead in fair-share order took the free {where} in this pass",
+            f"jobs ahead in the queue (fair-share order) took the free {where} in this pass",
         )
     if job.task_count > 1 and free_total >= need:
         return (

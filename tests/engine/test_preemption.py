@@ -10,20 +10,23 @@ from scheduler.engine import (
     Preempt,
     PriorityClass,
     RecallAnnounced,
+    ScheduleResult,
 )
 from tests.engine.helpers import job, make_engine, node, placed, reasons
 
 A100 = "A100-SXM4-80GB"
 
 
-def preempts(result: object) -> list[Preempt]:
-    return [d for d in result.decisions if isinstance(d, Preempt)]  # type: ignore[attr-defined]
+def preempts(result: ScheduleResult) -> list[Preempt]:
+    return [d for d in result.decisions if isinstance(d, Preempt)]
 
 
 def test_interactive_preempts_preemptible_with_grace_for_checkpointable() -> None:
     engine = make_engine(preemption_grace_s=120.0)
     engine.add_node(node("n1", 4))
-    engine.submit(job("low", accelerators=4, priority=PriorityClass.PREEMPTIBLE, checkpointable=True))
+    engine.submit(
+        job("low", accelerators=4, priority=PriorityClass.PREEMPTIBLE, checkpointable=True)
+    )
     engine.schedule(0.0)
 
     engine.submit(job("high", accelerators=2, priority=PriorityClass.INTERACTIVE, submit=5.0))

@@ -1,0 +1,107 @@
+"""Model lists, model constraints, data residency, budget and reasons."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from scheduler.engine import (
+    BudgetChanged,
+    Engine,
+    InvalidInputError,
+    ModelConstraint,
+    ReasonCode,
+)
+from tests.engine.helpers import job, make_engine, node, placed, reasons
+
+
+def mixed_engine() -> Engine:
+    engine = make_engine()
+    engine.add_node(node("t4", 2, model="T4", region="eu"))
+    engine.add_node(node("mi", 2, model="MI300X", region="us"))
+    engine.add_node(node("h100", 2, model="H100-SXM5-80GB", region="us"))
+    return engine
+
+
+def test_accepted_models_list_is_respected() -> None:
+    engine = mixed_engine()
+    engine.submit(job("j", models=frozenset({"T4"})))
+
+    assert placed(engine.schedule(0.0))["j"].tasks[0].node_id == "t4"
+
+
+def test_vendor_and_memory_constraint() -> None:
+    engine = mixed_engine()
+    engine.submit(job("amd", constraint=ModelConstraint(vendor="amd")))
+    engine.submit(job("big", constraint=ModelConstraint(min_memory_gib=80, vendor="nvidia")))
+
+    result = placed(engine.schedule(0.0))
+
+    assert result["amd"].tasks[0].node_id == "mi"
+    assert result["big"].tasks[0].node_id == "h100"
+
+
+def test_software_stack_constraint() -> None:
+    engine = mixed_engine()
+    engine.submit(job("rocm", constraint=ModelConstraint(software_stack="rocm")))
+
+    assert placed(engine.schedule(0.0))["rocm"].tasks[0].node_id == "mi"
+
+
+def test_data_residency_limits_regions() -> None:
+    engine = mixed_engine()
+    engine.submit(job("eu-only", accelerators=2, regions=frozenset({"p1/eu"})))
+    engine.submit(job("eu-more", accelerators=1, regions=frozenset({"p1/eu"}), submit=1.0))
+
+    result = engine.schedule(0.0)
+
+    assert placed(result)["eu-only"].tasks[0].node_id == "t4"
+    assert reasons(result)["eu-more"] == ReasonCode.FAIR_SHARE
+    assert reasons(engine.schedule(1.0))["eu-more"] == ReasonCode.NO_CAPACITY
+
+
+def test_no_accepted_model_in_fleet() -> None:
+    engine = mixed_engine()
+    engine.submit(job("a10", models=frozenset({"A10"})))
+
+    assert reasons(engine.schedule(0.0))["a10"] == "no_matching_model"
+
+
+def test_budget_blocks_project() -> None:
+    engine = mixed_engine()
+    engine.apply(BudgetChanged("proj", available=False))
+    engine.submit(job("j"))
+
+    assert reasons(engine.schedule(0.0))["j"] == "budget"
+
+
+def test_every_pending_job_has_one_reason() -> None:
+    engine = mixed_engine()
+    for i in range(10):
+        engine.submit(job(f"j{i}", accelerators=2, submit=float(i)))
+
+    result = engine.schedule(0.0)
+
+    assert len(placed(result)) == 3
+    waiting = [w.job_id for w in result.waiting]
+    assert sorted(waiting) == sorted(engine.pending())
+    assert all(w.message for w in result.waiting)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("task_count", 0), ("millis_per_task", 1500), ("millis_per_task", 0), ("wall_time_s", 0.0)],
+)
+def test_invalid_job_is_rejected(field: str, value: object) -> None:
+    engine = mixed_engine()
+    spec = replace(job("bad"), **{field: value})  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=field):
+        engine.submit(spec)
+    assert engine.pending() == []
+
+
+def test_unknown_model_is_rejected() -> None:
+    engine = mixed_engine()
+    with pytest.raises(InvalidInputError, match="models"):
+        engine.submit(job("x", models=frozenset({"B200-imaginary"})))
