@@ -1,0 +1,261 @@
+"""Loading the inputs of the simulated backend: fleet files, a fault trace, a utilization trace.
+
+Fleet files (CSV, told apart by their header):
+
+- the Alibaba openb node list: ``sn,cpu_milli,memory_mib,gpu,model``;
+- the Alibaba 2026 spot node list: ``gpu_model,gpu_capacity_num,cpu_num,node_name``;
+- our own: ``node,model,accelerators`` (optionally ``provider,region`` too).
+
+Nodes without accelerators are skipped. Node names become NATS subject tokens, so characters
+outside ``[A-Za-z0-9_-]`` are replaced by ``-``.
+
+The fault trace is the InfiniteHBD JSON (``node_id``, ``event_time`` in days,
+``event_type`` ``fault_start``/``fault_end``, ``fault_type`` with ``Level``, ``Class``,
+``Desc``). Its servers are mapped onto fleet nodes by a hash of the server id, so the same
+trace always hits the same nodes. :data:`FAULT_CAUSES` names the health rule of each fault.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+DEFAULT_FLEETS = (
+    (DATA_DIR / "fleets" / "openb_node_list_gpu_node.csv", "openb", "region-1"),
+    (DATA_DIR / "fleets" / "alibaba_spot_node_info_df.csv", "spot", "region-1"),
+)
+DEFAULT_FAULT_TRACE = DATA_DIR / "faults" / "infinitehbd_fault_trace.json"
+DEFAULT_UTILIZATION_TRACE = DATA_DIR / "utilization" / "pod_gpu_duty_cycle_anon.tar.gz"
+
+MODEL_MEMORY_GIB = {
+    "T4": 16,
+    "P100": 16,
+    "V100M16": 16,
+    "V100M32": 32,
+    "A10": 24,
+    "G2": 32,
+    "G3": 80,
+    "A100-SXM4-80GB": 80,
+    "A800-SXM4-80GB": 80,
+    "H100-SXM5-80GB": 80,
+    "H800": 80,
+    "GPU-series-1": 80,
+    "GPU-series-2": 80,
+}
+"""Device memory per model; the anonymised models (G2, G3, GPU-series-*) are estimates."""
+
+_TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetNode:
+    provider: str
+    region: str
+    node: str
+    model: str
+    accelerators: int
+
+    @property
+    def memory_bytes(self) -> int:
+        return MODEL_MEMORY_GIB.get(self.model, 16) << 30
+
+
+def _token(value: str) -> str:
+    return _TOKEN_UNSAFE.sub("-", value.strip())[:64] or "unnamed"
+
+
+def load_fleet(path: Path, provider: str, region: str) -> list[FleetNode]:
+    """Read a fleet file; raise ``ValueError`` naming the file when its header is unknown."""
+    with open(path, newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        columns = set(reader.fieldnames or ())
+        nodes = []
+        for row in reader:
+            node = _parse_row(row, columns, provider, region, path)
+            if node is not None and node.accelerators > 0:
+                nodes.append(node)
+    logger.info("loaded %d nodes from fleet file %s", len(nodes), path)
+    return nodes
+
+
+def _parse_row(
+    row: dict[str, str], columns: set[str], provider: str, region: str, path: Path
+) -> FleetNode | None:
+    if {"sn", "gpu", "model"} <= columns:
+        return FleetNode(provider, region, _token(row["sn"]), row["model"], int(row["gpu"]))
+    if {"gpu_model", "gpu_capacity_num", "node_name"} <= columns:
+        name = _token(f"spot-{row['node_name']}")
+        return FleetNode(provider, region, name, row["gpu_model"], int(row["gpu_capacity_num"]))
+    if {"node", "model", "accelerators"} <= columns:
+        return FleetNode(
+            _token(row.get("provider") or provider),
+            _token(row.get("region") or region),
+            _token(row["node"]),
+            row["model"],
+            int(row["accelerators"]),
+        )
+    raise ValueError(
+        f"fleet file {path} has columns {sorted(columns)}; expected the openb node list, "
+        "the spot node list, or node,model,accelerators"
+    )
+
+
+# Fault trace -----------------------------------------------------------------------------------
+
+FAULT_CAUSES = {
+    "GPU DBE(Double Bit ECC) > Threshold": "fault_gpu_dbe_over_threshold",
+    "GPU xid Error": "fault_gpu_xid",
+    "GPU device unknow error": "fault_gpu_unknown_error",
+    "GPU PCI link width low": "fault_gpu_pci_link",
+    "nvidia-smi Timeout": "fault_gpu_smi_timeout",
+    "GPU Lost": "fault_gpu_lost",
+    "GPU Temperature High": "fault_gpu_temperature",
+    "GPU SBE(Single Bit ECC) > Threshold": "fault_gpu_sbe_over_threshold",
+    "GPU P2P Bandwidth Low": "fault_gpu_p2p_bandwidth",
+    "Silent Data Corruption": "fault_gpu_sdc",
+    "GPU device not found": "fault_gpu_not_found",
+}
+"""Trace descriptions of GPU faults (``Class`` ``GPU``) and the health rule each maps to.
+
+Faults of other classes concern the whole node: ``Hardware Failure`` maps to
+``fault_node_hardware``, ``Software Failure`` to ``fault_node_software``, anything else to
+``fault_node_other``.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class FaultInterval:
+    server: str
+    """Server id in the trace."""
+    cause: str
+    """Health rule cause, e.g. ``fault_gpu_lost``."""
+    description: str
+    start_s: float
+    """Seconds from the trace start."""
+    end_s: float
+    """Seconds from the trace start; ``inf`` when the trace has no end for it."""
+    accelerator_slot: int | None
+    """Which accelerator (by position, modulo the node's count) a GPU fault hits."""
+
+
+def _fault_cause(fault_type: dict[str, str]) -> tuple[str, bool]:
+    description = fault_type.get("Desc", "")
+    if fault_type.get("Class") == "GPU":
+        return FAULT_CAUSES.get(description, "fault_gpu_unknown_error"), True
+    level = fault_type.get("Level", "")
+    if level == "Hardware Failure":
+        return "fault_node_hardware", False
+    if level == "Software Failure":
+        return "fault_node_software", False
+    return "fault_node_other", False
+
+
+def load_fault_trace(path: Path) -> list[FaultInterval]:
+    """Pair each ``fault_start`` with the next ``fault_end`` of the same server and fault."""
+    with open(path, encoding="utf-8") as file:
+        events = json.load(file)
+    events.sort(key=lambda e: (float(e["event_time"]), e["event_type"] != "fault_end"))
+    open_faults: dict[tuple[str, str], list[tuple[float, dict[str, str]]]] = {}
+    intervals = []
+    for event in events:
+        server = str(event["node_id"])
+        fault_type = event["fault_type"]
+        key = (server, json.dumps(fault_type, sort_keys=True))
+        time_s = float(event["event_time"]) * 86_400
+        if event["event_type"] == "fault_start":
+            open_faults.setdefault(key, []).append((time_s, fault_type))
+        elif open_faults.get(key):
+            start_s, start_type = open_faults[key].pop(0)
+            intervals.append(_interval(server, start_type, start_s, time_s))
+    for key, starts in open_faults.items():
+        for start_s, fault_type in starts:
+            intervals.append(_interval(key[0], fault_type, start_s, float("inf")))
+    intervals.sort(key=lambda interval: interval.start_s)
+    logger.info("loaded %d fault intervals from %s", len(intervals), path)
+    return intervals
+
+
+def _interval(
+    server: str, fault_type: dict[str, str], start_s: float, end_s: float
+) -> FaultInterval:
+    cause, on_accelerator = _fault_cause(fault_type)
+    slot = _stable_hash(f"{server}/{start_s}") if on_accelerator else None
+    return FaultInterval(server, cause, fault_type.get("Desc", ""), start_s, end_s, slot)
+
+
+def assign_faults(
+    intervals: list[FaultInterval], node_count: int
+) -> dict[int, list[FaultInterval]]:
+    """Map each interval to a fleet node index by a stable hash of its server id."""
+    result: dict[int, list[FaultInterval]] = {}
+    if node_count <= 0:
+        return result
+    for interval in intervals:
+        result.setdefault(_stable_hash(interval.server) % node_count, []).append(interval)
+    return result
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+# Utilization trace -----------------------------------------------------------------------------
+
+
+class UtilizationTrace:
+    """Per-container duty-cycle series, looked up by a task id and the time since it started."""
+
+    def __init__(self, series: list[list[float]], step_s: float) -> None:
+        if not series:
+            raise ValueError("a utilization trace needs at least one series")
+        self._series = series
+        self._step_s = step_s
+
+    @property
+    def series_count(self) -> int:
+        return len(self._series)
+
+    def utilization(self, task_id: str, elapsed_s: float) -> float:
+        """Return the duty cycle in percent (0-100) of the series picked for ``task_id``."""
+        series = self._series[_stable_hash(task_id) % len(self._series)]
+        index = int(max(0.0, elapsed_s) // self._step_s) % len(series)
+        return min(100.0, max(0.0, series[index]))
+
+
+def load_utilization_trace(path: Path) -> UtilizationTrace:
+    """Read the GenAI duty-cycle trace from its ``.tar.gz`` (or a plain CSV)."""
+    if path.suffix == ".gz":
+        with tarfile.open(path, "r:gz") as archive:
+            member = next(m for m in archive.getmembers() if m.name.endswith(".csv"))
+            extracted = archive.extractfile(member)
+            if extracted is None:
+                raise ValueError(f"{path} member {member.name} is not a file")
+            text = extracted.read().decode("utf-8")
+    else:
+        text = path.read_text(encoding="utf-8")
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for row in csv.DictReader(io.StringIO(text)):
+        rows.setdefault(row["container_ip"], []).append(
+            (float(row["timestamp_anon"]), float(row["value"]))
+        )
+    series = []
+    steps = []
+    for points in rows.values():
+        points.sort()
+        series.append([value for _, value in points])
+        if len(points) > 1:
+            steps.append((points[-1][0] - points[0][0]) / (len(points) - 1))
+    steps.sort()
+    step_s = steps[len(steps) // 2] if steps else 60.0
+    logger.info("loaded %d utilization series (step %.0f s) from %s", len(series), step_s, path)
+    return UtilizationTrace(series, step_s)

@@ -1,0 +1,227 @@
+"""``python -m agents``: run the node agent (NVML) or a simulated fleet.
+
+Examples::
+
+    python -m agents --backend nvml --provider acme --region eu-1
+    python -m agents --backend simulated --nodes 5000 --speed 60
+
+Settings come from ``ACSP_*`` variables (:mod:`agents.settings`); options given here
+override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+from agents import wire
+from agents.backends.base import Backend
+from agents.backends.fleet import (
+    DEFAULT_FAULT_TRACE,
+    DEFAULT_FLEETS,
+    DEFAULT_UTILIZATION_TRACE,
+    FleetNode,
+    assign_faults,
+    load_fault_trace,
+    load_fleet,
+    load_utilization_trace,
+)
+from agents.health import HealthSettings
+from agents.node import NodeAgent
+from agents.outbox import Outbox
+from agents.process import AgentProcess, ConnectionOptions, Intervals
+from agents.settings import AgentSettings
+from agents.spool import Spool
+from agents.state import StateStore
+from services.runtime.settings import SettingsError
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the agent's options to ``parser`` (shared with ``acsp agent run``)."""
+    parser.add_argument("--backend", choices=("nvml", "simulated"), help="accelerator backend")
+    parser.add_argument("--nats-url", help="NATS URL(s), comma-separated (ACSP_NATS_URL)")
+    parser.add_argument("--provider", help="provider id (ACSP_AGENT_PROVIDER)")
+    parser.add_argument("--region", help="region id (ACSP_AGENT_REGION)")
+    parser.add_argument("--node", help="node id for the NVML backend (ACSP_AGENT_NODE)")
+    parser.add_argument("--state-dir", type=Path, help="state, spool and logs folder")
+    parser.add_argument("--nodes", type=int, help="simulated: number of nodes (default: all)")
+    parser.add_argument(
+        "--fleet",
+        action="append",
+        metavar="FILE[:PROVIDER[:REGION]]",
+        help="simulated: fleet file; repeat for several (default: the two Alibaba node lists)",
+    )
+    parser.add_argument("--faults", help="simulated: fault trace JSON, or 'none'")
+    parser.add_argument("--utilization", help="simulated: utilization trace, or 'none'")
+    parser.add_argument("--speed", type=float, help="simulated: time compression factor")
+    parser.add_argument("--heartbeat-s", type=float, help="seconds between heartbeats")
+    parser.add_argument("--usage-s", type=float, help="seconds between usage reports")
+    parser.add_argument("--read-s", type=float, help="seconds between readings")
+
+
+def settings_from(args: argparse.Namespace) -> AgentSettings:
+    """Read the environment, then apply the options given on the command line."""
+    settings = AgentSettings.from_env()
+    overrides = {
+        "backend": args.backend,
+        "nats_url": args.nats_url,
+        "provider": args.provider,
+        "region": args.region,
+        "node": args.node,
+        "state_dir": args.state_dir,
+        "speed": args.speed,
+        "heartbeat_s": args.heartbeat_s,
+        "usage_s": args.usage_s,
+        "read_s": args.read_s,
+    }
+    changed = {key: value for key, value in overrides.items() if value is not None}
+    settings = dataclasses.replace(settings, **changed)
+    settings.validate()
+    return settings
+
+
+def _parse_fleet_option(text: str, index: int) -> tuple[Path, str, str]:
+    path, _, rest = text.partition(":")
+    provider, _, region = rest.partition(":")
+    return Path(path), provider or f"provider-{index + 1}", region or "region-1"
+
+
+def fleet_nodes(args: argparse.Namespace, settings: AgentSettings) -> list[FleetNode]:
+    sources = (
+        [_parse_fleet_option(text, i) for i, text in enumerate(args.fleet)]
+        if args.fleet
+        else list(DEFAULT_FLEETS)
+    )
+    nodes: list[FleetNode] = []
+    for path, provider, region in sources:
+        nodes.extend(load_fleet(path, provider, region))
+    if args.nodes is not None:
+        if args.nodes > len(nodes):
+            raise SystemExit(f"--nodes {args.nodes} is more than the {len(nodes)} nodes given")
+        nodes = nodes[: args.nodes]
+    return nodes
+
+
+def build_process(
+    settings: AgentSettings, args: argparse.Namespace, boot_id: str | None = None
+) -> AgentProcess:
+    """Build the nodes, the spool, the outbox and the process from settings and options."""
+    state_dir = settings.agent_state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = StateStore(state_dir / "state.json")
+    outbox = Outbox(Spool(state_dir / "spool", max_bytes=settings.spool_max_bytes))
+    boot = boot_id or uuid.uuid4().hex[:12]
+    health_settings = HealthSettings(settings.clear_after_s, settings.double_bit_threshold)
+    version = _agent_version()
+    common = {
+        "state": state,
+        "work_dir": state_dir,
+        "outbox": outbox,
+        "boot_id": boot,
+        "clock": time.time,
+        "health_settings": health_settings,
+        "agent_version": version,
+    }
+    nodes: list[NodeAgent] = []
+    if settings.backend == "nvml":
+        from agents.backends.nvml import NvmlBackend
+
+        ref = wire.NodeRef(settings.provider, settings.region, settings.node)
+        nodes.append(
+            NodeAgent(ref, NvmlBackend(), "nvml", blocking_backend=True, **common)  # type: ignore[arg-type]
+        )
+    else:
+        nodes = _simulated_nodes(settings, args, common)
+    connection = ConnectionOptions(
+        servers=[s.strip() for s in (settings.nats_url or "nats://127.0.0.1:4222").split(",")],
+        user=settings.nats_user,
+        password=settings.nats_password,
+        creds_file=str(settings.nats_creds) if settings.nats_creds else None,
+        name=f"acsp-agent-{settings.backend}",
+    )
+    intervals = Intervals(settings.heartbeat_s, settings.read_s, settings.usage_s)
+    return AgentProcess(
+        nodes,
+        outbox,
+        state,
+        connection,
+        intervals,
+        per_provider_consumers=settings.backend == "simulated",
+    )
+
+
+def _simulated_nodes(
+    settings: AgentSettings, args: argparse.Namespace, common: dict[str, object]
+) -> list[NodeAgent]:
+    from agents.backends.simulated import SimulatedBackend
+
+    fleet = fleet_nodes(args, settings)
+    faults_path = args.faults or str(DEFAULT_FAULT_TRACE)
+    faults = (
+        {}
+        if faults_path == "none"
+        else assign_faults(load_fault_trace(Path(faults_path)), len(fleet))
+    )
+    utilization_path = args.utilization or str(DEFAULT_UTILIZATION_TRACE)
+    utilization = (
+        None if utilization_path == "none" else load_utilization_trace(Path(utilization_path))
+    )
+    fault_speed = settings.fault_speed or settings.speed
+    nodes = []
+    for index, spec in enumerate(fleet):
+        backend: Backend = SimulatedBackend(
+            spec, speed=fault_speed, faults=faults.get(index, ()), utilization=utilization
+        )
+        ref = wire.NodeRef(spec.provider, spec.region, spec.node)
+        node = NodeAgent(ref, backend, "simulated", play_speed=settings.speed, **common)  # type: ignore[arg-type]
+        backend.set_busy(node.busy)  # type: ignore[attr-defined]
+        nodes.append(node)
+    logger.info(
+        "simulating %d nodes with %d accelerators", len(nodes), sum(s.accelerators for s in fleet)
+    )
+    return nodes
+
+
+def _agent_version() -> str:
+    try:
+        return metadata.version("acsp")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+async def run(process: AgentProcess) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+    await process.run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agents", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except SettingsError as error:
+        print(f"agent: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    process = build_process(settings, args)
+    asyncio.run(run(process))
+    return 0

@@ -1,0 +1,349 @@
+"""One node's agent logic: readings, health, usage accounting, commands. No network here.
+
+:class:`NodeAgent` turns backend readings into health events, task state changes into task
+events and runner intervals into usage samples, and hands every payload to the
+:class:`~agents.outbox.Outbox`. The process around it (``agents.process``) owns the NATS
+connection and the timers; the simulated fleet runs thousands of these in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from acsp import subjects
+from agents import wire
+from agents.backends.base import Backend, BackendError
+from agents.health import HealthSettings, HealthTracker
+from agents.model import (
+    WHOLE_MILLI,
+    AcceleratorHealth,
+    AcceleratorReading,
+    DeviceEvent,
+    HealthEvent,
+    HealthState,
+    NodeInventory,
+    TaskEvent,
+    UsageSample,
+)
+from agents.outbox import Outbox
+from agents.runner import TaskRunner
+from agents.state import StateStore
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+@dataclass(slots=True)
+class _Accumulator:
+    """Sums of one accelerator's readings since the last usage report."""
+
+    utilization_sum: float = 0.0
+    utilization_count: int = 0
+    memory_sum: int = 0
+    memory_count: int = 0
+
+    def add(self, reading: AcceleratorReading) -> None:
+        if reading.utilization_percent is not None:
+            self.utilization_sum += reading.utilization_percent
+            self.utilization_count += 1
+        if reading.memory_used_bytes is not None:
+            self.memory_sum += reading.memory_used_bytes
+            self.memory_count += 1
+
+    def utilization(self) -> float | None:
+        if not self.utilization_count:
+            return None
+        return self.utilization_sum / self.utilization_count
+
+    def memory(self) -> int | None:
+        return self.memory_sum // self.memory_count if self.memory_count else None
+
+
+class NodeAgent:
+    """The agent of one node, driven by timers and commands from the process around it."""
+
+    def __init__(
+        self,
+        ref: wire.NodeRef,
+        backend: Backend,
+        backend_name: str,
+        state: StateStore,
+        work_dir: Path,
+        outbox: Outbox,
+        boot_id: str,
+        clock: Callable[[], float],
+        health_settings: HealthSettings | None = None,
+        blocking_backend: bool = False,
+        backend_timeout_s: float = 30.0,
+        play_speed: float = 1.0,
+        agent_version: str = "",
+    ) -> None:
+        self.ref = ref
+        self.backend = backend
+        self._backend_name = backend_name
+        self._state = state
+        self._work_dir = work_dir
+        self._outbox = outbox
+        self.boot_id = boot_id
+        self._clock = clock
+        self._health_settings = health_settings or HealthSettings()
+        self._blocking = blocking_backend
+        self._backend_timeout_s = backend_timeout_s
+        self._play_speed = play_speed
+        self._agent_version = agent_version
+        self._event_counter = 0
+        self._heartbeat_counter = 0
+        self._inventory_counter = 0
+        self._accumulators: dict[str, _Accumulator] = {}
+        self._last_usage = clock()
+        self.fencing_token = 0
+        self.reading_gaps = 0
+        self.inventory: NodeInventory | None = None
+        self.health: HealthTracker | None = None
+        self.runner: TaskRunner | None = None
+        self._usage_subject = subjects.usage_subject(ref.provider, ref.region, ref.node)
+        self._health_subject = subjects.health_subject(ref.provider, ref.region, ref.node)
+        self._task_subject = subjects.task_subject(ref.provider, ref.region, ref.node)
+        self._inventory_subject = subjects.inventory_subject(ref.provider, ref.region, ref.node)
+
+    # Start -----------------------------------------------------------------------------------
+
+    async def start(self, group: asyncio.TaskGroup) -> None:
+        """Discover the accelerators, load persisted health, and find running tasks again.
+
+        The inventory goes out when the process connects to NATS.
+        """
+        inventory = await self._call(self.backend.discover)
+        self.inventory = inventory
+        uuids = [info.uuid for info in inventory.accelerators]
+        persisted = self._state.node(self.ref.key).health
+        self.health = HealthTracker(uuids, self._health_settings, persisted)
+        if persisted:
+            logger.warning(
+                "node %s starts with persistent health conditions: %s", self.ref.key, persisted
+            )
+        runner = TaskRunner(
+            self.ref.key,
+            self._state,
+            self._work_dir,
+            self._on_task_event,
+            self._clock,
+            uuids,
+            self.backend.visible_devices_env,
+            allow_played_tasks=self._backend_name == "simulated",
+            play_speed=self._play_speed,
+        )
+        runner.attach(group)
+        self.runner = runner
+        self._update_unusable()
+        runner.recover()
+
+    async def _call(self, function: Callable[[], _T]) -> _T:
+        if not self._blocking:
+            return function()
+        return await asyncio.wait_for(asyncio.to_thread(function), self._backend_timeout_s)
+
+    # Readings and health ---------------------------------------------------------------------
+
+    async def sample(self) -> None:
+        """Read the backend once: feed health and the usage accumulators."""
+        assert self.health is not None
+        events: list[DeviceEvent] = []
+        readings: list[AcceleratorReading] = []
+        try:
+            events = await self._call(self.backend.poll_events)
+            readings = await self._call(self.backend.read)
+        except (BackendError, TimeoutError) as error:
+            self.reading_gaps += 1
+            logger.warning("node %s: reading skipped (%s)", self.ref.key, error or "timed out")
+        now = self._clock()
+        for reading in readings:
+            accumulator = self._accumulators.get(reading.uuid)
+            if accumulator is None:
+                accumulator = self._accumulators[reading.uuid] = _Accumulator()
+            accumulator.add(reading)
+        changes = self.health.observe(now, readings, events)
+        if changes:
+            self._publish_health(changes)
+
+    def clear_health(self, uuid: str, cause: str | None = None) -> list[HealthEvent]:
+        assert self.health is not None
+        changes = self.health.clear(self._clock(), uuid, cause)
+        if changes:
+            self._publish_health(changes)
+        return changes
+
+    def _publish_health(self, changes: list[HealthEvent]) -> None:
+        assert self.health is not None and self.runner is not None
+        states = {h.uuid: h.state for h in self.health.health()}
+        tasks_by_uuid = self._tasks_by_accelerator()
+        for change in changes:
+            log = logger.info if change.cleared else logger.warning
+            log(
+                "node %s accelerator %s: %s%s",
+                self.ref.key,
+                change.uuid or "(node)",
+                change.message,
+                " (cleared)" if change.cleared else "",
+            )
+            event_id = self._next_event_id()
+            message = wire.health_event_message(
+                event_id,
+                self.ref,
+                change,
+                states.get(change.uuid, HealthState.OK),
+                tasks_by_uuid.get(change.uuid, []),
+            )
+            self._outbox.add(
+                self._health_subject, f"health:{event_id}", message.SerializeToString()
+            )
+        self._state.set_health(self.ref.key, self.health.persistent_conditions())
+        self._update_unusable()
+
+    def _update_unusable(self) -> None:
+        assert self.health is not None and self.runner is not None
+        failed = {h.uuid for h in self.health.health() if h.state is HealthState.FAILED}
+        self.runner.set_unusable(failed)
+
+    def accelerator_health(self) -> list[AcceleratorHealth]:
+        assert self.health is not None
+        return self.health.health()
+
+    # Tasks -----------------------------------------------------------------------------------
+
+    def _on_task_event(self, event: TaskEvent) -> None:
+        if event.state.value == "stopping":
+            return
+        event_id = self._next_event_id()
+        message = wire.task_event_message(event_id, self.ref, event)
+        self._outbox.add(self._task_subject, f"task:{event_id}", message.SerializeToString())
+
+    async def handle(self, command: wire.Command) -> None:
+        """Act on one command addressed to this node."""
+        assert self.runner is not None
+        if command.fencing_token < self.fencing_token:
+            logger.warning(
+                "node %s ignores command %s: fencing token %d is older than %d",
+                self.ref.key,
+                command.command_id,
+                command.fencing_token,
+                self.fencing_token,
+            )
+            return
+        self.fencing_token = command.fencing_token
+        if command.kind == "start" and command.spec is not None:
+            await self.runner.start(command.spec)
+        elif command.kind == "stop":
+            await self.runner.stop(command.task_id, command.reason)
+        elif command.kind == "reconcile":
+            self.runner.report_running()
+            self.publish_inventory()
+
+    def _tasks_by_accelerator(self) -> dict[str, list[str]]:
+        assert self.runner is not None
+        result: dict[str, list[str]] = {}
+        for record in self.runner.running:
+            for uuid in record.accelerators:
+                result.setdefault(uuid, []).append(record.task_id)
+        return result
+
+    def busy(self) -> dict[str, tuple[str, float]]:
+        """Return, per busy accelerator, its task and the task's start time."""
+        if self.runner is None:
+            return {}
+        return {
+            uuid: (record.task_id, record.started_at)
+            for record in self.runner.running
+            for uuid in record.accelerators
+        }
+
+    # Usage -----------------------------------------------------------------------------------
+
+    def report_usage(self) -> int:
+        """Publish the usage since the last report; return the number of samples."""
+        assert self.runner is not None and self.inventory is not None
+        now = self._clock()
+        start, self._last_usage = self._last_usage, now
+        intervals = self.runner.intervals(start, now)
+        accumulators, self._accumulators = self._accumulators, {}
+        if not intervals:
+            return 0
+        shares = {info.uuid: info.share_milli for info in self.inventory.accelerators}
+        models = {info.uuid: info.model for info in self.inventory.accelerators}
+        samples = []
+        for interval in intervals:
+            for uuid in interval.accelerators:
+                sequence = self._state.next_sequence(self.ref.key)
+                accumulator = accumulators.get(uuid, _Accumulator())
+                start_us = round(interval.start * 1_000_000)
+                end_us = round(interval.end * 1_000_000)
+                samples.append(
+                    UsageSample(
+                        sample_id=f"{self.ref.key}/{sequence}",
+                        sequence=sequence,
+                        job_id=interval.job_id,
+                        task_id=interval.task_id,
+                        accelerator_uuid=uuid,
+                        start_time=start_us / 1_000_000,
+                        end_time=end_us / 1_000_000,
+                        accelerator_seconds_us=(end_us - start_us)
+                        * shares.get(uuid, WHOLE_MILLI)
+                        // WHOLE_MILLI,
+                        utilization_percent=accumulator.utilization(),
+                        memory_used_bytes=accumulator.memory(),
+                    )
+                )
+        report = wire.usage_report_message(self.ref, self.boot_id, samples, models, shares)
+        self._outbox.add(
+            self._usage_subject, f"usage:{samples[0].sample_id}", report.SerializeToString()
+        )
+        return len(samples)
+
+    # Heartbeat and inventory -----------------------------------------------------------------
+
+    def heartbeat_payload(self, stopping: bool = False) -> bytes:
+        assert self.health is not None and self.runner is not None
+        self._heartbeat_counter += 1
+        message = wire.heartbeat_message(
+            self.ref,
+            self.boot_id,
+            self._heartbeat_counter,
+            self.health.drain_requested(),
+            stopping,
+            self.health.health(),
+            [record.task_id for record in self.runner.running],
+            self._outbox.pending,
+            self._clock(),
+        )
+        return message.SerializeToString()
+
+    def publish_inventory(self) -> None:
+        assert self.inventory is not None and self.health is not None and self.runner is not None
+        used: dict[str, int] = {}
+        shares = {info.uuid: info.share_milli for info in self.inventory.accelerators}
+        for record in self.runner.running:
+            for uuid in record.accelerators:
+                used[uuid] = shares.get(uuid, WHOLE_MILLI)
+        message = wire.inventory_message(
+            self.ref,
+            self._backend_name,
+            self._agent_version,
+            self.boot_id,
+            self.inventory,
+            self.health.health(),
+            used,
+            [record.task_id for record in self.runner.running],
+            self._clock(),
+        )
+        self._inventory_counter += 1
+        msg_id = f"inventory:{self.ref.key}/{self.boot_id}/{self._inventory_counter}"
+        self._outbox.add(self._inventory_subject, msg_id, message.SerializeToString())
+
+    def _next_event_id(self) -> str:
+        self._event_counter += 1
+        return f"{self.ref.key}/{self.boot_id}/{self._event_counter}"

@@ -1,0 +1,143 @@
+"""Publishing durable messages to JetStream through the spool.
+
+:meth:`Outbox.add` queues a message in memory (bounded); the sender task appends queued
+messages to the :class:`~agents.spool.Spool` with one fsync, then publishes from the head of
+the spool in batches, many acks in flight, each message with its ``Nats-Msg-Id`` so that
+JetStream stores a replayed message once (within the stream's duplicate window). Only
+acknowledged messages leave the spool, so a NATS outage or an agent crash loses nothing that
+reached the spool, and replay keeps the order of appending.
+
+NOTE: within one batch, if an early message fails while a later one is stored, the later one
+is stored first and the earlier one on retry. Consumers that need per-node order use the
+sequence numbers inside the messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nats.errors import Error as NatsError
+
+from agents.spool import Spool, SpoolRecord
+
+logger = logging.getLogger(__name__)
+
+PublishFunction = Callable[[str, bytes, dict[str, str]], Awaitable[object]]
+
+
+@dataclass(slots=True)
+class OutboxCounters:
+    published: int = 0
+    spooled: int = 0
+    dropped: int = 0
+    """Messages rejected because the spool (or the in-memory queue) was full."""
+    publish_failures: int = 0
+
+
+class Outbox:
+    """The spool and the task that drains it into JetStream."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        batch_size: int = 256,
+        max_queued: int = 200_000,
+        ack_timeout_s: float = 5.0,
+        retry_s: float = 1.0,
+    ) -> None:
+        self._spool = spool
+        self._batch_size = batch_size
+        self._max_queued = max_queued
+        self._ack_timeout_s = ack_timeout_s
+        self._retry_s = retry_s
+        self._queue: list[SpoolRecord] = []
+        self._wake = asyncio.Event()
+        self.counters = OutboxCounters()
+        self._last_drop_log = 0
+
+    @property
+    def pending(self) -> int:
+        """Messages not yet acknowledged: queued in memory plus waiting in the spool."""
+        return len(self._queue) + self._spool.pending_records
+
+    def add(self, subject: str, msg_id: str, payload: bytes) -> None:
+        """Queue one message; the sender spools and publishes it."""
+        if len(self._queue) >= self._max_queued:
+            self._count_drops(1, "the in-memory queue is full")
+            return
+        self._queue.append(SpoolRecord(subject, msg_id, payload))
+        self._wake.set()
+
+    def flush_to_spool(self) -> None:
+        """Append everything queued to the spool (one fsync)."""
+        if not self._queue:
+            return
+        queued, self._queue = self._queue, []
+        accepted = self._spool.append(queued)
+        self.counters.spooled += accepted
+        if accepted < len(queued):
+            self._count_drops(len(queued) - accepted, "the spool is full")
+
+    def _count_drops(self, count: int, why: str) -> None:
+        self.counters.dropped += count
+        # One warning per 1,000 drops at most, so a long outage does not flood the log.
+        if self.counters.dropped - self._last_drop_log >= 1000 or self._last_drop_log == 0:
+            self._last_drop_log = self.counters.dropped
+            logger.warning(
+                "dropped %d messages because %s (%d dropped in total, newest are dropped)",
+                count,
+                why,
+                self.counters.dropped,
+            )
+
+    async def run(self, publish: PublishFunction, connected: Callable[[], bool]) -> None:
+        """Spool and publish until cancelled."""
+        while True:
+            self.flush_to_spool()
+            if self._spool.pending_records == 0 or not connected():
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._retry_s)
+                except TimeoutError:
+                    pass
+                continue
+            sent = await self._publish_batch(publish)
+            if sent == 0:
+                await asyncio.sleep(self._retry_s)
+
+    async def _publish_batch(self, publish: PublishFunction) -> int:
+        batch = self._spool.peek(self._batch_size)
+        results = await asyncio.gather(
+            *(
+                asyncio.wait_for(
+                    publish(r.subject, r.payload, {"Nats-Msg-Id": r.msg_id}), self._ack_timeout_s
+                )
+                for r in batch
+            ),
+            return_exceptions=True,
+        )
+        acknowledged = 0
+        for result in results:
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                if not isinstance(result, NatsError | TimeoutError | OSError):
+                    raise result
+                break
+            acknowledged += 1
+        self._spool.commit(acknowledged)
+        self.counters.published += acknowledged
+        if acknowledged < len(batch):
+            self.counters.publish_failures += 1
+            failure = results[acknowledged]
+            logger.info(
+                "publishing paused after %d of %d messages: %r; %d wait in the spool",
+                acknowledged,
+                len(batch),
+                failure,
+                self._spool.pending_records,
+            )
+        return acknowledged

@@ -1,0 +1,422 @@
+"""Running a node's tasks: start, supervise, stop, and find them again after a restart.
+
+A task with a command runs as its own process group (``start_new_session``) with only its
+accelerators visible (the backend's variable, e.g. ``CUDA_VISIBLE_DEVICES`` with UUIDs) and its
+output in a log file under the agent's work directory. The runner enforces the wall time,
+stops a task with SIGTERM to the group and SIGKILL after the grace period, and reports every
+state change as a :class:`TaskEvent` with the exit code and the tail of the output.
+
+Before a task is reported running, its pid and the kernel's start time of the process are in
+the state file. A restarted agent adopts each recorded process that still runs (same pid and
+same start time) and reports every other one as lost, so no task runs unaccounted for.
+
+A task without a command is "played" (simulated backend only): it occupies its accelerators
+for ``simulated_run_time_s`` of the node's clock and then succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agents.model import TaskEvent, TaskSpec, TaskState
+from agents.state import StateStore, TaskRecord
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TAIL_BYTES = 4096
+_POLL_S = 0.1
+_REMEMBERED_FINISHED = 4096
+TIMED_OUT = "wall time exceeded"
+
+
+@dataclass(slots=True)
+class _Task:
+    record: TaskRecord
+    process: asyncio.subprocess.Process | None = None
+    """The child process; ``None`` for a played task or one adopted after a restart."""
+    ended_at: float | None = None
+    killed: bool = False
+    supervisor: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInterval:
+    """The time a task held its accelerators within one usage interval."""
+
+    job_id: str
+    task_id: str
+    accelerators: tuple[str, ...]
+    start: float
+    end: float
+
+
+class TaskRunner:
+    """The tasks of one node."""
+
+    def __init__(
+        self,
+        node_key: str,
+        state: StateStore,
+        work_dir: Path,
+        emit: Callable[[TaskEvent], None],
+        clock: Callable[[], float],
+        accelerators: Sequence[str],
+        visible_devices_env: Callable[[Sequence[str]], Mapping[str, str]],
+        allow_played_tasks: bool = False,
+        play_speed: float = 1.0,
+    ) -> None:
+        self._node_key = node_key
+        self._state = state
+        self._work_dir = work_dir
+        self._emit = emit
+        self._clock = clock
+        self._accelerators = set(accelerators)
+        self._visible_devices_env = visible_devices_env
+        self._allow_played = allow_played_tasks
+        if play_speed <= 0:
+            raise ValueError(f"play_speed must be positive, got {play_speed}")
+        self._play_speed = play_speed
+        self._tasks: dict[str, _Task] = {}
+        self._finished: OrderedDict[str, TaskState] = OrderedDict()
+        self._ended_since_usage: list[_Task] = []
+        self._unusable: set[str] = set()
+        self._group: asyncio.TaskGroup | None = None
+
+    def attach(self, group: asyncio.TaskGroup) -> None:
+        """Give the runner the task group that owns its supervisors."""
+        self._group = group
+
+    def set_unusable(self, uuids: set[str]) -> None:
+        self._unusable = set(uuids)
+
+    @property
+    def running(self) -> list[TaskRecord]:
+        return [task.record for task in self._tasks.values()]
+
+    def busy_accelerators(self) -> set[str]:
+        return {uuid for task in self._tasks.values() for uuid in task.record.accelerators}
+
+    # Commands --------------------------------------------------------------------------------
+
+    async def start(self, spec: TaskSpec) -> None:
+        """Start ``spec`` unless it is a redelivered command for a known task."""
+        if spec.task_id in self._tasks or spec.task_id in self._finished:
+            logger.info("start of task %s ignored: already known on this node", spec.task_id)
+            return
+        problem = self._check(spec)
+        if problem:
+            self._reject(spec, problem)
+            return
+        now = self._clock()
+        record = TaskRecord(
+            job_id=spec.job_id,
+            task_id=spec.task_id,
+            accelerators=list(spec.accelerators),
+            started_at=now,
+            wall_time_s=spec.wall_time_s,
+            grace_period_s=spec.grace_period_s,
+            simulated_run_time_s=spec.simulated_run_time_s,
+        )
+        if not spec.command:
+            self._tasks[spec.task_id] = _Task(record)
+            self._state.put_task(self._node_key, record, durable=False)
+            self._emit_state(record, TaskState.RUNNING, "played without a process")
+            return
+        await self._spawn(spec, record)
+
+    def _check(self, spec: TaskSpec) -> str:
+        if not spec.command and not self._allow_played:
+            return "the task has no command and this backend cannot play one"
+        if not spec.accelerators:
+            return "the task names no accelerators"
+        for uuid in spec.accelerators:
+            if uuid not in self._accelerators:
+                return f"accelerator {uuid} is not on this node"
+            if uuid in self._unusable:
+                return f"accelerator {uuid} is marked unusable"
+        busy = self.busy_accelerators() & set(spec.accelerators)
+        if busy:
+            return f"accelerators {sorted(busy)} are in use by another task"
+        return ""
+
+    def _reject(self, spec: TaskSpec, reason: str) -> None:
+        logger.warning("task %s of job %s rejected: %s", spec.task_id, spec.job_id, reason)
+        self._remember(spec.task_id, TaskState.START_FAILED)
+        self._emit(
+            TaskEvent(
+                job_id=spec.job_id,
+                task_id=spec.task_id,
+                state=TaskState.START_FAILED,
+                time=self._clock(),
+                reason=reason,
+                accelerators=spec.accelerators,
+            )
+        )
+
+    async def _spawn(self, spec: TaskSpec, record: TaskRecord) -> None:
+        task_dir = self._work_dir / "tasks"
+        task_dir.mkdir(parents=True, exist_ok=True)
+        log_path = task_dir / f"{_safe(spec.task_id)}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ACSP_")}
+        env.update(dict(spec.env))
+        env.update(self._visible_devices_env(spec.accelerators))
+        env.update({"ACSP_JOB_ID": spec.job_id, "ACSP_TASK_ID": spec.task_id})
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *spec.command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                cwd=task_dir,
+                start_new_session=True,
+            )
+        except OSError as error:
+            self._reject(spec, f"command could not be started: {error}")
+            return
+        finally:
+            os.close(log)
+        record.pid = process.pid
+        record.process_start_ticks = process_start_ticks(process.pid) or 0
+        record.log_path = str(log_path)
+        task = _Task(record, process)
+        self._tasks[spec.task_id] = task
+        self._state.put_task(self._node_key, record)
+        logger.info("task %s of job %s started as pid %d", spec.task_id, spec.job_id, process.pid)
+        self._emit_state(record, TaskState.RUNNING, f"pid {process.pid}")
+        self._supervise(task)
+
+    async def stop(self, task_id: str, reason: str) -> None:
+        """Ask a task to stop: SIGTERM now, SIGKILL after its grace period."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            logger.info("stop of task %s ignored: not running on this node", task_id)
+            return
+        self._begin_stop(task, reason or "stop requested")
+
+    def _begin_stop(self, task: _Task, reason: str) -> None:
+        record = task.record
+        if record.stop_reason:
+            return
+        record.stop_reason = reason
+        record.stop_deadline = self._clock() + record.grace_period_s
+        self._state.put_task(self._node_key, record, durable=record.pid != 0)
+        self._emit_state(record, TaskState.STOPPING, reason)
+        if record.pid:
+            _signal_group(record.pid, signal.SIGTERM)
+        else:
+            # A played task has nothing to signal: it stops at once.
+            self._finish(task, None, "")
+
+    # Supervision -----------------------------------------------------------------------------
+
+    def _supervise(self, task: _Task) -> None:
+        if self._group is None:
+            raise RuntimeError("TaskRunner.attach must be called before tasks start")
+        task.supervisor = self._group.create_task(
+            self._supervise_process(task), name=f"task-{task.record.task_id}"
+        )
+
+    async def _supervise_process(self, task: _Task) -> None:
+        record = task.record
+        while not self._has_exited(task):
+            now = self._clock()
+            if (
+                not record.stop_reason
+                and record.wall_time_s > 0
+                and now - record.started_at >= record.wall_time_s
+            ):
+                self._begin_stop(task, TIMED_OUT)
+            if record.stop_reason and not task.killed and now >= record.stop_deadline:
+                logger.warning(
+                    "task %s still running after its %g s grace period; sending SIGKILL",
+                    record.task_id,
+                    record.grace_period_s,
+                )
+                _signal_group(record.pid, signal.SIGKILL)
+                task.killed = True
+            await asyncio.sleep(_POLL_S)
+        # The leader exited; anything left in its process group belongs to the task too.
+        if _signal_group(record.pid, 0):
+            logger.warning("task %s left processes behind; killing its group", record.task_id)
+            _signal_group(record.pid, signal.SIGKILL)
+        exit_code = None if task.process is None else task.process.returncode
+        self._finish(task, exit_code, _tail(record.log_path))
+
+    def _has_exited(self, task: _Task) -> bool:
+        if task.process is not None:
+            return task.process.returncode is not None
+        return process_start_ticks(task.record.pid) != task.record.process_start_ticks
+
+    def tick(self) -> None:
+        """Advance played tasks: finish those whose run or wall time has passed.
+
+        Played times pass ``play_speed`` times faster than the clock.
+        """
+        now = self._clock()
+        for task in list(self._tasks.values()):
+            record = task.record
+            if record.pid:
+                continue
+            wall_end = record.started_at + record.wall_time_s / self._play_speed
+            run_end = record.started_at + record.simulated_run_time_s / self._play_speed
+            if record.wall_time_s > 0 and wall_end < run_end and now >= wall_end:
+                record.stop_reason = TIMED_OUT
+                self._finish(task, None, "", ended_at=wall_end)
+            elif now >= run_end:
+                self._finish(task, 0, "", ended_at=run_end)
+
+    def report_running(self) -> None:
+        """Report every running task again (a reconcile command)."""
+        for task in self._tasks.values():
+            self._emit_state(task.record, TaskState.RUNNING, "still running (reconcile)")
+
+    def _finish(
+        self, task: _Task, exit_code: int | None, output: str, ended_at: float | None = None
+    ) -> None:
+        record = task.record
+        if record.stop_reason == TIMED_OUT:
+            state = TaskState.TIMED_OUT
+        elif record.stop_reason:
+            state = TaskState.STOPPED
+        elif exit_code == 0:
+            state = TaskState.SUCCEEDED
+        else:
+            state = TaskState.FAILED
+        task.ended_at = self._clock() if ended_at is None else ended_at
+        self._tasks.pop(record.task_id, None)
+        self._ended_since_usage.append(task)
+        self._state.remove_task(self._node_key, record.task_id, durable=record.pid != 0)
+        self._remember(record.task_id, state)
+        reason = record.stop_reason or ("exited" if exit_code is not None else "ended")
+        logger.info("task %s %s (exit code %s)", record.task_id, state.value, exit_code)
+        self._emit_state(record, state, reason, exit_code, output, task.ended_at)
+
+    # Restart ---------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Adopt the tasks in the state file that still run; report the others as lost."""
+        for record in list(self._state.node(self._node_key).tasks.values()):
+            task = _Task(record)
+            if not record.pid:
+                self._tasks[record.task_id] = task
+                self._emit_state(record, TaskState.RUNNING, "played task resumed after restart")
+                continue
+            if process_start_ticks(record.pid) == record.process_start_ticks:
+                self._tasks[record.task_id] = task
+                logger.info("task %s found again as pid %d", record.task_id, record.pid)
+                self._emit_state(record, TaskState.RUNNING, "found again after agent restart")
+                self._supervise(task)
+                continue
+            logger.warning(
+                "task %s (pid %d) ended while the agent was down", record.task_id, record.pid
+            )
+            self._state.remove_task(self._node_key, record.task_id)
+            self._remember(record.task_id, TaskState.LOST)
+            self._emit_state(
+                record,
+                TaskState.LOST,
+                "the process ended while the agent was down; its exit status is unknown",
+                None,
+                _tail(record.log_path),
+            )
+
+    # Usage -----------------------------------------------------------------------------------
+
+    def intervals(self, start: float, end: float) -> list[TaskInterval]:
+        """Return each task's share of ``[start, end)``, then forget tasks that ended."""
+        result = []
+        for task in [*self._tasks.values(), *self._ended_since_usage]:
+            record = task.record
+            begin = max(start, record.started_at)
+            finish = min(end, task.ended_at if task.ended_at is not None else end)
+            if finish > begin:
+                result.append(
+                    TaskInterval(
+                        record.job_id, record.task_id, tuple(record.accelerators), begin, finish
+                    )
+                )
+        self._ended_since_usage.clear()
+        return result
+
+    # Helpers ---------------------------------------------------------------------------------
+
+    def _remember(self, task_id: str, state: TaskState) -> None:
+        self._finished[task_id] = state
+        while len(self._finished) > _REMEMBERED_FINISHED:
+            self._finished.popitem(last=False)
+
+    def _emit_state(
+        self,
+        record: TaskRecord,
+        state: TaskState,
+        reason: str,
+        exit_code: int | None = None,
+        output: str = "",
+        time: float | None = None,
+    ) -> None:
+        self._emit(
+            TaskEvent(
+                job_id=record.job_id,
+                task_id=record.task_id,
+                state=state,
+                time=self._clock() if time is None else time,
+                reason=reason,
+                exit_code=exit_code,
+                output_tail=output,
+                accelerators=tuple(record.accelerators),
+            )
+        )
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Return the start time of ``pid`` in clock ticks since boot, or None if it is gone."""
+    if pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as file:
+            text = file.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces, so split after its closing parenthesis.
+    fields = text[text.rfind(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def _signal_group(pid: int, signum: int) -> bool:
+    """Send ``signum`` to the process group led by ``pid``; return False if it is gone."""
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError as error:
+        logger.error("cannot signal process group %d: %s", pid, error)
+        return False
+    return True
+
+
+def _tail(path: str, size: int = OUTPUT_TAIL_BYTES) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            length = file.tell()
+            file.seek(max(0, length - size))
+            return file.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:128]

@@ -1,0 +1,87 @@
+"""The node agent's settings, read once from ``ACSP_*`` environment variables.
+
+The shared fields (``ACSP_NATS_URL``, ``ACSP_NATS_USER``/``ACSP_NATS_PASSWORD`` or
+``ACSP_NATS_CREDS``, ``ACSP_DATA_DIR``, ``ACSP_LOG_LEVEL`` …) come from
+:class:`services.runtime.settings.Settings`; the agent adds its own below. Command-line
+options of ``python -m agents`` override them.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from acsp.subjects import TOKEN_PATTERN
+from services.runtime.settings import Settings, SettingsError, setting
+
+Backend = Literal["nvml", "simulated"]
+
+
+def _default_node() -> str:
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    return name[:64] or "node"
+
+
+@dataclass(frozen=True)
+class AgentSettings(Settings):
+    backend: Backend = setting("ACSP_AGENT_BACKEND", "nvml", "accelerator backend: nvml, simulated")
+    provider: str = setting("ACSP_AGENT_PROVIDER", "local", "provider id in subjects")
+    region: str = setting("ACSP_AGENT_REGION", "region-1", "region id in subjects")
+    node: str = setting("ACSP_AGENT_NODE", _default_node(), "node id in subjects (NVML backend)")
+    state_dir: Path | None = setting(
+        "ACSP_AGENT_STATE_DIR", None, "folder for the state file, spool and task logs"
+    )
+    heartbeat_s: float = setting(
+        "ACSP_AGENT_HEARTBEAT_S", 5.0, "seconds between heartbeats", minimum=0.1
+    )
+    read_s: float = setting(
+        "ACSP_AGENT_READ_S", 5.0, "seconds between accelerator readings", minimum=0.1
+    )
+    usage_s: float = setting(
+        "ACSP_AGENT_USAGE_S", 10.0, "seconds between usage reports", minimum=0.1
+    )
+    spool_max_bytes: int = setting(
+        "ACSP_AGENT_SPOOL_MAX_BYTES", 256 << 20, "bytes of unsent messages kept on disk", minimum=1
+    )
+    clear_after_s: float = setting(
+        "ACSP_AGENT_HEALTH_CLEAR_AFTER_S",
+        300.0,
+        "seconds without recurrence before an event-type health condition clears",
+        minimum=0,
+    )
+    double_bit_threshold: int = setting(
+        "ACSP_AGENT_DBE_THRESHOLD",
+        10,
+        "lifetime uncorrected ECC errors that mark a GPU unusable",
+        minimum=1,
+    )
+    speed: float = setting(
+        "ACSP_AGENT_SPEED",
+        1.0,
+        "simulated backend: how many times faster played run times and traces pass",
+        minimum=0.001,
+    )
+    fault_speed: float | None = setting(
+        "ACSP_AGENT_FAULT_SPEED",
+        None,
+        "simulated backend: speed of the fault trace, default ACSP_AGENT_SPEED",
+        minimum=0.001,
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        for variable, value in (
+            ("ACSP_AGENT_PROVIDER", self.provider),
+            ("ACSP_AGENT_REGION", self.region),
+            ("ACSP_AGENT_NODE", self.node),
+        ):
+            if not TOKEN_PATTERN.match(value):
+                raise SettingsError(
+                    variable, f"{value!r} is not a subject token", "use 1-64 of A-Z a-z 0-9 _ -"
+                )
+
+    @property
+    def agent_state_dir(self) -> Path:
+        return self.state_dir or self.data_dir / "agent"

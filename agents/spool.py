@@ -1,0 +1,297 @@
+"""A bounded, append-only, fsynced queue of messages on local disk.
+
+Every usage report, health event and task event goes through the spool before it is published
+(write-ahead), so a message survives both a NATS outage and a crash of the agent, and the
+sender replays messages in the order they were appended.
+
+Layout: segment files ``<offset>.seg`` named by the global byte offset of their first record,
+and a ``head`` file with the offset of the first record not yet acknowledged by JetStream. A
+record is ``length:u32 crc32:u32 body`` with ``body = subject_len:u16 subject
+msg_id_len:u16 msg_id payload``. A torn record at the end of the last segment (a crash during
+``append``) fails its CRC and is cut off when the spool opens.
+
+Full spool policy: when appending would take the unacknowledged bytes over ``max_bytes``, the
+new records are rejected (the oldest are kept, so what is replayed has no gap before the
+point where the spool filled). :attr:`Spool.dropped` counts rejected records; the caller logs
+them. A rejected usage sample leaves a gap in the node's sequence numbers, which the
+consumer can see.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+logger = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">II")
+_LENGTH = struct.Struct(">H")
+_HEAD = struct.Struct(">QI")
+_SUFFIX = ".seg"
+_READ_CHUNK = 256 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolRecord:
+    subject: str
+    msg_id: str
+    """JetStream ``Nats-Msg-Id``, so that a replayed message is stored once."""
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    record: SpoolRecord
+    end: int
+    """Global offset just after the record."""
+
+
+class Spool:
+    """A durable FIFO of :class:`SpoolRecord` bounded by ``max_bytes`` of pending data."""
+
+    def __init__(
+        self, directory: Path, max_bytes: int = 256 << 20, segment_bytes: int = 8 << 20
+    ) -> None:
+        if max_bytes <= 0 or segment_bytes <= 0:
+            raise ValueError("spool max_bytes and segment_bytes must be positive")
+        self._dir = directory
+        self._max_bytes = max_bytes
+        self._segment_bytes = segment_bytes
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._segments: list[int] = sorted(
+            int(p.name.removesuffix(_SUFFIX)) for p in self._dir.glob(f"*{_SUFFIX}")
+        )
+        self._head = self._read_head()
+        self._tail = self._recover_tail()
+        self._pending_records = self._count_records()
+        self.dropped = 0
+        """Records rejected because the spool was full, since this object was created."""
+        self._writer: BinaryIO | None = None
+        if self._segments:
+            self._writer = open(self._segment_path(self._segments[-1]), "ab")
+
+    # Properties ------------------------------------------------------------------------------
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._tail - self._head
+
+    @property
+    def pending_records(self) -> int:
+        return self._pending_records
+
+    # Writing ---------------------------------------------------------------------------------
+
+    def append(self, records: Sequence[SpoolRecord]) -> int:
+        """Append ``records`` with one fsync; return how many were accepted (a prefix)."""
+        encoded = []
+        size = self.pending_bytes
+        for record in records:
+            frame = _encode(record)
+            if size + len(frame) > self._max_bytes:
+                break
+            encoded.append(frame)
+            size += len(frame)
+        rejected = len(records) - len(encoded)
+        if rejected:
+            self.dropped += rejected
+        if not encoded:
+            return 0
+        for frame in encoded:
+            writer = self._writer_for(len(frame))
+            writer.write(frame)
+            self._tail += len(frame)
+        assert self._writer is not None
+        self._writer.flush()
+        os.fsync(self._writer.fileno())
+        self._pending_records += len(encoded)
+        return len(encoded)
+
+    def _writer_for(self, size: int) -> BinaryIO:
+        if self._writer is None or (
+            self._tail - self._segments[-1] + size > self._segment_bytes
+            and self._tail > self._segments[-1]
+        ):
+            self._rotate()
+        assert self._writer is not None
+        return self._writer
+
+    def _rotate(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            os.fsync(self._writer.fileno())
+            self._writer.close()
+        self._segments.append(self._tail)
+        self._writer = open(self._segment_path(self._tail), "ab")
+        self._fsync_directory()
+
+    # Reading ---------------------------------------------------------------------------------
+
+    def peek(self, max_records: int) -> list[SpoolRecord]:
+        """Return up to ``max_records`` records from the head, without removing them."""
+        return [read.record for read in self._read_from_head(max_records)]
+
+    def commit(self, count: int) -> None:
+        """Remove the first ``count`` records: JetStream acknowledged them."""
+        if count <= 0:
+            return
+        reads = self._read_from_head(count)
+        if len(reads) != count:
+            raise ValueError(f"commit of {count} records but only {len(reads)} are pending")
+        self._head = reads[-1].end
+        self._pending_records -= count
+        self._write_head()
+        self._delete_consumed_segments()
+
+    def _read_from_head(self, max_records: int) -> list[_Read]:
+        return self._read_at(self._head, max_records)
+
+    def _read_at(self, position: int, max_records: int) -> list[_Read]:
+        if self._writer is not None:
+            self._writer.flush()
+        result: list[_Read] = []
+        while len(result) < max_records and position < self._tail:
+            index = self._segment_index(position)
+            start = self._segments[index]
+            end = self._segments[index + 1] if index + 1 < len(self._segments) else self._tail
+            if position >= end:
+                position = end
+                continue
+            with open(self._segment_path(start), "rb") as file:
+                file.seek(position - start)
+                buffer = b""
+                offset = 0
+                while len(result) < max_records and position < end:
+                    decoded = _decode(buffer, offset)
+                    if decoded is None:
+                        chunk = file.read(_READ_CHUNK)
+                        if not chunk:
+                            raise OSError(
+                                f"spool segment {start} is corrupt at offset {position - start}"
+                            )
+                        buffer = buffer[offset:] + chunk
+                        offset = 0
+                        continue
+                    record, size = decoded
+                    offset += size
+                    position += size
+                    result.append(_Read(record, position))
+        return result
+
+    # Recovery --------------------------------------------------------------------------------
+
+    def _segment_path(self, start: int) -> Path:
+        return self._dir / f"{start:020d}{_SUFFIX}"
+
+    def _segment_index(self, position: int) -> int:
+        index = bisect.bisect_right(self._segments, position) - 1
+        if index < 0:
+            raise OSError(f"spool has no segment for offset {position}")
+        return index
+
+    def _read_head(self) -> int:
+        path = self._dir / "head"
+        first = self._segments[0] if self._segments else 0
+        if not path.exists():
+            return first
+        data = path.read_bytes()
+        if len(data) != _HEAD.size:
+            raise OSError(f"spool head file {path} is damaged: {len(data)} bytes")
+        head, crc = _HEAD.unpack(data)
+        if zlib.crc32(data[:8]) != crc:
+            raise OSError(f"spool head file {path} fails its checksum")
+        return max(head, first)
+
+    def _recover_tail(self) -> int:
+        if not self._segments:
+            return self._head
+        start = self._segments[-1]
+        path = self._segment_path(start)
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            decoded = _decode(data, offset)
+            if decoded is None:
+                break
+            offset += decoded[1]
+        if offset < len(data):
+            logger.warning(
+                "spool segment %s ends in a torn record; cutting %d bytes", path, len(data) - offset
+            )
+            with open(path, "r+b") as file:
+                file.truncate(offset)
+                os.fsync(file.fileno())
+        return start + offset
+
+    def _count_records(self) -> int:
+        count = 0
+        position = self._head
+        while position < self._tail:
+            batch = self._read_at(position, 4096)
+            if not batch:
+                break
+            count += len(batch)
+            position = batch[-1].end
+        return count
+
+    def _write_head(self) -> None:
+        path = self._dir / "head"
+        temporary = self._dir / "head.tmp"
+        packed = struct.pack(">Q", self._head)
+        with open(temporary, "wb") as file:
+            file.write(packed + struct.pack(">I", zlib.crc32(packed)))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+
+    def _delete_consumed_segments(self) -> None:
+        while len(self._segments) > 1 and self._segments[1] <= self._head:
+            os.unlink(self._segment_path(self._segments.pop(0)))
+
+    def _fsync_directory(self) -> None:
+        descriptor = os.open(self._dir, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            os.fsync(self._writer.fileno())
+            self._writer.close()
+            self._writer = None
+
+
+def _encode(record: SpoolRecord) -> bytes:
+    subject = record.subject.encode()
+    msg_id = record.msg_id.encode()
+    body = b"".join(
+        (_LENGTH.pack(len(subject)), subject, _LENGTH.pack(len(msg_id)), msg_id, record.payload)
+    )
+    return _HEADER.pack(len(body), zlib.crc32(body)) + body
+
+
+def _decode(data: bytes, offset: int) -> tuple[SpoolRecord, int] | None:
+    if offset + _HEADER.size > len(data):
+        return None
+    length, crc = _HEADER.unpack_from(data, offset)
+    start = offset + _HEADER.size
+    body = data[start : start + length]
+    if len(body) != length or zlib.crc32(body) != crc:
+        return None
+    (subject_length,) = _LENGTH.unpack_from(body, 0)
+    subject = body[2 : 2 + subject_length].decode()
+    cursor = 2 + subject_length
+    (msg_id_length,) = _LENGTH.unpack_from(body, cursor)
+    cursor += 2
+    msg_id = body[cursor : cursor + msg_id_length].decode()
+    payload = bytes(body[cursor + msg_id_length :])
+    return SpoolRecord(subject, msg_id, payload), _HEADER.size + length

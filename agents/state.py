@@ -1,0 +1,160 @@
+"""The agent's state file: what must survive a restart of the agent process.
+
+It stores, per node: the reserved end of the usage-sample sequence, the persistent health
+conditions, and the tasks the agent started (with the pid and the kernel's start time of the
+process, so that a restarted agent recognises its own processes and not a reused pid).
+
+The file is JSON, replaced atomically (write to a temporary file, fsync, rename, fsync the
+directory). Sequence numbers are reserved in blocks so that the file is not written for every
+sample: after a crash the agent continues from the end of the last reserved block, leaving a
+gap but never reusing a number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SEQUENCE_BLOCK = 10_000
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """A task the agent started, as stored in the state file."""
+
+    job_id: str
+    task_id: str
+    accelerators: list[str]
+    started_at: float
+    """Clock seconds (virtual seconds for the simulated backend) when the task started."""
+    wall_time_s: float
+    grace_period_s: float
+    pid: int = 0
+    """Process id of the task's process group leader; 0 for a played (processless) task."""
+    process_start_ticks: int = 0
+    """Start time of the process in clock ticks since boot (``/proc/<pid>/stat`` field 22)."""
+    log_path: str = ""
+    exit_path: str = ""
+    simulated_run_time_s: float = 0.0
+    stop_reason: str = ""
+    """Why a stop was requested, empty while none is."""
+    stop_deadline: float = 0.0
+    """Clock seconds after which a stopping task gets SIGKILL."""
+
+
+@dataclass(slots=True)
+class NodeState:
+    sequence_next: int = 1
+    sequence_reserved: int = 0
+    health: dict[str, list[str]] = field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+
+
+class StateStore:
+    """The state of every node an agent process serves, backed by one JSON file."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._nodes: dict[str, NodeState] = {}
+        self._dirty = False
+        if path.exists():
+            self._load()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def node(self, key: str) -> NodeState:
+        state = self._nodes.get(key)
+        if state is None:
+            state = self._nodes[key] = NodeState()
+        return state
+
+    def next_sequence(self, key: str) -> int:
+        """Return the node's next usage-sample sequence number; it is never handed out twice."""
+        state = self.node(key)
+        if state.sequence_next > state.sequence_reserved:
+            state.sequence_reserved = state.sequence_next + SEQUENCE_BLOCK - 1
+            self.save()
+        value = state.sequence_next
+        state.sequence_next += 1
+        return value
+
+    def set_health(self, key: str, persistent: dict[str, list[str]]) -> None:
+        state = self.node(key)
+        if state.health != persistent:
+            state.health = persistent
+            self.save()
+
+    def put_task(self, key: str, record: TaskRecord, durable: bool = True) -> None:
+        self.node(key).tasks[record.task_id] = record
+        self._save_or_mark(durable)
+
+    def remove_task(self, key: str, task_id: str, durable: bool = True) -> None:
+        if self.node(key).tasks.pop(task_id, None) is not None:
+            self._save_or_mark(durable)
+
+    def _save_or_mark(self, durable: bool) -> None:
+        if durable:
+            self.save()
+        else:
+            self._dirty = True
+
+    def flush(self) -> None:
+        """Write the file if a change was only marked (``durable=False``) since the last save."""
+        if self._dirty:
+            self.save()
+
+    def save(self) -> None:
+        document = {
+            "version": FORMAT_VERSION,
+            "nodes": {
+                key: {
+                    # A restart continues after the reserved block, never inside it.
+                    "sequence_reserved": state.sequence_reserved,
+                    "health": state.health,
+                    "tasks": [dataclasses.asdict(t) for t in state.tasks.values()],
+                }
+                for key, state in self._nodes.items()
+            },
+        }
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self._path.with_suffix(self._path.suffix + ".tmp")
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(document, file, separators=(",", ":"))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self._path)
+        directory = os.open(self._path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self._dirty = False
+
+    def _load(self) -> None:
+        with open(self._path, encoding="utf-8") as file:
+            document: dict[str, Any] = json.load(file)
+        if document.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"state file {self._path} has format version {document.get('version')!r}, "
+                f"expected {FORMAT_VERSION}; move it away to start without state"
+            )
+        for key, raw in document.get("nodes", {}).items():
+            reserved = int(raw.get("sequence_reserved", 0))
+            state = NodeState(
+                sequence_next=reserved + 1,
+                sequence_reserved=reserved,
+                health={uuid: list(causes) for uuid, causes in raw.get("health", {}).items()},
+                tasks={t["task_id"]: TaskRecord(**t) for t in raw.get("tasks", [])},
+            )
+            self._nodes[key] = state
+        logger.info("loaded agent state for %d nodes from %s", len(self._nodes), self._path)

