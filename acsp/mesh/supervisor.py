@@ -71,20 +71,16 @@ class ProcessSpec:
     """Extra environment variables for this process only."""
 
 
-def default_processes(agents: int) -> tuple[ProcessSpec, ...]:
+def default_processes(agents: int, data_dir: Path) -> tuple[ProcessSpec, ...]:
     """Return the grant, scheduler and metering services and, if ``agents`` > 0, the fleet."""
     specs = [
         ProcessSpec(name, [sys.executable, "-m", module])
         for name, module in SERVICE_MODULES.items()
     ]
     if agents > 0:
-        specs.append(
-            ProcessSpec(
-                AGENTS_NAME,
-                [sys.executable, "-m", "agents", "--backend", "simulated", "--nodes", str(agents)],
-                serves_grpc=False,
-            )
-        )
+        fleet_argv = [sys.executable, "-m", "agents", "--backend", "simulated"]
+        fleet_argv += ["--nodes", str(agents), "--state-dir", str(data_dir / AGENTS_NAME)]
+        specs.append(ProcessSpec(AGENTS_NAME, fleet_argv, serves_grpc=False))
     return tuple(specs)
 
 
@@ -123,7 +119,9 @@ class MeshConfig:
         )
 
     def resolved_processes(self) -> tuple[ProcessSpec, ...]:
-        return self.processes if self.processes is not None else default_processes(self.agents)
+        if self.processes is not None:
+            return self.processes
+        return default_processes(self.agents, self.data_dir.resolve())
 
 
 class MeshStartError(RuntimeError):
