@@ -34,12 +34,12 @@ EXTERNAL_NATS = "nats://127.0.0.1:4222"
 START_TIMEOUT_S = 90.0
 
 
-async def _poll(condition, timeout_s: float, what: str, interval_s: float = 0.1) -> None:
+async def _poll(condition, timeout_s: float, description: str, interval_s: float = 0.1) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while not condition():
         if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {description}")
         await asyncio.sleep(interval_s)
 
 
@@ -48,7 +48,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie still answers kill(0); count it as gone once it no longer runs.
+    # A zombie still passes kill(0), so count it as gone once it no longer runs.
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().split(") ")[-1].split()[0] != "Z"
