@@ -285,9 +285,10 @@ class Service:
         if runtime.db is not None:
             await runtime.db.close()
         runtime.telemetry.shutdown()
-        if self.settings.ready_file is not None:
-            self.settings.ready_file.unlink(missing_ok=True)
-        log.info("stopped")
+        if self.ready.is_set():
+            if self.settings.ready_file is not None:
+                self.settings.ready_file.unlink(missing_ok=True)
+            log.info("stopped")
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

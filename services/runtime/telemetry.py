@@ -99,7 +99,7 @@ def setup_telemetry(service: str, settings: Settings) -> Telemetry:
         http_server = started[0] if isinstance(started, tuple) else None
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     _install_globals(tracer_provider, meter_provider)
-    log.info("telemetry ready", extra={"exporter": exporter})
+    log.debug("telemetry ready", extra={"exporter": exporter})
     return Telemetry(service, tracer_provider, meter_provider, _http_server=http_server)
 
 

@@ -9,6 +9,7 @@ Run it as a process with ``python -m tests.runtime.sample_service``; it takes th
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,7 +29,10 @@ from services.runtime import (
     remaining_s,
     require_roles,
     run_service,
+    service_channel,
 )
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "acsp.test.Sample"
 
@@ -36,8 +40,10 @@ SERVICE_NAME = "acsp.test.Sample"
 class SampleServicer:
     """Handlers that exercise authentication, roles, errors, deadlines and slow calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings
         self.started_slow_calls = 0
+        self.slow_call_started = asyncio.Event()
 
     async def whoami(self, request: wrappers_pb2.StringValue, context: Any) -> Any:
         principal = current_principal()
@@ -59,17 +65,39 @@ class SampleServicer:
 
     async def sleep(self, request: wrappers_pb2.DoubleValue, context: Any) -> Any:
         self.started_slow_calls += 1
+        self.slow_call_started.set()
+        log.info("sleep started", extra={"seconds": request.value})
         await asyncio.sleep(request.value)
         return wrappers_pb2.DoubleValue(value=request.value)
 
     async def remaining(self, request: wrappers_pb2.StringValue, context: Any) -> Any:
         return wrappers_pb2.DoubleValue(value=remaining_s(-1.0) or 0.0)
 
+    async def relay(self, request: wrappers_pb2.StringValue, context: Any) -> Any:
+        """Call WhoAmI and Remaining on the sample service at ``request.value``."""
+        assert self.settings is not None
+        async with service_channel(self.settings, request.value) as channel:
+            who = await _stub(channel, "WhoAmI", wrappers_pb2.StringValue)(
+                wrappers_pb2.StringValue()
+            )
+            remaining = await _stub(channel, "Remaining", wrappers_pb2.DoubleValue)(
+                wrappers_pb2.StringValue()
+            )
+        return wrappers_pb2.StringValue(value=f"{who.value}|{remaining.value}")
+
     async def count(
         self, request: wrappers_pb2.Int32Value, context: Any
     ) -> AsyncIterator[wrappers_pb2.Int32Value]:
         for number in range(request.value):
             yield wrappers_pb2.Int32Value(value=number)
+
+
+def _stub(channel: grpc.aio.Channel, method: str, response_type: Any) -> Any:
+    return channel.unary_unary(
+        f"/{SERVICE_NAME}/{method}",
+        request_serializer=lambda message: message.SerializeToString(),
+        response_deserializer=response_type.FromString,
+    )
 
 
 def add_sample_servicer(server: grpc.aio.Server, servicer: SampleServicer) -> list[str]:
@@ -91,6 +119,7 @@ def add_sample_servicer(server: grpc.aio.Server, servicer: SampleServicer) -> li
         "Fail": unary(servicer.fail, string),
         "Sleep": unary(servicer.sleep, double),
         "Remaining": unary(servicer.remaining, string),
+        "Relay": unary(servicer.relay, string),
         "Count": grpc.unary_stream_rpc_method_handler(
             servicer.count,
             request_deserializer=int32.FromString,
@@ -104,6 +133,7 @@ def add_sample_servicer(server: grpc.aio.Server, servicer: SampleServicer) -> li
 def build_service(settings: Settings, servicer: SampleServicer | None = None) -> Service:
     """Build the sample service; ``SAMPLE_SCHEMA`` turns on the database and migrations."""
     sample = servicer or SampleServicer()
+    sample.settings = settings
 
     def register(server: grpc.aio.Server, runtime: Runtime) -> list[str]:
         return add_sample_servicer(server, sample)
