@@ -61,12 +61,12 @@ async def build_settlement(
     )
     refunded = await conn.fetch(
         """
-        SELECT region, accelerator_model, sum(amount) AS amount
+        SELECT rl.region, rl.accelerator_model, sum(rl.amount) AS amount
         FROM metering.refund_lines rl
         JOIN metering.refunds r USING (job_id, attempt)
         WHERE rl.provider = $1 AND rl.refund_time >= $2 AND rl.refund_time < $3
           AND r.state <> 'failed'
-        GROUP BY region, accelerator_model
+        GROUP BY rl.region, rl.accelerator_model
         """,
         provider,
         start,

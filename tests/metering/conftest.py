@@ -8,12 +8,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
-import nats
 import pytest
 
 from services.runtime.db import Database
@@ -78,34 +78,22 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
+def nats_url(tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    process = subprocess.Popen(
-        [
-            _nats_server_binary(),
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-sd",
-            str(tmp_path / "jetstream"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"nats://127.0.0.1:{port}"
+    command = [_nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port)]
+    command += ["-sd", str(tmp_path / "jetstream")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        async with asyncio.timeout(10):
-            while True:
-                try:
-                    client = await nats.connect(url, connect_timeout=1, allow_reconnect=False)
-                except (OSError, nats.errors.NoServersError):
-                    await asyncio.sleep(0.05)
-                    continue
-                await client.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
-        yield url
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
     finally:
         process.terminate()
         process.wait(timeout=10)

@@ -88,9 +88,7 @@ def sample(
         accelerator_id=accelerator_id,
         model=model,
         share_millis=share_millis,
-        accelerator_seconds=common_pb2.Decimal(
-            value=str(Decimal(seconds) * share_millis / 1000)
-        ),
+        accelerator_seconds=common_pb2.Decimal(value=str(Decimal(seconds) * share_millis / 1000)),
         utilization=agent_pb2.OptionalMetric(value=utilization),
     )
     item.start_time.FromDatetime(start)
@@ -117,7 +115,7 @@ async def wait_until(
 ) -> None:
     """Poll ``condition`` until it holds; fail with TimeoutError after ``timeout_s``."""
     async with asyncio.timeout(timeout_s):
-        while not await condition():
+        while not await condition():  # noqa: ASYNC110 - polling a database or a counter
             await asyncio.sleep(interval_s)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from decimal import Decimal
 
@@ -43,7 +44,7 @@ async def test_republished_sample_gives_one_row_and_one_charge(
         # new stream message, past JetStream's duplicate window, so only the database sees it.
         for replay in range(4):
             await js.publish(SUBJECT, payload)
-            await wait_until(lambda n=replay: _messages_done(ingest, n + 1))
+            await wait_until(functools.partial(_messages_done, ingest, replay + 1))
     assert ingest.counters.inserted == 1
     assert ingest.counters.duplicates == 3
     assert await count(db, "SELECT count(*) FROM metering.usage_samples") == 1
@@ -56,8 +57,8 @@ async def test_republished_sample_gives_one_row_and_one_charge(
     assert ledger.total_charged() == 60 * RATE
 
 
-async def _messages_done(ingest: object, expected: int) -> bool:
-    return getattr(ingest, "counters").messages >= expected  # noqa: B009
+async def _messages_done(ingest: UsageIngest, expected: int) -> bool:
+    return ingest.counters.messages >= expected
 
 
 async def test_redelivery_to_another_replica_gives_one_row(
@@ -97,7 +98,9 @@ async def test_redelivery_to_another_replica_gives_one_row(
 async def test_malformed_sample_goes_to_dead_letter_rest_charged(
     nats_url: str, db: Database, ledger: LedgerDouble
 ) -> None:
-    items = [sample(f"node-1/{i}", "job-3", T0 + timedelta(seconds=10 * i), 10) for i in range(1000)]
+    items = [
+        sample(f"node-1/{i}", "job-3", T0 + timedelta(seconds=10 * i), 10) for i in range(1000)
+    ]
     items[417].share_millis = 0
     async with running_ingest(nats_url, db) as (js, ingest):
         for start in range(0, 1000, 100):

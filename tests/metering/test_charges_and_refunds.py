@@ -1,0 +1,188 @@
+"""Charging, refunds and settlements through the real ingest and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from acsp.subjects import usage_subject
+from services.metering.attempts import record_health_event
+from services.metering.ingest import UsageIngest
+from services.metering.ratecard import default_rate_card
+from services.metering.refunds import HealthFact
+from services.metering.settlement import build_settlement, settlement_csv
+from services.runtime.db import Database
+from services.runtime.errors import Unavailable
+from tests.metering.helpers import (
+    T0,
+    Clock,
+    LedgerDouble,
+    admit,
+    drain,
+    make_charger,
+    report,
+    running_ingest,
+    sample,
+    wait_until,
+)
+
+CARD = default_rate_card()
+
+
+async def _done(ingest: UsageIngest, expected: int) -> bool:
+    return ingest.counters.messages >= expected
+
+
+async def test_quarter_gpu_hour_costs_quarter_rate(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    items = [
+        sample(f"node-1/{i}", "job-q", T0 + timedelta(minutes=i), share_millis=250)
+        for i in range(60)
+    ]
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(usage_subject("prov-a", "r1", "node-1"), report(items))
+        await wait_until(functools.partial(_done, ingest, 1))
+    await admit(db, "job-q", ended_at=T0 + timedelta(hours=1), end_reason="completed")
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=2))))
+    assert ledger.total_charged() == CARD.rate_per_hour("A100-SXM4-80GB") / 4
+
+
+async def test_sum_of_charges_equals_priced_usage_exactly(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    models = ["T4", "H800", "MI300X", "Ascend-910B", "P100", "G2"]
+    shares = [1000, 333, 125, 1, 999, 500]
+    items = [
+        sample(
+            f"node-1/{i}",
+            f"job-{i % 7}",
+            T0 + timedelta(seconds=37 * i),
+            seconds=7 + i % 53,
+            model=models[i % len(models)],
+            share_millis=shares[i % len(shares)],
+            accelerator_id=f"GPU-{i % 8}",
+        )
+        for i in range(600)
+    ]
+    async with running_ingest(nats_url, db) as (js, ingest):
+        for start in range(0, 600, 50):
+            await js.publish(
+                usage_subject("prov-a", "r1", "node-1"), report(items[start : start + 50])
+            )
+        await wait_until(functools.partial(_done, ingest, 12))
+    for job in range(7):
+        await admit(db, f"job-{job}", ended_at=T0 + timedelta(hours=7), end_reason="completed")
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=9))))
+
+    expected = Decimal(0)
+    for item in items:
+        expected += CARD.charge(item.model, Decimal(item.accelerator_seconds.value))
+    assert ledger.total_charged() == expected
+    async with db.acquire() as conn:
+        stored = await conn.fetchval("SELECT sum(amount) FROM metering.charges")
+        lines = await conn.fetchval("SELECT sum(amount) FROM metering.charge_lines")
+    assert stored == expected
+    assert lines == expected
+
+
+async def test_fatal_xid_refunds_lost_time_and_reduces_settlement(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    # Two hours on one H800; checkpoint at 1:30, XID 79 at 1:59; the bound is one hour.
+    items = [
+        sample(f"node-1/{i}", "job-x", T0 + timedelta(minutes=i), model="H800") for i in range(120)
+    ]
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(usage_subject("prov-a", "r1", "node-1"), report(items))
+        await wait_until(functools.partial(_done, ingest, 1))
+    fault = T0 + timedelta(minutes=119, seconds=30)
+    async with db.acquire() as conn:
+        await record_health_event(
+            conn,
+            HealthFact("node-1/boot-1/7", "GPU-0", "node-1", "xid", 79, True, fault),
+            "prov-a",
+            "r1",
+            "GPU has fallen off the bus",
+        )
+    await admit(
+        db,
+        "job-x",
+        ended_at=T0 + timedelta(minutes=120),
+        end_reason="failed",
+        last_checkpoint_at=T0 + timedelta(minutes=90),
+    )
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=3)), max_refund_s=3600.0))
+
+    rate = CARD.rate_per_second("H800")
+    assert ledger.total_charged() == 120 * 60 * rate
+    # Samples that started at 1:30 up to the fault: 30 one-minute samples.
+    assert list(ledger.refunds) == ["refund/job-x/0"]
+    hold, amount, reason = ledger.refunds["refund/job-x/0"]
+    assert hold == "hold-job-x-0"
+    assert amount == 30 * 60 * rate
+    assert "xid 79 on GPU-0" in reason
+
+    async with db.acquire() as conn:
+        settlement = await build_settlement(conn, "prov-a", T0, T0 + timedelta(days=1))
+    assert settlement.delivered_pf_days == 120 * 60 * rate
+    assert settlement.refunded_pf_days == 30 * 60 * rate
+    assert settlement.net_pf_days == 90 * 60 * rate
+    assert "TOTAL" in settlement_csv(settlement)
+
+
+async def test_refund_bounded_by_policy_without_checkpoint(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    items = [sample(f"node-1/{i}", "job-b", T0 + timedelta(minutes=i)) for i in range(60)]
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(usage_subject("prov-a", "r1", "node-1"), report(items))
+        await wait_until(functools.partial(_done, ingest, 1))
+    await admit(
+        db,
+        "job-b",
+        ended_at=T0 + timedelta(minutes=60),
+        end_reason="preempted",
+        end_trigger="recall:r-12",
+    )
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=2)), max_refund_s=600.0))
+    _, amount, reason = ledger.refunds["refund/job-b/0"]
+    assert amount == 600 * CARD.rate_per_second("A100-SXM4-80GB")
+    assert "recall r-12" in reason
+
+
+async def test_pool_timeouts_leave_pool_usable(db: Database) -> None:
+    size = db.pool.get_max_size()
+    held = [await db.pool.acquire() for _ in range(size)]
+    try:
+
+        async def try_acquire() -> None:
+            async with db.acquire(timeout_s=0.05):
+                raise AssertionError("acquired a connection from an exhausted pool")
+
+        results = await asyncio.gather(*(try_acquire() for _ in range(50)), return_exceptions=True)
+        assert all(isinstance(r, Unavailable) for r in results), results
+    finally:
+        for conn in held:
+            await db.pool.release(conn)
+    assert db.pool.get_size() <= size
+    async with db.acquire(timeout_s=5) as conn:
+        assert await conn.fetchval("SELECT 1") == 1
+    assert db.pool.get_idle_size() == db.pool.get_size()
+
+
+@pytest.mark.parametrize("bad", ["1.0000001", "-5", "abc", "61"])
+async def test_invalid_accelerator_seconds_dead_lettered(
+    nats_url: str, db: Database, bad: str
+) -> None:
+    item = sample("node-1/1", "job-v", T0)
+    item.accelerator_seconds.value = bad
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(usage_subject("prov-a", "r1", "node-1"), report([item]))
+        await wait_until(functools.partial(_done, ingest, 1))
+    assert ingest.counters.dead_lettered == 1
+    assert ingest.counters.inserted == 0
