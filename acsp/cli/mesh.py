@@ -23,7 +23,13 @@ from acsp.cli._common import (
     print_records,
 )
 from acsp.mesh.credentials import mint_token
-from acsp.mesh.endpoints import MeshInfo, default_data_dir, load_mesh, supervisor_alive
+from acsp.mesh.endpoints import (
+    MeshInfo,
+    default_data_dir,
+    load_mesh,
+    pid_running,
+    supervisor_alive,
+)
 from acsp.mesh.health import HealthReport, check_health
 from acsp.mesh.supervisor import LocalMesh, MeshConfig, MeshStartError
 
@@ -67,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     status = subparsers.add_parser(
         "status",
         parents=[connection_options(), output_options()],
-        help="print each service's health; exit 0 only if all are SERVING",
+        help="print the health of each service and process; exit 0 only if all are up",
     )
     status.set_defaults(func=run_status)
 
@@ -198,6 +204,7 @@ def _print_banner(info: MeshInfo) -> None:
 def run_status(args: argparse.Namespace) -> int:
     info = load_mesh(args.data_dir)
     reports = asyncio.run(_check_all(info, args.timeout))
+    reports += _process_reports(info)
     records = [
         {
             "service": report.service,
@@ -214,7 +221,7 @@ def run_status(args: argparse.Namespace) -> int:
             f"{info.data_dir / 'mesh.json'} is not running",
             file=sys.stderr,
         )
-    if all(report.serving for report in reports):
+    if all(report.status in ("SERVING", "RUNNING") for report in reports):
         return EXIT_OK
     if all(report.status == "UNREACHABLE" for report in reports):
         return EXIT_NO_MESH
@@ -230,6 +237,18 @@ async def _check_all(info: MeshInfo, timeout_s: float) -> list[HealthReport]:
         for name, endpoint in info.endpoints.items()
     ]
     return list(await asyncio.gather(*checks))
+
+
+def _process_reports(info: MeshInfo) -> list[HealthReport]:
+    """Report the mesh's processes without a health endpoint (servers, fleet) by process id."""
+    pids = info.extra.get("pids", {})
+    reports = []
+    for name, pid in sorted(pids.items()):
+        if name in info.endpoints:
+            continue
+        status = "RUNNING" if pid_running(int(pid)) else "STOPPED"
+        reports.append(HealthReport(name, f"pid {pid}", status))
+    return reports
 
 
 # --- acsp token ---------------------------------------------------------------------------

@@ -100,8 +100,8 @@ def load_mesh(data_dir: Path | None = None) -> MeshInfo:
         document = json.loads(path.read_text())
     except FileNotFoundError:
         raise MeshNotFoundError(
-            f"no running mesh found: {path} does not exist. Start one with `acsp up` in that "
-            f"directory, or pass --data-dir or set {DATA_DIR_ENV}"
+            f"no running mesh found: {path} does not exist. Start one with `acsp up`, or "
+            f"point to a running one with --data-dir or {DATA_DIR_ENV}"
         ) from None
     except json.JSONDecodeError as exc:
         raise ValueError(
@@ -141,12 +141,17 @@ def load_mesh(data_dir: Path | None = None) -> MeshInfo:
         raise ValueError(f"{path} lacks the field {exc.args[0]!r}; restart the mesh") from None
 
 
-def supervisor_alive(info: MeshInfo) -> bool:
-    """Return True if the process that wrote the mesh file still runs."""
+def pid_running(pid: int) -> bool:
+    """Return True if process ``pid`` exists on this machine (it may belong to another user)."""
     try:
-        os.kill(info.supervisor_pid, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
     return True
+
+
+def supervisor_alive(info: MeshInfo) -> bool:
+    """Return True if the process that wrote the mesh file still runs."""
+    return pid_running(info.supervisor_pid)

@@ -120,4 +120,12 @@ async def test_acsp_status_exits_0_when_serving(mesh: RunningMesh):
     assert process.returncode == 0, stderr.decode()
     lines = stdout.decode().splitlines()
     assert lines[0] == "service,endpoint,status,detail"
-    assert sorted(line.split(",")[2] for line in lines[1:]) == ["SERVING"] * 3
+    statuses = {line.split(",")[0]: line.split(",")[2] for line in lines[1:]}
+    assert statuses == {
+        "grant": "SERVING",
+        "scheduler": "SERVING",
+        "metering": "SERVING",
+        "postgres": "RUNNING",
+        "nats-server": "RUNNING",
+        "agents": "RUNNING",
+    }
