@@ -17,6 +17,7 @@ Errors, per NVML's return codes:
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,6 +86,29 @@ class _Reader:
                 raise _StaleHandle from error
             logger.debug("NVML %s failed: %s", name, error)
             return None
+
+
+# NVML product names mapped to the catalog names that the scheduler and the rate card use.
+# Memory tells the V100 variants apart; an unknown product keeps NVML's name.
+_CATALOG_NAMES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"H100.*80GB"), "H100-SXM5-80GB"),
+    (re.compile(r"H800"), "H800"),
+    (re.compile(r"A100.*80GB"), "A100-SXM4-80GB"),
+    (re.compile(r"A800.*80GB"), "A800-SXM4-80GB"),
+    (re.compile(r"\bA10$"), "A10"),
+    (re.compile(r"\bT4\b"), "T4"),
+    (re.compile(r"P100"), "P100"),
+    (re.compile(r"V100.*32GB"), "V100M32"),
+    (re.compile(r"V100"), "V100M16"),
+)
+
+
+def catalog_model(product_name: str) -> str:
+    """Return the catalog name of an NVML product name, or the product name if unknown."""
+    for pattern, name in _CATALOG_NAMES:
+        if pattern.search(product_name):
+            return name
+    return product_name
 
 
 def _text(value: str | bytes) -> str:
@@ -156,7 +180,7 @@ class NvmlBackend(Backend):
             pci_bus_id=_text(pynvml.nvmlDeviceGetPciInfo(handle).busId),
             index=index,
             vendor=self.vendor,
-            model=_text(pynvml.nvmlDeviceGetName(handle)),
+            model=catalog_model(_text(pynvml.nvmlDeviceGetName(handle))),
             memory_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
             driver_version=self._driver_version,
             software_version=self._cuda_version,
