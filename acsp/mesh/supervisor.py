@@ -340,8 +340,9 @@ class LocalMesh:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        # ACSP_GRANT_ADDRESS and so on: the host:port at which each service calls the others.
         for name, endpoint in endpoints.items():
-            env[f"ACSP_{name.upper()}_ENDPOINT"] = endpoint
+            env[f"ACSP_{name.upper()}_ADDRESS"] = endpoint
         # Processes that call services (the scheduler calls the grant service, say) use the
         # client certificate unless they are services with a certificate of their own.
         identity = self._pki.identities.get(spec.name, self._pki.client_identity)
