@@ -1,0 +1,61 @@
+"""Metering settings: the shared runtime settings plus metering's own ``ACSP_METERING_*``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.metering.charger import ChargerConfig
+from services.metering.ingest import IngestConfig
+from services.runtime.settings import Settings, setting
+
+
+@dataclass(frozen=True)
+class MeteringSettings(Settings):
+    period_s: int = setting(
+        "ACSP_METERING_PERIOD_S", 300, "length of a charging period, seconds", minimum=1
+    )
+    lateness_s: float = setting(
+        "ACSP_METERING_LATENESS_S",
+        30.0,
+        "seconds after a period or an attempt ends before its usage is charged",
+        minimum=0.0,
+    )
+    ingest_workers: int = setting(
+        "ACSP_METERING_INGEST_WORKERS", 2, "fetch-and-write loops per process", minimum=1
+    )
+    ingest_batch: int = setting(
+        "ACSP_METERING_INGEST_BATCH", 200, "usage messages fetched per batch", minimum=1
+    )
+    ack_wait_s: float = setting(
+        "ACSP_METERING_ACK_WAIT_S", 30.0, "seconds before JetStream redelivers", minimum=1.0
+    )
+    require_registered_nodes: bool = setting(
+        "ACSP_METERING_REQUIRE_REGISTERED_NODES",
+        False,
+        "reject usage from nodes that no inventory registered (true or false)",
+    )
+    grant_address: str = setting(
+        "ACSP_GRANT_ADDRESS", "127.0.0.1:50051", "host:port of the grant service"
+    )
+    max_refund_s: float = setting(
+        "ACSP_METERING_MAX_REFUND_S",
+        21_600.0,
+        "most lost time refunded for one fault, seconds",
+        minimum=0.0,
+    )
+
+    def ingest_config(self) -> IngestConfig:
+        return IngestConfig(
+            workers=self.ingest_workers,
+            batch_messages=self.ingest_batch,
+            ack_wait_s=self.ack_wait_s,
+            period_seconds=self.period_s,
+            require_registered_nodes=self.require_registered_nodes,
+        )
+
+    def charger_config(self) -> ChargerConfig:
+        return ChargerConfig(
+            period_seconds=self.period_s,
+            lateness_s=self.lateness_s,
+            max_refund_s=self.max_refund_s,
+        )
