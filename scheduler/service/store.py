@@ -342,6 +342,25 @@ class JobStore:
         token = encode_page_token(jobs[-1].job_id) if len(rows) > size else ""
         return jobs, token
 
+    async def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Return open and recent job counts per state, and pending jobs per reason."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            states = await conn.fetch(
+                "SELECT state, count(*) FROM scheduler.jobs WHERE shard = $1 GROUP BY state",
+                self.shard,
+                timeout=self._timeout,
+            )
+            reasons = await conn.fetch(
+                "SELECT pending_reason, count(*) FROM scheduler.jobs"
+                " WHERE shard = $1 AND state = 'pending' GROUP BY pending_reason",
+                self.shard,
+                timeout=self._timeout,
+            )
+        return (
+            {row[0]: row[1] for row in states},
+            {(row[0] or "unspecified"): row[1] for row in reasons},
+        )
+
     def _job_record(self, job: Job, epoch: int, cause: str) -> tuple[Any, ...]:
         return (
             job.job_id,

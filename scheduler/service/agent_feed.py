@@ -1,0 +1,184 @@
+"""What agents tell the scheduler: inventories, health and task events from ``ACSP_AGENT``,
+and heartbeats from the ``acsp_heartbeat`` KV bucket, turned into loop inputs.
+
+Stream messages are acknowledged only after the loop committed their effects; a batch whose
+commit does not come within ``commit_timeout_s`` is redelivered, which the transitions absorb
+because a repeated task event finds its task already in that state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from acsp import subjects
+from acsp.v1 import agent_pb2, scheduler_pb2
+from services.runtime.nats import PullConsumer, Reject
+
+from .fleet import AcceleratorView, NodeView
+from .inputs import DrainRequested, HeartbeatReceived, Input, InventoryReceived, TaskReported
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_DROP_LOG_EVERY: Final = 1000
+
+
+def node_from_inventory(msg: agent_pb2.Inventory) -> NodeView:
+    """Convert an inventory; raises ``ValueError`` for a node id that is not a subject token."""
+    ref = msg.node
+    subjects.node_suffix(ref.provider_id, ref.region_id, ref.node_id)
+    accelerators = tuple(
+        AcceleratorView(
+            accelerator_id=acc.accelerator_id or acc.pci_bus_id,
+            model=acc.model,
+            interconnect_domain=acc.interconnect_domain,
+            healthy=acc.health != scheduler_pb2.HEALTH_STATE_FAILED,
+            pci_bus_id=acc.pci_bus_id,
+        )
+        for acc in msg.accelerators
+        if not acc.parent_accelerator_id
+    )
+    return NodeView(
+        provider=ref.provider_id,
+        region=ref.region_id,
+        node=ref.node_id,
+        accelerators=accelerators,
+        software_stacks=tuple(msg.software_stacks),
+        boot_id=msg.boot_id,
+        running_task_ids=frozenset(msg.running_task_ids),
+    )
+
+
+def task_state_name(value: int) -> str:
+    """``TASK_STATE_START_FAILED`` -> ``start_failed``."""
+    return agent_pb2.TaskState.Name(value).removeprefix("TASK_STATE_").lower()  # type: ignore[arg-type]
+
+
+class AgentFeed:
+    """Consume agent messages for one shard's loop."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        inbox: asyncio.Queue[Input],
+        durable: str,
+        *,
+        commit_timeout_s: float = 20.0,
+    ) -> None:
+        self._js = js
+        self._inbox = inbox
+        self._durable = durable
+        self._commit_timeout = commit_timeout_s
+        self.heartbeats_dropped = 0
+
+    async def run_stream(self, stop: asyncio.Event) -> None:
+        consumer = PullConsumer(
+            self._js,
+            subjects.AGENT_STREAM,
+            self._durable,
+            self._handle,
+            batch=500,
+            fetch_timeout_s=0.05,
+            ack_wait_s=self._commit_timeout * 2,
+        )
+        await consumer.run(stop)
+
+    async def _handle(self, messages: list[Msg]) -> None:
+        loop = asyncio.get_running_loop()
+        committed: asyncio.Future[None] = loop.create_future()
+        remaining = 0
+
+        async def ack() -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0 and not committed.done():
+                committed.set_result(None)
+
+        inputs: list[Input] = []
+        for message in messages:
+            item = self._convert(message, ack)
+            if item is not None:
+                inputs.append(item)
+        remaining = sum(1 for item in inputs if getattr(item, "ack", None) is not None)
+        for item in inputs:
+            await asyncio.wait_for(self._inbox.put(item), timeout=self._commit_timeout)
+        if remaining:
+            await asyncio.wait_for(committed, timeout=self._commit_timeout)
+
+    def _convert(self, message: Msg, ack: object) -> Input | None:
+        subject = message.subject
+        try:
+            if subject.startswith("acsp.task."):
+                event = agent_pb2.TaskEvent.FromString(message.data)
+                key = subject.removeprefix("acsp.task.")
+                return TaskReported(
+                    key,
+                    event.task_id,
+                    task_state_name(event.state),
+                    event.exit_code,
+                    event.message,
+                    ack,  # type: ignore[arg-type]
+                )
+            if subject.startswith("acsp.inventory."):
+                inventory = agent_pb2.Inventory.FromString(message.data)
+                return InventoryReceived(node_from_inventory(inventory), message.data, ack)  # type: ignore[arg-type]
+            if subject.startswith("acsp.health."):
+                return self._health(agent_pb2.HealthEvent.FromString(message.data))
+        except (DecodeError, ValueError) as exc:
+            raise Reject(f"malformed agent message on {subject}: {exc}") from exc
+        logger.warning("ignoring agent message on unexpected subject %s", subject)
+        return None
+
+    def _health(self, event: agent_pb2.HealthEvent) -> Input | None:
+        ref = event.node
+        key = f"{ref.provider_id}.{ref.region_id}.{ref.node_id}"
+        if event.action == agent_pb2.HEALTH_ACTION_DRAIN_NODE and not event.cleared:
+            logger.warning("node %s asks to be drained: %s %s", key, event.condition, event.message)
+            reply: asyncio.Future[NodeView | None] = asyncio.get_running_loop().create_future()
+            return DrainRequested(key, True, f"health: {event.condition} {event.message}", reply)
+        # NOTE: a single failed accelerator is not taken out of placement until the node's
+        # next inventory marks it failed; the engine has no per-accelerator health event.
+        logger.info("health event on %s: %s (%s)", key, event.condition, event.message)
+        return None
+
+    async def run_heartbeats(self, stop: asyncio.Event) -> None:
+        """Watch the heartbeat bucket; heartbeats are dropped, counted, when the loop lags."""
+        kv = await self._js.key_value(subjects.HEARTBEAT_BUCKET)
+        watcher = await kv.watchall()
+        try:
+            while not stop.is_set():
+                try:
+                    entry = await watcher.updates(timeout=1.0)
+                except TimeoutError:
+                    continue
+                if entry is None or entry.value is None or not entry.value:
+                    continue
+                self._heartbeat(entry.key, entry.value)
+        finally:
+            await watcher.stop()
+
+    def _heartbeat(self, key: str, value: bytes) -> None:
+        try:
+            beat = agent_pb2.Heartbeat.FromString(value)
+        except DecodeError:
+            logger.warning("ignoring malformed heartbeat under key %s", key)
+            return
+        item = HeartbeatReceived(
+            key,
+            beat.boot_id,
+            frozenset(beat.running_task_ids),
+            beat.state == agent_pb2.AGENT_NODE_STATE_DRAIN_REQUESTED,
+        )
+        try:
+            self._inbox.put_nowait(item)
+        except asyncio.QueueFull:
+            self.heartbeats_dropped += 1
+            if self.heartbeats_dropped % HEARTBEAT_DROP_LOG_EVERY == 1:
+                logger.warning(
+                    "scheduling loop is behind: %d heartbeats dropped", self.heartbeats_dropped
+                )

@@ -1,0 +1,203 @@
+"""One leader term of a shard: the state a leader builds, runs and drops when deposed.
+
+:class:`Leadership` campaigns forever. Each time it wins the lock it bumps the epoch, loads
+the fleet and the open jobs from PostgreSQL into a fresh engine, republishes recorded but
+unacknowledged commands, and runs the loop, the submission batcher and the agent consumers
+in one task group. Losing the lock connection, or a write fenced by a newer epoch, ends the
+term: the task group is cancelled and nothing of it dispatches again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+import asyncpg
+from nats.js import JetStreamContext
+
+from acsp.v1 import agent_pb2
+from scheduler.engine.engine import Engine
+from scheduler.engine.spec import EngineConfig
+from services.runtime.errors import Unavailable
+
+from .admission import GrantAdmission, RateCard
+from .agent_feed import AgentFeed, node_from_inventory
+from .engine_adapter import EngineAdapter
+from .fleet import FleetView
+from .inputs import Input
+from .jobbook import JobBook
+from .leader import LeaderLease, LeadershipLost
+from .loop import LoopSettings, SchedulingLoop
+from .publisher import Publisher
+from .store import Fenced, JobStore, NodeStore
+from .submitter import SubmissionBatcher
+from .watch import WatchHub
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Term:
+    """What one leader term owns."""
+
+    epoch: int
+    inbox: asyncio.Queue[Input]
+    batcher: SubmissionBatcher
+    fleet: FleetView
+    book: JobBook
+    nodes: NodeStore
+    watchers: WatchHub = field(default_factory=WatchHub)
+
+    def usage_by_region(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Milli-accelerators in use and in total per ``provider/region``."""
+        used: dict[str, int] = {}
+        total: dict[str, int] = {}
+        for node in self.fleet.nodes():
+            region = f"{node.provider}/{node.region}"
+            total[region] = total.get(region, 0) + 1000 * len(node.accelerators)
+            used.setdefault(region, 0)
+        for job in self.book.jobs.values():
+            for task in job.placement:
+                region = f"{task.provider}/{task.region}"
+                used[region] = used.get(region, 0) + task.millis * max(1, len(task.accelerators))
+        return used, total
+
+
+@dataclass(frozen=True, slots=True)
+class TermConfig:
+    dsn: str
+    shard: str
+    heartbeat_timeout_s: float
+    half_life_s: float
+    loop: LoopSettings
+    poll_s: float = 1.0
+    inbox_size: int = 100_000
+
+
+class Leadership:
+    """Campaign for a shard and run each term; readers use :attr:`store` at any time."""
+
+    def __init__(
+        self,
+        config: TermConfig,
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        admission: GrantAdmission,
+        rates: Callable[[], Awaitable[RateCard]],
+    ) -> None:
+        self.config = config
+        self.store = JobStore(pool, config.shard)
+        self._pool = pool
+        self._js = js
+        self._admission = admission
+        self._rates = rates
+        self.holder = f"{uuid.uuid4().hex[:8]}"
+        self.current: Term | None = None
+        self.terms = 0
+
+    @property
+    def leading(self) -> bool:
+        return self.current is not None
+
+    def require(self) -> Term:
+        """Return the running term; raise UNAVAILABLE on a standby."""
+        term = self.current
+        if term is None:
+            raise Unavailable(
+                f"this scheduler replica is a standby for shard {self.config.shard!r}; "
+                "call the leader, or retry once this replica takes over"
+            )
+        return term
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Campaign and lead until ``stop`` is set; a lost term campaigns again."""
+        while not stop.is_set():
+            lease = LeaderLease(
+                self.config.dsn,
+                self.config.shard,
+                self.holder,
+                poll_interval_s=self.config.poll_s,
+                check_interval_s=self.config.poll_s,
+            )
+            epoch = await lease.acquire()
+            try:
+                await self._lead(lease, epoch, stop)
+            except* (LeadershipLost, Fenced) as group:
+                logger.warning(
+                    "leader term %d of shard %s ended: %s",
+                    epoch,
+                    self.config.shard,
+                    group.exceptions[0],
+                )
+            except* _TermStopped:
+                logger.info("leader term %d of shard %s stopped", epoch, self.config.shard)
+            finally:
+                self.current = None
+                await lease.release()
+
+    async def _lead(self, lease: LeaderLease, epoch: int, stop: asyncio.Event) -> None:
+        self.terms += 1
+        cfg = self.config
+        inbox: asyncio.Queue[Input] = asyncio.Queue(cfg.inbox_size)
+        engine = EngineAdapter(Engine(EngineConfig(half_life_s=cfg.half_life_s)))
+        fleet = FleetView(cfg.heartbeat_timeout_s)
+        book = JobBook(engine, epoch)
+        nodes = NodeStore(self._pool)
+        loop = SchedulingLoop(
+            book=book,
+            fleet=fleet,
+            store=self.store,
+            nodes=nodes,
+            admission=self._admission,
+            rates=await self._rates(),
+            publisher=Publisher(self._js),
+            watchers=WatchHub(),
+            settings=cfg.loop,
+            inbox=inbox,
+        )
+        await self._restore(loop, nodes)
+        batcher = SubmissionBatcher(self.store, epoch, inbox)
+        feed = AgentFeed(self._js, inbox, f"scheduler-{cfg.shard}")
+        self.current = Term(epoch, inbox, batcher, fleet, book, nodes, loop.watchers)
+        logger.info(
+            "leading shard %s: %d nodes, %d open jobs", cfg.shard, len(fleet), len(book.jobs)
+        )
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(lease.hold(), name="leader-lease")
+            tasks.create_task(loop.run(), name="scheduling-loop")
+            tasks.create_task(batcher.run(), name="submission-batcher")
+            tasks.create_task(feed.run_stream(stop), name="agent-stream")
+            tasks.create_task(feed.run_heartbeats(stop), name="heartbeats")
+            tasks.create_task(_stop_on(stop), name="stop-watch")
+
+    async def _restore(self, loop: SchedulingLoop, nodes: NodeStore) -> None:
+        """Load the fleet and open jobs persisted by earlier terms."""
+        now = loop.now()
+        for payload, draining, reason in await nodes.load():
+            view = node_from_inventory(agent_pb2.Inventory.FromString(payload))
+            change = loop.fleet.apply_inventory(
+                replace(view, draining=draining, status_reason=reason), now
+            )
+            loop.book.engine.add_node(change.node)
+            if draining:
+                loop.book.engine.set_draining(change.node.key, True, now)
+        jobs = await self.store.load_open_jobs()
+        placed = [j for j in jobs if j.state != "pending"]
+        missing = [
+            j for j in placed if any(not loop.book.engine.has_node(t.node_key) for t in j.placement)
+        ]
+        if missing:
+            logger.warning("%d running jobs sit on nodes with no stored inventory", len(missing))
+        loop.book.add([j for j in jobs if j not in missing], now)
+
+
+class _TermStopped(Exception):
+    """The service is shutting down; raised to end the term's task group."""
+
+
+async def _stop_on(stop: asyncio.Event) -> None:
+    await stop.wait()
+    raise _TermStopped

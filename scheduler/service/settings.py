@@ -1,0 +1,69 @@
+"""Settings of the scheduler service, read once from ``ACSP_*`` variables at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.runtime.settings import Settings, SettingsError, setting
+
+
+@dataclass(frozen=True)
+class SchedulerSettings(Settings):
+    shard: str = setting(
+        "ACSP_SCHEDULER_SHARD", "default", "shard this replica campaigns to lead (one leader each)"
+    )
+    grant_url: str | None = setting(
+        "ACSP_SCHEDULER_GRANT_URL", None, "host:port of the grant service that places holds"
+    )
+    service_token_file: Path | None = setting(
+        "ACSP_SCHEDULER_SERVICE_TOKEN_FILE",
+        None,
+        "file holding the bearer token this service presents to the grant service",
+        existing_file=True,
+    )
+    heartbeat_timeout_s: float = setting(
+        "ACSP_SCHEDULER_HEARTBEAT_TIMEOUT_S",
+        15.0,
+        "seconds without a heartbeat before a node becomes unknown",
+        minimum=1.0,
+    )
+    tick_s: float = setting(
+        "ACSP_SCHEDULER_TICK_S",
+        1.0,
+        "longest interval between scheduling passes, seconds",
+        minimum=0.01,
+    )
+    leader_poll_s: float = setting(
+        "ACSP_SCHEDULER_LEADER_POLL_S",
+        1.0,
+        "seconds between a standby's tries of the leader lock, and between lock checks",
+        minimum=0.05,
+    )
+    half_life_s: float = setting(
+        "ACSP_SCHEDULER_FAIR_SHARE_HALF_LIFE_S",
+        7 * 86_400.0,
+        "half-life of decayed fair-share usage, seconds",
+        minimum=1.0,
+    )
+    max_holds_in_flight: int = setting(
+        "ACSP_SCHEDULER_MAX_HOLDS_IN_FLIGHT",
+        256,
+        "hold requests to the grant service at once",
+        minimum=1,
+    )
+    budget_retry_s: float = setting(
+        "ACSP_SCHEDULER_BUDGET_RETRY_S",
+        30.0,
+        "seconds before a project whose hold failed for budget is tried again",
+        minimum=0.1,
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.grant_url is None:
+            raise SettingsError(
+                "ACSP_SCHEDULER_GRANT_URL",
+                "missing",
+                "set it to the grant service's host:port; admission places holds there",
+            )

@@ -1,0 +1,108 @@
+"""Group commit of submissions: many concurrent SubmitJob calls share one INSERT.
+
+A call waits at most ``linger_s`` for others to join its batch, so under load each statement
+carries hundreds of jobs while a lone call still returns within milliseconds. Jobs reach the
+scheduling loop only after their batch committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from services.runtime.errors import Unavailable
+
+from .inputs import Input, Submitted
+from .model import Job
+from .store import Fenced, JobStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    jobs: list[Job]
+    request_ids: list[str | None]
+    done: asyncio.Future[list[Job]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class SubmissionBatcher:
+    """Batches inserts for one leader epoch."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        epoch: int,
+        inbox: asyncio.Queue[Input],
+        *,
+        max_batch: int = 2000,
+        linger_s: float = 0.002,
+        max_queued: int = 20_000,
+    ) -> None:
+        self._store = store
+        self._epoch = epoch
+        self._inbox = inbox
+        self._max_batch = max_batch
+        self._linger = linger_s
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_queued)
+
+    async def submit(self, jobs: list[Job], request_ids: list[str | None]) -> list[Job]:
+        """Store ``jobs`` and hand them to the loop; return the stored jobs in order.
+
+        A request id stored before returns the job first created under it.
+        """
+        pending = _Pending(jobs, request_ids)
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            raise Unavailable(
+                f"{self._queue.qsize()} submissions are queued; retry with backoff"
+            ) from None
+        return await asyncio.shield(pending.done)
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            size = len(batch[0].jobs)
+            await asyncio.sleep(self._linger)
+            while size < self._max_batch and not self._queue.empty():
+                item = self._queue.get_nowait()
+                batch.append(item)
+                size += len(item.jobs)
+            await self._flush(batch)
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        jobs = [job for item in batch for job in item.jobs]
+        request_ids = [rid for item in batch for rid in item.request_ids]
+        try:
+            stored = await self._store.insert_jobs(jobs, request_ids, self._epoch, "rpc:SubmitJob")
+        except Fenced:
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_exception(Unavailable("this scheduler is no longer the leader"))
+            raise
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            logger.error("storing %d submitted jobs failed: %s", len(jobs), exc)
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_exception(Unavailable(f"storing the job failed: {exc}"))
+            return
+        fresh = [
+            j
+            for j, rid in zip(jobs, request_ids, strict=True)
+            if rid is None or stored.get(rid) is j
+        ]
+        if fresh:
+            await self._inbox.put(Submitted(tuple(fresh)))
+        for item in batch:
+            result = [
+                stored.get(rid, job) if rid else job
+                for job, rid in zip(item.jobs, item.request_ids, strict=True)
+            ]
+            if not item.done.done():
+                item.done.set_result(result)
