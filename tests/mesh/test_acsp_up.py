@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 
 from acsp.client import AsyncClient
-from acsp.mesh import LocalMesh, MeshConfig, ProcessSpec, load_mesh
+from acsp.mesh import BackgroundMesh, LocalMesh, MeshConfig, ProcessSpec, load_mesh
 from acsp.mesh._ports import is_listening
 from acsp.mesh.supervisor import MeshStartError
 from acsp.v1 import grant_pb2
@@ -244,3 +244,24 @@ def test_external_urls_come_from_environment(tmp_path: Path):
     assert config.nats_url == "nats://n:1"
     assert urlsplit(config.nats_url).port == 1
     assert MeshConfig.from_env(tmp_path, environ={}).database_url is None
+
+
+def test_background_mesh_runs_in_blocking_code(data_dir: Path):
+    sleeper = ProcessSpec(
+        "sleeper", [sys.executable, "-c", "import time; time.sleep(600)"], serves_grpc=False
+    )
+    config = MeshConfig(
+        data_dir=data_dir,
+        database_url=f"{EXTERNAL_POSTGRES}/test",
+        nats_url=EXTERNAL_NATS,
+        processes=(sleeper,),
+        start_timeout_s=20,
+        stop_grace_s=5,
+    )
+    with BackgroundMesh(config) as mesh:
+        pid = load_mesh(data_dir).extra["pids"]["sleeper"]
+        assert _alive(pid)
+        assert mesh.info.nats_url == EXTERNAL_NATS
+        assert mesh.token("researcher", "carol")
+    assert not _alive(pid)
+    assert not (data_dir / "mesh.json").exists()
