@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import Decimal, localcontext
 
-from services.grant.amounts import format_amount
+from services.grant.amounts import EXACT, format_amount
 from services.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -27,7 +27,8 @@ class InsufficientBudget(FailedPrecondition):
     """A grant or sub-allocation has less available budget than a request needs."""
 
     def __init__(self, account: str, requested: Decimal, available: Decimal) -> None:
-        shortfall = requested - available
+        with localcontext(EXACT):
+            shortfall = requested - available
         super().__init__(
             f"insufficient budget on {account}: requested {format_amount(requested)} PF-days, "
             f"available {format_amount(available)} PF-days, "

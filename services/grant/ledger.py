@@ -45,6 +45,15 @@ RETRYABLE_SQLSTATES: Final = frozenset({"40001", "40P01", "23505"})
 Outcome = EntryResult | Exception
 
 
+class RequestRejected(Exception):
+    """An atomic batch was not applied because the rules rejected one of its requests."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(f"request {index} was rejected: {error}")
+        self.index = index
+        self.error = error
+
+
 class _Written:
     """Marker outcome: the request's entry is in the batch and gets its id once written."""
 
@@ -105,8 +114,13 @@ class Ledger:
         self._low_fraction = low_fraction
         self._max_attempts = max_attempts
 
-    async def apply(self, requests: Sequence[LedgerRequest]) -> list[Outcome]:
+    async def apply(
+        self, requests: Sequence[LedgerRequest], *, atomic: bool = False
+    ) -> list[Outcome]:
         """Apply requests in one transaction; return one result or error per request, in order.
+
+        With ``atomic``, a request that the rules reject leaves the whole batch unapplied and
+        raises :class:`RequestRejected` naming its position.
 
         Serialization failures, deadlocks and idempotency-key races roll the batch back and
         retry it with jittered backoff, at most ``max_attempts`` times, then raise Unavailable.
@@ -114,7 +128,7 @@ class Ledger:
         for attempt in range(1, self._max_attempts + 1):
             try:
                 async with self._db.acquire() as conn:
-                    return await self._apply_once(conn, requests)
+                    return await self._apply_once(conn, requests, atomic)
             except asyncpg.PostgresError as error:
                 if error.sqlstate not in RETRYABLE_SQLSTATES:
                     raise
@@ -131,11 +145,16 @@ class Ledger:
         )
 
     async def _apply_once(
-        self, conn: asyncpg.Connection, requests: Sequence[LedgerRequest]
+        self, conn: asyncpg.Connection, requests: Sequence[LedgerRequest], atomic: bool
     ) -> list[Outcome]:
         batch = _Batch(now=datetime.now(UTC))
         async with conn.transaction():
             outcomes = await self._lock_and_apply(conn, batch, requests)
+            if atomic:
+                for index, outcome in enumerate(outcomes):
+                    if isinstance(outcome, Exception):
+                        # Nothing is written yet, so leaving the transaction undoes only locks.
+                        raise RequestRejected(index, outcome)
             written = await self._write(conn, batch) if batch.entries else {}
         return _finish(outcomes, requests, written)
 
@@ -273,7 +292,7 @@ class Ledger:
         if isinstance(request, ChargeRequest):
             movement = rules.charge(pot, hold, request.amount)
         elif isinstance(request, ReleaseRequest):
-            movement = rules.release(grant, pot, hold)
+            movement = rules.release(grant, pot, hold, settle=request.settle)
         else:
             movement = rules.refund(grant, pot, hold, request.amount)
         self._record(

@@ -59,9 +59,11 @@ class ReleaseRequest:
     key: str
     hold_id: str
     cause: Cause
+    settle: bool = True
+    """Also stop the hold from taking further charges."""
 
     def digest(self) -> str:
-        return _digest("release", self.hold_id)
+        return _digest("release", self.hold_id, self.settle)
 
 
 @dataclass(frozen=True, slots=True)

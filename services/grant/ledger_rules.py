@@ -93,7 +93,7 @@ class HoldBalance:
     refunded: Decimal
     released: Decimal
     settled: bool
-    """True once released: the hold reserves nothing more, but late charges are still taken."""
+    """True once released with ``settle``: the hold takes no more charges."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,8 +204,12 @@ def charge(pot: Pot, hold: HoldBalance, amount: Decimal) -> Movement:
 
     A charge may exceed the hold (a job that ran longer than admitted) or arrive after the hold
     was released (a late usage sample). The excess must then be available in the pot, or
-    InsufficientBudget is raised and nothing changes.
+    InsufficientBudget is raised and nothing changes. A settled hold takes no more charges.
     """
+    if hold.settled:
+        raise FailedPrecondition(
+            f"hold {hold.hold_id} is settled and takes no more charges", field="hold_id"
+        )
     with localcontext(EXACT):
         from_held = min(amount, hold.remaining)
         from_available = amount - from_held
@@ -226,10 +230,11 @@ def charge(pot: Pot, hold: HoldBalance, amount: Decimal) -> Movement:
     return Movement(EntryKind.CHARGE, amount, postings, (new,), new_hold, from_held)
 
 
-def release(grant: GrantState, pot: Pot, hold: HoldBalance) -> Movement:
+def release(grant: GrantState, pot: Pot, hold: HoldBalance, *, settle: bool) -> Movement:
     """Return what a hold still holds to its pot, or to the program pool if the grant expired.
 
-    Releasing a settled hold moves nothing and returns an amount of zero.
+    With ``settle`` the hold also stops taking charges. Releasing a hold that holds nothing
+    moves nothing and returns an amount of zero.
     """
     amount = hold.remaining
     target = PROGRAM_POOL if grant.expired else pot.account("available")
@@ -238,7 +243,9 @@ def release(grant: GrantState, pot: Pot, hold: HoldBalance) -> Movement:
             new = replace(pot, held=pot.held - amount)
         else:
             new = replace(pot, held=pot.held - amount, available=pot.available + amount)
-        new_hold = replace(hold, remaining=ZERO, released=hold.released + amount, settled=True)
+        new_hold = replace(
+            hold, remaining=ZERO, released=hold.released + amount, settled=hold.settled or settle
+        )
     postings = _entry((pot.account("held"), target, amount))
     return Movement(EntryKind.RELEASE, amount, postings, (new,), new_hold)
 

@@ -2,17 +2,11 @@
 -- Amounts are PF-days as NUMERIC(48,24): 24 integer digits and the 1e-24 quantum.
 
 CREATE TABLE institutions (
-    id          text PRIMARY KEY,
-    name        text NOT NULL,
-    created_by  text NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now()
-);
-
--- People known to the program, with the institution used for conflict-of-interest checks.
-CREATE TABLE people (
-    subject         text PRIMARY KEY,
-    institution_id  text REFERENCES institutions (id),
-    created_at      timestamptz NOT NULL DEFAULT now()
+    id            text PRIMARY KEY,
+    name          text NOT NULL,
+    country_code  text NOT NULL DEFAULT '',
+    created_by    text NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now()
 );
 
 CREATE TABLE projects (
@@ -20,7 +14,6 @@ CREATE TABLE projects (
     institution_id     text NOT NULL REFERENCES institutions (id),
     name               text NOT NULL,
     pi                 text NOT NULL,
-    parent_project_id  text REFERENCES projects (id),
     created_by         text NOT NULL,
     created_at         timestamptz NOT NULL DEFAULT now()
 );
@@ -28,7 +21,7 @@ CREATE TABLE projects (
 CREATE TABLE project_members (
     project_id  text NOT NULL REFERENCES projects (id),
     member      text NOT NULL,
-    role        text NOT NULL CHECK (role IN ('pi', 'member')),
+    role        text NOT NULL CHECK (role IN ('pi', 'member', 'viewer')),
     added_by    text NOT NULL,
     added_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (project_id, member)
@@ -37,6 +30,7 @@ CREATE INDEX project_members_member ON project_members (member);
 
 CREATE TABLE applications (
     id                  text PRIMARY KEY,
+    request_id          text NOT NULL UNIQUE,
     project_id          text NOT NULL REFERENCES projects (id),
     tier                text NOT NULL CHECK (tier IN ('exploratory', 'standard', 'flagship')),
     requested           numeric(48, 24) NOT NULL CHECK (requested > 0),
@@ -52,6 +46,8 @@ CREATE TABLE applications (
     submitted_by        text NOT NULL,
     submitted_at        timestamptz NOT NULL DEFAULT now(),
     decision            text CHECK (decision IN ('award', 'award_less', 'reject')),
+    decision_request_id text,
+    awarded             numeric(48, 24),
     decision_reason     text,
     decided_by          text,
     decided_at          timestamptz,
@@ -62,6 +58,7 @@ CREATE INDEX applications_project ON applications (project_id);
 CREATE TABLE application_reviewers (
     application_id  text NOT NULL REFERENCES applications (id),
     reviewer        text NOT NULL,
+    institution_id  text NOT NULL,
     assigned_by     text NOT NULL,
     assigned_at     timestamptz NOT NULL DEFAULT now(),
     score           integer,

@@ -1,0 +1,81 @@
+"""Who may do what in the grant service, on top of the roles the runtime authenticates.
+
+Researchers and PIs see only projects they belong to; only a project's PI changes its members
+and sub-allocations; only the program office awards; only the service identities named in
+ACSP_GRANT_MONEY_SERVICES (scheduler and metering by default) move money.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from services.grant.errors import NotFound, PermissionDenied
+from services.runtime.auth import Principal, Role, current_principal, require_roles
+
+OVERSEERS = frozenset({Role.PROGRAM_OFFICE})
+"""Roles that see every project, application and grant."""
+
+
+def is_overseer(principal: Principal) -> bool:
+    return principal.has_any(OVERSEERS) or principal.kind == "service"
+
+
+def require_program_office() -> Principal:
+    return require_roles(Role.PROGRAM_OFFICE)
+
+
+def require_money_service(allowed: frozenset[str]) -> Principal:
+    """Return the caller if it is one of the service identities that move money."""
+    principal = current_principal()
+    if principal.kind != "service" or principal.subject not in allowed:
+        names = ", ".join(sorted(allowed))
+        raise PermissionDenied(
+            f"{principal.kind} {principal.subject!r} may not move budget: only the service "
+            f"identities {names} hold, charge, release and refund"
+        )
+    return principal
+
+
+async def project_role(conn: asyncpg.Connection, project_id: str, subject: str) -> str | None:
+    role: str | None = await conn.fetchval(
+        "SELECT role FROM project_members WHERE project_id = $1 AND member = $2",
+        project_id,
+        subject,
+    )
+    return role
+
+
+async def require_project_visible(conn: asyncpg.Connection, project_id: str) -> Principal:
+    """Return the caller if it may see the project; raise NotFound otherwise.
+
+    A project the caller may not see is reported as not found, so that its existence does
+    not leak. Reviewers see the projects of applications assigned to them.
+    """
+    principal = current_principal()
+    exists = await conn.fetchval("SELECT 1 FROM projects WHERE id = $1", project_id)
+    if exists is None:
+        raise NotFound("project", project_id)
+    if is_overseer(principal):
+        return principal
+    if await project_role(conn, project_id, principal.subject) is not None:
+        return principal
+    reviewing = await conn.fetchval(
+        "SELECT 1 FROM application_reviewers r JOIN applications a ON a.id = r.application_id "
+        "WHERE a.project_id = $1 AND r.reviewer = $2 LIMIT 1",
+        project_id,
+        principal.subject,
+    )
+    if reviewing is not None:
+        return principal
+    raise NotFound("project", project_id)
+
+
+async def require_project_pi(conn: asyncpg.Connection, project_id: str) -> Principal:
+    """Return the caller if it is the project's PI; raise PermissionDenied otherwise."""
+    principal = await require_project_visible(conn, project_id)
+    if await project_role(conn, project_id, principal.subject) != "pi":
+        raise PermissionDenied(
+            f"{principal.subject!r} is not the PI of project {project_id!r}: only the PI "
+            "changes members and sub-allocations"
+        )
+    return principal

@@ -1,0 +1,230 @@
+"""Conversions between protobuf messages and the grant service's own values, at the edge.
+
+Inputs are validated here, so every error names the request field the caller must fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Final
+
+import asyncpg
+from google.protobuf import timestamp_pb2
+
+from acsp.v1 import common_pb2, grant_pb2
+from services.grant.amounts import format_amount, parse_amount
+from services.grant.errors import InvalidArgument
+from services.grant.ledger_rules import EntryKind, RolledBalance
+from services.grant.review_rules import ApplicationState, Decision, RatePolicy, Tier
+
+TIERS: Final = {
+    grant_pb2.GRANT_TIER_EXPLORATORY: Tier.EXPLORATORY,
+    grant_pb2.GRANT_TIER_STANDARD: Tier.STANDARD,
+    grant_pb2.GRANT_TIER_FLAGSHIP: Tier.FLAGSHIP,
+}
+TIER_OUT: Final = {v: k for k, v in TIERS.items()}
+ROLES: Final = {
+    grant_pb2.PROJECT_ROLE_PI: "pi",
+    grant_pb2.PROJECT_ROLE_MEMBER: "member",
+    grant_pb2.PROJECT_ROLE_VIEWER: "viewer",
+}
+ROLE_OUT: Final = {v: k for k, v in ROLES.items()}
+APPLICATION_STATES: Final = {
+    ApplicationState.SUBMITTED: grant_pb2.APPLICATION_STATE_SUBMITTED,
+    ApplicationState.IN_REVIEW: grant_pb2.APPLICATION_STATE_IN_REVIEW,
+    ApplicationState.AWARDED: grant_pb2.APPLICATION_STATE_AWARDED,
+    ApplicationState.REJECTED: grant_pb2.APPLICATION_STATE_REJECTED,
+    ApplicationState.WITHDRAWN: grant_pb2.APPLICATION_STATE_WITHDRAWN,
+}
+APPLICATION_STATE_IN: Final = {v: k for k, v in APPLICATION_STATES.items()}
+DECISIONS: Final = {
+    grant_pb2.DECISION_OUTCOME_AWARD: Decision.AWARD,
+    grant_pb2.DECISION_OUTCOME_AWARD_LESS: Decision.AWARD_LESS,
+    grant_pb2.DECISION_OUTCOME_REJECT: Decision.REJECT,
+}
+DECISION_OUT: Final = {v: k for k, v in DECISIONS.items()}
+ENTRY_KINDS: Final = {
+    EntryKind.AWARD: common_pb2.LEDGER_ENTRY_KIND_AWARD,
+    EntryKind.SUPPLEMENT: common_pb2.LEDGER_ENTRY_KIND_SUPPLEMENT,
+    EntryKind.HOLD: common_pb2.LEDGER_ENTRY_KIND_HOLD,
+    EntryKind.RELEASE: common_pb2.LEDGER_ENTRY_KIND_RELEASE,
+    EntryKind.CHARGE: common_pb2.LEDGER_ENTRY_KIND_CHARGE,
+    EntryKind.REFUND: common_pb2.LEDGER_ENTRY_KIND_REFUND,
+    EntryKind.EXPIRY: common_pb2.LEDGER_ENTRY_KIND_EXPIRY,
+    EntryKind.TRANSFER: common_pb2.LEDGER_ENTRY_KIND_TRANSFER,
+}
+ENTRY_KIND_IN: Final = {v: k for k, v in ENTRY_KINDS.items()}
+MAX_TEXT: Final = 200
+MAX_JUSTIFICATION: Final = 20_000
+
+
+def amount_in(field: str, message: common_pb2.Decimal, *, allow_zero: bool = False) -> Decimal:
+    """Parse a PF-day amount; raise InvalidArgument naming ``field``."""
+    return parse_amount(field, message.value, allow_zero=allow_zero)
+
+
+def amount_out(value: Decimal) -> common_pb2.Decimal:
+    return common_pb2.Decimal(value=format_amount(value))
+
+
+def time_in(field: str, message: timestamp_pb2.Timestamp, present: bool) -> datetime:
+    if not present:
+        raise InvalidArgument(field, "is missing", "give a timestamp")
+    return message.ToDatetime(tzinfo=UTC)
+
+
+def time_out(value: datetime, target: timestamp_pb2.Timestamp) -> None:
+    target.FromDatetime(value.astimezone(UTC))
+
+
+def text_in(field: str, value: str, *, required: bool = True, limit: int = MAX_TEXT) -> str:
+    """Return stripped text; raise InvalidArgument when it is missing or too long."""
+    stripped = value.strip()
+    if required and not stripped:
+        raise InvalidArgument(field, "is missing", f"give a non-empty {field}")
+    if len(stripped) > limit:
+        raise InvalidArgument(
+            field, f"is {len(stripped)} characters long", f"keep it to {limit} characters"
+        )
+    return stripped
+
+
+def names_in(field: str, values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(text_in(f"{field}[{i}]", v) for i, v in enumerate(values))
+
+
+def tier_in(field: str, value: int) -> Tier:
+    tier = TIERS.get(value)  # type: ignore[call-overload]
+    if tier is None:
+        raise InvalidArgument(
+            field, f"{value} is not a tier", "use exploratory, standard or flagship"
+        )
+    return tier
+
+
+def rate_policy_in(value: int) -> RatePolicy:
+    if value == grant_pb2.RATE_POLICY_FIXED_AT_AWARD:
+        return RatePolicy.FIXED_AT_AWARD
+    return RatePolicy.CURRENT
+
+
+def rate_policy_out(value: str) -> int:
+    if value == RatePolicy.FIXED_AT_AWARD:
+        return grant_pb2.RATE_POLICY_FIXED_AT_AWARD
+    return grant_pb2.RATE_POLICY_CURRENT
+
+
+def institution_out(row: asyncpg.Record) -> grant_pb2.Institution:
+    message = grant_pb2.Institution(
+        institution_id=row["id"], display_name=row["name"], country_code=row["country_code"]
+    )
+    time_out(row["created_at"], message.create_time)
+    return message
+
+
+def project_out(row: asyncpg.Record, members: Sequence[asyncpg.Record]) -> grant_pb2.Project:
+    message = grant_pb2.Project(
+        project_id=row["id"],
+        institution_id=row["institution_id"],
+        display_name=row["name"],
+        pi_subject=row["pi"],
+        members=[
+            grant_pb2.ProjectMember(subject=m["member"], role=ROLE_OUT[m["role"]]) for m in members
+        ],
+    )
+    time_out(row["created_at"], message.create_time)
+    return message
+
+
+def balance_out(balance: RolledBalance) -> grant_pb2.Balance:
+    return grant_pb2.Balance(
+        credited_pf_days=amount_out(balance.credited),
+        held_pf_days=amount_out(balance.held),
+        charged_pf_days=amount_out(balance.charged),
+        refunded_pf_days=amount_out(balance.refunded),
+        delegated_pf_days=amount_out(balance.delegated),
+        available_pf_days=amount_out(balance.available),
+    )
+
+
+def grant_state_out(row: asyncpg.Record, now: datetime) -> int:
+    if row["expired"]:
+        return grant_pb2.GRANT_STATE_EXPIRED
+    if now < row["starts_at"]:
+        return grant_pb2.GRANT_STATE_PENDING
+    return grant_pb2.GRANT_STATE_ACTIVE
+
+
+def grant_out(
+    row: asyncpg.Record, institution_id: str, balance: RolledBalance, now: datetime
+) -> grant_pb2.Grant:
+    message = grant_pb2.Grant(
+        grant_id=row["id"],
+        project_id=row["project_id"],
+        institution_id=institution_id,
+        tier=TIER_OUT[Tier(row["tier"])],
+        constraints=grant_pb2.GrantConstraints(
+            providers=row["providers"],
+            regions=row["regions"],
+            accelerator_models=row["accelerator_models"],
+        ),
+        rate_policy=rate_policy_out(row["rate_policy"]),  # type: ignore[arg-type]
+        rate_card_version=row["rate_card_version"] or 0,
+        state=grant_state_out(row, now),  # type: ignore[arg-type]
+        application_id=row["application_id"] or "",
+        supplemented=row["supplemented"],
+        balance=balance_out(balance),
+        # NOTE: the weight is the credited budget in PF-days; the scheduler may scale it.
+        fair_share_weight=amount_out(row["credited"]),
+    )
+    time_out(row["starts_at"], message.validity.start_time)
+    time_out(row["ends_at"], message.validity.end_time)
+    time_out(row["created_at"], message.create_time)
+    return message
+
+
+def hold_out(row: asyncpg.Record) -> grant_pb2.Hold:
+    return grant_pb2.Hold(
+        hold_id=row["id"],
+        grant_id=row["grant_id"],
+        sub_allocation_id=row["allocation_id"] or "",
+        job_id=row["job_id"],
+        held_pf_days=amount_out(row["amount"]),
+        charged_pf_days=amount_out(row["charged"]),
+        released_pf_days=amount_out(row["released"]),
+        settled=row["settled"],
+    )
+
+
+def entry_out(row: asyncpg.Record, postings: Sequence[asyncpg.Record]) -> grant_pb2.LedgerEntry:
+    message = grant_pb2.LedgerEntry(
+        entry_id=row["id"],
+        kind=ENTRY_KINDS[EntryKind(row["kind"])],
+        grant_id=row["grant_id"],
+        sub_allocation_id=row["allocation_id"] or "",
+        hold_id=row["hold_id"] or "",
+        job_id=row["job_id"],
+        amount_pf_days=amount_out(row["amount"]),
+        postings=[
+            grant_pb2.Posting(account=p["account"], amount_pf_days=signed_out(p["amount"]))
+            for p in postings
+        ],
+        idempotency_key=row["idempotency_key"],
+        cause=common_pb2.Cause(
+            trigger=row["trigger"],
+            reference_id=row["idempotency_key"],
+            actor=row["actor"],
+            reason=row["reason"],
+        ),
+    )
+    time_out(row["created_at"], message.cause.time)
+    time_out(row["created_at"], message.create_time)
+    return message
+
+
+def signed_out(value: Decimal) -> common_pb2.Decimal:
+    if value < 0:
+        return common_pb2.Decimal(value="-" + format_amount(-value))
+    return amount_out(value)

@@ -1,0 +1,174 @@
+"""Institutions, projects and their members."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from services.grant.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.runtime.auth import Principal
+
+
+@dataclass(frozen=True, slots=True)
+class NewInstitution:
+    institution_id: str
+    name: str
+    country_code: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewProject:
+    project_id: str
+    institution_id: str
+    name: str
+    pi: str
+    members: tuple[tuple[str, str], ...]
+    """(subject, role) pairs besides the PI."""
+
+
+async def create_institution(
+    conn: asyncpg.Connection, new: NewInstitution, actor: str
+) -> asyncpg.Record:
+    """Insert an institution; a repeat of the same request returns the stored row."""
+    row = await conn.fetchrow(
+        "INSERT INTO institutions (id, name, country_code, created_by) VALUES ($1, $2, $3, $4) "
+        "ON CONFLICT (id) DO NOTHING RETURNING *",
+        new.institution_id,
+        new.name,
+        new.country_code,
+        actor,
+    )
+    if row is not None:
+        return row
+    existing = await get_institution(conn, new.institution_id)
+    if existing["name"] != new.name or existing["country_code"] != new.country_code:
+        raise AlreadyExists("institution", new.institution_id)
+    return existing
+
+
+async def get_institution(conn: asyncpg.Connection, institution_id: str) -> asyncpg.Record:
+    row = await conn.fetchrow("SELECT * FROM institutions WHERE id = $1", institution_id)
+    if row is None:
+        raise NotFound("institution", institution_id)
+    return row
+
+
+async def list_institutions(
+    conn: asyncpg.Connection, after: str, limit: int
+) -> Sequence[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT * FROM institutions WHERE id > $1 ORDER BY id LIMIT $2", after, limit
+    )
+
+
+async def create_project(conn: asyncpg.Connection, new: NewProject, actor: str) -> asyncpg.Record:
+    """Insert a project with its PI and members; a repeat of the same request returns it."""
+    await get_institution(conn, new.institution_id)
+    row = await conn.fetchrow(
+        "INSERT INTO projects (id, institution_id, name, pi, created_by) "
+        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING RETURNING *",
+        new.project_id,
+        new.institution_id,
+        new.name,
+        new.pi,
+        actor,
+    )
+    if row is None:
+        existing = await get_project(conn, new.project_id)
+        if existing["institution_id"] != new.institution_id or existing["pi"] != new.pi:
+            raise AlreadyExists("project", new.project_id)
+        return existing
+    members = [(new.pi, "pi"), *((s, r) for s, r in new.members if s != new.pi)]
+    await conn.executemany(
+        "INSERT INTO project_members (project_id, member, role, added_by) VALUES ($1, $2, $3, $4)",
+        [(new.project_id, subject, role, actor) for subject, role in members],
+    )
+    return row
+
+
+async def get_project(conn: asyncpg.Connection, project_id: str) -> asyncpg.Record:
+    row = await conn.fetchrow("SELECT * FROM projects WHERE id = $1", project_id)
+    if row is None:
+        raise NotFound("project", project_id)
+    return row
+
+
+async def project_members(conn: asyncpg.Connection, project_id: str) -> Sequence[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT member, role FROM project_members WHERE project_id = $1 "
+        "ORDER BY role <> 'pi', member",
+        project_id,
+    )
+
+
+async def list_projects(
+    conn: asyncpg.Connection,
+    principal: Principal,
+    see_all: bool,
+    institution_id: str,
+    after: str,
+    limit: int,
+) -> Sequence[asyncpg.Record]:
+    """Return a page of the projects the caller may see, ordered by id."""
+    return await conn.fetch(
+        """
+        SELECT p.* FROM projects p
+        WHERE p.id > $1
+          AND ($2 = '' OR p.institution_id = $2)
+          AND ($3 OR EXISTS (SELECT 1 FROM project_members m
+                             WHERE m.project_id = p.id AND m.member = $4))
+        ORDER BY p.id LIMIT $5
+        """,
+        after,
+        institution_id,
+        see_all,
+        principal.subject,
+        limit,
+    )
+
+
+async def set_member(
+    conn: asyncpg.Connection, project_id: str, subject: str, role: str, actor: str
+) -> None:
+    """Add a member or change a member's role; the PI's own role cannot change here."""
+    if role == "pi":
+        raise InvalidArgument(
+            "member.role", "cannot be pi", "a project has exactly one PI, set at creation"
+        )
+    current = await conn.fetchval(
+        "SELECT role FROM project_members WHERE project_id = $1 AND member = $2 FOR UPDATE",
+        project_id,
+        subject,
+    )
+    if current == "pi":
+        raise FailedPrecondition(
+            f"{subject!r} is the PI of project {project_id!r}", field="member.subject"
+        )
+    await conn.execute(
+        "INSERT INTO project_members (project_id, member, role, added_by) VALUES ($1, $2, $3, $4) "
+        "ON CONFLICT (project_id, member) DO UPDATE SET role = EXCLUDED.role, "
+        "added_by = EXCLUDED.added_by, added_at = now()",
+        project_id,
+        subject,
+        role,
+        actor,
+    )
+
+
+async def remove_member(conn: asyncpg.Connection, project_id: str, subject: str) -> None:
+    """Remove a member; removing someone who is not a member changes nothing."""
+    role = await conn.fetchval(
+        "SELECT role FROM project_members WHERE project_id = $1 AND member = $2",
+        project_id,
+        subject,
+    )
+    if role == "pi":
+        raise FailedPrecondition(
+            f"{subject!r} is the PI of project {project_id!r} and cannot be removed",
+            field="subject",
+        )
+    await conn.execute(
+        "DELETE FROM project_members WHERE project_id = $1 AND member = $2", project_id, subject
+    )

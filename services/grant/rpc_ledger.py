@@ -1,0 +1,440 @@
+"""RPC handlers for grants, sub-allocations and the money-moving ledger calls."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, localcontext
+
+import asyncpg
+import grpc
+
+from acsp.v1 import grant_pb2
+from services.grant import access, budget, views
+from services.grant import convert as cv
+from services.grant import ledger_rules as rules
+from services.grant.amounts import EXACT, ZERO
+from services.grant.app import GrantApp, page_in, page_out, reference_in, request_id_in
+from services.grant.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.grant.ledger import RequestRejected, allocation_pot_name, grant_pot_name
+from services.grant.ledger_ops import (
+    Cause,
+    ChargeRequest,
+    EntryResult,
+    HoldRequest,
+    LedgerRequest,
+    RefundRequest,
+    ReleaseRequest,
+)
+from services.grant.review_rules import Tier, check_supplement
+from services.runtime.auth import Principal, current_principal
+from services.runtime.context import request_id
+
+log = logging.getLogger(__name__)
+
+GRANT_STATES = {
+    grant_pb2.GRANT_STATE_ACTIVE: "active",
+    grant_pb2.GRANT_STATE_PENDING: "pending",
+    grant_pb2.GRANT_STATE_EXPIRED: "expired",
+}
+
+
+def _cause(principal: Principal, method: str, reason: str = "") -> Cause:
+    return Cause(
+        actor=principal.subject, trigger=f"rpc:{method}", reason=reason or (request_id() or "")
+    )
+
+
+async def _visible_grant(conn: asyncpg.Connection, grant_id: str) -> views.GrantView:
+    """Return the grant if the caller may see it; a hidden grant is reported as not found."""
+    view = await views.grant_view(conn, grant_id)
+    try:
+        await access.require_project_visible(conn, view.row["project_id"])
+    except NotFound:
+        raise NotFound("grant", grant_id) from None
+    return view
+
+
+def _raise_outcome(outcome: object) -> EntryResult:
+    if isinstance(outcome, Exception):
+        raise outcome
+    assert isinstance(outcome, EntryResult)
+    return outcome
+
+
+class LedgerHandlers:
+    """Grants, sub-allocations, holds, charges, releases, refunds and history."""
+
+    app: GrantApp
+
+    async def GetGrant(
+        self, request: grant_pb2.GetGrantRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.Grant:
+        grant_id = reference_in("grant_id", request.grant_id)
+        async with self.app.database().acquire() as conn:
+            view = await _visible_grant(conn, grant_id)
+        return cv.grant_out(view.row, view.institution_id, view.balance, datetime.now(UTC))
+
+    async def ListGrants(
+        self, request: grant_pb2.ListGrantsRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.ListGrantsResponse:
+        principal = current_principal()
+        limit, after = page_in(request.page)
+        now = datetime.now(UTC)
+        async with self.app.database().acquire() as conn:
+            grants = await views.list_grants(
+                conn,
+                principal.subject,
+                access.is_overseer(principal),
+                request.project_id,
+                request.institution_id,
+                GRANT_STATES.get(request.state, ""),  # type: ignore[call-overload]
+                now,
+                after,
+                limit,
+            )
+        return grant_pb2.ListGrantsResponse(
+            grants=[cv.grant_out(g.row, g.institution_id, g.balance, now) for g in grants],
+            page=page_out([g.row["id"] for g in grants], limit),
+        )
+
+    async def SupplementGrant(
+        self, request: grant_pb2.SupplementGrantRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.Grant:
+        principal = access.require_program_office()
+        key = request_id_in(request.request_id)
+        grant_id = reference_in("grant_id", request.grant_id)
+        amount = cv.amount_in("amount_pf_days", request.amount_pf_days)
+        reason = cv.text_in("reason", request.reason, limit=2000)
+        now = datetime.now(UTC)
+        async with self.app.database().transaction() as conn:
+            if await budget.existing_entry(conn, key) is None:
+                row = await budget.lock_grant(conn, grant_id)
+                check_supplement(
+                    Tier(row["tier"]), amount, row["supplemented"], self.app.settings.tier_limits()
+                )
+                cause = _cause(principal, "SupplementGrant", reason)
+                await budget.supplement_grant(conn, grant_id, amount, key, cause, now)
+            view = await views.grant_view(conn, grant_id)
+        return cv.grant_out(view.row, view.institution_id, view.balance, now)
+
+    async def ExtendGrant(
+        self, request: grant_pb2.ExtendGrantRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.Grant:
+        principal = access.require_program_office()
+        request_id_in(request.request_id)
+        grant_id = reference_in("grant_id", request.grant_id)
+        new_end = cv.time_in("new_end_time", request.new_end_time, request.HasField("new_end_time"))
+        reason = cv.text_in("reason", request.reason, limit=2000)
+        async with self.app.database().transaction() as conn:
+            row = await budget.lock_grant(conn, grant_id)
+            if row["expired"]:
+                raise FailedPrecondition(f"grant {grant_id} has expired", field="grant_id")
+            if new_end < row["ends_at"]:
+                raise InvalidArgument(
+                    "new_end_time",
+                    f"{new_end.isoformat()} is before the current end {row['ends_at'].isoformat()}",
+                    "an extension moves the end later",
+                )
+            await conn.execute(
+                "UPDATE grants SET ends_at = $2, expiring_notified = false WHERE id = $1",
+                grant_id,
+                new_end,
+            )
+            view = await views.grant_view(conn, grant_id)
+        log.info(
+            "grant extended",
+            extra={
+                "grant_id": grant_id,
+                "actor": principal.subject,
+                "ends_at": new_end,
+                "reason": reason,
+            },
+        )
+        return cv.grant_out(view.row, view.institution_id, view.balance, datetime.now(UTC))
+
+    async def ExpireGrants(
+        self, request: grant_pb2.ExpireGrantsRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.ExpireGrantsResponse:
+        principal = current_principal()
+        if not access.is_overseer(principal):
+            access.require_program_office()
+        now = datetime.now(UTC)
+        as_of = request.as_of_time.ToDatetime(tzinfo=UTC) if request.HasField("as_of_time") else now
+        if as_of > now:
+            raise InvalidArgument(
+                "as_of_time", "is in the future", "grants can only expire once their window ended"
+            )
+        expired, total = await expire_due(self.app, as_of, _cause(principal, "ExpireGrants"))
+        return grant_pb2.ExpireGrantsResponse(
+            grant_ids=expired, returned_pf_days=cv.amount_out(total)
+        )
+
+    async def CreateSubAllocation(
+        self, request: grant_pb2.CreateSubAllocationRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.SubAllocation:
+        key = request_id_in(request.request_id)
+        grant_id = reference_in("grant_id", request.grant_id)
+        holder = cv.text_in("holder", request.holder)
+        amount = cv.amount_in("amount_pf_days", request.amount_pf_days)
+        parent = request.parent_sub_allocation_id or None
+        async with self.app.database().transaction() as conn:
+            view = await _visible_grant(conn, grant_id)
+            principal = await access.require_project_pi(conn, view.row["project_id"])
+            allocation_id = await budget.create_sub_allocation(
+                conn,
+                grant_id,
+                parent,
+                holder,
+                amount,
+                key,
+                _cause(principal, "CreateSubAllocation"),
+                datetime.now(UTC),
+            )
+            row = await conn.fetchrow("SELECT * FROM allocations WHERE id = $1", allocation_id)
+            balance = await views.allocation_balance(conn, grant_id, allocation_id)
+        return _allocation_out(row, balance)
+
+    async def ListSubAllocations(
+        self, request: grant_pb2.ListSubAllocationsRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.ListSubAllocationsResponse:
+        grant_id = reference_in("grant_id", request.grant_id)
+        limit, after = page_in(request.page)
+        async with self.app.database().acquire() as conn:
+            await _visible_grant(conn, grant_id)
+            page = await views.list_allocations(conn, grant_id, after, limit)
+        return grant_pb2.ListSubAllocationsResponse(
+            sub_allocations=[_allocation_out(r, b) for r, b in page],
+            page=page_out([r["id"] for r, _ in page], limit),
+        )
+
+    async def CheckFunds(
+        self, request: grant_pb2.CheckFundsRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.CheckFundsResponse:
+        amount = cv.amount_in("amount_pf_days", request.amount_pf_days)
+        now = datetime.now(UTC)
+        async with self.app.database().acquire() as conn:
+            if request.grant_id:
+                view = await _visible_grant(conn, request.grant_id)
+                grant = budget.grant_state(view.row)
+                pot = budget.pot_of(grant_pot_name(grant.grant_id), view.row)
+                if request.sub_allocation_id:
+                    row = await conn.fetchrow(
+                        "SELECT * FROM allocations WHERE id = $1 AND grant_id = $2",
+                        request.sub_allocation_id,
+                        grant.grant_id,
+                    )
+                    if row is None:
+                        raise NotFound("sub-allocation", request.sub_allocation_id)
+                    pot = budget.pot_of(allocation_pot_name(row["id"]), row)
+                available = pot.available if grant.is_open_at(now) else ZERO
+                grant_id = grant.grant_id
+            else:
+                project_id = reference_in("project_id", request.project_id)
+                await access.require_project_visible(conn, project_id)
+                rows = await conn.fetch(
+                    "SELECT * FROM grants WHERE project_id = $1 AND NOT expired", project_id
+                )
+                candidates = [
+                    (budget.grant_state(r), budget.pot_of(grant_pot_name(r["id"]), r)) for r in rows
+                ]
+                try:
+                    chosen, pot = rules.choose_grant(candidates, amount, now)
+                    grant_id, available = chosen.grant_id, pot.available
+                except FailedPrecondition:
+                    open_pots = [p for g, p in candidates if g.is_open_at(now)]
+                    best = max(open_pots, key=lambda p: p.available, default=None)
+                    grant_id = best.name.removeprefix("grant:") if best else ""
+                    available = best.available if best else ZERO
+        with localcontext(EXACT):
+            shortfall = max(ZERO, amount - available)
+        return grant_pb2.CheckFundsResponse(
+            sufficient=shortfall == ZERO,
+            grant_id=grant_id,
+            available_pf_days=cv.amount_out(available),
+            shortfall_pf_days=cv.amount_out(shortfall),
+        )
+
+    async def PlaceHold(
+        self, request: grant_pb2.PlaceHoldRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.Hold:
+        principal = access.require_money_service(self.app.settings.money_services)
+        key = request_id_in(request.request_id)
+        amount = cv.amount_in("amount_pf_days", request.amount_pf_days)
+        job_id = cv.text_in("job_id", request.job_id)
+        if not request.grant_id and not request.project_id:
+            raise InvalidArgument(
+                "grant_id", "and project_id are both missing", "name the grant or the project"
+            )
+        if not request.grant_id:
+            async with self.app.database().acquire() as conn:
+                if (
+                    await conn.fetchval("SELECT 1 FROM projects WHERE id = $1", request.project_id)
+                    is None
+                ):
+                    raise NotFound("project", request.project_id)
+        hold = HoldRequest(
+            key=key,
+            grant_id=request.grant_id or None,
+            project_id=request.project_id or None,
+            allocation_id=request.sub_allocation_id or None,
+            job_id=job_id,
+            amount=amount,
+            cause=_cause(principal, "PlaceHold"),
+        )
+        result = _raise_outcome(await self.app.ledger_batcher().submit(hold))
+        async with self.app.database().acquire() as conn:
+            return cv.hold_out(await views.hold_row(conn, result.hold_id or ""))
+
+    async def CommitCharges(
+        self, request: grant_pb2.CommitChargesRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.CommitChargesResponse:
+        principal = access.require_money_service(self.app.settings.money_services)
+        if not request.charges:
+            raise InvalidArgument("charges", "is empty", "send at least one charge")
+        if len(request.charges) > 1000:
+            raise InvalidArgument("charges", "has more than 1000 items", "split the batch")
+        charges: list[LedgerRequest] = []
+        for index, item in enumerate(request.charges):
+            prefix = f"charges[{index}]"
+            reason = f"usage {item.usage_reference}; rate card v{item.rate_card_version}"
+            charges.append(
+                ChargeRequest(
+                    key=request_id_in(item.request_id, f"{prefix}.request_id"),
+                    hold_id=reference_in(f"{prefix}.hold_id", item.hold_id),
+                    amount=cv.amount_in(f"{prefix}.amount_pf_days", item.amount_pf_days),
+                    cause=_cause(principal, "CommitCharges", reason),
+                )
+            )
+        try:
+            # All or nothing, so a rejected charge never leaves its batch half applied.
+            outcomes = await self.app.direct_ledger().apply(charges, atomic=True)
+        except RequestRejected as rejected:
+            error = rejected.error
+            if isinstance(error, FailedPrecondition):
+                index = rejected.index
+                raise FailedPrecondition(
+                    f"charges[{index}]: {error.reason}; no charge of this call was applied",
+                    field=f"charges[{index}]",
+                ) from None
+            raise error from None
+        results = [_raise_outcome(o) for o in outcomes]
+        return grant_pb2.CommitChargesResponse(
+            results=[
+                grant_pb2.ChargeResult(request_id=c.key, entry_id=r.entry_id, applied=r.applied)
+                for c, r in zip(charges, results, strict=True)
+            ]
+        )
+
+    async def ReleaseHold(
+        self, request: grant_pb2.ReleaseHoldRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.Hold:
+        principal = access.require_money_service(self.app.settings.money_services)
+        release = ReleaseRequest(
+            key=request_id_in(request.request_id),
+            hold_id=reference_in("hold_id", request.hold_id),
+            cause=_cause(principal, "ReleaseHold"),
+            settle=request.settle,
+        )
+        _raise_outcome(await self.app.ledger_batcher().submit(release))
+        async with self.app.database().acquire() as conn:
+            return cv.hold_out(await views.hold_row(conn, release.hold_id))
+
+    async def Refund(
+        self, request: grant_pb2.RefundRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.LedgerEntry:
+        principal = access.require_money_service(self.app.settings.money_services)
+        refund = RefundRequest(
+            key=request_id_in(request.request_id),
+            hold_id=reference_in("hold_id", request.hold_id),
+            amount=cv.amount_in("amount_pf_days", request.amount_pf_days),
+            cause=_cause(principal, "Refund", cv.text_in("reason", request.reason, limit=2000)),
+        )
+        result = _raise_outcome(await self.app.ledger_batcher().submit(refund))
+        async with self.app.database().acquire() as conn:
+            row, postings = await views.entry_with_postings(conn, result.entry_id)
+        return cv.entry_out(row, postings)
+
+    async def GetBalance(
+        self, request: grant_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.Balance:
+        grant_id = reference_in("grant_id", request.grant_id)
+        async with self.app.database().acquire() as conn:
+            view = await _visible_grant(conn, grant_id)
+            if not request.sub_allocation_id:
+                return cv.balance_out(view.balance)
+            balance = await views.allocation_balance(conn, grant_id, request.sub_allocation_id)
+        return cv.balance_out(balance)
+
+    async def ListLedgerEntries(
+        self, request: grant_pb2.ListLedgerEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.ListLedgerEntriesResponse:
+        grant_id = reference_in("grant_id", request.grant_id)
+        limit, token = page_in(request.page)
+        if token and not token.isdigit():
+            raise InvalidArgument(
+                "page.page_token",
+                f"{token!r} is not a token this call returned",
+                "pass it back unchanged",
+            )
+        kind = cv.ENTRY_KIND_IN.get(request.kind)  # type: ignore[call-overload]
+        async with self.app.database().acquire() as conn:
+            await _visible_grant(conn, grant_id)
+            page = await views.list_entries(
+                conn, grant_id, kind.value if kind else "", int(token or 0), limit
+            )
+        return grant_pb2.ListLedgerEntriesResponse(
+            entries=[cv.entry_out(r, p) for r, p in page],
+            page=page_out([str(r["id"]) for r, _ in page], limit),
+        )
+
+    async def GetLedgerSummary(
+        self, request: grant_pb2.GetLedgerSummaryRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.GetLedgerSummaryResponse:
+        access.require_program_office()
+        async with self.app.database().acquire() as conn:
+            summary = await views.ledger_summary(conn)
+        return grant_pb2.GetLedgerSummaryResponse(
+            postings_sum_pf_days=cv.signed_out(summary.postings_sum),
+            entry_count=summary.entry_count,
+            negative_grant_ids=summary.negative_grant_ids,
+            program_pool_pf_days=cv.signed_out(summary.program_pool),
+        )
+
+
+def _allocation_out(row: asyncpg.Record, balance: rules.RolledBalance) -> grant_pb2.SubAllocation:
+    message = grant_pb2.SubAllocation(
+        sub_allocation_id=row["id"],
+        grant_id=row["grant_id"],
+        parent_sub_allocation_id=row["parent_id"] or "",
+        holder=row["holder"],
+        balance=cv.balance_out(balance),
+    )
+    cv.time_out(row["created_at"], message.create_time)
+    return message
+
+
+async def expire_due(app: GrantApp, as_of: datetime, cause: Cause) -> tuple[list[str], Decimal]:
+    """Expire every grant whose window ended by ``as_of``, one transaction per grant."""
+    db = app.database()
+    async with db.acquire() as conn:
+        due = await budget.grants_to_expire(conn, as_of)
+    expired: list[str] = []
+    total = ZERO
+    for grant_id in due:
+        async with db.transaction() as conn:
+            returned = await budget.expire_grant(conn, grant_id, cause, as_of)
+        if returned is not None:
+            expired.append(grant_id)
+            with localcontext(EXACT):
+                total += returned
+            log.info(
+                "grant expired", extra={"grant_id": grant_id, "returned_pf_days": str(returned)}
+            )
+    return expired, total
+
+
+async def notify_expiring(app: GrantApp, now: datetime, cause: Cause) -> list[str]:
+    horizon = now + timedelta(days=app.settings.expiring_soon_days)
+    async with app.database().transaction() as conn:
+        return await budget.mark_expiring_soon(conn, horizon, cause, now)

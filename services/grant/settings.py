@@ -1,0 +1,98 @@
+"""Settings of the grant service: program limits, event thresholds and ledger batching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from services.grant.review_rules import Tier
+from services.runtime.settings import Settings, SettingsError, setting
+
+
+def _parse_names(text: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ValueError("no service name given")
+    return names
+
+
+@dataclass(frozen=True)
+class GrantSettings(Settings):
+    """Settings read once from ``ACSP_*`` variables at start."""
+
+    exploratory_limit_pf_days: Decimal = setting(
+        "ACSP_GRANT_EXPLORATORY_LIMIT_PF_DAYS",
+        Decimal(10),
+        "largest exploratory request in PF-days; these are awarded without review",
+        minimum=0,
+    )
+    standard_limit_pf_days: Decimal = setting(
+        "ACSP_GRANT_STANDARD_LIMIT_PF_DAYS", Decimal(500), "largest standard request, PF-days"
+    )
+    flagship_limit_pf_days: Decimal = setting(
+        "ACSP_GRANT_FLAGSHIP_LIMIT_PF_DAYS", Decimal(5000), "largest flagship request, PF-days"
+    )
+    budget_low_fraction: Decimal = setting(
+        "ACSP_GRANT_BUDGET_LOW_FRACTION",
+        Decimal("0.1"),
+        "share of a grant's credited budget below which one budget-low event is sent (0..1)",
+        minimum=0,
+    )
+    expiring_soon_days: float = setting(
+        "ACSP_GRANT_EXPIRING_SOON_DAYS",
+        14.0,
+        "days before a grant's end at which one expiring-soon event is sent",
+        minimum=0,
+    )
+    expiry_interval_s: float = setting(
+        "ACSP_GRANT_EXPIRY_INTERVAL_S",
+        60.0,
+        "seconds between scans for grants whose window ended",
+        minimum=0.05,
+    )
+    outbox_interval_s: float = setting(
+        "ACSP_GRANT_OUTBOX_INTERVAL_S",
+        0.5,
+        "seconds between polls of the event outbox when it was empty",
+        minimum=0.01,
+    )
+    ledger_workers: int = setting(
+        "ACSP_GRANT_LEDGER_WORKERS",
+        4,
+        "ledger transactions run at once; keep it below ACSP_DB_POOL_MAX",
+        minimum=1,
+    )
+    ledger_max_batch: int = setting(
+        "ACSP_GRANT_LEDGER_MAX_BATCH",
+        64,
+        "most ledger requests applied in one transaction; 1 gives one transaction per request",
+        minimum=1,
+    )
+    ledger_max_queue: int = setting(
+        "ACSP_GRANT_LEDGER_MAX_QUEUE",
+        4096,
+        "ledger requests that may wait; more are rejected as UNAVAILABLE",
+        minimum=1,
+    )
+    money_services: frozenset[str] = setting(
+        "ACSP_GRANT_MONEY_SERVICES",
+        frozenset({"scheduler", "metering"}),
+        "comma-separated service identities allowed to hold, charge, release and refund",
+        parse=_parse_names,
+    )
+
+    def tier_limits(self) -> dict[Tier, Decimal]:
+        return {
+            Tier.EXPLORATORY: self.exploratory_limit_pf_days,
+            Tier.STANDARD: self.standard_limit_pf_days,
+            Tier.FLAGSHIP: self.flagship_limit_pf_days,
+        }
+
+    def validate(self) -> None:
+        super().validate()
+        if self.budget_low_fraction > 1:
+            raise SettingsError(
+                "ACSP_GRANT_BUDGET_LOW_FRACTION",
+                f"{self.budget_low_fraction} is above 1",
+                "give a share between 0 and 1, e.g. 0.1",
+            )
