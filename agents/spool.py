@@ -65,6 +65,7 @@ class Spool:
         self._max_bytes = max_bytes
         self._segment_bytes = segment_bytes
         self._dir.mkdir(parents=True, exist_ok=True)
+        self._writer: BinaryIO | None = None
         self._segments: list[int] = sorted(
             int(p.name.removesuffix(_SUFFIX)) for p in self._dir.glob(f"*{_SUFFIX}")
         )
@@ -73,7 +74,6 @@ class Spool:
         self._pending_records = self._count_records()
         self.dropped = 0
         """Records rejected because the spool was full, since this object was created."""
-        self._writer: BinaryIO | None = None
         if self._segments:
             self._writer = open(self._segment_path(self._segments[-1]), "ab")
 

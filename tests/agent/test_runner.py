@@ -1,0 +1,248 @@
+"""The task runner with real processes: visibility, wall time, stop, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from agents.model import TaskEvent, TaskSpec, TaskState
+from agents.runner import TaskRunner
+from agents.state import StateStore
+
+ACCELERATORS = [f"GPU-{i}" for i in range(8)]
+
+
+def _visible(uuids: object) -> dict[str, str]:
+    return {"CUDA_VISIBLE_DEVICES": ",".join(uuids)}  # type: ignore[arg-type]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[TaskEvent] = []
+
+    def __call__(self, event: TaskEvent) -> None:
+        self.events.append(event)
+
+    def states(self, task_id: str) -> list[TaskState]:
+        return [e.state for e in self.events if e.task_id == task_id]
+
+    def last(self, task_id: str) -> TaskEvent:
+        return [e for e in self.events if e.task_id == task_id][-1]
+
+
+def make_runner(tmp_path: Path, recorder: Recorder) -> TaskRunner:
+    return TaskRunner(
+        "acme.eu-1.node-1",
+        StateStore(tmp_path / "state.json"),
+        tmp_path,
+        recorder,
+        time.time,
+        ACCELERATORS,
+        _visible,
+    )
+
+
+async def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def python_command(code: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", code)
+
+
+async def run_with_group(
+    tmp_path: Path, body: Callable[[TaskRunner, Recorder], Awaitable[None]]
+) -> Recorder:
+    recorder = Recorder()
+    runner = make_runner(tmp_path, recorder)
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await body(runner, recorder)
+    return recorder
+
+
+async def test_task_sees_exactly_its_two_accelerators(tmp_path: Path) -> None:
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        spec = TaskSpec(
+            job_id="job-1",
+            task_id="job-1/1/0",
+            accelerators=("GPU-3", "GPU-6"),
+            command=python_command("import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"),
+        )
+        await runner.start(spec)
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("job-1/1/0"))
+
+    recorder = await run_with_group(tmp_path, body)
+    final = recorder.last("job-1/1/0")
+    assert final.exit_code == 0
+    assert final.output_tail.strip() == "GPU-3,GPU-6"
+    assert recorder.states("job-1/1/0") == [TaskState.RUNNING, TaskState.SUCCEEDED]
+
+
+async def test_agent_credentials_are_not_passed_to_tasks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACSP_NATS_PASSWORD", "secret")
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        spec = TaskSpec(
+            job_id="job-2",
+            task_id="job-2/1/0",
+            accelerators=("GPU-0",),
+            command=python_command(
+                "import os; print(os.environ.get('ACSP_NATS_PASSWORD', 'absent'))"
+            ),
+        )
+        await runner.start(spec)
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("job-2/1/0"))
+
+    recorder = await run_with_group(tmp_path, body)
+    assert recorder.last("job-2/1/0").output_tail.strip() == "absent"
+
+
+async def test_task_past_wall_time_is_stopped(tmp_path: Path) -> None:
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        spec = TaskSpec(
+            job_id="job-3",
+            task_id="job-3/1/0",
+            accelerators=("GPU-1",),
+            command=python_command("import time; print('working', flush=True); time.sleep(60)"),
+            wall_time_s=1.0,
+            grace_period_s=2.0,
+        )
+        await runner.start(spec)
+        await wait_for(lambda: TaskState.TIMED_OUT in recorder.states("job-3/1/0"))
+
+    started = time.monotonic()
+    recorder = await run_with_group(tmp_path, body)
+    final = recorder.last("job-3/1/0")
+    assert final.state is TaskState.TIMED_OUT
+    assert final.exit_code == -15
+    assert "working" in final.output_tail
+    assert time.monotonic() - started < 10
+
+
+async def test_cancel_in_grace_period_exits_cleanly(tmp_path: Path) -> None:
+    code = (
+        "import signal, sys, time\n"
+        "def done(*_):\n"
+        "    print('checkpoint saved', flush=True)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, done)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        spec = TaskSpec(
+            job_id="job-4",
+            task_id="job-4/1/0",
+            accelerators=("GPU-2",),
+            command=python_command(code),
+            grace_period_s=20.0,
+        )
+        await runner.start(spec)
+        log = tmp_path / "tasks" / "job-4_1_0.log"
+        await wait_for(lambda: log.exists() and "ready" in log.read_text())
+        await runner.stop("job-4/1/0", "cancelled")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("job-4/1/0"))
+
+    recorder = await run_with_group(tmp_path, body)
+    final = recorder.last("job-4/1/0")
+    assert final.exit_code == 0
+    assert final.reason == "cancelled"
+    assert "checkpoint saved" in final.output_tail
+    assert recorder.states("job-4/1/0") == [
+        TaskState.RUNNING,
+        TaskState.STOPPING,
+        TaskState.STOPPED,
+    ]
+
+
+async def test_task_ignoring_sigterm_is_killed_after_grace(tmp_path: Path) -> None:
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('x', flush=True); time.sleep(60)"
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        spec = TaskSpec("job-5", "job-5/1/0", ("GPU-4",), python_command(code), grace_period_s=0.5)
+        await runner.start(spec)
+        log = tmp_path / "tasks" / "job-5_1_0.log"
+        await wait_for(lambda: log.exists() and "x" in log.read_text())
+        await runner.stop("job-5/1/0", "preempted")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("job-5/1/0"))
+
+    recorder = await run_with_group(tmp_path, body)
+    assert recorder.last("job-5/1/0").exit_code == -9
+
+
+async def test_start_rejects_foreign_or_busy_accelerators(tmp_path: Path) -> None:
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        sleeper = python_command("import time; time.sleep(30)")
+        await runner.start(TaskSpec("a", "a/1/0", ("GPU-0",), sleeper))
+        await runner.start(TaskSpec("b", "b/1/0", ("GPU-0",), sleeper))
+        await runner.start(TaskSpec("c", "c/1/0", ("GPU-99",), sleeper))
+        await runner.start(TaskSpec("d", "d/1/0", ("GPU-1",), ()))
+        await runner.stop("a/1/0", "done")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("a/1/0"))
+
+    recorder = await run_with_group(tmp_path, body)
+    assert recorder.last("b/1/0").state is TaskState.START_FAILED
+    assert "in use" in recorder.last("b/1/0").reason
+    assert "not on this node" in recorder.last("c/1/0").reason
+    assert "no command" in recorder.last("d/1/0").reason
+
+
+async def test_redelivered_start_runs_task_once(tmp_path: Path) -> None:
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        spec = TaskSpec("e", "e/1/0", ("GPU-5",), python_command("print('once')"))
+        await runner.start(spec)
+        await runner.start(spec)
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("e/1/0"))
+        await runner.start(spec)
+
+    recorder = await run_with_group(tmp_path, body)
+    assert recorder.states("e/1/0") == [TaskState.RUNNING, TaskState.SUCCEEDED]
+
+
+async def test_restarted_runner_adopts_running_and_reports_lost(tmp_path: Path) -> None:
+    first = Recorder()
+    runner = make_runner(tmp_path, first)
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(
+            TaskSpec("f", "f/1/0", ("GPU-0",), python_command("import time; time.sleep(30)"))
+        )
+        await runner.start(
+            TaskSpec("g", "g/1/0", ("GPU-1",), python_command("import time; time.sleep(1)"))
+        )
+        # The agent dies here: its supervisors stop, the processes go on.
+        for task in runner._tasks.values():
+            assert task.supervisor is not None
+            task.supervisor.cancel()
+    survivor_pid = runner._tasks["f/1/0"].record.pid
+    short_pid = runner._tasks["g/1/0"].record.pid
+    # Reap the short one as init would, once it ends, so its pid no longer matches.
+    for process in (t.process for t in runner._tasks.values()):
+        assert process is not None
+    await runner._tasks["g/1/0"].process.wait()  # type: ignore[union-attr]
+    second = Recorder()
+    restarted = make_runner(tmp_path, second)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        assert second.last("g/1/0").state is TaskState.LOST
+        assert second.last("f/1/0").state is TaskState.RUNNING
+        assert "found again" in second.last("f/1/0").reason
+        assert [r.pid for r in restarted.running] == [survivor_pid]
+        await restarted.stop("f/1/0", "cleanup")
+        await wait_for(lambda: TaskState.STOPPED in second.states("f/1/0"))
+    assert short_pid != survivor_pid
+    assert StateStore(tmp_path / "state.json").node("acme.eu-1.node-1").tasks == {}

@@ -1,0 +1,88 @@
+"""The on-disk spool: order, durability across reopen, torn tails, the full policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agents.outbox import Outbox
+from agents.spool import Spool, SpoolRecord
+
+
+def records(start: int, count: int, size: int = 10) -> list[SpoolRecord]:
+    return [
+        SpoolRecord(f"acsp.usage.a.b.n{i % 3}", f"id-{i}", bytes([i % 256]) * size)
+        for i in range(start, start + count)
+    ]
+
+
+def test_spool_returns_records_in_append_order(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    assert spool.append(records(0, 5)) == 5
+    assert spool.append(records(5, 5)) == 5
+    assert [r.msg_id for r in spool.peek(100)] == [f"id-{i}" for i in range(10)]
+    spool.commit(4)
+    assert [r.msg_id for r in spool.peek(3)] == ["id-4", "id-5", "id-6"]
+    assert spool.pending_records == 6
+
+
+def test_spool_survives_reopen(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=200)
+    spool.append(records(0, 30))
+    spool.commit(7)
+    spool.close()
+    reopened = Spool(tmp_path, segment_bytes=200)
+    assert reopened.pending_records == 23
+    assert [r.msg_id for r in reopened.peek(100)] == [f"id-{i}" for i in range(7, 30)]
+    assert reopened.peek(1)[0].payload == bytes([7]) * 10
+
+
+def test_spool_deletes_consumed_segments(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=200)
+    spool.append(records(0, 40))
+    segments_before = len(list(tmp_path.glob("*.seg")))
+    spool.commit(35)
+    assert segments_before > 3
+    assert len(list(tmp_path.glob("*.seg"))) < segments_before
+
+
+def test_spool_cuts_torn_tail_on_open(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append(records(0, 3))
+    spool.close()
+    segment = next(tmp_path.glob("*.seg"))
+    with open(segment, "ab") as file:
+        file.write(b"\x00\x00\x00\x40garbage")
+    reopened = Spool(tmp_path)
+    assert reopened.pending_records == 3
+    reopened.append(records(3, 1))
+    assert [r.msg_id for r in reopened.peek(10)] == ["id-0", "id-1", "id-2", "id-3"]
+
+
+def test_full_spool_rejects_newest_and_counts(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=500)
+    accepted = spool.append(records(0, 100))
+    assert 0 < accepted < 100
+    assert spool.dropped == 100 - accepted
+    assert spool.pending_bytes <= 500
+    assert [r.msg_id for r in spool.peek(1000)] == [f"id-{i}" for i in range(accepted)]
+    spool.commit(accepted)
+    assert spool.append(records(100, 1)) == 1
+
+
+def test_outbox_counts_dropped_messages(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    outbox = Outbox(Spool(tmp_path, max_bytes=300))
+    for record in records(0, 50):
+        outbox.add(record.subject, record.msg_id, record.payload)
+    outbox.flush_to_spool()
+    assert outbox.counters.dropped > 0
+    assert outbox.counters.spooled + outbox.counters.dropped == 50
+    assert any("spool is full" in r.getMessage() for r in caplog.records)
+
+
+def test_commit_more_than_pending_is_an_error(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append(records(0, 2))
+    with pytest.raises(ValueError, match="only 2 are pending"):
+        spool.commit(3)
