@@ -51,11 +51,11 @@ def parse_tier(field: str, text: str) -> Tier:
 
 
 def check_requested(tier: Tier, requested: Decimal, limits: Mapping[Tier, Decimal]) -> None:
-    """Raise InvalidArgument naming ``requested_pf_days`` when it exceeds the tier limit."""
+    """Raise InvalidArgument naming the requested amount when it exceeds the tier limit."""
     limit = limits[tier]
     if requested > limit:
         raise InvalidArgument(
-            "requested_pf_days",
+            "application.requested_pf_days",
             f"{requested} exceeds the {tier} limit of {limit} PF-days",
             "request less or apply for a larger tier",
         )

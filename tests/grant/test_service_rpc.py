@@ -1,0 +1,402 @@
+"""The grant service over gRPC: the program flow, authorization, bad input, sub-allocations."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+
+from acsp.v1 import common_pb2, grant_pb2
+from services.runtime.errors import field_violations
+from tests.grant.service_helpers import RunningGrant, running_grant
+
+
+def dec(value: str) -> common_pb2.Decimal:
+    return common_pb2.Decimal(value=value)
+
+
+def rid() -> str:
+    return uuid.uuid4().hex
+
+
+@pytest.fixture
+async def grant_service(schema: str, tmp_path: Path) -> AsyncIterator[RunningGrant]:
+    async with running_grant(schema, tmp_path) as running:
+        yield running
+
+
+async def setup_project(svc: RunningGrant) -> None:
+    office = svc.stub("office", ["program_office"])
+    for inst in ("uni-a", "uni-b"):
+        await office.CreateInstitution(
+            grant_pb2.CreateInstitutionRequest(
+                request_id=rid(),
+                institution=grant_pb2.Institution(
+                    institution_id=inst, display_name=inst, country_code="no"
+                ),
+            )
+        )
+    pi = svc.stub("alice", ["pi", "researcher"], "uni-a")
+    await pi.CreateProject(
+        grant_pb2.CreateProjectRequest(
+            request_id=rid(),
+            project=grant_pb2.Project(
+                project_id="proj-a",
+                institution_id="uni-a",
+                display_name="Project A",
+                pi_subject="alice",
+                members=[
+                    grant_pb2.ProjectMember(subject="bob", role=grant_pb2.PROJECT_ROLE_MEMBER)
+                ],
+            ),
+        )
+    )
+
+
+def application(tier: int, amount: str, days: int = 30) -> grant_pb2.Application:
+    now = datetime.now(UTC)
+    message = grant_pb2.Application(
+        project_id="proj-a",
+        tier=tier,  # type: ignore[arg-type]
+        requested_pf_days=dec(amount),
+        justification="protein folding at scale",
+    )
+    message.validity.start_time.FromDatetime(now - timedelta(hours=1))
+    message.validity.end_time.FromDatetime(now + timedelta(days=days))
+    return message
+
+
+async def standard_grant(svc: RunningGrant, amount: str = "100") -> str:
+    pi = svc.stub("alice", ["pi"], "uni-a")
+    office = svc.stub("office", ["program_office"])
+    reviewer = svc.stub("rita", ["reviewer"], "uni-b")
+    app = await pi.SubmitApplication(
+        grant_pb2.SubmitApplicationRequest(
+            request_id=rid(), application=application(grant_pb2.GRANT_TIER_STANDARD, amount)
+        )
+    )
+    await office.AssignReviewer(
+        grant_pb2.AssignReviewerRequest(
+            request_id=rid(),
+            application_id=app.application_id,
+            reviewer_subject="rita",
+            reviewer_institution_id="uni-b",
+        )
+    )
+    await reviewer.SubmitReview(
+        grant_pb2.SubmitReviewRequest(
+            request_id=rid(), application_id=app.application_id, score=4, comments="sound plan"
+        )
+    )
+    decided = await office.DecideApplication(
+        grant_pb2.DecideApplicationRequest(
+            request_id=rid(),
+            application_id=app.application_id,
+            decision=grant_pb2.Decision(
+                outcome=grant_pb2.DECISION_OUTCOME_AWARD, reason="strong reviews"
+            ),
+        )
+    )
+    assert decided.state == grant_pb2.APPLICATION_STATE_AWARDED
+    return decided.grant_id
+
+
+async def test_exploratory_application_awarded_at_once(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    pi = grant_service.stub("alice", ["pi"], "uni-a")
+    app = await pi.SubmitApplication(
+        grant_pb2.SubmitApplicationRequest(
+            request_id=rid(), application=application(grant_pb2.GRANT_TIER_EXPLORATORY, "5")
+        )
+    )
+    assert app.state == grant_pb2.APPLICATION_STATE_AWARDED
+    assert app.grant_id
+    grant = await pi.GetGrant(grant_pb2.GetGrantRequest(grant_id=app.grant_id))
+    assert grant.balance.available_pf_days.value == "5"
+    assert [h.trigger for h in app.history] == ["application:submitted", "application:awarded"]
+
+
+async def test_exploratory_over_limit_rejected(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    pi = grant_service.stub("alice", ["pi"], "uni-a")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pi.SubmitApplication(
+            grant_pb2.SubmitApplicationRequest(
+                request_id=rid(), application=application(grant_pb2.GRANT_TIER_EXPLORATORY, "11")
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "application.requested_pf_days" in field_violations(caught.value)
+
+
+async def test_review_flow_records_every_step(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    grant_id = await standard_grant(grant_service, "100")
+    office = grant_service.stub("office", ["program_office"])
+    grant = await office.GetGrant(grant_pb2.GetGrantRequest(grant_id=grant_id))
+    app = await office.GetApplication(
+        grant_pb2.GetApplicationRequest(application_id=grant.application_id)
+    )
+    actions = [(h.trigger, h.actor) for h in app.history]
+    assert actions == [
+        ("application:submitted", "alice"),
+        ("application:reviewer_assigned", "office"),
+        ("application:reviewed", "rita"),
+        ("application:awarded", "office"),
+    ]
+    assert app.reviews[0].score == 4
+    assert app.decision.decided_by == "office"
+
+
+async def test_reviewer_conflicts_rejected(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    pi = grant_service.stub("alice", ["pi"], "uni-a")
+    office = grant_service.stub("office", ["program_office"])
+    app = await pi.SubmitApplication(
+        grant_pb2.SubmitApplicationRequest(
+            request_id=rid(), application=application(grant_pb2.GRANT_TIER_STANDARD, "50")
+        )
+    )
+    cases = [("carol", "uni-a", "reviewer_institution_id"), ("bob", "uni-b", "reviewer_subject")]
+    for reviewer, institution, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await office.AssignReviewer(
+                grant_pb2.AssignReviewerRequest(
+                    request_id=rid(),
+                    application_id=app.application_id,
+                    reviewer_subject=reviewer,
+                    reviewer_institution_id=institution,
+                )
+            )
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "conflict of interest" in (caught.value.details() or "")
+        assert field in (caught.value.details() or "")
+    again = await office.GetApplication(
+        grant_pb2.GetApplicationRequest(application_id=app.application_id)
+    )
+    assert list(again.reviewer_subjects) == []
+
+
+async def test_bad_input_named_and_nothing_written(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    grant_id = await standard_grant(grant_service)
+    scheduler = grant_service.stub("scheduler", ["service"])
+    office = grant_service.stub("office", ["program_office"])
+    before = await office.GetLedgerSummary(grant_pb2.GetLedgerSummaryRequest())
+    for amount in ("-1", "abc", "NaN", "1e-25", ""):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await scheduler.PlaceHold(
+                grant_pb2.PlaceHoldRequest(
+                    request_id=rid(), grant_id=grant_id, job_id="j", amount_pf_days=dec(amount)
+                )
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, amount
+        assert "amount_pf_days" in field_violations(caught.value), amount
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await scheduler.PlaceHold(
+            grant_pb2.PlaceHoldRequest(
+                request_id=rid(), project_id="no-such", job_id="j", amount_pf_days=dec("1")
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    pi = grant_service.stub("alice", ["pi"], "uni-a")
+    reversed_window = application(grant_pb2.GRANT_TIER_STANDARD, "5")
+    reversed_window.validity.end_time.FromDatetime(datetime.now(UTC) - timedelta(days=2))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pi.SubmitApplication(
+            grant_pb2.SubmitApplicationRequest(request_id=rid(), application=reversed_window)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "application.validity.end_time" in field_violations(caught.value)
+    after = await office.GetLedgerSummary(grant_pb2.GetLedgerSummaryRequest())
+    assert after.entry_count == before.entry_count
+    assert after.postings_sum_pf_days.value == "0"
+
+
+async def test_only_money_services_move_budget(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    grant_id = await standard_grant(grant_service)
+    for subject, roles in (
+        ("alice", ["pi"]),
+        ("office", ["program_office"]),
+        ("agent", ["service"]),
+    ):
+        caller = grant_service.stub(subject, roles)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await caller.PlaceHold(
+                grant_pb2.PlaceHoldRequest(
+                    request_id=rid(), grant_id=grant_id, job_id="j", amount_pf_days=dec("1")
+                )
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, subject
+
+
+async def test_researchers_see_only_their_projects(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    grant_id = await standard_grant(grant_service)
+    member = grant_service.stub("bob", ["researcher"], "uni-a")
+    stranger = grant_service.stub("mallory", ["researcher", "pi"], "uni-b")
+    assert (await member.GetGrant(grant_pb2.GetGrantRequest(grant_id=grant_id))).grant_id
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stranger.GetGrant(grant_pb2.GetGrantRequest(grant_id=grant_id))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    listed = await stranger.ListGrants(grant_pb2.ListGrantsRequest())
+    assert list(listed.grants) == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await member.AddProjectMember(
+            grant_pb2.AddProjectMemberRequest(
+                request_id=rid(),
+                project_id="proj-a",
+                member=grant_pb2.ProjectMember(subject="eve", role=grant_pb2.PROJECT_ROLE_MEMBER),
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await member.DecideApplication(
+            grant_pb2.DecideApplicationRequest(request_id=rid(), application_id="x")
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_sub_allocation_charge_reduces_parents(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    grant_id = await standard_grant(grant_service, "100")
+    pi = grant_service.stub("alice", ["pi"], "uni-a")
+    scheduler = grant_service.stub("scheduler", ["service"])
+    metering = grant_service.stub("metering", ["service"])
+    level1 = await pi.CreateSubAllocation(
+        grant_pb2.CreateSubAllocationRequest(
+            request_id=rid(), grant_id=grant_id, holder="bob", amount_pf_days=dec("40")
+        )
+    )
+    level2 = await pi.CreateSubAllocation(
+        grant_pb2.CreateSubAllocationRequest(
+            request_id=rid(),
+            grant_id=grant_id,
+            parent_sub_allocation_id=level1.sub_allocation_id,
+            holder="bob-student",
+            amount_pf_days=dec("10"),
+        )
+    )
+    hold = await scheduler.PlaceHold(
+        grant_pb2.PlaceHoldRequest(
+            request_id=rid(),
+            grant_id=grant_id,
+            sub_allocation_id=level2.sub_allocation_id,
+            job_id="job-7",
+            amount_pf_days=dec("6"),
+        )
+    )
+    await metering.CommitCharges(
+        grant_pb2.CommitChargesRequest(
+            charges=[
+                grant_pb2.ChargeItem(
+                    request_id=rid(), hold_id=hold.hold_id, amount_pf_days=dec("4")
+                )
+            ]
+        )
+    )
+
+    async def balance(sub: str = "") -> grant_pb2.Balance:
+        return await pi.GetBalance(
+            grant_pb2.GetBalanceRequest(grant_id=grant_id, sub_allocation_id=sub)
+        )
+
+    child, parent, root = (
+        await balance(level2.sub_allocation_id),
+        await balance(level1.sub_allocation_id),
+        await balance(),
+    )
+    assert child.charged_pf_days.value == "4"
+    assert child.available_pf_days.value == "4"
+    assert parent.charged_pf_days.value == "4"
+    assert parent.delegated_pf_days.value == "4"
+    assert root.charged_pf_days.value == "4"
+    assert root.held_pf_days.value == "2"
+    # Budget left under each level: the charge and the hold reduced every parent by 6.
+    assert parent.available_pf_days.value == "30"
+    assert root.available_pf_days.value == "60"
+    assert root.delegated_pf_days.value == "34"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pi.CreateSubAllocation(
+            grant_pb2.CreateSubAllocationRequest(
+                request_id=rid(),
+                grant_id=grant_id,
+                parent_sub_allocation_id=level2.sub_allocation_id,
+                holder="too-much",
+                amount_pf_days=dec("5"),
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "shortfall 1 PF-days" in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await scheduler.PlaceHold(
+            grant_pb2.PlaceHoldRequest(
+                request_id=rid(),
+                grant_id=grant_id,
+                sub_allocation_id=level2.sub_allocation_id,
+                job_id="job-8",
+                amount_pf_days=dec("4.5"),
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_supplement_once_and_half_limit(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    grant_id = await standard_grant(grant_service, "100")
+    office = grant_service.stub("office", ["program_office"])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await office.SupplementGrant(
+            grant_pb2.SupplementGrantRequest(
+                request_id=rid(), grant_id=grant_id, amount_pf_days=dec("251"), reason="more"
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    grant = await office.SupplementGrant(
+        grant_pb2.SupplementGrantRequest(
+            request_id=rid(), grant_id=grant_id, amount_pf_days=dec("250"), reason="more"
+        )
+    )
+    assert grant.balance.available_pf_days.value == "350"
+    assert grant.supplemented
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await office.SupplementGrant(
+            grant_pb2.SupplementGrantRequest(
+                request_id=rid(), grant_id=grant_id, amount_pf_days=dec("1"), reason="again"
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_history_pages_in_order(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    grant_id = await standard_grant(grant_service, "100")
+    scheduler = grant_service.stub("scheduler", ["service"])
+    for i in range(5):
+        await scheduler.PlaceHold(
+            grant_pb2.PlaceHoldRequest(
+                request_id=rid(), grant_id=grant_id, job_id=f"j{i}", amount_pf_days=dec("1")
+            )
+        )
+    pi = grant_service.stub("alice", ["pi"], "uni-a")
+    seen: list[int] = []
+    token = ""
+    while True:
+        page = await pi.ListLedgerEntries(
+            grant_pb2.ListLedgerEntriesRequest(
+                grant_id=grant_id, page=common_pb2.PageRequest(page_size=2, page_token=token)
+            )
+        )
+        seen.extend(e.entry_id for e in page.entries)
+        for entry in page.entries:
+            assert sum(float(p.amount_pf_days.value) for p in entry.postings) == 0
+        token = page.page.next_page_token
+        if not token:
+            break
+    assert len(seen) == 6
+    assert seen == sorted(seen)
