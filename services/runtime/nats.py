@@ -256,7 +256,9 @@ class Publisher:
             return await self._js.publish(
                 subject, payload, timeout=self._ack_timeout_s, headers=headers
             )
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as error:
+        except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as error:
+            # No stream captures the subject, or JetStream is down or slow: either way the
+            # message is not stored and the caller must keep it to retry.
             raise Unavailable(f"JetStream did not ack a message on {subject}: {error}") from error
 
     def _finished(self, task: asyncio.Task[PubAck]) -> None:
