@@ -1,0 +1,100 @@
+"""The agent's systemd unit: accepted by systemd-analyze and hardened."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "acsp-agent.service"
+INSTALLED_PYTHON = "/opt/acsp/venv/bin/python"
+# systemd-analyze security rates 0 (locked down) to 10 (unprotected); 2.0 and below is "OK".
+MAX_EXPOSURE = 2.0
+
+
+def _settings() -> dict[str, list[str]]:
+    """Return each [Service] key with all its values (keys may repeat in unit files)."""
+    values: dict[str, list[str]] = {}
+    section = None
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            section = line
+            continue
+        if section == "[Service]":
+            key, _, value = line.partition("=")
+            values.setdefault(key, []).append(value)
+    return values
+
+
+def _unit_for_this_host(tmp_path: Path) -> Path:
+    """Copy the unit with ExecStart pointing at this interpreter, which verify requires."""
+    copy = tmp_path / UNIT.name
+    copy.write_text(UNIT.read_text().replace(INSTALLED_PYTHON, sys.executable))
+    return copy
+
+
+def _systemd_analyze() -> str:
+    binary = shutil.which("systemd-analyze")
+    if binary is None:
+        pytest.skip("systemd-analyze not installed: apt-get install systemd")
+    return binary
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [_systemd_analyze(), "verify", str(_unit_for_this_host(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    # verify reports unknown keys and sections as warnings with exit status 0.
+    assert result.stderr.strip() == "", result.stderr
+
+
+def test_unit_exposure_score_is_ok(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            _systemd_analyze(),
+            "security",
+            "--offline=true",
+            "--no-pager",
+            str(_unit_for_this_host(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
+    if match is None:
+        pytest.skip(f"this systemd-analyze cannot rate a unit file offline: {result.stderr}")
+    assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
+def test_unit_runs_as_own_user_without_privileges() -> None:
+    settings = _settings()
+    assert settings["User"] == ["acsp-agent"]
+    assert settings["NoNewPrivileges"] == ["yes"]
+    assert settings["ProtectSystem"] == ["strict"]
+    assert settings["CapabilityBoundingSet"] == [""]
+    assert settings["ReadWritePaths"] == ["/var/lib/acsp-agent"]
+    assert settings["StateDirectory"] == ["acsp-agent"]
+    assert settings["DevicePolicy"] == ["closed"]
+
+
+def test_unit_file_parses_as_ini() -> None:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(UNIT.read_text())
+    assert parser.sections() == ["Unit", "Service", "Install"]
+    assert parser["Install"]["WantedBy"] == "multi-user.target"
