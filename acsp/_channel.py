@@ -149,10 +149,8 @@ def _merged_metadata(
 # --- asyncio ----------------------------------------------------------------------------------
 
 
-class _AsyncCallDefaults(
-    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
-):
-    """Add the token, the default deadline and a request id to every asyncio call."""
+class _AsyncCallDefaults:
+    """Add the token, the default deadline and a request id to an asyncio call's details."""
 
     def __init__(self, token: str | None, timeout_s: float) -> None:
         self._token = token
@@ -167,11 +165,17 @@ class _AsyncCallDefaults(
             wait_for_ready=details.wait_for_ready,
         )
 
+
+# grpc.aio files each interceptor under the first call kind it implements, so each kind needs
+# an interceptor object of its own.
+class _AsyncUnaryUnaryDefaults(_AsyncCallDefaults, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
         return await continuation(self._details(client_call_details), _with_request_id(request))
 
+
+class _AsyncUnaryStreamDefaults(_AsyncCallDefaults, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
@@ -186,7 +190,10 @@ def open_async_channel(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> grpc.aio.Channel:
     """Open an asyncio channel to ``target`` (``host:port``) for the given services."""
-    interceptors = [_AsyncCallDefaults(credentials.token, timeout_s)]
+    interceptors: list[grpc.aio.ClientInterceptor] = [
+        _AsyncUnaryUnaryDefaults(credentials.token, timeout_s),
+        _AsyncUnaryStreamDefaults(credentials.token, timeout_s),
+    ]
     options = channel_options(services)
     if credentials.ca_cert_pem is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

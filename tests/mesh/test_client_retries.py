@@ -11,7 +11,7 @@ import pytest_asyncio
 
 from acsp._channel import Credentials
 from acsp.client import AsyncClient, Client
-from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
+from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 
 class FlakyGrantService(grant_pb2_grpc.GrantServiceServicer):
@@ -46,6 +46,18 @@ class FlakyGrantService(grant_pb2_grpc.GrantServiceServicer):
         self.calls["ExpireGrants"] = self.calls.get("ExpireGrants", 0) + 1
         await asyncio.sleep(5)
         return grant_pb2.ExpireGrantsResponse()
+
+
+class SlowScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
+    """Streams no job until the caller's deadline ends the call."""
+
+    def __init__(self) -> None:
+        self.metadata: list[dict[str, str]] = []
+
+    async def WatchJobs(self, request, context):
+        self.metadata.append({key: str(value) for key, value in context.invocation_metadata()})
+        await asyncio.sleep(30)
+        yield scheduler_pb2.Job()
 
 
 @pytest_asyncio.fixture
@@ -130,3 +142,23 @@ async def test_blocking_client_retries_and_keeps_request_id(flaky):
     assert service.calls["GetBalance"] == 3
     assert len(set(service.request_ids)) == 1
     assert service.metadata[0]["authorization"] == "Bearer tok"
+
+
+async def test_stream_gets_token_and_default_deadline():
+    service = SlowScheduler()  # type: ignore[abstract]
+    server = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    target = f"127.0.0.1:{port}"
+    endpoints = {"grant": target, "scheduler": target, "metering": target}
+    try:
+        async with AsyncClient(endpoints, Credentials(token="tok-s"), timeout_s=0.3) as client:
+            stream = client.scheduler.WatchJobs(scheduler_pb2.WatchJobsRequest())
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                async for _ in stream:
+                    pass
+    finally:
+        await server.stop(0)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert service.metadata[0]["authorization"] == "Bearer tok-s"
