@@ -330,6 +330,8 @@ class LocalMesh:
     ) -> dict[str, str]:
         assert self._pki is not None
         env = dict(os.environ)
+        # Let in-flight calls finish well before the supervisor's SIGKILL deadline.
+        env.setdefault("ACSP_SHUTDOWN_GRACE_S", f"{self.config.stop_grace_s / 2:g}")
         env.update(self.config.env)
         env.update(
             {
