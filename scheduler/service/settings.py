@@ -14,7 +14,7 @@ class SchedulerSettings(Settings):
         "ACSP_SCHEDULER_SHARD", "default", "shard this replica campaigns to lead (one leader each)"
     )
     grant_url: str | None = setting(
-        "ACSP_SCHEDULER_GRANT_URL", None, "host:port of the grant service that places holds"
+        "ACSP_GRANT_ADDRESS", None, "host:port of the grant service that places holds"
     )
     service_token_file: Path | None = setting(
         "ACSP_SCHEDULER_SERVICE_TOKEN_FILE",
@@ -63,7 +63,7 @@ class SchedulerSettings(Settings):
         super().validate()
         if self.grant_url is None:
             raise SettingsError(
-                "ACSP_SCHEDULER_GRANT_URL",
+                "ACSP_GRANT_ADDRESS",
                 "missing",
                 "set it to the grant service's host:port; admission places holds there",
             )
