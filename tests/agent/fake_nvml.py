@@ -182,7 +182,10 @@ class FakeNvml:
     def nvmlDeviceGetMemoryInfo(self, handle: _Handle) -> SimpleNamespace:
         gpu = self._gpu(handle, "nvmlDeviceGetMemoryInfo")
         mig = self._mig(handle)
-        total, used = (mig.memory_total, mig.memory_used) if mig else (gpu.memory_total, gpu.memory_used)
+        if mig is not None:
+            total, used = mig.memory_total, mig.memory_used
+        else:
+            total, used = gpu.memory_total, gpu.memory_used
         return SimpleNamespace(total=total, used=used, free=total - used)
 
     def nvmlDeviceGetMigMode(self, handle: _Handle) -> tuple[int, int]:

@@ -169,7 +169,12 @@ async def test_cancel_in_grace_period_exits_cleanly(tmp_path: Path) -> None:
 
 
 async def test_task_ignoring_sigterm_is_killed_after_grace(tmp_path: Path) -> None:
-    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('x', flush=True); time.sleep(60)"
+    code = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('x', flush=True)\n"
+        "time.sleep(60)\n"
+    )
 
     async def body(runner: TaskRunner, recorder: Recorder) -> None:
         spec = TaskSpec("job-5", "job-5/1/0", ("GPU-4",), python_command(code), grace_period_s=0.5)
