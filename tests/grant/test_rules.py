@@ -1,0 +1,246 @@
+"""Pure ledger, amount and review rules, without database or network."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from services.grant import ledger_rules as rules
+from services.grant.amounts import parse_amount
+from services.grant.errors import FailedPrecondition, InsufficientBudget, InvalidArgument
+from services.grant.ledger_rules import EntryKind, GrantState, HoldBalance, Pot
+from services.grant.review_rules import (
+    Decision,
+    Tier,
+    check_requested,
+    check_reviewer_conflict,
+    check_supplement,
+    decide_amount,
+)
+
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+GRANT = GrantState("g1", NOW - timedelta(days=1), NOW + timedelta(days=30), expired=False)
+ZERO = Decimal(0)
+
+
+def pot(name: str = "grant:g1", available: str = "0") -> Pot:
+    return Pot(name, Decimal(available), Decimal(available), ZERO, ZERO, ZERO)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("-1", "negative"),
+        ("abc", "not a decimal number"),
+        ("NaN", "not a finite number"),
+        ("Infinity", "not a finite number"),
+        ("1e-25", "more than 24 decimal places"),
+        ("0", "is zero"),
+        ("", "is missing"),
+        ("1e24", "too large"),
+    ],
+)
+def test_parse_amount_rejects_bad_text(text: str, reason: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_amount("amount_pf_days", text)
+    assert caught.value.field == "amount_pf_days"
+    assert reason in str(caught.value)
+
+
+def test_parse_amount_keeps_every_quantum() -> None:
+    largest = "999999999999999999999999.999999999999999999999999"
+    assert parse_amount("a", largest) == Decimal(largest)
+    assert parse_amount("a", "0.000000000000000000000001") == Decimal("1e-24")
+    assert parse_amount("a", "1.5000000000000000000000000000") == Decimal("1.5")
+
+
+def test_sums_never_round() -> None:
+    big = pot(available="999999999999999999999998.999999999999999999999999")
+    movement = rules.place_hold(GRANT, big, "h", Decimal("1e-24"), NOW)
+    assert movement.pots[0].available == Decimal(
+        "999999999999999999999998.999999999999999999999998"
+    )
+
+
+def test_hold_postings_balance() -> None:
+    movement = rules.place_hold(GRANT, pot(available="10"), "h", Decimal("4"), NOW)
+    assert sum(p.amount for p in movement.postings) == 0
+    assert {p.account: p.amount for p in movement.postings} == {
+        "grant:g1:available": Decimal(-4),
+        "grant:g1:held": Decimal(4),
+    }
+
+
+def test_hold_shortfall_named() -> None:
+    with pytest.raises(InsufficientBudget) as caught:
+        rules.place_hold(GRANT, pot(available="2"), "h", Decimal("3.5"), NOW)
+    assert caught.value.shortfall == Decimal("1.5")
+    assert "shortfall 1.5 PF-days" in str(caught.value)
+
+
+def test_hold_outside_window_rejected() -> None:
+    with pytest.raises(FailedPrecondition, match="not open"):
+        rules.place_hold(GRANT, pot(available="5"), "h", Decimal(1), NOW + timedelta(days=31))
+
+
+def test_charge_beyond_hold_draws_available() -> None:
+    placed = rules.place_hold(GRANT, pot(available="10"), "h", Decimal(3), NOW)
+    assert placed.hold is not None
+    charged = rules.charge(placed.pots[0], placed.hold, Decimal(5))
+    after = charged.pots[0]
+    assert charged.from_held == 3
+    assert after.held == 0
+    assert after.available == 5
+    assert after.consumed == 5
+    assert sum(p.amount for p in charged.postings) == 0
+
+
+def test_settled_hold_takes_no_charge() -> None:
+    placed = rules.place_hold(GRANT, pot(available="10"), "h", Decimal(3), NOW)
+    assert placed.hold is not None
+    released = rules.release(GRANT, placed.pots[0], placed.hold, settle=True)
+    assert released.hold is not None
+    with pytest.raises(FailedPrecondition, match="settled"):
+        rules.charge(released.pots[0], released.hold, Decimal(1))
+
+
+def test_release_after_expiry_goes_to_pool() -> None:
+    placed = rules.place_hold(GRANT, pot(available="10"), "h", Decimal(3), NOW)
+    assert placed.hold is not None
+    expired = GrantState("g1", GRANT.starts_at, GRANT.ends_at, expired=True)
+    released = rules.release(expired, placed.pots[0], placed.hold, settle=True)
+    assert {p.account for p in released.postings} == {"grant:g1:held", "program:pool"}
+    assert released.pots[0].available == 7
+
+
+def test_transfer_limited_by_parent() -> None:
+    child = Pot("sub_allocation:s1", ZERO, ZERO, ZERO, ZERO, ZERO)
+    with pytest.raises(InsufficientBudget):
+        rules.transfer(GRANT, pot(available="5"), child, Decimal(6), NOW)
+    moved = rules.transfer(GRANT, pot(available="5"), child, Decimal(5), NOW)
+    assert moved.kind is EntryKind.TRANSFER
+    assert moved.pots[0].available == 0
+    assert moved.pots[1].available == 5
+
+
+def test_roll_up_shows_child_spending_on_parent() -> None:
+    parent = Pot("grant:g1", Decimal(100), Decimal(60), ZERO, ZERO, ZERO)
+    child = Pot("sub_allocation:a", Decimal(40), Decimal(30), Decimal(6), Decimal(4), ZERO)
+    rolled = rules.roll_up(parent, [child])
+    assert rolled.held == 6
+    assert rolled.charged == 4
+    assert rolled.delegated == 30
+    assert rolled.available == 60
+    assert rolled.credited == rolled.available + rolled.held + rolled.charged + rolled.delegated
+
+
+def test_subtree_finds_grandchildren() -> None:
+    parents = {"a": None, "b": "a", "c": "b", "d": None}
+    assert sorted(rules.subtree(None, parents)) == ["a", "b", "c", "d"]
+    assert sorted(rules.subtree("a", parents)) == ["b", "c"]
+    assert rules.subtree("c", parents) == []
+
+
+def test_choose_grant_prefers_earliest_end() -> None:
+    early = GrantState("early", GRANT.starts_at, NOW + timedelta(days=2), expired=False)
+    late = GrantState("late", GRANT.starts_at, NOW + timedelta(days=90), expired=False)
+    candidates = [(late, pot("grant:late", "50")), (early, pot("grant:early", "5"))]
+    assert rules.choose_grant(candidates, Decimal(5), NOW)[0].grant_id == "early"
+    assert rules.choose_grant(candidates, Decimal(6), NOW)[0].grant_id == "late"
+    with pytest.raises(InsufficientBudget):
+        rules.choose_grant(candidates, Decimal(51), NOW)
+
+
+def test_budgets_never_grow_back() -> None:
+    """Random operation sequences: available rises only by award, release or refund."""
+    rng = random.Random(7)
+    for _ in range(200):
+        current = rules.award(GRANT, pot(), Decimal(rng.randint(1, 50))).pots[0]
+        holds: list[HoldBalance] = []
+        for step in range(30):
+            before = current.available
+            choice = rng.choice(["hold", "charge", "release", "refund"])
+            amount = Decimal(rng.randint(1, 20)) / 4
+            try:
+                if choice == "hold":
+                    movement = rules.place_hold(GRANT, current, f"h{step}", amount, NOW)
+                elif not holds:
+                    continue
+                else:
+                    hold = rng.choice(holds)
+                    if choice == "charge":
+                        movement = rules.charge(current, hold, amount)
+                    elif choice == "release":
+                        movement = rules.release(GRANT, current, hold, settle=rng.random() < 0.5)
+                    else:
+                        movement = rules.refund(GRANT, current, hold, amount)
+            except FailedPrecondition:
+                continue
+            current = movement.pots[0]
+            if movement.hold is not None:
+                holds = [h for h in holds if h.hold_id != movement.hold.hold_id]
+                holds.append(movement.hold)
+            assert sum(p.amount for p in movement.postings) == 0
+            assert current.available >= 0
+            if current.available > before:
+                assert movement.kind in {EntryKind.RELEASE, EntryKind.REFUND}
+            assert current.credited == current.available + current.held + current.consumed
+
+
+def test_expiry_returns_every_pot_to_pool() -> None:
+    pots = [pot(available="3"), Pot("sub_allocation:a", Decimal(2), Decimal(2), ZERO, ZERO, ZERO)]
+    movement = rules.expire(GRANT, pots)
+    assert movement.amount == 5
+    assert all(p.available == 0 for p in movement.pots)
+    assert sum(p.amount for p in movement.postings if p.account == "program:pool") == 5
+
+
+def test_crossed_low_fires_once_at_threshold() -> None:
+    credited = Decimal(100)
+    assert rules.crossed_low(Decimal(11), Decimal(9), credited, Decimal("0.1"))
+    assert not rules.crossed_low(Decimal(9), Decimal(8), credited, Decimal("0.1"))
+    assert not rules.crossed_low(Decimal(50), Decimal(10), credited, Decimal("0.1"))
+
+
+def test_window_end_before_start_named() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        rules.check_window(NOW, NOW - timedelta(seconds=1), "application.validity")
+    assert caught.value.field == "application.validity.end_time"
+
+
+LIMITS = {Tier.EXPLORATORY: Decimal(10), Tier.STANDARD: Decimal(500), Tier.FLAGSHIP: Decimal(5000)}
+
+
+def test_tier_limit_enforced() -> None:
+    check_requested(Tier.STANDARD, Decimal(500), LIMITS)
+    with pytest.raises(InvalidArgument):
+        check_requested(Tier.STANDARD, Decimal("500.000000000000000000000001"), LIMITS)
+
+
+def test_reviewer_conflicts() -> None:
+    with pytest.raises(FailedPrecondition, match="institution"):
+        check_reviewer_conflict("r", "uni-a", "uni-a", {"pi"})
+    with pytest.raises(FailedPrecondition, match="member"):
+        check_reviewer_conflict("pi", "uni-b", "uni-a", {"pi"})
+    check_reviewer_conflict("r", "uni-b", "uni-a", {"pi"})
+
+
+def test_decisions_need_reason_and_smaller_amount() -> None:
+    assert decide_amount(Decision.AWARD, Decimal(10), None, "good") == 10
+    assert decide_amount(Decision.AWARD_LESS, Decimal(10), Decimal(4), "scope") == 4
+    assert decide_amount(Decision.REJECT, Decimal(10), None, "weak") == 0
+    with pytest.raises(InvalidArgument):
+        decide_amount(Decision.AWARD, Decimal(10), None, " ")
+    with pytest.raises(InvalidArgument):
+        decide_amount(Decision.AWARD_LESS, Decimal(10), Decimal(10), "same")
+
+
+def test_supplement_rules() -> None:
+    check_supplement(Tier.STANDARD, Decimal(250), False, LIMITS)
+    with pytest.raises(InvalidArgument):
+        check_supplement(Tier.STANDARD, Decimal(251), False, LIMITS)
+    with pytest.raises(FailedPrecondition):
+        check_supplement(Tier.STANDARD, Decimal(1), True, LIMITS)
