@@ -21,7 +21,7 @@ def dec(value: str) -> common_pb2.Decimal:
 
 
 async def collect_events(
-    nats_url: str, wanted: set[int], timeout_s: float = 20.0
+    nats_url: str, wanted: set[events_pb2.GrantEventKind], timeout_s: float = 20.0
 ) -> list[events_pb2.GrantEvent]:
     """Read grant events from the stream until every wanted kind has arrived."""
     client = await nats.connect(nats_url)
