@@ -131,6 +131,7 @@ def run_up(args: argparse.Namespace) -> int:
         database_url=config.database_url,
         nats_url=config.nats_url,
         start_timeout_s=args.start_timeout,
+        stop_orphans=True,
     )
     return asyncio.run(_serve(config))
 

@@ -143,3 +143,81 @@ class ChildProcess:
         else:
             ending = f"exited with status {code}"
         return f"{self.name} (pid {self.pid}) {ending}; log: {self.log_path}"
+
+
+_PR_SET_CHILD_SUBREAPER: Final = 36
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants of this process its children instead of init's (Linux only).
+
+    A node agent leaves the tasks it started running when it stops (they run in sessions of
+    their own, so a restarted agent can adopt them). As a subreaper the supervisor still
+    finds them, through :func:`adopted_orphans`, and stops them with the mesh.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return False
+    return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1) == 0)
+
+
+def adopted_orphans(known: set[int]) -> list[int]:
+    """Return the pids of this process's children that are not in ``known``."""
+    me = os.getpid()
+    orphans = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in known:
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name in brackets may contain spaces, so split after its closing bracket.
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and int(fields[1]) == me:
+            orphans.append(int(entry.name))
+    return orphans
+
+
+async def stop_orphans(known: set[int], grace_s: float) -> list[int]:
+    """SIGTERM the adopted orphans, SIGKILL those still running after ``grace_s``, reap all.
+
+    Returns the pids that were stopped.
+    """
+    orphans = adopted_orphans(known)
+    if not orphans:
+        return []
+    logger.warning("stopping %d process(es) left behind by the mesh: %s", len(orphans), orphans)
+    for pid in orphans:
+        _kill_quietly(pid, signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    remaining = set(orphans)
+    while remaining and loop.time() < deadline:
+        remaining = {pid for pid in remaining if not _reaped(pid)}
+        if remaining:
+            await asyncio.sleep(0.05)
+    for pid in remaining:
+        _kill_quietly(pid, signal.SIGKILL)
+    while remaining:
+        remaining = {pid for pid in remaining if not _reaped(pid)}
+        if remaining:
+            await asyncio.sleep(0.05)
+    return orphans
+
+
+def _kill_quietly(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+
+
+def _reaped(pid: int) -> bool:
+    """Reap ``pid`` if it exited; return True once it is gone."""
+    try:
+        reaped_pid, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return reaped_pid == pid

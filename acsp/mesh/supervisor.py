@@ -30,7 +30,7 @@ from typing import Final, Self
 from acsp._channel import Credentials
 from acsp.mesh import credentials as mesh_credentials
 from acsp.mesh._ports import LOOPBACK, free_port
-from acsp.mesh._process import ChildProcess
+from acsp.mesh._process import ChildProcess, become_subreaper, stop_orphans
 from acsp.mesh.endpoints import (
     MESH_FILE_NAME,
     SERVICE_NAMES,
@@ -104,6 +104,12 @@ class MeshConfig:
     """Seconds each process gets to exit after its stop signal before SIGKILL."""
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment variables for every child process."""
+    stop_orphans: bool = False
+    """Adopt and stop processes that children leave behind (the fleet's tasks) at stop.
+
+    Makes this process a Linux child subreaper, which lasts for its lifetime, so ``acsp up``
+    sets it and in-process users (tests, notebooks) normally do not.
+    """
 
     @classmethod
     def from_env(
@@ -240,6 +246,10 @@ class LocalMesh:
         loop = asyncio.get_running_loop()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._claim_data_dir()
+        if self.config.stop_orphans and not become_subreaper():
+            logger.warning(
+                "cannot become a child subreaper: tasks left by the fleet may outlive it"
+            )
         specs = self.config.resolved_processes()
         grpc_names = [spec.name for spec in specs if spec.serves_grpc]
         self._pki = await asyncio.to_thread(
@@ -443,6 +453,9 @@ class LocalMesh:
         services = [child for child in self._children if child.name != AGENTS_NAME]
         await asyncio.gather(*(child.stop(grace) for child in fleet))
         await asyncio.gather(*(child.stop(grace) for child in services))
+        if self.config.stop_orphans:
+            known = {child.pid for child in self._all_children() if child.pid is not None}
+            await stop_orphans(known, grace)
         servers = [server for server in (self._nats, self._postgres) if server is not None]
         await asyncio.gather(*(server.stop(grace) for server in servers))
         for watcher in self._watchers:

@@ -265,3 +265,53 @@ def test_background_mesh_runs_in_blocking_code(data_dir: Path):
         assert mesh.token("researcher", "carol")
     assert not _alive(pid)
     assert not (data_dir / "mesh.json").exists()
+
+
+LEAVER = """
+import subprocess, sys, time
+grandchild = subprocess.Popen(
+    [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
+)
+print(grandchild.pid, flush=True)
+time.sleep(600)
+"""
+
+SUPERVISOR = """
+import asyncio, sys
+from pathlib import Path
+from acsp.mesh import LocalMesh, MeshConfig, ProcessSpec
+
+async def main():
+    data_dir = Path(sys.argv[1])
+    leaver = ProcessSpec("leaver", [sys.executable, "-c", sys.argv[2]], serves_grpc=False)
+    config = MeshConfig(
+        data_dir=data_dir, database_url=sys.argv[3], nats_url=sys.argv[4],
+        processes=(leaver,), start_timeout_s=20, stop_grace_s=3, stop_orphans=True,
+    )
+    async with LocalMesh(config):
+        log = data_dir / "logs" / "leaver.log"
+        while not log.exists() or not log.read_text().strip():
+            await asyncio.sleep(0.05)
+        print(log.read_text().strip(), flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_stop_orphans_ends_processes_left_by_children(data_dir: Path):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SUPERVISOR,
+        str(data_dir),
+        LEAVER,
+        f"{EXTERNAL_POSTGRES}/test",
+        EXTERNAL_NATS,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    grandchild = int(stdout.decode().split()[-1])
+    assert not _alive(grandchild)
+    assert "left behind by the mesh" in stderr.decode()
