@@ -1,0 +1,537 @@
+"""``acsp grants``: institutions, projects, applications, review, awards, balances, history."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from acsp.cli._common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    connection_options,
+    output_options,
+    print_records,
+    rows_of,
+)
+from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
+
+TIERS = {
+    "exploratory": grant_pb2.GRANT_TIER_EXPLORATORY,
+    "standard": grant_pb2.GRANT_TIER_STANDARD,
+    "flagship": grant_pb2.GRANT_TIER_FLAGSHIP,
+}
+OUTCOMES = {
+    "award": grant_pb2.DECISION_OUTCOME_AWARD,
+    "award-less": grant_pb2.DECISION_OUTCOME_AWARD_LESS,
+    "reject": grant_pb2.DECISION_OUTCOME_REJECT,
+}
+ROLES = {"member": grant_pb2.PROJECT_ROLE_MEMBER, "viewer": grant_pb2.PROJECT_ROLE_VIEWER}
+KINDS = {
+    name.removeprefix("LEDGER_ENTRY_KIND_").lower(): number
+    for name, number in common_pb2.LedgerEntryKind.items()
+    if number
+}
+
+
+@contextmanager
+def open_grants(args: argparse.Namespace) -> Iterator[grant_pb2_grpc.GrantServiceStub]:
+    """Yield the grant service stub of the running mesh."""
+    from acsp.client import Client
+
+    with Client.from_mesh(args.data_dir, token=args.token, timeout_s=args.timeout) as client:
+        yield client.grants
+
+
+def _decimal(text: str) -> common_pb2.Decimal:
+    return common_pb2.Decimal(value=text)
+
+
+def _timestamp(text: str, option: str) -> timestamp_pb2.Timestamp:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise CommandError(
+            f"{option} {text!r} is not an ISO 8601 time, e.g. 2026-01-31 or 2026-01-31T12:00Z",
+            EXIT_USAGE,
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _time(stamp: timestamp_pb2.Timestamp) -> str:
+    return stamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds") if stamp.seconds else ""
+
+
+def _enum_name(enum: Any, number: int, prefix: str) -> str:
+    return str(enum.Name(number)).removeprefix(prefix).lower()
+
+
+def _request_id(args: argparse.Namespace) -> str:
+    return args.request_id or uuid.uuid4().hex
+
+
+def _balance_rows(balance: grant_pb2.Balance) -> list[tuple[str, str]]:
+    return [
+        ("available PF-days", balance.available_pf_days.value),
+        ("held PF-days", balance.held_pf_days.value),
+        ("charged PF-days", balance.charged_pf_days.value),
+        ("refunded PF-days", balance.refunded_pf_days.value),
+        ("delegated PF-days", balance.delegated_pf_days.value),
+        ("credited PF-days", balance.credited_pf_days.value),
+    ]
+
+
+def _grant_record(grant: grant_pb2.Grant) -> dict[str, Any]:
+    return {
+        "grant": grant.grant_id,
+        "project": grant.project_id,
+        "tier": _enum_name(grant_pb2.GrantTier, grant.tier, "GRANT_TIER_"),
+        "state": _enum_name(grant_pb2.GrantState, grant.state, "GRANT_STATE_"),
+        "available": grant.balance.available_pf_days.value,
+        "held": grant.balance.held_pf_days.value,
+        "charged": grant.balance.charged_pf_days.value,
+        "ends": _time(grant.validity.end_time),
+    }
+
+
+def _application_rows(app: grant_pb2.Application) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = [
+        ("application", app.application_id),
+        ("project", app.project_id),
+        ("tier", _enum_name(grant_pb2.GrantTier, app.tier, "GRANT_TIER_")),
+        ("requested PF-days", app.requested_pf_days.value),
+        ("state", _enum_name(grant_pb2.ApplicationState, app.state, "APPLICATION_STATE_")),
+        ("window", f"{_time(app.validity.start_time)} to {_time(app.validity.end_time)}"),
+        ("reviewers", ", ".join(app.reviewer_subjects)),
+        ("grant", app.grant_id),
+    ]
+    for review in app.reviews:
+        rows.append((f"review by {review.reviewer_subject}", f"{review.score}/5 {review.comments}"))
+    if app.HasField("decision"):
+        outcome = _enum_name(grant_pb2.DecisionOutcome, app.decision.outcome, "DECISION_OUTCOME_")
+        rows.append(("decision", f"{outcome} by {app.decision.decided_by}: {app.decision.reason}"))
+    for step in app.history:
+        rows.append(
+            (_time(step.time), f"{step.trigger.removeprefix('application:')} by {step.actor}")
+        )
+    return rows
+
+
+def run_institution(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        institution = grants.CreateInstitution(
+            grant_pb2.CreateInstitutionRequest(
+                request_id=_request_id(args),
+                institution=grant_pb2.Institution(
+                    institution_id=args.institution_id,
+                    display_name=args.name,
+                    country_code=args.country,
+                ),
+            )
+        )
+    print_records(
+        rows_of([("institution", institution.institution_id), ("name", institution.display_name)]),
+        ["field", "value"],
+        output_format=args.format,
+    )
+    return EXIT_OK
+
+
+def run_project(args: argparse.Namespace) -> int:
+    members = []
+    for text in args.member:
+        subject, _, role = text.partition(":")
+        if role and role not in ROLES:
+            raise CommandError(f"--member {text!r}: role must be member or viewer", EXIT_USAGE)
+        members.append(grant_pb2.ProjectMember(subject=subject, role=ROLES[role or "member"]))
+    with open_grants(args) as grants:
+        project = grants.CreateProject(
+            grant_pb2.CreateProjectRequest(
+                request_id=_request_id(args),
+                project=grant_pb2.Project(
+                    project_id=args.project_id,
+                    institution_id=args.institution,
+                    display_name=args.name or args.project_id,
+                    pi_subject=args.pi,
+                    members=members,
+                ),
+            )
+        )
+    _print_project(project, args.format)
+    return EXIT_OK
+
+
+def _print_project(project: grant_pb2.Project, output_format: str) -> None:
+    records = [
+        {"member": m.subject, "role": _enum_name(grant_pb2.ProjectRole, m.role, "PROJECT_ROLE_")}
+        for m in project.members
+    ]
+    title = f"{project.project_id} ({project.institution_id})"
+    print_records(records, ["member", "role"], output_format=output_format, title=title)
+
+
+def run_member(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        if args.remove:
+            project = grants.RemoveProjectMember(
+                grant_pb2.RemoveProjectMemberRequest(
+                    request_id=_request_id(args), project_id=args.project, subject=args.subject
+                )
+            )
+        else:
+            project = grants.AddProjectMember(
+                grant_pb2.AddProjectMemberRequest(
+                    request_id=_request_id(args),
+                    project_id=args.project,
+                    member=grant_pb2.ProjectMember(subject=args.subject, role=ROLES[args.role]),
+                )
+            )
+    _print_project(project, args.format)
+    return EXIT_OK
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    application = grant_pb2.Application(
+        project_id=args.project,
+        tier=TIERS[args.tier],
+        requested_pf_days=_decimal(args.pf_days),
+        accelerator_models=args.model,
+        regions=args.region,
+        justification=args.justification,
+    )
+    application.validity.start_time.CopyFrom(_timestamp(args.start, "--start"))
+    application.validity.end_time.CopyFrom(_timestamp(args.end, "--end"))
+    with open_grants(args) as grants:
+        app = grants.SubmitApplication(
+            grant_pb2.SubmitApplicationRequest(
+                request_id=_request_id(args), application=application
+            )
+        )
+    print_records(rows_of(_application_rows(app)), ["field", "value"], output_format=args.format)
+    return EXIT_OK
+
+
+def run_assign(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        app = grants.AssignReviewer(
+            grant_pb2.AssignReviewerRequest(
+                request_id=_request_id(args),
+                application_id=args.application,
+                reviewer_subject=args.reviewer,
+                reviewer_institution_id=args.institution,
+            )
+        )
+    print_records(rows_of(_application_rows(app)), ["field", "value"], output_format=args.format)
+    return EXIT_OK
+
+
+def run_review(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        app = grants.SubmitReview(
+            grant_pb2.SubmitReviewRequest(
+                request_id=_request_id(args),
+                application_id=args.application,
+                score=args.score,
+                comments=args.comments,
+            )
+        )
+    print_records(rows_of(_application_rows(app)), ["field", "value"], output_format=args.format)
+    return EXIT_OK
+
+
+def run_award(args: argparse.Namespace) -> int:
+    decision = grant_pb2.Decision(outcome=OUTCOMES[args.outcome], reason=args.reason)
+    if args.pf_days:
+        decision.awarded_pf_days.CopyFrom(_decimal(args.pf_days))
+    with open_grants(args) as grants:
+        app = grants.DecideApplication(
+            grant_pb2.DecideApplicationRequest(
+                request_id=_request_id(args),
+                application_id=args.application,
+                decision=decision,
+                constraints=grant_pb2.GrantConstraints(
+                    providers=args.provider, regions=args.region, accelerator_models=args.model
+                ),
+                rate_policy=(
+                    grant_pb2.RATE_POLICY_FIXED_AT_AWARD
+                    if args.fixed_rates
+                    else grant_pb2.RATE_POLICY_CURRENT
+                ),
+            )
+        )
+    print_records(rows_of(_application_rows(app)), ["field", "value"], output_format=args.format)
+    return EXIT_OK
+
+
+def run_applications(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        if args.application:
+            app = grants.GetApplication(
+                grant_pb2.GetApplicationRequest(application_id=args.application)
+            )
+            rows = rows_of(_application_rows(app))
+            print_records(rows, ["field", "value"], output_format=args.format)
+            return EXIT_OK
+        response = grants.ListApplications(
+            grant_pb2.ListApplicationsRequest(
+                project_id=args.project or "",
+                page=common_pb2.PageRequest(page_size=args.limit),
+            )
+        )
+    records = [
+        {
+            "application": a.application_id,
+            "project": a.project_id,
+            "tier": _enum_name(grant_pb2.GrantTier, a.tier, "GRANT_TIER_"),
+            "requested": a.requested_pf_days.value,
+            "state": _enum_name(grant_pb2.ApplicationState, a.state, "APPLICATION_STATE_"),
+            "grant": a.grant_id,
+        }
+        for a in response.applications
+    ]
+    columns = ["application", "project", "tier", "requested", "state", "grant"]
+    print_records(records, columns, output_format=args.format, title="applications")
+    return EXIT_OK
+
+
+def run_list(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        response = grants.ListGrants(
+            grant_pb2.ListGrantsRequest(
+                project_id=args.project or "", page=common_pb2.PageRequest(page_size=args.limit)
+            )
+        )
+    records = [_grant_record(g) for g in response.grants]
+    columns = ["grant", "project", "tier", "state", "available", "held", "charged", "ends"]
+    print_records(records, columns, output_format=args.format, title="grants (PF-days)")
+    return EXIT_OK
+
+
+def run_balance(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        balance = grants.GetBalance(
+            grant_pb2.GetBalanceRequest(
+                grant_id=args.grant, sub_allocation_id=args.sub_allocation or ""
+            )
+        )
+    title = args.grant + (f" / {args.sub_allocation}" if args.sub_allocation else "")
+    print_records(
+        rows_of(_balance_rows(balance)), ["field", "value"], output_format=args.format, title=title
+    )
+    return EXIT_OK
+
+
+def run_history(args: argparse.Namespace) -> int:
+    kind = KINDS.get(args.kind, 0) if args.kind else 0
+    with open_grants(args) as grants:
+        response = grants.ListLedgerEntries(
+            grant_pb2.ListLedgerEntriesRequest(
+                grant_id=args.grant,
+                kind=kind,  # type: ignore[arg-type]
+                page=common_pb2.PageRequest(page_size=args.limit, page_token=args.after or ""),
+            )
+        )
+    records = [
+        {
+            "entry": e.entry_id,
+            "time": _time(e.create_time),
+            "kind": _enum_name(common_pb2.LedgerEntryKind, e.kind, "LEDGER_ENTRY_KIND_"),
+            "PF-days": e.amount_pf_days.value,
+            "hold": e.hold_id,
+            "job": e.job_id,
+            "by": e.cause.actor,
+        }
+        for e in response.entries
+    ]
+    columns = ["entry", "time", "kind", "PF-days", "hold", "job", "by"]
+    print_records(records, columns, output_format=args.format, title=f"ledger of {args.grant}")
+    if response.page.next_page_token and args.format == "table":
+        print(f"more: acsp grants history {args.grant} --after {response.page.next_page_token}")
+    return EXIT_OK
+
+
+def run_delegate(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        sub = grants.CreateSubAllocation(
+            grant_pb2.CreateSubAllocationRequest(
+                request_id=_request_id(args),
+                grant_id=args.grant,
+                parent_sub_allocation_id=args.parent or "",
+                holder=args.holder,
+                amount_pf_days=_decimal(args.pf_days),
+            )
+        )
+    rows = [("sub-allocation", sub.sub_allocation_id), ("holder", sub.holder)]
+    rows += _balance_rows(sub.balance)
+    print_records(rows_of(rows), ["field", "value"], output_format=args.format)
+    return EXIT_OK
+
+
+def run_supplement(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        grant = grants.SupplementGrant(
+            grant_pb2.SupplementGrantRequest(
+                request_id=_request_id(args),
+                grant_id=args.grant,
+                amount_pf_days=_decimal(args.pf_days),
+                reason=args.reason,
+            )
+        )
+    print_records([_grant_record(grant)], list(_grant_record(grant)), output_format=args.format)
+    return EXIT_OK
+
+
+def run_extend(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        grant = grants.ExtendGrant(
+            grant_pb2.ExtendGrantRequest(
+                request_id=_request_id(args),
+                grant_id=args.grant,
+                new_end_time=_timestamp(args.end, "--end"),
+                reason=args.reason,
+            )
+        )
+    print_records([_grant_record(grant)], list(_grant_record(grant)), output_format=args.format)
+    return EXIT_OK
+
+
+def run_summary(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        summary = grants.GetLedgerSummary(grant_pb2.GetLedgerSummaryRequest())
+    rows = [
+        ("postings sum PF-days", summary.postings_sum_pf_days.value),
+        ("entries", summary.entry_count),
+        ("program pool PF-days", summary.program_pool_pf_days.value),
+        ("grants with negative available", ", ".join(summary.negative_grant_ids) or "none"),
+    ]
+    print_records(rows_of(rows), ["field", "value"], output_format=args.format, title="ledger")
+    return EXIT_OK
+
+
+def register(subparsers: Any) -> None:
+    """Add ``acsp grants ...`` to the ``acsp`` parser."""
+    common = [connection_options(), output_options()]
+    group = subparsers.add_parser(
+        "grants", help="institutions, projects, applications, grants and the ledger"
+    )
+    commands = group.add_subparsers(title="grant commands", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> Any:
+        parser = commands.add_parser(name, parents=common, help=help, description=help)
+        parser.set_defaults(func=func)
+        return parser
+
+    def idempotent(parser: Any) -> None:
+        parser.add_argument(
+            "--request-id",
+            help="idempotency key; pass the same one to retry safely (default: a new one)",
+        )
+
+    p = command("institution", run_institution, "register an institution (program office)")
+    p.add_argument("institution_id")
+    p.add_argument("name")
+    p.add_argument("--country", default="", help="ISO 3166-1 alpha-2 country code")
+    idempotent(p)
+
+    p = command("project", run_project, "create a project with its PI and members")
+    p.add_argument("project_id")
+    p.add_argument("--institution", required=True)
+    p.add_argument("--pi", required=True, help="subject of the principal investigator")
+    p.add_argument("--name", help="display name (default: the project id)")
+    p.add_argument(
+        "--member", action="append", default=[], help="SUBJECT[:member|viewer]; repeatable"
+    )
+    idempotent(p)
+
+    p = command("member", run_member, "add, change or remove a project member (PI only)")
+    p.add_argument("project")
+    p.add_argument("subject")
+    p.add_argument("--role", choices=sorted(ROLES), default="member")
+    p.add_argument("--remove", action="store_true", help="remove the member instead")
+    idempotent(p)
+
+    p = command("apply", run_apply, "submit an application (exploratory ones are awarded at once)")
+    p.add_argument("--project", required=True)
+    p.add_argument("--tier", choices=sorted(TIERS), required=True)
+    p.add_argument("--pf-days", required=True, help="requested budget in PF-days, e.g. 12.5")
+    p.add_argument("--start", required=True, help="start of the validity window, ISO 8601")
+    p.add_argument("--end", required=True, help="end of the validity window, ISO 8601")
+    p.add_argument("--justification", required=True)
+    p.add_argument("--model", action="append", default=[], help="preferred accelerator model")
+    p.add_argument("--region", action="append", default=[], help="preferred <provider>/<region>")
+    idempotent(p)
+
+    p = command("assign", run_assign, "assign a reviewer to an application (program office)")
+    p.add_argument("application")
+    p.add_argument("--reviewer", required=True)
+    p.add_argument("--institution", required=True, help="the reviewer's institution")
+    idempotent(p)
+
+    p = command("review", run_review, "submit your review of an application")
+    p.add_argument("application")
+    p.add_argument("--score", type=int, required=True, help="1 (poor) to 5 (excellent)")
+    p.add_argument("--comments", required=True)
+    idempotent(p)
+
+    p = command("award", run_award, "decide an application: award, award less or reject")
+    p.add_argument("application")
+    p.add_argument("--outcome", choices=sorted(OUTCOMES), default="award")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--pf-days", help="the awarded PF-days, for --outcome award-less")
+    p.add_argument("--provider", action="append", default=[], help="restrict to a provider")
+    p.add_argument("--region", action="append", default=[], help="restrict to a region")
+    p.add_argument("--model", action="append", default=[], help="restrict to an accelerator model")
+    p.add_argument(
+        "--fixed-rates", action="store_true", help="price at the rate card current at award"
+    )
+    idempotent(p)
+
+    p = command("applications", run_applications, "list applications, or show one")
+    p.add_argument("application", nargs="?", help="show this application with its history")
+    p.add_argument("--project")
+    p.add_argument("--limit", type=int, default=100, help="rows to show (at most 1000)")
+
+    p = command("list", run_list, "list the grants you may see")
+    p.add_argument("--project")
+    p.add_argument("--limit", type=int, default=100, help="rows to show (at most 1000)")
+
+    p = command("balance", run_balance, "show a grant's or sub-allocation's balance")
+    p.add_argument("grant")
+    p.add_argument("--sub-allocation")
+
+    p = command("history", run_history, "list a grant's ledger entries, oldest first")
+    p.add_argument("grant")
+    p.add_argument("--kind", choices=sorted(KINDS))
+    p.add_argument("--limit", type=int, default=100, help="entries to show (at most 1000)")
+    p.add_argument("--after", help="continue after this entry id (from the previous page)")
+
+    p = command("delegate", run_delegate, "delegate part of a grant to a member (PI only)")
+    p.add_argument("grant")
+    p.add_argument("--holder", required=True, help="member subject or sub-project name")
+    p.add_argument("--pf-days", required=True)
+    p.add_argument("--parent", help="parent sub-allocation (default: the grant itself)")
+    idempotent(p)
+
+    p = command("supplement", run_supplement, "add the one supplement to a grant (program office)")
+    p.add_argument("grant")
+    p.add_argument("--pf-days", required=True)
+    p.add_argument("--reason", required=True)
+    idempotent(p)
+
+    p = command("extend", run_extend, "move a grant's end later (program office)")
+    p.add_argument("grant")
+    p.add_argument("--end", required=True, help="new end time, ISO 8601")
+    p.add_argument("--reason", required=True)
+    idempotent(p)
+
+    command("summary", run_summary, "check the whole ledger's invariants (program office)")

@@ -1,0 +1,109 @@
+"""``acsp grants`` against a running grant service, through a token-carrying blocking stub."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from acsp.cli import grants as grants_cli
+from acsp.cli.main import main
+from acsp.v1 import grant_pb2_grpc
+from services.runtime.auth import mint_token
+from tests.grant.service_helpers import RunningGrant, running_grant
+
+
+class _TokenStub:
+    def __init__(self, stub: grant_pb2_grpc.GrantServiceStub, token: str) -> None:
+        self._stub = stub
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+        return lambda request: method(request, metadata=self._metadata, timeout=20)
+
+
+def use_identity(
+    monkeypatch: pytest.MonkeyPatch, svc: RunningGrant, subject: str, roles: list[str]
+) -> None:
+    token = mint_token(svc.key, subject, roles)
+
+    @contextmanager
+    def open_grants(args: object) -> Iterator[Any]:
+        with grpc.insecure_channel(svc.address) as channel:
+            yield _TokenStub(grant_pb2_grpc.GrantServiceStub(channel), token)
+
+    monkeypatch.setattr(grants_cli, "open_grants", open_grants)
+
+
+async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = await asyncio.to_thread(main, ["grants", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+async def test_cli_apply_and_balance(
+    schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_grant(schema, tmp_path) as svc:
+        use_identity(monkeypatch, svc, "office", ["program_office"])
+        code, _, err = await run_cli(capsys, "institution", "uni-a", "University A")
+        assert code == 0, err
+        use_identity(monkeypatch, svc, "alice", ["pi"])
+        code, out, err = await run_cli(
+            capsys, "project", "proj-a", "--institution", "uni-a", "--pi", "alice"
+        )
+        assert code == 0, err
+        assert "alice" in out
+        code, out, err = await run_cli(
+            capsys,
+            "apply",
+            "--project",
+            "proj-a",
+            "--tier",
+            "exploratory",
+            "--pf-days",
+            "2.5",
+            "--start",
+            "2020-01-01",
+            "--end",
+            "2099-01-01",
+            "--justification",
+            "pilot",
+            "--format",
+            "json",
+        )
+        assert code == 0, err
+        fields = {row["field"]: row["value"] for row in map(json.loads, out.splitlines())}
+        assert fields["state"] == "awarded"
+        grant_id = fields["grant"]
+        code, out, err = await run_cli(capsys, "balance", grant_id, "--format", "csv")
+        assert code == 0, err
+        assert "available PF-days,2.5" in out
+        code, out, err = await run_cli(capsys, "history", grant_id, "--format", "json")
+        assert json.loads(out.splitlines()[0])["kind"] == "award"
+        code, _, err = await run_cli(
+            capsys,
+            "apply",
+            "--project",
+            "proj-a",
+            "--tier",
+            "standard",
+            "--pf-days",
+            "-3",
+            "--start",
+            "2020-01-01",
+            "--end",
+            "2099-01-01",
+            "--justification",
+            "x",
+        )
+        assert code == 2
+        assert "INVALID_ARGUMENT" in err
+        assert "application.requested_pf_days" in err
