@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import re
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Final
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG: Final = 1
+_DECORATION: Final = re.compile(r"^[\s|+\-\d]*$")
 TAIL_LINES: Final = 20
 """Lines of a child's log shown when it dies."""
 
@@ -128,7 +130,10 @@ class ChildProcess:
         except FileNotFoundError:
             return ""
         text = data[-64 * 1024 :].decode("utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        # Skip the frame lines of printed exception groups ("+---- 1 ----", "|"), which
+        # otherwise fill the tail and hide the error itself.
+        meaningful = [line for line in text.splitlines() if not _DECORATION.match(line)]
+        return "\n".join(meaningful[-lines:])
 
     def describe_exit(self) -> str:
         """Return a sentence that describes how the process ended, for error messages."""

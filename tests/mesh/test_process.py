@@ -1,0 +1,92 @@
+"""Child processes of the mesh: two-phase stop, exit descriptions and log tails."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from acsp.mesh._process import ChildProcess
+
+IGNORES_SIGTERM = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _contains(log_path: Path, text: str) -> bool:
+    return log_path.exists() and text in log_path.read_text()
+
+
+async def _wait_for_output(log_path: Path, text: str, timeout_s: float = 10) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not _contains(log_path, text):
+        assert loop.time() < deadline, f"{text!r} never appeared in {log_path}"
+        await asyncio.sleep(0.05)
+
+
+async def test_stop_kills_child_that_ignores_sigterm(tmp_path: Path):
+    child = ChildProcess(
+        "stubborn", [sys.executable, "-c", IGNORES_SIGTERM], log_path=tmp_path / "stubborn.log"
+    )
+    await child.start()
+    await _wait_for_output(child.log_path, "ready")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    returncode = await child.stop(grace_s=0.5)
+    assert returncode == -signal.SIGKILL
+    assert loop.time() - started >= 0.5
+    assert "killed by SIGKILL" in child.describe_exit()
+
+
+EXITS_ON_SIGINT = """
+import signal, sys, time
+def stop(signum, frame):
+    print("got", signal.Signals(signum).name, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGINT, stop)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+async def test_stop_uses_configured_signal(tmp_path: Path):
+    child = ChildProcess(
+        "sleeper",
+        [sys.executable, "-c", EXITS_ON_SIGINT],
+        log_path=tmp_path / "sleeper.log",
+        stop_signal=signal.SIGINT,
+    )
+    await child.start()
+    await _wait_for_output(child.log_path, "ready")
+    returncode = await child.stop(grace_s=10)
+    assert returncode == 0
+    assert "got SIGINT" in child.tail()
+
+
+async def test_exit_status_and_tail_describe_failure(tmp_path: Path):
+    script = "import sys; print('\\n'.join(f'line {i}' for i in range(50))); sys.exit(4)"
+    child = ChildProcess("counter", [sys.executable, "-c", script], log_path=tmp_path / "c.log")
+    await child.start()
+    assert await asyncio.wait_for(child.wait(), 30) == 4
+    assert child.describe_exit().startswith(f"counter (pid {child.pid}) exited with status 4")
+    tail = child.tail(lines=3).splitlines()
+    assert tail == ["line 47", "line 48", "line 49"]
+
+
+def test_tail_skips_exception_group_frames(tmp_path: Path):
+    log_path = tmp_path / "service.log"
+    log_path.write_text(
+        "  | ValueError: bad setting\n    +------------------------------------\n  |\n"
+    )
+    child = ChildProcess("service", ["unused"], log_path=log_path)
+    assert child.tail() == "  | ValueError: bad setting"
+
+
+def test_tail_of_missing_log_is_empty(tmp_path: Path):
+    child = ChildProcess("never", ["unused"], log_path=tmp_path / "none.log")
+    assert child.tail() == ""
