@@ -1,4 +1,4 @@
-"""Who is calling: signed bearer tokens for people and tools, TLS identities for services.
+"""Caller identity: signed bearer tokens for people and tools, TLS identities for services.
 
 People and tools send ``authorization: Bearer <JWT>`` metadata. The token is signed with
 Ed25519 (JWS ``EdDSA``) by the key that :func:`generate_signing_key` writes, and carries::
@@ -81,7 +81,7 @@ class Principal:
     """The token's ``jti``, for audit logs; None for certificate identities."""
 
     def has_any(self, roles: Iterable[Role]) -> bool:
-        """Return whether the principal holds at least one of ``roles``."""
+        """Return whether the principal has at least one of ``roles``."""
         return not self.roles.isdisjoint(roles)
 
 
@@ -106,14 +106,13 @@ def reset_principal(token: object) -> None:
 
 
 def require_roles(*roles: Role) -> Principal:
-    """Return the current principal if it holds one of ``roles``, else raise PermissionDenied."""
+    """Return the current principal if it has one of ``roles``, else raise PermissionDenied."""
     principal = current_principal()
     if not principal.has_any(roles):
-        wanted = ", ".join(sorted(roles))
-        held = ", ".join(sorted(principal.roles)) or "no role"
-        raise PermissionDenied(
-            f"{principal.kind} {principal.subject!r} holds {held}; this call needs one of {wanted}"
-        )
+        required = ", ".join(sorted(roles))
+        granted = ", ".join(sorted(principal.roles)) or "no role"
+        who = f"{principal.kind} {principal.subject!r}"
+        raise PermissionDenied(f"{who} has {granted}; this call needs one of {required}")
     return principal
 
 
@@ -288,7 +287,7 @@ PUBLIC_METHOD_PREFIXES: Final = (
 
 
 def is_public_method(method: str) -> bool:
-    """Return whether ``method`` (``/package.Service/Method``) answers without credentials."""
+    """Return whether ``method`` (``/package.Service/Method``) is served without credentials."""
     return method.startswith(PUBLIC_METHOD_PREFIXES)
 
 

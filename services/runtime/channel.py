@@ -8,8 +8,8 @@ A service calls another through a channel from :func:`service_channel`::
 
 Every call through it:
 
-* presents this service's certificate (``ACSP_TLS_*``) when TLS is on, so the callee sees a
-  ``service`` principal; :func:`open_channel` can add a bearer token instead or as well;
+* presents this service's certificate (``ACSP_TLS_*``) when TLS is on, so the callee
+  authenticates it as a ``service`` principal. :func:`open_channel` can add a bearer token;
 * gets a timeout: the one the caller passed, cut to the time left before the incoming
   request's deadline, or ``ACSP_DEFAULT_DEADLINE_S`` outside a request;
 * carries the current trace context (``traceparent``) and request id (``x-request-id``), and

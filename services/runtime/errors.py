@@ -46,7 +46,7 @@ class ServiceError(Exception):
 
 
 class CallerError(ServiceError):
-    """The caller sent something wrong; the message says what and how to fix it."""
+    """The caller sent something wrong; the message states what and how to fix it."""
 
 
 class InvalidArgument(CallerError):

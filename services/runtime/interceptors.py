@@ -1,7 +1,7 @@
 """Server interceptors: request id and access log, tracing, error mapping, deadlines, auth.
 
 :class:`services.runtime.server.Service` installs them in this order (outermost first), so
-each sees what the inner ones did:
+inner ones run with the request id and span that outer ones set:
 
 1. :class:`RequestLogInterceptor` sets the request id (``x-request-id`` metadata or a new one)
    and logs each finished call at DEBUG with its status and duration.

@@ -99,7 +99,8 @@ async def apply_migrations(
 ) -> list[int]:
     """Apply the pending migrations of ``package`` to ``schema``; return the versions applied.
 
-    Opens its own connection, so closing it releases the advisory lock whatever happens.
+    Opens its own connection, so closing it releases the advisory lock even when a migration
+    fails or the caller is cancelled.
     """
     migrations = load_migrations(package)
     try:

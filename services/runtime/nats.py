@@ -15,11 +15,11 @@
     runtime.spawn(consumer.run(runtime.stopping), name="usage-consumer")
 
 A :class:`PullConsumer` calls ``handle_batch(messages)``, which commits its database
-transaction and returns; only then are the messages acked. While the handler works, each
-message gets an in-progress ack so JetStream does not redeliver it. A handler that raises gets
-its batch redelivered after a delay (``nak``); raising :class:`Reject` terminates the messages
-instead (use it for payloads that can never be processed). Publishes and consumed batches carry
-the trace context in message headers.
+transaction and returns, and only then acks the messages. While the handler works, each
+message gets an in-progress ack so JetStream does not redeliver it. When the handler raises,
+the batch is redelivered after a delay (``nak``). Raise :class:`Reject` for payloads that can
+never be processed, so their messages are terminated instead. Publishes and consumed batches
+carry the trace context in message headers.
 """
 
 from __future__ import annotations

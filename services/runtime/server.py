@@ -14,11 +14,14 @@ A service's ``__main__`` builds a :class:`Service` and hands it to :func:`run_se
             on_start=[start_expiry_loop], on_stop=[flush_outbox],
         ))
 
-Start: open the database pool (when ``schema`` is given) and apply migrations, connect to NATS
-(when ``ACSP_NATS_URL`` is set, or required with ``needs_nats=True``) and declare streams and
-buckets, register servicers plus ``grpc.health.v1`` and reflection, bind ``ACSP_GRPC_LISTEN``,
-run the ``on_start`` hooks, start serving, mark health SERVING, log the bound address and write
-it (``host:port``) to ``ACSP_READY_FILE``.
+Start, in order:
+
+1. apply migrations and open the database pool, when ``schema`` is given;
+2. connect to NATS and declare streams and buckets, when ``ACSP_NATS_URL`` is set (required
+   with ``needs_nats=True`` or any stream or bucket);
+3. register the servicers, ``grpc.health.v1`` and reflection, and bind ``ACSP_GRPC_LISTEN``;
+4. run the ``on_start`` hooks, start serving and mark health SERVING;
+5. log the bound address and write it (``host:port``) to ``ACSP_READY_FILE``.
 
 Stop, on SIGTERM/SIGINT or :meth:`Service.stop`: mark health NOT_SERVING, stop accepting calls
 and let in-flight ones finish within ``ACSP_SHUTDOWN_GRACE_S``, run the ``on_stop`` hooks,
@@ -65,7 +68,7 @@ RUNTIME_FAILURE_EXIT: int = 1
 
 @dataclass
 class Runtime:
-    """What a running service shares with its servicers and hooks."""
+    """Shared state of a running service, handed to its servicers and hooks."""
 
     name: str
     settings: Settings

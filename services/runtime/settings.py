@@ -46,7 +46,7 @@ class SettingsError(StartupError):
 
 @dataclass(frozen=True)
 class ListenAddress:
-    """A ``host:port`` to bind; port 0 asks the kernel for a free port."""
+    """A ``host:port`` to bind. Port 0 lets the kernel pick a free port."""
 
     host: str
     port: int

@@ -59,7 +59,7 @@ class CertPaths:
 
 
 def tls_dir(data_dir: Path) -> Path:
-    """Return the folder under ``data_dir`` that holds the CA and issued certificates."""
+    """Return the folder under ``data_dir`` that contains the CA and issued certificates."""
     return data_dir / "tls"
 
 
@@ -107,8 +107,8 @@ def issue_service_cert(
 ) -> CertPaths:
     """Issue ``<service>.crt``/``.key`` for server and client use, naming the service.
 
-    ``hosts`` are the DNS names and IP addresses callers dial; the service name itself is added
-    as a DNS name so a Kubernetes service of that name verifies too.
+    ``hosts`` are the DNS names and IP addresses callers dial. The service name is added as a
+    DNS name too, so a Kubernetes service of that name verifies.
     """
     uri = SERVICE_URI_PREFIX + service
     return _issue(data_dir, service, uri, [*hosts, service], server=True)
@@ -157,22 +157,24 @@ def channel_credentials(ca: Path, cert: Path, key: Path) -> grpc.ChannelCredenti
 
 def load_server_credentials(settings: Settings) -> grpc.ServerCredentials:
     """Build mutual-TLS server credentials from ``ACSP_TLS_*``; raise SettingsError if unusable."""
-    ca, cert, key = settings.tls_ca, settings.tls_cert, settings.tls_key
-    assert ca is not None and cert is not None and key is not None
-    _check_pem("ACSP_TLS_CA", ca, certificate=True)
-    _check_pem("ACSP_TLS_CERT", cert, certificate=True)
-    _check_pem("ACSP_TLS_KEY", key, certificate=False)
+    ca, cert, key = _checked_tls_files(settings)
     return server_credentials(ca, cert, key)
 
 
 def load_channel_credentials(settings: Settings) -> grpc.ChannelCredentials:
     """Build mutual-TLS channel credentials from ``ACSP_TLS_*``; raise SettingsError if unusable."""
-    ca, cert, key = settings.tls_ca, settings.tls_cert, settings.tls_key
-    assert ca is not None and cert is not None and key is not None
+    ca, cert, key = _checked_tls_files(settings)
+    return channel_credentials(ca, cert, key)
+
+
+def _checked_tls_files(settings: Settings) -> tuple[Path, Path, Path]:
+    ca = settings.require("tls_ca")
+    cert = settings.require("tls_cert")
+    key = settings.require("tls_key")
     _check_pem("ACSP_TLS_CA", ca, certificate=True)
     _check_pem("ACSP_TLS_CERT", cert, certificate=True)
     _check_pem("ACSP_TLS_KEY", key, certificate=False)
-    return channel_credentials(ca, cert, key)
+    return ca, cert, key
 
 
 def _check_pem(variable: str, path: Path, *, certificate: bool) -> None:
@@ -207,6 +209,7 @@ def _issue(data_dir: Path, name: str, uri: str, hosts: list[str], *, server: boo
         raise ValueError(f"{folder / 'ca.key'} is not an EC private key")
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
+
     alt_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
     for host in dict.fromkeys(hosts):
         alt_names.append(_host_name(host))
@@ -214,6 +217,7 @@ def _issue(data_dir: Path, name: str, uri: str, hosts: list[str], *, server: boo
     if server:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
     ca_key_id = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -231,6 +235,7 @@ def _issue(data_dir: Path, name: str, uri: str, hosts: list[str], *, server: boo
         )
         .sign(ca_key, hashes.SHA256())
     )
+
     paths = CertPaths(ca=folder / "ca.crt", cert=folder / f"{name}.crt", key=folder / f"{name}.key")
     _write_private_key(paths.key, key)
     paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -77,13 +77,13 @@ class SampleServicer:
         """Call WhoAmI and Remaining on the sample service at ``request.value``."""
         assert self.settings is not None
         async with service_channel(self.settings, request.value) as channel:
-            who = await _stub(channel, "WhoAmI", wrappers_pb2.StringValue)(
+            caller = await _stub(channel, "WhoAmI", wrappers_pb2.StringValue)(
                 wrappers_pb2.StringValue()
             )
             remaining = await _stub(channel, "Remaining", wrappers_pb2.DoubleValue)(
                 wrappers_pb2.StringValue()
             )
-        return wrappers_pb2.StringValue(value=f"{who.value}|{remaining.value}")
+        return wrappers_pb2.StringValue(value=f"{caller.value}|{remaining.value}")
 
     async def count(
         self, request: wrappers_pb2.Int32Value, context: Any

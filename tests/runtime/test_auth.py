@@ -154,7 +154,7 @@ def test_require_roles_checks_current_principal() -> None:
             require_roles(Role.PI)
     finally:
         reset_principal(token)
-    assert "user 'rita' holds reviewer; this call needs one of pi" == str(caught.value)
+    assert "user 'rita' has reviewer; this call needs one of pi" == str(caught.value)
 
 
 def test_require_roles_outside_call_is_unauthenticated() -> None:

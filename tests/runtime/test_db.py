@@ -51,7 +51,7 @@ async def test_search_path_is_service_schema(database: Database) -> None:
 
 
 async def test_timed_out_acquisitions_leave_pool_usable(database: Database) -> None:
-    held = [await database.pool.acquire() for _ in range(POOL_MAX)]
+    borrowed = [await database.pool.acquire() for _ in range(POOL_MAX)]
 
     async def try_acquire() -> None:
         async with database.acquire():
@@ -61,7 +61,7 @@ async def test_timed_out_acquisitions_leave_pool_usable(database: Database) -> N
     assert all(isinstance(result, Unavailable) for result in results), results
     assert "no database connection became free within 0.200 s" in str(results[0])
     assert database.pool.get_size() <= POOL_MAX
-    for connection in held:
+    for connection in borrowed:
         await database.pool.release(connection)
     # Every connection comes back: POOL_MAX callers can hold one at the same time.
     async with asyncio.timeout(5):
@@ -74,7 +74,7 @@ async def test_timed_out_acquisitions_leave_pool_usable(database: Database) -> N
 
 
 async def test_cancelled_acquisitions_leave_pool_usable(database: Database) -> None:
-    held = await database.pool.acquire()
+    borrowed = await database.pool.acquire()
     waiters = [
         asyncio.ensure_future(database.acquire(timeout_s=10).__aenter__()) for _ in range(20)
     ]
@@ -82,7 +82,7 @@ async def test_cancelled_acquisitions_leave_pool_usable(database: Database) -> N
     for waiter in waiters:
         waiter.cancel()
     results = await asyncio.gather(*waiters, return_exceptions=True)
-    await database.pool.release(held)
+    await database.pool.release(borrowed)
     leaked = [result for result in results if isinstance(result, asyncpg.Connection)]
     assert all(isinstance(result, asyncio.CancelledError) for result in results), leaked
     async with asyncio.timeout(5):
@@ -91,7 +91,7 @@ async def test_cancelled_acquisitions_leave_pool_usable(database: Database) -> N
 
 
 async def test_acquire_wait_is_cut_by_request_deadline(database: Database) -> None:
-    held = [await database.pool.acquire() for _ in range(POOL_MAX)]
+    borrowed = [await database.pool.acquire() for _ in range(POOL_MAX)]
     token = context.set_deadline(time.monotonic() + 0.05)
     try:
         started = time.monotonic()
@@ -101,7 +101,7 @@ async def test_acquire_wait_is_cut_by_request_deadline(database: Database) -> No
         waited = time.monotonic() - started
     finally:
         context.reset_deadline(token)
-        for connection in held:
+        for connection in borrowed:
             await database.pool.release(connection)
     assert waited < 1.0
 

@@ -171,7 +171,7 @@ async def test_consumer_keeps_long_work_in_progress(
     name, prefix = stream
     await consumer_stream(js, name, prefix, 1)
     if not in_progress:
-        # The control case: without in-progress acks the same test sees a redelivery.
+        # The control case: without in-progress acks the same test gets a redelivery.
         monkeypatch.setattr(
             PullConsumer, "_in_progress", lambda self, messages: contextlib.nullcontext()
         )
@@ -180,7 +180,7 @@ async def test_consumer_keeps_long_work_in_progress(
 
     async def handle(messages: list[Msg]) -> None:
         # Work for longer than ack_wait while a second worker on the same durable consumer
-        # asks for messages: only in-progress acks keep this one from being handed over.
+        # fetches. Only in-progress acks keep JetStream from redelivering this message to it.
         rival = await js.pull_subscribe("", durable="slow", stream=name)
         try:
             redelivered.extend(await rival.fetch(1, timeout=2.5))

@@ -220,12 +220,12 @@ async def test_service_certificate_authenticates_without_token(
     grant = pki["grant"]
     credentials = channel_credentials(grant.ca, grant.cert, grant.key)
     async with open_channel(sample.service.address, credentials=credentials) as channel:
-        who = channel.unary_unary(
+        who_am_i = channel.unary_unary(
             f"/{SERVICE_NAME}/WhoAmI",
             request_serializer=String.SerializeToString,
             response_deserializer=String.FromString,
         )
-        reply = await who(String())
+        reply = await who_am_i(String())
     assert reply.value == "service:grant:service"
 
 
@@ -236,14 +236,14 @@ async def test_client_certificate_still_needs_token(
     client = pki["client"]
     credentials = channel_credentials(client.ca, client.cert, client.key)
     async with open_channel(sample.service.address, credentials=credentials) as channel:
-        who = channel.unary_unary(
+        who_am_i = channel.unary_unary(
             f"/{SERVICE_NAME}/WhoAmI",
             request_serializer=String.SerializeToString,
             response_deserializer=String.FromString,
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await who(String())
-        reply = await who(String(), metadata=bearer(keys.token(Role.REVIEWER, subject="rita")))
+            await who_am_i(String())
+        reply = await who_am_i(String(), metadata=bearer(keys.token(Role.REVIEWER, subject="rita")))
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert reply.value == "user:rita:reviewer"
 
@@ -254,13 +254,13 @@ async def test_tls_port_rejects_caller_without_certificate(
     sample = await sample_factory(**tls_environment(pki))
     credentials = grpc.ssl_channel_credentials(pki["sample"].ca.read_bytes())
     async with open_channel(sample.service.address, credentials=credentials) as channel:
-        who = channel.unary_unary(
+        who_am_i = channel.unary_unary(
             f"/{SERVICE_NAME}/WhoAmI",
             request_serializer=String.SerializeToString,
             response_deserializer=String.FromString,
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await who(String(), metadata=bearer(keys.token(Role.PI)), timeout=5)
+            await who_am_i(String(), metadata=bearer(keys.token(Role.PI)), timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -284,8 +284,8 @@ async def test_service_channel_propagates_identity_deadline_and_trace(
             response_deserializer=String.FromString,
         )
         reply = await relay(String(value=downstream.service.address), timeout=3.0)
-    who, remaining = reply.value.split("|")
-    assert who == "service:sample:service"
+    caller, remaining = reply.value.split("|")
+    assert caller == "service:sample:service"
     assert 0.0 < float(remaining) < 3.0
     server_spans = [span for span in spans.get_finished_spans() if span.name.endswith("/Relay")]
     downstream_spans = [
