@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -114,6 +115,15 @@ class AgentProcess:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start every node, run until ``stop`` is set, then shut down in two phases."""
+        pid_file = self._state.path.parent / "agent.pid"
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")
+        try:
+            await self._run(stop)
+        finally:
+            pid_file.unlink(missing_ok=True)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:
             for index, node in enumerate(self.nodes):
                 await node.start(group)

@@ -72,6 +72,10 @@ class StateStore:
     def path(self) -> Path:
         return self._path
 
+    @property
+    def nodes(self) -> dict[str, NodeState]:
+        return self._nodes
+
     def node(self, key: str) -> NodeState:
         state = self._nodes.get(key)
         if state is None:

@@ -1,0 +1,202 @@
+"""``acsp agent``: run the node agent and look at what it keeps on the node.
+
+- ``acsp agent run``: the same as ``python -m agents`` (same options);
+- ``acsp agent discover``: list the accelerators a backend finds, without NATS;
+- ``acsp agent health``: the persistent health conditions in the state file;
+- ``acsp agent tasks``: the tasks the agent started and still accounts for;
+- ``acsp agent spool``: how many messages wait to be published;
+- ``acsp agent clear-health UUID``: clear an accelerator's persistent conditions after a
+  repair (the agent must be stopped, since it rewrites the state file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from acsp.cli._common import EXIT_USAGE, CommandError, output_options, print_records
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("agent", help="run the node agent and inspect its state")
+    commands = parser.add_subparsers(title="agent commands", metavar="COMMAND")
+
+    from agents.main import add_arguments
+
+    run = commands.add_parser("run", help="run the node agent (same as python -m agents)")
+    add_arguments(run)
+    run.set_defaults(func=_run)
+
+    discover = commands.add_parser(
+        "discover", parents=[output_options()], help="list the accelerators a backend finds"
+    )
+    discover.add_argument("--backend", choices=("nvml", "simulated"), default="nvml")
+    discover.add_argument("--nodes", type=int, default=1, help="simulated: nodes to list")
+    discover.set_defaults(func=_discover)
+
+    for name, function, help_text in (
+        ("health", _health, "show persistent health conditions from the state file"),
+        ("tasks", _tasks, "show the tasks the agent accounts for"),
+        ("spool", _spool, "show how many messages wait in the spool"),
+    ):
+        sub = commands.add_parser(name, parents=[output_options()], help=help_text)
+        _add_state_dir(sub)
+        sub.set_defaults(func=function)
+
+    clear = commands.add_parser(
+        "clear-health", help="clear an accelerator's persistent health conditions"
+    )
+    _add_state_dir(clear)
+    clear.add_argument("uuid", help="accelerator UUID")
+    clear.add_argument("--cause", help="clear only this cause, e.g. xid:79")
+    clear.add_argument("--node-key", help="<provider>.<region>.<node>; default: the only node")
+    clear.set_defaults(func=_clear_health)
+
+
+def _add_state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="agent state folder (default: $ACSP_AGENT_STATE_DIR or $ACSP_DATA_DIR/agent)",
+    )
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    if args.state_dir is not None:
+        return Path(args.state_dir)
+    from agents.settings import AgentSettings
+
+    return AgentSettings.from_env().agent_state_dir
+
+
+def _run(args: argparse.Namespace) -> Any:
+    from agents.main import build_process, run, settings_from
+
+    return run(build_process(settings_from(args), args))
+
+
+def _discover(args: argparse.Namespace) -> int:
+    records = []
+    if args.backend == "nvml":
+        from agents.backends.nvml import NvmlBackend
+
+        backend = NvmlBackend()
+        inventories = [("local", backend.discover())]
+        backend.close()
+    else:
+        from agents.backends.fleet import DEFAULT_FLEETS, load_fleet
+        from agents.backends.simulated import SimulatedBackend
+
+        path, provider, region = DEFAULT_FLEETS[0]
+        fleet = load_fleet(path, provider, region)[: args.nodes]
+        inventories = [(spec.node, SimulatedBackend(spec).discover()) for spec in fleet]
+    for node, inventory in inventories:
+        for info in inventory.accelerators:
+            records.append(
+                {
+                    "node": node,
+                    "uuid": info.uuid,
+                    "pci_bus_id": info.pci_bus_id,
+                    "model": info.model,
+                    "memory_gib": f"{info.memory_bytes / (1 << 30):.1f}",
+                    "share_milli": info.share_milli,
+                    "driver": info.driver_version,
+                    "cuda": info.software_version,
+                }
+            )
+    print_records(records, list(records[0]) if records else ["uuid"], output_format=args.format)
+    return 0
+
+
+def _load_state(args: argparse.Namespace) -> Any:
+    from agents.state import StateStore
+
+    path = _state_dir(args) / "state.json"
+    if not path.exists():
+        raise CommandError(f"no agent state file at {path}; pass --state-dir", EXIT_USAGE)
+    return StateStore(path)
+
+
+def _health(args: argparse.Namespace) -> int:
+    state = _load_state(args)
+    records = [
+        {"node": key, "uuid": uuid, "cause": cause}
+        for key, node in sorted(state.nodes.items())
+        for uuid, causes in sorted(node.health.items())
+        for cause in causes
+    ]
+    print_records(records, ["node", "uuid", "cause"], output_format=args.format)
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    state = _load_state(args)
+    records = [
+        {
+            "node": key,
+            "task_id": task.task_id,
+            "job_id": task.job_id,
+            "pid": task.pid or "(played)",
+            "accelerators": ",".join(task.accelerators),
+            "stop_reason": task.stop_reason,
+        }
+        for key, node in sorted(state.nodes.items())
+        for task in node.tasks.values()
+    ]
+    columns = ["node", "task_id", "job_id", "pid", "accelerators", "stop_reason"]
+    print_records(records, columns, output_format=args.format)
+    return 0
+
+
+def _spool(args: argparse.Namespace) -> int:
+    from agents.spool import Spool
+
+    path = _state_dir(args) / "spool"
+    if not path.exists():
+        raise CommandError(f"no spool at {path}; pass --state-dir", EXIT_USAGE)
+    spool = Spool(path)
+    records = [{"pending_messages": spool.pending_records, "pending_bytes": spool.pending_bytes}]
+    spool.close()
+    print_records(records, ["pending_messages", "pending_bytes"], output_format=args.format)
+    return 0
+
+
+def _clear_health(args: argparse.Namespace) -> int:
+    directory = _state_dir(args)
+    _refuse_while_running(directory)
+    state = _load_state(args)
+    keys = [args.node_key] if args.node_key else sorted(state.nodes)
+    if len(keys) != 1:
+        raise CommandError(f"the state file has {len(keys)} nodes; pass --node-key", EXIT_USAGE)
+    node = state.node(keys[0])
+    causes = node.health.get(args.uuid, [])
+    remaining = [c for c in causes if args.cause is not None and c != args.cause]
+    if len(remaining) == len(causes):
+        raise CommandError(f"accelerator {args.uuid} has no such persistent condition")
+    health = dict(node.health)
+    if remaining:
+        health[args.uuid] = remaining
+    else:
+        health.pop(args.uuid)
+    state.set_health(keys[0], health)
+    print(f"cleared {len(causes) - len(remaining)} condition(s) of {args.uuid}")
+    return 0
+
+
+def _refuse_while_running(directory: Path) -> None:
+    pid_file = directory / "agent.pid"
+    if not pid_file.exists():
+        return
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return
+    except PermissionError:
+        pass
+    raise CommandError(
+        f"the agent (pid {pid_file.read_text().strip()}) is running with this state; stop it "
+        "first, because it rewrites the state file"
+    )

@@ -1,0 +1,61 @@
+"""``acsp agent`` subcommands that read the agent's state on the node."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from acsp.cli.main import main
+from agents.state import StateStore
+
+KEY = "acme.eu-1.node-1"
+
+
+def write_state(directory: Path) -> None:
+    state = StateStore(directory / "state.json")
+    state.set_health(KEY, {"GPU-a": ["xid:79", "row_remap_failure"], "GPU-b": ["xid:79"]})
+
+
+def test_health_lists_persistent_conditions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_state(tmp_path)
+    assert main(["agent", "health", "--state-dir", str(tmp_path), "--format", "json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {(r["uuid"], r["cause"]) for r in rows} == {
+        ("GPU-a", "xid:79"),
+        ("GPU-a", "row_remap_failure"),
+        ("GPU-b", "xid:79"),
+    }
+
+
+def test_clear_health_removes_one_cause(tmp_path: Path) -> None:
+    write_state(tmp_path)
+    argv = ["agent", "clear-health", "GPU-a", "--cause", "xid:79", "--state-dir", str(tmp_path)]
+    assert main(argv) == 0
+    health = StateStore(tmp_path / "state.json").node(KEY).health
+    assert health == {"GPU-a": ["row_remap_failure"], "GPU-b": ["xid:79"]}
+
+
+def test_clear_health_refuses_while_agent_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_state(tmp_path)
+    (tmp_path / "agent.pid").write_text(f"{os.getpid()}\n")
+    assert main(["agent", "clear-health", "GPU-b", "--state-dir", str(tmp_path)]) == 1
+    assert "stop it first" in capsys.readouterr().err
+    assert StateStore(tmp_path / "state.json").node(KEY).health["GPU-b"] == ["xid:79"]
+
+
+def test_discover_lists_simulated_accelerators(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(["agent", "discover", "--backend", "simulated", "--nodes", "2", "--format", "json"])
+        == 0
+    )
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 4
+    assert {r["model"] for r in rows} == {"P100"}
+    assert len({r["uuid"] for r in rows}) == 4
