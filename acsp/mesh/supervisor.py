@@ -86,7 +86,7 @@ def default_processes(agents: int, data_dir: Path) -> tuple[ProcessSpec, ...]:
 
 @dataclass(frozen=True, slots=True)
 class MeshConfig:
-    """How to run a local mesh."""
+    """Settings of a local mesh."""
 
     data_dir: Path
     """Folder for the mesh file, TLS files, token key, logs and the embedded servers' data."""
@@ -150,7 +150,7 @@ class ChildExit:
 
 
 class LocalMesh:
-    """Runs a local mesh; an async context manager that starts it and stops it."""
+    """Supervisor of a local mesh, used as an async context manager that starts and stops it."""
 
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
