@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -163,7 +162,9 @@ class UsageIngest:
                     messages = await subscription.fetch(
                         self._config.batch_messages, timeout=self._config.fetch_timeout_s
                     )
-                except nats.errors.TimeoutError:
+                # nats-py 2.16 raises the builtin TimeoutError when no message arrived in time;
+                # nats.errors.TimeoutError is a subclass of it, so this catches both.
+                except TimeoutError:
                     continue
                 await self.process(messages)
         finally:

@@ -343,7 +343,9 @@ class PullConsumer:
             while not stop.is_set():
                 try:
                     messages = await subscription.fetch(self._batch, timeout=self._fetch_timeout_s)
-                except nats.errors.TimeoutError:
+                # nats-py 2.16 raises the builtin TimeoutError when no message arrived in time;
+                # nats.errors.TimeoutError is a subclass of it, so this catches both.
+                except TimeoutError:
                     continue
                 await self._handle(messages)
         finally:
