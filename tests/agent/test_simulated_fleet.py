@@ -1,0 +1,126 @@
+"""The simulated backend: the real fleet files and traces, and a whole fleet in one process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from agents.backends.fleet import (
+    DEFAULT_FAULT_TRACE,
+    DEFAULT_FLEETS,
+    DEFAULT_UTILIZATION_TRACE,
+    FleetNode,
+    assign_faults,
+    load_fault_trace,
+    load_fleet,
+    load_utilization_trace,
+)
+from agents.backends.simulated import SimulatedBackend
+from agents.main import add_arguments, build_process, settings_from
+from agents.model import DeviceEventKind, TaskSpec
+from tests.agent.helpers import ManualClock, make_node, published_health
+
+
+def test_real_node_lists_load() -> None:
+    openb = load_fleet(*DEFAULT_FLEETS[0])
+    spot = load_fleet(*DEFAULT_FLEETS[1])
+    assert len(openb) == 1213
+    assert sum(n.accelerators for n in openb) == 6212
+    assert {n.model for n in openb} == {"G2", "T4", "P100", "V100M16", "V100M32", "G3", "A10"}
+    assert len(spot) == 4278
+    assert sum(n.accelerators for n in spot) == 10412
+    assert "H800" in {n.model for n in spot}
+    assert len({n.node for n in openb + spot}) == len(openb) + len(spot)
+
+
+def test_unknown_fleet_header_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text("host,gpus\nx,1\n")
+    with pytest.raises(ValueError, match="expected the openb node list"):
+        load_fleet(path, "p", "r")
+
+
+def test_fault_trace_pairs_starts_and_ends() -> None:
+    intervals = load_fault_trace(DEFAULT_FAULT_TRACE)
+    assert len(intervals) == 584
+    assert all(i.end_s >= i.start_s for i in intervals)
+    causes = {i.cause for i in intervals}
+    assert "fault_gpu_dbe_over_threshold" in causes
+    assert "fault_node_hardware" in causes
+    gpu_faults = [i for i in intervals if i.cause.startswith("fault_gpu")]
+    assert all(i.accelerator_slot is not None for i in gpu_faults)
+    assigned = assign_faults(intervals, 5000)
+    assert sum(len(v) for v in assigned.values()) == 584
+    assert assign_faults(intervals, 5000) == assigned
+
+
+def test_utilization_trace_loads_from_archive() -> None:
+    trace = load_utilization_trace(DEFAULT_UTILIZATION_TRACE)
+    assert trace.series_count == 143
+    values = [trace.utilization(f"task-{i}", 600.0 * i) for i in range(200)]
+    assert all(0.0 <= v <= 100.0 for v in values)
+    assert max(values) > 0.0
+
+
+def test_replayed_fault_starts_and_ends() -> None:
+    clock = ManualClock(0.0)
+    spec = FleetNode("p", "r", "n", "H800", 8)
+    faults = [i for i in load_fault_trace(DEFAULT_FAULT_TRACE) if i.cause == "fault_gpu_lost"]
+    first = faults[0]
+    backend = SimulatedBackend(spec, clock, speed=86_400.0, faults=[first])
+    clock.now = (first.start_s + 1) / 86_400.0
+    started = backend.poll_events()
+    assert [e.kind for e in started] == [DeviceEventKind.FAULT_START]
+    assert started[0].uuid in {a.uuid for a in backend.discover().accelerators}
+    clock.now = (first.end_s + 1) / 86_400.0
+    assert [e.kind for e in backend.poll_events()] == [DeviceEventKind.FAULT_END]
+
+
+async def test_played_task_finishes_at_compressed_time(tmp_path: Path) -> None:
+    clock = ManualClock()
+    spec = FleetNode("acme", "eu-1", "node-1", "A100-SXM4-80GB", 8)
+    backend = SimulatedBackend(spec, clock)
+    node, outbox, spool = make_node(backend, tmp_path, clock, backend_name="simulated")
+    node._play_speed = 60.0
+    backend.set_busy(node.busy)
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        uuid = backend.discover().accelerators[0].uuid
+        assert node.runner is not None
+        await node.runner.start(TaskSpec("j", "j/1/0", (uuid,), (), simulated_run_time_s=600))
+    clock.advance(9)
+    node.runner.tick()
+    assert [r.task_id for r in node.runner.running] == ["j/1/0"]
+    clock.advance(2)
+    node.runner.tick()
+    assert node.runner.running == []
+    assert node.report_usage() == 1
+    assert published_health(outbox, spool) == []
+
+
+async def test_fleet_of_5000_nodes_runs_in_one_process(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--backend", "simulated", "--nodes", "5000", "--state-dir", str(tmp_path)]
+    )
+    process = build_process(settings_from(args), args)
+    assert len(process.nodes) == 5000
+    started = time.monotonic()
+    async with asyncio.TaskGroup() as group:
+        for node in process.nodes:
+            await node.start(group)
+        await process._read_all()
+        await process._usage_all()
+        payloads = [node.heartbeat_payload() for node in process.nodes]
+    elapsed = time.monotonic() - started
+    assert len(payloads) == 5000
+    fleet = load_fleet(*DEFAULT_FLEETS[0]) + load_fleet(*DEFAULT_FLEETS[1])
+    expected = sum(spec.accelerators for spec in fleet[:5000])
+    assert sum(len(n.accelerator_health()) for n in process.nodes) == expected
+    # One round over the fleet must fit well inside a 5 s heartbeat period on one core.
+    assert elapsed < 20, f"one round over 5,000 nodes took {elapsed:.1f} s"
