@@ -20,6 +20,11 @@ from tests.runtime.sample_service import SERVICE_NAME
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 PROCESS_TIMEOUT_S = 30.0
+NOT_SERVED = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
 
 
 def free_port() -> int:
@@ -161,14 +166,15 @@ async def test_sigterm_finishes_in_flight_call(
         await asyncio.wait_for(read_until(process.stderr, "sleep started", seen), PROCESS_TIMEOUT_S)
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(read_until(process.stderr, "shutting down", seen), PROCESS_TIMEOUT_S)
-        # The port closes to new calls while the first one keeps running.
+        # New calls are not served while the first one keeps running. Depending on when the
+        # call reaches the draining server, grpc cancels it, refuses it or lets it time out.
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await sleep(wrappers_pb2.DoubleValue(value=0.0), metadata=metadata, timeout=5)
+            await sleep(wrappers_pb2.DoubleValue(value=0.0), metadata=metadata, timeout=3)
         reply = await asyncio.wait_for(call, timeout=PROCESS_TIMEOUT_S)
     rest = await asyncio.wait_for(process.stderr.read(), timeout=PROCESS_TIMEOUT_S)
     code = await asyncio.wait_for(process.wait(), timeout=PROCESS_TIMEOUT_S)
     assert reply.value == 1.0
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.code() in NOT_SERVED
     assert code == 0
     assert "stopped" in rest.decode()
     assert not (tmp_path / "sample.addr").exists()
