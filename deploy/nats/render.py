@@ -111,7 +111,7 @@ class Topology:
 
 
 def password_variable(user: str) -> str:
-    """Return the environment variable that holds ``user``'s password or bcrypt hash."""
+    """Return the environment variable that contains ``user``'s password or bcrypt hash."""
     return "ACSP_NATS_PASSWORD_" + _ENV_NAME.sub("_", user.upper())
 
 

@@ -47,6 +47,7 @@ def _render_and_start(tmp: Path, binary: str) -> tuple[Mesh, list[NatsProcess]]:
     ports = free_ports(14)
     hub_ports = [render.Ports(*ports[i * 4 : i * 4 + 4]) for i in range(3)]
     leaf_ports = render.Ports(client=ports[12], monitor=ports[13])
+
     topology = render.Topology.from_json(
         {
             "cluster_name": "acsp-test",
@@ -58,6 +59,7 @@ def _render_and_start(tmp: Path, binary: str) -> tuple[Mesh, list[NatsProcess]]:
     )
     env = {render.password_variable(user): secret for user, secret in PASSWORDS.items()}
     env[render.password_variable("sys")] = "sys-secret"
+
     processes: list[NatsProcess] = []
     for index, hub_port in enumerate(hub_ports):
         conf = tmp / f"hub-{index}.conf"
@@ -66,6 +68,7 @@ def _render_and_start(tmp: Path, binary: str) -> tuple[Mesh, list[NatsProcess]]:
         )
         server_env = {**env, "NATS_SERVER_NAME": f"hub-{index}"}
         processes.append(NatsProcess(binary, conf, server_env, hub_port.monitor))
+
     leaf_conf = tmp / "leaf-alpha-r1.conf"
     leaf_conf.write_text(render.render_leaf(topology, "alpha", "r1", str(tls_dir), leaf_ports))
     leaf_env = {
@@ -73,6 +76,7 @@ def _render_and_start(tmp: Path, binary: str) -> tuple[Mesh, list[NatsProcess]]:
         "ACSP_NATS_PASSWORD_AGENT": AGENT_PASSWORD,
     }
     processes.append(NatsProcess(binary, leaf_conf, leaf_env, leaf_ports.monitor))
+
     mesh = Mesh(
         hub_urls=[f"tls://127.0.0.1:{p.client}" for p in hub_ports],
         leaf_url=f"tls://127.0.0.1:{leaf_ports.client}",
