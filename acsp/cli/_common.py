@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from acsp._channel import DEFAULT_TIMEOUT_S
+from acsp.client import AsyncClient, Client
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
@@ -60,6 +61,16 @@ def connection_options() -> argparse.ArgumentParser:
         help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
     )
     return parser
+
+
+def client_from_args(args: argparse.Namespace) -> Client:
+    """Open a blocking client to the mesh named by ``connection_options()`` arguments."""
+    return Client.from_mesh(args.data_dir, token=args.token, timeout_s=args.timeout)
+
+
+def async_client_from_args(args: argparse.Namespace) -> AsyncClient:
+    """Open an asyncio client to the mesh named by ``connection_options()`` arguments."""
+    return AsyncClient.from_mesh(args.data_dir, token=args.token, timeout_s=args.timeout)
 
 
 def output_options() -> argparse.ArgumentParser:
