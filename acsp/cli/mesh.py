@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -124,12 +125,8 @@ def run_up(args: argparse.Namespace) -> int:
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     data_dir = args.data_dir.expanduser() if args.data_dir is not None else default_data_dir()
-    config = MeshConfig.from_env(data_dir, agents=args.agents)
-    config = MeshConfig(
-        data_dir=config.data_dir,
-        agents=config.agents,
-        database_url=config.database_url,
-        nats_url=config.nats_url,
+    config = dataclasses.replace(
+        MeshConfig.from_env(data_dir, agents=args.agents),
         start_timeout_s=args.start_timeout,
         stop_orphans=True,
     )
