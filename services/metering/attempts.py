@@ -19,6 +19,7 @@ from services.metering.refunds import (
     decide_refund,
     find_cause,
 )
+from services.metering.samples import micros_to_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ async def settle_ended_attempts(
           AND NOT EXISTS (
               SELECT 1 FROM metering.usage_periods up
               WHERE up.job_id = j.job_id AND up.attempt = j.attempt
-                AND up.accelerator_seconds > up.charged_seconds)
+                AND up.accelerator_micros > up.charged_micros)
           AND NOT EXISTS (
               SELECT 1 FROM metering.charges c
               WHERE c.job_id = j.job_id AND c.attempt = j.attempt AND c.state = 'pending')
@@ -230,13 +231,24 @@ async def _decide_one(
     sample_rows = await conn.fetch(
         """
         SELECT start_time, provider, region, accelerator_model, accelerator_id, node,
-               accelerator_seconds
+               accelerator_micros
         FROM metering.usage_samples WHERE job_id = $1 AND attempt = $2
         """,
         attempt.job_id,
         attempt.attempt,
     )
-    samples = [SampleSlice(*r) for r in sample_rows]
+    samples = [
+        SampleSlice(
+            r["start_time"],
+            r["provider"],
+            r["region"],
+            r["accelerator_model"],
+            r["accelerator_id"],
+            r["node"],
+            micros_to_seconds(r["accelerator_micros"]),
+        )
+        for r in sample_rows
+    ]
     accelerators = frozenset(s.accelerator_id for s in samples)
     nodes = frozenset(s.node for s in samples)
     event_rows = await conn.fetch(

@@ -25,17 +25,18 @@ from services.metering.charging import (
 )
 from services.metering.ledger import Ledger, LedgerCharge, LedgerRejected, LedgerUnavailable
 from services.metering.ratecard import RateCardHistory, RatePolicy
+from services.metering.samples import micros_to_seconds
 
 logger = logging.getLogger(__name__)
 
 _DUE_USAGE = """
 SELECT up.job_id, up.attempt, up.period_start, up.provider, up.region, up.accelerator_model,
-       up.accelerator_seconds - up.charged_seconds AS delta,
+       up.accelerator_micros - up.charged_micros AS delta_micros,
        j.hold_id, j.rate_policy, j.award_rate_card_version,
        (j.ended_at IS NOT NULL AND j.ended_at <= $2) AS final
 FROM metering.usage_periods up
 JOIN metering.jobs j ON j.job_id = up.job_id AND j.attempt = up.attempt
-WHERE up.accelerator_seconds > up.charged_seconds
+WHERE up.accelerator_micros > up.charged_micros
   AND j.hold_id <> ''
   AND (up.period_start <= $1 OR (j.ended_at IS NOT NULL AND j.ended_at <= $2))
 ORDER BY up.job_id, up.attempt, up.period_start, up.provider, up.region, up.accelerator_model
@@ -62,9 +63,9 @@ RETURNING charge_id, request_id
 
 _MARK_CHARGED = """
 UPDATE metering.usage_periods up
-SET charged_seconds = up.charged_seconds + d.delta
+SET charged_micros = up.charged_micros + d.delta
 FROM unnest($1::text[], $2::int[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
-            $7::numeric[]) AS d(job_id, attempt, period_start, provider, region, model, delta)
+            $7::bigint[]) AS d(job_id, attempt, period_start, provider, region, model, delta)
 WHERE up.job_id = d.job_id AND up.attempt = d.attempt AND up.period_start = d.period_start
   AND up.provider = d.provider AND up.region = d.region AND up.accelerator_model = d.model
 """
@@ -107,7 +108,7 @@ async def record_due_charges(
                 r["provider"],
                 r["region"],
                 r["accelerator_model"],
-                r["delta"],
+                micros_to_seconds(r["delta_micros"]),
             )
             for r in rows
         ]
@@ -130,7 +131,7 @@ async def record_due_charges(
             [d.provider for d in deltas],
             [d.region for d in deltas],
             [d.accelerator_model for d in deltas],
-            [d.seconds for d in deltas],
+            [r["delta_micros"] for r in rows],
         )
     return planned
 

@@ -54,9 +54,11 @@ CREATE INDEX jobs_refund_due ON metering.jobs (settled_at)
 
 -- One row per usage sample. The primary key on the agent's sample id is what makes ingest
 -- exactly-once: a replay hours later hits it and changes nothing.
+-- Key columns use the "C" collation: byte order is all a key needs, and it makes the index
+-- inserts of a 50,000-samples-a-second ingest several times cheaper than a locale's order.
 CREATE TABLE metering.usage_samples (
-    sample_id text PRIMARY KEY,
-    job_id text NOT NULL,
+    sample_id text COLLATE "C" PRIMARY KEY,
+    job_id text COLLATE "C" NOT NULL,
     attempt integer NOT NULL,
     task_id text NOT NULL,
     provider text NOT NULL,
@@ -64,10 +66,13 @@ CREATE TABLE metering.usage_samples (
     node text NOT NULL,
     accelerator_id text NOT NULL,
     accelerator_model text NOT NULL,
-    share numeric(7, 6) NOT NULL,
+    -- Thousandths of the accelerator, 1..1000.
+    share_millis integer NOT NULL,
     start_time timestamptz NOT NULL,
     end_time timestamptz NOT NULL,
-    accelerator_seconds numeric(30, 6) NOT NULL,
+    -- Accelerator-microseconds (wall time x share), exact: the metering quantum is 1e-6
+    -- accelerator-second. Integers keep ingest fast and sums exact.
+    accelerator_micros bigint NOT NULL,
     -- NULL where the device could not report it.
     utilization real,
     period_start timestamptz NOT NULL,
@@ -77,18 +82,18 @@ CREATE TABLE metering.usage_samples (
 
 CREATE INDEX usage_samples_job ON metering.usage_samples (job_id, attempt, start_time);
 
--- Metered accelerator-seconds per job, charging period, location and model, updated in the
--- same transaction that inserts the samples. charged_seconds trails accelerator_seconds until
--- the charger turns the difference into a charge.
+-- Metered accelerator-microseconds per attempt, charging period, location and model, updated
+-- in the same transaction that inserts the samples. charged_micros trails accelerator_micros
+-- until the charger turns the difference into a charge.
 CREATE TABLE metering.usage_periods (
-    job_id text NOT NULL,
+    job_id text COLLATE "C" NOT NULL,
     attempt integer NOT NULL,
     period_start timestamptz NOT NULL,
-    provider text NOT NULL,
-    region text NOT NULL,
-    accelerator_model text NOT NULL,
-    accelerator_seconds numeric(30, 6) NOT NULL,
-    charged_seconds numeric(30, 6) NOT NULL DEFAULT 0,
+    provider text COLLATE "C" NOT NULL,
+    region text COLLATE "C" NOT NULL,
+    accelerator_model text COLLATE "C" NOT NULL,
+    accelerator_micros bigint NOT NULL,
+    charged_micros bigint NOT NULL DEFAULT 0,
     sample_count bigint NOT NULL,
     -- Sum of utilization x accelerator_seconds over samples that reported utilization, and
     -- their accelerator-seconds, for the time-weighted mean utilization.
@@ -98,7 +103,7 @@ CREATE TABLE metering.usage_periods (
 );
 
 CREATE INDEX usage_periods_uncharged ON metering.usage_periods (period_start)
-    WHERE accelerator_seconds > charged_seconds;
+    WHERE accelerator_micros > charged_micros;
 CREATE INDEX usage_periods_time ON metering.usage_periods (period_start, provider);
 
 -- Samples and messages that failed validation, with the reason. dedupe_key is the sample id

@@ -1,0 +1,378 @@
+"""Benchmark the metering ingest: usage samples per second from publish to committed row.
+
+Starts its own nats-server on a free loopback port and creates its own PostgreSQL database
+(dropped at the end), then:
+
+1. publishes ``--samples`` usage samples in UsageReport messages of ``--per-report`` samples at
+   ``--rate`` samples/s (0 = as fast as JetStream acks them, many acks in flight), while the
+   ingest (exactly-once: COPY to staging, INSERT ... ON CONFLICT on the sample id) and the
+   charger run in the same process; the throughput is samples / (last row committed - first
+   publish);
+2. measures the charge-to-ledger lag: for each charge, from the moment its usage was both
+   committed and due (its period closed plus the lateness allowance) to the ledger's acceptance;
+3. consumes the first ``--baseline-samples`` of the same stream with a one-INSERT-per-sample
+   consumer into a copy of the table, and reports the ratio.
+
+The ledger here is an in-memory one that applies each request id once (the grant service's
+own latency is not part of the lag). Run:
+
+    python bench/ingest_bench.py --samples 300000 --per-report 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import nats
+from nats.js import JetStreamContext
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from acsp.subjects import usage_subject
+from acsp.v1 import agent_pb2, common_pb2
+from services.metering.attempts import AttemptFacts, record_attempt
+from services.metering.charger import Charger, ChargerConfig
+from services.metering.ingest import (
+    IngestConfig,
+    UsageIngest,
+    consumer_config,
+    declare_usage_stream,
+)
+from services.metering.ledger import ChargeOutcome, GrantTerms, LedgerCharge
+from services.metering.ratecard import RateCardHistory, RatePolicy, default_rate_card
+from services.runtime.db import Database
+from services.runtime.migrations import apply_migrations
+
+ADMIN_URL = os.environ.get(
+    "ACSP_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+SAMPLE_TIME_BASE = datetime(2026, 11, 1, tzinfo=UTC)
+"""Sample time of the first publish; the charger's clock runs from it at wall-clock speed."""
+SAMPLE_SECONDS = 5
+JOBS = 200
+MODELS = ("A100-SXM4-80GB", "H800", "T4", "MI300X")
+
+
+@dataclass
+class RecordingLedger:
+    """Applies each request id once and records when it accepted it (wall clock)."""
+
+    accepted_at: dict[str, float] = field(default_factory=dict)
+    amounts: dict[str, Decimal] = field(default_factory=dict)
+
+    async def commit_charges(
+        self, charges: Sequence[LedgerCharge], timeout_s: float
+    ) -> list[ChargeOutcome]:
+        now = time.time()
+        outcomes = []
+        for index, charge in enumerate(charges):
+            applied = charge.request_id not in self.accepted_at
+            if applied:
+                self.accepted_at[charge.request_id] = now
+                self.amounts[charge.request_id] = charge.amount
+            outcomes.append(ChargeOutcome(charge.request_id, index, applied))
+        return outcomes
+
+    async def settle_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None:
+        return None
+
+    async def refund(
+        self, request_id: str, hold_id: str, amount: Decimal, reason: str, timeout_s: float
+    ) -> int:
+        return 0
+
+    async def grant_terms(self, grant_id: str, timeout_s: float) -> GrantTerms:
+        return GrantTerms(RatePolicy.CURRENT, None)
+
+
+def build_reports(total: int, per_report: int, rate: float) -> list[tuple[float, bytes]]:
+    """Return (planned publish offset in seconds, payload) for every report."""
+    reports = []
+    sample_rate = rate if rate > 0 else 50_000.0
+    for first in range(0, total, per_report):
+        offset = first / sample_rate
+        end = SAMPLE_TIME_BASE + timedelta(seconds=offset)
+        start = end - timedelta(seconds=SAMPLE_SECONDS)
+        samples = []
+        for index in range(first, min(first + per_report, total)):
+            job = index % JOBS
+            share = 1000 if job % 3 else 250
+            item = agent_pb2.UsageSample(
+                sample_id=f"bench.r1.node-{job % 50}/{index}",
+                task_id=f"job-{job}/0/0",
+                job_id=f"job-{job}",
+                accelerator_id=f"GPU-{job}",
+                model=MODELS[job % len(MODELS)],
+                share_millis=share,
+                accelerator_seconds=common_pb2.Decimal(value=str(SAMPLE_SECONDS * share / 1000)),
+                utilization=agent_pb2.OptionalMetric(value=0.5 + (index % 50) / 100),
+                sequence=index,
+            )
+            item.start_time.FromDatetime(start)
+            item.end_time.FromDatetime(end)
+            samples.append(item)
+        report = agent_pb2.UsageReport(
+            node=agent_pb2.NodeRef(provider_id="bench", region_id="r1", node_id="node-0"),
+            samples=samples,
+        )
+        reports.append((offset, report.SerializeToString()))
+    return reports
+
+
+async def publish(js: JetStreamContext, reports: list[tuple[float, bytes]], rate: float) -> None:
+    subject = usage_subject("bench", "r1", "node-0")
+    start = time.monotonic()
+    in_flight: set[asyncio.Task[object]] = set()
+    for offset, payload in reports:
+        if rate > 0:
+            delay = start + offset - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        in_flight.add(asyncio.create_task(js.publish(subject, payload, timeout=30)))
+        if len(in_flight) >= 64:
+            done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+    if in_flight:
+        await asyncio.gather(*in_flight)
+
+
+async def count_rows(db: Database, table: str) -> int:
+    async with db.acquire() as conn:
+        return int(await conn.fetchval(f"SELECT count(*) FROM metering.{table}"))
+
+
+async def run_main_phase(
+    args: argparse.Namespace, js: JetStreamContext, db: Database
+) -> tuple[float, list[float], RecordingLedger, float]:
+    reports = build_reports(args.samples, args.per_report, args.rate)
+    async with db.acquire() as conn:
+        for job in range(JOBS):
+            await record_attempt(
+                conn,
+                AttemptFacts(f"job-{job}", 0, f"hold-{job}", "grant-bench", "proj", "inst"),
+            )
+    config = IngestConfig(
+        workers=args.workers,
+        batch_messages=args.batch,
+        period_seconds=args.period,
+        fetch_timeout_s=0.2,
+    )
+    await declare_usage_stream(js, config)
+    card = default_rate_card()
+    history = RateCardHistory((card,))
+    ledger = RecordingLedger()
+    wall_start = time.time()
+
+    def virtual_now() -> datetime:
+        return SAMPLE_TIME_BASE + timedelta(seconds=time.time() - wall_start)
+
+    ingest = UsageIngest(js, db, config, lambda: card.rates)
+    charger = Charger(
+        db,
+        ledger,
+        lambda: history,
+        ChargerConfig(period_seconds=args.period, lateness_s=args.lateness, interval_s=0.25),
+        clock=virtual_now,
+    )
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as group:
+        group.create_task(ingest.run(stop))
+        group.create_task(charger.run(stop))
+        await publish(js, reports, args.rate)
+        published = time.time()
+        while await count_rows(db, "usage_samples") < args.samples:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        committed = time.time()
+        # Let the last periods close and be charged before stopping.
+        deadline = time.time() + args.period + args.lateness + 15
+        while time.time() < deadline and await _uncharged(db):  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        stop.set()
+    print(f"published {args.samples} samples in {published - wall_start:.2f} s")
+    throughput = args.samples / (committed - wall_start)
+    lags = await charge_lags(db, ledger, wall_start, args)
+    return throughput, lags, ledger, committed - wall_start
+
+
+async def _uncharged(db: Database) -> bool:
+    async with db.acquire() as conn:
+        return bool(
+            await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM metering.usage_periods "
+                "WHERE accelerator_micros > charged_micros) OR EXISTS "
+                "(SELECT 1 FROM metering.charges WHERE state = 'pending')"
+            )
+        )
+
+
+async def charge_lags(
+    db: Database, ledger: RecordingLedger, wall_start: float, args: argparse.Namespace
+) -> list[float]:
+    """Return, per charge, seconds from 'usage committed and period due' to ledger acceptance."""
+    async with db.acquire() as conn:
+        received = await conn.fetch(
+            "SELECT job_id, period_start, received_at FROM metering.usage_samples "
+            "ORDER BY received_at"
+        )
+        charges = await conn.fetch("SELECT request_id, job_id, period_start FROM metering.charges")
+    arrivals: dict[tuple[str, datetime], list[float]] = {}
+    for row in received:
+        arrivals.setdefault((row["job_id"], row["period_start"]), []).append(
+            row["received_at"].timestamp()
+        )
+    lags = []
+    for charge in charges:
+        accepted = ledger.accepted_at.get(charge["request_id"])
+        if accepted is None:
+            continue
+        due_virtual = charge["period_start"] + timedelta(seconds=args.period + args.lateness)
+        due_wall = wall_start + (due_virtual - SAMPLE_TIME_BASE).total_seconds()
+        times = arrivals[(charge["job_id"], charge["period_start"])]
+        latest = times[max(bisect.bisect_right(times, accepted) - 1, 0)]
+        lags.append(accepted - max(due_wall, latest))
+    return lags
+
+
+async def run_baseline(args: argparse.Namespace, js: JetStreamContext, db: Database) -> float:
+    """Consume the same stream with one autocommitted INSERT per sample."""
+    async with db.acquire() as conn:
+        await conn.execute(
+            "CREATE TABLE metering.baseline_samples (LIKE metering.usage_samples INCLUDING ALL)"
+        )
+    config = IngestConfig(durable="bench-baseline", ack_wait_s=60)
+    subscription = await js.pull_subscribe(
+        "acsp.usage.>", durable=config.durable, stream=config.stream, config=consumer_config(config)
+    )
+    card = default_rate_card()
+    decoder = UsageIngest(js, db, config, lambda: card.rates)
+    inserted = 0
+    start = time.time()
+    async with db.acquire() as conn:
+        while inserted < args.baseline_samples:
+            messages = await subscription.fetch(10, timeout=5)
+            samples, _ = decoder._decode(messages, datetime.now(UTC))
+            for s in samples:
+                await conn.execute(
+                    "INSERT INTO metering.baseline_samples VALUES "
+                    "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,"
+                    "'epoch'::timestamptz + $11 * interval '1 microsecond',"
+                    "'epoch'::timestamptz + $12 * interval '1 microsecond',$13,$14,"
+                    "'epoch'::timestamptz + $11 * interval '1 microsecond',$15,now()) "
+                    "ON CONFLICT (sample_id) DO NOTHING",
+                    s.sample_id,
+                    s.job_id,
+                    s.attempt,
+                    s.task_id,
+                    s.provider,
+                    s.region,
+                    s.node,
+                    s.accelerator_id,
+                    s.accelerator_model,
+                    s.share_millis,
+                    s.start_us,
+                    s.end_us,
+                    s.accelerator_micros,
+                    s.utilization,
+                    s.stream_sequence,
+                )
+                inserted += 1
+            for message in messages:
+                await message.ack()
+    return inserted / (time.time() - start)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def main(args: argparse.Namespace) -> None:
+    binary = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
+    store = tempfile.mkdtemp(prefix="ingest-bench-")
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        binary,
+        *("-js", "-a", "127.0.0.1", "-p", str(port), "-sd", store),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    name = f"ingest_bench_{uuid.uuid4().hex[:10]}"
+    base = ADMIN_URL.rpartition("/")[0]
+    url = f"{base}/{name}"
+    admin = await asyncpg.connect(ADMIN_URL, timeout=10)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        await apply_migrations(url, "metering", "services.metering.migrations")
+        pool = await asyncpg.create_pool(url, min_size=2, max_size=args.workers + 4, timeout=10)
+        assert pool is not None
+        db = Database(pool, "metering", 30.0)
+        client = None
+        for _ in range(100):
+            try:
+                client = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=1)
+                break
+            except (OSError, nats.errors.NoServersError):
+                await asyncio.sleep(0.05)
+        assert client is not None
+        js = client.jetstream()
+        throughput, lags, ledger, elapsed = await run_main_phase(args, js, db)
+        baseline = await run_baseline(args, js, db)
+        await client.close()
+        await pool.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 10)
+        shutil.rmtree(store, ignore_errors=True)
+
+    lags.sort()
+    p50 = lags[len(lags) // 2] if lags else float("nan")
+    p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))] if lags else float("nan")
+    print(f"command: python bench/ingest_bench.py {' '.join(sys.argv[1:])}")
+    print(f"samples: {args.samples} in reports of {args.per_report}, {args.workers} workers")
+    print(f"exactly-once ingest: {throughput:,.0f} samples/s ({elapsed:.2f} s publish to commit)")
+    print(f"one-INSERT-per-sample baseline: {baseline:,.0f} samples/s")
+    print(f"ratio: {throughput / baseline:.1f}x")
+    print(
+        f"charges: {len(ledger.accepted_at)}, charge-to-ledger lag p50 {p50:.2f} s, "
+        f"p99 {p99:.2f} s, max {lags[-1] if lags else float('nan'):.2f} s"
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=300_000, help="samples to publish")
+    parser.add_argument("--per-report", type=int, default=500, help="samples per UsageReport")
+    parser.add_argument(
+        "--rate", type=float, default=0, help="publish rate, samples/s (0: as fast as acked)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="ingest workers")
+    parser.add_argument("--batch", type=int, default=40, help="messages per fetch")
+    parser.add_argument("--period", type=int, default=5, help="charging period, seconds")
+    parser.add_argument("--lateness", type=float, default=1.0, help="lateness allowance, s")
+    parser.add_argument(
+        "--baseline-samples", type=int, default=20_000, help="samples for the baseline"
+    )
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))
