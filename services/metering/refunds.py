@@ -102,7 +102,8 @@ def find_cause(
     """
     if attempt.end_trigger.startswith("recall:"):
         return f"provider recall {attempt.end_trigger.removeprefix('recall:')}", attempt.ended_at
-    if attempt.end_reason not in {"failed", "failed_hardware", "lost"}:
+    named_by_agent = attempt.end_trigger.startswith("health:")
+    if not named_by_agent and attempt.end_reason not in {"failed", "lost"}:
         return None
     named = attempt.end_trigger.removeprefix("health:") if attempt.end_trigger else ""
     start = attempt.started_at or datetime.min.replace(tzinfo=attempt.ended_at.tzinfo)

@@ -1,0 +1,212 @@
+"""Facts metering consumes from other parties: job events, health and task events, inventory.
+
+Each kind has its own durable pull consumer (runtime's PullConsumer acks a batch only after its
+handler returned). Protobuf stops here: handlers convert to metering's own values and store
+them. The streams belong to the scheduler and the grant service; a consumer waits until its
+stream exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from acsp import subjects
+from acsp.v1 import agent_pb2, events_pb2, scheduler_pb2
+from services.metering.attempts import (
+    AttemptFacts,
+    record_attempt,
+    record_end_trigger,
+    record_health_event,
+)
+from services.metering.ingest_store import register_nodes
+from services.metering.ledger import GrantTerms, Ledger
+from services.metering.refunds import HealthFact
+from services.runtime.db import Database
+from services.runtime.nats import BatchHandler, PullConsumer
+
+logger = logging.getLogger(__name__)
+
+_END_KINDS = {
+    events_pb2.JOB_EVENT_KIND_ENDED,
+    events_pb2.JOB_EVENT_KIND_REQUEUED,
+    events_pb2.JOB_EVENT_KIND_PREEMPTED,
+}
+_END_REASONS = {
+    scheduler_pb2.JOB_STATE_COMPLETED: "completed",
+    scheduler_pb2.JOB_STATE_FAILED: "failed",
+    scheduler_pb2.JOB_STATE_CANCELLED: "cancelled",
+    scheduler_pb2.JOB_STATE_TIMED_OUT: "timed_out",
+}
+
+
+def _time(value: Timestamp) -> datetime | None:
+    if value.seconds == 0 and value.nanos == 0:
+        return None
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def _end_reason(event: events_pb2.JobEvent) -> str:
+    if event.kind == events_pb2.JOB_EVENT_KIND_PREEMPTED:
+        return "preempted"
+    if event.kind == events_pb2.JOB_EVENT_KIND_REQUEUED:
+        return _END_REASONS.get(event.state, "requeued")
+    return _END_REASONS.get(event.state, "ended")
+
+
+class FactConsumers:
+    """Stores job, health, task and inventory facts for charging and refunds."""
+
+    def __init__(self, db: Database, ledger: Ledger, ledger_timeout_s: float = 5.0) -> None:
+        self._db = db
+        self._ledger = ledger
+        self._ledger_timeout_s = ledger_timeout_s
+        self._terms: dict[str, GrantTerms] = {}
+
+    def consumers(self, js: JetStreamContext) -> list[PullConsumer]:
+        def make(stream: str, durable: str, subject: str, handler: BatchHandler) -> PullConsumer:
+            return PullConsumer(js, stream, durable, handler, subject_filter=subject)
+
+        return [
+            make(subjects.EVENT_STREAM, "metering-jobs", "acsp.events.job.>", self.handle_jobs),
+            make(subjects.AGENT_STREAM, "metering-health", "acsp.health.>", self.handle_health),
+            make(subjects.AGENT_STREAM, "metering-tasks", "acsp.task.>", self.handle_tasks),
+            make(
+                subjects.AGENT_STREAM,
+                "metering-inventory",
+                "acsp.inventory.>",
+                self.handle_inventory,
+            ),
+        ]
+
+    async def handle_jobs(self, messages: Sequence[Msg]) -> None:
+        facts = []
+        for message in messages:
+            event = events_pb2.JobEvent()
+            try:
+                event.ParseFromString(message.data)
+            except DecodeError as error:
+                logger.error("skipping a job event that does not parse: %s", error)
+                continue
+            if not event.job_id or not event.hold_id:
+                continue
+            facts.append(await self._attempt_facts(event))
+        async with self._db.acquire() as conn, conn.transaction():
+            for fact in facts:
+                await record_attempt(conn, fact)
+
+    async def _attempt_facts(self, event: events_pb2.JobEvent) -> AttemptFacts:
+        terms = self._terms.get(event.grant_id)
+        if terms is None:
+            # Raises LedgerUnavailable while the grant service is down: the batch is retried.
+            terms = await self._ledger.grant_terms(event.grant_id, self._ledger_timeout_s)
+            self._terms[event.grant_id] = terms
+        ended = event.kind in _END_KINDS
+        trigger = event.cause.trigger if event.cause.trigger.startswith("recall:") else ""
+        return AttemptFacts(
+            job_id=event.job_id,
+            attempt=event.attempt,
+            hold_id=event.hold_id,
+            grant_id=event.grant_id,
+            project_id=event.project_id,
+            institution_id=event.institution_id,
+            rate_policy=terms.rate_policy,
+            award_rate_card_version=terms.award_rate_card_version,
+            started_at=_time(event.start_time),
+            ended_at=_time(event.time) if ended else None,
+            end_reason=_end_reason(event) if ended else "",
+            end_trigger=trigger,
+            last_checkpoint_at=_time(event.last_checkpoint_time),
+            cause=f"event:{event.event_id}",
+        )
+
+    async def handle_health(self, messages: Sequence[Msg]) -> None:
+        async with self._db.acquire() as conn, conn.transaction():
+            for message in messages:
+                event = agent_pb2.HealthEvent()
+                try:
+                    event.ParseFromString(message.data)
+                except DecodeError as error:
+                    logger.error("skipping a health event that does not parse: %s", error)
+                    continue
+                time = _time(event.time)
+                if event.cleared or not event.event_id or time is None:
+                    continue
+                fact = HealthFact(
+                    event.event_id,
+                    event.accelerator_id,
+                    event.node.node_id,
+                    event.condition,
+                    event.xid,
+                    event.severity == agent_pb2.HEALTH_SEVERITY_FATAL,
+                    time,
+                )
+                await record_health_event(
+                    conn, fact, event.node.provider_id, event.node.region_id, event.message
+                )
+
+    async def handle_tasks(self, messages: Sequence[Msg]) -> None:
+        async with self._db.acquire() as conn, conn.transaction():
+            for message in messages:
+                event = agent_pb2.TaskEvent()
+                try:
+                    event.ParseFromString(message.data)
+                except DecodeError as error:
+                    logger.error("skipping a task event that does not parse: %s", error)
+                    continue
+                if event.state != agent_pb2.TASK_STATE_FAILED_HARDWARE:
+                    continue
+                parts = event.task_id.rsplit("/", 2)
+                if len(parts) != 3 or not parts[1].isdigit() or not event.health_event_id:
+                    continue
+                await record_end_trigger(
+                    conn, parts[0], int(parts[1]), f"health:{event.health_event_id}"
+                )
+
+    async def handle_inventory(self, messages: Sequence[Msg]) -> None:
+        nodes: dict[str, tuple[str, str, str]] = {}
+        for message in messages:
+            # The subject is authenticated by NATS; the payload's NodeRef is not.
+            parts = message.subject.split(".")
+            if len(parts) == 5:
+                nodes[parts[4]] = (parts[4], parts[2], parts[3])
+        if nodes:
+            async with self._db.acquire() as conn:
+                owners = await register_nodes(conn, nodes.values(), "event:inventory")
+            for node, (_, provider, _) in nodes.items():
+                if owners.get(node) != provider:
+                    logger.warning(
+                        "inventory for node %s from provider %s, but it is registered to %s",
+                        node,
+                        provider,
+                        owners.get(node),
+                    )
+
+
+async def run_when_stream_exists(
+    js: JetStreamContext, consumer: PullConsumer, stop: asyncio.Event, poll_s: float = 5.0
+) -> None:
+    """Wait for the consumer's stream (its owner declares it), then run the consumer."""
+    logged = False
+    while not stop.is_set():
+        try:
+            await js.stream_info(consumer.stream)
+            break
+        except NotFoundError:
+            if not logged:
+                logger.info("waiting for stream %s to be declared by its owner", consumer.stream)
+                logged = True
+            try:
+                await asyncio.wait_for(stop.wait(), poll_s)
+            except TimeoutError:
+                pass
+    if not stop.is_set():
+        await consumer.run(stop)
