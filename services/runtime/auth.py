@@ -29,7 +29,9 @@ import datetime
 import enum
 import logging
 import os
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -227,10 +229,17 @@ def mint_token(
 
 
 class TokenVerifier:
-    """Verify bearer tokens against one Ed25519 public key."""
+    """Verify bearer tokens against one Ed25519 public key, caching tokens already verified.
 
-    def __init__(self, public_key: Ed25519PublicKey) -> None:
+    A tool sends the same token on every call, and the signature check dominates the cost of
+    authentication, so verified tokens are kept (keyed by the whole token, signature included)
+    until they expire or ``cache_size`` newer ones push them out.
+    """
+
+    def __init__(self, public_key: Ed25519PublicKey, cache_size: int = 4096) -> None:
         self._public_key = public_key
+        self._cache_size = cache_size
+        self._verified: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
 
     @classmethod
     def from_file(cls, path: Path) -> TokenVerifier:
@@ -238,6 +247,21 @@ class TokenVerifier:
 
     def verify(self, token: str) -> Principal:
         """Return the token's principal; raise Unauthenticated saying what is wrong."""
+        cached = self._verified.get(token)
+        if cached is not None:
+            expires_at, principal = cached
+            if time.time() < expires_at + CLOCK_LEEWAY_S:
+                self._verified.move_to_end(token)
+                return principal
+            del self._verified[token]
+        claims = self._decode(token)
+        principal = _principal_from_claims(claims)
+        self._verified[token] = (float(claims["exp"]), principal)
+        if len(self._verified) > self._cache_size:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _decode(self, token: str) -> dict[str, Any]:
         try:
             claims = jwt.decode(
                 token,
@@ -254,7 +278,7 @@ class TokenVerifier:
             raise Unauthenticated(
                 f"bearer token is invalid ({error}); get a new one with `acsp token`"
             ) from None
-        return _principal_from_claims(claims)
+        return claims
 
 
 def _principal_from_claims(claims: Mapping[str, Any]) -> Principal:

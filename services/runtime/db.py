@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 from typing import Final, TypeVar
 
 import asyncpg
+from opentelemetry import metrics
 
 from services.runtime import context
 from services.runtime.errors import Unavailable
@@ -39,6 +40,16 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S: Final = 10.0
 CLOSE_TIMEOUT_S: Final = 10.0
 RETRYABLE_ERRORS: Final = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+
+# Overload shows in metrics, not only in callers' errors.
+_meter = metrics.get_meter(__name__)
+_acquire_timeouts = _meter.create_counter(
+    "acsp.db.acquire_timeouts", description="pool acquisitions that timed out"
+)
+_transaction_retries = _meter.create_counter(
+    "acsp.db.transaction_retries",
+    description="SERIALIZABLE transactions retried after a serialization failure or deadlock",
+)
 
 
 def quote_ident(name: str) -> str:
@@ -101,6 +112,7 @@ class Database:
             async with asyncio.timeout(limit):
                 connection = await self.pool.acquire()
         except TimeoutError:
+            _acquire_timeouts.add(1, {"schema": self.schema})
             raise Unavailable(
                 f"no database connection became free within {limit:.3f} s "
                 f"(pool of {self.pool.get_max_size()}); retry later"
@@ -147,6 +159,7 @@ class Database:
                     raise Unavailable(
                         "transaction conflicted and no time is left before the deadline"
                     ) from error
+                _transaction_retries.add(1, {"schema": self.schema, "sqlstate": error.sqlstate})
                 log.debug(
                     "retrying transaction",
                     extra={"attempt": attempt, "sqlstate": error.sqlstate, "delay_s": delay},

@@ -39,7 +39,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, KeyValueConfig, PubAck, StreamConfig, StreamInfo
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.trace import Link, SpanKind
 
 from services.runtime.errors import Unavailable
@@ -52,6 +52,17 @@ CONNECT_TIMEOUT_S: Final = 10.0
 RECONNECT_WAIT_S: Final = 2
 DRAIN_TIMEOUT_S: Final = 10
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
+
+_meter = metrics.get_meter(__name__)
+_publish_stalls = _meter.create_counter(
+    "acsp.nats.publish_stalls", description="publishes rejected because too many acks were pending"
+)
+_publish_failures = _meter.create_counter(
+    "acsp.nats.publish_failures", description="JetStream publishes that got no ack in time"
+)
+_settled = _meter.create_counter(
+    "acsp.nats.consumer_settled", description="consumed messages by outcome: ack, nak or term"
+)
 
 
 async def connect_nats(settings: Settings, name: str) -> Client:
@@ -236,6 +247,7 @@ class Publisher:
             async with asyncio.timeout(self._stall_timeout_s):
                 await self._slots.acquire()
         except TimeoutError:
+            _publish_stalls.add(1)
             raise Unavailable(
                 f"{len(self._pending)} JetStream acks outstanding for {self._stall_timeout_s} s; "
                 "NATS is slow or unreachable"
@@ -259,6 +271,7 @@ class Publisher:
         except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as error:
             # No stream captures the subject, or JetStream is down or slow: either way the
             # message is not stored and the caller must keep it to retry.
+            _publish_failures.add(1)
             raise Unavailable(f"JetStream did not ack a message on {subject}: {error}") from error
 
     def _finished(self, task: asyncio.Task[PubAck]) -> None:
@@ -408,6 +421,7 @@ class PullConsumer:
 
 
 async def _settle(messages: list[Msg], action: str, delay: float | None = None) -> None:
+    _settled.add(len(messages), {"action": action})
     for message in messages:
         try:
             if action == "ack":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,33 @@ def test_roles_required_decorator_checks_before_running() -> None:
 )
 def test_public_methods(method: str, public: bool) -> None:
     assert is_public_method(method) is public
+
+
+def test_verified_token_is_cached_until_expiry(keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = verifier_for(keys)
+    decoded: list[str] = []
+    original = verifier._decode
+
+    def counting_decode(token: str) -> dict[str, object]:
+        decoded.append(token)
+        return original(token)
+
+    monkeypatch.setattr(verifier, "_decode", counting_decode)
+    token = mint_token(keys.private_key, "alice", [Role.PI], ttl=datetime.timedelta(minutes=5))
+    first = verifier.verify(token)
+    second = verifier.verify(token)
+    assert second is first
+    assert len(decoded) == 1
+    # Past expiry and leeway, the cached entry is dropped and the token is checked again.
+    later = time.time() + 10 * 60
+    monkeypatch.setattr("services.runtime.auth.time.time", lambda: later)
+    verifier.verify(token)
+    assert len(decoded) == 2
+
+
+def test_token_cache_is_bounded(keys: Keys) -> None:
+    verifier = TokenVerifier(load_public_key(keys.public_path), cache_size=3)
+    tokens = [mint_token(keys.private_key, f"user-{n}", [Role.RESEARCHER]) for n in range(5)]
+    for token in tokens:
+        verifier.verify(token)
+    assert list(verifier._verified) == tokens[2:]
