@@ -9,16 +9,18 @@ because a repeated task event finds its task already in that state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Final
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
 
 from acsp import subjects
 from acsp.v1 import agent_pb2, scheduler_pb2
-from services.runtime.nats import PullConsumer, Reject
 
 from .fleet import AcceleratorView, NodeView
 from .inputs import DrainRequested, HeartbeatReceived, Input, InventoryReceived, TaskReported
@@ -26,6 +28,25 @@ from .inputs import DrainRequested, HeartbeatReceived, Input, InventoryReceived,
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_DROP_LOG_EVERY: Final = 1000
+FETCH_BATCH: Final = 500
+
+
+class InvalidAgentMessage(Exception):
+    """A payload that can never be processed; its messages are terminated, not redelivered."""
+
+
+async def _each(messages: list[Msg], action: str) -> None:
+    for message in messages:
+        try:
+            if action == "ack":
+                await message.ack()
+            elif action == "nak":
+                await message.nak(delay=1.0)
+            else:
+                await message.term()
+        except NatsError as exc:
+            # A lost ack means a redelivery, which the transitions absorb.
+            logger.warning("could not %s an agent message: %s", action, exc)
 
 
 def node_from_inventory(msg: agent_pb2.Inventory) -> NodeView:
@@ -77,16 +98,42 @@ class AgentFeed:
         self.heartbeats_dropped = 0
 
     async def run_stream(self, stop: asyncio.Event) -> None:
-        consumer = PullConsumer(
-            self._js,
-            subjects.AGENT_STREAM,
-            self._durable,
-            self._handle,
-            batch=500,
-            fetch_timeout_s=0.05,
-            ack_wait_s=self._commit_timeout * 2,
+        """Fetch batches from a durable consumer; ack each after its effects committed."""
+        config = ConsumerConfig(
+            durable_name=self._durable,
+            ack_wait=self._commit_timeout * 2,
+            max_ack_pending=20_000,
         )
-        await consumer.run(stop)
+        subscription = await self._js.pull_subscribe(
+            "", durable=self._durable, stream=subjects.AGENT_STREAM, config=config
+        )
+        logger.info("consuming %s as %s", subjects.AGENT_STREAM, self._durable)
+        try:
+            while not stop.is_set():
+                try:
+                    messages = await subscription.fetch(FETCH_BATCH, timeout=1.0)
+                except TimeoutError:
+                    # nats-py raises its own TimeoutError or asyncio's, depending on the path.
+                    continue
+                await self._settle(messages)
+        finally:
+            with contextlib.suppress(NatsError):
+                await subscription.unsubscribe()
+
+    async def _settle(self, messages: list[Msg]) -> None:
+        try:
+            await self._handle(messages)
+        except InvalidAgentMessage as exc:
+            logger.error("terminating %d agent messages: %s", len(messages), exc)
+            await asyncio.shield(_each(messages, "term"))
+            return
+        except TimeoutError:
+            logger.warning(
+                "loop did not commit %d agent messages in time; they are redelivered", len(messages)
+            )
+            await asyncio.shield(_each(messages, "nak"))
+            return
+        await asyncio.shield(_each(messages, "ack"))
 
     async def _handle(self, messages: list[Msg]) -> None:
         loop = asyncio.get_running_loop()
@@ -130,7 +177,7 @@ class AgentFeed:
             if subject.startswith("acsp.health."):
                 return self._health(agent_pb2.HealthEvent.FromString(message.data))
         except (DecodeError, ValueError) as exc:
-            raise Reject(f"malformed agent message on {subject}: {exc}") from exc
+            raise InvalidAgentMessage(f"malformed agent message on {subject}: {exc}") from exc
         logger.warning("ignoring agent message on unexpected subject %s", subject)
         return None
 

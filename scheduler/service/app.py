@@ -25,12 +25,15 @@ from .settings import SchedulerSettings
 logger = logging.getLogger(__name__)
 
 STREAMS = (
-    StreamConfig(name=subjects.AGENT_STREAM, subjects=list(subjects.AGENT_SUBJECTS)),
+    StreamConfig(
+        name=subjects.AGENT_STREAM, subjects=list(subjects.AGENT_SUBJECTS), duplicate_window=120.0
+    ),
     StreamConfig(
         name=subjects.COMMAND_STREAM,
         subjects=list(subjects.COMMAND_SUBJECTS),
         duplicate_window=120.0,
     ),
+    # Declared exactly as the grant service declares it, so neither start changes it.
     StreamConfig(name=subjects.EVENT_STREAM, subjects=list(subjects.EVENT_SUBJECTS)),
 )
 BUCKETS = (KeyValueConfig(bucket=subjects.HEARTBEAT_BUCKET, history=1),)

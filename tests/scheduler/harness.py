@@ -22,7 +22,10 @@ from typing import Any
 
 import asyncpg
 import grpc
+import nats
+import nats.js.errors
 
+from acsp import subjects
 from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2_grpc
 from services.runtime.auth import Role, generate_signing_key, load_signing_key, mint_token
 
@@ -58,7 +61,7 @@ class Process:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(
             argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -102,8 +105,9 @@ class Stack:
         self.grant_address = ""
 
     def token(self, subject: str, *roles: Role, institution: str | None = None) -> str:
-        return mint_token(load_signing_key(self.private_key), subject, list(roles),
-                          institution=institution)
+        return mint_token(
+            load_signing_key(self.private_key), subject, list(roles), institution=institution
+        )
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -127,8 +131,7 @@ class Stack:
         finally:
             await admin.close()
         store = self.work_dir / "nats"
-        argv = [NATS_BINARY, "-a", "127.0.0.1", "-p", str(self.nats_port), "-js", "-sd",
-                str(store)]
+        argv = [NATS_BINARY, "-a", "127.0.0.1", "-p", str(self.nats_port), "-js", "-sd", str(store)]
         self.processes.append(Process("nats", argv, dict(os.environ), self.log_dir))
         await wait_for(lambda: _listening(self.nats_port), 10, "nats-server to listen")
 
@@ -150,6 +153,29 @@ class Stack:
     async def start_grant(self) -> None:
         _, self.grant_address = await self.start_service("grant", "services.grant")
 
+    async def start_metering(self) -> Process:
+        """Start metering, which declares the usage stream agents publish to."""
+        env = self.env(ACSP_GRANT_ADDRESS=self.grant_address)
+        process = Process(
+            "metering", [sys.executable, "-m", "services.metering"], env, self.log_dir
+        )
+        self.processes.append(process)
+
+        async def usage_stream() -> bool:
+            if not process.alive():
+                raise RuntimeError(f"metering exited:\n{process.tail()}")
+            client = await nats.connect(self.nats_url, connect_timeout=2)
+            try:
+                await client.jetstream().stream_info(subjects.USAGE_STREAM)
+            except nats.js.errors.NotFoundError:
+                return False
+            finally:
+                await client.close()
+            return True
+
+        await wait_for(usage_stream, 60, "metering to declare the usage stream", 0.2)
+        return process
+
     async def start_scheduler(self, name: str = "scheduler", **extra: str) -> tuple[Process, str]:
         settings = {
             "ACSP_GRANT_ADDRESS": self.grant_address,
@@ -159,16 +185,30 @@ class Stack:
         }
         return await self.start_service(name, "scheduler.service", **settings)
 
-    def start_agents(self, nodes: int, gpus: int = 8, model: str = "A100-SXM4-80GB",
-                     name: str = "agents") -> Process:
+    def start_agents(
+        self, nodes: int, gpus: int = 8, model: str = "A100-SXM4-80GB", name: str = "agents"
+    ) -> Process:
         fleet = self.work_dir / f"{name}-fleet.csv"
         rows = [f"n{i},{model},{gpus}" for i in range(nodes)]
         fleet.write_text("node,model,accelerators\n" + "\n".join(rows) + "\n")
         argv = [
-            sys.executable, "-m", "agents", "--backend", "simulated", "--nats-url",
-            self.nats_url, "--fleet", f"{fleet}:prov:reg", "--state-dir",
-            str(self.work_dir / name), "--heartbeat-s", "1", "--faults", "none",
-            "--utilization", "none",
+            sys.executable,
+            "-m",
+            "agents",
+            "--backend",
+            "simulated",
+            "--nats-url",
+            self.nats_url,
+            "--fleet",
+            f"{fleet}:prov:reg",
+            "--state-dir",
+            str(self.work_dir / name),
+            "--heartbeat-s",
+            "1",
+            "--faults",
+            "none",
+            "--utilization",
+            "none",
         ]
         process = Process(name, argv, self.env(), self.log_dir)
         self.processes.append(process)
@@ -210,21 +250,26 @@ async def fund_grant(stack: Stack, pf_days: str = "10") -> tuple[str, str, str]:
             grant_pb2.CreateInstitutionRequest(
                 request_id=f"i-{suffix}",
                 institution=grant_pb2.Institution(
-                    institution_id=f"inst-{suffix}", display_name="Test University",
+                    institution_id=f"inst-{suffix}",
+                    display_name="Test University",
                     country_code="NO",
                 ),
             ),
-            metadata=office, timeout=10,
+            metadata=office,
+            timeout=10,
         )
         await grants.CreateProject(
             grant_pb2.CreateProjectRequest(
                 request_id=f"p-{suffix}",
                 project=grant_pb2.Project(
-                    project_id=project_id, institution_id=f"inst-{suffix}",
-                    display_name="Test project", pi_subject=pi,
+                    project_id=project_id,
+                    institution_id=f"inst-{suffix}",
+                    display_name="Test project",
+                    pi_subject=pi,
                 ),
             ),
-            metadata=office, timeout=10,
+            metadata=office,
+            timeout=10,
         )
         start = datetime.now(UTC) - timedelta(hours=1)
         window = common_pb2.TimeWindow()
@@ -234,42 +279,55 @@ async def fund_grant(stack: Stack, pf_days: str = "10") -> tuple[str, str, str]:
             grant_pb2.SubmitApplicationRequest(
                 request_id=f"a-{suffix}",
                 application=grant_pb2.Application(
-                    project_id=project_id, tier=grant_pb2.GRANT_TIER_EXPLORATORY,
-                    requested_pf_days=common_pb2.Decimal(value=pf_days), validity=window,
+                    project_id=project_id,
+                    tier=grant_pb2.GRANT_TIER_EXPLORATORY,
+                    requested_pf_days=common_pb2.Decimal(value=pf_days),
+                    validity=window,
                     justification="scheduler end-to-end test",
                 ),
             ),
-            metadata=pi_md, timeout=10,
+            metadata=pi_md,
+            timeout=10,
         )
         if application.grant_id:
             # Exploratory applications within the tier's limit are awarded on submission.
             return project_id, application.grant_id, pi
         await grants.AssignReviewer(
             grant_pb2.AssignReviewerRequest(
-                request_id=f"r-{suffix}", application_id=application.application_id,
-                reviewer_subject=f"rev-{suffix}", reviewer_institution_id="elsewhere",
+                request_id=f"r-{suffix}",
+                application_id=application.application_id,
+                reviewer_subject=f"rev-{suffix}",
+                reviewer_institution_id="elsewhere",
             ),
-            metadata=office, timeout=10,
+            metadata=office,
+            timeout=10,
         )
         await grants.SubmitReview(
             grant_pb2.SubmitReviewRequest(
-                request_id=f"s-{suffix}", application_id=application.application_id, score=5,
+                request_id=f"s-{suffix}",
+                application_id=application.application_id,
+                score=5,
                 comments="fine",
             ),
-            metadata=reviewer_md, timeout=10,
+            metadata=reviewer_md,
+            timeout=10,
         )
         decided = await grants.DecideApplication(
             grant_pb2.DecideApplicationRequest(
-                request_id=f"d-{suffix}", application_id=application.application_id,
+                request_id=f"d-{suffix}",
+                application_id=application.application_id,
                 decision=grant_pb2.Decision(
                     outcome=grant_pb2.DECISION_OUTCOME_AWARD, reason="test award"
                 ),
             ),
-            metadata=office, timeout=10,
+            metadata=office,
+            timeout=10,
         )
     return project_id, decided.grant_id, pi
 
 
-def scheduler_stub(address: str) -> tuple[grpc.aio.Channel, scheduler_pb2_grpc.SchedulerServiceStub]:
+def scheduler_stub(
+    address: str,
+) -> tuple[grpc.aio.Channel, scheduler_pb2_grpc.SchedulerServiceStub]:
     channel = grpc.aio.insecure_channel(address)
     return channel, scheduler_pb2_grpc.SchedulerServiceStub(channel)

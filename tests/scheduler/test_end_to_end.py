@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import grpc
+import nats
+import nats.errors
 import pytest
 
-from acsp.v1 import grant_pb2, grant_pb2_grpc, scheduler_pb2
+from acsp.v1 import agent_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2
 from services.runtime.auth import Role
+from services.runtime.errors import field_violations
 
 from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
 
@@ -22,6 +27,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     try:
         await stack.start_servers()
         await stack.start_grant()
+        await stack.start_metering()
         yield stack
     finally:
         await stack.close()
@@ -78,3 +84,180 @@ async def test_job_runs_to_completion_with_hold(stack: Stack) -> None:
         )
     holds = [e for e in entries.entries if e.job_id == job_id]
     assert holds, "the grant's ledger has no entry for the job's hold"
+
+
+async def test_submit_reports_every_invalid_field(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    md = metadata(stack.token("alice", Role.RESEARCHER))
+    bad = job_spec(
+        "",
+        "g1",
+        task_count=0,
+        accelerator_millis_per_task=1500,
+        wall_time_seconds=0,
+        command=[],
+        allowed_regions=["nowhere"],
+    )
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await scheduler.SubmitJob(
+                scheduler_pb2.SubmitJobRequest(spec=bad), metadata=md, timeout=10
+            )
+        listed = await scheduler.ListJobs(scheduler_pb2.ListJobsRequest(), metadata=md, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = field_violations(caught.value)
+    assert set(fields) == {
+        "spec.project_id",
+        "spec.task_count",
+        "spec.accelerator_millis_per_task",
+        "spec.wall_time_seconds",
+        "spec.command",
+        "spec.allowed_regions[0]",
+    }
+    assert "1500" in fields["spec.accelerator_millis_per_task"]
+    assert list(listed.jobs) == []
+
+
+async def test_restarted_scheduler_dispatches_nothing_twice(stack: Stack) -> None:
+    scheduler_process, address = await stack.start_scheduler()
+    stack.start_agents(nodes=4)
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    count = 300
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        request = scheduler_pb2.SubmitJobsRequest(
+            jobs=[
+                scheduler_pb2.SubmitJobRequest(
+                    request_id=f"r-{i}", spec=job_spec(project, grant, task_count=1)
+                )
+                for i in range(count)
+            ]
+        )
+        response = await scheduler.SubmitJobs(request, metadata=md, timeout=30)
+        job_ids = {r.job.job_id for r in response.results}
+
+        async def some_started() -> bool:
+            listed = await scheduler.ListJobs(
+                scheduler_pb2.ListJobsRequest(states=[scheduler_pb2.JOB_STATE_COMPLETED]),
+                metadata=md,
+                timeout=10,
+            )
+            return len(listed.jobs) >= 20
+
+        await wait_for(some_started, 60, "the first jobs to complete", 0.05)
+    scheduler_process.kill()
+    _, address = await stack.start_scheduler("scheduler-restarted")
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+
+        async def all_completed() -> bool:
+            summary = await scheduler.GetQueueSummary(
+                scheduler_pb2.GetQueueSummaryRequest(), metadata=md, timeout=10
+            )
+            return summary.jobs_by_state.get("completed", 0) == count
+
+        await wait_for(all_completed, 120, "every job to complete after the restart", 0.2)
+    starts = await count_stream_messages(stack, "acsp.cmd.>", start_commands=True)
+    started = await count_stream_messages(stack, "acsp.task.>", started_events=True)
+    assert set(starts) == {f"{job_id}/1/0" for job_id in job_ids}
+    assert max(starts.values()) == 1
+    assert set(started) == set(starts)
+    assert max(started.values()) == 1
+
+
+async def count_stream_messages(
+    stack: Stack, subject: str, *, start_commands: bool = False, started_events: bool = False
+) -> dict[str, int]:
+    """Count start commands or STARTED task events per task id in JetStream."""
+    client = await nats.connect(stack.nats_url, connect_timeout=5)
+    counts: dict[str, int] = {}
+    try:
+        js = client.jetstream()
+        sub = await js.subscribe(subject, ordered_consumer=True)
+        while True:
+            try:
+                message = await sub.next_msg(timeout=1.0)
+            except nats.errors.TimeoutError:
+                break
+            if start_commands:
+                command = agent_pb2.AgentCommand.FromString(message.data)
+                if command.kind == agent_pb2.COMMAND_KIND_START_TASK:
+                    counts[command.task_id] = counts.get(command.task_id, 0) + 1
+            elif started_events:
+                event = agent_pb2.TaskEvent.FromString(message.data)
+                if event.state == agent_pb2.TASK_STATE_STARTED:
+                    counts[event.task_id] = counts.get(event.task_id, 0) + 1
+    finally:
+        await client.close()
+    return counts
+
+
+async def test_standby_takes_over_and_old_leader_stays_fenced(stack: Stack) -> None:
+    leader, leader_address = await stack.start_scheduler("scheduler-a")
+    _, standby_address = await stack.start_scheduler("scheduler-b")
+    stack.start_agents(nodes=2)
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+
+    async def submit(address: str, request_id: str) -> str:
+        channel, scheduler = scheduler_stub(address)
+        async with channel:
+            response = await scheduler.SubmitJob(
+                scheduler_pb2.SubmitJobRequest(
+                    request_id=request_id, spec=job_spec(project, grant, task_count=1)
+                ),
+                metadata=md,
+                timeout=5,
+            )
+        return response.job.job_id
+
+    await submit(leader_address, "before")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await submit(standby_address, "to-standby")
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    leader.kill()
+    killed_at = time.monotonic()
+
+    async def accepted() -> bool:
+        try:
+            await submit(standby_address, "after")
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            return False
+        return True
+
+    await wait_for(accepted, 15, "the standby to take over", 0.1)
+    takeover_s = time.monotonic() - killed_at
+    assert takeover_s < 15
+
+    _, returned_address = await stack.start_scheduler("scheduler-a-returned")
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await submit(returned_address, "to-returned")
+    assert again.value.code() == grpc.StatusCode.UNAVAILABLE
+    for i in range(5):
+        await submit(standby_address, f"late-{i}")
+
+    conn = await asyncpg.connect(stack.dsn, timeout=10)
+    try:
+
+        async def all_done() -> bool:
+            open_jobs = await conn.fetchval(
+                "SELECT count(*) FROM scheduler.jobs WHERE state <> 'completed'"
+            )
+            return open_jobs == 0
+
+        await wait_for(all_done, 60, "every job to complete", 0.2)
+        epochs = await conn.fetch(
+            "SELECT epoch, count(*) FROM scheduler.dispatches GROUP BY epoch ORDER BY epoch"
+        )
+        leader_epoch = await conn.fetchval("SELECT epoch FROM scheduler.leaders")
+    finally:
+        await conn.close()
+    assert leader_epoch == 2
+    assert [row[0] for row in epochs] in ([1, 2], [2])
+    late_dispatches = sum(row[1] for row in epochs if row[0] == 2)
+    assert late_dispatches >= 6
