@@ -1,0 +1,130 @@
+"""Usage queries: metered and charged usage grouped by grant, project, institution, provider,
+region or model over a time range, one page at a time (keyset pages ordered by the group key).
+
+A sample counts in the range when its charging period starts in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Final
+
+import asyncpg
+
+from services.metering.samples import micros_to_seconds
+
+
+class Grouping(StrEnum):
+    GRANT = "grant"
+    PROJECT = "project"
+    INSTITUTION = "institution"
+    PROVIDER = "provider"
+    REGION = "region"
+    MODEL = "model"
+
+
+# The SQL expression of each grouping's key, over usage_periods u (or lines l) joined to jobs j.
+_KEY: Final = {
+    Grouping.GRANT: "j.grant_id",
+    Grouping.PROJECT: "j.project_id",
+    Grouping.INSTITUTION: "j.institution_id",
+    Grouping.PROVIDER: "{t}.provider",
+    Grouping.REGION: "{t}.provider || '/' || {t}.region",
+    Grouping.MODEL: "{t}.accelerator_model",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFilter:
+    grant_id: str = ""
+    project_id: str = ""
+    institution_id: str = ""
+    provider: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    key: str
+    accelerator_hours: Decimal
+    charged_pf_days: Decimal
+    refunded_pf_days: Decimal
+    mean_utilization: float
+    sample_count: int
+
+
+_FILTER = """
+  AND ($3 = '' OR j.grant_id = $3) AND ($4 = '' OR j.project_id = $4)
+  AND ($5 = '' OR j.institution_id = $5) AND ($6 = '' OR {t}.provider = $6)
+"""
+
+
+async def query_usage(
+    conn: asyncpg.Connection,
+    grouping: Grouping,
+    start: datetime,
+    end: datetime,
+    filters: UsageFilter,
+    *,
+    after: str,
+    limit: int,
+) -> list[UsageRow]:
+    """Return up to ``limit`` groups with keys after ``after``, ordered by key."""
+    usage_key = _KEY[grouping].format(t="u")
+    line_key = _KEY[grouping].format(t="l")
+    args = (start, end, filters.grant_id, filters.project_id, filters.institution_id)
+    args += (filters.provider, after, limit)
+    usage = await conn.fetch(
+        f"""
+        SELECT {usage_key} AS key, sum(u.accelerator_micros) AS micros,
+               sum(u.sample_count) AS samples, sum(u.utilization_seconds) AS used,
+               sum(u.utilization_weight) AS weight
+        FROM metering.usage_periods u
+        JOIN metering.jobs j ON j.job_id = u.job_id AND j.attempt = u.attempt
+        WHERE u.period_start >= $1 AND u.period_start < $2 {_FILTER.format(t="u")}
+          AND {usage_key} > $7
+        GROUP BY 1 ORDER BY 1 LIMIT $8
+        """,
+        *args,
+    )
+    if not usage:
+        return []
+    charged = await conn.fetch(
+        f"""
+        SELECT {line_key} AS key, sum(l.amount) AS amount
+        FROM metering.charge_lines l
+        JOIN metering.charges c ON c.charge_id = l.charge_id
+        JOIN metering.jobs j ON j.job_id = c.job_id AND j.attempt = c.attempt
+        WHERE l.period_start >= $1 AND l.period_start < $2 {_FILTER.format(t="l")}
+          AND {line_key} > $7
+        GROUP BY 1 ORDER BY 1 LIMIT $8
+        """,
+        *args,
+    )
+    refunded = await conn.fetch(
+        f"""
+        SELECT {line_key} AS key, sum(l.amount) AS amount
+        FROM metering.refund_lines l
+        JOIN metering.jobs j ON j.job_id = l.job_id AND j.attempt = l.attempt
+        WHERE l.refund_time >= $1 AND l.refund_time < $2 {_FILTER.format(t="l")}
+          AND {line_key} > $7
+        GROUP BY 1 ORDER BY 1 LIMIT $8
+        """,
+        *args,
+    )
+    charged_by_key = {row["key"]: row["amount"] for row in charged}
+    refunded_by_key = {row["key"]: row["amount"] for row in refunded}
+    zero = Decimal(0)
+    return [
+        UsageRow(
+            key=row["key"],
+            accelerator_hours=micros_to_seconds(row["micros"]) / 3600,
+            charged_pf_days=charged_by_key.get(row["key"], zero),
+            refunded_pf_days=refunded_by_key.get(row["key"], zero),
+            mean_utilization=row["used"] / row["weight"] if row["weight"] else 0.0,
+            sample_count=int(row["samples"]),
+        )
+        for row in usage
+    ]

@@ -1,0 +1,108 @@
+"""Rate-card versions in PostgreSQL and in the rate-card KV bucket the scheduler reads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from datetime import datetime
+
+import asyncpg
+from nats.js.kv import KeyValue
+
+from services.metering.ratecard import (
+    AcceleratorModel,
+    RateCard,
+    RateCardHistory,
+    default_rate_card,
+)
+from services.runtime.db import Database
+
+logger = logging.getLogger(__name__)
+
+
+async def ensure_default(conn: asyncpg.Connection) -> None:
+    """Store version 1, the built-in catalog, unless a version 1 exists."""
+    card = default_rate_card()
+    await conn.execute(
+        "INSERT INTO metering.rate_cards (version, effective_from, body, cause) "
+        "VALUES ($1, $2, $3::jsonb, 'built-in catalog') ON CONFLICT (version) DO NOTHING",
+        card.version,
+        card.effective_from,
+        card.to_json(),
+    )
+
+
+async def load_history(conn: asyncpg.Connection) -> RateCardHistory:
+    rows = await conn.fetch("SELECT body::text AS body FROM metering.rate_cards ORDER BY version")
+    if not rows:
+        return RateCardHistory((default_rate_card(),))
+    return RateCardHistory(tuple(RateCard.from_json(row["body"]) for row in rows))
+
+
+async def publish_version(
+    conn: asyncpg.Connection,
+    models: Iterable[AcceleratorModel],
+    effective_from: datetime,
+    cause: str,
+) -> RateCard:
+    """Store a new version numbered one past the current one; concurrent publishers serialize."""
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE metering.rate_cards IN SHARE ROW EXCLUSIVE MODE")
+        history = await load_history(conn)
+        updated = history.with_version(models, effective_from)
+        card = updated.current
+        await conn.execute(
+            "INSERT INTO metering.rate_cards (version, effective_from, body, cause) "
+            "VALUES ($1, $2, $3::jsonb, $4)",
+            card.version,
+            card.effective_from,
+            card.to_json(),
+            cause,
+        )
+    logger.info("published rate card version %d (%s)", card.version, cause)
+    return card
+
+
+async def put_in_bucket(kv: KeyValue, card: RateCard) -> None:
+    """Put a version under ``v<version>`` and, as the newest, under ``current``."""
+    body = card.to_json().encode()
+    await kv.put(f"v{card.version}", body)
+    await kv.put("current", body)
+
+
+class RateCardCache:
+    """The rate-card history this process prices with, refreshed from PostgreSQL.
+
+    Another replica may publish a version; each replica picks it up within ``refresh_s``.
+    """
+
+    def __init__(self, db: Database, refresh_s: float = 10.0) -> None:
+        self._db = db
+        self._refresh_s = refresh_s
+        self._history = RateCardHistory((default_rate_card(),))
+
+    def history(self) -> RateCardHistory:
+        return self._history
+
+    def set(self, history: RateCardHistory) -> None:
+        self._history = history
+
+    async def load(self) -> RateCardHistory:
+        async with self._db.acquire() as conn:
+            await ensure_default(conn)
+            self._history = await load_history(conn)
+        return self._history
+
+    async def run(self, stop: asyncio.Event, kv: KeyValue | None) -> None:
+        """Refresh until ``stop`` is set, mirroring a new current version into the bucket."""
+        published = 0
+        while not stop.is_set():
+            history = await self.load()
+            if kv is not None and history.current.version != published:
+                await put_in_bucket(kv, history.current)
+                published = history.current.version
+            try:
+                await asyncio.wait_for(stop.wait(), self._refresh_s)
+            except TimeoutError:
+                pass
