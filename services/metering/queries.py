@@ -16,6 +16,13 @@ import asyncpg
 
 from services.metering.samples import micros_to_seconds
 
+HOURS_QUANTUM: Final = Decimal("1e-12")
+
+
+def hours(micros: int) -> Decimal:
+    """Return accelerator-microseconds as hours rounded to 1e-12 h (a report figure)."""
+    return (micros_to_seconds(micros) / 3600).quantize(HOURS_QUANTUM)
+
 
 class Grouping(StrEnum):
     GRANT = "grant"
@@ -74,8 +81,7 @@ async def query_usage(
     """Return up to ``limit`` groups with keys after ``after``, ordered by key."""
     usage_key = _KEY[grouping].format(t="u")
     line_key = _KEY[grouping].format(t="l")
-    args = (start, end, filters.grant_id, filters.project_id, filters.institution_id)
-    args += (filters.provider, after, limit)
+    common = (start, end, filters.grant_id, filters.project_id, filters.institution_id)
     usage = await conn.fetch(
         f"""
         SELECT {usage_key} AS key, sum(u.accelerator_micros) AS micros,
@@ -87,10 +93,14 @@ async def query_usage(
           AND {usage_key} > $7
         GROUP BY 1 ORDER BY 1 LIMIT $8
         """,
-        *args,
+        *common,
+        filters.provider,
+        after,
+        limit,
     )
     if not usage:
         return []
+    keys = [row["key"] for row in usage]
     charged = await conn.fetch(
         f"""
         SELECT {line_key} AS key, sum(l.amount) AS amount
@@ -98,10 +108,12 @@ async def query_usage(
         JOIN metering.charges c ON c.charge_id = l.charge_id
         JOIN metering.jobs j ON j.job_id = c.job_id AND j.attempt = c.attempt
         WHERE l.period_start >= $1 AND l.period_start < $2 {_FILTER.format(t="l")}
-          AND {line_key} > $7
-        GROUP BY 1 ORDER BY 1 LIMIT $8
+          AND {line_key} = any($7::text[])
+        GROUP BY 1
         """,
-        *args,
+        *common,
+        filters.provider,
+        keys,
     )
     refunded = await conn.fetch(
         f"""
@@ -109,10 +121,12 @@ async def query_usage(
         FROM metering.refund_lines l
         JOIN metering.jobs j ON j.job_id = l.job_id AND j.attempt = l.attempt
         WHERE l.refund_time >= $1 AND l.refund_time < $2 {_FILTER.format(t="l")}
-          AND {line_key} > $7
-        GROUP BY 1 ORDER BY 1 LIMIT $8
+          AND {line_key} = any($7::text[])
+        GROUP BY 1
         """,
-        *args,
+        *common,
+        filters.provider,
+        keys,
     )
     charged_by_key = {row["key"]: row["amount"] for row in charged}
     refunded_by_key = {row["key"]: row["amount"] for row in refunded}
@@ -120,7 +134,7 @@ async def query_usage(
     return [
         UsageRow(
             key=row["key"],
-            accelerator_hours=micros_to_seconds(row["micros"]) / 3600,
+            accelerator_hours=hours(row["micros"]),
             charged_pf_days=charged_by_key.get(row["key"], zero),
             refunded_pf_days=refunded_by_key.get(row["key"], zero),
             mean_utilization=row["used"] / row["weight"] if row["weight"] else 0.0,
