@@ -6,8 +6,10 @@ import asyncio
 import ctypes
 import logging
 import os
+import pwd
 import re
 import signal
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
@@ -20,14 +22,43 @@ TAIL_LINES: Final = 20
 """Lines of a child's log shown when it dies."""
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM this child when the supervisor dies, even by SIGKILL.
+# Runs first in each child and then replaces itself with the real program (same pid). Run as
+# the supervisor's user, it switches to the child's user (argv[2] and argv[3], -1 to stay),
+# asks Linux to SIGTERM the child when the supervisor's thread dies, even by SIGKILL, and exits
+# at once if the supervisor (argv[1]) is already gone. The request comes after the change of
+# user because such a change clears it, and it survives exec. This is not a preexec_fn because
+# Python code between fork and exec runs the fork handlers of libraries such as grpcio in the
+# child, which aborted PostgreSQL's start in a process that had used gRPC.
+_DIE_WITH_PARENT: Final = (
+    "import ctypes, os, signal, sys\n"
+    "parent, uid, gid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])\n"
+    "if uid >= 0:\n"
+    "    os.setgroups([])\n"
+    "    os.setgid(gid)\n"
+    "    os.setuid(uid)\n"
+    f"ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG}, signal.SIGTERM)\n"
+    "if os.getppid() != parent:\n"
+    "    sys.exit(1)\n"
+    "os.execvp(sys.argv[4], sys.argv[4:])\n"
+)
 
-    Runs in the child between fork and exec, after any change of user, because a change of
-    credentials clears the setting.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+def _with_parent_death_signal(argv: Sequence[str], user: str | None) -> list[str]:
+    uid = gid = -1
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        uid, gid = entry.pw_uid, entry.pw_gid
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _DIE_WITH_PARENT,
+        str(os.getpid()),
+        str(uid),
+        str(gid),
+        *argv,
+    ]
 
 
 class ChildProcess:
@@ -69,15 +100,13 @@ class ChildProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self._process = await asyncio.create_subprocess_exec(
-                *self.argv,
+                *_with_parent_death_signal(self.argv, self._user),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 env=self._env,
                 cwd=self._cwd,
-                user=self._user,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         logger.info("started %s (pid %s): %s", self.name, self._process.pid, " ".join(self.argv))
 
