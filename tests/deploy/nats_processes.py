@@ -50,18 +50,29 @@ def check_config(
     )
 
 
+_PROBE = "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)"
+
+
 class NatsProcess:
     """One nats-server child process, its log file and its monitoring port."""
 
     def __init__(
-        self, binary: str, config: Path, env: Mapping[str, str], monitor_port: int
+        self,
+        binary: str,
+        config: Path,
+        env: Mapping[str, str],
+        monitor_port: int,
+        namespace: str | None = None,
     ) -> None:
         self.config = config
         self.monitor_port = monitor_port
+        self.namespace = namespace
         self.log_path = config.with_suffix(".log")
         self._log = self.log_path.open("w")
+        # `ip netns exec` replaces itself with the server, so the pid is the server's.
+        prefix = ["ip", "netns", "exec", namespace] if namespace else []
         self.process = subprocess.Popen(
-            [binary, "-c", str(config)],
+            [*prefix, binary, "-c", str(config)],
             env={**os.environ, **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -78,14 +89,27 @@ class NatsProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"nats-server {self.config.name} exited:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except urllib.error.HTTPError as exc:
-                last_error = f"HTTP {exc.code}: {exc.read()[:200]!r}"
-            except OSError as exc:
-                last_error = repr(exc)
+            if self.namespace is not None:
+                # The endpoint is only reachable from inside the server's network namespace.
+                probe = subprocess.run(
+                    ["ip", "netns", "exec", self.namespace, sys.executable, "-c", _PROBE, url],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                    check=False,
+                )
+                if probe.returncode == 0:
+                    return
+                last_error = probe.stderr.strip()[-200:]
+            else:
+                try:
+                    with urllib.request.urlopen(url, timeout=1) as response:
+                        if response.status == 200:
+                            return
+                except urllib.error.HTTPError as exc:
+                    last_error = f"HTTP {exc.code}: {exc.read()[:200]!r}"
+                except OSError as exc:
+                    last_error = repr(exc)
             time.sleep(0.2)
         raise TimeoutError(f"{url} not healthy after {timeout_s}s ({last_error}):\n{self.log()}")
 

@@ -16,11 +16,11 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def write_tls_dir(directory: Path) -> Path:
+def write_tls_dir(directory: Path, extra_ips: tuple[str, ...] = ()) -> Path:
     """Write ``ca.crt``, ``tls.crt`` and ``tls.key`` into ``directory`` and return it.
 
-    The one leaf certificate is valid for 127.0.0.1 and localhost, for both server and client
-    authentication, so every hub server, leaf node and route can present it.
+    The one leaf certificate is valid for 127.0.0.1, localhost and ``extra_ips``, for both
+    server and client authentication, so every hub server, leaf node and route can present it.
     """
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
@@ -47,7 +47,13 @@ def write_tls_dir(directory: Path) -> Path:
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [
+                    x509.DNSName("localhost"),
+                    *(
+                        x509.IPAddress(ipaddress.ip_address(address))
+                        for address in ("127.0.0.1", *extra_ips)
+                    ),
+                ]
             ),
             critical=False,
         )
