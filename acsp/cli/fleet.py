@@ -1,0 +1,153 @@
+"""``acsp fleet``: nodes, drains, the accelerator catalog and queue summary."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from typing import Any
+
+from acsp.cli._common import EXIT_OK, connection_options, output_options, print_records
+from acsp.cli.jobs import open_scheduler
+from acsp.v1 import common_pb2, scheduler_pb2
+
+NODE_STATES = {
+    name.removeprefix("NODE_STATE_").lower(): number
+    for name, number in scheduler_pb2.NodeState.items()
+    if number
+}
+NODE_COLUMNS = ("node", "state", "model", "accelerators", "healthy", "last heartbeat", "reason")
+
+
+def register(subparsers: Any) -> None:
+    fleet = subparsers.add_parser("fleet", help="nodes, drains, catalog and queue summary")
+    commands = fleet.add_subparsers(title="fleet commands", metavar="COMMAND")
+    connection = connection_options()
+    output = output_options()
+
+    nodes = commands.add_parser("nodes", parents=[connection, output], help="list nodes")
+    nodes.add_argument("--provider", default="")
+    nodes.add_argument("--region", default="")
+    nodes.add_argument("--state", choices=sorted(NODE_STATES), default=None)
+    nodes.set_defaults(func=list_nodes)
+
+    for name, undrain in (("drain", False), ("undrain", True)):
+        drain = commands.add_parser(
+            name,
+            parents=[connection, output],
+            help="stop placing work on a node" if not undrain else "place work on a node again",
+        )
+        drain.add_argument("node", help="<provider>/<region>/<node>")
+        drain.add_argument("--reason", default="", help="why, recorded with the node")
+        drain.set_defaults(func=drain_node, undrain=undrain)
+
+    catalog = commands.add_parser(
+        "models", parents=[connection, output], help="list the accelerator catalog"
+    )
+    catalog.set_defaults(func=list_models)
+
+    queue = commands.add_parser(
+        "queue", parents=[connection, output], help="jobs by state and pending reason"
+    )
+    queue.set_defaults(func=queue_summary)
+
+
+def node_row(node: scheduler_pb2.Node) -> dict[str, Any]:
+    models = sorted({a.model for a in node.accelerators})
+    healthy = sum(1 for a in node.accelerators if a.health != scheduler_pb2.HEALTH_STATE_FAILED)
+    beat = node.last_heartbeat_time
+    return {
+        "node": f"{node.provider_id}/{node.region_id}/{node.node_id}",
+        "state": scheduler_pb2.NodeState.Name(node.state).removeprefix("NODE_STATE_").lower(),
+        "model": ", ".join(models),
+        "accelerators": len(node.accelerators),
+        "healthy": healthy,
+        "last heartbeat": beat.ToDatetime().isoformat(timespec="seconds") if beat.seconds else "",
+        "reason": node.state_cause.reason,
+    }
+
+
+def list_nodes(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    token = ""
+    with open_scheduler(args) as scheduler:
+        while True:
+            response = scheduler.ListNodes(
+                scheduler_pb2.ListNodesRequest(
+                    provider_id=args.provider,
+                    region_id=args.region,
+                    state=NODE_STATES[args.state] if args.state else 0,  # type: ignore[arg-type]
+                    page=common_pb2.PageRequest(page_size=1000, page_token=token),
+                )
+            )
+            rows.extend(node_row(node) for node in response.nodes)
+            token = response.page.next_page_token
+            if not token:
+                break
+    print_records(rows, NODE_COLUMNS, output_format=args.format, title="nodes")
+    return EXIT_OK
+
+
+def drain_node(args: argparse.Namespace) -> int:
+    provider, region, node = _node_path(args.node)
+    with open_scheduler(args) as scheduler:
+        result = scheduler.DrainNode(
+            scheduler_pb2.DrainNodeRequest(
+                request_id=uuid.uuid4().hex,
+                provider_id=provider,
+                region_id=region,
+                node_id=node,
+                reason=args.reason,
+                undrain=args.undrain,
+            )
+        )
+    print_records([node_row(result)], NODE_COLUMNS, output_format=args.format)
+    return EXIT_OK
+
+
+def list_models(args: argparse.Namespace) -> int:
+    with open_scheduler(args) as scheduler:
+        response = scheduler.ListAcceleratorModels(scheduler_pb2.ListAcceleratorModelsRequest())
+    rows = [
+        {
+            "model": m.name,
+            "vendor": common_pb2.Vendor.Name(m.vendor).removeprefix("VENDOR_").lower(),
+            "memory (GiB)": m.memory_gib,
+            "peak TFLOP/s": m.peak_dense_tflops.value,
+            "stacks": ", ".join(m.software_stacks),
+            "source": m.source,
+        }
+        for m in response.models
+    ]
+    columns = ("model", "vendor", "memory (GiB)", "peak TFLOP/s", "stacks", "source")
+    print_records(rows, columns, output_format=args.format, title="accelerator catalog")
+    return EXIT_OK
+
+
+def queue_summary(args: argparse.Namespace) -> int:
+    with open_scheduler(args) as scheduler:
+        summary = scheduler.GetQueueSummary(scheduler_pb2.GetQueueSummaryRequest())
+    rows = [{"state": k, "jobs": v} for k, v in sorted(summary.jobs_by_state.items())]
+    print_records(rows, ("state", "jobs"), output_format=args.format, title="jobs by state")
+    reasons = [{"reason": k, "jobs": v} for k, v in sorted(summary.pending_by_reason.items())]
+    print_records(reasons, ("reason", "jobs"), output_format=args.format, title="pending jobs")
+    regions = [
+        {
+            "region": region,
+            "used": f"{summary.used_millis_by_region.get(region, 0) / 1000:g}",
+            "total": f"{total / 1000:g}",
+        }
+        for region, total in sorted(summary.total_millis_by_region.items())
+    ]
+    print_records(
+        regions, ("region", "used", "total"), output_format=args.format, title="accelerators"
+    )
+    return EXIT_OK
+
+
+def _node_path(text: str) -> tuple[str, str, str]:
+    from acsp.cli._common import EXIT_USAGE, CommandError
+
+    parts = text.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise CommandError(f"node {text!r} is not <provider>/<region>/<node>", EXIT_USAGE)
+    return parts[0], parts[1], parts[2]

@@ -1,0 +1,326 @@
+"""``acsp jobs``: submit, list, show, cancel and watch jobs on the federated scheduler."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from acsp.cli._common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    async_client_from_args,
+    connection_options,
+    output_options,
+    print_records,
+    rows_of,
+)
+from acsp.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+PRIORITIES = {
+    "interactive": common_pb2.PRIORITY_CLASS_INTERACTIVE,
+    "standard": common_pb2.PRIORITY_CLASS_STANDARD,
+    "preemptible": common_pb2.PRIORITY_CLASS_PREEMPTIBLE,
+}
+TOPOLOGIES = {
+    name.removeprefix("TOPOLOGY_").lower().replace("_", "-"): number
+    for name, number in scheduler_pb2.Topology.items()
+    if number
+}
+STATES = {
+    name.removeprefix("JOB_STATE_").lower().replace("_", "-"): number
+    for name, number in scheduler_pb2.JobState.items()
+    if number
+}
+WATCH_DEADLINE_S = 7 * 86_400.0
+"""A watch runs until Ctrl-C; the SDK would otherwise apply its short default deadline."""
+LIST_COLUMNS = ("job", "name", "state", "reason", "tasks", "accelerators", "attempt", "submitted")
+
+
+@contextmanager
+def open_scheduler(args: argparse.Namespace) -> Iterator[scheduler_pb2_grpc.SchedulerServiceStub]:
+    """Yield the scheduler stub of the running mesh."""
+    from acsp.client import Client
+
+    with Client.from_mesh(args.data_dir, token=args.token, timeout_s=args.timeout) as client:
+        yield client.scheduler
+
+
+def register(subparsers: Any) -> None:
+    jobs = subparsers.add_parser("jobs", help="submit, list, show, cancel and watch jobs")
+    commands = jobs.add_subparsers(title="jobs commands", metavar="COMMAND")
+    connection = connection_options()
+    output = output_options()
+
+    submit = commands.add_parser(
+        "submit", parents=[connection, output], help="submit a job or a job array"
+    )
+    submit.add_argument("--project", required=True, help="project the job runs for")
+    submit.add_argument("--grant", default="", help="grant that pays (default: the project's)")
+    submit.add_argument("--name", default="", help="display name")
+    submit.add_argument("--tasks", type=int, default=1, help="number of tasks (default: 1)")
+    submit.add_argument(
+        "--accelerators",
+        default="1",
+        metavar="N",
+        help="accelerators per task: a whole number, or a share of one such as 0.25",
+    )
+    submit.add_argument("--model", action="append", default=[], help="accepted model; repeat")
+    submit.add_argument(
+        "--region", action="append", default=[], help="allowed <provider>/<region>; repeat"
+    )
+    submit.add_argument("--priority", choices=sorted(PRIORITIES), default="standard")
+    submit.add_argument("--topology", choices=sorted(TOPOLOGIES), default=None)
+    submit.add_argument("--no-gang", action="store_true", help="tasks may start one by one")
+    submit.add_argument(
+        "--wall-time",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="wall-time limit in seconds (default: 3600)",
+    )
+    submit.add_argument("--checkpointable", action="store_true")
+    submit.add_argument("--array", type=int, default=0, metavar="N", help="submit N jobs")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--request-id", default="", help="idempotency key (default: random)")
+    submit.add_argument("command", nargs=argparse.REMAINDER, help="-- program and arguments")
+    submit.set_defaults(func=submit_job)
+
+    listing = commands.add_parser("list", parents=[connection, output], help="list jobs")
+    listing.add_argument("--project", default="", help="only this project's jobs")
+    listing.add_argument("--state", action="append", default=[], choices=sorted(STATES))
+    listing.add_argument("--array", default="", help="only the jobs of this array")
+    listing.add_argument("--limit", type=int, default=50, help="jobs to show (default: 50)")
+    listing.set_defaults(func=list_jobs)
+
+    show = commands.add_parser("show", parents=[connection, output], help="show one job")
+    show.add_argument("job_id")
+    show.set_defaults(func=show_job)
+
+    cancel = commands.add_parser("cancel", parents=[connection, output], help="cancel a job")
+    cancel.add_argument("job_id")
+    cancel.add_argument("--reason", default="", help="why, recorded with the job")
+    cancel.set_defaults(func=cancel_job)
+
+    watch = commands.add_parser(
+        "watch", parents=[connection], help="print job changes as they happen (Ctrl-C stops)"
+    )
+    watch.add_argument("job_id", nargs="?", default="", help="one job (default: all yours)")
+    watch.add_argument("--project", default="", help="only this project's jobs")
+    watch.set_defaults(func=watch_jobs)
+
+
+def parse_millis(text: str) -> int:
+    """Convert ``--accelerators`` (``2`` or ``0.25``) to milli-accelerators."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise CommandError(f"--accelerators {text!r} is not a number", EXIT_USAGE) from None
+    millis = round(value * 1000)
+    if millis <= 0 or abs(millis - value * 1000) > 1e-6:
+        raise CommandError(
+            f"--accelerators {text!r}: use a positive whole number or thousandths of one",
+            EXIT_USAGE,
+        )
+    return millis
+
+
+def spec_from_args(args: argparse.Namespace) -> scheduler_pb2.JobSpec:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise CommandError(
+            "give the command after --, e.g. acsp jobs submit ... -- python train.py", EXIT_USAGE
+        )
+    environment: dict[str, str] = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CommandError(f"--env {item!r} is not KEY=VALUE", EXIT_USAGE)
+        environment[key] = value
+    return scheduler_pb2.JobSpec(
+        name=args.name or command[0],
+        project_id=args.project,
+        grant_id=args.grant,
+        task_count=args.tasks,
+        accelerator_millis_per_task=parse_millis(args.accelerators),
+        gang=not args.no_gang,
+        topology=TOPOLOGIES[args.topology] if args.topology else 0,  # type: ignore[arg-type]
+        accelerators=scheduler_pb2.AcceleratorConstraint(models=args.model),
+        allowed_regions=args.region,
+        priority_class=PRIORITIES[args.priority],  # type: ignore[arg-type]
+        wall_time_seconds=int(args.wall_time),
+        checkpointable=args.checkpointable,
+        command=command,
+        environment=environment,
+        array_size=args.array,
+    )
+
+
+def submit_job(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    request = scheduler_pb2.SubmitJobRequest(
+        request_id=args.request_id or uuid.uuid4().hex, spec=spec
+    )
+    with open_scheduler(args) as scheduler:
+        response = scheduler.SubmitJob(request)
+    if response.array_job_ids:
+        rows = [job_row_of(response.job)] + [
+            {"job": job_id, "name": spec.name, "state": "pending"}
+            for job_id in response.array_job_ids
+        ]
+        print_records(rows, LIST_COLUMNS, output_format=args.format, title="submitted array")
+    else:
+        print_records([job_row_of(response.job)], LIST_COLUMNS, output_format=args.format)
+    return EXIT_OK
+
+
+def list_jobs(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    token = ""
+    with open_scheduler(args) as scheduler:
+        while len(rows) < args.limit:
+            response = scheduler.ListJobs(
+                scheduler_pb2.ListJobsRequest(
+                    project_id=args.project,
+                    states=[STATES[s] for s in args.state],  # type: ignore[misc]
+                    array_job_id=args.array,
+                    page=common_pb2.PageRequest(
+                        page_size=min(1000, args.limit - len(rows)), page_token=token
+                    ),
+                )
+            )
+            rows.extend(job_row_of(job) for job in response.jobs)
+            token = response.page.next_page_token
+            if not token:
+                break
+    print_records(rows, LIST_COLUMNS, output_format=args.format, title="jobs, newest first")
+    return EXIT_OK
+
+
+def show_job(args: argparse.Namespace) -> int:
+    with open_scheduler(args) as scheduler:
+        job = scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id=args.job_id))
+    print_records(
+        rows_of(job_details(job)),
+        ("field", "value"),
+        output_format=args.format,
+        title=f"job {job.job_id}",
+    )
+    if job.placements:
+        print_records(
+            [placement_row(p) for p in job.placements],
+            ("task", "node", "accelerators", "state", "exit"),
+            output_format=args.format,
+            title="placement",
+        )
+    return EXIT_OK
+
+
+def cancel_job(args: argparse.Namespace) -> int:
+    with open_scheduler(args) as scheduler:
+        job = scheduler.CancelJob(
+            scheduler_pb2.CancelJobRequest(
+                request_id=uuid.uuid4().hex, job_id=args.job_id, reason=args.reason
+            )
+        )
+    print_records([job_row_of(job)], LIST_COLUMNS, output_format=args.format)
+    return EXIT_OK
+
+
+async def watch_jobs(args: argparse.Namespace) -> int:
+    """Print one line per job change until interrupted or the stream ends."""
+    request = scheduler_pb2.WatchJobsRequest(
+        job_id=args.job_id, project_id=args.project, send_initial=True
+    )
+    async with async_client_from_args(args) as client:
+        stream = client.scheduler.WatchJobs(request, timeout=WATCH_DEADLINE_S)
+        async for job in stream:
+            sys.stdout.write(watch_line(job) + "\n")
+            sys.stdout.flush()
+    return EXIT_OK
+
+
+def watch_line(job: scheduler_pb2.Job) -> str:
+    row = job_row_of(job)
+    tasks = job.placements
+    started = sum(1 for t in tasks if t.state in ("started", "exited"))
+    progress = f"{started}/{len(tasks)} tasks started" if tasks else ""
+    parts = [row["job"], row["state"], progress, row["reason"]]
+    return "  ".join(part for part in parts if part)
+
+
+def job_row_of(job: scheduler_pb2.Job) -> dict[str, Any]:
+    state = _name(scheduler_pb2.JobState, job.state, "JOB_STATE_")
+    reason = job.state_message
+    if job.state == scheduler_pb2.JOB_STATE_PENDING and job.pending_reason:
+        code = _name(scheduler_pb2.PendingReason, job.pending_reason, "PENDING_REASON_")
+        reason = f"{code}: {reason}" if reason else code
+    return {
+        "job": job.job_id,
+        "name": job.spec.name,
+        "state": state,
+        "reason": reason,
+        "tasks": job.spec.task_count,
+        "accelerators": _accelerators(job.spec.accelerator_millis_per_task),
+        "attempt": job.attempt,
+        "submitted": _time(job.submit_time),
+    }
+
+
+def job_details(job: scheduler_pb2.Job) -> list[tuple[str, Any]]:
+    row = job_row_of(job)
+    return [
+        ("job", job.job_id),
+        ("name", job.spec.name),
+        ("owner", job.owner_subject),
+        ("project", job.spec.project_id),
+        ("grant", job.grant_id),
+        ("state", row["state"]),
+        ("reason", row["reason"]),
+        ("attempt", job.attempt),
+        ("tasks", job.spec.task_count),
+        ("accelerators per task", row["accelerators"]),
+        ("wall time (s)", job.spec.wall_time_seconds),
+        ("command", shlex.join(job.spec.command)),
+        ("hold", job.hold_id),
+        ("submitted", _time(job.submit_time)),
+        ("started", _time(job.start_time)),
+        ("ended", _time(job.end_time)),
+        ("array", f"{job.array_job_id}[{job.array_index}]" if job.array_job_id else ""),
+    ]
+
+
+def placement_row(task: scheduler_pb2.TaskPlacement) -> dict[str, Any]:
+    return {
+        "task": task.task_index,
+        "node": f"{task.provider_id}/{task.region_id}/{task.node_id}",
+        "accelerators": ", ".join(a.accelerator_id for a in task.accelerators),
+        "state": task.state,
+        "exit": task.exit_code if task.state == "exited" else "",
+    }
+
+
+def _accelerators(millis: int) -> str:
+    if millis % 1000 == 0:
+        return str(millis // 1000)
+    return f"{millis / 1000:g}"
+
+
+def _name(enum: Any, number: int, prefix: str) -> str:
+    return str(enum.Name(number)).removeprefix(prefix).lower()
+
+
+def _time(stamp: timestamp_pb2.Timestamp) -> str:
+    if not stamp.seconds:
+        return ""
+    return stamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")

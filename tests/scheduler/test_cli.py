@@ -1,0 +1,94 @@
+"""The ``acsp jobs`` and ``acsp fleet`` commands: argument parsing and rendering."""
+
+from __future__ import annotations
+
+import pytest
+
+from acsp.cli._common import CommandError
+from acsp.cli.jobs import job_row_of, parse_millis, spec_from_args, watch_line
+from acsp.cli.main import build_parser
+from acsp.v1 import common_pb2, scheduler_pb2
+
+
+def parse(*argv: str) -> object:
+    return build_parser().parse_args(list(argv))
+
+
+def test_submit_arguments_become_spec() -> None:
+    args = parse(
+        "jobs",
+        "submit",
+        "--project",
+        "p1",
+        "--tasks",
+        "4",
+        "--accelerators",
+        "2",
+        "--priority",
+        "interactive",
+        "--topology",
+        "same-node",
+        "--env",
+        "A=1",
+        "--wall-time",
+        "90",
+        "--",
+        "python",
+        "train.py",
+        "--lr",
+        "3e-4",
+    )
+    spec = spec_from_args(args)  # type: ignore[arg-type]
+    assert spec.project_id == "p1"
+    assert spec.task_count == 4
+    assert spec.accelerator_millis_per_task == 2000
+    assert spec.priority_class == common_pb2.PRIORITY_CLASS_INTERACTIVE
+    assert spec.topology == scheduler_pb2.TOPOLOGY_SAME_NODE
+    assert list(spec.command) == ["python", "train.py", "--lr", "3e-4"]
+    assert dict(spec.environment) == {"A": "1"}
+    assert spec.wall_time_seconds == 90
+    assert spec.gang
+
+
+@pytest.mark.parametrize(("text", "millis"), [("1", 1000), ("0.25", 250), ("8", 8000)])
+def test_accelerators_option_in_millis(text: str, millis: int) -> None:
+    assert parse_millis(text) == millis
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "abc", "0.0001"])
+def test_accelerators_option_rejects_bad_values(text: str) -> None:
+    with pytest.raises(CommandError):
+        parse_millis(text)
+
+
+def test_submit_without_command_is_usage_error() -> None:
+    args = parse("jobs", "submit", "--project", "p1")
+    with pytest.raises(CommandError) as caught:
+        spec_from_args(args)  # type: ignore[arg-type]
+    assert caught.value.exit_code == 2
+
+
+def test_pending_row_shows_reason_code_and_message() -> None:
+    job = scheduler_pb2.Job(
+        job_id="j1",
+        state=scheduler_pb2.JOB_STATE_PENDING,
+        pending_reason=scheduler_pb2.PENDING_REASON_BUDGET,
+        state_message="the grant cannot pay the hold",
+        spec=scheduler_pb2.JobSpec(name="train", task_count=2, accelerator_millis_per_task=500),
+    )
+    row = job_row_of(job)
+    assert row["state"] == "pending"
+    assert row["reason"] == "budget: the grant cannot pay the hold"
+    assert row["accelerators"] == "0.5"
+
+
+def test_watch_line_counts_started_tasks() -> None:
+    job = scheduler_pb2.Job(
+        job_id="j1",
+        state=scheduler_pb2.JOB_STATE_STARTING,
+        placements=[
+            scheduler_pb2.TaskPlacement(task_index=0, state="started"),
+            scheduler_pb2.TaskPlacement(task_index=1, state="assigned"),
+        ],
+    )
+    assert watch_line(job) == "j1  starting  1/2 tasks started"
