@@ -83,9 +83,8 @@ class IngestCounters:
     last_commit_monotonic: float = field(default=0.0)
 
 
-async def declare_usage_stream(js: JetStreamContext, config: IngestConfig) -> None:
-    """Create the usage stream, or update it to this configuration when it exists."""
-    stream = StreamConfig(
+def usage_stream_config(config: IngestConfig) -> StreamConfig:
+    return StreamConfig(
         name=config.stream,
         subjects=list(config.subjects),
         retention=RetentionPolicy.LIMITS,
@@ -95,6 +94,11 @@ async def declare_usage_stream(js: JetStreamContext, config: IngestConfig) -> No
         # primary key in PostgreSQL.
         duplicate_window=120.0,
     )
+
+
+async def declare_usage_stream(js: JetStreamContext, config: IngestConfig) -> None:
+    """Create the usage stream, or update it to this configuration when it exists."""
+    stream = usage_stream_config(config)
     try:
         await js.stream_info(config.stream)
     except NotFoundError:
@@ -133,6 +137,10 @@ class UsageIngest:
         self._known_models = known_models
         self._node_owners: dict[str, str] = {}
         self.counters = IngestCounters()
+
+    @property
+    def config(self) -> IngestConfig:
+        return self._config
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run the workers until ``stop`` is set; each finishes its batch before returning."""

@@ -10,6 +10,7 @@ from datetime import datetime
 import asyncpg
 from nats.js.kv import KeyValue
 
+from services.metering.convert import rate_card_out
 from services.metering.ratecard import (
     AcceleratorModel,
     RateCard,
@@ -65,8 +66,8 @@ async def publish_version(
 
 
 async def put_in_bucket(kv: KeyValue, card: RateCard) -> None:
-    """Put a version under ``v<version>`` and, as the newest, under ``current``."""
-    body = card.to_json().encode()
+    """Put a version, as a serialized ``acsp.v1.RateCard``, under ``v<version>`` and ``current``."""
+    body = rate_card_out(card).SerializeToString()
     await kv.put(f"v{card.version}", body)
     await kv.put("current", body)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.metering.charger import ChargerConfig
 from services.metering.ingest import IngestConfig
@@ -37,11 +38,30 @@ class MeteringSettings(Settings):
     grant_address: str = setting(
         "ACSP_GRANT_ADDRESS", "127.0.0.1:50051", "host:port of the grant service"
     )
+    service_token_file: Path | None = setting(
+        "ACSP_METERING_SERVICE_TOKEN_FILE",
+        None,
+        "file holding the bearer token this service presents to the grant service",
+        existing_file=True,
+    )
     max_refund_s: float = setting(
         "ACSP_METERING_MAX_REFUND_S",
         21_600.0,
         "most lost time refunded for one fault, seconds",
         minimum=0.0,
+    )
+
+    waste_threshold: float = setting(
+        "ACSP_METERING_WASTE_THRESHOLD",
+        0.1,
+        "utilization (0..1) below which a job's accelerators count as idle",
+        minimum=0.0,
+    )
+    waste_sustained_s: float = setting(
+        "ACSP_METERING_WASTE_SUSTAINED_S",
+        1800.0,
+        "seconds of continuous idle use after which a job is flagged as waste",
+        minimum=1.0,
     )
 
     def ingest_config(self) -> IngestConfig:

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import nats
 
@@ -20,7 +21,7 @@ MESSAGES = 100
 PER_MESSAGE = 100
 
 
-async def _start(database_url: str, nats_url: str) -> asyncio.subprocess.Process:
+async def _start(database_url: str, nats_url: str, data_dir: Path) -> asyncio.subprocess.Process:
     env = dict(os.environ)
     env.update(
         ACSP_DATABASE_URL=database_url,
@@ -30,6 +31,8 @@ async def _start(database_url: str, nats_url: str) -> asyncio.subprocess.Process
         ACSP_METERING_INGEST_WORKERS="1",
         ACSP_METERING_ACK_WAIT_S="2",
         ACSP_LOG_LEVEL="WARNING",
+        ACSP_GRPC_LISTEN="127.0.0.1:0",
+        ACSP_DATA_DIR=str(data_dir),
     )
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.metering", env=env, stdout=asyncio.subprocess.DEVNULL
@@ -37,7 +40,7 @@ async def _start(database_url: str, nats_url: str) -> asyncio.subprocess.Process
 
 
 async def test_killed_process_restarts_without_loss_or_double(
-    database_url: str, nats_url: str, db: Database
+    database_url: str, nats_url: str, db: Database, tmp_path: Path
 ) -> None:
     client = await nats.connect(nats_url)
     try:
@@ -54,7 +57,7 @@ async def test_killed_process_restarts_without_loss_or_double(
         await client.close()
 
     total = MESSAGES * PER_MESSAGE
-    first = await _start(database_url, nats_url)
+    first = await _start(database_url, nats_url, tmp_path)
     try:
         await wait_until(_rows_above(db, 0), timeout_s=30)
     finally:
@@ -63,7 +66,7 @@ async def test_killed_process_restarts_without_loss_or_double(
     at_kill = await count(db, "SELECT count(*) FROM metering.usage_samples")
     assert 0 < at_kill < total
 
-    second = await _start(database_url, nats_url)
+    second = await _start(database_url, nats_url, tmp_path)
     try:
         await wait_until(_rows_above(db, total - 1), timeout_s=60)
     finally:

@@ -1,0 +1,144 @@
+"""Conversions between metering's values and the protobuf messages at its edges."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Final
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from acsp.v1 import common_pb2, metering_pb2
+from services.metering.ratecard import (
+    AcceleratorModel,
+    RateCard,
+    Vendor,
+)
+from services.runtime.errors import InvalidArgument
+
+DERIVATION: Final = (
+    "peak dense TFLOP/s at the reference precision / 86,400,000 per accelerator-second, "
+    "rounded half-even to 1e-18 PF-day; per hour exactly 3600 times that"
+)
+DEFAULT_PAGE_SIZE: Final = 100
+MAX_PAGE_SIZE: Final = 1000
+
+_VENDOR_OUT: Final = {
+    Vendor.NVIDIA: common_pb2.VENDOR_NVIDIA,
+    Vendor.AMD: common_pb2.VENDOR_AMD,
+    Vendor.HUAWEI: common_pb2.VENDOR_HUAWEI,
+    Vendor.CAMBRICON: common_pb2.VENDOR_CAMBRICON,
+    Vendor.OTHER: common_pb2.VENDOR_OTHER,
+}
+_VENDOR_IN: Final = {number: vendor for vendor, number in _VENDOR_OUT.items()}
+
+
+def decimal_out(value: Decimal) -> common_pb2.Decimal:
+    return common_pb2.Decimal(value=str(value))
+
+
+def decimal_in(field: str, message: common_pb2.Decimal) -> Decimal:
+    try:
+        value = Decimal(message.value)
+    except InvalidOperation:
+        raise InvalidArgument(
+            field, f"{message.value!r} is not a decimal number", "give digits such as '312.5'"
+        ) from None
+    if not value.is_finite():
+        raise InvalidArgument(field, f"{message.value!r} is not finite", "give a finite number")
+    return value
+
+
+def time_out(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def window_in(field: str, window: common_pb2.TimeWindow) -> tuple[datetime, datetime]:
+    if not window.HasField("start_time") or not window.HasField("end_time"):
+        raise InvalidArgument(field, "is missing its start or end", "give both start and end")
+    start = window.start_time.ToDatetime(tzinfo=UTC)
+    end = window.end_time.ToDatetime(tzinfo=UTC)
+    if end <= start:
+        raise InvalidArgument(field, "ends before it starts", "give an end after the start")
+    return start, end
+
+
+def page_in(page: common_pb2.PageRequest) -> tuple[int, str]:
+    size = page.page_size or DEFAULT_PAGE_SIZE
+    if size > MAX_PAGE_SIZE:
+        raise InvalidArgument(
+            "page.page_size", f"{size} is above {MAX_PAGE_SIZE}", f"ask for at most {MAX_PAGE_SIZE}"
+        )
+    return size, page.page_token
+
+
+def page_out(last_key: str | None, count: int, limit: int) -> common_pb2.PageResponse:
+    """Return the next-page token: the last key of a full page, else empty."""
+    token = last_key if last_key is not None and count == limit else ""
+    return common_pb2.PageResponse(next_page_token=token)
+
+
+def rate_card_out(card: RateCard) -> metering_pb2.RateCard:
+    return metering_pb2.RateCard(
+        version=card.version,
+        effective_time=time_out(card.effective_from),
+        derivation=DERIVATION,
+        rates=[
+            metering_pb2.Rate(
+                model=common_pb2.AcceleratorModel(
+                    name=model.name,
+                    vendor=_VENDOR_OUT[model.vendor],
+                    memory_gib=model.memory_gib,
+                    peak_dense_tflops=decimal_out(model.peak_dense_tflops),
+                    reference_precision=model.reference_precision,
+                    software_stacks=list(model.software_stacks),
+                    source=model.source,
+                ),
+                pf_days_per_accelerator_second=decimal_out(card.rate_per_second(model.name)),
+                pf_days_per_accelerator_hour=decimal_out(card.rate_per_hour(model.name)),
+            )
+            for model in card.models.values()
+        ],
+    )
+
+
+def models_in(message: metering_pb2.RateCard) -> list[AcceleratorModel]:
+    """Validate the catalog of a rate card to publish; rates are derived, never taken."""
+    if not message.rates:
+        raise InvalidArgument("rate_card.rates", "is empty", "give at least one model")
+    models = []
+    seen: set[str] = set()
+    for index, rate in enumerate(message.rates):
+        field = f"rate_card.rates[{index}].model"
+        model = rate.model
+        if not model.name or model.name in seen:
+            raise InvalidArgument(
+                f"{field}.name", f"{model.name!r} is empty or repeated", "name each model once"
+            )
+        seen.add(model.name)
+        vendor = _VENDOR_IN.get(model.vendor)
+        if vendor is None:
+            raise InvalidArgument(f"{field}.vendor", "is not set", "set the model's vendor")
+        peak = decimal_in(f"{field}.peak_dense_tflops", model.peak_dense_tflops)
+        if peak <= 0:
+            raise InvalidArgument(
+                f"{field}.peak_dense_tflops", f"{peak} is not positive", "give TFLOP/s above 0"
+            )
+        if not model.source:
+            raise InvalidArgument(
+                f"{field}.source", "is missing", "name the datasheet the peak figure comes from"
+            )
+        models.append(
+            AcceleratorModel(
+                name=model.name,
+                vendor=vendor,
+                memory_gib=model.memory_gib,
+                peak_dense_tflops=peak,
+                reference_precision=model.reference_precision or "bf16-tensor",
+                software_stacks=tuple(model.software_stacks),
+                source=model.source,
+            )
+        )
+    return models

@@ -1,0 +1,88 @@
+"""Assemble the metering service on the shared runtime: servicer, ingest, charger, consumers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import grpc
+from nats.js.api import KeyValueConfig
+
+from acsp import subjects
+from acsp.v1 import metering_pb2, metering_pb2_grpc
+from services.metering.charger import Charger
+from services.metering.events import FactConsumers, run_when_stream_exists
+from services.metering.ingest import UsageIngest, usage_stream_config
+from services.metering.ledger import GrpcLedger
+from services.metering.ratecard_store import RateCardCache
+from services.metering.servicer import MeteringApp, MeteringServicer
+from services.metering.settings import MeteringSettings
+from services.runtime.auth import Role, load_signing_key, mint_token
+from services.runtime.channel import service_channel
+from services.runtime.server import Runtime, Service
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "metering"
+
+
+def build_service(settings: MeteringSettings) -> Service:
+    """Return the metering service, ready to :meth:`~services.runtime.server.Service.run`."""
+    app = MeteringApp(settings)
+    ingest_config = settings.ingest_config()
+
+    def register(server: grpc.aio.Server, runtime: Runtime) -> Iterable[str]:
+        metering_pb2_grpc.add_MeteringServiceServicer_to_server(MeteringServicer(app), server)
+        return [metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name]
+
+    async def start(runtime: Runtime) -> None:
+        assert runtime.db is not None and runtime.js is not None
+        app.db = runtime.db
+        app.js = runtime.js
+        cache = RateCardCache(runtime.db)
+        await cache.load()
+        app.cache = cache
+        channel = service_channel(settings, settings.grant_address, token=_service_token(settings))
+        ledger = GrpcLedger(channel)
+        ingest = UsageIngest(
+            runtime.js, runtime.db, ingest_config, lambda: cache.history().current.rates
+        )
+        app.ingest = ingest
+        charger = Charger(runtime.db, ledger, cache.history, settings.charger_config())
+        kv = await runtime.js.key_value(subjects.RATE_CARD_BUCKET)
+        runtime.spawn(cache.run(runtime.stopping, kv), name="rate-card")
+        runtime.spawn(ingest.run(runtime.stopping), name="usage-ingest")
+        runtime.spawn(charger.run(runtime.stopping), name="charger")
+        facts = FactConsumers(runtime.db, ledger)
+        for consumer in facts.consumers(runtime.js):
+            runtime.spawn(
+                run_when_stream_exists(runtime.js, consumer, runtime.stopping),
+                name=consumer.durable,
+            )
+
+    return Service(
+        "metering",
+        settings,
+        register,
+        schema=SCHEMA,
+        migrations="services.metering.migrations",
+        needs_nats=True,
+        streams=[usage_stream_config(ingest_config)],
+        buckets=[KeyValueConfig(bucket=subjects.RATE_CARD_BUCKET, history=16)],
+        on_start=[start],
+    )
+
+
+def _service_token(settings: MeteringSettings) -> str | None:
+    """Return the bearer token for the grant service, or None when mutual TLS identifies us."""
+    if settings.service_token_file is not None:
+        return settings.service_token_file.read_text().strip()
+    key_path = settings.data_dir / "token" / "signing.key"
+    if key_path.is_file():
+        return mint_token(load_signing_key(key_path), "metering", [Role.SERVICE])
+    if not settings.tls_enabled:
+        logger.warning(
+            "no ACSP_METERING_SERVICE_TOKEN_FILE, signing key or TLS identity: "
+            "the grant service will reject charges as unauthenticated"
+        )
+    return None

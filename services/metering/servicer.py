@@ -1,0 +1,401 @@
+"""The MeteringService gRPC handlers: protobuf in, metering's values inside, protobuf out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import grpc
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError as JetStreamNotFound
+
+from acsp.subjects import RATE_CARD_BUCKET
+from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
+from services.metering import convert
+from services.metering.efficiency import job_efficiency, model_report
+from services.metering.ingest import UsageIngest
+from services.metering.queries import Grouping, UsageFilter, query_usage
+from services.metering.ratecard_store import RateCardCache, publish_version, put_in_bucket
+from services.metering.samples import micros_to_seconds
+from services.metering.settings import MeteringSettings
+from services.metering.settlement import Settlement, build_settlement, settlement_csv
+from services.runtime.auth import Role, current_principal, require_roles
+from services.runtime.db import Database
+from services.runtime.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
+
+_GROUPINGS = {
+    metering_pb2.USAGE_GROUPING_UNSPECIFIED: Grouping.GRANT,
+    metering_pb2.USAGE_GROUPING_GRANT: Grouping.GRANT,
+    metering_pb2.USAGE_GROUPING_PROJECT: Grouping.PROJECT,
+    metering_pb2.USAGE_GROUPING_INSTITUTION: Grouping.INSTITUTION,
+    metering_pb2.USAGE_GROUPING_PROVIDER: Grouping.PROVIDER,
+    metering_pb2.USAGE_GROUPING_REGION: Grouping.REGION,
+    metering_pb2.USAGE_GROUPING_MODEL: Grouping.MODEL,
+}
+
+
+@dataclass
+class MeteringApp:
+    """What the handlers share; filled in by the service's start hook."""
+
+    settings: MeteringSettings
+    cache: RateCardCache | None = None
+    db: Database | None = None
+    js: JetStreamContext | None = None
+    ingest: UsageIngest | None = None
+
+    def database(self) -> Database:
+        if self.db is None:
+            raise Unavailable("the metering service is still starting; retry")
+        return self.db
+
+    def rate_cards(self) -> RateCardCache:
+        if self.cache is None:
+            raise Unavailable("the metering service is still starting; retry")
+        return self.cache
+
+
+def _check_provider_access(provider: str) -> None:
+    """Let the program office and services see any settlement, an operator only their own."""
+    principal = current_principal()
+    if principal.has_any((Role.PROGRAM_OFFICE, Role.SERVICE)):
+        return
+    if Role.PROVIDER_OPERATOR in principal.roles and principal.provider == provider:
+        return
+    raise PermissionDenied(
+        f"{principal.subject!r} may not see provider {provider!r}'s settlement: it needs the "
+        "program office role or an operator token for that provider"
+    )
+
+
+class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
+    def __init__(self, app: MeteringApp) -> None:
+        self._app = app
+
+    async def GetRateCard(
+        self, request: metering_pb2.GetRateCardRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.RateCard:
+        current_principal()
+        history = self._app.rate_cards().history()
+        if request.version == 0:
+            return convert.rate_card_out(history.current)
+        try:
+            return convert.rate_card_out(history.get(request.version))
+        except LookupError:
+            raise NotFound("rate card version", str(request.version)) from None
+
+    async def ListRateCards(
+        self, request: metering_pb2.ListRateCardsRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.ListRateCardsResponse:
+        current_principal()
+        limit, token = convert.page_in(request.page)
+        after = int(token) if token.isdigit() else 0
+        cards = [c for c in self._app.rate_cards().history().versions if c.version > after]
+        page = cards[:limit]
+        last = str(page[-1].version) if page else None
+        return metering_pb2.ListRateCardsResponse(
+            rate_cards=[convert.rate_card_out(card) for card in page],
+            page=convert.page_out(last, len(page), limit),
+        )
+
+    async def PublishRateCard(
+        self, request: metering_pb2.PublishRateCardRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.RateCard:
+        principal = require_roles(Role.PROGRAM_OFFICE)
+        if not request.request_id:
+            raise InvalidArgument("request_id", "is missing", "give an idempotency key")
+        models = convert.models_in(request.rate_card)
+        effective = (
+            request.rate_card.effective_time.ToDatetime(tzinfo=UTC)
+            if request.rate_card.HasField("effective_time")
+            else datetime.now(UTC)
+        )
+        cause = f"rpc:PublishRateCard:{request.request_id} by {principal.subject}"
+        cache = self._app.rate_cards()
+        async with self._app.database().acquire() as conn:
+            existing = await conn.fetchval(
+                "SELECT version FROM metering.rate_cards WHERE cause = $1", cause
+            )
+            if existing is None:
+                card = await publish_version(conn, models, effective, cause)
+            else:
+                card = (await cache.load()).get(existing)
+        history = await cache.load()
+        if self._app.js is not None:
+            await put_in_bucket(await self._app.js.key_value(RATE_CARD_BUCKET), history.current)
+        return convert.rate_card_out(card)
+
+    async def ListCharges(
+        self, request: metering_pb2.ListChargesRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.ListChargesResponse:
+        current_principal()
+        limit, token = convert.page_in(request.page)
+        after = int(token) if token.isdigit() else 0
+        async with self._app.database().acquire() as conn:
+            rows = await conn.fetch(
+                """
+                SELECT c.*, j.grant_id,
+                       (SELECT coalesce(sum(sample_count), 0) FROM metering.usage_periods u
+                        WHERE u.job_id = c.job_id AND u.attempt = c.attempt
+                          AND u.period_start = c.period_start) AS samples
+                FROM metering.charges c
+                JOIN metering.jobs j ON j.job_id = c.job_id AND j.attempt = c.attempt
+                WHERE c.charge_id > $1 AND ($2 = '' OR c.job_id = $2)
+                  AND ($3 = '' OR j.grant_id = $3)
+                ORDER BY c.charge_id LIMIT $4
+                """,
+                after,
+                request.job_id,
+                request.grant_id,
+                limit,
+            )
+        period = self._app.settings.period_s
+        charges = [
+            metering_pb2.Charge(
+                charge_id=row["request_id"],
+                job_id=row["job_id"],
+                hold_id=row["hold_id"],
+                grant_id=row["grant_id"],
+                period_start_time=convert.time_out(row["period_start"]),
+                period_end_time=convert.time_out(
+                    datetime.fromtimestamp(row["period_start"].timestamp() + period, UTC)
+                ),
+                accelerator_seconds=convert.decimal_out(row["accelerator_seconds"]),
+                amount_pf_days=convert.decimal_out(row["amount"]),
+                rate_card_version=row["rate_card_version"],
+                sample_count=int(row["samples"]),
+                committed=row["state"] == "committed",
+            )
+            for row in rows
+        ]
+        last = str(rows[-1]["charge_id"]) if rows else None
+        return metering_pb2.ListChargesResponse(
+            charges=charges, page=convert.page_out(last, len(rows), limit)
+        )
+
+    async def ListRefunds(
+        self, request: metering_pb2.ListRefundsRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.ListRefundsResponse:
+        if request.provider_id:
+            _check_provider_access(request.provider_id)
+        else:
+            current_principal()
+        limit, token = convert.page_in(request.page)
+        async with self._app.database().acquire() as conn:
+            rows = await conn.fetch(
+                """
+                SELECT r.*, (SELECT min(provider) FROM metering.refund_lines l
+                             WHERE l.job_id = r.job_id AND l.attempt = r.attempt) AS provider
+                FROM metering.refunds r
+                WHERE r.request_id > $1 AND ($2 = '' OR r.job_id = $2)
+                  AND ($3 = '' OR EXISTS (SELECT 1 FROM metering.refund_lines l
+                       WHERE l.job_id = r.job_id AND l.attempt = r.attempt AND l.provider = $3))
+                ORDER BY r.request_id LIMIT $4
+                """,
+                token,
+                request.job_id,
+                request.provider_id,
+                limit,
+            )
+        refunds = [
+            metering_pb2.RefundRecord(
+                refund_id=row["request_id"],
+                job_id=row["job_id"],
+                hold_id=row["hold_id"],
+                provider_id=row["provider"] or "",
+                amount_pf_days=convert.decimal_out(row["amount"]),
+                lost_seconds=(row["lost_until"] - row["lost_from"]).total_seconds(),
+                reason=row["reason"],
+                create_time=convert.time_out(row["created_at"]),
+            )
+            for row in rows
+        ]
+        last = rows[-1]["request_id"] if rows else None
+        return metering_pb2.ListRefundsResponse(
+            refunds=refunds, page=convert.page_out(last, len(rows), limit)
+        )
+
+    async def QueryUsage(
+        self, request: metering_pb2.QueryUsageRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.QueryUsageResponse:
+        current_principal()
+        grouping = _GROUPINGS.get(request.grouping)
+        if grouping is None:
+            raise InvalidArgument("grouping", f"{request.grouping} is unknown", "pick a grouping")
+        start, end = convert.window_in("range", request.range)
+        limit, token = convert.page_in(request.page)
+        filters = UsageFilter(
+            request.grant_id, request.project_id, request.institution_id, request.provider_id
+        )
+        async with self._app.database().acquire() as conn:
+            rows = await query_usage(conn, grouping, start, end, filters, after=token, limit=limit)
+        return metering_pb2.QueryUsageResponse(
+            rows=[
+                metering_pb2.UsageRow(
+                    key=row.key,
+                    accelerator_hours=convert.decimal_out(row.accelerator_hours),
+                    charged_pf_days=convert.decimal_out(row.charged_pf_days),
+                    refunded_pf_days=convert.decimal_out(row.refunded_pf_days),
+                    mean_utilization=row.mean_utilization,
+                    sample_count=row.sample_count,
+                )
+                for row in rows
+            ],
+            page=convert.page_out(rows[-1].key if rows else None, len(rows), limit),
+        )
+
+    async def _settlement(self, provider: str, window: common_pb2.TimeWindow) -> Settlement:
+        if not provider:
+            raise InvalidArgument("provider_id", "is missing", "name the provider")
+        _check_provider_access(provider)
+        start, end = convert.window_in("period", window)
+        async with self._app.database().acquire() as conn:
+            return await build_settlement(conn, provider, start, end)
+
+    async def GetSettlement(
+        self, request: metering_pb2.GetSettlementRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.Settlement:
+        settlement = await self._settlement(request.provider_id, request.period)
+        return metering_pb2.Settlement(
+            provider_id=settlement.provider,
+            period=common_pb2.TimeWindow(
+                start_time=convert.time_out(settlement.period_start),
+                end_time=convert.time_out(settlement.period_end),
+            ),
+            lines=[
+                metering_pb2.SettlementLine(
+                    region_id=line.region,
+                    model=line.accelerator_model,
+                    accelerator_hours=convert.decimal_out(line.accelerator_hours),
+                    pf_days=convert.decimal_out(line.pf_days),
+                    pledged_accelerator_hours=convert.decimal_out(line.pledged_accelerator_hours),
+                    recalled_accelerator_hours=convert.decimal_out(line.recalled_accelerator_hours),
+                )
+                for line in settlement.lines
+            ],
+            delivered_pf_days=convert.decimal_out(settlement.delivered_pf_days),
+            refunded_pf_days=convert.decimal_out(settlement.refunded_pf_days),
+            net_pf_days=convert.decimal_out(settlement.net_pf_days),
+            pledge_kept=settlement.pledge_kept,
+            recall_count=settlement.recall_count,
+        )
+
+    async def ExportSettlement(
+        self, request: metering_pb2.ExportSettlementRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.ExportSettlementResponse:
+        settlement = await self._settlement(request.provider_id, request.period)
+        return metering_pb2.ExportSettlementResponse(csv=settlement_csv(settlement))
+
+    async def ListJobEfficiency(
+        self, request: metering_pb2.ListJobEfficiencyRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.ListJobEfficiencyResponse:
+        current_principal()
+        limit, token = convert.page_in(request.page)
+        after: tuple[str, int] | None = None
+        if token:
+            job_id, _, attempt = token.rpartition("/")
+            if not job_id or not attempt.isdigit():
+                raise InvalidArgument("page.page_token", "is malformed", "pass a token as given")
+            after = (job_id, int(attempt))
+        settings = self._app.settings
+        async with self._app.database().acquire() as conn:
+            rows = await job_efficiency(
+                conn,
+                project_id=request.project_id,
+                after=after,
+                limit=limit,
+                threshold=settings.waste_threshold,
+                sustained_s=settings.waste_sustained_s,
+            )
+        shown = [row for row in rows if row.flagged_waste or not request.flagged_only]
+        last = f"{rows[-1].job_id}/{rows[-1].attempt}" if rows else None
+        return metering_pb2.ListJobEfficiencyResponse(
+            jobs=[
+                metering_pb2.JobEfficiency(
+                    job_id=row.job_id,
+                    project_id=row.project_id,
+                    mean_utilization=row.mean_utilization,
+                    median_utilization=row.median_utilization,
+                    flagged_waste=row.flagged_waste,
+                    low_utilization_seconds=row.low_utilization_seconds,
+                    accelerator_hours=convert.decimal_out(
+                        row.accelerator_hours.quantize(Decimal("1e-12"))
+                    ),
+                )
+                for row in shown
+            ],
+            page=convert.page_out(last, len(rows), limit),
+        )
+
+    async def GetModelReport(
+        self, request: metering_pb2.GetModelReportRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.GetModelReportResponse:
+        current_principal()
+        start, end = convert.window_in("range", request.range)
+        async with self._app.database().acquire() as conn:
+            reports = await model_report(conn, start, end)
+        return metering_pb2.GetModelReportResponse(
+            models=[
+                metering_pb2.ModelReport(
+                    model=report.accelerator_model,
+                    accelerator_hours=convert.decimal_out(
+                        report.accelerator_hours.quantize(Decimal("1e-12"))
+                    ),
+                    fatal_events=report.fatal_events,
+                    failures_per_thousand_hours=report.failures_per_thousand_hours,
+                    mean_utilization=report.mean_utilization,
+                )
+                for report in reports
+            ]
+        )
+
+    async def GetIngestStatus(
+        self, request: metering_pb2.GetIngestStatusRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.GetIngestStatusResponse:
+        current_principal()
+        history = self._app.rate_cards().history()
+        async with self._app.database().acquire() as conn:
+            counts = await conn.fetchrow(
+                """
+                SELECT (SELECT coalesce(sum(sample_count), 0) FROM metering.usage_periods)
+                           AS samples,
+                       (SELECT count(*) FROM metering.dead_letters) AS dead,
+                       (SELECT count(*) FROM metering.charges WHERE state <> 'committed')
+                           AS uncommitted,
+                       (SELECT coalesce(sum(accelerator_micros), 0) FROM metering.usage_periods)
+                           AS micros,
+                       (SELECT coalesce(sum(amount), 0) FROM metering.charges) AS charged
+                """
+            )
+            priced_rows = await conn.fetch(
+                """
+                SELECT c.rate_card_version, l.accelerator_model,
+                       sum(l.accelerator_seconds) AS seconds
+                FROM metering.charge_lines l JOIN metering.charges c USING (charge_id)
+                GROUP BY 1, 2
+                """
+            )
+        assert counts is not None
+        priced = Decimal(0)
+        for row in priced_rows:
+            card = history.get(row["rate_card_version"])
+            priced += card.charge(row["accelerator_model"], row["seconds"])
+        pending = 0
+        ingest = self._app.ingest
+        if self._app.js is not None and ingest is not None:
+            try:
+                info = await self._app.js.consumer_info(ingest.config.stream, ingest.config.durable)
+                pending = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+            except JetStreamNotFound:
+                pending = 0
+        return metering_pb2.GetIngestStatusResponse(
+            samples_ingested=int(counts["samples"]),
+            duplicates_ignored=ingest.counters.duplicates if ingest is not None else 0,
+            dead_lettered=int(counts["dead"]),
+            pending_messages=pending,
+            uncommitted_charges=int(counts["uncommitted"]),
+            accelerator_seconds=convert.decimal_out(micros_to_seconds(int(counts["micros"]))),
+            charged_pf_days=convert.decimal_out(counts["charged"]),
+            priced_usage_pf_days=convert.decimal_out(priced),
+        )
