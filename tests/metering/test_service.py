@@ -1,0 +1,174 @@
+"""MeteringService over gRPC: rate cards, settlements, usage queries and ingest status."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from acsp.subjects import usage_subject
+from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
+from services.metering.ratecard import default_rate_card
+from services.metering.service import build_service
+from services.metering.settings import MeteringSettings
+from services.runtime.auth import Role, generate_signing_key, load_signing_key, mint_token
+from services.runtime.channel import open_channel
+from services.runtime.db import Database
+from services.runtime.server import Service
+from tests.metering.conftest import free_port
+from tests.metering.helpers import (
+    T0,
+    Clock,
+    LedgerDouble,
+    admit,
+    drain,
+    make_charger,
+    report,
+    wait_until,
+)
+from tests.metering.helpers import sample as usage_sample
+
+CARD = default_rate_card()
+
+
+class Client:
+    def __init__(self, channel: grpc.aio.Channel, key_path: Path) -> None:
+        self.stub = metering_pb2_grpc.MeteringServiceStub(channel)
+        self._key = load_signing_key(key_path)
+
+    def metadata(self, *roles: Role, provider: str | None = None) -> list[tuple[str, str]]:
+        token = mint_token(self._key, "tester", list(roles), provider=provider)
+        return [("authorization", f"Bearer {token}")]
+
+
+@pytest.fixture
+async def running(
+    database_url: str, nats_url: str, tmp_path: Path, db: Database
+) -> AsyncIterator[tuple[Service, Client]]:
+    private, public = generate_signing_key(tmp_path)
+    env = {
+        "ACSP_DATABASE_URL": database_url,
+        "ACSP_NATS_URL": nats_url,
+        "ACSP_GRPC_LISTEN": "127.0.0.1:0",
+        "ACSP_TOKEN_PUBLIC_KEY": str(public),
+        "ACSP_DATA_DIR": str(tmp_path),
+        "ACSP_METERING_LATENESS_S": "3600",
+        # Nothing listens there: the service's own charger leaves charges pending, and the
+        # test commits them through its ledger double.
+        "ACSP_GRANT_ADDRESS": f"127.0.0.1:{free_port()}",
+    }
+    service = build_service(MeteringSettings.from_env(env))
+    task = asyncio.create_task(service.run())
+    ready = asyncio.create_task(service.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        ready.cancel()
+        task.result()
+    channel = open_channel(service.address)
+    try:
+        yield service, Client(channel, private)
+    finally:
+        await channel.close()
+        service.stop(grace_s=1.0)
+        await asyncio.wait_for(task, 30)
+
+
+def _window(hours: int) -> common_pb2.TimeWindow:
+    start, end = Timestamp(), Timestamp()
+    start.FromDatetime(T0)
+    end.FromDatetime(T0 + timedelta(hours=hours))
+    return common_pb2.TimeWindow(start_time=start, end_time=end)
+
+
+async def test_rate_card_lists_every_trace_model(running: tuple[Service, Client]) -> None:
+    _, client = running
+    card = await client.stub.GetRateCard(
+        metering_pb2.GetRateCardRequest(), metadata=client.metadata(Role.RESEARCHER)
+    )
+    names = {rate.model.name for rate in card.rates}
+    trace_models = {"G2", "T4", "P100", "V100M16", "V100M32", "G3", "A10"}
+    trace_models |= {"A100-SXM4-80GB", "A800-SXM4-80GB", "H800", "GPU-series-1", "GPU-series-2"}
+    assert trace_models <= names
+    for rate in card.rates:
+        per_second = Decimal(rate.pf_days_per_accelerator_second.value)
+        assert Decimal(rate.pf_days_per_accelerator_hour.value) == per_second * 3600
+
+
+async def test_publish_rate_card_needs_program_office(running: tuple[Service, Client]) -> None:
+    _, client = running
+    current = await client.stub.GetRateCard(
+        metering_pb2.GetRateCardRequest(), metadata=client.metadata(Role.RESEARCHER)
+    )
+    request = metering_pb2.PublishRateCardRequest(request_id="rc-2", rate_card=current)
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await client.stub.PublishRateCard(request, metadata=client.metadata(Role.PI))
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    office = client.metadata(Role.PROGRAM_OFFICE)
+    published = await client.stub.PublishRateCard(request, metadata=office)
+    again = await client.stub.PublishRateCard(request, metadata=office)
+    assert published.version == 2
+    assert again.version == 2
+
+
+async def test_settlement_and_usage_over_grpc(
+    running: tuple[Service, Client], db: Database, ledger: LedgerDouble
+) -> None:
+    service, client = running
+    assert service.runtime is not None and service.runtime.js is not None
+    items = [usage_sample(f"node-1/{i}", "job-s", T0 + timedelta(minutes=i)) for i in range(60)]
+    await service.runtime.js.publish(usage_subject("prov-a", "r1", "node-1"), report(items))
+
+    async def stored() -> bool:
+        async with db.acquire() as conn:
+            return bool(await conn.fetchval("SELECT count(*) = 60 FROM metering.usage_samples"))
+
+    await wait_until(stored)
+    await admit(db, "job-s", ended_at=T0 + timedelta(hours=1), end_reason="completed")
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=2))))
+    expected = 3600 * CARD.rate_per_second("A100-SXM4-80GB")
+
+    operator = client.metadata(Role.PROVIDER_OPERATOR, provider="prov-a")
+    settlement = await client.stub.GetSettlement(
+        metering_pb2.GetSettlementRequest(provider_id="prov-a", period=_window(24)),
+        metadata=operator,
+    )
+    assert Decimal(settlement.delivered_pf_days.value) == expected
+    assert Decimal(settlement.lines[0].accelerator_hours.value) == 1
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await client.stub.GetSettlement(
+            metering_pb2.GetSettlementRequest(provider_id="prov-b", period=_window(24)),
+            metadata=operator,
+        )
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    usage = await client.stub.QueryUsage(
+        metering_pb2.QueryUsageRequest(
+            grouping=metering_pb2.USAGE_GROUPING_MODEL, range=_window(24)
+        ),
+        metadata=client.metadata(Role.PROGRAM_OFFICE),
+    )
+    assert [row.key for row in usage.rows] == ["A100-SXM4-80GB"]
+    assert Decimal(usage.rows[0].charged_pf_days.value) == expected
+    assert usage.rows[0].sample_count == 60
+
+    status = await client.stub.GetIngestStatus(
+        metering_pb2.GetIngestStatusRequest(), metadata=client.metadata(Role.PROGRAM_OFFICE)
+    )
+    assert status.samples_ingested == 60
+    assert status.charged_pf_days.value == status.priced_usage_pf_days.value
+
+    missing = functools.partial(
+        client.stub.QueryUsage,
+        metering_pb2.QueryUsageRequest(grouping=metering_pb2.USAGE_GROUPING_MODEL),
+        metadata=client.metadata(Role.PROGRAM_OFFICE),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await missing()
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
