@@ -1,0 +1,371 @@
+"""``acsp usage`` and ``acsp settlement``: metered usage, charges, refunds, efficiency, rates and
+provider settlements. Every listing prints as a table, CSV or JSON lines (``--format``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from acsp.cli._common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    connection_options,
+    output_options,
+    print_records,
+    rows_of,
+)
+from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
+
+GROUPINGS = {
+    "grant": metering_pb2.USAGE_GROUPING_GRANT,
+    "project": metering_pb2.USAGE_GROUPING_PROJECT,
+    "institution": metering_pb2.USAGE_GROUPING_INSTITUTION,
+    "provider": metering_pb2.USAGE_GROUPING_PROVIDER,
+    "region": metering_pb2.USAGE_GROUPING_REGION,
+    "model": metering_pb2.USAGE_GROUPING_MODEL,
+}
+MAX_PAGES = 10_000
+"""Upper bound on pages fetched by --all, so a server bug cannot loop forever."""
+
+
+@contextmanager
+def open_metering(args: argparse.Namespace) -> Iterator[metering_pb2_grpc.MeteringServiceStub]:
+    """Yield the metering service stub of the running mesh."""
+    from acsp.client import Client
+
+    with Client.from_mesh(args.data_dir, token=args.token, timeout_s=args.timeout) as client:
+        yield client.metering
+
+
+def _timestamp(text: str, option: str) -> timestamp_pb2.Timestamp:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise CommandError(
+            f"{option} {text!r} is not an ISO 8601 time, e.g. 2026-01-31 or 2026-01-31T12:00Z",
+            EXIT_USAGE,
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _window(args: argparse.Namespace) -> common_pb2.TimeWindow:
+    return common_pb2.TimeWindow(
+        start_time=_timestamp(args.start, "--from"), end_time=_timestamp(args.end, "--to")
+    )
+
+
+def _time(stamp: timestamp_pb2.Timestamp) -> str:
+    return stamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds") if stamp.seconds else ""
+
+
+def _pages(
+    fetch: Callable[[common_pb2.PageRequest], Any], args: argparse.Namespace
+) -> Iterator[Any]:
+    """Yield responses page by page: one page, or every page with --all."""
+    token = ""
+    for _ in range(MAX_PAGES):
+        response = fetch(common_pb2.PageRequest(page_size=args.page_size, page_token=token))
+        yield response
+        token = response.page.next_page_token
+        if not token or not args.all:
+            return
+
+
+def run_query(args: argparse.Namespace) -> int:
+    records = []
+    with open_metering(args) as metering:
+
+        def fetch(page: common_pb2.PageRequest) -> metering_pb2.QueryUsageResponse:
+            return metering.QueryUsage(
+                metering_pb2.QueryUsageRequest(
+                    grouping=GROUPINGS[args.by],
+                    range=_window(args),
+                    grant_id=args.grant or "",
+                    project_id=args.project or "",
+                    institution_id=args.institution or "",
+                    provider_id=args.provider or "",
+                    page=page,
+                )
+            )
+
+        for response in _pages(fetch, args):
+            for row in response.rows:
+                records.append(
+                    {
+                        args.by: row.key,
+                        "accelerator_hours": row.accelerator_hours.value,
+                        "charged_pf_days": row.charged_pf_days.value,
+                        "refunded_pf_days": row.refunded_pf_days.value,
+                        "mean_utilization": f"{row.mean_utilization:.3f}",
+                        "samples": row.sample_count,
+                    }
+                )
+    columns = [args.by, "accelerator_hours", "charged_pf_days", "refunded_pf_days"]
+    columns += ["mean_utilization", "samples"]
+    print_records(records, columns, output_format=args.format, title=f"usage by {args.by}")
+    return EXIT_OK
+
+
+def run_charges(args: argparse.Namespace) -> int:
+    records = []
+    with open_metering(args) as metering:
+
+        def fetch(page: common_pb2.PageRequest) -> metering_pb2.ListChargesResponse:
+            return metering.ListCharges(
+                metering_pb2.ListChargesRequest(
+                    job_id=args.job or "", grant_id=args.grant or "", page=page
+                )
+            )
+
+        for response in _pages(fetch, args):
+            for charge in response.charges:
+                records.append(
+                    {
+                        "charge": charge.charge_id,
+                        "job": charge.job_id,
+                        "grant": charge.grant_id,
+                        "period_start": _time(charge.period_start_time),
+                        "accelerator_seconds": charge.accelerator_seconds.value,
+                        "pf_days": charge.amount_pf_days.value,
+                        "rate_card": charge.rate_card_version,
+                        "committed": charge.committed,
+                    }
+                )
+    columns = ["charge", "job", "grant", "period_start", "accelerator_seconds", "pf_days"]
+    columns += ["rate_card", "committed"]
+    print_records(records, columns, output_format=args.format, title="charges")
+    return EXIT_OK
+
+
+def run_refunds(args: argparse.Namespace) -> int:
+    records = []
+    with open_metering(args) as metering:
+
+        def fetch(page: common_pb2.PageRequest) -> metering_pb2.ListRefundsResponse:
+            return metering.ListRefunds(
+                metering_pb2.ListRefundsRequest(
+                    provider_id=args.provider or "", job_id=args.job or "", page=page
+                )
+            )
+
+        for response in _pages(fetch, args):
+            for refund in response.refunds:
+                records.append(
+                    {
+                        "refund": refund.refund_id,
+                        "job": refund.job_id,
+                        "provider": refund.provider_id,
+                        "pf_days": refund.amount_pf_days.value,
+                        "lost_seconds": f"{refund.lost_seconds:.0f}",
+                        "reason": refund.reason,
+                        "time": _time(refund.create_time),
+                    }
+                )
+    columns = ["refund", "job", "provider", "pf_days", "lost_seconds", "reason", "time"]
+    print_records(records, columns, output_format=args.format, title="refunds")
+    return EXIT_OK
+
+
+def run_efficiency(args: argparse.Namespace) -> int:
+    records = []
+    with open_metering(args) as metering:
+
+        def fetch(page: common_pb2.PageRequest) -> metering_pb2.ListJobEfficiencyResponse:
+            return metering.ListJobEfficiency(
+                metering_pb2.ListJobEfficiencyRequest(
+                    project_id=args.project or "", flagged_only=args.flagged, page=page
+                )
+            )
+
+        for response in _pages(fetch, args):
+            for job in response.jobs:
+                records.append(
+                    {
+                        "job": job.job_id,
+                        "project": job.project_id,
+                        "mean": f"{job.mean_utilization:.3f}",
+                        "median": f"{job.median_utilization:.3f}",
+                        "longest_idle_s": f"{job.low_utilization_seconds:.0f}",
+                        "waste": job.flagged_waste,
+                        "accelerator_hours": job.accelerator_hours.value,
+                    }
+                )
+    columns = ["job", "project", "mean", "median", "longest_idle_s", "waste", "accelerator_hours"]
+    print_records(records, columns, output_format=args.format, title="job efficiency")
+    return EXIT_OK
+
+
+def run_models(args: argparse.Namespace) -> int:
+    with open_metering(args) as metering:
+        response = metering.GetModelReport(metering_pb2.GetModelReportRequest(range=_window(args)))
+    records = [
+        {
+            "model": report.model,
+            "accelerator_hours": report.accelerator_hours.value,
+            "fatal_events": report.fatal_events,
+            "per_1000_hours": f"{report.failures_per_thousand_hours:.3f}",
+            "mean_utilization": f"{report.mean_utilization:.3f}",
+        }
+        for report in response.models
+    ]
+    columns = ["model", "accelerator_hours", "fatal_events", "per_1000_hours", "mean_utilization"]
+    print_records(records, columns, output_format=args.format, title="accelerator models")
+    return EXIT_OK
+
+
+def run_rates(args: argparse.Namespace) -> int:
+    with open_metering(args) as metering:
+        card = metering.GetRateCard(metering_pb2.GetRateCardRequest(version=args.version))
+    records = [
+        {
+            "model": rate.model.name,
+            "vendor": common_pb2.Vendor.Name(rate.model.vendor).removeprefix("VENDOR_").lower(),
+            "memory_gib": rate.model.memory_gib,
+            "peak_tflops": rate.model.peak_dense_tflops.value,
+            "pf_days_per_hour": rate.pf_days_per_accelerator_hour.value,
+            "source": rate.model.source,
+        }
+        for rate in card.rates
+    ]
+    columns = ["model", "vendor", "memory_gib", "peak_tflops", "pf_days_per_hour", "source"]
+    title = f"rate card version {card.version}"
+    print_records(records, columns, output_format=args.format, title=title)
+    return EXIT_OK
+
+
+def run_status(args: argparse.Namespace) -> int:
+    with open_metering(args) as metering:
+        status = metering.GetIngestStatus(metering_pb2.GetIngestStatusRequest())
+    rows = rows_of(
+        [
+            ("samples ingested", status.samples_ingested),
+            ("duplicates ignored (this replica)", status.duplicates_ignored),
+            ("dead letters", status.dead_lettered),
+            ("messages pending", status.pending_messages),
+            ("uncommitted charges", status.uncommitted_charges),
+            ("accelerator-seconds", status.accelerator_seconds.value),
+            ("charged PF-days", status.charged_pf_days.value),
+            ("priced usage PF-days", status.priced_usage_pf_days.value),
+        ]
+    )
+    print_records(rows, ["field", "value"], output_format=args.format, title="ingest")
+    return EXIT_OK
+
+
+def run_settlement_show(args: argparse.Namespace) -> int:
+    with open_metering(args) as metering:
+        settlement = metering.GetSettlement(
+            metering_pb2.GetSettlementRequest(provider_id=args.provider, period=_window(args))
+        )
+    records = [
+        {
+            "region": line.region_id,
+            "model": line.model,
+            "accelerator_hours": line.accelerator_hours.value,
+            "pf_days": line.pf_days.value,
+            "pledged_hours": line.pledged_accelerator_hours.value,
+            "recalled_hours": line.recalled_accelerator_hours.value,
+        }
+        for line in settlement.lines
+    ]
+    columns = ["region", "model", "accelerator_hours", "pf_days", "pledged_hours"]
+    columns.append("recalled_hours")
+    title = (
+        f"{settlement.provider_id}: delivered {settlement.delivered_pf_days.value} PF-days, "
+        f"refunded {settlement.refunded_pf_days.value}, net {settlement.net_pf_days.value}, "
+        f"pledge {'kept' if settlement.pledge_kept else 'broken'}, "
+        f"{settlement.recall_count} recalls"
+    )
+    print_records(records, columns, output_format=args.format, title=title)
+    return EXIT_OK
+
+
+def run_settlement_export(args: argparse.Namespace) -> int:
+    with open_metering(args) as metering:
+        response = metering.ExportSettlement(
+            metering_pb2.ExportSettlementRequest(provider_id=args.provider, period=_window(args))
+        )
+    if args.output is None:
+        sys.stdout.write(response.csv)
+    else:
+        args.output.write_text(response.csv, encoding="utf-8")
+    return EXIT_OK
+
+
+def register(subparsers: Any) -> None:
+    """Add ``acsp usage ...`` and ``acsp settlement ...`` to the ``acsp`` parser."""
+    common = [connection_options(), output_options()]
+    usage = subparsers.add_parser("usage", help="metered usage, charges, refunds and efficiency")
+    commands = usage.add_subparsers(title="usage commands", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> Any:
+        parser = commands.add_parser(name, parents=common, help=help, description=help)
+        parser.set_defaults(func=func)
+        return parser
+
+    def window(parser: Any) -> None:
+        parser.add_argument("--from", dest="start", required=True, help="start time, ISO 8601")
+        parser.add_argument("--to", dest="end", required=True, help="end time (exclusive)")
+
+    def paged(parser: Any) -> None:
+        parser.add_argument("--page-size", type=int, default=100, help="rows per page")
+        parser.add_argument("--all", action="store_true", help="fetch every page")
+
+    p = command("query", run_query, "usage grouped over a time range")
+    p.add_argument("--by", choices=sorted(GROUPINGS), default="grant", help="how to group")
+    window(p)
+    for name in ("grant", "project", "institution", "provider"):
+        p.add_argument(f"--{name}", help=f"only this {name}")
+    paged(p)
+
+    p = command("charges", run_charges, "charges committed against holds")
+    p.add_argument("--job", help="only this job")
+    p.add_argument("--grant", help="only this grant")
+    paged(p)
+
+    p = command("refunds", run_refunds, "refunds of time lost to faults and recalls")
+    p.add_argument("--provider", help="only this provider's refunds")
+    p.add_argument("--job", help="only this job")
+    paged(p)
+
+    p = command("efficiency", run_efficiency, "utilization per job and waste flags")
+    p.add_argument("--project", help="only this project")
+    p.add_argument("--flagged", action="store_true", help="only jobs flagged as waste")
+    paged(p)
+
+    p = command("models", run_models, "failure rate and utilization per accelerator model")
+    window(p)
+
+    p = command("rates", run_rates, "the rate card: PF-days per accelerator-hour by model")
+    p.add_argument("--version", type=int, default=0, help="rate card version (default: current)")
+
+    command("status", run_status, "ingest counters and the exactness check")
+
+    settlement = subparsers.add_parser("settlement", help="provider settlement statements")
+    settle = settlement.add_subparsers(
+        title="settlement commands", metavar="COMMAND", required=True
+    )
+    for name, func, help in (
+        ("show", run_settlement_show, "a provider's settlement for a period"),
+        ("export", run_settlement_export, "a provider's settlement as CSV"),
+    ):
+        p = settle.add_parser(name, parents=common, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument("provider", help="provider id")
+        window(p)
+        if name == "export":
+            p.add_argument(
+                "-o", "--output", type=Path, help="write the CSV to this file (default: stdout)"
+            )

@@ -1,0 +1,36 @@
+"""The ``acsp usage`` and ``acsp settlement`` command lines."""
+
+from __future__ import annotations
+
+import pytest
+
+from acsp.cli.main import build_parser
+from acsp.cli.usage import run_query, run_settlement_export
+
+
+def test_usage_query_parses_grouping_and_window() -> None:
+    args = build_parser().parse_args(
+        ["usage", "query", "--by", "model", "--from", "2026-12-01", "--to", "2026-12-02"]
+        + ["--format", "csv", "--all"]
+    )
+    assert args.func is run_query
+    assert args.by == "model"
+    assert args.format == "csv"
+    assert args.all
+
+
+def test_settlement_export_takes_provider_and_output() -> None:
+    args = build_parser().parse_args(
+        ["settlement", "export", "prov-a", "--from", "2026-12-01", "--to", "2026-12-02"]
+        + ["-o", "out.csv"]
+    )
+    assert args.func is run_settlement_export
+    assert args.provider == "prov-a"
+    assert str(args.output) == "out.csv"
+
+
+def test_usage_query_rejects_unknown_grouping() -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(
+            ["usage", "query", "--by", "colour", "--from", "2026-12-01", "--to", "2026-12-02"]
+        )
