@@ -9,9 +9,9 @@ from acsp.cli.usage import run_query, run_settlement_export
 
 
 def test_usage_query_parses_grouping_and_window() -> None:
+    window = ["--from", "2026-12-01", "--to", "2026-12-02"]
     args = build_parser().parse_args(
-        ["usage", "query", "--by", "model", "--from", "2026-12-01", "--to", "2026-12-02"]
-        + ["--format", "csv", "--all"]
+        ["usage", "query", "--by", "model", *window, "--format", "csv", "--all"]
     )
     assert args.func is run_query
     assert args.by == "model"
@@ -20,10 +20,8 @@ def test_usage_query_parses_grouping_and_window() -> None:
 
 
 def test_settlement_export_takes_provider_and_output() -> None:
-    args = build_parser().parse_args(
-        ["settlement", "export", "prov-a", "--from", "2026-12-01", "--to", "2026-12-02"]
-        + ["-o", "out.csv"]
-    )
+    window = ["--from", "2026-12-01", "--to", "2026-12-02"]
+    args = build_parser().parse_args(["settlement", "export", "prov-a", *window, "-o", "out.csv"])
     assert args.func is run_settlement_export
     assert args.provider == "prov-a"
     assert str(args.output) == "out.csv"
