@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from scheduler.engine.decisions import (
@@ -229,15 +230,26 @@ class PassState:
     def reserve(
         self, spec: JobSpec, pools: tuple[Pool, ...], not_before: float
     ) -> Reservation | None:
-        jobs = self.engine.jobs
-        running = [jobs[job_id] for pool in pools for job_id in sorted(pool.jobs)]
-        unique = list({r.job_id: r for r in running}.values())
         reservation = earliest_start(
-            self.engine.fleet, spec, pools, unique, not_before, self.excluded_prefix[-1]
+            self.engine.fleet,
+            spec,
+            pools,
+            self._releases(pools),
+            not_before,
+            self.excluded_prefix[-1],
         )
         if reservation is not None:
             self.add_reservation(reservation)
         return reservation
+
+    def _releases(self, pools: tuple[Pool, ...]) -> Iterator[tuple[float, JobRecord]]:
+        """Yield running jobs of ``pools`` by expected end, each once."""
+        seen: set[str] = set()
+        jobs = self.engine.jobs
+        for end, _, job_id in heapq.merge(*(pool.ends for pool in pools)):
+            if job_id not in seen:
+                seen.add(job_id)
+                yield end, jobs[job_id]
 
     def limit_blocking(self, spec: JobSpec) -> str:
         engine = self.engine
@@ -333,7 +345,7 @@ class PassState:
         """Place advance reservations that are due; reserve protected room for later ones."""
         engine = self.engine
         due = sorted(
-            (r for r in engine.jobs.values() if not r.running and r.spec.start_at is not None),
+            (engine.jobs[job_id] for job_id in engine.advance_jobs),
             key=lambda r: (r.spec.start_at, r.sequence),
         )
         for record in due:

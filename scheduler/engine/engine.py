@@ -55,6 +55,8 @@ class Engine:
         self.in_use: dict[tuple[LimitScope, str], int] = {}
         """Millis running per project and per institution."""
         self.no_budget: set[str] = set()
+        self.advance_jobs: set[str] = set()
+        """Pending jobs with an advance reservation (``start_at``)."""
         self.broken: set[str] = set()
         """Running jobs that lost tasks and await repair or requeue in the next pass."""
         self.clock: float | None = None
@@ -158,6 +160,8 @@ class Engine:
 
     def _enqueue(self, record: JobRecord) -> None:
         spec = record.spec
+        if spec.start_at is not None:
+            self.advance_jobs.add(spec.job_id)
         key = (spec.priority, spec.project)
         queue = self.queues.get(key)
         if queue is None:
@@ -167,6 +171,7 @@ class Engine:
 
     def _dequeue(self, record: JobRecord) -> None:
         spec = record.spec
+        self.advance_jobs.discard(spec.job_id)
         key = (spec.priority, spec.project)
         queue = self.queues[key]
         queue.remove((spec.submit_time, record.sequence, spec.job_id))
@@ -190,7 +195,13 @@ class Engine:
         for index in plan.indices:
             self.fleet.hold(plan.node, index, record.holder, plan.millis)
         record.tasks[plan.task_index] = TaskHold(plan.node, plan.indices, plan.millis)
-        plan.node.pool.jobs.add(record.job_id)
+        pool = plan.node.pool
+        pool.jobs.add(record.job_id)
+        end = record.end_estimate
+        if end is not None:
+            entry = (end, record.sequence, record.job_id)
+            if entry not in pool.ends:
+                pool.ends.add(entry)
 
     def _count(self, spec: JobSpec, millis: int) -> None:
         for key in ((LimitScope.PROJECT, spec.project), (LimitScope.INSTITUTION, spec.institution)):
@@ -205,8 +216,11 @@ class Engine:
             if keep_fenced and record.holder in node.fenced:
                 continue
             self.fleet.release_job(node, record.holder)
-        for pool_node in {hold.node.pool for hold in record.tasks.values()}:
-            pool_node.jobs.discard(record.job_id)
+        end = record.end_estimate
+        for pool in {hold.node.pool for hold in record.tasks.values()}:
+            pool.jobs.discard(record.job_id)
+            if end is not None:
+                pool.ends.discard((end, record.sequence, record.job_id))
         self._count(record.spec, -record.spec.total_millis)
         record.tasks = None
         record.start = None

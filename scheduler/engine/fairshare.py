@@ -42,12 +42,15 @@ class FairShare:
         self._accounts: dict[tuple[Level, str], _Account] = {}
         self._parent: dict[tuple[Level, str], tuple[Level, str] | None] = {}
         self._clock: float | None = None
+        self._total_weights: dict[tuple[Level, str], float] = {}
+        """Cached sum of the children's weights per parent; cleared when weights change."""
 
     def set_weight(self, level: Level, name: str, weight: float) -> None:
         """Set an account's weight (from its grants); 0 puts its jobs last."""
         if weight < 0 or math.isnan(weight):
             raise InvalidInputError(f"weight of {level} {name!r}: {weight} must be >= 0")
         self._account(level, name).weight = weight
+        self._total_weights.clear()
 
     def register(self, project: str, institution: str, program: str) -> None:
         """Record where a project sits; a project belongs to one institution and program."""
@@ -61,6 +64,7 @@ class FairShare:
         self._account(Level.PROGRAM, program).children.add(institution)
         self._account(Level.INSTITUTION, institution).children.add(project)
         self._account(Level.PROJECT, project)
+        self._total_weights.clear()
 
     def advance(self, now: float) -> None:
         """Decay every account to ``now`` and add what ran since the last call."""
@@ -115,8 +119,11 @@ class FairShare:
         weight = self._weight(account)
         if weight == 0:
             return math.inf
-        parent = self._account(*parent_key)
-        total_weight = sum(self._weight(self._account(key[0], name)) for name in parent.children)
+        total_weight = self._total_weights.get(parent_key)
+        if total_weight is None:
+            children = self._account(*parent_key).children
+            total_weight = sum(self._weight(self._account(key[0], name)) for name in children)
+            self._total_weights[parent_key] = total_weight
         return account.usage * total_weight / weight
 
     def _weight(self, account: _Account) -> float:

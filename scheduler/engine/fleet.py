@@ -93,6 +93,9 @@ class Pool:
         self.used_millis = 0
         """Millis held on this pool's nodes in any state."""
         self.total_millis = 0
+        self.up_accelerators = 0
+        self.ends: SortedList = SortedList()
+        """``(expected end, sequence, job id)`` of running jobs here with a wall-time limit."""
         self.cap_millis: int | None = None
         """Millis the plan may use now (pledges, recalls and pool limits); ``None`` is no cap."""
         self.protected_millis: int | None = None
@@ -232,12 +235,14 @@ class Fleet:
         pool.domain_free.add((domain.free, domain.ordinal))
 
     def _index_add(self, node: NodeRecord) -> None:
+        node.pool.up_accelerators += len(node.used)
         node.pool.buckets[node.free_whole].add(node.ordinal)
         self._move_domain(node.domain, node.free_whole)
         for index in range(len(node.used)):
             self._index_add_accelerator(node, index)
 
     def _index_remove(self, node: NodeRecord) -> None:
+        node.pool.up_accelerators -= len(node.used)
         node.pool.buckets[node.free_whole].remove(node.ordinal)
         self._move_domain(node.domain, -node.free_whole)
         for index in range(len(node.used)):

@@ -54,60 +54,72 @@ def earliest_start(
     fleet: Fleet,
     job: JobSpec,
     pools: Sequence[Pool],
-    running: Iterable[JobRecord],
+    releases: Iterable[tuple[float, JobRecord]],
     not_before: float,
     excluded: Excluded,
 ) -> Reservation | None:
-    """Return the earliest reservation for ``job`` at or after ``not_before``, if any."""
+    """Return the earliest reservation for ``job`` at or after ``not_before``, if any.
+
+    ``releases`` yields running jobs of ``pools`` by expected end, earliest first; the search
+    consumes only as many as it needs.
+    """
     plans = plan_now(fleet, job, pools, excluded)
     if plans is not None:
         return Reservation(job.job_id, not_before, frozenset(p.node.ordinal for p in plans))
     if job.fractional:
         job = _as_whole(job)
+    if sum(pool.up_accelerators for pool in pools) < job.task_count * job.accelerators_per_task:
+        return None
     single = job.task_count == 1 or job.topology is Topology.SAME_NODE
     per_slot = job.accelerators_per_task * (job.task_count if single else 1)
     slots_needed = 1 if single else job.task_count
     group_of = _grouping(job, pools, single)
-    ends = sorted(
-        (record.end_estimate, record.sequence, record)
-        for record in running
-        if record.end_estimate is not None and record.tasks is not None
-    )
     pool_set = {pool.ordinal for pool in pools}
     simulated: dict[int, list[int]] = {}
     group_slots: dict[Hashable, int] = {}
-    position = 0
-    while position < len(ends):
-        end = ends[position][0]
-        while position < len(ends) and ends[position][0] == end:
-            record = ends[position][2]
-            position += 1
-            for hold in (record.tasks or {}).values():
-                node = hold.node
-                if node.pool.ordinal not in pool_set or not node.schedulable:
-                    continue
-                if node.ordinal in excluded:
-                    continue
-                used = simulated.get(node.ordinal)
-                if used is None:
-                    used = list(node.used)
-                    simulated[node.ordinal] = used
-                before = used.count(0) // per_slot
-                for index in hold.indices:
-                    used[index] -= hold.millis
-                after = used.count(0) // per_slot
-                group = group_of(node)
-                if group not in group_slots:
-                    group_slots[group] = _initial_slots(
-                        fleet, node, group, group_of, pools, per_slot, excluded
-                    )
-                group_slots[group] += after - before
-        for group, slots in group_slots.items():
-            if slots >= slots_needed:
-                start = max(end, not_before)
-                nodes = _pick_nodes(fleet, group, group_of, simulated, pools, per_slot, excluded)
-                return Reservation(job.job_id, start, frozenset(nodes[:slots_needed]))
-    return None
+    changed: set[Hashable] = set()
+    current: float | None = None
+    for end, record in releases:
+        if current is not None and end != current:
+            found = _fitting_group(changed, group_slots, slots_needed)
+            if found is not None:
+                break
+            changed.clear()
+        current = end
+        for hold in (record.tasks or {}).values():
+            node = hold.node
+            if node.pool.ordinal not in pool_set or not node.schedulable:
+                continue
+            if node.ordinal in excluded:
+                continue
+            used = simulated.get(node.ordinal)
+            if used is None:
+                used = list(node.used)
+                simulated[node.ordinal] = used
+            before = used.count(0) // per_slot
+            for index in hold.indices:
+                used[index] -= hold.millis
+            after = used.count(0) // per_slot
+            group = group_of(node)
+            if group not in group_slots:
+                group_slots[group] = _initial_slots(
+                    fleet, node, group, group_of, pools, per_slot, excluded
+                )
+            group_slots[group] += after - before
+            changed.add(group)
+    found = _fitting_group(changed, group_slots, slots_needed)
+    if found is None or current is None:
+        return None
+    start = max(current, not_before)
+    nodes = _pick_nodes(fleet, found, group_of, simulated, pools, per_slot, excluded)
+    return Reservation(job.job_id, start, frozenset(nodes[:slots_needed]))
+
+
+def _fitting_group(
+    changed: set[Hashable], group_slots: dict[Hashable, int], slots_needed: int
+) -> Hashable | None:
+    fitting = [group for group in changed if group_slots[group] >= slots_needed]
+    return min(fitting, key=repr) if fitting else None
 
 
 def _grouping(

@@ -1,0 +1,191 @@
+"""Trace and fleet loaders: Alibaba openb pod and node lists, and the Standard Workload Format.
+
+Every loader returns :class:`TraceJob` records sorted by arrival, which the replayer turns
+into engine jobs. Accounts are assigned by :mod:`scheduler.sim.accounts`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from scheduler.engine import MILLIS_PER_ACCELERATOR, NodeSpec, PriorityClass
+from scheduler.sim.accounts import Account, assign_account
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR: Final = Path(__file__).resolve().parents[2] / "data" / "openb"
+OPENB_PODS: Final = DATA_DIR / "openb_pod_list_gpuspec33.csv"
+OPENB_NODES: Final = DATA_DIR / "openb_node_list_gpu_node.csv"
+
+QOS_PRIORITY: Final[dict[str, PriorityClass]] = {
+    "LS": PriorityClass.INTERACTIVE,
+    "Guaranteed": PriorityClass.STANDARD,
+    "Burstable": PriorityClass.STANDARD,
+    "BE": PriorityClass.PREEMPTIBLE,
+}
+"""openb QoS class -> priority class: latency-sensitive pods are interactive, best-effort pods
+preemptible, and the Kubernetes Guaranteed and Burstable classes standard."""
+
+SWF_ACCELERATORS_PER_NODE: Final = 8
+"""SWF jobs wider than this become gangs of tasks of this many accelerators."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceJob:
+    """One job of a trace, before it becomes a :class:`~scheduler.engine.JobSpec`."""
+
+    name: str
+    arrival: float
+    runtime: float
+    """Seconds the job runs once started."""
+    task_count: int
+    millis_per_task: int
+    models: frozenset[str]
+    priority: PriorityClass
+    account: Account
+    wall_time_s: float
+    """Wall-time limit given to the engine."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedTrace:
+    jobs: tuple[TraceJob, ...]
+    skipped: dict[str, int]
+    """Rows left out, by reason."""
+    source: str
+
+
+def load_openb_pods(
+    path: Path = OPENB_PODS, limit: int | None = None, seed: int = 0
+) -> LoadedTrace:
+    """Load an openb pod list; pods that ask no GPU are skipped (the engine places accelerators).
+
+    Run time is ``deletion_time - scheduled_time`` for pods that ran, else
+    ``deletion_time - creation_time``; pods still running at the trace end are cut there.
+    The trace has no wall-time limits, so the run time is used as the limit.
+    """
+    jobs: list[TraceJob] = []
+    skipped = {"no_gpu": 0, "no_deletion_time": 0}
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            num_gpu = int(row["num_gpu"])
+            if num_gpu == 0:
+                skipped["no_gpu"] += 1
+                continue
+            if not row["deletion_time"]:
+                skipped["no_deletion_time"] += 1
+                continue
+            created = float(row["creation_time"])
+            scheduled = float(row["scheduled_time"] or 0)
+            started = scheduled if scheduled >= created and row["scheduled_time"] else created
+            runtime = max(1.0, float(row["deletion_time"]) - started)
+            gpu_milli = int(row["gpu_milli"])
+            millis = gpu_milli if gpu_milli < MILLIS_PER_ACCELERATOR else num_gpu * 1000
+            spec = row["gpu_spec"].strip()
+            jobs.append(
+                TraceJob(
+                    name=row["name"],
+                    arrival=created,
+                    runtime=runtime,
+                    task_count=1,
+                    millis_per_task=millis,
+                    models=frozenset(m for m in spec.split("|") if m),
+                    priority=QOS_PRIORITY.get(row["qos"], PriorityClass.STANDARD),
+                    account=assign_account(row["name"], seed),
+                    wall_time_s=runtime,
+                )
+            )
+    jobs.sort(key=lambda j: (j.arrival, j.name))
+    if limit is not None:
+        jobs = jobs[:limit]
+    return LoadedTrace(tuple(jobs), skipped, str(path))
+
+
+def load_openb_nodes(path: Path = OPENB_NODES) -> list[NodeSpec]:
+    """Load a node list: ``sn``, ``gpu``, ``model`` and optional ``provider``, ``region``,
+    ``domain`` columns (openb has none of them: provider ``alibaba``, region ``openb``)."""
+    nodes: list[NodeSpec] = []
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            count = int(row["gpu"])
+            if count <= 0:
+                continue
+            name = row["sn"]
+            nodes.append(
+                NodeSpec(
+                    node_id=name,
+                    provider=row.get("provider") or "alibaba",
+                    region=row.get("region") or "openb",
+                    model=row["model"],
+                    accelerator_ids=tuple(f"{name}/gpu{i}" for i in range(count)),
+                    interconnect_domain=row.get("domain") or "",
+                )
+            )
+    return nodes
+
+
+def _swf_rows(path: Path) -> Iterator[list[str]]:
+    with path.open() as handle:
+        for line in handle:
+            text = line.strip()
+            if not text or text.startswith(";"):
+                continue
+            yield text.split()
+
+
+def load_swf(path: Path, limit: int | None = None, seed: int = 0) -> LoadedTrace:
+    """Load a Standard Workload Format trace (Parallel Workloads Archive).
+
+    Processors become accelerators: a job of ``n`` asks one task of ``n`` when ``n`` fits a
+    node of :data:`SWF_ACCELERATORS_PER_NODE`, else a gang of ``ceil(n / 8)`` tasks of 8.
+    User and group ids become project and institution; the requested time is the wall-time
+    limit (the run time where none was requested). Jobs with no run time or no processors
+    are skipped.
+    """
+    jobs: list[TraceJob] = []
+    skipped = {"no_runtime": 0, "no_processors": 0, "malformed": 0}
+    for fields in _swf_rows(path):
+        if len(fields) < 18:
+            skipped["malformed"] += 1
+            continue
+        number, submit, _, run = fields[0], float(fields[1]), fields[2], float(fields[3])
+        allocated, requested = int(fields[4]), int(fields[7])
+        processors = requested if requested > 0 else allocated
+        if run <= 0:
+            skipped["no_runtime"] += 1
+            continue
+        if processors <= 0:
+            skipped["no_processors"] += 1
+            continue
+        if processors <= SWF_ACCELERATORS_PER_NODE:
+            tasks, per_task = 1, processors
+        else:
+            tasks, per_task = math.ceil(processors / SWF_ACCELERATORS_PER_NODE), 8
+        requested_time = float(fields[8])
+        user, group = fields[11], fields[12]
+        name = f"swf-{number}"
+        jobs.append(
+            TraceJob(
+                name=name,
+                arrival=submit,
+                runtime=run,
+                task_count=tasks,
+                millis_per_task=per_task * MILLIS_PER_ACCELERATOR,
+                models=frozenset(),
+                priority=PriorityClass.STANDARD,
+                account=Account(f"user-{user}", f"group-{group}", "swf"),
+                wall_time_s=max(requested_time, run) if requested_time > 0 else run,
+            )
+        )
+    jobs.sort(key=lambda j: (j.arrival, j.name))
+    if limit is not None:
+        jobs = jobs[:limit]
+    if seed:
+        logger.debug("seed %s unused for SWF: accounts come from user and group ids", seed)
+    return LoadedTrace(tuple(jobs), skipped, str(path))
