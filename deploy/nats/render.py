@@ -21,6 +21,9 @@ what an agent does through JetStream, not only core publishes:
   forward plain ``$KV.>`` subjects across leaf connections.
 - commands arrive on a push consumer whose deliver subject is
   ``acsp.deliver.<provider>.<region>.<node>``, so a provider can subscribe only to its own.
+  The agent may create that consumer itself, with ``name`` set so that nats-py uses the
+  create subject that ends with the filter subject, which the permissions restrict. A pull
+  consumer cannot be confined: its fetch subject names the consumer, not the provider.
 """
 
 from __future__ import annotations
@@ -129,6 +132,10 @@ def agent_permissions(provider: str, scope: str, domain: str) -> dict[str, Any]:
         # Binding the bucket handle (js.key_value) reads the stream info once.
         f"$JS.API.STREAM.INFO.KV_{HEARTBEAT_BUCKET}",
         f"$JS.{domain}.API.STREAM.INFO.KV_{HEARTBEAT_BUCKET}",
+        # Creating the node's own push consumer: the create subject ends with the filter
+        # subject, so the provider can filter only its own commands.
+        f"$JS.API.CONSUMER.CREATE.{COMMAND_STREAM}.*.acsp.cmd.{scope}.>",
+        f"$JS.{domain}.API.CONSUMER.CREATE.{COMMAND_STREAM}.*.acsp.cmd.{scope}.>",
         # NOTE: acks name the consumer but not the provider, so a provider that guesses another
         # node's consumer name and sequence numbers could ack that node's command. The server
         # ignores allow_responses on leaf connections, so nothing narrower works here.

@@ -110,6 +110,10 @@ def test_overlay_renders_secrets_and_certificates() -> None:
     assert {"acsp-grant", "acsp-metering", "acsp-scheduler", "acsp-nats", "acsp-agent"} == {
         doc["metadata"]["name"] for doc in resources if doc["kind"] == "Certificate"
     }
+    for certificate in (doc for doc in resources if doc["kind"] == "Certificate"):
+        name = certificate["metadata"]["name"].removeprefix("acsp-")
+        if name in ("grant", "metering", "scheduler"):
+            assert certificate["spec"]["uris"] == [f"spiffe://acsp/service/{name}"]
     grant = next(
         doc
         for doc in resources

@@ -349,3 +349,71 @@ async def test_leaf_agent_receives_and_acks_command(mesh: Mesh) -> None:
     while await _as_scheduler(mesh, pending) != 0:
         assert time.monotonic() < deadline, "the agent's ack did not reach the hub"
         await asyncio.sleep(0.1)
+
+
+async def test_leaf_agent_creates_own_push_consumer(mesh: Mesh) -> None:
+    deliver = "acsp.deliver.alpha.r1.n5"
+    command = subjects.command_subject("alpha", "r1", "n5")
+    nc = await _connect(mesh, [mesh.leaf_url], "agent", AGENT_PASSWORD, "_INBOX.alpha")
+    received: asyncio.Queue[Msg] = asyncio.Queue(maxsize=10)
+    try:
+        await nc.subscribe(deliver, cb=received.put)
+        # name= makes nats-py send the create request on the subject that ends with the
+        # filter subject, which is what the permissions restrict.
+        await nc.jetstream(timeout=5).add_consumer(
+            subjects.COMMAND_STREAM,
+            ConsumerConfig(
+                name="agent-alpha-r1-n5",
+                durable_name="agent-alpha-r1-n5",
+                filter_subject=command,
+                deliver_subject=deliver,
+                ack_policy=AckPolicy.EXPLICIT,
+            ),
+        )
+        await _as_scheduler(mesh, lambda hub: hub.jetstream().publish(command, b"start job 5"))
+        message = await asyncio.wait_for(received.get(), timeout=10)
+        assert message.data == b"start job 5"
+        await message.ack()
+    finally:
+        await nc.close()
+
+
+async def test_leaf_agent_cannot_create_consumer_for_others(mesh: Mesh) -> None:
+    nc = await _connect(mesh, [mesh.leaf_url], "agent", AGENT_PASSWORD, "_INBOX.alpha")
+    try:
+        with pytest.raises((TimeoutError, nats.errors.NoRespondersError)):
+            await nc.jetstream(timeout=1).add_consumer(
+                subjects.COMMAND_STREAM,
+                ConsumerConfig(
+                    name="stolen-beta",
+                    durable_name="stolen-beta",
+                    filter_subject=subjects.command_subject("beta", "r1", "n1"),
+                    deliver_subject="acsp.deliver.alpha.r1.stolen",
+                    ack_policy=AckPolicy.EXPLICIT,
+                ),
+            )
+    finally:
+        await nc.close()
+
+    async def consumer_names(hub: Client) -> list[str]:
+        infos = await hub.jetstream().consumers_info(subjects.COMMAND_STREAM)
+        return [info.name for info in infos]
+
+    names = await _as_scheduler(mesh, consumer_names)
+    assert isinstance(names, list)
+    assert "stolen-beta" not in names
+
+
+async def test_provider_cannot_pull_other_consumer(mesh: Mesh) -> None:
+    errors: ErrorList = []
+    nc = await _connect(mesh, mesh.hub_urls, "alpha", PASSWORDS["alpha"], "_INBOX.alpha", errors)
+    try:
+        with pytest.raises((TimeoutError, nats.errors.NoRespondersError)):
+            await nc.request(
+                f"$JS.API.CONSUMER.MSG.NEXT.{subjects.COMMAND_STREAM}.agent-beta-r1-n1",
+                b'{"batch": 1}',
+                timeout=1,
+            )
+        assert await _wait_until(lambda: any("consumer.msg.next" in e.lower() for e in errors))
+    finally:
+        await nc.close()
