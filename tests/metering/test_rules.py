@@ -1,0 +1,229 @@
+"""Pure metering rules, without network: rate card, sample validation, pricing, refunds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, Inexact
+
+import pytest
+
+from acsp.v1 import agent_pb2
+from services.metering.charging import AttemptTerms, UsageDelta, charge_request_id, plan_charges
+from services.metering.efficiency import UtilizationPoint, longest_low_run
+from services.metering.ratecard import (
+    RATE_QUANTUM,
+    RateCard,
+    RateCardHistory,
+    RatePolicy,
+    Vendor,
+    charge,
+    default_rate_card,
+    rate_per_second,
+)
+from services.metering.refunds import EndedAttempt, HealthFact, decide_refund, find_cause
+from services.metering.refunds import SampleSlice as Slice
+from services.metering.samples import (
+    Rejection,
+    UsageSample,
+    decode_report,
+    parse_subject,
+    period_start,
+)
+from tests.metering.helpers import T0, report, sample
+
+CARD = default_rate_card()
+NOW = datetime(2026, 12, 4, tzinfo=UTC)
+
+
+def test_rate_is_peak_over_pf_day_seconds() -> None:
+    # 312 TFLOP/s for one second is 312 / 86,400,000 PF-days.
+    expected = (Decimal(312) / Decimal(86_400_000)).quantize(RATE_QUANTUM)
+    assert CARD.rate_per_second("A100-SXM4-80GB") == expected
+    assert rate_per_second(Decimal("312")) == expected
+
+
+def test_hourly_rate_is_exactly_3600_seconds() -> None:
+    for model in CARD.models:
+        assert CARD.rate_per_hour(model) == CARD.rate_per_second(model) * 3600
+
+
+def test_catalog_covers_traces_and_other_vendors() -> None:
+    openb = {"G2", "T4", "P100", "V100M16", "V100M32", "G3", "A10"}
+    spot = {"A10", "A100-SXM4-80GB", "A800-SXM4-80GB", "H800", "GPU-series-1", "GPU-series-2"}
+    assert openb | spot <= set(CARD.models)
+    vendors = {model.vendor for model in CARD.models.values()}
+    assert {Vendor.AMD, Vendor.HUAWEI, Vendor.CAMBRICON} <= vendors
+    assert all(model.source for model in CARD.models.values())
+
+
+def test_charge_is_exact_product() -> None:
+    seconds = Decimal("1234.567891")
+    rate = CARD.rate_per_second("H800")
+    assert charge(seconds, rate) == seconds * rate
+    with pytest.raises(Inexact):
+        charge(Decimal("1.0000001"), rate)
+
+
+def test_rate_card_json_round_trip() -> None:
+    assert RateCard.from_json(CARD.to_json()).rates == CARD.rates
+
+
+def test_fixed_at_award_keeps_its_version() -> None:
+    cheaper = [m for m in CARD.models.values()]
+    history = RateCardHistory((CARD,)).with_version(cheaper, NOW)
+    assert history.for_grant(RatePolicy.FIXED_AT_AWARD, 1).version == 1
+    assert history.for_grant(RatePolicy.CURRENT, 1).version == 2
+
+
+def test_period_contains_its_start_not_its_end() -> None:
+    boundary = T0 + timedelta(seconds=300)
+    assert period_start(boundary - timedelta(microseconds=1), 300) == T0
+    assert period_start(boundary, 300) == boundary
+
+
+def _decode(
+    *items: agent_pb2.UsageSample, provider: str = "prov-a", owner: str | None = None
+) -> tuple[list[UsageSample], list[Rejection]]:
+    origin = parse_subject("acsp.usage.prov-a.r1.node-1", 7)
+    return decode_report(
+        report(items, provider=provider),
+        origin,
+        known_models=CARD.rates,
+        node_owner=lambda node: owner,
+        now=NOW,
+    )
+
+
+def test_valid_sample_converts_to_integers() -> None:
+    accepted, rejected = _decode(sample("s1", "job-1", T0, 60, share_millis=250))
+    assert rejected == []
+    assert accepted[0].accelerator_micros == 15_000_000
+    assert accepted[0].accelerator_seconds == Decimal("15.000000")
+    assert accepted[0].start_time == T0
+    assert accepted[0].share == Decimal("0.250")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("model", "TPU-v9", "not in the rate card"),
+        ("share_millis", 1001, "outside 1..1000"),
+        ("task_id", "job-1", "not <job_id>/<attempt>/<task_index>"),
+        ("sample_id", "", "sample_id is missing"),
+    ],
+)
+def test_invalid_sample_rejected_with_reason(field: str, value: object, reason: str) -> None:
+    item = sample("s1", "job-1", T0)
+    setattr(item, field, value)
+    accepted, rejected = _decode(item, sample("s2", "job-1", T0))
+    assert [s.sample_id for s in accepted] == ["s2"]
+    assert reason in rejected[0].reason
+
+
+def test_future_sample_rejected() -> None:
+    _, rejected = _decode(sample("s1", "job-1", NOW + timedelta(hours=1)))
+    assert "in the future" in rejected[0].reason
+
+
+def test_report_for_another_providers_node_rejected() -> None:
+    accepted, rejected = _decode(sample("s1", "job-1", T0), owner="prov-b")
+    assert accepted == []
+    assert "belongs to provider 'prov-b'" in rejected[0].reason
+
+
+def test_report_naming_another_provider_rejected() -> None:
+    accepted, rejected = _decode(sample("s1", "job-1", T0), provider="prov-z")
+    assert accepted == []
+    assert "does not match provider" in rejected[0].reason
+
+
+def test_garbage_payload_is_one_dead_letter() -> None:
+    origin = parse_subject("acsp.usage.prov-a.r1.node-1", 9)
+    accepted, rejected = decode_report(
+        b"\xff\x00garbage", origin, known_models=CARD.rates, node_owner=lambda n: None, now=NOW
+    )
+    assert accepted == []
+    assert rejected[0].dedupe_key == "seq:9"
+
+
+def test_plan_groups_by_attempt_and_period() -> None:
+    terms = {("job-1", 0): AttemptTerms("hold-1", RatePolicy.CURRENT, None)}
+    deltas = [
+        UsageDelta("job-1", 0, T0, "p", "r", "T4", Decimal("10")),
+        UsageDelta("job-1", 0, T0, "p", "r", "H800", Decimal("5")),
+        UsageDelta("job-1", 0, T0 + timedelta(seconds=300), "p", "r", "T4", Decimal("1")),
+        UsageDelta("job-2", 0, T0, "p", "r", "T4", Decimal("1")),
+    ]
+    planned = plan_charges(deltas, terms, {("job-1", 0, T0): 2}, RateCardHistory((CARD,)))
+    assert [p.request_id for p in planned] == [
+        charge_request_id("job-1", 0, T0, 2),
+        charge_request_id("job-1", 0, T0 + timedelta(seconds=300), 0),
+    ]
+    expected = CARD.charge("T4", Decimal(10)) + CARD.charge("H800", Decimal(5))
+    assert planned[0].amount == expected
+    assert planned[0].request_id.endswith("/2")
+
+
+def _attempt(**changes: object) -> EndedAttempt:
+    values: dict[str, object] = {
+        "job_id": "job-1",
+        "attempt": 0,
+        "hold_id": "hold-1",
+        "started_at": T0,
+        "ended_at": T0 + timedelta(hours=2),
+        "end_reason": "failed",
+        "end_trigger": "",
+        "last_checkpoint_at": T0 + timedelta(hours=1),
+    }
+    values.update(changes)
+    return EndedAttempt(**values)  # type: ignore[arg-type]
+
+
+def _fault(xid: int, accelerator: str = "GPU-0", minutes: int = 119) -> HealthFact:
+    return HealthFact(
+        "e1", accelerator, "node-1", "xid", xid, True, T0 + timedelta(minutes=minutes)
+    )
+
+
+def test_fatal_xid_on_used_accelerator_is_the_cause() -> None:
+    cause = find_cause(_attempt(), [_fault(79)], frozenset({"GPU-0"}), frozenset(), timedelta(0))
+    assert cause is not None
+    assert cause[0] == "xid 79 on GPU-0"
+
+
+def test_application_xid_or_other_accelerator_is_not() -> None:
+    used = frozenset({"GPU-0"})
+    assert find_cause(_attempt(), [_fault(13)], used, frozenset(), timedelta(0)) is None
+    assert find_cause(_attempt(), [_fault(79, "GPU-9")], used, frozenset(), timedelta(0)) is None
+    completed = _attempt(end_reason="completed")
+    assert find_cause(completed, [_fault(79)], used, frozenset(), timedelta(0)) is None
+
+
+def test_refund_bounded_and_capped_by_charges() -> None:
+    slices = [
+        Slice(T0 + timedelta(minutes=m), "p", "r", "T4", "GPU-0", "n", Decimal(60))
+        for m in range(120)
+    ]
+    attempt = _attempt(last_checkpoint_at=None)
+    cause = ("xid 79 on GPU-0", T0 + timedelta(hours=2))
+    decision = decide_refund(attempt, cause, slices, CARD, timedelta(minutes=10), Decimal(1))
+    assert decision is not None
+    assert decision.amount == 600 * CARD.rate_per_second("T4")
+    tiny = decide_refund(attempt, cause, slices, CARD, timedelta(minutes=10), Decimal("1e-9"))
+    assert tiny is not None
+    assert tiny.amount == Decimal("1e-9")
+    assert sum(line.amount for line in tiny.lines) == Decimal("1e-9")
+
+
+def test_longest_low_run_breaks_on_gaps_and_busy_samples() -> None:
+    def point(minute: int, utilization: float) -> UtilizationPoint:
+        start = T0 + timedelta(minutes=minute)
+        return UtilizationPoint(start, start + timedelta(minutes=1), utilization)
+
+    points = [point(m, 0.01) for m in range(10)]
+    points += [point(10, 0.9)]
+    points += [point(m, 0.0) for m in range(11, 31)]
+    points += [point(m, 0.0) for m in range(40, 70)]  # after a 9-minute silence
+    run = longest_low_run(points, 0.1)
+    assert run.seconds == 30 * 60
+    assert run.start == T0 + timedelta(minutes=40)
