@@ -177,6 +177,9 @@ async def _serve(config: MeshConfig) -> int:
 
 
 def _print_banner(info: MeshInfo) -> None:
+    # Other commands find a mesh in the default data dir without the flag.
+    is_default = info.data_dir == default_data_dir().resolve()
+    flag = "" if is_default else f" --data-dir {info.data_dir}"
     lines = [f"acsp mesh is up (data dir {info.data_dir})"]
     for name, endpoint in info.endpoints.items():
         lines.append(f"  {name:<10} {endpoint}   SERVING")
@@ -188,9 +191,8 @@ def _print_banner(info: MeshInfo) -> None:
         f"  {'logs':<10} {info.data_dir / 'logs'}",
         "",
         "Get a token (roles: researcher, pi, reviewer, program_office, provider_operator):",
-        f"  export ACSP_TOKEN=$(acsp token --data-dir {info.data_dir} "
-        "--role program_office --subject admin)",
-        f"Check health:  acsp status --data-dir {info.data_dir}",
+        f"  export ACSP_TOKEN=$(acsp token{flag} --role program_office --subject admin)",
+        f"Check health:  acsp status{flag}",
         "Press Ctrl-C to stop.",
     ]
     print("\n".join(lines), flush=True)
