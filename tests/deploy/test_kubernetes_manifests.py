@@ -202,6 +202,10 @@ def test_nats_values_carry_generated_accounts() -> None:
     assert merge["system_account"] == generated["system_account"]
     assert values["config"]["cluster"]["replicas"] == 3
     assert values["config"]["jetstream"]["merge"]["domain"] == "hub"
+    for sidecar in ("container", "reloader", "promExporter"):
+        context = values[sidecar]["merge"]["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False, sidecar
+        assert context["capabilities"]["drop"] == ["ALL"], sidecar
     env = values["container"]["env"]
     for account in generated["accounts"].values():
         for user in account["users"]:
