@@ -1,0 +1,136 @@
+"""Job, health, task and inventory facts from JetStream drive charging and refunds."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from datetime import datetime, timedelta
+
+import nats
+from nats.js.api import StreamConfig
+
+from acsp import subjects
+from acsp.v1 import agent_pb2, common_pb2, events_pb2, scheduler_pb2
+from services.metering.events import FactConsumers, run_when_stream_exists
+from services.metering.ingest import UsageIngest
+from services.metering.ratecard import default_rate_card
+from services.runtime.db import Database
+from tests.metering.helpers import (
+    T0,
+    Clock,
+    LedgerDouble,
+    count,
+    drain,
+    make_charger,
+    report,
+    running_ingest,
+    sample,
+    wait_until,
+)
+
+
+def _job_event(kind: int, state: int, time: datetime, **extra: object) -> bytes:
+    event = events_pb2.JobEvent(
+        event_id=f"job-e/0/{kind}",
+        kind=kind,  # type: ignore[arg-type]
+        job_id="job-e",
+        attempt=0,
+        state=state,  # type: ignore[arg-type]
+        hold_id="hold-e",
+        grant_id="grant-1",
+        project_id="proj-1",
+        institution_id="inst-1",
+        cause=common_pb2.Cause(trigger="engine"),
+    )
+    event.time.FromDatetime(time)
+    event.start_time.FromDatetime(T0)
+    for name, value in extra.items():
+        getattr(event, name).FromDatetime(value)
+    return event.SerializeToString()
+
+
+async def _done(ingest: UsageIngest, expected: int) -> bool:
+    return ingest.counters.messages >= expected
+
+
+async def test_hardware_failure_events_lead_to_refund(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    client = await nats.connect(nats_url)
+    js = client.jetstream()
+    await js.add_stream(
+        StreamConfig(name=subjects.EVENT_STREAM, subjects=list(subjects.EVENT_SUBJECTS))
+    )
+    await js.add_stream(
+        StreamConfig(name=subjects.AGENT_STREAM, subjects=list(subjects.AGENT_SUBJECTS))
+    )
+    stop = asyncio.Event()
+    facts = FactConsumers(db, ledger)
+    tasks = [
+        asyncio.create_task(run_when_stream_exists(js, consumer, stop, poll_s=0.1))
+        for consumer in facts.consumers(js)
+    ]
+    try:
+        items = [sample(f"node-1/{i}", "job-e", T0 + timedelta(minutes=i)) for i in range(60)]
+        async with running_ingest(nats_url, db) as (usage_js, ingest):
+            await usage_js.publish(subjects.usage_subject("prov-a", "r1", "node-1"), report(items))
+            await wait_until(functools.partial(_done, ingest, 1))
+
+        failed_at = T0 + timedelta(minutes=60)
+        await js.publish(
+            subjects.job_event_subject("admitted"),
+            _job_event(events_pb2.JOB_EVENT_KIND_ADMITTED, scheduler_pb2.JOB_STATE_STARTING, T0),
+        )
+        health = agent_pb2.HealthEvent(
+            event_id="node-1/boot-1/3",
+            node=agent_pb2.NodeRef(provider_id="prov-a", region_id="r1", node_id="node-1"),
+            accelerator_id="GPU-0",
+            condition="xid",
+            xid=79,
+            severity=agent_pb2.HEALTH_SEVERITY_FATAL,
+        )
+        health.time.FromDatetime(failed_at - timedelta(seconds=5))
+        await js.publish(
+            subjects.health_subject("prov-a", "r1", "node-1"), health.SerializeToString()
+        )
+        task = agent_pb2.TaskEvent(
+            event_id="node-1/boot-1/4",
+            task_id="job-e/0/0",
+            job_id="job-e",
+            state=agent_pb2.TASK_STATE_FAILED_HARDWARE,
+            health_event_id="node-1/boot-1/3",
+        )
+        await js.publish(subjects.task_subject("prov-a", "r1", "node-1"), task.SerializeToString())
+        await js.publish(
+            subjects.job_event_subject("ended"),
+            _job_event(
+                events_pb2.JOB_EVENT_KIND_ENDED,
+                scheduler_pb2.JOB_STATE_FAILED,
+                failed_at,
+                last_checkpoint_time=T0 + timedelta(minutes=40),
+            ),
+        )
+
+        async def recorded() -> bool:
+            ended = await count(
+                db,
+                "SELECT count(*) FROM metering.jobs WHERE ended_at IS NOT NULL "
+                "AND end_trigger = 'health:node-1/boot-1/3'",
+            )
+            events = await count(db, "SELECT count(*) FROM metering.health_events")
+            return ended == 1 and events == 1
+
+        await wait_until(recorded)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 15)
+        await client.close()
+
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=2))))
+    rate = default_rate_card().rate_per_second("A100-SXM4-80GB")
+    assert ledger.total_charged() == 3600 * rate
+    assert ledger.settled == {"settle/job-e/0": "hold-e"}
+    _, amount, reason = ledger.refunds["refund/job-e/0"]
+    # Samples from the checkpoint at 0:40 to the fault at 0:59:55: twenty one-minute samples.
+    assert amount == 20 * 60 * rate
+    assert "xid 79 on GPU-0" in reason
