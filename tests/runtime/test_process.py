@@ -165,7 +165,9 @@ async def test_sigterm_finishes_in_flight_call(
         )
         await asyncio.wait_for(read_until(process.stderr, "sleep started", seen), PROCESS_TIMEOUT_S)
         process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(read_until(process.stderr, "shutting down", seen), PROCESS_TIMEOUT_S)
+        await asyncio.wait_for(
+            read_until(process.stderr, "finishing in-flight calls", seen), PROCESS_TIMEOUT_S
+        )
         # New calls are not served while the first one keeps running. Depending on when the
         # call reaches the draining server, grpc cancels it, refuses it or lets it time out.
         with pytest.raises(grpc.aio.AioRpcError) as refused:
