@@ -28,13 +28,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Final
 
 import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client
+from nats.aio.client import Client, Server
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, KeyValueConfig, PubAck, StreamConfig, StreamInfo
 from nats.js.client import JetStreamContext
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S: Final = 10.0
 RECONNECT_WAIT_S: Final = 2
+RECONNECT_BASE_S: Final = 0.25
+RECONNECT_MAX_WAIT_S: Final = 10.0
 DRAIN_TIMEOUT_S: Final = 10
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
 
@@ -68,8 +71,9 @@ _settled = _meter.create_counter(
 async def connect_nats(settings: Settings, name: str) -> Client:
     """Connect to ``ACSP_NATS_URL`` within CONNECT_TIMEOUT_S; raise SettingsError if it fails.
 
-    After the first connection the client reconnects forever, every RECONNECT_WAIT_S seconds
-    (nats-py adds jitter), and buffers publishes meanwhile.
+    The first connection retries every RECONNECT_WAIT_S seconds until CONNECT_TIMEOUT_S. After
+    it, the client reconnects forever with jittered exponential backoff (RECONNECT_BASE_S
+    doubling up to RECONNECT_MAX_WAIT_S) and buffers publishes meanwhile.
     """
     url: str = settings.require("nats_url")
     options: dict[str, Any] = {
@@ -82,6 +86,7 @@ async def connect_nats(settings: Settings, name: str) -> Client:
         "error_cb": _log_error,
         "disconnected_cb": _log_disconnected,
         "reconnected_cb": _log_reconnected,
+        "reconnect_to_server_handler": _reconnect_backoff,
     }
     if settings.nats_user is not None:
         options["user"] = settings.nats_user
@@ -123,6 +128,15 @@ async def close_nats(client: Client, timeout_s: float = DRAIN_TIMEOUT_S) -> None
 async def _close_quietly(client: Client) -> None:
     with contextlib.suppress(nats.errors.Error, OSError):
         await client.close()
+
+
+def _reconnect_backoff(
+    servers: list[Server], server_info: dict[str, Any]
+) -> tuple[Server | None, float]:
+    # Try the server with the fewest failed attempts; the delay doubles with its failures.
+    server = min(servers, key=lambda candidate: candidate.reconnects)
+    delay = min(RECONNECT_MAX_WAIT_S, RECONNECT_BASE_S * 2**server.reconnects)
+    return server, delay * random.uniform(0.5, 1.0)
 
 
 async def _log_error(error: Exception) -> None:

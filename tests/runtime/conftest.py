@@ -27,6 +27,15 @@ TEST_NATS_URL = os.environ.get("ACSP_TEST_NATS_URL", "nats://127.0.0.1:4222")
 START_TIMEOUT_S = 20.0
 
 
+async def poll_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait until ``condition()`` is true, checking every 50 ms; raise TimeoutError after."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+
+
 @dataclass(frozen=True)
 class Keys:
     """A token key pair in a temporary data dir."""
