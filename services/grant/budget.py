@@ -19,9 +19,9 @@ from services.grant import ledger_rules as rules
 from services.grant.amounts import ZERO
 from services.grant.errors import NotFound
 from services.grant.events import EventKind, OutboxEvent, write_events
-from services.grant.ledger import allocation_pot_name, grant_pot_name
 from services.grant.ledger_ops import Cause
 from services.grant.ledger_rules import GrantState, Movement, Pot
+from services.grant.ledger_state import allocation_pot_name, grant_pot_name, pot_from_row
 from services.grant.review_rules import RatePolicy, Tier
 
 
@@ -52,17 +52,6 @@ async def lock_grant(conn: asyncpg.Connection, grant_id: str) -> asyncpg.Record:
 
 def grant_state(row: asyncpg.Record) -> GrantState:
     return GrantState(row["id"], row["starts_at"], row["ends_at"], row["expired"])
-
-
-def pot_of(name: str, row: asyncpg.Record) -> Pot:
-    return Pot(
-        name=name,
-        credited=row["credited"],
-        available=row["available"],
-        held=row["held"],
-        consumed=row["consumed"],
-        refunded=row["refunded"],
-    )
 
 
 async def existing_entry(conn: asyncpg.Connection, key: str) -> asyncpg.Record | None:
@@ -159,7 +148,9 @@ async def award_grant(
         cause.actor,
         now,
     )
-    movement = rules.award(grant_state(row), pot_of(grant_pot_name(grant_id), row), new.amount)
+    movement = rules.award(
+        grant_state(row), pot_from_row(grant_pot_name(grant_id), row), new.amount
+    )
     await insert_entry(conn, key, movement, grant_id, cause, now)
     await write_pot(conn, movement.pots[0])
     await write_events(
@@ -177,7 +168,7 @@ async def supplement_grant(
         return
     row = await lock_grant(conn, grant_id)
     movement = rules.award(
-        grant_state(row), pot_of(grant_pot_name(grant_id), row), amount, supplement=True
+        grant_state(row), pot_from_row(grant_pot_name(grant_id), row), amount, supplement=True
     )
     await insert_entry(conn, key, movement, grant_id, cause, now)
     await write_pot(conn, movement.pots[0])
@@ -211,9 +202,9 @@ async def create_sub_allocation(
         )
         if parent_row is None:
             raise NotFound("sub-allocation", parent_id)
-        parent = pot_of(allocation_pot_name(parent_id), parent_row)
+        parent = pot_from_row(allocation_pot_name(parent_id), parent_row)
     else:
-        parent = pot_of(grant_pot_name(grant_id), row)
+        parent = pot_from_row(grant_pot_name(grant_id), row)
     allocation_id = f"sub-{uuid.uuid4().hex[:16]}"
     child = Pot(allocation_pot_name(allocation_id), ZERO, ZERO, ZERO, ZERO, ZERO)
     movement = rules.transfer(grant, parent, child, amount, now)
@@ -243,8 +234,8 @@ async def expire_grant(
     allocation_rows = await conn.fetch(
         "SELECT * FROM allocations WHERE grant_id = $1 ORDER BY id FOR UPDATE", grant_id
     )
-    pots = [pot_of(grant_pot_name(grant_id), row)]
-    pots.extend(pot_of(allocation_pot_name(a["id"]), a) for a in allocation_rows)
+    pots = [pot_from_row(grant_pot_name(grant_id), row)]
+    pots.extend(pot_from_row(allocation_pot_name(a["id"]), a) for a in allocation_rows)
     movement = rules.expire(grant_state(row), pots)
     await insert_entry(conn, f"expiry:{grant_id}", movement, grant_id, cause, now)
     for pot in movement.pots:

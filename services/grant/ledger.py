@@ -16,16 +16,16 @@ import logging
 import random
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Final
+from typing import Final
 
 import asyncpg
 
 from services.grant import ledger_rules as rules
 from services.grant.errors import FailedPrecondition, NotFound
-from services.grant.events import EventKind, OutboxEvent, write_events
+from services.grant.events import EventKind, OutboxEvent
 from services.grant.ledger_ops import (
     ChargeRequest,
     EntryResult,
@@ -33,7 +33,15 @@ from services.grant.ledger_ops import (
     LedgerRequest,
     ReleaseRequest,
 )
-from services.grant.ledger_rules import EntryKind, GrantState, HoldBalance, Movement, Pot
+from services.grant.ledger_rules import EntryKind, GrantState, HoldBalance, Movement
+from services.grant.ledger_state import (
+    AppliedEntry,
+    BatchState,
+    allocation_pot_name,
+    grant_pot_name,
+    pot_from_row,
+)
+from services.grant.ledger_writes import write_batch
 from services.runtime.db import Database
 from services.runtime.errors import Unavailable
 
@@ -67,37 +75,6 @@ class _Duplicate:
 
 WRITTEN: Final = _Written()
 _Pending = EntryResult | Exception | _Written | _Duplicate
-
-
-@dataclass
-class _Batch:
-    """Rows locked for one batch and the changes applied to them so far."""
-
-    now: datetime
-    grants: dict[str, GrantState] = field(default_factory=dict)
-    grant_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
-    pots: dict[str, Pot] = field(default_factory=dict)
-    """Keyed by pot name: ``grant:<id>`` or ``sub_allocation:<id>``."""
-    pot_grant: dict[str, str] = field(default_factory=dict)
-    holds: dict[str, HoldBalance] = field(default_factory=dict)
-    hold_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
-    new_holds: set[str] = field(default_factory=set)
-    existing: dict[str, asyncpg.Record] = field(default_factory=dict)
-    changed_pots: set[str] = field(default_factory=set)
-    changed_holds: set[str] = field(default_factory=set)
-    entries: list[tuple[LedgerRequest, Movement, str, str | None, str | None, str]] = field(
-        default_factory=list
-    )
-    """(request, movement, grant id, hold id, allocation id, job id) for each applied request."""
-    events: list[OutboxEvent] = field(default_factory=list)
-
-
-def grant_pot_name(grant_id: str) -> str:
-    return f"grant:{grant_id}"
-
-
-def allocation_pot_name(allocation_id: str) -> str:
-    return f"sub_allocation:{allocation_id}"
 
 
 class Ledger:
@@ -147,7 +124,7 @@ class Ledger:
     async def _apply_once(
         self, conn: asyncpg.Connection, requests: Sequence[LedgerRequest], atomic: bool
     ) -> list[Outcome]:
-        batch = _Batch(now=datetime.now(UTC))
+        batch = BatchState(now=datetime.now(UTC))
         async with conn.transaction():
             outcomes = await self._lock_and_apply(conn, batch, requests)
             if atomic:
@@ -155,17 +132,22 @@ class Ledger:
                     if isinstance(outcome, Exception):
                         # Nothing is written yet, so leaving the transaction undoes only locks.
                         raise RequestRejected(index, outcome)
-            written = await self._write(conn, batch) if batch.entries else {}
+            written = await write_batch(conn, batch) if batch.entries else {}
         return _finish(outcomes, requests, written)
 
     async def _lock_and_apply(
-        self, conn: asyncpg.Connection, batch: _Batch, requests: Sequence[LedgerRequest]
+        self, conn: asyncpg.Connection, batch: BatchState, requests: Sequence[LedgerRequest]
     ) -> list[_Pending]:
         hold_ids = sorted({r.hold_id for r in requests if not isinstance(r, HoldRequest)})
         hold_grants: dict[str, str] = {}
+        hold_allocations: set[str] = set()
         if hold_ids:
-            rows = await conn.fetch("SELECT id, grant_id FROM holds WHERE id = ANY($1)", hold_ids)
+            # A hold's grant and sub-allocation never change, so reading them unlocked is safe.
+            rows = await conn.fetch(
+                "SELECT id, grant_id, allocation_id FROM holds WHERE id = ANY($1)", hold_ids
+            )
             hold_grants = {r["id"]: r["grant_id"] for r in rows}
+            hold_allocations = {r["allocation_id"] for r in rows if r["allocation_id"]}
         project_ids = sorted(
             {
                 r.project_id
@@ -186,10 +168,10 @@ class Ledger:
         for ids in project_grants.values():
             grant_ids.update(ids)
         await self._lock_grants(conn, batch, sorted(grant_ids))
-        allocation_ids = sorted(
-            {r.allocation_id for r in requests if isinstance(r, HoldRequest) and r.allocation_id}
-        )
-        await self._lock_allocations(conn, batch, allocation_ids, hold_ids)
+        allocation_ids = {
+            r.allocation_id for r in requests if isinstance(r, HoldRequest) and r.allocation_id
+        }
+        await self._lock_allocations(conn, batch, sorted(allocation_ids | hold_allocations))
         await self._lock_holds(conn, batch, hold_ids)
         keys = [r.key for r in requests]
         rows = await conn.fetch(
@@ -211,7 +193,9 @@ class Ledger:
                 outcomes.append(error)
         return outcomes
 
-    async def _lock_grants(self, conn: asyncpg.Connection, batch: _Batch, ids: list[str]) -> None:
+    async def _lock_grants(
+        self, conn: asyncpg.Connection, batch: BatchState, ids: list[str]
+    ) -> None:
         if not ids:
             return
         rows = await conn.fetch(
@@ -222,37 +206,29 @@ class Ledger:
             batch.grants[grant.grant_id] = grant
             batch.grant_meta[grant.grant_id] = dict(row)
             name = grant_pot_name(grant.grant_id)
-            batch.pots[name] = _pot(name, row)
+            batch.pots[name] = pot_from_row(name, row)
             batch.pot_grant[name] = grant.grant_id
 
     async def _lock_allocations(
-        self,
-        conn: asyncpg.Connection,
-        batch: _Batch,
-        allocation_ids: list[str],
-        hold_ids: list[str],
+        self, conn: asyncpg.Connection, batch: BatchState, ids: list[str]
     ) -> None:
-        rows = await conn.fetch(
-            """
-            SELECT * FROM allocations
-            WHERE id = ANY($1)
-               OR id IN (SELECT allocation_id FROM holds WHERE id = ANY($2))
-            ORDER BY id FOR UPDATE
-            """,
-            allocation_ids,
-            hold_ids,
-        )
-        for row in rows:
-            name = allocation_pot_name(row["id"])
-            batch.pots[name] = _pot(name, row)
-            batch.pot_grant[name] = row["grant_id"]
-
-    async def _lock_holds(self, conn: asyncpg.Connection, batch: _Batch, ids: list[str]) -> None:
         if not ids:
             return
         rows = await conn.fetch(
-            "SELECT * FROM holds WHERE id = ANY($1) ORDER BY id FOR UPDATE", ids
+            "SELECT * FROM allocations WHERE id = ANY($1) ORDER BY id FOR UPDATE", ids
         )
+        for row in rows:
+            name = allocation_pot_name(row["id"])
+            batch.pots[name] = pot_from_row(name, row)
+            batch.pot_grant[name] = row["grant_id"]
+
+    async def _lock_holds(
+        self, conn: asyncpg.Connection, batch: BatchState, ids: list[str]
+    ) -> None:
+        if not ids:
+            return
+        # The grant locks already serialise every change to these holds.
+        rows = await conn.fetch("SELECT * FROM holds WHERE id = ANY($1)", ids)
         for row in rows:
             batch.hold_rows[row["id"]] = dict(row)
             batch.holds[row["id"]] = HoldBalance(
@@ -266,7 +242,7 @@ class Ledger:
             )
 
     def _apply_one(
-        self, batch: _Batch, request: LedgerRequest, project_grants: dict[str, list[str]]
+        self, batch: BatchState, request: LedgerRequest, project_grants: dict[str, list[str]]
     ) -> _Pending:
         stored = batch.existing.get(request.key)
         if stored is not None:
@@ -307,7 +283,7 @@ class Ledger:
         return WRITTEN
 
     def _hold(
-        self, batch: _Batch, request: HoldRequest, project_grants: dict[str, list[str]]
+        self, batch: BatchState, request: HoldRequest, project_grants: dict[str, list[str]]
     ) -> _Pending:
         if request.grant_id:
             grant = batch.grants.get(request.grant_id)
@@ -341,7 +317,7 @@ class Ledger:
 
     def _record(
         self,
-        batch: _Batch,
+        batch: BatchState,
         request: LedgerRequest,
         movement: Movement,
         grant_id: str,
@@ -357,7 +333,9 @@ class Ledger:
         if movement.hold is not None and hold_id is not None:
             batch.holds[hold_id] = movement.hold
             batch.changed_holds.add(hold_id)
-        batch.entries.append((request, movement, grant_id, hold_id, allocation_id, job_id))
+        batch.entries.append(
+            AppliedEntry(request, movement, grant_id, hold_id, allocation_id, job_id)
+        )
         meta = batch.grant_meta[grant_id]
         after = batch.pots[grant_pot]
         if not meta["low_notified"] and rules.crossed_low(
@@ -377,149 +355,6 @@ class Ledger:
                     reason=f"available fell below {self._low_fraction} of credited",
                 )
             )
-
-    async def _write(self, conn: asyncpg.Connection, batch: _Batch) -> dict[str, asyncpg.Record]:
-        """Write the batch's holds, entries, postings, balances and events; return new entries."""
-        new_holds = [batch.holds[h] for h in sorted(batch.new_holds)]
-        if new_holds:
-            await conn.execute(
-                """
-                INSERT INTO holds (id, grant_id, allocation_id, job_id, amount, remaining)
-                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
-                                     $5::numeric[], $6::numeric[])
-                """,
-                [h.hold_id for h in new_holds],
-                [batch.hold_rows[h.hold_id]["grant_id"] for h in new_holds],
-                [batch.hold_rows[h.hold_id]["allocation_id"] for h in new_holds],
-                [batch.hold_rows[h.hold_id]["job_id"] for h in new_holds],
-                [h.amount for h in new_holds],
-                [h.amount for h in new_holds],
-            )
-        rows = await conn.fetch(
-            """
-            INSERT INTO ledger_entries (idempotency_key, request_digest, kind, grant_id, hold_id,
-                                        allocation_id, job_id, amount, from_held, actor, trigger,
-                                        reason, created_at)
-            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                 $6::text[], $7::text[], $8::numeric[], $9::numeric[],
-                                 $10::text[], $11::text[], $12::text[], $13::timestamptz[])
-            RETURNING *
-            """,
-            *_entry_columns(batch),
-        )
-        written = {r["idempotency_key"]: r for r in rows}
-        entry_ids: list[int] = []
-        accounts: list[str] = []
-        amounts: list[Decimal] = []
-        for request, movement, *_ in batch.entries:
-            entry_id = written[request.key]["id"]
-            for posting in movement.postings:
-                entry_ids.append(entry_id)
-                accounts.append(posting.account)
-                amounts.append(posting.amount)
-        if entry_ids:
-            await conn.execute(
-                """
-                INSERT INTO postings (entry_id, account, amount)
-                SELECT * FROM unnest($1::bigint[], $2::text[], $3::numeric[])
-                """,
-                entry_ids,
-                accounts,
-                amounts,
-            )
-        await self._write_pots(conn, batch)
-        await self._write_holds(conn, batch)
-        await write_events(conn, batch.events)
-        return written
-
-    async def _write_pots(self, conn: asyncpg.Connection, batch: _Batch) -> None:
-        changed = [batch.pots[name] for name in sorted(batch.changed_pots)]
-        grants = [p for p in changed if p.name.startswith("grant:")]
-        allocations = [p for p in changed if p.name.startswith("sub_allocation:")]
-        for table, pots, prefix in (
-            ("grants", grants, "grant:"),
-            ("allocations", allocations, "sub_allocation:"),
-        ):
-            if not pots:
-                continue
-            extra = ", low_notified = v.low_notified" if table == "grants" else ""
-            low = [
-                bool(batch.grant_meta.get(p.name.removeprefix(prefix), {}).get("low_notified"))
-                for p in pots
-            ]
-            await conn.execute(
-                f"""
-                UPDATE {table} AS t
-                SET credited = v.credited, available = v.available, held = v.held,
-                    consumed = v.consumed, refunded = v.refunded{extra}
-                FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::numeric[],
-                            $5::numeric[], $6::numeric[], $7::boolean[])
-                     AS v(id, credited, available, held, consumed, refunded, low_notified)
-                WHERE t.id = v.id
-                """,
-                [p.name.removeprefix(prefix) for p in pots],
-                [p.credited for p in pots],
-                [p.available for p in pots],
-                [p.held for p in pots],
-                [p.consumed for p in pots],
-                [p.refunded for p in pots],
-                low,
-            )
-
-    async def _write_holds(self, conn: asyncpg.Connection, batch: _Batch) -> None:
-        holds = [batch.holds[h] for h in sorted(batch.changed_holds)]
-        if not holds:
-            return
-        await conn.execute(
-            """
-            UPDATE holds AS h
-            SET remaining = v.remaining, charged = v.charged, refunded = v.refunded,
-                released = v.released, settled = v.settled
-            FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::numeric[], $5::numeric[],
-                        $6::boolean[]) AS v(id, remaining, charged, refunded, released, settled)
-            WHERE h.id = v.id
-            """,
-            [h.hold_id for h in holds],
-            [h.remaining for h in holds],
-            [h.charged for h in holds],
-            [h.refunded for h in holds],
-            [h.released for h in holds],
-            [h.settled for h in holds],
-        )
-
-
-def _pot(name: str, row: asyncpg.Record) -> Pot:
-    return Pot(
-        name=name,
-        credited=row["credited"],
-        available=row["available"],
-        held=row["held"],
-        consumed=row["consumed"],
-        refunded=row["refunded"],
-    )
-
-
-def _entry_columns(batch: _Batch) -> list[list[Any]]:
-    columns: list[list[Any]] = [[] for _ in range(13)]
-    for request, movement, grant_id, hold_id, allocation_id, job_id in batch.entries:
-        values = (
-            request.key,
-            request.digest(),
-            movement.kind.value,
-            grant_id,
-            hold_id,
-            allocation_id,
-            job_id,
-            movement.amount,
-            movement.from_held,
-            request.cause.actor,
-            request.cause.trigger,
-            request.cause.reason,
-            batch.now,
-        )
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    return columns
 
 
 def _result_from_row(row: asyncpg.Record, *, applied: bool) -> EntryResult:

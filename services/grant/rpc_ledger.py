@@ -16,7 +16,7 @@ from services.grant import ledger_rules as rules
 from services.grant.amounts import EXACT, ZERO
 from services.grant.app import GrantApp, page_in, page_out, reference_in, request_id_in
 from services.grant.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.grant.ledger import RequestRejected, allocation_pot_name, grant_pot_name
+from services.grant.ledger import RequestRejected
 from services.grant.ledger_ops import (
     Cause,
     ChargeRequest,
@@ -26,6 +26,7 @@ from services.grant.ledger_ops import (
     RefundRequest,
     ReleaseRequest,
 )
+from services.grant.ledger_state import allocation_pot_name, grant_pot_name, pot_from_row
 from services.grant.review_rules import Tier, check_supplement
 from services.runtime.auth import Principal, current_principal
 from services.runtime.context import request_id
@@ -217,7 +218,7 @@ class LedgerHandlers:
             if request.grant_id:
                 view = await _visible_grant(conn, request.grant_id)
                 grant = budget.grant_state(view.row)
-                pot = budget.pot_of(grant_pot_name(grant.grant_id), view.row)
+                pot = pot_from_row(grant_pot_name(grant.grant_id), view.row)
                 if request.sub_allocation_id:
                     row = await conn.fetchrow(
                         "SELECT * FROM allocations WHERE id = $1 AND grant_id = $2",
@@ -226,7 +227,7 @@ class LedgerHandlers:
                     )
                     if row is None:
                         raise NotFound("sub-allocation", request.sub_allocation_id)
-                    pot = budget.pot_of(allocation_pot_name(row["id"]), row)
+                    pot = pot_from_row(allocation_pot_name(row["id"]), row)
                 available = pot.available if grant.is_open_at(now) else ZERO
                 grant_id = grant.grant_id
             else:
@@ -236,7 +237,7 @@ class LedgerHandlers:
                     "SELECT * FROM grants WHERE project_id = $1 AND NOT expired", project_id
                 )
                 candidates = [
-                    (budget.grant_state(r), budget.pot_of(grant_pot_name(r["id"]), r)) for r in rows
+                    (budget.grant_state(r), pot_from_row(grant_pot_name(r["id"]), r)) for r in rows
                 ]
                 try:
                     chosen, pot = rules.choose_grant(candidates, amount, now)
@@ -283,6 +284,17 @@ class LedgerHandlers:
             cause=_cause(principal, "PlaceHold"),
         )
         result = _raise_outcome(await self.app.ledger_batcher().submit(hold))
+        if result.applied:
+            # A hold this call created has nothing charged or released yet.
+            return grant_pb2.Hold(
+                hold_id=result.hold_id or "",
+                grant_id=result.grant_id,
+                sub_allocation_id=result.allocation_id or "",
+                job_id=result.job_id,
+                held_pf_days=cv.amount_out(result.amount),
+                charged_pf_days=cv.amount_out(ZERO),
+                released_pf_days=cv.amount_out(ZERO),
+            )
         async with self.app.database().acquire() as conn:
             return cv.hold_out(await views.hold_row(conn, result.hold_id or ""))
 
@@ -307,8 +319,14 @@ class LedgerHandlers:
                 )
             )
         try:
-            # All or nothing, so a rejected charge never leaves its batch half applied.
-            outcomes = await self.app.direct_ledger().apply(charges, atomic=True)
+            if len(charges) == 1:
+                # One charge is all or nothing anyway, so it may share a batch with others.
+                outcomes = [await self.app.ledger_batcher().submit(charges[0])]
+                if isinstance(outcomes[0], FailedPrecondition | NotFound):
+                    raise RequestRejected(0, outcomes[0])
+            else:
+                # All or nothing, so a rejected charge never leaves its call half applied.
+                outcomes = await self.app.direct_ledger().apply(charges, atomic=True)
         except RequestRejected as rejected:
             error = rejected.error
             if isinstance(error, FailedPrecondition):

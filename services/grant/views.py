@@ -10,10 +10,9 @@ from decimal import Decimal
 import asyncpg
 
 from services.grant import ledger_rules as rules
-from services.grant.budget import pot_of
 from services.grant.errors import NotFound
-from services.grant.ledger import allocation_pot_name, grant_pot_name
 from services.grant.ledger_rules import RolledBalance
+from services.grant.ledger_state import allocation_pot_name, grant_pot_name, pot_from_row
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +33,7 @@ def _roll(
     by_id = {a["id"]: a for a in allocations}
     below = rules.subtree(root, parents)
     return rules.roll_up(
-        pot_of(name, row), (pot_of(allocation_pot_name(i), by_id[i]) for i in below)
+        pot_from_row(name, row), (pot_from_row(allocation_pot_name(i), by_id[i]) for i in below)
     )
 
 
