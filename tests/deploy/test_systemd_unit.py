@@ -1,4 +1,4 @@
-"""The agent's systemd unit: accepted by systemd-analyze and hardened."""
+"""The agent's and the leaf node's systemd units: accepted by systemd-analyze and hardened."""
 
 from __future__ import annotations
 
@@ -11,17 +11,26 @@ from pathlib import Path
 
 import pytest
 
-UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "acsp-agent.service"
-INSTALLED_PYTHON = "/opt/acsp/venv/bin/python"
+from tests.deploy.nats_processes import nats_server_binary
+
+SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
+UNIT = SYSTEMD_DIR / "acsp-agent.service"
+LEAF_UNIT = SYSTEMD_DIR / "acsp-nats-leaf.service"
+# The path each unit starts, and what replaces it here: verify requires an executable.
+INSTALLED_BINARIES = {
+    UNIT.name: ("/opt/acsp/venv/bin/python", sys.executable),
+    LEAF_UNIT.name: ("/usr/local/bin/nats-server", nats_server_binary() or "/bin/true"),
+}
+UNITS = [UNIT, LEAF_UNIT]
 # systemd-analyze security rates 0 (locked down) to 10 (unprotected); 2.0 and below is "OK".
 MAX_EXPOSURE = 2.0
 
 
-def _settings() -> dict[str, list[str]]:
+def _settings(unit: Path) -> dict[str, list[str]]:
     """Return each [Service] key with all its values (keys may repeat in unit files)."""
     values: dict[str, list[str]] = {}
     section = None
-    for line in UNIT.read_text().splitlines():
+    for line in unit.read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -34,10 +43,11 @@ def _settings() -> dict[str, list[str]]:
     return values
 
 
-def _unit_for_this_host(tmp_path: Path) -> Path:
-    """Copy the unit with ExecStart pointing at this interpreter, which verify requires."""
-    copy = tmp_path / UNIT.name
-    copy.write_text(UNIT.read_text().replace(INSTALLED_PYTHON, sys.executable))
+def _unit_for_this_host(unit: Path, tmp_path: Path) -> Path:
+    """Copy the unit with ExecStart pointing at an executable of this host."""
+    installed, here = INSTALLED_BINARIES[unit.name]
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text().replace(installed, here))
     return copy
 
 
@@ -48,9 +58,10 @@ def _systemd_analyze() -> str:
     return binary
 
 
-def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", UNITS, ids=[unit.name for unit in UNITS])
+def test_unit_passes_systemd_analyze_verify(unit: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [_systemd_analyze(), "verify", str(_unit_for_this_host(tmp_path))],
+        [_systemd_analyze(), "verify", str(_unit_for_this_host(unit, tmp_path))],
         capture_output=True,
         text=True,
         timeout=60,
@@ -61,14 +72,15 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert result.stderr.strip() == "", result.stderr
 
 
-def test_unit_exposure_score_is_ok(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", UNITS, ids=[unit.name for unit in UNITS])
+def test_unit_exposure_score_is_ok(unit: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [
             _systemd_analyze(),
             "security",
             "--offline=true",
             "--no-pager",
-            str(_unit_for_this_host(tmp_path)),
+            str(_unit_for_this_host(unit, tmp_path)),
         ],
         capture_output=True,
         text=True,
@@ -81,8 +93,8 @@ def test_unit_exposure_score_is_ok(tmp_path: Path) -> None:
     assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
 
 
-def test_unit_runs_as_own_user_without_privileges() -> None:
-    settings = _settings()
+def test_agent_unit_runs_without_privileges() -> None:
+    settings = _settings(UNIT)
     assert settings["User"] == ["acsp-agent"]
     assert settings["NoNewPrivileges"] == ["yes"]
     assert settings["ProtectSystem"] == ["strict"]
@@ -92,9 +104,20 @@ def test_unit_runs_as_own_user_without_privileges() -> None:
     assert settings["DevicePolicy"] == ["closed"]
 
 
-def test_unit_file_parses_as_ini() -> None:
+def test_leaf_unit_has_no_writable_path() -> None:
+    settings = _settings(LEAF_UNIT)
+    assert settings["User"] == ["acsp-nats"]
+    assert settings["NoNewPrivileges"] == ["yes"]
+    assert settings["ProtectSystem"] == ["strict"]
+    assert settings["PrivateDevices"] == ["yes"]
+    assert "ReadWritePaths" not in settings
+    assert "StateDirectory" not in settings
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=[unit.name for unit in UNITS])
+def test_unit_file_parses_as_ini(unit: Path) -> None:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read_string(UNIT.read_text())
+    parser.read_string(unit.read_text())
     assert parser.sections() == ["Unit", "Service", "Install"]
     assert parser["Install"]["WantedBy"] == "multi-user.target"
