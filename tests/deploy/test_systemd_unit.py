@@ -16,7 +16,7 @@ from tests.deploy.nats_processes import nats_server_binary
 SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 UNIT = SYSTEMD_DIR / "acsp-agent.service"
 LEAF_UNIT = SYSTEMD_DIR / "acsp-nats-leaf.service"
-# The path each unit starts, and what replaces it here: verify requires an executable.
+# The program each unit starts, and the local executable that replaces it for verify.
 INSTALLED_BINARIES = {
     UNIT.name: ("/opt/acsp/venv/bin/python", sys.executable),
     LEAF_UNIT.name: ("/usr/local/bin/nats-server", nats_server_binary() or "/bin/true"),
@@ -45,9 +45,9 @@ def _settings(unit: Path) -> dict[str, list[str]]:
 
 def _unit_for_this_host(unit: Path, tmp_path: Path) -> Path:
     """Copy the unit with ExecStart pointing at an executable of this host."""
-    installed, here = INSTALLED_BINARIES[unit.name]
+    installed, local = INSTALLED_BINARIES[unit.name]
     copy = tmp_path / unit.name
-    copy.write_text(unit.read_text().replace(installed, here))
+    copy.write_text(unit.read_text().replace(installed, local))
     return copy
 
 
