@@ -16,7 +16,7 @@ from decimal import Decimal
 import asyncpg
 
 from services.grant import ledger_rules as rules
-from services.grant.amounts import ZERO
+from services.grant.amounts import ZERO, format_amount
 from services.grant.errors import NotFound
 from services.grant.events import EventKind, OutboxEvent, write_events
 from services.grant.ledger_ops import Cause
@@ -40,6 +40,19 @@ class NewGrant:
     accelerator_models: tuple[str, ...]
     rate_policy: RatePolicy
     rate_card_version: int | None
+
+
+async def record_change(
+    conn: asyncpg.Connection, grant_id: str, action: str, actor: str, detail: str
+) -> None:
+    """Record who changed a grant and why, in the caller's transaction."""
+    await conn.execute(
+        "INSERT INTO grant_changes (grant_id, action, actor, detail) VALUES ($1, $2, $3, $4)",
+        grant_id,
+        action,
+        actor,
+        detail,
+    )
 
 
 async def lock_grant(conn: asyncpg.Connection, grant_id: str) -> asyncpg.Record:
@@ -173,6 +186,8 @@ async def supplement_grant(
     await insert_entry(conn, key, movement, grant_id, cause, now)
     await write_pot(conn, movement.pots[0])
     await conn.execute("UPDATE grants SET supplemented = true WHERE id = $1", grant_id)
+    detail = f"{format_amount(amount)} PF-days: {cause.reason}"
+    await record_change(conn, grant_id, "supplemented", cause.actor, detail)
 
 
 async def create_sub_allocation(
@@ -241,6 +256,8 @@ async def expire_grant(
     for pot in movement.pots:
         await write_pot(conn, pot)
     await conn.execute("UPDATE grants SET expired = true WHERE id = $1", grant_id)
+    detail = f"{format_amount(movement.amount)} PF-days returned to the program pool"
+    await record_change(conn, grant_id, "expired", cause.actor, detail)
     await write_events(
         conn,
         [_event(EventKind.EXPIRED, row, ZERO, cause, f"expiry:{grant_id}", now, "window ended")],

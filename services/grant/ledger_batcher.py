@@ -87,8 +87,14 @@ class LedgerBatcher:
             raise Unavailable("the ledger is not running; retry")
         timeout = context.remaining_s(self._default_timeout_s)
         if self._max_batch == 1:
-            async with asyncio.timeout(timeout):
-                outcomes = [(await self._ledger.apply([r]))[0] for r in requests]
+            try:
+                async with asyncio.timeout(timeout):
+                    outcomes = [(await self._ledger.apply([r]))[0] for r in requests]
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the ledger did not answer within {timeout:.3f} s; "
+                    "retry with the same request_id"
+                ) from None
             self._remember(requests, outcomes)
             return outcomes
         loop = asyncio.get_running_loop()

@@ -142,6 +142,10 @@ class LedgerHandlers:
                 grant_id,
                 new_end,
             )
+            detail = (
+                f"end moved from {row['ends_at'].isoformat()} to {new_end.isoformat()}: {reason}"
+            )
+            await budget.record_change(conn, grant_id, "extended", principal.subject, detail)
             view = await views.grant_view(conn, grant_id)
         log.info(
             "grant extended",

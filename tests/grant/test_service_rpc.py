@@ -12,6 +12,7 @@ import pytest
 
 from acsp.v1 import common_pb2, grant_pb2
 from services.runtime.errors import field_violations
+from tests.grant.conftest import open_database
 from tests.grant.service_helpers import RunningGrant, running_grant
 
 
@@ -400,3 +401,29 @@ async def test_history_pages_in_order(grant_service: RunningGrant) -> None:
             break
     assert len(seen) == 6
     assert seen == sorted(seen)
+
+
+async def test_extend_only_later_and_recorded(grant_service: RunningGrant, schema: str) -> None:
+    await setup_project(grant_service)
+    grant_id = await standard_grant(grant_service, "100")
+    office = grant_service.stub("office", ["program_office"])
+    grant = await office.GetGrant(grant_pb2.GetGrantRequest(grant_id=grant_id))
+    end = grant.validity.end_time.ToDatetime(tzinfo=UTC)
+    earlier = grant_pb2.ExtendGrantRequest(request_id=rid(), grant_id=grant_id, reason="x")
+    earlier.new_end_time.FromDatetime(end - timedelta(days=1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await office.ExtendGrant(earlier)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "new_end_time" in field_violations(caught.value)
+    later = grant_pb2.ExtendGrantRequest(request_id=rid(), grant_id=grant_id, reason="delays")
+    later.new_end_time.FromDatetime(end + timedelta(days=10))
+    extended = await office.ExtendGrant(later)
+    assert extended.validity.end_time.ToDatetime(tzinfo=UTC) == end + timedelta(days=10)
+    db = await open_database(schema, 1)
+    try:
+        async with db.acquire() as conn:
+            rows = await conn.fetch("SELECT action, actor, detail FROM grant_changes")
+    finally:
+        await db.close()
+    assert [(r["action"], r["actor"]) for r in rows] == [("extended", "office")]
+    assert "delays" in rows[0]["detail"]
