@@ -14,6 +14,7 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,6 +29,7 @@ from acsp.mesh._ports import is_listening
 from acsp.mesh.supervisor import MeshStartError
 from acsp.v1 import grant_pb2
 from tests.conftest import make_mesh_dir
+from tests.mesh.checks import SERVICE_FULL_NAMES, reflected_services
 
 EXTERNAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 EXTERNAL_NATS = "nats://127.0.0.1:4222"
@@ -60,17 +62,9 @@ def _alive(pid: int) -> bool:
 async def external_database() -> AsyncIterator[str]:
     """A fresh database on the PostgreSQL at 127.0.0.1:5432, dropped afterwards."""
     name = f"acsp_mesh_{uuid.uuid4().hex[:12]}"
-    connection = await asyncpg.connect(f"{EXTERNAL_POSTGRES}/postgres", timeout=10)
-    try:
-        await connection.execute(f'CREATE DATABASE "{name}"', timeout=10)
-    finally:
-        await connection.close(timeout=5)
+    await _execute_on_postgres(f'CREATE DATABASE "{name}"')
     yield f"{EXTERNAL_POSTGRES}/{name}"
-    connection = await asyncpg.connect(f"{EXTERNAL_POSTGRES}/postgres", timeout=10)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', timeout=30)
-    finally:
-        await connection.close(timeout=5)
+    await _execute_on_postgres(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -80,9 +74,49 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-async def test_acsp_up_on_external_servers_stops_cleanly(external_database: str, data_dir: Path):
-    env = dict(os.environ, ACSP_DATABASE_URL=external_database, ACSP_NATS_URL=EXTERNAL_NATS)
+@dataclass(frozen=True)
+class Servers:
+    """Which PostgreSQL and NATS a test mesh uses."""
+
+    kind: str
+    """``embedded``, or ``external`` for the servers already running on this machine."""
+    database_url: str | None = None
+    """The fresh database for ``external``."""
+
+
+@pytest.fixture(params=["embedded", "external"])
+def servers(request: pytest.FixtureRequest) -> Iterator[Servers]:
+    if request.param == "embedded":
+        yield Servers("embedded")
+        return
+    name = f"acsp_mesh_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_execute_on_postgres(f'CREATE DATABASE "{name}"'))
+    yield Servers("external", f"{EXTERNAL_POSTGRES}/{name}")
+    asyncio.run(_execute_on_postgres(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _execute_on_postgres(statement: str) -> None:
+    connection = await asyncpg.connect(f"{EXTERNAL_POSTGRES}/postgres", timeout=10)
+    try:
+        await connection.execute(statement, timeout=30)
+    finally:
+        await connection.close(timeout=5)
+
+
+async def test_acsp_up_serves_then_stops_cleanly(servers: Servers, data_dir: Path):
+    env = dict(os.environ)
     env.pop("ACSP_TOKEN", None)
+    env.pop("ACSP_DATABASE_URL", None)
+    env.pop("ACSP_NATS_URL", None)
+    expected = {"grant", "metering", "scheduler"}
+    if servers.database_url is not None:
+        env.update(ACSP_DATABASE_URL=servers.database_url, ACSP_NATS_URL=EXTERNAL_NATS)
+        # No fleet on the shared NATS server: its subjects would reach other test runs.
+        agents = 0
+    else:
+        expected |= {"postgres", "nats-server", "agents"}
+        agents = 1
+
     log_path = data_dir / "acsp-up.out"
     with log_path.open("wb") as log:
         up = await asyncio.create_subprocess_exec(
@@ -91,7 +125,7 @@ async def test_acsp_up_on_external_servers_stops_cleanly(external_database: str,
             "acsp.cli.main",
             "up",
             "--agents",
-            "0",
+            str(agents),
             "--data-dir",
             str(data_dir),
             stdout=log,
@@ -108,25 +142,14 @@ async def test_acsp_up_on_external_servers_stops_cleanly(external_database: str,
         assert up.returncode is None, log_path.read_text()
         info = load_mesh(data_dir)
         pids = json.loads(mesh_file.read_text())["pids"]
-        assert info.database_url == external_database
-        assert info.nats_url == EXTERNAL_NATS
-        assert "postgres" not in pids
-        assert "nats-server" not in pids
-        assert sorted(pids) == ["grant", "metering", "scheduler"]
+        assert set(pids) == expected
+        if servers.database_url is not None:
+            assert info.database_url == servers.database_url
+            assert info.nats_url == EXTERNAL_NATS
 
-        status = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "acsp.cli.main",
-            "status",
-            "--data-dir",
-            str(data_dir),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
-        status_out, status_err = await asyncio.wait_for(status.communicate(), 30)
-        assert status.returncode == 0, status_out.decode() + status_err.decode()
+        assert await _run_cli(["status", "--data-dir", str(data_dir)], env) == 0
+        for name in info.endpoints:
+            assert SERVICE_FULL_NAMES[name] in await reflected_services(info, name)
 
         token = await _mint_token_with_cli(data_dir, env)
         async with AsyncClient.from_mesh(info, token=token) as client:
@@ -137,6 +160,11 @@ async def test_acsp_up_on_external_servers_stops_cleanly(external_database: str,
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
         ports = [int(endpoint.rsplit(":", 1)[1]) for endpoint in info.endpoints.values()]
+        if servers.database_url is None:
+            for url in (info.database_url, info.nats_url):
+                port = urlsplit(url).port
+                assert port is not None
+                ports.append(port)
         up.send_signal(signal.SIGTERM)
         returncode = await asyncio.wait_for(up.wait(), 60)
     finally:
@@ -150,19 +178,20 @@ async def test_acsp_up_on_external_servers_stops_cleanly(external_database: str,
     for port in ports:
         assert not is_listening("127.0.0.1", port), f"port {port} still listens"
     assert not mesh_file.exists()
+    assert await _run_cli(["status", "--data-dir", str(data_dir)], env) == 3
 
-    status = await asyncio.create_subprocess_exec(
+
+async def _run_cli(arguments: list[str], env: dict[str, str]) -> int:
+    process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "acsp.cli.main",
-        "status",
-        "--data-dir",
-        str(data_dir),
+        *arguments,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
         env=env,
     )
-    assert await asyncio.wait_for(status.wait(), 30) == 3
+    return await asyncio.wait_for(process.wait(), 30)
 
 
 async def _mint_token_with_cli(data_dir: Path, env: dict[str, str]) -> str:

@@ -7,21 +7,15 @@ import sys
 
 import grpc
 import pytest
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from acsp.client import AsyncClient
 from acsp.mesh.credentials import prepare
 from acsp.mesh.health import check_health
 from acsp.v1 import grant_pb2, metering_pb2, scheduler_pb2
 from tests.conftest import MESH_AGENTS, RunningMesh, make_mesh_dir
+from tests.mesh.checks import SERVICE_FULL_NAMES, reflected_services
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-SERVICE_FULL_NAMES = {
-    "grant": "acsp.v1.GrantService",
-    "scheduler": "acsp.v1.SchedulerService",
-    "metering": "acsp.v1.MeteringService",
-}
 
 
 async def _list_calls(client: AsyncClient) -> dict[str, object]:
@@ -45,17 +39,8 @@ async def test_every_service_reports_serving(mesh: RunningMesh):
 
 
 async def test_reflection_lists_each_service(mesh: RunningMesh):
-    credentials = mesh.supervisor.client_credentials(token=None)
-    channel_credentials = grpc.ssl_channel_credentials(
-        credentials.ca_cert_pem, credentials.client_key_pem, credentials.client_cert_pem
-    )
-    for name, endpoint in mesh.info.endpoints.items():
-        async with grpc.aio.secure_channel(endpoint, channel_credentials) as channel:
-            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            request = reflection_pb2.ServerReflectionRequest(list_services="")
-            responses = stub.ServerReflectionInfo(iter([request]), timeout=5)
-            response = await responses.read()
-        listed = {service.name for service in response.list_services_response.service}
+    for name in mesh.info.endpoints:
+        listed = await reflected_services(mesh.info, name)
         assert SERVICE_FULL_NAMES[name] in listed
         assert "grpc.health.v1.Health" in listed
 
