@@ -27,11 +27,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final
 
+import asyncpg
 import grpc
+import nats.errors
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from services.runtime import auth, context
+from services.runtime.db import RETRYABLE_ERRORS
 from services.runtime.errors import (
     DeadlineExceeded,
     Internal,
@@ -115,6 +118,7 @@ class RequestLogInterceptor(ScopeInterceptor):
             log.debug(
                 "call finished",
                 extra={
+                    "request_id": request_id,
                     "method": method,
                     "code": code.name,
                     "duration_ms": round((time.perf_counter() - started) * 1000, 3),
@@ -225,12 +229,31 @@ def _translate(error: Exception, method: str) -> ServiceError:
         if code == grpc.StatusCode.UNAVAILABLE:
             log.warning("downstream call failed: %s", error.details(), extra={"method": method})
             return Unavailable(f"a downstream service is unavailable: {error.details()}")
-    if isinstance(error, TimeoutError):
-        log.warning("timed out waiting for a dependency", exc_info=True, extra={"method": method})
+    if isinstance(error, TimeoutError | nats.errors.TimeoutError):
+        log.warning("timed out waiting for a dependency", exc_info=error, extra={"method": method})
         return Unavailable("timed out waiting for a dependency; retry with backoff")
+    if isinstance(error, _UNREACHABLE_ERRORS):
+        log.warning("a dependency is unreachable: %s", error, extra={"method": method})
+        return Unavailable("the database or NATS is unreachable; retry with backoff")
+    if isinstance(error, RETRYABLE_ERRORS):
+        log.warning("transaction conflict was not retried: %s", error, extra={"method": method})
+        return Unavailable("the transaction conflicted with a concurrent one; retry it")
     error_id = uuid.uuid4().hex[:16]
     log.error("unexpected error", exc_info=error, extra={"method": method, "error_id": error_id})
     return Internal(f"internal error {error_id}; the service logged it under error_id={error_id}")
+
+
+# Connection failures of the database and NATS clients, and a database restart or query
+# cancellation (SQLSTATE class 57): transient, so the caller may retry.
+_UNREACHABLE_ERRORS: Final = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.exceptions.OperatorInterventionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.NoRespondersError,
+)
 
 
 class DeadlineInterceptor(ScopeInterceptor):

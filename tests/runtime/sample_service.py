@@ -61,6 +61,8 @@ class SampleServicer:
             raise NotFound("grant", "g-404")
         if request.value == "precondition":
             raise FailedPrecondition("the grant is closed", field="grant_id")
+        if request.value == "unreachable":
+            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
         raise RuntimeError("an unexpected bug")
 
     async def sleep(self, request: wrappers_pb2.DoubleValue, context: Any) -> Any:

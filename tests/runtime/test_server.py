@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from pathlib import Path
 
 import grpc
@@ -101,6 +103,11 @@ async def test_invalid_argument_names_field_and_fix(sample: RunningSample, keys:
     [
         ("missing", grpc.StatusCode.NOT_FOUND, "grant 'g-404' not found"),
         ("precondition", grpc.StatusCode.FAILED_PRECONDITION, "grant_id: the grant is closed"),
+        (
+            "unreachable",
+            grpc.StatusCode.UNAVAILABLE,
+            "the database or NATS is unreachable; retry with backoff",
+        ),
     ],
 )
 async def test_caller_errors_map_to_status(
@@ -112,8 +119,9 @@ async def test_caller_errors_map_to_status(
     assert caught.value.code() == code
     assert caught.value.details() == message
     status = details_from_error(caught.value)
-    assert status is not None
-    assert status.code == code.value[0]
+    if code != grpc.StatusCode.UNAVAILABLE:
+        assert status is not None
+        assert status.code == code.value[0]
 
 
 async def test_unexpected_exception_is_internal_with_error_id(
@@ -184,6 +192,36 @@ async def test_stop_finishes_in_flight_call(sample: RunningSample, keys: Keys) -
     sample.service.stop(grace_s=5.0)
     reply = await asyncio.wait_for(call, timeout=5)
     assert reply.value == 0.5
+
+
+async def test_health_turns_not_serving_on_stop(sample: RunningSample, keys: Keys) -> None:
+    sleep = sample.unary("Sleep", Double, Double)
+    call = asyncio.ensure_future(sleep(Double(value=1.0), metadata=bearer(keys.token(Role.PI))))
+    await asyncio.wait_for(sample.servicer.slow_call_started.wait(), timeout=5)
+    watch = health_pb2_grpc.HealthStub(sample.channel).Watch(
+        health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    )
+    statuses = [(await watch.read()).status]
+    sample.service.stop(grace_s=5.0)
+    statuses.append((await asyncio.wait_for(watch.read(), timeout=5)).status)
+    reply = await asyncio.wait_for(call, timeout=5)
+    assert statuses == [
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    ]
+    assert reply.value == 1.0
+
+
+async def test_call_past_grace_is_cancelled(sample: RunningSample, keys: Keys) -> None:
+    sleep = sample.unary("Sleep", Double, Double)
+    call = asyncio.ensure_future(sleep(Double(value=30.0), metadata=bearer(keys.token(Role.PI))))
+    await asyncio.wait_for(sample.servicer.slow_call_started.wait(), timeout=5)
+    started = time.monotonic()
+    sample.service.stop(grace_s=0.3)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(call, timeout=10)
+    assert caught.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    assert time.monotonic() - started < 5
 
 
 async def test_ready_file_holds_bound_address(
@@ -265,8 +303,9 @@ async def test_tls_port_rejects_caller_without_certificate(
 
 
 async def test_service_channel_propagates_identity_deadline_and_trace(
-    sample_factory: SampleFactory, pki: dict
+    sample_factory: SampleFactory, pki: dict, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="services.runtime.interceptors")
     upstream = await sample_factory(**tls_environment(pki, "sample"))
     downstream = await sample_factory(**tls_environment(pki, "grant"))
     spans = InMemorySpanExporter()
@@ -294,3 +333,10 @@ async def test_service_channel_propagates_identity_deadline_and_trace(
     assert len(server_spans) == 1
     assert len(downstream_spans) == 1
     assert downstream_spans[0].context.trace_id == server_spans[0].context.trace_id
+    finished = {
+        getattr(record, "method", None): getattr(record, "request_id", None)
+        for record in caplog.records
+        if record.getMessage() == "call finished"
+    }
+    assert finished[f"/{SERVICE_NAME}/Relay"] is not None
+    assert finished[f"/{SERVICE_NAME}/Remaining"] == finished[f"/{SERVICE_NAME}/Relay"]
