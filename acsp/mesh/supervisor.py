@@ -257,6 +257,9 @@ class LocalMesh:
         )
 
         database_url, nats_url = await self._start_servers(deadline - loop.time())
+        # Ports are picked before the services start so that each can be given the others'
+        # addresses. NOTE: another process may take a picked port first; the service then exits
+        # with "cannot bind" and the start fails instead of retrying on another port.
         ports = {name: free_port() for name in grpc_names}
         endpoints = {name: f"{LOOPBACK}:{port}" for name, port in ports.items()}
         for spec in specs:
