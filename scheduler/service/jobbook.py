@@ -86,7 +86,9 @@ class JobBook:
             job = self.jobs.get(job_id)
             if job is None or job.state != "pending" or job_id in self._admitting:
                 continue
-            if (job.pending_reason, job.reason) != (reason, message):
+            if job.pending_reason != reason:
+                # Only a new reason code is written: the message's details (free counts,
+                # reservation times) change on every pass and would rewrite every row.
                 waiting = replace(job, pending_reason=reason, reason=message)
                 self.jobs[job_id] = waiting
                 fx.change(waiting, "engine:waiting")

@@ -42,6 +42,8 @@ class LoopSettings:
     """Inputs applied per turn at most, which bounds the work of one turn."""
     tick_s: float = 1.0
     """Longest wait between passes, for heartbeat expiry and time-based decisions."""
+    min_pass_interval_s: float = 0.05
+    """Shortest interval between passes: inputs arriving faster share one pass."""
     max_holds_in_flight: int = 256
     budget_retry_s: float = 30.0
     """Seconds before a project whose hold failed for budget is tried again."""
@@ -80,6 +82,7 @@ class SchedulingLoop:
         self._holds = asyncio.Semaphore(settings.max_holds_in_flight)
         self._no_budget: dict[str, float] = {}
         self._last_pass = 0.0
+        self._pass_due = False
         self._last_republish = 0.0
         self._clock = 0.0
         self.passes = 0
@@ -100,8 +103,11 @@ class SchedulingLoop:
 
     async def _next_batch(self) -> list[Input]:
         batch: list[Input] = []
+        wait_s = self.settings.tick_s
+        if self._pass_due:
+            wait_s = max(0.0, self._last_pass + self.settings.min_pass_interval_s - time.time())
         try:
-            first = await asyncio.wait_for(self.inbox.get(), timeout=self.settings.tick_s)
+            first = await asyncio.wait_for(self.inbox.get(), timeout=wait_s)
         except TimeoutError:
             return batch
         batch.append(first)
@@ -123,8 +129,13 @@ class SchedulingLoop:
         for change in self.fleet.expire(now):
             self._on_node_change(change, now)
         self._retry_budgets(now)
-        if batch or now - self._last_pass >= self.settings.tick_s:
+        self._pass_due = self._pass_due or bool(batch)
+        since = now - self._last_pass
+        if since >= self.settings.tick_s or (
+            self._pass_due and since >= self.settings.min_pass_interval_s
+        ):
             self._last_pass = now
+            self._pass_due = False
             self.passes += 1
             self.book.apply_pass(self.book.engine.schedule(now), fx)
         await self._commit(fx, inventories)

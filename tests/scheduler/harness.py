@@ -186,29 +186,23 @@ class Stack:
         return await self.start_service(name, "scheduler.service", **settings)
 
     def start_agents(
-        self, nodes: int, gpus: int = 8, model: str = "A100-SXM4-80GB", name: str = "agents"
+        self,
+        nodes: int,
+        gpus: int = 8,
+        model: str = "A100-SXM4-80GB",
+        name: str = "agents",
+        first: int = 0,
+        state_root: Path | None = None,
     ) -> Process:
+        """Start one simulated agent process serving nodes ``n<first>`` .. ``n<first+nodes-1>``."""
         fleet = self.work_dir / f"{name}-fleet.csv"
-        rows = [f"n{i},{model},{gpus}" for i in range(nodes)]
+        rows = [f"n{i},{model},{gpus}" for i in range(first, first + nodes)]
         fleet.write_text("node,model,accelerators\n" + "\n".join(rows) + "\n")
+        state_dir = (state_root or self.work_dir) / name
         argv = [
-            sys.executable,
-            "-m",
-            "agents",
-            "--backend",
-            "simulated",
-            "--nats-url",
-            self.nats_url,
-            "--fleet",
-            f"{fleet}:prov:reg",
-            "--state-dir",
-            str(self.work_dir / name),
-            "--heartbeat-s",
-            "1",
-            "--faults",
-            "none",
-            "--utilization",
-            "none",
+            sys.executable, "-m", "agents", "--backend", "simulated", "--nats-url",
+            self.nats_url, "--fleet", f"{fleet}:prov:reg", "--state-dir", str(state_dir),
+            "--heartbeat-s", "1", "--faults", "none", "--utilization", "none",
         ]
         process = Process(name, argv, self.env(), self.log_dir)
         self.processes.append(process)

@@ -1,0 +1,183 @@
+"""End-to-end scheduler benchmark: submission to started through every real component.
+
+Starts a fresh stack on this machine (nats-server, a new PostgreSQL database on the server
+named by ACSP_TEST_ADMIN_DSN, the grant, metering and scheduler services, and one simulated
+agent process serving ``--nodes`` nodes of eight A100s), funds a grant, then submits
+``--jobs`` single-accelerator jobs running ``true`` through gRPC ``SubmitJob`` at ``--rate``
+jobs per second with up to ``--concurrency`` calls in flight. Each agent launches a real
+process per task.
+
+It reports the submission latency (client-side, per call) and, from the scheduler's rows,
+the time from submission to started (every task reported started) and the sustained rate of
+starts. Run::
+
+    python bench/e2e_bench.py --jobs 3000 --rate 1000 --nodes 250
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from acsp.v1 import scheduler_pb2  # noqa: E402
+from services.runtime.auth import Role  # noqa: E402
+from tests.scheduler.harness import (  # noqa: E402
+    Stack,
+    fund_grant,
+    metadata,
+    scheduler_stub,
+    wait_for,
+)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def submit_all(
+    address: str, md: tuple[tuple[str, str], ...], project: str, grant: str, args: argparse.Namespace
+) -> tuple[list[float], float, int]:
+    """Submit at a fixed rate; return per-call latencies (s), elapsed time and failures."""
+    spec = scheduler_pb2.JobSpec(
+        name="bench",
+        project_id=project,
+        grant_id=grant,
+        task_count=1,
+        accelerator_millis_per_task=1000,
+        wall_time_seconds=args.wall_time,
+        command=["true"],
+    )
+    latencies: list[float] = []
+    failures = 0
+    slots = asyncio.Semaphore(args.concurrency)
+    channel, scheduler = scheduler_stub(address)
+
+    async def one(index: int) -> None:
+        nonlocal failures
+        try:
+            started = time.perf_counter()
+            await scheduler.SubmitJob(
+                scheduler_pb2.SubmitJobRequest(request_id=f"bench-{index}", spec=spec),
+                metadata=md,
+                timeout=30,
+            )
+            latencies.append(time.perf_counter() - started)
+        except Exception as exc:  # noqa: BLE001 - counted and reported
+            failures += 1
+            if failures <= 3:
+                print(f"submit {index} failed: {exc}", file=sys.stderr)
+        finally:
+            slots.release()
+
+    tasks = []
+    begin = time.perf_counter()
+    async with channel:
+        for index in range(args.jobs):
+            due = begin + index / args.rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await slots.acquire()
+            tasks.append(asyncio.create_task(one(index)))
+        await asyncio.gather(*tasks)
+    return latencies, time.perf_counter() - begin, failures
+
+
+async def run(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="acsp-e2e-bench-"))
+    state_root = work
+    stack = Stack(work)
+    try:
+        await stack.start_servers()
+        await stack.start_grant()
+        await stack.start_metering()
+        _, address = await stack.start_scheduler()
+        state_root = Path(tempfile.mkdtemp(prefix="acsp-e2e-agents-", dir=args.agent_state_dir))
+        per_process = -(-args.nodes // args.agent_processes)
+        for index in range(args.agent_processes):
+            first = index * per_process
+            count = min(per_process, args.nodes - first)
+            if count > 0:
+                stack.start_agents(
+                    nodes=count, name=f"agents-{index}", first=first, state_root=state_root
+                )
+        project, grant, pi = await fund_grant(stack)
+        md = metadata(stack.token(pi, Role.PI))
+        conn = await asyncpg.connect(stack.dsn, timeout=10)
+        try:
+            await wait_for(
+                lambda: conn.fetchval("SELECT count(*) = $1 FROM scheduler.nodes", args.nodes),
+                120,
+                "every node's inventory",
+                0.2,
+            )
+            latencies, elapsed, failures = await submit_all(address, md, project, grant, args)
+            await wait_for(
+                lambda: conn.fetchval(
+                    "SELECT count(*) = $1 FROM scheduler.jobs WHERE started_at IS NOT NULL",
+                    args.jobs - failures,
+                ),
+                args.drain_timeout,
+                "every job to start",
+                0.5,
+            )
+            rows = await conn.fetch(
+                "SELECT extract(epoch FROM submitted_at) AS s, extract(epoch FROM started_at) AS t"
+                " FROM scheduler.jobs WHERE started_at IS NOT NULL"
+            )
+        finally:
+            await conn.close()
+    finally:
+        await stack.close()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(state_root, ignore_errors=True)
+    to_start = [float(r["t"] - r["s"]) for r in rows]
+    first = min(float(r["s"]) for r in rows)
+    last = max(float(r["t"]) for r in rows)
+    print(" ".join(["command: python bench/e2e_bench.py", *sys.argv[1:]]))
+    print(f"jobs submitted: {len(latencies)} ok, {failures} failed, in {elapsed:.2f} s "
+          f"({len(latencies) / elapsed:.0f} jobs/s offered and accepted)")
+    print("submission latency ms: p50 %.1f  p99 %.1f  max %.1f" % (
+        1000 * percentile(latencies, 0.5), 1000 * percentile(latencies, 0.99),
+        1000 * max(latencies)))
+    print("submission to started s: p50 %.2f  p99 %.2f  max %.2f  mean %.2f" % (
+        percentile(to_start, 0.5), percentile(to_start, 0.99), max(to_start),
+        statistics.fmean(to_start)))
+    print(f"sustained starts: {len(rows)} jobs in {last - first:.2f} s from first submission "
+          f"to last start = {len(rows) / (last - first):.0f} jobs/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=3000, help="jobs to submit")
+    parser.add_argument("--rate", type=float, default=1000.0, help="offered jobs per second")
+    parser.add_argument("--nodes", type=int, default=250, help="simulated nodes of 8 A100s")
+    parser.add_argument("--concurrency", type=int, default=64, help="calls in flight at most")
+    parser.add_argument("--wall-time", type=int, default=60, help="wall-time limit per job, s")
+    parser.add_argument("--agent-processes", type=int, default=1,
+                        help="simulated agent processes sharing the nodes")
+    parser.add_argument(
+        "--agent-state-dir",
+        default=None,
+        help="parent folder of the agents' state files (e.g. /dev/shm, which makes their "
+        "fsync per task start and exit nearly free); default: the system temp folder",
+    )
+    parser.add_argument("--drain-timeout", type=float, default=300.0,
+                        help="seconds to wait for every job to start")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
