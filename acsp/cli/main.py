@@ -1,8 +1,8 @@
 """The ``acsp`` command: one argparse parser with a subcommand group per module.
 
 Each module among :data:`COMMAND_MODULES` that exists provides ``register(subparsers)``, which
-adds its subcommands and sets ``func`` on each: a function of the parsed arguments that returns
-an exit status (or a coroutine that does; it then runs under ``asyncio.run``).
+adds its subcommands and sets ``func`` on each. A ``func`` takes the parsed arguments and
+returns an exit status, or a coroutine that ``asyncio.run`` turns into one.
 """
 
 from __future__ import annotations
