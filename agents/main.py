@@ -121,7 +121,10 @@ def build_process(
     state_dir = settings.agent_state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     state = StateStore(state_dir / "state.json")
-    outbox = Outbox(Spool(state_dir / "spool", max_bytes=settings.spool_max_bytes))
+    outbox = Outbox(
+        Spool(state_dir / "spool", max_bytes=settings.spool_max_bytes),
+        before_append=state.flush,
+    )
     boot = boot_id or uuid.uuid4().hex[:12]
     health_settings = HealthSettings(settings.clear_after_s, settings.double_bit_threshold)
     version = _agent_version()

@@ -47,8 +47,11 @@ class Outbox:
         max_queued: int = 200_000,
         ack_timeout_s: float = 5.0,
         retry_s: float = 1.0,
+        before_append: Callable[[], None] | None = None,
     ) -> None:
+        """``before_append`` runs before each append to the spool (the agent saves its state)."""
         self._spool = spool
+        self._before_append = before_append
         self._batch_size = batch_size
         self._max_queued = max_queued
         self._ack_timeout_s = ack_timeout_s
@@ -75,6 +78,8 @@ class Outbox:
         """Append everything queued to the spool (one fsync)."""
         if not self._queue:
             return
+        if self._before_append is not None:
+            self._before_append()
         queued, self._queue = self._queue, []
         accepted = self._spool.append(queued)
         self.counters.spooled += accepted

@@ -83,11 +83,15 @@ class StateStore:
         return state
 
     def next_sequence(self, key: str) -> int:
-        """Return the node's next usage-sample sequence number; it is never handed out twice."""
+        """Return the node's next usage-sample sequence number; it is never handed out twice.
+
+        A new block is reserved in memory only: the caller must :meth:`flush` before the
+        number leaves the process (the outbox does so before it appends to the spool).
+        """
         state = self.node(key)
         if state.sequence_next > state.sequence_reserved:
             state.sequence_reserved = state.sequence_next + SEQUENCE_BLOCK - 1
-            self.save()
+            self._dirty = True
         value = state.sequence_next
         state.sequence_next += 1
         return value

@@ -37,12 +37,13 @@ def make_node(
     clear_after_s: float = 300.0,
 ) -> tuple[NodeAgent, Outbox, Spool]:
     spool = Spool(directory / "spool")
-    outbox = Outbox(spool)
+    state = StateStore(directory / "state.json")
+    outbox = Outbox(spool, before_append=state.flush)
     node = NodeAgent(
         NODE,
         backend,
         backend_name,
-        StateStore(directory / "state.json"),
+        state,
         directory,
         outbox,
         boot_id,

@@ -40,7 +40,12 @@ def build_fleet_process(tmp_path: Path, url: str) -> AgentProcess:
     fleet_file = tmp_path / "fleet.csv"
     fleet_file.write_text("node,model,accelerators\nn1,A100-SXM4-80GB,8\nn2,H800,8\n")
     state = StateStore(tmp_path / "agent" / "state.json")
-    outbox = Outbox(Spool(tmp_path / "agent" / "spool"), ack_timeout_s=1.0, retry_s=0.2)
+    outbox = Outbox(
+        Spool(tmp_path / "agent" / "spool"),
+        ack_timeout_s=1.0,
+        retry_s=0.2,
+        before_append=state.flush,
+    )
     nodes = []
     for spec in load_fleet(fleet_file, "acme", "eu-1"):
         backend = SimulatedBackend(spec)
