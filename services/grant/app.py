@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from nats.js.client import JetStreamContext
+
 from acsp.v1 import common_pb2
 from services.grant.errors import InvalidArgument
 from services.grant.ledger import Ledger
@@ -28,6 +30,8 @@ class GrantApp:
     db: Database | None = None
     ledger: Ledger | None = None
     batcher: LedgerBatcher | None = None
+    js: JetStreamContext | None = None
+    """JetStream, when the service runs with NATS; used to read the current rate card."""
 
     def database(self) -> Database:
         if self.db is None:

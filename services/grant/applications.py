@@ -57,6 +57,8 @@ class DecisionRequest:
     regions: tuple[str, ...]
     accelerator_models: tuple[str, ...]
     rate_policy: RatePolicy
+    rate_card_version: int | None = None
+    """The current rate-card version, fixed for a ``fixed_at_award`` grant."""
 
 
 async def _event(
@@ -298,9 +300,9 @@ async def _award(
         regions=request.regions,
         accelerator_models=request.accelerator_models,
         rate_policy=request.rate_policy,
-        # NOTE: the rate-card version is not fixed here yet: metering prices a
-        # fixed_at_award grant at the version current when it first charges it.
-        rate_card_version=None,
+        rate_card_version=(
+            request.rate_card_version if request.rate_policy is RatePolicy.FIXED_AT_AWARD else None
+        ),
     )
     cause = Cause(actor=actor, trigger="rpc:DecideApplication", reason=request.reason)
     grant_id = await budget.award_grant(conn, new, f"award:{application_id}", cause, now)

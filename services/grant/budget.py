@@ -27,7 +27,7 @@ from services.grant.review_rules import RatePolicy, Tier
 
 @dataclass(frozen=True, slots=True)
 class NewGrant:
-    """What an award creates."""
+    """The grant an award creates."""
 
     project_id: str
     application_id: str | None

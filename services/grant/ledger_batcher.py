@@ -4,9 +4,9 @@ Each worker owns one bounded queue and applies what is queued there (up to ``max
 requests) as one batch, so a commit and the row locks are paid once per batch instead of once
 per request. Requests are routed by grant: requests on one grant always meet in the same queue,
 so concurrent batches rarely wait on each other's row locks, and a hot grant gets one worker
-that batches everything queued for it. Requests naming a hold are routed by the hold's grant
-when this process placed the hold (a bounded cache), else by the hold id; routing only affects
-speed, because the row locks keep every batch correct.
+that batches everything queued for it. A request that names a hold goes to the queue of the
+hold's grant when this process placed the hold (a bounded cache), else by the hold id. Routing
+only affects speed, because the row locks keep every batch correct.
 
 With ``max_batch=1`` there is no batching: each request runs in its own transaction in the
 caller's task, the plain one-transaction-per-call path.
@@ -80,7 +80,7 @@ class LedgerBatcher:
         """Queue requests and wait for all their outcomes, in order.
 
         Raises Unavailable when a queue is full or the workers are not running, and
-        DeadlineExceeded when the outcomes do not arrive in time; a request that timed out may
+        DeadlineExceeded when the outcomes do not arrive in time. A request that timed out may
         still be applied, and retrying it with the same key returns its result.
         """
         if not self._running:
@@ -92,8 +92,7 @@ class LedgerBatcher:
                     outcomes = [(await self._ledger.apply([r]))[0] for r in requests]
             except TimeoutError:
                 raise DeadlineExceeded(
-                    f"the ledger did not answer within {timeout:.3f} s; "
-                    "retry with the same request_id"
+                    f"no ledger result within {timeout:.3f} s; retry with the same request_id"
                 ) from None
             self._remember(requests, outcomes)
             return outcomes
@@ -115,7 +114,7 @@ class LedgerBatcher:
                 outcomes = list(await asyncio.gather(*futures))
         except TimeoutError:
             raise DeadlineExceeded(
-                f"the ledger did not answer within {timeout:.3f} s; retry with the same request_id"
+                f"no ledger result within {timeout:.3f} s; retry with the same request_id"
             ) from None
         self._remember(requests, outcomes)
         return outcomes

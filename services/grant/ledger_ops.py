@@ -1,7 +1,7 @@
 """Requests and results of the money-moving ledger operations, as frozen values.
 
 The gRPC layer converts protobuf messages into these before the ledger runs, so the ledger
-never sees a protobuf type. Each request carries the idempotency key that makes a retry or a
+never receives a protobuf type. Each request carries the idempotency key that makes a retry or a
 replay return the stored result instead of moving budget again.
 """
 
@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from services.grant.amounts import ZERO
 from services.grant.ledger_rules import EntryKind
 
 
 @dataclass(frozen=True, slots=True)
 class Cause:
-    """Who asked for a movement, through what, and why."""
+    """The actor, trigger and reason behind a movement."""
 
     actor: str
     trigger: str
@@ -95,22 +94,6 @@ class EntryResult:
     created_at: datetime
     applied: bool
     """True when this request moved the budget; False when it returned an earlier result."""
-
-
-@dataclass(frozen=True, slots=True)
-class HoldView:
-    """A hold as callers see it."""
-
-    hold_id: str
-    grant_id: str
-    allocation_id: str | None
-    job_id: str
-    amount: Decimal
-    charged: Decimal
-    released: Decimal
-    refunded: Decimal
-    settled: bool
-    remaining: Decimal = ZERO
 
 
 def _digest(*parts: object) -> str:

@@ -7,8 +7,8 @@ balanced set of postings that sums to zero.
 
 A sub-allocation is funded by a transfer from its parent's available account, so a child can
 never spend more than it was given, and it can only be given what its parent has available.
-Holds and charges through a sub-allocation move only its own accounts; the parent's rolled-up
-balance (:func:`roll_up`) shows them as held or charged and no longer as delegated.
+Holds and charges through a sub-allocation move only its own accounts. The parent's rolled-up
+balance (:func:`roll_up`) then shows that budget as held or charged instead of delegated.
 Only award, supplement, release and refund raise a pot's available budget, and only a transfer
 from its parent raises a sub-allocation's.
 """
@@ -69,7 +69,7 @@ class Pot:
 
 @dataclass(frozen=True, slots=True)
 class GrantState:
-    """What the rules need to know about a grant besides its pot."""
+    """The validity window and expiry state of a grant."""
 
     grant_id: str
     starts_at: datetime
@@ -88,7 +88,7 @@ class HoldBalance:
     amount: Decimal
     """The amount first held."""
     remaining: Decimal
-    """What is still held: ``amount`` less what charges took from it and what was released."""
+    """Budget still reserved: ``amount`` less what charges took from it and what was released."""
     charged: Decimal
     refunded: Decimal
     released: Decimal
@@ -231,9 +231,9 @@ def charge(pot: Pot, hold: HoldBalance, amount: Decimal) -> Movement:
 
 
 def release(grant: GrantState, pot: Pot, hold: HoldBalance, *, settle: bool) -> Movement:
-    """Return what a hold still holds to its pot, or to the program pool if the grant expired.
+    """Return a hold's remaining budget to its pot, or to the program pool if the grant expired.
 
-    With ``settle`` the hold also stops taking charges. Releasing a hold that holds nothing
+    With ``settle`` the hold also stops taking charges. Releasing a hold with nothing remaining
     moves nothing and returns an amount of zero.
     """
     amount = hold.remaining

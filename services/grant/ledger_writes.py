@@ -143,8 +143,8 @@ def _pot_columns(batch: BatchState, prefix: str) -> list[list[Any]]:
 
 
 def _hold_columns(batch: BatchState) -> list[list[Any]]:
-    # A hold created in this batch is inserted with its final state and cannot be updated by
-    # the same statement, which sees the table as it was before the statement began.
+    # A hold created in this batch is inserted with its final state. The same statement could
+    # not update it anyway, because its updates read the table as it was before it began.
     holds = [batch.holds[h] for h in sorted(batch.changed_holds - batch.new_holds)]
     return [
         [h.hold_id for h in holds],

@@ -34,7 +34,7 @@ class Decision(StrEnum):
 
 
 class RatePolicy(StrEnum):
-    """How a grant's usage is priced."""
+    """Pricing rule for a grant's usage."""
 
     FIXED_AT_AWARD = "fixed_at_award"
     """Rates of the rate card version current at award time, for the whole grant."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import asyncpg
@@ -22,6 +23,8 @@ from services.grant.applications import DecisionRequest, NewApplication
 from services.grant.directory import NewInstitution, NewProject
 from services.grant.errors import InvalidArgument, NotFound, PermissionDenied
 from services.grant.ledger_rules import check_window
+from services.grant.ratecard import current_version
+from services.grant.review_rules import RatePolicy
 from services.runtime.auth import Role, current_principal, require_roles
 
 
@@ -344,6 +347,9 @@ class ProgramHandlers:
             ),
             rate_policy=cv.rate_policy_in(request.rate_policy),
         )
+        if decision.rate_policy is RatePolicy.FIXED_AT_AWARD:
+            version = await current_version(self.app.js)
+            decision = replace(decision, rate_card_version=version)
         async with self.app.database().transaction() as conn:
             await applications.decide(
                 conn, application_id, decision, principal.subject, datetime.now(UTC)

@@ -32,6 +32,7 @@ def build_service(settings: GrantSettings, *, schema: str = SCHEMA) -> Service:
     async def start(runtime: Runtime) -> None:
         assert runtime.db is not None
         app.db = runtime.db
+        app.js = runtime.js
         app.ledger = Ledger(runtime.db, low_fraction=settings.budget_low_fraction)
         app.batcher = LedgerBatcher(
             app.ledger,

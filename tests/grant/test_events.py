@@ -9,9 +9,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import nats
-from nats.js.api import DeliverPolicy
+from nats.js.api import DeliverPolicy, KeyValueConfig
 
-from acsp.v1 import common_pb2, events_pb2, grant_pb2
+from acsp.subjects import RATE_CARD_BUCKET
+from acsp.v1 import common_pb2, events_pb2, grant_pb2, metering_pb2
 from tests.grant.service_helpers import running_grant
 from tests.grant.test_service_rpc import setup_project
 
@@ -93,3 +94,62 @@ async def test_grant_events_published_once(schema: str, tmp_path: Path, nats_url
     assert grant.balance.available_pf_days.value == "0"
     assert grant.balance.held_pf_days.value == "9.6"
     assert Decimal(summary.program_pool_pf_days.value) == Decimal("-9.6")
+
+
+async def test_fixed_rate_award_keeps_card_version(
+    schema: str, tmp_path: Path, nats_url: str
+) -> None:
+    client = await nats.connect(nats_url)
+    try:
+        bucket = await client.jetstream().create_key_value(KeyValueConfig(bucket=RATE_CARD_BUCKET))
+        await bucket.put("current", metering_pb2.RateCard(version=3).SerializeToString())
+    finally:
+        await client.close()
+    async with running_grant(schema, tmp_path, {"ACSP_NATS_URL": nats_url}) as svc:
+        await setup_project(svc)
+        pi = svc.stub("alice", ["pi"], "uni-a")
+        office = svc.stub("office", ["program_office"])
+        reviewer = svc.stub("rita", ["reviewer"], "uni-b")
+        application = grant_pb2.Application(
+            project_id="proj-a",
+            tier=grant_pb2.GRANT_TIER_STANDARD,
+            requested_pf_days=dec("20"),
+            justification="fixed rates",
+        )
+        application.validity.start_time.FromDatetime(datetime.now(UTC))
+        application.validity.end_time.FromDatetime(datetime.now(UTC) + timedelta(days=9))
+        app = await pi.SubmitApplication(
+            grant_pb2.SubmitApplicationRequest(request_id=uuid.uuid4().hex, application=application)
+        )
+        await office.AssignReviewer(
+            grant_pb2.AssignReviewerRequest(
+                request_id=uuid.uuid4().hex,
+                application_id=app.application_id,
+                reviewer_subject="rita",
+                reviewer_institution_id="uni-b",
+            )
+        )
+        await reviewer.SubmitReview(
+            grant_pb2.SubmitReviewRequest(
+                request_id=uuid.uuid4().hex,
+                application_id=app.application_id,
+                score=5,
+                comments="ok",
+            )
+        )
+        decided = await office.DecideApplication(
+            grant_pb2.DecideApplicationRequest(
+                request_id=uuid.uuid4().hex,
+                application_id=app.application_id,
+                decision=grant_pb2.Decision(
+                    outcome=grant_pb2.DECISION_OUTCOME_AWARD_LESS,
+                    awarded_pf_days=dec("15"),
+                    reason="scope",
+                ),
+                rate_policy=grant_pb2.RATE_POLICY_FIXED_AT_AWARD,
+            )
+        )
+        grant = await office.GetGrant(grant_pb2.GetGrantRequest(grant_id=decided.grant_id))
+    assert grant.rate_policy == grant_pb2.RATE_POLICY_FIXED_AT_AWARD
+    assert grant.rate_card_version == 3
+    assert grant.balance.available_pf_days.value == "15"
