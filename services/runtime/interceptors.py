@@ -259,8 +259,9 @@ _UNREACHABLE_ERRORS: Final = (
 class DeadlineInterceptor(ScopeInterceptor):
     """Expose the call's deadline to handlers, applying ``default_s`` to unary calls without one.
 
-    Server-streaming calls without a deadline run unbounded (watch streams live long); their
-    downstream calls still get ``default_s`` through :func:`services.runtime.context.remaining_s`.
+    Streaming responses without a deadline run unbounded, because watch streams live long.
+    Their downstream calls through :mod:`services.runtime.channel` still get the channel's
+    default deadline.
     """
 
     def __init__(self, default_s: float) -> None:
@@ -278,16 +279,28 @@ class DeadlineInterceptor(ScopeInterceptor):
             return
         token = context.set_deadline(time.monotonic() + remaining)
         try:
-            async with asyncio.timeout(remaining) as timeout:
+            if streaming:
+                # grpc itself cancels a stream at its deadline. A timeout here could fire while
+                # the generator is suspended at a yield, where it cannot turn into a status.
                 yield
-        except TimeoutError:
-            if timeout.expired():
-                raise DeadlineExceeded(
-                    f"{method} did not finish within its deadline of {remaining:.3f} s"
-                ) from None
-            raise
+            else:
+                async with _bounded(method, remaining):
+                    yield
         finally:
             context.reset_deadline(token)
+
+
+@asynccontextmanager
+async def _bounded(method: str, limit_s: float) -> AsyncIterator[None]:
+    try:
+        async with asyncio.timeout(limit_s) as timeout:
+            yield
+    except TimeoutError:
+        if timeout.expired():
+            raise DeadlineExceeded(
+                f"{method} did not finish within its deadline of {limit_s:.3f} s"
+            ) from None
+        raise
 
 
 class AuthInterceptor(ScopeInterceptor):

@@ -155,7 +155,12 @@ async def _log_reconnected() -> None:
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
-    """Create the stream, or update it if a field set in ``config`` differs on the server."""
+    """Create the stream, or update it if a field set in ``config`` differs on the server.
+
+    Fields left at their StreamConfig default are not compared, because the server fills in
+    its own (a 0 ``duplicate_window`` becomes 2 minutes), so setting a field back to its
+    default needs an explicit non-default value or a manual update.
+    """
     assert config.name is not None
     try:
         info = await js.stream_info(config.name)
@@ -206,7 +211,7 @@ def _changed_fields(wanted: Any, current: Any) -> list[str]:
     changed = []
     for spec in dataclasses.fields(wanted):
         value = getattr(wanted, spec.name)
-        if value is None:
+        if value is None or value == spec.default:
             continue
         if _normalized(value) != _normalized(getattr(current, spec.name, None)):
             changed.append(spec.name)

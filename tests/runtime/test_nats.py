@@ -50,18 +50,31 @@ async def stream(client: Client) -> AsyncIterator[tuple[str, str]]:
         pass
 
 
-async def test_ensure_stream_creates_then_updates(client: Client, stream: tuple[str, str]) -> None:
+async def test_ensure_stream_creates_then_updates(
+    client: Client, stream: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     js = client.jetstream()
     name, prefix = stream
-    created = await ensure_stream(js, StreamConfig(name=name, subjects=[f"{prefix}.>"], max_age=60))
-    same = await ensure_stream(js, StreamConfig(name=name, subjects=[f"{prefix}.>"], max_age=60))
-    updated = await ensure_stream(
-        js, StreamConfig(name=name, subjects=[f"{prefix}.>"], max_age=120)
-    )
+    updates: list[StreamConfig] = []
+    update_stream = js.update_stream
+
+    async def counting_update(config: StreamConfig) -> object:
+        updates.append(config)
+        return await update_stream(config)
+
+    monkeypatch.setattr(js, "update_stream", counting_update)
+    config = StreamConfig(name=name, subjects=[f"{prefix}.>"], max_age=60)
+    created = await ensure_stream(js, config)
+    same = await ensure_stream(js, config)
+    updates_after_same = len(updates)
+    changed = StreamConfig(name=name, subjects=[f"{prefix}.>"], max_age=120)
+    updated = await ensure_stream(js, changed)
     assert created.config.max_age == 60
     assert same.config.max_age == 60
+    assert updates_after_same == 0
     assert updated.config.max_age == 120
     assert updated.config.subjects == [f"{prefix}.>"]
+    assert len(updates) == 1
 
 
 async def test_ensure_key_value_creates_then_updates_history(client: Client) -> None:
