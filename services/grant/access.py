@@ -1,8 +1,8 @@
 """Who may do what in the grant service, on top of the roles the runtime authenticates.
 
-Researchers and PIs see only projects they belong to; only a project's PI changes its members
-and sub-allocations; only the program office awards; only the service identities named in
-ACSP_GRANT_MONEY_SERVICES (scheduler and metering by default) move money.
+Researchers and PIs see only the projects they belong to. Only a project's PI changes its
+members and sub-allocations, and only the program office awards. Only the service identities
+named in ACSP_GRANT_MONEY_SERVICES (scheduler and metering by default) move money.
 """
 
 from __future__ import annotations

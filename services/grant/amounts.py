@@ -16,7 +16,6 @@ QUANTUM: Final = Decimal("1e-24")
 LIMIT: Final = Decimal(10) ** 24
 """Amounts must be below this many PF-days to fit NUMERIC(48,24)."""
 _FIX: Final = "give a decimal number of PF-days, e.g. '12.5'"
-_FRACTION_FIX: Final = "give a decimal number between 0 and 1, e.g. '0.1'"
 ZERO: Final = Decimal(0)
 EXACT: Final = Context(prec=60, traps=[InvalidOperation, Inexact, Overflow])
 """Arithmetic context for ledger sums: 60 digits hold any sum of NUMERIC(48,24) values that the
@@ -61,19 +60,9 @@ def validate_amount(field: str, value: Decimal, *, allow_zero: bool = False) -> 
                 f"{value} has more than 24 decimal places",
                 "round to the ledger quantum, 1e-24 PF-day",
             ) from None
-        # Drop the sign of "-0" and the exponent form of e.g. "1E+2".
+        # Strip trailing zeros and the sign of "-0", so that equal amounts give equal request
+        # digests; format_amount writes them without an exponent.
         return abs(exact).normalize() if exact != ZERO else ZERO
-
-
-def parse_fraction(field: str, text: str) -> Decimal:
-    """Parse a fraction in [0, 1], e.g. the budget-low threshold."""
-    try:
-        value = Decimal(text.strip())
-    except InvalidOperation:
-        raise InvalidArgument(field, f"{text!r} is not a decimal number", _FRACTION_FIX) from None
-    if not value.is_finite() or value < 0 or value > 1:
-        raise InvalidArgument(field, f"{text!r} is outside 0..1", _FRACTION_FIX)
-    return value
 
 
 def format_amount(value: Decimal) -> str:

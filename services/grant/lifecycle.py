@@ -6,6 +6,8 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
+import asyncpg
+
 from services.grant.app import GrantApp
 from services.grant.ledger_ops import Cause
 from services.grant.rpc_ledger import expire_due, notify_expiring
@@ -33,7 +35,7 @@ async def run_expiry(app: GrantApp, stopping: asyncio.Event) -> None:
                     total,
                     len(soon),
                 )
-        except ServiceError as error:
+        except (ServiceError, asyncpg.PostgresError, OSError) as error:
             log.warning("expiry scan failed, will retry: %s", error)
         try:
             await asyncio.wait_for(stopping.wait(), timeout=interval)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import asyncpg
+import nats.errors
 from nats.js.client import JetStreamContext
 
 from services.runtime.db import Database
@@ -53,7 +55,7 @@ async def run_publisher(
         try:
             published = await publish_pending(db, publisher)
             failures = 0
-        except Unavailable as error:
+        except (Unavailable, nats.errors.Error, asyncpg.PostgresError, OSError) as error:
             failures += 1
             if failures == 1 or failures % 60 == 0:
                 log.warning(
