@@ -103,20 +103,23 @@ async def _execute_on_postgres(statement: str) -> None:
         await connection.close(timeout=5)
 
 
-async def test_acsp_up_serves_then_stops_cleanly(servers: Servers, data_dir: Path):
+def _up_env(servers: Servers) -> tuple[dict[str, str], int]:
+    """Return the environment and the fleet size for ``acsp up`` on ``servers``."""
     env = dict(os.environ)
     env.pop("ACSP_TOKEN", None)
     env.pop("ACSP_DATABASE_URL", None)
     env.pop("ACSP_NATS_URL", None)
-    expected = {"grant", "metering", "scheduler"}
-    if servers.database_url is not None:
-        env.update(ACSP_DATABASE_URL=servers.database_url, ACSP_NATS_URL=EXTERNAL_NATS)
-        # No fleet on the shared NATS server: its subjects would reach other test runs.
-        agents = 0
-    else:
-        expected |= {"postgres", "nats-server", "agents"}
-        agents = 1
+    if servers.database_url is None:
+        return env, 1
+    env.update(ACSP_DATABASE_URL=servers.database_url, ACSP_NATS_URL=EXTERNAL_NATS)
+    # No fleet on the shared NATS server: its subjects would reach other test runs.
+    return env, 0
 
+
+async def _start_acsp_up(
+    data_dir: Path, env: dict[str, str], agents: int
+) -> tuple[asyncio.subprocess.Process, Path]:
+    """Start ``acsp up`` and wait for its mesh file; return the process and its output file."""
     log_path = data_dir / "acsp-up.out"
     with log_path.open("wb") as log:
         up = await asyncio.create_subprocess_exec(
@@ -132,14 +135,29 @@ async def test_acsp_up_serves_then_stops_cleanly(servers: Servers, data_dir: Pat
             stderr=asyncio.subprocess.STDOUT,
             env=env,
         )
+    mesh_file = data_dir / "mesh.json"
     try:
-        mesh_file = data_dir / "mesh.json"
         await _poll(
             lambda: mesh_file.exists() or up.returncode is not None,
             START_TIMEOUT_S,
             "acsp up to write its mesh file",
         )
-        assert up.returncode is None, log_path.read_text()
+    except BaseException:
+        up.kill()
+        await up.wait()
+        raise
+    assert up.returncode is None, log_path.read_text()
+    return up, log_path
+
+
+async def test_acsp_up_serves_then_stops_cleanly(servers: Servers, data_dir: Path):
+    env, agents = _up_env(servers)
+    expected = {"grant", "metering", "scheduler"}
+    if servers.database_url is None:
+        expected |= {"postgres", "nats-server", "agents"}
+    up, log_path = await _start_acsp_up(data_dir, env, agents)
+    mesh_file = data_dir / "mesh.json"
+    try:
         info = load_mesh(data_dir)
         pids = json.loads(mesh_file.read_text())["pids"]
         assert set(pids) == expected
@@ -179,6 +197,26 @@ async def test_acsp_up_serves_then_stops_cleanly(servers: Servers, data_dir: Pat
         assert not is_listening("127.0.0.1", port), f"port {port} still listens"
     assert not mesh_file.exists()
     assert await _run_cli(["status", "--data-dir", str(data_dir)], env) == 3
+
+
+async def test_acsp_up_exits_when_a_service_dies(data_dir: Path, external_database: str):
+    env, agents = _up_env(Servers("external", external_database))
+    up, log_path = await _start_acsp_up(data_dir, env, agents)
+    try:
+        pids = json.loads((data_dir / "mesh.json").read_text())["pids"]
+        os.kill(pids["metering"], signal.SIGKILL)
+        returncode = await asyncio.wait_for(up.wait(), 60)
+    finally:
+        if up.returncode is None:
+            up.kill()
+            await up.wait()
+    output = log_path.read_text()
+    assert returncode == 1, output
+    assert f"metering (pid {pids['metering']}) was killed by SIGKILL" in output
+    assert "last lines of its log" in output
+    for name, pid in pids.items():
+        assert not _alive(pid), f"{name} (pid {pid}) outlived acsp up"
+    assert not (data_dir / "mesh.json").exists()
 
 
 async def _run_cli(arguments: list[str], env: dict[str, str]) -> int:
