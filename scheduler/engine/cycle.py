@@ -26,7 +26,7 @@ from scheduler.engine.decisions import (
 )
 from scheduler.engine.engine import Engine, QueueKey
 from scheduler.engine.fairshare import FairShareKey
-from scheduler.engine.fleet import Pool
+from scheduler.engine.fleet import TENTATIVE_HOLDER, Pool
 from scheduler.engine.placement import (
     Excluded,
     TaskPlan,
@@ -38,11 +38,10 @@ from scheduler.engine.placement import (
 )
 from scheduler.engine.reasons import capacity_reason
 from scheduler.engine.records import JobRecord
-from scheduler.engine.repair import preempt_for, repair_broken, shrink_pools
+from scheduler.engine.repair import apply_caps, preempt_for, repair_broken, shrink_pools
 from scheduler.engine.reservations import Reservation, earliest_start
 from scheduler.engine.spec import JobSpec, LimitScope, PriorityClass, Topology
 
-_TENTATIVE = "~tentative"
 _CAPACITY_REASONS = frozenset(
     {ReasonCode.NO_CAPACITY, ReasonCode.FAIR_SHARE, ReasonCode.PRIORITY, ReasonCode.TOPOLOGY}
 )
@@ -53,7 +52,7 @@ class PassState:
     engine: Engine
     now: float
     decisions: list[Decision] = field(default_factory=list)
-    waiting: list[Waiting] = field(default_factory=list)
+    waiting: dict[str, Waiting] = field(default_factory=dict)
     reservations: list[Reservation] = field(default_factory=list)
     """Sorted by start time."""
     queue_reservations: int = 0
@@ -63,6 +62,8 @@ class PassState:
     placed_classes: dict[int, PriorityClass] = field(default_factory=dict)
     """Pool ordinal -> highest class placed there in this pass."""
     charged: dict[str, float] = field(default_factory=dict)
+    preemption_failed: set[tuple[object, ...]] = field(default_factory=set)
+    """Job shapes for which no preemption could make room in this pass."""
     preemptions_left: int = 0
 
     # Pools and exclusions.
@@ -141,10 +142,10 @@ class PassState:
                 found = best_fit_share(fleet, group, spec.millis_per_task, excluded)
                 if found is None:
                     break
-                fleet.hold(found[0], found[1], _TENTATIVE, spec.millis_per_task)
+                fleet.hold(found[0], found[1], TENTATIVE_HOLDER, spec.millis_per_task)
                 plans.append(TaskPlan(task, found[0], (found[1],), spec.millis_per_task))
             for node in {plan.node.ordinal: plan.node for plan in plans}.values():
-                fleet.release_job(node, _TENTATIVE)
+                fleet.release_job(node, TENTATIVE_HOLDER)
             if len(plans) == spec.task_count:
                 return plans
         return None
@@ -196,10 +197,16 @@ class PassState:
                     ReasonCode.PRIORITY,
                     f"waiting for {len(awaiting)} preempted job(s) to stop",
                 )
-            if spec.priority > PriorityClass.PREEMPTIBLE and self.preemptions_left > 0:
+            if (
+                spec.priority > PriorityClass.PREEMPTIBLE
+                and self.preemptions_left > 0
+                and shape not in self.preemption_failed
+            ):
                 self.preemptions_left -= 1
                 victims = preempt_for(self, record, pools)
-                if victims:
+                if not victims:
+                    self.preemption_failed.add(shape)
+                else:
                     return self.wait(
                         record,
                         ReasonCode.PRIORITY,
@@ -298,12 +305,12 @@ class PassState:
     def wait(self, record: JobRecord, code: ReasonCode, message: str) -> bool:
         if record.requeue_message:
             message = f"{record.requeue_message}; {message}"
-        self.waiting.append(Waiting(record.job_id, code, message))
+        self.waiting[record.job_id] = Waiting(record.job_id, code, message)
         return False
 
     # The queue.
 
-    def serve_queue(self) -> None:
+    def serve_queue(self, only: list[str] | None = None) -> None:
         """Try every pending job once, in class then fair-share order.
 
         A placement raises the fair-share key of its project (and of the projects under the
@@ -311,9 +318,20 @@ class PassState:
         is pushed back with its fresh key before it is served.
         """
         engine = self.engine
-        snapshots: dict[QueueKey, list[tuple[float, int, str]]] = {
-            key: list(queue) for key, queue in engine.queues.items()
-        }
+        snapshots: dict[QueueKey, list[tuple[float, int, str]]]
+        if only is None:
+            snapshots = {key: list(queue) for key, queue in engine.queues.items()}
+        else:
+            snapshots = {}
+            for job_id in only:
+                record = engine.jobs.get(job_id)
+                if record is None or record.running:
+                    continue
+                spec = record.spec
+                item = (spec.submit_time, record.sequence, job_id)
+                snapshots.setdefault((spec.priority, spec.project), []).append(item)
+            for items in snapshots.values():
+                items.sort()
         epoch = 0
         heap: list[tuple[int, FairShareKey, float, int, int, QueueKey, int]] = []
         for queue_key, items in snapshots.items():
@@ -384,13 +402,61 @@ class PassState:
     def finish(self) -> ScheduleResult:
         for project, charge in sorted(self.charged.items()):
             self.engine.fair_share.charge(project, -charge)
-        return ScheduleResult(self.now, tuple(self.decisions), tuple(self.waiting))
+        return ScheduleResult(self.now, tuple(self.decisions), tuple(self.waiting.values()))
+
+
+@dataclass(frozen=True)
+class LastPass:
+    """What a pass leaves for the next one to skip work when nothing was freed."""
+
+    signature: tuple[object, ...]
+    waiting: dict[str, Waiting]
+    reservations: list[Reservation]
+    excluded_prefix: list[Excluded]
+    preemptions_exhausted: bool
+
+
+def _signature(engine: Engine, caps: tuple[object, ...]) -> tuple[object, ...]:
+    fleet = engine.fleet
+    return (fleet.freed, fleet.version, engine.changes, caps)
 
 
 def run_pass(engine: Engine, now: float) -> ScheduleResult:
+    """Run one pass.
+
+    When nothing was freed, no event arrived and no cap changed since the last pass, every
+    job that waited then would wait again, so only the jobs queued since are tried and the
+    others keep their reasons and the reservations stand.
+    """
     state = PassState(engine, now, preemptions_left=engine.config.preemptions_per_pass)
-    shrink_pools(state)
-    repair_broken(state)
-    state.serve_advance()
-    state.serve_queue()
-    return state.finish()
+    caps = apply_caps(state)
+    last = engine.last_pass
+    due = any((engine.jobs[job_id].spec.start_at or 0.0) <= now for job_id in engine.advance_jobs)
+    incremental = (
+        isinstance(last, LastPass)
+        and last.signature == _signature(engine, caps)
+        and not engine.broken
+        and not due
+        and not last.preemptions_exhausted
+    )
+    if incremental:
+        assert isinstance(last, LastPass)
+        state.waiting = dict(last.waiting)
+        state.reservations = list(last.reservations)
+        state.excluded_prefix = list(last.excluded_prefix)
+        state.serve_queue(only=engine.new_jobs)
+    else:
+        shrink_pools(state)
+        repair_broken(state)
+        state.serve_advance()
+        state.serve_queue()
+    engine.new_jobs = []
+    result = state.finish()
+    engine.last_pass = LastPass(
+        _signature(engine, caps),
+        state.waiting,
+        state.reservations,
+        state.excluded_prefix,
+        state.preemptions_left == 0,
+    )
+    return result

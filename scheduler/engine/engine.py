@@ -60,6 +60,12 @@ class Engine:
         self.broken: set[str] = set()
         """Running jobs that lost tasks and await repair or requeue in the next pass."""
         self.clock: float | None = None
+        self.changes = 0
+        """Bumped by every event and policy change; part of the signature of a pass."""
+        self.new_jobs: list[str] = []
+        """Jobs queued since the last pass."""
+        self.last_pass: object | None = None
+        """What the last pass left for the next one (see :mod:`scheduler.engine.cycle`)."""
         self._sequence = 0
         self._pool_cache: dict[tuple[object, ...], tuple[Pool, ...]] = {}
         self._pool_cache_version = -1
@@ -78,9 +84,11 @@ class Engine:
             self.add_node(spec)
 
     def add_pledge(self, pledge: Pledge) -> None:
+        self.changes += 1
         self.capacity.add_pledge(pledge)
 
     def set_limit(self, limit: Limit) -> None:
+        self.changes += 1
         if limit.max_millis < 0:
             raise InvalidInputError(f"limit {limit.scope}/{limit.key}: max_millis must be >= 0")
         if limit.scope is LimitScope.POOL:
@@ -89,6 +97,7 @@ class Engine:
             self.limits[(limit.scope, limit.key)] = limit.max_millis
 
     def set_weight(self, level: Level, name: str, weight: float) -> None:
+        self.changes += 1
         self.fair_share.set_weight(level, name, weight)
 
     # Jobs.
@@ -113,6 +122,7 @@ class Engine:
         """Forget a job: a pending one leaves the queue, a running one (already stopped by the
         caller) releases what it holds."""
         record = self._job(job_id)
+        self.changes += 1
         if record.running:
             self._release(record)
         else:
@@ -132,6 +142,7 @@ class Engine:
         """Apply one fact; ``now`` (when given) first advances the fair-share clock."""
         if now is not None:
             self._advance(now)
+        self.changes += 1
         handler = _HANDLERS.get(type(event))
         if handler is None:
             raise InvalidInputError(f"event {type(event).__name__}: not an engine event")
@@ -168,6 +179,7 @@ class Engine:
             queue = SortedList()
             self.queues[key] = queue
         queue.add((spec.submit_time, record.sequence, spec.job_id))
+        self.new_jobs.append(spec.job_id)
 
     def _dequeue(self, record: JobRecord) -> None:
         spec = record.spec
@@ -197,6 +209,9 @@ class Engine:
         record.tasks[plan.task_index] = TaskHold(plan.node, plan.indices, plan.millis)
         pool = plan.node.pool
         pool.jobs.add(record.job_id)
+        if record.spec.priority is PriorityClass.PREEMPTIBLE:
+            ordinal = plan.node.ordinal
+            pool.preemptible_nodes[ordinal] = pool.preemptible_nodes.get(ordinal, 0) + 1
         end = record.end_estimate
         if end is not None:
             entry = (end, record.sequence, record.job_id)
@@ -213,6 +228,8 @@ class Engine:
         assert record.tasks is not None
         for hold in record.tasks.values():
             node = hold.node
+            if record.spec.priority is PriorityClass.PREEMPTIBLE:
+                self._forget_preemptible(node)
             if keep_fenced and record.holder in node.fenced:
                 continue
             self.fleet.release_job(node, record.holder)
@@ -228,6 +245,15 @@ class Engine:
         record.lost_nodes.clear()
         record.stopping = False
         record.awaiting_victims.clear()
+
+    @staticmethod
+    def _forget_preemptible(node: NodeRecord) -> None:
+        counts = node.pool.preemptible_nodes
+        left = counts.get(node.ordinal, 0) - 1
+        if left > 0:
+            counts[node.ordinal] = left
+        else:
+            counts.pop(node.ordinal, None)
 
     def _requeue(self, record: JobRecord, message: str) -> None:
         self._release(record)

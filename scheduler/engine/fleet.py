@@ -13,6 +13,9 @@ from sortedcontainers import SortedList
 
 from scheduler.engine.spec import MILLIS_PER_ACCELERATOR, InvalidInputError, NodeSpec, NodeState
 
+TENTATIVE_HOLDER = "~tentative"
+"""Holder id of a hold taken only while planning and released before the plan returns."""
+
 PoolKey = tuple[str, str, str]
 """``(provider, region, model)``."""
 
@@ -103,6 +106,8 @@ class Pool:
         """The recall lowering the cap now, or empty."""
         self.jobs: set[str] = set()
         """Ids of running jobs holding accelerators here."""
+        self.preemptible_nodes: dict[int, int] = {}
+        """Node ordinal -> tasks of preemptible jobs running there, in insertion order."""
 
     @property
     def provider(self) -> str:
@@ -136,6 +141,8 @@ class Fleet:
         self.pools: dict[PoolKey, Pool] = {}
         self.version = 0
         """Bumped whenever a pool or node is added, so cached pool lists can be rebuilt."""
+        self.freed = 0
+        """Bumped whenever capacity is released or a node comes up."""
 
     def add_node(self, spec: NodeSpec) -> NodeRecord:
         if spec.node_id in self.by_id:
@@ -183,6 +190,7 @@ class Fleet:
         node.state = state
         if node.schedulable:
             self._index_add(node)
+            self.freed += 1
 
     def hold(self, node: NodeRecord, index: int, job_id: str, millis: int) -> None:
         """Give ``millis`` of accelerator ``index`` on ``node`` to ``job_id``."""
@@ -216,6 +224,8 @@ class Fleet:
             if indexed:
                 self._index_add_accelerator(node, index)
         node.pool.used_millis -= released
+        if released and job_id != TENTATIVE_HOLDER:
+            self.freed += 1
         return released
 
     def _set_free_whole(self, node: NodeRecord, free: int) -> None:

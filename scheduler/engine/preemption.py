@@ -13,6 +13,12 @@ from scheduler.engine.fleet import NodeRecord, Pool
 from scheduler.engine.records import JobRecord, job_of
 from scheduler.engine.spec import JobSpec, PriorityClass, Topology
 
+MAX_OPTIONS = 64
+"""Nodes with room to win that one preemption search compares, so a search stays bounded.
+
+NOTE: the cheapest victims among the first nodes found are chosen, not the cheapest overall.
+"""
+
 
 def shrink_victims(
     pool: Pool,
@@ -92,6 +98,8 @@ def priority_victims(
     need = per_task * (job.task_count if single else 1)
     options: list[tuple[int, int, NodeRecord, set[str]]] = []
     for node in nodes_of:
+        if len(options) >= MAX_OPTIONS:
+            break
         found = _node_victims(node, jobs, cause)
         if found is None:
             continue

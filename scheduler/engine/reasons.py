@@ -59,12 +59,12 @@ def capacity_reason(
     if ahead and max(ahead) > job.priority:
         return (
             ReasonCode.PRIORITY,
-            f"jobs of a higher priority class took the free {where} in this pass",
+            f"jobs of a higher priority class took the last free {where}",
         )
     if ahead:
         return (
             ReasonCode.FAIR_SHARE,
-            f"jobs ahead in the queue (fair-share order) took the free {where} in this pass",
+            f"jobs ahead in fair-share order took the last free {where}",
         )
     if job.task_count > 1 and free_total >= need:
         return (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from scheduler.engine.decisions import Cause, Preempt, ReplaceTask, Requeue, TaskPlacement
-from scheduler.engine.fleet import NodeRecord, Pool
+from scheduler.engine.fleet import TENTATIVE_HOLDER, Pool
 from scheduler.engine.placement import TaskPlan, best_fit_share, emptiest_first, fill_nodes
 from scheduler.engine.preemption import grace_deadline, priority_victims, shrink_victims
 from scheduler.engine.records import JobRecord
@@ -15,14 +15,24 @@ if TYPE_CHECKING:
     from scheduler.engine.cycle import PassState
 
 
-def shrink_pools(state: PassState) -> None:
-    """Apply pool caps at ``now`` and preempt running jobs over a recalled or ended pledge."""
+def apply_caps(state: PassState) -> tuple[object, ...]:
+    """Set every pool's caps for ``now``; return them, so a pass can tell they changed."""
     engine = state.engine
+    caps = []
     for pool in engine.fleet.pools.values():
         cap = engine.capacity.cap(pool, state.now)
         pool.cap_millis = cap.placement_millis
         pool.protected_millis = cap.protected_millis
         pool.recall_id = cap.recall_id
+        caps.append((cap.placement_millis, cap.pledge_millis, cap.recall_id))
+    return tuple(caps)
+
+
+def shrink_pools(state: PassState) -> None:
+    """Preempt running jobs over a recalled or ended pledge (caps set by :func:`apply_caps`)."""
+    engine = state.engine
+    for pool in engine.fleet.pools.values():
+        cap = engine.capacity.cap(pool, state.now)
         if cap.pledge_millis is None:
             continue
         stopping = sum(
@@ -57,19 +67,14 @@ def _preempt(
 def preempt_for(state: PassState, record: JobRecord, pools: tuple[Pool, ...]) -> list[str]:
     """Preempt preemptible jobs so that ``record`` fits later; return the victims."""
     engine = state.engine
-    nodes: dict[int, NodeRecord] = {}
-    for pool in pools:
-        for job_id in sorted(pool.jobs):
-            other = engine.jobs[job_id]
-            if other.spec.priority is not PriorityClass.PREEMPTIBLE or other.tasks is None:
-                continue
-            for hold in other.tasks.values():
-                if hold.node.pool is pool and hold.node.schedulable:
-                    nodes[hold.node.ordinal] = hold.node
-    if not nodes:
-        return []
-    ordered = [nodes[o] for o in sorted(nodes)]
-    victims = priority_victims(record.spec, pools, ordered, engine.jobs)
+    fleet = engine.fleet
+    nodes = (
+        fleet.nodes[ordinal]
+        for pool in pools
+        for ordinal in pool.preemptible_nodes
+        if fleet.nodes[ordinal].schedulable
+    )
+    victims = priority_victims(record.spec, pools, nodes, engine.jobs)
     if not victims:
         return []
     for job_id in victims:
@@ -104,6 +109,8 @@ def repair_broken(state: PassState) -> None:
             continue
         for plan in plans:
             lost_node = record.lost_nodes[plan.task_index]
+            if spec.priority is PriorityClass.PREEMPTIBLE:
+                engine._forget_preemptible(record.tasks[plan.task_index].node)
             engine._hold_task(record, plan)
             placement = TaskPlacement(
                 plan.task_index,
@@ -140,9 +147,9 @@ def _plan_replacements(state: PassState, record: JobRecord) -> list[TaskPlan] | 
             if found is None:
                 break
             plans.append(TaskPlan(task, found[0], (found[1],), spec.millis_per_task))
-            fleet.hold(found[0], found[1], "~tentative", spec.millis_per_task)
+            fleet.hold(found[0], found[1], TENTATIVE_HOLDER, spec.millis_per_task)
         for node in {p.node.ordinal: p.node for p in plans}.values():
-            fleet.release_job(node, "~tentative")
+            fleet.release_job(node, TENTATIVE_HOLDER)
         return plans if len(plans) == len(lost) else None
     per_task = spec.accelerators_per_task
     if spec.topology is Topology.SAME_INTERCONNECT_DOMAIN:

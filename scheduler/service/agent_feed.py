@@ -1,9 +1,9 @@
 """What agents tell the scheduler: inventories, health and task events from ``ACSP_AGENT``,
 and heartbeats from the ``acsp_heartbeat`` KV bucket, turned into loop inputs.
 
-Stream messages are acknowledged only after the loop committed their effects; a batch whose
-commit does not come within ``commit_timeout_s`` is redelivered, which the transitions absorb
-because a repeated task event finds its task already in that state.
+Stream messages are acknowledged only after the loop committed their effects. A batch whose
+commit does not come within ``commit_timeout_s`` is redelivered. The transitions absorb the
+repeat because a repeated task event finds its task already in that state.
 """
 
 from __future__ import annotations
@@ -188,8 +188,8 @@ class AgentFeed:
             logger.warning("node %s asks to be drained: %s %s", key, event.condition, event.message)
             reply: asyncio.Future[NodeView | None] = asyncio.get_running_loop().create_future()
             return DrainRequested(key, True, f"health: {event.condition} {event.message}", reply)
-        # NOTE: a single failed accelerator is not taken out of placement until the node's
-        # next inventory marks it failed; the engine has no per-accelerator health event.
+        # NOTE: a failed accelerator stays in placement until the node's next inventory marks
+        # it failed, because the engine has no event for the health of one accelerator.
         logger.info("health event on %s: %s (%s)", key, event.condition, event.message)
         return None
 

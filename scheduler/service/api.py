@@ -1,7 +1,7 @@
 """The ``acsp.v1.SchedulerService`` servicer: protobuf at the edge, dataclasses inside.
 
 Reads are served from PostgreSQL by every replica. Writes (submit, cancel, drain) and watches
-need the shard's leader; a standby answers them with UNAVAILABLE naming the leader's state.
+need the shard's leader. A standby rejects them with UNAVAILABLE, so clients retry elsewhere.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .leadership import Leadership
 from .model import Job, JobFilter, new_job_id
 from .store import decode_page_token
 from .validation import FieldViolation, validate_array_size, validate_spec
+from .watch import WatchOverflow
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 for initial in await self._initial(request, principal):
                     yield job_to_proto(initial)
             while True:
-                change = await watcher.next(WATCH_POLL_S)
+                try:
+                    change = await watcher.next(WATCH_POLL_S)
+                except WatchOverflow as exc:
+                    raise Unavailable(str(exc)) from None
                 if change is None:
                     if not self._lead.leading:
                         raise Unavailable("the scheduler lost leadership; watch again")
@@ -377,8 +381,8 @@ def _sees_all(principal: Principal) -> bool:
 
 
 def _may_see(principal: Principal, job: Job) -> bool:
-    # NOTE: project membership lives in the grant service; until it is checked here, a
-    # researcher sees only the jobs they submitted.
+    # NOTE: project membership is stored by the grant service and not checked here yet, so
+    # a researcher can read only the jobs they submitted.
     return _sees_all(principal) or job.owner == principal.subject
 
 

@@ -113,10 +113,10 @@ async def load_rate_card(js: JetStreamContext) -> RateCard:
         entry = await kv.get("current")
     except (BucketNotFoundError, KeyNotFoundError):
         logger.warning(
-            "no rate card in %s; pricing holds at catalog peak throughput",
+            "rate card not found in %s; holds are priced at catalog peak throughput",
             subjects.RATE_CARD_BUCKET,
         )
         return RateCard.from_catalog()
     card = RateCard.from_proto(metering_pb2.RateCard.FromString(entry.value or b""))
-    logger.info("pricing holds with %s", card.source)
+    logger.info("holds are priced with %s", card.source)
     return card

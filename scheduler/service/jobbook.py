@@ -1,7 +1,7 @@
 """The open jobs of a shard and their transitions, as pure code that returns its effects.
 
-The scheduling loop owns one :class:`JobBook`. Each method changes jobs in memory, tells the
-engine adapter what happened, and appends to :class:`Effects` what the loop must persist,
+The scheduling loop owns one :class:`JobBook`. Each method changes jobs in memory, reports the
+change to the engine adapter, and appends to :class:`Effects` what the loop must persist,
 dispatch and publish. Nothing here awaits, so the transitions are tested without servers.
 """
 
@@ -26,7 +26,7 @@ _LIVE = ("assigned", "started")
 
 @dataclass(slots=True)
 class Effects:
-    """What one batch of inputs asks the loop to do, in order: persist, dispatch, publish."""
+    """Work that one batch of inputs leaves for the loop, in order: persist, dispatch, publish."""
 
     now: float
     changed: dict[str, tuple[Job, str]] = field(default_factory=dict)
@@ -313,7 +313,7 @@ class JobBook:
         self._finish(job, outcome, reason, cause, fx)
 
     def _finish(self, job: Job, state: JobState, reason: str, cause: str, fx: Effects) -> None:
-        """Make ``job`` terminal; the caller has already told the engine."""
+        """Make ``job`` terminal; the caller has already reported the end to the engine."""
         ended = replace(job, state=state, reason=reason, pending_reason="", ended_at=fx.now)
         codes = [t.exit_code for t in job.placement if t.exit_code]
         if codes:

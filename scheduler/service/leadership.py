@@ -1,8 +1,8 @@
 """One leader term of a shard: the state a leader builds, runs and drops when deposed.
 
-:class:`Leadership` campaigns forever. Each time it wins the lock it bumps the epoch, loads
-the fleet and the open jobs from PostgreSQL into a fresh engine, republishes recorded but
-unacknowledged commands, and runs the loop, the submission batcher and the agent consumers
+:class:`Leadership` campaigns forever. Each time it wins the lock it bumps the epoch and loads
+the fleet and the open jobs from PostgreSQL into a fresh engine. It then republishes recorded
+but unacknowledged commands and runs the loop, the submission batcher and the agent consumers
 in one task group. Losing the lock connection, or a write fenced by a newer epoch, ends the
 term: the task group is cancelled and nothing of it dispatches again.
 """
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Term:
-    """What one leader term owns."""
+    """State and workers owned by one leader term."""
 
     epoch: int
     inbox: asyncio.Queue[Input]

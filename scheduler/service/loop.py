@@ -1,10 +1,10 @@
 """The scheduling loop: one task that owns the job book, the fleet view and the engine.
 
-Inputs arrive on a bounded queue. Each turn takes every queued input (up to a batch), applies
-them, runs an engine pass when something changed or a tick elapsed, then commits the job
-changes and dispatch records in batched statements, and only after the commit publishes
-commands and events, acknowledges NATS messages, answers waiting requests and notifies
-watchers. Holds run as owned tasks whose results come back as inputs.
+Inputs arrive on a bounded queue. Each turn takes the queued inputs (up to a batch) and applies
+them. It runs an engine pass when something changed or a tick elapsed, then commits the job
+changes and dispatch records in batched statements. Only after the commit does it publish
+commands and events, acknowledge NATS messages, reply to waiting requests and notify watchers.
+Hold requests run as owned tasks whose results come back as inputs.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class LoopSettings:
     max_batch: int = 2000
     """Inputs applied per turn at most, which bounds the work of one turn."""
     tick_s: float = 1.0
-    """Longest wait between passes, for heartbeat expiry and time-based decisions."""
+    """Maximum interval between passes, for heartbeat expiry and time-based decisions."""
     min_pass_interval_s: float = 0.05
     """Shortest interval between passes: inputs arriving faster share one pass."""
     max_holds_in_flight: int = 256
@@ -79,7 +79,7 @@ class SchedulingLoop:
         self.settings = settings
         self.inbox = inbox
         self.epoch = book.epoch
-        self._holds = asyncio.Semaphore(settings.max_holds_in_flight)
+        self._hold_slots = asyncio.Semaphore(settings.max_holds_in_flight)
         self._no_budget: dict[str, float] = {}
         self._last_pass = 0.0
         self._pass_due = False
@@ -171,11 +171,16 @@ class SchedulingLoop:
                 self.book.apply_hold(job_id, attempt, outcome, fx)
                 if outcome.status == "no_budget":
                     self._no_budget[self.book_project(job_id)] = fx.now
-            case HeartbeatReceived(key, boot_id, running, _):
+            case HeartbeatReceived(key, boot_id, running, drain_requested):
                 change = self.fleet.apply_heartbeat(key, boot_id, running, fx.now)
                 if change is not None:
                     self._on_node_change(change, fx.now)
                 self.book.apply_node_running(key, running)
+                node = self.fleet.get(key)
+                if drain_requested and node is not None and not node.draining:
+                    logger.warning("node %s asks to be drained in its heartbeat", key)
+                    self.fleet.set_draining(key, True, "agent requested a drain")
+                    self.book.engine.set_draining(key, True, fx.now)
             case InventoryReceived(node, _, ack):
                 change = self.fleet.apply_inventory(node, fx.now)
                 self._on_node_change(change, fx.now)
@@ -254,6 +259,6 @@ class SchedulingLoop:
         except KeyError:
             outcome = HoldOutcome("rejected", message=f"no rate for accelerator model {model!r}")
         else:
-            async with self._holds:
+            async with self._hold_slots:
                 outcome = await self.admission.place_hold(job, amount)
         await self.inbox.put(HoldDone(job.job_id, job.attempt, outcome))

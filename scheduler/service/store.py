@@ -489,7 +489,7 @@ WHERE d.job_id = u.job_id AND d.attempt = u.attempt AND d.task_index = u.task_in
 
 
 class NodeStore:
-    """Node inventories and drain flags, so a new leader knows the fleet before agents speak."""
+    """Node inventories and drain flags, so a new leader has the fleet before agents report."""
 
     def __init__(self, pool: asyncpg.Pool, timeout_s: float = 10.0) -> None:
         self._pool = pool
