@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from acsp.mesh._process import ChildProcess
+from acsp.mesh.postgres import cluster_dir_for
 
 IGNORES_SIGTERM = """
 import signal, sys, time
@@ -90,3 +93,26 @@ def test_tail_skips_exception_group_frames(tmp_path: Path):
 def test_tail_of_missing_log_is_empty(tmp_path: Path):
     child = ChildProcess("never", ["unused"], log_path=tmp_path / "none.log")
     assert child.tail() == ""
+
+
+def test_cluster_lives_in_reachable_data_dir():
+    data_dir = Path(tempfile.mkdtemp(prefix="acsp-reachable-"))
+    try:
+        data_dir.chmod(0o755)
+        assert cluster_dir_for(data_dir) == data_dir.resolve() / "postgres"
+    finally:
+        data_dir.rmdir()
+
+
+def test_cluster_of_private_data_dir_as_root_moves_to_tmp():
+    data_dir = Path(tempfile.mkdtemp(prefix="acsp-private-"))
+    try:
+        data_dir.chmod(0o700)
+        cluster = cluster_dir_for(data_dir)
+    finally:
+        data_dir.rmdir()
+    if os.geteuid() != 0:
+        assert cluster == data_dir.resolve() / "postgres"
+        return
+    assert cluster.parent == Path(tempfile.gettempdir())
+    assert cluster.name.startswith("acsp-postgres-")
