@@ -1,8 +1,8 @@
 """End-to-end scheduler benchmark: submission to started through every real component.
 
-Starts a fresh stack on this machine (nats-server, a new PostgreSQL database on the server
-named by ACSP_TEST_ADMIN_DSN, the grant, metering and scheduler services, and one simulated
-agent process serving ``--nodes`` nodes of eight A100s), funds a grant, then submits
+Starts a fresh stack on this machine: nats-server, a new PostgreSQL database on the server
+named by ACSP_TEST_ADMIN_DSN, the grant, metering and scheduler services, and simulated agent
+processes serving ``--nodes`` nodes of eight A100s. It funds a grant, then submits
 ``--jobs`` single-accelerator jobs running ``true`` through gRPC ``SubmitJob`` at ``--rate``
 jobs per second with up to ``--concurrency`` calls in flight. Each agent launches a real
 process per task.
@@ -29,9 +29,9 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from acsp.v1 import scheduler_pb2  # noqa: E402
-from services.runtime.auth import Role  # noqa: E402
-from tests.scheduler.harness import (  # noqa: E402
+from acsp.v1 import scheduler_pb2
+from services.runtime.auth import Role
+from tests.scheduler.harness import (
     Stack,
     fund_grant,
     metadata,
@@ -47,7 +47,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def submit_all(
-    address: str, md: tuple[tuple[str, str], ...], project: str, grant: str, args: argparse.Namespace
+    address: str,
+    md: tuple[tuple[str, str], ...],
+    project: str,
+    grant: str,
+    args: argparse.Namespace,
 ) -> tuple[list[float], float, int]:
     """Submit at a fixed rate; return per-call latencies (s), elapsed time and failures."""
     spec = scheduler_pb2.JobSpec(
@@ -74,7 +78,7 @@ async def submit_all(
                 timeout=30,
             )
             latencies.append(time.perf_counter() - started)
-        except Exception as exc:  # noqa: BLE001 - counted and reported
+        except Exception as exc:
             failures += 1
             if failures <= 3:
                 print(f"submit {index} failed: {exc}", file=sys.stderr)
@@ -143,20 +147,32 @@ async def run(args: argparse.Namespace) -> None:
         await stack.close()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(state_root, ignore_errors=True)
+    report(latencies, elapsed, failures, rows)
+
+
+def report(
+    latencies: list[float], elapsed: float, failures: int, rows: list[asyncpg.Record]
+) -> None:
+    """Print the figures and the command that produced them."""
     to_start = [float(r["t"] - r["s"]) for r in rows]
     first = min(float(r["s"]) for r in rows)
     last = max(float(r["t"]) for r in rows)
+    p50, p99 = 1000 * percentile(latencies, 0.5), 1000 * percentile(latencies, 0.99)
     print(" ".join(["command: python bench/e2e_bench.py", *sys.argv[1:]]))
-    print(f"jobs submitted: {len(latencies)} ok, {failures} failed, in {elapsed:.2f} s "
-          f"({len(latencies) / elapsed:.0f} jobs/s offered and accepted)")
-    print("submission latency ms: p50 %.1f  p99 %.1f  max %.1f" % (
-        1000 * percentile(latencies, 0.5), 1000 * percentile(latencies, 0.99),
-        1000 * max(latencies)))
-    print("submission to started s: p50 %.2f  p99 %.2f  max %.2f  mean %.2f" % (
-        percentile(to_start, 0.5), percentile(to_start, 0.99), max(to_start),
-        statistics.fmean(to_start)))
-    print(f"sustained starts: {len(rows)} jobs in {last - first:.2f} s from first submission "
-          f"to last start = {len(rows) / (last - first):.0f} jobs/s")
+    print(
+        f"jobs submitted: {len(latencies)} ok, {failures} failed, in {elapsed:.2f} s "
+        f"({len(latencies) / elapsed:.0f} jobs/s accepted)"
+    )
+    print(f"submission latency ms: p50 {p50:.1f}  p99 {p99:.1f}  max {1000 * max(latencies):.1f}")
+    print(
+        f"submission to started s: p50 {percentile(to_start, 0.5):.2f}"
+        f"  p99 {percentile(to_start, 0.99):.2f}  max {max(to_start):.2f}"
+        f"  mean {statistics.fmean(to_start):.2f}"
+    )
+    print(
+        f"sustained starts: {len(rows)} jobs in {last - first:.2f} s from first submission "
+        f"to last start = {len(rows) / (last - first):.0f} jobs/s"
+    )
 
 
 def main() -> None:
@@ -166,16 +182,18 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=250, help="simulated nodes of 8 A100s")
     parser.add_argument("--concurrency", type=int, default=64, help="calls in flight at most")
     parser.add_argument("--wall-time", type=int, default=60, help="wall-time limit per job, s")
-    parser.add_argument("--agent-processes", type=int, default=1,
-                        help="simulated agent processes sharing the nodes")
+    parser.add_argument(
+        "--agent-processes", type=int, default=1, help="simulated agent processes sharing the nodes"
+    )
     parser.add_argument(
         "--agent-state-dir",
         default=None,
         help="parent folder of the agents' state files (e.g. /dev/shm, which makes their "
         "fsync per task start and exit nearly free); default: the system temp folder",
     )
-    parser.add_argument("--drain-timeout", type=float, default=300.0,
-                        help="seconds to wait for every job to start")
+    parser.add_argument(
+        "--drain-timeout", type=float, default=300.0, help="seconds to wait for every job to start"
+    )
     asyncio.run(run(parser.parse_args()))
 
 

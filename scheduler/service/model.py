@@ -68,10 +68,16 @@ TOPOLOGIES: Final[tuple[str, ...]] = (
 MILLIS_PER_ACCELERATOR: Final = 1000
 
 
+_last_id_micros = 0
+
+
 def new_job_id() -> str:
-    """Return a job id that sorts by creation time: ``j`` + 12 hex ms digits + 8 random hex."""
-    millis = time.time_ns() // 1_000_000
-    return f"j{millis:012x}{os.urandom(4).hex()}"
+    """Return a job id that sorts by creation time: ``j``, 14 hex digits of microseconds, and
+    6 random hex digits. Ids made by one process strictly increase."""
+    global _last_id_micros
+    micros = max(time.time_ns() // 1000, _last_id_micros + 1)
+    _last_id_micros = micros
+    return f"j{micros:014x}{os.urandom(3).hex()}"
 
 
 @dataclass(frozen=True, slots=True)

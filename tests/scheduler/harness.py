@@ -200,9 +200,23 @@ class Stack:
         fleet.write_text("node,model,accelerators\n" + "\n".join(rows) + "\n")
         state_dir = (state_root or self.work_dir) / name
         argv = [
-            sys.executable, "-m", "agents", "--backend", "simulated", "--nats-url",
-            self.nats_url, "--fleet", f"{fleet}:prov:reg", "--state-dir", str(state_dir),
-            "--heartbeat-s", "1", "--faults", "none", "--utilization", "none",
+            sys.executable,
+            "-m",
+            "agents",
+            "--backend",
+            "simulated",
+            "--nats-url",
+            self.nats_url,
+            "--fleet",
+            f"{fleet}:prov:reg",
+            "--state-dir",
+            str(state_dir),
+            "--heartbeat-s",
+            "1",
+            "--faults",
+            "none",
+            "--utilization",
+            "none",
         ]
         process = Process(name, argv, self.env(), self.log_dir)
         self.processes.append(process)

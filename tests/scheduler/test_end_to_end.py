@@ -82,8 +82,8 @@ async def test_job_runs_to_completion_with_hold(stack: Stack) -> None:
         entries = await grants.ListLedgerEntries(
             grant_pb2.ListLedgerEntriesRequest(grant_id=grant), metadata=office, timeout=10
         )
-    holds = [e for e in entries.entries if e.job_id == job_id]
-    assert holds, "the grant's ledger has no entry for the job's hold"
+    job_entries = [e for e in entries.entries if e.job_id == job_id]
+    assert job_entries, "the grant's ledger has no entry for the job's hold"
 
 
 async def test_submit_reports_every_invalid_field(stack: Stack) -> None:
