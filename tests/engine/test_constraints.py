@@ -58,7 +58,9 @@ def test_data_residency_limits_regions() -> None:
 
     assert placed(result)["eu-only"].tasks[0].node_id == "t4"
     assert reasons(result)["eu-more"] == ReasonCode.FAIR_SHARE
-    assert reasons(engine.schedule(1.0))["eu-more"] == ReasonCode.NO_CAPACITY
+    assert reasons(engine.schedule(1.0))["eu-more"] == ReasonCode.FAIR_SHARE
+    engine.apply(BudgetChanged("other", available=True))
+    assert reasons(engine.schedule(2.0))["eu-more"] == ReasonCode.NO_CAPACITY
 
 
 def test_no_accepted_model_in_fleet() -> None:

@@ -1,0 +1,107 @@
+"""Trace loaders and the replay on small inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scheduler.engine import Engine, EngineConfig, NodeSpec, PriorityClass
+from scheduler.sim.accounts import assign_account
+from scheduler.sim.metrics import jain_index, percentile
+from scheduler.sim.replay import Replay
+from scheduler.sim.runner import SimulationConfig, simulate
+from scheduler.sim.traces import (
+    OPENB_NODES,
+    OPENB_PODS,
+    load_openb_nodes,
+    load_openb_pods,
+    load_swf,
+)
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_swf_loader_maps_processors_to_tasks() -> None:
+    trace = load_swf(DATA / "tiny.swf")
+
+    jobs = {job.name: job for job in trace.jobs}
+    assert sorted(jobs) == ["swf-1", "swf-2", "swf-3", "swf-6"]
+    assert (jobs["swf-1"].task_count, jobs["swf-1"].millis_per_task) == (1, 4000)
+    assert (jobs["swf-2"].task_count, jobs["swf-2"].millis_per_task) == (2, 8000)
+    assert jobs["swf-3"].wall_time_s == 300
+    assert jobs["swf-6"].wall_time_s == 200
+    assert jobs["swf-2"].account.project == "user-2"
+    assert trace.skipped == {"no_runtime": 1, "no_processors": 1, "malformed": 1}
+
+
+def test_openb_loader_skips_zero_gpu_pods() -> None:
+    trace = load_openb_pods(OPENB_PODS)
+
+    assert len(trace.jobs) == 7064
+    assert trace.skipped["no_gpu"] == 1088
+    fractional = [job for job in trace.jobs if job.millis_per_task < 1000]
+    assert len(fractional) == 3078
+    assert any(job.models == frozenset({"V100M16", "V100M32"}) for job in trace.jobs)
+    first = trace.jobs[0]
+    assert first.priority is PriorityClass.INTERACTIVE
+
+
+def test_openb_fleet_loads_all_gpus() -> None:
+    nodes = load_openb_nodes(OPENB_NODES)
+
+    assert len(nodes) == 1213
+    assert sum(len(n.accelerator_ids) for n in nodes) == 6212
+
+
+def test_account_assignment_is_deterministic() -> None:
+    first = assign_account("openb-pod-0042", seed=3)
+
+    assert assign_account("openb-pod-0042", seed=3) == first
+    assert first.project.startswith("proj-")
+    names = {assign_account(f"pod-{i}").project for i in range(2000)}
+    assert len(names) == 48
+
+
+def test_replay_runs_swf_to_completion() -> None:
+    trace = load_swf(DATA / "tiny.swf")
+    nodes = [
+        NodeSpec(f"n{i}", "p", "r", "H100-SXM5-80GB", tuple(f"n{i}/{k}" for k in range(8)))
+        for i in range(3)
+    ]
+    engine = Engine(EngineConfig(half_life_s=3600.0))
+
+    result = Replay(engine, nodes, trace.jobs).run()
+
+    assert result.never_started == []
+    assert all(run.end is not None for run in result.runs.values())
+    gang = result.runs["swf-2"]
+    assert gang.first_start == 10
+    assert gang.end == 10 + 1200
+    delivered = result.accelerator_seconds["p/r/H100-SXM5-80GB"]
+    assert delivered == 4 * 600 + 16 * 1200 + 2 * 300 + 8 * 200
+
+
+def test_simulate_writes_summary_and_plots(tmp_path: Path) -> None:
+    config = SimulationConfig(out=tmp_path, jobs=300, time_scale=0.01)
+
+    summary = simulate(config)
+
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["jobs"]["replayed"] == 300
+    assert summary["jobs"]["completed"] == 300
+    assert set(written["queueing_delay_s"]["by_class"]) == {
+        "preemptible",
+        "standard",
+        "interactive",
+    }
+    assert float(written["pf_days_delivered"]["total"]) > 0
+    assert 0 <= written["jain_fairness_projects"] <= 1
+    for name in ("utilization.png", "queueing_delay_cdf.png", "stranded.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_percentile_and_jain() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert percentile([], 0.5) is None
+    assert jain_index([1.0, 1.0, 1.0]) == 1.0
+    assert jain_index([1.0, 0.0]) == 0.5
