@@ -152,6 +152,38 @@ async def publish(js: JetStreamContext, reports: list[tuple[float, bytes]], rate
         await asyncio.gather(*in_flight)
 
 
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU seconds spent while the samples went from publish to committed rows."""
+
+    python_s: float
+    """This process: publisher, decoding, validation, COPY encoding, charger."""
+    postgres_s: float
+    """The PostgreSQL backends serving this benchmark's database."""
+
+
+async def backend_cpu_s(db: Database) -> float:
+    """Return the CPU seconds used so far by every backend connected to the bench database.
+
+    Reads /proc, so it counts only when PostgreSQL runs on this machine (it does here).
+    """
+    async with db.acquire() as conn:
+        pids = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        )
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for row in pids:
+        try:
+            stat = Path(f"/proc/{row['pid']}/stat").read_text()  # noqa: ASYNC240 - procfs
+            fields = stat.rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # Fields 14 and 15 of /proc/<pid>/stat (user and system time), after the name.
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 async def count_rows(db: Database, table: str) -> int:
     async with db.acquire() as conn:
         return int(await conn.fetchval(f"SELECT count(*) FROM metering.{table}"))
@@ -159,7 +191,7 @@ async def count_rows(db: Database, table: str) -> int:
 
 async def run_main_phase(
     args: argparse.Namespace, js: JetStreamContext, db: Database
-) -> tuple[float, list[float], RecordingLedger, float]:
+) -> tuple[float, list[float], RecordingLedger, CpuUse]:
     reports = build_reports(args.samples, args.per_report, args.rate)
     async with db.acquire() as conn:
         for job in range(JOBS):
@@ -191,14 +223,21 @@ async def run_main_phase(
         clock=virtual_now,
     )
     stop = asyncio.Event()
+    cpu_start = time.process_time()
+    pg_start = await backend_cpu_s(db)
     async with asyncio.TaskGroup() as group:
         group.create_task(ingest.run(stop))
         group.create_task(charger.run(stop))
         await publish(js, reports, args.rate)
         published = time.time()
-        while await count_rows(db, "usage_samples") < args.samples:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
+        # Poll the ingest's own counter: counting rows in SQL would load PostgreSQL and
+        # distort the CPU figures.
+        while ingest.counters.inserted < args.samples:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
         committed = time.time()
+        if await count_rows(db, "usage_samples") != args.samples:
+            raise AssertionError("the table does not hold exactly the published samples")
+        cpu = CpuUse(time.process_time() - cpu_start, await backend_cpu_s(db) - pg_start)
         # Let the last periods close and be charged before stopping.
         deadline = time.time() + args.period + args.lateness + 15
         while time.time() < deadline and await _uncharged(db):  # noqa: ASYNC110
@@ -207,7 +246,7 @@ async def run_main_phase(
     print(f"published {args.samples} samples in {published - wall_start:.2f} s")
     throughput = args.samples / (committed - wall_start)
     lags = await charge_lags(db, ledger, wall_start, args)
-    return throughput, lags, ledger, committed - wall_start
+    return throughput, lags, ledger, cpu
 
 
 async def _uncharged(db: Database) -> bool:
@@ -332,7 +371,7 @@ async def main(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.05)
         assert client is not None
         js = client.jetstream()
-        throughput, lags, ledger, elapsed = await run_main_phase(args, js, db)
+        throughput, lags, ledger, cpu = await run_main_phase(args, js, db)
         baseline = await run_baseline(args, js, db)
         await client.close()
         await pool.close()
@@ -348,7 +387,14 @@ async def main(args: argparse.Namespace) -> None:
     p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))] if lags else float("nan")
     print(f"command: python bench/ingest_bench.py {' '.join(sys.argv[1:])}")
     print(f"samples: {args.samples} in reports of {args.per_report}, {args.workers} workers")
-    print(f"exactly-once ingest: {throughput:,.0f} samples/s ({elapsed:.2f} s publish to commit)")
+    print(f"exactly-once ingest: {throughput:,.0f} samples/s, publish to committed row")
+    python_us = cpu.python_s / args.samples * 1e6
+    postgres_us = cpu.postgres_s / args.samples * 1e6
+    print(f"CPU per sample: {python_us:.1f} us in Python, {postgres_us:.1f} us in PostgreSQL")
+    print(
+        "estimate with one idle core each for Python and PostgreSQL: "
+        f"{1e6 / max(python_us, postgres_us):,.0f} samples/s"
+    )
     print(f"one-INSERT-per-sample baseline: {baseline:,.0f} samples/s")
     print(f"ratio: {throughput / baseline:.1f}x")
     print(

@@ -143,9 +143,10 @@ def decode_report(
     accepted: list[UsageSample] = []
     rejected: list[Rejection] = []
     latest_end_ns = _to_ns(now + MAX_CLOCK_SKEW)
+    tasks: dict[str, tuple[str, int]] = {}
     for index, item in enumerate(report.samples):
         try:
-            accepted.append(_convert(item, origin, known_models, latest_end_ns))
+            accepted.append(_convert(item, origin, known_models, latest_end_ns, tasks))
         except InvalidSample as error:
             sample_id = item.sample_id or None
             key = _sample_key(origin, sample_id, index)
@@ -183,37 +184,50 @@ def _convert(
     origin: Origin,
     known_models: Mapping[str, object],
     latest_end_ns: int,
+    tasks: dict[str, tuple[str, int]],
 ) -> UsageSample:
-    sample_id = _check_id("sample_id", item.sample_id)
-    task_id = _check_id("task_id", item.task_id)
-    job_id, attempt = _parse_task_id(task_id)
-    if item.job_id and item.job_id != job_id:
-        raise InvalidSample(f"job_id {item.job_id!r} does not match task_id {task_id!r}")
-    accelerator_id = _check_id("accelerator_id", item.accelerator_id)
-    if item.model not in known_models:
-        raise InvalidSample(f"model {item.model!r} is not in the rate card")
-    if not 1 <= item.share_millis <= 1000:
-        raise InvalidSample(f"share_millis {item.share_millis} is outside 1..1000")
+    # Each protobuf field is read once: ingest converts tens of thousands of samples a second.
+    sample_id = item.sample_id
+    task_id = item.task_id
+    accelerator_id = item.accelerator_id
+    model = item.model
+    share_millis = item.share_millis
+    if not sample_id or len(sample_id) > MAX_ID_LENGTH:
+        raise InvalidSample(f"sample_id {sample_id!r} is missing or too long")
+    if not accelerator_id or len(accelerator_id) > MAX_ID_LENGTH:
+        raise InvalidSample(f"accelerator_id {accelerator_id!r} is missing or too long")
+    parsed = tasks.get(task_id)
+    if parsed is None:
+        parsed = tasks[task_id] = _parse_task_id(task_id)
+    job_id, attempt = parsed
+    reported_job = item.job_id
+    if reported_job and reported_job != job_id:
+        raise InvalidSample(f"job_id {reported_job!r} does not match task_id {task_id!r}")
+    if model not in known_models:
+        raise InvalidSample(f"model {model!r} is not in the rate card")
+    if not 1 <= share_millis <= 1000:
+        raise InvalidSample(f"share_millis {share_millis} is outside 1..1000")
     if not item.HasField("start_time") or not item.HasField("end_time"):
         raise InvalidSample("start_time and end_time are required")
     start = item.start_time
     end = item.end_time
     start_ns = start.seconds * 1_000_000_000 + start.nanos
     end_ns = end.seconds * 1_000_000_000 + end.nanos
-    if end_ns <= start_ns:
+    interval_ns = end_ns - start_ns
+    if interval_ns <= 0:
         raise InvalidSample("end_time is not after start_time")
-    if end_ns - start_ns > MAX_INTERVAL_NS:
-        raise InvalidSample(f"interval of {(end_ns - start_ns) / 1e9} s is longer than 24 h")
+    if interval_ns > MAX_INTERVAL_NS:
+        raise InvalidSample(f"interval of {interval_ns / 1e9} s is longer than 24 h")
     if end_ns > latest_end_ns:
         raise InvalidSample(f"end_time {end.ToJsonString()} is in the future")
-    micros = _check_accelerator_seconds(
-        item.accelerator_seconds.value, end_ns - start_ns, item.share_millis
-    )
+    micros = _check_accelerator_seconds(item.accelerator_seconds.value, interval_ns, share_millis)
     utilization: float | None = None
-    if item.HasField("utilization") and not item.utilization.unsupported:
-        utilization = item.utilization.value
-        if not 0.0 <= utilization <= 1.0:
-            raise InvalidSample(f"utilization {utilization} is outside 0..1")
+    if item.HasField("utilization"):
+        metric = item.utilization
+        if not metric.unsupported:
+            utilization = metric.value
+            if not 0.0 <= utilization <= 1.0:
+                raise InvalidSample(f"utilization {utilization} is outside 0..1")
     return UsageSample(
         sample_id,
         job_id,
@@ -223,8 +237,8 @@ def _convert(
         origin.region,
         origin.node,
         accelerator_id,
-        item.model,
-        item.share_millis,
+        model,
+        share_millis,
         start_ns // 1000,
         end_ns // 1000,
         micros,
@@ -268,16 +282,10 @@ def _parse_unusual_seconds(text: str) -> int:
     return int(exact.scaleb(6))
 
 
-def _check_id(field: str, value: str) -> str:
-    if not value:
-        raise InvalidSample(f"{field} is missing")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidSample(f"{field} is longer than {MAX_ID_LENGTH} characters")
-    return value
-
-
 def _parse_task_id(task_id: str) -> tuple[str, int]:
     """Split ``<job_id>/<attempt>/<task_index>`` into the job id and the attempt."""
+    if len(task_id) > MAX_ID_LENGTH:
+        raise InvalidSample(f"task_id is longer than {MAX_ID_LENGTH} characters")
     parts = task_id.rsplit("/", 2)
     if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2].isdigit():
         raise InvalidSample(f"task_id {task_id!r} is not <job_id>/<attempt>/<task_index>")

@@ -109,7 +109,7 @@ def test_valid_sample_converts_to_integers() -> None:
         ("model", "TPU-v9", "not in the rate card"),
         ("share_millis", 1001, "outside 1..1000"),
         ("task_id", "job-1", "not <job_id>/<attempt>/<task_index>"),
-        ("sample_id", "", "sample_id is missing"),
+        ("sample_id", "", "sample_id '' is missing"),
     ],
 )
 def test_invalid_sample_rejected_with_reason(field: str, value: object, reason: str) -> None:
