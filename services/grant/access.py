@@ -45,11 +45,14 @@ async def project_role(conn: asyncpg.Connection, project_id: str, subject: str) 
     return role
 
 
-async def require_project_visible(conn: asyncpg.Connection, project_id: str) -> Principal:
+async def require_project_visible(
+    conn: asyncpg.Connection, project_id: str, *, as_reviewer: bool = False
+) -> Principal:
     """Return the caller if it may see the project; raise NotFound otherwise.
 
     A project the caller may not see is reported as not found, so that its existence does
-    not leak. Reviewers see the projects of applications assigned to them.
+    not leak. With ``as_reviewer``, reviewers also see the projects of applications assigned
+    to them; they never see those projects' grants.
     """
     principal = current_principal()
     exists = await conn.fetchval("SELECT 1 FROM projects WHERE id = $1", project_id)
@@ -59,6 +62,8 @@ async def require_project_visible(conn: asyncpg.Connection, project_id: str) -> 
         return principal
     if await project_role(conn, project_id, principal.subject) is not None:
         return principal
+    if not as_reviewer:
+        raise NotFound("project", project_id)
     reviewing = await conn.fetchval(
         "SELECT 1 FROM application_reviewers r JOIN applications a ON a.id = r.application_id "
         "WHERE a.project_id = $1 AND r.reviewer = $2 LIMIT 1",

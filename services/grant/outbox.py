@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from datetime import timedelta
 
 import asyncpg
 import nats.errors
@@ -21,6 +23,9 @@ from services.runtime.nats import Publisher
 log = logging.getLogger(__name__)
 
 BATCH = 256
+PUBLISHED_KEPT = timedelta(days=7)
+"""How long published rows stay, for inspection, before they are deleted."""
+CLEANUP_INTERVAL_S = 3600.0
 
 
 async def publish_pending(db: Database, publisher: Publisher) -> int:
@@ -45,16 +50,30 @@ async def publish_pending(db: Database, publisher: Publisher) -> int:
     return len(rows)
 
 
+async def delete_published(db: Database, keep: timedelta) -> int:
+    """Delete rows published longer ago than ``keep``; return how many were deleted."""
+    async with db.acquire() as conn:
+        status: str = await conn.execute(
+            "DELETE FROM outbox WHERE published_at < now() - $1::interval", keep
+        )
+    return int(status.rsplit(" ", 1)[1])
+
+
 async def run_publisher(
     db: Database, js: JetStreamContext, stopping: asyncio.Event, interval_s: float
 ) -> None:
     """Publish outbox rows until ``stopping`` is set; back off while NATS is unreachable."""
     publisher = Publisher(js)
     failures = 0
+    next_cleanup = time.monotonic()
     while not stopping.is_set():
         try:
             published = await publish_pending(db, publisher)
             failures = 0
+            if time.monotonic() >= next_cleanup:
+                deleted = await delete_published(db, PUBLISHED_KEPT)
+                log.debug("deleted %s published outbox rows", deleted)
+                next_cleanup = time.monotonic() + CLEANUP_INTERVAL_S
         except (Unavailable, nats.errors.Error, asyncpg.PostgresError, OSError) as error:
             failures += 1
             if failures == 1 or failures % 60 == 0:

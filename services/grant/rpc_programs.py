@@ -86,7 +86,7 @@ async def _require_application_visible(conn: asyncpg.Connection, application_id:
     if project_id is None:
         raise NotFound("application", application_id)
     try:
-        await access.require_project_visible(conn, project_id)
+        await access.require_project_visible(conn, project_id, as_reviewer=True)
     except NotFound:
         raise NotFound("application", application_id) from None
     return str(project_id)
@@ -147,10 +147,17 @@ class ProgramHandlers:
         request_id_in(request.request_id)
         project = request.project
         pi = cv.text_in("project.pi_subject", project.pi_subject)
-        if not principal.has_any({Role.PROGRAM_OFFICE}) and pi != principal.subject:
-            raise PermissionDenied(
-                f"{principal.subject!r} may only create projects with themselves as PI"
-            )
+        institution_id = reference_in("project.institution_id", project.institution_id)
+        if not principal.has_any({Role.PROGRAM_OFFICE}):
+            if pi != principal.subject:
+                raise PermissionDenied(
+                    f"{principal.subject!r} may only create projects with themselves as PI"
+                )
+            if principal.institution is not None and principal.institution != institution_id:
+                raise PermissionDenied(
+                    f"{principal.subject!r} belongs to institution {principal.institution!r} "
+                    f"and may not create projects for {institution_id!r}"
+                )
         members = []
         for index, member in enumerate(project.members):
             role = cv.ROLES.get(member.role)  # type: ignore[call-overload]
@@ -161,7 +168,7 @@ class ProgramHandlers:
             members.append((cv.text_in(f"project.members[{index}].subject", member.subject), role))
         new = NewProject(
             project_id=identifier_in("project.project_id", project.project_id),
-            institution_id=reference_in("project.institution_id", project.institution_id),
+            institution_id=institution_id,
             name=cv.text_in("project.display_name", project.display_name),
             pi=pi,
             members=tuple(members),

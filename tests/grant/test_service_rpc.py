@@ -151,6 +151,34 @@ async def test_review_flow_records_every_step(grant_service: RunningGrant) -> No
     ]
     assert app.reviews[0].score == 4
     assert app.decision.decided_by == "office"
+    reviewer = grant_service.stub("rita", ["reviewer"], "uni-b")
+    seen = await reviewer.GetApplication(
+        grant_pb2.GetApplicationRequest(application_id=grant.application_id)
+    )
+    assert seen.application_id == grant.application_id
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reviewer.GetGrant(grant_pb2.GetGrantRequest(grant_id=grant_id))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_pi_creates_only_own_projects(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    pi = grant_service.stub("alice", ["pi"], "uni-a")
+    cases = [("uni-b", "alice"), ("uni-a", "somebody-else")]
+    for institution, pi_subject in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pi.CreateProject(
+                grant_pb2.CreateProjectRequest(
+                    request_id=rid(),
+                    project=grant_pb2.Project(
+                        project_id="proj-x",
+                        institution_id=institution,
+                        display_name="X",
+                        pi_subject=pi_subject,
+                    ),
+                )
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, institution
 
 
 async def test_reviewer_conflicts_rejected(grant_service: RunningGrant) -> None:
