@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Final
@@ -22,6 +23,7 @@ from services.runtime.auth import Principal, Role, current_principal, require_ro
 from services.runtime.context import remaining_s, request_id
 from services.runtime.errors import (
     CallerError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -30,9 +32,16 @@ from services.runtime.errors import (
 
 from .convert import job_state_from_proto, job_to_proto, spec_from_proto
 from .fleet import NODE_STATUSES, NodeView
-from .inputs import CancelRequested, DrainRequested
+from .inputs import CancelRequested, DrainRequested, PledgeChanged, RecallAdded
 from .leadership import Leadership
 from .model import Job, JobFilter, new_job_id
+from .pledges import (
+    PledgeStore,
+    RecallRecord,
+    pledge_from_proto,
+    pledge_to_proto,
+    recall_to_proto,
+)
 from .store import decode_page_token
 from .validation import FieldViolation, validate_array_size, validate_spec
 from .watch import WatchOverflow
@@ -69,6 +78,7 @@ class InvalidJobRequest(CallerError):
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, leadership: Leadership) -> None:
         self._lead = leadership
+        self._pledges = PledgeStore(leadership.pool)
 
     # Jobs.
 
@@ -336,17 +346,82 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             ]
         )
 
-    async def SetPledge(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        raise _not_implemented("SetPledge")
+    async def SetPledge(
+        self, request: scheduler_pb2.SetPledgeRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Pledge:
+        _require_operator_of(request.pledge.provider_id)
+        pledge, violations = pledge_from_proto(request.pledge)
+        if violations:
+            raise InvalidJobRequest(violations)
+        leader = self._lead.require()
+        cause = f"rpc:SetPledge:{request.request_id or request_id() or ''}"
+        try:
+            stored = await self._pledges.upsert(pledge, cause)
+        except LookupError as exc:
+            raise FailedPrecondition(str(exc), "pledge.recallable_count") from None
+        if not stored:
+            raise InvalidArgument(
+                "pledge.pledge_id",
+                f"{pledge.pledge_id!r} names a pledge of another provider, region or model",
+                "leave pledge_id empty to create a pledge",
+            )
+        await leader.inbox.put(PledgeChanged(pledge))
+        return pledge_to_proto(pledge)
 
-    async def ListPledges(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        raise _not_implemented("ListPledges")
+    async def ListPledges(
+        self, request: scheduler_pb2.ListPledgesRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListPledgesResponse:
+        current_principal()
+        pledges = await self._pledges.pledges(request.provider_id)
+        return scheduler_pb2.ListPledgesResponse(pledges=[pledge_to_proto(p) for p in pledges])
 
-    async def RecallCapacity(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        raise _not_implemented("RecallCapacity")
+    async def RecallCapacity(
+        self, request: scheduler_pb2.RecallCapacityRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Recall:
+        principal = require_roles(*OPERATORS)
+        wanted = request.recall
+        if not wanted.pledge_id:
+            raise InvalidArgument("recall.pledge_id", "is empty", "name the pledge to recall from")
+        if wanted.count <= 0:
+            raise InvalidArgument("recall.count", "is 0", "recall at least one accelerator")
+        if not wanted.HasField("effective_time"):
+            raise InvalidArgument(
+                "recall.effective_time", "is missing", "set when the capacity must be free"
+            )
+        effective = wanted.effective_time.ToNanoseconds() / 1e9
+        end = wanted.end_time.ToNanoseconds() / 1e9 if wanted.HasField("end_time") else None
+        if end is not None and end <= effective:
+            raise InvalidArgument(
+                "recall.end_time", "is not after effective_time", "end the recall later"
+            )
+        leader = self._lead.require()
+        recall = RecallRecord(
+            f"rc-{uuid.uuid4().hex[:16]}",
+            wanted.pledge_id,
+            wanted.count,
+            effective,
+            end,
+            wanted.reason,
+        )
+        try:
+            owner = {p.pledge_id: p for p in await self._pledges.pledges()}.get(wanted.pledge_id)
+            if owner is None:
+                raise KeyError(wanted.pledge_id)
+            _check_operator(principal, owner.provider)
+            recall, pledge = await self._pledges.add_recall(recall, request.request_id or None)
+        except KeyError:
+            raise NotFound("pledge", wanted.pledge_id) from None
+        except LookupError as exc:
+            raise FailedPrecondition(str(exc), "recall.count") from None
+        await leader.inbox.put(RecallAdded(recall, pledge))
+        return recall_to_proto(recall)
 
-    async def ListRecalls(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        raise _not_implemented("ListRecalls")
+    async def ListRecalls(
+        self, request: scheduler_pb2.ListRecallsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListRecallsResponse:
+        current_principal()
+        recalls = await self._pledges.recalls(request.provider_id)
+        return scheduler_pb2.ListRecallsResponse(recalls=[recall_to_proto(r) for r in recalls])
 
     async def RegisterProvider(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         raise _not_implemented("RegisterProvider")
@@ -355,13 +430,26 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         raise _not_implemented("ListProviders")
 
 
+def _require_operator_of(provider: str) -> Principal:
+    principal = require_roles(*OPERATORS)
+    _check_operator(principal, provider)
+    return principal
+
+
+def _check_operator(principal: Principal, provider: str) -> None:
+    if Role.PROVIDER_OPERATOR in principal.roles and principal.provider not in (None, provider):
+        raise PermissionDenied(
+            f"operator of provider {principal.provider!r} cannot act for provider {provider!r}"
+        )
+
+
 class _Unimplemented(CallerError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
 def _not_implemented(method: str) -> CallerError:
-    # NOTE: pledges, recalls and the provider registry are not persisted by the service yet,
-    # although the engine supports pledges and recalls.
+    # NOTE: the provider registry (display names, jurisdictions) is not stored yet; providers
+    # and regions exist through their nodes' inventories and their pledges.
     return _Unimplemented(f"{method} is not implemented by this scheduler version yet")
 
 

@@ -19,6 +19,7 @@ from scheduler.engine.placement import TaskPlan
 
 from .fleet import NodeView
 from .model import Job, TaskPlacement
+from .pledges import PledgeRecord, RecallRecord
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,36 @@ class EngineAdapter:
     def tasks_stopped(self, key: str, job_id: str) -> None:
         if key in self._known_nodes:
             self.engine.apply(ev.TasksStopped(key, job_id))
+
+    def set_pledge(self, pledge: PledgeRecord) -> None:
+        """Add or replace a pledge; the engine caps its pool by the pledged capacity."""
+        self.engine.apply(
+            ev.PledgeAdded(
+                es.Pledge(
+                    pledge.pledge_id,
+                    pledge.provider,
+                    pledge.region,
+                    pledge.model,
+                    pledge.protected,
+                    pledge.recallable,
+                    pledge.start,
+                    pledge.end,
+                )
+            )
+        )
+
+    def add_recall(self, recall: RecallRecord, pledge: PledgeRecord) -> None:
+        self.engine.apply(
+            ev.RecallAnnounced(
+                recall.recall_id,
+                pledge.provider,
+                pledge.region,
+                pledge.model,
+                recall.count,
+                recall.effective_at,
+                recall.end,
+            )
+        )
 
     # Jobs.
 

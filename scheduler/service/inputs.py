@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from .admission import HoldOutcome
 from .fleet import NodeView
 from .model import Job
+from .pledges import PledgeRecord, RecallRecord
 
 Ack = Callable[[], Awaitable[None]]
 """Acknowledges a NATS message; the loop calls it after the effects are committed."""
@@ -65,6 +66,21 @@ class TaskReported:
 
 
 @dataclass(frozen=True, slots=True)
+class PledgeChanged:
+    """A pledge stored by the API, to apply to the engine."""
+
+    pledge: PledgeRecord
+
+
+@dataclass(frozen=True, slots=True)
+class RecallAdded:
+    """A recall stored by the API, with the pledge it draws on."""
+
+    recall: RecallRecord
+    pledge: PledgeRecord
+
+
+@dataclass(frozen=True, slots=True)
 class HoldDone:
     job_id: str
     attempt: int
@@ -79,4 +95,6 @@ Input = (
     | HeartbeatReceived
     | TaskReported
     | HoldDone
+    | PledgeChanged
+    | RecallAdded
 )

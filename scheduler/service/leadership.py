@@ -31,6 +31,7 @@ from .inputs import Input
 from .jobbook import JobBook
 from .leader import LeaderLease, LeadershipLost
 from .loop import LoopSettings, SchedulingLoop
+from .pledges import PledgeStore
 from .publisher import Publisher
 from .store import Fenced, JobStore, NodeStore
 from .submitter import SubmissionBatcher
@@ -90,6 +91,7 @@ class Leadership:
     ) -> None:
         self.config = config
         self.store = JobStore(pool, config.shard)
+        self.pool = pool
         self._pool = pool
         self._js = js
         self._admission = admission
@@ -184,6 +186,13 @@ class Leadership:
             loop.book.engine.add_node(change.node)
             if draining:
                 loop.book.engine.set_draining(change.node.key, True, now)
+        pledges = PledgeStore(self._pool)
+        by_id = {}
+        for pledge in await pledges.pledges():
+            loop.book.engine.set_pledge(pledge)
+            by_id[pledge.pledge_id] = pledge
+        for recall in await pledges.recalls():
+            loop.book.engine.add_recall(recall, by_id[recall.pledge_id])
         jobs = await self.store.load_open_jobs()
         placed = [j for j in jobs if j.state != "pending"]
         missing = [

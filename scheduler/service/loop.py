@@ -24,6 +24,8 @@ from .inputs import (
     HoldDone,
     Input,
     InventoryReceived,
+    PledgeChanged,
+    RecallAdded,
     Submitted,
     TaskReported,
 )
@@ -191,6 +193,17 @@ class SchedulingLoop:
             case CancelRequested(job_id, reason, cause, reply):
                 job = self.book.cancel(job_id, reason, cause, fx)
                 replies.append((reply, job))  # type: ignore[arg-type]
+            case PledgeChanged(pledge):
+                self.book.engine.set_pledge(pledge)
+            case RecallAdded(recall, pledge):
+                logger.info(
+                    "recall %s takes %d accelerators of pledge %s from %s",
+                    recall.recall_id,
+                    recall.count,
+                    pledge.pledge_id,
+                    recall.effective_at,
+                )
+                self.book.engine.add_recall(recall, pledge)
             case DrainRequested(key, draining, reason, reply):
                 node_view = None
                 if self.fleet.get(key) is not None:

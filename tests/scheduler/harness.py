@@ -104,10 +104,15 @@ class Stack:
         self.private_key, self.public_key = generate_signing_key(work_dir)
         self.grant_address = ""
 
-    def token(self, subject: str, *roles: Role, institution: str | None = None) -> str:
-        return mint_token(
-            load_signing_key(self.private_key), subject, list(roles), institution=institution
-        )
+    def token(
+        self,
+        subject: str,
+        *roles: Role,
+        institution: str | None = None,
+        provider: str | None = None,
+    ) -> str:
+        key = load_signing_key(self.private_key)
+        return mint_token(key, subject, list(roles), institution=institution, provider=provider)
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)

@@ -11,8 +11,9 @@ import grpc
 import nats
 import nats.errors
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from acsp.v1 import agent_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2
+from acsp.v1 import agent_pb2, common_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2
 from services.runtime.auth import Role
 from services.runtime.errors import field_violations
 
@@ -261,3 +262,95 @@ async def test_standby_takes_over_and_old_leader_stays_fenced(stack: Stack) -> N
     assert [row[0] for row in epochs] in ([1, 2], [2])
     late_dispatches = sum(row[1] for row in epochs if row[0] == 2)
     assert late_dispatches >= 6
+
+
+async def test_pledge_caps_pool_and_recall_is_bounded(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    operator = metadata(stack.token("op", Role.PROVIDER_OPERATOR, provider="prov"))
+    other_operator = metadata(stack.token("op2", Role.PROVIDER_OPERATOR, provider="other"))
+    md = metadata(stack.token(pi, Role.PI))
+    now = time.time()
+    window = common_pb2.TimeWindow()
+    window.start_time.FromSeconds(int(now) - 60)
+    window.end_time.FromSeconds(int(now) + 86_400)
+    pledge = scheduler_pb2.Pledge(
+        provider_id="prov",
+        region_id="reg",
+        model="A100-SXM4-80GB",
+        window=window,
+        protected_count=1,
+        recallable_count=1,
+    )
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await scheduler.SetPledge(
+                scheduler_pb2.SetPledgeRequest(pledge=pledge), metadata=other_operator, timeout=10
+            )
+        stored = await scheduler.SetPledge(
+            scheduler_pb2.SetPledgeRequest(pledge=pledge), metadata=operator, timeout=10
+        )
+        listed = await scheduler.ListPledges(
+            scheduler_pb2.ListPledgesRequest(provider_id="prov"), metadata=operator, timeout=10
+        )
+        effective = Timestamp()
+        effective.FromSeconds(int(now))
+        with pytest.raises(grpc.aio.AioRpcError) as too_many:
+            await scheduler.RecallCapacity(
+                scheduler_pb2.RecallCapacityRequest(
+                    recall=scheduler_pb2.Recall(
+                        pledge_id=stored.pledge_id, count=2, effective_time=effective
+                    )
+                ),
+                metadata=operator,
+                timeout=10,
+            )
+        recall = await scheduler.RecallCapacity(
+            scheduler_pb2.RecallCapacityRequest(
+                request_id="recall-1",
+                recall=scheduler_pb2.Recall(
+                    pledge_id=stored.pledge_id,
+                    count=1,
+                    effective_time=effective,
+                    reason="commercial peak",
+                ),
+            ),
+            metadata=operator,
+            timeout=10,
+        )
+
+        async def node_known() -> bool:
+            nodes = await scheduler.ListNodes(
+                scheduler_pb2.ListNodesRequest(), metadata=operator, timeout=10
+            )
+            return len(nodes.nodes) == 1
+
+        await wait_for(node_known, 20, "the agent's inventory", 0.1)
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=job_spec(project, grant, task_count=2)),
+            metadata=md,
+            timeout=10,
+        )
+
+        async def waiting_reason() -> int:
+            job = await scheduler.GetJob(
+                scheduler_pb2.GetJobRequest(job_id=submitted.job.job_id), metadata=md, timeout=10
+            )
+            return job.pending_reason
+
+        reason = await wait_for(waiting_reason, 20, "a pending reason for the job", 0.2)
+        job = await scheduler.GetJob(
+            scheduler_pb2.GetJobRequest(job_id=submitted.job.job_id), metadata=md, timeout=10
+        )
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert stored.pledge_id.startswith("pl-")
+    assert [p.pledge_id for p in listed.pledges] == [stored.pledge_id]
+    assert too_many.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert recall.count == 1
+    assert job.state == scheduler_pb2.JOB_STATE_PENDING
+    assert reason in (
+        scheduler_pb2.PENDING_REASON_PROVIDER_RECALL,
+        scheduler_pb2.PENDING_REASON_NO_CAPACITY,
+    )

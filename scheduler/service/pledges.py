@@ -1,0 +1,268 @@
+"""Pledges and recalls: validation, persistence and conversion at the protobuf edge."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from acsp.subjects import TOKEN_PATTERN
+from acsp.v1 import common_pb2, scheduler_pb2
+from scheduler.engine.catalog import Catalog
+
+from .validation import FieldViolation
+
+
+@dataclass(frozen=True, slots=True)
+class PledgeRecord:
+    pledge_id: str
+    provider: str
+    region: str
+    model: str
+    protected: int
+    recallable: int
+    start: float
+    end: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecallRecord:
+    recall_id: str
+    pledge_id: str
+    count: int
+    effective_at: float
+    end: float | None
+    reason: str
+
+
+def pledge_from_proto(msg: scheduler_pb2.Pledge) -> tuple[PledgeRecord, list[FieldViolation]]:
+    """Convert a requested pledge; a new one (empty id) gets a fresh id."""
+    bad: list[FieldViolation] = []
+    for name, value in (
+        ("pledge.provider_id", msg.provider_id),
+        ("pledge.region_id", msg.region_id),
+        ("pledge.model", msg.model),
+    ):
+        if not TOKEN_PATTERN.match(value):
+            bad.append(FieldViolation(name, f"{value!r} is not a valid identifier"))
+    if msg.model and msg.model not in Catalog():
+        bad.append(FieldViolation("pledge.model", f"{msg.model!r} is not in the catalog"))
+    if not msg.window.HasField("start_time") or not msg.window.HasField("end_time"):
+        bad.append(FieldViolation("pledge.window", "needs both start_time and end_time"))
+    start = _seconds(msg.window.start_time)
+    end = _seconds(msg.window.end_time)
+    if msg.window.HasField("end_time") and end <= start:
+        bad.append(FieldViolation("pledge.window.end_time", "must be after start_time"))
+    if msg.protected_count + msg.recallable_count == 0:
+        bad.append(FieldViolation("pledge", "pledges no accelerators; set a count above 0"))
+    pledge = PledgeRecord(
+        pledge_id=msg.pledge_id or f"pl-{uuid.uuid4().hex[:16]}",
+        provider=msg.provider_id,
+        region=msg.region_id,
+        model=msg.model,
+        protected=msg.protected_count,
+        recallable=msg.recallable_count,
+        start=start,
+        end=end,
+    )
+    return pledge, bad
+
+
+def pledge_to_proto(pledge: PledgeRecord) -> scheduler_pb2.Pledge:
+    return scheduler_pb2.Pledge(
+        pledge_id=pledge.pledge_id,
+        provider_id=pledge.provider,
+        region_id=pledge.region,
+        model=pledge.model,
+        window=common_pb2.TimeWindow(start_time=_stamp(pledge.start), end_time=_stamp(pledge.end)),
+        protected_count=pledge.protected,
+        recallable_count=pledge.recallable,
+    )
+
+
+def recall_to_proto(recall: RecallRecord) -> scheduler_pb2.Recall:
+    msg = scheduler_pb2.Recall(
+        recall_id=recall.recall_id,
+        pledge_id=recall.pledge_id,
+        count=recall.count,
+        effective_time=_stamp(recall.effective_at),
+        reason=recall.reason,
+    )
+    if recall.end is not None:
+        msg.end_time.CopyFrom(_stamp(recall.end))
+    return msg
+
+
+class PledgeStore:
+    """Rows of ``scheduler.pledges`` and ``scheduler.recalls``."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float = 10.0) -> None:
+        self._pool = pool
+        self._timeout = timeout_s
+
+    async def upsert(self, pledge: PledgeRecord, cause: str) -> bool:
+        """Create or replace a pledge; return False if its id names another pool.
+
+        Raises ``LookupError`` if the pledge would fall below what recalls already took.
+        """
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT provider, region, model FROM scheduler.pledges WHERE pledge_id = $1"
+                " FOR UPDATE",
+                pledge.pledge_id,
+                timeout=self._timeout,
+            )
+            if row is not None and tuple(row) != (pledge.provider, pledge.region, pledge.model):
+                return False
+            recalled = await self._recalled(conn, pledge.pledge_id)
+            if recalled > pledge.recallable:
+                raise LookupError(
+                    f"{recalled} accelerators of pledge {pledge.pledge_id} are recalled; "
+                    "recallable_count cannot go below that"
+                )
+            await conn.execute(
+                "INSERT INTO scheduler.pledges (pledge_id, provider, region, model,"
+                " protected_count, recallable_count, starts_at, ends_at, cause)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                " ON CONFLICT (pledge_id) DO UPDATE SET protected_count = EXCLUDED.protected_count,"
+                " recallable_count = EXCLUDED.recallable_count, starts_at = EXCLUDED.starts_at,"
+                " ends_at = EXCLUDED.ends_at, cause = EXCLUDED.cause, updated_at = now()",
+                pledge.pledge_id,
+                pledge.provider,
+                pledge.region,
+                pledge.model,
+                pledge.protected,
+                pledge.recallable,
+                _datetime(pledge.start),
+                _datetime(pledge.end),
+                cause,
+                timeout=self._timeout,
+            )
+        return True
+
+    async def add_recall(
+        self, recall: RecallRecord, request_id: str | None
+    ) -> tuple[RecallRecord, PledgeRecord]:
+        """Store a recall; raise ``KeyError`` for an unknown pledge and ``LookupError`` when
+        the pledge has fewer recallable accelerators left than the recall asks for."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            if request_id:
+                existing = await conn.fetchrow(
+                    f"SELECT {_RECALL_COLUMNS} FROM scheduler.recalls WHERE request_id = $1",
+                    request_id,
+                    timeout=self._timeout,
+                )
+                if existing is not None:
+                    earlier = _recall_from_row(existing)
+                    return earlier, await self._pledge(conn, earlier.pledge_id)
+            pledge = await self._pledge(conn, recall.pledge_id, lock=True)
+            left = pledge.recallable - await self._recalled(conn, pledge.pledge_id)
+            if recall.count > left:
+                raise LookupError(
+                    f"pledge {pledge.pledge_id} has {left} recallable accelerators left; "
+                    f"the recall asks for {recall.count}"
+                )
+            await conn.execute(
+                "INSERT INTO scheduler.recalls (recall_id, pledge_id, count, effective_at,"
+                " ends_at, reason, request_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                recall.recall_id,
+                recall.pledge_id,
+                recall.count,
+                _datetime(recall.effective_at),
+                _datetime(recall.end) if recall.end is not None else None,
+                recall.reason,
+                request_id,
+                timeout=self._timeout,
+            )
+        return recall, pledge
+
+    async def pledges(self, provider: str = "") -> list[PledgeRecord]:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                f"SELECT {_PLEDGE_COLUMNS} FROM scheduler.pledges"
+                " WHERE $1 = '' OR provider = $1 ORDER BY pledge_id",
+                provider,
+                timeout=self._timeout,
+            )
+        return [_pledge_from_row(row) for row in rows]
+
+    async def recalls(self, provider: str = "") -> list[RecallRecord]:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT r.recall_id, r.pledge_id, r.count, r.effective_at, r.ends_at, r.reason"
+                " FROM scheduler.recalls r JOIN scheduler.pledges p USING (pledge_id)"
+                " WHERE $1 = '' OR p.provider = $1 ORDER BY r.recall_id",
+                provider,
+                timeout=self._timeout,
+            )
+        return [_recall_from_row(row) for row in rows]
+
+    async def _pledge(
+        self, conn: asyncpg.Connection, pledge_id: str, lock: bool = False
+    ) -> PledgeRecord:
+        row = await conn.fetchrow(
+            f"SELECT {_PLEDGE_COLUMNS} FROM scheduler.pledges WHERE pledge_id = $1"
+            + (" FOR UPDATE" if lock else ""),
+            pledge_id,
+            timeout=self._timeout,
+        )
+        if row is None:
+            raise KeyError(pledge_id)
+        return _pledge_from_row(row)
+
+    async def _recalled(self, conn: asyncpg.Connection, pledge_id: str) -> int:
+        value = await conn.fetchval(
+            "SELECT coalesce(sum(count), 0) FROM scheduler.recalls WHERE pledge_id = $1"
+            " AND (ends_at IS NULL OR ends_at > now())",
+            pledge_id,
+            timeout=self._timeout,
+        )
+        return int(value)
+
+
+_PLEDGE_COLUMNS = (
+    "pledge_id, provider, region, model, protected_count, recallable_count, starts_at, ends_at"
+)
+_RECALL_COLUMNS = "recall_id, pledge_id, count, effective_at, ends_at, reason"
+
+
+def _pledge_from_row(row: asyncpg.Record) -> PledgeRecord:
+    return PledgeRecord(
+        row["pledge_id"],
+        row["provider"],
+        row["region"],
+        row["model"],
+        row["protected_count"],
+        row["recallable_count"],
+        row["starts_at"].timestamp(),
+        row["ends_at"].timestamp(),
+    )
+
+
+def _recall_from_row(row: asyncpg.Record) -> RecallRecord:
+    ends = row["ends_at"]
+    return RecallRecord(
+        row["recall_id"],
+        row["pledge_id"],
+        row["count"],
+        row["effective_at"].timestamp(),
+        ends.timestamp() if ends is not None else None,
+        row["reason"],
+    )
+
+
+def _seconds(stamp: Timestamp) -> float:
+    return float(stamp.seconds) + stamp.nanos / 1e9
+
+
+def _stamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _datetime(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
