@@ -154,6 +154,7 @@ async def test_sigterm_finishes_in_flight_call(
     assert process.stderr is not None
     metadata = [("authorization", f"Bearer {keys.token(Role.PI)}")]
     seen: list[str] = []
+
     async with grpc.aio.insecure_channel(address) as channel:
         sleep = channel.unary_unary(
             f"/{SERVICE_NAME}/Sleep",
@@ -164,17 +165,21 @@ async def test_sigterm_finishes_in_flight_call(
             sleep(wrappers_pb2.DoubleValue(value=1.0), metadata=metadata, timeout=20)
         )
         await asyncio.wait_for(read_until(process.stderr, "sleep started", seen), PROCESS_TIMEOUT_S)
+
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(
             read_until(process.stderr, "finishing in-flight calls", seen), PROCESS_TIMEOUT_S
         )
+
         # New calls are not served while the first one keeps running. Depending on when the
         # call reaches the draining server, grpc cancels it, refuses it or lets it time out.
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await sleep(wrappers_pb2.DoubleValue(value=0.0), metadata=metadata, timeout=3)
         reply = await asyncio.wait_for(call, timeout=PROCESS_TIMEOUT_S)
+
     rest = await asyncio.wait_for(process.stderr.read(), timeout=PROCESS_TIMEOUT_S)
     code = await asyncio.wait_for(process.wait(), timeout=PROCESS_TIMEOUT_S)
+
     assert reply.value == 1.0
     assert refused.value.code() in NOT_SERVED
     assert code == 0

@@ -314,6 +314,7 @@ async def test_service_channel_propagates_identity_deadline_and_trace(
         running.service.runtime.telemetry.tracer_provider.add_span_processor(
             SimpleSpanProcessor(spans)
         )
+
     grant = pki["grant"]
     credentials = channel_credentials(grant.ca, grant.cert, grant.key)
     async with open_channel(upstream.service.address, credentials=credentials) as channel:
@@ -323,9 +324,11 @@ async def test_service_channel_propagates_identity_deadline_and_trace(
             response_deserializer=String.FromString,
         )
         reply = await relay(String(value=downstream.service.address), timeout=3.0)
+
     caller, remaining = reply.value.split("|")
     assert caller == "service:sample:service"
     assert 0.0 < float(remaining) < 3.0
+
     server_spans = [span for span in spans.get_finished_spans() if span.name.endswith("/Relay")]
     downstream_spans = [
         span for span in spans.get_finished_spans() if span.name.endswith("/Remaining")
@@ -333,6 +336,7 @@ async def test_service_channel_propagates_identity_deadline_and_trace(
     assert len(server_spans) == 1
     assert len(downstream_spans) == 1
     assert downstream_spans[0].context.trace_id == server_spans[0].context.trace_id
+
     finished = {
         getattr(record, "method", None): getattr(record, "request_id", None)
         for record in caplog.records
