@@ -382,3 +382,63 @@ async def test_stop_orphans_ends_processes_left_by_children(data_dir: Path):
     grandchild = int(stdout.decode().split()[-1])
     assert not _alive(grandchild)
     assert "left behind by the mesh" in stderr.decode()
+
+
+HOLDER = """
+import asyncio, json, sys
+from pathlib import Path
+from acsp.mesh import LocalMesh, MeshConfig, ProcessSpec
+
+async def main():
+    sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
+    processes = tuple(ProcessSpec(f"sleeper-{i}", sleep, serves_grpc=False) for i in range(2))
+    config = MeshConfig(
+        data_dir=Path(sys.argv[1]), database_url=sys.argv[2], nats_url=sys.argv[3],
+        processes=processes, start_timeout_s=20,
+    )
+    async with LocalMesh(config) as mesh:
+        print(json.dumps(mesh.pids), flush=True)
+        await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+async def test_children_die_with_a_killed_supervisor(data_dir: Path):
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        HOLDER,
+        str(data_dir),
+        f"{EXTERNAL_POSTGRES}/test",
+        EXTERNAL_NATS,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        line = await asyncio.wait_for(holder.stdout.readline(), 60)
+        pids = json.loads(line)
+        assert sorted(pids) == ["sleeper-0", "sleeper-1"]
+    finally:
+        holder.kill()
+        await holder.wait()
+    for name, pid in pids.items():
+        await _poll(lambda pid=pid: not _alive(pid), 10, f"{name} (pid {pid}) to exit")
+
+
+async def test_cancelled_start_stops_started_children(external_database: str, data_dir: Path):
+    never_serves = ProcessSpec(
+        "silent", [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)"]
+    )
+    mesh = LocalMesh(_external_config(data_dir, external_database, never_serves))
+    start = asyncio.ensure_future(mesh.start())
+    log_path = data_dir / "logs" / "silent.log"
+    await _poll(
+        lambda: log_path.exists() and "up" in log_path.read_text(), 30, "the child to start"
+    )
+    pid = mesh.pids["silent"]
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    assert not _alive(pid)
+    assert mesh.pids == {}
