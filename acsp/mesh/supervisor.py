@@ -163,6 +163,7 @@ class LocalMesh:
         self._watchers: list[asyncio.Task[None]] = []
         self._failure: asyncio.Future[ChildExit] | None = None
         self._stopping = False
+        self._restarting: set[str] = set()
 
     # --- public surface -------------------------------------------------------------------
 
@@ -224,6 +225,33 @@ class LocalMesh:
         if self._failure is None:
             raise RuntimeError("the mesh is not running")
         return await asyncio.shield(self._failure)
+
+    async def kill_and_restart(self, name: str, down_s: float) -> None:
+        """SIGKILL the child ``name``, keep it down ``down_s`` seconds, start it again.
+
+        A restarted service gets the same port and environment, and the call returns once it
+        reports SERVING again (within ``start_timeout_s``). Used to show that a crash loses
+        nothing. Raises ``KeyError`` for an unknown name and MeshStartError if it fails to
+        come back.
+        """
+        children = {child.name: child for child in self._children}
+        child = children[name]
+        loop = asyncio.get_running_loop()
+        self._restarting.add(name)
+        try:
+            await child.kill()
+            logger.warning("killed %s; restarting it in %.1f s", name, down_s)
+            await asyncio.sleep(down_s)
+            await child.start()
+        finally:
+            self._restarting.discard(name)
+        self._watchers.append(loop.create_task(self._watch(child), name=f"watch {name}"))
+        endpoints = self.info.endpoints
+        if name in endpoints:
+            deadline = loop.time() + self.config.start_timeout_s
+            await self._wait_services(
+                {name: endpoints[name]}, self.client_credentials(None), deadline
+            )
 
     # --- start ----------------------------------------------------------------------------
 
@@ -427,6 +455,8 @@ class LocalMesh:
 
     async def _watch(self, child: ChildProcess) -> None:
         returncode = await child.wait()
+        if child.name in self._restarting:
+            return
         if self._stopping or self._failure is None or self._failure.done():
             return
         failure = ChildExit(child.name, returncode, child.describe_exit(), child.tail())
