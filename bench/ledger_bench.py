@@ -370,7 +370,12 @@ async def main() -> None:
     parser.add_argument("--grants", type=int, default=1000, help="grants in the spread phase")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent client loops")
-    parser.add_argument("--workers", type=int, default=4, help="ledger transactions at once")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="ledger worker queues, one transaction at a time each",
+    )
     parser.add_argument("--batch", type=int, default=64, help="ledger requests per transaction")
     args = parser.parse_args()
 

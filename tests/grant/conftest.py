@@ -1,4 +1,4 @@
-"""Fixtures for the grant tests: a fresh ``grant`` schema per test in the ``test`` database."""
+"""Fixtures for the grant tests: a uniquely named schema per test in the ``test`` database."""
 
 from __future__ import annotations
 
