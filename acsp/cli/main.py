@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="acsp",
         description="Academic compute support plan: grants, jobs, fleet and usage.",
+        epilog=(
+            "exit status: 0 success, 1 a call or check failed, 2 invalid usage or input, "
+            "3 no running mesh found or it is unreachable, 130 interrupted"
+        ),
     )
     parser.add_argument(
         "-v",
