@@ -9,6 +9,13 @@ A service builds on it like this (see :mod:`services.runtime.server` for the who
         schema="grant", migrations="services.grant.migrations",
     ))
 
+How callers are identified: people and tools send a signed bearer token (Ed25519 JWT with
+subject, institution, roles and, for operators, provider). Services present a mutual-TLS
+certificate from the local CA whose URI SAN is ``spiffe://acsp/service/<name>``, and the auth
+interceptor turns it into a ``service`` principal. With TLS on, every caller needs a CA-signed
+certificate, because grpcio cannot make client certificates optional. See :mod:`.auth` and
+:mod:`.tls`.
+
 Modules, one idea each:
 
 * :mod:`.settings`: the typed, frozen ``ACSP_*`` settings object and :func:`setting` fields.

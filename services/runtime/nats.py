@@ -356,6 +356,7 @@ class PullConsumer:
         self._tracer = trace.get_tracer(__name__)
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        """Create the durable consumer or update its settings, then bind to it."""
         config = ConsumerConfig(
             durable_name=self.durable,
             ack_wait=self._ack_wait_s,
@@ -363,9 +364,17 @@ class PullConsumer:
             filter_subject=self._subject_filter,
             max_ack_pending=max(1000, self._batch * 4),
         )
-        return await self._js.pull_subscribe(
-            self._subject_filter or "", durable=self.durable, stream=self.stream, config=config
-        )
+        try:
+            await self._js.add_consumer(self.stream, config)
+        except nats.js.errors.APIError as error:
+            # Some fields (deliver policy, filter on old servers) cannot change in place; the
+            # consumer keeps its old settings until an operator deletes it.
+            log.warning(
+                "consumer settings not updated: %s",
+                error,
+                extra={"stream": self.stream, "durable": self.durable},
+            )
+        return await self._js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and handle batches until ``stop`` is set; cancellation leaves messages unacked."""

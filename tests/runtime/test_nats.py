@@ -246,3 +246,19 @@ async def test_unreachable_nats_names_variable(monkeypatch: pytest.MonkeyPatch) 
         await connect_nats(settings, "test")
     assert caught.value.variable == "ACSP_NATS_URL"
     assert "cannot connect to nats://127.0.0.1:1" in str(caught.value)
+
+
+async def test_consumer_restart_updates_ack_wait(client: Client, stream: tuple[str, str]) -> None:
+    js = client.jetstream()
+    name, prefix = stream
+    await consumer_stream(js, name, prefix, 0)
+    stop = asyncio.Event()
+    stop.set()
+
+    async def handle(messages: list[Msg]) -> None:
+        return None
+
+    await PullConsumer(js, name, "tuned", handle, ack_wait_s=30.0).run(stop)
+    await PullConsumer(js, name, "tuned", handle, ack_wait_s=5.0).run(stop)
+    info = await js.consumer_info(name, "tuned")
+    assert info.config.ack_wait == 5.0
