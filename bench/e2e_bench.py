@@ -115,7 +115,11 @@ async def run(args: argparse.Namespace) -> None:
             count = min(per_process, args.nodes - first)
             if count > 0:
                 stack.start_agents(
-                    nodes=count, name=f"agents-{index}", first=first, state_root=state_root
+                    nodes=count,
+                    name=f"agents-{index}",
+                    first=first,
+                    state_root=state_root,
+                    provider=f"prov{index}",
                 )
         project, grant, pi = await fund_grant(stack)
         md = metadata(stack.token(pi, Role.PI))

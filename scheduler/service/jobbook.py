@@ -62,6 +62,8 @@ class JobBook:
         self._admitting: set[str] = set()
         self._orphans: dict[str, set[str]] = {}
         """Node key to task ids of ended attempts not yet confirmed stopped there."""
+        self._starting_since: dict[str, float] = {}
+        """Job id to the time its start commands went out, while it is starting."""
 
     # Loading and submission.
 
@@ -75,6 +77,8 @@ class JobBook:
                 self.engine.add_job(job)
                 continue
             self.engine.add_running(job, now)
+            if job.state == "starting":
+                self._starting_since[job.job_id] = now
             if job.state == "stopping":
                 live = {t.task_index for t in job.placement if t.state in _LIVE}
                 self._stopping[job.job_id] = _Stopping("cancelled", job.reason, live)
@@ -124,6 +128,7 @@ class JobBook:
                 spec=replace(job.spec, grant_id=outcome.grant_id or job.spec.grant_id),
             )
             self.jobs[job_id] = starting
+            self._starting_since[job_id] = fx.now
             fx.change(starting, f"hold:{outcome.hold_id}")
             fx.commands.extend(start_record(starting, t, self.epoch) for t in starting.placement)
             fx.events.append(job_event(starting, "admitted", "hold", "budget held"))
@@ -196,6 +201,27 @@ class JobBook:
             if task_id not in running:
                 self._confirm_orphan(node_key, task_id, task_id.split("/", 1)[0])
 
+    def expire_starts(self, timeout_s: float, fx: Effects) -> None:
+        """Requeue jobs whose tasks did not all start within ``timeout_s`` of their commands.
+
+        A lost or rejected command leaves no task event, so only a deadline frees the job.
+        """
+        limit = fx.now - timeout_s
+        late = [job_id for job_id, since in self._starting_since.items() if since < limit]
+        for job_id in late:
+            del self._starting_since[job_id]
+            job = self.jobs.get(job_id)
+            if job is None or job.state != "starting":
+                continue
+            logger.warning(
+                "job %s attempt %d did not start within %.0f s; requeueing",
+                job_id,
+                job.attempt,
+                timeout_s,
+            )
+            reason = f"tasks did not start within {timeout_s:.0f} s"
+            self.requeue(job_id, reason, "timer:start-deadline", fx, release=True)
+
     # Owner and operator requests.
 
     def cancel(self, job_id: str, reason: str, cause: str, fx: Effects) -> Job | None:
@@ -250,6 +276,7 @@ class JobBook:
             return
         self._admitting.discard(job_id)
         self._stopping.pop(job_id, None)
+        self._starting_since.pop(job_id, None)
         for task in job.placement:
             if task.state not in _LIVE:
                 continue
@@ -278,6 +305,7 @@ class JobBook:
     def _on_started(self, job: Job, fx: Effects) -> None:
         fx.change(job, "task:started")
         if job.state == "starting" and all(t.state == "started" for t in job.placement):
+            self._starting_since.pop(job.job_id, None)
             running = replace(job, state="running", reason="", started_at=fx.now)
             self.jobs[job.job_id] = running
             fx.change(running, "task:started")
@@ -323,6 +351,7 @@ class JobBook:
         self.jobs.pop(job.job_id, None)
         self._stopping.pop(job.job_id, None)
         self._admitting.discard(job.job_id)
+        self._starting_since.pop(job.job_id, None)
         fx.change(ended, cause)
         fx.events.append(job_event(ended, "ended", cause, reason))
 

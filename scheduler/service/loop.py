@@ -49,6 +49,8 @@ class LoopSettings:
     max_holds_in_flight: int = 256
     budget_retry_s: float = 30.0
     """Seconds before a project whose hold failed for budget is tried again."""
+    start_timeout_s: float = 120.0
+    """Seconds a job may stay starting before it is requeued (lost or rejected commands)."""
     republish_after_s: float = 5.0
     """Age of a recorded but unacknowledged command before it is published again."""
 
@@ -131,6 +133,7 @@ class SchedulingLoop:
         for change in self.fleet.expire(now):
             self._on_node_change(change, now)
         self._retry_budgets(now)
+        self.book.expire_starts(self.settings.start_timeout_s, fx)
         self._pass_due = self._pass_due or bool(batch)
         since = now - self._last_pass
         if since >= self.settings.tick_s or (

@@ -52,6 +52,12 @@ class SchedulerSettings(Settings):
         "hold requests to the grant service at once",
         minimum=1,
     )
+    start_timeout_s: float = setting(
+        "ACSP_SCHEDULER_START_TIMEOUT_S",
+        120.0,
+        "seconds a job may wait for its tasks to start before it is requeued",
+        minimum=1.0,
+    )
     budget_retry_s: float = setting(
         "ACSP_SCHEDULER_BUDGET_RETRY_S",
         30.0,

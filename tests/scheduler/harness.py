@@ -198,8 +198,13 @@ class Stack:
         name: str = "agents",
         first: int = 0,
         state_root: Path | None = None,
+        provider: str = "prov",
     ) -> Process:
-        """Start one simulated agent process serving nodes ``n<first>`` .. ``n<first+nodes-1>``."""
+        """Start one simulated agent process serving nodes ``n<first>`` .. ``n<first+nodes-1>``.
+
+        Agent processes of one provider share its command consumer, so concurrent processes
+        need providers of their own.
+        """
         fleet = self.work_dir / f"{name}-fleet.csv"
         rows = [f"n{i},{model},{gpus}" for i in range(first, first + nodes)]
         fleet.write_text("node,model,accelerators\n" + "\n".join(rows) + "\n")
@@ -213,7 +218,7 @@ class Stack:
             "--nats-url",
             self.nats_url,
             "--fleet",
-            f"{fleet}:prov:reg",
+            f"{fleet}:{provider}:reg",
             "--state-dir",
             str(state_dir),
             "--heartbeat-s",

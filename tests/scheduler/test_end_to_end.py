@@ -354,3 +354,43 @@ async def test_pledge_caps_pool_and_recall_is_bounded(stack: Stack) -> None:
         scheduler_pb2.PENDING_REASON_PROVIDER_RECALL,
         scheduler_pb2.PENDING_REASON_NO_CAPACITY,
     )
+
+
+async def test_job_on_failed_node_requeues_elsewhere(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    first = stack.start_agents(nodes=1, name="agents-a")
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+
+        async def get() -> scheduler_pb2.Job:
+            return await scheduler.GetJob(
+                scheduler_pb2.GetJobRequest(job_id=job_id), metadata=md, timeout=10
+            )
+
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                spec=job_spec(project, grant, task_count=1, command=["sleep", "60"])
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        job_id = submitted.job.job_id
+
+        async def running_on_first() -> bool:
+            job = await get()
+            return job.state == scheduler_pb2.JOB_STATE_RUNNING
+
+        await wait_for(running_on_first, 30, "the job to run on the first node", 0.2)
+        first.kill()
+        stack.start_agents(nodes=1, name="agents-b", first=1)
+
+        async def running_again() -> bool:
+            job = await get()
+            return job.state == scheduler_pb2.JOB_STATE_RUNNING and job.attempt == 2
+
+        await wait_for(running_again, 40, "the job to run again after the node failed", 0.2)
+        job = await get()
+    assert job.attempt == 2
+    assert [p.node_id for p in job.placements] == ["n1"]

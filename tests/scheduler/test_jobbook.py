@@ -190,3 +190,17 @@ def test_rate_card_prices_wall_time_exactly() -> None:
     job = make_job(tasks=2, millis=1000)
     rates = RateCard(1, {"A100-SXM4-80GB": Decimal("0.001")}, "test")
     assert rates.hold_amount(job, "A100-SXM4-80GB") == Decimal("7.2")
+
+
+def test_start_deadline_requeues_silent_job() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    held(book, job)
+    fx = Effects(NOW + 200)
+    book.expire_starts(120.0, fx)
+    requeued = book.jobs[job.job_id]
+    assert requeued.state == "pending"
+    assert requeued.attempt == 2
+    assert "did not start" in requeued.reason
+    assert sorted(r.task_index for r in fx.commands if r.kind == "stop") == [0, 1]
