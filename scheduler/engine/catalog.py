@@ -57,6 +57,10 @@ DEFAULT_CATALOG: Final[tuple[AcceleratorModel, ...]] = (
     _entry("A800-SXM4-80GB", "nvidia", 80, "cuda-12", "312", f"NVIDIA A800 {_DATASHEET}"),
     _entry("H100-SXM5-80GB", "nvidia", 80, "cuda-12", "989", f"NVIDIA H100 SXM {_DATASHEET}"),
     _entry("H800", "nvidia", 80, "cuda-12", "989", f"NVIDIA H800 SXM {_DATASHEET}"),
+    # The 2026 spot trace anonymises two series that sit beside A100 and H800 fleets; they
+    # are taken as A100-class parts, as the metering rate card prices them.
+    _entry("GPU-series-1", "nvidia", 80, "cuda-12", "312", "estimate: anonymised model in spot"),
+    _entry("GPU-series-2", "nvidia", 80, "cuda-12", "312", "estimate: anonymised model in spot"),
     _entry("MI300X", "amd", 192, "rocm-6", "1307.4", f"AMD Instinct MI300X {_DATASHEET}"),
 )
 

@@ -25,8 +25,8 @@ from scheduler.engine.decisions import (
     Waiting,
 )
 from scheduler.engine.engine import Engine, QueueKey
-from scheduler.engine.fairshare import FairShareKey
 from scheduler.engine.fleet import TENTATIVE_HOLDER, Pool
+from scheduler.engine.ordering import ShareOrder
 from scheduler.engine.placement import (
     Excluded,
     TaskPlan,
@@ -311,12 +311,7 @@ class PassState:
     # The queue.
 
     def serve_queue(self, only: list[str] | None = None) -> None:
-        """Try every pending job once, in class then fair-share order.
-
-        A placement raises the fair-share key of its project (and of the projects under the
-        same institution and program), never lowers any, so a popped entry whose key is stale
-        is pushed back with its fresh key before it is served.
-        """
+        """Try every pending job (or those in ``only``) once, in class then fair-share order."""
         engine = self.engine
         snapshots: dict[QueueKey, list[tuple[float, int, str]]]
         if only is None:
@@ -332,32 +327,13 @@ class PassState:
                 snapshots.setdefault((spec.priority, spec.project), []).append(item)
             for items in snapshots.values():
                 items.sort()
-        epoch = 0
-        heap: list[tuple[int, FairShareKey, float, int, int, QueueKey, int]] = []
-        for queue_key, items in snapshots.items():
-            submit, sequence, _ = items[0]
-            key = engine.fair_share.key(queue_key[1])
-            heap.append((-int(queue_key[0]), key, submit, sequence, epoch, queue_key, 0))
-        heapq.heapify(heap)
-        while heap:
-            entry = heapq.heappop(heap)
-            rank, key, submit, sequence, seen, queue_key, position = entry
-            if seen != epoch:
-                fresh = engine.fair_share.key(queue_key[1])
-                if fresh != key:
-                    heapq.heappush(
-                        heap, (rank, fresh, submit, sequence, epoch, queue_key, position)
-                    )
-                    continue
-            items = snapshots[queue_key]
-            record = engine.jobs[items[position][2]]
-            if record.spec.start_at is None and self.try_job(record):
-                epoch += 1
-                key = engine.fair_share.key(queue_key[1])
-            position += 1
-            if position < len(items):
-                submit, sequence, _ = items[position]
-                heapq.heappush(heap, (rank, key, submit, sequence, epoch, queue_key, position))
+        for priority in sorted({key[0] for key in snapshots}, reverse=True):
+            queues = {key[1]: items for key, items in snapshots.items() if key[0] == priority}
+            order = ShareOrder(engine.fair_share, queues)
+            while (next_id := order.next_job()) is not None:
+                record = engine.jobs[next_id]
+                placed = record.spec.start_at is None and self.try_job(record)
+                order.advance(record.spec.project, placed)
 
     def serve_advance(self) -> None:
         """Place advance reservations that are due; reserve protected room for later ones."""

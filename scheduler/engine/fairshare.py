@@ -114,6 +114,18 @@ class FairShare:
             self._normalised(project_key, institution_key),
         )
 
+    def parent(self, level: Level, name: str) -> str:
+        """Return the institution of a project or the program of an institution."""
+        parent = self._parent[(level, name)]
+        assert parent is not None
+        return parent[1]
+
+    def component(self, level: Level, name: str) -> float:
+        """Return one account's part of :meth:`key`, compared only with its siblings."""
+        key = (level, name)
+        parent = self._parent[key] if level is not Level.PROGRAM else None
+        return self._normalised(key, parent or (Level.PROGRAM, ""))
+
     def _normalised(self, key: tuple[Level, str], parent_key: tuple[Level, str]) -> float:
         account = self._account(*key)
         weight = self._weight(account)

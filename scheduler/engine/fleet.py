@@ -86,6 +86,8 @@ class Pool:
         self.nodes: list[NodeRecord] = []
         self.buckets: list[SortedList] = [SortedList()]
         """``buckets[n]``: ordinals of up nodes with exactly ``n`` free whole accelerators."""
+        self.nonempty = 0
+        """Bit ``n`` is set when ``buckets[n]`` is not empty."""
         self.shared: SortedList = SortedList()
         """``(free_millis, node_ordinal, index)`` of partly used accelerators on up nodes."""
         self.domains: dict[str, Domain] = {}
@@ -124,6 +126,23 @@ class Pool:
     @property
     def max_accelerators(self) -> int:
         return len(self.buckets) - 1
+
+    def bucket_add(self, free: int, ordinal: int) -> None:
+        self.buckets[free].add(ordinal)
+        self.nonempty |= 1 << free
+
+    def bucket_remove(self, free: int, ordinal: int) -> None:
+        bucket = self.buckets[free]
+        bucket.remove(ordinal)
+        if not bucket:
+            self.nonempty &= ~(1 << free)
+
+    def smallest_fit(self, count: int) -> int | None:
+        """Return the smallest free count >= ``count`` that some up node has, if any."""
+        above = self.nonempty >> count
+        if not above:
+            return None
+        return count + (above & -above).bit_length() - 1
 
     def available_millis(self) -> int:
         """Millis the cap still allows on top of what is held."""
@@ -231,8 +250,8 @@ class Fleet:
     def _set_free_whole(self, node: NodeRecord, free: int) -> None:
         if node.schedulable:
             pool = node.pool
-            pool.buckets[node.free_whole].remove(node.ordinal)
-            pool.buckets[free].add(node.ordinal)
+            pool.bucket_remove(node.free_whole, node.ordinal)
+            pool.bucket_add(free, node.ordinal)
             self._move_domain(node.domain, free - node.free_whole)
         node.free_whole = free
 
@@ -246,14 +265,14 @@ class Fleet:
 
     def _index_add(self, node: NodeRecord) -> None:
         node.pool.up_accelerators += len(node.used)
-        node.pool.buckets[node.free_whole].add(node.ordinal)
+        node.pool.bucket_add(node.free_whole, node.ordinal)
         self._move_domain(node.domain, node.free_whole)
         for index in range(len(node.used)):
             self._index_add_accelerator(node, index)
 
     def _index_remove(self, node: NodeRecord) -> None:
         node.pool.up_accelerators -= len(node.used)
-        node.pool.buckets[node.free_whole].remove(node.ordinal)
+        node.pool.bucket_remove(node.free_whole, node.ordinal)
         self._move_domain(node.domain, -node.free_whole)
         for index in range(len(node.used)):
             self._index_remove_accelerator(node, index)

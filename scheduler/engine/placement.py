@@ -37,22 +37,28 @@ def first_allowed(ordinals: Iterable[int], excluded: Excluded) -> int | None:
 def best_fit_node(
     fleet: Fleet, pools: Sequence[Pool], count: int, excluded: Excluded
 ) -> NodeRecord | None:
-    """Return the up node with the fewest free whole accelerators that is at least ``count``."""
-    best: tuple[int, int, int] | None = None
+    """Return the up node with the fewest free whole accelerators that is at least ``count``.
+
+    Ties go to the pool listed first and then to the lowest node ordinal.
+    """
+    best: tuple[int, int] | None = None
     need = count * MILLIS_PER_ACCELERATOR
     for pool in pools:
+        free = pool.smallest_fit(count)
+        if free is None or (best is not None and free >= best[0]):
+            continue
         if pool.available_millis() < need:
             continue
-        for free in range(count, len(pool.buckets)):
+        while free is not None:
             bucket = pool.buckets[free]
-            if not bucket:
-                continue
             ordinal = bucket[0] if not excluded else first_allowed(bucket, excluded)
             if ordinal is not None:
-                if best is None or (free, pool.ordinal) < best[:2]:
-                    best = (free, pool.ordinal, ordinal)
+                best = (free, ordinal)
                 break
-    return None if best is None else fleet.nodes[best[2]]
+            free = pool.smallest_fit(free + 1)
+        if best is not None and best[0] == count:
+            break
+    return None if best is None else fleet.nodes[best[1]]
 
 
 def best_fit_share(
