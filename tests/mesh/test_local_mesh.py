@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 
 import grpc
@@ -58,8 +59,11 @@ async def test_call_without_token_is_unauthenticated(
 
 async def test_token_of_another_key_is_unauthenticated(mesh: RunningMesh):
     stranger_dir = make_mesh_dir("acsp-stranger-")
-    stranger = prepare(stranger_dir, services=[])
-    token = stranger.mint_token(role="program_office", subject="mallory")
+    try:
+        stranger = prepare(stranger_dir, services=[])
+        token = stranger.mint_token(role="program_office", subject="mallory")
+    finally:
+        shutil.rmtree(stranger_dir)
     async with mesh.async_client(token=token) as client:
         results = await _list_calls(client)
     for name, result in results.items():
