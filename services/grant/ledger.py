@@ -1,12 +1,12 @@
 """The ledger's database side: applies batches of hold, charge, release and refund requests.
 
-One batch is one transaction. It locks the grant rows it touches (``SELECT ... FOR UPDATE`` in
-id order, then sub-allocations, then holds, so concurrent batches never deadlock), looks up the
-idempotency keys after the locks so that a concurrent request with the same key is seen, applies
-each request with the pure rules of :mod:`services.grant.ledger_rules` in memory, and writes
-entries, postings and balances with one statement per table. A request the rules reject gets its
+One batch is one transaction of four round trips: BEGIN, one statement that locks and reads
+what the batch touches (:mod:`services.grant.ledger_reads`), one statement that writes it
+(:mod:`services.grant.ledger_writes`), and COMMIT. In between, each request is applied in memory
+with the pure rules of :mod:`services.grant.ledger_rules`. A request the rules reject gets its
 error and changes nothing, while the rest of its batch commits. The ``UNIQUE`` constraint on the
-idempotency key is the final guard: a violation rolls the batch back and it is tried again.
+idempotency key is the final guard against applying a request twice: a violation rolls the batch
+back and it runs again, and then finds the stored entry.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 
@@ -33,6 +33,7 @@ from services.grant.ledger_ops import (
     LedgerRequest,
     ReleaseRequest,
 )
+from services.grant.ledger_reads import lock_and_read
 from services.grant.ledger_rules import EntryKind, GrantState, HoldBalance, Movement
 from services.grant.ledger_state import (
     AppliedEntry,
@@ -138,46 +139,33 @@ class Ledger:
     async def _lock_and_apply(
         self, conn: asyncpg.Connection, batch: BatchState, requests: Sequence[LedgerRequest]
     ) -> list[_Pending]:
-        hold_ids = sorted({r.hold_id for r in requests if not isinstance(r, HoldRequest)})
-        hold_grants: dict[str, str] = {}
-        hold_allocations: set[str] = set()
-        if hold_ids:
-            # A hold's grant and sub-allocation never change, so reading them unlocked is safe.
-            rows = await conn.fetch(
-                "SELECT id, grant_id, allocation_id FROM holds WHERE id = ANY($1)", hold_ids
-            )
-            hold_grants = {r["id"]: r["grant_id"] for r in rows}
-            hold_allocations = {r["allocation_id"] for r in rows if r["allocation_id"]}
-        project_ids = sorted(
-            {
-                r.project_id
-                for r in requests
-                if isinstance(r, HoldRequest) and not r.grant_id and r.project_id
-            }
-        )
+        rows = await lock_and_read(conn, requests)
         project_grants: dict[str, list[str]] = {}
-        if project_ids:
-            rows = await conn.fetch(
-                "SELECT id, project_id FROM grants WHERE project_id = ANY($1) AND NOT expired",
-                project_ids,
+        for row in rows.grants:
+            grant = GrantState(row["id"], row["starts_at"], row["ends_at"], row["expired"])
+            batch.grants[grant.grant_id] = grant
+            batch.grant_meta[grant.grant_id] = row
+            name = grant_pot_name(grant.grant_id)
+            batch.pots[name] = pot_from_row(name, row)
+            batch.pot_grant[name] = grant.grant_id
+            if not row["expired"]:
+                project_grants.setdefault(row["project_id"], []).append(grant.grant_id)
+        for row in rows.allocations:
+            name = allocation_pot_name(row["id"])
+            batch.pots[name] = pot_from_row(name, row)
+            batch.pot_grant[name] = row["grant_id"]
+        for row in rows.holds:
+            batch.hold_rows[row["id"]] = row
+            batch.holds[row["id"]] = HoldBalance(
+                hold_id=row["id"],
+                amount=row["amount"],
+                remaining=row["remaining"],
+                charged=row["charged"],
+                refunded=row["refunded"],
+                released=row["released"],
+                settled=row["settled"],
             )
-            for row in rows:
-                project_grants.setdefault(row["project_id"], []).append(row["id"])
-        grant_ids = set(hold_grants.values())
-        grant_ids.update(r.grant_id for r in requests if isinstance(r, HoldRequest) and r.grant_id)
-        for ids in project_grants.values():
-            grant_ids.update(ids)
-        await self._lock_grants(conn, batch, sorted(grant_ids))
-        allocation_ids = {
-            r.allocation_id for r in requests if isinstance(r, HoldRequest) and r.allocation_id
-        }
-        await self._lock_allocations(conn, batch, sorted(allocation_ids | hold_allocations))
-        await self._lock_holds(conn, batch, hold_ids)
-        keys = [r.key for r in requests]
-        rows = await conn.fetch(
-            "SELECT * FROM ledger_entries WHERE idempotency_key = ANY($1)", keys
-        )
-        batch.existing = {r["idempotency_key"]: r for r in rows}
+        batch.existing = {row["idempotency_key"]: row for row in rows.entries}
 
         outcomes: list[_Pending] = []
         seen: dict[str, int] = {}
@@ -192,54 +180,6 @@ class Ledger:
             except (FailedPrecondition, NotFound) as error:
                 outcomes.append(error)
         return outcomes
-
-    async def _lock_grants(
-        self, conn: asyncpg.Connection, batch: BatchState, ids: list[str]
-    ) -> None:
-        if not ids:
-            return
-        rows = await conn.fetch(
-            "SELECT * FROM grants WHERE id = ANY($1) ORDER BY id FOR UPDATE", ids
-        )
-        for row in rows:
-            grant = GrantState(row["id"], row["starts_at"], row["ends_at"], row["expired"])
-            batch.grants[grant.grant_id] = grant
-            batch.grant_meta[grant.grant_id] = dict(row)
-            name = grant_pot_name(grant.grant_id)
-            batch.pots[name] = pot_from_row(name, row)
-            batch.pot_grant[name] = grant.grant_id
-
-    async def _lock_allocations(
-        self, conn: asyncpg.Connection, batch: BatchState, ids: list[str]
-    ) -> None:
-        if not ids:
-            return
-        rows = await conn.fetch(
-            "SELECT * FROM allocations WHERE id = ANY($1) ORDER BY id FOR UPDATE", ids
-        )
-        for row in rows:
-            name = allocation_pot_name(row["id"])
-            batch.pots[name] = pot_from_row(name, row)
-            batch.pot_grant[name] = row["grant_id"]
-
-    async def _lock_holds(
-        self, conn: asyncpg.Connection, batch: BatchState, ids: list[str]
-    ) -> None:
-        if not ids:
-            return
-        # The grant locks already serialise every change to these holds.
-        rows = await conn.fetch("SELECT * FROM holds WHERE id = ANY($1)", ids)
-        for row in rows:
-            batch.hold_rows[row["id"]] = dict(row)
-            batch.holds[row["id"]] = HoldBalance(
-                hold_id=row["id"],
-                amount=row["amount"],
-                remaining=row["remaining"],
-                charged=row["charged"],
-                refunded=row["refunded"],
-                released=row["released"],
-                settled=row["settled"],
-            )
 
     def _apply_one(
         self, batch: BatchState, request: LedgerRequest, project_grants: dict[str, list[str]]
@@ -357,7 +297,7 @@ class Ledger:
             )
 
 
-def _result_from_row(row: asyncpg.Record, *, applied: bool) -> EntryResult:
+def _result_from_row(row: Mapping[str, Any], *, applied: bool) -> EntryResult:
     return EntryResult(
         entry_id=row["id"],
         kind=EntryKind(row["kind"]),

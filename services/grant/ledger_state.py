@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-
-import asyncpg
 
 from services.grant.events import OutboxEvent
 from services.grant.ledger_ops import LedgerRequest
@@ -21,7 +20,7 @@ def allocation_pot_name(allocation_id: str) -> str:
     return f"sub_allocation:{allocation_id}"
 
 
-def pot_from_row(name: str, row: asyncpg.Record) -> Pot:
+def pot_from_row(name: str, row: Mapping[str, Any]) -> Pot:
     """Read a pot from a ``grants`` or ``allocations`` row."""
     return Pot(
         name=name,
@@ -59,7 +58,7 @@ class BatchState:
     holds: dict[str, HoldBalance] = field(default_factory=dict)
     hold_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     new_holds: set[str] = field(default_factory=set)
-    existing: dict[str, asyncpg.Record] = field(default_factory=dict)
+    existing: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     """Stored entries of the batch's idempotency keys."""
     changed_pots: set[str] = field(default_factory=set)
     changed_holds: set[str] = field(default_factory=set)

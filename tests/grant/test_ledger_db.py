@@ -284,3 +284,21 @@ async def test_ledger_is_append_only(db: Database) -> None:
             await conn.execute("UPDATE ledger_entries SET amount = 2")
         with pytest.raises(asyncpg.RaiseError, match="append-only"):
             await conn.execute("DELETE FROM postings")
+
+
+async def test_same_key_racing_applies_once(db: Database, ledger: Ledger) -> None:
+    await seed_project(db)
+    grant_id = await seed_grant(db, "100")
+    hold = await place(ledger, hold_request(grant_id, "50"))
+    assert hold.hold_id is not None
+    charge = ChargeRequest("racing-charge", hold.hold_id, Decimal(1), METERING)
+    # Separate batches on separate connections, as two replicas would send them.
+    outcomes = await asyncio.gather(*(ledger.apply([charge]) for _ in range(8)))
+    results = [o[0] for o in outcomes]
+    assert all(isinstance(r, EntryResult) for r in results), results
+    applied = [r for r in results if isinstance(r, EntryResult) and r.applied]
+    assert len(applied) == 1
+    assert len({r.entry_id for r in results if isinstance(r, EntryResult)}) == 1
+    row = await grant_row(db, grant_id)
+    assert row["consumed"] == 1
+    assert row["held"] == 49
