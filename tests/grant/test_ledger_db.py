@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
 import pytest
 
+from services.grant import budget
 from services.grant.errors import InsufficientBudget, NotFound
 from services.grant.ledger import Ledger
 from services.grant.ledger_batcher import LedgerBatcher
@@ -22,6 +24,7 @@ from services.grant.ledger_ops import (
 )
 from services.runtime.db import Database
 from tests.grant.conftest import (
+    OFFICE,
     account_balance,
     grant_row,
     open_database,
@@ -202,8 +205,6 @@ async def test_key_reused_for_other_request_rejected(db: Database, ledger: Ledge
 
 
 async def test_project_hold_spends_grant_expiring_first(db: Database, ledger: Ledger) -> None:
-    from datetime import UTC, datetime, timedelta
-
     await seed_project(db)
     now = datetime.now(UTC)
     late = await seed_grant(db, "10", ends_at=now + timedelta(days=60))
@@ -302,3 +303,27 @@ async def test_same_key_racing_applies_once(db: Database, ledger: Ledger) -> Non
     row = await grant_row(db, grant_id)
     assert row["consumed"] == 1
     assert row["held"] == 49
+
+
+async def test_budget_never_grows_back_with_time(db: Database, ledger: Ledger) -> None:
+    await seed_project(db)
+    now = datetime.now(UTC)
+    grant_id = await seed_grant(db, "10", ends_at=now + timedelta(days=1))
+    hold = await place(ledger, hold_request(grant_id, "4"))
+    assert hold.hold_id is not None
+    await ledger.apply([ChargeRequest("c", hold.hold_id, Decimal(1), METERING)])
+    seen: list[Decimal] = []
+    # Scans before, at and long after the end of the window.
+    for offset in (timedelta(hours=1), timedelta(days=1), timedelta(days=2), timedelta(days=400)):
+        async with db.transaction() as conn:
+            await budget.expire_grant(conn, grant_id, OFFICE, now + offset)
+        seen.append((await grant_row(db, grant_id))["available"])
+    assert seen == [Decimal(6), Decimal(0), Decimal(0), Decimal(0)]
+    # The running job's hold stays held; releasing it after expiry goes to the program pool.
+    [released] = await ledger.apply([ReleaseRequest("r", hold.hold_id, SCHEDULER)])
+    assert isinstance(released, EntryResult)
+    row = await grant_row(db, grant_id)
+    assert row["available"] == 0
+    assert row["held"] == 0
+    assert await account_balance(db, "program:pool") == Decimal(-1)
+    assert await postings_sum(db) == 0
