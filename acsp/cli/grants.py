@@ -377,6 +377,42 @@ def run_delegate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_suballocations(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        response = grants.ListSubAllocations(
+            grant_pb2.ListSubAllocationsRequest(
+                grant_id=args.grant, page=common_pb2.PageRequest(page_size=args.limit)
+            )
+        )
+    records = [
+        {
+            "sub-allocation": s.sub_allocation_id,
+            "parent": s.parent_sub_allocation_id or args.grant,
+            "holder": s.holder,
+            "available": s.balance.available_pf_days.value,
+            "held": s.balance.held_pf_days.value,
+            "charged": s.balance.charged_pf_days.value,
+            "delegated": s.balance.delegated_pf_days.value,
+        }
+        for s in response.sub_allocations
+    ]
+    columns = ["sub-allocation", "parent", "holder", "available", "held", "charged", "delegated"]
+    title = f"sub-allocations of {args.grant} (PF-days)"
+    print_records(records, columns, output_format=args.format, title=title)
+    return EXIT_OK
+
+
+def run_expire(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        response = grants.ExpireGrants(grant_pb2.ExpireGrantsRequest(request_id=_request_id(args)))
+    rows = [
+        ("grants expired", ", ".join(response.grant_ids) or "none"),
+        ("returned to the program pool, PF-days", response.returned_pf_days.value),
+    ]
+    print_records(rows_of(rows), ["field", "value"], output_format=args.format)
+    return EXIT_OK
+
+
 def run_supplement(args: argparse.Namespace) -> int:
     with open_grants(args) as grants:
         grant = grants.SupplementGrant(
@@ -520,6 +556,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--holder", required=True, help="member subject or sub-project name")
     p.add_argument("--pf-days", required=True)
     p.add_argument("--parent", help="parent sub-allocation (default: the grant itself)")
+    idempotent(p)
+
+    p = command("suballocations", run_suballocations, "list a grant's sub-allocations")
+    p.add_argument("grant")
+    p.add_argument("--limit", type=int, default=100, help="rows to show (at most 1000)")
+
+    p = command("expire", run_expire, "expire grants whose window ended (program office)")
     idempotent(p)
 
     p = command("supplement", run_supplement, "add the one supplement to a grant (program office)")
