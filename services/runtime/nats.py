@@ -44,7 +44,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import Link, SpanKind
 
 from services.runtime.errors import Unavailable
-from services.runtime.settings import Settings, SettingsError
+from services.runtime.settings import Settings, SettingsError, redact_url
 from services.runtime.telemetry import context_from_headers, inject_headers
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,18 @@ async def connect_nats(settings: Settings, name: str) -> Client:
     doubling up to RECONNECT_MAX_WAIT_S) and buffers publishes meanwhile.
     """
     url: str = settings.require("nats_url")
+    # The first connection retries until the timeout, which would hide the real cause (an
+    # authorization violation, say). Until connected, the error callback keeps the latest one
+    # for the startup message instead of logging each retry.
+    errors: list[Exception] = []
+    client = Client()
+
+    async def remember_error(error: Exception) -> None:
+        if client.is_connected or client.is_reconnecting:
+            await _log_error(error)
+        else:
+            errors[:] = [error]
+
     options: dict[str, Any] = {
         "servers": [part.strip() for part in url.split(",")],
         "name": f"acsp-{name}",
@@ -83,7 +95,7 @@ async def connect_nats(settings: Settings, name: str) -> Client:
         "reconnect_time_wait": RECONNECT_WAIT_S,
         "max_reconnect_attempts": -1,
         "drain_timeout": DRAIN_TIMEOUT_S,
-        "error_cb": _log_error,
+        "error_cb": remember_error,
         "disconnected_cb": _log_disconnected,
         "reconnected_cb": _log_reconnected,
         "reconnect_to_server_handler": _reconnect_backoff,
@@ -93,21 +105,23 @@ async def connect_nats(settings: Settings, name: str) -> Client:
         options["password"] = settings.nats_password
     if settings.nats_creds is not None:
         options["user_credentials"] = str(settings.nats_creds)
-    client = Client()
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             await client.connect(**options)
     except (OSError, TimeoutError, nats.errors.Error) as error:
         await _close_quietly(client)
-        reason = str(error) or type(error).__name__
+        cause = errors[0] if errors else error
+        reason = str(cause) or type(cause).__name__
+        shown = ",".join(redact_url(part.strip()) for part in url.split(","))
         raise SettingsError(
             "ACSP_NATS_URL",
-            f"cannot connect to {url} within {CONNECT_TIMEOUT_S:.0f} s: {reason}",
+            f"cannot connect to {shown} within {CONNECT_TIMEOUT_S:.0f} s: {reason}",
             "start nats-server with JetStream there, or check ACSP_NATS_USER/PASSWORD/CREDS",
         ) from None
+    server = client.connected_url
     log.info(
         "connected to NATS",
-        extra={"server": client.connected_url.netloc if client.connected_url else url},
+        extra={"server": f"{server.hostname}:{server.port}" if server else "unknown"},
     )
     return client
 

@@ -1,4 +1,4 @@
-"""Reconnection against a nats-server of our own that is stopped and started again."""
+"""Connection handling against a nats-server of our own: credentials and restarts."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from nats.js.api import StreamConfig
 
+from services.runtime import nats as runtime_nats
 from services.runtime.nats import Publisher, close_nats, connect_nats, ensure_stream
-from services.runtime.settings import Settings
+from services.runtime.settings import Settings, SettingsError
 from tests.runtime.conftest import poll_until
 
 NATS_SERVER = shutil.which("nats-server") or str(Path(__file__).parents[3] / "venv/bin/nats-server")
@@ -25,7 +26,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-StartServer = Callable[[], Awaitable[asyncio.subprocess.Process]]
+StartServer = Callable[..., Awaitable[asyncio.subprocess.Process]]
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[tuple[int, StartServer]]:
     port = free_port()
     processes: list[asyncio.subprocess.Process] = []
 
-    async def start() -> asyncio.subprocess.Process:
+    async def start(*options: str) -> asyncio.subprocess.Process:
         process = await asyncio.create_subprocess_exec(
             NATS_SERVER,
             "-a",
@@ -44,6 +45,7 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[tuple[int, StartServer]]:
             "-js",
             "-sd",
             str(tmp_path),
+            *options,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
@@ -90,3 +92,51 @@ async def test_client_reconnects_after_server_restart(
     finally:
         await close_nats(client)
     assert info.state.messages == 2
+
+
+async def test_user_and_password_reach_server(nats_server: tuple[int, StartServer]) -> None:
+    port, start = nats_server
+    await start("--user", "metering", "--pass", "s3cret")
+    settings = Settings.from_env(
+        {
+            "ACSP_NATS_URL": f"nats://127.0.0.1:{port}",
+            "ACSP_NATS_USER": "metering",
+            "ACSP_NATS_PASSWORD": "s3cret",
+        }
+    )
+    client = await connect_nats(settings, "auth-test")
+    try:
+        assert client.is_connected
+    finally:
+        await close_nats(client)
+
+
+async def test_wrong_password_names_variable(
+    nats_server: tuple[int, StartServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, start = nats_server
+    await start("--user", "metering", "--pass", "s3cret")
+    # Long enough for at least one refused attempt on a loaded machine.
+    monkeypatch.setattr(runtime_nats, "CONNECT_TIMEOUT_S", 3.0)
+    settings = Settings.from_env(
+        {
+            "ACSP_NATS_URL": f"nats://127.0.0.1:{port}",
+            "ACSP_NATS_USER": "metering",
+            "ACSP_NATS_PASSWORD": "wrong",
+        }
+    )
+    with pytest.raises(SettingsError) as caught:
+        await connect_nats(settings, "auth-test")
+    assert caught.value.variable == "ACSP_NATS_URL"
+    assert "Authorization Violation" in caught.value.reason
+    assert "ACSP_NATS_USER" in caught.value.fix
+    assert "wrong" not in str(caught.value)
+
+
+async def test_password_in_url_is_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime_nats, "CONNECT_TIMEOUT_S", 0.5)
+    settings = Settings.from_env({"ACSP_NATS_URL": f"nats://acsp:s3cret@127.0.0.1:{free_port()}"})
+    with pytest.raises(SettingsError) as caught:
+        await connect_nats(settings, "auth-test")
+    assert "s3cret" not in str(caught.value)
+    assert "acsp:***@127.0.0.1" in str(caught.value)
