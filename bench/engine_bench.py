@@ -341,8 +341,8 @@ def main() -> int:
     print(
         f"1-accelerator placements: {single['placed']:.0f} in {single['seconds']:.3f} s = "
         f"{single['rate']:,.0f}/s (target >= 10,000/s); naive first fit "
-        f"{single['naive_rate']:,.0f}/s on {2_000 // scale} jobs from its own half-full fleet; ratio "
-        f"{single['rate'] / single['naive_rate']:.1f}x"
+        f"{single['naive_rate']:,.0f}/s on {2_000 // scale} jobs from its own half-full "
+        f"fleet; ratio {single['rate'] / single['naive_rate']:.1f}x"
     )
     gang = bench_gang(nodes, 200 // scale)
     print(
