@@ -83,6 +83,24 @@ class Runtime:
     """``host:port`` the server is bound to, once it is."""
     _task_group: asyncio.TaskGroup | None = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _health: health.aio.HealthServicer | None = None
+    _service_names: list[str] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING on grpc.health.v1 for every service of this process.
+
+        For a replica that cannot take calls for a while (a scheduler follower, say). It has no
+        effect once shutdown has begun, where health stays NOT_SERVING.
+        """
+        if self._health is None:
+            raise RuntimeError("Runtime.set_serving is only valid once the server is built")
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service_name in ["", *self._service_names]:
+            await self._health.set(service_name, status)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coroutine`` in the service's TaskGroup; it is cancelled at shutdown.
@@ -210,6 +228,8 @@ class Service:
         )
         self._service_names = list(self._register(server, runtime))
         self._health = health.aio.HealthServicer()
+        runtime._health = self._health
+        runtime._service_names = self._service_names
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [
@@ -248,8 +268,7 @@ class Service:
         for hook in self._on_start:
             await hook(runtime)
         await self._server.start()
-        for service_name in ["", *self._service_names]:
-            await self._health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+        await runtime.set_serving(True)
         log.info(
             "serving",
             extra={

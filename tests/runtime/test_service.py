@@ -9,6 +9,7 @@ import urllib.request
 import grpc
 import pytest
 from google.protobuf import wrappers_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.runtime import Role, Runtime, Service, Settings, StartupError
 from services.runtime.server import _startup_error
@@ -148,3 +149,25 @@ async def test_console_exporter_writes_spans(keys: Keys, capfd: pytest.CaptureFi
     stderr = capfd.readouterr().err
     assert '"name": "acsp.test.Sample/WhoAmI"' in stderr
     assert '"rpc.grpc.status_code": 16' in stderr
+
+
+async def test_set_serving_toggles_health(keys: Keys) -> None:
+    service = Service("toggle", settings_for(keys), sample_register)
+    task = asyncio.create_task(service.run())
+    try:
+        await asyncio.wait_for(service.ready.wait(), timeout=10)
+        assert service.runtime is not None
+        async with grpc.aio.insecure_channel(service.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            before = (await stub.Check(request)).status
+            await service.runtime.set_serving(False)
+            during = (await stub.Check(request)).status
+            await service.runtime.set_serving(True)
+            after = (await stub.Check(request)).status
+    finally:
+        service.stop(grace_s=1)
+        await asyncio.wait_for(task, timeout=10)
+    assert before == health_pb2.HealthCheckResponse.SERVING
+    assert during == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert after == health_pb2.HealthCheckResponse.SERVING
