@@ -5,6 +5,8 @@ Call :func:`configure_logging` once at start; modules then log with
 
     log.info("hold placed", extra={"grant_id": grant_id, "job_id": job_id})
 
+With ``ACSP_LOG_FORMAT=json`` each line is a JSON object with the same fields instead.
+
 Each line carries the service, the trace id of the current OpenTelemetry span, the request id
 set by the server's interceptor, and every ``extra`` field as ``key=value``::
 
@@ -15,6 +17,7 @@ set by the server's interceptor, and every ``extra`` field as ``key=value``::
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import sys
 from typing import Any, Final, TextIO
@@ -78,13 +81,41 @@ class KeyValueFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(service: str, level: str = "INFO", stream: TextIO | None = None) -> None:
-    """Send every logger's records to ``stream`` (default stderr) as key=value lines.
+class JsonFormatter(KeyValueFormatter):
+    """Format records as one JSON object per line, for log collectors."""
 
-    Replaces the root logger's handlers, so calling it again (in tests) does not duplicate lines.
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "service": getattr(record, "service", None),
+            "message": record.getMessage(),
+        }
+        for key in ("trace_id", "span_id", "request_id"):
+            value = getattr(record, key, None)
+            if value:
+                document[key] = value
+        for key, value in _extras(record):
+            document[key] = value
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, default=str)
+
+
+def configure_logging(
+    service: str,
+    level: str = "INFO",
+    stream: TextIO | None = None,
+    log_format: str = "text",
+) -> None:
+    """Send every logger's records to ``stream`` (default stderr), one line per record.
+
+    ``log_format`` is ``text`` (key=value) or ``json``. Replaces the root logger's handlers,
+    so calling it again (in tests) does not duplicate lines.
     """
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(KeyValueFormatter())
+    handler.setFormatter(JsonFormatter() if log_format == "json" else KeyValueFormatter())
     handler.addFilter(ContextFilter(service))
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -343,7 +343,7 @@ def run_service(name: str, build: Callable[[], Service]) -> NoReturn:
     configure_logging(name, level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO")
     try:
         service = build()
-        configure_logging(name, service.settings.log_level)
+        configure_logging(name, service.settings.log_level, log_format=service.settings.log_format)
         asyncio.run(service.run(handle_signals=True))
     except Exception as error:
         startup = _startup_error(error)

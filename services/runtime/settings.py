@@ -113,6 +113,7 @@ def _parse_nats_urls(text: str) -> str:
 
 OtelExporter = Literal["none", "console", "otlp", "prometheus"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["text", "json"]
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,9 @@ class Settings:
         "ACSP_PROMETHEUS_PORT", None, "port of the /metrics endpoint", minimum=0
     )
     log_level: LogLevel = setting("ACSP_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: LogFormat = setting(
+        "ACSP_LOG_FORMAT", "text", "log line format: text (key=value) or json"
+    )
     shutdown_grace_s: float = setting(
         "ACSP_SHUTDOWN_GRACE_S",
         10.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections.abc import Iterator
 
@@ -54,3 +55,21 @@ def test_configure_twice_does_not_duplicate(stream: io.StringIO) -> None:
     configure_logging("grant", "INFO", stream=stream)
     logging.getLogger("x").info("once")
     assert stream.getvalue().count("once") == 1
+
+
+def test_json_format_keeps_fields(stream: io.StringIO) -> None:
+    configure_logging("metering", "INFO", stream=stream, log_format="json")
+    token = context.set_request_id("req-2")
+    try:
+        logging.getLogger("services.metering.ingest").warning(
+            "sample rejected", extra={"node": "n-1", "count": 3}
+        )
+    finally:
+        context.reset_request_id(token)
+    document = json.loads(stream.getvalue().strip().splitlines()[-1])
+    assert document["service"] == "metering"
+    assert document["level"] == "WARNING"
+    assert document["message"] == "sample rejected"
+    assert document["request_id"] == "req-2"
+    assert document["node"] == "n-1"
+    assert document["count"] == 3
