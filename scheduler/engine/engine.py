@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -11,12 +11,13 @@ from sortedcontainers import SortedList
 from scheduler.engine import events as ev
 from scheduler.engine.capacity import CapacityPlan
 from scheduler.engine.catalog import Catalog
-from scheduler.engine.decisions import ScheduleResult
+from scheduler.engine.decisions import ScheduleResult, TaskPlacement
 from scheduler.engine.fairshare import FairShare, Level
 from scheduler.engine.fleet import Fleet, NodeRecord, Pool
 from scheduler.engine.placement import TaskPlan
 from scheduler.engine.records import JobRecord, TaskHold, job_of
 from scheduler.engine.spec import (
+    MILLIS_PER_ACCELERATOR,
     EngineConfig,
     InvalidInputError,
     JobSpec,
@@ -117,6 +118,38 @@ class Engine:
         self._sequence += 1
         self.jobs[spec.job_id] = record
         self._enqueue(record)
+
+    def adopt(self, spec: JobSpec, tasks: Sequence[TaskPlacement], start: float) -> None:
+        """Enter a job that already runs on ``tasks`` (e.g. after a service restart).
+
+        Raises :class:`InvalidInputError`, changing nothing, when a task names an unknown node
+        or accelerator, or an accelerator without room for its share.
+        """
+        plans: list[TaskPlan] = []
+        wanted: dict[tuple[int, int], int] = {}
+        for task in tasks:
+            node = self.fleet.node(task.node_id)
+            ids = node.spec.accelerator_ids
+            indices = []
+            for accelerator in task.accelerator_ids:
+                if accelerator not in ids:
+                    raise InvalidInputError(
+                        f"job {spec.job_id}: accelerator {accelerator} is not on node "
+                        f"{task.node_id}"
+                    )
+                index = ids.index(accelerator)
+                key = (node.ordinal, index)
+                wanted[key] = wanted.get(key, 0) + task.millis
+                if node.used[index] + wanted[key] > MILLIS_PER_ACCELERATOR:
+                    raise InvalidInputError(
+                        f"job {spec.job_id}: accelerator {accelerator} has no room for "
+                        f"{task.millis} millis"
+                    )
+                indices.append(index)
+            plans.append(TaskPlan(task.task_index, node, tuple(indices), task.millis))
+        self.submit(spec)
+        self._commit(self.jobs[spec.job_id], plans, start)
+        self.changes += 1
 
     def remove(self, job_id: str) -> None:
         """Forget a job: a pending one leaves the queue, a running one (already stopped by the
@@ -319,6 +352,12 @@ def _on_drain(engine: Engine, event: ev.NodeDrain) -> None:
         engine._lose_tasks(node, fence=False)
 
 
+def _on_undrain(engine: Engine, event: ev.NodeUndrain) -> None:
+    node = engine.fleet.node(event.node_id)
+    if node.state is NodeState.DRAINING:
+        engine.fleet.set_state(node, NodeState.UP)
+
+
 def _on_tasks_stopped(engine: Engine, event: ev.TasksStopped) -> None:
     node = engine.fleet.node(event.node_id)
     for holder in sorted(node.fenced):
@@ -367,6 +406,7 @@ _HANDLERS: dict[type, Callable[[Engine, Any], None]] = {
     ev.NodeMissedHeartbeats: _on_missed,
     ev.NodeDown: _on_down,
     ev.NodeDrain: _on_drain,
+    ev.NodeUndrain: _on_undrain,
     ev.TasksStopped: _on_tasks_stopped,
     ev.JobEnded: _on_job_ended,
     ev.PledgeAdded: _on_pledge_added,

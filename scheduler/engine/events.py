@@ -51,6 +51,13 @@ class NodeDrain:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeUndrain:
+    """A draining node takes new tasks again."""
+
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class TasksStopped:
     """The agent confirms a job's tasks on the node have stopped, which frees what they held."""
 
@@ -121,6 +128,7 @@ Event = (
     | NodeMissedHeartbeats
     | NodeDown
     | NodeDrain
+    | NodeUndrain
     | TasksStopped
     | JobEnded
     | PledgeAdded

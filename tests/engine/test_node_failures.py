@@ -1,8 +1,11 @@
-"""Unknown, down and draining nodes."""
+"""Unknown, down and draining nodes, and adopting running jobs."""
 
 from __future__ import annotations
 
+import pytest
+
 from scheduler.engine import (
+    InvalidInputError,
     JobEnded,
     JobOutcome,
     NodeDown,
@@ -10,7 +13,9 @@ from scheduler.engine import (
     NodeHeartbeat,
     NodeMissedHeartbeats,
     NodeState,
+    NodeUndrain,
     Requeue,
+    TaskPlacement,
     TasksStopped,
 )
 from tests.engine.helpers import job, make_engine, node, placed
@@ -95,3 +100,41 @@ def test_draining_node_takes_no_new_tasks() -> None:
 
     assert placed(result) == {}
     assert engine.running() == ["a"]
+
+
+def test_undrain_takes_work_again() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.apply(NodeDrain("n1"))
+    engine.submit(job("a", accelerators=1))
+    assert placed(engine.schedule(0.0)) == {}
+
+    engine.apply(NodeUndrain("n1"))
+
+    assert "a" in placed(engine.schedule(1.0))
+
+
+def test_adopt_holds_running_job_accelerators() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    running = TaskPlacement(0, "n1", ("n1-gpu0", "n1-gpu1"), 1000)
+
+    engine.adopt(job("old", accelerators=2), [running], start=0.0)
+    engine.submit(job("new", accelerators=3, submit=1.0))
+    result = engine.schedule(5.0)
+
+    assert engine.running() == ["old"]
+    assert engine.fleet.by_id["n1"].free_whole == 2
+    assert placed(result) == {}
+
+
+def test_adopt_rejects_taken_accelerator() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 2))
+    first = TaskPlacement(0, "n1", ("n1-gpu0",), 1000)
+    engine.adopt(job("a"), [first], start=0.0)
+
+    with pytest.raises(InvalidInputError, match="no room"):
+        engine.adopt(job("b"), [first], start=0.0)
+    assert engine.running() == ["a"]
+    assert "b" not in engine.jobs
