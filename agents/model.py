@@ -208,6 +208,8 @@ class TaskSpec:
     """Seconds between SIGTERM and SIGKILL when stopping."""
     simulated_run_time_s: float = 0.0
     """Run time to play when ``command`` is empty."""
+    accelerator_millis: tuple[int, ...] = ()
+    """Milli-shares of each of ``accelerators``, in the same order; empty means whole ones."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from agents.model import (
     UsageSample,
 )
 from agents.outbox import Outbox
-from agents.runner import TaskRunner
+from agents.runner import TaskInterval, TaskRunner
 from agents.state import StateStore
 
 logger = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class NodeAgent:
                         start_time=start_us / 1_000_000,
                         end_time=end_us / 1_000_000,
                         accelerator_seconds_us=(end_us - start_us)
-                        * shares.get(uuid, WHOLE_MILLI)
+                        * _task_share(interval, uuid, shares.get(uuid, WHOLE_MILLI))
                         // WHOLE_MILLI,
                         utilization_percent=accumulator.utilization(),
                         memory_used_bytes=accumulator.memory(),
@@ -347,3 +347,12 @@ class NodeAgent:
     def _next_event_id(self) -> str:
         self._event_counter += 1
         return f"{self.ref.key}/{self.boot_id}/{self._event_counter}"
+
+
+def _task_share(interval: TaskInterval, uuid: str, inventory_share: int) -> int:
+    """Return the milli-shares a task held of ``uuid``.
+
+    That is the task's share of a shared accelerator, but never more than the device's own
+    share (a partition of a parent device).
+    """
+    return min(interval.share_of(uuid), inventory_share)

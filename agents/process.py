@@ -9,6 +9,9 @@ the spool.
 - Heartbeat: put in the KV bucket ``acsp_heartbeat`` under ``<provider>.<region>.<node>``
   every ``heartbeat_s``; a heartbeat that cannot be sent is skipped (only the latest counts).
 - Health events, task events, usage reports: JetStream, through the outbox and its spool.
+- Counters: written every ``state_flush_s`` to ``stats.json`` beside the state file (usage
+  samples made, messages published, spooled, dropped and pending), so that a supervisor can
+  compare them with what metering ingested.
 - Commands: a durable pull consumer on ``ACSP_COMMANDS``, filtered to the node's subject
   (``agent-<provider>-<region>-<node>``). A fleet process uses one consumer per provider,
   filtered to ``acsp.cmd.<provider>.>``, and routes each command by its subject.
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -42,6 +47,7 @@ from agents.state import StateStore
 
 logger = logging.getLogger(__name__)
 
+STATS_FILE_NAME = "stats.json"
 _FETCH_BATCH = 64
 _HEARTBEAT_CHUNK = 500
 _YIELD_EVERY = 200
@@ -153,6 +159,7 @@ class AgentProcess:
         self._closing = True
         self._outbox.flush_to_spool()
         self._state.save()
+        self.write_stats()
         client = self._client
         if client is None or client.is_closed:
             return
@@ -257,6 +264,20 @@ class AgentProcess:
 
     async def _flush_state(self) -> None:
         self._state.flush()
+        self.write_stats()
+
+    def write_stats(self) -> None:
+        """Write the counters to ``stats.json`` beside the state file, replacing it atomically."""
+        stats = {
+            **dataclasses.asdict(self.counters),
+            "outbox": dataclasses.asdict(self._outbox.counters),
+            "outbox_pending": self._outbox.pending,
+            "time": self._clock(),
+        }
+        path = self._state.path.parent / STATS_FILE_NAME
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(stats) + "\n")
+        os.replace(temporary, path)
 
     async def _heartbeat_all(self) -> None:
         if not self.connected:

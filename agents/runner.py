@@ -10,8 +10,9 @@ Before a task is reported running, its pid and the kernel's start time of the pr
 the state file. A restarted agent adopts each recorded process that still runs (same pid and
 same start time) and reports every other one as lost, so no task runs unaccounted for.
 
-A task without a command is "played" (simulated backend only): it occupies its accelerators
-for ``simulated_run_time_s`` of the node's clock and then succeeds.
+A task without a command, or with a positive ``simulated_run_time_s``, is "played" (simulated
+backend only): it occupies its accelerators for ``simulated_run_time_s`` of the node's clock and
+then succeeds.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.model import TaskEvent, TaskSpec, TaskState
+from agents.model import WHOLE_MILLI, TaskEvent, TaskSpec, TaskState
 from agents.state import StateStore, TaskRecord
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,13 @@ class TaskInterval:
     accelerators: tuple[str, ...]
     start: float
     end: float
+    millis: tuple[int, ...] = ()
+    """Milli-shares of each of ``accelerators``; empty means whole ones."""
+
+    def share_of(self, uuid: str) -> int:
+        if not self.millis:
+            return WHOLE_MILLI
+        return self.millis[self.accelerators.index(uuid)]
 
 
 class TaskRunner:
@@ -123,8 +131,11 @@ class TaskRunner:
             wall_time_s=spec.wall_time_s,
             grace_period_s=spec.grace_period_s,
             simulated_run_time_s=spec.simulated_run_time_s,
+            accelerator_millis=list(spec.accelerator_millis),
         )
-        if not spec.command:
+        # A simulated backend plays a task that gives a run time even when it names a command
+        # too, because the scheduler requires a command for every job.
+        if not spec.command or (self._allow_played and spec.simulated_run_time_s > 0):
             self._tasks[spec.task_id] = _Task(record)
             self._state.put_task(self._node_key, record, durable=False)
             self._emit_state(record, TaskState.RUNNING, "played without a process")
@@ -141,10 +152,25 @@ class TaskRunner:
                 return f"accelerator {uuid} is not on this node"
             if uuid in self._unusable:
                 return f"accelerator {uuid} is marked unusable"
-        busy = self.busy_accelerators() & set(spec.accelerators)
+        # Tasks may share an accelerator while their milli-shares add up to at most a whole one.
+        used = self.used_millis()
+        shares = spec.accelerator_millis or (WHOLE_MILLI,) * len(spec.accelerators)
+        busy = [
+            uuid
+            for uuid, share in zip(spec.accelerators, shares, strict=True)
+            if used.get(uuid, 0) + share > WHOLE_MILLI
+        ]
         if busy:
             return f"accelerators {sorted(busy)} are in use by another task"
         return ""
+
+    def used_millis(self) -> dict[str, int]:
+        """Return the milli-shares in use per accelerator, summed over running tasks."""
+        used: dict[str, int] = {}
+        for task in self._tasks.values():
+            for uuid in task.record.accelerators:
+                used[uuid] = used.get(uuid, 0) + task.record.share_of(uuid)
+        return used
 
     def _reject(self, spec: TaskSpec, reason: str) -> None:
         logger.warning("task %s of job %s rejected: %s", spec.task_id, spec.job_id, reason)
@@ -341,7 +367,12 @@ class TaskRunner:
             if finish > begin:
                 result.append(
                     TaskInterval(
-                        record.job_id, record.task_id, tuple(record.accelerators), begin, finish
+                        record.job_id,
+                        record.task_id,
+                        tuple(record.accelerators),
+                        begin,
+                        finish,
+                        tuple(record.accelerator_millis),
                     )
                 )
         self._ended_since_usage.clear()

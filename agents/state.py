@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agents.model import WHOLE_MILLI
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -48,6 +50,14 @@ class TaskRecord:
     """Why a stop was requested, empty while none is."""
     stop_deadline: float = 0.0
     """Clock seconds after which a stopping task gets SIGKILL."""
+    accelerator_millis: list[int] = field(default_factory=list)
+    """Milli-shares of each of ``accelerators``; empty means whole ones."""
+
+    def share_of(self, uuid: str) -> int:
+        """Return the task's milli-shares of accelerator ``uuid`` (1000 for a whole one)."""
+        if not self.accelerator_millis:
+            return WHOLE_MILLI
+        return self.accelerator_millis[self.accelerators.index(uuid)]
 
 
 @dataclass(slots=True)

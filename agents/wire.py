@@ -122,10 +122,14 @@ def parse_command(data: bytes) -> Command:
         raise InvalidCommand("accelerators must name at least one accelerator")
     if message.simulated_run_seconds < 0:
         raise InvalidCommand("simulated_run_seconds must not be negative")
+    if any(a.millis > WHOLE_MILLI for a in message.accelerators):
+        raise InvalidCommand(f"an accelerator share is above {WHOLE_MILLI} milli-shares")
     spec = TaskSpec(
         job_id=message.job_id,
         task_id=message.task_id,
         accelerators=tuple(a.accelerator_id for a in message.accelerators),
+        # 0 is how proto3 sends an unset share: the whole accelerator.
+        accelerator_millis=tuple(a.millis or WHOLE_MILLI for a in message.accelerators),
         command=tuple(message.command),
         env=tuple(sorted(message.environment.items())),
         wall_time_s=float(message.wall_time_seconds),
