@@ -11,7 +11,7 @@ from scheduler.engine.spec import MILLIS_PER_ACCELERATOR, InvalidInputError, Ple
 
 @dataclass(frozen=True, slots=True)
 class PoolCap:
-    """What a pool may hold at one time, in millis; ``None`` fields mean no cap."""
+    """Caps of one pool at one time, in millis; ``None`` fields mean no cap."""
 
     placement_millis: int | None
     """Cap on new placements: pledge cap (after recalls) and the pool limit."""

@@ -25,7 +25,7 @@ from scheduler.engine.decisions import (
     Waiting,
 )
 from scheduler.engine.engine import Engine, QueueKey
-from scheduler.engine.fleet import TENTATIVE_HOLDER, Pool
+from scheduler.engine.fleet import TENTATIVE_OWNER, Pool
 from scheduler.engine.ordering import ShareOrder
 from scheduler.engine.placement import (
     Excluded,
@@ -142,10 +142,10 @@ class PassState:
                 found = best_fit_share(fleet, group, spec.millis_per_task, excluded)
                 if found is None:
                     break
-                fleet.hold(found[0], found[1], TENTATIVE_HOLDER, spec.millis_per_task)
+                fleet.allocate(found[0], found[1], TENTATIVE_OWNER, spec.millis_per_task)
                 plans.append(TaskPlan(task, found[0], (found[1],), spec.millis_per_task))
             for node in {plan.node.ordinal: plan.node for plan in plans}.values():
-                fleet.release_job(node, TENTATIVE_HOLDER)
+                fleet.release_job(node, TENTATIVE_OWNER)
             if len(plans) == spec.task_count:
                 return plans
         return None

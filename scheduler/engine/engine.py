@@ -15,7 +15,7 @@ from scheduler.engine.decisions import ScheduleResult, TaskPlacement
 from scheduler.engine.fairshare import FairShare, Level
 from scheduler.engine.fleet import Fleet, NodeRecord, Pool
 from scheduler.engine.placement import TaskPlan
-from scheduler.engine.records import JobRecord, TaskHold, job_of
+from scheduler.engine.records import JobRecord, TaskAllocation, job_of
 from scheduler.engine.spec import (
     MILLIS_PER_ACCELERATOR,
     EngineConfig,
@@ -153,7 +153,7 @@ class Engine:
 
     def remove(self, job_id: str) -> None:
         """Forget a job: a pending one leaves the queue, a running one (already stopped by the
-        caller) releases what it holds."""
+        caller) releases its accelerators."""
         record = self._job(job_id)
         self.changes += 1
         if record.running:
@@ -224,22 +224,22 @@ class Engine:
             del self.queues[key]
 
     def _commit(self, record: JobRecord, plans: list[TaskPlan], now: float) -> None:
-        """Hold the planned accelerators for a pending job and mark it running."""
+        """Allocate the planned accelerators to a pending job and mark it running."""
         self._dequeue(record)
         record.attempt += 1
         record.tasks = {}
         record.start = now
         record.requeue_message = ""
         for plan in plans:
-            self._hold_task(record, plan)
+            self._allocate_task(record, plan)
         spec = record.spec
         self._count(spec, spec.total_millis)
 
-    def _hold_task(self, record: JobRecord, plan: TaskPlan) -> None:
+    def _allocate_task(self, record: JobRecord, plan: TaskPlan) -> None:
         assert record.tasks is not None
         for index in plan.indices:
-            self.fleet.hold(plan.node, index, record.holder, plan.millis)
-        record.tasks[plan.task_index] = TaskHold(plan.node, plan.indices, plan.millis)
+            self.fleet.allocate(plan.node, index, record.owner, plan.millis)
+        record.tasks[plan.task_index] = TaskAllocation(plan.node, plan.indices, plan.millis)
         pool = plan.node.pool
         pool.jobs.add(record.job_id)
         if record.spec.priority is PriorityClass.PREEMPTIBLE:
@@ -257,17 +257,17 @@ class Engine:
         self.fair_share.add_running(spec.project, millis)
 
     def _release(self, record: JobRecord, keep_fenced: bool = True) -> None:
-        """Release every hold of a running job (fenced holds on unknown nodes stay)."""
+        """Release a running job's accelerators, except fenced ones on unknown nodes."""
         assert record.tasks is not None
-        for hold in record.tasks.values():
-            node = hold.node
+        for allocation in record.tasks.values():
+            node = allocation.node
             if record.spec.priority is PriorityClass.PREEMPTIBLE:
                 self._forget_preemptible(node)
-            if keep_fenced and record.holder in node.fenced:
+            if keep_fenced and record.owner in node.fenced:
                 continue
-            self.fleet.release_job(node, record.holder)
+            self.fleet.release_job(node, record.owner)
         end = record.end_estimate
-        for pool in {hold.node.pool for hold in record.tasks.values()}:
+        for pool in {allocation.node.pool for allocation in record.tasks.values()}:
             pool.jobs.discard(record.job_id)
             if end is not None:
                 pool.ends.discard((end, record.sequence, record.job_id))
@@ -295,26 +295,26 @@ class Engine:
         self._enqueue(record)
 
     def _lose_tasks(self, node: NodeRecord, fence: bool) -> None:
-        """Mark every task on ``node`` lost; with ``fence`` its holds stay until confirmed."""
-        for holder in sorted(node.jobs):
-            job_id = job_of(holder)
+        """Mark every task on ``node`` lost; with ``fence`` its accelerators stay allocated."""
+        for owner in sorted(node.jobs):
+            job_id = job_of(owner)
             record = self.jobs.get(job_id)
-            if record is None or record.holder != holder or record.tasks is None:
+            if record is None or record.owner != owner or record.tasks is None:
                 # A fence of an earlier attempt or a forgotten job: keep it until confirmed.
                 continue
             if fence:
-                node.fenced.add(holder)
+                node.fenced.add(owner)
             else:
-                self.fleet.release_job(node, holder)
-            for task_index, hold in record.tasks.items():
-                if hold.node is node:
+                self.fleet.release_job(node, owner)
+            for task_index, allocation in record.tasks.items():
+                if allocation.node is node:
                     record.lost.add(task_index)
                     record.lost_nodes[task_index] = node.spec.node_id
             self.broken.add(job_id)
         if not fence:
-            for holder in list(node.jobs):
-                if holder not in node.fenced:
-                    self.fleet.release_job(node, holder)
+            for owner in list(node.jobs):
+                if owner not in node.fenced:
+                    self.fleet.release_job(node, owner)
 
 
 def _on_node_added(engine: Engine, event: ev.NodeAdded) -> None:
@@ -340,8 +340,8 @@ def _on_down(engine: Engine, event: ev.NodeDown) -> None:
     node = engine.fleet.node(event.node_id)
     engine.fleet.set_state(node, NodeState.DOWN)
     engine._lose_tasks(node, fence=False)
-    for holder in list(node.fenced):
-        engine.fleet.release_job(node, holder)
+    for owner in list(node.fenced):
+        engine.fleet.release_job(node, owner)
 
 
 def _on_drain(engine: Engine, event: ev.NodeDrain) -> None:
@@ -360,9 +360,9 @@ def _on_undrain(engine: Engine, event: ev.NodeUndrain) -> None:
 
 def _on_tasks_stopped(engine: Engine, event: ev.TasksStopped) -> None:
     node = engine.fleet.node(event.node_id)
-    for holder in sorted(node.fenced):
-        if job_of(holder) == event.job_id:
-            engine.fleet.release_job(node, holder)
+    for owner in sorted(node.fenced):
+        if job_of(owner) == event.job_id:
+            engine.fleet.release_job(node, owner)
 
 
 def _on_job_ended(engine: Engine, event: ev.JobEnded) -> None:

@@ -3,7 +3,7 @@
 Nodes are grouped into pools, one per ``provider/region/model``. Each pool indexes its up
 nodes by their count of free whole accelerators (one sorted bucket per count), its partly
 used shared accelerators by free millis, and its interconnect domains by free whole
-accelerators. Holding or releasing an accelerator updates these in O(log n), so placement
+accelerators. Allocating or releasing an accelerator updates these in O(log n), so placement
 never scans every node.
 """
 
@@ -13,8 +13,8 @@ from sortedcontainers import SortedList
 
 from scheduler.engine.spec import MILLIS_PER_ACCELERATOR, InvalidInputError, NodeSpec, NodeState
 
-TENTATIVE_HOLDER = "~tentative"
-"""Holder id of a hold taken only while planning and released before the plan returns."""
+TENTATIVE_OWNER = "~tentative"
+"""Owner id of an allocation made only while planning and released before it returns."""
 
 PoolKey = tuple[str, str, str]
 """``(provider, region, model)``."""
@@ -40,9 +40,9 @@ class NodeRecord:
         "domain",
         "fenced",
         "free_whole",
-        "holders",
         "jobs",
         "ordinal",
+        "owners",
         "pool",
         "spec",
         "state",
@@ -58,11 +58,11 @@ class NodeRecord:
         size = len(spec.accelerator_ids)
         self.used = [0] * size
         """Millis held on each accelerator."""
-        self.holders: list[dict[str, int]] = [{} for _ in range(size)]
-        """Per accelerator: job id -> millis it holds."""
+        self.owners: list[dict[str, int]] = [{} for _ in range(size)]
+        """Per accelerator: owner id -> millis allocated to it."""
         self.free_whole = size
         self.jobs: dict[str, list[int]] = {}
-        """Job id -> accelerator indices it holds here."""
+        """Owner id -> indices of the accelerators allocated to it here."""
         self.fenced: set[str] = set()
         """Jobs whose tasks here were lost but are not confirmed stopped."""
 
@@ -107,7 +107,7 @@ class Pool:
         self.recall_id = ""
         """The recall lowering the cap now, or empty."""
         self.jobs: set[str] = set()
-        """Ids of running jobs holding accelerators here."""
+        """Ids of running jobs with accelerators allocated here."""
         self.preemptible_nodes: dict[int, int] = {}
         """Node ordinal -> tasks of preemptible jobs running there, in insertion order."""
 
@@ -152,7 +152,7 @@ class Pool:
 
 
 class Fleet:
-    """All nodes, their pools, and the hold/release operations that keep the index right."""
+    """All nodes, their pools, and the allocate and release operations that keep the index right."""
 
     def __init__(self) -> None:
         self.nodes: list[NodeRecord] = []
@@ -211,14 +211,14 @@ class Fleet:
             self._index_add(node)
             self.freed += 1
 
-    def hold(self, node: NodeRecord, index: int, job_id: str, millis: int) -> None:
+    def allocate(self, node: NodeRecord, index: int, job_id: str, millis: int) -> None:
         """Give ``millis`` of accelerator ``index`` on ``node`` to ``job_id``."""
         indexed = node.schedulable
         if indexed:
             self._index_remove_accelerator(node, index)
         before = node.used[index]
         node.used[index] = before + millis
-        node.holders[index][job_id] = node.holders[index].get(job_id, 0) + millis
+        node.owners[index][job_id] = node.owners[index].get(job_id, 0) + millis
         node.jobs.setdefault(job_id, []).append(index)
         node.pool.used_millis += millis
         if before == 0:
@@ -227,7 +227,7 @@ class Fleet:
             self._index_add_accelerator(node, index)
 
     def release_job(self, node: NodeRecord, job_id: str) -> int:
-        """Release everything ``job_id`` holds on ``node``; return the millis released."""
+        """Release everything allocated to ``job_id`` on ``node``; return the millis released."""
         indices = node.jobs.pop(job_id, [])
         node.fenced.discard(job_id)
         released = 0
@@ -235,7 +235,7 @@ class Fleet:
             indexed = node.schedulable
             if indexed:
                 self._index_remove_accelerator(node, index)
-            millis = node.holders[index].pop(job_id, 0)
+            millis = node.owners[index].pop(job_id, 0)
             node.used[index] -= millis
             released += millis
             if node.used[index] == 0:
@@ -243,7 +243,7 @@ class Fleet:
             if indexed:
                 self._index_add_accelerator(node, index)
         node.pool.used_millis -= released
-        if released and job_id != TENTATIVE_HOLDER:
+        if released and job_id != TENTATIVE_OWNER:
             self.freed += 1
         return released
 

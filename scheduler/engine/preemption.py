@@ -37,9 +37,9 @@ def shrink_victims(
         if record.stopping or cause in record.preempted_by or record.tasks is None:
             continue
         millis = sum(
-            hold.millis * len(hold.indices)
-            for hold in record.tasks.values()
-            if hold.node.pool is pool
+            allocation.millis * len(allocation.indices)
+            for allocation in record.tasks.values()
+            if allocation.node.pool is pool
         )
         start = record.start if record.start is not None else 0.0
         key = (int(record.protected), int(record.spec.priority), -start, record.sequence)
@@ -62,11 +62,11 @@ def _node_victims(
     jobs were stopped; ``None`` when it has none to stop."""
     victims: set[str] = set()
     reclaimable = 0
-    for holders in node.holders:
-        if not holders:
+    for owners in node.owners:
+        if not owners:
             reclaimable += 1
             continue
-        ids = {job_of(holder) for holder in holders}
+        ids = {job_of(owner) for owner in owners}
         records = [jobs.get(job_id) for job_id in ids]
         if all(
             r is not None
@@ -140,4 +140,4 @@ def grace_deadline(record: JobRecord, now: float, grace_s: float) -> float:
 def total_millis(record: JobRecord) -> int:
     if record.tasks is None:
         return 0
-    return sum(hold.millis * len(hold.indices) for hold in record.tasks.values())
+    return sum(allocation.millis * len(allocation.indices) for allocation in record.tasks.values())

@@ -10,8 +10,8 @@ from scheduler.engine.spec import JobSpec
 
 
 @dataclass(slots=True)
-class TaskHold:
-    """What one running task holds."""
+class TaskAllocation:
+    """Accelerators allocated to one running task."""
 
     node: NodeRecord
     indices: tuple[int, ...]
@@ -24,8 +24,8 @@ class JobRecord:
     sequence: int
     """Submission order; breaks ties so the engine is deterministic."""
     attempt: int = 0
-    tasks: dict[int, TaskHold] | None = None
-    """Task index -> hold while the job runs; ``None`` while pending."""
+    tasks: dict[int, TaskAllocation] | None = None
+    """Task index -> allocation while the job runs; ``None`` while pending."""
     start: float | None = None
     lost: set[int] = field(default_factory=set)
     """Tasks lost to a failed, unknown or evicted node, awaiting repair."""
@@ -43,8 +43,8 @@ class JobRecord:
         return self.spec.job_id
 
     @property
-    def holder(self) -> str:
-        """Holder id of the current attempt on accelerators: ``job_id#attempt``."""
+    def owner(self) -> str:
+        """Owner id of the current attempt on accelerators: ``job_id#attempt``."""
         return f"{self.spec.job_id}#{self.attempt}"
 
     @property
@@ -58,6 +58,6 @@ class JobRecord:
         return self.start + self.spec.wall_time_s
 
 
-def job_of(holder: str) -> str:
-    """Return the job id of a holder id."""
-    return holder.rsplit("#", 1)[0]
+def job_of(owner: str) -> str:
+    """Return the job id of a owner id."""
+    return owner.rsplit("#", 1)[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from scheduler.engine.decisions import Cause, Preempt, ReplaceTask, Requeue, TaskPlacement
-from scheduler.engine.fleet import TENTATIVE_HOLDER, Pool
+from scheduler.engine.fleet import TENTATIVE_OWNER, Pool
 from scheduler.engine.placement import TaskPlan, best_fit_share, emptiest_first, fill_nodes
 from scheduler.engine.preemption import grace_deadline, priority_victims, shrink_victims
 from scheduler.engine.records import JobRecord
@@ -36,11 +36,11 @@ def shrink_pools(state: PassState) -> None:
         if cap.pledge_millis is None:
             continue
         stopping = sum(
-            hold.millis * len(hold.indices)
+            allocation.millis * len(allocation.indices)
             for job_id in pool.jobs
             if engine.jobs[job_id].stopping
-            for hold in (engine.jobs[job_id].tasks or {}).values()
-            if hold.node.pool is pool
+            for allocation in (engine.jobs[job_id].tasks or {}).values()
+            if allocation.node.pool is pool
         )
         over = pool.used_millis - stopping - cap.pledge_millis
         if over <= 0:
@@ -111,7 +111,7 @@ def repair_broken(state: PassState) -> None:
             lost_node = record.lost_nodes[plan.task_index]
             if spec.priority is PriorityClass.PREEMPTIBLE:
                 engine._forget_preemptible(record.tasks[plan.task_index].node)
-            engine._hold_task(record, plan)
+            engine._allocate_task(record, plan)
             placement = TaskPlacement(
                 plan.task_index,
                 plan.node.spec.node_id,
@@ -147,9 +147,9 @@ def _plan_replacements(state: PassState, record: JobRecord) -> list[TaskPlan] | 
             if found is None:
                 break
             plans.append(TaskPlan(task, found[0], (found[1],), spec.millis_per_task))
-            fleet.hold(found[0], found[1], TENTATIVE_HOLDER, spec.millis_per_task)
+            fleet.allocate(found[0], found[1], TENTATIVE_OWNER, spec.millis_per_task)
         for node in {p.node.ordinal: p.node for p in plans}.values():
-            fleet.release_job(node, TENTATIVE_HOLDER)
+            fleet.release_job(node, TENTATIVE_OWNER)
         return plans if len(plans) == len(lost) else None
     per_task = spec.accelerators_per_task
     if spec.topology is Topology.SAME_INTERCONNECT_DOMAIN:

@@ -86,8 +86,8 @@ def earliest_start(
                 break
             changed.clear()
         current = end
-        for hold in (record.tasks or {}).values():
-            node = hold.node
+        for allocation in (record.tasks or {}).values():
+            node = allocation.node
             if node.pool.ordinal not in pool_set or not node.schedulable:
                 continue
             if node.ordinal in excluded:
@@ -97,8 +97,8 @@ def earliest_start(
                 used = list(node.used)
                 simulated[node.ordinal] = used
             before = used.count(0) // per_slot
-            for index in hold.indices:
-                used[index] -= hold.millis
+            for index in allocation.indices:
+                used[index] -= allocation.millis
             after = used.count(0) // per_slot
             group = group_of(node)
             if group not in group_slots:

@@ -124,7 +124,7 @@ class JobSpec:
 
     @property
     def accelerators_per_task(self) -> int:
-        """Whole accelerators each task holds (1 for a fractional task)."""
+        """Whole accelerators each task uses (1 for a fractional task)."""
         return max(1, self.millis_per_task // MILLIS_PER_ACCELERATOR)
 
     @property

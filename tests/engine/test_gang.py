@@ -28,7 +28,7 @@ def test_two_gangs_on_eight_free_admit_exactly_one() -> None:
     assert free == 2
 
 
-def test_waiting_gang_holds_no_accelerators() -> None:
+def test_waiting_gang_allocates_nothing() -> None:
     engine = make_engine()
     engine.add_node(node("n1", 4))
     engine.submit(job("big", accelerators=1, tasks=6, topology=Topology.SAME_REGION))

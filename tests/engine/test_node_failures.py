@@ -114,7 +114,7 @@ def test_undrain_takes_work_again() -> None:
     assert "a" in placed(engine.schedule(1.0))
 
 
-def test_adopt_holds_running_job_accelerators() -> None:
+def test_adopt_allocates_running_job() -> None:
     engine = make_engine()
     engine.add_node(node("n1", 4))
     running = TaskPlacement(0, "n1", ("n1-gpu0", "n1-gpu1"), 1000)
