@@ -10,7 +10,7 @@ interconnect domains of four nodes. Figures:
 
 Each figure is compared with a naive scheduler run in the same process, which scans every
 node for every job (first fit, no index). The naive pass over 100,000 jobs would take hours, so
-its rate is measured on a sample and the figure extrapolated; the output says so.
+its rate is measured on a sample and the figure extrapolated, as the output states.
 
 Times are process CPU time by default, because the development machine is shared and its
 wall-clock times swing with other people's load; ``--wall`` measures wall-clock time instead.
@@ -43,7 +43,7 @@ from scheduler.engine import (
 )
 
 CLOCK = [time.process_time]
-"""Timer of every figure: process CPU time unless ``--wall`` asks for wall-clock time."""
+"""Timer of every figure: process CPU time, or wall-clock time with ``--wall``."""
 
 MODELS = ("A100-SXM4-80GB", "H100-SXM5-80GB", "MI300X", "T4")
 PROVIDERS = ("cloud-a", "cloud-b", "chipmaker-c")
@@ -215,8 +215,8 @@ def bench_single(nodes: list[NodeSpec], count: int, naive_sample: int) -> dict[s
     started = CLOCK[0]()
     placed = sum(1 for d in engine.schedule(1.0).decisions if isinstance(d, Place))
     elapsed = CLOCK[0]() - started
-    # First fit of 1-accelerator jobs fills nodes in order, so after the first half the naive
-    # scheduler's own fleet has its first half // 8 nodes full; it is built that way directly.
+    # First fit of 1-accelerator jobs fills nodes in order. After the first half, the naive
+    # scheduler's own fleet has its first half // 8 nodes full, so it is built that way.
     naive = NaiveScheduler(nodes)
     for node in naive.nodes[: half // ACCELERATORS_PER_NODE]:
         node.free = [0] * ACCELERATORS_PER_NODE
@@ -293,8 +293,8 @@ def bench_full_pass(nodes: list[NodeSpec], count: int, naive_sample: int) -> dic
     result = engine.schedule(1.0)
     elapsed = CLOCK[0]() - started
     placed = sum(1 for d in result.decisions if isinstance(d, Place))
-    # The naive pass is timed on every n-th job against the fleet as the engine left it, where
-    # most jobs find no room and so scan every node; its total is that rate times the count.
+    # The naive pass is timed on every n-th job against the fleet the engine left, where most
+    # jobs find no room and scan every node. Its total is that rate times the job count.
     naive = naive_copy(nodes, engine)
     step = max(1, count // naive_sample)
     sample = jobs[::step][:naive_sample]

@@ -1,8 +1,8 @@
 """A minimal accelerator model catalog for the engine and the simulator.
 
-The authoritative rate card lives in the metering service; this catalog carries only what
-placement needs (vendor, memory, software stack) and the peak dense tensor throughput the
-simulator uses to count PF-days delivered.
+The authoritative rate card lives in the metering service. This catalog carries only what
+placement needs (vendor, memory, software stack) and the peak dense tensor throughput that
+the simulator uses to count PF-days delivered.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class AcceleratorModel:
     peak_tflops: Decimal
     """Peak dense FP16/BF16 tensor TFLOP/s (FP16 without tensor cores where a model has none)."""
     source: str
-    """Where the figures come from."""
+    """Source of the figures."""
 
     def pf_days(self, accelerator_seconds: Decimal) -> Decimal:
         """Convert accelerator-seconds at peak into PF-days (1e15 FLOP/s for 86,400 s)."""
@@ -43,8 +43,8 @@ def _entry(
 
 
 _DATASHEET = "vendor datasheet"
-# NOTE: G2 and G3 are anonymised in the Alibaba openb trace; their figures are estimates
-# (G2 as a V100-class 8-GPU part, G3 as an A100-class part) and carry no vendor source.
+# NOTE: G2 and G3 are anonymised in the Alibaba openb trace, so their figures are estimates
+# (G2 as a V100-class 8-GPU part, G3 as an A100-class part) with no vendor source.
 DEFAULT_CATALOG: Final[tuple[AcceleratorModel, ...]] = (
     _entry("T4", "nvidia", 16, "cuda-12", "65", f"NVIDIA T4 {_DATASHEET}, FP16 tensor"),
     _entry("P100", "nvidia", 16, "cuda-12", "18.7", f"NVIDIA P100 PCIe {_DATASHEET}, FP16"),

@@ -3,7 +3,7 @@
 The queue is served class by class (interactive, standard, preemptible) and, inside a class,
 project by project in hierarchical fair-share order, each project's jobs first come first
 served. Capacity only shrinks while the queue is served, so a job shape that found no room
-once in a pass is not searched again; the cache key includes the reservations the job must
+once in a pass is not searched again. The cache key includes the reservations the job must
 respect.
 """
 
@@ -295,7 +295,7 @@ class PassState:
         )
         self.decisions.append(Place(spec.job_id, tasks))
         # Charge the job's expected decayed usage now, so that the next job of the same
-        # project sorts behind its siblings inside this pass; undone when the pass ends.
+        # project sorts behind its siblings inside this pass. finish() withdraws the charge.
         half_life = engine.config.half_life_s or 1.0
         horizon = min(spec.wall_time_s or half_life, half_life)
         charge = spec.total_millis * horizon
@@ -383,7 +383,7 @@ class PassState:
 
 @dataclass(frozen=True)
 class LastPass:
-    """What a pass leaves for the next one to skip work when nothing was freed."""
+    """State a pass leaves for the next one, which skips work when nothing was freed."""
 
     signature: tuple[object, ...]
     waiting: dict[str, Waiting]
@@ -401,7 +401,7 @@ def run_pass(engine: Engine, now: float) -> ScheduleResult:
     """Run one pass.
 
     When nothing was freed, no event arrived and no cap changed since the last pass, every
-    job that waited then would wait again, so only the jobs queued since are tried and the
+    job that waited then would wait again. So only the jobs queued since are tried, and the
     others keep their reasons and the reservations stand.
     """
     state = PassState(engine, now, preemptions_left=engine.config.preemptions_per_pass)

@@ -73,7 +73,7 @@ class Requeue:
     """A running job lost tasks and goes back to the queue whole.
 
     Its tasks on healthy nodes are released at once, so the caller must deliver their stop
-    commands before any start command for the same node. Tasks on an unknown node stay held
+    commands before any start command for the same node. Tasks on an unknown node stay allocated
     until :class:`~scheduler.engine.events.TasksStopped`.
     """
 

@@ -192,7 +192,9 @@ class Engine:
 
     def _advance(self, now: float) -> None:
         if self.clock is not None and now < self.clock:
-            raise InvalidInputError(f"now={now}: time went back from {self.clock}")
+            raise InvalidInputError(
+                f"now={now} is earlier than the last time the engine saw ({self.clock})"
+            )
         self.clock = now
         self.fair_share.advance(now)
 

@@ -17,7 +17,7 @@ class NodeAdded:
 class NodeHeartbeat:
     """A heartbeat from a node's agent: an unknown or down node is up again.
 
-    It frees nothing: accelerators held by tasks of an unknown node stay held until
+    It frees nothing: accelerators of lost tasks on an unknown node stay allocated until
     :class:`TasksStopped` confirms those tasks are gone.
     """
 

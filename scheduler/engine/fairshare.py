@@ -2,8 +2,8 @@
 
 Usage is accelerator-seconds (in millis) decayed with a half-life, so what a project ran an
 hour ago weighs less than what it runs now. At each level an account is ranked by its share of
-its siblings' usage over its share of their weights; the queue serves the lowest first, level
-by level from the top. An account with zero weight sorts last.
+its siblings' usage over its share of their weights. The queue serves the lowest first, level
+by level from the top, and an account with zero weight sorts last.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class NodeRecord:
         self.state = NodeState.UP
         size = len(spec.accelerator_ids)
         self.used = [0] * size
-        """Millis held on each accelerator."""
+        """Millis allocated on each accelerator."""
         self.owners: list[dict[str, int]] = [{} for _ in range(size)]
         """Per accelerator: owner id -> millis allocated to it."""
         self.free_whole = size
@@ -96,7 +96,7 @@ class Pool:
         self.domain_free: SortedList = SortedList()
         """``(free whole accelerators, domain ordinal)`` of every domain."""
         self.used_millis = 0
-        """Millis held on this pool's nodes in any state."""
+        """Millis allocated on this pool's nodes in any state."""
         self.total_millis = 0
         self.up_accelerators = 0
         self.ends: SortedList = SortedList()

@@ -1,7 +1,8 @@
 """Choosing which running jobs to preempt, for a higher class or for a shrinking pool.
 
 A job is never chosen twice for the same cause (the same preempting job, recall or pledge),
-and a job already told to stop is not chosen again, so preemption cannot loop.
+and a job that already has a preemption decision is not chosen again, so preemption cannot
+loop.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Reservations: when and where a pending job could start, from running jobs' wall times.
 
-The search replays the ends of running jobs in the job's candidate pools (start plus wall-time
-limit; a job without a limit never ends for this purpose) on a copy of the touched nodes,
-until some node, interconnect domain or topology group has room for the whole job.
+The search replays the expected ends of running jobs in the job's candidate pools on a copy of
+the touched nodes, until some node, interconnect domain or topology group has room for the
+whole job. A job's expected end is its start plus its wall-time limit, and a job without a
+limit never ends for this purpose.
 """
 
 from __future__ import annotations

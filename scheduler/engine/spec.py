@@ -1,7 +1,7 @@
 """Frozen inputs of the engine: nodes, pledges, jobs, limits and their validation.
 
 Accelerator shares are integer thousandths ("millis"): 250 is a quarter of one accelerator,
-8000 is eight whole ones. A task asks either a fraction of one accelerator (1..999) or a
+8000 is eight whole ones. A task requests either a fraction of one accelerator (1..999) or a
 multiple of 1000, so every sum the engine makes is exact.
 """
 
@@ -37,13 +37,13 @@ class Topology(StrEnum):
 
 
 class NodeState(StrEnum):
-    """Health of a node as the engine sees it."""
+    """Health of a node in the engine's view."""
 
     UP = "up"
     DRAINING = "draining"
     """Running tasks go on; nothing new starts."""
     UNKNOWN = "unknown"
-    """Missed heartbeats: its accelerators stay held until its tasks are confirmed stopped."""
+    """Missed heartbeats: its accelerators stay allocated until its tasks are confirmed stopped."""
     DOWN = "down"
 
 

@@ -54,7 +54,7 @@ class _Kind(IntEnum):
 
 @dataclass(slots=True)
 class JobRun:
-    """What happened to one trace job."""
+    """Outcome of one trace job in a replay."""
 
     trace: TraceJob
     first_start: float | None = None

@@ -142,7 +142,7 @@ def _swf_rows(path: Path) -> Iterator[list[str]]:
 def load_swf(path: Path, limit: int | None = None, seed: int = 0) -> LoadedTrace:
     """Load a Standard Workload Format trace (Parallel Workloads Archive).
 
-    Processors become accelerators: a job of ``n`` asks one task of ``n`` when ``n`` fits a
+    Processors become accelerators: a job of ``n`` requests one task of ``n`` when ``n`` fits a
     node of :data:`SWF_ACCELERATORS_PER_NODE`, else a gang of ``ceil(n / 8)`` tasks of 8.
     User and group ids become project and institution; the requested time is the wall-time
     limit (the run time where none was requested). Jobs with no run time or no processors
