@@ -86,6 +86,9 @@ class JobBook:
     # Engine passes.
 
     def apply_pass(self, result: PassResult, fx: Effects) -> None:
+        # Requeues come first: the engine may requeue a job and place it again in one pass.
+        for job_id, message in result.requeues:
+            self.requeue(job_id, message, "engine:requeue", fx, release=False)
         for job_id, reason, message in result.waiting:
             job = self.jobs.get(job_id)
             if job is None or job.state != "pending" or job_id in self._admitting:
@@ -105,8 +108,6 @@ class JobBook:
             self.jobs[job_id] = placed
             self._admitting.add(job_id)
             fx.admit.append((placed, result.models.get(job_id, "")))
-        for job_id, message in result.requeues:
-            self.requeue(job_id, message, "engine:requeue", fx, release=False)
         for job_id, grace_s, message in result.preempts:
             self.stop(job_id, None, f"preempted: {message}", grace_s, "engine:preempt", fx)
 

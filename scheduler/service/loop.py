@@ -46,6 +46,9 @@ class LoopSettings:
     """Maximum interval between passes, for heartbeat expiry and time-based decisions."""
     min_pass_interval_s: float = 0.05
     """Shortest interval between passes: inputs arriving faster share one pass."""
+    pass_share: float = 0.25
+    """Largest share of the process's time that passes may take. A pass that took d seconds
+    is followed by at least d / pass_share - d seconds without one, so RPCs keep running."""
     max_holds_in_flight: int = 256
     budget_retry_s: float = 30.0
     """Seconds before a project whose hold failed for budget is tried again."""
@@ -86,6 +89,7 @@ class SchedulingLoop:
         self._hold_slots = asyncio.Semaphore(settings.max_holds_in_flight)
         self._no_budget: dict[str, float] = {}
         self._last_pass = 0.0
+        self._pass_gap = settings.min_pass_interval_s
         self._pass_due = False
         self._last_republish = 0.0
         self._clock = 0.0
@@ -109,7 +113,7 @@ class SchedulingLoop:
         batch: list[Input] = []
         wait_s = self.settings.tick_s
         if self._pass_due:
-            wait_s = max(0.0, self._last_pass + self.settings.min_pass_interval_s - time.time())
+            wait_s = max(0.0, self._last_pass + self._pass_gap - time.time())
         try:
             first = await asyncio.wait_for(self.inbox.get(), timeout=wait_s)
         except TimeoutError:
@@ -136,13 +140,8 @@ class SchedulingLoop:
         self.book.expire_starts(self.settings.start_timeout_s, fx)
         self._pass_due = self._pass_due or bool(batch)
         since = now - self._last_pass
-        if since >= self.settings.tick_s or (
-            self._pass_due and since >= self.settings.min_pass_interval_s
-        ):
-            self._last_pass = now
-            self._pass_due = False
-            self.passes += 1
-            self.book.apply_pass(self.book.engine.schedule(now), fx)
+        if since >= self._pass_gap and (self._pass_due or since >= self.settings.tick_s):
+            self._run_pass(now, fx)
         await self._commit(fx, inventories)
         for job, model in fx.admit:
             self._tasks.create_task(self._hold(job, model))
@@ -156,6 +155,16 @@ class SchedulingLoop:
         if now - self._last_republish >= self.settings.republish_after_s:
             self._last_republish = now
             await self._republish(self.settings.republish_after_s)
+
+    def _run_pass(self, now: float, fx: Effects) -> None:
+        began = time.perf_counter()
+        self._last_pass = now
+        self._pass_due = False
+        self.passes += 1
+        self.book.apply_pass(self.book.engine.schedule(now), fx)
+        took = time.perf_counter() - began
+        share = self.settings.pass_share
+        self._pass_gap = max(self.settings.min_pass_interval_s, took / share - took)
 
     def _apply(
         self,
