@@ -1,0 +1,202 @@
+"""Run the whole demo: start the mesh, set it up, replay, wait, collect, check, report."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from acsp.client import AsyncClient
+from acsp.demo import collect, compare, report
+from acsp.demo.checks import run_checks
+from acsp.demo.fleet import FleetPlan, build_fleet_plan
+from acsp.demo.live import Replayer
+from acsp.demo.setup import award_grants, recall_capacity, register_fleet
+from acsp.demo.workload import build_workload, project_plans
+from acsp.mesh import LocalMesh, MeshConfig, ProcessSpec
+from acsp.mesh.supervisor import AGENTS_NAME, SERVICE_MODULES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DemoConfig:
+    """Settings of one demo run."""
+
+    out: Path
+    jobs: int | None = 2000
+    """First jobs of the trace by arrival; None replays all of them."""
+    seed: int = 0
+    speed: float = 8000.0
+    """Trace seconds per wall second, for arrivals and played run times alike."""
+    max_gap_s: float = 3600.0
+    """Longest arrival gap kept, trace seconds."""
+    max_runtime_s: float = 2 * 86_400.0
+    """Longest run time kept, trace seconds."""
+    max_nodes: int = 240
+    """Nodes kept of each real fleet file (a stride sample)."""
+    simulated_nodes: int = 8
+    """MI300X nodes of the simulated third provider."""
+    kill_metering_at_s: float | None = None
+    """Wall seconds into the replay at which metering is killed for ``metering_down_s``."""
+    metering_down_s: float = 20.0
+    recall_at_s: float = 10.0
+    """Wall seconds into the replay at which the spot provider recalls capacity."""
+    recall_s: float = 30.0
+    drain_timeout_s: float = 120.0
+    """Wall seconds allowed after the last submission for running jobs to end."""
+    settle_timeout_s: float = 90.0
+    """Wall seconds allowed for every usage sample to be ingested and charged."""
+    usage_s: float = 5.0
+    """Seconds between the agents' usage reports."""
+    database_url: str | None = None
+    nats_url: str | None = None
+
+
+def mesh_processes(config: DemoConfig, fleet: FleetPlan, data_dir: Path) -> tuple[ProcessSpec, ...]:
+    """The three services and one agent process that serves every region of ``fleet``."""
+    specs = [
+        ProcessSpec(name, [sys.executable, "-m", module])
+        for name, module in SERVICE_MODULES.items()
+    ]
+    fleet_files = fleet.write_fleet_files(data_dir / "fleet")
+    argv = [sys.executable, "-m", "agents", "--backend", "simulated"]
+    argv += ["--state-dir", str(data_dir / AGENTS_NAME), "--speed", f"{config.speed:g}"]
+    argv += ["--heartbeat-s", "2", "--usage-s", f"{config.usage_s:g}"]
+    for path, region in zip(fleet_files, fleet.regions, strict=True):
+        argv += ["--fleet", f"{path}:{region.provider}:{region.region}"]
+    specs.append(ProcessSpec(AGENTS_NAME, argv, serves_grpc=False))
+    return tuple(specs)
+
+
+async def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
+    """Run the demo and write its report; return the report document."""
+    started = time.monotonic()
+    fleet = build_fleet_plan(config.max_nodes, config.simulated_nodes)
+    workload = build_workload(
+        config.jobs, config.seed, config.speed, config.max_gap_s, config.max_runtime_s
+    )
+    # The simulator runs first: it takes seconds, and the live run is compared with it.
+    simulated = compare.simulate_slice(fleet, workload)
+    out.write(
+        f"simulated the slice in {simulated.result.wall_clock_s:.1f} s: "
+        f"{simulated.summary['completed']} of {len(workload.jobs)} jobs completed\n"
+    )
+    config.out.mkdir(parents=True, exist_ok=True)
+    data_dir = (config.out / "mesh").resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o755)
+    mesh_config = MeshConfig(
+        data_dir=data_dir,
+        agents=0,
+        database_url=config.database_url,
+        nats_url=config.nats_url,
+        processes=mesh_processes(config, fleet, data_dir),
+        start_timeout_s=120.0,
+        env={
+            "ACSP_SCHEDULER_TICK_S": "0.25",
+            # Charge an ended attempt 5 s after its end instead of 30 s: the clock is compressed.
+            "ACSP_METERING_LATENESS_S": "5",
+            "ACSP_LOG_LEVEL": "INFO",
+        },
+        stop_orphans=False,
+    )
+    out.write(
+        f"acsp demo: {len(workload.jobs)} jobs, {len(fleet.nodes())} nodes in "
+        f"{len(fleet.regions)} regions of {len(fleet.providers)} providers, speed "
+        f"{config.speed:g}x; output in {config.out}\n"
+    )
+    async with LocalMesh(mesh_config) as mesh:
+        out.write(f"mesh up after {time.monotonic() - started:.1f} s\n")
+        office_token = mesh.token("program_office", "office@program", ttl_s=7200)
+        async with AsyncClient.from_mesh(mesh.info, token=office_token, timeout_s=30) as client:
+            fleet_setup = await register_fleet(client, fleet, config.seed, mesh.token)
+            grants = await award_grants(client, project_plans(), config.seed, mesh.token)
+            out.write(
+                f"{len(grants)} grants awarded ({sum(g.reviewed for g in grants)} after review)"
+                f" after {time.monotonic() - started:.1f} s\n"
+            )
+            grant_by_project = {g.project_id: g.grant_id for g in grants}
+            plans = {p.project_id: p for p in project_plans()}
+            tokens = {
+                project: mesh.token(
+                    "pi",
+                    plans[project].pi_subject,
+                    institution=plans[project].institution_id,
+                    ttl_s=7200,
+                )
+                for project in grant_by_project
+            }
+            replayer = Replayer(
+                client, workload, config.seed, grant_by_project, tokens, office_token, out
+            )
+
+            async def sample_balances() -> None:
+                balances = await collect.grant_balances(client, grant_by_project.values())
+                replayer.run.balances.append((time.time() - replayer.run.started_at, balances))
+
+            stop_watch = asyncio.Event()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(replayer.submit_all(), name="submit")
+                group.create_task(replayer.watch(stop_watch, sample_balances), name="watch")
+                group.create_task(_recall_later(client, fleet_setup, fleet, config, mesh, replayer))
+                if config.kill_metering_at_s is not None:
+                    group.create_task(_kill_metering_later(mesh, config, out))
+                group.create_task(_finish(replayer, config, stop_watch, out), name="finish")
+            await sample_balances()
+            settled = await collect.wait_settled(
+                client,
+                mesh.info.data_dir / AGENTS_NAME,
+                list(grant_by_project.values()),
+                config.settle_timeout_s,
+            )
+            figures = await collect.collect(
+                client, fleet, grants, replayer.run, mesh.info.data_dir / AGENTS_NAME
+            )
+        logs = mesh.info.data_dir / "logs"
+    document = report.build(
+        config, fleet, workload, grants, fleet_setup, replayer.run, figures, settled, simulated
+    )
+    document["checks"] = run_checks(document)
+    document["wall_clock_s"] = round(time.monotonic() - started, 1)
+    document["logs"] = str(logs)
+    report.write(document, replayer.run, figures, grants, workload, simulated, config.out)
+    out.write(report.summary_lines(document))
+    return document
+
+
+async def _finish(replayer: Replayer, config: DemoConfig, stop: asyncio.Event, out: TextIO) -> None:
+    try:
+        await replayer.submitted.wait()
+        drained = await replayer.wait_drained(config.drain_timeout_s)
+        if not drained:
+            out.write(
+                f"jobs still held accelerators {config.drain_timeout_s:g} s after the last "
+                "submission\n"
+            )
+    finally:
+        stop.set()
+
+
+async def _recall_later(
+    client: AsyncClient,
+    outcome: Any,
+    fleet: FleetPlan,
+    config: DemoConfig,
+    mesh: LocalMesh,
+    replayer: Replayer,
+) -> None:
+    await asyncio.sleep(config.recall_at_s)
+    await recall_capacity(client, outcome, fleet, config.seed, mesh.token, config.recall_s)
+
+
+async def _kill_metering_later(mesh: LocalMesh, config: DemoConfig, out: TextIO) -> None:
+    assert config.kill_metering_at_s is not None
+    await asyncio.sleep(config.kill_metering_at_s)
+    out.write(f"killing metering for {config.metering_down_s:g} s\n")
+    await mesh.kill_and_restart("metering", config.metering_down_s)
+    out.write("metering is back\n")
