@@ -199,6 +199,8 @@ async def test_consumer_keeps_long_work_in_progress(
             redelivered.extend(await rival.fetch(1, timeout=2.5))
         except nats.errors.TimeoutError:
             pass
+        finally:
+            await rival.unsubscribe()
         done.set()
 
     consumer = PullConsumer(js, name, "slow", handle, fetch_timeout_s=0.5, ack_wait_s=1.0)
