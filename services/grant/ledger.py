@@ -194,17 +194,17 @@ class Ledger:
             return _result_from_row(stored, applied=False)
         if isinstance(request, HoldRequest):
             return self._hold(batch, request, project_grants)
+
         hold = batch.holds.get(request.hold_id)
         if hold is None:
             raise NotFound("hold", request.hold_id)
         row = batch.hold_rows[request.hold_id]
         grant = batch.grants[row["grant_id"]]
-        pot_name = (
-            allocation_pot_name(row["allocation_id"])
-            if row["allocation_id"]
-            else grant_pot_name(grant.grant_id)
-        )
-        pot = batch.pots[pot_name]
+        if row["allocation_id"]:
+            pot = batch.pots[allocation_pot_name(row["allocation_id"])]
+        else:
+            pot = batch.pots[grant_pot_name(grant.grant_id)]
+
         if isinstance(request, ChargeRequest):
             movement = rules.charge(pot, hold, request.amount)
         elif isinstance(request, ReleaseRequest):

@@ -60,10 +60,12 @@ async def test_grant_events_published_once(schema: str, tmp_path: Path, nats_url
             justification="short pilot",
         )
         application.validity.start_time.FromDatetime(now - timedelta(minutes=1))
-        application.validity.end_time.FromDatetime(now + timedelta(seconds=3))
+        # Short enough to expire during the test, long enough for the holds on a busy machine.
+        application.validity.end_time.FromDatetime(now + timedelta(seconds=6))
         awarded = await pi.SubmitApplication(
             grant_pb2.SubmitApplicationRequest(request_id=uuid.uuid4().hex, application=application)
         )
+
         scheduler = svc.stub("scheduler", ["service"])
         for amount in ("5", "4.5", "0.1"):
             await scheduler.PlaceHold(
@@ -74,6 +76,7 @@ async def test_grant_events_published_once(schema: str, tmp_path: Path, nats_url
                     amount_pf_days=dec(amount),
                 )
             )
+
         wanted = {
             events_pb2.GRANT_EVENT_KIND_AWARDED,
             events_pb2.GRANT_EVENT_KIND_BUDGET_LOW,
@@ -84,6 +87,7 @@ async def test_grant_events_published_once(schema: str, tmp_path: Path, nats_url
         office = svc.stub("office", ["program_office"])
         grant = await office.GetGrant(grant_pb2.GetGrantRequest(grant_id=awarded.grant_id))
         summary = await office.GetLedgerSummary(grant_pb2.GetLedgerSummaryRequest())
+
     kinds = [e.kind for e in events]
     assert all(kinds.count(k) == 1 for k in wanted), kinds
     assert all(e.grant_id == awarded.grant_id for e in events)

@@ -240,6 +240,7 @@ async def test_charges_survive_injected_serialization_failures(db: Database) -> 
     holds = [await place(ledger, hold_request(grant_id, "5", job_id=f"j{i}")) for i in range(10)]
     async with db.acquire() as conn:
         await conn.execute(INJECT_FAILURES)
+
     batcher = LedgerBatcher(ledger, workers=4, max_batch=8)
     task = await run_batcher(batcher)
     amounts = [Decimal(f"0.{i + 1:02d}") + Decimal("1e-24") for i in range(100)]
@@ -256,6 +257,7 @@ async def test_charges_survive_injected_serialization_failures(db: Database) -> 
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
     assert all(isinstance(o, EntryResult) for o in outcomes), outcomes
     row = await grant_row(db, grant_id)
     assert row["consumed"] == sum(amounts)

@@ -225,6 +225,7 @@ async def test_bad_input_named_and_nothing_written(grant_service: RunningGrant) 
             )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, amount
         assert "amount_pf_days" in field_violations(caught.value), amount
+
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await scheduler.PlaceHold(
             grant_pb2.PlaceHoldRequest(
@@ -232,6 +233,7 @@ async def test_bad_input_named_and_nothing_written(grant_service: RunningGrant) 
             )
         )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
     pi = grant_service.stub("alice", ["pi"], "uni-a")
     reversed_window = application(grant_pb2.GRANT_TIER_STANDARD, "5")
     reversed_window.validity.end_time.FromDatetime(datetime.now(UTC) - timedelta(days=2))
@@ -241,6 +243,7 @@ async def test_bad_input_named_and_nothing_written(grant_service: RunningGrant) 
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "application.validity.end_time" in field_violations(caught.value)
+
     after = await office.GetLedgerSummary(grant_pb2.GetLedgerSummaryRequest())
     assert after.entry_count == before.entry_count
     assert after.postings_sum_pf_days.value == "0"
