@@ -71,7 +71,7 @@ class GrantSettings(Settings):
     ledger_max_queue: int = setting(
         "ACSP_GRANT_LEDGER_MAX_QUEUE",
         4096,
-        "ledger requests that may wait; more are rejected as UNAVAILABLE",
+        "ledger requests that may wait, split evenly across the workers; more get UNAVAILABLE",
         minimum=1,
     )
     money_services: frozenset[str] = setting(
