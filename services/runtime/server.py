@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 
 STARTUP_FAILURE_EXIT: int = 2
 RUNTIME_FAILURE_EXIT: int = 1
+START_HOOK_TIMEOUT_S: float = 60.0
+MIN_STOP_HOOK_TIMEOUT_S: float = 1.0
 
 
 @dataclass
@@ -266,7 +268,15 @@ class Service:
     async def _start_serving(self, runtime: Runtime) -> None:
         assert self._server is not None and self._health is not None
         for hook in self._on_start:
-            await hook(runtime)
+            try:
+                async with asyncio.timeout(START_HOOK_TIMEOUT_S):
+                    await hook(runtime)
+            except TimeoutError:
+                raise StartupError(
+                    f"on_start hook {_hook_name(hook)}",
+                    f"did not finish within {START_HOOK_TIMEOUT_S:g} s",
+                    "check what it waits for; run long work in Runtime.spawn instead",
+                ) from None
         await self._server.start()
         await runtime.set_serving(True)
         log.info(
@@ -291,13 +301,20 @@ class Service:
         if self._server is not None:
             log.info("stopping: finishing in-flight calls", extra={"grace_s": self._grace_s})
             await self._server.stop(self._grace_s)
+        # Each stop hook gets its own grace period, so one stuck hook cannot hold the process.
+        stop_hook_timeout_s = max(self._grace_s, MIN_STOP_HOOK_TIMEOUT_S)
         for hook in reversed(self._on_stop):
             try:
-                await hook(runtime)
-            except Exception:
-                log.exception(
-                    "on_stop hook failed", extra={"hook": getattr(hook, "__name__", hook)}
+                async with asyncio.timeout(stop_hook_timeout_s):
+                    await hook(runtime)
+            except TimeoutError:
+                log.error(
+                    "on_stop hook did not finish in %s s; continuing shutdown",
+                    stop_hook_timeout_s,
+                    extra={"hook": _hook_name(hook)},
                 )
+            except Exception:
+                log.exception("on_stop hook failed", extra={"hook": _hook_name(hook)})
         for task in list(runtime._tasks):
             task.cancel()
 
@@ -365,6 +382,10 @@ def _startup_error(error: BaseException) -> StartupError | None:
             if found is not None:
                 return found
     return None
+
+
+def _hook_name(hook: Hook) -> str:
+    return getattr(hook, "__qualname__", None) or repr(hook)
 
 
 def _load_verifier(settings: Settings) -> TokenVerifier | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import urllib.request
 
 import grpc
@@ -11,7 +12,7 @@ import pytest
 from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.runtime import Role, Runtime, Service, Settings, StartupError
+from services.runtime import Role, Runtime, Service, Settings, StartupError, server
 from services.runtime.server import _startup_error
 from services.runtime.telemetry import setup_telemetry
 from tests.runtime.conftest import Keys
@@ -171,3 +172,33 @@ async def test_set_serving_toggles_health(keys: Keys) -> None:
     assert before == health_pb2.HealthCheckResponse.SERVING
     assert during == health_pb2.HealthCheckResponse.NOT_SERVING
     assert after == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_stuck_stop_hook_does_not_hold_shutdown(keys: Keys) -> None:
+    async def hang(runtime: Runtime) -> None:
+        await asyncio.Event().wait()
+
+    service = Service("stuck", settings_for(keys), sample_register, on_stop=[hang])
+    task = asyncio.create_task(service.run())
+    await asyncio.wait_for(service.ready.wait(), timeout=10)
+    started = time.monotonic()
+    service.stop(grace_s=0.2)
+    await asyncio.wait_for(task, timeout=10)
+    assert time.monotonic() - started < 5
+
+
+async def test_stuck_start_hook_is_startup_error(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "START_HOOK_TIMEOUT_S", 0.2)
+
+    async def wait_forever(runtime: Runtime) -> None:
+        await asyncio.Event().wait()
+
+    service = Service("slow-start", settings_for(keys), sample_register, on_start=[wait_forever])
+    with pytest.raises(BaseException) as caught:
+        await asyncio.wait_for(service.run(), timeout=10)
+    found = _startup_error(caught.value)
+    assert found is not None
+    assert "wait_forever" in found.subject
+    assert "did not finish within 0.2 s" in found.reason
