@@ -28,6 +28,9 @@ and let in-flight ones finish within ``ACSP_SHUTDOWN_GRACE_S``, run the ``on_sto
 cancel background tasks, then drain NATS and close the pool. Background tasks started with
 :meth:`Runtime.spawn` belong to one TaskGroup; if one fails, the service stops and
 :func:`run_service` exits with status 1.
+
+Hooks are bounded too: an ``on_start`` hook that runs past START_HOOK_TIMEOUT_S fails the
+start, and each ``on_stop`` hook gets the grace period (at least MIN_STOP_HOOK_TIMEOUT_S).
 """
 
 from __future__ import annotations
