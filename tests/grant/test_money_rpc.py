@@ -101,3 +101,27 @@ async def test_charge_batch_all_or_nothing(schema: str, tmp_path: Path) -> None:
         )
     assert released.released_pf_days.value == "2"
     assert released.settled is True
+
+
+async def test_check_funds_reports_shortfall(schema: str, tmp_path: Path) -> None:
+    async with running_grant(schema, tmp_path) as svc:
+        await setup_project(svc)
+        grant_id = await standard_grant(svc, "10")
+        scheduler = svc.stub("scheduler", ["service"])
+        await scheduler.PlaceHold(hold_request(grant_id, "7"))
+        by_grant = await scheduler.CheckFunds(
+            grant_pb2.CheckFundsRequest(grant_id=grant_id, amount_pf_days=dec("5"))
+        )
+        by_project = await scheduler.CheckFunds(
+            grant_pb2.CheckFundsRequest(project_id="proj-a", amount_pf_days=dec("2"))
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await scheduler.CheckFunds(
+                grant_pb2.CheckFundsRequest(grant_id=grant_id, amount_pf_days=dec("-5"))
+            )
+    assert by_grant.sufficient is False
+    assert by_grant.available_pf_days.value == "3"
+    assert by_grant.shortfall_pf_days.value == "2"
+    assert by_project.sufficient is True
+    assert by_project.grant_id == grant_id
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
