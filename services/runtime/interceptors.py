@@ -208,13 +208,46 @@ class ErrorInterceptor(ScopeInterceptor):
             await servicer_context.abort(status.code, status.message, status.trailing_metadata)
 
 
+class LogLimiter:
+    """Allow at most ``per_second`` log lines per key each second and count the rest.
+
+    Caller errors can arrive in floods (a misconfigured tool retrying without a token), so
+    their log lines are limited per method and status code; the next line that passes carries
+    the number suppressed since the previous one.
+    """
+
+    def __init__(self, per_second: int = 10) -> None:
+        self._per_second = per_second
+        self._windows: dict[tuple[str, str], tuple[int, int, int]] = {}
+
+    def allow(self, key: tuple[str, str]) -> tuple[bool, int]:
+        """Return whether to log now and how many lines were suppressed before this one."""
+        second = int(time.monotonic())
+        window, count, suppressed = self._windows.get(key, (second, 0, 0))
+        if window != second:
+            window, count = second, 0
+        if count >= self._per_second:
+            self._windows[key] = (window, count, suppressed + 1)
+            return False, 0
+        self._windows[key] = (window, count + 1, 0)
+        return True, suppressed
+
+
+_caller_error_limiter = LogLimiter()
+
+
 def _log_service_error(error: ServiceError, method: str) -> None:
-    extra = {"method": method, "code": error.code.name}
+    extra: dict[str, object] = {"method": method, "code": error.code.name}
     if isinstance(error, Internal):
         log.error("call failed: %s", error.message, exc_info=error, extra=extra)
     elif isinstance(error, TransientError):
         log.warning("call failed: %s", error.message, extra=extra)
     else:
+        allowed, suppressed = _caller_error_limiter.allow((method, error.code.name))
+        if not allowed:
+            return
+        if suppressed:
+            extra["suppressed"] = suppressed
         log.info("call rejected: %s", error.message, extra=extra)
 
 

@@ -22,6 +22,7 @@ from services.runtime.errors import (
     Unavailable,
     status_for,
 )
+from services.runtime.interceptors import LogLimiter
 
 
 @pytest.mark.parametrize(
@@ -68,3 +69,17 @@ def test_failed_precondition_names_field() -> None:
 
 def test_plain_errors_have_no_details() -> None:
     assert status_for(Unavailable("database down")).trailing_metadata == ()
+
+
+def test_log_limiter_counts_suppressed_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.2]
+    monkeypatch.setattr("services.runtime.interceptors.time.monotonic", lambda: now[0])
+    limiter = LogLimiter(per_second=2)
+    key = ("/acsp.v1.GrantService/GetGrant", "UNAUTHENTICATED")
+    first_second = [limiter.allow(key) for _ in range(5)]
+    other_key = limiter.allow(("/acsp.v1.GrantService/GetGrant", "NOT_FOUND"))
+    now[0] = 101.1
+    next_second = limiter.allow(key)
+    assert first_second == [(True, 0), (True, 0), (False, 0), (False, 0), (False, 0)]
+    assert other_key == (True, 0)
+    assert next_second == (True, 3)
