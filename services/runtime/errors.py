@@ -12,8 +12,13 @@ The server's error interceptor turns each :class:`ServiceError` into its status 
 :func:`status_for`. Caller errors carry the field and the fix in the message, and
 :class:`InvalidArgument` and :class:`FailedPrecondition` also attach ``google.rpc.BadRequest``
 or ``google.rpc.PreconditionFailure`` details in the ``grpc-status-details-bin`` trailer, which
-clients read back with :func:`details_from_error`. Any other exception becomes INTERNAL with an
-error id that is logged next to the traceback and returned to the caller.
+clients read back with :func:`details_from_error`. NotFound and AlreadyExists attach
+``google.rpc.ResourceInfo``.
+
+Exceptions that are not ServiceErrors are mapped in :mod:`services.runtime.interceptors`:
+timeouts, unreachable PostgreSQL or NATS, unretried serialization failures and transient
+downstream gRPC codes become UNAVAILABLE or DEADLINE_EXCEEDED. Everything else becomes INTERNAL
+with an error id that is logged next to the traceback and returned to the caller.
 """
 
 from __future__ import annotations
