@@ -307,7 +307,8 @@ async def run_direct(dsn: str, grant_ids: list[str], args: argparse.Namespace, b
     database = Database(pool, "grant", acquire_timeout_s=30)
     batcher = LedgerBatcher(Ledger(database), workers=args.workers, max_batch=batch)
     runner = asyncio.create_task(batcher.run())
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0)  # run() marks the batcher running before its first await
+    assert batcher.running
     phase = Phase(f"spread-{'batched' if batch > 1 else 'naive'}")
     rng = random.Random(batch)
     amount = Decimal(HOLD)

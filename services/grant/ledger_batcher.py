@@ -56,6 +56,11 @@ class LedgerBatcher:
         self._hold_grants: OrderedDict[str, str] = OrderedDict()
         self._running = False
 
+    @property
+    def running(self) -> bool:
+        """Whether the workers take requests."""
+        return self._running
+
     async def run(self) -> None:
         """Run the workers until cancelled; requests still queued then fail with Unavailable."""
         self._running = True

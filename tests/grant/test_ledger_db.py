@@ -59,10 +59,8 @@ async def place(ledger: Ledger, request: HoldRequest) -> EntryResult:
 
 async def run_batcher(batcher: LedgerBatcher) -> asyncio.Task[None]:
     task = asyncio.create_task(batcher.run())
-    for _ in range(100):
-        if batcher._running:
-            break
-        await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # run() marks the batcher running before its first await
+    assert batcher.running
     return task
 
 
