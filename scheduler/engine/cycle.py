@@ -42,6 +42,8 @@ from scheduler.engine.repair import apply_caps, preempt_for, repair_broken, shri
 from scheduler.engine.reservations import Reservation, earliest_start
 from scheduler.engine.spec import JobSpec, LimitScope, PriorityClass, Topology
 
+RESERVATION_TRIES = 4
+"""Reservation searches per pass, per reservation the pass may make."""
 _CAPACITY_REASONS = frozenset(
     {ReasonCode.NO_CAPACITY, ReasonCode.FAIR_SHARE, ReasonCode.PRIORITY, ReasonCode.TOPOLOGY}
 )
@@ -56,6 +58,7 @@ class PassState:
     reservations: list[Reservation] = field(default_factory=list)
     """Sorted by start time."""
     queue_reservations: int = 0
+    reservation_tries: int = 0
     excluded_prefix: list[Excluded] = field(default_factory=lambda: [frozenset()])
     """``excluded_prefix[n]``: nodes of the ``n`` earliest reservations."""
     failed: dict[tuple[object, ...], tuple[ReasonCode, str]] = field(default_factory=dict)
@@ -226,8 +229,15 @@ class PassState:
         return capacity_reason(spec, pools, self.placed_classes)
 
     def maybe_reserve(self, record: JobRecord, pools: tuple[Pool, ...], message: str) -> str:
-        if self.queue_reservations >= self.engine.config.reservation_depth:
+        """Reserve room for one of the first jobs that wait for capacity.
+
+        The first ``reservation_depth`` successes end the search, and so do
+        :data:`RESERVATION_TRIES` times as many tries, because each try replays running jobs.
+        """
+        depth = self.engine.config.reservation_depth
+        if self.queue_reservations >= depth or self.reservation_tries >= depth * RESERVATION_TRIES:
             return message
+        self.reservation_tries += 1
         reservation = self.reserve(record.spec, pools, self.now)
         if reservation is None:
             return message

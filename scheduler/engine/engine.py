@@ -239,8 +239,7 @@ class Engine:
 
     def _allocate_task(self, record: JobRecord, plan: TaskPlan) -> None:
         assert record.tasks is not None
-        for index in plan.indices:
-            self.fleet.allocate(plan.node, index, record.owner, plan.millis)
+        self.fleet.allocate_many(plan.node, plan.indices, record.owner, plan.millis)
         record.tasks[plan.task_index] = TaskAllocation(plan.node, plan.indices, plan.millis)
         pool = plan.node.pool
         pool.jobs.add(record.job_id)

@@ -213,36 +213,51 @@ class Fleet:
 
     def allocate(self, node: NodeRecord, index: int, job_id: str, millis: int) -> None:
         """Give ``millis`` of accelerator ``index`` on ``node`` to ``job_id``."""
+        self.allocate_many(node, (index,), job_id, millis)
+
+    def allocate_many(
+        self, node: NodeRecord, indices: tuple[int, ...], job_id: str, millis: int
+    ) -> None:
+        """Give ``millis`` of each accelerator in ``indices`` on ``node`` to ``job_id``."""
         indexed = node.schedulable
-        if indexed:
-            self._index_remove_accelerator(node, index)
-        before = node.used[index]
-        node.used[index] = before + millis
-        node.owners[index][job_id] = node.owners[index].get(job_id, 0) + millis
-        node.jobs.setdefault(job_id, []).append(index)
-        node.pool.used_millis += millis
-        if before == 0:
-            self._set_free_whole(node, node.free_whole - 1)
-        if indexed:
-            self._index_add_accelerator(node, index)
+        newly_used = 0
+        owned = node.jobs.setdefault(job_id, [])
+        for index in indices:
+            if indexed:
+                self._index_remove_accelerator(node, index)
+            before = node.used[index]
+            node.used[index] = before + millis
+            owners = node.owners[index]
+            owners[job_id] = owners.get(job_id, 0) + millis
+            owned.append(index)
+            if before == 0:
+                newly_used += 1
+            if indexed:
+                self._index_add_accelerator(node, index)
+        node.pool.used_millis += millis * len(indices)
+        if newly_used:
+            self._set_free_whole(node, node.free_whole - newly_used)
 
     def release_job(self, node: NodeRecord, job_id: str) -> int:
         """Release everything allocated to ``job_id`` on ``node``; return the millis released."""
         indices = node.jobs.pop(job_id, [])
         node.fenced.discard(job_id)
+        indexed = node.schedulable
         released = 0
+        newly_free = 0
         for index in sorted(set(indices)):
-            indexed = node.schedulable
             if indexed:
                 self._index_remove_accelerator(node, index)
             millis = node.owners[index].pop(job_id, 0)
             node.used[index] -= millis
             released += millis
             if node.used[index] == 0:
-                self._set_free_whole(node, node.free_whole + 1)
+                newly_free += 1
             if indexed:
                 self._index_add_accelerator(node, index)
         node.pool.used_millis -= released
+        if newly_free:
+            self._set_free_whole(node, node.free_whole + newly_free)
         if released and job_id != TENTATIVE_OWNER:
             self.freed += 1
         return released

@@ -44,8 +44,12 @@ def best_fit_node(
     best: tuple[int, int] | None = None
     need = count * MILLIS_PER_ACCELERATOR
     for pool in pools:
-        free = pool.smallest_fit(count)
-        if free is None or (best is not None and free >= best[0]):
+        # Inline Pool.smallest_fit: this loop runs for every candidate pool of every job.
+        above = pool.nonempty >> count
+        if not above:
+            continue
+        free: int | None = count + (above & -above).bit_length() - 1
+        if best is not None and free is not None and free >= best[0]:
             continue
         if pool.available_millis() < need:
             continue
