@@ -244,6 +244,15 @@ class Settings:
                 "missing while ACSP_OTEL_EXPORTER=prometheus",
                 "set the port that serves /metrics, e.g. 9464",
             )
+        if (self.nats_user is None) != (self.nats_password is None):
+            present, absent = (
+                ("ACSP_NATS_USER", "ACSP_NATS_PASSWORD")
+                if self.nats_password is None
+                else ("ACSP_NATS_PASSWORD", "ACSP_NATS_USER")
+            )
+            raise SettingsError(
+                absent, f"missing while {present} is set", "set both or neither of them"
+            )
         if self.nats_creds is not None and self.nats_user is not None:
             raise SettingsError(
                 "ACSP_NATS_CREDS",

@@ -62,6 +62,8 @@ def test_empty_variable_keeps_default() -> None:
         ({"ACSP_TLS_CA": "/nonexistent/ca.crt"}, "ACSP_TLS_CA", "does not exist"),
         ({"ACSP_DB_POOL_MIN": "5", "ACSP_DB_POOL_MAX": "2"}, "ACSP_DB_POOL_MIN", "is above"),
         ({"ACSP_OTEL_EXPORTER": "prometheus"}, "ACSP_PROMETHEUS_PORT", "missing"),
+        ({"ACSP_NATS_USER": "grant"}, "ACSP_NATS_PASSWORD", "missing while ACSP_NATS_USER"),
+        ({"ACSP_NATS_PASSWORD": "pw"}, "ACSP_NATS_USER", "missing while ACSP_NATS_PASSWORD"),
     ],
 )
 def test_bad_value_names_variable_reason_and_fix(
