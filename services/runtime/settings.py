@@ -111,6 +111,13 @@ def _parse_nats_urls(text: str) -> str:
     return text
 
 
+def _parse_otlp_endpoint(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected http://host:port or https://host:port")
+    return text
+
+
 OtelExporter = Literal["none", "console", "otlp", "prometheus"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
@@ -167,7 +174,10 @@ class Settings:
         "ACSP_OTEL_EXPORTER", "none", "where traces and metrics go: none, console, otlp, prometheus"
     )
     otlp_endpoint: str = setting(
-        "ACSP_OTLP_ENDPOINT", "http://127.0.0.1:4317", "OTLP gRPC collector endpoint"
+        "ACSP_OTLP_ENDPOINT",
+        "http://127.0.0.1:4317",
+        "OTLP gRPC collector endpoint, e.g. http://collector:4317",
+        parse=_parse_otlp_endpoint,
     )
     prometheus_port: int | None = setting(
         "ACSP_PROMETHEUS_PORT", None, "port of the /metrics endpoint", minimum=0

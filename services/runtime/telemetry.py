@@ -36,7 +36,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-from services.runtime.settings import Settings
+from services.runtime.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,15 @@ def setup_telemetry(service: str, settings: Settings) -> Telemetry:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader, start_http_server
 
         assert settings.prometheus_port is not None  # Settings.validate requires it
+        try:
+            started = start_http_server(settings.prometheus_port)
+        except OSError as error:
+            raise SettingsError(
+                "ACSP_PROMETHEUS_PORT",
+                f"cannot serve /metrics on port {settings.prometheus_port}: {error}",
+                "choose a free port",
+            ) from None
         readers.append(PrometheusMetricReader())
-        started = start_http_server(settings.prometheus_port)
         # prometheus_client >= 0.20 returns (server, thread); older versions return None.
         http_server = started[0] if isinstance(started, tuple) else None
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)

@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.runtime import Role, Runtime, Service, Settings, StartupError, server
+from services.runtime import Role, Runtime, Service, Settings, SettingsError, StartupError, server
 from services.runtime.server import _startup_error
 from services.runtime.telemetry import setup_telemetry
 from tests.runtime.conftest import Keys
@@ -202,3 +202,16 @@ async def test_stuck_start_hook_is_startup_error(
     assert found is not None
     assert "wait_forever" in found.subject
     assert "did not finish within 0.2 s" in found.reason
+
+
+async def test_busy_prometheus_port_is_settings_error(keys: Keys) -> None:
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = settings_for(
+            keys, ACSP_OTEL_EXPORTER="prometheus", ACSP_PROMETHEUS_PORT=str(port)
+        )
+        with pytest.raises(SettingsError) as caught:
+            await asyncio.wait_for(Service("busy", settings, sample_register).run(), timeout=10)
+    assert caught.value.variable == "ACSP_PROMETHEUS_PORT"

@@ -63,6 +63,7 @@ def test_empty_variable_keeps_default() -> None:
         ({"ACSP_DB_POOL_MIN": "5", "ACSP_DB_POOL_MAX": "2"}, "ACSP_DB_POOL_MIN", "is above"),
         ({"ACSP_OTEL_EXPORTER": "prometheus"}, "ACSP_PROMETHEUS_PORT", "missing"),
         ({"ACSP_NATS_USER": "grant"}, "ACSP_NATS_PASSWORD", "missing while ACSP_NATS_USER"),
+        ({"ACSP_OTLP_ENDPOINT": "collector:4317"}, "ACSP_OTLP_ENDPOINT", "expected http://"),
         ({"ACSP_NATS_PASSWORD": "pw"}, "ACSP_NATS_USER", "missing while ACSP_NATS_PASSWORD"),
     ],
 )
