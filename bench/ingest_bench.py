@@ -13,8 +13,9 @@ Starts its own nats-server on a free loopback port and creates its own PostgreSQ
 3. consumes the first ``--baseline-samples`` of the same stream with a one-INSERT-per-sample
    consumer into a copy of the table, and reports the ratio.
 
-The ledger here is an in-memory one that applies each request id once (the grant service's
-own latency is not part of the lag). Run:
+With ``--ledger memory`` the ledger is an in-memory one that applies each request id once;
+with ``--ledger grant`` (the default) the charges go over gRPC to a real grant service started
+on the same database, against holds placed through its PlaceHold RPC. Run:
 
     python bench/ingest_bench.py --samples 300000 --per-report 500
 """
@@ -44,7 +45,7 @@ from nats.js import JetStreamContext
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from acsp.subjects import usage_subject
-from acsp.v1 import agent_pb2, common_pb2
+from acsp.v1 import agent_pb2, common_pb2, grant_pb2, grant_pb2_grpc
 from services.metering.attempts import AttemptFacts, record_attempt
 from services.metering.charger import Charger, ChargerConfig
 from services.metering.ingest import (
@@ -53,8 +54,10 @@ from services.metering.ingest import (
     consumer_config,
     declare_usage_stream,
 )
-from services.metering.ledger import ChargeOutcome, GrantTerms, LedgerCharge
+from services.metering.ledger import ChargeOutcome, GrantTerms, GrpcLedger, Ledger, LedgerCharge
 from services.metering.ratecard import RateCardHistory, RatePolicy, default_rate_card
+from services.runtime.auth import Role, generate_signing_key, load_signing_key, mint_token
+from services.runtime.channel import open_channel
 from services.runtime.db import Database
 from services.runtime.migrations import apply_migrations
 
@@ -70,30 +73,42 @@ MODELS = ("A100-SXM4-80GB", "H800", "T4", "MI300X")
 
 @dataclass
 class RecordingLedger:
-    """Applies each request id once and records when it accepted it (wall clock)."""
+    """Records when the ledger accepted each charge (wall clock).
 
+    Without an inner ledger it is an in-memory ledger applying each request id once; with one
+    it forwards every call and records the moment the inner ledger answered.
+    """
+
+    inner: Ledger | None = None
     accepted_at: dict[str, float] = field(default_factory=dict)
     amounts: dict[str, Decimal] = field(default_factory=dict)
 
     async def commit_charges(
         self, charges: Sequence[LedgerCharge], timeout_s: float
     ) -> list[ChargeOutcome]:
+        if self.inner is not None:
+            outcomes = await self.inner.commit_charges(charges, timeout_s)
+        else:
+            outcomes = [
+                ChargeOutcome(c.request_id, i, c.request_id not in self.accepted_at)
+                for i, c in enumerate(charges)
+            ]
         now = time.time()
-        outcomes = []
-        for index, charge in enumerate(charges):
-            applied = charge.request_id not in self.accepted_at
-            if applied:
+        for charge in charges:
+            if charge.request_id not in self.accepted_at:
                 self.accepted_at[charge.request_id] = now
                 self.amounts[charge.request_id] = charge.amount
-            outcomes.append(ChargeOutcome(charge.request_id, index, applied))
         return outcomes
 
     async def settle_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None:
-        return None
+        if self.inner is not None:
+            await self.inner.settle_hold(request_id, hold_id, timeout_s)
 
     async def refund(
         self, request_id: str, hold_id: str, amount: Decimal, reason: str, timeout_s: float
     ) -> int:
+        if self.inner is not None:
+            return await self.inner.refund(request_id, hold_id, amount, reason, timeout_s)
         return 0
 
     async def grant_terms(self, grant_id: str, timeout_s: float) -> GrantTerms:
@@ -190,14 +205,18 @@ async def count_rows(db: Database, table: str) -> int:
 
 
 async def run_main_phase(
-    args: argparse.Namespace, js: JetStreamContext, db: Database
+    args: argparse.Namespace,
+    js: JetStreamContext,
+    db: Database,
+    ledger: RecordingLedger,
+    holds: dict[str, str],
 ) -> tuple[float, list[float], RecordingLedger, CpuUse]:
     reports = build_reports(args.samples, args.per_report, args.rate)
     async with db.acquire() as conn:
         for job in range(JOBS):
+            hold = holds.get(f"job-{job}", f"hold-{job}")
             await record_attempt(
-                conn,
-                AttemptFacts(f"job-{job}", 0, f"hold-{job}", "grant-bench", "proj", "inst"),
+                conn, AttemptFacts(f"job-{job}", 0, hold, "grant-bench", "proj", "inst")
             )
     config = IngestConfig(
         workers=args.workers,
@@ -208,7 +227,6 @@ async def run_main_phase(
     await declare_usage_stream(js, config)
     card = default_rate_card()
     history = RateCardHistory((card,))
-    ledger = RecordingLedger()
     wall_start = time.time()
 
     def virtual_now() -> datetime:
@@ -336,6 +354,87 @@ async def run_baseline(args: argparse.Namespace, js: JetStreamContext, db: Datab
     return inserted / (time.time() - start)
 
 
+async def start_grant_service(url: str, work: Path) -> tuple[asyncio.subprocess.Process, str, Path]:
+    """Start ``python -m services.grant`` on the bench database; return it, its address, key."""
+    private, public = generate_signing_key(work)
+    ready = work / "grant-ready"
+    environ = {
+        **os.environ,
+        "ACSP_DATABASE_URL": url,
+        "ACSP_GRPC_LISTEN": "127.0.0.1:0",
+        "ACSP_TOKEN_PUBLIC_KEY": str(public),
+        "ACSP_DATA_DIR": str(work),
+        "ACSP_READY_FILE": str(ready),
+        "ACSP_LOG_LEVEL": "WARNING",
+        "ACSP_OTEL_EXPORTER": "none",
+        "ACSP_GRANT_EXPLORATORY_LIMIT_PF_DAYS": "1000000",
+    }
+    environ.pop("ACSP_NATS_URL", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.grant", env=environ
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if process.returncode is not None or time.monotonic() > deadline:
+            raise RuntimeError("the grant service did not start within 60 s")
+        await asyncio.sleep(0.1)
+    return process, ready.read_text().strip(), private
+
+
+async def seed_holds(address: str, key_path: Path) -> dict[str, str]:
+    """Create an institution, a project, an exploratory grant and one hold per job."""
+    key = load_signing_key(key_path)
+
+    def stub(subject: str, roles: list[Role], **claims: str) -> grant_pb2_grpc.GrantServiceStub:
+        token = mint_token(key, subject, roles, **claims)  # type: ignore[arg-type]
+        return grant_pb2_grpc.GrantServiceStub(open_channel(address, token=token))
+
+    office = stub("bench-office", [Role.PROGRAM_OFFICE])
+    pi = stub("bench-pi", [Role.PI], institution="uni-bench")
+    scheduler = stub("scheduler", [Role.SERVICE])
+    await office.CreateInstitution(
+        grant_pb2.CreateInstitutionRequest(
+            request_id="bench-inst",
+            institution=grant_pb2.Institution(institution_id="uni-bench", display_name="U"),
+        )
+    )
+    await pi.CreateProject(
+        grant_pb2.CreateProjectRequest(
+            request_id="bench-project",
+            project=grant_pb2.Project(
+                project_id="proj-bench",
+                institution_id="uni-bench",
+                display_name="ingest benchmark",
+                pi_subject="bench-pi",
+            ),
+        )
+    )
+    application = grant_pb2.Application(
+        project_id="proj-bench",
+        tier=grant_pb2.GRANT_TIER_EXPLORATORY,
+        requested_pf_days=common_pb2.Decimal(value="1000"),
+        justification="ingest benchmark",
+    )
+    now = datetime.now(UTC)
+    application.validity.start_time.FromDatetime(now - timedelta(days=60))
+    application.validity.end_time.FromDatetime(now + timedelta(days=30))
+    awarded = await pi.SubmitApplication(
+        grant_pb2.SubmitApplicationRequest(request_id="bench-app", application=application)
+    )
+    holds = {}
+    for job in range(JOBS):
+        hold = await scheduler.PlaceHold(
+            grant_pb2.PlaceHoldRequest(
+                request_id=f"job-{job}/0",
+                grant_id=awarded.grant_id,
+                job_id=f"job-{job}",
+                amount_pf_days=common_pb2.Decimal(value="2"),
+            )
+        )
+        holds[f"job-{job}"] = hold.hold_id
+    return holds
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -371,7 +470,20 @@ async def main(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.05)
         assert client is not None
         js = client.jetstream()
-        throughput, lags, ledger, cpu = await run_main_phase(args, js, db)
+        grant_process = None
+        holds: dict[str, str] = {}
+        ledger = RecordingLedger()
+        try:
+            if args.ledger == "grant":
+                grant_process, address, key_path = await start_grant_service(url, Path(store))
+                holds = await seed_holds(address, key_path)
+                token = mint_token(load_signing_key(key_path), "metering", [Role.SERVICE])
+                ledger = RecordingLedger(GrpcLedger(open_channel(address, token=token)))
+            throughput, lags, ledger, cpu = await run_main_phase(args, js, db, ledger, holds)
+        finally:
+            if grant_process is not None:
+                grant_process.terminate()
+                await asyncio.wait_for(grant_process.wait(), 20)
         baseline = await run_baseline(args, js, db)
         await client.close()
         await pool.close()
@@ -386,7 +498,10 @@ async def main(args: argparse.Namespace) -> None:
     p50 = lags[len(lags) // 2] if lags else float("nan")
     p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))] if lags else float("nan")
     print(f"command: python bench/ingest_bench.py {' '.join(sys.argv[1:])}")
-    print(f"samples: {args.samples} in reports of {args.per_report}, {args.workers} workers")
+    print(
+        f"samples: {args.samples} in reports of {args.per_report}, {args.workers} workers, "
+        f"{args.ledger} ledger"
+    )
     print(f"exactly-once ingest: {throughput:,.0f} samples/s, publish to committed row")
     python_us = cpu.python_s / args.samples * 1e6
     postgres_us = cpu.postgres_s / args.samples * 1e6
@@ -411,6 +526,12 @@ def parse_args() -> argparse.Namespace:
         "--rate", type=float, default=0, help="publish rate, samples/s (0: as fast as acked)"
     )
     parser.add_argument("--workers", type=int, default=2, help="ingest workers")
+    parser.add_argument(
+        "--ledger",
+        choices=("grant", "memory"),
+        default="grant",
+        help="commit charges to a real grant service or to an in-memory ledger",
+    )
     parser.add_argument("--batch", type=int, default=40, help="messages per fetch")
     parser.add_argument("--period", type=int, default=5, help="charging period, seconds")
     parser.add_argument("--lateness", type=float, default=1.0, help="lateness allowance, s")
