@@ -230,6 +230,8 @@ class Service:
             ],
             # Without this, a second process could bind the same port and split the traffic.
             options=[("grpc.so_reuseport", 0)],
+            # Calls beyond this are rejected at once instead of queueing without bound.
+            maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
         )
         self._service_names = list(self._register(server, runtime))
         self._health = health.aio.HealthServicer()

@@ -206,6 +206,12 @@ class Settings:
         "seconds to wait for a pooled connection",
         minimum=0.001,
     )
+    grpc_max_concurrent_rpcs: int = setting(
+        "ACSP_GRPC_MAX_CONCURRENT_RPCS",
+        1000,
+        "calls served at once; more are rejected with RESOURCE_EXHAUSTED",
+        minimum=1,
+    )
     ready_file: Path | None = setting(
         "ACSP_READY_FILE", None, "file to write the bound gRPC address to once serving"
     )

@@ -224,6 +224,21 @@ async def test_call_past_grace_is_cancelled(sample: RunningSample, keys: Keys) -
     assert time.monotonic() - started < 5
 
 
+async def test_calls_beyond_limit_are_resource_exhausted(
+    sample_factory: SampleFactory, keys: Keys
+) -> None:
+    sample = await sample_factory(ACSP_GRPC_MAX_CONCURRENT_RPCS="1")
+    sleep = sample.unary("Sleep", Double, Double)
+    metadata = bearer(keys.token(Role.PI))
+    first = asyncio.ensure_future(sleep(Double(value=0.5), metadata=metadata))
+    await asyncio.wait_for(sample.servicer.slow_call_started.wait(), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await sleep(Double(value=0.0), metadata=metadata)
+    reply = await asyncio.wait_for(first, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reply.value == 0.5
+
+
 async def test_ready_file_holds_bound_address(
     sample_factory: SampleFactory, tmp_path: Path
 ) -> None:
