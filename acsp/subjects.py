@@ -45,7 +45,11 @@ def check_token(name: str, value: str) -> str:
 def node_suffix(provider: str, region: str, node: str) -> str:
     """Return ``<provider>.<region>.<node>`` after validating each token."""
     return ".".join(
-        (check_token("provider", provider), check_token("region", region), check_token("node", node))
+        (
+            check_token("provider", provider),
+            check_token("region", region),
+            check_token("node", node),
+        )
     )
 
 
@@ -72,6 +76,15 @@ def heartbeat_key(provider: str, region: str, node: str) -> str:
 
 def command_subject(provider: str, region: str, node: str) -> str:
     return f"acsp.cmd.{node_suffix(provider, region, node)}"
+
+
+def command_deliver_subject(provider: str, region: str, node: str) -> str:
+    """Subject a node's push consumer delivers its commands to.
+
+    It carries the provider, so the NATS server can let each provider subscribe only to the
+    deliveries of its own nodes.
+    """
+    return f"acsp.deliver.{node_suffix(provider, region, node)}"
 
 
 def grant_event_subject(kind: str) -> str:
