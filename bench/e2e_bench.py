@@ -149,7 +149,10 @@ async def run(args: argparse.Namespace) -> None:
             await conn.close()
     finally:
         await stack.close()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep_logs:
+            print(f"logs kept in {stack.log_dir}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(state_root, ignore_errors=True)
     report(latencies, elapsed, failures, rows)
 
@@ -195,6 +198,7 @@ def main() -> None:
         help="parent folder of the agents' state files (e.g. /dev/shm, which makes their "
         "fsync per task start and exit nearly free); default: the system temp folder",
     )
+    parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     parser.add_argument(
         "--drain-timeout", type=float, default=300.0, help="seconds to wait for every job to start"
     )

@@ -54,6 +54,8 @@ class LoopSettings:
     """Seconds before a project whose hold failed for budget is tried again."""
     start_timeout_s: float = 120.0
     """Seconds a job may stay starting before it is requeued (lost or rejected commands)."""
+    stats_interval_s: float = 10.0
+    """Seconds between the loop's INFO lines with its counters."""
     republish_after_s: float = 5.0
     """Age of a recorded but unacknowledged command before it is published again."""
 
@@ -94,6 +96,10 @@ class SchedulingLoop:
         self._last_republish = 0.0
         self._clock = 0.0
         self.passes = 0
+        self._pass_seconds = 0.0
+        self._turns = 0
+        self._holds_in_flight = 0
+        self._last_stats = time.monotonic()
 
     def now(self) -> float:
         """Wall-clock seconds, never going back (the engine rejects time that does)."""
@@ -152,6 +158,8 @@ class SchedulingLoop:
             if not future.done():
                 future.set_result(value)
         self.watchers.publish(job for job, _ in fx.changed.values())
+        self._turns += 1
+        self._log_stats()
         if now - self._last_republish >= self.settings.republish_after_s:
             self._last_republish = now
             await self._republish(self.settings.republish_after_s)
@@ -163,6 +171,7 @@ class SchedulingLoop:
         self.passes += 1
         self.book.apply_pass(self.book.engine.schedule(now), fx)
         took = time.perf_counter() - began
+        self._pass_seconds += took
         share = self.settings.pass_share
         self._pass_gap = max(self.settings.min_pass_interval_s, took / share - took)
 
@@ -278,6 +287,28 @@ class SchedulingLoop:
             logger.info("publishing %d recorded but unacknowledged job events", len(events))
             await self.store.ack_events(await self.publisher.publish_events(events))
 
+    def _log_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._last_stats < self.settings.stats_interval_s:
+            return
+        states: dict[str, int] = {}
+        for job in self.book.jobs.values():
+            states[job.state] = states.get(job.state, 0) + 1
+        logger.info(
+            "loop: %d turns, %d passes taking %.2f s in %.0f s; inbox %d; holds in flight %d;"
+            " open jobs %s",
+            self._turns,
+            self.passes,
+            self._pass_seconds,
+            now - self._last_stats,
+            self.inbox.qsize(),
+            self._holds_in_flight,
+            states,
+        )
+        self._turns = self.passes = 0
+        self._pass_seconds = 0.0
+        self._last_stats = now
+
     async def _hold(self, job: Job, model: str) -> None:
         try:
             amount = self.rates.hold_amount(job, model)
@@ -285,5 +316,9 @@ class SchedulingLoop:
             outcome = HoldOutcome("rejected", message=f"no rate for accelerator model {model!r}")
         else:
             async with self._hold_slots:
-                outcome = await self.admission.place_hold(job, amount)
+                self._holds_in_flight += 1
+                try:
+                    outcome = await self.admission.place_hold(job, amount)
+                finally:
+                    self._holds_in_flight -= 1
         await self.inbox.put(HoldDone(job.job_id, job.attempt, outcome))
