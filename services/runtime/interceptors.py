@@ -211,8 +211,8 @@ class ErrorInterceptor(ScopeInterceptor):
 class LogLimiter:
     """Allow at most ``per_second`` log lines per key each second and count the rest.
 
-    Caller errors can arrive in floods (a misconfigured tool retrying without a token), so
-    their log lines are limited per method and status code; the next line that passes carries
+    Caller errors can arrive in floods, for example from a tool retrying without a token. So
+    their log lines are limited per method and status code. The next line that passes carries
     the number suppressed since the previous one.
     """
 

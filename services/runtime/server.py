@@ -220,6 +220,7 @@ class Service:
                 "neither ACSP_TOKEN_PUBLIC_KEY nor ACSP_TLS_* is set: every call except health "
                 "and reflection will be rejected as unauthenticated"
             )
+
         server = grpc.aio.server(
             interceptors=[
                 interceptors.RequestLogInterceptor(),
@@ -233,11 +234,13 @@ class Service:
             # Calls beyond this are rejected at once instead of queueing without bound.
             maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
         )
+
         self._service_names = list(self._register(server, runtime))
         self._health = health.aio.HealthServicer()
         runtime._health = self._health
         runtime._service_names = self._service_names
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+
         reflection.enable_server_reflection(
             [
                 *self._service_names,
@@ -246,6 +249,7 @@ class Service:
             ],
             server,
         )
+
         runtime.address = self._bind(server)
         return server
 
