@@ -76,7 +76,7 @@ class RecordingLedger:
     """Records when the ledger accepted each charge (wall clock).
 
     Without an inner ledger it is an in-memory ledger applying each request id once; with one
-    it forwards every call and records the moment the inner ledger answered.
+    it forwards every call and records the moment the inner ledger returned.
     """
 
     inner: Ledger | None = None

@@ -35,7 +35,7 @@ class JobEfficiency:
     """Weighted by accelerator-seconds."""
     median_utilization: float
     low_utilization_seconds: float
-    """Longest run of consecutive samples below the threshold, seconds of wall time."""
+    """Maximum run of consecutive samples below the threshold, seconds of wall time."""
     flagged_waste: bool
     accelerator_hours: Decimal
     low_run_start: datetime | None
@@ -44,7 +44,7 @@ class JobEfficiency:
 
 @dataclass(frozen=True, slots=True)
 class LowRun:
-    """The longest stretch of consecutive samples below the threshold."""
+    """The maximum stretch of consecutive samples below the threshold."""
 
     seconds: float
     start: datetime | None

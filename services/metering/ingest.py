@@ -2,8 +2,8 @@
 
 Each worker fetches a batch of UsageReport messages, decodes and validates them, writes the
 batch in one transaction (:func:`~services.metering.ingest_store.write_batch`) and acks every
-message only after the commit. While a write runs, the worker tells JetStream the messages are
-still in progress, so a slow write is not redelivered to another replica; if it is redelivered
+message only after the commit. While a write runs, the worker sends in-progress acks for the
+messages, so a slow write is not redelivered to another replica. If it is redelivered
 anyway (a crash, a stall past the ack wait), the sample id's primary key makes the second write
 change nothing. Any number of workers, in any number of replicas, share one durable consumer.
 """
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class IngestConfig:
-    """How the ingest consumes the usage stream."""
+    """Settings of the usage ingest."""
 
     stream: str = subjects.USAGE_STREAM
     subjects: tuple[str, ...] = subjects.USAGE_SUBJECTS
@@ -249,12 +249,12 @@ class UsageIngest:
     def _check_owners(
         self, samples: Sequence[UsageSample]
     ) -> tuple[list[UsageSample], list[Rejection]]:
-        kept: list[UsageSample] = []
+        valid: list[UsageSample] = []
         rejected: list[Rejection] = []
         for sample in samples:
             owner = self._node_owners.get(sample.node)
             if owner == sample.provider:
-                kept.append(sample)
+                valid.append(sample)
                 continue
             if owner is None:
                 reason = f"node {sample.node!r} is not registered with any provider"
@@ -273,7 +273,7 @@ class UsageIngest:
                     None,
                 )
             )
-        return kept, rejected
+        return valid, rejected
 
     async def _keep_in_progress(self, messages: Sequence[Msg]) -> None:
         interval = max(self._config.ack_wait_s / 3, 0.1)

@@ -82,6 +82,7 @@ async def query_usage(
     usage_key = _KEY[grouping].format(t="u")
     line_key = _KEY[grouping].format(t="l")
     common = (start, end, filters.grant_id, filters.project_id, filters.institution_id)
+
     usage = await conn.fetch(
         f"""
         SELECT {usage_key} AS key, sum(u.accelerator_micros) AS micros,
@@ -101,6 +102,7 @@ async def query_usage(
     if not usage:
         return []
     keys = [row["key"] for row in usage]
+
     charged = await conn.fetch(
         f"""
         SELECT {line_key} AS key, sum(l.amount) AS amount
@@ -115,6 +117,7 @@ async def query_usage(
         filters.provider,
         keys,
     )
+
     refunded = await conn.fetch(
         f"""
         SELECT {line_key} AS key, sum(l.amount) AS amount

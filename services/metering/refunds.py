@@ -117,9 +117,9 @@ def find_cause(
             else event.node in used_nodes
         )
         if event.event_id == named or (on_ours and start <= event.time <= latest):
-            what = f"xid {event.xid}" if event.condition == "xid" else event.condition
+            condition = f"xid {event.xid}" if event.condition == "xid" else event.condition
             target = event.accelerator_id or f"node {event.node}"
-            return f"{what} on {target}", min(event.time, attempt.ended_at)
+            return f"{condition} on {target}", min(event.time, attempt.ended_at)
     return None
 
 

@@ -7,7 +7,6 @@ it cannot be parsed), so one bad sample never holds back the rest of its report.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,7 +21,7 @@ from services.metering.ratecard import EXACT, SECONDS_QUANTUM
 
 MAX_ID_LENGTH: Final = 256
 MAX_INTERVAL_NS: Final = 24 * 3600 * 1_000_000_000
-"""The longest interval one sample may cover (24 h); agents report every few seconds."""
+"""Maximum interval one sample may cover (24 h); agents report every few seconds."""
 MAX_CLOCK_SKEW: Final = timedelta(minutes=10)
 """How far in the future a sample may end, to allow for agent clock skew."""
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -30,7 +29,7 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 @dataclass(frozen=True, slots=True)
 class Origin:
-    """Where a message came from: its subject tokens and its JetStream sequence."""
+    """Source of a message: its subject tokens and its JetStream sequence."""
 
     subject: str
     provider: str
@@ -126,9 +125,9 @@ def decode_report(
 ) -> tuple[list[UsageSample], list[Rejection]]:
     """Decode one UsageReport and validate its samples.
 
-    ``node_owner`` returns the provider a node is registered to, or None when it is unknown;
-    a node registered to another provider than the subject's is a forgery and every sample of
-    the report is rejected.
+    ``node_owner`` returns the provider a node is registered to, or None when it is unknown.
+    A report for a node registered to another provider than the subject's is a forgery, so
+    every sample of it is rejected.
     """
     report = agent_pb2.UsageReport()
     try:
@@ -192,6 +191,7 @@ def _convert(
     accelerator_id = item.accelerator_id
     model = item.model
     share_millis = item.share_millis
+
     if not sample_id or len(sample_id) > MAX_ID_LENGTH:
         raise InvalidSample(f"sample_id {sample_id!r} is missing or too long")
     if not accelerator_id or len(accelerator_id) > MAX_ID_LENGTH:
@@ -200,6 +200,7 @@ def _convert(
     if parsed is None:
         parsed = tasks[task_id] = _parse_task_id(task_id)
     job_id, attempt = parsed
+
     reported_job = item.job_id
     if reported_job and reported_job != job_id:
         raise InvalidSample(f"job_id {reported_job!r} does not match task_id {task_id!r}")
@@ -209,6 +210,7 @@ def _convert(
         raise InvalidSample(f"share_millis {share_millis} is outside 1..1000")
     if not item.HasField("start_time") or not item.HasField("end_time"):
         raise InvalidSample("start_time and end_time are required")
+
     start = item.start_time
     end = item.end_time
     start_ns = start.seconds * 1_000_000_000 + start.nanos
@@ -221,6 +223,7 @@ def _convert(
     if end_ns > latest_end_ns:
         raise InvalidSample(f"end_time {end.ToJsonString()} is in the future")
     micros = _check_accelerator_seconds(item.accelerator_seconds.value, interval_ns, share_millis)
+
     utilization: float | None = None
     if item.HasField("utilization"):
         metric = item.utilization
@@ -228,6 +231,7 @@ def _convert(
             utilization = metric.value
             if not 0.0 <= utilization <= 1.0:
                 raise InvalidSample(f"utilization {utilization} is outside 0..1")
+
     return UsageSample(
         sample_id,
         job_id,
@@ -307,19 +311,3 @@ def _message_rejection(origin: Origin, reason: str, data: bytes) -> Rejection:
 def _to_ns(time: datetime) -> int:
     offset = time - _EPOCH
     return (offset.days * 86_400 + offset.seconds) * 1_000_000_000 + offset.microseconds * 1000
-
-
-def period_start(time: datetime, period_seconds: int) -> datetime:
-    """Return the start of the charging period that contains ``time`` (periods align to epoch).
-
-    A sample belongs to the period in which it starts, so a sample ending exactly on a
-    boundary is charged in the period before it and never in the next one.
-    """
-    offset = time - _EPOCH
-    seconds = offset.days * 86_400 + offset.seconds
-    return _period_datetime(seconds - seconds % period_seconds)
-
-
-@functools.lru_cache(maxsize=4096)
-def _period_datetime(seconds: int) -> datetime:
-    return _EPOCH + timedelta(seconds=seconds)

@@ -37,7 +37,7 @@ _GROUPINGS = {
 
 @dataclass
 class MeteringApp:
-    """What the handlers share; filled in by the service's start hook."""
+    """State the handlers share, set by the service's start hook."""
 
     settings: MeteringSettings
     cache: RateCardCache | None = None

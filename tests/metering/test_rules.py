@@ -27,7 +27,6 @@ from services.metering.samples import (
     UsageSample,
     decode_report,
     parse_subject,
-    period_start,
 )
 from tests.metering.helpers import T0, report, sample
 
@@ -73,12 +72,6 @@ def test_fixed_at_award_keeps_its_version() -> None:
     history = RateCardHistory((CARD,)).with_version(cheaper, NOW)
     assert history.for_grant(RatePolicy.FIXED_AT_AWARD, 1).version == 1
     assert history.for_grant(RatePolicy.CURRENT, 1).version == 2
-
-
-def test_period_contains_its_start_not_its_end() -> None:
-    boundary = T0 + timedelta(seconds=300)
-    assert period_start(boundary - timedelta(microseconds=1), 300) == T0
-    assert period_start(boundary, 300) == boundary
 
 
 def _decode(
@@ -215,7 +208,7 @@ def test_refund_bounded_and_capped_by_charges() -> None:
     assert sum(line.amount for line in tiny.lines) == Decimal("1e-9")
 
 
-def test_longest_low_run_breaks_on_gaps_and_busy_samples() -> None:
+def test_low_run_breaks_on_gaps() -> None:
     def point(minute: int, utilization: float) -> UtilizationPoint:
         start = T0 + timedelta(minutes=minute)
         return UtilizationPoint(start, start + timedelta(minutes=1), utilization)
