@@ -29,7 +29,8 @@ Modules, one idea each:
 * :mod:`.server`: ``Service``, ``Runtime`` and ``run_service``.
 * :mod:`.channel`: client channels for service-to-service calls.
 * :mod:`.db`, :mod:`.migrations`: the asyncpg pool and the migration runner.
-* :mod:`.nats`: NATS connection, stream and bucket declarations, publisher, pull consumer.
+* :mod:`.nats`: NATS connection and stream and bucket declarations.
+* :mod:`.jetstream`: the publisher with many acks in flight and the pull consumer.
 """
 
 from services.runtime.auth import (
@@ -64,16 +65,10 @@ from services.runtime.errors import (
     details_from_error,
     field_violations,
 )
+from services.runtime.jetstream import Publisher, PullConsumer, Reject
 from services.runtime.logs import configure_logging
 from services.runtime.migrations import apply_migrations
-from services.runtime.nats import (
-    Publisher,
-    PullConsumer,
-    Reject,
-    connect_nats,
-    ensure_key_value,
-    ensure_stream,
-)
+from services.runtime.nats import close_nats, connect_nats, ensure_key_value, ensure_stream
 from services.runtime.server import Runtime, Service, run_service
 from services.runtime.settings import ListenAddress, Settings, SettingsError, setting
 from services.runtime.telemetry import Telemetry, setup_telemetry
@@ -108,6 +103,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "apply_migrations",
+    "close_nats",
     "configure_logging",
     "connect_nats",
     "current_principal",
