@@ -40,7 +40,7 @@ from scheduler.engine.reasons import capacity_reason
 from scheduler.engine.records import JobRecord
 from scheduler.engine.repair import apply_caps, preempt_for, repair_broken, shrink_pools
 from scheduler.engine.reservations import Reservation, earliest_start
-from scheduler.engine.spec import JobSpec, LimitScope, PriorityClass, Topology
+from scheduler.engine.spec import NO_CONSTRAINT, JobSpec, LimitScope, PriorityClass, Topology
 
 RESERVATION_TRIES = 4
 """Reservation searches per pass, per reservation the pass may make."""
@@ -72,16 +72,29 @@ class PassState:
     # Pools and exclusions.
 
     def candidate_pools(self, spec: JobSpec) -> tuple[tuple[object, ...], tuple[Pool, ...]]:
+        """Return the cache key and the pools of accepted models in allowed regions."""
         engine = self.engine
         if engine._pool_cache_version != engine.fleet.version:
             engine._pool_cache.clear()
             engine._pool_cache_version = engine.fleet.version
-        key = (spec.models, spec.constraint, spec.regions)
+        if spec.constraint is NO_CONSTRAINT:
+            # Hashing the constraint dataclass is the costly part of the key; skip the default.
+            key: tuple[object, ...] = (spec.models, spec.regions)
+        else:
+            key = (spec.models, spec.constraint, spec.regions)
         pools = engine._pool_cache.get(key)
         if pools is None:
             pools = tuple(p for p in engine.fleet.pools.values() if self._accepts(spec, p))
             engine._pool_cache[key] = pools
         return key, pools
+
+    def record_pools(self, record: JobRecord) -> tuple[tuple[object, ...], tuple[Pool, ...]]:
+        """Return :meth:`candidate_pools` for a job, kept on its record while the fleet stays."""
+        version = self.engine.fleet.version
+        if record.pools is None or record.pools_version != version:
+            record.pools = self.candidate_pools(record.spec)
+            record.pools_version = version
+        return record.pools
 
     def _accepts(self, spec: JobSpec, pool: Pool) -> bool:
         if spec.models and pool.model not in spec.models:
@@ -161,20 +174,20 @@ class PassState:
         engine = self.engine
         if spec.project in engine.no_budget:
             return self.wait(record, ReasonCode.BUDGET, "the project's grants have no budget left")
-        pool_key, pools = self.candidate_pools(spec)
+        pool_key, pools = self.record_pools(record)
         if not pools:
             return self.wait(
                 record,
                 ReasonCode.NO_MATCHING_MODEL,
                 "no node in the fleet has an accepted accelerator model in an allowed region",
             )
-        blocked = self.limit_blocking(spec)
+        blocked = self.limit_blocking(spec) if engine.limits else ""
         if blocked:
             return self.wait(record, ReasonCode.LIMIT, blocked)
-        awaiting = {
-            v for v in record.awaiting_victims if v in engine.jobs and engine.jobs[v].running
-        }
-        record.awaiting_victims = awaiting
+        awaiting = record.awaiting_victims
+        if awaiting:
+            awaiting = {v for v in awaiting if v in engine.jobs and engine.jobs[v].running}
+            record.awaiting_victims = awaiting
         count, excluded = self.exclusions(spec)
         shape = (
             pool_key,

@@ -25,6 +25,8 @@ class ShareOrder:
         self._queues = queues
         self._position = dict.fromkeys(queues, 0)
         self._version: dict[tuple[Level, str], int] = {}
+        self._keys: dict[tuple[Level, str], float] = {}
+        """Fair-share parts computed in this pass; dropped when a placement changes them."""
         self._root: list[tuple[float, str, int]] = []
         self._programs: dict[str, list[tuple[float, str, int]]] = {}
         self._institutions: dict[str, list[tuple[float, float, int, str, int]]] = {}
@@ -59,6 +61,13 @@ class ShareOrder:
         institution = self._share.parent(Level.PROJECT, project)
         program = self._share.parent(Level.INSTITUTION, institution)
         self._position[project] += 1
+        if placed:
+            for key in (
+                (Level.PROJECT, project),
+                (Level.INSTITUTION, institution),
+                (Level.PROGRAM, program),
+            ):
+                self._keys.pop(key, None)
         if self._position[project] < len(self._queues[project]):
             self._push_project(project, institution)
         else:
@@ -74,6 +83,13 @@ class ShareOrder:
         if placed and self._live_institutions[program]:
             self._push_program(program)
 
+    def _key(self, level: Level, name: str) -> float:
+        key = self._keys.get((level, name))
+        if key is None:
+            key = self._share.component(level, name)
+            self._keys[(level, name)] = key
+        return key
+
     def _bump(self, level: Level, name: str) -> int:
         version = self._version.get((level, name), 0) + 1
         self._version[(level, name)] = version
@@ -81,17 +97,17 @@ class ShareOrder:
 
     def _push_program(self, program: str) -> None:
         version = self._bump(Level.PROGRAM, program)
-        key = self._share.component(Level.PROGRAM, program)
+        key = self._key(Level.PROGRAM, program)
         heapq.heappush(self._root, (key, program, version))
 
     def _push_institution(self, institution: str, program: str) -> None:
         version = self._bump(Level.INSTITUTION, institution)
-        key = self._share.component(Level.INSTITUTION, institution)
+        key = self._key(Level.INSTITUTION, institution)
         heapq.heappush(self._programs.setdefault(program, []), (key, institution, version))
 
     def _push_project(self, project: str, institution: str) -> None:
         version = self._bump(Level.PROJECT, project)
-        key = self._share.component(Level.PROJECT, project)
+        key = self._key(Level.PROJECT, project)
         submit, sequence, _ = self._queues[project][self._position[project]]
         entry = (key, submit, sequence, project, version)
         heapq.heappush(self._institutions.setdefault(institution, []), entry)

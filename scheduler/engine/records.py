@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scheduler.engine.decisions import Cause
-from scheduler.engine.fleet import NodeRecord
+from scheduler.engine.fleet import NodeRecord, Pool
 from scheduler.engine.spec import JobSpec
 
 
@@ -37,6 +37,9 @@ class JobRecord:
     requeue_message: str = ""
     protected: bool = False
     """Placed through an advance reservation on protected capacity."""
+    pools: tuple[tuple[object, ...], tuple[Pool, ...]] | None = None
+    """Cached candidate pools and their cache key, valid for ``pools_version`` of the fleet."""
+    pools_version: int = -1
 
     @property
     def job_id(self) -> str:

@@ -92,6 +92,10 @@ class ModelConstraint:
     """Prefix of the model's stack, e.g. ``cuda-12``."""
 
 
+NO_CONSTRAINT: Final = ModelConstraint()
+"""The default constraint, shared by every job that sets none."""
+
+
 @dataclass(frozen=True, slots=True)
 class JobSpec:
     """A job as the engine sees it."""
@@ -109,7 +113,7 @@ class JobSpec:
     allow_cross_provider: bool = False
     models: frozenset[str] = frozenset()
     """Accepted catalog models; empty accepts any model that meets ``constraint``."""
-    constraint: ModelConstraint = ModelConstraint()
+    constraint: ModelConstraint = NO_CONSTRAINT
     regions: frozenset[str] = frozenset()
     """Allowed ``provider/region`` keys (data residency); empty allows any."""
     wall_time_s: float | None = None
