@@ -131,6 +131,8 @@ async def record_health_event(
     )
 
 
+# NOTE: a sample that arrives after its attempt was settled is still charged, but the ledger
+# rejects a charge on a settled hold, so such a charge ends in state 'failed' for an operator.
 async def settle_ended_attempts(
     conn: asyncpg.Connection, ledger: Ledger, *, now: datetime, lateness_s: float, timeout_s: float
 ) -> int:

@@ -130,6 +130,8 @@ async def job_efficiency(
                 accelerator_hours=micros_to_seconds(row["micros"]) / 3600,
             )
         )
+    # NOTE: a flag is recorded in waste_flags and shown by ListJobEfficiency; no message is
+    # pushed to the project yet, so a PI sees it only by asking.
     flagged = [r for r in results if r.flagged_waste]
     if flagged:
         await conn.executemany(

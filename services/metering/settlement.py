@@ -43,6 +43,9 @@ class Settlement:
     recall_count: int
 
 
+# NOTE: nothing writes metering.pledges and metering.recalls yet: the scheduler's fleet owns
+# pledges and publishes no pledge or recall events, so pledged and recalled hours read as zero
+# and every pledge counts as kept until such a feed exists.
 async def build_settlement(
     conn: asyncpg.Connection, provider: str, start: datetime, end: datetime
 ) -> Settlement:
