@@ -216,6 +216,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             refunds=refunds, page=convert.page_out(last, len(rows), limit)
         )
 
+    # NOTE: any authenticated caller may query usage of any grant or project; scoping a
+    # researcher to their own projects needs the grant service's membership data.
     async def QueryUsage(
         self, request: metering_pb2.QueryUsageRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.QueryUsageResponse:
