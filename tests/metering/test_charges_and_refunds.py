@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 
 from acsp.subjects import usage_subject
-from services.metering.attempts import record_health_event
+from services.metering.attempts import AttemptFacts, record_attempt, record_health_event
+from services.metering.charger import Charger, ChargerConfig
 from services.metering.ingest import UsageIngest
-from services.metering.ratecard import default_rate_card
+from services.metering.ratecard import RateCardHistory, RatePolicy, default_rate_card
 from services.metering.refunds import HealthFact
 from services.metering.settlement import build_settlement, settlement_csv
 from services.runtime.db import Database
@@ -186,3 +188,79 @@ async def test_invalid_accelerator_seconds_dead_lettered(
         await wait_until(functools.partial(_done, ingest, 1))
     assert ingest.counters.dead_lettered == 1
     assert ingest.counters.inserted == 0
+
+
+async def test_fixed_at_award_grant_keeps_old_rates(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    items = [
+        sample(f"node-1/{job}-{i}", job, T0 + timedelta(minutes=i), model="H800")
+        for job in ("job-fixed", "job-current")
+        for i in range(10)
+    ]
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(usage_subject("prov-a", "r1", "node-1"), report(items))
+        await wait_until(functools.partial(_done, ingest, 1))
+    for job, policy in (("job-fixed", RatePolicy.FIXED_AT_AWARD), ("job-current", None)):
+        async with db.acquire() as conn:
+            await record_attempt(
+                conn,
+                AttemptFacts(
+                    job,
+                    0,
+                    f"hold-{job}",
+                    "grant-1",
+                    rate_policy=policy or RatePolicy.CURRENT,
+                    award_rate_card_version=1 if policy else None,
+                    ended_at=T0 + timedelta(minutes=10),
+                    end_reason="completed",
+                ),
+            )
+    # Version 2 doubles the H800's peak figure, and so its price.
+    doubled = [
+        replace(m, peak_dense_tflops=m.peak_dense_tflops * 2) if m.name == "H800" else m
+        for m in CARD.models.values()
+    ]
+    history = RateCardHistory((CARD,)).with_version(doubled, T0)
+    charger = Charger(
+        db,
+        ledger,
+        lambda: history,
+        ChargerConfig(period_seconds=300),
+        Clock(T0 + timedelta(hours=1)),
+    )
+    await drain(charger)
+
+    def charged(job: str) -> Decimal:
+        return sum(
+            (c.amount for c in ledger.charges.values() if c.request_id.startswith(job)),
+            Decimal(0),
+        )
+
+    assert charged("job-fixed") == 600 * CARD.rate_per_second("H800")
+    assert charged("job-current") == 600 * history.current.rate_per_second("H800")
+    versions = {c.request_id.split("/")[0]: c.rate_card_version for c in ledger.charges.values()}
+    assert versions == {"job-fixed": 1, "job-current": 2}
+
+
+async def test_two_replicas_share_one_consumer(nats_url: str, db: Database) -> None:
+    async with (
+        running_ingest(nats_url, db, workers=1) as (js, first),
+        running_ingest(nats_url, db, workers=1) as (_, second),
+    ):
+        for m in range(40):
+            items = [
+                sample(f"node-1/{m}-{i}", "job-r", T0 + timedelta(seconds=m * 50 + i), 1)
+                for i in range(50)
+            ]
+            await js.publish(usage_subject("prov-a", "r1", "node-1"), report(items))
+
+        async def all_stored() -> bool:
+            return first.counters.messages + second.counters.messages >= 40
+
+        await wait_until(all_stored)
+    assert first.counters.messages > 0
+    assert second.counters.messages > 0
+    async with db.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM metering.usage_samples") == 2000
+        assert await conn.fetchval("SELECT sum(sample_count) FROM metering.usage_periods") == 2000
