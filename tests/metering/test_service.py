@@ -13,7 +13,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from acsp.subjects import usage_subject
+from acsp.subjects import RATE_CARD_BUCKET, usage_subject
 from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
 from services.metering.ratecard import default_rate_card
 from services.metering.service import build_service
@@ -102,7 +102,7 @@ async def test_rate_card_lists_every_trace_model(running: tuple[Service, Client]
 
 
 async def test_publish_rate_card_needs_program_office(running: tuple[Service, Client]) -> None:
-    _, client = running
+    service, client = running
     current = await client.stub.GetRateCard(
         metering_pb2.GetRateCardRequest(), metadata=client.metadata(Role.RESEARCHER)
     )
@@ -115,6 +115,11 @@ async def test_publish_rate_card_needs_program_office(running: tuple[Service, Cl
     again = await client.stub.PublishRateCard(request, metadata=office)
     assert published.version == 2
     assert again.version == 2
+    # The scheduler prices holds from the bucket's "current" entry.
+    assert service.runtime is not None and service.runtime.js is not None
+    bucket = await service.runtime.js.key_value(RATE_CARD_BUCKET)
+    entry = await bucket.get("current")
+    assert metering_pb2.RateCard.FromString(entry.value or b"").version == 2
 
 
 async def test_settlement_and_usage_over_grpc(
