@@ -159,8 +159,19 @@ class Stack:
         _, self.grant_address = await self.start_service("grant", "services.grant")
 
     async def start_metering(self) -> Process:
-        """Start metering, which declares the usage stream agents publish to."""
-        env = self.env(ACSP_GRANT_ADDRESS=self.grant_address)
+        """Start metering, which declares the usage stream agents publish to and settles holds.
+
+        Its periods are short (5 s, 1 s lateness) so that tests see holds settled quickly.
+        """
+        token_file = self.work_dir / "metering.token"
+        token_file.write_text(self.token("metering", Role.SERVICE))
+        env = self.env(
+            ACSP_GRANT_ADDRESS=self.grant_address,
+            ACSP_METERING_SERVICE_TOKEN_FILE=str(token_file),
+            ACSP_METERING_PERIOD_S="5",
+            ACSP_METERING_LATENESS_S="1",
+            ACSP_GRPC_LISTEN="127.0.0.1:0",
+        )
         process = Process(
             "metering", [sys.executable, "-m", "services.metering"], env, self.log_dir
         )

@@ -77,14 +77,23 @@ async def test_job_runs_to_completion_with_hold(stack: Stack) -> None:
     assert len(job.placements) == 2
     assert all(p.state == "exited" for p in job.placements)
     assert job.HasField("start_time")
+    office = metadata(stack.token("office", Role.PROGRAM_OFFICE))
     async with grpc.aio.insecure_channel(stack.grant_address) as grant_channel:
         grants = grant_pb2_grpc.GrantServiceStub(grant_channel)
-        office = metadata(stack.token("office", Role.PROGRAM_OFFICE))
-        entries = await grants.ListLedgerEntries(
-            grant_pb2.ListLedgerEntriesRequest(grant_id=grant), metadata=office, timeout=10
-        )
-    job_entries = [e for e in entries.entries if e.job_id == job_id]
-    assert job_entries, "the grant's ledger has no entry for the job's hold"
+
+        async def job_entry_kinds() -> set[int]:
+            entries = await grants.ListLedgerEntries(
+                grant_pb2.ListLedgerEntriesRequest(grant_id=grant), metadata=office, timeout=10
+            )
+            return {e.kind for e in entries.entries if e.job_id == job_id}
+
+        held = await wait_for(job_entry_kinds, 10, "the job's hold in the ledger", 0.2)
+        assert common_pb2.LEDGER_ENTRY_KIND_HOLD in held
+
+        async def released() -> bool:
+            return common_pb2.LEDGER_ENTRY_KIND_RELEASE in await job_entry_kinds()
+
+        await wait_for(released, 60, "metering to settle the hold", 0.5)
 
 
 async def test_submit_reports_every_invalid_field(stack: Stack) -> None:
