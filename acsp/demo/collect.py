@@ -15,7 +15,7 @@ import grpc
 
 from acsp.client import AsyncClient
 from acsp.demo.fleet import FleetPlan
-from acsp.demo.live import LiveRun
+from acsp.demo.live import BalanceSample, LiveRun
 from acsp.demo.setup import AwardedGrant
 from acsp.v1 import common_pb2, grant_pb2, metering_pb2, scheduler_pb2
 from agents.process import STATS_FILE_NAME
@@ -35,14 +35,18 @@ def _decimal(message: common_pb2.Decimal) -> Decimal:
     return Decimal(message.value or "0")
 
 
-async def grant_balances(client: AsyncClient, grant_ids: Iterable[str]) -> dict[str, Decimal]:
-    """Return the available PF-days of each grant."""
+async def grant_balances(client: AsyncClient, grant_ids: Iterable[str]) -> dict[str, BalanceSample]:
+    """Return the balance of each grant."""
     result = {}
     for grant_id in grant_ids:
         balance = await client.grants.GetBalance(
             grant_pb2.GetBalanceRequest(grant_id=grant_id), timeout=10
         )
-        result[grant_id] = _decimal(balance.available_pf_days)
+        result[grant_id] = BalanceSample(
+            _decimal(balance.available_pf_days),
+            _decimal(balance.held_pf_days),
+            _decimal(balance.charged_pf_days),
+        )
     return result
 
 
@@ -82,9 +86,9 @@ async def wait_settled(
     """Poll until metering ingested and charged every sample the agents made, or time out.
 
     Settled means: the agents' outbox is empty, the samples they made equal the samples
-    metering stored, nothing waits in the consumer, every charge reached the ledger and no
-    grant holds budget any more (metering settled every ended attempt's hold); and this holds
-    on two polls in a row, so that a last usage report cannot slip in between.
+    metering stored, nothing waits in the consumer, every charge reached the ledger, and no
+    budget is held any more because metering settled every ended attempt's hold. All of this
+    must be true on two polls in a row, so that a last usage report cannot slip in between.
     """
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -98,7 +102,7 @@ async def wait_settled(
                 metering_pb2.GetIngestStatusRequest(), timeout=10
             )
         except grpc.aio.AioRpcError as error:
-            logger.info("metering did not answer: %s", error.code().name)
+            logger.info("ingest status call failed: %s", error.code().name)
             await asyncio.sleep(1.0)
             continue
         ingest = _ingest_dict(status)

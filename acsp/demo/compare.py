@@ -29,8 +29,8 @@ DELAY_LATENCY_ALLOWANCE_WALL_S: Final = 3.0
 """Wall seconds a live queueing delay p50 may exceed the simulated one.
 
 The live path adds the submission, a scheduler pass (every 0.25 s), the hold at the grant
-service, the start command over NATS and the agent's tick (0.5 s); the simulator places at
-the arrival instant. At speed ``x`` this allowance is ``3 x`` trace seconds.
+service, the start command over NATS and the agent's tick (0.5 s). The simulator places a
+job at its arrival instant. At speed ``x`` this allowance is ``3 x`` trace seconds.
 """
 
 
@@ -43,8 +43,8 @@ class Simulated:
 def simulate_slice(fleet: FleetPlan, workload: Workload) -> Simulated:
     """Replay the demo's compressed slice on the demo's fleet through the engine."""
     catalog = Catalog()
-    # The live scheduler decays fair-share usage with a half-life of 7 wall days, which the
-    # compressed clock stretches by the speed; the simulator runs in trace seconds.
+    # The live scheduler decays fair-share usage with a half-life of 7 wall days. The
+    # simulator runs in trace seconds, so its half-life is stretched by the speed.
     engine = Engine(EngineConfig(half_life_s=LIVE_HALF_LIFE_S * workload.speed), catalog)
     result = Replay(engine, fleet.engine_nodes(), workload.jobs).run()
     delays: dict[str, list[float]] = {c.name.lower(): [] for c in PriorityClass}

@@ -4,8 +4,8 @@
   (even positions in ``hz-a``);
 - ``spot``: the 2026 spot-GPU node list, region ``cn-east``, with newer NVIDIA models;
 - ``cloudx``: a simulated fleet of AMD MI300X nodes (a model of the rate card), region
-  ``eu-west``. No public trace of a non-NVIDIA fleet exists, so this one is made up and the
-  report says so.
+  ``eu-west``. No public trace of a non-NVIDIA fleet exists, so this one is made up, and the
+  report marks it as simulated.
 
 Each real fleet is sampled by stride (every k-th node) down to ``max_nodes`` nodes so that the
 one agent process stays light on a small machine; the stride keeps the mix of models.
@@ -76,7 +76,7 @@ class FleetPlan:
         return result
 
     def engine_nodes(self) -> list[NodeSpec]:
-        """The same nodes as engine specs, for the simulator run beside the live one."""
+        """Return the same nodes as engine specs, for the simulator run beside the live one."""
         return [
             NodeSpec(
                 node_id=node.node,

@@ -26,10 +26,10 @@ PRIORITY_TO_PROTO = {
     PriorityClass.PREEMPTIBLE: common_pb2.PRIORITY_CLASS_PREEMPTIBLE,
 }
 ACTIVE_STATES = ("starting", "running", "stopping")
-"""Queue-summary state names of jobs that hold accelerators."""
+"""Queue-summary state names of jobs that occupy accelerators."""
 DONE_STATES = ("completed", "failed", "cancelled", "timed_out")
 SUBMIT_BATCH = 200
-"""Most jobs in one SubmitJobs call."""
+"""Maximum number of jobs in one SubmitJobs call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,21 +43,31 @@ class ProgressSample:
     used_millis_by_region: dict[str, int]
     total_millis_by_region: dict[str, int]
     charged_pf_days: Decimal | None
-    """Sum of charges so far; None while metering does not answer (it may be restarting)."""
+    """Sum of charges so far; None while metering is unreachable (it may be restarting)."""
     samples_ingested: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceSample:
+    """One grant's balance at one moment, PF-days."""
+
+    available: Decimal
+    held: Decimal
+    charged: Decimal
+    """Net of refunds."""
 
 
 @dataclass(slots=True)
 class LiveRun:
-    """What the replay submitted and saw."""
+    """The jobs a replay submitted and the progress samples it took."""
 
     job_ids: dict[str, str] = field(default_factory=dict)
     """Trace job name -> scheduler job id."""
     rejected: dict[str, str] = field(default_factory=dict)
     """Trace job name -> why the submission failed."""
     progress: list[ProgressSample] = field(default_factory=list)
-    balances: list[tuple[float, dict[str, Decimal]]] = field(default_factory=list)
-    """(elapsed wall seconds, available PF-days per grant), sampled during the replay."""
+    balances: list[tuple[float, dict[str, BalanceSample]]] = field(default_factory=list)
+    """(elapsed wall seconds, balance per grant id), sampled during the replay."""
     started_at: float = 0.0
     """time.time() of the first submission."""
     submitted_by: float = 0.0
@@ -88,7 +98,7 @@ class Replayer:
         self,
         client: AsyncClient,
         workload: Workload,
-        seed: int,
+        run_id: str,
         grants: Mapping[str, str],
         project_tokens: Mapping[str, str],
         office_token: str,
@@ -97,7 +107,7 @@ class Replayer:
     ) -> None:
         self._client = client
         self._workload = workload
-        self._seed = seed
+        self._run_id = run_id
         self._grants = grants
         self._tokens = project_tokens
         self._office = (("authorization", f"Bearer {office_token}"),)
@@ -142,7 +152,7 @@ class Replayer:
         request = scheduler_pb2.SubmitJobsRequest(
             jobs=[
                 scheduler_pb2.SubmitJobRequest(
-                    request_id=request_id(self._seed, job),
+                    request_id=request_id(self._run_id, job),
                     spec=job_spec(job, self._grants[project]),
                 )
                 for job in jobs
@@ -174,7 +184,7 @@ class Replayer:
             charged = Decimal(status.charged_pf_days.value or "0")
             ingested = status.samples_ingested
         except grpc.aio.AioRpcError as error:
-            logger.info("metering did not answer: %s", error.code().name)
+            logger.info("ingest status call failed: %s", error.code().name)
         sample = ProgressSample(
             elapsed_s=time.time() - self.run.started_at,
             submitted=len(self.run.job_ids),
@@ -207,7 +217,7 @@ class Replayer:
                 pass
 
     async def wait_drained(self, timeout_s: float, quiet_s: float = 3.0) -> bool:
-        """Wait until no job holds accelerators for ``quiet_s``; False on timeout."""
+        """Wait until no job occupies accelerators for ``quiet_s``; return False on timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         quiet_since: float | None = None

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from acsp.demo.compare import Simulated
-from acsp.demo.live import LiveRun
+from acsp.demo.live import BalanceSample, LiveRun
 from scheduler.engine import PriorityClass
 
 
@@ -26,7 +26,7 @@ def write_plots(
 ) -> list[Path]:
     """Write the four plots into ``out`` and return their paths.
 
-    ``live_delays`` holds queueing delays in trace seconds per priority class, and
+    ``live_delays`` maps each priority class to its queueing delays in trace seconds, and
     ``grant_tiers`` the tier of each grant id.
     """
     return [
@@ -91,19 +91,20 @@ def _delays(
 
 
 def _burn_down(tiers: dict[str, str], run: LiveRun, path: Path) -> Path:
-    figure, axes = plt.subplots(figsize=(9, 4))
+    figure, (charged_axes, held_axes) = plt.subplots(1, 2, figsize=(11, 4))
     for tier in ("exploratory", "standard", "flagship"):
-        points = []
-        for elapsed, balances in run.balances:
-            total = sum((v for g, v in balances.items() if tiers.get(g) == tier), Decimal(0))
-            points.append((elapsed, float(total)))
-        if points:
-            axes.plot([p[0] for p in points], [p[1] for p in points], label=tier)
-    axes.set_xlabel("wall seconds since the first submission")
-    axes.set_ylabel("available PF-days (sum over grants)")
-    axes.set_yscale("log")
-    axes.set_title("Grant burn-down by tier (holds and charges)")
-    axes.legend(fontsize="small")
+        times = [elapsed for elapsed, _ in run.balances]
+        charged = [_tier_sum(balances, tiers, tier, "charged") for _, balances in run.balances]
+        held = [_tier_sum(balances, tiers, tier, "held") for _, balances in run.balances]
+        charged_axes.plot(times, charged, label=tier)
+        held_axes.plot(times, held, label=tier)
+    for axes in (charged_axes, held_axes):
+        axes.set_xlabel("wall seconds since the first submission")
+        axes.legend(fontsize="small")
+    charged_axes.set_ylabel("PF-days charged (sum over the tier's grants)")
+    charged_axes.set_title("Grant burn-down: budget consumed")
+    held_axes.set_ylabel("PF-days held by running jobs")
+    held_axes.set_title("Budget reserved by holds")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -126,3 +127,12 @@ def _settlement(document: dict[str, Any], path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _tier_sum(
+    balances: dict[str, BalanceSample], tiers: dict[str, str], tier: str, field: str
+) -> float:
+    total = sum(
+        (getattr(b, field) for g, b in balances.items() if tiers.get(g) == tier), Decimal(0)
+    )
+    return float(total)

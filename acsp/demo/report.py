@@ -14,6 +14,7 @@ from acsp.demo.collect import JobRecord, LiveFigures, Settlement
 from acsp.demo.compare import Simulated, compare
 from acsp.demo.fleet import FleetPlan
 from acsp.demo.live import LiveRun
+from acsp.demo.markdown import markdown
 from acsp.demo.setup import AwardedGrant, FleetSetup
 from acsp.demo.workload import Workload
 from scheduler.engine import PriorityClass
@@ -105,6 +106,101 @@ def _live_seconds(
     return result
 
 
+def _capacity_by(fleet: FleetPlan) -> tuple[dict[str, int], dict[str, int]]:
+    """Return accelerators per ``provider/region`` and per model."""
+    by_region: dict[str, int] = {}
+    by_model: dict[str, int] = {}
+    for pool, count in fleet.capacity().items():
+        provider, region, model = pool.split("/")
+        by_region[f"{provider}/{region}"] = by_region.get(f"{provider}/{region}", 0) + count
+        by_model[model] = by_model.get(model, 0) + count
+    return by_region, by_model
+
+
+def _utilization_section(
+    fleet: FleetPlan, figures: LiveFigures, simulated: Simulated, speed: float
+) -> dict[str, Any]:
+    region_capacity, model_capacity = _capacity_by(fleet)
+    span = max(simulated.summary["span_s"], 1.0)
+    live_region = _live_seconds(figures.usage_by_region, speed, list(region_capacity))
+    live_model = _live_seconds(figures.usage_by_model, speed, list(model_capacity))
+    sim_region = simulated.summary["accelerator_seconds_by_region"]
+    sim_model = simulated.summary["accelerator_seconds_by_model"]
+    return {
+        "window_trace_s": span,
+        "by_region": {
+            "live": _utilization(live_region, region_capacity, span),
+            "simulated": _utilization(sim_region, region_capacity, span),
+        },
+        "by_model": {
+            "live": _utilization(live_model, model_capacity, span),
+            "simulated": _utilization(sim_model, model_capacity, span),
+        },
+        "metered_by_region": figures.usage_by_region,
+    }
+
+
+def _inputs_section(config: DemoConfig, workload: Workload) -> dict[str, Any]:
+    return {
+        "trace": "Alibaba openb pod list with GPU-model constraints (gpuspec33)",
+        "jobs_in_slice": len(workload.jobs),
+        "seed": config.seed,
+        "speed": workload.speed,
+        "max_gap_s": workload.max_gap_s,
+        "max_runtime_s": workload.max_runtime_s,
+        "trace_span_s": workload.span_s,
+        "wall_span_s": workload.span_s / workload.speed,
+        "skipped_rows": workload.skipped,
+        "account_rule": "project = sha256(f'{seed}:{pod name}') mod 48, institution = "
+        "project mod 12 (scheduler.sim.accounts)",
+    }
+
+
+def _fleet_section(fleet: FleetPlan, fleet_setup: FleetSetup) -> dict[str, Any]:
+    return {
+        "regions": [
+            {
+                "provider": r.provider,
+                "region": r.region,
+                "nodes": len(r.nodes),
+                "accelerators_by_model": r.accelerators_by_model(),
+                "simulated_fleet": r.simulated_fleet,
+            }
+            for r in fleet.regions
+        ],
+        "setup_calls": fleet_setup.calls,
+        "unimplemented_rpcs": fleet_setup.unimplemented,
+    }
+
+
+def _grants_section(grants: Sequence[AwardedGrant], figures: LiveFigures) -> dict[str, Any]:
+    return {
+        "count": len(grants),
+        "reviewed": sum(g.reviewed for g in grants),
+        "by_tier": {
+            tier: sum(1 for g in grants if g.tier == tier)
+            for tier in ("exploratory", "standard", "flagship")
+        },
+        "awarded_pf_days": str(sum((g.awarded_pf_days for g in grants), Decimal(0))),
+        "negative": [g for g, b in figures.balances.items() if Decimal(b["available"]) < 0],
+    }
+
+
+def _pf_days_section(figures: LiveFigures) -> dict[str, Any]:
+    def total(field: str) -> Decimal:
+        return sum((Decimal(b[field]) for b in figures.balances.values()), Decimal(0))
+
+    charged = total("charged")
+    refunded = total("refunded")
+    return {
+        "charged": str(charged),
+        "charged_gross": str(charged + refunded),
+        "refunded": str(refunded),
+        "held_at_end": str(total("held")),
+        "refunds": figures.refunds,
+    }
+
+
 def build(
     config: DemoConfig,
     fleet: FleetPlan,
@@ -116,75 +212,19 @@ def build(
     settled: Settlement,
     simulated: Simulated,
 ) -> dict[str, Any]:
+    """Assemble the report document (without the checks, which run on it afterwards)."""
     speed = workload.speed
-    region_capacity: dict[str, int] = {}
-    model_capacity: dict[str, int] = {}
-    for pool, count in fleet.capacity().items():
-        provider, region, model = pool.split("/")
-        region_capacity[f"{provider}/{region}"] = (
-            region_capacity.get(f"{provider}/{region}", 0) + count
-        )
-        model_capacity[model] = model_capacity.get(model, 0) + count
-    span = max(simulated.summary["span_s"], 1.0)
-    live_region = _live_seconds(figures.usage_by_region, speed, list(region_capacity))
-    live_model = _live_seconds(figures.usage_by_model, speed, list(model_capacity))
-    sim_region = simulated.summary["accelerator_seconds_by_region"]
-    sim_model = simulated.summary["accelerator_seconds_by_model"]
     delays = _delays_by_class(figures.jobs, workload)
     live_total = float(Decimal(figures.ingest["accelerator_seconds"])) * speed
     comparison = compare(
         live_total, {name: percentile(v, 0.5) for name, v in delays.items()}, simulated, speed
     )
-    charged = sum((Decimal(b["charged"]) for b in figures.balances.values()), Decimal(0))
-    refunded = sum((Decimal(b["refunded"]) for b in figures.balances.values()), Decimal(0))
-    held = sum((Decimal(b["held"]) for b in figures.balances.values()), Decimal(0))
-    negative = [g for g, b in figures.balances.items() if Decimal(b["available"]) < 0]
     return {
-        "inputs": {
-            "trace": "Alibaba openb pod list with GPU-model constraints (gpuspec33)",
-            "jobs_in_slice": len(workload.jobs),
-            "seed": config.seed,
-            "speed": speed,
-            "max_gap_s": workload.max_gap_s,
-            "max_runtime_s": workload.max_runtime_s,
-            "trace_span_s": workload.span_s,
-            "wall_span_s": workload.span_s / speed,
-            "skipped_rows": workload.skipped,
-            "account_rule": "project = sha256(f'{seed}:{pod name}') mod 48, institution = "
-            "project mod 12 (scheduler.sim.accounts)",
-        },
-        "fleet": {
-            "regions": [
-                {
-                    "provider": r.provider,
-                    "region": r.region,
-                    "nodes": len(r.nodes),
-                    "accelerators_by_model": r.accelerators_by_model(),
-                    "simulated_fleet": r.simulated_fleet,
-                }
-                for r in fleet.regions
-            ],
-            "setup_calls": fleet_setup.calls,
-            "unimplemented_rpcs": fleet_setup.unimplemented,
-        },
-        "grants": {
-            "count": len(grants),
-            "reviewed": sum(g.reviewed for g in grants),
-            "by_tier": {
-                tier: sum(1 for g in grants if g.tier == tier)
-                for tier in ("exploratory", "standard", "flagship")
-            },
-            "awarded_pf_days": str(sum((g.awarded_pf_days for g in grants), Decimal(0))),
-            "negative": negative,
-        },
+        "inputs": _inputs_section(config, workload),
+        "fleet": _fleet_section(fleet, fleet_setup),
+        "grants": _grants_section(grants, figures),
         "jobs": _jobs_section(figures, run, workload),
-        "pf_days": {
-            "charged": str(charged),
-            "charged_gross": str(charged + refunded),
-            "refunded": str(refunded),
-            "held_at_end": str(held),
-            "refunds": figures.refunds,
-        },
+        "pf_days": _pf_days_section(figures),
         "metering": {
             "settled": settled.settled,
             "waited_s": round(settled.waited_s, 1),
@@ -192,18 +232,7 @@ def build(
             "agents": figures.agent_stats,
             "ingest_when_settled": settled.ingest,
         },
-        "utilization": {
-            "window_trace_s": span,
-            "by_region": {
-                "live": _utilization(live_region, region_capacity, span),
-                "simulated": _utilization(sim_region, region_capacity, span),
-            },
-            "by_model": {
-                "live": _utilization(live_model, model_capacity, span),
-                "simulated": _utilization(sim_model, model_capacity, span),
-            },
-            "metered_by_region": figures.usage_by_region,
-        },
+        "utilization": _utilization_section(fleet, figures, simulated, speed),
         "queueing_delay_s": {
             "live": {
                 name: {"jobs": len(v), "p50": percentile(v, 0.5), "p99": percentile(v, 0.99)}
@@ -257,177 +286,3 @@ def write(
     (out / "progress.json").write_text(
         json.dumps([asdict(sample) for sample in run.progress], default=str) + "\n"
     )
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def markdown(document: dict[str, Any]) -> str:
-    inputs = document["inputs"]
-    jobs = document["jobs"]
-    parts = [
-        "# acsp demo report\n",
-        f"{inputs['jobs_in_slice']} jobs of the {inputs['trace']}, seed {inputs['seed']}, "
-        f"speed {inputs['speed']:g}x (arrival gaps cut to {inputs['max_gap_s']:g} s, run times "
-        f"to {inputs['max_runtime_s']:g} s of trace time). Wall clock: "
-        f"{document.get('wall_clock_s')} s.\n",
-        "## Checks\n",
-        _table(
-            ["check", "passed", "detail"],
-            [[c["name"], c["passed"], c["detail"]] for c in document.get("checks", [])],
-        ),
-        "## Jobs\n",
-        _table(
-            ["submitted", "completed", "failed", "timed out", "cancelled", "pending", "requeued"],
-            [
-                [
-                    jobs["submitted"],
-                    jobs["completed"],
-                    jobs["failed"],
-                    jobs["timed_out"],
-                    jobs["cancelled"],
-                    jobs["pending"],
-                    jobs["requeued"],
-                ]
-            ],
-        ),
-        _table(["pending reason", "jobs"], sorted(jobs["pending_by_reason"].items())),
-        "## PF-days\n",
-        _table(
-            ["charged", "refunded", "held at end", "refunds"],
-            [
-                [
-                    document["pf_days"]["charged"],
-                    document["pf_days"]["refunded"],
-                    document["pf_days"]["held_at_end"],
-                    document["pf_days"]["refunds"]["count"],
-                ]
-            ],
-        ),
-        "## Usage samples\n",
-        _table(
-            ["made by agents", "ingested", "duplicates ignored", "dead-lettered", "settled"],
-            [
-                [
-                    (document["metering"]["agents"] or {}).get("usage_samples"),
-                    document["metering"]["ingest"].get("samples_ingested"),
-                    document["metering"]["ingest"].get("duplicates_ignored"),
-                    document["metering"]["ingest"].get("dead_lettered"),
-                    document["metering"]["settled"],
-                ]
-            ],
-        ),
-        "## Utilization (share of accelerator time over the simulated span)\n",
-        _table(
-            ["region", "live", "simulated"],
-            [
-                [k, v, document["utilization"]["by_region"]["simulated"].get(k)]
-                for k, v in document["utilization"]["by_region"]["live"].items()
-            ],
-        ),
-        _table(
-            ["model", "live", "simulated"],
-            [
-                [k, v, document["utilization"]["by_model"]["simulated"].get(k)]
-                for k, v in document["utilization"]["by_model"]["live"].items()
-            ],
-        ),
-        "## Queueing delay (trace seconds)\n",
-        _table(
-            ["class", "jobs", "live p50", "live p99", "simulated p50", "simulated p99"],
-            [
-                [
-                    name,
-                    live["jobs"],
-                    live["p50"],
-                    live["p99"],
-                    document["queueing_delay_s"]["simulated"][name]["p50"],
-                    document["queueing_delay_s"]["simulated"][name]["p99"],
-                ]
-                for name, live in document["queueing_delay_s"]["live"].items()
-            ],
-        ),
-        "## Fairness\n",
-        _table(
-            ["Jain's index over projects", "live", "simulated"],
-            [
-                [
-                    "mean run time / time in system",
-                    document["fairness"]["jain_index_projects_live"],
-                    document["fairness"]["jain_index_projects_simulated"],
-                ]
-            ],
-        ),
-        "## Settlement per provider\n",
-        _table(
-            ["provider", "delivered PF-days", "refunded PF-days", "net PF-days", "pledge kept"],
-            [
-                [
-                    p,
-                    s.get("delivered_pf_days"),
-                    s.get("refunded_pf_days"),
-                    s.get("net_pf_days"),
-                    s.get("pledge_kept", s.get("error")),
-                ]
-                for p, s in document["settlement"].items()
-            ],
-        ),
-        "## Ledger\n",
-        _table(
-            ["postings sum", "entries", "negative grants"],
-            [
-                [
-                    document["ledger"]["postings_sum_pf_days"],
-                    document["ledger"]["entry_count"],
-                    len(document["ledger"]["negative_grant_ids"]),
-                ]
-            ],
-        ),
-        "## Fleet\n",
-        _table(
-            ["provider", "region", "nodes", "accelerators", "simulated fleet"],
-            [
-                [
-                    r["provider"],
-                    r["region"],
-                    r["nodes"],
-                    ", ".join(f"{m} {c}" for m, c in sorted(r["accelerators_by_model"].items())),
-                    r["simulated_fleet"],
-                ]
-                for r in document["fleet"]["regions"]
-            ],
-        ),
-        _table(
-            ["setup call", "target", "status"],
-            [[c["rpc"], c["target"], c["status"]] for c in document["fleet"]["setup_calls"]],
-        ),
-        "## Plots\n",
-        "".join(f"![{p}]({p})\n" for p in document.get("plots", [])),
-    ]
-    return "\n".join(parts)
-
-
-def summary_lines(document: dict[str, Any]) -> str:
-    jobs = document["jobs"]
-    lines = [
-        f"jobs: {jobs['submitted']} submitted, {jobs['completed']} completed, "
-        f"{jobs['failed']} failed, {jobs['pending']} pending",
-        f"PF-days charged {document['pf_days']['charged']}, refunded "
-        f"{document['pf_days']['refunded']}",
-    ]
-    for check in document["checks"]:
-        mark = "ok  " if check["passed"] else "FAIL"
-        lines.append(f"{mark} {check['name']}: {check['detail']}")
-    lines.append(f"wall clock {document['wall_clock_s']} s")
-    return "\n".join(lines) + "\n"

@@ -6,12 +6,13 @@ import asyncio
 import logging
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from acsp.client import AsyncClient
-from acsp.demo import collect, compare, report
+from acsp.demo import collect, compare, markdown, report
 from acsp.demo.checks import run_checks
 from acsp.demo.fleet import FleetPlan, build_fleet_plan
 from acsp.demo.live import Replayer
@@ -34,9 +35,9 @@ class DemoConfig:
     speed: float = 8000.0
     """Trace seconds per wall second, for arrivals and played run times alike."""
     max_gap_s: float = 3600.0
-    """Longest arrival gap kept, trace seconds."""
+    """Maximum arrival gap kept, trace seconds."""
     max_runtime_s: float = 2 * 86_400.0
-    """Longest run time kept, trace seconds."""
+    """Maximum run time kept, trace seconds."""
     max_nodes: int = 240
     """Nodes kept of each real fleet file (a stride sample)."""
     simulated_nodes: int = 8
@@ -58,7 +59,7 @@ class DemoConfig:
 
 
 def mesh_processes(config: DemoConfig, fleet: FleetPlan, data_dir: Path) -> tuple[ProcessSpec, ...]:
-    """The three services and one agent process that serves every region of ``fleet``."""
+    """Return the three services and one agent process that serves every region of ``fleet``."""
     specs = [
         ProcessSpec(name, [sys.executable, "-m", module])
         for name, module in SERVICE_MODULES.items()
@@ -131,8 +132,9 @@ async def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> dict[str, An
                 )
                 for project in grant_by_project
             }
+            run_id = f"{config.seed}-{uuid.uuid4().hex[:8]}"
             replayer = Replayer(
-                client, workload, config.seed, grant_by_project, tokens, office_token, out
+                client, workload, run_id, grant_by_project, tokens, office_token, out
             )
 
             async def sample_balances() -> None:
@@ -140,12 +142,13 @@ async def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> dict[str, An
                 replayer.run.balances.append((time.time() - replayer.run.started_at, balances))
 
             stop_watch = asyncio.Event()
+            restarts: list[dict[str, float]] = []
             async with asyncio.TaskGroup() as group:
                 group.create_task(replayer.submit_all(), name="submit")
                 group.create_task(replayer.watch(stop_watch, sample_balances), name="watch")
                 group.create_task(_recall_later(client, fleet_setup, fleet, config, mesh, replayer))
                 if config.kill_metering_at_s is not None:
-                    group.create_task(_kill_metering_later(mesh, config, out))
+                    group.create_task(_kill_metering_later(mesh, config, out, restarts))
                 group.create_task(_finish(replayer, config, stop_watch, out), name="finish")
             await sample_balances()
             settled = await collect.wait_settled(
@@ -161,11 +164,13 @@ async def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> dict[str, An
     document = report.build(
         config, fleet, workload, grants, fleet_setup, replayer.run, figures, settled, simulated
     )
+    document["metering_restarts"] = restarts
+    document["inputs"]["kill_metering_at_s"] = config.kill_metering_at_s
     document["checks"] = run_checks(document)
     document["wall_clock_s"] = round(time.monotonic() - started, 1)
     document["logs"] = str(logs)
     report.write(document, replayer.run, figures, grants, workload, simulated, config.out)
-    out.write(report.summary_lines(document))
+    out.write(markdown.summary_lines(document))
     return document
 
 
@@ -194,9 +199,21 @@ async def _recall_later(
     await recall_capacity(client, outcome, fleet, config.seed, mesh.token, config.recall_s)
 
 
-async def _kill_metering_later(mesh: LocalMesh, config: DemoConfig, out: TextIO) -> None:
+async def _kill_metering_later(
+    mesh: LocalMesh, config: DemoConfig, out: TextIO, restarts: list[dict[str, float]]
+) -> None:
+    """SIGKILL metering at ``kill_metering_at_s``, restart it after ``metering_down_s``."""
     assert config.kill_metering_at_s is not None
     await asyncio.sleep(config.kill_metering_at_s)
-    out.write(f"killing metering for {config.metering_down_s:g} s\n")
+    out.write(f"killing metering (SIGKILL) for {config.metering_down_s:g} s\n")
+    started = time.monotonic()
     await mesh.kill_and_restart("metering", config.metering_down_s)
-    out.write("metering is back\n")
+    serving_after = time.monotonic() - started
+    out.write(f"metering is SERVING again {serving_after:.1f} s after the kill\n")
+    restarts.append(
+        {
+            "killed_at_s": config.kill_metering_at_s,
+            "down_s": config.metering_down_s,
+            "serving_after_s": round(serving_after, 1),
+        }
+    )

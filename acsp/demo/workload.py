@@ -130,7 +130,10 @@ def wall_time_limit_s(runtime_s: float) -> int:
     return max(1, math.ceil(runtime_s * 1.1) + 1)
 
 
-def request_id(seed: int, job: TraceJob) -> str:
-    """Idempotency key of a job's submission: a retry returns the job first created."""
-    digest = hashlib.sha256(f"{seed}:{job.name}".encode()).hexdigest()[:16]
+def request_id(run_id: str, job: TraceJob) -> str:
+    """Idempotency key of a job's submission in one run: a retry returns the job first created.
+
+    The run id keeps a second run on the same database from getting the first run's jobs back.
+    """
+    digest = hashlib.sha256(f"{run_id}:{job.name}".encode()).hexdigest()[:16]
     return f"demo-{digest}"

@@ -1,0 +1,154 @@
+"""The demo's pure parts: trace compression, the seed rule, fleet sampling, the tolerance."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from acsp.demo import compare
+from acsp.demo.checks import run_checks
+from acsp.demo.fleet import build_fleet_plan, sample_by_stride
+from acsp.demo.workload import build_workload, compress, project_plans, wall_time_limit_s
+from agents.backends.fleet import FleetNode
+from scheduler.engine import PriorityClass
+from scheduler.sim.accounts import Account
+from scheduler.sim.traces import TraceJob
+
+
+def _job(name: str, arrival: float, runtime: float) -> TraceJob:
+    return TraceJob(
+        name=name,
+        arrival=arrival,
+        runtime=runtime,
+        task_count=1,
+        millis_per_task=1000,
+        models=frozenset(),
+        priority=PriorityClass.STANDARD,
+        account=Account("proj-00", "inst-00", "openb"),
+        wall_time_s=runtime,
+    )
+
+
+def test_compress_cuts_long_gaps_and_runtimes() -> None:
+    jobs = [_job("a", 1000.0, 50.0), _job("b", 1100.0, 10_000.0), _job("c", 90_000.0, 5.0)]
+    compressed = compress(jobs, max_gap_s=3600.0, max_runtime_s=600.0)
+    assert [job.arrival for job in compressed] == [0.0, 100.0, 3700.0]
+    assert [job.runtime for job in compressed] == [50.0, 600.0, 5.0]
+    assert compressed[1].wall_time_s == wall_time_limit_s(600.0)
+
+
+def test_wall_time_limit_exceeds_runtime() -> None:
+    for runtime in (1.0, 59.5, 86_400.0):
+        assert wall_time_limit_s(runtime) > runtime
+
+
+def test_workload_is_the_same_for_the_same_seed() -> None:
+    first = build_workload(200, 3, 8000.0, 3600.0, 86_400.0)
+    second = build_workload(200, 3, 8000.0, 3600.0, 86_400.0)
+    other = build_workload(200, 4, 8000.0, 3600.0, 86_400.0)
+    assert first.jobs == second.jobs
+    assert [j.account for j in first.jobs] != [j.account for j in other.jobs]
+    assert first.wall_offset_s(first.jobs[-1]) == first.span_s / 8000.0
+
+
+def test_project_plans_review_across_institutions() -> None:
+    plans = project_plans()
+    assert len(plans) == 48
+    assert {p.tier for p in plans} == {"exploratory", "standard", "flagship"}
+    for plan in plans:
+        assert plan.reviewer_institution_id != plan.institution_id
+
+
+def test_stride_sample_keeps_at_most_max_nodes() -> None:
+    nodes = [FleetNode("p", "r", f"n{i}", "T4", 4) for i in range(1000)]
+    sample = sample_by_stride(nodes, 240)
+    assert len(sample) <= 240
+    assert sample[0].node == "n0"
+    assert sample[1].node == "n5"
+    with pytest.raises(ValueError):
+        sample_by_stride(nodes, 0)
+
+
+def test_fleet_plan_has_three_providers() -> None:
+    plan = build_fleet_plan(max_nodes=40, simulated_nodes=2)
+    assert plan.providers == ["alibaba", "cloudx", "spot"]
+    assert len(plan.engine_nodes()) == len(plan.nodes())
+    assert sum(plan.capacity().values()) == sum(n.accelerators for n in plan.nodes())
+
+
+def test_compare_flags_live_run_outside_tolerance() -> None:
+    plan = build_fleet_plan(max_nodes=40, simulated_nodes=0)
+    workload = build_workload(100, 0, 8000.0, 3600.0, 86_400.0)
+    simulated = compare.simulate_slice(plan, workload)
+    total = sum(simulated.summary["accelerator_seconds_by_region"].values())
+    p50 = {name: v["p50"] for name, v in simulated.summary["queueing_delay_s"].items()}
+    within = compare.compare(total * 1.05, p50, simulated, speed=8000.0)
+    too_little = compare.compare(total * 0.5, p50, simulated, speed=8000.0)
+    late = {name: (v + 10 * 8000.0 if v is not None else None) for name, v in p50.items()}
+    too_slow = compare.compare(total, late, simulated, speed=8000.0)
+    assert within["accelerator_seconds"]["within"]
+    assert within["queueing_delay_p50"]["within"]
+    assert not too_little["accelerator_seconds"]["within"]
+    assert not too_slow["queueing_delay_p50"]["within"]
+
+
+def test_simulated_slice_replays_every_job() -> None:
+    plan = build_fleet_plan(max_nodes=40, simulated_nodes=0)
+    workload = build_workload(100, 0, 8000.0, 3600.0, 86_400.0)
+    shifted = replace(workload, jobs=workload.jobs[:50])
+    simulated = compare.simulate_slice(plan, shifted)
+    assert len(simulated.result.runs) == 50
+
+
+def _passing_report() -> dict[str, Any]:
+    return {
+        "inputs": {"kill_metering_at_s": None},
+        "ledger": {"postings_sum_pf_days": "0", "entry_count": 10, "negative_grant_ids": []},
+        "grants": {"negative": []},
+        "metering": {
+            "ingest": {
+                "charged_pf_days": "0.5",
+                "priced_usage_pf_days": "0.5",
+                "uncommitted_charges": 0,
+                "samples_ingested": 40,
+                "duplicates_ignored": 3,
+            },
+            "agents": {"usage_samples": 40, "outbox_pending": 0, "outbox": {"dropped": 0}},
+        },
+        "pf_days": {"charged_gross": "0.5"},
+        "jobs": {"unexplained": [], "not_submitted": 0},
+        "comparison": {
+            "accelerator_seconds": {"within": True, "relative_difference": 0.01, "tolerance": 0.15},
+            "queueing_delay_p50": {"within": True, "allowance_s": 24000.0},
+        },
+    }
+
+
+def _failed(report: dict[str, Any]) -> list[str]:
+    return [check["name"] for check in run_checks(report) if not check["passed"]]
+
+
+def test_checks_pass_on_consistent_report() -> None:
+    assert _failed(_passing_report()) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "failing"),
+    [
+        (("ledger", "postings_sum_pf_days"), "1E-24", "ledger postings sum to zero"),
+        (("grants", "negative"), ["g-1"], "no grant balance is negative"),
+        (("pf_days", "charged_gross"), "0.4", "charges equal metered usage times the rates"),
+        (("metering", "agents", "usage_samples"), 41, "samples published equal samples ingested"),
+        (("jobs", "unexplained"), ["j-1"], "every job is finished or pending with a reason"),
+        (("inputs", "kill_metering_at_s"), 5.0, "metering was killed and came back"),
+    ],
+)
+def test_check_fails_on_inconsistency(path: tuple[str, ...], value: object, failing: str) -> None:
+    report = _passing_report()
+    target = report
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    assert _failed(report) == [failing]
