@@ -287,6 +287,8 @@ class JobBook:
             )
         if job.hold_id:
             fx.events.append(job_event(job, "requeued", cause, reason))
+        # NOTE: agents report no checkpoints yet (TaskEvent has no field for one), so a
+        # requeued checkpointable job restarts from the checkpoint its spec names.
         if release:
             self.engine.requeue(job_id, fx.now)
         requeued = replace(

@@ -10,6 +10,8 @@ from services.runtime.settings import Settings, SettingsError, setting
 
 @dataclass(frozen=True)
 class SchedulerSettings(Settings):
+    # NOTE: every replica of a shard schedules the whole fleet it hears from; assigning
+    # provider groups to shards (and agents' subjects to them) is not implemented yet.
     shard: str = setting(
         "ACSP_SCHEDULER_SHARD", "default", "shard this replica campaigns to lead (one leader each)"
     )

@@ -74,7 +74,14 @@ def validate_spec(spec: JobSpec, prefix: str = "spec") -> list[FieldViolation]:
         if not TOKEN_PATTERN.match(model):
             bad(f"accelerators.models[{i}]", f"{model!r} is not a catalog model name")
     for i, entry in enumerate(spec.allowed_regions):
-        if not _valid_region_entry(entry):
+        if _JURISDICTION.match(entry):
+            # NOTE: regions carry no jurisdiction until the provider registry is stored.
+            bad(
+                f"allowed_regions[{i}]",
+                f"{entry!r}: jurisdiction constraints are not supported yet; "
+                "list the allowed regions as '<provider>/<region>'",
+            )
+        elif not _valid_region_entry(entry):
             bad(
                 f"allowed_regions[{i}]",
                 f"{entry!r} is neither '<provider>/<region>' nor 'jurisdiction:<CODE>'",
@@ -128,7 +135,5 @@ def _check_millis(spec: JobSpec, bad: _Reporter) -> None:
 
 
 def _valid_region_entry(entry: str) -> bool:
-    if _JURISDICTION.match(entry):
-        return True
     provider, sep, region = entry.partition("/")
     return bool(sep) and bool(TOKEN_PATTERN.match(provider)) and bool(TOKEN_PATTERN.match(region))

@@ -1,0 +1,53 @@
+"""Submission validation, one violation per invalid field."""
+
+from __future__ import annotations
+
+from scheduler.service.model import JobSpec
+from scheduler.service.validation import validate_array_size, validate_spec
+
+
+def fields_of(spec: JobSpec) -> set[str]:
+    return {v.field for v in validate_spec(spec)}
+
+
+def valid_spec(**changes: object) -> JobSpec:
+    values: dict[str, object] = {"name": "ok", "project_id": "p1", "command": ("true",)}
+    values.update(changes)
+    return JobSpec(**values)  # type: ignore[arg-type]
+
+
+def test_valid_spec_has_no_violations() -> None:
+    assert validate_spec(valid_spec()) == []
+
+
+def test_each_invalid_field_is_named() -> None:
+    cases = {
+        "spec.project_id": valid_spec(project_id=""),
+        "spec.command": valid_spec(command=()),
+        "spec.task_count": valid_spec(task_count=0),
+        "spec.accelerator_millis_per_task": valid_spec(accelerator_millis_per_task=2500),
+        "spec.wall_time_seconds": valid_spec(wall_time_s=0),
+        "spec.grace_seconds": valid_spec(grace_s=100_000),
+        "spec.priority_class": valid_spec(priority="urgent"),
+        "spec.accelerators.models[0]": valid_spec(models=("no such/model",)),
+        "spec.allowed_regions[0]": valid_spec(allowed_regions=("eu-west",)),
+        "spec.environment['1BAD']": valid_spec(env=(("1BAD", "x"),)),
+    }
+    for field, spec in cases.items():
+        assert fields_of(spec) == {field}, field
+
+
+def test_share_of_one_accelerator_is_valid() -> None:
+    assert validate_spec(valid_spec(accelerator_millis_per_task=250)) == []
+
+
+def test_jurisdiction_constraint_is_rejected_with_fix() -> None:
+    violations = validate_spec(valid_spec(allowed_regions=("jurisdiction:EU",)))
+    assert [v.field for v in violations] == ["spec.allowed_regions[0]"]
+    assert "<provider>/<region>" in violations[0].reason
+
+
+def test_array_size_bounds() -> None:
+    assert validate_array_size(0) == []
+    assert validate_array_size(10_000) == []
+    assert [v.field for v in validate_array_size(10_001)] == ["spec.array_size"]
