@@ -14,6 +14,7 @@ from services.metering.charger import Charger
 from services.metering.events import FactConsumers, run_when_stream_exists
 from services.metering.ingest import UsageIngest, usage_stream_config
 from services.metering.ledger import GrpcLedger
+from services.metering.pledges import PledgeSync
 from services.metering.ratecard_store import RateCardCache
 from services.metering.servicer import MeteringApp, MeteringServicer
 from services.metering.settings import MeteringSettings
@@ -53,6 +54,16 @@ def build_service(settings: MeteringSettings) -> Service:
         runtime.spawn(cache.run(runtime.stopping, kv), name="rate-card")
         runtime.spawn(ingest.run(runtime.stopping), name="usage-ingest")
         runtime.spawn(charger.run(runtime.stopping), name="charger")
+        if settings.scheduler_address:
+            scheduler = service_channel(
+                settings, settings.scheduler_address, token=_service_token(settings)
+            )
+            sync = PledgeSync(runtime.db, scheduler)
+            runtime.spawn(sync.run(runtime.stopping), name="pledges")
+        else:
+            logger.warning(
+                "ACSP_SCHEDULER_ADDRESS is not set: settlements show no pledged capacity"
+            )
         facts = FactConsumers(runtime.db, ledger)
         for consumer in facts.consumers(runtime.js):
             runtime.spawn(

@@ -38,6 +38,11 @@ class MeteringSettings(Settings):
     grant_address: str = setting(
         "ACSP_GRANT_ADDRESS", "127.0.0.1:50051", "host:port of the grant service"
     )
+    scheduler_address: str | None = setting(
+        "ACSP_SCHEDULER_ADDRESS",
+        None,
+        "host:port of the scheduler, whose pledges and recalls settlements use",
+    )
     service_token_file: Path | None = setting(
         "ACSP_METERING_SERVICE_TOKEN_FILE",
         None,

@@ -43,9 +43,9 @@ class Settlement:
     recall_count: int
 
 
-# NOTE: nothing writes metering.pledges and metering.recalls yet: the scheduler's fleet owns
-# pledges and publishes no pledge or recall events, so pledged and recalled hours read as zero
-# and every pledge counts as kept until such a feed exists.
+# NOTE: pledges and recalls are copied from the scheduler once a minute (PledgeSync), so a
+# settlement may miss a pledge made in the last minute. "Kept" checks recalls against the
+# recallable count only, because metering has no record of delivered availability.
 async def build_settlement(
     conn: asyncpg.Connection, provider: str, start: datetime, end: datetime
 ) -> Settlement:

@@ -14,6 +14,7 @@ from acsp.subjects import usage_subject
 from services.metering.attempts import AttemptFacts, record_attempt, record_health_event
 from services.metering.charger import Charger, ChargerConfig
 from services.metering.ingest import UsageIngest
+from services.metering.pledges import PledgeRecord, RecallRecord, store_pledges
 from services.metering.ratecard import RateCardHistory, RatePolicy, default_rate_card
 from services.metering.refunds import HealthFact
 from services.metering.settlement import build_settlement, settlement_csv
@@ -264,3 +265,19 @@ async def test_two_replicas_share_one_consumer(nats_url: str, db: Database) -> N
     async with db.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM metering.usage_samples") == 2000
         assert await conn.fetchval("SELECT sum(sample_count) FROM metering.usage_periods") == 2000
+
+
+async def test_settlement_counts_pledged_and_recalled_hours(db: Database) -> None:
+    pledge = PledgeRecord("pl-1", "prov-a", "r1", "H800", 8, 4, T0, T0 + timedelta(hours=10))
+    recall = RecallRecord("rc-1", "pl-1", 2, T0 + timedelta(hours=1), T0 + timedelta(hours=4))
+    orphan = RecallRecord("rc-2", "pl-unknown", 1, T0, T0 + timedelta(hours=1))
+    async with db.acquire() as conn:
+        await store_pledges(conn, [pledge], [recall, orphan])
+        await store_pledges(conn, [pledge], [recall])
+        settlement = await build_settlement(conn, "prov-a", T0, T0 + timedelta(days=1))
+    (line,) = settlement.lines
+    assert line.pledged_accelerator_hours == 120
+    assert line.recalled_accelerator_hours == 6
+    assert settlement.recall_count == 1
+    assert settlement.pledge_kept
+    assert settlement.delivered_pf_days == 0
