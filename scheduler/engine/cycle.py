@@ -412,7 +412,6 @@ class LastPass:
     waiting: dict[str, Waiting]
     reservations: list[Reservation]
     excluded_prefix: list[Excluded]
-    preemptions_exhausted: bool
 
 
 def _signature(engine: Engine, caps: tuple[object, ...]) -> tuple[object, ...]:
@@ -425,7 +424,8 @@ def run_pass(engine: Engine, now: float) -> ScheduleResult:
 
     When nothing was freed, no event arrived and no cap changed since the last pass, every
     job that waited then would wait again. So only the jobs queued since are tried, and the
-    others keep their reasons and the reservations stand.
+    others keep their reasons and the reservations stand. Jobs that the per-pass preemption
+    bound skipped try again in the next full pass, which the next event brings.
     """
     state = PassState(engine, now, preemptions_left=engine.config.preemptions_per_pass)
     caps = apply_caps(state)
@@ -436,7 +436,6 @@ def run_pass(engine: Engine, now: float) -> ScheduleResult:
         and last.signature == _signature(engine, caps)
         and not engine.broken
         and not due
-        and not last.preemptions_exhausted
     )
     if incremental:
         assert isinstance(last, LastPass)
@@ -456,6 +455,5 @@ def run_pass(engine: Engine, now: float) -> ScheduleResult:
         state.waiting,
         state.reservations,
         state.excluded_prefix,
-        state.preemptions_left == 0,
     )
     return result
