@@ -2,7 +2,7 @@
 
 Protobuf messages never reach this module: ``agents.wire`` converts these dataclasses at the
 NATS boundary. A field that a backend cannot read on an accelerator is ``None`` and its name is
-listed in ``unsupported``; the rest of the reading is still valid.
+listed in ``unsupported``. The rest of that reading is still valid.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class AcceleratorInfo:
 
 @dataclass(frozen=True, slots=True)
 class NodeInventory:
-    """What a node has: sent on every connect."""
+    """The accelerators and driver versions of a node, sent on every connect."""
 
     accelerators: tuple[AcceleratorInfo, ...]
     driver_version: str
@@ -123,7 +123,7 @@ class HealthState(enum.IntEnum):
 
 
 class HealthAction(enum.IntEnum):
-    """What the scheduler should do, ordered by strength."""
+    """Action a health condition asks of the scheduler, ordered by strength."""
 
     REPORT = 0
     """Record the event; keep scheduling on the accelerator."""
@@ -239,7 +239,9 @@ class UsageSample:
     accelerator_uuid: str
     start_time: float
     end_time: float
+    share_milli: int
+    """Thousandths of the accelerator the task held: its share of a shared device."""
     accelerator_seconds_us: int
-    """Accelerator-microseconds, scaled by ``share_milli`` for fractional accelerators."""
+    """Accelerator-microseconds: interval microseconds times ``share_milli`` / 1000."""
     utilization_percent: float | None
     memory_used_bytes: int | None

@@ -266,7 +266,8 @@ class NodeAgent:
 
     def report_usage(self) -> int:
         """Publish the usage since the last report; return the number of samples."""
-        assert self.runner is not None and self.inventory is not None
+        assert self.runner is not None
+        assert self.inventory is not None
         now = self._clock()
         start, self._last_usage = self._last_usage, now
         intervals = self.runner.intervals(start, now)
@@ -277,11 +278,12 @@ class NodeAgent:
         models = {info.uuid: info.model for info in self.inventory.accelerators}
         samples = []
         for interval in intervals:
+            start_us = round(interval.start * 1_000_000)
+            end_us = round(interval.end * 1_000_000)
             for uuid in interval.accelerators:
                 sequence = self._state.next_sequence(self.ref.key)
                 accumulator = accumulators.get(uuid, _Accumulator())
-                start_us = round(interval.start * 1_000_000)
-                end_us = round(interval.end * 1_000_000)
+                share = _task_share(interval, uuid, shares.get(uuid, WHOLE_MILLI))
                 samples.append(
                     UsageSample(
                         sample_id=f"{self.ref.key}/{sequence}",
@@ -291,14 +293,14 @@ class NodeAgent:
                         accelerator_uuid=uuid,
                         start_time=start_us / 1_000_000,
                         end_time=end_us / 1_000_000,
-                        accelerator_seconds_us=(end_us - start_us)
-                        * _task_share(interval, uuid, shares.get(uuid, WHOLE_MILLI))
-                        // WHOLE_MILLI,
+                        share_milli=share,
+                        accelerator_seconds_us=(end_us - start_us) * share // WHOLE_MILLI,
                         utilization_percent=accumulator.utilization(),
                         memory_used_bytes=accumulator.memory(),
                     )
                 )
-        report = wire.usage_report_message(self.ref, self.boot_id, samples, models, shares)
+
+        report = wire.usage_report_message(self.ref, self.boot_id, samples, models)
         self._outbox.add(
             self._usage_subject, f"usage:{samples[0].sample_id}", report.SerializeToString()
         )
@@ -323,7 +325,9 @@ class NodeAgent:
         return message.SerializeToString()
 
     def publish_inventory(self) -> None:
-        assert self.inventory is not None and self.health is not None and self.runner is not None
+        assert self.inventory is not None
+        assert self.health is not None
+        assert self.runner is not None
         used: dict[str, int] = {}
         shares = {info.uuid: info.share_milli for info in self.inventory.accelerators}
         for record in self.runner.running:

@@ -1,9 +1,10 @@
 """Publishing durable messages to JetStream through the spool.
 
-:meth:`Outbox.add` queues a message in memory (bounded); the sender task appends queued
-messages to the :class:`~agents.spool.Spool` with one fsync, then publishes from the head of
-the spool in batches, many acks in flight, each message with its ``Nats-Msg-Id`` so that
-JetStream stores a replayed message once (within the stream's duplicate window). Only
+:meth:`Outbox.add` queues a message in a bounded in-memory list. The sender task appends
+queued messages to the :class:`~agents.spool.Spool` with one fsync, then publishes from the
+head of the spool in batches with many acks in flight. Each message carries its
+``Nats-Msg-Id``, so JetStream stores a replayed message once within the stream's duplicate
+window. Only
 acknowledged messages leave the spool, so a NATS outage or an agent crash loses nothing that
 reached the spool, and replay keeps the order of appending.
 

@@ -1,8 +1,9 @@
 """The agent's state file: what must survive a restart of the agent process.
 
-It stores, per node: the reserved end of the usage-sample sequence, the persistent health
-conditions, and the tasks the agent started (with the pid and the kernel's start time of the
-process, so that a restarted agent recognises its own processes and not a reused pid).
+It stores, per node, the reserved end of the usage-sample sequence, the persistent health
+conditions and the tasks the agent started. Each task keeps its pid and the kernel's start
+time of the process, so that a restarted agent recognises its own processes and not a
+reused pid.
 
 The file is JSON, replaced atomically (write to a temporary file, fsync, rename, fsync the
 directory). Sequence numbers are reserved in blocks so that the file is not written for every
@@ -47,7 +48,7 @@ class TaskRecord:
     exit_path: str = ""
     simulated_run_time_s: float = 0.0
     stop_reason: str = ""
-    """Why a stop was requested, empty while none is."""
+    """Reason for the requested stop, or empty while no stop is requested."""
     stop_deadline: float = 0.0
     """Clock seconds after which a stopping task gets SIGKILL."""
     accelerator_millis: list[int] = field(default_factory=list)

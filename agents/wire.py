@@ -276,7 +276,6 @@ def usage_report_message(
     boot_id: str,
     samples: Sequence[UsageSample],
     models: Mapping[str, str],
-    shares: Mapping[str, int],
 ) -> agent_pb2.UsageReport:
     report = agent_pb2.UsageReport(node=node.message(), boot_id=boot_id)
     for sample in samples:
@@ -286,7 +285,7 @@ def usage_report_message(
             job_id=sample.job_id,
             accelerator_id=sample.accelerator_uuid,
             model=models.get(sample.accelerator_uuid, ""),
-            share_millis=shares.get(sample.accelerator_uuid, WHOLE_MILLI),
+            share_millis=sample.share_milli,
             start_time=timestamp(sample.start_time),
             end_time=timestamp(sample.end_time),
             accelerator_seconds=common_pb2.Decimal(value=str(accelerator_seconds(sample))),

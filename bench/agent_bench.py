@@ -24,10 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StorageType, StreamConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,6 +67,24 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+async def _listening(port: int) -> bool:
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await condition():
+            return
+        await asyncio.sleep(0.5)
+    raise SystemExit(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
 async def declare(url: str) -> None:
@@ -127,6 +146,28 @@ async def count(url: str, stream: str) -> int:
     return info.state.messages
 
 
+async def check_usage(url: str) -> tuple[int, int, int]:
+    """Return (reports, samples, distinct sample ids) in the usage stream."""
+    client = await nats.connect(url)
+    js = client.jetstream()
+    total = (await js.stream_info(subjects.USAGE_STREAM)).state.messages
+    subscription = await js.pull_subscribe(
+        "acsp.usage.>",
+        stream=subjects.USAGE_STREAM,
+        config=ConsumerConfig(ack_policy=AckPolicy.NONE),
+    )
+    reports = 0
+    sample_ids: list[str] = []
+    while reports < total:
+        for message in await subscription.fetch(1000, timeout=10):
+            report = agent_pb2.UsageReport()
+            report.ParseFromString(message.data)
+            reports += 1
+            sample_ids.extend(sample.sample_id for sample in report.samples)
+    await client.close()
+    return reports, len(sample_ids), len(set(sample_ids))
+
+
 async def main_async(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="agent-bench-"))
     fleet_file = work / "fleet.csv"
@@ -135,19 +176,14 @@ async def main_async(args: argparse.Namespace) -> None:
     fleet_file.write_text("\n".join(lines) + "\n")
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [nats_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(work / "js")],
+    server = await asyncio.create_subprocess_exec(
+        *[nats_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(work / "js")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    agent = None
+    agent: asyncio.subprocess.Process | None = None
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        await wait_until(lambda: _listening(port), 10, "nats-server to listen")
         await declare(url)
         command = [
             sys.executable,
@@ -171,16 +207,24 @@ async def main_async(args: argparse.Namespace) -> None:
             "10",
         ]
         env = dict(os.environ, ACSP_LOG_LEVEL="WARNING")
-        agent = subprocess.Popen(command, cwd=ROOT, env=env)
+        agent = await asyncio.create_subprocess_exec(*command, cwd=ROOT, env=env)
         started_at = time.monotonic()
-        while await count(url, subjects.AGENT_STREAM) < args.nodes:
-            if agent.poll() is not None:
-                raise SystemExit(f"agent exited with status {agent.returncode}")
-            await asyncio.sleep(0.5)
+        running = agent
+
+        async def inventories_in() -> bool:
+            if running.returncode is not None:
+                raise SystemExit(f"agent exited with status {running.returncode}")
+            return await count(url, subjects.AGENT_STREAM) >= args.nodes
+
+        await wait_until(inventories_in, 300, "every node's inventory")
         startup_s = time.monotonic() - started_at
         await start_tasks(url, fleet_file, run_seconds=10 * (args.seconds + args.warmup + 120))
-        while await count(url, subjects.AGENT_STREAM) < 2 * args.nodes:
-            await asyncio.sleep(0.5)
+
+        async def tasks_started() -> bool:
+            return await count(url, subjects.AGENT_STREAM) >= 2 * args.nodes
+
+        await wait_until(tasks_started, 300, "every task to start")
+        tasks_s = time.monotonic() - started_at - startup_s
         await asyncio.sleep(args.warmup)
         usage_before = await count(url, subjects.USAGE_STREAM)
         cpu_before = cpu_seconds(agent.pid)
@@ -191,25 +235,32 @@ async def main_async(args: argparse.Namespace) -> None:
             await asyncio.sleep(1.0)
         cpu_share = (cpu_seconds(agent.pid) - cpu_before) / (time.monotonic() - wall_before)
         usage_reports = await count(url, subjects.USAGE_STREAM) - usage_before
+        agent.terminate()
+        await asyncio.wait_for(agent.wait(), 60)
+        reports, samples, distinct = await check_usage(url)
         accelerators = args.nodes * args.accelerators
         print(
             f"command: python bench/agent_bench.py --nodes {args.nodes} "
             f"--accelerators {args.accelerators} --seconds {args.seconds}"
         )
-        print(f"nodes {args.nodes}, accelerators {accelerators}, startup {startup_s:.1f} s")
+        print(
+            f"nodes {args.nodes}, accelerators {accelerators}: inventories in {startup_s:.1f} s, "
+            f"tasks started {tasks_s:.1f} s later"
+        )
         print(
             f"window {args.seconds} s: usage reports {usage_reports} "
             f"(expected about {args.nodes * args.seconds // 10}), "
             f"samples per report {args.accelerators}"
         )
+        print(f"whole run: {reports} usage reports, {samples} samples, {distinct} distinct ids")
         print(f"agent CPU: {100 * cpu_share:.1f}% of one core (target < 50%)")
         print(f"agent peak RSS: {peak_rss:.0f} MiB (target < 500 MiB)")
     finally:
-        if agent is not None:
+        if agent is not None and agent.returncode is None:
             agent.terminate()
-            agent.wait(timeout=30)
+            await asyncio.wait_for(agent.wait(), 60)
         server.terminate()
-        server.wait(timeout=30)
+        await asyncio.wait_for(server.wait(), 30)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -165,7 +165,7 @@ def _spool(args: argparse.Namespace) -> int:
 
 def _clear_health(args: argparse.Namespace) -> int:
     directory = _state_dir(args)
-    _refuse_while_running(directory)
+    _check_agent_stopped(directory)
     state = _load_state(args)
     keys = [args.node_key] if args.node_key else sorted(state.nodes)
     if len(keys) != 1:
@@ -185,7 +185,7 @@ def _clear_health(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_while_running(directory: Path) -> None:
+def _check_agent_stopped(directory: Path) -> None:
     pid_file = directory / "agent.pid"
     if not pid_file.exists():
         return

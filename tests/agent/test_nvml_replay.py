@@ -1,4 +1,4 @@
-"""Replaying recorded NVML answers through the current NVML backend."""
+"""Replaying recorded NVML responses through the current NVML backend."""
 
 from __future__ import annotations
 

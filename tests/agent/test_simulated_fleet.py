@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from acsp.v1 import agent_pb2
 from agents.backends.fleet import (
     DEFAULT_FAULT_TRACE,
     DEFAULT_FLEETS,
@@ -124,3 +125,37 @@ async def test_fleet_of_5000_nodes_runs_in_one_process(tmp_path: Path) -> None:
     assert sum(len(n.accelerator_health()) for n in process.nodes) == expected
     # One round over the fleet must fit well inside a 5 s heartbeat period on one core.
     assert elapsed < 20, f"one round over 5,000 nodes took {elapsed:.1f} s"
+
+
+async def test_shared_accelerator_usage_counts_each_share(tmp_path: Path) -> None:
+    clock = ManualClock()
+    spec = FleetNode("acme", "eu-1", "node-1", "T4", 2)
+    backend = SimulatedBackend(spec, clock)
+    node, outbox, spool = make_node(backend, tmp_path, clock, backend_name="simulated")
+    backend.set_busy(node.busy)
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        assert node.runner is not None
+        uuid = backend.discover().accelerators[0].uuid
+        for name, millis in (("a", 500), ("b", 400), ("c", 200)):
+            task = TaskSpec(
+                name,
+                f"{name}/1/0",
+                (uuid,),
+                (),
+                simulated_run_time_s=3600,
+                accelerator_millis=(millis,),
+            )
+            await node.runner.start(task)
+    assert sorted(r.task_id for r in node.runner.running) == ["a/1/0", "b/1/0"]
+    clock.advance(10)
+    assert node.report_usage() == 2
+    outbox.flush_to_spool()
+    usage = [r for r in spool.peek(100) if r.subject.startswith("acsp.usage.")]
+    report = agent_pb2.UsageReport()
+    report.ParseFromString(usage[-1].payload)
+    by_task = {s.task_id: s for s in report.samples}
+    assert by_task["a/1/0"].share_millis == 500
+    assert by_task["a/1/0"].accelerator_seconds.value == "5.000000"
+    assert by_task["b/1/0"].share_millis == 400
+    assert by_task["b/1/0"].accelerator_seconds.value == "4.000000"
