@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+
+import nats.errors
 
 from services.metering.attempts import (
     decide_due_refunds,
@@ -57,12 +59,14 @@ class Charger:
         history: Callable[[], RateCardHistory],
         config: ChargerConfig,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        ingested_through: Callable[[], Awaitable[datetime]] | None = None,
     ) -> None:
         self._db = db
         self._ledger = ledger
         self._history = history
         self._config = config
         self._clock = clock
+        self._ingested_through = ingested_through
         self.counters = ChargerCounters()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -101,7 +105,7 @@ class Charger:
             settled = await settle_ended_attempts(
                 conn,
                 self._ledger,
-                now=now,
+                now=await self._settle_before(now),
                 lateness_s=config.lateness_s,
                 timeout_s=config.ledger_timeout_s,
             )
@@ -130,3 +134,18 @@ class Charger:
                 "refund %s: %s PF-days, %s", refund.request_id, refund.amount, refund.reason
             )
         return bool(planned or posted.committed or settled or refunds or refunded)
+
+    async def _settle_before(self, now: datetime) -> datetime:
+        """Return the time up to which attempts may be settled.
+
+        Settling is final: a hold is released only once every usage message published before
+        the attempt's end (plus the lateness allowance) is stored, so a backlog in the usage
+        stream, such as after a metering restart, delays settlement instead of losing charges.
+        """
+        if self._ingested_through is None:
+            return now
+        try:
+            return min(now, await self._ingested_through())
+        except (nats.errors.Error, TimeoutError) as error:
+            logger.warning("could not read the ingest position, settling nothing: %s", error)
+            return datetime.min.replace(tzinfo=UTC)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -119,6 +119,29 @@ def consumer_config(config: IngestConfig) -> ConsumerConfig:
         max_ack_pending=config.max_ack_pending,
         max_waiting=512,
     )
+
+
+async def ingested_through(js: JetStreamContext, config: IngestConfig) -> datetime:
+    """Return a time before which every usage message published has been stored and acked.
+
+    The stream keeps publish order and the consumer's ack floor is the last sequence below
+    which everything is acked, so the publish time of the first message above the floor bounds
+    what may still be in flight. With nothing pending, that is now.
+    """
+    now = datetime.now(UTC)
+    info = await js.consumer_info(config.stream, config.durable)
+    if not info.num_pending and not info.num_ack_pending:
+        return now
+    floor = info.ack_floor.stream_seq if info.ack_floor and info.ack_floor.stream_seq else 0
+    try:
+        message = await js.get_msg(config.stream, seq=floor + 1)
+    except NotFoundError:
+        return now
+    # The first message not yet acked was published at message.time; everything before it is
+    # stored, so the watermark is just before that moment.
+    if message.time is None:
+        return now
+    return message.time - timedelta(microseconds=1)
 
 
 class UsageIngest:

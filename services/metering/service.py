@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import datetime
 
 import grpc
 from nats.js.api import KeyValueConfig
@@ -12,7 +13,7 @@ from acsp import subjects
 from acsp.v1 import metering_pb2, metering_pb2_grpc
 from services.metering.charger import Charger
 from services.metering.events import FactConsumers, run_when_stream_exists
-from services.metering.ingest import UsageIngest, usage_stream_config
+from services.metering.ingest import UsageIngest, ingested_through, usage_stream_config
 from services.metering.ledger import GrpcLedger
 from services.metering.pledges import PledgeSync
 from services.metering.ratecard_store import RateCardCache
@@ -49,7 +50,18 @@ def build_service(settings: MeteringSettings) -> Service:
             runtime.js, runtime.db, ingest_config, lambda: cache.history().current.rates
         )
         app.ingest = ingest
-        charger = Charger(runtime.db, ledger, cache.history, settings.charger_config())
+        js = runtime.js
+
+        async def ingest_position() -> datetime:
+            return await ingested_through(js, ingest_config)
+
+        charger = Charger(
+            runtime.db,
+            ledger,
+            cache.history,
+            settings.charger_config(),
+            ingested_through=ingest_position,
+        )
         kv = await runtime.js.key_value(subjects.RATE_CARD_BUCKET)
         runtime.spawn(cache.run(runtime.stopping, kv), name="rate-card")
         runtime.spawn(ingest.run(runtime.stopping), name="usage-ingest")

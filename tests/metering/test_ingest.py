@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import functools
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import nats
 
 from acsp.subjects import usage_subject
+from services.metering.charger import Charger, ChargerConfig
 from services.metering.ingest import (
     IngestConfig,
     UsageIngest,
     consumer_config,
     declare_usage_stream,
+    ingested_through,
 )
-from services.metering.ratecard import default_rate_card
+from services.metering.ratecard import RateCardHistory, default_rate_card
 from services.runtime.db import Database
 from tests.metering.helpers import (
     T0,
@@ -151,3 +153,47 @@ async def test_job_ending_on_period_boundary_charged_once(
     assert list(ledger.charges) == [f"job-5/0/{int(T0.timestamp())}"]
     assert ledger.total_charged() == Decimal(300) * RATE
     assert ledger.settled == {"settle/job-5/0": "hold-job-5-0"}
+
+
+async def test_ingest_position_waits_for_backlog(nats_url: str, db: Database) -> None:
+    config = IngestConfig(period_seconds=300)
+    client = await nats.connect(nats_url)
+    try:
+        js = client.jetstream()
+        await declare_usage_stream(js, config)
+        await js.pull_subscribe(
+            ">", durable=config.durable, stream=config.stream, config=consumer_config(config)
+        )
+        before = datetime.now(UTC)
+        await js.publish(SUBJECT, report([sample("node-1/1", "job-w", T0)]))
+        after = datetime.now(UTC)
+        position = await ingested_through(js, config)
+        assert before - timedelta(seconds=1) <= position <= after
+        async with running_ingest(nats_url, db) as (_, ingest):
+            await wait_until(functools.partial(_messages_done, ingest, 1))
+        assert await ingested_through(js, config) >= after
+    finally:
+        await client.close()
+
+
+async def test_settlement_waits_for_ingest_position(db: Database, ledger: LedgerDouble) -> None:
+    await admit(db, "job-p", ended_at=T0, end_reason="completed")
+    position = T0
+
+    async def ingest_position() -> datetime:
+        return position
+
+    history = RateCardHistory((default_rate_card(),))
+    charger = Charger(
+        db,
+        ledger,
+        lambda: history,
+        ChargerConfig(period_seconds=300, lateness_s=30),
+        Clock(T0 + timedelta(hours=1)),
+        ingested_through=ingest_position,
+    )
+    await drain(charger)
+    assert ledger.settled == {}
+    position = T0 + timedelta(seconds=31)
+    await drain(charger)
+    assert ledger.settled == {"settle/job-p/0": "hold-job-p-0"}
