@@ -20,12 +20,16 @@ Start, in order:
 2. connect to NATS and declare streams and buckets, when ``ACSP_NATS_URL`` is set (required
    with ``needs_nats=True`` or any stream or bucket);
 3. register the servicers, ``grpc.health.v1`` and reflection, and bind ``ACSP_GRPC_LISTEN``;
+   bind ``ACSP_HEALTH_LISTEN`` too when set, a plaintext port with health Check alone
+   (see :mod:`.health_port`);
 4. run the ``on_start`` hooks, start serving and mark health SERVING;
-5. log the bound address and write it (``host:port``) to ``ACSP_READY_FILE``.
+5. log the bound addresses and write them (``host:port``) to ``ACSP_READY_FILE`` and
+   ``ACSP_HEALTH_READY_FILE``.
 
 Stop, on SIGTERM/SIGINT or :meth:`Service.stop`: mark health NOT_SERVING, stop accepting calls
 and let in-flight ones finish within ``ACSP_SHUTDOWN_GRACE_S``, run the ``on_stop`` hooks,
-cancel background tasks, then drain NATS and close the pool. Background tasks started with
+close the health port, cancel background tasks, then drain NATS and close the pool. The
+health port answers NOT_SERVING until the hooks are done. Background tasks started with
 :meth:`Runtime.spawn` belong to one TaskGroup; if one fails, the service stops and
 :func:`run_service` exits with status 1.
 
@@ -56,6 +60,7 @@ from services.runtime import interceptors
 from services.runtime.auth import Authenticator, TokenVerifier
 from services.runtime.db import Database
 from services.runtime.errors import StartupError
+from services.runtime.health_port import build_health_server
 from services.runtime.logs import configure_logging
 from services.runtime.migrations import apply_migrations
 from services.runtime.nats import close_nats, connect_nats, ensure_key_value, ensure_stream
@@ -86,6 +91,8 @@ class Runtime:
     """Set when shutdown begins; background loops should finish their step and return."""
     address: str | None = None
     """``host:port`` the server is bound to, once it is."""
+    health_address: str | None = None
+    """``host:port`` of the plaintext health port, once bound; None without ACSP_HEALTH_LISTEN."""
     _task_group: asyncio.TaskGroup | None = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _health: health.aio.HealthServicer | None = None
@@ -159,6 +166,7 @@ class Service:
         """Set once the server accepts calls."""
         self.runtime: Runtime | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._service_names: list[str] = []
         self._drained = False
@@ -251,6 +259,10 @@ class Service:
         )
 
         runtime.address = self._bind(server)
+        if settings.health_listen is not None:
+            self._health_server, runtime.health_address = build_health_server(
+                self._health, settings.health_listen
+            )
         return server
 
     def _bind(self, server: grpc.aio.Server) -> str:
@@ -287,17 +299,21 @@ class Service:
                     "check what it waits for; run long work in Runtime.spawn instead",
                 ) from None
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         await runtime.set_serving(True)
-        log.info(
-            "serving",
-            extra={
-                "address": runtime.address,
-                "tls": self.settings.tls_enabled,
-                "pid": os.getpid(),
-            },
-        )
+        extra: dict[str, Any] = {
+            "address": runtime.address,
+            "tls": self.settings.tls_enabled,
+            "pid": os.getpid(),
+        }
+        if runtime.health_address is not None:
+            extra["health_address"] = runtime.health_address
+        log.info("serving", extra=extra)
         if self.settings.ready_file is not None:
             _write_atomically(self.settings.ready_file, f"{runtime.address}\n")
+        if self.settings.health_ready_file is not None:
+            _write_atomically(self.settings.health_ready_file, f"{runtime.health_address}\n")
         self.ready.set()
 
     async def _drain(self, runtime: Runtime) -> None:
@@ -324,6 +340,9 @@ class Service:
                 )
             except Exception:
                 log.exception("on_stop hook failed", extra={"hook": _hook_name(hook)})
+        if self._health_server is not None:
+            # Probes saw NOT_SERVING until here; no call on this port is worth waiting for.
+            await self._health_server.stop(None)
         for task in list(runtime._tasks):
             task.cancel()
 
@@ -336,6 +355,8 @@ class Service:
         if self.ready.is_set():
             if self.settings.ready_file is not None:
                 self.settings.ready_file.unlink(missing_ok=True)
+            if self.settings.health_ready_file is not None:
+                self.settings.health_ready_file.unlink(missing_ok=True)
             log.info("stopped")
 
     def _install_signal_handlers(self) -> None:

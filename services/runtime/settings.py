@@ -144,10 +144,32 @@ class Settings:
     nats_creds: Path | None = setting(
         "ACSP_NATS_CREDS", None, "NATS credentials file (JWT and NKey seed)", existing_file=True
     )
+    nats_tls_ca: Path | None = setting(
+        "ACSP_NATS_TLS_CA",
+        None,
+        "PEM file of the CA that signs the NATS server certificate; defaults to ACSP_TLS_CA "
+        "when ACSP_NATS_URL uses tls://",
+        existing_file=True,
+    )
+    nats_tls_cert: Path | None = setting(
+        "ACSP_NATS_TLS_CERT",
+        None,
+        "PEM client certificate to present to NATS, for servers that verify clients",
+        existing_file=True,
+    )
+    nats_tls_key: Path | None = setting(
+        "ACSP_NATS_TLS_KEY", None, "PEM private key of ACSP_NATS_TLS_CERT", existing_file=True
+    )
     grpc_listen: ListenAddress = setting(
         "ACSP_GRPC_LISTEN",
         ListenAddress("127.0.0.1", 0),
         "host:port the gRPC server binds; port 0 picks a free port",
+    )
+    health_listen: ListenAddress | None = setting(
+        "ACSP_HEALTH_LISTEN",
+        None,
+        "host:port of a second, plaintext port that serves only grpc.health.v1 Check, for "
+        "probes that cannot present a client certificate; port 0 picks a free port",
     )
     data_dir: Path = setting(
         "ACSP_DATA_DIR", Path("~/.acsp").expanduser(), "folder for keys, certificates and state"
@@ -215,6 +237,11 @@ class Settings:
     ready_file: Path | None = setting(
         "ACSP_READY_FILE", None, "file to write the bound gRPC address to once serving"
     )
+    health_ready_file: Path | None = setting(
+        "ACSP_HEALTH_READY_FILE",
+        None,
+        "file to write the bound ACSP_HEALTH_LISTEN address to once serving",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
@@ -275,11 +302,47 @@ class Settings:
                 "set together with ACSP_NATS_USER",
                 "use either a credentials file or a user and password",
             )
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            present, absent = (
+                ("ACSP_NATS_TLS_CERT", "ACSP_NATS_TLS_KEY")
+                if self.nats_tls_key is None
+                else ("ACSP_NATS_TLS_KEY", "ACSP_NATS_TLS_CERT")
+            )
+            raise SettingsError(
+                absent, f"missing while {present} is set", "set both or neither of them"
+            )
+        if self.nats_tls_required and self.nats_url is not None:
+            plain = [url for url in self.nats_urls if urlsplit(url).scheme == "ws"]
+            if plain:
+                raise SettingsError(
+                    "ACSP_NATS_URL",
+                    f"{redact_url(plain[0])} is plaintext WebSocket while ACSP_NATS_TLS_* is set",
+                    "use wss:// for TLS over WebSocket, or tls:// or nats:// for TCP",
+                )
+        if self.health_ready_file is not None and self.health_listen is None:
+            raise SettingsError(
+                "ACSP_HEALTH_LISTEN",
+                "missing while ACSP_HEALTH_READY_FILE is set",
+                "set the host:port of the health port, e.g. 0.0.0.0:8086, or unset the file",
+            )
 
     @property
     def tls_enabled(self) -> bool:
         """Whether the gRPC server and channels use mutual TLS."""
         return self.tls_cert is not None
+
+    @property
+    def nats_urls(self) -> list[str]:
+        """The URLs of ``ACSP_NATS_URL``, stripped; empty when it is unset."""
+        if self.nats_url is None:
+            return []
+        return [part.strip() for part in self.nats_url.split(",")]
+
+    @property
+    def nats_tls_required(self) -> bool:
+        """Whether the NATS connection must use TLS: a tls:// or wss:// URL, or ACSP_NATS_TLS_*."""
+        secure_url = any(urlsplit(url).scheme in ("tls", "wss") for url in self.nats_urls)
+        return secure_url or self.nats_tls_ca is not None or self.nats_tls_cert is not None
 
     def require(self, name: str) -> Any:
         """Return field ``name``, raising SettingsError naming its variable if it is unset."""
