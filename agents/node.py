@@ -206,6 +206,8 @@ class NodeAgent:
         self._update_unusable()
 
     def _update_unusable(self) -> None:
+        # NOTE: tasks already running on an accelerator that fails keep running; the
+        # scheduler sees the health event (with their task ids) and decides to stop them.
         assert self.health is not None and self.runner is not None
         failed = {h.uuid for h in self.health.health() if h.state is HealthState.FAILED}
         self.runner.set_unusable(failed)
@@ -235,6 +237,8 @@ class NodeAgent:
                 self.fencing_token,
             )
             return
+        # NOTE: the highest fencing token is kept in memory only, so right after an agent
+        # restart a command from an older scheduler epoch is accepted once.
         self.fencing_token = command.fencing_token
         if command.kind == "start" and command.spec is not None:
             await self.runner.start(command.spec)

@@ -34,9 +34,10 @@ def free_port() -> int:
 class NatsServer:
     """One nats-server process; ``stop`` and ``start`` keep the port and the JetStream store."""
 
-    def __init__(self, store_dir: Path) -> None:
+    def __init__(self, store_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.store_dir = store_dir
+        self.extra_args = extra_args
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,7 +46,11 @@ class NatsServer:
 
     def start(self, timeout_s: float = 10.0) -> None:
         self._process = subprocess.Popen(
-            [_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)],
+            [
+                _binary(),
+                *("-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)),
+                *self.extra_args,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -69,9 +74,11 @@ class NatsServer:
             self._process = None
 
 
-async def declare_agent_streams(url: str) -> None:
+async def declare_agent_streams(
+    url: str, user: str | None = None, password: str | None = None
+) -> None:
     """Declare what the services own in production: the streams and the heartbeat bucket."""
-    client = await nats.connect(url, connect_timeout=2)
+    client = await nats.connect(url, connect_timeout=2, user=user, password=password)
     try:
         js = client.jetstream()
         for name, stream_subjects in (

@@ -251,3 +251,44 @@ async def test_restarted_runner_adopts_running_and_reports_lost(tmp_path: Path) 
         await wait_for(lambda: TaskState.STOPPED in second.states("f/1/0"))
     assert short_pid != survivor_pid
     assert StateStore(tmp_path / "state.json").node("acme.eu-1.node-1").tasks == {}
+
+
+async def test_shares_of_one_accelerator_add_up_to_one(tmp_path: Path) -> None:
+    recorder = Recorder()
+    clock = [1000.0]
+    runner = TaskRunner(
+        "acme.eu-1.node-1",
+        StateStore(tmp_path / "state.json"),
+        tmp_path,
+        recorder,
+        lambda: clock[0],
+        ACCELERATORS,
+        _visible,
+        allow_played_tasks=True,
+    )
+
+    def played(job: str, millis: int) -> TaskSpec:
+        return TaskSpec(
+            job,
+            f"{job}/1/0",
+            ("GPU-0",),
+            ("true",),
+            simulated_run_time_s=60.0,
+            accelerator_millis=(millis,),
+        )
+
+    await runner.start(played("a", 500))
+    await runner.start(played("b", 250))
+    await runner.start(played("c", 500))
+    await runner.start(played("d", 250))
+    clock[0] += 10.0
+    intervals = {i.task_id: i for i in runner.intervals(1000.0, clock[0])}
+
+    assert recorder.last("a/1/0").state is TaskState.RUNNING
+    assert recorder.last("b/1/0").state is TaskState.RUNNING
+    assert recorder.last("c/1/0").state is TaskState.START_FAILED
+    assert "in use" in recorder.last("c/1/0").reason
+    assert recorder.last("d/1/0").state is TaskState.RUNNING
+    assert runner.used_millis() == {"GPU-0": 1000}
+    assert intervals["b/1/0"].share_of("GPU-0") == 250
+    assert set(intervals) == {"a/1/0", "b/1/0", "d/1/0"}
