@@ -33,7 +33,7 @@ from scheduler.sim.traces import TraceJob
 logger = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL_S = 3600.0
-"""Virtual seconds between fragmentation and utilization samples."""
+"""Default virtual seconds between fragmentation and utilization samples."""
 
 _CAPACITY_WAITS = frozenset(
     {
@@ -94,8 +94,15 @@ class ReplayResult:
 class Replay:
     """One replay of ``jobs`` on ``nodes`` through ``engine``."""
 
-    def __init__(self, engine: Engine, nodes: Sequence[NodeSpec], jobs: Sequence[TraceJob]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        nodes: Sequence[NodeSpec],
+        jobs: Sequence[TraceJob],
+        sample_interval_s: float = SAMPLE_INTERVAL_S,
+    ) -> None:
         self.engine = engine
+        self.sample_interval_s = sample_interval_s
         engine.add_nodes(nodes)
         self.capacity: dict[str, int] = {}
         self.node_pool: dict[str, str] = {}
@@ -131,7 +138,7 @@ class Replay:
             self._apply(result)
             if now >= next_sample:
                 self.samples.append(self._sample(now, result))
-                next_sample = now + SAMPLE_INTERVAL_S
+                next_sample = now + self.sample_interval_s
         never = sorted(name for name, run in self.runs.items() if run.first_start is None)
         return ReplayResult(
             runs=self.runs,

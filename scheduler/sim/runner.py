@@ -11,7 +11,7 @@ from typing import Any
 from scheduler.engine import Catalog, Engine, EngineConfig, NodeSpec
 from scheduler.sim.metrics import summarize
 from scheduler.sim.plots import write_plots
-from scheduler.sim.replay import Replay
+from scheduler.sim.replay import SAMPLE_INTERVAL_S, Replay
 from scheduler.sim.traces import (
     OPENB_NODES,
     OPENB_PODS,
@@ -60,7 +60,9 @@ def simulate(config: SimulationConfig) -> dict[str, Any]:
     catalog = Catalog()
     engine = Engine(EngineConfig(half_life_s=config.half_life_s), catalog)
     logger.info("replaying %s jobs of %s on %s nodes", len(trace.jobs), trace.source, len(nodes))
-    result = Replay(engine, nodes, trace.jobs).run()
+    # Sample as often in trace time whatever the time scale, but at most every 10 virtual s.
+    interval = max(10.0, SAMPLE_INTERVAL_S * config.time_scale)
+    result = Replay(engine, nodes, trace.jobs, interval).run()
     summary = summarize(result, catalog)
     summary["inputs"] = {
         "trace": str(config.trace),
