@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Final
 
 from google.protobuf.message import DecodeError
@@ -22,7 +23,7 @@ from nats.js.api import ConsumerConfig
 from acsp import subjects
 from acsp.v1 import agent_pb2, scheduler_pb2
 
-from .fleet import AcceleratorView, NodeView
+from .fleet import AcceleratorView, FleetView, NodeView
 from .inputs import DrainRequested, HeartbeatReceived, Input, InventoryReceived, TaskReported
 
 logger = logging.getLogger(__name__)
@@ -88,11 +89,15 @@ class AgentFeed:
         js: JetStreamContext,
         inbox: asyncio.Queue[Input],
         durable: str,
+        fleet: FleetView,
         *,
         commit_timeout_s: float = 20.0,
     ) -> None:
         self._js = js
         self._inbox = inbox
+        self._fleet = fleet
+        self._running: dict[str, frozenset[str]] = {}
+        """Task ids each node listed in its last heartbeat that went through the loop."""
         self._durable = durable
         self._commit_timeout = commit_timeout_s
         self.heartbeats_dropped = 0
@@ -215,14 +220,15 @@ class AgentFeed:
         except DecodeError:
             logger.warning("ignoring malformed heartbeat under key %s", key)
             return
-        item = HeartbeatReceived(
-            key,
-            beat.boot_id,
-            frozenset(beat.running_task_ids),
-            beat.state == agent_pb2.AGENT_NODE_STATE_DRAIN_REQUESTED,
-        )
+        running = frozenset(beat.running_task_ids)
+        drain = beat.state == agent_pb2.AGENT_NODE_STATE_DRAIN_REQUESTED
+        # Most heartbeats change nothing but the time; they skip the loop's queue.
+        if not drain and self._running.get(key) == running and self._fleet.touch(key, time.time()):
+            return
+        item = HeartbeatReceived(key, beat.boot_id, running, drain)
         try:
             self._inbox.put_nowait(item)
+            self._running[key] = running
         except asyncio.QueueFull:
             self.heartbeats_dropped += 1
             if self.heartbeats_dropped % HEARTBEAT_DROP_LOG_EVERY == 1:

@@ -68,15 +68,33 @@ class FleetView:
     def __init__(self, heartbeat_timeout_s: float) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._nodes: dict[str, NodeView] = {}
+        self._seen: dict[str, float] = {}
+        """Latest heartbeat time per node, updated without rebuilding the node's view."""
 
     def __len__(self) -> int:
         return len(self._nodes)
 
     def get(self, key: str) -> NodeView | None:
-        return self._nodes.get(key)
+        node = self._nodes.get(key)
+        if node is None:
+            return None
+        return self._fresh(node)
 
     def nodes(self) -> list[NodeView]:
-        return list(self._nodes.values())
+        return [self._fresh(node) for node in self._nodes.values()]
+
+    def touch(self, key: str, now: float) -> bool:
+        """Record a heartbeat that changes nothing else; return False if it needs the full
+        path (unknown node, or one that is not up or draining)."""
+        node = self._nodes.get(key)
+        if node is None or node.status not in ("up", "draining"):
+            return False
+        self._seen[key] = now
+        return True
+
+    def _fresh(self, node: NodeView) -> NodeView:
+        seen = self._seen.get(node.key, 0.0)
+        return replace(node, last_heartbeat=seen) if seen > node.last_heartbeat else node
 
     def apply_inventory(self, node: NodeView, now: float) -> NodeChange:
         """Record a node's inventory; a new or returning node is ``up`` unless drained."""
@@ -85,6 +103,7 @@ class FleetView:
         status: NodeStatus = "draining" if draining else "up"
         updated = replace(node, status=status, last_heartbeat=now, draining=draining)
         self._nodes[node.key] = updated
+        self._seen[node.key] = now
         return NodeChange(updated, old.status if old else None, "inventory received")
 
     def apply_heartbeat(
@@ -105,6 +124,7 @@ class FleetView:
             status=status,
         )
         self._nodes[key] = updated
+        self._seen[key] = now
         if status != old.status:
             return NodeChange(updated, old.status, "heartbeats resumed")
         return None
@@ -114,8 +134,9 @@ class FleetView:
         changes: list[NodeChange] = []
         limit = now - self.heartbeat_timeout_s
         for key, node in self._nodes.items():
-            if node.status in ("up", "draining") and node.last_heartbeat < limit:
-                reason = f"no heartbeat for {now - node.last_heartbeat:.1f} s"
+            seen = max(node.last_heartbeat, self._seen.get(key, 0.0))
+            if node.status in ("up", "draining") and seen < limit:
+                reason = f"no heartbeat for {now - seen:.1f} s"
                 updated = replace(node, status="unknown", status_reason=reason)
                 self._nodes[key] = updated
                 changes.append(NodeChange(updated, node.status, reason))
@@ -123,7 +144,7 @@ class FleetView:
 
     def set_draining(self, key: str, draining: bool, reason: str) -> NodeChange:
         """Start or undo a drain; raise ``KeyError`` for an unknown node key."""
-        old = self._nodes[key]
+        old = self._fresh(self._nodes[key])
         status: NodeStatus = old.status
         if old.status in ("up", "draining", "drained"):
             status = "draining" if draining else "up"

@@ -162,7 +162,7 @@ class Leadership:
         )
         await self._restore(loop, nodes)
         batcher = SubmissionBatcher(self.store, epoch, inbox)
-        feed = AgentFeed(self._js, inbox, f"scheduler-{cfg.shard}")
+        feed = AgentFeed(self._js, inbox, f"scheduler-{cfg.shard}", fleet)
         self.current = Term(epoch, inbox, batcher, fleet, book, nodes, loop.watchers)
         logger.info(
             "leading shard %s: %d nodes, %d open jobs", cfg.shard, len(fleet), len(book.jobs)

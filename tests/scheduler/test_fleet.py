@@ -1,0 +1,47 @@
+"""The fleet view: heartbeat expiry makes nodes unknown, never free."""
+
+from __future__ import annotations
+
+from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
+
+
+def make_fleet() -> FleetView:
+    fleet = FleetView(heartbeat_timeout_s=10)
+    node = NodeView("p", "r", "n1", (AcceleratorView("GPU-1", "A100-SXM4-80GB"),))
+    fleet.apply_inventory(node, 100.0)
+    return fleet
+
+
+def test_node_without_heartbeats_becomes_unknown() -> None:
+    fleet = make_fleet()
+    assert fleet.expire(105.0) == []
+    changes = fleet.expire(111.0)
+    assert [c.node.status for c in changes] == ["unknown"]
+    assert changes[0].previous == "up"
+
+
+def test_touch_keeps_node_up() -> None:
+    fleet = make_fleet()
+    assert fleet.touch("p.r.n1", 108.0)
+    assert fleet.expire(115.0) == []
+    node = fleet.get("p.r.n1")
+    assert node is not None
+    assert node.last_heartbeat == 108.0
+
+
+def test_unknown_node_needs_full_heartbeat() -> None:
+    fleet = make_fleet()
+    fleet.expire(111.0)
+    assert not fleet.touch("p.r.n1", 112.0)
+    change = fleet.apply_heartbeat("p.r.n1", "boot", frozenset(), 112.0)
+    assert change is not None
+    assert change.node.status == "up"
+    assert change.previous == "unknown"
+
+
+def test_drained_node_stays_draining_after_inventory() -> None:
+    fleet = make_fleet()
+    fleet.set_draining("p.r.n1", True, "maintenance")
+    node = NodeView("p", "r", "n1", (AcceleratorView("GPU-1", "A100-SXM4-80GB"),))
+    change = fleet.apply_inventory(node, 120.0)
+    assert change.node.status == "draining"
