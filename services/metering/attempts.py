@@ -137,6 +137,12 @@ async def settle_ended_attempts(
     conn: asyncpg.Connection, ledger: Ledger, *, now: datetime, lateness_s: float, timeout_s: float
 ) -> int:
     """Release what is left of the holds of attempts whose final charges are committed."""
+    try:
+        cutoff = now - timedelta(seconds=lateness_s)
+    except OverflowError:
+        # The charger passes datetime.min when it cannot read the ingest position: settle
+        # nothing this round instead of crashing the service.
+        return 0
     rows = await conn.fetch(
         """
         SELECT j.job_id, j.attempt, j.hold_id FROM metering.jobs j
@@ -152,7 +158,7 @@ async def settle_ended_attempts(
         ORDER BY j.ended_at
         LIMIT 500
         """,
-        now - timedelta(seconds=lateness_s),
+        cutoff,
     )
     settled = 0
     for row in rows:
