@@ -57,6 +57,7 @@ class PassState:
     waiting: dict[str, Waiting] = field(default_factory=dict)
     reservations: list[Reservation] = field(default_factory=list)
     """Sorted by start time."""
+    reservation_starts: list[float] = field(default_factory=list)
     queue_reservations: int = 0
     reservation_tries: int = 0
     excluded_prefix: list[Excluded] = field(default_factory=lambda: [frozenset()])
@@ -94,6 +95,13 @@ class PassState:
         if record.pools is None or record.pools_version != version:
             record.pools = self.candidate_pools(record.spec)
             record.pools_version = version
+            spec = record.spec
+            record.shape = (
+                spec.task_count,
+                spec.millis_per_task,
+                spec.topology,
+                spec.allow_cross_provider,
+            )
         return record.pools
 
     def _accepts(self, spec: JobSpec, pool: Pool) -> bool:
@@ -114,13 +122,13 @@ class PassState:
         if not self.reservations:
             return 0, frozenset()
         end = math.inf if spec.wall_time_s is None else self.now + spec.wall_time_s
-        starts = [r.start for r in self.reservations]
-        count = bisect.bisect_left(starts, end)
+        count = bisect.bisect_left(self.reservation_starts, end)
         return count, self.excluded_prefix[count]
 
     def add_reservation(self, reservation: Reservation) -> None:
         self.reservations.append(reservation)
         self.reservations.sort(key=lambda r: (r.start, r.job_id))
+        self.reservation_starts = [r.start for r in self.reservations]
         prefix: list[Excluded] = [frozenset()]
         for r in self.reservations:
             prefix.append(prefix[-1] | r.nodes)
@@ -189,14 +197,7 @@ class PassState:
             awaiting = {v for v in awaiting if v in engine.jobs and engine.jobs[v].running}
             record.awaiting_victims = awaiting
         count, excluded = self.exclusions(spec)
-        shape = (
-            pool_key,
-            spec.task_count,
-            spec.millis_per_task,
-            spec.topology,
-            spec.allow_cross_provider,
-            count,
-        )
+        shape = (pool_key, record.shape, count)
         cached = self.failed.get(shape)
         plans = None if cached else self.plan(spec, pools, excluded)
         if plans is not None:
@@ -441,6 +442,7 @@ def run_pass(engine: Engine, now: float) -> ScheduleResult:
         assert isinstance(last, LastPass)
         state.waiting = dict(last.waiting)
         state.reservations = list(last.reservations)
+        state.reservation_starts = [r.start for r in state.reservations]
         state.excluded_prefix = list(last.excluded_prefix)
         state.serve_queue(only=engine.new_jobs)
     else:

@@ -32,9 +32,11 @@ class ShareOrder:
         self._institutions: dict[str, list[tuple[float, float, int, str, int]]] = {}
         self._live_projects: dict[str, int] = {}
         self._live_institutions: dict[str, int] = {}
+        self._parents: dict[str, tuple[str, str]] = {}
         for project in sorted(queues):
             institution = fair_share.parent(Level.PROJECT, project)
             program = fair_share.parent(Level.INSTITUTION, institution)
+            self._parents[project] = (institution, program)
             if institution not in self._live_projects:
                 self._live_projects[institution] = 0
                 if program not in self._live_institutions:
@@ -58,8 +60,7 @@ class ShareOrder:
 
     def advance(self, project: str, placed: bool) -> None:
         """Move past the head job of ``project``; re-key its accounts when it was placed."""
-        institution = self._share.parent(Level.PROJECT, project)
-        program = self._share.parent(Level.INSTITUTION, institution)
+        institution, program = self._parents[project]
         self._position[project] += 1
         if placed:
             for key in (

@@ -40,6 +40,8 @@ class JobRecord:
     pools: tuple[tuple[object, ...], tuple[Pool, ...]] | None = None
     """Cached candidate pools and their cache key, valid for ``pools_version`` of the fleet."""
     pools_version: int = -1
+    shape: tuple[object, ...] = ()
+    """Task count, millis, topology and cross-provider flag: what placement depends on."""
 
     @property
     def job_id(self) -> str:
