@@ -31,9 +31,10 @@ from .inputs import Input
 from .jobbook import JobBook
 from .leader import LeaderLease, LeadershipLost
 from .loop import LoopSettings, SchedulingLoop
+from .node_store import NodeStore
 from .pledges import PledgeStore
 from .publisher import Publisher
-from .store import Fenced, JobStore, NodeStore
+from .store import Fenced, JobStore
 from .submitter import SubmissionBatcher
 from .watch import WatchHub
 

@@ -31,8 +31,9 @@ from .inputs import (
 )
 from .jobbook import Effects, JobBook
 from .model import Job
+from .node_store import NodeStore
 from .publisher import Publisher
-from .store import DispatchRecord, JobStore, NodeStore, OutboxEvent
+from .store import DispatchRecord, JobStore, OutboxEvent
 from .watch import WatchHub
 
 logger = logging.getLogger(__name__)

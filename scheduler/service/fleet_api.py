@@ -1,0 +1,257 @@
+"""Fleet RPCs of the scheduler: nodes, drains, the catalog, pledges and recalls."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, Final
+
+import grpc
+
+from acsp.v1 import common_pb2, scheduler_pb2
+from scheduler.engine.catalog import DEFAULT_CATALOG
+from services.runtime.auth import Principal, Role, current_principal, require_roles
+from services.runtime.context import remaining_s, request_id
+from services.runtime.errors import (
+    CallerError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+
+from .errors import InvalidFields, Unimplemented
+from .fleet import NODE_STATUSES, NodeView
+from .inputs import DrainRequested, PledgeChanged, RecallAdded
+from .leadership import Leadership
+from .pledges import (
+    PledgeStore,
+    RecallRecord,
+    pledge_from_proto,
+    pledge_to_proto,
+    recall_to_proto,
+)
+
+OPERATORS: Final = (Role.PROVIDER_OPERATOR, Role.PROGRAM_OFFICE, Role.SERVICE)
+
+
+class FleetRpcs:
+    """Handlers of the fleet half of ``SchedulerService``."""
+
+    def __init__(self, leadership: Leadership) -> None:
+        self._lead = leadership
+        self._pledges = PledgeStore(leadership.pool)
+
+    async def ListNodes(
+        self, request: scheduler_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListNodesResponse:
+        current_principal()
+        leader = self._lead.require()
+        wanted = _node_state_name(request.state) if request.state else ""
+        nodes = sorted(leader.fleet.nodes(), key=lambda n: n.key)
+        selected = [
+            n
+            for n in nodes
+            if (not request.provider_id or n.provider == request.provider_id)
+            and (not request.region_id or n.region == request.region_id)
+            and (not wanted or n.status == wanted)
+        ]
+        size = request.page.page_size or 100
+        start = int(request.page.page_token or 0) if request.page.page_token.isdigit() else 0
+        page = selected[start : start + size]
+        token = str(start + size) if start + size < len(selected) else ""
+        return scheduler_pb2.ListNodesResponse(
+            nodes=[_node_to_proto(n) for n in page],
+            page=common_pb2.PageResponse(next_page_token=token),
+        )
+
+    async def GetNode(
+        self, request: scheduler_pb2.GetNodeRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Node:
+        current_principal()
+        key = f"{request.provider_id}.{request.region_id}.{request.node_id}"
+        node = self._lead.require().fleet.get(key)
+        if node is None:
+            raise NotFound("node", key)
+        return _node_to_proto(node)
+
+    async def DrainNode(
+        self, request: scheduler_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Node:
+        principal = require_roles(*OPERATORS)
+        if Role.PROVIDER_OPERATOR in principal.roles and principal.provider not in (
+            None,
+            request.provider_id,
+        ):
+            raise PermissionDenied(
+                f"operator of provider {principal.provider!r} cannot drain "
+                f"nodes of {request.provider_id!r}"
+            )
+        key = f"{request.provider_id}.{request.region_id}.{request.node_id}"
+        leader = self._lead.require()
+        reply: asyncio.Future[NodeView | None] = asyncio.get_running_loop().create_future()
+        reason = request.reason or ("undrained" if request.undrain else "drained by operator")
+        await leader.inbox.put(DrainRequested(key, not request.undrain, reason, reply))
+        node = await asyncio.wait_for(reply, timeout=remaining_s(10.0))
+        if node is None:
+            raise NotFound("node", key)
+        await leader.nodes.set_draining(
+            request.provider_id, request.region_id, request.node_id, not request.undrain, reason
+        )
+        return _node_to_proto(node)
+
+    async def ListAcceleratorModels(
+        self,
+        request: scheduler_pb2.ListAcceleratorModelsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> scheduler_pb2.ListAcceleratorModelsResponse:
+        current_principal()
+        return scheduler_pb2.ListAcceleratorModelsResponse(
+            models=[
+                common_pb2.AcceleratorModel(
+                    name=m.name,
+                    vendor=common_pb2.Vendor.Value(f"VENDOR_{m.vendor.upper()}"),  # type: ignore[arg-type]
+                    memory_gib=m.memory_gib,
+                    peak_dense_tflops=common_pb2.Decimal(value=str(m.peak_tflops)),
+                    reference_precision="fp16/bf16-tensor",
+                    software_stacks=[m.software_stack],
+                    source=m.source,
+                )
+                for m in DEFAULT_CATALOG
+            ]
+        )
+
+    async def SetPledge(
+        self, request: scheduler_pb2.SetPledgeRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Pledge:
+        _require_operator_of(request.pledge.provider_id)
+        pledge, violations = pledge_from_proto(request.pledge)
+        if violations:
+            raise InvalidFields(violations)
+        leader = self._lead.require()
+        cause = f"rpc:SetPledge:{request.request_id or request_id() or ''}"
+        try:
+            stored = await self._pledges.upsert(pledge, cause)
+        except LookupError as exc:
+            raise FailedPrecondition(str(exc), "pledge.recallable_count") from None
+        if not stored:
+            raise InvalidArgument(
+                "pledge.pledge_id",
+                f"{pledge.pledge_id!r} names a pledge of another provider, region or model",
+                "leave pledge_id empty to create a pledge",
+            )
+        await leader.inbox.put(PledgeChanged(pledge))
+        return pledge_to_proto(pledge)
+
+    async def ListPledges(
+        self, request: scheduler_pb2.ListPledgesRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListPledgesResponse:
+        current_principal()
+        pledges = await self._pledges.pledges(request.provider_id)
+        return scheduler_pb2.ListPledgesResponse(pledges=[pledge_to_proto(p) for p in pledges])
+
+    async def RecallCapacity(
+        self, request: scheduler_pb2.RecallCapacityRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Recall:
+        principal = require_roles(*OPERATORS)
+        wanted = request.recall
+        if not wanted.pledge_id:
+            raise InvalidArgument("recall.pledge_id", "is empty", "name the pledge to recall from")
+        if wanted.count <= 0:
+            raise InvalidArgument("recall.count", "is 0", "recall at least one accelerator")
+        if not wanted.HasField("effective_time"):
+            raise InvalidArgument(
+                "recall.effective_time", "is missing", "set when the capacity must be free"
+            )
+        effective = wanted.effective_time.ToNanoseconds() / 1e9
+        end = wanted.end_time.ToNanoseconds() / 1e9 if wanted.HasField("end_time") else None
+        if end is not None and end <= effective:
+            raise InvalidArgument(
+                "recall.end_time", "is not after effective_time", "end the recall later"
+            )
+        leader = self._lead.require()
+        recall = RecallRecord(
+            f"rc-{uuid.uuid4().hex[:16]}",
+            wanted.pledge_id,
+            wanted.count,
+            effective,
+            end,
+            wanted.reason,
+        )
+        try:
+            owner = {p.pledge_id: p for p in await self._pledges.pledges()}.get(wanted.pledge_id)
+            if owner is None:
+                raise KeyError(wanted.pledge_id)
+            _check_operator(principal, owner.provider)
+            recall, pledge = await self._pledges.add_recall(recall, request.request_id or None)
+        except KeyError:
+            raise NotFound("pledge", wanted.pledge_id) from None
+        except LookupError as exc:
+            raise FailedPrecondition(str(exc), "recall.count") from None
+        await leader.inbox.put(RecallAdded(recall, pledge))
+        return recall_to_proto(recall)
+
+    async def ListRecalls(
+        self, request: scheduler_pb2.ListRecallsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListRecallsResponse:
+        current_principal()
+        recalls = await self._pledges.recalls(request.provider_id)
+        return scheduler_pb2.ListRecallsResponse(recalls=[recall_to_proto(r) for r in recalls])
+
+    async def RegisterProvider(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        raise _not_implemented("RegisterProvider")
+
+    async def ListProviders(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        raise _not_implemented("ListProviders")
+
+
+def _require_operator_of(provider: str) -> Principal:
+    principal = require_roles(*OPERATORS)
+    _check_operator(principal, provider)
+    return principal
+
+
+def _check_operator(principal: Principal, provider: str) -> None:
+    if Role.PROVIDER_OPERATOR in principal.roles and principal.provider not in (None, provider):
+        raise PermissionDenied(
+            f"operator of provider {principal.provider!r} cannot act for provider {provider!r}"
+        )
+
+
+def _not_implemented(method: str) -> CallerError:
+    # NOTE: the provider registry (display names, jurisdictions) is not stored yet; providers
+    # and regions exist through their nodes' inventories and their pledges.
+    return Unimplemented(f"{method} is not implemented by this scheduler version yet")
+
+
+def _node_state_name(value: int) -> str:
+    name = scheduler_pb2.NodeState.Name(value).removeprefix("NODE_STATE_").lower()  # type: ignore[arg-type]
+    if name not in NODE_STATUSES:
+        raise InvalidArgument("state", f"{value} is not a node state", "omit it or pass one")
+    return name
+
+
+def _node_to_proto(node: NodeView) -> scheduler_pb2.Node:
+    msg = scheduler_pb2.Node(
+        node_id=node.node,
+        provider_id=node.provider,
+        region_id=node.region,
+        state=scheduler_pb2.NodeState.Value(f"NODE_STATE_{node.status.upper()}"),  # type: ignore[arg-type]
+        accelerators=[
+            scheduler_pb2.Accelerator(
+                accelerator_id=acc.accelerator_id,
+                pci_bus_id=acc.pci_bus_id,
+                model=acc.model,
+                interconnect_domain=acc.interconnect_domain,
+                health=scheduler_pb2.HEALTH_STATE_OK
+                if acc.healthy
+                else scheduler_pb2.HEALTH_STATE_FAILED,
+            )
+            for acc in node.accelerators
+        ],
+        software_stacks=node.software_stacks,
+        state_cause=common_pb2.Cause(reason=node.status_reason),
+    )
+    if node.last_heartbeat:
+        msg.last_heartbeat_time.FromNanoseconds(int(node.last_heartbeat * 1e9))
+    return msg

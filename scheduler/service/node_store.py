@@ -1,0 +1,59 @@
+"""Node inventories and drain flags in ``scheduler.nodes``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+
+
+class NodeStore:
+    """Node inventories and drain flags, so a new leader has the fleet before agents report."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float = 10.0) -> None:
+        self._pool = pool
+        self._timeout = timeout_s
+
+    async def upsert_inventories(self, rows: Sequence[tuple[str, str, str, bytes]]) -> None:
+        """Store ``(provider, region, node, serialized Inventory)`` rows."""
+        if not rows:
+            return
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.execute(
+                "INSERT INTO scheduler.nodes (provider, region, node, inventory)"
+                " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])"
+                " ON CONFLICT (provider, region, node) DO UPDATE"
+                " SET inventory = EXCLUDED.inventory, updated_at = now()",
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                [r[2] for r in rows],
+                [r[3] for r in rows],
+                timeout=self._timeout,
+            )
+
+    async def set_draining(
+        self, provider: str, region: str, node: str, draining: bool, reason: str
+    ) -> bool:
+        """Set a node's drain flag; return False if the node is not known."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            status = await conn.execute(
+                "UPDATE scheduler.nodes SET draining = $4, drain_reason = $5, updated_at = now()"
+                " WHERE provider = $1 AND region = $2 AND node = $3",
+                provider,
+                region,
+                node,
+                draining,
+                reason,
+                timeout=self._timeout,
+            )
+        return bool(status.endswith(" 1"))
+
+    async def load(self) -> list[tuple[bytes, bool, str]]:
+        """Return ``(serialized Inventory, draining, drain_reason)`` of every known node."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT inventory, draining, drain_reason FROM scheduler.nodes"
+                " WHERE inventory IS NOT NULL ORDER BY provider, region, node",
+                timeout=self._timeout,
+            )
+        return [(row[0], row[1], row[2]) for row in rows]
