@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from acsp.cli._common import EXIT_FAILURE, EXIT_OK
+from acsp.cli._common import EXIT_FAILURE, EXIT_OK, CommandError
 from acsp.mesh.supervisor import DATABASE_URL_ENV, NATS_URL_ENV
 
 
@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from acsp.demo.runner import DemoConfig, run_demo
+    from acsp.demo.runner import DemoConfig, MeshChildExited, run_demo
+    from acsp.mesh import MeshStartError
 
     if args.speed <= 0:
         raise SystemExit("acsp demo: --speed must be positive")
@@ -64,5 +65,8 @@ def run(args: argparse.Namespace) -> int:
         database_url=os.environ.get(DATABASE_URL_ENV, "").strip() or None,
         nats_url=os.environ.get(NATS_URL_ENV, "").strip() or None,
     )
-    document = asyncio.run(run_demo(config))
+    try:
+        document = asyncio.run(run_demo(config))
+    except (MeshStartError, MeshChildExited) as error:
+        raise CommandError(f"acsp demo failed: {error}") from None
     return EXIT_OK if all(c["passed"] for c in document["checks"]) else EXIT_FAILURE

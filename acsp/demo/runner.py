@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -15,9 +16,15 @@ from acsp.client import AsyncClient
 from acsp.demo import collect, compare, markdown, report
 from acsp.demo.checks import run_checks
 from acsp.demo.fleet import FleetPlan, build_fleet_plan
-from acsp.demo.live import Replayer
-from acsp.demo.setup import award_grants, recall_capacity, register_fleet
-from acsp.demo.workload import build_workload, project_plans
+from acsp.demo.live import LiveRun, Replayer
+from acsp.demo.setup import (
+    AwardedGrant,
+    FleetSetup,
+    award_grants,
+    recall_capacity,
+    register_fleet,
+)
+from acsp.demo.workload import Workload, build_workload, project_plans
 from acsp.mesh import LocalMesh, MeshConfig, ProcessSpec
 from acsp.mesh.supervisor import AGENTS_NAME, SERVICE_MODULES
 
@@ -113,65 +120,120 @@ async def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> dict[str, An
     )
     async with LocalMesh(mesh_config) as mesh:
         out.write(f"mesh up after {time.monotonic() - started:.1f} s\n")
-        office_token = mesh.token("program_office", "office@program", ttl_s=7200)
-        async with AsyncClient.from_mesh(mesh.info, token=office_token, timeout_s=30) as client:
-            fleet_setup = await register_fleet(client, fleet, config.seed, mesh.token)
-            grants = await award_grants(client, project_plans(), config.seed, mesh.token)
-            out.write(
-                f"{len(grants)} grants awarded ({sum(g.reviewed for g in grants)} after review)"
-                f" after {time.monotonic() - started:.1f} s\n"
-            )
-            grant_by_project = {g.project_id: g.grant_id for g in grants}
-            plans = {p.project_id: p for p in project_plans()}
-            tokens = {
-                project: mesh.token(
-                    "pi",
-                    plans[project].pi_subject,
-                    institution=plans[project].institution_id,
-                    ttl_s=7200,
-                )
-                for project in grant_by_project
-            }
-            run_id = f"{config.seed}-{uuid.uuid4().hex[:8]}"
-            replayer = Replayer(
-                client, workload, run_id, grant_by_project, tokens, office_token, out
-            )
-
-            async def sample_balances() -> None:
-                balances = await collect.grant_balances(client, grant_by_project.values())
-                replayer.run.balances.append((time.time() - replayer.run.started_at, balances))
-
-            stop_watch = asyncio.Event()
-            restarts: list[dict[str, float]] = []
-            async with asyncio.TaskGroup() as group:
-                group.create_task(replayer.submit_all(), name="submit")
-                group.create_task(replayer.watch(stop_watch, sample_balances), name="watch")
-                group.create_task(_recall_later(client, fleet_setup, fleet, config, mesh, replayer))
-                if config.kill_metering_at_s is not None:
-                    group.create_task(_kill_metering_later(mesh, config, out, restarts))
-                group.create_task(_finish(replayer, config, stop_watch, out), name="finish")
-            await sample_balances()
-            settled = await collect.wait_settled(
-                client,
-                mesh.info.data_dir / AGENTS_NAME,
-                list(grant_by_project.values()),
-                config.settle_timeout_s,
-            )
-            figures = await collect.collect(
-                client, fleet, grants, replayer.run, mesh.info.data_dir / AGENTS_NAME
-            )
+        live = await _while_mesh_runs(mesh, _live_run(mesh, config, fleet, workload, out))
         logs = mesh.info.data_dir / "logs"
     document = report.build(
-        config, fleet, workload, grants, fleet_setup, replayer.run, figures, settled, simulated
+        config,
+        fleet,
+        workload,
+        live.grants,
+        live.fleet_setup,
+        live.run,
+        live.figures,
+        live.settled,
+        simulated,
     )
-    document["metering_restarts"] = restarts
+    document["metering_restarts"] = live.restarts
     document["inputs"]["kill_metering_at_s"] = config.kill_metering_at_s
     document["checks"] = run_checks(document)
     document["wall_clock_s"] = round(time.monotonic() - started, 1)
     document["logs"] = str(logs)
-    report.write(document, replayer.run, figures, grants, workload, simulated, config.out)
+    report.write(document, live.run, live.figures, live.grants, workload, simulated, config.out)
     out.write(markdown.summary_lines(document))
     return document
+
+
+class MeshChildExited(RuntimeError):
+    """A process of the mesh died during the demo; the message names it and shows its log."""
+
+
+@dataclass(slots=True)
+class _LiveOutcome:
+    fleet_setup: FleetSetup
+    grants: list[AwardedGrant]
+    run: LiveRun
+    settled: collect.Settlement
+    figures: collect.LiveFigures
+    restarts: list[dict[str, float]]
+
+
+async def _while_mesh_runs(
+    mesh: LocalMesh, work: Coroutine[Any, Any, _LiveOutcome]
+) -> _LiveOutcome:
+    """Run ``work``, but raise MeshChildExited as soon as a process of the mesh dies.
+
+    A metering process killed on purpose (``--kill-metering-at``) does not count.
+    """
+    body = asyncio.ensure_future(work)
+    failure = asyncio.ensure_future(mesh.wait_failure())
+    try:
+        await asyncio.wait({body, failure}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (body, failure):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(body, failure, return_exceptions=True)
+    if failure.done() and not failure.cancelled() and failure.exception() is None:
+        raise MeshChildExited(f"a process of the mesh died during the demo: {failure.result()}")
+    return body.result()
+
+
+async def _live_run(
+    mesh: LocalMesh, config: DemoConfig, fleet: FleetPlan, workload: Workload, out: TextIO
+) -> _LiveOutcome:
+    """Set up providers and grants, replay the workload, wait until it settled, collect."""
+    started = time.monotonic()
+    office_token = mesh.token("program_office", "office@program", ttl_s=7200)
+    async with AsyncClient.from_mesh(mesh.info, token=office_token, timeout_s=30) as client:
+        fleet_setup = await register_fleet(client, fleet, config.seed, mesh.token)
+        grants = await award_grants(client, project_plans(), config.seed, mesh.token)
+        out.write(
+            f"{len(grants)} grants awarded ({sum(g.reviewed for g in grants)} after review) "
+            f"in {time.monotonic() - started:.1f} s\n"
+        )
+        grant_by_project = {g.project_id: g.grant_id for g in grants}
+        run_id = f"{config.seed}-{uuid.uuid4().hex[:8]}"
+        replayer = Replayer(
+            client,
+            workload,
+            run_id,
+            grant_by_project,
+            _project_tokens(mesh, grant_by_project),
+            office_token,
+            out,
+        )
+
+        async def sample_balances() -> None:
+            balances = await collect.grant_balances(client, grant_by_project.values())
+            replayer.run.balances.append((time.time() - replayer.run.started_at, balances))
+
+        stop_watch = asyncio.Event()
+        restarts: list[dict[str, float]] = []
+        async with asyncio.TaskGroup() as group:
+            group.create_task(replayer.submit_all(), name="submit")
+            group.create_task(replayer.watch(stop_watch, sample_balances), name="watch")
+            group.create_task(_recall_later(client, fleet_setup, fleet, config, mesh))
+            if config.kill_metering_at_s is not None:
+                group.create_task(_kill_metering_later(mesh, config, out, restarts))
+            group.create_task(_finish(replayer, config, stop_watch, out), name="finish")
+        await sample_balances()
+        agents_dir = mesh.info.data_dir / AGENTS_NAME
+        settled = await collect.wait_settled(
+            client, agents_dir, list(grant_by_project.values()), config.settle_timeout_s
+        )
+        figures = await collect.collect(client, fleet, grants, replayer.run, agents_dir)
+    return _LiveOutcome(fleet_setup, grants, replayer.run, settled, figures, restarts)
+
+
+def _project_tokens(mesh: LocalMesh, grant_by_project: dict[str, str]) -> dict[str, str]:
+    """Mint a token for the PI of each project, who submits the project's jobs."""
+    plans = {plan.project_id: plan for plan in project_plans()}
+    return {
+        project: mesh.token(
+            "pi", plans[project].pi_subject, institution=plans[project].institution_id, ttl_s=7200
+        )
+        for project in grant_by_project
+    }
 
 
 async def _finish(replayer: Replayer, config: DemoConfig, stop: asyncio.Event, out: TextIO) -> None:
@@ -189,11 +251,10 @@ async def _finish(replayer: Replayer, config: DemoConfig, stop: asyncio.Event, o
 
 async def _recall_later(
     client: AsyncClient,
-    outcome: Any,
+    outcome: FleetSetup,
     fleet: FleetPlan,
     config: DemoConfig,
     mesh: LocalMesh,
-    replayer: Replayer,
 ) -> None:
     await asyncio.sleep(config.recall_at_s)
     await recall_capacity(client, outcome, fleet, config.seed, mesh.token, config.recall_s)
