@@ -27,9 +27,10 @@ Modules, one idea each:
 * :mod:`.telemetry`: OpenTelemetry providers and trace context propagation.
 * :mod:`.interceptors`: the server interceptors.
 * :mod:`.server`: ``Service``, ``Runtime`` and ``run_service``.
+* :mod:`.health_port`: the plaintext port with health Check alone (``ACSP_HEALTH_LISTEN``).
 * :mod:`.channel`: client channels for service-to-service calls.
 * :mod:`.db`, :mod:`.migrations`: the asyncpg pool and the migration runner.
-* :mod:`.nats`: NATS connection and stream and bucket declarations.
+* :mod:`.nats`: NATS connection (TLS, inbox prefix) and stream and bucket declarations.
 * :mod:`.jetstream`: the publisher with many acks in flight and the pull consumer.
 """
 
@@ -72,7 +73,13 @@ from services.runtime.nats import close_nats, connect_nats, ensure_key_value, en
 from services.runtime.server import Runtime, Service, run_service
 from services.runtime.settings import ListenAddress, Settings, SettingsError, setting
 from services.runtime.telemetry import Telemetry, setup_telemetry
-from services.runtime.tls import CertPaths, ensure_local_pki, issue_client_cert, issue_service_cert
+from services.runtime.tls import (
+    CertPaths,
+    ensure_local_pki,
+    issue_client_cert,
+    issue_service_cert,
+    load_nats_ssl_context,
+)
 
 __all__ = [
     "AlreadyExists",
@@ -116,6 +123,7 @@ __all__ = [
     "generate_signing_key",
     "issue_client_cert",
     "issue_service_cert",
+    "load_nats_ssl_context",
     "load_signing_key",
     "mint_token",
     "open_channel",

@@ -31,6 +31,7 @@ from nats.js.kv import KeyValue
 
 from services.runtime.jetstream import MSG_ID_HEADER, BatchHandler, Publisher, PullConsumer, Reject
 from services.runtime.settings import Settings, SettingsError, redact_url
+from services.runtime.tls import load_nats_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ __all__ = [
     "Publisher",
     "PullConsumer",
     "Reject",
+    "TlsRequiredError",
     "close_nats",
     "connect_nats",
     "ensure_key_value",
@@ -54,22 +56,69 @@ __all__ = [
 ]
 
 
-async def connect_nats(settings: Settings, name: str) -> Client:
+class TlsRequiredError(nats.errors.Error):
+    """A NATS server did not offer TLS, but the settings require it; nothing was sent to it."""
+
+
+class _Client(Client):
+    """A Client that rejects a plaintext server before sending CONNECT, when TLS is required.
+
+    NOTE: nats-py (2.16) upgrades to TLS only when the server's INFO sets ``tls_required``,
+    even for a tls:// URL, so a plaintext server or a man in the middle that clears the flag
+    would receive the credentials in clear. A server that makes TLS optional
+    (``allow_non_tls``) is rejected too, because nats-py does not upgrade on ``tls_available``.
+    This overrides the private ``_process_info``, and ``tests/runtime/test_nats_tls.py`` fails
+    if a nats-py release stops calling it.
+    """
+
+    def __init__(self, require_tls: bool) -> None:
+        super().__init__()
+        self._require_tls = require_tls
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        server = self._current_server
+        # A wss:// connection is TLS from its first byte, regardless of the INFO flags.
+        secure_transport = server is not None and server.uri.scheme == "wss"
+        if (
+            initial_connection
+            and self._require_tls
+            and not secure_transport
+            and not info.get("tls_required", False)
+        ):
+            where = f"{server.uri.hostname}:{server.uri.port}" if server else "the server"
+            raise TlsRequiredError(
+                f"{where} does not offer TLS, but ACSP_NATS_URL uses tls:// or ACSP_NATS_TLS_* "
+                "is set; credentials were not sent"
+            )
+        await super()._process_info(info, initial_connection)
+
+
+async def connect_nats(settings: Settings, name: str, *, inbox_prefix: str | None = None) -> Client:
     """Connect to ``ACSP_NATS_URL`` within CONNECT_TIMEOUT_S; raise SettingsError if it fails.
 
     The first connection retries every RECONNECT_WAIT_S seconds until CONNECT_TIMEOUT_S. After
     it, the client reconnects forever with jittered exponential backoff (RECONNECT_BASE_S
     doubling up to RECONNECT_MAX_WAIT_S) and buffers publishes meanwhile.
+
+    With TLS required (see :func:`services.runtime.tls.load_nats_ssl_context`), every
+    connection and reconnection to a server that does not offer TLS fails. ``inbox_prefix``
+    replaces ``_INBOX`` in reply subjects (request replies, JetStream publish acks), for users
+    whose permissions allow only their own inboxes, such as ``_INBOX.<provider>``.
     """
     url: str = settings.require("nats_url")
+    if inbox_prefix is not None:
+        _check_inbox_prefix(inbox_prefix)
+    ssl_context = load_nats_ssl_context(settings)
     # The first connection retries until the timeout, which would hide the real cause (an
     # authorization violation, say). Until connected, the error callback keeps the latest one
-    # for the startup message instead of logging each retry.
+    # for the startup message instead of logging each retry. The client's status cannot tell
+    # the two apart, because a reconnect attempt is CONNECTING while it reads the server's INFO.
     errors: list[Exception] = []
-    client = Client()
+    first_connection = asyncio.Event()
+    client = _Client(require_tls=ssl_context is not None)
 
     async def remember_error(error: Exception) -> None:
-        if client.is_connected or client.is_reconnecting:
+        if first_connection.is_set():
             await _log_error(error)
         else:
             errors[:] = [error]
@@ -91,6 +140,10 @@ async def connect_nats(settings: Settings, name: str) -> Client:
         options["password"] = settings.nats_password
     if settings.nats_creds is not None:
         options["user_credentials"] = str(settings.nats_creds)
+    if ssl_context is not None:
+        options["tls"] = ssl_context
+    if inbox_prefix is not None:
+        options["inbox_prefix"] = inbox_prefix
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             await client.connect(**options)
@@ -102,14 +155,29 @@ async def connect_nats(settings: Settings, name: str) -> Client:
         raise SettingsError(
             "ACSP_NATS_URL",
             f"cannot connect to {shown} within {CONNECT_TIMEOUT_S:.0f} s: {reason}",
-            "start nats-server with JetStream there, or check ACSP_NATS_USER/PASSWORD/CREDS",
+            "start nats-server with JetStream there, or check ACSP_NATS_USER/PASSWORD/CREDS "
+            "and ACSP_NATS_TLS_*",
         ) from None
+    first_connection.set()
     server = client.connected_url
     log.info(
         "connected to NATS",
-        extra={"server": f"{server.hostname}:{server.port}" if server else "unknown"},
+        extra={
+            "server": f"{server.hostname}:{server.port}" if server else "unknown",
+            "tls": ssl_context is not None,
+        },
     )
     return client
+
+
+def _check_inbox_prefix(prefix: str) -> None:
+    # The client appends ".<unique id>" and subscribes to "<prefix>.<id>.*", so the prefix
+    # must be a plain subject: dot-separated, non-empty tokens without wildcards or spaces.
+    tokens = prefix.split(".")
+    if any(not token or token in ("*", ">") or any(c.isspace() for c in token) for token in tokens):
+        raise ValueError(
+            f"inbox_prefix {prefix!r} is not a plain NATS subject; pass e.g. '_INBOX.<provider>'"
+        )
 
 
 async def close_nats(client: Client, timeout_s: float = DRAIN_TIMEOUT_S) -> None:

@@ -147,8 +147,7 @@ class Settings:
     nats_tls_ca: Path | None = setting(
         "ACSP_NATS_TLS_CA",
         None,
-        "PEM file of the CA that signs the NATS server certificate; defaults to ACSP_TLS_CA "
-        "when ACSP_NATS_URL uses tls://",
+        "PEM file of the CA that signs the NATS server certificate; defaults to ACSP_TLS_CA",
         existing_file=True,
     )
     nats_tls_cert: Path | None = setting(

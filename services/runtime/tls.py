@@ -19,6 +19,10 @@ Create the files for a local mesh once::
 
 then point each service's ``ACSP_TLS_*`` variables at its files. :func:`server_credentials` and
 :func:`channel_credentials` build the grpcio credentials from them.
+
+The NATS connection has TLS settings of its own (``ACSP_NATS_TLS_CA``, ``_CERT``, ``_KEY``),
+because the NATS server may be signed by another CA and may not ask for client certificates;
+:func:`load_nats_ssl_context` builds its ``ssl.SSLContext``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +170,46 @@ def load_channel_credentials(settings: Settings) -> grpc.ChannelCredentials:
     """Build mutual-TLS channel credentials from ``ACSP_TLS_*``; raise SettingsError if unusable."""
     ca, cert, key = _checked_tls_files(settings)
     return channel_credentials(ca, cert, key)
+
+
+def load_nats_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """Build the SSL context for the NATS connection; None when it stays plaintext.
+
+    TLS is used when a URL is tls:// or wss://, or any ``ACSP_NATS_TLS_*`` is set. The server
+    certificate is verified, host name included, against ``ACSP_NATS_TLS_CA``, else
+    ``ACSP_TLS_CA``, else the system's CAs. ``ACSP_NATS_TLS_CERT`` and ``ACSP_NATS_TLS_KEY``
+    add a client certificate. Raise SettingsError naming the variable whose file is unusable.
+    """
+    if not settings.nats_tls_required:
+        return None
+    ca_variable, ca = "ACSP_NATS_TLS_CA", settings.nats_tls_ca
+    if ca is None and settings.tls_ca is not None:
+        ca_variable, ca = "ACSP_TLS_CA", settings.tls_ca
+    if ca is not None:
+        _check_pem(ca_variable, ca, certificate=True)
+    try:
+        # With a cafile, create_default_context trusts that CA alone, not the system's.
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    except ssl.SSLError as error:
+        raise SettingsError(
+            ca_variable,
+            f"{ca} cannot be loaded as a CA ({error.reason or error})",
+            "point it to the PEM certificate of the CA that signs the NATS server certificate",
+        ) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    cert, key = settings.nats_tls_cert, settings.nats_tls_key
+    if cert is not None and key is not None:
+        _check_pem("ACSP_NATS_TLS_CERT", cert, certificate=True)
+        _check_pem("ACSP_NATS_TLS_KEY", key, certificate=False)
+        try:
+            context.load_cert_chain(cert, key)
+        except ssl.SSLError as error:
+            raise SettingsError(
+                "ACSP_NATS_TLS_KEY",
+                f"{key} does not match the certificate in {cert} ({error.reason or error})",
+                "point ACSP_NATS_TLS_CERT and ACSP_NATS_TLS_KEY to one certificate and its key",
+            ) from None
+    return context
 
 
 def _checked_tls_files(settings: Settings) -> tuple[Path, Path, Path]:

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.runtime import Role
 from services.runtime.channel import open_channel
-from services.runtime.settings import SettingsError
+from services.runtime.settings import ListenAddress, Settings, SettingsError
 from services.runtime.tls import CertPaths, channel_credentials, ensure_local_pki
 from tests.runtime.conftest import Keys, RunningSample, SampleFactory, poll_until
 from tests.runtime.sample_service import SERVICE_NAME
@@ -188,3 +188,22 @@ async def test_busy_health_port_names_variable(sample_factory: SampleFactory) ->
             await sample_factory(ACSP_HEALTH_LISTEN=f"127.0.0.1:{port}")
     assert caught.value.variable == "ACSP_HEALTH_LISTEN"
     assert f"127.0.0.1:{port}" in str(caught.value)
+
+
+def test_health_listen_is_parsed_and_optional() -> None:
+    unset = Settings.from_env({})
+    given = Settings.from_env({"ACSP_HEALTH_LISTEN": "0.0.0.0:8086"})
+    assert unset.health_listen is None
+    assert given.health_listen == ListenAddress("0.0.0.0", 8086)
+
+
+def test_health_ready_file_without_listen_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"ACSP_HEALTH_READY_FILE": str(tmp_path / "health.addr")})
+    assert caught.value.variable == "ACSP_HEALTH_LISTEN"
+
+
+def test_invalid_health_listen_names_variable() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"ACSP_HEALTH_LISTEN": "8086"})
+    assert caught.value.variable == "ACSP_HEALTH_LISTEN"
