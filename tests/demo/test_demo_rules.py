@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from acsp.demo import compare
 from acsp.demo.checks import run_checks
 from acsp.demo.fleet import build_fleet_plan, sample_by_stride
+from acsp.demo.runner import MeshChildExited, _while_mesh_runs
 from acsp.demo.workload import build_workload, compress, project_plans, wall_time_limit_s
 from agents.backends.fleet import FleetNode
 from scheduler.engine import PriorityClass
@@ -152,3 +154,38 @@ def test_check_fails_on_inconsistency(path: tuple[str, ...], value: object, fail
         target = target[key]
     target[path[-1]] = value
     assert _failed(report) == [failing]
+
+
+class _FakeMesh:
+    """Stands in for LocalMesh: ``wait_failure`` returns once ``fail`` is set."""
+
+    def __init__(self) -> None:
+        self.fail = asyncio.Event()
+
+    async def wait_failure(self) -> str:
+        await self.fail.wait()
+        return "metering (pid 42) was killed by SIGKILL"
+
+
+async def test_dead_mesh_process_stops_live_run() -> None:
+    mesh = _FakeMesh()
+    cancelled = asyncio.Event()
+
+    async def work() -> Any:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    asyncio.get_running_loop().call_later(0.05, mesh.fail.set)
+    with pytest.raises(MeshChildExited, match="metering"):
+        await _while_mesh_runs(mesh, work())  # type: ignore[arg-type]
+    assert cancelled.is_set()
+
+
+async def test_live_run_result_passes_through_healthy_mesh() -> None:
+    async def work() -> Any:
+        return "figures"
+
+    assert await _while_mesh_runs(_FakeMesh(), work()) == "figures"  # type: ignore[arg-type]
