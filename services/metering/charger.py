@@ -36,7 +36,7 @@ class ChargerConfig:
     max_attempts: int = 20
     """Ledger rejections after which a charge or refund is marked failed for an operator."""
     max_refund_s: float = 6 * 3600.0
-    """The most lost time refunded for one fault, however old the last checkpoint."""
+    """Maximum lost time refunded for one fault, however old the last checkpoint."""
     tie_window_s: float = 300.0
     """How long after an attempt ends a fatal health event still counts as its cause."""
 
@@ -86,6 +86,7 @@ class Charger:
         counters = self.counters
         now = self._clock()
         history = self._history()
+
         async with self._db.acquire() as conn:
             planned = await record_due_charges(
                 conn,
@@ -123,6 +124,7 @@ class Charger:
                 timeout_s=config.ledger_timeout_s,
                 max_attempts=config.max_attempts,
             )
+
         counters.charges_recorded += len(planned)
         counters.charges_committed += posted.committed
         counters.charges_failed += posted.failed
@@ -138,9 +140,10 @@ class Charger:
     async def _settle_before(self, now: datetime) -> datetime:
         """Return the time up to which attempts may be settled.
 
-        Settling is final: a hold is released only once every usage message published before
-        the attempt's end (plus the lateness allowance) is stored, so a backlog in the usage
-        stream, such as after a metering restart, delays settlement instead of losing charges.
+        Settling is final, so a hold is released only once every usage message published
+        before the attempt's end (plus the lateness allowance) is stored. A backlog in the
+        usage stream, such as after a metering restart, then delays settlement instead of
+        losing charges.
         """
         if self._ingested_through is None:
             return now

@@ -42,8 +42,9 @@ async def test_republished_sample_gives_one_row_and_one_charge(
 ) -> None:
     payload = report([sample("node-1/1", "job-1", T0)])
     async with running_ingest(nats_url, db) as (js, ingest):
-        # The agent's spool replays the same sample at 0, 60, 120 and 180 s: each replay is a
-        # new stream message, past JetStream's duplicate window, so only the database sees it.
+        # The agent's spool replays the same sample at 0, 60, 120 and 180 s. Each replay is a
+        # new stream message, past JetStream's duplicate window, so only the primary key in
+        # PostgreSQL recognises it.
         for replay in range(4):
             await js.publish(SUBJECT, payload)
             await wait_until(functools.partial(_messages_done, ingest, replay + 1))
