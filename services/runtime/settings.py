@@ -269,11 +269,10 @@ class Settings:
         given = [name for name, value in tls.items() if value is not None]
         if given and len(given) != len(tls):
             missing = next(name for name, value in tls.items() if value is None)
-            raise SettingsError(
-                missing,
-                f"missing while {', '.join(given)} is set",
-                "set all of ACSP_TLS_CA, ACSP_TLS_CERT and ACSP_TLS_KEY, or none of them",
-            )
+            fix = "set all of ACSP_TLS_CA, ACSP_TLS_CERT and ACSP_TLS_KEY, or none of them"
+            if given == ["ACSP_TLS_CA"]:
+                fix += ", and set ACSP_NATS_TLS_CA to trust a CA for the NATS connection alone"
+            raise SettingsError(missing, f"missing while {', '.join(given)} is set", fix)
         if self.db_pool_min > self.db_pool_max:
             raise SettingsError(
                 "ACSP_DB_POOL_MIN",

@@ -492,3 +492,12 @@ async def test_service_connects_to_tls_nats_at_start(
     await runtime.nats.flush(timeout=5)
     connection = await connection_named(server, "acsp-sample")
     assert connection.get("tls_version", "").startswith("1.")
+
+
+def test_tls_ca_alone_points_to_nats_tls_ca(pki: dict[str, CertPaths]) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(
+            {"ACSP_NATS_URL": "tls://127.0.0.1:4222", "ACSP_TLS_CA": str(pki["nats"].ca)}
+        )
+    assert caught.value.variable == "ACSP_TLS_CERT"
+    assert "ACSP_NATS_TLS_CA" in caught.value.fix
