@@ -28,7 +28,8 @@ from services.metering.attempts import (
     record_health_event,
 )
 from services.metering.ingest_store import register_nodes
-from services.metering.ledger import GrantTerms, Ledger
+from services.metering.ledger import GrantTerms, Ledger, LedgerRejected
+from services.metering.ratecard import RatePolicy
 from services.metering.refunds import HealthFact
 from services.runtime.db import Database
 from services.runtime.nats import BatchHandler, PullConsumer
@@ -106,8 +107,19 @@ class FactConsumers:
     async def _attempt_facts(self, event: events_pb2.JobEvent) -> AttemptFacts:
         terms = self._terms.get(event.grant_id)
         if terms is None:
-            # Raises LedgerUnavailable while the grant service is down: the batch is retried.
-            terms = await self._ledger.grant_terms(event.grant_id, self._ledger_timeout_s)
+            # LedgerUnavailable (the grant service is down) propagates, so the batch is retried.
+            try:
+                terms = await self._ledger.grant_terms(event.grant_id, self._ledger_timeout_s)
+            except LedgerRejected as error:
+                logger.warning(
+                    "cannot read the rate policy of grant %s for job %s, pricing at the "
+                    "current rate card: %s",
+                    event.grant_id,
+                    event.job_id,
+                    error,
+                    extra={"grant_id": event.grant_id, "job_id": event.job_id},
+                )
+                terms = GrantTerms(RatePolicy.CURRENT, None)
             self._terms[event.grant_id] = terms
         ended = event.kind in _END_KINDS
         trigger = event.cause.trigger if event.cause.trigger.startswith("recall:") else ""
