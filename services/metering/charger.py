@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import nats.errors
 
 from services.metering.attempts import (
@@ -19,6 +20,7 @@ from services.metering.charge_store import post_pending_charges, record_due_char
 from services.metering.ledger import Ledger
 from services.metering.ratecard import RateCardHistory
 from services.runtime.db import Database
+from services.runtime.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,13 @@ class Charger:
     async def run(self, stop: asyncio.Event) -> None:
         logger.info("charger starting: period %d s", self._config.period_seconds)
         while not stop.is_set():
-            busy = await self.run_once()
+            try:
+                busy = await self.run_once()
+            except (asyncpg.PostgresError, Unavailable) as error:
+                # Two replicas can race for one period's next sequence number (a unique
+                # violation) or the pool can be exhausted; the next pass retries.
+                logger.warning("charging pass failed, retrying: %s", error)
+                busy = False
             if not busy:
                 try:
                     await asyncio.wait_for(stop.wait(), self._config.interval_s)
