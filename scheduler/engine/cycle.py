@@ -431,7 +431,10 @@ def run_pass(engine: Engine, now: float) -> ScheduleResult:
     state = PassState(engine, now, preemptions_left=engine.config.preemptions_per_pass)
     caps = apply_caps(state)
     last = engine.last_pass
-    due = any((engine.jobs[job_id].spec.start_at or 0.0) <= now for job_id in engine.advance_jobs)
+    # Advance reservations are served only by full passes: one that fell due, or a new one.
+    due = any(
+        (engine.jobs[job_id].spec.start_at or 0.0) <= now for job_id in engine.advance_jobs
+    ) or any(job_id in engine.advance_jobs for job_id in engine.new_jobs)
     incremental = (
         isinstance(last, LastPass)
         and last.signature == _signature(engine, caps)

@@ -51,3 +51,15 @@ def test_incremental_and_full_passes_agree() -> None:
 
     assert run(with_event=False) == ["j0", "j1"]
     assert run(with_event=True) == ["j0", "j1", "w2"]
+
+
+def test_new_advance_reservation_gets_reason() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.submit(job("now", accelerators=1))
+    engine.schedule(0.0)
+
+    engine.submit(job("later", accelerators=4, start_at=500.0, wall_time_s=60.0))
+    result = engine.schedule(1.0)
+
+    assert reasons(result) == {"later": "reservation"}
