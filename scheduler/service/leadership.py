@@ -137,6 +137,15 @@ class Leadership:
                 )
             except* _TermStopped:
                 logger.info("leader term %d of shard %s stopped", epoch, self.config.shard)
+            except* (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as group:
+                # Everything a term holds is rebuilt from PostgreSQL, so a new term is safe.
+                logger.error(
+                    "leader term %d of shard %s failed, campaigning again: %r",
+                    epoch,
+                    self.config.shard,
+                    group.exceptions[0],
+                )
+                await asyncio.sleep(self.config.poll_s)
             finally:
                 self.current = None
                 await lease.release()

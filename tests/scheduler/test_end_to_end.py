@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import asyncpg
@@ -403,3 +403,79 @@ async def test_job_on_failed_node_requeues_elsewhere(stack: Stack) -> None:
         job = await get()
     assert job.attempt == 2
     assert [p.node_id for p in job.placements] == ["n1"]
+
+
+async def test_array_jobs_share_an_id_and_index(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    md = metadata(stack.token("alice", Role.RESEARCHER))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        response = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                request_id="array-1", spec=job_spec("p1", "g1", task_count=1, array_size=3)
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        retried = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                request_id="array-1", spec=job_spec("p1", "g1", task_count=1, array_size=3)
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        listed = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(array_job_id=response.job.job_id),
+            metadata=md,
+            timeout=10,
+        )
+    assert len(response.array_job_ids) == 3
+    assert list(retried.array_job_ids) == list(response.array_job_ids)
+    assert sorted(j.array_index for j in listed.jobs) == [0, 1, 2]
+    indexes = {j.array_index: j.spec.environment["ACSP_ARRAY_INDEX"] for j in listed.jobs}
+    assert indexes == {0: "0", 1: "1", 2: "2"}
+
+
+async def test_cancel_stops_running_job(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                spec=job_spec(project, grant, command=["sleep", "120"], grace_seconds=1)
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        job_id = submitted.job.job_id
+
+        async def state() -> int:
+            job = await scheduler.GetJob(
+                scheduler_pb2.GetJobRequest(job_id=job_id), metadata=md, timeout=10
+            )
+            return job.state
+
+        await wait_for(
+            lambda: _is(state(), scheduler_pb2.JOB_STATE_RUNNING), 30, "the job to run", 0.2
+        )
+        cancelled = await scheduler.CancelJob(
+            scheduler_pb2.CancelJobRequest(job_id=job_id, reason="not needed"),
+            metadata=md,
+            timeout=10,
+        )
+        await wait_for(
+            lambda: _is(state(), scheduler_pb2.JOB_STATE_CANCELLED), 30, "the job to end", 0.2
+        )
+        job = await scheduler.GetJob(
+            scheduler_pb2.GetJobRequest(job_id=job_id), metadata=md, timeout=10
+        )
+    assert cancelled.state == scheduler_pb2.JOB_STATE_STOPPING
+    assert job.state_message == "not needed"
+    assert all(p.state == "stopped" for p in job.placements)
+
+
+async def _is(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
