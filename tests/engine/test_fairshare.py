@@ -63,7 +63,7 @@ def test_usage_decays_with_half_life() -> None:
     assert share.usage(Level.INSTITUTION, "i") == pytest.approx(after_run / 2)
 
 
-def test_old_usage_decays_so_heavy_project_goes_first_again() -> None:
+def test_decayed_usage_restores_order() -> None:
     engine = make_engine()
     engine.add_node(node("n1", 4))
     engine.submit(job("old", accelerators=4, project="old"))

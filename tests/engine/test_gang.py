@@ -77,7 +77,7 @@ def test_gang_never_spans_providers_unless_allowed() -> None:
     assert {t.node_id for t in placed(result)["loose"].tasks} == {"x1", "y1"}
 
 
-def test_gang_losing_task_to_drain_is_repaired_before_small_job() -> None:
+def test_drained_gang_task_replaced_first() -> None:
     engine = make_engine()
     engine.add_node(node("n1", 4))
     engine.add_node(node("n2", 4))
@@ -98,7 +98,7 @@ def test_gang_losing_task_to_drain_is_repaired_before_small_job() -> None:
     assert engine.running() == ["gang"]
 
 
-def test_gang_without_room_for_lost_task_is_requeued_whole() -> None:
+def test_gang_without_room_requeued_whole() -> None:
     engine = make_engine()
     engine.add_node(node("n1", 4))
     engine.add_node(node("n2", 4))

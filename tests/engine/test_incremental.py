@@ -6,7 +6,7 @@ from scheduler.engine import JobEnded, JobOutcome
 from tests.engine.helpers import job, make_engine, node, placed, reasons
 
 
-def test_arrival_only_pass_places_new_job_and_keeps_reasons() -> None:
+def test_arrivals_only_pass_keeps_reasons() -> None:
     engine = make_engine()
     engine.add_node(node("n1", 4))
     engine.submit(job("big", accelerators=8))
