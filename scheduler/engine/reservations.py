@@ -69,6 +69,8 @@ def earliest_start(
         return Reservation(job.job_id, not_before, frozenset(p.node.ordinal for p in plans))
     if job.fractional:
         job = _as_whole(job)
+    # NOTE: pool caps (pledges, recalls, pool limits) are not replayed, so a reservation may
+    # name room that a cap will still deny when the job is due.
     if sum(pool.up_accelerators for pool in pools) < job.task_count * job.accelerators_per_task:
         return None
     single = job.task_count == 1 or job.topology is Topology.SAME_NODE
