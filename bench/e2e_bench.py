@@ -72,11 +72,20 @@ async def submit_all(
         nonlocal failures
         try:
             started = time.perf_counter()
-            await scheduler.SubmitJob(
-                scheduler_pb2.SubmitJobRequest(request_id=f"bench-{index}", spec=spec),
-                metadata=md,
-                timeout=30,
-            )
+            if args.batch == 1:
+                await scheduler.SubmitJob(
+                    scheduler_pb2.SubmitJobRequest(request_id=f"bench-{index}", spec=spec),
+                    metadata=md,
+                    timeout=30,
+                )
+            else:
+                requests = [
+                    scheduler_pb2.SubmitJobRequest(request_id=f"bench-{index}-{i}", spec=spec)
+                    for i in range(args.batch)
+                ]
+                await scheduler.SubmitJobs(
+                    scheduler_pb2.SubmitJobsRequest(jobs=requests), metadata=md, timeout=30
+                )
             latencies.append(time.perf_counter() - started)
         except Exception as exc:
             failures += 1
@@ -88,8 +97,8 @@ async def submit_all(
     tasks = []
     begin = time.perf_counter()
     async with channel:
-        for index in range(args.jobs):
-            due = begin + index / args.rate
+        for index in range(args.jobs // args.batch):
+            due = begin + index * args.batch / args.rate
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -135,7 +144,7 @@ async def run(args: argparse.Namespace) -> None:
             await wait_for(
                 lambda: conn.fetchval(
                     "SELECT count(*) = $1 FROM scheduler.jobs WHERE started_at IS NOT NULL",
-                    args.jobs - failures,
+                    args.jobs - failures * args.batch,
                 ),
                 args.drain_timeout,
                 "every job to start",
@@ -154,11 +163,15 @@ async def run(args: argparse.Namespace) -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(state_root, ignore_errors=True)
-    report(latencies, elapsed, failures, rows)
+    report(latencies, elapsed, failures, rows, args.batch)
 
 
 def report(
-    latencies: list[float], elapsed: float, failures: int, rows: list[asyncpg.Record]
+    latencies: list[float],
+    elapsed: float,
+    failures: int,
+    rows: list[asyncpg.Record],
+    batch: int,
 ) -> None:
     """Print the figures and the command that produced them."""
     to_start = [float(r["t"] - r["s"]) for r in rows]
@@ -167,10 +180,14 @@ def report(
     p50, p99 = 1000 * percentile(latencies, 0.5), 1000 * percentile(latencies, 0.99)
     print(" ".join(["command: python bench/e2e_bench.py", *sys.argv[1:]]))
     print(
-        f"jobs submitted: {len(latencies)} ok, {failures} failed, in {elapsed:.2f} s "
-        f"({len(latencies) / elapsed:.0f} jobs/s accepted)"
+        f"jobs submitted: {len(latencies) * batch} ok, {failures * batch} failed, in "
+        f"{elapsed:.2f} s ({len(latencies) * batch / elapsed:.0f} jobs/s accepted, "
+        f"{batch} per call)"
     )
-    print(f"submission latency ms: p50 {p50:.1f}  p99 {p99:.1f}  max {1000 * max(latencies):.1f}")
+    print(
+        f"submission latency per call ms: p50 {p50:.1f}  p99 {p99:.1f}"
+        f"  max {1000 * max(latencies):.1f}"
+    )
     print(
         f"submission to started s: p50 {percentile(to_start, 0.5):.2f}"
         f"  p99 {percentile(to_start, 0.99):.2f}  max {max(to_start):.2f}"
@@ -188,6 +205,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="offered jobs per second")
     parser.add_argument("--nodes", type=int, default=250, help="simulated nodes of 8 A100s")
     parser.add_argument("--concurrency", type=int, default=64, help="calls in flight at most")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="jobs per call: 1 sends SubmitJob, more send SubmitJobs (latency is per call)",
+    )
     parser.add_argument("--wall-time", type=int, default=60, help="wall-time limit per job, s")
     parser.add_argument(
         "--agent-processes", type=int, default=1, help="simulated agent processes sharing the nodes"
