@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -43,6 +44,7 @@ from services.metering.samples import (
     parse_subject,
 )
 from services.runtime.db import Database
+from services.runtime.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class IngestConfig:
     ack_wait_s: float = 30.0
     """Seconds JetStream waits for an ack before redelivering; in-progress acks extend it."""
     max_ack_pending: int = 20_000
+    retry_delay_s: float = 2.0
+    """Seconds before a batch whose write failed is delivered again."""
     stream_max_age_s: float = 14 * 86_400.0
     """How long the stream keeps messages, so that a long outage loses nothing."""
     period_seconds: int = 300
@@ -144,6 +148,15 @@ async def ingested_through(js: JetStreamContext, config: IngestConfig) -> dateti
     return message.time - timedelta(microseconds=1)
 
 
+_STORE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, Unavailable)
+"""Failures of a batch write that a later delivery can overcome."""
+
+
+async def _nak_all(messages: Sequence[Msg], delay_s: float) -> None:
+    for message in messages:
+        await message.nak(delay=delay_s)
+
+
 class UsageIngest:
     """Consumes the usage stream into PostgreSQL with any number of workers."""
 
@@ -197,7 +210,22 @@ class UsageIngest:
                 # nats.errors.TimeoutError is a subclass of it, so this catches both.
                 except TimeoutError:
                     continue
-                await self.process(messages)
+                try:
+                    await self.process(messages)
+                except (
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                    OSError,
+                    Unavailable,
+                ) as error:
+                    # Nothing was acked, so the batch comes back; the sample ids make the retry
+                    # safe even if the failure came after the commit.
+                    logger.error(
+                        "storing a batch of %d messages failed; it will be redelivered: %s",
+                        len(messages),
+                        error,
+                    )
+                    await asyncio.shield(_nak_all(messages, self._config.retry_delay_s))
         finally:
             await asyncio.shield(subscription.unsubscribe())
 

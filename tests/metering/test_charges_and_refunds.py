@@ -8,12 +8,13 @@ from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 
+import nats
 import pytest
 
 from acsp.subjects import usage_subject
 from services.metering.attempts import AttemptFacts, record_attempt, record_health_event
 from services.metering.charger import Charger, ChargerConfig
-from services.metering.ingest import UsageIngest
+from services.metering.ingest import IngestConfig, UsageIngest, declare_usage_stream
 from services.metering.pledges import PledgeRecord, RecallRecord, store_pledges
 from services.metering.ratecard import RateCardHistory, RatePolicy, default_rate_card
 from services.metering.refunds import HealthFact
@@ -245,16 +246,23 @@ async def test_fixed_at_award_grant_keeps_old_rates(
 
 
 async def test_two_replicas_share_one_consumer(nats_url: str, db: Database) -> None:
-    async with (
-        running_ingest(nats_url, db, workers=1) as (js, first),
-        running_ingest(nats_url, db, workers=1) as (_, second),
-    ):
+    client = await nats.connect(nats_url)
+    try:
+        js = client.jetstream()
+        await declare_usage_stream(js, IngestConfig())
         for m in range(40):
             items = [
                 sample(f"node-1/{m}-{i}", "job-r", T0 + timedelta(seconds=m * 50 + i), 1)
                 for i in range(50)
             ]
             await js.publish(usage_subject("prov-a", "r1", "node-1"), report(items))
+    finally:
+        await client.close()
+    # One message a fetch, so that neither replica can take the whole backlog at once.
+    async with (
+        running_ingest(nats_url, db, workers=1, batch_messages=1) as (_, first),
+        running_ingest(nats_url, db, workers=1, batch_messages=1) as (_, second),
+    ):
 
         async def all_stored() -> bool:
             return first.counters.messages + second.counters.messages >= 40
