@@ -48,6 +48,7 @@ __all__ = [
     "Publisher",
     "PullConsumer",
     "Reject",
+    "TlsCheckingClient",
     "TlsRequiredError",
     "close_nats",
     "connect_nats",
@@ -60,8 +61,12 @@ class TlsRequiredError(nats.errors.Error):
     """A NATS server did not offer TLS, but the settings require it; nothing was sent to it."""
 
 
-class _Client(Client):
+class TlsCheckingClient(Client):
     """A Client that rejects a plaintext server before sending CONNECT, when TLS is required.
+
+    :func:`connect_nats` uses it. A process with a connect loop of its own creates it with
+    ``require_tls=ssl_context is not None`` and passes ``tls=ssl_context`` to ``connect``,
+    where ``ssl_context`` comes from :func:`services.runtime.tls.load_nats_ssl_context`.
 
     NOTE: nats-py (2.16) upgrades to TLS only when the server's INFO sets ``tls_required``,
     even for a tls:// URL, so a plaintext server or a man in the middle that clears the flag
@@ -115,7 +120,7 @@ async def connect_nats(settings: Settings, name: str, *, inbox_prefix: str | Non
     # the two apart, because a reconnect attempt is CONNECTING while it reads the server's INFO.
     errors: list[Exception] = []
     first_connection = asyncio.Event()
-    client = _Client(require_tls=ssl_context is not None)
+    client = TlsCheckingClient(require_tls=ssl_context is not None)
 
     async def remember_error(error: Exception) -> None:
         if first_connection.is_set():
