@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import nats
 
@@ -19,6 +21,7 @@ from services.metering.ingest import (
 )
 from services.metering.ratecard import RateCardHistory, default_rate_card
 from services.runtime.db import Database
+from services.runtime.errors import Unavailable
 from tests.metering.helpers import (
     T0,
     Clock,
@@ -198,3 +201,47 @@ async def test_settlement_waits_for_ingest_position(db: Database, ledger: Ledger
     position = T0 + timedelta(seconds=31)
     await drain(charger)
     assert ledger.settled == {"settle/job-p/0": "hold-job-p-0"}
+
+
+class _FailingAcquires:
+    """A Database whose acquisitions after the first ``skip`` raise Unavailable ``failures``
+    times, as an exhausted pool does."""
+
+    def __init__(self, db: Database, skip: int, failures: int) -> None:
+        self._db = db
+        self.skip = skip
+        self.failures = failures
+
+    def acquire(self, timeout_s: float | None = None) -> Any:
+        if self.skip > 0:
+            self.skip -= 1
+        elif self.failures > 0:
+            self.failures -= 1
+            raise Unavailable("database pool exhausted (injected)")
+        return self._db.acquire(timeout_s)
+
+
+async def test_failed_write_is_redelivered(nats_url: str, db: Database) -> None:
+    config = IngestConfig(period_seconds=300, retry_delay_s=0.1, fetch_timeout_s=0.2)
+    client = await nats.connect(nats_url)
+    try:
+        js = client.jetstream()
+        await declare_usage_stream(js, config)
+        await js.publish(SUBJECT, report([sample("node-1/1", "job-f", T0)]))
+        card = default_rate_card()
+        # The first acquisition loads the node registry at start; the next two fail.
+        flaky = _FailingAcquires(db, skip=1, failures=2)
+        ingest = UsageIngest(js, flaky, config, lambda: card.rates)  # type: ignore[arg-type]
+        stop = asyncio.Event()
+        task = asyncio.create_task(ingest.run(stop))
+        try:
+            await wait_until(functools.partial(_messages_done, ingest, 1))
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
+    finally:
+        await client.close()
+    assert flaky.failures == 0
+    assert ingest.counters.inserted == 1
+    assert await count(db, "SELECT count(*) FROM metering.usage_samples") == 1
+    assert await count(db, "SELECT count(*) FROM metering.dead_letters") == 0
