@@ -1,7 +1,7 @@
 """A copy of the scheduler's pledges and recalls, which provider settlements compare usage with.
 
-The scheduler owns pledges; metering reads them over its ListPledges and ListRecalls RPCs every
-``interval_s`` and upserts them here, so a settlement never waits on the scheduler.
+The scheduler owns pledges. Metering reads them over its ListPledges and ListRecalls RPCs every
+``interval_s`` and upserts them here, so that a settlement never waits on the scheduler.
 """
 
 from __future__ import annotations
