@@ -60,6 +60,10 @@ class JobBook:
         self.jobs: dict[str, Job] = {}
         self._stopping: dict[str, _Stopping] = {}
         self._admitting: set[str] = set()
+        self._abandoned: dict[tuple[str, int], Job] = {}
+        """Attempts requeued while their hold request was in flight."""
+        self._cancel_after_hold: dict[str, tuple[str, str]] = {}
+        """Jobs cancelled while their hold request was in flight, with reason and cause."""
         self._orphans: dict[str, set[str]] = {}
         """Node key to task ids of ended attempts not yet confirmed stopped there."""
         self._starting_since: dict[str, float] = {}
@@ -114,7 +118,17 @@ class JobBook:
     # Admission.
 
     def apply_hold(self, job_id: str, attempt: int, outcome: HoldOutcome, fx: Effects) -> None:
+        abandoned = self._abandoned.pop((job_id, attempt), None)
+        if abandoned is not None:
+            self._release_abandoned(abandoned, outcome, fx)
+            return
         job = self.jobs.get(job_id)
+        cancel = self._cancel_after_hold.pop(job_id, None)
+        if cancel is not None and job is not None:
+            # The job ends now; a hold placed anyway goes out with its ENDED event.
+            held = outcome.hold_id if outcome.status == "held" else ""
+            self._finish(replace(job, placement=(), hold_id=held), "cancelled", *cancel, fx)
+            return
         if job is None or job.attempt != attempt or job_id not in self._admitting:
             return
         self._admitting.discard(job_id)
@@ -230,8 +244,14 @@ class JobBook:
         job = self.jobs.get(job_id)
         if job is None:
             return None
-        if job.state == "pending":
+        if job.state == "pending" and job_id in self._admitting:
             self._admitting.discard(job_id)
+            self.engine.remove(job_id)
+            self._cancel_after_hold[job_id] = (reason, cause)
+            stopping = replace(job, state="stopping", reason=reason, pending_reason="")
+            self.jobs[job_id] = stopping
+            fx.change(stopping, cause)
+        elif job.state == "pending":
             self.engine.remove(job_id)
             self._finish(replace(job, placement=()), "cancelled", reason, cause, fx)
         elif job_id not in self._stopping:
@@ -275,7 +295,7 @@ class JobBook:
         job = self.jobs.get(job_id)
         if job is None or job.terminal:
             return
-        self._admitting.discard(job_id)
+        self._abandon_admission(job)
         self._stopping.pop(job_id, None)
         self._starting_since.pop(job_id, None)
         for task in job.placement:
@@ -357,6 +377,32 @@ class JobBook:
         self._starting_since.pop(job.job_id, None)
         fx.change(ended, cause)
         fx.events.append(job_event(ended, "ended", cause, reason))
+
+    def _abandon_admission(self, job: Job) -> None:
+        if job.job_id in self._admitting:
+            self._admitting.discard(job.job_id)
+            self._abandoned[(job.job_id, job.attempt)] = job
+
+    def _release_abandoned(self, job: Job, outcome: HoldOutcome, fx: Effects) -> None:
+        """Have metering settle a hold placed for an attempt that was requeued meanwhile."""
+        if outcome.status != "held":
+            return
+        logger.info(
+            "releasing hold %s of abandoned attempt %d of job %s",
+            outcome.hold_id,
+            job.attempt,
+            job.job_id,
+        )
+        fx.events.append(
+            job_event(
+                job,
+                "requeued",
+                "hold",
+                "attempt ended before it started",
+                placement=(),
+                hold_id=outcome.hold_id,
+            )
+        )
 
     def _stop_stale(self, job: Job, tid: TaskId, node_key: str, fx: Effects) -> None:
         provider, region, node = node_key.split(".", 2)

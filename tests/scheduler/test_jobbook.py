@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from acsp.v1 import agent_pb2
+from acsp.v1 import agent_pb2, events_pb2
 from scheduler.engine.engine import Engine
 from scheduler.engine.spec import EngineConfig
 from scheduler.service.admission import HoldOutcome, RateCard
@@ -204,3 +204,35 @@ def test_start_deadline_requeues_silent_job() -> None:
     assert requeued.attempt == 2
     assert "did not start" in requeued.reason
     assert sorted(r.task_index for r in fx.commands if r.kind == "stop") == [0, 1]
+
+
+def test_hold_of_cancelled_admission_is_released() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    fx = Effects(NOW + 2)
+    book.cancel(job.job_id, "changed my mind", "rpc:CancelJob", fx)
+    assert fx.changed[job.job_id][0].state == "stopping"
+    assert fx.events == []
+    late = Effects(NOW + 3)
+    book.apply_hold(job.job_id, 1, HoldOutcome("held", "h9", "g1", Decimal(1)), late)
+    assert late.changed[job.job_id][0].state == "cancelled"
+    assert late.commands == []
+    assert [e.msg_id for e in late.events] == [f"{job.job_id}/1/ended"]
+    event = events_pb2.JobEvent.FromString(late.events[0].payload)
+    assert event.hold_id == "h9"
+
+
+def test_hold_of_requeued_admission_is_released() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    fx = Effects(NOW + 2)
+    book.requeue(job.job_id, "node lost", "test", fx, release=True)
+    assert book.jobs[job.job_id].attempt == 2
+    late = Effects(NOW + 3)
+    book.apply_hold(job.job_id, 1, HoldOutcome("held", "h7", "g1", Decimal(1)), late)
+    assert late.commands == []
+    assert [e.msg_id for e in late.events] == [f"{job.job_id}/1/requeued"]
+    event = events_pb2.JobEvent.FromString(late.events[0].payload)
+    assert event.hold_id == "h7"
