@@ -62,6 +62,8 @@ class JobBook:
         self._admitting: set[str] = set()
         self._abandoned: dict[tuple[str, int], Job] = {}
         """Attempts requeued while their hold request was in flight."""
+        self._settle_reloaded: list[str] = []
+        """Reloaded stopping jobs with no live task left, finished on the next turn."""
         self._cancel_after_hold: dict[str, tuple[str, str]] = {}
         """Jobs cancelled while their hold request was in flight, with reason and cause."""
         self._orphans: dict[str, set[str]] = {}
@@ -84,8 +86,23 @@ class JobBook:
             if job.state == "starting":
                 self._starting_since[job.job_id] = now
             if job.state == "stopping":
+                # NOTE: the outcome a stop was heading for is not stored, so a reloaded
+                # stopping job ends as cancelled even when a preemption or failure stopped it.
                 live = {t.task_index for t in job.placement if t.state in _LIVE}
                 self._stopping[job.job_id] = _Stopping("cancelled", job.reason, live)
+                if not live:
+                    self._settle_reloaded.append(job.job_id)
+
+    def settle_reloaded(self, fx: Effects) -> None:
+        """Finish reloaded stopping jobs that have nothing left to stop."""
+        while self._settle_reloaded:
+            job_id = self._settle_reloaded.pop()
+            stopping = self._stopping.pop(job_id, None)
+            job = self.jobs.get(job_id)
+            if stopping is None or job is None:
+                continue
+            self.engine.end(job_id, "cancelled", fx.now)
+            self._finish(job, "cancelled", stopping.reason, "reload", fx)
 
     # Engine passes.
 

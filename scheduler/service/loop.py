@@ -139,6 +139,7 @@ class SchedulingLoop:
         acks: list[Ack] = []
         replies: list[tuple[asyncio.Future[object], object]] = []
         inventories: list[InventoryReceived] = []
+        self.book.settle_reloaded(fx)
         for item in batch:
             self._apply(item, fx, acks, replies, inventories)
         for change in self.fleet.expire(now):

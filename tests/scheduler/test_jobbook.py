@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from decimal import Decimal
 
 from acsp.v1 import agent_pb2, events_pb2
@@ -236,3 +237,13 @@ def test_hold_of_requeued_admission_is_released() -> None:
     assert [e.msg_id for e in late.events] == [f"{job.job_id}/1/requeued"]
     event = events_pb2.JobEvent.FromString(late.events[0].payload)
     assert event.hold_id == "h7"
+
+
+def test_reloaded_stopping_job_without_tasks_ends() -> None:
+    book = make_book()
+    job = replace(make_job(), state="stopping", reason="owner cancelled")
+    book.add([job], NOW)
+    fx = Effects(NOW + 1)
+    book.settle_reloaded(fx)
+    assert fx.changed[job.job_id][0].state == "cancelled"
+    assert job.job_id not in book.jobs
