@@ -479,3 +479,35 @@ async def test_cancel_stops_running_job(stack: Stack) -> None:
 
 async def _is(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
+
+
+async def test_watch_streams_job_through_its_states(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    seen: list[int] = []
+    async with channel:
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                spec=job_spec(project, grant, task_count=1, command=["sleep", "1"])
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        job_id = submitted.job.job_id
+        stream = scheduler.WatchJobs(
+            scheduler_pb2.WatchJobsRequest(job_id=job_id, send_initial=True),
+            metadata=md,
+            timeout=60,
+        )
+        async for job in stream:
+            if not seen or seen[-1] != job.state:
+                seen.append(job.state)
+            if job.state == scheduler_pb2.JOB_STATE_COMPLETED:
+                stream.cancel()
+                break
+    assert seen[-1] == scheduler_pb2.JOB_STATE_COMPLETED
+    assert scheduler_pb2.JOB_STATE_RUNNING in seen
+    assert seen.index(scheduler_pb2.JOB_STATE_RUNNING) < len(seen) - 1
