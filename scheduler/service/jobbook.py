@@ -150,34 +150,40 @@ class JobBook:
             return
         self._admitting.discard(job_id)
         if outcome.status == "held":
-            starting = replace(
-                job,
-                state="starting",
-                pending_reason="",
-                reason="start commands sent",
-                hold_id=outcome.hold_id,
-                hold_amount=outcome.amount,
-                spec=replace(job.spec, grant_id=outcome.grant_id or job.spec.grant_id),
-            )
-            self.jobs[job_id] = starting
-            self._starting_since[job_id] = fx.now
-            fx.change(starting, f"hold:{outcome.hold_id}")
-            fx.commands.extend(start_record(starting, t, self.epoch) for t in starting.placement)
-            fx.events.append(job_event(starting, "admitted", "hold", "budget held"))
-            return
+            self._start(job, outcome, fx)
+        else:
+            self._hold_failed(job, outcome, fx)
+
+    def _start(self, job: Job, outcome: HoldOutcome, fx: Effects) -> None:
+        starting = replace(
+            job,
+            state="starting",
+            pending_reason="",
+            reason="start commands sent",
+            hold_id=outcome.hold_id,
+            hold_amount=outcome.amount,
+            spec=replace(job.spec, grant_id=outcome.grant_id or job.spec.grant_id),
+        )
+        self.jobs[job.job_id] = starting
+        self._starting_since[job.job_id] = fx.now
+        fx.change(starting, f"hold:{outcome.hold_id}")
+        fx.commands.extend(start_record(starting, t, self.epoch) for t in starting.placement)
+        fx.events.append(job_event(starting, "admitted", "hold", "budget held"))
+
+    def _hold_failed(self, job: Job, outcome: HoldOutcome, fx: Effects) -> None:
         cleared = replace(job, placement=())
         if outcome.status == "rejected":
-            self.engine.remove(job_id)
+            self.engine.remove(job.job_id)
             self._finish(cleared, "failed", f"hold rejected: {outcome.message}", "hold", fx)
             return
-        self.engine.requeue(job_id, fx.now)
+        self.engine.requeue(job.job_id, fx.now)
         if outcome.status == "no_budget":
             self.engine.set_budget(job.spec.project_id, False)
             message = f"the grant cannot pay the hold: {outcome.message}"
         else:
             message = f"grant service unavailable, retrying: {outcome.message}"
         waiting = cleared.with_state("pending", message, "budget")
-        self.jobs[job_id] = waiting
+        self.jobs[job.job_id] = waiting
         fx.change(waiting, "hold")
 
     # Agent reports.
