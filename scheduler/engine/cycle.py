@@ -40,10 +40,11 @@ from scheduler.engine.reasons import capacity_reason
 from scheduler.engine.records import JobRecord
 from scheduler.engine.repair import apply_caps, preempt_for, repair_broken, shrink_pools
 from scheduler.engine.reservations import Reservation, earliest_start
-from scheduler.engine.spec import NO_CONSTRAINT, JobSpec, LimitScope, PriorityClass, Topology
+from scheduler.engine.spec import JobSpec, LimitScope, PriorityClass, Topology
 
 RESERVATION_TRIES = 4
 """Reservation searches per pass, per reservation the pass may make."""
+_NOTHING_EXCLUDED: Excluded = frozenset()
 _CAPACITY_REASONS = frozenset(
     {ReasonCode.NO_CAPACITY, ReasonCode.FAIR_SHARE, ReasonCode.PRIORITY, ReasonCode.TOPOLOGY}
 )
@@ -62,60 +63,20 @@ class PassState:
     reservation_tries: int = 0
     excluded_prefix: list[Excluded] = field(default_factory=lambda: [frozenset()])
     """``excluded_prefix[n]``: nodes of the ``n`` earliest reservations."""
-    failed: dict[tuple[object, ...], tuple[ReasonCode, str]] = field(default_factory=dict)
+    pass_id: int = 0
+    """Stamps :attr:`JobShape.preemption_failed_pass`; unique per pass."""
+    epoch: int = 0
+    """Stamps :attr:`JobShape.failed`; renewed by every new reservation."""
     placed_classes: dict[int, PriorityClass] = field(default_factory=dict)
     """Pool ordinal -> highest class placed there in this pass."""
     charged: dict[str, float] = field(default_factory=dict)
-    preemption_failed: set[tuple[object, ...]] = field(default_factory=set)
-    """Job shapes for which no preemption could make room in this pass."""
     preemptions_left: int = 0
 
     # Pools and exclusions.
 
     def candidate_pools(self, spec: JobSpec) -> tuple[tuple[object, ...], tuple[Pool, ...]]:
         """Return the cache key and the pools of accepted models in allowed regions."""
-        engine = self.engine
-        if engine._pool_cache_version != engine.fleet.version:
-            engine._pool_cache.clear()
-            engine._pool_cache_version = engine.fleet.version
-        if spec.constraint is NO_CONSTRAINT:
-            # Hashing the constraint dataclass is the costly part of the key; skip the default.
-            key: tuple[object, ...] = (spec.models, spec.regions)
-        else:
-            key = (spec.models, spec.constraint, spec.regions)
-        pools = engine._pool_cache.get(key)
-        if pools is None:
-            pools = tuple(p for p in engine.fleet.pools.values() if self._accepts(spec, p))
-            engine._pool_cache[key] = pools
-        return key, pools
-
-    def record_pools(self, record: JobRecord) -> tuple[tuple[object, ...], tuple[Pool, ...]]:
-        """Return :meth:`candidate_pools` for a job, kept on its record while the fleet stays."""
-        version = self.engine.fleet.version
-        if record.pools is None or record.pools_version != version:
-            record.pools = self.candidate_pools(record.spec)
-            record.pools_version = version
-            spec = record.spec
-            record.shape = (
-                spec.task_count,
-                spec.millis_per_task,
-                spec.topology,
-                spec.allow_cross_provider,
-            )
-        return record.pools
-
-    def _accepts(self, spec: JobSpec, pool: Pool) -> bool:
-        if spec.models and pool.model not in spec.models:
-            return False
-        if spec.regions and pool.region_key not in spec.regions:
-            return False
-        model = self.engine.catalog.get(pool.model)
-        constraint = spec.constraint
-        if constraint.vendor and model.vendor != constraint.vendor:
-            return False
-        if model.memory_gib < constraint.min_memory_gib:
-            return False
-        return model.software_stack.startswith(constraint.software_stack)
+        return self.engine.shapes.candidate_pools(spec)
 
     def exclusions(self, spec: JobSpec) -> tuple[int, Excluded]:
         """Return how many reservations the job must avoid, and their nodes."""
@@ -133,7 +94,8 @@ class PassState:
         for r in self.reservations:
             prefix.append(prefix[-1] | r.nodes)
         self.excluded_prefix = prefix
-        self.failed.clear()
+        # Which nodes a job must avoid changed, so failed searches say nothing any more.
+        self.epoch = self.engine.shapes.next_epoch()
         node_ids = tuple(sorted(self.engine.fleet.nodes[o].spec.node_id for o in reservation.nodes))
         self.decisions.append(Reserve(reservation.job_id, reservation.start, node_ids))
 
@@ -180,32 +142,43 @@ class PassState:
         """Place ``record`` or record why it waits; return whether it was placed."""
         spec = record.spec
         engine = self.engine
-        if spec.project in engine.no_budget:
+        if engine.no_budget and spec.project in engine.no_budget:
             return self.wait(record, ReasonCode.BUDGET, "the project's grants have no budget left")
-        pool_key, pools = self.record_pools(record)
+        shape = record.shape
+        assert shape is not None
+        if shape.pools_version == engine.fleet.version:
+            pools = shape.pools
+        else:
+            pools = engine.shapes.pools_of(shape, spec)
         if not pools:
             return self.wait(
                 record,
                 ReasonCode.NO_MATCHING_MODEL,
                 "no node in the fleet has an accepted accelerator model in an allowed region",
             )
-        blocked = self.limit_blocking(spec) if engine.limits else ""
-        if blocked:
-            return self.wait(record, ReasonCode.LIMIT, blocked)
+        if engine.limits:
+            blocked = self.limit_blocking(spec)
+            if blocked:
+                return self.wait(record, ReasonCode.LIMIT, blocked)
         awaiting = record.awaiting_victims
         if awaiting:
             awaiting = {v for v in awaiting if v in engine.jobs and engine.jobs[v].running}
             record.awaiting_victims = awaiting
-        count, excluded = self.exclusions(spec)
-        shape = (pool_key, record.shape, count)
-        cached = self.failed.get(shape)
-        plans = None if cached else self.plan(spec, pools, excluded)
-        if plans is not None:
-            self.place(record, plans)
-            return True
+        if self.reservations:
+            count, excluded = self.exclusions(spec)
+        else:
+            count, excluded = 0, _NOTHING_EXCLUDED
+        if shape.failed_epoch != self.epoch:
+            shape.failed = {}
+            shape.failed_epoch = self.epoch
+        cached = shape.failed.get(count)
         if cached is None:
+            plans = self.plan(spec, pools, excluded)
+            if plans is not None:
+                self.place(record, plans)
+                return True
             cached = self.explain(spec, pools, count)
-            self.failed[shape] = cached
+            shape.failed[count] = cached
         code, message = cached
         if code in _CAPACITY_REASONS:
             if awaiting:
@@ -217,12 +190,12 @@ class PassState:
             if (
                 spec.priority > PriorityClass.PREEMPTIBLE
                 and self.preemptions_left > 0
-                and shape not in self.preemption_failed
+                and shape.preemption_failed_pass != self.pass_id
             ):
                 self.preemptions_left -= 1
                 victims = preempt_for(self, record, pools)
                 if not victims:
-                    self.preemption_failed.add(shape)
+                    shape.preemption_failed_pass = self.pass_id
                 else:
                     return self.wait(
                         record,
@@ -357,7 +330,7 @@ class PassState:
             while (next_id := order.next_job()) is not None:
                 record = engine.jobs[next_id]
                 placed = record.spec.start_at is None and self.try_job(record)
-                order.advance(record.spec.project, placed)
+                order.advance(placed)
 
     def serve_advance(self) -> None:
         """Place advance reservations that are due; reserve protected room for later ones."""
@@ -428,7 +401,14 @@ def run_pass(engine: Engine, now: float) -> ScheduleResult:
     others keep their reasons and the reservations stand. Jobs that the per-pass preemption
     bound skipped try again in the next full pass, which the next event brings.
     """
-    state = PassState(engine, now, preemptions_left=engine.config.preemptions_per_pass)
+    epoch = engine.shapes.next_epoch()
+    state = PassState(
+        engine,
+        now,
+        pass_id=epoch,
+        epoch=epoch,
+        preemptions_left=engine.config.preemptions_per_pass,
+    )
     caps = apply_caps(state)
     last = engine.last_pass
     # Advance reservations are served only by full passes: one that fell due, or a new one.

@@ -13,9 +13,10 @@ from scheduler.engine.capacity import CapacityPlan
 from scheduler.engine.catalog import Catalog
 from scheduler.engine.decisions import ScheduleResult, TaskPlacement
 from scheduler.engine.fairshare import FairShare, Level
-from scheduler.engine.fleet import Fleet, NodeRecord, Pool
+from scheduler.engine.fleet import Fleet, NodeRecord
 from scheduler.engine.placement import TaskPlan
 from scheduler.engine.records import JobRecord, TaskAllocation, job_of
+from scheduler.engine.shapes import ShapeIndex
 from scheduler.engine.spec import (
     MILLIS_PER_ACCELERATOR,
     EngineConfig,
@@ -68,8 +69,8 @@ class Engine:
         self.last_pass: object | None = None
         """What the last pass left for the next one (see :mod:`scheduler.engine.cycle`)."""
         self._sequence = 0
-        self._pool_cache: dict[tuple[object, ...], tuple[Pool, ...]] = {}
-        self._pool_cache_version = -1
+        self.shapes = ShapeIndex(self.fleet, self.catalog)
+        """Candidate pools and job shapes, shared by the jobs that have the same ones."""
 
     # Fleet, pledges, limits, weights.
 
@@ -114,7 +115,7 @@ class Engine:
                     f"job {spec.job_id}: models: {model!r} is not in the catalog"
                 )
         self.fair_share.register(spec.project, spec.institution, spec.program)
-        record = JobRecord(spec, self._sequence)
+        record = JobRecord(spec, self._sequence, shape=self.shapes.shape_of(spec))
         self._sequence += 1
         self.jobs[spec.job_id] = record
         self._enqueue(record)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from scheduler.engine.decisions import Cause
-from scheduler.engine.fleet import NodeRecord, Pool
+from scheduler.engine.fleet import NodeRecord
 from scheduler.engine.spec import JobSpec
+
+if TYPE_CHECKING:
+    from scheduler.engine.shapes import JobShape
 
 
 @dataclass(slots=True)
@@ -37,11 +41,8 @@ class JobRecord:
     requeue_message: str = ""
     protected: bool = False
     """Placed through an advance reservation on protected capacity."""
-    pools: tuple[tuple[object, ...], tuple[Pool, ...]] | None = None
-    """Cached candidate pools and their cache key, valid for ``pools_version`` of the fleet."""
-    pools_version: int = -1
-    shape: tuple[object, ...] = ()
-    """Task count, millis, topology and cross-provider flag: what placement depends on."""
+    shape: JobShape | None = None
+    """The shape shared with jobs of the same candidate pools and demand; set on submit."""
 
     @property
     def job_id(self) -> str:
