@@ -208,6 +208,10 @@ class HealthTracker:
         for event in events:
             out.extend(self._apply_event(event))
         for reading in readings:
+            # The same immutable reading as last time (a simulated idle accelerator) can
+            # neither raise nor clear a level or counter condition.
+            if self._previous.get(reading.uuid) is reading:
+                continue
             out.extend(self._apply_reading(now, reading))
             self._previous[reading.uuid] = reading
         out.extend(self._expire(now))

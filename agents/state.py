@@ -76,6 +76,7 @@ class StateStore:
         self._path = path
         self._nodes: dict[str, NodeState] = {}
         self._dirty = False
+        self._reserved_unsaved = False
         if path.exists():
             self._load()
 
@@ -96,13 +97,15 @@ class StateStore:
     def next_sequence(self, key: str) -> int:
         """Return the node's next usage-sample sequence number; it is never handed out twice.
 
-        A new block is reserved in memory only: the caller must :meth:`flush` before the
-        number leaves the process (the outbox does so before it appends to the spool).
+        A new block is reserved in memory only: the caller must :meth:`save_reservations`
+        before the number leaves the process (the outbox does so before it appends to the
+        spool).
         """
         state = self.node(key)
         if state.sequence_next > state.sequence_reserved:
             state.sequence_reserved = state.sequence_next + SEQUENCE_BLOCK - 1
             self._dirty = True
+            self._reserved_unsaved = True
         value = state.sequence_next
         state.sequence_next += 1
         return value
@@ -132,6 +135,11 @@ class StateStore:
         if self._dirty:
             self.save()
 
+    def save_reservations(self) -> None:
+        """Write the file if a sequence block was reserved since the last save."""
+        if self._reserved_unsaved:
+            self.save()
+
     def save(self) -> None:
         document = {
             "version": FORMAT_VERSION,
@@ -140,15 +148,17 @@ class StateStore:
                     # A restart continues after the reserved block, never inside it.
                     "sequence_reserved": state.sequence_reserved,
                     "health": state.health,
-                    "tasks": [dataclasses.asdict(t) for t in state.tasks.values()],
+                    "tasks": [_task_fields(t) for t in state.tasks.values()],
                 }
                 for key, state in self._nodes.items()
             },
         }
         self._path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self._path.with_suffix(self._path.suffix + ".tmp")
+        # json.dumps uses the C encoder; json.dump to a file does not.
+        text = json.dumps(document, separators=(",", ":"))
         with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(document, file, separators=(",", ":"))
+            file.write(text)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, self._path)
@@ -158,6 +168,7 @@ class StateStore:
         finally:
             os.close(directory)
         self._dirty = False
+        self._reserved_unsaved = False
 
     def _load(self) -> None:
         with open(self._path, encoding="utf-8") as file:
@@ -177,3 +188,11 @@ class StateStore:
             )
             self._nodes[key] = state
         logger.info("loaded agent state for %d nodes from %s", len(self._nodes), self._path)
+
+
+_TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskRecord))
+
+
+def _task_fields(record: TaskRecord) -> dict[str, Any]:
+    # Faster than dataclasses.asdict, which deep-copies every value.
+    return {name: getattr(record, name) for name in _TASK_FIELDS}

@@ -212,6 +212,10 @@ def _stable_hash(text: str) -> int:
 # Utilization trace -----------------------------------------------------------------------------
 
 
+_MAX_PICKED = 100_000
+"""Task ids whose series is cached; the cache starts over when full."""
+
+
 class UtilizationTrace:
     """Per-container duty-cycle series, looked up by a task id and the time since it started."""
 
@@ -220,6 +224,7 @@ class UtilizationTrace:
             raise ValueError("a utilization trace needs at least one series")
         self._series = series
         self._step_s = step_s
+        self._picked: dict[str, list[float]] = {}
 
     @property
     def series_count(self) -> int:
@@ -227,7 +232,12 @@ class UtilizationTrace:
 
     def utilization(self, task_id: str, elapsed_s: float) -> float:
         """Return the duty cycle in percent (0-100) of the series picked for ``task_id``."""
-        series = self._series[_stable_hash(task_id) % len(self._series)]
+        series = self._picked.get(task_id)
+        if series is None:
+            if len(self._picked) >= _MAX_PICKED:
+                self._picked.clear()
+            series = self._series[_stable_hash(task_id) % len(self._series)]
+            self._picked[task_id] = series
         index = int(max(0.0, elapsed_s) // self._step_s) % len(series)
         return min(100.0, max(0.0, series[index]))
 

@@ -30,6 +30,8 @@ SIMULATED_CUDA = "12.4"
 _NAMESPACE = uuid_module.UUID("5f0c6c1e-2d7b-4a8e-9d3f-1c4b7a2e9f60")
 _IDLE_POWER_MW = 60_000
 _BUSY_POWER_MW = 350_000
+_NO_ECC_ERRORS = EccCounts(0, 0, 0, 0)
+_UNSUPPORTED = frozenset({"retired_pages"})
 
 
 class SimulatedBackend(Backend):
@@ -59,6 +61,8 @@ class SimulatedBackend(Backend):
         self._busy = busy or dict
         self._infos = tuple(self._info(index) for index in range(spec.accelerators))
         self._uuids = tuple(info.uuid for info in self._infos)
+        # Readings are immutable, so an idle accelerator's reading is built once.
+        self._idle = tuple(_reading(info, 0.0, busy=False) for info in self._infos)
 
     @property
     def spec(self) -> FleetNode:
@@ -91,35 +95,20 @@ class SimulatedBackend(Backend):
     def read(self) -> list[AcceleratorReading]:
         now = self._clock()
         busy = self._busy()
+        if not busy:
+            return list(self._idle)
         readings = []
-        for info in self._infos:
+        for info, idle in zip(self._infos, self._idle, strict=True):
             task = busy.get(info.uuid)
-            if task is None or self._utilization is None:
-                percent = 0.0 if task is None else 50.0
+            if task is None:
+                readings.append(idle)
+                continue
+            if self._utilization is None:
+                percent = 50.0
             else:
                 task_id, started_at = task
                 percent = self._utilization.utilization(task_id, (now - started_at) * self._speed)
-            share = percent / 100.0
-            # Memory, temperature and power are modelled from utilization: the traces have none.
-            memory = 0 if task is None else int(info.memory_bytes * (0.2 + 0.7 * share))
-            readings.append(
-                AcceleratorReading(
-                    uuid=info.uuid,
-                    utilization_percent=percent,
-                    memory_used_bytes=memory,
-                    temperature_c=int(35 + 45 * share),
-                    slowdown_temperature_c=90,
-                    power_mw=int(_IDLE_POWER_MW + (_BUSY_POWER_MW - _IDLE_POWER_MW) * share),
-                    throttle_reasons=0,
-                    ecc=EccCounts(0, 0, 0, 0),
-                    remapped_rows_correctable=0,
-                    remapped_rows_uncorrectable=0,
-                    remap_pending=False,
-                    remap_failure=False,
-                    nvlink_errors=0,
-                    unsupported=frozenset({"retired_pages"}),
-                )
-            )
+            readings.append(_reading(info, percent, busy=True))
         return readings
 
     def poll_events(self) -> list[DeviceEvent]:
@@ -150,3 +139,25 @@ class SimulatedBackend(Backend):
         if fault.accelerator_slot is None or not self._uuids:
             return ""
         return self._uuids[fault.accelerator_slot % len(self._uuids)]
+
+
+def _reading(info: AcceleratorInfo, percent: float, busy: bool) -> AcceleratorReading:
+    share = percent / 100.0
+    # Memory, temperature and power are modelled from utilization: the traces have none.
+    memory = int(info.memory_bytes * (0.2 + 0.7 * share)) if busy else 0
+    return AcceleratorReading(
+        uuid=info.uuid,
+        utilization_percent=percent,
+        memory_used_bytes=memory,
+        temperature_c=int(35 + 45 * share),
+        slowdown_temperature_c=90,
+        power_mw=int(_IDLE_POWER_MW + (_BUSY_POWER_MW - _IDLE_POWER_MW) * share),
+        throttle_reasons=0,
+        ecc=_NO_ECC_ERRORS,
+        remapped_rows_correctable=0,
+        remapped_rows_uncorrectable=0,
+        remap_pending=False,
+        remap_failure=False,
+        nvlink_errors=0,
+        unsupported=_UNSUPPORTED,
+    )

@@ -38,7 +38,7 @@ def make_node(
 ) -> tuple[NodeAgent, Outbox, Spool]:
     spool = Spool(directory / "spool")
     state = StateStore(directory / "state.json")
-    outbox = Outbox(spool, before_append=state.flush)
+    outbox = Outbox(spool, before_append=state.save_reservations)
     node = NodeAgent(
         NODE,
         backend,

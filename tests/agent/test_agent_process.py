@@ -104,7 +104,9 @@ async def test_nvml_agent_runs_commands_and_reports(
     fake = FakeNvml.h100_node(8)
     fake.install(monkeypatch)
     state = StateStore(tmp_path / "agent" / "state.json")
-    outbox = Outbox(Spool(tmp_path / "agent" / "spool"), retry_s=0.2, before_append=state.flush)
+    outbox = Outbox(
+        Spool(tmp_path / "agent" / "spool"), retry_s=0.2, before_append=state.save_reservations
+    )
     node = NodeAgent(
         NODE,
         NvmlBackend(),

@@ -39,3 +39,14 @@ def test_unknown_format_version_is_rejected(tmp_path: Path) -> None:
     path.write_text('{"version": 99, "nodes": {}}')
     with pytest.raises(ValueError, match="format version 99"):
         StateStore(path)
+
+
+def test_save_reservations_writes_only_after_a_new_block(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "state.json")
+    state.next_sequence(KEY)
+    state.save_reservations()
+    assert StateStore(tmp_path / "state.json").node(KEY).sequence_reserved == SEQUENCE_BLOCK
+    modified = (tmp_path / "state.json").stat().st_mtime_ns
+    state.next_sequence(KEY)
+    state.save_reservations()
+    assert (tmp_path / "state.json").stat().st_mtime_ns == modified
