@@ -40,11 +40,11 @@ from scheduler.engine.reasons import capacity_reason
 from scheduler.engine.records import JobRecord
 from scheduler.engine.repair import apply_caps, preempt_for, repair_broken, shrink_pools
 from scheduler.engine.reservations import Reservation, earliest_start
+from scheduler.engine.shapes import JobShape
 from scheduler.engine.spec import JobSpec, LimitScope, PriorityClass, Topology
 
 RESERVATION_TRIES = 4
 """Reservation searches per pass, per reservation the pass may make."""
-_NOTHING_EXCLUDED: Excluded = frozenset()
 _CAPACITY_REASONS = frozenset(
     {ReasonCode.NO_CAPACITY, ReasonCode.FAIR_SHARE, ReasonCode.PRIORITY, ReasonCode.TOPOLOGY}
 )
@@ -61,6 +61,8 @@ class PassState:
     reservation_starts: list[float] = field(default_factory=list)
     queue_reservations: int = 0
     reservation_tries: int = 0
+    reserving: bool = True
+    """False once this pass may make no more queue reservations."""
     excluded_prefix: list[Excluded] = field(default_factory=lambda: [frozenset()])
     """``excluded_prefix[n]``: nodes of the ``n`` earliest reservations."""
     pass_id: int = 0
@@ -78,13 +80,14 @@ class PassState:
         """Return the cache key and the pools of accepted models in allowed regions."""
         return self.engine.shapes.candidate_pools(spec)
 
-    def exclusions(self, spec: JobSpec) -> tuple[int, Excluded]:
-        """Return how many reservations the job must avoid, and their nodes."""
-        if not self.reservations:
-            return 0, frozenset()
+    def reservations_to_avoid(self, spec: JobSpec) -> int:
+        """Count the reservations a job would delay, the earliest first.
+
+        A job may use a reservation's nodes only if its wall-time limit ends before the
+        reservation starts; ``excluded_prefix[count]`` are the nodes it must avoid.
+        """
         end = math.inf if spec.wall_time_s is None else self.now + spec.wall_time_s
-        count = bisect.bisect_left(self.reservation_starts, end)
-        return count, self.excluded_prefix[count]
+        return bisect.bisect_left(self.reservation_starts, end)
 
     def add_reservation(self, reservation: Reservation) -> None:
         self.reservations.append(reservation)
@@ -139,7 +142,11 @@ class PassState:
     # Serving one job.
 
     def try_job(self, record: JobRecord) -> bool:
-        """Place ``record`` or record why it waits; return whether it was placed."""
+        """Place ``record`` or record why it waits; return whether it was placed.
+
+        Every job of a shape that already failed in this pass takes the short path: a few
+        attribute reads, one dictionary lookup and its :class:`Waiting`.
+        """
         spec = record.spec
         engine = self.engine
         if engine.no_budget and spec.project in engine.no_budget:
@@ -160,20 +167,18 @@ class PassState:
             blocked = self.limit_blocking(spec)
             if blocked:
                 return self.wait(record, ReasonCode.LIMIT, blocked)
-        awaiting = record.awaiting_victims
-        if awaiting:
-            awaiting = {v for v in awaiting if v in engine.jobs and engine.jobs[v].running}
-            record.awaiting_victims = awaiting
-        if self.reservations:
-            count, excluded = self.exclusions(spec)
-        else:
-            count, excluded = 0, _NOTHING_EXCLUDED
+        if record.awaiting_victims:
+            jobs = engine.jobs
+            record.awaiting_victims = {
+                v for v in record.awaiting_victims if v in jobs and jobs[v].running
+            }
+        count = self.reservations_to_avoid(spec) if self.reservations else 0
         if shape.failed_epoch != self.epoch:
             shape.failed = {}
             shape.failed_epoch = self.epoch
         cached = shape.failed.get(count)
         if cached is None:
-            plans = self.plan(spec, pools, excluded)
+            plans = self.plan(spec, pools, self.excluded_prefix[count])
             if plans is not None:
                 self.place(record, plans)
                 return True
@@ -181,27 +186,41 @@ class PassState:
             shape.failed[count] = cached
         code, message = cached
         if code in _CAPACITY_REASONS:
-            if awaiting:
+            return self.wait_for_capacity(record, shape, pools, code, message)
+        return self.wait(record, code, message)
+
+    def wait_for_capacity(
+        self,
+        record: JobRecord,
+        shape: JobShape,
+        pools: tuple[Pool, ...],
+        code: ReasonCode,
+        message: str,
+    ) -> bool:
+        """Preempt or reserve for a job that found no room, within this pass's bounds."""
+        awaiting = record.awaiting_victims
+        if awaiting:
+            return self.wait(
+                record,
+                ReasonCode.PRIORITY,
+                f"waiting for {len(awaiting)} preempted job(s) to stop",
+            )
+        if (
+            self.preemptions_left > 0
+            and record.spec.priority > PriorityClass.PREEMPTIBLE
+            and shape.preemption_failed_pass != self.pass_id
+        ):
+            self.preemptions_left -= 1
+            victims = preempt_for(self, record, pools)
+            if not victims:
+                shape.preemption_failed_pass = self.pass_id
+            else:
                 return self.wait(
                     record,
                     ReasonCode.PRIORITY,
-                    f"waiting for {len(awaiting)} preempted job(s) to stop",
+                    f"preempting {len(victims)} preemptible job(s) to make room",
                 )
-            if (
-                spec.priority > PriorityClass.PREEMPTIBLE
-                and self.preemptions_left > 0
-                and shape.preemption_failed_pass != self.pass_id
-            ):
-                self.preemptions_left -= 1
-                victims = preempt_for(self, record, pools)
-                if not victims:
-                    shape.preemption_failed_pass = self.pass_id
-                else:
-                    return self.wait(
-                        record,
-                        ReasonCode.PRIORITY,
-                        f"preempting {len(victims)} preemptible job(s) to make room",
-                    )
+        if self.reserving:
             message = self.maybe_reserve(record, pools, message)
         return self.wait(record, code, message)
 
@@ -223,6 +242,7 @@ class PassState:
         """
         depth = self.engine.config.reservation_depth
         if self.queue_reservations >= depth or self.reservation_tries >= depth * RESERVATION_TRIES:
+            self.reserving = False
             return message
         self.reservation_tries += 1
         reservation = self.reserve(record.spec, pools, self.now)
@@ -302,7 +322,8 @@ class PassState:
     def wait(self, record: JobRecord, code: ReasonCode, message: str) -> bool:
         if record.requeue_message:
             message = f"{record.requeue_message}; {message}"
-        self.waiting[record.job_id] = Waiting(record.job_id, code, message)
+        job_id = record.spec.job_id
+        self.waiting[job_id] = Waiting(job_id, code, message)
         return False
 
     # The queue.
@@ -312,7 +333,7 @@ class PassState:
         engine = self.engine
         snapshots: dict[QueueKey, list[tuple[float, int, str]]]
         if only is None:
-            snapshots = {key: list(queue) for key, queue in engine.queues.items()}
+            snapshots = {key: queue.snapshot() for key, queue in engine.queues.items()}
         else:
             snapshots = {}
             for job_id in only:
@@ -327,10 +348,15 @@ class PassState:
         for priority in sorted({key[0] for key in snapshots}, reverse=True):
             queues = {key[1]: items for key, items in snapshots.items() if key[0] == priority}
             order = ShareOrder(engine.fair_share, queues)
-            while (next_id := order.next_job()) is not None:
-                record = engine.jobs[next_id]
-                placed = record.spec.start_at is None and self.try_job(record)
-                order.advance(placed)
+            next_job, advance, jobs, try_job = (
+                order.next_job,
+                order.advance,
+                engine.jobs,
+                self.try_job,
+            )
+            while (next_id := next_job()) is not None:
+                record = jobs[next_id]
+                advance(record.spec.start_at is None and try_job(record))
 
     def serve_advance(self) -> None:
         """Place advance reservations that are due; reserve protected room for later ones."""

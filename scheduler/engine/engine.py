@@ -6,14 +6,13 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sortedcontainers import SortedList
-
 from scheduler.engine import events as ev
 from scheduler.engine.capacity import CapacityPlan
 from scheduler.engine.catalog import Catalog
 from scheduler.engine.decisions import ScheduleResult, TaskPlacement
 from scheduler.engine.fairshare import FairShare, Level
 from scheduler.engine.fleet import Fleet, NodeRecord
+from scheduler.engine.ordering import JobQueue
 from scheduler.engine.placement import TaskPlan
 from scheduler.engine.records import JobRecord, TaskAllocation, job_of
 from scheduler.engine.shapes import ShapeIndex
@@ -51,7 +50,7 @@ class Engine:
         self.capacity = CapacityPlan()
         self.fair_share = FairShare(config.half_life_s, config.default_weight)
         self.jobs: dict[str, JobRecord] = {}
-        self.queues: dict[QueueKey, SortedList] = {}
+        self.queues: dict[QueueKey, JobQueue] = {}
         """Pending jobs: ``(submit_time, sequence, job_id)`` per class and project."""
         self.limits: dict[tuple[LimitScope, str], int] = {}
         self.in_use: dict[tuple[LimitScope, str], int] = {}
@@ -212,7 +211,7 @@ class Engine:
         key = (spec.priority, spec.project)
         queue = self.queues.get(key)
         if queue is None:
-            queue = SortedList()
+            queue = JobQueue()
             self.queues[key] = queue
         queue.add((spec.submit_time, record.sequence, spec.job_id))
         self.new_jobs.append(spec.job_id)
@@ -222,7 +221,7 @@ class Engine:
         self.advance_jobs.discard(spec.job_id)
         key = (spec.priority, spec.project)
         queue = self.queues[key]
-        queue.remove((spec.submit_time, record.sequence, spec.job_id))
+        queue.remove(spec.job_id)
         if not queue:
             del self.queues[key]
 
@@ -233,22 +232,33 @@ class Engine:
         record.tasks = {}
         record.start = now
         record.requeue_message = ""
+        owner = record.owner
+        pools = set()
         for plan in plans:
-            self._allocate_task(record, plan)
+            self._allocate_task(record, plan, owner, track_end=False)
+            pools.add(plan.node.pool)
+        end = record.end_estimate
+        if end is not None:
+            # A new attempt has no entry yet: one per pool it runs in.
+            for pool in pools:
+                pool.ends.add((end, record.sequence, record.spec.job_id))
         spec = record.spec
         self._count(spec, spec.total_millis)
 
-    def _allocate_task(self, record: JobRecord, plan: TaskPlan) -> None:
+    def _allocate_task(
+        self, record: JobRecord, plan: TaskPlan, owner: str = "", track_end: bool = True
+    ) -> None:
+        """Allocate one task's accelerators; ``owner`` defaults to the record's current one."""
         assert record.tasks is not None
-        self.fleet.allocate_many(plan.node, plan.indices, record.owner, plan.millis)
+        self.fleet.allocate_many(plan.node, plan.indices, owner or record.owner, plan.millis)
         record.tasks[plan.task_index] = TaskAllocation(plan.node, plan.indices, plan.millis)
         pool = plan.node.pool
-        pool.jobs.add(record.job_id)
+        pool.jobs.add(record.spec.job_id)
         if record.spec.priority is PriorityClass.PREEMPTIBLE:
             ordinal = plan.node.ordinal
             pool.preemptible_nodes[ordinal] = pool.preemptible_nodes.get(ordinal, 0) + 1
         end = record.end_estimate
-        if end is not None:
+        if track_end and end is not None:
             entry = (end, record.sequence, record.job_id)
             if entry not in pool.ends:
                 pool.ends.add(entry)

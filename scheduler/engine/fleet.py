@@ -222,17 +222,21 @@ class Fleet:
         indexed = node.schedulable
         newly_used = 0
         owned = node.jobs.setdefault(job_id, [])
+        used = node.used
         for index in indices:
-            if indexed:
+            before = used[index]
+            after = before + millis
+            # Only partly used accelerators sit in the shared index; a whole accelerator
+            # taken from free skips it (inlined: this loop runs for every placed accelerator).
+            if indexed and 0 < before < MILLIS_PER_ACCELERATOR:
                 self._index_remove_accelerator(node, index)
-            before = node.used[index]
-            node.used[index] = before + millis
+            used[index] = after
             owners = node.owners[index]
             owners[job_id] = owners.get(job_id, 0) + millis
             owned.append(index)
             if before == 0:
                 newly_used += 1
-            if indexed:
+            if indexed and after < MILLIS_PER_ACCELERATOR:
                 self._index_add_accelerator(node, index)
         node.pool.used_millis += millis * len(indices)
         if newly_used:

@@ -20,8 +20,61 @@ from scheduler.engine.fairshare import FairShare, Level
 QueueItem = tuple[float, int, str]
 """``(submit_time, sequence, job_id)``."""
 
-ProjectEntry = tuple[float, float, int, str]
-"""``(fair-share part, head's submit_time, head's sequence, project)``."""
+
+class JobQueue:
+    """Pending jobs of one class and project, first come first served.
+
+    Jobs mostly arrive in order, so the queue is a dictionary in insertion order that is
+    sorted again only after an earlier job was queued behind a later one (a requeue). Removing
+    a started job is then one dictionary deletion.
+    """
+
+    __slots__ = ("_items", "_last", "_ordered")
+
+    def __init__(self) -> None:
+        self._items: dict[str, QueueItem] = {}
+        self._last: QueueItem | None = None
+        self._ordered = True
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: QueueItem) -> None:
+        if self._last is not None and item < self._last:
+            self._ordered = False
+        else:
+            self._last = item
+        self._items[item[2]] = item
+
+    def remove(self, job_id: str) -> None:
+        del self._items[job_id]
+
+    def snapshot(self) -> list[QueueItem]:
+        """Return the queued items in order."""
+        if not self._ordered:
+            self._items = {item[2]: item for item in sorted(self._items.values())}
+            self._ordered = True
+        return list(self._items.values())
+
+
+class _ProjectQueue:
+    """One project's pending jobs of the class and the position of its head."""
+
+    __slots__ = ("institution", "items", "position", "program", "project")
+
+    def __init__(
+        self, project: str, institution: str, program: str, items: Sequence[QueueItem]
+    ) -> None:
+        self.project = project
+        self.institution = institution
+        self.program = program
+        self.items = items
+        self.position = 0
+
+
+ProjectEntry = tuple[float, float, int, str, _ProjectQueue]
+"""``(fair-share part, head's submit_time, head's sequence, project, queue)``; project names
+are unique in a heap, so comparisons never reach the queue."""
 
 
 class ShareOrder:
@@ -32,8 +85,6 @@ class ShareOrder:
 
     def __init__(self, fair_share: FairShare, queues: Mapping[str, Sequence[QueueItem]]) -> None:
         self._share = fair_share
-        self._queues = queues
-        self._position = dict.fromkeys(queues, 0)
         self._root: list[tuple[float, str]] = []
         self._programs: dict[str, list[tuple[float, str]]] = {}
         self._institutions: dict[str, list[ProjectEntry]] = {}
@@ -41,16 +92,15 @@ class ShareOrder:
         """Projects with jobs left, per institution."""
         self._live_institutions: dict[str, int] = {}
         """Institutions with jobs left, per program."""
-        self._parents: dict[str, tuple[str, str]] = {}
-        self._current: tuple[str, str, str, list[ProjectEntry]] | None = None
-        """Program, institution, project and project heap of the job last returned."""
+        self._heap: list[ProjectEntry] | None = None
+        """The project heap of the institution that the last job came from."""
         component = fair_share.component
         for project in sorted(queues):
-            if not queues[project]:
+            items = queues[project]
+            if not items:
                 continue
             institution = fair_share.parent(Level.PROJECT, project)
             program = fair_share.parent(Level.INSTITUTION, institution)
-            self._parents[project] = (institution, program)
             if institution not in self._live_projects:
                 self._live_projects[institution] = 0
                 if program not in self._live_institutions:
@@ -60,9 +110,12 @@ class ShareOrder:
                 entry = (component(Level.INSTITUTION, institution), institution)
                 self._programs.setdefault(program, []).append(entry)
             self._live_projects[institution] += 1
-            submit, sequence, _ = queues[project][0]
+            submit, sequence, _ = items[0]
             key = component(Level.PROJECT, project)
-            self._institutions.setdefault(institution, []).append((key, submit, sequence, project))
+            queue = _ProjectQueue(project, institution, program, items)
+            self._institutions.setdefault(institution, []).append(
+                (key, submit, sequence, project, queue)
+            )
         heapq.heapify(self._root)
         for heap in self._programs.values():
             heapq.heapify(heap)
@@ -71,39 +124,37 @@ class ShareOrder:
 
     def next_job(self) -> str | None:
         """Return the id of the next job to try, or ``None`` when every queue is done."""
-        current = self._current
-        if current is None:
+        heap = self._heap
+        if heap is None:
             if not self._root:
                 return None
             program = self._root[0][1]
-            institution = self._programs[program][0][1]
-            heap = self._institutions[institution]
-            current = (program, institution, heap[0][3], heap)
-            self._current = current
-        project = current[3][0][3]
-        if project != current[2]:
-            current = (current[0], current[1], project, current[3])
-            self._current = current
-        return self._queues[project][self._position[project]][2]
+            heap = self._institutions[self._programs[program][0][1]]
+            self._heap = heap
+        queue = heap[0][4]
+        return queue.items[queue.position][2]
 
     def advance(self, placed: bool) -> None:
         """Move past the job :meth:`next_job` returned; re-key its accounts when it was placed."""
-        current = self._current
-        assert current is not None
-        program, institution, project, heap = current
-        position = self._position[project] + 1
-        self._position[project] = position
-        queue = self._queues[project]
-        if position < len(queue):
-            key = self._share.component(Level.PROJECT, project) if placed else heap[0][0]
-            submit, sequence, _ = queue[position]
-            heapq.heapreplace(heap, (key, submit, sequence, project))
+        heap = self._heap
+        assert heap is not None
+        key, _, _, project, queue = heap[0]
+        queue.position += 1
+        if queue.position < len(queue.items):
+            if placed:
+                key = self._share.component(Level.PROJECT, project)
+            submit, sequence, _ = queue.items[queue.position]
+            heapq.heapreplace(heap, (key, submit, sequence, project, queue))
             if not placed:
                 return
         else:
             heapq.heappop(heap)
-            self._live_projects[institution] -= 1
-        self._current = None
+            self._live_projects[queue.institution] -= 1
+        self._heap = None
+        self._reinsert(queue.institution, queue.program, placed)
+
+    def _reinsert(self, institution: str, program: str, placed: bool) -> None:
+        """Re-key the institution and program of a placed job, or drop exhausted ones."""
         programs = self._programs[program]
         if self._live_projects[institution]:
             if placed:
