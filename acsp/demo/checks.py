@@ -22,6 +22,7 @@ def run_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         _samples_check(report),
         _jobs_check(report),
         _comparison_check(report),
+        _fleet_check(report),
     ]
     if report["inputs"].get("kill_metering_at_s") is not None:
         restarts = report.get("metering_restarts", [])
@@ -106,4 +107,16 @@ def _comparison_check(report: dict[str, Any]) -> dict[str, Any]:
         f"accelerator-seconds differ by {seconds['relative_difference']:.1%} "
         f"(at most {seconds['tolerance']:.0%}); queueing delay p50 within "
         f"{delays['allowance_s']:g} trace s of the simulated one: {delays['within']}",
+    )
+
+
+def _fleet_check(report: dict[str, Any]) -> dict[str, Any]:
+    """Pass when every provider, pledge and recall call succeeded or is not implemented."""
+    failed = report["fleet"]["failed_calls"]
+    unimplemented = report["fleet"]["unimplemented_rpcs"]
+    return _check(
+        "provider, pledge and recall calls succeeded",
+        not failed,
+        f"{len(failed)} failed {[(c['rpc'], c['target'], c['status']) for c in failed][:5]}; "
+        f"not implemented by the scheduler: {unimplemented or 'none'}",
     )

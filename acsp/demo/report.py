@@ -170,6 +170,7 @@ def _fleet_section(fleet: FleetPlan, fleet_setup: FleetSetup) -> dict[str, Any]:
         ],
         "setup_calls": fleet_setup.calls,
         "unimplemented_rpcs": fleet_setup.unimplemented,
+        "failed_calls": fleet_setup.failed,
     }
 
 

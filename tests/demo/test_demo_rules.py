@@ -121,6 +121,7 @@ def _passing_report() -> dict[str, Any]:
         },
         "pf_days": {"charged_gross": "0.5"},
         "jobs": {"unexplained": [], "not_submitted": 0},
+        "fleet": {"failed_calls": [], "unimplemented_rpcs": ["RegisterProvider"]},
         "comparison": {
             "accelerator_seconds": {"within": True, "relative_difference": 0.01, "tolerance": 0.15},
             "queueing_delay_p50": {"within": True, "allowance_s": 24000.0},
@@ -145,6 +146,11 @@ def test_checks_pass_on_consistent_report() -> None:
         (("metering", "agents", "usage_samples"), 41, "samples published equal samples ingested"),
         (("jobs", "unexplained"), ["j-1"], "every job is finished or pending with a reason"),
         (("inputs", "kill_metering_at_s"), 5.0, "metering was killed and came back"),
+        (
+            ("fleet", "failed_calls"),
+            [{"rpc": "SetPledge", "target": "p/r/T4", "status": "INVALID_ARGUMENT"}],
+            "provider, pledge and recall calls succeeded",
+        ),
     ],
 )
 def test_check_fails_on_inconsistency(path: tuple[str, ...], value: object, failing: str) -> None:

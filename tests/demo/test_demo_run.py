@@ -65,6 +65,7 @@ def _checks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "samples published equal samples ingested",
         "every job is finished or pending with a reason",
         "live and simulated agree within the tolerance",
+        "provider, pledge and recall calls succeeded",
     ],
 )
 def test_short_demo_check_passes(short_demo: dict[str, Any], name: str) -> None:
