@@ -146,7 +146,8 @@ class NodeAgent:
     async def _call(self, function: Callable[[], _T]) -> _T:
         if not self._blocking:
             return function()
-        return await asyncio.wait_for(asyncio.to_thread(function), self._backend_timeout_s)
+        async with asyncio.timeout(self._backend_timeout_s):
+            return await asyncio.to_thread(function)
 
     # Readings and health ---------------------------------------------------------------------
 

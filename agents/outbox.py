@@ -61,6 +61,7 @@ class Outbox:
         self._wake = asyncio.Event()
         self.counters = OutboxCounters()
         self._last_drop_log = 0
+        self._closed = False
 
     @property
     def pending(self) -> int:
@@ -99,14 +100,20 @@ class Outbox:
                 self.counters.dropped,
             )
 
+    def close(self) -> None:
+        """Make :meth:`run` return after its current step."""
+        self._closed = True
+        self._wake.set()
+
     async def run(self, publish: PublishFunction, connected: Callable[[], bool]) -> None:
-        """Spool and publish until cancelled."""
-        while True:
+        """Spool and publish until cancelled or closed."""
+        while not self._closed:
             self.flush_to_spool()
             if self._spool.pending_records == 0 or not connected():
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._retry_s)
+                    async with asyncio.timeout(self._retry_s):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
                 continue
@@ -116,14 +123,14 @@ class Outbox:
 
     async def _publish_batch(self, publish: PublishFunction) -> int:
         batch = self._spool.peek(self._batch_size)
+
+        async def publish_one(record: SpoolRecord) -> object:
+            async with asyncio.timeout(self._ack_timeout_s):
+                headers = {"Nats-Msg-Id": record.msg_id}
+                return await publish(record.subject, record.payload, headers)
+
         results = await asyncio.gather(
-            *(
-                asyncio.wait_for(
-                    publish(r.subject, r.payload, {"Nats-Msg-Id": r.msg_id}), self._ack_timeout_s
-                )
-                for r in batch
-            ),
-            return_exceptions=True,
+            *(publish_one(record) for record in batch), return_exceptions=True
         )
         acknowledged = 0
         for result in results:

@@ -113,6 +113,7 @@ class AgentProcess:
         self.counters = ProcessCounters()
         self.started = asyncio.Event()
         self._closing = False
+        self._stopping = False
 
     @property
     def connected(self) -> bool:
@@ -152,9 +153,22 @@ class AgentProcess:
             logger.info("agent serving %d nodes", len(self.nodes))
             await stop.wait()
             logger.info("agent stopping; tasks keep running and are found again on restart")
-            for loop in loops:
-                loop.cancel()
+            await self._stop_loops(loops)
         await self._shutdown()
+
+    async def _stop_loops(self, loops: list[asyncio.Task[Any]]) -> None:
+        # Each loop also checks the flag: a cancellation that a library swallows (the
+        # asyncio.wait_for race of Python 3.11 inside nats-py) then ends the loop anyway.
+        self._stopping = True
+        self._outbox.close()
+        pending = set(loops)
+        for _ in range(30):
+            for loop in pending:
+                loop.cancel()
+            _done, pending = await asyncio.wait(pending, timeout=1.0)
+            if not pending:
+                return
+        logger.error("%d agent loops did not stop: %s", len(pending), pending)
 
     async def _shutdown(self) -> None:
         self._closing = True
@@ -166,15 +180,17 @@ class AgentProcess:
             return
         if client.is_connected:
             with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
-                await asyncio.wait_for(self._send_heartbeats(stopping=True), 5.0)
+                async with asyncio.timeout(5.0):
+                    await self._send_heartbeats(stopping=True)
         with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
-            await asyncio.wait_for(client.close(), 5.0)
+            async with asyncio.timeout(5.0):
+                await client.close()
         logger.info("agent stopped; %d messages wait in the spool", self._outbox.pending)
 
     async def _every(self, interval_s: float, step: Callable[[], Any]) -> None:
         loop = asyncio.get_running_loop()
         next_time = loop.time()
-        while True:
+        while not self._stopping:
             next_time += interval_s
             try:
                 await step()
@@ -191,11 +207,11 @@ class AgentProcess:
 
     async def _connect_loop(self) -> None:
         options = self._connection
-        while self._client is None:
+        while self._client is None and not self._stopping:
             client = Client()
             try:
-                await asyncio.wait_for(
-                    client.connect(
+                async with asyncio.timeout(options.connect_timeout_s * 2 + 1):
+                    await client.connect(
                         servers=list(options.servers),
                         name=options.name,
                         user=options.user,
@@ -208,9 +224,7 @@ class AgentProcess:
                         error_cb=self._on_error,
                         disconnected_cb=self._on_disconnected,
                         reconnected_cb=self._on_reconnected,
-                    ),
-                    timeout=options.connect_timeout_s * 2 + 1,
-                )
+                    )
             except (nats.errors.Error, OSError, TimeoutError) as error:
                 logger.warning(
                     "cannot connect to NATS at %s (%s); retrying in %g s",
@@ -310,7 +324,7 @@ class AgentProcess:
             await asyncio.sleep(0)
 
     async def _inventory_on_reconnect(self) -> None:
-        while True:
+        while not self._stopping:
             await self._reconnected.wait()
             self._reconnected.clear()
             for index, node in enumerate(self.nodes):
@@ -349,7 +363,7 @@ class AgentProcess:
             max_ack_pending=1000,
         )
         subscription = None
-        while True:
+        while not self._stopping:
             try:
                 if subscription is None:
                     subscription = await self._client.jetstream().pull_subscribe(
