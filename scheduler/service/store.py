@@ -27,6 +27,13 @@ from .codec import (
     to_datetime,
 )
 from .model import Job, JobFilter, JobState
+from .store_sql import (
+    ACK_DISPATCHES,
+    INSERT_DISPATCHES,
+    INSERT_JOBS,
+    JOB_SELECT_LIST,
+    UPDATE_JOBS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +136,7 @@ class JobStore:
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             await self._check_epoch(conn, epoch)
             inserted = await conn.fetch(
-                _INSERT_JOBS,
+                INSERT_JOBS,
                 *[list(c) for c in columns],
                 list(request_ids),
                 timeout=self._timeout,
@@ -142,7 +149,7 @@ class JobStore:
             ]
             existing = (
                 await conn.fetch(
-                    f"SELECT {_SELECT}, request_id FROM scheduler.jobs"
+                    f"SELECT {JOB_SELECT_LIST}, request_id FROM scheduler.jobs"
                     " WHERE request_id = ANY($1::text[])",
                     missing,
                     timeout=self._timeout,
@@ -166,7 +173,7 @@ class JobStore:
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             await self._check_epoch(conn, epoch)
             await conn.execute(
-                _UPDATE_JOBS,
+                UPDATE_JOBS,
                 [job.job_id for job in jobs],
                 [job.state for job in jobs],
                 [job.pending_reason for job in jobs],
@@ -193,7 +200,7 @@ class JobStore:
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             await self._check_epoch(conn, epoch)
             rows = await conn.fetch(
-                _INSERT_DISPATCHES,
+                INSERT_DISPATCHES,
                 [r.job_id for r in records],
                 [r.attempt for r in records],
                 [r.task_index for r in records],
@@ -213,7 +220,7 @@ class JobStore:
             return
         async with self._pool.acquire(timeout=self._timeout) as conn:
             await conn.execute(
-                _ACK_DISPATCHES,
+                ACK_DISPATCHES,
                 [k[0] for k in keys],
                 [k[1] for k in keys],
                 [k[2] for k in keys],
@@ -293,7 +300,7 @@ class JobStore:
         """Return every pending, starting or running job of the shard, oldest first."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(
-                f"SELECT {_SELECT} FROM scheduler.jobs WHERE shard = $1"
+                f"SELECT {JOB_SELECT_LIST} FROM scheduler.jobs WHERE shard = $1"
                 " AND state IN ('pending', 'starting', 'running', 'stopping') ORDER BY job_id",
                 self.shard,
                 timeout=self._timeout,
@@ -303,7 +310,7 @@ class JobStore:
     async def get_job(self, job_id: str) -> Job | None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             row = await conn.fetchrow(
-                f"SELECT {_SELECT} FROM scheduler.jobs WHERE job_id = $1",
+                f"SELECT {JOB_SELECT_LIST} FROM scheduler.jobs WHERE job_id = $1",
                 job_id,
                 timeout=self._timeout,
             )
@@ -331,7 +338,7 @@ class JobStore:
             where("owner = {}", filters.owner)
         if filters.array_id:
             where("array_id = {}", filters.array_id)
-        sql = f"SELECT {_SELECT} FROM scheduler.jobs"
+        sql = f"SELECT {JOB_SELECT_LIST} FROM scheduler.jobs"
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
         args.append(size + 1)
@@ -405,13 +412,6 @@ def decode_page_token(token: str) -> str:
     return value
 
 
-_SELECT: Final = (
-    "job_id, owner, institution, spec::text, state, pending_reason, reason, attempt, array_id,"
-    " array_index, submitted_at, started_at, ended_at, hold_id, hold_amount, checkpoint_ref,"
-    " exit_code, placement::text"
-)
-
-
 def _job_from_row(row: asyncpg.Record) -> Job:
     submitted = cast(datetime, row["submitted_at"])
     hold_amount = cast(Decimal | None, row["hold_amount"])
@@ -435,54 +435,3 @@ def _job_from_row(row: asyncpg.Record) -> Job:
         exit_code=row["exit_code"],
         placement=placement_from_json(row["placement"]),
     )
-
-
-_INSERT_JOBS: Final = """
-INSERT INTO scheduler.jobs (job_id, shard, owner, institution, grant_id, project_id, spec, state,
-    pending_reason, reason, attempt, array_id, array_index, submitted_at, started_at, ended_at,
-    hold_id, hold_amount, checkpoint_ref, exit_code, placement, cause, epoch, request_id)
-SELECT u.job_id, u.shard, u.owner, u.institution, u.grant_id, u.project_id, u.spec::jsonb,
-    u.state, u.pending_reason, u.reason, u.attempt, u.array_id, u.array_index, u.submitted_at,
-    u.started_at, u.ended_at, u.hold_id, u.hold_amount, u.checkpoint_ref, u.exit_code,
-    u.placement::jsonb, u.cause, u.epoch, u.request_id
-FROM unnest(
-    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-    $8::text[], $9::text[], $10::text[], $11::int[], $12::text[], $13::int[],
-    $14::timestamptz[], $15::timestamptz[], $16::timestamptz[], $17::text[], $18::numeric[],
-    $19::text[], $20::int[], $21::text[], $22::text[], $23::bigint[], $24::text[]
-) AS u(job_id, shard, owner, institution, grant_id, project_id, spec, state, pending_reason,
-       reason, attempt, array_id, array_index, submitted_at, started_at, ended_at, hold_id,
-       hold_amount, checkpoint_ref, exit_code, placement, cause, epoch, request_id)
-ON CONFLICT (request_id) DO NOTHING
-RETURNING job_id
-"""
-
-_UPDATE_JOBS: Final = """
-UPDATE scheduler.jobs AS j SET
-    state = u.state, pending_reason = u.pending_reason, reason = u.reason, attempt = u.attempt,
-    started_at = u.started_at, ended_at = u.ended_at, hold_id = u.hold_id,
-    hold_amount = u.hold_amount, checkpoint_ref = u.checkpoint_ref, exit_code = u.exit_code,
-    placement = u.placement::jsonb, cause = u.cause, epoch = $14, updated_at = now()
-FROM unnest(
-    $1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
-    $7::timestamptz[], $8::text[], $9::numeric[], $10::text[], $11::int[], $12::text[],
-    $13::text[]
-) AS u(job_id, state, pending_reason, reason, attempt, started_at, ended_at, hold_id,
-       hold_amount, checkpoint_ref, exit_code, placement, cause)
-WHERE j.job_id = u.job_id
-"""
-
-_INSERT_DISPATCHES: Final = """
-INSERT INTO scheduler.dispatches (job_id, attempt, task_index, kind, node_key, payload, epoch)
-SELECT u.*, $7 FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::text[], $6::bytea[])
-    AS u(job_id, attempt, task_index, kind, node_key, payload)
-ON CONFLICT DO NOTHING
-RETURNING job_id, attempt, task_index, kind
-"""
-
-_ACK_DISPATCHES: Final = """
-UPDATE scheduler.dispatches AS d SET acked_at = now()
-FROM unnest($1::text[], $2::int[], $3::int[], $4::text[]) AS u(job_id, attempt, task_index, kind)
-WHERE d.job_id = u.job_id AND d.attempt = u.attempt AND d.task_index = u.task_index
-    AND d.kind = u.kind AND d.acked_at IS NULL
-"""

@@ -1,0 +1,61 @@
+"""SQL statements of the job store, each one round trip for a whole batch."""
+
+from __future__ import annotations
+
+from typing import Final
+
+JOB_SELECT_LIST: Final = (
+    "job_id, owner, institution, spec::text, state, pending_reason, reason, attempt, array_id,"
+    " array_index, submitted_at, started_at, ended_at, hold_id, hold_amount, checkpoint_ref,"
+    " exit_code, placement::text"
+)
+
+INSERT_JOBS: Final = """
+INSERT INTO scheduler.jobs (job_id, shard, owner, institution, grant_id, project_id, spec, state,
+    pending_reason, reason, attempt, array_id, array_index, submitted_at, started_at, ended_at,
+    hold_id, hold_amount, checkpoint_ref, exit_code, placement, cause, epoch, request_id)
+SELECT u.job_id, u.shard, u.owner, u.institution, u.grant_id, u.project_id, u.spec::jsonb,
+    u.state, u.pending_reason, u.reason, u.attempt, u.array_id, u.array_index, u.submitted_at,
+    u.started_at, u.ended_at, u.hold_id, u.hold_amount, u.checkpoint_ref, u.exit_code,
+    u.placement::jsonb, u.cause, u.epoch, u.request_id
+FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+    $8::text[], $9::text[], $10::text[], $11::int[], $12::text[], $13::int[],
+    $14::timestamptz[], $15::timestamptz[], $16::timestamptz[], $17::text[], $18::numeric[],
+    $19::text[], $20::int[], $21::text[], $22::text[], $23::bigint[], $24::text[]
+) AS u(job_id, shard, owner, institution, grant_id, project_id, spec, state, pending_reason,
+       reason, attempt, array_id, array_index, submitted_at, started_at, ended_at, hold_id,
+       hold_amount, checkpoint_ref, exit_code, placement, cause, epoch, request_id)
+ON CONFLICT (request_id) DO NOTHING
+RETURNING job_id
+"""
+
+UPDATE_JOBS: Final = """
+UPDATE scheduler.jobs AS j SET
+    state = u.state, pending_reason = u.pending_reason, reason = u.reason, attempt = u.attempt,
+    started_at = u.started_at, ended_at = u.ended_at, hold_id = u.hold_id,
+    hold_amount = u.hold_amount, checkpoint_ref = u.checkpoint_ref, exit_code = u.exit_code,
+    placement = u.placement::jsonb, cause = u.cause, epoch = $14, updated_at = now()
+FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
+    $7::timestamptz[], $8::text[], $9::numeric[], $10::text[], $11::int[], $12::text[],
+    $13::text[]
+) AS u(job_id, state, pending_reason, reason, attempt, started_at, ended_at, hold_id,
+       hold_amount, checkpoint_ref, exit_code, placement, cause)
+WHERE j.job_id = u.job_id
+"""
+
+INSERT_DISPATCHES: Final = """
+INSERT INTO scheduler.dispatches (job_id, attempt, task_index, kind, node_key, payload, epoch)
+SELECT u.*, $7 FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::text[], $6::bytea[])
+    AS u(job_id, attempt, task_index, kind, node_key, payload)
+ON CONFLICT DO NOTHING
+RETURNING job_id, attempt, task_index, kind
+"""
+
+ACK_DISPATCHES: Final = """
+UPDATE scheduler.dispatches AS d SET acked_at = now()
+FROM unnest($1::text[], $2::int[], $3::int[], $4::text[]) AS u(job_id, attempt, task_index, kind)
+WHERE d.job_id = u.job_id AND d.attempt = u.attempt AND d.task_index = u.task_index
+    AND d.kind = u.kind AND d.acked_at IS NULL
+"""
