@@ -15,7 +15,6 @@ from scheduler.engine import decisions as d
 from scheduler.engine import events as ev
 from scheduler.engine import spec as es
 from scheduler.engine.engine import Engine
-from scheduler.engine.placement import TaskPlan
 
 from .fleet import NodeView
 from .model import Job, TaskPlacement
@@ -136,10 +135,7 @@ class EngineAdapter:
         if draining:
             self.engine.apply(ev.NodeDrain(key), now)
             return
-        # NOTE: the engine has no undrain event; setting the state directly is the only way.
-        node = self.engine.fleet.node(key)
-        if node.state is es.NodeState.DRAINING:
-            self.engine.fleet.set_state(node, es.NodeState.UP)
+        self.engine.apply(ev.NodeUndrain(key), now)
 
     def tasks_stopped(self, key: str, job_id: str) -> None:
         if key in self._known_nodes:
@@ -180,20 +176,24 @@ class EngineAdapter:
     def add_job(self, job: Job) -> None:
         self.engine.submit(job_to_engine(job))
 
-    def add_running(self, job: Job, now: float) -> None:
-        """Re-enter a job that runs on its persisted placement, after a restart."""
-        # NOTE: the engine has no public call to adopt a running job; this uses its
-        # commit step, which holds the listed accelerators exactly as a pass would.
+    def add_running(self, job: Job, now: float) -> bool:
+        """Re-enter a job that runs on its persisted placement, after a restart.
+
+        Returns False, with the job queued as pending instead, when the placement no longer
+        fits the nodes' inventories (an accelerator gone, or shares that overlap).
+        """
         spec = job_to_engine(job)
-        self.engine.submit(spec)
-        record = self.engine.jobs[spec.job_id]
-        plans = []
-        for task in job.placement:
-            node = self.engine.fleet.node(task.node_key)
-            ids = node.spec.accelerator_ids
-            indices = tuple(ids.index(acc) for acc in task.accelerators if acc in ids)
-            plans.append(TaskPlan(task.task_index, node, indices, task.millis))
-        self.engine._commit(record, plans, now)
+        tasks = [
+            d.TaskPlacement(t.task_index, t.node_key, t.accelerators, t.millis)
+            for t in job.placement
+        ]
+        try:
+            self.engine.adopt(spec, tasks, now)
+        except (es.InvalidInputError, KeyError) as exc:
+            logger.error("job %s cannot keep its placement after the restart: %s", job.job_id, exc)
+            self.engine.submit(spec)
+            return False
+        return True
 
     def running_in_engine(self, job_id: str) -> bool:
         record = self.engine.jobs.get(job_id)

@@ -62,6 +62,8 @@ class JobBook:
         self._admitting: set[str] = set()
         self._abandoned: dict[tuple[str, int], Job] = {}
         """Attempts requeued while their hold request was in flight."""
+        self._requeue_reloaded: list[str] = []
+        """Reloaded jobs whose placement the engine could not take back, requeued next turn."""
         self._settle_reloaded: list[str] = []
         """Reloaded stopping jobs with no live task left, finished on the next turn."""
         self._cancel_after_hold: dict[str, tuple[str, str]] = {}
@@ -82,7 +84,9 @@ class JobBook:
             if job.state == "pending":
                 self.engine.add_job(job)
                 continue
-            self.engine.add_running(job, now)
+            if not self.engine.add_running(job, now):
+                self._requeue_reloaded.append(job.job_id)
+                continue
             if job.state == "starting":
                 self._starting_since[job.job_id] = now
             if job.state == "stopping":
@@ -94,7 +98,12 @@ class JobBook:
                     self._settle_reloaded.append(job.job_id)
 
     def settle_reloaded(self, fx: Effects) -> None:
-        """Finish reloaded stopping jobs that have nothing left to stop."""
+        """Requeue reloaded jobs the engine could not adopt, and finish reloaded stopping
+        jobs that have nothing left to stop."""
+        while self._requeue_reloaded:
+            job_id = self._requeue_reloaded.pop()
+            reason = "its placement no longer matches the nodes' inventories"
+            self.requeue(job_id, reason, "reload", fx, release=False)
         while self._settle_reloaded:
             job_id = self._settle_reloaded.pop()
             stopping = self._stopping.pop(job_id, None)

@@ -12,7 +12,7 @@ from scheduler.service.admission import HoldOutcome, RateCard
 from scheduler.service.engine_adapter import EngineAdapter
 from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
 from scheduler.service.jobbook import Effects, JobBook
-from scheduler.service.model import Job, JobSpec, new_job_id
+from scheduler.service.model import Job, JobSpec, TaskPlacement, new_job_id
 
 NOW = 1_800_000_000.0
 
@@ -247,3 +247,29 @@ def test_reloaded_stopping_job_without_tasks_ends() -> None:
     book.settle_reloaded(fx)
     assert fx.changed[job.job_id][0].state == "cancelled"
     assert job.job_id not in book.jobs
+
+
+def test_reloaded_running_job_keeps_its_accelerators() -> None:
+    book = make_book(gpus=2)
+    placement = tuple(
+        TaskPlacement(i, "prov", "reg", "n1", (f"GPU-{i}",), state="started") for i in range(2)
+    )
+    running = replace(make_job(), state="running", placement=placement)
+    book.add([running], NOW)
+    newcomer = make_job(tasks=1, project="other")
+    fx = place(book, newcomer, NOW + 1)
+    assert fx.admit == []
+    assert book.jobs[newcomer.job_id].pending_reason != ""
+
+
+def test_reloaded_job_on_missing_accelerator_is_requeued() -> None:
+    book = make_book(gpus=2)
+    placement = (TaskPlacement(0, "prov", "reg", "n1", ("GPU-gone",), state="started"),)
+    running = replace(make_job(tasks=1), state="running", placement=placement)
+    book.add([running], NOW)
+    fx = Effects(NOW + 1)
+    book.settle_reloaded(fx)
+    requeued = book.jobs[running.job_id]
+    assert requeued.state == "pending"
+    assert requeued.attempt == 2
+    assert [r.kind for r in fx.commands] == ["stop"]
