@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from scheduler.engine.decisions import (
@@ -26,7 +26,7 @@ from scheduler.engine.decisions import (
 )
 from scheduler.engine.engine import Engine, QueueKey
 from scheduler.engine.fleet import TENTATIVE_OWNER, Pool
-from scheduler.engine.ordering import ShareOrder
+from scheduler.engine.ordering import QueueItem, ShareOrder
 from scheduler.engine.placement import (
     Excluded,
     TaskPlan,
@@ -72,6 +72,10 @@ class PassState:
     placed_classes: dict[int, PriorityClass] = field(default_factory=dict)
     """Pool ordinal -> highest class placed there in this pass."""
     charged: dict[str, float] = field(default_factory=dict)
+    group_cache: dict[tuple[int, Topology, bool], tuple[tuple[Pool, ...], list[list[Pool]]]] = (
+        field(default_factory=dict)
+    )
+    """Groups of candidate pools per pool tuple, topology and cross-provider flag."""
     preemptions_left: int = 0
 
     # Pools and exclusions.
@@ -114,7 +118,17 @@ class PassState:
             return plan_same_node(fleet, spec, pools, excluded)
         if spec.topology is Topology.SAME_INTERCONNECT_DOMAIN:
             return plan_domain(fleet, spec, pools, excluded)
-        return plan_spread(fleet, spec, topology_groups(spec, pools), excluded)
+        return plan_spread(fleet, spec, self.groups(spec, pools), excluded)
+
+    def groups(self, spec: JobSpec, pools: tuple[Pool, ...]) -> list[list[Pool]]:
+        """Return :func:`topology_groups`, computed once per pass for the same pools."""
+        key = (id(pools), spec.topology, spec.allow_cross_provider)
+        found = self.group_cache.get(key)
+        if found is None:
+            # The entry keeps ``pools`` alive, so its id stays unique for the pass.
+            found = (pools, topology_groups(spec, pools))
+            self.group_cache[key] = found
+        return found[1]
 
     def _plan_fractional(
         self, spec: JobSpec, pools: tuple[Pool, ...], excluded: Excluded
@@ -125,7 +139,7 @@ class PassState:
             if found is None:
                 return None
             return [TaskPlan(0, found[0], (found[1],), spec.millis_per_task)]
-        for group in topology_groups(spec, pools):
+        for group in self.groups(spec, pools):
             plans: list[TaskPlan] = []
             for task in range(spec.task_count):
                 found = best_fit_share(fleet, group, spec.millis_per_task, excluded)
@@ -348,15 +362,33 @@ class PassState:
         for priority in sorted({key[0] for key in snapshots}, reverse=True):
             queues = {key[1]: items for key, items in snapshots.items() if key[0] == priority}
             order = ShareOrder(engine.fair_share, queues)
-            next_job, advance, jobs, try_job = (
-                order.next_job,
-                order.advance,
-                engine.jobs,
-                self.try_job,
-            )
-            while (next_id := next_job()) is not None:
-                record = jobs[next_id]
-                advance(record.spec.start_at is None and try_job(record))
+            while (run := order.next_run()) is not None:
+                queue, bound = run
+                order.end_run(*self._serve_run(queue.items, queue.position, bound))
+
+    def _serve_run(
+        self, items: Sequence[QueueItem], position: int, bound: tuple[float, int] | None
+    ) -> tuple[int, bool]:
+        """Try a project's jobs from ``position`` on while they come first in the order.
+
+        Stops after a placement (which changes the order), at the end of the queue, or at the
+        first job that sorts at or after ``bound``. Returns the position after the last job
+        tried and whether that job was placed.
+        """
+        jobs = self.engine.jobs
+        try_job = self.try_job
+        end = len(items)
+        while True:
+            record = jobs[items[position][2]]
+            position += 1
+            if record.spec.start_at is None and try_job(record):
+                return position, True
+            if position == end:
+                return position, False
+            if bound is not None:
+                submit, sequence, _ = items[position]
+                if (submit, sequence) >= bound:
+                    return position, False
 
     def serve_advance(self) -> None:
         """Place advance reservations that are due; reserve protected room for later ones."""

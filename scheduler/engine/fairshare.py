@@ -42,6 +42,7 @@ class FairShare:
         self._accounts: dict[tuple[Level, str], _Account] = {}
         self._parent: dict[tuple[Level, str], tuple[Level, str] | None] = {}
         self._clock: float | None = None
+        self._chains: dict[str, tuple[_Account, ...]] = {}
         self._total_weights: dict[tuple[Level, str], float] = {}
         """Cached sum of the children's weights per parent; cleared when weights change."""
 
@@ -60,6 +61,8 @@ class FairShare:
         self._parent[(Level.PROGRAM, program)] = None
         self._parent[(Level.INSTITUTION, institution)] = (Level.PROGRAM, program)
         self._parent[key] = (Level.INSTITUTION, institution)
+        # An institution may have moved to another program: rebuild every chain.
+        self._chains.clear()
         self._account(Level.PROGRAM, "").children.add(program)
         self._account(Level.PROGRAM, program).children.add(institution)
         self._account(Level.INSTITUTION, institution).children.add(project)
@@ -81,17 +84,28 @@ class FairShare:
 
     def add_running(self, project: str, millis: int) -> None:
         """Change the millis a project (and its parents) run now; negative when jobs stop."""
-        key: tuple[Level, str] | None = (Level.PROJECT, project)
-        while key is not None:
-            self._account(*key).rate += millis
-            key = self._parent.get(key)
+        for account in self._chain(project):
+            account.rate += millis
 
     def charge(self, project: str, usage: float) -> None:
         """Add usage at once, e.g. for a job admitted in the current pass."""
-        key: tuple[Level, str] | None = (Level.PROJECT, project)
-        while key is not None:
-            self._account(*key).usage += usage
-            key = self._parent.get(key)
+        for account in self._chain(project):
+            account.usage += usage
+
+    def _chain(self, project: str) -> tuple[_Account, ...]:
+        """Return the accounts of a project and of its parents up to the root."""
+        chain = self._chains.get(project)
+        if chain is None:
+            accounts = []
+            key: tuple[Level, str] | None = (Level.PROJECT, project)
+            while key is not None:
+                accounts.append(self._account(*key))
+                key = self._parent.get(key)
+            chain = tuple(accounts)
+            if (Level.PROJECT, project) in self._parent:
+                # Only a registered project's parents are final.
+                self._chains[project] = chain
+        return chain
 
     def usage(self, level: Level, name: str) -> float:
         return self._account(level, name).usage

@@ -23,7 +23,7 @@ PoolKey = tuple[str, str, str]
 class Domain:
     """An interconnect domain inside one pool."""
 
-    __slots__ = ("free", "name", "nodes", "ordinal")
+    __slots__ = ("free", "indexed_free", "name", "nodes", "ordinal")
 
     def __init__(self, name: str, ordinal: int) -> None:
         self.name = name
@@ -31,6 +31,8 @@ class Domain:
         self.nodes: list[NodeRecord] = []
         self.free = 0
         """Free whole accelerators on the domain's up nodes."""
+        self.indexed_free = 0
+        """``free`` as the pool's domain index last recorded it."""
 
 
 class NodeRecord:
@@ -88,13 +90,16 @@ class Pool:
         """``buckets[n]``: ordinals of up nodes with exactly ``n`` free whole accelerators."""
         self.nonempty = 0
         """Bit ``n`` is set when ``buckets[n]`` is not empty."""
+        self._slots: dict[int, int] = {}
+        """Accelerators per task -> :meth:`whole_slots`, until the buckets change."""
         self.shared: SortedList = SortedList()
         """``(free_millis, node_ordinal, index)`` of partly used accelerators on up nodes."""
         self.domains: dict[str, Domain] = {}
         self.domain_list: list[Domain] = []
         """Domains by ordinal."""
-        self.domain_free: SortedList = SortedList()
-        """``(free whole accelerators, domain ordinal)`` of every domain."""
+        self._domain_free: SortedList = SortedList()
+        self._stale_domains: set[Domain] = set()
+        """Domains whose ``free`` changed since ``_domain_free`` recorded it."""
         self.used_millis = 0
         """Millis allocated on this pool's nodes in any state."""
         self.total_millis = 0
@@ -130,12 +135,60 @@ class Pool:
     def bucket_add(self, free: int, ordinal: int) -> None:
         self.buckets[free].add(ordinal)
         self.nonempty |= 1 << free
+        if self._slots:
+            self._slots.clear()
 
     def bucket_remove(self, free: int, ordinal: int) -> None:
         bucket = self.buckets[free]
         bucket.remove(ordinal)
         if not bucket:
             self.nonempty &= ~(1 << free)
+        if self._slots:
+            self._slots.clear()
+
+    def whole_slots(self, per_task: int) -> int:
+        """Count tasks of ``per_task`` whole accelerators the up nodes can take, ignoring caps.
+
+        Kept until a node's free count changes, because a gang search reads every candidate
+        pool while a placement changes only one.
+        """
+        slots = self._slots.get(per_task)
+        if slots is None:
+            slots = 0
+            buckets = self.buckets
+            for free in range(per_task, len(buckets)):
+                slots += len(buckets[free]) * (free // per_task)
+            self._slots[per_task] = slots
+        return slots
+
+    def domain_free(self) -> SortedList:
+        """Return ``(free whole accelerators, domain ordinal)`` of every domain, sorted.
+
+        Placements only mark domains stale; the index catches up here, when a search for an
+        interconnect domain reads it, so a pass that places many small jobs does not pay for it.
+        """
+        stale = self._stale_domains
+        if stale:
+            index = self._domain_free
+            # The order of the updates does not change the sorted result.
+            for domain in stale:
+                if domain.free != domain.indexed_free:
+                    index.remove((domain.indexed_free, domain.ordinal))
+                    index.add((domain.free, domain.ordinal))
+                    domain.indexed_free = domain.free
+            stale.clear()
+        return self._domain_free
+
+    def add_domain(self, domain: Domain) -> None:
+        self.domains[domain.name] = domain
+        self.domain_list.append(domain)
+        self._domain_free.add((domain.indexed_free, domain.ordinal))
+
+    def move_domain(self, domain: Domain, delta: int) -> None:
+        """Change a domain's free whole accelerators by ``delta``."""
+        if delta:
+            domain.free += delta
+            self._stale_domains.add(domain)
 
     def smallest_fit(self, count: int) -> int | None:
         """Return the smallest free count >= ``count`` that some up node has, if any."""
@@ -179,9 +232,7 @@ class Fleet:
         domain = pool.domains.get(domain_name)
         if domain is None:
             domain = Domain(domain_name, len(pool.domains))
-            pool.domains[domain_name] = domain
-            pool.domain_list.append(domain)
-            pool.domain_free.add((0, domain.ordinal))
+            pool.add_domain(domain)
         node = NodeRecord(spec, len(self.nodes), pool, domain)
         self.nodes.append(node)
         self.by_id[spec.node_id] = node
@@ -271,28 +322,20 @@ class Fleet:
             pool = node.pool
             pool.bucket_remove(node.free_whole, node.ordinal)
             pool.bucket_add(free, node.ordinal)
-            self._move_domain(node.domain, free - node.free_whole)
+            node.pool.move_domain(node.domain, free - node.free_whole)
         node.free_whole = free
-
-    def _move_domain(self, domain: Domain, delta: int) -> None:
-        if delta == 0:
-            return
-        pool = domain.nodes[0].pool
-        pool.domain_free.remove((domain.free, domain.ordinal))
-        domain.free += delta
-        pool.domain_free.add((domain.free, domain.ordinal))
 
     def _index_add(self, node: NodeRecord) -> None:
         node.pool.up_accelerators += len(node.used)
         node.pool.bucket_add(node.free_whole, node.ordinal)
-        self._move_domain(node.domain, node.free_whole)
+        node.pool.move_domain(node.domain, node.free_whole)
         for index in range(len(node.used)):
             self._index_add_accelerator(node, index)
 
     def _index_remove(self, node: NodeRecord) -> None:
         node.pool.up_accelerators -= len(node.used)
         node.pool.bucket_remove(node.free_whole, node.ordinal)
-        self._move_domain(node.domain, -node.free_whole)
+        node.pool.move_domain(node.domain, -node.free_whole)
         for index in range(len(node.used)):
             self._index_remove_accelerator(node, index)
 

@@ -80,7 +80,7 @@ are unique in a heap, so comparisons never reach the queue."""
 class ShareOrder:
     """Hierarchical fair-share order over the projects of one class.
 
-    Call :meth:`next_job`, then :meth:`advance` once for the job it returned.
+    Call :meth:`next_run`, try jobs of the queue it returns, then call :meth:`end_run`.
     """
 
     def __init__(self, fair_share: FairShare, queues: Mapping[str, Sequence[QueueItem]]) -> None:
@@ -122,8 +122,15 @@ class ShareOrder:
         for projects in self._institutions.values():
             heapq.heapify(projects)
 
-    def next_job(self) -> str | None:
-        """Return the id of the next job to try, or ``None`` when every queue is done."""
+    def next_run(self) -> tuple[_ProjectQueue, tuple[float, int] | None] | None:
+        """Return the project queue whose head comes next, and how long it stays first.
+
+        While nothing is placed no key changes, so the project's following jobs come next
+        until one sorts after the best other project of its institution. The bound is that
+        project's ``(submit_time, sequence)`` when both have the same fair-share part, and
+        ``None`` when every job left in the queue comes first. Returns ``None`` when every
+        queue is done. Call :meth:`end_run` before the next call.
+        """
         heap = self._heap
         if heap is None:
             if not self._root:
@@ -131,19 +138,24 @@ class ShareOrder:
             program = self._root[0][1]
             heap = self._institutions[self._programs[program][0][1]]
             self._heap = heap
-        queue = heap[0][4]
-        return queue.items[queue.position][2]
+        top = heap[0]
+        bound = None
+        if len(heap) > 1:
+            rival = heap[1] if len(heap) == 2 or heap[1] < heap[2] else heap[2]
+            if rival[0] <= top[0]:
+                bound = (rival[1], rival[2])
+        return top[4], bound
 
-    def advance(self, placed: bool) -> None:
-        """Move past the job :meth:`next_job` returned; re-key its accounts when it was placed."""
+    def end_run(self, position: int, placed: bool) -> None:
+        """Move the run's queue to ``position``; re-key its accounts if its last job was placed."""
         heap = self._heap
         assert heap is not None
         key, _, _, project, queue = heap[0]
-        queue.position += 1
-        if queue.position < len(queue.items):
+        queue.position = position
+        if position < len(queue.items):
             if placed:
                 key = self._share.component(Level.PROJECT, project)
-            submit, sequence, _ = queue.items[queue.position]
+            submit, sequence, _ = queue.items[position]
             heapq.heapreplace(heap, (key, submit, sequence, project, queue))
             if not placed:
                 return

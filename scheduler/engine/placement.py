@@ -71,7 +71,7 @@ def best_fit_share(
     """Return ``(node, accelerator index)`` for a fractional task of ``millis``."""
     best: tuple[int, int, int, int] | None = None
     for pool in pools:
-        if pool.available_millis() < millis:
+        if not pool.shared or pool.available_millis() < millis:
             continue
         start = pool.shared.bisect_left((millis, -1, -1))
         for entry in pool.shared.islice(start):
@@ -104,11 +104,8 @@ def plan_same_node(
 
 def task_slots(pool: Pool, per_task: int) -> int:
     """Count tasks of ``per_task`` whole accelerators the pool's up nodes can take now."""
-    slots = 0
-    for free in range(per_task, len(pool.buckets)):
-        slots += len(pool.buckets[free]) * (free // per_task)
     cap_slots = pool.available_millis() // (per_task * MILLIS_PER_ACCELERATOR)
-    return min(slots, cap_slots)
+    return min(pool.whole_slots(per_task), cap_slots)
 
 
 def fill_nodes(
@@ -147,9 +144,15 @@ def plan_spread(
     same_region). The group with the fewest free task slots that still fits is chosen.
     """
     per_task = job.accelerators_per_task
+    task_millis = per_task * MILLIS_PER_ACCELERATOR
     ranked: list[tuple[int, int, Sequence[Pool]]] = []
     for position, group in enumerate(groups):
-        slots = sum(task_slots(pool, per_task) for pool in group)
+        # task_slots() inlined: this runs for every candidate pool of every gang search.
+        slots = 0
+        for pool in group:
+            whole = pool.whole_slots(per_task)
+            if whole:
+                slots += min(whole, pool.available_millis() // task_millis)
         if slots >= job.task_count:
             ranked.append((slots, position, group))
     ranked.sort(key=lambda item: item[:2])
@@ -184,8 +187,9 @@ def plan_domain(
     for pool in pools:
         if pool.available_millis() < need * MILLIS_PER_ACCELERATOR:
             continue
-        start = pool.domain_free.bisect_left((need, -1))
-        for free, ordinal in pool.domain_free.islice(start):
+        domain_free = pool.domain_free()
+        start = domain_free.bisect_left((need, -1))
+        for free, ordinal in domain_free.islice(start):
             if best is not None and (free, pool.ordinal) >= best[:2]:
                 break
             domain = pool.domain_list[ordinal]
