@@ -41,7 +41,7 @@ class Clearing(enum.StrEnum):
     LEVEL = "level"
     """Clears when the reading (or the fault's end event) no longer shows it."""
     RESET = "reset"
-    """Clears when the volatile uncorrected ECC count reads zero, which a GPU reset causes."""
+    """Clears when the volatile uncorrected ECC count drops to zero, as a GPU reset makes it."""
     NEVER = "never"
     """Persists across agent restarts until an operator clears it."""
 
@@ -75,9 +75,9 @@ def _xid(
 
 
 # Immediate actions follow NVIDIA's Xid catalog for Ampere and newer GPUs (docs.nvidia.com,
-# "Analyzing Xid Errors with the Xid Catalog"): RESTART_APP and IGNORE become a report,
-# RESET_GPU drains the node (or marks the GPU unusable when memory is corrupt), RESTART_BM
-# drains the node and marks the GPU unusable until an operator clears it.
+# "Analyzing Xid Errors with the Xid Catalog"). RESTART_APP and IGNORE become a report.
+# RESET_GPU drains the node, or marks the GPU unusable when memory contents are corrupt.
+# RESTART_BM drains the node and keeps the GPU failed until an operator clears it.
 XID_RULES: Mapping[int, Rule] = {
     13: _xid(13, _DEGRADED, _REPORT, _W, "graphics engine exception"),
     31: _xid(31, _DEGRADED, _REPORT, _W, "GPU memory page fault"),
@@ -238,7 +238,7 @@ class HealthTracker:
         return sorted(c.message for (u, _), c in self._conditions.items() if u == NODE)
 
     def drain_requested(self) -> bool:
-        """Return True while any active condition asks to drain the node."""
+        """Return True while any active condition requests draining the node."""
         return any(c.rule.action is HealthAction.DRAIN_NODE for c in self._conditions.values())
 
     def persistent_conditions(self) -> dict[str, list[str]]:
@@ -289,36 +289,51 @@ class HealthTracker:
     def _apply_counters(
         self, now: float, reading: AcceleratorReading, previous: AcceleratorReading | None
     ) -> list[HealthEvent]:
-        uuid = reading.uuid
+        out = self._apply_volatile_ecc(now, reading, previous)
+        out.extend(self._apply_lifetime_ecc(now, reading))
+        out.extend(self._apply_nvlink(now, reading, previous))
+        return out
+
+    def _apply_volatile_ecc(
+        self, now: float, reading: AcceleratorReading, previous: AcceleratorReading | None
+    ) -> list[HealthEvent]:
         out = []
         double = reading.ecc.volatile_double
-        before = previous.ecc.volatile_double if previous else 0
+        before = previous.ecc.volatile_double if previous else None
         if double is not None and double > (before or 0):
             rule = READING_RULES["ecc_dbe"]
             message = f"{rule.description}: volatile count {double}"
-            out.append(self._occur(now, uuid, rule, message))
-        if double == 0:
+            out.append(self._occur(now, reading.uuid, rule, message))
+
+        # A drop of the volatile count to zero means the GPU was reset or the driver reloaded.
+        # Requiring the drop keeps an XID 48 that races ahead of its counter from clearing.
+        if double == 0 and before:
             for key, condition in list(self._conditions.items()):
-                if key[0] == uuid and condition.rule.clearing is Clearing.RESET:
+                if key[0] == reading.uuid and condition.rule.clearing is Clearing.RESET:
                     out.append(self._clear(now, key, "volatile ECC count reset"))
+        return out
+
+    def _apply_lifetime_ecc(self, now: float, reading: AcceleratorReading) -> list[HealthEvent]:
         lifetime = reading.ecc.aggregate_double
-        threshold_key = (uuid, "ecc_dbe_over_threshold")
-        if (
-            lifetime is not None
-            and lifetime >= self._settings.double_bit_threshold
-            and threshold_key not in self._conditions
-        ):
-            rule = READING_RULES["ecc_dbe_over_threshold"]
-            message = f"{rule.description} ({lifetime} >= {self._settings.double_bit_threshold})"
-            out.append(self._occur(now, uuid, rule, message))
+        threshold = self._settings.double_bit_threshold
+        if lifetime is None or lifetime < threshold:
+            return []
+        if (reading.uuid, "ecc_dbe_over_threshold") in self._conditions:
+            return []
+        rule = READING_RULES["ecc_dbe_over_threshold"]
+        message = f"{rule.description} ({lifetime} >= {threshold})"
+        return [self._occur(now, reading.uuid, rule, message)]
+
+    def _apply_nvlink(
+        self, now: float, reading: AcceleratorReading, previous: AcceleratorReading | None
+    ) -> list[HealthEvent]:
         links = reading.nvlink_errors
         links_before = previous.nvlink_errors if previous else None
-        if links is not None and links_before is not None and links > links_before:
-            rule = READING_RULES["nvlink_errors"]
-            out.append(
-                self._occur(now, uuid, rule, f"{rule.description} by {links - links_before}")
-            )
-        return out
+        if links is None or links_before is None or links <= links_before:
+            return []
+        rule = READING_RULES["nvlink_errors"]
+        message = f"{rule.description} by {links - links_before}"
+        return [self._occur(now, reading.uuid, rule, message)]
 
     def _occur(self, now: float, uuid: str, rule: Rule, message: str, code: int = 0) -> HealthEvent:
         key = (uuid, rule.cause)

@@ -123,7 +123,7 @@ class HealthState(enum.IntEnum):
 
 
 class HealthAction(enum.IntEnum):
-    """Action a health condition asks of the scheduler, ordered by strength."""
+    """Action a health condition requests from the scheduler, ordered by strength."""
 
     REPORT = 0
     """Record the event; keep scheduling on the accelerator."""

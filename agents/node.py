@@ -207,8 +207,8 @@ class NodeAgent:
         self._update_unusable()
 
     def _update_unusable(self) -> None:
-        # NOTE: tasks already running on an accelerator that fails keep running; the
-        # scheduler sees the health event (with their task ids) and decides to stop them.
+        # NOTE: tasks already running on an accelerator that fails keep running. The health
+        # event carries their task ids, and the scheduler decides whether to stop them.
         assert self.health is not None and self.runner is not None
         failed = {h.uuid for h in self.health.health() if h.state is HealthState.FAILED}
         self.runner.set_unusable(failed)

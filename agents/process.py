@@ -2,7 +2,7 @@
 
 An NVML agent serves one node; the simulated fleet serves thousands in the same process with
 the same subjects and payloads. The process connects outbound only and keeps retrying while
-NATS is unreachable; meanwhile readings, health and usage go on and their messages wait in
+NATS is unreachable. Meanwhile readings, health and usage go on, and their messages wait in
 the spool.
 
 - Inventory: published at start and again after every reconnect.

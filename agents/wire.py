@@ -100,6 +100,7 @@ def parse_command(data: bytes) -> Command:
         message.ParseFromString(data)
     except DecodeError as error:
         raise InvalidCommand(f"payload is not an AgentCommand: {error}") from error
+
     node = NodeRef(message.node.provider_id, message.node.region_id, message.node.node_id)
     common = {
         "command_id": message.command_id,
@@ -108,6 +109,7 @@ def parse_command(data: bytes) -> Command:
         "reason": message.reason,
         "fencing_token": message.fencing_token,
     }
+
     if message.kind == agent_pb2.COMMAND_KIND_RECONCILE:
         return Command(kind="reconcile", **common)  # type: ignore[arg-type]
     if not message.task_id:
@@ -116,6 +118,7 @@ def parse_command(data: bytes) -> Command:
         return Command(kind="stop", **common)  # type: ignore[arg-type]
     if message.kind != agent_pb2.COMMAND_KIND_START_TASK:
         raise InvalidCommand(f"kind {message.kind} is not START_TASK, STOP_TASK or RECONCILE")
+
     if not message.job_id:
         raise InvalidCommand("job_id is required for START_TASK")
     if not message.accelerators:
@@ -124,6 +127,7 @@ def parse_command(data: bytes) -> Command:
         raise InvalidCommand("simulated_run_seconds must not be negative")
     if any(a.millis > WHOLE_MILLI for a in message.accelerators):
         raise InvalidCommand(f"an accelerator share is above {WHOLE_MILLI} milli-shares")
+
     spec = TaskSpec(
         job_id=message.job_id,
         task_id=message.task_id,

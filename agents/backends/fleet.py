@@ -1,6 +1,6 @@
 """Loading the inputs of the simulated backend: fleet files, a fault trace, a utilization trace.
 
-Fleet files (CSV, told apart by their header):
+Fleet files are CSV files in one of three formats, recognised by their header:
 
 - the Alibaba openb node list: ``sn,cpu_milli,memory_mib,gpu,model``;
 - the Alibaba 2026 spot node list: ``gpu_model,gpu_capacity_num,cpu_num,node_name``;
@@ -145,7 +145,7 @@ class FaultInterval:
     end_s: float
     """Seconds from the trace start; ``inf`` when the trace has no end for it."""
     accelerator_slot: int | None
-    """Which accelerator (by position, modulo the node's count) a GPU fault hits."""
+    """Position of the accelerator a GPU fault hits, modulo the node's accelerator count."""
 
 
 def _fault_cause(fault_type: dict[str, str]) -> tuple[str, bool]:

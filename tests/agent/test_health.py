@@ -150,3 +150,13 @@ def test_documented_table_lists_every_rule() -> None:
     assert documented_xids == set(XID_RULES)
     for cause in [*READING_RULES, *FAULT_RULES]:
         assert f"`{cause}`" in text, cause
+
+
+def test_xid_48_not_cleared_by_stale_zero_count() -> None:
+    health = tracker()
+    health.observe(1.0, [AcceleratorReading(GPU, ecc=EccCounts(0, 0, 0, 0))])
+    health.observe(2.0, [AcceleratorReading(GPU, ecc=EccCounts(0, 0, 0, 0))], [xid(48, 2.0)])
+    assert state_of(health) is HealthState.FAILED
+    health.observe(3.0, [AcceleratorReading(GPU, ecc=EccCounts(0, 1, 0, 1))])
+    health.observe(4.0, [AcceleratorReading(GPU, ecc=EccCounts(0, 0, 0, 1))])
+    assert state_of(health) is HealthState.OK
