@@ -1,12 +1,12 @@
 """Benchmark the simulated node agent: CPU share and memory of one fleet process.
 
-Starts a nats-server with JetStream on a free loopback port, declares the streams and the
-heartbeat bucket, writes a fleet of N nodes with A accelerators each, and runs
-``python -m agents --backend simulated`` on it as a child process with heartbeats every 5 s,
-readings every 5 s and usage reports every 10 s. It then starts one played task per node on all
-of the node's accelerators (so every accelerator produces a usage sample each interval), waits
-for the tasks to start, and measures the agent process over a window: CPU seconds per wall
-second (from /proc/<pid>/stat) and peak resident memory (VmRSS from /proc/<pid>/status).
+The script starts a nats-server with JetStream on a free loopback port and declares the
+streams and the heartbeat bucket. It writes a fleet of N nodes with A accelerators each and
+runs ``python -m agents --backend simulated`` on it as a child process, with heartbeats and
+readings every 5 s and usage reports every 10 s. It then starts one played task per node on
+all of the node's accelerators, so every accelerator produces a usage sample each interval.
+Once the tasks run, it measures the agent process over a window: CPU seconds per wall second
+(from /proc/<pid>/stat) and peak resident memory (VmRSS from /proc/<pid>/status).
 
 Run::
 

@@ -232,12 +232,14 @@ async def test_restarted_runner_adopts_running_and_reports_lost(tmp_path: Path) 
         for task in runner._tasks.values():
             assert task.supervisor is not None
             task.supervisor.cancel()
+
     survivor_pid = runner._tasks["f/1/0"].record.pid
     short_pid = runner._tasks["g/1/0"].record.pid
     # Reap the short one as init would, once it ends, so its pid no longer matches.
     for process in (t.process for t in runner._tasks.values()):
         assert process is not None
     await runner._tasks["g/1/0"].process.wait()  # type: ignore[union-attr]
+
     second = Recorder()
     restarted = make_runner(tmp_path, second)
     async with asyncio.TaskGroup() as group:

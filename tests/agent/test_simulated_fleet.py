@@ -148,6 +148,7 @@ async def test_shared_accelerator_usage_counts_each_share(tmp_path: Path) -> Non
             )
             await node.runner.start(task)
     assert sorted(r.task_id for r in node.runner.running) == ["a/1/0", "b/1/0"]
+
     clock.advance(10)
     assert node.report_usage() == 2
     outbox.flush_to_spool()
