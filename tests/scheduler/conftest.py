@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from scheduler.service.db import migrate
+from services.runtime.migrations import apply_migrations
 
 ADMIN_DSN = os.environ.get("ACSP_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -24,11 +24,7 @@ async def database_dsn() -> AsyncIterator[str]:
     finally:
         await admin.close()
     dsn = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    await apply_migrations(dsn, "scheduler", "scheduler.service.migrations")
     yield dsn
     admin = await asyncpg.connect(ADMIN_DSN, timeout=10)
     try:
