@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from agents import wire
-from agents.backends.base import Backend
+from agents.backends.base import Backend, BackendError
 from agents.backends.fleet import (
     DEFAULT_FAULT_TRACE,
     DEFAULT_FLEETS,
@@ -226,5 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     process = build_process(settings, args)
-    asyncio.run(run(process))
-    return 0
+    failures: list[BaseException] = []
+    try:
+        asyncio.run(run(process))
+    except* BackendError as group:
+        failures.extend(group.exceptions)
+    for failure in failures:
+        print(f"agent: {failure}; check the driver, or use --backend simulated", file=sys.stderr)
+    return 1 if failures else 0
