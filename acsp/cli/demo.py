@@ -43,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument(
         "--max-nodes",
         type=int,
-        default=240,
-        help="nodes kept of each real fleet file, by stride (default: 240)",
+        default=30,
+        help="nodes kept of each real fleet file, by stride (default: 30)",
     )
     parser.set_defaults(func=run)
 

@@ -6,8 +6,8 @@ from decimal import Decimal
 from typing import Any
 
 CHARGE_TOLERANCE_PF_DAYS = Decimal("1e-18")
-"""Largest gap allowed between charges and priced usage: rounding of each charge to the
-ledger quantum (1e-24 PF-day) over up to a million samples."""
+"""Maximum gap allowed between charges and priced usage. It covers the rounding of each charge
+to the ledger quantum (1e-24 PF-day) over up to a million charges."""
 
 
 def _check(name: str, passed: bool, detail: str) -> dict[str, Any]:

@@ -45,8 +45,12 @@ class DemoConfig:
     """Maximum arrival gap kept, trace seconds."""
     max_runtime_s: float = 2 * 86_400.0
     """Maximum run time kept, trace seconds."""
-    max_nodes: int = 240
-    """Nodes kept of each real fleet file (a stride sample)."""
+    max_nodes: int = 30
+    """Nodes kept of each real fleet file (a stride sample).
+
+    With 30, jobs of the 2,000-job slice queue at the trace's busy moments and the run ends
+    within 5 minutes on 2 cores. The whole fleets would leave nearly every accelerator idle.
+    """
     simulated_nodes: int = 8
     """MI300X nodes of the simulated third provider."""
     kill_metering_at_s: float | None = None
