@@ -62,6 +62,8 @@ class PassState:
     queue_reservations: int = 0
     reservation_tries: int = 0
     reserving: bool = True
+    avoid_counts: dict[float | None, int] = field(default_factory=dict)
+    """Wall-time limit -> :meth:`reservations_to_avoid`, until the reservations change."""
     """False once this pass may make no more queue reservations."""
     excluded_prefix: list[Excluded] = field(default_factory=lambda: [frozenset()])
     """``excluded_prefix[n]``: nodes of the ``n`` earliest reservations."""
@@ -103,6 +105,7 @@ class PassState:
         self.excluded_prefix = prefix
         # Which nodes a job must avoid changed, so failed searches say nothing any more.
         self.epoch = self.engine.shapes.next_epoch()
+        self.avoid_counts.clear()
         node_ids = tuple(sorted(self.engine.fleet.nodes[o].spec.node_id for o in reservation.nodes))
         self.decisions.append(Reserve(reservation.job_id, reservation.start, node_ids))
 
@@ -186,7 +189,12 @@ class PassState:
             record.awaiting_victims = {
                 v for v in record.awaiting_victims if v in jobs and jobs[v].running
             }
-        count = self.reservations_to_avoid(spec) if self.reservations else 0
+        count = 0
+        if self.reservations:
+            count = self.avoid_counts.get(spec.wall_time_s, -1)
+            if count < 0:
+                count = self.reservations_to_avoid(spec)
+                self.avoid_counts[spec.wall_time_s] = count
         if shape.failed_epoch != self.epoch:
             shape.failed = {}
             shape.failed_epoch = self.epoch
@@ -199,7 +207,9 @@ class PassState:
             cached = self.explain(spec, pools, count)
             shape.failed[count] = cached
         code, message = cached
-        if code in _CAPACITY_REASONS:
+        if code in _CAPACITY_REASONS and (
+            record.awaiting_victims or self.reserving or self.preemptions_left > 0
+        ):
             return self.wait_for_capacity(record, shape, pools, code, message)
         return self.wait(record, code, message)
 
@@ -310,21 +320,20 @@ class PassState:
         engine = self.engine
         engine._commit(record, plans, self.now)
         spec = record.spec
-        for plan in plans:
+        placed_classes = self.placed_classes
+        tasks = []
+        for plan in sorted(plans, key=lambda p: p.task_index):
             ordinal = plan.node.pool.ordinal
-            self.placed_classes[ordinal] = max(
-                self.placed_classes.get(ordinal, PriorityClass.PREEMPTIBLE), spec.priority
+            placed = placed_classes.get(ordinal)
+            if placed is None or placed < spec.priority:
+                placed_classes[ordinal] = spec.priority
+            node_spec = plan.node.spec
+            ids = node_spec.accelerator_ids
+            accelerators = tuple([ids[i] for i in plan.indices])
+            tasks.append(
+                TaskPlacement(plan.task_index, node_spec.node_id, accelerators, plan.millis)
             )
-        tasks = tuple(
-            TaskPlacement(
-                plan.task_index,
-                plan.node.spec.node_id,
-                tuple(plan.node.spec.accelerator_ids[i] for i in plan.indices),
-                plan.millis,
-            )
-            for plan in sorted(plans, key=lambda p: p.task_index)
-        )
-        self.decisions.append(Place(spec.job_id, tasks))
+        self.decisions.append(Place(spec.job_id, tuple(tasks)))
         # Charge the job's expected decayed usage now, so that the next job of the same
         # project sorts behind its siblings inside this pass. finish() withdraws the charge.
         half_life = engine.config.half_life_s or 1.0
@@ -345,7 +354,7 @@ class PassState:
     def serve_queue(self, only: list[str] | None = None) -> None:
         """Try every pending job (or those in ``only``) once, in class then fair-share order."""
         engine = self.engine
-        snapshots: dict[QueueKey, list[tuple[float, int, str]]]
+        snapshots: dict[QueueKey, list[QueueItem]]
         if only is None:
             snapshots = {key: queue.snapshot() for key, queue in engine.queues.items()}
         else:
@@ -355,10 +364,10 @@ class PassState:
                 if record is None or record.running:
                     continue
                 spec = record.spec
-                item = (spec.submit_time, record.sequence, job_id)
+                item = (spec.submit_time, record.sequence, record)
                 snapshots.setdefault((spec.priority, spec.project), []).append(item)
             for items in snapshots.values():
-                items.sort()
+                items.sort(key=lambda item: item[:2])
         for priority in sorted({key[0] for key in snapshots}, reverse=True):
             queues = {key[1]: items for key, items in snapshots.items() if key[0] == priority}
             order = ShareOrder(engine.fair_share, queues)
@@ -375,11 +384,10 @@ class PassState:
         first job that sorts at or after ``bound``. Returns the position after the last job
         tried and whether that job was placed.
         """
-        jobs = self.engine.jobs
         try_job = self.try_job
         end = len(items)
         while True:
-            record = jobs[items[position][2]]
+            record = items[position][2]
             position += 1
             if record.spec.start_at is None and try_job(record):
                 return position, True
@@ -472,7 +480,7 @@ def run_pass(engine: Engine, now: float) -> ScheduleResult:
     # Advance reservations are served only by full passes: one that fell due, or a new one.
     due = any(
         (engine.jobs[job_id].spec.start_at or 0.0) <= now for job_id in engine.advance_jobs
-    ) or any(job_id in engine.advance_jobs for job_id in engine.new_jobs)
+    ) or bool(engine.advance_jobs and any(j in engine.advance_jobs for j in engine.new_jobs))
     incremental = (
         isinstance(last, LastPass)
         and last.signature == _signature(engine, caps)

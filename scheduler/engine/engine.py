@@ -213,7 +213,7 @@ class Engine:
         if queue is None:
             queue = JobQueue()
             self.queues[key] = queue
-        queue.add((spec.submit_time, record.sequence, spec.job_id))
+        queue.add(record)
         self.new_jobs.append(spec.job_id)
 
     def _dequeue(self, record: JobRecord) -> None:

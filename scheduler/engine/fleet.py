@@ -74,6 +74,8 @@ class NodeRecord:
 
     def free_indices(self, count: int) -> list[int]:
         """Return the first ``count`` wholly free accelerator indices."""
+        if self.free_whole == len(self.used):
+            return list(range(min(count, self.free_whole)))
         free = [i for i, used in enumerate(self.used) if used == 0]
         return free[:count]
 

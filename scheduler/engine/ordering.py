@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from scheduler.engine.fairshare import FairShare, Level
 
-QueueItem = tuple[float, int, str]
-"""``(submit_time, sequence, job_id)``."""
+if TYPE_CHECKING:
+    from scheduler.engine.records import JobRecord
+
+QueueItem = tuple[float, int, "JobRecord"]
+"""``(submit_time, sequence, record)``; sequences are unique, so records are never compared."""
 
 
 class JobQueue:
@@ -39,12 +43,13 @@ class JobQueue:
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, item: QueueItem) -> None:
-        if self._last is not None and item < self._last:
+    def add(self, record: JobRecord) -> None:
+        item = (record.spec.submit_time, record.sequence, record)
+        if self._last is not None and item[:2] < self._last[:2]:
             self._ordered = False
         else:
             self._last = item
-        self._items[item[2]] = item
+        self._items[record.spec.job_id] = item
 
     def remove(self, job_id: str) -> None:
         del self._items[job_id]
@@ -52,7 +57,8 @@ class JobQueue:
     def snapshot(self) -> list[QueueItem]:
         """Return the queued items in order."""
         if not self._ordered:
-            self._items = {item[2]: item for item in sorted(self._items.values())}
+            ordered = sorted(self._items.items(), key=lambda entry: entry[1][:2])
+            self._items = dict(ordered)
             self._ordered = True
         return list(self._items.values())
 
