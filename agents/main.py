@@ -123,7 +123,7 @@ def build_process(
     state = StateStore(state_dir / "state.json")
     outbox = Outbox(
         Spool(state_dir / "spool", max_bytes=settings.spool_max_bytes),
-        before_append=state.save_reservations,
+        before_append=state.save_before_spool,
     )
     boot = boot_id or uuid.uuid4().hex[:12]
     health_settings = HealthSettings(settings.clear_after_s, settings.double_bit_threshold)

@@ -142,6 +142,12 @@ class NodeAgent:
         self.runner = runner
         self._update_unusable()
         runner.recover()
+        # Tasks found again ran while the agent was down: report their usage from where the
+        # previous agent stopped. NOTE: a task reported lost gets no usage for that time,
+        # because when it ended is unknown.
+        reported_until = self._state.node(self.ref.key).usage_reported_until
+        if reported_until and runner.running:
+            self._last_usage = min(reported_until, self._clock())
 
     async def _call(self, function: Callable[[], _T]) -> _T:
         if not self._blocking:
@@ -277,14 +283,13 @@ class NodeAgent:
         start, self._last_usage = self._last_usage, now
         intervals = self.runner.intervals(start, now)
         accumulators, self._accumulators = self._accumulators, {}
+        self._state.mark_usage_reported(self.ref.key, now)
         if not intervals:
             return 0
         shares = {info.uuid: info.share_milli for info in self.inventory.accelerators}
         models = {info.uuid: info.model for info in self.inventory.accelerators}
         samples = []
-        for interval in intervals:
-            start_us = round(interval.start * 1_000_000)
-            end_us = round(interval.end * 1_000_000)
+        for interval, start_us, end_us in _pieces(intervals):
             for uuid in interval.accelerators:
                 sequence = self._state.next_sequence(self.ref.key)
                 accumulator = accumulators.get(uuid, _Accumulator())
@@ -356,6 +361,23 @@ class NodeAgent:
     def _next_event_id(self) -> str:
         self._event_counter += 1
         return f"{self.ref.key}/{self.boot_id}/{self._event_counter}"
+
+
+MAX_SAMPLE_US = 3600 * 1_000_000
+"""Longest interval of one sample; longer ones (after an agent outage) are split."""
+
+
+def _pieces(intervals: list[TaskInterval]) -> list[tuple[TaskInterval, int, int]]:
+    """Return each interval as microsecond pieces of at most :data:`MAX_SAMPLE_US`."""
+    pieces = []
+    for interval in intervals:
+        start_us = round(interval.start * 1_000_000)
+        end_us = round(interval.end * 1_000_000)
+        while start_us < end_us:
+            piece_end = min(end_us, start_us + MAX_SAMPLE_US)
+            pieces.append((interval, start_us, piece_end))
+            start_us = piece_end
+    return pieces
 
 
 def _task_share(interval: TaskInterval, uuid: str, inventory_share: int) -> int:

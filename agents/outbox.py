@@ -121,6 +121,21 @@ class Outbox:
             if sent == 0:
                 await asyncio.sleep(self._retry_s)
 
+    async def drain(self, publish: PublishFunction, timeout_s: float) -> None:
+        """Publish what is queued and spooled, for at most ``timeout_s`` (at shutdown)."""
+        self.flush_to_spool()
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._spool.pending_records:
+                    if await self._publish_batch(publish) == 0:
+                        await asyncio.sleep(self._retry_s)
+        except TimeoutError:
+            logger.warning(
+                "%d messages not published in %g s; they stay in the spool",
+                self._spool.pending_records,
+                timeout_s,
+            )
+
     async def _publish_batch(self, publish: PublishFunction) -> int:
         batch = self._spool.peek(self._batch_size)
 

@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 STATS_FILE_NAME = "stats.json"
 _FETCH_BATCH = 256
+_DRAIN_S = 5.0
+"""Seconds a stopping agent spends publishing what waits in the spool."""
 _HEARTBEAT_CHUNK = 500
 # Nodes handled between yields to the event loop, so that commands wait at most a few ms.
 _YIELD_EVERY = 50
@@ -172,10 +174,15 @@ class AgentProcess:
 
     async def _shutdown(self) -> None:
         self._closing = True
+        # The last usage interval goes out now, so a clean stop leaves no usage unreported.
+        for node in self.nodes:
+            self.counters.usage_samples += node.report_usage()
         self._outbox.flush_to_spool()
         self._state.save()
-        self.write_stats()
         client = self._client
+        if client is not None and client.is_connected:
+            await self._outbox.drain(self._publish, _DRAIN_S)
+        self.write_stats()
         if client is None or client.is_closed:
             return
         if client.is_connected:

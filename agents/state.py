@@ -65,6 +65,8 @@ class TaskRecord:
 class NodeState:
     sequence_next: int = 1
     sequence_reserved: int = 0
+    usage_reported_until: float = 0.0
+    """Clock seconds up to which usage went into the spool; a restart reports from here."""
     health: dict[str, list[str]] = field(default_factory=dict)
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
 
@@ -76,7 +78,7 @@ class StateStore:
         self._path = path
         self._nodes: dict[str, NodeState] = {}
         self._dirty = False
-        self._reserved_unsaved = False
+        self._spool_guard_unsaved = False
         if path.exists():
             self._load()
 
@@ -97,7 +99,7 @@ class StateStore:
     def next_sequence(self, key: str) -> int:
         """Return the node's next usage-sample sequence number; it is never handed out twice.
 
-        A new block is reserved in memory only: the caller must :meth:`save_reservations`
+        A new block is reserved in memory only: the caller must :meth:`save_before_spool`
         before the number leaves the process (the outbox does so before it appends to the
         spool).
         """
@@ -105,7 +107,7 @@ class StateStore:
         if state.sequence_next > state.sequence_reserved:
             state.sequence_reserved = state.sequence_next + SEQUENCE_BLOCK - 1
             self._dirty = True
-            self._reserved_unsaved = True
+            self._spool_guard_unsaved = True
         value = state.sequence_next
         state.sequence_next += 1
         return value
@@ -135,9 +137,19 @@ class StateStore:
         if self._dirty:
             self.save()
 
-    def save_reservations(self) -> None:
-        """Write the file if a sequence block was reserved since the last save."""
-        if self._reserved_unsaved:
+    def mark_usage_reported(self, key: str, until: float) -> None:
+        """Record that the node's usage up to ``until`` is reported; saved before spooling."""
+        self.node(key).usage_reported_until = until
+        self._dirty = True
+        self._spool_guard_unsaved = True
+
+    def save_before_spool(self) -> None:
+        """Write the file if a sequence block or a usage mark changed since the last save.
+
+        Saving before the spool append means a crash between the two loses that usage
+        interval rather than reporting it twice under new sample ids.
+        """
+        if self._spool_guard_unsaved:
             self.save()
 
     def save(self) -> None:
@@ -147,6 +159,7 @@ class StateStore:
                 key: {
                     # A restart continues after the reserved block, never inside it.
                     "sequence_reserved": state.sequence_reserved,
+                    "usage_reported_until": state.usage_reported_until,
                     "health": state.health,
                     "tasks": [_task_fields(t) for t in state.tasks.values()],
                 }
@@ -168,7 +181,7 @@ class StateStore:
         finally:
             os.close(directory)
         self._dirty = False
-        self._reserved_unsaved = False
+        self._spool_guard_unsaved = False
 
     def _load(self) -> None:
         with open(self._path, encoding="utf-8") as file:
@@ -183,6 +196,7 @@ class StateStore:
             state = NodeState(
                 sequence_next=reserved + 1,
                 sequence_reserved=reserved,
+                usage_reported_until=float(raw.get("usage_reported_until", 0.0)),
                 health={uuid: list(causes) for uuid, causes in raw.get("health", {}).items()},
                 tasks={t["task_id"]: TaskRecord(**t) for t in raw.get("tasks", [])},
             )

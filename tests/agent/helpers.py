@@ -38,7 +38,7 @@ def make_node(
 ) -> tuple[NodeAgent, Outbox, Spool]:
     spool = Spool(directory / "spool")
     state = StateStore(directory / "state.json")
-    outbox = Outbox(spool, before_append=state.save_reservations)
+    outbox = Outbox(spool, before_append=state.save_before_spool)
     node = NodeAgent(
         NODE,
         backend,

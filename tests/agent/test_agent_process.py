@@ -105,7 +105,7 @@ async def test_nvml_agent_runs_commands_and_reports(
     fake.install(monkeypatch)
     state = StateStore(tmp_path / "agent" / "state.json")
     outbox = Outbox(
-        Spool(tmp_path / "agent" / "spool"), retry_s=0.2, before_append=state.save_reservations
+        Spool(tmp_path / "agent" / "spool"), retry_s=0.2, before_append=state.save_before_spool
     )
     node = NodeAgent(
         NODE,

@@ -23,7 +23,7 @@ from tests.agent.natsserver import NatsServer, declare_agent_streams
 def agent_with(tmp_path: Path, url: str, password: str) -> AgentProcess:
     directory = tmp_path / password
     state = StateStore(directory / "state.json")
-    outbox = Outbox(Spool(directory / "spool"), retry_s=0.2, before_append=state.save_reservations)
+    outbox = Outbox(Spool(directory / "spool"), retry_s=0.2, before_append=state.save_before_spool)
     spec = FleetNode("acme", "eu-1", "node-1", "T4", 1)
     node = NodeAgent(
         wire.NodeRef("acme", "eu-1", "node-1"),

@@ -44,7 +44,7 @@ def build_fleet_process(tmp_path: Path, url: str) -> AgentProcess:
         Spool(tmp_path / "agent" / "spool"),
         ack_timeout_s=1.0,
         retry_s=0.2,
-        before_append=state.save_reservations,
+        before_append=state.save_before_spool,
     )
     nodes = []
     for spec in load_fleet(fleet_file, "acme", "eu-1"):

@@ -41,12 +41,12 @@ def test_unknown_format_version_is_rejected(tmp_path: Path) -> None:
         StateStore(path)
 
 
-def test_save_reservations_writes_only_after_a_new_block(tmp_path: Path) -> None:
+def test_save_before_spool_writes_only_after_a_new_block(tmp_path: Path) -> None:
     state = StateStore(tmp_path / "state.json")
     state.next_sequence(KEY)
-    state.save_reservations()
+    state.save_before_spool()
     assert StateStore(tmp_path / "state.json").node(KEY).sequence_reserved == SEQUENCE_BLOCK
     modified = (tmp_path / "state.json").stat().st_mtime_ns
     state.next_sequence(KEY)
-    state.save_reservations()
+    state.save_before_spool()
     assert (tmp_path / "state.json").stat().st_mtime_ns == modified
