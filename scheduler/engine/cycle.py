@@ -23,6 +23,7 @@ from scheduler.engine.decisions import (
     ScheduleResult,
     TaskPlacement,
     Waiting,
+    new_waiting,
 )
 from scheduler.engine.engine import Engine, QueueKey
 from scheduler.engine.fleet import TENTATIVE_OWNER, Pool
@@ -186,9 +187,9 @@ class PassState:
                 return self.wait(record, ReasonCode.LIMIT, blocked)
         if record.awaiting_victims:
             jobs = engine.jobs
-            record.awaiting_victims = {
+            record.awaiting_victims = frozenset(
                 v for v in record.awaiting_victims if v in jobs and jobs[v].running
-            }
+            )
         count = 0
         if self.reservations:
             count = self.avoid_counts.get(spec.wall_time_s, -1)
@@ -346,7 +347,7 @@ class PassState:
         if record.requeue_message:
             message = f"{record.requeue_message}; {message}"
         job_id = record.spec.job_id
-        self.waiting[job_id] = Waiting(job_id, code, message)
+        self.waiting[job_id] = new_waiting(job_id, code, message)
         return False
 
     # The queue.

@@ -289,7 +289,7 @@ class Engine:
         record.lost.clear()
         record.lost_nodes.clear()
         record.stopping = False
-        record.awaiting_victims.clear()
+        record.awaiting_victims = frozenset()
 
     @staticmethod
     def _forget_preemptible(node: NodeRecord) -> None:

@@ -37,7 +37,8 @@ class JobRecord:
     stopping: bool = False
     """A preemption decision is out and the job has not stopped yet."""
     preempted_by: set[tuple[Cause, str]] = field(default_factory=set)
-    awaiting_victims: set[str] = field(default_factory=set)
+    awaiting_victims: frozenset[str] = frozenset()
+    """Preempted jobs this job waits for; replaced, never changed in place."""
     requeue_message: str = ""
     protected: bool = False
     """Placed through an advance reservation on protected capacity."""

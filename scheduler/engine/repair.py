@@ -83,7 +83,7 @@ def preempt_for(state: PassState, record: JobRecord, pools: tuple[Pool, ...]) ->
             continue
         deadline = grace_deadline(victim, state.now, engine.config.preemption_grace_s)
         _preempt(state, victim, Cause.PRIORITY, record.job_id, deadline)
-    record.awaiting_victims = set(victims)
+    record.awaiting_victims = frozenset(victims)
     return victims
 
 
