@@ -63,9 +63,9 @@ class PassState:
     queue_reservations: int = 0
     reservation_tries: int = 0
     reserving: bool = True
+    """False once this pass may make no more queue reservations."""
     avoid_counts: dict[float | None, int] = field(default_factory=dict)
     """Wall-time limit -> :meth:`reservations_to_avoid`, until the reservations change."""
-    """False once this pass may make no more queue reservations."""
     excluded_prefix: list[Excluded] = field(default_factory=lambda: [frozenset()])
     """``excluded_prefix[n]``: nodes of the ``n`` earliest reservations."""
     pass_id: int = 0
@@ -104,7 +104,7 @@ class PassState:
         for r in self.reservations:
             prefix.append(prefix[-1] | r.nodes)
         self.excluded_prefix = prefix
-        # Which nodes a job must avoid changed, so failed searches say nothing any more.
+        # The nodes jobs must avoid changed, so earlier failed searches no longer apply.
         self.epoch = self.engine.shapes.next_epoch()
         self.avoid_counts.clear()
         node_ids = tuple(sorted(self.engine.fleet.nodes[o].spec.node_id for o in reservation.nodes))

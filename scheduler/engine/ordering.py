@@ -6,8 +6,9 @@ first program. Each account's part is computed once when the order is built and 
 after one of its jobs is placed, because only a placement charges usage inside a pass.
 
 The account that served the last job is always on top of its heap, so moving past that job
-replaces the top entry in place: a job that is not placed costs one sift of one heap, and the
-heaps never hold stale entries.
+replaces the top entry in place and the heaps never hold stale entries. While nothing is
+placed, a project's jobs are served in one run until another project's head comes first, at
+the cost of one heap update per run.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class ShareOrder:
         """Institutions with jobs left, per program."""
         self._heap: list[ProjectEntry] | None = None
         """The project heap of the institution that the last job came from."""
+
         component = fair_share.component
         for project in sorted(queues):
             items = queues[project]
@@ -122,6 +124,7 @@ class ShareOrder:
             self._institutions.setdefault(institution, []).append(
                 (key, submit, sequence, project, queue)
             )
+
         heapq.heapify(self._root)
         for heap in self._programs.values():
             heapq.heapify(heap)

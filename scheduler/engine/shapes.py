@@ -3,12 +3,14 @@
 Two jobs share a shape when they accept the same pools (models, constraint, regions) and ask
 for the same tasks (count, millis, topology, cross-provider flag). Capacity only shrinks while
 a pass serves the queue, so once a search for a shape fails, every later job of that shape
-would fail the same way. A shape keeps that failure for the rest of the pass (until a new
-reservation changes which nodes jobs must avoid), so the next job of the shape gets its reason
+would fail the same way. A shape keeps that failure for the rest of the pass, or until a new
+reservation changes which nodes jobs must avoid. The next job of the shape then gets its reason
 without a search and without building a key per job.
 """
 
 from __future__ import annotations
+
+import weakref
 
 from scheduler.engine.catalog import Catalog
 from scheduler.engine.decisions import ReasonCode
@@ -23,6 +25,7 @@ class JobShape:
     """Candidate pools of a group of jobs, and what searches for them found in this pass."""
 
     __slots__ = (
+        "__weakref__",
         "failed",
         "failed_epoch",
         "pool_key",
@@ -56,7 +59,10 @@ class ShapeIndex:
         self._catalog = catalog
         self._version = -1
         self._pools: dict[PoolCacheKey, tuple[Pool, ...]] = {}
-        self._shapes: dict[tuple[object, ...], JobShape] = {}
+        self._shapes: weakref.WeakValueDictionary[tuple[object, ...], JobShape] = (
+            weakref.WeakValueDictionary()
+        )
+        """Shapes live as long as a job record refers to them."""
         self._epoch = 0
 
     def next_epoch(self) -> int:
