@@ -590,6 +590,30 @@ class PlaceHoldRequest(_message.Message):
     amount_pf_days: _common_pb2.Decimal
     def __init__(self, request_id: _Optional[str] = ..., grant_id: _Optional[str] = ..., project_id: _Optional[str] = ..., sub_allocation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., amount_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
 
+class PlaceHoldsRequest(_message.Message):
+    __slots__ = ("holds",)
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    holds: _containers.RepeatedCompositeFieldContainer[PlaceHoldRequest]
+    def __init__(self, holds: _Optional[_Iterable[_Union[PlaceHoldRequest, _Mapping]]] = ...) -> None: ...
+
+class PlaceHoldResult(_message.Message):
+    __slots__ = ("request_id", "hold", "code", "message")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    hold: Hold
+    code: int
+    message: str
+    def __init__(self, request_id: _Optional[str] = ..., hold: _Optional[_Union[Hold, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class PlaceHoldsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[PlaceHoldResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[PlaceHoldResult, _Mapping]]] = ...) -> None: ...
+
 class ChargeItem(_message.Message):
     __slots__ = ("request_id", "hold_id", "amount_pf_days", "rate_card_version", "usage_reference")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

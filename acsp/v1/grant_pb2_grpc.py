@@ -151,6 +151,11 @@ class GrantServiceStub:
                 request_serializer=acsp_dot_v1_dot_grant__pb2.PlaceHoldRequest.SerializeToString,
                 response_deserializer=acsp_dot_v1_dot_grant__pb2.Hold.FromString,
                 _registered_method=True)
+        self.PlaceHolds = channel.unary_unary(
+                '/acsp.v1.GrantService/PlaceHolds',
+                request_serializer=acsp_dot_v1_dot_grant__pb2.PlaceHoldsRequest.SerializeToString,
+                response_deserializer=acsp_dot_v1_dot_grant__pb2.PlaceHoldsResponse.FromString,
+                _registered_method=True)
         self.CommitCharges = channel.unary_unary(
                 '/acsp.v1.GrantService/CommitCharges',
                 request_serializer=acsp_dot_v1_dot_grant__pb2.CommitChargesRequest.SerializeToString,
@@ -348,6 +353,13 @@ class GrantServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlaceHolds(self, request, context):
+        """Reserves budget for many admitted jobs at once, with a result per hold (scheduler).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CommitCharges(self, request, context):
         """Commits charges against holds, each at most once (metering).
         """
@@ -507,6 +519,11 @@ def add_GrantServiceServicer_to_server(servicer, server):
                     servicer.PlaceHold,
                     request_deserializer=acsp_dot_v1_dot_grant__pb2.PlaceHoldRequest.FromString,
                     response_serializer=acsp_dot_v1_dot_grant__pb2.Hold.SerializeToString,
+            ),
+            'PlaceHolds': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlaceHolds,
+                    request_deserializer=acsp_dot_v1_dot_grant__pb2.PlaceHoldsRequest.FromString,
+                    response_serializer=acsp_dot_v1_dot_grant__pb2.PlaceHoldsResponse.SerializeToString,
             ),
             'CommitCharges': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitCharges,
@@ -1161,6 +1178,33 @@ class GrantService:
             '/acsp.v1.GrantService/PlaceHold',
             acsp_dot_v1_dot_grant__pb2.PlaceHoldRequest.SerializeToString,
             acsp_dot_v1_dot_grant__pb2.Hold.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlaceHolds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/acsp.v1.GrantService/PlaceHolds',
+            acsp_dot_v1_dot_grant__pb2.PlaceHoldsRequest.SerializeToString,
+            acsp_dot_v1_dot_grant__pb2.PlaceHoldsResponse.FromString,
             options,
             channel_credentials,
             insecure,

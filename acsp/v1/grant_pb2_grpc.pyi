@@ -82,6 +82,8 @@ class GrantServiceStub:
     """Checks whether a grant can pay an amount now (services)."""
     PlaceHold: _grpc.UnaryUnaryMultiCallable[_grant_pb2.PlaceHoldRequest, _grant_pb2.Hold]
     """Reserves budget for an admitted job (scheduler)."""
+    PlaceHolds: _grpc.UnaryUnaryMultiCallable[_grant_pb2.PlaceHoldsRequest, _grant_pb2.PlaceHoldsResponse]
+    """Reserves budget for many admitted jobs at once, with a result per hold (scheduler)."""
     CommitCharges: _grpc.UnaryUnaryMultiCallable[_grant_pb2.CommitChargesRequest, _grant_pb2.CommitChargesResponse]
     """Commits charges against holds, each at most once (metering)."""
     ReleaseHold: _grpc.UnaryUnaryMultiCallable[_grant_pb2.ReleaseHoldRequest, _grant_pb2.Hold]
@@ -146,6 +148,8 @@ class GrantServiceAsyncStub(GrantServiceStub):
     """Checks whether a grant can pay an amount now (services)."""
     PlaceHold: _aio.UnaryUnaryMultiCallable[_grant_pb2.PlaceHoldRequest, _grant_pb2.Hold]  # type: ignore[assignment]
     """Reserves budget for an admitted job (scheduler)."""
+    PlaceHolds: _aio.UnaryUnaryMultiCallable[_grant_pb2.PlaceHoldsRequest, _grant_pb2.PlaceHoldsResponse]  # type: ignore[assignment]
+    """Reserves budget for many admitted jobs at once, with a result per hold (scheduler)."""
     CommitCharges: _aio.UnaryUnaryMultiCallable[_grant_pb2.CommitChargesRequest, _grant_pb2.CommitChargesResponse]  # type: ignore[assignment]
     """Commits charges against holds, each at most once (metering)."""
     ReleaseHold: _aio.UnaryUnaryMultiCallable[_grant_pb2.ReleaseHoldRequest, _grant_pb2.Hold]  # type: ignore[assignment]
@@ -345,6 +349,14 @@ class GrantServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_grant_pb2.Hold, _abc.Awaitable[_grant_pb2.Hold]]:
         """Reserves budget for an admitted job (scheduler)."""
+
+    @_abc_1.abstractmethod
+    def PlaceHolds(
+        self,
+        request: _grant_pb2.PlaceHoldsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grant_pb2.PlaceHoldsResponse, _abc.Awaitable[_grant_pb2.PlaceHoldsResponse]]:
+        """Reserves budget for many admitted jobs at once, with a result per hold (scheduler)."""
 
     @_abc_1.abstractmethod
     def CommitCharges(

@@ -30,6 +30,7 @@ from services.grant.ledger_state import allocation_pot_name, grant_pot_name, pot
 from services.grant.review_rules import Tier, check_supplement
 from services.runtime.auth import Principal, current_principal
 from services.runtime.context import request_id
+from services.runtime.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,33 @@ def _raise_outcome(outcome: object) -> EntryResult:
         raise outcome
     assert isinstance(outcome, EntryResult)
     return outcome
+
+
+MAX_HOLDS_PER_CALL = 1000
+"""Holds one PlaceHolds call may carry."""
+
+
+def _hold_in(item: grant_pb2.PlaceHoldRequest, cause: Cause, prefix: str) -> HoldRequest:
+    """Convert one hold of a PlaceHolds call, naming its fields under ``prefix``."""
+    if not item.grant_id and not item.project_id:
+        raise InvalidArgument(
+            f"{prefix}grant_id", "and project_id are both missing", "name the grant or the project"
+        )
+    return HoldRequest(
+        key=request_id_in(item.request_id, f"{prefix}request_id"),
+        grant_id=item.grant_id or None,
+        project_id=item.project_id or None,
+        allocation_id=item.sub_allocation_id or None,
+        job_id=cv.text_in(f"{prefix}job_id", item.job_id),
+        amount=cv.amount_in(f"{prefix}amount_pf_days", item.amount_pf_days),
+        cause=cause,
+    )
+
+
+def _hold_failure(request_id: str, error: ServiceError) -> grant_pb2.PlaceHoldResult:
+    return grant_pb2.PlaceHoldResult(
+        request_id=request_id, code=error.code.value[0], message=error.message
+    )
 
 
 class LedgerHandlers:
@@ -288,6 +316,79 @@ class LedgerHandlers:
             cause=_cause(principal, "PlaceHold"),
         )
         result = _raise_outcome(await self.app.ledger_batcher().submit(hold))
+        if result.applied:
+            # A hold this call created has nothing charged or released yet.
+            return grant_pb2.Hold(
+                hold_id=result.hold_id or "",
+                grant_id=result.grant_id,
+                sub_allocation_id=result.allocation_id or "",
+                job_id=result.job_id,
+                held_pf_days=cv.amount_out(result.amount),
+                charged_pf_days=cv.amount_out(ZERO),
+                released_pf_days=cv.amount_out(ZERO),
+            )
+        async with self.app.database().acquire() as conn:
+            return cv.hold_out(await views.hold_row(conn, result.hold_id or ""))
+
+    async def PlaceHolds(
+        self, request: grant_pb2.PlaceHoldsRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.PlaceHoldsResponse:
+        """Place many holds through the batched ledger path, each with its own result.
+
+        A hold that is malformed or cannot be placed gets its status in its result; the others
+        are placed all the same. Only a call-wide problem (caller, size) fails the call.
+        """
+        principal = access.require_money_service(self.app.settings.money_services)
+        if len(request.holds) > MAX_HOLDS_PER_CALL:
+            raise InvalidArgument(
+                "holds", f"has more than {MAX_HOLDS_PER_CALL} items", "split the batch"
+            )
+        cause = _cause(principal, "PlaceHolds")
+        results: list[grant_pb2.PlaceHoldResult | None] = [None] * len(request.holds)
+        queued: list[tuple[int, HoldRequest]] = []
+        unknown_projects = await self._missing_projects(
+            {h.project_id for h in request.holds if not h.grant_id and h.project_id}
+        )
+        for index, item in enumerate(request.holds):
+            try:
+                hold = _hold_in(item, cause, f"holds[{index}].")
+                if hold.grant_id is None and hold.project_id in unknown_projects:
+                    raise NotFound("project", hold.project_id or "")
+            except ServiceError as error:
+                results[index] = _hold_failure(item.request_id, error)
+                continue
+            queued.append((index, hold))
+        outcomes = await self.app.ledger_batcher().submit_many([h for _, h in queued])
+        for (index, hold), outcome in zip(queued, outcomes, strict=True):
+            if isinstance(outcome, ServiceError):
+                results[index] = _hold_failure(hold.key, outcome)
+            elif isinstance(outcome, Exception):
+                raise outcome
+            else:
+                results[index] = grant_pb2.PlaceHoldResult(
+                    request_id=hold.key, hold=await self._hold_out(outcome)
+                )
+        failed = [r for r in results if r is not None and r.code != 0]
+        if failed:
+            log.info(
+                "PlaceHolds: %d of %d holds not placed, first %s: %s",
+                len(failed),
+                len(results),
+                failed[0].request_id,
+                failed[0].message,
+            )
+        return grant_pb2.PlaceHoldsResponse(results=[r for r in results if r is not None])
+
+    async def _missing_projects(self, project_ids: set[str]) -> set[str]:
+        if not project_ids:
+            return set()
+        async with self.app.database().acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM projects WHERE id = ANY($1::text[])", list(project_ids)
+            )
+        return project_ids - {row["id"] for row in rows}
+
+    async def _hold_out(self, result: EntryResult) -> grant_pb2.Hold:
         if result.applied:
             # A hold this call created has nothing charged or released yet.
             return grant_pb2.Hold(
