@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final, Literal
@@ -94,26 +95,70 @@ class GrantAdmission:
         self._timeout = timeout_s
 
     async def place_hold(self, job: Job, amount: Decimal) -> HoldOutcome:
-        request = grant_pb2.PlaceHoldRequest(
-            request_id=idempotency_key(job.job_id, job.attempt),
-            grant_id=job.spec.grant_id,
-            project_id=job.spec.project_id,
-            sub_allocation_id=job.spec.sub_allocation_id,
-            job_id=job.job_id,
-            amount_pf_days=common_pb2.Decimal(value=str(amount)),
-        )
+        """Hold ``amount`` for one job."""
         try:
             hold = await self._stub.PlaceHold(
+                _hold_request(job, amount), timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            return _failure(job, exc.code(), exc.details() or "")
+        return _held(hold, amount)
+
+    async def place_holds(self, items: Sequence[tuple[Job, Decimal]]) -> list[HoldOutcome]:
+        """Hold budget for many jobs in one ``PlaceHolds`` call; one outcome per job, in order.
+
+        A failure of the whole call becomes every job's outcome.
+        """
+        request = grant_pb2.PlaceHoldsRequest(
+            holds=[_hold_request(job, amount) for job, amount in items]
+        )
+        try:
+            response = await self._stub.PlaceHolds(
                 request, timeout=self._timeout, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
             code, detail = exc.code(), exc.details() or ""
-            if code in _NO_BUDGET_CODES:
-                return HoldOutcome("no_budget", message=detail)
-            if code in _REJECT_CODES:
-                return HoldOutcome("rejected", message=f"{code.name}: {detail}")
-            logger.warning("hold for job %s failed with %s: %s", job.job_id, code.name, detail)
-            return HoldOutcome("unavailable", message=f"{code.name}: {detail}")
-        return HoldOutcome(
-            "held", hold.hold_id, hold.grant_id, Decimal(hold.held_pf_days.value or amount)
-        )
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                # A grant service older than PlaceHolds: one call per hold.
+                return list(await asyncio.gather(*(self.place_hold(j, a) for j, a in items)))
+            return [_failure(job, code, detail) for job, _ in items]
+        if len(response.results) != len(items):
+            detail = f"{len(response.results)} results for {len(items)} holds"
+            return [_failure(job, grpc.StatusCode.INTERNAL, detail) for job, _ in items]
+        outcomes = []
+        for (job, amount), result in zip(items, response.results, strict=True):
+            if result.code == 0:
+                outcomes.append(_held(result.hold, amount))
+            else:
+                code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
+                outcomes.append(_failure(job, code, result.message))
+        return outcomes
+
+
+_CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _hold_request(job: Job, amount: Decimal) -> grant_pb2.PlaceHoldRequest:
+    return grant_pb2.PlaceHoldRequest(
+        request_id=idempotency_key(job.job_id, job.attempt),
+        grant_id=job.spec.grant_id,
+        project_id=job.spec.project_id,
+        sub_allocation_id=job.spec.sub_allocation_id,
+        job_id=job.job_id,
+        amount_pf_days=common_pb2.Decimal(value=str(amount)),
+    )
+
+
+def _held(hold: grant_pb2.Hold, amount: Decimal) -> HoldOutcome:
+    return HoldOutcome(
+        "held", hold.hold_id, hold.grant_id, Decimal(hold.held_pf_days.value or amount)
+    )
+
+
+def _failure(job: Job, code: grpc.StatusCode, detail: str) -> HoldOutcome:
+    if code in _NO_BUDGET_CODES:
+        return HoldOutcome("no_budget", message=detail)
+    if code in _REJECT_CODES:
+        return HoldOutcome("rejected", message=f"{code.name}: {detail}")
+    logger.warning("hold for job %s failed with %s: %s", job.job_id, code.name, detail)
+    return HoldOutcome("unavailable", message=f"{code.name}: {detail}")

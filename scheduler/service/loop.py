@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 
 from .admission import GrantAdmission, HoldOutcome, RateCard
 from .fleet import FleetView, NodeChange
@@ -50,7 +51,10 @@ class LoopSettings:
     pass_share: float = 0.25
     """Largest share of the process's time that passes may take. A pass that took d seconds
     is followed by at least d / pass_share - d seconds without one, so RPCs keep running."""
-    max_holds_in_flight: int = 256
+    max_holds_in_flight: int = 1024
+    """Holds requested from the grant service at once, at most."""
+    holds_per_call: int = 256
+    """Holds sent in one ``PlaceHolds`` call, at most."""
     budget_retry_s: float = 30.0
     """Seconds before a project whose hold failed for budget is tried again."""
     start_timeout_s: float = 120.0
@@ -89,7 +93,9 @@ class SchedulingLoop:
         self.settings = settings
         self.inbox = inbox
         self.epoch = book.epoch
-        self._hold_slots = asyncio.Semaphore(settings.max_holds_in_flight)
+        self._hold_calls = asyncio.Semaphore(
+            max(1, settings.max_holds_in_flight // settings.holds_per_call)
+        )
         self._no_budget: dict[str, float] = {}
         self._last_pass = 0.0
         self._pass_gap = settings.min_pass_interval_s
@@ -151,8 +157,9 @@ class SchedulingLoop:
         if since >= self._pass_gap and (self._pass_due or since >= self.settings.tick_s):
             self._run_pass(now, fx)
         await self._commit(fx, inventories)
-        for job, model in fx.admit:
-            self._tasks.create_task(self._hold(job, model))
+        step = self.settings.holds_per_call
+        for first in range(0, len(fx.admit), step):
+            self._tasks.create_task(self._holds(fx.admit[first : first + step]))
         await self._send(fx.commands, fx.events)
         for ack in acks:
             await ack()
@@ -311,16 +318,24 @@ class SchedulingLoop:
         self._pass_seconds = 0.0
         self._last_stats = now
 
-    async def _hold(self, job: Job, model: str) -> None:
-        try:
-            amount = self.rates.hold_amount(job, model)
-        except KeyError:
-            outcome = HoldOutcome("rejected", message=f"no rate for accelerator model {model!r}")
-        else:
-            async with self._hold_slots:
-                self._holds_in_flight += 1
+    async def _holds(self, admitted: list[tuple[Job, str]]) -> None:
+        """Place the holds of ``admitted`` in one call and queue each outcome as an input."""
+        outcomes: dict[str, HoldOutcome] = {}
+        priced: list[tuple[Job, Decimal]] = []
+        for job, model in admitted:
+            try:
+                priced.append((job, self.rates.hold_amount(job, model)))
+            except KeyError:
+                message = f"no rate for accelerator model {model!r}"
+                outcomes[job.job_id] = HoldOutcome("rejected", message=message)
+        if priced:
+            async with self._hold_calls:
+                self._holds_in_flight += len(priced)
                 try:
-                    outcome = await self.admission.place_hold(job, amount)
+                    placed = await self.admission.place_holds(priced)
                 finally:
-                    self._holds_in_flight -= 1
-        await self.inbox.put(HoldDone(job.job_id, job.attempt, outcome))
+                    self._holds_in_flight -= len(priced)
+            for (job, _), outcome in zip(priced, placed, strict=True):
+                outcomes[job.job_id] = outcome
+        for job, _ in admitted:
+            await self.inbox.put(HoldDone(job.job_id, job.attempt, outcomes[job.job_id]))

@@ -50,8 +50,8 @@ class SchedulerSettings(Settings):
     )
     max_holds_in_flight: int = setting(
         "ACSP_SCHEDULER_MAX_HOLDS_IN_FLIGHT",
-        256,
-        "hold requests to the grant service at once",
+        1024,
+        "holds requested from the grant service at once (in PlaceHolds calls of up to 256)",
         minimum=1,
     )
     start_timeout_s: float = setting(
