@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import resource
 import shutil
 import statistics
 import sys
@@ -38,6 +40,26 @@ from tests.scheduler.harness import (
     scheduler_stub,
     wait_for,
 )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of one live process, from /proc (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_process(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of each process of the stack, plus this benchmark's client."""
+    usage: dict[str, float] = {}
+    for process in stack.processes:
+        name = process.name.split("-")[0]
+        usage[name] = usage.get(name, 0.0) + cpu_seconds(process.popen.pid)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    usage["client"] = own.ru_utime + own.ru_stime
+    return usage
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -140,6 +162,7 @@ async def run(args: argparse.Namespace) -> None:
                 "every node's inventory",
                 0.2,
             )
+            cpu_before = cpu_by_process(stack)
             latencies, elapsed, failures = await submit_all(address, md, project, grant, args)
             await wait_for(
                 lambda: conn.fetchval(
@@ -154,6 +177,7 @@ async def run(args: argparse.Namespace) -> None:
                 "SELECT extract(epoch FROM submitted_at) AS s, extract(epoch FROM started_at) AS t"
                 " FROM scheduler.jobs WHERE started_at IS NOT NULL"
             )
+            cpu_after = cpu_by_process(stack)
         finally:
             await conn.close()
     finally:
@@ -163,7 +187,8 @@ async def run(args: argparse.Namespace) -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(state_root, ignore_errors=True)
-    report(latencies, elapsed, failures, rows, args.batch)
+    cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
+    report(latencies, elapsed, failures, rows, args.batch, cpu)
 
 
 def report(
@@ -172,6 +197,7 @@ def report(
     failures: int,
     rows: list[asyncpg.Record],
     batch: int,
+    cpu: dict[str, float],
 ) -> None:
     """Print the figures and the command that produced them."""
     to_start = [float(r["t"] - r["s"]) for r in rows]
@@ -196,6 +222,12 @@ def report(
     print(
         f"sustained starts: {len(rows)} jobs in {last - first:.2f} s from first submission "
         f"to last start = {len(rows) / (last - first):.0f} jobs/s"
+    )
+    total = sum(cpu.values())
+    parts = "  ".join(f"{name} {1000 * seconds / len(rows):.2f}" for name, seconds in cpu.items())
+    print(
+        f"CPU ms per started job (submission to last start, PostgreSQL not counted): "
+        f"{1000 * total / len(rows):.2f} = {parts}"
     )
 
 
