@@ -214,6 +214,32 @@ class PassState:
             return self.wait_for_capacity(record, shape, pools, code, message)
         return self.wait(record, code, message)
 
+    def known_wait(self, record: JobRecord, spec: JobSpec) -> tuple[ReasonCode, str] | None:
+        """Return the reason a job waits when try_job() would only repeat a failed search.
+
+        That is the case when the job's shape failed in this pass with the same reservations
+        to avoid, the job awaits no victims, and the failure leaves no preemption or
+        reservation to try. The caller has checked that no budget block or limit applies.
+        """
+        shape = record.shape
+        assert shape is not None
+        if shape.failed_epoch != self.epoch or record.awaiting_victims:
+            return None
+        count = self.avoid_counts.get(spec.wall_time_s, -1) if self.reservations else 0
+        cached = shape.failed.get(count)
+        if cached is None:
+            return None
+        if cached[0] in _CAPACITY_REASONS:
+            if self.reserving:
+                return None
+            if (
+                self.preemptions_left > 0
+                and spec.priority > PriorityClass.PREEMPTIBLE
+                and shape.preemption_failed_pass != self.pass_id
+            ):
+                return None
+        return cached
+
     def wait_for_capacity(
         self,
         record: JobRecord,
@@ -386,12 +412,21 @@ class PassState:
         tried and whether that job was placed.
         """
         try_job = self.try_job
+        engine = self.engine
+        # Without budget blocks and limits, a job whose shape already failed with the count of
+        # reservations it must avoid waits for the same reason without calling try_job().
+        shortcut = not engine.no_budget and not engine.limits
         end = len(items)
         while True:
             record = items[position][2]
             position += 1
-            if record.spec.start_at is None and try_job(record):
-                return position, True
+            spec = record.spec
+            if spec.start_at is None:
+                reason = self.known_wait(record, spec) if shortcut else None
+                if reason is not None:
+                    self.wait(record, *reason)
+                elif try_job(record):
+                    return position, True
             if position == end:
                 return position, False
             if bound is not None:
