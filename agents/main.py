@@ -44,6 +44,7 @@ from agents.settings import AgentSettings
 from agents.spool import Spool
 from agents.state import StateStore
 from services.runtime.settings import SettingsError
+from services.runtime.tls import load_nats_ssl_context
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,8 @@ def build_process(
         password=settings.nats_password,
         creds_file=str(settings.nats_creds) if settings.nats_creds else None,
         name=f"acsp-agent-{settings.backend}",
+        tls=load_nats_ssl_context(settings),
+        inbox_prefix=inbox_prefix({node.ref.provider for node in nodes}),
     )
     intervals = Intervals(settings.heartbeat_s, settings.read_s, settings.usage_s)
     return AgentProcess(
@@ -163,6 +166,23 @@ def build_process(
         intervals,
         per_provider_consumers=settings.backend == "simulated",
     )
+
+
+def inbox_prefix(providers: set[str]) -> str | None:
+    """Return ``_INBOX.<provider>`` for a process serving one provider, else None.
+
+    A provider's NATS user may subscribe only to its own inboxes. A simulated fleet of
+    several providers shares one connection, which only a user without that limit (a
+    local server) accepts, so it keeps the default ``_INBOX``.
+    """
+    if len(providers) == 1:
+        return f"_INBOX.{next(iter(providers))}"
+    logger.warning(
+        "serving %d providers on one connection: replies use the shared _INBOX, which a "
+        "provider's NATS user may not read",
+        len(providers),
+    )
+    return None
 
 
 def _simulated_nodes(
@@ -225,7 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    process = build_process(settings, args)
+    try:
+        process = build_process(settings, args)
+    except SettingsError as error:
+        print(f"agent: {error}", file=sys.stderr)
+        return 2
     failures: list[BaseException] = []
     try:
         asyncio.run(run(process))

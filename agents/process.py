@@ -12,9 +12,23 @@ the spool.
 - Counters: written every ``state_flush_s`` to ``stats.json`` beside the state file (usage
   samples made, messages published, spooled, dropped and pending), so that a supervisor can
   compare them with what metering ingested.
-- Commands: a durable pull consumer on ``ACSP_COMMANDS``, filtered to the node's subject
-  (``agent-<provider>-<region>-<node>``). A fleet process uses one consumer per provider,
-  filtered to ``acsp.cmd.<provider>.>``, and routes each command by its subject.
+- Commands: a durable push consumer on ``ACSP_COMMANDS`` named ``agent-<provider>-<region>-<node>``,
+  filtered to the node's command subject and delivering to
+  ``acsp.deliver.<provider>.<region>.<node>``. The agent creates it itself, with ``name`` set
+  so that the create request goes to the subject that the provider's permissions restrict
+  (it ends with the filter subject), subscribes to the deliver subject and acks each command
+  after handling it. A fleet process uses one consumer per provider region
+  (``fleet-<provider>-<region>``, filter ``acsp.cmd.<provider>.<region>.>``, deliver subject
+  ``acsp.deliver.<provider>.<region>.fleet.all``), which both a provider's hub user and its
+  region's leaf user may create, and routes each command by its subject. The consumer sends
+  idle heartbeats; when neither a command nor a heartbeat arrives for a few heartbeat
+  intervals, the agent declares the consumer again (a no-op when it exists). Flow control
+  is off: its replies go to ``$JS.FC.>``, which the permissions do not allow, and
+  ``max_ack_pending`` bounds the commands in flight anyway.
+- Connection: with a ``tls://`` URL the server certificate is verified against
+  ``ACSP_NATS_TLS_CA`` and a server that does not offer TLS is refused before any
+  credential is sent. Replies (JetStream acks) come to ``_INBOX.<provider>``, the only inbox
+  a provider's user may subscribe to.
 
 Stopping the agent does not stop its tasks: a restarted agent finds them again.
 """
@@ -27,6 +41,7 @@ import dataclasses
 import json
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,11 +59,18 @@ from agents import wire
 from agents.node import NodeAgent
 from agents.outbox import Outbox
 from agents.state import StateStore
+from services.runtime.nats import TlsCheckingClient, TlsRequiredError
 
 logger = logging.getLogger(__name__)
 
 STATS_FILE_NAME = "stats.json"
-_FETCH_BATCH = 256
+_MAX_ACK_PENDING = 1000
+_COMMAND_ACK_WAIT_S = 60.0
+_IDLE_HEARTBEAT_S = 5.0
+_MISSED_HEARTBEATS = 3
+"""Idle heartbeats missed before the agent declares its command consumer again."""
+FLEET_DELIVER_SUFFIX = "fleet.all"
+"""Ends a fleet consumer's deliver subject; two tokens, so no node's subject can equal it."""
 _DRAIN_S = 5.0
 """Seconds a stopping agent spends publishing what waits in the spool."""
 _HEARTBEAT_CHUNK = 500
@@ -65,6 +87,10 @@ class ConnectionOptions:
     name: str = "acsp-agent"
     connect_timeout_s: float = 2.0
     reconnect_wait_s: float = 1.0
+    tls: ssl.SSLContext | None = None
+    """Verifies the server; when set, a server that does not offer TLS is refused."""
+    inbox_prefix: str | None = None
+    """Replaces ``_INBOX`` in reply subjects, e.g. ``_INBOX.<provider>``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +240,13 @@ class AgentProcess:
 
     async def _connect_loop(self) -> None:
         options = self._connection
+        extra: dict[str, Any] = {}
+        if options.tls is not None:
+            extra["tls"] = options.tls
+        if options.inbox_prefix is not None:
+            extra["inbox_prefix"] = options.inbox_prefix
         while self._client is None and not self._stopping:
-            client = Client()
+            client = TlsCheckingClient(require_tls=options.tls is not None)
             try:
                 async with asyncio.timeout(options.connect_timeout_s * 2 + 1):
                     await client.connect(
@@ -231,7 +262,18 @@ class AgentProcess:
                         error_cb=self._on_error,
                         disconnected_cb=self._on_disconnected,
                         reconnected_cb=self._on_reconnected,
+                        **extra,
                     )
+            except TlsRequiredError as error:
+                # Refused before CONNECT: no credential went out. Retried, because the
+                # right server may come back at that address.
+                logger.error(
+                    "refusing NATS server: %s; retrying in %g s", error, options.reconnect_wait_s
+                )
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await client.close()
+                await asyncio.sleep(options.reconnect_wait_s)
+                continue
             except (nats.errors.Error, OSError, TimeoutError) as error:
                 logger.warning(
                     "cannot connect to NATS at %s (%s); retrying in %g s",
@@ -249,7 +291,10 @@ class AgentProcess:
             self._reconnected.set()
 
     async def _on_error(self, error: Exception) -> None:
-        logger.debug("NATS error: %s", error)
+        if isinstance(error, TlsRequiredError):
+            logger.error("refusing NATS server on reconnect: %s", error)
+        else:
+            logger.debug("NATS error: %s", error)
 
     async def _on_disconnected(self) -> None:
         if self._closing:
@@ -341,51 +386,104 @@ class AgentProcess:
 
     # Commands --------------------------------------------------------------------------------
 
-    def _consumer_filters(self) -> list[tuple[str, str]]:
-        """Return (durable name, filter subject) pairs for this process's command consumers."""
+    def command_consumers(self) -> list[CommandConsumer]:
+        """Return the push consumers that deliver this process's commands."""
         if self._per_provider:
-            providers = sorted({node.ref.provider for node in self.nodes})
-            return [(f"agent-fleet-{p}", f"acsp.cmd.{p}.>") for p in providers]
-        result = []
-        for node in self.nodes:
-            ref = node.ref
-            durable = f"agent-{ref.provider}-{ref.region}-{ref.node}"
-            result.append((durable, subjects.command_subject(ref.provider, ref.region, ref.node)))
-        return result
+            regions = sorted({(node.ref.provider, node.ref.region) for node in self.nodes})
+            return [
+                CommandConsumer(
+                    name=f"fleet-{provider}-{region}",
+                    filter_subject=f"acsp.cmd.{provider}.{region}.>",
+                    deliver_subject=f"acsp.deliver.{provider}.{region}.{FLEET_DELIVER_SUFFIX}",
+                )
+                for provider, region in regions
+            ]
+        return [
+            CommandConsumer(
+                name=f"agent-{ref.provider}-{ref.region}-{ref.node}",
+                filter_subject=subjects.command_subject(ref.provider, ref.region, ref.node),
+                deliver_subject=subjects.command_deliver_subject(
+                    ref.provider, ref.region, ref.node
+                ),
+            )
+            for ref in (node.ref for node in self.nodes)
+        ]
 
     async def _command_loop(self) -> None:
         await self._connected_once.wait()
         async with asyncio.TaskGroup() as group:
-            for durable, subject in self._consumer_filters():
-                group.create_task(self._consume(durable, subject), name=f"consume-{durable}")
+            for consumer in self.command_consumers():
+                group.create_task(self._consume(consumer), name=f"consume-{consumer.name}")
 
-    async def _consume(self, durable: str, subject: str) -> None:
+    async def _consume(self, consumer: CommandConsumer) -> None:
+        """Declare the push consumer, subscribe to its deliver subject, and keep it alive."""
         assert self._client is not None
+        client = self._client
         config = ConsumerConfig(
-            durable_name=durable,
-            filter_subject=subject,
+            name=consumer.name,
+            durable_name=consumer.name,
+            filter_subject=consumer.filter_subject,
+            deliver_subject=consumer.deliver_subject,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
-            ack_wait=60.0,
-            max_ack_pending=1000,
+            ack_wait=_COMMAND_ACK_WAIT_S,
+            max_ack_pending=_MAX_ACK_PENDING,
+            idle_heartbeat=_IDLE_HEARTBEAT_S,
         )
+        loop = asyncio.get_running_loop()
+        last_seen = loop.time()
+        # Bounded: the consumer has at most max_ack_pending unacked commands out, and a
+        # redelivery replaces one of them.
+        queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=_MAX_ACK_PENDING * 2)
+
+        async def receive(message: Msg) -> None:
+            nonlocal last_seen
+            last_seen = loop.time()
+            if _is_status(message):
+                return  # an idle heartbeat: the consumer exists and the path works
+            await queue.put(message)
+
         subscription = None
-        while not self._stopping:
-            try:
-                if subscription is None:
-                    subscription = await self._client.jetstream().pull_subscribe(
-                        subject, durable=durable, stream=subjects.COMMAND_STREAM, config=config
-                    )
-                    logger.info("consuming commands on %s as %s", subject, durable)
-                messages = await subscription.fetch(_FETCH_BATCH, timeout=1.0)
-            except TimeoutError:
-                continue
-            except (nats.errors.Error, OSError) as error:
-                logger.warning("command consumer %s: %s; retrying", durable, error)
-                await asyncio.sleep(self._connection.reconnect_wait_s)
-                continue
-            for message in messages:
+        declared = False
+        try:
+            subscription = await client.subscribe(
+                consumer.deliver_subject,
+                cb=receive,
+                pending_msgs_limit=_MAX_ACK_PENDING * 2,
+            )
+            while not self._stopping:
+                stale = loop.time() - last_seen > _IDLE_HEARTBEAT_S * _MISSED_HEARTBEATS
+                if (not declared or stale) and client.is_connected:
+                    declared = await self._declare_consumer(consumer, config)
+                    last_seen = loop.time()
+                try:
+                    message = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except TimeoutError:
+                    continue
                 await self._handle_command(message)
+        finally:
+            if subscription is not None and not client.is_closed:
+                with contextlib.suppress(nats.errors.Error):
+                    await subscription.unsubscribe()
+
+    async def _declare_consumer(self, consumer: CommandConsumer, config: ConsumerConfig) -> bool:
+        assert self._client is not None
+        try:
+            await self._client.jetstream(timeout=5.0).add_consumer(subjects.COMMAND_STREAM, config)
+        except (nats.errors.Error, OSError, TimeoutError) as error:
+            logger.warning(
+                "cannot declare command consumer %s: %s; retrying",
+                consumer.name,
+                error or type(error).__name__,
+            )
+            return False
+        logger.info(
+            "consuming commands on %s as %s (delivered to %s)",
+            consumer.filter_subject,
+            consumer.name,
+            consumer.deliver_subject,
+        )
+        return True
 
     async def _handle_command(self, message: Msg) -> None:
         try:
@@ -407,6 +505,21 @@ class AgentProcess:
         self.counters.commands_handled += 1
         with contextlib.suppress(nats.errors.Error):
             await message.ack()
+
+
+@dataclass(frozen=True, slots=True)
+class CommandConsumer:
+    """A durable push consumer on ``ACSP_COMMANDS``, created by the agent."""
+
+    name: str
+    filter_subject: str
+    deliver_subject: str
+
+
+def _is_status(message: Msg) -> bool:
+    # Idle heartbeats (and flow control, which is off) carry a status header and no data.
+    headers = message.headers or {}
+    return not message.data and headers.get("Status") is not None
 
 
 def _node_key_of(subject: str) -> str:
