@@ -166,7 +166,7 @@ class Pool:
     def domain_free(self) -> SortedList:
         """Return ``(free whole accelerators, domain ordinal)`` of every domain, sorted.
 
-        Placements only mark domains stale; the index catches up here, when a search for an
+        Placements only mark domains stale. The index catches up here, when a search for an
         interconnect domain reads it, so a pass that places many small jobs does not pay for it.
         """
         stale = self._stale_domains
