@@ -162,7 +162,14 @@ async def run(args: argparse.Namespace) -> None:
                 "every node's inventory",
                 0.2,
             )
+            idle_start = cpu_by_process(stack)
+            await asyncio.sleep(args.idle_s)
             cpu_before = cpu_by_process(stack)
+            idle = {
+                name: (cpu_before[name] - idle_start.get(name, 0.0)) / args.idle_s
+                for name in cpu_before
+            }
+            submit_began = time.time()
             latencies, elapsed, failures = await submit_all(address, md, project, grant, args)
             await wait_for(
                 lambda: conn.fetchval(
@@ -178,6 +185,7 @@ async def run(args: argparse.Namespace) -> None:
                 " FROM scheduler.jobs WHERE started_at IS NOT NULL"
             )
             cpu_after = cpu_by_process(stack)
+            window_s = time.time() - submit_began
         finally:
             await conn.close()
     finally:
@@ -188,7 +196,7 @@ async def run(args: argparse.Namespace) -> None:
             shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(state_root, ignore_errors=True)
     cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
-    report(latencies, elapsed, failures, rows, args.batch, cpu)
+    report(latencies, elapsed, failures, rows, args.batch, cpu, idle, window_s)
 
 
 def report(
@@ -198,6 +206,8 @@ def report(
     rows: list[asyncpg.Record],
     batch: int,
     cpu: dict[str, float],
+    idle: dict[str, float],
+    window_s: float,
 ) -> None:
     """Print the figures and the command that produced them."""
     to_start = [float(r["t"] - r["s"]) for r in rows]
@@ -229,6 +239,14 @@ def report(
         f"CPU ms per started job (submission to last start, PostgreSQL not counted): "
         f"{1000 * total / len(rows):.2f} = {parts}"
     )
+    # Heartbeats and timers cost CPU with no job at all; take that rate out over the window.
+    net = {name: cpu[name] - idle.get(name, 0.0) * window_s for name in cpu}
+    parts = "  ".join(f"{name} {1000 * seconds / len(rows):.2f}" for name, seconds in net.items())
+    print(
+        f"  of which idle (no jobs, {sum(idle.values()):.2f} cores over {window_s:.1f} s): "
+        f"{1000 * (total - sum(net.values())) / len(rows):.2f}; net of idle: "
+        f"{1000 * sum(net.values()) / len(rows):.2f} = {parts}"
+    )
 
 
 def main() -> None:
@@ -252,6 +270,12 @@ def main() -> None:
         default=None,
         help="parent folder of the agents' state files (e.g. /dev/shm, which makes their "
         "fsync per task start and exit nearly free); default: the system temp folder",
+    )
+    parser.add_argument(
+        "--idle-s",
+        type=float,
+        default=5.0,
+        help="seconds of CPU sampling with every node up and no job, before submitting",
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     parser.add_argument(

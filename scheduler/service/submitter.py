@@ -2,7 +2,9 @@
 
 A call waits at most ``linger_s`` for others to join its batch, so under load each statement
 carries hundreds of jobs while a lone call still returns within milliseconds. Jobs reach the
-scheduling loop only after their batch committed.
+scheduling loop only after their batch committed. Up to ``max_flushes`` batches are stored at
+once, so a call that arrives during one INSERT does not wait for its round trip. Batches stored
+at once may reach the loop in either order.
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ class SubmissionBatcher:
         max_batch: int = 2000,
         linger_s: float = 0.002,
         max_queued: int = 20_000,
+        max_flushes: int = 2,
     ) -> None:
         self._store = store
         self._epoch = epoch
         self._inbox = inbox
         self._max_batch = max_batch
         self._linger = linger_s
+        self._max_flushes = max_flushes
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_queued)
 
     async def submit(self, jobs: list[Job], request_ids: list[str | None]) -> list[Job]:
@@ -66,15 +70,27 @@ class SubmissionBatcher:
         return await asyncio.shield(pending.done)
 
     async def run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            size = len(batch[0].jobs)
-            await asyncio.sleep(self._linger)
-            while size < self._max_batch and not self._queue.empty():
-                item = self._queue.get_nowait()
-                batch.append(item)
-                size += len(item.jobs)
+        """Collect and store batches, ``max_flushes`` at once, until cancelled or fenced."""
+        slots = asyncio.Semaphore(self._max_flushes)
+        async with asyncio.TaskGroup() as flushes:
+            while True:
+                # A batch starts filling only once a slot is free, so while every slot waits
+                # on PostgreSQL the next batch grows instead of queueing behind them.
+                await slots.acquire()
+                batch = [await self._queue.get()]
+                size = len(batch[0].jobs)
+                await asyncio.sleep(self._linger)
+                while size < self._max_batch and not self._queue.empty():
+                    item = self._queue.get_nowait()
+                    batch.append(item)
+                    size += len(item.jobs)
+                flushes.create_task(self._flush_and_release(batch, slots))
+
+    async def _flush_and_release(self, batch: list[_Pending], slots: asyncio.Semaphore) -> None:
+        try:
             await self._flush(batch)
+        finally:
+            slots.release()
 
     async def _flush(self, batch: list[_Pending]) -> None:
         jobs = [job for item in batch for job in item.jobs]
