@@ -30,7 +30,7 @@ from services.metering.attempts import (
 from services.metering.ingest_store import register_nodes
 from services.metering.ledger import GrantTerms, Ledger, LedgerRejected
 from services.metering.ratecard import RatePolicy
-from services.metering.refunds import HealthFact
+from services.metering.refunds import HealthFact, is_fatal, recall_trigger, task_attempt
 from services.runtime.db import Database
 from services.runtime.nats import BatchHandler, PullConsumer
 
@@ -122,7 +122,7 @@ class FactConsumers:
                 terms = GrantTerms(RatePolicy.CURRENT, None)
             self._terms[event.grant_id] = terms
         ended = event.kind in _END_KINDS
-        trigger = event.cause.trigger if event.cause.trigger.startswith("recall:") else ""
+        trigger = recall_trigger(event.cause.trigger, event.cause.reason) if ended else ""
         return AttemptFacts(
             job_id=event.job_id,
             attempt=event.attempt,
@@ -164,6 +164,16 @@ class FactConsumers:
                 await record_health_event(
                     conn, fact, event.node.provider_id, event.node.region_id, event.message
                 )
+                if not is_fatal(fact.condition, fact.xid, fact.fatal_severity):
+                    continue
+                # The agent names the tasks that ran on the accelerator when it failed: the
+                # event is what ended their work, whether or not the task was stopped for it.
+                for task_id in event.task_ids:
+                    attempt = task_attempt(task_id)
+                    if attempt is not None:
+                        await record_end_trigger(
+                            conn, attempt[0], attempt[1], f"health:{event.event_id}"
+                        )
 
     async def handle_tasks(self, messages: Sequence[Msg]) -> None:
         async with self._db.acquire() as conn, conn.transaction():
@@ -176,11 +186,11 @@ class FactConsumers:
                     continue
                 if event.state != agent_pb2.TASK_STATE_FAILED_HARDWARE:
                     continue
-                parts = event.task_id.rsplit("/", 2)
-                if len(parts) != 3 or not parts[1].isdigit() or not event.health_event_id:
+                attempt = task_attempt(event.task_id)
+                if attempt is None or not event.health_event_id:
                     continue
                 await record_end_trigger(
-                    conn, parts[0], int(parts[1]), f"health:{event.health_event_id}"
+                    conn, attempt[0], attempt[1], f"health:{event.health_event_id}"
                 )
 
     async def handle_inventory(self, messages: Sequence[Msg]) -> None:

@@ -8,6 +8,7 @@ bounded by the program's maximum; the refund prices that time with the rates its
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,6 +22,8 @@ FATAL_XIDS: Final = frozenset({48, 63, 64, 74, 79, 94, 95, 119, 120})
 double-bit ECC, 63/64 row remapping, 74 NVLink, 79 fallen off the bus, 94/95 contained and
 uncontained ECC, 119/120 GSP errors."""
 FATAL_CONDITIONS: Final = frozenset({"ecc_dbe", "fallen_off_bus", "row_remap_failure"})
+_RECALL_IN_REASON: Final = re.compile(r"\bprovider_recall ([A-Za-z0-9_.:-]+)")
+"""Pattern of a recall in the scheduler's preemption reason: ``preempted: provider_recall <id>``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,27 @@ def is_fatal(condition: str, xid: int, fatal_severity: bool) -> bool:
     if condition == "xid":
         return xid in FATAL_XIDS
     return condition in FATAL_CONDITIONS or (fatal_severity and condition != "thermal")
+
+
+def recall_trigger(trigger: str, reason: str) -> str:
+    """Return ``recall:<id>`` when a job event reports that a recall ended the attempt, else "".
+
+    The trigger may name the recall itself (``recall:<id>``). The scheduler gives the task event
+    that completed the stop as the trigger and names the recall only in the reason, so the
+    reason is read too.
+    """
+    if trigger.startswith("recall:"):
+        return trigger
+    match = _RECALL_IN_REASON.search(reason)
+    return f"recall:{match.group(1)}" if match else ""
+
+
+def task_attempt(task_id: str) -> tuple[str, int] | None:
+    """Return (job id, attempt) of a task id ``<job_id>/<attempt>/<task_index>``, or None."""
+    parts = task_id.rsplit("/", 2)
+    if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], int(parts[1])
 
 
 def find_cause(

@@ -33,6 +33,8 @@ class LedgerDouble:
     charges: dict[str, LedgerCharge] = field(default_factory=dict)
     settled: dict[str, str] = field(default_factory=dict)
     refunds: dict[str, tuple[str, Decimal, str]] = field(default_factory=dict)
+    refund_calls: list[str] = field(default_factory=list)
+    """The request id of every Refund call, repeats included."""
     calls: int = 0
     _entries: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _ids: dict[str, int] = field(default_factory=dict)
@@ -59,6 +61,7 @@ class LedgerDouble:
     async def refund(
         self, request_id: str, hold_id: str, amount: Decimal, reason: str, timeout_s: float
     ) -> int:
+        self.refund_calls.append(request_id)
         self.refunds.setdefault(request_id, (hold_id, amount, reason))
         return self._ids.setdefault(request_id, next(self._entries))
 

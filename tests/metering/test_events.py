@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 
 import nats
+from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from acsp import subjects
@@ -134,3 +137,147 @@ async def test_hardware_failure_events_lead_to_refund(
     # Samples from the checkpoint at 0:40 to the fault at 0:59:55: twenty one-minute samples.
     assert amount == 20 * 60 * rate
     assert "xid 79 on GPU-0" in reason
+
+
+@asynccontextmanager
+async def _fact_consumers(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> AsyncIterator[JetStreamContext]:
+    """Declare the scheduler's streams and run metering's fact consumers on them."""
+    client = await nats.connect(nats_url)
+    js = client.jetstream()
+    await js.add_stream(
+        StreamConfig(name=subjects.EVENT_STREAM, subjects=list(subjects.EVENT_SUBJECTS))
+    )
+    await js.add_stream(
+        StreamConfig(name=subjects.AGENT_STREAM, subjects=list(subjects.AGENT_SUBJECTS))
+    )
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(run_when_stream_exists(js, consumer, stop, poll_s=0.1))
+        for consumer in FactConsumers(db, ledger).consumers(js)
+    ]
+    try:
+        yield js
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 15)
+        await client.close()
+
+
+def _simulated_fault(time: datetime, task_ids: list[str]) -> bytes:
+    """A fault from the fault trace as the simulated agent sends it today: no XID code, a
+    fatal severity, and the tasks running on the accelerator."""
+    health = agent_pb2.HealthEvent(
+        event_id="node-1/boot-1/9",
+        node=agent_pb2.NodeRef(provider_id="prov-a", region_id="r1", node_id="node-1"),
+        accelerator_id="GPU-0",
+        condition="fault_gpu_dbe_over_threshold",
+        severity=agent_pb2.HEALTH_SEVERITY_FATAL,
+        action=agent_pb2.HEALTH_ACTION_MARK_UNUSABLE,
+        message="double-bit ECC > threshold",
+        task_ids=task_ids,
+    )
+    health.time.FromDatetime(time)
+    return health.SerializeToString()
+
+
+async def test_redelivered_fatal_health_event_refunds_once(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    # The messages agents and the scheduler send today. The agent names the running task in a
+    # fatal health event and sends no FAILED_HARDWARE task event. The scheduler does not stop
+    # the job, so it ends as completed. The event arrives twice, as after a JetStream
+    # redelivery or an agent resending from its spool, and once more after the refund.
+    items = [sample(f"node-1/{i}", "job-e", T0 + timedelta(minutes=i)) for i in range(60)]
+    async with running_ingest(nats_url, db) as (usage_js, ingest):
+        await usage_js.publish(subjects.usage_subject("prov-a", "r1", "node-1"), report(items))
+        await wait_until(functools.partial(_done, ingest, 1))
+    fault = _simulated_fault(T0 + timedelta(minutes=30, seconds=10), ["job-e/0/0"])
+    health_subject = subjects.health_subject("prov-a", "r1", "node-1")
+
+    async with _fact_consumers(nats_url, db, ledger) as js:
+        await js.publish(
+            subjects.job_event_subject("started"),
+            _job_event(events_pb2.JOB_EVENT_KIND_STARTED, scheduler_pb2.JOB_STATE_RUNNING, T0),
+        )
+        await js.publish(health_subject, fault)
+        await js.publish(health_subject, fault)
+        await js.publish(
+            subjects.job_event_subject("ended"),
+            _job_event(
+                events_pb2.JOB_EVENT_KIND_ENDED,
+                scheduler_pb2.JOB_STATE_COMPLETED,
+                T0 + timedelta(minutes=60),
+                last_checkpoint_time=T0 + timedelta(minutes=20),
+            ),
+        )
+
+        async def recorded() -> bool:
+            ended = await count(
+                db,
+                "SELECT count(*) FROM metering.jobs WHERE ended_at IS NOT NULL "
+                "AND end_trigger = 'health:node-1/boot-1/9'",
+            )
+            return ended == 1
+
+        await wait_until(recorded)
+        await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=2))))
+        again = await js.publish(health_subject, fault)
+
+        async def redelivered_handled() -> bool:
+            info = await js.consumer_info(subjects.AGENT_STREAM, "metering-health")
+            return info.ack_floor.stream_seq >= again.seq
+
+        await wait_until(redelivered_handled)
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=3))))
+
+    rate = default_rate_card().rate_per_second("A100-SXM4-80GB")
+    assert ledger.total_charged() == 3600 * rate
+    assert ledger.refund_calls == ["refund/job-e/0"]
+    hold, amount, reason = ledger.refunds["refund/job-e/0"]
+    assert hold == "hold-e"
+    # From the checkpoint at 0:20 to the fault at 0:30:10: ten one-minute samples and the
+    # sample that started at 0:30, which the fault cut short.
+    assert amount == 11 * 60 * rate
+    assert "fault_gpu_dbe_over_threshold on GPU-0" in reason
+    assert await count(db, "SELECT count(*) FROM metering.refunds") == 1
+    assert await count(db, "SELECT count(*) FROM metering.health_events") == 1
+
+
+async def test_recall_in_preemption_reason_refunds(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    # The scheduler's PREEMPTED event gives the stopped task as the trigger and names the
+    # recall in its reason.
+    items = [sample(f"node-1/{i}", "job-e", T0 + timedelta(minutes=i)) for i in range(10)]
+    async with running_ingest(nats_url, db) as (usage_js, ingest):
+        await usage_js.publish(subjects.usage_subject("prov-a", "r1", "node-1"), report(items))
+        await wait_until(functools.partial(_done, ingest, 1))
+    preempted = events_pb2.JobEvent.FromString(
+        _job_event(
+            events_pb2.JOB_EVENT_KIND_PREEMPTED,
+            scheduler_pb2.JOB_STATE_STOPPING,
+            T0 + timedelta(minutes=10),
+        )
+    )
+    preempted.cause.trigger = "task:stopped"
+    preempted.cause.reason = "preempted: provider_recall rc-9f8d3dcaea90470b"
+    async with _fact_consumers(nats_url, db, ledger) as js:
+        await js.publish(subjects.job_event_subject("preempted"), preempted.SerializeToString())
+
+        async def recorded() -> bool:
+            ended = await count(
+                db,
+                "SELECT count(*) FROM metering.jobs WHERE ended_at IS NOT NULL "
+                "AND end_trigger = 'recall:rc-9f8d3dcaea90470b'",
+            )
+            return ended == 1
+
+        await wait_until(recorded)
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=1))))
+
+    rate = default_rate_card().rate_per_second("A100-SXM4-80GB")
+    _, amount, reason = ledger.refunds["refund/job-e/0"]
+    assert amount == 10 * 60 * rate == ledger.total_charged()
+    assert "provider recall rc-9f8d3dcaea90470b" in reason
