@@ -26,7 +26,7 @@ import nats
 import nats.js.errors
 
 from acsp import subjects
-from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2_grpc
+from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.runtime.auth import Role, generate_signing_key, load_signing_key, mint_token
 
 ADMIN_DSN = os.environ.get("ACSP_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -192,14 +192,40 @@ class Stack:
         await wait_for(usage_stream, 60, "metering to declare the usage stream", 0.2)
         return process
 
-    async def start_scheduler(self, name: str = "scheduler", **extra: str) -> tuple[Process, str]:
+    async def start_scheduler(
+        self, name: str = "scheduler", wait_leader: bool = True, **extra: str
+    ) -> tuple[Process, str]:
+        """Start a scheduler replica; with ``wait_leader`` return once it leads its shard.
+
+        A replica serves health and reads before it wins the leader lock, and answers
+        leader-only calls with UNAVAILABLE until then.
+        """
         settings = {
             "ACSP_GRANT_ADDRESS": self.grant_address,
             "ACSP_SCHEDULER_LEADER_POLL_S": "0.5",
             "ACSP_SCHEDULER_HEARTBEAT_TIMEOUT_S": "6",
             **extra,
         }
-        return await self.start_service(name, "scheduler.service", **settings)
+        process, address = await self.start_service(name, "scheduler.service", **settings)
+        if wait_leader:
+            await wait_for(
+                lambda: self._leads(process, address), 60, f"{name} to lead its shard", 0.2
+            )
+        return process, address
+
+    async def _leads(self, process: Process, address: str) -> bool:
+        if not process.alive():
+            raise RuntimeError(f"{process.name} exited:\n{process.tail()}")
+        md = metadata(self.token("leader-probe", Role.PROGRAM_OFFICE))
+        channel, scheduler = scheduler_stub(address)
+        async with channel:
+            try:
+                await scheduler.ListNodes(scheduler_pb2.ListNodesRequest(), metadata=md, timeout=5)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    return False
+                raise
+        return True
 
     def start_agents(
         self,

@@ -212,7 +212,7 @@ async def count_stream_messages(
 
 async def test_standby_takes_over_and_old_leader_stays_fenced(stack: Stack) -> None:
     leader, leader_address = await stack.start_scheduler("scheduler-a")
-    _, standby_address = await stack.start_scheduler("scheduler-b")
+    _, standby_address = await stack.start_scheduler("scheduler-b", wait_leader=False)
     stack.start_agents(nodes=2)
     project, grant, pi = await fund_grant(stack)
     md = metadata(stack.token(pi, Role.PI))
@@ -250,7 +250,7 @@ async def test_standby_takes_over_and_old_leader_stays_fenced(stack: Stack) -> N
     takeover_s = time.monotonic() - killed_at
     assert takeover_s < 15
 
-    _, returned_address = await stack.start_scheduler("scheduler-a-returned")
+    _, returned_address = await stack.start_scheduler("scheduler-a-returned", wait_leader=False)
     with pytest.raises(grpc.aio.AioRpcError) as again:
         await submit(returned_address, "to-returned")
     assert again.value.code() == grpc.StatusCode.UNAVAILABLE
