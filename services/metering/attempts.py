@@ -195,6 +195,9 @@ async def decide_due_refunds(
     tie_window: timedelta,
 ) -> list[RefundDecision]:
     """Check settled attempts for a refund once, and record each refund as pending."""
+    # NOTE: a health event or job event stored after this check does not reopen it. Settling
+    # waits for the ingest position and the lateness allowance, which covers events that
+    # agents publish beside their usage, but not a health stream that lags far behind.
     decisions: list[RefundDecision] = []
     async with conn.transaction():
         rows = await conn.fetch(
