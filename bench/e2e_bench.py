@@ -9,7 +9,8 @@ process per task.
 
 It reports the submission latency (client-side, per call) and, from the scheduler's rows,
 the time from submission to started (every task reported started) and the sustained rate of
-starts. Run::
+starts. It also reports the CPU time per started job of each process it started, from /proc,
+with and without the idle rate sampled before submitting. Run::
 
     python bench/e2e_bench.py --jobs 3000 --rate 1000 --nodes 250
 """
