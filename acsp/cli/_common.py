@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -28,6 +29,10 @@ EXIT_INTERRUPTED: Final = 130
 """Stopped by Ctrl-C, as shells report SIGINT."""
 
 OUTPUT_FORMATS: Final = ("table", "csv", "json")
+PIPE_WIDTH: Final = 1_000
+"""Table width in characters when stdout is a pipe or a file."""
+UINT32_MAX: Final = 2**32 - 1
+"""The largest count a protobuf ``uint32`` field (task count, page size) can carry."""
 
 
 class CommandError(Exception):
@@ -36,6 +41,39 @@ class CommandError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def whole_number(minimum: int, maximum: int = UINT32_MAX) -> Callable[[str], int]:
+    """Return an argparse type that accepts whole numbers from ``minimum`` to ``maximum``.
+
+    argparse prints the option name before the message and exits with status 2.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a whole number; give one from {minimum} to {maximum}"
+            ) from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"{value} is out of range; give a whole number from {minimum} to {maximum}"
+            )
+        return value
+
+    return parse
+
+
+def positive_seconds(text: str) -> float:
+    """Parse a duration in seconds for argparse: a finite number above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
 
 
 def connection_options() -> argparse.ArgumentParser:
@@ -55,7 +93,7 @@ def connection_options() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=DEFAULT_TIMEOUT_S,
         metavar="SECONDS",
         help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
@@ -99,7 +137,8 @@ def print_records(
     """
     out = stream if stream is not None else sys.stdout
     if output_format == "csv":
-        writer = csv.writer(out)
+        # Unix line ends, so `cut` and `read` in a shell see no trailing carriage return.
+        writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
         for record in records:
             writer.writerow([_cell(record.get(column)) for column in columns])
@@ -110,10 +149,14 @@ def print_records(
         return
     table = Table(title=title, show_edge=False, header_style="bold")
     for column in columns:
-        table.add_column(column)
+        # Fold long values instead of cutting them with an ellipsis: ids must stay whole.
+        table.add_column(column, overflow="fold")
     for record in records:
         table.add_row(*(_cell(record.get(column)) for column in columns))
-    Console(file=out, soft_wrap=True).print(table)
+    # Rich assumes 80 columns when the output is not a terminal; a pipe or file gets every
+    # row on one line instead.
+    width = None if out.isatty() else PIPE_WIDTH
+    Console(file=out, soft_wrap=True, width=width).print(table)
 
 
 def _cell(value: Any) -> str:

@@ -19,6 +19,7 @@ from acsp.cli._common import (
     output_options,
     print_records,
     rows_of,
+    whole_number,
 )
 from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
 
@@ -535,11 +536,11 @@ def register(subparsers: Any) -> None:
     p = command("applications", run_applications, "list applications, or show one")
     p.add_argument("application", nargs="?", help="show this application with its history")
     p.add_argument("--project")
-    p.add_argument("--limit", type=int, default=100, help="rows to show (at most 1000)")
+    p.add_argument("--limit", type=whole_number(1), default=100, help="rows to show (at most 1000)")
 
     p = command("list", run_list, "list the grants you may see")
     p.add_argument("--project")
-    p.add_argument("--limit", type=int, default=100, help="rows to show (at most 1000)")
+    p.add_argument("--limit", type=whole_number(1), default=100, help="rows to show (at most 1000)")
 
     p = command("balance", run_balance, "show a grant's or sub-allocation's balance")
     p.add_argument("grant")
@@ -548,7 +549,9 @@ def register(subparsers: Any) -> None:
     p = command("history", run_history, "list a grant's ledger entries, oldest first")
     p.add_argument("grant")
     p.add_argument("--kind", choices=sorted(KINDS))
-    p.add_argument("--limit", type=int, default=100, help="entries to show (at most 1000)")
+    p.add_argument(
+        "--limit", type=whole_number(1), default=100, help="entries to show (at most 1000)"
+    )
     p.add_argument("--after", help="continue after this entry id (from the previous page)")
 
     p = command("delegate", run_delegate, "delegate part of a grant to a member (PI only)")
@@ -560,7 +563,7 @@ def register(subparsers: Any) -> None:
 
     p = command("suballocations", run_suballocations, "list a grant's sub-allocations")
     p.add_argument("grant")
-    p.add_argument("--limit", type=int, default=100, help="rows to show (at most 1000)")
+    p.add_argument("--limit", type=whole_number(1), default=100, help="rows to show (at most 1000)")
 
     p = command("expire", run_expire, "expire grants whose window ended (program office)")
     idempotent(p)

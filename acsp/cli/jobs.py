@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -16,12 +17,14 @@ from google.protobuf import timestamp_pb2
 from acsp.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
+    UINT32_MAX,
     CommandError,
     async_client_from_args,
     connection_options,
     output_options,
     print_records,
     rows_of,
+    whole_number,
 )
 from acsp.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -66,7 +69,9 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--project", required=True, help="project the job runs for")
     submit.add_argument("--grant", default="", help="grant that pays (default: the project's)")
     submit.add_argument("--name", default="", help="display name")
-    submit.add_argument("--tasks", type=int, default=1, help="number of tasks (default: 1)")
+    submit.add_argument(
+        "--tasks", type=whole_number(1), default=1, help="number of tasks (default: 1)"
+    )
     submit.add_argument(
         "--accelerators",
         default="1",
@@ -82,13 +87,15 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--no-gang", action="store_true", help="tasks may start one by one")
     submit.add_argument(
         "--wall-time",
-        type=float,
-        default=3600.0,
+        type=whole_number(1),
+        default=3600,
         metavar="SECONDS",
         help="wall-time limit in seconds (default: 3600)",
     )
     submit.add_argument("--checkpointable", action="store_true")
-    submit.add_argument("--array", type=int, default=0, metavar="N", help="submit N jobs")
+    submit.add_argument(
+        "--array", type=whole_number(0), default=0, metavar="N", help="submit N jobs"
+    )
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--request-id", default="", help="idempotency key (default: random)")
     submit.add_argument("command", nargs=argparse.REMAINDER, help="-- program and arguments")
@@ -98,7 +105,9 @@ def register(subparsers: Any) -> None:
     listing.add_argument("--project", default="", help="only this project's jobs")
     listing.add_argument("--state", action="append", default=[], choices=sorted(STATES))
     listing.add_argument("--array", default="", help="only the jobs of this array")
-    listing.add_argument("--limit", type=int, default=50, help="jobs to show (default: 50)")
+    listing.add_argument(
+        "--limit", type=whole_number(1), default=50, help="jobs to show (default: 50)"
+    )
     listing.set_defaults(func=list_jobs)
 
     show = commands.add_parser("show", parents=[connection, output], help="show one job")
@@ -121,16 +130,24 @@ def register(subparsers: Any) -> None:
 def parse_millis(text: str) -> int:
     """Convert ``--accelerators`` (``2`` or ``0.25``) to milli-accelerators."""
     try:
-        value = float(text)
-    except ValueError:
-        raise CommandError(f"--accelerators {text!r} is not a number", EXIT_USAGE) from None
-    millis = round(value * 1000)
-    if millis <= 0 or abs(millis - value * 1000) > 1e-6:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise CommandError(
+            f"--accelerators {text!r} is not a number; give e.g. 2 or 0.25", EXIT_USAGE
+        ) from None
+    millis = value * 1000 if value.is_finite() else Decimal(0)
+    if millis <= 0 or millis != millis.to_integral_value() or millis > UINT32_MAX:
         raise CommandError(
             f"--accelerators {text!r}: use a positive whole number or thousandths of one",
             EXIT_USAGE,
         )
-    return millis
+    if millis > 1000 and millis % 1000:
+        raise CommandError(
+            f"--accelerators {text!r}: a share is only possible below one accelerator; "
+            "use a whole number above 1",
+            EXIT_USAGE,
+        )
+    return int(millis)
 
 
 def spec_from_args(args: argparse.Namespace) -> scheduler_pb2.JobSpec:
@@ -158,7 +175,7 @@ def spec_from_args(args: argparse.Namespace) -> scheduler_pb2.JobSpec:
         accelerators=scheduler_pb2.AcceleratorConstraint(models=args.model),
         allowed_regions=args.region,
         priority_class=PRIORITIES[args.priority],  # type: ignore[arg-type]
-        wall_time_seconds=int(args.wall_time),
+        wall_time_seconds=args.wall_time,
         checkpointable=args.checkpointable,
         command=command,
         environment=environment,

@@ -12,6 +12,7 @@ import asyncio
 import importlib
 import inspect
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Final
@@ -19,6 +20,7 @@ from typing import Final
 import grpc
 
 from acsp.cli._common import (
+    EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_NO_MESH,
     EXIT_USAGE,
@@ -85,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = asyncio.run(result)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away, e.g. `acsp jobs list | head`. Point stdout at
+        # /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     except grpc.RpcError as error:
         print_error(describe_rpc_error(error))
         return exit_code_for_rpc_error(error)

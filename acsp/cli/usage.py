@@ -21,6 +21,7 @@ from acsp.cli._common import (
     output_options,
     print_records,
     rows_of,
+    whole_number,
 )
 from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
 
@@ -300,7 +301,14 @@ def run_settlement_export(args: argparse.Namespace) -> int:
     if args.output is None:
         sys.stdout.write(response.csv)
     else:
-        args.output.write_text(response.csv, encoding="utf-8")
+        try:
+            args.output.write_text(response.csv, encoding="utf-8")
+        except OSError as exc:
+            raise CommandError(
+                f"--output {str(args.output)!r}: cannot write the file ({exc.strerror}); "
+                "give a path in an existing folder you can write to",
+                EXIT_USAGE,
+            ) from None
     return EXIT_OK
 
 
@@ -320,7 +328,7 @@ def register(subparsers: Any) -> None:
         parser.add_argument("--to", dest="end", required=True, help="end time (exclusive)")
 
     def paged(parser: Any) -> None:
-        parser.add_argument("--page-size", type=int, default=100, help="rows per page")
+        parser.add_argument("--page-size", type=whole_number(1), default=100, help="rows per page")
         parser.add_argument("--all", action="store_true", help="fetch every page")
 
     p = command("query", run_query, "usage grouped over a time range")
@@ -349,7 +357,9 @@ def register(subparsers: Any) -> None:
     window(p)
 
     p = command("rates", run_rates, "the rate card: PF-days per accelerator-hour by model")
-    p.add_argument("--version", type=int, default=0, help="rate card version (default: current)")
+    p.add_argument(
+        "--version", type=whole_number(0), default=0, help="rate card version (default: current)"
+    )
 
     command("status", run_status, "ingest counters and the exactness check")
 

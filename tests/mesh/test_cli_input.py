@@ -1,0 +1,84 @@
+"""Command-line input checks and output of the ``acsp`` command, without starting a mesh."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from acsp.cli import _common, jobs, main, usage
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["jobs", "submit", "--project", "p", "--tasks", "-3", "--", "true"], "--tasks"),
+        (["jobs", "submit", "--project", "p", "--wall-time", "-5", "--", "true"], "--wall-time"),
+        (["jobs", "submit", "--project", "p", "--array", "x", "--", "true"], "--array"),
+        (["jobs", "list", "--limit", "0"], "--limit"),
+        (["grants", "history", "g", "--limit", "-4"], "--limit"),
+        (["usage", "charges", "--page-size", "0"], "--page-size"),
+        (["status", "--timeout", "-1"], "--timeout"),
+        (["status", "--timeout", "nan"], "--timeout"),
+    ],
+)
+def test_out_of_range_option_exits_2_naming_it(
+    argv: list[str], option: str, capsys: pytest.CaptureFixture[str]
+):
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}:" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-1", "0", "0.0001", "1.5", "1e30", "abc"])
+def test_parse_millis_rejects_bad_share(text: str):
+    with pytest.raises(_common.CommandError) as error:
+        jobs.parse_millis(text)
+    assert error.value.exit_code == _common.EXIT_USAGE
+    assert "--accelerators" in str(error.value)
+
+
+@pytest.mark.parametrize(("text", "millis"), [("1", 1000), ("0.25", 250), ("8", 8000)])
+def test_parse_millis_accepts_whole_and_share(text: str, millis: int):
+    assert jobs.parse_millis(text) == millis
+
+
+def test_csv_rows_end_with_newline_only():
+    out = io.StringIO()
+    _common.print_records([{"a": "x", "b": "y"}], ["a", "b"], output_format="csv", stream=out)
+    assert out.getvalue() == "a,b\nx,y\n"
+
+
+def test_table_to_pipe_keeps_long_ids_whole():
+    long_id = "grant-" + "0123456789abcdef" * 8
+    out = io.StringIO()
+    _common.print_records([{"grant": long_id, "state": "active"}], ["grant", "state"], stream=out)
+    assert long_id in out.getvalue()
+
+
+class _FakeMetering:
+    def ExportSettlement(self, request: object) -> argparse.Namespace:
+        return argparse.Namespace(csv="provider\n")
+
+
+@contextmanager
+def _open_fake_metering(args: argparse.Namespace) -> Iterator[_FakeMetering]:
+    yield _FakeMetering()
+
+
+def test_export_to_missing_folder_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(usage, "open_metering", _open_fake_metering)
+    args = argparse.Namespace(
+        provider="p", start="2026-01-01", end="2026-01-02", output=tmp_path / "missing" / "x.csv"
+    )
+    with pytest.raises(_common.CommandError) as error:
+        usage.run_settlement_export(args)
+    assert "--output" in str(error.value)
+    assert error.value.exit_code == _common.EXIT_USAGE
