@@ -4,6 +4,11 @@ The engine (``scheduler.engine``) is pure: it takes nodes, jobs and events and r
 decisions. This adapter keeps the service's dataclasses (:mod:`.model`, :mod:`.fleet`) on one
 side and the engine's (:mod:`scheduler.engine.spec`, ``.events``, ``.decisions``) on the
 other. Engine node ids are ``provider.region.node`` keys, which are unique across the fleet.
+
+The provider registry (:class:`~.providers.ProviderDirectory`) shapes a job's engine input:
+``jurisdiction:<code>`` entries become the regions of that jurisdiction, and the job's
+cross-provider switch holds only where the providers allow it. Pending jobs whose input
+depends on the registry are entered again when it changes or a new provider's node appears.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from scheduler.engine.engine import Engine
 from .fleet import NodeView
 from .model import Job, TaskPlacement
 from .pledges import PledgeRecord, RecallRecord
+from .providers import ProviderDirectory
+from .validation import JURISDICTION_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +58,27 @@ class PassResult:
     """Job id, pending reason and message of jobs that did not start."""
 
 
-def job_to_engine(job: Job) -> es.JobSpec:
+def job_to_engine(
+    job: Job,
+    providers: ProviderDirectory | None = None,
+    fleet_providers: frozenset[str] = frozenset(),
+) -> es.JobSpec:
+    """Build the engine's spec of ``job``.
+
+    With ``providers``, jurisdiction entries resolve to regions and the cross-provider switch
+    needs every provider the job may use to allow it. ``fleet_providers`` are the providers
+    with nodes, which a job without allowed regions may also use. Without ``providers`` the
+    allowed regions and the switch pass through as the job states them.
+    """
     spec = job.spec
     topology = es.Topology(spec.topology) if spec.topology else es.Topology.SAME_PROVIDER
+    regions = frozenset(spec.allowed_regions)
+    cross_provider = spec.allow_cross_provider
+    if providers is not None:
+        if _names_jurisdiction(spec.allowed_regions):
+            regions = providers.resolve_regions(spec.allowed_regions)
+        if cross_provider:
+            cross_provider = _cross_provider_allowed(regions, providers, fleet_providers)
     return es.JobSpec(
         job_id=job.job_id,
         project=spec.project_id,
@@ -63,13 +88,36 @@ def job_to_engine(job: Job) -> es.JobSpec:
         task_count=spec.task_count,
         millis_per_task=spec.accelerator_millis_per_task,
         topology=topology,
-        allow_cross_provider=spec.allow_cross_provider,
+        allow_cross_provider=cross_provider,
         models=frozenset(spec.models),
         constraint=es.ModelConstraint(spec.vendor, spec.min_memory_gib, spec.software_stack),
-        regions=frozenset(spec.allowed_regions),
+        regions=regions,
         wall_time_s=float(spec.wall_time_s),
         checkpointable=spec.checkpointable,
     )
+
+
+def depends_on_providers(job: Job) -> bool:
+    """Return whether the provider registry shapes the job's engine input."""
+    return job.spec.allow_cross_provider or _names_jurisdiction(job.spec.allowed_regions)
+
+
+def _names_jurisdiction(allowed: tuple[str, ...]) -> bool:
+    return any(entry.startswith(JURISDICTION_PREFIX) for entry in allowed)
+
+
+def _cross_provider_allowed(
+    regions: frozenset[str], providers: ProviderDirectory, fleet_providers: frozenset[str]
+) -> bool:
+    # NOTE: the engine has one cross-provider switch per job, not one per provider. So a gang
+    # may span providers only when every provider the job may use allows it, and a job that
+    # may also use a provider that does not stays within one provider.
+    usable: frozenset[str]
+    if regions:
+        usable = frozenset(key.split("/", 1)[0] for key in regions if "/" in key)
+    else:
+        usable = providers.provider_ids() | fleet_providers
+    return all(providers.allows_cross_provider(provider) for provider in usable)
 
 
 def node_to_engine(node: NodeView) -> es.NodeSpec:
@@ -100,9 +148,39 @@ def placement_from_engine(task: d.TaskPlacement) -> TaskPlacement:
 class EngineAdapter:
     """Feeds one :class:`scheduler.engine.engine.Engine` and converts its pass results."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, providers: ProviderDirectory | None = None) -> None:
         self.engine = engine
+        self.providers = providers or ProviderDirectory()
         self._known_nodes: set[str] = set()
+        self._fleet_providers: frozenset[str] = frozenset()
+        self._dependent: dict[str, Job] = {}
+        """Jobs in the engine whose input depends on the registry, by id."""
+
+    # Providers.
+
+    def set_providers(self, providers: ProviderDirectory) -> None:
+        """Use a changed registry, entering again the pending jobs whose input it changes."""
+        self.providers = providers
+        self._reenter_dependent()
+
+    def _spec(self, job: Job) -> es.JobSpec:
+        if depends_on_providers(job):
+            self._dependent[job.job_id] = job
+        return job_to_engine(job, self.providers, self._fleet_providers)
+
+    def _reenter_dependent(self) -> None:
+        for job_id, job in list(self._dependent.items()):
+            record = self.engine.jobs.get(job_id)
+            if record is None:
+                del self._dependent[job_id]
+                continue
+            if record.running:
+                continue
+            spec = job_to_engine(job, self.providers, self._fleet_providers)
+            if spec != record.spec:
+                logger.info("job %s entered again: the provider registry changed its input", job_id)
+                self.engine.remove(job_id)
+                self.engine.submit(spec)
 
     # Fleet.
 
@@ -116,6 +194,10 @@ class EngineAdapter:
             logger.warning("node %s left out of scheduling: %s", node.key, exc)
             return False
         self._known_nodes.add(node.key)
+        if node.provider not in self._fleet_providers:
+            self._fleet_providers = self._fleet_providers | {node.provider}
+            if self._dependent:
+                self._reenter_dependent()
         return True
 
     def has_node(self, key: str) -> bool:
@@ -174,7 +256,7 @@ class EngineAdapter:
     # Jobs.
 
     def add_job(self, job: Job) -> None:
-        self.engine.submit(job_to_engine(job))
+        self.engine.submit(self._spec(job))
 
     def add_running(self, job: Job, now: float) -> bool:
         """Re-enter a job that runs on its persisted placement, after a restart.
@@ -182,7 +264,7 @@ class EngineAdapter:
         Returns False, with the job queued as pending instead, when the placement no longer
         fits the nodes' inventories (an accelerator gone, or shares that overlap).
         """
-        spec = job_to_engine(job)
+        spec = self._spec(job)
         tasks = [
             d.TaskPlacement(t.task_index, t.node_key, t.accelerators, t.millis)
             for t in job.placement
@@ -201,6 +283,7 @@ class EngineAdapter:
 
     def remove(self, job_id: str) -> None:
         """Forget a job, releasing what it holds (held accelerators of unknown nodes stay)."""
+        self._dependent.pop(job_id, None)
         if job_id in self.engine.jobs:
             self.engine.remove(job_id)
 
@@ -215,6 +298,8 @@ class EngineAdapter:
         """Record a finished job: ``completed``, ``failed``, ``timed_out`` or ``cancelled``."""
         if self.running_in_engine(job_id):
             self.engine.apply(ev.JobEnded(job_id, _OUTCOME[outcome]), now)
+            if job_id not in self.engine.jobs:
+                self._dependent.pop(job_id, None)
         else:
             self.remove(job_id)
 

@@ -1,10 +1,13 @@
-"""Fleet RPCs of the scheduler: nodes, drains, the catalog, pledges and recalls."""
+"""Fleet RPCs of the scheduler: nodes, drains, the catalog, pledges and recalls.
+
+The provider registry's RPCs are in :mod:`.provider_api`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any, Final
+from typing import Final
 
 import grpc
 
@@ -13,14 +16,13 @@ from scheduler.engine.catalog import DEFAULT_CATALOG
 from services.runtime.auth import Principal, Role, current_principal, require_roles
 from services.runtime.context import remaining_s, request_id
 from services.runtime.errors import (
-    CallerError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
 )
 
-from .errors import InvalidFields, Unimplemented
+from .errors import InvalidFields
 from .fleet import NODE_STATUSES, NodeView
 from .inputs import DrainRequested, PledgeChanged, RecallAdded
 from .leadership import Leadership
@@ -31,15 +33,16 @@ from .pledges import (
     pledge_to_proto,
     recall_to_proto,
 )
+from .provider_api import ProviderRpcs
 
 OPERATORS: Final = (Role.PROVIDER_OPERATOR, Role.PROGRAM_OFFICE, Role.SERVICE)
 
 
-class FleetRpcs:
+class FleetRpcs(ProviderRpcs):
     """Handlers of the fleet half of ``SchedulerService``."""
 
     def __init__(self, leadership: Leadership) -> None:
-        self._lead = leadership
+        super().__init__(leadership)
         self._pledges = PledgeStore(leadership.pool)
 
     async def ListNodes(
@@ -198,12 +201,6 @@ class FleetRpcs:
         recalls = await self._pledges.recalls(request.provider_id)
         return scheduler_pb2.ListRecallsResponse(recalls=[recall_to_proto(r) for r in recalls])
 
-    async def RegisterProvider(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        raise _not_implemented("RegisterProvider")
-
-    async def ListProviders(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        raise _not_implemented("ListProviders")
-
 
 def _require_operator_of(provider: str) -> Principal:
     principal = require_roles(*OPERATORS)
@@ -216,12 +213,6 @@ def _check_operator(principal: Principal, provider: str) -> None:
         raise PermissionDenied(
             f"operator of provider {principal.provider!r} cannot act for provider {provider!r}"
         )
-
-
-def _not_implemented(method: str) -> CallerError:
-    # NOTE: the provider registry (display names, jurisdictions) is not stored yet; providers
-    # and regions exist through their nodes' inventories and their pledges.
-    return Unimplemented(f"{method} is not implemented by this scheduler version yet")
 
 
 def _node_state_name(value: int) -> str:

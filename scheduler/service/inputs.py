@@ -10,6 +10,7 @@ from .admission import HoldOutcome
 from .fleet import NodeView
 from .model import Job
 from .pledges import PledgeRecord, RecallRecord
+from .providers import ProviderRecord
 
 Ack = Callable[[], Awaitable[None]]
 """Acknowledges a NATS message; the loop calls it after the effects are committed."""
@@ -81,6 +82,13 @@ class RecallAdded:
 
 
 @dataclass(frozen=True, slots=True)
+class ProviderRegistered:
+    """A provider registration stored by the API, to use when building engine inputs."""
+
+    provider: ProviderRecord
+
+
+@dataclass(frozen=True, slots=True)
 class HoldDone:
     job_id: str
     attempt: int
@@ -97,4 +105,5 @@ Input = (
     | HoldDone
     | PledgeChanged
     | RecallAdded
+    | ProviderRegistered
 )

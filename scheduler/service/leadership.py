@@ -33,6 +33,8 @@ from .leader import LeaderLease, LeadershipLost
 from .loop import LoopSettings, SchedulingLoop
 from .node_store import NodeStore
 from .pledges import PledgeStore
+from .provider_store import ProviderStore
+from .providers import ProviderDirectory
 from .publisher import Publisher
 from .store import Fenced, JobStore
 from .submitter import SubmissionBatcher
@@ -188,6 +190,8 @@ class Leadership:
     async def _restore(self, loop: SchedulingLoop, nodes: NodeStore) -> None:
         """Load the fleet and open jobs persisted by earlier terms."""
         now = loop.now()
+        registry = await ProviderStore(self._pool).all()
+        loop.book.engine.set_providers(ProviderDirectory(registry))
         for payload, draining, reason in await nodes.load():
             view = node_from_inventory(agent_pb2.Inventory.FromString(payload))
             change = loop.fleet.apply_inventory(

@@ -26,6 +26,7 @@ from .inputs import (
     Input,
     InventoryReceived,
     PledgeChanged,
+    ProviderRegistered,
     RecallAdded,
     Submitted,
     TaskReported,
@@ -234,6 +235,9 @@ class SchedulingLoop:
                     recall.effective_at,
                 )
                 self.book.engine.add_recall(recall, pledge)
+            case ProviderRegistered(provider):
+                engine = self.book.engine
+                engine.set_providers(engine.providers.with_provider(provider))
             case DrainRequested(key, draining, reason, reply):
                 node_view = None
                 if self.fleet.get(key) is not None:

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from .provider_store import register_named_regions
+
 
 class NodeStore:
     """Node inventories and drain flags, so a new leader has the fleet before agents report."""
@@ -15,10 +17,15 @@ class NodeStore:
         self._timeout = timeout_s
 
     async def upsert_inventories(self, rows: Sequence[tuple[str, str, str, bytes]]) -> None:
-        """Store ``(provider, region, node, serialized Inventory)`` rows."""
+        """Store ``(provider, region, node, serialized Inventory)`` rows.
+
+        Providers and regions that no one registered are registered automatically in the same
+        transaction (see :func:`~.provider_store.register_named_regions`).
+        """
         if not rows:
             return
-        async with self._pool.acquire(timeout=self._timeout) as conn:
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await register_named_regions(conn, [r[:3] for r in rows], self._timeout)
             await conn.execute(
                 "INSERT INTO scheduler.nodes (provider, region, node, inventory)"
                 " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])"

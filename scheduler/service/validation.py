@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Final
 
@@ -23,7 +23,9 @@ VENDORS: Final = ("", "nvidia", "amd", "huawei", "cambricon", "other")
 
 _ENV_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _ID: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-_JURISDICTION: Final = re.compile(r"^jurisdiction:[A-Z]{2,8}$")
+JURISDICTION_PREFIX: Final = "jurisdiction:"
+JURISDICTION_CODE: Final = re.compile(r"[A-Z]{2,8}")
+"""A region's jurisdiction, e.g. ``CN`` or ``EU``; allowed regions name it after the prefix."""
 
 _Reporter = Callable[[str, str], None]
 
@@ -46,8 +48,14 @@ class InvalidJobSpec(ValueError):
         super().__init__("; ".join(f"{v.field}: {v.reason}" for v in violations))
 
 
-def validate_spec(spec: JobSpec, prefix: str = "spec") -> list[FieldViolation]:
-    """Return every violation in ``spec``; an empty list means it is valid."""
+def validate_spec(
+    spec: JobSpec, prefix: str = "spec", jurisdictions: Collection[str] | None = None
+) -> list[FieldViolation]:
+    """Return every violation in ``spec``; an empty list means it is valid.
+
+    ``jurisdictions`` are the codes registered regions declare; a ``jurisdiction:<code>``
+    entry of the allowed regions must name one of them. ``None`` checks only the syntax.
+    """
     out: list[FieldViolation] = []
 
     def bad(name: str, reason: str) -> None:
@@ -74,18 +82,9 @@ def validate_spec(spec: JobSpec, prefix: str = "spec") -> list[FieldViolation]:
         if not TOKEN_PATTERN.match(model):
             bad(f"accelerators.models[{i}]", f"{model!r} is not a catalog model name")
     for i, entry in enumerate(spec.allowed_regions):
-        if _JURISDICTION.match(entry):
-            # NOTE: regions carry no jurisdiction until the provider registry is stored.
-            bad(
-                f"allowed_regions[{i}]",
-                f"{entry!r}: jurisdiction constraints are not supported yet; "
-                "list the allowed regions as '<provider>/<region>'",
-            )
-        elif not _valid_region_entry(entry):
-            bad(
-                f"allowed_regions[{i}]",
-                f"{entry!r} is neither '<provider>/<region>' nor 'jurisdiction:<CODE>'",
-            )
+        reason = _region_entry_problem(entry, jurisdictions)
+        if reason:
+            bad(f"allowed_regions[{i}]", reason)
     for key, _ in spec.env:
         if not _ENV_NAME.match(key):
             bad(f"environment[{key!r}]", "is not a valid environment variable name")
@@ -132,6 +131,24 @@ def _check_millis(spec: JobSpec, bad: _Reporter) -> None:
         bad(name, f"is {millis}; use at most {MAX_MILLIS_PER_TASK}")
     elif millis > MILLIS_PER_ACCELERATOR and millis % MILLIS_PER_ACCELERATOR:
         bad(name, f"is {millis}; above 1000 use a whole multiple of 1000")
+
+
+def _region_entry_problem(entry: str, jurisdictions: Collection[str] | None) -> str:
+    """Return what is wrong with one allowed-region entry, or an empty string."""
+    if entry.startswith(JURISDICTION_PREFIX):
+        code = entry.removeprefix(JURISDICTION_PREFIX)
+        if not JURISDICTION_CODE.fullmatch(code):
+            return f"{entry!r}: the jurisdiction code must be 2 to 8 capital letters, e.g. EU"
+        if jurisdictions is not None and code not in jurisdictions:
+            known = ", ".join(sorted(jurisdictions)) or "none"
+            return (
+                f"{entry!r} names a jurisdiction no registered region declares "
+                f"(registered: {known}); name a registered one or list '<provider>/<region>'"
+            )
+        return ""
+    if not _valid_region_entry(entry):
+        return f"{entry!r} is neither '<provider>/<region>' nor 'jurisdiction:<CODE>'"
+    return ""
 
 
 def _valid_region_entry(entry: str) -> bool:

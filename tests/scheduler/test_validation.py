@@ -41,10 +41,30 @@ def test_share_of_one_accelerator_is_valid() -> None:
     assert validate_spec(valid_spec(accelerator_millis_per_task=250)) == []
 
 
-def test_jurisdiction_constraint_is_rejected_with_fix() -> None:
-    violations = validate_spec(valid_spec(allowed_regions=("jurisdiction:EU",)))
-    assert [v.field for v in violations] == ["spec.allowed_regions[0]"]
-    assert "<provider>/<region>" in violations[0].reason
+def test_unknown_jurisdiction_is_rejected_with_known_ones() -> None:
+    spec = valid_spec(allowed_regions=("prov/reg", "jurisdiction:EU"))
+    violations = validate_spec(spec, jurisdictions={"CN", "NO"})
+    assert [v.field for v in violations] == ["spec.allowed_regions[1]"]
+    assert "CN, NO" in violations[0].reason
+
+
+def test_registered_jurisdiction_is_valid() -> None:
+    spec = valid_spec(allowed_regions=("jurisdiction:EU",))
+    assert validate_spec(spec, jurisdictions={"EU"}) == []
+
+
+def test_jurisdiction_without_registry_checks_syntax_only() -> None:
+    assert validate_spec(valid_spec(allowed_regions=("jurisdiction:EU",))) == []
+    bad = validate_spec(valid_spec(allowed_regions=("jurisdiction:eu",)))
+    assert [v.field for v in bad] == ["spec.allowed_regions[0]"]
+    assert "capital letters" in bad[0].reason
+
+
+def test_jurisdiction_with_no_registered_region_names_none() -> None:
+    violations = validate_spec(
+        valid_spec(allowed_regions=("jurisdiction:EU",)), jurisdictions=frozenset()
+    )
+    assert "registered: none" in violations[0].reason
 
 
 def test_array_size_bounds() -> None:
