@@ -19,6 +19,7 @@ def run_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
     checks = [
         *_ledger_checks(report),
         _charges_check(report),
+        _refunds_check(report),
         _samples_check(report),
         _jobs_check(report),
         _comparison_check(report),
@@ -69,6 +70,22 @@ def _charges_check(report: dict[str, Any]) -> dict[str, Any]:
         and uncommitted == 0,
         f"metering charged {charged}, usage times rates {priced}, grant ledgers charged "
         f"{ledger_charged} PF-days; {uncommitted} charges not yet in the ledger",
+    )
+
+
+def _refunds_check(report: dict[str, Any]) -> dict[str, Any]:
+    refunds = report["pf_days"]["refunds"]
+    by_job = refunds.get("by_job", [])
+    over = [
+        row["job_id"]
+        for row in by_job
+        if Decimal(row["refunded_pf_days"]) > Decimal(row["charged_pf_days"])
+    ]
+    return _check(
+        "refunds do not exceed charges per job",
+        not over and len(by_job) <= refunds["count"],
+        f"{refunds['count']} refunds of {refunds['pf_days']} PF-days to {len(by_job)} jobs in "
+        f"the grant ledgers; refunded more than charged: {over[:5] or 'none'}",
     )
 
 

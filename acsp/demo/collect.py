@@ -247,6 +247,7 @@ async def collect(
     for provider in fleet.providers:
         settlements[provider] = await _settlement(client, provider, window)
     refunds = await _refunds(client)
+    refunds["by_job"] = await refunds_by_job(client, [g.grant_id for g in grants])
     by_region = await _usage(client, metering_pb2.USAGE_GROUPING_REGION, window)
     by_model = await _usage(client, metering_pb2.USAGE_GROUPING_MODEL, window)
     status = await client.metering.GetIngestStatus(
@@ -311,6 +312,55 @@ async def _refunds(client: AsyncClient) -> dict[str, Any]:
         token = response.page.next_page_token
         if not token:
             return {"count": count, "pf_days": str(total), "by_reason": by_reason}
+
+
+async def _ledger_entries(
+    client: AsyncClient, grant_id: str, kind: int
+) -> list[grant_pb2.LedgerEntry]:
+    entries = []
+    token = ""
+    while True:
+        response = await client.grants.ListLedgerEntries(
+            grant_pb2.ListLedgerEntriesRequest(
+                grant_id=grant_id,
+                kind=kind,  # type: ignore[arg-type]
+                page=common_pb2.PageRequest(page_size=1000, page_token=token),
+            ),
+            timeout=30,
+        )
+        entries.extend(response.entries)
+        token = response.page.next_page_token
+        if not token:
+            return entries
+
+
+async def refunds_by_job(client: AsyncClient, grant_ids: Sequence[str]) -> list[dict[str, str]]:
+    """Return, for each refunded job, what the grant ledgers charged and refunded it.
+
+    Charges and refunds name the hold of one attempt, and the hold names the job. So the sums
+    are per job over all its attempts.
+    """
+    charged: dict[str, Decimal] = {}
+    refunded: dict[str, Decimal] = {}
+    for grant_id in grant_ids:
+        refunds = await _ledger_entries(client, grant_id, common_pb2.LEDGER_ENTRY_KIND_REFUND)
+        if not refunds:
+            continue
+        holds = await _ledger_entries(client, grant_id, common_pb2.LEDGER_ENTRY_KIND_HOLD)
+        job_of_hold = {entry.hold_id: entry.job_id for entry in holds}
+        charges = await _ledger_entries(client, grant_id, common_pb2.LEDGER_ENTRY_KIND_CHARGE)
+        for entries, sums in ((charges, charged), (refunds, refunded)):
+            for entry in entries:
+                job = job_of_hold.get(entry.hold_id) or entry.job_id or f"hold {entry.hold_id}"
+                sums[job] = sums.get(job, Decimal(0)) + _decimal(entry.amount_pf_days)
+    return [
+        {
+            "job_id": job,
+            "charged_pf_days": str(charged.get(job, Decimal(0))),
+            "refunded_pf_days": str(amount),
+        }
+        for job, amount in sorted(refunded.items())
+    ]
 
 
 async def _usage(

@@ -62,6 +62,17 @@ def markdown(document: dict[str, Any]) -> str:
                 ]
             ],
         ),
+        _table(
+            ["refunded job", "charged PF-days", "refunded PF-days"],
+            [
+                [row["job_id"], row["charged_pf_days"], row["refunded_pf_days"]]
+                for row in document["pf_days"]["refunds"].get("by_job", [])
+            ],
+        ),
+        _table(
+            ["refund reason", "refunds"],
+            sorted(document["pf_days"]["refunds"]["by_reason"].items()),
+        ),
         "## Usage samples\n",
         _table(
             ["made by agents", "ingested", "duplicates ignored", "dead-lettered", "settled"],

@@ -57,7 +57,9 @@ class DemoConfig:
     """Wall seconds into the replay at which metering is killed for ``metering_down_s``."""
     metering_down_s: float = 20.0
     recall_at_s: float = 10.0
-    """Wall seconds into the replay at which the spot provider recalls capacity."""
+    """Wall seconds into the replay from which the demo looks for a busy pool to recall."""
+    recall_search_s: float = 60.0
+    """Wall seconds the demo looks for a pool where the recall preempts running jobs."""
     recall_s: float = 30.0
     drain_timeout_s: float = 120.0
     """Wall seconds allowed after the last submission for running jobs to end."""
@@ -261,7 +263,15 @@ async def _recall_later(
     mesh: LocalMesh,
 ) -> None:
     await asyncio.sleep(config.recall_at_s)
-    await recall_capacity(client, outcome, fleet, config.seed, mesh.token, config.recall_s)
+    await recall_capacity(
+        client,
+        outcome,
+        fleet,
+        config.seed,
+        mesh.token,
+        config.recall_s,
+        config.recall_search_s,
+    )
 
 
 async def _kill_metering_later(

@@ -5,8 +5,10 @@ Every call carries an idempotency key derived from the seed, so a retried step c
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -30,7 +32,9 @@ _TIERS = {
     "flagship": grant_pb2.GRANT_TIER_FLAGSHIP,
 }
 RECALLABLE_SHARE = Decimal("0.25")
-"""Share of each pledge that its provider may recall."""
+"""Share of each pledge that its provider may recall, except for spot capacity."""
+SPOT_PROVIDER = "spot"
+"""The provider of spot capacity, which pledges all of it as recallable."""
 
 
 @dataclass(slots=True)
@@ -41,6 +45,8 @@ class FleetSetup:
     """One entry per call: ``rpc``, ``target``, ``status`` (OK or the gRPC code) and detail."""
     pledge_ids: dict[str, str] = field(default_factory=dict)
     """Server-assigned pledge id per ``provider/region/model``."""
+    pledged: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Protected and recallable accelerators per ``provider/region/model``."""
 
     def record(self, rpc: str, target: str, error: grpc.aio.AioRpcError | None) -> None:
         if error is None:
@@ -101,7 +107,7 @@ async def register_fleet(
         outcome.record("RegisterProvider", provider, error)
         for region in regions:
             for model, count in sorted(region.accelerators_by_model().items()):
-                recallable = int(count * RECALLABLE_SHARE)
+                recallable = recallable_count(provider, count)
                 pledge = scheduler_pb2.Pledge(
                     provider_id=provider,
                     region_id=region.region,
@@ -119,9 +125,67 @@ async def register_fleet(
                     )
                 )
                 outcome.record("SetPledge", f"{region.key}/{model}", error)
+                outcome.pledged[f"{region.key}/{model}"] = (count - recallable, recallable)
                 if stored is not None:
                     outcome.pledge_ids[f"{region.key}/{model}"] = stored.pledge_id
     return outcome
+
+
+def recallable_count(provider: str, count: int) -> int:
+    """Return how many of ``count`` accelerators ``provider`` pledges as recallable."""
+    if provider == SPOT_PROVIDER:
+        return count
+    return int(count * RECALLABLE_SHARE)
+
+
+def pick_recall_pool(
+    used_millis: Mapping[str, int], pledged: Mapping[str, tuple[int, int]]
+) -> tuple[str, int] | None:
+    """Return the busiest pool (``provider/region/model``) that a recall can preempt in.
+
+    ``pledged`` maps each pool to its protected and recallable accelerators. A recall lowers
+    the pool's cap, but never below the protected part, so running jobs are preempted only
+    where more than the protected part is in use. The count returned recalls every
+    accelerator that no job uses plus one, so the recall preempts about one accelerator's
+    worth of jobs and the live run stays comparable with the simulated one.
+    """
+    best: tuple[str, int, int] | None = None
+    for key, (protected, recallable) in sorted(pledged.items()):
+        used = used_millis.get(key, 0)
+        over = used - protected * 1000
+        if recallable == 0 or over <= 0 or (best is not None and over <= best[2]):
+            continue
+        unused = protected + recallable - math.ceil(used / 1000)
+        best = (key, min(recallable, unused + 1), over)
+    return None if best is None else (best[0], best[1])
+
+
+async def used_millis_by_pool(
+    client: AsyncClient, fleet: FleetPlan, metadata: tuple[tuple[str, str], ...]
+) -> dict[str, int]:
+    """Return the milli-accelerators running jobs use per ``provider/region/model``."""
+    nodes = fleet.node_index()
+    used: dict[str, int] = {}
+    token = ""
+    while True:
+        response = await client.scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(
+                states=[scheduler_pb2.JOB_STATE_RUNNING],
+                page=common_pb2.PageRequest(page_size=1000, page_token=token),
+            ),
+            metadata=metadata,
+            timeout=30,
+        )
+        for job in response.jobs:
+            for placement in job.placements:
+                node = nodes.get((placement.provider_id, placement.region_id, placement.node_id))
+                if node is None:
+                    continue
+                key = f"{node.provider}/{node.region}/{node.model}"
+                used[key] = used.get(key, 0) + sum(a.millis for a in placement.accelerators)
+        token = response.page.next_page_token
+        if not token:
+            return used
 
 
 async def recall_capacity(
@@ -131,32 +195,49 @@ async def recall_capacity(
     seed: int,
     token: TokenFactory,
     duration_s: float,
+    search_s: float,
 ) -> None:
-    """Recall the recallable part of the largest pledge of the spot provider for a window."""
-    spot = [r for r in fleet.regions if r.provider == "spot"]
-    if not spot:
-        return
-    region = spot[0]
-    model, count = max(region.accelerators_by_model().items(), key=lambda item: item[1])
-    pledge_id = outcome.pledge_ids.get(f"{region.key}/{model}")
+    """Recall capacity of one pledge for a window of ``duration_s``.
+
+    For up to ``search_s`` seconds the demo looks every second for a pool busy enough that the
+    recall preempts running jobs. Without one, it recalls the largest pledge of the spot
+    provider, which then preempts no job.
+    """
+    office = _metadata(token("program_office", "office@program"))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + search_s
+    chosen = None
+    while chosen is None:
+        used = await used_millis_by_pool(client, fleet, office)
+        chosen = pick_recall_pool(used, outcome.pledged)
+        if chosen is not None or loop.time() >= deadline:
+            break
+        await asyncio.sleep(1.0)
+    if chosen is None:
+        spot = [r for r in fleet.regions if r.provider == SPOT_PROVIDER]
+        if not spot:
+            return
+        model, count = max(spot[0].accelerators_by_model().items(), key=lambda item: item[1])
+        chosen = (f"{spot[0].key}/{model}", recallable_count(SPOT_PROVIDER, count))
+    key, count = chosen
+    pledge_id = outcome.pledge_ids.get(key)
     if pledge_id is None:
-        logger.warning("no pledge of %s/%s to recall from", region.key, model)
+        logger.warning("no pledge of %s to recall from", key)
         return
-    recall = scheduler_pb2.Recall(
-        count=int(count * RECALLABLE_SHARE), reason="commercial peak (demo recall window)"
-    )
+    provider = key.split("/", 1)[0]
+    recall = scheduler_pb2.Recall(count=count, reason="commercial peak (demo recall window)")
     now = datetime.now(UTC)
     recall.effective_time.FromDatetime(now + timedelta(seconds=2))
     recall.end_time.FromDatetime(now + timedelta(seconds=2 + duration_s))
     recall.pledge_id = pledge_id
-    metadata = _metadata(token("provider_operator", "operator@spot", provider="spot"))
+    metadata = _metadata(token("provider_operator", f"operator@{provider}", provider=provider))
     error = await _call(
         client.scheduler.RecallCapacity(
             scheduler_pb2.RecallCapacityRequest(request_id=f"demo-{seed}-recall", recall=recall),
             metadata=metadata,
         )
     )
-    outcome.record("RecallCapacity", f"{region.key}/{model}", error)
+    outcome.record("RecallCapacity", key, error)
 
 
 async def _call(call: object) -> grpc.aio.AioRpcError | None:

@@ -12,6 +12,7 @@ from acsp.demo import compare
 from acsp.demo.checks import run_checks
 from acsp.demo.fleet import build_fleet_plan, sample_by_stride
 from acsp.demo.runner import MeshChildExited, _while_mesh_runs
+from acsp.demo.setup import pick_recall_pool, recallable_count
 from acsp.demo.workload import build_workload, compress, project_plans, wall_time_limit_s
 from agents.backends.fleet import FleetNode
 from scheduler.engine import PriorityClass
@@ -104,6 +105,28 @@ def test_simulated_slice_replays_every_job() -> None:
     assert len(simulated.result.runs) == 50
 
 
+def test_recall_picks_pool_using_more_than_protected() -> None:
+    pledged = {"p/r/A": (6, 2), "p/r/B": (6, 2), "p/r/C": (2, 0), "spot/r/D": (0, 8)}
+    # A uses its 6 protected, B 7.5 of 8, C is full but has none recallable, D uses 1 of 8.
+    used = {"p/r/A": 6000, "p/r/B": 7500, "p/r/C": 2000, "spot/r/D": 1000}
+    # B has no unused accelerator, so recalling one preempts.
+    assert pick_recall_pool(used, pledged) == ("p/r/B", 1)
+
+
+def test_recall_count_leaves_one_accelerator_short() -> None:
+    # 2.5 of 8 in use: five unused accelerators plus one are recalled, so 2 remain.
+    assert pick_recall_pool({"spot/r/D": 2500}, {"spot/r/D": (0, 8)}) == ("spot/r/D", 6)
+
+
+def test_recall_picks_nothing_when_no_pool_is_busy() -> None:
+    assert pick_recall_pool({"p/r/A": 6000}, {"p/r/A": (6, 2)}) is None
+
+
+def test_spot_capacity_is_pledged_recallable() -> None:
+    assert recallable_count("spot", 8) == 8
+    assert recallable_count("alibaba", 8) == 2
+
+
 def _passing_report() -> dict[str, Any]:
     return {
         "inputs": {"kill_metering_at_s": None},
@@ -119,7 +142,14 @@ def _passing_report() -> dict[str, Any]:
             },
             "agents": {"usage_samples": 40, "outbox_pending": 0, "outbox": {"dropped": 0}},
         },
-        "pf_days": {"charged_gross": "0.5"},
+        "pf_days": {
+            "charged_gross": "0.5",
+            "refunds": {
+                "count": 1,
+                "pf_days": "0.1",
+                "by_job": [{"job_id": "j-1", "charged_pf_days": "0.2", "refunded_pf_days": "0.1"}],
+            },
+        },
         "jobs": {"unexplained": [], "not_submitted": 0},
         "fleet": {"failed_calls": [], "unimplemented_rpcs": ["RegisterProvider"]},
         "comparison": {
@@ -146,6 +176,11 @@ def test_checks_pass_on_consistent_report() -> None:
         (("metering", "agents", "usage_samples"), 41, "samples published equal samples ingested"),
         (("jobs", "unexplained"), ["j-1"], "every job is finished or pending with a reason"),
         (("inputs", "kill_metering_at_s"), 5.0, "metering was killed and came back"),
+        (
+            ("pf_days", "refunds", "by_job"),
+            [{"job_id": "j-1", "charged_pf_days": "0.1", "refunded_pf_days": "0.2"}],
+            "refunds do not exceed charges per job",
+        ),
         (
             ("fleet", "failed_calls"),
             [{"rpc": "SetPledge", "target": "p/r/T4", "status": "INVALID_ARGUMENT"}],

@@ -62,6 +62,7 @@ def _checks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "ledger postings sum to zero",
         "no grant balance is negative",
         "charges equal metered usage times the rates",
+        "refunds do not exceed charges per job",
         "samples published equal samples ingested",
         "every job is finished or pending with a reason",
         "live and simulated agree within the tolerance",
@@ -135,3 +136,15 @@ def test_metering_kill_loses_and_doubles_nothing(
     killed = float(killed_ingest["accelerator_seconds"])
     plain = float(short_demo["metering"]["ingest"]["accelerator_seconds"])
     assert abs(killed - plain) / plain < 0.10
+
+
+def test_short_demo_refunds_recalled_job(short_demo: dict[str, Any]) -> None:
+    refunds = short_demo["pf_days"]["refunds"]
+    refunded = Decimal(short_demo["pf_days"]["refunded"])
+    settled = sum(Decimal(s["refunded_pf_days"]) for s in short_demo["settlement"].values())
+    assert any(reason.startswith("provider recall") for reason in refunds["by_reason"])
+    assert refunded > 0
+    assert Decimal(refunds["pf_days"]) == refunded
+    assert settled == refunded
+    for row in refunds["by_job"]:
+        assert Decimal(row["refunded_pf_days"]) <= Decimal(row["charged_pf_days"]), row
