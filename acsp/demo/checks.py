@@ -128,12 +128,12 @@ def _comparison_check(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fleet_check(report: dict[str, Any]) -> dict[str, Any]:
-    """Pass when every provider, pledge and recall call succeeded or is not implemented."""
+    """Pass when every provider, pledge and recall call succeeded; UNIMPLEMENTED fails too."""
     failed = report["fleet"]["failed_calls"]
     unimplemented = report["fleet"]["unimplemented_rpcs"]
     return _check(
         "provider, pledge and recall calls succeeded",
-        not failed,
+        not failed and not unimplemented,
         f"{len(failed)} failed {[(c['rpc'], c['target'], c['status']) for c in failed][:5]}; "
         f"not implemented by the scheduler: {unimplemented or 'none'}",
     )

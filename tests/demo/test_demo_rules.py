@@ -151,7 +151,7 @@ def _passing_report() -> dict[str, Any]:
             },
         },
         "jobs": {"unexplained": [], "not_submitted": 0},
-        "fleet": {"failed_calls": [], "unimplemented_rpcs": ["RegisterProvider"]},
+        "fleet": {"failed_calls": [], "unimplemented_rpcs": []},
         "comparison": {
             "accelerator_seconds": {"within": True, "relative_difference": 0.01, "tolerance": 0.15},
             "queueing_delay_p50": {"within": True, "allowance_s": 24000.0},
@@ -184,6 +184,11 @@ def test_checks_pass_on_consistent_report() -> None:
         (
             ("fleet", "failed_calls"),
             [{"rpc": "SetPledge", "target": "p/r/T4", "status": "INVALID_ARGUMENT"}],
+            "provider, pledge and recall calls succeeded",
+        ),
+        (
+            ("fleet", "unimplemented_rpcs"),
+            ["RegisterProvider"],
             "provider, pledge and recall calls succeeded",
         ),
     ],
