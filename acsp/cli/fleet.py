@@ -1,4 +1,4 @@
-"""``acsp fleet``: nodes, drains, the accelerator catalog and queue summary."""
+"""``acsp fleet``: nodes, drains, providers, the accelerator catalog and queue summary."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ NODE_STATES = {
     if number
 }
 NODE_COLUMNS = ("node", "state", "model", "accelerators", "healthy", "last heartbeat", "reason")
+PROVIDER_COLUMNS = ("provider", "name", "region", "region name", "jurisdiction", "cross-provider")
 
 
 def register(subparsers: Any) -> None:
@@ -39,6 +40,11 @@ def register(subparsers: Any) -> None:
         drain.add_argument("node", help="<provider>/<region>/<node>")
         drain.add_argument("--reason", default="", help="why, recorded with the node")
         drain.set_defaults(func=drain_node, undrain=undrain)
+
+    providers = commands.add_parser(
+        "providers", parents=[connection, output], help="list providers and their regions"
+    )
+    providers.set_defaults(func=list_providers)
 
     catalog = commands.add_parser(
         "models", parents=[connection, output], help="list the accelerator catalog"
@@ -101,6 +107,41 @@ def drain_node(args: argparse.Namespace) -> int:
             )
         )
     print_records([node_row(result)], NODE_COLUMNS, output_format=args.format)
+    return EXIT_OK
+
+
+def provider_rows(provider: scheduler_pb2.Provider) -> list[dict[str, Any]]:
+    """Return one row per region of ``provider``, or one row if it has no region."""
+    regions = list(provider.regions) or [scheduler_pb2.Region()]
+    return [
+        {
+            "provider": provider.provider_id,
+            "name": provider.display_name,
+            "region": region.region_id,
+            "region name": region.display_name,
+            "jurisdiction": region.jurisdiction,
+            "cross-provider": "allowed" if provider.allow_cross_provider_gangs else "no",
+        }
+        for region in regions
+    ]
+
+
+def list_providers(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    token = ""
+    with open_scheduler(args) as scheduler:
+        while True:
+            response = scheduler.ListProviders(
+                scheduler_pb2.ListProvidersRequest(
+                    page=common_pb2.PageRequest(page_size=1000, page_token=token)
+                )
+            )
+            for provider in response.providers:
+                rows.extend(provider_rows(provider))
+            token = response.page.next_page_token
+            if not token:
+                break
+    print_records(rows, PROVIDER_COLUMNS, output_format=args.format, title="providers")
     return EXIT_OK
 
 

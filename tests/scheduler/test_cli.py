@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from acsp.cli._common import CommandError
+from acsp.cli.fleet import list_providers, provider_rows
 from acsp.cli.jobs import job_row_of, parse_millis, spec_from_args, watch_line
 from acsp.cli.main import build_parser
 from acsp.v1 import common_pb2, scheduler_pb2
@@ -92,3 +93,31 @@ def test_watch_line_counts_started_tasks() -> None:
         ],
     )
     assert watch_line(job) == "j1  starting  1/2 tasks started"
+
+
+def test_provider_rows_list_each_region() -> None:
+    provider = scheduler_pb2.Provider(
+        provider_id="alibaba",
+        display_name="Alibaba",
+        regions=[
+            scheduler_pb2.Region(region_id="hz-a", display_name="Hangzhou A", jurisdiction="CN"),
+            scheduler_pb2.Region(region_id="hz-b", display_name="Hangzhou B"),
+        ],
+        allow_cross_provider_gangs=True,
+    )
+    rows = provider_rows(provider)
+    assert [row["region"] for row in rows] == ["hz-a", "hz-b"]
+    assert [row["jurisdiction"] for row in rows] == ["CN", ""]
+    assert rows[0]["cross-provider"] == "allowed"
+
+
+def test_provider_without_regions_gets_one_row() -> None:
+    rows = provider_rows(scheduler_pb2.Provider(provider_id="p", display_name="P"))
+    assert len(rows) == 1
+    assert rows[0]["region"] == ""
+    assert rows[0]["cross-provider"] == "no"
+
+
+def test_fleet_providers_command_parses() -> None:
+    args = parse("fleet", "providers")
+    assert args.func is list_providers  # type: ignore[attr-defined]
