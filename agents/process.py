@@ -265,10 +265,12 @@ class AgentProcess:
                         **extra,
                     )
             except TlsRequiredError as error:
-                # Refused before CONNECT: no credential went out. Retried, because the
-                # right server may come back at that address.
+                # Rejected before CONNECT, so no credential was sent. The agent retries,
+                # because the right server may come back at that address.
                 logger.error(
-                    "refusing NATS server: %s; retrying in %g s", error, options.reconnect_wait_s
+                    "rejected the NATS server: %s; retrying in %g s",
+                    error,
+                    options.reconnect_wait_s,
                 )
                 with contextlib.suppress(nats.errors.Error, OSError):
                     await client.close()
@@ -292,7 +294,7 @@ class AgentProcess:
 
     async def _on_error(self, error: Exception) -> None:
         if isinstance(error, TlsRequiredError):
-            logger.error("refusing NATS server on reconnect: %s", error)
+            logger.error("rejected the NATS server on reconnect: %s", error)
         else:
             logger.debug("NATS error: %s", error)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,9 @@ from agents.state import StateStore
 from tests.agent.natsserver import NatsServer, declare_agent_streams
 
 
-def agent_with(tmp_path: Path, url: str, password: str) -> AgentProcess:
+def agent_with(
+    tmp_path: Path, url: str, password: str, tls: ssl.SSLContext | None = None
+) -> AgentProcess:
     directory = tmp_path / password
     state = StateStore(directory / "state.json")
     outbox = Outbox(Spool(directory / "spool"), retry_s=0.2, before_append=state.save_before_spool)
@@ -36,7 +39,7 @@ def agent_with(tmp_path: Path, url: str, password: str) -> AgentProcess:
         time.time,
     )
     options = ConnectionOptions(
-        servers=[url], user="acme-agent", password=password, reconnect_wait_s=0.2
+        servers=[url], user="acme-agent", password=password, reconnect_wait_s=0.2, tls=tls
     )
     return AgentProcess([node], outbox, state, options, Intervals(heartbeat_s=0.2, read_s=0.2))
 
@@ -67,5 +70,27 @@ async def test_agent_connects_only_with_valid_credentials(tmp_path: Path) -> Non
         assert bad.counters.heartbeats_skipped > 0
         stop.set()
         await asyncio.wait_for(asyncio.gather(*runs), 30)
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_agent_refuses_plaintext_server_when_tls_is_required(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server would accept these credentials, so a connection proves they were sent.
+    server = NatsServer(tmp_path / "js", ("--user", "acme-agent", "--pass", "s3cret"))
+    server.start()
+    try:
+        url = f"tls://127.0.0.1:{server.port}"
+        agent = agent_with(tmp_path, url, "s3cret", tls=ssl.create_default_context())
+        stop = asyncio.Event()
+        run = asyncio.create_task(agent.run(stop))
+        await poll(lambda: "does not offer TLS" in caplog.text, 20)
+        await poll(lambda: agent.counters.heartbeats_skipped > 0, 20)
+        assert not agent.connected
+        assert agent.counters.heartbeats_sent == 0
+        stop.set()
+        await asyncio.wait_for(run, 30)
     finally:
         server.stop()
