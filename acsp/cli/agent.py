@@ -21,7 +21,7 @@ from acsp.cli._common import EXIT_USAGE, CommandError, output_options, print_rec
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("agent", help="run the node agent and inspect its state")
-    commands = parser.add_subparsers(title="agent commands", metavar="COMMAND")
+    commands = parser.add_subparsers(title="agent commands", metavar="COMMAND", required=True)
 
     from agents.main import add_arguments
 

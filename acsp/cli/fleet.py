@@ -21,7 +21,7 @@ PROVIDER_COLUMNS = ("provider", "name", "region", "region name", "jurisdiction",
 
 def register(subparsers: Any) -> None:
     fleet = subparsers.add_parser("fleet", help="nodes, drains, catalog and queue summary")
-    commands = fleet.add_subparsers(title="fleet commands", metavar="COMMAND")
+    commands = fleet.add_subparsers(title="fleet commands", metavar="COMMAND", required=True)
     connection = connection_options()
     output = output_options()
 

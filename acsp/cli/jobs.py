@@ -59,7 +59,7 @@ def open_scheduler(args: argparse.Namespace) -> Iterator[scheduler_pb2_grpc.Sche
 
 def register(subparsers: Any) -> None:
     jobs = subparsers.add_parser("jobs", help="submit, list, show, cancel and watch jobs")
-    commands = jobs.add_subparsers(title="jobs commands", metavar="COMMAND")
+    commands = jobs.add_subparsers(title="jobs commands", metavar="COMMAND", required=True)
     connection = connection_options()
     output = output_options()
 
