@@ -24,6 +24,8 @@ what an agent does through JetStream, not only core publishes:
   The agent may create that consumer itself, with ``name`` set so that nats-py uses the
   create subject that ends with the filter subject, which the permissions restrict. A pull
   consumer cannot be confined: its fetch subject names the consumer, not the provider.
+  A simulated fleet uses one consumer per provider region, delivering to
+  ``acsp.deliver.<provider>.<region>.fleet.all``, which the same permissions allow.
 """
 
 from __future__ import annotations
