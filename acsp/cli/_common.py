@@ -29,6 +29,9 @@ EXIT_INTERRUPTED: Final = 130
 """Stopped by Ctrl-C, as shells report SIGINT."""
 
 OUTPUT_FORMATS: Final = ("table", "csv", "json")
+TOKEN_HINT: Final = (
+    "hint: export ACSP_TOKEN=$(acsp token --role ROLE --subject USER) or pass --token"
+)
 PIPE_WIDTH: Final = 1_000
 """Table width in characters when stdout is a pipe or a file."""
 UINT32_MAX: Final = 2**32 - 1
@@ -174,7 +177,11 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    return f"{name}: {details or 'no details'}"
+    message = f"{name}: {details or 'no details'}"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        # The service's message speaks of gRPC metadata; a CLI user sets a variable instead.
+        message += f"\n{TOKEN_HINT}"
+    return message
 
 
 def exit_code_for_rpc_error(error: grpc.RpcError) -> int:

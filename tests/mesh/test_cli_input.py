@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 
 from acsp.cli import _common, jobs, main, usage
@@ -82,3 +83,17 @@ def test_export_to_missing_folder_is_one_line(tmp_path: Path, monkeypatch: pytes
         usage.run_settlement_export(args)
     assert "--output" in str(error.value)
     assert error.value.exit_code == _common.EXIT_USAGE
+
+
+class _UnauthenticatedError(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAUTHENTICATED
+
+    def details(self) -> str:
+        return "missing credentials"
+
+
+def test_unauthenticated_error_names_acsp_token():
+    message = _common.describe_rpc_error(_UnauthenticatedError())
+    assert message.startswith("UNAUTHENTICATED: missing credentials")
+    assert "ACSP_TOKEN" in message
