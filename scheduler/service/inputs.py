@@ -86,6 +86,8 @@ class ProviderRegistered:
     """A provider registration stored by the API, to use when building engine inputs."""
 
     provider: ProviderRecord
+    applied: asyncio.Future[None] | None = None
+    """Resolved once the loop uses the registration, so the RPC returns after that."""
 
 
 @dataclass(frozen=True, slots=True)

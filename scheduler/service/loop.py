@@ -235,9 +235,11 @@ class SchedulingLoop:
                     recall.effective_at,
                 )
                 self.book.engine.add_recall(recall, pledge)
-            case ProviderRegistered(provider):
+            case ProviderRegistered(provider, applied):
                 engine = self.book.engine
                 engine.set_providers(engine.providers.with_provider(provider))
+                if applied is not None:
+                    replies.append((applied, None))  # type: ignore[arg-type]
             case DrainRequested(key, draining, reason, reply):
                 node_view = None
                 if self.fleet.get(key) is not None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Final
 
 import grpc
 
 from acsp.v1 import common_pb2, scheduler_pb2
 from services.runtime.auth import Principal, Role, current_principal, require_roles
-from services.runtime.context import request_id
+from services.runtime.context import remaining_s, request_id
 from services.runtime.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 
 from .errors import InvalidFields
@@ -53,7 +54,13 @@ class ProviderRpcs:
             )
         except RequestReused as exc:
             raise FailedPrecondition(str(exc), field="request_id") from None
-        await leader.inbox.put(ProviderRegistered(stored))
+        # Return once the leader uses the registration, so that a job submitted next may name
+        # the jurisdictions it declares.
+        # NOTE: only this shard's leader applies the registration now; a leader of another
+        # shard reads it from PostgreSQL when its next term starts.
+        applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await leader.inbox.put(ProviderRegistered(stored, applied))
+        await asyncio.wait_for(applied, timeout=remaining_s(10.0))
         return provider_to_proto(stored)
 
     async def ListProviders(
