@@ -24,6 +24,7 @@ from services.grant.review_rules import (
     Decision,
     RatePolicy,
     Tier,
+    check_known_institution,
     check_requested,
     check_reviewer_conflict,
     check_score,
@@ -165,14 +166,13 @@ async def assign_reviewer(
             f"application {application_id} is {row['state']}: reviewers can no longer be assigned",
             field="application_id",
         )
-    project = await conn.fetchrow(
-        "SELECT institution_id FROM projects WHERE id = $1", row["project_id"]
-    )
-    members = await conn.fetch(
-        "SELECT member FROM project_members WHERE project_id = $1", row["project_id"]
-    )
-    check_reviewer_conflict(
-        reviewer, reviewer_institution, project["institution_id"], {m["member"] for m in members}
+    applicant_institution, members = await _applicant(conn, row["project_id"])
+    check_reviewer_conflict(reviewer, reviewer_institution, applicant_institution, members)
+    check_known_institution(
+        reviewer,
+        reviewer_institution,
+        await known_institutions(conn, reviewer),
+        field="reviewer_institution_id",
     )
     inserted = await conn.fetchval(
         "INSERT INTO application_reviewers (application_id, reviewer, institution_id, "
@@ -188,16 +188,72 @@ async def assign_reviewer(
     await _event(conn, application_id, "reviewer_assigned", actor, reviewer)
 
 
+async def _applicant(conn: asyncpg.Connection, project_id: str) -> tuple[str, set[str]]:
+    """Return the institution and the member subjects of an applying project."""
+    institution: str = await conn.fetchval(
+        "SELECT institution_id FROM projects WHERE id = $1", project_id
+    )
+    members = await conn.fetch(
+        "SELECT member FROM project_members WHERE project_id = $1", project_id
+    )
+    return institution, {m["member"] for m in members}
+
+
+async def known_institutions(conn: asyncpg.Connection, reviewer: str) -> set[str]:
+    """Return the institutions the service has seen for a reviewer.
+
+    Those are the institutions of the reviewer's own tokens, recorded with each submitted
+    review, and of the projects the reviewer leads as PI.
+    """
+    rows = await conn.fetch(
+        "SELECT institution_id FROM application_reviewers "
+        "WHERE reviewer = $1 AND reviewed_at IS NOT NULL "
+        "UNION SELECT institution_id FROM projects WHERE pi = $1",
+        reviewer,
+    )
+    return {r["institution_id"] for r in rows}
+
+
 async def submit_review(
-    conn: asyncpg.Connection, application_id: str, reviewer: str, score: int, comments: str
+    conn: asyncpg.Connection,
+    application_id: str,
+    reviewer: str,
+    reviewer_institution: str | None,
+    score: int,
+    comments: str,
 ) -> None:
-    """Store the caller's review; a reviewer may revise it until the decision."""
+    """Store the caller's review; a reviewer may revise it until the decision.
+
+    ``reviewer_institution`` comes from the caller's own token. A reviewer whose token names the
+    applicant's institution, or who has joined the project since being assigned, is refused as
+    a conflict of interest; so is one whose token names another institution than the one the
+    program office gave at assignment.
+    """
     check_score(score)
     row = await lock_application(conn, application_id)
     if row["state"] != ApplicationState.IN_REVIEW:
         raise FailedPrecondition(
             f"application {application_id} is {row['state']}, not in review",
             field="application_id",
+        )
+    applicant_institution, members = await _applicant(conn, row["project_id"])
+    check_reviewer_conflict(
+        reviewer,
+        reviewer_institution,
+        applicant_institution,
+        members,
+        subject_field="reviewer",
+        institution_field="token.institution",
+    )
+    assigned = await conn.fetchval(
+        "SELECT institution_id FROM application_reviewers "
+        "WHERE application_id = $1 AND reviewer = $2",
+        application_id,
+        reviewer,
+    )
+    if assigned is not None and reviewer_institution is not None:
+        check_known_institution(
+            reviewer, reviewer_institution, {assigned}, field="token.institution"
         )
     updated = await conn.fetchval(
         "UPDATE application_reviewers SET score = $3, comment = $4, reviewed_at = now() "

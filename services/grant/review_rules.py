@@ -68,24 +68,44 @@ def is_auto_approved(tier: Tier) -> bool:
 
 def check_reviewer_conflict(
     reviewer: str,
-    reviewer_institution: str,
+    reviewer_institution: str | None,
     applicant_institution: str,
     project_members: Collection[str],
+    *,
+    subject_field: str = "reviewer_subject",
+    institution_field: str = "reviewer_institution_id",
 ) -> None:
-    """Raise FailedPrecondition when the reviewer has a conflict of interest.
+    """Raise FailedPrecondition naming the field when the reviewer has a conflict of interest.
 
-    A reviewer conflicts when they belong to the applicant's institution or to the project.
+    A reviewer conflicts when they belong to the applicant's institution or to the project. An
+    unknown institution (None) is checked only for project membership.
     """
     if reviewer in project_members:
         raise FailedPrecondition(
             f"reviewer {reviewer!r} is a member of the applying project: conflict of interest",
-            field="reviewer_subject",
+            field=subject_field,
         )
     if reviewer_institution == applicant_institution:
         raise FailedPrecondition(
             f"reviewer {reviewer!r} belongs to the applicant's institution "
             f"{applicant_institution!r}: conflict of interest",
-            field="reviewer_institution_id",
+            field=institution_field,
+        )
+
+
+def check_known_institution(
+    reviewer: str, given: str, known: Collection[str], *, field: str
+) -> None:
+    """Raise FailedPrecondition when ``given`` disagrees with the reviewer's known institutions.
+
+    ``known`` holds the institutions the service has seen for the reviewer (from their own
+    tokens or the projects they lead); an empty collection knows nothing and accepts any.
+    """
+    if known and given not in known:
+        names = ", ".join(sorted(known))
+        raise FailedPrecondition(
+            f"reviewer {reviewer!r} is known to belong to {names}, not {given!r}",
+            field=field,
         )
 
 

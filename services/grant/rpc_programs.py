@@ -324,7 +324,12 @@ class ProgramHandlers:
         comments = cv.text_in("comments", request.comments, limit=cv.MAX_JUSTIFICATION)
         async with self.app.database().transaction() as conn:
             await applications.submit_review(
-                conn, application_id, principal.subject, request.score, comments
+                conn,
+                application_id,
+                principal.subject,
+                principal.institution,
+                request.score,
+                comments,
             )
             return await _application_out(conn, application_id)
 

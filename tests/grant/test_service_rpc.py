@@ -458,3 +458,84 @@ async def test_extend_only_later_and_recorded(grant_service: RunningGrant, schem
         await db.close()
     assert [(r["action"], r["actor"]) for r in rows] == [("extended", "office")]
     assert "delays" in rows[0]["detail"]
+
+
+async def test_reviewer_token_institution_checked_at_review(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    pi = grant_service.stub("alice", ["pi"], "uni-a")
+    office = grant_service.stub("office", ["program_office"])
+    app = await pi.SubmitApplication(
+        grant_pb2.SubmitApplicationRequest(
+            request_id=rid(), application=application(grant_pb2.GRANT_TIER_STANDARD, "50")
+        )
+    )
+    # The office types uni-b, but the reviewer's own token says uni-a, the applicant's.
+    await office.AssignReviewer(
+        grant_pb2.AssignReviewerRequest(
+            request_id=rid(),
+            application_id=app.application_id,
+            reviewer_subject="mallory",
+            reviewer_institution_id="uni-b",
+        )
+    )
+    mallory = grant_service.stub("mallory", ["reviewer"], "uni-a")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mallory.SubmitReview(
+            grant_pb2.SubmitReviewRequest(
+                request_id=rid(), application_id=app.application_id, score=5, comments="great"
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "conflict of interest" in (caught.value.details() or "")
+    assert "token.institution" in (caught.value.details() or "")
+    rita = grant_service.stub("rita", ["reviewer"], "uni-b")
+
+    async def assign(application_id: str, reviewer: str, institution: str) -> None:
+        await office.AssignReviewer(
+            grant_pb2.AssignReviewerRequest(
+                request_id=rid(),
+                application_id=application_id,
+                reviewer_subject=reviewer,
+                reviewer_institution_id=institution,
+            )
+        )
+
+    async def review(score: int) -> None:
+        await rita.SubmitReview(
+            grant_pb2.SubmitReviewRequest(
+                request_id=rid(), application_id=app.application_id, score=score, comments="ok"
+            )
+        )
+
+    await assign(app.application_id, "rita", "uni-b")
+    await review(4)
+    # Rita's own token said uni-b: the office may not now say she is from elsewhere.
+    second = await pi.SubmitApplication(
+        grant_pb2.SubmitApplicationRequest(
+            request_id=rid(), application=application(grant_pb2.GRANT_TIER_STANDARD, "20")
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await assign(second.application_id, "rita", "uni-c")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "reviewer_institution_id" in (caught.value.details() or "")
+    # Once rita joins the applying project, she may no longer revise her review.
+    await pi.AddProjectMember(
+        grant_pb2.AddProjectMemberRequest(
+            request_id=rid(),
+            project_id="proj-a",
+            member=grant_pb2.ProjectMember(subject="rita", role=grant_pb2.PROJECT_ROLE_VIEWER),
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await review(1)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "reviewer:" in (caught.value.details() or "")
+    after = await office.GetApplication(
+        grant_pb2.GetApplicationRequest(application_id=app.application_id)
+    )
+    assert [(r.reviewer_subject, r.score) for r in after.reviews] == [("rita", 4)]
+    untouched = await office.GetApplication(
+        grant_pb2.GetApplicationRequest(application_id=second.application_id)
+    )
+    assert list(untouched.reviewer_subjects) == []
