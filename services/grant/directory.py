@@ -63,24 +63,41 @@ async def list_institutions(
     )
 
 
-async def create_project(conn: asyncpg.Connection, new: NewProject, actor: str) -> asyncpg.Record:
-    """Insert a project with its PI and members; a repeat of the same request returns it."""
+async def create_project(
+    conn: asyncpg.Connection, new: NewProject, request_id: str, actor: str
+) -> asyncpg.Record:
+    """Insert a project with its PI and members.
+
+    A retry of the request that created the project returns the project. Another request for
+    the same project id returns it only when it asks for exactly what exists (institution, name,
+    PI and members) and raises AlreadyExists otherwise.
+    """
     await get_institution(conn, new.institution_id)
     row = await conn.fetchrow(
-        "INSERT INTO projects (id, institution_id, name, pi, created_by) "
-        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING RETURNING *",
+        "INSERT INTO projects (id, institution_id, name, pi, created_by, request_id) "
+        "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING RETURNING *",
         new.project_id,
         new.institution_id,
         new.name,
         new.pi,
         actor,
+        request_id,
     )
+    members = [(new.pi, "pi"), *((s, r) for s, r in new.members if s != new.pi)]
     if row is None:
         existing = await get_project(conn, new.project_id)
-        if existing["institution_id"] != new.institution_id or existing["pi"] != new.pi:
+        if existing["request_id"] == request_id:
+            return existing
+        current = {(m["member"], m["role"]) for m in await project_members(conn, new.project_id)}
+        same = (
+            existing["institution_id"] == new.institution_id
+            and existing["name"] == new.name
+            and existing["pi"] == new.pi
+            and current == set(members)
+        )
+        if not same:
             raise AlreadyExists("project", new.project_id)
         return existing
-    members = [(new.pi, "pi"), *((s, r) for s, r in new.members if s != new.pi)]
     await conn.executemany(
         "INSERT INTO project_members (project_id, member, role, added_by) VALUES ($1, $2, $3, $4)",
         [(new.project_id, subject, role, actor) for subject, role in members],

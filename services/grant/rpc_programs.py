@@ -144,7 +144,7 @@ class ProgramHandlers:
         self, request: grant_pb2.CreateProjectRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Project:
         principal = require_roles(Role.PROGRAM_OFFICE, Role.PI)
-        request_id_in(request.request_id)
+        request_key = request_id_in(request.request_id)
         project = request.project
         pi = cv.text_in("project.pi_subject", project.pi_subject)
         institution_id = reference_in("project.institution_id", project.institution_id)
@@ -174,7 +174,7 @@ class ProgramHandlers:
             members=tuple(members),
         )
         async with self.app.database().transaction() as conn:
-            await directory.create_project(conn, new, principal.subject)
+            await directory.create_project(conn, new, request_key, principal.subject)
             return await _project_out(conn, new.project_id)
 
     async def GetProject(

@@ -539,3 +539,41 @@ async def test_reviewer_token_institution_checked_at_review(grant_service: Runni
         grant_pb2.GetApplicationRequest(application_id=second.application_id)
     )
     assert list(untouched.reviewer_subjects) == []
+
+
+async def test_create_project_with_taken_id_already_exists(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    pi = grant_service.stub("alice", ["pi"], "uni-a")
+    first_key = rid()
+
+    def request(key: str, name: str) -> grant_pb2.CreateProjectRequest:
+        return grant_pb2.CreateProjectRequest(
+            request_id=key,
+            project=grant_pb2.Project(
+                project_id="proj-c",
+                institution_id="uni-a",
+                display_name=name,
+                pi_subject="alice",
+            ),
+        )
+
+    created = await pi.CreateProject(request(first_key, "Climate"))
+    # The retry of the creating request returns the project, even after it changed.
+    await pi.AddProjectMember(
+        grant_pb2.AddProjectMemberRequest(
+            request_id=rid(),
+            project_id="proj-c",
+            member=grant_pb2.ProjectMember(subject="dan", role=grant_pb2.PROJECT_ROLE_MEMBER),
+        )
+    )
+    retried = await pi.CreateProject(request(first_key, "Climate"))
+    assert retried.project_id == created.project_id
+    assert retried.display_name == "Climate"
+    for key, name in [(rid(), "Something else"), (rid(), "Climate")]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pi.CreateProject(request(key, name))
+        assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS, name
+        assert "proj-c" in (caught.value.details() or "")
+    stored = await pi.GetProject(grant_pb2.GetProjectRequest(project_id="proj-c"))
+    assert stored.display_name == "Climate"
+    assert sorted(m.subject for m in stored.members) == ["alice", "dan"]
