@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncpg
 
 from services.grant.errors import NotFound, PermissionDenied
-from services.runtime.auth import Principal, Role, current_principal, require_roles
+from services.runtime.auth import Principal, Role, current_principal
 
 OVERSEERS = frozenset({Role.PROGRAM_OFFICE})
 """Roles that see every project, application and grant."""
@@ -20,8 +20,23 @@ def is_overseer(principal: Principal) -> bool:
     return principal.has_any(OVERSEERS) or principal.kind == "service"
 
 
-def require_program_office() -> Principal:
-    return require_roles(Role.PROGRAM_OFFICE)
+def require_role(role: Role, action: str) -> Principal:
+    """Return the caller if it holds ``role``; else raise PermissionDenied saying who may act.
+
+    ``action`` completes the sentence "only <role> may ...", e.g. "award grants".
+    """
+    principal = current_principal()
+    if not principal.has_any({role}):
+        granted = ", ".join(sorted(principal.roles)) or "no role"
+        raise PermissionDenied(
+            f"{principal.kind} {principal.subject!r} has {granted}: only the {role} role may "
+            f"{action}"
+        )
+    return principal
+
+
+def require_program_office(action: str) -> Principal:
+    return require_role(Role.PROGRAM_OFFICE, action)
 
 
 def require_money_service(allowed: frozenset[str]) -> Principal:
@@ -75,12 +90,15 @@ async def require_project_visible(
     raise NotFound("project", project_id)
 
 
-async def require_project_pi(conn: asyncpg.Connection, project_id: str) -> Principal:
-    """Return the caller if it is the project's PI; raise PermissionDenied otherwise."""
+async def require_project_pi(conn: asyncpg.Connection, project_id: str, action: str) -> Principal:
+    """Return the caller if it is the project's PI; raise PermissionDenied otherwise.
+
+    ``action`` completes the sentence "only the project's PI may ...", e.g. "add members".
+    """
     principal = await require_project_visible(conn, project_id)
     if await project_role(conn, project_id, principal.subject) != "pi":
         raise PermissionDenied(
-            f"{principal.subject!r} is not the PI of project {project_id!r}: only the PI "
-            "changes members and sub-allocations"
+            f"{principal.subject!r} is not the PI of project {project_id!r}: only the "
+            f"project's PI may {action}"
         )
     return principal

@@ -130,7 +130,7 @@ class LedgerHandlers:
     async def SupplementGrant(
         self, request: grant_pb2.SupplementGrantRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Grant:
-        principal = access.require_program_office()
+        principal = access.require_program_office("supplement grants")
         key = request_id_in(request.request_id)
         grant_id = reference_in("grant_id", request.grant_id)
         amount = cv.amount_in("amount_pf_days", request.amount_pf_days)
@@ -150,7 +150,7 @@ class LedgerHandlers:
     async def ExtendGrant(
         self, request: grant_pb2.ExtendGrantRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Grant:
-        principal = access.require_program_office()
+        principal = access.require_program_office("extend grants")
         request_id_in(request.request_id)
         grant_id = reference_in("grant_id", request.grant_id)
         new_end = cv.time_in("new_end_time", request.new_end_time, request.HasField("new_end_time"))
@@ -191,7 +191,7 @@ class LedgerHandlers:
     ) -> grant_pb2.ExpireGrantsResponse:
         principal = current_principal()
         if not access.is_overseer(principal):
-            access.require_program_office()
+            access.require_program_office("expire grants")
         now = datetime.now(UTC)
         as_of = request.as_of_time.ToDatetime(tzinfo=UTC) if request.HasField("as_of_time") else now
         if as_of > now:
@@ -213,7 +213,9 @@ class LedgerHandlers:
         parent = request.parent_sub_allocation_id or None
         async with self.app.database().transaction() as conn:
             view = await _visible_grant(conn, grant_id)
-            principal = await access.require_project_pi(conn, view.row["project_id"])
+            principal = await access.require_project_pi(
+                conn, view.row["project_id"], "delegate sub-allocations"
+            )
             allocation_id = await budget.create_sub_allocation(
                 conn,
                 grant_id,
@@ -514,7 +516,7 @@ class LedgerHandlers:
     async def GetLedgerSummary(
         self, request: grant_pb2.GetLedgerSummaryRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.GetLedgerSummaryResponse:
-        access.require_program_office()
+        access.require_program_office("read the program's ledger summary")
         async with self.app.database().acquire() as conn:
             summary = await views.ledger_summary(conn)
         return grant_pb2.GetLedgerSummaryResponse(

@@ -25,7 +25,7 @@ from services.grant.errors import InvalidArgument, NotFound, PermissionDenied
 from services.grant.ledger_rules import check_window
 from services.grant.ratecard import current_version
 from services.grant.review_rules import RatePolicy
-from services.runtime.auth import Role, current_principal, require_roles
+from services.runtime.auth import Role, current_principal
 
 
 async def _project_out(conn: asyncpg.Connection, project_id: str) -> grant_pb2.Project:
@@ -100,7 +100,7 @@ class ProgramHandlers:
     async def CreateInstitution(
         self, request: grant_pb2.CreateInstitutionRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Institution:
-        principal = access.require_program_office()
+        principal = access.require_program_office("create institutions")
         request_id_in(request.request_id)
         new = NewInstitution(
             institution_id=identifier_in(
@@ -143,7 +143,12 @@ class ProgramHandlers:
     async def CreateProject(
         self, request: grant_pb2.CreateProjectRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Project:
-        principal = require_roles(Role.PROGRAM_OFFICE, Role.PI)
+        principal = current_principal()
+        if not principal.has_any({Role.PROGRAM_OFFICE, Role.PI}):
+            raise PermissionDenied(
+                f"{principal.subject!r} may not create projects: only the pi role (for their own "
+                "projects) or the program_office role may"
+            )
         request_key = request_id_in(request.request_id)
         project = request.project
         pi = cv.text_in("project.pi_subject", project.pi_subject)
@@ -209,7 +214,7 @@ class ProgramHandlers:
         if role is None:
             raise InvalidArgument("member.role", "is not set", "use member or viewer")
         async with self.app.database().transaction() as conn:
-            principal = await access.require_project_pi(conn, project_id)
+            principal = await access.require_project_pi(conn, project_id, "add members")
             await directory.set_member(conn, project_id, subject, role, principal.subject)
             return await _project_out(conn, project_id)
 
@@ -220,7 +225,7 @@ class ProgramHandlers:
         project_id = reference_in("project_id", request.project_id)
         subject = cv.text_in("subject", request.subject)
         async with self.app.database().transaction() as conn:
-            await access.require_project_pi(conn, project_id)
+            await access.require_project_pi(conn, project_id, "remove members")
             await directory.remove_member(conn, project_id, subject)
             return await _project_out(conn, project_id)
 
@@ -257,7 +262,7 @@ class ProgramHandlers:
         )
         limits = self.app.settings.tier_limits()
         async with self.app.database().transaction() as conn:
-            principal = await access.require_project_pi(conn, project_id)
+            principal = await access.require_project_pi(conn, project_id, "submit applications")
             application_id = await applications.submit(
                 conn, new, request_key, principal.subject, limits, datetime.now(UTC)
             )
@@ -304,7 +309,7 @@ class ProgramHandlers:
     async def AssignReviewer(
         self, request: grant_pb2.AssignReviewerRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Application:
-        principal = access.require_program_office()
+        principal = access.require_program_office("assign reviewers")
         request_id_in(request.request_id)
         application_id = reference_in("application_id", request.application_id)
         reviewer = cv.text_in("reviewer_subject", request.reviewer_subject)
@@ -318,7 +323,7 @@ class ProgramHandlers:
     async def SubmitReview(
         self, request: grant_pb2.SubmitReviewRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Application:
-        principal = require_roles(Role.REVIEWER)
+        principal = access.require_role(Role.REVIEWER, "submit reviews")
         request_id_in(request.request_id)
         application_id = reference_in("application_id", request.application_id)
         comments = cv.text_in("comments", request.comments, limit=cv.MAX_JUSTIFICATION)
@@ -336,7 +341,7 @@ class ProgramHandlers:
     async def DecideApplication(
         self, request: grant_pb2.DecideApplicationRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Application:
-        principal = access.require_program_office()
+        principal = access.require_program_office("decide applications")
         request_key = request_id_in(request.request_id)
         application_id = reference_in("application_id", request.application_id)
         outcome = cv.DECISIONS.get(request.decision.outcome)  # type: ignore[call-overload]

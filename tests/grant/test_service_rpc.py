@@ -577,3 +577,42 @@ async def test_create_project_with_taken_id_already_exists(grant_service: Runnin
     stored = await pi.GetProject(grant_pb2.GetProjectRequest(project_id="proj-c"))
     assert stored.display_name == "Climate"
     assert sorted(m.subject for m in stored.members) == ["alice", "dan"]
+
+
+async def test_refusals_name_the_role_each_action_needs(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    bob = grant_service.stub("bob", ["researcher"], "uni-a")
+    submit = bob.SubmitApplication(
+        grant_pb2.SubmitApplicationRequest(
+            request_id=rid(), application=application(grant_pb2.GRANT_TIER_STANDARD, "10")
+        )
+    )
+    add = bob.AddProjectMember(
+        grant_pb2.AddProjectMemberRequest(
+            request_id=rid(),
+            project_id="proj-a",
+            member=grant_pb2.ProjectMember(subject="eve", role=grant_pb2.PROJECT_ROLE_MEMBER),
+        )
+    )
+    assign = bob.AssignReviewer(
+        grant_pb2.AssignReviewerRequest(
+            request_id=rid(),
+            application_id="app-x",
+            reviewer_subject="rita",
+            reviewer_institution_id="uni-b",
+        )
+    )
+    review = bob.SubmitReview(
+        grant_pb2.SubmitReviewRequest(request_id=rid(), application_id="app-x", score=3)
+    )
+    cases = [
+        (submit, "only the project's PI may submit applications"),
+        (add, "only the project's PI may add members"),
+        (assign, "only the program_office role may assign reviewers"),
+        (review, "only the reviewer role may submit reviews"),
+    ]
+    for call, expected in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call  # type: ignore[misc]
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, expected
+        assert expected in (caught.value.details() or ""), caught.value.details()
