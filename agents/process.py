@@ -66,7 +66,6 @@ logger = logging.getLogger(__name__)
 STATS_FILE_NAME = "stats.json"
 _MAX_ACK_PENDING = 1000
 _COMMAND_ACK_WAIT_S = 60.0
-_IDLE_HEARTBEAT_S = 5.0
 _MISSED_HEARTBEATS = 3
 """Idle heartbeats missed before the agent declares its command consumer again."""
 FLEET_DELIVER_SUFFIX = "fleet.all"
@@ -101,6 +100,8 @@ class Intervals:
     tick_s: float = 0.5
     """Seconds between checks of played tasks."""
     state_flush_s: float = 1.0
+    command_heartbeat_s: float = 5.0
+    """Idle heartbeat of the command consumers."""
 
 
 @dataclass(slots=True)
@@ -430,7 +431,7 @@ class AgentProcess:
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=_COMMAND_ACK_WAIT_S,
             max_ack_pending=_MAX_ACK_PENDING,
-            idle_heartbeat=_IDLE_HEARTBEAT_S,
+            idle_heartbeat=self._intervals.command_heartbeat_s,
         )
         loop = asyncio.get_running_loop()
         last_seen = loop.time()
@@ -454,8 +455,16 @@ class AgentProcess:
                 pending_msgs_limit=_MAX_ACK_PENDING * 2,
             )
             while not self._stopping:
-                stale = loop.time() - last_seen > _IDLE_HEARTBEAT_S * _MISSED_HEARTBEATS
+                silent_s = loop.time() - last_seen
+                stale = silent_s > self._intervals.command_heartbeat_s * _MISSED_HEARTBEATS
                 if (not declared or stale) and client.is_connected:
+                    if declared:
+                        logger.warning(
+                            "no heartbeat on %s for %.0f s; declaring consumer %s again",
+                            consumer.deliver_subject,
+                            silent_s,
+                            consumer.name,
+                        )
                     declared = await self._declare_consumer(consumer, config)
                     last_seen = loop.time()
                 try:
@@ -469,6 +478,8 @@ class AgentProcess:
                     await subscription.unsubscribe()
 
     async def _declare_consumer(self, consumer: CommandConsumer, config: ConsumerConfig) -> bool:
+        # NOTE: the permissions restrict the filter subject, not the name, so while this node
+        # is offline another provider can take the consumer over (docs/deploy.md).
         assert self._client is not None
         try:
             await self._client.jetstream(timeout=5.0).add_consumer(subjects.COMMAND_STREAM, config)

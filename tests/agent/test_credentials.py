@@ -75,7 +75,7 @@ async def test_agent_connects_only_with_valid_credentials(tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(60)
-async def test_agent_refuses_plaintext_server_when_tls_is_required(
+async def test_agent_rejects_plaintext_server(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The server would accept these credentials, so a connection proves they were sent.
