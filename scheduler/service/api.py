@@ -31,7 +31,7 @@ from .inputs import CancelRequested
 from .leadership import Leadership
 from .model import Job, JobFilter, new_job_id
 from .store import decode_page_token
-from .validation import FieldViolation, validate_array_size, validate_spec
+from .validation import FieldViolation, validate_array_size, validate_models, validate_spec
 from .watch import WatchOverflow
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> tuple[list[Job], list[str | None], str]:
         spec, violations = spec_from_proto(request.spec)
         violations += validate_spec(spec, f"{prefix}spec", self.known_jurisdictions())
+        violations += validate_models(spec, self._lead.catalog, f"{prefix}spec")
         violations += validate_array_size(request.spec.array_size, f"{prefix}spec.array_size")
         if violations:
             raise InvalidFields(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
+from scheduler.engine.spec import InvalidInputError
+
 from .admission import HoldOutcome
 from .commands import JobEventOut, TaskId, job_event, start_record, stop_record
 from .engine_adapter import EngineAdapter, PassResult
@@ -66,6 +68,8 @@ class JobBook:
         """Reloaded jobs whose placement the engine could not take back, requeued next turn."""
         self._settle_reloaded: list[str] = []
         """Reloaded stopping jobs with no live task left, finished on the next turn."""
+        self._rejected: list[tuple[str, str]] = []
+        """Jobs the engine rejected, with its message, failed on the next turn."""
         self._cancel_after_hold: dict[str, tuple[str, str]] = {}
         """Jobs cancelled while their hold request was in flight, with reason and cause."""
         self._orphans: dict[str, set[str]] = {}
@@ -81,11 +85,18 @@ class JobBook:
             if job.job_id in self.jobs:
                 continue
             self.jobs[job.job_id] = job
-            if job.state == "pending":
-                self.engine.add_job(job)
-                continue
-            if not self.engine.add_running(job, now):
-                self._requeue_reloaded.append(job.job_id)
+            try:
+                if job.state == "pending":
+                    self.engine.add_job(job)
+                    continue
+                if not self.engine.add_running(job, now):
+                    self._requeue_reloaded.append(job.job_id)
+                    continue
+            except InvalidInputError as exc:
+                # A job stored before the submission checks existed fails alone, so it
+                # cannot stop the service on every restart.
+                logger.error("job %s failed: the engine rejected it: %s", job.job_id, exc)
+                self._rejected.append((job.job_id, str(exc)))
                 continue
             if job.state == "starting":
                 self._starting_since[job.job_id] = now
@@ -98,8 +109,27 @@ class JobBook:
                     self._settle_reloaded.append(job.job_id)
 
     def settle_reloaded(self, fx: Effects) -> None:
-        """Requeue reloaded jobs the engine could not adopt, and finish reloaded stopping
-        jobs that have nothing left to stop."""
+        """Fail jobs the engine rejected, requeue reloaded jobs it could not adopt, and finish
+        reloaded stopping jobs that have nothing left to stop."""
+        while self._rejected:
+            job_id, message = self._rejected.pop()
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
+            if job.placement:
+                # Tasks of a reloaded job may still run: stop them before it ends.
+                self.stop(
+                    job_id,
+                    "failed",
+                    f"the scheduler cannot run it: {message}",
+                    0,
+                    "engine:rejected",
+                    fx,
+                )
+                continue
+            self._finish(
+                job, "failed", f"the scheduler cannot run it: {message}", "engine:rejected", fx
+            )
         while self._requeue_reloaded:
             job_id = self._requeue_reloaded.pop()
             reason = "its placement no longer matches the nodes' inventories"

@@ -19,6 +19,7 @@ import asyncpg
 from nats.js import JetStreamContext
 
 from acsp.v1 import agent_pb2
+from scheduler.engine.catalog import Catalog
 from scheduler.engine.engine import Engine
 from scheduler.engine.spec import EngineConfig
 from services.runtime.errors import Unavailable
@@ -100,6 +101,8 @@ class Leadership:
         self._admission = admission
         self._rates = rates
         self.holder = f"{uuid.uuid4().hex[:8]}"
+        self.catalog = Catalog()
+        """The engine's accelerator models, which submissions are checked against."""
         self.current: Term | None = None
         self.terms = 0
 
@@ -156,7 +159,7 @@ class Leadership:
         self.terms += 1
         cfg = self.config
         inbox: asyncio.Queue[Input] = asyncio.Queue(cfg.inbox_size)
-        engine = EngineAdapter(Engine(EngineConfig(half_life_s=cfg.half_life_s)))
+        engine = EngineAdapter(Engine(EngineConfig(half_life_s=cfg.half_life_s), self.catalog))
         fleet = FleetView(cfg.heartbeat_timeout_s)
         book = JobBook(engine, epoch)
         nodes = NodeStore(self._pool)

@@ -149,6 +149,7 @@ class SchedulingLoop:
         self.book.settle_reloaded(fx)
         for item in batch:
             self._apply(item, fx, acks, replies, inventories)
+        self.book.settle_reloaded(fx)  # Fail now the submissions the engine rejected.
         for change in self.fleet.expire(now):
             self._on_node_change(change, now)
         self._retry_budgets(now)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from acsp.subjects import TOKEN_PATTERN
+from scheduler.engine.catalog import AcceleratorModel, Catalog
 
 from .model import MILLIS_PER_ACCELERATOR, PRIORITY_CLASSES, TOPOLOGIES, JobSpec
 
@@ -91,6 +92,67 @@ def validate_spec(
     if spec.simulated_run_s < 0 or spec.simulated_run_s != spec.simulated_run_s:
         bad("simulated_run_seconds", f"is {spec.simulated_run_s}; use 0 or a positive number")
     return out
+
+
+def validate_models(spec: JobSpec, catalog: Catalog, prefix: str = "spec") -> list[FieldViolation]:
+    """Check the accelerator request against ``catalog``, the engine's models.
+
+    Every named model must be in the catalog. The vendor, memory and software stack
+    constraint must match at least one accepted model, because otherwise the job never starts.
+    """
+    out: list[FieldViolation] = []
+    field = f"{prefix}.accelerators"
+    names = catalog.names()
+    unknown = [m for m in spec.models if m not in catalog]
+    for i, model in enumerate(spec.models):
+        if model in unknown:
+            out.append(
+                FieldViolation(
+                    f"{field}.models[{i}]",
+                    f"{model!r} is not in the accelerator catalog; use one of {', '.join(names)}",
+                )
+            )
+    if unknown:
+        return out
+    accepted = [catalog.get(m) for m in spec.models] or [catalog.get(n) for n in names]
+    if spec.vendor and not any(m.vendor == spec.vendor for m in accepted):
+        vendors = ", ".join(sorted({m.vendor for m in accepted}))
+        out.append(
+            FieldViolation(
+                f"{field}.vendor",
+                f"no accepted model is made by {spec.vendor!r}; accepted models come from "
+                f"{vendors}",
+            )
+        )
+    elif not any(_meets(m, spec) for m in accepted):
+        of_vendor = [m for m in accepted if not spec.vendor or m.vendor == spec.vendor]
+        largest = max(m.memory_gib for m in of_vendor)
+        if spec.min_memory_gib > largest:
+            out.append(
+                FieldViolation(
+                    f"{field}.min_memory_gib",
+                    f"is {spec.min_memory_gib}; no accepted model has more than {largest} GiB",
+                )
+            )
+        else:
+            stacks = ", ".join(sorted({m.software_stack for m in of_vendor}))
+            out.append(
+                FieldViolation(
+                    f"{field}.software_stack",
+                    f"{spec.software_stack!r} matches no accepted model with the other "
+                    f"constraints; accepted models use {stacks}",
+                )
+            )
+    return out
+
+
+def _meets(model: AcceleratorModel, spec: JobSpec) -> bool:
+    """Return whether ``model`` meets the job's constraint, as the engine matches it."""
+    if spec.vendor and model.vendor != spec.vendor:
+        return False
+    if model.memory_gib < spec.min_memory_gib:
+        return False
+    return model.software_stack.startswith(spec.software_stack)
 
 
 def validate_array_size(size: int, field: str = "spec.array_size") -> list[FieldViolation]:
