@@ -46,19 +46,25 @@ def validate_amount(field: str, value: Decimal, *, allow_zero: bool = False) -> 
     if not value.is_finite():
         raise InvalidArgument(field, f"{value} is not a finite number", _FIX)
     if value.is_signed() and value != ZERO:
-        raise InvalidArgument(field, f"{value} is negative", "amounts must be positive")
+        raise InvalidArgument(
+            field, f"{format_amount(value)} is negative", "amounts must be positive"
+        )
     if value == ZERO and not allow_zero:
         raise InvalidArgument(field, "is zero", "amounts must be greater than zero")
     if value >= LIMIT:
-        raise InvalidArgument(field, f"{value} is too large", "amounts must be below 1e24 PF-days")
+        raise InvalidArgument(
+            field,
+            f"{format_amount(value)} is too large",
+            "amounts must be below 1000000000000000000000000 PF-days",
+        )
     with localcontext(EXACT):
         try:
             exact = value.quantize(QUANTUM)
         except Inexact:
             raise InvalidArgument(
                 field,
-                f"{value} has more than 24 decimal places",
-                "round to the ledger quantum, 1e-24 PF-day",
+                f"{format_amount(value)} has more than 24 decimal places",
+                "round to the ledger quantum, 0.000000000000000000000001 PF-day",
             ) from None
         # Strip trailing zeros and the sign of "-0", so that equal amounts give equal request
         # digests; format_amount writes them without an exponent.
@@ -66,8 +72,13 @@ def validate_amount(field: str, value: Decimal, *, allow_zero: bool = False) -> 
 
 
 def format_amount(value: Decimal) -> str:
-    """Format an amount as a plain decimal string without exponent or trailing zeros."""
+    """Format a decimal as a plain positional string: no exponent, no trailing zeros.
+
+    ``Decimal("1.6E+2")`` gives ``160``, ``Decimal("1E-25")`` gives ``0.0000000000000000000000001``
+    and every zero (``0E-12``, ``-0``) gives ``0``. NaN and infinities keep their names.
+    """
+    if not value.is_finite():
+        return str(value)
     if value == ZERO:
         return "0"
-    text = format(value.normalize(), "f")
-    return text
+    return format(value.normalize(), "f")

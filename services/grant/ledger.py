@@ -24,6 +24,7 @@ from typing import Any, Final
 import asyncpg
 
 from services.grant import ledger_rules as rules
+from services.grant.amounts import format_amount
 from services.grant.errors import FailedPrecondition, NotFound
 from services.grant.events import EventKind, OutboxEvent
 from services.grant.ledger_ops import (
@@ -292,7 +293,7 @@ class Ledger:
                     actor=request.cause.actor,
                     trigger=request.cause.trigger,
                     reference_id=request.key,
-                    reason=f"available fell below {self._low_fraction} of credited",
+                    reason=f"available fell below {format_amount(self._low_fraction)} of credited",
                 )
             )
 

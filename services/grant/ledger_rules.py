@@ -115,7 +115,7 @@ def check_balanced(postings: Iterable[Posting]) -> None:
     with localcontext(EXACT):
         total = sum((p.amount for p in postings), ZERO)
     if total != ZERO:
-        raise AssertionError(f"unbalanced postings: they sum to {total}")
+        raise AssertionError(f"unbalanced postings: they sum to {format_amount(total)}")
 
 
 def _entry(*moves: tuple[str, str, Decimal]) -> tuple[Posting, ...]:

@@ -6,6 +6,7 @@ from collections.abc import Collection, Mapping
 from decimal import Decimal
 from enum import StrEnum
 
+from services.grant.amounts import format_amount
 from services.grant.errors import FailedPrecondition, InvalidArgument
 
 
@@ -56,7 +57,8 @@ def check_requested(tier: Tier, requested: Decimal, limits: Mapping[Tier, Decima
     if requested > limit:
         raise InvalidArgument(
             "application.requested_pf_days",
-            f"{requested} exceeds the {tier} limit of {limit} PF-days",
+            f"{format_amount(requested)} exceeds the {tier} limit of "
+            f"{format_amount(limit)} PF-days",
             "request less or apply for a larger tier",
         )
 
@@ -139,7 +141,7 @@ def decide_amount(
     if awarded >= requested:
         raise InvalidArgument(
             "decision.awarded_pf_days",
-            f"{awarded} is not less than the requested {requested}",
+            f"{format_amount(awarded)} is not less than the requested {format_amount(requested)}",
             "use the outcome award to grant the full request",
         )
     return awarded
@@ -158,6 +160,6 @@ def check_supplement(
     if amount > cap:
         raise InvalidArgument(
             "amount_pf_days",
-            f"{amount} exceeds half the {tier} limit, {cap} PF-days",
+            f"{format_amount(amount)} exceeds half the {tier} limit, {format_amount(cap)} PF-days",
             "request at most half the tier limit",
         )

@@ -13,7 +13,7 @@ from acsp.v1 import grant_pb2
 from services.grant import access, budget, views
 from services.grant import convert as cv
 from services.grant import ledger_rules as rules
-from services.grant.amounts import EXACT, ZERO
+from services.grant.amounts import EXACT, ZERO, format_amount
 from services.grant.app import GrantApp, page_in, page_out, reference_in, request_id_in
 from services.grant.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.grant.ledger import RequestRejected
@@ -554,7 +554,8 @@ async def expire_due(app: GrantApp, as_of: datetime, cause: Cause) -> tuple[list
             with localcontext(EXACT):
                 total += returned
             log.info(
-                "grant expired", extra={"grant_id": grant_id, "returned_pf_days": str(returned)}
+                "grant expired",
+                extra={"grant_id": grant_id, "returned_pf_days": format_amount(returned)},
             )
     return expired, total
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
+from services.grant.amounts import format_amount
 from services.grant.review_rules import Tier
 from services.runtime.settings import Settings, SettingsError, setting
 
@@ -93,6 +94,6 @@ class GrantSettings(Settings):
         if self.budget_low_fraction > 1:
             raise SettingsError(
                 "ACSP_GRANT_BUDGET_LOW_FRACTION",
-                f"{self.budget_low_fraction} is above 1",
+                f"{format_amount(self.budget_low_fraction)} is above 1",
                 "give a share between 0 and 1, e.g. 0.1",
             )

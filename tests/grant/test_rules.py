@@ -9,7 +9,8 @@ from decimal import Decimal
 import pytest
 
 from services.grant import ledger_rules as rules
-from services.grant.amounts import parse_amount
+from services.grant.amounts import format_amount, parse_amount
+from services.grant.convert import amount_out, signed_out
 from services.grant.errors import FailedPrecondition, InsufficientBudget, InvalidArgument
 from services.grant.ledger_rules import EntryKind, GrantState, HoldBalance, Pot
 from services.grant.review_rules import (
@@ -244,3 +245,44 @@ def test_supplement_rules() -> None:
         check_supplement(Tier.STANDARD, Decimal(251), False, LIMITS)
     with pytest.raises(FailedPrecondition):
         check_supplement(Tier.STANDARD, Decimal(1), True, LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (Decimal("1.6E+2"), "160"),
+        (Decimal("1E-25"), "0.0000000000000000000000001"),
+        (Decimal("0E-12"), "0"),
+        (Decimal("-0"), "0"),
+        (Decimal("12.500"), "12.5"),
+        (Decimal("1E+23"), "100000000000000000000000"),
+        (Decimal("-2.50"), "-2.5"),
+    ],
+)
+def test_amounts_format_without_exponent(value: Decimal, text: str) -> None:
+    assert format_amount(value) == text
+    assert signed_out(value).value == text
+    if value >= 0:
+        assert amount_out(value).value == text
+
+
+def test_amount_messages_without_exponent() -> None:
+    limits = {Tier.EXPLORATORY: Decimal(10), Tier.STANDARD: Decimal(100), Tier.FLAGSHIP: Decimal(1)}
+    cases = [
+        lambda: parse_amount("amount_pf_days", "1E-25"),
+        lambda: parse_amount("amount_pf_days", "-1.6E+2"),
+        lambda: check_requested(Tier.STANDARD, parse_amount("requested", "160"), limits),
+        lambda: decide_amount(Decision.AWARD_LESS, Decimal("1E+2"), Decimal("1.6E+2"), "ok"),
+        lambda: check_supplement(Tier.STANDARD, Decimal("6E+1"), False, limits),
+    ]
+    messages = []
+    for case in cases:
+        with pytest.raises(InvalidArgument) as caught:
+            case()
+        messages.append(str(caught.value))
+    assert "0.0000000000000000000000001 has more" in messages[0]
+    assert "-160 is negative" in messages[1]
+    assert "160 exceeds the standard limit of 100 PF-days" in messages[2]
+    assert "160 is not less than the requested 100" in messages[3]
+    assert "60 exceeds half the standard limit, 50 PF-days" in messages[4]
+    assert not [m for m in messages if "E+" in m or "E-" in m]
