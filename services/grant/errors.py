@@ -23,19 +23,29 @@ __all__ = [
 ]
 
 
+def describe_pot(name: str) -> str:
+    """Return the words for a pot's ledger name: ``grant:g-1`` gives ``grant g-1``."""
+    kind, _, identifier = name.partition(":")
+    if not identifier:
+        return name
+    return f"{kind.replace('_', '-')} {identifier}"
+
+
 class InsufficientBudget(FailedPrecondition):
     """A grant or sub-allocation has less available budget than a request needs."""
 
-    def __init__(self, account: str, requested: Decimal, available: Decimal) -> None:
+    def __init__(
+        self, pot: str, requested: Decimal, available: Decimal, *, context: str = ""
+    ) -> None:
+        """``pot`` is the ledger name (``grant:<id>``); ``context`` opens the message."""
         with localcontext(EXACT):
             shortfall = requested - available
         super().__init__(
-            f"insufficient budget on {account}: requested {format_amount(requested)} PF-days, "
-            f"available {format_amount(available)} PF-days, "
-            f"shortfall {format_amount(shortfall)} PF-days",
+            f"{context}{describe_pot(pot)} has {format_amount(available)} PF-days available, "
+            f"{format_amount(requested)} requested; shortfall {format_amount(shortfall)}",
             field="amount_pf_days",
         )
-        self.account = account
+        self.pot = pot
         self.requested = requested
         self.available = available
         self.shortfall = shortfall

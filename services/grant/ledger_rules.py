@@ -307,7 +307,12 @@ def choose_grant(
         if pot.available >= amount:
             return grant, pot
     _, best = max(open_grants, key=lambda c: c[1].available)
-    raise InsufficientBudget(f"{best.name} (the largest of the project)", amount, best.available)
+    raise InsufficientBudget(
+        best.name,
+        amount,
+        best.available,
+        context="no open grant of the project can pay it all; the largest, ",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,8 @@ async def test_place_holds_one_result_per_hold(schema: str, tmp_path: Path) -> N
     short = [r for r in results if r.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]]
     assert len(placed) == 10
     assert len(short) == 2
-    assert all("insufficient budget" in r.message for r in short)
+    assert all(f"grant {grant_id} has " in r.message for r in short)
+    assert all("requested; shortfall" in r.message and "grant:" not in r.message for r in short)
     assert all(r.hold.grant_id == grant_id and r.hold.held_pf_days.value == "1" for r in placed)
     assert len({r.hold.hold_id for r in placed}) == 10
     assert [r.hold.hold_id for r in again.results] == [r.hold.hold_id for r in results[:3]]

@@ -79,7 +79,9 @@ def test_hold_shortfall_named() -> None:
     with pytest.raises(InsufficientBudget) as caught:
         rules.place_hold(GRANT, pot(available="2"), "h", Decimal("3.5"), NOW)
     assert caught.value.shortfall == Decimal("1.5")
-    assert "shortfall 1.5 PF-days" in str(caught.value)
+    assert str(caught.value) == (
+        "amount_pf_days: grant g1 has 2 PF-days available, 3.5 requested; shortfall 1.5"
+    )
 
 
 def test_hold_outside_window_rejected() -> None:
