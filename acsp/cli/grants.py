@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -442,13 +443,24 @@ def run_extend(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _negated(text: str) -> str:
+    """Return the negation of a decimal string, written without exponent."""
+    value = -Decimal(text or "0")
+    return "0" if value == 0 else format(value.normalize(), "f")
+
+
 def run_summary(args: argparse.Namespace) -> int:
     with open_grants(args) as grants:
         summary = grants.GetLedgerSummary(grant_pb2.GetLedgerSummaryRequest())
+    # The program pool is never funded by an entry: awards and supplements draw it below zero
+    # and expiries return budget to it. Its negation is what the program has handed out net.
     rows = [
         ("postings sum PF-days", summary.postings_sum_pf_days.value),
         ("entries", summary.entry_count),
-        ("program pool PF-days", summary.program_pool_pf_days.value),
+        (
+            "net awarded from the program pool PF-days",
+            _negated(summary.program_pool_pf_days.value),
+        ),
         ("grants with negative available", ", ".join(summary.negative_grant_ids) or "none"),
     ]
     print_records(rows_of(rows), ["field", "value"], output_format=args.format, title="ledger")

@@ -107,3 +107,9 @@ async def test_cli_apply_and_balance(
         assert code == 2
         assert "INVALID_ARGUMENT" in err
         assert "application.requested_pf_days" in err
+        use_identity(monkeypatch, svc, "office", ["program_office"])
+        code, out, err = await run_cli(capsys, "summary", "--format", "json")
+        assert code == 0, err
+        fields = {row["field"]: row["value"] for row in map(json.loads, out.splitlines())}
+        assert fields["net awarded from the program pool PF-days"] == "2.5"
+        assert fields["postings sum PF-days"] == "0"
