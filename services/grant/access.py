@@ -21,7 +21,7 @@ def is_overseer(principal: Principal) -> bool:
 
 
 def require_role(role: Role, action: str) -> Principal:
-    """Return the caller if it holds ``role``; else raise PermissionDenied saying who may act.
+    """Return the caller if it has ``role``, else raise PermissionDenied naming who may act.
 
     ``action`` completes the sentence "only <role> may ...", e.g. "award grants".
     """

@@ -224,10 +224,10 @@ async def submit_review(
 ) -> None:
     """Store the caller's review; a reviewer may revise it until the decision.
 
-    ``reviewer_institution`` comes from the caller's own token. A reviewer whose token names the
-    applicant's institution, or who has joined the project since being assigned, is refused as
-    a conflict of interest; so is one whose token names another institution than the one the
-    program office gave at assignment.
+    ``reviewer_institution`` comes from the caller's own token. A review is rejected as a
+    conflict of interest when that token names the applicant's institution or the reviewer has
+    joined the project since assignment. It is also rejected when the token names another
+    institution than the one the program office gave at assignment.
     """
     check_score(score)
     row = await lock_application(conn, application_id)
