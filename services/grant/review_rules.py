@@ -100,7 +100,7 @@ def check_known_institution(
 ) -> None:
     """Raise FailedPrecondition when ``given`` disagrees with the reviewer's known institutions.
 
-    ``known`` holds the institutions the service has seen for the reviewer (from their own
+    ``known`` contains the institutions the service has seen for the reviewer (from their own
     tokens or the projects they lead); an empty collection knows nothing and accepts any.
     """
     if known and given not in known:
