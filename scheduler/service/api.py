@@ -53,6 +53,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> scheduler_pb2.SubmitJobResponse:
         principal = require_roles(*SUBMITTERS)
         jobs, request_ids, array_id = self._prepare(request, principal, "")
+        await self._lead.projects.check_submitter(principal, jobs[0].spec)
         stored = await self._lead.require().batcher.submit(jobs, request_ids)
         return _submit_response(stored, array_id, request.spec.array_size)
 
@@ -63,6 +64,12 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         prepared = [
             self._prepare(item, principal, f"jobs[{i}].") for i, item in enumerate(request.jobs)
         ]
+        checked: set[tuple[str, str]] = set()
+        for batch, _, _ in prepared:
+            spec = batch[0].spec
+            if (spec.project_id, spec.grant_id) not in checked:
+                await self._lead.projects.check_submitter(principal, spec)
+                checked.add((spec.project_id, spec.grant_id))
         jobs = [job for p in prepared for job in p[0]]
         request_ids = [rid for p in prepared for rid in p[1]]
         stored = await self._lead.require().batcher.submit(jobs, request_ids)

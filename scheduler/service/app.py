@@ -20,6 +20,7 @@ from .admission import GrantAdmission, RateCard
 from .api import SchedulerServicer
 from .leadership import Leadership, TermConfig
 from .loop import LoopSettings
+from .projects import ProjectDirectory
 from .settings import SchedulerSettings
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ def _leadership(settings: SchedulerSettings, runtime: Runtime) -> Leadership:
     assert runtime.db is not None and runtime.js is not None
     token = _service_token(settings)
     channel = service_channel(settings, settings.require("grant_url"), token=token)
-    admission = GrantAdmission(grant_pb2_grpc.GrantServiceStub(channel))
+    grants = grant_pb2_grpc.GrantServiceStub(channel)
+    admission = GrantAdmission(grants)
     js = runtime.js
 
     async def rates() -> RateCard:
@@ -89,7 +91,7 @@ def _leadership(settings: SchedulerSettings, runtime: Runtime) -> Leadership:
         ),
         poll_s=settings.leader_poll_s,
     )
-    return Leadership(config, runtime.db.pool, js, admission, rates)
+    return Leadership(config, runtime.db.pool, js, admission, rates, ProjectDirectory(grants))
 
 
 def _service_token(settings: SchedulerSettings) -> str | None:

@@ -34,6 +34,7 @@ from .leader import LeaderLease, LeadershipLost
 from .loop import LoopSettings, SchedulingLoop
 from .node_store import NodeStore
 from .pledges import PledgeStore
+from .projects import ProjectDirectory
 from .provider_store import ProviderStore
 from .providers import ProviderDirectory
 from .publisher import Publisher
@@ -92,6 +93,7 @@ class Leadership:
         js: JetStreamContext,
         admission: GrantAdmission,
         rates: Callable[[], Awaitable[RateCard]],
+        projects: ProjectDirectory,
     ) -> None:
         self.config = config
         self.store = JobStore(pool, config.shard)
@@ -103,6 +105,8 @@ class Leadership:
         self.holder = f"{uuid.uuid4().hex[:8]}"
         self.catalog = Catalog()
         """The engine's accelerator models, which submissions are checked against."""
+        self.projects = projects
+        """Projects and grant owners, which submitters are checked against."""
         self.current: Term | None = None
         self.terms = 0
 

@@ -413,19 +413,20 @@ async def test_job_on_failed_node_requeues_elsewhere(stack: Stack) -> None:
 
 async def test_array_jobs_share_an_id_and_index(stack: Stack) -> None:
     _, address = await stack.start_scheduler()
-    md = metadata(stack.token("alice", Role.RESEARCHER))
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
     channel, scheduler = scheduler_stub(address)
     async with channel:
         response = await scheduler.SubmitJob(
             scheduler_pb2.SubmitJobRequest(
-                request_id="array-1", spec=job_spec("p1", "g1", task_count=1, array_size=3)
+                request_id="array-1", spec=job_spec(project, grant, task_count=1, array_size=3)
             ),
             metadata=md,
             timeout=10,
         )
         retried = await scheduler.SubmitJob(
             scheduler_pb2.SubmitJobRequest(
-                request_id="array-1", spec=job_spec("p1", "g1", task_count=1, array_size=3)
+                request_id="array-1", spec=job_spec(project, grant, task_count=1, array_size=3)
             ),
             metadata=md,
             timeout=10,

@@ -1,0 +1,144 @@
+"""Who may submit for a project, and which project owns a grant, read from the grant service.
+
+The grant service stores projects, their members and their grants. The scheduler calls it with
+its service identity and caches each result for a short time, so that a burst of submissions
+for one project costs one call. Missing projects and grants are cached too, for less time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+import grpc
+
+from acsp.v1 import grant_pb2, grant_pb2_grpc
+from services.runtime.auth import Principal, Role
+from services.runtime.errors import NotFound, PermissionDenied, Unavailable
+
+from .model import JobSpec
+
+logger = logging.getLogger(__name__)
+
+_V = TypeVar("_V")
+
+ANY_PROJECT: Final = (Role.PROGRAM_OFFICE, Role.SERVICE)
+"""Roles that may submit for any existing project."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectAccess:
+    """The subjects that may submit for one project: its members and its PI."""
+
+    project_id: str
+    subjects: frozenset[str]
+
+
+class ProjectDirectory:
+    """Bounded, short-lived cache of projects and grant owners from the grant service."""
+
+    def __init__(
+        self,
+        stub: grant_pb2_grpc.GrantServiceStub,
+        *,
+        ttl_s: float = 30.0,
+        missing_ttl_s: float = 5.0,
+        max_entries: int = 10_000,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self._stub = stub
+        self._ttl = ttl_s
+        self._missing_ttl = missing_ttl_s
+        self._max = max_entries
+        self._timeout = timeout_s
+        self._projects: OrderedDict[str, tuple[float, ProjectAccess | None]] = OrderedDict()
+        self._grants: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+
+    async def check_submitter(self, principal: Principal, spec: JobSpec) -> None:
+        """Raise NotFound for an unknown project or grant, PermissionDenied for a non-member.
+
+        A grant must belong to the job's project. Program office and service callers may
+        submit for any project that exists.
+        """
+        project = await self.project(spec.project_id)
+        if project is None:
+            raise NotFound("project", spec.project_id)
+        if spec.grant_id:
+            owner = await self.grant_project(spec.grant_id)
+            if owner is None:
+                raise NotFound("grant", spec.grant_id)
+            if owner != spec.project_id:
+                # A grant of another project is reported as not found, like the grant service
+                # reports what the caller may not see.
+                raise NotFound("grant", spec.grant_id)
+        if principal.has_any(ANY_PROJECT) or principal.kind == "service":
+            return
+        if principal.subject not in project.subjects:
+            raise PermissionDenied(
+                f"{principal.subject!r} is not a member of project {spec.project_id!r}; "
+                "ask its PI to add you, or submit for a project you belong to"
+            )
+
+    async def project(self, project_id: str) -> ProjectAccess | None:
+        """Return who may submit for ``project_id``, or None when it does not exist."""
+        cached = _fresh(self._projects, project_id)
+        if cached is not None:
+            return cached[1]
+        try:
+            msg = await self._stub.GetProject(
+                grant_pb2.GetProjectRequest(project_id=project_id), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise _unavailable("project", project_id, exc) from exc
+            self._store(self._projects, project_id, None, self._missing_ttl)
+            return None
+        subjects = frozenset(m.subject for m in msg.members) | {msg.pi_subject}
+        access = ProjectAccess(project_id, subjects)
+        self._store(self._projects, project_id, access, self._ttl)
+        return access
+
+    async def grant_project(self, grant_id: str) -> str | None:
+        """Return the project that owns ``grant_id``, or None when it does not exist."""
+        cached = _fresh(self._grants, grant_id)
+        if cached is not None:
+            return cached[1]
+        try:
+            msg = await self._stub.GetGrant(
+                grant_pb2.GetGrantRequest(grant_id=grant_id), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise _unavailable("grant", grant_id, exc) from exc
+            self._store(self._grants, grant_id, None, self._missing_ttl)
+            return None
+        self._store(self._grants, grant_id, msg.project_id, self._ttl)
+        return str(msg.project_id)
+
+    def _store(
+        self, cache: OrderedDict[str, tuple[float, _V]], key: str, value: _V, ttl_s: float
+    ) -> None:
+        cache[key] = (time.monotonic() + ttl_s, value)
+        cache.move_to_end(key)
+        while len(cache) > self._max:
+            cache.popitem(last=False)
+
+
+def _fresh(cache: OrderedDict[str, tuple[float, _V]], key: str) -> tuple[float, _V] | None:
+    entry = cache.get(key)
+    if entry is None:
+        return None
+    if entry[0] < time.monotonic():
+        del cache[key]
+        return None
+    return entry
+
+
+def _unavailable(kind: str, key: str, exc: grpc.aio.AioRpcError) -> Unavailable:
+    logger.warning("looking up %s %s failed with %s: %s", kind, key, exc.code().name, exc.details())
+    return Unavailable(
+        f"the grant service could not confirm {kind} {key!r} ({exc.code().name}); retry shortly"
+    )

@@ -1,0 +1,73 @@
+"""SubmitJob checks project membership and grant ownership with the grant service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from acsp.v1 import scheduler_pb2
+from services.runtime.auth import Role
+
+from .harness import Stack, fund_grant, metadata, scheduler_stub
+from .test_end_to_end import job_spec
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_servers()
+        await stack.start_grant()
+        yield stack
+    finally:
+        await stack.close()
+
+
+async def test_submit_checks_membership_and_grant(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    other_project, other_grant, _ = await fund_grant(stack)
+    outsider = metadata(stack.token("mallory", Role.RESEARCHER))
+    office = metadata(stack.token("office", Role.PROGRAM_OFFICE))
+    owner = metadata(stack.token(pi, Role.PI))
+    denied = {
+        "non-member": (outsider, job_spec(project, grant, task_count=1)),
+        "unknown project": (owner, job_spec("no-such-project", "", task_count=1)),
+        "unknown grant": (owner, job_spec(project, "no-such-grant", task_count=1)),
+        "grant of another project": (owner, job_spec(project, other_grant, task_count=1)),
+    }
+    expected = {
+        "non-member": grpc.StatusCode.PERMISSION_DENIED,
+        "unknown project": grpc.StatusCode.NOT_FOUND,
+        "unknown grant": grpc.StatusCode.NOT_FOUND,
+        "grant of another project": grpc.StatusCode.NOT_FOUND,
+    }
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        for case, (md, spec) in denied.items():
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await scheduler.SubmitJob(
+                    scheduler_pb2.SubmitJobRequest(spec=spec), metadata=md, timeout=10
+                )
+            assert caught.value.code() == expected[case], case
+        written = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(), metadata=office, timeout=10
+        )
+        assert list(written.jobs) == []
+        by_pi = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=job_spec(project, grant, task_count=1)),
+            metadata=owner,
+            timeout=10,
+        )
+        by_office = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=job_spec(other_project, other_grant, task_count=1)),
+            metadata=office,
+            timeout=10,
+        )
+    assert by_pi.job.job_id
+    assert by_office.job.job_id
