@@ -42,7 +42,7 @@ class InsufficientBudget(FailedPrecondition):
             shortfall = requested - available
         super().__init__(
             f"{context}{describe_pot(pot)} has {format_amount(available)} PF-days available, "
-            f"{format_amount(requested)} requested; shortfall {format_amount(shortfall)}",
+            f"{format_amount(requested)} requested; shortfall {format_amount(shortfall)} PF-days",
             field="amount_pf_days",
         )
         self.pot = pot

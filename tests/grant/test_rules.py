@@ -80,7 +80,7 @@ def test_hold_shortfall_named() -> None:
         rules.place_hold(GRANT, pot(available="2"), "h", Decimal("3.5"), NOW)
     assert caught.value.shortfall == Decimal("1.5")
     assert str(caught.value) == (
-        "amount_pf_days: grant g1 has 2 PF-days available, 3.5 requested; shortfall 1.5"
+        "amount_pf_days: grant g1 has 2 PF-days available, 3.5 requested; shortfall 1.5 PF-days"
     )
 
 
