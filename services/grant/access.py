@@ -39,14 +39,17 @@ def require_program_office(action: str) -> Principal:
     return require_role(Role.PROGRAM_OFFICE, action)
 
 
-def require_money_service(allowed: frozenset[str]) -> Principal:
-    """Return the caller if it is one of the service identities that move money."""
+def require_money_service(allowed: frozenset[str], action: str) -> Principal:
+    """Return the caller if it is one of the service identities that move money.
+
+    ``action`` completes the sentence "only the service identities ... may ...".
+    """
     principal = current_principal()
     if principal.kind != "service" or principal.subject not in allowed:
         names = ", ".join(sorted(allowed))
         raise PermissionDenied(
-            f"{principal.kind} {principal.subject!r} may not move budget: only the service "
-            f"identities {names} hold, charge, release and refund"
+            f"{principal.kind} {principal.subject!r} may not {action}: only the service "
+            f"identities {names} may"
         )
     return principal
 

@@ -293,7 +293,7 @@ class LedgerHandlers:
     async def PlaceHold(
         self, request: grant_pb2.PlaceHoldRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Hold:
-        principal = access.require_money_service(self.app.settings.money_services)
+        principal = access.require_money_service(self.app.settings.money_services, "place holds")
         key = request_id_in(request.request_id)
         amount = cv.amount_in("amount_pf_days", request.amount_pf_days)
         job_id = cv.text_in("job_id", request.job_id)
@@ -340,7 +340,7 @@ class LedgerHandlers:
         A hold that is malformed or cannot be placed gets its status in its result; the others
         are placed all the same. Only a call-wide problem (caller, size) fails the call.
         """
-        principal = access.require_money_service(self.app.settings.money_services)
+        principal = access.require_money_service(self.app.settings.money_services, "place holds")
         if len(request.holds) > MAX_HOLDS_PER_CALL:
             raise InvalidArgument(
                 "holds", f"has more than {MAX_HOLDS_PER_CALL} items", "split the batch"
@@ -408,7 +408,7 @@ class LedgerHandlers:
     async def CommitCharges(
         self, request: grant_pb2.CommitChargesRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.CommitChargesResponse:
-        principal = access.require_money_service(self.app.settings.money_services)
+        principal = access.require_money_service(self.app.settings.money_services, "commit charges")
         if not request.charges:
             raise InvalidArgument("charges", "is empty", "send at least one charge")
         if len(request.charges) > 1000:
@@ -454,7 +454,7 @@ class LedgerHandlers:
     async def ReleaseHold(
         self, request: grant_pb2.ReleaseHoldRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Hold:
-        principal = access.require_money_service(self.app.settings.money_services)
+        principal = access.require_money_service(self.app.settings.money_services, "release holds")
         release = ReleaseRequest(
             key=request_id_in(request.request_id),
             hold_id=reference_in("hold_id", request.hold_id),
@@ -468,7 +468,7 @@ class LedgerHandlers:
     async def Refund(
         self, request: grant_pb2.RefundRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.LedgerEntry:
-        principal = access.require_money_service(self.app.settings.money_services)
+        principal = access.require_money_service(self.app.settings.money_services, "refund charges")
         refund = RefundRequest(
             key=request_id_in(request.request_id),
             hold_id=reference_in("hold_id", request.hold_id),

@@ -265,6 +265,7 @@ async def test_only_money_services_move_budget(grant_service: RunningGrant) -> N
                 )
             )
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, subject
+        assert "may not place holds" in (caught.value.details() or ""), subject
 
 
 async def test_researchers_see_only_their_projects(grant_service: RunningGrant) -> None:
