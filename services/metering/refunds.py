@@ -158,10 +158,17 @@ def decide_refund(
     """Price the work lost since the last checkpoint, bounded by ``max_lost``.
 
     The refund covers the samples that started at or after the last checkpoint (or the bound)
-    and before the loss, and never exceeds what the attempt was charged.
+    and before the loss, and never exceeds what the attempt was charged. Without a checkpoint
+    the lost time starts with the attempt or its first sample, whichever is earlier.
     """
     reason, lost_until = cause
-    since = attempt.last_checkpoint_at or attempt.started_at or lost_until - max_lost
+    start = attempt.started_at
+    first_sample = min((sample.start_time for sample in samples), default=None)
+    if first_sample is not None and (start is None or first_sample < start):
+        # The agent's first sample begins when it started the task, a little before the
+        # scheduler records the start from the agent's report.
+        start = first_sample
+    since = attempt.last_checkpoint_at or start or lost_until - max_lost
     lost_from = max(since, lost_until - max_lost)
     seconds: dict[tuple[str, str, str], Decimal] = {}
     for sample in samples:

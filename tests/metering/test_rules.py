@@ -208,6 +208,17 @@ def test_refund_bounded_and_capped_by_charges() -> None:
     assert sum(line.amount for line in tiny.lines) == Decimal("1e-9")
 
 
+def test_refund_counts_sample_before_recorded_start() -> None:
+    # The agent's only sample starts 0.3 s before the scheduler recorded the start.
+    started = T0 + timedelta(seconds=10)
+    slices = [Slice(started - timedelta(seconds=0.3), "p", "r", "T4", "GPU-0", "n", Decimal(4))]
+    attempt = _attempt(started_at=started, last_checkpoint_at=None, end_reason="preempted")
+    cause = ("provider recall rc-1", started + timedelta(seconds=4))
+    decision = decide_refund(attempt, cause, slices, CARD, timedelta(hours=6), Decimal(1))
+    assert decision is not None
+    assert decision.amount == 4 * CARD.rate_per_second("T4")
+
+
 def test_low_run_breaks_on_gaps() -> None:
     def point(minute: int, utilization: float) -> UtilizationPoint:
         start = T0 + timedelta(minutes=minute)
