@@ -37,7 +37,7 @@ from scheduler.engine.placement import (
     plan_spread,
     topology_groups,
 )
-from scheduler.engine.reasons import capacity_reason
+from scheduler.engine.reasons import capacity_reason, no_pool_message
 from scheduler.engine.records import JobRecord
 from scheduler.engine.repair import apply_caps, preempt_for, repair_broken, shrink_pools
 from scheduler.engine.reservations import Reservation, earliest_start
@@ -179,7 +179,7 @@ class PassState:
             return self.wait(
                 record,
                 ReasonCode.NO_MATCHING_MODEL,
-                "no node in the fleet has an accepted accelerator model in an allowed region",
+                no_pool_message(spec, engine.fleet.pools.values()),
             )
         if engine.limits:
             blocked = self.limit_blocking(spec)

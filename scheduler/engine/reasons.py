@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from scheduler.engine.decisions import ReasonCode
 from scheduler.engine.fleet import Pool
-from scheduler.engine.spec import MILLIS_PER_ACCELERATOR, JobSpec, PriorityClass
+from scheduler.engine.spec import MILLIS_PER_ACCELERATOR, JobSpec, PriorityClass, Topology
 
 
 def free_millis(pool: Pool) -> int:
@@ -36,12 +36,47 @@ def describe_pools(pools: Sequence[Pool]) -> str:
     return f"models {','.join(models)} in {','.join(regions)}"
 
 
+def largest_node(pool: Pool) -> int:
+    """Return the accelerator count of the pool's largest node, whatever its state."""
+    # The free-count buckets grow to the size of every node added and never shrink.
+    return len(pool.buckets) - 1
+
+
+def size_reason(job: JobSpec, pools: Sequence[Pool]) -> str:
+    """Return why no node of ``pools`` can ever hold the job's tasks, or an empty string."""
+    if job.fractional:
+        return ""
+    largest = max((largest_node(pool) for pool in pools), default=0)
+    need = job.accelerators_per_task
+    if job.topology is Topology.SAME_NODE:
+        need *= job.task_count
+    if largest >= need:
+        return ""
+    return (
+        f"no node of {describe_pools(pools)} has {need} accelerators for "
+        f"{describe_demand(job)}; the largest has {largest}"
+    )
+
+
+def no_pool_message(job: JobSpec, fleet_pools: Iterable[Pool]) -> str:
+    """Explain why no pool of the fleet is a candidate for the job."""
+    if not job.regions:
+        return "no node in the fleet has an accepted accelerator model"
+    allowed = ",".join(sorted(job.regions))
+    if not any(pool.region_key in job.regions for pool in fleet_pools):
+        return f"no node in the allowed regions ({allowed})"
+    return f"no node in the allowed regions ({allowed}) has an accepted accelerator model"
+
+
 def capacity_reason(
     job: JobSpec,
     pools: Sequence[Pool],
     placed_classes: dict[int, PriorityClass],
 ) -> tuple[ReasonCode, str]:
     """Explain why a job found no room among ``pools`` (limits and budget already passed)."""
+    too_small = size_reason(job, pools)
+    if too_small:
+        return ReasonCode.TOPOLOGY, too_small
     need = job.total_millis
     demand = describe_demand(job)
     where = describe_pools(pools)

@@ -1,0 +1,72 @@
+"""Reasons for jobs that no node of the fleet can ever hold."""
+
+from __future__ import annotations
+
+from scheduler.engine import Topology
+from tests.engine.helpers import job, make_engine, node
+
+
+def waiting_message(engine_job: str, result: object) -> tuple[str, str]:
+    for w in result.waiting:  # type: ignore[attr-defined]
+        if w.job_id == engine_job:
+            return str(w.reason), w.message
+    raise AssertionError(f"{engine_job} is not waiting")
+
+
+def test_task_too_big_is_topology() -> None:
+    engine = make_engine()
+    for i in range(7):
+        engine.add_node(node(f"n{i}", 2))
+    engine.submit(job("big", accelerators=8, tasks=2, topology=Topology.SAME_REGION))
+
+    reason, message = waiting_message("big", engine.schedule(10.0))
+
+    assert reason == "topology"
+    assert "has 8 accelerators" in message
+    assert "the largest has 2" in message
+
+
+def test_same_node_gang_too_big_is_topology() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.add_node(node("n2", 4))
+    engine.submit(job("gang", accelerators=2, tasks=3, topology=Topology.SAME_NODE))
+
+    reason, message = waiting_message("gang", engine.schedule(10.0))
+
+    assert reason == "topology"
+    assert "has 6 accelerators" in message
+
+
+def test_busy_fleet_that_could_fit_is_not_topology() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 2))
+    engine.submit(job("first", accelerators=2))
+    engine.submit(job("second", accelerators=2, submit=1.0))
+
+    reason, message = waiting_message("second", engine.schedule(10.0))
+
+    assert reason != "topology"
+    assert "largest" not in message
+
+
+def test_region_without_nodes_is_named() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 2))
+    engine.submit(job("far", regions=frozenset({"mars/x"})))
+
+    reason, message = waiting_message("far", engine.schedule(10.0))
+
+    assert reason == "no_matching_model"
+    assert message == "no node in the allowed regions (mars/x)"
+
+
+def test_region_without_model_is_named() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 2))
+    engine.submit(job("picky", regions=frozenset({"p1/r1"}), models=frozenset({"T4"})))
+
+    reason, message = waiting_message("picky", engine.schedule(10.0))
+
+    assert reason == "no_matching_model"
+    assert "has an accepted accelerator model" in message
