@@ -7,9 +7,11 @@ for one project costs one call. Missing projects and grants are cached too, for 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -56,6 +58,8 @@ class ProjectDirectory:
         self._timeout = timeout_s
         self._projects: OrderedDict[str, tuple[float, ProjectAccess | None]] = OrderedDict()
         self._grants: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self._calls: dict[tuple[str, str], asyncio.Future[object]] = {}
+        """Lookups in flight, shared by every submission that needs the same one."""
 
     async def check_submitter(self, principal: Principal, spec: JobSpec) -> None:
         """Raise NotFound for an unknown project or grant, PermissionDenied for a non-member.
@@ -87,6 +91,35 @@ class ProjectDirectory:
         cached = _fresh(self._projects, project_id)
         if cached is not None:
             return cached[1]
+        found = await self._shared(("project", project_id), lambda: self._fetch_project(project_id))
+        assert found is None or isinstance(found, ProjectAccess)
+        return found
+
+    async def grant_project(self, grant_id: str) -> str | None:
+        """Return the project that owns ``grant_id``, or None when it does not exist."""
+        cached = _fresh(self._grants, grant_id)
+        if cached is not None:
+            return cached[1]
+        owner = await self._shared(("grant", grant_id), lambda: self._fetch_grant(grant_id))
+        assert owner is None or isinstance(owner, str)
+        return owner
+
+    async def _shared(self, key: tuple[str, str], fetch: Callable[[], Awaitable[object]]) -> object:
+        """Run one ``fetch`` per key at a time; concurrent callers wait for the same result."""
+        call = self._calls.get(key)
+        if call is None:
+            call = asyncio.ensure_future(fetch())
+            self._calls[key] = call
+            call.add_done_callback(lambda done: self._finished(key, done))
+        # A caller that is cancelled leaves the call running for the others.
+        return await asyncio.shield(call)
+
+    def _finished(self, key: tuple[str, str], call: asyncio.Future[object]) -> None:
+        self._calls.pop(key, None)
+        if not call.cancelled():
+            call.exception()  # Retrieved here, so a call every caller left logs no warning.
+
+    async def _fetch_project(self, project_id: str) -> ProjectAccess | None:
         try:
             msg = await self._stub.GetProject(
                 grant_pb2.GetProjectRequest(project_id=project_id), timeout=self._timeout
@@ -101,11 +134,7 @@ class ProjectDirectory:
         self._store(self._projects, project_id, access, self._ttl)
         return access
 
-    async def grant_project(self, grant_id: str) -> str | None:
-        """Return the project that owns ``grant_id``, or None when it does not exist."""
-        cached = _fresh(self._grants, grant_id)
-        if cached is not None:
-            return cached[1]
+    async def _fetch_grant(self, grant_id: str) -> str | None:
         try:
             msg = await self._stub.GetGrant(
                 grant_pb2.GetGrantRequest(grant_id=grant_id), timeout=self._timeout

@@ -1,4 +1,4 @@
-"""Jobs that can never start wait with a reason that says why."""
+"""Jobs that can never start wait with a reason that explains why."""
 
 from __future__ import annotations
 
