@@ -1,4 +1,4 @@
-"""Who may submit for a project, and which project owns a grant, read from the grant service.
+"""Project membership and grant ownership for submissions, read from the grant service.
 
 The grant service stores projects, their members and their grants. The scheduler calls it with
 its service identity and caches each result for a short time, so that a burst of submissions
@@ -40,7 +40,10 @@ class ProjectAccess:
 
 
 class ProjectDirectory:
-    """Bounded, short-lived cache of projects and grant owners from the grant service."""
+    """Bounded, short-lived cache of projects and grant owners from the grant service.
+
+    A member removed from a project may still submit for up to ``ttl_s`` seconds.
+    """
 
     def __init__(
         self,
