@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-TOKEN_PATTERN: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOKEN_PATTERN: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 # JetStream streams.
 USAGE_STREAM: Final = "ACSP_USAGE"
