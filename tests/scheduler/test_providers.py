@@ -66,7 +66,7 @@ def test_each_invalid_provider_field_is_named() -> None:
 def test_provider_id_with_trailing_newline_is_rejected() -> None:
     violations = provider_from_proto(scheduler_pb2.Provider(provider_id="p\n"))[1]
     assert [v.field for v in violations] == ["provider.provider_id"]
-    assert "newline" in violations[0].reason
+    assert "letters, digits" in violations[0].reason
 
 
 def test_empty_provider_id_names_the_fix() -> None:
