@@ -52,8 +52,9 @@ class PassResult:
     """Accelerator model of each placed job, which prices its hold."""
     requeues: list[tuple[str, str]] = field(default_factory=list)
     """Job id and message of running jobs that lost tasks and go back to the queue."""
-    preempts: list[tuple[str, int, str]] = field(default_factory=list)
-    """Job id, grace in seconds and message of jobs to stop."""
+    preempts: list[tuple[str, int, str, str]] = field(default_factory=list)
+    """Job id, grace in seconds, message and trigger (``recall:<id>`` for a recall) of jobs
+    to stop."""
     waiting: list[tuple[str, str, str]] = field(default_factory=list)
     """Job id, pending reason and message of jobs that did not start."""
 
@@ -131,6 +132,13 @@ def node_to_engine(node: NodeView) -> es.NodeSpec:
         accelerator_ids=tuple(acc.accelerator_id for acc in node.accelerators if acc.healthy),
         interconnect_domain=f"{node.key}/{domain}" if domain else "",
     )
+
+
+def preempt_trigger(decision: d.Preempt) -> str:
+    """Return the trigger recorded for a preemption, ``recall:<id>`` for a recall."""
+    if decision.cause is d.Cause.PROVIDER_RECALL:
+        return f"recall:{decision.cause_id}"
+    return "engine:preempt"
 
 
 def placement_from_engine(task: d.TaskPlacement) -> TaskPlacement:
@@ -321,9 +329,8 @@ class EngineAdapter:
                 out.requeues.append((decision.job_id, decision.message))
             elif isinstance(decision, d.Preempt):
                 grace = max(0, int(decision.deadline - now))
-                out.preempts.append(
-                    (decision.job_id, grace, f"{decision.cause} {decision.cause_id}")
-                )
+                message = f"{decision.cause} {decision.cause_id}"
+                out.preempts.append((decision.job_id, grace, message, preempt_trigger(decision)))
             elif isinstance(decision, d.ReplaceTask):
                 # NOTE: replacing one task of a running gang is not dispatched yet; the job
                 # goes back to the queue whole instead.

@@ -51,6 +51,8 @@ class _Stopping:
     reason: str
     pending: set[int]
     """Task indexes not yet confirmed stopped."""
+    cause: str
+    """Trigger of the stop, recorded again when the last task stops."""
 
 
 class JobBook:
@@ -104,7 +106,7 @@ class JobBook:
                 # NOTE: the outcome a stop was heading for is not stored, so a reloaded
                 # stopping job ends as cancelled even when a preemption or failure stopped it.
                 live = {t.task_index for t in job.placement if t.state in _LIVE}
-                self._stopping[job.job_id] = _Stopping("cancelled", job.reason, live)
+                self._stopping[job.job_id] = _Stopping("cancelled", job.reason, live, "reload")
                 if not live:
                     self._settle_reloaded.append(job.job_id)
 
@@ -168,8 +170,8 @@ class JobBook:
             self.jobs[job_id] = placed
             self._admitting.add(job_id)
             fx.admit.append((placed, result.models.get(job_id, "")))
-        for job_id, grace_s, message in result.preempts:
-            self.stop(job_id, None, f"preempted: {message}", grace_s, "engine:preempt", fx)
+        for job_id, grace_s, message, trigger in result.preempts:
+            self.stop(job_id, None, f"preempted: {message}", grace_s, trigger, fx)
 
     # Admission.
 
@@ -339,7 +341,7 @@ class JobBook:
         if not live:
             self._settle_stopped(job, outcome, reason, cause, fx)
             return
-        self._stopping[job_id] = _Stopping(outcome, reason, {t.task_index for t in live})
+        self._stopping[job_id] = _Stopping(outcome, reason, {t.task_index for t in live}, cause)
         fx.commands.extend(
             stop_record(job_id, job.attempt, t, reason, grace_s, self.epoch) for t in live
         )
@@ -413,7 +415,7 @@ class JobBook:
         stopping.pending.discard(task_index)
         if not stopping.pending:
             del self._stopping[job.job_id]
-            self._settle_stopped(job, stopping.outcome, stopping.reason, f"task:{state}", fx)
+            self._settle_stopped(job, stopping.outcome, stopping.reason, stopping.cause, fx)
 
     def _settle_stopped(
         self, job: Job, outcome: JobState | None, reason: str, cause: str, fx: Effects

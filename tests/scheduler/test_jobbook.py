@@ -13,6 +13,7 @@ from scheduler.service.engine_adapter import EngineAdapter
 from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
 from scheduler.service.jobbook import Effects, JobBook
 from scheduler.service.model import Job, JobSpec, TaskPlacement, new_job_id
+from scheduler.service.pledges import PledgeRecord, RecallRecord
 
 NOW = 1_800_000_000.0
 
@@ -165,6 +166,29 @@ def test_cancel_running_job_stops_tasks_then_ends() -> None:
     report(book, job, 0, "stopped", -15)
     fx = report(book, job, 1, "stopped", -15)
     assert fx.changed[job.job_id][0].state == "cancelled"
+
+
+def test_recall_preemption_events_name_the_recall() -> None:
+    book = make_book(gpus=2)
+    pledge = PledgeRecord("pl-1", "prov", "reg", "A100-SXM4-80GB", 0, 2, NOW - 100, NOW + 86400)
+    book.engine.set_pledge(pledge)
+    job = make_job(tasks=2)
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "started")
+    report(book, job, 1, "started")
+    book.engine.add_recall(RecallRecord("rc-1", "pl-1", 2, NOW + 3, None, "maintenance"), pledge)
+    fx = Effects(NOW + 3)
+    book.apply_pass(book.engine.schedule(NOW + 3), fx)
+    assert book.jobs[job.job_id].state == "stopping"
+    assert fx.changed[job.job_id][1] == "recall:rc-1"
+    report(book, job, 0, "stopped", -15)
+    fx = report(book, job, 1, "stopped", -15)
+    events = [events_pb2.JobEvent.FromString(e.payload) for e in fx.events]
+    assert [e.event_id for e in events] == [f"{job.job_id}/1/preempted", f"{job.job_id}/1/requeued"]
+    assert [e.cause.trigger for e in events] == ["recall:rc-1", "recall:rc-1"]
+    assert fx.changed[job.job_id] == (book.jobs[job.job_id], "recall:rc-1")
+    assert book.jobs[job.job_id].state == "pending"
 
 
 def test_cancel_pending_job_ends_at_once() -> None:
