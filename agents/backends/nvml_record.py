@@ -144,7 +144,7 @@ class _ReplayHandle:
 
 
 class Replay:
-    """Answers pynvml calls from a recording; unrecorded calls are listed in ``misses``."""
+    """Replay pynvml calls from a recording. Calls not in it are listed in ``misses``."""
 
     def __init__(self, document: dict[str, Any]) -> None:
         if document.get("format") != FORMAT:

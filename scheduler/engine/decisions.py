@@ -7,7 +7,7 @@ from enum import StrEnum
 
 
 class ReasonCode(StrEnum):
-    """Why a job is pending; the names match ``acsp.v1.PendingReason`` in lower case."""
+    """Reason a job is pending. The names match ``acsp.v1.PendingReason`` in lower case."""
 
     NO_CAPACITY = "no_capacity"
     NO_MATCHING_MODEL = "no_matching_model"
@@ -22,7 +22,7 @@ class ReasonCode(StrEnum):
 
 
 class Cause(StrEnum):
-    """What triggered a preemption or a requeue."""
+    """Trigger of a preemption or a requeue."""
 
     PRIORITY = "priority"
     PROVIDER_RECALL = "provider_recall"
@@ -96,7 +96,7 @@ Decision = Place | ReplaceTask | Preempt | Requeue | Reserve
 
 @dataclass(frozen=True, slots=True)
 class Waiting:
-    """Why one pending job did not start in this pass."""
+    """Reason one pending job did not start in this pass."""
 
     job_id: str
     reason: ReasonCode

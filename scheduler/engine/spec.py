@@ -98,7 +98,7 @@ NO_CONSTRAINT: Final = ModelConstraint()
 
 @dataclass(frozen=True, slots=True)
 class JobSpec:
-    """A job as the engine sees it."""
+    """A job in the form the engine schedules."""
 
     job_id: str
     project: str
@@ -192,7 +192,7 @@ class EngineConfig:
     reservation_depth: int = 1
     """Pending jobs per pass that get a backfill reservation."""
     default_weight: float = 1.0
-    """Fair-share weight of an account nobody set a weight for."""
+    """Fair-share weight of an account without an explicit weight."""
     preemptions_per_pass: int = 32
     """Pending jobs per pass that may preempt others, so one pass stays bounded."""
 

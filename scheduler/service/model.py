@@ -17,9 +17,10 @@ JobState = Literal[
 ]
 """Lifecycle of a job, as ``acsp.v1.JobState`` names it in lower case.
 
-``pending`` waits for placement or admission (``Job.pending_reason`` says why), ``starting`` has
-a placement and a hold and its start commands are out, ``running`` has every task started,
-``stopping`` waits for its tasks to exit after a cancel, preemption or the wall-time limit.
+``pending`` waits for placement or admission, and ``Job.pending_reason`` gives the reason.
+``starting`` has a placement and a hold and its start commands are out. ``running`` has every
+task started. ``stopping`` waits for its tasks to exit after a cancel, a preemption or the
+wall-time limit.
 The last four are terminal.
 """
 
@@ -51,7 +52,7 @@ PENDING_REASONS: Final[tuple[str, ...]] = (
     "requeued",
     "priority",
 )
-"""Why a pending job waits, as ``acsp.v1.PendingReason`` names it in lower case."""
+"""Reason a pending job waits, named as ``acsp.v1.PendingReason`` in lower case."""
 
 PRIORITY_CLASSES: Final[tuple[str, ...]] = ("interactive", "standard", "preemptible")
 """Priority classes, highest first, as ``acsp.v1.PriorityClass`` names them."""
@@ -82,7 +83,7 @@ def new_job_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class JobSpec:
-    """What a researcher asks to run, validated and independent of the wire format."""
+    """Job request from a researcher, validated and independent of the wire format."""
 
     name: str
     """Free-form label shown in listings."""

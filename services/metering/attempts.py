@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class AttemptFacts:
-    """What a job event says about one attempt; None fields leave the stored value alone."""
+    """Facts a job event reports about one attempt. A None field leaves the stored value alone."""
 
     job_id: str
     attempt: int

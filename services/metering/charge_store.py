@@ -1,7 +1,7 @@
 """Recording charges in PostgreSQL and committing them to the ledger (an outbox).
 
-A charge is first recorded, in the same transaction that marks its usage as charged, with the
-state ``pending``; then it is sent to the ledger in batches and marked ``committed``. A crash
+A charge is first recorded with the state ``pending``, in the same transaction that marks its
+usage as charged. Then it is sent to the ledger in batches and marked ``committed``. A crash
 between the two leaves it pending, and the retry sends the same idempotency key, which the
 ledger applies at most once. Rows are claimed with ``FOR UPDATE SKIP LOCKED``, so replicas
 share the work without charging anything twice.

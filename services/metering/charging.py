@@ -24,7 +24,7 @@ PeriodKey = tuple[str, int, datetime]
 
 @dataclass(frozen=True, slots=True)
 class AttemptTerms:
-    """What charging needs to know about one attempt of a job."""
+    """Facts about one attempt of a job that charging needs."""
 
     hold_id: str
     rate_policy: RatePolicy

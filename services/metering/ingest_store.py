@@ -85,7 +85,7 @@ ON CONFLICT (dedupe_key) DO NOTHING
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """What one committed batch changed."""
+    """Changes made by one committed batch."""
 
     inserted: int
     """Samples stored for the first time."""

@@ -1,4 +1,4 @@
-"""The grant ledger as metering sees it: charges, hold settlement and refunds.
+"""The grant ledger as metering uses it: charges, hold settlement and refunds.
 
 :class:`Ledger` is what charging and refunds call; :class:`GrpcLedger` implements it over the
 grant service's RPCs. Every call carries an idempotency key, so a retry after a crash or a lost
@@ -39,7 +39,7 @@ class ChargeOutcome:
 
 @dataclass(frozen=True, slots=True)
 class GrantTerms:
-    """How a grant prices usage."""
+    """Pricing policy of a grant."""
 
     rate_policy: RatePolicy
     award_rate_card_version: int | None

@@ -50,7 +50,7 @@ class Vendor(StrEnum):
 
 
 class RatePolicy(StrEnum):
-    """How a grant prices usage: by the current card, or by the card current at its award."""
+    """Pricing policy of a grant: the current card, or the card current at its award."""
 
     CURRENT = "current"
     FIXED_AT_AWARD = "fixed_at_award"
@@ -80,7 +80,7 @@ class AcceleratorModel:
     """Precision of the peak figure, e.g. ``bf16-tensor``."""
     software_stacks: tuple[str, ...]
     source: str
-    """Where the peak figure comes from, or the assumption behind it."""
+    """Source of the peak figure, or the assumption behind it."""
 
 
 def rate_per_second(peak_dense_tflops: Decimal) -> Decimal:

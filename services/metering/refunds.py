@@ -3,7 +3,7 @@
 Pure, no I/O. An attempt is refunded when it ended because of its accelerators (a fatal XID,
 an uncorrectable ECC error, a GPU fallen off the bus) or because its provider recalled the
 capacity. The time lost runs from the attempt's last checkpoint (or its start) to the fault,
-bounded by the program's maximum; the refund prices that time with the rates its charges used.
+bounded by the program's maximum. The refund prices that time with the rates its charges used.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class EndedAttempt:
     ended_at: datetime
     end_reason: str
     end_trigger: str
-    """What ended it: ``recall:<id>``, ``health:<event_id>`` or empty."""
+    """Cause of its end: ``recall:<id>``, ``health:<event_id>`` or empty."""
     last_checkpoint_at: datetime | None
 
 
