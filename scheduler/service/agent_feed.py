@@ -193,8 +193,9 @@ class AgentFeed:
             logger.warning("node %s asks to be drained: %s %s", key, event.condition, event.message)
             reply: asyncio.Future[NodeView | None] = asyncio.get_running_loop().create_future()
             return DrainRequested(key, True, f"health: {event.condition} {event.message}", reply)
-        # NOTE: a failed accelerator stays in placement until the node's next inventory marks
-        # it failed, because the engine has no event for the health of one accelerator.
+        # NOTE: a fatal event does not take its accelerator out of placement. The engine has
+        # events for whole nodes only, and a later inventory does not update a known node,
+        # so the agent keeps rejecting starts on that accelerator until an operator drains it.
         logger.info("health event on %s: %s (%s)", key, event.condition, event.message)
         return None
 
