@@ -575,20 +575,24 @@ class CheckFundsResponse(_message.Message):
     def __init__(self, sufficient: _Optional[bool] = ..., grant_id: _Optional[str] = ..., available_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., shortfall_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
 
 class PlaceHoldRequest(_message.Message):
-    __slots__ = ("request_id", "grant_id", "project_id", "sub_allocation_id", "job_id", "amount_pf_days")
+    __slots__ = ("request_id", "grant_id", "project_id", "sub_allocation_id", "job_id", "amount_pf_days", "placement_regions", "accelerator_model")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     GRANT_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     SUB_ALLOCATION_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_MODEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     grant_id: str
     project_id: str
     sub_allocation_id: str
     job_id: str
     amount_pf_days: _common_pb2.Decimal
-    def __init__(self, request_id: _Optional[str] = ..., grant_id: _Optional[str] = ..., project_id: _Optional[str] = ..., sub_allocation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., amount_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
+    placement_regions: _containers.RepeatedScalarFieldContainer[str]
+    accelerator_model: str
+    def __init__(self, request_id: _Optional[str] = ..., grant_id: _Optional[str] = ..., project_id: _Optional[str] = ..., sub_allocation_id: _Optional[str] = ..., job_id: _Optional[str] = ..., amount_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., placement_regions: _Optional[_Iterable[str]] = ..., accelerator_model: _Optional[str] = ...) -> None: ...
 
 class PlaceHoldsRequest(_message.Message):
     __slots__ = ("holds",)
@@ -597,16 +601,18 @@ class PlaceHoldsRequest(_message.Message):
     def __init__(self, holds: _Optional[_Iterable[_Union[PlaceHoldRequest, _Mapping]]] = ...) -> None: ...
 
 class PlaceHoldResult(_message.Message):
-    __slots__ = ("request_id", "hold", "code", "message")
+    __slots__ = ("request_id", "hold", "code", "message", "reason")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HOLD_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     hold: Hold
     code: int
     message: str
-    def __init__(self, request_id: _Optional[str] = ..., hold: _Optional[_Union[Hold, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, request_id: _Optional[str] = ..., hold: _Optional[_Union[Hold, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PlaceHoldsResponse(_message.Message):
     __slots__ = ("results",)
