@@ -22,6 +22,8 @@ from scheduler.engine.decisions import (
 )
 from scheduler.engine.engine import Engine
 from scheduler.engine.events import (
+    AcceleratorFailed,
+    AcceleratorRecovered,
     BudgetChanged,
     Event,
     JobEnded,
@@ -57,7 +59,9 @@ from scheduler.engine.spec import (
 __all__ = [
     "DEFAULT_CATALOG",
     "MILLIS_PER_ACCELERATOR",
+    "AcceleratorFailed",
     "AcceleratorModel",
+    "AcceleratorRecovered",
     "BudgetChanged",
     "Catalog",
     "Cause",

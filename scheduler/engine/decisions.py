@@ -28,6 +28,7 @@ class Cause(StrEnum):
     PROVIDER_RECALL = "provider_recall"
     PLEDGE_ENDED = "pledge_ended"
     NODE_FAILURE = "node_failure"
+    ACCELERATOR_FAILURE = "accelerator_failure"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,8 @@ class Requeue:
     job_id: str
     cause: Cause
     message: str
+    cause_id: str = ""
+    """The health event that failed an accelerator (``ACCELERATOR_FAILURE``), else empty."""
 
 
 @dataclass(frozen=True, slots=True)

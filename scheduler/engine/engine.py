@@ -150,6 +150,11 @@ class Engine:
         self.submit(spec)
         self._commit(self.jobs[spec.job_id], plans, start)
         self.changes += 1
+        for plan in plans:
+            for index in plan.indices:
+                if index in plan.node.failed:
+                    # It ran there before the failure was known: the next pass requeues it.
+                    self._fault_jobs_on(plan.node, index, plan.node.failed[index], "")
 
     def remove(self, job_id: str) -> None:
         """Forget a job: a pending one leaves the queue, a running one (already stopped by the
@@ -288,6 +293,7 @@ class Engine:
         record.start = None
         record.lost.clear()
         record.lost_nodes.clear()
+        record.hardware_fault = None
         record.stopping = False
         record.awaiting_victims = frozenset()
 
@@ -305,6 +311,32 @@ class Engine:
         record.requeue_message = message
         self.broken.discard(record.job_id)
         self._enqueue(record)
+
+    def _accelerator_index(self, node: NodeRecord, accelerator_id: str) -> int:
+        try:
+            return node.spec.accelerator_ids.index(accelerator_id)
+        except ValueError:
+            raise InvalidInputError(
+                f"accelerator_id: {accelerator_id} is not on node {node.spec.node_id}"
+            ) from None
+
+    def _fault_jobs_on(self, node: NodeRecord, index: int, event_id: str, reason: str) -> None:
+        """Mark every running job with a share of a failed accelerator for a requeue."""
+        accelerator = node.spec.accelerator_ids[index]
+        message = f"accelerator {accelerator} on node {node.spec.node_id} failed"
+        if reason:
+            message = f"{message}: {reason}"
+        message = f"{message} (health event {event_id})"
+        for owner in sorted(node.owners[index]):
+            record = self.jobs.get(job_of(owner))
+            if record is None or record.owner != owner or record.tasks is None:
+                continue
+            if owner in node.fenced:
+                # Its tasks here are already lost; TasksStopped releases them.
+                continue
+            if record.hardware_fault is None:
+                record.hardware_fault = (event_id, message)
+            self.broken.add(record.job_id)
 
     def _lose_tasks(self, node: NodeRecord, fence: bool) -> None:
         """Mark every task on ``node`` lost; with ``fence`` its accelerators stay allocated."""
@@ -377,6 +409,32 @@ def _on_tasks_stopped(engine: Engine, event: ev.TasksStopped) -> None:
             engine.fleet.release_job(node, owner)
 
 
+def _on_accelerator_failed(engine: Engine, event: ev.AcceleratorFailed) -> None:
+    node = engine.fleet.node(event.node_id)
+    index = engine._accelerator_index(node, event.accelerator_id)
+    if not event.event_id:
+        raise InvalidInputError(
+            f"accelerator {event.accelerator_id}: event_id must name the health event"
+        )
+    if not engine.fleet.fail_accelerator(node, index, event.event_id):
+        return
+    logger.warning(
+        "accelerator %s on node %s failed (health event %s): %s",
+        event.accelerator_id,
+        event.node_id,
+        event.event_id,
+        event.reason,
+    )
+    engine._fault_jobs_on(node, index, event.event_id, event.reason)
+
+
+def _on_accelerator_recovered(engine: Engine, event: ev.AcceleratorRecovered) -> None:
+    node = engine.fleet.node(event.node_id)
+    index = engine._accelerator_index(node, event.accelerator_id)
+    if engine.fleet.recover_accelerator(node, index):
+        logger.info("accelerator %s on node %s recovered", event.accelerator_id, event.node_id)
+
+
 def _on_job_ended(engine: Engine, event: ev.JobEnded) -> None:
     record = engine._job(event.job_id)
     if not record.running:
@@ -420,6 +478,8 @@ _HANDLERS: dict[type, Callable[[Engine, Any], None]] = {
     ev.NodeDrain: _on_drain,
     ev.NodeUndrain: _on_undrain,
     ev.TasksStopped: _on_tasks_stopped,
+    ev.AcceleratorFailed: _on_accelerator_failed,
+    ev.AcceleratorRecovered: _on_accelerator_recovered,
     ev.JobEnded: _on_job_ended,
     ev.PledgeAdded: _on_pledge_added,
     ev.PledgeRemoved: _on_pledge_removed,

@@ -65,6 +65,30 @@ class TasksStopped:
     job_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class AcceleratorFailed:
+    """One accelerator of a node failed (a fatal health event): nothing new is placed on it.
+
+    Every running job with a share of it is requeued whole in the next pass, which frees its
+    other accelerators. A repeat for an accelerator already failed changes nothing.
+    """
+
+    node_id: str
+    accelerator_id: str
+    event_id: str
+    """The health event, named in the requeue of each job it stops."""
+    reason: str = ""
+    """Description of the failure, e.g. ``XID 79: GPU has fallen off the bus``."""
+
+
+@dataclass(frozen=True, slots=True)
+class AcceleratorRecovered:
+    """A failed accelerator is healthy again (its condition cleared) and can be placed."""
+
+    node_id: str
+    accelerator_id: str
+
+
 class JobOutcome(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
@@ -130,6 +154,8 @@ Event = (
     | NodeDrain
     | NodeUndrain
     | TasksStopped
+    | AcceleratorFailed
+    | AcceleratorRecovered
     | JobEnded
     | PledgeAdded
     | PledgeRemoved

@@ -4,7 +4,8 @@ Nodes are grouped into pools, one per ``provider/region/model``. Each pool index
 nodes by their count of free whole accelerators (one sorted bucket per count), its partly
 used shared accelerators by free millis, and its interconnect domains by free whole
 accelerators. Allocating or releasing an accelerator updates these in O(log n), so placement
-never scans every node.
+never scans every node. A failed accelerator is in none of these indexes, whatever its use,
+so no placement (whole or shared) lands on it until it recovers.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class NodeRecord:
 
     __slots__ = (
         "domain",
+        "failed",
         "fenced",
         "free_whole",
         "jobs",
@@ -67,6 +69,8 @@ class NodeRecord:
         """Owner id -> indices of the accelerators allocated to it here."""
         self.fenced: set[str] = set()
         """Jobs whose tasks here were lost but are not confirmed stopped."""
+        self.failed: dict[int, str] = {}
+        """Index of each failed accelerator -> the health event that failed it."""
 
     @property
     def schedulable(self) -> bool:
@@ -76,8 +80,16 @@ class NodeRecord:
         """Return the first ``count`` wholly free accelerator indices."""
         if self.free_whole == len(self.used):
             return list(range(min(count, self.free_whole)))
-        free = [i for i, used in enumerate(self.used) if used == 0]
+        failed = self.failed
+        free = [i for i, used in enumerate(self.used) if used == 0 and i not in failed]
         return free[:count]
+
+    def usage_with_failed(self) -> list[int]:
+        """Return the millis used on each accelerator, with failed ones counted as full."""
+        used = list(self.used)
+        for index in self.failed:
+            used[index] = MILLIS_PER_ACCELERATOR
+        return used
 
 
 class Pool:
@@ -276,6 +288,7 @@ class Fleet:
         newly_used = 0
         owned = node.jobs.setdefault(job_id, [])
         used = node.used
+        failed = node.failed
         for index in indices:
             before = used[index]
             after = before + millis
@@ -287,7 +300,7 @@ class Fleet:
             owners = node.owners[index]
             owners[job_id] = owners.get(job_id, 0) + millis
             owned.append(index)
-            if before == 0:
+            if before == 0 and index not in failed:
                 newly_used += 1
             if indexed and after < MILLIS_PER_ACCELERATOR:
                 self._index_add_accelerator(node, index)
@@ -308,7 +321,7 @@ class Fleet:
             millis = node.owners[index].pop(job_id, 0)
             node.used[index] -= millis
             released += millis
-            if node.used[index] == 0:
+            if node.used[index] == 0 and index not in node.failed:
                 newly_free += 1
             if indexed:
                 self._index_add_accelerator(node, index)
@@ -319,6 +332,34 @@ class Fleet:
             self.freed += 1
         return released
 
+    def fail_accelerator(self, node: NodeRecord, index: int, event_id: str) -> bool:
+        """Take accelerator ``index`` out of every index; return False if it already was.
+
+        Shares that jobs hold on it stay allocated until the caller stops those jobs, and
+        releasing them does not make the accelerator free.
+        """
+        if index in node.failed:
+            return False
+        if node.schedulable:
+            self._index_remove_accelerator(node, index)
+            node.pool.up_accelerators -= 1
+        node.failed[index] = event_id
+        if node.used[index] == 0:
+            self._set_free_whole(node, node.free_whole - 1)
+        return True
+
+    def recover_accelerator(self, node: NodeRecord, index: int) -> bool:
+        """Put a failed accelerator back into the indexes; return False if it was not failed."""
+        if node.failed.pop(index, None) is None:
+            return False
+        if node.schedulable:
+            self._index_add_accelerator(node, index)
+            node.pool.up_accelerators += 1
+        if node.used[index] == 0:
+            self._set_free_whole(node, node.free_whole + 1)
+        self.freed += 1
+        return True
+
     def _set_free_whole(self, node: NodeRecord, free: int) -> None:
         if node.schedulable:
             pool = node.pool
@@ -328,14 +369,14 @@ class Fleet:
         node.free_whole = free
 
     def _index_add(self, node: NodeRecord) -> None:
-        node.pool.up_accelerators += len(node.used)
+        node.pool.up_accelerators += len(node.used) - len(node.failed)
         node.pool.bucket_add(node.free_whole, node.ordinal)
         node.pool.move_domain(node.domain, node.free_whole)
         for index in range(len(node.used)):
             self._index_add_accelerator(node, index)
 
     def _index_remove(self, node: NodeRecord) -> None:
-        node.pool.up_accelerators -= len(node.used)
+        node.pool.up_accelerators -= len(node.used) - len(node.failed)
         node.pool.bucket_remove(node.free_whole, node.ordinal)
         node.pool.move_domain(node.domain, -node.free_whole)
         for index in range(len(node.used)):
@@ -344,11 +385,11 @@ class Fleet:
     @staticmethod
     def _index_add_accelerator(node: NodeRecord, index: int) -> None:
         used = node.used[index]
-        if 0 < used < MILLIS_PER_ACCELERATOR:
+        if 0 < used < MILLIS_PER_ACCELERATOR and index not in node.failed:
             node.pool.shared.add((MILLIS_PER_ACCELERATOR - used, node.ordinal, index))
 
     @staticmethod
     def _index_remove_accelerator(node: NodeRecord, index: int) -> None:
         used = node.used[index]
-        if 0 < used < MILLIS_PER_ACCELERATOR:
+        if 0 < used < MILLIS_PER_ACCELERATOR and index not in node.failed:
             node.pool.shared.remove((MILLIS_PER_ACCELERATOR - used, node.ordinal, index))

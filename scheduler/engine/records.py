@@ -34,6 +34,9 @@ class JobRecord:
     lost: set[int] = field(default_factory=set)
     """Tasks lost to a failed, unknown or evicted node, awaiting repair."""
     lost_nodes: dict[int, str] = field(default_factory=dict)
+    hardware_fault: tuple[str, str] | None = None
+    """``(health event id, message)`` of a failed accelerator under the job: the next pass
+    requeues it whole instead of repairing it."""
     stopping: bool = False
     """A preemption decision is out and the job has not stopped yet."""
     preempted_by: set[tuple[Cause, str]] = field(default_factory=set)

@@ -95,9 +95,20 @@ def repair_broken(state: PassState) -> None:
     )
     engine.broken.clear()
     for record in broken:
-        if record.tasks is None or not record.lost:
+        if record.tasks is None:
             continue
         spec = record.spec
+        if record.hardware_fault is not None:
+            # Never repaired in place: the task on the failed accelerator lost its work, so
+            # the gang restarts together from its last checkpoint.
+            event_id, message = record.hardware_fault
+            engine._requeue(record, f"requeued: {message}")
+            state.decisions.append(
+                Requeue(spec.job_id, Cause.ACCELERATOR_FAILURE, message, event_id)
+            )
+            continue
+        if not record.lost:
+            continue
         plans = None
         if len(record.lost) < spec.task_count and spec.topology is not Topology.SAME_NODE:
             plans = _plan_replacements(state, record)

@@ -97,7 +97,7 @@ def earliest_start(
                 continue
             used = simulated.get(node.ordinal)
             if used is None:
-                used = list(node.used)
+                used = node.usage_with_failed()
                 simulated[node.ordinal] = used
             before = used.count(0) // per_slot
             for index in allocation.indices:
