@@ -173,6 +173,8 @@ class TaskState(enum.StrEnum):
     """Stopped because it passed its wall time."""
     LOST = "lost"
     """The agent cannot account for the task (e.g. it vanished while the agent was down)."""
+    FAILED_HARDWARE = "failed_hardware"
+    """Ended without success (stopped or on its own) while one of its accelerators was failed."""
 
     @property
     def terminal(self) -> bool:
@@ -187,6 +189,7 @@ _TERMINAL = frozenset(
         TaskState.STOPPED,
         TaskState.TIMED_OUT,
         TaskState.LOST,
+        TaskState.FAILED_HARDWARE,
     }
 )
 
@@ -225,6 +228,8 @@ class TaskEvent:
     """Exit status, or ``-signal`` when killed by a signal; ``None`` when unknown."""
     output_tail: str = ""
     accelerators: tuple[str, ...] = ()
+    health_event_id: str = ""
+    """The health event that failed an accelerator of a ``FAILED_HARDWARE`` task."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,6 +100,8 @@ class NodeAgent:
         self._heartbeat_counter = 0
         self._inventory_counter = 0
         self._accumulators: dict[str, _Accumulator] = {}
+        self._failure_events: dict[str, str] = {}
+        """Failed accelerator UUID -> id of the health event that failed it."""
         self._last_usage = clock()
         self.fencing_token = 0
         self.reading_gaps = 0
@@ -199,6 +201,8 @@ class NodeAgent:
                 " (cleared)" if change.cleared else "",
             )
             event_id = self._next_event_id()
+            if not change.cleared and states.get(change.uuid) is HealthState.FAILED:
+                self._failure_events.setdefault(change.uuid, event_id)
             message = wire.health_event_message(
                 event_id,
                 self.ref,
@@ -213,11 +217,18 @@ class NodeAgent:
         self._update_unusable()
 
     def _update_unusable(self) -> None:
-        # NOTE: tasks already running on an accelerator that fails keep running. The health
-        # event carries their task ids, and the scheduler decides whether to stop them.
+        # The agent does not stop tasks on a failed accelerator itself. The scheduler stops
+        # them, with the rest of each job's gang on other accelerators and nodes, after it has
+        # taken the accelerator out of placement. A task stopped on its own here could be
+        # requeued and placed on the same accelerator before the health event reached the
+        # scheduler. Each task that then ends without success ends as FAILED_HARDWARE with
+        # the event id recorded here (empty for a condition loaded from the state file).
         assert self.health is not None and self.runner is not None
         failed = {h.uuid for h in self.health.health() if h.state is HealthState.FAILED}
-        self.runner.set_unusable(failed)
+        self._failure_events = {
+            uuid: event_id for uuid, event_id in self._failure_events.items() if uuid in failed
+        }
+        self.runner.set_unusable({uuid: self._failure_events.get(uuid, "") for uuid in failed})
 
     def accelerator_health(self) -> list[AcceleratorHealth]:
         assert self.health is not None

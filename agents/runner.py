@@ -94,15 +94,17 @@ class TaskRunner:
         self._tasks: dict[str, _Task] = {}
         self._finished: OrderedDict[str, TaskState] = OrderedDict()
         self._ended_since_usage: list[_Task] = []
-        self._unusable: set[str] = set()
+        self._unusable: dict[str, str] = {}
+        """Failed accelerator UUID -> the health event that failed it."""
         self._group: asyncio.TaskGroup | None = None
 
     def attach(self, group: asyncio.TaskGroup) -> None:
         """Give the runner the task group that owns its supervisors."""
         self._group = group
 
-    def set_unusable(self, uuids: set[str]) -> None:
-        self._unusable = set(uuids)
+    def set_unusable(self, failures: Mapping[str, str]) -> None:
+        """Reject starts on these accelerators (UUID -> health event id, which may be empty)."""
+        self._unusable = dict(failures)
 
     @property
     def running(self) -> list[TaskRecord]:
@@ -309,8 +311,13 @@ class TaskRunner:
         self, task: _Task, exit_code: int | None, output: str, ended_at: float | None = None
     ) -> None:
         record = task.record
+        failure = self._failure_under(record)
         if record.stop_reason == TIMED_OUT:
             state = TaskState.TIMED_OUT
+        elif failure is not None and (record.stop_reason or exit_code != 0):
+            # The scheduler stops the tasks of a failed accelerator, and a task that fails on
+            # its own while the device is failed is put down to the device.
+            state = TaskState.FAILED_HARDWARE
         elif record.stop_reason:
             state = TaskState.STOPPED
         elif exit_code == 0:
@@ -324,7 +331,17 @@ class TaskRunner:
         self._remember(record.task_id, state)
         reason = record.stop_reason or ("exited" if exit_code is not None else "ended")
         logger.info("task %s %s (exit code %s)", record.task_id, state.value, exit_code)
-        self._emit_state(record, state, reason, exit_code, output, task.ended_at)
+        health_event_id = ""
+        if state is TaskState.FAILED_HARDWARE and failure:
+            health_event_id = failure
+        self._emit_state(record, state, reason, exit_code, output, task.ended_at, health_event_id)
+
+    def _failure_under(self, record: TaskRecord) -> str | None:
+        """Return the health event id of a failed accelerator of the task, or None."""
+        for uuid in record.accelerators:
+            if uuid in self._unusable:
+                return self._unusable[uuid]
+        return None
 
     # Restart ---------------------------------------------------------------------------------
 
@@ -393,6 +410,7 @@ class TaskRunner:
         exit_code: int | None = None,
         output: str = "",
         time: float | None = None,
+        health_event_id: str = "",
     ) -> None:
         self._emit(
             TaskEvent(
@@ -404,6 +422,7 @@ class TaskRunner:
                 exit_code=exit_code,
                 output_tail=output,
                 accelerators=tuple(record.accelerators),
+                health_event_id=health_event_id,
             )
         )
 

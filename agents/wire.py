@@ -53,6 +53,7 @@ _TASK_STATE = {
     TaskState.STOPPED: agent_pb2.TASK_STATE_STOPPED,
     TaskState.TIMED_OUT: agent_pb2.TASK_STATE_TIMED_OUT,
     TaskState.LOST: agent_pb2.TASK_STATE_LOST,
+    TaskState.FAILED_HARDWARE: agent_pb2.TASK_STATE_FAILED_HARDWARE,
 }
 
 
@@ -265,6 +266,7 @@ def task_event_message(event_id: str, node: NodeRef, event: TaskEvent) -> agent_
         output_tail=event.output_tail,
         message=event.reason,
         time=timestamp(event.time),
+        health_event_id=event.health_event_id,
     )
 
 
