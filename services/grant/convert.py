@@ -15,6 +15,7 @@ from google.protobuf import timestamp_pb2
 
 from acsp.v1 import common_pb2, grant_pb2
 from services.grant.amounts import format_amount, parse_amount
+from services.grant.constraints import Placement
 from services.grant.errors import InvalidArgument
 from services.grant.ledger_rules import EntryKind, RolledBalance
 from services.grant.review_rules import ApplicationState, Decision, RatePolicy, Tier
@@ -93,6 +94,21 @@ def text_in(field: str, value: str, *, required: bool = True, limit: int = MAX_T
 
 def names_in(field: str, values: Iterable[str]) -> tuple[str, ...]:
     return tuple(text_in(f"{field}[{i}]", v) for i, v in enumerate(values))
+
+
+def placement_in(prefix: str, request: grant_pb2.PlaceHoldRequest) -> Placement:
+    """Convert a hold's placement; each region must read ``<provider>/<region>``."""
+    regions = names_in(f"{prefix}placement_regions", request.placement_regions)
+    for i, key in enumerate(regions):
+        provider, _, region = key.partition("/")
+        if not provider or not region:
+            raise InvalidArgument(
+                f"{prefix}placement_regions[{i}]",
+                f"{key!r} is not '<provider>/<region>'",
+                "name the provider and the region, e.g. 'cloud-a/us-east'",
+            )
+    model = text_in(f"{prefix}accelerator_model", request.accelerator_model, required=False)
+    return Placement(regions, model)
 
 
 def tier_in(field: str, value: int) -> Tier:

@@ -25,6 +25,7 @@ import asyncpg
 
 from services.grant import ledger_rules as rules
 from services.grant.amounts import format_amount
+from services.grant.constraints import GrantConstraints, check_placement, placement_problem
 from services.grant.errors import FailedPrecondition, NotFound
 from services.grant.events import EventKind, OutboxEvent
 from services.grant.ledger_ops import (
@@ -230,13 +231,21 @@ class Ledger:
             grant = batch.grants.get(request.grant_id)
             if grant is None:
                 raise NotFound("grant", request.grant_id)
+            check_placement(grant.grant_id, _constraints(batch, grant.grant_id), request.placement)
             pot = batch.pots[grant_pot_name(grant.grant_id)]
         else:
             assert request.project_id is not None
-            candidates = [
-                (batch.grants[g], batch.pots[grant_pot_name(g)])
-                for g in project_grants.get(request.project_id, [])
+            grant_ids = project_grants.get(request.project_id, [])
+            allowed = [
+                g
+                for g in grant_ids
+                if placement_problem(g, _constraints(batch, g), request.placement) is None
             ]
+            if grant_ids and not allowed:
+                # Name the limits of the grant that would have paid without the placement.
+                first = min(grant_ids, key=lambda g: (batch.grants[g].ends_at, g))
+                check_placement(first, _constraints(batch, first), request.placement)
+            candidates = [(batch.grants[g], batch.pots[grant_pot_name(g)]) for g in allowed]
             grant, pot = rules.choose_grant(candidates, request.amount, batch.now)
         if request.allocation_id:
             name = allocation_pot_name(request.allocation_id)
@@ -296,6 +305,10 @@ class Ledger:
                     reason=f"available fell below {format_amount(self._low_fraction)} of credited",
                 )
             )
+
+
+def _constraints(batch: BatchState, grant_id: str) -> GrantConstraints:
+    return GrantConstraints.from_row(batch.grant_meta[grant_id])
 
 
 def _result_from_row(row: Mapping[str, Any], *, applied: bool) -> EntryResult:

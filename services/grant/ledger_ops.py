@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
+from services.grant.constraints import UNKNOWN_PLACEMENT, Placement
 from services.grant.ledger_rules import EntryKind
 
 
@@ -35,8 +36,12 @@ class HoldRequest:
     job_id: str
     amount: Decimal
     cause: Cause
+    placement: Placement = UNKNOWN_PLACEMENT
+    """The job's regions and model, checked against the paying grant's constraints."""
 
     def digest(self) -> str:
+        # The placement is left out: it decides whether the hold is allowed, not what it
+        # moves, and a retry of the same hold from an older caller may not carry it.
         return _digest(
             "hold", self.grant_id, self.project_id, self.allocation_id, self.job_id, self.amount
         )

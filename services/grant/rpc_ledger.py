@@ -15,6 +15,7 @@ from services.grant import convert as cv
 from services.grant import ledger_rules as rules
 from services.grant.amounts import EXACT, ZERO, format_amount
 from services.grant.app import GrantApp, page_in, page_out, reference_in, request_id_in
+from services.grant.constraints import OUTSIDE_CONSTRAINTS, OutsideConstraints
 from services.grant.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.grant.ledger import RequestRejected
 from services.grant.ledger_ops import (
@@ -82,12 +83,14 @@ def _hold_in(item: grant_pb2.PlaceHoldRequest, cause: Cause, prefix: str) -> Hol
         job_id=cv.text_in(f"{prefix}job_id", item.job_id),
         amount=cv.amount_in(f"{prefix}amount_pf_days", item.amount_pf_days),
         cause=cause,
+        placement=cv.placement_in(prefix, item),
     )
 
 
 def _hold_failure(request_id: str, error: ServiceError) -> grant_pb2.PlaceHoldResult:
+    reason = OUTSIDE_CONSTRAINTS if isinstance(error, OutsideConstraints) else ""
     return grant_pb2.PlaceHoldResult(
-        request_id=request_id, code=error.code.value[0], message=error.message
+        request_id=request_id, code=error.code.value[0], message=error.message, reason=reason
     )
 
 
@@ -316,6 +319,7 @@ class LedgerHandlers:
             job_id=job_id,
             amount=amount,
             cause=_cause(principal, "PlaceHold"),
+            placement=cv.placement_in("", request),
         )
         result = _raise_outcome(await self.app.ledger_batcher().submit(hold))
         if result.applied:

@@ -99,6 +99,9 @@ async def seed_grant(
     project_id: str = "proj-a",
     starts_at: datetime | None = None,
     ends_at: datetime | None = None,
+    providers: tuple[str, ...] = (),
+    regions: tuple[str, ...] = (),
+    accelerator_models: tuple[str, ...] = (),
 ) -> str:
     """Award a standard grant of ``amount`` PF-days to an existing project."""
     now = datetime.now(UTC)
@@ -109,9 +112,9 @@ async def seed_grant(
         amount=Decimal(amount),
         starts_at=starts_at or now - timedelta(days=1),
         ends_at=ends_at or now + timedelta(days=30),
-        providers=(),
-        regions=(),
-        accelerator_models=(),
+        providers=providers,
+        regions=regions,
+        accelerator_models=accelerator_models,
         rate_policy=RatePolicy.CURRENT,
         rate_card_version=None,
     )

@@ -71,7 +71,9 @@ def application(tier: int, amount: str, days: int = 30) -> grant_pb2.Application
     return message
 
 
-async def standard_grant(svc: RunningGrant, amount: str = "100") -> str:
+async def standard_grant(
+    svc: RunningGrant, amount: str = "100", constraints: grant_pb2.GrantConstraints | None = None
+) -> str:
     pi = svc.stub("alice", ["pi"], "uni-a")
     office = svc.stub("office", ["program_office"])
     reviewer = svc.stub("rita", ["reviewer"], "uni-b")
@@ -100,6 +102,7 @@ async def standard_grant(svc: RunningGrant, amount: str = "100") -> str:
             decision=grant_pb2.Decision(
                 outcome=grant_pb2.DECISION_OUTCOME_AWARD, reason="strong reviews"
             ),
+            constraints=constraints,
         )
     )
     assert decided.state == grant_pb2.APPLICATION_STATE_AWARDED
