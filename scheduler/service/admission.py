@@ -10,9 +10,11 @@ from decimal import Decimal
 from typing import Final, Literal
 
 import grpc
+from google.rpc import error_details_pb2
 
 from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, metering_pb2
 from scheduler.engine.catalog import DEFAULT_CATALOG
+from services.runtime.errors import details_from_error
 
 from .model import MILLIS_PER_ACCELERATOR, Job, idempotency_key
 
@@ -94,23 +96,29 @@ class GrantAdmission:
         self._metadata = metadata
         self._timeout = timeout_s
 
-    async def place_hold(self, job: Job, amount: Decimal) -> HoldOutcome:
-        """Hold ``amount`` for one job."""
+    async def place_hold(self, job: Job, amount: Decimal, model: str = "") -> HoldOutcome:
+        """Hold ``amount`` for one job placed on accelerator ``model``."""
         try:
             hold = await self._stub.PlaceHold(
-                _hold_request(job, amount), timeout=self._timeout, metadata=self._metadata
+                _hold_request(job, amount, model), timeout=self._timeout, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
-            return _failure(job, exc.code(), exc.details() or "")
+            reason = OUTSIDE_CONSTRAINTS if _outside_constraints(exc) else ""
+            return _failure(job, exc.code(), exc.details() or "", reason)
         return _held(hold, amount)
 
-    async def place_holds(self, items: Sequence[tuple[Job, Decimal]]) -> list[HoldOutcome]:
+    async def place_holds(
+        self, items: Sequence[tuple[Job, Decimal]], models: Mapping[str, str] | None = None
+    ) -> list[HoldOutcome]:
         """Hold budget for many jobs in one ``PlaceHolds`` call; one outcome per job, in order.
 
-        A failure of the whole call becomes every job's outcome.
+        ``models`` maps a job id to the accelerator model it is placed on, which the grant
+        service checks against the grant's constraints with the job's regions. A failure of the
+        whole call becomes every job's outcome.
         """
+        models = models or {}
         request = grant_pb2.PlaceHoldsRequest(
-            holds=[_hold_request(job, amount) for job, amount in items]
+            holds=[_hold_request(job, amount, models.get(job.job_id, "")) for job, amount in items]
         )
         try:
             response = await self._stub.PlaceHolds(
@@ -120,7 +128,8 @@ class GrantAdmission:
             code, detail = exc.code(), exc.details() or ""
             if code == grpc.StatusCode.UNIMPLEMENTED:
                 # A grant service older than PlaceHolds: one call per hold.
-                return list(await asyncio.gather(*(self.place_hold(j, a) for j, a in items)))
+                calls = (self.place_hold(j, a, models.get(j.job_id, "")) for j, a in items)
+                return list(await asyncio.gather(*calls))
             return [_failure(job, code, detail) for job, _ in items]
         if len(response.results) != len(items):
             detail = f"{len(response.results)} results for {len(items)} holds"
@@ -131,14 +140,17 @@ class GrantAdmission:
                 outcomes.append(_held(result.hold, amount))
             else:
                 code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
-                outcomes.append(_failure(job, code, result.message))
+                outcomes.append(_failure(job, code, result.message, result.reason))
         return outcomes
 
 
 _CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
+OUTSIDE_CONSTRAINTS: Final = "OUTSIDE_GRANT_CONSTRAINTS"
+"""``PlaceHoldResult.reason`` and precondition type of a hold outside the grant's constraints."""
 
 
-def _hold_request(job: Job, amount: Decimal) -> grant_pb2.PlaceHoldRequest:
+def _hold_request(job: Job, amount: Decimal, model: str) -> grant_pb2.PlaceHoldRequest:
+    regions = sorted({f"{task.provider}/{task.region}" for task in job.placement})
     return grant_pb2.PlaceHoldRequest(
         request_id=idempotency_key(job.job_id, job.attempt),
         grant_id=job.spec.grant_id,
@@ -146,7 +158,23 @@ def _hold_request(job: Job, amount: Decimal) -> grant_pb2.PlaceHoldRequest:
         sub_allocation_id=job.spec.sub_allocation_id,
         job_id=job.job_id,
         amount_pf_days=common_pb2.Decimal(value=str(amount)),
+        placement_regions=regions,
+        accelerator_model=model,
     )
+
+
+def _outside_constraints(exc: grpc.aio.AioRpcError) -> bool:
+    """Return whether a failed PlaceHold carries the grant-constraint precondition type."""
+    status = details_from_error(exc)
+    if status is None:
+        return False
+    for detail in status.details:
+        failure = error_details_pb2.PreconditionFailure()
+        if detail.Unpack(failure) and any(
+            v.type == OUTSIDE_CONSTRAINTS for v in failure.violations
+        ):
+            return True
+    return False
 
 
 def _held(hold: grant_pb2.Hold, amount: Decimal) -> HoldOutcome:
@@ -155,7 +183,10 @@ def _held(hold: grant_pb2.Hold, amount: Decimal) -> HoldOutcome:
     )
 
 
-def _failure(job: Job, code: grpc.StatusCode, detail: str) -> HoldOutcome:
+def _failure(job: Job, code: grpc.StatusCode, detail: str, reason: str = "") -> HoldOutcome:
+    if reason == OUTSIDE_CONSTRAINTS:
+        # Waiting does not help: the job's placement is outside its grant's constraints.
+        return HoldOutcome("rejected", message=f"{code.name}: {detail}")
     if code in _NO_BUDGET_CODES:
         return HoldOutcome("no_budget", message=detail)
     if code in _REJECT_CODES:

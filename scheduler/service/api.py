@@ -25,11 +25,13 @@ from services.runtime.errors import (
 )
 
 from .convert import job_state_from_proto, job_to_proto, spec_from_proto
-from .errors import InvalidFields
+from .errors import GrantConstraintViolations, InvalidFields
 from .fleet_api import FleetRpcs
+from .grant_limits import check_against_grant, narrow_to_grant
 from .inputs import CancelRequested
 from .leadership import Leadership
 from .model import Job, JobFilter, new_job_id
+from .providers import ProviderDirectory
 from .store import decode_page_token
 from .validation import FieldViolation, validate_array_size, validate_models, validate_spec
 from .watch import WatchOverflow
@@ -53,7 +55,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> scheduler_pb2.SubmitJobResponse:
         principal = require_roles(*SUBMITTERS)
         jobs, request_ids, array_id = self._prepare(request, principal, "")
-        await self._lead.projects.check_submitter(principal, jobs[0].spec)
+        jobs = await self._check_access(principal, jobs, "spec")
         stored = await self._lead.require().batcher.submit(jobs, request_ids)
         return _submit_response(stored, array_id, request.spec.array_size)
 
@@ -64,13 +66,12 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         prepared = [
             self._prepare(item, principal, f"jobs[{i}].") for i, item in enumerate(request.jobs)
         ]
-        checked: set[tuple[str, str]] = set()
-        for batch, _, _ in prepared:
-            spec = batch[0].spec
-            if (spec.project_id, spec.grant_id) not in checked:
-                await self._lead.projects.check_submitter(principal, spec)
-                checked.add((spec.project_id, spec.grant_id))
-        jobs = [job for p in prepared for job in p[0]]
+        # Every item is checked before any is stored, so a rejected item writes nothing.
+        checked = [
+            await self._check_access(principal, batch, f"jobs[{i}].spec")
+            for i, (batch, _, _) in enumerate(prepared)
+        ]
+        jobs = [job for batch in checked for job in batch]
         request_ids = [rid for p in prepared for rid in p[1]]
         stored = await self._lead.require().batcher.submit(jobs, request_ids)
         results = []
@@ -80,6 +81,27 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             offset += len(batch)
             results.append(_submit_response(part, array_id, item.spec.array_size))
         return scheduler_pb2.SubmitJobsResponse(results=results)
+
+    async def _check_access(self, principal: Principal, jobs: list[Job], prefix: str) -> list[Job]:
+        """Check the submitter, grant and sub-allocation of ``jobs`` (one spec) with the grant
+        service, and narrow their placement to the grant's constraints.
+
+        Raises FAILED_PRECONDITION naming the field and the allowed values when the spec
+        cannot run within the constraints.
+        """
+        spec = jobs[0].spec
+        limits = await self._lead.projects.check_submitter(principal, spec, prefix)
+        if limits is None:
+            # NOTE: a job that names no grant is paid by the project's grant that expires first
+            # when it is admitted, so only the grant service's check at hold time applies.
+            return jobs
+        catalog = self._lead.catalog
+        term = self._lead.current
+        providers = term.book.engine.providers if term is not None else ProviderDirectory()
+        violations = check_against_grant(spec, limits, providers, catalog, prefix)
+        if violations:
+            raise GrantConstraintViolations(violations)
+        return [replace(job, spec=narrow_to_grant(job.spec, limits, catalog)) for job in jobs]
 
     def _prepare(
         self, request: scheduler_pb2.SubmitJobRequest, principal: Principal, prefix: str

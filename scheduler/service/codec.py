@@ -23,7 +23,14 @@ def spec_from_json(text: str) -> JobSpec:
     return JobSpec(**doc)
 
 
-_TUPLE_FIELDS = ("command", "models", "allowed_regions")
+_TUPLE_FIELDS = (
+    "command",
+    "models",
+    "allowed_regions",
+    "grant_providers",
+    "grant_regions",
+    "grant_models",
+)
 
 
 def placement_to_json(placement: tuple[TaskPlacement, ...]) -> str:

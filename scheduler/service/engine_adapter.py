@@ -7,8 +7,10 @@ other. Engine node ids are ``provider.region.node`` keys, which are unique acros
 
 The provider registry (:class:`~.providers.ProviderDirectory`) shapes a job's engine input:
 ``jurisdiction:<code>`` entries become the regions of that jurisdiction, and the job's
-cross-provider switch holds only where the providers allow it. Pending jobs whose input
-depends on the registry are entered again when it changes or a new provider's node appears.
+cross-provider switch holds only where the providers allow it. The paying grant's constraints,
+copied into the spec at submit, narrow the allowed regions and models. Pending jobs whose input
+depends on the registry or on the regions with nodes are entered again when it changes or a node
+of a new provider or region appears.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from scheduler.engine import spec as es
 from scheduler.engine.engine import Engine
 
 from .fleet import NodeView
+from .grant_limits import depends_on_known_regions, narrow_models, narrow_regions
 from .model import Job, TaskPlacement
 from .pledges import PledgeRecord, RecallRecord
 from .providers import ProviderDirectory
@@ -63,23 +66,30 @@ def job_to_engine(
     job: Job,
     providers: ProviderDirectory | None = None,
     fleet_providers: frozenset[str] = frozenset(),
+    fleet_regions: frozenset[str] = frozenset(),
 ) -> es.JobSpec:
     """Build the engine's spec of ``job``.
 
     With ``providers``, jurisdiction entries resolve to regions and the cross-provider switch
     needs every provider the job may use to allow it. ``fleet_providers`` are the providers
     with nodes, which a job without allowed regions may also use. Without ``providers`` the
-    allowed regions and the switch pass through as the job states them.
+    allowed regions and the switch pass through as the job states them. The grant's
+    constraints then narrow the regions and models. ``fleet_regions`` are the
+    ``<provider>/<region>`` keys with nodes, which with the registered regions are what a grant
+    that names only providers allows a job without allowed regions.
     """
     spec = job.spec
     topology = es.Topology(spec.topology) if spec.topology else es.Topology.SAME_PROVIDER
     regions = frozenset(spec.allowed_regions)
+    if providers is not None and _names_jurisdiction(spec.allowed_regions):
+        regions = providers.resolve_regions(spec.allowed_regions)
+    known: frozenset[str] = frozenset()
+    if depends_on_known_regions(spec):
+        known = _registered_regions(providers) | fleet_regions
+    regions = narrow_regions(spec, regions, known)
     cross_provider = spec.allow_cross_provider
-    if providers is not None:
-        if _names_jurisdiction(spec.allowed_regions):
-            regions = providers.resolve_regions(spec.allowed_regions)
-        if cross_provider:
-            cross_provider = _cross_provider_allowed(regions, providers, fleet_providers)
+    if providers is not None and cross_provider:
+        cross_provider = _cross_provider_allowed(regions, providers, fleet_providers)
     return es.JobSpec(
         job_id=job.job_id,
         project=spec.project_id,
@@ -90,7 +100,7 @@ def job_to_engine(
         millis_per_task=spec.accelerator_millis_per_task,
         topology=topology,
         allow_cross_provider=cross_provider,
-        models=frozenset(spec.models),
+        models=narrow_models(spec),
         constraint=es.ModelConstraint(spec.vendor, spec.min_memory_gib, spec.software_stack),
         regions=regions,
         wall_time_s=float(spec.wall_time_s),
@@ -99,8 +109,24 @@ def job_to_engine(
 
 
 def depends_on_providers(job: Job) -> bool:
-    """Return whether the provider registry shapes the job's engine input."""
-    return job.spec.allow_cross_provider or _names_jurisdiction(job.spec.allowed_regions)
+    """Return whether the provider registry or the regions with nodes shape the job's input."""
+    spec = job.spec
+    return (
+        spec.allow_cross_provider
+        or _names_jurisdiction(spec.allowed_regions)
+        or depends_on_known_regions(spec)
+    )
+
+
+def _registered_regions(providers: ProviderDirectory | None) -> frozenset[str]:
+    if providers is None:
+        return frozenset()
+    keys: set[str] = set()
+    for provider_id in providers.provider_ids():
+        record = providers.get(provider_id)
+        if record is not None:
+            keys.update(f"{provider_id}/{region.region_id}" for region in record.regions)
+    return frozenset(keys)
 
 
 def _names_jurisdiction(allowed: tuple[str, ...]) -> bool:
@@ -161,6 +187,7 @@ class EngineAdapter:
         self.providers = providers or ProviderDirectory()
         self._known_nodes: set[str] = set()
         self._fleet_providers: frozenset[str] = frozenset()
+        self._fleet_regions: frozenset[str] = frozenset()
         self._dependent: dict[str, Job] = {}
         """Jobs in the engine whose input depends on the registry, by id."""
 
@@ -174,7 +201,7 @@ class EngineAdapter:
     def _spec(self, job: Job) -> es.JobSpec:
         if depends_on_providers(job):
             self._dependent[job.job_id] = job
-        return job_to_engine(job, self.providers, self._fleet_providers)
+        return job_to_engine(job, self.providers, self._fleet_providers, self._fleet_regions)
 
     def _reenter_dependent(self) -> None:
         for job_id, job in list(self._dependent.items()):
@@ -184,7 +211,7 @@ class EngineAdapter:
                 continue
             if record.running:
                 continue
-            spec = job_to_engine(job, self.providers, self._fleet_providers)
+            spec = job_to_engine(job, self.providers, self._fleet_providers, self._fleet_regions)
             if spec != record.spec:
                 logger.info("job %s entered again: the provider registry changed its input", job_id)
                 self.engine.remove(job_id)
@@ -202,8 +229,10 @@ class EngineAdapter:
             logger.warning("node %s left out of scheduling: %s", node.key, exc)
             return False
         self._known_nodes.add(node.key)
-        if node.provider not in self._fleet_providers:
+        region_key = f"{node.provider}/{node.region}"
+        if node.provider not in self._fleet_providers or region_key not in self._fleet_regions:
             self._fleet_providers = self._fleet_providers | {node.provider}
+            self._fleet_regions = self._fleet_regions | {region_key}
             if self._dependent:
                 self._reenter_dependent()
         return True

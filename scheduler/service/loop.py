@@ -339,7 +339,8 @@ class SchedulingLoop:
             async with self._hold_calls:
                 self._holds_in_flight += len(priced)
                 try:
-                    placed = await self.admission.place_holds(priced)
+                    models = {job.job_id: model for job, model in admitted}
+                    placed = await self.admission.place_holds(priced, models)
                 finally:
                     self._holds_in_flight -= len(priced)
             for (job, _), outcome in zip(priced, placed, strict=True):

@@ -123,6 +123,13 @@ class JobSpec:
     """Checkpoint the job starts from; a requeue passes the latest one back."""
     simulated_run_s: float = 0.0
     """Run time a simulated agent plays instead of running the command; 0 runs it."""
+    grant_providers: tuple[str, ...] = ()
+    """Providers the paying grant allows, copied from its constraints at submit; empty allows
+    any. Placement is narrowed to them, and to ``grant_regions`` and ``grant_models``."""
+    grant_regions: tuple[str, ...] = ()
+    """``<provider>/<region>`` keys the paying grant allows; empty allows any."""
+    grant_models: tuple[str, ...] = ()
+    """Catalog models the paying grant allows; empty allows any."""
 
     @property
     def total_millis(self) -> int:

@@ -1,8 +1,9 @@
-"""Project membership and grant ownership for submissions, read from the grant service.
+"""Project membership, grant ownership and sub-allocations for submissions, from the grant service.
 
-The grant service stores projects, their members and their grants. The scheduler calls it with
-its service identity and caches each result for a short time, so that a burst of submissions
-for one project costs one call. Missing projects and grants are cached too, for less time.
+The grant service stores projects, their members, their grants with the grants' constraints,
+and sub-allocations. The scheduler calls it with its service identity and caches each result for
+a short time, so that a burst of submissions for one project costs one call. Missing projects
+and grants are cached too, for less time.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Final, TypeVar
 
 import grpc
 
-from acsp.v1 import grant_pb2, grant_pb2_grpc
+from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
 from services.runtime.auth import Principal, Role
 from services.runtime.errors import NotFound, PermissionDenied, Unavailable
 
+from .errors import SubAllocationNotFound
+from .grant_limits import GrantLimits
 from .model import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -37,12 +40,32 @@ class ProjectAccess:
 
     project_id: str
     subjects: frozenset[str]
+    pi_subject: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRecord:
+    """The project that owns a grant, and the grant's constraints."""
+
+    project_id: str
+    limits: GrantLimits
+
+
+@dataclass(frozen=True, slots=True)
+class SubAllocations:
+    """The holder of each sub-allocation of one grant, by sub-allocation id."""
+
+    fetched_at: float
+    """``time.monotonic()`` of the fetch."""
+    holders: dict[str, str]
 
 
 class ProjectDirectory:
     """Bounded, short-lived cache of projects and grant owners from the grant service.
 
-    A member removed from a project may still submit for up to ``ttl_s`` seconds.
+    A member removed from a project may still submit for up to ``ttl_s`` seconds. A
+    sub-allocation missing from a cached list is looked up again once the list is older than
+    ``missing_ttl_s``, so a new one can be used seconds after it is created.
     """
 
     def __init__(
@@ -60,34 +83,54 @@ class ProjectDirectory:
         self._max = max_entries
         self._timeout = timeout_s
         self._projects: OrderedDict[str, tuple[float, ProjectAccess | None]] = OrderedDict()
-        self._grants: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self._grants: OrderedDict[str, tuple[float, GrantRecord | None]] = OrderedDict()
+        self._allocations: OrderedDict[str, tuple[float, SubAllocations]] = OrderedDict()
         self._calls: dict[tuple[str, str], asyncio.Future[object]] = {}
         """Lookups in flight, shared by every submission that needs the same one."""
 
-    async def check_submitter(self, principal: Principal, spec: JobSpec) -> None:
-        """Raise NotFound for an unknown project or grant, PermissionDenied for a non-member.
+    async def check_submitter(
+        self, principal: Principal, spec: JobSpec, prefix: str = "spec"
+    ) -> GrantLimits | None:
+        """Check who submits ``spec`` and what it draws on; return the named grant's limits.
 
-        A grant must belong to the job's project. Program office and service callers may
-        submit for any project that exists.
+        Raises NotFound for an unknown project or grant, and PermissionDenied for a
+        non-member. A grant must belong to the job's project. A sub-allocation must belong to
+        the job's grant (SubAllocationNotFound), and only its holder or the project's PI may
+        draw on it (PermissionDenied). Program office and service callers may submit for any
+        project that exists and draw on any of its sub-allocations. Returns None when the spec
+        names no grant.
         """
         project = await self.project(spec.project_id)
         if project is None:
             raise NotFound("project", spec.project_id)
+        grant: GrantRecord | None = None
         if spec.grant_id:
-            owner = await self.grant_project(spec.grant_id)
-            if owner is None:
+            grant = await self.grant(spec.grant_id)
+            if grant is None:
                 raise NotFound("grant", spec.grant_id)
-            if owner != spec.project_id:
+            if grant.project_id != spec.project_id:
                 # A grant of another project is reported as not found, like the grant service
                 # reports what the caller may not see.
                 raise NotFound("grant", spec.grant_id)
-        if principal.has_any(ANY_PROJECT) or principal.kind == "service":
-            return
-        if principal.subject not in project.subjects:
+        privileged = principal.has_any(ANY_PROJECT) or principal.kind == "service"
+        if not privileged and principal.subject not in project.subjects:
             raise PermissionDenied(
                 f"{principal.subject!r} is not a member of project {spec.project_id!r}; "
                 "ask its PI to add you, or submit for a project you belong to"
             )
+        if spec.sub_allocation_id:
+            holder = await self.sub_allocation_holder(spec.grant_id, spec.sub_allocation_id)
+            if holder is None:
+                raise SubAllocationNotFound(
+                    f"{prefix}.sub_allocation_id", spec.sub_allocation_id, spec.grant_id
+                )
+            if not privileged and principal.subject not in (holder, project.pi_subject):
+                raise PermissionDenied(
+                    f"{prefix}.sub_allocation_id: sub-allocation {spec.sub_allocation_id!r} "
+                    f"is held by {holder!r}, and only its holder or the project's PI may "
+                    "draw on it; leave the field empty to draw on the grant itself"
+                )
+        return grant.limits if grant is not None else None
 
     async def project(self, project_id: str) -> ProjectAccess | None:
         """Return who may submit for ``project_id``, or None when it does not exist."""
@@ -98,14 +141,28 @@ class ProjectDirectory:
         assert found is None or isinstance(found, ProjectAccess)
         return found
 
-    async def grant_project(self, grant_id: str) -> str | None:
-        """Return the project that owns ``grant_id``, or None when it does not exist."""
+    async def grant(self, grant_id: str) -> GrantRecord | None:
+        """Return the owner and constraints of ``grant_id``, or None when it does not exist."""
         cached = _fresh(self._grants, grant_id)
         if cached is not None:
             return cached[1]
-        owner = await self._shared(("grant", grant_id), lambda: self._fetch_grant(grant_id))
-        assert owner is None or isinstance(owner, str)
-        return owner
+        found = await self._shared(("grant", grant_id), lambda: self._fetch_grant(grant_id))
+        assert found is None or isinstance(found, GrantRecord)
+        return found
+
+    async def sub_allocation_holder(self, grant_id: str, allocation_id: str) -> str | None:
+        """Return the holder of a sub-allocation of ``grant_id``, or None when it has none."""
+        cached = _fresh(self._allocations, grant_id)
+        if cached is not None:
+            listed = cached[1]
+            holder = listed.holders.get(allocation_id)
+            if holder is not None or time.monotonic() - listed.fetched_at < self._missing_ttl:
+                return holder
+        found = await self._shared(
+            ("sub-allocations", grant_id), lambda: self._fetch_allocations(grant_id)
+        )
+        assert isinstance(found, SubAllocations)
+        return found.holders.get(allocation_id)
 
     async def _shared(self, key: tuple[str, str], fetch: Callable[[], Awaitable[object]]) -> object:
         """Run one ``fetch`` per key at a time; concurrent callers wait for the same result."""
@@ -133,11 +190,11 @@ class ProjectDirectory:
             self._store(self._projects, project_id, None, self._missing_ttl)
             return None
         subjects = frozenset(m.subject for m in msg.members) | {msg.pi_subject}
-        access = ProjectAccess(project_id, subjects)
+        access = ProjectAccess(project_id, subjects, msg.pi_subject)
         self._store(self._projects, project_id, access, self._ttl)
         return access
 
-    async def _fetch_grant(self, grant_id: str) -> str | None:
+    async def _fetch_grant(self, grant_id: str) -> GrantRecord | None:
         try:
             msg = await self._stub.GetGrant(
                 grant_pb2.GetGrantRequest(grant_id=grant_id), timeout=self._timeout
@@ -147,8 +204,36 @@ class ProjectDirectory:
                 raise _unavailable("grant", grant_id, exc) from exc
             self._store(self._grants, grant_id, None, self._missing_ttl)
             return None
-        self._store(self._grants, grant_id, msg.project_id, self._ttl)
-        return str(msg.project_id)
+        limits = GrantLimits(
+            grant_id,
+            tuple(msg.constraints.providers),
+            tuple(msg.constraints.regions),
+            tuple(msg.constraints.accelerator_models),
+        )
+        record = GrantRecord(str(msg.project_id), limits)
+        self._store(self._grants, grant_id, record, self._ttl)
+        return record
+
+    async def _fetch_allocations(self, grant_id: str) -> SubAllocations:
+        holders: dict[str, str] = {}
+        token = ""
+        while True:
+            request = grant_pb2.ListSubAllocationsRequest(
+                grant_id=grant_id, page=common_pb2.PageRequest(page_size=1000, page_token=token)
+            )
+            try:
+                page = await self._stub.ListSubAllocations(request, timeout=self._timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise _unavailable("sub-allocations of grant", grant_id, exc) from exc
+                break
+            holders.update((a.sub_allocation_id, a.holder) for a in page.sub_allocations)
+            token = page.page.next_page_token
+            if not token:
+                break
+        listed = SubAllocations(time.monotonic(), holders)
+        self._store(self._allocations, grant_id, listed, self._ttl)
+        return listed
 
     def _store(
         self, cache: OrderedDict[str, tuple[float, _V]], key: str, value: _V, ttl_s: float

@@ -124,7 +124,7 @@ def validate_models(spec: JobSpec, catalog: Catalog, prefix: str = "spec") -> li
                 f"{vendors}",
             )
         )
-    elif not any(_meets(m, spec) for m in accepted):
+    elif not any(model_meets(m, spec) for m in accepted):
         of_vendor = [m for m in accepted if not spec.vendor or m.vendor == spec.vendor]
         largest = max(m.memory_gib for m in of_vendor)
         if spec.min_memory_gib > largest:
@@ -146,7 +146,7 @@ def validate_models(spec: JobSpec, catalog: Catalog, prefix: str = "spec") -> li
     return out
 
 
-def _meets(model: AcceleratorModel, spec: JobSpec) -> bool:
+def model_meets(model: AcceleratorModel, spec: JobSpec) -> bool:
     """Return whether ``model`` meets the job's constraint, as the engine matches it."""
     if spec.vendor and model.vendor != spec.vendor:
         return False
@@ -171,6 +171,12 @@ def _check_ids(spec: JobSpec, bad: _Reporter) -> None:
         bad("grant_id", f"{spec.grant_id!r} is not a valid grant id")
     if spec.sub_allocation_id and not _ID.match(spec.sub_allocation_id):
         bad("sub_allocation_id", f"{spec.sub_allocation_id!r} is not a valid id")
+    elif spec.sub_allocation_id and not spec.grant_id:
+        bad(
+            "grant_id",
+            "is missing; a sub-allocation is part of one grant, so name the grant that "
+            f"{spec.sub_allocation_id!r} belongs to",
+        )
 
 
 def _check_command(spec: JobSpec, bad: _Reporter) -> None:

@@ -291,8 +291,16 @@ def metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-async def fund_grant(stack: Stack, pf_days: str = "10") -> tuple[str, str, str]:
-    """Create an institution, a project and an awarded grant; return (project, grant, PI)."""
+async def fund_grant(
+    stack: Stack,
+    pf_days: str = "10",
+    regions: tuple[str, ...] = (),
+    models: tuple[str, ...] = (),
+) -> tuple[str, str, str]:
+    """Create an institution, a project and an awarded grant; return (project, grant, PI).
+
+    ``regions`` and ``models`` become the grant's constraints when the grant is exploratory.
+    """
     suffix = uuid.uuid4().hex[:8]
     office = metadata(stack.token("office", Role.PROGRAM_OFFICE))
     pi = f"pi-{suffix}"
@@ -339,6 +347,8 @@ async def fund_grant(stack: Stack, pf_days: str = "10") -> tuple[str, str, str]:
                     requested_pf_days=common_pb2.Decimal(value=pf_days),
                     validity=window,
                     justification="scheduler end-to-end test",
+                    regions=regions,
+                    accelerator_models=models,
                 ),
             ),
             metadata=pi_md,

@@ -15,10 +15,12 @@ from services.runtime.errors import NotFound, PermissionDenied
 
 
 class CountingGrants:
-    """A grant service with one project ``p1`` (PI ``pi``) and its grant ``g1``."""
+    """A grant service with one project ``p1`` (PI ``pi``, member ``bob``) and its grant ``g1``,
+    which has sub-allocation ``s1`` held by ``bob``."""
 
     def __init__(self) -> None:
         self.calls = 0
+        self.allocations = {"s1": "bob"}
 
     async def GetProject(
         self, request: grant_pb2.GetProjectRequest, **options: object
@@ -29,7 +31,9 @@ class CountingGrants:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata()
             )
-        return grant_pb2.Project(project_id="p1", pi_subject="pi")
+        member = grant_pb2.ProjectMember(subject="bob", role=grant_pb2.PROJECT_ROLE_MEMBER)
+        other = grant_pb2.ProjectMember(subject="carol", role=grant_pb2.PROJECT_ROLE_MEMBER)
+        return grant_pb2.Project(project_id="p1", pi_subject="pi", members=[member, other])
 
     async def GetGrant(
         self, request: grant_pb2.GetGrantRequest, **options: object
@@ -37,13 +41,31 @@ class CountingGrants:
         self.calls += 1
         return grant_pb2.Grant(grant_id=request.grant_id, project_id="p1")
 
+    async def ListSubAllocations(
+        self, request: grant_pb2.ListSubAllocationsRequest, **options: object
+    ) -> grant_pb2.ListSubAllocationsResponse:
+        self.calls += 1
+        listed = self.allocations if request.grant_id == "g1" else {}
+        return grant_pb2.ListSubAllocationsResponse(
+            sub_allocations=[
+                grant_pb2.SubAllocation(sub_allocation_id=k, grant_id="g1", holder=v)
+                for k, v in listed.items()
+            ]
+        )
+
 
 def user(subject: str) -> Principal:
     return Principal(subject=subject, kind="user", roles=frozenset({Role.RESEARCHER}))
 
 
-def spec(project: str, grant: str = "") -> JobSpec:
-    return JobSpec(name="j", project_id=project, grant_id=grant, command=("true",))
+def spec(project: str, grant: str = "", allocation: str = "") -> JobSpec:
+    return JobSpec(
+        name="j",
+        project_id=project,
+        grant_id=grant,
+        sub_allocation_id=allocation,
+        command=("true",),
+    )
 
 
 async def test_concurrent_lookups_share_one_call() -> None:
@@ -72,3 +94,43 @@ async def test_cache_stays_bounded() -> None:
         await directory.project(f"missing-{i}")
 
     assert len(directory._projects) == 3
+
+
+async def test_sub_allocation_holder_or_pi_only() -> None:
+    directory = ProjectDirectory(CountingGrants())  # type: ignore[arg-type]
+    service = Principal(subject="scheduler", kind="service", roles=frozenset({Role.SERVICE}))
+
+    await directory.check_submitter(user("bob"), spec("p1", "g1", "s1"))
+    await directory.check_submitter(user("pi"), spec("p1", "g1", "s1"))
+    await directory.check_submitter(service, spec("p1", "g1", "s1"))
+    with pytest.raises(PermissionDenied) as denied:
+        await directory.check_submitter(user("carol"), spec("p1", "g1", "s1"), "jobs[2].spec")
+
+    assert "jobs[2].spec.sub_allocation_id" in denied.value.message
+    assert "held by 'bob'" in denied.value.message
+
+
+async def test_unknown_sub_allocation_names_field() -> None:
+    directory = ProjectDirectory(CountingGrants())  # type: ignore[arg-type]
+
+    with pytest.raises(NotFound) as missing:
+        await directory.check_submitter(user("pi"), spec("p1", "g1", "s9"))
+
+    assert missing.value.message.startswith("spec.sub_allocation_id: sub-allocation 's9'")
+    assert "grant 'g1'" in missing.value.message
+
+
+async def test_sub_allocation_miss_refetched_when_stale() -> None:
+    grants = CountingGrants()
+    fresh = ProjectDirectory(grants)  # type: ignore[arg-type]
+    stale = ProjectDirectory(grants, missing_ttl_s=0.0)  # type: ignore[arg-type]
+
+    assert await fresh.sub_allocation_holder("g1", "s2") is None
+    assert await stale.sub_allocation_holder("g1", "s2") is None
+    grants.allocations["s2"] = "carol"
+    calls = grants.calls
+
+    assert await fresh.sub_allocation_holder("g1", "s2") is None
+    assert grants.calls == calls
+    assert await stale.sub_allocation_holder("g1", "s2") == "carol"
+    assert grants.calls == calls + 1

@@ -1,0 +1,169 @@
+"""SubmitJob checks a job against its grant's constraints and its sub-allocation."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2
+from services.runtime.auth import Role
+
+from .harness import Stack, fund_grant, metadata, scheduler_stub
+from .test_end_to_end import job_spec
+
+pytestmark = pytest.mark.timeout(180)
+
+H100 = "H100-SXM5-80GB"
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_servers()
+        await stack.start_grant()
+        yield stack
+    finally:
+        await stack.close()
+
+
+async def add_member_with_allocation(
+    stack: Stack, project: str, grant: str, pi: str, member: str
+) -> str:
+    """Add ``member`` to the project and give them a sub-allocation; return its id."""
+    pi_md = metadata(stack.token(pi, Role.PI))
+    async with grpc.aio.insecure_channel(stack.grant_address) as channel:
+        grants = grant_pb2_grpc.GrantServiceStub(channel)
+        await grants.AddProjectMember(
+            grant_pb2.AddProjectMemberRequest(
+                request_id=uuid.uuid4().hex,
+                project_id=project,
+                member=grant_pb2.ProjectMember(subject=member, role=grant_pb2.PROJECT_ROLE_MEMBER),
+            ),
+            metadata=pi_md,
+            timeout=10,
+        )
+        allocation = await grants.CreateSubAllocation(
+            grant_pb2.CreateSubAllocationRequest(
+                request_id=uuid.uuid4().hex,
+                grant_id=grant,
+                holder=member,
+                amount_pf_days=common_pb2.Decimal(value="2"),
+            ),
+            metadata=pi_md,
+            timeout=10,
+        )
+    return allocation.sub_allocation_id
+
+
+async def test_submit_outside_grant_constraints_rejected(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack, regions=("prov/reg",), models=(H100,))
+    owner = metadata(stack.token(pi, Role.PI))
+    office = metadata(stack.token("office", Role.PROGRAM_OFFICE))
+    rejected = {
+        "spec.accelerators.models": job_spec(
+            project, grant, task_count=1, accelerators={"models": ["A100-SXM4-80GB"]}
+        ),
+        "spec.allowed_regions": job_spec(
+            project, grant, task_count=1, allowed_regions=["other/reg"]
+        ),
+        "spec.allow_cross_provider": job_spec(
+            project, grant, task_count=1, allow_cross_provider=True
+        ),
+    }
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        for field, spec in rejected.items():
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await scheduler.SubmitJob(
+                    scheduler_pb2.SubmitJobRequest(spec=spec), metadata=owner, timeout=10
+                )
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, field
+            assert (caught.value.details() or "").startswith(f"{field}: "), field
+        with pytest.raises(grpc.aio.AioRpcError) as batch:
+            await scheduler.SubmitJobs(
+                scheduler_pb2.SubmitJobsRequest(
+                    jobs=[
+                        scheduler_pb2.SubmitJobRequest(spec=job_spec(project, grant, task_count=1)),
+                        scheduler_pb2.SubmitJobRequest(spec=rejected["spec.allowed_regions"]),
+                    ]
+                ),
+                metadata=owner,
+                timeout=10,
+            )
+        written = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(), metadata=office, timeout=10
+        )
+        accepted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                spec=job_spec(project, grant, task_count=1, accelerators={"models": [H100]})
+            ),
+            metadata=owner,
+            timeout=10,
+        )
+    assert batch.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "jobs[1].spec.allowed_regions" in (batch.value.details() or "")
+    assert "prov/reg" in (batch.value.details() or "")
+    assert list(written.jobs) == []
+    assert accepted.job.job_id
+
+
+async def test_submit_checks_sub_allocation(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    other_project, other_grant, other_pi = await fund_grant(stack)
+    mine = await add_member_with_allocation(stack, project, grant, pi, "bob")
+    await add_member_with_allocation(stack, project, grant, pi, "carol")
+    foreign = await add_member_with_allocation(stack, other_project, other_grant, other_pi, "dan")
+    bob = metadata(stack.token("bob", Role.RESEARCHER))
+    carol = metadata(stack.token("carol", Role.RESEARCHER))
+    owner = metadata(stack.token(pi, Role.PI))
+    office = metadata(stack.token("office", Role.PROGRAM_OFFICE))
+    rejected = {
+        "unknown": (bob, job_spec(project, grant, task_count=1, sub_allocation_id="no-such")),
+        "of another grant": (
+            bob,
+            job_spec(project, grant, task_count=1, sub_allocation_id=foreign),
+        ),
+        "not the holder": (carol, job_spec(project, grant, task_count=1, sub_allocation_id=mine)),
+        "no grant named": (bob, job_spec(project, "", task_count=1, sub_allocation_id=mine)),
+    }
+    expected = {
+        "unknown": grpc.StatusCode.NOT_FOUND,
+        "of another grant": grpc.StatusCode.NOT_FOUND,
+        "not the holder": grpc.StatusCode.PERMISSION_DENIED,
+        "no grant named": grpc.StatusCode.INVALID_ARGUMENT,
+    }
+    named_field = {
+        "unknown": "spec.sub_allocation_id",
+        "of another grant": "spec.sub_allocation_id",
+        "not the holder": "spec.sub_allocation_id",
+        "no grant named": "spec.grant_id",
+    }
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        for case, (md, spec) in rejected.items():
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await scheduler.SubmitJob(
+                    scheduler_pb2.SubmitJobRequest(spec=spec), metadata=md, timeout=10
+                )
+            assert caught.value.code() == expected[case], case
+            assert named_field[case] in (caught.value.details() or ""), case
+        written = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(), metadata=office, timeout=10
+        )
+        spec = job_spec(project, grant, task_count=1, sub_allocation_id=mine)
+        by_holder = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=spec), metadata=bob, timeout=10
+        )
+        by_pi = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=spec), metadata=owner, timeout=10
+        )
+    assert list(written.jobs) == []
+    assert by_holder.job.spec.sub_allocation_id == mine
+    assert by_pi.job.job_id
