@@ -28,7 +28,7 @@ from acsp.v1 import scheduler_pb2 as acsp_dot_v1_dot_scheduler__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61\x63sp/v1/events.proto\x12\x07\x61\x63sp.v1\x1a\x14\x61\x63sp/v1/common.proto\x1a\x17\x61\x63sp/v1/scheduler.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe1\x01\n\nGrantEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.acsp.v1.GrantEventKind\x12\x10\n\x08grant_id\x18\x03 \x01(\t\x12\x12\n\nproject_id\x18\x04 \x01(\t\x12+\n\x11\x61vailable_pf_days\x18\x05 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x05\x63\x61use\x18\x07 \x01(\x0b\x32\x0e.acsp.v1.Cause\"\xe2\x03\n\x08JobEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.acsp.v1.JobEventKind\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12 \n\x05state\x18\x05 \x01(\x0e\x32\x11.acsp.v1.JobState\x12\x0f\n\x07hold_id\x18\x06 \x01(\t\x12\x10\n\x08grant_id\x18\x07 \x01(\t\x12\x12\n\nproject_id\x18\x08 \x01(\t\x12\x16\n\x0einstitution_id\x18\t \x01(\t\x12*\n\nplacements\x18\n \x03(\x0b\x32\x16.acsp.v1.TaskPlacement\x12\x1d\n\x05\x63\x61use\x18\x0b \x01(\x0b\x32\x0e.acsp.v1.Cause\x12(\n\x04time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14last_checkpoint_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x0epriority_class\x18\x0f \x01(\x0e\x32\x16.acsp.v1.PriorityClass*\xb3\x01\n\x0eGrantEventKind\x12 \n\x1cGRANT_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18GRANT_EVENT_KIND_AWARDED\x10\x01\x12\x1f\n\x1bGRANT_EVENT_KIND_BUDGET_LOW\x10\x02\x12\"\n\x1eGRANT_EVENT_KIND_EXPIRING_SOON\x10\x03\x12\x1c\n\x18GRANT_EVENT_KIND_EXPIRED\x10\x04*\xda\x01\n\x0cJobEventKind\x12\x1e\n\x1aJOB_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18JOB_EVENT_KIND_SUBMITTED\x10\x01\x12\x1b\n\x17JOB_EVENT_KIND_ADMITTED\x10\x02\x12\x1a\n\x16JOB_EVENT_KIND_STARTED\x10\x03\x12\x1b\n\x17JOB_EVENT_KIND_REQUEUED\x10\x04\x12\x18\n\x14JOB_EVENT_KIND_ENDED\x10\x05\x12\x1c\n\x18JOB_EVENT_KIND_PREEMPTED\x10\x06\x42\x0f\n\x0borg.acsp.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61\x63sp/v1/events.proto\x12\x07\x61\x63sp.v1\x1a\x14\x61\x63sp/v1/common.proto\x1a\x17\x61\x63sp/v1/scheduler.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfc\x01\n\nGrantEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.acsp.v1.GrantEventKind\x12\x10\n\x08grant_id\x18\x03 \x01(\t\x12\x12\n\nproject_id\x18\x04 \x01(\t\x12+\n\x11\x61vailable_pf_days\x18\x05 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x05\x63\x61use\x18\x07 \x01(\x0b\x32\x0e.acsp.v1.Cause\x12\x19\n\x11sub_allocation_id\x18\x08 \x01(\t\"\xe2\x03\n\x08JobEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.acsp.v1.JobEventKind\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12 \n\x05state\x18\x05 \x01(\x0e\x32\x11.acsp.v1.JobState\x12\x0f\n\x07hold_id\x18\x06 \x01(\t\x12\x10\n\x08grant_id\x18\x07 \x01(\t\x12\x12\n\nproject_id\x18\x08 \x01(\t\x12\x16\n\x0einstitution_id\x18\t \x01(\t\x12*\n\nplacements\x18\n \x03(\x0b\x32\x16.acsp.v1.TaskPlacement\x12\x1d\n\x05\x63\x61use\x18\x0b \x01(\x0b\x32\x0e.acsp.v1.Cause\x12(\n\x04time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14last_checkpoint_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x0epriority_class\x18\x0f \x01(\x0e\x32\x16.acsp.v1.PriorityClass*\xb3\x01\n\x0eGrantEventKind\x12 \n\x1cGRANT_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18GRANT_EVENT_KIND_AWARDED\x10\x01\x12\x1f\n\x1bGRANT_EVENT_KIND_BUDGET_LOW\x10\x02\x12\"\n\x1eGRANT_EVENT_KIND_EXPIRING_SOON\x10\x03\x12\x1c\n\x18GRANT_EVENT_KIND_EXPIRED\x10\x04*\xda\x01\n\x0cJobEventKind\x12\x1e\n\x1aJOB_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18JOB_EVENT_KIND_SUBMITTED\x10\x01\x12\x1b\n\x17JOB_EVENT_KIND_ADMITTED\x10\x02\x12\x1a\n\x16JOB_EVENT_KIND_STARTED\x10\x03\x12\x1b\n\x17JOB_EVENT_KIND_REQUEUED\x10\x04\x12\x18\n\x14JOB_EVENT_KIND_ENDED\x10\x05\x12\x1c\n\x18JOB_EVENT_KIND_PREEMPTED\x10\x06\x42\x0f\n\x0borg.acsp.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'acsp.v1.events_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\013org.acsp.v1P\001'
-  _globals['_GRANTEVENTKIND']._serialized_start=827
-  _globals['_GRANTEVENTKIND']._serialized_end=1006
-  _globals['_JOBEVENTKIND']._serialized_start=1009
-  _globals['_JOBEVENTKIND']._serialized_end=1227
+  _globals['_GRANTEVENTKIND']._serialized_start=854
+  _globals['_GRANTEVENTKIND']._serialized_end=1033
+  _globals['_JOBEVENTKIND']._serialized_start=1036
+  _globals['_JOBEVENTKIND']._serialized_end=1254
   _globals['_GRANTEVENT']._serialized_start=114
-  _globals['_GRANTEVENT']._serialized_end=339
-  _globals['_JOBEVENT']._serialized_start=342
-  _globals['_JOBEVENT']._serialized_end=824
+  _globals['_GRANTEVENT']._serialized_end=366
+  _globals['_JOBEVENT']._serialized_start=369
+  _globals['_JOBEVENT']._serialized_end=851
 # @@protoc_insertion_point(module_scope)

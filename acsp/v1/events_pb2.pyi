@@ -44,7 +44,7 @@ JOB_EVENT_KIND_ENDED: JobEventKind
 JOB_EVENT_KIND_PREEMPTED: JobEventKind
 
 class GrantEvent(_message.Message):
-    __slots__ = ("event_id", "kind", "grant_id", "project_id", "available_pf_days", "time", "cause")
+    __slots__ = ("event_id", "kind", "grant_id", "project_id", "available_pf_days", "time", "cause", "sub_allocation_id")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     GRANT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class GrantEvent(_message.Message):
     AVAILABLE_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     CAUSE_FIELD_NUMBER: _ClassVar[int]
+    SUB_ALLOCATION_ID_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     kind: GrantEventKind
     grant_id: str
@@ -59,7 +60,8 @@ class GrantEvent(_message.Message):
     available_pf_days: _common_pb2.Decimal
     time: _timestamp_pb2.Timestamp
     cause: _common_pb2.Cause
-    def __init__(self, event_id: _Optional[str] = ..., kind: _Optional[_Union[GrantEventKind, str]] = ..., grant_id: _Optional[str] = ..., project_id: _Optional[str] = ..., available_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cause: _Optional[_Union[_common_pb2.Cause, _Mapping]] = ...) -> None: ...
+    sub_allocation_id: str
+    def __init__(self, event_id: _Optional[str] = ..., kind: _Optional[_Union[GrantEventKind, str]] = ..., grant_id: _Optional[str] = ..., project_id: _Optional[str] = ..., available_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cause: _Optional[_Union[_common_pb2.Cause, _Mapping]] = ..., sub_allocation_id: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("event_id", "kind", "job_id", "attempt", "state", "hold_id", "grant_id", "project_id", "institution_id", "placements", "cause", "time", "start_time", "last_checkpoint_time", "priority_class")

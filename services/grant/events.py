@@ -51,9 +51,15 @@ class OutboxEvent:
     trigger: str
     reference_id: str
     reason: str
+    sub_allocation_id: str = ""
+    """The sub-allocation a budget-low event concerns; empty for the whole grant."""
+    crossing: int = 0
+    """Ordinal of this fall of the sub-allocation below the threshold, from 1; 0 for a grant."""
 
     @property
     def event_id(self) -> str:
+        if self.sub_allocation_id:
+            return f"{self.grant_id}/{self.sub_allocation_id}/{self.kind}/{self.crossing}"
         return f"{self.grant_id}/{self.kind}"
 
     def subject(self) -> str:
@@ -66,6 +72,7 @@ class OutboxEvent:
             grant_id=self.grant_id,
             project_id=self.project_id,
             available_pf_days=common_pb2.Decimal(value=format_amount(self.available)),
+            sub_allocation_id=self.sub_allocation_id,
             cause=common_pb2.Cause(
                 trigger=self.trigger,
                 reference_id=self.reference_id,

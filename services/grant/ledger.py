@@ -84,7 +84,8 @@ class Ledger:
     """Applies ledger requests in transactions on a connection pool.
 
     ``low_fraction`` is the share of credited budget below which a grant's available budget
-    emits one budget-low event.
+    emits one budget-low event. A sub-allocation emits one each time its available budget falls
+    below that share of what it was credited.
     """
 
     def __init__(
@@ -155,6 +156,7 @@ class Ledger:
         for row in rows.allocations:
             name = allocation_pot_name(row["id"])
             batch.pots[name] = pot_from_row(name, row)
+            batch.allocation_meta[row["id"]] = row
             batch.pot_grant[name] = row["grant_id"]
         for row in rows.holds:
             batch.hold_rows[row["id"]] = row
@@ -277,9 +279,16 @@ class Ledger:
     ) -> None:
         grant_pot = grant_pot_name(grant_id)
         before = batch.pots[grant_pot].available
+        before_allocation = (
+            batch.pots[allocation_pot_name(allocation_id)] if allocation_id else None
+        )
         for pot in movement.pots:
             batch.pots[pot.name] = pot
             batch.changed_pots.add(pot.name)
+        if allocation_id and before_allocation is not None:
+            self._allocation_low(
+                batch, request, grant_id, allocation_id, before_allocation.available
+            )
         if movement.hold is not None and hold_id is not None:
             batch.holds[hold_id] = movement.hold
             batch.changed_holds.add(hold_id)
@@ -305,6 +314,44 @@ class Ledger:
                     reason=f"available fell below {format_amount(self._low_fraction)} of credited",
                 )
             )
+
+    def _allocation_low(
+        self,
+        batch: BatchState,
+        request: LedgerRequest,
+        grant_id: str,
+        allocation_id: str,
+        before: Decimal,
+    ) -> None:
+        """Record a budget-low event when a sub-allocation just fell below the threshold, and
+        re-arm it once it rises back."""
+        meta = batch.allocation_meta[allocation_id]
+        after = batch.pots[allocation_pot_name(allocation_id)]
+        notify, notified = rules.low_state(
+            bool(meta["low_notified"]), before, after.available, after.credited, self._low_fraction
+        )
+        meta["low_notified"] = notified
+        if not notify:
+            return
+        meta["low_crossings"] = int(meta["low_crossings"]) + 1
+        batch.events.append(
+            OutboxEvent(
+                kind=EventKind.BUDGET_LOW,
+                grant_id=grant_id,
+                project_id=batch.grant_meta[grant_id]["project_id"],
+                available=after.available,
+                at=batch.now,
+                actor=request.cause.actor,
+                trigger=request.cause.trigger,
+                reference_id=request.key,
+                reason=(
+                    f"available of sub-allocation {allocation_id} fell below "
+                    f"{format_amount(self._low_fraction)} of credited"
+                ),
+                sub_allocation_id=allocation_id,
+                crossing=meta["low_crossings"],
+            )
+        )
 
 
 def _constraints(batch: BatchState, grant_id: str) -> GrantConstraints:

@@ -372,3 +372,20 @@ def crossed_low(before: Decimal, after: Decimal, credited: Decimal, fraction: De
     with localcontext(EXACT):
         threshold = credited * fraction
     return before >= threshold > after
+
+
+def low_state(
+    notified: bool, before: Decimal, after: Decimal, credited: Decimal, fraction: Decimal
+) -> tuple[bool, bool]:
+    """Return whether to notify a fall below the low threshold now, and the flag to store.
+
+    A pot is notified once per fall: the flag is set when available budget crosses below
+    ``fraction`` of credited, and cleared when it rises back to that threshold or above, so
+    that the next fall is notified again.
+    """
+    if not notified:
+        crossed = crossed_low(before, after, credited, fraction)
+        return crossed, crossed
+    with localcontext(EXACT):
+        recovered = after >= credited * fraction
+    return False, not recovered

@@ -52,6 +52,8 @@ class BatchState:
     grants: dict[str, GrantState] = field(default_factory=dict)
     grant_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     """The locked grant rows, including ``project_id`` and ``low_notified``."""
+    allocation_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The locked sub-allocation rows by id, including ``low_notified`` and ``low_crossings``."""
     pots: dict[str, Pot] = field(default_factory=dict)
     """Keyed by pot name: ``grant:<id>`` or ``sub_allocation:<id>``."""
     pot_grant: dict[str, str] = field(default_factory=dict)

@@ -48,17 +48,19 @@ grant_updates AS (
 allocation_updates AS (
     UPDATE allocations AS t
     SET credited = v.credited, available = v.available, held = v.held,
-        consumed = v.consumed, refunded = v.refunded
+        consumed = v.consumed, refunded = v.refunded, low_notified = v.low_notified,
+        low_crossings = v.low_crossings
     FROM unnest($29::text[], $30::numeric[], $31::numeric[], $32::numeric[], $33::numeric[],
-                $34::numeric[]) AS v(id, credited, available, held, consumed, refunded)
+                $34::numeric[], $35::boolean[], $36::integer[])
+         AS v(id, credited, available, held, consumed, refunded, low_notified, low_crossings)
     WHERE t.id = v.id
 ),
 hold_updates AS (
     UPDATE holds AS h
     SET remaining = v.remaining, charged = v.charged, refunded = v.refunded,
         released = v.released, settled = v.settled
-    FROM unnest($35::text[], $36::numeric[], $37::numeric[], $38::numeric[], $39::numeric[],
-                $40::boolean[]) AS v(id, remaining, charged, refunded, released, settled)
+    FROM unnest($37::text[], $38::numeric[], $39::numeric[], $40::numeric[], $41::numeric[],
+                $42::boolean[]) AS v(id, remaining, charged, refunded, released, settled)
     WHERE h.id = v.id
 )
 SELECT * FROM entries
@@ -73,7 +75,7 @@ async def write_batch(conn: asyncpg.Connection, batch: BatchState) -> dict[str, 
         *_entry_columns(batch),
         *_posting_columns(batch),
         *_pot_columns(batch, "grant:"),
-        *_pot_columns(batch, "sub_allocation:")[:6],
+        *_allocation_columns(batch),
         *_hold_columns(batch),
     )
     await write_events(conn, batch.events)
@@ -139,6 +141,16 @@ def _pot_columns(batch: BatchState, prefix: str) -> list[list[Any]]:
         [p.consumed for p in pots],
         [p.refunded for p in pots],
         [bool(batch.grant_meta.get(i, {}).get("low_notified")) for i in ids],
+    ]
+
+
+def _allocation_columns(batch: BatchState) -> list[list[Any]]:
+    columns = _pot_columns(batch, "sub_allocation:")[:6]
+    metas = [batch.allocation_meta.get(i, {}) for i in columns[0]]
+    return [
+        *columns,
+        [bool(m.get("low_notified")) for m in metas],
+        [int(m.get("low_crossings") or 0) for m in metas],
     ]
 
 
