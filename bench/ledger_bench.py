@@ -9,14 +9,19 @@ and runs ``--concurrency`` clients for ``--seconds`` in two phases:
 * spread: each pair places a hold on a random grant, then commits one charge of the whole hold;
 * hot: every pair uses the same grant.
 
-A ledger operation is one PlaceHold or one CommitCharges call; a pair is two. Latency is per
-call, measured at the client, and CPU time per call is read from /proc for the service and
-from getrusage for this client. As a ceiling for the RPC stack itself (TLS off, token auth,
+In these two a ledger operation is one PlaceHold or one CommitCharges call; a pair is two. With
+``--items-per-call K`` (K > 0) two more phases call the ledger the way the scheduler and
+metering do: one ``PlaceHolds`` call of K holds on random grants, then one ``CommitCharges``
+call of K charges, one per placed hold. There a ledger operation is one hold or one charge,
+each one ledger entry. ``items`` runs ``--items-concurrency`` client loops for throughput and
+``items-lat`` runs ``--latency-concurrency`` loops for latency at a light load. Latency is per
+call, measured at the client, and CPU time per operation is read from /proc for the service
+and from getrusage for this client. As a ceiling for the RPC stack itself (TLS off, token auth,
 the runtime's interceptors), the batched run also times GetInstitution, a call that reads one
 row and does no ledger work. At the end the script checks that the postings sum to zero and
-that every successful ledger call left exactly one ledger entry. Run:
+that every successful ledger operation left exactly one ledger entry. Run:
 
-    python bench/ledger_bench.py --grants 1000 --seconds 15 --concurrency 64
+    python bench/ledger_bench.py --grants 1000 --seconds 15 --concurrency 64 --items-per-call 32
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ from services.runtime.db import Database  # noqa: E402
 
 HOLD = "0.000001"
 """PF-days held and then charged by each pair; small, so budgets never run out."""
+PLACEMENT_REGION = "bench-cloud/bench-region"
+PLACEMENT_MODEL = "H100-SXM5-80GB"
+"""Placement the items phases send with each hold, as the scheduler does. The seeded grants
+have no constraints, so the grant service checks the placement and allows it."""
 
 
 @dataclass
@@ -59,18 +68,25 @@ class Phase:
     name: str
     calls: int = 0
     """Successful calls: two per hold-then-commit pair."""
+    operations: int = 0
+    """Ledger operations of the successful calls, each one ledger entry (reference: calls)."""
     failures: int = 0
+    """Failed calls, and in the items phases the holds that a PlaceHolds call did not place."""
     latencies_ms: list[float] = field(default_factory=list)
+    """One per successful call."""
     seconds: float = 0.0
     service_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
 
     def cpu_ms_per_op(self) -> tuple[float, float]:
         """CPU milliseconds per ledger operation: (grant service, benchmark client)."""
-        ops = max(1, self.calls)
+        ops = max(1, self.operations)
         return 1000 * self.service_cpu_s / ops, 1000 * self.client_cpu_s / ops
 
     def ops_per_s(self) -> float:
+        return self.operations / self.seconds
+
+    def calls_per_s(self) -> float:
         return self.calls / self.seconds
 
     def percentile(self, share: float) -> float:
@@ -235,6 +251,79 @@ async def run_phase(
                 continue
             phase.latencies_ms += [(held - started) * 1000, (done - held) * 1000]
             phase.calls += 2
+            phase.operations += 2
+
+    started = time.monotonic()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    phase.seconds = time.monotonic() - started
+    phase.service_cpu_s = process_cpu_s(service_pid) - service_before
+    phase.client_cpu_s = own_cpu_s() - client_before
+    return phase
+
+
+async def run_items_phase(
+    name: str,
+    scheduler: Caller,
+    metering: Caller,
+    grant_ids: list[str],
+    args: argparse.Namespace,
+    clients: int,
+    service_pid: int,
+) -> Phase:
+    """Run ``clients`` loops of one PlaceHolds call of K holds, then one CommitCharges call of
+    a charge per placed hold, for ``args.seconds``."""
+    items = args.items_per_call
+    phase = Phase(name)
+    service_before, client_before = process_cpu_s(service_pid), own_cpu_s()
+    stop_at = time.monotonic() + args.seconds
+    rng = random.Random(name)
+    amount = common_pb2.Decimal(value=HOLD)
+
+    async def place(number: int) -> list[str]:
+        holds = [
+            grant_pb2.PlaceHoldRequest(
+                request_id=uuid.uuid4().hex,
+                grant_id=rng.choice(grant_ids),
+                job_id=f"job-{number}-{index}",
+                amount_pf_days=amount,
+                placement_regions=[PLACEMENT_REGION],
+                accelerator_model=PLACEMENT_MODEL,
+            )
+            for index in range(items)
+        ]
+        started = time.perf_counter()
+        response = await scheduler.call("PlaceHolds", grant_pb2.PlaceHoldsRequest(holds=holds))
+        phase.latencies_ms.append((time.perf_counter() - started) * 1000)
+        assert isinstance(response, grant_pb2.PlaceHoldsResponse)
+        placed = [r.hold.hold_id for r in response.results if r.code == 0]
+        for result in response.results:
+            if result.code != 0:
+                print(f"  hold not placed: {result.code}: {result.message}", file=sys.stderr)
+        phase.calls += 1
+        phase.operations += len(placed)
+        phase.failures += items - len(placed)
+        return placed
+
+    async def commit(hold_ids: list[str]) -> None:
+        charges = [
+            grant_pb2.ChargeItem(request_id=uuid.uuid4().hex, hold_id=h, amount_pf_days=amount)
+            for h in hold_ids
+        ]
+        started = time.perf_counter()
+        await metering.call("CommitCharges", grant_pb2.CommitChargesRequest(charges=charges))
+        phase.latencies_ms.append((time.perf_counter() - started) * 1000)
+        phase.calls += 1
+        phase.operations += len(charges)
+
+    async def client(number: int) -> None:
+        while time.monotonic() < stop_at:
+            try:
+                hold_ids = await place(number)
+                if hold_ids:
+                    await commit(hold_ids)
+            except grpc.aio.AioRpcError as error:
+                phase.failures += 1
+                print(f"  call failed: {error.code().name}: {error.details()}", file=sys.stderr)
 
     started = time.monotonic()
     await asyncio.gather(*(client(i) for i in range(clients)))
@@ -259,6 +348,7 @@ async def run_reference(
             await office.call("GetInstitution", request)
             phase.latencies_ms.append((time.perf_counter() - started) * 1000)
             phase.calls += 1
+            phase.operations += 1
 
     started = time.monotonic()
     await asyncio.gather(*(client() for _ in range(args.concurrency)))
@@ -285,13 +375,24 @@ async def run_mode(
             await run_phase("spread", scheduler, metering, grant_ids, args, process.pid),
             await run_phase("hot", scheduler, metering, grant_ids[:1], args, process.pid),
         ]
+        if args.items_per_call > 0:
+            for name, clients in (
+                ("items", args.items_concurrency),
+                ("items-lat", args.latency_concurrency),
+            ):
+                phases.append(
+                    await run_items_phase(
+                        name, scheduler, metering, grant_ids, args, clients, process.pid
+                    )
+                )
         if batch > 1:
             phases.append(await run_reference(office, f"uni-{tag}", args, process.pid))
-        return phases, grant_ids
         summary = await office.call("GetLedgerSummary", grant_pb2.GetLedgerSummaryRequest())
         assert isinstance(summary, grant_pb2.GetLedgerSummaryResponse)
         if summary.postings_sum_pf_days.value != "0" or summary.negative_grant_ids:
             raise AssertionError(f"the ledger does not balance: {summary}")
+        print(f"{tag}: postings sum to 0, no grant negative", flush=True)
+        return phases, grant_ids
     finally:
         await channel.close()
         process.terminate()
@@ -331,6 +432,7 @@ async def run_direct(dsn: str, grant_ids: list[str], args: argparse.Namespace, b
             assert isinstance(charge, EntryResult), charge
             phase.latencies_ms += [(held - started) * 1000, (done - held) * 1000]
             phase.calls += 2
+            phase.operations += 2
 
     started = time.monotonic()
     try:
@@ -356,7 +458,9 @@ async def count_entries(dsn: str) -> int:
 def report(label: str, phase: Phase) -> str:
     median = statistics.median(phase.latencies_ms or [0])
     service_ms, client_ms = phase.cpu_ms_per_op()
-    pairs = "" if phase.name == "reference" else f"{phase.ops_per_s() / 2:6.0f} pairs/s "
+    pairs = ""
+    if phase.name in ("spread", "hot") or phase.name.startswith("spread-"):
+        pairs = f"{phase.ops_per_s() / 2:6.0f} pairs/s "
     if label == "direct":
         # The ledger runs in this process, so its CPU is in the client figure.
         cpu = f"CPU/op ledger and client {client_ms:.2f} ms"
@@ -364,8 +468,9 @@ def report(label: str, phase: Phase) -> str:
         cpu = f"CPU/op service {service_ms:.2f} ms client {client_ms:.2f} ms"
     return (
         f"{label:<8} {phase.name:<9} {pairs:>14}"
-        f"{phase.ops_per_s():6.0f} calls/s  p50 {median:6.1f} ms "
-        f"p99 {phase.percentile(0.99):6.1f} ms  {cpu}  failures {phase.failures}"
+        f"{phase.ops_per_s():7.0f} ops/s {phase.calls_per_s():6.0f} calls/s  "
+        f"p50/call {median:6.1f} ms p99/call {phase.percentile(0.99):6.1f} ms  {cpu}  "
+        f"failures {phase.failures}"
     )
 
 
@@ -382,7 +487,31 @@ async def main() -> None:
         help="ledger worker queues, one transaction at a time each",
     )
     parser.add_argument("--batch", type=int, default=64, help="ledger requests per transaction")
+    parser.add_argument(
+        "--items-per-call",
+        type=int,
+        default=32,
+        help="holds per PlaceHolds call and charges per CommitCharges call in the items "
+        "phases; 0 skips them",
+    )
+    parser.add_argument(
+        "--items-concurrency",
+        type=int,
+        default=8,
+        help="concurrent client loops in the items phase",
+    )
+    parser.add_argument(
+        "--latency-concurrency",
+        type=int,
+        default=1,
+        help="concurrent client loops in the items-lat phase",
+    )
     args = parser.parse_args()
+    if args.items_per_call < 0 or args.items_per_call > 1000:
+        parser.error(
+            f"--items-per-call is {args.items_per_call}; use 0 (skip) to 1000, the most "
+            "holds one PlaceHolds call may carry"
+        )
 
     name = f"grant_bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(args.admin_dsn)
@@ -405,8 +534,8 @@ async def main() -> None:
                 results.append(("direct", phase))
                 print(report("direct", phase), flush=True)
             entries = await count_entries(dsn)
-            ledger_calls = sum(p.calls for _, p in results if p.name != "reference")
-            expected = 2 * args.grants + ledger_calls
+            operations = sum(p.operations for _, p in results if p.name != "reference")
+            expected = 2 * args.grants + operations
             print(f"ledger entries {entries}, expected {expected} (awards + holds + charges)")
             assert entries == expected
             by_key = {(label, p.name): p for label, p in results}
@@ -416,13 +545,21 @@ async def main() -> None:
                     / by_key[("naive", phase_name)].ops_per_s()
                 )
                 print(f"{phase_name}: batched / naive = {ratio:.2f}x")
+            if args.items_per_call > 0:
+                ratio = (
+                    by_key[("batched", "items")].ops_per_s()
+                    / by_key[("naive", "items")].ops_per_s()
+                )
+                print(f"items: batched / naive = {ratio:.2f}x")
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
     print(
         "command: python bench/ledger_bench.py "
         f"--grants {args.grants} --seconds {args.seconds:g} --concurrency {args.concurrency} "
-        f"--workers {args.workers} --batch {args.batch}"
+        f"--workers {args.workers} --batch {args.batch} --items-per-call {args.items_per_call} "
+        f"--items-concurrency {args.items_concurrency} "
+        f"--latency-concurrency {args.latency_concurrency}"
     )
 
 
