@@ -73,6 +73,8 @@ FLEET_DELIVER_SUFFIX = "fleet.all"
 _DRAIN_S = 5.0
 """Seconds a stopping agent spends publishing what waits in the spool."""
 _HEARTBEAT_CHUNK = 500
+_COMMAND_BATCH = 256
+"""Queued commands handled before one state save and their acknowledgements."""
 # Nodes handled between yields to the event loop, so that commands wait at most a few ms.
 _YIELD_EVERY = 50
 
@@ -471,7 +473,10 @@ class AgentProcess:
                     message = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except TimeoutError:
                     continue
-                await self._handle_command(message)
+                batch = [message]
+                while len(batch) < _COMMAND_BATCH and not queue.empty():
+                    batch.append(queue.get_nowait())
+                await self._handle_commands(batch)
         finally:
             if subscription is not None and not client.is_closed:
                 with contextlib.suppress(nats.errors.Error):
@@ -498,26 +503,40 @@ class AgentProcess:
         )
         return True
 
-    async def _handle_command(self, message: Msg) -> None:
-        try:
-            command = wire.parse_command(message.data)
-            node = self._by_key.get(_node_key_of(message.subject))
-            if node is None:
-                raise wire.InvalidCommand(f"subject {message.subject} names no node of this agent")
-            if command.node.node and command.node.key != node.ref.key:
-                raise wire.InvalidCommand(
-                    f"node {command.node.key} in the command does not match {message.subject}"
-                )
-        except wire.InvalidCommand as error:
-            self.counters.commands_rejected += 1
-            logger.error("command on %s rejected: %s", message.subject, error)
+    async def _handle_commands(self, messages: list[Msg]) -> None:
+        """Handle ``messages`` in order, then save the state once and acknowledge them.
+
+        The state file records every task these commands started or stopped before any of
+        them is acknowledged, so a crash before the save gets the commands redelivered.
+        NOTE: a process started by this batch keeps running after such a crash, unrecorded,
+        and the redelivered command starts the task again.
+        """
+        handled: list[Msg] = []
+        for message in messages:
+            try:
+                command = wire.parse_command(message.data)
+                node = self._by_key.get(_node_key_of(message.subject))
+                if node is None:
+                    raise wire.InvalidCommand(
+                        f"subject {message.subject} names no node of this agent"
+                    )
+                if command.node.node and command.node.key != node.ref.key:
+                    raise wire.InvalidCommand(
+                        f"node {command.node.key} in the command does not match {message.subject}"
+                    )
+            except wire.InvalidCommand as error:
+                self.counters.commands_rejected += 1
+                logger.error("command on %s rejected: %s", message.subject, error)
+                with contextlib.suppress(nats.errors.Error):
+                    await message.term()
+                continue
+            await node.handle(command)
+            self.counters.commands_handled += 1
+            handled.append(message)
+        self._state.save_before_spool()
+        for message in handled:
             with contextlib.suppress(nats.errors.Error):
-                await message.term()
-            return
-        await node.handle(command)
-        self.counters.commands_handled += 1
-        with contextlib.suppress(nats.errors.Error):
-            await message.ack()
+                await message.ack()
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,11 +28,15 @@ from pathlib import Path
 
 from agents.model import WHOLE_MILLI, TaskEvent, TaskSpec, TaskState
 from agents.state import StateStore, TaskRecord
+from agents.task_process import TaskProcess, spawn
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TAIL_BYTES = 4096
 _POLL_S = 0.1
+"""Seconds between exit checks of a process that no pidfd watches."""
+_MAX_SLEEP_S = 5.0
+"""Maximum seconds a supervisor sleeps, so that a step of the clock delays a deadline by no more."""
 _REMEMBERED_FINISHED = 4096
 TIMED_OUT = "wall time exceeded"
 
@@ -40,11 +44,13 @@ TIMED_OUT = "wall time exceeded"
 @dataclass(slots=True)
 class _Task:
     record: TaskRecord
-    process: asyncio.subprocess.Process | None = None
-    """The child process; ``None`` for a played task or one adopted after a restart."""
+    process: TaskProcess | None = None
+    """The task's process, a child or one adopted after a restart; ``None`` for a played task."""
     ended_at: float | None = None
     killed: bool = False
     supervisor: asyncio.Task[None] | None = field(default=None, repr=False)
+    changed: asyncio.Future[None] | None = field(default=None, repr=False)
+    """Done when a stop is requested, so that the supervisor recomputes its next deadline."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +103,10 @@ class TaskRunner:
         self._unusable: dict[str, str] = {}
         """Failed accelerator UUID -> the health event that failed it."""
         self._group: asyncio.TaskGroup | None = None
+        self._task_dir = work_dir / "tasks"
+        self._task_dir_made = False
+        # The agent's own variables (credentials among them) never reach a task.
+        self._base_env = {k: v for k, v in os.environ.items() if not k.startswith("ACSP_")}
 
     def attach(self, group: asyncio.TaskGroup) -> None:
         """Give the runner the task group that owns its supervisors."""
@@ -189,29 +199,19 @@ class TaskRunner:
         )
 
     async def _spawn(self, spec: TaskSpec, record: TaskRecord) -> None:
-        task_dir = self._work_dir / "tasks"
-        task_dir.mkdir(parents=True, exist_ok=True)
-        log_path = task_dir / f"{_safe(spec.task_id)}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ACSP_")}
-        env.update(dict(spec.env))
+        if not self._task_dir_made:
+            self._task_dir.mkdir(parents=True, exist_ok=True)
+            self._task_dir_made = True
+        log_path = self._task_dir / f"{_safe(spec.task_id)}.log"
+        env = dict(self._base_env)
+        env.update(spec.env)
         env.update(self._visible_devices_env(spec.accelerators))
         env.update({"ACSP_JOB_ID": spec.job_id, "ACSP_TASK_ID": spec.task_id})
-        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
-            process = await asyncio.create_subprocess_exec(
-                *spec.command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-                cwd=task_dir,
-                start_new_session=True,
-            )
+            process = spawn(spec.command, env, self._task_dir, log_path)
         except OSError as error:
             self._reject(spec, f"command could not be started: {error}")
             return
-        finally:
-            os.close(log)
         record.pid = process.pid
         record.process_start_ticks = process_start_ticks(process.pid) or 0
         record.log_path = str(log_path)
@@ -237,6 +237,8 @@ class TaskRunner:
         record.stop_reason = reason
         record.stop_deadline = self._clock() + record.grace_period_s
         self._state.put_task(self._node_key, record, durable=record.pid != 0)
+        if task.changed is not None and not task.changed.done():
+            task.changed.set_result(None)
         self._emit_state(record, TaskState.STOPPING, reason)
         if record.pid:
             _signal_group(record.pid, signal.SIGTERM)
@@ -255,6 +257,9 @@ class TaskRunner:
 
     async def _supervise_process(self, task: _Task) -> None:
         record = task.record
+        process = task.process
+        assert process is not None
+        loop = asyncio.get_running_loop()
         while not self._has_exited(task):
             now = self._clock()
             if (
@@ -271,7 +276,9 @@ class TaskRunner:
                 )
                 _signal_group(record.pid, signal.SIGKILL)
                 task.killed = True
-            await asyncio.sleep(_POLL_S)
+            # Sleep until the process exits, a stop is requested or the next deadline.
+            task.changed = loop.create_future()
+            await asyncio.wait((process.exited, task.changed), timeout=self._next_check_s(task))
         # The leader exited; anything left in its process group belongs to the task too.
         if _signal_group(record.pid, 0):
             logger.warning("task %s left processes behind; killing its group", record.task_id)
@@ -280,9 +287,29 @@ class TaskRunner:
         self._finish(task, exit_code, _tail(record.log_path))
 
     def _has_exited(self, task: _Task) -> bool:
-        if task.process is not None:
-            return task.process.returncode is not None
-        return process_start_ticks(task.record.pid) != task.record.process_start_ticks
+        process = task.process
+        assert process is not None
+        if process.check():
+            return True
+        # An adopted process without a pidfd has ended once its pid shows another start time.
+        if not process.is_child and process.polled:
+            if process_start_ticks(task.record.pid) != task.record.process_start_ticks:
+                process.set_exited()
+                return True
+        return False
+
+    def _next_check_s(self, task: _Task) -> float:
+        """Return the seconds until the task's wall time or grace period ends, capped."""
+        record = task.record
+        deadline = None
+        if record.stop_reason:
+            if not task.killed:
+                deadline = record.stop_deadline
+        elif record.wall_time_s > 0:
+            deadline = record.started_at + record.wall_time_s
+        delay = _MAX_SLEEP_S if deadline is None else max(0.0, deadline - self._clock())
+        assert task.process is not None
+        return min(delay, _POLL_S if task.process.polled else _MAX_SLEEP_S)
 
     def tick(self) -> None:
         """Advance played tasks: finish those whose run or wall time has passed.
@@ -353,12 +380,17 @@ class TaskRunner:
                 self._tasks[record.task_id] = task
                 self._emit_state(record, TaskState.RUNNING, "played task resumed after restart")
                 continue
+            # The pidfd is opened before the start time is compared, so it cannot refer to a
+            # process that took the pid over after the comparison.
+            process = TaskProcess(record.pid)
             if process_start_ticks(record.pid) == record.process_start_ticks:
+                task.process = process
                 self._tasks[record.task_id] = task
                 logger.info("task %s found again as pid %d", record.task_id, record.pid)
                 self._emit_state(record, TaskState.RUNNING, "found again after agent restart")
                 self._supervise(task)
                 continue
+            process.set_exited()
             logger.warning(
                 "task %s (pid %d) ended while the agent was down", record.task_id, record.pid
             )

@@ -9,10 +9,17 @@ The file is JSON, replaced atomically (write to a temporary file, fsync, rename,
 directory). Sequence numbers are reserved in blocks so that the file is not written for every
 sample: after a crash the agent continues from the end of the last reserved block, leaving a
 gap but never reusing a number.
+
+A durable change made while an event loop runs (a task started or ended) is written once at the
+end of the loop's current turn, together with the other changes of that turn. Until then it
+blocks the spool like a new sequence block does, so nothing derived from it leaves the process
+first. Callers that acknowledge commands call :meth:`StateStore.save_before_spool` before the
+acknowledgement.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -79,6 +86,7 @@ class StateStore:
         self._nodes: dict[str, NodeState] = {}
         self._dirty = False
         self._spool_guard_unsaved = False
+        self._save_scheduled = False
         if path.exists():
             self._load()
 
@@ -119,6 +127,12 @@ class StateStore:
             self.save()
 
     def put_task(self, key: str, record: TaskRecord, durable: bool = True) -> None:
+        """Store ``record``.
+
+        A durable change is written before the spool takes another message, and by the end of
+        the current event loop turn. Outside an event loop it is written at once. A change that
+        is not durable waits for the next flush.
+        """
         self.node(key).tasks[record.task_id] = record
         self._save_or_mark(durable)
 
@@ -127,10 +141,23 @@ class StateStore:
             self._save_or_mark(durable)
 
     def _save_or_mark(self, durable: bool) -> None:
-        if durable:
+        self._dirty = True
+        if not durable:
+            return
+        self._spool_guard_unsaved = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
             self.save()
-        else:
-            self._dirty = True
+            return
+        # One write and fsync for every durable change of this loop turn.
+        if not self._save_scheduled:
+            self._save_scheduled = True
+            loop.call_soon(self._scheduled_save)
+
+    def _scheduled_save(self) -> None:
+        self._save_scheduled = False
+        self.save_before_spool()
 
     def flush(self) -> None:
         """Write the file if a change was only marked (``durable=False``) since the last save."""
@@ -144,10 +171,11 @@ class StateStore:
         self._spool_guard_unsaved = True
 
     def save_before_spool(self) -> None:
-        """Write the file if a sequence block or a usage mark changed since the last save.
+        """Write the file if a sequence block, a usage mark or a task changed since the last save.
 
         Saving before the spool append means a crash between the two loses that usage
-        interval rather than reporting it twice under new sample ids.
+        interval rather than reporting it twice under new sample ids, and that a task is never
+        reported started or ended unless the file records it too.
         """
         if self._spool_guard_unsaved:
             self.save()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,26 @@ def test_save_before_spool_writes_only_after_a_new_block(tmp_path: Path) -> None
     state.next_sequence(KEY)
     state.save_before_spool()
     assert (tmp_path / "state.json").stat().st_mtime_ns == modified
+
+
+async def test_durable_changes_written_at_turn_end(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    state = StateStore(path)
+    state.save()
+    saved = path.stat().st_ino
+    for index in range(3):
+        record = TaskRecord("j", f"j/1/{index}", [f"GPU-{index}"], 10.0, 60.0, 5.0, pid=100 + index)
+        state.put_task(KEY, record)
+    # Still this turn: nothing written yet, and each save replaces the file (a new inode).
+    assert path.stat().st_ino == saved
+    await asyncio.sleep(0)
+    assert path.stat().st_ino != saved
+    assert set(StateStore(path).node(KEY).tasks) == {"j/1/0", "j/1/1", "j/1/2"}
+
+
+async def test_durable_change_is_written_before_spool(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    state = StateStore(path)
+    state.put_task(KEY, TaskRecord("j", "j/1/0", ["GPU-1"], 10.0, 60.0, 5.0, pid=1234))
+    state.save_before_spool()
+    assert set(StateStore(path).node(KEY).tasks) == {"j/1/0"}
