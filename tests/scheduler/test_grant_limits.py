@@ -153,7 +153,7 @@ def test_cross_provider_judged_on_narrowed_regions() -> None:
     assert unconstrained.allow_cross_provider is False
 
 
-def test_provider_only_grant_reenters_on_new_region() -> None:
+def test_provider_only_grant_follows_fleet() -> None:
     provider = GrantLimits("g1", providers=("cloud-a",))
     job = Job(job_id="j1", spec=narrow_to_grant(spec(), provider, CATALOG), owner="alice")
     listed = Job(

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 
 import grpc
 import pytest
 
 from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2
+from scheduler.service.admission import GrantAdmission
+from scheduler.service.model import Job, JobSpec, TaskPlacement, new_job_id
 from services.runtime.auth import Role
 
-from .harness import Stack, fund_grant, metadata, scheduler_stub
+from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
 from .test_end_to_end import job_spec
 
 pytestmark = pytest.mark.timeout(180)
@@ -167,3 +171,77 @@ async def test_submit_checks_sub_allocation(stack: Stack) -> None:
     assert list(written.jobs) == []
     assert by_holder.job.spec.sub_allocation_id == mine
     assert by_pi.job.job_id
+
+
+async def test_jobs_placed_within_grant_constraints(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=2, provider="cheap", name="cheap")
+    stack.start_agents(nodes=1, model=H100, provider="allowed", name="allowed")
+    project, grant, pi = await fund_grant(stack, regions=("allowed/reg",), models=(H100,))
+    md = metadata(stack.token(pi, Role.PI))
+    # Each job needs a whole 8-accelerator node and runs for a minute. The grant's one node
+    # takes one of them, and the others must wait instead of using the cheap provider's nodes.
+    spec = job_spec(
+        project,
+        grant,
+        task_count=1,
+        accelerator_millis_per_task=8000,
+        simulated_run_seconds=60,
+    )
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        job_ids = []
+        for _ in range(3):
+            submitted = await scheduler.SubmitJob(
+                scheduler_pb2.SubmitJobRequest(spec=spec), metadata=md, timeout=10
+            )
+            job_ids.append(submitted.job.job_id)
+
+        async def settled() -> list[scheduler_pb2.Job] | None:
+            jobs = [
+                await scheduler.GetJob(
+                    scheduler_pb2.GetJobRequest(job_id=job_id), metadata=md, timeout=10
+                )
+                for job_id in job_ids
+            ]
+            admitted = [job for job in jobs if job.hold_id]
+            waiting = [job for job in jobs if job.pending_reason]
+            return jobs if len(admitted) == 1 and len(waiting) == 2 else None
+
+        jobs = await wait_for(settled, 60, "one job admitted and two waiting", 0.2)
+    [running] = [job for job in jobs if job.hold_id]
+    assert [p.provider_id for p in running.placements] == ["allowed"]
+    assert [p.region_id for p in running.placements] == ["reg"]
+    assert all(not job.placements for job in jobs if not job.hold_id)
+
+
+async def test_admission_rejects_hold_outside_grant(stack: Stack) -> None:
+    project, grant, _ = await fund_grant(stack, regions=("allowed/reg",), models=(H100,))
+    spec = JobSpec(name="j", project_id=project, command=("true",), grant_id=grant)
+    inside = Job(
+        job_id=new_job_id(),
+        spec=spec,
+        owner="alice",
+        placement=(TaskPlacement(0, "allowed", "reg", "n0", ("GPU-0",)),),
+    )
+    outside = replace(
+        inside,
+        job_id=new_job_id(),
+        placement=(TaskPlacement(0, "cheap", "reg", "n0", ("GPU-0",)),),
+    )
+    service = metadata(stack.token("scheduler", Role.SERVICE))
+    async with grpc.aio.insecure_channel(stack.grant_address) as channel:
+        admission = GrantAdmission(grant_pb2_grpc.GrantServiceStub(channel), service)
+        amount = Decimal("0.001")
+        models = {inside.job_id: H100, outside.job_id: H100}
+        held, refused = await admission.place_holds([(inside, amount), (outside, amount)], models)
+        no_model = await admission.place_hold(replace(inside, job_id=new_job_id()), amount)
+        single = await admission.place_hold(
+            replace(outside, job_id=new_job_id()), amount, "A100-SXM4-80GB"
+        )
+    assert held.status == "held"
+    assert refused.status == "rejected"
+    assert "region 'cheap/reg'" in refused.message
+    assert no_model.status == "held"
+    assert single.status == "rejected"
+    assert "A100-SXM4-80GB" in single.message
