@@ -100,6 +100,10 @@ class RecordingLedger:
                 self.amounts[charge.request_id] = charge.amount
         return outcomes
 
+    async def release_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None:
+        if self.inner is not None:
+            await self.inner.release_hold(request_id, hold_id, timeout_s)
+
     async def settle_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None:
         if self.inner is not None:
             await self.inner.settle_hold(request_id, hold_id, timeout_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -131,59 +132,110 @@ async def record_health_event(
     )
 
 
-# NOTE: a sample that arrives after its attempt was settled is still charged, but the ledger
-# rejects a charge on a settled hold, so such a charge ends in state 'failed' for an operator.
-async def settle_ended_attempts(
+_CHARGES_COMPLETE = """
+NOT EXISTS (
+    SELECT 1 FROM metering.usage_periods up
+    WHERE up.job_id = j.job_id AND up.attempt = j.attempt
+      AND up.accelerator_micros > up.charged_micros)
+AND NOT EXISTS (
+    SELECT 1 FROM metering.charges c
+    WHERE c.job_id = j.job_id AND c.attempt = j.attempt AND c.state = 'pending')
+"""
+"""SQL condition on ``metering.jobs j``: every stored sample of the attempt is charged and
+every charge committed."""
+
+
+async def release_ended_attempts(
     conn: asyncpg.Connection, ledger: Ledger, *, now: datetime, lateness_s: float, timeout_s: float
 ) -> int:
-    """Release what is left of the holds of attempts whose final charges are committed."""
+    """Release what is left of the holds of attempts whose final charges are committed.
+
+    Releasing returns the remainder to the grant but keeps the hold open, so a sample published
+    after this point (an agent that spooled through a NATS outage) is still charged to it.
+    """
     try:
         cutoff = now - timedelta(seconds=lateness_s)
     except OverflowError:
-        # The charger passes datetime.min when it cannot read the ingest position: settle
+        # The charger passes datetime.min when it cannot read the ingest position: release
         # nothing this round instead of crashing the service.
         return 0
     rows = await conn.fetch(
-        """
+        f"""
         SELECT j.job_id, j.attempt, j.hold_id FROM metering.jobs j
-        WHERE j.settled_at IS NULL AND j.ended_at IS NOT NULL AND j.ended_at <= $1
-          AND j.hold_id <> ''
-          AND NOT EXISTS (
-              SELECT 1 FROM metering.usage_periods up
-              WHERE up.job_id = j.job_id AND up.attempt = j.attempt
-                AND up.accelerator_micros > up.charged_micros)
-          AND NOT EXISTS (
-              SELECT 1 FROM metering.charges c
-              WHERE c.job_id = j.job_id AND c.attempt = j.attempt AND c.state = 'pending')
+        WHERE j.released_at IS NULL AND j.ended_at IS NOT NULL AND j.ended_at <= $1
+          AND j.hold_id <> '' AND {_CHARGES_COMPLETE}
         ORDER BY j.ended_at
         LIMIT 500
         """,
         cutoff,
     )
-    settled = 0
+    return await _close_holds(conn, ledger, rows, settle=False, now=now, timeout_s=timeout_s)
+
+
+# NOTE: a sample published more than the settle delay after its attempt was released is still
+# charged, but the ledger rejects a charge on a settled hold, so such a charge ends in state
+# 'failed' for an operator.
+async def settle_released_attempts(
+    conn: asyncpg.Connection,
+    ledger: Ledger,
+    *,
+    now: datetime,
+    settle_after_s: float,
+    timeout_s: float,
+) -> int:
+    """Settle the holds of attempts released ``settle_after_s`` ago: they take no more charges."""
+    rows = await conn.fetch(
+        f"""
+        SELECT j.job_id, j.attempt, j.hold_id FROM metering.jobs j
+        WHERE j.released_at IS NOT NULL AND j.settled_at IS NULL AND j.released_at <= $1
+          AND {_CHARGES_COMPLETE}
+        ORDER BY j.released_at
+        LIMIT 500
+        """,
+        now - timedelta(seconds=settle_after_s),
+    )
+    return await _close_holds(conn, ledger, rows, settle=True, now=now, timeout_s=timeout_s)
+
+
+async def _close_holds(
+    conn: asyncpg.Connection,
+    ledger: Ledger,
+    rows: Sequence[asyncpg.Record],
+    *,
+    settle: bool,
+    now: datetime,
+    timeout_s: float,
+) -> int:
+    """Release (or settle) each attempt's hold and record it; return how many were recorded."""
+    step, column = ("settle", "settled_at") if settle else ("release", "released_at")
+    done = 0
     for row in rows:
-        request_id = f"settle/{row['job_id']}/{row['attempt']}"
+        request_id = f"{step}/{row['job_id']}/{row['attempt']}"
         try:
-            await ledger.settle_hold(request_id, row["hold_id"], timeout_s)
+            if settle:
+                await ledger.settle_hold(request_id, row["hold_id"], timeout_s)
+            else:
+                await ledger.release_hold(request_id, row["hold_id"], timeout_s)
         except LedgerUnavailable as error:
-            logger.warning("ledger unavailable settling hold %s: %s", row["hold_id"], error)
-            return settled
+            logger.warning("ledger unavailable for %s of hold %s: %s", step, row["hold_id"], error)
+            return done
         except LedgerRejected as error:
             logger.error(
-                "ledger rejected settling hold %s of job %s: %s",
+                "ledger rejected the %s of hold %s of job %s: %s",
+                step,
                 row["hold_id"],
                 row["job_id"],
                 error,
                 extra={"job_id": row["job_id"], "hold_id": row["hold_id"]},
             )
         await conn.execute(
-            "UPDATE metering.jobs SET settled_at = $3 WHERE job_id = $1 AND attempt = $2",
+            f"UPDATE metering.jobs SET {column} = $3 WHERE job_id = $1 AND attempt = $2",
             row["job_id"],
             row["attempt"],
             now,
         )
-        settled += 1
-    return settled
+        done += 1
+    return done
 
 
 async def decide_due_refunds(
@@ -194,8 +246,8 @@ async def decide_due_refunds(
     max_lost: timedelta,
     tie_window: timedelta,
 ) -> list[RefundDecision]:
-    """Check settled attempts for a refund once, and record each refund as pending."""
-    # NOTE: a health event or job event stored after this check does not reopen it. Settling
+    """Check released attempts for a refund once, and record each refund as pending."""
+    # NOTE: a health event or job event stored after this check does not reopen it. Releasing
     # waits for the ingest position and the lateness allowance, which covers events that
     # agents publish beside their usage, but not a health stream that lags far behind.
     decisions: list[RefundDecision] = []
@@ -203,8 +255,8 @@ async def decide_due_refunds(
         rows = await conn.fetch(
             """
             SELECT * FROM metering.jobs
-            WHERE settled_at IS NOT NULL AND refund_checked_at IS NULL
-            ORDER BY settled_at LIMIT 200 FOR UPDATE SKIP LOCKED
+            WHERE released_at IS NOT NULL AND refund_checked_at IS NULL
+            ORDER BY released_at LIMIT 200 FOR UPDATE SKIP LOCKED
             """
         )
         for row in rows:

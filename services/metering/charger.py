@@ -1,4 +1,4 @@
-"""The charging loop: prices closed periods, commits charges, settles holds, refunds faults."""
+"""The charging loop: prices closed periods, commits charges, closes holds, refunds faults."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import nats.errors
 from services.metering.attempts import (
     decide_due_refunds,
     post_pending_refunds,
-    settle_ended_attempts,
+    release_ended_attempts,
+    settle_released_attempts,
 )
 from services.metering.charge_store import post_pending_charges, record_due_charges
 from services.metering.ledger import Ledger
@@ -41,6 +42,9 @@ class ChargerConfig:
     """Maximum lost time refunded for one fault, however old the last checkpoint."""
     tie_window_s: float = 300.0
     """How long after an attempt ends a fatal health event still counts as its cause."""
+    settle_after_s: float = 14 * 86_400.0
+    """Seconds after a hold is released before it is settled and takes no more charges. The
+    default equals the usage stream's maximum age, ``IngestConfig.stream_max_age_s``."""
 
 
 @dataclass
@@ -48,6 +52,7 @@ class ChargerCounters:
     charges_recorded: int = 0
     charges_committed: int = 0
     charges_failed: int = 0
+    holds_released: int = 0
     holds_settled: int = 0
     refunds_recorded: int = 0
     refunds_committed: int = 0
@@ -111,11 +116,18 @@ class Charger:
                 max_attempts=config.max_attempts,
                 now=self._clock(),
             )
-            settled = await settle_ended_attempts(
+            released = await release_ended_attempts(
                 conn,
                 self._ledger,
-                now=await self._settle_before(now),
+                now=await self._release_before(now),
                 lateness_s=config.lateness_s,
+                timeout_s=config.ledger_timeout_s,
+            )
+            settled = await settle_released_attempts(
+                conn,
+                self._ledger,
+                now=now,
+                settle_after_s=config.settle_after_s,
                 timeout_s=config.ledger_timeout_s,
             )
             refunds = await decide_due_refunds(
@@ -136,6 +148,7 @@ class Charger:
         counters.charges_recorded += len(planned)
         counters.charges_committed += posted.committed
         counters.charges_failed += posted.failed
+        counters.holds_released += released
         counters.holds_settled += settled
         counters.refunds_recorded += len(refunds)
         counters.refunds_committed += refunded
@@ -143,20 +156,19 @@ class Charger:
             logger.info(
                 "refund %s: %s PF-days, %s", refund.request_id, refund.amount, refund.reason
             )
-        return bool(planned or posted.committed or settled or refunds or refunded)
+        return bool(planned or posted.committed or released or settled or refunds or refunded)
 
-    async def _settle_before(self, now: datetime) -> datetime:
-        """Return the time up to which attempts may be settled.
+    async def _release_before(self, now: datetime) -> datetime:
+        """Return the time up to which ended attempts may release their holds.
 
-        Settling is final, so a hold is released only once every usage message published
-        before the attempt's end (plus the lateness allowance) is stored. A backlog in the
-        usage stream, such as after a metering restart, then delays settlement instead of
-        losing charges.
+        A hold is released only once every usage message published before the attempt's end
+        (plus the lateness allowance) is stored, so its remainder is not returned while a
+        backlog in the usage stream, such as after a metering restart, still owes charges.
         """
         if self._ingested_through is None:
             return now
         try:
             return min(now, await self._ingested_through())
         except (nats.errors.Error, TimeoutError) as error:
-            logger.warning("could not read the ingest position, settling nothing: %s", error)
+            logger.warning("could not read the ingest position, releasing nothing: %s", error)
             return datetime.min.replace(tzinfo=UTC)

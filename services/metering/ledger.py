@@ -58,6 +58,8 @@ class Ledger(Protocol):
         self, charges: Sequence[LedgerCharge], timeout_s: float
     ) -> list[ChargeOutcome]: ...
 
+    async def release_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None: ...
+
     async def settle_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None: ...
 
     async def refund(
@@ -111,8 +113,20 @@ class GrpcLedger:
             raise _translate(error) from error
         return [ChargeOutcome(r.request_id, r.entry_id, r.applied) for r in response.results]
 
+    async def release_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None:
+        """Return what is left of a hold to its grant. The hold still takes late charges."""
+        await self._release(request_id, hold_id, settle=False, timeout_s=timeout_s)
+
     async def settle_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None:
-        request = grant_pb2.ReleaseHoldRequest(request_id=request_id, hold_id=hold_id, settle=True)
+        """Release what is left of a hold and close it to further charges."""
+        await self._release(request_id, hold_id, settle=True, timeout_s=timeout_s)
+
+    async def _release(
+        self, request_id: str, hold_id: str, *, settle: bool, timeout_s: float
+    ) -> None:
+        request = grant_pb2.ReleaseHoldRequest(
+            request_id=request_id, hold_id=hold_id, settle=settle
+        )
         try:
             await self._stub.ReleaseHold(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:

@@ -55,6 +55,13 @@ class MeteringSettings(Settings):
         "most lost time refunded for one fault, seconds",
         minimum=0.0,
     )
+    settle_after_s: float = setting(
+        "ACSP_METERING_SETTLE_AFTER_S",
+        14 * 86_400.0,
+        "seconds after an ended job's hold is released before it is settled and takes no "
+        "more charges",
+        minimum=0.0,
+    )
 
     waste_threshold: float = setting(
         "ACSP_METERING_WASTE_THRESHOLD",
@@ -83,4 +90,5 @@ class MeteringSettings(Settings):
             period_seconds=self.period_s,
             lateness_s=self.lateness_s,
             max_refund_s=self.max_refund_s,
+            settle_after_s=self.settle_after_s,
         )

@@ -31,6 +31,7 @@ class LedgerDouble:
     """An in-memory ledger that applies each request id once, as the grant service does."""
 
     charges: dict[str, LedgerCharge] = field(default_factory=dict)
+    released: dict[str, str] = field(default_factory=dict)
     settled: dict[str, str] = field(default_factory=dict)
     refunds: dict[str, tuple[str, Decimal, str]] = field(default_factory=dict)
     refund_calls: list[str] = field(default_factory=list)
@@ -54,6 +55,9 @@ class LedgerDouble:
                 self._ids[charge.request_id] = next(self._entries)
             outcomes.append(ChargeOutcome(charge.request_id, self._ids[charge.request_id], applied))
         return outcomes
+
+    async def release_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None:
+        self.released.setdefault(request_id, hold_id)
 
     async def settle_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None:
         self.settled.setdefault(request_id, hold_id)

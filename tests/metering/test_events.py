@@ -132,7 +132,7 @@ async def test_hardware_failure_events_lead_to_refund(
     await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=2))))
     rate = default_rate_card().rate_per_second("A100-SXM4-80GB")
     assert ledger.total_charged() == 3600 * rate
-    assert ledger.settled == {"settle/job-e/0": "hold-e"}
+    assert ledger.released == {"release/job-e/0": "hold-e"}
     _, amount, reason = ledger.refunds["refund/job-e/0"]
     # Samples from the checkpoint at 0:40 to the fault at 0:59:55: twenty one-minute samples.
     assert amount == 20 * 60 * rate

@@ -156,7 +156,37 @@ async def test_job_ending_on_period_boundary_charged_once(
     await drain(charger)
     assert list(ledger.charges) == [f"job-5/0/{int(T0.timestamp())}"]
     assert ledger.total_charged() == Decimal(300) * RATE
-    assert ledger.settled == {"settle/job-5/0": "hold-job-5-0"}
+    assert ledger.released == {"release/job-5/0": "hold-job-5-0"}
+
+
+async def test_late_sample_charged_before_settle(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    items = [sample(f"node-1/{i}", "job-l", T0 + timedelta(minutes=i)) for i in range(5)]
+    # Published after the hold was released, as by an agent that spooled through an outage.
+    late = sample("node-1/late", "job-l", T0 + timedelta(minutes=4), accelerator_id="GPU-1")
+    end = T0 + timedelta(seconds=300)
+    await admit(db, "job-l", ended_at=end, end_reason="completed")
+    clock = Clock(end + timedelta(seconds=31))
+    charger = make_charger(db, ledger, clock, settle_after_s=86_400.0)
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(SUBJECT, report(items))
+        await wait_until(lambda: _messages_done(ingest, 1))
+        await drain(charger)
+        released = dict(ledger.released)
+        await js.publish(SUBJECT, report([late]))
+        await wait_until(lambda: _messages_done(ingest, 2))
+    clock.now += timedelta(hours=1)
+    await drain(charger)
+    settled_before_delay = dict(ledger.settled)
+    clock.now += timedelta(days=1)
+    await drain(charger)
+
+    assert released == {"release/job-l/0": "hold-job-l-0"}
+    assert ledger.total_charged() == Decimal(360) * RATE
+    assert settled_before_delay == {}
+    assert ledger.settled == {"settle/job-l/0": "hold-job-l-0"}
+    assert await count(db, "SELECT count(*) FROM metering.charges WHERE state <> 'committed'") == 0
 
 
 async def test_ingest_position_waits_for_backlog(nats_url: str, db: Database) -> None:
@@ -197,10 +227,10 @@ async def test_settlement_waits_for_ingest_position(db: Database, ledger: Ledger
         ingested_through=ingest_position,
     )
     await drain(charger)
-    assert ledger.settled == {}
+    assert ledger.released == {}
     position = T0 + timedelta(seconds=31)
     await drain(charger)
-    assert ledger.settled == {"settle/job-p/0": "hold-job-p-0"}
+    assert ledger.released == {"release/job-p/0": "hold-job-p-0"}
 
 
 class _FailingAcquires:
