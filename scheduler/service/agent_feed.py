@@ -23,8 +23,16 @@ from nats.js.api import ConsumerConfig
 from acsp import subjects
 from acsp.v1 import agent_pb2, scheduler_pb2
 
+from .engine_adapter import AcceleratorHealth
 from .fleet import AcceleratorView, FleetView, NodeView
-from .inputs import DrainRequested, HeartbeatReceived, Input, InventoryReceived, TaskReported
+from .inputs import (
+    AcceleratorHealthReported,
+    DrainRequested,
+    HeartbeatReceived,
+    Input,
+    InventoryReceived,
+    TaskReported,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +82,23 @@ def node_from_inventory(msg: agent_pb2.Inventory) -> NodeView:
         boot_id=msg.boot_id,
         running_task_ids=frozenset(msg.running_task_ids),
     )
+
+
+def accelerator_health(node_key: str, event: agent_pb2.HealthEvent) -> AcceleratorHealth | None:
+    """Return the failure or recovery a health event reports for its accelerator, if any.
+
+    ``health`` is the accelerator's state after the event, so a cleared condition recovers it
+    only when no other condition keeps it failed.
+    """
+    if not event.accelerator_id or not event.event_id:
+        return None
+    failed = event.health == scheduler_pb2.HEALTH_STATE_FAILED
+    if failed == event.cleared:
+        # No change: a new condition that leaves it working, or a cleared one that leaves it failed.
+        return None
+    condition = f"XID {event.xid}" if event.condition == "xid" else event.condition
+    reason = f"{condition}: {event.message}" if event.message else condition
+    return AcceleratorHealth(node_key, event.accelerator_id, failed, event.event_id, reason)
 
 
 def task_state_name(value: int) -> str:
@@ -153,51 +178,56 @@ class AgentFeed:
 
         inputs: list[Input] = []
         for message in messages:
-            item = self._convert(message, ack)
-            if item is not None:
-                inputs.append(item)
+            inputs.extend(self._convert(message, ack))
         remaining = sum(1 for item in inputs if getattr(item, "ack", None) is not None)
         for item in inputs:
             await asyncio.wait_for(self._inbox.put(item), timeout=self._commit_timeout)
         if remaining:
             await asyncio.wait_for(committed, timeout=self._commit_timeout)
 
-    def _convert(self, message: Msg, ack: object) -> Input | None:
+    def _convert(self, message: Msg, ack: object) -> list[Input]:
         subject = message.subject
         try:
             if subject.startswith("acsp.task."):
                 event = agent_pb2.TaskEvent.FromString(message.data)
                 key = subject.removeprefix("acsp.task.")
-                return TaskReported(
-                    key,
-                    event.task_id,
-                    task_state_name(event.state),
-                    event.exit_code,
-                    event.message,
-                    ack,  # type: ignore[arg-type]
-                )
+                return [
+                    TaskReported(
+                        key,
+                        event.task_id,
+                        task_state_name(event.state),
+                        event.exit_code,
+                        event.message,
+                        ack,  # type: ignore[arg-type]
+                    )
+                ]
             if subject.startswith("acsp.inventory."):
                 inventory = agent_pb2.Inventory.FromString(message.data)
-                return InventoryReceived(node_from_inventory(inventory), message.data, ack)  # type: ignore[arg-type]
+                view = node_from_inventory(inventory)
+                return [InventoryReceived(view, message.data, ack)]  # type: ignore[arg-type]
             if subject.startswith("acsp.health."):
-                return self._health(agent_pb2.HealthEvent.FromString(message.data))
+                return self._health(agent_pb2.HealthEvent.FromString(message.data), ack)
         except (DecodeError, ValueError) as exc:
             raise InvalidAgentMessage(f"malformed agent message on {subject}: {exc}") from exc
         logger.warning("ignoring agent message on unexpected subject %s", subject)
-        return None
+        return []
 
-    def _health(self, event: agent_pb2.HealthEvent) -> Input | None:
+    def _health(self, event: agent_pb2.HealthEvent, ack: object) -> list[Input]:
         ref = event.node
         key = f"{ref.provider_id}.{ref.region_id}.{ref.node_id}"
+        inputs: list[Input] = []
         if event.action == agent_pb2.HEALTH_ACTION_DRAIN_NODE and not event.cleared:
             logger.warning("node %s asks to be drained: %s %s", key, event.condition, event.message)
             reply: asyncio.Future[NodeView | None] = asyncio.get_running_loop().create_future()
-            return DrainRequested(key, True, f"health: {event.condition} {event.message}", reply)
-        # NOTE: a fatal event does not take its accelerator out of placement. The engine has
-        # events for whole nodes only, and a later inventory does not update a known node,
-        # so the agent keeps rejecting starts on that accelerator until an operator drains it.
-        logger.info("health event on %s: %s (%s)", key, event.condition, event.message)
-        return None
+            inputs.append(
+                DrainRequested(key, True, f"health: {event.condition} {event.message}", reply)
+            )
+        change = accelerator_health(key, event)
+        if change is not None:
+            inputs.append(AcceleratorHealthReported(change, ack))  # type: ignore[arg-type]
+        elif not inputs:
+            logger.info("health event on %s: %s (%s)", key, event.condition, event.message)
+        return inputs
 
     async def run_heartbeats(self, stop: asyncio.Event) -> None:
         """Watch the heartbeat bucket; heartbeats are dropped, counted, when the loop lags."""

@@ -46,6 +46,20 @@ _OUTCOME = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class AcceleratorHealth:
+    """A change of one accelerator between failed and healthy, from its agent."""
+
+    node_key: str
+    accelerator_id: str
+    failed: bool
+    """True: a fatal event failed it. False: its conditions cleared and it recovered."""
+    event_id: str
+    """The agent's health event, or ``inventory:<node>/<boot id>/<accelerator>`` for a failure
+    that only an inventory reported (a condition the agent loaded from its state file)."""
+    reason: str = ""
+
+
 @dataclass(slots=True)
 class PassResult:
     """One scheduling pass in the service's terms."""
@@ -55,6 +69,9 @@ class PassResult:
     """Accelerator model of each placed job, which prices its hold."""
     requeues: list[tuple[str, str]] = field(default_factory=list)
     """Job id and message of running jobs that lost tasks and go back to the queue."""
+    failed_hardware: list[tuple[str, str, AcceleratorHealth]] = field(default_factory=list)
+    """Job id, message and accelerator failure of running jobs that go back to the queue
+    because an accelerator under them failed."""
     preempts: list[tuple[str, int, str, str]] = field(default_factory=list)
     """Job id, grace in seconds, message and trigger (``recall:<id>`` for a recall) of jobs
     to stop."""
@@ -155,7 +172,9 @@ def node_to_engine(node: NodeView) -> es.NodeSpec:
         provider=node.provider,
         region=node.region,
         model=node.model,
-        accelerator_ids=tuple(acc.accelerator_id for acc in node.accelerators if acc.healthy),
+        # Failed accelerators are listed too: the adapter marks them failed, so that a cleared
+        # health event can bring them back.
+        accelerator_ids=tuple(acc.accelerator_id for acc in node.accelerators),
         interconnect_domain=f"{node.key}/{domain}" if domain else "",
     )
 
@@ -190,6 +209,10 @@ class EngineAdapter:
         self._fleet_regions: frozenset[str] = frozenset()
         self._dependent: dict[str, Job] = {}
         """Jobs in the engine whose input depends on the registry, by id."""
+        self._failed: dict[tuple[str, str], AcceleratorHealth] = {}
+        """Failed accelerators by ``(node key, accelerator id)``, also on nodes not yet added."""
+        self._failure_events: dict[str, AcceleratorHealth] = {}
+        """The same failures by health event id, to resolve the engine's requeues."""
 
     # Providers.
 
@@ -229,6 +252,9 @@ class EngineAdapter:
             logger.warning("node %s left out of scheduling: %s", node.key, exc)
             return False
         self._known_nodes.add(node.key)
+        for (key, _), failure in sorted(self._failed.items()):
+            if key == node.key:
+                self._apply_failure(failure)
         region_key = f"{node.provider}/{node.region}"
         if node.provider not in self._fleet_providers or region_key not in self._fleet_regions:
             self._fleet_providers = self._fleet_providers | {node.provider}
@@ -239,6 +265,72 @@ class EngineAdapter:
 
     def has_node(self, key: str) -> bool:
         return key in self._known_nodes
+
+    # Accelerator health.
+
+    def set_accelerator_health(self, change: AcceleratorHealth, now: float) -> bool:
+        """Fail or recover one accelerator; return whether that changed anything to persist.
+
+        A failure stays until a recovery for the same accelerator: inventories and heartbeats
+        never clear it. A failure on a node not yet known applies once the node is added.
+        """
+        key = (change.node_key, change.accelerator_id)
+        if change.failed:
+            if key in self._failed:
+                return False
+            if change.node_key in self._known_nodes and not self._apply_failure(change, now):
+                return False
+            self._failed[key] = change
+            self._failure_events[change.event_id] = change
+            return True
+        failure = self._failed.pop(key, None)
+        if failure is None:
+            return False
+        self._failure_events.pop(failure.event_id, None)
+        if change.node_key in self._known_nodes:
+            self.engine.apply(ev.AcceleratorRecovered(change.node_key, change.accelerator_id), now)
+        logger.info(
+            "accelerator %s on node %s recovered (health event %s)",
+            change.accelerator_id,
+            change.node_key,
+            change.event_id,
+        )
+        return True
+
+    def inventory_failures(self, node: NodeView) -> list[AcceleratorHealth]:
+        """Return a failure for each accelerator that the inventory reports failed and that is
+        not failed here yet."""
+        return [
+            AcceleratorHealth(
+                node.key,
+                acc.accelerator_id,
+                True,
+                f"inventory:{node.key}/{node.boot_id}/{acc.accelerator_id}",
+                "reported failed in the node's inventory",
+            )
+            for acc in node.accelerators
+            if not acc.healthy and (node.key, acc.accelerator_id) not in self._failed
+        ]
+
+    def failed_accelerators(self) -> list[AcceleratorHealth]:
+        return [self._failed[key] for key in sorted(self._failed)]
+
+    def _apply_failure(self, failure: AcceleratorHealth, now: float | None = None) -> bool:
+        event = ev.AcceleratorFailed(
+            failure.node_key, failure.accelerator_id, failure.event_id, failure.reason
+        )
+        try:
+            self.engine.apply(event, now)
+        except es.InvalidInputError as exc:
+            logger.warning(
+                "ignoring health event %s of accelerator %s on node %s: %s",
+                failure.event_id,
+                failure.accelerator_id,
+                failure.node_key,
+                exc,
+            )
+            return False
+        return True
 
     def node_unknown(self, key: str, now: float) -> None:
         if key in self._known_nodes:
@@ -355,7 +447,11 @@ class EngineAdapter:
                 first = decision.tasks[0].node_id
                 out.models[decision.job_id] = self.engine.fleet.node(first).spec.model
             elif isinstance(decision, d.Requeue):
-                out.requeues.append((decision.job_id, decision.message))
+                failure = self._failure_events.get(decision.cause_id)
+                if decision.cause is d.Cause.ACCELERATOR_FAILURE and failure is not None:
+                    out.failed_hardware.append((decision.job_id, decision.message, failure))
+                else:
+                    out.requeues.append((decision.job_id, decision.message))
             elif isinstance(decision, d.Preempt):
                 grace = max(0, int(decision.deadline - now))
                 message = f"{decision.cause} {decision.cause_id}"

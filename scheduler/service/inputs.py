@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .admission import HoldOutcome
+from .engine_adapter import AcceleratorHealth
 from .fleet import NodeView
 from .model import Job
 from .pledges import PledgeRecord, RecallRecord
@@ -67,6 +68,14 @@ class TaskReported:
 
 
 @dataclass(frozen=True, slots=True)
+class AcceleratorHealthReported:
+    """An accelerator that failed or recovered, from an agent's health event."""
+
+    change: AcceleratorHealth
+    ack: Ack | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PledgeChanged:
     """A pledge stored by the API, to apply to the engine."""
 
@@ -104,6 +113,7 @@ Input = (
     | InventoryReceived
     | HeartbeatReceived
     | TaskReported
+    | AcceleratorHealthReported
     | HoldDone
     | PledgeChanged
     | RecallAdded

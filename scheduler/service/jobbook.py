@@ -14,7 +14,7 @@ from scheduler.engine.spec import InvalidInputError
 
 from .admission import HoldOutcome
 from .commands import JobEventOut, TaskId, job_event, start_record, stop_record
-from .engine_adapter import EngineAdapter, PassResult
+from .engine_adapter import AcceleratorHealth, EngineAdapter, PassResult
 from .model import Job, JobState, TaskPlacement
 from .store import DispatchRecord
 
@@ -37,6 +37,8 @@ class Effects:
     events: list[JobEventOut] = field(default_factory=list)
     admit: list[tuple[Job, str]] = field(default_factory=list)
     """Jobs placed by the engine that need a hold, with the model of their placement."""
+    accelerators: list[AcceleratorHealth] = field(default_factory=list)
+    """Accelerators that failed or recovered, persisted so a new leader keeps them."""
 
     def change(self, job: Job, cause: str) -> None:
         self.changed[job.job_id] = (job, cause)
@@ -151,6 +153,8 @@ class JobBook:
         # Requeues come first: the engine may requeue a job and place it again in one pass.
         for job_id, message in result.requeues:
             self.requeue(job_id, message, "engine:requeue", fx, release=False)
+        for job_id, message, failure in result.failed_hardware:
+            self.fail_hardware(job_id, message, failure, fx)
         for job_id, reason, message in result.waiting:
             job = self.jobs.get(job_id)
             if job is None or job.state != "pending" or job_id in self._admitting:
@@ -388,6 +392,38 @@ class JobBook:
         )
         self.jobs[job_id] = requeued
         fx.change(requeued, cause)
+
+    def fail_hardware(
+        self, job_id: str, message: str, failure: AcceleratorHealth, fx: Effects
+    ) -> None:
+        """End the attempt of a job whose accelerator failed, then requeue the job whole.
+
+        Its tasks on the failed accelerator are recorded as ``failed_hardware`` in the ended
+        attempt, and the attempt's trigger names the health event. Every live task gets a stop
+        command, and the agent reports the ones on the failed accelerator as FAILED_HARDWARE.
+        The engine has already released the job's accelerators.
+        """
+        job = self.jobs.get(job_id)
+        if job is None or job.terminal:
+            return
+        reason = f"hardware failure: {message}"
+        tasks = list(job.placement)
+        for position, task in enumerate(tasks):
+            on_failed = (
+                task.node_key == failure.node_key and failure.accelerator_id in task.accelerators
+            )
+            if not on_failed or task.state not in _LIVE:
+                continue
+            fx.commands.append(stop_record(job_id, job.attempt, task, reason, 0, self.epoch))
+            self._orphans.setdefault(task.node_key, set()).add(
+                str(TaskId(job_id, job.attempt, task.task_index))
+            )
+            tasks[position] = replace(task, state="failed_hardware")
+        self.jobs[job_id] = replace(job, placement=tuple(tasks))
+        logger.warning(
+            "job %s attempt %d: %s", job_id, job.attempt, reason, extra={"job_id": job_id}
+        )
+        self.requeue(job_id, reason, f"health:{failure.event_id}", fx, release=False)
 
     def _on_started(self, job: Job, fx: Effects) -> None:
         fx.change(job, "task:started")

@@ -199,6 +199,9 @@ class Leadership:
         now = loop.now()
         registry = await ProviderStore(self._pool).all()
         loop.book.engine.set_providers(ProviderDirectory(registry))
+        # Loaded before the nodes, so that each node enters the engine with its failures.
+        for failure in await nodes.load_failed_accelerators():
+            loop.book.engine.set_accelerator_health(failure, now)
         for payload, draining, reason in await nodes.load():
             view = node_from_inventory(agent_pb2.Inventory.FromString(payload))
             change = loop.fleet.apply_inventory(

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from .admission import GrantAdmission, HoldOutcome, RateCard
+from .engine_adapter import AcceleratorHealth
 from .fleet import FleetView, NodeChange
 from .inputs import (
+    AcceleratorHealthReported,
     Ack,
     CancelRequested,
     DrainRequested,
@@ -218,8 +220,14 @@ class SchedulingLoop:
             case InventoryReceived(node, _, ack):
                 change = self.fleet.apply_inventory(node, fx.now)
                 self._on_node_change(change, fx.now)
+                for failure in self.book.engine.inventory_failures(node):
+                    self._set_accelerator_health(failure, fx)
                 self.book.apply_node_running(node.key, node.running_task_ids)
                 inventories.append(item)
+                if ack is not None:
+                    acks.append(ack)
+            case AcceleratorHealthReported(change, ack):
+                self._set_accelerator_health(change, fx)
                 if ack is not None:
                     acks.append(ack)
             case CancelRequested(job_id, reason, cause, reply):
@@ -248,6 +256,10 @@ class SchedulingLoop:
                     self.book.engine.set_draining(key, draining, fx.now)
                     node_view = change.node
                 replies.append((reply, node_view))  # type: ignore[arg-type]
+
+    def _set_accelerator_health(self, change: AcceleratorHealth, fx: Effects) -> None:
+        if self.book.engine.set_accelerator_health(change, fx.now):
+            fx.accelerators.append(change)
 
     def book_project(self, job_id: str) -> str:
         job = self.book.jobs.get(job_id)
@@ -278,30 +290,28 @@ class SchedulingLoop:
             await self.nodes.upsert_inventories(
                 [(i.node.provider, i.node.region, i.node.node, i.payload) for i in inventories]
             )
-        if fx.changed:
-            jobs = [job for job, _ in fx.changed.values()]
-            causes = [cause for _, cause in fx.changed.values()]
-            await self.store.update_jobs(jobs, self.epoch, causes)
-        if fx.commands:
-            # Every record is new unless a reloaded job repeats one; repeats stay unpublished.
-            fx.commands[:] = await self.store.record_dispatches(fx.commands, self.epoch)
-        await self.store.record_events(fx.events, self.epoch)
+        if fx.accelerators:
+            await self.nodes.record_accelerator_health(fx.accelerators)
+        jobs = [job for job, _ in fx.changed.values()]
+        causes = [cause for _, cause in fx.changed.values()]
+        # Every record is new unless a reloaded job repeats one; repeats stay unpublished.
+        fx.commands[:] = await self.store.commit_turn(
+            jobs, causes, fx.commands, fx.events, self.epoch
+        )
 
     async def _send(self, commands: list[DispatchRecord], events: list[OutboxEvent]) -> None:
-        if commands:
-            await self.store.ack_dispatches(await self.publisher.publish_commands(commands))
-        if events:
-            await self.store.ack_events(await self.publisher.publish_events(events))
+        if commands or events:
+            keys, event_ids = await self.publisher.publish_all(commands, events)
+            await self.store.ack_published(keys, event_ids)
 
     async def _republish(self, older_than_s: float) -> None:
         records = await self.store.unacked_dispatches(older_than_s)
         if records:
             logger.info("publishing %d recorded but unacknowledged commands", len(records))
-            await self.store.ack_dispatches(await self.publisher.publish_commands(records))
         events = await self.store.unacked_events(older_than_s)
         if events:
             logger.info("publishing %d recorded but unacknowledged job events", len(events))
-            await self.store.ack_events(await self.publisher.publish_events(events))
+        await self._send(records, events)
 
     def _log_stats(self) -> None:
         now = time.monotonic()

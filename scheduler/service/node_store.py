@@ -1,4 +1,5 @@
-"""Node inventories and drain flags in ``scheduler.nodes``."""
+"""Node inventories and drain flags in ``scheduler.nodes``, failed accelerators in
+``scheduler.failed_accelerators``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from .engine_adapter import AcceleratorHealth
 from .provider_store import register_named_regions
 
 
@@ -64,3 +66,44 @@ class NodeStore:
                 timeout=self._timeout,
             )
         return [(row[0], row[1], row[2]) for row in rows]
+
+    async def record_accelerator_health(self, changes: Sequence[AcceleratorHealth]) -> None:
+        """Store failures and delete recovered accelerators, in the order of ``changes``."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            for change in changes:
+                provider, region, node = change.node_key.split(".", 2)
+                if change.failed:
+                    await conn.execute(
+                        "INSERT INTO scheduler.failed_accelerators"
+                        " (provider, region, node, accelerator_id, event_id, reason)"
+                        " VALUES ($1, $2, $3, $4, $5, $6)"
+                        " ON CONFLICT (provider, region, node, accelerator_id) DO NOTHING",
+                        provider,
+                        region,
+                        node,
+                        change.accelerator_id,
+                        change.event_id,
+                        change.reason,
+                        timeout=self._timeout,
+                    )
+                else:
+                    await conn.execute(
+                        "DELETE FROM scheduler.failed_accelerators WHERE provider = $1"
+                        " AND region = $2 AND node = $3 AND accelerator_id = $4",
+                        provider,
+                        region,
+                        node,
+                        change.accelerator_id,
+                        timeout=self._timeout,
+                    )
+
+    async def load_failed_accelerators(self) -> list[AcceleratorHealth]:
+        """Return every stored accelerator failure."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT provider, region, node, accelerator_id, event_id, reason"
+                " FROM scheduler.failed_accelerators"
+                " ORDER BY provider, region, node, accelerator_id",
+                timeout=self._timeout,
+            )
+        return [AcceleratorHealth(f"{r[0]}.{r[1]}.{r[2]}", r[3], True, r[4], r[5]) for r in rows]

@@ -236,11 +236,13 @@ class Stack:
         first: int = 0,
         state_root: Path | None = None,
         provider: str = "prov",
+        faults: Path | None = None,
     ) -> Process:
         """Start one simulated agent process serving nodes ``n<first>`` .. ``n<first+nodes-1>``.
 
         Agent processes of one provider share its command consumer, so concurrent processes
-        need providers of their own.
+        need providers of their own. ``faults`` is a fault trace to replay from the start, in
+        real seconds at the default agent speed. Without it no fault happens.
         """
         fleet = self.work_dir / f"{name}-fleet.csv"
         rows = [f"n{i},{model},{gpus}" for i in range(first, first + nodes)]
@@ -261,7 +263,7 @@ class Stack:
             "--heartbeat-s",
             "1",
             "--faults",
-            "none",
+            str(faults) if faults is not None else "none",
             "--utilization",
             "none",
         ]

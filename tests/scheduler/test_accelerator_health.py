@@ -1,0 +1,176 @@
+"""A failed accelerator in the scheduler's pure core: health events, the job book, the adapter."""
+
+from __future__ import annotations
+
+from acsp.v1 import agent_pb2, events_pb2, scheduler_pb2
+from scheduler.service.agent_feed import accelerator_health
+from scheduler.service.engine_adapter import AcceleratorHealth
+from scheduler.service.fleet import AcceleratorView, NodeView
+from scheduler.service.jobbook import Effects, JobBook
+from tests.scheduler.test_jobbook import NOW, held, make_book, make_job, place, report
+
+NODE = "prov.reg.n1"
+
+
+def health_event(
+    accelerator: str, health: int, cleared: bool = False, event_id: str = "n1/b/5"
+) -> agent_pb2.HealthEvent:
+    return agent_pb2.HealthEvent(
+        event_id=event_id,
+        accelerator_id=accelerator,
+        condition="xid",
+        xid=79,
+        message="GPU has fallen off the bus",
+        health=health,  # type: ignore[arg-type]
+        cleared=cleared,
+    )
+
+
+def running_book(tasks: int = 8) -> tuple[JobBook, str]:
+    book = make_book()
+    job = make_job(tasks=tasks)
+    place(book, job)
+    held(book, job)
+    for index in range(tasks):
+        report(book, job, index, "started")
+    assert book.jobs[job.job_id].state == "running"
+    return book, job.job_id
+
+
+def fail(book: JobBook, accelerator: str, now: float = NOW + 10) -> Effects:
+    fx = Effects(now)
+    change = AcceleratorHealth(NODE, accelerator, True, "n1/b/5", "XID 79: fallen off the bus")
+    if book.engine.set_accelerator_health(change, now):
+        fx.accelerators.append(change)
+    book.apply_pass(book.engine.schedule(now), fx)
+    return fx
+
+
+def test_fatal_event_converts_to_failure() -> None:
+    change = accelerator_health(NODE, health_event("GPU-3", scheduler_pb2.HEALTH_STATE_FAILED))
+    assert change == AcceleratorHealth(
+        NODE, "GPU-3", True, "n1/b/5", "XID 79: GPU has fallen off the bus"
+    )
+
+
+def test_cleared_event_converts_to_recovery() -> None:
+    event = health_event("GPU-3", scheduler_pb2.HEALTH_STATE_OK, cleared=True, event_id="n1/b/9")
+    change = accelerator_health(NODE, event)
+    assert change is not None
+    assert change.failed is False
+    assert change.event_id == "n1/b/9"
+
+
+def test_no_change_events_convert_to_none() -> None:
+    still_failed = health_event("GPU-3", scheduler_pb2.HEALTH_STATE_FAILED, cleared=True)
+    degraded = health_event("GPU-3", scheduler_pb2.HEALTH_STATE_DEGRADED)
+    node_wide = health_event("", scheduler_pb2.HEALTH_STATE_FAILED)
+    assert accelerator_health(NODE, still_failed) is None
+    assert accelerator_health(NODE, degraded) is None
+    assert accelerator_health(NODE, node_wide) is None
+
+
+def test_failure_requeues_job_as_failed_hardware() -> None:
+    book, job_id = running_book()
+    attempt = book.jobs[job_id].attempt
+
+    fx = fail(book, "GPU-3")
+
+    job = book.jobs[job_id]
+    assert job.state == "pending"
+    assert job.attempt == attempt + 1
+    stops = [c for c in fx.commands if c.kind == "stop"]
+    assert sorted(c.task_index for c in stops) == list(range(8))
+    (event,) = [e for e in fx.events if e.subject.endswith("requeued")]
+    message = events_pb2.JobEvent.FromString(event.payload)
+    assert message.attempt == attempt
+    assert message.cause.trigger == "health:n1/b/5"
+    failed = [p.task_index for p in message.placements if p.state == "failed_hardware"]
+    on_gpu3 = [
+        p.task_index for p in message.placements if "GPU-3" in p.accelerators[0].accelerator_id
+    ]
+    assert failed == on_gpu3
+    assert len(failed) == 1
+    assert [c.accelerator_id for c in fx.accelerators] == ["GPU-3"]
+
+
+def test_requeued_job_avoids_failed_accelerator() -> None:
+    book = make_book(gpus=16)
+    job = make_job(tasks=8)
+    place(book, job)
+    held(book, job)
+    for index in range(8):
+        report(book, job, index, "started")
+    first = {a for t in book.jobs[job.job_id].placement for a in t.accelerators}
+    victim = sorted(first)[0]
+
+    fail(book, victim)
+    fx = Effects(NOW + 20)
+    book.apply_pass(book.engine.schedule(NOW + 20), fx)
+
+    replaced = {a for t in book.jobs[job.job_id].placement for a in t.accelerators}
+    assert len(replaced) == 8
+    assert victim not in replaced
+
+
+def test_old_attempt_event_confirms_stop() -> None:
+    book, job_id = running_book(tasks=1)
+    old = book.jobs[job_id]
+    fail(book, "GPU-0")
+
+    fx = Effects(NOW + 30)
+    book.apply_task(NODE, f"{job_id}/{old.attempt}/0", "failed_hardware", 0, "", fx)
+
+    assert book.jobs[job_id].state == "pending"
+    assert fx.commands == []
+
+
+def test_later_inventory_does_not_recover() -> None:
+    book = make_book()
+    fail(book, "GPU-3")
+    healthy = NodeView(
+        "prov", "reg", "n1", tuple(AcceleratorView(f"GPU-{i}", "A100-SXM4-80GB") for i in range(8))
+    )
+
+    assert book.engine.inventory_failures(healthy) == []
+    assert book.engine.add_node(healthy)
+    assert [f.accelerator_id for f in book.engine.failed_accelerators()] == ["GPU-3"]
+    assert book.engine.engine.fleet.by_id[NODE].failed == {3: "n1/b/5"}
+
+
+def test_inventory_reports_failed_accelerator() -> None:
+    book = make_book()
+    node = NodeView(
+        "prov",
+        "reg",
+        "n1",
+        tuple(AcceleratorView(f"GPU-{i}", "A100-SXM4-80GB", healthy=i != 5) for i in range(8)),
+        boot_id="b2",
+    )
+    (failure,) = book.engine.inventory_failures(node)
+    assert failure.accelerator_id == "GPU-5"
+    assert failure.event_id == "inventory:prov.reg.n1/b2/GPU-5"
+
+
+def test_recovery_makes_accelerator_placeable() -> None:
+    book = make_book(gpus=1)
+    fail(book, "GPU-0", now=NOW)
+    job = make_job(tasks=1)
+    assert place(book, job).admit == []
+
+    recovered = AcceleratorHealth(NODE, "GPU-0", False, "n1/b/9")
+    assert book.engine.set_accelerator_health(recovered, NOW + 40)
+    fx = Effects(NOW + 40)
+    book.apply_pass(book.engine.schedule(NOW + 40), fx)
+
+    assert [j.job_id for j, _ in fx.admit] == [job.job_id]
+    assert book.engine.failed_accelerators() == []
+
+
+def test_failure_applies_when_node_added() -> None:
+    book = make_book()
+    change = AcceleratorHealth("prov.reg.n2", "GPU-9", True, "n2/b/1")
+    assert book.engine.set_accelerator_health(change, NOW)
+    node = NodeView("prov", "reg", "n2", (AcceleratorView("GPU-9", "A100-SXM4-80GB"),))
+    assert book.engine.add_node(node)
+    assert book.engine.engine.fleet.by_id["prov.reg.n2"].failed == {0: "n2/b/1"}
