@@ -10,7 +10,7 @@ import grpc
 from nats.js.api import KeyValueConfig
 
 from acsp import subjects
-from acsp.v1 import metering_pb2, metering_pb2_grpc
+from acsp.v1 import grant_pb2_grpc, metering_pb2, metering_pb2_grpc
 from services.metering.charger import Charger
 from services.metering.events import FactConsumers, run_when_stream_exists
 from services.metering.ingest import UsageIngest, ingested_through, usage_stream_config
@@ -21,6 +21,7 @@ from services.metering.servicer import MeteringApp, MeteringServicer
 from services.metering.settings import MeteringSettings
 from services.runtime.auth import Role, load_signing_key, mint_token
 from services.runtime.channel import service_channel
+from services.runtime.grant_directory import ProjectDirectory
 from services.runtime.server import Runtime, Service
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def build_service(settings: MeteringSettings) -> Service:
         app.cache = cache
         channel = service_channel(settings, settings.grant_address, token=_service_token(settings))
         ledger = GrpcLedger(channel)
+        app.projects = ProjectDirectory(grant_pb2_grpc.GrantServiceStub(channel))
         ingest = UsageIngest(
             runtime.js, runtime.db, ingest_config, lambda: cache.history().current.rates
         )

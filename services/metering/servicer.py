@@ -20,9 +20,10 @@ from services.metering.ratecard_store import RateCardCache, publish_version, put
 from services.metering.samples import micros_to_seconds
 from services.metering.settings import MeteringSettings
 from services.metering.settlement import Settlement, build_settlement, settlement_csv
-from services.runtime.auth import Role, current_principal, require_roles
+from services.runtime.auth import Principal, Role, current_principal, require_roles
 from services.runtime.db import Database
 from services.runtime.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
+from services.runtime.grant_directory import ProjectDirectory, sees_every_project
 
 _GROUPINGS = {
     metering_pb2.USAGE_GROUPING_UNSPECIFIED: Grouping.GRANT,
@@ -44,6 +45,7 @@ class MeteringApp:
     db: Database | None = None
     js: JetStreamContext | None = None
     ingest: UsageIngest | None = None
+    projects: ProjectDirectory | None = None
 
     def database(self) -> Database:
         if self.db is None:
@@ -54,6 +56,11 @@ class MeteringApp:
         if self.cache is None:
             raise Unavailable("the metering service is still starting; retry")
         return self.cache
+
+    def project_directory(self) -> ProjectDirectory:
+        if self.projects is None:
+            raise Unavailable("the metering service is still starting; retry")
+        return self.projects
 
 
 def _check_provider_access(provider: str) -> None:
@@ -216,19 +223,20 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             refunds=refunds, page=convert.page_out(last, len(rows), limit)
         )
 
-    # NOTE: any authenticated caller may query usage of any grant or project; scoping a
-    # researcher to their own projects needs the grant service's membership data.
     async def QueryUsage(
         self, request: metering_pb2.QueryUsageRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.QueryUsageResponse:
-        current_principal()
+        principal = current_principal()
         grouping = _GROUPINGS.get(request.grouping)
         if grouping is None:
             raise InvalidArgument("grouping", f"{request.grouping} is unknown", "pick a grouping")
         start, end = convert.window_in("range", request.range)
         limit, token = convert.page_in(request.page)
+        project_id = request.project_id
+        if not sees_every_project(principal):
+            project_id = await self._member_project(principal, request.project_id, request.grant_id)
         filters = UsageFilter(
-            request.grant_id, request.project_id, request.institution_id, request.provider_id
+            request.grant_id, project_id, request.institution_id, request.provider_id
         )
         async with self._app.database().acquire() as conn:
             rows = await query_usage(conn, grouping, start, end, filters, after=token, limit=limit)
@@ -246,6 +254,36 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             ],
             page=convert.page_out(rows[-1].key if rows else None, len(rows), limit),
         )
+
+    async def _member_project(self, principal: Principal, project_id: str, grant_id: str) -> str:
+        """Return the project a caller without program office or service rights may query.
+
+        The caller names a project or a grant, and must be a member of that project or of the
+        project that owns the grant. Raises NotFound for an unknown project or grant and
+        PermissionDenied otherwise.
+        """
+        directory = self._app.project_directory()
+        if grant_id:
+            grant = await directory.grant_info(grant_id)
+            # A grant of another project is reported as not found, as the grant service
+            # reports what the caller may not see.
+            if grant is None or (project_id and grant.project_id != project_id):
+                raise NotFound("grant", grant_id)
+            project_id = grant.project_id
+        if not project_id:
+            raise PermissionDenied(
+                f"{principal.subject!r} may query usage only of projects they are a member "
+                "of: set project_id or grant_id to one of yours"
+            )
+        project = await directory.project(project_id)
+        if project is None:
+            raise NotFound("project", project_id)
+        if principal.subject not in project.subjects:
+            raise PermissionDenied(
+                f"{principal.subject!r} is not a member of project {project_id!r} and may not "
+                "see its usage; ask its PI to add you, or query a project you belong to"
+            )
+        return project_id
 
     async def _settlement(self, provider: str, window: common_pb2.TimeWindow) -> Settlement:
         if not provider:

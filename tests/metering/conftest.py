@@ -16,7 +16,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.runtime.db import Database
+from services.runtime.db import Database, quote_ident
 from services.runtime.migrations import apply_migrations
 from tests.metering.helpers import LedgerDouble
 
@@ -102,3 +102,16 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def ledger() -> LedgerDouble:
     return LedgerDouble()
+
+
+@pytest.fixture
+async def grant_schema() -> AsyncIterator[str]:
+    """Create a schema with the grant service's migrations for one test; drop it afterwards."""
+    name = f"grant_test_{uuid.uuid4().hex[:12]}"
+    await apply_migrations(ADMIN_URL, schema=name, package="services.grant.migrations")
+    yield name
+    conn = await asyncpg.connect(ADMIN_URL, timeout=10)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(name)} CASCADE")
+    finally:
+        await conn.close()

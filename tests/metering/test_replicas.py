@@ -12,15 +12,11 @@ import asyncio
 import os
 import signal
 import sys
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-import asyncpg
 import nats
-import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -28,9 +24,7 @@ from acsp import subjects
 from acsp.v1 import agent_pb2, common_pb2, events_pb2, grant_pb2, scheduler_pb2
 from services.metering.ingest import IngestConfig, declare_usage_stream
 from services.metering.ratecard import default_rate_card
-from services.runtime.db import Database, quote_ident
-from services.runtime.migrations import apply_migrations
-from tests.grant.conftest import TEST_DSN
+from services.runtime.db import Database
 from tests.grant.service_helpers import RunningGrant, running_grant
 from tests.grant.test_service_rpc import setup_project, standard_grant
 from tests.metering.helpers import count, report, sample, wait_until
@@ -43,18 +37,6 @@ MINUTES = 100
 JOBS = 6
 ENDED_JOBS = 3
 """Jobs with a lower index end, so metering releases their holds. The others keep running."""
-
-
-@pytest.fixture
-async def grant_schema() -> AsyncIterator[str]:
-    name = f"grant_test_{uuid.uuid4().hex[:12]}"
-    await apply_migrations(TEST_DSN, schema=name, package="services.grant.migrations")
-    yield name
-    conn = await asyncpg.connect(TEST_DSN, timeout=10)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(name)} CASCADE")
-    finally:
-        await conn.close()
 
 
 def _reports(base: datetime) -> list[tuple[str, bytes, list[agent_pb2.UsageSample]]]:
