@@ -38,6 +38,20 @@ class Publisher:
         acked = await self._publish([(s[1], s[2], s[3]) for s in sends])
         return [send[0] for send, ok in zip(sends, acked, strict=True) if ok]
 
+    async def publish_all(
+        self, records: Sequence[DispatchRecord], events: Sequence[OutboxEvent]
+    ) -> tuple[list[tuple[str, int, int, str]], list[str]]:
+        """Publish commands and job events with all their acks in flight at once.
+
+        Returns the command keys and the event ids that JetStream acknowledged.
+        """
+        messages = [(command_subject(r), r.payload, "/".join(map(str, r.key))) for r in records]
+        messages.extend((e.subject, e.payload, e.msg_id) for e in events)
+        acked = await self._publish(messages)
+        keys = [r.key for r, ok in zip(records, acked[: len(records)], strict=True) if ok]
+        event_ids = [e.msg_id for e, ok in zip(events, acked[len(records) :], strict=True) if ok]
+        return keys, event_ids
+
     async def publish_events(self, events: Sequence[OutboxEvent]) -> list[str]:
         """Publish job events; return the ids JetStream acknowledged."""
         acked = await self._publish([(e.subject, e.payload, e.msg_id) for e in events])

@@ -9,7 +9,7 @@ import pytest
 
 from scheduler.service.leader import LeaderLease
 from scheduler.service.model import Job, JobFilter, JobSpec, TaskPlacement, new_job_id
-from scheduler.service.store import DispatchRecord, Fenced, JobStore
+from scheduler.service.store import DispatchRecord, Fenced, JobStore, OutboxEvent
 
 
 def make_job(name: str = "train", project: str = "p1") -> Job:
@@ -98,3 +98,40 @@ async def test_update_and_list_pages(pool: asyncpg.Pool, database_dsn: str) -> N
     open_jobs = await store.load_open_jobs()
     assert len(open_jobs) == 5
     await lease.release()
+
+
+async def test_commit_turn_writes_all_or_nothing(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    job = make_job()
+    await store.insert_jobs([job], [None], epoch, "rpc")
+    starting = replace(job, state="starting")
+    record = DispatchRecord(job.job_id, 1, 0, "start", "p.r.n", b"cmd")
+    event = OutboxEvent("acsp.events.job.admitted", f"{job.job_id}/1/admitted", b"event")
+
+    fresh = await store.commit_turn([starting], ["hold"], [record], [event], epoch)
+
+    assert fresh == [record]
+    stored = await store.get_job(job.job_id)
+    assert stored is not None
+    assert stored.state == "starting"
+    assert await store.unacked_dispatches() == [record]
+    assert await store.unacked_events() == [event]
+    repeated = await store.commit_turn([], [], [record], [event], epoch)
+    assert repeated == []
+    await store.ack_published([record.key], [event.msg_id])
+    assert await store.unacked_dispatches() == []
+    assert await store.unacked_events() == []
+    await lease.release()
+
+    takeover = await lead(database_dsn, "b")
+    running = replace(job, state="running")
+    second = DispatchRecord(job.job_id, 1, 0, "stop", "p.r.n", b"stop")
+    with pytest.raises(Fenced):
+        await store.commit_turn([running], ["task:started"], [second], [], epoch)
+    fenced = await store.get_job(job.job_id)
+    assert fenced is not None
+    assert fenced.state == "starting"
+    assert await store.unacked_dispatches() == []
+    await takeover.release()
