@@ -69,7 +69,8 @@ def _on_accelerator_failed(engine: Engine, event: ev.AcceleratorFailed) -> None:
     index = engine._accelerator_index(node, event.accelerator_id)
     if not event.event_id:
         raise InvalidInputError(
-            f"accelerator {event.accelerator_id}: event_id must name the health event"
+            f"accelerator {event.accelerator_id}: event_id is empty. Set it to the id of the "
+            "health event."
         )
     if not engine.fleet.fail_accelerator(node, index, event.event_id):
         return
