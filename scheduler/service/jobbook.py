@@ -419,10 +419,17 @@ class JobBook:
                 str(TaskId(job_id, job.attempt, task.task_index))
             )
             tasks[position] = replace(task, state="failed_hardware")
-        self.jobs[job_id] = replace(job, placement=tuple(tasks))
+        job = replace(job, placement=tuple(tasks))
+        self.jobs[job_id] = job
         logger.warning(
             "job %s attempt %d: %s", job_id, job.attempt, reason, extra={"job_id": job_id}
         )
+        stopping = self._stopping.get(job_id)
+        if stopping is not None and stopping.outcome is not None:
+            # A cancel or failure was already stopping the job: it ends as that, not requeued.
+            self.engine.remove(job_id)
+            self._finish(job, stopping.outcome, stopping.reason, stopping.cause, fx)
+            return
         self.requeue(job_id, reason, f"health:{failure.event_id}", fx, release=False)
 
     def _on_started(self, job: Job, fx: Effects) -> None:

@@ -94,6 +94,21 @@ def test_failure_requeues_job_as_failed_hardware() -> None:
     assert [c.accelerator_id for c in fx.accelerators] == ["GPU-3"]
 
 
+def test_cancelled_job_is_not_requeued() -> None:
+    book, job_id = running_book()
+    cancel_fx = Effects(NOW + 5)
+    book.cancel(job_id, "not needed", "rpc:cancel", cancel_fx)
+
+    fx = fail(book, "GPU-3")
+
+    assert job_id not in book.jobs
+    ended, cause = fx.changed[job_id]
+    assert ended.state == "cancelled"
+    assert cause == "rpc:cancel"
+    assert [e for e in fx.events if e.subject.endswith("requeued")] == []
+    assert job_id not in book.engine.engine.jobs
+
+
 def test_requeued_job_avoids_failed_accelerator() -> None:
     book = make_book(gpus=16)
     job = make_job(tasks=8)
