@@ -24,7 +24,8 @@ AGENT_STREAM: Final = "ACSP_AGENT"
 COMMAND_STREAM: Final = "ACSP_COMMANDS"
 """Commands to agents: ``acsp.cmd.<provider>.<region>.<node>``, one durable consumer a node."""
 EVENT_STREAM: Final = "ACSP_EVENTS"
-"""Facts from services: ``acsp.events.grant.<kind>`` and ``acsp.events.job.<kind>``."""
+"""Facts from services: ``acsp.events.grant.<kind>``, ``acsp.events.job.<kind>`` and
+``acsp.events.metering.<kind>``."""
 
 # KV buckets.
 HEARTBEAT_BUCKET: Final = "acsp_heartbeat"
@@ -93,6 +94,11 @@ def grant_event_subject(kind: str) -> str:
 
 def job_event_subject(kind: str) -> str:
     return f"acsp.events.job.{check_token('kind', kind)}"
+
+
+def metering_event_subject(kind: str) -> str:
+    """Subject of a metering fact, such as ``waste_flagged`` for a WasteFlagEvent."""
+    return f"acsp.events.metering.{check_token('kind', kind)}"
 
 
 USAGE_SUBJECTS: Final = ("acsp.usage.>",)

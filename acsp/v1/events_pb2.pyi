@@ -96,3 +96,25 @@ class JobEvent(_message.Message):
     last_checkpoint_time: _timestamp_pb2.Timestamp
     priority_class: _common_pb2.PriorityClass
     def __init__(self, event_id: _Optional[str] = ..., kind: _Optional[_Union[JobEventKind, str]] = ..., job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[_scheduler_pb2.JobState, str]] = ..., hold_id: _Optional[str] = ..., grant_id: _Optional[str] = ..., project_id: _Optional[str] = ..., institution_id: _Optional[str] = ..., placements: _Optional[_Iterable[_Union[_scheduler_pb2.TaskPlacement, _Mapping]]] = ..., cause: _Optional[_Union[_common_pb2.Cause, _Mapping]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_checkpoint_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., priority_class: _Optional[_Union[_common_pb2.PriorityClass, str]] = ...) -> None: ...
+
+class WasteFlagEvent(_message.Message):
+    __slots__ = ("event_id", "job_id", "attempt", "project_id", "low_utilization_window", "mean_utilization", "threshold", "time", "cause")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    LOW_UTILIZATION_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MEAN_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    job_id: str
+    attempt: int
+    project_id: str
+    low_utilization_window: _common_pb2.TimeWindow
+    mean_utilization: float
+    threshold: float
+    time: _timestamp_pb2.Timestamp
+    cause: _common_pb2.Cause
+    def __init__(self, event_id: _Optional[str] = ..., job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., project_id: _Optional[str] = ..., low_utilization_window: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., mean_utilization: _Optional[float] = ..., threshold: _Optional[float] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cause: _Optional[_Union[_common_pb2.Cause, _Mapping]] = ...) -> None: ...

@@ -130,8 +130,9 @@ async def job_efficiency(
                 accelerator_hours=micros_to_seconds(row["micros"]) / 3600,
             )
         )
-    # NOTE: a flag is recorded in waste_flags and shown by ListJobEfficiency; no message is
-    # pushed to the project yet, so a PI sees it only by asking.
+    # A new flag is published once as a WasteFlagEvent by services.metering.waste_events.
+    # NOTE: attempts are checked for waste only when ListJobEfficiency reads them, because no
+    # background scan raises flags, so an attempt that no caller lists is never flagged.
     flagged = [r for r in results if r.flagged_waste]
     if flagged:
         await conn.executemany(

@@ -19,9 +19,11 @@ from services.metering.pledges import PledgeSync
 from services.metering.ratecard_store import RateCardCache
 from services.metering.servicer import MeteringApp, MeteringServicer
 from services.metering.settings import MeteringSettings
+from services.metering.waste_events import run_waste_publisher
 from services.runtime.auth import Role, load_signing_key, mint_token
 from services.runtime.channel import service_channel
 from services.runtime.grant_directory import ProjectDirectory
+from services.runtime.jetstream import Publisher
 from services.runtime.server import Runtime, Service
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,10 @@ def build_service(settings: MeteringSettings) -> Service:
         runtime.spawn(cache.run(runtime.stopping, kv), name="rate-card")
         runtime.spawn(ingest.run(runtime.stopping), name="usage-ingest")
         runtime.spawn(charger.run(runtime.stopping), name="charger")
+        runtime.spawn(
+            run_waste_publisher(runtime.db, Publisher(runtime.js), runtime.stopping),
+            name="waste-flags",
+        )
         if settings.scheduler_address:
             scheduler = service_channel(
                 settings, settings.scheduler_address, token=_service_token(settings)
