@@ -154,6 +154,27 @@ async def _publish_load(
         await asyncio.sleep(0.005)
 
 
+async def _kill_holding_messages(process: asyncio.subprocess.Process, js: JetStreamContext) -> None:
+    """SIGKILL ``process`` at a moment when messages delivered to it are still unacked.
+
+    The process is paused with SIGSTOP until the consumer shows unacked messages. The other
+    replica acks its own within milliseconds, so these are almost always the paused one's, and
+    the test checks afterwards that messages were redelivered. When none show within a second,
+    the process resumes and the next try pauses it again.
+    """
+    for _ in range(20):
+        process.send_signal(signal.SIGSTOP)
+        try:
+            await wait_until(_unacked(js), timeout_s=1.0)
+        except TimeoutError:
+            process.send_signal(signal.SIGCONT)
+            await asyncio.sleep(0.2)
+            continue
+        process.send_signal(signal.SIGKILL)
+        return
+    raise AssertionError("no unacked messages showed while the replica was paused, in 20 tries")
+
+
 async def _stop(process: asyncio.subprocess.Process) -> None:
     if process.returncode is None:
         process.send_signal(signal.SIGTERM)
@@ -184,13 +205,14 @@ async def test_replica_killed_mid_load_charges_exactly(
             await wait_until(_pulling(js, 4), timeout_s=60)
             publishing = asyncio.create_task(_publish_load(js, reports))
             await wait_until(_stored_above(db, len(items) // 4), timeout_s=60)
-            first.send_signal(signal.SIGKILL)
+            await _kill_holding_messages(first, js)
             await asyncio.wait_for(first.wait(), 10)
             stored_at_kill = await count(db, "SELECT count(*) FROM metering.usage_samples")
             await asyncio.wait_for(publishing, 60)
 
             await wait_until(_stored_above(db, len(items) - 1), timeout_s=120)
             await wait_until(_all_charged(db), timeout_s=120)
+            consumer = await js.consumer_info(subjects.USAGE_STREAM, IngestConfig().durable)
             assert second.returncode is None
         finally:
             if publishing is not None:
@@ -205,6 +227,9 @@ async def test_replica_killed_mid_load_charges_exactly(
     await client.close()
 
     assert stored_at_kill < len(items)
+    # Each redelivery takes a consumer sequence number, so the killed replica's unacked
+    # messages went to the survivor.
+    assert consumer.delivered.consumer_seq > consumer.delivered.stream_seq
     assert await count(db, "SELECT count(*) FROM metering.usage_samples") == len(items)
     async with db.acquire() as conn:
         samples = await conn.fetchval("SELECT sum(sample_count) FROM metering.usage_periods")
@@ -229,6 +254,14 @@ def _pulling(js: JetStreamContext, workers: int):  # type: ignore[no-untyped-def
         except NotFoundError:
             return False
         return (info.num_waiting or 0) >= workers
+
+    return check
+
+
+def _unacked(js: JetStreamContext):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        info = await js.consumer_info(subjects.USAGE_STREAM, IngestConfig().durable)
+        return (info.num_ack_pending or 0) > 0
 
     return check
 
