@@ -278,7 +278,11 @@ class TaskRunner:
                 task.killed = True
             # Sleep until the process exits, a stop is requested or the next deadline.
             task.changed = loop.create_future()
-            await asyncio.wait((process.exited, task.changed), timeout=self._next_check_s(task))
+            await asyncio.wait(
+                (process.exited, task.changed),
+                timeout=self._next_check_s(task),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         # The leader exited; anything left in its process group belongs to the task too.
         if _signal_group(record.pid, 0):
             logger.warning("task %s left processes behind; killing its group", record.task_id)

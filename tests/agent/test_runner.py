@@ -294,3 +294,19 @@ async def test_shares_of_one_accelerator_add_up_to_one(tmp_path: Path) -> None:
     assert runner.used_millis() == {"GPU-0": 1000}
     assert intervals["b/1/0"].share_of("GPU-0") == 250
     assert set(intervals) == {"a/1/0", "b/1/0", "d/1/0"}
+
+
+async def test_exit_reported_before_any_deadline(tmp_path: Path) -> None:
+    # The supervisor sleeps until the wall time ends unless the exit wakes it; the bound here
+    # is below the longest sleep of a supervisor (5 s).
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        for index in range(3):
+            task_id = f"quick/1/{index}"
+            command = ("sleep", "0.3")
+            spec = TaskSpec("quick", task_id, ("GPU-7",), command, wall_time_s=600.0)
+            await runner.start(spec)
+            await wait_for(lambda t=task_id: TaskState.SUCCEEDED in recorder.states(t), 3.0)
+
+    recorder = await run_with_group(tmp_path, body)
+    for index in range(3):
+        assert recorder.states(f"quick/1/{index}") == [TaskState.RUNNING, TaskState.SUCCEEDED]
