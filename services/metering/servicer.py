@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -13,6 +14,7 @@ from nats.js.errors import NotFoundError as JetStreamNotFound
 from acsp.subjects import RATE_CARD_BUCKET
 from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
 from services.metering import convert
+from services.metering.access import check_provider_access, usage_project
 from services.metering.efficiency import job_efficiency, model_report
 from services.metering.ingest import UsageIngest
 from services.metering.queries import Grouping, UsageFilter, query_usage
@@ -22,8 +24,8 @@ from services.metering.settings import MeteringSettings
 from services.metering.settlement import Settlement, build_settlement, settlement_csv
 from services.runtime.auth import Principal, Role, current_principal, require_roles
 from services.runtime.db import Database
-from services.runtime.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
-from services.runtime.grant_directory import ProjectDirectory, sees_every_project
+from services.runtime.errors import InvalidArgument, NotFound, Unavailable
+from services.runtime.grant_directory import ProjectDirectory
 
 _GROUPINGS = {
     metering_pb2.USAGE_GROUPING_UNSPECIFIED: Grouping.GRANT,
@@ -61,19 +63,6 @@ class MeteringApp:
         if self.projects is None:
             raise Unavailable("the metering service is still starting; retry")
         return self.projects
-
-
-def _check_provider_access(provider: str) -> None:
-    """Let the program office and services see any settlement, an operator only their own."""
-    principal = current_principal()
-    if principal.has_any((Role.PROGRAM_OFFICE, Role.SERVICE)):
-        return
-    if Role.PROVIDER_OPERATOR in principal.roles and principal.provider == provider:
-        return
-    raise PermissionDenied(
-        f"{principal.subject!r} may not see provider {provider!r}'s settlement: it needs the "
-        "program office role or an operator token for that provider"
-    )
 
 
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
@@ -136,7 +125,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def ListCharges(
         self, request: metering_pb2.ListChargesRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.ListChargesResponse:
-        current_principal()
+        project_id = await self._usage_project(
+            current_principal(),
+            ("grant_id", "job_id"),
+            grant_id=request.grant_id,
+            job_id=request.job_id,
+        )
         limit, token = convert.page_in(request.page)
         after = int(token) if token.isdigit() else 0
         async with self._app.database().acquire() as conn:
@@ -149,13 +143,14 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 FROM metering.charges c
                 JOIN metering.jobs j ON j.job_id = c.job_id AND j.attempt = c.attempt
                 WHERE c.charge_id > $1 AND ($2 = '' OR c.job_id = $2)
-                  AND ($3 = '' OR j.grant_id = $3)
+                  AND ($3 = '' OR j.grant_id = $3) AND ($5 = '' OR j.project_id = $5)
                 ORDER BY c.charge_id LIMIT $4
                 """,
                 after,
                 request.job_id,
                 request.grant_id,
                 limit,
+                project_id,
             )
         period = self._app.settings.period_s
         charges = [
@@ -184,10 +179,13 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def ListRefunds(
         self, request: metering_pb2.ListRefundsRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.ListRefundsResponse:
+        project_id = ""
         if request.provider_id:
-            _check_provider_access(request.provider_id)
+            check_provider_access(request.provider_id)
         else:
-            current_principal()
+            project_id = await self._usage_project(
+                current_principal(), ("job_id",), job_id=request.job_id
+            )
         limit, token = convert.page_in(request.page)
         async with self._app.database().acquire() as conn:
             rows = await conn.fetch(
@@ -198,12 +196,16 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 WHERE r.request_id > $1 AND ($2 = '' OR r.job_id = $2)
                   AND ($3 = '' OR EXISTS (SELECT 1 FROM metering.refund_lines l
                        WHERE l.job_id = r.job_id AND l.attempt = r.attempt AND l.provider = $3))
+                  AND ($5 = '' OR EXISTS (SELECT 1 FROM metering.jobs j
+                       WHERE j.job_id = r.job_id AND j.attempt = r.attempt
+                         AND j.project_id = $5))
                 ORDER BY r.request_id LIMIT $4
                 """,
                 token,
                 request.job_id,
                 request.provider_id,
                 limit,
+                project_id,
             )
         refunds = [
             metering_pb2.RefundRecord(
@@ -232,9 +234,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             raise InvalidArgument("grouping", f"{request.grouping} is unknown", "pick a grouping")
         start, end = convert.window_in("range", request.range)
         limit, token = convert.page_in(request.page)
-        project_id = request.project_id
-        if not sees_every_project(principal):
-            project_id = await self._member_project(principal, request.project_id, request.grant_id)
+        project_id = await self._usage_project(
+            principal,
+            ("project_id", "grant_id"),
+            project_id=request.project_id,
+            grant_id=request.grant_id,
+        )
         filters = UsageFilter(
             request.grant_id, project_id, request.institution_id, request.provider_id
         )
@@ -255,40 +260,29 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             page=convert.page_out(rows[-1].key if rows else None, len(rows), limit),
         )
 
-    async def _member_project(self, principal: Principal, project_id: str, grant_id: str) -> str:
-        """Return the project a caller without program office or service rights may query.
-
-        The caller names a project or a grant, and must be a member of that project or of the
-        project that owns the grant. Raises NotFound for an unknown project or grant and
-        PermissionDenied otherwise.
-        """
-        directory = self._app.project_directory()
-        if grant_id:
-            grant = await directory.grant_info(grant_id)
-            # A grant of another project is reported as not found, as the grant service
-            # reports what the caller may not see.
-            if grant is None or (project_id and grant.project_id != project_id):
-                raise NotFound("grant", grant_id)
-            project_id = grant.project_id
-        if not project_id:
-            raise PermissionDenied(
-                f"{principal.subject!r} may query usage only of projects they are a member "
-                "of: set project_id or grant_id to one of yours"
-            )
-        project = await directory.project(project_id)
-        if project is None:
-            raise NotFound("project", project_id)
-        if principal.subject not in project.subjects:
-            raise PermissionDenied(
-                f"{principal.subject!r} is not a member of project {project_id!r} and may not "
-                "see its usage; ask its PI to add you, or query a project you belong to"
-            )
-        return project_id
+    async def _usage_project(
+        self,
+        principal: Principal,
+        fields: Sequence[str],
+        *,
+        project_id: str = "",
+        grant_id: str = "",
+        job_id: str = "",
+    ) -> str:
+        return await usage_project(
+            principal,
+            self._app.project_directory(),
+            self._app.database(),
+            fields,
+            project_id=project_id,
+            grant_id=grant_id,
+            job_id=job_id,
+        )
 
     async def _settlement(self, provider: str, window: common_pb2.TimeWindow) -> Settlement:
         if not provider:
             raise InvalidArgument("provider_id", "is missing", "name the provider")
-        _check_provider_access(provider)
+        check_provider_access(provider)
         start, end = convert.window_in("period", window)
         async with self._app.database().acquire() as conn:
             return await build_settlement(conn, provider, start, end)
@@ -330,7 +324,9 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def ListJobEfficiency(
         self, request: metering_pb2.ListJobEfficiencyRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.ListJobEfficiencyResponse:
-        current_principal()
+        project_id = await self._usage_project(
+            current_principal(), ("project_id",), project_id=request.project_id
+        )
         limit, token = convert.page_in(request.page)
         after: tuple[str, int] | None = None
         if token:
@@ -342,7 +338,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         async with self._app.database().acquire() as conn:
             rows = await job_efficiency(
                 conn,
-                project_id=request.project_id,
+                project_id=project_id,
                 after=after,
                 limit=limit,
                 threshold=settings.waste_threshold,

@@ -1,4 +1,4 @@
-"""QueryUsage shows a researcher only the usage of projects they are a member of.
+"""Usage reads show a researcher only the projects they are a member of.
 
 Membership comes from a real grant service (in-process), which the metering service queries
 with its own service token, as the scheduler does at submit.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,7 +27,17 @@ from services.runtime.channel import open_channel
 from services.runtime.db import Database
 from tests.grant.service_helpers import RunningGrant, running_grant
 from tests.grant.test_service_rpc import setup_project, standard_grant
-from tests.metering.helpers import T0, count, report, sample, wait_until
+from tests.metering.helpers import (
+    T0,
+    Clock,
+    LedgerDouble,
+    count,
+    drain,
+    make_charger,
+    report,
+    sample,
+    wait_until,
+)
 
 
 class Callers:
@@ -63,6 +73,43 @@ class Callers:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await self.usage(subject, role, project_id, grant_id)
         return raised.value
+
+    async def charged_jobs(self, subject: str, role: str, job_id: str = "") -> list[str]:
+        """Return the job of each charge ListCharges shows ``subject``."""
+        response = await self.stub.ListCharges(
+            metering_pb2.ListChargesRequest(job_id=job_id),
+            metadata=self.metadata(subject, role),
+            timeout=20,
+        )
+        return [charge.job_id for charge in response.charges]
+
+    async def efficiency_jobs(self, subject: str, role: str, project_id: str = "") -> list[str]:
+        """Return the jobs ListJobEfficiency shows ``subject``."""
+        response = await self.stub.ListJobEfficiency(
+            metering_pb2.ListJobEfficiencyRequest(project_id=project_id),
+            metadata=self.metadata(subject, role),
+            timeout=20,
+        )
+        return [job.job_id for job in response.jobs]
+
+    async def refunds_code(self, subject: str, role: str, job_id: str = "") -> grpc.StatusCode:
+        """Return the status of a ListRefunds call by ``subject``."""
+        try:
+            await self.stub.ListRefunds(
+                metering_pb2.ListRefundsRequest(job_id=job_id),
+                metadata=self.metadata(subject, role),
+                timeout=20,
+            )
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+    async def error_code(self, call: Awaitable[object]) -> grpc.StatusCode:
+        try:
+            await call
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
 
 
 def _window() -> common_pb2.TimeWindow:
@@ -107,7 +154,7 @@ async def callers(
 
 
 async def _store_usage(js: JetStreamContext, db: Database, grant_id: str) -> None:
-    """Store an hour of usage for job-a of proj-a and job-b of proj-b."""
+    """Store and charge an hour of usage for job-a of proj-a and job-b of proj-b."""
     items = [
         sample(f"node-1/{job}-{i}", job, T0 + timedelta(minutes=i))
         for job in ("job-a", "job-b")
@@ -129,9 +176,12 @@ async def _store_usage(js: JetStreamContext, db: Database, grant_id: str) -> Non
                     project_id=project,
                     institution_id="uni-a",
                     started_at=T0,
+                    ended_at=T0 + timedelta(hours=1),
+                    end_reason="completed",
                     cause="test",
                 ),
             )
+    await drain(make_charger(db, LedgerDouble(), Clock(T0 + timedelta(hours=2))))
 
 
 async def _rows_equal(db: Database, sql: str, expected: int) -> bool:
@@ -171,3 +221,35 @@ async def test_unknown_project_or_grant_not_found(callers: tuple[Callers, str]) 
     assert grant.code() == grpc.StatusCode.NOT_FOUND
     mismatch = await client.usage_error("bob", "researcher", project_id="proj-b", grant_id=grant_id)
     assert mismatch.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_charges_scoped_to_member_jobs(callers: tuple[Callers, str]) -> None:
+    client, _ = callers
+    assert set(await client.charged_jobs("office", "program_office")) == {"job-a", "job-b"}
+    assert set(await client.charged_jobs("bob", "researcher", job_id="job-a")) == {"job-a"}
+    denied = client.charged_jobs("mallory", "researcher", job_id="job-a")
+    assert await client.error_code(denied) == grpc.StatusCode.PERMISSION_DENIED
+    unnamed = client.charged_jobs("bob", "researcher")
+    assert await client.error_code(unnamed) == grpc.StatusCode.PERMISSION_DENIED
+    unknown = client.charged_jobs("bob", "researcher", job_id="job-z")
+    assert await client.error_code(unknown) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_efficiency_scoped_to_member_projects(callers: tuple[Callers, str]) -> None:
+    client, _ = callers
+    assert await client.efficiency_jobs("office", "program_office") == ["job-a", "job-b"]
+    assert await client.efficiency_jobs("bob", "researcher", project_id="proj-a") == ["job-a"]
+    denied = client.efficiency_jobs("mallory", "researcher", project_id="proj-a")
+    assert await client.error_code(denied) == grpc.StatusCode.PERMISSION_DENIED
+    unnamed = client.efficiency_jobs("bob", "researcher")
+    assert await client.error_code(unnamed) == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_refunds_scoped_to_member_jobs(callers: tuple[Callers, str]) -> None:
+    client, _ = callers
+    assert await client.refunds_code("office", "program_office") == grpc.StatusCode.OK
+    assert await client.refunds_code("bob", "researcher", job_id="job-a") == grpc.StatusCode.OK
+    denied = await client.refunds_code("mallory", "researcher", job_id="job-a")
+    assert denied == grpc.StatusCode.PERMISSION_DENIED
+    unnamed = await client.refunds_code("bob", "researcher")
+    assert unnamed == grpc.StatusCode.PERMISSION_DENIED

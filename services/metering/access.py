@@ -1,0 +1,79 @@
+"""Who may read which usage: projects for researchers, providers for operators.
+
+Program office and service callers read everything. Anyone else names a project, a grant or a
+job and must be a member of the project it belongs to. Membership comes from the grant service
+through :class:`~services.runtime.grant_directory.ProjectDirectory`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.runtime.auth import Principal, Role, current_principal
+from services.runtime.db import Database
+from services.runtime.errors import NotFound, PermissionDenied
+from services.runtime.grant_directory import ProjectDirectory, sees_every_project
+
+
+def check_provider_access(provider: str) -> None:
+    """Let the program office and services see any settlement, an operator only their own."""
+    principal = current_principal()
+    if principal.has_any((Role.PROGRAM_OFFICE, Role.SERVICE)):
+        return
+    if Role.PROVIDER_OPERATOR in principal.roles and principal.provider == provider:
+        return
+    raise PermissionDenied(
+        f"{principal.subject!r} may not see provider {provider!r}'s settlement: it needs the "
+        "program office role or an operator token for that provider"
+    )
+
+
+async def usage_project(
+    principal: Principal,
+    directory: ProjectDirectory,
+    db: Database,
+    fields: Sequence[str],
+    *,
+    project_id: str = "",
+    grant_id: str = "",
+    job_id: str = "",
+) -> str:
+    """Return the project filter for a usage read by ``principal``.
+
+    For program office and service callers it is ``project_id`` unchanged, which may be empty.
+    Anyone else must name a project, a grant or a job, all of one project they are a member
+    of, and gets that project. ``fields`` are the request's fields that name one, for the
+    error message. Raises NotFound for an unknown project, grant or job, and
+    PermissionDenied otherwise.
+    """
+    if sees_every_project(principal):
+        return project_id
+    if grant_id:
+        grant = await directory.grant_info(grant_id)
+        # A grant of another project is reported as not found, as the grant service reports
+        # what the caller may not see.
+        if grant is None or (project_id and grant.project_id != project_id):
+            raise NotFound("grant", grant_id)
+        project_id = grant.project_id
+    if job_id:
+        async with db.acquire() as conn:
+            job_project = await conn.fetchval(
+                "SELECT project_id FROM metering.jobs WHERE job_id = $1 LIMIT 1", job_id
+            )
+        if not job_project or (project_id and job_project != project_id):
+            raise NotFound("job", job_id)
+        project_id = job_project
+    if not project_id:
+        raise PermissionDenied(
+            f"{principal.subject!r} may read usage only of projects they are a member of: "
+            f"set {' or '.join(fields)} to one of theirs"
+        )
+    project = await directory.project(project_id)
+    if project is None:
+        raise NotFound("project", project_id)
+    if principal.subject not in project.subjects:
+        raise PermissionDenied(
+            f"{principal.subject!r} is not a member of project {project_id!r} and may not "
+            "see its usage; ask its PI to add you, or query a project you belong to"
+        )
+    return project_id
