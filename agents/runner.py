@@ -218,7 +218,9 @@ class TaskRunner:
         task = _Task(record, process)
         self._tasks[spec.task_id] = task
         self._state.put_task(self._node_key, record)
-        logger.info("task %s of job %s started as pid %d", spec.task_id, spec.job_id, process.pid)
+        # DEBUG: a fleet process starts hundreds of tasks per second, and the task event
+        # carries the same facts.
+        logger.debug("task %s of job %s started as pid %d", spec.task_id, spec.job_id, process.pid)
         self._emit_state(record, TaskState.RUNNING, f"pid {process.pid}")
         self._supervise(task)
 
@@ -361,7 +363,9 @@ class TaskRunner:
         self._state.remove_task(self._node_key, record.task_id, durable=record.pid != 0)
         self._remember(record.task_id, state)
         reason = record.stop_reason or ("exited" if exit_code is not None else "ended")
-        logger.info("task %s %s (exit code %s)", record.task_id, state.value, exit_code)
+        # Only the tasks that did not succeed are worth a line at INFO.
+        log = logger.debug if state is TaskState.SUCCEEDED else logger.info
+        log("task %s %s (exit code %s)", record.task_id, state.value, exit_code)
         health_event_id = ""
         if state is TaskState.FAILED_HARDWARE and failure:
             health_event_id = failure
@@ -468,13 +472,19 @@ def process_start_ticks(pid: int) -> int | None:
     if pid <= 0:
         return None
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as file:
-            text = file.read()
+        descriptor = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
+    try:
+        # One read returns the whole file: it is far shorter than the buffer.
+        data = os.read(descriptor, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
     # The command name (field 2) may contain spaces, so split after its closing parenthesis.
-    fields = text[text.rfind(")") + 2 :].split()
-    if fields[0] == "Z":
+    fields = data[data.rfind(b")") + 2 :].split()
+    if not fields or fields[0] == b"Z":
         return None
     return int(fields[19])
 

@@ -297,8 +297,7 @@ async def test_shares_of_one_accelerator_add_up_to_one(tmp_path: Path) -> None:
 
 
 async def test_exit_reported_before_any_deadline(tmp_path: Path) -> None:
-    # The supervisor sleeps until the wall time ends unless the exit wakes it; the bound here
-    # is below the longest sleep of a supervisor (5 s).
+    # A supervisor sleeps up to 5 s unless the exit wakes it. The bound here is shorter.
     async def body(runner: TaskRunner, recorder: Recorder) -> None:
         for index in range(3):
             task_id = f"quick/1/{index}"
