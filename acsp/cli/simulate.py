@@ -7,12 +7,23 @@ in virtual time and needs no mesh; it writes ``summary.json`` and PNG plots into
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 from acsp.cli._common import EXIT_OK, EXIT_USAGE, CommandError
+
+if TYPE_CHECKING:
+    from scheduler.sim.runner import SimulationConfig
+
+MAX_TRACE_SECONDS: Final = 1e10
+"""Largest arrival or run time taken from a trace, in seconds (about 317 years).
+
+Real traces stay far below it; at 1e308 the replay's float arithmetic divides by zero.
+"""
 
 
 def register(subparsers: Any) -> None:
@@ -61,15 +72,21 @@ def run(args: argparse.Namespace) -> int:
 
     if args.jobs is not None and args.jobs <= 0:
         raise CommandError(f"--jobs {args.jobs} must be a positive count", EXIT_USAGE)
-    if args.time_scale <= 0:
-        raise CommandError(f"--time-scale {args.time_scale} must be > 0", EXIT_USAGE)
-    if args.half_life <= 0:
-        raise CommandError(f"--half-life {args.half_life} must be > 0 seconds", EXIT_USAGE)
+    # A NaN passes a plain `<= 0` test and makes the replay loop forever.
+    if not 0 < args.time_scale < math.inf:
+        raise CommandError(
+            f"--time-scale {args.time_scale} is invalid; give a finite factor above 0", EXIT_USAGE
+        )
+    if not 0 < args.half_life < math.inf:
+        raise CommandError(
+            f"--half-life {args.half_life} is invalid; give a finite number of seconds above 0",
+            EXIT_USAGE,
+        )
     trace = args.trace or OPENB_PODS
     fleet = args.fleet or OPENB_NODES
     for option, path in (("--trace", trace), ("--fleet", fleet)):
         if not path.is_file():
-            raise CommandError(f"{option} {path}: file not found", EXIT_USAGE)
+            raise CommandError(f"{option} {path}: not found or not a file", EXIT_USAGE)
     config = SimulationConfig(
         trace=trace,
         fleet=fleet,
@@ -80,9 +97,74 @@ def run(args: argparse.Namespace) -> int:
         time_scale=args.time_scale,
         plots=not args.no_plots,
     )
+    _check_inputs(config)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(
+            f"--out {args.out}: cannot create the folder ({exc.strerror}); "
+            "name a folder you can write",
+            EXIT_USAGE,
+        ) from None
     summary = simulate(config)
     _print_summary(summary, args.out)
     return EXIT_OK
+
+
+def _check_inputs(config: SimulationConfig) -> None:
+    """Load the trace and the fleet once to reject bad files before the replay starts.
+
+    The replay loads them again: a second read of a trace costs far less than the replay.
+    """
+    from scheduler.sim.runner import load_trace
+    from scheduler.sim.traces import load_openb_nodes
+
+    expected = "an SWF file" if config.trace.suffix.lower() == ".swf" else "an openb pod CSV"
+    try:
+        trace = load_trace(config)
+    except (OSError, KeyError, TypeError, ValueError, csv.Error) as exc:
+        raise CommandError(
+            f"--trace {config.trace}: cannot read it as {expected} ({_describe(exc)})",
+            EXIT_USAGE,
+        ) from None
+    if not trace.jobs:
+        raise CommandError(
+            f"--trace {config.trace}: no job to replay (rows skipped: {trace.skipped}); "
+            f"give {expected} with jobs that request accelerators",
+            EXIT_USAGE,
+        )
+    for job in trace.jobs:
+        times = (
+            ("arrival", job.arrival),
+            ("run time", job.runtime),
+            ("wall time", job.wall_time_s),
+        )
+        for field, value in times:
+            if not 0 <= value <= MAX_TRACE_SECONDS:
+                raise CommandError(
+                    f"--trace {config.trace}: job {job.name} has an invalid {field} of {value} s; "
+                    f"times must be finite, from 0 to {MAX_TRACE_SECONDS:.0e} s",
+                    EXIT_USAGE,
+                )
+    try:
+        nodes = load_openb_nodes(config.fleet)
+    except (OSError, KeyError, TypeError, ValueError, csv.Error) as exc:
+        raise CommandError(
+            f"--fleet {config.fleet}: cannot read it as an openb node CSV ({_describe(exc)})",
+            EXIT_USAGE,
+        ) from None
+    if not nodes:
+        raise CommandError(
+            f"--fleet {config.fleet}: no node with accelerators; give an openb node CSV "
+            "with columns sn, gpu and model",
+            EXIT_USAGE,
+        )
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing column {exc}"
+    return str(exc)
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:

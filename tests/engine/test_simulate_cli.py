@@ -37,3 +37,74 @@ def test_simulate_rejects_bad_time_scale(tmp_path: Path) -> None:
     status = main(["simulate", "--time-scale", "0", "--out", str(tmp_path)])
 
     assert status == 2
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--time-scale", "nan"), ("--time-scale", "inf"), ("--half-life", "nan")],
+)
+def test_simulate_rejects_non_finite_option(
+    option: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["simulate", option, value, "--out", str(tmp_path), "--no-plots"])
+
+    assert status == 2
+    assert option in capsys.readouterr().err
+    assert not (tmp_path / "summary.json").exists()
+
+
+SWF_FIELDS_AFTER_RUN = "1 -1 -1 1 100 -1 1 1 1 -1 -1 -1 -1 -1"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("nan.swf", f"1 0 0 nan {SWF_FIELDS_AFTER_RUN}\n", "run time of nan"),
+        ("inf.swf", f"1 0 0 inf {SWF_FIELDS_AFTER_RUN}\n", "run time of inf"),
+        ("far.swf", f"1 1e308 0 10 {SWF_FIELDS_AFTER_RUN}\n", "arrival of 1e+308"),
+        ("binary.swf", "x\udcff\n", "cannot read it as an SWF file"),
+        ("columns.csv", "a,b\n1,2\n", "missing column 'num_gpu'"),
+        ("empty.csv", "", "no job to replay"),
+    ],
+    ids=["nan", "inf", "far", "binary", "columns", "empty"],
+)
+def test_simulate_rejects_bad_trace(
+    name: str, content: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / name
+    trace.write_bytes(content.encode("utf-8", "surrogateescape"))
+    out = tmp_path / "out"
+
+    status = main(["simulate", "--trace", str(trace), "--out", str(out), "--no-plots"])
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_simulate_rejects_fleet_without_nodes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_text("sn,gpu,model\n")
+    args = ["simulate", "--trace", str(DATA / "tiny.swf"), "--fleet", str(fleet)]
+
+    status = main([*args, "--out", str(tmp_path / "out"), "--no-plots"])
+
+    assert status == 2
+    assert "--fleet" in capsys.readouterr().err
+
+
+def test_simulate_rejects_out_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "taken"
+    out.write_text("")
+    args = ["simulate", "--trace", str(DATA / "tiny.swf"), "--fleet", str(DATA / "two_regions.csv")]
+
+    status = main([*args, "--out", str(out), "--no-plots"])
+
+    assert status == 2
+    assert "--out" in capsys.readouterr().err
