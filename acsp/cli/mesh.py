@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from acsp._channel import Credentials
 from acsp.cli._common import (
@@ -21,6 +21,7 @@ from acsp.cli._common import (
     CommandError,
     connection_options,
     output_options,
+    positive_seconds,
     print_records,
 )
 from acsp.mesh.credentials import mint_token
@@ -38,6 +39,22 @@ logger = logging.getLogger(__name__)
 
 TOKEN_KEY_PATH = Path("token") / "signing.key"
 """Path of the key that :func:`services.runtime.auth.ensure_signing_key` writes, in the data dir."""
+MAX_TOKEN_TTL_S: Final = 366 * 86_400
+"""Maximum lifetime of a token that ``acsp token`` mints, in seconds: 366 days.
+
+The services keep no list of revoked tokens, so a leaked token is valid until it expires.
+"""
+
+
+def token_lifetime(text: str) -> float:
+    """Parse ``--ttl`` for argparse: seconds above zero and at most :data:`MAX_TOKEN_TTL_S`."""
+    seconds = positive_seconds(text)
+    if seconds > MAX_TOKEN_TTL_S:
+        raise argparse.ArgumentTypeError(
+            f"{text} s is above the maximum of {MAX_TOKEN_TTL_S} s (366 days); "
+            "ask for a shorter lifetime"
+        )
+    return seconds
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -97,10 +114,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     token.add_argument("--provider", default=None, help="the provider a provider_operator acts for")
     token.add_argument(
         "--ttl",
-        type=float,
+        type=token_lifetime,
         default=12 * 3600.0,
         metavar="SECONDS",
-        help="lifetime of the token in seconds (default: 43200, 12 hours)",
+        help=(
+            f"lifetime of the token in seconds, at most {MAX_TOKEN_TTL_S} "
+            "(default: 43200, 12 hours)"
+        ),
     )
     token.add_argument(
         "--data-dir",

@@ -12,7 +12,7 @@ import grpc
 import jwt
 import pytest
 
-from acsp.cli import _common, main
+from acsp.cli import _common, main, mesh
 from acsp.mesh.credentials import mint_token, prepare
 from acsp.mesh.endpoints import MeshInfo, MeshNotFoundError, load_mesh, supervisor_alive
 
@@ -96,6 +96,15 @@ def test_token_command_prints_token(tmp_path: Path, capsys: pytest.CaptureFixtur
     output = capsys.readouterr().out.strip()
     assert code == _common.EXIT_OK
     assert jwt.decode(output, options={"verify_signature": False})["roles"] == ["reviewer"]
+
+
+def test_token_command_accepts_maximum_ttl(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    prepare(tmp_path, services=[])
+    argv = ["token", "--data-dir", str(tmp_path), "--role", "pi", "--subject", "a"]
+    code = main.main([*argv, "--ttl", str(mesh.MAX_TOKEN_TTL_S)])
+    claims = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+    assert code == _common.EXIT_OK
+    assert claims["exp"] - claims["iat"] == mesh.MAX_TOKEN_TTL_S
 
 
 def test_token_command_without_key_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -25,6 +25,9 @@ from acsp.cli import _common, jobs, main, usage
         (["usage", "charges", "--page-size", "0"], "--page-size"),
         (["status", "--timeout", "-1"], "--timeout"),
         (["status", "--timeout", "nan"], "--timeout"),
+        (["token", "--role", "pi", "--subject", "a", "--ttl", "99999999999999"], "--ttl"),
+        (["token", "--role", "pi", "--subject", "a", "--ttl", "inf"], "--ttl"),
+        (["token", "--role", "pi", "--subject", "a", "--ttl", "nan"], "--ttl"),
     ],
 )
 def test_out_of_range_option_exits_2_naming_it(
