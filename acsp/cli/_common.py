@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Final, TextIO
 import grpc
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from acsp._channel import DEFAULT_TIMEOUT_S
 from acsp.client import AsyncClient, Client
@@ -36,6 +38,8 @@ PIPE_WIDTH: Final = 1_000
 """Table width in characters when stdout is a pipe or a file."""
 UINT32_MAX: Final = 2**32 - 1
 """The largest count a protobuf ``uint32`` field (task count, page size) can carry."""
+CONTROL_CHARACTERS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""C0 and C1 control characters, which a terminal interprets instead of displaying."""
 
 
 class CommandError(Exception):
@@ -136,7 +140,9 @@ def print_records(
 ) -> None:
     """Print ``records`` (one mapping per row) as a rich table, CSV or JSON lines.
 
-    Values are printed with ``str()``, so Decimal amounts keep every digit.
+    Values are printed with ``str()``, so Decimal amounts keep every digit. A table prints them
+    as plain text with control characters escaped, so a name that a user chose cannot act as
+    rich markup or as a terminal escape sequence.
     """
     out = stream if stream is not None else sys.stdout
     if output_format == "csv":
@@ -150,16 +156,23 @@ def print_records(
         for record in records:
             out.write(json.dumps({column: _cell(record.get(column)) for column in columns}) + "\n")
         return
-    table = Table(title=title, show_edge=False, header_style="bold")
+    table = Table(
+        title=None if title is None else _plain_text(title), show_edge=False, header_style="bold"
+    )
     for column in columns:
         # Fold long values instead of cutting them with an ellipsis: ids must stay whole.
         table.add_column(column, overflow="fold")
     for record in records:
-        table.add_row(*(_cell(record.get(column)) for column in columns))
+        table.add_row(*(_plain_text(_cell(record.get(column))) for column in columns))
     # Rich assumes 80 columns when the output is not a terminal; a pipe or file gets every
     # row on one line instead.
     width = None if out.isatty() else PIPE_WIDTH
     Console(file=out, soft_wrap=True, width=width).print(table)
+
+
+def _plain_text(value: str) -> Text:
+    """Wrap ``value`` for rich without markup, with control characters escaped as ``\\x1b``."""
+    return Text(CONTROL_CHARACTERS.sub(lambda match: repr(match.group())[1:-1], value))
 
 
 def _cell(value: Any) -> str:

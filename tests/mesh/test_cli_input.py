@@ -67,6 +67,25 @@ def test_table_to_pipe_keeps_long_ids_whole():
     assert long_id in out.getvalue()
 
 
+@pytest.mark.parametrize("name", ["[/bold]", "[/]", "[red]x[/red]", "[link=http://h]y[/link]"])
+def test_table_shows_brackets_as_typed(name: str):
+    out = io.StringIO()
+    _common.print_records([{"name": name}], ["name"], title=name, stream=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].strip() == name
+    assert lines[-1].strip() == name
+
+
+def test_table_escapes_control_characters():
+    out = io.StringIO()
+    _common.print_records([{"name": "a\x1b[2Jb\nc\x9b"}], ["name"], stream=out)
+    text = out.getvalue()
+    assert "\x1b" not in text
+    assert "\x9b" not in text
+    assert "a\\x1b[2Jb\\nc\\x9b" in text
+    assert len(text.splitlines()) == 3
+
+
 class _FakeMetering:
     def ExportSettlement(self, request: object) -> argparse.Namespace:
         return argparse.Namespace(csv="provider\n")
