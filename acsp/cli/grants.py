@@ -35,6 +35,8 @@ OUTCOMES = {
     "reject": grant_pb2.DECISION_OUTCOME_REJECT,
 }
 ROLES = {"member": grant_pb2.PROJECT_ROLE_MEMBER, "viewer": grant_pb2.PROJECT_ROLE_VIEWER}
+MAX_PAGE_SIZE = 1000
+"""Maximum rows of one grant service list call; the service rejects larger pages."""
 KINDS = {
     name.removeprefix("LEDGER_ENTRY_KIND_").lower(): number
     for name, number in common_pb2.LedgerEntryKind.items()
@@ -548,11 +550,21 @@ def register(subparsers: Any) -> None:
     p = command("applications", run_applications, "list applications, or show one")
     p.add_argument("application", nargs="?", help="show this application with its history")
     p.add_argument("--project")
-    p.add_argument("--limit", type=whole_number(1), default=100, help="rows to show (at most 1000)")
+    p.add_argument(
+        "--limit",
+        type=whole_number(1, MAX_PAGE_SIZE),
+        default=100,
+        help=f"rows to show (at most {MAX_PAGE_SIZE})",
+    )
 
     p = command("list", run_list, "list the grants you may see")
     p.add_argument("--project")
-    p.add_argument("--limit", type=whole_number(1), default=100, help="rows to show (at most 1000)")
+    p.add_argument(
+        "--limit",
+        type=whole_number(1, MAX_PAGE_SIZE),
+        default=100,
+        help=f"rows to show (at most {MAX_PAGE_SIZE})",
+    )
 
     p = command("balance", run_balance, "show a grant's or sub-allocation's balance")
     p.add_argument("grant")
@@ -562,7 +574,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("grant")
     p.add_argument("--kind", choices=sorted(KINDS))
     p.add_argument(
-        "--limit", type=whole_number(1), default=100, help="entries to show (at most 1000)"
+        "--limit",
+        type=whole_number(1, MAX_PAGE_SIZE),
+        default=100,
+        help=f"entries to show (at most {MAX_PAGE_SIZE})",
     )
     p.add_argument("--after", help="continue after this entry id (from the previous page)")
 
@@ -575,7 +590,12 @@ def register(subparsers: Any) -> None:
 
     p = command("suballocations", run_suballocations, "list a grant's sub-allocations")
     p.add_argument("grant")
-    p.add_argument("--limit", type=whole_number(1), default=100, help="rows to show (at most 1000)")
+    p.add_argument(
+        "--limit",
+        type=whole_number(1, MAX_PAGE_SIZE),
+        default=100,
+        help=f"rows to show (at most {MAX_PAGE_SIZE})",
+    )
 
     p = command("expire", run_expire, "expire grants whose window ended (program office)")
     idempotent(p)

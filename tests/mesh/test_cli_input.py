@@ -22,6 +22,8 @@ from acsp.cli import _common, jobs, main, usage
         (["jobs", "submit", "--project", "p", "--array", "x", "--", "true"], "--array"),
         (["jobs", "list", "--limit", "0"], "--limit"),
         (["grants", "history", "g", "--limit", "-4"], "--limit"),
+        (["grants", "history", "g", "--limit", "1001"], "--limit"),
+        (["grants", "list", "--limit", "5000"], "--limit"),
         (["usage", "charges", "--page-size", "0"], "--page-size"),
         (["status", "--timeout", "-1"], "--timeout"),
         (["status", "--timeout", "nan"], "--timeout"),
