@@ -62,11 +62,14 @@ class Publisher:
             return []
         futures: list[asyncio.Future[Any]] = []
         try:
-            for subject, payload, msg_id in messages:
-                future = await self._js.publish_async(
-                    subject, payload, wait_stall=self._timeout, headers={"Nats-Msg-Id": msg_id}
-                )
-                futures.append(future)
+            # One deadline bounds every wait for a free slot. nats-py 2.16 passes a wait_stall
+            # to asyncio.wait_for, which costs a task and a timer per message.
+            async with asyncio.timeout(self._timeout):
+                for subject, payload, msg_id in messages:
+                    future = await self._js.publish_async(
+                        subject, payload, wait_stall=None, headers={"Nats-Msg-Id": msg_id}
+                    )
+                    futures.append(future)
         except (NatsError, TimeoutError) as exc:
             logger.warning(
                 "publishing stalled after %d of %d messages: %s", len(futures), len(messages), exc
