@@ -19,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from nats.errors import Error as NatsError
 
@@ -26,7 +27,8 @@ from agents.spool import Spool, SpoolRecord
 
 logger = logging.getLogger(__name__)
 
-PublishFunction = Callable[[str, bytes, dict[str, str]], Awaitable[object]]
+PublishFunction = Callable[[str, bytes, dict[str, str]], Awaitable["asyncio.Future[Any]"]]
+"""Sends one message to JetStream and returns the future of its acknowledgement."""
 
 
 @dataclass(slots=True)
@@ -138,29 +140,38 @@ class Outbox:
 
     async def _publish_batch(self, publish: PublishFunction) -> int:
         batch = self._spool.peek(self._batch_size)
-
-        async def publish_one(record: SpoolRecord) -> object:
+        acks: list[asyncio.Future[Any]] = []
+        failure: BaseException | None = None
+        try:
+            # One deadline for the whole batch, so no message needs a timer of its own.
             async with asyncio.timeout(self._ack_timeout_s):
-                headers = {"Nats-Msg-Id": record.msg_id}
-                return await publish(record.subject, record.payload, headers)
-
-        results = await asyncio.gather(
-            *(publish_one(record) for record in batch), return_exceptions=True
-        )
+                for record in batch:
+                    headers = {"Nats-Msg-Id": record.msg_id}
+                    acks.append(await publish(record.subject, record.payload, headers))
+                if acks:
+                    # The deadline above bounds this too, unless a library swallows its
+                    # cancellation, so the wait carries its own bound as well.
+                    await asyncio.wait(acks, timeout=self._ack_timeout_s)
+        except (NatsError, TimeoutError, OSError) as error:
+            failure = error
+        finally:
+            for ack in acks:
+                ack.cancel()  # a no-op for the acknowledged ones
         acknowledged = 0
-        for result in results:
-            if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                if not isinstance(result, NatsError | TimeoutError | OSError):
-                    raise result
+        for ack in acks:
+            problem = None if ack.cancelled() else ack.exception()
+            if ack.cancelled() or problem is not None:
+                if problem is not None and not isinstance(
+                    problem, NatsError | TimeoutError | OSError
+                ):
+                    raise problem
+                failure = failure or problem or TimeoutError("no acknowledgement in time")
                 break
             acknowledged += 1
         self._spool.commit(acknowledged)
         self.counters.published += acknowledged
         if acknowledged < len(batch):
             self.counters.publish_failures += 1
-            failure = results[acknowledged]
             logger.info(
                 "publishing paused after %d of %d messages: %r; %d wait in the spool",
                 acknowledged,

@@ -52,6 +52,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from acsp import subjects
@@ -139,6 +140,7 @@ class AgentProcess:
         self._per_provider = per_provider_consumers
         self._clock = clock
         self._client: Client | None = None
+        self._jetstream: JetStreamContext | None = None
         self._connected_once = asyncio.Event()
         self._reconnected = asyncio.Event()
         self.counters = ProcessCounters()
@@ -310,10 +312,18 @@ class AgentProcess:
         logger.info("reconnected to NATS; replaying %d spooled messages", self._outbox.pending)
         self._reconnected.set()
 
-    async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> object:
+    async def _publish(
+        self, subject: str, payload: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[Any]:
         if self._client is None:
             raise nats.errors.ConnectionClosedError
-        return await self._client.jetstream().publish(subject, payload, headers=headers)
+        if self._jetstream is None:
+            # One context for the connection: it owns the subscription that receives the acks.
+            self._jetstream = self._client.jetstream()
+        # wait_stall=None: the outbox bounds the whole batch with one deadline.
+        return await self._jetstream.publish_async(
+            subject, payload, wait_stall=None, headers=headers
+        )
 
     # Periodic work ---------------------------------------------------------------------------
 
