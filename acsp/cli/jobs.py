@@ -102,7 +102,11 @@ def register(subparsers: Any) -> None:
     submit.set_defaults(func=submit_job)
 
     listing = commands.add_parser("list", parents=[connection, output], help="list jobs")
-    listing.add_argument("--project", default="", help="only this project's jobs")
+    listing.add_argument(
+        "--project",
+        default="",
+        help="this project's jobs, by every member (default: the jobs you submitted)",
+    )
     listing.add_argument("--state", action="append", default=[], choices=sorted(STATES))
     listing.add_argument("--array", default="", help="only the jobs of this array")
     listing.add_argument(
@@ -123,7 +127,9 @@ def register(subparsers: Any) -> None:
         "watch", parents=[connection], help="print job changes as they happen (Ctrl-C stops)"
     )
     watch.add_argument("job_id", nargs="?", default="", help="one job (default: all yours)")
-    watch.add_argument("--project", default="", help="only this project's jobs")
+    watch.add_argument(
+        "--project", default="", help="this project's jobs, by every member (default: yours)"
+    )
     watch.set_defaults(func=watch_jobs)
 
 

@@ -20,7 +20,6 @@ from services.runtime.context import remaining_s, request_id
 from services.runtime.errors import (
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     Unavailable,
 )
 
@@ -29,6 +28,7 @@ from .errors import GrantConstraintViolations, InvalidFields
 from .fleet_api import FleetRpcs
 from .grant_limits import check_against_grant, narrow_to_grant
 from .inputs import CancelRequested
+from .job_access import JobAccess, ReadScope
 from .leadership import Leadership
 from .model import Job, JobFilter, new_job_id
 from .providers import ProviderDirectory
@@ -47,6 +47,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
 
     def __init__(self, leadership: Leadership) -> None:
         super().__init__(leadership)
+        self._access = JobAccess(leadership.projects)
 
     # Jobs.
 
@@ -147,10 +148,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         principal = current_principal()
         if not request.job_id:
             raise InvalidArgument("job_id", "is empty", "pass the id SubmitJob returned")
-        job = await self._lead.store.get_job(request.job_id)
-        if job is None or not _may_see(principal, job):
-            raise NotFound("job", request.job_id)
-        return job_to_proto(job)
+        return job_to_proto(await self._visible_job(principal, request.job_id))
 
     async def ListJobs(
         self, request: scheduler_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
@@ -173,8 +171,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             raise InvalidArgument(
                 "page.page_token", str(exc), "pass a token a list returned"
             ) from None
-        owner = "" if _sees_all(principal) else principal.subject
-        filters = JobFilter(tuple(states), request.project_id, request.array_job_id, owner)
+        scope = await self._access.read_scope(principal, request.project_id)
+        filters = JobFilter(tuple(states), scope.project_id, request.array_job_id, scope.owner)
         jobs, token = await self._lead.store.list_jobs(
             filters, request.page.page_size, request.page.page_token
         )
@@ -189,11 +187,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         principal = current_principal()
         if not request.job_id:
             raise InvalidArgument("job_id", "is empty", "pass the id of the job to cancel")
-        job = await self._lead.store.get_job(request.job_id)
-        if job is None or not _may_see(principal, job):
-            raise NotFound("job", request.job_id)
-        if job.owner != principal.subject and not _sees_all(principal):
-            raise PermissionDenied(f"job {job.job_id} belongs to {job.owner!r}")
+        job = await self._visible_job(principal, request.job_id)
+        await self._access.check_cancel(principal, job)
         if job.terminal:
             return job_to_proto(job)
         leader = self._lead.require()
@@ -212,10 +207,17 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> AsyncIterator[scheduler_pb2.Job]:
         principal = current_principal()
         leader = self._lead.require()
+        # Access is checked before the first change is sent, so a watch of something the
+        # caller may not read fails at once instead of staying silent.
+        scope = await self._access.read_scope(principal, request.project_id)
+        if request.job_id:
+            await self._visible_job(principal, request.job_id)
+            # A job the caller may read is watched even when another member submitted it.
+            scope = ReadScope(scope.project_id)
         watcher = leader.watchers.subscribe(request.job_id, request.project_id)
         try:
             if request.send_initial:
-                for initial in await self._initial(request, principal):
+                for initial in await self._initial(request, scope):
                     yield job_to_proto(initial)
             while True:
                 try:
@@ -226,22 +228,32 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
                     if not self._lead.leading:
                         raise Unavailable("the scheduler lost leadership; watch again")
                     continue
-                if _may_see(principal, change):
+                # Membership is checked again for every change, so a member removed from the
+                # project stops seeing its jobs once the cached membership expires.
+                if scope.matches(change) and await self._access.may_see(principal, change):
                     yield job_to_proto(change)
         finally:
             leader.watchers.unsubscribe(watcher)
 
+    async def _visible_job(self, principal: Principal, job_id: str) -> Job:
+        """Return job ``job_id`` if ``principal`` may read it.
+
+        Raises NotFound both for a missing job and for one the caller may not read, so that a
+        caller cannot probe for the job ids of other projects.
+        """
+        job = await self._lead.store.get_job(job_id)
+        if job is None or not await self._access.may_see(principal, job):
+            raise NotFound("job", job_id)
+        return job
+
     async def _initial(
-        self, request: scheduler_pb2.WatchJobsRequest, principal: Principal
+        self, request: scheduler_pb2.WatchJobsRequest, scope: ReadScope
     ) -> list[Job]:
         if request.job_id:
             job = await self._lead.store.get_job(request.job_id)
-            if job is None or not _may_see(principal, job):
-                raise NotFound("job", request.job_id)
-            return [job]
-        owner = "" if _sees_all(principal) else principal.subject
+            return [job] if job is not None and scope.matches(job) else []
         filters = JobFilter(
-            ("pending", "starting", "running", "stopping"), request.project_id, "", owner
+            ("pending", "starting", "running", "stopping"), scope.project_id, "", scope.owner
         )
         jobs, _ = await self._lead.store.list_jobs(filters, 1000, "")
         return jobs
@@ -271,13 +283,3 @@ def _submit_response(
     parent.spec.array_size = array_size
     parent.state_message = f"array of {len(jobs)} jobs"
     return scheduler_pb2.SubmitJobResponse(job=parent, array_job_ids=[job.job_id for job in jobs])
-
-
-def _sees_all(principal: Principal) -> bool:
-    return principal.has_any((Role.PROGRAM_OFFICE, Role.SERVICE))
-
-
-def _may_see(principal: Principal, job: Job) -> bool:
-    # NOTE: project membership is stored by the grant service and not checked here yet, so
-    # a researcher can read only the jobs they submitted.
-    return _sees_all(principal) or job.owner == principal.subject
