@@ -28,7 +28,7 @@ from agents.spool import Spool, SpoolRecord
 logger = logging.getLogger(__name__)
 
 PublishFunction = Callable[[str, bytes, dict[str, str]], Awaitable["asyncio.Future[Any]"]]
-"""Sends one message to JetStream and returns the future of its acknowledgement."""
+"""A function that sends one message to JetStream and returns the future of its acknowledgement."""
 
 
 @dataclass(slots=True)

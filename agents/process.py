@@ -75,7 +75,7 @@ _DRAIN_S = 5.0
 """Seconds a stopping agent spends publishing what waits in the spool."""
 _HEARTBEAT_CHUNK = 500
 _COMMAND_BATCH = 256
-"""Queued commands handled before one state save and their acknowledgements."""
+"""Maximum queued commands handled before the state is saved and they are acknowledged."""
 # Nodes handled between yields to the event loop, so that commands wait at most a few ms.
 _YIELD_EVERY = 50
 

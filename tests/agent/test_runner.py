@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -309,3 +311,32 @@ async def test_exit_reported_before_any_deadline(tmp_path: Path) -> None:
     recorder = await run_with_group(tmp_path, body)
     for index in range(3):
         assert recorder.states(f"quick/1/{index}") == [TaskState.RUNNING, TaskState.SUCCEEDED]
+
+
+async def test_exit_seen_without_pidfds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Kernels before Linux 5.3 have no pidfd_open; the supervisor then polls the process.
+    def no_pidfd(pid: int) -> int:
+        raise OSError(errno.ENOSYS, "pidfd_open is not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        await runner.start(TaskSpec("p", "p/1/0", ("GPU-4",), ("sleep", "0.2"), wall_time_s=600))
+        await runner.start(
+            TaskSpec(
+                "q",
+                "q/1/0",
+                ("GPU-5",),
+                python_command("import time; time.sleep(60)"),
+                wall_time_s=0.5,
+                grace_period_s=1.0,
+            )
+        )
+        assert all(task.process is not None for task in runner._tasks.values())
+        assert all(task.process.polled for task in runner._tasks.values())  # type: ignore[union-attr]
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("p/1/0"), 3.0)
+        await wait_for(lambda: TaskState.TIMED_OUT in recorder.states("q/1/0"), 5.0)
+
+    recorder = await run_with_group(tmp_path, body)
+    assert recorder.last("p/1/0").exit_code == 0
+    assert recorder.last("q/1/0").exit_code == -15
