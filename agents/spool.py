@@ -20,10 +20,12 @@ consumer can see.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import os
 import struct
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,8 @@ _LENGTH = struct.Struct(">H")
 _HEAD = struct.Struct(">QI")
 _SUFFIX = ".seg"
 _READ_CHUNK = 256 << 10
+_CACHE_MAX_RECORDS = 8192
+_CACHE_MAX_BYTES = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,9 @@ class Spool:
         self._head = self._read_head()
         self._tail = self._recover_tail()
         self._pending_records = self._count_records()
+        # A copy of the pending records while they are few, so that the sender peeks and
+        # commits without reading the segments back. None while they are on disk only.
+        self._cache: deque[_Read] | None = deque() if self._pending_records == 0 else None
         self.dropped = 0
         """Records rejected because the spool was full, since this object was created."""
         if self._segments:
@@ -112,7 +119,19 @@ class Spool:
         self._writer.flush()
         os.fsync(self._writer.fileno())
         self._pending_records += len(encoded)
+        self._cache_appended(records[: len(encoded)], encoded)
         return len(encoded)
+
+    def _cache_appended(self, records: Sequence[SpoolRecord], frames: list[bytes]) -> None:
+        if self._cache is None:
+            return
+        if self._pending_records > _CACHE_MAX_RECORDS or self.pending_bytes > _CACHE_MAX_BYTES:
+            self._cache = None  # Read from disk until the spool is empty again.
+            return
+        end = self._tail - sum(len(frame) for frame in frames)
+        for record, frame in zip(records, frames, strict=True):
+            end += len(frame)
+            self._cache.append(_Read(record, end))
 
     def _writer_for(self, size: int) -> BinaryIO:
         if self._writer is None or (
@@ -136,17 +155,30 @@ class Spool:
 
     def peek(self, max_records: int) -> list[SpoolRecord]:
         """Return up to ``max_records`` records from the head, without removing them."""
+        if self._cache is not None:
+            return [read.record for read in itertools.islice(self._cache, max_records)]
         return [read.record for read in self._read_from_head(max_records)]
 
     def commit(self, count: int) -> None:
         """Remove the first ``count`` records: JetStream acknowledged them."""
         if count <= 0:
             return
-        reads = self._read_from_head(count)
-        if len(reads) != count:
-            raise ValueError(f"commit of {count} records but only {len(reads)} are pending")
-        self._head = reads[-1].end
+        if self._cache is not None:
+            if len(self._cache) < count:
+                raise ValueError(
+                    f"commit of {count} records but only {len(self._cache)} are pending"
+                )
+            for _ in range(count - 1):
+                self._cache.popleft()
+            self._head = self._cache.popleft().end
+        else:
+            reads = self._read_from_head(count)
+            if len(reads) != count:
+                raise ValueError(f"commit of {count} records but only {len(reads)} are pending")
+            self._head = reads[-1].end
         self._pending_records -= count
+        if self._pending_records == 0 and self._cache is None:
+            self._cache = deque()
         self._write_head()
         self._delete_consumed_segments()
 

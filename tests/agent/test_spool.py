@@ -86,3 +86,25 @@ def test_commit_more_than_pending_is_an_error(tmp_path: Path) -> None:
     spool.append(records(0, 2))
     with pytest.raises(ValueError, match="only 2 are pending"):
         spool.commit(3)
+
+
+def test_spool_order_holds_across_its_memory_limit(tmp_path: Path) -> None:
+    # Past 8,192 pending records the spool reads them back from disk. Once empty, it keeps
+    # new ones in memory again. Both ways return the same records in the same order.
+    spool = Spool(tmp_path)
+    spool.append(records(0, 100))
+    spool.commit(40)
+    assert [r.msg_id for r in spool.peek(2)] == ["id-40", "id-41"]
+    spool.append(records(100, 9000))
+    spool.commit(60)
+    assert [r.msg_id for r in spool.peek(2)] == ["id-100", "id-101"]
+    assert spool.peek(1)[0].payload == bytes([100]) * 10
+    spool.commit(spool.pending_records - 1)
+    assert [r.msg_id for r in spool.peek(5)] == ["id-9099"]
+    spool.commit(1)
+    spool.append(records(9100, 3))
+    assert [r.msg_id for r in spool.peek(5)] == ["id-9100", "id-9101", "id-9102"]
+    spool.commit(2)
+    spool.close()
+    reopened = Spool(tmp_path)
+    assert [r.msg_id for r in reopened.peek(5)] == ["id-9102"]
