@@ -5,13 +5,17 @@ Calls are retried on UNAVAILABLE by gRPC itself (a retry policy in the channel's
 only when they are idempotent: reads, and mutating calls whose request carries a
 ``request_id``. The SDK fills an empty ``request_id`` with a fresh UUID before the first try,
 so that every retry of that call carries the same id and the server applies it once.
+
+Batched calls (``PlaceHolds``, ``CommitCharges``, ``SubmitJobs``) carry a request id on each
+item instead. The SDK retries one with the same policy only when every item has a non-empty
+request id, and leaves empty ones empty (see :mod:`acsp._retry`).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple
@@ -21,15 +25,24 @@ import grpc.aio
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
+from acsp._retry import (
+    BACKOFF_MULTIPLIER,
+    INITIAL_BACKOFF_S,
+    MAX_ATTEMPTS,
+    MAX_BACKOFF_S,
+    REQUEST_ID_FIELD,
+    RETRYABLE_CODES,
+    batch_methods,
+    call_with_retries,
+    call_with_retries_async,
+    every_item_has_request_id,
+    method_path,
+)
+
 DEFAULT_TIMEOUT_S: Final = 10.0
 """Deadline of a call that sets none, in seconds."""
-REQUEST_ID_FIELD: Final = "request_id"
 READ_PREFIXES: Final = ("Get", "List", "Watch", "Query", "Check", "Export")
 """Method name prefixes of read calls, which change nothing and so are safe to retry."""
-
-MAX_ATTEMPTS: Final = 5
-INITIAL_BACKOFF_S: Final = 0.1
-MAX_BACKOFF_S: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +107,8 @@ def retry_service_config(services: Iterable[ServiceDescriptor]) -> str:
                     "maxAttempts": MAX_ATTEMPTS,
                     "initialBackoff": f"{INITIAL_BACKOFF_S}s",
                     "maxBackoff": f"{MAX_BACKOFF_S}s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "backoffMultiplier": BACKOFF_MULTIPLIER,
+                    "retryableStatusCodes": [code.name for code in RETRYABLE_CODES],
                 },
             }
         )
@@ -152,9 +165,13 @@ def _merged_metadata(
 class _AsyncCallDefaults:
     """Add the token, the default deadline and a request id to an asyncio call's details."""
 
-    def __init__(self, token: str | None, timeout_s: float) -> None:
+    def __init__(
+        self, token: str | None, timeout_s: float, batches: Mapping[str, str] | None = None
+    ) -> None:
         self._token = token
         self._timeout_s = timeout_s
+        self._batches = dict(batches or {})
+        """Items field of each batched method, by method path."""
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         return grpc.aio.ClientCallDetails(
@@ -172,7 +189,12 @@ class _AsyncUnaryUnaryDefaults(_AsyncCallDefaults, grpc.aio.UnaryUnaryClientInte
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
-        return await continuation(self._details(client_call_details), _with_request_id(request))
+        details = self._details(client_call_details)
+        request = _with_request_id(request)
+        field = self._batches.get(method_path(details.method))
+        if field is not None and every_item_has_request_id(request, field):
+            return await call_with_retries_async(continuation, details, request)
+        return await continuation(details, request)
 
 
 class _AsyncUnaryStreamDefaults(_AsyncCallDefaults, grpc.aio.UnaryStreamClientInterceptor):
@@ -191,7 +213,7 @@ def open_async_channel(
 ) -> grpc.aio.Channel:
     """Open an asyncio channel to ``target`` (``host:port``) for the given services."""
     interceptors: list[grpc.aio.ClientInterceptor] = [
-        _AsyncUnaryUnaryDefaults(credentials.token, timeout_s),
+        _AsyncUnaryUnaryDefaults(credentials.token, timeout_s, batch_methods(services)),
         _AsyncUnaryStreamDefaults(credentials.token, timeout_s),
     ]
     options = channel_options(services)
@@ -215,11 +237,16 @@ class _CallDetails(NamedTuple):
 
 
 class _SyncCallDefaults(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Add the token, the default deadline and a request id to every blocking call."""
+    """Add the token, the default deadline and a request id to every blocking call, and retry
+    batched calls whose items all carry request ids."""
 
-    def __init__(self, token: str | None, timeout_s: float) -> None:
+    def __init__(
+        self, token: str | None, timeout_s: float, batches: Mapping[str, str] | None = None
+    ) -> None:
         self._token = token
         self._timeout_s = timeout_s
+        self._batches = dict(batches or {})
+        """Items field of each batched method, by method path."""
 
     def _details(self, details: Any) -> grpc.ClientCallDetails:
         timeout = details.timeout if details.timeout is not None else self._timeout_s
@@ -235,7 +262,12 @@ class _SyncCallDefaults(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
     def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
-        return continuation(self._details(client_call_details), _with_request_id(request))
+        details = self._details(client_call_details)
+        request = _with_request_id(request)
+        field = self._batches.get(method_path(details.method))
+        if field is not None and every_item_has_request_id(request, field):
+            return call_with_retries(continuation, details, request)
+        return continuation(details, request)
 
     def intercept_unary_stream(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
@@ -256,4 +288,5 @@ def open_channel(
         channel = grpc.insecure_channel(target, options=options)
     else:
         channel = grpc.secure_channel(target, _channel_credentials(credentials), options=options)
-    return grpc.intercept_channel(channel, _SyncCallDefaults(credentials.token, timeout_s))
+    defaults = _SyncCallDefaults(credentials.token, timeout_s, batch_methods(services))
+    return grpc.intercept_channel(channel, defaults)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from acsp import _channel
+from acsp import _channel, _retry
 from acsp.v1 import grant_pb2, metering_pb2, scheduler_pb2
 
 GRANT_SERVICE = grant_pb2.DESCRIPTOR.services_by_name["GrantService"]
@@ -84,3 +84,32 @@ def test_explicit_authorization_metadata_wins():
 def test_credentials_repr_hides_token():
     credentials = _channel.Credentials(token="secret-token-value")
     assert "secret-token-value" not in repr(credentials)
+
+
+def test_batched_methods_found_by_item_request_ids():
+    batches = _retry.batch_methods([GRANT_SERVICE, SCHEDULER_SERVICE, METERING_SERVICE])
+    assert batches == {
+        "/acsp.v1.GrantService/PlaceHolds": "holds",
+        "/acsp.v1.GrantService/CommitCharges": "charges",
+        "/acsp.v1.SchedulerService/SubmitJobs": "jobs",
+    }
+
+
+def test_batch_retried_only_when_every_item_has_id():
+    with_ids = grant_pb2.CommitChargesRequest(
+        charges=[grant_pb2.ChargeItem(request_id="c-1"), grant_pb2.ChargeItem(request_id="c-2")]
+    )
+    one_missing = grant_pb2.CommitChargesRequest(
+        charges=[grant_pb2.ChargeItem(request_id="c-1"), grant_pb2.ChargeItem()]
+    )
+    assert _retry.every_item_has_request_id(with_ids, "charges")
+    assert not _retry.every_item_has_request_id(one_missing, "charges")
+    assert not _retry.every_item_has_request_id(grant_pb2.CommitChargesRequest(), "charges")
+
+
+def test_backoff_stays_under_its_ceiling():
+    delays = {retry: [_retry.backoff_s(retry) for _ in range(200)] for retry in range(1, 8)}
+    for retry, drawn in delays.items():
+        ceiling = min(_retry.INITIAL_BACKOFF_S * 2 ** (retry - 1), _retry.MAX_BACKOFF_S)
+        assert min(drawn) >= 0
+        assert max(drawn) <= ceiling

@@ -10,6 +10,7 @@ import pytest
 import pytest_asyncio
 
 from acsp._channel import Credentials
+from acsp._retry import MAX_ATTEMPTS
 from acsp.client import AsyncClient, Client
 from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -38,14 +39,42 @@ class FlakyGrantService(grant_pb2_grpc.GrantServiceServicer):
         await self._maybe_fail("PlaceHold", context)
         return grant_pb2.Hold(hold_id="h-1")
 
+    async def PlaceHolds(self, request, context):
+        self.request_ids.extend(hold.request_id for hold in request.holds)
+        await self._maybe_fail("PlaceHolds", context)
+        return grant_pb2.PlaceHoldsResponse(
+            results=[grant_pb2.PlaceHoldResult(request_id=h.request_id) for h in request.holds]
+        )
+
     async def CommitCharges(self, request, context):
+        self.request_ids.extend(charge.request_id for charge in request.charges)
         await self._maybe_fail("CommitCharges", context)
-        return grant_pb2.CommitChargesResponse()
+        return grant_pb2.CommitChargesResponse(
+            results=[grant_pb2.ChargeResult(request_id=c.request_id) for c in request.charges]
+        )
 
     async def ExpireGrants(self, request, context):
         self.calls["ExpireGrants"] = self.calls.get("ExpireGrants", 0) + 1
         await asyncio.sleep(5)
         return grant_pb2.ExpireGrantsResponse()
+
+
+class FlakyScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
+    """Fails the first ``failures`` SubmitJobs calls with UNAVAILABLE, then succeeds."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.request_ids: list[list[str]] = []
+
+    async def SubmitJobs(self, request, context):
+        self.calls += 1
+        self.request_ids.append([item.request_id for item in request.jobs])
+        if self.calls <= self.failures:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no leader yet")
+        return scheduler_pb2.SubmitJobsResponse(
+            results=[scheduler_pb2.SubmitJobResponse() for _ in request.jobs]
+        )
 
 
 class SlowScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -162,3 +191,100 @@ async def test_stream_gets_token_and_default_deadline():
         await server.stop(0)
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert service.metadata[0]["authorization"] == "Bearer tok-s"
+
+
+def _holds(*request_ids: str) -> grant_pb2.PlaceHoldsRequest:
+    return grant_pb2.PlaceHoldsRequest(
+        holds=[grant_pb2.PlaceHoldRequest(request_id=rid, grant_id="g") for rid in request_ids]
+    )
+
+
+async def test_batch_with_item_ids_is_retried(flaky):
+    service, endpoints = flaky
+    async with AsyncClient(endpoints, Credentials()) as client:
+        placed = await client.grants.PlaceHolds(_holds("h/1", "h/2"))
+    assert [result.request_id for result in placed.results] == ["h/1", "h/2"]
+    assert service.calls["PlaceHolds"] == 3
+    assert service.request_ids == ["h/1", "h/2"] * 3
+
+
+async def test_batch_missing_item_id_not_retried(flaky):
+    service, endpoints = flaky
+    async with AsyncClient(endpoints, Credentials()) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.grants.PlaceHolds(_holds("h/1", ""))
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert service.calls["PlaceHolds"] == 1
+    # The SDK fills no item's request id, since only the caller knows which items repeat.
+    assert service.request_ids == ["h/1", ""]
+
+
+async def test_batch_retries_end_at_max_attempts(flaky):
+    service, endpoints = flaky
+    service.failures = 100
+    charges = grant_pb2.CommitChargesRequest(charges=[grant_pb2.ChargeItem(request_id="c/1")])
+    async with AsyncClient(endpoints, Credentials(), timeout_s=30) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.grants.CommitCharges(charges)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert service.calls["CommitCharges"] == MAX_ATTEMPTS
+
+
+async def test_batch_retries_end_at_deadline(flaky):
+    service, endpoints = flaky
+    service.failures = 100
+    charges = grant_pb2.CommitChargesRequest(charges=[grant_pb2.ChargeItem(request_id="c/1")])
+    loop = asyncio.get_running_loop()
+    async with AsyncClient(endpoints, Credentials()) as client:
+        started = loop.time()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.grants.CommitCharges(charges, timeout=0.25)
+        elapsed = loop.time() - started
+    assert raised.value.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
+    assert elapsed < 0.25 + 0.2
+    assert service.calls["CommitCharges"] < MAX_ATTEMPTS
+
+
+async def test_blocking_client_retries_batch(flaky):
+    service, endpoints = flaky
+    with_ids = grant_pb2.CommitChargesRequest(charges=[grant_pb2.ChargeItem(request_id="c/1")])
+    without = grant_pb2.CommitChargesRequest(charges=[grant_pb2.ChargeItem()])
+
+    def call() -> tuple[grpc.StatusCode, grant_pb2.CommitChargesResponse]:
+        with Client(endpoints, Credentials()) as client:
+            try:
+                client.grants.CommitCharges(without)
+                unretried = grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                unretried = error.code()
+            return unretried, client.grants.CommitCharges(with_ids)
+
+    unretried, committed = await asyncio.wait_for(asyncio.to_thread(call), 30)
+    assert unretried == grpc.StatusCode.UNAVAILABLE
+    assert [result.request_id for result in committed.results] == ["c/1"]
+    # One failed attempt without ids, then one failed attempt and one success with them.
+    assert service.calls["CommitCharges"] == 3
+
+
+async def test_submit_jobs_retried_with_same_ids():
+    service = FlakyScheduler(failures=2)  # type: ignore[abstract]
+    server = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    target = f"127.0.0.1:{port}"
+    endpoints = {"grant": target, "scheduler": target, "metering": target}
+    request = scheduler_pb2.SubmitJobsRequest(
+        jobs=[scheduler_pb2.SubmitJobRequest(request_id=f"sub/{i}") for i in range(3)]
+    )
+    try:
+        async with AsyncClient(endpoints, Credentials()) as client:
+            submitted = await client.scheduler.SubmitJobs(request)
+    finally:
+        await server.stop(0)
+    assert len(submitted.results) == 3
+    assert service.calls == 3
+    assert service.request_ids == [["sub/0", "sub/1", "sub/2"]] * 3
