@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-from acsp.cli._common import EXIT_FAILURE, EXIT_OK, CommandError
+from acsp.cli._common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    positive_seconds,
+    whole_number,
+)
 from acsp.mesh.supervisor import DATABASE_URL_ENV, NATS_URL_ENV
 
 
@@ -24,25 +32,27 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--jobs", type=int, default=2000, help="jobs to replay (default: 2000)")
+    size.add_argument(
+        "--jobs", type=whole_number(1), default=2000, help="jobs to replay (default: 2000)"
+    )
     size.add_argument("--full", action="store_true", help="replay every GPU job of the trace")
     parser.add_argument("--seed", type=int, default=0, help="seed of the project assignment")
     parser.add_argument(
         "--speed",
-        type=float,
+        type=_positive_factor,
         default=8000.0,
         help="trace seconds per wall second for arrivals and run times (default: 8000)",
     )
     parser.add_argument(
         "--kill-metering-at",
-        type=float,
+        type=positive_seconds,
         default=None,
         metavar="S",
         help="kill metering S wall seconds into the replay and restart it 20 s later",
     )
     parser.add_argument(
         "--max-nodes",
-        type=int,
+        type=whole_number(1),
         default=30,
         help="nodes kept of each real fleet file, by stride (default: 30)",
     )
@@ -53,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from acsp.demo.runner import DemoConfig, MeshChildExited, run_demo
     from acsp.mesh import MeshStartError
 
-    if args.speed <= 0:
-        raise SystemExit("acsp demo: --speed must be positive")
+    if args.out.exists() and not args.out.is_dir():
+        raise CommandError(f"--out {args.out} is a file; name a folder for the report", EXIT_USAGE)
     config = DemoConfig(
         out=args.out,
         jobs=None if args.full else args.jobs,
@@ -70,3 +80,14 @@ def run(args: argparse.Namespace) -> int:
     except (MeshStartError, MeshChildExited) as error:
         raise CommandError(f"acsp demo failed: {error}") from None
     return EXIT_OK if all(c["passed"] for c in document["checks"]) else EXIT_FAILURE
+
+
+def _positive_factor(text: str) -> float:
+    """Parse a speed-up factor for argparse: a finite number above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} is invalid; give a finite number above 0")
+    return value
