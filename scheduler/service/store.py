@@ -142,10 +142,18 @@ class JobStore:
                 timeout=self._timeout,
             )
             done = {row[0] for row in inserted}
+            # A request id repeated in this statement is inserted once, and its copies get the
+            # inserted Job object itself. The submission batcher hands a job to the scheduling
+            # loop only when it gets back the object it inserted.
+            fresh = {
+                rid
+                for job, rid in zip(jobs, request_ids, strict=True)
+                if rid and job.job_id in done
+            }
             missing = [
                 rid
                 for job, rid in zip(jobs, request_ids, strict=True)
-                if job.job_id not in done and rid
+                if job.job_id not in done and rid and rid not in fresh
             ]
             existing = (
                 await conn.fetch(

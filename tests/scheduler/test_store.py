@@ -49,6 +49,17 @@ async def test_insert_with_reused_request_id_returns_first_job(
     await lease.release()
 
 
+async def test_request_id_repeated_in_one_insert(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    store = JobStore(pool, "s0")
+    first, copy = make_job(), make_job()
+    stored = await store.insert_jobs([first, copy], ["r1", "r1"], lease.epoch or 0, "rpc")
+    # The submission batcher recognises the job it inserted by identity.
+    assert stored["r1"] is first
+    assert await store.get_job(copy.job_id) is None
+    await lease.release()
+
+
 async def test_write_after_takeover_is_fenced(pool: asyncpg.Pool, database_dsn: str) -> None:
     old = await lead(database_dsn, "old")
     old_epoch = old.epoch or 0
