@@ -124,7 +124,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         owner = principal.subject
         institution = principal.institution or ""
         size = request.spec.array_size
-        rid = request.request_id or None
+        rid = _request_key(owner, request.request_id)
         if size <= 1:
             job = Job(job_id=new_job_id(), spec=spec, owner=owner, institution=institution)
             return [job], [rid], ""
@@ -279,7 +279,20 @@ def _submit_response(
 ) -> scheduler_pb2.SubmitJobResponse:
     if not array_id:
         return scheduler_pb2.SubmitJobResponse(job=job_to_proto(jobs[0]))
-    parent = job_to_proto(replace(jobs[0], job_id=array_id, array_index=0))
+    # A retried array gets the elements its first call stored, and their array id, instead of
+    # the id this call drew.
+    parent = job_to_proto(replace(jobs[0], job_id=jobs[0].array_id or array_id, array_index=0))
     parent.spec.array_size = array_size
     parent.state_message = f"array of {len(jobs)} jobs"
     return scheduler_pb2.SubmitJobResponse(job=parent, array_job_ids=[job.job_id for job in jobs])
+
+
+def _request_key(owner: str, request_id: str) -> str | None:
+    """Return the stored idempotency key of a submission, or None without a request id.
+
+    The key is scoped to the submitter, so a request id that another caller used creates a
+    job instead of returning theirs. The owner's length makes the key unambiguous.
+    """
+    if not request_id:
+        return None
+    return f"{len(owner)}:{owner}/{request_id}"

@@ -1,0 +1,96 @@
+"""A repeated SubmitJob or SubmitJobs request id returns the jobs its first call created."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from acsp.v1 import scheduler_pb2
+from services.runtime.auth import Role
+
+from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
+from .test_end_to_end import job_spec
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_servers()
+        await stack.start_grant()
+        yield stack
+    finally:
+        await stack.close()
+
+
+async def test_retried_array_returns_first_parent(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    request = scheduler_pb2.SubmitJobRequest(
+        request_id="array-1", spec=job_spec(project, grant, task_count=1, array_size=3)
+    )
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        first = await scheduler.SubmitJob(request, metadata=md, timeout=10)
+        retried = await scheduler.SubmitJob(request, metadata=md, timeout=10)
+        listed = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(array_job_id=retried.job.job_id),
+            metadata=md,
+            timeout=10,
+        )
+    assert retried.job.job_id == first.job.job_id
+    assert list(retried.array_job_ids) == list(first.array_job_ids)
+    assert sorted(job.job_id for job in listed.jobs) == sorted(first.array_job_ids)
+
+
+async def test_repeated_id_in_batch_scheduled_once(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    item = scheduler_pb2.SubmitJobRequest(
+        request_id="twice-1", spec=job_spec(project, grant, task_count=1)
+    )
+    office = metadata(stack.token("office", Role.PROGRAM_OFFICE))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        submitted = await scheduler.SubmitJobs(
+            scheduler_pb2.SubmitJobsRequest(jobs=[item, item]), metadata=md, timeout=10
+        )
+        job_id = submitted.results[0].job.job_id
+
+        async def seen_by_engine() -> bool:
+            job = await scheduler.GetJob(
+                scheduler_pb2.GetJobRequest(job_id=job_id), metadata=md, timeout=10
+            )
+            # Without nodes the job stays pending, and the engine records why.
+            return job.pending_reason != scheduler_pb2.PENDING_REASON_UNSPECIFIED
+
+        await wait_for(seen_by_engine, 30, "the engine to consider the job")
+        listed = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(), metadata=office, timeout=10
+        )
+    assert submitted.results[1].job.job_id == job_id
+    assert [job.job_id for job in listed.jobs] == [job_id]
+
+
+async def test_request_id_scoped_to_submitter(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    pi_md = metadata(stack.token(pi, Role.PI))
+    office = metadata(stack.token("office", Role.PROGRAM_OFFICE))
+    request = scheduler_pb2.SubmitJobRequest(
+        request_id="shared-1", spec=job_spec(project, grant, task_count=1)
+    )
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        by_pi = await scheduler.SubmitJob(request, metadata=pi_md, timeout=10)
+        by_office = await scheduler.SubmitJob(request, metadata=office, timeout=10)
+        again_by_office = await scheduler.SubmitJob(request, metadata=office, timeout=10)
+    assert by_office.job.job_id != by_pi.job.job_id
+    assert by_office.job.owner_subject == "office"
+    assert again_by_office.job.job_id == by_office.job.job_id
