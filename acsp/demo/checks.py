@@ -118,12 +118,17 @@ def _jobs_check(report: dict[str, Any]) -> dict[str, Any]:
 def _comparison_check(report: dict[str, Any]) -> dict[str, Any]:
     seconds = report["comparison"]["accelerator_seconds"]
     delays = report["comparison"]["queueing_delay_p50"]
+    by_class = ", ".join(
+        f"{item['class']} {item['live_p50_s']:.0f}/{item['simulated_p50_s']:.0f}"
+        for item in delays.get("by_class", [])
+    )
+    verdict = "all within" if delays["within"] else "not all within"
     return _check(
         "live and simulated agree within the tolerance",
         seconds["within"] and delays["within"],
         f"accelerator-seconds differ by {seconds['relative_difference']:.1%} "
-        f"(at most {seconds['tolerance']:.0%}); queueing delay p50 within "
-        f"{delays['allowance_s']:g} trace s of the simulated one: {delays['within']}",
+        f"(at most {seconds['tolerance']:.0%}); queueing delay p50 live/simulated in trace s: "
+        f"{by_class or 'no class started a job'}, {verdict} {delays['allowance_s']:g} s",
     )
 
 

@@ -167,6 +167,23 @@ def test_checks_pass_on_consistent_report() -> None:
     assert _failed(_passing_report()) == []
 
 
+def test_delay_check_names_failing_class() -> None:
+    report = _passing_report()
+    report["comparison"]["queueing_delay_p50"] = {
+        "within": False,
+        "allowance_s": 24000.0,
+        "by_class": [
+            {"class": "interactive", "live_p50_s": 30000.0, "simulated_p50_s": 0.0, "within": False}
+        ],
+    }
+
+    [check] = [c for c in run_checks(report) if c["name"].startswith("live and simulated")]
+
+    assert not check["passed"]
+    assert "interactive 30000/0" in check["detail"]
+    assert "not all within 24000 s" in check["detail"]
+
+
 @pytest.mark.parametrize(
     ("path", "value", "failing"),
     [
