@@ -9,6 +9,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -19,6 +20,7 @@ from rich.text import Text
 
 from acsp._channel import DEFAULT_TIMEOUT_S
 from acsp.client import AsyncClient, Client
+from acsp.v1 import common_pb2
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
@@ -179,6 +181,19 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     return str(value)
+
+
+def decimal_text(message: common_pb2.Decimal) -> str:
+    """Format a protobuf Decimal in positional notation, e.g. 1E-8 as 0.00000001.
+
+    The metering service sends ``str(Decimal)``, which writes small amounts and zeros such as
+    0E-12 with an exponent. Only the notation changes, never the value.
+    """
+    try:
+        value = Decimal(message.value)
+    except InvalidOperation:
+        return message.value
+    return format(value, "f") if value.is_finite() else message.value
 
 
 def print_error(message: str, stream: TextIO | None = None) -> None:

@@ -18,6 +18,7 @@ from acsp.cli._common import (
     EXIT_USAGE,
     CommandError,
     connection_options,
+    decimal_text,
     output_options,
     print_records,
     rows_of,
@@ -106,9 +107,9 @@ def run_query(args: argparse.Namespace) -> int:
                 records.append(
                     {
                         args.by: row.key,
-                        "accelerator_hours": row.accelerator_hours.value,
-                        "charged_pf_days": row.charged_pf_days.value,
-                        "refunded_pf_days": row.refunded_pf_days.value,
+                        "accelerator_hours": decimal_text(row.accelerator_hours),
+                        "charged_pf_days": decimal_text(row.charged_pf_days),
+                        "refunded_pf_days": decimal_text(row.refunded_pf_days),
                         "mean_utilization": f"{row.mean_utilization:.3f}",
                         "samples": row.sample_count,
                     }
@@ -138,8 +139,8 @@ def run_charges(args: argparse.Namespace) -> int:
                         "job": charge.job_id,
                         "grant": charge.grant_id,
                         "period_start": _time(charge.period_start_time),
-                        "accelerator_seconds": charge.accelerator_seconds.value,
-                        "pf_days": charge.amount_pf_days.value,
+                        "accelerator_seconds": decimal_text(charge.accelerator_seconds),
+                        "pf_days": decimal_text(charge.amount_pf_days),
                         "rate_card": charge.rate_card_version,
                         "committed": charge.committed,
                     }
@@ -168,7 +169,7 @@ def run_refunds(args: argparse.Namespace) -> int:
                         "refund": refund.refund_id,
                         "job": refund.job_id,
                         "provider": refund.provider_id,
-                        "pf_days": refund.amount_pf_days.value,
+                        "pf_days": decimal_text(refund.amount_pf_days),
                         "lost_seconds": f"{refund.lost_seconds:.0f}",
                         "reason": refund.reason,
                         "time": _time(refund.create_time),
@@ -200,7 +201,7 @@ def run_efficiency(args: argparse.Namespace) -> int:
                         "median": f"{job.median_utilization:.3f}",
                         "longest_idle_s": f"{job.low_utilization_seconds:.0f}",
                         "waste": job.flagged_waste,
-                        "accelerator_hours": job.accelerator_hours.value,
+                        "accelerator_hours": decimal_text(job.accelerator_hours),
                     }
                 )
     columns = ["job", "project", "mean", "median", "longest_idle_s", "waste", "accelerator_hours"]
@@ -214,7 +215,7 @@ def run_models(args: argparse.Namespace) -> int:
     records = [
         {
             "model": report.model,
-            "accelerator_hours": report.accelerator_hours.value,
+            "accelerator_hours": decimal_text(report.accelerator_hours),
             "fatal_events": report.fatal_events,
             "per_1000_hours": f"{report.failures_per_thousand_hours:.3f}",
             "mean_utilization": f"{report.mean_utilization:.3f}",
@@ -234,8 +235,8 @@ def run_rates(args: argparse.Namespace) -> int:
             "model": rate.model.name,
             "vendor": common_pb2.Vendor.Name(rate.model.vendor).removeprefix("VENDOR_").lower(),
             "memory_gib": rate.model.memory_gib,
-            "peak_tflops": rate.model.peak_dense_tflops.value,
-            "pf_days_per_hour": rate.pf_days_per_accelerator_hour.value,
+            "peak_tflops": decimal_text(rate.model.peak_dense_tflops),
+            "pf_days_per_hour": decimal_text(rate.pf_days_per_accelerator_hour),
             "source": rate.model.source,
         }
         for rate in card.rates
@@ -256,9 +257,9 @@ def run_status(args: argparse.Namespace) -> int:
             ("dead letters", status.dead_lettered),
             ("messages pending", status.pending_messages),
             ("uncommitted charges", status.uncommitted_charges),
-            ("accelerator-seconds", status.accelerator_seconds.value),
-            ("charged PF-days", status.charged_pf_days.value),
-            ("priced usage PF-days", status.priced_usage_pf_days.value),
+            ("accelerator-seconds", decimal_text(status.accelerator_seconds)),
+            ("charged PF-days", decimal_text(status.charged_pf_days)),
+            ("priced usage PF-days", decimal_text(status.priced_usage_pf_days)),
         ]
     )
     print_records(rows, ["field", "value"], output_format=args.format, title="ingest")
@@ -274,18 +275,20 @@ def run_settlement_show(args: argparse.Namespace) -> int:
         {
             "region": line.region_id,
             "model": line.model,
-            "accelerator_hours": line.accelerator_hours.value,
-            "pf_days": line.pf_days.value,
-            "pledged_hours": line.pledged_accelerator_hours.value,
-            "recalled_hours": line.recalled_accelerator_hours.value,
+            "accelerator_hours": decimal_text(line.accelerator_hours),
+            "pf_days": decimal_text(line.pf_days),
+            "pledged_hours": decimal_text(line.pledged_accelerator_hours),
+            "recalled_hours": decimal_text(line.recalled_accelerator_hours),
         }
         for line in settlement.lines
     ]
     columns = ["region", "model", "accelerator_hours", "pf_days", "pledged_hours"]
     columns.append("recalled_hours")
+    delivered = decimal_text(settlement.delivered_pf_days)
+    refunded = decimal_text(settlement.refunded_pf_days)
     title = (
-        f"{settlement.provider_id}: delivered {settlement.delivered_pf_days.value} PF-days, "
-        f"refunded {settlement.refunded_pf_days.value}, net {settlement.net_pf_days.value}, "
+        f"{settlement.provider_id}: delivered {delivered} PF-days, "
+        f"refunded {refunded}, net {decimal_text(settlement.net_pf_days)}, "
         f"pledge {'kept' if settlement.pledge_kept else 'broken'}, "
         f"{settlement.recall_count} recalls"
     )

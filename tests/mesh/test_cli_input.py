@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from acsp.cli import _common, jobs, main, usage
+from acsp.v1 import common_pb2, metering_pb2
 
 
 @pytest.mark.parametrize(
@@ -107,6 +108,51 @@ def test_export_to_missing_folder_is_one_line(tmp_path: Path, monkeypatch: pytes
         usage.run_settlement_export(args)
     assert "--output" in str(error.value)
     assert error.value.exit_code == _common.EXIT_USAGE
+
+
+@pytest.mark.parametrize(
+    ("wire", "shown"),
+    [
+        ("1.0560738425916890E-8", "0.000000010560738425916890"),
+        ("0E-12", "0.000000000000"),
+        ("12.5", "12.5"),
+        ("", ""),
+        ("NaN", "NaN"),
+    ],
+)
+def test_decimal_text_avoids_exponent(wire: str, shown: str):
+    assert _common.decimal_text(common_pb2.Decimal(value=wire)) == shown
+
+
+class _SettlementMetering:
+    def GetSettlement(self, request: object) -> metering_pb2.Settlement:
+        line = metering_pb2.SettlementLine(
+            region_id="r",
+            model="P100",
+            accelerator_hours=common_pb2.Decimal(value="0.000013553889"),
+            pf_days=common_pb2.Decimal(value="1.0560738425916890E-8"),
+            pledged_accelerator_hours=common_pb2.Decimal(value="0E-12"),
+            recalled_accelerator_hours=common_pb2.Decimal(value="0E-12"),
+        )
+        return metering_pb2.Settlement(
+            provider_id="p", lines=[line], delivered_pf_days=common_pb2.Decimal(value="1E-8")
+        )
+
+
+@contextmanager
+def _open_settlement_metering(args: argparse.Namespace) -> Iterator[_SettlementMetering]:
+    yield _SettlementMetering()
+
+
+def test_settlement_show_prints_no_exponent(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    monkeypatch.setattr(usage, "open_metering", _open_settlement_metering)
+    args = argparse.Namespace(provider="p", start="2026-01-01", end="2026-01-02", format="csv")
+    usage.run_settlement_show(args)
+    out = capsys.readouterr().out
+    assert "E-" not in out
+    assert "0.000000010560738425916890" in out
 
 
 class _UnauthenticatedError(grpc.RpcError):
