@@ -16,7 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from acsp.cli._common import EXIT_USAGE, CommandError, output_options, print_records
+from acsp.cli._common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    CommandError,
+    output_options,
+    print_records,
+    whole_number,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -33,7 +40,9 @@ def register(subparsers: Any) -> None:
         "discover", parents=[output_options()], help="list the accelerators a backend finds"
     )
     discover.add_argument("--backend", choices=("nvml", "simulated"), default="nvml")
-    discover.add_argument("--nodes", type=int, default=1, help="simulated: nodes to list")
+    discover.add_argument(
+        "--nodes", type=whole_number(1), default=1, help="simulated: nodes to list"
+    )
     discover.set_defaults(func=_discover)
 
     for name, function, help_text in (
@@ -80,11 +89,20 @@ def _run(args: argparse.Namespace) -> Any:
 def _discover(args: argparse.Namespace) -> int:
     records = []
     if args.backend == "nvml":
+        from agents.backends.base import BackendError
         from agents.backends.nvml import NvmlBackend
 
-        backend = NvmlBackend()
-        inventories = [("local", backend.discover())]
-        backend.close()
+        try:
+            backend = NvmlBackend()
+            try:
+                inventories = [("local", backend.discover())]
+            finally:
+                backend.close()
+        except BackendError as error:
+            raise CommandError(
+                f"{error}; on a machine without NVIDIA GPUs, use --backend simulated",
+                EXIT_FAILURE,
+            ) from None
     else:
         from agents.backends.fleet import DEFAULT_FLEETS, load_fleet
         from agents.backends.simulated import SimulatedBackend

@@ -59,3 +59,29 @@ def test_discover_lists_simulated_accelerators(capsys: pytest.CaptureFixture[str
     assert len(rows) == 4
     assert {r["model"] for r in rows} == {"P100"}
     assert len({r["uuid"] for r in rows}) == 4
+
+
+def test_discover_nvml_without_library_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["agent", "discover", "--backend", "nvml", "--format", "json"])
+
+    captured = capsys.readouterr()
+    if status == 0:
+        # NVML loaded, so this machine has an NVIDIA driver: every row names a device.
+        rows = [json.loads(line) for line in captured.out.splitlines()]
+        assert all(row["uuid"] for row in rows)
+    else:
+        assert status == 1
+        assert captured.err.startswith("error: NVML")
+        assert "--backend simulated" in captured.err
+        assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_discover_rejects_node_count_below_one(
+    count: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["agent", "discover", "--backend", "simulated", "--nodes", count])
+
+    assert exit_info.value.code == 2
+    assert "argument --nodes:" in capsys.readouterr().err
