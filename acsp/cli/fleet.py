@@ -1,4 +1,7 @@
-"""``acsp fleet``: nodes, drains, providers, the accelerator catalog and queue summary."""
+"""``acsp fleet``: nodes, drains, providers, the accelerator catalog and queue summary.
+
+Pledges and recalls are in :mod:`acsp.cli.pledges`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import uuid
 from typing import Any
 
+from acsp.cli import pledges
 from acsp.cli._common import EXIT_OK, connection_options, output_options, print_records
 from acsp.cli.jobs import open_scheduler
 from acsp.v1 import common_pb2, scheduler_pb2
@@ -20,7 +24,9 @@ PROVIDER_COLUMNS = ("provider", "name", "region", "region name", "jurisdiction",
 
 
 def register(subparsers: Any) -> None:
-    fleet = subparsers.add_parser("fleet", help="nodes, drains, catalog and queue summary")
+    fleet = subparsers.add_parser(
+        "fleet", help="nodes, drains, pledges, recalls, catalog and queue summary"
+    )
     commands = fleet.add_subparsers(title="fleet commands", metavar="COMMAND", required=True)
     connection = connection_options()
     output = output_options()
@@ -55,6 +61,8 @@ def register(subparsers: Any) -> None:
         "queue", parents=[connection, output], help="jobs by state and pending reason"
     )
     queue.set_defaults(func=queue_summary)
+
+    pledges.register(commands, connection, output)
 
 
 def node_row(node: scheduler_pb2.Node) -> dict[str, Any]:

@@ -1,0 +1,319 @@
+"""``acsp fleet pledge`` and ``acsp fleet recall``: a provider's pledged capacity and recalls."""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import grpc
+from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from acsp.cli._common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    describe_rpc_error,
+    exit_code_for_rpc_error,
+    positive_seconds,
+    print_records,
+    whole_number,
+)
+from acsp.cli.jobs import open_scheduler
+from acsp.v1 import common_pb2, scheduler_pb2
+
+PLEDGE_COLUMNS: Final = (
+    "pledge",
+    "provider",
+    "region",
+    "model",
+    "protected",
+    "recallable",
+    "start",
+    "end",
+)
+RECALL_COLUMNS: Final = ("recall", "pledge", "count", "effective", "end", "reason")
+TIME_EXAMPLE: Final = "e.g. 2026-01-31 or 2026-01-31T12:00Z"
+TIME_HELP: Final = f"ISO 8601, UTC unless it has an offset ({TIME_EXAMPLE})"
+PLEDGE_OPTIONS: Final = {
+    "pledge.pledge_id": "--pledge-id",
+    "pledge.provider_id": "--provider",
+    "pledge.region_id": "--region",
+    "pledge.model": "--model",
+    "pledge.window": "--start and --end",
+    "pledge.window.start_time": "--start",
+    "pledge.window.end_time": "--end",
+    "pledge.protected_count": "--protected",
+    "pledge.recallable_count": "--recallable",
+    "pledge": "--protected and --recallable",
+}
+"""The option of ``acsp fleet pledge set`` that sets each field SetPledge may reject."""
+RECALL_OPTIONS: Final = {
+    "recall.pledge_id": "the PLEDGE argument",
+    "recall.count": "--count",
+    "recall.effective_time": "--notice or --effective",
+    "recall.end_time": "--end or --duration",
+}
+"""The option of ``acsp fleet recall create`` that sets each field RecallCapacity may reject."""
+STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
+
+
+def register(commands: Any, connection: argparse.ArgumentParser, output: Any) -> None:
+    """Add the ``pledge`` and ``recall`` command groups under ``acsp fleet``."""
+    pledge = commands.add_parser("pledge", help="set, change and list capacity pledges")
+    pledge_commands = pledge.add_subparsers(
+        title="pledge commands", metavar="COMMAND", required=True
+    )
+    set_pledge = pledge_commands.add_parser(
+        "set",
+        parents=[connection, output],
+        help="create a pledge, or change one named by --pledge-id",
+    )
+    set_pledge.add_argument("--provider", required=True, help="provider that pledges")
+    set_pledge.add_argument("--region", required=True, help="region of the provider")
+    set_pledge.add_argument("--model", required=True, help="accelerator model of the catalog")
+    set_pledge.add_argument(
+        "--protected",
+        type=whole_number(0),
+        default=0,
+        help="accelerators that cannot be recalled in the window (default: 0)",
+    )
+    set_pledge.add_argument(
+        "--recallable",
+        type=whole_number(0),
+        default=0,
+        help="accelerators the provider may recall with notice (default: 0)",
+    )
+    set_pledge.add_argument("--start", required=True, help=f"start of the window: {TIME_HELP}")
+    set_pledge.add_argument("--end", required=True, help=f"end of the window: {TIME_HELP}")
+    set_pledge.add_argument(
+        "--pledge-id", default="", help="pledge to change (default: create a new pledge)"
+    )
+    set_pledge.add_argument(
+        "--request-id", default="", help="idempotency key (default: a random one)"
+    )
+    set_pledge.set_defaults(func=set_pledge_command)
+
+    list_pledges = pledge_commands.add_parser(
+        "list", parents=[connection, output], help="list pledges"
+    )
+    list_pledges.add_argument("--provider", default="", help="only this provider's pledges")
+    list_pledges.set_defaults(func=list_pledges_command)
+
+    recall = commands.add_parser("recall", help="recall recallable capacity and list recalls")
+    recall_commands = recall.add_subparsers(
+        title="recall commands", metavar="COMMAND", required=True
+    )
+    create = recall_commands.add_parser(
+        "create",
+        parents=[connection, output],
+        help="take recallable accelerators of a pledge back after a notice period",
+    )
+    create.add_argument("pledge", help="pledge to recall from (see `acsp fleet pledge list`)")
+    create.add_argument(
+        "--count", type=whole_number(1), required=True, help="accelerators to recall"
+    )
+    when = create.add_mutually_exclusive_group(required=True)
+    when.add_argument(
+        "--notice",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="notice period: the capacity must be free this many seconds from now",
+    )
+    when.add_argument("--effective", help=f"when the capacity must be free: {TIME_HELP}")
+    until = create.add_mutually_exclusive_group()
+    until.add_argument("--end", help=f"when the capacity returns: {TIME_HELP}")
+    until.add_argument(
+        "--duration",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="how long the recall lasts after it takes effect (default: no end)",
+    )
+    create.add_argument("--reason", default="", help="why, e.g. 'commercial peak'")
+    create.add_argument("--request-id", default="", help="idempotency key (default: a random one)")
+    create.set_defaults(func=create_recall_command)
+
+    list_recalls = recall_commands.add_parser(
+        "list", parents=[connection, output], help="list recalls"
+    )
+    list_recalls.add_argument("--provider", default="", help="only this provider's recalls")
+    list_recalls.set_defaults(func=list_recalls_command)
+
+
+def pledge_from_args(args: argparse.Namespace) -> scheduler_pb2.Pledge:
+    """Build the pledge of ``acsp fleet pledge set``; raise CommandError naming the option."""
+    if args.protected + args.recallable == 0:
+        raise CommandError(
+            "--protected and --recallable are both 0; pledge at least one accelerator",
+            EXIT_USAGE,
+        )
+    start = parse_time(args.start, "--start")
+    end = parse_time(args.end, "--end")
+    if end.ToNanoseconds() <= start.ToNanoseconds():
+        raise CommandError(
+            f"--end {args.end} is not after --start {args.start}; end the window later",
+            EXIT_USAGE,
+        )
+    return scheduler_pb2.Pledge(
+        pledge_id=args.pledge_id,
+        provider_id=args.provider,
+        region_id=args.region,
+        model=args.model,
+        window=common_pb2.TimeWindow(start_time=start, end_time=end),
+        protected_count=args.protected,
+        recallable_count=args.recallable,
+    )
+
+
+def recall_from_args(args: argparse.Namespace, now: float) -> scheduler_pb2.Recall:
+    """Build the recall of ``acsp fleet recall create``; ``now`` is Unix seconds."""
+    if args.effective is not None:
+        effective = parse_time(args.effective, "--effective")
+    else:
+        effective = timestamp_pb2.Timestamp()
+        effective.FromNanoseconds(int((now + args.notice) * 1e9))
+    recall = scheduler_pb2.Recall(
+        pledge_id=args.pledge,
+        count=args.count,
+        effective_time=effective,
+        reason=args.reason,
+    )
+    if args.end is not None:
+        end = parse_time(args.end, "--end")
+        if end.ToNanoseconds() <= effective.ToNanoseconds():
+            raise CommandError(
+                f"--end {args.end} is not after the time the recall takes effect "
+                f"({format_time(effective)}); end the recall later",
+                EXIT_USAGE,
+            )
+        recall.end_time.CopyFrom(end)
+    elif args.duration is not None:
+        recall.end_time.FromNanoseconds(effective.ToNanoseconds() + int(args.duration * 1e9))
+    return recall
+
+
+def set_pledge_command(args: argparse.Namespace) -> int:
+    pledge = pledge_from_args(args)
+    with open_scheduler(args) as scheduler, naming_options(PLEDGE_OPTIONS):
+        stored = scheduler.SetPledge(
+            scheduler_pb2.SetPledgeRequest(
+                request_id=args.request_id or uuid.uuid4().hex, pledge=pledge
+            )
+        )
+    print_records([pledge_row(stored)], PLEDGE_COLUMNS, output_format=args.format)
+    return EXIT_OK
+
+
+def list_pledges_command(args: argparse.Namespace) -> int:
+    with open_scheduler(args) as scheduler:
+        response = scheduler.ListPledges(
+            scheduler_pb2.ListPledgesRequest(provider_id=args.provider)
+        )
+    rows = [pledge_row(p) for p in response.pledges]
+    print_records(rows, PLEDGE_COLUMNS, output_format=args.format, title="pledges")
+    return EXIT_OK
+
+
+def create_recall_command(args: argparse.Namespace) -> int:
+    recall = recall_from_args(args, time.time())
+    with open_scheduler(args) as scheduler, naming_options(RECALL_OPTIONS):
+        stored = scheduler.RecallCapacity(
+            scheduler_pb2.RecallCapacityRequest(
+                request_id=args.request_id or uuid.uuid4().hex, recall=recall
+            )
+        )
+    print_records([recall_row(stored)], RECALL_COLUMNS, output_format=args.format)
+    return EXIT_OK
+
+
+def list_recalls_command(args: argparse.Namespace) -> int:
+    with open_scheduler(args) as scheduler:
+        response = scheduler.ListRecalls(
+            scheduler_pb2.ListRecallsRequest(provider_id=args.provider)
+        )
+    rows = [recall_row(r) for r in response.recalls]
+    print_records(rows, RECALL_COLUMNS, output_format=args.format, title="recalls")
+    return EXIT_OK
+
+
+@contextmanager
+def naming_options(options: Mapping[str, str]) -> Iterator[None]:
+    """Add the command-line option behind each request field that a failed call names.
+
+    The scheduler names request fields (``pledge.model``); a CLI user sets options (``--model``).
+    """
+    try:
+        yield
+    except grpc.RpcError as error:
+        fields = rejected_fields(error)
+        hints = [f"{field} is set by {options[field]}" for field in fields if field in options]
+        if not hints:
+            raise
+        message = f"{describe_rpc_error(error)} ({'; '.join(hints)})"
+        raise CommandError(message, exit_code_for_rpc_error(error)) from None
+
+
+def rejected_fields(error: grpc.RpcError) -> list[str]:
+    """Return the request fields that a failed call's ``google.rpc`` status details name."""
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    packed = dict(trailers or ()).get(STATUS_DETAILS_KEY)
+    if not isinstance(packed, bytes):
+        return []
+    status = status_pb2.Status.FromString(packed)
+    fields: list[str] = []
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        precondition = error_details_pb2.PreconditionFailure()
+        if detail.Unpack(bad_request):
+            fields += [v.field for v in bad_request.field_violations]
+        elif detail.Unpack(precondition):
+            fields += [v.subject for v in precondition.violations]
+    return list(dict.fromkeys(fields))
+
+
+def pledge_row(pledge: scheduler_pb2.Pledge) -> dict[str, Any]:
+    return {
+        "pledge": pledge.pledge_id,
+        "provider": pledge.provider_id,
+        "region": pledge.region_id,
+        "model": pledge.model,
+        "protected": pledge.protected_count,
+        "recallable": pledge.recallable_count,
+        "start": format_time(pledge.window.start_time),
+        "end": format_time(pledge.window.end_time),
+    }
+
+
+def recall_row(recall: scheduler_pb2.Recall) -> dict[str, Any]:
+    return {
+        "recall": recall.recall_id,
+        "pledge": recall.pledge_id,
+        "count": recall.count,
+        "effective": format_time(recall.effective_time),
+        "end": format_time(recall.end_time) if recall.HasField("end_time") else "",
+        "reason": recall.reason,
+    }
+
+
+def parse_time(text: str, option: str) -> timestamp_pb2.Timestamp:
+    """Parse an ISO 8601 time for ``option``; a time without an offset is UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise CommandError(
+            f"{option} {text!r} is not an ISO 8601 time, {TIME_EXAMPLE}", EXIT_USAGE
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def format_time(stamp: timestamp_pb2.Timestamp) -> str:
+    return stamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")

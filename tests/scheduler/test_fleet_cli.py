@@ -1,0 +1,271 @@
+"""``acsp fleet pledge`` and ``acsp fleet recall`` against a real scheduler, grant service
+and NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from acsp.cli import fleet as fleet_cli
+from acsp.cli import pledges as pledges_cli
+from acsp.cli.main import main
+from acsp.v1 import scheduler_pb2_grpc
+from services.runtime.auth import Role
+
+from .harness import Stack, metadata
+
+pytestmark = pytest.mark.timeout(240)
+
+MODEL = "A100-SXM4-80GB"
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_servers()
+        await stack.start_grant()
+        yield stack
+    finally:
+        await stack.close()
+
+
+class _TokenStub:
+    """A blocking scheduler stub that sends a bearer token and a deadline with each call."""
+
+    def __init__(self, stub: scheduler_pb2_grpc.SchedulerServiceStub, token: str) -> None:
+        self._stub = stub
+        self._metadata = metadata(token)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+        return lambda request: method(request, metadata=self._metadata, timeout=20)
+
+
+def use_identity(monkeypatch: pytest.MonkeyPatch, address: str, token: str) -> None:
+    @contextmanager
+    def open_scheduler(args: object) -> Iterator[Any]:
+        with grpc.insecure_channel(address) as channel:
+            yield _TokenStub(scheduler_pb2_grpc.SchedulerServiceStub(channel), token)
+
+    monkeypatch.setattr(fleet_cli, "open_scheduler", open_scheduler)
+    monkeypatch.setattr(pledges_cli, "open_scheduler", open_scheduler)
+
+
+async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = await asyncio.to_thread(main, ["fleet", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def json_rows(out: str) -> list[dict[str, str]]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds")
+
+
+async def test_pledge_and_recall_commands(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, address = await stack.start_scheduler()
+    start = datetime.now(UTC).replace(microsecond=0)
+    end = start + timedelta(days=30)
+    window = ("--start", iso(start), "--end", iso(end))
+    use_identity(
+        monkeypatch,
+        address,
+        stack.token("op-eu", Role.PROVIDER_OPERATOR, provider="eu"),
+    )
+
+    code, out, err = await run_cli(
+        capsys,
+        "pledge",
+        "set",
+        "--provider",
+        "eu",
+        "--region",
+        "reg",
+        "--model",
+        MODEL,
+        "--protected",
+        "4",
+        "--recallable",
+        "6",
+        *window,
+        "--format",
+        "json",
+    )
+    assert code == 0, err
+    (pledge,) = json_rows(out)
+    pledge_id = pledge["pledge"]
+    assert pledge_id
+    assert pledge["protected"] == "4"
+    assert pledge["recallable"] == "6"
+    assert pledge["start"] == iso(start)
+
+    # Changing the pledge keeps its id and replaces its counts.
+    code, out, err = await run_cli(
+        capsys,
+        "pledge",
+        "set",
+        "--pledge-id",
+        pledge_id,
+        "--provider",
+        "eu",
+        "--region",
+        "reg",
+        "--model",
+        MODEL,
+        "--protected",
+        "2",
+        "--recallable",
+        "8",
+        *window,
+        "--format",
+        "json",
+    )
+    assert code == 0, err
+    assert json_rows(out)[0]["recallable"] == "8"
+
+    code, out, err = await run_cli(capsys, "pledge", "list", "--format", "json")
+    assert code == 0, err
+    listed = json_rows(out)
+    assert [row["pledge"] for row in listed] == [pledge_id]
+    assert listed[0]["protected"] == "2"
+
+    code, out, err = await run_cli(capsys, "pledge", "list")
+    assert code == 0, err
+    assert pledge_id in out
+    assert "recallable" in out
+
+    before = datetime.now(UTC)
+    code, out, err = await run_cli(
+        capsys,
+        "recall",
+        "create",
+        pledge_id,
+        "--count",
+        "3",
+        "--notice",
+        "3600",
+        "--duration",
+        "7200",
+        "--reason",
+        "commercial peak",
+        "--format",
+        "json",
+    )
+    assert code == 0, err
+    (recall,) = json_rows(out)
+    effective = datetime.fromisoformat(recall["effective"])
+    assert before + timedelta(seconds=3590) <= effective <= before + timedelta(seconds=3610)
+    assert datetime.fromisoformat(recall["end"]) - effective == timedelta(seconds=7200)
+    assert recall["count"] == "3"
+    assert recall["reason"] == "commercial peak"
+
+    code, out, err = await run_cli(capsys, "recall", "list", "--provider", "eu", "--format", "csv")
+    assert code == 0, err
+    assert recall["recall"] in out
+    assert pledge_id in out
+
+    # 8 recallable, 3 recalled: a recall of 6 is more than is left, and the error names --count.
+    code, out, err = await run_cli(
+        capsys, "recall", "create", pledge_id, "--count", "6", "--notice", "60"
+    )
+    assert code == 1
+    assert "FAILED_PRECONDITION" in err
+    assert "5 recallable accelerators left" in err
+    assert "--count" in err
+
+    # A model outside the catalog is rejected by the scheduler, and the message names --model.
+    code, out, err = await run_cli(
+        capsys,
+        "pledge",
+        "set",
+        "--provider",
+        "eu",
+        "--region",
+        "reg",
+        "--model",
+        "no-such-model",
+        "--recallable",
+        "1",
+        *window,
+    )
+    assert code == 2
+    assert "not in the catalog" in err
+    assert "--model" in err
+
+    code, out, err = await run_cli(
+        capsys, "recall", "create", "pl-missing", "--count", "1", "--notice", "60"
+    )
+    assert code == 1
+    assert "NOT_FOUND" in err
+
+    # An operator of another provider may not pledge for this one.
+    use_identity(monkeypatch, address, stack.token("op-cn", Role.PROVIDER_OPERATOR, provider="cn"))
+    code, out, err = await run_cli(
+        capsys,
+        "pledge",
+        "set",
+        "--provider",
+        "eu",
+        "--region",
+        "reg",
+        "--model",
+        MODEL,
+        "--recallable",
+        "1",
+        *window,
+    )
+    assert code == 1
+    assert "PERMISSION_DENIED" in err
+
+
+async def test_pledge_options_checked_before_call(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No scheduler is reachable here: the options are rejected before any call.
+    use_identity(monkeypatch, "127.0.0.1:1", "no-token")
+    base = ("pledge", "set", "--provider", "eu", "--region", "reg", "--model", MODEL)
+
+    code, _, err = await run_cli(capsys, *base, "--start", "2026-01-02", "--end", "2026-02-01")
+    assert code == 2
+    assert "--protected and --recallable are both 0" in err
+
+    code, _, err = await run_cli(
+        capsys, *base, "--recallable", "1", "--start", "2026-02-01", "--end", "2026-01-02"
+    )
+    assert code == 2
+    assert "--end 2026-01-02 is not after --start 2026-02-01" in err
+
+    code, _, err = await run_cli(
+        capsys, *base, "--recallable", "1", "--start", "next week", "--end", "2026-01-02"
+    )
+    assert code == 2
+    assert "--start 'next week' is not an ISO 8601 time" in err
+
+    code, _, err = await run_cli(
+        capsys,
+        "recall",
+        "create",
+        "pl-1",
+        "--count",
+        "1",
+        "--effective",
+        "2026-01-02T00:00Z",
+        "--end",
+        "2026-01-01",
+    )
+    assert code == 2
+    assert "--end 2026-01-01 is not after the time the recall takes effect" in err
