@@ -19,7 +19,16 @@ NODE_STATES = {
     for name, number in scheduler_pb2.NodeState.items()
     if number
 }
-NODE_COLUMNS = ("node", "state", "model", "accelerators", "healthy", "last heartbeat", "reason")
+NODE_COLUMNS = (
+    "node",
+    "state",
+    "model",
+    "accelerators",
+    "healthy",
+    "failed",
+    "last heartbeat",
+    "reason",
+)
 PROVIDER_COLUMNS = ("provider", "name", "region", "region name", "jurisdiction", "cross-provider")
 
 
@@ -75,9 +84,23 @@ def node_row(node: scheduler_pb2.Node) -> dict[str, Any]:
         "model": ", ".join(models),
         "accelerators": len(node.accelerators),
         "healthy": healthy,
+        "failed": "; ".join(
+            failed_accelerator_text(a)
+            for a in node.accelerators
+            if a.health == scheduler_pb2.HEALTH_STATE_FAILED
+        ),
         "last heartbeat": beat.ToDatetime().isoformat(timespec="seconds") if beat.seconds else "",
         "reason": node.state_cause.reason,
     }
+
+
+def failed_accelerator_text(accelerator: scheduler_pb2.Accelerator) -> str:
+    """Return ``<accelerator>: <condition> (event <id>)``, or the id alone without a cause."""
+    cause = accelerator.health_cause
+    if not cause.reference_id:
+        return accelerator.accelerator_id
+    condition = cause.reason or "failed"
+    return f"{accelerator.accelerator_id}: {condition} (event {cause.reference_id})"
 
 
 def list_nodes(args: argparse.Namespace) -> int:

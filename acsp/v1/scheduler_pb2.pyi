@@ -120,7 +120,7 @@ class Region(_message.Message):
     def __init__(self, region_id: _Optional[str] = ..., display_name: _Optional[str] = ..., jurisdiction: _Optional[str] = ...) -> None: ...
 
 class Accelerator(_message.Message):
-    __slots__ = ("accelerator_id", "pci_bus_id", "model", "interconnect_domain", "health", "used_millis", "parent_accelerator_id", "partition_millis")
+    __slots__ = ("accelerator_id", "pci_bus_id", "model", "interconnect_domain", "health", "used_millis", "parent_accelerator_id", "partition_millis", "health_cause")
     ACCELERATOR_ID_FIELD_NUMBER: _ClassVar[int]
     PCI_BUS_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class Accelerator(_message.Message):
     USED_MILLIS_FIELD_NUMBER: _ClassVar[int]
     PARENT_ACCELERATOR_ID_FIELD_NUMBER: _ClassVar[int]
     PARTITION_MILLIS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_CAUSE_FIELD_NUMBER: _ClassVar[int]
     accelerator_id: str
     pci_bus_id: str
     model: str
@@ -137,7 +138,8 @@ class Accelerator(_message.Message):
     used_millis: int
     parent_accelerator_id: str
     partition_millis: int
-    def __init__(self, accelerator_id: _Optional[str] = ..., pci_bus_id: _Optional[str] = ..., model: _Optional[str] = ..., interconnect_domain: _Optional[str] = ..., health: _Optional[_Union[HealthState, str]] = ..., used_millis: _Optional[int] = ..., parent_accelerator_id: _Optional[str] = ..., partition_millis: _Optional[int] = ...) -> None: ...
+    health_cause: _common_pb2.Cause
+    def __init__(self, accelerator_id: _Optional[str] = ..., pci_bus_id: _Optional[str] = ..., model: _Optional[str] = ..., interconnect_domain: _Optional[str] = ..., health: _Optional[_Union[HealthState, str]] = ..., used_millis: _Optional[int] = ..., parent_accelerator_id: _Optional[str] = ..., partition_millis: _Optional[int] = ..., health_cause: _Optional[_Union[_common_pb2.Cause, _Mapping]] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("node_id", "provider_id", "region_id", "state", "accelerators", "software_stacks", "last_heartbeat_time", "state_cause")

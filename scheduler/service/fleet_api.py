@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Mapping
 from typing import Final
 
 import grpc
@@ -22,8 +23,9 @@ from services.runtime.errors import (
     PermissionDenied,
 )
 
+from .engine_adapter import AcceleratorHealth, EngineAdapter
 from .errors import InvalidFields
-from .fleet import NODE_STATUSES, NodeView
+from .fleet import NODE_STATUSES, AcceleratorView, NodeView
 from .inputs import DrainRequested, PledgeChanged, RecallAdded
 from .leadership import Leadership
 from .pledges import (
@@ -63,8 +65,9 @@ class FleetRpcs(ProviderRpcs):
         start = int(request.page.page_token or 0) if request.page.page_token.isdigit() else 0
         page = selected[start : start + size]
         token = str(start + size) if start + size < len(selected) else ""
+        failures = _failures_by_accelerator(leader.book.engine)
         return scheduler_pb2.ListNodesResponse(
-            nodes=[_node_to_proto(n) for n in page],
+            nodes=[_node_to_proto(n, failures) for n in page],
             page=common_pb2.PageResponse(next_page_token=token),
         )
 
@@ -73,10 +76,11 @@ class FleetRpcs(ProviderRpcs):
     ) -> scheduler_pb2.Node:
         current_principal()
         key = f"{request.provider_id}.{request.region_id}.{request.node_id}"
-        node = self._lead.require().fleet.get(key)
+        leader = self._lead.require()
+        node = leader.fleet.get(key)
         if node is None:
             raise NotFound("node", key)
-        return _node_to_proto(node)
+        return _node_to_proto(node, _failures_by_accelerator(leader.book.engine))
 
     async def DrainNode(
         self, request: scheduler_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext
@@ -101,7 +105,7 @@ class FleetRpcs(ProviderRpcs):
         await leader.nodes.set_draining(
             request.provider_id, request.region_id, request.node_id, not request.undrain, reason
         )
-        return _node_to_proto(node)
+        return _node_to_proto(node, _failures_by_accelerator(leader.book.engine))
 
     async def ListAcceleratorModels(
         self,
@@ -222,24 +226,47 @@ def _node_state_name(value: int) -> str:
     return name
 
 
-def _node_to_proto(node: NodeView) -> scheduler_pb2.Node:
+def _failures_by_accelerator(
+    engine: EngineAdapter,
+) -> dict[tuple[str, str], AcceleratorHealth]:
+    """Index the leader's failed accelerators by node key and accelerator id."""
+    return {(f.node_key, f.accelerator_id): f for f in engine.failed_accelerators()}
+
+
+def _accelerator_to_proto(
+    node: NodeView, acc: AcceleratorView, failures: Mapping[tuple[str, str], AcceleratorHealth]
+) -> scheduler_pb2.Accelerator:
+    """Convert one accelerator, failed if the leader keeps it out of placement.
+
+    The leader's failure list wins over the inventory: a failure stays until the agent
+    reports the condition cleared, even when a later inventory calls the device healthy.
+    """
+    msg = scheduler_pb2.Accelerator(
+        accelerator_id=acc.accelerator_id,
+        pci_bus_id=acc.pci_bus_id,
+        model=acc.model,
+        interconnect_domain=acc.interconnect_domain,
+        health=scheduler_pb2.HEALTH_STATE_OK if acc.healthy else scheduler_pb2.HEALTH_STATE_FAILED,
+    )
+    failure = failures.get((node.key, acc.accelerator_id))
+    if failure is not None:
+        msg.health = scheduler_pb2.HEALTH_STATE_FAILED
+        trigger = "inventory" if failure.event_id.startswith("inventory:") else "event:health"
+        msg.health_cause.CopyFrom(
+            common_pb2.Cause(trigger=trigger, reference_id=failure.event_id, reason=failure.reason)
+        )
+    return msg
+
+
+def _node_to_proto(
+    node: NodeView, failures: Mapping[tuple[str, str], AcceleratorHealth]
+) -> scheduler_pb2.Node:
     msg = scheduler_pb2.Node(
         node_id=node.node,
         provider_id=node.provider,
         region_id=node.region,
         state=scheduler_pb2.NodeState.Value(f"NODE_STATE_{node.status.upper()}"),  # type: ignore[arg-type]
-        accelerators=[
-            scheduler_pb2.Accelerator(
-                accelerator_id=acc.accelerator_id,
-                pci_bus_id=acc.pci_bus_id,
-                model=acc.model,
-                interconnect_domain=acc.interconnect_domain,
-                health=scheduler_pb2.HEALTH_STATE_OK
-                if acc.healthy
-                else scheduler_pb2.HEALTH_STATE_FAILED,
-            )
-            for acc in node.accelerators
-        ],
+        accelerators=[_accelerator_to_proto(node, acc, failures) for acc in node.accelerators],
         software_stacks=node.software_stacks,
         state_cause=common_pb2.Cause(reason=node.status_reason),
     )

@@ -1,5 +1,5 @@
-"""``acsp fleet pledge`` and ``acsp fleet recall`` against a real scheduler, grant service
-and NATS."""
+"""``acsp fleet pledge``, ``acsp fleet recall`` and failed accelerators in ``acsp fleet nodes``,
+against a real scheduler, grant service, NATS and simulated agents."""
 
 from __future__ import annotations
 
@@ -12,15 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import nats
 import pytest
 
+from acsp import subjects
 from acsp.cli import fleet as fleet_cli
 from acsp.cli import pledges as pledges_cli
 from acsp.cli.main import main
-from acsp.v1 import scheduler_pb2_grpc
+from acsp.v1 import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.runtime.auth import Role
 
-from .harness import Stack, metadata
+from .harness import Stack, metadata, scheduler_stub, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -269,3 +271,95 @@ async def test_pledge_options_checked_before_call(
     )
     assert code == 2
     assert "--end 2026-01-01 is not after the time the recall takes effect" in err
+
+
+def health_event(accelerator: str, event_id: str, *, cleared: bool) -> agent_pb2.HealthEvent:
+    return agent_pb2.HealthEvent(
+        event_id=event_id,
+        node=agent_pb2.NodeRef(provider_id="prov", region_id="reg", node_id="n0"),
+        accelerator_id=accelerator,
+        condition="xid",
+        xid=79,
+        message="GPU has fallen off the bus",
+        health=scheduler_pb2.HEALTH_STATE_OK if cleared else scheduler_pb2.HEALTH_STATE_FAILED,
+        cleared=cleared,
+    )
+
+
+async def test_failed_accelerator_in_node_views(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1, gpus=4)
+    token = stack.token("op", Role.PROVIDER_OPERATOR, provider="prov")
+    md = metadata(token)
+    use_identity(monkeypatch, address, token)
+    channel, scheduler = scheduler_stub(address)
+    get_node = scheduler_pb2.GetNodeRequest(provider_id="prov", region_id="reg", node_id="n0")
+    async with channel:
+
+        async def node_seen() -> scheduler_pb2.Node | None:
+            try:
+                return await scheduler.GetNode(get_node, metadata=md, timeout=5)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
+                raise
+
+        node = await wait_for(node_seen, 60, "node n0 to send its inventory", 0.2)
+        target = node.accelerators[1].accelerator_id
+        assert all(a.health == scheduler_pb2.HEALTH_STATE_OK for a in node.accelerators)
+
+        client = await nats.connect(stack.nats_url)
+        try:
+            js = client.jetstream()
+            subject = subjects.health_subject("prov", "reg", "n0")
+            failure = health_event(target, "hev-fail-1", cleared=False)
+            await js.publish(subject, failure.SerializeToString())
+
+            async def marked_failed() -> scheduler_pb2.Accelerator | None:
+                current = await scheduler.GetNode(get_node, metadata=md, timeout=5)
+                for acc in current.accelerators:
+                    if acc.accelerator_id == target and acc.health_cause.reference_id:
+                        return acc
+                return None
+
+            failed = await wait_for(marked_failed, 30, f"{target} to be marked failed", 0.2)
+            assert failed.health == scheduler_pb2.HEALTH_STATE_FAILED
+            assert failed.health_cause.reference_id == "hev-fail-1"
+            assert failed.health_cause.trigger == "event:health"
+            assert failed.health_cause.reason == "XID 79: GPU has fallen off the bus"
+
+            listed = await scheduler.ListNodes(
+                scheduler_pb2.ListNodesRequest(provider_id="prov"), metadata=md, timeout=5
+            )
+            (listed_node,) = listed.nodes
+            health = {a.accelerator_id: a.health for a in listed_node.accelerators}
+            assert health[target] == scheduler_pb2.HEALTH_STATE_FAILED
+            assert list(health.values()).count(scheduler_pb2.HEALTH_STATE_OK) == 3
+
+            code, out, err = await run_cli(capsys, "nodes", "--format", "json")
+            assert code == 0, err
+            (row,) = json_rows(out)
+            assert row["healthy"] == "3"
+            assert (
+                row["failed"] == f"{target}: XID 79: GPU has fallen off the bus (event hev-fail-1)"
+            )
+
+            recovery = health_event(target, "hev-clear-1", cleared=True)
+            await js.publish(subject, recovery.SerializeToString())
+
+            async def recovered() -> bool:
+                current = await scheduler.GetNode(get_node, metadata=md, timeout=5)
+                return all(
+                    a.health == scheduler_pb2.HEALTH_STATE_OK and not a.HasField("health_cause")
+                    for a in current.accelerators
+                )
+
+            await wait_for(recovered, 30, f"{target} to recover", 0.2)
+        finally:
+            await client.close()
+
+    code, out, err = await run_cli(capsys, "nodes", "--format", "json")
+    assert code == 0, err
+    assert json_rows(out)[0]["failed"] == ""
