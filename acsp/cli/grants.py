@@ -513,7 +513,13 @@ def register(subparsers: Any) -> None:
 
     p = command("apply", run_apply, "submit an application (exploratory ones are awarded at once)")
     p.add_argument("--project", required=True)
-    p.add_argument("--tier", choices=sorted(TIERS), required=True)
+    p.add_argument(
+        "--tier",
+        choices=sorted(TIERS),
+        required=True,
+        help="exploratory is awarded at once, up to the exploratory limit per project at a "
+        "time; standard and flagship are reviewed",
+    )
     p.add_argument("--pf-days", required=True, help="requested budget in PF-days, e.g. 12.5")
     p.add_argument("--start", required=True, help="start of the validity window, ISO 8601")
     p.add_argument("--end", required=True, help="end of the validity window, ISO 8601")

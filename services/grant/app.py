@@ -86,6 +86,15 @@ def reference_in(field_name: str, value: str) -> str:
     return value
 
 
+def scoped_key(kind: str, caller: str, request_id: str) -> str:
+    """Return the stored idempotency key of a caller's request of one kind.
+
+    The key contains the caller, so a request id that another caller used starts a new
+    request instead of returning theirs. The caller's length makes the key unambiguous.
+    """
+    return f"{kind}:{len(caller)}:{caller}/{request_id}"
+
+
 def request_id_in(value: str, field_name: str = "request_id") -> str:
     """Validate an idempotency key: required, because money RPCs must be safe to retry."""
     if not value.strip():

@@ -22,8 +22,10 @@ from services.grant.ledger_ops import Cause
 from services.grant.review_rules import (
     ApplicationState,
     Decision,
+    ExploratoryHolding,
     RatePolicy,
     Tier,
+    check_exploratory_room,
     check_known_institution,
     check_requested,
     check_reviewer_conflict,
@@ -92,12 +94,27 @@ async def submit(
 ) -> str:
     """Record an application and return its id; award exploratory ones at once.
 
-    A repeated ``request_id`` returns the application the first request created.
+    A request id is scoped to the submitter and the project. The same caller's retry returns
+    the application the first request created, and a reuse of the id for another application
+    raises FailedPrecondition naming ``request_id``.
     """
-    existing = await conn.fetchval("SELECT id FROM applications WHERE request_id = $1", request_id)
+    # One submission of a project at a time, so that two concurrent exploratory applications
+    # cannot both fit under the tier limit, and a concurrent retry finds the first one's row.
+    await conn.execute("SELECT 1 FROM projects WHERE id = $1 FOR NO KEY UPDATE", new.project_id)
+    existing = await conn.fetchrow(
+        "SELECT * FROM applications WHERE submitted_by = $1 AND project_id = $2 "
+        "AND request_id = $3",
+        actor,
+        new.project_id,
+        request_id,
+    )
     if existing is not None:
-        return str(existing)
+        _check_same_application(existing, new, request_id)
+        return str(existing["id"])
     check_requested(new.tier, new.requested, limits)
+    if is_auto_approved(new.tier):
+        holdings = await _exploratory_holdings(conn, new.project_id, now)
+        check_exploratory_room(new.project_id, holdings, new.requested, limits[new.tier])
     application_id = f"app-{uuid.uuid4().hex[:16]}"
     await conn.execute(
         """
@@ -150,6 +167,46 @@ async def submit(
             now,
         )
     return application_id
+
+
+def _check_same_application(row: asyncpg.Record, new: NewApplication, request_id: str) -> None:
+    """Raise FailedPrecondition unless a stored application matches ``new`` field by field."""
+    same = (
+        row["tier"] == new.tier.value
+        and row["requested"] == new.requested
+        and row["starts_at"] == new.starts_at
+        and row["ends_at"] == new.ends_at
+        and tuple(row["accelerator_models"]) == new.accelerator_models
+        and tuple(row["regions"]) == new.regions
+        and row["justification"] == new.justification
+    )
+    if not same:
+        raise FailedPrecondition(
+            f"request id {request_id!r} was already used for application {row['id']}, which "
+            "differs from this request; use a new request id for a new application",
+            field="request_id",
+        )
+
+
+async def _exploratory_holdings(
+    conn: asyncpg.Connection, project_id: str, now: datetime
+) -> list[ExploratoryHolding]:
+    """Return a project's live exploratory grants and pending exploratory applications."""
+    grants = await conn.fetch(
+        "SELECT id, credited FROM grants WHERE project_id = $1 AND tier = 'exploratory' "
+        "AND NOT expired AND ends_at > $2 ORDER BY id",
+        project_id,
+        now,
+    )
+    pending = await conn.fetch(
+        "SELECT id, requested FROM applications WHERE project_id = $1 AND tier = 'exploratory' "
+        "AND state IN ('submitted', 'in_review') ORDER BY id",
+        project_id,
+    )
+    return [
+        *(ExploratoryHolding("grant", r["id"], r["credited"]) for r in grants),
+        *(ExploratoryHolding("application", r["id"], r["requested"]) for r in pending),
+    ]
 
 
 async def assign_reviewer(
@@ -280,11 +337,13 @@ async def decide(
 ) -> None:
     """Apply the program office's decision; an award creates the grant in the same transaction.
 
-    A repeat of the same ``request_id`` changes nothing. An award needs at least one review.
+    The same caller's retry of the same decision changes nothing. An award needs at least one
+    review.
     """
     row = await lock_application(conn, application_id)
     if row["decision"] is not None:
-        if row["decision_request_id"] == request.request_id:
+        if row["decision_request_id"] == request.request_id and row["decided_by"] == actor:
+            _check_same_decision(row, request)
             return
         raise FailedPrecondition(
             f"application {application_id} was already decided ({row['decision']})",
@@ -331,6 +390,22 @@ async def decide(
         actor,
         now,
     )
+
+
+def _check_same_decision(row: asyncpg.Record, request: DecisionRequest) -> None:
+    """Raise FailedPrecondition unless a stored decision is the one ``request`` repeats."""
+    same = (
+        row["decision"] == request.decision.value
+        and row["decision_reason"] == request.reason
+        and (request.awarded is None or row["awarded"] == request.awarded)
+    )
+    if not same:
+        raise FailedPrecondition(
+            f"request id {request.request_id!r} already decided application {row['id']} as "
+            f"{row['decision']}, and this request asks for another decision; an application is "
+            "decided once",
+            field="request_id",
+        )
 
 
 async def _award(

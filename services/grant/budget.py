@@ -17,7 +17,7 @@ import asyncpg
 
 from services.grant import ledger_rules as rules
 from services.grant.amounts import ZERO, format_amount
-from services.grant.errors import NotFound
+from services.grant.errors import FailedPrecondition, NotFound
 from services.grant.events import EventKind, OutboxEvent, write_events
 from services.grant.ledger_ops import Cause
 from services.grant.ledger_rules import GrantState, Movement, Pot
@@ -69,6 +69,20 @@ def grant_state(row: asyncpg.Record) -> GrantState:
 
 async def existing_entry(conn: asyncpg.Connection, key: str) -> asyncpg.Record | None:
     return await conn.fetchrow("SELECT * FROM ledger_entries WHERE idempotency_key = $1", key)
+
+
+def check_same_entry(stored: asyncpg.Record, grant_id: str, amount: Decimal) -> None:
+    """Raise FailedPrecondition unless a stored entry moved ``amount`` on ``grant_id``."""
+    if stored["grant_id"] != grant_id or stored["amount"] != amount:
+        raise _reused()
+
+
+def _reused() -> FailedPrecondition:
+    return FailedPrecondition(
+        "this request id was already used for another request; use a new request id for a "
+        "new request",
+        field="request_id",
+    )
 
 
 async def insert_entry(
@@ -202,10 +216,21 @@ async def create_sub_allocation(
 ) -> str:
     """Fund a new sub-allocation from its parent's available budget; return its id.
 
-    A repeated key returns the sub-allocation the first request created.
+    A repeated key returns the sub-allocation the first request created, when the request
+    names the same grant, parent, holder and amount, and raises FailedPrecondition
+    otherwise.
     """
     stored = await existing_entry(conn, key)
     if stored is not None:
+        check_same_entry(stored, grant_id, amount)
+        allocation = await conn.fetchrow(
+            "SELECT parent_id, holder FROM allocations WHERE id = $1", stored["allocation_id"]
+        )
+        if allocation is None or (allocation["parent_id"], allocation["holder"]) != (
+            parent_id,
+            holder,
+        ):
+            raise _reused()
         return str(stored["allocation_id"])
     row = await lock_grant(conn, grant_id)
     grant = grant_state(row)

@@ -5,6 +5,7 @@ Inputs are validated here, so every error names the request field the caller mus
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -13,7 +14,9 @@ from typing import Final
 import asyncpg
 from google.protobuf import timestamp_pb2
 
+from acsp.subjects import TOKEN_PATTERN
 from acsp.v1 import common_pb2, grant_pb2
+from scheduler.engine.catalog import Catalog
 from services.grant.amounts import format_amount, parse_amount
 from services.grant.constraints import Placement
 from services.grant.errors import InvalidArgument
@@ -58,7 +61,16 @@ ENTRY_KINDS: Final = {
 }
 ENTRY_KIND_IN: Final = {v: k for k, v in ENTRY_KINDS.items()}
 MAX_TEXT: Final = 200
+"""Characters in a name, subject or other one-line text."""
 MAX_JUSTIFICATION: Final = 20_000
+"""Characters in a justification, review comment or other multi-line text."""
+MULTILINE_CONTROLS: Final = frozenset("\n\r\t")
+"""Control characters that multi-line text may contain."""
+EARLIEST_TIME: Final = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_TIME: Final = datetime(2200, 1, 1, tzinfo=UTC)
+"""Timestamps outside [EARLIEST_TIME, LATEST_TIME) are rejected as typing mistakes."""
+CATALOG: Final = Catalog()
+"""The accelerator models that providers may pledge, shared with the scheduler."""
 
 
 def amount_in(field: str, message: common_pb2.Decimal, *, allow_zero: bool = False) -> Decimal:
@@ -71,8 +83,19 @@ def amount_out(value: Decimal) -> common_pb2.Decimal:
 
 
 def time_in(field: str, message: timestamp_pb2.Timestamp, present: bool) -> datetime:
+    """Convert a timestamp, raising InvalidArgument when it is missing or outside 2000..2199."""
     if not present:
         raise InvalidArgument(field, "is missing", "give a timestamp")
+    earliest = int(EARLIEST_TIME.timestamp())
+    latest = int(LATEST_TIME.timestamp())
+    # Checked on the raw seconds, because converting a year-1 timestamp to UTC overflows.
+    if not earliest <= message.seconds < latest or not 0 <= message.nanos < 1_000_000_000:
+        raise InvalidArgument(
+            field,
+            f"{message.seconds} s, {message.nanos} ns since 1970 is outside the years "
+            f"{EARLIEST_TIME.year}..{LATEST_TIME.year - 1}",
+            f"give a time from {EARLIEST_TIME.date()} to before {LATEST_TIME.date()} (UTC)",
+        )
     return message.ToDatetime(tzinfo=UTC)
 
 
@@ -81,19 +104,65 @@ def time_out(value: datetime, target: timestamp_pb2.Timestamp) -> None:
 
 
 def text_in(field: str, value: str, *, required: bool = True, limit: int = MAX_TEXT) -> str:
-    """Return stripped text; raise InvalidArgument when it is missing or too long."""
+    """Return stripped text, raising InvalidArgument when it is missing, too long or has controls.
+
+    Text longer than MAX_TEXT may contain line breaks and tabs. Shorter text is one line, so it
+    may contain no control character at all.
+    """
     stripped = value.strip()
     if required and not stripped:
         raise InvalidArgument(field, "is missing", f"give a non-empty {field}")
     if len(stripped) > limit:
         raise InvalidArgument(
-            field, f"is {len(stripped)} characters long", f"keep it to {limit} characters"
+            field,
+            f"is {len(stripped)} characters long, above the maximum of {limit}",
+            f"keep it to {limit} characters",
         )
+    allowed = MULTILINE_CONTROLS if limit > MAX_TEXT else frozenset()
+    for index, char in enumerate(stripped):
+        if unicodedata.category(char) == "Cc" and char not in allowed:
+            raise InvalidArgument(
+                field,
+                f"contains the control character U+{ord(char):04X} at position {index}",
+                "remove control characters"
+                + (" other than line breaks and tabs" if allowed else ", line breaks included"),
+            )
     return stripped
 
 
 def names_in(field: str, values: Iterable[str]) -> tuple[str, ...]:
     return tuple(text_in(f"{field}[{i}]", v) for i, v in enumerate(values))
+
+
+def models_in(field: str, values: Iterable[str]) -> tuple[str, ...]:
+    """Convert accelerator model names; each must be in the catalog."""
+    models = names_in(field, values)
+    for index, model in enumerate(models):
+        if model not in CATALOG:
+            raise InvalidArgument(
+                f"{field}[{index}]",
+                f"{model!r} is not an accelerator model of the catalog",
+                f"use one of {', '.join(CATALOG.names())}",
+            )
+    return models
+
+
+def regions_in(field: str, values: Iterable[str]) -> tuple[str, ...]:
+    """Convert region names; each must read ``<provider>/<region>`` with two valid ids.
+
+    NOTE: the grant service has no registry of regions, so only the format is checked.
+    """
+    regions = names_in(field, values)
+    for index, key in enumerate(regions):
+        provider, _, region = key.partition("/")
+        if not TOKEN_PATTERN.match(provider) or not TOKEN_PATTERN.match(region):
+            raise InvalidArgument(
+                f"{field}[{index}]",
+                f"{key!r} is not '<provider>/<region>'",
+                "name the provider and the region with 1-64 letters, digits, '_' or '-' "
+                "each, e.g. 'cloud-a/us-east'",
+            )
+    return regions
 
 
 def placement_in(prefix: str, request: grant_pb2.PlaceHoldRequest) -> Placement:

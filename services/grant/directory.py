@@ -68,7 +68,7 @@ async def create_project(
 ) -> asyncpg.Record:
     """Insert a project with its PI and members.
 
-    A retry of the request that created the project returns the project. Another request for
+    The creator's retry of the request that created the project returns it. Another request for
     the same project id returns it only when it asks for exactly what exists (institution, name,
     PI and members) and raises AlreadyExists otherwise.
     """
@@ -86,7 +86,9 @@ async def create_project(
     members = [(new.pi, "pi"), *((s, r) for s, r in new.members if s != new.pi)]
     if row is None:
         existing = await get_project(conn, new.project_id)
-        if existing["request_id"] == request_id:
+        # A request id returns the project only to its creator: another caller learns no
+        # members by guessing it.
+        if existing["request_id"] == request_id and existing["created_by"] == actor:
             return existing
         current = {(m["member"], m["role"]) for m in await project_members(conn, new.project_id)}
         same = (
@@ -175,12 +177,17 @@ async def set_member(
 
 
 async def remove_member(conn: asyncpg.Connection, project_id: str, subject: str) -> None:
-    """Remove a member; removing someone who is not a member changes nothing."""
+    """Remove a member; raise NotFound naming the subject when they are not a member.
+
+    NOTE: removals store no request id, so a retry of a removal that succeeded gets NotFound.
+    """
     role = await conn.fetchval(
-        "SELECT role FROM project_members WHERE project_id = $1 AND member = $2",
+        "SELECT role FROM project_members WHERE project_id = $1 AND member = $2 FOR UPDATE",
         project_id,
         subject,
     )
+    if role is None:
+        raise NotFound("project member", f"{project_id}/{subject}")
     if role == "pi":
         raise FailedPrecondition(
             f"{subject!r} is the PI of project {project_id!r} and cannot be removed",

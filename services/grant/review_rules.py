@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
@@ -61,6 +63,78 @@ def check_requested(tier: Tier, requested: Decimal, limits: Mapping[Tier, Decima
             f"{format_amount(limit)} PF-days",
             "request less or apply for a larger tier",
         )
+
+
+def check_validity(
+    starts_at: datetime, ends_at: datetime, now: datetime, max_days: int, end_field: str
+) -> None:
+    """Raise InvalidArgument naming ``end_field`` for a window that ended or is too long.
+
+    The end must lie after the start and after ``now``, and the window may span at most
+    ``max_days`` days.
+    """
+    if ends_at <= starts_at:
+        raise InvalidArgument(
+            end_field,
+            f"{ends_at.isoformat()} is not after the start {starts_at.isoformat()}",
+            "give an end time later than the start time",
+        )
+    if ends_at <= now:
+        raise InvalidArgument(
+            end_field,
+            f"{ends_at.isoformat()} is in the past",
+            "give an end time in the future",
+        )
+    if ends_at - starts_at > timedelta(days=max_days):
+        raise InvalidArgument(
+            end_field,
+            f"the window from {starts_at.isoformat()} to {ends_at.isoformat()} is longer than "
+            f"the maximum of {max_days} days",
+            f"end it at most {max_days} days after the start",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExploratoryHolding:
+    """A project's live exploratory grant or pending exploratory application."""
+
+    kind: str
+    """``grant`` or ``application``."""
+    identifier: str
+    amount: Decimal
+    """PF-days credited to the grant, or requested by the application."""
+
+
+def check_exploratory_room(
+    project_id: str,
+    holdings: Sequence[ExploratoryHolding],
+    requested: Decimal,
+    limit: Decimal,
+) -> None:
+    """Raise FailedPrecondition when a project's exploratory budget would exceed the tier limit.
+
+    The tier limit caps the sum over a project's live exploratory grants (neither expired nor
+    past their end), its pending exploratory applications and the new request. Exploratory
+    awards skip review, so without this cap repeated applications would award any amount.
+    """
+    existing_total = sum((h.amount for h in holdings), Decimal(0))
+    if existing_total + requested <= limit:
+        return
+    named = ", ".join(
+        f"{h.kind} {h.identifier} ({format_amount(h.amount)} PF-days)" for h in holdings
+    )
+    room = max(limit - existing_total, Decimal(0))
+    fix = (
+        f"request at most {format_amount(room)} PF-days, "
+        if room > 0
+        else "wait until those grants end, "
+    )
+    raise FailedPrecondition(
+        f"project {project_id!r} already has {named} of the exploratory tier, whose limit "
+        f"is {format_amount(limit)} PF-days per project at a time; {fix}or apply for the "
+        "standard tier",
+        field="application.requested_pf_days",
+    )
 
 
 def is_auto_approved(tier: Tier) -> bool:

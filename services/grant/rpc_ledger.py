@@ -14,7 +14,14 @@ from services.grant import access, budget, views
 from services.grant import convert as cv
 from services.grant import ledger_rules as rules
 from services.grant.amounts import EXACT, ZERO, format_amount
-from services.grant.app import GrantApp, page_in, page_out, reference_in, request_id_in
+from services.grant.app import (
+    GrantApp,
+    page_in,
+    page_out,
+    reference_in,
+    request_id_in,
+    scoped_key,
+)
 from services.grant.constraints import OUTSIDE_CONSTRAINTS, OutsideConstraints
 from services.grant.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.grant.ledger import RequestRejected
@@ -28,7 +35,7 @@ from services.grant.ledger_ops import (
     ReleaseRequest,
 )
 from services.grant.ledger_state import allocation_pot_name, grant_pot_name, pot_from_row
-from services.grant.review_rules import Tier, check_supplement
+from services.grant.review_rules import Tier, check_supplement, check_validity
 from services.runtime.auth import Principal, current_principal
 from services.runtime.context import request_id
 from services.runtime.errors import ServiceError
@@ -134,13 +141,16 @@ class LedgerHandlers:
         self, request: grant_pb2.SupplementGrantRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Grant:
         principal = access.require_program_office("supplement grants")
-        key = request_id_in(request.request_id)
+        key = scoped_key("supplement", principal.subject, request_id_in(request.request_id))
         grant_id = reference_in("grant_id", request.grant_id)
         amount = cv.amount_in("amount_pf_days", request.amount_pf_days)
         reason = cv.text_in("reason", request.reason, limit=2000)
         now = datetime.now(UTC)
         async with self.app.database().transaction() as conn:
-            if await budget.existing_entry(conn, key) is None:
+            stored = await budget.existing_entry(conn, key)
+            if stored is not None:
+                budget.check_same_entry(stored, grant_id, amount)
+            else:
                 row = await budget.lock_grant(conn, grant_id)
                 check_supplement(
                     Tier(row["tier"]), amount, row["supplemented"], self.app.settings.tier_limits()
@@ -168,6 +178,13 @@ class LedgerHandlers:
                     f"{new_end.isoformat()} is before the current end {row['ends_at'].isoformat()}",
                     "an extension moves the end later",
                 )
+            check_validity(
+                row["starts_at"],
+                new_end,
+                datetime.now(UTC),
+                self.app.settings.max_validity_days,
+                "new_end_time",
+            )
             await conn.execute(
                 "UPDATE grants SET ends_at = $2, expiring_notified = false WHERE id = $1",
                 grant_id,
@@ -196,7 +213,9 @@ class LedgerHandlers:
         if not access.is_overseer(principal):
             access.require_program_office("expire grants")
         now = datetime.now(UTC)
-        as_of = request.as_of_time.ToDatetime(tzinfo=UTC) if request.HasField("as_of_time") else now
+        as_of = now
+        if request.HasField("as_of_time"):
+            as_of = cv.time_in("as_of_time", request.as_of_time, present=True)
         if as_of > now:
             raise InvalidArgument(
                 "as_of_time", "is in the future", "grants can only expire once their window ended"
@@ -209,7 +228,9 @@ class LedgerHandlers:
     async def CreateSubAllocation(
         self, request: grant_pb2.CreateSubAllocationRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.SubAllocation:
-        key = request_id_in(request.request_id)
+        key = scoped_key(
+            "sub-allocation", current_principal().subject, request_id_in(request.request_id)
+        )
         grant_id = reference_in("grant_id", request.grant_id)
         holder = cv.text_in("holder", request.holder)
         amount = cv.amount_in("amount_pf_days", request.amount_pf_days)

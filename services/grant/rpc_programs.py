@@ -22,9 +22,8 @@ from services.grant.app import (
 from services.grant.applications import DecisionRequest, NewApplication
 from services.grant.directory import NewInstitution, NewProject
 from services.grant.errors import InvalidArgument, NotFound, PermissionDenied
-from services.grant.ledger_rules import check_window
 from services.grant.ratecard import current_version
-from services.grant.review_rules import RatePolicy
+from services.grant.review_rules import RatePolicy, check_validity
 from services.runtime.auth import Role, current_principal
 
 
@@ -245,17 +244,23 @@ class ProgramHandlers:
             application.validity.end_time,
             application.validity.HasField("end_time"),
         )
-        check_window(starts_at, ends_at, "application.validity")
+        check_validity(
+            starts_at,
+            ends_at,
+            datetime.now(UTC),
+            self.app.settings.max_validity_days,
+            "application.validity.end_time",
+        )
         new = NewApplication(
             project_id=project_id,
             tier=cv.tier_in("application.tier", application.tier),
             requested=cv.amount_in("application.requested_pf_days", application.requested_pf_days),
             starts_at=starts_at,
             ends_at=ends_at,
-            accelerator_models=cv.names_in(
+            accelerator_models=cv.models_in(
                 "application.accelerator_models", application.accelerator_models
             ),
-            regions=cv.names_in("application.regions", application.regions),
+            regions=cv.regions_in("application.regions", application.regions),
             justification=cv.text_in(
                 "application.justification", application.justification, limit=cv.MAX_JUSTIFICATION
             ),
@@ -358,8 +363,8 @@ class ProgramHandlers:
             awarded=awarded,
             reason=cv.text_in("decision.reason", request.decision.reason, limit=2000),
             providers=cv.names_in("constraints.providers", request.constraints.providers),
-            regions=cv.names_in("constraints.regions", request.constraints.regions),
-            accelerator_models=cv.names_in(
+            regions=cv.regions_in("constraints.regions", request.constraints.regions),
+            accelerator_models=cv.models_in(
                 "constraints.accelerator_models", request.constraints.accelerator_models
             ),
             rate_policy=cv.rate_policy_in(request.rate_policy),

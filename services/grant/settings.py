@@ -33,6 +33,13 @@ class GrantSettings(Settings):
     flagship_limit_pf_days: Decimal = setting(
         "ACSP_GRANT_FLAGSHIP_LIMIT_PF_DAYS", Decimal(5000), "largest flagship request, PF-days"
     )
+    # Five years of 365 days plus the two leap days such a span can contain.
+    max_validity_days: int = setting(
+        "ACSP_GRANT_MAX_VALIDITY_DAYS",
+        1827,
+        "longest validity window of an application or grant, extensions included, in days",
+        minimum=1,
+    )
     budget_low_fraction: Decimal = setting(
         "ACSP_GRANT_BUDGET_LOW_FRACTION",
         Decimal("0.1"),

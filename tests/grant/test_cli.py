@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ from acsp.cli.main import main
 from acsp.v1 import grant_pb2_grpc
 from services.runtime.auth import mint_token
 from tests.grant.service_helpers import RunningGrant, running_grant
+
+TODAY = datetime.now(UTC).date()
+START = TODAY.isoformat()
+END = (TODAY + timedelta(days=365)).isoformat()
 
 
 class _TokenStub:
@@ -71,9 +76,9 @@ async def test_cli_apply_and_balance(
             "--pf-days",
             "2.5",
             "--start",
-            "2020-01-01",
+            START,
             "--end",
-            "2099-01-01",
+            END,
             "--justification",
             "pilot",
             "--format",
@@ -98,15 +103,35 @@ async def test_cli_apply_and_balance(
             "--pf-days",
             "-3",
             "--start",
-            "2020-01-01",
+            START,
             "--end",
-            "2099-01-01",
+            END,
             "--justification",
             "x",
         )
         assert code == 2
         assert "INVALID_ARGUMENT" in err
         assert "application.requested_pf_days" in err
+        code, _, err = await run_cli(
+            capsys,
+            "apply",
+            "--project",
+            "proj-a",
+            "--tier",
+            "standard",
+            "--pf-days",
+            "3",
+            "--start",
+            "0001-01-01",
+            "--end",
+            END,
+            "--justification",
+            "x",
+        )
+        assert code == 2
+        assert "INVALID_ARGUMENT" in err
+        assert "application.validity.start_time" in err
+        assert "2000..2199" in err
         use_identity(monkeypatch, svc, "office", ["program_office"])
         code, out, err = await run_cli(capsys, "summary", "--format", "json")
         assert code == 0, err

@@ -93,7 +93,9 @@ async def test_project_hold_picks_allowed_grant(db: Database, ledger: Ledger) ->
 
 @pytest.mark.timeout(120)
 async def test_place_holds_reports_constraint_reason(schema: str, tmp_path: Path) -> None:
-    constraints = grant_pb2.GrantConstraints(providers=["cloud-a"], accelerator_models=["h100"])
+    constraints = grant_pb2.GrantConstraints(
+        providers=["cloud-a"], accelerator_models=["H100-SXM5-80GB"]
+    )
     async with running_grant(schema, tmp_path) as svc:
         await setup_project(svc)
         grant_id = await standard_grant(svc, "10", constraints)
@@ -105,7 +107,7 @@ async def test_place_holds_reports_constraint_reason(schema: str, tmp_path: Path
                 job_id=f"job-{i}",
                 amount_pf_days=common_pb2.Decimal(value="1"),
                 placement_regions=[region],
-                accelerator_model="h100",
+                accelerator_model="H100-SXM5-80GB",
             )
             for i, region in enumerate(["cloud-a/east", "cloud-b/east", "no-slash"])
         ]
