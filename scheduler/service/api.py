@@ -108,7 +108,9 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.SubmitJobRequest, principal: Principal, prefix: str
     ) -> tuple[list[Job], list[str | None], str]:
         spec, violations = spec_from_proto(request.spec)
-        violations += validate_spec(spec, f"{prefix}spec", self.known_jurisdictions())
+        violations += validate_spec(
+            spec, f"{prefix}spec", self.known_jurisdictions(), self._lead.max_payload
+        )
         violations += validate_models(spec, self._lead.catalog, f"{prefix}spec")
         violations += validate_array_size(request.spec.array_size, f"{prefix}spec.array_size")
         if violations:

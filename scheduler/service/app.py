@@ -91,7 +91,15 @@ def _leadership(settings: SchedulerSettings, runtime: Runtime) -> Leadership:
         ),
         poll_s=settings.leader_poll_s,
     )
-    return Leadership(config, runtime.db.pool, js, admission, rates, ProjectDirectory(grants))
+    return Leadership(
+        config,
+        runtime.db.pool,
+        js,
+        admission,
+        rates,
+        ProjectDirectory(grants),
+        nats=runtime.nats,
+    )
 
 
 def _service_token(settings: SchedulerSettings) -> str | None:

@@ -305,6 +305,38 @@ class JobBook:
             reason = f"tasks did not start within {timeout_s:.0f} s"
             self.requeue(job_id, reason, "timer:start-deadline", fx, release=True)
 
+    def fail_unpublishable(self, record: DispatchRecord, reason: str, fx: Effects) -> None:
+        """Fail the attempt whose start command ``record`` NATS rejected for good.
+
+        The same command would be rejected again, so the job is not requeued. Its other live
+        tasks get stop commands, and once they stop, the job fails and its accelerators and
+        hold are released. Rejected stop commands change nothing here.
+        """
+        job = self.jobs.get(record.job_id)
+        if record.kind != "start" or job is None or job.attempt != record.attempt:
+            return
+        tasks = list(job.placement)
+        index = next((i for i, t in enumerate(tasks) if t.task_index == record.task_index), None)
+        if index is None or tasks[index].state not in _LIVE:
+            return
+        tasks[index] = replace(tasks[index], state="start_failed")
+        job = replace(job, placement=tuple(tasks))
+        self.jobs[job.job_id] = job
+        logger.error(
+            "job %s attempt %d task %d: %s",
+            job.job_id,
+            job.attempt,
+            record.task_index,
+            reason,
+            extra={"job_id": job.job_id},
+        )
+        if job.job_id in self._stopping:
+            self._on_stopping_task(job, record.task_index, "start_failed", record.node_key, fx)
+            return
+        self.engine.tasks_stopped(record.node_key, job.job_id)
+        message = f"task {record.task_index} start command not published: {reason}"
+        self.stop(job.job_id, "failed", message, 0, "publish:rejected", fx)
+
     # Owner and operator requests.
 
     def cancel(self, job_id: str, reason: str, cause: str, fx: Effects) -> Job | None:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 import asyncpg
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from acsp.v1 import agent_pb2
@@ -40,6 +41,7 @@ from .providers import ProviderDirectory
 from .publisher import Publisher
 from .store import Fenced, JobStore
 from .submitter import SubmissionBatcher
+from .validation import DEFAULT_MAX_PAYLOAD
 from .watch import WatchHub
 
 logger = logging.getLogger(__name__)
@@ -94,8 +96,10 @@ class Leadership:
         admission: GrantAdmission,
         rates: Callable[[], Awaitable[RateCard]],
         projects: ProjectDirectory,
+        nats: Client | None = None,
     ) -> None:
         self.config = config
+        self._nats = nats
         self.store = JobStore(pool, config.shard)
         self.pool = pool
         self._pool = pool
@@ -109,6 +113,13 @@ class Leadership:
         """Projects and grant owners, which submitters are checked against."""
         self.current: Term | None = None
         self.terms = 0
+
+    @property
+    def max_payload(self) -> int:
+        """Largest NATS message in bytes, as the connected server reports it."""
+        if self._nats is None or not self._nats.is_connected:
+            return DEFAULT_MAX_PAYLOAD
+        return self._nats.max_payload
 
     @property
     def leading(self) -> bool:

@@ -100,6 +100,8 @@ class SchedulingLoop:
             max(1, settings.max_holds_in_flight // settings.holds_per_call)
         )
         self._no_budget: dict[str, float] = {}
+        self._unpublishable: list[tuple[DispatchRecord, str]] = []
+        """Commands NATS rejected for good, with the reason, to fail in the next turn."""
         self._last_pass = 0.0
         self._pass_gap = settings.min_pass_interval_s
         self._pass_due = False
@@ -149,6 +151,9 @@ class SchedulingLoop:
         replies: list[tuple[asyncio.Future[object], object]] = []
         inventories: list[InventoryReceived] = []
         self.book.settle_reloaded(fx)
+        for record, reason in self._unpublishable:
+            self.book.fail_unpublishable(record, reason, fx)
+        self._unpublishable.clear()
         for item in batch:
             self._apply(item, fx, acks, replies, inventories)
         self.book.settle_reloaded(fx)  # Fail now the submissions the engine rejected.
@@ -301,8 +306,12 @@ class SchedulingLoop:
 
     async def _send(self, commands: list[DispatchRecord], events: list[OutboxEvent]) -> None:
         if commands or events:
-            keys, event_ids = await self.publisher.publish_all(commands, events)
+            keys, event_ids, rejected = await self.publisher.publish_all(commands, events)
+            # A rejected command is marked done so it is not republished; the next turn fails
+            # its attempt.
+            keys.extend(record.key for record, _ in rejected)
             await self.store.ack_published(keys, event_ids)
+            self._unpublishable.extend(rejected)
 
     async def _republish(self, older_than_s: float) -> None:
         records = await self.store.unacked_dispatches(older_than_s)

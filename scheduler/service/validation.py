@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from acsp.subjects import TOKEN_PATTERN
+from acsp.v1 import agent_pb2
 from scheduler.engine.catalog import AcceleratorModel, Catalog
 
 from .model import MILLIS_PER_ACCELERATOR, PRIORITY_CLASSES, TOPOLOGIES, JobSpec
@@ -20,6 +21,14 @@ MAX_GRACE_S: Final = 3600
 MAX_ARRAY_SIZE: Final = 10_000
 MAX_NAME_LENGTH: Final = 128
 MAX_COMMAND_BYTES: Final = 64 * 1024
+MAX_COMMAND_ARGS: Final = 4096
+MAX_ENV_VARS: Final = 512
+MAX_ENV_VALUE_BYTES: Final = 32 * 1024
+MAX_ENV_BYTES: Final = 128 * 1024
+"""Keys and values of the environment together, in UTF-8 bytes."""
+MAX_CHECKPOINT_REF_BYTES: Final = 4096
+DEFAULT_MAX_PAYLOAD: Final = 1024 * 1024
+"""nats-server's default ``max_payload``, used when no server has reported its own."""
 VENDORS: Final = ("", "nvidia", "amd", "huawei", "cambricon", "other")
 
 _ENV_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -50,12 +59,17 @@ class InvalidJobSpec(ValueError):
 
 
 def validate_spec(
-    spec: JobSpec, prefix: str = "spec", jurisdictions: Collection[str] | None = None
+    spec: JobSpec,
+    prefix: str = "spec",
+    jurisdictions: Collection[str] | None = None,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
 ) -> list[FieldViolation]:
     """Return every violation in ``spec``; an empty list means it is valid.
 
     ``jurisdictions`` are the codes registered regions declare; a ``jurisdiction:<code>``
     entry of the allowed regions must name one of them. ``None`` checks only the syntax.
+    ``max_payload`` is the NATS server's largest message in bytes, which bounds the start
+    command every task of the job is sent as.
     """
     out: list[FieldViolation] = []
 
@@ -86,9 +100,15 @@ def validate_spec(
         reason = _region_entry_problem(entry, jurisdictions)
         if reason:
             bad(f"allowed_regions[{i}]", reason)
-    for key, _ in spec.env:
-        if not _ENV_NAME.match(key):
-            bad(f"environment[{key!r}]", "is not a valid environment variable name")
+    _check_env(spec, bad)
+    ref_bytes = len(spec.checkpoint_ref.encode())
+    if ref_bytes > MAX_CHECKPOINT_REF_BYTES:
+        bad(
+            "checkpoint_reference",
+            f"is {ref_bytes} bytes; use at most {MAX_CHECKPOINT_REF_BYTES}",
+        )
+    if not out:
+        _check_command_size(spec, max_payload, bad)
     if spec.simulated_run_s < 0 or spec.simulated_run_s != spec.simulated_run_s:
         bad("simulated_run_seconds", f"is {spec.simulated_run_s}; use 0 or a positive number")
     return out
@@ -183,11 +203,76 @@ def _check_command(spec: JobSpec, bad: _Reporter) -> None:
     if not spec.command or not spec.command[0]:
         bad("command", "is empty; give the program to run and its arguments")
         return
+    if len(spec.command) > MAX_COMMAND_ARGS:
+        bad("command", f"has {len(spec.command)} arguments; use at most {MAX_COMMAND_ARGS}")
     size = sum(len(arg.encode()) for arg in spec.command)
     if size > MAX_COMMAND_BYTES:
         bad("command", f"is {size} bytes; use at most {MAX_COMMAND_BYTES}")
     if any("\x00" in arg for arg in spec.command):
         bad("command", "contains a NUL character")
+
+
+def _check_env(spec: JobSpec, bad: _Reporter) -> None:
+    if len(spec.env) > MAX_ENV_VARS:
+        bad("environment", f"has {len(spec.env)} variables; use at most {MAX_ENV_VARS}")
+    total = 0
+    for key, value in spec.env:
+        field = f"environment[{_quote_key(key)}]"
+        if not _ENV_NAME.match(key):
+            bad(field, "is not a valid environment variable name")
+        size = len(value.encode())
+        total += len(key.encode()) + size
+        if size > MAX_ENV_VALUE_BYTES:
+            bad(
+                field,
+                f"value is {size} bytes; use at most {MAX_ENV_VALUE_BYTES} and pass larger "
+                "data as a file",
+            )
+        if "\x00" in value:
+            bad(field, "value contains a NUL character")
+    if total > MAX_ENV_BYTES:
+        bad(
+            "environment",
+            f"keys and values are {total} bytes in all; use at most {MAX_ENV_BYTES} and pass "
+            "larger data as a file",
+        )
+
+
+def _quote_key(key: str) -> str:
+    """Quote an environment key for a field path, cut to a readable length."""
+    if len(key) <= _ENV_KEY_SHOWN:
+        return repr(key)
+    return f"{key[:_ENV_KEY_SHOWN]!r}... ({len(key)} characters)"
+
+
+_ENV_KEY_SHOWN: Final = 64
+
+
+def max_command_bytes(max_payload: int) -> int:
+    """Return the largest encoded job spec part of a start command, in bytes.
+
+    Half of ``max_payload`` goes to the command, environment and checkpoint reference. The
+    other half is left for the task's ids, its accelerators and the message headers, so every
+    start command of a valid job fits one NATS message.
+    """
+    return max_payload // 2
+
+
+def _check_command_size(spec: JobSpec, max_payload: int, bad: _Reporter) -> None:
+    command = agent_pb2.AgentCommand(
+        command=spec.command,
+        environment=dict(spec.env),
+        checkpoint_reference=spec.checkpoint_ref,
+    )
+    size = command.ByteSize()
+    limit = max_command_bytes(max_payload)
+    if size > limit:
+        bad(
+            "command",
+            f"with its environment and checkpoint reference encodes to {size} bytes, over "
+            f"the {limit} bytes a start command may carry (half the NATS max_payload of "
+            f"{max_payload}); shorten them or pass the data as a file",
+        )
 
 
 def _check_millis(spec: JobSpec, bad: _Reporter) -> None:

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from scheduler.service.model import JobSpec
-from scheduler.service.validation import validate_array_size, validate_spec
+from scheduler.service.validation import (
+    MAX_CHECKPOINT_REF_BYTES,
+    MAX_COMMAND_ARGS,
+    MAX_ENV_BYTES,
+    MAX_ENV_VALUE_BYTES,
+    MAX_ENV_VARS,
+    validate_array_size,
+    validate_spec,
+)
 
 
 def fields_of(spec: JobSpec) -> set[str]:
@@ -71,3 +79,55 @@ def test_array_size_bounds() -> None:
     assert validate_array_size(0) == []
     assert validate_array_size(10_000) == []
     assert [v.field for v in validate_array_size(10_001)] == ["spec.array_size"]
+
+
+def test_oversized_environment_is_rejected() -> None:
+    ten_large = tuple((f"K{i}", "x" * 120_000) for i in range(10))
+    violations = validate_spec(valid_spec(env=ten_large))
+    fields = [v.field for v in violations]
+    assert fields.count("spec.environment['K0']") == 1
+    assert "spec.environment" in fields
+    assert f"at most {MAX_ENV_VALUE_BYTES}" in violations[0].reason
+
+
+def test_environment_bounds() -> None:
+    too_many = tuple((f"K{i}", "") for i in range(MAX_ENV_VARS + 1))
+    assert fields_of(valid_spec(env=too_many)) == {"spec.environment"}
+    at_limit = tuple((f"K{i}", "") for i in range(MAX_ENV_VARS))
+    assert validate_spec(valid_spec(env=at_limit)) == []
+    one_max_value = (("K", "x" * MAX_ENV_VALUE_BYTES),)
+    assert validate_spec(valid_spec(env=one_max_value)) == []
+    # Five values at the per-value maximum pass one by one but not together.
+    five = tuple((f"K{i}", "x" * MAX_ENV_VALUE_BYTES) for i in range(5))
+    violations = validate_spec(valid_spec(env=five))
+    assert [v.field for v in violations] == ["spec.environment"]
+    assert f"at most {MAX_ENV_BYTES}" in violations[0].reason
+
+
+def test_long_environment_key_is_cut_in_field() -> None:
+    violations = validate_spec(valid_spec(env=(("K" * 5000, "x"),)))
+    assert len(violations) == 1
+    assert len(violations[0].field) < 120
+    assert "(5000 characters)" in violations[0].field
+
+
+def test_command_argument_count_is_bounded() -> None:
+    spec = valid_spec(command=("true",) * (MAX_COMMAND_ARGS + 1))
+    violations = validate_spec(spec)
+    assert [v.field for v in violations] == ["spec.command"]
+    assert f"at most {MAX_COMMAND_ARGS}" in violations[0].reason
+
+
+def test_checkpoint_reference_is_bounded() -> None:
+    spec = valid_spec(checkpoint_ref="s3://b/" + "c" * MAX_CHECKPOINT_REF_BYTES)
+    assert fields_of(spec) == {"spec.checkpoint_reference"}
+
+
+def test_start_command_size_follows_max_payload() -> None:
+    env = tuple((f"K{i}", "x" * 20_000) for i in range(4))
+    spec = valid_spec(env=env)
+    assert validate_spec(spec) == []
+    violations = validate_spec(spec, max_payload=128 * 1024)
+    assert [v.field for v in violations] == ["spec.command"]
+    assert "65536 bytes" in violations[0].reason
+    assert "max_payload of 131072" in violations[0].reason

@@ -1,0 +1,127 @@
+"""Commands NATS can never carry: the publisher reports them and the job fails, not retries."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import nats
+import pytest
+
+from scheduler.service.commands import start_record
+from scheduler.service.jobbook import Effects
+from scheduler.service.publisher import Publisher
+from scheduler.service.store import DispatchRecord
+from scheduler.service.validation import (
+    DEFAULT_MAX_PAYLOAD,
+    MAX_COMMAND_BYTES,
+    MAX_ENV_VALUE_BYTES,
+    validate_spec,
+)
+from tests.agent.natsserver import NatsServer, declare_agent_streams
+from tests.scheduler.test_jobbook import NOW, held, make_book, make_job, place, report
+
+MAX_PAYLOAD = 64 * 1024
+
+
+@pytest.fixture
+async def small_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    """A nats-server whose max_payload is 64 KiB, with the agent streams declared."""
+    config = tmp_path / "nats.conf"
+    config.write_text(f"max_payload: {MAX_PAYLOAD}\n")
+    server = NatsServer(tmp_path / "jetstream", ("-c", str(config)))
+    server.start()
+    await declare_agent_streams(server.url)
+    yield server
+    server.stop()
+
+
+def command(job_id: str, kind: str, size: int) -> DispatchRecord:
+    return DispatchRecord(job_id, 1, 0, kind, "prov.reg.n1", b"x" * size)
+
+
+async def test_publisher_rejects_oversized_command_only(small_nats: NatsServer) -> None:
+    client = await nats.connect(small_nats.url, connect_timeout=5)
+    try:
+        assert client.max_payload == MAX_PAYLOAD
+        publisher = Publisher(client.jetstream(), timeout_s=5.0)
+        small, large, stop = (
+            command("j1", "start", 100),
+            command("j2", "start", MAX_PAYLOAD + 1),
+            command("j2", "stop", 100),
+        )
+        keys, event_ids, rejected = await publisher.publish_all([small, large, stop], [])
+    finally:
+        await client.close()
+    assert keys == [small.key, stop.key]
+    assert event_ids == []
+    assert [record.key for record, _ in rejected] == [large.key]
+    reason = rejected[0][1]
+    assert "maximum payload exceeded" in reason
+    assert f"{MAX_PAYLOAD + 1} bytes" in reason
+
+
+def test_unpublishable_start_fails_job() -> None:
+    book = make_book()
+    job = make_job(tasks=2)
+    place(book, job)
+    starts = [r for r in held(book, job).commands if r.kind == "start"]
+    fx = Effects(NOW + 3)
+    book.fail_unpublishable(starts[0], "nats: maximum payload exceeded", fx)
+    stopping = book.jobs[job.job_id]
+    assert stopping.state == "stopping"
+    assert "task 0 start command not published" in stopping.reason
+    assert [(r.kind, r.task_index) for r in fx.commands] == [("stop", 1)]
+    ended = report(book, job, 1, "stopped")
+    final = ended.changed[job.job_id][0]
+    assert final.state == "failed"
+    assert "maximum payload exceeded" in final.reason
+    assert [e.subject for e in ended.events][-1].endswith("ended")
+    # The engine freed the accelerators: an eight-accelerator job fits the node again.
+    assert place(book, make_job(tasks=8), NOW + 4).admit
+
+
+def test_cancelled_job_with_unpublishable_starts_ends() -> None:
+    book = make_book()
+    job = make_job(tasks=2)
+    place(book, job)
+    starts = [r for r in held(book, job).commands if r.kind == "start"]
+    cancel = Effects(NOW + 3)
+    book.cancel(job.job_id, "owner asked", "rpc:CancelJob", cancel)
+    assert book.jobs[job.job_id].state == "stopping"
+    fx = Effects(NOW + 4)
+    for record in starts:
+        book.fail_unpublishable(record, "nats: maximum payload exceeded", fx)
+    assert fx.changed[job.job_id][0].state == "cancelled"
+    assert job.job_id not in book.jobs
+
+
+def test_rejected_stop_or_old_attempt_changes_nothing() -> None:
+    book = make_book()
+    job = make_job(tasks=1)
+    place(book, job)
+    start = next(r for r in held(book, job).commands if r.kind == "start")
+    fx = Effects(NOW + 3)
+    stop = DispatchRecord(job.job_id, start.attempt, 0, "stop", start.node_key, b"")
+    book.fail_unpublishable(stop, "rejected", fx)
+    older = DispatchRecord(job.job_id, start.attempt - 1, 0, "start", start.node_key, b"")
+    book.fail_unpublishable(older, "rejected", fx)
+    assert fx.changed == {}
+    assert book.jobs[job.job_id].state == "starting"
+
+
+def test_largest_valid_spec_start_command_fits_max_payload() -> None:
+    env = tuple((f"K{i}", "x" * (MAX_ENV_VALUE_BYTES - 8)) for i in range(4))
+    job = make_job(tasks=1, millis=8000)
+    spec = replace(job.spec, command=("y" * (MAX_COMMAND_BYTES - 1),), env=env)
+    assert validate_spec(spec, max_payload=DEFAULT_MAX_PAYLOAD) == []
+    book = make_book()
+    job = replace(job, spec=spec)
+    place(book, job)
+    held(book, job)
+    placed = book.jobs[job.job_id]
+    assert len(placed.placement[0].accelerators) == 8
+    record = start_record(placed, placed.placement[0], epoch=7)
+    assert len(record.payload) > MAX_COMMAND_BYTES
+    assert len(record.payload) < DEFAULT_MAX_PAYLOAD
