@@ -1,6 +1,8 @@
 """Efficiency: per-attempt utilization, sustained low use flagged as waste, per-model reports.
 
-The rules are pure functions over samples; the queries around them read PostgreSQL.
+The rules are pure functions over samples; the queries around them read PostgreSQL. Waste
+is flagged when ListJobEfficiency reads an attempt and, for every ended attempt, by the
+background scan in :mod:`services.metering.waste_scan`.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ async def job_efficiency(
     threshold: float,
     sustained_s: float,
 ) -> list[JobEfficiency]:
-    """Return one page of attempts (ordered by job id and attempt) with their efficiency."""
+    """Compute one page of attempts (ordered by job id and attempt) with their efficiency,
+    and store a waste flag for each newly flagged one."""
     attempts = await conn.fetch(
         """
         SELECT j.job_id, j.attempt, j.project_id,
@@ -105,58 +108,73 @@ async def job_efficiency(
         after[1] if after else 0,
         limit,
     )
-    results = []
-    for row in attempts:
-        samples = await conn.fetch(
-            "SELECT start_time, end_time, utilization FROM metering.usage_samples "
-            "WHERE job_id = $1 AND attempt = $2 AND utilization IS NOT NULL",
-            row["job_id"],
-            row["attempt"],
-        )
-        points = [UtilizationPoint(s[0], s[1], s[2]) for s in samples]
-        run = longest_low_run(points, threshold)
-        weight = row["weight"]
-        results.append(
-            JobEfficiency(
-                job_id=row["job_id"],
-                attempt=row["attempt"],
-                project_id=row["project_id"],
-                mean_utilization=row["used"] / weight if weight else 0.0,
-                median_utilization=median(p.utilization for p in points),
-                low_utilization_seconds=run.seconds,
-                flagged_waste=run.seconds >= sustained_s,
-                low_run_start=run.start,
-                low_run_end=run.end,
-                accelerator_hours=micros_to_seconds(row["micros"]) / 3600,
-            )
-        )
-    # A new flag is published once as a WasteFlagEvent by services.metering.waste_events.
-    # NOTE: attempts are checked for waste only when ListJobEfficiency reads them, because no
-    # background scan raises flags, so an attempt that no caller lists is never flagged.
-    flagged = [r for r in results if r.flagged_waste]
-    if flagged:
-        await conn.executemany(
-            """
-            INSERT INTO metering.waste_flags
-                (job_id, attempt, project_id, window_start, window_end, mean_utilization,
-                 threshold)
-            VALUES ($1, $2, $3, $4, $5, $6, $7)
-            ON CONFLICT (job_id, attempt) DO NOTHING
-            """,
-            [
-                (
-                    r.job_id,
-                    r.attempt,
-                    r.project_id,
-                    r.low_run_start,
-                    r.low_run_end,
-                    r.mean_utilization,
-                    threshold,
-                )
-                for r in flagged
-            ],
-        )
+    results = [await evaluate_attempt(conn, row, threshold, sustained_s) for row in attempts]
+    await record_waste_flags(conn, results, threshold)
     return results
+
+
+async def evaluate_attempt(
+    conn: asyncpg.Connection, usage: asyncpg.Record, threshold: float, sustained_s: float
+) -> JobEfficiency:
+    """Compute one attempt's efficiency from its samples.
+
+    ``usage`` has ``job_id``, ``attempt``, ``project_id`` and the attempt's summed
+    ``micros``, ``used`` and ``weight`` from ``metering.usage_periods``.
+    """
+    samples = await conn.fetch(
+        "SELECT start_time, end_time, utilization FROM metering.usage_samples "
+        "WHERE job_id = $1 AND attempt = $2 AND utilization IS NOT NULL",
+        usage["job_id"],
+        usage["attempt"],
+    )
+    points = [UtilizationPoint(s[0], s[1], s[2]) for s in samples]
+    run = longest_low_run(points, threshold)
+    weight = usage["weight"]
+    return JobEfficiency(
+        job_id=usage["job_id"],
+        attempt=usage["attempt"],
+        project_id=usage["project_id"],
+        mean_utilization=usage["used"] / weight if weight else 0.0,
+        median_utilization=median(p.utilization for p in points),
+        low_utilization_seconds=run.seconds,
+        flagged_waste=run.seconds >= sustained_s,
+        low_run_start=run.start,
+        low_run_end=run.end,
+        accelerator_hours=micros_to_seconds(usage["micros"]) / 3600,
+    )
+
+
+async def record_waste_flags(
+    conn: asyncpg.Connection, results: Sequence[JobEfficiency], threshold: float
+) -> None:
+    """Store a waste flag for each flagged attempt that has none yet.
+
+    A new flag is published once as a WasteFlagEvent by services.metering.waste_events.
+    """
+    flagged = [r for r in results if r.flagged_waste]
+    if not flagged:
+        return
+    await conn.executemany(
+        """
+        INSERT INTO metering.waste_flags
+            (job_id, attempt, project_id, window_start, window_end, mean_utilization,
+             threshold)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        ON CONFLICT (job_id, attempt) DO NOTHING
+        """,
+        [
+            (
+                r.job_id,
+                r.attempt,
+                r.project_id,
+                r.low_run_start,
+                r.low_run_end,
+                r.mean_utilization,
+                threshold,
+            )
+            for r in flagged
+        ],
+    )
 
 
 @dataclass(frozen=True, slots=True)

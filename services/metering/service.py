@@ -20,6 +20,7 @@ from services.metering.ratecard_store import RateCardCache
 from services.metering.servicer import MeteringApp, MeteringServicer
 from services.metering.settings import MeteringSettings
 from services.metering.waste_events import run_waste_publisher
+from services.metering.waste_scan import run_waste_scan
 from services.runtime.auth import Role, load_signing_key, mint_token
 from services.runtime.channel import service_channel
 from services.runtime.grant_directory import ProjectDirectory
@@ -73,6 +74,10 @@ def build_service(settings: MeteringSettings) -> Service:
         runtime.spawn(
             run_waste_publisher(runtime.db, Publisher(runtime.js), runtime.stopping),
             name="waste-flags",
+        )
+        runtime.spawn(
+            run_waste_scan(runtime.db, settings.waste_scan_config(), runtime.stopping),
+            name="waste-scan",
         )
         if settings.scheduler_address:
             scheduler = service_channel(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from services.metering.charger import ChargerConfig
 from services.metering.ingest import IngestConfig
+from services.metering.waste_scan import WasteScanConfig
 from services.runtime.settings import Settings, setting
 
 
@@ -75,6 +76,12 @@ class MeteringSettings(Settings):
         "seconds of continuous idle use after which a job is flagged as waste",
         minimum=1.0,
     )
+    waste_scan_s: float = setting(
+        "ACSP_METERING_WASTE_SCAN_S",
+        60.0,
+        "seconds between background scans that evaluate ended attempts for waste",
+        minimum=0.1,
+    )
 
     def ingest_config(self) -> IngestConfig:
         return IngestConfig(
@@ -83,6 +90,14 @@ class MeteringSettings(Settings):
             ack_wait_s=self.ack_wait_s,
             period_seconds=self.period_s,
             require_registered_nodes=self.require_registered_nodes,
+        )
+
+    def waste_scan_config(self) -> WasteScanConfig:
+        return WasteScanConfig(
+            interval_s=self.waste_scan_s,
+            lateness_s=self.lateness_s,
+            threshold=self.waste_threshold,
+            sustained_s=self.waste_sustained_s,
         )
 
     def charger_config(self) -> ChargerConfig:
