@@ -51,6 +51,7 @@ class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATE_TIMED_OUT: _ClassVar[TaskState]
     TASK_STATE_LOST: _ClassVar[TaskState]
     TASK_STATE_FAILED_HARDWARE: _ClassVar[TaskState]
+    TASK_STATE_CHECKPOINTED: _ClassVar[TaskState]
 AGENT_NODE_STATE_UNSPECIFIED: AgentNodeState
 AGENT_NODE_STATE_READY: AgentNodeState
 AGENT_NODE_STATE_DRAIN_REQUESTED: AgentNodeState
@@ -75,6 +76,7 @@ TASK_STATE_STOPPED: TaskState
 TASK_STATE_TIMED_OUT: TaskState
 TASK_STATE_LOST: TaskState
 TASK_STATE_FAILED_HARDWARE: TaskState
+TASK_STATE_CHECKPOINTED: TaskState
 
 class NodeRef(_message.Message):
     __slots__ = ("provider_id", "region_id", "node_id")
@@ -262,7 +264,7 @@ class AgentCommand(_message.Message):
     def __init__(self, command_id: _Optional[str] = ..., kind: _Optional[_Union[CommandKind, str]] = ..., node: _Optional[_Union[NodeRef, _Mapping]] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., accelerators: _Optional[_Iterable[_Union[_scheduler_pb2.AcceleratorShare, _Mapping]]] = ..., command: _Optional[_Iterable[str]] = ..., environment: _Optional[_Mapping[str, str]] = ..., wall_time_seconds: _Optional[int] = ..., grace_seconds: _Optional[int] = ..., simulated_run_seconds: _Optional[float] = ..., checkpoint_reference: _Optional[str] = ..., reason: _Optional[str] = ..., fencing_token: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
-    __slots__ = ("event_id", "node", "task_id", "job_id", "state", "exit_code", "signal", "output_tail", "message", "time", "health_event_id")
+    __slots__ = ("event_id", "node", "task_id", "job_id", "state", "exit_code", "signal", "output_tail", "message", "time", "health_event_id", "checkpoint_reference", "checkpoint_time")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +276,8 @@ class TaskEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     HEALTH_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_TIME_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     node: NodeRef
     task_id: str
@@ -285,4 +289,6 @@ class TaskEvent(_message.Message):
     message: str
     time: _timestamp_pb2.Timestamp
     health_event_id: str
-    def __init__(self, event_id: _Optional[str] = ..., node: _Optional[_Union[NodeRef, _Mapping]] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., output_tail: _Optional[str] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., health_event_id: _Optional[str] = ...) -> None: ...
+    checkpoint_reference: str
+    checkpoint_time: _timestamp_pb2.Timestamp
+    def __init__(self, event_id: _Optional[str] = ..., node: _Optional[_Union[NodeRef, _Mapping]] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., output_tail: _Optional[str] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., health_event_id: _Optional[str] = ..., checkpoint_reference: _Optional[str] = ..., checkpoint_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
