@@ -101,6 +101,13 @@ def accelerator_health(node_key: str, event: agent_pb2.HealthEvent) -> Accelerat
     return AcceleratorHealth(node_key, event.accelerator_id, failed, event.event_id, reason)
 
 
+def _checkpoint_seconds(event: agent_pb2.TaskEvent) -> float | None:
+    """Return when the agent read the event's checkpoint reference, or None if it has none."""
+    if not event.checkpoint_reference or not event.HasField("checkpoint_time"):
+        return None
+    return event.checkpoint_time.ToNanoseconds() / 1e9
+
+
 def task_state_name(value: int) -> str:
     """``TASK_STATE_START_FAILED`` -> ``start_failed``."""
     return agent_pb2.TaskState.Name(value).removeprefix("TASK_STATE_").lower()  # type: ignore[arg-type]
@@ -199,6 +206,8 @@ class AgentFeed:
                         event.exit_code,
                         event.message,
                         ack,  # type: ignore[arg-type]
+                        event.checkpoint_reference,
+                        _checkpoint_seconds(event),
                     )
                 ]
             if subject.startswith("acsp.inventory."):

@@ -128,6 +128,8 @@ def job_event(
     )
     if job.started_at is not None:
         msg.start_time.CopyFrom(timestamp(job.started_at))
+    if job.checkpoint_at is not None:
+        msg.last_checkpoint_time.CopyFrom(timestamp(job.checkpoint_at))
     return JobEventOut(subjects.job_event_subject(kind), event_id, msg.SerializeToString())
 
 

@@ -126,7 +126,10 @@ def job_to_proto(job: Job) -> scheduler_pb2.Job:
         array_job_id=job.array_id,
         array_index=job.array_index,
         submit_time=timestamp(job.submitted_at),
+        checkpoint_reference=job.checkpoint_ref,
     )
+    if job.checkpoint_at is not None:
+        msg.checkpoint_time.CopyFrom(timestamp(job.checkpoint_at))
     if job.started_at is not None:
         msg.start_time.CopyFrom(timestamp(job.started_at))
     if job.ended_at is not None:

@@ -65,6 +65,10 @@ class TaskReported:
     exit_code: int
     message: str
     ack: Ack | None = None
+    checkpoint_ref: str = ""
+    """Checkpoint reference the event carries; empty when it reports none."""
+    checkpoint_at: float | None = None
+    """When the agent read ``checkpoint_ref``, in Unix seconds."""
 
 
 @dataclass(frozen=True, slots=True)

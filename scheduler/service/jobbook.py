@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 # Agent task states (``acsp.v1.TaskState`` in lower case) by what they mean for the job.
 _FAULTS = frozenset({"lost", "failed_hardware", "start_failed"})
 TASK_STATES = frozenset({"started", "exited", "stopped", "timed_out"}) | _FAULTS
+CHECKPOINTED = "checkpointed"
+"""Task state of an event that only reports a new checkpoint of a running task."""
+MAX_CHECKPOINT_REF_BYTES = 4096
+"""Maximum length of a stored checkpoint reference in UTF-8 bytes. Agents send none longer."""
 _LIVE = ("assigned", "started")
 
 
@@ -233,10 +237,38 @@ class JobBook:
 
     # Agent reports.
 
+    def apply_checkpoint(self, task_id: str, reference: str, read_at: float, fx: Effects) -> None:
+        """Record the checkpoint a task of the current attempt reported.
+
+        A requeued attempt's start commands carry it. References of older attempts, repeats
+        of the stored one and references over :data:`MAX_CHECKPOINT_REF_BYTES` change nothing.
+        """
+        try:
+            tid = TaskId.parse(task_id)
+        except ValueError:
+            logger.warning("ignoring checkpoint of malformed task id %r", task_id)
+            return
+        job = self.jobs.get(tid.job_id)
+        if job is None or job.attempt != tid.attempt or job.checkpoint_ref == reference:
+            return
+        if len(reference.encode()) > MAX_CHECKPOINT_REF_BYTES:
+            logger.warning(
+                "ignoring checkpoint of task %s: the reference is over %d bytes",
+                task_id,
+                MAX_CHECKPOINT_REF_BYTES,
+            )
+            return
+        logger.debug("job %s checkpointed at %r", job.job_id, reference)
+        checkpointed = replace(job, checkpoint_ref=reference, checkpoint_at=read_at)
+        self.jobs[job.job_id] = checkpointed
+        fx.change(checkpointed, f"task:{CHECKPOINTED}")
+
     def apply_task(
         self, node_key: str, task_id: str, state: str, exit_code: int, message: str, fx: Effects
     ) -> None:
         """Apply one task event from an agent; events of older attempts confirm stops."""
+        if state == CHECKPOINTED:
+            return  # the task still runs; apply_checkpoint took its reference
         try:
             tid = TaskId.parse(task_id)
         except ValueError:
@@ -407,8 +439,8 @@ class JobBook:
             )
         if job.hold_id:
             fx.events.append(job_event(job, "requeued", cause, reason))
-        # NOTE: agents report no checkpoints yet (TaskEvent has no field for one), so a
-        # requeued checkpointable job restarts from the checkpoint its spec names.
+        # The job keeps checkpoint_ref, so the next attempt's start commands carry the last
+        # reference a task reported, or the spec's own when none did.
         if release:
             self.engine.requeue(job_id, fx.now)
         requeued = replace(

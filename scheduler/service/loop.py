@@ -205,6 +205,10 @@ class SchedulingLoop:
             case Submitted(jobs):
                 self.book.add(list(jobs), fx.now)
             case TaskReported(node_key, task_id, state, exit_code, message, ack):
+                if item.checkpoint_ref:
+                    self.book.apply_checkpoint(
+                        task_id, item.checkpoint_ref, item.checkpoint_at or fx.now, fx
+                    )
                 self.book.apply_task(node_key, task_id, state, exit_code, message, fx)
                 if ack is not None:
                     acks.append(ack)

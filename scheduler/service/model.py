@@ -186,7 +186,9 @@ class Job:
     hold_amount: Decimal | None = None
     """PF-days held on the grant for the current attempt."""
     checkpoint_ref: str = ""
-    """Latest checkpoint the job reported; a requeued attempt starts from it."""
+    """Latest checkpoint reference a task reported; a requeued attempt starts from it."""
+    checkpoint_at: float | None = None
+    """When the agent read ``checkpoint_ref``, in Unix seconds; None until one is reported."""
     exit_code: int | None = None
     placement: tuple[TaskPlacement, ...] = ()
 

@@ -223,6 +223,7 @@ class JobStore:
             [job.hold_id for job in jobs],
             [job.hold_amount for job in jobs],
             [job.checkpoint_ref for job in jobs],
+            [to_datetime(job.checkpoint_at) for job in jobs],
             [job.exit_code for job in jobs],
             [placement_to_json(job.placement) for job in jobs],
             list(causes),
@@ -488,6 +489,7 @@ def _job_from_row(row: asyncpg.Record) -> Job:
         hold_id=row["hold_id"],
         hold_amount=hold_amount,
         checkpoint_ref=row["checkpoint_ref"],
+        checkpoint_at=from_datetime(row["checkpoint_at"]),
         exit_code=row["exit_code"],
         placement=placement_from_json(row["placement"]),
     )

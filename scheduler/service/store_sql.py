@@ -7,7 +7,7 @@ from typing import Final
 JOB_SELECT_LIST: Final = (
     "job_id, owner, institution, spec::text, state, pending_reason, reason, attempt, array_id,"
     " array_index, submitted_at, started_at, ended_at, hold_id, hold_amount, checkpoint_ref,"
-    " exit_code, placement::text"
+    " checkpoint_at, exit_code, placement::text"
 )
 
 INSERT_JOBS: Final = """
@@ -34,14 +34,15 @@ UPDATE_JOBS: Final = """
 UPDATE scheduler.jobs AS j SET
     state = u.state, pending_reason = u.pending_reason, reason = u.reason, attempt = u.attempt,
     started_at = u.started_at, ended_at = u.ended_at, hold_id = u.hold_id,
-    hold_amount = u.hold_amount, checkpoint_ref = u.checkpoint_ref, exit_code = u.exit_code,
-    placement = u.placement::jsonb, cause = u.cause, epoch = $14, updated_at = now()
+    hold_amount = u.hold_amount, checkpoint_ref = u.checkpoint_ref,
+    checkpoint_at = u.checkpoint_at, exit_code = u.exit_code, placement = u.placement::jsonb,
+    cause = u.cause, epoch = $15, updated_at = now()
 FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
-    $7::timestamptz[], $8::text[], $9::numeric[], $10::text[], $11::int[], $12::text[],
-    $13::text[]
+    $7::timestamptz[], $8::text[], $9::numeric[], $10::text[], $11::timestamptz[], $12::int[],
+    $13::text[], $14::text[]
 ) AS u(job_id, state, pending_reason, reason, attempt, started_at, ended_at, hold_id,
-       hold_amount, checkpoint_ref, exit_code, placement, cause)
+       hold_amount, checkpoint_ref, checkpoint_at, exit_code, placement, cause)
 WHERE j.job_id = u.job_id
 """
 
