@@ -175,6 +175,8 @@ class TaskState(enum.StrEnum):
     """The agent cannot account for the task (e.g. it vanished while the agent was down)."""
     FAILED_HARDWARE = "failed_hardware"
     """Ended without success (stopped or on its own) while one of its accelerators was failed."""
+    CHECKPOINTED = "checkpointed"
+    """Still running, and wrote a new checkpoint reference."""
 
     @property
     def terminal(self) -> bool:
@@ -213,6 +215,8 @@ class TaskSpec:
     """Run time to play when ``command`` is empty."""
     accelerator_millis: tuple[int, ...] = ()
     """Milli-shares of each of ``accelerators``, in the same order; empty means whole ones."""
+    checkpoint_reference: str = ""
+    """Checkpoint the task resumes from; empty for a fresh start."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +234,10 @@ class TaskEvent:
     accelerators: tuple[str, ...] = ()
     health_event_id: str = ""
     """The health event that failed an accelerator of a ``FAILED_HARDWARE`` task."""
+    checkpoint_reference: str = ""
+    """The task's latest checkpoint reference, set when it was not reported before."""
+    checkpoint_time: float | None = None
+    """When the agent read ``checkpoint_reference``."""
 
 
 @dataclass(frozen=True, slots=True)

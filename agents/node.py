@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
 from acsp import subjects
 from agents import wire
 from agents.backends.base import Backend, BackendError
+from agents.checkpoints import CheckpointFiles
 from agents.health import HealthSettings, HealthTracker
 from agents.model import (
     WHOLE_MILLI,
@@ -28,6 +29,7 @@ from agents.model import (
     HealthState,
     NodeInventory,
     TaskEvent,
+    TaskState,
     UsageSample,
 )
 from agents.outbox import Outbox
@@ -108,6 +110,7 @@ class NodeAgent:
         self.inventory: NodeInventory | None = None
         self.health: HealthTracker | None = None
         self.runner: TaskRunner | None = None
+        self._checkpoints = CheckpointFiles(work_dir / "tasks")
         self._usage_subject = subjects.usage_subject(ref.provider, ref.region, ref.node)
         self._health_subject = subjects.health_subject(ref.provider, ref.region, ref.node)
         self._task_subject = subjects.task_subject(ref.provider, ref.region, ref.node)
@@ -239,6 +242,48 @@ class NodeAgent:
     def _on_task_event(self, event: TaskEvent) -> None:
         if event.state.value == "stopping":
             return
+        if event.state.terminal:
+            # A task stopped with a grace period may write its last checkpoint just before
+            # it exits, so the file is read once more and the end event carries the change.
+            reference = self._checkpoints.changed(event.task_id)
+            self._checkpoints.forget(event.task_id)
+            if reference is not None:
+                event = replace(
+                    event, checkpoint_reference=reference, checkpoint_time=self._clock()
+                )
+        elif event.state is TaskState.RUNNING:
+            self._checkpoints.watch(event.task_id)
+        self._publish_task_event(event)
+
+    def report_checkpoints(self) -> int:
+        """Publish a CHECKPOINTED event for each running task whose reference changed.
+
+        Return the number of events. Only tasks with a process can write a checkpoint file.
+        """
+        assert self.runner is not None
+        count = 0
+        for record in self.runner.running:
+            if not record.pid:
+                continue
+            reference = self._checkpoints.changed(record.task_id)
+            if reference is None:
+                continue
+            now = self._clock()
+            event = TaskEvent(
+                job_id=record.job_id,
+                task_id=record.task_id,
+                state=TaskState.CHECKPOINTED,
+                time=now,
+                reason="checkpoint written",
+                accelerators=tuple(record.accelerators),
+                checkpoint_reference=reference,
+                checkpoint_time=now,
+            )
+            self._publish_task_event(event)
+            count += 1
+        return count
+
+    def _publish_task_event(self, event: TaskEvent) -> None:
         event_id = self._next_event_id()
         message = wire.task_event_message(event_id, self.ref, event)
         self._outbox.add(self._task_subject, f"task:{event_id}", message.SerializeToString())
@@ -259,7 +304,11 @@ class NodeAgent:
         # restart a command from an older scheduler epoch is accepted once.
         self.fencing_token = command.fencing_token
         if command.kind == "start" and command.spec is not None:
-            await self.runner.start(command.spec)
+            spec = command.spec
+            if spec.command:
+                files = self._checkpoints.environment(spec.task_id, spec.checkpoint_reference)
+                spec = replace(spec, env=spec.env + files)
+            await self.runner.start(spec)
         elif command.kind == "stop":
             await self.runner.stop(command.task_id, command.reason)
         elif command.kind == "reconcile":
@@ -287,9 +336,13 @@ class NodeAgent:
     # Usage -----------------------------------------------------------------------------------
 
     def report_usage(self) -> int:
-        """Publish the usage since the last report; return the number of samples."""
+        """Publish the usage since the last report, and any new checkpoint references first.
+
+        Return the number of usage samples.
+        """
         assert self.runner is not None
         assert self.inventory is not None
+        self.report_checkpoints()
         now = self._clock()
         start, self._last_usage = self._last_usage, now
         intervals = self.runner.intervals(start, now)

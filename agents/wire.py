@@ -54,6 +54,7 @@ _TASK_STATE = {
     TaskState.TIMED_OUT: agent_pb2.TASK_STATE_TIMED_OUT,
     TaskState.LOST: agent_pb2.TASK_STATE_LOST,
     TaskState.FAILED_HARDWARE: agent_pb2.TASK_STATE_FAILED_HARDWARE,
+    TaskState.CHECKPOINTED: agent_pb2.TASK_STATE_CHECKPOINTED,
 }
 
 
@@ -140,6 +141,7 @@ def parse_command(data: bytes) -> Command:
         wall_time_s=float(message.wall_time_seconds),
         grace_period_s=float(message.grace_seconds) if message.grace_seconds else 30.0,
         simulated_run_time_s=message.simulated_run_seconds,
+        checkpoint_reference=message.checkpoint_reference,
     )
     return Command(kind="start", spec=spec, **common)  # type: ignore[arg-type]
 
@@ -255,7 +257,7 @@ def task_event_message(event_id: str, node: NodeRef, event: TaskEvent) -> agent_
         # asyncio reports death by signal N as -N; shells report it as 128 + N.
         signal_number = -exit_code
         exit_code = 128 + signal_number
-    return agent_pb2.TaskEvent(
+    message = agent_pb2.TaskEvent(
         event_id=event_id,
         node=node.message(),
         task_id=event.task_id,
@@ -267,7 +269,11 @@ def task_event_message(event_id: str, node: NodeRef, event: TaskEvent) -> agent_
         message=event.reason,
         time=timestamp(event.time),
         health_event_id=event.health_event_id,
+        checkpoint_reference=event.checkpoint_reference,
     )
+    if event.checkpoint_time is not None:
+        message.checkpoint_time.CopyFrom(timestamp(event.checkpoint_time))
+    return message
 
 
 def accelerator_seconds(sample: UsageSample) -> Decimal:

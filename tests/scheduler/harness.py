@@ -237,12 +237,14 @@ class Stack:
         state_root: Path | None = None,
         provider: str = "prov",
         faults: Path | None = None,
+        usage_s: float | None = None,
     ) -> Process:
         """Start one simulated agent process serving nodes ``n<first>`` .. ``n<first+nodes-1>``.
 
         Agent processes of one provider share its command consumer, so concurrent processes
         need providers of their own. ``faults`` is a fault trace to replay from the start, in
-        real seconds at the default agent speed. Without it no fault happens.
+        real seconds at the default agent speed. Without it no fault happens. ``usage_s`` sets
+        the usage tick, on which agents also report new checkpoint references.
         """
         fleet = self.work_dir / f"{name}-fleet.csv"
         rows = [f"n{i},{model},{gpus}" for i in range(first, first + nodes)]
@@ -267,6 +269,8 @@ class Stack:
             "--utilization",
             "none",
         ]
+        if usage_s is not None:
+            argv += ["--usage-s", str(usage_s)]
         process = Process(name, argv, self.env(), self.log_dir)
         self.processes.append(process)
         return process

@@ -1,0 +1,138 @@
+"""Checkpoint files: where a task writes its latest checkpoint reference for the agent to report.
+
+Each task started from a command gets ``ACSP_CHECKPOINT_FILE``, a path in the node's task
+directory. The task writes its latest checkpoint reference there (a URI or any string of at
+most :data:`MAX_REFERENCE_BYTES` bytes of UTF-8), ideally to a temporary file that it then
+renames over the path, so the agent never reads half a write. The agent reads the file on its
+usage tick, and on the task's end, only when the file's size, modification time or inode
+changed, and reports each new reference once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+logger = logging.getLogger(__name__)
+
+MAX_REFERENCE_BYTES: Final = 4096
+"""Maximum length of a reported reference in UTF-8 bytes, the same as the scheduler's."""
+
+FILE_ENV: Final = "ACSP_CHECKPOINT_FILE"
+"""Environment variable that names the task's checkpoint file."""
+
+REFERENCE_ENV: Final = "ACSP_CHECKPOINT_REF"
+"""Environment variable with the reference the task resumes from; unset when there is none."""
+
+
+@dataclass(slots=True)
+class _Watched:
+    path: Path
+    stat_key: tuple[int, int, int] | None = None
+    """Inode, size and modification time (ns) of the file when it was last read."""
+    reported: str = ""
+    """The last reference reported (or the one the task started from)."""
+
+
+class CheckpointFiles:
+    """The checkpoint files of one node's tasks, and the last reference reported for each."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._made = False
+        self._watched: dict[str, _Watched] = {}
+
+    def environment(self, task_id: str, start_reference: str) -> tuple[tuple[str, str], ...]:
+        """Prepare ``task_id``'s checkpoint file and return the variables that tell the task."""
+        if not self._made:
+            self._directory.mkdir(parents=True, exist_ok=True)
+            self._made = True
+        path = self._directory / f"{_file_stem(task_id)}.checkpoint"
+        watched = self._watched.get(task_id)
+        if watched is None:
+            self._watched[task_id] = _Watched(path, reported=start_reference)
+        env = [(FILE_ENV, str(path))]
+        if start_reference:
+            env.append((REFERENCE_ENV, start_reference))
+        return tuple(env)
+
+    def watch(self, task_id: str) -> None:
+        """Watch the file of a task found running again after an agent restart.
+
+        The last reported reference is not persisted, so the current one is reported once
+        more. The scheduler ignores a reference equal to the one it stored.
+        """
+        if task_id not in self._watched:
+            path = self._directory / f"{_file_stem(task_id)}.checkpoint"
+            self._watched[task_id] = _Watched(path)
+
+    def changed(self, task_id: str) -> str | None:
+        """Return the task's reference if it changed since the last report, else None."""
+        watched = self._watched.get(task_id)
+        if watched is None:
+            return None
+        try:
+            status = watched.path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            logger.warning("checkpoint file of task %s is unreadable: %s", task_id, error)
+            return None
+        stat_key = (status.st_ino, status.st_size, status.st_mtime_ns)
+        if stat_key == watched.stat_key:
+            return None
+        watched.stat_key = stat_key
+        reference = _read_reference(task_id, watched.path)
+        if reference is None or reference == watched.reported:
+            return None
+        watched.reported = reference
+        return reference
+
+    def forget(self, task_id: str) -> None:
+        """Stop watching an ended task and delete its file."""
+        watched = self._watched.pop(task_id, None)
+        if watched is not None:
+            watched.path.unlink(missing_ok=True)
+
+    @property
+    def task_ids(self) -> list[str]:
+        return list(self._watched)
+
+
+def _read_reference(task_id: str, path: Path) -> str | None:
+    """Read a reference, or return None (with a warning) if it is empty, too long or not UTF-8.
+
+    Only a regular file is read. O_NOFOLLOW keeps a task from having the agent publish another
+    file through a symbolic link, and O_NONBLOCK keeps a FIFO from blocking the agent.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                logger.warning("checkpoint file of task %s is not a regular file", task_id)
+                return None
+            data = file.read(MAX_REFERENCE_BYTES + 1)
+    except OSError as error:
+        logger.warning("checkpoint file of task %s is unreadable: %s", task_id, error)
+        return None
+    if len(data) > MAX_REFERENCE_BYTES:
+        logger.warning(
+            "checkpoint reference of task %s ignored: it is over %d bytes",
+            task_id,
+            MAX_REFERENCE_BYTES,
+        )
+        return None
+    try:
+        reference = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        logger.warning("checkpoint reference of task %s ignored: it is not UTF-8", task_id)
+        return None
+    return reference or None
+
+
+def _file_stem(task_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)[:128]
