@@ -29,6 +29,15 @@ NODE_COLUMNS = (
     "last heartbeat",
     "reason",
 )
+ACCELERATOR_COLUMNS = (
+    "accelerator",
+    "pci bus id",
+    "model",
+    "interconnect",
+    "health",
+    "event",
+    "condition",
+)
 PROVIDER_COLUMNS = ("provider", "name", "region", "region name", "jurisdiction", "cross-provider")
 
 
@@ -45,6 +54,14 @@ def register(subparsers: Any) -> None:
     nodes.add_argument("--region", default="")
     nodes.add_argument("--state", choices=sorted(NODE_STATES), default=None)
     nodes.set_defaults(func=list_nodes)
+
+    node = commands.add_parser(
+        "node",
+        parents=[connection, output],
+        help="show one node's accelerators, with the event behind each failure",
+    )
+    node.add_argument("node", help="<provider>/<region>/<node>")
+    node.set_defaults(func=show_node)
 
     for name, undrain in (("drain", False), ("undrain", True)):
         drain = commands.add_parser(
@@ -121,6 +138,37 @@ def list_nodes(args: argparse.Namespace) -> int:
             if not token:
                 break
     print_records(rows, NODE_COLUMNS, output_format=args.format, title="nodes")
+    return EXIT_OK
+
+
+def accelerator_row(accelerator: scheduler_pb2.Accelerator) -> dict[str, Any]:
+    health = scheduler_pb2.HealthState.Name(accelerator.health)
+    return {
+        "accelerator": accelerator.accelerator_id,
+        "pci bus id": accelerator.pci_bus_id,
+        "model": accelerator.model,
+        "interconnect": accelerator.interconnect_domain,
+        "health": health.removeprefix("HEALTH_STATE_").lower(),
+        "event": accelerator.health_cause.reference_id,
+        "condition": accelerator.health_cause.reason,
+    }
+
+
+def show_node(args: argparse.Namespace) -> int:
+    provider, region, node_id = _node_path(args.node)
+    with open_scheduler(args) as scheduler:
+        node = scheduler.GetNode(
+            scheduler_pb2.GetNodeRequest(provider_id=provider, region_id=region, node_id=node_id)
+        )
+    # CSV and JSON lines carry one kind of row, so scripts get only the accelerators.
+    if args.format == "table":
+        print_records([node_row(node)], NODE_COLUMNS, title="node")
+    print_records(
+        [accelerator_row(a) for a in node.accelerators],
+        ACCELERATOR_COLUMNS,
+        output_format=args.format,
+        title="accelerators",
+    )
     return EXIT_OK
 
 

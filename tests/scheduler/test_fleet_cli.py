@@ -346,6 +346,26 @@ async def test_failed_accelerator_in_node_views(
                 row["failed"] == f"{target}: XID 79: GPU has fallen off the bus (event hev-fail-1)"
             )
 
+            code, out, err = await run_cli(capsys, "node", "prov/reg/n0", "--format", "json")
+            assert code == 0, err
+            rows = {row["accelerator"]: row for row in json_rows(out)}
+            assert len(rows) == 4
+            assert rows[target]["health"] == "failed"
+            assert rows[target]["event"] == "hev-fail-1"
+            assert rows[target]["condition"] == "XID 79: GPU has fallen off the bus"
+            healthy = [row for key, row in rows.items() if key != target]
+            assert [row["health"] for row in healthy] == ["ok", "ok", "ok"]
+            assert [row["event"] for row in healthy] == ["", "", ""]
+
+            code, out, err = await run_cli(capsys, "node", "prov/reg/n0")
+            assert code == 0, err
+            assert "hev-fail-1" in out
+            assert "up" in out
+
+            code, out, err = await run_cli(capsys, "node", "prov/reg/n9")
+            assert code == 1
+            assert "NOT_FOUND" in err
+
             recovery = health_event(target, "hev-clear-1", cleared=True)
             await js.publish(subject, recovery.SerializeToString())
 
