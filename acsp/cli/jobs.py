@@ -320,6 +320,10 @@ def job_details(job: scheduler_pb2.Job) -> list[tuple[str, Any]]:
         ("started", _time(job.start_time)),
         ("ended", _time(job.end_time)),
         ("array", f"{job.array_job_id}[{job.array_index}]" if job.array_job_id else ""),
+        ("checkpointable", "yes" if job.spec.checkpointable else "no"),
+        ("first checkpoint", job.spec.checkpoint_reference),
+        ("last checkpoint", job.checkpoint_reference),
+        ("last checkpoint at", _time(job.checkpoint_time)),
     ]
 
 

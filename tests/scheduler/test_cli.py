@@ -6,7 +6,7 @@ import pytest
 
 from acsp.cli._common import CommandError
 from acsp.cli.fleet import list_providers, provider_rows
-from acsp.cli.jobs import job_row_of, parse_millis, spec_from_args, watch_line
+from acsp.cli.jobs import job_details, job_row_of, parse_millis, spec_from_args, watch_line
 from acsp.cli.main import build_parser
 from acsp.v1 import common_pb2, scheduler_pb2
 
@@ -81,6 +81,20 @@ def test_pending_row_shows_reason_code_and_message() -> None:
     assert row["state"] == "pending"
     assert row["reason"] == "budget: the grant cannot pay the hold"
     assert row["accelerators"] == "0.5"
+
+
+def test_details_show_last_checkpoint() -> None:
+    job = scheduler_pb2.Job(
+        job_id="j1",
+        spec=scheduler_pb2.JobSpec(checkpointable=True, checkpoint_reference="s3://c/0"),
+        checkpoint_reference="s3://c/200",
+    )
+    job.checkpoint_time.FromSeconds(1_800_000_000)
+    details = dict(job_details(job))
+    assert details["checkpointable"] == "yes"
+    assert details["first checkpoint"] == "s3://c/0"
+    assert details["last checkpoint"] == "s3://c/200"
+    assert details["last checkpoint at"] == "2027-01-15T08:00:00+00:00"
 
 
 def test_watch_line_counts_started_tasks() -> None:
