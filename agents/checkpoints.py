@@ -11,6 +11,7 @@ changed, and reports each new reference once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -43,14 +44,14 @@ class CheckpointFiles:
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
-        self._made = False
+        self._directory_made = False
         self._watched: dict[str, _Watched] = {}
 
     def environment(self, task_id: str, start_reference: str) -> tuple[tuple[str, str], ...]:
         """Prepare ``task_id``'s checkpoint file and return the variables that tell the task."""
-        if not self._made:
+        if not self._directory_made:
             self._directory.mkdir(parents=True, exist_ok=True)
-            self._made = True
+            self._directory_made = True
         path = self._directory / f"{_file_stem(task_id)}.checkpoint"
         watched = self._watched.get(task_id)
         if watched is None:
@@ -98,10 +99,6 @@ class CheckpointFiles:
         if watched is not None:
             watched.path.unlink(missing_ok=True)
 
-    @property
-    def task_ids(self) -> list[str]:
-        return list(self._watched)
-
 
 def _read_reference(task_id: str, path: Path) -> str | None:
     """Read a reference, or return None (with a warning) if it is empty, too long or not UTF-8.
@@ -136,3 +133,56 @@ def _read_reference(task_id: str, path: Path) -> str | None:
 
 def _file_stem(task_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)[:128]
+
+
+PLAYED_INTERVAL_ENV: Final = "ACSP_SIMULATED_CHECKPOINT_S"
+"""Job environment variable: played seconds between the checkpoints a played task reports."""
+
+
+class PlayedCheckpoints:
+    """Checkpoints of tasks that the simulated backend plays without a process.
+
+    A played task whose job sets :data:`PLAYED_INTERVAL_ENV` reports the reference
+    ``simulated://<task_id>/<played seconds>`` after every whole interval of played time, so
+    simulated fleets exercise checkpoint reporting, requeue and refunds. A resumed played task
+    still plays its whole run time.
+    """
+
+    def __init__(self) -> None:
+        self._intervals: dict[str, float] = {}
+        self._reported: dict[str, int] = {}
+        """Task id to the number of intervals already reported."""
+
+    def add(self, task_id: str, env: tuple[tuple[str, str], ...]) -> None:
+        """Start counting intervals for a task whose job environment sets the interval."""
+        text = dict(env).get(PLAYED_INTERVAL_ENV)
+        if text is None:
+            return
+        try:
+            interval_s = float(text)
+        except ValueError:
+            interval_s = math.nan
+        if not math.isfinite(interval_s) or interval_s <= 0:
+            logger.warning(
+                "task %s: %s=%r is not a positive number of seconds; it reports no checkpoints",
+                task_id,
+                PLAYED_INTERVAL_ENV,
+                text,
+            )
+            return
+        self._intervals[task_id] = interval_s
+
+    def changed(self, task_id: str, played_s: float) -> str | None:
+        """Return a new reference if another whole interval was played since the last one."""
+        interval_s = self._intervals.get(task_id)
+        if interval_s is None:
+            return None
+        steps = math.floor(played_s / interval_s)
+        if steps <= self._reported.get(task_id, 0):
+            return None
+        self._reported[task_id] = steps
+        return f"simulated://{task_id}/{steps * interval_s:g}s"
+
+    def forget(self, task_id: str) -> None:
+        self._intervals.pop(task_id, None)
+        self._reported.pop(task_id, None)

@@ -18,7 +18,7 @@ from typing import TypeVar
 from acsp import subjects
 from agents import wire
 from agents.backends.base import Backend, BackendError
-from agents.checkpoints import CheckpointFiles
+from agents.checkpoints import CheckpointFiles, PlayedCheckpoints
 from agents.health import HealthSettings, HealthTracker
 from agents.model import (
     WHOLE_MILLI,
@@ -111,6 +111,7 @@ class NodeAgent:
         self.health: HealthTracker | None = None
         self.runner: TaskRunner | None = None
         self._checkpoints = CheckpointFiles(work_dir / "tasks")
+        self._played_checkpoints = PlayedCheckpoints()
         self._usage_subject = subjects.usage_subject(ref.provider, ref.region, ref.node)
         self._health_subject = subjects.health_subject(ref.provider, ref.region, ref.node)
         self._task_subject = subjects.task_subject(ref.provider, ref.region, ref.node)
@@ -247,6 +248,7 @@ class NodeAgent:
             # it exits, so the file is read once more and the end event carries the change.
             reference = self._checkpoints.changed(event.task_id)
             self._checkpoints.forget(event.task_id)
+            self._played_checkpoints.forget(event.task_id)
             if reference is not None:
                 event = replace(
                     event, checkpoint_reference=reference, checkpoint_time=self._clock()
@@ -258,17 +260,20 @@ class NodeAgent:
     def report_checkpoints(self) -> int:
         """Publish a CHECKPOINTED event for each running task whose reference changed.
 
-        Return the number of events. Only tasks with a process can write a checkpoint file.
+        Return the number of events. A task with a process reports what it wrote to its
+        checkpoint file, and a played task what :class:`PlayedCheckpoints` makes up for it.
         """
         assert self.runner is not None
         count = 0
+        now = self._clock()
         for record in self.runner.running:
-            if not record.pid:
-                continue
-            reference = self._checkpoints.changed(record.task_id)
+            if record.pid:
+                reference = self._checkpoints.changed(record.task_id)
+            else:
+                played_s = (now - record.started_at) * self._play_speed
+                reference = self._played_checkpoints.changed(record.task_id, played_s)
             if reference is None:
                 continue
-            now = self._clock()
             event = TaskEvent(
                 job_id=record.job_id,
                 task_id=record.task_id,
@@ -305,6 +310,8 @@ class NodeAgent:
         self.fencing_token = command.fencing_token
         if command.kind == "start" and command.spec is not None:
             spec = command.spec
+            if self._backend_name == "simulated":
+                self._played_checkpoints.add(spec.task_id, spec.env)
             if spec.command:
                 files = self._checkpoints.environment(spec.task_id, spec.checkpoint_reference)
                 spec = replace(spec, env=spec.env + files)

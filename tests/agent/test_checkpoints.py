@@ -174,3 +174,54 @@ async def test_symbolic_link_is_not_read(tmp_path: Path) -> None:
         await node.runner.stop(TASK, "cancelled")
     assert checkpoints(outbox, spool) == []
     assert all(e.checkpoint_reference == "" for e in task_events(outbox, spool))
+
+
+def played_command(uuid: str, interval: str) -> wire.Command:
+    message = agent_pb2.AgentCommand(
+        command_id="c1",
+        kind=agent_pb2.COMMAND_KIND_START_TASK,
+        node=NODE.message(),
+        task_id=TASK,
+        job_id="job-1",
+        accelerators=[scheduler_pb2.AcceleratorShare(accelerator_id=uuid, millis=1000)],
+        command=["train"],
+        environment={"ACSP_SIMULATED_CHECKPOINT_S": interval},
+        simulated_run_seconds=3600,
+    )
+    return wire.parse_command(message.SerializeToString())
+
+
+async def test_played_task_checkpoints_each_interval(tmp_path: Path) -> None:
+    clock = ManualClock()
+    spec = FleetNode(NODE.provider, NODE.region, NODE.node, "A100-SXM4-80GB", 2)
+    backend = SimulatedBackend(spec, clock)
+    node, outbox, spool = make_node(backend, tmp_path, clock, backend_name="simulated")
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        await node.handle(played_command(backend.discover().accelerators[0].uuid, "60"))
+        clock.advance(59)
+        assert node.report_checkpoints() == 0
+        clock.advance(2)
+        assert node.report_checkpoints() == 1
+        assert node.report_checkpoints() == 0
+        clock.advance(130)
+        assert node.report_checkpoints() == 1
+        assert node.runner is not None
+        await node.runner.stop(TASK, "cancelled")
+    assert checkpoints(outbox, spool) == [f"simulated://{TASK}/60s", f"simulated://{TASK}/180s"]
+
+
+@pytest.mark.parametrize("interval", ["0", "-5", "nan", "soon"])
+async def test_played_task_bad_interval_is_ignored(tmp_path: Path, interval: str) -> None:
+    clock = ManualClock()
+    spec = FleetNode(NODE.provider, NODE.region, NODE.node, "A100-SXM4-80GB", 2)
+    backend = SimulatedBackend(spec, clock)
+    node, outbox, spool = make_node(backend, tmp_path, clock, backend_name="simulated")
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        await node.handle(played_command(backend.discover().accelerators[0].uuid, interval))
+        clock.advance(600)
+        assert node.report_checkpoints() == 0
+        assert node.runner is not None
+        await node.runner.stop(TASK, "cancelled")
+    assert checkpoints(outbox, spool) == []
