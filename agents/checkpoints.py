@@ -52,7 +52,7 @@ class CheckpointFiles:
         if not self._directory_made:
             self._directory.mkdir(parents=True, exist_ok=True)
             self._directory_made = True
-        path = self._directory / f"{_file_stem(task_id)}.checkpoint"
+        path = self._path(task_id)
         watched = self._watched.get(task_id)
         if watched is None:
             self._watched[task_id] = _Watched(path, reported=start_reference)
@@ -68,8 +68,7 @@ class CheckpointFiles:
         more. The scheduler ignores a reference equal to the one it stored.
         """
         if task_id not in self._watched:
-            path = self._directory / f"{_file_stem(task_id)}.checkpoint"
-            self._watched[task_id] = _Watched(path)
+            self._watched[task_id] = _Watched(self._path(task_id))
 
     def changed(self, task_id: str) -> str | None:
         """Return the task's reference if it changed since the last report, else None."""
@@ -94,10 +93,18 @@ class CheckpointFiles:
         return reference
 
     def forget(self, task_id: str) -> None:
-        """Stop watching an ended task and delete its file."""
-        watched = self._watched.pop(task_id, None)
-        if watched is not None:
-            watched.path.unlink(missing_ok=True)
+        """Stop watching an ended task and delete its file.
+
+        The file of a task that ended while the agent was down is deleted too.
+        """
+        self._watched.pop(task_id, None)
+        try:
+            self._path(task_id).unlink(missing_ok=True)
+        except OSError as error:
+            logger.warning("checkpoint file of task %s was not deleted: %s", task_id, error)
+
+    def _path(self, task_id: str) -> Path:
+        return self._directory / f"{_file_stem(task_id)}.checkpoint"
 
 
 def _read_reference(task_id: str, path: Path) -> str | None:
