@@ -21,6 +21,7 @@ from services.runtime.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    require_id,
 )
 
 from .convert import job_state_from_proto, job_to_proto, spec_from_proto
@@ -241,8 +242,10 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         """Return job ``job_id`` if ``principal`` may read it.
 
         Raises NotFound both for a missing job and for one the caller may not read, so that a
-        caller cannot probe for the job ids of other projects.
+        caller cannot probe for the job ids of other projects. Raises InvalidArgument for an
+        empty id or one longer than any job id.
         """
+        require_id("job_id", job_id, "pass the job id that SubmitJob returned")
         job = await self._lead.store.get_job(job_id)
         if job is None or not await self._access.may_see(principal, job):
             raise NotFound("job", job_id)

@@ -213,15 +213,21 @@ def _check_command(spec: JobSpec, bad: _Reporter) -> None:
 
 
 def _check_env(spec: JobSpec, bad: _Reporter) -> None:
+    # The whole environment is checked first, so its violation leads a long list.
     if len(spec.env) > MAX_ENV_VARS:
         bad("environment", f"has {len(spec.env)} variables; use at most {MAX_ENV_VARS}")
-    total = 0
+    total = sum(len(key.encode()) + len(value.encode()) for key, value in spec.env)
+    if total > MAX_ENV_BYTES:
+        bad(
+            "environment",
+            f"keys and values are {total} bytes in all; use at most {MAX_ENV_BYTES} and pass "
+            "larger data as a file",
+        )
     for key, value in spec.env:
         field = f"environment[{_quote_key(key)}]"
         if not _ENV_NAME.match(key):
             bad(field, "is not a valid environment variable name")
         size = len(value.encode())
-        total += len(key.encode()) + size
         if size > MAX_ENV_VALUE_BYTES:
             bad(
                 field,
@@ -230,12 +236,6 @@ def _check_env(spec: JobSpec, bad: _Reporter) -> None:
             )
         if "\x00" in value:
             bad(field, "value contains a NUL character")
-    if total > MAX_ENV_BYTES:
-        bad(
-            "environment",
-            f"keys and values are {total} bytes in all; use at most {MAX_ENV_BYTES} and pass "
-            "larger data as a file",
-        )
 
 
 def _quote_key(key: str) -> str:

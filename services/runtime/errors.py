@@ -15,6 +15,10 @@ or ``google.rpc.PreconditionFailure`` details in the ``grpc-status-details-bin``
 clients read back with :func:`details_from_error`. NotFound and AlreadyExists attach
 ``google.rpc.ResourceInfo``.
 
+:func:`status_for` cuts every quoted value longer than :data:`MAX_QUOTED_CHARS` in the message
+and the details, adds an ellipsis and the full length, and caps each text. An error about a
+huge value so still fits the trailing metadata, where the message travels as ``grpc-message``.
+
 Exceptions that are not ServiceErrors are mapped in :mod:`services.runtime.interceptors`:
 timeouts, unreachable PostgreSQL or NATS, unretried serialization failures and transient
 downstream gRPC codes become UNAVAILABLE or DEADLINE_EXCEEDED. Everything else becomes INTERNAL
@@ -23,7 +27,9 @@ with an error id that is logged next to the traceback and returned to the caller
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Final
 
 import grpc
 from google.protobuf import any_pb2
@@ -31,6 +37,69 @@ from google.rpc import error_details_pb2, status_pb2
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 """Trailing metadata key that carries a serialized ``google.rpc.Status``."""
+MAX_ID_LENGTH: Final = 128
+"""Maximum id length, in characters, that :func:`require_id` accepts; acsp makes shorter ids."""
+MAX_QUOTED_CHARS: Final = 80
+"""Characters of a quoted value kept in an error; the rest is replaced by an ellipsis."""
+MAX_TEXT_CHARS: Final = 1024
+"""Maximum length of a status message sent, in characters."""
+MAX_DETAIL_CHARS: Final = 240
+"""Maximum length of a field, subject or description in a status's details, in characters."""
+MAX_VIOLATIONS: Final = 10
+"""Violations kept in one status's details; later ones are dropped.
+
+Ten violations of two texts of MAX_DETAIL_CHARS each, base64-encoded, and a message of
+MAX_TEXT_CHARS stay under 8 KiB of metadata. A 20,000-character message made grpcio 1.85
+fail the call with RESOURCE_EXHAUSTED "metadata size exceeds hard limit"."""
+
+_QUOTED: Final = re.compile(
+    rf"'(?:[^'\\\n]|\\.){{{MAX_QUOTED_CHARS + 1},}}'"
+    rf'|"(?:[^"\\\n]|\\.){{{MAX_QUOTED_CHARS + 1},}}"'
+)
+"""A Python-quoted string literal with more than MAX_QUOTED_CHARS characters inside."""
+
+
+def quoted(value: str) -> str:
+    """Quote ``value`` for an error message, cut to :data:`MAX_QUOTED_CHARS` characters.
+
+    ``quoted("a" * 20000)`` gives ``'aaa…a'... (20000 characters)`` with 80 ``a``.
+    """
+    if len(value) <= MAX_QUOTED_CHARS:
+        return repr(value)
+    return f"{value[:MAX_QUOTED_CHARS]!r}... ({len(value)} characters)"
+
+
+def shorten(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """Cut every long quoted value in ``text`` as :func:`quoted` does, then cap the text at
+    ``limit`` characters."""
+    text = _QUOTED.sub(_shorten_literal, text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _shorten_literal(match: re.Match[str]) -> str:
+    literal = match.group()
+    quote = literal[0]
+    inner = literal[1:-1]
+    prefix = inner[:MAX_QUOTED_CHARS]
+    if (len(prefix) - len(prefix.rstrip("\\"))) % 2:
+        prefix = prefix[:-1]  # half an escape sequence would escape the closing quote
+    return f"{quote}{prefix}{quote}... ({len(inner)} characters)"
+
+
+def require_id(field: str, value: str, fix: str) -> str:
+    """Return ``value`` if it is a non-empty id of at most :data:`MAX_ID_LENGTH` characters.
+
+    Raises InvalidArgument naming ``field``, with ``fix`` as the remedy, otherwise.
+    """
+    if not value:
+        raise InvalidArgument(field, "is empty", fix)
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgument(
+            field, f"is {len(value)} characters long, over the {MAX_ID_LENGTH} an id may have", fix
+        )
+    return value
 
 
 class ServiceError(Exception):
@@ -78,7 +147,7 @@ class NotFound(CallerError):
     code = grpc.StatusCode.NOT_FOUND
 
     def __init__(self, kind: str, id: str) -> None:
-        super().__init__(f"{kind} {id!r} not found")
+        super().__init__(f"{kind} {quoted(id)} not found")
         self.kind = kind
         self.id = id
 
@@ -94,7 +163,7 @@ class AlreadyExists(CallerError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
     def __init__(self, kind: str, id: str) -> None:
-        super().__init__(f"{kind} {id!r} already exists")
+        super().__init__(f"{kind} {quoted(id)} already exists")
         self.kind = kind
         self.id = id
 
@@ -184,12 +253,47 @@ class Status:
 
 
 def status_for(error: ServiceError) -> Status:
-    """Map a service error to the status the server sends, with rich details if it has any."""
-    details = error.details()
+    """Map a service error to the status the server sends, with rich details if it has any.
+
+    Long quoted values and texts are cut with :func:`shorten`, and details keep at most
+    :data:`MAX_VIOLATIONS` violations.
+    """
+    message = shorten(error.message)
+    details = [_shorten_detail(detail) for detail in error.details()]
     if not details:
-        return Status(error.code, error.message, ())
-    rich = status_pb2.Status(code=_code_number(error.code), message=error.message, details=details)
-    return Status(error.code, error.message, ((STATUS_DETAILS_KEY, rich.SerializeToString()),))
+        return Status(error.code, message, ())
+    rich = status_pb2.Status(code=_code_number(error.code), message=message, details=details)
+    return Status(error.code, message, ((STATUS_DETAILS_KEY, rich.SerializeToString()),))
+
+
+def _shorten_detail(detail: any_pb2.Any) -> any_pb2.Any:
+    """Shorten the texts of a BadRequest, PreconditionFailure or ResourceInfo detail."""
+    bad_request = error_details_pb2.BadRequest()
+    if detail.Unpack(bad_request):
+        del bad_request.field_violations[MAX_VIOLATIONS:]
+        for violation in bad_request.field_violations:
+            violation.field = shorten(violation.field, MAX_DETAIL_CHARS)
+            violation.description = shorten(violation.description, MAX_DETAIL_CHARS)
+        return _pack(bad_request)
+    failure = error_details_pb2.PreconditionFailure()
+    if detail.Unpack(failure):
+        del failure.violations[MAX_VIOLATIONS:]
+        for item in failure.violations:
+            item.subject = shorten(item.subject, MAX_DETAIL_CHARS)
+            item.description = shorten(item.description, MAX_DETAIL_CHARS)
+        return _pack(failure)
+    resource = error_details_pb2.ResourceInfo()
+    if detail.Unpack(resource):
+        resource.resource_name = _cut(resource.resource_name)
+        resource.description = shorten(resource.description, MAX_DETAIL_CHARS)
+        return _pack(resource)
+    return detail
+
+
+def _cut(value: str) -> str:
+    if len(value) <= MAX_QUOTED_CHARS:
+        return value
+    return f"{value[:MAX_QUOTED_CHARS]}... ({len(value)} characters)"
 
 
 def details_from_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> status_pb2.Status | None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from services.runtime.errors import (
+    MAX_ID_LENGTH,
+    MAX_QUOTED_CHARS,
     STATUS_DETAILS_KEY,
     AlreadyExists,
     CallerError,
@@ -20,6 +24,9 @@ from services.runtime.errors import (
     TransientError,
     Unauthenticated,
     Unavailable,
+    quoted,
+    require_id,
+    shorten,
     status_for,
 )
 from services.runtime.interceptors import LogLimiter
@@ -83,3 +90,54 @@ def test_log_limiter_counts_suppressed_lines(monkeypatch: pytest.MonkeyPatch) ->
     assert first_second == [(True, 0), (True, 0), (False, 0), (False, 0), (False, 0)]
     assert other_key == (True, 0)
     assert next_second == (True, 3)
+
+
+def test_quoted_cuts_long_values() -> None:
+    assert quoted("job-1") == "'job-1'"
+    long = quoted("a" * 20_000)
+    assert long == f"{'a' * MAX_QUOTED_CHARS!r}... (20000 characters)"
+
+
+def test_shorten_cuts_only_long_literals() -> None:
+    text = f"{'a' * 200!r} and {'b' * 100!r} are invalid, 'ok' is not"
+    short = shorten(text)
+    assert short.startswith(f"{'a' * MAX_QUOTED_CHARS!r}... (200 characters) and ")
+    assert f"{'b' * MAX_QUOTED_CHARS!r}... (100 characters)" in short
+    assert short.endswith("'ok' is not")
+
+
+def test_shorten_keeps_closing_quote_after_escape() -> None:
+    # In repr each unit is 'a' and an escaped backslash, so the cut falls inside an escape.
+    short = shorten(repr("a\\" * 60))
+    literal, _, rest = short[1:].partition("'...")
+    assert rest == " (180 characters)"
+    backslashes = len(literal) - len(literal.rstrip("\\"))
+    assert backslashes % 2 == 0
+
+
+def test_status_of_huge_errors_fits_metadata_limit() -> None:
+    huge = "x" * 50_000
+    errors: list[ServiceError] = [
+        NotFound("job", huge),
+        AlreadyExists("project", huge),
+        InvalidArgument(huge, f"{huge!r} is invalid", huge),
+        FailedPrecondition(huge, huge),
+    ]
+    for error in errors:
+        status = status_for(error)
+        size = len(status.message) + sum(
+            len(key) + len(base64.b64encode(value)) for key, value in status.trailing_metadata
+        )
+        assert size < 8 * 1024, type(error).__name__
+        assert huge not in status.message
+
+
+def test_require_id_bounds_length() -> None:
+    assert require_id("job_id", "j1", "pass an id") == "j1"
+    assert require_id("job_id", "j" * MAX_ID_LENGTH, "pass an id") == "j" * MAX_ID_LENGTH
+    with pytest.raises(InvalidArgument) as empty:
+        require_id("job_id", "", "pass an id")
+    assert empty.value.field == "job_id"
+    with pytest.raises(InvalidArgument) as long:
+        require_id("job_id", "j" * (MAX_ID_LENGTH + 1), "pass an id")
+    assert f"is {MAX_ID_LENGTH + 1} characters long" in long.value.reason

@@ -87,7 +87,8 @@ def test_oversized_environment_is_rejected() -> None:
     fields = [v.field for v in violations]
     assert fields.count("spec.environment['K0']") == 1
     assert "spec.environment" in fields
-    assert f"at most {MAX_ENV_VALUE_BYTES}" in violations[0].reason
+    assert f"at most {MAX_ENV_BYTES}" in violations[0].reason
+    assert f"at most {MAX_ENV_VALUE_BYTES}" in violations[1].reason
 
 
 def test_environment_bounds() -> None:
