@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from acsp import decimals
 from acsp.client import AsyncClient
 from acsp.demo.fleet import FleetPlan
 from acsp.demo.workload import ProjectPlan
@@ -317,7 +318,7 @@ async def award_grants(
                 application=grant_pb2.Application(
                     project_id=plan.project_id,
                     tier=_TIERS[plan.tier],
-                    requested_pf_days=common_pb2.Decimal(value=str(plan.requested_pf_days)),
+                    requested_pf_days=decimals.to_proto(plan.requested_pf_days),
                     validity=validity,
                     justification="replay of the Alibaba openb trace",
                 ),

@@ -12,7 +12,8 @@ from typing import Final, Literal
 import grpc
 from google.rpc import error_details_pb2
 
-from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, metering_pb2
+from acsp import decimals
+from acsp.v1 import grant_pb2, grant_pb2_grpc, metering_pb2
 from scheduler.engine.catalog import DEFAULT_CATALOG
 from services.runtime.errors import details_from_error
 
@@ -157,7 +158,7 @@ def _hold_request(job: Job, amount: Decimal, model: str) -> grant_pb2.PlaceHoldR
         project_id=job.spec.project_id,
         sub_allocation_id=job.spec.sub_allocation_id,
         job_id=job.job_id,
-        amount_pf_days=common_pb2.Decimal(value=str(amount)),
+        amount_pf_days=decimals.to_proto(amount),
         placement_regions=regions,
         accelerator_model=model,
     )

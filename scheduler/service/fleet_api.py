@@ -12,6 +12,7 @@ from typing import Final
 
 import grpc
 
+from acsp import decimals
 from acsp.v1 import common_pb2, scheduler_pb2
 from scheduler.engine.catalog import DEFAULT_CATALOG
 from services.runtime.auth import Principal, Role, current_principal, require_roles
@@ -119,7 +120,7 @@ class FleetRpcs(ProviderRpcs):
                     name=m.name,
                     vendor=common_pb2.Vendor.Value(f"VENDOR_{m.vendor.upper()}"),  # type: ignore[arg-type]
                     memory_gib=m.memory_gib,
-                    peak_dense_tflops=common_pb2.Decimal(value=str(m.peak_tflops)),
+                    peak_dense_tflops=decimals.to_proto(m.peak_tflops),
                     reference_precision="fp16/bf16-tensor",
                     software_stacks=[m.software_stack],
                     source=m.source,

@@ -8,6 +8,7 @@ from typing import Final
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from acsp import decimals
 from acsp.v1 import common_pb2, metering_pb2
 from services.metering.ratecard import (
     AcceleratorModel,
@@ -34,7 +35,7 @@ _VENDOR_IN: Final = {number: vendor for vendor, number in _VENDOR_OUT.items()}
 
 
 def decimal_out(value: Decimal) -> common_pb2.Decimal:
-    return common_pb2.Decimal(value=str(value))
+    return decimals.to_proto(value)
 
 
 def decimal_in(field: str, message: common_pb2.Decimal) -> Decimal:

@@ -14,7 +14,8 @@ from typing import Protocol
 
 import grpc
 
-from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
+from acsp import decimals
+from acsp.v1 import grant_pb2, grant_pb2_grpc
 from services.metering.ratecard import RatePolicy
 
 
@@ -100,7 +101,7 @@ class GrpcLedger:
                 grant_pb2.ChargeItem(
                     request_id=c.request_id,
                     hold_id=c.hold_id,
-                    amount_pf_days=common_pb2.Decimal(value=str(c.amount)),
+                    amount_pf_days=decimals.to_proto(c.amount),
                     rate_card_version=c.rate_card_version,
                     usage_reference=c.usage_reference,
                 )
@@ -138,7 +139,7 @@ class GrpcLedger:
         request = grant_pb2.RefundRequest(
             request_id=request_id,
             hold_id=hold_id,
-            amount_pf_days=common_pb2.Decimal(value=str(amount)),
+            amount_pf_days=decimals.to_proto(amount),
             reason=reason,
         )
         try:

@@ -16,7 +16,10 @@ from decimal import Decimal
 
 import asyncpg
 
+from acsp.decimals import format_decimal
+
 _HOURS = Decimal(3600)
+ZERO = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +189,10 @@ CSV_HEADER = (
 
 
 def settlement_csv(settlement: Settlement) -> str:
-    """Render a settlement as CSV: one row per region and model, then a TOTAL row."""
+    """Render a settlement as CSV: one row per region and model, then a TOTAL row.
+
+    Numbers are written in the positional notation of :func:`acsp.decimals.format_decimal`.
+    """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_HEADER)
@@ -200,12 +206,12 @@ def settlement_csv(settlement: Settlement) -> str:
                 end,
                 line.region,
                 line.accelerator_model,
-                line.accelerator_hours,
-                line.pf_days,
-                line.refunded_pf_days,
-                line.pf_days - line.refunded_pf_days,
-                line.pledged_accelerator_hours,
-                line.recalled_accelerator_hours,
+                format_decimal(line.accelerator_hours),
+                format_decimal(line.pf_days),
+                format_decimal(line.refunded_pf_days),
+                format_decimal(line.pf_days - line.refunded_pf_days),
+                format_decimal(line.pledged_accelerator_hours),
+                format_decimal(line.recalled_accelerator_hours),
             )
         )
     writer.writerow(
@@ -215,12 +221,16 @@ def settlement_csv(settlement: Settlement) -> str:
             end,
             "TOTAL",
             "",
-            sum((line.accelerator_hours for line in settlement.lines), Decimal(0)),
-            settlement.delivered_pf_days,
-            settlement.refunded_pf_days,
-            settlement.net_pf_days,
-            sum((line.pledged_accelerator_hours for line in settlement.lines), Decimal(0)),
-            sum((line.recalled_accelerator_hours for line in settlement.lines), Decimal(0)),
+            format_decimal(sum((line.accelerator_hours for line in settlement.lines), ZERO)),
+            format_decimal(settlement.delivered_pf_days),
+            format_decimal(settlement.refunded_pf_days),
+            format_decimal(settlement.net_pf_days),
+            format_decimal(
+                sum((line.pledged_accelerator_hours for line in settlement.lines), ZERO)
+            ),
+            format_decimal(
+                sum((line.recalled_accelerator_hours for line in settlement.lines), ZERO)
+            ),
         )
     )
     return out.getvalue()

@@ -1,0 +1,48 @@
+"""Exact decimals on the wire: ``acsp.v1.Decimal`` to and from :class:`decimal.Decimal`.
+
+Metering and the scheduler write amounts, rates and hours with :func:`to_proto`, and the grant
+service's ``format_amount`` writes the same notation, so exports and listings read alike. The text is plain positional notation: no exponent, no trailing zeros
+after the decimal point and no point when nothing follows it, a leading ``-`` for negative
+values and ``0`` for every zero. Python's ``str(Decimal)`` would write ``0E-12`` and
+``1.0560738425916890E-8`` instead. The digits that remain are exactly the value's digits, so
+``Decimal(format_decimal(x)) == x`` for every finite ``x``.
+"""
+
+from __future__ import annotations
+
+from decimal import Context, Decimal, InvalidOperation
+
+from acsp.v1 import common_pb2
+
+
+def format_decimal(value: Decimal) -> str:
+    """Write a finite decimal in plain positional notation, e.g. ``1E-8`` as ``0.00000001``.
+
+    ``Decimal("1.6E+2")`` gives ``160``, ``Decimal("12.50")`` gives ``12.5`` and ``0E-12``
+    and ``-0`` give ``0``. Raises ValueError for NaN and infinities, which no amount may be.
+    """
+    if not value.is_finite():
+        raise ValueError(f"{value} is not a finite decimal")
+    if value.is_zero():
+        return "0"
+    # normalize() strips trailing zeros but may round to the context's precision, so it
+    # runs in a context wide enough for every digit of the value.
+    digits = len(value.as_tuple().digits)
+    normalized = value.normalize(Context(prec=max(digits, 28)))
+    return format(normalized, "f")
+
+
+def to_proto(value: Decimal) -> common_pb2.Decimal:
+    """Convert a finite decimal to ``acsp.v1.Decimal`` in the notation of :func:`format_decimal`."""
+    return common_pb2.Decimal(value=format_decimal(value))
+
+
+def from_proto(message: common_pb2.Decimal) -> Decimal:
+    """Parse ``acsp.v1.Decimal``; raises ValueError naming the text if it is not a finite number."""
+    try:
+        value = Decimal(message.value)
+    except InvalidOperation:
+        raise ValueError(f"{message.value!r} is not a decimal number") from None
+    if not value.is_finite():
+        raise ValueError(f"{message.value!r} is not a finite number")
+    return value
