@@ -61,6 +61,8 @@ RECALL_OPTIONS: Final = {
 }
 """The option of ``acsp fleet recall create`` that sets each field RecallCapacity may reject."""
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
+MAX_TIMESTAMP_S: Final = 253_402_300_799
+"""9999-12-31T23:59:59Z in Unix seconds, the last time a protobuf Timestamp can carry."""
 
 
 def register(commands: Any, connection: argparse.ArgumentParser, output: Any) -> None:
@@ -175,8 +177,7 @@ def recall_from_args(args: argparse.Namespace, now: float) -> scheduler_pb2.Reca
     if args.effective is not None:
         effective = parse_time(args.effective, "--effective")
     else:
-        effective = timestamp_pb2.Timestamp()
-        effective.FromNanoseconds(int((now + args.notice) * 1e9))
+        effective = seconds_later(now, args.notice, "--notice")
     recall = scheduler_pb2.Recall(
         pledge_id=args.pledge,
         count=args.count,
@@ -193,8 +194,22 @@ def recall_from_args(args: argparse.Namespace, now: float) -> scheduler_pb2.Reca
             )
         recall.end_time.CopyFrom(end)
     elif args.duration is not None:
-        recall.end_time.FromNanoseconds(effective.ToNanoseconds() + int(args.duration * 1e9))
+        start = effective.ToNanoseconds() / 1e9
+        recall.end_time.CopyFrom(seconds_later(start, args.duration, "--duration"))
     return recall
+
+
+def seconds_later(start: float, seconds: float, option: str) -> timestamp_pb2.Timestamp:
+    """Return ``seconds`` after ``start`` (Unix seconds); raise CommandError naming ``option``
+    past the last time a protobuf Timestamp can carry."""
+    if start + seconds > MAX_TIMESTAMP_S:
+        raise CommandError(
+            f"{option} {seconds:g} ends after 9999-12-31T23:59:59Z; give fewer seconds",
+            EXIT_USAGE,
+        )
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int((start + seconds) * 1e9))
+    return stamp
 
 
 def set_pledge_command(args: argparse.Namespace) -> int:

@@ -272,6 +272,27 @@ async def test_pledge_options_checked_before_call(
     assert code == 2
     assert "--end 2026-01-01 is not after the time the recall takes effect" in err
 
+    code, _, err = await run_cli(
+        capsys, "recall", "create", "pl-1", "--count", "1", "--notice", "1e15"
+    )
+    assert code == 2
+    assert "--notice 1e+15 ends after 9999-12-31T23:59:59Z" in err
+
+    code, _, err = await run_cli(
+        capsys,
+        "recall",
+        "create",
+        "pl-1",
+        "--count",
+        "1",
+        "--effective",
+        "9999-12-31",
+        "--duration",
+        "86400",
+    )
+    assert code == 2
+    assert "--duration 86400 ends after 9999-12-31T23:59:59Z" in err
+
 
 def health_event(accelerator: str, event_id: str, *, cleared: bool) -> agent_pb2.HealthEvent:
     return agent_pb2.HealthEvent(
