@@ -66,7 +66,6 @@ logger = logging.getLogger(__name__)
 
 STATS_FILE_NAME = "stats.json"
 _MAX_ACK_PENDING = 1000
-_COMMAND_ACK_WAIT_S = 60.0
 _MISSED_HEARTBEATS = 3
 """Idle heartbeats missed before the agent declares its command consumer again."""
 FLEET_DELIVER_SUFFIX = "fleet.all"
@@ -105,6 +104,8 @@ class Intervals:
     state_flush_s: float = 1.0
     command_heartbeat_s: float = 5.0
     """Idle heartbeat of the command consumers."""
+    command_ack_wait_s: float = 60.0
+    """Seconds before JetStream redelivers a command that the agent has not acknowledged."""
 
 
 @dataclass(slots=True)
@@ -147,6 +148,8 @@ class AgentProcess:
         self.started = asyncio.Event()
         self._closing = False
         self._stopping = False
+        self.before_batch_save: Callable[[], None] | None = None
+        """Called after a command batch is handled and before the state is saved (tests)."""
 
     @property
     def connected(self) -> bool:
@@ -441,7 +444,7 @@ class AgentProcess:
             deliver_subject=consumer.deliver_subject,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
-            ack_wait=_COMMAND_ACK_WAIT_S,
+            ack_wait=self._intervals.command_ack_wait_s,
             max_ack_pending=_MAX_ACK_PENDING,
             idle_heartbeat=self._intervals.command_heartbeat_s,
         )
@@ -516,37 +519,49 @@ class AgentProcess:
     async def _handle_commands(self, messages: list[Msg]) -> None:
         """Handle ``messages`` in order, then save the state once and acknowledge them.
 
-        The state file records every task these commands started or stopped before any of
-        them is acknowledged, so a crash before the save gets the commands redelivered.
-        NOTE: a process started by this batch keeps running after such a crash, unrecorded,
-        and the redelivered command starts the task again.
+        Before any process is spawned, the intents of the batch's starts are saved with one
+        fsync, so a restarted agent adopts a process spawned before a crash instead of
+        starting its task again (:meth:`agents.runner.TaskRunner.recover`). After the batch,
+        the state file records every task these commands started or stopped before any of
+        them is acknowledged, so a crash before that save gets the commands redelivered.
         """
-        handled: list[Msg] = []
+        accepted: list[tuple[Msg, NodeAgent, wire.Command]] = []
         for message in messages:
             try:
-                command = wire.parse_command(message.data)
-                node = self._by_key.get(_node_key_of(message.subject))
-                if node is None:
-                    raise wire.InvalidCommand(
-                        f"subject {message.subject} names no node of this agent"
-                    )
-                if command.node.node and command.node.key != node.ref.key:
-                    raise wire.InvalidCommand(
-                        f"node {command.node.key} in the command does not match {message.subject}"
-                    )
+                accepted.append((message, *self._route(message)))
             except wire.InvalidCommand as error:
                 self.counters.commands_rejected += 1
                 logger.error("command on %s rejected: %s", message.subject, error)
                 with contextlib.suppress(nats.errors.Error):
                     await message.term()
-                continue
+        for _message, node, command in accepted:
+            if command.kind == "start" and command.spec is not None and node.runner is not None:
+                node.runner.prepare_start(command.spec)
+        self._state.save_intents()
+        for _message, node, command in accepted:
             await node.handle(command)
             self.counters.commands_handled += 1
-            handled.append(message)
+            if command.spec is not None:
+                # A start that spawned nothing (fenced off, say) leaves no intent behind.
+                self._state.remove_intent(node.ref.key, command.spec.task_id)
+        if self.before_batch_save is not None:
+            self.before_batch_save()
         self._state.save_before_spool()
-        for message in handled:
+        for message, _node, _command in accepted:
             with contextlib.suppress(nats.errors.Error):
                 await message.ack()
+
+    def _route(self, message: Msg) -> tuple[NodeAgent, wire.Command]:
+        """Parse a command and find its node; raise InvalidCommand if either fails."""
+        command = wire.parse_command(message.data)
+        node = self._by_key.get(_node_key_of(message.subject))
+        if node is None:
+            raise wire.InvalidCommand(f"subject {message.subject} names no node of this agent")
+        if command.node.node and command.node.key != node.ref.key:
+            raise wire.InvalidCommand(
+                f"node {command.node.key} in the command does not match {message.subject}"
+            )
+        return node, command
 
 
 @dataclass(frozen=True, slots=True)

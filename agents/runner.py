@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from agents.model import WHOLE_MILLI, TaskEvent, TaskSpec, TaskState
 from agents.state import StateStore, TaskRecord
-from agents.task_process import TaskProcess, spawn
+from agents.task_process import TaskProcess, find_task_leaders, spawn
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ _MAX_SLEEP_S = 5.0
 """Maximum seconds a supervisor sleeps, so that a step of the clock delays a deadline by no more."""
 _REMEMBERED_FINISHED = 4096
 TIMED_OUT = "wall time exceeded"
+SPAWN_ID_ENV = "ACSP_SPAWN_ID"
+"""Environment variable that marks a task's process with its record's ``spawn_id``."""
 
 
 @dataclass(slots=True)
@@ -125,34 +128,56 @@ class TaskRunner:
 
     # Commands --------------------------------------------------------------------------------
 
+    def prepare_start(self, spec: TaskSpec) -> None:
+        """Record the intent to spawn ``spec``'s process, in memory, unless it needs none.
+
+        The caller saves every intent of a batch with one :meth:`StateStore.save_intents`
+        before it calls :meth:`start` for each, so the spawns wait for one fsync in all.
+        """
+        if spec.task_id in self._tasks or spec.task_id in self._finished or self._plays(spec):
+            return
+        self._state.put_intent(self._node_key, self._new_record(spec))
+
     async def start(self, spec: TaskSpec) -> None:
         """Start ``spec`` unless it is a redelivered command for a known task."""
+        intent = self._state.node(self._node_key).intents.get(spec.task_id)
         if spec.task_id in self._tasks or spec.task_id in self._finished:
             logger.info("start of task %s ignored: already known on this node", spec.task_id)
+            self._state.remove_intent(self._node_key, spec.task_id)
             return
         problem = self._check(spec)
         if problem:
+            self._state.remove_intent(self._node_key, spec.task_id)
             self._reject(spec, problem)
             return
-        now = self._clock()
-        record = TaskRecord(
-            job_id=spec.job_id,
-            task_id=spec.task_id,
-            accelerators=list(spec.accelerators),
-            started_at=now,
-            wall_time_s=spec.wall_time_s,
-            grace_period_s=spec.grace_period_s,
-            simulated_run_time_s=spec.simulated_run_time_s,
-            accelerator_millis=list(spec.accelerator_millis),
-        )
-        # A simulated backend plays a task that gives a run time even when it names a command
-        # too, because the scheduler requires a command for every job.
-        if not spec.command or (self._allow_played and spec.simulated_run_time_s > 0):
+        record = intent if intent is not None else self._new_record(spec)
+        if self._plays(spec):
             self._tasks[spec.task_id] = _Task(record)
             self._state.put_task(self._node_key, record, durable=False)
             self._emit_state(record, TaskState.RUNNING, "played without a process")
             return
         await self._spawn(spec, record)
+
+    def _plays(self, spec: TaskSpec) -> bool:
+        # A simulated backend plays a task that gives a run time even when it names a command
+        # too, because the scheduler requires a command for every job.
+        return not spec.command or (self._allow_played and spec.simulated_run_time_s > 0)
+
+    def _new_record(self, spec: TaskSpec) -> TaskRecord:
+        return TaskRecord(
+            job_id=spec.job_id,
+            task_id=spec.task_id,
+            accelerators=list(spec.accelerators),
+            started_at=self._clock(),
+            wall_time_s=spec.wall_time_s,
+            grace_period_s=spec.grace_period_s,
+            simulated_run_time_s=spec.simulated_run_time_s,
+            accelerator_millis=list(spec.accelerator_millis),
+            spawn_id=secrets.token_hex(16),
+        )
+
+    def _log_path(self, task_id: str) -> Path:
+        return self._task_dir / f"{_safe(task_id)}.log"
 
     def _check(self, spec: TaskSpec) -> str:
         if not spec.command and not self._allow_played:
@@ -202,21 +227,27 @@ class TaskRunner:
         if not self._task_dir_made:
             self._task_dir.mkdir(parents=True, exist_ok=True)
             self._task_dir_made = True
-        log_path = self._task_dir / f"{_safe(spec.task_id)}.log"
+        # The intent is on disk before the process exists. A crash from here until the task
+        # record is saved leaves the intent, which a restarted agent resolves in recover().
+        self._state.put_intent(self._node_key, record)
+        self._state.save_intents()
         env = dict(self._base_env)
         env.update(spec.env)
         env.update(self._visible_devices_env(spec.accelerators))
         env.update({"ACSP_JOB_ID": spec.job_id, "ACSP_TASK_ID": spec.task_id})
+        env[SPAWN_ID_ENV] = record.spawn_id
+        record.log_path = str(self._log_path(spec.task_id))
         try:
-            process = spawn(spec.command, env, self._task_dir, log_path)
+            process = spawn(spec.command, env, self._task_dir, Path(record.log_path))
         except OSError as error:
+            self._state.remove_intent(self._node_key, spec.task_id)
             self._reject(spec, f"command could not be started: {error}")
             return
         record.pid = process.pid
         record.process_start_ticks = process_start_ticks(process.pid) or 0
-        record.log_path = str(log_path)
         task = _Task(record, process)
         self._tasks[spec.task_id] = task
+        self._state.remove_intent(self._node_key, spec.task_id)
         self._state.put_task(self._node_key, record)
         # DEBUG: a fleet process starts hundreds of tasks per second, and the task event
         # carries the same facts.
@@ -382,6 +413,7 @@ class TaskRunner:
 
     def recover(self) -> None:
         """Adopt the tasks in the state file that still run; report the others as lost."""
+        self._resolve_intents()
         for record in list(self._state.node(self._node_key).tasks.values()):
             task = _Task(record)
             if not record.pid:
@@ -411,6 +443,59 @@ class TaskRunner:
                 None,
                 _tail(record.log_path),
             )
+
+    def _resolve_intents(self) -> None:
+        """Turn each start intent left by a crash into a task record, or drop it.
+
+        A process that carries the intent's spawn id is adopted. An intent whose log file
+        exists but whose process does not ran and ended while the agent was down, and is
+        reported lost. An intent without a log file never reached the spawn: it is dropped
+        unreported, so the redelivered start command starts the task once.
+
+        NOTE: a crash after :func:`spawn` created the log file and before the process existed
+        (microseconds, with no await between) gets the task reported lost though it never ran.
+        """
+        node = self._state.node(self._node_key)
+        intents = list(node.intents.values())
+        if not intents:
+            return
+        unrecorded = [record for record in intents if record.task_id not in node.tasks]
+        spawn_ids = {record.spawn_id for record in unrecorded}
+        leaders = find_task_leaders(SPAWN_ID_ENV, spawn_ids) if unrecorded else {}
+        for record in intents:
+            self._state.remove_intent(self._node_key, record.task_id)
+        for record in unrecorded:
+            record.log_path = str(self._log_path(record.task_id))
+            pid = leaders.get(record.spawn_id)
+            if pid is not None:
+                record.pid = pid
+                record.process_start_ticks = process_start_ticks(pid) or 0
+                logger.warning(
+                    "task %s was spawned as pid %d but not recorded before the agent stopped; "
+                    "adopting it",
+                    record.task_id,
+                    pid,
+                )
+                self._state.put_task(self._node_key, record)
+            elif os.path.exists(record.log_path):
+                logger.warning(
+                    "task %s was spawned but not recorded, and ended while the agent was down",
+                    record.task_id,
+                )
+                self._remember(record.task_id, TaskState.LOST)
+                self._emit_state(
+                    record,
+                    TaskState.LOST,
+                    "the process ended while the agent was down; its exit status is unknown",
+                    None,
+                    _tail(record.log_path),
+                )
+            else:
+                logger.info(
+                    "task %s was not spawned before the agent stopped; its start command "
+                    "is redelivered",
+                    record.task_id,
+                )
 
     # Usage -----------------------------------------------------------------------------------
 

@@ -3,7 +3,15 @@
 It stores, per node, the reserved end of the usage-sample sequence, the persistent health
 conditions and the tasks the agent started. Each task keeps its pid and the kernel's start
 time of the process, so that a restarted agent recognises its own processes and not a
-reused pid.
+reused pid. It also stores the start intents: tasks whose process is about to be spawned.
+An intent is saved before the spawn, so a restarted agent looks for the process of every
+intent that has no task record (see :meth:`agents.runner.TaskRunner.recover`).
+
+Intents are saved to a small file of their own beside the state file (``state.json.intents``),
+because the state file grows with the running tasks and a batch of starts should not write it
+twice. Each intents file carries a number, and the state file records the number of the last
+one written before it, so a restart reads the intents file only if it is newer. The state file
+also contains the intents that are pending when it is written.
 
 The file is JSON, replaced atomically (write to a temporary file, fsync, rename, fsync the
 directory). Sequence numbers are reserved in blocks so that the file is not written for every
@@ -53,6 +61,10 @@ class TaskRecord:
     """Start time of the process in clock ticks since boot (``/proc/<pid>/stat`` field 22)."""
     log_path: str = ""
     exit_path: str = ""
+    spawn_id: str = ""
+    """Random id set in the process's environment, or empty for a played task.
+
+    A restarted agent finds a process that it spawned but did not record by this id."""
     simulated_run_time_s: float = 0.0
     stop_reason: str = ""
     """Reason for the requested stop, or empty while no stop is requested."""
@@ -76,6 +88,8 @@ class NodeState:
     """Clock seconds up to which usage went into the spool; a restart reports from here."""
     health: dict[str, list[str]] = field(default_factory=dict)
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    intents: dict[str, TaskRecord] = field(default_factory=dict)
+    """Tasks whose process is about to be spawned, by task id; the pid is not known yet."""
 
 
 class StateStore:
@@ -86,9 +100,13 @@ class StateStore:
         self._nodes: dict[str, NodeState] = {}
         self._dirty = False
         self._spool_guard_unsaved = False
+        self._intents_unsaved = False
+        self._intents_sequence = 0
+        """Number of the last intents file written; the state file records the one it covers."""
         self._save_scheduled = False
         if path.exists():
             self._load()
+        self._load_intents()
 
     @property
     def path(self) -> Path:
@@ -140,6 +158,48 @@ class StateStore:
         if self.node(key).tasks.pop(task_id, None) is not None:
             self._save_or_mark(durable)
 
+    def put_intent(self, key: str, record: TaskRecord) -> None:
+        """Store the intent to spawn ``record``'s process; :meth:`save_intents` writes it."""
+        intents = self.node(key).intents
+        if intents.get(record.task_id) is record:
+            return
+        intents[record.task_id] = record
+        self._dirty = True
+        self._intents_unsaved = True
+
+    def remove_intent(self, key: str, task_id: str) -> None:
+        """Forget an intent in memory; the next save writes the file without it.
+
+        A restarted agent that still finds the intent also finds its task record, or its
+        process, or neither, and handles each case (:meth:`agents.runner.TaskRunner.recover`).
+        """
+        if self.node(key).intents.pop(task_id, None) is not None:
+            self._dirty = True
+
+    def save_intents(self) -> None:
+        """Write the pending intents, if one was added since the last save; call before spawning.
+
+        Only the intents are written, with one fsync, to the intents file.
+        """
+        if not self._intents_unsaved:
+            return
+        self._intents_sequence += 1
+        document = {
+            "version": FORMAT_VERSION,
+            "sequence": self._intents_sequence,
+            "nodes": {
+                key: [_task_fields(t) for t in state.intents.values()]
+                for key, state in self._nodes.items()
+                if state.intents
+            },
+        }
+        _write_atomically(self._intents_path, json.dumps(document, separators=(",", ":")))
+        self._intents_unsaved = False
+
+    @property
+    def _intents_path(self) -> Path:
+        return self._path.with_suffix(self._path.suffix + ".intents")
+
     def _save_or_mark(self, durable: bool) -> None:
         self._dirty = True
         if not durable:
@@ -181,35 +241,28 @@ class StateStore:
             self.save()
 
     def save(self) -> None:
+        nodes: dict[str, dict[str, Any]] = {}
+        for key, state in self._nodes.items():
+            node: dict[str, Any] = {
+                # A restart continues after the reserved block, never inside it.
+                "sequence_reserved": state.sequence_reserved,
+                "usage_reported_until": state.usage_reported_until,
+                "health": state.health,
+                "tasks": [_task_fields(t) for t in state.tasks.values()],
+            }
+            if state.intents:
+                node["intents"] = [_task_fields(t) for t in state.intents.values()]
+            nodes[key] = node
         document = {
             "version": FORMAT_VERSION,
-            "nodes": {
-                key: {
-                    # A restart continues after the reserved block, never inside it.
-                    "sequence_reserved": state.sequence_reserved,
-                    "usage_reported_until": state.usage_reported_until,
-                    "health": state.health,
-                    "tasks": [_task_fields(t) for t in state.tasks.values()],
-                }
-                for key, state in self._nodes.items()
-            },
+            "intents_sequence": self._intents_sequence,
+            "nodes": nodes,
         }
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self._path.with_suffix(self._path.suffix + ".tmp")
         # json.dumps uses the C encoder; json.dump to a file does not.
-        text = json.dumps(document, separators=(",", ":"))
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self._path)
-        directory = os.open(self._path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _write_atomically(self._path, json.dumps(document, separators=(",", ":")))
         self._dirty = False
         self._spool_guard_unsaved = False
+        self._intents_unsaved = False
 
     def _load(self) -> None:
         with open(self._path, encoding="utf-8") as file:
@@ -227,9 +280,28 @@ class StateStore:
                 usage_reported_until=float(raw.get("usage_reported_until", 0.0)),
                 health={uuid: list(causes) for uuid, causes in raw.get("health", {}).items()},
                 tasks={t["task_id"]: TaskRecord(**t) for t in raw.get("tasks", [])},
+                intents={t["task_id"]: TaskRecord(**t) for t in raw.get("intents", [])},
             )
             self._nodes[key] = state
+        self._intents_sequence = int(document.get("intents_sequence", 0))
         logger.info("loaded agent state for %d nodes from %s", len(self._nodes), self._path)
+
+    def _load_intents(self) -> None:
+        """Add the intents of an intents file newer than the state file to the nodes."""
+        path = self._intents_path
+        if not path.exists():
+            return
+        with open(path, encoding="utf-8") as file:
+            document: dict[str, Any] = json.load(file)
+        sequence = int(document.get("sequence", 0))
+        if sequence <= self._intents_sequence:
+            return
+        self._intents_sequence = sequence
+        for key, records in document.get("nodes", {}).items():
+            state = self.node(key)
+            for fields in records:
+                state.intents.setdefault(fields["task_id"], TaskRecord(**fields))
+        logger.info("loaded start intents number %d from %s", sequence, path)
 
 
 _TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskRecord))
@@ -238,3 +310,19 @@ _TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskRecord))
 def _task_fields(record: TaskRecord) -> dict[str, Any]:
     # Faster than dataclasses.asdict, which deep-copies every value.
     return {name: getattr(record, name) for name in _TASK_FIELDS}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: write a temporary file, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

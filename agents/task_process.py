@@ -122,3 +122,37 @@ def spawn(
     finally:
         os.close(log)
     return TaskProcess(popen.pid, popen)
+
+
+def find_task_leaders(variable: str, values: set[str]) -> dict[str, int]:
+    """Find running process group leaders whose environment sets ``variable`` to one of ``values``.
+
+    Returns value -> pid. Only this user's processes are readable, and a task's descendants
+    inherit its environment, so among several leaders with one value the earliest started
+    (the task's own process, which :func:`spawn` made a session leader) is returned.
+    """
+    prefix = variable.encode() + b"="
+    found: dict[str, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as file:
+                stat = file.read()
+            # Fields after the command name: state, ppid, pgrp, ..., starttime (index 19).
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            if fields[0] == b"Z" or int(fields[2]) != pid:
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as file:
+                environ = file.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(prefix):
+                value = item[len(prefix) :].decode("utf-8", errors="replace")
+                start_ticks = int(fields[19])
+                if value in values and (value not in found or start_ticks < found[value][1]):
+                    found[value] = (pid, start_ticks)
+                break
+    return {value: pid for value, (pid, _ticks) in found.items()}

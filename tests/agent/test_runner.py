@@ -340,3 +340,109 @@ async def test_exit_seen_without_pidfds(tmp_path: Path, monkeypatch: pytest.Monk
     recorder = await run_with_group(tmp_path, body)
     assert recorder.last("p/1/0").exit_code == 0
     assert recorder.last("q/1/0").exit_code == -15
+
+
+STATE_FILES = ("state.json", "state.json.intents")
+
+
+def snapshot_state(directory: Path) -> dict[str, bytes | None]:
+    """Return the state files as a crash now would leave them."""
+    return {
+        name: (directory / name).read_bytes() if (directory / name).exists() else None
+        for name in STATE_FILES
+    }
+
+
+def restore_state(directory: Path, files: dict[str, bytes | None]) -> None:
+    for name, data in files.items():
+        if data is None:
+            (directory / name).unlink(missing_ok=True)
+        else:
+            (directory / name).write_bytes(data)
+
+
+async def test_intent_of_running_process_is_adopted(tmp_path: Path) -> None:
+    first = Recorder()
+    runner = make_runner(tmp_path, first)
+    spec = TaskSpec("h", "h/1/0", ("GPU-2",), python_command("import time; time.sleep(30)"))
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        runner.prepare_start(spec)
+        runner._state.save_intents()
+        await runner.start(spec)
+        # The agent dies after the spawn and before the state records the task: the file
+        # stays as it is now, because the save waits for the end of this loop turn.
+        crashed_state = snapshot_state(tmp_path)
+        pid = runner._tasks["h/1/0"].record.pid
+        for task in runner._tasks.values():
+            assert task.supervisor is not None
+            task.supervisor.cancel()
+    restore_state(tmp_path, crashed_state)
+    saved = StateStore(tmp_path / "state.json").node("acme.eu-1.node-1")
+    assert list(saved.intents) == ["h/1/0"]
+    assert saved.tasks == {}
+
+    second = Recorder()
+    restarted = make_runner(tmp_path, second)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        assert [r.pid for r in restarted.running] == [pid]
+        assert second.states("h/1/0") == [TaskState.RUNNING]
+        await restarted.start(spec)  # the redelivered command
+        assert [r.pid for r in restarted.running] == [pid]
+        await restarted.stop("h/1/0", "cleanup")
+        await wait_for(lambda: TaskState.STOPPED in second.states("h/1/0"))
+    saved = StateStore(tmp_path / "state.json").node("acme.eu-1.node-1")
+    assert saved.intents == {}
+    assert saved.tasks == {}
+
+
+async def test_intent_without_process_or_log_is_dropped(tmp_path: Path) -> None:
+    first = Recorder()
+    runner = make_runner(tmp_path, first)
+    spec = TaskSpec("k", "k/1/0", ("GPU-3",), python_command("print('ran')"))
+    runner.prepare_start(spec)
+    runner._state.save_intents()
+    # The agent dies before the spawn.
+
+    second = Recorder()
+    restarted = make_runner(tmp_path, second)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        assert second.events == []
+        assert restarted.running == []
+        await restarted.start(spec)  # the redelivered command starts it once
+        await wait_for(lambda: TaskState.SUCCEEDED in second.states("k/1/0"))
+    assert second.states("k/1/0") == [TaskState.RUNNING, TaskState.SUCCEEDED]
+    assert (tmp_path / "tasks" / "k_1_0.log").read_text() == "ran\n"
+
+
+async def test_intent_with_log_but_no_process_is_lost(tmp_path: Path) -> None:
+    first = Recorder()
+    runner = make_runner(tmp_path, first)
+    spec = TaskSpec("m", "m/1/0", ("GPU-4",), python_command("print('quick')"))
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        runner.prepare_start(spec)
+        runner._state.save_intents()
+        await runner.start(spec)
+        crashed_state = snapshot_state(tmp_path)
+        process = runner._tasks["m/1/0"].process
+        assert process is not None
+        for task in runner._tasks.values():
+            assert task.supervisor is not None
+            task.supervisor.cancel()
+        await process.wait()
+    restore_state(tmp_path, crashed_state)
+
+    second = Recorder()
+    restarted = make_runner(tmp_path, second)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        assert second.states("m/1/0") == [TaskState.LOST]
+        assert second.last("m/1/0").output_tail == "quick\n"
+        await restarted.start(spec)  # the redelivered command does not run it again
+    assert second.states("m/1/0") == [TaskState.LOST]

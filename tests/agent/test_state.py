@@ -74,3 +74,38 @@ async def test_durable_change_is_written_before_spool(tmp_path: Path) -> None:
     state.put_task(KEY, TaskRecord("j", "j/1/0", ["GPU-1"], 10.0, 60.0, 5.0, pid=1234))
     state.save_before_spool()
     assert set(StateStore(path).node(KEY).tasks) == {"j/1/0"}
+
+
+def _intent(task_id: str) -> TaskRecord:
+    return TaskRecord("job", task_id, ["GPU-0"], 1.0, 0.0, 30.0, spawn_id=f"spawn-{task_id}")
+
+
+def test_intents_newer_than_state_are_loaded(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.json")
+    store.save()
+    store.put_intent("n", _intent("a/1/0"))
+    store.save_intents()
+    loaded = StateStore(tmp_path / "state.json").node("n")
+    assert list(loaded.intents) == ["a/1/0"]
+    assert loaded.intents["a/1/0"].spawn_id == "spawn-a/1/0"
+
+
+def test_intents_covered_by_state_save_are_ignored(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.json")
+    store.put_intent("n", _intent("a/1/0"))
+    store.save_intents()
+    store.remove_intent("n", "a/1/0")
+    store.save()
+    assert (tmp_path / "state.json.intents").exists()
+    assert StateStore(tmp_path / "state.json").node("n").intents == {}
+
+
+def test_unchanged_intents_are_written_once(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.json")
+    record = _intent("a/1/0")
+    store.put_intent("n", record)
+    store.save_intents()
+    written = (tmp_path / "state.json.intents").stat().st_mtime_ns
+    store.put_intent("n", record)
+    store.save_intents()
+    assert (tmp_path / "state.json.intents").stat().st_mtime_ns == written
