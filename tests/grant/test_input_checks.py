@@ -209,6 +209,18 @@ async def test_exploratory_limit_per_project(grant_service: RunningGrant) -> Non
 
 
 @pytest.mark.timeout(120)
+async def test_exploratory_limit_under_concurrency(grant_service: RunningGrant) -> None:
+    alice = grant_service.stub("alice", ["pi"], "uni-a")
+    calls = [alice.SubmitApplication(apply_request("6")) for _ in range(4)]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    awarded = [o for o in outcomes if isinstance(o, grant_pb2.Application)]
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(awarded) == 1
+    assert [e.code() for e in refused] == [grpc.StatusCode.FAILED_PRECONDITION] * 3
+    assert await application_ids(grant_service, "proj-a") == [awarded[0].application_id]
+
+
+@pytest.mark.timeout(120)
 async def test_exploratory_limit_frees_after_expiry(grant_service: RunningGrant) -> None:
     alice = grant_service.stub("alice", ["pi"], "uni-a")
     office = grant_service.stub("office", ["program_office"])
