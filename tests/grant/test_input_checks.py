@@ -384,3 +384,28 @@ async def test_remove_non_member_not_found(grant_service: RunningGrant) -> None:
         grant_pb2.RemoveProjectMemberRequest(request_id=rid(), project_id="proj-a", subject="bob")
     )
     assert [m.subject for m in removed.members] == ["alice"]
+
+
+@pytest.mark.timeout(120)
+async def test_ledger_request_id_reuse_rejected(grant_service: RunningGrant) -> None:
+    scheduler = grant_service.stub("scheduler", ["service"])
+    metering = grant_service.stub("metering", ["service"])
+    grant_id = await standard_grant(grant_service, "100")
+    hold = grant_pb2.PlaceHoldRequest(
+        request_id="job-1/hold", grant_id=grant_id, job_id="job-1", amount_pf_days=dec("4")
+    )
+    first = await scheduler.PlaceHold(hold)
+    assert (await scheduler.PlaceHold(hold)).hold_id == first.hold_id
+    hold.amount_pf_days.value = "5"
+    changed = await rejected(scheduler.PlaceHold(hold))
+    assert changed.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "request_id" in (changed.details() or "")
+    refund = grant_pb2.RefundRequest(
+        request_id="job-1/hold", hold_id=first.hold_id, amount_pf_days=dec("1"), reason="fault"
+    )
+    other_kind = await rejected(metering.Refund(refund))
+    assert other_kind.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "request_id" in (other_kind.details() or "")
+    balance = await scheduler.GetBalance(grant_pb2.GetBalanceRequest(grant_id=grant_id))
+    assert balance.held_pf_days.value == "4"
+    assert balance.refunded_pf_days.value == "0"
