@@ -165,6 +165,8 @@ def build_process(
         connection,
         intervals,
         per_provider_consumers=settings.backend == "simulated",
+        stop_tasks_on_exit=settings.stop_tasks_on_exit,
+        stop_grace_s=settings.shutdown_grace_s,
     )
 
 

@@ -30,7 +30,10 @@ the spool.
   credential is sent. Replies (JetStream acks) come to ``_INBOX.<provider>``, the only inbox
   a provider's user may subscribe to.
 
-Stopping the agent does not stop its tasks: a restarted agent finds them again.
+Stopping the agent (SIGTERM) reports the last usage interval, saves the state and exits
+within ``stop_grace_s``. By default its tasks keep running and a restarted agent adopts them,
+which suits a node agent restarted in production. With ``stop_tasks_on_exit`` (a local mesh
+shutting down) their processes are stopped first, so the last usage ends where they ended.
 """
 
 from __future__ import annotations
@@ -129,7 +132,10 @@ class AgentProcess:
         intervals: Intervals = Intervals(),
         per_provider_consumers: bool = False,
         clock: Callable[[], float] = time.time,
+        stop_tasks_on_exit: bool = False,
+        stop_grace_s: float = 10.0,
     ) -> None:
+        """``stop_grace_s`` bounds a stop, from the stop signal to the exit, in seconds."""
         if not nodes:
             raise ValueError("an agent process needs at least one node")
         self.nodes = list(nodes)
@@ -140,6 +146,8 @@ class AgentProcess:
         self._intervals = intervals
         self._per_provider = per_provider_consumers
         self._clock = clock
+        self._stop_tasks_on_exit = stop_tasks_on_exit
+        self._stop_grace_s = stop_grace_s
         self._client: Client | None = None
         self._jetstream: JetStreamContext | None = None
         self._connected_once = asyncio.Event()
@@ -188,9 +196,42 @@ class AgentProcess:
             self.started.set()
             logger.info("agent serving %d nodes", len(self.nodes))
             await stop.wait()
-            logger.info("agent stopping; tasks keep running and are found again on restart")
+            deadline = asyncio.get_running_loop().time() + self._stop_grace_s
+            if self._stop_tasks_on_exit:
+                logger.info("agent stopping; stopping its tasks")
+            else:
+                logger.info("agent stopping; tasks keep running and are found again on restart")
             await self._stop_loops(loops)
-        await self._shutdown()
+            await self._release_tasks()
+        await self._shutdown(deadline)
+
+    async def _release_tasks(self) -> None:
+        """Stop the tasks' processes or leave them running, then end their supervisors.
+
+        The supervisors belong to the task group that :meth:`_run` leaves, which would
+        otherwise wait until every task ends.
+        """
+        if self._stop_tasks_on_exit:
+            # Half the stop budget, so that reporting their ends fits in the other half.
+            grace_s = self._stop_grace_s / 2
+            stopping = [
+                supervisor
+                for node in self.nodes
+                if node.runner is not None
+                for supervisor in node.runner.stop_processes("the agent stopped", grace_s)
+            ]
+            if stopping:
+                logger.info("stopping %d tasks within %g s", len(stopping), grace_s)
+                # The supervisors send SIGKILL at the deadline; a second bounds the reaping.
+                await asyncio.wait(stopping, timeout=grace_s + 1.0)
+        detached = [
+            supervisor
+            for node in self.nodes
+            if node.runner is not None
+            for supervisor in node.runner.detach()
+        ]
+        if detached:
+            await asyncio.wait(detached, timeout=5.0)
 
     async def _stop_loops(self, loops: list[asyncio.Task[Any]]) -> None:
         # Each loop also checks the flag: a cancellation that a library swallows (the
@@ -206,8 +247,15 @@ class AgentProcess:
                 return
         logger.error("%d agent loops did not stop: %s", len(pending), pending)
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, deadline: float) -> None:
+        """Report the last usage, save the state, and publish what waits until ``deadline``."""
         self._closing = True
+        loop = asyncio.get_running_loop()
+
+        def remaining_s(maximum_s: float) -> float:
+            # Each step gets at least 0.2 s, so the stopping heartbeats go out after a slow drain.
+            return max(0.2, min(maximum_s, deadline - loop.time()))
+
         # The last usage interval goes out now, so a clean stop leaves no usage unreported.
         for node in self.nodes:
             self.counters.usage_samples += node.report_usage()
@@ -215,16 +263,18 @@ class AgentProcess:
         self._state.save()
         client = self._client
         if client is not None and client.is_connected:
-            await self._outbox.drain(self._publish, _DRAIN_S)
+            # A second is kept for the stopping heartbeats and the close.
+            drain_s = max(0.2, min(_DRAIN_S, deadline - loop.time() - 1.0))
+            await self._outbox.drain(self._publish, drain_s)
         self.write_stats()
         if client is None or client.is_closed:
             return
         if client.is_connected:
             with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
-                async with asyncio.timeout(5.0):
+                async with asyncio.timeout(remaining_s(5.0)):
                     await self._send_heartbeats(stopping=True)
         with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
-            async with asyncio.timeout(5.0):
+            async with asyncio.timeout(remaining_s(5.0)):
                 await client.close()
         logger.info("agent stopped; %d messages wait in the spool", self._outbox.pending)
 

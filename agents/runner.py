@@ -263,12 +263,41 @@ class TaskRunner:
             return
         self._begin_stop(task, reason or "stop requested")
 
-    def _begin_stop(self, task: _Task, reason: str) -> None:
+    def stop_processes(self, reason: str, grace_s: float) -> list[asyncio.Task[None]]:
+        """Stop every task that has a process, with at most ``grace_s`` before SIGKILL.
+
+        Returns the supervisors, which end once their task's end is reported. Played tasks
+        are left alone, because they stay in the state file and resume when the agent restarts.
+        """
+        supervisors = []
+        for task in list(self._tasks.values()):
+            if task.record.pid and task.supervisor is not None:
+                self._begin_stop(task, reason, grace_s)
+                supervisors.append(task.supervisor)
+        return supervisors
+
+    def detach(self) -> list[asyncio.Task[None]]:
+        """Cancel the supervisors of the running tasks, which keep running for adoption.
+
+        Returns the cancelled supervisors for the caller to await.
+        """
+        supervisors = [t.supervisor for t in self._tasks.values() if t.supervisor is not None]
+        for supervisor in supervisors:
+            supervisor.cancel()
+        return supervisors
+
+    def _begin_stop(self, task: _Task, reason: str, grace_s: float | None = None) -> None:
         record = task.record
         if record.stop_reason:
+            if grace_s is not None and not task.killed:
+                # A stop already under way gets no more than the shorter grace period.
+                record.stop_deadline = min(record.stop_deadline, self._clock() + grace_s)
+                if task.changed is not None and not task.changed.done():
+                    task.changed.set_result(None)
             return
         record.stop_reason = reason
-        record.stop_deadline = self._clock() + record.grace_period_s
+        grace = record.grace_period_s if grace_s is None else min(grace_s, record.grace_period_s)
+        record.stop_deadline = self._clock() + grace
         self._state.put_task(self._node_key, record, durable=record.pid != 0)
         if task.changed is not None and not task.changed.done():
             task.changed.set_result(None)

@@ -70,6 +70,13 @@ class AgentSettings(Settings):
         minimum=0.001,
     )
 
+    stop_tasks_on_exit: bool = setting(
+        "ACSP_AGENT_STOP_TASKS_ON_EXIT",
+        False,
+        "stop the tasks' processes when the agent stops (a local mesh shutting down); by "
+        "default they keep running and a restarted agent adopts them",
+    )
+
     def validate(self) -> None:
         super().validate()
         for variable, value in (

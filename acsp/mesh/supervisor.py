@@ -80,7 +80,10 @@ def default_processes(agents: int, data_dir: Path) -> tuple[ProcessSpec, ...]:
     if agents > 0:
         fleet_argv = [sys.executable, "-m", "agents", "--backend", "simulated"]
         fleet_argv += ["--nodes", str(agents), "--state-dir", str(data_dir / AGENTS_NAME)]
-        specs.append(ProcessSpec(AGENTS_NAME, fleet_argv, serves_grpc=False))
+        # The mesh stops as a whole, so the fleet stops its tasks and reports their usage up
+        # to that moment, instead of leaving them to be killed as orphans unreported.
+        stop_tasks = {"ACSP_AGENT_STOP_TASKS_ON_EXIT": "true"}
+        specs.append(ProcessSpec(AGENTS_NAME, fleet_argv, serves_grpc=False, env=stop_tasks))
     return tuple(specs)
 
 

@@ -75,17 +75,22 @@ class NatsServer:
 
 
 async def declare_agent_streams(
-    url: str, user: str | None = None, password: str | None = None
+    url: str, user: str | None = None, password: str | None = None, usage: bool = True
 ) -> None:
-    """Declare what the services own in production: the streams and the heartbeat bucket."""
+    """Declare what the services own in production: the streams and the heartbeat bucket.
+
+    ``usage=False`` leaves out the usage stream, for a test whose metering declares it.
+    """
     client = await nats.connect(url, connect_timeout=2, user=user, password=password)
+    streams = [
+        (subjects.AGENT_STREAM, subjects.AGENT_SUBJECTS),
+        (subjects.COMMAND_STREAM, subjects.COMMAND_SUBJECTS),
+    ]
+    if usage:
+        streams.insert(0, (subjects.USAGE_STREAM, subjects.USAGE_SUBJECTS))
     try:
         js = client.jetstream()
-        for name, stream_subjects in (
-            (subjects.USAGE_STREAM, subjects.USAGE_SUBJECTS),
-            (subjects.AGENT_STREAM, subjects.AGENT_SUBJECTS),
-            (subjects.COMMAND_STREAM, subjects.COMMAND_SUBJECTS),
-        ):
+        for name, stream_subjects in streams:
             await js.add_stream(
                 StreamConfig(
                     name=name,

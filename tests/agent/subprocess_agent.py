@@ -1,10 +1,10 @@
 """A one-node simulated agent that tests run as a process of its own, to signal or kill it.
 
-``python -m tests.agent.subprocess_agent NATS_URL STATE_DIR [--crash-before-save]`` serves
-the node ``acme.eu-1.node-1`` with eight simulated A100s until SIGTERM. With
-``--crash-before-save`` the agent kills itself with SIGKILL after it has handled its first
-command batch (and spawned the batch's processes) and before it saves its state, as a crash
-there would.
+``python -m tests.agent.subprocess_agent NATS_URL STATE_DIR [--crash-before-save]
+[--stop-tasks-on-exit]`` serves the node ``acme.eu-1.node-1`` with eight simulated A100s
+until SIGTERM. With ``--crash-before-save`` the agent kills itself with SIGKILL after it has
+handled its first command batch (and spawned the batch's processes) and before it saves its
+state, as a crash there would. ``--stop-tasks-on-exit`` makes SIGTERM stop the tasks too.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from acsp import subjects
 from acsp.v1 import agent_pb2, scheduler_pb2
 from agents.backends.fleet import FleetNode
 from agents.backends.simulated import SimulatedBackend
@@ -31,15 +32,18 @@ from agents.node import NodeAgent
 from agents.outbox import Outbox
 from agents.process import AgentProcess, ConnectionOptions, Intervals
 from agents.spool import Spool
-from agents.state import StateStore
+from agents.state import StateStore, TaskRecord
 from tests.agent.helpers import NODE
 
 SPEC = FleetNode(NODE.provider, NODE.region, NODE.node, "A100-SXM4-80GB", 8)
 COMMAND_ACK_WAIT_S = 2.0
-"""Short, so that the test sees the unacknowledged commands redelivered within seconds."""
+"""Short, so that a test receives the unacknowledged commands again within seconds."""
 
 
-def build(nats_url: str, state_dir: Path) -> AgentProcess:
+STOP_GRACE_S = 5.0
+
+
+def build(nats_url: str, state_dir: Path, stop_tasks_on_exit: bool) -> AgentProcess:
     state = StateStore(state_dir / "state.json")
     outbox = Outbox(Spool(state_dir / "spool"), retry_s=0.2, before_append=state.save_before_spool)
     node = NodeAgent(
@@ -64,6 +68,8 @@ def build(nats_url: str, state_dir: Path) -> AgentProcess:
             state_flush_s=0.2,
             command_ack_wait_s=COMMAND_ACK_WAIT_S,
         ),
+        stop_tasks_on_exit=stop_tasks_on_exit,
+        stop_grace_s=STOP_GRACE_S,
     )
 
 
@@ -104,11 +110,11 @@ def start_command(task_id: str, accelerator: str, argv: list[str]) -> bytes:
     ).SerializeToString()
 
 
-async def poll(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+async def poll(condition: Callable[[], bool], timeout_s: float, description: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {description}")
         await asyncio.sleep(0.1)
 
 
@@ -130,14 +136,62 @@ async def stream_messages(url: str, stream: str) -> list[tuple[str, bytes]]:
         await client.close()
 
 
+TASK_ID = "stop/1/0"
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
+RUN_BEFORE_STOP_S = 2.0
+"""Seconds the task runs before the agent is stopped, more than one usage interval."""
+
+
+def recorded_task(state_dir: Path) -> TaskRecord | None:
+    return StateStore(state_dir / "state.json").node(NODE.key).tasks.get(TASK_ID)
+
+
+async def usage_of_task(url: str) -> list[agent_pb2.UsageSample]:
+    samples: list[agent_pb2.UsageSample] = []
+    for _subject, data in await stream_messages(url, subjects.USAGE_STREAM):
+        report = agent_pb2.UsageReport()
+        report.ParseFromString(data)
+        samples.extend(s for s in report.samples if s.task_id == TASK_ID)
+    return sorted(samples, key=lambda s: s.start_time.ToMicroseconds())
+
+
+async def run_task_then_stop(
+    url: str, state_dir: Path, *flags: str
+) -> tuple[TaskRecord, float, float]:
+    """Start an agent and a task, SIGTERM the agent; return the task, stop and exit times."""
+    agent = await start_agent(url, state_dir, *flags)
+    try:
+        accelerator = SimulatedBackend(SPEC).discover().accelerators[0].uuid
+        client = await nats.connect(url)
+        try:
+            subject = subjects.command_subject(NODE.provider, NODE.region, NODE.node)
+            await client.jetstream().publish(subject, start_command(TASK_ID, accelerator, SLEEPER))
+        finally:
+            await client.close()
+        await poll(lambda: recorded_task(state_dir) is not None, 30, "the task to start")
+        record = recorded_task(state_dir)
+        assert record is not None
+        await asyncio.sleep(RUN_BEFORE_STOP_S)
+        stopped_at = time.time()
+        agent.send_signal(signal.SIGTERM)
+        # The agent's stop budget, plus a second for the interpreter to exit.
+        assert await asyncio.wait_for(agent.wait(), STOP_GRACE_S + 1.0) == 0
+        return record, stopped_at, time.time()
+    finally:
+        if agent.returncode is None:
+            agent.kill()
+            await agent.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("nats_url")
     parser.add_argument("state_dir", type=Path)
     parser.add_argument("--crash-before-save", action="store_true")
+    parser.add_argument("--stop-tasks-on-exit", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    process = build(args.nats_url, args.state_dir)
+    process = build(args.nats_url, args.state_dir, args.stop_tasks_on_exit)
     if args.crash_before_save:
         process.before_batch_save = lambda: os.kill(os.getpid(), signal.SIGKILL)
     asyncio.run(run(process))
