@@ -1,10 +1,11 @@
 """Exact decimals on the wire: ``acsp.v1.Decimal`` to and from :class:`decimal.Decimal`.
 
 Metering and the scheduler write amounts, rates and hours with :func:`to_proto`, and the grant
-service's ``format_amount`` writes the same notation, so exports and listings read alike. The text is plain positional notation: no exponent, no trailing zeros
-after the decimal point and no point when nothing follows it, a leading ``-`` for negative
-values and ``0`` for every zero. Python's ``str(Decimal)`` would write ``0E-12`` and
-``1.0560738425916890E-8`` instead. The digits that remain are exactly the value's digits, so
+service's ``format_amount`` writes the same notation, so exports and listings read alike. The
+text is plain positional notation: no exponent, no trailing zeros after the decimal point and
+no point when nothing follows it, a leading ``-`` for negative values and ``0`` for every
+zero. Python's ``str(Decimal)`` would write ``0E-12`` and ``1.0560738425916890E-8`` instead.
+The digits that remain are exactly the value's digits, so
 ``Decimal(format_decimal(x)) == x`` for every finite ``x``.
 """
 

@@ -18,8 +18,9 @@ from services.metering.ratecard import (
 from services.runtime.errors import InvalidArgument
 
 DERIVATION: Final = (
-    "peak dense TFLOP/s at the reference precision / 86,400,000 per accelerator-second, "
-    "rounded half-even to 1e-18 PF-day; per hour exactly 3600 times that"
+    "charge = accelerator-seconds x peak dense TFLOP/s at the reference precision / "
+    "86,400,000, rounded half-even once to 1e-24 PF-day; the hourly rate is the peak / 24,000 "
+    "rounded half-even to 1e-24, the per-second rate the peak / 86,400,000 rounded up to 1e-24"
 )
 DEFAULT_PAGE_SIZE: Final = 100
 MAX_PAGE_SIZE: Final = 1000

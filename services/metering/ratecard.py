@@ -1,16 +1,19 @@
 """The rate card: a versioned catalog of accelerator models and the PF-days each one charges.
 
-The canonical price is PF-days per accelerator-second, an exact :class:`~decimal.Decimal`
-derived from the model's peak dense throughput at the reference precision (dense FP16/BF16
-tensor, no sparsity)::
+The canonical price is the model's peak dense throughput at the reference precision (dense
+FP16/BF16 tensor, no sparsity), kept exact as given. One PF-day is 1e15 FLOP/s for 86,400 s,
+so an accelerator-second at peak P TFLOP/s is ``P / 86,400,000`` PF-days and an
+accelerator-hour is ``P / 24,000``. A charge is computed exactly from the peak::
 
-    rate_per_second = peak_dense_tflops / 86_400_000      (1 PF-day = 1e15 FLOP/s x 86,400 s)
+    charge = accelerator_seconds x peak_dense_tflops / 86_400_000
 
-rounded half-even to :data:`RATE_QUANTUM` (1e-18 PF-day per accelerator-second). Metered time is
-kept in :data:`SECONDS_QUANTUM` (1e-6 accelerator-second), so every charge
-``accelerator_seconds x rate_per_second`` is an exact product on the ledger quantum of 1e-24
-PF-day, and the per-hour figure is exactly ``rate_per_second x 3600``. The rounding of the rate
-changes a charge by less than 1e-13 of its value; it happens once, when a version is built.
+and rounded half-even once, at the end, to the ledger quantum :data:`AMOUNT_QUANTUM` (1e-24
+PF-day). Metered time is kept in :data:`SECONDS_QUANTUM` (1e-6 accelerator-second). So a charge
+is off by at most 0.5e-24 PF-day, whatever its size.
+
+The published rates are derived figures for readers: the hourly rate is rounded half-even to
+1e-24 (the A100's 312 TFLOP/s give exactly 0.013), and the per-second rate is rounded up to
+1e-24, so that a hold priced from it never falls short of the charges for the same time.
 
 Fractional and MIG use is metered as ``wall seconds x share``, so a quarter of a GPU for an hour
 is 900 accelerator-seconds and costs a quarter of the hourly rate.
@@ -22,23 +25,33 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_EVEN, Context, Decimal, Inexact, InvalidOperation, Overflow
+from decimal import (
+    Context,
+    Decimal,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+)
 from enum import StrEnum
+from fractions import Fraction
 from typing import Any, Final
 
-RATE_QUANTUM: Final = Decimal("1e-18")
-"""Resolution of a rate, in PF-days per accelerator-second."""
+from acsp.catalog import MODELS
+from acsp.decimals import format_decimal
+
 SECONDS_QUANTUM: Final = Decimal("1e-6")
 """Resolution of metered time, in accelerator-seconds."""
 AMOUNT_QUANTUM: Final = Decimal("1e-24")
-"""The ledger quantum in PF-days; RATE_QUANTUM x SECONDS_QUANTUM equals it."""
+"""The ledger quantum in PF-days, to which charges and published rates are rounded."""
 TFLOPS_PER_PF_DAY_SECOND: Final = Decimal(86_400_000)
 """TFLOP/s sustained for one second that make one PF-day: 1e3 TFLOP/s x 86,400 s."""
-SECONDS_PER_HOUR: Final = 3600
+TFLOPS_PER_PF_DAY_HOUR: Final = Decimal(24_000)
+"""TFLOP/s sustained for one hour that make one PF-day: 1e3 TFLOP/s x 86,400 s / 3600 s."""
 
 EXACT: Final = Context(prec=80, traps=[InvalidOperation, Inexact, Overflow])
 """Context for money arithmetic: any rounding raises instead of losing a quantum."""
-_ROUNDING: Final = Context(prec=80, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, Overflow])
+_UNITS_PER_PF_DAY: Final = 10**24
+"""Ledger quanta in one PF-day."""
 
 
 class Vendor(StrEnum):
@@ -84,12 +97,16 @@ class AcceleratorModel:
 
 
 def rate_per_second(peak_dense_tflops: Decimal) -> Decimal:
-    """Return PF-days per accelerator-second for a peak in TFLOP/s, rounded to RATE_QUANTUM."""
-    if not peak_dense_tflops.is_finite() or peak_dense_tflops <= 0:
-        raise ValueError(f"peak_dense_tflops {peak_dense_tflops} must be a positive number")
-    return _ROUNDING.divide(peak_dense_tflops, TFLOPS_PER_PF_DAY_SECOND).quantize(
-        RATE_QUANTUM, context=_ROUNDING
-    )
+    """Return PF-days per accelerator-second for a peak in TFLOP/s, rounded up to 1e-24."""
+    exact = _peak_fraction(peak_dense_tflops) / int(TFLOPS_PER_PF_DAY_SECOND)
+    units = -((-exact.numerator * _UNITS_PER_PF_DAY) // exact.denominator)
+    return _from_units(units)
+
+
+def rate_per_hour(peak_dense_tflops: Decimal) -> Decimal:
+    """Return PF-days per accelerator-hour for a peak in TFLOP/s, rounded half-even to 1e-24."""
+    exact = _peak_fraction(peak_dense_tflops) / int(TFLOPS_PER_PF_DAY_HOUR)
+    return _from_units(round(exact * _UNITS_PER_PF_DAY))
 
 
 def exact_seconds(value: Decimal) -> Decimal:
@@ -97,11 +114,26 @@ def exact_seconds(value: Decimal) -> Decimal:
     return value.quantize(SECONDS_QUANTUM, context=EXACT)
 
 
-def charge(accelerator_seconds: Decimal, rate: Decimal) -> Decimal:
-    """Return the exact charge in PF-days for metered time at a per-second rate."""
-    return EXACT.multiply(exact_seconds(accelerator_seconds), rate).quantize(
-        AMOUNT_QUANTUM, context=EXACT
-    )
+def charge(accelerator_seconds: Decimal, peak_dense_tflops: Decimal) -> Decimal:
+    """Return the charge in PF-days for metered time at a peak in TFLOP/s.
+
+    The product is exact, and the one rounding (half-even, to AMOUNT_QUANTUM) happens last.
+    Raises ``Inexact`` if the time has a digit below SECONDS_QUANTUM.
+    """
+    seconds = Fraction(exact_seconds(accelerator_seconds))
+    exact = seconds * _peak_fraction(peak_dense_tflops) / int(TFLOPS_PER_PF_DAY_SECOND)
+    # round() of a Fraction rounds half to even, like ROUND_HALF_EVEN.
+    return _from_units(round(exact * _UNITS_PER_PF_DAY))
+
+
+def _peak_fraction(peak_dense_tflops: Decimal) -> Fraction:
+    if not peak_dense_tflops.is_finite() or peak_dense_tflops <= 0:
+        raise ValueError(f"peak_dense_tflops {peak_dense_tflops} must be a positive number")
+    return Fraction(peak_dense_tflops)
+
+
+def _from_units(units: int) -> Decimal:
+    return EXACT.multiply(Decimal(units), AMOUNT_QUANTUM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +145,7 @@ class RateCard:
     """When this version became the current one (UTC)."""
     models: Mapping[str, AcceleratorModel]
     rates: Mapping[str, Decimal] = field(init=False)
-    """PF-days per accelerator-second by model name."""
+    """Published PF-days per accelerator-second by model name, rounded up to 1e-24."""
 
     def __post_init__(self) -> None:
         if self.version < 1:
@@ -130,11 +162,18 @@ class RateCard:
             raise UnknownModelError(model, self.version) from None
 
     def rate_per_hour(self, model: str) -> Decimal:
-        """Return PF-days per accelerator-hour: exactly the per-second rate x 3600."""
-        return EXACT.multiply(self.rate_per_second(model), Decimal(SECONDS_PER_HOUR))
+        """Return PF-days per accelerator-hour, rounded half-even to 1e-24."""
+        return rate_per_hour(self._model(model).peak_dense_tflops)
 
     def charge(self, model: str, accelerator_seconds: Decimal) -> Decimal:
-        return charge(accelerator_seconds, self.rate_per_second(model))
+        """Price metered time on ``model`` with one rounding, as :func:`charge` does."""
+        return charge(accelerator_seconds, self._model(model).peak_dense_tflops)
+
+    def _model(self, name: str) -> AcceleratorModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModelError(name, self.version) from None
 
     def to_json(self) -> str:
         """Serialize to the JSON stored in PostgreSQL and in the rate-card KV bucket."""
@@ -168,7 +207,7 @@ def _model_to_dict(model: AcceleratorModel, rate: Decimal) -> dict[str, Any]:
         "software_stacks": list(model.software_stacks),
         "source": model.source,
         # Derived, published for readers such as the scheduler; ignored when parsing.
-        "pf_days_per_accelerator_second": str(rate),
+        "pf_days_per_accelerator_second": format_decimal(rate),
     }
 
 
@@ -224,151 +263,19 @@ class RateCardHistory:
         return RateCardHistory((*self.versions, card))
 
 
-_NVIDIA_CUDA = ("cuda-12",)
-
-DEFAULT_MODELS: Final[tuple[AcceleratorModel, ...]] = (
+DEFAULT_MODELS: Final[tuple[AcceleratorModel, ...]] = tuple(
     AcceleratorModel(
-        "T4",
-        Vendor.NVIDIA,
-        16,
-        Decimal("65"),
-        "fp16-tensor",
-        _NVIDIA_CUDA,
-        "NVIDIA T4 Tensor Core GPU datasheet: 65 TFLOPS mixed precision (FP16/FP32)",
-    ),
-    AcceleratorModel(
-        "P100",
-        Vendor.NVIDIA,
-        16,
-        Decimal("18.7"),
-        "fp16",
-        _NVIDIA_CUDA,
-        "NVIDIA Tesla P100 datasheet, PCIe 16 GB: 18.7 TFLOPS half precision (no tensor cores)",
-    ),
-    AcceleratorModel(
-        "V100M16",
-        Vendor.NVIDIA,
-        16,
-        Decimal("125"),
-        "fp16-tensor",
-        _NVIDIA_CUDA,
-        "NVIDIA Tesla V100 datasheet, SXM2: 125 TFLOPS tensor performance",
-    ),
-    AcceleratorModel(
-        "V100M32",
-        Vendor.NVIDIA,
-        32,
-        Decimal("125"),
-        "fp16-tensor",
-        _NVIDIA_CUDA,
-        "NVIDIA Tesla V100 datasheet, SXM2 32 GB: 125 TFLOPS tensor performance",
-    ),
-    AcceleratorModel(
-        "A10",
-        Vendor.NVIDIA,
-        24,
-        Decimal("125"),
-        "bf16-tensor",
-        _NVIDIA_CUDA,
-        "NVIDIA A10 Tensor Core GPU datasheet: 125 TFLOPS BF16 dense (250 with sparsity)",
-    ),
-    AcceleratorModel(
-        "A100-SXM4-80GB",
-        Vendor.NVIDIA,
-        80,
-        Decimal("312"),
-        "bf16-tensor",
-        _NVIDIA_CUDA,
-        "NVIDIA A100 Tensor Core GPU datasheet: 312 TFLOPS BF16 dense (624 with sparsity)",
-    ),
-    AcceleratorModel(
-        "A800-SXM4-80GB",
-        Vendor.NVIDIA,
-        80,
-        Decimal("312"),
-        "bf16-tensor",
-        _NVIDIA_CUDA,
-        "NVIDIA A800 datasheet: same tensor throughput as the A100 SXM4 (312 TFLOPS BF16 dense)",
-    ),
-    AcceleratorModel(
-        "H800",
-        Vendor.NVIDIA,
-        80,
-        Decimal("989.5"),
-        "bf16-tensor",
-        _NVIDIA_CUDA,
-        "NVIDIA H800 SXM5 datasheet: 1,979 TFLOPS BF16 with sparsity, halved for dense",
-    ),
-    # The openb trace anonymises G2 and G3. Both sit on training-class nodes (G2 with 8 GPUs
-    # a node), so they are priced like a V100 SXM2 until the provider discloses the model.
-    AcceleratorModel(
-        "G2",
-        Vendor.NVIDIA,
-        32,
-        Decimal("125"),
-        "fp16-tensor",
-        _NVIDIA_CUDA,
-        "assumption: anonymised model in the Alibaba openb trace, priced as a V100 SXM2",
-    ),
-    AcceleratorModel(
-        "G3",
-        Vendor.NVIDIA,
-        32,
-        Decimal("125"),
-        "fp16-tensor",
-        _NVIDIA_CUDA,
-        "assumption: anonymised model in the Alibaba openb trace, priced as a V100 SXM2",
-    ),
-    # The 2026 spot trace anonymises two series next to A100/H800 fleets; priced as an A100
-    # SXM4 until the provider discloses the model.
-    AcceleratorModel(
-        "GPU-series-1",
-        Vendor.NVIDIA,
-        80,
-        Decimal("312"),
-        "bf16-tensor",
-        _NVIDIA_CUDA,
-        "assumption: anonymised model in the Alibaba 2026 spot trace, priced as an A100 SXM4",
-    ),
-    AcceleratorModel(
-        "GPU-series-2",
-        Vendor.NVIDIA,
-        80,
-        Decimal("312"),
-        "bf16-tensor",
-        _NVIDIA_CUDA,
-        "assumption: anonymised model in the Alibaba 2026 spot trace, priced as an A100 SXM4",
-    ),
-    AcceleratorModel(
-        "MI300X",
-        Vendor.AMD,
-        192,
-        Decimal("1307.4"),
-        "bf16-tensor",
-        ("rocm-6",),
-        "AMD Instinct MI300X accelerator data sheet: 1,307.4 TFLOPS FP16/BF16 dense",
-    ),
-    # NOTE: Huawei publishes no datasheet figure for the 910B itself; 320 TFLOPS FP16 and
-    # 64 GB HBM2e are the widely reported figures for the mass-production part.
-    AcceleratorModel(
-        "Ascend-910B",
-        Vendor.HUAWEI,
-        64,
-        Decimal("320"),
-        "fp16-cube",
-        ("cann-8",),
-        "Huawei Ascend 910B, reported figure: about 320 TFLOPS FP16",
-    ),
-    AcceleratorModel(
-        "MLU370-X8",
-        Vendor.CAMBRICON,
-        48,
-        Decimal("96"),
-        "fp16",
-        ("neuware-1",),
-        "Cambricon MLU370-X8 launch specification: 96 TFLOPS FP16 and BF16, 48 GB LPDDR5",
-    ),
+        m.name,
+        Vendor(m.vendor),
+        m.memory_gib,
+        m.peak_dense_tflops,
+        m.reference_precision,
+        m.software_stacks,
+        m.source,
+    )
+    for m in MODELS
 )
+"""Every model of :data:`acsp.catalog.MODELS`, which the scheduler's engine places on too."""
 
 DEFAULT_EFFECTIVE_FROM: Final = datetime(2026, 1, 1, tzinfo=UTC)
 

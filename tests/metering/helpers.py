@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import nats
@@ -19,7 +20,14 @@ from services.metering.attempts import AttemptFacts, record_attempt
 from services.metering.charger import Charger, ChargerConfig
 from services.metering.ingest import IngestConfig, UsageIngest, declare_usage_stream
 from services.metering.ledger import ChargeOutcome, GrantTerms, LedgerCharge, LedgerRejected
-from services.metering.ratecard import RateCardHistory, RatePolicy, default_rate_card
+from services.metering.ratecard import (
+    AMOUNT_QUANTUM,
+    TFLOPS_PER_PF_DAY_SECOND,
+    RateCard,
+    RateCardHistory,
+    RatePolicy,
+    default_rate_card,
+)
 from services.runtime.db import Database
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
@@ -213,3 +221,15 @@ async def admit(
                 cause="test",
             ),
         )
+
+
+def exact_price(model: str, seconds: Decimal | int, card: RateCard | None = None) -> Fraction:
+    """Return the unrounded price in PF-days of ``seconds`` on ``model``."""
+    peak = (card or default_rate_card()).models[model].peak_dense_tflops
+    return Fraction(Decimal(seconds)) * Fraction(peak) / int(TFLOPS_PER_PF_DAY_SECOND)
+
+
+def assert_priced(amount: Decimal, exact: Fraction, charges: int = 1) -> None:
+    """Assert ``amount`` is ``exact`` within half a ledger quantum for each of ``charges``."""
+    gap = abs(Fraction(amount) - exact)
+    assert gap <= Fraction(charges, 2) * Fraction(AMOUNT_QUANTUM), f"{amount} is {float(gap)} off"

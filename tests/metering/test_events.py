@@ -7,6 +7,7 @@ import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 import nats
 from nats.js import JetStreamContext
@@ -22,8 +23,10 @@ from tests.metering.helpers import (
     T0,
     Clock,
     LedgerDouble,
+    assert_priced,
     count,
     drain,
+    exact_price,
     make_charger,
     report,
     running_ingest,
@@ -130,12 +133,11 @@ async def test_hardware_failure_events_lead_to_refund(
         await client.close()
 
     await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=2))))
-    rate = default_rate_card().rate_per_second("A100-SXM4-80GB")
-    assert ledger.total_charged() == 3600 * rate
+    assert_priced(ledger.total_charged(), exact_price("A100-SXM4-80GB", 3600), charges=60)
     assert ledger.released == {"release/job-e/0": "hold-e"}
     _, amount, reason = ledger.refunds["refund/job-e/0"]
     # Samples from the checkpoint at 0:40 to the fault at 0:59:55: twenty one-minute samples.
-    assert amount == 20 * 60 * rate
+    assert amount == default_rate_card().charge("A100-SXM4-80GB", Decimal(20 * 60))
     assert "xid 79 on GPU-0" in reason
 
 
@@ -232,14 +234,13 @@ async def test_redelivered_fatal_health_event_refunds_once(
         await wait_until(redelivered_handled)
     await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=3))))
 
-    rate = default_rate_card().rate_per_second("A100-SXM4-80GB")
-    assert ledger.total_charged() == 3600 * rate
+    assert_priced(ledger.total_charged(), exact_price("A100-SXM4-80GB", 3600), charges=60)
     assert ledger.refund_calls == ["refund/job-e/0"]
     hold, amount, reason = ledger.refunds["refund/job-e/0"]
     assert hold == "hold-e"
     # From the checkpoint at 0:20 to the fault at 0:30:10: ten one-minute samples and the
     # sample that started at 0:30, which the fault cut short.
-    assert amount == 11 * 60 * rate
+    assert amount == default_rate_card().charge("A100-SXM4-80GB", Decimal(11 * 60))
     assert "fault_gpu_dbe_over_threshold on GPU-0" in reason
     assert await count(db, "SELECT count(*) FROM metering.refunds") == 1
     assert await count(db, "SELECT count(*) FROM metering.health_events") == 1
@@ -277,7 +278,7 @@ async def test_recall_in_preemption_reason_refunds(
         await wait_until(recorded)
     await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=1))))
 
-    rate = default_rate_card().rate_per_second("A100-SXM4-80GB")
     _, amount, reason = ledger.refunds["refund/job-e/0"]
-    assert amount == 10 * 60 * rate == ledger.total_charged()
+    assert amount == ledger.total_charged()
+    assert_priced(amount, exact_price("A100-SXM4-80GB", 10 * 60), charges=10)
     assert "provider recall rc-9f8d3dcaea90470b" in reason

@@ -27,8 +27,10 @@ from tests.metering.helpers import (
     Clock,
     LedgerDouble,
     admit,
+    assert_priced,
     count,
     drain,
+    exact_price,
     make_charger,
     report,
     running_ingest,
@@ -37,7 +39,7 @@ from tests.metering.helpers import (
 )
 
 SUBJECT = usage_subject("prov-a", "r1", "node-1")
-RATE = default_rate_card().rate_per_second("A100-SXM4-80GB")
+MODEL = "A100-SXM4-80GB"
 
 
 async def test_republished_sample_gives_one_row_and_one_charge(
@@ -60,7 +62,7 @@ async def test_republished_sample_gives_one_row_and_one_charge(
     await drain(charger)
     await drain(charger)
     assert len(ledger.charges) == 1
-    assert ledger.total_charged() == 60 * RATE
+    assert ledger.total_charged() == default_rate_card().charge(MODEL, Decimal(60))
 
 
 async def _messages_done(ingest: UsageIngest, expected: int) -> bool:
@@ -98,7 +100,7 @@ async def test_redelivery_to_another_replica_gives_one_row(
     await admit(db, "job-2", ended_at=T0 + timedelta(minutes=3), end_reason="completed")
     await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=1))))
     assert len(ledger.charges) == 1
-    assert ledger.total_charged() == 180 * RATE
+    assert_priced(ledger.total_charged(), exact_price(MODEL, 180), charges=3)
 
 
 async def test_malformed_sample_goes_to_dead_letter_rest_charged(
@@ -120,7 +122,7 @@ async def test_malformed_sample_goes_to_dead_letter_rest_charged(
 
     await admit(db, "job-3", ended_at=T0 + timedelta(seconds=10_000), end_reason="completed")
     await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=4))))
-    assert ledger.total_charged() == 999 * 10 * RATE
+    assert_priced(ledger.total_charged(), exact_price(MODEL, 999 * 10), charges=999)
 
 
 async def test_sample_for_other_providers_node_rejected(
@@ -155,7 +157,7 @@ async def test_job_ending_on_period_boundary_charged_once(
     clock.now += timedelta(hours=1)
     await drain(charger)
     assert list(ledger.charges) == [f"job-5/0/{int(T0.timestamp())}"]
-    assert ledger.total_charged() == Decimal(300) * RATE
+    assert_priced(ledger.total_charged(), exact_price(MODEL, 300), charges=5)
     assert ledger.released == {"release/job-5/0": "hold-job-5-0"}
 
 
@@ -183,7 +185,7 @@ async def test_late_sample_charged_before_settle(
     await drain(charger)
 
     assert released == {"release/job-l/0": "hold-job-l-0"}
-    assert ledger.total_charged() == Decimal(360) * RATE
+    assert_priced(ledger.total_charged(), exact_price(MODEL, 360), charges=6)
     assert settled_before_delay == {}
     assert ledger.settled == {"settle/job-l/0": "hold-job-l-0"}
     assert await count(db, "SELECT count(*) FROM metering.charges WHERE state <> 'committed'") == 0

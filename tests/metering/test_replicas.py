@@ -14,6 +14,7 @@ import signal
 import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import nats
@@ -27,7 +28,14 @@ from services.metering.ratecard import default_rate_card
 from services.runtime.db import Database
 from tests.grant.service_helpers import RunningGrant, running_grant
 from tests.grant.test_service_rpc import setup_project, standard_grant
-from tests.metering.helpers import count, report, sample, wait_until
+from tests.metering.helpers import (
+    assert_priced,
+    count,
+    exact_price,
+    report,
+    sample,
+    wait_until,
+)
 
 CARD = default_rate_card()
 PERIOD_S = 300
@@ -189,8 +197,8 @@ async def test_replica_killed_mid_load_charges_exactly(
     base = datetime.fromtimestamp(now.timestamp() // PERIOD_S * PERIOD_S, UTC) - timedelta(hours=3)
     reports = _reports(base)
     items = [item for _, _, batch in reports for item in batch]
-    expected = sum(
-        (CARD.charge(i.model, Decimal(i.accelerator_seconds.value)) for i in items), Decimal(0)
+    exact = sum(
+        (exact_price(i.model, Decimal(i.accelerator_seconds.value)) for i in items), Fraction(0)
     )
 
     client = await nats.connect(nats_url)
@@ -237,10 +245,10 @@ async def test_replica_killed_mid_load_charges_exactly(
         charged = await conn.fetchval("SELECT sum(amount) FROM metering.charges")
     assert samples == len(items)
     assert micros == sum(int(Decimal(i.accelerator_seconds.value) * 1_000_000) for i in items)
-    assert charged == expected
+    assert_priced(charged, exact, charges=len(items))
     assert await count(db, "SELECT count(*) FROM metering.charges WHERE state <> 'committed'") == 0
     assert await count(db, "SELECT count(*) FROM metering.dead_letters") == 0
-    assert Decimal(balance.charged_pf_days.value) == expected
+    assert Decimal(balance.charged_pf_days.value) == charged
     assert Decimal(summary.postings_sum_pf_days.value) == 0
     assert list(summary.negative_grant_ids) == []
 

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, Inexact
+from fractions import Fraction
 
 import pytest
 
 from acsp.v1 import agent_pb2
+from scheduler.engine.catalog import Catalog
 from services.metering.charging import AttemptTerms, UsageDelta, charge_request_id, plan_charges
 from services.metering.efficiency import UtilizationPoint, longest_low_run
 from services.metering.ratecard import (
-    RATE_QUANTUM,
+    AMOUNT_QUANTUM,
     RateCard,
     RateCardHistory,
     RatePolicy,
     Vendor,
     charge,
     default_rate_card,
+    rate_per_hour,
     rate_per_second,
 )
 from services.metering.refunds import EndedAttempt, HealthFact, decide_refund, find_cause
@@ -34,16 +37,45 @@ CARD = default_rate_card()
 NOW = datetime(2026, 12, 4, tzinfo=UTC)
 
 
-def test_rate_is_peak_over_pf_day_seconds() -> None:
-    # 312 TFLOP/s for one second is 312 / 86,400,000 PF-days.
-    expected = (Decimal(312) / Decimal(86_400_000)).quantize(RATE_QUANTUM)
-    assert CARD.rate_per_second("A100-SXM4-80GB") == expected
-    assert rate_per_second(Decimal("312")) == expected
+def test_hourly_rate_is_peak_over_24000() -> None:
+    # 312 TFLOP/s for one hour is 312 / 24,000 PF-days, exactly.
+    assert CARD.rate_per_hour("A100-SXM4-80GB") == Decimal("0.013")
+    assert rate_per_hour(Decimal("312")) == Decimal("0.013")
+    # 18.7 / 24,000 does not terminate, so it is rounded half-even to the ledger quantum.
+    assert CARD.rate_per_hour("P100") == Decimal("0.000779166666666666666667")
 
 
-def test_hourly_rate_is_exactly_3600_seconds() -> None:
-    for model in CARD.models:
-        assert CARD.rate_per_hour(model) == CARD.rate_per_second(model) * 3600
+def test_second_rate_is_rounded_up() -> None:
+    exact = Fraction(312, 86_400_000)
+    published = rate_per_second(Decimal("312"))
+    assert Fraction(published) >= exact
+    assert Fraction(published) - exact < Fraction(AMOUNT_QUANTUM)
+    assert CARD.rate_per_second("A100-SXM4-80GB") == published
+
+
+def test_charge_rounds_once_at_the_end() -> None:
+    # A full hour of every model costs its hourly rate, and a charge is within half a
+    # ledger quantum of the exact product, for small and large amounts.
+    for name, model in CARD.models.items():
+        assert CARD.charge(name, Decimal(3600)) == CARD.rate_per_hour(name)
+        for seconds in (Decimal("0.000001"), Decimal("1234.567891"), Decimal("31536000000")):
+            exact = Fraction(seconds) * Fraction(model.peak_dense_tflops) / 86_400_000
+            error = abs(Fraction(CARD.charge(name, seconds)) - exact)
+            assert error <= Fraction(AMOUNT_QUANTUM) / 2, (name, seconds)
+
+
+def test_engine_catalog_matches_rate_card() -> None:
+    catalog = Catalog()
+    assert set(catalog.names()) == set(CARD.models)
+    for name, model in CARD.models.items():
+        entry = catalog.get(name)
+        assert entry.peak_tflops == model.peak_dense_tflops, name
+        assert entry.memory_gib == model.memory_gib, name
+        assert entry.vendor == model.vendor.value, name
+        assert entry.software_stack == model.software_stacks[0], name
+        assert entry.source == model.source, name
+    assert catalog.get("G3").memory_gib == 80
+    assert CARD.models["G3"].peak_dense_tflops == Decimal(312)
 
 
 def test_catalog_covers_traces_and_other_vendors() -> None:
@@ -55,12 +87,9 @@ def test_catalog_covers_traces_and_other_vendors() -> None:
     assert all(model.source for model in CARD.models.values())
 
 
-def test_charge_is_exact_product() -> None:
-    seconds = Decimal("1234.567891")
-    rate = CARD.rate_per_second("H800")
-    assert charge(seconds, rate) == seconds * rate
+def test_charge_rejects_time_below_a_microsecond() -> None:
     with pytest.raises(Inexact):
-        charge(Decimal("1.0000001"), rate)
+        charge(Decimal("1.0000001"), Decimal("989.5"))
 
 
 def test_rate_card_json_round_trip() -> None:
@@ -201,7 +230,7 @@ def test_refund_bounded_and_capped_by_charges() -> None:
     cause = ("xid 79 on GPU-0", T0 + timedelta(hours=2))
     decision = decide_refund(attempt, cause, slices, CARD, timedelta(minutes=10), Decimal(1))
     assert decision is not None
-    assert decision.amount == 600 * CARD.rate_per_second("T4")
+    assert decision.amount == CARD.charge("T4", Decimal(600))
     tiny = decide_refund(attempt, cause, slices, CARD, timedelta(minutes=10), Decimal("1e-9"))
     assert tiny is not None
     assert tiny.amount == Decimal("1e-9")
@@ -216,7 +245,7 @@ def test_refund_counts_sample_before_recorded_start() -> None:
     cause = ("provider recall rc-1", started + timedelta(seconds=4))
     decision = decide_refund(attempt, cause, slices, CARD, timedelta(hours=6), Decimal(1))
     assert decision is not None
-    assert decision.amount == 4 * CARD.rate_per_second("T4")
+    assert decision.amount == CARD.charge("T4", Decimal(4))
 
 
 def test_low_run_breaks_on_gaps() -> None:

@@ -7,6 +7,7 @@ import functools
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import grpc
@@ -28,7 +29,9 @@ from tests.metering.helpers import (
     Clock,
     LedgerDouble,
     admit,
+    assert_priced,
     drain,
+    exact_price,
     make_charger,
     report,
     wait_until,
@@ -96,9 +99,12 @@ async def test_rate_card_lists_every_trace_model(running: tuple[Service, Client]
     trace_models = {"G2", "T4", "P100", "V100M16", "V100M32", "G3", "A10"}
     trace_models |= {"A100-SXM4-80GB", "A800-SXM4-80GB", "H800", "GPU-series-1", "GPU-series-2"}
     assert trace_models <= names
+    by_name = {rate.model.name: rate for rate in card.rates}
+    assert by_name["A100-SXM4-80GB"].pf_days_per_accelerator_hour.value == "0.013"
     for rate in card.rates:
-        per_second = Decimal(rate.pf_days_per_accelerator_second.value)
-        assert Decimal(rate.pf_days_per_accelerator_hour.value) == per_second * 3600
+        hourly = Decimal(rate.pf_days_per_accelerator_hour.value)
+        assert hourly == CARD.rate_per_hour(rate.model.name)
+        assert "E" not in rate.pf_days_per_accelerator_second.value
 
 
 async def test_publish_rate_card_needs_program_office(running: tuple[Service, Client]) -> None:
@@ -137,7 +143,8 @@ async def test_settlement_and_usage_over_grpc(
     await wait_until(stored)
     await admit(db, "job-s", ended_at=T0 + timedelta(hours=1), end_reason="completed")
     await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=2))))
-    expected = 3600 * CARD.rate_per_second("A100-SXM4-80GB")
+    expected = Decimal(ledger.total_charged())
+    assert_priced(expected, exact_price("A100-SXM4-80GB", 3600), charges=60)
 
     operator = client.metadata(Role.PROVIDER_OPERATOR, provider="prov-a")
     settlement = await client.stub.GetSettlement(
@@ -167,7 +174,8 @@ async def test_settlement_and_usage_over_grpc(
         metering_pb2.GetIngestStatusRequest(), metadata=client.metadata(Role.PROGRAM_OFFICE)
     )
     assert status.samples_ingested == 60
-    assert status.charged_pf_days.value == status.priced_usage_pf_days.value
+    priced = Fraction(Decimal(status.priced_usage_pf_days.value))
+    assert_priced(Decimal(status.charged_pf_days.value), priced, charges=60)
 
     missing = functools.partial(
         client.stub.QueryUsage,
