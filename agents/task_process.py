@@ -125,11 +125,12 @@ def spawn(
 
 
 def find_task_leaders(variable: str, values: set[str]) -> dict[str, int]:
-    """Find running process group leaders whose environment sets ``variable`` to one of ``values``.
+    """Find running session leaders whose environment sets ``variable`` to one of ``values``.
 
-    Returns value -> pid. Only this user's processes are readable, and a task's descendants
-    inherit its environment, so among several leaders with one value the earliest started
-    (the task's own process, which :func:`spawn` made a session leader) is returned.
+    Returns value -> pid. Processes whose environment cannot be read (another user's) are
+    skipped. A task's descendants inherit its environment, so among several leaders with one
+    value the earliest started (the task's own process, which :func:`spawn` made a session
+    leader) is returned.
     """
     prefix = variable.encode() + b"="
     found: dict[str, tuple[int, int]] = {}
@@ -140,9 +141,10 @@ def find_task_leaders(variable: str, values: set[str]) -> dict[str, int]:
         try:
             with open(f"/proc/{pid}/stat", "rb") as file:
                 stat = file.read()
-            # Fields after the command name: state, ppid, pgrp, ..., starttime (index 19).
+            # Fields after the command name: state, ppid, pgrp, session, ..., starttime (index
+            # 19). A session leader cannot leave its session, unlike its process group.
             fields = stat[stat.rfind(b")") + 2 :].split()
-            if fields[0] == b"Z" or int(fields[2]) != pid:
+            if fields[0] == b"Z" or int(fields[3]) != pid:
                 continue
             with open(f"/proc/{pid}/environ", "rb") as file:
                 environ = file.read()
