@@ -6,20 +6,26 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import asyncpg
+import grpc
 import nats
 import pytest
 
+from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
 from scheduler.service.commands import start_record
 from scheduler.service.jobbook import Effects
+from scheduler.service.model import Job, JobSpec, new_job_id
 from scheduler.service.publisher import Publisher
-from scheduler.service.store import DispatchRecord
+from scheduler.service.store import DispatchRecord, JobStore
 from scheduler.service.validation import (
     DEFAULT_MAX_PAYLOAD,
     MAX_COMMAND_BYTES,
     MAX_ENV_VALUE_BYTES,
     validate_spec,
 )
+from services.runtime.auth import Role
 from tests.agent.natsserver import NatsServer, declare_agent_streams
+from tests.scheduler.harness import Stack, fund_grant, metadata, wait_for
 from tests.scheduler.test_jobbook import NOW, held, make_book, make_job, place, report
 
 MAX_PAYLOAD = 64 * 1024
@@ -125,3 +131,68 @@ def test_largest_valid_spec_start_command_fits_max_payload() -> None:
     record = start_record(placed, placed.placement[0], epoch=7)
     assert len(record.payload) > MAX_COMMAND_BYTES
     assert len(record.payload) < DEFAULT_MAX_PAYLOAD
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_servers()
+        await stack.start_grant()
+        await stack.start_metering()
+        yield stack
+    finally:
+        await stack.close()
+
+
+@pytest.mark.timeout(180)
+async def test_stored_oversized_job_fails_and_releases_hold(stack: Stack) -> None:
+    process, _ = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    conn = await asyncpg.connect(stack.dsn, timeout=10)
+    try:
+        shard, epoch = await conn.fetchrow("SELECT shard, epoch FROM scheduler.leaders")
+    finally:
+        await conn.close()
+    process.kill()
+    # A scheduler without the size checks accepted jobs like this one: ten 120 kB values make
+    # every start command larger than the NATS server's 1 MiB max_payload.
+    spec = JobSpec(
+        name="huge-env",
+        project_id=project,
+        grant_id=grant,
+        command=("true",),
+        task_count=2,
+        wall_time_s=600,
+        env=tuple((f"K{i}", "x" * 120_000) for i in range(10)),
+    )
+    job = Job(job_id=new_job_id(), spec=spec, owner=pi)
+    pool = await asyncpg.create_pool(stack.dsn, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        await JobStore(pool, shard).insert_jobs([job], [None], epoch, "submit")
+        stack.start_agents(nodes=1)
+        await stack.start_scheduler("scheduler-2")
+
+        async def ended() -> Job | None:
+            stored = await JobStore(pool, shard).get_job(job.job_id)
+            return stored if stored is not None and stored.terminal else None
+
+        final = await wait_for(ended, 90, "the oversized job to end", 0.5)
+    finally:
+        await pool.close()
+    assert final.state == "failed"
+    assert "start command not published" in final.reason
+    assert "maximum payload exceeded" in final.reason
+    office = metadata(stack.token("office", Role.PROGRAM_OFFICE))
+    async with grpc.aio.insecure_channel(stack.grant_address) as grant_channel:
+        grants = grant_pb2_grpc.GrantServiceStub(grant_channel)
+
+        async def released() -> bool:
+            entries = await grants.ListLedgerEntries(
+                grant_pb2.ListLedgerEntriesRequest(grant_id=grant), metadata=office, timeout=10
+            )
+            kinds = {e.kind for e in entries.entries if e.job_id == job.job_id}
+            return common_pb2.LEDGER_ENTRY_KIND_RELEASE in kinds
+
+        await wait_for(released, 60, "the job's hold to be released", 0.5)
