@@ -165,16 +165,22 @@ async def _publish_load(
 async def _kill_holding_messages(process: asyncio.subprocess.Process, js: JetStreamContext) -> None:
     """SIGKILL ``process`` at a moment when messages delivered to it are still unacked.
 
-    The process is paused with SIGSTOP until the consumer shows unacked messages. The other
-    replica acks its own within milliseconds, so these are almost always the paused one's, and
-    the test checks afterwards that messages were redelivered. When none show within a second,
-    the process resumes and the next try pauses it again.
+    The process is paused with SIGSTOP until the consumer shows unacked messages, and they must
+    still be unacked half a second later. The other replica acks its own within milliseconds
+    even on a loaded machine, so messages unacked that long are the paused one's, and the test
+    checks afterwards that messages were redelivered. When none show within a second, the
+    process resumes and the next try pauses it again.
     """
     for _ in range(20):
         process.send_signal(signal.SIGSTOP)
         try:
             await wait_until(_unacked(js), timeout_s=1.0)
+            # A pause, not a poll: the point is that the same messages stay unacked meanwhile.
+            await asyncio.sleep(0.5)
+            held = await _unacked(js)()
         except TimeoutError:
+            held = False
+        if not held:
             process.send_signal(signal.SIGCONT)
             await asyncio.sleep(0.2)
             continue
