@@ -177,10 +177,10 @@ async def _kill_holding_messages(process: asyncio.subprocess.Process, js: JetStr
             await wait_until(_unacked(js), timeout_s=1.0)
             # A pause, not a poll: the point is that the same messages stay unacked meanwhile.
             await asyncio.sleep(0.5)
-            held = await _unacked(js)()
+            still_unacked = await _unacked(js)()
         except TimeoutError:
-            held = False
-        if not held:
+            still_unacked = False
+        if not still_unacked:
             process.send_signal(signal.SIGCONT)
             await asyncio.sleep(0.2)
             continue
