@@ -9,6 +9,7 @@ from __future__ import annotations
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, localcontext
 from typing import Final
 
+from acsp.decimals import format_decimal
 from services.runtime.errors import InvalidArgument
 
 QUANTUM: Final = Decimal("1e-24")
@@ -72,13 +73,11 @@ def validate_amount(field: str, value: Decimal, *, allow_zero: bool = False) -> 
 
 
 def format_amount(value: Decimal) -> str:
-    """Format a decimal as a plain positional string: no exponent, no trailing zeros.
+    """Format a decimal as :func:`acsp.decimals.format_decimal` does, e.g. ``1.6E+2`` as ``160``.
 
-    ``Decimal("1.6E+2")`` gives ``160``, ``Decimal("1E-25")`` gives ``0.0000000000000000000000001``
-    and every zero (``0E-12``, ``-0``) gives ``0``. NaN and infinities keep their names.
+    Unlike that function, NaN and infinities give their names instead of raising, so an error
+    message can quote any rejected value, such as a settings value of ``Infinity``.
     """
     if not value.is_finite():
         return str(value)
-    if value == ZERO:
-        return "0"
-    return format(value.normalize(), "f")
+    return format_decimal(value)

@@ -259,6 +259,11 @@ def test_supplement_rules() -> None:
         (Decimal("12.500"), "12.5"),
         (Decimal("1E+23"), "100000000000000000000000"),
         (Decimal("-2.50"), "-2.5"),
+        # 48 significant digits fill NUMERIC(48,24) and exceed the default context's 28.
+        (
+            Decimal("123456789012345678901234.123456789012345678901234"),
+            "123456789012345678901234.123456789012345678901234",
+        ),
     ],
 )
 def test_amounts_format_without_exponent(value: Decimal, text: str) -> None:
@@ -266,6 +271,11 @@ def test_amounts_format_without_exponent(value: Decimal, text: str) -> None:
     assert signed_out(value).value == text
     if value >= 0:
         assert amount_out(value).value == text
+
+
+@pytest.mark.parametrize("text", ["Infinity", "-Infinity", "NaN"])
+def test_amounts_format_keeps_non_finite_names(text: str) -> None:
+    assert format_amount(Decimal(text)) == text
 
 
 def test_amount_messages_without_exponent() -> None:
