@@ -26,6 +26,9 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
+
+from acsp.catalog import MODELS
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +40,8 @@ DEFAULT_FLEETS = (
 DEFAULT_FAULT_TRACE = DATA_DIR / "faults" / "infinitehbd_fault_trace.json"
 DEFAULT_UTILIZATION_TRACE = DATA_DIR / "utilization" / "pod_gpu_duty_cycle_anon.tar.gz"
 
-MODEL_MEMORY_GIB = {
-    "T4": 16,
-    "P100": 16,
-    "V100M16": 16,
-    "V100M32": 32,
-    "A10": 24,
-    "G2": 32,
-    "G3": 80,
-    "A100-SXM4-80GB": 80,
-    "A800-SXM4-80GB": 80,
-    "H100-SXM5-80GB": 80,
-    "H800": 80,
-    "GPU-series-1": 80,
-    "GPU-series-2": 80,
-}
-"""Device memory per model; the anonymised models (G2, G3, GPU-series-*) are estimates."""
+MEMORY_GIB: Final[dict[str, int]] = {model.name: model.memory_gib for model in MODELS}
+"""Device memory per accelerator model, from :data:`acsp.catalog.MODELS`."""
 
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -65,9 +54,18 @@ class FleetNode:
     model: str
     accelerators: int
 
+    def __post_init__(self) -> None:
+        # The simulated devices report the catalog's memory. The scheduler places and prices
+        # only catalog models, so a node of another model fails here, when the fleet loads.
+        if self.model not in MEMORY_GIB:
+            raise ValueError(
+                f"node {self.node}: accelerator model {self.model!r} is not in the catalog; "
+                f"use one of {', '.join(sorted(MEMORY_GIB))} or add it to acsp.catalog.MODELS"
+            )
+
     @property
     def memory_bytes(self) -> int:
-        return MODEL_MEMORY_GIB.get(self.model, 16) << 30
+        return MEMORY_GIB[self.model] << 30
 
 
 def _token(value: str) -> str:
@@ -75,39 +73,53 @@ def _token(value: str) -> str:
 
 
 def load_fleet(path: Path, provider: str, region: str) -> list[FleetNode]:
-    """Read a fleet file; raise ``ValueError`` naming the file when its header is unknown."""
+    """Read a fleet file, skipping nodes without accelerators.
+
+    Raises ``ValueError`` naming the file when its header is unknown, and the file and line
+    when a row has a count that is not an integer or a model that is not in the catalog.
+    """
     with open(path, newline="", encoding="utf-8") as file:
         reader = csv.DictReader(file)
         columns = set(reader.fieldnames or ())
+        if not any(required <= columns for required in _FLEET_COLUMNS):
+            raise ValueError(
+                f"fleet file {path} has columns {sorted(columns)}; expected the openb node "
+                "list, the spot node list, or node,model,accelerators"
+            )
         nodes = []
         for row in reader:
-            node = _parse_row(row, columns, provider, region, path)
-            if node is not None and node.accelerators > 0:
+            try:
+                node = _parse_row(row, columns, provider, region)
+            except ValueError as error:
+                raise ValueError(f"fleet file {path}, line {reader.line_num}: {error}") from None
+            if node is not None:
                 nodes.append(node)
     logger.info("loaded %d nodes from fleet file %s", len(nodes), path)
     return nodes
 
 
+_OPENB_COLUMNS: Final = frozenset({"sn", "gpu", "model"})
+_SPOT_COLUMNS: Final = frozenset({"gpu_model", "gpu_capacity_num", "node_name"})
+_OWN_COLUMNS: Final = frozenset({"node", "model", "accelerators"})
+_FLEET_COLUMNS: Final = (_OPENB_COLUMNS, _SPOT_COLUMNS, _OWN_COLUMNS)
+
+
 def _parse_row(
-    row: dict[str, str], columns: set[str], provider: str, region: str, path: Path
+    row: dict[str, str], columns: set[str], provider: str, region: str
 ) -> FleetNode | None:
-    if {"sn", "gpu", "model"} <= columns:
-        return FleetNode(provider, region, _token(row["sn"]), row["model"], int(row["gpu"]))
-    if {"gpu_model", "gpu_capacity_num", "node_name"} <= columns:
-        name = _token(f"spot-{row['node_name']}")
-        return FleetNode(provider, region, name, row["gpu_model"], int(row["gpu_capacity_num"]))
-    if {"node", "model", "accelerators"} <= columns:
-        return FleetNode(
-            _token(row.get("provider") or provider),
-            _token(row.get("region") or region),
-            _token(row["node"]),
-            row["model"],
-            int(row["accelerators"]),
-        )
-    raise ValueError(
-        f"fleet file {path} has columns {sorted(columns)}; expected the openb node list, "
-        "the spot node list, or node,model,accelerators"
-    )
+    """Return the row's node, or None when it has no accelerators."""
+    if _OPENB_COLUMNS <= columns:
+        node, model, count = _token(row["sn"]), row["model"], int(row["gpu"])
+    elif _SPOT_COLUMNS <= columns:
+        node = _token(f"spot-{row['node_name']}")
+        model, count = row["gpu_model"], int(row["gpu_capacity_num"])
+    else:
+        provider = _token(row.get("provider") or provider)
+        region = _token(row.get("region") or region)
+        node, model, count = _token(row["node"]), row["model"], int(row["accelerators"])
+    if count <= 0:
+        return None
+    return FleetNode(provider, region, node, model, count)
 
 
 # Fault trace -----------------------------------------------------------------------------------

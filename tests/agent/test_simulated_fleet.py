@@ -45,6 +45,23 @@ def test_unknown_fleet_header_is_rejected(tmp_path: Path) -> None:
         load_fleet(path, "p", "r")
 
 
+def test_fleet_memory_comes_from_catalog(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.csv"
+    path.write_text("node,model,accelerators\nmi-1,MI300X,8\ncpu-1,,0\n")
+    (node,) = load_fleet(path, "p", "r")
+    assert node.memory_bytes == 192 << 30
+
+
+def test_fleet_model_outside_catalog_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.csv"
+    path.write_text("node,model,accelerators\nn1,T4,2\nn2,B200,8\n")
+    with pytest.raises(ValueError, match=r"fleet\.csv, line 3: node n2: .*'B200'") as caught:
+        load_fleet(path, "p", "r")
+    assert "MI300X" in str(caught.value)
+    with pytest.raises(ValueError, match="not in the catalog"):
+        FleetNode("p", "r", "n", "B200", 8)
+
+
 def test_fault_trace_pairs_starts_and_ends() -> None:
     intervals = load_fault_trace(DEFAULT_FAULT_TRACE)
     assert len(intervals) == 584

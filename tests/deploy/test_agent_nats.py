@@ -310,7 +310,7 @@ async def test_node_agent_uses_push_consumer(tmp_path: Path, mesh: Mesh) -> None
     ref = wire.NodeRef("alpha", "r1", "n20")
     state = StateStore(tmp_path / "state.json")
     outbox = Outbox(Spool(tmp_path / "spool"), retry_s=0.2, before_append=state.save_before_spool)
-    backend = SimulatedBackend(FleetNode("alpha", "r1", "n20", "A100", 2))
+    backend = SimulatedBackend(FleetNode("alpha", "r1", "n20", "A100-SXM4-80GB", 2))
     node = NodeAgent(ref, backend, "simulated", state, tmp_path, outbox, "boot-1", time.time)
     backend.set_busy(node.busy)
     options = ConnectionOptions(
