@@ -104,6 +104,14 @@ def test_agent_unit_runs_without_privileges() -> None:
     assert settings["DevicePolicy"] == ["closed"]
 
 
+def test_agent_unit_stop_leaves_tasks_running() -> None:
+    # The agent leaves its tasks running for adoption on restart unless
+    # ACSP_AGENT_STOP_TASKS_ON_EXIT is set, so systemd must signal the agent alone.
+    settings = _settings(UNIT)
+    assert settings["KillMode"] == ["process"]
+    assert settings["KillSignal"] == ["SIGTERM"]
+
+
 def test_leaf_unit_has_no_writable_path() -> None:
     settings = _settings(LEAF_UNIT)
     assert settings["User"] == ["acsp-nats"]
