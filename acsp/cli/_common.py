@@ -9,11 +9,13 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final, TextIO
 
 import grpc
+from google.protobuf import timestamp_pb2
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -42,6 +44,7 @@ UINT32_MAX: Final = 2**32 - 1
 """The largest count a protobuf ``uint32`` field (task count, page size) can carry."""
 CONTROL_CHARACTERS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 """C0 and C1 control characters, which a terminal interprets instead of displaying."""
+TIME_EXAMPLE: Final = "e.g. 2026-01-31 or 2026-01-31T12:00Z"
 
 
 class CommandError(Exception):
@@ -83,6 +86,28 @@ def positive_seconds(text: str) -> float:
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
     return value
+
+
+def parse_time(text: str, option: str) -> timestamp_pb2.Timestamp:
+    """Parse an ISO 8601 time for ``option``; a time without an offset is UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise CommandError(
+            f"{option} {text!r} is not an ISO 8601 time, {TIME_EXAMPLE}", EXIT_USAGE
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def format_time(stamp: timestamp_pb2.Timestamp) -> str:
+    """Write a timestamp as ISO 8601 UTC to the second, or ``""`` when it is unset (zero)."""
+    if not stamp.seconds:
+        return ""
+    return stamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
 
 
 def connection_options() -> argparse.ArgumentParser:

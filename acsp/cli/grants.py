@@ -6,18 +6,17 @@ import argparse
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
-
-from google.protobuf import timestamp_pb2
 
 from acsp.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
     connection_options,
+    format_time,
     output_options,
+    parse_time,
     print_records,
     rows_of,
     whole_number,
@@ -57,25 +56,6 @@ def _decimal(text: str) -> common_pb2.Decimal:
     return common_pb2.Decimal(value=text)
 
 
-def _timestamp(text: str, option: str) -> timestamp_pb2.Timestamp:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise CommandError(
-            f"{option} {text!r} is not an ISO 8601 time, e.g. 2026-01-31 or 2026-01-31T12:00Z",
-            EXIT_USAGE,
-        ) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
-def _time(stamp: timestamp_pb2.Timestamp) -> str:
-    return stamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds") if stamp.seconds else ""
-
-
 def _enum_name(enum: Any, number: int, prefix: str) -> str:
     return str(enum.Name(number)).removeprefix(prefix).lower()
 
@@ -104,7 +84,7 @@ def _grant_record(grant: grant_pb2.Grant) -> dict[str, Any]:
         "available": grant.balance.available_pf_days.value,
         "held": grant.balance.held_pf_days.value,
         "charged": grant.balance.charged_pf_days.value,
-        "ends": _time(grant.validity.end_time),
+        "ends": format_time(grant.validity.end_time),
     }
 
 
@@ -115,7 +95,10 @@ def _application_rows(app: grant_pb2.Application) -> list[tuple[str, Any]]:
         ("tier", _enum_name(grant_pb2.GrantTier, app.tier, "GRANT_TIER_")),
         ("requested PF-days", app.requested_pf_days.value),
         ("state", _enum_name(grant_pb2.ApplicationState, app.state, "APPLICATION_STATE_")),
-        ("window", f"{_time(app.validity.start_time)} to {_time(app.validity.end_time)}"),
+        (
+            "window",
+            f"{format_time(app.validity.start_time)} to {format_time(app.validity.end_time)}",
+        ),
         ("reviewers", ", ".join(app.reviewer_subjects)),
         ("grant", app.grant_id),
     ]
@@ -126,7 +109,7 @@ def _application_rows(app: grant_pb2.Application) -> list[tuple[str, Any]]:
         rows.append(("decision", f"{outcome} by {app.decision.decided_by}: {app.decision.reason}"))
     for step in app.history:
         rows.append(
-            (_time(step.time), f"{step.trigger.removeprefix('application:')} by {step.actor}")
+            (format_time(step.time), f"{step.trigger.removeprefix('application:')} by {step.actor}")
         )
     return rows
 
@@ -213,8 +196,8 @@ def run_apply(args: argparse.Namespace) -> int:
         regions=args.region,
         justification=args.justification,
     )
-    application.validity.start_time.CopyFrom(_timestamp(args.start, "--start"))
-    application.validity.end_time.CopyFrom(_timestamp(args.end, "--end"))
+    application.validity.start_time.CopyFrom(parse_time(args.start, "--start"))
+    application.validity.end_time.CopyFrom(parse_time(args.end, "--end"))
     with open_grants(args) as grants:
         app = grants.SubmitApplication(
             grant_pb2.SubmitApplicationRequest(
@@ -348,7 +331,7 @@ def run_history(args: argparse.Namespace) -> int:
     records = [
         {
             "entry": e.entry_id,
-            "time": _time(e.create_time),
+            "time": format_time(e.create_time),
             "kind": _enum_name(common_pb2.LedgerEntryKind, e.kind, "LEDGER_ENTRY_KIND_"),
             "PF-days": e.amount_pf_days.value,
             "hold": e.hold_id,
@@ -437,7 +420,7 @@ def run_extend(args: argparse.Namespace) -> int:
             grant_pb2.ExtendGrantRequest(
                 request_id=_request_id(args),
                 grant_id=args.grant,
-                new_end_time=_timestamp(args.end, "--end"),
+                new_end_time=parse_time(args.end, "--end"),
                 reason=args.reason,
             )
         )

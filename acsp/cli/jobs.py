@@ -8,11 +8,8 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC
 from decimal import Decimal, InvalidOperation
 from typing import Any
-
-from google.protobuf import timestamp_pb2
 
 from acsp.cli._common import (
     EXIT_OK,
@@ -21,6 +18,7 @@ from acsp.cli._common import (
     CommandError,
     async_client_from_args,
     connection_options,
+    format_time,
     output_options,
     print_records,
     rows_of,
@@ -296,7 +294,7 @@ def job_row_of(job: scheduler_pb2.Job) -> dict[str, Any]:
         "tasks": job.spec.task_count,
         "accelerators": _accelerators(job.spec.accelerator_millis_per_task),
         "attempt": job.attempt,
-        "submitted": _time(job.submit_time),
+        "submitted": format_time(job.submit_time),
     }
 
 
@@ -316,14 +314,14 @@ def job_details(job: scheduler_pb2.Job) -> list[tuple[str, Any]]:
         ("wall time (s)", job.spec.wall_time_seconds),
         ("command", shlex.join(job.spec.command)),
         ("hold", job.hold_id),
-        ("submitted", _time(job.submit_time)),
-        ("started", _time(job.start_time)),
-        ("ended", _time(job.end_time)),
+        ("submitted", format_time(job.submit_time)),
+        ("started", format_time(job.start_time)),
+        ("ended", format_time(job.end_time)),
         ("array", f"{job.array_job_id}[{job.array_index}]" if job.array_job_id else ""),
         ("checkpointable", "yes" if job.spec.checkpointable else "no"),
         ("first checkpoint", job.spec.checkpoint_reference),
         ("last checkpoint", job.checkpoint_reference),
-        ("last checkpoint at", _time(job.checkpoint_time)),
+        ("last checkpoint at", format_time(job.checkpoint_time)),
     ]
 
 
@@ -345,9 +343,3 @@ def _accelerators(millis: int) -> str:
 
 def _name(enum: Any, number: int, prefix: str) -> str:
     return str(enum.Name(number)).removeprefix(prefix).lower()
-
-
-def _time(stamp: timestamp_pb2.Timestamp) -> str:
-    if not stamp.seconds:
-        return ""
-    return stamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")

@@ -7,7 +7,6 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import grpc
@@ -17,9 +16,12 @@ from google.rpc import error_details_pb2, status_pb2
 from acsp.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
+    TIME_EXAMPLE,
     CommandError,
     describe_rpc_error,
     exit_code_for_rpc_error,
+    format_time,
+    parse_time,
     positive_seconds,
     print_records,
     whole_number,
@@ -38,7 +40,6 @@ PLEDGE_COLUMNS: Final = (
     "end",
 )
 RECALL_COLUMNS: Final = ("recall", "pledge", "count", "effective", "end", "reason")
-TIME_EXAMPLE: Final = "e.g. 2026-01-31 or 2026-01-31T12:00Z"
 TIME_HELP: Final = f"ISO 8601, UTC unless it has an offset ({TIME_EXAMPLE})"
 PLEDGE_OPTIONS: Final = {
     "pledge.pledge_id": "--pledge-id",
@@ -313,22 +314,3 @@ def recall_row(recall: scheduler_pb2.Recall) -> dict[str, Any]:
         "end": format_time(recall.end_time) if recall.HasField("end_time") else "",
         "reason": recall.reason,
     }
-
-
-def parse_time(text: str, option: str) -> timestamp_pb2.Timestamp:
-    """Parse an ISO 8601 time for ``option``; a time without an offset is UTC."""
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise CommandError(
-            f"{option} {text!r} is not an ISO 8601 time, {TIME_EXAMPLE}", EXIT_USAGE
-        ) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
-def format_time(stamp: timestamp_pb2.Timestamp) -> str:
-    return stamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")

@@ -7,11 +7,8 @@ import argparse
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-from google.protobuf import timestamp_pb2
 
 from acsp.cli._common import (
     EXIT_OK,
@@ -19,7 +16,9 @@ from acsp.cli._common import (
     CommandError,
     connection_options,
     decimal_text,
+    format_time,
     output_options,
+    parse_time,
     print_records,
     rows_of,
     whole_number,
@@ -47,29 +46,10 @@ def open_metering(args: argparse.Namespace) -> Iterator[metering_pb2_grpc.Meteri
         yield client.metering
 
 
-def _timestamp(text: str, option: str) -> timestamp_pb2.Timestamp:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise CommandError(
-            f"{option} {text!r} is not an ISO 8601 time, e.g. 2026-01-31 or 2026-01-31T12:00Z",
-            EXIT_USAGE,
-        ) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def _window(args: argparse.Namespace) -> common_pb2.TimeWindow:
     return common_pb2.TimeWindow(
-        start_time=_timestamp(args.start, "--from"), end_time=_timestamp(args.end, "--to")
+        start_time=parse_time(args.start, "--from"), end_time=parse_time(args.end, "--to")
     )
-
-
-def _time(stamp: timestamp_pb2.Timestamp) -> str:
-    return stamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds") if stamp.seconds else ""
 
 
 def _pages(
@@ -138,7 +118,7 @@ def run_charges(args: argparse.Namespace) -> int:
                         "charge": charge.charge_id,
                         "job": charge.job_id,
                         "grant": charge.grant_id,
-                        "period_start": _time(charge.period_start_time),
+                        "period_start": format_time(charge.period_start_time),
                         "accelerator_seconds": decimal_text(charge.accelerator_seconds),
                         "pf_days": decimal_text(charge.amount_pf_days),
                         "rate_card": charge.rate_card_version,
@@ -172,7 +152,7 @@ def run_refunds(args: argparse.Namespace) -> int:
                         "pf_days": decimal_text(refund.amount_pf_days),
                         "lost_seconds": f"{refund.lost_seconds:.0f}",
                         "reason": refund.reason,
-                        "time": _time(refund.create_time),
+                        "time": format_time(refund.create_time),
                     }
                 )
     columns = ["refund", "job", "provider", "pf_days", "lost_seconds", "reason", "time"]
