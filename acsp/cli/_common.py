@@ -22,6 +22,7 @@ from rich.text import Text
 
 from acsp._channel import DEFAULT_TIMEOUT_S
 from acsp.client import AsyncClient, Client
+from acsp.decimals import format_decimal
 from acsp.v1 import common_pb2
 
 EXIT_OK: Final = 0
@@ -209,16 +210,17 @@ def _cell(value: Any) -> str:
 
 
 def decimal_text(message: common_pb2.Decimal) -> str:
-    """Format a protobuf Decimal in positional notation, e.g. 1E-8 as 0.00000001.
+    """Format a protobuf Decimal as :func:`acsp.decimals.format_decimal` does, e.g. 1E-8.
 
-    The metering service sends ``str(Decimal)``, which writes small amounts and zeros such as
-    0E-12 with an exponent. Only the notation changes, never the value.
+    A service of an older release may send ``str(Decimal)``, which writes small amounts and
+    zeros such as 0E-12 with an exponent. Only the notation changes, never the value. Text
+    that is not a finite decimal is returned as it came.
     """
     try:
         value = Decimal(message.value)
     except InvalidOperation:
         return message.value
-    return format(value, "f") if value.is_finite() else message.value
+    return format_decimal(value) if value.is_finite() else message.value
 
 
 def print_error(message: str, stream: TextIO | None = None) -> None:

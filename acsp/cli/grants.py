@@ -21,6 +21,7 @@ from acsp.cli._common import (
     rows_of,
     whole_number,
 )
+from acsp.decimals import format_decimal
 from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
 
 TIERS = {
@@ -430,8 +431,8 @@ def run_extend(args: argparse.Namespace) -> int:
 
 def _negated(text: str) -> str:
     """Return the negation of a decimal string, written without exponent."""
-    value = -Decimal(text or "0")
-    return "0" if value == 0 else format(value.normalize(), "f")
+    # copy_negate is exact; unary minus would round to the context's 28 digits.
+    return format_decimal(Decimal(text or "0").copy_negate())
 
 
 def run_summary(args: argparse.Namespace) -> int:

@@ -113,8 +113,8 @@ def test_export_to_missing_folder_is_one_line(tmp_path: Path, monkeypatch: pytes
 @pytest.mark.parametrize(
     ("wire", "shown"),
     [
-        ("1.0560738425916890E-8", "0.000000010560738425916890"),
-        ("0E-12", "0.000000000000"),
+        ("1.0560738425916890E-8", "0.00000001056073842591689"),
+        ("0E-12", "0"),
         ("12.5", "12.5"),
         ("", ""),
         ("NaN", "NaN"),
@@ -152,7 +152,7 @@ def test_settlement_show_prints_no_exponent(
     usage.run_settlement_show(args)
     out = capsys.readouterr().out
     assert "E-" not in out
-    assert "0.000000010560738425916890" in out
+    assert "0.00000001056073842591689" in out
 
 
 class _UnauthenticatedError(grpc.RpcError):
