@@ -464,14 +464,18 @@ class TaskRunner:
                 "task %s (pid %d) ended while the agent was down", record.task_id, record.pid
             )
             self._state.remove_task(self._node_key, record.task_id)
-            self._remember(record.task_id, TaskState.LOST)
-            self._emit_state(
-                record,
-                TaskState.LOST,
-                "the process ended while the agent was down; its exit status is unknown",
-                None,
-                _tail(record.log_path),
-            )
+            self._report_ended_while_down(record)
+
+    def _report_ended_while_down(self, record: TaskRecord) -> None:
+        """Report a task lost whose process ended while the agent was not running."""
+        self._remember(record.task_id, TaskState.LOST)
+        self._emit_state(
+            record,
+            TaskState.LOST,
+            "the process ended while the agent was down; its exit status is unknown",
+            None,
+            _tail(record.log_path),
+        )
 
     def _resolve_intents(self) -> None:
         """Turn each start intent left by a crash into a task record, or drop it.
@@ -511,14 +515,7 @@ class TaskRunner:
                     "task %s was spawned but not recorded, and ended while the agent was down",
                     record.task_id,
                 )
-                self._remember(record.task_id, TaskState.LOST)
-                self._emit_state(
-                    record,
-                    TaskState.LOST,
-                    "the process ended while the agent was down; its exit status is unknown",
-                    None,
-                    _tail(record.log_path),
-                )
+                self._report_ended_while_down(record)
             else:
                 logger.info(
                     "task %s was not spawned before the agent stopped; its start command "
