@@ -78,15 +78,26 @@ def whole_number(minimum: int, maximum: int = UINT32_MAX) -> Callable[[str], int
     return parse
 
 
-def positive_seconds(text: str) -> float:
-    """Parse a duration in seconds for argparse: a finite number above zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
-    return value
+def positive_number(noun: str) -> Callable[[str], float]:
+    """Return an argparse type that accepts finite numbers above zero.
+
+    ``noun`` names the value in errors, e.g. ``number of seconds``.
+    """
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text} is not a finite positive {noun}")
+        return value
+
+    return parse
+
+
+positive_seconds: Final = positive_number("number of seconds")
+"""Parse a duration in seconds for argparse: a finite number above zero."""
 
 
 def parse_time(text: str, option: str) -> timestamp_pb2.Timestamp:

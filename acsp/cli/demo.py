@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from acsp.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
+    positive_number,
     positive_seconds,
     whole_number,
 )
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the project assignment")
     parser.add_argument(
         "--speed",
-        type=_positive_factor,
+        type=positive_number("number"),
         default=8000.0,
         help="trace seconds per wall second for arrivals and run times (default: 8000)",
     )
@@ -80,14 +80,3 @@ def run(args: argparse.Namespace) -> int:
     except (MeshStartError, MeshChildExited) as error:
         raise CommandError(f"acsp demo failed: {error}") from None
     return EXIT_OK if all(c["passed"] for c in document["checks"]) else EXIT_FAILURE
-
-
-def _positive_factor(text: str) -> float:
-    """Parse a speed-up factor for argparse: a finite number above zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text} is invalid; give a finite number above 0")
-    return value
