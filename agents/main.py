@@ -107,7 +107,10 @@ def fleet_nodes(args: argparse.Namespace, settings: AgentSettings) -> list[Fleet
     )
     nodes: list[FleetNode] = []
     for path, provider, region in sources:
-        nodes.extend(load_fleet(path, provider, region))
+        try:
+            nodes.extend(load_fleet(path, provider, region))
+        except ValueError as error:
+            raise SystemExit(f"agent: {error}") from None
     if args.nodes is not None:
         if args.nodes > len(nodes):
             raise SystemExit(f"--nodes {args.nodes} is more than the {len(nodes)} nodes given")

@@ -62,6 +62,18 @@ def test_fleet_model_outside_catalog_is_rejected(tmp_path: Path) -> None:
         FleetNode("p", "r", "n", "B200", 8)
 
 
+def test_agent_exits_on_fleet_outside_catalog(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.csv"
+    path.write_text("node,model,accelerators\nn1,B200,8\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--backend", "simulated", "--fleet", f"{path}:p:r", "--state-dir", str(tmp_path)]
+    )
+    with pytest.raises(SystemExit, match=r"^agent: fleet file .*'B200' is not in the catalog"):
+        build_process(settings_from(args), args)
+
+
 def test_fault_trace_pairs_starts_and_ends() -> None:
     intervals = load_fault_trace(DEFAULT_FAULT_TRACE)
     assert len(intervals) == 584

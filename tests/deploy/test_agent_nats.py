@@ -65,7 +65,7 @@ def _start_agent(
     tmp: Path, provider: str, nodes: list[str], url: str, user: str, password: str, ca: Path
 ) -> AgentRun:
     fleet = tmp / f"fleet-{provider}.csv"
-    fleet.write_text(FLEET_HEADER + "".join(f"{node},A100,2\n" for node in nodes))
+    fleet.write_text(FLEET_HEADER + "".join(f"{node},A100-SXM4-80GB,2\n" for node in nodes))
     state_dir = tmp / f"agent-{provider}"
     env = {key: value for key, value in os.environ.items() if not key.startswith("ACSP_")}
     env.update(
