@@ -403,7 +403,7 @@ def _parser_for(annotation: Any) -> Callable[[str], Any]:
         int: int,
         float: _parse_float,
         bool: _parse_bool,
-        Decimal: Decimal,
+        Decimal: _parse_decimal,
         Path: lambda raw: Path(raw).expanduser(),
         ListenAddress: ListenAddress.parse,
     }
@@ -422,6 +422,13 @@ def _parse_choice(raw: str, choices: tuple[Any, ...]) -> Any:
 def _parse_float(raw: str) -> float:
     value = float(raw)
     if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _parse_decimal(raw: str) -> Decimal:
+    value = Decimal(raw)
+    if not value.is_finite():
         raise ValueError("expected a finite number")
     return value
 

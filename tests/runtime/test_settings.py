@@ -129,6 +129,14 @@ def test_subclass_adds_typed_fields() -> None:
     assert settings.db_pool_max == 10
 
 
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", "-inf", "sNaN"])
+def test_decimal_field_rejects_non_finite(raw: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        LedgerSettings.from_env({"ACSP_TEST_QUANTUM": raw})
+    assert caught.value.variable == "ACSP_TEST_QUANTUM"
+    assert "finite" in str(caught.value)
+
+
 def test_subclass_validation_runs() -> None:
     with pytest.raises(SettingsError) as caught:
         LedgerSettings.from_env({"ACSP_TEST_HOLD_TTL_S": "7200", "ACSP_TEST_BATCH": "false"})
