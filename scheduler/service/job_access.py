@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.runtime.auth import Principal
-from services.runtime.errors import NotFound, PermissionDenied
+from services.runtime.errors import PermissionDenied
 from services.runtime.grant_directory import ProjectDirectory, sees_every_project
 
 from .model import Job
@@ -55,15 +55,12 @@ class JobAccess:
             return ReadScope(project_id)
         if not project_id:
             return ReadScope(owner=principal.subject)
-        project = await self._projects.project(project_id)
-        if project is None:
-            raise NotFound("project", project_id)
-        if principal.subject not in project.subjects:
-            raise PermissionDenied(
-                f"{principal.subject!r} is not a member of project {project_id!r} and may not "
-                "see its jobs; ask its PI to add you, or leave project_id empty to see the "
-                "jobs you submitted"
-            )
+        await self._projects.member_project(
+            principal,
+            project_id,
+            "may not see its jobs; ask its PI to add you, or leave project_id empty to see the "
+            "jobs you submitted",
+        )
         return ReadScope(project_id)
 
     async def check_cancel(self, principal: Principal, job: Job) -> None:

@@ -68,12 +68,9 @@ async def usage_project(
             f"{principal.subject!r} may read usage only of projects they are a member of: "
             f"set {' or '.join(fields)} to one of theirs"
         )
-    project = await directory.project(project_id)
-    if project is None:
-        raise NotFound("project", project_id)
-    if principal.subject not in project.subjects:
-        raise PermissionDenied(
-            f"{principal.subject!r} is not a member of project {project_id!r} and may not "
-            "see its usage; ask its PI to add you, or query a project you belong to"
-        )
+    await directory.member_project(
+        principal,
+        project_id,
+        "may not see its usage; ask its PI to add you, or query a project you belong to",
+    )
     return project_id

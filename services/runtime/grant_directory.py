@@ -21,7 +21,7 @@ import grpc
 from acsp.v1 import grant_pb2, grant_pb2_grpc
 from services.runtime.auth import Principal, Role
 
-from .errors import Unavailable
+from .errors import NotFound, PermissionDenied, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,23 @@ class ProjectDirectory:
         found = await self._shared(("project", project_id), lambda: self._fetch_project(project_id))
         assert found is None or isinstance(found, ProjectAccess)
         return found
+
+    async def member_project(
+        self, principal: Principal, project_id: str, denial: str
+    ) -> ProjectAccess:
+        """Look up ``project_id`` and check that ``principal`` is one of its members.
+
+        Raises NotFound for an unknown project, and PermissionDenied for a non-member. That
+        message ends in ``denial``, which says what they may not do and how to fix it.
+        """
+        project = await self.project(project_id)
+        if project is None:
+            raise NotFound("project", project_id)
+        if principal.subject not in project.subjects:
+            raise PermissionDenied(
+                f"{principal.subject!r} is not a member of project {project_id!r} and {denial}"
+            )
+        return project
 
     async def grant_info(self, grant_id: str) -> GrantInfo | None:
         """Return the owner and constraints of ``grant_id``, or None when it does not exist."""
