@@ -124,20 +124,12 @@ class JobBook:
             job = self.jobs.get(job_id)
             if job is None:
                 continue
+            reason = f"the scheduler cannot run it: {message}"
             if job.placement:
                 # Tasks of a reloaded job may still run: stop them before it ends.
-                self.stop(
-                    job_id,
-                    "failed",
-                    f"the scheduler cannot run it: {message}",
-                    0,
-                    "engine:rejected",
-                    fx,
-                )
+                self.stop(job_id, "failed", reason, 0, "engine:rejected", fx)
                 continue
-            self._finish(
-                job, "failed", f"the scheduler cannot run it: {message}", "engine:rejected", fx
-            )
+            self._finish(job, "failed", reason, "engine:rejected", fx)
         while self._requeue_reloaded:
             job_id = self._requeue_reloaded.pop()
             reason = "its placement no longer matches the nodes' inventories"
