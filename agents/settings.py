@@ -73,8 +73,8 @@ class AgentSettings(Settings):
     stop_tasks_on_exit: bool = setting(
         "ACSP_AGENT_STOP_TASKS_ON_EXIT",
         False,
-        "stop the tasks' processes when the agent stops (a local mesh shutting down); by "
-        "default they keep running and a restarted agent adopts them",
+        "choice to stop the tasks' processes when the agent stops (true for a local mesh "
+        "shutting down); false by default, so tasks keep running for a restarted agent to adopt",
     )
 
     def validate(self) -> None:
