@@ -74,7 +74,7 @@ async def write_batch(conn: asyncpg.Connection, batch: BatchState) -> dict[str, 
         *_new_hold_columns(batch),
         *_entry_columns(batch),
         *_posting_columns(batch),
-        *_pot_columns(batch, "grant:"),
+        *_pot_columns(batch, "grant:", batch.grant_meta),
         *_allocation_columns(batch),
         *_hold_columns(batch),
     )
@@ -130,7 +130,9 @@ def _posting_columns(batch: BatchState) -> list[list[Any]]:
     return [keys, accounts, amounts]
 
 
-def _pot_columns(batch: BatchState, prefix: str) -> list[list[Any]]:
+def _pot_columns(
+    batch: BatchState, prefix: str, metas: dict[str, dict[str, Any]]
+) -> list[list[Any]]:
     pots = [batch.pots[name] for name in sorted(batch.changed_pots) if name.startswith(prefix)]
     ids = [p.name.removeprefix(prefix) for p in pots]
     return [
@@ -140,18 +142,14 @@ def _pot_columns(batch: BatchState, prefix: str) -> list[list[Any]]:
         [p.held for p in pots],
         [p.consumed for p in pots],
         [p.refunded for p in pots],
-        [bool(batch.grant_meta.get(i, {}).get("low_notified")) for i in ids],
+        [bool(metas.get(i, {}).get("low_notified")) for i in ids],
     ]
 
 
 def _allocation_columns(batch: BatchState) -> list[list[Any]]:
-    columns = _pot_columns(batch, "sub_allocation:")[:6]
-    metas = [batch.allocation_meta.get(i, {}) for i in columns[0]]
-    return [
-        *columns,
-        [bool(m.get("low_notified")) for m in metas],
-        [int(m.get("low_crossings") or 0) for m in metas],
-    ]
+    columns = _pot_columns(batch, "sub_allocation:", batch.allocation_meta)
+    metas = batch.allocation_meta
+    return [*columns, [int(metas.get(i, {}).get("low_crossings") or 0) for i in columns[0]]]
 
 
 def _hold_columns(batch: BatchState) -> list[list[Any]]:
