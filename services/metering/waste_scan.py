@@ -65,17 +65,17 @@ async def scan_ended_attempts(db: Database, config: WasteScanConfig, now: dateti
         # is marked checked all the same.
         usage = await conn.fetch(
             """
-            SELECT j.job_id, j.attempt, j.project_id,
+            SELECT c.job_id, c.attempt, c.project_id,
                    sum(up.accelerator_micros) AS micros,
                    sum(up.utilization_seconds) AS used,
                    sum(up.utilization_weight) AS weight
-            FROM unnest($1::text[], $2::int[]) AS c(job_id, attempt)
-            JOIN metering.jobs j ON j.job_id = c.job_id AND j.attempt = c.attempt
-            JOIN metering.usage_periods up ON up.job_id = j.job_id AND up.attempt = j.attempt
-            GROUP BY j.job_id, j.attempt, j.project_id
+            FROM unnest($1::text[], $2::int[], $3::text[]) AS c(job_id, attempt, project_id)
+            JOIN metering.usage_periods up ON up.job_id = c.job_id AND up.attempt = c.attempt
+            GROUP BY c.job_id, c.attempt, c.project_id
             """,
             job_ids,
             attempts,
+            [row["project_id"] for row in claimed],
         )
         results = [
             await evaluate_attempt(conn, row, config.threshold, config.sustained_s) for row in usage
