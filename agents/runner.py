@@ -29,7 +29,7 @@ from pathlib import Path
 
 from agents.model import WHOLE_MILLI, TaskEvent, TaskSpec, TaskState
 from agents.state import StateStore, TaskRecord
-from agents.task_process import TaskProcess, find_task_leaders, spawn
+from agents.task_process import TaskProcess, find_task_leaders, process_start_ticks, spawn
 
 logger = logging.getLogger(__name__)
 
@@ -576,28 +576,6 @@ class TaskRunner:
                 health_event_id=health_event_id,
             )
         )
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Return the start time of ``pid`` in clock ticks since boot, or None if it is gone."""
-    if pid <= 0:
-        return None
-    try:
-        descriptor = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        # One read returns the whole file: it is far shorter than the buffer.
-        data = os.read(descriptor, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(descriptor)
-    # The command name (field 2) may contain spaces, so split after its closing parenthesis.
-    fields = data[data.rfind(b")") + 2 :].split()
-    if not fields or fields[0] == b"Z":
-        return None
-    return int(fields[19])
 
 
 def _signal_group(pid: int, signum: int) -> bool:

@@ -138,17 +138,14 @@ def find_task_leaders(variable: str, values: set[str]) -> dict[str, int]:
         if not entry.isdigit():
             continue
         pid = int(entry)
+        fields = stat_fields(pid)
+        # A session leader cannot leave its session, unlike its process group.
+        if fields is None or fields[0] == b"Z" or int(fields[3]) != pid:
+            continue
         try:
-            with open(f"/proc/{pid}/stat", "rb") as file:
-                stat = file.read()
-            # Fields after the command name: state, ppid, pgrp, session, ..., starttime (index
-            # 19). A session leader cannot leave its session, unlike its process group.
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            if fields[0] == b"Z" or int(fields[3]) != pid:
-                continue
             with open(f"/proc/{pid}/environ", "rb") as file:
                 environ = file.read()
-        except (OSError, IndexError, ValueError):
+        except OSError:
             continue
         for item in environ.split(b"\0"):
             if item.startswith(prefix):
@@ -158,3 +155,35 @@ def find_task_leaders(variable: str, values: set[str]) -> dict[str, int]:
                     found[value] = (pid, start_ticks)
                 break
     return {value: pid for value, (pid, _ticks) in found.items()}
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Return the start time of ``pid`` in clock ticks since boot, or None if it is gone."""
+    fields = stat_fields(pid)
+    if fields is None or fields[0] == b"Z":
+        return None
+    return int(fields[19])
+
+
+def stat_fields(pid: int) -> list[bytes] | None:
+    """Read the fields of ``/proc/<pid>/stat`` after the command name, or None if unreadable.
+
+    The first is the state (``Z`` for a zombie), then ppid, pgrp, session, and at index 19
+    the start time in clock ticks since boot.
+    """
+    if pid <= 0:
+        return None
+    try:
+        descriptor = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        # One read returns the whole file: it is far shorter than the buffer.
+        data = os.read(descriptor, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
+    # The command name (field 2) may contain spaces, so split after its closing parenthesis.
+    fields = data[data.rfind(b")") + 2 :].split()
+    return fields if len(fields) > 19 else None
