@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from agents.task_process import task_file_stem
+
 logger = logging.getLogger(__name__)
 
 MAX_REFERENCE_BYTES: Final = 4096
@@ -104,7 +106,7 @@ class CheckpointFiles:
             logger.warning("checkpoint file of task %s was not deleted: %s", task_id, error)
 
     def _path(self, task_id: str) -> Path:
-        return self._directory / f"{_file_stem(task_id)}.checkpoint"
+        return self._directory / f"{task_file_stem(task_id)}.checkpoint"
 
 
 def _read_reference(task_id: str, path: Path) -> str | None:
@@ -136,10 +138,6 @@ def _read_reference(task_id: str, path: Path) -> str | None:
         logger.warning("checkpoint reference of task %s ignored: it is not UTF-8", task_id)
         return None
     return reference or None
-
-
-def _file_stem(task_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)[:128]
 
 
 PLAYED_INTERVAL_ENV: Final = "ACSP_SIMULATED_CHECKPOINT_S"

@@ -29,7 +29,13 @@ from pathlib import Path
 
 from agents.model import WHOLE_MILLI, TaskEvent, TaskSpec, TaskState
 from agents.state import StateStore, TaskRecord
-from agents.task_process import TaskProcess, find_task_leaders, process_start_ticks, spawn
+from agents.task_process import (
+    TaskProcess,
+    find_task_leaders,
+    process_start_ticks,
+    spawn,
+    task_file_stem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +183,7 @@ class TaskRunner:
         )
 
     def _log_path(self, task_id: str) -> Path:
-        return self._task_dir / f"{_safe(task_id)}.log"
+        return self._task_dir / f"{task_file_stem(task_id)}.log"
 
     def _check(self, spec: TaskSpec) -> str:
         if not spec.command and not self._allow_played:
@@ -601,7 +607,3 @@ def _tail(path: str, size: int = OUTPUT_TAIL_BYTES) -> str:
             return file.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:128]

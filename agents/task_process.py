@@ -124,6 +124,15 @@ def spawn(
     return TaskProcess(popen.pid, popen)
 
 
+def task_file_stem(task_id: str) -> str:
+    """Turn a task id into a file name stem for the files of the task.
+
+    Characters other than letters, digits, ``-``, ``_`` and ``.`` become ``_``, and the stem
+    is cut to 128 characters.
+    """
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)[:128]
+
+
 def find_task_leaders(variable: str, values: set[str]) -> dict[str, int]:
     """Find running session leaders whose environment sets ``variable`` to one of ``values``.
 
