@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Final
@@ -217,9 +216,7 @@ def set_pledge_command(args: argparse.Namespace) -> int:
     pledge = pledge_from_args(args)
     with open_scheduler(args) as scheduler, naming_options(PLEDGE_OPTIONS):
         stored = scheduler.SetPledge(
-            scheduler_pb2.SetPledgeRequest(
-                request_id=args.request_id or uuid.uuid4().hex, pledge=pledge
-            )
+            scheduler_pb2.SetPledgeRequest(request_id=args.request_id, pledge=pledge)
         )
     print_records([pledge_row(stored)], PLEDGE_COLUMNS, output_format=args.format)
     return EXIT_OK
@@ -239,9 +236,7 @@ def create_recall_command(args: argparse.Namespace) -> int:
     recall = recall_from_args(args, time.time())
     with open_scheduler(args) as scheduler, naming_options(RECALL_OPTIONS):
         stored = scheduler.RecallCapacity(
-            scheduler_pb2.RecallCapacityRequest(
-                request_id=args.request_id or uuid.uuid4().hex, recall=recall
-            )
+            scheduler_pb2.RecallCapacityRequest(request_id=args.request_id, recall=recall)
         )
     print_records([recall_row(stored)], RECALL_COLUMNS, output_format=args.format)
     return EXIT_OK
