@@ -10,7 +10,6 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -22,7 +21,7 @@ from rich.text import Text
 
 from acsp._channel import DEFAULT_TIMEOUT_S
 from acsp.client import AsyncClient, Client
-from acsp.decimals import format_decimal
+from acsp.decimals import format_decimal, from_proto
 from acsp.v1 import common_pb2
 
 EXIT_OK: Final = 0
@@ -228,10 +227,9 @@ def decimal_text(message: common_pb2.Decimal) -> str:
     that is not a finite decimal is returned as it came.
     """
     try:
-        value = Decimal(message.value)
-    except InvalidOperation:
+        return format_decimal(from_proto(message))
+    except ValueError:
         return message.value
-    return format_decimal(value) if value.is_finite() else message.value
 
 
 def print_error(message: str, stream: TextIO | None = None) -> None:
