@@ -61,6 +61,11 @@ class _Task:
     changed: asyncio.Future[None] | None = field(default=None, repr=False)
     """Done when a stop is requested, so that the supervisor recomputes its next deadline."""
 
+    def wake_supervisor(self) -> None:
+        """Wake the supervisor, so that it recomputes its next deadline now."""
+        if self.changed is not None and not self.changed.done():
+            self.changed.set_result(None)
+
 
 @dataclass(frozen=True, slots=True)
 class TaskInterval:
@@ -298,15 +303,13 @@ class TaskRunner:
             if grace_s is not None and not task.killed:
                 # A stop already under way gets no more than the shorter grace period.
                 record.stop_deadline = min(record.stop_deadline, self._clock() + grace_s)
-                if task.changed is not None and not task.changed.done():
-                    task.changed.set_result(None)
+                task.wake_supervisor()
             return
         record.stop_reason = reason
         grace = record.grace_period_s if grace_s is None else min(grace_s, record.grace_period_s)
         record.stop_deadline = self._clock() + grace
         self._state.put_task(self._node_key, record, durable=record.pid != 0)
-        if task.changed is not None and not task.changed.done():
-            task.changed.set_result(None)
+        task.wake_supervisor()
         self._emit_state(record, TaskState.STOPPING, reason)
         if record.pid:
             _signal_group(record.pid, signal.SIGTERM)
