@@ -62,9 +62,7 @@ def commands_handled(state_dir: Path) -> int:
 
 
 @pytest.mark.timeout(120)
-async def test_crash_after_spawn_runs_tasks_once(
-    tmp_path: Path, nats_server: NatsServer
-) -> None:
+async def test_crash_after_spawn_runs_tasks_once(tmp_path: Path, nats_server: NatsServer) -> None:
     state_dir = tmp_path / "agent"
     state_dir.mkdir()
     runs = tmp_path / "runs.txt"
