@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,35 +46,36 @@ class AttemptFacts:
     cause: str = ""
 
 
-async def record_attempt(conn: asyncpg.Connection, facts: AttemptFacts) -> None:
-    """Insert or update an attempt; an end, once recorded, is never moved."""
-    await conn.execute(
-        """
-        INSERT INTO metering.jobs AS j
-            (job_id, attempt, hold_id, grant_id, project_id, institution_id, rate_policy,
-             award_rate_card_version, started_at, ended_at, end_reason, end_trigger,
-             last_checkpoint_at, cause)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-        ON CONFLICT (job_id, attempt) DO UPDATE SET
-            hold_id = CASE WHEN excluded.hold_id <> '' THEN excluded.hold_id ELSE j.hold_id END,
-            grant_id = CASE WHEN excluded.grant_id <> '' THEN excluded.grant_id
-                            ELSE j.grant_id END,
-            project_id = CASE WHEN excluded.project_id <> '' THEN excluded.project_id
-                              ELSE j.project_id END,
-            institution_id = CASE WHEN excluded.institution_id <> ''
-                                  THEN excluded.institution_id ELSE j.institution_id END,
-            rate_policy = excluded.rate_policy,
-            award_rate_card_version = excluded.award_rate_card_version,
-            started_at = coalesce(j.started_at, excluded.started_at),
-            ended_at = coalesce(j.ended_at, excluded.ended_at),
-            end_reason = CASE WHEN j.ended_at IS NULL THEN excluded.end_reason
-                              ELSE j.end_reason END,
-            end_trigger = CASE WHEN j.end_trigger = '' THEN excluded.end_trigger
-                               ELSE j.end_trigger END,
-            last_checkpoint_at = greatest(j.last_checkpoint_at, excluded.last_checkpoint_at),
-            cause = excluded.cause,
-            updated_at = now()
-        """,
+_RECORD_ATTEMPT = """
+INSERT INTO metering.jobs AS j
+    (job_id, attempt, hold_id, grant_id, project_id, institution_id, rate_policy,
+     award_rate_card_version, started_at, ended_at, end_reason, end_trigger,
+     last_checkpoint_at, cause)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+ON CONFLICT (job_id, attempt) DO UPDATE SET
+    hold_id = CASE WHEN excluded.hold_id <> '' THEN excluded.hold_id ELSE j.hold_id END,
+    grant_id = CASE WHEN excluded.grant_id <> '' THEN excluded.grant_id
+                    ELSE j.grant_id END,
+    project_id = CASE WHEN excluded.project_id <> '' THEN excluded.project_id
+                      ELSE j.project_id END,
+    institution_id = CASE WHEN excluded.institution_id <> ''
+                          THEN excluded.institution_id ELSE j.institution_id END,
+    rate_policy = excluded.rate_policy,
+    award_rate_card_version = excluded.award_rate_card_version,
+    started_at = coalesce(j.started_at, excluded.started_at),
+    ended_at = coalesce(j.ended_at, excluded.ended_at),
+    end_reason = CASE WHEN j.ended_at IS NULL THEN excluded.end_reason
+                      ELSE j.end_reason END,
+    end_trigger = CASE WHEN j.end_trigger = '' THEN excluded.end_trigger
+                       ELSE j.end_trigger END,
+    last_checkpoint_at = greatest(j.last_checkpoint_at, excluded.last_checkpoint_at),
+    cause = excluded.cause,
+    updated_at = now()
+"""
+
+
+def _attempt_row(facts: AttemptFacts) -> tuple[object, ...]:
+    return (
         facts.job_id,
         facts.attempt,
         facts.hold_id,
@@ -89,6 +91,21 @@ async def record_attempt(conn: asyncpg.Connection, facts: AttemptFacts) -> None:
         facts.last_checkpoint_at,
         facts.cause,
     )
+
+
+async def record_attempts(conn: asyncpg.Connection, facts: Sequence[AttemptFacts]) -> None:
+    """Insert or update attempts in the order given; an end, once recorded, is never moved.
+
+    The rows go in one pipelined ``executemany``, so facts about the same attempt (admitted,
+    started, ended) apply in order, each seeing the one before.
+    """
+    if facts:
+        await conn.executemany(_RECORD_ATTEMPT, [_attempt_row(f) for f in facts])
+
+
+async def record_attempt(conn: asyncpg.Connection, facts: AttemptFacts) -> None:
+    """Insert or update one attempt; see :func:`record_attempts`."""
+    await conn.execute(_RECORD_ATTEMPT, *_attempt_row(facts))
 
 
 async def record_end_trigger(
@@ -197,6 +214,11 @@ async def settle_released_attempts(
     return await _close_holds(conn, ledger, rows, settle=True, now=now, timeout_s=timeout_s)
 
 
+CLOSES_IN_FLIGHT = 32
+"""Release or settle calls in flight at once; the grant service commits concurrent ones in one
+ledger transaction."""
+
+
 async def _close_holds(
     conn: asyncpg.Connection,
     ledger: Ledger,
@@ -206,36 +228,59 @@ async def _close_holds(
     now: datetime,
     timeout_s: float,
 ) -> int:
-    """Release (or settle) each attempt's hold and record it; return how many were recorded."""
+    """Release (or settle) each attempt's hold and record it; return how many were recorded.
+
+    The calls run ``CLOSES_IN_FLIGHT`` at once and every one the ledger answered is recorded
+    in one statement. When the ledger is unavailable, the rows it did not answer stay open
+    for the next round.
+    """
     step, column = ("settle", "settled_at") if settle else ("release", "released_at")
-    done = 0
-    for row in rows:
+    slots = asyncio.Semaphore(CLOSES_IN_FLIGHT)
+    unavailable = False
+
+    async def close(row: asyncpg.Record) -> bool:
+        nonlocal unavailable
         request_id = f"{step}/{row['job_id']}/{row['attempt']}"
-        try:
-            if settle:
-                await ledger.settle_hold(request_id, row["hold_id"], timeout_s)
-            else:
-                await ledger.release_hold(request_id, row["hold_id"], timeout_s)
-        except LedgerUnavailable as error:
-            logger.warning("ledger unavailable for %s of hold %s: %s", step, row["hold_id"], error)
-            return done
-        except LedgerRejected as error:
-            logger.error(
-                "ledger rejected the %s of hold %s of job %s: %s",
-                step,
-                row["hold_id"],
-                row["job_id"],
-                error,
-                extra={"job_id": row["job_id"], "hold_id": row["hold_id"]},
-            )
+        async with slots:
+            if unavailable:
+                return False  # Calls not yet made wait for the next round.
+            try:
+                if settle:
+                    await ledger.settle_hold(request_id, row["hold_id"], timeout_s)
+                else:
+                    await ledger.release_hold(request_id, row["hold_id"], timeout_s)
+            except LedgerUnavailable as error:
+                if not unavailable:
+                    logger.warning(
+                        "ledger unavailable for %s of hold %s: %s", step, row["hold_id"], error
+                    )
+                unavailable = True
+                return False
+            except LedgerRejected as error:
+                logger.error(
+                    "ledger rejected the %s of hold %s of job %s: %s",
+                    step,
+                    row["hold_id"],
+                    row["job_id"],
+                    error,
+                    extra={"job_id": row["job_id"], "hold_id": row["hold_id"]},
+                )
+            return True
+
+    answered = await asyncio.gather(*(close(row) for row in rows))
+    done = [row for row, ok in zip(rows, answered, strict=True) if ok]
+    if done:
         await conn.execute(
-            f"UPDATE metering.jobs SET {column} = $3 WHERE job_id = $1 AND attempt = $2",
-            row["job_id"],
-            row["attempt"],
+            f"""
+            UPDATE metering.jobs AS j SET {column} = $3
+            FROM unnest($1::text[], $2::int[]) AS u(job_id, attempt)
+            WHERE j.job_id = u.job_id AND j.attempt = u.attempt
+            """,
+            [row["job_id"] for row in done],
+            [row["attempt"] for row in done],
             now,
         )
-        done += 1
-    return done
+    return len(done)
 
 
 async def decide_due_refunds(

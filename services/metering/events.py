@@ -23,7 +23,7 @@ from acsp import subjects
 from acsp.v1 import agent_pb2, events_pb2, scheduler_pb2
 from services.metering.attempts import (
     AttemptFacts,
-    record_attempt,
+    record_attempts,
     record_end_trigger,
     record_health_event,
 )
@@ -101,8 +101,7 @@ class FactConsumers:
                 continue
             facts.append(await self._attempt_facts(event))
         async with self._db.acquire() as conn, conn.transaction():
-            for fact in facts:
-                await record_attempt(conn, fact)
+            await record_attempts(conn, facts)
 
     async def _attempt_facts(self, event: events_pb2.JobEvent) -> AttemptFacts:
         terms = self._terms.get(event.grant_id)
