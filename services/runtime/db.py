@@ -57,6 +57,16 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Return a connection to the pool without asyncpg's reset query.
+
+    The default query (advisory unlock, ``CLOSE ALL``, ``UNLISTEN *``, ``RESET ALL``) costs a
+    round trip per release. Pooled connections here hold no session state: advisory locks
+    and LISTEN use connections of their own, and settings use ``SET LOCAL``. asyncpg still
+    rolls back a transaction left open before it calls this.
+    """
+
+
 class Database:
     """A pool whose waits are bounded, plus transaction helpers."""
 
@@ -76,6 +86,7 @@ class Database:
                     min_size=settings.db_pool_min,
                     max_size=settings.db_pool_max,
                     timeout=CONNECT_TIMEOUT_S,
+                    reset=_keep_session,
                     server_settings={
                         "search_path": f"{quote_ident(schema)}, public",
                         "application_name": f"acsp-{application}",
