@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 HEARTBEAT_DROP_LOG_EVERY: Final = 1000
 FETCH_BATCH: Final = 500
+BATCHES_IN_FLIGHT: Final = 4
 
 
 class InvalidAgentMessage(Exception):
@@ -135,7 +136,12 @@ class AgentFeed:
         self.heartbeats_dropped = 0
 
     async def run_stream(self, stop: asyncio.Event) -> None:
-        """Fetch batches from a durable consumer; ack each after its effects committed."""
+        """Fetch batches from a durable consumer; ack each after its effects committed.
+
+        Up to ``BATCHES_IN_FLIGHT`` batches wait for their commit at once, so the next batch
+        is fetched and queued while the loop commits the one before. Inputs reach the loop in
+        the stream's order, because only this task puts them on the inbox.
+        """
         config = ConsumerConfig(
             durable_name=self._durable,
             ack_wait=self._commit_timeout * 2,
@@ -145,36 +151,33 @@ class AgentFeed:
             "", durable=self._durable, stream=subjects.AGENT_STREAM, config=config
         )
         logger.info("consuming %s as %s", subjects.AGENT_STREAM, self._durable)
+        slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
         try:
-            while not stop.is_set():
-                try:
-                    messages = await subscription.fetch(FETCH_BATCH, timeout=1.0)
-                except TimeoutError:
-                    # nats-py raises its own TimeoutError or asyncio's, depending on the path.
-                    continue
-                await self._settle(messages)
+            async with asyncio.TaskGroup() as settling:
+                while not stop.is_set():
+                    await slots.acquire()
+                    try:
+                        messages = await subscription.fetch(FETCH_BATCH, timeout=1.0)
+                    except TimeoutError:
+                        # nats-py raises its own TimeoutError or asyncio's, by the path taken.
+                        slots.release()
+                        continue
+                    committed = await self._queue(messages)
+                    if committed is None:
+                        slots.release()
+                    else:
+                        settling.create_task(self._settle(messages, committed, slots))
         finally:
             with contextlib.suppress(NatsError):
                 await subscription.unsubscribe()
 
-    async def _settle(self, messages: list[Msg]) -> None:
-        try:
-            await self._handle(messages)
-        except InvalidAgentMessage as exc:
-            logger.error("terminating %d agent messages: %s", len(messages), exc)
-            await asyncio.shield(_each(messages, "term"))
-            return
-        except TimeoutError:
-            logger.warning(
-                "loop did not commit %d agent messages in time; they are redelivered", len(messages)
-            )
-            await asyncio.shield(_each(messages, "nak"))
-            return
-        await asyncio.shield(_each(messages, "ack"))
+    async def _queue(self, messages: list[Msg]) -> asyncio.Future[None] | None:
+        """Put the inputs of ``messages`` on the inbox; return what tells of their commit.
 
-    async def _handle(self, messages: list[Msg]) -> None:
-        loop = asyncio.get_running_loop()
-        committed: asyncio.Future[None] = loop.create_future()
+        Returns None when the batch was settled here instead: terminated as invalid, or
+        nak'ed because the inbox stayed full.
+        """
+        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         remaining = 0
 
         async def ack() -> None:
@@ -183,14 +186,46 @@ class AgentFeed:
             if remaining == 0 and not committed.done():
                 committed.set_result(None)
 
-        inputs: list[Input] = []
-        for message in messages:
-            inputs.extend(self._convert(message, ack))
+        try:
+            inputs: list[Input] = []
+            for message in messages:
+                inputs.extend(self._convert(message, ack))
+        except InvalidAgentMessage as exc:
+            logger.error("terminating %d agent messages: %s", len(messages), exc)
+            await asyncio.shield(_each(messages, "term"))
+            return None
         remaining = sum(1 for item in inputs if getattr(item, "ack", None) is not None)
-        for item in inputs:
-            await asyncio.wait_for(self._inbox.put(item), timeout=self._commit_timeout)
-        if remaining:
+        if not remaining:
+            committed.set_result(None)
+        try:
+            for item in inputs:
+                try:
+                    self._inbox.put_nowait(item)
+                except asyncio.QueueFull:
+                    await asyncio.wait_for(self._inbox.put(item), timeout=self._commit_timeout)
+        except TimeoutError:
+            logger.warning(
+                "the loop's inbox stayed full; %d agent messages are redelivered", len(messages)
+            )
+            await asyncio.shield(_each(messages, "nak"))
+            return None
+        return committed
+
+    async def _settle(
+        self, messages: list[Msg], committed: asyncio.Future[None], slots: asyncio.Semaphore
+    ) -> None:
+        """Ack ``messages`` once the loop committed their inputs, or nak them after the timeout."""
+        try:
             await asyncio.wait_for(committed, timeout=self._commit_timeout)
+        except TimeoutError:
+            logger.warning(
+                "loop did not commit %d agent messages in time; they are redelivered", len(messages)
+            )
+            await asyncio.shield(_each(messages, "nak"))
+            return
+        finally:
+            slots.release()
+        await asyncio.shield(_each(messages, "ack"))
 
     def _convert(self, message: Msg, ack: object) -> list[Input]:
         subject = message.subject

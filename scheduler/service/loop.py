@@ -101,6 +101,9 @@ class SchedulingLoop:
         )
         self._no_budget: dict[str, float] = {}
         self._unpublishable: list[tuple[DispatchRecord, str]] = []
+        self._published: list[tuple[str, int, int, str]] = []
+        self._published_events: list[str] = []
+        """Commands and events JetStream stored, to mark in the next turn's transaction."""
         """Commands NATS rejected for good, with the reason, to fail in the next turn."""
         self._last_pass = 0.0
         self._pass_gap = settings.min_pass_interval_s
@@ -304,17 +307,21 @@ class SchedulingLoop:
         jobs = [job for job, _ in fx.changed.values()]
         causes = [cause for _, cause in fx.changed.values()]
         # Every record is new unless a reloaded job repeats one; repeats stay unpublished.
+        published, published_events = self._published, self._published_events
+        self._published, self._published_events = [], []
         fx.commands[:] = await self.store.commit_turn(
-            jobs, causes, fx.commands, fx.events, self.epoch
+            jobs, causes, fx.commands, fx.events, self.epoch, published, published_events
         )
 
     async def _send(self, commands: list[DispatchRecord], events: list[OutboxEvent]) -> None:
         if commands or events:
             keys, event_ids, rejected = await self.publisher.publish_all(commands, events)
-            # A rejected command is marked done so it is not republished; the next turn fails
-            # its attempt.
+            # A rejected command is marked done so it is not republished, and the next turn fails
+            # its attempt. The marks are written in the next turn's transaction. A crash before
+            # that republishes them, which JetStream and the agents deduplicate.
             keys.extend(record.key for record, _ in rejected)
-            await self.store.ack_published(keys, event_ids)
+            self._published.extend(keys)
+            self._published_events.extend(event_ids)
             self._unpublishable.extend(rejected)
 
     async def _republish(self, older_than_s: float) -> None:

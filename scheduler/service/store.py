@@ -181,17 +181,22 @@ class JobStore:
         dispatches: Sequence[DispatchRecord],
         events: Sequence[OutboxEvent],
         epoch: int,
+        published: Sequence[tuple[str, int, int, str]] = (),
+        published_events: Sequence[str] = (),
     ) -> list[DispatchRecord]:
         """Write job changes, commands and events in one fenced transaction.
 
         Returns the commands not recorded before, as :meth:`record_dispatches` does. One
-        transaction costs one epoch check and one commit instead of three.
+        transaction costs one epoch check and one commit instead of three. ``published`` and
+        ``published_events`` are commands and events JetStream has stored since the last
+        turn, marked here as :meth:`ack_published` would.
         """
-        if not (jobs or dispatches or events):
+        if not (jobs or dispatches or events or published or published_events):
             return []
         fresh: list[DispatchRecord] = []
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             await self._check_epoch(conn, epoch)
+            await self._ack(conn, published, published_events)
             if jobs:
                 await self._update_jobs(conn, jobs, epoch, causes)
             if dispatches:
@@ -270,17 +275,25 @@ class JobStore:
         if not keys and not event_ids:
             return
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            if keys:
-                await conn.execute(
-                    ACK_DISPATCHES,
-                    [k[0] for k in keys],
-                    [k[1] for k in keys],
-                    [k[2] for k in keys],
-                    [k[3] for k in keys],
-                    timeout=self._timeout,
-                )
-            if event_ids:
-                await self._ack_events(conn, event_ids)
+            await self._ack(conn, keys, event_ids)
+
+    async def _ack(
+        self,
+        conn: asyncpg.Connection,
+        keys: Sequence[tuple[str, int, int, str]],
+        event_ids: Sequence[str],
+    ) -> None:
+        if keys:
+            await conn.execute(
+                ACK_DISPATCHES,
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+                [k[2] for k in keys],
+                [k[3] for k in keys],
+                timeout=self._timeout,
+            )
+        if event_ids:
+            await self._ack_events(conn, event_ids)
 
     async def unacked_dispatches(self, older_than_s: float = 0.0) -> list[DispatchRecord]:
         """Return commands recorded but not acknowledged by JetStream, oldest first."""
