@@ -6,9 +6,9 @@ only when they are idempotent: reads, and mutating calls whose request carries a
 ``request_id``. The SDK fills an empty ``request_id`` with a fresh UUID before the first try,
 so that every retry of that call carries the same id and the server applies it once.
 
-Batched calls (``PlaceHolds``, ``CommitCharges``, ``SubmitJobs``) carry a request id on each
-item instead. The SDK retries one with the same policy only when every item has a non-empty
-request id, and leaves empty ones empty (see :mod:`acsp._retry`).
+Batched calls (``PlaceHolds``, ``ReleaseHolds``, ``CommitCharges``, ``SubmitJobs``) carry a
+request id on each item instead. The SDK retries one with the same policy only when every
+item has a non-empty request id, and leaves empty ones empty (see :mod:`acsp._retry`).
 """
 
 from __future__ import annotations

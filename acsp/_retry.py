@@ -3,13 +3,13 @@
 gRPC retries idempotent calls itself, by the policy that :mod:`acsp._channel` writes into each
 channel's service config from the constants here.
 
-``PlaceHolds``, ``CommitCharges`` and ``SubmitJobs`` carry one ``request_id`` per item. The
-grant service and the scheduler store each item's id under a unique constraint, so a repeated
-item returns what its first application did. Whether such a call is safe to repeat depends
-on the request, which a service config cannot inspect, so the SDK's interceptors retry these
-calls themselves. They retry only when every item carries a non-empty request id, with the
-attempts, backoff and retried codes of the channel's policy, all within the call's one
-deadline.
+``PlaceHolds``, ``ReleaseHolds``, ``CommitCharges`` and ``SubmitJobs`` carry one ``request_id``
+per item. The grant service and the scheduler store each item's id under a unique constraint,
+so a repeated item returns what its first application did. Whether such a call is safe to
+repeat depends on the request, which a service config cannot inspect, so the SDK's
+interceptors retry these calls themselves. They retry only when every item carries a
+non-empty request id, with the attempts, backoff and retried codes of the channel's policy,
+all within the call's one deadline.
 """
 
 from __future__ import annotations

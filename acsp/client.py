@@ -13,9 +13,10 @@ Each attribute is the generated stub of one service, so every RPC of the contrac
 with its request and response types. Every call has a deadline (the client's default, or
 ``timeout=`` per call), carries the caller's token over mutual TLS, and is retried on
 UNAVAILABLE only if it is idempotent: a read, a call whose request has a ``request_id`` (filled
-with a fresh UUID when empty), or a batched call (``PlaceHolds``, ``CommitCharges``,
-``SubmitJobs``) in which every item has a non-empty ``request_id``. The SDK leaves empty item
-ids empty, so set them to make a batched call retried (see :mod:`acsp._channel`).
+with a fresh UUID when empty), or a batched call (``PlaceHolds``, ``ReleaseHolds``,
+``CommitCharges``, ``SubmitJobs``) in which every item has a non-empty ``request_id``. The
+SDK leaves empty item ids empty, so set them to make a batched call retried (see
+:mod:`acsp._channel`).
 """
 
 from __future__ import annotations

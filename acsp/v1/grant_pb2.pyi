@@ -666,6 +666,28 @@ class ReleaseHoldRequest(_message.Message):
     settle: bool
     def __init__(self, request_id: _Optional[str] = ..., hold_id: _Optional[str] = ..., settle: _Optional[bool] = ...) -> None: ...
 
+class ReleaseHoldsRequest(_message.Message):
+    __slots__ = ("holds",)
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    holds: _containers.RepeatedCompositeFieldContainer[ReleaseHoldRequest]
+    def __init__(self, holds: _Optional[_Iterable[_Union[ReleaseHoldRequest, _Mapping]]] = ...) -> None: ...
+
+class ReleaseHoldResult(_message.Message):
+    __slots__ = ("request_id", "code", "message")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    code: int
+    message: str
+    def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ReleaseHoldsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ReleaseHoldResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ReleaseHoldResult, _Mapping]]] = ...) -> None: ...
+
 class RefundRequest(_message.Message):
     __slots__ = ("request_id", "hold_id", "amount_pf_days", "reason")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -166,6 +166,11 @@ class GrantServiceStub:
                 request_serializer=acsp_dot_v1_dot_grant__pb2.ReleaseHoldRequest.SerializeToString,
                 response_deserializer=acsp_dot_v1_dot_grant__pb2.Hold.FromString,
                 _registered_method=True)
+        self.ReleaseHolds = channel.unary_unary(
+                '/acsp.v1.GrantService/ReleaseHolds',
+                request_serializer=acsp_dot_v1_dot_grant__pb2.ReleaseHoldsRequest.SerializeToString,
+                response_deserializer=acsp_dot_v1_dot_grant__pb2.ReleaseHoldsResponse.FromString,
+                _registered_method=True)
         self.Refund = channel.unary_unary(
                 '/acsp.v1.GrantService/Refund',
                 request_serializer=acsp_dot_v1_dot_grant__pb2.RefundRequest.SerializeToString,
@@ -374,6 +379,13 @@ class GrantServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseHolds(self, request, context):
+        """Releases or settles many holds at once, with a result per hold (metering).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Refund(self, request, context):
         """Refunds charges of a hold (metering).
         """
@@ -534,6 +546,11 @@ def add_GrantServiceServicer_to_server(servicer, server):
                     servicer.ReleaseHold,
                     request_deserializer=acsp_dot_v1_dot_grant__pb2.ReleaseHoldRequest.FromString,
                     response_serializer=acsp_dot_v1_dot_grant__pb2.Hold.SerializeToString,
+            ),
+            'ReleaseHolds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseHolds,
+                    request_deserializer=acsp_dot_v1_dot_grant__pb2.ReleaseHoldsRequest.FromString,
+                    response_serializer=acsp_dot_v1_dot_grant__pb2.ReleaseHoldsResponse.SerializeToString,
             ),
             'Refund': grpc.unary_unary_rpc_method_handler(
                     servicer.Refund,
@@ -1259,6 +1276,33 @@ class GrantService:
             '/acsp.v1.GrantService/ReleaseHold',
             acsp_dot_v1_dot_grant__pb2.ReleaseHoldRequest.SerializeToString,
             acsp_dot_v1_dot_grant__pb2.Hold.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseHolds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/acsp.v1.GrantService/ReleaseHolds',
+            acsp_dot_v1_dot_grant__pb2.ReleaseHoldsRequest.SerializeToString,
+            acsp_dot_v1_dot_grant__pb2.ReleaseHoldsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -88,6 +88,8 @@ class GrantServiceStub:
     """Commits charges against holds, each at most once (metering)."""
     ReleaseHold: _grpc.UnaryUnaryMultiCallable[_grant_pb2.ReleaseHoldRequest, _grant_pb2.Hold]
     """Releases what is left of a hold (scheduler, metering)."""
+    ReleaseHolds: _grpc.UnaryUnaryMultiCallable[_grant_pb2.ReleaseHoldsRequest, _grant_pb2.ReleaseHoldsResponse]
+    """Releases or settles many holds at once, with a result per hold (metering)."""
     Refund: _grpc.UnaryUnaryMultiCallable[_grant_pb2.RefundRequest, _grant_pb2.LedgerEntry]
     """Refunds charges of a hold (metering)."""
     GetBalance: _grpc.UnaryUnaryMultiCallable[_grant_pb2.GetBalanceRequest, _grant_pb2.Balance]
@@ -154,6 +156,8 @@ class GrantServiceAsyncStub(GrantServiceStub):
     """Commits charges against holds, each at most once (metering)."""
     ReleaseHold: _aio.UnaryUnaryMultiCallable[_grant_pb2.ReleaseHoldRequest, _grant_pb2.Hold]  # type: ignore[assignment]
     """Releases what is left of a hold (scheduler, metering)."""
+    ReleaseHolds: _aio.UnaryUnaryMultiCallable[_grant_pb2.ReleaseHoldsRequest, _grant_pb2.ReleaseHoldsResponse]  # type: ignore[assignment]
+    """Releases or settles many holds at once, with a result per hold (metering)."""
     Refund: _aio.UnaryUnaryMultiCallable[_grant_pb2.RefundRequest, _grant_pb2.LedgerEntry]  # type: ignore[assignment]
     """Refunds charges of a hold (metering)."""
     GetBalance: _aio.UnaryUnaryMultiCallable[_grant_pb2.GetBalanceRequest, _grant_pb2.Balance]  # type: ignore[assignment]
@@ -373,6 +377,14 @@ class GrantServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_grant_pb2.Hold, _abc.Awaitable[_grant_pb2.Hold]]:
         """Releases what is left of a hold (scheduler, metering)."""
+
+    @_abc_1.abstractmethod
+    def ReleaseHolds(
+        self,
+        request: _grant_pb2.ReleaseHoldsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grant_pb2.ReleaseHoldsResponse, _abc.Awaitable[_grant_pb2.ReleaseHoldsResponse]]:
+        """Releases or settles many holds at once, with a result per hold (metering)."""
 
     @_abc_1.abstractmethod
     def Refund(

@@ -90,6 +90,7 @@ def test_batched_methods_found_by_item_request_ids():
     batches = _retry.batch_methods([GRANT_SERVICE, SCHEDULER_SERVICE, METERING_SERVICE])
     assert batches == {
         "/acsp.v1.GrantService/PlaceHolds": "holds",
+        "/acsp.v1.GrantService/ReleaseHolds": "holds",
         "/acsp.v1.GrantService/CommitCharges": "charges",
         "/acsp.v1.SchedulerService/SubmitJobs": "jobs",
     }
