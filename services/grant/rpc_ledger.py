@@ -73,7 +73,7 @@ def _raise_outcome(outcome: object) -> EntryResult:
 
 
 MAX_HOLDS_PER_CALL = 1000
-"""Holds one PlaceHolds call may carry."""
+"""Holds one PlaceHolds or ReleaseHolds call may carry."""
 
 
 def _hold_in(item: grant_pb2.PlaceHoldRequest, cause: Cause, prefix: str) -> HoldRequest:
@@ -98,6 +98,22 @@ def _hold_failure(request_id: str, error: ServiceError) -> grant_pb2.PlaceHoldRe
     reason = OUTSIDE_CONSTRAINTS if isinstance(error, OutsideConstraints) else ""
     return grant_pb2.PlaceHoldResult(
         request_id=request_id, code=error.code.value[0], message=error.message, reason=reason
+    )
+
+
+def _release_in(item: grant_pb2.ReleaseHoldRequest, cause: Cause, prefix: str) -> ReleaseRequest:
+    """Convert one release of a ReleaseHolds call, naming its fields under ``prefix``."""
+    return ReleaseRequest(
+        key=request_id_in(item.request_id, f"{prefix}request_id"),
+        hold_id=reference_in(f"{prefix}hold_id", item.hold_id),
+        cause=cause,
+        settle=item.settle,
+    )
+
+
+def _release_failure(request_id: str, error: ServiceError) -> grant_pb2.ReleaseHoldResult:
+    return grant_pb2.ReleaseHoldResult(
+        request_id=request_id, code=error.code.value[0], message=error.message
     )
 
 
@@ -489,6 +505,49 @@ class LedgerHandlers:
         _raise_outcome(await self.app.ledger_batcher().submit(release))
         async with self.app.database().acquire() as conn:
             return cv.hold_out(await views.hold_row(conn, release.hold_id))
+
+    async def ReleaseHolds(
+        self, request: grant_pb2.ReleaseHoldsRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.ReleaseHoldsResponse:
+        """Release or settle many holds through the batched ledger path, each with a result.
+
+        A release that is malformed, names an unknown hold or reuses another request's id gets
+        its status in its result, and the others are applied all the same. Only a call-wide
+        problem (caller, size) fails the call.
+        """
+        principal = access.require_money_service(self.app.settings.money_services, "release holds")
+        if len(request.holds) > MAX_HOLDS_PER_CALL:
+            raise InvalidArgument(
+                "holds", f"has more than {MAX_HOLDS_PER_CALL} items", "split the batch"
+            )
+        cause = _cause(principal, "ReleaseHolds")
+        results: list[grant_pb2.ReleaseHoldResult | None] = [None] * len(request.holds)
+        queued: list[tuple[int, ReleaseRequest]] = []
+        for index, item in enumerate(request.holds):
+            try:
+                release = _release_in(item, cause, f"holds[{index}].")
+            except ServiceError as error:
+                results[index] = _release_failure(item.request_id, error)
+                continue
+            queued.append((index, release))
+        outcomes = await self.app.ledger_batcher().submit_many([r for _, r in queued])
+        for (index, release), outcome in zip(queued, outcomes, strict=True):
+            if isinstance(outcome, ServiceError):
+                results[index] = _release_failure(release.key, outcome)
+            elif isinstance(outcome, Exception):
+                raise outcome
+            else:
+                results[index] = grant_pb2.ReleaseHoldResult(request_id=release.key)
+        failed = [r for r in results if r is not None and r.code != 0]
+        if failed:
+            log.info(
+                "ReleaseHolds: %d of %d holds not released, first %s: %s",
+                len(failed),
+                len(results),
+                failed[0].request_id,
+                failed[0].message,
+            )
+        return grant_pb2.ReleaseHoldsResponse(results=[r for r in results if r is not None])
 
     async def Refund(
         self, request: grant_pb2.RefundRequest, context: grpc.aio.ServicerContext
