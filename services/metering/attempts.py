@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,7 +10,13 @@ from decimal import Decimal
 
 import asyncpg
 
-from services.metering.ledger import Ledger, LedgerRejected, LedgerUnavailable
+from services.metering.ledger import (
+    MAX_RELEASES_PER_CALL,
+    HoldRelease,
+    Ledger,
+    LedgerRejected,
+    LedgerUnavailable,
+)
 from services.metering.ratecard import RateCardHistory, RatePolicy
 from services.metering.refunds import (
     EndedAttempt,
@@ -214,11 +219,6 @@ async def settle_released_attempts(
     return await _close_holds(conn, ledger, rows, settle=True, now=now, timeout_s=timeout_s)
 
 
-CLOSES_IN_FLIGHT = 32
-"""Release or settle calls in flight at once; the grant service commits concurrent ones in one
-ledger transaction."""
-
-
 async def _close_holds(
     conn: asyncpg.Connection,
     ledger: Ledger,
@@ -230,45 +230,56 @@ async def _close_holds(
 ) -> int:
     """Release (or settle) each attempt's hold and record it; return how many were recorded.
 
-    The calls run ``CLOSES_IN_FLIGHT`` at once and every one the ledger answered is recorded
-    in one statement. When the ledger is unavailable, the rows it did not answer stay open
-    for the next round.
+    Each chunk of up to ``MAX_RELEASES_PER_CALL`` holds goes to the ledger in one call, and
+    every row the ledger answered is recorded in one statement. When a call fails as a whole,
+    nothing of its chunk is recorded, and it and the chunks after it wait for the next round.
     """
     step, column = ("settle", "settled_at") if settle else ("release", "released_at")
-    slots = asyncio.Semaphore(CLOSES_IN_FLIGHT)
-    unavailable = False
-
-    async def close(row: asyncpg.Record) -> bool:
-        nonlocal unavailable
-        request_id = f"{step}/{row['job_id']}/{row['attempt']}"
-        async with slots:
-            if unavailable:
-                return False  # Calls not yet made wait for the next round.
-            try:
-                if settle:
-                    await ledger.settle_hold(request_id, row["hold_id"], timeout_s)
-                else:
-                    await ledger.release_hold(request_id, row["hold_id"], timeout_s)
-            except LedgerUnavailable as error:
-                if not unavailable:
-                    logger.warning(
-                        "ledger unavailable for %s of hold %s: %s", step, row["hold_id"], error
-                    )
-                unavailable = True
-                return False
-            except LedgerRejected as error:
+    done: list[asyncpg.Record] = []
+    waiting = 0  # Holds left open because the ledger was unavailable.
+    cause = ""
+    for start in range(0, len(rows), MAX_RELEASES_PER_CALL):
+        chunk = rows[start : start + MAX_RELEASES_PER_CALL]
+        releases = [
+            HoldRelease(f"{step}/{row['job_id']}/{row['attempt']}", row["hold_id"], settle)
+            for row in chunk
+        ]
+        try:
+            outcomes = await ledger.close_holds(releases, timeout_s)
+        except LedgerUnavailable as error:
+            waiting += len(rows) - start
+            cause = str(error)
+            break
+        except LedgerRejected as error:
+            logger.error(
+                "ledger rejected the call to %s %s holds, so they wait for the next round: %s",
+                step,
+                len(chunk),
+                error,
+            )
+            break
+        for row, outcome in zip(chunk, outcomes, strict=True):
+            if outcome.status == "unavailable":
+                waiting += 1
+                cause = cause or outcome.message
+                continue
+            if outcome.status == "rejected":
                 logger.error(
                     "ledger rejected the %s of hold %s of job %s: %s",
                     step,
                     row["hold_id"],
                     row["job_id"],
-                    error,
+                    outcome.message,
                     extra={"job_id": row["job_id"], "hold_id": row["hold_id"]},
                 )
-            return True
-
-    answered = await asyncio.gather(*(close(row) for row in rows))
-    done = [row for row, ok in zip(rows, answered, strict=True) if ok]
+            done.append(row)
+    if waiting:
+        logger.warning(
+            "ledger unavailable for the %s of %s holds, so they wait for the next round: %s",
+            step,
+            waiting,
+            cause,
+        )
     if done:
         await conn.execute(
             f"""

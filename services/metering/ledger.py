@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
+from typing import Final, Literal, Protocol
 
 import grpc
 
@@ -38,6 +38,33 @@ class ChargeOutcome:
     """False when an earlier call had already applied the same request id."""
 
 
+MAX_RELEASES_PER_CALL: Final = 1000
+"""Releases one ReleaseHolds call may carry; the grant service rejects a larger call."""
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRelease:
+    """One hold to release, or to settle."""
+
+    request_id: str
+    hold_id: str
+    settle: bool
+    """Also close the hold to further charges."""
+
+
+ReleaseStatus = Literal["done", "rejected", "unavailable"]
+"""Outcome of one release: ``done`` when applied now or earlier under the same request id,
+``rejected`` when it would fail again unchanged, ``unavailable`` when it may succeed later."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOutcome:
+    request_id: str
+    status: ReleaseStatus
+    message: str = ""
+    """The status code name and the reason the release was not applied; empty when done."""
+
+
 @dataclass(frozen=True, slots=True)
 class GrantTerms:
     """Pricing policy of a grant."""
@@ -63,6 +90,10 @@ class Ledger(Protocol):
 
     async def settle_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None: ...
 
+    async def close_holds(
+        self, items: Sequence[HoldRelease], timeout_s: float
+    ) -> list[ReleaseOutcome]: ...
+
     async def refund(
         self, request_id: str, hold_id: str, amount: Decimal, reason: str, timeout_s: float
     ) -> int: ...
@@ -85,6 +116,17 @@ def _translate(error: grpc.aio.AioRpcError) -> Exception:
     if error.code() in _RETRYABLE:
         return LedgerUnavailable(message)
     return LedgerRejected(message)
+
+
+_CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _release_outcome(result: grant_pb2.ReleaseHoldResult) -> ReleaseOutcome:
+    if result.code == 0:
+        return ReleaseOutcome(result.request_id, "done")
+    code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
+    status: ReleaseStatus = "unavailable" if code in _RETRYABLE else "rejected"
+    return ReleaseOutcome(result.request_id, status, f"{code.name}: {result.message}")
 
 
 class GrpcLedger:
@@ -132,6 +174,34 @@ class GrpcLedger:
             await self._stub.ReleaseHold(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
             raise _translate(error) from error
+
+    async def close_holds(
+        self, items: Sequence[HoldRelease], timeout_s: float
+    ) -> list[ReleaseOutcome]:
+        """Release or settle up to ``MAX_RELEASES_PER_CALL`` holds in one ReleaseHolds call.
+
+        Returns one outcome per item, in order. Raises LedgerUnavailable or LedgerRejected
+        when the call fails as a whole. After LedgerUnavailable some items may have been
+        applied, so repeat them with the same request ids.
+        """
+        request = grant_pb2.ReleaseHoldsRequest(
+            holds=[
+                grant_pb2.ReleaseHoldRequest(
+                    request_id=item.request_id, hold_id=item.hold_id, settle=item.settle
+                )
+                for item in items
+            ]
+        )
+        try:
+            response = await self._stub.ReleaseHolds(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error) from error
+        if len(response.results) != len(items):
+            raise LedgerUnavailable(
+                f"ReleaseHolds returned {len(response.results)} results for {len(items)} "
+                "holds, expected one per hold"
+            )
+        return [_release_outcome(result) for result in response.results]
 
     async def refund(
         self, request_id: str, hold_id: str, amount: Decimal, reason: str, timeout_s: float

@@ -19,7 +19,14 @@ from acsp.v1 import agent_pb2, common_pb2
 from services.metering.attempts import AttemptFacts, record_attempt
 from services.metering.charger import Charger, ChargerConfig
 from services.metering.ingest import IngestConfig, UsageIngest, declare_usage_stream
-from services.metering.ledger import ChargeOutcome, GrantTerms, LedgerCharge, LedgerRejected
+from services.metering.ledger import (
+    ChargeOutcome,
+    GrantTerms,
+    HoldRelease,
+    LedgerCharge,
+    LedgerRejected,
+    ReleaseOutcome,
+)
 from services.metering.ratecard import (
     AMOUNT_QUANTUM,
     TFLOPS_PER_PF_DAY_SECOND,
@@ -69,6 +76,15 @@ class LedgerDouble:
 
     async def settle_hold(self, request_id: str, hold_id: str, timeout_s: float) -> None:
         self.settled.setdefault(request_id, hold_id)
+
+    async def close_holds(
+        self, items: Sequence[HoldRelease], timeout_s: float
+    ) -> list[ReleaseOutcome]:
+        self.calls += 1
+        for item in items:
+            target = self.settled if item.settle else self.released
+            target.setdefault(item.request_id, item.hold_id)
+        return [ReleaseOutcome(item.request_id, "done") for item in items]
 
     async def refund(
         self, request_id: str, hold_id: str, amount: Decimal, reason: str, timeout_s: float
