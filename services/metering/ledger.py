@@ -195,6 +195,9 @@ class GrpcLedger:
         try:
             response = await self._stub.ReleaseHolds(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                # A grant service older than ReleaseHolds: release one hold per call.
+                return [await self._close_one(item, timeout_s) for item in items]
             raise _translate(error) from error
         if len(response.results) != len(items):
             raise LedgerUnavailable(
@@ -202,6 +205,17 @@ class GrpcLedger:
                 "holds, expected one per hold"
             )
         return [_release_outcome(result) for result in response.results]
+
+    async def _close_one(self, item: HoldRelease, timeout_s: float) -> ReleaseOutcome:
+        try:
+            await self._release(
+                item.request_id, item.hold_id, settle=item.settle, timeout_s=timeout_s
+            )
+        except LedgerUnavailable as error:
+            return ReleaseOutcome(item.request_id, "unavailable", str(error))
+        except LedgerRejected as error:
+            return ReleaseOutcome(item.request_id, "rejected", str(error))
+        return ReleaseOutcome(item.request_id, "done")
 
     async def refund(
         self, request_id: str, hold_id: str, amount: Decimal, reason: str, timeout_s: float

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 
-from acsp.v1 import common_pb2, grant_pb2
+from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
 from services.metering import attempts
 from services.metering.attempts import release_ended_attempts
 from services.metering.ledger import (
@@ -189,3 +190,41 @@ async def test_grpc_close_holds_against_grant_service(grant_schema: str, tmp_pat
     assert balance.available_pf_days.value == "10"
     assert settled.settled is True
     assert settled.released_pf_days.value == "2"
+
+
+class _SingleReleaseGrant(grant_pb2_grpc.GrantServiceServicer):
+    """A grant service from before ReleaseHolds: it answers ReleaseHold alone."""
+
+    def __init__(self) -> None:
+        self.released: list[tuple[str, bool]] = []
+
+    async def ReleaseHold(
+        self, request: grant_pb2.ReleaseHoldRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.Hold:
+        if request.hold_id == "missing":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "hold missing not found")
+        self.released.append((request.hold_id, request.settle))
+        return grant_pb2.Hold(hold_id=request.hold_id)
+
+
+async def test_grpc_close_holds_falls_back_to_single_calls() -> None:
+    servicer = _SingleReleaseGrant()
+    server = grpc.aio.server()
+    grant_pb2_grpc.add_GrantServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            outcomes = await GrpcLedger(channel).close_holds(
+                [
+                    HoldRelease("release/j1/1", "h1", settle=False),
+                    HoldRelease("settle/j2/1", "missing", settle=True),
+                    HoldRelease("settle/j3/1", "h3", settle=True),
+                ],
+                timeout_s=5,
+            )
+    finally:
+        await server.stop(None)
+    assert [o.status for o in outcomes] == ["done", "rejected", "done"]
+    assert "NOT_FOUND" in outcomes[1].message
+    assert servicer.released == [("h1", False), ("h3", True)]
