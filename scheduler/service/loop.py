@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Final
 
 from .admission import GrantAdmission, HoldOutcome, RateCard
 from .engine_adapter import AcceleratorHealth
@@ -41,6 +42,10 @@ from .store import DispatchRecord, JobStore, OutboxEvent
 from .watch import WatchHub
 
 logger = logging.getLogger(__name__)
+
+
+APPLY_SLICE: Final = 100
+"""Inputs a turn applies between two yields to the event loop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +162,11 @@ class SchedulingLoop:
         for record, reason in self._unpublishable:
             self.book.fail_unpublishable(record, reason, fx)
         self._unpublishable.clear()
-        for item in batch:
+        for index, item in enumerate(batch, 1):
             self._apply(item, fx, acks, replies, inventories)
+            if index % APPLY_SLICE == 0:
+                # Let calls waiting on the event loop (submissions, reads) run between slices.
+                await asyncio.sleep(0)
         self.book.settle_reloaded(fx)  # Fail now the submissions the engine rejected.
         for change in self.fleet.expire(now):
             self._on_node_change(change, now)
