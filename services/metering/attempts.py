@@ -315,24 +315,96 @@ async def decide_due_refunds(
             ORDER BY released_at LIMIT 200 FOR UPDATE SKIP LOCKED
             """
         )
+        if not rows:
+            return decisions
+        job_ids = [row["job_id"] for row in rows]
+        attempt_numbers = [row["attempt"] for row in rows]
+        samples = await _samples_by_attempt(conn, job_ids, attempt_numbers)
+        events = await _health_events_for(conn, rows, samples)
         for row in rows:
-            decision = await _decide_one(conn, row, history, max_lost, tie_window)
+            key = (row["job_id"], row["attempt"])
+            decision = await _decide_one(
+                conn, row, samples.get(key, []), events, history, max_lost, tie_window
+            )
             if decision is not None:
                 await _insert_refund(conn, row, decision)
                 decisions.append(decision)
-            await conn.execute(
-                "UPDATE metering.jobs SET refund_checked_at = $3 "
-                "WHERE job_id = $1 AND attempt = $2",
-                row["job_id"],
-                row["attempt"],
-                now,
-            )
+        await conn.execute(
+            """
+            UPDATE metering.jobs AS j SET refund_checked_at = $3
+            FROM unnest($1::text[], $2::int[]) AS u(job_id, attempt)
+            WHERE j.job_id = u.job_id AND j.attempt = u.attempt
+            """,
+            job_ids,
+            attempt_numbers,
+            now,
+        )
     return decisions
+
+
+async def _samples_by_attempt(
+    conn: asyncpg.Connection, job_ids: list[str], attempts: list[int]
+) -> dict[tuple[str, int], list[SampleSlice]]:
+    """Read the usage samples of many attempts in one query, grouped by attempt."""
+    rows = await conn.fetch(
+        """
+        SELECT s.job_id, s.attempt, s.start_time, s.provider, s.region, s.accelerator_model,
+               s.accelerator_id, s.node, s.accelerator_micros
+        FROM metering.usage_samples s
+        JOIN unnest($1::text[], $2::int[]) AS u(job_id, attempt)
+          ON s.job_id = u.job_id AND s.attempt = u.attempt
+        """,
+        job_ids,
+        attempts,
+    )
+    out: dict[tuple[str, int], list[SampleSlice]] = {}
+    for r in rows:
+        out.setdefault((r["job_id"], r["attempt"]), []).append(
+            SampleSlice(
+                r["start_time"],
+                r["provider"],
+                r["region"],
+                r["accelerator_model"],
+                r["accelerator_id"],
+                r["node"],
+                micros_to_seconds(r["accelerator_micros"]),
+            )
+        )
+    return out
+
+
+async def _health_events_for(
+    conn: asyncpg.Connection,
+    rows: Sequence[asyncpg.Record],
+    samples: dict[tuple[str, int], list[SampleSlice]],
+) -> list[HealthFact]:
+    """Read, in one query, every health event that any of the attempts could blame.
+
+    Those are the events on an accelerator the attempts used, node-wide events on their nodes,
+    and the events named as their end triggers. :func:`_decide_one` picks each attempt's own.
+    """
+    accelerators = {s.accelerator_id for slices in samples.values() for s in slices}
+    nodes = {s.node for slices in samples.values() for s in slices}
+    triggers = [row["end_trigger"].removeprefix("health:") for row in rows if row["end_trigger"]]
+    event_rows = await conn.fetch(
+        """
+        SELECT event_id, accelerator_id, node, kind, code, fatal, event_time
+        FROM metering.health_events
+        WHERE accelerator_id = any($1::text[]) OR (accelerator_id = '' AND node = any($2::text[]))
+           OR event_id = any($3::text[])
+        """,
+        list(accelerators),
+        list(nodes),
+        triggers,
+    )
+    return [HealthFact(*r) for r in event_rows]
 
 
 async def _decide_one(
     conn: asyncpg.Connection,
     row: asyncpg.Record,
+    samples: list[SampleSlice],
+    candidates: list[HealthFact],
     history: RateCardHistory,
     max_lost: timedelta,
     tie_window: timedelta,
@@ -347,41 +419,16 @@ async def _decide_one(
         row["end_trigger"],
         row["last_checkpoint_at"],
     )
-    sample_rows = await conn.fetch(
-        """
-        SELECT start_time, provider, region, accelerator_model, accelerator_id, node,
-               accelerator_micros
-        FROM metering.usage_samples WHERE job_id = $1 AND attempt = $2
-        """,
-        attempt.job_id,
-        attempt.attempt,
-    )
-    samples = [
-        SampleSlice(
-            r["start_time"],
-            r["provider"],
-            r["region"],
-            r["accelerator_model"],
-            r["accelerator_id"],
-            r["node"],
-            micros_to_seconds(r["accelerator_micros"]),
-        )
-        for r in sample_rows
-    ]
     accelerators = frozenset(s.accelerator_id for s in samples)
     nodes = frozenset(s.node for s in samples)
-    event_rows = await conn.fetch(
-        """
-        SELECT event_id, accelerator_id, node, kind, code, fatal, event_time
-        FROM metering.health_events
-        WHERE accelerator_id = any($1::text[]) OR (accelerator_id = '' AND node = any($2::text[]))
-           OR event_id = $3
-        """,
-        list(accelerators),
-        list(nodes),
-        attempt.end_trigger.removeprefix("health:"),
-    )
-    events = [HealthFact(*r) for r in event_rows]
+    trigger = attempt.end_trigger.removeprefix("health:")
+    events = [
+        e
+        for e in candidates
+        if e.accelerator_id in accelerators
+        or (e.accelerator_id == "" and e.node in nodes)
+        or (trigger != "" and e.event_id == trigger)
+    ]
     cause = find_cause(attempt, events, accelerators, nodes, tie_window)
     if cause is None:
         return None
