@@ -133,15 +133,21 @@ class JobStore:
         """
         records = [self._job_record(job, epoch, cause) for job in jobs]
         columns = list(zip(*records, strict=True)) if records else [()] * len(_JOB_COLUMNS)
-        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-            await self._check_epoch(conn, epoch)
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            # One statement, so no transaction: it inserts only while the leaders row, locked
+            # FOR SHARE until it commits, still holds this epoch.
             inserted = await conn.fetch(
                 INSERT_JOBS,
                 *[list(c) for c in columns],
                 list(request_ids),
+                self.shard,
+                epoch,
                 timeout=self._timeout,
             )
             done = {row[0] for row in inserted}
+            if jobs and not done:
+                # Nothing inserted: every request id was stored before, or the epoch moved on.
+                await self._check_epoch(conn, epoch)
             # A request id repeated in this statement is inserted once, and its copies get the
             # inserted Job object itself. The submission batcher hands a job to the scheduling
             # loop only when it gets back the object it inserted.

@@ -11,6 +11,7 @@ JOB_SELECT_LIST: Final = (
 )
 
 INSERT_JOBS: Final = """
+WITH leader AS (SELECT epoch FROM scheduler.leaders WHERE shard = $25 FOR SHARE)
 INSERT INTO scheduler.jobs (job_id, shard, owner, institution, grant_id, project_id, spec, state,
     pending_reason, reason, attempt, array_id, array_index, submitted_at, started_at, ended_at,
     hold_id, hold_amount, checkpoint_ref, exit_code, placement, cause, epoch, request_id)
@@ -26,6 +27,7 @@ FROM unnest(
 ) AS u(job_id, shard, owner, institution, grant_id, project_id, spec, state, pending_reason,
        reason, attempt, array_id, array_index, submitted_at, started_at, ended_at, hold_id,
        hold_amount, checkpoint_ref, exit_code, placement, cause, epoch, request_id)
+WHERE (SELECT epoch FROM leader) = $26
 ON CONFLICT (request_id) DO NOTHING
 RETURNING job_id
 """
