@@ -10,7 +10,8 @@ process per task.
 It reports the submission latency (client-side, per call) and, from the scheduler's rows,
 the time from submission to started (every task reported started) and the sustained rate of
 starts. It also reports the CPU time per started job of each process it started, from /proc,
-with and without the idle rate sampled before submitting. Run::
+with and without the idle rate sampled before submitting; "tasks" is the CPU of the jobs'
+own processes, which the agents reap. Run::
 
     python bench/e2e_bench.py --jobs 3000 --rate 1000 --nodes 250
 """
@@ -52,6 +53,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def reaped_children_seconds(pid: int) -> float:
+    """User plus system CPU seconds of the children ``pid`` has reaped (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
 def postgres_cpu_seconds() -> float:
     """CPU seconds so far of every live PostgreSQL process on this machine (0 if none can be read).
 
@@ -76,6 +86,9 @@ def cpu_by_process(stack: Stack) -> dict[str, float]:
     for process in stack.processes:
         name = process.name.split("-")[0]
         usage[name] = usage.get(name, 0.0) + cpu_seconds(process.popen.pid)
+        if name == "agents":
+            # The tasks themselves: each job's `true`, reaped by its agent.
+            usage["tasks"] = usage.get("tasks", 0.0) + reaped_children_seconds(process.popen.pid)
     usage["postgres"] = postgres_cpu_seconds()
     own = resource.getrusage(resource.RUSAGE_SELF)
     usage["client"] = own.ru_utime + own.ru_stime
