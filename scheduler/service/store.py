@@ -26,12 +26,14 @@ from .codec import (
     spec_to_json,
     to_datetime,
 )
-from .model import Job, JobFilter, JobState
+from .model import TERMINAL_STATES, Job, JobFilter, JobState
 from .store_sql import (
     ACK_DISPATCHES,
     INSERT_DISPATCHES,
     INSERT_JOBS,
     JOB_SELECT_LIST,
+    PURGE_DISPATCHES,
+    PURGE_EVENTS,
     UPDATE_JOBS,
 )
 
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE: Final = 1000
 DEFAULT_PAGE_SIZE: Final = 100
+PURGE_CHUNK: Final = 10_000
+"""Rows one purge statement deletes at most."""
 
 
 class Fenced(Exception):
@@ -371,6 +375,34 @@ class JobStore:
                 timeout=self._timeout,
             )
         return {(row[0], row[1], row[2], row[3]) for row in rows}
+
+    async def purge_acked(self, retention_s: float, chunk: int = PURGE_CHUNK) -> tuple[int, int]:
+        """Delete commands and job events that JetStream stored over ``retention_s`` ago.
+
+        Events of the shard are deleted whatever their job's state, but commands only once
+        their job has ended. Unacknowledged rows always stay. Each statement deletes at most
+        ``chunk`` rows in its own transaction. Returns the number of commands and of events
+        deleted.
+        """
+        terminal = sorted(TERMINAL_STATES)
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            commands = await self._purge(conn, PURGE_DISPATCHES, retention_s, chunk, terminal)
+            events = await self._purge(conn, PURGE_EVENTS, retention_s, chunk)
+        return commands, events
+
+    async def _purge(
+        self, conn: asyncpg.Connection, sql: str, retention_s: float, chunk: int, *extra: Any
+    ) -> int:
+        """Run a purge ``DELETE`` until it deletes fewer than ``chunk`` rows; return the total."""
+        total = 0
+        while True:
+            status: str = await conn.execute(
+                sql, self.shard, retention_s, chunk, *extra, timeout=self._timeout
+            )
+            deleted = int(status.rsplit(" ", 1)[1])
+            total += deleted
+            if deleted < chunk:
+                return total
 
     async def load_open_jobs(self) -> list[Job]:
         """Return every pending, starting or running job of the shard, oldest first."""

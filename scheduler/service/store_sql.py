@@ -62,3 +62,26 @@ FROM unnest($1::text[], $2::int[], $3::int[], $4::text[]) AS u(job_id, attempt, 
 WHERE d.job_id = u.job_id AND d.attempt = u.attempt AND d.task_index = u.task_index
     AND d.kind = u.kind AND d.acked_at IS NULL
 """
+
+# The purge statements delete at most $3 rows each, so no statement holds its locks for long.
+# The caller repeats them until one deletes fewer. Unacknowledged rows never match. The rows are
+# picked by ctid, so the DELETE fetches each one directly instead of scanning the table to join
+# them.
+PURGE_EVENTS: Final = """
+DELETE FROM scheduler.outbox WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM scheduler.outbox
+    WHERE shard = $1 AND acked_at IS NOT NULL AND acked_at < now() - make_interval(secs => $2)
+    LIMIT $3
+))
+"""
+
+# Only commands of ended jobs are deleted, because the primary key of a command is its dedupe
+# key. An open job that records a command again must find the first row, so it is not sent twice.
+PURGE_DISPATCHES: Final = """
+DELETE FROM scheduler.dispatches WHERE ctid = ANY(ARRAY(
+    SELECT d.ctid FROM scheduler.dispatches d JOIN scheduler.jobs j USING (job_id)
+    WHERE d.acked_at IS NOT NULL AND d.acked_at < now() - make_interval(secs => $2)
+        AND j.shard = $1 AND j.state = ANY($4::text[])
+    LIMIT $3
+))
+"""

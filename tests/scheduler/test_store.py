@@ -146,3 +146,109 @@ async def test_commit_turn_writes_all_or_nothing(pool: asyncpg.Pool, database_ds
     assert fenced.state == "starting"
     assert await store.unacked_dispatches() == []
     await takeover.release()
+
+
+async def age_acks(pool: asyncpg.Pool, table: str, seconds: float) -> None:
+    """Move every acknowledgement in ``table`` ``seconds`` into the past."""
+    await pool.execute(
+        f"UPDATE scheduler.{table} SET acked_at = acked_at - make_interval(secs => $1)"
+        " WHERE acked_at IS NOT NULL",
+        seconds,
+    )
+
+
+async def test_purge_deletes_only_old_acked_events(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    old, recent, unacked = (
+        OutboxEvent("acsp.events.job.ended", f"j{i}/1/ended", b"event") for i in range(3)
+    )
+    await store.record_events([old, unacked], epoch)
+    await pool.execute(
+        "INSERT INTO scheduler.outbox (event_id, shard, subject, payload, acked_at)"
+        " VALUES ('other/1/ended', 's1', 'acsp.events.job.ended', '', now())"
+    )
+    await store.ack_events([old.msg_id])
+    await age_acks(pool, "outbox", 7200)
+    await pool.execute("UPDATE scheduler.outbox SET created_at = now() - interval '3 hours'")
+    await store.record_events([recent], epoch)
+    await store.ack_events([recent.msg_id])
+
+    assert await store.purge_acked(3600) == (0, 1)
+
+    left = {row[0] for row in await pool.fetch("SELECT event_id FROM scheduler.outbox")}
+    assert old.msg_id not in left
+    assert recent.msg_id in left
+    assert unacked.msg_id in left
+    assert "other/1/ended" in left, "another shard's events belong to its own leader"
+    assert await store.unacked_events() == [unacked]
+    await lease.release()
+
+
+async def test_purge_keeps_commands_of_open_jobs(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    ended, running = make_job("ended"), make_job("running")
+    await store.insert_jobs([ended, running], [None, None], epoch, "rpc")
+    await store.update_jobs(
+        [replace(ended, state="completed"), replace(running, state="running")],
+        epoch,
+        ["task:ended", "task:started"],
+    )
+    start = DispatchRecord(ended.job_id, 1, 0, "start", "p.r.n", b"start")
+    stop = DispatchRecord(ended.job_id, 1, 0, "stop", "p.r.n", b"stop")
+    unacked = DispatchRecord(ended.job_id, 1, 1, "stop", "p.r.n", b"stop")
+    open_start = DispatchRecord(running.job_id, 1, 0, "start", "p.r.n", b"start")
+    await store.record_dispatches([start, stop, unacked, open_start], epoch)
+    await store.ack_dispatches([start.key, open_start.key])
+    await age_acks(pool, "dispatches", 7200)
+    await store.ack_dispatches([stop.key])
+
+    assert await store.purge_acked(3600) == (1, 0)
+
+    keys = await store.dispatched_keys([ended.job_id, running.job_id])
+    assert start.key not in keys
+    assert stop.key in keys, "acked within the retention"
+    assert unacked.key in keys
+    assert open_start.key in keys, "the command of an open job is its dedupe record"
+    assert await store.unacked_dispatches() == [unacked]
+    await lease.release()
+
+
+async def test_purge_leaves_other_shards_commands(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = LeaderLease(database_dsn, "s1", "b", poll_interval_s=0.1)
+    epoch = await lease.acquire()
+    other = JobStore(pool, "s1")
+    job = make_job()
+    await other.insert_jobs([job], [None], epoch, "rpc")
+    await other.update_jobs([replace(job, state="cancelled")], epoch, ["rpc:CancelJob"])
+    record = DispatchRecord(job.job_id, 1, 0, "stop", "p.r.n", b"stop")
+    await other.record_dispatches([record], epoch)
+    await other.ack_dispatches([record.key])
+    await age_acks(pool, "dispatches", 7200)
+
+    assert await JobStore(pool, "s0").purge_acked(3600) == (0, 0)
+    assert await other.purge_acked(3600) == (1, 0)
+    await lease.release()
+
+
+async def test_purge_deletes_in_chunks(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    job = make_job()
+    await store.insert_jobs([job], [None], epoch, "rpc")
+    await store.update_jobs([replace(job, state="failed")], epoch, ["task:failed"])
+    records = [DispatchRecord(job.job_id, 1, i, "start", "p.r.n", b"x") for i in range(5)]
+    events = [OutboxEvent("acsp.events.job.ended", f"e{i}", b"x") for i in range(4)]
+    await store.commit_turn([], [], records, events, epoch)
+    await store.ack_published([r.key for r in records], [e.msg_id for e in events])
+
+    # The four events take three statements, because the second one deletes a full chunk.
+    assert await store.purge_acked(0, chunk=2) == (5, 4)
+    assert await store.purge_acked(0, chunk=2) == (0, 0)
+    assert await pool.fetchval("SELECT count(*) FROM scheduler.dispatches") == 0
+    assert await pool.fetchval("SELECT count(*) FROM scheduler.outbox") == 0
+    await lease.release()
