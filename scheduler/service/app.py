@@ -88,6 +88,7 @@ def _leadership(settings: SchedulerSettings, runtime: Runtime) -> Leadership:
             max_holds_in_flight=settings.max_holds_in_flight,
             budget_retry_s=settings.budget_retry_s,
             start_timeout_s=settings.start_timeout_s,
+            outbox_retention_s=settings.outbox_retention_s,
         ),
         poll_s=settings.leader_poll_s,
     )

@@ -38,6 +38,7 @@ from .jobbook import Effects, JobBook
 from .model import Job
 from .node_store import NodeStore
 from .publisher import Publisher
+from .purge import AckedRowPurge
 from .store import DispatchRecord, JobStore, OutboxEvent
 from .watch import WatchHub
 
@@ -71,6 +72,11 @@ class LoopSettings:
     """Seconds between the loop's INFO lines with its counters."""
     republish_after_s: float = 5.0
     """Age of a recorded but unacknowledged command before it is published again."""
+    outbox_retention_s: float = 86_400.0
+    """Seconds that acknowledged commands and job events are kept. Commands also stay until their
+    job has ended."""
+    purge_interval_s: float = 60.0
+    """Seconds between purges of acknowledged commands and job events."""
 
 
 class SchedulingLoop:
@@ -114,6 +120,7 @@ class SchedulingLoop:
         self._pass_gap = settings.min_pass_interval_s
         self._pass_due = False
         self._last_republish = 0.0
+        self._purge = AckedRowPurge(store, settings.outbox_retention_s, settings.purge_interval_s)
         self._clock = 0.0
         self.passes = 0
         self._pass_seconds = 0.0
@@ -192,6 +199,9 @@ class SchedulingLoop:
         if now - self._last_republish >= self.settings.republish_after_s:
             self._last_republish = now
             await self._republish(self.settings.republish_after_s)
+        if self._purge.claim():
+            # Beside the turns, because the first purge of a large backlog takes many statements.
+            self._tasks.create_task(self._purge.run(), name="outbox-purge")
 
     def _run_pass(self, now: float, fx: Effects) -> None:
         began = time.perf_counter()

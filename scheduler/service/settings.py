@@ -66,6 +66,13 @@ class SchedulerSettings(Settings):
         "seconds before a project whose hold failed for budget is tried again",
         minimum=0.1,
     )
+    outbox_retention_s: float = setting(
+        "ACSP_SCHEDULER_OUTBOX_RETENTION_S",
+        86_400.0,
+        "seconds that commands and job events are kept after JetStream stored them"
+        " (commands also until their job ends), for debugging",
+        minimum=0.0,
+    )
 
     def validate(self) -> None:
         super().validate()
