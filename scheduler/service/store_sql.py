@@ -85,3 +85,66 @@ DELETE FROM scheduler.dispatches WHERE ctid = ANY(ARRAY(
     LIMIT $3
 ))
 """
+
+COMMIT_TURN: Final = """
+WITH leader AS (
+    SELECT epoch FROM scheduler.leaders WHERE shard = $1 FOR SHARE
+),
+fence AS (
+    SELECT (SELECT epoch FROM leader) AS current, coalesce((SELECT epoch FROM leader) = $2, false)
+        AS ok
+),
+acked_dispatches AS (
+    UPDATE scheduler.dispatches AS d SET acked_at = now()
+    FROM unnest($3::text[], $4::int[], $5::int[], $6::text[])
+        AS u(job_id, attempt, task_index, kind)
+    WHERE (SELECT ok FROM fence) AND d.job_id = u.job_id AND d.attempt = u.attempt
+        AND d.task_index = u.task_index AND d.kind = u.kind AND d.acked_at IS NULL
+),
+acked_events AS (
+    UPDATE scheduler.outbox SET acked_at = now()
+    WHERE (SELECT ok FROM fence) AND event_id = ANY($7::text[]) AND acked_at IS NULL
+),
+changed_jobs AS (
+    UPDATE scheduler.jobs AS j SET
+        state = u.state, pending_reason = u.pending_reason, reason = u.reason,
+        attempt = u.attempt, started_at = u.started_at, ended_at = u.ended_at,
+        hold_id = u.hold_id, hold_amount = u.hold_amount, checkpoint_ref = u.checkpoint_ref,
+        checkpoint_at = u.checkpoint_at, exit_code = u.exit_code,
+        placement = u.placement::jsonb, cause = u.cause, epoch = $2, updated_at = now()
+    FROM unnest(
+        $8::text[], $9::text[], $10::text[], $11::text[], $12::int[], $13::timestamptz[],
+        $14::timestamptz[], $15::text[], $16::numeric[], $17::text[], $18::timestamptz[],
+        $19::int[], $20::text[], $21::text[]
+    ) AS u(job_id, state, pending_reason, reason, attempt, started_at, ended_at, hold_id,
+           hold_amount, checkpoint_ref, checkpoint_at, exit_code, placement, cause)
+    WHERE (SELECT ok FROM fence) AND j.job_id = u.job_id
+),
+new_dispatches AS (
+    INSERT INTO scheduler.dispatches (job_id, attempt, task_index, kind, node_key, payload, epoch)
+    SELECT u.*, $2 FROM unnest(
+        $22::text[], $23::int[], $24::int[], $25::text[], $26::text[], $27::bytea[]
+    ) AS u(job_id, attempt, task_index, kind, node_key, payload)
+    WHERE (SELECT ok FROM fence)
+    ON CONFLICT DO NOTHING
+    RETURNING job_id, attempt, task_index, kind
+),
+new_events AS (
+    INSERT INTO scheduler.outbox (event_id, shard, subject, payload)
+    SELECT u.event_id, $1, u.subject, u.payload
+    FROM unnest($28::text[], $29::text[], $30::bytea[]) AS u(event_id, subject, payload)
+    WHERE (SELECT ok FROM fence)
+    ON CONFLICT DO NOTHING
+)
+SELECT NULL::text, NULL::int, NULL::int, NULL::text, (SELECT current FROM fence)
+WHERE NOT (SELECT ok FROM fence)
+UNION ALL
+SELECT job_id, attempt, task_index, kind, $2 FROM new_dispatches
+"""
+"""One turn's writes as one statement, so one round trip and one implicit transaction.
+
+Every part runs only while the leaders row, locked FOR SHARE, still holds the epoch ``$2``.
+Data-modifying CTEs all run to completion whether or not the final SELECT reads them. The
+result is the commands not recorded before, or, when fenced, one row of NULLs with the
+current epoch.
+"""

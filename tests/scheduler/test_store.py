@@ -148,6 +148,25 @@ async def test_commit_turn_writes_all_or_nothing(pool: asyncpg.Pool, database_ds
     await takeover.release()
 
 
+async def test_commit_turn_marks_published_records(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    job = make_job()
+    await store.insert_jobs([job], [None], epoch, "rpc")
+    record = DispatchRecord(job.job_id, 1, 0, "start", "p.r.n", b"cmd")
+    event = OutboxEvent("acsp.events.job.admitted", f"{job.job_id}/1/admitted", b"event")
+    await store.commit_turn([], [], [record], [event], epoch)
+
+    # The next turn carries the marks alone, as an idle loop's turn does.
+    fresh = await store.commit_turn([], [], [], [], epoch, [record.key], [event.msg_id])
+
+    assert fresh == []
+    assert await store.unacked_dispatches() == []
+    assert await store.unacked_events() == []
+    await lease.release()
+
+
 async def age_acks(pool: asyncpg.Pool, table: str, seconds: float) -> None:
     """Move every acknowledgement in ``table`` ``seconds`` into the past."""
     await pool.execute(
