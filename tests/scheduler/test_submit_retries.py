@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
+import grpc.aio
 import pytest
 
+from acsp.submitter import JobSubmitter
 from acsp.v1 import scheduler_pb2
 from services.runtime.auth import Role
 
@@ -94,3 +98,33 @@ async def test_request_id_scoped_to_submitter(stack: Stack) -> None:
     assert by_office.job.job_id != by_pi.job.job_id
     assert by_office.job.owner_subject == "office"
     assert again_by_office.job.job_id == by_office.job.job_id
+
+
+async def test_sdk_submitter_isolates_invalid_job(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    good = [
+        scheduler_pb2.SubmitJobRequest(spec=job_spec(project, grant, task_count=1))
+        for _ in range(20)
+    ]
+    bad = scheduler_pb2.SubmitJobRequest(spec=job_spec(project, grant, task_count=1))
+    bad.spec.wall_time_seconds = 0
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        submitter = JobSubmitter(scheduler, linger_s=0.05, metadata=md)
+        results = await asyncio.gather(
+            *(submitter.submit(request) for request in [*good[:10], bad, *good[10:]]),
+            return_exceptions=True,
+        )
+        await submitter.close()
+        listed = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(project_id=project), metadata=md, timeout=10
+        )
+    rejected = results.pop(10)
+    assert isinstance(rejected, grpc.aio.AioRpcError)
+    assert rejected.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "wall_time_seconds" in (rejected.details() or "")
+    created = [r.job.job_id for r in results if isinstance(r, scheduler_pb2.SubmitJobResponse)]
+    assert len(set(created)) == 20
+    assert sorted(job.job_id for job in listed.jobs) == sorted(created)
