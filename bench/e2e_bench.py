@@ -33,6 +33,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from acsp.submitter import JobSubmitter
 from acsp.v1 import scheduler_pb2
 from services.runtime.auth import Role
 from tests.scheduler.harness import (
@@ -66,7 +67,7 @@ def postgres_cpu_seconds() -> float:
     """CPU seconds so far of every live PostgreSQL process on this machine (0 if none can be read).
 
     Backends that exit between two readings take their time with them, so a difference of two
-    readings is a lower bound; the stack keeps its connections open, so little is lost.
+    readings is a lower bound. The stack keeps its connections open, so little is lost.
     """
     total = 0.0
     for entry in Path("/proc").iterdir():
@@ -123,11 +124,21 @@ async def submit_all(
     slots = asyncio.Semaphore(args.concurrency)
     channel, scheduler = scheduler_stub(address)
 
+    submitter = (
+        JobSubmitter(scheduler, metadata=md, max_batch=args.submitter_batch)
+        if args.submitter
+        else None
+    )
+
     async def one(index: int) -> None:
         nonlocal failures
         try:
             started = time.perf_counter()
-            if args.batch == 1:
+            if submitter is not None:
+                await submitter.submit(
+                    scheduler_pb2.SubmitJobRequest(request_id=f"bench-{index}", spec=spec)
+                )
+            elif args.batch == 1:
                 await scheduler.SubmitJob(
                     scheduler_pb2.SubmitJobRequest(request_id=f"bench-{index}", spec=spec),
                     metadata=md,
@@ -160,6 +171,8 @@ async def submit_all(
             await slots.acquire()
             tasks.append(asyncio.create_task(one(index)))
         await asyncio.gather(*tasks)
+        if submitter is not None:
+            await submitter.close()
     return latencies, time.perf_counter() - begin, failures
 
 
@@ -243,6 +256,8 @@ async def run(args: argparse.Namespace) -> None:
         shutil.rmtree(state_root, ignore_errors=True)
     cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
     whole = {name: cpu_released[name] - cpu_before.get(name, 0.0) for name in cpu_released}
+    if args.submitter:
+        print("each job went through the SDK's JobSubmitter in SubmitJobs calls; a call is one job")
     report(latencies, elapsed, failures, rows, args.batch, cpu, idle, window_s)
     report_whole(whole, idle, released_s, len(rows))
 
@@ -319,6 +334,15 @@ def main() -> None:
         default=1,
         help="jobs per call: 1 sends SubmitJob, more send SubmitJobs (latency is per call)",
     )
+    parser.add_argument(
+        "--submitter",
+        action="store_true",
+        help="submit each job through the SDK's JobSubmitter, which sends SubmitJobs calls "
+        "(latency is per job)",
+    )
+    parser.add_argument(
+        "--submitter-batch", type=int, default=100, help="largest SubmitJobs call of --submitter"
+    )
     parser.add_argument("--wall-time", type=int, default=60, help="wall-time limit per job, s")
     parser.add_argument(
         "--agent-processes", type=int, default=1, help="simulated agent processes sharing the nodes"
@@ -339,7 +363,10 @@ def main() -> None:
     parser.add_argument(
         "--drain-timeout", type=float, default=300.0, help="seconds to wait for every job to start"
     )
-    asyncio.run(run(parser.parse_args()))
+    args = parser.parse_args()
+    if args.submitter and args.batch != 1:
+        parser.error("--submitter sends one job per submit; leave --batch at 1")
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":
