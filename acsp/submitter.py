@@ -15,6 +15,8 @@ job rejects its whole batch and stores nothing. The submitter then sends that ba
 ``SubmitJob`` per job, so each caller gets its own job or its own error. A request without a
 ``request_id`` gets a fresh UUID, which makes the batch safe to retry (see :mod:`acsp.client`).
 A caller that stops waiting does not take its job back: once queued, the job is submitted.
+A call cancelled under the submitter, for example by closing its channel, cancels the waits of
+its callers, as a direct ``SubmitJob`` call raises ``asyncio.CancelledError`` then.
 """
 
 from __future__ import annotations
@@ -130,8 +132,11 @@ class JobSubmitter:
             await self._send_batch(batch)
         finally:
             self._slots.release()
-            for _ in batch:
+            for item in batch:
                 self._queue.task_done()
+                if not item.done.done():
+                    # The call was cancelled, or failed in a way not handled above.
+                    item.done.cancel()
 
     async def _send_batch(self, batch: list[_Pending]) -> None:
         request = scheduler_pb2.SubmitJobsRequest(jobs=[item.request for item in batch])

@@ -134,3 +134,40 @@ async def test_rejects_bad_settings(scheduler: Stubbed) -> None:
         JobSubmitter(stub, max_batch=0)
     with pytest.raises(ValueError, match="linger_s"):
         JobSubmitter(stub, linger_s=-1)
+
+
+class StallingScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
+    """Delays every SubmitJobs response by 60 s."""
+
+    def __init__(self) -> None:
+        self.called = asyncio.Event()
+
+    async def SubmitJobs(
+        self, request: scheduler_pb2.SubmitJobsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SubmitJobsResponse:
+        self.called.set()
+        await asyncio.sleep(60)
+        return scheduler_pb2.SubmitJobsResponse()
+
+
+async def test_closed_channel_ends_waiting_submit() -> None:
+    servicer = StallingScheduler()
+    server = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        submitter = JobSubmitter(scheduler_pb2_grpc.SchedulerServiceStub(channel))
+        waiting = asyncio.create_task(submitter.submit(_request("a")))
+        await asyncio.wait_for(servicer.called.wait(), timeout=10)
+
+        # Closing the channel cancels the call in flight, as it would a direct SubmitJob.
+        await channel.close()
+        finished, _ = await asyncio.wait([waiting], timeout=10)
+        await asyncio.wait_for(submitter.close(), timeout=10)
+    finally:
+        await server.stop(None)
+
+    assert finished == {waiting}
+    assert waiting.cancelled()
