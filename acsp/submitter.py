@@ -3,8 +3,8 @@
 A tool that submits thousands of small jobs at once can await :meth:`JobSubmitter.submit` once
 per job, from as many coroutines as it likes. The scheduler then receives one ``SubmitJobs``
 call per batch. Jobs submitted while ``max_in_flight`` calls are outstanding, or within
-``linger_s`` of the first job of a batch, go out together, up to ``max_batch`` jobs a call.
-Each caller gets its own ``SubmitJobResponse``::
+``linger_s`` of the first job of a batch, go out together, up to ``max_batch`` jobs and
+``max_batch_bytes`` of encoded requests a call. Each caller gets its own ``SubmitJobResponse``::
 
     submitter = JobSubmitter(client.scheduler)
     responses = await asyncio.gather(*(submitter.submit(request) for request in requests))
@@ -43,6 +43,9 @@ ITEM_ERRORS: Final = frozenset(
 )
 """Codes that one job of a batch can cause; the batch is then sent one job per call."""
 
+MAX_BATCH_BYTES: Final = 3 * 1024 * 1024
+"""Default cap on the encoded jobs of one call, below gRPC's default 4 MiB receive limit."""
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -61,14 +64,16 @@ class JobSubmitter:
         linger_s: float = 0.002,
         max_in_flight: int = 4,
         timeout_s: float = 30.0,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> None:
-        if max_batch < 1 or max_in_flight < 1:
-            raise ValueError("max_batch and max_in_flight must be at least 1")
+        if max_batch < 1 or max_in_flight < 1 or max_batch_bytes < 1:
+            raise ValueError("max_batch, max_in_flight and max_batch_bytes must be at least 1")
         if linger_s < 0:
             raise ValueError(f"linger_s is {linger_s}; use 0 or more")
         self._scheduler = scheduler
         self._max_batch = max_batch
+        self._max_batch_bytes = max_batch_bytes
         self._linger_s = linger_s
         self._timeout_s = timeout_s
         self._metadata = tuple(metadata) if metadata is not None else None
@@ -114,15 +119,26 @@ class JobSubmitter:
                 await self._worker
 
     async def _collect(self) -> None:
+        carried: _Pending | None = None
         while True:
             # A batch starts filling only once a call slot is free, so while every slot waits
             # on the scheduler the next batch grows instead of queueing behind them.
             await self._slots.acquire()
-            batch = [await self._queue.get()]
+            first = carried if carried is not None else await self._queue.get()
+            carried = None
+            batch = [first]
+            size = first.request.ByteSize()
             if self._linger_s > 0:
                 await asyncio.sleep(self._linger_s)
             while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+                item = self._queue.get_nowait()
+                size += item.request.ByteSize()
+                if size > self._max_batch_bytes:
+                    # The server would reject the whole call as too large, so the job that
+                    # does not fit opens the next batch. A job over the cap is sent alone.
+                    carried = item
+                    break
+                batch.append(item)
             call = asyncio.create_task(self._send(batch))
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)

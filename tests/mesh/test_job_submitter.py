@@ -171,3 +171,23 @@ async def test_closed_channel_ends_waiting_submit() -> None:
 
     assert finished == {waiting}
     assert waiting.cancelled()
+
+
+async def test_large_specs_split_into_fitting_calls(scheduler: Stubbed) -> None:
+    servicer, stub = scheduler
+    submitter = JobSubmitter(stub, linger_s=0.05)
+    # Twelve specs of 400 KB each exceed gRPC's default 4 MiB message limit together.
+    requests = [_request(f"n{i}") for i in range(12)]
+    for request in requests:
+        request.spec.command.append("x" * 400_000)
+
+    results = await asyncio.gather(
+        *(submitter.submit(request) for request in requests), return_exceptions=True
+    )
+    await submitter.close()
+
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert errors == []
+    assert sum(servicer.batches) == 12
+    assert len(servicer.batches) > 1
+    assert servicer.single_calls == 0
