@@ -197,7 +197,7 @@ class GrpcLedger:
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 # A grant service older than ReleaseHolds: release one hold per call.
-                return [await self._close_one(item, timeout_s) for item in items]
+                return await self._close_each(items, timeout_s)
             raise _translate(error) from error
         if len(response.results) != len(items):
             raise LedgerUnavailable(
@@ -205,6 +205,24 @@ class GrpcLedger:
                 "holds, expected one per hold"
             )
         return [_release_outcome(result) for result in response.results]
+
+    async def _close_each(
+        self, items: Sequence[HoldRelease], timeout_s: float
+    ) -> list[ReleaseOutcome]:
+        """Release ``items`` one call each, stopping at the first unavailable one.
+
+        The items after it are reported unavailable without a call, because each call to a
+        stalled service would wait out its own timeout.
+        """
+        outcomes: list[ReleaseOutcome] = []
+        for item in items:
+            if outcomes and outcomes[-1].status == "unavailable":
+                outcomes.append(
+                    ReleaseOutcome(item.request_id, "unavailable", outcomes[-1].message)
+                )
+                continue
+            outcomes.append(await self._close_one(item, timeout_s))
+        return outcomes
 
     async def _close_one(self, item: HoldRelease, timeout_s: float) -> ReleaseOutcome:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -228,3 +229,39 @@ async def test_grpc_close_holds_falls_back_to_single_calls() -> None:
     assert [o.status for o in outcomes] == ["done", "rejected", "done"]
     assert "NOT_FOUND" in outcomes[1].message
     assert servicer.released == [("h1", False), ("h3", True)]
+
+
+class _StalledSingleReleaseGrant(_SingleReleaseGrant):
+    """A grant service from before ReleaseHolds that stalls for 5 s on hold "stuck"."""
+
+    async def ReleaseHold(
+        self, request: grant_pb2.ReleaseHoldRequest, context: grpc.aio.ServicerContext
+    ) -> grant_pb2.Hold:
+        if request.hold_id == "stuck":
+            await asyncio.sleep(5)
+        return await super().ReleaseHold(request, context)
+
+
+async def test_grpc_fallback_stops_at_unavailable() -> None:
+    servicer = _StalledSingleReleaseGrant()
+    server = grpc.aio.server()
+    grant_pb2_grpc.add_GrantServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            outcomes = await GrpcLedger(channel).close_holds(
+                [
+                    HoldRelease("release/j1/1", "h1", settle=False),
+                    HoldRelease("release/j2/1", "stuck", settle=False),
+                    HoldRelease("release/j3/1", "h3", settle=False),
+                    HoldRelease("release/j4/1", "h4", settle=False),
+                ],
+                timeout_s=0.2,
+            )
+    finally:
+        await server.stop(None)
+    # Each call after the one that timed out would wait its own timeout on a stalled service.
+    assert [o.status for o in outcomes] == ["done", "unavailable", "unavailable", "unavailable"]
+    assert "DEADLINE_EXCEEDED" in outcomes[1].message
+    assert servicer.released == [("h1", False)]
