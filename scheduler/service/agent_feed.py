@@ -174,8 +174,9 @@ class AgentFeed:
     async def _queue(self, messages: list[Msg]) -> asyncio.Future[None] | None:
         """Put the inputs of ``messages`` on the inbox; return what tells of their commit.
 
-        Returns None when the batch was settled here instead: terminated as invalid, or
-        nak'ed because the inbox stayed full.
+        A message that can never be processed is terminated and removed from ``messages``,
+        so the rest of its batch still goes through. Returns None when the batch was nak'ed
+        here instead, because the inbox stayed full.
         """
         committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         remaining = 0
@@ -186,14 +187,20 @@ class AgentFeed:
             if remaining == 0 and not committed.done():
                 committed.set_result(None)
 
-        try:
-            inputs: list[Input] = []
-            for message in messages:
+        inputs: list[Input] = []
+        valid: list[Msg] = []
+        invalid: list[Msg] = []
+        for message in messages:
+            try:
                 inputs.extend(self._convert(message, ack))
-        except InvalidAgentMessage as exc:
-            logger.error("terminating %d agent messages: %s", len(messages), exc)
-            await asyncio.shield(_each(messages, "term"))
-            return None
+            except InvalidAgentMessage as exc:
+                logger.error("terminating an agent message: %s", exc)
+                invalid.append(message)
+                continue
+            valid.append(message)
+        if invalid:
+            await asyncio.shield(_each(invalid, "term"))
+            messages[:] = valid
         remaining = sum(1 for item in inputs if getattr(item, "ack", None) is not None)
         if not remaining:
             committed.set_result(None)

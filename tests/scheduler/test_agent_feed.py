@@ -1,0 +1,114 @@
+"""The agent feed's settling of fetched batches, with a stand-in for the JetStream consumer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from acsp.v1 import agent_pb2
+from scheduler.service.agent_feed import AgentFeed
+from scheduler.service.fleet import FleetView
+from scheduler.service.inputs import Input, TaskReported
+
+
+class FakeMessage:
+    """A JetStream message that records how it was settled."""
+
+    def __init__(self, subject: str, data: bytes) -> None:
+        self.subject = subject
+        self.data = data
+        self.settled: list[str] = []
+        self.was_settled = asyncio.Event()
+
+    def _settle(self, action: str) -> None:
+        self.settled.append(action)
+        self.was_settled.set()
+
+    async def ack(self) -> None:
+        self._settle("ack")
+
+    async def nak(self, delay: float | None = None) -> None:
+        self._settle("nak")
+
+    async def term(self) -> None:
+        self._settle("term")
+
+
+class FakeSubscription:
+    """Returns the given batches from ``fetch``, then times out as an idle consumer does."""
+
+    def __init__(self, batches: list[list[FakeMessage]]) -> None:
+        self.batches = batches
+
+    async def fetch(self, batch: int, timeout: float) -> list[FakeMessage]:  # noqa: ASYNC109
+        if self.batches:
+            return self.batches.pop(0)
+        await asyncio.sleep(timeout)
+        raise TimeoutError
+
+    async def unsubscribe(self) -> None:
+        pass
+
+
+class FakeJetStream:
+    def __init__(self, subscription: FakeSubscription) -> None:
+        self.subscription = subscription
+
+    async def pull_subscribe(self, *args: Any, **kwargs: Any) -> FakeSubscription:
+        return self.subscription
+
+
+def task_message(task_id: str) -> FakeMessage:
+    event = agent_pb2.TaskEvent(task_id=task_id, state=agent_pb2.TASK_STATE_EXITED)
+    return FakeMessage("acsp.task.p.r.n1", event.SerializeToString())
+
+
+def bad_inventory_message() -> FakeMessage:
+    inventory = agent_pb2.Inventory()
+    inventory.node.provider_id = "p"
+    inventory.node.region_id = "r"
+    inventory.node.node_id = "not a token"
+    return FakeMessage("acsp.inventory.p.r.n2", inventory.SerializeToString())
+
+
+async def commit_inputs(inbox: asyncio.Queue[Input], count: int) -> list[Input]:
+    """Take ``count`` inputs as the loop would, and acknowledge each after its commit."""
+    committed = []
+    for _ in range(count):
+        item = await inbox.get()
+        committed.append(item)
+        ack = getattr(item, "ack", None)
+        if ack is not None:
+            await ack()
+    return committed
+
+
+async def test_malformed_message_terminated_alone() -> None:
+    first, bad, last = task_message("j1/1/0"), bad_inventory_message(), task_message("j2/1/0")
+    inbox: asyncio.Queue[Input] = asyncio.Queue()
+    feed = AgentFeed(
+        FakeJetStream(FakeSubscription([[first, bad, last]])),  # type: ignore[arg-type]
+        inbox,
+        "scheduler-test",
+        FleetView(heartbeat_timeout_s=30),
+        commit_timeout_s=5,
+    )
+    stop = asyncio.Event()
+    stream = asyncio.create_task(feed.run_stream(stop))
+    try:
+        committed = await asyncio.wait_for(commit_inputs(inbox, 2), timeout=5)
+        async with asyncio.timeout(5):
+            await first.was_settled.wait()
+            await last.was_settled.wait()
+    finally:
+        stop.set()
+        await asyncio.wait_for(stream, timeout=5)
+
+    # One agent's bad inventory must not drop the task events that share its batch.
+    assert [item.task_id for item in committed if isinstance(item, TaskReported)] == [
+        "j1/1/0",
+        "j2/1/0",
+    ]
+    assert bad.settled == ["term"]
+    assert first.settled == ["ack"]
+    assert last.settled == ["ack"]
