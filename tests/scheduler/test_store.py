@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import asyncpg
@@ -146,6 +147,44 @@ async def test_commit_turn_writes_all_or_nothing(pool: asyncpg.Pool, database_ds
     assert fenced.state == "starting"
     assert await store.unacked_dispatches() == []
     await takeover.release()
+
+
+async def test_writes_behind_takeover_are_fenced(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    job = make_job()
+    await store.insert_jobs([job], [None], epoch, "rpc")
+    record = DispatchRecord(job.job_id, 1, 0, "start", "p.r.n", b"cmd")
+    event = OutboxEvent("acsp.events.job.admitted", f"{job.job_id}/1/admitted", b"event")
+    takeover = await asyncpg.connect(database_dsn)
+    try:
+        # A new leader's epoch bump is in flight. Both writes wait for it on the leaders row,
+        # then find the new epoch and write nothing.
+        async with takeover.transaction():
+            await takeover.execute("UPDATE scheduler.leaders SET epoch = epoch + 1")
+            turn = asyncio.create_task(
+                store.commit_turn(
+                    [replace(job, state="starting")], ["hold"], [record], [event], epoch
+                )
+            )
+            insert = asyncio.create_task(store.insert_jobs([make_job()], ["r1"], epoch, "rpc"))
+            done, _ = await asyncio.wait([turn, insert], timeout=0.5)
+            assert done == set()
+        with pytest.raises(Fenced):
+            await asyncio.wait_for(turn, timeout=10)
+        with pytest.raises(Fenced):
+            await asyncio.wait_for(insert, timeout=10)
+    finally:
+        await takeover.close()
+
+    stored = await store.get_job(job.job_id)
+    assert stored is not None
+    assert stored.state == "pending"
+    assert await store.unacked_dispatches() == []
+    assert await store.unacked_events() == []
+    assert await pool.fetchval("SELECT count(*) FROM scheduler.jobs") == 1
+    await lease.release()
 
 
 async def test_commit_turn_marks_published_records(pool: asyncpg.Pool, database_dsn: str) -> None:
