@@ -205,11 +205,14 @@ class AgentFeed:
         if not remaining:
             committed.set_result(None)
         try:
-            for item in inputs:
-                try:
-                    self._inbox.put_nowait(item)
-                except asyncio.QueueFull:
-                    await asyncio.wait_for(self._inbox.put(item), timeout=self._commit_timeout)
+            # One deadline for the whole batch, so a full inbox cannot stretch the wait past
+            # JetStream's ack wait (twice commit_timeout_s).
+            async with asyncio.timeout(self._commit_timeout):
+                for item in inputs:
+                    try:
+                        self._inbox.put_nowait(item)
+                    except asyncio.QueueFull:
+                        await self._inbox.put(item)
         except TimeoutError:
             logger.warning(
                 "the loop's inbox stayed full; %d agent messages are redelivered", len(messages)
