@@ -125,7 +125,9 @@ async def connect_nats(settings: Settings, name: str, *, inbox_prefix: str | Non
     async def remember_error(error: Exception) -> None:
         if first_connection.is_set():
             await _log_error(error)
-        else:
+        elif not errors or not isinstance(error, OSError) or isinstance(errors[0], OSError):
+            # A socket error never hides what the server said on an earlier attempt: a server
+            # that refuses the credentials may reset the connection before its -ERR is read.
             errors[:] = [error]
 
     options: dict[str, Any] = {
