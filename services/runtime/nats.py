@@ -126,7 +126,7 @@ async def connect_nats(settings: Settings, name: str, *, inbox_prefix: str | Non
         if first_connection.is_set():
             await _log_error(error)
         elif not errors or not isinstance(error, OSError) or isinstance(errors[0], OSError):
-            # A socket error never hides what the server said on an earlier attempt: a server
+            # A socket error never hides the error the server sent on an earlier attempt: a server
             # that refuses the credentials may reset the connection before its -ERR is read.
             errors[:] = [error]
 
