@@ -36,12 +36,26 @@ class TaskId:
         return cls(job_id, int(attempt), int(index))
 
 
-def start_record(job: Job, task: TaskPlacement, epoch: int) -> DispatchRecord:
+def replacement_kind(action: str, node_key: str) -> str:
+    """Return the dispatch kind of a ``start`` or ``stop`` sent when a task is replaced.
+
+    The first start and the last stop of a task use the bare action. A replacement adds the
+    node it addresses, so its commands keep their own dedupe key and ``Nats-Msg-Id``.
+    """
+    return f"{action}:{node_key}"
+
+
+def command_action(kind: str) -> str:
+    """Return ``start`` or ``stop`` for a dispatch kind, bare or of a replacement."""
+    return kind.partition(":")[0]
+
+
+def start_record(job: Job, task: TaskPlacement, epoch: int, kind: str = "start") -> DispatchRecord:
     """Build the start command of one task of ``job``'s current attempt."""
     spec = job.spec
     checkpoint = job.checkpoint_ref or spec.checkpoint_ref
     command = agent_pb2.AgentCommand(
-        command_id=dispatch_msg_id(job.job_id, job.attempt, task.task_index, "start"),
+        command_id=dispatch_msg_id(job.job_id, job.attempt, task.task_index, kind),
         kind=agent_pb2.COMMAND_KIND_START_TASK,
         node=agent_pb2.NodeRef(provider_id=task.provider, region_id=task.region, node_id=task.node),
         task_id=str(TaskId(job.job_id, job.attempt, task.task_index)),
@@ -60,18 +74,24 @@ def start_record(job: Job, task: TaskPlacement, epoch: int) -> DispatchRecord:
         job.job_id,
         job.attempt,
         task.task_index,
-        "start",
+        kind,
         task.node_key,
         command.SerializeToString(deterministic=True),
     )
 
 
 def stop_record(
-    job_id: str, attempt: int, task: TaskPlacement, reason: str, grace_s: int, epoch: int
+    job_id: str,
+    attempt: int,
+    task: TaskPlacement,
+    reason: str,
+    grace_s: int,
+    epoch: int,
+    kind: str = "stop",
 ) -> DispatchRecord:
     """Build the stop command of one task of attempt ``attempt``."""
     command = agent_pb2.AgentCommand(
-        command_id=dispatch_msg_id(job_id, attempt, task.task_index, "stop"),
+        command_id=dispatch_msg_id(job_id, attempt, task.task_index, kind),
         kind=agent_pb2.COMMAND_KIND_STOP_TASK,
         node=agent_pb2.NodeRef(provider_id=task.provider, region_id=task.region, node_id=task.node),
         task_id=str(TaskId(job_id, attempt, task.task_index)),
@@ -85,7 +105,7 @@ def stop_record(
         job_id,
         attempt,
         task.task_index,
-        "stop",
+        kind,
         task.node_key,
         command.SerializeToString(deterministic=True),
     )

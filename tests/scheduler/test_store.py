@@ -92,6 +92,27 @@ async def test_dispatch_recorded_once(pool: asyncpg.Pool, database_dsn: str) -> 
     await lease.release()
 
 
+async def test_replacement_commands_keep_their_own_keys(
+    pool: asyncpg.Pool, database_dsn: str
+) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    job = make_job()
+    await store.insert_jobs([job], [None], epoch, "rpc")
+    first = DispatchRecord(job.job_id, 1, 0, "start", "p.r.a", b"start")
+    await store.commit_turn([], [], [first], [], epoch)
+    stop_old = DispatchRecord(job.job_id, 1, 0, "stop:p.r.a", "p.r.a", b"stop")
+    start_new = DispatchRecord(job.job_id, 1, 0, "start:p.r.b", "p.r.b", b"start")
+
+    fresh = await store.commit_turn([], [], [start_new, stop_old], [], epoch)
+
+    assert sorted(r.kind for r in fresh) == ["start:p.r.b", "stop:p.r.a"]
+    unacked = await store.unacked_dispatches()
+    assert [r.kind for r in unacked] == ["start", "stop:p.r.a", "start:p.r.b"]
+    await lease.release()
+
+
 async def test_update_and_list_pages(pool: asyncpg.Pool, database_dsn: str) -> None:
     lease = await lead(database_dsn, "a")
     epoch = lease.epoch or 0
