@@ -77,6 +77,10 @@ class PassResult:
     to stop."""
     waiting: list[tuple[str, str, str]] = field(default_factory=list)
     """Job id, pending reason and message of jobs that did not start."""
+    replacements: list[tuple[str, TaskPlacement, str]] = field(default_factory=list)
+    """Job id, new placement of one task and the key of the node it was lost on, for running
+    gangs whose lost task starts again on new accelerators while the other tasks keep running.
+    The lost node's accelerators stay fenced until the old task is confirmed stopped."""
 
 
 def job_to_engine(
@@ -457,15 +461,8 @@ class EngineAdapter:
                 message = f"{decision.cause} {decision.cause_id}"
                 out.preempts.append((decision.job_id, grace, message, preempt_trigger(decision)))
             elif isinstance(decision, d.ReplaceTask):
-                # NOTE: replacing one task of a running gang is not dispatched yet; the job
-                # goes back to the queue whole instead.
-                self.engine.apply(ev.JobEnded(decision.job_id, ev.JobOutcome.PREEMPTED), now)
-                out.requeues.append(
-                    (
-                        decision.job_id,
-                        f"task {decision.task.task_index} lost on {decision.lost_node_id}",
-                    )
-                )
+                task = placement_from_engine(decision.task)
+                out.replacements.append((decision.job_id, task, decision.lost_node_id))
         for waiting in result.waiting:
             out.waiting.append((waiting.job_id, str(waiting.reason), waiting.message))
         return out

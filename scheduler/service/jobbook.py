@@ -13,7 +13,15 @@ from dataclasses import dataclass, field, replace
 from scheduler.engine.spec import InvalidInputError
 
 from .admission import HoldOutcome
-from .commands import JobEventOut, TaskId, job_event, start_record, stop_record
+from .commands import (
+    JobEventOut,
+    TaskId,
+    command_action,
+    job_event,
+    replacement_kind,
+    start_record,
+    stop_record,
+)
 from .engine_adapter import AcceleratorHealth, EngineAdapter, PassResult
 from .model import Job, JobState, TaskPlacement
 from .store import DispatchRecord
@@ -84,6 +92,9 @@ class JobBook:
         """Node key to task ids of ended attempts not yet confirmed stopped there."""
         self._starting_since: dict[str, float] = {}
         """Job id to the time its start commands went out, while it is starting."""
+        self._replacing_since: dict[tuple[str, int, int], float] = {}
+        """Job id, attempt and task index of a replaced task not yet started, to the time its
+        start command went out."""
 
     # Loading and submission.
 
@@ -108,6 +119,10 @@ class JobBook:
                 continue
             if job.state == "starting":
                 self._starting_since[job.job_id] = now
+            if job.state == "running":
+                for task in job.placement:
+                    if task.state == "assigned":
+                        self._replacing_since[(job.job_id, job.attempt, task.task_index)] = now
             if job.state == "stopping":
                 # NOTE: the outcome a stop was heading for is not stored, so a reloaded
                 # stopping job ends as cancelled even when a preemption or failure stopped it.
@@ -170,8 +185,63 @@ class JobBook:
             self.jobs[job_id] = placed
             self._admitting.add(job_id)
             fx.admit.append((placed, result.models.get(job_id, "")))
+        for job_id, task, lost_node in result.replacements:
+            self.replace_task(job_id, task, lost_node, fx)
         for job_id, grace_s, message, trigger in result.preempts:
             self.stop(job_id, None, f"preempted: {message}", grace_s, trigger, fx)
+
+    def replace_task(self, job_id: str, task: TaskPlacement, lost_node: str, fx: Effects) -> None:
+        """Start a task lost with ``lost_node`` on the new accelerators the engine gave it.
+
+        The other tasks keep running and the job keeps its state. The old copy gets a stop
+        command on the lost node, in case the node comes back, and the engine keeps that
+        node's accelerators fenced until it confirms the copy stopped. A job that is not
+        running or starting here, is being stopped, or whose task is no longer the live one
+        on ``lost_node`` is requeued whole instead, as the engine is then told.
+        """
+        job = self.jobs.get(job_id)
+        message = f"task {task.task_index} lost on {lost_node}"
+        index = None
+        if job is not None:
+            index = next(
+                (i for i, t in enumerate(job.placement) if t.task_index == task.task_index), None
+            )
+        if (
+            job is None
+            or index is None
+            or job.state not in ("running", "starting")
+            or job_id in self._stopping
+            or job.placement[index].node_key != lost_node
+            or job.placement[index].state not in _LIVE
+        ):
+            self.engine.requeue(job_id, fx.now)
+            self.requeue(job_id, message, "engine:requeue", fx, release=False)
+            return
+        old = job.placement[index]
+        new = replace(task, state="assigned", exit_code=0)
+        tasks = list(job.placement)
+        tasks[index] = new
+        replaced = replace(job, placement=tuple(tasks))
+        self.jobs[job_id] = replaced
+        logger.warning(
+            "job %s attempt %d: task %d lost on node %s, starting it again on node %s",
+            job_id,
+            job.attempt,
+            task.task_index,
+            old.node_key,
+            new.node_key,
+            extra={"job_id": job_id},
+        )
+        reason = f"{message}; replaced on {new.node_key}"
+        stop_kind = replacement_kind("stop", old.node_key)
+        fx.commands.append(stop_record(job_id, job.attempt, old, reason, 0, self.epoch, stop_kind))
+        self._orphans.setdefault(old.node_key, set()).add(
+            str(TaskId(job_id, job.attempt, old.task_index))
+        )
+        start_kind = replacement_kind("start", new.node_key)
+        fx.commands.append(start_record(replaced, new, self.epoch, start_kind))
+        self._replacing_since[(job_id, job.attempt, task.task_index)] = fx.now
+        fx.change(replaced, f"node:{lost_node}")
 
     # Admission.
 
@@ -278,8 +348,14 @@ class JobBook:
         if index is None:
             logger.warning("task %s is not in the placement of job %s", task_id, job.job_id)
             return
+        if tasks[index].node_key != node_key:
+            # The copy on a node the task was replaced from: its stop was confirmed above.
+            if state == "started":
+                self._stop_replaced(job, tid, node_key, fx)
+            return
         if tasks[index].state not in _LIVE:
             return  # a redelivered event for a task that already ended
+        self._replacing_since.pop((tid.job_id, tid.attempt, tid.task_index), None)
         tasks[index] = replace(tasks[index], state=state, exit_code=exit_code)
         job = replace(job, placement=tuple(tasks))
         self.jobs[job.job_id] = job
@@ -314,6 +390,7 @@ class JobBook:
         A lost or rejected command leaves no task event, so only a deadline frees the job.
         """
         limit = fx.now - timeout_s
+        self._expire_replacements(timeout_s, limit, fx)
         late = [job_id for job_id, since in self._starting_since.items() if since < limit]
         for job_id in late:
             del self._starting_since[job_id]
@@ -329,6 +406,30 @@ class JobBook:
             reason = f"tasks did not start within {timeout_s:.0f} s"
             self.requeue(job_id, reason, "timer:start-deadline", fx, release=True)
 
+    def _expire_replacements(self, timeout_s: float, limit: float, fx: Effects) -> None:
+        """Requeue whole the running jobs whose replaced task did not start in time."""
+        late = [key for key, since in self._replacing_since.items() if since < limit]
+        for key in late:
+            del self._replacing_since[key]
+            job_id, attempt, task_index = key
+            job = self.jobs.get(job_id)
+            if job is None or job.attempt != attempt or job.state != "running":
+                continue
+            task = next((t for t in job.placement if t.task_index == task_index), None)
+            if task is None or task.state != "assigned" or job_id in self._stopping:
+                continue
+            logger.warning(
+                "job %s attempt %d: replaced task %d did not start on node %s within %.0f s;"
+                " requeueing",
+                job_id,
+                attempt,
+                task_index,
+                task.node_key,
+                timeout_s,
+            )
+            reason = f"replaced task {task_index} did not start within {timeout_s:.0f} s"
+            self.requeue(job_id, reason, "timer:start-deadline", fx, release=True)
+
     def fail_unpublishable(self, record: DispatchRecord, reason: str, fx: Effects) -> None:
         """Fail the attempt whose start command ``record`` NATS rejected for good.
 
@@ -337,12 +438,16 @@ class JobBook:
         hold are released. Rejected stop commands change nothing here.
         """
         job = self.jobs.get(record.job_id)
-        if record.kind != "start" or job is None or job.attempt != record.attempt:
+        if command_action(record.kind) != "start" or job is None:
+            return
+        if job.attempt != record.attempt:
             return
         tasks = list(job.placement)
         index = next((i for i, t in enumerate(tasks) if t.task_index == record.task_index), None)
         if index is None or tasks[index].state not in _LIVE:
             return
+        if tasks[index].node_key != record.node_key:
+            return  # the start of a copy the task was since replaced from
         tasks[index] = replace(tasks[index], state="start_failed")
         job = replace(job, placement=tuple(tasks))
         self.jobs[job.job_id] = job
@@ -572,6 +677,22 @@ class JobBook:
         task = TaskPlacement(tid.task_index, provider, region, node, ())
         fx.commands.append(
             stop_record(job.job_id, tid.attempt, task, "attempt superseded", 0, self.epoch)
+        )
+        self._orphans.setdefault(node_key, set()).add(str(tid))
+
+    def _stop_replaced(self, job: Job, tid: TaskId, node_key: str, fx: Effects) -> None:
+        """Stop again a copy that reports started on a node its task was replaced from."""
+        logger.warning(
+            "task %s reported started on node %s, which it was replaced from; stopping it",
+            tid,
+            node_key,
+            extra={"job_id": job.job_id},
+        )
+        provider, region, node = node_key.split(".", 2)
+        task = TaskPlacement(tid.task_index, provider, region, node, ())
+        kind = replacement_kind("stop", node_key)
+        fx.commands.append(
+            stop_record(job.job_id, tid.attempt, task, "task replaced", 0, self.epoch, kind)
         )
         self._orphans.setdefault(node_key, set()).add(str(tid))
 

@@ -1,0 +1,208 @@
+"""A lost task of a running gang started again on a new node, in the scheduler's pure core."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from acsp.v1 import agent_pb2
+from scheduler.engine.engine import Engine
+from scheduler.engine.spec import EngineConfig
+from scheduler.service.admission import HoldOutcome
+from scheduler.service.engine_adapter import EngineAdapter
+from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
+from scheduler.service.jobbook import Effects, JobBook
+from scheduler.service.model import Job
+from scheduler.service.store import DispatchRecord
+from tests.scheduler.test_jobbook import NOW, make_job
+
+NODES = ("n1", "n2", "n3")
+"""One accelerator each, so a two-task gang fills two nodes and the third is free."""
+
+
+def make_book() -> JobBook:
+    adapter = EngineAdapter(Engine(EngineConfig(half_life_s=3600.0)))
+    fleet = FleetView(heartbeat_timeout_s=15)
+    for name in NODES:
+        node = NodeView("prov", "reg", name, (AcceleratorView(f"{name}-GPU-0", "A100-SXM4-80GB"),))
+        adapter.add_node(fleet.apply_inventory(node, NOW).node)
+    return JobBook(adapter, epoch=7)
+
+
+def pass_at(book: JobBook, now: float) -> Effects:
+    fx = Effects(now)
+    book.apply_pass(book.engine.schedule(now), fx)
+    return fx
+
+
+def admitted(book: JobBook) -> Job:
+    job = make_job(tasks=2)
+    book.add([job], NOW + 1)
+    pass_at(book, NOW + 1)
+    fx = Effects(NOW + 2)
+    book.apply_hold(job.job_id, 1, HoldOutcome("held", "h1", "g1", Decimal(1)), fx)
+    return book.jobs[job.job_id]
+
+
+def report(book: JobBook, node_key: str, task_id: str, state: str, now: float) -> Effects:
+    fx = Effects(now)
+    book.apply_task(node_key, task_id, state, 0, "", fx)
+    return fx
+
+
+def running(book: JobBook) -> Job:
+    job = admitted(book)
+    for task in job.placement:
+        report(book, task.node_key, f"{job.job_id}/1/{task.task_index}", "started", NOW + 3)
+    assert book.jobs[job.job_id].state == "running"
+    return book.jobs[job.job_id]
+
+
+def lose(book: JobBook, node_key: str, now: float = NOW + 10) -> Effects:
+    book.engine.node_unknown(node_key, now)
+    return pass_at(book, now)
+
+
+def free_node(job: Job) -> str:
+    used = {t.node_key for t in job.placement}
+    return next(f"prov.reg.{n}" for n in NODES if f"prov.reg.{n}" not in used)
+
+
+def test_lost_task_starts_on_new_node_and_job_keeps_running() -> None:
+    book = make_book()
+    job = running(book)
+    lost, kept = job.placement
+    target = free_node(job)
+
+    fx = lose(book, lost.node_key)
+
+    replaced = book.jobs[job.job_id]
+    assert replaced.state == "running"
+    assert replaced.attempt == 1
+    assert replaced.placement[1] == kept
+    assert replaced.placement[0].node_key == target
+    assert replaced.placement[0].state == "assigned"
+    commands = {(r.kind, r.node_key, r.task_index) for r in fx.commands}
+    assert commands == {
+        (f"stop:{lost.node_key}", lost.node_key, 0),
+        (f"start:{target}", target, 0),
+    }
+    start = next(r for r in fx.commands if r.kind.startswith("start"))
+    command = agent_pb2.AgentCommand.FromString(start.payload)
+    assert command.task_id == f"{job.job_id}/1/0"
+    assert command.command_id == f"{job.job_id}/1/0/start:{target}"
+    assert fx.events == []
+    assert book.engine.running_in_engine(job.job_id)
+
+    started = report(book, target, f"{job.job_id}/1/0", "started", NOW + 11)
+
+    assert book.jobs[job.job_id].state == "running"
+    assert book.jobs[job.job_id].placement[0].state == "started"
+    assert started.events == []
+    assert started.commands == []
+
+
+def test_event_of_old_copy_leaves_new_task_alone() -> None:
+    book = make_book()
+    job = running(book)
+    lost = job.placement[0]
+    target = free_node(job)
+    lose(book, lost.node_key)
+    task_id = f"{job.job_id}/1/0"
+
+    late = report(book, lost.node_key, task_id, "started", NOW + 12)
+
+    assert book.jobs[job.job_id].placement[0].node_key == target
+    assert book.jobs[job.job_id].placement[0].state == "assigned"
+    assert [(r.kind, r.node_key) for r in late.commands] == [
+        (f"stop:{lost.node_key}", lost.node_key)
+    ]
+    assert late.changed == {}
+
+    stopped = report(book, lost.node_key, task_id, "stopped", NOW + 13)
+
+    assert book.jobs[job.job_id].state == "running"
+    assert book.jobs[job.job_id].placement[0].state == "assigned"
+    assert stopped.changed == {}
+    # The stop released the lost node's fenced accelerator: only the two live tasks hold any.
+    fleet = book.engine.engine.fleet
+    assert not fleet.node(lost.node_key).fenced
+
+
+def test_lost_node_listing_no_task_confirms_the_old_copy() -> None:
+    book = make_book()
+    job = running(book)
+    lost = job.placement[0]
+    lose(book, lost.node_key)
+    assert book.engine.engine.fleet.node(lost.node_key).fenced
+
+    book.apply_node_running(lost.node_key, frozenset())
+
+    assert not book.engine.engine.fleet.node(lost.node_key).fenced
+
+
+def test_replacement_that_never_starts_requeues_job_whole() -> None:
+    book = make_book()
+    job = running(book)
+    lost, kept = job.placement
+    target = free_node(job)
+    lose(book, lost.node_key, NOW + 10)
+
+    early = Effects(NOW + 100)
+    book.expire_starts(120.0, early)
+    assert book.jobs[job.job_id].state == "running"
+
+    fx = Effects(NOW + 131)
+    book.expire_starts(120.0, fx)
+
+    requeued = book.jobs[job.job_id]
+    assert requeued.state == "pending"
+    assert requeued.attempt == 2
+    assert fx.changed[job.job_id][1] == "timer:start-deadline"
+    stops = {(r.kind, r.node_key) for r in fx.commands}
+    assert stops == {("stop", target), ("stop", kept.node_key)}
+    assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/requeued"]
+    assert not book.engine.running_in_engine(job.job_id)
+
+
+def test_unpublishable_replacement_start_fails_the_attempt() -> None:
+    book = make_book()
+    job = running(book)
+    fx = lose(book, job.placement[0].node_key)
+    start = next(r for r in fx.commands if r.kind.startswith("start"))
+    rejected = Effects(NOW + 11)
+
+    book.fail_unpublishable(start, "payload too large", rejected)
+
+    assert book.jobs[job.job_id].state == "stopping"
+    assert book.jobs[job.job_id].placement[0].state == "start_failed"
+
+
+def test_unpublishable_first_start_of_replaced_task_changes_nothing() -> None:
+    book = make_book()
+    job = running(book)
+    lost = job.placement[0]
+    lose(book, lost.node_key)
+    first = DispatchRecord(job.job_id, 1, 0, "start", lost.node_key, b"")
+    fx = Effects(NOW + 11)
+
+    book.fail_unpublishable(first, "payload too large", fx)
+
+    assert book.jobs[job.job_id].state == "running"
+    assert fx.changed == {}
+
+
+def test_replacement_of_job_not_yet_started_requeues_it_whole() -> None:
+    book = make_book()
+    job = make_job(tasks=2)
+    book.add([job], NOW + 1)
+    placed = pass_at(book, NOW + 1)
+    lost = placed.admit[0][0].placement[0]
+
+    fx = lose(book, lost.node_key)
+
+    requeued = book.jobs[job.job_id]
+    assert requeued.state == "pending"
+    assert requeued.attempt == 2
+    assert fx.changed[job.job_id][1] == "engine:requeue"
+    assert not any(r.kind.startswith("start") for r in fx.commands)
+    assert not book.engine.running_in_engine(job.job_id)
