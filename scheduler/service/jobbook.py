@@ -197,7 +197,7 @@ class JobBook:
         command on the lost node, in case the node comes back, and the engine keeps that
         node's accelerators fenced until it confirms the copy stopped. A job that is not
         running or starting here, is being stopped, or whose task is no longer the live one
-        on ``lost_node`` is requeued whole instead, as the engine is then told.
+        on ``lost_node`` is requeued whole instead, in the engine too.
         """
         job = self.jobs.get(job_id)
         message = f"task {task.task_index} lost on {lost_node}"
@@ -349,7 +349,8 @@ class JobBook:
             logger.warning("task %s is not in the placement of job %s", task_id, job.job_id)
             return
         if tasks[index].node_key != node_key:
-            # The copy on a node the task was replaced from: its stop was confirmed above.
+            # The event comes from the copy on a node the task was replaced from. Any state
+            # but started already confirmed that copy above.
             if state == "started":
                 self._stop_replaced(job, tid, node_key, fx)
             return
@@ -447,7 +448,7 @@ class JobBook:
         if index is None or tasks[index].state not in _LIVE:
             return
         if tasks[index].node_key != record.node_key:
-            return  # the start of a copy the task was since replaced from
+            return  # the start of a copy that the task has since been replaced from
         tasks[index] = replace(tasks[index], state="start_failed")
         job = replace(job, placement=tuple(tasks))
         self.jobs[job.job_id] = job

@@ -67,10 +67,10 @@ def free_node(job: Job) -> str:
     return next(f"prov.reg.{n}" for n in NODES if f"prov.reg.{n}" not in used)
 
 
-def test_lost_task_starts_on_new_node_and_job_keeps_running() -> None:
+def test_replacement_keeps_job_running() -> None:
     book = make_book()
     job = running(book)
-    lost, kept = job.placement
+    lost, survivor = job.placement
     target = free_node(job)
 
     fx = lose(book, lost.node_key)
@@ -78,7 +78,7 @@ def test_lost_task_starts_on_new_node_and_job_keeps_running() -> None:
     replaced = book.jobs[job.job_id]
     assert replaced.state == "running"
     assert replaced.attempt == 1
-    assert replaced.placement[1] == kept
+    assert replaced.placement[1] == survivor
     assert replaced.placement[0].node_key == target
     assert replaced.placement[0].state == "assigned"
     commands = {(r.kind, r.node_key, r.task_index) for r in fx.commands}
@@ -101,7 +101,7 @@ def test_lost_task_starts_on_new_node_and_job_keeps_running() -> None:
     assert started.commands == []
 
 
-def test_event_of_old_copy_leaves_new_task_alone() -> None:
+def test_old_copy_events_skip_new_task() -> None:
     book = make_book()
     job = running(book)
     lost = job.placement[0]
@@ -123,12 +123,12 @@ def test_event_of_old_copy_leaves_new_task_alone() -> None:
     assert book.jobs[job.job_id].state == "running"
     assert book.jobs[job.job_id].placement[0].state == "assigned"
     assert stopped.changed == {}
-    # The stop released the lost node's fenced accelerator: only the two live tasks hold any.
+    # The confirmed stop released the lost node's fenced accelerator.
     fleet = book.engine.engine.fleet
     assert not fleet.node(lost.node_key).fenced
 
 
-def test_lost_node_listing_no_task_confirms_the_old_copy() -> None:
+def test_node_listing_confirms_old_copy() -> None:
     book = make_book()
     job = running(book)
     lost = job.placement[0]
@@ -140,10 +140,10 @@ def test_lost_node_listing_no_task_confirms_the_old_copy() -> None:
     assert not book.engine.engine.fleet.node(lost.node_key).fenced
 
 
-def test_replacement_that_never_starts_requeues_job_whole() -> None:
+def test_unstarted_replacement_requeues_gang() -> None:
     book = make_book()
     job = running(book)
-    lost, kept = job.placement
+    lost, survivor = job.placement
     target = free_node(job)
     lose(book, lost.node_key, NOW + 10)
 
@@ -159,12 +159,12 @@ def test_replacement_that_never_starts_requeues_job_whole() -> None:
     assert requeued.attempt == 2
     assert fx.changed[job.job_id][1] == "timer:start-deadline"
     stops = {(r.kind, r.node_key) for r in fx.commands}
-    assert stops == {("stop", target), ("stop", kept.node_key)}
+    assert stops == {("stop", target), ("stop", survivor.node_key)}
     assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/requeued"]
     assert not book.engine.running_in_engine(job.job_id)
 
 
-def test_unpublishable_replacement_start_fails_the_attempt() -> None:
+def test_unpublishable_replacement_fails_attempt() -> None:
     book = make_book()
     job = running(book)
     fx = lose(book, job.placement[0].node_key)
@@ -177,7 +177,7 @@ def test_unpublishable_replacement_start_fails_the_attempt() -> None:
     assert book.jobs[job.job_id].placement[0].state == "start_failed"
 
 
-def test_unpublishable_first_start_of_replaced_task_changes_nothing() -> None:
+def test_unpublishable_old_start_ignored() -> None:
     book = make_book()
     job = running(book)
     lost = job.placement[0]
@@ -191,7 +191,7 @@ def test_unpublishable_first_start_of_replaced_task_changes_nothing() -> None:
     assert fx.changed == {}
 
 
-def test_replacement_of_job_not_yet_started_requeues_it_whole() -> None:
+def test_replacement_before_hold_requeues_gang() -> None:
     book = make_book()
     job = make_job(tasks=2)
     book.add([job], NOW + 1)
