@@ -238,13 +238,15 @@ class Stack:
         provider: str = "prov",
         faults: Path | None = None,
         usage_s: float | None = None,
+        region: str = "reg",
     ) -> Process:
         """Start one simulated agent process serving nodes ``n<first>`` .. ``n<first+nodes-1>``.
 
-        Agent processes of one provider share its command consumer, so concurrent processes
-        need providers of their own. ``faults`` is a fault trace to replay from the start, in
-        real seconds at the default agent speed. Without it no fault happens. ``usage_s`` sets
-        the usage tick, on which agents also report new checkpoint references.
+        Agent processes of one provider region share its command consumer, so concurrent
+        processes need providers or regions of their own. ``faults`` is a fault trace to
+        replay from the start, in real seconds at the default agent speed. Without it no fault
+        happens. ``usage_s`` sets the usage tick, on which agents also report new checkpoint
+        references.
         """
         fleet = self.work_dir / f"{name}-fleet.csv"
         rows = [f"n{i},{model},{gpus}" for i in range(first, first + nodes)]
@@ -259,7 +261,7 @@ class Stack:
             "--nats-url",
             self.nats_url,
             "--fleet",
-            f"{fleet}:{provider}:reg",
+            f"{fleet}:{provider}:{region}",
             "--state-dir",
             str(state_dir),
             "--heartbeat-s",

@@ -1,0 +1,94 @@
+"""A lost node of a running gang, end to end, with real grant, metering, NATS and scheduler.
+
+Each node has its own simulated agent process, so killing one process takes one node away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from acsp.v1 import agent_pb2, events_pb2, scheduler_pb2
+from services.runtime.auth import Role
+
+from .harness import Stack, fund_grant, metadata, wait_for
+from .test_accelerator_failure_e2e import AgentMessages, Client, job_events
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_servers()
+        await stack.start_grant()
+        await stack.start_metering()
+        yield stack
+    finally:
+        await stack.close()
+
+
+def nodes(job: scheduler_pb2.Job) -> dict[int, str]:
+    return {p.task_index: p.node_id for p in job.placements}
+
+
+async def test_lost_node_task_moves_in_place(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    messages = AgentMessages()
+    collector = asyncio.create_task(messages.collect(stack.nats_url))
+    # One accelerator per node, so the two tasks of the gang take two nodes.
+    first = stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
+    stack.start_agents(1, gpus=1, name="agents-r2", region="r2", first=1)
+    client = Client(address, md, project, grant)
+    try:
+        gang = await client.submit("gang", 2)
+        running = await wait_for(lambda: client.running(gang), 30, "the gang to run", 0.2)
+        assert sorted(nodes(running).values()) == ["n0", "n1"]
+        lost_index = next(i for i, node in nodes(running).items() if node == "n0")
+        stack.start_agents(1, gpus=1, name="agents-r3", region="r3", first=2)
+
+        # SIGKILL stops the node's heartbeats without any task event.
+        first.kill()
+
+        async def replaced() -> scheduler_pb2.Job | None:
+            job = await client.running(gang)
+            if job is None or nodes(job).get(lost_index) != "n2":
+                return None
+            task = next(p for p in job.placements if p.task_index == lost_index)
+            return job if task.state == "started" else None
+
+        moved = await wait_for(replaced, 60, "the lost task to start on n2", 0.2)
+        assert moved.attempt == running.attempt
+        assert moved.state == scheduler_pb2.JOB_STATE_RUNNING
+        assert nodes(moved)[1 - lost_index] == "n1"
+
+        task_id = f"{gang}/{running.attempt}/{lost_index}"
+        starts = [
+            e
+            for e in messages.tasks
+            if e.task_id == task_id and e.state == agent_pb2.TASK_STATE_STARTED
+        ]
+        assert [e.node.node_id for e in starts] == ["n0", "n2"]
+        events = await job_events(stack.nats_url, gang)
+        kinds = [e.kind for e in events]
+        assert events_pb2.JOB_EVENT_KIND_REQUEUED not in kinds
+        assert kinds.count(events_pb2.JOB_EVENT_KIND_STARTED) == 1
+
+        # Once n0 is back and its old copy confirmed stopped, its accelerator takes new work.
+        stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
+        single = await client.submit("single", 1)
+        alone = await wait_for(lambda: client.running(single), 60, "single to run on n0", 0.2)
+        assert list(nodes(alone).values()) == ["n0"]
+        assert (await client.running(gang)) is not None
+    finally:
+        await client.channel.close()
+        collector.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await collector
