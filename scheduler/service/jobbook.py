@@ -214,6 +214,8 @@ class JobBook:
             or job.placement[index].node_key != lost_node
             or job.placement[index].state not in _LIVE
         ):
+            # NOTE: a job being stopped is requeued here too, so a cancel or a failure that
+            # was stopping it becomes a requeue, as it did before tasks were replaced.
             self.engine.requeue(job_id, fx.now)
             self.requeue(job_id, message, "engine:requeue", fx, release=False)
             return
