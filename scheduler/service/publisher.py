@@ -37,17 +37,6 @@ class Publisher:
         self._js = js
         self._timeout = timeout_s
 
-    async def publish_commands(
-        self, records: Sequence[DispatchRecord]
-    ) -> list[tuple[str, int, int, str]]:
-        """Publish ``records``; return the keys JetStream acknowledged.
-
-        Each message carries ``Nats-Msg-Id = job/attempt/task/kind``, so a command
-        republished after a restart within the stream's duplicate window is dropped.
-        """
-        keys, _, _ = await self.publish_all(records, ())
-        return keys
-
     async def publish_all(
         self, records: Sequence[DispatchRecord], events: Sequence[OutboxEvent]
     ) -> tuple[list[tuple[str, int, int, str]], list[str], list[tuple[DispatchRecord, str]]]:
@@ -72,11 +61,6 @@ class Publisher:
             e.msg_id for e, ok in zip(events, outcomes[len(records) :], strict=True) if ok is True
         ]
         return keys, event_ids, rejected
-
-    async def publish_events(self, events: Sequence[OutboxEvent]) -> list[str]:
-        """Publish job events; return the ids JetStream acknowledged."""
-        _, event_ids, _ = await self.publish_all((), events)
-        return event_ids
 
     async def _publish(self, messages: Sequence[tuple[str, bytes, str]]) -> list[Outcome]:
         if not messages:

@@ -209,34 +209,11 @@ class JobStore:
                 COMMIT_TURN,
                 self.shard,
                 epoch,
-                [k[0] for k in published],
-                [k[1] for k in published],
-                [k[2] for k in published],
-                [k[3] for k in published],
+                *_key_columns(published),
                 list(published_events),
-                [job.job_id for job in jobs],
-                [job.state for job in jobs],
-                [job.pending_reason for job in jobs],
-                [job.reason for job in jobs],
-                [job.attempt for job in jobs],
-                [to_datetime(job.started_at) for job in jobs],
-                [to_datetime(job.ended_at) for job in jobs],
-                [job.hold_id for job in jobs],
-                [job.hold_amount for job in jobs],
-                [job.checkpoint_ref for job in jobs],
-                [to_datetime(job.checkpoint_at) for job in jobs],
-                [job.exit_code for job in jobs],
-                [placement_to_json(job.placement) for job in jobs],
-                list(causes),
-                [r.job_id for r in dispatches],
-                [r.attempt for r in dispatches],
-                [r.task_index for r in dispatches],
-                [r.kind for r in dispatches],
-                [r.node_key for r in dispatches],
-                [r.payload for r in dispatches],
-                [e.msg_id for e in events],
-                [e.subject for e in events],
-                [e.payload for e in events],
+                *_job_columns(jobs, causes),
+                *_dispatch_columns(dispatches),
+                *_event_columns(events),
                 timeout=self._timeout,
             )
         if rows and rows[0][0] is None:
@@ -257,20 +234,7 @@ class JobStore:
     ) -> None:
         await conn.execute(
             UPDATE_JOBS,
-            [job.job_id for job in jobs],
-            [job.state for job in jobs],
-            [job.pending_reason for job in jobs],
-            [job.reason for job in jobs],
-            [job.attempt for job in jobs],
-            [to_datetime(job.started_at) for job in jobs],
-            [to_datetime(job.ended_at) for job in jobs],
-            [job.hold_id for job in jobs],
-            [job.hold_amount for job in jobs],
-            [job.checkpoint_ref for job in jobs],
-            [to_datetime(job.checkpoint_at) for job in jobs],
-            [job.exit_code for job in jobs],
-            [placement_to_json(job.placement) for job in jobs],
-            list(causes),
+            *_job_columns(jobs, causes),
             epoch,
             timeout=self._timeout,
         )
@@ -290,12 +254,7 @@ class JobStore:
     ) -> list[DispatchRecord]:
         rows = await conn.fetch(
             INSERT_DISPATCHES,
-            [r.job_id for r in records],
-            [r.attempt for r in records],
-            [r.task_index for r in records],
-            [r.kind for r in records],
-            [r.node_key for r in records],
-            [r.payload for r in records],
+            *_dispatch_columns(records),
             epoch,
             timeout=self._timeout,
         )
@@ -325,10 +284,7 @@ class JobStore:
         if keys:
             await conn.execute(
                 ACK_DISPATCHES,
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-                [k[2] for k in keys],
-                [k[3] for k in keys],
+                *_key_columns(keys),
                 timeout=self._timeout,
             )
         if event_ids:
@@ -363,9 +319,7 @@ class JobStore:
             " SELECT u.event_id, $4, u.subject, u.payload"
             " FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(event_id, subject, payload)"
             " ON CONFLICT DO NOTHING",
-            [e.msg_id for e in events],
-            [e.subject for e in events],
-            [e.payload for e in events],
+            *_event_columns(events),
             self.shard,
             timeout=self._timeout,
         )
@@ -573,3 +527,45 @@ def _job_from_row(row: asyncpg.Record) -> Job:
         exit_code=row["exit_code"],
         placement=placement_from_json(row["placement"]),
     )
+
+
+def _job_columns(jobs: Sequence[Job], causes: Sequence[str]) -> list[list[Any]]:
+    """Return the mutable columns of ``jobs`` as the arrays UPDATE_JOBS and COMMIT_TURN take."""
+    return [
+        [job.job_id for job in jobs],
+        [job.state for job in jobs],
+        [job.pending_reason for job in jobs],
+        [job.reason for job in jobs],
+        [job.attempt for job in jobs],
+        [to_datetime(job.started_at) for job in jobs],
+        [to_datetime(job.ended_at) for job in jobs],
+        [job.hold_id for job in jobs],
+        [job.hold_amount for job in jobs],
+        [job.checkpoint_ref for job in jobs],
+        [to_datetime(job.checkpoint_at) for job in jobs],
+        [job.exit_code for job in jobs],
+        [placement_to_json(job.placement) for job in jobs],
+        list(causes),
+    ]
+
+
+def _dispatch_columns(records: Sequence[DispatchRecord]) -> list[list[Any]]:
+    """Return ``records`` as the arrays INSERT_DISPATCHES and COMMIT_TURN take."""
+    return [
+        [r.job_id for r in records],
+        [r.attempt for r in records],
+        [r.task_index for r in records],
+        [r.kind for r in records],
+        [r.node_key for r in records],
+        [r.payload for r in records],
+    ]
+
+
+def _key_columns(keys: Sequence[tuple[str, int, int, str]]) -> list[list[Any]]:
+    """Return command keys as the job, attempt, task and kind arrays of an acknowledgement."""
+    return [[k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], [k[3] for k in keys]]
+
+
+def _event_columns(events: Sequence[OutboxEvent]) -> list[list[Any]]:
+    """Return outbox events as their id, subject and payload arrays."""
+    return [[e.msg_id for e in events], [e.subject for e in events], [e.payload for e in events]]

@@ -194,7 +194,7 @@ async def test_grpc_close_holds_against_grant_service(grant_schema: str, tmp_pat
 
 
 class _SingleReleaseGrant(grant_pb2_grpc.GrantServiceServicer):
-    """A grant service from before ReleaseHolds: it answers ReleaseHold alone."""
+    """A grant service from before ReleaseHolds: it implements ReleaseHold only."""
 
     def __init__(self) -> None:
         self.released: list[tuple[str, bool]] = []
@@ -208,24 +208,29 @@ class _SingleReleaseGrant(grant_pb2_grpc.GrantServiceServicer):
         return grant_pb2.Hold(hold_id=request.hold_id)
 
 
-async def test_grpc_close_holds_falls_back_to_single_calls() -> None:
-    servicer = _SingleReleaseGrant()
+async def _close_against(
+    servicer: _SingleReleaseGrant, items: list[HoldRelease], timeout_s: float
+) -> list[ReleaseOutcome]:
+    """Run GrpcLedger.close_holds against ``servicer`` served on a free loopback port."""
     server = grpc.aio.server()
     grant_pb2_grpc.add_GrantServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            outcomes = await GrpcLedger(channel).close_holds(
-                [
-                    HoldRelease("release/j1/1", "h1", settle=False),
-                    HoldRelease("settle/j2/1", "missing", settle=True),
-                    HoldRelease("settle/j3/1", "h3", settle=True),
-                ],
-                timeout_s=5,
-            )
+            return await GrpcLedger(channel).close_holds(items, timeout_s=timeout_s)
     finally:
         await server.stop(None)
+
+
+async def test_grpc_close_holds_falls_back_to_single_calls() -> None:
+    servicer = _SingleReleaseGrant()
+    items = [
+        HoldRelease("release/j1/1", "h1", settle=False),
+        HoldRelease("settle/j2/1", "missing", settle=True),
+        HoldRelease("settle/j3/1", "h3", settle=True),
+    ]
+    outcomes = await _close_against(servicer, items, timeout_s=5)
     assert [o.status for o in outcomes] == ["done", "rejected", "done"]
     assert "NOT_FOUND" in outcomes[1].message
     assert servicer.released == [("h1", False), ("h3", True)]
@@ -244,23 +249,13 @@ class _StalledSingleReleaseGrant(_SingleReleaseGrant):
 
 async def test_grpc_fallback_stops_at_unavailable() -> None:
     servicer = _StalledSingleReleaseGrant()
-    server = grpc.aio.server()
-    grant_pb2_grpc.add_GrantServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            outcomes = await GrpcLedger(channel).close_holds(
-                [
-                    HoldRelease("release/j1/1", "h1", settle=False),
-                    HoldRelease("release/j2/1", "stuck", settle=False),
-                    HoldRelease("release/j3/1", "h3", settle=False),
-                    HoldRelease("release/j4/1", "h4", settle=False),
-                ],
-                timeout_s=0.2,
-            )
-    finally:
-        await server.stop(None)
+    items = [
+        HoldRelease("release/j1/1", "h1", settle=False),
+        HoldRelease("release/j2/1", "stuck", settle=False),
+        HoldRelease("release/j3/1", "h3", settle=False),
+        HoldRelease("release/j4/1", "h4", settle=False),
+    ]
+    outcomes = await _close_against(servicer, items, timeout_s=0.2)
     # Each call after the one that timed out would wait its own timeout on a stalled service.
     assert [o.status for o in outcomes] == ["done", "unavailable", "unavailable", "unavailable"]
     assert "DEADLINE_EXCEEDED" in outcomes[1].message
