@@ -68,7 +68,10 @@ class JobSubmitter:
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1 or max_batch_bytes < 1:
-            raise ValueError("max_batch, max_in_flight and max_batch_bytes must be at least 1")
+            raise ValueError(
+                f"max_batch ({max_batch}), max_in_flight ({max_in_flight}) and max_batch_bytes"
+                f" ({max_batch_bytes}) must each be at least 1"
+            )
         if linger_s < 0:
             raise ValueError(f"linger_s is {linger_s}; use 0 or more")
         self._scheduler = scheduler

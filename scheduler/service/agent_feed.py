@@ -172,7 +172,7 @@ class AgentFeed:
                 await subscription.unsubscribe()
 
     async def _queue(self, messages: list[Msg]) -> asyncio.Future[None] | None:
-        """Put the inputs of ``messages`` on the inbox; return what tells of their commit.
+        """Put the inputs of ``messages`` on the inbox; return a future set once they commit.
 
         A message that can never be processed is terminated and removed from ``messages``,
         so the rest of its batch still goes through. Returns None when the batch was nak'ed

@@ -73,7 +73,7 @@ def _raise_outcome(outcome: object) -> EntryResult:
 
 
 MAX_HOLDS_PER_CALL = 1000
-"""Holds one PlaceHolds or ReleaseHolds call may carry."""
+"""Largest number of items in one PlaceHolds or ReleaseHolds call."""
 
 
 def _hold_in(item: grant_pb2.PlaceHoldRequest, cause: Cause, prefix: str) -> HoldRequest:
@@ -541,7 +541,7 @@ class LedgerHandlers:
         failed = [r for r in results if r is not None and r.code != 0]
         if failed:
             log.info(
-                "ReleaseHolds: %d of %d holds not released, first %s: %s",
+                "ReleaseHolds: %d of %d releases failed, first %s: %s",
                 len(failed),
                 len(results),
                 failed[0].request_id,

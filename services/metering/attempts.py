@@ -230,13 +230,13 @@ async def _close_holds(
 ) -> int:
     """Release (or settle) each attempt's hold and record it; return how many were recorded.
 
-    Each chunk of up to ``MAX_RELEASES_PER_CALL`` holds goes to the ledger in one call, and
-    every row the ledger answered is recorded in one statement. When a call fails as a whole,
+    Each chunk of up to ``MAX_RELEASES_PER_CALL`` hold releases goes to the ledger in one call,
+    and every row the ledger replied to is recorded in one statement. When a call fails as a whole,
     nothing of its chunk is recorded, and it and the chunks after it wait for the next round.
     """
     step, column = ("settle", "settled_at") if settle else ("release", "released_at")
     done: list[asyncpg.Record] = []
-    waiting = 0  # Holds left open because the ledger was unavailable.
+    waiting = 0  # Releases not applied because the ledger was unavailable.
     cause = ""
     for start in range(0, len(rows), MAX_RELEASES_PER_CALL):
         chunk = rows[start : start + MAX_RELEASES_PER_CALL]
@@ -275,7 +275,7 @@ async def _close_holds(
             done.append(row)
     if waiting:
         logger.warning(
-            "ledger unavailable for the %s of %s holds, so they wait for the next round: %s",
+            "ledger unavailable: %s of %s holds postponed to the next round: %s",
             step,
             waiting,
             cause,
