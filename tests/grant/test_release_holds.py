@@ -24,7 +24,7 @@ def release(request_id: str, hold_id: str, settle: bool = False) -> grant_pb2.Re
 async def place(svc: RunningGrant, grant_id: str, *amounts: str) -> list[str]:
     """Place one hold per amount on the grant and return their ids."""
     scheduler = svc.stub("scheduler", ["service"])
-    holds = [
+    requests = [
         grant_pb2.PlaceHoldRequest(
             request_id=f"job-{index}/0",
             grant_id=grant_id,
@@ -33,7 +33,7 @@ async def place(svc: RunningGrant, grant_id: str, *amounts: str) -> list[str]:
         )
         for index, amount in enumerate(amounts)
     ]
-    response = await scheduler.PlaceHolds(grant_pb2.PlaceHoldsRequest(holds=holds))
+    response = await scheduler.PlaceHolds(grant_pb2.PlaceHoldsRequest(holds=requests))
     assert [r.code for r in response.results] == [OK] * len(amounts)
     return [r.hold.hold_id for r in response.results]
 
@@ -142,11 +142,11 @@ async def test_release_holds_rejects_whole_call(schema: str, tmp_path: Path) -> 
         )
         with pytest.raises(grpc.aio.AioRpcError) as oversized:
             await metering.ReleaseHolds(too_many)
-        one = grant_pb2.ReleaseHoldsRequest(holds=[release("release/x", hold_id)])
+        single = grant_pb2.ReleaseHoldsRequest(holds=[release("release/x", hold_id)])
         with pytest.raises(grpc.aio.AioRpcError) as researcher:
-            await svc.stub("alice", ["researcher"]).ReleaseHolds(one)
+            await svc.stub("alice", ["researcher"]).ReleaseHolds(single)
         with pytest.raises(grpc.aio.AioRpcError) as other_service:
-            await svc.stub("agent", ["service"]).ReleaseHolds(one)
+            await svc.stub("agent", ["service"]).ReleaseHolds(single)
         office = svc.stub("office", ["program_office"])
         balance = await office.GetBalance(grant_pb2.GetBalanceRequest(grant_id=grant_id))
     assert oversized.value.code() == grpc.StatusCode.INVALID_ARGUMENT
