@@ -88,8 +88,12 @@ class JobBook:
         """Jobs the engine rejected, with its message, failed on the next turn."""
         self._cancel_after_hold: dict[str, tuple[str, str]] = {}
         """Jobs cancelled while their hold request was in flight, with reason and cause."""
+        # NOTE: kept in memory only. After a restart the engine no longer fences the
+        # accelerators of a node a task was replaced from, so until that node reports the old
+        # copy started (and it is stopped), another job may be placed there.
         self._orphans: dict[str, set[str]] = {}
-        """Node key to task ids of ended attempts not yet confirmed stopped there."""
+        """Node key to task ids of ended attempts, or of copies a replaced task left behind,
+        not yet confirmed stopped there."""
         self._starting_since: dict[str, float] = {}
         """Job id to the time its start commands went out, while it is starting."""
         self._replacing_since: dict[tuple[str, int, int], float] = {}
