@@ -152,6 +152,37 @@ class Engine:
                     # It ran there before the failure was known: the next pass requeues it.
                     self._fault_jobs_on(plan.node, index, plan.node.failed[index], "")
 
+    def adopt_fence(
+        self, node_id: str, owner: str, accelerator_ids: Sequence[str], millis: int
+    ) -> bool:
+        """Hold accelerators of ``node_id`` for a task copy whose stop is not yet confirmed.
+
+        For a service restart: the copy's ``owner`` (``job_id#attempt``) keeps its share of
+        ``accelerator_ids`` until a TasksStopped event for its job on this node, as it would
+        had the node become unknown under it. Returns False and changes nothing when the node
+        is not in the fleet or the owner runs a live task there. The same goes for an
+        accelerator that is not on the node or has no room for the share: the copy no longer
+        had it.
+        """
+        node = self.fleet.by_id.get(node_id)
+        if node is None or not accelerator_ids or millis <= 0:
+            return False
+        if owner in node.jobs and owner not in node.fenced:
+            return False
+        ids = node.spec.accelerator_ids
+        indices: list[int] = []
+        for accelerator in accelerator_ids:
+            if accelerator not in ids:
+                return False
+            index = ids.index(accelerator)
+            if node.used[index] + millis * (indices.count(index) + 1) > MILLIS_PER_ACCELERATOR:
+                return False
+            indices.append(index)
+        self.fleet.allocate_many(node, tuple(indices), owner, millis)
+        node.fenced.add(owner)
+        self.changes += 1
+        return True
+
     def remove(self, job_id: str) -> None:
         """Forget a job: a pending one leaves the queue, a running one (already stopped by the
         caller) releases its accelerators."""

@@ -356,6 +356,18 @@ class EngineAdapter:
         if key in self._known_nodes:
             self.engine.apply(ev.TasksStopped(key, job_id))
 
+    def fence(
+        self, key: str, job_id: str, task_id: str, accelerators: tuple[str, ...], millis: int
+    ) -> bool:
+        """Keep a stopping task copy's accelerators on node ``key`` from other jobs, after a
+        restart, until :meth:`tasks_stopped` for its job there. False when nothing was kept:
+        the node or an accelerator is gone, or a running job uses the share now."""
+        if key not in self._known_nodes:
+            return False
+        # The owner names the copy, so it never matches an attempt owner (``job_id#n``) that
+        # the restarted engine numbers afresh.
+        return self.engine.adopt_fence(key, f"{job_id}#{task_id}", accelerators, millis)
+
     def set_pledge(self, pledge: PledgeRecord) -> None:
         """Add or replace a pledge; the engine caps its pool by the pledged capacity."""
         self.engine.apply(

@@ -24,7 +24,7 @@ from .commands import (
 )
 from .engine_adapter import AcceleratorHealth, EngineAdapter, PassResult
 from .model import Job, JobState, TaskPlacement
-from .store import DispatchRecord
+from .store import DispatchRecord, Orphan
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +88,12 @@ class JobBook:
         """Jobs the engine rejected, with its message, failed on the next turn."""
         self._cancel_after_hold: dict[str, tuple[str, str]] = {}
         """Jobs cancelled while their hold request was in flight, with reason and cause."""
-        # NOTE: kept in memory only. After a restart the engine no longer fences the
-        # accelerators of a node a task was replaced from, so until that node reports the old
-        # copy started (and it is stopped), another job may be placed there.
         self._orphans: dict[str, set[str]] = {}
         """Node key to task ids of ended attempts, or of copies a replaced task left behind,
         not yet confirmed stopped there."""
+        self._orphan_writes: dict[tuple[str, str], Orphan | None] = {}
+        """Orphans added (the copy) or confirmed (None) since the last commit, by node key and
+        task id. Only the last change of a copy is kept, so a commit never adds and deletes it."""
         self._starting_since: dict[str, float] = {}
         """Job id to the time its start commands went out, while it is starting."""
         self._replacing_since: dict[tuple[str, int, int], float] = {}
@@ -134,6 +134,31 @@ class JobBook:
                 self._stopping[job.job_id] = _Stopping("cancelled", job.reason, live, "reload")
                 if not live:
                     self._settle_reloaded.append(job.job_id)
+
+    def adopt_orphans(self, orphans: list[Orphan]) -> None:
+        """Take back the stored task copies that wait for a confirmed stop, after a restart.
+
+        Call after :meth:`add` has re-entered the open jobs. The engine keeps each copy's
+        accelerators from other jobs, unless a running job uses them now, until the node
+        confirms the stop with an event of the copy or a heartbeat that no longer lists it.
+        """
+        for orphan in orphans:
+            try:
+                tid = TaskId.parse(orphan.task_id)
+            except ValueError:
+                logger.warning("ignoring stored orphan with malformed task id %r", orphan.task_id)
+                continue
+            self._orphans.setdefault(orphan.node_key, set()).add(orphan.task_id)
+            self.engine.fence(
+                orphan.node_key, tid.job_id, orphan.task_id, orphan.accelerators, orphan.millis
+            )
+
+    def take_orphan_writes(self) -> tuple[list[Orphan], list[tuple[str, str]]]:
+        """Return and forget the orphans added and confirmed since the last call."""
+        added = [o for o in self._orphan_writes.values() if o is not None]
+        confirmed = [key for key, o in self._orphan_writes.items() if o is None]
+        self._orphan_writes.clear()
+        return added, confirmed
 
     def settle_reloaded(self, fx: Effects) -> None:
         """Fail jobs the engine rejected, requeue reloaded jobs it could not adopt, and finish
@@ -241,9 +266,7 @@ class JobBook:
         reason = f"{message}; replaced on {new.node_key}"
         stop_kind = replacement_kind("stop", old.node_key)
         fx.commands.append(stop_record(job_id, job.attempt, old, reason, 0, self.epoch, stop_kind))
-        self._orphans.setdefault(old.node_key, set()).add(
-            str(TaskId(job_id, job.attempt, old.task_index))
-        )
+        self._add_orphan(old, TaskId(job_id, job.attempt, old.task_index))
         start_kind = replacement_kind("start", new.node_key)
         fx.commands.append(start_record(replaced, new, self.epoch, start_kind))
         self._replacing_since[(job_id, job.attempt, task.task_index)] = fx.now
@@ -538,9 +561,7 @@ class JobBook:
             if task.state not in _LIVE:
                 continue
             fx.commands.append(stop_record(job_id, job.attempt, task, reason, 0, self.epoch))
-            self._orphans.setdefault(task.node_key, set()).add(
-                str(TaskId(job_id, job.attempt, task.task_index))
-            )
+            self._add_orphan(task, TaskId(job_id, job.attempt, task.task_index))
         if job.hold_id:
             fx.events.append(job_event(job, "requeued", cause, reason))
         # The job keeps checkpoint_ref, so the next attempt's start commands carry the last
@@ -583,9 +604,7 @@ class JobBook:
             if not on_failed or task.state not in _LIVE:
                 continue
             fx.commands.append(stop_record(job_id, job.attempt, task, reason, 0, self.epoch))
-            self._orphans.setdefault(task.node_key, set()).add(
-                str(TaskId(job_id, job.attempt, task.task_index))
-            )
+            self._add_orphan(task, TaskId(job_id, job.attempt, task.task_index))
             tasks[position] = replace(task, state="failed_hardware")
         job = replace(job, placement=tuple(tasks))
         self.jobs[job_id] = job
@@ -685,7 +704,7 @@ class JobBook:
         fx.commands.append(
             stop_record(job.job_id, tid.attempt, task, "attempt superseded", 0, self.epoch)
         )
-        self._orphans.setdefault(node_key, set()).add(str(tid))
+        self._add_orphan(task, tid)
 
     def _stop_replaced(self, job: Job, tid: TaskId, node_key: str, fx: Effects) -> None:
         """Stop again a copy that reports started on a node its task was replaced from."""
@@ -701,10 +720,23 @@ class JobBook:
         fx.commands.append(
             stop_record(job.job_id, tid.attempt, task, "task replaced", 0, self.epoch, kind)
         )
-        self._orphans.setdefault(node_key, set()).add(str(tid))
+        self._add_orphan(task, tid)
+
+    def _add_orphan(self, task: TaskPlacement, tid: TaskId) -> None:
+        """Wait for ``task``'s node to confirm that the copy ``tid`` stopped."""
+        task_id = str(tid)
+        waiting = self._orphans.setdefault(task.node_key, set())
+        if task_id in waiting:
+            return
+        waiting.add(task_id)
+        orphan = Orphan(task.node_key, task_id, task.accelerators, task.millis)
+        self._orphan_writes[(task.node_key, task_id)] = orphan
 
     def _confirm_orphan(self, node_key: str, task_id: str, job_id: str) -> None:
         orphans = self._orphans.get(node_key)
         if orphans and task_id in orphans:
             orphans.discard(task_id)
+            if not orphans:
+                del self._orphans[node_key]
+            self._orphan_writes[(node_key, task_id)] = None
             self.engine.tasks_stopped(node_key, job_id)

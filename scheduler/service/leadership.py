@@ -236,6 +236,9 @@ class Leadership:
         if missing:
             logger.warning("%d running jobs sit on nodes with no stored inventory", len(missing))
         loop.book.add([j for j in jobs if j not in missing], now)
+        # After the running jobs, so a copy is not fenced where a running job uses its
+        # accelerators now (on a live node they were released at once).
+        loop.book.adopt_orphans(await self.store.load_orphans())
 
 
 class _TermStopped(Exception):

@@ -327,8 +327,17 @@ class SchedulingLoop:
         # Every record is new unless a reloaded job repeats one; repeats stay unpublished.
         published, published_events = self._published, self._published_events
         self._published, self._published_events = [], []
+        orphans, confirmed = self.book.take_orphan_writes()
         fx.commands[:] = await self.store.commit_turn(
-            jobs, causes, fx.commands, fx.events, self.epoch, published, published_events
+            jobs,
+            causes,
+            fx.commands,
+            fx.events,
+            self.epoch,
+            published,
+            published_events,
+            orphans,
+            confirmed,
         )
 
     async def _send(self, commands: list[DispatchRecord], events: list[OutboxEvent]) -> None:

@@ -9,6 +9,7 @@ the old leader can commit.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .store_sql import (
     INSERT_DISPATCHES,
     INSERT_JOBS,
     JOB_SELECT_LIST,
+    LOAD_ORPHANS,
     PURGE_DISPATCHES,
     PURGE_EVENTS,
     UPDATE_JOBS,
@@ -82,6 +84,18 @@ class OutboxEvent:
     msg_id: str
     """The event id, also the ``Nats-Msg-Id``."""
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    """A task copy sent a stop that its node has not confirmed, and what it held there."""
+
+    node_key: str
+    task_id: str
+    """``<job_id>/<attempt>/<task_index>``."""
+    accelerators: tuple[str, ...]
+    millis: int
+    """Thousandths of each accelerator it held."""
 
 
 _JOB_COLUMNS: Final = (
@@ -194,6 +208,8 @@ class JobStore:
         epoch: int,
         published: Sequence[tuple[str, int, int, str]] = (),
         published_events: Sequence[str] = (),
+        orphans: Sequence[Orphan] = (),
+        confirmed: Sequence[tuple[str, str]] = (),
     ) -> list[DispatchRecord]:
         """Write job changes, commands and events in one fenced statement.
 
@@ -201,8 +217,12 @@ class JobStore:
         statement (:data:`COMMIT_TURN`) is one round trip where a transaction of its parts
         took seven. ``published`` and ``published_events`` are commands and events JetStream
         has stored since the last turn, marked here as :meth:`ack_published` would.
+        ``orphans`` are new task copies waiting for a confirmed stop, and ``confirmed`` the
+        node key and task id of those confirmed; no copy may be in both.
         """
-        if not (jobs or dispatches or events or published or published_events):
+        if not (
+            jobs or dispatches or events or published or published_events or orphans or confirmed
+        ):
             return []
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(
@@ -214,6 +234,12 @@ class JobStore:
                 *_job_columns(jobs, causes),
                 *_dispatch_columns(dispatches),
                 *_event_columns(events),
+                [o.node_key for o in orphans],
+                [o.task_id for o in orphans],
+                [json.dumps(o.accelerators) for o in orphans],
+                [o.millis for o in orphans],
+                [node_key for node_key, _ in confirmed],
+                [task_id for _, task_id in confirmed],
                 timeout=self._timeout,
             )
         if rows and rows[0][0] is None:
@@ -397,6 +423,12 @@ class JobStore:
                 timeout=self._timeout,
             )
         return [_job_from_row(row) for row in rows]
+
+    async def load_orphans(self) -> list[Orphan]:
+        """Return the shard's task copies still waiting for a confirmed stop, oldest first."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(LOAD_ORPHANS, self.shard, timeout=self._timeout)
+        return [Orphan(row[0], row[1], tuple(row[2]), row[3]) for row in rows]
 
     async def get_job(self, job_id: str) -> Job | None:
         async with self._pool.acquire(timeout=self._timeout) as conn:

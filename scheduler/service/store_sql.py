@@ -135,6 +135,21 @@ new_events AS (
     FROM unnest($28::text[], $29::text[], $30::bytea[]) AS u(event_id, subject, payload)
     WHERE (SELECT ok FROM fence)
     ON CONFLICT DO NOTHING
+),
+new_orphans AS (
+    INSERT INTO scheduler.orphans (shard, node_key, task_id, accelerators, millis)
+    SELECT $1, u.node_key, u.task_id,
+        ARRAY(SELECT jsonb_array_elements_text(u.accelerators::jsonb)), u.millis
+    FROM unnest($31::text[], $32::text[], $33::text[], $34::int[])
+        AS u(node_key, task_id, accelerators, millis)
+    WHERE (SELECT ok FROM fence)
+    ON CONFLICT DO NOTHING
+),
+confirmed_orphans AS (
+    DELETE FROM scheduler.orphans AS o
+    USING unnest($35::text[], $36::text[]) AS u(node_key, task_id)
+    WHERE (SELECT ok FROM fence) AND o.shard = $1 AND o.node_key = u.node_key
+        AND o.task_id = u.task_id
 )
 SELECT NULL::text, NULL::int, NULL::int, NULL::text, (SELECT current FROM fence)
 WHERE NOT (SELECT ok FROM fence)
@@ -144,7 +159,13 @@ SELECT job_id, attempt, task_index, kind, $2 FROM new_dispatches
 """One turn's writes as one statement, so one round trip and one implicit transaction.
 
 Every part runs only while the leaders row, locked FOR SHARE, still holds the epoch ``$2``.
+The parts see one snapshot, so the caller never lists one orphan as both new and confirmed.
 Data-modifying CTEs all run to completion whether or not the final SELECT reads them. The
 result is the commands not recorded before, or, when fenced, one row of NULLs with the
 current epoch.
+"""
+
+LOAD_ORPHANS: Final = """
+SELECT node_key, task_id, accelerators, millis
+FROM scheduler.orphans WHERE shard = $1 ORDER BY created_at, node_key, task_id
 """

@@ -138,3 +138,33 @@ def test_adopt_rejects_taken_accelerator() -> None:
         engine.adopt(job("b"), [first], start=0.0)
     assert engine.running() == ["a"]
     assert "b" not in engine.jobs
+
+
+def test_adopted_fence_holds_until_stop_confirmed() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 2))
+    # A copy of an ended attempt held half of gpu0 and half of gpu1.
+    assert engine.adopt_fence("n1", "old#1", ("n1-gpu0", "n1-gpu1"), 500)
+    engine.submit(job("whole", accelerators=1))
+    engine.submit(job("half", accelerators=0.5))
+
+    result = engine.schedule(0.0)
+
+    assert list(placed(result)) == ["half"]
+    engine.apply(TasksStopped("n1", "old"))
+    assert "whole" in placed(engine.schedule(1.0))
+
+
+def test_adopt_fence_rejects_taken_accelerators() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 2))
+    engine.submit(job("a", accelerators=1))
+    ((gpu,),) = [p.tasks[0].accelerator_ids for p in placed(engine.schedule(0.0)).values()]
+    free = next(a for a in ("n1-gpu0", "n1-gpu1") if a != gpu)
+
+    assert not engine.adopt_fence("n1", "old#1", (gpu,), 1000)
+    assert not engine.adopt_fence("n1", "old#1", (free, "n1-gpu9"), 1000)
+    assert not engine.adopt_fence("n9", "old#1", (free,), 1000)
+    assert not engine.adopt_fence("n1", "a#1", (free,), 1000)
+    assert engine.fleet.by_id["n1"].free_whole == 1
+    assert not engine.fleet.by_id["n1"].fenced

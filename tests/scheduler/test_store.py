@@ -10,7 +10,7 @@ import pytest
 
 from scheduler.service.leader import LeaderLease
 from scheduler.service.model import Job, JobFilter, JobSpec, TaskPlacement, new_job_id
-from scheduler.service.store import DispatchRecord, Fenced, JobStore, OutboxEvent
+from scheduler.service.store import DispatchRecord, Fenced, JobStore, Orphan, OutboxEvent
 
 
 def make_job(name: str = "train", project: str = "p1") -> Job:
@@ -225,6 +225,29 @@ async def test_commit_turn_marks_published_records(pool: asyncpg.Pool, database_
     assert await store.unacked_dispatches() == []
     assert await store.unacked_events() == []
     await lease.release()
+
+
+async def test_commit_turn_keeps_orphans_until_confirmed(
+    pool: asyncpg.Pool, database_dsn: str
+) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    lost = Orphan("p.r.n0", "j1/1/0", ("GPU-0", "GPU 1"), 1000)
+    shared = Orphan("p.r.n1", "j2/3/1", ("GPU-7",), 250)
+
+    await store.commit_turn([], [], [], [], epoch, orphans=[lost, shared])
+    assert await store.load_orphans() == [lost, shared]
+    await store.commit_turn([], [], [], [], epoch, confirmed=[("p.r.n0", "j1/1/0")])
+    assert await store.load_orphans() == [shared]
+    assert await JobStore(pool, "s1").load_orphans() == []
+    await lease.release()
+
+    takeover = await lead(database_dsn, "b")
+    with pytest.raises(Fenced):
+        await store.commit_turn([], [], [], [], epoch, orphans=[lost])
+    assert await store.load_orphans() == [shared]
+    await takeover.release()
 
 
 async def age_acks(pool: asyncpg.Pool, table: str, seconds: float) -> None:

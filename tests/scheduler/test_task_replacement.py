@@ -12,7 +12,7 @@ from scheduler.service.engine_adapter import EngineAdapter
 from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
 from scheduler.service.jobbook import Effects, JobBook
 from scheduler.service.model import Job
-from scheduler.service.store import DispatchRecord
+from scheduler.service.store import DispatchRecord, Orphan
 from tests.scheduler.test_jobbook import NOW, make_job
 
 NODES = ("n1", "n2", "n3")
@@ -206,3 +206,66 @@ def test_replacement_before_hold_requeues_gang() -> None:
     assert fx.changed[job.job_id][1] == "engine:requeue"
     assert not any(r.kind.startswith("start") for r in fx.commands)
     assert not book.engine.running_in_engine(job.job_id)
+
+
+def test_restarted_book_keeps_lost_node_fenced() -> None:
+    book = make_book()
+    job = running(book)
+    lost = job.placement[0]
+    lose(book, lost.node_key)
+    task_id = f"{job.job_id}/1/0"
+    orphans, confirmed = book.take_orphan_writes()
+    assert [(o.node_key, o.task_id, o.accelerators, o.millis) for o in orphans] == [
+        (lost.node_key, task_id, lost.accelerators, 1000)
+    ]
+    assert confirmed == []
+    assert book.take_orphan_writes() == ([], [])
+
+    # A new leader re-enters the running gang and the stored copy. The lost node counts as up.
+    restarted = make_book()
+    restarted.add([book.jobs[job.job_id]], NOW + 20)
+    restarted.adopt_orphans(orphans)
+    single = make_job(tasks=1)
+    restarted.add([single], NOW + 21)
+
+    waiting = pass_at(restarted, NOW + 21)
+
+    assert waiting.admit == []
+    assert restarted.jobs[single.job_id].state == "pending"
+    assert restarted.take_orphan_writes() == ([], [])
+
+    restarted.apply_node_running(lost.node_key, frozenset())
+
+    assert restarted.take_orphan_writes() == ([], [(lost.node_key, task_id)])
+    placed = pass_at(restarted, NOW + 22)
+    ((admitted_job, _),) = placed.admit
+    assert admitted_job.job_id == single.job_id
+    assert [t.node_key for t in admitted_job.placement] == [lost.node_key]
+
+
+def test_orphan_confirmed_in_its_turn_is_not_stored() -> None:
+    book = make_book()
+    job = running(book)
+    lost = job.placement[0]
+    lose(book, lost.node_key)
+
+    report(book, lost.node_key, f"{job.job_id}/1/0", "stopped", NOW + 11)
+
+    assert book.take_orphan_writes() == ([], [(lost.node_key, f"{job.job_id}/1/0")])
+
+
+def test_stored_orphan_on_reused_accelerator_is_not_fenced() -> None:
+    book = make_book()
+    job = running(book)
+    placed = job.placement[0]
+    stale = Orphan(placed.node_key, "old-job/1/0", placed.accelerators, 1000)
+
+    book.adopt_orphans([stale])
+
+    # The running gang uses the accelerator, so the copy no longer had it.
+    node = book.engine.engine.fleet.node(placed.node_key)
+    assert not node.fenced
+    book.apply_node_running(placed.node_key, frozenset())
+    assert book.take_orphan_writes() == ([], [(placed.node_key, "old-job/1/0")])
+    assert book.engine.running_in_engine(job.job_id)
+

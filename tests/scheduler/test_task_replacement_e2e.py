@@ -37,37 +37,46 @@ def nodes(job: scheduler_pb2.Job) -> dict[int, str]:
     return {p.task_index: p.node_id for p in job.placements}
 
 
+async def move_lost_task(stack: Stack, client: Client) -> tuple[str, scheduler_pb2.Job, int]:
+    """Run a two-node gang on n0 and n1, kill n0's agent, and wait for its task to start on n2.
+
+    Returns the gang's id, the gang as it first ran and the index of the task that moved.
+    """
+    # One accelerator per node, so the two tasks of the gang take two nodes.
+    first = stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
+    stack.start_agents(1, gpus=1, name="agents-r2", region="r2", first=1)
+    gang = await client.submit("gang", 2)
+    running = await wait_for(lambda: client.running(gang), 30, "the gang to run", 0.2)
+    assert sorted(nodes(running).values()) == ["n0", "n1"]
+    lost_index = next(i for i, node in nodes(running).items() if node == "n0")
+    stack.start_agents(1, gpus=1, name="agents-r3", region="r3", first=2)
+
+    # SIGKILL stops the node's heartbeats without any task event.
+    first.kill()
+
+    async def replaced() -> scheduler_pb2.Job | None:
+        job = await client.running(gang)
+        if job is None or nodes(job).get(lost_index) != "n2":
+            return None
+        task = next(p for p in job.placements if p.task_index == lost_index)
+        return job if task.state == "started" else None
+
+    moved = await wait_for(replaced, 60, "the lost task to start on n2", 0.2)
+    assert moved.attempt == running.attempt
+    assert moved.state == scheduler_pb2.JOB_STATE_RUNNING
+    assert nodes(moved)[1 - lost_index] == "n1"
+    return gang, running, lost_index
+
+
 async def test_lost_node_task_moves_in_place(stack: Stack) -> None:
     _, address = await stack.start_scheduler()
     project, grant, pi = await fund_grant(stack)
     md = metadata(stack.token(pi, Role.PI))
     messages = AgentMessages()
     collector = asyncio.create_task(messages.collect(stack.nats_url))
-    # One accelerator per node, so the two tasks of the gang take two nodes.
-    first = stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
-    stack.start_agents(1, gpus=1, name="agents-r2", region="r2", first=1)
     client = Client(address, md, project, grant)
     try:
-        gang = await client.submit("gang", 2)
-        running = await wait_for(lambda: client.running(gang), 30, "the gang to run", 0.2)
-        assert sorted(nodes(running).values()) == ["n0", "n1"]
-        lost_index = next(i for i, node in nodes(running).items() if node == "n0")
-        stack.start_agents(1, gpus=1, name="agents-r3", region="r3", first=2)
-
-        # SIGKILL stops the node's heartbeats without any task event.
-        first.kill()
-
-        async def replaced() -> scheduler_pb2.Job | None:
-            job = await client.running(gang)
-            if job is None or nodes(job).get(lost_index) != "n2":
-                return None
-            task = next(p for p in job.placements if p.task_index == lost_index)
-            return job if task.state == "started" else None
-
-        moved = await wait_for(replaced, 60, "the lost task to start on n2", 0.2)
-        assert moved.attempt == running.attempt
-        assert moved.state == scheduler_pb2.JOB_STATE_RUNNING
-        assert nodes(moved)[1 - lost_index] == "n1"
+        gang, running, lost_index = await move_lost_task(stack, client)
 
         task_id = f"{gang}/{running.attempt}/{lost_index}"
         starts = [
@@ -92,3 +101,50 @@ async def test_lost_node_task_moves_in_place(stack: Stack) -> None:
         collector.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await collector
+
+
+async def test_restarted_scheduler_keeps_lost_node_fenced(stack: Stack) -> None:
+    scheduler_process, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    client = Client(address, md, project, grant)
+    try:
+        gang, running, lost_index = await move_lost_task(stack, client)
+
+        # The new leader reloads n0 as up until its heartbeats are overdue. The copy it may
+        # still run keeps n0's accelerator from a new job all the same.
+        await client.channel.close()
+        scheduler_process.kill()
+        _, address = await stack.start_scheduler("scheduler-restarted")
+        client = Client(address, md, project, grant)
+        single = await client.submit("single", 1)
+
+        async def n0_unknown() -> bool:
+            reply = await client.stub.ListNodes(
+                scheduler_pb2.ListNodesRequest(), metadata=stack_md(stack), timeout=10
+            )
+            states = {n.node_id: n.state for n in reply.nodes}
+            return states.get("n0") == scheduler_pb2.NODE_STATE_UNKNOWN
+
+        await wait_for(n0_unknown, 60, "the new leader to find n0 unknown", 0.2)
+        waiting = await client.get(single)
+        assert waiting is not None
+        # Never placed: a placement on n0 would have been requeued as attempt 2 by now.
+        assert waiting.attempt == 1
+        assert waiting.state == scheduler_pb2.JOB_STATE_PENDING
+        assert waiting.pending_reason == scheduler_pb2.PENDING_REASON_NO_CAPACITY
+
+        # n0 comes back: its agent stops the old copy, which frees the accelerator.
+        stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
+        alone = await wait_for(lambda: client.running(single), 60, "single to run on n0", 0.2)
+        assert list(nodes(alone).values()) == ["n0"]
+        still = await client.running(gang)
+        assert still is not None
+        assert still.attempt == running.attempt
+        assert nodes(still)[lost_index] == "n2"
+    finally:
+        await client.channel.close()
+
+
+def stack_md(stack: Stack) -> tuple[tuple[str, str], ...]:
+    return metadata(stack.token("fleet-reader", Role.PROGRAM_OFFICE))
