@@ -192,6 +192,12 @@ class JobBook:
     def apply_pass(self, result: PassResult, fx: Effects) -> None:
         # Requeues come first: the engine may requeue a job and place it again in one pass.
         for job_id, message in result.requeues:
+            stopping = self._stopping.get(job_id)
+            if stopping is not None and stopping.outcome is not None:
+                # The engine queued the job again, but a cancel or a failure was ending it.
+                self.engine.remove(job_id)
+                self._end_stopping(job_id, stopping.outcome, fx)
+                continue
             self.requeue(job_id, message, "engine:requeue", fx, release=False)
         for job_id, message, failure in result.failed_hardware:
             self.fail_hardware(job_id, message, failure, fx)
@@ -224,10 +230,16 @@ class JobBook:
 
         The other tasks keep running and the job keeps its state. The old copy gets a stop
         command on the lost node, in case the node comes back, and the engine keeps that
-        node's accelerators fenced until it confirms the copy stopped. A job that is not
-        running or starting here, is being stopped, or whose task is no longer the live one
-        on ``lost_node`` is requeued whole instead, in the engine too.
+        node's accelerators fenced until it confirms the copy stopped. A job that a cancel or
+        a failure is stopping ends now as that. A job that is not running or starting here,
+        is being preempted, or whose task is no longer the live one on ``lost_node`` is
+        requeued whole instead, in the engine too.
         """
+        stopping = self._stopping.get(job_id)
+        if stopping is not None and stopping.outcome is not None:
+            self.engine.end(job_id, stopping.outcome, fx.now)
+            self._end_stopping(job_id, stopping.outcome, fx)
+            return
         job = self.jobs.get(job_id)
         message = f"task {task.task_index} lost on {lost_node}"
         index = None
@@ -243,8 +255,6 @@ class JobBook:
             or job.placement[index].node_key != lost_node
             or job.placement[index].state not in _LIVE
         ):
-            # NOTE: a job being stopped is requeued here too, so a cancel or a failure that
-            # was stopping it becomes a requeue, as it did before tasks were replaced.
             self.engine.requeue(job_id, fx.now)
             self.requeue(job_id, message, "engine:requeue", fx, release=False)
             return
@@ -656,6 +666,23 @@ class JobBook:
             return
         self.engine.end(job.job_id, outcome, fx.now)
         self._finish(job, outcome, reason, cause, fx)
+
+    def _end_stopping(self, job_id: str, outcome: JobState, fx: Effects) -> None:
+        """End a job whose stop lost a node, as the outcome its stop was heading for.
+
+        The caller has already released the job in the engine, which keeps what it holds on
+        unknown nodes. Its live tasks got their stop commands when the stop began, and they
+        become orphans until their nodes confirm.
+        """
+        job = self.jobs.get(job_id)
+        stopping = self._stopping.pop(job_id, None)
+        if job is None or stopping is None:
+            return
+        for task in job.placement:
+            if task.state in _LIVE:
+                self._add_orphan(task, TaskId(job_id, job.attempt, task.task_index))
+        reason = f"{stopping.reason}; a node was lost while it stopped"
+        self._finish(job, outcome, reason, stopping.cause, fx)
 
     def _finish(self, job: Job, state: JobState, reason: str, cause: str, fx: Effects) -> None:
         """Make ``job`` terminal; the caller has already reported the end to the engine."""

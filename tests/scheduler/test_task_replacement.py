@@ -269,3 +269,46 @@ def test_stored_orphan_on_reused_accelerator_is_not_fenced() -> None:
     assert book.take_orphan_writes() == ([], [(placed.node_key, "old-job/1/0")])
     assert book.engine.running_in_engine(job.job_id)
 
+
+def test_lost_node_ends_cancelled_gang() -> None:
+    book = make_book()
+    job = running(book)
+    lost, survivor = job.placement
+    book.cancel(job.job_id, "not needed", "rpc:cancel", Effects(NOW + 5))
+
+    fx = lose(book, lost.node_key)
+
+    ended, cause = fx.changed[job.job_id]
+    assert ended.state == "cancelled"
+    assert cause == "rpc:cancel"
+    assert job.job_id not in book.jobs
+    assert not any(r.kind.startswith("start") for r in fx.commands)
+    assert not book.engine.running_in_engine(job.job_id)
+    fleet = book.engine.engine.fleet
+    assert fleet.node(lost.node_key).fenced
+    assert fleet.node(survivor.node_key).free_whole == 1
+    assert fleet.node(free_node(job)).free_whole == 1
+    orphans, _ = book.take_orphan_writes()
+    assert sorted(o.node_key for o in orphans) == sorted([lost.node_key, survivor.node_key])
+
+    report(book, lost.node_key, f"{job.job_id}/1/0", "stopped", NOW + 30)
+
+    assert not fleet.node(lost.node_key).fenced
+
+
+def test_lost_node_ends_cancelled_single_task() -> None:
+    book = make_book()
+    job = make_job(tasks=1)
+    book.add([job], NOW + 1)
+    pass_at(book, NOW + 1)
+    book.apply_hold(job.job_id, 1, HoldOutcome("held", "h1", "g1", Decimal(1)), Effects(NOW + 2))
+    (task,) = book.jobs[job.job_id].placement
+    report(book, task.node_key, f"{job.job_id}/1/0", "started", NOW + 3)
+    book.cancel(job.job_id, "not needed", "rpc:cancel", Effects(NOW + 5))
+
+    fx = lose(book, task.node_key)
+
+    assert fx.changed[job.job_id][0].state == "cancelled"
+    assert job.job_id not in book.jobs
+    assert job.job_id not in book.engine.engine.jobs
+    assert book.engine.engine.fleet.node(task.node_key).fenced
