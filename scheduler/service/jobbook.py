@@ -36,6 +36,14 @@ CHECKPOINTED = "checkpointed"
 MAX_CHECKPOINT_REF_BYTES = 4096
 """Maximum length of a stored checkpoint reference in UTF-8 bytes. Agents send none longer."""
 _LIVE = ("assigned", "started")
+REQUEUE = "requeue"
+"""Stop outcome of a preempted job, which is queued again once its tasks stopped."""
+_STOP_OUTCOMES: dict[str, JobState] = {
+    "completed": "completed",
+    "failed": "failed",
+    "cancelled": "cancelled",
+    "timed_out": "timed_out",
+}
 
 
 @dataclass(slots=True)
@@ -128,10 +136,9 @@ class JobBook:
                     if task.state == "assigned":
                         self._replacing_since[(job.job_id, job.attempt, task.task_index)] = now
             if job.state == "stopping":
-                # NOTE: the outcome a stop was heading for is not stored, so a reloaded
-                # stopping job ends as cancelled even when a preemption or failure stopped it.
                 live = {t.task_index for t in job.placement if t.state in _LIVE}
-                self._stopping[job.job_id] = _Stopping("cancelled", job.reason, live, "reload")
+                outcome = _reloaded_outcome(job.stop_outcome)
+                self._stopping[job.job_id] = _Stopping(outcome, job.reason, live, "reload")
                 if not live:
                     self._settle_reloaded.append(job.job_id)
 
@@ -184,8 +191,11 @@ class JobBook:
             job = self.jobs.get(job_id)
             if stopping is None or job is None:
                 continue
-            self.engine.end(job_id, "cancelled", fx.now)
-            self._finish(job, "cancelled", stopping.reason, "reload", fx)
+            if stopping.outcome is None:
+                self._settle_stopped(job, None, stopping.reason, "reload", fx)
+                continue
+            self.engine.end(job_id, stopping.outcome, fx.now)
+            self._finish(job, stopping.outcome, stopping.reason, "reload", fx)
 
     # Engine passes.
 
@@ -517,7 +527,9 @@ class JobBook:
             self._admitting.discard(job_id)
             self.engine.remove(job_id)
             self._cancel_after_hold[job_id] = (reason, cause)
-            stopping = replace(job, state="stopping", reason=reason, pending_reason="")
+            stopping = replace(
+                job, state="stopping", reason=reason, pending_reason="", stop_outcome="cancelled"
+            )
             self.jobs[job_id] = stopping
             fx.change(stopping, cause)
         elif job.state == "pending":
@@ -525,6 +537,13 @@ class JobBook:
             self._finish(replace(job, placement=()), "cancelled", reason, cause, fx)
         elif job_id not in self._stopping:
             self.stop(job_id, "cancelled", reason, job.spec.grace_s, cause, fx)
+        elif self._stopping[job_id].outcome is None:
+            # A preemption is stopping it: once stopped, it ends instead of waiting again.
+            pending = self._stopping[job_id].pending
+            self._stopping[job_id] = _Stopping("cancelled", reason, pending, cause)
+            cancelled = replace(job, reason=reason, stop_outcome="cancelled")
+            self.jobs[job_id] = cancelled
+            fx.change(cancelled, cause)
         return fx.changed[job_id][0] if job_id in fx.changed else self.jobs.get(job_id)
 
     # Shared transitions.
@@ -550,7 +569,7 @@ class JobBook:
         fx.commands.extend(
             stop_record(job_id, job.attempt, t, reason, grace_s, self.epoch) for t in live
         )
-        stopping = job.with_state("stopping", reason)
+        stopping = replace(job.with_state("stopping", reason), stop_outcome=outcome or REQUEUE)
         self.jobs[job_id] = stopping
         fx.change(stopping, cause)
 
@@ -588,6 +607,7 @@ class JobBook:
             hold_id="",
             hold_amount=None,
             started_at=None,
+            stop_outcome="",
         )
         self.jobs[job_id] = requeued
         fx.change(requeued, cause)
@@ -686,7 +706,9 @@ class JobBook:
 
     def _finish(self, job: Job, state: JobState, reason: str, cause: str, fx: Effects) -> None:
         """Make ``job`` terminal; the caller has already reported the end to the engine."""
-        ended = replace(job, state=state, reason=reason, pending_reason="", ended_at=fx.now)
+        ended = replace(
+            job, state=state, reason=reason, pending_reason="", ended_at=fx.now, stop_outcome=""
+        )
         codes = [t.exit_code for t in job.placement if t.exit_code]
         if codes:
             ended = replace(ended, exit_code=codes[0])
@@ -767,3 +789,13 @@ class JobBook:
                 del self._orphans[node_key]
             self._orphan_writes[(node_key, task_id)] = None
             self.engine.tasks_stopped(node_key, job_id)
+
+
+def _reloaded_outcome(stored: str) -> JobState | None:
+    """Return what a reloaded stopping job becomes: None to requeue it.
+
+    Rows stored before the outcome was kept have none, and end as cancelled as they did.
+    """
+    if stored == REQUEUE:
+        return None
+    return _STOP_OUTCOMES.get(stored, "cancelled")

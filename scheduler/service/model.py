@@ -191,6 +191,9 @@ class Job:
     """When the agent read ``checkpoint_ref``, in Unix seconds; None until one is reported."""
     exit_code: int | None = None
     placement: tuple[TaskPlacement, ...] = ()
+    stop_outcome: str = ""
+    """While stopping, the state the job ends in once its tasks stopped, or ``requeue``. Empty
+    in every other state."""
 
     @property
     def terminal(self) -> bool:

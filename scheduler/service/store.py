@@ -558,6 +558,7 @@ def _job_from_row(row: asyncpg.Record) -> Job:
         checkpoint_at=from_datetime(row["checkpoint_at"]),
         exit_code=row["exit_code"],
         placement=placement_from_json(row["placement"]),
+        stop_outcome=row["stop_outcome"],
     )
 
 
@@ -578,6 +579,7 @@ def _job_columns(jobs: Sequence[Job], causes: Sequence[str]) -> list[list[Any]]:
         [job.exit_code for job in jobs],
         [placement_to_json(job.placement) for job in jobs],
         list(causes),
+        [job.stop_outcome for job in jobs],
     ]
 
 

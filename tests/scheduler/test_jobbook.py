@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from decimal import Decimal
 
+import pytest
+
 from acsp.v1 import agent_pb2, events_pb2
 from scheduler.engine.engine import Engine
 from scheduler.engine.spec import EngineConfig
@@ -189,6 +191,62 @@ def test_recall_preemption_events_name_the_recall() -> None:
     assert [e.cause.trigger for e in events] == ["recall:rc-1", "recall:rc-1"]
     assert fx.changed[job.job_id] == (book.jobs[job.job_id], "recall:rc-1")
     assert book.jobs[job.job_id].state == "pending"
+
+
+def recalled(book: JobBook, job: Job) -> None:
+    """Run ``job`` on both accelerators and recall them, so a preemption stops it."""
+    pledge = PledgeRecord("pl-1", "prov", "reg", "A100-SXM4-80GB", 0, 2, NOW - 100, NOW + 86400)
+    book.engine.set_pledge(pledge)
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "started")
+    report(book, job, 1, "started")
+    book.engine.add_recall(RecallRecord("rc-1", "pl-1", 2, NOW + 3, None, "maintenance"), pledge)
+    book.apply_pass(book.engine.schedule(NOW + 3), Effects(NOW + 3))
+    assert book.jobs[job.job_id].state == "stopping"
+
+
+def test_cancel_during_preemption_ends_job() -> None:
+    book = make_book(gpus=2)
+    job = make_job(tasks=2)
+    recalled(book, job)
+    fx = Effects(NOW + 4)
+
+    book.cancel(job.job_id, "owner asked", "rpc:CancelJob", fx)
+
+    assert fx.changed[job.job_id][0].stop_outcome == "cancelled"
+    report(book, job, 0, "stopped", -15)
+    fx = report(book, job, 1, "stopped", -15)
+    ended = fx.changed[job.job_id][0]
+    assert ended.state == "cancelled"
+    assert ended.stop_outcome == ""
+    assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/ended"]
+
+
+@pytest.mark.parametrize(
+    ("stored", "state", "attempt"),
+    [("requeue", "pending", 2), ("failed", "failed", 1), ("", "cancelled", 1)],
+)
+def test_reloaded_stop_keeps_its_outcome(stored: str, state: str, attempt: int) -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "started")
+    report(book, job, 1, "started")
+    fx = Effects(NOW + 4)
+    book.cancel(job.job_id, "stopping", "rpc:CancelJob", fx)
+    stopping = replace(fx.changed[job.job_id][0], stop_outcome=stored)
+
+    restarted = make_book()
+    restarted.add([stopping], NOW + 5)
+    report(restarted, job, 0, "stopped", -15)
+    fx = report(restarted, job, 1, "stopped", -15)
+
+    after, cause = fx.changed[job.job_id]
+    assert after.state == state
+    assert after.attempt == attempt
+    assert cause == "reload"
 
 
 def test_cancel_pending_job_ends_at_once() -> None:

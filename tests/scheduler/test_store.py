@@ -227,6 +227,25 @@ async def test_commit_turn_marks_published_records(pool: asyncpg.Pool, database_
     await lease.release()
 
 
+async def test_stop_outcome_round_trips(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    job = make_job()
+    await store.insert_jobs([job], [None], epoch, "rpc")
+    preempted = replace(job, state="stopping", stop_outcome="requeue")
+
+    await store.commit_turn([preempted], ["recall:rc-1"], [], [], epoch)
+
+    (loaded,) = await store.load_open_jobs()
+    assert loaded.stop_outcome == "requeue"
+    await store.update_jobs([replace(preempted, stop_outcome="failed")], epoch, ["task:failed"])
+    stored = await store.get_job(job.job_id)
+    assert stored is not None
+    assert stored.stop_outcome == "failed"
+    await lease.release()
+
+
 async def test_commit_turn_keeps_orphans_until_confirmed(
     pool: asyncpg.Pool, database_dsn: str
 ) -> None:
