@@ -22,6 +22,7 @@ from services.runtime.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 
 from .engine_adapter import AcceleratorHealth, EngineAdapter
@@ -37,6 +38,7 @@ from .pledges import (
     recall_to_proto,
 )
 from .provider_api import ProviderRpcs
+from .store import Fenced
 
 OPERATORS: Final = (Role.PROVIDER_OPERATOR, Role.PROGRAM_OFFICE, Role.SERVICE)
 
@@ -103,9 +105,12 @@ class FleetRpcs(ProviderRpcs):
         node = await asyncio.wait_for(reply, timeout=remaining_s(10.0))
         if node is None:
             raise NotFound("node", key)
-        await leader.nodes.set_draining(
-            request.provider_id, request.region_id, request.node_id, not request.undrain, reason
-        )
+        try:
+            await leader.nodes.set_draining(
+                request.provider_id, request.region_id, request.node_id, not request.undrain, reason
+            )
+        except Fenced:
+            raise Unavailable("this scheduler is no longer the leader. Retry the call.") from None
         return _node_to_proto(node, _failures_by_accelerator(leader.book.engine))
 
     async def ListAcceleratorModels(

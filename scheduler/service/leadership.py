@@ -177,7 +177,7 @@ class Leadership:
         engine = EngineAdapter(Engine(EngineConfig(half_life_s=cfg.half_life_s), self.catalog))
         fleet = FleetView(cfg.heartbeat_timeout_s)
         book = JobBook(engine, epoch)
-        nodes = NodeStore(self._pool)
+        nodes = NodeStore(self._pool, fence=(cfg.shard, epoch))
         loop = SchedulingLoop(
             book=book,
             fleet=fleet,

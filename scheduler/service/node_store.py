@@ -9,14 +9,23 @@ import asyncpg
 
 from .engine_adapter import AcceleratorHealth
 from .provider_store import register_named_regions
+from .store import check_epoch
 
 
 class NodeStore:
     """Node inventories and drain flags, so a new leader has the fleet before agents report."""
 
-    def __init__(self, pool: asyncpg.Pool, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, timeout_s: float = 10.0, *, fence: tuple[str, int] | None = None
+    ) -> None:
         self._pool = pool
         self._timeout = timeout_s
+        self._fence = fence
+        """Shard and leader epoch every write checks first, raising ``Fenced`` once deposed."""
+
+    async def _check_fence(self, conn: asyncpg.Connection) -> None:
+        if self._fence is not None:
+            await check_epoch(conn, *self._fence, self._timeout)
 
     async def upsert_inventories(self, rows: Sequence[tuple[str, str, str, bytes]]) -> None:
         """Store ``(provider, region, node, serialized Inventory)`` rows.
@@ -27,6 +36,7 @@ class NodeStore:
         if not rows:
             return
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await self._check_fence(conn)
             await register_named_regions(conn, [r[:3] for r in rows], self._timeout)
             await conn.execute(
                 "INSERT INTO scheduler.nodes (provider, region, node, inventory)"
@@ -44,7 +54,8 @@ class NodeStore:
         self, provider: str, region: str, node: str, draining: bool, reason: str
     ) -> bool:
         """Set a node's drain flag; return False if the node is not known."""
-        async with self._pool.acquire(timeout=self._timeout) as conn:
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await self._check_fence(conn)
             status = await conn.execute(
                 "UPDATE scheduler.nodes SET draining = $4, drain_reason = $5, updated_at = now()"
                 " WHERE provider = $1 AND region = $2 AND node = $3",
@@ -70,6 +81,7 @@ class NodeStore:
     async def record_accelerator_health(self, changes: Sequence[AcceleratorHealth]) -> None:
         """Store failures and delete recovered accelerators, in the order of ``changes``."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await self._check_fence(conn)
             for change in changes:
                 provider, region, node = change.node_key.split(".", 2)
                 if change.failed:

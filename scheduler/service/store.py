@@ -58,6 +58,19 @@ class Fenced(Exception):
         self.current = current
 
 
+async def check_epoch(conn: asyncpg.Connection, shard: str, epoch: int, timeout_s: float) -> None:
+    """Raise :class:`Fenced` unless ``shard``'s leader epoch is still ``epoch``.
+
+    Call it first in a transaction: the row stays locked FOR SHARE until the transaction ends,
+    so no new leader can take the shard while the rest of it writes.
+    """
+    current = await conn.fetchval(
+        "SELECT epoch FROM scheduler.leaders WHERE shard = $1 FOR SHARE", shard, timeout=timeout_s
+    )
+    if current != epoch:
+        raise Fenced(shard, epoch, current)
+
+
 @dataclass(frozen=True, slots=True)
 class DispatchRecord:
     """A command to one agent, recorded before it is published."""
@@ -134,13 +147,7 @@ class JobStore:
         self._timeout = timeout_s
 
     async def _check_epoch(self, conn: asyncpg.Connection, epoch: int) -> None:
-        current = await conn.fetchval(
-            "SELECT epoch FROM scheduler.leaders WHERE shard = $1 FOR SHARE",
-            self.shard,
-            timeout=self._timeout,
-        )
-        if current != epoch:
-            raise Fenced(self.shard, epoch, current)
+        await check_epoch(conn, self.shard, epoch, self._timeout)
 
     async def insert_jobs(
         self, jobs: Sequence[Job], request_ids: Sequence[str | None], epoch: int, cause: str

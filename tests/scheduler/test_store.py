@@ -8,8 +8,10 @@ from dataclasses import replace
 import asyncpg
 import pytest
 
+from scheduler.service.engine_adapter import AcceleratorHealth
 from scheduler.service.leader import LeaderLease
 from scheduler.service.model import Job, JobFilter, JobSpec, TaskPlacement, new_job_id
+from scheduler.service.node_store import NodeStore
 from scheduler.service.store import DispatchRecord, Fenced, JobStore, Orphan, OutboxEvent
 
 
@@ -225,6 +227,25 @@ async def test_commit_turn_marks_published_records(pool: asyncpg.Pool, database_
     assert await store.unacked_dispatches() == []
     assert await store.unacked_events() == []
     await lease.release()
+
+
+async def test_deposed_leader_writes_no_node(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    nodes = NodeStore(pool, fence=("s0", lease.epoch or 0))
+    await nodes.upsert_inventories([("p", "r", "n1", b"first")])
+    await lease.release()
+    takeover = await lead(database_dsn, "b")
+
+    with pytest.raises(Fenced):
+        await nodes.upsert_inventories([("p", "r", "n1", b"stale"), ("p", "r", "n2", b"new")])
+    with pytest.raises(Fenced):
+        await nodes.record_accelerator_health([AcceleratorHealth("p.r.n1", "GPU-0", True, "e1")])
+    with pytest.raises(Fenced):
+        await nodes.set_draining("p", "r", "n1", True, "stale drain")
+
+    assert await nodes.load() == [(b"first", False, "")]
+    assert await nodes.load_failed_accelerators() == []
+    await takeover.release()
 
 
 async def test_stop_outcome_round_trips(pool: asyncpg.Pool, database_dsn: str) -> None:
