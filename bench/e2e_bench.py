@@ -364,6 +364,8 @@ def main() -> None:
         "--drain-timeout", type=float, default=300.0, help="seconds to wait for every job to start"
     )
     args = parser.parse_args()
+    if args.idle_s <= 0:
+        parser.error("--idle-s must be above 0 (the idle CPU rate is divided by it)")
     if args.submitter and args.batch != 1:
         parser.error("--submitter sends one job per submit; leave --batch at 1")
     asyncio.run(run(args))
