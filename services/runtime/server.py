@@ -64,6 +64,7 @@ from services.runtime.health_port import build_health_server
 from services.runtime.logs import configure_logging
 from services.runtime.migrations import apply_migrations
 from services.runtime.nats import close_nats, connect_nats, ensure_key_value, ensure_stream
+from services.runtime.nul_check import NulCharacterInterceptor
 from services.runtime.settings import ListenAddress, Settings, SettingsError
 from services.runtime.telemetry import Telemetry, setup_telemetry
 from services.runtime.tls import load_server_credentials
@@ -236,6 +237,7 @@ class Service:
                 interceptors.ErrorInterceptor(),
                 interceptors.DeadlineInterceptor(settings.default_deadline_s),
                 interceptors.AuthInterceptor(Authenticator(verifier)),
+                NulCharacterInterceptor(),
             ],
             # Without this, a second process could bind the same port and split the traffic.
             options=[("grpc.so_reuseport", 0)],

@@ -98,6 +98,18 @@ async def test_invalid_argument_names_field_and_fix(sample: RunningSample, keys:
     assert field_violations(error) == {"amount": "-1 is negative; pass an amount of 0 or more"}
 
 
+@pytest.mark.timeout(30)
+async def test_nul_in_request_is_invalid_argument(sample: RunningSample, keys: Keys) -> None:
+    # The handler fails any value it does not know with INTERNAL, so only the check rejects.
+    fail = sample.unary("Fail", String, String)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fail(String(value="unexpected\x00"), metadata=bearer(keys.token(Role.PI)))
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "invalid value: contains a NUL character" in (error.details() or "")
+    assert list(field_violations(error)) == ["value"]
+
+
 @pytest.mark.parametrize(
     ("value", "code", "message"),
     [
