@@ -172,7 +172,8 @@ class TaskState(enum.StrEnum):
     TIMED_OUT = "timed_out"
     """Stopped because it passed its wall time."""
     LOST = "lost"
-    """The agent cannot account for the task (e.g. it vanished while the agent was down)."""
+    """The agent cannot account for the task (e.g. it vanished while the agent was down), or
+    stopped it because the agent itself was shutting down."""
     FAILED_HARDWARE = "failed_hardware"
     """Ended without success (stopped or on its own) while one of its accelerators was failed."""
     CHECKPOINTED = "checkpointed"

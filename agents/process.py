@@ -62,6 +62,7 @@ from acsp import subjects
 from agents import wire
 from agents.node import NodeAgent
 from agents.outbox import Outbox
+from agents.runner import AGENT_EXIT
 from agents.state import StateStore
 from services.runtime.nats import TlsCheckingClient, TlsRequiredError
 
@@ -218,7 +219,7 @@ class AgentProcess:
                 supervisor
                 for node in self.nodes
                 if node.runner is not None
-                for supervisor in node.runner.stop_processes("the agent stopped", grace_s)
+                for supervisor in node.runner.stop_processes(AGENT_EXIT, grace_s)
             ]
             if stopping:
                 logger.info("stopping %d tasks within %g s", len(stopping), grace_s)

@@ -46,6 +46,8 @@ _MAX_SLEEP_S = 5.0
 """Maximum seconds a supervisor sleeps, so that a step of the clock delays a deadline by no more."""
 _REMEMBERED_FINISHED = 4096
 TIMED_OUT = "wall time exceeded"
+AGENT_EXIT = "the agent stopped"
+"""Stop reason of the tasks an agent stops because it is shutting down."""
 SPAWN_ID_ENV = "ACSP_SPAWN_ID"
 """Environment variable that marks a task's process with its record's ``spawn_id``."""
 
@@ -420,6 +422,10 @@ class TaskRunner:
             # The scheduler stops the tasks of a failed accelerator, and a task that fails on
             # its own while the device is failed is put down to the device.
             state = TaskState.FAILED_HARDWARE
+        elif record.stop_reason == AGENT_EXIT:
+            # No one asked for the stop, and the job did nothing wrong: the scheduler requeues a
+            # lost task's job instead of failing it.
+            state = TaskState.LOST
         elif record.stop_reason:
             state = TaskState.STOPPED
         elif exit_code == 0:

@@ -81,7 +81,9 @@ async def test_stop_ends_tasks_and_reports_usage(tmp_path: Path, nats_server: Na
         await poll(lambda: not alive(record.pid), 5, "the task's process to end")
         assert recorded_task(state_dir) is None
         events = await task_events(nats_server.url)
-        assert events[-1].state == agent_pb2.TASK_STATE_STOPPED
+        # No one asked for the stop, so the scheduler requeues the job instead of failing it.
+        assert events[-1].state == agent_pb2.TASK_STATE_LOST
+        assert events[-1].message == "the agent stopped"
         samples = await usage_of_task(nats_server.url)
         assert_usage_covers(samples, record, stopped_at, exited_at)
         # The usage ends where the task ended, which the stop event records.
