@@ -557,9 +557,18 @@ class JobBook:
         cause: str,
         fx: Effects,
     ) -> None:
-        """Stop every live task of the current attempt; finish or requeue once all stopped."""
+        """Stop every live task of the current attempt; finish or requeue once all stopped.
+
+        A preemption (``outcome`` None) of a job that a cancel or a failure is stopping
+        changes nothing.
+        """
         job = self.jobs.get(job_id)
         if job is None or job.terminal:
+            return
+        current = self._stopping.get(job_id)
+        if outcome is None and current is not None and current.outcome is not None:
+            # The engine does not know that a cancel or a failure is stopping the job, so it
+            # may preempt it too. The job still ends as that stop intended.
             return
         live = [t for t in job.placement if t.state in _LIVE]
         if not live:

@@ -223,6 +223,35 @@ def test_cancel_during_preemption_ends_job() -> None:
     assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/ended"]
 
 
+@pytest.mark.timeout(10)
+def test_preemption_during_cancel_ends_job() -> None:
+    book = make_book(gpus=2)
+    pledge = PledgeRecord("pl-1", "prov", "reg", "A100-SXM4-80GB", 0, 2, NOW - 100, NOW + 86400)
+    book.engine.set_pledge(pledge)
+    job = make_job(tasks=2)
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "started")
+    report(book, job, 1, "started")
+    book.cancel(job.job_id, "owner asked", "rpc:CancelJob", Effects(NOW + 3))
+    book.engine.add_recall(RecallRecord("rc-1", "pl-1", 2, NOW + 3, None, "maintenance"), pledge)
+    fx = Effects(NOW + 3)
+
+    # The engine preempts the job, which it does not know is being cancelled.
+    book.apply_pass(book.engine.schedule(NOW + 3), fx)
+
+    assert job.job_id not in fx.changed
+    assert fx.commands == []
+    assert book.jobs[job.job_id].stop_outcome == "cancelled"
+    report(book, job, 0, "stopped", -15)
+    fx = report(book, job, 1, "stopped", -15)
+    ended, cause = fx.changed[job.job_id]
+    assert ended.state == "cancelled"
+    assert ended.attempt == 1
+    assert cause == "rpc:CancelJob"
+    assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/ended"]
+
+
 @pytest.mark.parametrize(
     ("stored", "state", "attempt"),
     [("requeue", "pending", 2), ("failed", "failed", 1), ("", "cancelled", 1)],
