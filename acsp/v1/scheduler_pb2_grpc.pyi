@@ -61,11 +61,15 @@ class SchedulerServiceStub:
     SubmitJobs: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.SubmitJobsRequest, _scheduler_pb2.SubmitJobsResponse]
     """Submits many jobs in one call."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetJobRequest, _scheduler_pb2.Job]
-    """Returns one job."""
+    """Returns one job. For a job array's parent id it returns the parent: running while any
+    element runs, ended once all have, with a count of its elements per state.
+    """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListJobsRequest, _scheduler_pb2.ListJobsResponse]
     """Lists jobs."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CancelJobRequest, _scheduler_pb2.Job]
-    """Cancels a job."""
+    """Cancels a job. For a job array's parent id it cancels every element still open and
+    returns the parent.
+    """
     WatchJobs: _grpc.UnaryStreamMultiCallable[_scheduler_pb2.WatchJobsRequest, _scheduler_pb2.Job]
     """Streams job changes."""
     GetQueueSummary: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetQueueSummaryRequest, _scheduler_pb2.GetQueueSummaryResponse]
@@ -101,11 +105,15 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     SubmitJobs: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.SubmitJobsRequest, _scheduler_pb2.SubmitJobsResponse]  # type: ignore[assignment]
     """Submits many jobs in one call."""
     GetJob: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetJobRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
-    """Returns one job."""
+    """Returns one job. For a job array's parent id it returns the parent: running while any
+    element runs, ended once all have, with a count of its elements per state.
+    """
     ListJobs: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListJobsRequest, _scheduler_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Lists jobs."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CancelJobRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
-    """Cancels a job."""
+    """Cancels a job. For a job array's parent id it cancels every element still open and
+    returns the parent.
+    """
     WatchJobs: _aio.UnaryStreamMultiCallable[_scheduler_pb2.WatchJobsRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
     """Streams job changes."""
     GetQueueSummary: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetQueueSummaryRequest, _scheduler_pb2.GetQueueSummaryResponse]  # type: ignore[assignment]
@@ -216,7 +224,9 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.GetJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.Job, _abc.Awaitable[_scheduler_pb2.Job]]:
-        """Returns one job."""
+        """Returns one job. For a job array's parent id it returns the parent: running while any
+        element runs, ended once all have, with a count of its elements per state.
+        """
 
     @_abc_1.abstractmethod
     def ListJobs(
@@ -232,7 +242,9 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.CancelJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.Job, _abc.Awaitable[_scheduler_pb2.Job]]:
-        """Cancels a job."""
+        """Cancels a job. For a job array's parent id it cancels every element still open and
+        returns the parent.
+        """
 
     @_abc_1.abstractmethod
     def WatchJobs(

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Final
+from typing import Final, cast
 
 import grpc
 
@@ -31,7 +31,7 @@ from .grant_limits import check_against_grant, narrow_to_grant
 from .inputs import CancelRequested
 from .job_access import JobAccess, ReadScope
 from .leadership import Leadership
-from .model import Job, JobFilter, new_job_id
+from .model import Job, JobFilter, JobState, new_job_id
 from .providers import ProviderDirectory
 from .store import decode_page_token
 from .validation import FieldViolation, validate_array_size, validate_models, validate_spec
@@ -151,7 +151,13 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         principal = current_principal()
         if not request.job_id:
             raise InvalidArgument("job_id", "is empty", "pass the id SubmitJob returned")
-        return job_to_proto(await self._visible_job(principal, request.job_id))
+        try:
+            return job_to_proto(await self._visible_job(principal, request.job_id))
+        except NotFound:
+            elements = await self._visible_array(principal, request.job_id)
+            if not elements:
+                raise
+            return _array_parent(elements)
 
     async def ListJobs(
         self, request: scheduler_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
@@ -190,7 +196,13 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         principal = current_principal()
         if not request.job_id:
             raise InvalidArgument("job_id", "is empty", "pass the id of the job to cancel")
-        job = await self._visible_job(principal, request.job_id)
+        try:
+            job = await self._visible_job(principal, request.job_id)
+        except NotFound:
+            elements = await self._visible_array(principal, request.job_id)
+            if not elements:
+                raise
+            return await self._cancel_array(principal, request, elements)
         await self._access.check_cancel(principal, job)
         if job.terminal:
             return job_to_proto(job)
@@ -251,6 +263,36 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             raise NotFound("job", job_id)
         return job
 
+    async def _visible_array(self, principal: Principal, array_id: str) -> list[Job]:
+        """Return the elements of job array ``array_id`` if ``principal`` may read them.
+
+        An empty list stands for a missing array and for one the caller may not read alike.
+        """
+        elements = await self._lead.store.array_jobs(array_id)
+        if not elements or not await self._access.may_see(principal, elements[0]):
+            return []
+        return elements
+
+    async def _cancel_array(
+        self, principal: Principal, request: scheduler_pb2.CancelJobRequest, elements: list[Job]
+    ) -> scheduler_pb2.Job:
+        """Cancel every open element of a job array; return the array's parent job."""
+        # Every element has the same owner and project, so one check covers them all.
+        await self._access.check_cancel(principal, elements[0])
+        open_ids = [job.job_id for job in elements if not job.terminal]
+        if open_ids:
+            leader = self._lead.require()
+            reason = request.reason or f"cancelled by {principal.subject}"
+            cause = f"rpc:CancelJob:{request.request_id or request_id() or ''}"
+            loop = asyncio.get_running_loop()
+            replies: list[asyncio.Future[Job | None]] = []
+            for job_id in open_ids:
+                reply: asyncio.Future[Job | None] = loop.create_future()
+                await leader.inbox.put(CancelRequested(job_id, reason, cause, reply))
+                replies.append(reply)
+            await asyncio.wait_for(asyncio.gather(*replies), timeout=remaining_s(10.0))
+        return _array_parent(await self._lead.store.array_jobs(elements[0].array_id))
+
     async def _initial(
         self, request: scheduler_pb2.WatchJobsRequest, scope: ReadScope
     ) -> list[Job]:
@@ -290,6 +332,48 @@ def _submit_response(
     parent.spec.array_size = array_size
     parent.state_message = f"array of {len(jobs)} jobs"
     return scheduler_pb2.SubmitJobResponse(job=parent, array_job_ids=[job.job_id for job in jobs])
+
+
+_OPEN_ORDER: Final = ("running", "starting", "stopping", "pending")
+"""Open states in the order that decides an array's state: the first that an element has."""
+_ENDED_ORDER: Final = ("failed", "timed_out", "cancelled", "completed")
+"""Terminal states in the order that decides the state of an array whose elements all ended."""
+
+
+def _array_parent(elements: list[Job]) -> scheduler_pb2.Job:
+    """Return the parent job of a job array, summing up its ``elements``.
+
+    The parent is running while any element runs and ends once every element has ended, as
+    failed if any failed. Its state message counts the elements in each state.
+    """
+    counts: dict[str, int] = {}
+    for job in elements:
+        counts[job.state] = counts.get(job.state, 0) + 1
+    state = next((s for s in _OPEN_ORDER + _ENDED_ORDER if counts.get(s)), "pending")
+    first = elements[0]
+    ended = [job.ended_at for job in elements if job.ended_at is not None]
+    started = [job.started_at for job in elements if job.started_at is not None]
+    parent = replace(
+        first,
+        job_id=first.array_id,
+        array_index=0,
+        state=cast(JobState, state),
+        pending_reason=first.pending_reason if state == "pending" else "",
+        reason="",
+        attempt=1,
+        placement=(),
+        hold_id="",
+        hold_amount=None,
+        checkpoint_ref="",
+        exit_code=None,
+        started_at=min(started) if started else None,
+        ended_at=max(ended) if state in _ENDED_ORDER and ended else None,
+    )
+    proto = job_to_proto(parent)
+    proto.spec.array_size = len(elements)
+    summary = ", ".join(f"{counts[s]} {s}" for s in _OPEN_ORDER + _ENDED_ORDER if counts.get(s))
+    proto.state_message = f"array of {len(elements)} jobs: {summary}"
+    return proto
 
 
 def _request_key(owner: str, request_id: str) -> str | None:

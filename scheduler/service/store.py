@@ -479,6 +479,17 @@ class JobStore:
         token = encode_page_token(jobs[-1].job_id) if len(rows) > size else ""
         return jobs, token
 
+    async def array_jobs(self, array_id: str) -> list[Job]:
+        """Return every element of the job array ``array_id`` in index order; empty if none."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                f"SELECT {JOB_SELECT_LIST} FROM scheduler.jobs WHERE array_id = $1"
+                " ORDER BY array_index",
+                array_id,
+                timeout=self._timeout,
+            )
+        return [_job_from_row(row) for row in rows]
+
     async def counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """Return open and recent job counts per state, and pending jobs per reason."""
         async with self._pool.acquire(timeout=self._timeout) as conn:

@@ -443,6 +443,49 @@ async def test_array_jobs_share_an_id_and_index(stack: Stack) -> None:
     assert indexes == {0: "0", 1: "1", 2: "2"}
 
 
+async def test_array_parent_shows_and_cancels_elements(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        # No node is up, so every element waits.
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                request_id="array-2", spec=job_spec(project, grant, task_count=1, array_size=3)
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        parent_id = submitted.job.job_id
+
+        shown = await scheduler.GetJob(
+            scheduler_pb2.GetJobRequest(job_id=parent_id), metadata=md, timeout=10
+        )
+        cancelled = await scheduler.CancelJob(
+            scheduler_pb2.CancelJobRequest(job_id=parent_id, reason="wrong input"),
+            metadata=md,
+            timeout=10,
+        )
+        listed = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(array_job_id=parent_id), metadata=md, timeout=10
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await scheduler.GetJob(
+                scheduler_pb2.GetJobRequest(job_id=parent_id + "x"), metadata=md, timeout=10
+            )
+
+    assert shown.job_id == parent_id
+    assert shown.state == scheduler_pb2.JOB_STATE_PENDING
+    assert shown.spec.array_size == 3
+    assert shown.state_message == "array of 3 jobs: 3 pending"
+    assert cancelled.state == scheduler_pb2.JOB_STATE_CANCELLED
+    assert cancelled.state_message == "array of 3 jobs: 3 cancelled"
+    assert [j.state for j in listed.jobs] == [scheduler_pb2.JOB_STATE_CANCELLED] * 3
+    assert {j.state_message for j in listed.jobs} == {"wrong input"}
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 async def test_cancel_stops_running_job(stack: Stack) -> None:
     _, address = await stack.start_scheduler()
     stack.start_agents(nodes=1)
