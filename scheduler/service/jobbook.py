@@ -416,12 +416,12 @@ class JobBook:
         elif state == "exited" and exit_code == 0:
             self._on_task_done(job, node_key, fx)
         elif state in _FAULTS:
-            self.engine.tasks_stopped(node_key, job.job_id)
+            self._release_fences(node_key, job.job_id)
             reason = f"task {tid.task_index} {state.replace('_', ' ')}: {message}"
             self.requeue(job.job_id, reason, f"task:{state}", fx, release=True)
         else:
             outcome: JobState = "timed_out" if state == "timed_out" else "failed"
-            self.engine.tasks_stopped(node_key, job.job_id)
+            self._release_fences(node_key, job.job_id)
             reason = f"task {tid.task_index} {state} with exit code {exit_code}: {message}"
             self.stop(job.job_id, outcome, reason, 0, f"task:{state}", fx)
 
@@ -512,7 +512,7 @@ class JobBook:
         if job.job_id in self._stopping:
             self._on_stopping_task(job, record.task_index, "start_failed", record.node_key, fx)
             return
-        self.engine.tasks_stopped(record.node_key, job.job_id)
+        self._release_fences(record.node_key, job.job_id)
         message = f"task {record.task_index} start command not published: {reason}"
         self.stop(job.job_id, "failed", message, 0, "publish:rejected", fx)
 
@@ -679,7 +679,7 @@ class JobBook:
         fx.change(job, f"task:{state}")
         if state == "started":
             return
-        self.engine.tasks_stopped(node_key, job.job_id)
+        self._release_fences(node_key, job.job_id)
         stopping = self._stopping[job.job_id]
         stopping.pending.discard(task_index)
         if not stopping.pending:
@@ -797,7 +797,25 @@ class JobBook:
             if not orphans:
                 del self._orphans[node_key]
             self._orphan_writes[(node_key, task_id)] = None
-            self.engine.tasks_stopped(node_key, job_id)
+            self._release_fences(node_key, job_id)
+
+    def _release_fences(self, node_key: str, job_id: str) -> None:
+        """Free what the engine keeps fenced for ``job_id`` on ``node_key`` once nothing of the
+        job may still run there.
+
+        The engine frees every fenced share of the job on the node at once. So it waits until
+        no copy of the job there awaits a confirmed stop and no task of its current attempt
+        there is live.
+        """
+        prefix = f"{job_id}/"
+        if any(task_id.startswith(prefix) for task_id in self._orphans.get(node_key, ())):
+            return
+        job = self.jobs.get(job_id)
+        if job is not None and any(
+            t.node_key == node_key and t.state in _LIVE for t in job.placement
+        ):
+            return
+        self.engine.tasks_stopped(node_key, job_id)
 
 
 def _reloaded_outcome(stored: str) -> JobState | None:

@@ -384,3 +384,32 @@ def test_reloaded_job_on_missing_accelerator_is_requeued() -> None:
     assert requeued.state == "pending"
     assert requeued.attempt == 2
     assert [r.kind for r in fx.commands] == ["stop"]
+
+
+def test_old_copy_stop_keeps_newer_fence() -> None:
+    book = make_book(gpus=2)
+    key = "prov.reg.n1"
+    job = make_job(tasks=1)
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "started")
+    # n1 goes silent: attempt 1's copy keeps its accelerator fenced and the job is requeued.
+    book.engine.node_unknown(key, NOW + 10)
+    book.apply_pass(book.engine.schedule(NOW + 10), Effects(NOW + 10))
+    book.engine.node_back(key, NOW + 11)
+    book.apply_node_running(key, frozenset({f"{job.job_id}/1/0"}))
+    book.apply_pass(book.engine.schedule(NOW + 12), Effects(NOW + 12))
+    book.apply_hold(job.job_id, 2, HoldOutcome("held", "h2", "g1", Decimal(1)), Effects(NOW + 13))
+    second = book.jobs[job.job_id].placement[0]
+    report(book, job, 0, "started")
+    # n1 goes silent again, with attempt 2's copy on the other accelerator.
+    book.engine.node_unknown(key, NOW + 20)
+    book.apply_pass(book.engine.schedule(NOW + 20), Effects(NOW + 20))
+    book.engine.node_back(key, NOW + 21)
+
+    book.apply_task(key, f"{job.job_id}/1/0", "stopped", -15, "", Effects(NOW + 22))
+
+    node = book.engine.engine.fleet.node(key)
+    assert node.used[node.spec.accelerator_ids.index(second.accelerators[0])] == 1000
+    book.apply_task(key, f"{job.job_id}/2/0", "stopped", -15, "", Effects(NOW + 23))
+    assert not node.fenced
