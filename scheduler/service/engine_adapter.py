@@ -270,6 +270,11 @@ class EngineAdapter:
     def has_node(self, key: str) -> bool:
         return key in self._known_nodes
 
+    def node_model(self, key: str) -> str:
+        """Return the accelerator model of node ``key``, or an empty string if it is unknown."""
+        node = self.engine.fleet.by_id.get(key) if key in self._known_nodes else None
+        return node.spec.model if node is not None else ""
+
     # Accelerator health.
 
     def set_accelerator_health(self, change: AcceleratorHealth, now: float) -> bool:

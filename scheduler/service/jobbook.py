@@ -96,6 +96,9 @@ class JobBook:
         """Jobs the engine rejected, with its message, failed on the next turn."""
         self._cancel_after_hold: dict[str, tuple[str, str]] = {}
         """Jobs cancelled while their hold request was in flight, with reason and cause."""
+        self._hold_reloaded: list[str] = []
+        """Reloaded jobs cancelled while their hold request was in flight, whose hold is asked
+        for again next turn so that a hold the grant service placed is released."""
         self._orphans: dict[str, set[str]] = {}
         """Node key to task ids of ended attempts, or of copies a replaced task left behind,
         not yet confirmed stopped there."""
@@ -116,6 +119,12 @@ class JobBook:
             if job.job_id in self.jobs:
                 continue
             self.jobs[job.job_id] = job
+            if job.state == "stopping" and not job.hold_id and job.placement:
+                # Cancelled while its hold request was in flight: no start command went out,
+                # and the engine forgot the job at the cancel.
+                self._cancel_after_hold[job.job_id] = (job.reason, "reload")
+                self._hold_reloaded.append(job.job_id)
+                continue
             try:
                 if job.state == "pending":
                     self.engine.add_job(job)
@@ -169,7 +178,11 @@ class JobBook:
 
     def settle_reloaded(self, fx: Effects) -> None:
         """Fail jobs the engine rejected, requeue reloaded jobs it could not adopt, and finish
-        reloaded stopping jobs that have nothing left to stop."""
+        reloaded stopping jobs that have nothing left to stop.
+
+        A reloaded job that was cancelled while its hold request was in flight gets that
+        request again, and ends as cancelled once it returns.
+        """
         while self._rejected:
             job_id, message = self._rejected.pop()
             job = self.jobs.get(job_id)
@@ -185,6 +198,14 @@ class JobBook:
             job_id = self._requeue_reloaded.pop()
             reason = "its placement no longer matches the nodes' inventories"
             self.requeue(job_id, reason, "reload", fx, release=False)
+        while self._hold_reloaded:
+            job_id = self._hold_reloaded.pop()
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
+            # The same idempotency key returns the hold the first request placed, if any.
+            model = self.engine.node_model(job.placement[0].node_key)
+            fx.admit.append((job, model))
         while self._settle_reloaded:
             job_id = self._settle_reloaded.pop()
             stopping = self._stopping.pop(job_id, None)

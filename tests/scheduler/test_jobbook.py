@@ -413,3 +413,30 @@ def test_old_copy_stop_keeps_newer_fence() -> None:
     assert node.used[node.spec.accelerator_ids.index(second.accelerators[0])] == 1000
     book.apply_task(key, f"{job.job_id}/2/0", "stopped", -15, "", Effects(NOW + 23))
     assert not node.fenced
+
+
+def test_reloaded_cancel_during_hold_ends() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    fx = Effects(NOW + 2)
+    book.cancel(job.job_id, "not needed", "rpc:CancelJob", fx)
+    stored = fx.changed[job.job_id][0]
+    assert stored.state == "stopping"
+
+    restarted = make_book()
+    restarted.add([stored], NOW + 5)
+    fx = Effects(NOW + 6)
+    restarted.settle_reloaded(fx)
+
+    # The hold is asked for again under the same key, so a hold placed before is released.
+    assert [(j.job_id, model) for j, model in fx.admit] == [(job.job_id, "A100-SXM4-80GB")]
+    assert restarted.engine.engine.fleet.node("prov.reg.n1").free_whole == 8
+    fx = Effects(NOW + 7)
+    restarted.apply_hold(job.job_id, 1, HoldOutcome("held", "h1", "g1", Decimal(1)), fx)
+    ended = fx.changed[job.job_id][0]
+    assert ended.state == "cancelled"
+    assert ended.reason == "not needed"
+    assert job.job_id not in restarted.jobs
+    (event,) = [events_pb2.JobEvent.FromString(e.payload) for e in fx.events]
+    assert event.hold_id == "h1"
