@@ -41,6 +41,14 @@ from acsp._retry import (
 
 DEFAULT_TIMEOUT_S: Final = 10.0
 """Deadline of a call that sets none, in seconds."""
+RECONNECT_OPTIONS: Final = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+"""Channel options that try a lost server again within a second, so a call that waits for
+the channel finds a restarted service soon after it is back. gRPC's defaults wait up to
+120 s between tries."""
 READ_PREFIXES: Final = ("Get", "List", "Watch", "Query", "Check", "Export")
 """Method name prefixes of read calls, which change nothing and so are safe to retry."""
 
@@ -90,8 +98,14 @@ def is_idempotent(method: MethodDescriptor) -> bool:
     return REQUEST_ID_FIELD in method.input_type.fields_by_name
 
 
-def retry_service_config(services: Iterable[ServiceDescriptor]) -> str:
-    """Return a gRPC service config (JSON) that retries the idempotent methods on UNAVAILABLE."""
+def retry_service_config(
+    services: Iterable[ServiceDescriptor], wait_for_ready: bool = False
+) -> str:
+    """Return a gRPC service config (JSON) that retries the idempotent methods on UNAVAILABLE.
+
+    With ``wait_for_ready`` every call waits, within its deadline, for the channel to connect
+    instead of failing at once while the server is unreachable (a service restarting).
+    """
     names = [
         {"service": service.full_name, "method": method.name}
         for service in services
@@ -99,10 +113,14 @@ def retry_service_config(services: Iterable[ServiceDescriptor]) -> str:
         if is_idempotent(method)
     ]
     config: dict[str, Any] = {"methodConfig": []}
+    if wait_for_ready:
+        # The empty name matches every method that no more specific entry names.
+        config["methodConfig"].append({"name": [{}], "waitForReady": True})
     if names:
         config["methodConfig"].append(
             {
                 "name": names,
+                "waitForReady": wait_for_ready,
                 "retryPolicy": {
                     "maxAttempts": MAX_ATTEMPTS,
                     "initialBackoff": f"{INITIAL_BACKOFF_S}s",
@@ -115,12 +133,15 @@ def retry_service_config(services: Iterable[ServiceDescriptor]) -> str:
     return json.dumps(config)
 
 
-def channel_options(services: Sequence[ServiceDescriptor]) -> list[tuple[str, Any]]:
+def channel_options(
+    services: Sequence[ServiceDescriptor], wait_for_ready: bool = False
+) -> list[tuple[str, Any]]:
     return [
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", retry_service_config(services)),
+        ("grpc.service_config", retry_service_config(services, wait_for_ready)),
         # Short keepalive so that a client notices a restarted local service quickly.
         ("grpc.keepalive_time_ms", 30_000),
+        *RECONNECT_OPTIONS,
     ]
 
 
@@ -210,13 +231,18 @@ def open_async_channel(
     *,
     services: Sequence[ServiceDescriptor],
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    wait_for_ready: bool = True,
 ) -> grpc.aio.Channel:
-    """Open an asyncio channel to ``target`` (``host:port``) for the given services."""
+    """Open an asyncio channel to ``target`` (``host:port``) for the given services.
+
+    With ``wait_for_ready`` (the default) a call waits, within its deadline, for an unreachable
+    server to come back instead of failing at once.
+    """
     interceptors: list[grpc.aio.ClientInterceptor] = [
         _AsyncUnaryUnaryDefaults(credentials.token, timeout_s, batch_methods(services)),
         _AsyncUnaryStreamDefaults(credentials.token, timeout_s),
     ]
-    options = channel_options(services)
+    options = channel_options(services, wait_for_ready)
     if credentials.ca_cert_pem is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     return grpc.aio.secure_channel(
@@ -281,9 +307,13 @@ def open_channel(
     *,
     services: Sequence[ServiceDescriptor],
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    wait_for_ready: bool = True,
 ) -> grpc.Channel:
-    """Open a blocking channel to ``target`` (``host:port``) for the given services."""
-    options = channel_options(services)
+    """Open a blocking channel to ``target`` (``host:port``) for the given services.
+
+    ``wait_for_ready`` is as for :func:`open_async_channel`.
+    """
+    options = channel_options(services, wait_for_ready)
     if credentials.ca_cert_pem is None:
         channel = grpc.insecure_channel(target, options=options)
     else:

@@ -84,14 +84,24 @@ class AsyncClient:
         credentials: Credentials,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        wait_for_ready: bool = True,
     ) -> None:
-        """Open one channel per service; ``endpoints`` maps each service name to host:port."""
+        """Open one channel per service; ``endpoints`` maps each service name to host:port.
+
+        With ``wait_for_ready`` (the default) a call to a service that is restarting waits for
+        it within the call's deadline. Pass False to fail at once instead, as a command line
+        tool does.
+        """
         self._channels: dict[str, grpc.aio.Channel] = {}
         for name, descriptor in _DESCRIPTORS.items():
             if name not in endpoints:
                 raise ValueError(f"no endpoint given for the {name} service")
             self._channels[name] = open_async_channel(
-                endpoints[name], credentials, services=[descriptor], timeout_s=timeout_s
+                endpoints[name],
+                credentials,
+                services=[descriptor],
+                timeout_s=timeout_s,
+                wait_for_ready=wait_for_ready,
             )
         self.grants = grant_pb2_grpc.GrantServiceStub(self._channels["grant"])
         self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._channels["scheduler"])
@@ -104,6 +114,7 @@ class AsyncClient:
         *,
         token: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        wait_for_ready: bool = True,
     ) -> AsyncClient:
         """Connect to a local mesh: its info, its data dir, or the default data dir.
 
@@ -111,7 +122,12 @@ class AsyncClient:
         fail with UNAUTHENTICATED.
         """
         info = mesh if isinstance(mesh, MeshInfo) else load_mesh(mesh)
-        return cls(info.endpoints, _mesh_credentials(info, token), timeout_s=timeout_s)
+        return cls(
+            info.endpoints,
+            _mesh_credentials(info, token),
+            timeout_s=timeout_s,
+            wait_for_ready=wait_for_ready,
+        )
 
     async def close(self, grace_s: float | None = None) -> None:
         """Close every channel; calls still running get ``grace_s`` seconds, or are cancelled."""
@@ -143,14 +159,24 @@ class Client:
         credentials: Credentials,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        wait_for_ready: bool = True,
     ) -> None:
-        """Open one channel per service; ``endpoints`` maps each service name to host:port."""
+        """Open one channel per service; ``endpoints`` maps each service name to host:port.
+
+        With ``wait_for_ready`` (the default) a call to a service that is restarting waits for
+        it within the call's deadline. Pass False to fail at once instead, as a command line
+        tool does.
+        """
         self._channels: dict[str, grpc.Channel] = {}
         for name, descriptor in _DESCRIPTORS.items():
             if name not in endpoints:
                 raise ValueError(f"no endpoint given for the {name} service")
             self._channels[name] = open_channel(
-                endpoints[name], credentials, services=[descriptor], timeout_s=timeout_s
+                endpoints[name],
+                credentials,
+                services=[descriptor],
+                timeout_s=timeout_s,
+                wait_for_ready=wait_for_ready,
             )
         self.grants = grant_pb2_grpc.GrantServiceStub(self._channels["grant"])
         self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._channels["scheduler"])
@@ -163,6 +189,7 @@ class Client:
         *,
         token: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        wait_for_ready: bool = True,
     ) -> Client:
         """Connect to a local mesh: its info, its data dir, or the default data dir.
 
@@ -170,7 +197,12 @@ class Client:
         fail with UNAUTHENTICATED.
         """
         info = mesh if isinstance(mesh, MeshInfo) else load_mesh(mesh)
-        return cls(info.endpoints, _mesh_credentials(info, token), timeout_s=timeout_s)
+        return cls(
+            info.endpoints,
+            _mesh_credentials(info, token),
+            timeout_s=timeout_s,
+            wait_for_ready=wait_for_ready,
+        )
 
     def close(self) -> None:
         for channel in self._channels.values():

@@ -148,12 +148,18 @@ def connection_options() -> argparse.ArgumentParser:
 
 def client_from_args(args: argparse.Namespace) -> Client:
     """Open a blocking client to the mesh named by ``connection_options()`` arguments."""
-    return Client.from_mesh(args.data_dir, token=args.token, timeout_s=args.timeout)
+    # A person at a terminal is better served by an error at once than by a wait, up to the
+    # deadline, for a mesh that is not running.
+    return Client.from_mesh(
+        args.data_dir, token=args.token, timeout_s=args.timeout, wait_for_ready=False
+    )
 
 
 def async_client_from_args(args: argparse.Namespace) -> AsyncClient:
     """Open an asyncio client to the mesh named by ``connection_options()`` arguments."""
-    return AsyncClient.from_mesh(args.data_dir, token=args.token, timeout_s=args.timeout)
+    return AsyncClient.from_mesh(
+        args.data_dir, token=args.token, timeout_s=args.timeout, wait_for_ready=False
+    )
 
 
 def output_options() -> argparse.ArgumentParser:

@@ -49,7 +49,9 @@ def open_grants(args: argparse.Namespace) -> Iterator[grant_pb2_grpc.GrantServic
     """Yield the grant service stub of the running mesh."""
     from acsp.client import Client
 
-    with Client.from_mesh(args.data_dir, token=args.token, timeout_s=args.timeout) as client:
+    with Client.from_mesh(
+        args.data_dir, token=args.token, timeout_s=args.timeout, wait_for_ready=False
+    ) as client:
         yield client.grants
 
 

@@ -51,7 +51,9 @@ def open_scheduler(args: argparse.Namespace) -> Iterator[scheduler_pb2_grpc.Sche
     """Yield the scheduler stub of the running mesh."""
     from acsp.client import Client
 
-    with Client.from_mesh(args.data_dir, token=args.token, timeout_s=args.timeout) as client:
+    with Client.from_mesh(
+        args.data_dir, token=args.token, timeout_s=args.timeout, wait_for_ready=False
+    ) as client:
         yield client.scheduler
 
 

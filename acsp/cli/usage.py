@@ -42,7 +42,9 @@ def open_metering(args: argparse.Namespace) -> Iterator[metering_pb2_grpc.Meteri
     """Yield the metering service stub of the running mesh."""
     from acsp.client import Client
 
-    with Client.from_mesh(args.data_dir, token=args.token, timeout_s=args.timeout) as client:
+    with Client.from_mesh(
+        args.data_dir, token=args.token, timeout_s=args.timeout, wait_for_ready=False
+    ) as client:
         yield client.metering
 
 

@@ -20,13 +20,15 @@ Close channels with ``await channel.close()`` at shutdown (an ``on_stop`` hook).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from acsp._channel import RECONNECT_OPTIONS
 from services.runtime import context
 from services.runtime.interceptors import REQUEST_ID_KEY
 from services.runtime.settings import Settings
@@ -125,6 +127,13 @@ def client_interceptors(
     ]
 
 
+SERVICE_CHANNEL_OPTIONS: Final = (
+    ("grpc.service_config", json.dumps({"methodConfig": [{"name": [{}], "waitForReady": True}]})),
+    *RECONNECT_OPTIONS,
+)
+"""Options of channels between services: every call waits for the channel to connect."""
+
+
 def open_channel(
     target: str,
     *,
@@ -143,10 +152,18 @@ def open_channel(
 def service_channel(
     settings: Settings, target: str, *, token: str | None = None
 ) -> grpc.aio.Channel:
-    """Open a channel to another acsp service with this service's TLS identity."""
+    """Open a channel to another acsp service with this service's TLS identity.
+
+    Its calls wait, within their deadlines, for a restarting service to come back instead of
+    failing at once while it is unreachable.
+    """
     credentials = load_channel_credentials(settings) if settings.tls_enabled else None
     return open_channel(
-        target, credentials=credentials, token=token, default_deadline_s=settings.default_deadline_s
+        target,
+        credentials=credentials,
+        token=token,
+        default_deadline_s=settings.default_deadline_s,
+        options=SERVICE_CHANNEL_OPTIONS,
     )
 
 

@@ -288,3 +288,37 @@ async def test_submit_jobs_retried_with_same_ids():
     assert len(submitted.results) == 3
     assert service.calls == 3
     assert service.request_ids == [["sub/0", "sub/1", "sub/2"]] * 3
+
+
+async def serve_grant(service: FlakyGrantService, port: int = 0) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    grant_pb2_grpc.add_GrantServiceServicer_to_server(service, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, bound
+
+
+@pytest.mark.timeout(60)
+async def test_read_waits_for_restarted_service():
+    service = FlakyGrantService(failures=0)  # type: ignore[abstract]
+    server, port = await serve_grant(service)
+    target = f"127.0.0.1:{port}"
+    endpoints = {"grant": target, "scheduler": target, "metering": target}
+    async with AsyncClient(endpoints, Credentials(), timeout_s=20) as client:
+        request = grant_pb2.GetBalanceRequest(grant_id="g")
+        await client.grants.GetBalance(request)
+        await server.stop(0)
+        # The connection is gone, and the channel learns it before the service is back.
+        with pytest.raises(grpc.aio.AioRpcError):
+            await client.grants.GetBalance(request, timeout=0.5)
+
+        async def restart() -> grpc.aio.Server:
+            await asyncio.sleep(3)
+            restarted, _ = await serve_grant(service, port)
+            return restarted
+
+        restarting = asyncio.create_task(restart())
+        balance = await client.grants.GetBalance(request)
+        restarted = await restarting
+    await restarted.stop(0)
+    assert balance.credited_pf_days.value == "1.5"
