@@ -37,7 +37,7 @@ from scheduler.engine.placement import (
     plan_spread,
     topology_groups,
 )
-from scheduler.engine.reasons import capacity_reason, no_pool_message
+from scheduler.engine.reasons import at, capacity_reason, no_pool_message
 from scheduler.engine.records import JobRecord
 from scheduler.engine.repair import apply_caps, preempt_for, repair_broken, shrink_pools
 from scheduler.engine.reservations import Reservation, earliest_start
@@ -281,7 +281,7 @@ class PassState:
             return (
                 ReasonCode.RESERVATION,
                 f"starting now would delay the reservation of job {first.job_id} "
-                f"from t={first.start:g}",
+                f"from {at(first.start)}",
             )
         return capacity_reason(spec, pools, self.placed_classes)
 
@@ -300,7 +300,7 @@ class PassState:
         if reservation is None:
             return message
         self.queue_reservations += 1
-        return f"{message}; reserved from t={reservation.start:g}"
+        return f"{message}; reserved from {at(reservation.start)}"
 
     def reserve(
         self, spec: JobSpec, pools: tuple[Pool, ...], not_before: float
@@ -465,13 +465,13 @@ class PassState:
                 self.wait(
                     record,
                     ReasonCode.RESERVATION,
-                    f"advance reservation from t={spec.start_at:g} has no protected room yet",
+                    f"advance reservation from {at(spec.start_at)} has no protected room yet",
                 )
             else:
                 self.wait(
                     record,
                     ReasonCode.RESERVATION,
-                    f"advance reservation from t={reservation.start:g}",
+                    f"advance reservation from {at(reservation.start)}",
                 )
 
     def finish(self) -> ScheduleResult:

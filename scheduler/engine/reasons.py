@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Final
 
 from scheduler.engine.decisions import ReasonCode
 from scheduler.engine.fleet import Pool
 from scheduler.engine.spec import MILLIS_PER_ACCELERATOR, JobSpec, PriorityClass, Topology
+
+
+UNIX_TIME_FROM: Final = 1e9
+"""Times from this on (September 2001) are Unix times and read as dates. Earlier ones are the
+seconds of a simulation that starts at 0."""
+
+
+def at(t: float) -> str:
+    """Return time ``t`` as a message writes it: a UTC date and time, or ``t=<seconds> s``."""
+    if t >= UNIX_TIME_FROM:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"t={t:.0f} s"
 
 
 def free_millis(pool: Pool) -> int:

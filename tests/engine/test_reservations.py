@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from scheduler.engine import Engine, Pledge, Reserve, ScheduleResult, Topology
+from scheduler.engine.reasons import at
 from tests.engine.helpers import job, make_engine, node, placed, reasons
 
 
@@ -117,3 +118,8 @@ def test_advance_reservation_starts_when_due() -> None:
 
     assert "booked" in placed(result)
     assert engine.jobs["booked"].protected
+
+
+def test_message_times_read_as_dates_or_seconds() -> None:
+    assert at(3600.4) == "t=3600 s"
+    assert at(1_796_436_818.5) == "2026-12-05 02:13:38 UTC"
