@@ -10,7 +10,6 @@ from scheduler.engine.decisions import ReasonCode
 from scheduler.engine.fleet import Pool
 from scheduler.engine.spec import MILLIS_PER_ACCELERATOR, JobSpec, PriorityClass, Topology
 
-
 UNIX_TIME_FROM: Final = 1e9
 """Times from this on (September 2001) are Unix times and read as dates. Earlier ones are the
 seconds of a simulation that starts at 0."""
