@@ -12,7 +12,7 @@ import base64
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final, cast
@@ -556,9 +556,13 @@ def decode_page_token(token: str) -> str:
 def _job_from_row(row: asyncpg.Record) -> Job:
     submitted = cast(datetime, row["submitted_at"])
     hold_amount = cast(Decimal | None, row["hold_amount"])
+    spec = spec_from_json(row["spec"])
+    if row["grant_id"] and row["grant_id"] != spec.grant_id:
+        # The grant a job that named none is paid by, once its hold is placed.
+        spec = replace(spec, grant_id=row["grant_id"])
     return Job(
         job_id=row["job_id"],
-        spec=spec_from_json(row["spec"]),
+        spec=spec,
         owner=row["owner"],
         institution=row["institution"],
         state=cast(JobState, row["state"]),
@@ -598,6 +602,7 @@ def _job_columns(jobs: Sequence[Job], causes: Sequence[str]) -> list[list[Any]]:
         [placement_to_json(job.placement) for job in jobs],
         list(causes),
         [job.stop_outcome for job in jobs],
+        [job.spec.grant_id for job in jobs],
     ]
 
 
