@@ -200,10 +200,17 @@ def decide_amount(
     """Return the PF-days a decision awards, zero for a rejection.
 
     ``award`` grants what was requested, ``award_less`` needs an amount below it, and every
-    decision needs a reason.
+    decision needs a reason. An amount with ``award`` or ``reject`` is rejected rather than
+    ignored, so that a decision never grants other than what its caller wrote.
     """
     if not reason.strip():
         raise InvalidArgument("decision.reason", "is missing", "record why the decision was made")
+    if awarded is not None and decision is not Decision.AWARD_LESS:
+        raise InvalidArgument(
+            "decision.awarded_pf_days",
+            f"{format_amount(awarded)} is set, but the outcome {decision} takes no amount",
+            "leave the amount out, or use the outcome award_less to grant less than requested",
+        )
     if decision is Decision.REJECT:
         return Decimal(0)
     if decision is Decision.AWARD:

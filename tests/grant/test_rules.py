@@ -241,6 +241,14 @@ def test_decisions_need_reason_and_smaller_amount() -> None:
         decide_amount(Decision.AWARD_LESS, Decimal(10), Decimal(10), "same")
 
 
+@pytest.mark.parametrize("decision", [Decision.AWARD, Decision.REJECT])
+def test_decision_rejects_unused_amount(decision: Decision) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        decide_amount(decision, Decimal(10), Decimal(4), "scope")
+    assert caught.value.field == "decision.awarded_pf_days"
+    assert "takes no amount" in str(caught.value)
+
+
 def test_supplement_rules() -> None:
     check_supplement(Tier.STANDARD, Decimal(250), False, LIMITS)
     with pytest.raises(InvalidArgument):
