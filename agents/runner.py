@@ -428,6 +428,11 @@ class TaskRunner:
             state = TaskState.LOST
         elif record.stop_reason:
             state = TaskState.STOPPED
+        elif exit_code is None:
+            # An adopted process is not our child, so its exit status cannot be read. Reporting
+            # it as an exit would send exit code 0 and pass a failed task as succeeded.
+            # NOTE: the job is requeued even when the process had succeeded.
+            state = TaskState.LOST
         elif exit_code == 0:
             state = TaskState.SUCCEEDED
         else:
@@ -437,7 +442,12 @@ class TaskRunner:
         self._ended_since_usage.append(task)
         self._state.remove_task(self._node_key, record.task_id, durable=record.pid != 0)
         self._remember(record.task_id, state)
-        reason = record.stop_reason or ("exited" if exit_code is not None else "ended")
+        if record.stop_reason:
+            reason = record.stop_reason
+        elif exit_code is not None:
+            reason = "exited"
+        else:
+            reason = "ended after an agent restart with an unknown exit status"
         # Only the tasks that did not succeed are worth a line at INFO.
         log = logger.debug if state is TaskState.SUCCEEDED else logger.info
         log("task %s %s (exit code %s)", record.task_id, state.value, exit_code)

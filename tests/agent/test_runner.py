@@ -257,6 +257,32 @@ async def test_restarted_runner_adopts_running_and_reports_lost(tmp_path: Path) 
     assert StateStore(tmp_path / "state.json").node("acme.eu-1.node-1").tasks == {}
 
 
+@pytest.mark.timeout(30)
+async def test_adopted_task_exit_reported_lost(tmp_path: Path) -> None:
+    code = "import sys, time; time.sleep(1.5); sys.exit(3)"
+    runner = make_runner(tmp_path, Recorder())
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(TaskSpec("k", "k/1/0", ("GPU-3",), python_command(code)))
+        # The agent dies here: its supervisor stops, the process goes on.
+        supervisor = runner._tasks["k/1/0"].supervisor
+        assert supervisor is not None
+        supervisor.cancel()
+
+    second = Recorder()
+    restarted = make_runner(tmp_path, second)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        await wait_for(lambda: len(second.states("k/1/0")) == 2)
+    # The restarted runner cannot read the exit code 3 of a process that is not its child,
+    # so the task must not pass as succeeded.
+    assert second.states("k/1/0") == [TaskState.RUNNING, TaskState.LOST]
+    assert second.last("k/1/0").exit_code is None
+    assert "unknown exit status" in second.last("k/1/0").reason
+    await runner._tasks["k/1/0"].process.wait()  # type: ignore[union-attr]
+
+
 async def test_shares_of_one_accelerator_add_up_to_one(tmp_path: Path) -> None:
     recorder = Recorder()
     clock = [1000.0]
