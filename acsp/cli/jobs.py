@@ -68,6 +68,11 @@ def register(subparsers: Any) -> None:
     )
     submit.add_argument("--project", required=True, help="project the job runs for")
     submit.add_argument("--grant", default="", help="grant that pays (default: the project's)")
+    submit.add_argument(
+        "--sub-allocation",
+        default="",
+        help="sub-allocation of --grant that pays (default: the grant itself)",
+    )
     submit.add_argument("--name", default="", help="display name")
     submit.add_argument(
         "--tasks", type=whole_number(1), default=1, help="number of tasks (default: 1)"
@@ -174,6 +179,7 @@ def spec_from_args(args: argparse.Namespace) -> scheduler_pb2.JobSpec:
         name=args.name or command[0],
         project_id=args.project,
         grant_id=args.grant,
+        sub_allocation_id=args.sub_allocation,
         task_count=args.tasks,
         accelerator_millis_per_task=parse_millis(args.accelerators),
         gang=not args.no_gang,
@@ -308,6 +314,7 @@ def job_details(job: scheduler_pb2.Job) -> list[tuple[str, Any]]:
         ("owner", job.owner_subject),
         ("project", job.spec.project_id),
         ("grant", job.grant_id),
+        ("sub-allocation", job.spec.sub_allocation_id),
         ("state", row["state"]),
         ("reason", row["reason"]),
         ("attempt", job.attempt),

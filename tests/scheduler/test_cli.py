@@ -62,6 +62,24 @@ def test_accelerators_option_rejects_bad_values(text: str) -> None:
         parse_millis(text)
 
 
+def test_submit_sub_allocation_reaches_spec() -> None:
+    args = parse(
+        "jobs",
+        "submit",
+        "--project",
+        "p1",
+        "--grant",
+        "g1",
+        "--sub-allocation",
+        "sub-1",
+        "--",
+        "true",
+    )
+    spec = spec_from_args(args)  # type: ignore[arg-type]
+    assert spec.grant_id == "g1"
+    assert spec.sub_allocation_id == "sub-1"
+
+
 def test_submit_without_command_is_usage_error() -> None:
     args = parse("jobs", "submit", "--project", "p1")
     with pytest.raises(CommandError) as caught:
