@@ -63,7 +63,12 @@ def window_in(field: str, window: common_pb2.TimeWindow) -> tuple[datetime, date
     start = window.start_time.ToDatetime(tzinfo=UTC)
     end = window.end_time.ToDatetime(tzinfo=UTC)
     if end <= start:
-        raise InvalidArgument(field, "ends before it starts", "give an end after the start")
+        relation = "equals" if end == start else "is before"
+        raise InvalidArgument(
+            field,
+            f"end {end.isoformat()} {relation} start {start.isoformat()}",
+            "give an end after the start",
+        )
     return start, end
 
 

@@ -8,9 +8,10 @@ from fractions import Fraction
 
 import pytest
 
-from acsp.v1 import agent_pb2
+from acsp.v1 import agent_pb2, common_pb2
 from scheduler.engine.catalog import Catalog
 from services.metering.charging import AttemptTerms, UsageDelta, charge_request_id, plan_charges
+from services.metering.convert import window_in
 from services.metering.efficiency import UtilizationPoint, longest_low_run
 from services.metering.ratecard import (
     AMOUNT_QUANTUM,
@@ -31,6 +32,7 @@ from services.metering.samples import (
     decode_report,
     parse_subject,
 )
+from services.runtime.errors import InvalidArgument
 from tests.metering.helpers import T0, report, sample
 
 CARD = default_rate_card()
@@ -260,3 +262,17 @@ def test_low_run_breaks_on_gaps() -> None:
     run = longest_low_run(points, 0.1)
     assert run.seconds == 30 * 60
     assert run.start == T0 + timedelta(minutes=40)
+
+
+@pytest.mark.parametrize(
+    ("end_offset_s", "relation"), [(0, "equals start"), (-3600, "is before start")]
+)
+def test_window_rejects_end_not_after_start(end_offset_s: int, relation: str) -> None:
+    window = common_pb2.TimeWindow()
+    window.start_time.FromDatetime(NOW)
+    window.end_time.FromDatetime(NOW + timedelta(seconds=end_offset_s))
+    with pytest.raises(InvalidArgument) as caught:
+        window_in("period", window)
+    assert caught.value.field == "period"
+    assert relation in caught.value.reason
+    assert "2026-12-04T00:00:00+00:00" in caught.value.reason
