@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -18,6 +19,7 @@ from acsp.cli._common import EXIT_OK, EXIT_USAGE, CommandError
 
 if TYPE_CHECKING:
     from scheduler.sim.runner import SimulationConfig
+    from scheduler.sim.traces import TraceJob
 
 MAX_TRACE_SECONDS: Final = 1e10
 """Largest arrival or run time taken from a trace, in seconds (about 317 years).
@@ -146,6 +148,7 @@ def _check_inputs(config: SimulationConfig) -> None:
                     f"times must be finite, from 0 to {MAX_TRACE_SECONDS:.0e} s",
                     EXIT_USAGE,
                 )
+    _check_job_specs(config, trace.jobs)
     try:
         nodes = load_openb_nodes(config.fleet)
     except (OSError, KeyError, TypeError, ValueError, csv.Error) as exc:
@@ -159,6 +162,27 @@ def _check_inputs(config: SimulationConfig) -> None:
             "with columns sn, gpu and model",
             EXIT_USAGE,
         )
+
+
+def _check_job_specs(config: SimulationConfig, jobs: Sequence[TraceJob]) -> None:
+    """Submit every job to a throwaway engine, so that the rows it rejects fail the command.
+
+    The replay submits the same specs, and a row the engine rejects there (a negative GPU
+    count, a model outside the catalog, a repeated name) would end it with a traceback.
+    """
+    from scheduler.engine.catalog import Catalog
+    from scheduler.engine.engine import Engine
+    from scheduler.engine.spec import EngineConfig, InvalidInputError
+    from scheduler.sim.replay import job_spec
+
+    engine = Engine(EngineConfig(half_life_s=config.half_life_s), Catalog())
+    for job in jobs:
+        try:
+            engine.submit(job_spec(job))
+        except InvalidInputError as exc:
+            raise CommandError(
+                f"--trace {config.trace}: {exc}; fix or remove that row", EXIT_USAGE
+            ) from None
 
 
 def _describe(exc: Exception) -> str:

@@ -155,7 +155,7 @@ class Replay:
     def _handle(self, kind: _Kind, name: str, attempt: int, now: float) -> None:
         run = self.runs[name]
         if kind is _Kind.ARRIVAL:
-            self.engine.submit(_job_spec(run.trace))
+            self.engine.submit(job_spec(run.trace))
             return
         if attempt != run.attempt or run.started_at is None:
             return  # The attempt this event was for was preempted or requeued since.
@@ -235,7 +235,8 @@ class Replay:
         return stranded / total if total else None
 
 
-def _job_spec(job: TraceJob) -> JobSpec:
+def job_spec(job: TraceJob) -> JobSpec:
+    """Convert a trace job to the engine's job spec."""
     return JobSpec(
         job_id=job.name,
         project=job.account.project,

@@ -53,6 +53,10 @@ def test_simulate_rejects_non_finite_option(
     assert not (tmp_path / "summary.json").exists()
 
 
+OPENB_HEADER = (
+    "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,"
+    "creation_time,deletion_time,scheduled_time"
+)
 SWF_FIELDS_AFTER_RUN = "1 -1 -1 1 100 -1 1 1 1 -1 -1 -1 -1 -1"
 
 
@@ -65,8 +69,15 @@ SWF_FIELDS_AFTER_RUN = "1 -1 -1 1 100 -1 1 1 1 -1 -1 -1 -1 -1"
         ("binary.swf", "x\udcff\n", "cannot read it as an SWF file"),
         ("columns.csv", "a,b\n1,2\n", "missing column 'num_gpu'"),
         ("empty.csv", "", "no job to replay"),
+        ("negative.csv", f"{OPENB_HEADER}\np1,1000,100,-1,1000,,LS,Running,0,100,0\n", "p1"),
+        ("model.csv", f"{OPENB_HEADER}\np1,1000,100,1,1000,NOPE,LS,Running,0,100,0\n", "'NOPE'"),
+        (
+            "repeated.csv",
+            f"{OPENB_HEADER}\n" + "p1,1000,100,1,1000,,LS,Running,0,100,0\n" * 2,
+            "already submitted",
+        ),
     ],
-    ids=["nan", "inf", "far", "binary", "columns", "empty"],
+    ids=["nan", "inf", "far", "binary", "columns", "empty", "negative", "model", "repeated"],
 )
 def test_simulate_rejects_bad_trace(
     name: str, content: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
