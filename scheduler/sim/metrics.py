@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
+from acsp.decimals import format_decimal
 from scheduler.engine import Catalog, PriorityClass
 from scheduler.sim.replay import ReplayResult
 
@@ -100,8 +101,8 @@ def summarize(result: ReplayResult, catalog: Catalog) -> dict[str, Any]:
             "samples": len(stranded),
         },
         "pf_days_delivered": {
-            "total": str(sum(pf_days.values(), Decimal(0))),
-            "by_model": {model: str(value) for model, value in sorted(pf_days.items())},
+            "total": format_decimal(sum(pf_days.values(), Decimal(0))),
+            "by_model": {model: format_decimal(value) for model, value in sorted(pf_days.items())},
         },
     }
 

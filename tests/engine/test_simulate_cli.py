@@ -119,3 +119,22 @@ def test_simulate_rejects_out_that_is_a_file(
 
     assert status == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_simulate_prints_pf_days_without_exponent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One second on one accelerator delivers about 2e-7 PF-days, which str(Decimal) writes
+    # with an exponent.
+    trace = tmp_path / "one.csv"
+    trace.write_text(f"{OPENB_HEADER}\np1,1000,100,1,1000,,LS,Running,0,1,0\n")
+
+    status = main(["simulate", "--trace", str(trace), "--out", str(tmp_path), "--no-plots"])
+
+    assert status == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "PF-days delivered" in x)
+    figure = line.rsplit(" ", 1)[1]
+    assert "E" not in figure
+    assert figure.startswith("0.0000002")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["pf_days_delivered"]["total"] == figure
