@@ -80,11 +80,11 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         """Check who submits ``spec`` and what it draws on; return the named grant's limits.
 
         Raises NotFound for an unknown project or grant, and PermissionDenied for a
-        non-member. A grant must belong to the job's project. A sub-allocation must belong to
-        the job's grant (SubAllocationNotFound), and only its holder or the project's PI may
-        draw on it (PermissionDenied). Program office and service callers may submit for any
-        project that exists and draw on any of its sub-allocations. Returns None when the spec
-        names no grant.
+        non-member or a viewer. A grant must belong to the job's project. A sub-allocation
+        must belong to the job's grant (SubAllocationNotFound), and only its holder or the
+        project's PI may draw on it (PermissionDenied). Program office and service callers
+        may submit for any project that exists and draw on any of its sub-allocations.
+        Returns None when the spec names no grant.
         """
         project = await self.project(spec.project_id)
         if project is None:
@@ -103,6 +103,11 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
             raise PermissionDenied(
                 f"{principal.subject!r} is not a member of project {spec.project_id!r}; "
                 "ask its PI to add you, or submit for a project you belong to"
+            )
+        if not privileged and principal.subject in project.viewers:
+            raise PermissionDenied(
+                f"{principal.subject!r} is a viewer of project {spec.project_id!r} and may only "
+                "read; ask its PI to make you a member to submit jobs"
             )
         if spec.sub_allocation_id:
             holder = await self.sub_allocation_holder(spec.grant_id, spec.sub_allocation_id)

@@ -43,6 +43,8 @@ class ProjectAccess:
     project_id: str
     subjects: frozenset[str]
     pi_subject: str = ""
+    viewers: frozenset[str] = frozenset()
+    """Members with the viewer role, who may read but not submit jobs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +144,10 @@ class ProjectDirectory:
             self._store(self._projects, project_id, None, self._missing_ttl)
             return None
         subjects = frozenset(m.subject for m in msg.members) | {msg.pi_subject}
-        access = ProjectAccess(project_id, subjects, msg.pi_subject)
+        viewers = frozenset(
+            m.subject for m in msg.members if m.role == grant_pb2.PROJECT_ROLE_VIEWER
+        )
+        access = ProjectAccess(project_id, subjects, msg.pi_subject, viewers)
         self._store(self._projects, project_id, access, self._ttl)
         return access
 

@@ -15,8 +15,8 @@ from services.runtime.errors import NotFound, PermissionDenied
 
 
 class CountingGrants:
-    """A grant service with one project ``p1`` (PI ``pi``, member ``bob``) and its grant ``g1``,
-    which has sub-allocation ``s1`` held by ``bob``."""
+    """A grant service with one project ``p1`` (PI ``pi``, members ``bob`` and ``carol``,
+    viewer ``vera``) and its grant ``g1``, which has sub-allocation ``s1`` held by ``bob``."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -33,7 +33,8 @@ class CountingGrants:
             )
         member = grant_pb2.ProjectMember(subject="bob", role=grant_pb2.PROJECT_ROLE_MEMBER)
         other = grant_pb2.ProjectMember(subject="carol", role=grant_pb2.PROJECT_ROLE_MEMBER)
-        return grant_pb2.Project(project_id="p1", pi_subject="pi", members=[member, other])
+        viewer = grant_pb2.ProjectMember(subject="vera", role=grant_pb2.PROJECT_ROLE_VIEWER)
+        return grant_pb2.Project(project_id="p1", pi_subject="pi", members=[member, other, viewer])
 
     async def GetGrant(
         self, request: grant_pb2.GetGrantRequest, **options: object
@@ -85,6 +86,16 @@ async def test_missing_project_and_outsider_rejected() -> None:
         await directory.check_submitter(user("pi"), spec("p2"))
     with pytest.raises(PermissionDenied):
         await directory.check_submitter(user("mallory"), spec("p1", "g1"))
+
+
+async def test_viewer_cannot_submit() -> None:
+    directory = ProjectDirectory(CountingGrants())  # type: ignore[arg-type]
+
+    await directory.check_submitter(user("carol"), spec("p1", "g1"))
+    with pytest.raises(PermissionDenied) as denied:
+        await directory.check_submitter(user("vera"), spec("p1", "g1"))
+
+    assert "'vera' is a viewer of project 'p1'" in denied.value.message
 
 
 async def test_cache_stays_bounded() -> None:
