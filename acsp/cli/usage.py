@@ -133,8 +133,23 @@ def run_charges(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def refund_row(refund: metering_pb2.RefundRecord) -> dict[str, Any]:
+    """Build the output row of one refund."""
+    return {
+        "refund": refund.refund_id,
+        "job": refund.job_id,
+        "provider": refund.provider_id,
+        "pf_days": decimal_text(refund.amount_pf_days),
+        # Metering measures the lost time to the microsecond, and whole seconds would hide up
+        # to half a second of it.
+        "lost_seconds": f"{refund.lost_seconds:.6f}".rstrip("0").rstrip("."),
+        "reason": refund.reason,
+        "time": format_time(refund.create_time),
+    }
+
+
 def run_refunds(args: argparse.Namespace) -> int:
-    records = []
+    records: list[dict[str, Any]] = []
     with open_metering(args) as metering:
 
         def fetch(page: common_pb2.PageRequest) -> metering_pb2.ListRefundsResponse:
@@ -145,18 +160,7 @@ def run_refunds(args: argparse.Namespace) -> int:
             )
 
         for response in _pages(fetch, args):
-            for refund in response.refunds:
-                records.append(
-                    {
-                        "refund": refund.refund_id,
-                        "job": refund.job_id,
-                        "provider": refund.provider_id,
-                        "pf_days": decimal_text(refund.amount_pf_days),
-                        "lost_seconds": f"{refund.lost_seconds:.0f}",
-                        "reason": refund.reason,
-                        "time": format_time(refund.create_time),
-                    }
-                )
+            records.extend(refund_row(refund) for refund in response.refunds)
     columns = ["refund", "job", "provider", "pf_days", "lost_seconds", "reason", "time"]
     print_records(records, columns, output_format=args.format, title="refunds")
     return EXIT_OK

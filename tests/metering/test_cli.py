@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from acsp.cli.main import build_parser
-from acsp.cli.usage import run_query, run_settlement_export
+from acsp.cli.usage import refund_row, run_query, run_settlement_export
+from acsp.v1 import metering_pb2
 
 
 def test_usage_query_parses_grouping_and_window() -> None:
@@ -32,3 +33,9 @@ def test_usage_query_rejects_unknown_grouping() -> None:
         build_parser().parse_args(
             ["usage", "query", "--by", "colour", "--from", "2026-12-01", "--to", "2026-12-02"]
         )
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(39.87269, "39.87269"), (40.0, "40"), (0.0, "0")])
+def test_refund_row_keeps_lost_microseconds(seconds: float, text: str) -> None:
+    refund = metering_pb2.RefundRecord(refund_id="r1", lost_seconds=seconds)
+    assert refund_row(refund)["lost_seconds"] == text
