@@ -33,12 +33,17 @@ def parse_amount(field: str, text: str, *, allow_zero: bool = False) -> Decimal:
     stripped = text.strip()
     if not stripped:
         raise InvalidArgument(field, "is missing", "give a decimal number of PF-days, e.g. '12.5'")
+    not_decimal = InvalidArgument(
+        field, f"{text!r} is not a decimal number", "give PF-days such as '12.5'"
+    )
+    # Decimal() also reads digit group underscores and non-ASCII digits, so '0_5' would be
+    # 5 PF-days and not the 0.5 a caller mistyped.
+    if not stripped.isascii() or "_" in stripped:
+        raise not_decimal
     try:
         value = Decimal(stripped)
     except InvalidOperation:
-        raise InvalidArgument(
-            field, f"{text!r} is not a decimal number", "give PF-days such as '12.5'"
-        ) from None
+        raise not_decimal from None
     return validate_amount(field, value, allow_zero=allow_zero)
 
 

@@ -42,6 +42,8 @@ def pot(name: str = "grant:g1", available: str = "0") -> Pot:
         ("0", "is zero"),
         ("", "is missing"),
         ("1e24", "too large"),
+        ("0_5", "not a decimal number"),
+        ("\u0665", "not a decimal number"),
     ],
 )
 def test_parse_amount_rejects_bad_text(text: str, reason: str) -> None:
