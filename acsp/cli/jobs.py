@@ -141,6 +141,10 @@ def register(subparsers: Any) -> None:
 def parse_millis(text: str) -> int:
     """Convert ``--accelerators`` (``2`` or ``0.25``) to milli-accelerators."""
     try:
+        # Decimal() reads '0_5' as 5 and non-ASCII digits too, so a mistyped share would
+        # become whole accelerators.
+        if not text.isascii() or "_" in text:
+            raise InvalidOperation
         value = Decimal(text)
     except InvalidOperation:
         raise CommandError(

@@ -56,7 +56,7 @@ def test_accelerators_option_in_millis(text: str, millis: int) -> None:
     assert parse_millis(text) == millis
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "abc", "0.0001"])
+@pytest.mark.parametrize("text", ["0", "-1", "abc", "0.0001", "0_5", "\u0665"])
 def test_accelerators_option_rejects_bad_values(text: str) -> None:
     with pytest.raises(CommandError):
         parse_millis(text)
