@@ -10,13 +10,14 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import grpc
 
 from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
 from services.runtime import grant_directory
 from services.runtime.auth import Principal
-from services.runtime.errors import NotFound, PermissionDenied
+from services.runtime.errors import FailedPrecondition, NotFound, PermissionDenied
 from services.runtime.grant_directory import (
     ANY_PROJECT,
     ProjectAccess,
@@ -37,6 +38,9 @@ class GrantRecord:
 
     project_id: str
     limits: GrantLimits
+    ends_at: float | None = None
+    """End of the grant's validity in Unix seconds, or None when it sets none."""
+    expired: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +84,12 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         """Check who submits ``spec`` and what it draws on; return the named grant's limits.
 
         Raises NotFound for an unknown project or grant, and PermissionDenied for a
-        non-member or a viewer. A grant must belong to the job's project. A sub-allocation
-        must belong to the job's grant (SubAllocationNotFound), and only its holder or the
-        project's PI may draw on it (PermissionDenied). Program office and service callers
-        may submit for any project that exists and draw on any of its sub-allocations.
-        Returns None when the spec names no grant.
+        non-member or a viewer. A grant must belong to the job's project and must not have
+        expired (FailedPrecondition). A sub-allocation must belong to the job's grant
+        (SubAllocationNotFound), and only its holder or the project's PI may draw on it
+        (PermissionDenied). Program office and service callers may submit for any project
+        that exists and draw on any of its sub-allocations. Returns None when the spec names
+        no grant.
         """
         project = await self.project(spec.project_id)
         if project is None:
@@ -98,6 +103,16 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
                 # A grant of another project is reported as not found, like the grant service
                 # reports what the caller may not see.
                 raise NotFound("grant", spec.grant_id)
+            if grant.expired:
+                # The grant service places no hold on it, so the job would wait for budget.
+                ended = ""
+                if grant.ends_at is not None:
+                    ended = f" (its validity ended {_utc(grant.ends_at)})"
+                raise FailedPrecondition(
+                    f"grant {spec.grant_id!r} has expired{ended}; name an active grant of "
+                    f"project {spec.project_id!r}, or none to use the one that expires first",
+                    f"{prefix}.grant_id",
+                )
         privileged = grant_directory.sees_every_project(principal)
         if not privileged and principal.subject not in project.subjects:
             raise PermissionDenied(
@@ -129,7 +144,7 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         if info is None:
             return None
         limits = GrantLimits(grant_id, info.providers, info.regions, info.accelerator_models)
-        return GrantRecord(info.project_id, limits)
+        return GrantRecord(info.project_id, limits, info.ends_at, info.ended(time.time()))
 
     async def sub_allocation_holder(self, grant_id: str, allocation_id: str) -> str | None:
         """Return the holder of a sub-allocation of ``grant_id``, or None when it has none."""
@@ -167,3 +182,7 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         listed = SubAllocations(time.monotonic(), holders)
         self._store(self._allocations, grant_id, listed, self._ttl)
         return listed
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

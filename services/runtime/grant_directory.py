@@ -56,6 +56,14 @@ class GrantInfo:
     regions: tuple[str, ...] = ()
     """``<provider>/<region>`` keys."""
     accelerator_models: tuple[str, ...] = ()
+    ends_at: float | None = None
+    """End of the grant's validity in Unix seconds, or None when it sets none."""
+    expired: bool = False
+    """True once the grant service has expired the grant."""
+
+    def ended(self, now: float) -> bool:
+        """Return whether the grant can no longer pay for new work at ``now``."""
+        return self.expired or (self.ends_at is not None and self.ends_at <= now)
 
 
 class ProjectDirectory:
@@ -166,6 +174,10 @@ class ProjectDirectory:
             tuple(msg.constraints.providers),
             tuple(msg.constraints.regions),
             tuple(msg.constraints.accelerator_models),
+            msg.validity.end_time.ToMicroseconds() / 1e6
+            if msg.validity.HasField("end_time")
+            else None,
+            msg.state == grant_pb2.GRANT_STATE_EXPIRED,
         )
         self._store(self._grants, grant_id, info, self._ttl)
         return info

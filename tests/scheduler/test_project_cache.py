@@ -11,12 +11,15 @@ from acsp.v1 import grant_pb2
 from scheduler.service.model import JobSpec
 from scheduler.service.projects import ProjectDirectory
 from services.runtime.auth import Principal, Role
-from services.runtime.errors import NotFound, PermissionDenied
+from services.runtime.errors import FailedPrecondition, NotFound, PermissionDenied
 
 
 class CountingGrants:
     """A grant service with one project ``p1`` (PI ``pi``, members ``bob`` and ``carol``,
-    viewer ``vera``) and its grant ``g1``, which has sub-allocation ``s1`` held by ``bob``."""
+    viewer ``vera``) and its grant ``g1``, which has sub-allocation ``s1`` held by ``bob``.
+
+    Any other grant id is a grant of ``p1`` too: ``old`` has expired, and the validity of
+    ``ended`` is over although the grant service has not yet expired it."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -40,7 +43,13 @@ class CountingGrants:
         self, request: grant_pb2.GetGrantRequest, **options: object
     ) -> grant_pb2.Grant:
         self.calls += 1
-        return grant_pb2.Grant(grant_id=request.grant_id, project_id="p1")
+        grant = grant_pb2.Grant(grant_id=request.grant_id, project_id="p1")
+        if request.grant_id == "old":
+            grant.state = grant_pb2.GRANT_STATE_EXPIRED
+            grant.validity.end_time.FromSeconds(1_700_000_000)
+        elif request.grant_id == "ended":
+            grant.validity.end_time.FromSeconds(1_700_000_000)
+        return grant
 
     async def ListSubAllocations(
         self, request: grant_pb2.ListSubAllocationsRequest, **options: object
@@ -145,3 +154,16 @@ async def test_sub_allocation_miss_refetched_when_stale() -> None:
     assert grants.calls == calls
     assert await stale.sub_allocation_holder("g1", "s2") == "carol"
     assert grants.calls == calls + 1
+
+
+@pytest.mark.parametrize("grant", ["old", "ended"])
+async def test_expired_grant_rejected(grant: str) -> None:
+    directory = ProjectDirectory(CountingGrants())  # type: ignore[arg-type]
+
+    with pytest.raises(FailedPrecondition) as caught:
+        await directory.check_submitter(user("bob"), spec("p1", grant), "spec")
+
+    assert caught.value.field == "spec.grant_id"
+    assert f"grant '{grant}' has expired (its validity ended 2023-11-14 22:13:20 UTC)" in str(
+        caught.value.reason
+    )
