@@ -6,6 +6,7 @@ The provider registry's RPCs are in :mod:`.provider_api`.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Final
@@ -30,6 +31,7 @@ from .errors import InvalidFields
 from .fleet import NODE_STATUSES, AcceleratorView, NodeView
 from .inputs import DrainRequested, PledgeChanged, RecallAdded
 from .leadership import Leadership
+from .model import utc_text
 from .pledges import (
     PledgeStore,
     RecallRecord,
@@ -41,6 +43,10 @@ from .provider_api import ProviderRpcs
 from .store import Fenced
 
 OPERATORS: Final = (Role.PROVIDER_OPERATOR, Role.PROGRAM_OFFICE, Role.SERVICE)
+
+RECALL_PAST_LEEWAY_S: Final = 300.0
+"""How far in the past a recall may take effect, for clocks that differ and a recall that
+means now."""
 
 
 class FleetRpcs(ProviderRpcs):
@@ -177,6 +183,12 @@ class FleetRpcs(ProviderRpcs):
                 "recall.effective_time", "is missing", "set when the capacity must be free"
             )
         effective = wanted.effective_time.ToNanoseconds() / 1e9
+        if effective < time.time() - RECALL_PAST_LEEWAY_S:
+            raise InvalidArgument(
+                "recall.effective_time",
+                f"is {utc_text(effective)}, in the past, which would skip the jobs' notice",
+                "set it to now or later",
+            )
         end = wanted.end_time.ToNanoseconds() / 1e9 if wanted.HasField("end_time") else None
         if end is not None and end <= effective:
             raise InvalidArgument(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final, Literal
 
@@ -221,3 +222,8 @@ def idempotency_key(job_id: str, attempt: int) -> str:
 def dispatch_msg_id(job_id: str, attempt: int, task_index: int, kind: str = "start") -> str:
     """``Nats-Msg-Id`` of a command, so JetStream drops a republished duplicate."""
     return f"{job_id}/{attempt}/{task_index}/{kind}"
+
+
+def utc_text(seconds: float) -> str:
+    """Return Unix time ``seconds`` as a UTC date and time for a message."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import grpc
 
@@ -27,7 +26,7 @@ from services.runtime.grant_directory import (
 
 from .errors import SubAllocationNotFound
 from .grant_limits import GrantLimits
-from .model import JobSpec
+from .model import JobSpec, utc_text
 
 __all__ = ["ANY_PROJECT", "GrantRecord", "ProjectAccess", "ProjectDirectory", "SubAllocations"]
 
@@ -107,7 +106,7 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
                 # The grant service places no hold on it, so the job would wait for budget.
                 ended = ""
                 if grant.ends_at is not None:
-                    ended = f" (its validity ended {_utc(grant.ends_at)})"
+                    ended = f" (its validity ended {utc_text(grant.ends_at)})"
                 raise FailedPrecondition(
                     f"grant {spec.grant_id!r} has expired{ended}; name an active grant of "
                     f"project {spec.project_id!r}, or none to use the one that expires first",
@@ -182,7 +181,3 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         listed = SubAllocations(time.monotonic(), holders)
         self._store(self._allocations, grant_id, listed, self._ttl)
         return listed
-
-
-def _utc(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -312,6 +312,18 @@ async def test_pledge_caps_pool_and_recall_is_bounded(stack: Stack) -> None:
         )
         effective = Timestamp()
         effective.FromSeconds(int(now))
+        yesterday = Timestamp()
+        yesterday.FromSeconds(int(now) - 86_400)
+        with pytest.raises(grpc.aio.AioRpcError) as past:
+            await scheduler.RecallCapacity(
+                scheduler_pb2.RecallCapacityRequest(
+                    recall=scheduler_pb2.Recall(
+                        pledge_id=stored.pledge_id, count=1, effective_time=yesterday
+                    )
+                ),
+                metadata=operator,
+                timeout=10,
+            )
         with pytest.raises(grpc.aio.AioRpcError) as too_many:
             await scheduler.RecallCapacity(
                 scheduler_pb2.RecallCapacityRequest(
@@ -363,6 +375,8 @@ async def test_pledge_caps_pool_and_recall_is_bounded(stack: Stack) -> None:
     assert stored.pledge_id.startswith("pl-")
     assert [p.pledge_id for p in listed.pledges] == [stored.pledge_id]
     assert too_many.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert past.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "recall.effective_time" in (past.value.details() or "")
     assert recall.count == 1
     assert job.state == scheduler_pb2.JOB_STATE_PENDING
     assert reason in (
