@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Final
 
 from acsp.cli._common import (
     EXIT_OK,
@@ -43,6 +43,15 @@ STATES = {
 }
 WATCH_DEADLINE_S = 7 * 86_400.0
 """A watch runs until Ctrl-C; the SDK would otherwise apply its short default deadline."""
+ENDED_STATES: Final = frozenset(
+    {
+        scheduler_pb2.JOB_STATE_COMPLETED,
+        scheduler_pb2.JOB_STATE_FAILED,
+        scheduler_pb2.JOB_STATE_CANCELLED,
+        scheduler_pb2.JOB_STATE_TIMED_OUT,
+    }
+)
+"""Job states after which a job changes no more."""
 LIST_COLUMNS = ("job", "name", "state", "reason", "tasks", "accelerators", "attempt", "submitted")
 
 
@@ -129,7 +138,9 @@ def register(subparsers: Any) -> None:
     cancel.set_defaults(func=cancel_job)
 
     watch = commands.add_parser(
-        "watch", parents=[connection], help="print job changes as they happen (Ctrl-C stops)"
+        "watch",
+        parents=[connection],
+        help="print job changes as they happen, until the one job watched ends (Ctrl-C stops)",
     )
     watch.add_argument("job_id", nargs="?", default="", help="one job (default: all yours)")
     watch.add_argument(
@@ -271,7 +282,8 @@ def cancel_job(args: argparse.Namespace) -> int:
 
 
 async def watch_jobs(args: argparse.Namespace) -> int:
-    """Print one line per job change until interrupted or the stream ends."""
+    """Print one line per job change until interrupted, the stream ends, or the one job
+    watched has ended."""
     request = scheduler_pb2.WatchJobsRequest(
         job_id=args.job_id, project_id=args.project, send_initial=True
     )
@@ -280,6 +292,9 @@ async def watch_jobs(args: argparse.Namespace) -> int:
         async for job in stream:
             sys.stdout.write(watch_line(job) + "\n")
             sys.stdout.flush()
+            if args.job_id and job.state in ENDED_STATES:
+                stream.cancel()
+                break
     return EXIT_OK
 
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+
 import pytest
 
+from acsp.cli import jobs as jobs_cli
 from acsp.cli._common import CommandError
 from acsp.cli.fleet import list_providers, provider_rows
 from acsp.cli.jobs import job_details, job_row_of, parse_millis, spec_from_args, watch_line
@@ -153,3 +159,47 @@ def test_provider_without_regions_gets_one_row() -> None:
 def test_fleet_providers_command_parses() -> None:
     args = parse("fleet", "providers")
     assert args.func is list_providers  # type: ignore[attr-defined]
+
+
+class FakeWatch:
+    """A WatchJobs stream of fixed jobs that records its cancel."""
+
+    def __init__(self, jobs: list[scheduler_pb2.Job]) -> None:
+        self.jobs = jobs
+        self.cancelled = False
+
+    def __aiter__(self) -> AsyncIterator[scheduler_pb2.Job]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[scheduler_pb2.Job]:
+        for job in self.jobs:
+            yield job
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+async def test_watch_of_one_job_stops_when_it_ends(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    states = [
+        scheduler_pb2.JOB_STATE_PENDING,
+        scheduler_pb2.JOB_STATE_RUNNING,
+        scheduler_pb2.JOB_STATE_COMPLETED,
+        scheduler_pb2.JOB_STATE_COMPLETED,
+    ]
+    stream = FakeWatch([scheduler_pb2.Job(job_id="j1", state=s) for s in states])
+    client = SimpleNamespace(scheduler=SimpleNamespace(WatchJobs=lambda *a, **k: stream))
+
+    @contextlib.asynccontextmanager
+    async def fake_client(args: argparse.Namespace) -> AsyncIterator[SimpleNamespace]:
+        yield client
+
+    monkeypatch.setattr(jobs_cli, "async_client_from_args", fake_client)
+    args = argparse.Namespace(job_id="j1", project="")
+
+    code = await jobs_cli.watch_jobs(args)
+
+    assert code == 0
+    assert capsys.readouterr().out.splitlines() == ["j1  pending", "j1  running", "j1  completed"]
+    assert stream.cancelled
