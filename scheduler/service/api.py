@@ -18,6 +18,7 @@ from acsp.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.runtime.auth import Principal, Role, current_principal, require_roles
 from services.runtime.context import remaining_s, request_id
 from services.runtime.errors import (
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -31,7 +32,7 @@ from .grant_limits import check_against_grant, narrow_to_grant
 from .inputs import CancelRequested
 from .job_access import JobAccess, ReadScope
 from .leadership import Leadership
-from .model import Job, JobFilter, JobState, new_job_id
+from .model import Job, JobFilter, JobSpec, JobState, new_job_id
 from .providers import ProviderDirectory
 from .store import decode_page_token
 from .validation import FieldViolation, validate_array_size, validate_models, validate_spec
@@ -59,6 +60,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         jobs, request_ids, array_id = self._prepare(request, principal, "")
         jobs = await self._check_access(principal, jobs, "spec")
         stored = await self._lead.require().batcher.submit(jobs, request_ids)
+        _check_reused_ids(jobs, stored, "request_id")
         return _submit_response(stored, array_id, request.spec.array_size)
 
     async def SubmitJobs(
@@ -78,9 +80,10 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         stored = await self._lead.require().batcher.submit(jobs, request_ids)
         results = []
         offset = 0
-        for (batch, _, array_id), item in zip(prepared, request.jobs, strict=True):
+        for i, ((batch, _, array_id), item) in enumerate(zip(prepared, request.jobs, strict=True)):
             part = stored[offset : offset + len(batch)]
             offset += len(batch)
+            _check_reused_ids(batch, part, f"jobs[{i}].request_id")
             results.append(_submit_response(part, array_id, item.spec.array_size))
         return scheduler_pb2.SubmitJobsResponse(results=results)
 
@@ -374,6 +377,33 @@ def _array_parent(elements: list[Job]) -> scheduler_pb2.Job:
     summary = ", ".join(f"{counts[s]} {s}" for s in _OPEN_ORDER + _ENDED_ORDER if counts.get(s))
     proto.state_message = f"array of {len(elements)} jobs: {summary}"
     return proto
+
+
+def _check_reused_ids(submitted: list[Job], stored: list[Job], field: str) -> None:
+    """Raise FAILED_PRECONDITION when a request id returned a job of another spec.
+
+    A retry returns the job its first request stored. A request id used again for a different
+    job is a caller's mistake that would otherwise go unnoticed, and the grant service rejects
+    such a reuse too. Only what the caller sent is compared, not the grant's constraints that
+    the scheduler copies into a spec or the grant that pays a job which named none.
+    """
+    for new, old in zip(submitted, stored, strict=True):
+        if new.job_id == old.job_id or _same_submission(old.spec, new.spec):
+            continue
+        raise FailedPrecondition(
+            f"was used before for job {old.job_id} with another spec; repeat that request "
+            "unchanged to get its job, or use a new request_id for a new job",
+            field,
+        )
+
+
+def _same_submission(stored: JobSpec, submitted: JobSpec) -> bool:
+    def sent(spec: JobSpec) -> JobSpec:
+        # A job that named no grant keeps none here, whichever grant came to pay for it.
+        grant = spec.grant_id if submitted.grant_id else ""
+        return replace(spec, grant_id=grant, grant_providers=(), grant_regions=(), grant_models=())
+
+    return sent(stored) == sent(submitted)
 
 
 def _request_key(owner: str, request_id: str) -> str | None:

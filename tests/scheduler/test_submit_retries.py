@@ -128,3 +128,33 @@ async def test_sdk_submitter_isolates_invalid_job(stack: Stack) -> None:
     created = [r.job.job_id for r in results if isinstance(r, scheduler_pb2.SubmitJobResponse)]
     assert len(set(created)) == 20
     assert sorted(job.job_id for job in listed.jobs) == sorted(created)
+
+
+async def test_reused_id_with_other_spec_rejected(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    first = scheduler_pb2.SubmitJobRequest(
+        request_id="reused-1", spec=job_spec(project, grant, task_count=1)
+    )
+    other = scheduler_pb2.SubmitJobRequest(
+        request_id="reused-1", spec=job_spec(project, grant, task_count=1, name="other")
+    )
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        stored = await scheduler.SubmitJob(first, metadata=md, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as single:
+            await scheduler.SubmitJob(other, metadata=md, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as batched:
+            await scheduler.SubmitJobs(
+                scheduler_pb2.SubmitJobsRequest(jobs=[other]), metadata=md, timeout=10
+            )
+        retried = await scheduler.SubmitJob(first, metadata=md, timeout=10)
+        listed = await scheduler.ListJobs(scheduler_pb2.ListJobsRequest(), metadata=md, timeout=10)
+
+    assert single.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (single.value.details() or "").startswith("request_id: was used before for job")
+    assert batched.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (batched.value.details() or "").startswith("jobs[0].request_id: was used before")
+    assert retried.job.job_id == stored.job.job_id
+    assert [job.job_id for job in listed.jobs] == [stored.job.job_id]
