@@ -36,6 +36,8 @@ CHECKPOINTED = "checkpointed"
 MAX_CHECKPOINT_REF_BYTES = 4096
 """Maximum length of a stored checkpoint reference in UTF-8 bytes. Agents send none longer."""
 _LIVE = ("assigned", "started")
+_RAN = ("started", "exited")
+"""Task states of a task that has started."""
 REQUEUE = "requeue"
 """Stop outcome of a preempted job, which is queued again once its tasks stopped."""
 _STOP_OUTCOMES: dict[str, JobState] = {
@@ -681,7 +683,8 @@ class JobBook:
 
     def _on_started(self, job: Job, fx: Effects) -> None:
         fx.change(job, "task:started")
-        if job.state == "starting" and all(t.state == "started" for t in job.placement):
+        # A short task may exit before the last task of its gang starts: it started too.
+        if job.state == "starting" and all(t.state in _RAN for t in job.placement):
             self._starting_since.pop(job.job_id, None)
             running = replace(job, state="running", reason="", started_at=fx.now)
             self.jobs[job.job_id] = running
@@ -690,6 +693,10 @@ class JobBook:
 
     def _on_task_done(self, job: Job, node_key: str, fx: Effects) -> None:
         fx.change(job, "task:exited")
+        if job.state == "starting":
+            # Its last task ended without a start event: it runs, and starts, only now.
+            self._on_started(job, fx)
+            job = self.jobs[job.job_id]
         if all(t.state == "exited" and t.exit_code == 0 for t in job.placement):
             self.engine.end(job.job_id, "completed", fx.now)
             self._finish(job, "completed", "every task exited with code 0", "task:exited", fx)

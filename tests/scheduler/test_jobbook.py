@@ -440,3 +440,38 @@ def test_reloaded_cancel_during_hold_ends() -> None:
     assert job.job_id not in restarted.jobs
     (event,) = [events_pb2.JobEvent.FromString(e.payload) for e in fx.events]
     assert event.hold_id == "h1"
+
+
+def test_gang_runs_when_a_short_task_exits_first() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "started")
+    report(book, job, 0, "exited")
+
+    fx = report(book, job, 1, "started")
+
+    running = book.jobs[job.job_id]
+    assert running.state == "running"
+    assert running.started_at == NOW + 3
+    assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/started"]
+    fx = report(book, job, 1, "exited")
+    assert fx.changed[job.job_id][0].state == "completed"
+    assert fx.changed[job.job_id][0].started_at == NOW + 3
+
+
+def test_job_whose_last_task_ends_unstarted_still_starts() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "started")
+    report(book, job, 0, "exited")
+
+    fx = report(book, job, 1, "exited")
+
+    ended = fx.changed[job.job_id][0]
+    assert ended.state == "completed"
+    assert ended.started_at == NOW + 3
+    assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/started", f"{job.job_id}/1/ended"]
