@@ -51,7 +51,7 @@ ENDED_STATES: Final = frozenset(
         scheduler_pb2.JOB_STATE_TIMED_OUT,
     }
 )
-"""Job states after which a job changes no more."""
+"""Terminal job states: a job in one of them changes no more."""
 LIST_COLUMNS = ("job", "name", "state", "reason", "tasks", "accelerators", "attempt", "submitted")
 
 

@@ -269,7 +269,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
     async def _visible_array(self, principal: Principal, array_id: str) -> list[Job]:
         """Return the elements of job array ``array_id`` if ``principal`` may read them.
 
-        An empty list stands for a missing array and for one the caller may not read alike.
+        Returns an empty list both for a missing array and for one the caller may not read.
         """
         elements = await self._lead.store.array_jobs(array_id)
         if not elements or not await self._access.may_see(principal, elements[0]):

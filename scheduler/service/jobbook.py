@@ -694,7 +694,7 @@ class JobBook:
     def _on_task_done(self, job: Job, node_key: str, fx: Effects) -> None:
         fx.change(job, "task:exited")
         if job.state == "starting":
-            # Its last task ended without a start event: it runs, and starts, only now.
+            # A task ended without a start event for the job before it, so the job starts now.
             self._on_started(job, fx)
             job = self.jobs[job.job_id]
         if all(t.state == "exited" and t.exit_code == 0 for t in job.placement):
@@ -727,8 +727,8 @@ class JobBook:
     def _end_stopping(self, job_id: str, outcome: JobState, fx: Effects) -> None:
         """End a job whose stop lost a node, as the outcome its stop was heading for.
 
-        The caller has already released the job in the engine, which keeps what it holds on
-        unknown nodes. Its live tasks got their stop commands when the stop began, and they
+        The caller has already released the job in the engine, which keeps its accelerators on
+        unknown nodes fenced. Its live tasks got their stop commands when the stop began, and they
         become orphans until their nodes confirm.
         """
         job = self.jobs.get(job_id)

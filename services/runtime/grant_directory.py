@@ -59,7 +59,7 @@ class GrantInfo:
     ends_at: float | None = None
     """End of the grant's validity in Unix seconds, or None when it sets none."""
     expired: bool = False
-    """True once the grant service has expired the grant."""
+    """Whether the grant service has expired the grant."""
 
     def ended(self, now: float) -> bool:
         """Return whether the grant can no longer pay for new work at ``now``."""

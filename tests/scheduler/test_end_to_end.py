@@ -473,7 +473,7 @@ async def test_array_parent_shows_and_cancels_elements(stack: Stack) -> None:
         )
         parent_id = submitted.job.job_id
 
-        shown = await scheduler.GetJob(
+        parent = await scheduler.GetJob(
             scheduler_pb2.GetJobRequest(job_id=parent_id), metadata=md, timeout=10
         )
         cancelled = await scheduler.CancelJob(
@@ -489,10 +489,10 @@ async def test_array_parent_shows_and_cancels_elements(stack: Stack) -> None:
                 scheduler_pb2.GetJobRequest(job_id=parent_id + "x"), metadata=md, timeout=10
             )
 
-    assert shown.job_id == parent_id
-    assert shown.state == scheduler_pb2.JOB_STATE_PENDING
-    assert shown.spec.array_size == 3
-    assert shown.state_message == "array of 3 jobs: 3 pending"
+    assert parent.job_id == parent_id
+    assert parent.state == scheduler_pb2.JOB_STATE_PENDING
+    assert parent.spec.array_size == 3
+    assert parent.state_message == "array of 3 jobs: 3 pending"
     assert cancelled.state == scheduler_pb2.JOB_STATE_CANCELLED
     assert cancelled.state_message == "array of 3 jobs: 3 cancelled"
     assert [j.state for j in listed.jobs] == [scheduler_pb2.JOB_STATE_CANCELLED] * 3

@@ -170,18 +170,30 @@ def test_cancel_running_job_stops_tasks_then_ends() -> None:
     assert fx.changed[job.job_id][0].state == "cancelled"
 
 
-def test_recall_preemption_events_name_the_recall() -> None:
-    book = make_book(gpus=2)
+def run_on_pledge(book: JobBook, job: Job) -> PledgeRecord:
+    """Pledge both accelerators of ``book`` as recallable, and run ``job`` on them."""
     pledge = PledgeRecord("pl-1", "prov", "reg", "A100-SXM4-80GB", 0, 2, NOW - 100, NOW + 86400)
     book.engine.set_pledge(pledge)
-    job = make_job(tasks=2)
     place(book, job)
     held(book, job)
     report(book, job, 0, "started")
     report(book, job, 1, "started")
+    return pledge
+
+
+def recall_pledge(book: JobBook, pledge: PledgeRecord) -> Effects:
+    """Recall both accelerators of ``pledge`` and run a pass, which preempts their job."""
     book.engine.add_recall(RecallRecord("rc-1", "pl-1", 2, NOW + 3, None, "maintenance"), pledge)
     fx = Effects(NOW + 3)
     book.apply_pass(book.engine.schedule(NOW + 3), fx)
+    return fx
+
+
+def test_recall_preemption_events_name_the_recall() -> None:
+    book = make_book(gpus=2)
+    job = make_job(tasks=2)
+    pledge = run_on_pledge(book, job)
+    fx = recall_pledge(book, pledge)
     assert book.jobs[job.job_id].state == "stopping"
     assert fx.changed[job.job_id][1] == "recall:rc-1"
     report(book, job, 0, "stopped", -15)
@@ -195,14 +207,7 @@ def test_recall_preemption_events_name_the_recall() -> None:
 
 def recalled(book: JobBook, job: Job) -> None:
     """Run ``job`` on both accelerators and recall them, so a preemption stops it."""
-    pledge = PledgeRecord("pl-1", "prov", "reg", "A100-SXM4-80GB", 0, 2, NOW - 100, NOW + 86400)
-    book.engine.set_pledge(pledge)
-    place(book, job)
-    held(book, job)
-    report(book, job, 0, "started")
-    report(book, job, 1, "started")
-    book.engine.add_recall(RecallRecord("rc-1", "pl-1", 2, NOW + 3, None, "maintenance"), pledge)
-    book.apply_pass(book.engine.schedule(NOW + 3), Effects(NOW + 3))
+    recall_pledge(book, run_on_pledge(book, job))
     assert book.jobs[job.job_id].state == "stopping"
 
 
@@ -226,19 +231,12 @@ def test_cancel_during_preemption_ends_job() -> None:
 @pytest.mark.timeout(10)
 def test_preemption_during_cancel_ends_job() -> None:
     book = make_book(gpus=2)
-    pledge = PledgeRecord("pl-1", "prov", "reg", "A100-SXM4-80GB", 0, 2, NOW - 100, NOW + 86400)
-    book.engine.set_pledge(pledge)
     job = make_job(tasks=2)
-    place(book, job)
-    held(book, job)
-    report(book, job, 0, "started")
-    report(book, job, 1, "started")
+    pledge = run_on_pledge(book, job)
     book.cancel(job.job_id, "owner asked", "rpc:CancelJob", Effects(NOW + 3))
-    book.engine.add_recall(RecallRecord("rc-1", "pl-1", 2, NOW + 3, None, "maintenance"), pledge)
-    fx = Effects(NOW + 3)
 
     # The engine preempts the job, which it does not know is being cancelled.
-    book.apply_pass(book.engine.schedule(NOW + 3), fx)
+    fx = recall_pledge(book, pledge)
 
     assert job.job_id not in fx.changed
     assert fx.commands == []

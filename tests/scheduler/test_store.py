@@ -274,9 +274,9 @@ async def test_paying_grant_is_stored(pool: asyncpg.Pool, database_dsn: str) -> 
     job = make_job()
     unnamed = replace(job, spec=replace(job.spec, grant_id=""))
     await store.insert_jobs([unnamed], [None], epoch, "rpc")
-    held = replace(unnamed, state="starting", spec=replace(unnamed.spec, grant_id="g9"))
+    starting = replace(unnamed, state="starting", spec=replace(unnamed.spec, grant_id="g9"))
 
-    await store.commit_turn([held], ["hold:h1"], [], [], epoch)
+    await store.commit_turn([starting], ["hold:h1"], [], [], epoch)
 
     stored = await store.get_job(job.job_id)
     assert stored is not None
