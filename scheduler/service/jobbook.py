@@ -160,6 +160,8 @@ class JobBook:
         accelerators from other jobs, unless a running job uses them now, until the node
         confirms the stop with an event of the copy or a heartbeat that no longer lists it.
         """
+        # NOTE: a node that never reports again never confirms, so its stored copies stay and
+        # each new leader fences them again (the node is unknown and unusable meanwhile).
         for orphan in orphans:
             try:
                 tid = TaskId.parse(orphan.task_id)
