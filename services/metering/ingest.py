@@ -27,7 +27,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from acsp import subjects
 from services.metering.ingest_store import (
@@ -47,6 +47,9 @@ from services.runtime.db import Database
 from services.runtime.errors import Unavailable
 
 logger = logging.getLogger(__name__)
+
+FETCH_RETRY_S = 0.1
+"""Seconds before pulling again after JetStream answered a pull with 503."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,16 @@ class UsageIngest:
                 # nats-py 2.16 raises the builtin TimeoutError when no message arrived in time;
                 # nats.errors.TimeoutError is a subclass of it, so this catches both.
                 except TimeoutError:
+                    continue
+                except ServiceUnavailableError as error:
+                    # JetStream answers a pull with 503 while it cannot serve the consumer for
+                    # a moment (a consumer just created, a server restarting), so pull again.
+                    logger.warning(
+                        "pulling usage reports from consumer %s failed, pulling again: %s",
+                        self._config.durable,
+                        error,
+                    )
+                    await asyncio.sleep(FETCH_RETRY_S)
                     continue
                 try:
                     await self.process(messages)
