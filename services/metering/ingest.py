@@ -49,7 +49,7 @@ from services.runtime.errors import Unavailable
 logger = logging.getLogger(__name__)
 
 FETCH_RETRY_S = 0.1
-"""Seconds before pulling again after JetStream answered a pull with 503."""
+"""Seconds before pulling again after JetStream returned status 503 for a pull."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ class UsageIngest:
                 except TimeoutError:
                     continue
                 except ServiceUnavailableError as error:
-                    # JetStream answers a pull with 503 while it cannot serve the consumer for
+                    # JetStream returns status 503 for a pull while it cannot serve the consumer for
                     # a moment (a consumer just created, a server restarting), so pull again.
                     logger.warning(
                         "pulling usage reports from consumer %s failed, pulling again: %s",
