@@ -77,7 +77,7 @@ def register(commands: Any, connection: argparse.ArgumentParser, output: Any) ->
         help="create a pledge, or change one named by --pledge-id",
     )
     set_pledge.add_argument("--provider", required=True, help="provider that pledges")
-    set_pledge.add_argument("--region", required=True, help="region of the provider")
+    set_pledge.add_argument("--region", required=True, help="registered region of the provider")
     set_pledge.add_argument("--model", required=True, help="accelerator model of the catalog")
     set_pledge.add_argument(
         "--protected",

@@ -147,6 +147,7 @@ class FleetRpcs(ProviderRpcs):
         pledge, violations = pledge_from_proto(request.pledge)
         if violations:
             raise InvalidFields(violations)
+        await self._check_registered_region(pledge.provider, pledge.region)
         leader = self._lead.require()
         cause = f"rpc:SetPledge:{request.request_id or request_id() or ''}"
         try:
@@ -161,6 +162,27 @@ class FleetRpcs(ProviderRpcs):
             )
         await leader.inbox.put(PledgeChanged(pledge))
         return pledge_to_proto(pledge)
+
+    async def _check_registered_region(self, provider_id: str, region_id: str) -> None:
+        """Raise InvalidArgument unless ``region_id`` is a registered region of ``provider_id``.
+
+        The registry also contains the providers and regions that node inventories registered.
+        """
+        provider = await self._providers.get(provider_id)
+        if provider is None:
+            raise InvalidArgument(
+                "pledge.provider_id",
+                f"provider {provider_id!r} is not registered",
+                "register it with RegisterProvider before it pledges",
+            )
+        regions = [r.region_id for r in provider.regions]
+        if region_id not in regions:
+            raise InvalidArgument(
+                "pledge.region_id",
+                f"{region_id!r} is not a registered region of provider {provider_id!r}"
+                f" (registered: {', '.join(regions) or 'none'})",
+                "name a registered region, or add it with RegisterProvider",
+            )
 
     async def ListPledges(
         self, request: scheduler_pb2.ListPledgesRequest, context: grpc.aio.ServicerContext

@@ -5,6 +5,7 @@ region and whether its capacity may join gangs that span providers. A node whose
 names an unregistered provider or region is still scheduled: the node store registers
 the provider and region automatically, with no jurisdiction and no cross-provider gangs, and
 records the node that caused it. A later ``RegisterProvider`` call sets them properly.
+A pledge must name a registered region, whether a node or ``RegisterProvider`` registered it.
 
 :class:`ProviderDirectory` is what the engine adapter reads when it builds a job's engine
 input: ``jurisdiction:<code>`` entries of a job's allowed regions become the registered

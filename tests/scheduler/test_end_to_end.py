@@ -300,6 +300,15 @@ async def test_pledge_caps_pool_and_recall_is_bounded(stack: Stack) -> None:
     )
     channel, scheduler = scheduler_stub(address)
     async with channel:
+
+        async def node_known() -> bool:
+            nodes = await scheduler.ListNodes(
+                scheduler_pb2.ListNodesRequest(), metadata=operator, timeout=10
+            )
+            return len(nodes.nodes) == 1
+
+        # The agent's inventory registers its provider and region, which the pledge names.
+        await wait_for(node_known, 20, "the agent's inventory", 0.1)
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await scheduler.SetPledge(
                 scheduler_pb2.SetPledgeRequest(pledge=pledge), metadata=other_operator, timeout=10
@@ -348,13 +357,6 @@ async def test_pledge_caps_pool_and_recall_is_bounded(stack: Stack) -> None:
             timeout=10,
         )
 
-        async def node_known() -> bool:
-            nodes = await scheduler.ListNodes(
-                scheduler_pb2.ListNodesRequest(), metadata=operator, timeout=10
-            )
-            return len(nodes.nodes) == 1
-
-        await wait_for(node_known, 20, "the agent's inventory", 0.1)
         submitted = await scheduler.SubmitJob(
             scheduler_pb2.SubmitJobRequest(spec=job_spec(project, grant, task_count=2)),
             metadata=md,

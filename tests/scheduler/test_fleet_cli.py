@@ -76,6 +76,21 @@ def iso(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds")
 
 
+async def register_provider(address: str, token: str, provider: str, *regions: str) -> None:
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        await scheduler.RegisterProvider(
+            scheduler_pb2.RegisterProviderRequest(
+                provider=scheduler_pb2.Provider(
+                    provider_id=provider,
+                    regions=[scheduler_pb2.Region(region_id=r) for r in regions],
+                )
+            ),
+            metadata=metadata(token),
+            timeout=10,
+        )
+
+
 async def test_pledge_and_recall_commands(
     stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -83,11 +98,9 @@ async def test_pledge_and_recall_commands(
     start = datetime.now(UTC).replace(microsecond=0)
     end = start + timedelta(days=30)
     window = ("--start", iso(start), "--end", iso(end))
-    use_identity(
-        monkeypatch,
-        address,
-        stack.token("op-eu", Role.PROVIDER_OPERATOR, provider="eu"),
-    )
+    token = stack.token("op-eu", Role.PROVIDER_OPERATOR, provider="eu")
+    use_identity(monkeypatch, address, token)
+    await register_provider(address, token, "eu", "reg")
 
     code, out, err = await run_cli(
         capsys,
@@ -232,6 +245,44 @@ async def test_pledge_and_recall_commands(
     )
     assert code == 1
     assert "PERMISSION_DENIED" in err
+
+
+async def test_pledge_of_unregistered_region(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, address = await stack.start_scheduler()
+    start = datetime.now(UTC).replace(microsecond=0)
+    window = ("--start", iso(start), "--end", iso(start + timedelta(days=30)))
+    token = stack.token("op-eu", Role.PROVIDER_OPERATOR, provider="eu")
+    use_identity(monkeypatch, address, token)
+
+    def pledge_set(region: str) -> tuple[str, ...]:
+        options = ("--provider", "eu", "--region", region, "--model", MODEL, "--recallable", "1")
+        return ("pledge", "set", *options, *window)
+
+    # A provider that is not registered has no regions to pledge.
+    code, _, err = await run_cli(capsys, *pledge_set("reg"))
+    assert code == 2
+    assert "INVALID_ARGUMENT" in err
+    assert "provider 'eu' is not registered" in err
+    assert "--provider" in err
+
+    await register_provider(address, token, "eu", "reg", "reg-2")
+    code, _, err = await run_cli(capsys, *pledge_set("other"))
+    assert code == 2
+    assert "INVALID_ARGUMENT" in err
+    assert "'other' is not a registered region of provider 'eu'" in err
+    assert "reg, reg-2" in err
+    assert "--region" in err
+
+    # Neither rejected pledge was stored.
+    code, out, err = await run_cli(capsys, "pledge", "list", "--format", "json")
+    assert code == 0, err
+    assert json_rows(out) == []
+
+    code, out, err = await run_cli(capsys, *pledge_set("reg-2"), "--format", "json")
+    assert code == 0, err
+    assert json_rows(out)[0]["region"] == "reg-2"
 
 
 async def test_pledge_options_checked_before_call(
