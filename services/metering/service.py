@@ -84,6 +84,7 @@ def build_service(settings: MeteringSettings) -> Service:
                 settings, settings.scheduler_address, token=_service_token(settings)
             )
             sync = PledgeSync(runtime.db, scheduler)
+            app.pledge_sync = sync
             runtime.spawn(sync.run(runtime.stopping), name="pledges")
         else:
             logger.warning(

@@ -17,11 +17,17 @@ from services.metering import convert
 from services.metering.access import check_provider_access, usage_project
 from services.metering.efficiency import job_efficiency, model_report
 from services.metering.ingest import UsageIngest
+from services.metering.pledges import PledgeSync
 from services.metering.queries import Grouping, UsageFilter, query_usage
 from services.metering.ratecard_store import RateCardCache, publish_version, put_in_bucket
 from services.metering.samples import micros_to_seconds
 from services.metering.settings import MeteringSettings
-from services.metering.settlement import Settlement, build_settlement, settlement_csv
+from services.metering.settlement import (
+    Settlement,
+    build_settlement,
+    has_provider_records,
+    settlement_csv,
+)
 from services.runtime.auth import Principal, Role, current_principal, require_roles
 from services.runtime.db import Database
 from services.runtime.errors import InvalidArgument, NotFound, Unavailable
@@ -48,6 +54,8 @@ class MeteringApp:
     js: JetStreamContext | None = None
     ingest: UsageIngest | None = None
     projects: ProjectDirectory | None = None
+    pledge_sync: PledgeSync | None = None
+    """Copier of the scheduler's pledges; None when ACSP_SCHEDULER_ADDRESS is not set."""
 
     def database(self) -> Database:
         if self.db is None:
@@ -284,7 +292,22 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             raise InvalidArgument("provider_id", "is missing", "name the provider")
         check_provider_access(provider)
         start, end = convert.window_in("period", window)
-        async with self._app.database().acquire() as conn:
+        database = self._app.database()
+        async with database.acquire() as conn:
+            known = await has_provider_records(conn, provider)
+        if not known and self._app.pledge_sync is not None:
+            # The periodic copy may not have the provider's first pledge yet.
+            await self._app.pledge_sync.sync_once()
+            async with database.acquire() as conn:
+                known = await has_provider_records(conn, provider)
+        if not known:
+            raise NotFound(
+                "provider",
+                provider,
+                "metering has no node, pledge, charge or refund of it; "
+                "pass a provider id that ListPledges returns",
+            )
+        async with database.acquire() as conn:
             return await build_settlement(conn, provider, start, end)
 
     async def GetSettlement(

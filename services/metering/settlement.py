@@ -105,6 +105,20 @@ async def build_settlement(
     return assemble(provider, start, end, delivered, refunded, pledged, recalls)
 
 
+async def has_provider_records(conn: asyncpg.Connection, provider: str) -> bool:
+    """Return whether metering stores a node, pledge, charge line or refund line of ``provider``."""
+    known = await conn.fetchval(
+        """
+        SELECT EXISTS (SELECT 1 FROM metering.nodes WHERE provider = $1)
+            OR EXISTS (SELECT 1 FROM metering.pledges WHERE provider = $1)
+            OR EXISTS (SELECT 1 FROM metering.charge_lines WHERE provider = $1)
+            OR EXISTS (SELECT 1 FROM metering.refund_lines WHERE provider = $1)
+        """,
+        provider,
+    )
+    return bool(known)
+
+
 def assemble(
     provider: str,
     start: datetime,

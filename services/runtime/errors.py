@@ -146,8 +146,9 @@ class NotFound(CallerError):
 
     code = grpc.StatusCode.NOT_FOUND
 
-    def __init__(self, kind: str, id: str) -> None:
-        super().__init__(f"{kind} {quoted(id)} not found")
+    def __init__(self, kind: str, id: str, fix: str = "") -> None:
+        message = f"{kind} {quoted(id)} not found"
+        super().__init__(f"{message}; {fix}" if fix else message)
         self.kind = kind
         self.id = id
 

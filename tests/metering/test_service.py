@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from acsp.cli import usage as usage_cli
+from acsp.cli.main import main
 from acsp.subjects import RATE_CARD_BUCKET, usage_subject
 from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
+from services.metering.pledges import PledgeRecord, store_pledges
 from services.metering.ratecard import default_rate_card
 from services.metering.service import build_service
 from services.metering.settings import MeteringSettings
@@ -185,3 +190,66 @@ async def test_settlement_and_usage_over_grpc(
     with pytest.raises(grpc.aio.AioRpcError) as invalid:
         await missing()
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_settlement_of_unknown_provider(
+    running: tuple[Service, Client],
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    service, client = running
+    office = client.metadata(Role.PROGRAM_OFFICE)
+    with pytest.raises(grpc.aio.AioRpcError) as shown:
+        await client.stub.GetSettlement(
+            metering_pb2.GetSettlementRequest(provider_id="pl-missing", period=_window(24)),
+            metadata=office,
+        )
+    assert shown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "provider 'pl-missing' not found" in (shown.value.details() or "")
+    assert "ListPledges" in (shown.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as exported:
+        await client.stub.ExportSettlement(
+            metering_pb2.ExportSettlementRequest(provider_id="pl-missing", period=_window(24)),
+            metadata=office,
+        )
+    assert exported.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # A provider with records in metering gets a statement, empty when the period has none.
+    before = T0 - timedelta(days=2)
+    pledge = PledgeRecord("pl-1", "prov-p", "r1", "A100-SXM4-80GB", 1, 1, before, T0)
+    async with db.acquire() as conn:
+        await store_pledges(conn, [pledge], [])
+    settlement = await client.stub.GetSettlement(
+        metering_pb2.GetSettlementRequest(provider_id="prov-p", period=_window(24)),
+        metadata=office,
+    )
+    assert settlement.provider_id == "prov-p"
+    assert list(settlement.lines) == []
+    assert settlement.delivered_pf_days.value == "0"
+
+    @contextmanager
+    def open_metering(args: object) -> Iterator[Any]:
+        with grpc.insecure_channel(service.address) as channel:
+            stub = metering_pb2_grpc.MeteringServiceStub(channel)
+            yield _BlockingStub(stub, office)
+
+    monkeypatch.setattr(usage_cli, "open_metering", open_metering)
+    window = ["--from", T0.isoformat(), "--to", (T0 + timedelta(hours=24)).isoformat()]
+    code = await asyncio.to_thread(main, ["settlement", "show", "pl-missing", *window])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "NOT_FOUND: provider 'pl-missing' not found" in captured.err
+    assert captured.out == ""
+
+
+class _BlockingStub:
+    """A blocking metering stub that sends ``metadata`` and a deadline with each call."""
+
+    def __init__(self, stub: metering_pb2_grpc.MeteringServiceStub, metadata: Any) -> None:
+        self._stub = stub
+        self._metadata = metadata
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+        return lambda request: method(request, metadata=self._metadata, timeout=20)

@@ -1,5 +1,6 @@
-"""``acsp fleet pledge``, ``acsp fleet recall`` and failed accelerators in ``acsp fleet nodes``,
-against a real scheduler, grant service, NATS and simulated agents."""
+"""``acsp fleet pledge``, ``acsp fleet recall``, failed accelerators in ``acsp fleet nodes`` and
+the settlement of a new pledge, against a real scheduler, grant service, metering, NATS and
+simulated agents."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import nats
 import pytest
@@ -19,7 +21,14 @@ from acsp import subjects
 from acsp.cli import fleet as fleet_cli
 from acsp.cli import pledges as pledges_cli
 from acsp.cli.main import main
-from acsp.v1 import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
+from acsp.v1 import (
+    agent_pb2,
+    common_pb2,
+    metering_pb2,
+    metering_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 from services.runtime.auth import Role
 
 from .harness import Stack, metadata, scheduler_stub, wait_for
@@ -283,6 +292,71 @@ async def test_pledge_of_unregistered_region(
     code, out, err = await run_cli(capsys, *pledge_set("reg-2"), "--format", "json")
     assert code == 0, err
     assert json_rows(out)[0]["region"] == "reg-2"
+
+
+def pledge_request(provider: str, start: datetime) -> scheduler_pb2.SetPledgeRequest:
+    window = common_pb2.TimeWindow()
+    window.start_time.FromDatetime(start)
+    window.end_time.FromDatetime(start + timedelta(days=30))
+    pledge = scheduler_pb2.Pledge(
+        provider_id=provider, region_id="reg", model=MODEL, window=window, recallable_count=1
+    )
+    return scheduler_pb2.SetPledgeRequest(pledge=pledge)
+
+
+async def test_settlement_of_new_pledge(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    office_token = stack.token("office", Role.PROGRAM_OFFICE)
+    office = metadata(office_token)
+    start = datetime.now(UTC).replace(microsecond=0)
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        for provider in ("eu", "cn"):
+            await register_provider(address, office_token, provider, "reg")
+        await scheduler.SetPledge(pledge_request("cn", start), metadata=office, timeout=10)
+
+        token_file = stack.work_dir / "metering.token"
+        token_file.write_text(stack.token("metering", Role.SERVICE))
+        _, metering_address = await stack.start_service(
+            "metering",
+            "services.metering",
+            ACSP_GRANT_ADDRESS=stack.grant_address,
+            ACSP_SCHEDULER_ADDRESS=address,
+            ACSP_METERING_SERVICE_TOKEN_FILE=str(token_file),
+        )
+
+        # Metering copies pledges once at start, then once a minute.
+        async def copied_once() -> bool:
+            conn = await asyncpg.connect(stack.dsn, timeout=10)
+            try:
+                return bool(await conn.fetchval("SELECT count(*) FROM metering.pledges"))
+            finally:
+                await conn.close()
+
+        await wait_for(copied_once, 30, "metering to copy the first pledge", 0.2)
+        await scheduler.SetPledge(pledge_request("eu", start), metadata=office, timeout=10)
+
+    period = common_pb2.TimeWindow()
+    period.start_time.FromDatetime(start)
+    period.end_time.FromDatetime(start + timedelta(days=1))
+    async with grpc.aio.insecure_channel(metering_address) as metering_channel:
+        metering = metering_pb2_grpc.MeteringServiceStub(metering_channel)
+        # The pledge made after the copy is in the settlement at once.
+        settlement = await metering.GetSettlement(
+            metering_pb2.GetSettlementRequest(provider_id="eu", period=period),
+            metadata=office,
+            timeout=20,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await metering.GetSettlement(
+                metering_pb2.GetSettlementRequest(provider_id="pl-missing", period=period),
+                metadata=office,
+                timeout=20,
+            )
+    assert [line.region_id for line in settlement.lines] == ["reg"]
+    assert settlement.lines[0].pledged_accelerator_hours.value == "24"
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "provider 'pl-missing' not found" in (missing.value.details() or "")
 
 
 async def test_pledge_options_checked_before_call(
