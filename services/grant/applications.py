@@ -216,7 +216,10 @@ async def assign_reviewer(
     reviewer_institution: str,
     actor: str,
 ) -> None:
-    """Assign a reviewer; reject a conflict of interest. Assigning twice changes nothing."""
+    """Assign a reviewer, rejecting a conflict of interest or an unregistered institution.
+
+    Assigning twice changes nothing.
+    """
     row = await lock_application(conn, application_id)
     if row["state"] not in (ApplicationState.SUBMITTED, ApplicationState.IN_REVIEW):
         raise FailedPrecondition(
@@ -231,6 +234,15 @@ async def assign_reviewer(
         await known_institutions(conn, reviewer),
         field="reviewer_institution_id",
     )
+    registered = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM institutions WHERE id = $1)", reviewer_institution
+    )
+    if not registered:
+        raise NotFound(
+            "institution",
+            reviewer_institution,
+            "set reviewer_institution_id to a registered institution; ListInstitutions lists them",
+        )
     inserted = await conn.fetchval(
         "INSERT INTO application_reviewers (application_id, reviewer, institution_id, "
         "assigned_by) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING reviewer",

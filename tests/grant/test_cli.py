@@ -138,3 +138,59 @@ async def test_cli_apply_and_balance(
         fields = {row["field"]: row["value"] for row in map(json.loads, out.splitlines())}
         assert fields["net awarded from the program pool PF-days"] == "2.5"
         assert fields["postings sum PF-days"] == "0"
+
+
+async def test_cli_assign_unregistered_institution(
+    schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_grant(schema, tmp_path) as svc:
+        use_identity(monkeypatch, svc, "office", ["program_office"])
+        for institution in ("uni-a", "uni-b"):
+            code, _, err = await run_cli(capsys, "institution", institution, institution)
+            assert code == 0, err
+        use_identity(monkeypatch, svc, "alice", ["pi"])
+        code, _, err = await run_cli(
+            capsys, "project", "proj-a", "--institution", "uni-a", "--pi", "alice"
+        )
+        assert code == 0, err
+        code, out, err = await run_cli(
+            capsys,
+            "apply",
+            "--project",
+            "proj-a",
+            "--tier",
+            "standard",
+            "--pf-days",
+            "20",
+            "--start",
+            START,
+            "--end",
+            END,
+            "--justification",
+            "reviewed",
+            "--format",
+            "json",
+        )
+        assert code == 0, err
+        fields = {row["field"]: row["value"] for row in map(json.loads, out.splitlines())}
+        application = fields["application"]
+
+        use_identity(monkeypatch, svc, "office", ["program_office"])
+        assign = ("assign", application, "--reviewer", "rita")
+        code, out, err = await run_cli(capsys, *assign, "--institution", "uni-x")
+        assert code == 1
+        assert out == ""
+        assert "NOT_FOUND" in err
+        assert "institution 'uni-x' not found" in err
+        assert "reviewer_institution_id" in err
+
+        # The rejected assignment changed nothing.
+        code, out, err = await run_cli(capsys, "applications", application, "--format", "json")
+        assert code == 0, err
+        fields = {row["field"]: row["value"] for row in map(json.loads, out.splitlines())}
+        assert fields["state"] == "submitted"
+        assert fields["reviewers"] == ""
+
+        code, out, err = await run_cli(capsys, *assign, "--institution", "uni-b")
+        assert code == 0, err
+        assert "rita" in out
