@@ -24,6 +24,10 @@ DERIVATION: Final = (
 )
 DEFAULT_PAGE_SIZE: Final = 100
 MAX_PAGE_SIZE: Final = 1000
+MAX_TOKEN_NUMBER: Final = 2**63 - 1
+"""Largest key a numeric page token can name: the maximum of a PostgreSQL ``bigint``."""
+MAX_ATTEMPT: Final = 2**31 - 1
+"""Largest attempt number: the maximum of a PostgreSQL ``integer``, the type of ``attempt``."""
 
 _VENDOR_OUT: Final = {
     Vendor.NVIDIA: common_pb2.VENDOR_NVIDIA,
@@ -57,11 +61,23 @@ def time_out(value: datetime) -> Timestamp:
     return stamp
 
 
+def timestamp_in(field: str, stamp: Timestamp) -> datetime:
+    """Convert a timestamp, raising InvalidArgument naming ``field`` when it is out of range."""
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except ValueError:
+        raise InvalidArgument(
+            field,
+            f"{stamp.seconds} s, {stamp.nanos} ns since 1970 is not a valid time",
+            "give a time from 0001-01-01 to 9999-12-31 (UTC) with 0 to 999,999,999 ns",
+        ) from None
+
+
 def window_in(field: str, window: common_pb2.TimeWindow) -> tuple[datetime, datetime]:
     if not window.HasField("start_time") or not window.HasField("end_time"):
         raise InvalidArgument(field, "is missing its start or end", "give both start and end")
-    start = window.start_time.ToDatetime(tzinfo=UTC)
-    end = window.end_time.ToDatetime(tzinfo=UTC)
+    start = timestamp_in(f"{field}.start_time", window.start_time)
+    end = timestamp_in(f"{field}.end_time", window.end_time)
     if end <= start:
         relation = "equals" if end == start else "is before"
         raise InvalidArgument(
@@ -79,6 +95,19 @@ def page_in(page: common_pb2.PageRequest) -> tuple[int, str]:
             "page.page_size", f"{size} is above {MAX_PAGE_SIZE}", f"ask for at most {MAX_PAGE_SIZE}"
         )
     return size, page.page_token
+
+
+def number_token(token: str) -> int:
+    """Return the key after which a numbered list continues, or 0 for an empty token."""
+    if not token:
+        return 0
+    if not (token.isascii() and token.isdigit()) or int(token) > MAX_TOKEN_NUMBER:
+        raise InvalidArgument(
+            "page.page_token",
+            f"{token!r} is not a token this list returned",
+            "pass next_page_token of the previous page, or leave it empty for the first page",
+        )
+    return int(token)
 
 
 def page_out(last_key: str | None, count: int, limit: int) -> common_pb2.PageResponse:

@@ -94,7 +94,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     ) -> metering_pb2.ListRateCardsResponse:
         current_principal()
         limit, token = convert.page_in(request.page)
-        after = int(token) if token.isdigit() else 0
+        after = convert.number_token(token)
         cards = [c for c in self._app.rate_cards().history().versions if c.version > after]
         page = cards[:limit]
         last = str(page[-1].version) if page else None
@@ -140,7 +140,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             job_id=request.job_id,
         )
         limit, token = convert.page_in(request.page)
-        after = int(token) if token.isdigit() else 0
+        after = convert.number_token(token)
         async with self._app.database().acquire() as conn:
             rows = await conn.fetch(
                 """
@@ -354,7 +354,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         after: tuple[str, int] | None = None
         if token:
             job_id, _, attempt = token.rpartition("/")
-            if not job_id or not attempt.isdigit():
+            digits = attempt.isascii() and attempt.isdigit()
+            if not job_id or not digits or int(attempt) > convert.MAX_ATTEMPT:
                 raise InvalidArgument("page.page_token", "is malformed", "pass a token as given")
             after = (job_id, int(attempt))
         settings = self._app.settings

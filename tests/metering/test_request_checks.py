@@ -1,0 +1,149 @@
+"""MeteringService rejects malformed page tokens and times with INVALID_ARGUMENT, over gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from acsp.v1 import common_pb2, metering_pb2
+from services.runtime.auth import Role
+from services.runtime.server import Service
+from tests.metering.test_service import Client, running  # noqa: F401 - the fixture
+
+BAD_NUMBER_TOKENS = ("²", "abc", "-1", "1.5", "9" * 30)
+"""Page tokens that no numbered list returns: a non-ASCII digit, letters, signs, a number
+above the bigint maximum."""
+
+
+async def _error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    return raised.value
+
+
+def _page(token: str, size: int = 10) -> common_pb2.PageRequest:
+    return common_pb2.PageRequest(page_size=size, page_token=token)
+
+
+@pytest.mark.parametrize("token", BAD_NUMBER_TOKENS)
+async def test_numbered_lists_reject_bad_token(
+    running: tuple[Service, Client],  # noqa: F811
+    token: str,
+) -> None:
+    _, client = running
+    office = client.metadata(Role.PROGRAM_OFFICE)
+    calls: list[Callable[[], Awaitable[Any]]] = [
+        lambda: client.stub.ListRateCards(
+            metering_pb2.ListRateCardsRequest(page=_page(token)), metadata=office
+        ),
+        lambda: client.stub.ListCharges(
+            metering_pb2.ListChargesRequest(page=_page(token)), metadata=office
+        ),
+    ]
+    for call in calls:
+        error = await _error(call())
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "invalid page.page_token" in (error.details() or "")
+        assert "next_page_token" in (error.details() or "")
+
+
+@pytest.mark.parametrize("token", ["job-1/²", "job-1/99999999999", "job-1/-1"])
+async def test_efficiency_rejects_bad_attempt_token(
+    running: tuple[Service, Client],  # noqa: F811
+    token: str,
+) -> None:
+    _, client = running
+    error = await _error(
+        client.stub.ListJobEfficiency(
+            metering_pb2.ListJobEfficiencyRequest(page=_page(token)),
+            metadata=client.metadata(Role.PROGRAM_OFFICE),
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "invalid page.page_token" in (error.details() or "")
+
+
+async def test_rate_card_token_continues_list(
+    running: tuple[Service, Client],  # noqa: F811
+) -> None:
+    _, client = running
+    office = client.metadata(Role.PROGRAM_OFFICE)
+    first = await client.stub.ListRateCards(
+        metering_pb2.ListRateCardsRequest(page=_page("", size=1)), metadata=office
+    )
+    assert [card.version for card in first.rate_cards] == [1]
+    assert first.page.next_page_token == "1"
+    rest = await client.stub.ListRateCards(
+        metering_pb2.ListRateCardsRequest(page=_page(first.page.next_page_token)),
+        metadata=office,
+    )
+    assert list(rest.rate_cards) == []
+
+
+def _window(start_seconds: int, end_seconds: int, end_nanos: int = 0) -> common_pb2.TimeWindow:
+    return common_pb2.TimeWindow(
+        start_time=Timestamp(seconds=start_seconds),
+        end_time=Timestamp(seconds=end_seconds, nanos=end_nanos),
+    )
+
+
+YEAR_1 = -62_135_596_800
+"""0001-01-01T00:00:00Z, the earliest time a protobuf Timestamp may hold."""
+YEAR_10000 = 253_402_300_800
+"""10000-01-01T00:00:00Z, one second past the latest time a protobuf Timestamp may hold."""
+
+
+async def test_windows_reject_invalid_times(
+    running: tuple[Service, Client],  # noqa: F811
+) -> None:
+    _, client = running
+    office = client.metadata(Role.PROGRAM_OFFICE)
+    cases = [
+        (
+            client.stub.QueryUsage(
+                metering_pb2.QueryUsageRequest(range=_window(YEAR_1 - 1, 0)), metadata=office
+            ),
+            "range.start_time",
+        ),
+        (
+            client.stub.GetModelReport(
+                metering_pb2.GetModelReportRequest(range=_window(0, YEAR_10000)),
+                metadata=office,
+            ),
+            "range.end_time",
+        ),
+        (
+            client.stub.GetSettlement(
+                metering_pb2.GetSettlementRequest(
+                    provider_id="prov-a", period=_window(0, 60, end_nanos=-1)
+                ),
+                metadata=office,
+            ),
+            "period.end_time",
+        ),
+    ]
+    for call, field in cases:
+        error = await _error(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert f"invalid {field}" in (error.details() or "")
+        assert "0001-01-01 to 9999-12-31" in (error.details() or "")
+
+
+async def test_windows_accept_widest_times(
+    running: tuple[Service, Client],  # noqa: F811
+) -> None:
+    _, client = running
+    office = client.metadata(Role.PROGRAM_OFFICE)
+    widest = _window(YEAR_1, YEAR_10000 - 1, end_nanos=999_999_999)
+    usage = await client.stub.QueryUsage(
+        metering_pb2.QueryUsageRequest(range=widest), metadata=office
+    )
+    assert list(usage.rows) == []
+    report = await client.stub.GetModelReport(
+        metering_pb2.GetModelReportRequest(range=widest), metadata=office
+    )
+    assert list(report.models) == []
