@@ -9,13 +9,14 @@ from typing import Final
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from acsp import decimals
+from acsp.subjects import TOKEN_PATTERN
 from acsp.v1 import common_pb2, metering_pb2
 from services.metering.ratecard import (
     AcceleratorModel,
     RateCard,
     Vendor,
 )
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, quoted
 
 DERIVATION: Final = (
     "charge = accelerator-seconds x peak dense TFLOP/s at the reference precision / "
@@ -86,6 +87,22 @@ def window_in(field: str, window: common_pb2.TimeWindow) -> tuple[datetime, date
             "give an end after the start",
         )
     return start, end
+
+
+def job_filter_in(field: str, job_id: str) -> str:
+    """Return a job id that filters a list, or "" for none.
+
+    Raises InvalidArgument for an id the scheduler never makes. Its ids are ``j`` and 20 hex
+    digits, with ``-<index>`` for an element of a job array, so they match TOKEN_PATTERN.
+    """
+    if job_id and not TOKEN_PATTERN.match(job_id):
+        raise InvalidArgument(
+            field,
+            f"{quoted(job_id)} is not a job id",
+            "pass an id as SubmitJob or ListJobs returns it (1 to 64 ASCII letters, digits, "
+            "'_' or '-'), or leave it empty for every job",
+        )
+    return job_id
 
 
 def page_in(page: common_pb2.PageRequest) -> tuple[int, str]:

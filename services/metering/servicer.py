@@ -133,11 +133,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def ListCharges(
         self, request: metering_pb2.ListChargesRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.ListChargesResponse:
+        job_id = convert.job_filter_in("job_id", request.job_id)
         project_id = await self._usage_project(
             current_principal(),
             ("grant_id", "job_id"),
             grant_id=request.grant_id,
-            job_id=request.job_id,
+            job_id=job_id,
         )
         limit, token = convert.page_in(request.page)
         after = convert.number_token(token)
@@ -155,7 +156,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 ORDER BY c.charge_id LIMIT $4
                 """,
                 after,
-                request.job_id,
+                job_id,
                 request.grant_id,
                 limit,
                 project_id,
@@ -187,13 +188,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def ListRefunds(
         self, request: metering_pb2.ListRefundsRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.ListRefundsResponse:
+        job_id = convert.job_filter_in("job_id", request.job_id)
         project_id = ""
         if request.provider_id:
             check_provider_access(request.provider_id)
         else:
-            project_id = await self._usage_project(
-                current_principal(), ("job_id",), job_id=request.job_id
-            )
+            project_id = await self._usage_project(current_principal(), ("job_id",), job_id=job_id)
         limit, token = convert.page_in(request.page)
         async with self._app.database().acquire() as conn:
             rows = await conn.fetch(
@@ -210,7 +210,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 ORDER BY r.request_id LIMIT $4
                 """,
                 token,
-                request.job_id,
+                job_id,
                 request.provider_id,
                 limit,
                 project_id,

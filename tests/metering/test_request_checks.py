@@ -1,18 +1,27 @@
-"""MeteringService rejects malformed page tokens and times with INVALID_ARGUMENT, over gRPC."""
+"""MeteringService rejects malformed page tokens, times and job ids with INVALID_ARGUMENT, over
+gRPC."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from acsp.v1 import common_pb2, metering_pb2
+from acsp.cli import usage as usage_cli
+from acsp.cli.main import main
+from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
 from services.runtime.auth import Role
 from services.runtime.server import Service
-from tests.metering.test_service import Client, running  # noqa: F401 - the fixture
+from tests.metering.test_service import (  # noqa: F401 - running is the fixture
+    BlockingStub,
+    Client,
+    running,
+)
 
 BAD_NUMBER_TOKENS = ("²", "abc", "-1", "1.5", "9" * 30)
 """Page tokens that no numbered list returns: a non-ASCII digit, letters, signs, a number
@@ -147,3 +156,46 @@ async def test_windows_accept_widest_times(
         metering_pb2.GetModelReportRequest(range=widest), metadata=office
     )
     assert list(report.models) == []
+
+
+@pytest.mark.parametrize("job_id", ["bad id!", "j-1/0", "j" * 65, "jób"])
+async def test_job_filters_reject_malformed_id(
+    running: tuple[Service, Client],  # noqa: F811
+    job_id: str,
+) -> None:
+    _, client = running
+    callers = {
+        "office": client.metadata(Role.PROGRAM_OFFICE),
+        "researcher": client.metadata(Role.RESEARCHER),
+    }
+    for caller, md in callers.items():
+        calls = [
+            client.stub.ListCharges(metering_pb2.ListChargesRequest(job_id=job_id), metadata=md),
+            client.stub.ListRefunds(metering_pb2.ListRefundsRequest(job_id=job_id), metadata=md),
+        ]
+        for call in calls:
+            error = await _error(call)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, caller
+            assert "invalid job_id" in (error.details() or ""), caller
+            assert "is not a job id" in (error.details() or ""), caller
+
+
+async def test_usage_charges_cli_rejects_bad_job(
+    running: tuple[Service, Client],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    service, client = running
+
+    @contextmanager
+    def open_metering(args: object) -> Iterator[Any]:
+        with grpc.insecure_channel(service.address) as channel:
+            stub = metering_pb2_grpc.MeteringServiceStub(channel)
+            yield BlockingStub(stub, client.metadata(Role.PROGRAM_OFFICE))
+
+    monkeypatch.setattr(usage_cli, "open_metering", open_metering)
+    code = await asyncio.to_thread(main, ["usage", "charges", "--job", "bad id!"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "INVALID_ARGUMENT: invalid job_id: 'bad id!' is not a job id" in captured.err
+    assert captured.out == ""

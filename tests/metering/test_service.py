@@ -232,7 +232,7 @@ async def test_settlement_of_unknown_provider(
     def open_metering(args: object) -> Iterator[Any]:
         with grpc.insecure_channel(service.address) as channel:
             stub = metering_pb2_grpc.MeteringServiceStub(channel)
-            yield _BlockingStub(stub, office)
+            yield BlockingStub(stub, office)
 
     monkeypatch.setattr(usage_cli, "open_metering", open_metering)
     window = ["--from", T0.isoformat(), "--to", (T0 + timedelta(hours=24)).isoformat()]
@@ -243,7 +243,7 @@ async def test_settlement_of_unknown_provider(
     assert captured.out == ""
 
 
-class _BlockingStub:
+class BlockingStub:
     """A blocking metering stub that sends ``metadata`` and a deadline with each call."""
 
     def __init__(self, stub: metering_pb2_grpc.MeteringServiceStub, metadata: Any) -> None:
