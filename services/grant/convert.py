@@ -165,6 +165,42 @@ def regions_in(field: str, values: Iterable[str]) -> tuple[str, ...]:
     return regions
 
 
+def providers_in(field: str, values: Iterable[str]) -> tuple[str, ...]:
+    """Convert provider ids, each of 1-64 letters, digits, '_' or '-'.
+
+    NOTE: the grant service has no registry of providers, so only the format is checked.
+    """
+    providers = names_in(field, values)
+    for index, provider in enumerate(providers):
+        if not TOKEN_PATTERN.match(provider):
+            raise InvalidArgument(
+                f"{field}[{index}]",
+                f"{provider!r} is not a provider id",
+                "name the provider with 1-64 letters, digits, '_' or '-', e.g. 'cloud-a'",
+            )
+    return providers
+
+
+def check_region_providers(field: str, regions: Sequence[str], providers: Sequence[str]) -> None:
+    """Raise InvalidArgument when a region's provider is not among ``providers``.
+
+    Such a grant could pay for no placement at all, because a placement must satisfy both
+    lists. An empty ``providers`` allows every provider.
+    """
+    if not providers:
+        return
+    for index, key in enumerate(regions):
+        provider = key.partition("/")[0]
+        if provider not in providers:
+            listed = ", ".join(providers)
+            raise InvalidArgument(
+                f"{field}[{index}]",
+                f"region {key!r} is of provider {provider!r}, which is not among the "
+                f"providers {listed}",
+                f"add {provider!r} to the providers, or name only regions of {listed}",
+            )
+
+
 def placement_in(prefix: str, request: grant_pb2.PlaceHoldRequest) -> Placement:
     """Convert a hold's placement; each region must read ``<provider>/<region>``."""
     regions = names_in(f"{prefix}placement_regions", request.placement_regions)

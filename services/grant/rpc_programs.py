@@ -357,13 +357,16 @@ class ProgramHandlers:
         awarded = None
         if request.decision.HasField("awarded_pf_days"):
             awarded = cv.amount_in("decision.awarded_pf_days", request.decision.awarded_pf_days)
+        providers = cv.providers_in("constraints.providers", request.constraints.providers)
+        regions = cv.regions_in("constraints.regions", request.constraints.regions)
+        cv.check_region_providers("constraints.regions", regions, providers)
         decision = DecisionRequest(
             request_id=request_key,
             decision=outcome,
             awarded=awarded,
             reason=cv.text_in("decision.reason", request.decision.reason, limit=2000),
-            providers=cv.names_in("constraints.providers", request.constraints.providers),
-            regions=cv.regions_in("constraints.regions", request.constraints.regions),
+            providers=providers,
+            regions=regions,
             accelerator_models=cv.models_in(
                 "constraints.accelerator_models", request.constraints.accelerator_models
             ),

@@ -309,6 +309,65 @@ async def test_decision_constraints_checked(grant_service: RunningGrant) -> None
     assert "constraints.accelerator_models[0]" in field_violations(error)
 
 
+BAD_PROVIDER_CONSTRAINTS = {
+    "space": (
+        grant_pb2.GrantConstraints(providers=["bad id!"]),
+        "constraints.providers[0]",
+        "is not a provider id",
+    ),
+    "slash": (
+        grant_pb2.GrantConstraints(providers=["cloud-a", "cloud-b/us-east"]),
+        "constraints.providers[1]",
+        "is not a provider id",
+    ),
+    "region of another provider": (
+        grant_pb2.GrantConstraints(providers=["cloud-a"], regions=["cloud-b/us-east"]),
+        "constraints.regions[0]",
+        "is of provider 'cloud-b', which is not among the providers cloud-a",
+    ),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", sorted(BAD_PROVIDER_CONSTRAINTS))
+async def test_decision_providers_checked(grant_service: RunningGrant, case: str) -> None:
+    constraints, field, reason = BAD_PROVIDER_CONSTRAINTS[case]
+    alice = grant_service.stub("alice", ["pi"], "uni-a")
+    office = grant_service.stub("office", ["program_office"])
+    app = await alice.SubmitApplication(apply_request("50", tier=STANDARD))
+    error = await rejected(
+        office.DecideApplication(
+            grant_pb2.DecideApplicationRequest(
+                request_id=rid(),
+                application_id=app.application_id,
+                decision=grant_pb2.Decision(
+                    outcome=grant_pb2.DECISION_OUTCOME_AWARD, reason="good"
+                ),
+                constraints=constraints,
+            )
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason in field_violations(error)[field]
+    after = await office.GetApplication(
+        grant_pb2.GetApplicationRequest(application_id=app.application_id)
+    )
+    assert after.state == grant_pb2.APPLICATION_STATE_SUBMITTED
+    assert after.grant_id == ""
+
+
+@pytest.mark.timeout(120)
+async def test_decision_providers_accepted(grant_service: RunningGrant) -> None:
+    office = grant_service.stub("office", ["program_office"])
+    constraints = grant_pb2.GrantConstraints(
+        providers=["cloud-a", "cloud_b"], regions=["cloud-a/us-east", "cloud_b/eu-1"]
+    )
+    grant_id = await standard_grant(grant_service, "100", constraints)
+    grant = await office.GetGrant(grant_pb2.GetGrantRequest(grant_id=grant_id))
+    assert list(grant.constraints.providers) == ["cloud-a", "cloud_b"]
+    assert list(grant.constraints.regions) == ["cloud-a/us-east", "cloud_b/eu-1"]
+
+
 @pytest.mark.timeout(120)
 async def test_extend_end_checked(grant_service: RunningGrant) -> None:
     office = grant_service.stub("office", ["program_office"])
