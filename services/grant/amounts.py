@@ -56,7 +56,11 @@ def validate_amount(field: str, value: Decimal, *, allow_zero: bool = False) -> 
             field, f"{format_amount(value)} is negative", "amounts must be positive"
         )
     if value == ZERO and not allow_zero:
-        raise InvalidArgument(field, "is zero", "amounts must be greater than zero")
+        raise InvalidArgument(
+            field,
+            f"{value} is zero, but PF-day amounts must be above zero",
+            "give a positive number of PF-days, e.g. '12.5'",
+        )
     if value >= LIMIT:
         raise InvalidArgument(
             field,

@@ -120,6 +120,29 @@ async def test_cli_apply_and_balance(
             "--tier",
             "standard",
             "--pf-days",
+            "0.00",
+            "--start",
+            START,
+            "--end",
+            END,
+            "--justification",
+            "x",
+        )
+        assert code == 2
+        assert "invalid application.requested_pf_days: 0.00 is zero" in err
+        assert "PF-day amounts must be above zero" in err
+        assert "give a positive number of PF-days" in err
+        code, out, err = await run_cli(capsys, "applications", "--format", "json")
+        assert code == 0, err
+        assert len(out.splitlines()) == 1
+        code, _, err = await run_cli(
+            capsys,
+            "apply",
+            "--project",
+            "proj-a",
+            "--tier",
+            "standard",
+            "--pf-days",
             "3",
             "--start",
             "0001-01-01",
