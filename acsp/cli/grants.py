@@ -37,6 +37,8 @@ OUTCOMES = {
 ROLES = {"member": grant_pb2.PROJECT_ROLE_MEMBER, "viewer": grant_pb2.PROJECT_ROLE_VIEWER}
 MAX_PAGE_SIZE = 1000
 """Maximum rows of one grant service list call; the service rejects larger pages."""
+MAX_ENTRY_ID = 2**63 - 1
+"""Largest ledger entry id: the maximum of a PostgreSQL ``bigint``, the type of the ids."""
 KINDS = {
     name.removeprefix("LEDGER_ENTRY_KIND_").lower(): number
     for name, number in common_pb2.LedgerEntryKind.items()
@@ -328,7 +330,10 @@ def run_history(args: argparse.Namespace) -> int:
             grant_pb2.ListLedgerEntriesRequest(
                 grant_id=args.grant,
                 kind=kind,  # type: ignore[arg-type]
-                page=common_pb2.PageRequest(page_size=args.limit, page_token=args.after or ""),
+                page=common_pb2.PageRequest(
+                    page_size=args.limit,
+                    page_token=str(args.after) if args.after is not None else "",
+                ),
             )
         )
     records = [
@@ -571,7 +576,11 @@ def register(subparsers: Any) -> None:
         default=100,
         help=f"entries to show (at most {MAX_PAGE_SIZE})",
     )
-    p.add_argument("--after", help="continue after this entry id (from the previous page)")
+    p.add_argument(
+        "--after",
+        type=whole_number(1, MAX_ENTRY_ID),
+        help="continue after this entry id, as the 'more:' line of the previous page gives it",
+    )
 
     p = command("delegate", run_delegate, "delegate part of a grant to a member (PI only)")
     p.add_argument("grant")

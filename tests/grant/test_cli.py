@@ -93,6 +93,22 @@ async def test_cli_apply_and_balance(
         assert "available PF-days,2.5" in out
         code, out, err = await run_cli(capsys, "history", grant_id, "--format", "json")
         assert json.loads(out.splitlines()[0])["kind"] == "award"
+        first_entry = json.loads(out.splitlines()[0])["entry"]
+        code, out, err = await run_cli(capsys, "history", grant_id, "--after", first_entry)
+        assert code == 0, err
+        assert "award" not in out
+        bad_after = {
+            "-1": "argument --after: -1 is out of range",
+            "abc": "argument --after: 'abc' is not a whole number",
+            "²": "argument --after: '²' is not a whole number",
+        }
+        for after, message in bad_after.items():
+            with pytest.raises(SystemExit) as exited:
+                await run_cli(capsys, "history", grant_id, "--after", after)
+            err = capsys.readouterr().err
+            assert exited.value.code == 2
+            assert message in err
+            assert "page_token" not in err
         code, _, err = await run_cli(
             capsys,
             "apply",
