@@ -8,7 +8,8 @@ state change as a :class:`TaskEvent` with the exit code and the tail of the outp
 
 Before a task is reported running, its pid and the kernel's start time of the process are in
 the state file. A restarted agent adopts each recorded process that still runs (same pid and
-same start time) and reports every other one as lost, so no task runs unaccounted for.
+same start time) and reports every other one with the exit status its shell recorded (see
+:mod:`agents.task_process`), or as lost when none was, so no task runs unaccounted for.
 
 A task without a command, or with a positive ``simulated_run_time_s``, is "played" (simulated
 backend only): it occupies its accelerators for ``simulated_run_time_s`` of the node's clock and
@@ -18,6 +19,7 @@ then succeeds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -33,6 +35,7 @@ from agents.task_process import (
     TaskProcess,
     find_task_leaders,
     process_start_ticks,
+    read_exit_status,
     spawn,
     task_file_stem,
 )
@@ -192,6 +195,13 @@ class TaskRunner:
     def _log_path(self, task_id: str) -> Path:
         return self._task_dir / f"{task_file_stem(task_id)}.log"
 
+    def _exit_path(self, task_id: str) -> Path:
+        return self._task_dir / f"{task_file_stem(task_id)}.exit"
+
+    def _forget_exit_status(self, task_id: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self._exit_path(task_id))
+
     def _check(self, spec: TaskSpec) -> str:
         if not spec.command and not self._allow_played:
             return "the task has no command and this backend cannot play one"
@@ -251,7 +261,13 @@ class TaskRunner:
         env[SPAWN_ID_ENV] = record.spawn_id
         record.log_path = str(self._log_path(spec.task_id))
         try:
-            process = spawn(spec.command, env, self._task_dir, Path(record.log_path))
+            process = spawn(
+                spec.command,
+                env,
+                self._task_dir,
+                Path(record.log_path),
+                self._exit_path(spec.task_id),
+            )
         except OSError as error:
             self._state.remove_intent(self._node_key, spec.task_id)
             self._reject(spec, f"command could not be started: {error}")
@@ -416,28 +432,10 @@ class TaskRunner:
     ) -> None:
         record = task.record
         failure = self._failure_under(record)
-        if record.stop_reason == TIMED_OUT:
-            state = TaskState.TIMED_OUT
-        elif failure is not None and (record.stop_reason or exit_code != 0):
-            # The scheduler stops the tasks of a failed accelerator, and a task that fails on
-            # its own while the device is failed is put down to the device.
-            state = TaskState.FAILED_HARDWARE
-        elif record.stop_reason == AGENT_EXIT:
-            # No one asked for the stop, and the job did nothing wrong: the scheduler requeues a
-            # lost task's job instead of failing it.
-            state = TaskState.LOST
-        elif record.stop_reason:
-            state = TaskState.STOPPED
-        elif exit_code is None:
-            # An adopted process is not our child, so its exit status cannot be read. Reporting
-            # it as an exit would send exit code 0 and pass a failed task as succeeded.
-            # NOTE: the job is requeued even when the process had succeeded.
-            state = TaskState.LOST
-        elif exit_code == 0:
-            state = TaskState.SUCCEEDED
-        else:
-            state = TaskState.FAILED
+        state = _ended_state(record, exit_code, failure)
         task.ended_at = self._clock() if ended_at is None else ended_at
+        if record.pid:
+            self._forget_exit_status(record.task_id)
         self._tasks.pop(record.task_id, None)
         self._ended_since_usage.append(task)
         self._state.remove_task(self._node_key, record.task_id, durable=record.pid != 0)
@@ -447,7 +445,7 @@ class TaskRunner:
         elif exit_code is not None:
             reason = "exited"
         else:
-            reason = "ended after an agent restart with an unknown exit status"
+            reason = "ended after an agent restart without a recorded exit status"
         # Only the tasks that did not succeed are worth a line at INFO.
         log = logger.debug if state is TaskState.SUCCEEDED else logger.info
         log("task %s %s (exit code %s)", record.task_id, state.value, exit_code)
@@ -476,7 +474,7 @@ class TaskRunner:
                 continue
             # The pidfd is opened before the start time is compared, so it cannot refer to a
             # process that took the pid over after the comparison.
-            process = TaskProcess(record.pid)
+            process = TaskProcess(record.pid, exit_path=self._exit_path(record.task_id))
             if process_start_ticks(record.pid) == record.process_start_ticks:
                 task.process = process
                 self._tasks[record.task_id] = task
@@ -492,15 +490,20 @@ class TaskRunner:
             self._report_ended_while_down(record)
 
     def _report_ended_while_down(self, record: TaskRecord) -> None:
-        """Report a task lost whose process ended while the agent was not running."""
-        self._remember(record.task_id, TaskState.LOST)
-        self._emit_state(
-            record,
-            TaskState.LOST,
-            "the process ended while the agent was down; its exit status is unknown",
-            None,
-            _tail(record.log_path),
-        )
+        """Report a task whose process ended while the agent was not running.
+
+        The task's shell recorded its exit status. When the shell itself was killed, or an agent
+        without the recorder started the task, the task is lost and the scheduler requeues it.
+        """
+        exit_code = read_exit_status(self._exit_path(record.task_id))
+        self._forget_exit_status(record.task_id)
+        state = _ended_state(record, exit_code, self._failure_under(record))
+        if exit_code is None:
+            reason = "the process ended while the agent was down; its exit status is unknown"
+        else:
+            reason = record.stop_reason or "exited while the agent was down"
+        self._remember(record.task_id, state)
+        self._emit_state(record, state, reason, exit_code, _tail(record.log_path))
 
     def _resolve_intents(self) -> None:
         """Turn each start intent left by a crash into a task record, or drop it.
@@ -601,6 +604,29 @@ class TaskRunner:
                 health_event_id=health_event_id,
             )
         )
+
+
+def _ended_state(record: TaskRecord, exit_code: int | None, failure: str | None) -> TaskState:
+    """Return the final state of a task whose process ended with ``exit_code``."""
+    if record.stop_reason == TIMED_OUT:
+        return TaskState.TIMED_OUT
+    if failure is not None and (record.stop_reason or exit_code != 0):
+        # The scheduler stops the tasks of a failed accelerator, and a task that fails on its
+        # own while the device is failed is put down to the device.
+        return TaskState.FAILED_HARDWARE
+    if record.stop_reason == AGENT_EXIT:
+        # No one asked for the stop, and the job did nothing wrong: the scheduler requeues a
+        # lost task's job instead of failing it.
+        return TaskState.LOST
+    if record.stop_reason:
+        return TaskState.STOPPED
+    if exit_code is None:
+        # No exit status was recorded (the shell that waits for the task was killed too).
+        # Reporting it as an exit would send exit code 0 and pass a failed task as succeeded.
+        return TaskState.LOST
+    if exit_code == 0:
+        return TaskState.SUCCEEDED
+    return TaskState.FAILED
 
 
 def _signal_group(pid: int, signum: int) -> bool:

@@ -28,11 +28,12 @@ from tests.agent.subprocess_agent import (
 )
 
 TASKS = [f"crash-{index}/1/0" for index in range(5)]
-# Each task appends "<task id> <pid>" to the runs file, then runs long enough to be adopted.
+# Each task appends "<task id> <session id>" to the runs file, then runs long enough to be
+# adopted. The agent records the session leader: the shell that waits for the task.
 TASK_CODE = (
     "import os, sys, time\n"
     "with open(sys.argv[1], 'a') as runs:\n"
-    "    runs.write(f\"{os.environ['ACSP_TASK_ID']} {os.getpid()}\\n\")\n"
+    "    runs.write(f\"{os.environ['ACSP_TASK_ID']} {os.getsid(0)}\\n\")\n"
     "time.sleep(float(sys.argv[2]))\n"
 )
 TASK_RUN_S = 6.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,7 @@ import pytest
 from agents.model import TaskEvent, TaskSpec, TaskState
 from agents.runner import TaskRunner
 from agents.state import StateStore
+from agents.task_process import TaskProcess
 
 ACCELERATORS = [f"GPU-{i}" for i in range(8)]
 
@@ -219,7 +221,7 @@ async def test_redelivered_start_runs_task_once(tmp_path: Path) -> None:
     assert recorder.states("e/1/0") == [TaskState.RUNNING, TaskState.SUCCEEDED]
 
 
-async def test_restarted_runner_adopts_running_and_reports_lost(tmp_path: Path) -> None:
+async def test_restart_adopts_and_reports_ended(tmp_path: Path) -> None:
     first = Recorder()
     runner = make_runner(tmp_path, first)
     async with asyncio.TaskGroup() as group:
@@ -247,7 +249,9 @@ async def test_restarted_runner_adopts_running_and_reports_lost(tmp_path: Path) 
     async with asyncio.TaskGroup() as group:
         restarted.attach(group)
         restarted.recover()
-        assert second.last("g/1/0").state is TaskState.LOST
+        # The task that ended while the agent was down is reported with its recorded status.
+        assert second.states("g/1/0") == [TaskState.SUCCEEDED]
+        assert second.last("g/1/0").exit_code == 0
         assert second.last("f/1/0").state is TaskState.RUNNING
         assert "found again" in second.last("f/1/0").reason
         assert [r.pid for r in restarted.running] == [survivor_pid]
@@ -255,19 +259,27 @@ async def test_restarted_runner_adopts_running_and_reports_lost(tmp_path: Path) 
         await wait_for(lambda: TaskState.STOPPED in second.states("f/1/0"))
     assert short_pid != survivor_pid
     assert StateStore(tmp_path / "state.json").node("acme.eu-1.node-1").tasks == {}
+    assert list((tmp_path / "tasks").glob("*.exit")) == []
 
 
-@pytest.mark.timeout(30)
-async def test_adopted_task_exit_reported_lost(tmp_path: Path) -> None:
-    code = "import sys, time; time.sleep(1.5); sys.exit(3)"
+async def start_then_lose_agent(tmp_path: Path, spec: TaskSpec) -> TaskProcess:
+    """Start ``spec`` and stop supervising it, as an agent that dies does; return its process."""
     runner = make_runner(tmp_path, Recorder())
     async with asyncio.TaskGroup() as group:
         runner.attach(group)
-        await runner.start(TaskSpec("k", "k/1/0", ("GPU-3",), python_command(code)))
-        # The agent dies here: its supervisor stops, the process goes on.
-        supervisor = runner._tasks["k/1/0"].supervisor
-        assert supervisor is not None
-        supervisor.cancel()
+        await runner.start(spec)
+        task = runner._tasks[spec.task_id]
+        assert task.supervisor is not None and task.process is not None
+        task.supervisor.cancel()
+    return task.process
+
+
+@pytest.mark.timeout(30)
+async def test_adopted_task_exit_code_read(tmp_path: Path) -> None:
+    code = "import sys, time; time.sleep(1.5); sys.exit(3)"
+    first = await start_then_lose_agent(
+        tmp_path, TaskSpec("k", "k/1/0", ("GPU-3",), python_command(code))
+    )
 
     second = Recorder()
     restarted = make_runner(tmp_path, second)
@@ -275,12 +287,42 @@ async def test_adopted_task_exit_reported_lost(tmp_path: Path) -> None:
         restarted.attach(group)
         restarted.recover()
         await wait_for(lambda: len(second.states("k/1/0")) == 2)
-    # The restarted runner cannot read the exit code 3 of a process that is not its child,
-    # so the task must not pass as succeeded.
-    assert second.states("k/1/0") == [TaskState.RUNNING, TaskState.LOST]
-    assert second.last("k/1/0").exit_code is None
-    assert "unknown exit status" in second.last("k/1/0").reason
-    await runner._tasks["k/1/0"].process.wait()  # type: ignore[union-attr]
+    # The restarted runner is not the parent of the process, but its shell wrote exit code 3.
+    assert second.states("k/1/0") == [TaskState.RUNNING, TaskState.FAILED]
+    assert second.last("k/1/0").exit_code == 3
+    assert await first.wait() == 3
+
+
+@pytest.mark.timeout(30)
+async def test_adopted_task_without_status_lost(tmp_path: Path) -> None:
+    first = await start_then_lose_agent(
+        tmp_path,
+        TaskSpec("n", "n/1/0", ("GPU-6",), python_command("import time; time.sleep(30)")),
+    )
+
+    second = Recorder()
+    restarted = make_runner(tmp_path, second)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        assert second.states("n/1/0") == [TaskState.RUNNING]
+        # Only the shell dies, so no exit status is recorded. The task must not pass as
+        # succeeded, and what is left of it is killed.
+        os.kill(first.pid, signal.SIGKILL)
+        await wait_for(lambda: len(second.states("n/1/0")) == 2)
+    assert second.last("n/1/0").state is TaskState.LOST
+    assert second.last("n/1/0").exit_code is None
+    assert "without a recorded exit status" in second.last("n/1/0").reason
+    await first.wait()
+    await wait_for(lambda: not group_alive(first.pid))
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 async def test_shares_of_one_accelerator_add_up_to_one(tmp_path: Path) -> None:
@@ -445,23 +487,46 @@ async def test_intent_without_process_or_log_is_dropped(tmp_path: Path) -> None:
     assert (tmp_path / "tasks" / "k_1_0.log").read_text() == "ran\n"
 
 
-async def test_intent_with_log_but_no_process_is_lost(tmp_path: Path) -> None:
-    first = Recorder()
-    runner = make_runner(tmp_path, first)
-    spec = TaskSpec("m", "m/1/0", ("GPU-4",), python_command("print('quick')"))
+async def crash_after_quick_task(tmp_path: Path, spec: TaskSpec) -> None:
+    """Run ``spec`` to its end, then restore the state files as they were right after its spawn."""
+    runner = make_runner(tmp_path, Recorder())
     async with asyncio.TaskGroup() as group:
         runner.attach(group)
         runner.prepare_start(spec)
         runner._state.save_intents()
         await runner.start(spec)
         crashed_state = snapshot_state(tmp_path)
-        process = runner._tasks["m/1/0"].process
+        process = runner._tasks[spec.task_id].process
         assert process is not None
         for task in runner._tasks.values():
             assert task.supervisor is not None
             task.supervisor.cancel()
         await process.wait()
     restore_state(tmp_path, crashed_state)
+
+
+async def test_ended_intent_reports_exit(tmp_path: Path) -> None:
+    spec = TaskSpec("m", "m/1/0", ("GPU-4",), python_command("print('quick')"))
+    await crash_after_quick_task(tmp_path, spec)
+
+    second = Recorder()
+    restarted = make_runner(tmp_path, second)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        assert second.states("m/1/0") == [TaskState.SUCCEEDED]
+        assert second.last("m/1/0").exit_code == 0
+        assert second.last("m/1/0").output_tail == "quick\n"
+        await restarted.start(spec)  # the redelivered command does not run it again
+    assert second.states("m/1/0") == [TaskState.SUCCEEDED]
+    assert (tmp_path / "tasks" / "m_1_0.log").read_text() == "quick\n"
+
+
+async def test_ended_intent_without_status_lost(tmp_path: Path) -> None:
+    spec = TaskSpec("m", "m/1/0", ("GPU-4",), python_command("print('quick')"))
+    await crash_after_quick_task(tmp_path, spec)
+    # As an agent without the exit recorder leaves it.
+    (tmp_path / "tasks" / "m_1_0.exit").unlink()
 
     second = Recorder()
     restarted = make_runner(tmp_path, second)
@@ -470,5 +535,35 @@ async def test_intent_with_log_but_no_process_is_lost(tmp_path: Path) -> None:
         restarted.recover()
         assert second.states("m/1/0") == [TaskState.LOST]
         assert second.last("m/1/0").output_tail == "quick\n"
-        await restarted.start(spec)  # the redelivered command does not run it again
+        await restarted.start(spec)
     assert second.states("m/1/0") == [TaskState.LOST]
+
+
+async def test_task_killed_by_signal(tmp_path: Path) -> None:
+    code = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        await runner.start(TaskSpec("s", "s/1/0", ("GPU-7",), python_command(code)))
+        await wait_for(lambda: TaskState.FAILED in recorder.states("s/1/0"))
+
+    recorder = await run_with_group(tmp_path, body)
+    assert recorder.last("s/1/0").exit_code == -signal.SIGKILL
+
+
+async def test_command_runs_program_not_builtin(tmp_path: Path) -> None:
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        # dash's builtin echo would turn the backslash sequence into a tab.
+        await runner.start(TaskSpec("e", "e/1/0", ("GPU-0",), ("echo", "a\\tb")))
+        await runner.start(TaskSpec("x", "x/1/0", ("GPU-1",), ("no-such-program-here",)))
+        await runner.start(TaskSpec("t", "t/1/0", ("GPU-2",), ("../tasks",)))
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("e/1/0"))
+
+    recorder = await run_with_group(tmp_path, body)
+    assert recorder.last("e/1/0").output_tail == "a\\tb\n"
+    missing = recorder.last("x/1/0")
+    assert missing.state is TaskState.START_FAILED
+    assert "could not be started" in missing.reason
+    assert "no-such-program-here" in missing.reason
+    # A directory named by a relative path (from the task's working directory) is not a program.
+    assert recorder.last("t/1/0").state is TaskState.START_FAILED
+    assert "Permission denied" in recorder.last("t/1/0").reason
