@@ -43,6 +43,7 @@ from agents.process import AgentProcess, ConnectionOptions, Intervals
 from agents.settings import AgentSettings
 from agents.spool import Spool
 from agents.state import StateStore
+from services.runtime.heap import settle_heap
 from services.runtime.settings import SettingsError
 from services.runtime.tls import load_nats_ssl_context
 
@@ -256,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"agent: {error}", file=sys.stderr)
         return 2
     failures: list[BaseException] = []
+    settle_heap()
     try:
         asyncio.run(run(process))
     except* BackendError as group:

@@ -61,6 +61,7 @@ from services.runtime.auth import Authenticator, TokenVerifier
 from services.runtime.db import Database
 from services.runtime.errors import StartupError
 from services.runtime.health_port import build_health_server
+from services.runtime.heap import settle_heap
 from services.runtime.logs import configure_logging
 from services.runtime.migrations import apply_migrations
 from services.runtime.nats import close_nats, connect_nats, ensure_key_value, ensure_stream
@@ -393,6 +394,7 @@ def run_service(name: str, build: Callable[[], Service]) -> NoReturn:
     try:
         service = build()
         configure_logging(name, service.settings.log_level, log_format=service.settings.log_format)
+        settle_heap()
         asyncio.run(service.run(handle_signals=True))
     except Exception as error:
         startup = _startup_error(error)
