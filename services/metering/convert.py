@@ -25,6 +25,9 @@ DERIVATION: Final = (
 )
 DEFAULT_PAGE_SIZE: Final = 100
 MAX_PAGE_SIZE: Final = 1000
+MAX_PEAK_TFLOPS: Final = Decimal(1_000_000)
+"""Largest peak of one accelerator model, TFLOP/s: 1 EFLOP/s, over 700 times the MI300X's
+1,307.4. It keeps charges far below the ledger's maximum of 10^24 PF-days."""
 MAX_TOKEN_NUMBER: Final = 2**63 - 1
 """Largest key a numeric page token can name: the maximum of a PostgreSQL ``bigint``."""
 MAX_ATTEMPT: Final = 2**31 - 1
@@ -157,6 +160,25 @@ def rate_card_out(card: RateCard) -> metering_pb2.RateCard:
     )
 
 
+def effective_time_in(message: metering_pb2.RateCard, now: datetime) -> datetime:
+    """Return when a rate card to publish takes effect: its effective time, or ``now``.
+
+    The highest version prices all usage from the moment it is published, so a later
+    effective time would be shown but not applied.
+    """
+    if not message.HasField("effective_time"):
+        return now
+    effective = timestamp_in("rate_card.effective_time", message.effective_time)
+    if effective > now:
+        raise InvalidArgument(
+            "rate_card.effective_time",
+            f"{effective.isoformat()} is after the time of publishing, {now.isoformat()}, "
+            "but a version takes effect when it is published",
+            "leave it unset, and publish the version when its rates should apply",
+        )
+    return effective
+
+
 def models_in(message: metering_pb2.RateCard) -> list[AcceleratorModel]:
     """Validate the catalog of a rate card to publish; rates are derived, never taken."""
     if not message.rates:
@@ -178,6 +200,12 @@ def models_in(message: metering_pb2.RateCard) -> list[AcceleratorModel]:
         if peak <= 0:
             raise InvalidArgument(
                 f"{field}.peak_dense_tflops", f"{peak} is not positive", "give TFLOP/s above 0"
+            )
+        if peak > MAX_PEAK_TFLOPS:
+            raise InvalidArgument(
+                f"{field}.peak_dense_tflops",
+                f"{peak} is above the maximum of {MAX_PEAK_TFLOPS} TFLOP/s",
+                "give the peak of one accelerator in TFLOP/s, not in FLOP/s or of a node",
             )
         if not model.source:
             raise InvalidArgument(

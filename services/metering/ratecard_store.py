@@ -18,6 +18,7 @@ from services.metering.ratecard import (
     default_rate_card,
 )
 from services.runtime.db import Database
+from services.runtime.errors import FailedPrecondition
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,25 @@ async def publish_version(
     effective_from: datetime,
     cause: str,
 ) -> RateCard:
-    """Store a new version numbered one past the current one; concurrent publishers serialize."""
+    """Store a new version numbered one past the current one; concurrent publishers serialize.
+
+    Raises FailedPrecondition, storing nothing, when the new version leaves out a model that
+    the current one prices, because ingest would then reject that model's usage.
+    """
+    models = tuple(models)
     async with conn.transaction():
         await conn.execute("LOCK TABLE metering.rate_cards IN SHARE ROW EXCLUSIVE MODE")
         history = await load_history(conn)
+        current = history.current
+        missing = sorted(set(current.models) - {model.name for model in models})
+        if missing:
+            raise FailedPrecondition(
+                f"the rate card leaves out {', '.join(missing)}, which version "
+                f"{current.version} prices, so ingest would reject the usage of "
+                f"{'that model' if len(missing) == 1 else 'those models'}; give every model of "
+                f"version {current.version} a rate",
+                field="rate_card.rates",
+            )
         updated = history.with_version(models, effective_from)
         card = updated.current
         await conn.execute(

@@ -110,11 +110,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         if not request.request_id:
             raise InvalidArgument("request_id", "is missing", "give an idempotency key")
         models = convert.models_in(request.rate_card)
-        effective = (
-            request.rate_card.effective_time.ToDatetime(tzinfo=UTC)
-            if request.rate_card.HasField("effective_time")
-            else datetime.now(UTC)
-        )
+        effective = convert.effective_time_in(request.rate_card, datetime.now(UTC))
         cause = f"rpc:PublishRateCard:{request.request_id} by {principal.subject}"
         cache = self._app.rate_cards()
         async with self._app.database().acquire() as conn:

@@ -1,11 +1,12 @@
-"""MeteringService rejects malformed page tokens, times and job ids with INVALID_ARGUMENT, over
-gRPC."""
+"""MeteringService rejects malformed page tokens, times, job ids and rate cards over gRPC, and
+stores nothing."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -199,3 +200,102 @@ async def test_usage_charges_cli_rejects_bad_job(
     assert code == 2
     assert "INVALID_ARGUMENT: invalid job_id: 'bad id!' is not a job id" in captured.err
     assert captured.out == ""
+
+
+async def _current_card(client: Client) -> metering_pb2.RateCard:
+    card = await client.stub.GetRateCard(
+        metering_pb2.GetRateCardRequest(), metadata=client.metadata(Role.PROGRAM_OFFICE)
+    )
+    card.ClearField("version")
+    card.ClearField("effective_time")
+    return card
+
+
+async def _versions(client: Client) -> list[int]:
+    listed = await client.stub.ListRateCards(
+        metering_pb2.ListRateCardsRequest(), metadata=client.metadata(Role.PROGRAM_OFFICE)
+    )
+    return [card.version for card in listed.rate_cards]
+
+
+async def test_publish_rejects_future_effective_time(
+    running: tuple[Service, Client],  # noqa: F811
+) -> None:
+    _, client = running
+    card = await _current_card(client)
+    card.effective_time.FromDatetime(datetime.now(UTC) + timedelta(days=30))
+    later = await _error(
+        client.stub.PublishRateCard(
+            metering_pb2.PublishRateCardRequest(request_id="rc-later", rate_card=card),
+            metadata=client.metadata(Role.PROGRAM_OFFICE),
+        )
+    )
+    assert later.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "invalid rate_card.effective_time" in (later.details() or "")
+    assert "takes effect when it is published" in (later.details() or "")
+
+    card.effective_time.CopyFrom(Timestamp(seconds=YEAR_10000))
+    invalid = await _error(
+        client.stub.PublishRateCard(
+            metering_pb2.PublishRateCardRequest(request_id="rc-invalid", rate_card=card),
+            metadata=client.metadata(Role.PROGRAM_OFFICE),
+        )
+    )
+    assert invalid.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "invalid rate_card.effective_time" in (invalid.details() or "")
+    assert await _versions(client) == [1]
+
+
+async def test_publish_rejects_dropped_model(
+    running: tuple[Service, Client],  # noqa: F811
+) -> None:
+    _, client = running
+    card = await _current_card(client)
+    without_p100 = [rate for rate in card.rates if rate.model.name != "P100"]
+    del card.rates[:]
+    card.rates.extend(without_p100)
+    error = await _error(
+        client.stub.PublishRateCard(
+            metering_pb2.PublishRateCardRequest(request_id="rc-drop", rate_card=card),
+            metadata=client.metadata(Role.PROGRAM_OFFICE),
+        )
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "rate_card.rates: the rate card leaves out P100" in (error.details() or "")
+    assert await _versions(client) == [1]
+
+
+async def test_publish_rejects_huge_peak(
+    running: tuple[Service, Client],  # noqa: F811
+) -> None:
+    _, client = running
+    card = await _current_card(client)
+    card.rates[0].model.peak_dense_tflops.value = "1e40"
+    error = await _error(
+        client.stub.PublishRateCard(
+            metering_pb2.PublishRateCardRequest(request_id="rc-huge", rate_card=card),
+            metadata=client.metadata(Role.PROGRAM_OFFICE),
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "invalid rate_card.rates[0].model.peak_dense_tflops" in (error.details() or "")
+    assert "above the maximum of 1000000 TFLOP/s" in (error.details() or "")
+    assert await _versions(client) == [1]
+
+
+async def test_publish_accepts_added_model(
+    running: tuple[Service, Client],  # noqa: F811
+) -> None:
+    _, client = running
+    card = await _current_card(client)
+    added = card.rates.add()
+    added.model.CopyFrom(card.rates[0].model)
+    added.model.name = "NEW-1"
+    added.model.peak_dense_tflops.value = "1000000"
+    published = await client.stub.PublishRateCard(
+        metering_pb2.PublishRateCardRequest(request_id="rc-add", rate_card=card),
+        metadata=client.metadata(Role.PROGRAM_OFFICE),
+    )
+    assert published.version == 2
+    assert "NEW-1" in {rate.model.name for rate in published.rates}
+    assert published.effective_time.ToDatetime(tzinfo=UTC) <= datetime.now(UTC)
