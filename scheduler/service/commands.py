@@ -31,7 +31,8 @@ class TaskId:
         """Parse a task id; raise ``ValueError`` naming the malformed id."""
         job_id, sep1, rest = text.partition("/")
         attempt, sep2, index = rest.partition("/")
-        if not (sep1 and sep2 and job_id and attempt.isdigit() and index.isdigit()):
+        numbers = attempt.isdigit() and index.isdigit() and (attempt + index).isascii()
+        if not (sep1 and sep2 and job_id and numbers):
             raise ValueError(f"task id {text!r} is not <job_id>/<attempt>/<task_index>")
         return cls(job_id, int(attempt), int(index))
 

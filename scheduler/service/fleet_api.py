@@ -71,7 +71,16 @@ class FleetRpcs(ProviderRpcs):
             and (not wanted or n.status == wanted)
         ]
         size = request.page.page_size or 100
-        start = int(request.page.page_token or 0) if request.page.page_token.isdigit() else 0
+        if size > 1000:
+            raise InvalidArgument("page.page_size", f"{size} is above 1000", "ask for at most 1000")
+        token_text = request.page.page_token
+        if token_text and not (token_text.isascii() and token_text.isdigit()):
+            raise InvalidArgument(
+                "page.page_token",
+                f"{token_text!r} is not a token this list returned",
+                "pass next_page_token of the previous page, or leave it empty for the first page",
+            )
+        start = int(token_text or 0)
         page = selected[start : start + size]
         token = str(start + size) if start + size < len(selected) else ""
         failures = _failures_by_accelerator(leader.book.engine)

@@ -74,6 +74,8 @@ def _raise_outcome(outcome: object) -> EntryResult:
 
 MAX_HOLDS_PER_CALL = 1000
 """Largest number of items in one PlaceHolds or ReleaseHolds call."""
+MAX_BIGINT = 2**63 - 1
+"""Largest ledger entry id, PostgreSQL's ``bigint``."""
 
 
 def _hold_in(item: grant_pb2.PlaceHoldRequest, cause: Cause, prefix: str) -> HoldRequest:
@@ -580,7 +582,7 @@ class LedgerHandlers:
     ) -> grant_pb2.ListLedgerEntriesResponse:
         grant_id = reference_in("grant_id", request.grant_id)
         limit, token = page_in(request.page)
-        if token and not token.isdigit():
+        if token and not (token.isascii() and token.isdigit() and int(token) <= MAX_BIGINT):
             raise InvalidArgument(
                 "page.page_token",
                 f"{token!r} is not a token this call returned",

@@ -106,7 +106,9 @@ def recall_trigger(trigger: str, reason: str) -> str:
 def task_attempt(task_id: str) -> tuple[str, int] | None:
     """Return (job id, attempt) of a task id ``<job_id>/<attempt>/<task_index>``, or None."""
     parts = task_id.rsplit("/", 2)
-    if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2].isdigit():
+    if len(parts) != 3 or not parts[0]:
+        return None
+    if not (parts[1].isdigit() and parts[2].isdigit() and (parts[1] + parts[2]).isascii()):
         return None
     return parts[0], int(parts[1])
 

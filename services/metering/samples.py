@@ -254,7 +254,7 @@ def _convert(
 def _check_accelerator_seconds(text: str, interval_ns: int, share_millis: int) -> int:
     """Parse accelerator-seconds into accelerator-microseconds, checked against the interval."""
     whole, dot, fraction = text.partition(".")
-    if whole.isdigit() and (not dot or (fraction.isdigit() and len(fraction) <= 6)):
+    if _digits(whole) and (not dot or (_digits(fraction) and len(fraction) <= 6)):
         micros = int(whole) * 1_000_000 + (int(fraction.ljust(6, "0")) if dot else 0)
     else:
         micros = _parse_unusual_seconds(text)
@@ -291,9 +291,14 @@ def _parse_task_id(task_id: str) -> tuple[str, int]:
     if len(task_id) > MAX_ID_LENGTH:
         raise InvalidSample(f"task_id is longer than {MAX_ID_LENGTH} characters")
     parts = task_id.rsplit("/", 2)
-    if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2].isdigit():
+    if len(parts) != 3 or not parts[0] or not _digits(parts[1]) or not _digits(parts[2]):
         raise InvalidSample(f"task_id {task_id!r} is not <job_id>/<attempt>/<task_index>")
     return parts[0], int(parts[1])
+
+
+def _digits(text: str) -> bool:
+    """Return True if ``text`` is ASCII digits only, which ``int`` accepts (``'²'`` is not)."""
+    return text.isascii() and text.isdigit()
 
 
 def _sample_key(origin: Origin, sample_id: str | None, index: int) -> str:

@@ -436,6 +436,16 @@ async def test_history_pages_in_order(grant_service: RunningGrant) -> None:
             break
     assert len(seen) == 6
     assert seen == sorted(seen)
+    # Unicode calls '²' a digit, but it is no entry id; nor is a number past bigint.
+    for bad in ("\u00b2", str(2**63), "-1"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pi.ListLedgerEntries(
+                grant_pb2.ListLedgerEntriesRequest(
+                    grant_id=grant_id, page=common_pb2.PageRequest(page_token=bad)
+                )
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "page.page_token" in (caught.value.details() or "")
 
 
 async def test_extend_only_later_and_recorded(grant_service: RunningGrant, schema: str) -> None:

@@ -133,6 +133,8 @@ def test_valid_sample_converts_to_integers() -> None:
         ("model", "TPU-v9", "not in the rate card"),
         ("share_millis", 1001, "outside 1..1000"),
         ("task_id", "job-1", "not <job_id>/<attempt>/<task_index>"),
+        # Unicode calls these digits, but int() does not take them.
+        ("task_id", "job-1/\u00b9/0", "not <job_id>/<attempt>/<task_index>"),
         ("sample_id", "", "sample_id '' is missing"),
     ],
 )
@@ -142,6 +144,14 @@ def test_invalid_sample_rejected_with_reason(field: str, value: object, reason: 
     accepted, rejected = _decode(item, sample("s2", "job-1", T0))
     assert [s.sample_id for s in accepted] == ["s2"]
     assert reason in rejected[0].reason
+
+
+def test_superscript_seconds_rejected() -> None:
+    item = sample("s1", "job-1", T0)
+    item.accelerator_seconds.value = "\u00b2"
+    accepted, rejected = _decode(item)
+    assert accepted == []
+    assert "not a decimal number" in rejected[0].reason
 
 
 def test_future_sample_rejected() -> None:

@@ -480,6 +480,18 @@ async def test_failed_accelerator_in_node_views(
                 scheduler_pb2.ListNodesRequest(provider_id="prov"), metadata=md, timeout=5
             )
             (listed_node,) = listed.nodes
+            for page, field in (
+                ({"page_token": "\u00b2"}, "page_token"),
+                ({"page_size": 1001}, "page_size"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await scheduler.ListNodes(
+                        scheduler_pb2.ListNodesRequest(page=common_pb2.PageRequest(**page)),
+                        metadata=md,
+                        timeout=5,
+                    )
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert f"page.{field}" in (caught.value.details() or "")
             health = {a.accelerator_id: a.health for a in listed_node.accelerators}
             assert health[target] == scheduler_pb2.HEALTH_STATE_FAILED
             assert list(health.values()).count(scheduler_pb2.HEALTH_STATE_OK) == 3
