@@ -284,13 +284,24 @@ class UsageIngest:
                     Rejection(key, message.subject, sequence, None, str(error), message.data)
                 )
                 continue
-            accepted, rejected = decode_report(
-                message.data,
-                origin,
-                known_models=models,
-                node_owner=self._node_owners.get,
-                now=now,
-            )
+            try:
+                accepted, rejected = decode_report(
+                    message.data,
+                    origin,
+                    known_models=models,
+                    node_owner=self._node_owners.get,
+                    now=now,
+                )
+            except Exception as error:
+                # A report that the checks let through and the decoder then failed on would
+                # come back after every redelivery and stop this worker each time.
+                logger.exception("decoding usage report %d on %s failed", sequence, message.subject)
+                reason = f"the report could not be decoded: {error!r}"
+                key = f"seq:{sequence}"
+                rejections.append(
+                    Rejection(key, message.subject, sequence, None, reason, message.data)
+                )
+                continue
             samples.extend(accepted)
             rejections.extend(rejected)
         return samples, rejections

@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import nats
+import pytest
 
 from acsp.subjects import usage_subject
 from services.metering.charger import Charger, ChargerConfig
@@ -123,6 +124,30 @@ async def test_malformed_sample_goes_to_dead_letter_rest_charged(
     await admit(db, "job-3", ended_at=T0 + timedelta(seconds=10_000), end_reason="completed")
     await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=4))))
     assert_priced(ledger.total_charged(), exact_price(MODEL, 999 * 10), charges=999)
+
+
+async def test_undecodable_report_dead_lettered(
+    nats_url: str, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.metering import ingest as ingest_module
+
+    real = ingest_module.decode_report
+
+    def failing_on_job_bad(data: bytes, *args: Any, **kwargs: Any) -> Any:
+        if b"job-bad" in data:
+            raise ValueError("a decoder bug")
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "decode_report", failing_on_job_bad)
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(SUBJECT, report([sample("node-1/bad", "job-bad", T0)]))
+        await js.publish(SUBJECT, report([sample("node-1/good", "job-good", T0)]))
+        await wait_until(lambda: _messages_done(ingest, 2))
+    assert await count(db, "SELECT count(*) FROM metering.usage_samples") == 1
+    async with db.acquire() as conn:
+        reason = await conn.fetchval("SELECT reason FROM metering.dead_letters")
+    assert "could not be decoded" in reason
+    assert "a decoder bug" in reason
 
 
 async def test_sample_for_other_providers_node_rejected(
