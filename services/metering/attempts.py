@@ -21,6 +21,7 @@ from services.metering.ratecard import RateCardHistory, RatePolicy
 from services.metering.refunds import (
     EndedAttempt,
     HealthFact,
+    PeriodCharge,
     RefundDecision,
     SampleSlice,
     decide_refund,
@@ -348,8 +349,8 @@ async def _samples_by_attempt(
     """Read the usage samples of many attempts in one query, grouped by attempt."""
     rows = await conn.fetch(
         """
-        SELECT s.job_id, s.attempt, s.start_time, s.provider, s.region, s.accelerator_model,
-               s.accelerator_id, s.node, s.accelerator_micros
+        SELECT s.job_id, s.attempt, s.start_time, s.period_start, s.provider, s.region,
+               s.accelerator_model, s.accelerator_id, s.node, s.accelerator_micros
         FROM metering.usage_samples s
         JOIN unnest($1::text[], $2::int[]) AS u(job_id, attempt)
           ON s.job_id = u.job_id AND s.attempt = u.attempt
@@ -362,6 +363,7 @@ async def _samples_by_attempt(
         out.setdefault((r["job_id"], r["attempt"]), []).append(
             SampleSlice(
                 r["start_time"],
+                r["period_start"],
                 r["provider"],
                 r["region"],
                 r["accelerator_model"],
@@ -432,19 +434,23 @@ async def _decide_one(
     cause = find_cause(attempt, events, accelerators, nodes, tie_window)
     if cause is None:
         return None
-    charged_row = await conn.fetchrow(
+    charge_rows = await conn.fetch(
         """
-        SELECT coalesce(sum(amount), 0) AS charged, max(rate_card_version) AS version
+        SELECT period_start, sum(amount) AS amount,
+               array_agg(DISTINCT rate_card_version) AS versions
         FROM metering.charges WHERE job_id = $1 AND attempt = $2 AND state = 'committed'
+        GROUP BY period_start
         """,
         attempt.job_id,
         attempt.attempt,
     )
-    assert charged_row is not None
-    if charged_row["version"] is None:
-        return None
-    card = history.get(charged_row["version"])
-    return decide_refund(attempt, cause, samples, card, max_lost, Decimal(charged_row["charged"]))
+    charges = {
+        r["period_start"]: PeriodCharge(
+            Decimal(r["amount"]), tuple(history.get(v) for v in r["versions"])
+        )
+        for r in charge_rows
+    }
+    return decide_refund(attempt, cause, samples, charges, max_lost)
 
 
 async def _insert_refund(

@@ -3,13 +3,14 @@
 Pure, no I/O. An attempt is refunded when it ended because of its accelerators (a fatal XID,
 an uncorrectable ECC error, a GPU fallen off the bus) or because its provider recalled the
 capacity. The time lost runs from the attempt's last checkpoint (or its start) to the fault,
-bounded by the program's maximum. The refund prices that time with the rates its charges used.
+bounded by the program's maximum. The refund prices that time period by period, with the rates
+of the charges that covered it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -55,12 +56,24 @@ class SampleSlice:
     """A sample of the attempt, reduced to what pricing a refund needs."""
 
     start_time: datetime
+    period_start: datetime
+    """Start of the charging period whose charges covered the sample."""
     provider: str
     region: str
     accelerator_model: str
     accelerator_id: str
     node: str
     seconds: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodCharge:
+    """The committed charges of an attempt for one charging period."""
+
+    amount: Decimal
+    cards: tuple[RateCard, ...]
+    """The rate-card versions that priced them: more than one when late usage was charged
+    after a new version took effect."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,15 +166,16 @@ def decide_refund(
     attempt: EndedAttempt,
     cause: tuple[str, datetime],
     samples: Sequence[SampleSlice],
-    card: RateCard,
+    charges: Mapping[datetime, PeriodCharge],
     max_lost: timedelta,
-    charged: Decimal,
 ) -> RefundDecision | None:
     """Price the work lost since the last checkpoint, bounded by ``max_lost``.
 
     The refund covers the samples that started at or after the last checkpoint (or the bound)
-    and before the loss, and never exceeds what the attempt was charged. Without a checkpoint
-    the lost time starts with the attempt or its first sample, whichever is earlier.
+    and before the loss. Without a checkpoint the lost time starts with the attempt or its
+    first sample, whichever is earlier. ``charges`` contains the attempt's committed charges by
+    period start, and each period's lost time is priced at that period's rates, so a rate
+    change during the job never refunds old time at the new rate.
     """
     reason, lost_until = cause
     start = attempt.started_at
@@ -172,32 +186,74 @@ def decide_refund(
         start = first_sample
     since = attempt.last_checkpoint_at or start or lost_until - max_lost
     lost_from = max(since, lost_until - max_lost)
-    seconds: dict[tuple[str, str, str], Decimal] = {}
+    seconds: dict[_PeriodLineKey, Decimal] = {}
     for sample in samples:
         if lost_from <= sample.start_time < lost_until:
-            key = (sample.provider, sample.region, sample.accelerator_model)
+            key = (
+                sample.period_start,
+                sample.provider,
+                sample.region,
+                sample.accelerator_model,
+            )
             seconds[key] = EXACT.add(seconds.get(key, Decimal(0)), sample.seconds)
-    lines = tuple(
-        RefundLine(p, r, m, total, card.charge(m, total))
-        for (p, r, m), total in sorted(seconds.items())
-    )
-    amount = sum((line.amount for line in lines), Decimal(0))
-    if amount <= 0 or charged <= 0:
+    lines = _price_lost_time(seconds, charges)
+    amount = _sum(line.amount for line in lines)
+    if amount <= 0:
         return None
-    if amount > charged:
-        # Charges priced with another card version can sum to less; never refund more.
-        lines = _scale_down(lines, charged)
-        amount = charged
     lost_seconds = (lost_until - lost_from).total_seconds()
     return RefundDecision(
         request_id=f"refund/{attempt.job_id}/{attempt.attempt}",
         lost_from=lost_from,
         lost_until=lost_until,
-        seconds=sum((line.seconds for line in lines), Decimal(0)),
+        seconds=_sum(line.seconds for line in lines),
         amount=amount,
         reason=f"{reason}, {lost_seconds:,.0f} s since checkpoint",
         lines=lines,
     )
+
+
+_PeriodLineKey = tuple[datetime, str, str, str]
+"""(period_start, provider, region, accelerator_model)."""
+
+
+def _price_lost_time(
+    seconds: Mapping[_PeriodLineKey, Decimal], charges: Mapping[datetime, PeriodCharge]
+) -> tuple[RefundLine, ...]:
+    """Price lost time period by period, then add the lines up by provider, region and model.
+
+    A period's time is priced with the version its charges used, or the cheapest for the model
+    where late usage was charged at another version. A period's refund never exceeds what it
+    was charged, and a period without a committed charge refunds nothing.
+    """
+    by_period: dict[datetime, list[RefundLine]] = {}
+    for (period, provider, region, model), total in sorted(seconds.items()):
+        charge = charges.get(period)
+        if charge is None:
+            continue
+        prices = [card.charge(model, total) for card in charge.cards if model in card.models]
+        price = min(prices, default=Decimal(0))
+        by_period.setdefault(period, []).append(RefundLine(provider, region, model, total, price))
+    totals: dict[tuple[str, str, str], tuple[Decimal, Decimal]] = {}
+    for period, period_lines in by_period.items():
+        priced = tuple(period_lines)
+        charged = charges[period].amount
+        if _sum(line.amount for line in priced) > charged:
+            priced = _scale_down(priced, charged)
+        for line in priced:
+            key = (line.provider, line.region, line.accelerator_model)
+            seconds_before, amount_before = totals.get(key, (Decimal(0), Decimal(0)))
+            totals[key] = (
+                EXACT.add(seconds_before, line.seconds),
+                EXACT.add(amount_before, line.amount),
+            )
+    return tuple(RefundLine(*key, *totals[key]) for key in sorted(totals))
+
+
+def _sum(values: Iterable[Decimal]) -> Decimal:
+    total = Decimal(0)
+    for value in values:
+        total = EXACT.add(total, value)
+    return total
 
 
 def _scale_down(lines: tuple[RefundLine, ...], cap: Decimal) -> tuple[RefundLine, ...]:
@@ -206,7 +262,7 @@ def _scale_down(lines: tuple[RefundLine, ...], cap: Decimal) -> tuple[RefundLine
     scaled = []
     for line in lines:
         amount = min(line.amount, left)
-        left -= amount
+        left = EXACT.subtract(left, amount)
         scaled.append(
             RefundLine(line.provider, line.region, line.accelerator_model, line.seconds, amount)
         )

@@ -129,7 +129,8 @@ async def test_fatal_xid_refunds_lost_time_and_reduces_settlement(
     assert list(ledger.refunds) == ["refund/job-x/0"]
     hold, amount, reason = ledger.refunds["refund/job-x/0"]
     assert hold == "hold-job-x-0"
-    assert amount == CARD.charge("H800", Decimal(30 * 60))
+    # They are priced as their six five-minute periods were charged, each rounded once.
+    assert amount == 6 * CARD.charge("H800", Decimal(300))
     assert "xid 79 on GPU-0" in reason
 
     async with db.acquire() as conn:
@@ -156,8 +157,53 @@ async def test_refund_bounded_by_policy_without_checkpoint(
     )
     await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=2)), max_refund_s=600.0))
     _, amount, reason = ledger.refunds["refund/job-b/0"]
-    assert amount == CARD.charge("A100-SXM4-80GB", Decimal(600))
+    # The last ten minutes, priced as their two five-minute periods were charged.
+    assert amount == 2 * CARD.charge("A100-SXM4-80GB", Decimal(300))
     assert "recall r-12" in reason
+
+
+async def test_refund_after_mid_job_rate_rise(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    # One hour on one H800. The first half hour is charged at version 1, then version 2
+    # doubles the H800's price. The checkpoint at 0:20 leaves 10 lost minutes charged at the
+    # old rate and 30 at the new one.
+    items = [
+        sample(f"node-1/{i}", "job-rise", T0 + timedelta(minutes=i), model="H800")
+        for i in range(60)
+    ]
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(usage_subject("prov-a", "r1", "node-1"), report(items))
+        await wait_until(functools.partial(_done, ingest, 1))
+    doubled = [
+        replace(m, peak_dense_tflops=m.peak_dense_tflops * 2) if m.name == "H800" else m
+        for m in CARD.models.values()
+    ]
+    histories = [RateCardHistory((CARD,))]
+    clock = Clock(T0 + timedelta(minutes=31))
+    charger = Charger(db, ledger, lambda: histories[-1], ChargerConfig(period_seconds=300), clock)
+    await admit(db, "job-rise")
+    await drain(charger)
+    assert_priced(ledger.total_charged(), exact_price("H800", 30 * 60), charges=6)
+
+    histories.append(histories[-1].with_version(doubled, T0 + timedelta(minutes=30)))
+    await admit(
+        db,
+        "job-rise",
+        ended_at=T0 + timedelta(minutes=60),
+        end_reason="preempted",
+        end_trigger="recall:r-7",
+        last_checkpoint_at=T0 + timedelta(minutes=20),
+    )
+    clock.now = T0 + timedelta(hours=2)
+    await drain(charger)
+
+    new_card = histories[-1].current
+    _, amount, _ = ledger.refunds["refund/job-rise/0"]
+    # Each five-minute period is priced, and rounded, as its charge was.
+    old_periods = [CARD.charge("H800", Decimal(300))] * 2
+    new_periods = [new_card.charge("H800", Decimal(300))] * 6
+    assert amount == sum(old_periods + new_periods, Decimal(0))
 
 
 async def test_pool_timeouts_leave_pool_usable(db: Database) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, Inexact
 from fractions import Fraction
@@ -24,7 +25,13 @@ from services.metering.ratecard import (
     rate_per_hour,
     rate_per_second,
 )
-from services.metering.refunds import EndedAttempt, HealthFact, decide_refund, find_cause
+from services.metering.refunds import (
+    EndedAttempt,
+    HealthFact,
+    PeriodCharge,
+    decide_refund,
+    find_cause,
+)
 from services.metering.refunds import SampleSlice as Slice
 from services.metering.samples import (
     Rejection,
@@ -233,29 +240,92 @@ def test_application_xid_or_other_accelerator_is_not() -> None:
     assert find_cause(completed, [_fault(79)], used, frozenset(), timedelta(0)) is None
 
 
-def test_refund_bounded_and_capped_by_charges() -> None:
-    slices = [
-        Slice(T0 + timedelta(minutes=m), "p", "r", "T4", "GPU-0", "n", Decimal(60))
-        for m in range(120)
+def _minute_slices(minutes: range, model: str = "T4") -> list[Slice]:
+    """One 60-second slice a minute from T0, in five-minute charging periods."""
+    return [
+        Slice(
+            T0 + timedelta(minutes=m),
+            T0 + timedelta(minutes=m - m % 5),
+            "p",
+            "r",
+            model,
+            "GPU-0",
+            "n",
+            Decimal(60),
+        )
+        for m in minutes
     ]
+
+
+def _period_charges(
+    minutes: range, card: RateCard, model: str = "T4"
+) -> dict[datetime, PeriodCharge]:
+    """Charges of every five-minute period starting in ``minutes``, each priced with ``card``."""
+    return {
+        T0 + timedelta(minutes=m): PeriodCharge(card.charge(model, Decimal(300)), (card,))
+        for m in minutes[::5]
+    }
+
+
+def test_refund_bounded_and_capped_by_charges() -> None:
+    slices = _minute_slices(range(120))
     attempt = _attempt(last_checkpoint_at=None)
     cause = ("xid 79 on GPU-0", T0 + timedelta(hours=2))
-    decision = decide_refund(attempt, cause, slices, CARD, timedelta(minutes=10), Decimal(1))
+    charges = _period_charges(range(120), CARD)
+    decision = decide_refund(attempt, cause, slices, charges, timedelta(minutes=10))
     assert decision is not None
-    assert decision.amount == CARD.charge("T4", Decimal(600))
-    tiny = decide_refund(attempt, cause, slices, CARD, timedelta(minutes=10), Decimal("1e-9"))
+    assert decision.amount == 2 * CARD.charge("T4", Decimal(300))
+    tiny_charges = {start: PeriodCharge(Decimal("1e-9"), (CARD,)) for start in charges}
+    tiny = decide_refund(attempt, cause, slices, tiny_charges, timedelta(minutes=10))
     assert tiny is not None
-    assert tiny.amount == Decimal("1e-9")
-    assert sum(line.amount for line in tiny.lines) == Decimal("1e-9")
+    assert tiny.amount == Decimal("2e-9")
+    assert sum(line.amount for line in tiny.lines) == Decimal("2e-9")
+
+
+def test_refund_after_rate_rise_keeps_old_rate() -> None:
+    # Version 2 doubles the T4's price from 1:00. The job ran two hours with a checkpoint at
+    # 0:30, so 30 lost minutes were charged at the old rate and 60 at the new one.
+    doubled = [
+        replace(m, peak_dense_tflops=m.peak_dense_tflops * 2) if m.name == "T4" else m
+        for m in CARD.models.values()
+    ]
+    new_card = RateCardHistory((CARD,)).with_version(doubled, T0 + timedelta(hours=1)).current
+    charges = _period_charges(range(60), CARD) | _period_charges(range(60, 120), new_card)
+    attempt = _attempt(last_checkpoint_at=T0 + timedelta(minutes=30))
+    cause = ("xid 79 on GPU-0", T0 + timedelta(hours=2))
+    decision = decide_refund(
+        attempt, cause, _minute_slices(range(120)), charges, timedelta(hours=6)
+    )
+    assert decision is not None
+    old_time = 6 * CARD.charge("T4", Decimal(300))
+    new_time = 12 * new_card.charge("T4", Decimal(300))
+    assert decision.amount == old_time + new_time
+    assert decision.seconds == 90 * 60
+
+
+def test_refund_takes_cheapest_charged_version() -> None:
+    # Late usage of the first period was charged at a dearer version 2. The second period has
+    # no committed charge, so it refunds nothing.
+    doubled = [replace(m, peak_dense_tflops=m.peak_dense_tflops * 2) for m in CARD.models.values()]
+    new_card = RateCardHistory((CARD,)).with_version(doubled, T0).current
+    charged = CARD.charge("T4", Decimal(240)) + new_card.charge("T4", Decimal(60))
+    charges = {T0: PeriodCharge(charged, (new_card, CARD))}
+    attempt = _attempt(last_checkpoint_at=None, ended_at=T0 + timedelta(minutes=10))
+    cause = ("xid 79 on GPU-0", T0 + timedelta(minutes=10))
+    decision = decide_refund(attempt, cause, _minute_slices(range(10)), charges, timedelta(hours=6))
+    assert decision is not None
+    assert decision.amount == CARD.charge("T4", Decimal(300))
+    assert decision.seconds == 300
 
 
 def test_refund_counts_sample_before_recorded_start() -> None:
     # The agent's only sample starts 0.3 s before the scheduler recorded the start.
     started = T0 + timedelta(seconds=10)
-    slices = [Slice(started - timedelta(seconds=0.3), "p", "r", "T4", "GPU-0", "n", Decimal(4))]
+    slices = [Slice(started - timedelta(seconds=0.3), T0, "p", "r", "T4", "GPU-0", "n", Decimal(4))]
     attempt = _attempt(started_at=started, last_checkpoint_at=None, end_reason="preempted")
     cause = ("provider recall rc-1", started + timedelta(seconds=4))
-    decision = decide_refund(attempt, cause, slices, CARD, timedelta(hours=6), Decimal(1))
+    charges = {T0: PeriodCharge(Decimal(1), (CARD,))}
+    decision = decide_refund(attempt, cause, slices, charges, timedelta(hours=6))
     assert decision is not None
     assert decision.amount == CARD.charge("T4", Decimal(4))
 
