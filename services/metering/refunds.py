@@ -200,16 +200,27 @@ def decide_refund(
     amount = _sum(line.amount for line in lines)
     if amount <= 0:
         return None
-    lost_seconds = (lost_until - lost_from).total_seconds()
     return RefundDecision(
         request_id=f"refund/{attempt.job_id}/{attempt.attempt}",
         lost_from=lost_from,
         lost_until=lost_until,
         seconds=_sum(line.seconds for line in lines),
         amount=amount,
-        reason=f"{reason}, {lost_seconds:,.0f} s since checkpoint",
+        reason=_refund_reason(reason, attempt, since, lost_from, lost_until),
         lines=lines,
     )
+
+
+def _refund_reason(
+    cause: str, attempt: EndedAttempt, since: datetime, lost_from: datetime, lost_until: datetime
+) -> str:
+    """Return the cause and the lost time, counted from the checkpoint or else from the start."""
+    anchor = "the last checkpoint" if attempt.last_checkpoint_at else "the attempt started"
+    lost = f"{(lost_until - lost_from).total_seconds():,.0f} s"
+    if lost_from > since:
+        total = f"{(lost_until - since).total_seconds():,.0f} s"
+        return f"{cause}, the last {lost} (the maximum refunded) of {total} since {anchor}"
+    return f"{cause}, {lost} since {anchor}"
 
 
 _PeriodLineKey = tuple[datetime, str, str, str]

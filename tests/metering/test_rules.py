@@ -318,6 +318,38 @@ def test_refund_takes_cheapest_charged_version() -> None:
     assert decision.seconds == 300
 
 
+@pytest.mark.parametrize(
+    ("checkpoint_minute", "max_lost_minutes", "expected"),
+    [
+        (90, 360, "xid 79 on GPU-0, 1,800 s since the last checkpoint"),
+        (None, 360, "xid 79 on GPU-0, 7,200 s since the attempt started"),
+        (
+            None,
+            10,
+            "xid 79 on GPU-0, the last 600 s (the maximum refunded) of 7,200 s"
+            " since the attempt started",
+        ),
+        (
+            30,
+            10,
+            "xid 79 on GPU-0, the last 600 s (the maximum refunded) of 5,400 s"
+            " since the last checkpoint",
+        ),
+    ],
+)
+def test_refund_reason_names_checkpoint_or_start(
+    checkpoint_minute: int | None, max_lost_minutes: int, expected: str
+) -> None:
+    checkpoint = None if checkpoint_minute is None else T0 + timedelta(minutes=checkpoint_minute)
+    attempt = _attempt(last_checkpoint_at=checkpoint)
+    cause = ("xid 79 on GPU-0", T0 + timedelta(hours=2))
+    charges = _period_charges(range(120), CARD)
+    max_lost = timedelta(minutes=max_lost_minutes)
+    decision = decide_refund(attempt, cause, _minute_slices(range(120)), charges, max_lost)
+    assert decision is not None
+    assert decision.reason == expected
+
+
 def test_refund_counts_sample_before_recorded_start() -> None:
     # The agent's only sample starts 0.3 s before the scheduler recorded the start.
     started = T0 + timedelta(seconds=10)
