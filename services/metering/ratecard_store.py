@@ -47,15 +47,27 @@ async def publish_version(
     models: Iterable[AcceleratorModel],
     effective_from: datetime,
     cause: str,
+    *,
+    effective_stated: bool = True,
 ) -> RateCard:
     """Store a new version numbered one past the current one; concurrent publishers serialize.
 
-    Raises FailedPrecondition, storing nothing, when the new version leaves out a model that
-    the current one prices, because ingest would then reject that model's usage.
+    ``cause`` names the request, so a retry of a stored request returns the version it stored.
+    A reuse of it for other models, or for another ``effective_from`` when the caller
+    stated one, raises FailedPrecondition naming ``request_id``. Raises FailedPrecondition,
+    storing nothing, when the new version leaves out a model that the current one prices,
+    because ingest would then reject that model's usage.
     """
     models = tuple(models)
     async with conn.transaction():
         await conn.execute("LOCK TABLE metering.rate_cards IN SHARE ROW EXCLUSIVE MODE")
+        stored = await conn.fetchval(
+            "SELECT body::text FROM metering.rate_cards WHERE cause = $1", cause
+        )
+        if stored is not None:
+            card = RateCard.from_json(stored)
+            _check_same_card(card, models, effective_from if effective_stated else None)
+            return card
         history = await load_history(conn)
         current = history.current
         missing = sorted(set(current.models) - {model.name for model in models})
@@ -79,6 +91,20 @@ async def publish_version(
         )
     logger.info("published rate card version %d (%s)", card.version, cause)
     return card
+
+
+def _check_same_card(
+    card: RateCard, models: tuple[AcceleratorModel, ...], effective_from: datetime | None
+) -> None:
+    """Raise FailedPrecondition unless ``card`` has ``models`` and, if given, ``effective_from``."""
+    same_models = dict(card.models) == {model.name: model for model in models}
+    same_time = effective_from is None or effective_from == card.effective_from
+    if not (same_models and same_time):
+        raise FailedPrecondition(
+            f"this request id was already used to publish rate card version {card.version}, "
+            "which differs from this rate card; use a new request id for a new version",
+            field="request_id",
+        )
 
 
 async def put_in_bucket(kv: KeyValue, card: RateCard) -> None:

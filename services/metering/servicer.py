@@ -114,13 +114,13 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         cause = f"rpc:PublishRateCard:{request.request_id} by {principal.subject}"
         cache = self._app.rate_cards()
         async with self._app.database().acquire() as conn:
-            existing = await conn.fetchval(
-                "SELECT version FROM metering.rate_cards WHERE cause = $1", cause
+            card = await publish_version(
+                conn,
+                models,
+                effective,
+                cause,
+                effective_stated=request.rate_card.HasField("effective_time"),
             )
-            if existing is None:
-                card = await publish_version(conn, models, effective, cause)
-            else:
-                card = (await cache.load()).get(existing)
         history = await cache.load()
         if self._app.js is not None:
             await put_in_bucket(await self._app.js.key_value(RATE_CARD_BUCKET), history.current)

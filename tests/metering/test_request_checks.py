@@ -265,6 +265,40 @@ async def test_publish_rejects_dropped_model(
     assert await _versions(client) == [1]
 
 
+async def test_publish_rejects_reused_request_id(
+    running: tuple[Service, Client],  # noqa: F811
+) -> None:
+    _, client = running
+    office = client.metadata(Role.PROGRAM_OFFICE)
+    card = await _current_card(client)
+    request = metering_pb2.PublishRateCardRequest(request_id="rc-reused", rate_card=card)
+    first = await client.stub.PublishRateCard(request, metadata=office)
+    retry = await client.stub.PublishRateCard(request, metadata=office)
+    assert first.version == 2
+    assert retry.version == 2
+
+    request.rate_card.rates[0].model.peak_dense_tflops.value = "1234.5"
+    changed = await _error(client.stub.PublishRateCard(request, metadata=office))
+    assert changed.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "request_id" in (changed.details() or "")
+    assert "version 2" in (changed.details() or "")
+
+    request.rate_card.CopyFrom(card)
+    request.rate_card.effective_time.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
+    moved = await _error(client.stub.PublishRateCard(request, metadata=office))
+    assert moved.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "request_id" in (moved.details() or "")
+
+    # Without an effective time, a version takes effect at publishing, so a retry matches.
+    request.request_id = "rc-unset"
+    request.rate_card.ClearField("effective_time")
+    unset = await client.stub.PublishRateCard(request, metadata=office)
+    unset_retry = await client.stub.PublishRateCard(request, metadata=office)
+    assert unset.version == 3
+    assert unset_retry.version == 3
+    assert await _versions(client) == [1, 2, 3]
+
+
 async def test_publish_rejects_huge_peak(
     running: tuple[Service, Client],  # noqa: F811
 ) -> None:
