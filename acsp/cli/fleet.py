@@ -73,6 +73,19 @@ def register(subparsers: Any) -> None:
         drain.add_argument("--reason", default="", help="why, recorded with the node")
         drain.set_defaults(func=drain_node, undrain=undrain)
 
+    down = commands.add_parser(
+        "down",
+        parents=[connection, output],
+        help="declare an unknown node off, which frees the accelerators its lost tasks kept",
+    )
+    down.add_argument("node", help="<provider>/<region>/<node>")
+    down.add_argument(
+        "--reason",
+        required=True,
+        help="how you know that nothing runs on it any more, e.g. 'powered off'",
+    )
+    down.set_defaults(func=mark_node_down)
+
     providers = commands.add_parser(
         "providers", parents=[connection, output], help="list providers and their regions"
     )
@@ -183,6 +196,22 @@ def drain_node(args: argparse.Namespace) -> int:
                 node_id=node,
                 reason=args.reason,
                 undrain=args.undrain,
+            )
+        )
+    print_records([node_row(result)], NODE_COLUMNS, output_format=args.format)
+    return EXIT_OK
+
+
+def mark_node_down(args: argparse.Namespace) -> int:
+    provider, region, node = _node_path(args.node)
+    with open_scheduler(args) as scheduler:
+        result = scheduler.MarkNodeDown(
+            scheduler_pb2.MarkNodeDownRequest(
+                request_id=uuid.uuid4().hex,
+                provider_id=provider,
+                region_id=region,
+                node_id=node,
+                reason=args.reason,
             )
         )
     print_records([node_row(result)], NODE_COLUMNS, output_format=args.format)

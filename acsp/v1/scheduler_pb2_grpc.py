@@ -61,6 +61,11 @@ class SchedulerServiceStub:
                 request_serializer=acsp_dot_v1_dot_scheduler__pb2.DrainNodeRequest.SerializeToString,
                 response_deserializer=acsp_dot_v1_dot_scheduler__pb2.Node.FromString,
                 _registered_method=True)
+        self.MarkNodeDown = channel.unary_unary(
+                '/acsp.v1.SchedulerService/MarkNodeDown',
+                request_serializer=acsp_dot_v1_dot_scheduler__pb2.MarkNodeDownRequest.SerializeToString,
+                response_deserializer=acsp_dot_v1_dot_scheduler__pb2.Node.FromString,
+                _registered_method=True)
         self.SetPledge = channel.unary_unary(
                 '/acsp.v1.SchedulerService/SetPledge',
                 request_serializer=acsp_dot_v1_dot_scheduler__pb2.SetPledgeRequest.SerializeToString,
@@ -157,6 +162,14 @@ class SchedulerServiceServicer:
 
     def DrainNode(self, request, context):
         """Drains or undrains a node (provider operator).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkNodeDown(self, request, context):
+        """Declares an unknown node down: its operator confirms that nothing runs on it any more, so
+        the accelerators its lost tasks kept are freed (provider operator).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -274,6 +287,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
             'DrainNode': grpc.unary_unary_rpc_method_handler(
                     servicer.DrainNode,
                     request_deserializer=acsp_dot_v1_dot_scheduler__pb2.DrainNodeRequest.FromString,
+                    response_serializer=acsp_dot_v1_dot_scheduler__pb2.Node.SerializeToString,
+            ),
+            'MarkNodeDown': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkNodeDown,
+                    request_deserializer=acsp_dot_v1_dot_scheduler__pb2.MarkNodeDownRequest.FromString,
                     response_serializer=acsp_dot_v1_dot_scheduler__pb2.Node.SerializeToString,
             ),
             'SetPledge': grpc.unary_unary_rpc_method_handler(
@@ -472,6 +490,33 @@ class SchedulerService:
             target,
             '/acsp.v1.SchedulerService/DrainNode',
             acsp_dot_v1_dot_scheduler__pb2.DrainNodeRequest.SerializeToString,
+            acsp_dot_v1_dot_scheduler__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkNodeDown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/acsp.v1.SchedulerService/MarkNodeDown',
+            acsp_dot_v1_dot_scheduler__pb2.MarkNodeDownRequest.SerializeToString,
             acsp_dot_v1_dot_scheduler__pb2.Node.FromString,
             options,
             channel_credentials,

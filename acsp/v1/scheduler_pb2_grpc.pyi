@@ -46,6 +46,10 @@ class SchedulerServiceStub:
     """Returns one node."""
     DrainNode: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DrainNodeRequest, _scheduler_pb2.Node]
     """Drains or undrains a node (provider operator)."""
+    MarkNodeDown: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.MarkNodeDownRequest, _scheduler_pb2.Node]
+    """Declares an unknown node down: its operator confirms that nothing runs on it any more, so
+    the accelerators its lost tasks kept are freed (provider operator).
+    """
     SetPledge: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.SetPledgeRequest, _scheduler_pb2.Pledge]
     """Creates or changes a pledge (provider operator)."""
     ListPledges: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListPledgesRequest, _scheduler_pb2.ListPledgesResponse]
@@ -90,6 +94,10 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """Returns one node."""
     DrainNode: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DrainNodeRequest, _scheduler_pb2.Node]  # type: ignore[assignment]
     """Drains or undrains a node (provider operator)."""
+    MarkNodeDown: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.MarkNodeDownRequest, _scheduler_pb2.Node]  # type: ignore[assignment]
+    """Declares an unknown node down: its operator confirms that nothing runs on it any more, so
+    the accelerators its lost tasks kept are freed (provider operator).
+    """
     SetPledge: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.SetPledgeRequest, _scheduler_pb2.Pledge]  # type: ignore[assignment]
     """Creates or changes a pledge (provider operator)."""
     ListPledges: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListPledgesRequest, _scheduler_pb2.ListPledgesResponse]  # type: ignore[assignment]
@@ -161,6 +169,16 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.Node, _abc.Awaitable[_scheduler_pb2.Node]]:
         """Drains or undrains a node (provider operator)."""
+
+    @_abc_1.abstractmethod
+    def MarkNodeDown(
+        self,
+        request: _scheduler_pb2.MarkNodeDownRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.Node, _abc.Awaitable[_scheduler_pb2.Node]]:
+        """Declares an unknown node down: its operator confirms that nothing runs on it any more, so
+        the accelerators its lost tasks kept are freed (provider operator).
+        """
 
     @_abc_1.abstractmethod
     def SetPledge(

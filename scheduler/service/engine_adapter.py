@@ -345,6 +345,10 @@ class EngineAdapter:
         if key in self._known_nodes:
             self.engine.apply(ev.NodeMissedHeartbeats(key), now)
 
+    def node_down(self, key: str, now: float) -> None:
+        if key in self._known_nodes:
+            self.engine.apply(ev.NodeDown(key), now)
+
     def node_back(self, key: str, now: float) -> None:
         if key in self._known_nodes:
             self.engine.apply(ev.NodeHeartbeat(key), now)

@@ -114,7 +114,7 @@ class FleetView:
         if old is None:
             return None
         status = old.status
-        if status == "unknown":
+        if status in ("unknown", "down"):
             status = "draining" if old.draining else "up"
         updated = replace(
             old,
@@ -141,6 +141,18 @@ class FleetView:
                 self._nodes[key] = updated
                 changes.append(NodeChange(updated, node.status, reason))
         return changes
+
+    def set_down(self, key: str, reason: str) -> NodeChange | None:
+        """Mark an ``unknown`` node ``down``; return None if it is in another state.
+
+        Raises ``KeyError`` for a key that names no node. A heartbeat makes the node up again.
+        """
+        old = self._fresh(self._nodes[key])
+        if old.status != "unknown":
+            return None
+        updated = replace(old, status="down", status_reason=reason, running_task_ids=frozenset())
+        self._nodes[key] = updated
+        return NodeChange(updated, old.status, reason)
 
     def set_draining(self, key: str, draining: bool, reason: str) -> NodeChange:
         """Start or undo a drain; raise ``KeyError`` for an unknown node key."""

@@ -29,7 +29,7 @@ from services.runtime.errors import (
 from .engine_adapter import AcceleratorHealth, EngineAdapter
 from .errors import InvalidFields
 from .fleet import NODE_STATUSES, AcceleratorView, NodeView
-from .inputs import DrainRequested, PledgeChanged, RecallAdded
+from .inputs import DrainRequested, NodeDownRequested, PledgeChanged, RecallAdded
 from .leadership import Leadership
 from .model import utc_text
 from .pledges import (
@@ -126,6 +126,40 @@ class FleetRpcs(ProviderRpcs):
             )
         except Fenced:
             raise Unavailable("this scheduler is no longer the leader. Retry the call.") from None
+        return _node_to_proto(node, _failures_by_accelerator(leader.book.engine))
+
+    async def MarkNodeDown(
+        self, request: scheduler_pb2.MarkNodeDownRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Node:
+        principal = require_roles(*OPERATORS)
+        if Role.PROVIDER_OPERATOR in principal.roles and principal.provider not in (
+            None,
+            request.provider_id,
+        ):
+            raise PermissionDenied(
+                f"operator of provider {principal.provider!r} cannot mark "
+                f"nodes of {request.provider_id!r} down"
+            )
+        if not request.reason.strip():
+            raise InvalidArgument(
+                "reason",
+                "is empty",
+                "say how you know that nothing runs on the node, e.g. 'powered off'",
+            )
+        key = f"{request.provider_id}.{request.region_id}.{request.node_id}"
+        leader = self._lead.require()
+        reply: asyncio.Future[NodeView | None] = asyncio.get_running_loop().create_future()
+        await leader.inbox.put(NodeDownRequested(key, request.reason, reply))
+        node = await asyncio.wait_for(reply, timeout=remaining_s(10.0))
+        if node is None:
+            raise NotFound("node", key)
+        if node.status != "down":
+            raise FailedPrecondition(
+                f"node {key} is {node.status}, and only an unknown node (one that missed its "
+                "heartbeats) can be marked down. Drain it to stop new work, or stop its agent "
+                "and wait until the node shows as unknown",
+                "node_id",
+            )
         return _node_to_proto(node, _failures_by_accelerator(leader.book.engine))
 
     async def ListAcceleratorModels(

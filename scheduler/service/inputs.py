@@ -41,6 +41,14 @@ class DrainRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeDownRequested:
+    node_key: str
+    reason: str
+    reply: asyncio.Future[NodeView | None]
+    """Resolved with the node as it is after the request, or None for an unknown key."""
+
+
+@dataclass(frozen=True, slots=True)
 class InventoryReceived:
     node: NodeView
     payload: bytes
@@ -114,6 +122,7 @@ Input = (
     Submitted
     | CancelRequested
     | DrainRequested
+    | NodeDownRequested
     | InventoryReceived
     | HeartbeatReceived
     | TaskReported

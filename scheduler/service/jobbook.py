@@ -161,7 +161,7 @@ class JobBook:
         confirms the stop with an event of the copy or a heartbeat that no longer lists it.
         """
         # NOTE: a node that never reports again never confirms, so its stored copies stay and
-        # each new leader fences them again (the node is unknown and unusable meanwhile).
+        # each new leader fences them again, until an operator marks the node down.
         for orphan in orphans:
             try:
                 tid = TaskId.parse(orphan.task_id)
@@ -458,6 +458,12 @@ class JobBook:
         for task_id in list(orphans):
             if task_id not in running:
                 self._confirm_orphan(node_key, task_id, task_id.split("/", 1)[0])
+
+    def node_down(self, node_key: str) -> None:
+        """Confirm stopped every task copy that waits on ``node_key``: an operator declared the
+        node down, so nothing of it runs any more."""
+        for task_id in list(self._orphans.get(node_key, ())):
+            self._confirm_orphan(node_key, task_id, task_id.split("/", 1)[0])
 
     def expire_starts(self, timeout_s: float, fx: Effects) -> None:
         """Requeue jobs whose tasks did not all start within ``timeout_s`` of their commands.

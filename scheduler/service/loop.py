@@ -28,6 +28,7 @@ from .inputs import (
     HoldDone,
     Input,
     InventoryReceived,
+    NodeDownRequested,
     PledgeChanged,
     ProviderRegistered,
     RecallAdded,
@@ -286,6 +287,16 @@ class SchedulingLoop:
                     self.book.engine.set_draining(key, draining, fx.now)
                     node_view = change.node
                 replies.append((reply, node_view))  # type: ignore[arg-type]
+            case NodeDownRequested(key, reason, reply):
+                node_view = self.fleet.get(key)
+                if node_view is not None:
+                    down = self.fleet.set_down(key, reason)
+                    if down is not None:
+                        logger.warning("node %s is down: %s", key, reason)
+                        self.book.node_down(key)
+                        self.book.engine.node_down(key, fx.now)
+                        node_view = down.node
+                replies.append((reply, node_view))  # type: ignore[arg-type]
 
     def _set_accelerator_health(self, change: AcceleratorHealth, fx: Effects) -> None:
         if self.book.engine.set_accelerator_health(change, fx.now):
@@ -305,7 +316,7 @@ class SchedulingLoop:
         elif node.status == "unknown":
             logger.warning("node %s is unknown: %s", node.key, change.reason)
             engine.node_unknown(node.key, now)
-        elif change.previous == "unknown":
+        elif change.previous in ("unknown", "down"):
             logger.info("node %s is back: %s", node.key, change.reason)
             engine.node_back(node.key, now)
 

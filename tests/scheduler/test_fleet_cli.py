@@ -520,6 +520,11 @@ async def test_failed_accelerator_in_node_views(
             assert "hev-fail-1" in out
             assert "up" in out
 
+            # The node still sends heartbeats, so it cannot be declared off.
+            code, out, err = await run_cli(capsys, "down", "prov/reg/n0", "--reason", "off")
+            assert code != 0
+            assert "only an unknown node" in err
+
             code, out, err = await run_cli(capsys, "node", "prov/reg/n9")
             assert code == 1
             assert "NOT_FOUND" in err

@@ -243,6 +243,31 @@ def test_restarted_book_keeps_lost_node_fenced() -> None:
     assert [t.node_key for t in admitted_job.placement] == [lost.node_key]
 
 
+def test_node_marked_down_frees_old_copy() -> None:
+    book = make_book()
+    job = running(book)
+    lost = job.placement[0]
+    lose(book, lost.node_key)
+    orphans, _ = book.take_orphan_writes()
+    assert [o.node_key for o in orphans] == [lost.node_key]
+    single = make_job(tasks=1)
+    book.add([single], NOW + 11)
+    assert pass_at(book, NOW + 11).admit == []
+
+    # The operator declares the node off: its copy is confirmed stopped without a word from it.
+    book.node_down(lost.node_key)
+    book.engine.node_down(lost.node_key, NOW + 12)
+
+    assert book.take_orphan_writes() == ([], [(lost.node_key, f"{job.job_id}/1/0")])
+    assert pass_at(book, NOW + 12).admit == []
+    # Back with nothing running, the node takes the new job at once.
+    book.engine.node_back(lost.node_key, NOW + 13)
+    placed = pass_at(book, NOW + 13)
+    ((admitted_job, _),) = placed.admit
+    assert admitted_job.job_id == single.job_id
+    assert [t.node_key for t in admitted_job.placement] == [lost.node_key]
+
+
 def test_orphan_confirmed_in_its_turn_is_not_stored() -> None:
     book = make_book()
     job = running(book)
@@ -312,3 +337,20 @@ def test_lost_node_ends_cancelled_single_task() -> None:
     assert job.job_id not in book.jobs
     assert job.job_id not in book.engine.engine.jobs
     assert book.engine.engine.fleet.node(task.node_key).fenced
+
+
+def test_only_unknown_node_goes_down() -> None:
+    fleet = FleetView(heartbeat_timeout_s=15)
+    node = NodeView("prov", "reg", "n1", (AcceleratorView("n1-GPU-0", "A100-SXM4-80GB"),))
+    key = fleet.apply_inventory(node, NOW).node.key
+    assert fleet.set_down(key, "powered off") is None
+
+    assert [c.node.status for c in fleet.expire(NOW + 20)] == ["unknown"]
+    down = fleet.set_down(key, "powered off")
+    assert down is not None
+    assert (down.previous, down.node.status, down.reason) == ("unknown", "down", "powered off")
+    assert fleet.expire(NOW + 40) == []
+
+    back = fleet.apply_heartbeat(key, "boot-2", frozenset(), NOW + 41)
+    assert back is not None
+    assert (back.previous, back.node.status) == ("down", "up")

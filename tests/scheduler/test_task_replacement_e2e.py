@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
+import asyncpg
+import grpc
 import pytest
 
 from acsp.v1 import agent_pb2, events_pb2, scheduler_pb2
@@ -144,6 +146,66 @@ async def test_restarted_scheduler_keeps_lost_node_fenced(stack: Stack) -> None:
         assert nodes(still)[lost_index] == "n2"
     finally:
         await client.channel.close()
+
+
+async def test_node_marked_down_frees_lost_copy(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    operator = metadata(stack.token("ops", Role.PROVIDER_OPERATOR, provider="prov"))
+    client = Client(address, md, project, grant)
+    try:
+        gang, running, lost_index = await move_lost_task(stack, client)
+        lost_copy = f"{gang}/{running.attempt}/{lost_index}"
+
+        async def n0_state() -> int:
+            node = await client.stub.GetNode(n0_request("r1"), metadata=operator, timeout=10)
+            return int(node.state)
+
+        async def stored_orphans() -> list[str]:
+            conn = await asyncpg.connect(stack.dsn, timeout=10)
+            try:
+                rows = await conn.fetch("SELECT task_id FROM scheduler.orphans")
+            finally:
+                await conn.close()
+            return [row["task_id"] for row in rows]
+
+        await wait_for(
+            lambda: _equals(n0_state(), scheduler_pb2.NODE_STATE_UNKNOWN), 60, "n0 unknown", 0.2
+        )
+        await wait_for(lambda: _equals(stored_orphans(), [lost_copy]), 30, "the stored copy")
+
+        # A node that still sends heartbeats cannot be marked down.
+        up = scheduler_pb2.MarkNodeDownRequest(
+            provider_id="prov", region_id="r2", node_id="n1", reason="powered off"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.stub.MarkNodeDown(up, metadata=operator, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "only an unknown node" in (caught.value.details() or "")
+
+        request = scheduler_pb2.MarkNodeDownRequest(
+            provider_id="prov", region_id="r1", node_id="n0", reason="powered off"
+        )
+        down = await client.stub.MarkNodeDown(request, metadata=operator, timeout=10)
+        assert down.state == scheduler_pb2.NODE_STATE_DOWN
+        await wait_for(lambda: _equals(stored_orphans(), []), 30, "the stored copy to go")
+
+        # The node comes back with nothing running, and its accelerator takes new work.
+        stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
+        single = await client.submit("single", 1)
+        alone = await wait_for(lambda: client.running(single), 60, "single to run on n0", 0.2)
+        assert list(nodes(alone).values()) == ["n0"]
+    finally:
+        await client.channel.close()
+
+
+def n0_request(region: str) -> scheduler_pb2.GetNodeRequest:
+    return scheduler_pb2.GetNodeRequest(provider_id="prov", region_id=region, node_id="n0")
+
+
+async def _equals(value: Awaitable[object], expected: object) -> bool:
+    return (await value) == expected
 
 
 def stack_md(stack: Stack) -> tuple[tuple[str, str], ...]:
