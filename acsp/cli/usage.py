@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from acsp.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
@@ -67,6 +69,24 @@ def _pages(
             return
 
 
+@contextmanager
+def _filter_required(filtered: bool, what: str, options: str) -> Iterator[None]:
+    """Name the CLI options that filter a listing when the service denies an unfiltered one.
+
+    The service's message names its request fields, which a CLI user does not set directly.
+    """
+    try:
+        yield
+    except grpc.RpcError as error:
+        code = error.code() if hasattr(error, "code") else None
+        if filtered or code != grpc.StatusCode.PERMISSION_DENIED:
+            raise
+        raise CommandError(
+            f"a filter is required to list {what}: pass {options}, because only the program "
+            f"office may list the {what} of every project"
+        ) from error
+
+
 def run_query(args: argparse.Namespace) -> int:
     records = []
     with open_metering(args) as metering:
@@ -104,7 +124,11 @@ def run_query(args: argparse.Namespace) -> int:
 
 def run_charges(args: argparse.Namespace) -> int:
     records = []
-    with open_metering(args) as metering:
+    options = "--grant GRANT or --job JOB of a project you are a member of"
+    with (
+        _filter_required(bool(args.grant or args.job), "charges", options),
+        open_metering(args) as metering,
+    ):
 
         def fetch(page: common_pb2.PageRequest) -> metering_pb2.ListChargesResponse:
             return metering.ListCharges(
@@ -150,7 +174,14 @@ def refund_row(refund: metering_pb2.RefundRecord) -> dict[str, Any]:
 
 def run_refunds(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
-    with open_metering(args) as metering:
+    options = (
+        "--job JOB of a project you are a member of, or --provider PROVIDER as that "
+        "provider's operator"
+    )
+    with (
+        _filter_required(bool(args.job or args.provider), "refunds", options),
+        open_metering(args) as metering,
+    ):
 
         def fetch(page: common_pb2.PageRequest) -> metering_pb2.ListRefundsResponse:
             return metering.ListRefunds(

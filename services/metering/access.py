@@ -65,8 +65,9 @@ async def usage_project(
         project_id = job_project
     if not project_id:
         raise PermissionDenied(
-            f"{principal.subject!r} may read usage only of projects they are a member of: "
-            f"set {' or '.join(fields)} to one of theirs"
+            f"a filter is required: set {' or '.join(fields)} to name usage of a project you "
+            "are a member of, because only the program office and services may read the usage "
+            "of every project"
         )
     await directory.member_project(
         principal,

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js import JetStreamContext
 
+from acsp.cli import usage as usage_cli
+from acsp.cli.main import main
 from acsp.subjects import usage_subject
 from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
 from services.metering.attempts import AttemptFacts, record_attempt
@@ -38,13 +42,16 @@ from tests.metering.helpers import (
     sample,
     wait_until,
 )
+from tests.metering.test_service import BlockingStub
 
 
 class Callers:
     """A metering stub and bearer tokens signed with the grant service's key."""
 
-    def __init__(self, channel: grpc.aio.Channel, grant: RunningGrant) -> None:
+    def __init__(self, channel: grpc.aio.Channel, grant: RunningGrant, address: str) -> None:
         self.stub = metering_pb2_grpc.MeteringServiceStub(channel)
+        self.address = address
+        """The metering service's address, for blocking calls such as the CLI makes."""
         self._grant = grant
 
     def metadata(self, subject: str, *roles: str) -> list[tuple[str, str]]:
@@ -95,14 +102,19 @@ class Callers:
     async def refunds_code(self, subject: str, role: str, job_id: str = "") -> grpc.StatusCode:
         """Return the status of a ListRefunds call by ``subject``."""
         try:
-            await self.stub.ListRefunds(
-                metering_pb2.ListRefundsRequest(job_id=job_id),
-                metadata=self.metadata(subject, role),
-                timeout=20,
-            )
+            await self.refunds(subject, role, job_id)
         except grpc.aio.AioRpcError as error:
             return error.code()
         return grpc.StatusCode.OK
+
+    async def refunds(
+        self, subject: str, role: str, job_id: str = ""
+    ) -> metering_pb2.ListRefundsResponse:
+        return await self.stub.ListRefunds(
+            metering_pb2.ListRefundsRequest(job_id=job_id),
+            metadata=self.metadata(subject, role),
+            timeout=20,
+        )
 
     async def error_code(self, call: Awaitable[object]) -> grpc.StatusCode:
         try:
@@ -146,7 +158,7 @@ async def callers(
         try:
             assert service.runtime is not None and service.runtime.js is not None
             await _store_usage(service.runtime.js, db, grant_id)
-            yield Callers(channel, grant), grant_id
+            yield Callers(channel, grant, service.address), grant_id
         finally:
             await channel.close()
             service.stop(grace_s=1.0)
@@ -253,3 +265,48 @@ async def test_refunds_scoped_to_member_jobs(callers: tuple[Callers, str]) -> No
     assert denied == grpc.StatusCode.PERMISSION_DENIED
     unnamed = await client.refunds_code("bob", "researcher")
     assert unnamed == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_unfiltered_listing_asks_for_filter(callers: tuple[Callers, str]) -> None:
+    client, _ = callers
+    with pytest.raises(grpc.aio.AioRpcError) as charges:
+        await client.charged_jobs("bob", "researcher")
+    assert charges.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "a filter is required" in (charges.value.details() or "")
+    assert "set grant_id or job_id" in (charges.value.details() or "")
+    assert "only of projects" not in (charges.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as refunds:
+        await client.refunds("bob", "researcher")
+    assert refunds.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "a filter is required" in (refunds.value.details() or "")
+    assert "set job_id" in (refunds.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [("charges", ["--grant GRANT", "--job JOB"]), ("refunds", ["--job JOB", "--provider"])],
+)
+async def test_unfiltered_cli_listing_names_options(
+    callers: tuple[Callers, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    options: list[str],
+) -> None:
+    client, _ = callers
+
+    @contextmanager
+    def open_metering(args: object) -> Iterator[Any]:
+        with grpc.insecure_channel(client.address) as channel:
+            stub = metering_pb2_grpc.MeteringServiceStub(channel)
+            yield BlockingStub(stub, client.metadata("bob", "researcher"))
+
+    monkeypatch.setattr(usage_cli, "open_metering", open_metering)
+    code = await asyncio.to_thread(main, ["usage", command])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "a filter is required" in captured.err
+    for option in options:
+        assert option in captured.err
+    assert "job_id" not in captured.err
+    assert captured.out == ""
