@@ -235,7 +235,16 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         principal = current_principal()
         grouping = _GROUPINGS.get(request.grouping)
         if grouping is None:
-            raise InvalidArgument("grouping", f"{request.grouping} is unknown", "pick a grouping")
+            choices = ", ".join(
+                metering_pb2.UsageGrouping.Name(value)
+                for value in _GROUPINGS
+                if value != metering_pb2.USAGE_GROUPING_UNSPECIFIED
+            )
+            raise InvalidArgument(
+                "grouping",
+                f"{request.grouping} is unknown",
+                f"use one of {choices}, or leave it unset to group by grant",
+            )
         start, end = convert.window_in("range", request.range)
         limit, token = convert.page_in(request.page)
         project_id = await self._usage_project(

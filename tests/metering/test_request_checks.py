@@ -202,6 +202,24 @@ async def test_usage_charges_cli_rejects_bad_job(
     assert captured.out == ""
 
 
+async def test_query_usage_lists_groupings(
+    running: tuple[Service, Client],  # noqa: F811
+) -> None:
+    _, client = running
+    error = await _error(
+        client.stub.QueryUsage(
+            metering_pb2.QueryUsageRequest(grouping=99, range=_window(0, 3600)),
+            metadata=client.metadata(Role.PROGRAM_OFFICE),
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error.details() or ""
+    assert "invalid grouping: 99 is unknown" in details
+    for name in metering_pb2.UsageGrouping.keys():
+        if name != "USAGE_GROUPING_UNSPECIFIED":
+            assert name in details
+
+
 async def _current_card(client: Client) -> metering_pb2.RateCard:
     card = await client.stub.GetRateCard(
         metering_pb2.GetRateCardRequest(), metadata=client.metadata(Role.PROGRAM_OFFICE)
