@@ -111,7 +111,7 @@ def text_in(field: str, value: str, *, required: bool = True, limit: int = MAX_T
     """
     stripped = value.strip()
     if required and not stripped:
-        raise InvalidArgument(field, "is missing", f"give a non-empty {field}")
+        raise InvalidArgument(field, "is missing", f"set {field} to text that is not blank")
     if len(stripped) > limit:
         raise InvalidArgument(
             field,

@@ -10,7 +10,7 @@ import pytest
 
 from services.grant import ledger_rules as rules
 from services.grant.amounts import format_amount, parse_amount
-from services.grant.convert import amount_out, signed_out
+from services.grant.convert import amount_out, signed_out, text_in
 from services.grant.errors import FailedPrecondition, InsufficientBudget, InvalidArgument
 from services.grant.ledger_rules import EntryKind, GrantState, HoldBalance, Pot
 from services.grant.review_rules import (
@@ -308,3 +308,12 @@ def test_amount_messages_without_exponent() -> None:
     assert "160 is not less than the requested 100" in messages[3]
     assert "60 exceeds half the standard limit, 50 PF-days" in messages[4]
     assert not [m for m in messages if "E+" in m or "E-" in m]
+
+
+@pytest.mark.parametrize("field", ["comments", "justification", "decision.reason"])
+def test_blank_text_fix_names_field(field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        text_in(field, "  ")
+    assert caught.value.field == field
+    assert caught.value.reason == "is missing"
+    assert caught.value.fix == f"set {field} to text that is not blank"
