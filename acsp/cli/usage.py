@@ -254,11 +254,13 @@ def run_rates(args: argparse.Namespace) -> int:
             "memory_gib": rate.model.memory_gib,
             "peak_tflops": decimal_text(rate.model.peak_dense_tflops),
             "pf_days_per_hour": decimal_text(rate.pf_days_per_accelerator_hour),
+            "effective_time": format_time(card.effective_time),
             "source": rate.model.source,
         }
         for rate in card.rates
     ]
-    columns = ["model", "vendor", "memory_gib", "peak_tflops", "pf_days_per_hour", "source"]
+    columns = ["model", "vendor", "memory_gib", "peak_tflops", "pf_days_per_hour"]
+    columns += ["effective_time", "source"]
     title = f"rate card version {card.version}"
     print_records(records, columns, output_format=args.format, title=title)
     return EXIT_OK

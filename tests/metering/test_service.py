@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import functools
+import io
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -241,6 +243,36 @@ async def test_settlement_of_unknown_provider(
     assert code == 1
     assert "NOT_FOUND: provider 'pl-missing' not found" in captured.err
     assert captured.out == ""
+
+
+async def test_rates_cli_shows_effective_time(
+    running: tuple[Service, Client],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    service, client = running
+    office = client.metadata(Role.PROGRAM_OFFICE)
+    card = await client.stub.GetRateCard(metering_pb2.GetRateCardRequest(), metadata=office)
+    card.effective_time.FromDatetime(T0 - timedelta(days=1))
+    request = metering_pb2.PublishRateCardRequest(request_id="rc-cli", rate_card=card)
+    await client.stub.PublishRateCard(request, metadata=office)
+
+    @contextmanager
+    def open_metering(args: object) -> Iterator[Any]:
+        with grpc.insecure_channel(service.address) as channel:
+            stub = metering_pb2_grpc.MeteringServiceStub(channel)
+            yield BlockingStub(stub, office)
+
+    monkeypatch.setattr(usage_cli, "open_metering", open_metering)
+    expected = {"1": "2026-01-01T00:00:00+00:00", "2": "2026-11-30T00:00:00+00:00"}
+    for version, effective in expected.items():
+        code = await asyncio.to_thread(
+            main, ["usage", "rates", "--version", version, "--format", "csv"]
+        )
+        rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+        assert code == 0
+        assert len(rows) == len(card.rates)
+        assert {row["effective_time"] for row in rows} == {effective}
 
 
 class BlockingStub:
