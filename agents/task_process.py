@@ -194,7 +194,7 @@ def from_shell_status(status: int) -> int:
     """Turn a shell's exit status into an exit code, or minus the signal for 128 + N.
 
     A command that exits with 129 to 192 on its own cannot be told apart from one killed by a
-    signal, so it is reported as killed, as shells and container runtimes report it.
+    signal, so it is reported as killed, following the convention of the shell.
     """
     if 128 < status <= 128 + _LAST_SIGNAL:
         return -(status - 128)
