@@ -162,11 +162,12 @@ class AcceleratorHealth:
 class TaskState(enum.StrEnum):
     RUNNING = "running"
     START_FAILED = "start_failed"
-    """The task was rejected or its command could not be started."""
+    """The task was rejected, or the node could not start its process."""
     STOPPING = "stopping"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-    """The process exited on its own with a non-zero status or a signal."""
+    """The process exited on its own with a non-zero status or a signal, or the command names
+    no executable program (exit code 127 or 126, as from a shell)."""
     STOPPED = "stopped"
     """Stopped on request (cancel or preemption)."""
     TIMED_OUT = "timed_out"

@@ -32,6 +32,7 @@ from pathlib import Path
 from agents.model import WHOLE_MILLI, TaskEvent, TaskSpec, TaskState
 from agents.state import StateStore, TaskRecord
 from agents.task_process import (
+    CommandNotRunnableError,
     TaskProcess,
     find_task_leaders,
     process_start_ticks,
@@ -246,6 +247,28 @@ class TaskRunner:
             )
         )
 
+    def _fail_unrunnable(self, spec: TaskSpec, error: CommandNotRunnableError) -> None:
+        """Report a task whose command names no executable program as failed, as a shell would.
+
+        The program is the job's own choice, so a rejection, which the scheduler requeues,
+        would start the job again and fail again in a loop.
+        """
+        reason = f"command could not be started: {error}"
+        logger.warning("task %s of job %s failed: %s", spec.task_id, spec.job_id, reason)
+        self._remember(spec.task_id, TaskState.FAILED)
+        self._emit(
+            TaskEvent(
+                job_id=spec.job_id,
+                task_id=spec.task_id,
+                state=TaskState.FAILED,
+                time=self._clock(),
+                reason=reason,
+                exit_code=error.exit_code,
+                output_tail=reason + "\n",
+                accelerators=spec.accelerators,
+            )
+        )
+
     async def _spawn(self, spec: TaskSpec, record: TaskRecord) -> None:
         if not self._task_dir_made:
             self._task_dir.mkdir(parents=True, exist_ok=True)
@@ -268,6 +291,10 @@ class TaskRunner:
                 Path(record.log_path),
                 self._exit_path(spec.task_id),
             )
+        except CommandNotRunnableError as error:
+            self._state.remove_intent(self._node_key, spec.task_id)
+            self._fail_unrunnable(spec, error)
+            return
         except OSError as error:
             self._state.remove_intent(self._node_key, spec.task_id)
             self._reject(spec, f"command could not be started: {error}")

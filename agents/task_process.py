@@ -42,6 +42,19 @@ shell reports death by signal N as the status 128 + N.
 _LAST_SIGNAL = signal.SIGRTMAX
 
 
+class CommandNotRunnableError(Exception):
+    """The task's command names no program that the task could execute.
+
+    ``exit_code`` is the status a POSIX shell returns for such a command: 127 when the program
+    is not found, 126 when it is found but cannot be executed.
+    """
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.exit_code = 127 if isinstance(error, FileNotFoundError) else 126
+
+
 class TaskProcess:
     """A running task process: our child (``popen`` set) or one adopted after a restart."""
 
@@ -146,11 +159,15 @@ def spawn(
     """Start ``command`` in a new session with its output in ``log_path``.
 
     The command runs under :data:`EXIT_RECORDER`, which writes its exit status to
-    ``exit_path``; a file left there by an earlier process is removed first. Raises ``OSError``
-    when the command cannot be started (not found, not executable).
+    ``exit_path``; a file left there by an earlier process is removed first. Raises
+    :class:`CommandNotRunnableError` when the command names no executable program, and
+    ``OSError`` when the node cannot start the process (the log file, a failed fork).
     """
     asyncio.get_running_loop()  # Raise RuntimeError before the process starts, not after.
-    executable = find_executable(command[0], env.get("PATH", os.defpath), cwd)
+    try:
+        executable = find_executable(command[0], env.get("PATH", os.defpath), cwd)
+    except OSError as error:
+        raise CommandNotRunnableError(error) from error
     with contextlib.suppress(FileNotFoundError):
         os.unlink(exit_path)
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)

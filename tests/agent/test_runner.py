@@ -560,10 +560,14 @@ async def test_command_runs_program_not_builtin(tmp_path: Path) -> None:
 
     recorder = await run_with_group(tmp_path, body)
     assert recorder.last("e/1/0").output_tail == "a\\tb\n"
+    # A command that names no program fails as under a shell, so the job is not requeued.
     missing = recorder.last("x/1/0")
-    assert missing.state is TaskState.START_FAILED
+    assert missing.state is TaskState.FAILED
+    assert missing.exit_code == 127
     assert "could not be started" in missing.reason
     assert "no-such-program-here" in missing.reason
     # A directory named by a relative path (from the task's working directory) is not a program.
-    assert recorder.last("t/1/0").state is TaskState.START_FAILED
-    assert "Permission denied" in recorder.last("t/1/0").reason
+    directory = recorder.last("t/1/0")
+    assert directory.state is TaskState.FAILED
+    assert directory.exit_code == 126
+    assert "Permission denied" in directory.reason

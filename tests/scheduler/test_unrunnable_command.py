@@ -1,0 +1,62 @@
+"""A job whose command names no program fails once instead of being requeued in a loop."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from acsp.v1 import scheduler_pb2
+from services.runtime.auth import Role
+
+from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
+from .test_end_to_end import job_spec
+
+pytestmark = pytest.mark.timeout(180)
+
+_TERMINAL = {
+    scheduler_pb2.JOB_STATE_COMPLETED,
+    scheduler_pb2.JOB_STATE_FAILED,
+    scheduler_pb2.JOB_STATE_CANCELLED,
+    scheduler_pb2.JOB_STATE_TIMED_OUT,
+}
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_servers()
+        await stack.start_grant()
+        await stack.start_metering()
+        yield stack
+    finally:
+        await stack.close()
+
+
+async def test_missing_program_fails_job_once(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=2)
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        spec = job_spec(project, grant, task_count=1, command=["/no/such/program", "--flag"])
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=spec), metadata=md, timeout=10
+        )
+        job_id = submitted.job.job_id
+
+        async def ended() -> scheduler_pb2.Job | None:
+            job = await scheduler.GetJob(
+                scheduler_pb2.GetJobRequest(job_id=job_id), metadata=md, timeout=10
+            )
+            return job if job.state in _TERMINAL else None
+
+        job = await wait_for(ended, 60, "the job to end", 0.2)
+    assert job.state == scheduler_pb2.JOB_STATE_FAILED
+    assert job.attempt == 1
+    assert "/no/such/program" in job.state_message
+    assert "exit code 127" in job.state_message
+    assert [p.exit_code for p in job.placements] == [127]
