@@ -414,8 +414,12 @@ class JobBook:
             self._confirm_orphan(node_key, task_id, tid.job_id)
         job = self.jobs.get(tid.job_id)
         if job is None or job.attempt != tid.attempt:
-            if state == "started" and job is not None and tid.attempt < job.attempt:
+            if job is None or tid.attempt >= job.attempt:
+                return
+            if state == "started":
                 self._stop_stale(job, tid, node_key, fx)
+            elif state == "exited" and exit_code == 0:
+                self._complete_requeued(job, tid, fx)
             return
         tasks = list(job.placement)
         index = next((i for i, t in enumerate(tasks) if t.task_index == tid.task_index), None)
@@ -449,6 +453,28 @@ class JobBook:
             self._release_fences(node_key, job.job_id)
             reason = f"task {tid.task_index} {state} with exit code {exit_code}: {message}"
             self.stop(job.job_id, outcome, reason, 0, f"task:{state}", fx)
+
+    def _complete_requeued(self, job: Job, tid: TaskId, fx: Effects) -> None:
+        """End a requeued one-task job as completed when its earlier attempt's task succeeded.
+
+        A job is requeued when its node is lost, but the task may still run there to its end,
+        and the agent reports its recorded exit status once it is back. Running the job again
+        would repeat finished work, so a job that waits for its next attempt ends instead.
+        """
+        # NOTE: a gang, or a job whose next attempt was already placed, still runs again,
+        # because the book keeps no task states of earlier attempts.
+        if job.spec.task_count != 1 or job.state != "pending":
+            return
+        reason = f"task {tid.task_index} of attempt {tid.attempt} exited with code 0"
+        logger.info(
+            "job %s: %s after the job was requeued; ending it as completed",
+            job.job_id,
+            reason,
+            extra={"job_id": job.job_id},
+        )
+        self._abandon_admission(job)
+        self.engine.end(job.job_id, "completed", fx.now)
+        self._finish(replace(job, placement=()), "completed", reason, "task:exited", fx)
 
     def apply_node_running(self, node_key: str, running: frozenset[str]) -> None:
         """Confirm stopped tasks of ended attempts that a node no longer lists as running."""
