@@ -91,6 +91,12 @@ def validate_spec(
         bad("priority_class", f"{spec.priority!r} is unknown; use {', '.join(PRIORITY_CLASSES)}")
     if spec.topology not in TOPOLOGIES:
         bad("topology", f"{spec.topology!r} is unknown")
+    elif _fractional_gang_in_one_domain(spec):
+        bad(
+            "topology",
+            f"is {spec.topology}, which a multi-task job with a share of one accelerator per "
+            "task cannot use; use same_region or same_provider, or whole accelerators per task",
+        )
     if spec.vendor not in VENDORS:
         bad("accelerators.vendor", f"{spec.vendor!r} is unknown")
     for i, model in enumerate(spec.models):
@@ -273,6 +279,12 @@ def _check_command_size(spec: JobSpec, max_payload: int, bad: _Reporter) -> None
             f"the {limit} bytes a start command may carry (half the NATS max_payload of "
             f"{max_payload}); shorten them or pass the data as a file",
         )
+
+
+def _fractional_gang_in_one_domain(spec: JobSpec) -> bool:
+    fractional = 0 < spec.accelerator_millis_per_task < MILLIS_PER_ACCELERATOR
+    one_domain = spec.topology in ("same_node", "same_interconnect_domain")
+    return fractional and spec.task_count > 1 and one_domain
 
 
 def _check_millis(spec: JobSpec, bad: _Reporter) -> None:

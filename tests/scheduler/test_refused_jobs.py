@@ -111,3 +111,29 @@ async def test_restart_fails_stored_unknown_model(stack: Stack) -> None:
         await stack._leads(restarted, address)
     finally:
         await pool.close()
+
+
+async def test_submit_rejects_fractional_gang_on_one_node(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    md = metadata(stack.token("alice", Role.RESEARCHER))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await scheduler.SubmitJob(
+                scheduler_pb2.SubmitJobRequest(
+                    spec=job_spec(
+                        "proj-a",
+                        "",
+                        accelerator_millis_per_task=500,
+                        topology=scheduler_pb2.TOPOLOGY_SAME_NODE,
+                    )
+                ),
+                metadata=md,
+                timeout=10,
+            )
+        listed = await scheduler.ListJobs(scheduler_pb2.ListJobsRequest(), metadata=md, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reason = field_violations(caught.value)["spec.topology"]
+    assert "same_node" in reason
+    assert "same_region" in reason
+    assert list(listed.jobs) == []
