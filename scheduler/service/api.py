@@ -368,6 +368,7 @@ def _array_parent(elements: list[Job]) -> scheduler_pb2.Job:
         hold_id="",
         hold_amount=None,
         checkpoint_ref="",
+        checkpoint_at=None,
         exit_code=None,
         started_at=min(started) if started else None,
         ended_at=max(ended) if state in _ENDED_ORDER and ended else None,

@@ -180,3 +180,34 @@ async def test_preempted_job_resumes_from_grace_checkpoint(stack: Stack, tmp_pat
     assert job.attempt == 2
     assert job.checkpoint_reference == "ckpt-at-sigterm"
     assert job.HasField("checkpoint_time")
+
+
+async def test_array_parent_shows_no_checkpoint(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1, usage_s=0.5)
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    command = ["/bin/sh", "-c", 'echo ckpt > "$ACSP_CHECKPOINT_FILE"; sleep 60']
+    spec = job_spec(project, grant, task_count=1, array_size=2, command=command)
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+
+        async def get(job_id: str) -> scheduler_pb2.Job:
+            return await scheduler.GetJob(
+                scheduler_pb2.GetJobRequest(job_id=job_id), metadata=md, timeout=10
+            )
+
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=spec), metadata=md, timeout=10
+        )
+
+        async def checkpointed() -> bool:
+            jobs = [await get(job_id) for job_id in submitted.array_job_ids]
+            return all(job.checkpoint_reference == "ckpt" for job in jobs)
+
+        await wait_for(checkpointed, 60, "every element to report its checkpoint", 0.2)
+        parent = await get(submitted.job.job_id)
+    # The elements' references differ in general, so the parent shows neither a reference
+    # nor the time of one.
+    assert parent.checkpoint_reference == ""
+    assert not parent.HasField("checkpoint_time")
