@@ -97,7 +97,7 @@ class FleetRpcs(ProviderRpcs):
         leader = self._lead.require()
         node = leader.fleet.get(key)
         if node is None:
-            raise NotFound("node", key)
+            raise NotFound("node", _node_name(request))
         return _node_to_proto(node, _failures_by_accelerator(leader.book.engine))
 
     async def DrainNode(
@@ -119,7 +119,7 @@ class FleetRpcs(ProviderRpcs):
         await leader.inbox.put(DrainRequested(key, not request.undrain, reason, reply))
         node = await asyncio.wait_for(reply, timeout=remaining_s(10.0))
         if node is None:
-            raise NotFound("node", key)
+            raise NotFound("node", _node_name(request))
         try:
             await leader.nodes.set_draining(
                 request.provider_id, request.region_id, request.node_id, not request.undrain, reason
@@ -152,12 +152,12 @@ class FleetRpcs(ProviderRpcs):
         await leader.inbox.put(NodeDownRequested(key, request.reason, reply))
         node = await asyncio.wait_for(reply, timeout=remaining_s(10.0))
         if node is None:
-            raise NotFound("node", key)
+            raise NotFound("node", _node_name(request))
         if node.status != "down":
             raise FailedPrecondition(
-                f"node {key} is {node.status}, and only an unknown node (one that missed its "
-                "heartbeats) can be marked down. Drain it to stop new work, or stop its agent "
-                "and wait until the node shows as unknown",
+                f"node {_node_name(request)} is {node.status}, and only an unknown node (one "
+                "that missed its heartbeats) can be marked down. Drain it to stop new work, or "
+                "stop its agent and wait until the node shows as unknown",
                 "node_id",
             )
         return _node_to_proto(node, _failures_by_accelerator(leader.book.engine))
@@ -356,3 +356,12 @@ def _node_to_proto(
     if node.last_heartbeat:
         msg.last_heartbeat_time.FromNanoseconds(int(node.last_heartbeat * 1e9))
     return msg
+
+
+def _node_name(
+    request: scheduler_pb2.GetNodeRequest
+    | scheduler_pb2.DrainNodeRequest
+    | scheduler_pb2.MarkNodeDownRequest,
+) -> str:
+    """Return the node of ``request`` as ``<provider>/<region>/<node>``, as operators write it."""
+    return f"{request.provider_id}/{request.region_id}/{request.node_id}"

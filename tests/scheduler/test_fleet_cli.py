@@ -525,9 +525,17 @@ async def test_failed_accelerator_in_node_views(
             assert code != 0
             assert "only an unknown node" in err
 
+            # An unknown node is named as the operator wrote it.
             code, out, err = await run_cli(capsys, "node", "prov/reg/n9")
             assert code == 1
             assert "NOT_FOUND" in err
+            assert "node 'prov/reg/n9' not found" in err
+            code, out, err = await run_cli(capsys, "drain", "prov/reg/n9")
+            assert code == 1
+            assert "node 'prov/reg/n9' not found" in err
+            code, out, err = await run_cli(capsys, "down", "prov/reg/n9", "--reason", "off")
+            assert code == 1
+            assert "node 'prov/reg/n9' not found" in err
 
             recovery = health_event(target, "hev-clear-1", cleared=True)
             await js.publish(subject, recovery.SerializeToString())
