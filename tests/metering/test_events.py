@@ -136,8 +136,10 @@ async def test_hardware_failure_events_lead_to_refund(
     assert_priced(ledger.total_charged(), exact_price("A100-SXM4-80GB", 3600), charges=60)
     assert ledger.released == {"release/job-e/0": "hold-e"}
     _, amount, reason = ledger.refunds["refund/job-e/0"]
-    # Samples from the checkpoint at 0:40 to the fault at 0:59:55: twenty one-minute samples.
-    assert amount == default_rate_card().charge("A100-SXM4-80GB", Decimal(20 * 60))
+    # Samples from the checkpoint at 0:40 to the fault at 0:59:55: twenty one-minute samples,
+    # priced as they were charged, one five-minute period at a time.
+    period = default_rate_card().charge("A100-SXM4-80GB", Decimal(5 * 60))
+    assert amount == 4 * period
     assert "xid 79 on GPU-0" in reason
 
 
