@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import signal
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ _REMEMBERED_FINISHED = 4096
 TIMED_OUT = "wall time exceeded"
 AGENT_EXIT = "the agent stopped"
 """Stop reason of the tasks an agent stops because it is shutting down."""
+_EARLY_STOP_S = 1.0
+"""Age of a task below which a stop sends SIGTERM again (see ``_repeat_early_stop``)."""
+_EARLY_STOP_REPEATS_S = (0.2, 1.0)
+"""Seconds after such a stop at which SIGTERM goes out again, while the task runs."""
 SPAWN_ID_ENV = "ACSP_SPAWN_ID"
 """Environment variable that marks a task's process with its record's ``spawn_id``."""
 
@@ -63,6 +68,8 @@ class _Task:
     """The task's process, a child or one adopted after a restart; ``None`` for a played task."""
     ended_at: float | None = None
     killed: bool = False
+    spawned_at: float | None = None
+    """``time.monotonic()`` when this agent spawned the process; None for an adopted one."""
     supervisor: asyncio.Task[None] | None = field(default=None, repr=False)
     changed: asyncio.Future[None] | None = field(default=None, repr=False)
     """Done when a stop is requested, so that the supervisor recomputes its next deadline."""
@@ -301,7 +308,7 @@ class TaskRunner:
             return
         record.pid = process.pid
         record.process_start_ticks = process_start_ticks(process.pid) or 0
-        task = _Task(record, process)
+        task = _Task(record, process, spawned_at=time.monotonic())
         self._tasks[spec.task_id] = task
         self._state.remove_intent(self._node_key, spec.task_id)
         self._state.put_task(self._node_key, record)
@@ -358,9 +365,28 @@ class TaskRunner:
         self._emit_state(record, TaskState.STOPPING, reason)
         if record.pid:
             _signal_group(record.pid, signal.SIGTERM)
+            self._repeat_early_stop(task)
         else:
             # A played task has nothing to signal: it stops at once.
             self._finish(task, None, "")
+
+    def _repeat_early_stop(self, task: _Task) -> None:
+        """Send SIGTERM again soon to a task stopped right after its spawn.
+
+        A SIGTERM that reaches the task's shell after it traps the signal and before it starts
+        the command stops nothing, and the command would run until SIGKILL at the end of its
+        grace period. A task this young has no work to save, so a second SIGTERM costs nothing.
+        """
+        if task.spawned_at is None or time.monotonic() - task.spawned_at > _EARLY_STOP_S:
+            return
+        loop = asyncio.get_running_loop()
+        for delay in _EARLY_STOP_REPEATS_S:
+            loop.call_later(delay, self._signal_if_running, task, signal.SIGTERM)
+
+    @staticmethod
+    def _signal_if_running(task: _Task, signum: int) -> None:
+        if task.process is not None and not task.process.exited.done() and not task.killed:
+            _signal_group(task.record.pid, signum)
 
     # Supervision -----------------------------------------------------------------------------
 

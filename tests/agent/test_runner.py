@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agents import task_process
 from agents.model import TaskEvent, TaskSpec, TaskState
 from agents.runner import TaskRunner
 from agents.state import StateStore
@@ -571,3 +572,30 @@ async def test_command_runs_program_not_builtin(tmp_path: Path) -> None:
     assert directory.state is TaskState.FAILED
     assert directory.exit_code == 126
     assert "Permission denied" in directory.reason
+
+
+async def test_stop_right_after_spawn_reaches_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Widen the moment between the shell's trap and the start of the command, so that the
+    # first SIGTERM reaches the shell alone.
+    widened = task_process.EXIT_RECORDER.replace(
+        "trap : HUP INT TERM;", "trap : HUP INT TERM; sleep 0.5;"
+    )
+    assert widened != task_process.EXIT_RECORDER
+    monkeypatch.setattr(task_process, "EXIT_RECORDER", widened)
+    sleeper = python_command("import time; time.sleep(60)")
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        await runner.start(TaskSpec("y", "y/1/0", ("GPU-3",), sleeper, grace_period_s=30.0))
+        shell = runner._tasks["y/1/0"].record.pid
+        children = Path(f"/proc/{shell}/task/{shell}/children")
+        # The shell's first child is the sleep, so it has set its trap.
+        await wait_for(lambda: children.read_text().strip() != "", 5.0)
+        await runner.stop("y/1/0", "cancelled")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("y/1/0"), 5.0)
+
+    started = time.monotonic()
+    recorder = await run_with_group(tmp_path, body)
+    assert recorder.last("y/1/0").exit_code == -signal.SIGTERM
+    assert time.monotonic() - started < 5
