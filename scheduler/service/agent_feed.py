@@ -109,6 +109,23 @@ def _checkpoint_seconds(event: agent_pb2.TaskEvent) -> float | None:
     return event.checkpoint_time.ToNanoseconds() / 1e9
 
 
+OUTPUT_SUMMARY_LINES = 3
+OUTPUT_SUMMARY_CHARS = 400
+
+
+def output_summary(tail: str) -> str:
+    """Return the last lines of a task's output on one line, joined by `` | ``.
+
+    Keeps the last :data:`OUTPUT_SUMMARY_LINES` lines that are not blank and, of a longer
+    text, the last :data:`OUTPUT_SUMMARY_CHARS` characters after ``...``.
+    """
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    text = " | ".join(lines[-OUTPUT_SUMMARY_LINES:])
+    if len(text) > OUTPUT_SUMMARY_CHARS:
+        text = "..." + text[-OUTPUT_SUMMARY_CHARS:]
+    return text
+
+
 def task_state_name(value: int) -> str:
     """``TASK_STATE_START_FAILED`` -> ``start_failed``."""
     return agent_pb2.TaskState.Name(value).removeprefix("TASK_STATE_").lower()  # type: ignore[arg-type]
@@ -243,13 +260,20 @@ class AgentFeed:
             if subject.startswith("acsp.task."):
                 event = agent_pb2.TaskEvent.FromString(message.data)
                 key = subject.removeprefix("acsp.task.")
+                state = task_state_name(event.state)
+                text = event.message
+                if event.output_tail and (
+                    state == "timed_out" or (state == "exited" and event.exit_code != 0)
+                ):
+                    # The job's reason is all that its owner sees of why it failed.
+                    text = f"{text}; output ends with: {output_summary(event.output_tail)}"
                 return [
                     TaskReported(
                         key,
                         event.task_id,
-                        task_state_name(event.state),
+                        state,
                         event.exit_code,
-                        event.message,
+                        text,
                         ack,  # type: ignore[arg-type]
                         event.checkpoint_reference,
                         _checkpoint_seconds(event),

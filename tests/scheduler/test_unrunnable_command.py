@@ -1,4 +1,4 @@
-"""A job whose command names no program fails once instead of being requeued in a loop."""
+"""Jobs whose command fails: a missing program fails once, and the end of the output is shown."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from acsp.v1 import scheduler_pb2
+from scheduler.service.agent_feed import output_summary
 from services.runtime.auth import Role
 
 from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
@@ -60,3 +61,37 @@ async def test_missing_program_fails_job_once(stack: Stack) -> None:
     assert "/no/such/program" in job.state_message
     assert "exit code 127" in job.state_message
     assert [p.exit_code for p in job.placements] == [127]
+
+
+async def test_failed_job_shows_output_end(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    script = "echo loading; echo 'RuntimeError: CUDA out of memory' >&2; exit 3"
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        spec = job_spec(project, grant, task_count=1, command=["sh", "-c", script])
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=spec), metadata=md, timeout=10
+        )
+        job_id = submitted.job.job_id
+
+        async def ended() -> scheduler_pb2.Job | None:
+            job = await scheduler.GetJob(
+                scheduler_pb2.GetJobRequest(job_id=job_id), metadata=md, timeout=10
+            )
+            return job if job.state in _TERMINAL else None
+
+        job = await wait_for(ended, 60, "the job to end", 0.2)
+    assert job.state == scheduler_pb2.JOB_STATE_FAILED
+    assert "exit code 3" in job.state_message
+    assert "output ends with: loading | RuntimeError: CUDA out of memory" in job.state_message
+
+
+def test_output_summary_keeps_the_end() -> None:
+    assert output_summary("a\n\n  b  \nc\nd\n") == "b | c | d"
+    long = output_summary("x" * 1000 + "\nlast line\n")
+    assert long.endswith("x | last line")
+    assert len(long) == len("...") + 400
+    assert output_summary("") == ""
