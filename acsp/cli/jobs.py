@@ -12,6 +12,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
 from acsp.cli._common import (
+    EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
     UINT32_MAX,
@@ -141,6 +142,11 @@ def register(subparsers: Any) -> None:
         "watch",
         parents=[connection],
         help="print job changes as they happen, until the one job watched ends (Ctrl-C stops)",
+        description=(
+            "Print one line per job change. Given JOB_ID, stop when that job ends and exit 0 "
+            "only if it completed. Exit 1 if it failed, was cancelled or timed out, or if the "
+            "stream closed before the job ended. Without JOB_ID, watch until Ctrl-C."
+        ),
     )
     watch.add_argument("job_id", nargs="?", default="", help="one job (default: all yours)")
     watch.add_argument(
@@ -283,19 +289,32 @@ def cancel_job(args: argparse.Namespace) -> int:
 
 async def watch_jobs(args: argparse.Namespace) -> int:
     """Print one line per job change until interrupted, the stream ends, or the one job
-    watched has ended."""
+    watched has ended.
+
+    Returns EXIT_OK for a watch of all jobs. For one job it returns EXIT_OK only when that job
+    completed, so that a script can test the outcome by the exit status.
+    """
     request = scheduler_pb2.WatchJobsRequest(
         job_id=args.job_id, project_id=args.project, send_initial=True
     )
+    final_state = scheduler_pb2.JOB_STATE_UNSPECIFIED
     async with async_client_from_args(args) as client:
         stream = client.scheduler.WatchJobs(request, timeout=WATCH_DEADLINE_S)
         async for job in stream:
             sys.stdout.write(watch_line(job) + "\n")
             sys.stdout.flush()
             if args.job_id and job.state in ENDED_STATES:
+                final_state = job.state
                 stream.cancel()
                 break
-    return EXIT_OK
+    if not args.job_id or final_state == scheduler_pb2.JOB_STATE_COMPLETED:
+        return EXIT_OK
+    if final_state == scheduler_pb2.JOB_STATE_UNSPECIFIED:
+        raise CommandError(
+            f"the watch stream closed before job {args.job_id} ended, so its outcome is "
+            f"unknown. Run acsp jobs watch {args.job_id} again"
+        )
+    return EXIT_FAILURE
 
 
 def watch_line(job: scheduler_pb2.Job) -> str:

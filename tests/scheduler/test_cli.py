@@ -203,3 +203,61 @@ async def test_watch_of_one_job_stops_when_it_ends(
     assert code == 0
     assert capsys.readouterr().out.splitlines() == ["j1  pending", "j1  running", "j1  completed"]
     assert stream.cancelled
+
+
+def fake_scheduler(monkeypatch: pytest.MonkeyPatch, stream: FakeWatch) -> None:
+    client = SimpleNamespace(scheduler=SimpleNamespace(WatchJobs=lambda *a, **k: stream))
+
+    @contextlib.asynccontextmanager
+    async def fake_client(args: argparse.Namespace) -> AsyncIterator[SimpleNamespace]:
+        yield client
+
+    monkeypatch.setattr(jobs_cli, "async_client_from_args", fake_client)
+
+
+@pytest.mark.parametrize(
+    ("state", "code"),
+    [
+        (scheduler_pb2.JOB_STATE_COMPLETED, 0),
+        (scheduler_pb2.JOB_STATE_FAILED, 1),
+        (scheduler_pb2.JOB_STATE_CANCELLED, 1),
+        (scheduler_pb2.JOB_STATE_TIMED_OUT, 1),
+    ],
+)
+async def test_watch_exit_status_by_end_state(
+    monkeypatch: pytest.MonkeyPatch, state: scheduler_pb2.JobState, code: int
+) -> None:
+    jobs = [
+        scheduler_pb2.Job(job_id="j1", state=s) for s in (scheduler_pb2.JOB_STATE_RUNNING, state)
+    ]
+    fake_scheduler(monkeypatch, FakeWatch(jobs))
+    args = argparse.Namespace(job_id="j1", project="")
+
+    assert await jobs_cli.watch_jobs(args) == code
+
+
+async def test_watch_stream_closed_early_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    job = scheduler_pb2.Job(job_id="j1", state=scheduler_pb2.JOB_STATE_RUNNING)
+    fake_scheduler(monkeypatch, FakeWatch([job]))
+    args = argparse.Namespace(job_id="j1", project="")
+
+    with pytest.raises(CommandError) as caught:
+        await jobs_cli.watch_jobs(args)
+    assert caught.value.exit_code == 1
+    assert "before job j1 ended" in str(caught.value)
+
+
+async def test_watch_of_all_jobs_exits_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    job = scheduler_pb2.Job(job_id="j1", state=scheduler_pb2.JOB_STATE_FAILED)
+    fake_scheduler(monkeypatch, FakeWatch([job]))
+    args = argparse.Namespace(job_id="", project="")
+
+    assert await jobs_cli.watch_jobs(args) == 0
+
+
+def test_watch_help_states_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("jobs", "watch", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exit 0 only if it completed" in text
+    assert "Exit 1 if it failed, was cancelled or timed out" in text

@@ -1,0 +1,80 @@
+"""``acsp jobs watch`` against a real scheduler, grant service, NATS and simulated agents."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from acsp._channel import Credentials
+from acsp.cli import jobs as jobs_cli
+from acsp.cli.main import main
+from acsp.client import AsyncClient
+from acsp.v1 import scheduler_pb2
+from services.runtime.auth import Role
+
+from .harness import Stack, fund_grant, metadata, scheduler_stub
+from .test_end_to_end import job_spec
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_servers()
+        await stack.start_grant()
+        yield stack
+    finally:
+        await stack.close()
+
+
+def use_scheduler(monkeypatch: pytest.MonkeyPatch, address: str, token: str) -> None:
+    """Point the CLI's asyncio client at ``address`` over plaintext, with ``token``."""
+
+    def client(args: object) -> AsyncClient:
+        endpoints = {"grant": address, "scheduler": address, "metering": address}
+        return AsyncClient(endpoints, Credentials(token=token), wait_for_ready=False)
+
+    monkeypatch.setattr(jobs_cli, "async_client_from_args", client)
+
+
+async def submit(address: str, token: str, spec: scheduler_pb2.JobSpec) -> str:
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        response = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=spec), metadata=metadata(token), timeout=10
+        )
+    return response.job.job_id
+
+
+async def watch(capsys: pytest.CaptureFixture[str], job_id: str) -> tuple[int, list[str]]:
+    """Run ``acsp jobs watch JOB_ID`` to its end; return its exit status and output lines."""
+    code = await asyncio.wait_for(asyncio.to_thread(main, ["jobs", "watch", job_id]), 90)
+    return code, capsys.readouterr().out.splitlines()
+
+
+async def test_watch_exit_status_follows_outcome(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    token = stack.token(pi, Role.PI)
+    use_scheduler(monkeypatch, address, token)
+
+    passing = await submit(address, token, job_spec(project, grant, task_count=1))
+    code, lines = await watch(capsys, passing)
+    assert code == 0
+    assert "completed" in lines[-1]
+
+    failing = await submit(
+        address, token, job_spec(project, grant, task_count=1, command=["sh", "-c", "exit 3"])
+    )
+    code, lines = await watch(capsys, failing)
+    assert code == 1
+    assert "failed" in lines[-1]
+    assert "exit code 3" in lines[-1]
