@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 # Agent task states (``acsp.v1.TaskState`` in lower case) by what they mean for the job.
 _FAULTS = frozenset({"lost", "failed_hardware", "start_failed"})
 TASK_STATES = frozenset({"started", "exited", "stopped", "timed_out"}) | _FAULTS
+MAX_START_FAILURES = 5
+"""Attempts in a row that fail to start before the job fails instead of being requeued."""
 CHECKPOINTED = "checkpointed"
 """Task state of an event that only reports a new checkpoint of a running task."""
 MAX_CHECKPOINT_REF_BYTES = 4096
@@ -107,6 +109,8 @@ class JobBook:
         self._orphan_writes: dict[tuple[str, str], Orphan | None] = {}
         """Orphans added (the copy) or confirmed (None) since the last commit, by node key and
         task id. Only the last change of a copy is kept, so a commit never adds and deletes it."""
+        self._start_failures: dict[str, int] = {}
+        """Job id to its attempts in a row that a node rejected; kept in memory only."""
         self._starting_since: dict[str, float] = {}
         """Job id to the time its start commands went out, while it is starting."""
         self._replacing_since: dict[tuple[str, int, int], float] = {}
@@ -447,6 +451,10 @@ class JobBook:
         elif state in _FAULTS:
             self._release_fences(node_key, job.job_id)
             reason = f"task {tid.task_index} {state.replace('_', ' ')}: {message}"
+            if state == "start_failed" and self._count_start_failure(job.job_id):
+                reason = f"{reason} ({MAX_START_FAILURES} attempts in a row failed to start)"
+                self.stop(job.job_id, "failed", reason, 0, f"task:{state}", fx)
+                return
             self.requeue(job.job_id, reason, f"task:{state}", fx, release=True)
         else:
             outcome: JobState = "timed_out" if state == "timed_out" else "failed"
@@ -715,10 +723,25 @@ class JobBook:
             return
         self.requeue(job_id, reason, f"health:{failure.event_id}", fx, release=False)
 
+    def _count_start_failure(self, job_id: str) -> bool:
+        """Count an attempt of ``job_id`` that failed to start; return True at the limit.
+
+        A node that rejects every start of a job (an accelerator it found unusable, say)
+        would otherwise see the job requeued, placed there again and rejected in a loop, with a
+        budget hold placed for each attempt.
+        """
+        failures = self._start_failures.get(job_id, 0) + 1
+        if failures >= MAX_START_FAILURES:
+            self._start_failures.pop(job_id, None)
+            return True
+        self._start_failures[job_id] = failures
+        return False
+
     def _on_started(self, job: Job, fx: Effects) -> None:
         fx.change(job, "task:started")
         # A short task may exit before the last task of its gang starts: it started too.
         if job.state == "starting" and all(t.state in _RAN for t in job.placement):
+            self._start_failures.pop(job.job_id, None)
             self._starting_since.pop(job.job_id, None)
             running = replace(job, state="running", reason="", started_at=fx.now)
             self.jobs[job.job_id] = running
@@ -789,6 +812,7 @@ class JobBook:
         self._stopping.pop(job.job_id, None)
         self._admitting.discard(job.job_id)
         self._starting_since.pop(job.job_id, None)
+        self._start_failures.pop(job.job_id, None)
         fx.change(ended, cause)
         fx.events.append(job_event(ended, "ended", cause, reason))
 

@@ -13,7 +13,7 @@ from scheduler.engine.spec import EngineConfig
 from scheduler.service.admission import HoldOutcome, RateCard
 from scheduler.service.engine_adapter import EngineAdapter
 from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
-from scheduler.service.jobbook import Effects, JobBook
+from scheduler.service.jobbook import MAX_START_FAILURES, Effects, JobBook
 from scheduler.service.model import Job, JobSpec, TaskPlacement, new_job_id
 from scheduler.service.pledges import PledgeRecord, RecallRecord
 
@@ -152,6 +152,45 @@ def test_gang_task_start_failure_requeues_whole_job() -> None:
     stops = [r for r in fx.commands if r.kind == "stop"]
     assert [(r.attempt, r.task_index) for r in stops] == [(1, 0)]
     assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/requeued"]
+
+
+def attempt_start(book: JobBook, job: Job, now: float, *states: str) -> Effects:
+    """Place ``job``'s next attempt, hold its budget and report its one task in ``states``."""
+    place(book, job, now)
+    attempt = book.jobs[job.job_id].attempt
+    book.apply_hold(job.job_id, attempt, HoldOutcome("held", "h1", "g1", Decimal(1)), Effects(now))
+    fx = Effects(now)
+    for state in states:
+        book.apply_task("prov.reg.n1", f"{job.job_id}/{attempt}/0", state, 0, "", fx)
+    return fx
+
+
+def test_job_failing_to_start_fails_at_limit() -> None:
+    book = make_book()
+    job = make_job(tasks=1)
+    for attempt in range(1, MAX_START_FAILURES):
+        attempt_start(book, job, NOW + attempt, "start_failed")
+        assert book.jobs[job.job_id].state == "pending"
+        assert book.jobs[job.job_id].attempt == attempt + 1
+
+    fx = attempt_start(book, job, NOW + MAX_START_FAILURES, "start_failed")
+
+    ended = fx.changed[job.job_id][0]
+    assert ended.state == "failed"
+    assert ended.attempt == MAX_START_FAILURES
+    assert f"{MAX_START_FAILURES} attempts in a row failed to start" in ended.reason
+    assert job.job_id not in book.jobs
+
+
+def test_started_attempt_resets_start_failures() -> None:
+    book = make_book()
+    job = make_job(tasks=1)
+    for attempt in range(1, MAX_START_FAILURES):
+        attempt_start(book, job, NOW + attempt, "start_failed")
+    attempt_start(book, job, NOW + MAX_START_FAILURES, "started", "lost")
+
+    attempt_start(book, job, NOW + MAX_START_FAILURES + 1, "start_failed")
+    assert book.jobs[job.job_id].state == "pending"
 
 
 def test_cancel_running_job_stops_tasks_then_ends() -> None:
