@@ -8,6 +8,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
@@ -143,9 +144,10 @@ def register(subparsers: Any) -> None:
         parents=[connection],
         help="print job changes as they happen, until the one job watched ends (Ctrl-C stops)",
         description=(
-            "Print one line per job change. Given JOB_ID, stop when that job ends and exit 0 "
-            "only if it completed. Exit 1 if it failed, was cancelled or timed out, or if the "
-            "stream closed before the job ended. Without JOB_ID, watch until Ctrl-C."
+            "Print one line per job change, starting with the UTC time it arrived. Given "
+            "JOB_ID, stop when that job ends and exit 0 only if it completed. Exit 1 if it "
+            "failed, was cancelled or timed out, or if the stream closed before the job "
+            "ended. Without JOB_ID, watch until Ctrl-C."
         ),
     )
     watch.add_argument("job_id", nargs="?", default="", help="one job (default: all yours)")
@@ -298,12 +300,23 @@ async def watch_jobs(args: argparse.Namespace) -> int:
         job_id=args.job_id, project_id=args.project, send_initial=True
     )
     final_state = scheduler_pb2.JOB_STATE_UNSPECIFIED
+    # The service sends the whole job on every committed change, also of fields that the line
+    # leaves out (the hold, a checkpoint), and a change made while the watch starts comes
+    # again after the initial state. So a line is printed only when it differs from the last.
+    last_lines: dict[str, str] = {}
     async with async_client_from_args(args) as client:
         stream = client.scheduler.WatchJobs(request, timeout=WATCH_DEADLINE_S)
         async for job in stream:
-            sys.stdout.write(watch_line(job) + "\n")
-            sys.stdout.flush()
-            if args.job_id and job.state in ENDED_STATES:
+            line = watch_line(job)
+            if last_lines.get(job.job_id) != line:
+                sys.stdout.write(f"{datetime.now(UTC).isoformat(timespec='seconds')}  {line}\n")
+                sys.stdout.flush()
+            if job.state not in ENDED_STATES:
+                last_lines[job.job_id] = line
+                continue
+            # An ended job changes no more, and a watch of all jobs may run for weeks.
+            last_lines.pop(job.job_id, None)
+            if args.job_id:
                 final_state = job.state
                 stream.cancel()
                 break

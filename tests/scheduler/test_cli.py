@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -201,7 +202,12 @@ async def test_watch_of_one_job_stops_when_it_ends(
     code = await jobs_cli.watch_jobs(args)
 
     assert code == 0
-    assert capsys.readouterr().out.splitlines() == ["j1  pending", "j1  running", "j1  completed"]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ", 1)[1] for line in lines] == [
+        "j1  pending",
+        "j1  running",
+        "j1  completed",
+    ]
     assert stream.cancelled
 
 
@@ -261,3 +267,28 @@ def test_watch_help_states_exit_status(capsys: pytest.CaptureFixture[str]) -> No
     text = " ".join(capsys.readouterr().out.split())
     assert "exit 0 only if it completed" in text
     assert "Exit 1 if it failed, was cancelled or timed out" in text
+
+
+async def test_watch_prints_each_change_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pending = scheduler_pb2.Job(job_id="j1", state=scheduler_pb2.JOB_STATE_PENDING)
+    with_hold = scheduler_pb2.Job(job_id="j1", state=scheduler_pb2.JOB_STATE_PENDING, hold_id="h1")
+    other = scheduler_pb2.Job(job_id="j2", state=scheduler_pb2.JOB_STATE_PENDING)
+    running = scheduler_pb2.Job(job_id="j1", state=scheduler_pb2.JOB_STATE_RUNNING)
+    fake_scheduler(monkeypatch, FakeWatch([pending, pending, with_hold, other, running, running]))
+    args = argparse.Namespace(job_id="", project="")
+    before = datetime.now(UTC).replace(microsecond=0)
+
+    await jobs_cli.watch_jobs(args)
+
+    after = datetime.now(UTC)
+    lines = capsys.readouterr().out.splitlines()
+    stamps = [datetime.fromisoformat(line.split("  ", 1)[0]) for line in lines]
+    assert [line.split("  ", 1)[1] for line in lines] == [
+        "j1  pending",
+        "j2  pending",
+        "j1  running",
+    ]
+    assert all(stamp.utcoffset() == timedelta(0) for stamp in stamps)
+    assert all(before <= stamp <= after for stamp in stamps)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,11 @@ async def test_watch_exit_status_follows_outcome(
     code, lines = await watch(capsys, passing)
     assert code == 0
     assert "completed" in lines[-1]
+    changes = [line.split("  ", 1)[1] for line in lines]
+    assert all(a != b for a, b in itertools.pairwise(changes))
+    for line in lines:
+        stamp = datetime.fromisoformat(line.split("  ", 1)[0])
+        assert stamp.utcoffset() == timedelta(0)
 
     failing = await submit(
         address, token, job_spec(project, grant, task_count=1, command=["sh", "-c", "exit 3"])
