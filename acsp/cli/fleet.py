@@ -26,6 +26,7 @@ NODE_COLUMNS = (
     "accelerators",
     "healthy",
     "failed",
+    "jobs",
     "last heartbeat",
     "reason",
 )
@@ -119,6 +120,7 @@ def node_row(node: scheduler_pb2.Node) -> dict[str, Any]:
             for a in node.accelerators
             if a.health == scheduler_pb2.HEALTH_STATE_FAILED
         ),
+        "jobs": len(node.job_ids),
         "last heartbeat": beat.ToDatetime().isoformat(timespec="seconds") if beat.seconds else "",
         "reason": node.state_cause.reason,
     }
@@ -176,6 +178,8 @@ def show_node(args: argparse.Namespace) -> int:
     # CSV and JSON lines carry one kind of row, so scripts get only the accelerators.
     if args.format == "table":
         print_records([node_row(node)], NODE_COLUMNS, title="node")
+        if node.job_ids:
+            print_records([{"job": job_id} for job_id in node.job_ids], ("job",), title="jobs")
     print_records(
         [accelerator_row(a) for a in node.accelerators],
         ACCELERATOR_COLUMNS,

@@ -142,7 +142,7 @@ class Accelerator(_message.Message):
     def __init__(self, accelerator_id: _Optional[str] = ..., pci_bus_id: _Optional[str] = ..., model: _Optional[str] = ..., interconnect_domain: _Optional[str] = ..., health: _Optional[_Union[HealthState, str]] = ..., used_millis: _Optional[int] = ..., parent_accelerator_id: _Optional[str] = ..., partition_millis: _Optional[int] = ..., health_cause: _Optional[_Union[_common_pb2.Cause, _Mapping]] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("node_id", "provider_id", "region_id", "state", "accelerators", "software_stacks", "last_heartbeat_time", "state_cause")
+    __slots__ = ("node_id", "provider_id", "region_id", "state", "accelerators", "software_stacks", "last_heartbeat_time", "state_cause", "job_ids")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class Node(_message.Message):
     SOFTWARE_STACKS_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_TIME_FIELD_NUMBER: _ClassVar[int]
     STATE_CAUSE_FIELD_NUMBER: _ClassVar[int]
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     provider_id: str
     region_id: str
@@ -159,7 +160,8 @@ class Node(_message.Message):
     software_stacks: _containers.RepeatedScalarFieldContainer[str]
     last_heartbeat_time: _timestamp_pb2.Timestamp
     state_cause: _common_pb2.Cause
-    def __init__(self, node_id: _Optional[str] = ..., provider_id: _Optional[str] = ..., region_id: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., accelerators: _Optional[_Iterable[_Union[Accelerator, _Mapping]]] = ..., software_stacks: _Optional[_Iterable[str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state_cause: _Optional[_Union[_common_pb2.Cause, _Mapping]] = ...) -> None: ...
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., provider_id: _Optional[str] = ..., region_id: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., accelerators: _Optional[_Iterable[_Union[Accelerator, _Mapping]]] = ..., software_stacks: _Optional[_Iterable[str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state_cause: _Optional[_Union[_common_pb2.Cause, _Mapping]] = ..., job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Pledge(_message.Message):
     __slots__ = ("pledge_id", "provider_id", "region_id", "model", "window", "protected_count", "recallable_count")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Final
 
 import grpc
@@ -31,7 +31,7 @@ from .errors import InvalidFields
 from .fleet import NODE_STATUSES, AcceleratorView, NodeView
 from .inputs import DrainRequested, NodeDownRequested, PledgeChanged, RecallAdded
 from .leadership import Leadership
-from .model import utc_text
+from .model import Job, utc_text
 from .pledges import (
     PledgeStore,
     RecallRecord,
@@ -84,8 +84,9 @@ class FleetRpcs(ProviderRpcs):
         page = selected[start : start + size]
         token = str(start + size) if start + size < len(selected) else ""
         failures = _failures_by_accelerator(leader.book.engine)
+        jobs = _jobs_by_node(leader.book.jobs.values())
         return scheduler_pb2.ListNodesResponse(
-            nodes=[_node_to_proto(n, failures) for n in page],
+            nodes=[_node_to_proto(n, failures, jobs) for n in page],
             page=common_pb2.PageResponse(next_page_token=token),
         )
 
@@ -98,7 +99,11 @@ class FleetRpcs(ProviderRpcs):
         node = leader.fleet.get(key)
         if node is None:
             raise NotFound("node", _node_name(request))
-        return _node_to_proto(node, _failures_by_accelerator(leader.book.engine))
+        return _node_to_proto(
+            node,
+            _failures_by_accelerator(leader.book.engine),
+            _jobs_by_node(leader.book.jobs.values()),
+        )
 
     async def DrainNode(
         self, request: scheduler_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext
@@ -126,7 +131,11 @@ class FleetRpcs(ProviderRpcs):
             )
         except Fenced:
             raise Unavailable("this scheduler is no longer the leader. Retry the call.") from None
-        return _node_to_proto(node, _failures_by_accelerator(leader.book.engine))
+        return _node_to_proto(
+            node,
+            _failures_by_accelerator(leader.book.engine),
+            _jobs_by_node(leader.book.jobs.values()),
+        )
 
     async def MarkNodeDown(
         self, request: scheduler_pb2.MarkNodeDownRequest, context: grpc.aio.ServicerContext
@@ -160,7 +169,11 @@ class FleetRpcs(ProviderRpcs):
                 "stop its agent and wait until the node shows as unknown",
                 "node_id",
             )
-        return _node_to_proto(node, _failures_by_accelerator(leader.book.engine))
+        return _node_to_proto(
+            node,
+            _failures_by_accelerator(leader.book.engine),
+            _jobs_by_node(leader.book.jobs.values()),
+        )
 
     async def ListAcceleratorModels(
         self,
@@ -341,8 +354,19 @@ def _accelerator_to_proto(
     return msg
 
 
+def _jobs_by_node(jobs: Iterable[Job]) -> dict[str, list[str]]:
+    """Return node key to the ids of the open jobs with a task placed there, sorted."""
+    by_node: dict[str, set[str]] = {}
+    for job in jobs:
+        for task in job.placement:
+            by_node.setdefault(task.node_key, set()).add(job.job_id)
+    return {key: sorted(ids) for key, ids in by_node.items()}
+
+
 def _node_to_proto(
-    node: NodeView, failures: Mapping[tuple[str, str], AcceleratorHealth]
+    node: NodeView,
+    failures: Mapping[tuple[str, str], AcceleratorHealth],
+    jobs: Mapping[str, list[str]],
 ) -> scheduler_pb2.Node:
     msg = scheduler_pb2.Node(
         node_id=node.node,
@@ -352,6 +376,7 @@ def _node_to_proto(
         accelerators=[_accelerator_to_proto(node, acc, failures) for acc in node.accelerators],
         software_stacks=node.software_stacks,
         state_cause=common_pb2.Cause(reason=node.status_reason),
+        job_ids=jobs.get(node.key, ()),
     )
     if node.last_heartbeat:
         msg.last_heartbeat_time.FromNanoseconds(int(node.last_heartbeat * 1e9))

@@ -189,6 +189,7 @@ async def test_node_marked_down_frees_lost_copy(stack: Stack) -> None:
         )
         down = await client.stub.MarkNodeDown(request, metadata=operator, timeout=10)
         assert down.state == scheduler_pb2.NODE_STATE_DOWN
+        assert list(down.job_ids) == []
         await wait_for(lambda: _equals(stored_orphans(), []), 30, "the stored copy to go")
 
         # The node comes back with nothing running, and its accelerator takes new work.
@@ -196,6 +197,12 @@ async def test_node_marked_down_frees_lost_copy(stack: Stack) -> None:
         single = await client.submit("single", 1)
         alone = await wait_for(lambda: client.running(single), 60, "single to run on n0", 0.2)
         assert list(nodes(alone).values()) == ["n0"]
+        n0 = await client.stub.GetNode(n0_request("r1"), metadata=operator, timeout=10)
+        assert list(n0.job_ids) == [single]
+        n1 = scheduler_pb2.GetNodeRequest(provider_id="prov", region_id="r2", node_id="n1")
+        assert list((await client.stub.GetNode(n1, metadata=operator, timeout=10)).job_ids) == [
+            gang
+        ]
     finally:
         await client.channel.close()
 
