@@ -54,6 +54,9 @@ ENDED_STATES: Final = frozenset(
     }
 )
 """Terminal job states: a job in one of them changes no more."""
+STARTED_TASK_STATES: Final = frozenset({"started", "exited", "stopped", "timed_out", "lost"})
+"""Task states that only a task that started can reach. ``failed_hardware`` is left out
+because the scheduler also gives it to tasks that never started."""
 LIST_COLUMNS = ("job", "name", "state", "reason", "tasks", "accelerators", "attempt", "submitted")
 
 
@@ -333,7 +336,11 @@ async def watch_jobs(args: argparse.Namespace) -> int:
 def watch_line(job: scheduler_pb2.Job) -> str:
     row = job_row_of(job)
     tasks = job.placements
-    started = sum(1 for t in tasks if t.state in ("started", "exited"))
+    if job.HasField("start_time"):
+        # Every task of this attempt started, whatever each one's state is now.
+        started = len(tasks)
+    else:
+        started = sum(1 for t in tasks if t.state in STARTED_TASK_STATES)
     progress = f"{started}/{len(tasks)} tasks started" if tasks else ""
     parts = [row["job"], row["state"], progress, row["reason"]]
     return "  ".join(part for part in parts if part)

@@ -134,6 +134,40 @@ def test_watch_line_counts_started_tasks() -> None:
     assert watch_line(job) == "j1  starting  1/2 tasks started"
 
 
+@pytest.mark.parametrize(
+    ("states", "progress"),
+    [
+        (("stopped", "assigned"), "1/2"),
+        (("exited", "timed_out"), "2/2"),
+        (("stopped", "stopped"), "2/2"),
+        (("lost", "start_failed"), "1/2"),
+        (("failed_hardware", "assigned"), "0/2"),
+    ],
+)
+def test_watch_line_counts_ended_tasks(states: tuple[str, str], progress: str) -> None:
+    job = scheduler_pb2.Job(
+        job_id="j1",
+        state=scheduler_pb2.JOB_STATE_STOPPING,
+        placements=[
+            scheduler_pb2.TaskPlacement(task_index=i, state=state) for i, state in enumerate(states)
+        ],
+    )
+    assert watch_line(job) == f"j1  stopping  {progress} tasks started"
+
+
+def test_watch_line_counts_all_once_job_started() -> None:
+    job = scheduler_pb2.Job(
+        job_id="j1",
+        state=scheduler_pb2.JOB_STATE_FAILED,
+        placements=[
+            scheduler_pb2.TaskPlacement(task_index=0, state="exited", exit_code=1),
+            scheduler_pb2.TaskPlacement(task_index=1, state="lost"),
+        ],
+    )
+    job.start_time.FromSeconds(1_800_000_000)
+    assert watch_line(job) == "j1  failed  2/2 tasks started"
+
+
 def test_provider_rows_list_each_region() -> None:
     provider = scheduler_pb2.Provider(
         provider_id="alibaba",

@@ -17,7 +17,7 @@ from acsp.client import AsyncClient
 from acsp.v1 import scheduler_pb2
 from services.runtime.auth import Role
 
-from .harness import Stack, fund_grant, metadata, scheduler_stub
+from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
 from .test_end_to_end import job_spec
 
 pytestmark = pytest.mark.timeout(180)
@@ -85,3 +85,36 @@ async def test_watch_exit_status_follows_outcome(
     assert code == 1
     assert "failed" in lines[-1]
     assert "exit code 3" in lines[-1]
+
+
+async def test_watch_counts_stopped_task_as_started(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    token = stack.token(pi, Role.PI)
+    use_scheduler(monkeypatch, address, token)
+    spec = job_spec(project, grant, task_count=1, command=["sleep", "120"])
+    job_id = await submit(address, token, spec)
+    watching = asyncio.create_task(watch(capsys, job_id))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+
+        async def running() -> bool:
+            job = await scheduler.GetJob(
+                scheduler_pb2.GetJobRequest(job_id=job_id), metadata=metadata(token), timeout=10
+            )
+            return job.state == scheduler_pb2.JOB_STATE_RUNNING
+
+        await wait_for(running, 60, "the job to run", 0.2)
+        await scheduler.CancelJob(
+            scheduler_pb2.CancelJobRequest(job_id=job_id, reason="not needed"),
+            metadata=metadata(token),
+            timeout=10,
+        )
+    code, lines = await watching
+
+    assert code == 1
+    assert "cancelled" in lines[-1]
+    assert "1/1 tasks started" in lines[-1]
