@@ -342,17 +342,30 @@ def run_history(args: argparse.Namespace) -> int:
             "time": format_time(e.create_time),
             "kind": _enum_name(common_pb2.LedgerEntryKind, e.kind, "LEDGER_ENTRY_KIND_"),
             "PF-days": e.amount_pf_days.value,
+            "from": _accounts(e, debited=True),
+            "to": _accounts(e, debited=False),
             "hold": e.hold_id,
             "job": e.job_id,
             "by": e.cause.actor,
         }
         for e in response.entries
     ]
-    columns = ["entry", "time", "kind", "PF-days", "hold", "job", "by"]
+    columns = ["entry", "time", "kind", "PF-days", "from", "to", "hold", "job", "by"]
     print_records(records, columns, output_format=args.format, title=f"ledger of {args.grant}")
     if response.page.next_page_token and args.format == "table":
         print(f"more: acsp grants history {args.grant} --after {response.page.next_page_token}")
     return EXIT_OK
+
+
+def _accounts(entry: grant_pb2.LedgerEntry, *, debited: bool) -> str:
+    """Return the accounts an entry takes PF-days from (``debited``) or moves them to."""
+    names = [
+        posting.account
+        for posting in entry.postings
+        if (Decimal(posting.amount_pf_days.value) < 0) == debited
+        and Decimal(posting.amount_pf_days.value) != 0
+    ]
+    return ", ".join(names)
 
 
 def run_delegate(args: argparse.Namespace) -> int:

@@ -92,7 +92,10 @@ async def test_cli_apply_and_balance(
         assert code == 0, err
         assert "available PF-days,2.5" in out
         code, out, err = await run_cli(capsys, "history", grant_id, "--format", "json")
-        assert json.loads(out.splitlines()[0])["kind"] == "award"
+        award = json.loads(out.splitlines()[0])
+        assert award["kind"] == "award"
+        assert award["from"] == "program:pool"
+        assert award["to"] == f"grant:{grant_id}:available"
         first_entry = json.loads(out.splitlines()[0])["entry"]
         code, out, err = await run_cli(capsys, "history", grant_id, "--after", first_entry)
         assert code == 0, err
