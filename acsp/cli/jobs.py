@@ -78,7 +78,13 @@ def register(subparsers: Any) -> None:
     output = output_options()
 
     submit = commands.add_parser(
-        "submit", parents=[connection, output], help="submit a job or a job array"
+        "submit",
+        parents=[connection, output],
+        help="submit a job or a job array",
+        description=(
+            "Submit a job. All tasks of a job start together or none of them do. Submit "
+            "tasks that can start independently as a job array, with --array N."
+        ),
     )
     submit.add_argument("--project", required=True, help="project the job runs for")
     submit.add_argument("--grant", default="", help="grant that pays (default: the project's)")
@@ -89,7 +95,10 @@ def register(subparsers: Any) -> None:
     )
     submit.add_argument("--name", default="", help="display name")
     submit.add_argument(
-        "--tasks", type=whole_number(1), default=1, help="number of tasks (default: 1)"
+        "--tasks",
+        type=whole_number(1),
+        default=1,
+        help="number of tasks, which all start together (default: 1)",
     )
     submit.add_argument(
         "--accelerators",
@@ -103,7 +112,9 @@ def register(subparsers: Any) -> None:
     )
     submit.add_argument("--priority", choices=sorted(PRIORITIES), default="standard")
     submit.add_argument("--topology", choices=sorted(TOPOLOGIES), default=None)
-    submit.add_argument("--no-gang", action="store_true", help="tasks may start one by one")
+    # Kept only to reject it with a message that names the job array, the way to start
+    # tasks independently, because the scheduler always starts a job's tasks together.
+    submit.add_argument("--no-gang", action="store_true", help=argparse.SUPPRESS)
     submit.add_argument(
         "--wall-time",
         type=whole_number(1),
@@ -113,7 +124,12 @@ def register(subparsers: Any) -> None:
     )
     submit.add_argument("--checkpointable", action="store_true")
     submit.add_argument(
-        "--array", type=whole_number(0), default=0, metavar="N", help="submit N jobs"
+        "--array",
+        type=whole_number(0),
+        default=0,
+        metavar="N",
+        help="submit a job array of N jobs, which start independently of each other; each "
+        "job gets its index, from 0, in $ACSP_ARRAY_INDEX",
     )
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--request-id", default="", help="idempotency key (default: random)")
@@ -188,6 +204,13 @@ def parse_millis(text: str) -> int:
 
 
 def spec_from_args(args: argparse.Namespace) -> scheduler_pb2.JobSpec:
+    if args.no_gang:
+        raise CommandError(
+            "--no-gang is not supported: all tasks of a job start together or none of them "
+            "do. Submit tasks that can start independently as a job array instead, e.g. "
+            "--array 4 --tasks 1 for 4 one-task jobs",
+            EXIT_USAGE,
+        )
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -208,7 +231,7 @@ def spec_from_args(args: argparse.Namespace) -> scheduler_pb2.JobSpec:
         sub_allocation_id=args.sub_allocation,
         task_count=args.tasks,
         accelerator_millis_per_task=parse_millis(args.accelerators),
-        gang=not args.no_gang,
+        gang=True,
         topology=TOPOLOGIES[args.topology] if args.topology else 0,  # type: ignore[arg-type]
         accelerators=scheduler_pb2.AcceleratorConstraint(models=args.model),
         allowed_regions=args.region,

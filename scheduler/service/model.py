@@ -99,7 +99,8 @@ class JobSpec:
     accelerator_millis_per_task: int = MILLIS_PER_ACCELERATOR
     """Accelerators per task in thousandths: 250 is a quarter of one, 8000 is eight."""
     gang: bool = True
-    """All tasks start together or none does."""
+    """The request's gang flag, stored as sent. The engine ignores it and starts all tasks of
+    every job together or none of them."""
     topology: str = ""
     """One of :data:`TOPOLOGIES`."""
     allow_cross_provider: bool = False

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ from acsp.cli import jobs as jobs_cli
 from acsp.cli._common import CommandError
 from acsp.cli.fleet import list_providers, provider_rows
 from acsp.cli.jobs import job_details, job_row_of, parse_millis, spec_from_args, watch_line
-from acsp.cli.main import build_parser
+from acsp.cli.main import build_parser, main
 from acsp.v1 import common_pb2, scheduler_pb2
 
 
@@ -85,6 +86,35 @@ def test_submit_sub_allocation_reaches_spec() -> None:
     spec = spec_from_args(args)  # type: ignore[arg-type]
     assert spec.grant_id == "g1"
     assert spec.sub_allocation_id == "sub-1"
+
+
+def test_submit_no_gang_is_usage_error() -> None:
+    args = parse("jobs", "submit", "--project", "p1", "--tasks", "4", "--no-gang", "--", "true")
+    with pytest.raises(CommandError) as caught:
+        spec_from_args(args)  # type: ignore[arg-type]
+    assert caught.value.exit_code == 2
+    assert "all tasks of a job start together" in str(caught.value)
+    assert "--array" in str(caught.value)
+
+
+def test_submit_no_gang_sends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No mesh runs in an empty data directory, so a call would exit 3. Exit 2 shows that the
+    # command stopped before it connected.
+    monkeypatch.setenv("ACSP_DATA_DIR", str(tmp_path))
+    code = main(["jobs", "submit", "--project", "p1", "--no-gang", "--", "true"])
+    assert code == 2
+    assert "--no-gang is not supported" in capsys.readouterr().err
+
+
+def test_submit_help_says_tasks_start_together(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("jobs", "submit", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "All tasks of a job start together or none of them do" in text
+    assert "as a job array, with --array N" in text
+    assert "--no-gang" not in text
 
 
 def test_submit_without_command_is_usage_error() -> None:
