@@ -55,19 +55,30 @@ def largest_node(pool: Pool) -> int:
     return len(pool.buckets) - 1
 
 
-def size_reason(job: JobSpec, pools: Sequence[Pool]) -> str:
-    """Return why no node of ``pools`` can ever hold the job's tasks, or an empty string."""
+def size_reason(job: JobSpec, pools: Sequence[Pool]) -> tuple[ReasonCode, str] | None:
+    """Return why no node of ``pools`` can ever hold the job's tasks, or None if one can.
+
+    A task larger than every node of an accepted model can run on no node at all, so it gets
+    NO_MATCHING_MODEL. Tasks that fit one by one but not together on one node, as
+    ``same_node`` requires, get TOPOLOGY.
+    """
     if job.fractional:
-        return ""
+        return None
     largest = max((largest_node(pool) for pool in pools), default=0)
-    need = job.accelerators_per_task
-    if job.topology is Topology.SAME_NODE:
-        need *= job.task_count
+    per_task = job.accelerators_per_task
+    if per_task > largest:
+        return (
+            ReasonCode.NO_MATCHING_MODEL,
+            f"no node has {per_task} accelerators of an accepted model for one task; the "
+            f"largest node of {describe_pools(pools)} has {largest}",
+        )
+    need = per_task * job.task_count if job.topology is Topology.SAME_NODE else per_task
     if largest >= need:
-        return ""
+        return None
     return (
+        ReasonCode.TOPOLOGY,
         f"no node of {describe_pools(pools)} has {need} accelerators for "
-        f"{describe_demand(job)}; the largest has {largest}"
+        f"{describe_demand(job)}; the largest has {largest}",
     )
 
 
@@ -88,8 +99,8 @@ def capacity_reason(
 ) -> tuple[ReasonCode, str]:
     """Explain why a job found no room among ``pools`` (limits and budget already passed)."""
     too_small = size_reason(job, pools)
-    if too_small:
-        return ReasonCode.TOPOLOGY, too_small
+    if too_small is not None:
+        return too_small
     need = job.total_millis
     demand = describe_demand(job)
     where = describe_pools(pools)

@@ -13,7 +13,7 @@ def waiting_message(engine_job: str, result: object) -> tuple[str, str]:
     raise AssertionError(f"{engine_job} is not waiting")
 
 
-def test_task_too_big_is_topology() -> None:
+def test_task_too_big_has_no_matching_node() -> None:
     engine = make_engine()
     for i in range(7):
         engine.add_node(node(f"n{i}", 2))
@@ -21,9 +21,23 @@ def test_task_too_big_is_topology() -> None:
 
     reason, message = waiting_message("big", engine.schedule(10.0))
 
-    assert reason == "topology"
-    assert "has 8 accelerators" in message
-    assert "the largest has 2" in message
+    assert reason == "no_matching_model"
+    assert "no node has 8 accelerators of an accepted model for one task" in message
+    assert message.endswith("has 2")
+
+
+def test_single_task_too_big_has_no_matching_node() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 8))
+    engine.add_node(node("n2", 8))
+    engine.submit(job("big", accelerators=16))
+
+    reason, message = waiting_message("big", engine.schedule(10.0))
+
+    assert reason == "no_matching_model"
+    assert "no node has 16 accelerators of an accepted model for one task" in message
+    assert message.endswith("has 8")
+    assert "topology" not in message
 
 
 def test_same_node_gang_too_big_is_topology() -> None:

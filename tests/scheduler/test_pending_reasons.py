@@ -51,6 +51,18 @@ async def test_unplaceable_jobs_name_their_reason(stack: Stack) -> None:
             metadata=md,
             timeout=10,
         )
+        same_node = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                spec=job_spec(
+                    project,
+                    grant,
+                    accelerator_millis_per_task=2000,
+                    topology=scheduler_pb2.TOPOLOGY_SAME_NODE,
+                )
+            ),
+            metadata=md,
+            timeout=10,
+        )
         far = await scheduler.SubmitJob(
             scheduler_pb2.SubmitJobRequest(
                 spec=job_spec(project, grant, task_count=1, allowed_regions=["mars/x"])
@@ -66,8 +78,14 @@ async def test_unplaceable_jobs_name_their_reason(stack: Stack) -> None:
             return job if job.pending_reason else None
 
         gang_job = await wait_for(lambda: reason_of(gang.job.job_id), 20, "the gang's reason", 0.2)
+        same_node_job = await wait_for(
+            lambda: reason_of(same_node.job.job_id), 20, "the same-node gang's reason", 0.2
+        )
         far_job = await wait_for(lambda: reason_of(far.job.job_id), 20, "the far job's reason", 0.2)
-    assert gang_job.pending_reason == scheduler_pb2.PENDING_REASON_TOPOLOGY
-    assert "has 8 accelerators" in gang_job.state_message
+    assert gang_job.pending_reason == scheduler_pb2.PENDING_REASON_NO_MATCHING_MODEL
+    assert "no node has 8 accelerators of an accepted model for one task" in gang_job.state_message
+    assert gang_job.state_message.endswith("has 2")
+    assert same_node_job.pending_reason == scheduler_pb2.PENDING_REASON_TOPOLOGY
+    assert "has 4 accelerators" in same_node_job.state_message
     assert far_job.pending_reason == scheduler_pb2.PENDING_REASON_NO_MATCHING_MODEL
     assert "no node in the allowed regions (mars/x)" in far_job.state_message
