@@ -350,7 +350,7 @@ class Engine:
     def _fault_jobs_on(self, node: NodeRecord, index: int, event_id: str, reason: str) -> None:
         """Mark every running job with a share of a failed accelerator for a requeue."""
         accelerator = node.spec.accelerator_ids[index]
-        message = f"accelerator {accelerator} on node {node.spec.node_id} failed"
+        message = f"accelerator {accelerator} on node {node.spec.name} failed"
         if reason:
             message = f"{message}: {reason}"
         message = f"{message} (health event {event_id})"

@@ -113,7 +113,9 @@ def repair_broken(state: PassState) -> None:
         if len(record.lost) < spec.task_count and spec.topology is not Topology.SAME_NODE:
             plans = _plan_replacements(state, record)
         if plans is None:
-            lost_nodes = ",".join(sorted(set(record.lost_nodes.values())))
+            by_id = engine.fleet.by_id
+            names = {by_id[n].spec.name if n in by_id else n for n in record.lost_nodes.values()}
+            lost_nodes = ",".join(sorted(names))
             message = f"lost task(s) on node {lost_nodes} and found no replacement"
             engine._requeue(record, f"requeued: {message}")
             state.decisions.append(Requeue(spec.job_id, Cause.NODE_FAILURE, message))

@@ -59,11 +59,19 @@ class NodeSpec:
     """UUIDs or PCI bus ids, in the node's device order."""
     interconnect_domain: str = ""
     """NVLink domain id; empty means the node is a domain of its own."""
+    display_name: str = ""
+    """The node as job messages name it, e.g. ``provider/region/node``; empty uses
+    ``node_id``."""
 
     @property
     def region_key(self) -> str:
         """``provider/region``, the form allowed-region lists use."""
         return f"{self.provider}/{self.region}"
+
+    @property
+    def name(self) -> str:
+        """``display_name``, or ``node_id`` when that is empty."""
+        return self.display_name or self.node_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,6 +180,7 @@ def node_to_engine(node: NodeView) -> es.NodeSpec:
         # health event can bring them back.
         accelerator_ids=tuple(acc.accelerator_id for acc in node.accelerators),
         interconnect_domain=f"{node.key}/{domain}" if domain else "",
+        display_name=node.name,
     )
 
 

@@ -47,6 +47,11 @@ class NodeView:
         return f"{self.provider}.{self.region}.{self.node}"
 
     @property
+    def name(self) -> str:
+        """``provider/region/node``, the node as the CLI and job messages show it."""
+        return f"{self.provider}/{self.region}/{self.node}"
+
+    @property
     def model(self) -> str:
         """The node's accelerator model; nodes carry one model, as the engine assumes."""
         return self.accelerators[0].model if self.accelerators else ""

@@ -23,7 +23,7 @@ from .commands import (
     stop_record,
 )
 from .engine_adapter import AcceleratorHealth, EngineAdapter, PassResult
-from .model import Job, JobState, TaskPlacement
+from .model import Job, JobState, TaskPlacement, node_name
 from .store import DispatchRecord, Orphan
 
 logger = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ class JobBook:
             self._end_stopping(job_id, stopping.outcome, fx)
             return
         job = self.jobs.get(job_id)
-        message = f"task {task.task_index} lost on {lost_node}"
+        message = f"task {task.task_index} lost on {node_name(lost_node)}"
         index = None
         if job is not None:
             index = next(
@@ -312,7 +312,7 @@ class JobBook:
             new.node_key,
             extra={"job_id": job_id},
         )
-        reason = f"{message}; replaced on {new.node_key}"
+        reason = f"{message}; replaced on {new.node_name}"
         stop_kind = replacement_kind("stop", old.node_key)
         fx.commands.append(stop_record(job_id, job.attempt, old, reason, 0, self.epoch, stop_kind))
         self._add_orphan(old, TaskId(job_id, job.attempt, old.task_index))

@@ -159,6 +159,11 @@ class TaskPlacement:
         """``provider.region.node``, the key agents use in subjects and the heartbeat bucket."""
         return f"{self.provider}.{self.region}.{self.node}"
 
+    @property
+    def node_name(self) -> str:
+        """``provider/region/node``, the node as the CLI and job messages show it."""
+        return f"{self.provider}/{self.region}/{self.node}"
+
 
 @dataclass(frozen=True, slots=True)
 class Job:
@@ -213,6 +218,15 @@ class JobFilter:
     project_id: str = ""
     array_id: str = ""
     owner: str = ""
+
+
+def node_name(node_key: str) -> str:
+    """Return node key ``provider.region.node`` as ``provider/region/node``.
+
+    A node joins the fleet only with ids that are subject tokens, which contain no dot
+    (``acsp.subjects.TOKEN_PATTERN``), so each dot of a key separates two of its parts.
+    """
+    return node_key.replace(".", "/")
 
 
 def idempotency_key(job_id: str, attempt: int) -> str:

@@ -94,6 +94,16 @@ def test_failure_requeues_job_as_failed_hardware() -> None:
     assert [c.accelerator_id for c in fx.accelerators] == ["GPU-3"]
 
 
+def test_failure_reason_names_node_with_slashes() -> None:
+    book, job_id = running_book()
+
+    fail(book, "GPU-3")
+
+    reason = book.jobs[job_id].reason
+    assert "accelerator GPU-3 on node prov/reg/n1 failed" in reason
+    assert "prov.reg." not in reason
+
+
 def test_cancelled_job_is_not_requeued() -> None:
     book, job_id = running_book()
     cancel_fx = Effects(NOW + 5)

@@ -208,6 +208,54 @@ def test_replacement_before_hold_requeues_gang() -> None:
     assert not book.engine.running_in_engine(job.job_id)
 
 
+def test_requeue_reason_names_node_with_slashes() -> None:
+    book = make_book()
+    job = make_job(tasks=2)
+    book.add([job], NOW + 1)
+    placed = pass_at(book, NOW + 1)
+    lost = placed.admit[0][0].placement[0]
+
+    lose(book, lost.node_key)
+
+    reason = book.jobs[job.job_id].reason
+    assert reason == f"task 0 lost on prov/reg/{lost.node}"
+
+
+def test_gang_without_room_names_lost_node() -> None:
+    book = make_book()
+    job = make_job(tasks=3)
+    book.add([job], NOW + 1)
+    pass_at(book, NOW + 1)
+    book.apply_hold(job.job_id, 1, HoldOutcome("held", "h1", "g1", Decimal(1)), Effects(NOW + 2))
+    for task in book.jobs[job.job_id].placement:
+        report(book, task.node_key, f"{job.job_id}/1/{task.task_index}", "started", NOW + 3)
+    lost = book.jobs[job.job_id].placement[0]
+
+    lose(book, lost.node_key)
+
+    requeued = book.jobs[job.job_id]
+    assert requeued.state == "pending"
+    assert f"lost task(s) on node prov/reg/{lost.node} and found no replacement" in (
+        requeued.reason
+    )
+    assert "prov.reg." not in requeued.reason
+
+
+def test_replacement_stop_names_nodes_with_slashes() -> None:
+    book = make_book()
+    job = running(book)
+    lost = job.placement[0]
+    target = free_node(job)
+
+    fx = lose(book, lost.node_key)
+
+    stop = next(r for r in fx.commands if r.kind.startswith("stop"))
+    command = agent_pb2.AgentCommand.FromString(stop.payload)
+    assert command.reason == (
+        f"task 0 lost on prov/reg/{lost.node}; replaced on {target.replace('.', '/')}"
+    )
+
+
 def test_restarted_book_keeps_lost_node_fenced() -> None:
     book = make_book()
     job = running(book)
