@@ -141,6 +141,7 @@ def build_process(
         "clock": time.time,
         "health_settings": health_settings,
         "agent_version": version,
+        "record_exit_status": settings.record_exit_status,
     }
     nodes: list[NodeAgent] = []
     if settings.backend == "nvml":

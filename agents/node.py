@@ -84,6 +84,7 @@ class NodeAgent:
         backend_timeout_s: float = 30.0,
         play_speed: float = 1.0,
         agent_version: str = "",
+        record_exit_status: bool = True,
     ) -> None:
         self.ref = ref
         self.backend = backend
@@ -97,6 +98,7 @@ class NodeAgent:
         self._blocking = blocking_backend
         self._backend_timeout_s = backend_timeout_s
         self._play_speed = play_speed
+        self._record_exit_status = record_exit_status
         self._agent_version = agent_version
         self._event_counter = 0
         self._heartbeat_counter = 0
@@ -143,6 +145,7 @@ class NodeAgent:
             self.backend.visible_devices_env,
             allow_played_tasks=self._backend_name == "simulated",
             play_speed=self._play_speed,
+            record_exit_status=self._record_exit_status,
         )
         runner.attach(group)
         self.runner = runner

@@ -112,6 +112,7 @@ class TaskRunner:
         visible_devices_env: Callable[[Sequence[str]], Mapping[str, str]],
         allow_played_tasks: bool = False,
         play_speed: float = 1.0,
+        record_exit_status: bool = True,
     ) -> None:
         self._node_key = node_key
         self._state = state
@@ -124,6 +125,7 @@ class TaskRunner:
         if play_speed <= 0:
             raise ValueError(f"play_speed must be positive, got {play_speed}")
         self._play_speed = play_speed
+        self._record_exit_status = record_exit_status
         self._tasks: dict[str, _Task] = {}
         self._finished: OrderedDict[str, TaskState] = OrderedDict()
         self._ended_since_usage: list[_Task] = []
@@ -296,7 +298,7 @@ class TaskRunner:
                 env,
                 self._task_dir,
                 Path(record.log_path),
-                self._exit_path(spec.task_id),
+                self._exit_path(spec.task_id) if self._record_exit_status else None,
             )
         except CommandNotRunnableError as error:
             self._state.remove_intent(self._node_key, spec.task_id)

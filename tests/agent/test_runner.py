@@ -599,3 +599,42 @@ async def test_stop_right_after_spawn_reaches_command(
     recorder = await run_with_group(tmp_path, body)
     assert recorder.last("y/1/0").exit_code == -signal.SIGTERM
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.timeout(30)
+async def test_runner_without_recorder_loses_adopted_exit(tmp_path: Path) -> None:
+    def runner_without_recorder(recorder: Recorder) -> TaskRunner:
+        return TaskRunner(
+            "acme.eu-1.node-1",
+            StateStore(tmp_path / "state.json"),
+            tmp_path,
+            recorder,
+            time.time,
+            ACCELERATORS,
+            _visible,
+            record_exit_status=False,
+        )
+
+    code = "import sys, time; time.sleep(1.5); sys.exit(3)"
+    first_events = Recorder()
+    first = runner_without_recorder(first_events)
+    async with asyncio.TaskGroup() as group:
+        first.attach(group)
+        await first.start(TaskSpec("c", "c/1/0", ("GPU-1",), ("false",)))
+        await wait_for(lambda: TaskState.FAILED in first_events.states("c/1/0"))
+        await first.start(TaskSpec("w", "w/1/0", ("GPU-2",), python_command(code)))
+        task = first._tasks["w/1/0"]
+        assert task.supervisor is not None and task.process is not None
+        task.supervisor.cancel()
+    # The agent's own child reports its exit code, without a shell in between.
+    assert first_events.last("c/1/0").exit_code == 1
+    assert list((tmp_path / "tasks").glob("*.exit")) == []
+
+    second = Recorder()
+    restarted = runner_without_recorder(second)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        await wait_for(lambda: len(second.states("w/1/0")) == 2)
+    assert second.states("w/1/0") == [TaskState.RUNNING, TaskState.LOST]
+    assert await task.process.wait() == 3
