@@ -173,7 +173,9 @@ def spawn(
     if exit_path is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(exit_path)
-        argv = ["/bin/sh", "-c", EXIT_RECORDER, "acsp-task", str(exit_path), *argv]
+        # The shell runs in ``cwd``, where a path relative to the agent's folder is wrong.
+        recorded = os.path.abspath(exit_path)
+        argv = ["/bin/sh", "-c", EXIT_RECORDER, "acsp-task", recorded, *argv]
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         popen = subprocess.Popen(

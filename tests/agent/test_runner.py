@@ -318,6 +318,31 @@ async def test_adopted_task_without_status_lost(tmp_path: Path) -> None:
     await wait_for(lambda: not group_alive(first.pid))
 
 
+@pytest.mark.timeout(30)
+async def test_adopted_exit_relative_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An agent started with a relative state folder, as `--state-dir agent` gives it, while
+    # each task's shell runs in the tasks folder below it.
+    monkeypatch.chdir(tmp_path)
+    relative = Path("agent")
+    code = "import sys, time; time.sleep(1.5); sys.exit(3)"
+    first = await start_then_lose_agent(
+        relative, TaskSpec("r", "r/1/0", ("GPU-5",), python_command(code))
+    )
+
+    second = Recorder()
+    restarted = make_runner(relative, second)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        await wait_for(lambda: len(second.states("r/1/0")) == 2)
+    assert second.states("r/1/0") == [TaskState.RUNNING, TaskState.FAILED]
+    assert second.last("r/1/0").exit_code == 3
+    assert await first.wait() == 3
+    assert "cannot create" not in second.last("r/1/0").output_tail
+
+
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
