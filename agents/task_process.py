@@ -200,7 +200,9 @@ def find_executable(name: str, search_path: str, cwd: Path) -> str:
     ``PermissionError`` (both ``OSError``) as starting the command directly would.
     """
     if "/" in name:
-        candidate = name if os.path.isabs(name) else str(cwd / name)
+        # Absolute, because the task runs in ``cwd`` and ``cwd`` may be relative to ours. Not
+        # normalized, so that ``..`` after a symbolic link resolves as the kernel resolves it.
+        candidate = os.path.join(os.getcwd(), cwd, name)
         if not os.path.exists(candidate):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
     else:

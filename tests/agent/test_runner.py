@@ -343,6 +343,26 @@ async def test_adopted_exit_relative_state_dir(
     assert "cannot create" not in second.last("r/1/0").output_tail
 
 
+async def test_relative_command_with_relative_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = Path("agent")
+    script = relative / "run.sh"
+    relative.mkdir()
+    script.write_text("#!/bin/sh\necho ran\n")
+    script.chmod(0o755)
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        # A relative command is found from the task's working directory, the tasks folder.
+        await runner.start(TaskSpec("u", "u/1/0", ("GPU-4",), ("../run.sh",)))
+        await wait_for(lambda: len(recorder.states("u/1/0")) == 2)
+
+    recorder = await run_with_group(relative, body)
+    assert recorder.states("u/1/0") == [TaskState.RUNNING, TaskState.SUCCEEDED]
+    assert recorder.last("u/1/0").output_tail == "ran\n"
+
+
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
