@@ -343,15 +343,18 @@ async def test_adopted_exit_relative_state_dir(
     assert "cannot create" not in second.last("r/1/0").output_tail
 
 
+def write_script(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+
+
 async def test_relative_command_with_relative_state_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     relative = Path("agent")
-    script = relative / "run.sh"
-    relative.mkdir()
-    script.write_text("#!/bin/sh\necho ran\n")
-    script.chmod(0o755)
+    write_script(relative / "run.sh", "#!/bin/sh\necho ran\n")
 
     async def body(runner: TaskRunner, recorder: Recorder) -> None:
         # A relative command is found from the task's working directory, the tasks folder.
