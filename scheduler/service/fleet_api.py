@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Final
 
 import grpc
@@ -31,7 +31,7 @@ from .errors import InvalidFields
 from .fleet import NODE_STATUSES, AcceleratorView, NodeView
 from .inputs import DrainRequested, NodeDownRequested, PledgeChanged, RecallAdded
 from .leadership import Leadership
-from .model import Job, utc_text
+from .model import utc_text
 from .pledges import (
     PledgeStore,
     RecallRecord,
@@ -84,7 +84,7 @@ class FleetRpcs(ProviderRpcs):
         page = selected[start : start + size]
         token = str(start + size) if start + size < len(selected) else ""
         failures = _failures_by_accelerator(leader.book.engine)
-        jobs = _jobs_by_node(leader.book.jobs.values())
+        jobs = leader.book.jobs_by_node()
         return scheduler_pb2.ListNodesResponse(
             nodes=[_node_to_proto(n, failures, jobs) for n in page],
             page=common_pb2.PageResponse(next_page_token=token),
@@ -102,7 +102,7 @@ class FleetRpcs(ProviderRpcs):
         return _node_to_proto(
             node,
             _failures_by_accelerator(leader.book.engine),
-            _jobs_by_node(leader.book.jobs.values()),
+            leader.book.jobs_by_node(),
         )
 
     async def DrainNode(
@@ -134,7 +134,7 @@ class FleetRpcs(ProviderRpcs):
         return _node_to_proto(
             node,
             _failures_by_accelerator(leader.book.engine),
-            _jobs_by_node(leader.book.jobs.values()),
+            leader.book.jobs_by_node(),
         )
 
     async def MarkNodeDown(
@@ -172,7 +172,7 @@ class FleetRpcs(ProviderRpcs):
         return _node_to_proto(
             node,
             _failures_by_accelerator(leader.book.engine),
-            _jobs_by_node(leader.book.jobs.values()),
+            leader.book.jobs_by_node(),
         )
 
     async def ListAcceleratorModels(
@@ -352,15 +352,6 @@ def _accelerator_to_proto(
             common_pb2.Cause(trigger=trigger, reference_id=failure.event_id, reason=failure.reason)
         )
     return msg
-
-
-def _jobs_by_node(jobs: Iterable[Job]) -> dict[str, list[str]]:
-    """Return node key to the ids of the open jobs with a task placed there, sorted."""
-    by_node: dict[str, set[str]] = {}
-    for job in jobs:
-        for task in job.placement:
-            by_node.setdefault(task.node_key, set()).add(job.job_id)
-    return {key: sorted(ids) for key, ids in by_node.items()}
 
 
 def _node_to_proto(

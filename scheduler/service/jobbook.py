@@ -493,6 +493,22 @@ class JobBook:
             if task_id not in running:
                 self._confirm_orphan(node_key, task_id, task_id.split("/", 1)[0])
 
+    def jobs_by_node(self) -> dict[str, list[str]]:
+        """Return node key to the sorted ids of the jobs that may still run a task there.
+
+        A job counts on a node while a task of its current attempt there is live, or while a
+        copy of an earlier attempt there waits for its stop to be confirmed.
+        """
+        by_node: dict[str, set[str]] = {}
+        for job in self.jobs.values():
+            for task in job.placement:
+                if task.state in _LIVE:
+                    by_node.setdefault(task.node_key, set()).add(job.job_id)
+        for node_key, task_ids in self._orphans.items():
+            for task_id in task_ids:
+                by_node.setdefault(node_key, set()).add(task_id.split("/", 1)[0])
+        return {key: sorted(ids) for key, ids in by_node.items()}
+
     def node_down(self, node_key: str) -> None:
         """Confirm stopped every task copy that waits on ``node_key``: an operator declared the
         node down, so nothing of it runs any more."""

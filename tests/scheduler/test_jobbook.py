@@ -512,3 +512,45 @@ def test_job_whose_last_task_ends_unstarted_still_starts() -> None:
     assert ended.state == "completed"
     assert ended.started_at == NOW + 3
     assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/started", f"{job.job_id}/1/ended"]
+
+
+def add_node(book: JobBook, name: str) -> None:
+    fleet = FleetView(heartbeat_timeout_s=15)
+    accelerators = tuple(AcceleratorView(f"{name}-GPU-{i}", "A100-SXM4-80GB") for i in range(8))
+    change = fleet.apply_inventory(NodeView("prov", "reg", name, accelerators), NOW)
+    book.engine.add_node(change.node)
+
+
+def test_jobs_by_node_lists_copies_still_stopping() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "started")
+    # Task 1 fails to start, so the job is requeued while task 0 still stops on n1.
+    report(book, job, 1, "start_failed")
+    assert book.jobs[job.job_id].placement == ()
+
+    assert book.jobs_by_node() == {"prov.reg.n1": [job.job_id]}
+
+    fx = Effects(NOW + 4)
+    book.apply_task("prov.reg.n1", f"{job.job_id}/1/0", "stopped", 0, "", fx)
+    assert book.jobs_by_node() == {}
+
+
+def test_jobs_by_node_skips_ended_tasks() -> None:
+    book = make_book()
+    add_node(book, "n2")
+    job = make_job(tasks=2, millis=8000)
+    place(book, job)
+    held(book, job)
+    nodes = {t.task_index: t.node_key for t in book.jobs[job.job_id].placement}
+    assert sorted(nodes.values()) == ["prov.reg.n1", "prov.reg.n2"]
+    fx = Effects(NOW + 3)
+    for index, node_key in nodes.items():
+        book.apply_task(node_key, f"{job.job_id}/1/{index}", "started", 0, "", fx)
+    book.apply_task(nodes[0], f"{job.job_id}/1/0", "exited", 0, "", fx)
+    assert book.jobs[job.job_id].state == "running"
+
+    # Nothing of the job runs on task 0's node any more.
+    assert book.jobs_by_node() == {nodes[1]: [job.job_id]}
