@@ -45,7 +45,8 @@ class CheckpointFiles:
     """The checkpoint files of one node's tasks, and the last reference reported for each."""
 
     def __init__(self, directory: Path) -> None:
-        self._directory = directory
+        # Absolute, because tasks run in another working directory than the agent.
+        self._directory = directory.absolute()
         self._directory_made = False
         self._watched: dict[str, _Watched] = {}
 
