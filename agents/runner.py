@@ -19,7 +19,6 @@ then succeeds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -207,10 +206,6 @@ class TaskRunner:
 
     def _exit_path(self, task_id: str) -> Path:
         return self._task_dir / f"{task_file_stem(task_id)}.exit"
-
-    def _forget_exit_status(self, task_id: str) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self._exit_path(task_id))
 
     def _check(self, spec: TaskSpec) -> str:
         if not spec.command and not self._allow_played:
@@ -489,8 +484,8 @@ class TaskRunner:
         failure = self._failure_under(record)
         state = _ended_state(record, exit_code, failure)
         task.ended_at = self._clock() if ended_at is None else ended_at
-        if record.pid:
-            self._forget_exit_status(record.task_id)
+        # The exit status file stays, like the log beside it: deleted here, it could be gone
+        # while the state file, saved at the end of this loop turn, still lists the task.
         self._tasks.pop(record.task_id, None)
         self._ended_since_usage.append(task)
         self._state.remove_task(self._node_key, record.task_id, durable=record.pid != 0)
@@ -551,7 +546,6 @@ class TaskRunner:
         without the recorder started the task, the task is lost and the scheduler requeues it.
         """
         exit_code = read_exit_status(self._exit_path(record.task_id))
-        self._forget_exit_status(record.task_id)
         state = _ended_state(record, exit_code, self._failure_under(record))
         if exit_code is None:
             reason = "the process ended while the agent was down; its exit status is unknown"
