@@ -262,11 +262,11 @@ class AgentFeed:
                 key = subject.removeprefix("acsp.task.")
                 state = task_state_name(event.state)
                 text = event.message
-                if event.output_tail and (
-                    state == "timed_out" or (state == "exited" and event.exit_code != 0)
-                ):
+                failed = state == "timed_out" or (state == "exited" and event.exit_code != 0)
+                summary = output_summary(event.output_tail) if failed else ""
+                if summary and summary != text.strip():
                     # The job's reason is all that its owner sees of why it failed.
-                    text = f"{text}; output ends with: {output_summary(event.output_tail)}"
+                    text = f"{text}; output ends with: {summary}"
                 return [
                     TaskReported(
                         key,

@@ -60,6 +60,8 @@ async def test_missing_program_fails_job_once(stack: Stack) -> None:
     assert job.attempt == 1
     assert "/no/such/program" in job.state_message
     assert "exit code 127" in job.state_message
+    # The agent's reason is also the task's whole output, so it is not repeated.
+    assert job.state_message.count("/no/such/program") == 1
     assert [p.exit_code for p in job.placements] == [127]
 
 
