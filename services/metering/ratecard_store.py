@@ -56,7 +56,8 @@ async def publish_version(
     A reuse of it for other models, or for another ``effective_from`` when the caller
     stated one, raises FailedPrecondition naming ``request_id``. Raises FailedPrecondition,
     storing nothing, when the new version leaves out a model that the current one prices,
-    because ingest would then reject that model's usage.
+    because ingest would then reject that model's usage, or when ``effective_from`` is
+    before the current version's.
     """
     models = tuple(models)
     async with conn.transaction():
@@ -70,6 +71,13 @@ async def publish_version(
             return card
         history = await load_history(conn)
         current = history.current
+        if effective_from < current.effective_from:
+            raise FailedPrecondition(
+                f"the effective time {effective_from.isoformat()} is before that of version "
+                f"{current.version}, {current.effective_from.isoformat()}; leave it unset to "
+                "take effect now",
+                field="rate_card.effective_time",
+            )
         missing = sorted(set(current.models) - {model.name for model in models})
         if missing:
             raise FailedPrecondition(

@@ -261,6 +261,19 @@ async def test_publish_rejects_future_effective_time(
     )
     assert invalid.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "invalid rate_card.effective_time" in (invalid.details() or "")
+
+    current = await client.stub.GetRateCard(
+        metering_pb2.GetRateCardRequest(), metadata=client.metadata(Role.PROGRAM_OFFICE)
+    )
+    card.effective_time.FromDatetime(current.effective_time.ToDatetime() - timedelta(days=1))
+    earlier = await _error(
+        client.stub.PublishRateCard(
+            metering_pb2.PublishRateCardRequest(request_id="rc-earlier", rate_card=card),
+            metadata=client.metadata(Role.PROGRAM_OFFICE),
+        )
+    )
+    assert earlier.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is before that of version 1" in (earlier.details() or "")
     assert await _versions(client) == [1]
 
 
