@@ -30,7 +30,7 @@ from .engine_adapter import AcceleratorHealth, EngineAdapter
 from .errors import InvalidFields
 from .fleet import NODE_STATUSES, AcceleratorView, NodeView
 from .inputs import DrainRequested, NodeDownRequested, PledgeChanged, RecallAdded
-from .leadership import Leadership
+from .leadership import Leadership, Term
 from .model import utc_text
 from .pledges import (
     PledgeStore,
@@ -203,8 +203,8 @@ class FleetRpcs(ProviderRpcs):
         pledge, violations = pledge_from_proto(request.pledge)
         if violations:
             raise InvalidFields(violations)
-        await self._check_registered_region(pledge.provider, pledge.region)
         leader = self._lead.require()
+        await self._check_registered_region(leader, pledge.provider, pledge.region)
         cause = f"rpc:SetPledge:{request.request_id or request_id() or ''}"
         try:
             stored = await self._pledges.upsert(pledge, cause)
@@ -219,11 +219,17 @@ class FleetRpcs(ProviderRpcs):
         await leader.inbox.put(PledgeChanged(pledge))
         return pledge_to_proto(pledge)
 
-    async def _check_registered_region(self, provider_id: str, region_id: str) -> None:
+    async def _check_registered_region(
+        self, leader: Term, provider_id: str, region_id: str
+    ) -> None:
         """Raise InvalidArgument unless ``region_id`` is a registered region of ``provider_id``.
 
         The registry also contains the providers and regions that node inventories registered.
+        A node of the region in the leader's fleet counts too: its inventory registers the
+        region in the loop turn's commit, which may not have happened yet.
         """
+        if any(n.provider == provider_id and n.region == region_id for n in leader.fleet.nodes()):
+            return
         provider = await self._providers.get(provider_id)
         if provider is None:
             raise InvalidArgument(
