@@ -206,7 +206,11 @@ def find_executable(name: str, search_path: str, cwd: Path) -> str:
         if not os.path.exists(candidate):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
     else:
-        found = shutil.which(name, path=search_path)
+        # A relative entry of the PATH (an empty one is the working directory) is taken from
+        # the task's working directory, as the kernel would take it from inside the task.
+        base = os.path.join(os.getcwd(), cwd)
+        entries = [os.path.join(base, entry) for entry in search_path.split(os.pathsep)]
+        found = shutil.which(name, path=os.pathsep.join(entries))
         if found is None:
             raise FileNotFoundError(errno.ENOENT, "not found on the task's PATH", name)
         candidate = found

@@ -685,3 +685,19 @@ async def test_runner_without_recorder_loses_adopted_exit(tmp_path: Path) -> Non
         await wait_for(lambda: len(second.states("w/1/0")) == 2)
     assert second.states("w/1/0") == [TaskState.RUNNING, TaskState.LOST]
     assert await task.process.wait() == 3
+
+
+async def test_relative_path_entry_from_task_directory(tmp_path: Path) -> None:
+    tools = tmp_path / "tasks" / "bin"
+    tools.mkdir(parents=True)
+    program = tools / "hello-task"
+    program.write_text("#!/bin/sh\necho from-task-bin\n")
+    program.chmod(0o755)
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        spec = TaskSpec("b", "b/1/0", ("GPU-4",), ("hello-task",), env=(("PATH", "bin:/usr/bin"),))
+        await runner.start(spec)
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("b/1/0"))
+
+    recorder = await run_with_group(tmp_path, body)
+    assert recorder.last("b/1/0").output_tail == "from-task-bin\n"
