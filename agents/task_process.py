@@ -207,7 +207,7 @@ def find_executable(name: str, search_path: str, cwd: Path) -> str:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
     else:
         # A relative entry of the PATH (an empty one is the working directory) is taken from
-        # the task's working directory, as the kernel would take it from inside the task.
+        # the task's working directory, as execvp would take it from inside the task.
         base = os.path.join(os.getcwd(), cwd)
         entries = [os.path.join(base, entry) for entry in search_path.split(os.pathsep)]
         found = shutil.which(name, path=os.pathsep.join(entries))
@@ -222,7 +222,7 @@ def find_executable(name: str, search_path: str, cwd: Path) -> str:
 def from_shell_status(status: int) -> int:
     """Turn a shell's exit status into an exit code, or minus the signal for 128 + N.
 
-    A command that exits with 129 to 192 on its own cannot be told apart from one killed by a
+    A command that exits with 129 to 192 on its own cannot be distinguished from one killed by a
     signal, so it is reported as killed, following the convention of the shell.
     """
     if 128 < status <= 128 + _LAST_SIGNAL:
