@@ -54,7 +54,7 @@ AGENT_EXIT = "the agent stopped"
 """Stop reason of the tasks an agent stops because it is shutting down."""
 _EARLY_STOP_S = 1.0
 """Age of a task below which a stop sends SIGTERM again (see ``_repeat_early_stop``)."""
-_EARLY_STOP_REPEATS_S = (0.2, 1.0)
+_EARLY_STOP_REPEATS_S = (0.2, 1.0, 3.0)
 """Seconds after such a stop at which SIGTERM goes out again, while the task runs."""
 SPAWN_ID_ENV = "ACSP_SPAWN_ID"
 """Environment variable that marks a task's process with its record's ``spawn_id``."""
