@@ -99,11 +99,7 @@ class FleetRpcs(ProviderRpcs):
         node = leader.fleet.get(key)
         if node is None:
             raise NotFound("node", _node_name(request))
-        return _node_to_proto(
-            node,
-            _failures_by_accelerator(leader.book.engine),
-            leader.book.jobs_by_node(),
-        )
+        return _node_reply(leader, node)
 
     async def DrainNode(
         self, request: scheduler_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext
@@ -131,24 +127,12 @@ class FleetRpcs(ProviderRpcs):
             )
         except Fenced:
             raise Unavailable("this scheduler is no longer the leader. Retry the call.") from None
-        return _node_to_proto(
-            node,
-            _failures_by_accelerator(leader.book.engine),
-            leader.book.jobs_by_node(),
-        )
+        return _node_reply(leader, node)
 
     async def MarkNodeDown(
         self, request: scheduler_pb2.MarkNodeDownRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.Node:
-        principal = require_roles(*OPERATORS)
-        if Role.PROVIDER_OPERATOR in principal.roles and principal.provider not in (
-            None,
-            request.provider_id,
-        ):
-            raise PermissionDenied(
-                f"operator of provider {principal.provider!r} cannot mark "
-                f"nodes of {request.provider_id!r} down"
-            )
+        _require_operator_of(request.provider_id)
         if not request.reason.strip():
             raise InvalidArgument(
                 "reason",
@@ -169,11 +153,7 @@ class FleetRpcs(ProviderRpcs):
                 "stop its agent and wait until the node shows as unknown",
                 "node_id",
             )
-        return _node_to_proto(
-            node,
-            _failures_by_accelerator(leader.book.engine),
-            leader.book.jobs_by_node(),
-        )
+        return _node_reply(leader, node)
 
     async def ListAcceleratorModels(
         self,
@@ -358,6 +338,13 @@ def _accelerator_to_proto(
             common_pb2.Cause(trigger=trigger, reference_id=failure.event_id, reason=failure.reason)
         )
     return msg
+
+
+def _node_reply(leader: Term, node: NodeView) -> scheduler_pb2.Node:
+    """Return ``node`` as the reply of a call about one node, with its failures and jobs."""
+    return _node_to_proto(
+        node, _failures_by_accelerator(leader.book.engine), leader.book.jobs_by_node()
+    )
 
 
 def _node_to_proto(

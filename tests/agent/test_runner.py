@@ -40,7 +40,7 @@ class Recorder:
         return [e for e in self.events if e.task_id == task_id][-1]
 
 
-def make_runner(tmp_path: Path, recorder: Recorder) -> TaskRunner:
+def make_runner(tmp_path: Path, recorder: Recorder, record_exit_status: bool = True) -> TaskRunner:
     return TaskRunner(
         "acme.eu-1.node-1",
         StateStore(tmp_path / "state.json"),
@@ -49,7 +49,21 @@ def make_runner(tmp_path: Path, recorder: Recorder) -> TaskRunner:
         time.time,
         ACCELERATORS,
         _visible,
+        record_exit_status=record_exit_status,
     )
+
+
+async def restart_until_ended(
+    directory: Path, task_id: str, record_exit_status: bool = True
+) -> Recorder:
+    """Restart a runner on ``directory`` and wait until the adopted ``task_id`` has ended."""
+    recorder = Recorder()
+    restarted = make_runner(directory, recorder, record_exit_status)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        await wait_for(lambda: len(recorder.states(task_id)) == 2)
+    return recorder
 
 
 async def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -281,12 +295,7 @@ async def test_adopted_task_exit_code_read(tmp_path: Path) -> None:
         tmp_path, TaskSpec("k", "k/1/0", ("GPU-3",), python_command(code))
     )
 
-    second = Recorder()
-    restarted = make_runner(tmp_path, second)
-    async with asyncio.TaskGroup() as group:
-        restarted.attach(group)
-        restarted.recover()
-        await wait_for(lambda: len(second.states("k/1/0")) == 2)
+    second = await restart_until_ended(tmp_path, "k/1/0")
     # The restarted runner is not the parent of the process, but its shell wrote exit code 3.
     assert second.states("k/1/0") == [TaskState.RUNNING, TaskState.FAILED]
     assert second.last("k/1/0").exit_code == 3
@@ -330,12 +339,7 @@ async def test_adopted_exit_relative_state_dir(
         relative, TaskSpec("r", "r/1/0", ("GPU-5",), python_command(code))
     )
 
-    second = Recorder()
-    restarted = make_runner(relative, second)
-    async with asyncio.TaskGroup() as group:
-        restarted.attach(group)
-        restarted.recover()
-        await wait_for(lambda: len(second.states("r/1/0")) == 2)
+    second = await restart_until_ended(relative, "r/1/0")
     assert second.states("r/1/0") == [TaskState.RUNNING, TaskState.FAILED]
     assert second.last("r/1/0").exit_code == 3
     assert await first.wait() == 3
@@ -621,9 +625,7 @@ async def test_command_runs_program_not_builtin(tmp_path: Path) -> None:
     assert "Permission denied" in directory.reason
 
 
-async def test_stop_right_after_spawn_reaches_command(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_early_stop_reaches_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Widen the moment between the shell's trap and the start of the command, so that the
     # first SIGTERM reaches the shell alone.
     widened = task_process.EXIT_RECORDER.replace(
@@ -649,22 +651,10 @@ async def test_stop_right_after_spawn_reaches_command(
 
 
 @pytest.mark.timeout(30)
-async def test_runner_without_recorder_loses_adopted_exit(tmp_path: Path) -> None:
-    def runner_without_recorder(recorder: Recorder) -> TaskRunner:
-        return TaskRunner(
-            "acme.eu-1.node-1",
-            StateStore(tmp_path / "state.json"),
-            tmp_path,
-            recorder,
-            time.time,
-            ACCELERATORS,
-            _visible,
-            record_exit_status=False,
-        )
-
+async def test_no_recorder_loses_adopted_exit(tmp_path: Path) -> None:
     code = "import sys, time; time.sleep(1.5); sys.exit(3)"
     first_events = Recorder()
-    first = runner_without_recorder(first_events)
+    first = make_runner(tmp_path, first_events, record_exit_status=False)
     async with asyncio.TaskGroup() as group:
         first.attach(group)
         await first.start(TaskSpec("c", "c/1/0", ("GPU-1",), ("false",)))
@@ -677,17 +667,12 @@ async def test_runner_without_recorder_loses_adopted_exit(tmp_path: Path) -> Non
     assert first_events.last("c/1/0").exit_code == 1
     assert list((tmp_path / "tasks").glob("*.exit")) == []
 
-    second = Recorder()
-    restarted = runner_without_recorder(second)
-    async with asyncio.TaskGroup() as group:
-        restarted.attach(group)
-        restarted.recover()
-        await wait_for(lambda: len(second.states("w/1/0")) == 2)
+    second = await restart_until_ended(tmp_path, "w/1/0", record_exit_status=False)
     assert second.states("w/1/0") == [TaskState.RUNNING, TaskState.LOST]
     assert await task.process.wait() == 3
 
 
-async def test_relative_path_entry_from_task_directory(tmp_path: Path) -> None:
+async def test_relative_path_entry_found(tmp_path: Path) -> None:
     tools = tmp_path / "tasks" / "bin"
     tools.mkdir(parents=True)
     program = tools / "hello-task"
