@@ -484,7 +484,7 @@ class TaskRunner:
         failure = self._failure_under(record)
         state = _ended_state(record, exit_code, failure)
         task.ended_at = self._clock() if ended_at is None else ended_at
-        # The exit status file stays, like the log beside it: deleted here, it could be gone
+        # The exit status file stays, like the log beside it. Deleted here, it could be gone
         # while the state file, saved at the end of this loop turn, still lists the task.
         self._tasks.pop(record.task_id, None)
         self._ended_since_usage.append(task)

@@ -160,7 +160,7 @@ def spawn(
     """Start ``command`` in a new session with its output in ``log_path``.
 
     With an ``exit_path``, the command runs under :data:`EXIT_RECORDER`, which writes its exit
-    status there; a file left there by an earlier process is removed first. Raises
+    status there. A file left there by an earlier process is removed first. Raises
     :class:`CommandNotRunnableError` when the command names no executable program, and
     ``OSError`` when the node cannot start the process (the log file, a failed fork).
     """

@@ -70,7 +70,7 @@ def _pages(
 
 
 @contextmanager
-def _filter_required(filtered: bool, what: str, options: str) -> Iterator[None]:
+def _filter_required(filtered: bool, listing: str, options: str) -> Iterator[None]:
     """Name the CLI options that filter a listing when the service denies an unfiltered one.
 
     The service's message names its request fields, which a CLI user does not set directly.
@@ -82,8 +82,8 @@ def _filter_required(filtered: bool, what: str, options: str) -> Iterator[None]:
         if filtered or code != grpc.StatusCode.PERMISSION_DENIED:
             raise
         raise CommandError(
-            f"a filter is required to list {what}: pass {options}, because only the program "
-            f"office may list the {what} of every project"
+            f"a filter is required to list {listing}: pass {options}, because only the program "
+            f"office may list the {listing} of every project"
         ) from error
 
 

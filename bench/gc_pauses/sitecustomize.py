@@ -1,8 +1,8 @@
 """Record the garbage collector's pauses of every Python process started with this on its path.
 
 Run a benchmark with ``PYTHONPATH=bench/gc_pauses`` and ``ACSP_GC_PAUSES_DIR`` set to a
-folder; each process that exits normally writes ``<pid>.json`` there with its command and,
-per generation, the number of collections, the longest and the total pause in milliseconds.
+folder. Each process that exits normally writes ``<pid>.json`` there: its command and, per
+generation, the number of collections and the longest and total pause in milliseconds.
 ``python bench/gc_pauses/summary.py DIR`` prints them as a table.
 """
 

@@ -148,7 +148,7 @@ class FleetView:
         return changes
 
     def set_down(self, key: str, reason: str) -> NodeChange | None:
-        """Mark an ``unknown`` node ``down``; return None if it is in another state.
+        """Mark an ``unknown`` node ``down``, or return None if it is in another state.
 
         Raises ``KeyError`` for a key that names no node. A heartbeat makes the node up again.
         """

@@ -110,7 +110,7 @@ class JobBook:
         """Orphans added (the copy) or confirmed (None) since the last commit, by node key and
         task id. Only the last change of a copy is kept, so a commit never adds and deletes it."""
         self._start_failures: dict[str, int] = {}
-        """Job id to its attempts in a row that a node rejected; kept in memory only."""
+        """Job id to its attempts in a row that a node rejected, kept in memory only."""
         self._starting_since: dict[str, float] = {}
         """Job id to the time its start commands went out, while it is starting."""
         self._replacing_since: dict[tuple[str, int, int], float] = {}
@@ -510,8 +510,8 @@ class JobBook:
         return {key: sorted(ids) for key, ids in by_node.items()}
 
     def node_down(self, node_key: str) -> None:
-        """Confirm stopped every task copy that waits on ``node_key``: an operator declared the
-        node down, so nothing of it runs any more."""
+        """Confirm that every task copy waiting on ``node_key`` stopped, because an operator
+        declared the node down."""
         for task_id in list(self._orphans.get(node_key, ())):
             self._confirm_orphan(node_key, task_id, task_id.split("/", 1)[0])
 

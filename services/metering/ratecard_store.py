@@ -50,7 +50,7 @@ async def publish_version(
     *,
     effective_stated: bool = True,
 ) -> RateCard:
-    """Store a new version numbered one past the current one; concurrent publishers serialize.
+    """Store a new version numbered one past the current one, one publisher at a time.
 
     ``cause`` names the request, so a retry of a stored request returns the version it stored.
     A reuse of it for other models, or for another ``effective_from`` when the caller
