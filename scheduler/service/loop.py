@@ -288,6 +288,8 @@ class SchedulingLoop:
                     node_view = change.node
                 replies.append((reply, node_view))  # type: ignore[arg-type]
             case NodeDownRequested(key, reason, reply):
+                # NOTE: the down state is not stored, so a new leader reloads the node as up and
+                # shows it as unknown again once its heartbeats are overdue, with nothing fenced.
                 node_view = self.fleet.get(key)
                 if node_view is not None:
                     down = self.fleet.set_down(key, reason)
