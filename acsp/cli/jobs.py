@@ -163,9 +163,9 @@ def register(subparsers: Any) -> None:
         parents=[connection],
         help="print job changes as they happen, until the one job watched ends (Ctrl-C stops)",
         description=(
-            "Print one line per job change, starting with the UTC time it arrived. Given "
-            "JOB_ID, stop when that job ends and exit 0 only if it completed. Exit 1 if it "
-            "failed, was cancelled or timed out, or if the stream closed before the job "
+            "Print one line per job change, starting with the UTC time the scheduler recorded "
+            "it. Given JOB_ID, stop when that job ends and exit 0 only if it completed. Exit 1 "
+            "if it failed, was cancelled or timed out, or if the stream closed before the job "
             "ended. Without JOB_ID, watch until Ctrl-C."
         ),
     )
@@ -335,7 +335,7 @@ async def watch_jobs(args: argparse.Namespace) -> int:
         async for job in stream:
             line = watch_line(job)
             if last_lines.get(job.job_id) != line:
-                sys.stdout.write(f"{datetime.now(UTC).isoformat(timespec='seconds')}  {line}\n")
+                sys.stdout.write(f"{change_time(job)}  {line}\n")
                 sys.stdout.flush()
             if job.state not in ENDED_STATES:
                 last_lines[job.job_id] = line
@@ -354,6 +354,17 @@ async def watch_jobs(args: argparse.Namespace) -> int:
             f"unknown. Run acsp jobs watch {args.job_id} again"
         )
     return EXIT_FAILURE
+
+
+def change_time(job: scheduler_pb2.Job) -> str:
+    """Return when the scheduler recorded the job's latest change, in ISO 8601 UTC to the second.
+
+    Schedulers that predate ``Job.update_time`` leave it unset. For their changes the time this
+    client received the change is used instead, which is later by the stream's delay.
+    """
+    if job.HasField("update_time"):
+        return format_time(job.update_time)
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def watch_line(job: scheduler_pb2.Job) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Final, cast
@@ -131,8 +132,17 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         institution = principal.institution or ""
         size = request.spec.array_size
         rid = _request_key(owner, request.request_id)
+        # The submission is each job's first change, and the store records it as such.
+        now = time.time()
         if size <= 1:
-            job = Job(job_id=new_job_id(), spec=spec, owner=owner, institution=institution)
+            job = Job(
+                job_id=new_job_id(),
+                spec=spec,
+                owner=owner,
+                institution=institution,
+                submitted_at=now,
+                updated_at=now,
+            )
             return [job], [rid], ""
         array_id = new_job_id()
         jobs = [
@@ -143,6 +153,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
                 institution=institution,
                 array_id=array_id,
                 array_index=index,
+                submitted_at=now,
+                updated_at=now,
             )
             for index in range(size)
         ]
@@ -356,6 +368,7 @@ def _array_parent(elements: list[Job]) -> scheduler_pb2.Job:
     first = elements[0]
     ended = [job.ended_at for job in elements if job.ended_at is not None]
     started = [job.started_at for job in elements if job.started_at is not None]
+    updated = [job.updated_at for job in elements if job.updated_at is not None]
     parent = replace(
         first,
         job_id=first.array_id,
@@ -372,6 +385,7 @@ def _array_parent(elements: list[Job]) -> scheduler_pb2.Job:
         exit_code=None,
         started_at=min(started) if started else None,
         ended_at=max(ended) if state in _ENDED_ORDER and ended else None,
+        updated_at=max(updated) if updated else None,
     )
     proto = job_to_proto(parent)
     proto.spec.array_size = len(elements)

@@ -134,6 +134,8 @@ def job_to_proto(job: Job) -> scheduler_pb2.Job:
         msg.start_time.CopyFrom(timestamp(job.started_at))
     if job.ended_at is not None:
         msg.end_time.CopyFrom(timestamp(job.ended_at))
+    if job.updated_at is not None:
+        msg.update_time.CopyFrom(timestamp(job.updated_at))
     return msg
 
 

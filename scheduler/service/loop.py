@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Final
 
@@ -184,6 +184,7 @@ class SchedulingLoop:
         since = now - self._last_pass
         if since >= self._pass_gap and (self._pass_due or since >= self.settings.tick_s):
             self._run_pass(now, fx)
+        self._stamp_changes(fx)
         await self._commit(fx, inventories)
         step = self.settings.holds_per_call
         for first in range(0, len(fx.admit), step):
@@ -192,6 +193,8 @@ class SchedulingLoop:
         for ack in acks:
             await ack()
         for future, value in replies:
+            if isinstance(value, Job) and value.job_id in fx.changed:
+                value = replace(value, updated_at=fx.now)
             if not future.done():
                 future.set_result(value)
         self.watchers.publish(job for job, _ in fx.changed.values())
@@ -203,6 +206,18 @@ class SchedulingLoop:
         if self._purge.claim():
             # Beside the turns, because the first purge of a large backlog takes many statements.
             self._tasks.create_task(self._purge.run(), name="outbox-purge")
+
+    def _stamp_changes(self, fx: Effects) -> None:
+        """Record the turn's clock as the update time of every job the turn changed.
+
+        The book's copy gets the stamped value too, so that a reply built from it later
+        carries the time of its latest change.
+        """
+        for job_id, (job, cause) in fx.changed.items():
+            stamped = replace(job, updated_at=fx.now)
+            fx.changed[job_id] = (stamped, cause)
+            if self.book.jobs.get(job_id) is job:
+                self.book.jobs[job_id] = stamped
 
     def _run_pass(self, now: float, fx: Effects) -> None:
         began = time.perf_counter()

@@ -581,6 +581,7 @@ def _job_from_row(row: asyncpg.Record) -> Job:
         exit_code=row["exit_code"],
         placement=placement_from_json(row["placement"]),
         stop_outcome=row["stop_outcome"],
+        updated_at=from_datetime(row["updated_at"]),
     )
 
 
@@ -603,6 +604,8 @@ def _job_columns(jobs: Sequence[Job], causes: Sequence[str]) -> list[list[Any]]:
         list(causes),
         [job.stop_outcome for job in jobs],
         [job.spec.grant_id for job in jobs],
+        # None writes the database's clock, for callers that change a job outside a loop turn.
+        [to_datetime(job.updated_at) for job in jobs],
     ]
 
 

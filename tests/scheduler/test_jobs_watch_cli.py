@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from acsp._channel import Credentials
 from acsp.cli import jobs as jobs_cli
+from acsp.cli._common import format_time
 from acsp.cli.main import main
 from acsp.client import AsyncClient
 from acsp.v1 import scheduler_pb2
@@ -51,6 +53,14 @@ async def submit(address: str, token: str, spec: scheduler_pb2.JobSpec) -> str:
             scheduler_pb2.SubmitJobRequest(spec=spec), metadata=metadata(token), timeout=10
         )
     return response.job.job_id
+
+
+async def get_job(address: str, token: str, job_id: str) -> scheduler_pb2.Job:
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        return await scheduler.GetJob(
+            scheduler_pb2.GetJobRequest(job_id=job_id), metadata=metadata(token), timeout=10
+        )
 
 
 async def watch(capsys: pytest.CaptureFixture[str], job_id: str) -> tuple[int, list[str]]:
@@ -118,3 +128,42 @@ async def test_watch_counts_stopped_task_as_started(
     assert code == 1
     assert "cancelled" in lines[-1]
     assert "1/1 tasks started" in lines[-1]
+
+
+async def test_watch_prints_time_scheduler_recorded(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    token = stack.token(pi, Role.PI)
+    use_scheduler(monkeypatch, address, token)
+    job_id = await submit(address, token, job_spec(project, grant, task_count=1))
+
+    code, lines = await watch(capsys, job_id)
+
+    assert code == 0
+    job = await get_job(address, token, job_id)
+    assert job.HasField("update_time")
+    assert job.update_time == job.end_time
+    assert lines[-1].split("  ", 1)[0] == format_time(job.end_time)
+
+    # Watched again seconds later, the ended job shows when it ended, not when it arrived.
+    ended = job.end_time.ToDatetime(tzinfo=UTC).timestamp()
+    await wait_for(lambda: time.time() >= ended + 2, 10, "two seconds after the end")
+    code, lines = await watch(capsys, job_id)
+
+    assert code == 0
+    assert len(lines) == 1
+    assert lines[0].split("  ", 1)[0] == format_time(job.end_time)
+
+
+def test_change_time_without_update_time_is_receive_time() -> None:
+    job = scheduler_pb2.Job(job_id="j1", state=scheduler_pb2.JOB_STATE_RUNNING)
+    before = datetime.now(UTC).replace(microsecond=0)
+
+    stamp = datetime.fromisoformat(jobs_cli.change_time(job))
+
+    assert before <= stamp <= datetime.now(UTC)
+    job.update_time.FromSeconds(1_700_000_000)
+    assert jobs_cli.change_time(job) == "2023-11-14T22:13:20+00:00"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 
 import asyncpg
@@ -35,7 +36,8 @@ async def test_insert_then_get_round_trips(pool: asyncpg.Pool, database_dsn: str
     got = await store.get_job(job.job_id)
     assert got is not None
     assert got.submitted_at == pytest.approx(job.submitted_at, abs=1e-5)
-    assert replace(got, submitted_at=job.submitted_at) == job
+    assert got.updated_at == pytest.approx(job.submitted_at, abs=1e-5)
+    assert replace(got, submitted_at=job.submitted_at, updated_at=None) == job
     await lease.release()
 
 
@@ -170,6 +172,31 @@ async def test_commit_turn_writes_all_or_nothing(pool: asyncpg.Pool, database_ds
     assert fenced.state == "starting"
     assert await store.unacked_dispatches() == []
     await takeover.release()
+
+
+async def test_update_time_is_the_turns_clock(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    job = make_job()
+    await store.insert_jobs([job], [None], epoch, "rpc")
+    turn = job.submitted_at + 42.5
+
+    await store.commit_turn(
+        [replace(job, state="starting", updated_at=turn)], ["hold"], [], [], epoch
+    )
+
+    starting = await store.get_job(job.job_id)
+    assert starting is not None
+    assert starting.updated_at == pytest.approx(turn, abs=1e-5)
+    before = time.time()
+    await store.update_jobs([replace(job, state="running")], epoch, ["task:started"])
+    running = await store.get_job(job.job_id)
+    assert running is not None
+    assert running.updated_at is not None
+    # A change without a time of its own gets the database's clock.
+    assert before - 5 < running.updated_at < time.time() + 5
+    await lease.release()
 
 
 async def test_writes_behind_takeover_are_fenced(pool: asyncpg.Pool, database_dsn: str) -> None:
