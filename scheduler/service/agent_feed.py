@@ -311,19 +311,25 @@ class AgentFeed:
         """Watch the heartbeat bucket; heartbeats are dropped, counted, when the loop lags."""
         kv = await self._js.key_value(subjects.HEARTBEAT_BUCKET)
         watcher = await kv.watchall()
+        replaying = True
         try:
             while not stop.is_set():
                 try:
                     entry = await watcher.updates(timeout=1.0)
                 except TimeoutError:
                     continue
-                if entry is None or entry.value is None or not entry.value:
+                if entry is None:
+                    # nats-py returns None once it has delivered the values stored before the
+                    # watch began.
+                    replaying = False
                     continue
-                self._heartbeat(entry.key, entry.value)
+                if entry.value is None or not entry.value:
+                    continue
+                self._heartbeat(entry.key, entry.value, replaying)
         finally:
             await watcher.stop()
 
-    def _heartbeat(self, key: str, value: bytes) -> None:
+    def _heartbeat(self, key: str, value: bytes, replayed: bool = False) -> None:
         try:
             beat = agent_pb2.Heartbeat.FromString(value)
         except DecodeError:
@@ -334,7 +340,7 @@ class AgentFeed:
         # Most heartbeats change nothing but the time; they skip the loop's queue.
         if not drain and self._running.get(key) == running and self._fleet.touch(key, time.time()):
             return
-        item = HeartbeatReceived(key, beat.boot_id, running, drain)
+        item = HeartbeatReceived(key, beat.boot_id, running, drain, replayed)
         try:
             self._inbox.put_nowait(item)
             self._running[key] = running

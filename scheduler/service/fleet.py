@@ -119,19 +119,23 @@ class FleetView:
         if old is None:
             return None
         status = old.status
+        reason = old.status_reason
         if status in ("unknown", "down"):
             status = "draining" if old.draining else "up"
+            # The reason of the missed heartbeats or of the down mark no longer applies.
+            reason = "heartbeats resumed"
         updated = replace(
             old,
             last_heartbeat=now,
             boot_id=boot_id or old.boot_id,
             running_task_ids=running,
             status=status,
+            status_reason=reason,
         )
         self._nodes[key] = updated
         self._seen[key] = now
         if status != old.status:
-            return NodeChange(updated, old.status, "heartbeats resumed")
+            return NodeChange(updated, old.status, reason)
         return None
 
     def expire(self, now: float) -> list[NodeChange]:
@@ -158,6 +162,16 @@ class FleetView:
         updated = replace(old, status="down", status_reason=reason, running_task_ids=frozenset())
         self._nodes[key] = updated
         return NodeChange(updated, old.status, reason)
+
+    def restore_down(self, key: str, reason: str) -> NodeView:
+        """Mark a node down whatever its state, as a new leader does for a node stored as down.
+
+        Raises ``KeyError`` for a key that names no node. A heartbeat makes the node up again.
+        """
+        old = self._fresh(self._nodes[key])
+        updated = replace(old, status="down", status_reason=reason, running_task_ids=frozenset())
+        self._nodes[key] = updated
+        return updated
 
     def set_draining(self, key: str, draining: bool, reason: str) -> NodeChange:
         """Start or undo a drain; raise ``KeyError`` for an unknown node key."""

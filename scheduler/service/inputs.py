@@ -62,6 +62,9 @@ class HeartbeatReceived:
     boot_id: str
     running: frozenset[str]
     drain_requested: bool = False
+    replayed: bool = False
+    """True for the bucket's stored value that a new watch delivers first, which may have been
+    sent before the node was marked down."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,9 @@ class Effects:
     """Jobs placed by the engine that need a hold, with the model of their placement."""
     accelerators: list[AcceleratorHealth] = field(default_factory=list)
     """Accelerators that failed or recovered, persisted so a new leader keeps them."""
+    nodes_down: dict[str, str | None] = field(default_factory=dict)
+    """Node key to the reason of a down mark made in the turn, or None for a mark cleared,
+    persisted so a new leader keeps the node down."""
 
     def change(self, job: Job, cause: str) -> None:
         self.changed[job.job_id] = (job, cause)

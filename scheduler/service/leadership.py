@@ -213,6 +213,7 @@ class Leadership:
         # Loaded before the nodes, so that each node enters the engine with its failures.
         for failure in await nodes.load_failed_accelerators():
             loop.book.engine.set_accelerator_health(failure, now)
+        down = await nodes.load_down()
         for payload, draining, reason in await nodes.load():
             view = node_from_inventory(agent_pb2.Inventory.FromString(payload))
             change = loop.fleet.apply_inventory(
@@ -221,6 +222,8 @@ class Leadership:
             loop.book.engine.add_node(change.node)
             if draining:
                 loop.book.engine.set_draining(change.node.key, True, now)
+            if change.node.key in down:
+                loop.fleet.restore_down(change.node.key, down[change.node.key])
         pledges = PledgeStore(self._pool)
         by_id = {}
         for pledge in await pledges.pledges():
@@ -239,6 +242,12 @@ class Leadership:
         # After the running jobs, so a copy is not fenced where a running job uses its
         # accelerators now (on a live node they were released at once).
         loop.book.adopt_orphans(await self.store.load_orphans())
+        # Last, so the engine frees what the jobs and copies above took on down nodes. Copies
+        # stored there are left only by a crash between the two writes of a down mark.
+        for key in down:
+            if loop.fleet.get(key) is not None:
+                loop.book.node_down(key)
+                loop.book.engine.node_down(key, now)
 
 
 class _TermStopped(Exception):

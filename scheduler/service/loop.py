@@ -177,7 +177,7 @@ class SchedulingLoop:
                 await asyncio.sleep(0)
         self.book.settle_reloaded(fx)  # Fail now the submissions the engine rejected.
         for change in self.fleet.expire(now):
-            self._on_node_change(change, now)
+            self._on_node_change(change, fx)
         self._retry_budgets(now)
         self.book.expire_starts(self.settings.start_timeout_s, fx)
         self._pass_due = self._pass_due or bool(batch)
@@ -253,19 +253,11 @@ class SchedulingLoop:
                 self.book.apply_hold(job_id, attempt, outcome, fx)
                 if outcome.status == "no_budget":
                     self._no_budget[self.book_project(job_id)] = fx.now
-            case HeartbeatReceived(key, boot_id, running, drain_requested):
-                change = self.fleet.apply_heartbeat(key, boot_id, running, fx.now)
-                if change is not None:
-                    self._on_node_change(change, fx.now)
-                self.book.apply_node_running(key, running)
-                node = self.fleet.get(key)
-                if drain_requested and node is not None and not node.draining:
-                    logger.warning("node %s asks to be drained in its heartbeat", key)
-                    self.fleet.set_draining(key, True, "agent requested a drain")
-                    self.book.engine.set_draining(key, True, fx.now)
+            case HeartbeatReceived():
+                self._apply_heartbeat(item, fx)
             case InventoryReceived(node, _, ack):
                 change = self.fleet.apply_inventory(node, fx.now)
-                self._on_node_change(change, fx.now)
+                self._on_node_change(change, fx)
                 for failure in self.book.engine.inventory_failures(node):
                     self._set_accelerator_health(failure, fx)
                 self.book.apply_node_running(node.key, node.running_task_ids)
@@ -303,8 +295,6 @@ class SchedulingLoop:
                     node_view = change.node
                 replies.append((reply, node_view))  # type: ignore[arg-type]
             case NodeDownRequested(key, reason, reply):
-                # NOTE: the down state is not stored, so a new leader reloads the node as up and
-                # shows it as unknown again once its heartbeats are overdue, with nothing fenced.
                 node_view = self.fleet.get(key)
                 if node_view is not None:
                     down = self.fleet.set_down(key, reason)
@@ -312,8 +302,25 @@ class SchedulingLoop:
                         logger.warning("node %s is down: %s", key, reason)
                         self.book.node_down(key)
                         self.book.engine.node_down(key, fx.now)
+                        fx.nodes_down[key] = reason
                         node_view = down.node
                 replies.append((reply, node_view))  # type: ignore[arg-type]
+
+    def _apply_heartbeat(self, item: HeartbeatReceived, fx: Effects) -> None:
+        key = item.node_key
+        node = self.fleet.get(key)
+        if item.replayed and node is not None and node.status == "down":
+            # The stored heartbeat a new leader's watch replays may predate the down mark.
+            return
+        change = self.fleet.apply_heartbeat(key, item.boot_id, item.running, fx.now)
+        if change is not None:
+            self._on_node_change(change, fx)
+        self.book.apply_node_running(key, item.running)
+        node = self.fleet.get(key)
+        if item.drain_requested and node is not None and not node.draining:
+            logger.warning("node %s asks to be drained in its heartbeat", key)
+            self.fleet.set_draining(key, True, "agent requested a drain")
+            self.book.engine.set_draining(key, True, fx.now)
 
     def _set_accelerator_health(self, change: AcceleratorHealth, fx: Effects) -> None:
         if self.book.engine.set_accelerator_health(change, fx.now):
@@ -323,9 +330,12 @@ class SchedulingLoop:
         job = self.book.jobs.get(job_id)
         return job.spec.project_id if job else ""
 
-    def _on_node_change(self, change: NodeChange, now: float) -> None:
+    def _on_node_change(self, change: NodeChange, fx: Effects) -> None:
         node = change.node
+        now = fx.now
         engine = self.book.engine
+        if change.previous == "down" and node.status != "down":
+            fx.nodes_down[node.key] = None
         if change.previous is None or not engine.has_node(node.key):
             engine.add_node(node)
             if node.draining:
@@ -350,6 +360,9 @@ class SchedulingLoop:
             )
         if fx.accelerators:
             await self.nodes.record_accelerator_health(fx.accelerators)
+        # Written before the commit that deletes the orphans these marks confirmed. A crash
+        # between the two writes leaves the node stored down, and a new leader confirms them.
+        await self.nodes.set_down(fx.nodes_down)
         jobs = [job for job, _ in fx.changed.values()]
         causes = [cause for _, cause in fx.changed.values()]
         # Every record is new unless a reloaded job repeats one; repeats stay unpublished.

@@ -1,9 +1,9 @@
-"""Node inventories and drain flags in ``scheduler.nodes``, failed accelerators in
+"""Node inventories, drain flags and down marks in ``scheduler.nodes``, failed accelerators in
 ``scheduler.failed_accelerators``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import asyncpg
 
@@ -13,7 +13,8 @@ from .store import check_epoch
 
 
 class NodeStore:
-    """Node inventories and drain flags, so a new leader has the fleet before agents report."""
+    """Node inventories, drain flags and down marks, so a new leader has the fleet before
+    agents report."""
 
     def __init__(
         self, pool: asyncpg.Pool, timeout_s: float = 10.0, *, fence: tuple[str, int] | None = None
@@ -67,6 +68,40 @@ class NodeStore:
                 timeout=self._timeout,
             )
         return bool(status.endswith(" 1"))
+
+    async def set_down(self, changes: Mapping[str, str | None]) -> None:
+        """Mark nodes down with the operator's reason, or clear the mark where it is None.
+
+        ``changes`` maps a node key (``provider.region.node``) to the reason. Keys of nodes
+        with no stored inventory change nothing.
+        """
+        if not changes:
+            return
+        parts = [key.split(".", 2) for key in changes]
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await self._check_fence(conn)
+            await conn.execute(
+                "UPDATE scheduler.nodes AS n SET down = u.down, down_reason = u.reason,"
+                " updated_at = now()"
+                " FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::text[])"
+                " AS u(provider, region, node, down, reason)"
+                " WHERE n.provider = u.provider AND n.region = u.region AND n.node = u.node",
+                [p[0] for p in parts],
+                [p[1] for p in parts],
+                [p[2] for p in parts],
+                [reason is not None for reason in changes.values()],
+                [reason or "" for reason in changes.values()],
+                timeout=self._timeout,
+            )
+
+    async def load_down(self) -> dict[str, str]:
+        """Return the key and reason of every node marked down."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT provider, region, node, down_reason FROM scheduler.nodes WHERE down",
+                timeout=self._timeout,
+            )
+        return {f"{r[0]}.{r[1]}.{r[2]}": r[3] for r in rows}
 
     async def load(self) -> list[tuple[bytes, bool, str]]:
         """Return ``(serialized Inventory, draining, drain_reason)`` of every known node."""

@@ -45,3 +45,16 @@ def test_drained_node_stays_draining_after_inventory() -> None:
     node = NodeView("p", "r", "n1", (AcceleratorView("GPU-1", "A100-SXM4-80GB"),))
     change = fleet.apply_inventory(node, 120.0)
     assert change.node.status == "draining"
+
+
+def test_restored_down_node_stays_down() -> None:
+    fleet = make_fleet()
+    node = fleet.restore_down("p.r.n1", "powered off")
+    assert (node.status, node.status_reason) == ("down", "powered off")
+    assert fleet.expire(200.0) == []
+    assert not fleet.touch("p.r.n1", 201.0)
+
+    back = fleet.apply_heartbeat("p.r.n1", "boot-2", frozenset(), 202.0)
+    assert back is not None
+    assert (back.previous, back.node.status) == ("down", "up")
+    assert back.node.status_reason == "heartbeats resumed"

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import asyncpg
 import grpc
+import nats
+import nats.js.errors
 import pytest
 
+from acsp import subjects
 from acsp.v1 import agent_pb2, events_pb2, scheduler_pb2
 from services.runtime.auth import Role
 
@@ -162,18 +166,10 @@ async def test_node_marked_down_frees_lost_copy(stack: Stack) -> None:
             node = await client.stub.GetNode(n0_request("r1"), metadata=operator, timeout=10)
             return int(node.state)
 
-        async def stored_orphans() -> list[str]:
-            conn = await asyncpg.connect(stack.dsn, timeout=10)
-            try:
-                rows = await conn.fetch("SELECT task_id FROM scheduler.orphans")
-            finally:
-                await conn.close()
-            return [row["task_id"] for row in rows]
-
         await wait_for(
             lambda: _equals(n0_state(), scheduler_pb2.NODE_STATE_UNKNOWN), 60, "n0 unknown", 0.2
         )
-        await wait_for(lambda: _equals(stored_orphans(), [lost_copy]), 30, "the stored copy")
+        await wait_for(lambda: _equals(stored_orphans(stack), [lost_copy]), 30, "the stored copy")
 
         # A node that still sends heartbeats cannot be marked down.
         up = scheduler_pb2.MarkNodeDownRequest(
@@ -190,7 +186,7 @@ async def test_node_marked_down_frees_lost_copy(stack: Stack) -> None:
         down = await client.stub.MarkNodeDown(request, metadata=operator, timeout=10)
         assert down.state == scheduler_pb2.NODE_STATE_DOWN
         assert list(down.job_ids) == []
-        await wait_for(lambda: _equals(stored_orphans(), []), 30, "the stored copy to go")
+        await wait_for(lambda: _equals(stored_orphans(stack), []), 30, "the stored copy to go")
 
         # The node comes back with nothing running, and its accelerator takes new work.
         stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
@@ -205,6 +201,121 @@ async def test_node_marked_down_frees_lost_copy(stack: Stack) -> None:
         ]
     finally:
         await client.channel.close()
+
+
+async def test_down_node_stays_down_on_new_leader(stack: Stack) -> None:
+    scheduler_process, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    operator = metadata(stack.token("ops", Role.PROVIDER_OPERATOR, provider="prov"))
+    client = Client(address, md, project, grant)
+    try:
+
+        async def node(region: str, name: str) -> scheduler_pb2.Node:
+            request = scheduler_pb2.GetNodeRequest(
+                provider_id="prov", region_id=region, node_id=name
+            )
+            return await client.stub.GetNode(request, metadata=operator, timeout=10)
+
+        async def n1_up() -> bool:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                return (await node("r2", "n1")).state == scheduler_pb2.NODE_STATE_UP
+            return False
+
+        async def n0_unknown() -> bool:
+            return (await node("r1", "n0")).state == scheduler_pb2.NODE_STATE_UNKNOWN
+
+        # The job runs on n0, the only node, until n0 is lost and its task moves to n1.
+        first_agent = stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
+        first = await client.submit("first", 1)
+        await wait_for(lambda: client.running(first), 30, "first to run on n0", 0.2)
+        # So that the bucket contains a heartbeat of n0 for a new leader's watch to replay.
+        await wait_for(lambda: stored_heartbeat(stack, "prov.r1.n0"), 30, "a heartbeat of n0")
+        stack.start_agents(1, gpus=1, name="agents-r2", region="r2", first=1)
+        await wait_for(n1_up, 30, "n1 up", 0.2)
+        first_agent.kill()
+        await wait_for(n0_unknown, 60, "n0 unknown", 0.2)
+        lost_copy = f"{first}/1/0"
+        await wait_for(lambda: _equals(stored_orphans(stack), [lost_copy]), 30, "the stored copy")
+        moved = await client.running(first)
+        assert moved is not None
+        assert list(nodes(moved).values()) == ["n1"]
+
+        request = scheduler_pb2.MarkNodeDownRequest(
+            provider_id="prov", region_id="r1", node_id="n0", reason="powered off"
+        )
+        await client.stub.MarkNodeDown(request, metadata=operator, timeout=10)
+        assert await stored_down(stack) == {"n0": "powered off"}
+        assert await stored_orphans(stack) == []
+
+        # A new leader loads n0 down, and the heartbeat its watch replays does not bring it up.
+        await client.channel.close()
+        scheduler_process.kill()
+        _, address = await stack.start_scheduler("scheduler-restarted")
+        client = Client(address, md, project, grant)
+        leading_since = time.time()
+        n0 = await node("r1", "n0")
+        assert n0.state == scheduler_pb2.NODE_STATE_DOWN
+        assert n0.state_cause.reason == "powered off"
+        assert list(n0.job_ids) == []
+
+        # n1's heartbeats show that the new leader ran past its heartbeat timeout (6 s).
+        async def past_timeout() -> bool:
+            n1 = await node("r2", "n1")
+            return n1.last_heartbeat_time.ToNanoseconds() / 1e9 > leading_since + 7
+
+        await wait_for(past_timeout, 30, "a heartbeat of n1 past the timeout", 0.2)
+        n0 = await node("r1", "n0")
+        assert n0.state == scheduler_pb2.NODE_STATE_DOWN
+        assert list(n0.job_ids) == []
+        assert await stored_orphans(stack) == []
+        single = await client.submit("single", 1)
+        waiting = await client.get(single)
+        assert waiting is not None
+        assert waiting.state == scheduler_pb2.JOB_STATE_PENDING
+
+        # n0 heartbeats again: it is up, its mark is cleared, and no fence keeps its accelerator
+        # from the waiting job.
+        stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
+        alone = await wait_for(lambda: client.running(single), 60, "single to run on n0", 0.2)
+        assert list(nodes(alone).values()) == ["n0"]
+        assert (await node("r1", "n0")).state == scheduler_pb2.NODE_STATE_UP
+        assert await stored_down(stack) == {}
+    finally:
+        await client.channel.close()
+
+
+async def stored_heartbeat(stack: Stack, key: str) -> bool:
+    """Return whether the heartbeat bucket contains a heartbeat of node ``key``."""
+    client = await nats.connect(stack.nats_url, connect_timeout=2)
+    try:
+        bucket = await client.jetstream().key_value(subjects.HEARTBEAT_BUCKET)
+        try:
+            await bucket.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        return True
+    finally:
+        await client.close()
+
+
+async def stored_orphans(stack: Stack) -> list[str]:
+    conn = await asyncpg.connect(stack.dsn, timeout=10)
+    try:
+        rows = await conn.fetch("SELECT task_id FROM scheduler.orphans")
+    finally:
+        await conn.close()
+    return [row["task_id"] for row in rows]
+
+
+async def stored_down(stack: Stack) -> dict[str, str]:
+    """Return the node id and reason of each node stored as down."""
+    conn = await asyncpg.connect(stack.dsn, timeout=10)
+    try:
+        rows = await conn.fetch("SELECT node, down_reason FROM scheduler.nodes WHERE down")
+    finally:
+        await conn.close()
+    return {row["node"]: row["down_reason"] for row in rows}
 
 
 def n0_request(region: str) -> scheduler_pb2.GetNodeRequest:
