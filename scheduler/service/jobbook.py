@@ -38,6 +38,9 @@ CHECKPOINTED = "checkpointed"
 MAX_CHECKPOINT_REF_BYTES = 4096
 """Maximum length of a stored checkpoint reference in UTF-8 bytes. Agents send none longer."""
 _LIVE = ("assigned", "started")
+STOPPING = "stopping"
+"""Task state of a task of an ended job that got a stop command its node has not confirmed.
+The state its node reports, or ``stopped``, replaces it once the node confirms."""
 _RAN = ("started", "exited")
 """Task states of a task that has started."""
 REQUEUE = "requeue"
@@ -112,6 +115,11 @@ class JobBook:
         self._orphan_writes: dict[tuple[str, str], Orphan | None] = {}
         """Orphans added (the copy) or confirmed (None) since the last commit, by node key and
         task id. Only the last change of a copy is kept, so a commit never adds and deletes it."""
+        self._ended: dict[str, Job] = {}
+        """Ended jobs by id that have a task in the ``stopping`` state, so that the state its
+        node confirms is recorded in the job."""
+        self._down_reloaded: list[str] = []
+        """Nodes a new leader loaded as down, whose stored copies are confirmed next turn."""
         self._start_failures: dict[str, int] = {}
         """Job id to its attempts in a row that a node rejected, kept in memory only."""
         self._starting_since: dict[str, float] = {}
@@ -180,6 +188,20 @@ class JobBook:
                 orphan.node_key, tid.job_id, orphan.task_id, orphan.accelerators, orphan.millis
             )
 
+    def adopt_ended(self, jobs: list[Job]) -> None:
+        """Take back the ended jobs whose tasks wait for a confirmed stop, after a restart.
+
+        Call after :meth:`adopt_orphans`. A job without a ``stopping`` task is left out.
+        """
+        for job in jobs:
+            if job.terminal and any(t.state == STOPPING for t in job.placement):
+                self._ended[job.job_id] = job
+
+    def reload_down(self, node_key: str) -> None:
+        """Confirm on the next turn that the copies stored on ``node_key`` stopped, because a
+        new leader loaded the node as down."""
+        self._down_reloaded.append(node_key)
+
     def take_orphan_writes(self) -> tuple[list[Orphan], list[tuple[str, str]]]:
         """Return and forget the orphans added and confirmed since the last call."""
         added = [o for o in self._orphan_writes.values() if o is not None]
@@ -217,6 +239,8 @@ class JobBook:
             # The same idempotency key returns the hold the first request placed, if any.
             model = self.engine.node_model(job.placement[0].node_key)
             fx.admit.append((job, model))
+        while self._down_reloaded:
+            self.node_down(self._down_reloaded.pop(), fx)
         while self._settle_reloaded:
             job_id = self._settle_reloaded.pop()
             stopping = self._stopping.pop(job_id, None)
@@ -418,7 +442,7 @@ class JobBook:
             logger.warning("ignoring task event with malformed task id %r", task_id)
             return
         if state != "started":
-            self._confirm_orphan(node_key, task_id, tid.job_id)
+            self._confirm_orphan(node_key, task_id, tid.job_id, fx, state, exit_code)
         job = self.jobs.get(tid.job_id)
         if job is None or job.attempt != tid.attempt:
             if job is None or tid.attempt >= job.attempt:
@@ -487,14 +511,14 @@ class JobBook:
         self.engine.end(job.job_id, "completed", fx.now)
         self._finish(replace(job, placement=()), "completed", reason, "task:exited", fx)
 
-    def apply_node_running(self, node_key: str, running: frozenset[str]) -> None:
+    def apply_node_running(self, node_key: str, running: frozenset[str], fx: Effects) -> None:
         """Confirm stopped tasks of ended attempts that a node no longer lists as running."""
         orphans = self._orphans.get(node_key)
         if not orphans:
             return
         for task_id in list(orphans):
             if task_id not in running:
-                self._confirm_orphan(node_key, task_id, task_id.split("/", 1)[0])
+                self._confirm_orphan(node_key, task_id, task_id.split("/", 1)[0], fx)
 
     def jobs_by_node(self) -> dict[str, list[str]]:
         """Return node key to the sorted ids of the jobs that may still run a task there.
@@ -512,11 +536,11 @@ class JobBook:
                 by_node.setdefault(node_key, set()).add(task_id.split("/", 1)[0])
         return {key: sorted(ids) for key, ids in by_node.items()}
 
-    def node_down(self, node_key: str) -> None:
+    def node_down(self, node_key: str, fx: Effects) -> None:
         """Confirm that every task copy waiting on ``node_key`` stopped, because an operator
         declared the node down."""
         for task_id in list(self._orphans.get(node_key, ())):
-            self._confirm_orphan(node_key, task_id, task_id.split("/", 1)[0])
+            self._confirm_orphan(node_key, task_id, task_id.split("/", 1)[0], fx)
 
     def expire_starts(self, timeout_s: float, fx: Effects) -> None:
         """Requeue jobs whose tasks did not all start within ``timeout_s`` of their commands.
@@ -738,6 +762,7 @@ class JobBook:
         if stopping is not None and stopping.outcome is not None:
             # A cancel or failure was already stopping the job: it ends as that, not requeued.
             self.engine.remove(job_id)
+            job = self._await_stops(job)
             self._finish(job, stopping.outcome, stopping.reason, stopping.cause, fx)
             return
         self.requeue(job_id, reason, f"health:{failure.event_id}", fx, release=False)
@@ -811,11 +836,21 @@ class JobBook:
         stopping = self._stopping.pop(job_id, None)
         if job is None or stopping is None:
             return
-        for task in job.placement:
-            if task.state in _LIVE:
-                self._add_orphan(task, TaskId(job_id, job.attempt, task.task_index))
         reason = f"{stopping.reason}; a node was lost while it stopped"
-        self._finish(job, outcome, reason, stopping.cause, fx)
+        self._finish(self._await_stops(job), outcome, reason, stopping.cause, fx)
+
+    def _await_stops(self, job: Job) -> Job:
+        """Return ``job`` with its live tasks, whose stop commands are out, as ``stopping``.
+
+        Each becomes an orphan until its node confirms the stop, and the ended job then records
+        the state the node confirmed.
+        """
+        tasks = list(job.placement)
+        for position, task in enumerate(tasks):
+            if task.state in _LIVE:
+                self._add_orphan(task, TaskId(job.job_id, job.attempt, task.task_index))
+                tasks[position] = replace(task, state=STOPPING)
+        return replace(job, placement=tuple(tasks))
 
     def _finish(self, job: Job, state: JobState, reason: str, cause: str, fx: Effects) -> None:
         """Make ``job`` terminal; the caller has already reported the end to the engine."""
@@ -832,6 +867,8 @@ class JobBook:
         self._admitting.discard(job.job_id)
         self._starting_since.pop(job.job_id, None)
         self._start_failures.pop(job.job_id, None)
+        if any(t.state == STOPPING for t in ended.placement):
+            self._ended[job.job_id] = ended
         fx.change(ended, cause)
         fx.events.append(job_event(ended, "ended", cause, reason))
 
@@ -895,14 +932,49 @@ class JobBook:
         orphan = Orphan(task.node_key, task_id, task.accelerators, task.millis)
         self._orphan_writes[(task.node_key, task_id)] = orphan
 
-    def _confirm_orphan(self, node_key: str, task_id: str, job_id: str) -> None:
+    def _confirm_orphan(
+        self,
+        node_key: str,
+        task_id: str,
+        job_id: str,
+        fx: Effects,
+        state: str = "stopped",
+        exit_code: int | None = None,
+    ) -> None:
+        """Confirm that the copy ``task_id`` on ``node_key`` ended in ``state``."""
         orphans = self._orphans.get(node_key)
-        if orphans and task_id in orphans:
-            orphans.discard(task_id)
-            if not orphans:
-                del self._orphans[node_key]
-            self._orphan_writes[(node_key, task_id)] = None
-            self._release_fences(node_key, job_id)
+        if not orphans or task_id not in orphans:
+            return
+        orphans.discard(task_id)
+        if not orphans:
+            del self._orphans[node_key]
+        self._orphan_writes[(node_key, task_id)] = None
+        self._release_fences(node_key, job_id)
+        if job_id in self._ended:
+            self._record_stop(node_key, TaskId.parse(task_id), state, exit_code, fx)
+
+    def _record_stop(
+        self, node_key: str, tid: TaskId, state: str, exit_code: int | None, fx: Effects
+    ) -> None:
+        """Replace the ``stopping`` state of a task of an ended job with the one confirmed."""
+        job = self._ended[tid.job_id]
+        if job.attempt != tid.attempt:
+            return
+        tasks = list(job.placement)
+        index = next((i for i, t in enumerate(tasks) if t.task_index == tid.task_index), None)
+        if index is None:
+            return
+        task = tasks[index]
+        if task.node_key != node_key or task.state != STOPPING:
+            return  # a copy on a node the task was replaced from, or a stop already confirmed
+        code = task.exit_code if exit_code is None else exit_code
+        tasks[index] = replace(task, state=state, exit_code=code)
+        job = replace(job, placement=tuple(tasks))
+        if any(t.state == STOPPING for t in tasks):
+            self._ended[job.job_id] = job
+        else:
+            del self._ended[job.job_id]
+        fx.change(job, f"task:{state}")
 
     def _release_fences(self, node_key: str, job_id: str) -> None:
         """Free what the engine keeps fenced for ``job_id`` on ``node_key`` once nothing of the

@@ -241,12 +241,15 @@ class Leadership:
         loop.book.add([j for j in jobs if j not in missing], now)
         # After the running jobs, so a copy is not fenced where a running job uses its
         # accelerators now (on a live node they were released at once).
-        loop.book.adopt_orphans(await self.store.load_orphans())
+        orphans = await self.store.load_orphans()
+        loop.book.adopt_orphans(orphans)
+        ended = {o.task_id.split("/", 1)[0] for o in orphans} - loop.book.jobs.keys()
+        loop.book.adopt_ended(await self.store.ended_jobs(sorted(ended)))
         # Last, so the engine frees what the jobs and copies above took on down nodes. Copies
         # stored there are left only by a crash between the two writes of a down mark.
         for key in down:
             if loop.fleet.get(key) is not None:
-                loop.book.node_down(key)
+                loop.book.reload_down(key)
                 loop.book.engine.node_down(key, now)
 
 

@@ -260,7 +260,7 @@ class SchedulingLoop:
                 self._on_node_change(change, fx)
                 for failure in self.book.engine.inventory_failures(node):
                     self._set_accelerator_health(failure, fx)
-                self.book.apply_node_running(node.key, node.running_task_ids)
+                self.book.apply_node_running(node.key, node.running_task_ids, fx)
                 inventories.append(item)
                 if ack is not None:
                     acks.append(ack)
@@ -300,7 +300,7 @@ class SchedulingLoop:
                     down = self.fleet.set_down(key, reason)
                     if down is not None:
                         logger.warning("node %s is down: %s", key, reason)
-                        self.book.node_down(key)
+                        self.book.node_down(key, fx)
                         self.book.engine.node_down(key, fx.now)
                         fx.nodes_down[key] = reason
                         node_view = down.node
@@ -315,7 +315,7 @@ class SchedulingLoop:
         change = self.fleet.apply_heartbeat(key, item.boot_id, item.running, fx.now)
         if change is not None:
             self._on_node_change(change, fx)
-        self.book.apply_node_running(key, item.running)
+        self.book.apply_node_running(key, item.running, fx)
         node = self.fleet.get(key)
         if item.drain_requested and node is not None and not node.draining:
             logger.warning("node %s asks to be drained in its heartbeat", key)

@@ -437,6 +437,20 @@ class JobStore:
             rows = await conn.fetch(LOAD_ORPHANS, self.shard, timeout=self._timeout)
         return [Orphan(row[0], row[1], tuple(row[2]), row[3]) for row in rows]
 
+    async def ended_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        """Return the jobs of ``job_ids`` that have ended, in id order."""
+        if not job_ids:
+            return []
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                f"SELECT {JOB_SELECT_LIST} FROM scheduler.jobs"
+                " WHERE job_id = ANY($1::text[]) AND state = ANY($2::text[]) ORDER BY job_id",
+                list(job_ids),
+                sorted(TERMINAL_STATES),
+                timeout=self._timeout,
+            )
+        return [_job_from_row(row) for row in rows]
+
     async def get_job(self, job_id: str) -> Job | None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             row = await conn.fetchrow(

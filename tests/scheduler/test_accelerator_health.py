@@ -117,6 +117,14 @@ def test_cancelled_job_is_not_requeued() -> None:
     assert cause == "rpc:cancel"
     assert [e for e in fx.events if e.subject.endswith("requeued")] == []
     assert job_id not in book.engine.engine.jobs
+    # The cancel sent the other tasks stop commands, and they show as stopping until confirmed.
+    states = sorted(t.state for t in ended.placement)
+    assert states == ["failed_hardware"] + ["stopping"] * 7
+    index = next(t.task_index for t in ended.placement if t.state == "stopping")
+    stopped = Effects(NOW + 20)
+    book.apply_task(NODE, f"{job_id}/1/{index}", "stopped", 143, "", stopped)
+    recorded, _ = stopped.changed[job_id]
+    assert next(t.state for t in recorded.placement if t.task_index == index) == "stopped"
 
 
 def test_requeued_job_avoids_failed_accelerator() -> None:

@@ -434,7 +434,7 @@ def test_old_copy_stop_keeps_newer_fence() -> None:
     book.engine.node_unknown(key, NOW + 10)
     book.apply_pass(book.engine.schedule(NOW + 10), Effects(NOW + 10))
     book.engine.node_back(key, NOW + 11)
-    book.apply_node_running(key, frozenset({f"{job.job_id}/1/0"}))
+    book.apply_node_running(key, frozenset({f"{job.job_id}/1/0"}), Effects(NOW + 11))
     book.apply_pass(book.engine.schedule(NOW + 12), Effects(NOW + 12))
     book.apply_hold(job.job_id, 2, HoldOutcome("held", "h2", "g1", Decimal(1)), Effects(NOW + 13))
     second = book.jobs[job.job_id].placement[0]

@@ -438,3 +438,23 @@ async def test_purge_deletes_in_chunks(pool: asyncpg.Pool, database_dsn: str) ->
     assert await pool.fetchval("SELECT count(*) FROM scheduler.dispatches") == 0
     assert await pool.fetchval("SELECT count(*) FROM scheduler.outbox") == 0
     await lease.release()
+
+
+async def test_ended_jobs_keeps_task_states(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    ended, running = make_job("ended"), make_job("running")
+    await store.insert_jobs([ended, running], [None, None], epoch, "rpc")
+    task = TaskPlacement(0, "p", "r", "n1", ("GPU-0",), state="stopping")
+    cancelled = replace(ended, state="cancelled", placement=(task,))
+    await store.update_jobs(
+        [cancelled, replace(running, state="running")], epoch, ["rpc:CancelJob", "task:started"]
+    )
+
+    loaded = await store.ended_jobs([running.job_id, ended.job_id, "j-missing"])
+
+    assert [job.job_id for job in loaded] == [ended.job_id]
+    assert loaded[0].placement == (task,)
+    assert await store.ended_jobs([]) == []
+    await lease.release()

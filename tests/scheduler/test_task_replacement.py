@@ -135,7 +135,7 @@ def test_node_listing_confirms_old_copy() -> None:
     lose(book, lost.node_key)
     assert book.engine.engine.fleet.node(lost.node_key).fenced
 
-    book.apply_node_running(lost.node_key, frozenset())
+    book.apply_node_running(lost.node_key, frozenset(), Effects(NOW + 11))
 
     assert not book.engine.engine.fleet.node(lost.node_key).fenced
 
@@ -282,7 +282,7 @@ def test_restarted_book_keeps_lost_node_fenced() -> None:
     assert restarted.jobs[single.job_id].state == "pending"
     assert restarted.take_orphan_writes() == ([], [])
 
-    restarted.apply_node_running(lost.node_key, frozenset())
+    restarted.apply_node_running(lost.node_key, frozenset(), Effects(NOW + 21))
 
     assert restarted.take_orphan_writes() == ([], [(lost.node_key, task_id)])
     placed = pass_at(restarted, NOW + 22)
@@ -303,7 +303,7 @@ def test_node_marked_down_frees_old_copy() -> None:
     assert pass_at(book, NOW + 11).admit == []
 
     # The operator declares the node off: its copy is confirmed stopped without a word from it.
-    book.node_down(lost.node_key)
+    book.node_down(lost.node_key, Effects(NOW + 12))
     book.engine.node_down(lost.node_key, NOW + 12)
 
     assert book.take_orphan_writes() == ([], [(lost.node_key, f"{job.job_id}/1/0")])
@@ -338,7 +338,7 @@ def test_stored_orphan_on_reused_accelerator_is_not_fenced() -> None:
     # The running gang uses the accelerator, so the copy no longer had it.
     node = book.engine.engine.fleet.node(placed.node_key)
     assert not node.fenced
-    book.apply_node_running(placed.node_key, frozenset())
+    book.apply_node_running(placed.node_key, frozenset(), Effects(NOW + 4))
     assert book.take_orphan_writes() == ([], [(placed.node_key, "old-job/1/0")])
     assert book.engine.running_in_engine(job.job_id)
 
@@ -385,6 +385,91 @@ def test_lost_node_ends_cancelled_single_task() -> None:
     assert job.job_id not in book.jobs
     assert job.job_id not in book.engine.engine.jobs
     assert book.engine.engine.fleet.node(task.node_key).fenced
+
+
+def test_lost_node_leaves_tasks_stopping() -> None:
+    book = make_book()
+    job = admitted(book)
+    lost, survivor = job.placement
+    book.cancel(job.job_id, "not needed", "rpc:cancel", Effects(NOW + 5))
+
+    ended, _ = lose(book, lost.node_key).changed[job.job_id]
+
+    assert ended.state == "cancelled"
+    assert [t.state for t in ended.placement] == ["stopping", "stopping"]
+
+    # Each node's confirmation replaces its task's state, as the node reported it.
+    survivor_id = f"{job.job_id}/1/{survivor.task_index}"
+    fx = Effects(NOW + 20)
+    book.apply_task(survivor.node_key, survivor_id, "stopped", 143, "", fx)
+    stopped, cause = fx.changed[job.job_id]
+    assert stopped.state == "cancelled"
+    assert cause == "task:stopped"
+    assert [(t.state, t.exit_code) for t in stopped.placement] == [
+        ("stopping", None),
+        ("stopped", 143),
+    ]
+    fx = Effects(NOW + 30)
+    book.apply_node_running(lost.node_key, frozenset(), fx)
+    confirmed, _ = fx.changed[job.job_id]
+    assert [(t.state, t.exit_code) for t in confirmed.placement] == [
+        ("stopped", None),
+        ("stopped", 143),
+    ]
+
+    # Both stops are confirmed, so later reports change the job no more.
+    fx = report(book, lost.node_key, f"{job.job_id}/1/{lost.task_index}", "stopped", NOW + 31)
+    assert fx.changed == {}
+
+
+def test_restarted_book_records_confirmed_stop() -> None:
+    book = make_book()
+    job = running(book)
+    lost, survivor = job.placement
+    book.cancel(job.job_id, "not needed", "rpc:cancel", Effects(NOW + 5))
+    ended, _ = lose(book, lost.node_key).changed[job.job_id]
+    orphans, _ = book.take_orphan_writes()
+
+    # A new leader gets the copies and the ended job from the store.
+    restarted = make_book()
+    restarted.adopt_orphans(orphans)
+    restarted.adopt_ended([ended])
+    fx = Effects(NOW + 20)
+    restarted.apply_node_running(survivor.node_key, frozenset(), fx)
+
+    recorded, _ = fx.changed[job.job_id]
+    assert [t.state for t in recorded.placement] == ["stopping", "stopped"]
+
+
+def test_down_node_confirms_stopping_task() -> None:
+    book = make_book()
+    job = running(book)
+    lost, survivor = job.placement
+    book.cancel(job.job_id, "not needed", "rpc:cancel", Effects(NOW + 5))
+    lose(book, lost.node_key)
+    report(book, survivor.node_key, f"{job.job_id}/1/{survivor.task_index}", "stopped", NOW + 6)
+
+    fx = Effects(NOW + 20)
+    book.node_down(lost.node_key, fx)
+
+    confirmed, _ = fx.changed[job.job_id]
+    assert [t.state for t in confirmed.placement] == ["stopped", "stopped"]
+
+
+def test_reloaded_down_node_confirms_next_turn() -> None:
+    book = make_book()
+    job = running(book)
+    lost = job.placement[0]
+    lose(book, lost.node_key)
+    orphans, _ = book.take_orphan_writes()
+    restarted = make_book()
+    restarted.adopt_orphans(orphans)
+
+    restarted.reload_down(lost.node_key)
+    assert restarted.take_orphan_writes() == ([], [])
+    restarted.settle_reloaded(Effects(NOW + 20))
+
+    assert restarted.take_orphan_writes() == ([], [(lost.node_key, f"{job.job_id}/1/0")])
 
 
 def test_only_unknown_node_goes_down() -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -282,6 +284,54 @@ async def test_down_node_stays_down_on_new_leader(stack: Stack) -> None:
         assert (await node("r1", "n0")).state == scheduler_pb2.NODE_STATE_UP
         assert await stored_down(stack) == {}
     finally:
+        await client.channel.close()
+
+
+async def test_cancelled_task_shows_confirmed_stop(stack: Stack) -> None:
+    scheduler_process, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    client = Client(address, md, project, grant)
+    agent = stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
+    try:
+        await wait_for(lambda: stored_heartbeat(stack, "prov.r1.n0"), 30, "a heartbeat of n0")
+
+        # A paused agent sends no heartbeat and runs no command, so the job's start and stop
+        # wait until n0 is lost.
+        os.killpg(agent.popen.pid, signal.SIGSTOP)
+        job_id = await client.submit("single", 1)
+
+        async def in_state(state: int) -> scheduler_pb2.Job | None:
+            job = await client.get(job_id)
+            return job if job is not None and job.state == state else None
+
+        await wait_for(lambda: in_state(scheduler_pb2.JOB_STATE_STARTING), 30, "single to start")
+        await client.cancel(job_id)
+        cancelled = await wait_for(
+            lambda: in_state(scheduler_pb2.JOB_STATE_CANCELLED), 60, "single to end", 0.2
+        )
+        assert "a node was lost while it stopped" in cancelled.state_message
+        assert [p.state for p in cancelled.placements] == ["stopping"]
+
+        # A new leader still records the stop that n0 confirms once its agent runs again.
+        await client.channel.close()
+        scheduler_process.kill()
+        _, address = await stack.start_scheduler("scheduler-restarted")
+        client = Client(address, md, project, grant)
+        os.killpg(agent.popen.pid, signal.SIGCONT)
+
+        async def task_stopped() -> bool:
+            job = await client.get(job_id)
+            return job is not None and [p.state for p in job.placements] == ["stopped"]
+
+        await wait_for(task_stopped, 60, "n0 to confirm the stop", 0.2)
+        ended = await client.get(job_id)
+        assert ended is not None
+        assert ended.state == scheduler_pb2.JOB_STATE_CANCELLED
+        assert await stored_orphans(stack) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(agent.popen.pid, signal.SIGCONT)
         await client.channel.close()
 
 
