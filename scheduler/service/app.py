@@ -89,6 +89,7 @@ def _leadership(settings: SchedulerSettings, runtime: Runtime) -> Leadership:
             budget_retry_s=settings.budget_retry_s,
             start_timeout_s=settings.start_timeout_s,
             outbox_retention_s=settings.outbox_retention_s,
+            max_event_rejections=settings.max_event_rejections,
         ),
         poll_s=settings.leader_poll_s,
     )

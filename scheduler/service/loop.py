@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Final
 
+from opentelemetry import metrics
+
 from .admission import GrantAdmission, HoldOutcome, RateCard
 from .engine_adapter import AcceleratorHealth
 from .fleet import FleetView, NodeChange
@@ -38,12 +40,18 @@ from .inputs import (
 from .jobbook import Effects, JobBook
 from .model import Job
 from .node_store import NodeStore
-from .publisher import Publisher
+from .publisher import Publisher, PublishResult
 from .purge import AckedRowPurge
 from .store import DispatchRecord, JobStore, OutboxEvent
 from .watch import WatchHub
 
 logger = logging.getLogger(__name__)
+
+_meter = metrics.get_meter(__name__)
+_dead_events = _meter.create_counter(
+    "acsp.scheduler.dead_events",
+    description="job events moved to scheduler.dead_events after JetStream rejected them",
+)
 
 
 APPLY_SLICE: Final = 100
@@ -73,6 +81,10 @@ class LoopSettings:
     """Seconds between the loop's INFO lines with its counters."""
     republish_after_s: float = 5.0
     """Age of a recorded but unacknowledged command before it is published again."""
+    max_event_rejections: int = 5
+    """Rejections for good after which a job event moves to ``scheduler.dead_events``. Tries
+    are about ``republish_after_s`` apart, so one wrong reply of a restarting JetStream does
+    not move an event."""
     outbox_retention_s: float = 86_400.0
     """Seconds that acknowledged commands and job events are kept. Commands also stay until their
     job has ended."""
@@ -383,14 +395,39 @@ class SchedulingLoop:
 
     async def _send(self, commands: list[DispatchRecord], events: list[OutboxEvent]) -> None:
         if commands or events:
-            keys, event_ids, rejected = await self.publisher.publish_all(commands, events)
+            result = await self.publisher.publish_all(commands, events)
             # A rejected command is marked done so it is not republished, and the next turn fails
             # its attempt. The marks are written in the next turn's transaction. A crash before
             # that republishes them, which JetStream and the agents deduplicate.
-            keys.extend(record.key for record, _ in rejected)
-            self._published.extend(keys)
-            self._published_events.extend(event_ids)
-            self._unpublishable.extend(rejected)
+            self._published.extend(result.command_keys)
+            self._published.extend(record.key for record, _ in result.rejected_commands)
+            self._published_events.extend(result.event_ids)
+            self._unpublishable.extend(result.rejected_commands)
+            await self._reject_events(result)
+
+    async def _reject_events(self, result: PublishResult) -> None:
+        """Count the job events JetStream rejected for good, and move those at the limit.
+
+        A moved event leaves the outbox for ``scheduler.dead_events``, so it is not retried
+        forever, and is logged at ERROR and counted.
+        """
+        # An event stored earlier in this turn, whose mark is not yet written, was published.
+        stored = set(self._published_events)
+        rejected = [
+            (event.msg_id, reason)
+            for event, reason in result.rejected_events
+            if event.msg_id not in stored
+        ]
+        limit = self.settings.max_event_rejections
+        for dead in await self.store.reject_events(rejected, limit, self.epoch):
+            logger.error(
+                "job event %s on %s moved to scheduler.dead_events after %d rejections: %s",
+                dead.event_id,
+                dead.subject,
+                dead.rejections,
+                dead.reason,
+            )
+            _dead_events.add(1)
 
     async def _republish(self, older_than_s: float) -> None:
         records = await self.store.unacked_dispatches(older_than_s)

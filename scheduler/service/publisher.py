@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from .commands import command_subject
 from .store import DispatchRecord, OutboxEvent
@@ -21,51 +22,86 @@ _REJECTED_LOCALLY: Final = (MaxPayloadError, BadSubjectError, BadHeaderError)
 """Errors nats-py raises before sending, which the same message raises on every retry."""
 JS_MESSAGE_TOO_LARGE: Final = 10054
 """JetStream's error code for a message over the stream's ``max_msg_size``."""
+PERMANENT_JS_ERRORS: Final = frozenset({JS_MESSAGE_TOO_LARGE})
+"""JetStream error codes that the same message gets on every retry. Unavailability, and the
+maximum messages or bytes of a stream that discards new messages, can clear, so a publish
+that fails with them is retried."""
+
+MAX_CONFIRMATIONS: Final = 32
+"""Unacknowledged messages of one wave that :meth:`Publisher._confirm` checks at most. The rest
+are retried unchecked, so a NATS outage costs a bounded number of extra requests."""
 
 Outcome = bool | str
 """True when JetStream stored the message, False to retry it, or why it can never be sent."""
+Message = tuple[str, bytes, str]
+"""Subject, payload and ``Nats-Msg-Id`` of one message."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """Outcome of one wave of commands and job events, as JetStream decided it."""
+
+    command_keys: list[tuple[str, int, int, str]] = field(default_factory=list)
+    """Keys of the commands JetStream stored."""
+    event_ids: list[str] = field(default_factory=list)
+    """Ids of the job events JetStream stored."""
+    rejected_commands: list[tuple[DispatchRecord, str]] = field(default_factory=list)
+    """Commands that can never be published, each with the reason."""
+    rejected_events: list[tuple[OutboxEvent, str]] = field(default_factory=list)
+    """Job events that JetStream rejected for good this time, each with the reason."""
 
 
 class Publisher:
     """Publish commands and job events; the caller learns which ones JetStream stored.
 
-    A message that can never be published, such as one over the server's max_payload, is
-    reported as rejected with the reason, and the other messages of its wave go on.
+    A message that can never be published, such as one over the server's max_payload or the
+    stream's max_msg_size, is reported as rejected with the reason, and the other messages of
+    its wave go on. A job event that no stream replies to is rejected too when JetStream's API
+    finds no stream for its subject. Timeouts, and a JetStream that does not reply at all,
+    leave messages to be retried.
     """
 
-    def __init__(self, js: JetStreamContext, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, js: JetStreamContext, timeout_s: float = 5.0, confirm_timeout_s: float = 1.0
+    ) -> None:
         self._js = js
         self._timeout = timeout_s
+        self._confirm_timeout = confirm_timeout_s
+        """Deadline of the requests that check unacknowledged messages and streams. A check
+        that misses it only leaves its message to the next retry."""
 
     async def publish_all(
         self, records: Sequence[DispatchRecord], events: Sequence[OutboxEvent]
-    ) -> tuple[list[tuple[str, int, int, str]], list[str], list[tuple[DispatchRecord, str]]]:
-        """Publish commands and job events with all their acks in flight at once.
-
-        Returns the command keys and the event ids that JetStream acknowledged, and the
-        commands that can never be published, each with the reason.
-        """
+    ) -> PublishResult:
+        """Publish commands and job events with all their acks in flight at once."""
         messages = [(command_subject(r), r.payload, "/".join(map(str, r.key))) for r in records]
         messages.extend((e.subject, e.payload, e.msg_id) for e in events)
-        outcomes = await self._publish(messages)
-        keys: list[tuple[str, int, int, str]] = []
-        rejected: list[tuple[DispatchRecord, str]] = []
-        for record, outcome in zip(records, outcomes[: len(records)], strict=True):
+        answers = await self._publish(messages)
+        # Commands that no stream replied to are retried, and their job fails at its start
+        # timeout if no stream ever replies.
+        command_outcomes = [False if a is None else a for a in answers[: len(records)]]
+        event_outcomes = await self._check_streams(
+            answers[len(records) :], messages[len(records) :]
+        )
+        _log_outcomes([*command_outcomes, *event_outcomes])
+        result = PublishResult()
+        for record, outcome in zip(records, command_outcomes, strict=True):
             if outcome is True:
-                keys.append(record.key)
+                result.command_keys.append(record.key)
             elif isinstance(outcome, str):
-                rejected.append((record, outcome))
-        # NOTE: a rejected job event stays in the outbox and is retried, because events are
-        # small and bounded by the submission checks, so a rejection means a bug to fix.
-        event_ids = [
-            e.msg_id for e, ok in zip(events, outcomes[len(records) :], strict=True) if ok is True
-        ]
-        return keys, event_ids, rejected
+                result.rejected_commands.append((record, outcome))
+        for event, outcome in zip(events, event_outcomes, strict=True):
+            if outcome is True:
+                result.event_ids.append(event.msg_id)
+            elif isinstance(outcome, str):
+                result.rejected_events.append((event, outcome))
+        return result
 
-    async def _publish(self, messages: Sequence[tuple[str, bytes, str]]) -> list[Outcome]:
+    async def _publish(self, messages: Sequence[Message]) -> list[Outcome | None]:
+        """Return each message's outcome, or None where no stream replied to it."""
         if not messages:
             return []
-        outcomes: list[Outcome] = [False] * len(messages)
+        outcomes: list[Outcome | None] = [False] * len(messages)
         futures: dict[int, asyncio.Future[Any]] = {}
         sent = 0
         try:
@@ -79,7 +115,7 @@ class Publisher:
                             subject, payload, wait_stall=None, headers={"Nats-Msg-Id": msg_id}
                         )
                     except _REJECTED_LOCALLY as exc:
-                        outcomes[index] = _rejection(exc, subject, payload, msg_id)
+                        outcomes[index] = _rejection(exc, messages[index])
         except (NatsError, TimeoutError) as exc:
             logger.warning(
                 "publishing stalled after %d of %d messages: %s", sent, len(messages), exc
@@ -88,30 +124,106 @@ class Publisher:
             _, pending = await asyncio.wait(futures.values(), timeout=self._timeout)
             for future in pending:
                 future.cancel()
+        unacknowledged: list[int] = []
         for index, future in futures.items():
             if future.cancelled() or not future.done():
-                continue
-            error = future.exception()
-            if error is None:
-                outcomes[index] = True
-            elif isinstance(error, APIError) and error.err_code == JS_MESSAGE_TOO_LARGE:
-                subject, payload, msg_id = messages[index]
-                outcomes[index] = _rejection(error, subject, payload, msg_id)
-        rejected = [o for o in outcomes if isinstance(o, str)]
-        retried = outcomes.count(False)
-        if rejected:
-            logger.error(
-                "%d of %d messages can never be published and are dropped: %s",
-                len(rejected),
-                len(messages),
-                rejected[0],
-            )
-        if retried:
-            logger.warning(
-                "%d of %d messages not acknowledged; they are retried", retried, len(messages)
-            )
+                unacknowledged.append(index)
+            else:
+                outcomes[index] = _outcome(future.exception(), messages[index])
+        await self._confirm(unacknowledged[:MAX_CONFIRMATIONS], messages, outcomes)
         return outcomes
 
+    async def _confirm(
+        self, indexes: Sequence[int], messages: Sequence[Message], outcomes: list[Outcome | None]
+    ) -> None:
+        """Publish unacknowledged messages again, each as a plain request, to learn why.
 
-def _rejection(error: Exception, subject: str, payload: bytes, msg_id: str) -> str:
+        In nats-py 2.16 the handler of ``publish_async`` replies raises a JetStream error
+        instead of setting it on the future, which stays pending. So a message over the
+        stream's max_msg_size looks like a lost ack, and a plain request returns its error.
+        JetStream drops the copy of a message it has already stored, by its ``Nats-Msg-Id``,
+        within the stream's duplicate window.
+        """
+        if not indexes:
+            return
+
+        async def confirm(index: int) -> None:
+            subject, payload, msg_id = messages[index]
+            try:
+                await self._js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+            except (NatsError, TimeoutError) as exc:
+                outcomes[index] = _outcome(exc, messages[index])
+            else:
+                outcomes[index] = True
+
+        try:
+            async with asyncio.timeout(self._confirm_timeout), asyncio.TaskGroup() as group:
+                for index in indexes:
+                    group.create_task(confirm(index))
+        except TimeoutError:
+            logger.debug("%d unacknowledged messages not confirmed in time", len(indexes))
+
+    async def _check_streams(
+        self, answers: Sequence[Outcome | None], messages: Sequence[Message]
+    ) -> list[Outcome]:
+        """Reject the messages no stream replied to if JetStream has no stream for them.
+
+        Outside a NATS restart, no stream replies on a subject that no stream captures. During
+        a restart JetStream's API does not reply either, so those messages are retried.
+        """
+        subjects = {messages[i][0] for i, answer in enumerate(answers) if answer is None}
+        streamless = await self._subjects_without_stream(subjects)
+        outcomes: list[Outcome] = []
+        for answer, message in zip(answers, messages, strict=True):
+            if answer is not None:
+                outcomes.append(answer)
+            elif message[0] in streamless:
+                reason = f"no JetStream stream captures subject {message[0]}"
+                outcomes.append(_rejection(reason, message))
+            else:
+                outcomes.append(False)
+        return outcomes
+
+    async def _subjects_without_stream(self, subjects: Collection[str]) -> set[str]:
+        found: set[str] = set()
+        for subject in subjects:
+            try:
+                async with asyncio.timeout(self._confirm_timeout):
+                    await self._js.find_stream_name_by_subject(subject)
+            except NotFoundError:
+                found.add(subject)
+            except (NatsError, TimeoutError) as exc:
+                logger.warning("stream lookup for subject %s failed: %s", subject, exc)
+        return found
+
+
+def _outcome(error: BaseException | None, message: Message) -> Outcome | None:
+    """Return the outcome of a publish that ended with ``error`` (None: stored).
+
+    Returns None when no stream replied, which a stream lookup decides.
+    """
+    if error is None:
+        return True
+    if isinstance(error, NoStreamResponseError):
+        return None
+    if isinstance(error, APIError) and error.err_code in PERMANENT_JS_ERRORS:
+        return _rejection(error, message)
+    return False
+
+
+def _rejection(error: Exception | str, message: Message) -> str:
+    subject, payload, msg_id = message
     return f"{error} for message {msg_id} of {len(payload)} bytes on {subject}"
+
+
+def _log_outcomes(outcomes: Sequence[Outcome]) -> None:
+    rejected = [o for o in outcomes if isinstance(o, str)]
+    retried = outcomes.count(False)
+    if rejected:
+        logger.error(
+            "%d of %d messages rejected for good: %s", len(rejected), len(outcomes), rejected[0]
+        )
+    if retried:
+        logger.warning(
+            "%d of %d messages not acknowledged; they are retried", retried, len(outcomes)
+        )

@@ -73,6 +73,13 @@ class SchedulerSettings(Settings):
         " (commands also until their job ends), for debugging",
         minimum=0.0,
     )
+    max_event_rejections: int = setting(
+        "ACSP_SCHEDULER_MAX_EVENT_REJECTIONS",
+        5,
+        "times JetStream may reject a job event for good (over the stream's max_msg_size, no"
+        " stream for its subject) before the event moves to the scheduler.dead_events table",
+        minimum=1,
+    )
 
     def validate(self) -> None:
         super().validate()

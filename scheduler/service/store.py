@@ -31,10 +31,12 @@ from .model import TERMINAL_STATES, Job, JobFilter, JobState
 from .store_sql import (
     ACK_DISPATCHES,
     COMMIT_TURN,
+    COUNT_EVENT_REJECTIONS,
     INSERT_DISPATCHES,
     INSERT_JOBS,
     JOB_SELECT_LIST,
     LOAD_ORPHANS,
+    MOVE_DEAD_EVENTS,
     PURGE_DISPATCHES,
     PURGE_EVENTS,
     UPDATE_JOBS,
@@ -97,6 +99,17 @@ class OutboxEvent:
     msg_id: str
     """The event id, also the ``Nats-Msg-Id``."""
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeadEvent:
+    """A job event moved to ``scheduler.dead_events`` because JetStream rejected it for good."""
+
+    event_id: str
+    subject: str
+    reason: str
+    """Reason of the last rejection, from JetStream or the NATS client."""
+    rejections: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +393,36 @@ class JobStore:
                 timeout=self._timeout,
             )
         return [OutboxEvent(row[0], row[1], row[2]) for row in rows]
+
+    async def reject_events(
+        self, rejected: Sequence[tuple[str, str]], limit: int, epoch: int
+    ) -> list[DeadEvent]:
+        """Count a rejection of each event, and move those rejected ``limit`` times.
+
+        ``rejected`` contains event ids, each with the reason JetStream rejected it for good. An
+        event at the limit moves from the outbox to ``scheduler.dead_events`` in the same
+        transaction, so it is neither lost nor published again. Acknowledged events and events
+        of other shards change nothing. Returns the events moved.
+        """
+        if not rejected:
+            return []
+        reasons = dict(rejected)
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await self._check_epoch(conn, epoch)
+            counted = await conn.fetch(
+                COUNT_EVENT_REJECTIONS, self.shard, list(reasons), timeout=self._timeout
+            )
+            due = [row["event_id"] for row in counted if row["rejections"] >= limit]
+            if not due:
+                return []
+            moved = await conn.fetch(
+                MOVE_DEAD_EVENTS,
+                self.shard,
+                due,
+                [reasons[event_id] for event_id in due],
+                timeout=self._timeout,
+            )
+        return [DeadEvent(*row) for row in moved]
 
     async def dispatched_keys(self, job_ids: Sequence[str]) -> set[tuple[str, int, int, str]]:
         """Return the keys of every command recorded for ``job_ids``."""

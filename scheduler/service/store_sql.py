@@ -66,6 +66,32 @@ WHERE d.job_id = u.job_id AND d.attempt = u.attempt AND d.task_index = u.task_in
     AND d.kind = u.kind AND d.acked_at IS NULL
 """
 
+COUNT_EVENT_REJECTIONS: Final = """
+UPDATE scheduler.outbox AS o SET rejections = o.rejections + 1
+FROM unnest($2::text[]) AS u(event_id)
+WHERE o.shard = $1 AND o.event_id = u.event_id AND o.acked_at IS NULL
+RETURNING o.event_id, o.rejections
+"""
+
+# An event recorded again after it moved (a reloaded job repeating it) replaces the dead row,
+# which keeps the rejections of both.
+MOVE_DEAD_EVENTS: Final = """
+WITH moved AS (
+    DELETE FROM scheduler.outbox AS o
+    USING unnest($2::text[], $3::text[]) AS u(event_id, reason)
+    WHERE o.shard = $1 AND o.event_id = u.event_id AND o.acked_at IS NULL
+    RETURNING o.event_id, o.subject, o.payload, o.rejections, o.created_at, u.reason
+)
+INSERT INTO scheduler.dead_events AS d
+    (event_id, shard, subject, payload, reason, rejections, created_at)
+SELECT event_id, $1, subject, payload, reason, rejections, created_at FROM moved
+ON CONFLICT (event_id) DO UPDATE SET
+    subject = EXCLUDED.subject, payload = EXCLUDED.payload, reason = EXCLUDED.reason,
+    rejections = d.rejections + EXCLUDED.rejections, created_at = EXCLUDED.created_at,
+    dead_at = now()
+RETURNING d.event_id, d.subject, d.reason, d.rejections
+"""
+
 # The purge statements delete at most $3 rows each, so no statement holds its locks for long.
 # The caller repeats them until one deletes fewer. Unacknowledged rows never match. The rows are
 # picked by ctid, so the DELETE fetches each one directly instead of scanning the table to join

@@ -34,10 +34,14 @@ def free_port() -> int:
 class NatsServer:
     """One nats-server process; ``stop`` and ``start`` keep the port and the JetStream store."""
 
-    def __init__(self, store_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, store_dir: Path, extra_args: tuple[str, ...] = (), *, jetstream: bool = True
+    ) -> None:
         self.port = free_port()
         self.store_dir = store_dir
         self.extra_args = extra_args
+        self.jetstream = jetstream
+        """False starts a server without JetStream, which replies to no JetStream request."""
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,7 +52,8 @@ class NatsServer:
         self._process = subprocess.Popen(
             [
                 _binary(),
-                *("-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)),
+                *("-a", "127.0.0.1", "-p", str(self.port)),
+                *(("-js", "-sd", str(self.store_dir)) if self.jetstream else ()),
                 *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,

@@ -27,3 +27,15 @@ def test_negative_outbox_retention_is_rejected() -> None:
     message = str(caught.value)
     assert "-1 is below the minimum 0.0" in message
     assert "set it to 0.0 or more" in message
+
+
+def test_max_event_rejections_defaults_to_five() -> None:
+    assert SchedulerSettings.from_env(BASE).max_event_rejections == 5
+
+
+def test_zero_max_event_rejections_is_rejected() -> None:
+    environ = BASE | {"ACSP_SCHEDULER_MAX_EVENT_REJECTIONS": "0"}
+    with pytest.raises(SettingsError) as caught:
+        SchedulerSettings.from_env(environ)
+    assert caught.value.variable == "ACSP_SCHEDULER_MAX_EVENT_REJECTIONS"
+    assert "0 is below the minimum 1" in str(caught.value)

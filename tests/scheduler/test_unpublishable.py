@@ -57,13 +57,14 @@ async def test_publisher_rejects_oversized_command_only(small_nats: NatsServer) 
             command("j2", "start", MAX_PAYLOAD + 1),
             command("j2", "stop", 100),
         )
-        keys, event_ids, rejected = await publisher.publish_all([small, large, stop], [])
+        result = await publisher.publish_all([small, large, stop], [])
     finally:
         await client.close()
-    assert keys == [small.key, stop.key]
-    assert event_ids == []
-    assert [record.key for record, _ in rejected] == [large.key]
-    reason = rejected[0][1]
+    assert result.command_keys == [small.key, stop.key]
+    assert result.event_ids == []
+    assert result.rejected_events == []
+    assert [record.key for record, _ in result.rejected_commands] == [large.key]
+    reason = result.rejected_commands[0][1]
     assert "maximum payload exceeded" in reason
     assert f"{MAX_PAYLOAD + 1} bytes" in reason
 
