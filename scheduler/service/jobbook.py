@@ -120,8 +120,6 @@ class JobBook:
         node confirms is recorded in the job."""
         self._down_reloaded: list[str] = []
         """Nodes a new leader loaded as down, whose stored copies are confirmed next turn."""
-        self._start_failures: dict[str, int] = {}
-        """Job id to its attempts in a row that a node rejected, kept in memory only."""
         self._starting_since: dict[str, float] = {}
         """Job id to the time its start commands went out, while it is starting."""
         self._replacing_since: dict[tuple[str, int, int], float] = {}
@@ -478,7 +476,7 @@ class JobBook:
         elif state in _FAULTS:
             self._release_fences(node_key, job.job_id)
             reason = f"task {tid.task_index} {state.replace('_', ' ')}: {message}"
-            if state == "start_failed" and self._count_start_failure(job.job_id):
+            if state == "start_failed" and self._count_start_failure(job):
                 reason = f"{reason} ({MAX_START_FAILURES} attempts in a row failed to start)"
                 self.stop(job.job_id, "failed", reason, 0, f"task:{state}", fx)
                 return
@@ -767,27 +765,24 @@ class JobBook:
             return
         self.requeue(job_id, reason, f"health:{failure.event_id}", fx, release=False)
 
-    def _count_start_failure(self, job_id: str) -> bool:
-        """Count an attempt of ``job_id`` that failed to start; return True at the limit.
+    def _count_start_failure(self, job: Job) -> bool:
+        """Count an attempt of ``job`` that failed to start; return True at the limit.
 
         A node that rejects every start of a job (an accelerator it found unusable, say)
         would otherwise see the job requeued, placed there again and rejected in a loop, with a
-        budget hold placed for each attempt.
+        budget hold placed for each attempt. The count is stored with the job's next change,
+        so a new leader continues from it.
         """
-        failures = self._start_failures.get(job_id, 0) + 1
-        if failures >= MAX_START_FAILURES:
-            self._start_failures.pop(job_id, None)
-            return True
-        self._start_failures[job_id] = failures
-        return False
+        counted = replace(job, start_failures=job.start_failures + 1)
+        self.jobs[job.job_id] = counted
+        return counted.start_failures >= MAX_START_FAILURES
 
     def _on_started(self, job: Job, fx: Effects) -> None:
         fx.change(job, "task:started")
         # A short task may exit before the last task of its gang starts: it started too.
         if job.state == "starting" and all(t.state in _RAN for t in job.placement):
-            self._start_failures.pop(job.job_id, None)
             self._starting_since.pop(job.job_id, None)
-            running = replace(job, state="running", reason="", started_at=fx.now)
+            running = replace(job, state="running", reason="", started_at=fx.now, start_failures=0)
             self.jobs[job.job_id] = running
             fx.change(running, "task:started")
             fx.events.append(job_event(running, "started", "task:started", "every task started"))
@@ -866,7 +861,6 @@ class JobBook:
         self._stopping.pop(job.job_id, None)
         self._admitting.discard(job.job_id)
         self._starting_since.pop(job.job_id, None)
-        self._start_failures.pop(job.job_id, None)
         if any(t.state == STOPPING for t in ended.placement):
             self._ended[job.job_id] = ended
         fx.change(ended, cause)

@@ -201,6 +201,9 @@ class Job:
     stop_outcome: str = ""
     """While stopping, the state the job ends in once its tasks stopped, or ``requeue``. Empty
     in every other state."""
+    start_failures: int = 0
+    """Attempts in a row that a node rejected at start, reset to 0 once every task of an
+    attempt starts."""
     updated_at: float | None = None
     """When the scheduler recorded the job's latest change, in Unix seconds: the submission
     time, then the clock of each loop turn that changes the job."""

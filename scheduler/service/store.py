@@ -638,6 +638,7 @@ def _job_from_row(row: asyncpg.Record) -> Job:
         exit_code=row["exit_code"],
         placement=placement_from_json(row["placement"]),
         stop_outcome=row["stop_outcome"],
+        start_failures=row["start_failures"],
         updated_at=from_datetime(row["updated_at"]),
     )
 
@@ -663,6 +664,7 @@ def _job_columns(jobs: Sequence[Job], causes: Sequence[str]) -> list[list[Any]]:
         [job.spec.grant_id for job in jobs],
         # None writes the database's clock, for callers that change a job outside a loop turn.
         [to_datetime(job.updated_at) for job in jobs],
+        [job.start_failures for job in jobs],
     ]
 
 

@@ -169,15 +169,18 @@ def test_job_failing_to_start_fails_at_limit() -> None:
     book = make_book()
     job = make_job(tasks=1)
     for attempt in range(1, MAX_START_FAILURES):
-        attempt_start(book, job, NOW + attempt, "start_failed")
+        fx = attempt_start(book, job, NOW + attempt, "start_failed")
         assert book.jobs[job.job_id].state == "pending"
         assert book.jobs[job.job_id].attempt == attempt + 1
+        # The count is written with the requeue.
+        assert fx.changed[job.job_id][0].start_failures == attempt
 
     fx = attempt_start(book, job, NOW + MAX_START_FAILURES, "start_failed")
 
     ended = fx.changed[job.job_id][0]
     assert ended.state == "failed"
     assert ended.attempt == MAX_START_FAILURES
+    assert ended.start_failures == MAX_START_FAILURES
     assert f"{MAX_START_FAILURES} attempts in a row failed to start" in ended.reason
     assert job.job_id not in book.jobs
 
@@ -187,10 +190,29 @@ def test_started_attempt_resets_start_failures() -> None:
     job = make_job(tasks=1)
     for attempt in range(1, MAX_START_FAILURES):
         attempt_start(book, job, NOW + attempt, "start_failed")
-    attempt_start(book, job, NOW + MAX_START_FAILURES, "started", "lost")
+    fx = attempt_start(book, job, NOW + MAX_START_FAILURES, "started", "lost")
+    assert fx.changed[job.job_id][0].start_failures == 0
 
     attempt_start(book, job, NOW + MAX_START_FAILURES + 1, "start_failed")
     assert book.jobs[job.job_id].state == "pending"
+    assert book.jobs[job.job_id].start_failures == 1
+
+
+def test_reloaded_job_keeps_start_failures() -> None:
+    book = make_book()
+    job = make_job(tasks=1)
+    for attempt in range(1, MAX_START_FAILURES):
+        attempt_start(book, job, NOW + attempt, "start_failed")
+    stored = book.jobs[job.job_id]
+
+    # A new leader reloads the job with its count, so one more failed start ends it.
+    restarted = make_book()
+    restarted.add([stored], NOW + 10)
+    fx = attempt_start(restarted, stored, NOW + 11, "start_failed")
+
+    ended = fx.changed[job.job_id][0]
+    assert ended.state == "failed"
+    assert ended.attempt == MAX_START_FAILURES
 
 
 def test_cancel_running_job_stops_tasks_then_ends() -> None:

@@ -458,3 +458,27 @@ async def test_ended_jobs_keeps_task_states(pool: asyncpg.Pool, database_dsn: st
     assert loaded[0].placement == (task,)
     assert await store.ended_jobs([]) == []
     await lease.release()
+
+
+async def test_start_failures_round_trip(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    job = make_job()
+    await store.insert_jobs([job], [None], epoch, "rpc")
+    loaded = await store.get_job(job.job_id)
+    assert loaded is not None
+    assert loaded.start_failures == 0
+
+    requeued = replace(job, attempt=3, start_failures=2)
+    await store.commit_turn([requeued], ["task:start_failed"], [], [], epoch)
+    (reloaded,) = await store.load_open_jobs()
+    assert reloaded.start_failures == 2
+
+    await store.update_jobs(
+        [replace(requeued, state="running", start_failures=0)], epoch, ["task:started"]
+    )
+    loaded = await store.get_job(job.job_id)
+    assert loaded is not None
+    assert loaded.start_failures == 0
+    await lease.release()
