@@ -43,6 +43,7 @@ from agents.process import AgentProcess, ConnectionOptions, Intervals
 from agents.settings import AgentSettings
 from agents.spool import Spool
 from agents.state import StateStore
+from agents.task_process import TaskLauncher
 from services.runtime.heap import settle_heap
 from services.runtime.settings import SettingsError
 from services.runtime.tls import load_nats_ssl_context
@@ -133,6 +134,7 @@ def build_process(
     boot = boot_id or uuid.uuid4().hex[:12]
     health_settings = HealthSettings(settings.clear_after_s, settings.double_bit_threshold)
     version = _agent_version()
+    launcher = TaskLauncher() if settings.record_exit_status else None
     common = {
         "state": state,
         "work_dir": state_dir,
@@ -141,7 +143,7 @@ def build_process(
         "clock": time.time,
         "health_settings": health_settings,
         "agent_version": version,
-        "record_exit_status": settings.record_exit_status,
+        "launcher": launcher,
     }
     nodes: list[NodeAgent] = []
     if settings.backend == "nvml":
@@ -172,6 +174,7 @@ def build_process(
         per_provider_consumers=settings.backend == "simulated",
         stop_tasks_on_exit=settings.stop_tasks_on_exit,
         stop_grace_s=settings.shutdown_grace_s,
+        launcher=launcher,
     )
 
 

@@ -35,6 +35,7 @@ from agents.model import (
 from agents.outbox import Outbox
 from agents.runner import TaskInterval, TaskRunner
 from agents.state import StateStore
+from agents.task_process import TaskLauncher
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -84,7 +85,7 @@ class NodeAgent:
         backend_timeout_s: float = 30.0,
         play_speed: float = 1.0,
         agent_version: str = "",
-        record_exit_status: bool = True,
+        launcher: TaskLauncher | None = None,
     ) -> None:
         self.ref = ref
         self.backend = backend
@@ -98,7 +99,7 @@ class NodeAgent:
         self._blocking = blocking_backend
         self._backend_timeout_s = backend_timeout_s
         self._play_speed = play_speed
-        self._record_exit_status = record_exit_status
+        self._launcher = launcher
         self._agent_version = agent_version
         self._event_counter = 0
         self._heartbeat_counter = 0
@@ -145,7 +146,7 @@ class NodeAgent:
             self.backend.visible_devices_env,
             allow_played_tasks=self._backend_name == "simulated",
             play_speed=self._play_speed,
-            record_exit_status=self._record_exit_status,
+            launcher=self._launcher,
         )
         runner.attach(group)
         self.runner = runner

@@ -46,7 +46,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,7 @@ from agents.node import NodeAgent
 from agents.outbox import Outbox
 from agents.runner import AGENT_EXIT
 from agents.state import StateStore
+from agents.task_process import TaskLauncher
 from services.runtime.nats import TlsCheckingClient, TlsRequiredError
 
 logger = logging.getLogger(__name__)
@@ -135,8 +136,12 @@ class AgentProcess:
         clock: Callable[[], float] = time.time,
         stop_tasks_on_exit: bool = False,
         stop_grace_s: float = 10.0,
+        launcher: TaskLauncher | None = None,
     ) -> None:
-        """``stop_grace_s`` bounds a stop, from the stop signal to the exit, in seconds."""
+        """``stop_grace_s`` bounds a stop, from the stop signal to the exit, in seconds.
+
+        ``launcher``, shared by the nodes' runners, is closed when the process stops.
+        """
         if not nodes:
             raise ValueError("an agent process needs at least one node")
         self.nodes = list(nodes)
@@ -149,6 +154,7 @@ class AgentProcess:
         self._clock = clock
         self._stop_tasks_on_exit = stop_tasks_on_exit
         self._stop_grace_s = stop_grace_s
+        self._launcher = launcher
         self._client: Client | None = None
         self._jetstream: JetStreamContext | None = None
         self._connected_once = asyncio.Event()
@@ -157,8 +163,6 @@ class AgentProcess:
         self.started = asyncio.Event()
         self._closing = False
         self._stopping = False
-        self.before_batch_save: Callable[[], None] | None = None
-        """Called after a command batch is handled and before the state is saved (tests)."""
 
     @property
     def connected(self) -> bool:
@@ -204,6 +208,8 @@ class AgentProcess:
                 logger.info("agent stopping; tasks keep running and are found again on restart")
             await self._stop_loops(loops)
             await self._release_tasks()
+            if self._launcher is not None:
+                self._launcher.close()
         await self._shutdown(deadline)
 
     async def _release_tasks(self) -> None:
@@ -212,6 +218,11 @@ class AgentProcess:
         The supervisors belong to the task group that :meth:`_run` leaves, which would
         otherwise wait until every task ends.
         """
+        runners = [node.runner for node in self.nodes if node.runner is not None]
+        # Starts still with the launcher become tasks first, so that they are stopped or
+        # detached with the others.
+        settling = [asyncio.ensure_future(runner.launches_settled()) for runner in runners]
+        await asyncio.wait(settling, timeout=5.0)
         if self._stop_tasks_on_exit:
             # Half the stop budget, so that reporting their ends fits in the other half.
             grace_s = self._stop_grace_s / 2
@@ -589,14 +600,24 @@ class AgentProcess:
             if command.kind == "start" and command.spec is not None and node.runner is not None:
                 node.runner.prepare_start(command.spec)
         self._state.save_intents()
+        # Consecutive starts go to the launcher together and wait for its answers together.
+        # Without a launcher a start never waits, so the batch runs in one loop turn.
+        starts: list[Coroutine[Any, Any, None]] = []
         for _message, node, command in accepted:
+            if command.kind == "start" and self._launcher is not None:
+                starts.append(node.handle(command))
+                continue
+            if starts:
+                await asyncio.gather(*starts)
+                starts = []
             await node.handle(command)
+        if starts:
+            await asyncio.gather(*starts)
+        for _message, node, command in accepted:
             self.counters.commands_handled += 1
             if command.spec is not None:
                 # A start that spawned nothing (fenced off, say) leaves no intent behind.
                 self._state.remove_intent(node.ref.key, command.spec.task_id)
-        if self.before_batch_save is not None:
-            self.before_batch_save()
         self._state.save_before_spool()
         for message, _node, _command in accepted:
             with contextlib.suppress(nats.errors.Error):

@@ -8,7 +8,7 @@ state change as a :class:`TaskEvent` with the exit code and the tail of the outp
 
 Before a task is reported running, its pid and the kernel's start time of the process are in
 the state file. A restarted agent adopts each recorded process that still runs (same pid and
-same start time) and reports every other one with the exit status its shell recorded (see
+same start time) and reports every other one with the exit status its launcher recorded (see
 :mod:`agents.task_process`), or as lost when none was, so no task runs unaccounted for.
 
 A task without a command, or with a positive ``simulated_run_time_s``, is "played" (simulated
@@ -32,11 +32,15 @@ from pathlib import Path
 from agents.model import WHOLE_MILLI, TaskEvent, TaskSpec, TaskState
 from agents.state import StateStore, TaskRecord
 from agents.task_process import (
+    SPAWN_ID_ENV,
     CommandNotRunnableError,
+    TaskLauncher,
     TaskProcess,
     find_task_leaders,
     process_start_ticks,
     read_exit_status,
+    recorder_alive,
+    resolve_command,
     spawn,
     task_file_stem,
 )
@@ -52,12 +56,9 @@ _REMEMBERED_FINISHED = 4096
 TIMED_OUT = "wall time exceeded"
 AGENT_EXIT = "the agent stopped"
 """Stop reason of the tasks an agent stops because it is shutting down."""
-_EARLY_STOP_S = 1.0
-"""Age of a task below which a stop sends SIGTERM again (see ``_repeat_early_stop``)."""
-_EARLY_STOP_REPEATS_S = (0.2, 1.0, 3.0)
-"""Seconds after such a stop at which SIGTERM goes out again, while the task runs."""
-SPAWN_ID_ENV = "ACSP_SPAWN_ID"
-"""Environment variable that marks a task's process with its record's ``spawn_id``."""
+_STATUS_WAIT_S = 2.0
+"""Maximum seconds to wait for a live launcher to record the status of a task that ended."""
+_STATUS_POLL_S = 0.02
 
 
 @dataclass(slots=True)
@@ -67,8 +68,6 @@ class _Task:
     """The task's process, a child or one adopted after a restart; ``None`` for a played task."""
     ended_at: float | None = None
     killed: bool = False
-    spawned_at: float | None = None
-    """``time.monotonic()`` when this agent spawned the process; None for an adopted one."""
     supervisor: asyncio.Task[None] | None = field(default=None, repr=False)
     changed: asyncio.Future[None] | None = field(default=None, repr=False)
     """Done when a stop is requested, so that the supervisor recomputes its next deadline."""
@@ -111,8 +110,13 @@ class TaskRunner:
         visible_devices_env: Callable[[Sequence[str]], Mapping[str, str]],
         allow_played_tasks: bool = False,
         play_speed: float = 1.0,
-        record_exit_status: bool = True,
+        launcher: TaskLauncher | None = None,
     ) -> None:
+        """``launcher`` starts the tasks and records their exit status.
+
+        Without one, the runner starts them itself, so a task that ends after an agent restart
+        is reported lost.
+        """
         self._node_key = node_key
         self._state = state
         self._work_dir = work_dir
@@ -124,8 +128,12 @@ class TaskRunner:
         if play_speed <= 0:
             raise ValueError(f"play_speed must be positive, got {play_speed}")
         self._play_speed = play_speed
-        self._record_exit_status = record_exit_status
+        self._launcher = launcher
         self._tasks: dict[str, _Task] = {}
+        self._launching: dict[str, tuple[TaskRecord, asyncio.Future[TaskProcess]]] = {}
+        """Tasks whose launch has no reply from the launcher yet, by task id."""
+        self._stops_after_launch: dict[str, str] = {}
+        """Stop reasons of launching tasks, applied once their launch gets its reply."""
         self._finished: OrderedDict[str, TaskState] = OrderedDict()
         self._ended_since_usage: list[_Task] = []
         self._unusable: dict[str, str] = {}
@@ -149,7 +157,18 @@ class TaskRunner:
         return [task.record for task in self._tasks.values()]
 
     def busy_accelerators(self) -> set[str]:
-        return {uuid for task in self._tasks.values() for uuid in task.record.accelerators}
+        return {uuid for record in self._records() for uuid in record.accelerators}
+
+    def _records(self) -> list[TaskRecord]:
+        """Return the records of the running tasks and of those being launched."""
+        launching = [record for record, _launch in self._launching.values()]
+        return [task.record for task in self._tasks.values()] + launching
+
+    async def launches_settled(self) -> None:
+        """Wait until every launch under way has its reply."""
+        launches = [launch for _record, launch in self._launching.values()]
+        if launches:
+            await asyncio.wait(launches)
 
     # Commands --------------------------------------------------------------------------------
 
@@ -159,14 +178,14 @@ class TaskRunner:
         The caller saves every intent of a batch with one :meth:`StateStore.save_intents`
         before it calls :meth:`start` for each, so the spawns wait for one fsync in all.
         """
-        if spec.task_id in self._tasks or spec.task_id in self._finished or self._plays(spec):
+        if self._known(spec.task_id) or self._plays(spec):
             return
         self._state.put_intent(self._node_key, self._new_record(spec))
 
     async def start(self, spec: TaskSpec) -> None:
         """Start ``spec`` unless it is a redelivered command for a known task."""
         intent = self._state.node(self._node_key).intents.get(spec.task_id)
-        if spec.task_id in self._tasks or spec.task_id in self._finished:
+        if self._known(spec.task_id):
             logger.info("start of task %s ignored: already known on this node", spec.task_id)
             self._state.remove_intent(self._node_key, spec.task_id)
             return
@@ -182,6 +201,9 @@ class TaskRunner:
             self._emit_state(record, TaskState.RUNNING, "played without a process")
             return
         await self._spawn(spec, record)
+
+    def _known(self, task_id: str) -> bool:
+        return task_id in self._tasks or task_id in self._launching or task_id in self._finished
 
     def _plays(self, spec: TaskSpec) -> bool:
         # A simulated backend plays a task that gives a run time even when it names a command
@@ -232,9 +254,9 @@ class TaskRunner:
     def used_millis(self) -> dict[str, int]:
         """Return the milli-shares in use per accelerator, summed over running tasks."""
         used: dict[str, int] = {}
-        for task in self._tasks.values():
-            for uuid in task.record.accelerators:
-                used[uuid] = used.get(uuid, 0) + task.record.share_of(uuid)
+        for record in self._records():
+            for uuid in record.accelerators:
+                used[uuid] = used.get(uuid, 0) + record.share_of(uuid)
         return used
 
     def _reject(self, spec: TaskSpec, reason: str) -> None:
@@ -288,24 +310,54 @@ class TaskRunner:
         env[SPAWN_ID_ENV] = record.spawn_id
         record.log_path = str(self._log_path(spec.task_id))
         try:
-            process = spawn(
+            if self._launcher is None:
+                process = spawn(spec.command, env, self._task_dir, Path(record.log_path))
+                self._started(spec, record, process)
+                return
+            executable = resolve_command(spec.command, env, self._task_dir)
+            launch = self._launcher.launch(
+                executable,
                 spec.command,
                 env,
                 self._task_dir,
                 Path(record.log_path),
-                self._exit_path(spec.task_id) if self._record_exit_status else None,
+                self._exit_path(spec.task_id),
+                record.spawn_id,
             )
         except CommandNotRunnableError as error:
             self._state.remove_intent(self._node_key, spec.task_id)
             self._fail_unrunnable(spec, error)
             return
         except OSError as error:
-            self._state.remove_intent(self._node_key, spec.task_id)
-            self._reject(spec, f"command could not be started: {error}")
+            self._start_failed(spec, error)
             return
+        record.launcher_pid, record.launcher_start_ticks = self._launcher.identity
+        self._launching[spec.task_id] = (record, launch)
+        # The launch is settled by the callback, even when this coroutine is cancelled.
+        launch.add_done_callback(lambda done: self._launched(spec, record, done))
+        await asyncio.wait((launch,))
+
+    def _launched(
+        self, spec: TaskSpec, record: TaskRecord, launch: asyncio.Future[TaskProcess]
+    ) -> None:
+        self._launching.pop(spec.task_id, None)
+        stop_reason = self._stops_after_launch.pop(spec.task_id, None)
+        error = launch.exception()
+        if error is not None:
+            self._start_failed(spec, error)
+            return
+        self._started(spec, record, launch.result())
+        if stop_reason is not None:
+            self._begin_stop(self._tasks[spec.task_id], stop_reason)
+
+    def _start_failed(self, spec: TaskSpec, error: BaseException) -> None:
+        self._state.remove_intent(self._node_key, spec.task_id)
+        self._reject(spec, f"command could not be started: {error}")
+
+    def _started(self, spec: TaskSpec, record: TaskRecord, process: TaskProcess) -> None:
         record.pid = process.pid
         record.process_start_ticks = process_start_ticks(process.pid) or 0
-        task = _Task(record, process, spawned_at=time.monotonic())
+        task = _Task(record, process)
         self._tasks[spec.task_id] = task
         self._state.remove_intent(self._node_key, spec.task_id)
         self._state.put_task(self._node_key, record)
@@ -318,6 +370,9 @@ class TaskRunner:
     async def stop(self, task_id: str, reason: str) -> None:
         """Ask a task to stop: SIGTERM now, SIGKILL after its grace period."""
         task = self._tasks.get(task_id)
+        if task is None and task_id in self._launching:
+            self._stops_after_launch.setdefault(task_id, reason or "stop requested")
+            return
         if task is None:
             logger.info("stop of task %s ignored: not running on this node", task_id)
             return
@@ -330,6 +385,8 @@ class TaskRunner:
         are left alone, because they stay in the state file and resume when the agent restarts.
         """
         supervisors = []
+        for task_id in self._launching:
+            self._stops_after_launch.setdefault(task_id, reason)
         for task in list(self._tasks.values()):
             if task.record.pid and task.supervisor is not None:
                 self._begin_stop(task, reason, grace_s)
@@ -362,28 +419,9 @@ class TaskRunner:
         self._emit_state(record, TaskState.STOPPING, reason)
         if record.pid:
             _signal_group(record.pid, signal.SIGTERM)
-            self._repeat_early_stop(task)
         else:
             # A played task has nothing to signal: it stops at once.
             self._finish(task, None, "")
-
-    def _repeat_early_stop(self, task: _Task) -> None:
-        """Send SIGTERM again soon to a task stopped right after its spawn.
-
-        A SIGTERM that reaches the task's shell after it traps the signal and before it starts
-        the command stops nothing, and the command would run until SIGKILL at the end of its
-        grace period. A task this young has no work to save, so a second SIGTERM costs nothing.
-        """
-        if task.spawned_at is None or time.monotonic() - task.spawned_at > _EARLY_STOP_S:
-            return
-        loop = asyncio.get_running_loop()
-        for delay in _EARLY_STOP_REPEATS_S:
-            loop.call_later(delay, self._signal_if_running, task, signal.SIGTERM)
-
-    @staticmethod
-    def _signal_if_running(task: _Task, signum: int) -> None:
-        if task.process is not None and not task.process.exited.done() and not task.killed:
-            _signal_group(task.record.pid, signum)
 
     # Supervision -----------------------------------------------------------------------------
 
@@ -495,7 +533,7 @@ class TaskRunner:
         elif exit_code is not None:
             reason = "exited"
         else:
-            reason = "ended after an agent restart without a recorded exit status"
+            reason = "ended without a recorded exit status (the agent or its launcher restarted)"
         # Only the tasks that did not succeed are worth a line at INFO.
         log = logger.debug if state is TaskState.SUCCEEDED else logger.info
         log("task %s %s (exit code %s)", record.task_id, state.value, exit_code)
@@ -524,7 +562,9 @@ class TaskRunner:
                 continue
             # The pidfd is opened before the start time is compared, so it cannot refer to a
             # process that took the pid over after the comparison.
-            process = TaskProcess(record.pid, exit_path=self._exit_path(record.task_id))
+            process = TaskProcess(
+                record.pid, exit_path=self._exit_path(record.task_id), recorder=_recorder(record)
+            )
             if process_start_ticks(record.pid) == record.process_start_ticks:
                 task.process = process
                 self._tasks[record.task_id] = task
@@ -542,10 +582,30 @@ class TaskRunner:
     def _report_ended_while_down(self, record: TaskRecord) -> None:
         """Report a task whose process ended while the agent was not running.
 
-        The task's shell recorded its exit status. When the shell itself was killed, or an agent
-        without the recorder started the task, the task is lost and the scheduler requeues it.
+        The task's launcher recorded its exit status, or records it soon if the task has just
+        ended. When the launcher itself was killed, or an agent without a launcher started the
+        task, the task is lost and the scheduler requeues it.
         """
-        exit_code = read_exit_status(self._exit_path(record.task_id))
+        exit_path = self._exit_path(record.task_id)
+        exit_code = read_exit_status(exit_path)
+        if exit_code is None and recorder_alive(_recorder(record)):
+            assert self._group is not None
+            self._group.create_task(self._report_once_recorded(record, exit_path))
+            return
+        self._report_ended(record, exit_code)
+
+    async def _report_once_recorded(self, record: TaskRecord, exit_path: Path) -> None:
+        deadline = time.monotonic() + _STATUS_WAIT_S
+        exit_code = read_exit_status(exit_path)
+        while exit_code is None and time.monotonic() < deadline:
+            if not recorder_alive(_recorder(record)):
+                exit_code = read_exit_status(exit_path)
+                break
+            await asyncio.sleep(_STATUS_POLL_S)
+            exit_code = read_exit_status(exit_path)
+        self._report_ended(record, exit_code)
+
+    def _report_ended(self, record: TaskRecord, exit_code: int | None) -> None:
         state = _ended_state(record, exit_code, self._failure_under(record))
         if exit_code is None:
             reason = "the process ended while the agent was down; its exit status is unknown"
@@ -676,6 +736,13 @@ def _ended_state(record: TaskRecord, exit_code: int | None, failure: str | None)
     if exit_code == 0:
         return TaskState.SUCCEEDED
     return TaskState.FAILED
+
+
+def _recorder(record: TaskRecord) -> tuple[int, int] | None:
+    """Return the launcher that records ``record``'s exit status (pid, start ticks), if any."""
+    if not record.launcher_pid:
+        return None
+    return record.launcher_pid, record.launcher_start_ticks
 
 
 def _signal_group(pid: int, signum: int) -> bool:

@@ -80,9 +80,9 @@ class AgentSettings(Settings):
     record_exit_status: bool = setting(
         "ACSP_AGENT_RECORD_EXIT_STATUS",
         True,
-        "choice to run each task under /bin/sh, which records its exit status for a restarted "
-        "agent (about 0.65 ms of CPU per task); with false, a task that ends after the agent "
-        "restarted is reported lost and its job runs again",
+        "choice to start tasks through a task launcher process, which records each task's exit "
+        "status for a restarted agent; with false, the agent starts tasks itself, and a task "
+        "that ends after the agent restarted is reported lost and its job runs again",
     )
 
     def validate(self) -> None:

@@ -61,6 +61,11 @@ class TaskRecord:
     """Start time of the process in clock ticks since boot (``/proc/<pid>/stat`` field 22)."""
     log_path: str = ""
     exit_path: str = ""
+    """Unused; kept so that state files of earlier agents still load."""
+    launcher_pid: int = 0
+    """Pid of the launcher that started the process and records its exit status; 0 if none."""
+    launcher_start_ticks: int = 0
+    """Start time of that launcher in clock ticks since boot, so a reused pid is told apart."""
     spawn_id: str = ""
     """Random id set in the process's environment, or empty for a played task.
 

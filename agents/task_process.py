@@ -2,45 +2,47 @@
 
 asyncio's subprocess support (Python 3.11) starts one thread per child to wait for it, and a
 transport and a protocol per process. An agent that starts hundreds of tasks per second spent
-most of its CPU time there. Here the task starts with :class:`subprocess.Popen`, which uses
-``vfork`` on Linux, and the event loop watches a pidfd of the process, which becomes readable
-when the process exits (``os.pidfd_open``, Linux 5.3 and later). The same works for a process
-that a restarted agent adopts and that is not its child. Where the kernel has no pidfds, the
-caller polls :meth:`TaskProcess.check` instead.
+most of its CPU time there. Here the event loop watches a pidfd of the process, which becomes
+readable when the process exits (``os.pidfd_open``, Linux 5.3 and later). The same works for a
+process that a restarted agent adopts and that is not its child. Where the kernel has no
+pidfds, the caller polls :meth:`TaskProcess.check` instead.
 
 Only a process's parent can read its exit status, and an agent that restarts is no longer the
-parent of the tasks it adopts. So each task runs under ``/bin/sh`` (:data:`EXIT_RECORDER`),
-which waits for the command and writes its exit status to a file beside the task's log before
-it exits with the same status. A restarted agent reads the file when an adopted task ends, or
-at once for a task that ended while the agent was down, and reports the task as succeeded or
-failed instead of lost. Measured with dash on a 2-core machine, the shell adds about 0.65 ms
-of CPU per task to the 0.55 ms that spawning a bare ``true`` costs, so the agent setting
-``ACSP_AGENT_RECORD_EXIT_STATUS`` can turn it off.
+parent of the tasks it adopts. So by default the tasks are started by a task launcher
+(:mod:`agents.launcher`, driven by :class:`TaskLauncher`), a small process that outlives the
+agent. It writes each task's exit status to a file beside the task's log, and a restarted agent
+reads the file when an adopted task ends, or at once for a task that ended while the agent was
+down, and reports the task as succeeded or failed instead of lost. With the agent setting
+``ACSP_AGENT_RECORD_EXIT_STATUS`` off, the agent starts each task itself with
+:class:`subprocess.Popen` (which uses ``vfork`` on Linux) and records nothing.
+
+Earlier agents ran each task under ``/bin/sh``, which wrote the same file; such a task is
+adopted like any other.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
+import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
-EXIT_RECORDER = 'trap : HUP INT TERM; f=$1; shift; "$@"; s=$?; echo "$s" > "$f"; exit "$s"'
-"""Shell program that runs ``$2...`` and writes its exit status to the file ``$1``.
-
-The shell traps the stop signals, so a task that handles SIGTERM (to save a checkpoint, say)
-still has a shell waiting for it. A trapped signal is reset to its default in the command. The
-shell reports death by signal N as the status 128 + N.
-"""
 _LAST_SIGNAL = signal.SIGRTMAX
+_STATUS_WAIT_S = 2.0
+"""Maximum seconds to wait for a live launcher to record the status of an adopted task."""
+_STATUS_POLL_S = 0.02
 
 
 class CommandNotRunnableError(Exception):
@@ -57,37 +59,47 @@ class CommandNotRunnableError(Exception):
 
 
 class TaskProcess:
-    """A running task process: our child (``popen`` set) or one adopted after a restart."""
+    """A running task process, known in one of three ways.
+
+    - our child (``popen`` set), started with the launcher off;
+    - launched: a child of this agent's :class:`TaskLauncher`, which reports its exit;
+    - adopted: started by an earlier agent (or by a launcher that has gone away). Its pidfd
+      tells when it ends, and its exit status comes from the file at ``exit_path``.
+      ``recorder`` names the process that will write that file (pid and start ticks), so
+      that the status is awaited while that process lives.
+    """
 
     def __init__(
         self,
         pid: int,
         popen: subprocess.Popen[bytes] | None = None,
         exit_path: Path | None = None,
+        launched: bool = False,
+        recorder: tuple[int, int] | None = None,
     ) -> None:
         self.pid = pid
         self._popen = popen
         self._exit_path = exit_path
-        self._adopted_status: int | None = None
+        self._launched = launched
+        self._recorder = recorder
+        self._status: int | None = None
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = self._loop.create_future()
         """Done once the process has exited (and, for a child, was reaped)."""
         self._pidfd = -1
-        self._watch()
+        self._status_deadline = 0.0
+        if not launched:
+            self._watch()
 
     @property
     def returncode(self) -> int | None:
         """Exit code, or minus the signal number that ended it; None if unknown or running.
 
-        For an adopted process it is the status its shell recorded, read once it has exited.
+        For an adopted process it is the status its launcher (or shell) recorded.
         """
-        if self._popen is None:
-            return self._adopted_status
-        status = self._popen.returncode
-        if status is None or self._exit_path is None:
-            return status
-        # The shell's own death by a signal (a SIGKILL to the group) comes as a negative code.
-        return status if status < 0 else from_shell_status(status)
+        if self._popen is not None:
+            return self._popen.returncode
+        return self._status
 
     @property
     def is_child(self) -> bool:
@@ -95,8 +107,8 @@ class TaskProcess:
 
     @property
     def polled(self) -> bool:
-        """True when no pidfd watches the process, so the caller must call :meth:`check`."""
-        return self._pidfd < 0 and not self.exited.done()
+        """True when nothing reports the exit, so the caller must call :meth:`check`."""
+        return not self._launched and self._pidfd < 0 and not self.exited.done()
 
     async def wait(self) -> int | None:
         """Wait until the process exits; return :attr:`returncode`."""
@@ -104,10 +116,10 @@ class TaskProcess:
         return self.returncode
 
     def check(self) -> bool:
-        """Return True if the child has exited, reaping it; always False for an adopted one.
+        """Return True if the child has exited, reaping it; False for a process not our child.
 
-        An adopted process is not our child, so only its pidfd (or the caller, by its start
-        time in ``/proc``) can tell that it ended.
+        Only its pidfd, its launcher, or the caller (by its start time in ``/proc``) can tell
+        that a process that is not our child ended.
         """
         if self.exited.done():
             return True
@@ -119,6 +131,19 @@ class TaskProcess:
     def set_exited(self) -> None:
         """Mark an adopted process as ended (found so by the caller's own check)."""
         self._set_exited()
+
+    def set_launcher_status(self, status: int) -> None:
+        """Record the exit that the launcher reported for a launched process."""
+        if not self.exited.done():
+            self._status = status
+            self.exited.set_result(None)
+
+    def orphan(self, exit_path: Path) -> None:
+        """Watch a launched process whose launcher went away as an adopted one."""
+        if self._launched and not self.exited.done():
+            self._launched = False
+            self._exit_path = exit_path
+            self._watch()
 
     def _watch(self) -> None:
         try:
@@ -144,10 +169,229 @@ class TaskProcess:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
-        if self._popen is None and self._exit_path is not None and not self.exited.done():
-            self._adopted_status = read_exit_status(self._exit_path)
-        if not self.exited.done():
-            self.exited.set_result(None)
+        if self.exited.done():
+            return
+        if self._popen is None and self._exit_path is not None:
+            self._status = read_exit_status(self._exit_path)
+            if self._status is None and recorder_alive(self._recorder):
+                # The task has ended, and its launcher writes the status once it reaps it.
+                if not self._status_deadline:
+                    self._status_deadline = self._loop.time() + _STATUS_WAIT_S
+                if self._loop.time() < self._status_deadline:
+                    self._loop.call_later(_STATUS_POLL_S, self._set_exited)
+                    return
+                logger.warning("no exit status recorded for pid %d in time", self.pid)
+        self.exited.set_result(None)
+
+
+class TaskLauncher:
+    """The agent's side of the task launcher (:mod:`agents.launcher`).
+
+    One launcher serves every node of an agent process. It starts on the first
+    :meth:`launch`, and again after it has gone away. Requests wait in a buffer and go out
+    together once the event loop turns, so a batch of starts costs one write and one wake-up
+    of the launcher.
+    """
+
+    def __init__(self, python: str = sys.executable) -> None:
+        self._python = python
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._socket: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next_id = 1
+        self._pending: dict[int, _Launch] = {}
+        self._running: dict[int, tuple[TaskProcess, Path]] = {}
+        self._incoming = b""
+        self._outgoing = bytearray()
+        self._flush_scheduled = False
+        self._writing = False
+        self.identity: tuple[int, int] = (0, 0)
+        """The launcher's pid and start ticks, which a task's record keeps; zeros if none."""
+
+    def launch(
+        self,
+        executable: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: Path,
+        log_path: Path,
+        exit_path: Path,
+        spawn_id: str,
+    ) -> asyncio.Future[TaskProcess]:
+        """Ask the launcher to start a program; the future gives its process.
+
+        ``executable`` is the file to run (see :func:`find_executable`). The future fails with
+        ``OSError`` when the program could not be started. ``spawn_id`` is the value of the
+        task's spawn id variable, by which the process is found if the launcher goes away
+        before it replies.
+        """
+        self._start()
+        assert self._loop is not None
+        request_id = self._next_id
+        self._next_id += 1
+        future: asyncio.Future[TaskProcess] = self._loop.create_future()
+        exit_file = Path(os.path.abspath(exit_path))
+        self._pending[request_id] = _Launch(future, exit_file, spawn_id)
+        request = {
+            "id": request_id,
+            "path": executable,
+            "argv": list(argv),
+            "env": dict(env),
+            "cwd": os.path.abspath(cwd),
+            "log": os.path.abspath(log_path),
+            "exit": str(exit_file),
+        }
+        self._outgoing += json.dumps(request).encode() + b"\n"
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return future
+
+    def close(self) -> None:
+        """Close the socket. The launcher goes on reaping the running tasks, then exits.
+
+        Call it when the agent stops, after the last launch got its reply. The processes it
+        launched are no longer watched: a restarted agent adopts them.
+        """
+        if self._socket is None:
+            return
+        self._disconnect()
+        self._running.clear()
+        for launch in self._pending.values():
+            if not launch.future.done():
+                launch.future.set_exception(OSError(errno.ECHILD, "the task launcher was closed"))
+        self._pending.clear()
+        self.identity = (0, 0)
+
+    def _disconnect(self) -> None:
+        assert self._loop is not None and self._socket is not None
+        self._loop.remove_reader(self._socket.fileno())
+        if self._writing:
+            self._loop.remove_writer(self._socket.fileno())
+            self._writing = False
+        self._socket.close()
+        self._socket = None
+        self._outgoing.clear()
+
+    def _start(self) -> None:
+        if self._socket is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        try:
+            script = Path(__file__).with_name("launcher.py")
+            self._popen = subprocess.Popen(
+                [self._python, "-I", "-S", str(script), str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                # Its own session, so that a signal to the agent's group leaves it running.
+                start_new_session=True,
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._socket = ours
+        self._incoming = b""
+        self.identity = (self._popen.pid, process_start_ticks(self._popen.pid) or 0)
+        self._loop.add_reader(ours.fileno(), self._on_readable)
+        logger.info("task launcher started as pid %d", self._popen.pid)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._socket is None or not self._outgoing:
+            return
+        try:
+            sent = self._socket.send(self._outgoing)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            self._fail(f"cannot write to it: {error}")
+            return
+        del self._outgoing[:sent]
+        assert self._loop is not None
+        if self._outgoing and not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._socket.fileno(), self._on_writable)
+        elif not self._outgoing and self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._socket.fileno())
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    def _on_readable(self) -> None:
+        assert self._socket is not None
+        try:
+            data = self._socket.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._fail(f"cannot read from it: {error}")
+            return
+        if not data:
+            self._fail("it exited")
+            return
+        *lines, self._incoming = (self._incoming + data).split(b"\n")
+        for line in lines:
+            self._on_message(json.loads(line))
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        if "id" in message:
+            launch = self._pending.pop(message["id"])
+            if "pid" in message:
+                process = TaskProcess(message["pid"], launched=True)
+                self._running[process.pid] = (process, launch.exit_path)
+                if not launch.future.done():
+                    launch.future.set_result(process)
+            elif not launch.future.done():
+                code = message.get("errno", 0)
+                launch.future.set_exception(OSError(code, message.get("error", "")))
+            return
+        entry = self._running.pop(message["pid"], None)
+        if entry is not None:
+            entry[0].set_launcher_status(message["status"])
+
+    def _fail(self, reason: str) -> None:
+        """Watch the launched tasks by pidfd, and settle the requests still without a reply.
+
+        A request may have started its process before the launcher went away, so each one
+        is looked for by its spawn id before it is failed. The next launch starts a new
+        launcher.
+        """
+        logger.error("task launcher %d lost: %s", self.identity[0], reason)
+        self._disconnect()
+        if self._popen is not None:
+            self._popen.poll()
+        for process, exit_path in self._running.values():
+            process.orphan(exit_path)
+        self._running.clear()
+        pending = [launch for launch in self._pending.values() if not launch.future.done()]
+        self._pending.clear()
+        if pending:
+            leaders = find_task_leaders(SPAWN_ID_ENV, {launch.spawn_id for launch in pending})
+            for launch in pending:
+                pid = leaders.get(launch.spawn_id)
+                if pid is None:
+                    launch.future.set_exception(
+                        OSError(errno.ECHILD, f"the task launcher went away ({reason})")
+                    )
+                else:
+                    launch.future.set_result(TaskProcess(pid, exit_path=launch.exit_path))
+        self.identity = (0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Launch:
+    future: asyncio.Future[TaskProcess]
+    exit_path: Path
+    spawn_id: str
+
+
+SPAWN_ID_ENV = "ACSP_SPAWN_ID"
+"""Environment variable that marks a task's process with its record's ``spawn_id``."""
 
 
 def spawn(
@@ -155,31 +399,18 @@ def spawn(
     env: Mapping[str, str],
     cwd: Path,
     log_path: Path,
-    exit_path: Path | None,
 ) -> TaskProcess:
-    """Start ``command`` in a new session with its output in ``log_path``.
+    """Start ``command`` as our child, in a new session with its output in ``log_path``.
 
-    With an ``exit_path``, the command runs under :data:`EXIT_RECORDER`, which writes its exit
-    status there. A file left there by an earlier process is removed first. Raises
-    :class:`CommandNotRunnableError` when the command names no executable program, and
+    Raises :class:`CommandNotRunnableError` when the command names no executable program, and
     ``OSError`` when the node cannot start the process (the log file, a failed fork).
     """
     asyncio.get_running_loop()  # Raise RuntimeError before the process starts, not after.
-    try:
-        executable = find_executable(command[0], env.get("PATH", os.defpath), cwd)
-    except OSError as error:
-        raise CommandNotRunnableError(error) from error
-    argv = [executable, *command[1:]]
-    if exit_path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(exit_path)
-        # The shell runs in ``cwd``, where a path relative to the agent's folder is wrong.
-        recorded = os.path.abspath(exit_path)
-        argv = ["/bin/sh", "-c", EXIT_RECORDER, "acsp-task", recorded, *argv]
+    executable = resolve_command(command, env, cwd)
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         popen = subprocess.Popen(
-            argv,
+            [executable, *command[1:]],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -189,7 +420,15 @@ def spawn(
         )
     finally:
         os.close(log)
-    return TaskProcess(popen.pid, popen, exit_path)
+    return TaskProcess(popen.pid, popen)
+
+
+def resolve_command(command: Sequence[str], env: Mapping[str, str], cwd: Path) -> str:
+    """Return the file that ``command`` runs, or raise :class:`CommandNotRunnableError`."""
+    try:
+        return find_executable(command[0], env.get("PATH", os.defpath), cwd)
+    except OSError as error:
+        raise CommandNotRunnableError(error) from error
 
 
 def find_executable(name: str, search_path: str, cwd: Path) -> str:
@@ -231,7 +470,7 @@ def from_shell_status(status: int) -> int:
 
 
 def read_exit_status(path: Path) -> int | None:
-    """Return the exit code that :data:`EXIT_RECORDER` wrote to ``path``, or None if none."""
+    """Return the exit code recorded in ``path`` as a shell status, or None if none."""
     try:
         text = path.read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError):
@@ -281,6 +520,14 @@ def find_task_leaders(variable: str, values: set[str]) -> dict[str, int]:
                     found[value] = (pid, start_ticks)
                 break
     return {value: pid for value, (pid, _ticks) in found.items()}
+
+
+def recorder_alive(recorder: tuple[int, int] | None) -> bool:
+    """Return True if the process ``recorder`` (pid, start ticks) still runs."""
+    if recorder is None:
+        return False
+    pid, start_ticks = recorder
+    return process_start_ticks(pid) == start_ticks
 
 
 def process_start_ticks(pid: int) -> int | None:

@@ -2,9 +2,10 @@
 
 ``python -m tests.agent.subprocess_agent NATS_URL STATE_DIR [--crash-before-save]
 [--stop-tasks-on-exit]`` serves the node ``acme.eu-1.node-1`` with eight simulated A100s
-until SIGTERM. With ``--crash-before-save`` the agent kills itself with SIGKILL after it has
-handled its first command batch (and spawned the batch's processes) and before it saves its
-state, as a crash there would. ``--stop-tasks-on-exit`` makes SIGTERM stop the tasks too.
+until SIGTERM. With ``--crash-before-save`` the agent kills itself with SIGKILL once the task
+launcher has started the processes of its first command batch and before the agent reads the
+launcher's replies and saves its state, as a crash there would. ``--stop-tasks-on-exit``
+makes SIGTERM stop the tasks too.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from agents.outbox import Outbox
 from agents.process import AgentProcess, ConnectionOptions, Intervals
 from agents.spool import Spool
 from agents.state import StateStore, TaskRecord
+from agents.task_process import TaskLauncher
 from tests.agent.helpers import NODE
 
 SPEC = FleetNode(NODE.provider, NODE.region, NODE.node, "A100-SXM4-80GB", 8)
@@ -43,9 +45,15 @@ COMMAND_ACK_WAIT_S = 2.0
 STOP_GRACE_S = 5.0
 
 
-def build(nats_url: str, state_dir: Path, stop_tasks_on_exit: bool) -> AgentProcess:
+def build(
+    nats_url: str, state_dir: Path, stop_tasks_on_exit: bool, crash_before_save: bool = False
+) -> AgentProcess:
     state = StateStore(state_dir / "state.json")
     outbox = Outbox(Spool(state_dir / "spool"), retry_s=0.2, before_append=state.save_before_spool)
+    launcher = TaskLauncher()
+    if crash_before_save:
+        # The launcher replies once it has started every process of the batch it was sent.
+        launcher._on_readable = lambda: os.kill(os.getpid(), signal.SIGKILL)  # type: ignore[method-assign]
     node = NodeAgent(
         NODE,
         SimulatedBackend(SPEC),
@@ -55,6 +63,7 @@ def build(nats_url: str, state_dir: Path, stop_tasks_on_exit: bool) -> AgentProc
         outbox,
         uuid.uuid4().hex[:12],
         time.time,
+        launcher=launcher,
     )
     return AgentProcess(
         [node],
@@ -70,6 +79,7 @@ def build(nats_url: str, state_dir: Path, stop_tasks_on_exit: bool) -> AgentProc
         ),
         stop_tasks_on_exit=stop_tasks_on_exit,
         stop_grace_s=STOP_GRACE_S,
+        launcher=launcher,
     )
 
 
@@ -191,9 +201,7 @@ def main() -> None:
     parser.add_argument("--stop-tasks-on-exit", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    process = build(args.nats_url, args.state_dir, args.stop_tasks_on_exit)
-    if args.crash_before_save:
-        process.before_batch_save = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    process = build(args.nats_url, args.state_dir, args.stop_tasks_on_exit, args.crash_before_save)
     asyncio.run(run(process))
 
 

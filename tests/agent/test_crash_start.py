@@ -29,7 +29,7 @@ from tests.agent.subprocess_agent import (
 
 TASKS = [f"crash-{index}/1/0" for index in range(5)]
 # Each task appends "<task id> <session id>" to the runs file, then runs long enough to be
-# adopted. The agent records the session leader: the shell that waits for the task.
+# adopted. The agent records the session leader: the task's own process.
 TASK_CODE = (
     "import os, sys, time\n"
     "with open(sys.argv[1], 'a') as runs:\n"

@@ -8,16 +8,21 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from agents import task_process
 from agents.model import TaskEvent, TaskSpec, TaskState
 from agents.runner import TaskRunner
 from agents.state import StateStore
-from agents.task_process import TaskProcess
+from agents.task_process import (
+    SPAWN_ID_ENV,
+    TaskLauncher,
+    TaskProcess,
+    find_task_leaders,
+    process_start_ticks,
+)
 
 ACCELERATORS = [f"GPU-{i}" for i in range(8)]
 
@@ -40,7 +45,23 @@ class Recorder:
         return [e for e in self.events if e.task_id == task_id][-1]
 
 
+_launchers: list[TaskLauncher] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_launchers() -> AsyncIterator[None]:
+    """Close the launchers a test made, on its event loop, as a stopping agent does."""
+    yield
+    for launcher in _launchers:
+        launcher.close()
+    _launchers.clear()
+
+
 def make_runner(tmp_path: Path, recorder: Recorder, record_exit_status: bool = True) -> TaskRunner:
+    launcher = None
+    if record_exit_status:
+        launcher = TaskLauncher()
+        _launchers.append(launcher)
     return TaskRunner(
         "acme.eu-1.node-1",
         StateStore(tmp_path / "state.json"),
@@ -49,7 +70,7 @@ def make_runner(tmp_path: Path, recorder: Recorder, record_exit_status: bool = T
         time.time,
         ACCELERATORS,
         _visible,
-        record_exit_status=record_exit_status,
+        launcher=launcher,
     )
 
 
@@ -79,10 +100,12 @@ def python_command(code: str) -> tuple[str, ...]:
 
 
 async def run_with_group(
-    tmp_path: Path, body: Callable[[TaskRunner, Recorder], Awaitable[None]]
+    tmp_path: Path,
+    body: Callable[[TaskRunner, Recorder], Awaitable[None]],
+    record_exit_status: bool = True,
 ) -> Recorder:
     recorder = Recorder()
-    runner = make_runner(tmp_path, recorder)
+    runner = make_runner(tmp_path, recorder, record_exit_status)
     async with asyncio.TaskGroup() as group:
         runner.attach(group)
         await body(runner, recorder)
@@ -296,7 +319,7 @@ async def test_adopted_task_exit_code_read(tmp_path: Path) -> None:
     )
 
     second = await restart_until_ended(tmp_path, "k/1/0")
-    # The restarted runner is not the parent of the process, but its shell wrote exit code 3.
+    # The restarted runner is not the parent of the process, but its launcher wrote exit code 3.
     assert second.states("k/1/0") == [TaskState.RUNNING, TaskState.FAILED]
     assert second.last("k/1/0").exit_code == 3
     assert await first.wait() == 3
@@ -315,8 +338,12 @@ async def test_adopted_task_without_status_lost(tmp_path: Path) -> None:
         restarted.attach(group)
         restarted.recover()
         assert second.states("n/1/0") == [TaskState.RUNNING]
-        # Only the shell dies, so no exit status is recorded. The task must not pass as
-        # succeeded, and what is left of it is killed.
+        # The launcher dies before the task, so no exit status is recorded. The task must not
+        # pass as succeeded, and what is left of it is killed.
+        launcher_pid = restarted.running[0].launcher_pid
+        assert launcher_pid > 0
+        os.kill(launcher_pid, signal.SIGKILL)
+        await wait_for(lambda: process_start_ticks(launcher_pid) is None)
         os.kill(first.pid, signal.SIGKILL)
         await wait_for(lambda: len(second.states("n/1/0")) == 2)
     assert second.last("n/1/0").state is TaskState.LOST
@@ -331,7 +358,7 @@ async def test_adopted_exit_relative_state_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An agent started with a relative state folder, as `--state-dir agent` gives it, while
-    # each task's shell runs in the tasks folder below it.
+    # the launcher starts each task in the tasks folder below it.
     monkeypatch.chdir(tmp_path)
     relative = Path("agent")
     code = "import sys, time; time.sleep(1.5); sys.exit(3)"
@@ -457,7 +484,8 @@ async def test_exit_seen_without_pidfds(tmp_path: Path, monkeypatch: pytest.Monk
         await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("p/1/0"), 3.0)
         await wait_for(lambda: TaskState.TIMED_OUT in recorder.states("q/1/0"), 5.0)
 
-    recorder = await run_with_group(tmp_path, body)
+    # The tasks are the agent's own children here: a launcher reports exits without pidfds.
+    recorder = await run_with_group(tmp_path, body, record_exit_status=False)
     assert recorder.last("p/1/0").exit_code == 0
     assert recorder.last("q/1/0").exit_code == -15
 
@@ -489,11 +517,21 @@ async def test_intent_of_running_process_is_adopted(tmp_path: Path) -> None:
         runner.attach(group)
         runner.prepare_start(spec)
         runner._state.save_intents()
-        await runner.start(spec)
-        # The agent dies after the spawn and before the state records the task: the file
-        # stays as it is now, because the save waits for the end of this loop turn.
+        spawn_id = runner._state.node("acme.eu-1.node-1").intents["h/1/0"].spawn_id
+        starting = asyncio.create_task(runner.start(spec))
+        # Two turns send the request. Then the loop is held until the launcher has started
+        # the process, so the agent cannot have read the answer: it dies here, after the
+        # spawn and before the state records the task.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        deadline = time.monotonic() + 10
+        while not (leaders := find_task_leaders(SPAWN_ID_ENV, {spawn_id})):
+            assert time.monotonic() < deadline, "the launcher started no process"
+            time.sleep(0.01)  # noqa: ASYNC251 (the loop is held on purpose)
         crashed_state = snapshot_state(tmp_path)
-        pid = runner._tasks["h/1/0"].record.pid
+        pid = leaders[spawn_id]
+        await starting
+        assert runner._tasks["h/1/0"].record.pid == pid
         for task in runner._tasks.values():
             assert task.supervisor is not None
             task.supervisor.cancel()
@@ -554,7 +592,17 @@ async def crash_after_quick_task(tmp_path: Path, spec: TaskSpec) -> None:
             assert task.supervisor is not None
             task.supervisor.cancel()
         await process.wait()
+    # With the agent gone and its task ended, the launcher exits too.
+    await close_launcher_of(runner)
     restore_state(tmp_path, crashed_state)
+
+
+async def close_launcher_of(runner: TaskRunner) -> None:
+    launcher = runner._launcher
+    assert launcher is not None
+    pid = launcher.identity[0]
+    launcher.close()
+    await wait_for(lambda: process_start_ticks(pid) is None)
 
 
 async def test_ended_intent_reports_exit(tmp_path: Path) -> None:
@@ -623,31 +671,6 @@ async def test_command_runs_program_not_builtin(tmp_path: Path) -> None:
     assert directory.state is TaskState.FAILED
     assert directory.exit_code == 126
     assert "Permission denied" in directory.reason
-
-
-async def test_early_stop_reaches_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Widen the moment between the shell's trap and the start of the command, so that the
-    # first SIGTERM reaches the shell alone.
-    widened = task_process.EXIT_RECORDER.replace(
-        "trap : HUP INT TERM;", "trap : HUP INT TERM; sleep 0.3;"
-    )
-    assert widened != task_process.EXIT_RECORDER
-    monkeypatch.setattr(task_process, "EXIT_RECORDER", widened)
-    sleeper = python_command("import time; time.sleep(60)")
-
-    async def body(runner: TaskRunner, recorder: Recorder) -> None:
-        await runner.start(TaskSpec("y", "y/1/0", ("GPU-3",), sleeper, grace_period_s=30.0))
-        shell = runner._tasks["y/1/0"].record.pid
-        children = Path(f"/proc/{shell}/task/{shell}/children")
-        # The shell's first child is the sleep, so it has set its trap.
-        await wait_for(lambda: children.read_text().strip() != "", 5.0)
-        await runner.stop("y/1/0", "cancelled")
-        await wait_for(lambda: TaskState.STOPPED in recorder.states("y/1/0"), 10.0)
-
-    started = time.monotonic()
-    recorder = await run_with_group(tmp_path, body)
-    assert recorder.last("y/1/0").exit_code == -signal.SIGTERM
-    assert time.monotonic() - started < 10
 
 
 @pytest.mark.timeout(30)
