@@ -81,6 +81,21 @@ def postgres_cpu_seconds() -> float:
     return total
 
 
+def launcher_pids(agent_pid: int) -> list[int]:
+    """Return the pids of the task launchers that the agent ``agent_pid`` started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == agent_pid and b"launcher.py" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def cpu_by_process(stack: Stack) -> dict[str, float]:
     """CPU seconds so far of each process of the stack, PostgreSQL and this benchmark's client."""
     usage: dict[str, float] = {}
@@ -88,8 +103,12 @@ def cpu_by_process(stack: Stack) -> dict[str, float]:
         name = process.name.split("-")[0]
         usage[name] = usage.get(name, 0.0) + cpu_seconds(process.popen.pid)
         if name == "agents":
-            # The tasks themselves: each job's `true`, reaped by its agent.
+            # The tasks themselves: each job's `true`, reaped by its agent, or by the agent's
+            # task launcher, whose own CPU counts as the launcher's.
             usage["tasks"] = usage.get("tasks", 0.0) + reaped_children_seconds(process.popen.pid)
+            for launcher in launcher_pids(process.popen.pid):
+                usage["launcher"] = usage.get("launcher", 0.0) + cpu_seconds(launcher)
+                usage["tasks"] += reaped_children_seconds(launcher)
     usage["postgres"] = postgres_cpu_seconds()
     own = resource.getrusage(resource.RUSAGE_SELF)
     usage["client"] = own.ru_utime + own.ru_stime
