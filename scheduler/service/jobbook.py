@@ -369,6 +369,10 @@ class JobBook:
             self._hold_failed(job, outcome, fx)
 
     def _start(self, job: Job, outcome: HoldOutcome, fx: Effects) -> None:
+        spec = job.spec
+        if outcome.grant_id and outcome.grant_id != spec.grant_id:
+            # A job that named no grant is paid by the one the ledger chose.
+            spec = replace(spec, grant_id=outcome.grant_id)
         starting = replace(
             job,
             state="starting",
@@ -376,7 +380,7 @@ class JobBook:
             reason="start commands sent",
             hold_id=outcome.hold_id,
             hold_amount=outcome.amount,
-            spec=replace(job.spec, grant_id=outcome.grant_id or job.spec.grant_id),
+            spec=spec,
         )
         self.jobs[job.job_id] = starting
         self._starting_since[job.job_id] = fx.now
