@@ -284,6 +284,8 @@ class TaskLauncher:
                 [self._python, "-I", "-S", str(script), str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                # The agent's own settings (credentials among them) stay out of it.
+                env={k: v for k, v in os.environ.items() if not k.startswith("ACSP_")},
                 # Its own session, so that a signal to the agent's group leaves it running.
                 start_new_session=True,
             )

@@ -139,3 +139,27 @@ async def test_adopted_exit_waits_for_live_recorder(tmp_path: Path) -> None:
     assert not process.exited.done()
     exit_file.write_text("137\n")
     assert await asyncio.wait_for(process.wait(), 5.0) == -signal.SIGKILL
+
+
+def read_environ(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/environ").read_bytes()
+
+
+@pytest.mark.timeout(30)
+async def test_launcher_gets_no_agent_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACSP_NATS_PASSWORD", "secret-of-the-agent")
+    launcher = TaskLauncher()
+    recorder = Recorder()
+    runner = runner_on(tmp_path, recorder, launcher, ["GPU-0"])
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            await runner.start(TaskSpec("e", "e/1/0", ("GPU-0",), ("true",)))
+            await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("e/1/0"))
+        environ = read_environ(launcher.identity[0])
+    finally:
+        launcher.close()
+    assert b"secret-of-the-agent" not in environ
+    assert b"ACSP_" not in environ
