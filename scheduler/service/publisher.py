@@ -1,40 +1,38 @@
-"""JetStream publishing with many acknowledgements in flight and a bounded wait."""
+"""JetStream publishing with many acknowledgements in flight and a bounded wait.
+
+Which failures are retried and which are rejected for good follows
+:mod:`services.runtime.publish_errors`, the rules every acsp publisher shares.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+
+from services.runtime.publish_errors import (
+    REJECTED_LOCALLY,
+    Message,
+    Outcome,
+    log_outcomes,
+    publish_outcome,
+    reject_streamless,
+    rejection_reason,
+)
 
 from .commands import command_subject
 from .store import DispatchRecord, OutboxEvent
 
 logger = logging.getLogger(__name__)
 
-_REJECTED_LOCALLY: Final = (MaxPayloadError, BadSubjectError, BadHeaderError)
-"""Errors nats-py raises before sending, which the same message raises on every retry."""
-JS_MESSAGE_TOO_LARGE: Final = 10054
-"""JetStream's error code for a message over the stream's ``max_msg_size``."""
-PERMANENT_JS_ERRORS: Final = frozenset({JS_MESSAGE_TOO_LARGE})
-"""JetStream error codes that the same message gets on every retry. Unavailability, and the
-maximum messages or bytes of a stream that discards new messages, can clear, so a publish
-that fails with them is retried."""
-
 MAX_CONFIRMATIONS: Final = 32
 """Unacknowledged messages of one wave that :meth:`Publisher._confirm` checks at most. The rest
 are retried unchecked, so a NATS outage costs a bounded number of extra requests."""
-
-Outcome = bool | str
-"""True when JetStream stored the message, False to retry it, or why it can never be sent."""
-Message = tuple[str, bytes, str]
-"""Subject, payload and ``Nats-Msg-Id`` of one message."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +78,10 @@ class Publisher:
         # Commands that no stream replied to are retried, and their job fails at its start
         # timeout if no stream ever replies.
         command_outcomes = [False if a is None else a for a in answers[: len(records)]]
-        event_outcomes = await self._check_streams(
-            answers[len(records) :], messages[len(records) :]
+        event_outcomes = await reject_streamless(
+            self._js, answers[len(records) :], messages[len(records) :], self._confirm_timeout
         )
-        _log_outcomes([*command_outcomes, *event_outcomes])
+        log_outcomes([*command_outcomes, *event_outcomes])
         result = PublishResult()
         for record, outcome in zip(records, command_outcomes, strict=True):
             if outcome is True:
@@ -114,8 +112,8 @@ class Publisher:
                         futures[index] = await self._js.publish_async(
                             subject, payload, wait_stall=None, headers={"Nats-Msg-Id": msg_id}
                         )
-                    except _REJECTED_LOCALLY as exc:
-                        outcomes[index] = _rejection(exc, messages[index])
+                    except REJECTED_LOCALLY as exc:
+                        outcomes[index] = rejection_reason(exc, messages[index])
         except (NatsError, TimeoutError) as exc:
             logger.warning(
                 "publishing stalled after %d of %d messages: %s", sent, len(messages), exc
@@ -129,7 +127,7 @@ class Publisher:
             if future.cancelled() or not future.done():
                 unacknowledged.append(index)
             else:
-                outcomes[index] = _outcome(future.exception(), messages[index])
+                outcomes[index] = publish_outcome(future.exception(), messages[index])
         await self._confirm(unacknowledged[:MAX_CONFIRMATIONS], messages, outcomes)
         return outcomes
 
@@ -152,7 +150,7 @@ class Publisher:
             try:
                 await self._js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
             except (NatsError, TimeoutError) as exc:
-                outcomes[index] = _outcome(exc, messages[index])
+                outcomes[index] = publish_outcome(exc, messages[index])
             else:
                 outcomes[index] = True
 
@@ -162,68 +160,3 @@ class Publisher:
                     group.create_task(confirm(index))
         except TimeoutError:
             logger.debug("%d unacknowledged messages not confirmed in time", len(indexes))
-
-    async def _check_streams(
-        self, answers: Sequence[Outcome | None], messages: Sequence[Message]
-    ) -> list[Outcome]:
-        """Reject the messages no stream replied to if JetStream has no stream for them.
-
-        Outside a NATS restart, no stream replies on a subject that no stream captures. During
-        a restart JetStream's API does not reply either, so those messages are retried.
-        """
-        subjects = {messages[i][0] for i, answer in enumerate(answers) if answer is None}
-        streamless = await self._subjects_without_stream(subjects)
-        outcomes: list[Outcome] = []
-        for answer, message in zip(answers, messages, strict=True):
-            if answer is not None:
-                outcomes.append(answer)
-            elif message[0] in streamless:
-                reason = f"no JetStream stream captures subject {message[0]}"
-                outcomes.append(_rejection(reason, message))
-            else:
-                outcomes.append(False)
-        return outcomes
-
-    async def _subjects_without_stream(self, subjects: Collection[str]) -> set[str]:
-        found: set[str] = set()
-        for subject in subjects:
-            try:
-                async with asyncio.timeout(self._confirm_timeout):
-                    await self._js.find_stream_name_by_subject(subject)
-            except NotFoundError:
-                found.add(subject)
-            except (NatsError, TimeoutError) as exc:
-                logger.warning("stream lookup for subject %s failed: %s", subject, exc)
-        return found
-
-
-def _outcome(error: BaseException | None, message: Message) -> Outcome | None:
-    """Return the outcome of a publish that ended with ``error`` (None: stored).
-
-    Returns None when no stream replied, which a stream lookup decides.
-    """
-    if error is None:
-        return True
-    if isinstance(error, NoStreamResponseError):
-        return None
-    if isinstance(error, APIError) and error.err_code in PERMANENT_JS_ERRORS:
-        return _rejection(error, message)
-    return False
-
-
-def _rejection(error: Exception | str, message: Message) -> str:
-    subject, payload, msg_id = message
-    return f"{error} for message {msg_id} of {len(payload)} bytes on {subject}"
-
-
-def _log_outcomes(outcomes: Sequence[Outcome]) -> None:
-    rejected = [o for o in outcomes if isinstance(o, str)]
-    retried = outcomes.count(False)
-    if rejected:
-        logger.error(
-            "%d of %d messages rejected for good: %s", len(rejected), len(outcomes), rejected[0]
-        )
-    if retried:
-        logger.warning(
-            "%d of %d messages not acknowledged; they are retried", retried, len(outcomes)
-        )

@@ -1,0 +1,118 @@
+"""Sort failed JetStream publishes into those to retry and those rejected for good.
+
+Every publisher of acsp uses these rules, so a message that can never be stored is reported
+with its reason instead of being retried forever, while a NATS outage only delays messages:
+
+- stored: JetStream acknowledged the message.
+- rejected for good: nats-py raised before sending it (over the server's max_payload, an
+  invalid subject or header). Or JetStream replied with an error in
+  :data:`PERMANENT_JS_ERRORS` (over the stream's max_msg_size). Or no stream replied, and
+  JetStream's API finds no stream for the subject.
+- retried: everything else, such as timeouts, disconnections, and no reply while NATS
+  restarts, when JetStream's API does not reply either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection, Sequence
+from typing import Final
+
+from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+
+logger = logging.getLogger(__name__)
+
+REJECTED_LOCALLY: Final = (MaxPayloadError, BadSubjectError, BadHeaderError)
+"""Errors nats-py raises before sending, which the same message raises on every retry."""
+JS_MESSAGE_TOO_LARGE: Final = 10054
+"""JetStream's error code for a message over the stream's ``max_msg_size``."""
+PERMANENT_JS_ERRORS: Final = frozenset({JS_MESSAGE_TOO_LARGE})
+"""JetStream error codes that the same message gets on every retry. Unavailability, and the
+maximum messages or bytes of a stream that discards new messages, can clear, so a publish
+that fails with them is retried."""
+
+Outcome = bool | str
+"""True when JetStream stored the message, False to retry it, or why it can never be sent."""
+Message = tuple[str, bytes, str]
+"""Subject, payload and ``Nats-Msg-Id`` of one message."""
+
+
+def publish_outcome(error: BaseException | None, message: Message) -> Outcome | None:
+    """Return the outcome of a publish that ended with ``error`` (None: stored).
+
+    Returns None when no stream replied, which :func:`reject_streamless` decides.
+    """
+    if error is None:
+        return True
+    if isinstance(error, NoStreamResponseError):
+        return None
+    if isinstance(error, REJECTED_LOCALLY):
+        return rejection_reason(error, message)
+    if isinstance(error, APIError) and error.err_code in PERMANENT_JS_ERRORS:
+        return rejection_reason(error, message)
+    return False
+
+
+def rejection_reason(error: BaseException | str, message: Message) -> str:
+    """Return why ``message`` can never be published, naming its id, size and subject."""
+    subject, payload, msg_id = message
+    return f"{error} for message {msg_id} of {len(payload)} bytes on {subject}"
+
+
+async def reject_streamless(
+    js: JetStreamContext,
+    answers: Sequence[Outcome | None],
+    messages: Sequence[Message],
+    timeout_s: float,
+) -> list[Outcome]:
+    """Reject the messages no stream replied to if JetStream has no stream for them.
+
+    Outside a NATS restart, no stream replies on a subject that no stream captures. During
+    a restart JetStream's API does not reply either, so those messages are retried. Each
+    lookup is bounded by ``timeout_s``, and one that misses it leaves its messages to retry.
+    """
+    subjects = {messages[i][0] for i, answer in enumerate(answers) if answer is None}
+    streamless = await _subjects_without_stream(js, subjects, timeout_s)
+    outcomes: list[Outcome] = []
+    for answer, message in zip(answers, messages, strict=True):
+        if answer is not None:
+            outcomes.append(answer)
+        elif message[0] in streamless:
+            reason = f"no JetStream stream captures subject {message[0]}"
+            outcomes.append(rejection_reason(reason, message))
+        else:
+            outcomes.append(False)
+    return outcomes
+
+
+async def _subjects_without_stream(
+    js: JetStreamContext, subjects: Collection[str], timeout_s: float
+) -> set[str]:
+    found: set[str] = set()
+    for subject in subjects:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await js.find_stream_name_by_subject(subject)
+        except NotFoundError:
+            found.add(subject)
+        except (NatsError, TimeoutError) as exc:
+            logger.warning("stream lookup for subject %s failed: %s", subject, exc)
+    return found
+
+
+def log_outcomes(outcomes: Sequence[Outcome]) -> None:
+    """Log how many messages were rejected for good (ERROR) and how many are retried."""
+    rejected = [o for o in outcomes if isinstance(o, str)]
+    retried = outcomes.count(False)
+    if rejected:
+        logger.error(
+            "%d of %d messages rejected for good: %s", len(rejected), len(outcomes), rejected[0]
+        )
+    if retried:
+        logger.warning(
+            "%d of %d messages not acknowledged; they are retried", retried, len(outcomes)
+        )
