@@ -15,7 +15,8 @@ class NodeAdded:
 
 @dataclass(frozen=True, slots=True)
 class NodeHeartbeat:
-    """A heartbeat from a node's agent: an unknown or down node is up again.
+    """A heartbeat from a node's agent: an unknown or down node is up again, or draining
+    when a :class:`NodeDrain` without a later :class:`NodeUndrain` applies to it.
 
     It frees nothing: accelerators of lost tasks on an unknown node stay allocated until
     :class:`TasksStopped` confirms those tasks are gone.
@@ -40,7 +41,8 @@ class NodeDown:
 
 @dataclass(frozen=True, slots=True)
 class NodeDrain:
-    """No new tasks start on the node.
+    """No new tasks start on the node, until :class:`NodeUndrain`. The drain stays while the
+    node is unknown or down.
 
     With ``evict`` the operator has stopped its tasks as well; their jobs are repaired or
     requeued in the next pass. Without it running tasks go on until they end.
@@ -52,7 +54,7 @@ class NodeDrain:
 
 @dataclass(frozen=True, slots=True)
 class NodeUndrain:
-    """A draining node takes new tasks again."""
+    """A draining node takes new tasks again. An unknown or down node returns up, not draining."""
 
     node_id: str
 

@@ -41,6 +41,7 @@ class NodeRecord:
 
     __slots__ = (
         "domain",
+        "draining",
         "failed",
         "fenced",
         "free_whole",
@@ -59,6 +60,9 @@ class NodeRecord:
         self.pool = pool
         self.domain = domain
         self.state = NodeState.UP
+        self.draining = False
+        """The operator's drain, kept while the node is unknown or down so that it returns
+        draining instead of up."""
         size = len(spec.accelerator_ids)
         self.used = [0] * size
         """Millis allocated on each accelerator."""

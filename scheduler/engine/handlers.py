@@ -23,8 +23,9 @@ def _on_node_added(engine: Engine, event: ev.NodeAdded) -> None:
 def _on_heartbeat(engine: Engine, event: ev.NodeHeartbeat) -> None:
     node = engine.fleet.node(event.node_id)
     if node.state in (NodeState.UNKNOWN, NodeState.DOWN):
-        logger.info("node %s is up again after %s", event.node_id, node.state)
-        engine.fleet.set_state(node, NodeState.UP)
+        back = NodeState.DRAINING if node.draining else NodeState.UP
+        logger.info("node %s is %s again after %s", event.node_id, back, node.state)
+        engine.fleet.set_state(node, back)
 
 
 def _on_missed(engine: Engine, event: ev.NodeMissedHeartbeats) -> None:
@@ -45,6 +46,7 @@ def _on_down(engine: Engine, event: ev.NodeDown) -> None:
 
 def _on_drain(engine: Engine, event: ev.NodeDrain) -> None:
     node = engine.fleet.node(event.node_id)
+    node.draining = True
     if node.state is NodeState.UP:
         engine.fleet.set_state(node, NodeState.DRAINING)
     if event.evict:
@@ -53,6 +55,7 @@ def _on_drain(engine: Engine, event: ev.NodeDrain) -> None:
 
 def _on_undrain(engine: Engine, event: ev.NodeUndrain) -> None:
     node = engine.fleet.node(event.node_id)
+    node.draining = False
     if node.state is NodeState.DRAINING:
         engine.fleet.set_state(node, NodeState.UP)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scheduler.engine import (
+    Event,
     InvalidInputError,
     JobEnded,
     JobOutcome,
@@ -111,6 +112,56 @@ def test_undrain_takes_work_again() -> None:
 
     engine.apply(NodeUndrain("n1"))
 
+    assert "a" in placed(engine.schedule(1.0))
+
+
+@pytest.mark.parametrize(
+    "lost",
+    [
+        [NodeMissedHeartbeats("n1")],
+        [NodeDown("n1")],
+        [NodeMissedHeartbeats("n1"), NodeDown("n1")],
+    ],
+    ids=["unknown", "down", "unknown-then-down"],
+)
+def test_drain_survives_lost_node(lost: list[Event]) -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.apply(NodeDrain("n1"))
+    for event in lost:
+        engine.apply(event)
+
+    engine.apply(NodeHeartbeat("n1"))
+    engine.submit(job("a", accelerators=1))
+    result = engine.schedule(1.0)
+
+    assert engine.fleet.by_id["n1"].state is NodeState.DRAINING
+    assert placed(result) == {}
+
+
+def test_drain_while_unknown_applies_on_return() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.apply(NodeMissedHeartbeats("n1"))
+    engine.apply(NodeDrain("n1"))
+    assert engine.fleet.by_id["n1"].state is NodeState.UNKNOWN
+
+    engine.apply(NodeHeartbeat("n1"))
+
+    assert engine.fleet.by_id["n1"].state is NodeState.DRAINING
+
+
+def test_undrain_while_unknown_returns_up() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.apply(NodeDrain("n1"))
+    engine.apply(NodeMissedHeartbeats("n1"))
+    engine.apply(NodeUndrain("n1"))
+
+    engine.apply(NodeHeartbeat("n1"))
+    engine.submit(job("a", accelerators=1))
+
+    assert engine.fleet.by_id["n1"].state is NodeState.UP
     assert "a" in placed(engine.schedule(1.0))
 
 
