@@ -3,10 +3,10 @@
 Only a process's parent can read its exit status, and an agent that restarts is no longer the
 parent of the tasks it adopts. So the agent does not start tasks itself. It starts this
 process once and sends it start requests over a socket pair, whose end is the only argument. The
-launcher is the parent of every task, reaps each one when it ends, writes its exit status to
-the file the agent named, and tells the agent. When the agent goes away (its end of the socket
-closes), the launcher goes on reaping the tasks still running and writing their status, and
-exits after the last one. A restarted agent adopts those tasks and reads the files.
+launcher is the parent of every task. It reaps each one when it ends, writes its exit status
+to the file the agent named, and sends the agent a message. When the agent goes away (its end
+of the socket closes), the launcher goes on reaping the tasks still running and writing their
+status, and exits after the last one. A restarted agent adopts those tasks and reads the files.
 
 It runs as a script with only the standard library (``python -I -S launcher.py FD``), so that it
 starts fast and imports nothing of the agent's.
@@ -107,8 +107,10 @@ class Launcher:
                 setsid=True,
                 setsigdef=_RESET_SIGNALS,
             )
-        except OSError as error:
-            reply = {"id": request_id, "errno": error.errno or 0, "error": str(error)}
+        except (OSError, ValueError) as error:
+            # ValueError: a NUL character in an argument, which no program can receive.
+            code = error.errno if isinstance(error, OSError) else None
+            reply = {"id": request_id, "errno": code or 0, "error": str(error)}
             self._out.append(json.dumps(reply).encode() + b"\n")
             return
         self._exit_paths[pid] = exit_path

@@ -427,6 +427,10 @@ def spawn(
 
 def resolve_command(command: Sequence[str], env: Mapping[str, str], cwd: Path) -> str:
     """Return the file that ``command`` runs, or raise :class:`CommandNotRunnableError`."""
+    texts = [*command, *env, *env.values()]
+    if any("\0" in text for text in texts):
+        error = OSError(errno.EINVAL, "the command or its environment contains a NUL character")
+        raise CommandNotRunnableError(error)
     try:
         return find_executable(command[0], env.get("PATH", os.defpath), cwd)
     except OSError as error:

@@ -71,7 +71,7 @@ async def test_stop_during_launch_stops_task(tmp_path: Path, launcher: TaskLaunc
         runner.attach(group)
         starting = asyncio.create_task(runner.start(TaskSpec("s", "s/1/0", ("GPU-0",), sleeper)))
         await asyncio.sleep(0)
-        # The launcher has not answered yet: the stop waits for the answer, then applies.
+        # The launcher has not replied yet: the stop waits for the reply, then applies.
         assert runner._launching
         await runner.stop("s/1/0", "cancelled")
         await starting
@@ -163,3 +163,40 @@ async def test_launcher_gets_no_agent_settings(
         launcher.close()
     assert b"secret-of-the-agent" not in environ
     assert b"ACSP_" not in environ
+
+
+@pytest.mark.timeout(30)
+async def test_nul_in_command_fails_task_only(tmp_path: Path, launcher: TaskLauncher) -> None:
+    recorder = Recorder()
+    runner = runner_on(tmp_path, recorder, launcher, ["GPU-0", "GPU-1"])
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(TaskSpec("n", "n/1/0", ("GPU-0",), ("echo", "a\0b")))
+        await runner.start(TaskSpec("v", "v/1/0", ("GPU-1",), ("true",), env=(("X", "a\0b"),)))
+        await runner.start(TaskSpec("t", "t/1/0", ("GPU-0",), ("true",)))
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("t/1/0"))
+        first_launcher = launcher.identity[0]
+    for task_id in ("n/1/0", "v/1/0"):
+        failed = recorder.last(task_id)
+        assert failed.state is TaskState.FAILED
+        assert failed.exit_code == 126
+        assert "NUL character" in failed.reason
+    # The launcher still runs: no request it got could stop it.
+    assert process_start_ticks(first_launcher) is not None
+
+
+@pytest.mark.timeout(30)
+async def test_launcher_survives_bad_request(tmp_path: Path, launcher: TaskLauncher) -> None:
+    recorder = Recorder()
+    runner = runner_on(tmp_path, recorder, launcher, ["GPU-0"])
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(TaskSpec("a", "a/1/0", ("GPU-0",), ("true",)))
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("a/1/0"))
+        # Sent past the agent's own checks, as a bug would send it.
+        bad = launcher.launch(
+            "/bin/echo", ["echo", "a\0b"], {}, tmp_path, tmp_path / "b.log", tmp_path / "b.exit", ""
+        )
+        with pytest.raises(OSError, match="null"):
+            await bad
+        assert launcher.identity != (0, 0)
