@@ -5,9 +5,14 @@
     publisher = Publisher(js)                               # bounded acks in flight
     acks = [await publisher.publish(subject, data, msg_id=sample_id) for ...]
     await publisher.wait(acks)                              # raises on the first failed ack
+    outcomes = await publisher.publish_batch(messages)      # stored, retry or rejection reason
 
     consumer = PullConsumer(js, USAGE_STREAM, "metering", handle_batch)
     runtime.spawn(consumer.run(runtime.stopping), name="usage-consumer")
+
+An outbox publishes with :meth:`Publisher.publish_batch`. It separates the messages that
+JetStream rejects for good (see :mod:`services.runtime.publish_errors`) from those to retry,
+so one bad message does not hold back the others.
 
 A :class:`PullConsumer` calls ``handle_batch(messages)``, which commits its database
 transaction and returns, and only then acks the messages. While the handler works, each
@@ -22,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Final
 
 import nats.errors
@@ -34,6 +39,13 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import Link, SpanKind
 
 from services.runtime.errors import Unavailable
+from services.runtime.publish_errors import (
+    Message,
+    Outcome,
+    log_outcomes,
+    publish_outcome,
+    reject_streamless,
+)
 from services.runtime.telemetry import context_from_headers, inject_headers
 
 log = logging.getLogger(__name__)
@@ -70,11 +82,15 @@ class Publisher:
         max_pending: int = 1024,
         ack_timeout_s: float = 5.0,
         stall_timeout_s: float = 5.0,
+        lookup_timeout_s: float = 1.0,
     ) -> None:
         self._js = js
         self._slots = asyncio.Semaphore(max_pending)
         self._ack_timeout_s = ack_timeout_s
         self._stall_timeout_s = stall_timeout_s
+        self._lookup_timeout_s = lookup_timeout_s
+        """Deadline of the stream lookup for a subject that no stream replied on. A lookup
+        that misses it leaves the subject's messages to retry."""
         self._pending: set[asyncio.Task[PubAck]] = set()
         self._tracer = trace.get_tracer(__name__)
 
@@ -134,6 +150,40 @@ class Publisher:
             if isinstance(result, BaseException):
                 raise result
         return [result for result in results if isinstance(result, PubAck)]
+
+    async def publish_batch(self, messages: Sequence[Message]) -> list[Outcome]:
+        """Publish ``messages`` with their acks in flight at once, and return their outcomes.
+
+        An outcome is True when JetStream stored the message, or False when it should be
+        retried (no ack in time, NATS unreachable, too many acks pending). Otherwise it is the
+        reason JetStream or nats-py rejected the message for good. One rejected message does
+        not stop the others.
+        """
+        tasks: dict[int, asyncio.Task[PubAck]] = {}
+        try:
+            for index, (subject, payload, msg_id) in enumerate(messages):
+                tasks[index] = await self.publish(subject, payload, msg_id=msg_id)
+        except Unavailable as error:
+            log.warning(
+                "stopped after %d of %d messages, so the rest are retried: %s",
+                len(tasks),
+                len(messages),
+                error,
+            )
+        answers: list[Outcome | None] = [False] * len(messages)
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        for index, result in zip(tasks, results, strict=True):
+            if isinstance(result, PubAck):
+                answers[index] = True
+                continue
+            if not isinstance(result, nats.errors.Error | TimeoutError | Unavailable):
+                raise result
+            # _send turns a missing reply into Unavailable, raised from the client's error.
+            failure = result.__cause__ if isinstance(result, Unavailable) else None
+            answers[index] = publish_outcome(failure or result, messages[index])
+        outcomes = await reject_streamless(self._js, answers, messages, self._lookup_timeout_s)
+        log_outcomes(outcomes)
+        return outcomes
 
     async def flush(self) -> None:
         """Wait until every outstanding ack has settled (each is bounded by its ack timeout)."""
