@@ -431,6 +431,11 @@ def resolve_command(command: Sequence[str], env: Mapping[str, str], cwd: Path) -
     if any("\0" in text for text in texts):
         error = OSError(errno.EINVAL, "the command or its environment contains a NUL character")
         raise CommandNotRunnableError(error)
+    # posix_spawn and Popen raise ValueError for such a name, as they do for a NUL.
+    bad_names = sorted(repr(name) for name in env if not name or "=" in name)
+    if bad_names:
+        reason = f"invalid environment variable name (empty or with '='): {', '.join(bad_names)}"
+        raise CommandNotRunnableError(OSError(errno.EINVAL, reason))
     try:
         return find_executable(command[0], env.get("PATH", os.defpath), cwd)
     except OSError as error:

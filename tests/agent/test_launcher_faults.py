@@ -1,0 +1,40 @@
+"""Faults around the task launcher: bad requests, stalls and losses, with real processes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from agents.model import TaskSpec, TaskState
+from agents.runner import TaskRunner
+from tests.agent.test_runner import Recorder, make_runner, wait_for
+
+
+async def start_and_wait(runner: TaskRunner, recorder: Recorder, spec: TaskSpec) -> None:
+    await runner.start(spec)
+    await wait_for(lambda: len(recorder.states(spec.task_id)) > 0)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("record_exit_status", [True, False], ids=["launcher", "agent"])
+async def test_bad_variable_name_fails_task_only(tmp_path: Path, record_exit_status: bool) -> None:
+    recorder = Recorder()
+    runner = make_runner(tmp_path, recorder, record_exit_status)
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await start_and_wait(
+            runner, recorder, TaskSpec("e", "e/1/0", ("GPU-0",), ("true",), env=(("A=B", "x"),))
+        )
+        await start_and_wait(
+            runner, recorder, TaskSpec("k", "k/1/0", ("GPU-1",), ("true",), env=(("", "x"),))
+        )
+        # The runner goes on starting tasks.
+        await runner.start(TaskSpec("t", "t/1/0", ("GPU-2",), ("true",)))
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("t/1/0"))
+    for task_id in ("e/1/0", "k/1/0"):
+        failed = recorder.last(task_id)
+        assert failed.state is TaskState.FAILED
+        assert failed.exit_code == 126
+        assert "environment variable name" in failed.reason
