@@ -45,7 +45,13 @@ def build_service(settings: GrantSettings, *, schema: str = SCHEMA) -> Service:
         runtime.spawn(run_expiry(app, runtime.stopping), name="expiry")
         if runtime.js is not None:
             runtime.spawn(
-                run_publisher(runtime.db, runtime.js, runtime.stopping, settings.outbox_interval_s),
+                run_publisher(
+                    runtime.db,
+                    runtime.js,
+                    runtime.stopping,
+                    settings.outbox_interval_s,
+                    settings.max_event_rejections,
+                ),
                 name="outbox",
             )
 

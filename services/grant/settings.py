@@ -64,6 +64,13 @@ class GrantSettings(Settings):
         "seconds between polls of the event outbox when it was empty",
         minimum=0.01,
     )
+    max_event_rejections: int = setting(
+        "ACSP_GRANT_MAX_EVENT_REJECTIONS",
+        5,
+        "times JetStream may reject a grant event for good (over the stream's max_msg_size, no"
+        " stream for its subject) before the event moves to the grant.dead_events table",
+        minimum=1,
+    )
     ledger_workers: int = setting(
         "ACSP_GRANT_LEDGER_WORKERS",
         4,
