@@ -140,7 +140,6 @@ class TaskRunner:
         """Failed accelerator UUID -> the health event that failed it."""
         self._group: asyncio.TaskGroup | None = None
         self._task_dir = work_dir / "tasks"
-        self._task_dir_made = False
         # The agent's own variables (credentials among them) never reach a task.
         self._base_env = {k: v for k, v in os.environ.items() if not k.startswith("ACSP_")}
 
@@ -296,9 +295,8 @@ class TaskRunner:
         )
 
     async def _spawn(self, spec: TaskSpec, record: TaskRecord) -> None:
-        if not self._task_dir_made:
-            self._task_dir.mkdir(parents=True, exist_ok=True)
-            self._task_dir_made = True
+        # Made for every start, so that starts go on after someone removed the folder.
+        self._task_dir.mkdir(parents=True, exist_ok=True)
         # The intent is on disk before the process exists. A crash from here until the task
         # record is saved leaves the intent, which a restarted agent resolves in recover().
         self._state.put_intent(self._node_key, record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,20 @@ async def test_bad_variable_name_fails_task_only(tmp_path: Path, record_exit_sta
         assert failed.state is TaskState.FAILED
         assert failed.exit_code == 126
         assert "environment variable name" in failed.reason
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("record_exit_status", [True, False], ids=["launcher", "agent"])
+async def test_start_after_task_folder_removed(tmp_path: Path, record_exit_status: bool) -> None:
+    recorder = Recorder()
+    runner = make_runner(tmp_path, recorder, record_exit_status)
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(TaskSpec("a", "a/1/0", ("GPU-0",), ("true",)))
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("a/1/0"))
+        # An operator cleaning up removes the folder of the logs and exit status files.
+        shutil.rmtree(tmp_path / "tasks")
+        await runner.start(TaskSpec("b", "b/1/0", ("GPU-0",), ("sh", "-c", "exit 3")))
+        await wait_for(lambda: recorder.states("b/1/0") not in ([], [TaskState.RUNNING]))
+    assert recorder.states("b/1/0") == [TaskState.RUNNING, TaskState.FAILED]
+    assert recorder.last("b/1/0").exit_code == 3
