@@ -72,7 +72,12 @@ def build_service(settings: MeteringSettings) -> Service:
         runtime.spawn(ingest.run(runtime.stopping), name="usage-ingest")
         runtime.spawn(charger.run(runtime.stopping), name="charger")
         runtime.spawn(
-            run_waste_publisher(runtime.db, Publisher(runtime.js), runtime.stopping),
+            run_waste_publisher(
+                runtime.db,
+                Publisher(runtime.js),
+                runtime.stopping,
+                max_rejections=settings.max_event_rejections,
+            ),
             name="waste-flags",
         )
         runtime.spawn(

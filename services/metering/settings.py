@@ -63,6 +63,13 @@ class MeteringSettings(Settings):
         "more charges",
         minimum=0.0,
     )
+    max_event_rejections: int = setting(
+        "ACSP_METERING_MAX_EVENT_REJECTIONS",
+        5,
+        "times JetStream may reject a waste flag event for good (over the stream's max_msg_size,"
+        " no stream for its subject) before the event moves to the metering.dead_events table",
+        minimum=1,
+    )
 
     waste_threshold: float = setting(
         "ACSP_METERING_WASTE_THRESHOLD",

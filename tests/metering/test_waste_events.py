@@ -15,7 +15,6 @@ from services.metering.efficiency import job_efficiency
 from services.metering.ingest import UsageIngest
 from services.metering.waste_events import SUBJECT, publish_waste_flags
 from services.runtime.db import Database
-from services.runtime.errors import Unavailable
 from services.runtime.jetstream import Publisher
 from tests.metering.helpers import T0, admit, count, report, running_ingest, sample, wait_until
 
@@ -52,29 +51,31 @@ async def test_waste_flag_published_once(nats_url: str, db: Database) -> None:
     try:
         js = client.jetstream()
         publisher = Publisher(js, ack_timeout_s=2.0)
-        # The grant service and scheduler declare the events stream; until one has, the flag
-        # waits in the outbox.
-        with pytest.raises(Unavailable):
-            await publish_waste_flags(db, publisher, now)
+        # The grant service and scheduler declare the events stream. Until one has, the flag
+        # waits in the outbox and counts a rejection, far from the limit.
+        without_stream = await publish_waste_flags(db, publisher, now, spacing_s=0)
         unreported_without_stream = await count(db, UNREPORTED)
+        rejections = await count(db, "SELECT rejections FROM metering.waste_flags")
 
         await js.add_stream(
             StreamConfig(name=subjects.EVENT_STREAM, subjects=list(subjects.EVENT_SUBJECTS))
         )
-        first = await publish_waste_flags(db, publisher, now)
-        second = await publish_waste_flags(db, publisher, now)
+        first = await publish_waste_flags(db, publisher, now, spacing_s=0)
+        second = await publish_waste_flags(db, publisher, now, spacing_s=0)
         # A crash after the ack but before the commit leaves the flag unreported, so it is
         # sent again under the same message id, which the stream drops.
         async with db.acquire() as conn:
             await conn.execute("UPDATE metering.waste_flags SET reported_at = NULL")
-        resent = await publish_waste_flags(db, publisher, now)
+        resent = await publish_waste_flags(db, publisher, now, spacing_s=0)
 
         info = await js.stream_info(subjects.EVENT_STREAM)
         stored = await js.get_msg(subjects.EVENT_STREAM, seq=1)
     finally:
         await client.close()
 
+    assert without_stream == 0
     assert unreported_without_stream == 1
+    assert rejections == 1
     assert first == 1
     assert second == 0
     assert resent == 1
