@@ -17,7 +17,8 @@ The messages are JSON objects, one per line. A request::
      "log": ".../t.log", "exit": ".../t.exit"}
 
 gets a reply, in request order: ``{"id": 7, "pid": 1234}`` once the program runs, or
-``{"id": 7, "errno": 2, "error": "..."}`` if it could not be started. When a task ends the
+``{"id": 7, "errno": 2, "error": "No such file or directory", "filename": "/tmp/x"}`` (the
+parts of an ``OSError``) if it could not be started. When a task ends the
 launcher writes its status to the ``exit`` file, then sends ``{"pid": 1234, "status": 0}``, with
 the exit code, or minus the signal number that ended the task.
 
@@ -109,8 +110,10 @@ class Launcher:
             )
         except (OSError, ValueError) as error:
             # ValueError: a NUL character in an argument, which no program can receive.
-            code = error.errno if isinstance(error, OSError) else None
-            reply = {"id": request_id, "errno": code or 0, "error": str(error)}
+            reply = {"id": request_id, "errno": 0, "error": str(error)}
+            if isinstance(error, OSError):
+                # The agent rebuilds the OSError, whose text then starts with the number once.
+                reply.update(errno=error.errno or 0, error=error.strerror, filename=error.filename)
             self._out.append(json.dumps(reply).encode() + b"\n")
             return
         self._exit_paths[pid] = exit_path

@@ -350,7 +350,8 @@ class TaskLauncher:
                     launch.future.set_result(process)
             elif not launch.future.done():
                 code = message.get("errno", 0)
-                launch.future.set_exception(OSError(code, message.get("error", "")))
+                text = message.get("error", "")
+                launch.future.set_exception(OSError(code, text, message.get("filename")))
             return
         entry = self._running.pop(message["pid"], None)
         if entry is not None:

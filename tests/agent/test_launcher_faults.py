@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from agents.model import TaskSpec, TaskState
 from agents.runner import TaskRunner
+from agents.task_process import TaskLauncher
 from tests.agent.test_runner import Recorder, make_runner, wait_for
 
 
@@ -56,3 +58,20 @@ async def test_start_after_task_folder_removed(tmp_path: Path, record_exit_statu
         await wait_for(lambda: recorder.states("b/1/0") not in ([], [TaskState.RUNNING]))
     assert recorder.states("b/1/0") == [TaskState.RUNNING, TaskState.FAILED]
     assert recorder.last("b/1/0").exit_code == 3
+
+
+@pytest.mark.timeout(30)
+async def test_launch_error_names_cause_once(tmp_path: Path) -> None:
+    launcher = TaskLauncher()
+    try:
+        missing = tmp_path / "missing"
+        launch = launcher.launch(
+            "/bin/true", ["true"], {}, missing, tmp_path / "t.log", tmp_path / "t.exit", ""
+        )
+        with pytest.raises(FileNotFoundError) as caught:
+            await launch
+    finally:
+        launcher.close()
+    assert caught.value.errno == errno.ENOENT
+    assert caught.value.filename == str(missing)
+    assert str(caught.value) == f"[Errno 2] No such file or directory: '{missing}'"
