@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from datetime import datetime
 from typing import Final
 
 from google.protobuf.message import DecodeError
@@ -325,28 +326,64 @@ class AgentFeed:
                     continue
                 if entry.value is None or not entry.value:
                     continue
-                self._heartbeat(entry.key, entry.value, replaying)
+                if replaying:
+                    self._replayed_heartbeat(entry.key, entry.value, entry.created)
+                else:
+                    self._heartbeat(entry.key, entry.value)
         finally:
             await watcher.stop()
 
-    def _heartbeat(self, key: str, value: bytes, replayed: bool = False) -> None:
-        try:
-            beat = agent_pb2.Heartbeat.FromString(value)
-        except DecodeError:
-            logger.warning("ignoring malformed heartbeat under key %s", key)
+    def _heartbeat(self, key: str, value: bytes) -> None:
+        beat = _decode_heartbeat(key, value)
+        if beat is None:
             return
         running = frozenset(beat.running_task_ids)
         drain = beat.state == agent_pb2.AGENT_NODE_STATE_DRAIN_REQUESTED
         # Most heartbeats change nothing but the time; they skip the loop's queue.
         if not drain and self._running.get(key) == running and self._fleet.touch(key, time.time()):
             return
-        item = HeartbeatReceived(key, beat.boot_id, running, drain, replayed)
+        if self._put(HeartbeatReceived(key, beat.boot_id, running, drain)):
+            self._running[key] = running
+
+    def _replayed_heartbeat(self, key: str, value: bytes, stored: object) -> None:
+        """Queue a heartbeat stored before the watch began, with the time it was stored.
+
+        JetStream's store time comes from the NATS server's clock, which is usually closer to
+        the scheduler's than an agent's clock is. The agent's send time is used where the entry
+        has none. The next live heartbeat of the node goes through the loop, after this one.
+
+        NOTE: a NATS server clock behind the scheduler's by more than the heartbeat timeout
+        makes a live node's stored heartbeat look overdue, so the node is unknown until its
+        next heartbeat.
+        """
+        beat = _decode_heartbeat(key, value)
+        if beat is None:
+            return
+        if isinstance(stored, datetime):
+            sent_at = stored.timestamp()
+        else:
+            sent_at = beat.time.ToNanoseconds() / 1e9 if beat.HasField("time") else 0.0
+        running = frozenset(beat.running_task_ids)
+        drain = beat.state == agent_pb2.AGENT_NODE_STATE_DRAIN_REQUESTED
+        self._put(HeartbeatReceived(key, beat.boot_id, running, drain, True, sent_at))
+
+    def _put(self, item: HeartbeatReceived) -> bool:
+        """Queue ``item``, or drop and count it if the inbox is full. Return True if queued."""
         try:
             self._inbox.put_nowait(item)
-            self._running[key] = running
         except asyncio.QueueFull:
             self.heartbeats_dropped += 1
             if self.heartbeats_dropped % HEARTBEAT_DROP_LOG_EVERY == 1:
                 logger.warning(
                     "scheduling loop is behind: %d heartbeats dropped", self.heartbeats_dropped
                 )
+            return False
+        return True
+
+
+def _decode_heartbeat(key: str, value: bytes) -> agent_pb2.Heartbeat | None:
+    try:
+        return agent_pb2.Heartbeat.FromString(value)
+    except DecodeError:
+        logger.warning("ignoring malformed heartbeat under key %s", key)
+        return None

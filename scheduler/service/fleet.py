@@ -75,6 +75,8 @@ class FleetView:
         self._nodes: dict[str, NodeView] = {}
         self._seen: dict[str, float] = {}
         """Latest heartbeat time per node, updated without rebuilding the node's view."""
+        self._loaded: set[str] = set()
+        """Nodes loaded from storage that no inventory or heartbeat has reached since."""
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -109,7 +111,17 @@ class FleetView:
         updated = replace(node, status=status, last_heartbeat=now, draining=draining)
         self._nodes[node.key] = updated
         self._seen[node.key] = now
+        self._loaded.discard(node.key)
         return NodeChange(updated, old.status if old else None, "inventory received")
+
+    def load(self, node: NodeView, now: float) -> NodeChange:
+        """Record a node stored by an earlier leader, as heard from at ``now``.
+
+        That time is used until :meth:`replay_heartbeat` sets the node's real last heartbeat.
+        """
+        change = self.apply_inventory(node, now)
+        self._loaded.add(node.key)
+        return change
 
     def apply_heartbeat(
         self, key: str, boot_id: str, running: frozenset[str], now: float
@@ -134,9 +146,38 @@ class FleetView:
         )
         self._nodes[key] = updated
         self._seen[key] = now
+        self._loaded.discard(key)
         if status != old.status:
             return NodeChange(updated, old.status, reason)
         return None
+
+    def overdue(self, heard_at: float, now: float) -> bool:
+        """Return whether a node last heard from at ``heard_at`` has missed its heartbeats."""
+        return heard_at < now - self.heartbeat_timeout_s
+
+    def replay_heartbeat(
+        self, key: str, boot_id: str, running: frozenset[str], sent_at: float, now: float
+    ) -> NodeChange | None:
+        """Record a stored heartbeat that a new leader's watch replays, as received at ``sent_at``.
+
+        A node that :meth:`load` added and nothing has reached since takes ``sent_at`` as its
+        last heartbeat, so :meth:`expire` marks it unknown if that is overdue. A ``sent_at`` of
+        0.0 (not known) keeps the time it was loaded at. An overdue heartbeat brings no
+        unknown node back, and no replayed one brings a down node back. Return the change if
+        an unknown node came back.
+        """
+        old = self._nodes.get(key)
+        if old is None or old.status == "down":
+            return None
+        sent_at = min(sent_at, now)
+        if key in self._loaded and sent_at > 0.0:
+            self._loaded.discard(key)
+            self._nodes[key] = replace(old, last_heartbeat=sent_at)
+            self._seen[key] = sent_at
+        if self.overdue(sent_at, now):
+            return None
+        heard_at = max(sent_at, self._seen.get(key, 0.0), self._nodes[key].last_heartbeat)
+        return self.apply_heartbeat(key, boot_id, running, heard_at)
 
     def expire(self, now: float) -> list[NodeChange]:
         """Mark nodes whose last heartbeat is older than the timeout as ``unknown``."""

@@ -64,7 +64,10 @@ class HeartbeatReceived:
     drain_requested: bool = False
     replayed: bool = False
     """True for the bucket's stored value that a new watch delivers first, which may have been
-    sent before the node was marked down."""
+    sent before the node was marked down, or long ago by a node that is gone."""
+    sent_at: float = 0.0
+    """Epoch seconds at which a replayed heartbeat was stored, or 0.0 when that is not known.
+    Live heartbeats count as received when the loop applies them and leave it 0.0."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -216,9 +216,7 @@ class Leadership:
         down = await nodes.load_down()
         for payload, draining, reason in await nodes.load():
             view = node_from_inventory(agent_pb2.Inventory.FromString(payload))
-            change = loop.fleet.apply_inventory(
-                replace(view, draining=draining, status_reason=reason), now
-            )
+            change = loop.fleet.load(replace(view, draining=draining, status_reason=reason), now)
             loop.book.engine.add_node(change.node)
             if draining:
                 loop.book.engine.set_draining(change.node.key, True, now)

@@ -320,14 +320,24 @@ class SchedulingLoop:
 
     def _apply_heartbeat(self, item: HeartbeatReceived, fx: Effects) -> None:
         key = item.node_key
-        node = self.fleet.get(key)
-        if item.replayed and node is not None and node.status == "down":
-            # The stored heartbeat a new leader's watch replays may predate the down mark.
-            return
-        change = self.fleet.apply_heartbeat(key, item.boot_id, item.running, fx.now)
+        if item.replayed:
+            node = self.fleet.get(key)
+            if node is None or node.status == "down":
+                # The stored heartbeat a new leader's watch replays may predate the down mark.
+                return
+            change = self.fleet.replay_heartbeat(
+                key, item.boot_id, item.running, item.sent_at, fx.now
+            )
+            # An overdue heartbeat is no sign of life, and its task list may predate tasks
+            # that started before the node was lost, so it confirms no stop.
+            alive = not self.fleet.overdue(item.sent_at, fx.now)
+        else:
+            change = self.fleet.apply_heartbeat(key, item.boot_id, item.running, fx.now)
+            alive = True
         if change is not None:
             self._on_node_change(change, fx)
-        self.book.apply_node_running(key, item.running, fx)
+        if alive:
+            self.book.apply_node_running(key, item.running, fx)
         node = self.fleet.get(key)
         if item.drain_requested and node is not None and not node.draining:
             logger.warning("node %s asks to be drained in its heartbeat", key)

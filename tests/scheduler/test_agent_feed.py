@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 from acsp.v1 import agent_pb2
 from scheduler.service.agent_feed import AgentFeed
-from scheduler.service.fleet import FleetView
-from scheduler.service.inputs import Input, TaskReported
+from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
+from scheduler.service.inputs import HeartbeatReceived, Input, TaskReported
 
 
 class FakeMessage:
@@ -112,3 +113,31 @@ async def test_malformed_message_terminated_alone() -> None:
     assert bad.settled == ["term"]
     assert first.settled == ["ack"]
     assert last.settled == ["ack"]
+
+
+def heartbeat_payload(sent_at: float) -> bytes:
+    beat = agent_pb2.Heartbeat(boot_id="boot", running_task_ids=["j1/1/0"])
+    beat.time.FromNanoseconds(int(sent_at * 1e9))
+    return beat.SerializeToString()
+
+
+def test_replayed_heartbeats_carry_their_time() -> None:
+    inbox: asyncio.Queue[Input] = asyncio.Queue()
+    fleet = FleetView(heartbeat_timeout_s=30)
+    fleet.load(NodeView("p", "r", "n1", (AcceleratorView("GPU-1", "A100-SXM4-80GB"),)), 100.0)
+    feed = AgentFeed(None, inbox, "scheduler-test", fleet)  # type: ignore[arg-type]
+
+    # JetStream's store time takes precedence over the agent's clock. Without it the send time
+    # is used.
+    feed._replayed_heartbeat("p.r.n1", heartbeat_payload(95.0), datetime.fromtimestamp(90.0, UTC))
+    feed._replayed_heartbeat("p.r.n1", heartbeat_payload(95.0), None)
+    # The first live heartbeat queues too, behind the replayed ones, although its task list
+    # is the same.
+    feed._heartbeat("p.r.n1", heartbeat_payload(101.0))
+
+    items = [inbox.get_nowait() for _ in range(inbox.qsize())]
+    beats = [item for item in items if isinstance(item, HeartbeatReceived)]
+    assert len(beats) == 3
+    assert [beat.replayed for beat in beats] == [True, True, False]
+    assert [beat.sent_at for beat in beats] == [90.0, 95.0, 0.0]
+    assert all(beat.running == frozenset({"j1/1/0"}) for beat in beats)

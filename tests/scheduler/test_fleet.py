@@ -58,3 +58,91 @@ def test_restored_down_node_stays_down() -> None:
     assert back is not None
     assert (back.previous, back.node.status) == ("down", "up")
     assert back.node.status_reason == "heartbeats resumed"
+
+
+def load_fleet(now: float) -> FleetView:
+    """Return a fleet whose node ``p.r.n1`` a new leader loaded from storage at ``now``."""
+    fleet = FleetView(heartbeat_timeout_s=10)
+    node = NodeView("p", "r", "n1", (AcceleratorView("GPU-1", "A100-SXM4-80GB"),))
+    fleet.load(node, now)
+    return fleet
+
+
+def test_overdue_replay_expires_loaded_node() -> None:
+    fleet = load_fleet(200.0)
+
+    assert fleet.replay_heartbeat("p.r.n1", "boot", frozenset({"t"}), 150.0, 200.5) is None
+    changes = fleet.expire(200.5)
+
+    assert [c.node.status for c in changes] == ["unknown"]
+    assert changes[0].reason == "no heartbeat for 50.5 s"
+    assert changes[0].node.running_task_ids == frozenset()
+
+
+def test_overdue_replay_keeps_unknown_node_unknown() -> None:
+    fleet = load_fleet(200.0)
+    fleet.expire(211.0)
+
+    assert fleet.replay_heartbeat("p.r.n1", "boot", frozenset(), 150.0, 211.5) is None
+
+    node = fleet.get("p.r.n1")
+    assert node is not None
+    assert node.status == "unknown"
+    assert fleet.expire(212.0) == []
+
+
+def test_fresh_replay_counts_from_send_time() -> None:
+    fleet = load_fleet(200.0)
+
+    assert fleet.replay_heartbeat("p.r.n1", "boot", frozenset({"t"}), 198.0, 200.5) is None
+
+    node = fleet.get("p.r.n1")
+    assert node is not None
+    assert node.status == "up"
+    assert node.last_heartbeat == 198.0
+    assert node.running_task_ids == frozenset({"t"})
+    assert fleet.expire(207.0) == []
+    assert [c.node.status for c in fleet.expire(208.5)] == ["unknown"]
+
+
+def test_fresh_replay_brings_unknown_node_back() -> None:
+    fleet = load_fleet(200.0)
+    fleet.expire(211.0)
+
+    change = fleet.replay_heartbeat("p.r.n1", "boot", frozenset(), 209.0, 211.5)
+
+    assert change is not None
+    assert (change.previous, change.node.status) == ("unknown", "up")
+    assert change.node.last_heartbeat == 209.0
+
+
+def test_replay_after_live_heartbeat_changes_nothing() -> None:
+    fleet = load_fleet(200.0)
+    fleet.apply_heartbeat("p.r.n1", "boot-2", frozenset(), 200.2)
+
+    assert fleet.replay_heartbeat("p.r.n1", "boot", frozenset(), 150.0, 200.5) is None
+
+    assert fleet.expire(205.0) == []
+    node = fleet.get("p.r.n1")
+    assert node is not None
+    assert (node.status, node.last_heartbeat, node.boot_id) == ("up", 200.2, "boot-2")
+
+
+def test_replay_without_time_keeps_load_time() -> None:
+    fleet = load_fleet(200.0)
+
+    assert fleet.replay_heartbeat("p.r.n1", "boot", frozenset(), 0.0, 200.5) is None
+
+    assert fleet.expire(209.0) == []
+    assert [c.node.status for c in fleet.expire(210.5)] == ["unknown"]
+
+
+def test_replay_leaves_down_node_down() -> None:
+    fleet = load_fleet(200.0)
+    fleet.restore_down("p.r.n1", "powered off")
+
+    assert fleet.replay_heartbeat("p.r.n1", "boot", frozenset(), 199.0, 200.5) is None
+
+    node = fleet.get("p.r.n1")
+    assert node is not None
+    assert node.status == "down"
