@@ -202,7 +202,13 @@ class TaskRunner:
         await self._spawn(spec, record)
 
     def _known(self, task_id: str) -> bool:
-        return task_id in self._tasks or task_id in self._launching or task_id in self._finished
+        if task_id in self._tasks or task_id in self._launching or task_id in self._finished:
+            return True
+        # A start is acknowledged after its batch settles, so it may come again after a crash
+        # although its task already ran here. Its log outlives the agent, and the scheduler
+        # never reuses a task id, so a log means the task ran. recover() or the spool reports
+        # how it ended.
+        return os.path.exists(self._log_path(task_id))
 
     def _plays(self, spec: TaskSpec) -> bool:
         # A simulated backend plays a task that gives a run time even when it names a command

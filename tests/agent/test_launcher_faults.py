@@ -11,8 +11,9 @@ import pytest
 
 from agents.model import TaskSpec, TaskState
 from agents.runner import TaskRunner
+from agents.state import StateStore
 from agents.task_process import TaskLauncher
-from tests.agent.test_runner import Recorder, make_runner, wait_for
+from tests.agent.test_runner import Recorder, make_runner, python_command, wait_for
 
 
 async def start_and_wait(runner: TaskRunner, recorder: Recorder, spec: TaskSpec) -> None:
@@ -75,3 +76,39 @@ async def test_launch_error_names_cause_once(tmp_path: Path) -> None:
     assert caught.value.errno == errno.ENOENT
     assert caught.value.filename == str(missing)
     assert str(caught.value) == f"[Errno 2] No such file or directory: '{missing}'"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("record_exit_status", [True, False], ids=["launcher", "agent"])
+async def test_redelivered_start_of_ended_task_ignored(
+    tmp_path: Path, record_exit_status: bool
+) -> None:
+    # An agent acknowledges a batch of start commands once every start in it has settled, so a
+    # task of a large batch can end and be reported before the agent crashes, unacknowledged.
+    runs = tmp_path / "runs.txt"
+    spec = TaskSpec("q", "q/1/0", ("GPU-0",), python_command(append_line(runs, "ran")))
+    first = Recorder()
+    runner = make_runner(tmp_path, first, record_exit_status)
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        runner.prepare_start(spec)
+        runner._state.save_intents()
+        await runner.start(spec)
+        await wait_for(lambda: TaskState.SUCCEEDED in first.states("q/1/0"))
+
+    second = Recorder()
+    restarted = make_runner(tmp_path, second, record_exit_status)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        restarted.prepare_start(spec)
+        await restarted.start(spec)  # the redelivered command
+    assert second.events == []
+    assert restarted.running == []
+    assert runs.read_text() == "ran\n"
+    assert StateStore(tmp_path / "state.json").node("acme.eu-1.node-1").intents == {}
+
+
+def append_line(path: Path, line: str) -> str:
+    """Return Python code that appends ``line`` to ``path``."""
+    return f"open({str(path)!r}, 'a').write({line + chr(10)!r})"
