@@ -75,7 +75,9 @@ class Requeue:
 
     Its tasks on healthy nodes are released at once, so the caller must deliver their stop
     commands before any start command for the same node. Tasks on an unknown node stay allocated
-    until :class:`~scheduler.engine.events.TasksStopped`.
+    until :class:`~scheduler.engine.events.TasksStopped`. A stopping job (preempted, or marked
+    by the caller) is never repaired in place, and all its tasks stay allocated until
+    TasksStopped for their node, because their stop is already under way.
     """
 
     job_id: str

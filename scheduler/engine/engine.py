@@ -183,6 +183,36 @@ class Engine:
         self.changes += 1
         return True
 
+    def mark_stopping(self, job_id: str) -> None:
+        """Record that the caller is stopping a running job for a reason of its own (a cancel
+        or a failure), as a preemption decision does.
+
+        A stopping job is not chosen to preempt. If it loses a node or an accelerator before
+        its tasks stopped, every share allocated to it stays fenced until TasksStopped for its
+        job on that node, because its tasks on the other nodes may still be stopping. A job
+        that is not running changes nothing.
+        """
+        record = self.jobs.get(job_id)
+        if record is not None and record.running:
+            # No change count: the mark frees nothing, so a pass that skips the waiting jobs
+            # because nothing changed still decides the same.
+            record.stopping = True
+
+    def release_fences(self, node_id: str, job_id: str, keep_running: bool) -> None:
+        """Free the shares of ``job_id`` fenced on ``node_id``, as TasksStopped does.
+
+        With ``keep_running``, only older attempts' shares and adopted copies are freed. The
+        share of the job's running attempt stays, because the caller still has a live task of
+        that attempt there.
+        """
+        node = self.fleet.node(node_id)
+        record = self.jobs.get(job_id)
+        kept = record.owner if keep_running and record is not None and record.running else ""
+        for owner in sorted(node.fenced):
+            if owner != kept and job_of(owner) == job_id:
+                self.fleet.release_job(node, owner)
+                self.changes += 1
+
     def remove(self, job_id: str) -> None:
         """Forget a job: a pending one leaves the queue, a running one (already stopped by the
         caller) releases its accelerators."""

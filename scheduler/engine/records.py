@@ -38,7 +38,8 @@ class JobRecord:
     """``(health event id, message)`` of a failed accelerator under the job: the next pass
     requeues it whole instead of repairing it."""
     stopping: bool = False
-    """A preemption decision is out and the job has not stopped yet."""
+    """A preemption decision is out, or the caller marked a stop of its own, and the job has
+    not stopped yet."""
     preempted_by: set[tuple[Cause, str]] = field(default_factory=set)
     awaiting_victims: frozenset[str] = frozenset()
     """Preempted jobs this job waits for; replaced, never changed in place."""

@@ -98,6 +98,8 @@ def repair_broken(state: PassState) -> None:
         if record.tasks is None:
             continue
         spec = record.spec
+        if record.stopping and (record.hardware_fault is not None or record.lost):
+            _fence_stopping(record)
         if record.hardware_fault is not None:
             # Never repaired in place: the task on the failed accelerator lost its work, so
             # the gang restarts together from its last checkpoint.
@@ -110,13 +112,20 @@ def repair_broken(state: PassState) -> None:
         if not record.lost:
             continue
         plans = None
-        if len(record.lost) < spec.task_count and spec.topology is not Topology.SAME_NODE:
+        if (
+            not record.stopping
+            and len(record.lost) < spec.task_count
+            and spec.topology is not Topology.SAME_NODE
+        ):
             plans = _plan_replacements(state, record)
         if plans is None:
             by_id = engine.fleet.by_id
             names = {by_id[n].spec.name if n in by_id else n for n in record.lost_nodes.values()}
             lost_nodes = ",".join(sorted(names))
-            message = f"lost task(s) on node {lost_nodes} and found no replacement"
+            if record.stopping:
+                message = f"lost task(s) on node {lost_nodes} while it stopped"
+            else:
+                message = f"lost task(s) on node {lost_nodes} and found no replacement"
             engine._requeue(record, f"requeued: {message}")
             state.decisions.append(Requeue(spec.job_id, Cause.NODE_FAILURE, message))
             continue
@@ -134,6 +143,22 @@ def repair_broken(state: PassState) -> None:
             state.decisions.append(ReplaceTask(spec.job_id, placement, lost_node))
         record.lost.clear()
         record.lost_nodes.clear()
+
+
+def _fence_stopping(record: JobRecord) -> None:
+    """Fence every share of a stopping job, so that its requeue frees none of them.
+
+    Its tasks on nodes still up got their stop commands and may still run until their agents
+    confirm, so each node's shares stay until TasksStopped for the job there, as they do on an
+    unknown node. A node that already released them (down, or drained with eviction) is left
+    as it is.
+    """
+    assert record.tasks is not None
+    owner = record.owner
+    for allocation in record.tasks.values():
+        node = allocation.node
+        if owner in node.jobs:
+            node.fenced.add(owner)
 
 
 def _plan_replacements(state: PassState, record: JobRecord) -> list[TaskPlan] | None:

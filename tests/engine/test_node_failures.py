@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scheduler.engine import (
+    Engine,
     Event,
     InvalidInputError,
     JobEnded,
@@ -15,11 +16,13 @@ from scheduler.engine import (
     NodeMissedHeartbeats,
     NodeState,
     NodeUndrain,
+    ReplaceTask,
     Requeue,
     TaskPlacement,
     TasksStopped,
+    Topology,
 )
-from tests.engine.helpers import job, make_engine, node, placed
+from tests.engine.helpers import job, make_engine, node, nodes_of, placed
 
 
 def test_late_heartbeat_does_not_free_accelerators() -> None:
@@ -219,3 +222,61 @@ def test_adopt_fence_rejects_taken_accelerators() -> None:
     assert not engine.adopt_fence("n1", "a#1", (free,), 1000)
     assert engine.fleet.by_id["n1"].free_whole == 1
     assert not engine.fleet.by_id["n1"].fenced
+
+
+def stopping_gang(engine: Engine) -> None:
+    """Run gang ``g`` on n1 and n2, one accelerator each, and mark it stopping."""
+    for name in ("n1", "n2", "n3"):
+        engine.add_node(node(name, 1))
+    engine.submit(job("g", tasks=2, topology=Topology.SAME_PROVIDER))
+    assert nodes_of(placed(engine.schedule(0.0))["g"]) == {"n1", "n2"}
+    engine.mark_stopping("g")
+
+
+def test_stopping_gang_keeps_shares_on_lost_node() -> None:
+    engine = make_engine()
+    stopping_gang(engine)
+    engine.submit(job("next", submit=1.0))
+
+    engine.apply(NodeMissedHeartbeats("n1"))
+    result = engine.schedule(10.0)
+
+    # Not repaired in place: requeued whole, with its share on n2 fenced, not freed.
+    requeues = [d for d in result.decisions if isinstance(d, Requeue)]
+    assert [(d.job_id, d.message) for d in requeues] == [
+        ("g", "lost task(s) on node n1 while it stopped")
+    ]
+    assert not any(isinstance(d, ReplaceTask) for d in result.decisions)
+    assert nodes_of(placed(result)["next"]) == {"n3"}
+    n2 = engine.fleet.by_id["n2"]
+    assert n2.free_whole == 0
+    assert n2.fenced == {"g#1"}
+
+    engine.apply(TasksStopped("n2", "g"))
+    assert n2.free_whole == 1
+    assert engine.fleet.by_id["n1"].free_whole == 0
+
+
+def test_release_fences_keeps_running_attempt() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 2))
+    engine.add_node(node("n2", 1))
+    engine.add_node(node("n3", 1))
+    assert engine.adopt_fence("n1", "a#old", ("n1-gpu0",), 1000)
+    tasks = [TaskPlacement(0, "n1", ("n1-gpu1",), 1000), TaskPlacement(1, "n2", ("n2-gpu0",), 1000)]
+    engine.adopt(job("a", tasks=2), tasks, 0.0)
+    # n1 is lost: task 0 moves to n3, and the running attempt's share on n1 stays fenced.
+    engine.apply(NodeMissedHeartbeats("n1"))
+    result = engine.schedule(1.0)
+    assert [d.task.node_id for d in result.decisions if isinstance(d, ReplaceTask)] == ["n3"]
+    engine.apply(NodeHeartbeat("n1"))
+    n1 = engine.fleet.by_id["n1"]
+    assert n1.fenced == {"a#old", "a#1"}
+
+    engine.release_fences("n1", "a", keep_running=True)
+
+    assert n1.fenced == {"a#1"}
+    assert n1.used == [0, 1000]
+    engine.release_fences("n1", "a", keep_running=False)
+    assert not n1.fenced
+    assert n1.used == [0, 0]
