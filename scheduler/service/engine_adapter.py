@@ -362,9 +362,11 @@ class EngineAdapter:
             return
         self.engine.apply(ev.NodeUndrain(key), now)
 
-    def tasks_stopped(self, key: str, job_id: str) -> None:
+    def tasks_stopped(self, key: str, job_id: str, keep_running: bool = False) -> None:
+        """Free what the engine keeps fenced for ``job_id`` on node ``key``. With
+        ``keep_running``, the share of the job's running attempt stays fenced."""
         if key in self._known_nodes:
-            self.engine.apply(ev.TasksStopped(key, job_id))
+            self.engine.release_fences(key, job_id, keep_running)
 
     def fence(
         self, key: str, job_id: str, task_id: str, accelerators: tuple[str, ...], millis: int
@@ -431,6 +433,11 @@ class EngineAdapter:
             self.engine.submit(spec)
             return False
         return True
+
+    def mark_stopping(self, job_id: str) -> None:
+        """Tell the engine that the tasks of a running job are being stopped, so that a node
+        it loses meanwhile frees none of the accelerators its other tasks still hold."""
+        self.engine.mark_stopping(job_id)
 
     def running_in_engine(self, job_id: str) -> bool:
         record = self.engine.jobs.get(job_id)

@@ -163,6 +163,7 @@ class JobBook:
                 live = {t.task_index for t in job.placement if t.state in _LIVE}
                 outcome = _reloaded_outcome(job.stop_outcome)
                 self._stopping[job.job_id] = _Stopping(outcome, job.reason, live, "reload")
+                self.engine.mark_stopping(job.job_id)
                 if not live:
                     self._settle_reloaded.append(job.job_id)
 
@@ -262,7 +263,10 @@ class JobBook:
                 self.engine.remove(job_id)
                 self._end_stopping(job_id, stopping.outcome, fx)
                 continue
+            preempted = self.jobs.get(job_id) if stopping is not None else None
             self.requeue(job_id, message, "engine:requeue", fx, release=False)
+            if preempted is not None:
+                self._release_stopped_nodes(preempted)
         for job_id, message, failure in result.failed_hardware:
             self.fail_hardware(job_id, message, failure, fx)
         for job_id, reason, message in result.waiting:
@@ -677,14 +681,16 @@ class JobBook:
             return
         current = self._stopping.get(job_id)
         if outcome is None and current is not None and current.outcome is not None:
-            # The engine does not know that a cancel or a failure is stopping the job, so it
-            # may preempt it too. The job still ends as that stop intended.
+            # The job still ends as the cancel or failure that is stopping it intended. The
+            # engine does not choose a job marked stopping for preemption, so this only guards
+            # against a decision made before the mark.
             return
         live = [t for t in job.placement if t.state in _LIVE]
         if not live:
             self._settle_stopped(job, outcome, reason, cause, fx)
             return
         self._stopping[job_id] = _Stopping(outcome, reason, {t.task_index for t in live}, cause)
+        self.engine.mark_stopping(job_id)
         fx.commands.extend(
             stop_record(job_id, job.attempt, t, reason, grace_s, self.epoch) for t in live
         )
@@ -739,7 +745,8 @@ class JobBook:
         Its tasks on the failed accelerator are recorded as ``failed_hardware`` in the ended
         attempt, and the attempt's trigger names the health event. Every live task gets a stop
         command, and the agent reports the ones on the failed accelerator as FAILED_HARDWARE.
-        The engine has already released the job's accelerators.
+        The engine has already released the job's accelerators, except those of a job that was
+        stopping, which stay fenced until their nodes confirm the stops.
         """
         job = self.jobs.get(job_id)
         if job is None or job.terminal:
@@ -766,8 +773,11 @@ class JobBook:
             self.engine.remove(job_id)
             job = self._await_stops(job)
             self._finish(job, stopping.outcome, stopping.reason, stopping.cause, fx)
+            self._release_stopped_nodes(job)
             return
         self.requeue(job_id, reason, f"health:{failure.event_id}", fx, release=False)
+        if stopping is not None:
+            self._release_stopped_nodes(job)
 
     def _count_start_failure(self, job: Job) -> bool:
         """Count an attempt of ``job`` that failed to start; return True at the limit.
@@ -827,16 +837,28 @@ class JobBook:
     def _end_stopping(self, job_id: str, outcome: JobState, fx: Effects) -> None:
         """End a job whose stop lost a node, as the outcome its stop was heading for.
 
-        The caller has already released the job in the engine, which keeps its accelerators on
-        unknown nodes fenced. Its live tasks got their stop commands when the stop began, and they
-        become orphans until their nodes confirm.
+        The caller has already released the job in the engine, which keeps its accelerators
+        fenced on every node where it ran. Its live tasks got their stop commands when the stop
+        began, and they become orphans until their nodes confirm.
         """
         job = self.jobs.get(job_id)
         stopping = self._stopping.pop(job_id, None)
         if job is None or stopping is None:
             return
         reason = f"{stopping.reason}; a node was lost while it stopped"
-        self._finish(self._await_stops(job), outcome, reason, stopping.cause, fx)
+        job = self._await_stops(job)
+        self._finish(job, outcome, reason, stopping.cause, fx)
+        self._release_stopped_nodes(job)
+
+    def _release_stopped_nodes(self, job: Job) -> None:
+        """Free the fences of a stopping job that the engine requeued, on each node of its
+        placement where none of its copies awaits a confirmed stop.
+
+        The engine fences every share of a stopping job that loses a node or an accelerator,
+        also those of tasks whose nodes had already confirmed their stop.
+        """
+        for node_key in sorted({t.node_key for t in job.placement}):
+            self._release_fences(node_key, job.job_id)
 
     def _await_stops(self, job: Job) -> Job:
         """Return ``job`` with its live tasks, whose stop commands are out, as ``stopping``.
@@ -975,22 +997,21 @@ class JobBook:
         fx.change(job, f"task:{state}")
 
     def _release_fences(self, node_key: str, job_id: str) -> None:
-        """Free what the engine keeps fenced for ``job_id`` on ``node_key`` once nothing of the
-        job may still run there.
+        """Free what the engine keeps fenced for ``job_id`` on ``node_key`` once no copy of the
+        job there awaits a confirmed stop.
 
-        The engine frees every fenced share of the job on the node at once. So it waits until
-        no copy of the job there awaits a confirmed stop and no task of its current attempt
-        there is live.
+        The engine frees the job's fenced shares on the node together, so it waits for every
+        copy there. While a task of the current attempt there is live, that attempt's share
+        stays fenced and only older shares are freed.
         """
         prefix = f"{job_id}/"
         if any(task_id.startswith(prefix) for task_id in self._orphans.get(node_key, ())):
             return
         job = self.jobs.get(job_id)
-        if job is not None and any(
+        running = job is not None and any(
             t.node_key == node_key and t.state in _LIVE for t in job.placement
-        ):
-            return
-        self.engine.tasks_stopped(node_key, job_id)
+        )
+        self.engine.tasks_stopped(node_key, job_id, keep_running=running)
 
 
 def _reloaded_outcome(stored: str) -> JobState | None:

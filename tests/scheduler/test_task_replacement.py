@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from decimal import Decimal
+
+import pytest
 
 from acsp.v1 import agent_pb2
 from scheduler.engine.engine import Engine
 from scheduler.engine.spec import EngineConfig
 from scheduler.service.admission import HoldOutcome
-from scheduler.service.engine_adapter import EngineAdapter
+from scheduler.service.engine_adapter import AcceleratorHealth, EngineAdapter
 from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
 from scheduler.service.jobbook import Effects, JobBook
-from scheduler.service.model import Job
+from scheduler.service.model import Job, TaskPlacement
 from scheduler.service.store import DispatchRecord, Orphan
 from tests.scheduler.test_jobbook import NOW, make_job
 
@@ -19,11 +22,15 @@ NODES = ("n1", "n2", "n3")
 """One accelerator each, so a two-task gang fills two nodes and the third is free."""
 
 
-def make_book() -> JobBook:
+def make_book(sizes: tuple[int, ...] = (1, 1, 1)) -> JobBook:
+    """Return a book whose nodes ``NODES`` have ``sizes`` accelerators each."""
     adapter = EngineAdapter(Engine(EngineConfig(half_life_s=3600.0)))
     fleet = FleetView(heartbeat_timeout_s=15)
-    for name in NODES:
-        node = NodeView("prov", "reg", name, (AcceleratorView(f"{name}-GPU-0", "A100-SXM4-80GB"),))
+    for name, size in zip(NODES, sizes, strict=True):
+        accelerators = tuple(
+            AcceleratorView(f"{name}-GPU-{i}", "A100-SXM4-80GB") for i in range(size)
+        )
+        node = NodeView("prov", "reg", name, accelerators)
         adapter.add_node(fleet.apply_inventory(node, NOW).node)
     return JobBook(adapter, epoch=7)
 
@@ -359,14 +366,159 @@ def test_lost_node_ends_cancelled_gang() -> None:
     assert not book.engine.running_in_engine(job.job_id)
     fleet = book.engine.engine.fleet
     assert fleet.node(lost.node_key).fenced
-    assert fleet.node(survivor.node_key).free_whole == 1
+    # The survivor still stops on its node, so its accelerator stays fenced too.
+    assert fleet.node(survivor.node_key).free_whole == 0
     assert fleet.node(free_node(job)).free_whole == 1
     orphans, _ = book.take_orphan_writes()
     assert sorted(o.node_key for o in orphans) == sorted([lost.node_key, survivor.node_key])
 
+    report(book, survivor.node_key, f"{job.job_id}/1/1", "stopped", NOW + 20)
+
+    assert fleet.node(survivor.node_key).free_whole == 1
+    assert not fleet.node(survivor.node_key).fenced
+    assert fleet.node(lost.node_key).fenced
+
     report(book, lost.node_key, f"{job.job_id}/1/0", "stopped", NOW + 30)
 
     assert not fleet.node(lost.node_key).fenced
+    assert fleet.node(lost.node_key).free_whole == 1
+
+
+def start_stop(book: JobBook, job: Job, preempted: bool, now: float) -> None:
+    """Begin stopping ``job``: a preemption when ``preempted``, else a cancel."""
+    fx = Effects(now)
+    if preempted:
+        book.stop(job.job_id, None, "preempted: priority urgent", 30, "engine:preempt", fx)
+    else:
+        book.cancel(job.job_id, "not needed", "rpc:cancel", fx)
+    assert book.jobs[job.job_id].state == "stopping"
+
+
+@pytest.mark.parametrize("preempted", [False, True], ids=["cancelled", "preempted"])
+def test_lost_node_keeps_survivor_fenced(preempted: bool) -> None:
+    book = make_book()
+    job = running(book)
+    lost, survivor = job.placement
+    # A job on the third node leaves no room to replace the lost task, and one more waits.
+    # The waiting job is short, so that a reservation of the requeued gang does not hold it.
+    filler = make_job(tasks=1)
+    book.add([filler], NOW + 4)
+    pass_at(book, NOW + 4)
+    book.apply_hold(filler.job_id, 1, HoldOutcome("held", "h2", "g1", Decimal(1)), Effects(NOW + 4))
+    waiting = make_job(tasks=1)
+    waiting = replace(waiting, spec=replace(waiting.spec, wall_time_s=60))
+    book.add([waiting], NOW + 5)
+    start_stop(book, job, preempted, NOW + 5)
+    assert pass_at(book, NOW + 6).admit == []
+
+    fx = lose(book, lost.node_key)
+
+    # The pass that lost the node places nothing on the survivor's accelerator.
+    assert [placed.job_id for placed, _ in fx.admit] == []
+    fleet = book.engine.engine.fleet
+    assert fleet.node(survivor.node_key).free_whole == 0
+    expected = "pending" if preempted else None
+    assert getattr(book.jobs.get(job.job_id), "state", None) == expected
+    survivor_id = f"{job.job_id}/1/{survivor.task_index}"
+    orphans, _ = book.take_orphan_writes()
+    assert (survivor.node_key, survivor_id) in {(o.node_key, o.task_id) for o in orphans}
+    assert pass_at(book, NOW + 11).admit == []
+
+    report(book, survivor.node_key, survivor_id, "stopped", NOW + 20)
+
+    assert fleet.node(survivor.node_key).free_whole == 1
+    assert not fleet.node(survivor.node_key).fenced
+    assert fleet.node(lost.node_key).fenced
+    assert book.take_orphan_writes() == ([], [(survivor.node_key, survivor_id)])
+
+
+def test_survivor_stopped_before_loss_freed() -> None:
+    book = make_book()
+    job = running(book)
+    lost, survivor = job.placement
+    start_stop(book, job, False, NOW + 5)
+    survivor_id = f"{job.job_id}/1/{survivor.task_index}"
+    report(book, survivor.node_key, survivor_id, "stopped", NOW + 6)
+
+    lose(book, lost.node_key)
+
+    # Only the lost node's copy still awaits a confirmed stop.
+    fleet = book.engine.engine.fleet
+    assert fleet.node(survivor.node_key).free_whole == 1
+    assert not fleet.node(survivor.node_key).fenced
+    assert fleet.node(lost.node_key).fenced
+    orphans, _ = book.take_orphan_writes()
+    assert [o.node_key for o in orphans] == [lost.node_key]
+
+
+def test_stopping_survivor_fenced_on_restart() -> None:
+    book = make_book()
+    job = running(book)
+    lost, survivor = job.placement
+    start_stop(book, job, False, NOW + 5)
+    lose(book, lost.node_key)
+    orphans, _ = book.take_orphan_writes()
+
+    # A new leader fences both stored copies, as the leader that stored them did.
+    restarted = make_book()
+    restarted.adopt_orphans(orphans)
+    fleet = restarted.engine.engine.fleet
+    assert fleet.node(lost.node_key).free_whole == 0
+    assert fleet.node(survivor.node_key).free_whole == 0
+
+    restarted.apply_node_running(survivor.node_key, frozenset(), Effects(NOW + 20))
+
+    assert fleet.node(survivor.node_key).free_whole == 1
+    assert fleet.node(lost.node_key).free_whole == 0
+
+
+def test_old_copy_freed_beside_new_attempt() -> None:
+    # n2 has room for the old copy and for the next attempt's task.
+    book = make_book(sizes=(1, 2, 1))
+    placement = (
+        TaskPlacement(0, "prov", "reg", "n1", ("n1-GPU-0",), state="started"),
+        TaskPlacement(1, "prov", "reg", "n2", ("n2-GPU-0",), state="started"),
+    )
+    job = replace(make_job(tasks=2), state="running", placement=placement, hold_id="h1")
+    book.add([job], NOW + 1)
+    start_stop(book, job, True, NOW + 5)
+
+    fx = lose(book, "prov.reg.n1")
+
+    (attempt,) = [placed for placed, _ in fx.admit if placed.job_id == job.job_id]
+    assert attempt.attempt == 2
+    assert sorted(t.accelerators for t in attempt.placement) == [("n2-GPU-1",), ("n3-GPU-0",)]
+    book.apply_hold(job.job_id, 2, HoldOutcome("held", "h2", "g1", Decimal(1)), Effects(NOW + 11))
+    for task in attempt.placement:
+        report(book, task.node_key, f"{job.job_id}/2/{task.task_index}", "started", NOW + 12)
+    n2 = book.engine.engine.fleet.node("prov.reg.n2")
+    assert n2.used == [1000, 1000]
+
+    # The old copy's confirmed stop frees its accelerator, though the next attempt runs there.
+    report(book, "prov.reg.n2", f"{job.job_id}/1/1", "stopped", NOW + 20)
+
+    assert n2.used == [0, 1000]
+    assert not n2.fenced
+    assert book.jobs[job.job_id].state == "running"
+
+
+def test_failed_accelerator_keeps_survivor_fenced() -> None:
+    book = make_book()
+    job = running(book)
+    failed, survivor = job.placement
+    start_stop(book, job, False, NOW + 5)
+    failure = AcceleratorHealth(failed.node_key, failed.accelerators[0], True, "n1/b/1", "XID 79")
+    book.engine.set_accelerator_health(failure, NOW + 10)
+
+    fx = pass_at(book, NOW + 10)
+
+    assert fx.changed[job.job_id][0].state == "cancelled"
+    fleet = book.engine.engine.fleet
+    assert fleet.node(survivor.node_key).free_whole == 0
+    survivor_id = f"{job.job_id}/1/{survivor.task_index}"
+    report(book, survivor.node_key, survivor_id, "stopped", NOW + 20)
+    assert fleet.node(survivor.node_key).free_whole == 1
+    assert not fleet.node(survivor.node_key).fenced
 
 
 def test_lost_node_ends_cancelled_single_task() -> None:
