@@ -335,6 +335,98 @@ async def test_cancelled_task_shows_confirmed_stop(stack: Stack) -> None:
         await client.channel.close()
 
 
+STOP_GRACE_S = 20
+"""Grace period of the job whose tasks ignore SIGTERM: each stops only when its agent sends
+SIGKILL, this long after the stop command. It is well over the harness's 6 s heartbeat timeout,
+so a paused node is lost while the other node's task still stops."""
+
+
+async def submit_stubborn(client: Client, name: str, tasks: int) -> str:
+    """Submit a gang whose tasks ignore SIGTERM, so that each stops ``STOP_GRACE_S`` late."""
+    spec = scheduler_pb2.JobSpec(
+        name=name,
+        project_id=client.project,
+        grant_id=client.grant,
+        task_count=tasks,
+        accelerator_millis_per_task=1000,
+        gang=True,
+        wall_time_seconds=600,
+        grace_seconds=STOP_GRACE_S,
+        # The shell's ignored SIGTERM is inherited by sleep.
+        command=["sh", "-c", "trap '' TERM; sleep 300"],
+    )
+    request = scheduler_pb2.SubmitJobRequest(request_id=f"stubborn-{name}", spec=spec)
+    reply = await client.stub.SubmitJob(request, metadata=client.md, timeout=10)
+    return str(reply.job.job_id)
+
+
+async def test_lost_node_keeps_survivor_fenced(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    client = Client(address, md, project, grant)
+    # One accelerator per node, so the two tasks of the gang take both nodes.
+    first = stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
+    stack.start_agents(1, gpus=1, name="agents-r2", region="r2", first=1)
+    try:
+        gang = await submit_stubborn(client, "gang", 2)
+        running = await wait_for(lambda: client.running(gang), 30, "the gang to run", 0.2)
+        assert sorted(nodes(running).values()) == ["n0", "n1"]
+        survivor = next(i for i, node in nodes(running).items() if node == "n1")
+        lost = 1 - survivor
+
+        # n0's agent pauses, so n0 is lost while the cancel stops the gang. n1's task ignores
+        # the SIGTERM and goes on until its agent kills it after the grace period.
+        os.killpg(first.popen.pid, signal.SIGSTOP)
+        await client.cancel(gang)
+
+        async def cancelled() -> scheduler_pb2.Job | None:
+            job = await client.get(gang)
+            return (
+                job if job is not None and job.state == scheduler_pb2.JOB_STATE_CANCELLED else None
+            )
+
+        ended = await wait_for(cancelled, 60, "the gang to end", 0.2)
+        assert "a node was lost while it stopped" in ended.state_message
+        assert [p.state for p in ended.placements] == ["stopping", "stopping"]
+        copies = sorted(f"{gang}/1/{index}" for index in (lost, survivor))
+        await wait_for(lambda: _equals(stored_orphans(stack), copies), 30, "the stored copies")
+
+        # n1's accelerator stays fenced until n1 confirms the stop. A job placed there before
+        # would be rejected as busy and requeued, so it would run as a later attempt.
+        single = await client.submit("single", 1)
+
+        async def started_or_requeued() -> scheduler_pb2.Job | None:
+            job = await client.get(single)
+            if job is None:
+                return None
+            if job.attempt > 1 or job.state == scheduler_pb2.JOB_STATE_RUNNING:
+                return job
+            return None
+
+        alone = await wait_for(started_or_requeued, 90, "single to run or be requeued", 0.2)
+        assert alone.attempt == 1
+        assert alone.state == scheduler_pb2.JOB_STATE_RUNNING
+        assert list(nodes(alone).values()) == ["n1"]
+        confirmed = await client.get(gang)
+        assert confirmed is not None
+        states = {p.task_index: p.state for p in confirmed.placements}
+        assert states == {lost: "stopping", survivor: "stopped"}
+        assert await stored_orphans(stack) == [f"{gang}/1/{lost}"]
+
+        # n0's agent runs again and stops the lost copy, which frees n0's accelerator as before.
+        os.killpg(first.popen.pid, signal.SIGCONT)
+        await wait_for(lambda: _equals(stored_orphans(stack), []), 90, "n0 to confirm the stop")
+        stopped = await client.get(gang)
+        assert stopped is not None
+        assert [p.state for p in stopped.placements] == ["stopped", "stopped"]
+        assert stopped.state == scheduler_pb2.JOB_STATE_CANCELLED
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.popen.pid, signal.SIGCONT)
+        await client.channel.close()
+
+
 async def stored_heartbeat(stack: Stack, key: str) -> bool:
     """Return whether the heartbeat bucket contains a heartbeat of node ``key``."""
     client = await nats.connect(stack.nats_url, connect_timeout=2)
