@@ -7,6 +7,7 @@ launcher is the parent of every task. It reaps each one when it ends, writes its
 to the file the agent named, and sends the agent a message. When the agent goes away (its end
 of the socket closes), the launcher goes on reaping the tasks still running and writing their
 status, and exits after the last one. A restarted agent adopts those tasks and reads the files.
+Requests that the agent sent before it went away and that are still unread are not started.
 
 It runs as a script with only the standard library (``python -I -S launcher.py FD``), so that it
 starts fast and imports nothing of the agent's.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -61,6 +63,9 @@ class Launcher:
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ)
         self._selector.register(wake_read, selectors.EVENT_READ)
+        self._hangup = select.poll()
+        # Reported once the agent's end is closed, while requests may still wait unread.
+        self._hangup.register(sock, select.POLLRDHUP)
 
     def run(self) -> None:
         """Serve until the agent has gone and every task has ended."""
@@ -84,6 +89,11 @@ class Launcher:
             return
         *lines, self._buffer = (self._buffer + data).split(b"\n")
         for line in lines:
+            if self._hangup.poll(0):
+                # The agent has gone, so no one waits for these. A restarted agent finds their
+                # intents without a process or a log, and starts each task when its command
+                # is redelivered.
+                return
             self._start(json.loads(line))
 
     def _start(self, request: dict[str, Any]) -> None:

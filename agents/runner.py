@@ -346,6 +346,13 @@ class TaskRunner:
     ) -> None:
         self._launching.pop(spec.task_id, None)
         stop_reason = self._stops_after_launch.pop(spec.task_id, None)
+        if launch.cancelled():
+            # The agent is stopping. The intent stays, for a restarted agent to resolve.
+            logger.warning(
+                "start of task %s not confirmed by the launcher before the agent stopped",
+                spec.task_id,
+            )
+            return
         error = launch.exception()
         if error is not None:
             self._start_failed(spec, error)

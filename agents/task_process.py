@@ -250,16 +250,17 @@ class TaskLauncher:
     def close(self) -> None:
         """Close the socket. The launcher goes on reaping the running tasks, then exits.
 
-        Call it when the agent stops, after the last launch got its reply. The processes it
-        launched are no longer watched: a restarted agent adopts them.
+        Call it when the agent stops. The processes it launched are no longer watched: a
+        restarted agent adopts them. Launches still without a reply are cancelled, because
+        whether their process started is unknown. The launcher starts none of them once it
+        sees the socket closed, and a restarted agent resolves their intents.
         """
         if self._socket is None:
             return
         self._disconnect()
         self._running.clear()
         for launch in self._pending.values():
-            if not launch.future.done():
-                launch.future.set_exception(OSError(errno.ECHILD, "the task launcher was closed"))
+            launch.future.cancel()
         self._pending.clear()
         self.identity = (0, 0)
 

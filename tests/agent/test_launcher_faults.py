@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ import pytest
 from agents.model import TaskSpec, TaskState
 from agents.runner import TaskRunner
 from agents.state import StateStore
-from agents.task_process import TaskLauncher
+from agents.task_process import TaskLauncher, process_start_ticks
 from tests.agent.test_runner import Recorder, make_runner, python_command, wait_for
 
 
@@ -112,3 +115,78 @@ async def test_redelivered_start_of_ended_task_ignored(
 def append_line(path: Path, line: str) -> str:
     """Return Python code that appends ``line`` to ``path``."""
     return f"open({str(path)!r}, 'a').write({line + chr(10)!r})"
+
+
+async def stalled_launcher(launcher: TaskLauncher, tmp_path: Path) -> int:
+    """Start ``launcher`` with one quick task, then stop its process with SIGSTOP."""
+    await launcher.launch(
+        "/bin/true", ["true"], {}, tmp_path, tmp_path / "w.log", tmp_path / "w.exit", ""
+    )
+    pid = launcher.identity[0]
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+@pytest.mark.timeout(30)
+async def test_launcher_starts_nothing_after_agent_left(tmp_path: Path) -> None:
+    runs = tmp_path / "runs.txt"
+    launcher = TaskLauncher()
+    pid = await stalled_launcher(launcher, tmp_path)
+    try:
+        launch = launcher.launch(
+            sys.executable,
+            [sys.executable, "-c", append_line(runs, "ran")],
+            {},
+            tmp_path,
+            tmp_path / "late.log",
+            tmp_path / "late.exit",
+            "",
+        )
+        await wait_for(lambda: not launcher._outgoing)
+        # The agent goes away while its request waits in the socket, unread.
+        launcher.close()
+        assert launch.cancelled()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await wait_for(lambda: process_start_ticks(pid) is None)
+    assert not (tmp_path / "late.log").exists()
+    assert not runs.exists()
+
+
+@pytest.mark.timeout(30)
+async def test_start_unsettled_at_close_runs_once(tmp_path: Path) -> None:
+    runs = tmp_path / "runs.txt"
+    spec = TaskSpec("u", "u/1/0", ("GPU-0",), python_command(append_line(runs, "ran")))
+    first = Recorder()
+    runner = make_runner(tmp_path, first)
+    launcher = runner._launcher
+    assert launcher is not None
+    pid = await stalled_launcher(launcher, tmp_path)
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            runner.prepare_start(spec)
+            runner._state.save_intents()
+            starting = asyncio.create_task(runner.start(spec))
+            await wait_for(lambda: "u/1/0" in runner._launching and not launcher._outgoing)
+            # The agent stops: its settle wait ran out, and it closes the launcher.
+            launcher.close()
+            await starting
+        runner._state.save()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await wait_for(lambda: process_start_ticks(pid) is None)
+    # Whether the task started is unknown here, so nothing is reported and the intent stays.
+    assert first.events == []
+    saved = StateStore(tmp_path / "state.json").node("acme.eu-1.node-1")
+    assert list(saved.intents) == ["u/1/0"]
+
+    second = Recorder()
+    restarted = make_runner(tmp_path, second)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        await restarted.start(spec)  # the unacknowledged command, redelivered
+        await wait_for(lambda: TaskState.SUCCEEDED in second.states("u/1/0"))
+    assert second.states("u/1/0") == [TaskState.RUNNING, TaskState.SUCCEEDED]
+    assert runs.read_text() == "ran\n"
