@@ -43,6 +43,12 @@ _LAST_SIGNAL = signal.SIGRTMAX
 _STATUS_WAIT_S = 2.0
 """Maximum seconds to wait for a live launcher to record the status of an adopted task."""
 _STATUS_POLL_S = 0.02
+_REPLY_TIMEOUT_S = 10.0
+"""Seconds a launcher with start requests pending may send nothing before it is replaced.
+
+A launcher replies to each chunk of requests it reads (up to 1 MiB) after starting them all,
+so the bound is far above the time such a chunk takes.
+"""
 
 
 class CommandNotRunnableError(Exception):
@@ -138,11 +144,15 @@ class TaskProcess:
             self._status = status
             self.exited.set_result(None)
 
-    def orphan(self, exit_path: Path) -> None:
-        """Watch a launched process whose launcher went away as an adopted one."""
+    def orphan(self, exit_path: Path, recorder: tuple[int, int]) -> None:
+        """Watch a launched process whose launcher went away as an adopted one.
+
+        ``recorder`` is that launcher, which may still be running and record the exit status.
+        """
         if self._launched and not self.exited.done():
             self._launched = False
             self._exit_path = exit_path
+            self._recorder = recorder
             self._watch()
 
     def _watch(self) -> None:
@@ -193,8 +203,15 @@ class TaskLauncher:
     of the launcher.
     """
 
-    def __init__(self, python: str = sys.executable) -> None:
+    def __init__(
+        self, python: str = sys.executable, reply_timeout_s: float = _REPLY_TIMEOUT_S
+    ) -> None:
+        """``reply_timeout_s``: seconds without a message, while requests are pending, after
+        which the launcher counts as lost although its process may still run (stopped, or
+        blocked on a file system)."""
         self._python = python
+        self._reply_timeout_s = reply_timeout_s
+        self._reply_timer: asyncio.TimerHandle | None = None
         self._popen: subprocess.Popen[bytes] | None = None
         self._socket: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -242,6 +259,8 @@ class TaskLauncher:
             "exit": str(exit_file),
         }
         self._outgoing += json.dumps(request).encode() + b"\n"
+        if self._reply_timer is None:
+            self._reply_timer = self._loop.call_later(self._reply_timeout_s, self._on_silence)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -266,6 +285,7 @@ class TaskLauncher:
 
     def _disconnect(self) -> None:
         assert self._loop is not None and self._socket is not None
+        self._cancel_reply_timer()
         self._loop.remove_reader(self._socket.fileno())
         if self._writing:
             self._loop.remove_writer(self._socket.fileno())
@@ -340,6 +360,20 @@ class TaskLauncher:
         *lines, self._incoming = (self._incoming + data).split(b"\n")
         for line in lines:
             self._on_message(json.loads(line))
+        # The launcher sent something, so the wait for a reply starts again.
+        self._cancel_reply_timer()
+        if self._pending and self._socket is not None:
+            assert self._loop is not None
+            self._reply_timer = self._loop.call_later(self._reply_timeout_s, self._on_silence)
+
+    def _cancel_reply_timer(self) -> None:
+        if self._reply_timer is not None:
+            self._reply_timer.cancel()
+            self._reply_timer = None
+
+    def _on_silence(self) -> None:
+        self._reply_timer = None
+        self._fail(f"no reply for {self._reply_timeout_s:g} s to {len(self._pending)} starts")
 
     def _on_message(self, message: dict[str, Any]) -> None:
         if "id" in message:
@@ -362,15 +396,16 @@ class TaskLauncher:
         """Watch the launched tasks by pidfd, and settle the requests still without a reply.
 
         A request may have started its process before the launcher went away, so each one
-        is looked for by its spawn id before it is failed. The next launch starts a new
-        launcher.
+        is looked for by its spawn id before it is failed. A launcher that stopped replying
+        may still run: it starts no request once it sees the socket closed, and it still
+        records the exit status of its tasks. The next launch starts a new launcher.
         """
         logger.error("task launcher %d lost: %s", self.identity[0], reason)
         self._disconnect()
         if self._popen is not None:
             self._popen.poll()
         for process, exit_path in self._running.values():
-            process.orphan(exit_path)
+            process.orphan(exit_path, self.identity)
         self._running.clear()
         pending = [launch for launch in self._pending.values() if not launch.future.done()]
         self._pending.clear()
@@ -383,7 +418,8 @@ class TaskLauncher:
                         OSError(errno.ECHILD, f"the task launcher went away ({reason})")
                     )
                 else:
-                    launch.future.set_result(TaskProcess(pid, exit_path=launch.exit_path))
+                    process = TaskProcess(pid, exit_path=launch.exit_path, recorder=self.identity)
+                    launch.future.set_result(process)
         self.identity = (0, 0)
 
 

@@ -190,3 +190,37 @@ async def test_start_unsettled_at_close_runs_once(tmp_path: Path) -> None:
         await wait_for(lambda: TaskState.SUCCEEDED in second.states("u/1/0"))
     assert second.states("u/1/0") == [TaskState.RUNNING, TaskState.SUCCEEDED]
     assert runs.read_text() == "ran\n"
+
+
+@pytest.mark.timeout(30)
+async def test_stalled_launcher_is_replaced(tmp_path: Path) -> None:
+    runs = tmp_path / "runs.txt"
+    recorder = Recorder()
+    runner = make_runner(tmp_path, recorder)
+    launcher = runner._launcher
+    assert launcher is not None
+    launcher._reply_timeout_s = 1.0
+    ending = python_command("import sys, time; time.sleep(2); sys.exit(5)")
+    late = TaskSpec("l", "l/1/0", ("GPU-1",), python_command(append_line(runs, "ran")))
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(TaskSpec("e", "e/1/0", ("GPU-0",), ending))
+        stalled = launcher.identity[0]
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            # The start settles once the launcher has not replied in time, not when it resumes.
+            await asyncio.wait_for(runner.start(late), 5.0)
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        assert recorder.states("l/1/0") == [TaskState.START_FAILED]
+        assert "no reply" in recorder.last("l/1/0").reason
+        # The next start gets a new launcher.
+        await runner.start(TaskSpec("n", "n/1/0", ("GPU-2",), ("sh", "-c", "exit 4")))
+        await wait_for(lambda: TaskState.FAILED in recorder.states("n/1/0"))
+        assert launcher.identity[0] not in (0, stalled)
+        # The resumed launcher still records the status of its task, and then exits.
+        await wait_for(lambda: len(recorder.states("e/1/0")) == 2)
+    assert recorder.last("e/1/0").state is TaskState.FAILED
+    assert recorder.last("e/1/0").exit_code == 5
+    await wait_for(lambda: process_start_ticks(stalled) is None)
+    assert not runs.exists()
