@@ -403,7 +403,8 @@ class TaskLauncher:
         logger.error("task launcher %d lost: %s", self.identity[0], reason)
         self._disconnect()
         if self._popen is not None:
-            self._popen.poll()
+            self._reap_when_exited(self._popen)
+            self._popen = None
         for process, exit_path in self._running.values():
             process.orphan(exit_path, self.identity)
         self._running.clear()
@@ -421,6 +422,25 @@ class TaskLauncher:
                     process = TaskProcess(pid, exit_path=launch.exit_path, recorder=self.identity)
                     launch.future.set_result(process)
         self.identity = (0, 0)
+
+    def _reap_when_exited(self, popen: subprocess.Popen[bytes]) -> None:
+        """Reap a lost launcher once it exits, which may be long after it stopped replying."""
+        if popen.poll() is not None:
+            return
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+        except OSError:
+            # Without pidfds, the subprocess module reaps it when the next child starts.
+            return
+        assert self._loop is not None
+        loop = self._loop
+
+        def reap() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            popen.poll()
+
+        loop.add_reader(pidfd, reap)
 
 
 @dataclass(frozen=True, slots=True)

@@ -224,3 +224,5 @@ async def test_stalled_launcher_is_replaced(tmp_path: Path) -> None:
     assert recorder.last("e/1/0").exit_code == 5
     await wait_for(lambda: process_start_ticks(stalled) is None)
     assert not runs.exists()
+    # The agent reaps it, so it leaves no zombie behind.
+    await wait_for(lambda: not Path(f"/proc/{stalled}").exists())
