@@ -73,11 +73,12 @@ class Preempt:
 class Requeue:
     """A running job lost tasks and goes back to the queue whole.
 
-    Its tasks on healthy nodes are released at once, so the caller must deliver their stop
-    commands before any start command for the same node. Tasks on an unknown node stay allocated
-    until :class:`~scheduler.engine.events.TasksStopped`. A stopping job (preempted, or marked
-    by the caller) is never repaired in place, and all its tasks stay allocated until
-    TasksStopped for their node, because their stop is already under way.
+    Its tasks on the nodes still up must be stopped, and they may run until their nodes
+    confirm. So every task's accelerators stay allocated until
+    :class:`~scheduler.engine.events.TasksStopped` for the job on its node, except after a
+    failed accelerator, whose job's tasks on healthy nodes are released at once. The caller
+    sends TasksStopped for each node once no task of the job runs there. A stopping job
+    (preempted, or marked by the caller) is never repaired in place.
     """
 
     job_id: str

@@ -363,6 +363,34 @@ class Engine:
         else:
             counts.pop(node.ordinal, None)
 
+    def _fence_tasks(self, record: JobRecord, stopping: Iterable[tuple[int, str]]) -> None:
+        """Fence the shares of the tasks that ``stopping`` lists by task index and node id, so
+        that releasing the running job keeps them until TasksStopped for their node.
+
+        The fleet frees a job's shares on a node together. So on a node where other tasks
+        of the job are not stopping, its shares are released and those of the stopping tasks
+        allocated again. A node that already released the job (down, or drained with
+        eviction) or already fences it (unknown) is left as it is.
+        """
+        assert record.tasks is not None
+        owner = record.owner
+        kept: dict[int, set[int]] = {}
+        for task_index, node_id in stopping:
+            allocation = record.tasks.get(task_index)
+            if allocation is not None and allocation.node.spec.node_id == node_id:
+                kept.setdefault(allocation.node.ordinal, set()).add(task_index)
+        for ordinal, task_indexes in sorted(kept.items()):
+            node = self.fleet.nodes[ordinal]
+            if owner not in node.jobs or owner in node.fenced:
+                continue
+            on_node = {i for i, allocation in record.tasks.items() if allocation.node is node}
+            if on_node != task_indexes:
+                self.fleet.release_job(node, owner)
+                for task_index in sorted(task_indexes):
+                    allocation = record.tasks[task_index]
+                    self.fleet.allocate_many(node, allocation.indices, owner, allocation.millis)
+            node.fenced.add(owner)
+
     def _requeue(self, record: JobRecord, message: str) -> None:
         self._release(record)
         record.requeue_message = message

@@ -108,6 +108,22 @@ class JobEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class JobRequeued:
+    """The caller ended a running job's attempt before its tasks stopped, and the job goes
+    back to the queue whole (a task failed to start, or the tasks did not start in time).
+
+    The share of each task in ``stopping`` stays fenced until :class:`TasksStopped` for the
+    job on its node, because the task may still run there. The job's other shares are freed.
+    """
+
+    job_id: str
+    stopping: tuple[tuple[int, str], ...] = ()
+    """``(task index, node id)`` of each task that got a stop command its node has not
+    confirmed. A task whose allocation is on another node (it was replaced from this one)
+    fences nothing."""
+
+
+@dataclass(frozen=True, slots=True)
 class PledgeAdded:
     pledge: Pledge
 
@@ -159,6 +175,7 @@ Event = (
     | AcceleratorFailed
     | AcceleratorRecovered
     | JobEnded
+    | JobRequeued
     | PledgeAdded
     | PledgeRemoved
     | RecallAnnounced

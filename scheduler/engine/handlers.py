@@ -106,6 +106,14 @@ def _on_job_ended(engine: Engine, event: ev.JobEnded) -> None:
     del engine.jobs[event.job_id]
 
 
+def _on_job_requeued(engine: Engine, event: ev.JobRequeued) -> None:
+    record = engine._job(event.job_id)
+    if not record.running:
+        raise InvalidInputError(f"job {event.job_id}: requeued but it is not running")
+    engine._fence_tasks(record, event.stopping)
+    engine._requeue(record, "requeued; back in the queue")
+
+
 def _on_pledge_added(engine: Engine, event: ev.PledgeAdded) -> None:
     engine.capacity.add_pledge(event.pledge)
 
@@ -140,6 +148,7 @@ HANDLERS: dict[type, Callable[[Engine, Any], None]] = {
     ev.AcceleratorFailed: _on_accelerator_failed,
     ev.AcceleratorRecovered: _on_accelerator_recovered,
     ev.JobEnded: _on_job_ended,
+    ev.JobRequeued: _on_job_requeued,
     ev.PledgeAdded: _on_pledge_added,
     ev.PledgeRemoved: _on_pledge_removed,
     ev.RecallAnnounced: _on_recall,

@@ -99,10 +99,12 @@ def repair_broken(state: PassState) -> None:
             continue
         spec = record.spec
         if record.stopping and (record.hardware_fault is not None or record.lost):
-            _fence_stopping(record)
+            _fence_shares(record)
         if record.hardware_fault is not None:
             # Never repaired in place: the task on the failed accelerator lost its work, so
             # the gang restarts together from its last checkpoint.
+            # NOTE: unless the job was stopping, its shares on the other accelerators are
+            # freed at once, although its tasks there may run until their stops are confirmed.
             event_id, message = record.hardware_fault
             engine._requeue(record, f"requeued: {message}")
             state.decisions.append(
@@ -126,6 +128,7 @@ def repair_broken(state: PassState) -> None:
                 message = f"lost task(s) on node {lost_nodes} while it stopped"
             else:
                 message = f"lost task(s) on node {lost_nodes} and found no replacement"
+                _fence_shares(record)
             engine._requeue(record, f"requeued: {message}")
             state.decisions.append(Requeue(spec.job_id, Cause.NODE_FAILURE, message))
             continue
@@ -145,13 +148,13 @@ def repair_broken(state: PassState) -> None:
         record.lost_nodes.clear()
 
 
-def _fence_stopping(record: JobRecord) -> None:
-    """Fence every share of a stopping job, so that its requeue frees none of them.
+def _fence_shares(record: JobRecord) -> None:
+    """Fence every share of a job about to be requeued, so that its requeue frees none of them.
 
-    Its tasks on nodes still up got their stop commands and may still run until their agents
-    confirm, so each node's shares stay until TasksStopped for the job there, as they do on an
-    unknown node. A node that already released them (down, or drained with eviction) is left
-    as it is.
+    Its tasks on nodes still up get stop commands (or already got them, when it was stopping)
+    and may still run until their agents confirm. So each node's shares stay until
+    TasksStopped for the job there, as they do on an unknown node. A node that already
+    released them (down, or drained with eviction) is left as it is.
     """
     assert record.tasks is not None
     owner = record.owner

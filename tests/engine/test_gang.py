@@ -6,6 +6,7 @@ from scheduler.engine import (
     NodeDrain,
     ReplaceTask,
     Requeue,
+    TasksStopped,
     Topology,
 )
 from tests.engine.helpers import accelerator_count, job, make_engine, node, placed, reasons
@@ -111,6 +112,13 @@ def test_gang_without_room_requeued_whole() -> None:
     requeued = [d for d in result.decisions if isinstance(d, Requeue)]
     assert [d.job_id for d in requeued] == ["gang"]
     assert engine.pending() == ["gang"]
-    assert engine.fleet.by_id["n1"].free_whole == 4
-    assert engine.fleet.by_id["n1"].jobs == {}
     assert reasons(result)["gang"] in {"no_capacity", "topology"}
+    # Its task on n1 may run until n1 confirms the stop.
+    n1 = engine.fleet.by_id["n1"]
+    assert n1.fenced == {"gang#1"}
+    assert n1.free_whole == 0
+
+    engine.apply(TasksStopped("n1", "gang"))
+
+    assert n1.free_whole == 4
+    assert n1.jobs == {}

@@ -10,6 +10,7 @@ from scheduler.engine import (
     InvalidInputError,
     JobEnded,
     JobOutcome,
+    JobRequeued,
     NodeDown,
     NodeDrain,
     NodeHeartbeat,
@@ -280,3 +281,79 @@ def test_release_fences_keeps_running_attempt() -> None:
     engine.release_fences("n1", "a", keep_running=False)
     assert not n1.fenced
     assert n1.used == [0, 0]
+
+
+def test_requeued_gang_keeps_survivor_fenced() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 1))
+    engine.add_node(node("n2", 1))
+    engine.submit(job("g", tasks=2, topology=Topology.SAME_PROVIDER))
+    assert nodes_of(placed(engine.schedule(0.0))["g"]) == {"n1", "n2"}
+    engine.submit(job("next", submit=1.0))
+
+    engine.apply(NodeMissedHeartbeats("n1"))
+    result = engine.schedule(10.0)
+
+    requeues = [d for d in result.decisions if isinstance(d, Requeue)]
+    assert [(d.job_id, d.message) for d in requeues] == [
+        ("g", "lost task(s) on node n1 and found no replacement")
+    ]
+    # Its task on n2 gets a stop command but may still run, so nothing is placed there.
+    assert placed(result) == {}
+    n2 = engine.fleet.by_id["n2"]
+    assert n2.fenced == {"g#1"}
+    assert n2.free_whole == 0
+
+    engine.apply(TasksStopped("n2", "g"))
+
+    assert not n2.fenced
+    assert n2.free_whole == 1
+    assert engine.fleet.by_id["n1"].fenced == {"g#1"}
+
+
+def test_requeued_gang_placed_elsewhere_at_once() -> None:
+    engine = make_engine()
+    for name, domain in (("a1", "nvl-a"), ("a2", "nvl-a"), ("b1", "nvl-b"), ("b2", "nvl-b")):
+        engine.add_node(node(name, 1, domain=domain))
+    engine.submit(job("g", tasks=2, topology=Topology.SAME_INTERCONNECT_DOMAIN))
+    first = nodes_of(placed(engine.schedule(0.0))["g"])
+    lost, survivor = sorted(first)
+
+    # The survivor's domain has no room for the lost task, so the gang is requeued.
+    engine.apply(NodeMissedHeartbeats(lost))
+    result = engine.schedule(10.0)
+
+    assert [d.job_id for d in result.decisions if isinstance(d, Requeue)] == ["g"]
+    assert nodes_of(placed(result)["g"]) == {"a1", "a2", "b1", "b2"} - first
+    assert engine.fleet.by_id[survivor].fenced == {"g#1"}
+    assert engine.fleet.by_id[survivor].free_whole == 0
+
+
+def test_requeue_fences_only_stopping_tasks() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 2))
+    engine.add_node(node("n2", 1))
+    engine.submit(job("g", tasks=2, topology=Topology.SAME_NODE))
+    assert nodes_of(placed(engine.schedule(0.0))["g"]) == {"n1"}
+
+    # Task 1 failed to start, and task 0 got a stop command. A task index that names
+    # another node than the task's allocation fences nothing.
+    engine.apply(JobRequeued("g", ((0, "n1"), (1, "n2"))))
+
+    assert engine.pending() == ["g"]
+    n1 = engine.fleet.by_id["n1"]
+    assert n1.fenced == {"g#1"}
+    assert n1.free_whole == 1
+    assert n1.used.count(1000) == 1
+    engine.apply(TasksStopped("n1", "g"))
+    assert not n1.fenced
+    assert n1.free_whole == 2
+
+
+def test_requeue_of_pending_job_rejected() -> None:
+    engine = make_engine()
+    engine.submit(job("a"))
+
+    with pytest.raises(InvalidInputError, match="job a: requeued but it is not running"):
+        engine.apply(JobRequeued("a"))
+    assert engine.pending() == ["a"]
