@@ -449,10 +449,15 @@ class EngineAdapter:
         if job_id in self.engine.jobs:
             self.engine.remove(job_id)
 
-    def requeue(self, job_id: str, now: float) -> None:
-        """Send a placed job back to the queue, releasing its accelerators."""
+    def requeue(self, job_id: str, now: float, stopping: tuple[tuple[int, str], ...] = ()) -> None:
+        """Send a placed job back to the queue, releasing its accelerators.
+
+        ``stopping`` lists the task index and node key of each task that got a stop command
+        its node has not confirmed. Their accelerators stay fenced until :meth:`tasks_stopped`
+        for the job on that node.
+        """
         if self.running_in_engine(job_id):
-            self.engine.apply(ev.JobEnded(job_id, ev.JobOutcome.PREEMPTED), now)
+            self.engine.apply(ev.JobRequeued(job_id, stopping), now)
         elif job_id not in self.engine.jobs:
             logger.warning("requeue of job %s that the engine does not know", job_id)
 

@@ -263,10 +263,7 @@ class JobBook:
                 self.engine.remove(job_id)
                 self._end_stopping(job_id, stopping.outcome, fx)
                 continue
-            preempted = self.jobs.get(job_id) if stopping is not None else None
             self.requeue(job_id, message, "engine:requeue", fx, release=False)
-            if preempted is not None:
-                self._release_stopped_nodes(preempted)
         for job_id, message, failure in result.failed_hardware:
             self.fail_hardware(job_id, message, failure, fx)
         for job_id, reason, message in result.waiting:
@@ -301,7 +298,8 @@ class JobBook:
         node's accelerators fenced until it confirms the copy stopped. A job that a cancel or
         a failure is stopping ends now as that. A job that is not running or starting here,
         is being preempted, or whose task is no longer the live one on ``lost_node`` is
-        requeued whole instead, in the engine too.
+        requeued whole instead, in the engine too, with its live tasks fenced until their
+        nodes confirm their stops.
         """
         stopping = self._stopping.get(job_id)
         if stopping is not None and stopping.outcome is not None:
@@ -323,8 +321,10 @@ class JobBook:
             or job.placement[index].node_key != lost_node
             or job.placement[index].state not in _LIVE
         ):
-            self.engine.requeue(job_id, fx.now)
-            self.requeue(job_id, message, "engine:requeue", fx, release=False)
+            if job is None:
+                self.engine.requeue(job_id, fx.now)
+                return
+            self.requeue(job_id, message, "engine:requeue", fx, release=True)
             return
         old = job.placement[index]
         new = replace(task, state="assigned", exit_code=0)
@@ -701,19 +701,22 @@ class JobBook:
     def requeue(self, job_id: str, reason: str, cause: str, fx: Effects, *, release: bool) -> None:
         """End the current attempt and queue the job again as the next attempt.
 
-        Live tasks of the old attempt get stop commands, published before any later start
-        on the same node. The engine keeps what they hold on unknown nodes until the agent
-        confirms they stopped.
+        Live tasks of the old attempt get stop commands and become orphans, whose
+        accelerators the engine keeps from other jobs until their nodes confirm the stops.
+        The job's other accelerators are freed. With ``release``, this tells the engine of the
+        requeue. Without it, the engine has requeued the job already and fenced every share
+        it had, so the shares on nodes without an orphan of the job are freed here. An
+        attempt whose hold was still in flight sent no start command, so its tasks get no stop.
         """
         job = self.jobs.get(job_id)
         if job is None or job.terminal:
             return
+        admitting = job_id in self._admitting
         self._abandon_admission(job)
         self._stopping.pop(job_id, None)
         self._starting_since.pop(job_id, None)
-        for task in job.placement:
-            if task.state not in _LIVE:
-                continue
+        live = [] if admitting else [t for t in job.placement if t.state in _LIVE]
+        for task in live:
             fx.commands.append(stop_record(job_id, job.attempt, task, reason, 0, self.epoch))
             self._add_orphan(task, TaskId(job_id, job.attempt, task.task_index))
         if job.hold_id:
@@ -721,7 +724,8 @@ class JobBook:
         # The job keeps checkpoint_ref, so the next attempt's start commands carry the last
         # reference a task reported, or the spec's own when none did.
         if release:
-            self.engine.requeue(job_id, fx.now)
+            stopping = tuple((t.task_index, t.node_key) for t in live)
+            self.engine.requeue(job_id, fx.now, stopping)
         requeued = replace(
             job,
             state="pending",
@@ -736,6 +740,7 @@ class JobBook:
         )
         self.jobs[job_id] = requeued
         fx.change(requeued, cause)
+        self._release_stopped_nodes(job)
 
     def fail_hardware(
         self, job_id: str, message: str, failure: AcceleratorHealth, fx: Effects
@@ -776,8 +781,6 @@ class JobBook:
             self._release_stopped_nodes(job)
             return
         self.requeue(job_id, reason, f"health:{failure.event_id}", fx, release=False)
-        if stopping is not None:
-            self._release_stopped_nodes(job)
 
     def _count_start_failure(self, job: Job) -> bool:
         """Count an attempt of ``job`` that failed to start; return True at the limit.
@@ -851,11 +854,11 @@ class JobBook:
         self._release_stopped_nodes(job)
 
     def _release_stopped_nodes(self, job: Job) -> None:
-        """Free the fences of a stopping job that the engine requeued, on each node of its
+        """Free the fences of a job that the engine requeued or ended, on each node of its
         placement where none of its copies awaits a confirmed stop.
 
-        The engine fences every share of a stopping job that loses a node or an accelerator,
-        also those of tasks whose nodes had already confirmed their stop.
+        The engine fences every share of a gang requeued after a lost node, and of a stopping
+        job that loses a node or an accelerator, also those of tasks that had already ended.
         """
         for node_key in sorted({t.node_key for t in job.placement}):
             self._release_fences(node_key, job.job_id)

@@ -576,3 +576,28 @@ def test_jobs_by_node_skips_ended_tasks() -> None:
 
     # Nothing of the job runs on task 0's node any more.
     assert book.jobs_by_node() == {nodes[1]: [job.job_id]}
+
+
+def test_start_failure_fences_started_task() -> None:
+    book = make_book(gpus=2)
+    job = make_job()
+    place(book, job)
+    held(book, job)
+    failed = next(t for t in book.jobs[job.job_id].placement if t.task_index == 1)
+    report(book, job, 0, "started")
+
+    report(book, job, 1, "start_failed")
+
+    # Task 0 may run until n1 confirms its stop, so only task 1's accelerator is free.
+    node = book.engine.engine.fleet.node("prov.reg.n1")
+    assert node.fenced == {f"{job.job_id}#1"}
+    assert node.free_whole == 1
+    other = make_job(tasks=1, project="other")
+    fx = place(book, other, NOW + 4)
+    assert [j.job_id for j, _ in fx.admit] == [other.job_id]
+    assert fx.admit[0][0].placement[0].accelerators == failed.accelerators
+
+    book.apply_task("prov.reg.n1", f"{job.job_id}/1/0", "stopped", 0, "", Effects(NOW + 5))
+
+    assert not node.fenced
+    assert node.free_whole == 1

@@ -639,3 +639,183 @@ def test_only_unknown_node_goes_down() -> None:
     back = fleet.apply_heartbeat(key, "boot-2", frozenset(), NOW + 41)
     assert back is not None
     assert (back.previous, back.node.status) == ("down", "up")
+
+
+def fill_free_node(book: JobBook, now: float) -> Job:
+    """Start a one-task job on the node a two-task gang left free, so that a lost task of
+    the gang finds no replacement, and queue a short job that waits for a free node.
+
+    The waiting job is short, so that a reservation of a requeued gang does not hold it.
+    """
+    filler = make_job(tasks=1)
+    book.add([filler], now)
+    pass_at(book, now)
+    book.apply_hold(filler.job_id, 1, HoldOutcome("held", "h2", "g1", Decimal(1)), Effects(now))
+    waiting = make_job(tasks=1)
+    waiting = replace(waiting, spec=replace(waiting.spec, wall_time_s=60))
+    book.add([waiting], now)
+    assert pass_at(book, now).admit == []
+    return waiting
+
+
+def test_requeued_gang_keeps_survivor_fenced() -> None:
+    book = make_book()
+    job = running(book)
+    lost, survivor = job.placement
+    waiting = fill_free_node(book, NOW + 4)
+
+    fx = lose(book, lost.node_key)
+
+    assert book.jobs[job.job_id].state == "pending"
+    assert "found no replacement" in book.jobs[job.job_id].reason
+    # The pass that requeued the gang places nothing on the survivor's accelerator.
+    assert fx.admit == []
+    fleet = book.engine.engine.fleet
+    assert fleet.node(survivor.node_key).free_whole == 0
+    lost_id = f"{job.job_id}/1/{lost.task_index}"
+    survivor_id = f"{job.job_id}/1/{survivor.task_index}"
+    orphans, _ = book.take_orphan_writes()
+    assert sorted((o.node_key, o.task_id, o.accelerators) for o in orphans) == sorted(
+        [
+            (lost.node_key, lost_id, lost.accelerators),
+            (survivor.node_key, survivor_id, survivor.accelerators),
+        ]
+    )
+    assert pass_at(book, NOW + 11).admit == []
+
+    report(book, survivor.node_key, survivor_id, "stopped", NOW + 20)
+
+    assert fleet.node(survivor.node_key).free_whole == 1
+    assert not fleet.node(survivor.node_key).fenced
+    assert fleet.node(lost.node_key).fenced
+    assert book.take_orphan_writes() == ([], [(survivor.node_key, survivor_id)])
+    placed = pass_at(book, NOW + 21)
+    assert [(j.job_id, j.placement[0].node_key) for j, _ in placed.admit] == [
+        (waiting.job_id, survivor.node_key)
+    ]
+
+
+def test_requeued_survivor_fenced_on_restart() -> None:
+    book = make_book()
+    job = running(book)
+    lost, survivor = job.placement
+    fill_free_node(book, NOW + 4)
+    lose(book, lost.node_key)
+    orphans, _ = book.take_orphan_writes()
+
+    # A new leader fences both stored copies, as the leader that stored them did.
+    restarted = make_book()
+    restarted.adopt_orphans(orphans)
+    fleet = restarted.engine.engine.fleet
+    assert fleet.node(lost.node_key).free_whole == 0
+    assert fleet.node(survivor.node_key).free_whole == 0
+
+    restarted.apply_node_running(survivor.node_key, frozenset(), Effects(NOW + 20))
+
+    assert fleet.node(survivor.node_key).free_whole == 1
+    assert fleet.node(lost.node_key).free_whole == 0
+
+
+def test_survivor_ended_before_loss_freed() -> None:
+    book = make_book()
+    job = running(book)
+    lost, survivor = job.placement
+    fill_free_node(book, NOW + 4)
+    report(book, survivor.node_key, f"{job.job_id}/1/{survivor.task_index}", "exited", NOW + 5)
+
+    lose(book, lost.node_key)
+
+    # Nothing of the gang runs on the survivor's node, so the turn frees its accelerator.
+    fleet = book.engine.engine.fleet
+    assert fleet.node(survivor.node_key).free_whole == 1
+    assert not fleet.node(survivor.node_key).fenced
+    orphans, _ = book.take_orphan_writes()
+    assert [o.node_key for o in orphans] == [lost.node_key]
+
+
+def test_requeue_during_admission_fences_nothing() -> None:
+    book = make_book()
+    job = make_job(tasks=2)
+    book.add([job], NOW + 1)
+    lost, survivor = pass_at(book, NOW + 1).admit[0][0].placement
+    fill_free_node(book, NOW + 2)
+
+    fx = lose(book, lost.node_key)
+
+    # Its hold is still in flight, so no task of the gang started anywhere.
+    assert book.jobs[job.job_id].state == "pending"
+    assert fx.commands == []
+    assert book.take_orphan_writes() == ([], [])
+    fleet = book.engine.engine.fleet
+    assert fleet.node(survivor.node_key).free_whole == 1
+    assert not fleet.node(survivor.node_key).fenced
+
+
+def test_start_failure_keeps_started_node_fenced() -> None:
+    book = make_book()
+    job = admitted(book)
+    started, failed = job.placement
+    started_id = f"{job.job_id}/1/{started.task_index}"
+    report(book, started.node_key, started_id, "started", NOW + 3)
+
+    report(book, failed.node_key, f"{job.job_id}/1/{failed.task_index}", "start_failed", NOW + 4)
+
+    assert book.jobs[job.job_id].state == "pending"
+    fleet = book.engine.engine.fleet
+    assert fleet.node(started.node_key).fenced == {f"{job.job_id}#1"}
+    assert fleet.node(failed.node_key).free_whole == 1
+    orphans, _ = book.take_orphan_writes()
+    assert [(o.node_key, o.task_id) for o in orphans] == [(started.node_key, started_id)]
+    # The next attempt goes to the free nodes, not next to the copy that still stops.
+    (attempt,) = [placed for placed, _ in pass_at(book, NOW + 5).admit]
+    assert started.node_key not in {t.node_key for t in attempt.placement}
+
+    report(book, started.node_key, started_id, "stopped", NOW + 6)
+
+    assert not fleet.node(started.node_key).fenced
+    assert fleet.node(started.node_key).free_whole == 1
+
+
+def test_start_deadline_fences_until_confirmed() -> None:
+    book = make_book()
+    job = admitted(book)
+    started, silent = job.placement
+    started_id = f"{job.job_id}/1/{started.task_index}"
+    report(book, started.node_key, started_id, "started", NOW + 3)
+
+    book.expire_starts(120.0, Effects(NOW + 200))
+
+    assert book.jobs[job.job_id].state == "pending"
+    fleet = book.engine.engine.fleet
+    assert fleet.node(started.node_key).free_whole == 0
+    assert fleet.node(silent.node_key).free_whole == 0
+    # Only the third node is free, so the gang's next attempt does not fit yet.
+    assert pass_at(book, NOW + 201).admit == []
+
+    # The silent node never got its start command, so a heartbeat without the task confirms.
+    book.apply_node_running(silent.node_key, frozenset(), Effects(NOW + 202))
+
+    assert fleet.node(silent.node_key).free_whole == 1
+    assert fleet.node(started.node_key).free_whole == 0
+    report(book, started.node_key, started_id, "stopped", NOW + 203)
+    assert fleet.node(started.node_key).free_whole == 1
+
+
+def test_unstarted_replacement_fences_live_tasks() -> None:
+    book = make_book()
+    job = running(book)
+    lost, survivor = job.placement
+    target = free_node(job)
+    lose(book, lost.node_key, NOW + 10)
+
+    book.expire_starts(120.0, Effects(NOW + 131))
+
+    # The replaced task and the survivor may still run, and the lost copy stays fenced.
+    fleet = book.engine.engine.fleet
+    for key in (lost.node_key, survivor.node_key, target):
+        assert fleet.node(key).free_whole == 0, key
+    report(book, target, f"{job.job_id}/1/{lost.task_index}", "stopped", NOW + 132)
+    assert fleet.node(target).free_whole == 1
+    book.apply_node_running(survivor.node_key, frozenset(), Effects(NOW + 133))
+    assert fleet.node(survivor.node_key).free_whole == 1
+    assert fleet.node(lost.node_key).free_whole == 0
