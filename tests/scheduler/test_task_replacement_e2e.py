@@ -23,7 +23,7 @@ from acsp import subjects
 from acsp.v1 import agent_pb2, events_pb2, scheduler_pb2
 from services.runtime.auth import Role
 
-from .harness import Stack, fund_grant, metadata, wait_for
+from .harness import Process, Stack, fund_grant, metadata, wait_for
 from .test_accelerator_failure_e2e import AgentMessages, Client, job_events
 
 pytestmark = pytest.mark.timeout(300)
@@ -425,6 +425,102 @@ async def test_lost_node_keeps_survivor_fenced(stack: Stack) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(first.popen.pid, signal.SIGCONT)
         await client.channel.close()
+
+
+async def test_requeued_gang_keeps_survivor_fenced(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    operator = metadata(stack.token("ops", Role.PROVIDER_OPERATOR, provider="prov"))
+    client = Client(address, md, project, grant)
+    # One accelerator per node and no third node, so a lost task of the gang has nowhere to go.
+    first = stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
+    second = stack.start_agents(1, gpus=1, name="agents-r2", region="r2", first=1)
+    launcher = 0
+    try:
+        gang = await client.submit("gang", 2)
+        running = await wait_for(lambda: client.running(gang), 30, "the gang to run", 0.2)
+        assert sorted(nodes(running).values()) == ["n0", "n1"]
+        survivor = next(i for i, node in nodes(running).items() if node == "n1")
+        lost = 1 - survivor
+        single = await client.submit("single", 1)
+
+        # n1's task launcher pauses, so n1's agent kills the survivor at its stop but cannot
+        # confirm the stop until the launcher reaps it. The agent still sends heartbeats.
+        launcher = launcher_pid(second)
+        os.kill(launcher, signal.SIGSTOP)
+        # n0's agent pauses too, so n0 is lost and the gang is requeued whole.
+        os.killpg(first.popen.pid, signal.SIGSTOP)
+
+        async def requeued() -> scheduler_pb2.Job | None:
+            job = await client.get(gang)
+            pending = job is not None and job.state == scheduler_pb2.JOB_STATE_PENDING
+            return job if pending and job.attempt == 2 else None
+
+        again = await wait_for(requeued, 60, "the gang to be requeued", 0.2)
+        assert "found no replacement" in again.state_message
+        copies = sorted(f"{gang}/1/{index}" for index in (lost, survivor))
+        await wait_for(lambda: _equals(stored_orphans(stack), copies), 30, "the stored copies")
+
+        # Passes go on while n1 sends heartbeats that list the survivor. A job placed on n1
+        # meanwhile would be rejected as busy and requeued, so it would run as a later attempt.
+        async def n1_node() -> scheduler_pb2.Node:
+            request = scheduler_pb2.GetNodeRequest(provider_id="prov", region_id="r2", node_id="n1")
+            return await client.stub.GetNode(request, metadata=operator, timeout=10)
+
+        requeued_at = time.time()
+
+        async def heartbeats_go_on() -> bool:
+            n1 = await n1_node()
+            return n1.last_heartbeat_time.ToNanoseconds() / 1e9 > requeued_at + 3
+
+        await wait_for(heartbeats_go_on, 30, "heartbeats of n1 after the requeue", 0.2)
+        n1 = await n1_node()
+        assert n1.state == scheduler_pb2.NODE_STATE_UP
+        assert list(n1.job_ids) == [gang]
+        waiting = await client.get(single)
+        assert waiting is not None
+        assert waiting.state == scheduler_pb2.JOB_STATE_PENDING
+        assert waiting.attempt == 1
+
+        # The launcher reaps the survivor, n1 confirms the stop, and the single job runs there.
+        os.kill(launcher, signal.SIGCONT)
+        alone = await wait_for(lambda: client.running(single), 60, "single to run on n1", 0.2)
+        assert alone.attempt == 1
+        assert list(nodes(alone).values()) == ["n1"]
+        assert await stored_orphans(stack) == [f"{gang}/1/{lost}"]
+
+        # n0's agent runs again and stops the lost copy, which frees n0's accelerator as before.
+        os.killpg(first.popen.pid, signal.SIGCONT)
+        await wait_for(lambda: _equals(stored_orphans(stack), []), 90, "n0 to confirm the stop")
+        still = await client.get(gang)
+        assert still is not None
+        assert still.state == scheduler_pb2.JOB_STATE_PENDING
+        assert still.attempt == 2
+    finally:
+        if launcher:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(launcher, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.popen.pid, signal.SIGCONT)
+        await client.channel.close()
+
+
+def launcher_pid(agent: Process) -> int:
+    """Return the pid of the task launcher that the agent process started."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        # The command name in parentheses may contain spaces, so the fields follow the last ")".
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == agent.popen.pid and b"launcher.py" in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"agent pid {agent.popen.pid} has no task launcher")
 
 
 async def stored_heartbeat(stack: Stack, key: str) -> bool:
