@@ -75,10 +75,11 @@ class Requeue:
 
     Its tasks on the nodes still up must be stopped, and they may run until their nodes
     confirm. So every task's accelerators stay allocated until
-    :class:`~scheduler.engine.events.TasksStopped` for the job on its node, except after a
-    failed accelerator, whose job's tasks on healthy nodes are released at once. The caller
-    sends TasksStopped for each node once no task of the job runs there. A stopping job
-    (preempted, or marked by the caller) is never repaired in place.
+    :class:`~scheduler.engine.events.TasksStopped` for the job on its node. The exception is a
+    job that was not stopping and is requeued for a failed accelerator: its tasks on healthy
+    nodes are released at once. The caller sends TasksStopped for each node once no task of
+    the job runs there. A stopping job (preempted, or marked by the caller) is never repaired
+    in place.
     """
 
     job_id: str
