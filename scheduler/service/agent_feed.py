@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Final
 
 from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
@@ -28,7 +29,7 @@ from .engine_adapter import AcceleratorHealth
 from .fleet import AcceleratorView, FleetView, NodeView
 from .inputs import (
     AcceleratorHealthReported,
-    DrainRequested,
+    AgentDrainRequested,
     HeartbeatReceived,
     Input,
     InventoryReceived,
@@ -297,10 +298,9 @@ class AgentFeed:
         inputs: list[Input] = []
         if event.action == agent_pb2.HEALTH_ACTION_DRAIN_NODE and not event.cleared:
             logger.warning("node %s asks to be drained: %s %s", key, event.condition, event.message)
-            reply: asyncio.Future[NodeView | None] = asyncio.get_running_loop().create_future()
-            inputs.append(
-                DrainRequested(key, True, f"health: {event.condition} {event.message}", reply)
-            )
+            reason = f"health: {event.condition} {event.message}"
+            sent_at = _seconds(event.time) if event.HasField("time") else 0.0
+            inputs.append(AgentDrainRequested(key, reason, sent_at, ack))  # type: ignore[arg-type]
         change = accelerator_health(key, event)
         if change is not None:
             inputs.append(AcceleratorHealthReported(change, ack))  # type: ignore[arg-type]
@@ -338,11 +338,12 @@ class AgentFeed:
         if beat is None:
             return
         running = frozenset(beat.running_task_ids)
-        drain = beat.state == agent_pb2.AGENT_NODE_STATE_DRAIN_REQUESTED
+        drain = _drain_requested(beat)
         # Most heartbeats change nothing but the time; they skip the loop's queue.
-        if not drain and self._running.get(key) == running and self._fleet.touch(key, time.time()):
+        if self._running.get(key) == running and self._fleet.touch(key, time.time(), drain):
             return
-        if self._put(HeartbeatReceived(key, beat.boot_id, running, drain)):
+        item = HeartbeatReceived(key, beat.boot_id, running, drain, agent_time=_beat_time(beat))
+        if self._put(item):
             self._running[key] = running
 
     def _replayed_heartbeat(self, key: str, value: bytes, stored: object) -> None:
@@ -359,13 +360,11 @@ class AgentFeed:
         beat = _decode_heartbeat(key, value)
         if beat is None:
             return
-        if isinstance(stored, datetime):
-            sent_at = stored.timestamp()
-        else:
-            sent_at = beat.time.ToNanoseconds() / 1e9 if beat.HasField("time") else 0.0
+        agent_time = _beat_time(beat)
+        sent_at = stored.timestamp() if isinstance(stored, datetime) else agent_time
         running = frozenset(beat.running_task_ids)
-        drain = beat.state == agent_pb2.AGENT_NODE_STATE_DRAIN_REQUESTED
-        self._put(HeartbeatReceived(key, beat.boot_id, running, drain, True, sent_at))
+        drain = _drain_requested(beat)
+        self._put(HeartbeatReceived(key, beat.boot_id, running, drain, True, sent_at, agent_time))
 
     def _put(self, item: HeartbeatReceived) -> bool:
         """Queue ``item``, or drop and count it if the inbox is full. Return True if queued."""
@@ -379,6 +378,23 @@ class AgentFeed:
                 )
             return False
         return True
+
+
+def _drain_requested(beat: agent_pb2.Heartbeat) -> bool | None:
+    """Return True for a drain request, False for a ready agent, None for any other state."""
+    if beat.state == agent_pb2.AGENT_NODE_STATE_DRAIN_REQUESTED:
+        return True
+    if beat.state == agent_pb2.AGENT_NODE_STATE_READY:
+        return False
+    return None
+
+
+def _beat_time(beat: agent_pb2.Heartbeat) -> float:
+    return _seconds(beat.time) if beat.HasField("time") else 0.0
+
+
+def _seconds(stamp: Timestamp) -> float:
+    return stamp.ToNanoseconds() / 1e9
 
 
 def _decode_heartbeat(key: str, value: bytes) -> agent_pb2.Heartbeat | None:

@@ -12,6 +12,20 @@ from typing import Final, Literal
 
 NodeStatus = Literal["up", "draining", "drained", "unknown", "down"]
 NODE_STATUSES: Final[tuple[str, ...]] = ("up", "draining", "drained", "unknown", "down")
+DrainSource = Literal["agent", "operator"]
+
+AGENT_WITHDREW: Final = "agent withdrew its drain request"
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """The source, reason and time of a request that started or ended a node's drain."""
+
+    source: DrainSource
+    reason: str
+    at: float
+    """Unix seconds of the request. For the agent's requests and withdrawals this is the
+    agent's clock, so that it is compared only with other times of the same agent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +52,23 @@ class NodeView:
     status_reason: str = ""
     boot_id: str = ""
     last_heartbeat: float = 0.0
-    draining: bool = False
+    drain: Drain | None = None
+    """The drain in force, or None when the node does not drain."""
     running_task_ids: frozenset[str] = field(default_factory=frozenset)
     """Task ids the agent said it runs in its latest inventory or heartbeat."""
 
     @property
     def key(self) -> str:
         return f"{self.provider}.{self.region}.{self.node}"
+
+    @property
+    def draining(self) -> bool:
+        return self.drain is not None
+
+    @property
+    def agent_drained(self) -> bool:
+        """Whether the node drains because its agent requested it, which the agent may undo."""
+        return self.drain is not None and self.drain.source == "agent"
 
     @property
     def name(self) -> str:
@@ -55,6 +79,16 @@ class NodeView:
     def model(self) -> str:
         """The node's accelerator model; nodes carry one model, as the engine assumes."""
         return self.accelerators[0].model if self.accelerators else ""
+
+
+@dataclass(frozen=True, slots=True)
+class DrainChange:
+    """A drain that started or ended, as ``scheduler.nodes`` stores it."""
+
+    node_key: str
+    draining: bool
+    cause: Drain
+    """The request that started or ended it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +124,21 @@ class FleetView:
     def nodes(self) -> list[NodeView]:
         return [self._fresh(node) for node in self._nodes.values()]
 
-    def touch(self, key: str, now: float) -> bool:
-        """Record a heartbeat that changes nothing else; return False if it needs the full
-        path (unknown node, or one that is not up or draining)."""
+    def touch(self, key: str, now: float, drain_requested: bool | None = None) -> bool:
+        """Record a heartbeat that changes nothing else, or return False if it needs the full
+        path.
+
+        The full path is needed for a node that is not up or draining, and for a heartbeat
+        that may change the node's drain. ``drain_requested`` is True for a drain request,
+        which drains a node that does not drain yet. It is False for a ready agent, which may
+        end a drain that the agent requested, and None for any other state of the agent.
+        """
         node = self._nodes.get(key)
         if node is None or node.status not in ("up", "draining"):
+            return False
+        if drain_requested is True and not node.draining:
+            return False
+        if drain_requested is False and node.agent_drained:
             return False
         self._seen[key] = now
         return True
@@ -106,9 +150,9 @@ class FleetView:
     def apply_inventory(self, node: NodeView, now: float) -> NodeChange:
         """Record a node's inventory; a new or returning node is ``up`` unless drained."""
         old = self._nodes.get(node.key)
-        draining = old.draining if old else node.draining
-        status: NodeStatus = "draining" if draining else "up"
-        updated = replace(node, status=status, last_heartbeat=now, draining=draining)
+        drain = old.drain if old else node.drain
+        status: NodeStatus = "draining" if drain else "up"
+        updated = replace(node, status=status, last_heartbeat=now, drain=drain)
         self._nodes[node.key] = updated
         self._seen[node.key] = now
         self._loaded.discard(node.key)
@@ -214,12 +258,63 @@ class FleetView:
         self._nodes[key] = updated
         return updated
 
-    def set_draining(self, key: str, draining: bool, reason: str) -> NodeChange:
-        """Start or undo a drain; raise ``KeyError`` for an unknown node key."""
+    def operator_drain(
+        self, key: str, draining: bool, reason: str, now: float
+    ) -> DrainChange | None:
+        """Start or end a drain for an operator, and return None if that changes nothing.
+
+        An operator's drain replaces an agent's, so the agent can no longer withdraw it, and
+        an operator's undrain ends either. Raises ``KeyError`` for an unknown node key.
+        """
         old = self._fresh(self._nodes[key])
+        cause = Drain("operator", reason, now)
+        current = old.drain
+        if draining:
+            if current is not None and (current.source, current.reason) == ("operator", reason):
+                return None
+            self._set_drain(old, cause)
+        else:
+            if current is None:
+                return None
+            self._set_drain(old, None, reason)
+        return DrainChange(key, draining, cause)
+
+    def agent_drain(self, key: str, reason: str, sent_at: float) -> DrainChange | None:
+        """Start a drain that a node's agent requested at ``sent_at`` by its own clock.
+
+        Return None if the node already drains, because an operator's drain stays the
+        operator's and an agent's keeps the time of its first request. Raises ``KeyError`` for
+        an unknown node key.
+        """
+        old = self._fresh(self._nodes[key])
+        if old.drain is not None:
+            return None
+        cause = Drain("agent", reason, sent_at)
+        self._set_drain(old, cause)
+        return DrainChange(key, True, cause)
+
+    def agent_withdraw(self, key: str, sent_at: float) -> DrainChange | None:
+        """End the drain a node's agent requested, because its heartbeat sent at ``sent_at``
+        reports it ready. Return None if that changes nothing.
+
+        Only an agent's drain ends, and only one requested before ``sent_at`` (or with no
+        time), so an older heartbeat that reaches the scheduler after the request cannot undo
+        it. Raises ``KeyError`` for an unknown node key.
+        """
+        old = self._fresh(self._nodes[key])
+        drain = old.drain
+        if drain is None or drain.source != "agent":
+            return None
+        if sent_at <= drain.at and drain.at != 0.0:
+            return None
+        self._set_drain(old, None, AGENT_WITHDREW)
+        return DrainChange(key, False, Drain("agent", AGENT_WITHDREW, sent_at))
+
+    def _set_drain(self, old: NodeView, drain: Drain | None, reason: str = "") -> None:
         status: NodeStatus = old.status
         if old.status in ("up", "draining", "drained"):
-            status = "draining" if draining else "up"
-        updated = replace(old, draining=draining, status=status, status_reason=reason)
-        self._nodes[key] = updated
-        return NodeChange(updated, old.status, reason)
+            status = "draining" if drain else "up"
+        updated = replace(
+            old, drain=drain, status=status, status_reason=drain.reason if drain else reason
+        )
+        self._nodes[old.key] = updated

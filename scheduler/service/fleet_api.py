@@ -23,7 +23,6 @@ from services.runtime.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    Unavailable,
 )
 
 from .engine_adapter import AcceleratorHealth, EngineAdapter
@@ -40,7 +39,6 @@ from .pledges import (
     recall_to_proto,
 )
 from .provider_api import ProviderRpcs
-from .store import Fenced
 
 OPERATORS: Final = (Role.PROVIDER_OPERATOR, Role.PROGRAM_OFFICE, Role.SERVICE)
 
@@ -117,16 +115,11 @@ class FleetRpcs(ProviderRpcs):
         leader = self._lead.require()
         reply: asyncio.Future[NodeView | None] = asyncio.get_running_loop().create_future()
         reason = request.reason or ("undrained" if request.undrain else "drained by operator")
+        # The loop replies once its turn has stored the change.
         await leader.inbox.put(DrainRequested(key, not request.undrain, reason, reply))
         node = await asyncio.wait_for(reply, timeout=remaining_s(10.0))
         if node is None:
             raise NotFound("node", _node_name(request))
-        try:
-            await leader.nodes.set_draining(
-                request.provider_id, request.region_id, request.node_id, not request.undrain, reason
-            )
-        except Fenced:
-            raise Unavailable("this scheduler is no longer the leader. Retry the call.") from None
         return _node_reply(leader, node)
 
     async def MarkNodeDown(
@@ -359,12 +352,31 @@ def _node_to_proto(
         state=scheduler_pb2.NodeState.Value(f"NODE_STATE_{node.status.upper()}"),  # type: ignore[arg-type]
         accelerators=[_accelerator_to_proto(node, acc, failures) for acc in node.accelerators],
         software_stacks=node.software_stacks,
-        state_cause=common_pb2.Cause(reason=node.status_reason),
+        state_cause=_state_cause(node),
         job_ids=jobs.get(node.key, ()),
     )
     if node.last_heartbeat:
         msg.last_heartbeat_time.FromNanoseconds(int(node.last_heartbeat * 1e9))
     return msg
+
+
+DRAIN_TRIGGERS: Final[Mapping[str, str]] = {
+    "operator": "rpc:DrainNode",
+    "agent": "agent:drain_requested",
+}
+"""The trigger of a draining node's state cause, by who requested the drain."""
+
+
+def _state_cause(node: NodeView) -> common_pb2.Cause:
+    """Return the cause of ``node``'s state. For a draining node it names who requested the
+    drain, and when."""
+    drain = node.drain
+    if drain is None or node.status not in ("draining", "drained"):
+        return common_pb2.Cause(reason=node.status_reason)
+    cause = common_pb2.Cause(trigger=DRAIN_TRIGGERS[drain.source], reason=drain.reason)
+    if drain.at:
+        cause.time.FromNanoseconds(int(drain.at * 1e9))
+    return cause
 
 
 def _node_name(

@@ -34,10 +34,24 @@ class CancelRequested:
 
 @dataclass(frozen=True, slots=True)
 class DrainRequested:
+    """An operator's drain or undrain of a node."""
+
     node_key: str
     draining: bool
     reason: str
     reply: asyncio.Future[NodeView | None]
+    """Resolved after the change is stored, with the node, or None for an unknown key."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentDrainRequested:
+    """A drain that a node's agent requested in a health event."""
+
+    node_key: str
+    reason: str
+    sent_at: float
+    """The event's time by the agent's clock, in Unix seconds; 0.0 when it carries none."""
+    ack: Ack | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +75,18 @@ class HeartbeatReceived:
     node_key: str
     boot_id: str
     running: frozenset[str]
-    drain_requested: bool = False
+    drain_requested: bool | None = None
+    """True when the agent requests a drain, False when it is ready (which withdraws a drain
+    it requested), None for any other state, e.g. while it stops."""
     replayed: bool = False
     """True for the bucket's stored value that a new watch delivers first, which may have been
     sent before the node was marked down, or long ago by a node that is gone."""
     sent_at: float = 0.0
     """Epoch seconds at which a replayed heartbeat was stored, or 0.0 when that is not known.
     Live heartbeats count as received when the loop applies them and leave it 0.0."""
+    agent_time: float = 0.0
+    """The time the heartbeat carries, by the agent's clock, in Unix seconds; 0.0 when it
+    carries none. It is compared only with the time of the agent's drain request."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +147,7 @@ Input = (
     Submitted
     | CancelRequested
     | DrainRequested
+    | AgentDrainRequested
     | NodeDownRequested
     | InventoryReceived
     | HeartbeatReceived

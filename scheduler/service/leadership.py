@@ -214,11 +214,11 @@ class Leadership:
         for failure in await nodes.load_failed_accelerators():
             loop.book.engine.set_accelerator_health(failure, now)
         down = await nodes.load_down()
-        for payload, draining, reason in await nodes.load():
+        for payload, drain, reason in await nodes.load():
             view = node_from_inventory(agent_pb2.Inventory.FromString(payload))
-            change = loop.fleet.load(replace(view, draining=draining, status_reason=reason), now)
+            change = loop.fleet.load(replace(view, drain=drain, status_reason=reason), now)
             loop.book.engine.add_node(change.node)
-            if draining:
+            if drain is not None:
                 loop.book.engine.set_draining(change.node.key, True, now)
             if change.node.key in down:
                 loop.fleet.restore_down(change.node.key, down[change.node.key])

@@ -20,10 +20,11 @@ from opentelemetry import metrics
 
 from .admission import GrantAdmission, HoldOutcome, RateCard
 from .engine_adapter import AcceleratorHealth
-from .fleet import FleetView, NodeChange
+from .fleet import DrainChange, FleetView, NodeChange
 from .inputs import (
     AcceleratorHealthReported,
     Ack,
+    AgentDrainRequested,
     CancelRequested,
     DrainRequested,
     HeartbeatReceived,
@@ -129,6 +130,8 @@ class SchedulingLoop:
         self._published_events: list[str] = []
         """Commands and events JetStream stored, to mark in the next turn's transaction."""
         """Commands NATS rejected for good, with the reason, to fail in the next turn."""
+        self._drains: dict[str, DrainChange] = {}
+        """Drains started or ended this turn by node key, written with the turn's commit."""
         self._last_pass = 0.0
         self._pass_gap = settings.min_pass_interval_s
         self._pass_due = False
@@ -300,12 +303,14 @@ class SchedulingLoop:
                 if applied is not None:
                     replies.append((applied, None))  # type: ignore[arg-type]
             case DrainRequested(key, draining, reason, reply):
-                node_view = None
                 if self.fleet.get(key) is not None:
-                    change = self.fleet.set_draining(key, draining, reason)
-                    self.book.engine.set_draining(key, draining, fx.now)
-                    node_view = change.node
-                replies.append((reply, node_view))  # type: ignore[arg-type]
+                    self._drain(self.fleet.operator_drain(key, draining, reason, fx.now), fx)
+                replies.append((reply, self.fleet.get(key)))  # type: ignore[arg-type]
+            case AgentDrainRequested(key, reason, sent_at, ack):
+                if self.fleet.get(key) is not None:
+                    self._drain(self.fleet.agent_drain(key, reason, sent_at), fx)
+                if ack is not None:
+                    acks.append(ack)
             case NodeDownRequested(key, reason, reply):
                 node_view = self.fleet.get(key)
                 if node_view is not None:
@@ -338,11 +343,29 @@ class SchedulingLoop:
             self._on_node_change(change, fx)
         if alive:
             self.book.apply_node_running(key, item.running, fx)
-        node = self.fleet.get(key)
-        if item.drain_requested and node is not None and not node.draining:
-            logger.warning("node %s asks to be drained in its heartbeat", key)
-            self.fleet.set_draining(key, True, "agent requested a drain")
-            self.book.engine.set_draining(key, True, fx.now)
+        if self.fleet.get(key) is None:
+            return
+        if item.drain_requested:
+            reason = "agent requested a drain in its heartbeat"
+            self._drain(self.fleet.agent_drain(key, reason, item.agent_time), fx)
+        elif item.drain_requested is False:
+            self._drain(self.fleet.agent_withdraw(key, item.agent_time), fx)
+
+    def _drain(self, change: DrainChange | None, fx: Effects) -> None:
+        """Apply a drain that started or ended to the engine, and keep it for the commit."""
+        if change is None:
+            return
+        key, cause = change.node_key, change.cause
+        if change.draining:
+            logger.warning(
+                "node %s drains at the %s's request: %s", key, cause.source, cause.reason
+            )
+        else:
+            logger.info(
+                "node %s stops draining at the %s's request: %s", key, cause.source, cause.reason
+            )
+        self.book.engine.set_draining(change.node_key, change.draining, fx.now)
+        self._drains[change.node_key] = change
 
     def _set_accelerator_health(self, change: AcceleratorHealth, fx: Effects) -> None:
         if self.book.engine.set_accelerator_health(change, fx.now):
@@ -391,6 +414,8 @@ class SchedulingLoop:
         published, published_events = self._published, self._published_events
         self._published, self._published_events = [], []
         orphans, confirmed = self.book.take_orphan_writes()
+        drains = list(self._drains.values())
+        self._drains.clear()
         fx.commands[:] = await self.store.commit_turn(
             jobs,
             causes,
@@ -401,6 +426,7 @@ class SchedulingLoop:
             published_events,
             orphans,
             confirmed,
+            drains,
         )
 
     async def _send(self, commands: list[DispatchRecord], events: list[OutboxEvent]) -> None:

@@ -1,5 +1,8 @@
-"""Node inventories, drain flags and down marks in ``scheduler.nodes``, failed accelerators in
-``scheduler.failed_accelerators``."""
+"""Node inventories, drains and down marks in ``scheduler.nodes``, failed accelerators in
+``scheduler.failed_accelerators``.
+
+Drains are written with the scheduling loop's turn (see :meth:`.store.JobStore.commit_turn`).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +11,14 @@ from collections.abc import Mapping, Sequence
 import asyncpg
 
 from .engine_adapter import AcceleratorHealth
+from .fleet import Drain
 from .provider_store import register_named_regions
 from .store import check_epoch
 
 
 class NodeStore:
-    """Node inventories, drain flags and down marks, so a new leader has the fleet before
-    agents report."""
+    """Node inventories, drains and down marks, so a new leader has the fleet before agents
+    report."""
 
     def __init__(
         self, pool: asyncpg.Pool, timeout_s: float = 10.0, *, fence: tuple[str, int] | None = None
@@ -51,24 +55,6 @@ class NodeStore:
                 timeout=self._timeout,
             )
 
-    async def set_draining(
-        self, provider: str, region: str, node: str, draining: bool, reason: str
-    ) -> bool:
-        """Set a node's drain flag; return False if the node is not known."""
-        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-            await self._check_fence(conn)
-            status = await conn.execute(
-                "UPDATE scheduler.nodes SET draining = $4, drain_reason = $5, updated_at = now()"
-                " WHERE provider = $1 AND region = $2 AND node = $3",
-                provider,
-                region,
-                node,
-                draining,
-                reason,
-                timeout=self._timeout,
-            )
-        return bool(status.endswith(" 1"))
-
     async def set_down(self, changes: Mapping[str, str | None]) -> None:
         """Mark nodes down with the operator's reason, or clear the mark where it is None.
 
@@ -103,15 +89,16 @@ class NodeStore:
             )
         return {f"{r[0]}.{r[1]}.{r[2]}": r[3] for r in rows}
 
-    async def load(self) -> list[tuple[bytes, bool, str]]:
-        """Return ``(serialized Inventory, draining, drain_reason)`` of every known node."""
+    async def load(self) -> list[tuple[bytes, Drain | None, str]]:
+        """Return the serialized Inventory of every known node, its drain in force (None if it
+        does not drain) and the reason of its latest drain or undrain."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(
-                "SELECT inventory, draining, drain_reason FROM scheduler.nodes"
-                " WHERE inventory IS NOT NULL ORDER BY provider, region, node",
+                "SELECT inventory, draining, drain_source, drain_reason, drain_at"
+                " FROM scheduler.nodes WHERE inventory IS NOT NULL ORDER BY provider, region, node",
                 timeout=self._timeout,
             )
-        return [(row[0], row[1], row[2]) for row in rows]
+        return [(row[0], _drain(row) if row[1] else None, row[3]) for row in rows]
 
     async def record_accelerator_health(self, changes: Sequence[AcceleratorHealth]) -> None:
         """Store failures and delete recovered accelerators, in the order of ``changes``."""
@@ -154,3 +141,8 @@ class NodeStore:
                 timeout=self._timeout,
             )
         return [AcceleratorHealth(f"{r[0]}.{r[1]}.{r[2]}", r[3], True, r[4], r[5]) for r in rows]
+
+
+def _drain(row: asyncpg.Record) -> Drain:
+    at = row["drain_at"]
+    return Drain(row["drain_source"], row["drain_reason"], at.timestamp() if at else 0.0)

@@ -27,6 +27,7 @@ from .codec import (
     spec_to_json,
     to_datetime,
 )
+from .fleet import DrainChange
 from .model import TERMINAL_STATES, Job, JobFilter, JobState
 from .store_sql import (
     ACK_DISPATCHES,
@@ -230,18 +231,27 @@ class JobStore:
         published_events: Sequence[str] = (),
         orphans: Sequence[Orphan] = (),
         confirmed: Sequence[tuple[str, str]] = (),
+        drains: Sequence[DrainChange] = (),
     ) -> list[DispatchRecord]:
-        """Write job changes, commands and events in one fenced statement.
+        """Write job changes, commands, events and node drains in one fenced statement.
 
         Returns the commands not recorded before, as :meth:`record_dispatches` does. One
         statement (:data:`COMMIT_TURN`) is one round trip where a transaction of its parts
         took seven. ``published`` and ``published_events`` are commands and events JetStream
         has stored since the last turn, marked here as :meth:`ack_published` would.
         ``orphans`` are new task copies waiting for a confirmed stop, and ``confirmed`` the
-        node key and task id of those confirmed; no copy may be in both.
+        node key and task id of those confirmed; no copy may be in both. ``drains`` are the
+        drains started or ended, at most one per node. A node with no stored row is skipped.
         """
         if not (
-            jobs or dispatches or events or published or published_events or orphans or confirmed
+            jobs
+            or dispatches
+            or events
+            or published
+            or published_events
+            or orphans
+            or confirmed
+            or drains
         ):
             return []
         async with self._pool.acquire(timeout=self._timeout) as conn:
@@ -260,6 +270,7 @@ class JobStore:
                 [o.millis for o in orphans],
                 [node_key for node_key, _ in confirmed],
                 [task_id for _, task_id in confirmed],
+                *_drain_columns(drains),
                 timeout=self._timeout,
             )
         if rows and rows[0][0] is None:
@@ -688,3 +699,17 @@ def _key_columns(keys: Sequence[tuple[str, int, int, str]]) -> list[list[Any]]:
 def _event_columns(events: Sequence[OutboxEvent]) -> list[list[Any]]:
     """Return outbox events as their id, subject and payload arrays."""
     return [[e.msg_id for e in events], [e.subject for e in events], [e.payload for e in events]]
+
+
+def _drain_columns(drains: Sequence[DrainChange]) -> list[list[Any]]:
+    """Return drain changes as the node, flag, source, reason and time arrays of COMMIT_TURN."""
+    parts = [change.node_key.split(".", 2) for change in drains]
+    return [
+        [p[0] for p in parts],
+        [p[1] for p in parts],
+        [p[2] for p in parts],
+        [change.draining for change in drains],
+        [change.cause.source for change in drains],
+        [change.cause.reason for change in drains],
+        [to_datetime(change.cause.at) if change.cause.at else None for change in drains],
+    ]

@@ -184,6 +184,17 @@ confirmed_orphans AS (
     USING unnest($39::text[], $40::text[]) AS u(node_key, task_id)
     WHERE (SELECT ok FROM fence) AND o.shard = $1 AND o.node_key = u.node_key
         AND o.task_id = u.task_id
+),
+changed_drains AS (
+    UPDATE scheduler.nodes AS n SET
+        draining = u.draining, drain_source = u.source, drain_reason = u.reason,
+        drain_at = u.at, updated_at = now()
+    FROM unnest(
+        $41::text[], $42::text[], $43::text[], $44::boolean[], $45::text[], $46::text[],
+        $47::timestamptz[]
+    ) AS u(provider, region, node, draining, source, reason, at)
+    WHERE (SELECT ok FROM fence) AND n.provider = u.provider AND n.region = u.region
+        AND n.node = u.node
 )
 SELECT NULL::text, NULL::int, NULL::int, NULL::text, (SELECT current FROM fence)
 WHERE NOT (SELECT ok FROM fence)
@@ -194,6 +205,8 @@ SELECT job_id, attempt, task_index, kind, $2 FROM new_dispatches
 
 Every part runs only while the leaders row, locked FOR SHARE, still holds the epoch ``$2``.
 The parts see one snapshot, so the caller never lists one orphan as both new and confirmed.
+It lists no node twice among the drains either, because PostgreSQL applies only one of the
+rows that an UPDATE joins to a target row, and not a predictable one.
 Data-modifying CTEs all run to completion whether or not the final SELECT reads them. The
 result is the commands not recorded before, or, when fenced, one row of NULLs with the
 current epoch.

@@ -1,15 +1,17 @@
-"""The agent feed's settling of fetched batches, with a stand-in for the JetStream consumer."""
+"""The agent feed's settling of fetched batches, with a stand-in for the JetStream consumer, and
+which heartbeats and health events it passes to the loop."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from acsp.v1 import agent_pb2
 from scheduler.service.agent_feed import AgentFeed
 from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
-from scheduler.service.inputs import HeartbeatReceived, Input, TaskReported
+from scheduler.service.inputs import AgentDrainRequested, HeartbeatReceived, Input, TaskReported
 
 
 class FakeMessage:
@@ -141,3 +143,78 @@ def test_replayed_heartbeats_carry_their_time() -> None:
     assert [beat.replayed for beat in beats] == [True, True, False]
     assert [beat.sent_at for beat in beats] == [90.0, 95.0, 0.0]
     assert all(beat.running == frozenset({"j1/1/0"}) for beat in beats)
+
+
+def drain_feed() -> tuple[AgentFeed, FleetView, asyncio.Queue[Input]]:
+    """Return a feed whose fleet has node ``p.r.n1`` up, and the inbox it fills."""
+    inbox: asyncio.Queue[Input] = asyncio.Queue()
+    fleet = FleetView(heartbeat_timeout_s=30)
+    fleet.apply_inventory(
+        NodeView("p", "r", "n1", (AcceleratorView("GPU-1", "A100-SXM4-80GB"),)), time.time()
+    )
+    return AgentFeed(None, inbox, "scheduler-test", fleet), fleet, inbox  # type: ignore[arg-type]
+
+
+def state_payload(state: int, sent_at: float) -> bytes:
+    beat = agent_pb2.Heartbeat(boot_id="boot", state=state)  # type: ignore[arg-type]
+    beat.time.FromNanoseconds(int(sent_at * 1e9))
+    return beat.SerializeToString()
+
+
+def queued(inbox: asyncio.Queue[Input]) -> list[Input]:
+    return [inbox.get_nowait() for _ in range(inbox.qsize())]
+
+
+def test_heartbeats_that_change_a_drain_reach_the_loop() -> None:
+    feed, fleet, inbox = drain_feed()
+    ready, drain = agent_pb2.AGENT_NODE_STATE_READY, agent_pb2.AGENT_NODE_STATE_DRAIN_REQUESTED
+    feed._heartbeat("p.r.n1", state_payload(ready, 100.0))
+    (first,) = queued(inbox)
+    assert isinstance(first, HeartbeatReceived)
+    assert (first.drain_requested, first.agent_time) == (False, 100.0)
+
+    # Nothing changed: a ready agent of a node that does not drain.
+    feed._heartbeat("p.r.n1", state_payload(ready, 101.0))
+    assert queued(inbox) == []
+    feed._heartbeat("p.r.n1", state_payload(drain, 102.0))
+    (request,) = queued(inbox)
+    assert isinstance(request, HeartbeatReceived)
+    assert (request.drain_requested, request.agent_time) == (True, 102.0)
+
+    fleet.agent_drain("p.r.n1", "agent requested a drain in its heartbeat", 102.0)
+    feed._heartbeat("p.r.n1", state_payload(drain, 103.0))
+    feed._heartbeat("p.r.n1", state_payload(agent_pb2.AGENT_NODE_STATE_STOPPING, 104.0))
+    assert queued(inbox) == []
+    feed._heartbeat("p.r.n1", state_payload(ready, 105.0))
+    (withdrawal,) = queued(inbox)
+    assert isinstance(withdrawal, HeartbeatReceived)
+    assert (withdrawal.drain_requested, withdrawal.agent_time) == (False, 105.0)
+
+
+def test_stopping_heartbeat_neither_requests_nor_withdraws() -> None:
+    feed, _, inbox = drain_feed()
+
+    feed._heartbeat("p.r.n1", state_payload(agent_pb2.AGENT_NODE_STATE_STOPPING, 100.0))
+
+    (beat,) = queued(inbox)
+    assert isinstance(beat, HeartbeatReceived)
+    assert beat.drain_requested is None
+
+
+async def test_health_drain_request_is_acknowledged_after_commit() -> None:
+    feed, _, _ = drain_feed()
+    event = agent_pb2.HealthEvent(
+        event_id="n1/boot/7",
+        condition="xid",
+        action=agent_pb2.HEALTH_ACTION_DRAIN_NODE,
+        message="XID 74: NVLink error",
+    )
+    event.node.provider_id, event.node.region_id, event.node.node_id = "p", "r", "n1"
+    event.time.FromNanoseconds(int(100.5 * 1e9))
+
+    async def ack() -> None:
+        pass
+
+    (request,) = feed._health(event, ack)
+
+    assert request == AgentDrainRequested("p.r.n1", "health: xid XID 74: NVLink error", 100.5, ack)

@@ -1,8 +1,15 @@
-"""The fleet view: heartbeat expiry makes nodes unknown, never free."""
+"""The fleet view: heartbeat expiry makes nodes unknown, never free, and who may end a drain."""
 
 from __future__ import annotations
 
-from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
+from scheduler.service.fleet import (
+    AGENT_WITHDREW,
+    AcceleratorView,
+    Drain,
+    DrainChange,
+    FleetView,
+    NodeView,
+)
 
 
 def make_fleet() -> FleetView:
@@ -41,7 +48,7 @@ def test_unknown_node_needs_full_heartbeat() -> None:
 
 def test_drained_node_stays_draining_after_inventory() -> None:
     fleet = make_fleet()
-    fleet.set_draining("p.r.n1", True, "maintenance")
+    fleet.operator_drain("p.r.n1", True, "maintenance", 110.0)
     node = NodeView("p", "r", "n1", (AcceleratorView("GPU-1", "A100-SXM4-80GB"),))
     change = fleet.apply_inventory(node, 120.0)
     assert change.node.status == "draining"
@@ -146,3 +153,126 @@ def test_replay_leaves_down_node_down() -> None:
     node = fleet.get("p.r.n1")
     assert node is not None
     assert node.status == "down"
+
+
+def drain_of(fleet: FleetView) -> Drain | None:
+    node = fleet.get("p.r.n1")
+    assert node is not None
+    return node.drain
+
+
+def test_agent_drain_ends_on_later_ready_heartbeat() -> None:
+    fleet = make_fleet()
+
+    started = fleet.agent_drain("p.r.n1", "health: xid 79", 105.0)
+
+    assert started == DrainChange("p.r.n1", True, Drain("agent", "health: xid 79", 105.0))
+    node = fleet.get("p.r.n1")
+    assert node is not None
+    assert (node.status, node.status_reason) == ("draining", "health: xid 79")
+    ended = fleet.agent_withdraw("p.r.n1", 106.0)
+    assert ended == DrainChange("p.r.n1", False, Drain("agent", AGENT_WITHDREW, 106.0))
+    node = fleet.get("p.r.n1")
+    assert node is not None
+    assert (node.status, node.drain) == ("up", None)
+
+
+def test_older_ready_heartbeat_keeps_agent_drain() -> None:
+    fleet = make_fleet()
+    fleet.agent_drain("p.r.n1", "health: xid 79", 105.0)
+
+    # A heartbeat sent before the request, or one without a time, reached the loop after it.
+    assert fleet.agent_withdraw("p.r.n1", 104.0) is None
+    assert fleet.agent_withdraw("p.r.n1", 105.0) is None
+    assert fleet.agent_withdraw("p.r.n1", 0.0) is None
+
+    assert drain_of(fleet) == Drain("agent", "health: xid 79", 105.0)
+
+
+def test_agent_drain_without_time_ends_on_ready_heartbeat() -> None:
+    fleet = make_fleet()
+    fleet.agent_drain("p.r.n1", "health: xid 79", 0.0)
+
+    assert fleet.agent_withdraw("p.r.n1", 0.0) is not None
+    assert drain_of(fleet) is None
+
+
+def test_repeated_agent_request_keeps_first_time() -> None:
+    fleet = make_fleet()
+    fleet.agent_drain("p.r.n1", "health: xid 79", 105.0)
+
+    assert fleet.agent_drain("p.r.n1", "agent requested a drain in its heartbeat", 107.0) is None
+
+    assert drain_of(fleet) == Drain("agent", "health: xid 79", 105.0)
+
+
+def test_agent_cannot_end_operator_drain() -> None:
+    fleet = make_fleet()
+    fleet.operator_drain("p.r.n1", True, "maintenance", 105.0)
+
+    assert fleet.agent_drain("p.r.n1", "health: xid 79", 106.0) is None
+    assert fleet.agent_withdraw("p.r.n1", 107.0) is None
+
+    assert drain_of(fleet) == Drain("operator", "maintenance", 105.0)
+
+
+def test_operator_drain_takes_over_agent_drain() -> None:
+    fleet = make_fleet()
+    fleet.agent_drain("p.r.n1", "health: xid 79", 105.0)
+
+    taken = fleet.operator_drain("p.r.n1", True, "replace the GPU", 106.0)
+
+    assert taken == DrainChange("p.r.n1", True, Drain("operator", "replace the GPU", 106.0))
+    assert fleet.agent_withdraw("p.r.n1", 107.0) is None
+    assert drain_of(fleet) == Drain("operator", "replace the GPU", 106.0)
+
+
+def test_operator_undrain_ends_agent_drain() -> None:
+    fleet = make_fleet()
+    fleet.agent_drain("p.r.n1", "health: xid 79", 105.0)
+
+    ended = fleet.operator_drain("p.r.n1", False, "false alarm", 106.0)
+
+    assert ended == DrainChange("p.r.n1", False, Drain("operator", "false alarm", 106.0))
+    node = fleet.get("p.r.n1")
+    assert node is not None
+    assert (node.status, node.status_reason, node.drain) == ("up", "false alarm", None)
+    # A request the agent sends again drains the node again.
+    assert fleet.agent_drain("p.r.n1", "agent requested a drain in its heartbeat", 107.0)
+
+
+def test_drain_that_changes_nothing_returns_none() -> None:
+    fleet = make_fleet()
+
+    assert fleet.operator_drain("p.r.n1", False, "undrained", 105.0) is None
+    assert fleet.agent_withdraw("p.r.n1", 105.0) is None
+    assert fleet.operator_drain("p.r.n1", True, "maintenance", 105.0) is not None
+    assert fleet.operator_drain("p.r.n1", True, "maintenance", 106.0) is None
+    assert fleet.operator_drain("p.r.n1", True, "new reason", 107.0) is not None
+
+
+def test_loaded_agent_drain_ends_on_later_ready_heartbeat() -> None:
+    fleet = FleetView(heartbeat_timeout_s=10)
+    drain = Drain("agent", "health: xid 79", 150.0)
+    node = NodeView("p", "r", "n1", (AcceleratorView("GPU-1", "A100-SXM4-80GB"),), drain=drain)
+    loaded = fleet.load(node, 200.0)
+    assert loaded.node.status == "draining"
+
+    assert fleet.agent_withdraw("p.r.n1", 149.0) is None
+    assert fleet.agent_withdraw("p.r.n1", 151.0) is not None
+    assert drain_of(fleet) is None
+
+
+def test_touch_passes_drain_changes_on() -> None:
+    fleet = make_fleet()
+    assert not fleet.touch("p.r.n1", 101.0, drain_requested=True)
+    assert fleet.touch("p.r.n1", 101.0, drain_requested=False)
+    assert fleet.touch("p.r.n1", 101.0, drain_requested=None)
+
+    fleet.agent_drain("p.r.n1", "health: xid 79", 101.0)
+    assert fleet.touch("p.r.n1", 102.0, drain_requested=True)
+    assert not fleet.touch("p.r.n1", 102.0, drain_requested=False)
+    assert fleet.touch("p.r.n1", 102.0, drain_requested=None)
+
+    fleet.operator_drain("p.r.n1", True, "maintenance", 103.0)
+    assert fleet.touch("p.r.n1", 104.0, drain_requested=False)

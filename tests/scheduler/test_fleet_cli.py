@@ -554,3 +554,30 @@ async def test_failed_accelerator_in_node_views(
     code, out, err = await run_cli(capsys, "nodes", "--format", "json")
     assert code == 0, err
     assert json_rows(out)[0]["failed"] == ""
+
+
+def test_node_row_names_who_drained() -> None:
+    by_agent = scheduler_pb2.Node(
+        node_id="n0",
+        provider_id="prov",
+        region_id="reg",
+        state=scheduler_pb2.NODE_STATE_DRAINING,
+        state_cause=common_pb2.Cause(
+            trigger="agent:drain_requested", reason="health: xid XID 74: NVLink error"
+        ),
+    )
+    by_operator = scheduler_pb2.Node(
+        node_id="n1",
+        provider_id="prov",
+        region_id="reg",
+        state=scheduler_pb2.NODE_STATE_DRAINING,
+        state_cause=common_pb2.Cause(trigger="rpc:DrainNode", reason="maintenance"),
+    )
+
+    agent_row = fleet_cli.node_row(by_agent)
+    operator_row = fleet_cli.node_row(by_operator)
+
+    assert (agent_row["state"], agent_row["cause"]) == ("draining", "agent:drain_requested")
+    assert agent_row["reason"] == "health: xid XID 74: NVLink error"
+    assert (operator_row["state"], operator_row["cause"]) == ("draining", "rpc:DrainNode")
+    assert operator_row["reason"] == "maintenance"

@@ -1,12 +1,14 @@
-"""Down marks of nodes in PostgreSQL: stored, cleared, and fenced like every node write."""
+"""Down marks and drains of nodes in PostgreSQL: stored, cleared, and fenced like every node
+write."""
 
 from __future__ import annotations
 
 import asyncpg
 import pytest
 
+from scheduler.service.fleet import Drain, DrainChange
 from scheduler.service.node_store import NodeStore
-from scheduler.service.store import Fenced
+from scheduler.service.store import Fenced, JobStore
 
 from .test_store import lead
 
@@ -22,7 +24,7 @@ async def test_down_mark_round_trips(pool: asyncpg.Pool, database_dsn: str) -> N
     # The mark is cleared once the node is heard from, and the inventory stays.
     await nodes.set_down({"p.r.n2": None})
     assert await nodes.load_down() == {"p.r.n1": "powered off"}
-    assert await nodes.load() == [(b"one", False, ""), (b"two", False, "")]
+    assert await nodes.load() == [(b"one", None, ""), (b"two", None, "")]
     await lease.release()
 
 
@@ -48,3 +50,62 @@ async def test_deposed_leader_marks_no_node_down(pool: asyncpg.Pool, database_ds
 
     assert await nodes.load_down() == {}
     await takeover.release()
+
+
+async def test_drains_round_trip_with_source(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    nodes = NodeStore(pool, fence=("s0", epoch))
+    store = JobStore(pool, "s0")
+    await nodes.upsert_inventories([("p", "r", "n1", b"one"), ("p", "r", "n2", b"two")])
+    agent = Drain("agent", "health: xid 79", 1_700_000_000.25)
+    operator = Drain("operator", "maintenance", 1_700_000_001.0)
+
+    # A node with no stored inventory is skipped.
+    ghost = DrainChange("p.r.ghost", True, operator)
+    await store.commit_turn(
+        [],
+        [],
+        [],
+        [],
+        epoch,
+        drains=[DrainChange("p.r.n1", True, agent), DrainChange("p.r.n2", True, operator), ghost],
+    )
+
+    assert await nodes.load() == [
+        (b"one", agent, "health: xid 79"),
+        (b"two", operator, "maintenance"),
+    ]
+    rows = await pool.fetch(
+        "SELECT node, draining, drain_source FROM scheduler.nodes ORDER BY node"
+    )
+    assert [tuple(row) for row in rows] == [("n1", True, "agent"), ("n2", True, "operator")]
+
+    # The row keeps who ended the drain and why.
+    withdrawn = Drain("agent", "agent withdrew its drain request", 1_700_000_002.0)
+    await store.commit_turn([], [], [], [], epoch, drains=[DrainChange("p.r.n1", False, withdrawn)])
+
+    assert await nodes.load() == [
+        (b"one", None, "agent withdrew its drain request"),
+        (b"two", operator, "maintenance"),
+    ]
+    row = await pool.fetchrow(
+        "SELECT draining, drain_source, drain_at FROM scheduler.nodes WHERE node = 'n1'"
+    )
+    assert row is not None
+    assert row["draining"] is False
+    assert row["drain_source"] == "agent"
+    assert row["drain_at"].timestamp() == withdrawn.at
+    await lease.release()
+
+
+async def test_drain_needs_a_source(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    nodes = NodeStore(pool, fence=("s0", lease.epoch or 0))
+    await nodes.upsert_inventories([("p", "r", "n1", b"one")])
+
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute("UPDATE scheduler.nodes SET draining = true WHERE node = 'n1'")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute("UPDATE scheduler.nodes SET drain_source = 'provider'")
+    await lease.release()

@@ -10,10 +10,13 @@ import asyncpg
 import pytest
 
 from scheduler.service.engine_adapter import AcceleratorHealth
+from scheduler.service.fleet import Drain, DrainChange
 from scheduler.service.leader import LeaderLease
 from scheduler.service.model import Job, JobFilter, JobSpec, TaskPlacement, new_job_id
 from scheduler.service.node_store import NodeStore
 from scheduler.service.store import DispatchRecord, Fenced, JobStore, Orphan, OutboxEvent
+
+STALE_DRAIN = Drain("operator", "stale drain", 100.0)
 
 
 def make_job(name: str = "train", project: str = "p1") -> Job:
@@ -268,9 +271,11 @@ async def test_deposed_leader_writes_no_node(pool: asyncpg.Pool, database_dsn: s
     with pytest.raises(Fenced):
         await nodes.record_accelerator_health([AcceleratorHealth("p.r.n1", "GPU-0", True, "e1")])
     with pytest.raises(Fenced):
-        await nodes.set_draining("p", "r", "n1", True, "stale drain")
+        await JobStore(pool, "s0").commit_turn(
+            [], [], [], [], lease.epoch or 0, drains=[DrainChange("p.r.n1", True, STALE_DRAIN)]
+        )
 
-    assert await nodes.load() == [(b"first", False, "")]
+    assert await nodes.load() == [(b"first", None, "")]
     assert await nodes.load_failed_accelerators() == []
     await takeover.release()
 
