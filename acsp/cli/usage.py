@@ -274,6 +274,7 @@ def run_status(args: argparse.Namespace) -> int:
             ("samples ingested", status.samples_ingested),
             ("duplicates ignored (this replica)", status.duplicates_ignored),
             ("dead letters", status.dead_lettered),
+            ("dead events", status.dead_events),
             ("messages pending", status.pending_messages),
             ("uncommitted charges", status.uncommitted_charges),
             ("accelerator-seconds", decimal_text(status.accelerator_seconds)),

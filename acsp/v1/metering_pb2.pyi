@@ -328,7 +328,7 @@ class GetIngestStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetIngestStatusResponse(_message.Message):
-    __slots__ = ("samples_ingested", "duplicates_ignored", "dead_lettered", "pending_messages", "uncommitted_charges", "accelerator_seconds", "charged_pf_days", "priced_usage_pf_days")
+    __slots__ = ("samples_ingested", "duplicates_ignored", "dead_lettered", "pending_messages", "uncommitted_charges", "accelerator_seconds", "charged_pf_days", "priced_usage_pf_days", "dead_events")
     SAMPLES_INGESTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_IGNORED_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +337,7 @@ class GetIngestStatusResponse(_message.Message):
     ACCELERATOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CHARGED_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
     PRICED_USAGE_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
+    DEAD_EVENTS_FIELD_NUMBER: _ClassVar[int]
     samples_ingested: int
     duplicates_ignored: int
     dead_lettered: int
@@ -345,4 +346,5 @@ class GetIngestStatusResponse(_message.Message):
     accelerator_seconds: _common_pb2.Decimal
     charged_pf_days: _common_pb2.Decimal
     priced_usage_pf_days: _common_pb2.Decimal
-    def __init__(self, samples_ingested: _Optional[int] = ..., duplicates_ignored: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., pending_messages: _Optional[int] = ..., uncommitted_charges: _Optional[int] = ..., accelerator_seconds: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., charged_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., priced_usage_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
+    dead_events: int
+    def __init__(self, samples_ingested: _Optional[int] = ..., duplicates_ignored: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., pending_messages: _Optional[int] = ..., uncommitted_charges: _Optional[int] = ..., accelerator_seconds: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., charged_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., priced_usage_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., dead_events: _Optional[int] = ...) -> None: ...

@@ -426,6 +426,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 SELECT (SELECT coalesce(sum(sample_count), 0) FROM metering.usage_periods)
                            AS samples,
                        (SELECT count(*) FROM metering.dead_letters) AS dead,
+                       (SELECT count(*) FROM metering.dead_events) AS dead_events,
                        (SELECT count(*) FROM metering.charges WHERE state <> 'committed')
                            AS uncommitted,
                        (SELECT coalesce(sum(accelerator_micros), 0) FROM metering.usage_periods)
@@ -458,6 +459,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             samples_ingested=int(counts["samples"]),
             duplicates_ignored=ingest.counters.duplicates if ingest is not None else 0,
             dead_lettered=int(counts["dead"]),
+            dead_events=int(counts["dead_events"]),
             pending_messages=pending,
             uncommitted_charges=int(counts["uncommitted"]),
             accelerator_seconds=convert.decimal_out(micros_to_seconds(int(counts["micros"]))),

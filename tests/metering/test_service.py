@@ -26,9 +26,11 @@ from services.metering.pledges import PledgeRecord, store_pledges
 from services.metering.ratecard import default_rate_card
 from services.metering.service import build_service
 from services.metering.settings import MeteringSettings
+from services.metering.waste_events import SUBJECT, waste_message_id
 from services.runtime.auth import Role, generate_signing_key, load_signing_key, mint_token
 from services.runtime.channel import open_channel
 from services.runtime.db import Database
+from services.runtime.dead_events import DeadEvent, insert_dead_events
 from services.runtime.server import Service
 from tests.metering.conftest import free_port
 from tests.metering.helpers import (
@@ -285,3 +287,53 @@ class BlockingStub:
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._stub, name)
         return lambda request: method(request, metadata=self._metadata, timeout=20)
+
+
+async def test_ingest_status_counts_dead_events(
+    running: tuple[Service, Client],
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    service, client = running
+    office = client.metadata(Role.PROGRAM_OFFICE)
+    dead = [
+        DeadEvent(
+            waste_message_id(f"job-{n}", 0),
+            f"job-{n}/0",
+            SUBJECT,
+            b"x",
+            "message size exceeds maximum allowed",
+            5,
+            T0,
+        )
+        for n in range(2)
+    ]
+    async with db.acquire() as conn:
+        await insert_dead_events(conn, "metering.dead_events", dead)
+        await conn.execute(
+            "INSERT INTO metering.dead_letters (dedupe_key, subject, stream_sequence, reason)"
+            " VALUES ('usage/1', 'acsp.usage.prov.reg.n0', 1, 'malformed usage report')"
+        )
+
+    status = await client.stub.GetIngestStatus(
+        metering_pb2.GetIngestStatusRequest(), metadata=office
+    )
+
+    assert status.dead_events == 2
+    assert status.dead_lettered == 1
+
+    @contextmanager
+    def open_metering(args: object) -> Iterator[Any]:
+        with grpc.insecure_channel(service.address) as channel:
+            stub = metering_pb2_grpc.MeteringServiceStub(channel)
+            yield BlockingStub(stub, office)
+
+    monkeypatch.setattr(usage_cli, "open_metering", open_metering)
+    code = await asyncio.to_thread(main, ["usage", "status", "--format", "csv"])
+    rows = {
+        row["field"]: row["value"] for row in csv.DictReader(io.StringIO(capsys.readouterr().out))
+    }
+    assert code == 0
+    assert rows["dead events"] == "2"
+    assert rows["dead letters"] == "1"
