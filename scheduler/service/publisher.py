@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
@@ -19,6 +19,7 @@ from services.runtime.publish_errors import (
     REJECTED_LOCALLY,
     Message,
     Outcome,
+    confirm_unacknowledged,
     log_outcomes,
     publish_outcome,
     reject_streamless,
@@ -29,10 +30,6 @@ from .commands import command_subject
 from .store import DispatchRecord, OutboxEvent
 
 logger = logging.getLogger(__name__)
-
-MAX_CONFIRMATIONS: Final = 32
-"""Unacknowledged messages of one wave that :meth:`Publisher._confirm` checks at most. The rest
-are retried unchecked, so a NATS outage costs a bounded number of extra requests."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,35 +125,7 @@ class Publisher:
                 unacknowledged.append(index)
             else:
                 outcomes[index] = publish_outcome(future.exception(), messages[index])
-        await self._confirm(unacknowledged[:MAX_CONFIRMATIONS], messages, outcomes)
+        await confirm_unacknowledged(
+            self._js, unacknowledged, messages, outcomes, self._confirm_timeout
+        )
         return outcomes
-
-    async def _confirm(
-        self, indexes: Sequence[int], messages: Sequence[Message], outcomes: list[Outcome | None]
-    ) -> None:
-        """Publish unacknowledged messages again, each as a plain request, to learn why.
-
-        In nats-py 2.16 the handler of ``publish_async`` replies raises a JetStream error
-        instead of setting it on the future, which stays pending. So a message over the
-        stream's max_msg_size looks like a lost ack, and a plain request returns its error.
-        JetStream drops the copy of a message it has already stored, by its ``Nats-Msg-Id``,
-        within the stream's duplicate window.
-        """
-        if not indexes:
-            return
-
-        async def confirm(index: int) -> None:
-            subject, payload, msg_id = messages[index]
-            try:
-                await self._js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
-            except (NatsError, TimeoutError) as exc:
-                outcomes[index] = publish_outcome(exc, messages[index])
-            else:
-                outcomes[index] = True
-
-        try:
-            async with asyncio.timeout(self._confirm_timeout), asyncio.TaskGroup() as group:
-                for index in indexes:
-                    group.create_task(confirm(index))
-        except TimeoutError:
-            logger.debug("%d unacknowledged messages not confirmed in time", len(indexes))

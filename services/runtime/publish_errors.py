@@ -10,6 +10,10 @@ with its reason instead of being retried forever, while a NATS outage only delay
   JetStream's API finds no stream for the subject.
 - retried: everything else, such as timeouts, disconnections, and no reply while NATS
   restarts, when JetStream's API does not reply either.
+
+In nats-py 2.16 the handler of ``publish_async`` replies raises JetStream's error instead of
+setting it on the future, which stays pending. So a message over the stream's max_msg_size
+looks like a lost ack, and :func:`confirm_unacknowledged` learns its outcome.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ PERMANENT_JS_ERRORS: Final = frozenset({JS_MESSAGE_TOO_LARGE})
 """JetStream error codes that the same message gets on every retry. Unavailability, and the
 maximum messages or bytes of a stream that discards new messages, can clear, so a publish
 that fails with them is retried."""
+MAX_CONFIRMATIONS: Final = 32
+"""Unacknowledged messages that one call of :func:`confirm_unacknowledged` checks at most. The
+rest are retried unchecked, so a NATS outage costs a bounded number of extra requests."""
 
 Outcome = bool | str
 """True when JetStream stored the message, False to retry it, or why it can never be sent."""
@@ -61,6 +68,41 @@ def rejection_reason(error: BaseException | str, message: Message) -> str:
     """Return why ``message`` can never be published, naming its id, size and subject."""
     subject, payload, msg_id = message
     return f"{error} for message {msg_id} of {len(payload)} bytes on {subject}"
+
+
+async def confirm_unacknowledged(
+    js: JetStreamContext,
+    indexes: Sequence[int],
+    messages: Sequence[Message],
+    outcomes: list[Outcome | None],
+    timeout_s: float,
+) -> None:
+    """Publish unacknowledged messages again, each as a plain request, to learn their outcome.
+
+    Sets ``outcomes[i]`` for each of the first :data:`MAX_CONFIRMATIONS` of ``indexes`` whose
+    request ends within ``timeout_s``, all requests together. The others keep their outcome.
+    A plain request returns JetStream's error, which ``publish_async`` loses in nats-py 2.16.
+    JetStream drops the copy of a message it has already stored, by its ``Nats-Msg-Id``,
+    within the stream's duplicate window.
+    """
+    if not indexes:
+        return
+
+    async def confirm(index: int) -> None:
+        subject, payload, msg_id = messages[index]
+        try:
+            await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+        except (NatsError, TimeoutError) as exc:
+            outcomes[index] = publish_outcome(exc, messages[index])
+        else:
+            outcomes[index] = True
+
+    try:
+        async with asyncio.timeout(timeout_s), asyncio.TaskGroup() as group:
+            for index in indexes[:MAX_CONFIRMATIONS]:
+                group.create_task(confirm(index))
+    except TimeoutError:
+        logger.debug("%d unacknowledged messages not confirmed in time", len(indexes))
 
 
 async def reject_streamless(
