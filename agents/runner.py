@@ -537,9 +537,10 @@ class TaskRunner:
         # while the state file, saved at the end of this loop turn, still lists the task.
         self._tasks.pop(record.task_id, None)
         self._ended_since_usage.append(task)
-        # NOTE: the removal is saved before the end event reaches the spool. An agent killed
-        # in between never reports this end, because a restarted agent no longer lists the
-        # task and ignores a redelivered start of it (its log exists).
+        # NOTE: the removal is saved at the end of this loop turn, but the end event waits in
+        # the outbox's memory queue while a publish batch is in flight (seconds under load).
+        # An agent killed in between never reports this end: a restarted agent no longer
+        # lists the task, and it ignores a redelivered start of it because its log exists.
         self._state.remove_task(self._node_key, record.task_id, durable=record.pid != 0)
         self._remember(record.task_id, state)
         if record.stop_reason:
