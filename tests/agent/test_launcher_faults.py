@@ -16,7 +16,13 @@ from agents.model import TaskSpec, TaskState
 from agents.runner import TaskRunner
 from agents.state import StateStore
 from agents.task_process import TaskLauncher, process_start_ticks
-from tests.agent.test_runner import Recorder, make_runner, python_command, wait_for
+from tests.agent.test_runner import (
+    Recorder,
+    close_launchers,  # noqa: F401 (closes the launchers of make_runner after each test)
+    make_runner,
+    python_command,
+    wait_for,
+)
 
 
 async def start_and_wait(runner: TaskRunner, recorder: Recorder, spec: TaskSpec) -> None:
@@ -202,6 +208,7 @@ async def test_stalled_launcher_is_replaced(tmp_path: Path) -> None:
     launcher._reply_timeout_s = 1.0
     ending = python_command("import sys, time; time.sleep(2); sys.exit(5)")
     late = TaskSpec("l", "l/1/0", ("GPU-1",), python_command(append_line(runs, "ran")))
+
     async with asyncio.TaskGroup() as group:
         runner.attach(group)
         await runner.start(TaskSpec("e", "e/1/0", ("GPU-0",), ending))
@@ -212,6 +219,7 @@ async def test_stalled_launcher_is_replaced(tmp_path: Path) -> None:
             await asyncio.wait_for(runner.start(late), 5.0)
         finally:
             os.kill(stalled, signal.SIGCONT)
+
         assert recorder.states("l/1/0") == [TaskState.START_FAILED]
         assert "no reply" in recorder.last("l/1/0").reason
         # The next start gets a new launcher.
