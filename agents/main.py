@@ -36,6 +36,7 @@ from agents.backends.fleet import (
     load_fleet,
     load_utilization_trace,
 )
+from agents.dead_letters import DEAD_LETTERS_FILE_NAME, DeadLetters
 from agents.health import HealthSettings
 from agents.node import NodeAgent
 from agents.outbox import Outbox
@@ -130,6 +131,8 @@ def build_process(
     outbox = Outbox(
         Spool(state_dir / "spool", max_bytes=settings.spool_max_bytes),
         before_append=state.save_before_spool,
+        dead_letters=DeadLetters(state_dir / DEAD_LETTERS_FILE_NAME),
+        max_rejections=settings.max_message_rejections,
     )
     boot = boot_id or uuid.uuid4().hex[:12]
     health_settings = HealthSettings(settings.clear_after_s, settings.double_bit_threshold)

@@ -4,9 +4,19 @@
 queued messages to the :class:`~agents.spool.Spool` with one fsync, then publishes from the
 head of the spool in batches with many acks in flight. Each message carries its
 ``Nats-Msg-Id``, so JetStream stores a replayed message once within the stream's duplicate
-window. Only
-acknowledged messages leave the spool, so a NATS outage or an agent crash loses nothing that
-reached the spool, and replay keeps the order of appending.
+window. Only the settled start of the spool leaves it, so a NATS outage or an agent crash
+loses nothing that reached the spool, and replay keeps the order of appending.
+
+A message is settled when JetStream stored it, or when it moved to the dead letters
+(:mod:`agents.dead_letters`). Failures are sorted by :mod:`services.runtime.publish_errors`:
+timeouts, disconnections and no reply while NATS restarts are retried for as long as they
+last. JetStream's rejections for good (over the stream's max_msg_size or the server's
+max_payload, no stream for the subject) are counted, at most once per ``rejection_spacing_s``.
+At ``max_rejections`` the message moves to the dead letters. Meanwhile the messages after it
+are published, and the outbox does not send the stored ones again while it waits. The counts
+and the stored ids live in memory, so a restarted agent counts a message's rejections from
+zero and sends the stored messages again, whose copies JetStream drops within its duplicate
+window.
 
 NOTE: within one batch, if an early message fails while a later one is stored, the later one
 is stored first and the earlier one on retry. Consumers that need per-node order use the
@@ -17,18 +27,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Final
 
+from nats.aio.client import Client
 from nats.errors import Error as NatsError
+from nats.errors import MaxPayloadError
+from nats.js import JetStreamContext
 
+from agents.dead_letters import DEAD_LETTERS_FILE_NAME, DeadLetter, DeadLetters
 from agents.spool import Spool, SpoolRecord
+from services.runtime.dead_events import REJECTION_SPACING_S
+from services.runtime.publish_errors import (
+    REJECTED_LOCALLY,
+    Message,
+    Outcome,
+    confirm_unacknowledged,
+    publish_outcome,
+    reject_streamless,
+    rejection_reason,
+)
 
 logger = logging.getLogger(__name__)
 
-PublishFunction = Callable[[str, bytes, dict[str, str]], Awaitable["asyncio.Future[Any]"]]
-"""A function that sends one message to JetStream and returns the future of its acknowledgement."""
+MAX_REJECTIONS: Final = 5
+"""Default of ACSP_AGENT_MAX_MESSAGE_REJECTIONS."""
+MSG_ID_HEADER: Final = "Nats-Msg-Id"
+
+ClientSource = Callable[[], Client | None]
+"""A function that returns the agent's NATS client, or None before the first connection."""
 
 
 @dataclass(slots=True)
@@ -38,6 +68,18 @@ class OutboxCounters:
     dropped: int = 0
     """Messages rejected because the spool (or the in-memory queue) was full."""
     publish_failures: int = 0
+    rejections: int = 0
+    """Rejections for good counted, at most one per message every ``rejection_spacing_s``."""
+    dead_lettered: int = 0
+    """Messages moved to the dead letters after ``max_rejections`` rejections for good."""
+
+
+@dataclass(slots=True)
+class _Rejection:
+    count: int
+    counted_at: float
+    """Monotonic time of the last counted rejection."""
+    reason: str
 
 
 class Outbox:
@@ -51,19 +93,44 @@ class Outbox:
         ack_timeout_s: float = 5.0,
         retry_s: float = 1.0,
         before_append: Callable[[], None] | None = None,
+        dead_letters: DeadLetters | None = None,
+        max_rejections: int = MAX_REJECTIONS,
+        rejection_spacing_s: float = REJECTION_SPACING_S,
+        confirm_timeout_s: float = 1.0,
     ) -> None:
-        """``before_append`` runs before each append to the spool (the agent saves its state)."""
+        """``before_append`` runs before each append to the spool (the agent saves its state).
+
+        ``dead_letters`` defaults to the file ``dead_letters.jsonl`` beside the spool's
+        directory, which is the agent's state directory. ``confirm_timeout_s`` bounds the
+        requests that learn why unacknowledged messages failed, and the stream lookups.
+        """
+        if max_rejections < 1:
+            raise ValueError(f"max_rejections must be at least 1, not {max_rejections}")
         self._spool = spool
         self._before_append = before_append
         self._batch_size = batch_size
         self._max_queued = max_queued
         self._ack_timeout_s = ack_timeout_s
         self._retry_s = retry_s
+        if dead_letters is None:
+            dead_letters = DeadLetters(spool.directory.parent / DEAD_LETTERS_FILE_NAME)
+        self._dead_letters = dead_letters
+        self._max_rejections = max_rejections
+        self._rejection_spacing_s = rejection_spacing_s
+        self._confirm_timeout_s = confirm_timeout_s
         self._queue: list[SpoolRecord] = []
         self._wake = asyncio.Event()
         self.counters = OutboxCounters()
         self._last_drop_log = 0
         self._closed = False
+        self._client: Client | None = None
+        self._jetstream: JetStreamContext | None = None
+        # Both hold ids of records in the first batch of the spool only, so they stay small.
+        self._stored: set[str] = set()
+        """Ids of messages JetStream stored behind a message that is not settled yet."""
+        self._rejections: dict[str, _Rejection] = {}
+        self._logged_full_for = ""
+        """Id of the message last logged as held back by a full dead-letter file."""
 
     @property
     def pending(self) -> int:
@@ -107,11 +174,12 @@ class Outbox:
         self._closed = True
         self._wake.set()
 
-    async def run(self, publish: PublishFunction, connected: Callable[[], bool]) -> None:
-        """Spool and publish until cancelled or closed."""
+    async def run(self, client: ClientSource) -> None:
+        """Spool and publish until cancelled or closed, while ``client()`` is connected."""
         while not self._closed:
             self.flush_to_spool()
-            if self._spool.pending_records == 0 or not connected():
+            current = client()
+            if self._spool.pending_records == 0 or current is None or not current.is_connected:
                 self._wake.clear()
                 try:
                     async with asyncio.timeout(self._retry_s):
@@ -119,17 +187,16 @@ class Outbox:
                 except TimeoutError:
                     pass
                 continue
-            sent = await self._publish_batch(publish)
-            if sent == 0:
+            if await self._publish_batch(current) == 0:
                 await asyncio.sleep(self._retry_s)
 
-    async def drain(self, publish: PublishFunction, timeout_s: float) -> None:
+    async def drain(self, client: Client, timeout_s: float) -> None:
         """Publish what is queued and spooled, for at most ``timeout_s`` (at shutdown)."""
         self.flush_to_spool()
         try:
             async with asyncio.timeout(timeout_s):
                 while self._spool.pending_records:
-                    if await self._publish_batch(publish) == 0:
+                    if await self._publish_batch(client) == 0:
                         await asyncio.sleep(self._retry_s)
         except TimeoutError:
             logger.warning(
@@ -138,45 +205,182 @@ class Outbox:
                 timeout_s,
             )
 
-    async def _publish_batch(self, publish: PublishFunction) -> int:
+    async def _publish_batch(self, client: Client) -> int:
+        """Publish the head of the spool; return how many messages left it."""
         batch = self._spool.peek(self._batch_size)
-        acks: list[asyncio.Future[Any]] = []
+        messages = [(record.subject, record.payload, record.msg_id) for record in batch]
+        outcomes, failure = await self._publish_wave(client, messages)
+        self._count_rejections(messages, outcomes)
+        settled = self._settle(messages, outcomes)
+        if settled < len(batch):
+            self.counters.publish_failures += 1
+            head = outcomes[settled]
+            logger.info(
+                "publishing paused after %d of %d messages: %s; %d wait in the spool",
+                settled,
+                len(batch),
+                head if isinstance(head, str) else repr(failure or "no acknowledgement in time"),
+                self._spool.pending_records,
+            )
+        return settled
+
+    def _jetstream_for(self, client: Client) -> JetStreamContext:
+        # One context per client, because it owns the subscription that receives the acks.
+        if self._jetstream is None or self._client is not client:
+            self._client, self._jetstream = client, client.jetstream()
+        return self._jetstream
+
+    async def _publish_wave(
+        self, client: Client, messages: Sequence[Message]
+    ) -> tuple[list[Outcome], BaseException | None]:
+        """Publish ``messages`` with their acks in flight at once; return each one's outcome.
+
+        Skips the messages already stored or in the dead letters. Also returns the error that
+        stopped the sending, if any.
+        """
+        js = self._jetstream_for(client)
+        answers: list[Outcome | None] = [False] * len(messages)
+        futures: dict[int, asyncio.Future[Any]] = {}
+        unacknowledged: list[int] = []
         failure: BaseException | None = None
         try:
             # One deadline for the whole batch, so no message needs a timer of its own.
             async with asyncio.timeout(self._ack_timeout_s):
-                for record in batch:
-                    headers = {"Nats-Msg-Id": record.msg_id}
-                    acks.append(await publish(record.subject, record.payload, headers))
-                if acks:
+                for index, message in enumerate(messages):
+                    _subject, payload, msg_id = message
+                    if msg_id in self._stored:
+                        answers[index] = True
+                    elif msg_id in self._dead_letters:
+                        continue  # _settle drops it from the spool without publishing it
+                    elif len(payload) > client.max_payload:
+                        # nats-py raises this only after publish_async has registered the ack,
+                        # which then keeps one of its slots for good.
+                        answers[index] = rejection_reason(MaxPayloadError(), message)
+                    elif msg_id in self._rejections:
+                        # JetStream's error would leave publish_async's ack pending until the
+                        # deadline, so a plain request learns the outcome instead.
+                        unacknowledged.append(index)
+                    else:
+                        futures[index] = await self._send(js, message)
+                if futures:
                     # The deadline above bounds this too, unless a library swallows its
                     # cancellation, so the wait carries its own bound as well.
-                    await asyncio.wait(acks, timeout=self._ack_timeout_s)
+                    await asyncio.wait(futures.values(), timeout=self._ack_timeout_s)
         except (NatsError, TimeoutError, OSError) as error:
             failure = error
         finally:
-            for ack in acks:
-                ack.cancel()  # a no-op for the acknowledged ones
-        acknowledged = 0
-        for ack in acks:
-            problem = None if ack.cancelled() else ack.exception()
-            if ack.cancelled() or problem is not None:
-                if problem is not None and not isinstance(
-                    problem, NatsError | TimeoutError | OSError
-                ):
-                    raise problem
-                failure = failure or problem or TimeoutError("no acknowledgement in time")
-                break
-            acknowledged += 1
-        self._spool.commit(acknowledged)
-        self.counters.published += acknowledged
-        if acknowledged < len(batch):
-            self.counters.publish_failures += 1
-            logger.info(
-                "publishing paused after %d of %d messages: %r; %d wait in the spool",
-                acknowledged,
-                len(batch),
-                failure,
-                self._spool.pending_records,
+            for future in futures.values():
+                future.cancel()  # a no-op for the settled ones
+        for index, future in futures.items():
+            if future.cancelled():
+                unacknowledged.append(index)
+            else:
+                answers[index] = publish_outcome(future.exception(), messages[index])
+        if failure is None or isinstance(failure, TimeoutError):
+            await confirm_unacknowledged(
+                js, sorted(unacknowledged), messages, answers, self._confirm_timeout_s
             )
-        return acknowledged
+        outcomes = await reject_streamless(js, answers, messages, self._confirm_timeout_s)
+        return outcomes, failure
+
+    async def _send(self, js: JetStreamContext, message: Message) -> asyncio.Future[Any]:
+        subject, payload, msg_id = message
+        try:
+            return await js.publish_async(
+                subject, payload, wait_stall=None, headers={MSG_ID_HEADER: msg_id}
+            )
+        except REJECTED_LOCALLY as error:
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.set_exception(error)
+            return done
+
+    def _count_rejections(self, messages: Sequence[Message], outcomes: Sequence[Outcome]) -> None:
+        now = time.monotonic()
+        for message, outcome in zip(messages, outcomes, strict=True):
+            if not isinstance(outcome, str):
+                continue
+            msg_id = message[2]
+            rejection = self._rejections.get(msg_id)
+            if rejection is None:
+                rejection = self._rejections[msg_id] = _Rejection(0, now, outcome)
+            elif now - rejection.counted_at < self._rejection_spacing_s:
+                rejection.reason = outcome
+                continue
+            rejection.count += 1
+            rejection.counted_at = now
+            rejection.reason = outcome
+            self.counters.rejections += 1
+            if rejection.count < self._max_rejections:
+                logger.warning(
+                    "message %s on %s rejected for good (%d of %d before it moves to %s): %s",
+                    msg_id,
+                    message[0],
+                    rejection.count,
+                    self._max_rejections,
+                    self._dead_letters.path,
+                    outcome,
+                    extra={"message_id": msg_id},
+                )
+
+    def _settle(self, messages: Sequence[Message], outcomes: Sequence[Outcome]) -> int:
+        """Remove the settled start of the batch from the spool; return its length.
+
+        Writes the dead letters first (one fsync), so a crash before the spool's commit loses
+        nothing.
+        """
+        settled = 0
+        dead: list[tuple[int, DeadLetter]] = []
+        for index, (message, outcome) in enumerate(zip(messages, outcomes, strict=True)):
+            subject, payload, msg_id = message
+            rejection = self._rejections.get(msg_id)
+            if outcome is True:
+                pass
+            elif msg_id in self._dead_letters:
+                logger.info(
+                    "message %s is in %s already; removed from the spool",
+                    msg_id,
+                    self._dead_letters.path,
+                )
+            elif rejection is not None and rejection.count >= self._max_rejections:
+                letter = DeadLetter(
+                    msg_id, subject, payload, rejection.reason, rejection.count, datetime.now(UTC)
+                )
+                dead.append((index, letter))
+            else:
+                break
+            settled = index + 1
+        written = self._dead_letters.append([letter for _, letter in dead])
+        if written < len(dead):
+            settled, blocked = dead[written]
+            if blocked.message_id != self._logged_full_for:
+                self._logged_full_for = blocked.message_id
+                logger.error(
+                    "dead-letter file %s is full; message %s and the ones after it stay in the "
+                    "spool until the file is moved away",
+                    self._dead_letters.path,
+                    blocked.message_id,
+                )
+        for _, letter in dead[:written]:
+            self._report_dead_letter(letter)
+        self._spool.commit(settled)
+        for message, outcome in zip(messages[:settled], outcomes[:settled], strict=True):
+            self._stored.discard(message[2])
+            self._rejections.pop(message[2], None)
+            if outcome is True:
+                self.counters.published += 1
+        for message, outcome in zip(messages[settled:], outcomes[settled:], strict=True):
+            if outcome is True:
+                self._stored.add(message[2])
+        return settled
+
+    def _report_dead_letter(self, letter: DeadLetter) -> None:
+        self.counters.dead_lettered += 1
+        logger.error(
+            "message %s on %s moved to %s after %d rejections: %s",
+            letter.message_id,
+            letter.subject,
+            self._dead_letters.path,
+            letter.rejections,
+            letter.reason,
+            extra={"message_id": letter.message_id},
+        )

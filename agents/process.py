@@ -10,8 +10,8 @@ the spool.
   every ``heartbeat_s``; a heartbeat that cannot be sent is skipped (only the latest counts).
 - Health events, task events, usage reports: JetStream, through the outbox and its spool.
 - Counters: written every ``state_flush_s`` to ``stats.json`` beside the state file (usage
-  samples made, messages published, spooled, dropped and pending), so that a supervisor can
-  compare them with what metering ingested.
+  samples made, messages published, spooled, dropped, moved to the dead letters and pending),
+  so that a supervisor can compare them with what metering ingested.
 - Commands: a durable push consumer on ``ACSP_COMMANDS`` named ``agent-<provider>-<region>-<node>``,
   filtered to the node's command subject and delivering to
   ``acsp.deliver.<provider>.<region>.<node>``. The agent creates it itself, with ``name`` set
@@ -55,7 +55,6 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from acsp import subjects
@@ -156,7 +155,6 @@ class AgentProcess:
         self._stop_grace_s = stop_grace_s
         self._launcher = launcher
         self._client: Client | None = None
-        self._jetstream: JetStreamContext | None = None
         self._connected_once = asyncio.Event()
         self._reconnected = asyncio.Event()
         self.counters = ProcessCounters()
@@ -189,7 +187,7 @@ class AgentProcess:
             self._state.save()
             loops = [
                 group.create_task(self._connect_loop(), name="nats-connect"),
-                group.create_task(self._outbox.run(self._publish, lambda: self.connected)),
+                group.create_task(self._outbox.run(lambda: self._client), name="outbox"),
                 group.create_task(self._every(self._intervals.read_s, self._read_all), name="read"),
                 group.create_task(self._every(self._intervals.usage_s, self._usage_all)),
                 group.create_task(self._every(self._intervals.heartbeat_s, self._heartbeat_all)),
@@ -277,7 +275,7 @@ class AgentProcess:
         if client is not None and client.is_connected:
             # A second is kept for the stopping heartbeats and the close.
             drain_s = max(0.2, min(_DRAIN_S, deadline - loop.time() - 1.0))
-            await self._outbox.drain(self._publish, drain_s)
+            await self._outbox.drain(client, drain_s)
         self.write_stats()
         if client is None or client.is_closed:
             return
@@ -376,19 +374,6 @@ class AgentProcess:
     async def _on_reconnected(self) -> None:
         logger.info("reconnected to NATS; replaying %d spooled messages", self._outbox.pending)
         self._reconnected.set()
-
-    async def _publish(
-        self, subject: str, payload: bytes, headers: dict[str, str]
-    ) -> asyncio.Future[Any]:
-        if self._client is None:
-            raise nats.errors.ConnectionClosedError
-        if self._jetstream is None:
-            # One context for the connection: it owns the subscription that receives the acks.
-            self._jetstream = self._client.jetstream()
-        # wait_stall=None: the outbox bounds the whole batch with one deadline.
-        return await self._jetstream.publish_async(
-            subject, payload, wait_stall=None, headers=headers
-        )
 
     # Periodic work ---------------------------------------------------------------------------
 

@@ -45,6 +45,15 @@ class AgentSettings(Settings):
     spool_max_bytes: int = setting(
         "ACSP_AGENT_SPOOL_MAX_BYTES", 256 << 20, "bytes of unsent messages kept on disk", minimum=1
     )
+    max_message_rejections: int = setting(
+        "ACSP_AGENT_MAX_MESSAGE_REJECTIONS",
+        5,
+        "times JetStream may reject a spooled message for good (over the stream's max_msg_size"
+        " or the server's max_payload, no stream for its subject), counted at most once every"
+        " 5 s, before the message moves from the spool to dead_letters.jsonl in the state"
+        " directory",
+        minimum=1,
+    )
     clear_after_s: float = setting(
         "ACSP_AGENT_HEALTH_CLEAR_AFTER_S",
         300.0,

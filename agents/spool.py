@@ -87,6 +87,10 @@ class Spool:
     # Properties ------------------------------------------------------------------------------
 
     @property
+    def directory(self) -> Path:
+        return self._dir
+
+    @property
     def pending_bytes(self) -> int:
         return self._tail - self._head
 

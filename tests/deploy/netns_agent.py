@@ -16,7 +16,6 @@ import ssl
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import nats
 
@@ -51,14 +50,8 @@ async def main(args: argparse.Namespace) -> int:
         reconnect_time_wait=0.5,
         connect_timeout=5,
     )
-    js = nc.jetstream(timeout=5)
-
-    async def publish(subject: str, payload: bytes, headers: dict[str, str]) -> asyncio.Future[Any]:
-        # The outbox waits for the acks of a batch together, under its own deadline.
-        return await js.publish_async(subject, payload, wait_stall=None, headers=headers)
-
     outbox = Outbox(Spool(Path(args.spool)), batch_size=32, ack_timeout_s=2.0, retry_s=0.5)
-    sender = asyncio.create_task(outbox.run(publish, lambda: nc.is_connected))
+    sender = asyncio.create_task(outbox.run(lambda: nc))
     progress = Path(args.progress)
     deadline = time.monotonic() + args.timeout_s
     try:
