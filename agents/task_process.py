@@ -49,6 +49,12 @@ _REPLY_TIMEOUT_S = 10.0
 A launcher replies to each chunk of requests it reads (up to 1 MiB) after starting them all,
 so the bound is far above the time such a chunk takes.
 """
+_REPLY_CHECKS = 10
+"""Checks of the launcher's silence per reply timeout.
+
+The silence is counted in checks rather than read off the clock, so that time in which the
+agent itself did not run (stopped, or its event loop busy) counts once at most.
+"""
 
 
 class CommandNotRunnableError(Exception):
@@ -212,6 +218,8 @@ class TaskLauncher:
         self._python = python
         self._reply_timeout_s = reply_timeout_s
         self._reply_timer: asyncio.TimerHandle | None = None
+        self._silent_checks = 0
+        """Checks in a row that found start requests pending and no message since the last."""
         self._popen: subprocess.Popen[bytes] | None = None
         self._socket: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -260,7 +268,7 @@ class TaskLauncher:
         }
         self._outgoing += json.dumps(request).encode() + b"\n"
         if self._reply_timer is None:
-            self._reply_timer = self._loop.call_later(self._reply_timeout_s, self._on_silence)
+            self._schedule_reply_check()
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -360,20 +368,30 @@ class TaskLauncher:
         *lines, self._incoming = (self._incoming + data).split(b"\n")
         for line in lines:
             self._on_message(json.loads(line))
-        # The launcher sent something, so the wait for a reply starts again.
-        self._cancel_reply_timer()
-        if self._pending and self._socket is not None:
-            assert self._loop is not None
-            self._reply_timer = self._loop.call_later(self._reply_timeout_s, self._on_silence)
+        self._silent_checks = 0
+
+    def _schedule_reply_check(self) -> None:
+        assert self._loop is not None
+        delay = self._reply_timeout_s / _REPLY_CHECKS
+        self._reply_timer = self._loop.call_later(delay, self._check_replies)
 
     def _cancel_reply_timer(self) -> None:
         if self._reply_timer is not None:
             self._reply_timer.cancel()
             self._reply_timer = None
+        self._silent_checks = 0
 
-    def _on_silence(self) -> None:
+    def _check_replies(self) -> None:
         self._reply_timer = None
-        self._fail(f"no reply for {self._reply_timeout_s:g} s to {len(self._pending)} starts")
+        if self._socket is None or not self._pending:
+            self._silent_checks = 0
+            return
+        self._silent_checks += 1
+        if self._silent_checks >= _REPLY_CHECKS:
+            count = len(self._pending)
+            self._fail(f"no reply for {self._reply_timeout_s:g} s to {count} starts")
+            return
+        self._schedule_reply_check()
 
     def _on_message(self, message: dict[str, Any]) -> None:
         if "id" in message:

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,26 @@ async def test_stalled_launcher_is_replaced(tmp_path: Path) -> None:
     assert not runs.exists()
     # The agent reaps it, so it leaves no zombie behind.
     await wait_for(lambda: not Path(f"/proc/{stalled}").exists())
+
+
+@pytest.mark.timeout(30)
+async def test_held_agent_keeps_launcher(tmp_path: Path) -> None:
+    launcher = TaskLauncher(reply_timeout_s=0.5)
+    try:
+        launch = launcher.launch(
+            "/bin/sh",
+            ["sh", "-c", "exit 3"],
+            {},
+            tmp_path,
+            tmp_path / "h.log",
+            tmp_path / "h.exit",
+            "",
+        )
+        first = launcher.identity
+        # The agent's own loop is held past the timeout (stopped, or busy), not the launcher.
+        time.sleep(1.5)  # noqa: ASYNC251 (the loop is held on purpose)
+        process = await asyncio.wait_for(launch, 5.0)
+        assert await asyncio.wait_for(process.wait(), 5.0) == 3
+        assert launcher.identity == first
+    finally:
+        launcher.close()
