@@ -385,10 +385,13 @@ class NodeAgent:
                     )
                 )
 
-        report = wire.usage_report_message(self.ref, self.boot_id, samples, models)
-        self._outbox.add(
-            self._usage_subject, f"usage:{samples[0].sample_id}", report.SerializeToString()
-        )
+        # Split, because a report after a long outage or of many tasks can outgrow max_payload.
+        for report in wire.usage_report_messages(self.ref, self.boot_id, samples, models):
+            self._outbox.add(
+                self._usage_subject,
+                f"usage:{report.samples[0].sample_id}",
+                report.SerializeToString(),
+            )
         return len(samples)
 
     # Heartbeat and inventory -----------------------------------------------------------------

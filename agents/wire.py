@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Final
 
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -30,6 +31,11 @@ from agents.model import (
 )
 
 _MICRO = Decimal("0.000001")
+USAGE_REPORT_MAX_BYTES: Final = 64 << 10
+"""Largest encoded usage report, above which :func:`usage_report_messages` splits a report. A
+report grows with the node's tasks and the time since the last report (one sample per task,
+accelerator and hour). This bound keeps it far below NATS's default max_payload of 1 MiB, over
+which a message is rejected for good."""
 _HEALTH = {
     HealthState.OK: scheduler_pb2.HEALTH_STATE_OK,
     HealthState.DEGRADED: scheduler_pb2.HEALTH_STATE_DEGRADED,
@@ -312,3 +318,35 @@ def usage_report_message(
         else:
             item.memory_used_mib.value = sample.memory_used_bytes / (1 << 20)
     return report
+
+
+def usage_report_messages(
+    node: NodeRef,
+    boot_id: str,
+    samples: Sequence[UsageSample],
+    models: Mapping[str, str],
+    max_bytes: int = USAGE_REPORT_MAX_BYTES,
+) -> list[agent_pb2.UsageReport]:
+    """Build the usage reports of ``samples``, in order, each encoded in at most ``max_bytes``.
+
+    A sample that alone encodes over ``max_bytes`` still gets a report of its own.
+    """
+    whole = usage_report_message(node, boot_id, samples, models)
+    empty = agent_pb2.UsageReport(node=whole.node, boot_id=boot_id)
+    reports: list[agent_pb2.UsageReport] = []
+    size = 0
+    for item in whole.samples:
+        item_size = _field_size(item.ByteSize())
+        if not reports or (size + item_size > max_bytes and reports[-1].samples):
+            reports.append(agent_pb2.UsageReport())
+            reports[-1].CopyFrom(empty)
+            size = empty.ByteSize()
+        reports[-1].samples.append(item)
+        size += item_size
+    return reports
+
+
+def _field_size(message_size: int) -> int:
+    """Return the encoded size of an embedded message field of ``message_size`` bytes."""
+    # One byte of tag (field numbers up to 15), then the length as a varint of 7 bits a byte.
+    return 1 + max(1, (message_size.bit_length() + 6) // 7) + message_size
