@@ -38,7 +38,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
 def node_fault_trace(path: Path) -> Path:
     """Write a trace with one node hardware fault that never ends.
 
-    Its health rule degrades the node and asks to drain it, but fails no accelerator, so only
+    Its health rule degrades the node and requests a drain, but fails no accelerator, so only
     the drain keeps jobs off the node.
     """
     event = {
@@ -52,7 +52,7 @@ def node_fault_trace(path: Path) -> Path:
 
 
 async def stored_drain(stack: Stack) -> tuple[bool, str, str]:
-    """Return the draining flag, source and reason that ``scheduler.nodes`` holds for n0."""
+    """Return the draining flag, source and reason stored in ``scheduler.nodes`` for n0."""
     conn = await asyncpg.connect(stack.dsn, timeout=10)
     try:
         row = await conn.fetchrow(
@@ -87,8 +87,9 @@ async def test_agent_drain_survives_new_leader(stack: Stack, tmp_path: Path) -> 
 
         await wait_for(stored, 10, "the agent's drain in scheduler.nodes", 0.2)
 
-        # A heartbeat sent after the request, which the new leader's watch replays first. A
-        # leader that forgot the drain would take it as a new request, with its later time.
+        # Wait for a heartbeat sent after the request, which the new leader's watch replays
+        # first. A leader that forgot the drain would take it as a new request, with its later
+        # time.
         asked_at = asked.time.ToNanoseconds() / 1e9
 
         async def later_heartbeat() -> bool:
@@ -105,7 +106,10 @@ async def test_agent_drain_survives_new_leader(stack: Stack, tmp_path: Path) -> 
         node = await operator.get()
         assert node is not None
         assert node.state == DRAINING
-        assert node.state_cause == asked
+        loaded = node.state_cause
+        assert (loaded.trigger, loaded.reason) == (asked.trigger, asked.reason)
+        # PostgreSQL stores the time in microseconds.
+        assert abs(loaded.time.ToNanoseconds() - asked.time.ToNanoseconds()) < 1000
         waiting = await assert_not_placed(client, "while-agent-drains")
 
         # The agent comes back without the fault, so its heartbeats withdraw the request.
