@@ -147,6 +147,7 @@ class NodeAgent:
             allow_played_tasks=self._backend_name == "simulated",
             play_speed=self._play_speed,
             launcher=self._launcher,
+            after_spooled=self._outbox.call_when_spooled,
         )
         runner.attach(group)
         self.runner = runner
@@ -358,8 +359,8 @@ class NodeAgent:
         start, self._last_usage = self._last_usage, now
         intervals = self.runner.intervals(start, now)
         accumulators, self._accumulators = self._accumulators, {}
-        self._state.mark_usage_reported(self.ref.key, now)
         if not intervals:
+            self._state.mark_usage_reported(self.ref.key, now)
             return 0
         shares = {info.uuid: info.share_milli for info in self.inventory.accelerators}
         models = {info.uuid: info.model for info in self.inventory.accelerators}
@@ -392,6 +393,10 @@ class NodeAgent:
                 f"usage:{report.samples[0].sample_id}",
                 report.SerializeToString(),
             )
+        # Marked when the samples go into the spool, with the state saved just before. Marked
+        # now, a save while they wait in memory would skip them after a crash.
+        key = self.ref.key
+        self._outbox.call_before_spool(lambda: self._state.mark_usage_reported(key, now))
         return len(samples)
 
     # Heartbeat and inventory -----------------------------------------------------------------

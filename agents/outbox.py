@@ -119,6 +119,10 @@ class Outbox:
         self._rejection_spacing_s = rejection_spacing_s
         self._confirm_timeout_s = confirm_timeout_s
         self._queue: list[SpoolRecord] = []
+        self._when_spooled: list[Callable[[], None]] = []
+        """Callbacks to run once the messages queued now are in the spool."""
+        self._before_spooled: list[Callable[[], None]] = []
+        """Callbacks to run right before the messages queued now go into the spool."""
         self._wake = asyncio.Event()
         self.counters = OutboxCounters()
         self._last_drop_log = 0
@@ -145,17 +149,46 @@ class Outbox:
         self._queue.append(SpoolRecord(subject, msg_id, payload))
         self._wake.set()
 
+    def call_when_spooled(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once every message queued so far is in the spool.
+
+        It runs at once when nothing is queued. A message the full spool rejected counts as
+        spooled here: it is lost either way, and the loss is counted in ``dropped``.
+        """
+        if not self._queue:
+            callback()
+            return
+        self._when_spooled.append(callback)
+        self._wake.set()
+
+    def call_before_spool(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` right before the messages queued so far go into the spool.
+
+        It runs before ``before_append``, so the state it changes is saved before the append.
+        It runs at once when nothing is queued.
+        """
+        if not self._queue:
+            callback()
+            return
+        self._before_spooled.append(callback)
+
     def flush_to_spool(self) -> None:
         """Append everything queued to the spool (one fsync)."""
         if not self._queue:
             return
+        before, self._before_spooled = self._before_spooled, []
+        for callback in before:
+            callback()
         if self._before_append is not None:
             self._before_append()
         queued, self._queue = self._queue, []
+        callbacks, self._when_spooled = self._when_spooled, []
         accepted = self._spool.append(queued)
         self.counters.spooled += accepted
         if accepted < len(queued):
             self._count_drops(len(queued) - accepted, "the spool is full")
+        for callback in callbacks:
+            callback()
 
     def _count_drops(self, count: int, why: str) -> None:
         self.counters.dropped += count

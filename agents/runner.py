@@ -111,11 +111,17 @@ class TaskRunner:
         allow_played_tasks: bool = False,
         play_speed: float = 1.0,
         launcher: TaskLauncher | None = None,
+        after_spooled: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         """``launcher`` starts the tasks and records their exit status.
 
         Without one, the runner starts them itself, so a task that ends after an agent restart
         is reported lost.
+
+        ``after_spooled(callback)`` runs ``callback`` once every event emitted so far is in the
+        agent's spool (:meth:`agents.outbox.Outbox.call_when_spooled`). An ended task stays in
+        the state file until then, so an agent killed before its end event was spooled reports
+        the end again after a restart instead of never. Without it, the task is removed at once.
         """
         self._node_key = node_key
         self._state = state
@@ -129,6 +135,7 @@ class TaskRunner:
             raise ValueError(f"play_speed must be positive, got {play_speed}")
         self._play_speed = play_speed
         self._launcher = launcher
+        self._after_spooled = after_spooled
         self._tasks: dict[str, _Task] = {}
         self._launching: dict[str, tuple[TaskRecord, asyncio.Future[TaskProcess]]] = {}
         """Tasks whose launch has no reply from the launcher yet, by task id."""
@@ -537,11 +544,6 @@ class TaskRunner:
         # while the state file, saved at the end of this loop turn, still lists the task.
         self._tasks.pop(record.task_id, None)
         self._ended_since_usage.append(task)
-        # NOTE: the removal is saved at the end of this loop turn, but the end event waits in
-        # the outbox's memory queue while a publish batch is in flight (seconds under load).
-        # An agent killed in between never reports this end: a restarted agent no longer
-        # lists the task, and it ignores a redelivered start of it because its log exists.
-        self._state.remove_task(self._node_key, record.task_id, durable=record.pid != 0)
         self._remember(record.task_id, state)
         if record.stop_reason:
             reason = record.stop_reason
@@ -556,6 +558,18 @@ class TaskRunner:
         if state is TaskState.FAILED_HARDWARE and failure:
             health_event_id = failure
         self._emit_state(record, state, reason, exit_code, output, task.ended_at, health_event_id)
+        self._forget_once_spooled(record)
+
+    def _forget_once_spooled(self, record: TaskRecord) -> None:
+        """Remove an ended task from the state file once its end event is in the spool.
+
+        A played task has no process to find again, so it leaves the file at once.
+        """
+        if not record.pid or self._after_spooled is None:
+            self._state.remove_task(self._node_key, record.task_id, durable=record.pid != 0)
+            return
+        key, task_id = self._node_key, record.task_id
+        self._after_spooled(lambda: self._state.remove_task(key, task_id))
 
     def _failure_under(self, record: TaskRecord) -> str | None:
         """Return the health event id of a failed accelerator of the task, or None."""
@@ -591,7 +605,6 @@ class TaskRunner:
             logger.warning(
                 "task %s (pid %d) ended while the agent was down", record.task_id, record.pid
             )
-            self._state.remove_task(self._node_key, record.task_id)
             self._report_ended_while_down(record)
 
     def _report_ended_while_down(self, record: TaskRecord) -> None:
@@ -628,6 +641,7 @@ class TaskRunner:
             reason = record.stop_reason or "exited while the agent was down"
         self._remember(record.task_id, state)
         self._emit_state(record, state, reason, exit_code, _tail(record.log_path))
+        self._forget_once_spooled(record)
 
     def _resolve_intents(self) -> None:
         """Turn each start intent left by a crash into a task record, or drop it.
