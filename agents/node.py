@@ -153,11 +153,12 @@ class NodeAgent:
         self.runner = runner
         self._update_unusable()
         runner.recover()
-        # Tasks found again ran while the agent was down: report their usage from where the
-        # previous agent stopped. NOTE: a task reported lost gets no usage for that time,
-        # because when it ended is unknown.
+        # Tasks found again ran while the agent was down, and tasks that ended then ran until
+        # their launcher recorded the end: report their usage from where the previous agent
+        # stopped. NOTE: a task reported lost gets no usage for that time, because when it
+        # ended is unknown.
         reported_until = self._state.node(self.ref.key).usage_reported_until
-        if reported_until and runner.running:
+        if reported_until and (runner.running or runner.has_unreported_ends):
             self._last_usage = min(reported_until, self._clock())
 
     async def _call(self, function: Callable[[], _T]) -> _T:

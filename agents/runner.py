@@ -159,6 +159,11 @@ class TaskRunner:
         self._unusable = dict(failures)
 
     @property
+    def has_unreported_ends(self) -> bool:
+        """True if a task ended whose usage up to its end is not reported yet."""
+        return bool(self._ended_since_usage)
+
+    @property
     def running(self) -> list[TaskRecord]:
         return [task.record for task in self._tasks.values()]
 
@@ -635,12 +640,19 @@ class TaskRunner:
 
     def _report_ended(self, record: TaskRecord, exit_code: int | None) -> None:
         state = _ended_state(record, exit_code, self._failure_under(record))
+        ended_at = None
         if exit_code is None:
             reason = "the process ended while the agent was down; its exit status is unknown"
         else:
             reason = record.stop_reason or "exited while the agent was down"
+            # The launcher wrote the status file when it reaped the task.
+            ended_at = _modified_at(self._exit_path(record.task_id))
+        if ended_at is not None:
+            # Its usage since the last report is reported with the next one.
+            ended_at = max(ended_at, record.started_at)
+            self._ended_since_usage.append(_Task(record, ended_at=ended_at))
         self._remember(record.task_id, state)
-        self._emit_state(record, state, reason, exit_code, _tail(record.log_path))
+        self._emit_state(record, state, reason, exit_code, _tail(record.log_path), ended_at)
         self._forget_once_spooled(record)
 
     def _resolve_intents(self) -> None:
@@ -765,6 +777,14 @@ def _ended_state(record: TaskRecord, exit_code: int | None, failure: str | None)
     if exit_code == 0:
         return TaskState.SUCCEEDED
     return TaskState.FAILED
+
+
+def _modified_at(path: Path) -> float | None:
+    """Return the modification time of ``path``, or None if it cannot be read."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _recorder(record: TaskRecord) -> tuple[int, int] | None:

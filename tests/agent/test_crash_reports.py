@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from acsp.v1 import agent_pb2
@@ -25,7 +26,7 @@ SPEC = FleetNode("acme", "eu-1", "node-1", "A100-SXM4-80GB", 8)
 
 
 def make_node(
-    directory: Path, clock: ManualClock, launcher: TaskLauncher, boot_id: str
+    directory: Path, clock: Callable[[], float], launcher: TaskLauncher, boot_id: str
 ) -> tuple[NodeAgent, Outbox, Spool, StateStore]:
     spool = Spool(directory / "spool")
     state = StateStore(directory / "state.json")
@@ -148,3 +149,57 @@ async def test_usage_marked_when_spooled(tmp_path: Path) -> None:
             await node.runner.stop("u/1/0", "cleanup")
     finally:
         launcher.close()
+
+
+def usage_samples(spool: Spool) -> list[agent_pb2.UsageSample]:
+    samples: list[agent_pb2.UsageSample] = []
+    for record in spool.peek(10_000):
+        if record.subject.startswith("acsp.usage."):
+            report = agent_pb2.UsageReport()
+            report.ParseFromString(record.payload)
+            samples.extend(report.samples)
+    return samples
+
+
+async def test_task_ended_while_down_is_charged(tmp_path: Path) -> None:
+    launcher = TaskLauncher()
+    first, outbox, spool, _state = make_node(tmp_path, time.time, launcher, "boot-1")
+    try:
+        async with asyncio.TaskGroup() as group:
+            await first.start(group)
+            assert first.runner is not None
+            uuid = first.backend.discover().accelerators[0].uuid
+            await first.runner.start(TaskSpec("d", "d/1/0", (uuid,), ("sleep", "1")))
+            assert first.report_usage() == 1
+            outbox.flush_to_spool()
+            reported_until = saved_usage_mark(tmp_path)
+            earlier = {sample.sample_id for sample in usage_samples(spool)}
+            # The agent dies while the task runs: its supervisor stops, the task goes on.
+            for task in first.runner._tasks.values():
+                assert task.supervisor is not None
+                task.supervisor.cancel()
+    finally:
+        launcher.close()
+    spool.close()
+    exit_file = tmp_path / "tasks" / "d_1_0.exit"
+    await wait_for(exit_file.exists, 10.0)
+    ended_at = exit_file.stat().st_mtime
+
+    second_launcher = TaskLauncher()
+    second, outbox2, spool2, _state2 = make_node(tmp_path, time.time, second_launcher, "boot-2")
+    try:
+        async with asyncio.TaskGroup() as group:
+            await second.start(group)
+            assert second.report_usage() == 1
+            outbox2.flush_to_spool()
+    finally:
+        second_launcher.close()
+    # The second agent charges the time from the first one's last report to the recorded end.
+    late = [s for s in usage_samples(spool2) if s.sample_id not in earlier]
+    assert len(late) == 1
+    assert abs(late[0].start_time.ToNanoseconds() / 1e9 - reported_until) < 0.001
+    assert abs(late[0].end_time.ToNanoseconds() / 1e9 - ended_at) < 0.001
+    ends = [e for e in task_events(spool2) if e.task_id == "d/1/0"]
+    # The first agent's start event, then the second agent's report of the end.
+    assert [e.state for e in ends] == [agent_pb2.TASK_STATE_STARTED, agent_pb2.TASK_STATE_EXITED]
+    assert abs(ends[-1].time.ToNanoseconds() / 1e9 - ended_at) < 0.001
