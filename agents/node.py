@@ -153,10 +153,9 @@ class NodeAgent:
         self.runner = runner
         self._update_unusable()
         runner.recover()
-        # Tasks found again ran while the agent was down, and tasks that ended then ran until
-        # their launcher recorded the end: report their usage from where the previous agent
-        # stopped. NOTE: a task reported lost gets no usage for that time, because when it
-        # ended is unknown.
+        # Tasks found again ran while the agent was down, and ended tasks ran until their
+        # recorded end: report their usage from where the previous agent stopped. NOTE: a task
+        # reported lost gets no usage for that time, because when it ended is unknown.
         reported_until = self._state.node(self.ref.key).usage_reported_until
         if reported_until and (runner.running or runner.has_unreported_ends):
             self._last_usage = min(reported_until, self._clock())
@@ -359,9 +358,11 @@ class NodeAgent:
         now = self._clock()
         start, self._last_usage = self._last_usage, now
         intervals = self.runner.intervals(start, now)
+        reported_ends = self.runner.pop_reported_ends()
         accumulators, self._accumulators = self._accumulators, {}
         if not intervals:
             self._state.mark_usage_reported(self.ref.key, now)
+            self._state.forget_ended(self.ref.key, reported_ends)
             return 0
         shares = {info.uuid: info.share_milli for info in self.inventory.accelerators}
         models = {info.uuid: info.model for info in self.inventory.accelerators}
@@ -396,9 +397,12 @@ class NodeAgent:
             )
         # Marked when the samples go into the spool, with the state saved just before. Marked
         # now, a save while they wait in memory would skip them after a crash.
-        key = self.ref.key
-        self._outbox.call_before_spool(lambda: self._state.mark_usage_reported(key, now))
+        self._outbox.call_before_spool(lambda: self._mark_reported(now, reported_ends))
         return len(samples)
+
+    def _mark_reported(self, until: float, ended: list[str]) -> None:
+        self._state.mark_usage_reported(self.ref.key, until)
+        self._state.forget_ended(self.ref.key, ended)
 
     # Heartbeat and inventory -----------------------------------------------------------------
 

@@ -142,7 +142,10 @@ class TaskRunner:
         self._stops_after_launch: dict[str, str] = {}
         """Stop reasons of launching tasks, applied once their launch gets its reply."""
         self._finished: OrderedDict[str, TaskState] = OrderedDict()
-        self._ended_since_usage: list[_Task] = []
+        self._ended_since_usage: dict[str, _Task] = {}
+        """Tasks that ended since the last usage intervals, by task id."""
+        self._reported_ends: list[str] = []
+        """Ended tasks that the last usage intervals covered, for :meth:`pop_reported_ends`."""
         self._unusable: dict[str, str] = {}
         """Failed accelerator UUID -> the health event that failed it."""
         self._group: asyncio.TaskGroup | None = None
@@ -548,7 +551,7 @@ class TaskRunner:
         # The exit status file stays, like the log beside it. Deleted here, it could be gone
         # while the state file, saved at the end of this loop turn, still lists the task.
         self._tasks.pop(record.task_id, None)
-        self._ended_since_usage.append(task)
+        self._ended_since_usage[record.task_id] = task
         self._remember(record.task_id, state)
         if record.stop_reason:
             reason = record.stop_reason
@@ -563,18 +566,32 @@ class TaskRunner:
         if state is TaskState.FAILED_HARDWARE and failure:
             health_event_id = failure
         self._emit_state(record, state, reason, exit_code, output, task.ended_at, health_event_id)
-        self._forget_once_spooled(record)
+        self._forget_once_spooled(task)
 
-    def _forget_once_spooled(self, record: TaskRecord) -> None:
-        """Remove an ended task from the state file once its end event is in the spool.
+    def _forget_once_spooled(self, task: _Task) -> None:
+        """Let an ended task go from the state file's tasks once its end event is in the spool.
 
-        A played task has no process to find again, so it leaves the file at once.
+        If no usage report has covered its end by then, it moves to the ended tasks, so a
+        restarted agent still reports its usage up to its end. A played task has no process
+        to find again, so it leaves the file at once.
         """
+        record = task.record
         if not record.pid or self._after_spooled is None:
             self._state.remove_task(self._node_key, record.task_id, durable=record.pid != 0)
             return
-        key, task_id = self._node_key, record.task_id
-        self._after_spooled(lambda: self._state.remove_task(key, task_id))
+
+        def spooled() -> None:
+            if task.ended_at is not None and self._ended_since_usage.get(record.task_id) is task:
+                self._state.end_task(self._node_key, record.task_id, task.ended_at)
+            else:
+                self._state.remove_task(self._node_key, record.task_id)
+
+        self._after_spooled(spooled)
+
+    def pop_reported_ends(self) -> list[str]:
+        """Return the ended tasks that the last :meth:`intervals` covered, and forget them."""
+        reported, self._reported_ends = self._reported_ends, []
+        return reported
 
     def _failure_under(self, record: TaskRecord) -> str | None:
         """Return the health event id of a failed accelerator of the task, or None."""
@@ -588,6 +605,9 @@ class TaskRunner:
     def recover(self) -> None:
         """Adopt the tasks in the state file that still run; report the others as lost."""
         self._resolve_intents()
+        # Tasks whose end was reported but not yet the usage up to it.
+        for record in self._state.node(self._node_key).ended.values():
+            self._ended_since_usage[record.task_id] = _Task(record, ended_at=record.ended_at)
         for record in list(self._state.node(self._node_key).tasks.values()):
             task = _Task(record)
             if not record.pid:
@@ -647,13 +667,14 @@ class TaskRunner:
             reason = record.stop_reason or "exited while the agent was down"
             # The launcher wrote the status file when it reaped the task.
             ended_at = _modified_at(self._exit_path(record.task_id))
+        task = _Task(record)
         if ended_at is not None:
             # Its usage since the last report is reported with the next one.
-            ended_at = max(ended_at, record.started_at)
-            self._ended_since_usage.append(_Task(record, ended_at=ended_at))
+            task.ended_at = max(ended_at, record.started_at)
+            self._ended_since_usage[record.task_id] = task
         self._remember(record.task_id, state)
-        self._emit_state(record, state, reason, exit_code, _tail(record.log_path), ended_at)
-        self._forget_once_spooled(record)
+        self._emit_state(record, state, reason, exit_code, _tail(record.log_path), task.ended_at)
+        self._forget_once_spooled(task)
 
     def _resolve_intents(self) -> None:
         """Turn each start intent left by a crash into a task record, or drop it.
@@ -706,7 +727,7 @@ class TaskRunner:
     def intervals(self, start: float, end: float) -> list[TaskInterval]:
         """Return each task's share of ``[start, end)``, then forget tasks that ended."""
         result = []
-        for task in [*self._tasks.values(), *self._ended_since_usage]:
+        for task in [*self._tasks.values(), *self._ended_since_usage.values()]:
             record = task.record
             begin = max(start, record.started_at)
             finish = min(end, task.ended_at if task.ended_at is not None else end)
@@ -721,6 +742,7 @@ class TaskRunner:
                         tuple(record.accelerator_millis),
                     )
                 )
+        self._reported_ends.extend(self._ended_since_usage)
         self._ended_since_usage.clear()
         return result
 

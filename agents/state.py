@@ -77,6 +77,8 @@ class TaskRecord:
     """Clock seconds after which a stopping task gets SIGKILL."""
     accelerator_millis: list[int] = field(default_factory=list)
     """Milli-shares of each of ``accelerators``; empty means whole ones."""
+    ended_at: float = 0.0
+    """Clock seconds when the task ended, for a task kept in :attr:`NodeState.ended`."""
 
     def share_of(self, uuid: str) -> int:
         """Return the task's milli-shares of accelerator ``uuid`` (1000 for a whole one)."""
@@ -95,6 +97,8 @@ class NodeState:
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
     intents: dict[str, TaskRecord] = field(default_factory=dict)
     """Tasks whose process is about to be spawned, by task id; the pid is not known yet."""
+    ended: dict[str, TaskRecord] = field(default_factory=dict)
+    """Tasks that ended after the last usage report, kept until a report covers their end."""
 
 
 class StateStore:
@@ -162,6 +166,23 @@ class StateStore:
     def remove_task(self, key: str, task_id: str, durable: bool = True) -> None:
         if self.node(key).tasks.pop(task_id, None) is not None:
             self._save_or_mark(durable)
+
+    def end_task(self, key: str, task_id: str, ended_at: float) -> None:
+        """Move a task to the ended ones, whose usage up to ``ended_at`` is not reported yet."""
+        state = self.node(key)
+        record = state.tasks.pop(task_id, None)
+        if record is not None:
+            record.ended_at = ended_at
+            state.ended[task_id] = record
+            self._save_or_mark(True)
+
+    def forget_ended(self, key: str, task_ids: list[str]) -> None:
+        """Drop ended tasks whose usage is reported; saved before the next spool append."""
+        ended = self.node(key).ended
+        for task_id in task_ids:
+            if ended.pop(task_id, None) is not None:
+                self._dirty = True
+                self._spool_guard_unsaved = True
 
     def put_intent(self, key: str, record: TaskRecord) -> None:
         """Store the intent to spawn ``record``'s process; :meth:`save_intents` writes it."""
@@ -257,6 +278,8 @@ class StateStore:
             }
             if state.intents:
                 node["intents"] = [_task_fields(t) for t in state.intents.values()]
+            if state.ended:
+                node["ended"] = [_task_fields(t) for t in state.ended.values()]
             nodes[key] = node
         document = {
             "version": FORMAT_VERSION,
@@ -286,6 +309,7 @@ class StateStore:
                 health={uuid: list(causes) for uuid, causes in raw.get("health", {}).items()},
                 tasks={t["task_id"]: TaskRecord(**t) for t in raw.get("tasks", [])},
                 intents={t["task_id"]: TaskRecord(**t) for t in raw.get("intents", [])},
+                ended={t["task_id"]: TaskRecord(**t) for t in raw.get("ended", [])},
             )
             self._nodes[key] = state
         self._intents_sequence = int(document.get("intents_sequence", 0))

@@ -203,3 +203,51 @@ async def test_task_ended_while_down_is_charged(tmp_path: Path) -> None:
     # The first agent's start event, then the second agent's report of the end.
     assert [e.state for e in ends] == [agent_pb2.TASK_STATE_STARTED, agent_pb2.TASK_STATE_EXITED]
     assert abs(ends[-1].time.ToNanoseconds() / 1e9 - ended_at) < 0.001
+
+
+def saved_ended(directory: Path) -> list[str]:
+    document = json.loads((directory / "state.json").read_text())
+    return [task["task_id"] for task in document["nodes"][NODE.key].get("ended", [])]
+
+
+async def test_ended_task_usage_survives_crash(tmp_path: Path) -> None:
+    launcher = TaskLauncher()
+    first, outbox, spool, state = make_node(tmp_path, time.time, launcher, "boot-1")
+    try:
+        async with asyncio.TaskGroup() as group:
+            await first.start(group)
+            assert first.runner is not None
+            uuid = first.backend.discover().accelerators[0].uuid
+            await first.runner.start(TaskSpec("e", "e/1/0", (uuid,), ("sleep", "0.5")))
+            assert first.report_usage() == 1
+            outbox.flush_to_spool()
+            reported_until = saved_usage_mark(tmp_path)
+            await wait_for(lambda: "e/1/0" in first.runner._finished)  # type: ignore[union-attr]
+            # The end event is in the spool, the usage up to the end is not: the agent dies.
+            outbox.flush_to_spool()
+            state.save()
+            earlier = {sample.sample_id for sample in usage_samples(spool)}
+            ended_events = len(task_events(spool))
+    finally:
+        launcher.close()
+    spool.close()
+    assert saved_tasks(tmp_path) == []
+    assert saved_ended(tmp_path) == ["e/1/0"]
+
+    second_launcher = TaskLauncher()
+    second, outbox2, spool2, state2 = make_node(tmp_path, time.time, second_launcher, "boot-2")
+    try:
+        async with asyncio.TaskGroup() as group:
+            await second.start(group)
+            assert second.report_usage() == 1
+            outbox2.flush_to_spool()
+            state2.save()
+    finally:
+        second_launcher.close()
+    late = [s for s in usage_samples(spool2) if s.sample_id not in earlier]
+    assert len(late) == 1
+    assert abs(late[0].start_time.ToNanoseconds() / 1e9 - reported_until) < 0.001
+    assert late[0].end_time.ToNanoseconds() / 1e9 > reported_until
+    # The end was reported once, by the first agent, and the report let the task go.
+    assert len(task_events(spool2)) == ended_events
+    assert saved_ended(tmp_path) == []
