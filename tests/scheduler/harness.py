@@ -280,11 +280,35 @@ class Stack:
     async def close(self) -> None:
         for process in reversed(self.processes):
             process.stop(grace_s=5)
+        # Agents leave their tasks running for a restarted agent to adopt, and a killed
+        # agent's task launcher runs until its last task ends.
+        kill_processes_in(self.work_dir)
         admin = await asyncpg.connect(ADMIN_DSN, timeout=10)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+def kill_processes_in(directory: Path) -> None:
+    """Kill every process whose working directory is ``directory`` or below it.
+
+    Tasks run in their agent's task folder, and a task launcher moves to the folder of each
+    task it starts.
+    """
+    root = str(directory.resolve())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if cwd == root or cwd.startswith(root + os.sep):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
 
 
 def _listening(port: int) -> bool:
