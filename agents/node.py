@@ -358,11 +358,9 @@ class NodeAgent:
         now = self._clock()
         start, self._last_usage = self._last_usage, now
         intervals = self.runner.intervals(start, now)
-        reported_ends = self.runner.pop_reported_ends()
         accumulators, self._accumulators = self._accumulators, {}
         if not intervals:
-            self._state.mark_usage_reported(self.ref.key, now)
-            self._state.forget_ended(self.ref.key, reported_ends)
+            self._mark_reported(now)
             return 0
         shares = {info.uuid: info.share_milli for info in self.inventory.accelerators}
         models = {info.uuid: info.model for info in self.inventory.accelerators}
@@ -397,12 +395,12 @@ class NodeAgent:
             )
         # Marked when the samples go into the spool, with the state saved just before. Marked
         # now, a save while they wait in memory would skip them after a crash.
-        self._outbox.call_before_spool(lambda: self._mark_reported(now, reported_ends))
+        self._outbox.call_before_spool(lambda: self._mark_reported(now))
         return len(samples)
 
-    def _mark_reported(self, until: float, ended: list[str]) -> None:
+    def _mark_reported(self, until: float) -> None:
         self._state.mark_usage_reported(self.ref.key, until)
-        self._state.forget_ended(self.ref.key, ended)
+        self._state.prune_ended(self.ref.key, until)
 
     # Heartbeat and inventory -----------------------------------------------------------------
 

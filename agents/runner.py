@@ -144,8 +144,6 @@ class TaskRunner:
         self._finished: OrderedDict[str, TaskState] = OrderedDict()
         self._ended_since_usage: dict[str, _Task] = {}
         """Tasks that ended since the last usage intervals, by task id."""
-        self._reported_ends: list[str] = []
-        """Ended tasks that the last usage intervals covered, for :meth:`pop_reported_ends`."""
         self._unusable: dict[str, str] = {}
         """Failed accelerator UUID -> the health event that failed it."""
         self._group: asyncio.TaskGroup | None = None
@@ -571,8 +569,8 @@ class TaskRunner:
     def _forget_once_spooled(self, task: _Task) -> None:
         """Let an ended task go from the state file's tasks once its end event is in the spool.
 
-        If no usage report has covered its end by then, it moves to the ended tasks, so a
-        restarted agent still reports its usage up to its end. A played task has no process
+        If no usage report has covered its end by then, it goes to the ended-task journal, so
+        a restarted agent still reports its usage up to its end. A played task has no process
         to find again, so it leaves the file at once.
         """
         record = task.record
@@ -587,11 +585,6 @@ class TaskRunner:
                 self._state.remove_task(self._node_key, record.task_id)
 
         self._after_spooled(spooled)
-
-    def pop_reported_ends(self) -> list[str]:
-        """Return the ended tasks that the last :meth:`intervals` covered, and forget them."""
-        reported, self._reported_ends = self._reported_ends, []
-        return reported
 
     def _failure_under(self, record: TaskRecord) -> str | None:
         """Return the health event id of a failed accelerator of the task, or None."""
@@ -742,7 +735,6 @@ class TaskRunner:
                         tuple(record.accelerator_millis),
                     )
                 )
-        self._reported_ends.extend(self._ended_since_usage)
         self._ended_since_usage.clear()
         return result
 

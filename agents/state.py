@@ -65,7 +65,7 @@ class TaskRecord:
     launcher_pid: int = 0
     """Pid of the launcher that started the process and records its exit status; 0 if none."""
     launcher_start_ticks: int = 0
-    """Start time of that launcher in clock ticks since boot, so a reused pid is told apart."""
+    """Start time of that launcher in clock ticks since boot, which tells a reused pid apart."""
     spawn_id: str = ""
     """Random id set in the process's environment, or empty for a played task.
 
@@ -78,7 +78,7 @@ class TaskRecord:
     accelerator_millis: list[int] = field(default_factory=list)
     """Milli-shares of each of ``accelerators``; empty means whole ones."""
     ended_at: float = 0.0
-    """Clock seconds when the task ended, for a task kept in :attr:`NodeState.ended`."""
+    """Clock seconds when the task ended, for a task in the ended-task journal."""
 
     def share_of(self, uuid: str) -> int:
         """Return the task's milli-shares of accelerator ``uuid`` (1000 for a whole one)."""
@@ -98,7 +98,7 @@ class NodeState:
     intents: dict[str, TaskRecord] = field(default_factory=dict)
     """Tasks whose process is about to be spawned, by task id; the pid is not known yet."""
     ended: dict[str, TaskRecord] = field(default_factory=dict)
-    """Tasks that ended after the last usage report, kept until a report covers their end."""
+    """Tasks of the ended-task journal that ended after the last usage report, as loaded."""
 
 
 class StateStore:
@@ -113,9 +113,14 @@ class StateStore:
         self._intents_sequence = 0
         """Number of the last intents file written; the state file records the one it covers."""
         self._save_scheduled = False
+        self._journal: list[tuple[str, float, str]] = []
+        """Lines of the ended-task journal: node key, end time and the line itself."""
+        self._journal_unsaved: list[str] = []
+        self._journal_pruned = False
         if path.exists():
             self._load()
         self._load_intents()
+        self._load_journal()
 
     @property
     def path(self) -> Path:
@@ -168,21 +173,31 @@ class StateStore:
             self._save_or_mark(durable)
 
     def end_task(self, key: str, task_id: str, ended_at: float) -> None:
-        """Move a task to the ended ones, whose usage up to ``ended_at`` is not reported yet."""
-        state = self.node(key)
-        record = state.tasks.pop(task_id, None)
-        if record is not None:
-            record.ended_at = ended_at
-            state.ended[task_id] = record
-            self._save_or_mark(True)
+        """Remove a task that ended at ``ended_at`` and whose usage up to then is unreported.
 
-    def forget_ended(self, key: str, task_ids: list[str]) -> None:
-        """Drop ended tasks whose usage is reported; saved before the next spool append."""
-        ended = self.node(key).ended
-        for task_id in task_ids:
-            if ended.pop(task_id, None) is not None:
-                self._dirty = True
-                self._spool_guard_unsaved = True
+        The task goes to the ended-task journal, a file beside the state file that the next
+        save appends to before it writes the state. One line per task keeps the cost of a save
+        independent of how many tasks ended since the last usage report. A restarted agent
+        reports their usage from the node's usage mark up to each end.
+        """
+        record = self.node(key).tasks.get(task_id)
+        if record is None:
+            return
+        record.ended_at = ended_at
+        fields = _task_fields(record)
+        fields["node"] = key
+        line = json.dumps(fields, separators=(",", ":"))
+        self._journal.append((key, ended_at, line))
+        self._journal_unsaved.append(line)
+        self.remove_task(key, task_id)
+
+    def prune_ended(self, key: str, until: float) -> None:
+        """Drop the node's journal lines of tasks that ended by ``until``, a reported time."""
+        kept = [entry for entry in self._journal if entry[0] != key or entry[1] > until]
+        if len(kept) < len(self._journal):
+            self._journal = kept
+            self._journal_pruned = True
+            self._dirty = True
 
     def put_intent(self, key: str, record: TaskRecord) -> None:
         """Store the intent to spawn ``record``'s process; :meth:`save_intents` writes it."""
@@ -267,6 +282,7 @@ class StateStore:
             self.save()
 
     def save(self) -> None:
+        self._save_journal()
         nodes: dict[str, dict[str, Any]] = {}
         for key, state in self._nodes.items():
             node: dict[str, Any] = {
@@ -278,8 +294,6 @@ class StateStore:
             }
             if state.intents:
                 node["intents"] = [_task_fields(t) for t in state.intents.values()]
-            if state.ended:
-                node["ended"] = [_task_fields(t) for t in state.ended.values()]
             nodes[key] = node
         document = {
             "version": FORMAT_VERSION,
@@ -309,11 +323,48 @@ class StateStore:
                 health={uuid: list(causes) for uuid, causes in raw.get("health", {}).items()},
                 tasks={t["task_id"]: TaskRecord(**t) for t in raw.get("tasks", [])},
                 intents={t["task_id"]: TaskRecord(**t) for t in raw.get("intents", [])},
-                ended={t["task_id"]: TaskRecord(**t) for t in raw.get("ended", [])},
             )
             self._nodes[key] = state
         self._intents_sequence = int(document.get("intents_sequence", 0))
         logger.info("loaded agent state for %d nodes from %s", len(self._nodes), self._path)
+
+    @property
+    def _journal_path(self) -> Path:
+        return self._path.with_suffix(self._path.suffix + ".ended")
+
+    def _save_journal(self) -> None:
+        """Append the new journal lines (one fsync), or rewrite the file after a prune."""
+        if self._journal_pruned:
+            text = "".join(line + "\n" for _key, _ended_at, line in self._journal)
+            _write_atomically(self._journal_path, text)
+        elif self._journal_unsaved:
+            with open(self._journal_path, "a", encoding="utf-8") as file:
+                file.write("".join(line + "\n" for line in self._journal_unsaved))
+                file.flush()
+                os.fsync(file.fileno())
+        self._journal_unsaved.clear()
+        self._journal_pruned = False
+
+    def _load_journal(self) -> None:
+        """Read the ended-task journal; a line cut short by a crash is skipped."""
+        path = self._journal_path
+        if not path.exists():
+            return
+        text = path.read_text(encoding="utf-8")
+        for line in text.splitlines():
+            try:
+                fields = json.loads(line)
+                key = fields.pop("node")
+                record = TaskRecord(**fields)
+            except (ValueError, TypeError, KeyError):
+                logger.warning(
+                    "skipping a damaged line of %s; it is dropped at the next save", path
+                )
+                # Rewritten at the next save, so that no new line follows the damaged one.
+                self._journal_pruned = True
+                continue
+            self._journal.append((key, record.ended_at, line))
+            self.node(key).ended[record.task_id] = record
 
     def _load_intents(self) -> None:
         """Add the intents of an intents file newer than the state file to the nodes."""

@@ -206,8 +206,11 @@ async def test_task_ended_while_down_is_charged(tmp_path: Path) -> None:
 
 
 def saved_ended(directory: Path) -> list[str]:
-    document = json.loads((directory / "state.json").read_text())
-    return [task["task_id"] for task in document["nodes"][NODE.key].get("ended", [])]
+    """Return the task ids in the ended-task journal beside the state file."""
+    journal = directory / "state.json.ended"
+    if not journal.exists():
+        return []
+    return [json.loads(line)["task_id"] for line in journal.read_text().splitlines()]
 
 
 async def test_ended_task_usage_survives_crash(tmp_path: Path) -> None:

@@ -109,3 +109,30 @@ def test_unchanged_intents_are_written_once(tmp_path: Path) -> None:
     store.put_intent("n", record)
     store.save_intents()
     assert (tmp_path / "state.json.intents").stat().st_mtime_ns == written
+
+
+def test_ended_journal_reload_and_prune(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    state = StateStore(path)
+    record = TaskRecord("j", "j/1/0", ["GPU-0"], 100.0, 60.0, 30.0, pid=4242)
+    state.put_task("acme.eu-1.n1", record)
+    state.end_task("acme.eu-1.n1", "j/1/0", 130.0)
+    # A crash can cut the last line short; the lines before it still load.
+    with open(path.with_suffix(".json.ended"), "a", encoding="utf-8") as journal:
+        journal.write('{"task_id": "cut')
+
+    reloaded = StateStore(path)
+    node = reloaded.node("acme.eu-1.n1")
+    assert node.tasks == {}
+    assert list(node.ended) == ["j/1/0"]
+    assert node.ended["j/1/0"].ended_at == 130.0
+    assert node.ended["j/1/0"].accelerators == ["GPU-0"]
+
+    reloaded.put_task("acme.eu-1.n1", TaskRecord("k", "k/1/0", ["GPU-1"], 120.0, 60.0, 30.0, pid=7))
+    reloaded.end_task("acme.eu-1.n1", "k/1/0", 140.0)
+    reloaded.prune_ended("acme.eu-1.n1", 129.0)
+    reloaded.save()
+    assert list(StateStore(path).node("acme.eu-1.n1").ended) == ["j/1/0", "k/1/0"]
+    reloaded.prune_ended("acme.eu-1.n1", 140.0)
+    reloaded.save()
+    assert StateStore(path).node("acme.eu-1.n1").ended == {}
