@@ -23,7 +23,7 @@ parts of an ``OSError``) if it could not be started. When a task ends the
 launcher writes its status to the ``exit`` file, then sends ``{"pid": 1234, "status": 0}``, with
 the exit code, or minus the signal number that ended the task.
 
-The file holds the status as a shell reports it (the exit code, or 128 + N for signal N), the
+The file contains the status as a shell reports it (the exit code, or 128 + N for signal N), the
 format earlier agents wrote with a shell around each task, so that one reader serves both.
 """
 
@@ -100,7 +100,7 @@ class Launcher:
         request_id = request["id"]
         exit_path = request["exit"]
         try:
-            # The launcher has one thread, so changing its own directory cannot race.
+            # The launcher runs no threads, so changing its own directory cannot race.
             os.chdir(request["cwd"])
             try:
                 os.unlink(exit_path)

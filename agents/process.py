@@ -585,7 +585,7 @@ class AgentProcess:
             if command.kind == "start" and command.spec is not None and node.runner is not None:
                 node.runner.prepare_start(command.spec)
         self._state.save_intents()
-        # Consecutive starts go to the launcher together and wait for its answers together.
+        # Consecutive starts go to the launcher together and wait for its replies together.
         # Without a launcher a start never waits, so the batch runs in one loop turn.
         starts: list[Coroutine[Any, Any, None]] = []
         for _message, node, command in accepted:

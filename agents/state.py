@@ -65,7 +65,7 @@ class TaskRecord:
     launcher_pid: int = 0
     """Pid of the launcher that started the process and records its exit status; 0 if none."""
     launcher_start_ticks: int = 0
-    """Start time of that launcher in clock ticks since boot, which tells a reused pid apart."""
+    """Start time of that launcher in clock ticks since boot, which distinguishes a reused pid."""
     spawn_id: str = ""
     """Random id set in the process's environment, or empty for a played task.
 

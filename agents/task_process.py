@@ -10,9 +10,9 @@ pidfds, the caller polls :meth:`TaskProcess.check` instead.
 Only a process's parent can read its exit status, and an agent that restarts is no longer the
 parent of the tasks it adopts. So by default the tasks are started by a task launcher
 (:mod:`agents.launcher`, driven by :class:`TaskLauncher`), a small process that outlives the
-agent. It writes each task's exit status to a file beside the task's log, and a restarted agent
+agent. It writes each task's exit status to a file beside the task's log. A restarted agent
 reads the file when an adopted task ends, or at once for a task that ended while the agent was
-down, and reports the task as succeeded or failed instead of lost. With the agent setting
+down, so it reports the task as succeeded or failed instead of lost. With the agent setting
 ``ACSP_AGENT_RECORD_EXIT_STATUS`` off, the agent starts each task itself with
 :class:`subprocess.Popen` (which uses ``vfork`` on Linux) and records nothing.
 
@@ -76,7 +76,7 @@ class TaskProcess:
     - our child (``popen`` set), started with the launcher off;
     - launched: a child of this agent's :class:`TaskLauncher`, which reports its exit;
     - adopted: started by an earlier agent (or by a launcher that has gone away). Its pidfd
-      tells when it ends, and its exit status comes from the file at ``exit_path``.
+      signals its end, and its exit status comes from the file at ``exit_path``.
       ``recorder`` names the process that will write that file (pid and start ticks), so
       that the status is awaited while that process lives.
     """
@@ -279,8 +279,8 @@ class TaskLauncher:
 
         Call it when the agent stops. The processes it launched are no longer watched: a
         restarted agent adopts them. Launches still without a reply are cancelled, because
-        whether their process started is unknown. The launcher starts none of them once it
-        sees the socket closed, and a restarted agent resolves their intents.
+        whether their process started is unknown. The launcher starts none of them once its
+        socket is closed, and a restarted agent resolves their intents.
         """
         if self._socket is None:
             return
@@ -415,8 +415,8 @@ class TaskLauncher:
 
         A request may have started its process before the launcher went away, so each one
         is looked for by its spawn id before it is failed. A launcher that stopped replying
-        may still run: it starts no request once it sees the socket closed, and it still
-        records the exit status of its tasks. The next launch starts a new launcher.
+        may still run. It starts no request once its socket is closed, and it still records
+        the exit status of its tasks. The next launch starts a new launcher.
         """
         logger.error("task launcher %d lost: %s", self.identity[0], reason)
         self._disconnect()

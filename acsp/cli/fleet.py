@@ -124,7 +124,7 @@ def node_row(node: scheduler_pb2.Node) -> dict[str, Any]:
         "jobs": len(node.job_ids),
         "last heartbeat": beat.ToDatetime().isoformat(timespec="seconds") if beat.seconds else "",
         "reason": node.state_cause.reason,
-        # The trigger tells a drain that the node's agent requested from an operator's.
+        # The trigger distinguishes a drain the node's agent requested from an operator's.
         "cause": node.state_cause.trigger,
     }
 

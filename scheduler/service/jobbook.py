@@ -703,7 +703,7 @@ class JobBook:
 
         Live tasks of the old attempt get stop commands and become orphans, whose
         accelerators the engine keeps from other jobs until their nodes confirm the stops.
-        The job's other accelerators are freed. With ``release``, this tells the engine of the
+        The job's other accelerators are freed. With ``release``, this informs the engine of the
         requeue. Without it, the engine has requeued the job already and fenced every share
         it had, so the shares on nodes without an orphan of the job are freed here. An
         attempt whose hold was still in flight sent no start command, so its tasks get no stop.

@@ -520,7 +520,7 @@ async def test_intent_of_running_process_is_adopted(tmp_path: Path) -> None:
         spawn_id = runner._state.node("acme.eu-1.node-1").intents["h/1/0"].spawn_id
         starting = asyncio.create_task(runner.start(spec))
         # Two turns send the request. Then the loop is held until the launcher has started
-        # the process, so the agent cannot have read the answer: it dies here, after the
+        # the process, so the agent cannot have read the reply: it dies here, after the
         # spawn and before the state records the task.
         await asyncio.sleep(0)
         await asyncio.sleep(0)

@@ -78,9 +78,9 @@ async def test_agent_drain_survives_new_leader(stack: Stack, tmp_path: Path) -> 
         await operator.wait_state(DRAINING, "n0 to drain at its agent's request")
         node = await operator.get()
         assert node is not None
-        asked = node.state_cause
-        assert asked.trigger == "agent:drain_requested"
-        assert asked.time.seconds > 0
+        request_cause = node.state_cause
+        assert request_cause.trigger == "agent:drain_requested"
+        assert request_cause.time.seconds > 0
 
         async def stored() -> bool:
             return (await stored_drain(stack))[:2] == (True, "agent")
@@ -90,10 +90,10 @@ async def test_agent_drain_survives_new_leader(stack: Stack, tmp_path: Path) -> 
         # Wait for a heartbeat sent after the request, which the new leader's watch replays
         # first. A leader that forgot the drain would take it as a new request, with its later
         # time.
-        asked_at = asked.time.ToNanoseconds() / 1e9
+        requested_at = request_cause.time.ToNanoseconds() / 1e9
 
         async def later_heartbeat() -> bool:
-            return time.time() - await heartbeat_age(stack, "prov.r1.n0") > asked_at + 0.5
+            return time.time() - await heartbeat_age(stack, "prov.r1.n0") > requested_at + 0.5
 
         await wait_for(later_heartbeat, 10, "a heartbeat of n0 after its request", 0.2)
 
@@ -107,9 +107,9 @@ async def test_agent_drain_survives_new_leader(stack: Stack, tmp_path: Path) -> 
         assert node is not None
         assert node.state == DRAINING
         loaded = node.state_cause
-        assert (loaded.trigger, loaded.reason) == (asked.trigger, asked.reason)
+        assert (loaded.trigger, loaded.reason) == (request_cause.trigger, request_cause.reason)
         # PostgreSQL stores the time in microseconds.
-        assert abs(loaded.time.ToNanoseconds() - asked.time.ToNanoseconds()) < 1000
+        assert abs(loaded.time.ToNanoseconds() - request_cause.time.ToNanoseconds()) < 1000
         waiting = await assert_not_placed(client, "while-agent-drains")
 
         # The agent comes back without the fault, so its heartbeats withdraw the request.
@@ -142,8 +142,8 @@ async def test_agent_cannot_end_operator_drain(stack: Stack, tmp_path: Path) -> 
         agent = stack.start_agents(1, gpus=1, name="agents-r1", region="r1", faults=faults)
         await operator.wait_state(DRAINING, "n0 to drain at its agent's request")
         # The operator takes the drain over, so a withdrawal of the agent's request leaves it.
-        taken = await operator.drain()
-        assert taken.state_cause.trigger == "rpc:DrainNode"
+        drained = await operator.drain()
+        assert drained.state_cause.trigger == "rpc:DrainNode"
         assert (await stored_drain(stack)) == (True, "operator", "drained by operator")
 
         # The new leader loads the operator's drain, which the heartbeats of an agent back
@@ -159,8 +159,8 @@ async def test_agent_cannot_end_operator_drain(stack: Stack, tmp_path: Path) -> 
 
         async def heard_again() -> bool:
             node = await operator.get()
-            heard = 0.0 if node is None else node.last_heartbeat_time.ToNanoseconds() / 1e9
-            return heard > started_at + 2
+            last_heard_at = 0.0 if node is None else node.last_heartbeat_time.ToNanoseconds() / 1e9
+            return last_heard_at > started_at + 2
 
         await wait_for(heard_again, 60, "heartbeats of n0's new agent", 0.2)
         node = await operator.get()

@@ -296,7 +296,7 @@ def test_preemption_during_cancel_ends_job() -> None:
     pledge = run_on_pledge(book, job)
     book.cancel(job.job_id, "owner asked", "rpc:CancelJob", Effects(NOW + 3))
 
-    # The recall preempts nothing: the engine knows that the job is stopping.
+    # The recall preempts nothing: the engine has the job marked as stopping.
     fx = recall_pledge(book, pledge)
 
     assert job.job_id not in fx.changed
