@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import nats
+from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
 from acsp import subjects
@@ -107,3 +108,47 @@ async def declare_agent_streams(
         await js.create_key_value(KeyValueConfig(bucket=subjects.HEARTBEAT_BUCKET, history=1))
     finally:
         await client.close()
+
+
+async def start_limited_server(
+    directory: Path,
+    stream: str,
+    stream_subjects: list[str],
+    max_msg_size: int,
+    max_payload: int | None = None,
+) -> NatsServer:
+    """Start a nats-server with one stream of ``max_msg_size``, and ``max_payload`` if given.
+
+    Messages between the two sizes are rejected by JetStream, and larger ones by the server.
+    """
+    options: tuple[str, ...] = ()
+    if max_payload is not None:
+        config = directory / "nats.conf"
+        config.write_text(f"max_payload: {max_payload}\n")
+        options = ("-c", str(config))
+    server = NatsServer(directory / "jetstream", options)
+    server.start()
+    client = await nats.connect(server.url, connect_timeout=5)
+    try:
+        await client.jetstream().add_stream(
+            StreamConfig(
+                name=stream,
+                subjects=stream_subjects,
+                max_msg_size=max_msg_size,
+                duplicate_window=120.0,
+            )
+        )
+    finally:
+        await client.close()
+    return server
+
+
+async def stored_message_ids(js: JetStreamContext, stream: str) -> list[str]:
+    """Return the message id of every message in ``stream``, in stream order."""
+    info = await js.stream_info(stream)
+    ids = []
+    for sequence in range(info.state.first_seq, info.state.last_seq + 1):
+        stored = await js.get_msg(stream, sequence)
+        assert stored.headers is not None
+        ids.append(stored.headers["Nats-Msg-Id"])
+    return ids

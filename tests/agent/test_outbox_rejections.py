@@ -21,7 +21,7 @@ from nats.js.api import StreamConfig
 from agents.dead_letters import DeadLetters
 from agents.outbox import Outbox
 from agents.spool import Spool
-from tests.agent.natsserver import NatsServer
+from tests.agent.natsserver import NatsServer, start_limited_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,19 +36,7 @@ MAX_PAYLOAD = 8 * 1024
 @pytest.fixture
 async def small_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
     """A nats-server with a small max_payload and a stream with a small max_msg_size."""
-    config = tmp_path / "nats.conf"
-    config.write_text(f"max_payload: {MAX_PAYLOAD}\n")
-    server = NatsServer(tmp_path / "jetstream", ("-c", str(config)))
-    server.start()
-    client = await nats.connect(server.url, connect_timeout=5)
-    try:
-        await client.jetstream().add_stream(
-            StreamConfig(
-                name=STREAM, subjects=[SUBJECT], max_msg_size=MAX_MSG_SIZE, duplicate_window=120.0
-            )
-        )
-    finally:
-        await client.close()
+    server = await start_limited_server(tmp_path, STREAM, [SUBJECT], MAX_MSG_SIZE, MAX_PAYLOAD)
     yield server
     server.stop()
 

@@ -24,7 +24,7 @@ from services.grant.outbox import message_id, publish_pending
 from services.runtime.db import Database
 from services.runtime.errors import Unavailable
 from services.runtime.jetstream import Publisher
-from tests.agent.natsserver import NatsServer
+from tests.agent.natsserver import NatsServer, stored_message_ids
 from tests.grant.conftest import seed_grant, seed_project
 from tests.grant.service_helpers import running_grant
 from tests.grant.test_service_rpc import application, rid, setup_project
@@ -94,14 +94,7 @@ async def ledger_rows(db: Database) -> dict[str, list[tuple[Any, ...]]]:
 
 
 async def stored_ids(js: JetStreamContext) -> list[str]:
-    """Return the message id of every message in the events stream, in stream order."""
-    info = await js.stream_info(subjects.EVENT_STREAM)
-    ids = []
-    for sequence in range(info.state.first_seq, info.state.last_seq + 1):
-        stored = await js.get_msg(subjects.EVENT_STREAM, sequence)
-        assert stored.headers is not None
-        ids.append(stored.headers["Nats-Msg-Id"])
-    return ids
+    return await stored_message_ids(js, subjects.EVENT_STREAM)
 
 
 async def test_oversize_event_moves_at_limit(

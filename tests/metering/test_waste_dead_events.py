@@ -16,7 +16,6 @@ from typing import Any
 
 import nats
 import pytest
-from nats.js.api import StreamConfig
 from nats.js.client import JetStreamContext
 
 from acsp import subjects
@@ -31,7 +30,7 @@ from services.metering.waste_events import (
 from services.runtime.db import Database
 from services.runtime.errors import Unavailable
 from services.runtime.jetstream import Publisher
-from tests.agent.natsserver import NatsServer
+from tests.agent.natsserver import NatsServer, start_limited_server, stored_message_ids
 from tests.metering.helpers import count, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,20 +43,9 @@ T0 = datetime(2026, 3, 1, 12, tzinfo=UTC)
 @pytest.fixture
 async def events_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
     """A nats-server whose events stream takes messages up to MAX_MSG_SIZE."""
-    server = NatsServer(tmp_path / "jetstream")
-    server.start()
-    client = await nats.connect(server.url, connect_timeout=5)
-    try:
-        await client.jetstream().add_stream(
-            StreamConfig(
-                name=subjects.EVENT_STREAM,
-                subjects=list(subjects.EVENT_SUBJECTS),
-                max_msg_size=MAX_MSG_SIZE,
-                duplicate_window=120.0,
-            )
-        )
-    finally:
-        await client.close()
+    server = await start_limited_server(
+        tmp_path, subjects.EVENT_STREAM, list(subjects.EVENT_SUBJECTS), MAX_MSG_SIZE
+    )
     yield server
     server.stop()
 
@@ -91,14 +79,7 @@ async def add_flag(db: Database, job_id: str, minute: int, project_id: str = "pr
 
 
 async def stored_ids(js: JetStreamContext) -> list[str]:
-    """Return the message id of every message in the events stream, in stream order."""
-    info = await js.stream_info(subjects.EVENT_STREAM)
-    ids = []
-    for sequence in range(info.state.first_seq, info.state.last_seq + 1):
-        stored = await js.get_msg(subjects.EVENT_STREAM, sequence)
-        assert stored.headers is not None
-        ids.append(stored.headers["Nats-Msg-Id"])
-    return ids
+    return await stored_message_ids(js, subjects.EVENT_STREAM)
 
 
 async def test_oversize_waste_event_moves_at_limit(

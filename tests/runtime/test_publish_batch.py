@@ -11,12 +11,11 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.js.api import StreamConfig
 from nats.js.client import JetStreamContext
 
 from services.runtime.jetstream import Publisher
 from services.runtime.publish_errors import Message
-from tests.agent.natsserver import NatsServer
+from tests.agent.natsserver import NatsServer, start_limited_server, stored_message_ids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,32 +34,13 @@ def message(msg_id: str, size: int = 100, subject: str = SUBJECT) -> Message:
 @pytest.fixture
 async def small_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
     """A nats-server with a small max_payload and a stream with a small max_msg_size."""
-    config = tmp_path / "nats.conf"
-    config.write_text(f"max_payload: {MAX_PAYLOAD}\n")
-    server = NatsServer(tmp_path / "jetstream", ("-c", str(config)))
-    server.start()
-    client = await nats.connect(server.url, connect_timeout=5)
-    try:
-        await client.jetstream().add_stream(
-            StreamConfig(
-                name=STREAM, subjects=[SUBJECT], max_msg_size=MAX_MSG_SIZE, duplicate_window=120.0
-            )
-        )
-    finally:
-        await client.close()
+    server = await start_limited_server(tmp_path, STREAM, [SUBJECT], MAX_MSG_SIZE, MAX_PAYLOAD)
     yield server
     server.stop()
 
 
 async def stored_ids(js: JetStreamContext) -> list[str]:
-    """Return the message id of every message in the stream, in stream order."""
-    info = await js.stream_info(STREAM)
-    ids = []
-    for sequence in range(info.state.first_seq, info.state.last_seq + 1):
-        stored = await js.get_msg(STREAM, sequence)
-        assert stored.headers is not None
-        ids.append(stored.headers["Nats-Msg-Id"])
-    return ids
+    return await stored_message_ids(js, STREAM)
 
 
 async def test_oversize_message_rejected_others_stored(small_nats: NatsServer) -> None:

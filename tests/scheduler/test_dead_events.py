@@ -20,7 +20,7 @@ from acsp.v1 import scheduler_pb2
 from scheduler.service.publisher import Publisher
 from scheduler.service.store import DeadEvent, Fenced, JobStore, OutboxEvent
 from services.runtime.auth import Role
-from tests.agent.natsserver import NatsServer
+from tests.agent.natsserver import NatsServer, start_limited_server, stored_message_ids
 from tests.scheduler.harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
 from tests.scheduler.test_end_to_end import job_spec
 from tests.scheduler.test_store import lead
@@ -40,33 +40,15 @@ def event(job_id: str, kind: str = STORED_KIND, size: int = 100) -> OutboxEvent:
 @pytest.fixture
 async def events_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
     """A nats-server whose events stream captures only ended events, up to MAX_MSG_SIZE."""
-    server = NatsServer(tmp_path / "jetstream")
-    server.start()
-    client = await nats.connect(server.url, connect_timeout=5)
-    try:
-        await client.jetstream().add_stream(
-            StreamConfig(
-                name=subjects.EVENT_STREAM,
-                subjects=[subjects.job_event_subject(STORED_KIND)],
-                max_msg_size=MAX_MSG_SIZE,
-                duplicate_window=120.0,
-            )
-        )
-    finally:
-        await client.close()
+    server = await start_limited_server(
+        tmp_path, subjects.EVENT_STREAM, [subjects.job_event_subject(STORED_KIND)], MAX_MSG_SIZE
+    )
     yield server
     server.stop()
 
 
 async def stored_ids(js: JetStreamContext) -> list[str]:
-    """Return the message id of every message in the events stream, in stream order."""
-    info = await js.stream_info(subjects.EVENT_STREAM)
-    ids = []
-    for sequence in range(info.state.first_seq, info.state.last_seq + 1):
-        message = await js.get_msg(subjects.EVENT_STREAM, sequence)
-        assert message.headers is not None
-        ids.append(message.headers["Nats-Msg-Id"])
-    return ids
+    return await stored_message_ids(js, subjects.EVENT_STREAM)
 
 
 async def test_oversize_event_rejected_next_stored(events_nats: NatsServer) -> None:
