@@ -23,7 +23,6 @@ import logging
 import os
 import secrets
 import signal
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from agents.task_process import (
     resolve_command,
     spawn,
     task_file_stem,
+    wait_for_exit_status,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,9 +56,6 @@ _REMEMBERED_FINISHED = 4096
 TIMED_OUT = "wall time exceeded"
 AGENT_EXIT = "the agent stopped"
 """Stop reason of the tasks an agent stops because it is shutting down."""
-_STATUS_WAIT_S = 2.0
-"""Maximum seconds to wait for a live launcher to record the status of a task that ended."""
-_STATUS_POLL_S = 0.02
 
 
 @dataclass(slots=True)
@@ -641,15 +638,7 @@ class TaskRunner:
         self._report_ended(record, exit_code)
 
     async def _report_once_recorded(self, record: TaskRecord, exit_path: Path) -> None:
-        deadline = time.monotonic() + _STATUS_WAIT_S
-        exit_code = read_exit_status(exit_path)
-        while exit_code is None and time.monotonic() < deadline:
-            if not recorder_alive(_recorder(record)):
-                exit_code = read_exit_status(exit_path)
-                break
-            await asyncio.sleep(_STATUS_POLL_S)
-            exit_code = read_exit_status(exit_path)
-        self._report_ended(record, exit_code)
+        self._report_ended(record, await wait_for_exit_status(exit_path, _recorder(record)))
 
     def _report_ended(self, record: TaskRecord, exit_code: int | None) -> None:
         state = _ended_state(record, exit_code, self._failure_under(record))

@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -607,6 +608,22 @@ def find_task_leaders(variable: str, values: set[str]) -> dict[str, int]:
                     found[value] = (pid, start_ticks)
                 break
     return {value: pid for value, (pid, _ticks) in found.items()}
+
+
+async def wait_for_exit_status(path: Path, recorder: tuple[int, int] | None) -> int | None:
+    """Return the exit code in ``path``, waiting while ``recorder`` lives to write it.
+
+    The wait ends after :data:`_STATUS_WAIT_S` seconds at most.
+    """
+    deadline = time.monotonic() + _STATUS_WAIT_S
+    exit_code = read_exit_status(path)
+    while exit_code is None and recorder_alive(recorder) and time.monotonic() < deadline:
+        await asyncio.sleep(_STATUS_POLL_S)
+        exit_code = read_exit_status(path)
+    if exit_code is None:
+        # The recorder may have written the file just before it exited.
+        exit_code = read_exit_status(path)
+    return exit_code
 
 
 def recorder_alive(recorder: tuple[int, int] | None) -> bool:
