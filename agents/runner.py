@@ -372,6 +372,9 @@ class TaskRunner:
             self._begin_stop(self._tasks[spec.task_id], stop_reason)
 
     def _start_failed(self, spec: TaskSpec, error: BaseException) -> None:
+        # NOTE: exec errors that are the job's own (a missing interpreter, a bad executable
+        # format, an environment too large) come here too, so the job is requeued until its
+        # start-failure limit instead of failing once as a missing program does.
         self._state.remove_intent(self._node_key, spec.task_id)
         self._reject(spec, f"command could not be started: {error}")
 

@@ -11,6 +11,9 @@ with its reason instead of being retried forever, while a NATS outage only delay
 - retried: everything else, such as timeouts, disconnections, and no reply while NATS
   restarts, when JetStream's API does not reply either.
 
+NOTE: a publish that the connection's NATS user has no permission for gets no reply, so it
+counts as retried and is retried forever; only the server's log shows the violation.
+
 In nats-py 2.16 the handler of ``publish_async`` replies raises JetStream's error instead of
 setting it on the future, which stays pending. So a message over the stream's max_msg_size
 looks like a lost ack, and :func:`confirm_unacknowledged` learns its outcome.
