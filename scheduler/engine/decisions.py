@@ -71,15 +71,15 @@ class Preempt:
 
 @dataclass(frozen=True, slots=True)
 class Requeue:
-    """A running job lost tasks and goes back to the queue whole.
+    """A running job lost tasks, or an accelerator under it failed, and goes back to the queue
+    whole.
 
     Its tasks on the nodes still up must be stopped, and they may run until their nodes
     confirm. So every task's accelerators stay allocated until
-    :class:`~scheduler.engine.events.TasksStopped` for the job on its node. The exception is a
-    job that was not stopping and is requeued for a failed accelerator: its tasks on healthy
-    nodes are released at once. The caller sends TasksStopped for each node once no task of
-    the job runs there. A stopping job (preempted, or marked by the caller) is never repaired
-    in place.
+    :class:`~scheduler.engine.events.TasksStopped` for the job on its node, also after a
+    failed accelerator. The caller sends TasksStopped for each node once no task of the job
+    runs there. A stopping job (preempted, or marked by the caller) is never repaired in
+    place.
     """
 
     job_id: str

@@ -71,8 +71,10 @@ class TasksStopped:
 class AcceleratorFailed:
     """One accelerator of a node failed (a fatal health event): nothing new is placed on it.
 
-    Every running job with a share of it is requeued whole in the next pass, which frees its
-    other accelerators. A repeat for an accelerator already failed changes nothing.
+    Every running job with a share of it is requeued whole in the next pass. Its tasks may
+    run until their agents confirm the stops, so each of its shares stays allocated until
+    :class:`TasksStopped` for the job on that node. A repeat for an accelerator already
+    failed changes nothing.
     """
 
     node_id: str

@@ -98,13 +98,12 @@ def repair_broken(state: PassState) -> None:
         if record.tasks is None:
             continue
         spec = record.spec
-        if record.stopping and (record.hardware_fault is not None or record.lost):
-            _fence_shares(record)
         if record.hardware_fault is not None:
             # Never repaired in place: the task on the failed accelerator lost its work, so
-            # the gang restarts together from its last checkpoint.
-            # NOTE: unless the job was stopping, its shares on the other accelerators are
-            # freed at once, although its tasks there may run until their stops are confirmed.
+            # the gang restarts together from its last checkpoint. Each of its tasks, the one
+            # on the failed accelerator too, may run until its agent confirms the stop, so
+            # every share stays fenced until then.
+            _fence_shares(record)
             event_id, message = record.hardware_fault
             engine._requeue(record, f"requeued: {message}")
             state.decisions.append(
@@ -113,6 +112,8 @@ def repair_broken(state: PassState) -> None:
             continue
         if not record.lost:
             continue
+        if record.stopping:
+            _fence_shares(record)
         plans = None
         if (
             not record.stopping

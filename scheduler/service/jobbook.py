@@ -750,8 +750,8 @@ class JobBook:
         Its tasks on the failed accelerator are recorded as ``failed_hardware`` in the ended
         attempt, and the attempt's trigger names the health event. Every live task gets a stop
         command, and the agent reports the ones on the failed accelerator as FAILED_HARDWARE.
-        The engine has already released the job's accelerators, except those of a job that was
-        stopping, which stay fenced until their nodes confirm the stops.
+        The engine has already requeued the job and fenced all its accelerators. Each node's
+        share is freed once no copy of the job there awaits a confirmed stop.
         """
         job = self.jobs.get(job_id)
         if job is None or job.terminal:
@@ -857,8 +857,9 @@ class JobBook:
         """Free the fences of a job that the engine requeued or ended, on each node of its
         placement where none of its copies awaits a confirmed stop.
 
-        The engine fences every share of a gang requeued after a lost node, and of a stopping
-        job that loses a node or an accelerator, also those of tasks that had already ended.
+        The engine fences every share of a gang requeued after a lost node or a failed
+        accelerator, and of a stopping job that loses a node, also those of tasks that had
+        already ended.
         """
         for node_key in sorted({t.node_key for t in job.placement}):
             self._release_fences(node_key, job.job_id)

@@ -15,6 +15,7 @@ from scheduler.engine import (
     NodeUndrain,
     Requeue,
     TaskPlacement,
+    TasksStopped,
     Topology,
 )
 from tests.engine.helpers import job, make_engine, node, placed
@@ -48,7 +49,14 @@ def test_gang_on_failed_accelerator_is_requeued_whole() -> None:
     assert "n1-gpu3" in requeue.message
     assert "health event n1/boot/7" in requeue.message
     assert engine.pending() == ["gang"]
+    # Its tasks may run until n1 confirms their stops, so every share stays until then.
     n1 = engine.fleet.by_id["n1"]
+    assert n1.fenced == {"gang#1"}
+    assert n1.used == [1000] * 8
+    assert n1.free_whole == 0
+
+    engine.apply(TasksStopped("n1", "gang"))
+
     assert n1.used == [0] * 8
     assert n1.free_whole == 7
     assert n1.jobs == {}

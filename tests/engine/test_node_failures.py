@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from scheduler.engine import (
+    AcceleratorFailed,
+    Cause,
     Engine,
     Event,
     InvalidInputError,
@@ -17,6 +19,8 @@ from scheduler.engine import (
     NodeMissedHeartbeats,
     NodeState,
     NodeUndrain,
+    Preempt,
+    PriorityClass,
     ReplaceTask,
     Requeue,
     TaskPlacement,
@@ -309,6 +313,101 @@ def test_requeued_gang_keeps_survivor_fenced() -> None:
     assert not n2.fenced
     assert n2.free_whole == 1
     assert engine.fleet.by_id["n1"].fenced == {"g#1"}
+
+
+@pytest.mark.parametrize("stopping", [False, True], ids=["running", "stopping"])
+def test_failed_accelerator_keeps_gang_fenced(stopping: bool) -> None:
+    engine = make_engine()
+    for name in ("n1", "n2"):
+        engine.add_node(node(name, 1))
+    engine.submit(job("g", tasks=2, topology=Topology.SAME_PROVIDER))
+    assert nodes_of(placed(engine.schedule(0.0))["g"]) == {"n1", "n2"}
+    if stopping:
+        engine.mark_stopping("g")
+    engine.submit(job("next", submit=1.0))
+
+    engine.apply(AcceleratorFailed("n1", "n1-gpu0", "e1", "XID 48"))
+    result = engine.schedule(10.0)
+
+    requeues = [d for d in result.decisions if isinstance(d, Requeue)]
+    assert [(d.job_id, d.cause) for d in requeues] == [("g", Cause.ACCELERATOR_FAILURE)]
+    # Its task on n2 gets a stop command but may still run, so nothing is placed there.
+    assert placed(result) == {}
+    n1 = engine.fleet.by_id["n1"]
+    n2 = engine.fleet.by_id["n2"]
+    assert n1.fenced == {"g#1"}
+    assert n2.fenced == {"g#1"}
+    assert n2.free_whole == 0
+    assert "next" not in placed(engine.schedule(20.0))
+
+    engine.apply(TasksStopped("n2", "g"))
+    result = engine.schedule(30.0)
+
+    assert not n2.fenced
+    assert nodes_of(placed(result)["next"]) == {"n2"}
+    # The failed accelerator stays out of service once its share is released too.
+    engine.apply(TasksStopped("n1", "g"))
+    assert not n1.fenced
+    assert n1.used == [0]
+    assert n1.free_whole == 0
+    assert engine.pending() == ["g"]
+    assert placed(engine.schedule(40.0)) == {}
+
+
+def test_failed_accelerator_fence_waits_for_unknown_node() -> None:
+    engine = make_engine()
+    for name in ("n1", "n2"):
+        engine.add_node(node(name, 1))
+    engine.submit(job("g", tasks=2, topology=Topology.SAME_PROVIDER))
+    engine.schedule(0.0)
+    engine.submit(job("next", submit=1.0))
+    engine.apply(AcceleratorFailed("n1", "n1-gpu0", "e1"))
+    engine.schedule(10.0)
+    n2 = engine.fleet.by_id["n2"]
+
+    # n2 goes silent before it confirms the stop, and its heartbeat later frees nothing.
+    engine.apply(NodeMissedHeartbeats("n2"))
+    engine.apply(NodeHeartbeat("n2"))
+    result = engine.schedule(20.0)
+
+    assert placed(result) == {}
+    assert n2.state is NodeState.UP
+    assert n2.fenced == {"g#1"}
+    # Only a confirmed stop or a node marked down frees it.
+    engine.apply(NodeDown("n2"))
+    engine.apply(NodeHeartbeat("n2"))
+    assert not n2.fenced
+    assert nodes_of(placed(engine.schedule(30.0))["next"]) == {"n2"}
+
+
+def test_preempted_checkpointable_gang_on_failed_accelerator() -> None:
+    engine = make_engine(preemption_grace_s=120.0)
+    for name in ("n1", "n2"):
+        engine.add_node(node(name, 1))
+    engine.submit(
+        job(
+            "g",
+            tasks=2,
+            priority=PriorityClass.PREEMPTIBLE,
+            topology=Topology.SAME_PROVIDER,
+            checkpointable=True,
+        )
+    )
+    engine.schedule(0.0)
+    engine.submit(job("high", priority=PriorityClass.INTERACTIVE, submit=5.0))
+    preempts = [d for d in engine.schedule(10.0).decisions if isinstance(d, Preempt)]
+    assert [(d.job_id, d.deadline) for d in preempts] == [("g", 130.0)]
+
+    # An accelerator fails during the grace period. The gang is requeued at once, but its
+    # tasks may still be writing their checkpoint, so the preemptor waits for the stops.
+    engine.apply(AcceleratorFailed("n2", "n2-gpu0", "e1"))
+    result = engine.schedule(20.0)
+
+    assert [d.job_id for d in result.decisions if isinstance(d, Requeue)] == ["g"]
+    assert placed(result) == {}
+    assert engine.fleet.by_id["n1"].fenced == {"g#1"}
+    engine.apply(TasksStopped("n1", "g"))
+    assert nodes_of(placed(engine.schedule(30.0))["high"]) == {"n1"}
 
 
 def test_requeued_gang_placed_elsewhere_at_once() -> None:

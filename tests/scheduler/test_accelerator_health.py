@@ -207,3 +207,73 @@ def test_failure_applies_when_node_added() -> None:
     node = NodeView("prov", "reg", "n2", (AcceleratorView("GPU-9", "A100-SXM4-80GB"),))
     assert book.engine.add_node(node)
     assert book.engine.engine.fleet.by_id["prov.reg.n2"].failed == {0: "n2/b/1"}
+
+
+def failed_gang_book() -> tuple[JobBook, str, int, int]:
+    """Run a two-task gang on GPU-0 and GPU-1 of a two-accelerator node, queue a one-task job
+    of another project behind it, and fail GPU-0.
+
+    Returns the book, the gang's id, and the indexes of its tasks on GPU-0 and on GPU-1.
+    """
+    book = make_book(gpus=2)
+    gang = make_job(tasks=2)
+    job_id = gang.job_id
+    place(book, gang)
+    held(book, gang)
+    for index in range(2):
+        report(book, gang, index, "started")
+    placement = book.jobs[job_id].placement
+    on_failed = next(t.task_index for t in placement if t.accelerators == ("GPU-0",))
+    survivor = next(t.task_index for t in placement if t.accelerators == ("GPU-1",))
+    assert place(book, make_job(tasks=1, project="other"), NOW + 5).admit == []
+    fx = fail(book, "GPU-0")
+    assert book.jobs[job_id].state == "pending"
+    assert fx.admit == []
+    return book, job_id, on_failed, survivor
+
+
+def admitted_at(book: JobBook, now: float) -> list[tuple[str, tuple[str, ...]]]:
+    fx = Effects(now)
+    book.apply_pass(book.engine.schedule(now), fx)
+    return [(job.job_id, job.placement[0].accelerators) for job, _ in fx.admit]
+
+
+def test_failure_keeps_gang_fenced_until_stops() -> None:
+    book, job_id, on_failed, survivor = failed_gang_book()
+    (other,) = [j for j in book.jobs if j != job_id]
+    node = book.engine.engine.fleet.node(NODE)
+    assert node.fenced == {f"{job_id}#1"}
+
+    # The survivor stopped, but the copy on GPU-0 may still run on the same node.
+    book.apply_task(NODE, f"{job_id}/1/{survivor}", "stopped", 143, "", Effects(NOW + 20))
+    assert admitted_at(book, NOW + 21) == []
+
+    book.apply_task(NODE, f"{job_id}/1/{on_failed}", "failed_hardware", 0, "", Effects(NOW + 22))
+
+    assert not node.fenced
+    assert admitted_at(book, NOW + 23) == [(other, ("GPU-1",))]
+
+
+def test_restarted_book_keeps_failed_gang_fenced() -> None:
+    book, job_id, on_failed, survivor = failed_gang_book()
+    orphans, confirmed = book.take_orphan_writes()
+    assert sorted(o.task_id for o in orphans) == sorted(
+        f"{job_id}/1/{index}" for index in (on_failed, survivor)
+    )
+    assert confirmed == []
+
+    # A new leader loads the failure, the open jobs and then the stored copies.
+    restarted = make_book(gpus=2)
+    failure = AcceleratorHealth(NODE, "GPU-0", True, "n1/b/5", "XID 79: fallen off the bus")
+    assert restarted.engine.set_accelerator_health(failure, NOW + 30)
+    restarted.add(list(book.jobs.values()), NOW + 30)
+    restarted.adopt_orphans(orphans)
+    (other,) = [j for j in restarted.jobs if j != job_id]
+
+    assert admitted_at(restarted, NOW + 31) == []
+
+    # The node's heartbeat lists neither copy any more, which confirms both stops.
+    restarted.apply_node_running(NODE, frozenset(), Effects(NOW + 32))
+
+    assert admitted_at(restarted, NOW + 33) == [(other, ("GPU-1",))]
+    assert restarted.jobs[job_id].state == "pending"
