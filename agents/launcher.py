@@ -19,9 +19,13 @@ The messages are JSON objects, one per line. A request::
 
 gets a reply, in request order: ``{"id": 7, "pid": 1234}`` once the program runs, or
 ``{"id": 7, "errno": 2, "error": "No such file or directory", "filename": "/tmp/x"}`` (the
-parts of an ``OSError``) if it could not be started. When a task ends the
-launcher writes its status to the ``exit`` file, then sends ``{"pid": 1234, "status": 0}``, with
-the exit code, or minus the signal number that ended the task.
+parts of an ``OSError``) if it could not be started. A reply to a failed ``posix_spawn`` also
+has ``"spawn": true``, so that the agent can tell an error of executing the program, which may
+be the job's own (see ``agents.programs``), from an error of the steps before it (the working
+directory, the log file), which is the node's. For that reason the launcher opens the log file
+and ``/dev/null`` itself, and the spawn only duplicates them. When a task ends the launcher
+writes its status to the ``exit`` file, then sends ``{"pid": 1234, "status": 0}``, with the
+exit code, or minus the signal number that ended the task.
 
 The file contains the status as a shell reports it (the exit code, or 128 + N for signal N), the
 format earlier agents wrote with a shell around each task, so that one reader serves both.
@@ -53,6 +57,8 @@ class Launcher:
         self._exit_paths: dict[int, str] = {}
         """Exit status file of each running child, by pid."""
         self._peer_gone = False
+        # Not inheritable: each task gets it as its standard input only.
+        self._devnull = os.open(os.devnull, os.O_RDONLY)
         wake_read, wake_write = os.pipe()
         os.set_blocking(wake_read, False)
         os.set_blocking(wake_write, False)
@@ -106,28 +112,41 @@ class Launcher:
                 os.unlink(exit_path)
             except FileNotFoundError:
                 pass
+            # Not inheritable: the task gets it as its standard output and error only.
+            log = os.open(request["log"], _LOG_FLAGS, 0o640)
+        except OSError as error:
+            self._reply_error(request_id, error, spawn=False)
+            return
+        try:
             pid = os.posix_spawn(
                 request["path"],
                 request["argv"],
                 request["env"],
                 file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, request["log"], _LOG_FLAGS, 0o640),
-                    (os.POSIX_SPAWN_DUP2, 1, 2),
+                    (os.POSIX_SPAWN_DUP2, self._devnull, 0),
+                    (os.POSIX_SPAWN_DUP2, log, 1),
+                    (os.POSIX_SPAWN_DUP2, log, 2),
                 ],
                 setsid=True,
                 setsigdef=_RESET_SIGNALS,
             )
         except (OSError, ValueError) as error:
             # ValueError: a NUL character in an argument, which no program can receive.
-            reply = {"id": request_id, "errno": 0, "error": str(error)}
-            if isinstance(error, OSError):
-                # The agent rebuilds the OSError, whose text then starts with the number once.
-                reply.update(errno=error.errno or 0, error=error.strerror, filename=error.filename)
-            self._out.append(json.dumps(reply).encode() + b"\n")
+            self._reply_error(request_id, error, spawn=True)
             return
+        finally:
+            os.close(log)
         self._exit_paths[pid] = exit_path
         self._out.append(b'{"id": %d, "pid": %d}\n' % (request_id, pid))
+
+    def _reply_error(self, request_id: int, error: Exception, spawn: bool) -> None:
+        reply: dict[str, Any] = {"id": request_id, "errno": 0, "error": str(error)}
+        if isinstance(error, OSError):
+            # The agent rebuilds the OSError, whose text then starts with the number once.
+            reply.update(errno=error.errno or 0, error=error.strerror, filename=error.filename)
+        if spawn:
+            reply["spawn"] = True
+        self._out.append(json.dumps(reply).encode() + b"\n")
 
     def _drain_wakeups(self) -> None:
         try:

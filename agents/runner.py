@@ -29,17 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.model import WHOLE_MILLI, TaskEvent, TaskSpec, TaskState
+from agents.programs import CommandNotRunnableError, resolve_command
 from agents.state import StateStore, TaskRecord
 from agents.task_process import (
     SPAWN_ID_ENV,
-    CommandNotRunnableError,
     TaskLauncher,
     TaskProcess,
     find_task_leaders,
     process_start_ticks,
     read_exit_status,
     recorder_alive,
-    resolve_command,
     spawn,
     task_file_stem,
     wait_for_exit_status,
@@ -289,12 +288,12 @@ class TaskRunner:
         )
 
     def _fail_unrunnable(self, spec: TaskSpec, error: CommandNotRunnableError) -> None:
-        """Report a task whose command names no executable program as failed, as a shell would.
+        """Report a task whose program cannot run as failed, with a shell's exit status.
 
         The program is the job's own choice, so a rejection, which the scheduler requeues,
-        would start the job again and fail again in a loop.
+        would start the job again and fail again on node after node.
         """
-        reason = f"command could not be started: {error}"
+        reason = str(error)
         logger.warning("task %s of job %s failed: %s", spec.task_id, spec.job_id, reason)
         self._remember(spec.task_id, TaskState.FAILED)
         self._emit(
@@ -338,11 +337,7 @@ class TaskRunner:
                 self._exit_path(spec.task_id),
                 record.spawn_id,
             )
-        except CommandNotRunnableError as error:
-            self._state.remove_intent(self._node_key, spec.task_id)
-            self._fail_unrunnable(spec, error)
-            return
-        except OSError as error:
+        except (CommandNotRunnableError, OSError) as error:
             self._start_failed(spec, error)
             return
         record.launcher_pid, record.launcher_start_ticks = self._launcher.identity
@@ -372,11 +367,16 @@ class TaskRunner:
             self._begin_stop(self._tasks[spec.task_id], stop_reason)
 
     def _start_failed(self, spec: TaskSpec, error: BaseException) -> None:
-        # NOTE: exec errors that are the job's own (a missing interpreter, a bad executable
-        # format, an environment too large) come here too, so the job is requeued until its
-        # start-failure limit instead of failing once as a missing program does.
+        """Fail the task if its program cannot run on any node, else reject the start.
+
+        The scheduler places a rejected task's job again. :data:`agents.programs.JOB_ERRNOS`
+        lists the errors that are the job's own.
+        """
         self._state.remove_intent(self._node_key, spec.task_id)
-        self._reject(spec, f"command could not be started: {error}")
+        if isinstance(error, CommandNotRunnableError):
+            self._fail_unrunnable(spec, error)
+        else:
+            self._reject(spec, f"command could not be started: {error}")
 
     def _started(self, spec: TaskSpec, record: TaskRecord, process: TaskProcess) -> None:
         record.pid = process.pid

@@ -27,7 +27,6 @@ import errno
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +36,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from agents.programs import resolve_command, unrunnable_command
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +57,6 @@ _REPLY_CHECKS = 10
 The silence is counted in checks rather than read off the clock, so that time in which the
 agent itself did not run (stopped, or its event loop busy) counts once at most.
 """
-
-
-class CommandNotRunnableError(Exception):
-    """The task's command names no program that the task could execute.
-
-    ``exit_code`` is the status a POSIX shell returns for such a command: 127 when the program
-    is not found, 126 when it is found but cannot be executed.
-    """
-
-    def __init__(self, error: OSError) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.exit_code = 127 if isinstance(error, FileNotFoundError) else 126
 
 
 class TaskProcess:
@@ -246,10 +234,11 @@ class TaskLauncher:
     ) -> asyncio.Future[TaskProcess]:
         """Ask the launcher to start a program; the future gives its process.
 
-        ``executable`` is the file to run (see :func:`find_executable`). The future fails with
-        ``OSError`` when the program could not be started. ``spawn_id`` is the value of the
-        task's spawn id variable, by which the process is found if the launcher goes away
-        before it replies.
+        ``executable`` is the file to run (see :func:`agents.programs.find_executable`). The
+        future fails with :class:`agents.programs.CommandNotRunnableError` when executing the
+        program failed for a reason of the job's own, and with ``OSError`` when the node could
+        not start it. ``spawn_id`` is the value of the task's spawn id variable, by which the
+        process is found if the launcher goes away before it replies.
         """
         self._start()
         assert self._loop is not None
@@ -257,7 +246,7 @@ class TaskLauncher:
         self._next_id += 1
         future: asyncio.Future[TaskProcess] = self._loop.create_future()
         exit_file = Path(os.path.abspath(exit_path))
-        self._pending[request_id] = _Launch(future, exit_file, spawn_id)
+        self._pending[request_id] = _Launch(future, exit_file, spawn_id, executable, argv, env, cwd)
         request = {
             "id": request_id,
             "path": executable,
@@ -403,9 +392,7 @@ class TaskLauncher:
                 if not launch.future.done():
                     launch.future.set_result(process)
             elif not launch.future.done():
-                code = message.get("errno", 0)
-                text = message.get("error", "")
-                launch.future.set_exception(OSError(code, text, message.get("filename")))
+                launch.future.set_exception(_launch_error(message, launch))
             return
         entry = self._running.pop(message["pid"], None)
         if entry is not None:
@@ -467,6 +454,20 @@ class _Launch:
     future: asyncio.Future[TaskProcess]
     exit_path: Path
     spawn_id: str
+    executable: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: Path
+
+
+def _launch_error(reply: dict[str, Any], launch: _Launch) -> Exception:
+    """Rebuild the error in a launcher's reply, as ``CommandNotRunnableError`` if the job's own."""
+    error = OSError(reply.get("errno", 0), reply.get("error", ""), reply.get("filename"))
+    if not reply.get("spawn"):
+        # The launcher failed before the spawn (the working directory, the log file).
+        return error
+    failure = unrunnable_command(error, launch.argv, launch.executable, launch.env, launch.cwd)
+    return error if failure is None else failure
 
 
 SPAWN_ID_ENV = "ACSP_SPAWN_ID"
@@ -481,8 +482,9 @@ def spawn(
 ) -> TaskProcess:
     """Start ``command`` as our child, in a new session with its output in ``log_path``.
 
-    Raises :class:`CommandNotRunnableError` when the command names no executable program, and
-    ``OSError`` when the node cannot start the process (the log file, a failed fork).
+    Raises :class:`agents.programs.CommandNotRunnableError` when the program cannot run for a
+    reason of the job's own (the same ones as the launcher's), and ``OSError`` when the node
+    cannot start the process (the log file, a failed fork).
     """
     asyncio.get_running_loop()  # Raise RuntimeError before the process starts, not after.
     executable = resolve_command(command, env, cwd)
@@ -497,53 +499,18 @@ def spawn(
             cwd=cwd,
             start_new_session=True,
         )
+    except OSError as error:
+        # Popen names the executable in an error of the exec itself, and the working directory
+        # or nothing in an error of the fork or of a step before the exec.
+        failure = None
+        if error.filename == executable:
+            failure = unrunnable_command(error, command, executable, env, cwd)
+        if failure is None:
+            raise
+        raise failure from error
     finally:
         os.close(log)
     return TaskProcess(popen.pid, popen)
-
-
-def resolve_command(command: Sequence[str], env: Mapping[str, str], cwd: Path) -> str:
-    """Return the file that ``command`` runs, or raise :class:`CommandNotRunnableError`."""
-    texts = [*command, *env, *env.values()]
-    if any("\0" in text for text in texts):
-        error = OSError(errno.EINVAL, "the command or its environment contains a NUL character")
-        raise CommandNotRunnableError(error)
-    # posix_spawn and Popen raise ValueError for such a name, as they do for a NUL.
-    bad_names = sorted(repr(name) for name in env if not name or "=" in name)
-    if bad_names:
-        reason = f"invalid environment variable name (empty or with '='): {', '.join(bad_names)}"
-        raise CommandNotRunnableError(OSError(errno.EINVAL, reason))
-    try:
-        return find_executable(command[0], env.get("PATH", os.defpath), cwd)
-    except OSError as error:
-        raise CommandNotRunnableError(error) from error
-
-
-def find_executable(name: str, search_path: str, cwd: Path) -> str:
-    """Return the file that executing ``name`` runs: a path as given, else found on ``search_path``.
-
-    The shell is given this file rather than the bare name, so that it runs the program and not
-    a builtin of the same name (``echo``, ``kill``). Raises ``FileNotFoundError`` or
-    ``PermissionError`` (both ``OSError``) as starting the command directly would.
-    """
-    if "/" in name:
-        # Absolute, because the task runs in ``cwd`` and ``cwd`` may be relative to ours. Not
-        # normalized, so that ``..`` after a symbolic link resolves as the kernel resolves it.
-        candidate = os.path.join(os.getcwd(), cwd, name)
-        if not os.path.exists(candidate):
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
-    else:
-        # A relative entry of the PATH (an empty one is the working directory) is taken from
-        # the task's working directory, as execvp would take it from inside the task.
-        base = os.path.join(os.getcwd(), cwd)
-        entries = [os.path.join(base, entry) for entry in search_path.split(os.pathsep)]
-        found = shutil.which(name, path=os.pathsep.join(entries))
-        if found is None:
-            raise FileNotFoundError(errno.ENOENT, "not found on the task's PATH", name)
-        candidate = found
-    if os.path.isdir(candidate) or not os.access(candidate, os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
-    return candidate
 
 
 def from_shell_status(status: int) -> int:

@@ -1,0 +1,283 @@
+"""A task's program: the file that its command runs, and why that file cannot run.
+
+A failure to start a task is the job's own when every node would fail the same way. The
+program, its ``#!`` interpreter or its dynamic loader is missing, not executable or in a
+format the machine cannot run, or the arguments are too large. Such a task fails at once with
+:class:`CommandNotRunnableError`, which carries the exit status a POSIX shell gives and a
+message naming the program and the reason, and the scheduler ends the job. Any other failure
+is the node's own: the agent rejects the start, and the scheduler places the job again, on
+another node if one is free, until the job's start-failure limit.
+
+Both ways of starting a task (the launcher's ``posix_spawn`` and ``subprocess.Popen`` in the
+agent) execute the file directly, without a shell, so they fail with the same error number.
+A file without a ``#!`` line is therefore not run as a shell script: it fails with ENOEXEC.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import stat
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO, Final
+
+JOB_ERRNOS: Final = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+        errno.EACCES,
+        errno.ENOEXEC,
+        errno.EISDIR,
+        errno.ELIBBAD,
+        errno.EINVAL,
+        errno.E2BIG,
+    }
+)
+"""Errors of executing a task's program (``execve``) that are the job's own.
+
+- ENOENT: the program, its ``#!`` interpreter or the dynamic loader that it names does not
+  exist.
+- ENOTDIR, ELOOP, ENAMETOOLONG: one of those paths has a file where a folder should be, a
+  loop of symbolic links, or a name that is too long.
+- EACCES: no execute permission on the program or its interpreter, no search permission on a
+  folder of their paths, a file system mounted ``noexec``, or a program that is not a regular
+  file (a directory, say).
+- ENOEXEC: the file is neither a ``#!`` script nor a binary for this machine.
+- EISDIR, ELIBBAD: the dynamic loader is a directory, or not in a format the machine can run.
+- EINVAL: an ELF file with more than one dynamic loader. The agent also raises it before the
+  spawn, for a NUL character in the command or its environment or an invalid variable name.
+- E2BIG: the arguments and the environment are larger than the kernel allows.
+
+Every other error is the node's own, and the start is rejected:
+
+- EAGAIN, ENOMEM: no process slot or no memory for the new process.
+- EMFILE, ENFILE: no file descriptors left.
+- ETXTBSY: the program file is open for writing on this node, which is usually soon over.
+- EIO: the node's storage failed.
+- EPERM: the node's tracing or security settings.
+- ECHILD: the task launcher went away (see ``agents.task_process.TaskLauncher``).
+- any other number, or none: a retry costs at most the start-failure limit, while a job that
+  failed for a node's fault cannot be undone.
+
+Failures before the program is executed (the task folder, the log file, the launcher) are the
+node's own, whatever their number.
+"""
+
+_HEAD_SIZE = 256
+"""Bytes read from the start of a program: Linux 5.1 and later read the ``#!`` line from as many."""
+_ELF_MAGIC = b"\x7fELF"
+_PT_INTERP = 3
+"""ELF program header type of the dynamic loader's path."""
+_MAX_PROGRAM_HEADERS = 64
+
+
+class CommandNotRunnableError(Exception):
+    """The task's program cannot run, and would not run on any other node either.
+
+    ``exit_code`` is the status a POSIX shell returns for such a command: 127 when a file is
+    not found (ENOENT), as bash 5.2 returns it for a missing interpreter too, and 126 for any
+    other reason. ``errno`` is the error number, or the one ``execve`` would return.
+    """
+
+    def __init__(self, program: str, reason: str, error_number: int) -> None:
+        super().__init__(f"cannot run {_shown(program)}: {reason}")
+        self.errno = error_number
+        self.exit_code = 127 if error_number == errno.ENOENT else 126
+
+
+def resolve_command(command: Sequence[str], env: Mapping[str, str], cwd: Path) -> str:
+    """Return the file that ``command`` runs, or raise :class:`CommandNotRunnableError`.
+
+    Raises ``OSError`` when the node cannot look for the file (an I/O error, say).
+    """
+    texts = [*command, *env, *env.values()]
+    if any("\0" in text for text in texts):
+        reason = "the command or its environment contains a NUL character"
+        raise CommandNotRunnableError(command[0], reason, errno.EINVAL)
+    # posix_spawn and Popen raise ValueError for such a name, as they do for a NUL.
+    bad_names = sorted(repr(name) for name in env if not name or "=" in name)
+    if bad_names:
+        reason = f"invalid environment variable name (empty or with '='): {', '.join(bad_names)}"
+        raise CommandNotRunnableError(command[0], reason, errno.EINVAL)
+    return find_executable(command[0], env.get("PATH", os.defpath), cwd)
+
+
+def find_executable(name: str, search_path: str, cwd: Path) -> str:
+    """Return the file that executing ``name`` runs: a path as given, else found on ``search_path``.
+
+    The task is given this file rather than the bare name, so that it runs the program and not
+    a builtin of the same name (``echo``, ``kill``). Raises :class:`CommandNotRunnableError`
+    when there is no such executable file, and ``OSError`` when the node cannot look for it.
+    """
+    if "/" in name:
+        # Absolute, because the task runs in ``cwd`` and ``cwd`` may be relative to ours. Not
+        # normalized, so that ``..`` after a symbolic link resolves as the kernel resolves it.
+        candidate = os.path.join(os.getcwd(), cwd, name)
+        try:
+            mode = os.stat(candidate).st_mode
+        except OSError as error:
+            if error.errno not in JOB_ERRNOS:
+                raise
+            raise CommandNotRunnableError(name, os.strerror(error.errno), error.errno) from error
+        if stat.S_ISDIR(mode):
+            raise CommandNotRunnableError(name, "it is a directory, not a program", errno.EACCES)
+        if not os.access(candidate, os.X_OK):
+            reason = "permission denied: the file is not executable (chmod +x makes it so)"
+            raise CommandNotRunnableError(name, reason, errno.EACCES)
+        return candidate
+    # A relative entry of the PATH (an empty one is the working directory) is taken from
+    # the task's working directory, as execvp would take it from inside the task.
+    base = os.path.join(os.getcwd(), cwd)
+    entries = [os.path.join(base, entry) for entry in search_path.split(os.pathsep)]
+    # which() skips directories and files without execute permission, as execvp does.
+    found = shutil.which(name, path=os.pathsep.join(entries))
+    if found is None:
+        reason = f"no executable file of that name on the task's PATH ({search_path})"
+        raise CommandNotRunnableError(name, reason, errno.ENOENT)
+    return found
+
+
+def unrunnable_command(
+    error: OSError,
+    command: Sequence[str],
+    executable: str,
+    env: Mapping[str, str],
+    cwd: Path,
+) -> CommandNotRunnableError | None:
+    """Explain an error of executing ``executable`` if it is the job's own, else return None.
+
+    ``error`` must come from executing the program, not from the steps before, whose failures
+    are the node's own. ``command`` and ``env`` are the task's arguments and environment, and
+    ``cwd`` its working directory, from which a relative interpreter path is taken.
+    """
+    number = error.errno or 0
+    if number not in JOB_ERRNOS:
+        return None
+    program = command[0]
+    if "/" not in program and executable != program:
+        program = f"{program} ({executable})"
+    reason = _exec_reason(number, executable, command, env, cwd)
+    return CommandNotRunnableError(program, reason, number)
+
+
+def _exec_reason(
+    number: int, executable: str, command: Sequence[str], env: Mapping[str, str], cwd: Path
+) -> str:
+    """Return why executing ``executable`` failed with ``number``, from what its file shows."""
+    if number == errno.E2BIG:
+        return _too_large_reason(command, env)
+    head = _read_head(executable)
+    if head.startswith(b"#!"):
+        reason = _interpreter_reason(number, head, cwd)
+        if reason is not None:
+            return reason
+    if head.startswith(_ELF_MAGIC):
+        loader = _elf_interpreter(executable)
+        if number == errno.ENOEXEC:
+            return (
+                "exec format error: an ELF binary that this machine cannot run "
+                "(built for another architecture, say)"
+            )
+        if loader is not None and number in (errno.ENOENT, errno.EISDIR, errno.ELIBBAD):
+            return (
+                f"bad dynamic loader {_shown(loader)}: {os.strerror(number)} "
+                "(the binary is built for another system, or for a C library this node lacks)"
+            )
+    if number == errno.ENOEXEC:
+        return (
+            "exec format error: the file is neither a script with a #! line "
+            "nor a binary for this machine"
+        )
+    if number == errno.EACCES and os.path.isdir(executable):
+        return "it is a directory, not a program"
+    return os.strerror(number)
+
+
+def _interpreter_reason(number: int, head: bytes, cwd: Path) -> str | None:
+    """Return why the ``#!`` interpreter in ``head`` failed, or None if it is not at fault."""
+    line = head[2:].split(b"\n", 1)[0]
+    # Linux ends the interpreter at the first space or tab, so a carriage return is part of it.
+    name = re.split(rb"[ \t]", line.strip(b" \t"), maxsplit=1)[0]
+    if not name:
+        return "exec format error: the #! line names no interpreter"
+    interpreter = os.fsdecode(name)
+    path = os.path.join(os.getcwd(), cwd, interpreter)
+    runnable = os.access(path, os.X_OK) and not os.path.isdir(path)
+    if number == errno.EACCES and runnable:
+        # The interpreter may run, so the script itself is denied (a noexec file system, say).
+        return None
+    reason = f"bad interpreter {_shown(interpreter)}: {os.strerror(number)}"
+    if interpreter.endswith("\r"):
+        return f"{reason} (the #! line ends with a carriage return: convert the Windows line ends)"
+    if number == errno.ENOENT and os.path.exists(path):
+        return f"{reason} (it exists, but its own interpreter or dynamic loader does not)"
+    return reason
+
+
+def _too_large_reason(command: Sequence[str], env: Mapping[str, str]) -> str:
+    strings = [*command, *(f"{name}={value}" for name, value in env.items())]
+    # Each string is passed with its NUL terminator.
+    sizes = [len(os.fsencode(text)) + 1 for text in strings]
+    return (
+        f"argument list too long: the arguments and environment take {sum(sizes)} bytes, the "
+        f"longest string {max(sizes)} bytes, while Linux allows 32 pages (128 KiB) per string "
+        "and a quarter of the stack size limit (ulimit -s), at most 6 MiB, in all"
+    )
+
+
+def _read_head(path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read(_HEAD_SIZE)
+    except OSError:
+        return b""
+
+
+def _elf_interpreter(path: str) -> str | None:
+    """Return the dynamic loader that the ELF file at ``path`` names, or None if it has none."""
+    try:
+        with open(path, "rb") as file:
+            return _read_elf_interpreter(file)
+    except (OSError, struct.error, ValueError):
+        return None
+
+
+def _read_elf_interpreter(file: BinaryIO) -> str | None:
+    header = file.read(64)
+    if len(header) < 52 or header[4] not in (1, 2) or header[5] not in (1, 2):
+        return None
+    wide = header[4] == 2
+    order = "<" if header[5] == 1 else ">"
+    if wide:
+        (table_offset,) = struct.unpack_from(order + "Q", header, 32)
+        entry_size, entry_count = struct.unpack_from(order + "HH", header, 54)
+    else:
+        (table_offset,) = struct.unpack_from(order + "I", header, 28)
+        entry_size, entry_count = struct.unpack_from(order + "HH", header, 42)
+    if entry_size != (56 if wide else 32):
+        return None
+    file.seek(table_offset)
+    # Binaries have about a dozen program headers, so the cap only bounds the read of a bad file.
+    table = file.read(entry_size * min(entry_count, _MAX_PROGRAM_HEADERS))
+    for start in range(0, len(table) - entry_size + 1, entry_size):
+        (kind,) = struct.unpack_from(order + "I", table, start)
+        if kind != _PT_INTERP:
+            continue
+        if wide:
+            offset, size = struct.unpack_from(order + "Q8x8xQ", table, start + 8)
+        else:
+            offset, size = struct.unpack_from(order + "I4x4xI", table, start + 4)
+        file.seek(offset)
+        return os.fsdecode(file.read(min(size, 4096)).rstrip(b"\0"))
+    return None
+
+
+def _shown(name: str) -> str:
+    """Return ``name`` as it reads in a message: quoted when empty or not printable."""
+    return name if name and name.isprintable() else repr(name)
