@@ -310,8 +310,12 @@ class TaskRunner:
         )
 
     async def _spawn(self, spec: TaskSpec, record: TaskRecord) -> None:
-        # Made for every start, so that starts go on after someone removed the folder.
-        self._task_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            # Made for every start, so that starts go on after someone removed the folder.
+            self._task_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            self._start_failed(spec, error)
+            return
         # The intent is on disk before the process exists. A crash from here until the task
         # record is saved leaves the intent, which a restarted agent resolves in recover().
         self._state.put_intent(self._node_key, record)

@@ -22,7 +22,7 @@ from agents.model import TaskSpec, TaskState
 from agents.programs import _elf_interpreter
 from agents.runner import TaskRunner
 from agents.state import StateStore
-from agents.task_process import TaskLauncher
+from agents.task_process import TaskLauncher, spawn
 from tests.agent.test_runner import (
     Recorder,
     close_launchers,  # noqa: F401 (closes the launchers of make_runner after each test)
@@ -174,6 +174,43 @@ async def test_program_open_for_writing_rejected(tmp_path: Path, record_exit_sta
     reason = recorder.last("j/1/0").reason
     assert reason.startswith(f"command could not be started: [Errno {errno.ETXTBSY}]")
     assert "staged" in reason
+
+
+@PATHS
+async def test_unusable_task_folder_rejects_start(tmp_path: Path, record_exit_status: bool) -> None:
+    # A file in place of the task folder is the node's fault, whatever the job runs.
+    (tmp_path / "tasks").write_text("")
+    recorder = Recorder()
+    runner = make_runner(tmp_path, recorder, record_exit_status)
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(TaskSpec("j", "j/1/0", ("GPU-0",), ("true",)))
+        await wait_for(lambda: recorder.states("j/1/0") != [])
+    assert recorder.states("j/1/0") == [TaskState.START_FAILED]
+    reason = recorder.last("j/1/0").reason
+    assert reason.startswith(f"command could not be started: [Errno {errno.EEXIST}]")
+    assert str(tmp_path / "tasks") in reason
+    assert runner._state.node("acme.eu-1.node-1").intents == {}
+
+
+async def test_unopenable_log_is_node_fault(tmp_path: Path) -> None:
+    # EISDIR is among the job's own errors of an exec, but here the log file fails, not the exec.
+    log = tmp_path / "t.log"
+    log.mkdir()
+    launcher = TaskLauncher()
+    try:
+        launch = launcher.launch(
+            "/bin/true", ["true"], {}, tmp_path, log, tmp_path / "t.exit", "spawn-id"
+        )
+        with pytest.raises(OSError) as launched:
+            await launch
+    finally:
+        launcher.close()
+    with pytest.raises(OSError) as spawned:
+        spawn(("true",), {"PATH": os.defpath}, tmp_path, log)
+    for caught in (launched, spawned):
+        assert caught.value.errno == errno.EISDIR
+        assert caught.value.filename == str(log)
 
 
 def launcher_without_process_slots(tmp_path: Path) -> TaskLauncher:
