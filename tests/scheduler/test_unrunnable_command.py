@@ -1,4 +1,4 @@
-"""Jobs whose command fails: a missing program fails once, and the end of the output is shown."""
+"""Jobs whose command fails: a program that cannot run fails once, and the output's end is shown."""
 
 from __future__ import annotations
 
@@ -62,6 +62,41 @@ async def test_missing_program_fails_job_once(stack: Stack) -> None:
     assert "exit code 127" in job.state_message
     # The agent's reason is also the task's whole output, so it is not repeated.
     assert job.state_message.count("/no/such/program") == 1
+    assert [p.exit_code for p in job.placements] == [127]
+
+
+async def test_bad_interpreter_fails_job_once(stack: Stack, tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("#!/no/such/interpreter\nprint('never')\n")
+    script.chmod(0o755)
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=2)
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        spec = job_spec(project, grant, task_count=1, command=[str(script)])
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=spec), metadata=md, timeout=10
+        )
+        job_id = submitted.job.job_id
+
+        async def ended() -> scheduler_pb2.Job | None:
+            job = await scheduler.GetJob(
+                scheduler_pb2.GetJobRequest(job_id=job_id), metadata=md, timeout=10
+            )
+            return job if job.state in _TERMINAL else None
+
+        job = await wait_for(ended, 60, "the job to end", 0.2)
+    # Every node would fail the same way, so the job is not placed again.
+    assert job.state == scheduler_pb2.JOB_STATE_FAILED
+    assert job.attempt == 1
+    expected = (
+        f"cannot run {script}: bad interpreter /no/such/interpreter: No such file or directory"
+    )
+    assert expected in job.state_message
+    assert "exit code 127" in job.state_message
+    assert job.state_message.count(str(script)) == 1
     assert [p.exit_code for p in job.placements] == [127]
 
 
