@@ -1,4 +1,5 @@
-"""A lost node of a running gang, end to end, with real grant, metering, NATS and scheduler.
+"""A lost node or a failed accelerator under a running gang, end to end, with real grant,
+metering, NATS and scheduler.
 
 Each node has its own simulated agent process, so killing one process takes one node away.
 """
@@ -24,7 +25,7 @@ from acsp.v1 import agent_pb2, events_pb2, scheduler_pb2
 from services.runtime.auth import Role
 
 from .harness import Process, Stack, fund_grant, metadata, wait_for
-from .test_accelerator_failure_e2e import AgentMessages, Client, job_events
+from .test_accelerator_failure_e2e import AgentMessages, Client, fault_trace, job_events
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -503,6 +504,85 @@ async def test_requeued_gang_keeps_survivor_fenced(stack: Stack) -> None:
                 os.kill(launcher, signal.SIGCONT)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(first.popen.pid, signal.SIGCONT)
+        await client.channel.close()
+
+
+async def test_failed_accelerator_keeps_gang_fenced(stack: Stack, tmp_path: Path) -> None:
+    scheduler_process, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    operator = metadata(stack.token("ops", Role.PROVIDER_OPERATOR, provider="prov"))
+    client = Client(address, md, project, grant)
+    # One accelerator per node. The fault fails n0's, so the gang's task on n1 survives it.
+    faults = fault_trace(tmp_path / "faults.json")
+    stack.start_agents(1, gpus=1, name="agents-r1", region="r1", faults=faults)
+    second = stack.start_agents(1, gpus=1, name="agents-r2", region="r2", first=1)
+    launcher = 0
+    try:
+        gang = await client.submit("gang", 2)
+        running = await wait_for(lambda: client.running(gang), 25, "the gang to run", 0.2)
+        assert sorted(nodes(running).values()) == ["n0", "n1"]
+        survivor = next(i for i, node in nodes(running).items() if node == "n1")
+        single = await client.submit("single", 1)
+
+        # n1's task launcher pauses, so n1's agent cannot confirm the survivor's stop. The
+        # agent still sends heartbeats that list the survivor.
+        launcher = launcher_pid(second)
+        os.kill(launcher, signal.SIGSTOP)
+
+        async def requeued() -> scheduler_pb2.Job | None:
+            job = await client.get(gang)
+            pending = job is not None and job.state == scheduler_pb2.JOB_STATE_PENDING
+            return job if pending and job.attempt == 2 else None
+
+        again = await wait_for(requeued, 60, "the fault to requeue the gang", 0.2)
+        assert "on node prov/r1/n0 failed" in again.state_message
+        # n0 confirms the stop of the copy on the failed accelerator, and n1 cannot.
+        survivor_copy = f"{gang}/1/{survivor}"
+        await wait_for(
+            lambda: _equals(stored_orphans(stack), [survivor_copy]), 30, "n0 to confirm its stop"
+        )
+
+        # A new leader takes over and keeps n1's accelerator from the stored copy.
+        await client.channel.close()
+        scheduler_process.kill()
+        _, address = await stack.start_scheduler("scheduler-restarted")
+        client = Client(address, md, project, grant)
+        restarted_at = time.time()
+
+        async def n1_node() -> scheduler_pb2.Node:
+            request = scheduler_pb2.GetNodeRequest(provider_id="prov", region_id="r2", node_id="n1")
+            return await client.stub.GetNode(request, metadata=operator, timeout=10)
+
+        async def heartbeats_go_on() -> bool:
+            n1 = await n1_node()
+            return n1.last_heartbeat_time.ToNanoseconds() / 1e9 > restarted_at + 3
+
+        await wait_for(heartbeats_go_on, 30, "heartbeats of n1 on the new leader", 0.2)
+        n1 = await n1_node()
+        assert n1.state == scheduler_pb2.NODE_STATE_UP
+        assert list(n1.job_ids) == [gang]
+        # A job placed on n1 meanwhile would be rejected as busy and run as a later attempt.
+        waiting = await client.get(single)
+        assert waiting is not None
+        assert waiting.state == scheduler_pb2.JOB_STATE_PENDING
+        assert waiting.attempt == 1
+
+        # The launcher reaps the survivor, n1 confirms the stop, and the single job runs there.
+        os.kill(launcher, signal.SIGCONT)
+        alone = await wait_for(lambda: client.running(single), 60, "single to run on n1", 0.2)
+        assert alone.attempt == 1
+        assert list(nodes(alone).values()) == ["n1"]
+        assert await stored_orphans(stack) == []
+        # n0's only accelerator stays failed, so the gang waits.
+        still = await client.get(gang)
+        assert still is not None
+        assert still.state == scheduler_pb2.JOB_STATE_PENDING
+        assert still.attempt == 2
+    finally:
+        if launcher:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(launcher, signal.SIGCONT)
         await client.channel.close()
 
 
