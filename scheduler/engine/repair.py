@@ -42,6 +42,9 @@ def shrink_pools(state: PassState) -> None:
             for allocation in (engine.jobs[job_id].tasks or {}).values()
             if allocation.node.pool is pool
         )
+        # NOTE: shares fenced until a requeued job's stops are confirmed count as used here.
+        # So a recall or an ended pledge may preempt more jobs than it needs while such stops
+        # are pending.
         over = pool.used_millis - stopping - cap.pledge_millis
         if over <= 0:
             continue
