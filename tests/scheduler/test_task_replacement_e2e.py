@@ -532,8 +532,9 @@ async def test_failed_accelerator_keeps_gang_fenced(stack: Stack, tmp_path: Path
 
         async def requeued() -> scheduler_pb2.Job | None:
             job = await client.get(gang)
-            pending = job is not None and job.state == scheduler_pb2.JOB_STATE_PENDING
-            return job if pending and job.attempt == 2 else None
+            if job is None or job.state != scheduler_pb2.JOB_STATE_PENDING or job.attempt != 2:
+                return None
+            return job
 
         again = await wait_for(requeued, 60, "the fault to requeue the gang", 0.2)
         assert "on node prov/r1/n0 failed" in again.state_message
