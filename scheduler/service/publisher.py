@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
+from services.runtime.ack_slots import publish_async
 from services.runtime.publish_errors import (
     REJECTED_LOCALLY,
     Message,
@@ -23,6 +25,7 @@ from services.runtime.publish_errors import (
     log_outcomes,
     publish_outcome,
     reject_streamless,
+    reject_unpermitted,
     rejection_reason,
 )
 
@@ -52,8 +55,9 @@ class Publisher:
     A message that can never be published, such as one over the server's max_payload or the
     stream's max_msg_size, is reported as rejected with the reason, and the other messages of
     its wave go on. A job event that no stream replies to is rejected too when JetStream's API
-    finds no stream for its subject. Timeouts, and a JetStream that does not reply at all,
-    leave messages to be retried.
+    finds no stream for its subject, and so is one that gets no reply while the server reports
+    that the scheduler's NATS user may not publish to its subject. Timeouts, and a JetStream
+    that does not reply at all, leave messages to be retried.
     """
 
     def __init__(
@@ -71,10 +75,12 @@ class Publisher:
         """Publish commands and job events with all their acks in flight at once."""
         messages = [(command_subject(r), r.payload, "/".join(map(str, r.key))) for r in records]
         messages.extend((e.subject, e.payload, e.msg_id) for e in events)
+        sent_at = time.monotonic()
         answers = await self._publish(messages)
-        # Commands that no stream replied to are retried, and their job fails at its start
-        # timeout if no stream ever replies.
+        # Commands that no stream replied to, or whose subject the scheduler's NATS user may
+        # not publish to, are retried, and their job fails at its start timeout.
         command_outcomes = [False if a is None else a for a in answers[: len(records)]]
+        reject_unpermitted(self._js, answers, messages, range(len(records), len(messages)), sent_at)
         event_outcomes = await reject_streamless(
             self._js, answers[len(records) :], messages[len(records) :], self._confirm_timeout
         )
@@ -106,8 +112,8 @@ class Publisher:
                 for index, (subject, payload, msg_id) in enumerate(messages):
                     sent = index + 1
                     try:
-                        futures[index] = await self._js.publish_async(
-                            subject, payload, wait_stall=None, headers={"Nats-Msg-Id": msg_id}
+                        futures[index] = await publish_async(
+                            self._js, subject, payload, {"Nats-Msg-Id": msg_id}
                         )
                     except REJECTED_LOCALLY as exc:
                         outcomes[index] = rejection_reason(exc, messages[index])

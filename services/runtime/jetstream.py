@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Final
 
@@ -45,6 +46,7 @@ from services.runtime.publish_errors import (
     log_outcomes,
     publish_outcome,
     reject_streamless,
+    reject_unpermitted,
 )
 from services.runtime.telemetry import context_from_headers, inject_headers
 
@@ -156,10 +158,11 @@ class Publisher:
 
         An outcome is True when JetStream stored the message, or False when it should be
         retried (no ack in time, NATS unreachable, too many acks pending). Otherwise it is the
-        reason JetStream or nats-py rejected the message for good. One rejected message does
-        not stop the others.
+        reason JetStream, nats-py or the server's permissions rejected the message for good.
+        One rejected message does not stop the others.
         """
         tasks: dict[int, asyncio.Task[PubAck]] = {}
+        sent_at = time.monotonic()
         try:
             for index, (subject, payload, msg_id) in enumerate(messages):
                 tasks[index] = await self.publish(subject, payload, msg_id=msg_id)
@@ -181,6 +184,7 @@ class Publisher:
             # _send turns a missing reply into Unavailable, raised from the client's error.
             failure = result.__cause__ if isinstance(result, Unavailable) else None
             answers[index] = publish_outcome(failure or result, messages[index])
+        reject_unpermitted(self._js, answers, messages, tasks, sent_at)
         outcomes = await reject_streamless(self._js, answers, messages, self._lookup_timeout_s)
         log_outcomes(outcomes)
         return outcomes

@@ -24,12 +24,13 @@ from typing import Any, Final
 import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client, Server
+from nats.aio.client import Client, ErrorCallback, Server
 from nats.js.api import KeyValueConfig, StreamConfig, StreamInfo
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from services.runtime.jetstream import MSG_ID_HEADER, BatchHandler, Publisher, PullConsumer, Reject
+from services.runtime.publish_errors import PublishViolations
 from services.runtime.settings import Settings, SettingsError, redact_url
 from services.runtime.tls import load_nats_ssl_context
 
@@ -74,11 +75,26 @@ class TlsCheckingClient(Client):
     (``allow_non_tls``) is rejected too, because nats-py does not upgrade on ``tls_available``.
     This overrides the private ``_process_info``, and ``tests/runtime/test_nats_tls.py`` fails
     if a nats-py release stops calling it.
+
+    It also records the publish permissions violations that the server reports, before the
+    error callback given to ``connect`` receives them, so that publishers can reject a message
+    whose user may not publish it (see :func:`services.runtime.publish_errors.reject_unpermitted`).
     """
 
     def __init__(self, require_tls: bool) -> None:
         super().__init__()
         self._require_tls = require_tls
+        self.publish_violations = PublishViolations()
+
+    async def connect(self, **options: Any) -> None:  # type: ignore[override]
+        """Connect as ``Client.connect`` does, recording violations before ``error_cb`` runs."""
+        report: ErrorCallback = options.get("error_cb") or _log_error
+
+        async def record_then_report(error: Exception) -> None:
+            self.publish_violations.record(error)
+            await report(error)
+
+        await super().connect(**{**options, "error_cb": record_then_report})
 
     async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
         server = self._current_server

@@ -7,12 +7,11 @@ with its reason instead of being retried forever, while a NATS outage only delay
 - rejected for good: nats-py raised before sending it (over the server's max_payload, an
   invalid subject or header). Or JetStream replied with an error in
   :data:`PERMANENT_JS_ERRORS` (over the stream's max_msg_size). Or no stream replied, and
-  JetStream's API finds no stream for the subject.
+  JetStream's API finds no stream for the subject. Or no reply came, and the server reported
+  a permissions violation for the message's subject after the message was sent (see
+  :class:`PublishViolations`).
 - retried: everything else, such as timeouts, disconnections, and no reply while NATS
   restarts, when JetStream's API does not reply either.
-
-NOTE: a publish that the connection's NATS user has no permission for gets no reply, so it
-counts as retried and is retried forever; only the server's log shows the violation.
 
 In nats-py 2.16 the handler of ``publish_async`` replies raises JetStream's error instead of
 setting it on the future, which stays pending. So a message over the stream's max_msg_size
@@ -23,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Sequence
+import re
+import time
+from collections.abc import Collection, Iterable, Sequence
 from typing import Final
 
 from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
@@ -45,6 +46,15 @@ MAX_CONFIRMATIONS: Final = 32
 """Unacknowledged messages that one call of :func:`confirm_unacknowledged` checks at most. The
 rest are retried unchecked, so a NATS outage costs a bounded number of extra requests."""
 
+MAX_VIOLATION_SUBJECTS: Final = 1024
+"""Subjects a :class:`PublishViolations` keeps at most. The least recently reported go first."""
+PUBLISH_VIOLATION: Final = re.compile(r'permissions violation for publish to "(.+)"', re.IGNORECASE)
+"""The server's error for a publish that the user may not make, as nats-py reports it."""
+NOT_PERMITTED: Final = (
+    "permissions violation for publish (the server denies this subject to the connection's "
+    "NATS user)"
+)
+
 Outcome = bool | str
 """True when JetStream stored the message, False to retry it, or why it can never be sent."""
 Message = tuple[str, bytes, str]
@@ -65,6 +75,81 @@ def publish_outcome(error: BaseException | None, message: Message) -> Outcome | 
     if isinstance(error, APIError) and error.err_code in PERMANENT_JS_ERRORS:
         return rejection_reason(error, message)
     return False
+
+
+class PublishViolations:
+    """Subjects on which the server reported a publish permissions violation, and when.
+
+    The server does not reply to a publish that the connection's user may not make. It sends
+    ``-ERR 'Permissions Violation for Publish to "<subject>"'`` instead, which nats-py 2.16
+    passes to the connection's error callback, lowercased. So subjects are kept lowercased,
+    and two subjects that differ only in case share one entry.
+    :class:`services.runtime.nats.TlsCheckingClient` feeds one from its error callback.
+
+    NOTE: only the server that the client is connected to reports a violation to it. A message
+    that a later hop drops, such as the hub behind a leaf node whose remote user has narrower
+    permissions than the leaf's own users, gets no report, so it is still retried forever.
+    """
+
+    def __init__(self, max_subjects: int = MAX_VIOLATION_SUBJECTS) -> None:
+        if max_subjects < 1:
+            raise ValueError(f"max_subjects must be at least 1, not {max_subjects}")
+        self._max_subjects = max_subjects
+        self._reported_at: dict[str, float] = {}
+        """Monotonic time of the latest violation, by lowercased subject, oldest first."""
+
+    def __len__(self) -> int:
+        return len(self._reported_at)
+
+    def record(self, error: BaseException) -> bool:
+        """Record ``error`` if it is a publish permissions violation, and return whether it was."""
+        match = PUBLISH_VIOLATION.search(str(error))
+        if match is None:
+            return False
+        subject = match.group(1).lower()
+        self._reported_at.pop(subject, None)
+        self._reported_at[subject] = time.monotonic()
+        if len(self._reported_at) > self._max_subjects:
+            del self._reported_at[next(iter(self._reported_at))]
+        return True
+
+    def reported_since(self, subject: str, since: float) -> bool:
+        """Return whether a violation for ``subject`` arrived at or after monotonic ``since``."""
+        reported_at = self._reported_at.get(subject.lower())
+        return reported_at is not None and reported_at >= since
+
+
+def publish_violations(js: JetStreamContext) -> PublishViolations | None:
+    """Return the violations recorded for the connection of ``js``, or None if it keeps none.
+
+    Only a :class:`services.runtime.nats.TlsCheckingClient` keeps them. nats-py 2.16 keeps the
+    connection in the private ``_nc``.
+    """
+    violations = getattr(getattr(js, "_nc", None), "publish_violations", None)
+    return violations if isinstance(violations, PublishViolations) else None
+
+
+def reject_unpermitted(
+    js: JetStreamContext,
+    outcomes: list[Outcome | None],
+    messages: Sequence[Message],
+    indexes: Iterable[int],
+    sent_at: float,
+) -> None:
+    """Reject the messages at ``indexes`` that got no reply because their user may not publish.
+
+    Sets ``outcomes[i]`` to the reason where it is False and the server reported a permissions
+    violation for the message's subject at or after monotonic ``sent_at``, when the messages
+    were sent. A violation reported before then, such as one from before an operator granted
+    the permission, changes nothing.
+    """
+    violations = publish_violations(js)
+    if not violations:
+        return
+    for index in indexes:
+        message = messages[index]
+        if outcomes[index] is False and violations.reported_since(message[0], sent_at):
+            outcomes[index] = rejection_reason(NOT_PERMITTED, message)
 
 
 def rejection_reason(error: BaseException | str, message: Message) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
 from acsp import subjects
+from services.runtime.nats import TlsCheckingClient
 
 
 def _binary() -> str:
@@ -152,3 +154,62 @@ async def stored_message_ids(js: JetStreamContext, stream: str) -> list[str]:
         assert stored.headers is not None
         ids.append(stored.headers["Nats-Msg-Id"])
     return ids
+
+
+LIMITED_USER = "limited"
+"""The user of :func:`start_denying_server` that may not publish to the denied subjects."""
+LIMITED_PASSWORD = "limited-password"
+
+
+async def start_denying_server(
+    directory: Path, stream: str, stream_subjects: list[str], denied: list[str]
+) -> NatsServer:
+    """Start a nats-server whose one user may publish anywhere except on ``denied``.
+
+    The user is :data:`LIMITED_USER`. The server declares ``stream`` over ``stream_subjects``,
+    so a denied subject that the stream captures gets no reply instead of JetStream's ack.
+    """
+    config = _write_denying_config(directory, denied)
+    server = NatsServer(directory / "jetstream", ("-c", str(config)))
+    server.start()
+    client = await nats.connect(
+        server.url, connect_timeout=5, user=LIMITED_USER, password=LIMITED_PASSWORD
+    )
+    try:
+        await client.jetstream().add_stream(
+            StreamConfig(name=stream, subjects=stream_subjects, duplicate_window=120.0)
+        )
+    finally:
+        await client.close()
+    return server
+
+
+def _write_denying_config(directory: Path, denied: list[str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "nats.conf"
+    denied_list = ", ".join(json.dumps(subject) for subject in denied)
+    config.write_text(
+        "authorization { users = [ { "
+        f"user: {LIMITED_USER}, password: {LIMITED_PASSWORD}, permissions: "
+        f'{{ publish: {{ allow: [">"], deny: [{denied_list}] }}, subscribe: ">" }} '
+        "} ] }\n"
+    )
+    return config
+
+
+async def connect_limited(server: NatsServer) -> TlsCheckingClient:
+    """Connect to a :func:`start_denying_server` as the limited user, as acsp's processes do.
+
+    Like the services and the agents, it uses a TlsCheckingClient, which records the publish
+    permissions violations that the server reports.
+    """
+    client = TlsCheckingClient(require_tls=False)
+    await client.connect(
+        servers=[server.url],
+        connect_timeout=5,
+        user=LIMITED_USER,
+        password=LIMITED_PASSWORD,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.2,
+    )
+    return client

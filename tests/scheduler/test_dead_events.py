@@ -20,7 +20,13 @@ from acsp.v1 import scheduler_pb2
 from scheduler.service.publisher import Publisher
 from scheduler.service.store import DeadEvent, Fenced, JobStore, OutboxEvent
 from services.runtime.auth import Role
-from tests.agent.natsserver import NatsServer, start_limited_server, stored_message_ids
+from tests.agent.natsserver import (
+    NatsServer,
+    connect_limited,
+    start_denying_server,
+    start_limited_server,
+    stored_message_ids,
+)
 from tests.scheduler.harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
 from tests.scheduler.test_end_to_end import job_spec
 from tests.scheduler.test_store import lead
@@ -82,6 +88,32 @@ async def test_event_without_stream_rejected(events_nats: NatsServer) -> None:
     assert [e.msg_id for e, _ in result.rejected_events] == [streamless.msg_id]
     reason = result.rejected_events[0][1]
     assert f"no JetStream stream captures subject {streamless.subject}" in reason
+
+
+async def test_event_on_denied_subject_rejected(tmp_path: Path) -> None:
+    denied_kind = "admitted"
+    server = await start_denying_server(
+        tmp_path,
+        subjects.EVENT_STREAM,
+        [subjects.job_event_subject(STORED_KIND), subjects.job_event_subject(denied_kind)],
+        [subjects.job_event_subject(denied_kind)],
+    )
+    denied, allowed = event("j1", kind=denied_kind), event("j1")
+    try:
+        client = await connect_limited(server)
+        try:
+            publisher = Publisher(client.jetstream(), timeout_s=1.0)
+            result = await publisher.publish_all([], [denied, allowed])
+        finally:
+            await client.close()
+    finally:
+        server.stop()
+
+    assert result.event_ids == [allowed.msg_id]
+    assert [e.msg_id for e, _ in result.rejected_events] == [denied.msg_id]
+    reason = result.rejected_events[0][1]
+    assert "permissions violation for publish" in reason
+    assert f"on {denied.subject}" in reason
 
 
 async def test_event_retried_without_jetstream(tmp_path: Path) -> None:

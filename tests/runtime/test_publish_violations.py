@@ -1,0 +1,193 @@
+"""Publishes that the connection's NATS user may not make are rejected for good.
+
+The unit tests run without network. The others run a nats-server of their own, whose one user
+may not publish to one subject that a stream captures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import nats
+import pytest
+from nats.js import JetStreamContext
+
+from services.runtime.jetstream import Publisher
+from services.runtime.nats import TlsCheckingClient
+from services.runtime.publish_errors import (
+    Message,
+    Outcome,
+    PublishViolations,
+    publish_violations,
+    reject_unpermitted,
+)
+from tests.agent.natsserver import (
+    LIMITED_PASSWORD,
+    LIMITED_USER,
+    NatsServer,
+    connect_limited,
+    start_denying_server,
+    stored_message_ids,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+STREAM = "GUARDED"
+ALLOWED = "guarded.open"
+DENIED = "guarded.Closed"
+"""A denied subject with a capital letter, which nats-py reports lowercased."""
+
+
+def violation(subject: str) -> Exception:
+    """Return the error that nats-py 2.16 passes to the error callback for a denied publish."""
+    return nats.errors.Error(f'nats: permissions violation for publish to "{subject.lower()}"')
+
+
+def context_with(violations: PublishViolations) -> JetStreamContext:
+    """Return a stand-in JetStream context whose connection keeps ``violations``."""
+    return cast(
+        JetStreamContext, SimpleNamespace(_nc=SimpleNamespace(publish_violations=violations))
+    )
+
+
+# Without network.
+
+
+def test_violation_recorded_by_subject() -> None:
+    violations = PublishViolations()
+    before = time.monotonic()
+
+    assert violations.record(violation(DENIED))
+
+    assert violations.reported_since(DENIED, before)
+    assert not violations.reported_since(ALLOWED, before)
+    assert not violations.reported_since(DENIED, time.monotonic() + 1)
+
+
+def test_other_errors_not_recorded() -> None:
+    violations = PublishViolations()
+
+    subscription = 'nats: permissions violation for subscription to "guarded.open"'
+    assert not violations.record(nats.errors.Error(subscription))
+    assert not violations.record(nats.errors.StaleConnectionError())
+
+    assert len(violations) == 0
+
+
+def test_violations_keep_newest_subjects() -> None:
+    violations = PublishViolations(max_subjects=2)
+    for subject in ("a.one", "a.two", "a.one", "a.three"):
+        violations.record(violation(subject))
+
+    assert len(violations) == 2
+    assert violations.reported_since("a.one", 0.0)
+    assert violations.reported_since("a.three", 0.0)
+    assert not violations.reported_since("a.two", 0.0)
+
+
+def test_reject_unpermitted_only_unanswered_after_send() -> None:
+    violations = PublishViolations()
+    violations.record(violation("old.subject"))
+    sent_at = time.monotonic()
+    violations.record(violation(DENIED))
+    messages: list[Message] = [
+        (DENIED, b"x", "m1"),
+        (DENIED, b"x", "m2"),
+        ("old.subject", b"x", "m3"),
+        (ALLOWED, b"x", "m4"),
+        (DENIED, b"x", "m5"),
+    ]
+    outcomes: list[Outcome | None] = [False, True, False, False, False]
+
+    reject_unpermitted(context_with(violations), outcomes, messages, range(4), sent_at)
+
+    assert isinstance(outcomes[0], str)
+    assert "permissions violation for publish" in outcomes[0]
+    assert f"m1 of 1 bytes on {DENIED}" in outcomes[0]
+    assert outcomes[1] is True
+    # Reported before the send, as when an operator has granted the subject since.
+    assert outcomes[2] is False
+    assert outcomes[3] is False
+    # Not among the messages sent.
+    assert outcomes[4] is False
+
+
+def test_plain_client_keeps_no_violations() -> None:
+    stand_in = cast(JetStreamContext, SimpleNamespace(_nc=SimpleNamespace()))
+
+    assert publish_violations(stand_in) is None
+
+
+# Against a nats-server.
+
+
+@pytest.fixture
+async def guarded_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    server = await start_denying_server(tmp_path, STREAM, ["guarded.>"], [DENIED])
+    yield server
+    server.stop()
+
+
+async def test_error_callback_sees_recorded_violation(guarded_nats: NatsServer) -> None:
+    reported: list[Exception] = []
+    any_reported = asyncio.Event()
+
+    async def report(error: Exception) -> None:
+        reported.append(error)
+        any_reported.set()
+
+    client = TlsCheckingClient(require_tls=False)
+    await client.connect(
+        servers=[guarded_nats.url],
+        connect_timeout=5,
+        user=LIMITED_USER,
+        password=LIMITED_PASSWORD,
+        error_cb=report,
+    )
+    try:
+        sent_at = time.monotonic()
+        await client.publish(DENIED, b"x")
+        await asyncio.wait_for(any_reported.wait(), 10)
+    finally:
+        await client.close()
+
+    assert "permissions violation for publish" in str(reported[0])
+    assert client.publish_violations.reported_since(DENIED, sent_at)
+
+
+async def test_denied_message_rejected_others_stored(guarded_nats: NatsServer) -> None:
+    batch: list[Message] = [(ALLOWED, b"x", "m1"), (DENIED, b"x", "m2"), (ALLOWED, b"x", "m3")]
+    client = await connect_limited(guarded_nats)
+    try:
+        publisher = Publisher(client.jetstream(), ack_timeout_s=1.0)
+        outcomes = await publisher.publish_batch(batch)
+        stored = await stored_message_ids(client.jetstream(), STREAM)
+    finally:
+        await client.close()
+
+    assert outcomes[0] is True
+    assert outcomes[2] is True
+    reason = outcomes[1]
+    assert isinstance(reason, str)
+    assert "permissions violation for publish" in reason
+    assert f"m2 of 1 bytes on {DENIED}" in reason
+    assert stored == ["m1", "m3"]
+
+
+async def test_denied_message_retried_by_plain_client(guarded_nats: NatsServer) -> None:
+    # A client that records no violations cannot tell a denied publish from a lost ack.
+    client = await nats.connect(
+        guarded_nats.url, connect_timeout=5, user=LIMITED_USER, password=LIMITED_PASSWORD
+    )
+    try:
+        publisher = Publisher(client.jetstream(), ack_timeout_s=1.0)
+        outcomes = await publisher.publish_batch([(DENIED, b"x", "m1")])
+    finally:
+        await client.close()
+
+    assert outcomes == [False]
