@@ -10,12 +10,15 @@ loses nothing that reached the spool, and replay keeps the order of appending.
 A message is settled when JetStream stored it, or when it moved to the dead letters
 (:mod:`agents.dead_letters`). Failures are sorted by :mod:`services.runtime.publish_errors`:
 timeouts, disconnections and no reply while NATS restarts are retried for as long as they
-last. JetStream's rejections for good (over the stream's max_msg_size or the server's
-max_payload, no stream for the subject) are counted, at most once per ``rejection_spacing_s``.
-At ``max_rejections`` the message moves to the dead letters. Meanwhile the messages after it
-are published, and the outbox does not send the stored ones again while it waits. The counts
-and the stored ids live in memory, so a restarted agent counts a message's rejections from
-zero and sends the stored messages again, whose copies JetStream drops within its duplicate
+last. Rejections for good (over the stream's max_msg_size or the server's max_payload, no
+stream for the subject, a subject the agent's NATS user may not publish to) are counted, at
+most once per ``rejection_spacing_s``. At ``max_rejections`` the message moves to the dead
+letters. Meanwhile the messages after it are published, and the outbox does not send the
+stored ones again while it waits.
+
+The spool stores the counts each time one grows (one fsync), so a restarted agent goes on
+counting, and the spacing applies across restarts. The stored ids live in memory only, so a
+restarted agent sends those messages again, whose copies JetStream drops within its duplicate
 window.
 
 NOTE: within one batch, if an early message fails while a later one is stored, the later one
@@ -35,11 +38,11 @@ from typing import Any, Final
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
-from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 
 from agents.dead_letters import DEAD_LETTERS_FILE_NAME, DeadLetter, DeadLetters
-from agents.spool import Spool, SpoolRecord
+from agents.spool import RejectionCount, Spool, SpoolRecord
+from services.runtime.ack_slots import publish_async
 from services.runtime.dead_events import REJECTION_SPACING_S
 from services.runtime.publish_errors import (
     REJECTED_LOCALLY,
@@ -48,7 +51,7 @@ from services.runtime.publish_errors import (
     confirm_unacknowledged,
     publish_outcome,
     reject_streamless,
-    rejection_reason,
+    reject_unpermitted,
 )
 
 logger = logging.getLogger(__name__)
@@ -132,7 +135,7 @@ class Outbox:
         # Both hold ids of records in the first batch of the spool only, so they stay small.
         self._stored: set[str] = set()
         """Ids of messages JetStream stored behind a message that is not settled yet."""
-        self._rejections: dict[str, _Rejection] = {}
+        self._rejections = self._load_rejections()
         self._logged_full_for = ""
         """Id of the message last logged as held back by a full dead-letter file."""
 
@@ -276,19 +279,16 @@ class Outbox:
         futures: dict[int, asyncio.Future[Any]] = {}
         unacknowledged: list[int] = []
         failure: BaseException | None = None
+        sent_at = time.monotonic()
         try:
             # One deadline for the whole batch, so no message needs a timer of its own.
             async with asyncio.timeout(self._ack_timeout_s):
                 for index, message in enumerate(messages):
-                    _subject, payload, msg_id = message
+                    msg_id = message[2]
                     if msg_id in self._stored:
                         answers[index] = True
                     elif msg_id in self._dead_letters:
                         continue  # _settle drops it from the spool without publishing it
-                    elif len(payload) > client.max_payload:
-                        # nats-py raises this only after publish_async has registered the ack,
-                        # which then keeps one of its slots for good.
-                        answers[index] = rejection_reason(MaxPayloadError(), message)
                     elif msg_id in self._rejections:
                         # JetStream's error would leave publish_async's ack pending until the
                         # deadline, so a plain request learns the outcome instead.
@@ -313,15 +313,14 @@ class Outbox:
             await confirm_unacknowledged(
                 js, sorted(unacknowledged), messages, answers, self._confirm_timeout_s
             )
+        reject_unpermitted(js, answers, messages, [*futures, *unacknowledged], sent_at)
         outcomes = await reject_streamless(js, answers, messages, self._confirm_timeout_s)
         return outcomes, failure
 
     async def _send(self, js: JetStreamContext, message: Message) -> asyncio.Future[Any]:
         subject, payload, msg_id = message
         try:
-            return await js.publish_async(
-                subject, payload, wait_stall=None, headers={MSG_ID_HEADER: msg_id}
-            )
+            return await publish_async(js, subject, payload, {MSG_ID_HEADER: msg_id})
         except REJECTED_LOCALLY as error:
             done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             done.set_exception(error)
@@ -329,6 +328,7 @@ class Outbox:
 
     def _count_rejections(self, messages: Sequence[Message], outcomes: Sequence[Outcome]) -> None:
         now = time.monotonic()
+        counted = False
         for message, outcome in zip(messages, outcomes, strict=True):
             if not isinstance(outcome, str):
                 continue
@@ -343,6 +343,7 @@ class Outbox:
             rejection.counted_at = now
             rejection.reason = outcome
             self.counters.rejections += 1
+            counted = True
             if rejection.count < self._max_rejections:
                 logger.warning(
                     "message %s on %s rejected for good (%d of %d before it moves to %s): %s",
@@ -354,6 +355,49 @@ class Outbox:
                     outcome,
                     extra={"message_id": msg_id},
                 )
+        if counted:
+            self._save_rejections(now)
+
+    def _load_rejections(self) -> dict[str, _Rejection]:
+        """Return the stored counts of the messages at the head of the spool.
+
+        Counts of messages that left the spool after the file was last written are dropped.
+        """
+        stored = self._spool.load_rejections()
+        if not stored:
+            return {}
+        pending = {record.msg_id for record in self._spool.peek(self._batch_size)}
+        now, wall_now = time.monotonic(), time.time()
+        rejections = {}
+        for msg_id, count in stored.items():
+            if msg_id not in pending:
+                continue
+            # Monotonic clocks restart with the machine, so the file keeps wall-clock times. A
+            # clock set back makes the last count look recent, which only delays the next one.
+            elapsed = max(0.0, wall_now - count.counted_at)
+            rejections[msg_id] = _Rejection(count.count, now - elapsed, count.reason)
+        if rejections:
+            logger.info(
+                "loaded the rejection counts of %d spooled messages from %s",
+                len(rejections),
+                self._spool.directory,
+            )
+        return rejections
+
+    def _save_rejections(self, now: float) -> None:
+        wall_now = time.time()
+        counts = {
+            msg_id: RejectionCount(r.count, wall_now - (now - r.counted_at), r.reason)
+            for msg_id, r in self._rejections.items()
+            if r.count > 0
+        }
+        try:
+            self._spool.save_rejections(counts)
+        except OSError as error:
+            # The counts stay in memory, so only a restart before the next save loses them.
+            logger.warning(
+                "failed to store the rejection counts in %s: %s", self._spool.directory, error
+            )
 
     def _settle(self, messages: Sequence[Message], outcomes: Sequence[Outcome]) -> int:
         """Remove the settled start of the batch from the spool; return its length.

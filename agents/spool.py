@@ -15,21 +15,26 @@ new records are rejected (the oldest are kept, so what is replayed has no gap be
 point where the spool filled). :attr:`Spool.dropped` counts rejected records; the caller logs
 them. A rejected usage sample leaves a gap in the node's sequence numbers, which the
 consumer can see.
+
+Rejection counts: the outbox stores how many times JetStream rejected each message at the head
+for good in a ``rejections.json`` file beside the segments, replaced atomically each time a
+rejection is counted, so a restarted agent goes on counting instead of starting from zero.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import json
 import logging
 import os
 import struct
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Final
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ _SUFFIX = ".seg"
 _READ_CHUNK = 256 << 10
 _CACHE_MAX_RECORDS = 8192
 _CACHE_MAX_BYTES = 8 << 20
+REJECTIONS_FILE_NAME: Final = "rejections.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,17 @@ class SpoolRecord:
     msg_id: str
     """JetStream ``Nats-Msg-Id``, so that a replayed message is stored once."""
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RejectionCount:
+    """Rejections for good counted for one spooled message."""
+
+    count: int
+    counted_at: float
+    """Wall-clock time of the last counted rejection, in seconds since the epoch."""
+    reason: str
+    """Reason of the last rejection."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +237,51 @@ class Spool:
                     position += size
                     result.append(_Read(record, position))
         return result
+
+    # Rejection counts ------------------------------------------------------------------------
+
+    def save_rejections(self, counts: Mapping[str, RejectionCount]) -> None:
+        """Replace the stored rejection counts with ``counts``, by message id (one fsync)."""
+        document = {
+            message_id: {
+                "count": count.count,
+                "counted_at": count.counted_at,
+                "reason": count.reason,
+            }
+            for message_id, count in counts.items()
+        }
+        path = self._dir / REJECTIONS_FILE_NAME
+        temporary = path.with_suffix(".tmp")
+        with open(temporary, "wb") as file:
+            file.write(json.dumps(document).encode())
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        self._fsync_directory()
+
+    def load_rejections(self) -> dict[str, RejectionCount]:
+        """Return the stored rejection counts by message id, or none if the file is damaged.
+
+        Counts of messages that have left the spool since they were stored may be among them.
+        """
+        path = self._dir / REJECTIONS_FILE_NAME
+        if not path.exists():
+            return {}
+        try:
+            document: Any = json.loads(path.read_bytes())
+            return {
+                str(message_id): RejectionCount(
+                    int(entry["count"]), float(entry["counted_at"]), str(entry["reason"])
+                )
+                for message_id, entry in document.items()
+            }
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            logger.warning(
+                "rejection counts in %s are invalid (%s), so rejections are counted from zero",
+                path,
+                error,
+            )
+            return {}
 
     # Recovery --------------------------------------------------------------------------------
 

@@ -21,7 +21,12 @@ from nats.js.api import StreamConfig
 from agents.dead_letters import DeadLetters
 from agents.outbox import Outbox
 from agents.spool import Spool
-from tests.agent.natsserver import NatsServer, start_limited_server
+from tests.agent.natsserver import (
+    NatsServer,
+    connect_limited,
+    start_denying_server,
+    start_limited_server,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -300,3 +305,73 @@ async def test_crash_before_commit_writes_letter_once(tmp_path: Path, client: Cl
     assert restarted.counters.dead_lettered == 0
     # m3, stored before the crash, is sent again and JetStream drops the copy by its id.
     assert restarted.counters.published == 1
+
+
+async def test_denied_message_moves_others_go_on(tmp_path: Path) -> None:
+    denied = "rejects.denied"
+    server = await start_denying_server(tmp_path / "nats", STREAM, [SUBJECT, denied], [denied])
+    client = await connect_limited(server)
+    try:
+        outbox = build_outbox(tmp_path)
+        add(outbox, "m1")
+        add(outbox, "m2", subject=denied)
+        add(outbox, "m3")
+
+        await run_until_empty(outbox, client)
+
+        assert await stored_ids(client) == ["m1", "m3"]
+    finally:
+        await client.close()
+        server.stop()
+    letters = DeadLetters(tmp_path / "dead_letters.jsonl").read()
+    assert [d.message_id for d in letters] == ["m2"]
+    assert letters[0].subject == denied
+    assert "permissions violation for publish" in letters[0].reason
+    assert outbox.counters.rejections == 3
+
+
+def restarted_outbox(state_dir: Path, spacing_s: float) -> Outbox:
+    """Return the outbox of an agent that restarted on ``state_dir``, allowing two rejections."""
+    return Outbox(
+        Spool(state_dir / "spool"),
+        ack_timeout_s=1.0,
+        retry_s=0.1,
+        dead_letters=DeadLetters(state_dir / "dead_letters.jsonl"),
+        max_rejections=2,
+        rejection_spacing_s=spacing_s,
+    )
+
+
+async def run_until_failures(outbox: Outbox, client: Client, failures: int) -> None:
+    """Run the outbox's sender until ``failures`` batches have failed, then stop it."""
+    sender = asyncio.create_task(outbox.run(lambda: client))
+    try:
+        await poll(lambda: outbox.counters.publish_failures >= failures, 30, f"{failures} retries")
+    finally:
+        outbox.close()
+        await asyncio.wait_for(sender, 10)
+
+
+async def test_rejection_counts_survive_restarts(tmp_path: Path, client: Client) -> None:
+    first = restarted_outbox(tmp_path, spacing_s=60.0)
+    add(first, "m1", size=MAX_MSG_SIZE + 1)
+    add(first, "m2")
+    await run_until_failures(first, client, 3)
+    assert first.counters.rejections == 1
+
+    # Within the spacing of the first count, a restarted agent counts nothing more.
+    second = restarted_outbox(tmp_path, spacing_s=60.0)
+    await run_until_failures(second, client, 3)
+    assert second.counters.rejections == 0
+
+    # Past the spacing, the next count is the second, and the message moves.
+    third = restarted_outbox(tmp_path, spacing_s=0.2)
+    await run_until_empty(third, client)
+
+    assert third.counters.rejections == 1
+    assert third.counters.dead_lettered == 1
+    letters = DeadLetters(tmp_path / "dead_letters.jsonl").read()
+    assert [d.message_id for d in letters] == ["m1"]
+    assert letters[0].rejections == 2
+    assert "message size exceeds maximum allowed" in letters[0].reason
+    assert await stored_ids(client) == ["m2"]

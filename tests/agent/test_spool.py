@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import pytest
 
 from agents.outbox import Outbox
-from agents.spool import Spool, SpoolRecord
+from agents.spool import REJECTIONS_FILE_NAME, RejectionCount, Spool, SpoolRecord
 
 
 def records(start: int, count: int, size: int = 10) -> list[SpoolRecord]:
@@ -108,3 +110,51 @@ def test_spool_order_holds_across_its_memory_limit(tmp_path: Path) -> None:
     spool.close()
     reopened = Spool(tmp_path)
     assert [r.msg_id for r in reopened.peek(5)] == ["id-9102"]
+
+
+def test_rejection_counts_survive_reopen(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append(records(0, 3))
+    counts = {"id-1": RejectionCount(2, 1_700_000_000.5, "over max_msg_size")}
+    spool.save_rejections(counts)
+    spool.close()
+
+    reopened = Spool(tmp_path)
+
+    assert reopened.load_rejections() == counts
+    assert [r.msg_id for r in reopened.peek(5)] == ["id-0", "id-1", "id-2"]
+
+
+def test_rejection_counts_replaced_on_save(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.save_rejections({"id-1": RejectionCount(1, 1.0, "first")})
+    spool.save_rejections({"id-2": RejectionCount(3, 2.0, "second")})
+
+    assert spool.load_rejections() == {"id-2": RejectionCount(3, 2.0, "second")}
+
+
+def test_damaged_rejection_counts_start_from_zero(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="agents.spool")
+    spool = Spool(tmp_path)
+    (tmp_path / REJECTIONS_FILE_NAME).write_text('{"id-1": {"count": 2}}')
+
+    assert spool.load_rejections() == {}
+    assert any("rejections are counted from zero" in r.getMessage() for r in caplog.records)
+
+
+def test_outbox_loads_counts_of_spooled_messages(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.append(records(0, 2))
+    spool.save_rejections(
+        {
+            "id-1": RejectionCount(4, time.time(), "over max_msg_size"),
+            "gone": RejectionCount(4, time.time(), "moved to the dead letters"),
+        }
+    )
+
+    outbox = Outbox(spool)
+    # Counts leave the file only on its next save, so a restart finds those of gone messages.
+    assert set(outbox._rejections) == {"id-1"}
+    assert outbox._rejections["id-1"].count == 4
