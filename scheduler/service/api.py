@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Final, cast
 
 import grpc
@@ -25,6 +24,7 @@ from services.runtime.errors import (
     Unavailable,
     require_id,
 )
+from services.runtime.evolve import evolve
 
 from .convert import job_state_from_proto, job_to_proto, spec_from_proto
 from .errors import GrantConstraintViolations, InvalidFields
@@ -107,7 +107,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         violations = check_against_grant(spec, limits, providers, catalog, prefix)
         if violations:
             raise GrantConstraintViolations(violations)
-        return [replace(job, spec=narrow_to_grant(job.spec, limits, catalog)) for job in jobs]
+        return [evolve(job, spec=narrow_to_grant(job.spec, limits, catalog)) for job in jobs]
 
     def _prepare(
         self, request: scheduler_pb2.SubmitJobRequest, principal: Principal, prefix: str
@@ -148,7 +148,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         jobs = [
             Job(
                 job_id=f"{array_id}-{index}",
-                spec=replace(spec, env=(*spec.env, ("ACSP_ARRAY_INDEX", str(index)))),
+                spec=evolve(spec, env=(*spec.env, ("ACSP_ARRAY_INDEX", str(index)))),
                 owner=owner,
                 institution=institution,
                 array_id=array_id,
@@ -343,7 +343,7 @@ def _submit_response(
         return scheduler_pb2.SubmitJobResponse(job=job_to_proto(jobs[0]))
     # A retried array gets the elements its first call stored, and their array id, instead of
     # the id this call drew.
-    parent = job_to_proto(replace(jobs[0], job_id=jobs[0].array_id or array_id, array_index=0))
+    parent = job_to_proto(evolve(jobs[0], job_id=jobs[0].array_id or array_id, array_index=0))
     parent.spec.array_size = array_size
     parent.state_message = f"array of {len(jobs)} jobs"
     return scheduler_pb2.SubmitJobResponse(job=parent, array_job_ids=[job.job_id for job in jobs])
@@ -369,7 +369,7 @@ def _array_parent(elements: list[Job]) -> scheduler_pb2.Job:
     ended = [job.ended_at for job in elements if job.ended_at is not None]
     started = [job.started_at for job in elements if job.started_at is not None]
     updated = [job.updated_at for job in elements if job.updated_at is not None]
-    parent = replace(
+    parent = evolve(
         first,
         job_id=first.array_id,
         array_index=0,
@@ -416,7 +416,7 @@ def _same_submission(stored: JobSpec, submitted: JobSpec) -> bool:
     def sent(spec: JobSpec) -> JobSpec:
         # A job that named no grant keeps none here, whichever grant came to pay for it.
         grant = spec.grant_id if submitted.grant_id else ""
-        return replace(spec, grant_id=grant, grant_providers=(), grant_regions=(), grant_models=())
+        return evolve(spec, grant_id=grant, grant_providers=(), grant_regions=(), grant_models=())
 
     return sent(stored) == sent(submitted)
 

@@ -7,8 +7,10 @@ agent confirms the tasks stopped (a later inventory or heartbeat without them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Final, Literal
+
+from services.runtime.evolve import evolve
 
 NodeStatus = Literal["up", "draining", "drained", "unknown", "down"]
 NODE_STATUSES: Final[tuple[str, ...]] = ("up", "draining", "drained", "unknown", "down")
@@ -145,14 +147,14 @@ class FleetView:
 
     def _fresh(self, node: NodeView) -> NodeView:
         seen = self._seen.get(node.key, 0.0)
-        return replace(node, last_heartbeat=seen) if seen > node.last_heartbeat else node
+        return evolve(node, last_heartbeat=seen) if seen > node.last_heartbeat else node
 
     def apply_inventory(self, node: NodeView, now: float) -> NodeChange:
         """Record a node's inventory; a new or returning node is ``up`` unless drained."""
         old = self._nodes.get(node.key)
         drain = old.drain if old else node.drain
         status: NodeStatus = "draining" if drain else "up"
-        updated = replace(node, status=status, last_heartbeat=now, drain=drain)
+        updated = evolve(node, status=status, last_heartbeat=now, drain=drain)
         self._nodes[node.key] = updated
         self._seen[node.key] = now
         self._loaded.discard(node.key)
@@ -180,7 +182,7 @@ class FleetView:
             status = "draining" if old.draining else "up"
             # The reason of the missed heartbeats or of the down mark no longer applies.
             reason = "heartbeats resumed"
-        updated = replace(
+        updated = evolve(
             old,
             last_heartbeat=now,
             boot_id=boot_id or old.boot_id,
@@ -216,7 +218,7 @@ class FleetView:
         sent_at = min(sent_at, now)
         if key in self._loaded and sent_at > 0.0:
             self._loaded.discard(key)
-            self._nodes[key] = replace(old, last_heartbeat=sent_at)
+            self._nodes[key] = evolve(old, last_heartbeat=sent_at)
             self._seen[key] = sent_at
         if self.overdue(sent_at, now):
             return None
@@ -231,7 +233,7 @@ class FleetView:
             seen = max(node.last_heartbeat, self._seen.get(key, 0.0))
             if node.status in ("up", "draining") and seen < limit:
                 reason = f"no heartbeat for {now - seen:.1f} s"
-                updated = replace(node, status="unknown", status_reason=reason)
+                updated = evolve(node, status="unknown", status_reason=reason)
                 self._nodes[key] = updated
                 changes.append(NodeChange(updated, node.status, reason))
         return changes
@@ -244,7 +246,7 @@ class FleetView:
         old = self._fresh(self._nodes[key])
         if old.status != "unknown":
             return None
-        updated = replace(old, status="down", status_reason=reason, running_task_ids=frozenset())
+        updated = evolve(old, status="down", status_reason=reason, running_task_ids=frozenset())
         self._nodes[key] = updated
         return NodeChange(updated, old.status, reason)
 
@@ -254,7 +256,7 @@ class FleetView:
         Raises ``KeyError`` for a key that names no node. A heartbeat makes the node up again.
         """
         old = self._fresh(self._nodes[key])
-        updated = replace(old, status="down", status_reason=reason, running_task_ids=frozenset())
+        updated = evolve(old, status="down", status_reason=reason, running_task_ids=frozenset())
         self._nodes[key] = updated
         return updated
 
@@ -314,7 +316,7 @@ class FleetView:
         status: NodeStatus = old.status
         if old.status in ("up", "draining", "drained"):
             status = "draining" if drain else "up"
-        updated = replace(
+        updated = evolve(
             old, drain=drain, status=status, status_reason=drain.reason if drain else reason
         )
         self._nodes[old.key] = updated

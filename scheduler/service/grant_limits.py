@@ -10,10 +10,11 @@ narrows the job's allowed regions and models to them.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Final
 
 from scheduler.engine.catalog import Catalog
+from services.runtime.evolve import evolve
 
 from .model import JobSpec
 from .providers import ProviderDirectory
@@ -94,7 +95,7 @@ def check_against_grant(
 
 def narrow_to_grant(spec: JobSpec, limits: GrantLimits, catalog: Catalog) -> JobSpec:
     """Copy the grant's constraints into ``spec``, keeping only models in the catalog."""
-    return replace(
+    return evolve(
         spec,
         grant_providers=tuple(sorted(limits.providers)),
         grant_regions=tuple(sorted(limits.regions)),

@@ -8,9 +8,10 @@ dispatch and publish. Nothing here awaits, so the transitions are tested without
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from scheduler.engine.spec import InvalidInputError
+from services.runtime.evolve import evolve
 
 from .admission import HoldOutcome
 from .commands import (
@@ -273,7 +274,7 @@ class JobBook:
             if job.pending_reason != reason:
                 # Only a new reason code is written: the message's details (free counts,
                 # reservation times) change on every pass and would rewrite every row.
-                waiting = replace(job, pending_reason=reason, reason=message)
+                waiting = evolve(job, pending_reason=reason, reason=message)
                 self.jobs[job_id] = waiting
                 fx.change(waiting, "engine:waiting")
         for job_id, tasks in result.places:
@@ -281,7 +282,7 @@ class JobBook:
             if job is None or job.state != "pending" or job_id in self._admitting:
                 logger.warning("engine placed job %s which is not waiting here", job_id)
                 continue
-            placed = replace(job, placement=tasks)
+            placed = evolve(job, placement=tasks)
             self.jobs[job_id] = placed
             self._admitting.add(job_id)
             fx.admit.append((placed, result.models.get(job_id, "")))
@@ -327,10 +328,10 @@ class JobBook:
             self.requeue(job_id, message, "engine:requeue", fx, release=True)
             return
         old = job.placement[index]
-        new = replace(task, state="assigned", exit_code=0)
+        new = evolve(task, state="assigned", exit_code=0)
         tasks = list(job.placement)
         tasks[index] = new
-        replaced = replace(job, placement=tuple(tasks))
+        replaced = evolve(job, placement=tuple(tasks))
         self.jobs[job_id] = replaced
         logger.warning(
             "job %s attempt %d: task %d lost on node %s, starting it again on node %s",
@@ -362,7 +363,7 @@ class JobBook:
         if cancel is not None and job is not None:
             # The job ends now; a hold placed anyway goes out with its ENDED event.
             held = outcome.hold_id if outcome.status == "held" else ""
-            self._finish(replace(job, placement=(), hold_id=held), "cancelled", *cancel, fx)
+            self._finish(evolve(job, placement=(), hold_id=held), "cancelled", *cancel, fx)
             return
         if job is None or job.attempt != attempt or job_id not in self._admitting:
             return
@@ -376,8 +377,8 @@ class JobBook:
         spec = job.spec
         if outcome.grant_id and outcome.grant_id != spec.grant_id:
             # A job that named no grant is paid by the one the ledger chose.
-            spec = replace(spec, grant_id=outcome.grant_id)
-        starting = replace(
+            spec = evolve(spec, grant_id=outcome.grant_id)
+        starting = evolve(
             job,
             state="starting",
             pending_reason="",
@@ -393,7 +394,7 @@ class JobBook:
         fx.events.append(job_event(starting, "admitted", "hold", "budget held"))
 
     def _hold_failed(self, job: Job, outcome: HoldOutcome, fx: Effects) -> None:
-        cleared = replace(job, placement=())
+        cleared = evolve(job, placement=())
         if outcome.status == "rejected":
             self.engine.remove(job.job_id)
             self._finish(cleared, "failed", f"hold rejected: {outcome.message}", "hold", fx)
@@ -432,7 +433,7 @@ class JobBook:
             )
             return
         logger.debug("job %s checkpointed at %r", job.job_id, reference)
-        checkpointed = replace(job, checkpoint_ref=reference, checkpoint_at=read_at)
+        checkpointed = evolve(job, checkpoint_ref=reference, checkpoint_at=read_at)
         self.jobs[job.job_id] = checkpointed
         fx.change(checkpointed, f"task:{CHECKPOINTED}")
 
@@ -472,8 +473,8 @@ class JobBook:
         if tasks[index].state not in _LIVE:
             return  # a redelivered event for a task that already ended
         self._replacing_since.pop((tid.job_id, tid.attempt, tid.task_index), None)
-        tasks[index] = replace(tasks[index], state=state, exit_code=exit_code)
-        job = replace(job, placement=tuple(tasks))
+        tasks[index] = evolve(tasks[index], state=state, exit_code=exit_code)
+        job = evolve(job, placement=tuple(tasks))
         self.jobs[job.job_id] = job
         if job.job_id in self._stopping:
             self._on_stopping_task(job, tid.task_index, state, node_key, fx)
@@ -515,7 +516,7 @@ class JobBook:
         )
         self._abandon_admission(job)
         self.engine.end(job.job_id, "completed", fx.now)
-        self._finish(replace(job, placement=()), "completed", reason, "task:exited", fx)
+        self._finish(evolve(job, placement=()), "completed", reason, "task:exited", fx)
 
     def apply_node_running(self, node_key: str, running: frozenset[str], fx: Effects) -> None:
         """Confirm stopped tasks of ended attempts that a node no longer lists as running."""
@@ -612,8 +613,8 @@ class JobBook:
             return
         if tasks[index].node_key != record.node_key:
             return  # the start of a copy that the task has since been replaced from
-        tasks[index] = replace(tasks[index], state="start_failed")
-        job = replace(job, placement=tuple(tasks))
+        tasks[index] = evolve(tasks[index], state="start_failed")
+        job = evolve(job, placement=tuple(tasks))
         self.jobs[job.job_id] = job
         logger.error(
             "job %s attempt %d task %d: %s",
@@ -641,21 +642,21 @@ class JobBook:
             self._admitting.discard(job_id)
             self.engine.remove(job_id)
             self._cancel_after_hold[job_id] = (reason, cause)
-            stopping = replace(
+            stopping = evolve(
                 job, state="stopping", reason=reason, pending_reason="", stop_outcome="cancelled"
             )
             self.jobs[job_id] = stopping
             fx.change(stopping, cause)
         elif job.state == "pending":
             self.engine.remove(job_id)
-            self._finish(replace(job, placement=()), "cancelled", reason, cause, fx)
+            self._finish(evolve(job, placement=()), "cancelled", reason, cause, fx)
         elif job_id not in self._stopping:
             self.stop(job_id, "cancelled", reason, job.spec.grace_s, cause, fx)
         elif self._stopping[job_id].outcome is None:
             # A preemption is stopping it: once stopped, it ends instead of waiting again.
             pending = self._stopping[job_id].pending
             self._stopping[job_id] = _Stopping("cancelled", reason, pending, cause)
-            cancelled = replace(job, reason=reason, stop_outcome="cancelled")
+            cancelled = evolve(job, reason=reason, stop_outcome="cancelled")
             self.jobs[job_id] = cancelled
             fx.change(cancelled, cause)
         return fx.changed[job_id][0] if job_id in fx.changed else self.jobs.get(job_id)
@@ -694,7 +695,7 @@ class JobBook:
         fx.commands.extend(
             stop_record(job_id, job.attempt, t, reason, grace_s, self.epoch) for t in live
         )
-        stopping = replace(job.with_state("stopping", reason), stop_outcome=outcome or REQUEUE)
+        stopping = evolve(job.with_state("stopping", reason), stop_outcome=outcome or REQUEUE)
         self.jobs[job_id] = stopping
         fx.change(stopping, cause)
 
@@ -726,7 +727,7 @@ class JobBook:
         if release:
             stopping = tuple((t.task_index, t.node_key) for t in live)
             self.engine.requeue(job_id, fx.now, stopping)
-        requeued = replace(
+        requeued = evolve(
             job,
             state="pending",
             pending_reason="requeued",
@@ -766,8 +767,8 @@ class JobBook:
                 continue
             fx.commands.append(stop_record(job_id, job.attempt, task, reason, 0, self.epoch))
             self._add_orphan(task, TaskId(job_id, job.attempt, task.task_index))
-            tasks[position] = replace(task, state="failed_hardware")
-        job = replace(job, placement=tuple(tasks))
+            tasks[position] = evolve(task, state="failed_hardware")
+        job = evolve(job, placement=tuple(tasks))
         self.jobs[job_id] = job
         logger.warning(
             "job %s attempt %d: %s", job_id, job.attempt, reason, extra={"job_id": job_id}
@@ -790,7 +791,7 @@ class JobBook:
         budget hold placed for each attempt. The count is stored with the job's next change,
         so a new leader continues from it.
         """
-        counted = replace(job, start_failures=job.start_failures + 1)
+        counted = evolve(job, start_failures=job.start_failures + 1)
         self.jobs[job.job_id] = counted
         return counted.start_failures >= MAX_START_FAILURES
 
@@ -799,7 +800,7 @@ class JobBook:
         # A short task may exit before the last task of its gang starts: it started too.
         if job.state == "starting" and all(t.state in _RAN for t in job.placement):
             self._starting_since.pop(job.job_id, None)
-            running = replace(job, state="running", reason="", started_at=fx.now, start_failures=0)
+            running = evolve(job, state="running", reason="", started_at=fx.now, start_failures=0)
             self.jobs[job.job_id] = running
             fx.change(running, "task:started")
             fx.events.append(job_event(running, "started", "task:started", "every task started"))
@@ -874,19 +875,19 @@ class JobBook:
         for position, task in enumerate(tasks):
             if task.state in _LIVE:
                 self._add_orphan(task, TaskId(job.job_id, job.attempt, task.task_index))
-                tasks[position] = replace(task, state=STOPPING)
-        return replace(job, placement=tuple(tasks))
+                tasks[position] = evolve(task, state=STOPPING)
+        return evolve(job, placement=tuple(tasks))
 
     def _finish(self, job: Job, state: JobState, reason: str, cause: str, fx: Effects) -> None:
         """Make ``job`` terminal; the caller has already reported the end to the engine."""
-        ended = replace(
+        ended = evolve(
             job, state=state, reason=reason, pending_reason="", ended_at=fx.now, stop_outcome=""
         )
         codes = [t.exit_code for t in job.placement if t.exit_code]
         if codes:
-            ended = replace(ended, exit_code=codes[0])
+            ended = evolve(ended, exit_code=codes[0])
         elif state == "completed":
-            ended = replace(ended, exit_code=0)
+            ended = evolve(ended, exit_code=0)
         self.jobs.pop(job.job_id, None)
         self._stopping.pop(job.job_id, None)
         self._admitting.discard(job.job_id)
@@ -992,8 +993,8 @@ class JobBook:
         if task.node_key != node_key or task.state != STOPPING:
             return  # a copy on a node the task was replaced from, or a stop already confirmed
         code = task.exit_code if exit_code is None else exit_code
-        tasks[index] = replace(task, state=state, exit_code=code)
-        job = replace(job, placement=tuple(tasks))
+        tasks[index] = evolve(task, state=state, exit_code=code)
+        job = evolve(job, placement=tuple(tasks))
         if any(t.state == STOPPING for t in tasks):
             self._ended[job.job_id] = job
         else:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final
 
 from opentelemetry import metrics
+
+from services.runtime.evolve import evolve
 
 from .admission import GrantAdmission, HoldOutcome, RateCard
 from .engine_adapter import AcceleratorHealth
@@ -209,7 +211,7 @@ class SchedulingLoop:
             await ack()
         for future, value in replies:
             if isinstance(value, Job) and value.job_id in fx.changed:
-                value = replace(value, updated_at=fx.now)
+                value = evolve(value, updated_at=fx.now)
             if not future.done():
                 future.set_result(value)
         self.watchers.publish(job for job, _ in fx.changed.values())
@@ -229,7 +231,7 @@ class SchedulingLoop:
         carries the time of its latest change.
         """
         for job_id, (job, cause) in fx.changed.items():
-            stamped = replace(job, updated_at=fx.now)
+            stamped = evolve(job, updated_at=fx.now)
             fx.changed[job_id] = (stamped, cause)
             if self.book.jobs.get(job_id) is job:
                 self.book.jobs[job_id] = stamped

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final, Literal
+
+from services.runtime.evolve import evolve
 
 JobState = Literal[
     "pending", "starting", "running", "stopping", "completed", "failed", "cancelled", "timed_out"
@@ -213,7 +215,7 @@ class Job:
         return self.state in TERMINAL_STATES
 
     def with_state(self, state: JobState, reason: str = "", pending_reason: str = "") -> Job:
-        return replace(self, state=state, reason=reason, pending_reason=pending_reason)
+        return evolve(self, state=state, reason=reason, pending_reason=pending_reason)
 
 
 @dataclass(frozen=True, slots=True)
