@@ -479,6 +479,7 @@ class JobStore:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(
                 f"SELECT {JOB_SELECT_LIST} FROM scheduler.jobs WHERE shard = $1"
+                " AND ended_at IS NULL"
                 " AND state IN ('pending', 'starting', 'running', 'stopping') ORDER BY job_id",
                 self.shard,
                 timeout=self._timeout,
