@@ -52,12 +52,7 @@ class AttemptFacts:
     cause: str = ""
 
 
-_RECORD_ATTEMPT = """
-INSERT INTO metering.jobs AS j
-    (job_id, attempt, hold_id, grant_id, project_id, institution_id, rate_policy,
-     award_rate_card_version, started_at, ended_at, end_reason, end_trigger,
-     last_checkpoint_at, cause)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+_UPSERT_SET = """
 ON CONFLICT (job_id, attempt) DO UPDATE SET
     hold_id = CASE WHEN excluded.hold_id <> '' THEN excluded.hold_id ELSE j.hold_id END,
     grant_id = CASE WHEN excluded.grant_id <> '' THEN excluded.grant_id
@@ -77,6 +72,29 @@ ON CONFLICT (job_id, attempt) DO UPDATE SET
     last_checkpoint_at = greatest(j.last_checkpoint_at, excluded.last_checkpoint_at),
     cause = excluded.cause,
     updated_at = now()
+"""
+
+_COLUMNS = """
+    (job_id, attempt, hold_id, grant_id, project_id, institution_id, rate_policy,
+     award_rate_card_version, started_at, ended_at, end_reason, end_trigger,
+     last_checkpoint_at, cause)
+"""
+
+_RECORD_ATTEMPT = f"""
+INSERT INTO metering.jobs AS j {_COLUMNS}
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+{_UPSERT_SET}
+"""
+
+# One row per attempt, because an upsert may not change the same row twice in one statement.
+_RECORD_ATTEMPTS = f"""
+INSERT INTO metering.jobs AS j {_COLUMNS}
+SELECT * FROM unnest(
+    $1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+    $8::int[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::text[],
+    $13::timestamptz[], $14::text[]
+)
+{_UPSERT_SET}
 """
 
 
@@ -99,14 +117,52 @@ def _attempt_row(facts: AttemptFacts) -> tuple[object, ...]:
     )
 
 
-async def record_attempts(conn: asyncpg.Connection, facts: Sequence[AttemptFacts]) -> None:
-    """Insert or update attempts in the order given; an end, once recorded, is never moved.
+def merge_facts(facts: Sequence[AttemptFacts]) -> list[AttemptFacts]:
+    """Combine the facts about each attempt into one, in the order of each attempt's first fact.
 
-    The rows go in one pipelined ``executemany``, so facts about the same attempt (admitted,
-    started, ended) apply in order, each seeing the one before.
+    Storing the combined fact gives the row that storing the facts one after another gives,
+    because each field follows the upsert's rule. A non-empty id, the rate terms and the cause
+    take the later value. The start, the end and the end trigger keep the first that is set.
+    The end reason comes with the first end, and the latest checkpoint time wins.
     """
-    if facts:
-        await conn.executemany(_RECORD_ATTEMPT, [_attempt_row(f) for f in facts])
+    merged: dict[tuple[str, int], AttemptFacts] = {}
+    for fact in facts:
+        key = (fact.job_id, fact.attempt)
+        earlier = merged.get(key)
+        merged[key] = fact if earlier is None else _combine(earlier, fact)
+    return list(merged.values())
+
+
+def _combine(earlier: AttemptFacts, later: AttemptFacts) -> AttemptFacts:
+    ended = earlier.ended_at is not None
+    checkpoints = [t for t in (earlier.last_checkpoint_at, later.last_checkpoint_at) if t]
+    return AttemptFacts(
+        job_id=earlier.job_id,
+        attempt=earlier.attempt,
+        hold_id=later.hold_id or earlier.hold_id,
+        grant_id=later.grant_id or earlier.grant_id,
+        project_id=later.project_id or earlier.project_id,
+        institution_id=later.institution_id or earlier.institution_id,
+        rate_policy=later.rate_policy,
+        award_rate_card_version=later.award_rate_card_version,
+        started_at=earlier.started_at if earlier.started_at is not None else later.started_at,
+        ended_at=earlier.ended_at if ended else later.ended_at,
+        end_reason=earlier.end_reason if ended else later.end_reason,
+        end_trigger=earlier.end_trigger or later.end_trigger,
+        last_checkpoint_at=max(checkpoints) if checkpoints else None,
+        cause=later.cause,
+    )
+
+
+async def record_attempts(conn: asyncpg.Connection, facts: Sequence[AttemptFacts]) -> None:
+    """Insert or update attempts as if one by one in the given order. A recorded end never moves.
+
+    The facts about one attempt (admitted, started, ended) are merged first (see
+    :func:`merge_facts`), so that every attempt is one row of a single statement.
+    """
+    rows = [_attempt_row(f) for f in merge_facts(facts)]
+    if rows:
+        await conn.execute(_RECORD_ATTEMPTS, *(list(column) for column in zip(*rows, strict=True)))
 
 
 async def record_attempt(conn: asyncpg.Connection, facts: AttemptFacts) -> None:
