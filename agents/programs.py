@@ -21,6 +21,7 @@ import re
 import shutil
 import stat
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -91,6 +92,18 @@ class CommandNotRunnableError(Exception):
         self.exit_code = 127 if error_number == errno.ENOENT else 126
 
 
+FOUND_ON_PATH_TTL_S: Final = 1.0
+"""Seconds a program found on a PATH is reused without searching again.
+
+A node starts hundreds of tasks a second that name the same program, and searching the PATH
+costs a few file checks each. A program removed or made unexecutable within this time fails at
+its spawn instead, with the spawn's error. A program added to an earlier PATH entry within this
+time is not seen until it passes."""
+_FOUND_ON_PATH_MAX: Final = 256
+_found_on_path: dict[tuple[str, str, str], tuple[float, str]] = {}
+"""(program name, PATH, working directory) to (monotonic time found, file)."""
+
+
 def resolve_command(command: Sequence[str], env: Mapping[str, str], cwd: Path) -> str:
     """Return the file that ``command`` runs, or raise :class:`CommandNotRunnableError`.
 
@@ -134,12 +147,20 @@ def find_executable(name: str, search_path: str, cwd: Path) -> str:
     # A relative entry of the PATH (an empty one is the working directory) is taken from
     # the task's working directory, as execvp would take it from inside the task.
     base = os.path.join(os.getcwd(), cwd)
+    key = (name, search_path, base)
+    now = time.monotonic()
+    cached = _found_on_path.get(key)
+    if cached is not None and now - cached[0] < FOUND_ON_PATH_TTL_S:
+        return cached[1]
     entries = [os.path.join(base, entry) for entry in search_path.split(os.pathsep)]
     # which() skips directories and files without execute permission, as execvp does.
     found = shutil.which(name, path=os.pathsep.join(entries))
     if found is None:
         reason = f"no executable file of that name on the task's PATH ({search_path})"
         raise CommandNotRunnableError(name, reason, errno.ENOENT)
+    if len(_found_on_path) >= _FOUND_ON_PATH_MAX:
+        _found_on_path.clear()
+    _found_on_path[key] = (now, found)
     return found
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from agents import programs
 from agents.model import TaskSpec, TaskState
-from agents.programs import _elf_interpreter
+from agents.programs import _elf_interpreter, find_executable
 from agents.runner import TaskRunner
 from agents.state import StateStore
 from agents.task_process import TaskLauncher, spawn
@@ -274,3 +275,22 @@ async def test_no_process_slot_rejects_start(
         f"command could not be started: [Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}"
     )
     assert runner._state.node("acme.eu-1.node-1").intents == {}
+
+
+def test_path_search_reused_briefly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    early, late = tmp_path / "early", tmp_path / "late"
+    early.mkdir()
+    late.mkdir()
+    program = late / "tool"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    search_path = f"{early}:{late}"
+    assert find_executable("tool", search_path, tmp_path) == str(program)
+
+    shadow = early / "tool"
+    shadow.write_text("#!/bin/sh\n")
+    shadow.chmod(0o755)
+    assert find_executable("tool", search_path, tmp_path) == str(program)
+
+    monkeypatch.setattr(programs, "FOUND_ON_PATH_TTL_S", 0.0)
+    assert find_executable("tool", search_path, tmp_path) == str(shadow)
