@@ -35,17 +35,18 @@ def shrink_pools(state: PassState) -> None:
         cap = engine.capacity.cap(pool, state.now)
         if cap.pledge_millis is None:
             continue
+        stopping_jobs = [engine.jobs[j] for j in pool.jobs if engine.jobs[j].stopping]
         stopping = sum(
             allocation.millis * len(allocation.indices)
-            for job_id in pool.jobs
-            if engine.jobs[job_id].stopping
-            for allocation in (engine.jobs[job_id].tasks or {}).values()
+            for record in stopping_jobs
+            for allocation in (record.tasks or {}).values()
             if allocation.node.pool is pool
         )
-        # NOTE: shares fenced until a requeued job's stops are confirmed count as used here.
-        # So a recall or an ended pledge may preempt more jobs than it needs while such stops
-        # are pending.
         over = pool.used_millis - stopping - cap.pledge_millis
+        if over > 0:
+            # Shares fenced until the stops of a requeued attempt are confirmed are on their
+            # way out too, like those of the stopping jobs.
+            over -= _fenced_millis(pool, {record.owner for record in stopping_jobs})
         if over <= 0:
             continue
         if cap.recall_id:
@@ -57,6 +58,18 @@ def shrink_pools(state: PassState) -> None:
                 cap.deadline, grace_deadline(victim, state.now, engine.config.preemption_grace_s)
             )
             _preempt(state, victim, cause, cause_id, deadline)
+
+
+def _fenced_millis(pool: Pool, counted: set[str]) -> int:
+    """Return the millis fenced on ``pool``'s nodes for owners not in ``counted``."""
+    total = 0
+    for node in pool.nodes:
+        for owner in node.fenced:
+            if owner in counted:
+                continue
+            for index in node.jobs.get(owner, ()):
+                total += node.owners[index].get(owner, 0)
+    return total
 
 
 def _preempt(

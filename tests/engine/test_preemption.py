@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from scheduler.engine import (
+    AcceleratorFailed,
     Cause,
     JobEnded,
     JobOutcome,
@@ -11,8 +12,10 @@ from scheduler.engine import (
     PriorityClass,
     RecallAnnounced,
     ScheduleResult,
+    TasksStopped,
+    Topology,
 )
-from tests.engine.helpers import job, make_engine, node, placed, reasons
+from tests.engine.helpers import job, make_engine, node, nodes_of, placed, reasons
 
 A100 = "A100-SXM4-80GB"
 
@@ -134,3 +137,51 @@ def test_pledge_window_end_preempts() -> None:
 
     [decision] = preempts(result)
     assert decision.cause is Cause.PLEDGE_ENDED
+
+
+def test_recall_counts_fenced_shares_as_leaving() -> None:
+    engine = make_engine()
+    for name in ("n1", "n2"):
+        engine.add_node(node(name, 2))
+    engine.add_pledge(Pledge("pl", "p1", "r1", A100, 0, 4, 0.0, 1e9))
+    engine.submit(job("g", tasks=2, topology=Topology.SAME_PROVIDER))
+    engine.submit(job("a", submit=1.0))
+    engine.submit(job("b", submit=2.0))
+    first = placed(engine.schedule(0.0))
+    assert set(first) == {"g", "a", "b"}
+    gang_nodes = nodes_of(first["g"])
+    # The gang is requeued, and its shares stay fenced until the stops are confirmed.
+    failed = sorted(gang_nodes)[0]
+    engine.apply(AcceleratorFailed(failed, f"{failed}-gpu0", "e1", "XID 48"))
+    engine.schedule(10.0)
+    for name in gang_nodes:
+        assert engine.fleet.by_id[name].fenced == {"g#1"}
+
+    engine.apply(RecallAnnounced("rc", "p1", "r1", A100, 2, effective_at=600.0))
+    result = engine.schedule(20.0)
+
+    # Freeing the gang's two fenced accelerators meets the recall, so a and b keep running.
+    assert preempts(result) == []
+    for name in gang_nodes:
+        engine.apply(TasksStopped(name, "g"))
+    assert preempts(engine.schedule(30.0)) == []
+    assert engine.running() == ["a", "b"]
+
+
+def test_recall_preempts_beyond_fenced_shares() -> None:
+    engine = make_engine()
+    for name in ("n1", "n2"):
+        engine.add_node(node(name, 2))
+    engine.add_pledge(Pledge("pl", "p1", "r1", A100, 0, 4, 0.0, 1e9))
+    engine.submit(job("g", tasks=2, topology=Topology.SAME_PROVIDER))
+    engine.submit(job("a", submit=1.0))
+    engine.submit(job("b", submit=2.0))
+    failed = sorted(nodes_of(placed(engine.schedule(0.0))["g"]))[0]
+    engine.apply(AcceleratorFailed(failed, f"{failed}-gpu0", "e1", "XID 48"))
+    engine.schedule(10.0)
+
+    engine.apply(RecallAnnounced("rc", "p1", "r1", A100, 3, effective_at=600.0))
+    result = engine.schedule(20.0)
+
+    # Three accelerators go back: the two fenced ones and one more job's.
+    assert len(preempts(result)) == 1
