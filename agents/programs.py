@@ -96,9 +96,9 @@ FOUND_ON_PATH_TTL_S: Final = 1.0
 """Seconds a program found on a PATH is reused without searching again.
 
 A node starts hundreds of tasks a second that name the same program, and searching the PATH
-costs a few file checks each. A program removed or made unexecutable within this time fails at
-its spawn instead, with the spawn's error. A program added to an earlier PATH entry within this
-time is not seen until it passes."""
+costs a few file checks each. A reused program is checked to be still an executable file, so a
+program removed or made unexecutable within this time is searched for again. A program added to
+an earlier PATH entry within this time is not seen until it passes."""
 _FOUND_ON_PATH_MAX: Final = 256
 _found_on_path: dict[tuple[str, str, str], tuple[float, str]] = {}
 """(program name, PATH, working directory) to (monotonic time found, file)."""
@@ -151,7 +151,10 @@ def find_executable(name: str, search_path: str, cwd: Path) -> str:
     now = time.monotonic()
     cached = _found_on_path.get(key)
     if cached is not None and now - cached[0] < FOUND_ON_PATH_TTL_S:
-        return cached[1]
+        # One check in place of the search, because a spawn of a file removed since would fail
+        # the task for good while a later PATH entry may hold the program.
+        if _executable_file(cached[1]):
+            return cached[1]
     entries = [os.path.join(base, entry) for entry in search_path.split(os.pathsep)]
     # which() skips directories and files without execute permission, as execvp does.
     found = shutil.which(name, path=os.pathsep.join(entries))
@@ -162,6 +165,11 @@ def find_executable(name: str, search_path: str, cwd: Path) -> str:
         _found_on_path.clear()
     _found_on_path[key] = (now, found)
     return found
+
+
+def _executable_file(path: str) -> bool:
+    """Return whether ``path`` passes the checks that :func:`shutil.which` makes."""
+    return os.access(path, os.X_OK) and not os.path.isdir(path)
 
 
 def unrunnable_command(

@@ -294,3 +294,24 @@ def test_path_search_reused_briefly(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(programs, "FOUND_ON_PATH_TTL_S", 0.0)
     assert find_executable("tool", search_path, tmp_path) == str(shadow)
+
+
+def test_path_search_repeated_after_program_removed(tmp_path: Path) -> None:
+    # A program found a moment ago and removed since is searched for again, so that the task
+    # runs the copy in a later PATH entry instead of failing for good at its spawn.
+    early, late = tmp_path / "early", tmp_path / "late"
+    early.mkdir()
+    late.mkdir()
+    for folder in (early, late):
+        write_program(folder / "tool", b"#!/bin/sh\n")
+    search_path = f"{early}:{late}"
+    assert find_executable("tool", search_path, tmp_path) == str(early / "tool")
+
+    (early / "tool").unlink()
+    assert find_executable("tool", search_path, tmp_path) == str(late / "tool")
+
+    (late / "tool").unlink()
+    with pytest.raises(programs.CommandNotRunnableError) as raised:
+        find_executable("tool", search_path, tmp_path)
+    assert raised.value.errno == errno.ENOENT
+    assert raised.value.exit_code == 127
