@@ -159,6 +159,11 @@ def find_executable(name: str, search_path: str, cwd: Path) -> str:
     # which() skips directories and files without execute permission, as execvp does.
     found = shutil.which(name, path=os.pathsep.join(entries))
     if found is None:
+        # As execvp and bash do, a file that only lacks execute permission is denied, not missing.
+        denied = _first_file(name, entries)
+        if denied is not None:
+            reason = f"permission denied: {_shown(denied)} is not executable (chmod +x makes it so)"
+            raise CommandNotRunnableError(name, reason, errno.EACCES)
         reason = f"no executable file of that name on the task's PATH ({search_path})"
         raise CommandNotRunnableError(name, reason, errno.ENOENT)
     if len(_found_on_path) >= _FOUND_ON_PATH_MAX:
@@ -170,6 +175,15 @@ def find_executable(name: str, search_path: str, cwd: Path) -> str:
 def _executable_file(path: str) -> bool:
     """Return whether ``path`` passes the checks that :func:`shutil.which` makes."""
     return os.access(path, os.X_OK) and not os.path.isdir(path)
+
+
+def _first_file(name: str, folders: Sequence[str]) -> str | None:
+    """Return the first regular file named ``name`` in ``folders``, or None."""
+    for folder in folders:
+        candidate = os.path.join(folder, name)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
 
 
 def unrunnable_command(

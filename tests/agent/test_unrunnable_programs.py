@@ -315,3 +315,18 @@ def test_path_search_repeated_after_program_removed(tmp_path: Path) -> None:
         find_executable("tool", search_path, tmp_path)
     assert raised.value.errno == errno.ENOENT
     assert raised.value.exit_code == 127
+
+
+def test_program_on_path_not_executable(tmp_path: Path) -> None:
+    # As in bash, a file of that name without execute permission is denied (126), not missing.
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    write_program(folder / "tool", b"#!/bin/sh\n", mode=0o644)
+    with pytest.raises(programs.CommandNotRunnableError) as raised:
+        find_executable("tool", f"bin:{os.defpath}", tmp_path)
+    assert raised.value.errno == errno.EACCES
+    assert raised.value.exit_code == 126
+    assert str(raised.value) == (
+        f"cannot run tool: permission denied: {folder / 'tool'} is not executable "
+        "(chmod +x makes it so)"
+    )
