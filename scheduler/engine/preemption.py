@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from scheduler.engine.decisions import Cause
-from scheduler.engine.fleet import NodeRecord, Pool
+from scheduler.engine.fleet import Domain, NodeRecord, Pool
 from scheduler.engine.records import JobRecord, job_of
 from scheduler.engine.spec import JobSpec, PriorityClass, Topology
+
+_Option = tuple[int, int, NodeRecord, set[str], int]
+"""A node to preempt on: cost per slot won, node ordinal, node, victim job ids, slots won."""
 
 MAX_OPTIONS = 64
 """Nodes with room to win that one preemption search compares, so a search stays bounded.
@@ -97,7 +100,7 @@ def priority_victims(
     per_task = job.accelerators_per_task
     single = job.task_count == 1 or job.topology is Topology.SAME_NODE
     need = per_task * (job.task_count if single else 1)
-    options: list[tuple[int, int, NodeRecord, set[str]]] = []
+    options: list[_Option] = []
     for node in nodes_of:
         if len(options) >= MAX_OPTIONS:
             break
@@ -108,20 +111,19 @@ def priority_victims(
         extra = reclaimable // need - node.free_whole // need
         if extra > 0:
             cost = sum(jobs[v].spec.total_millis for v in victims)
-            options.append((cost // extra, node.ordinal, node, victims))
+            options.append((cost // extra, node.ordinal, node, victims, extra))
     options.sort(key=lambda o: o[:2])
     if single:
         return sorted(options[0][3]) if options else None
     if job.topology is Topology.SAME_INTERCONNECT_DOMAIN:
-        # NOTE: gangs bound to one interconnect domain are not served by preemption yet.
-        return None
+        return _domain_victims(job, pools, options, jobs)
     free_slots = sum(
         sum(len(pool.buckets[f]) * (f // per_task) for f in range(per_task, len(pool.buckets)))
         for pool in pools
     )
     chosen: set[str] = set()
     slots = free_slots
-    for _, _, node, victims in options:
+    for _, _, node, victims, _ in options:
         if slots >= job.task_count:
             break
         slots += (_node_victims(node, jobs, (Cause.PRIORITY, job.job_id)) or (0, set()))[0] // (
@@ -131,6 +133,40 @@ def priority_victims(
     if slots < job.task_count:
         return None
     return sorted(chosen)
+
+
+def _domain_victims(
+    job: JobSpec,
+    pools: Sequence[Pool],
+    options: Sequence[_Option],
+    jobs: Mapping[str, JobRecord],
+) -> list[str] | None:
+    """Pick the victims for a gang bound to one interconnect domain, all inside one domain.
+
+    Each domain is filled from its free slots, then from its nodes cheapest to preempt
+    (``options`` is sorted by cost per slot won). The domain where the gang fits for the least
+    preempted work wins, and the first found on a tie.
+    """
+    per_task = job.accelerators_per_task
+    by_domain: dict[Domain, list[_Option]] = {}
+    for option in options:
+        if option[2].pool in pools:
+            by_domain.setdefault(option[2].domain, []).append(option)
+    best: tuple[int, list[str]] | None = None
+    for domain, domain_options in by_domain.items():
+        slots = sum(n.free_whole // per_task for n in domain.nodes if n.schedulable)
+        chosen: set[str] = set()
+        for _, _, _, victims, won in domain_options:
+            if slots >= job.task_count:
+                break
+            slots += won
+            chosen.update(victims)
+        if slots < job.task_count:
+            continue
+        cost = sum(jobs[v].spec.total_millis for v in chosen)
+        if best is None or cost < best[0]:
+            best = (cost, sorted(chosen))
+    return best[1] if best is not None else None
 
 
 def grace_deadline(record: JobRecord, now: float, grace_s: float) -> float:

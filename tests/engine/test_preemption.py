@@ -5,8 +5,10 @@ from __future__ import annotations
 from scheduler.engine import (
     AcceleratorFailed,
     Cause,
+    Engine,
     JobEnded,
     JobOutcome,
+    JobSpec,
     Pledge,
     Preempt,
     PriorityClass,
@@ -185,3 +187,61 @@ def test_recall_preempts_beyond_fenced_shares() -> None:
 
     # Three accelerators go back: the two fenced ones and one more job's.
     assert len(preempts(result)) == 1
+
+
+def domain_fleet() -> Engine:
+    engine = make_engine()
+    for name in ("a1", "a2"):
+        engine.add_node(node(name, 4, domain="nvl-a"))
+    for name in ("b1", "b2"):
+        engine.add_node(node(name, 4, domain="nvl-b"))
+    return engine
+
+
+def domain_gang(submit: float) -> JobSpec:
+    return job(
+        "g",
+        accelerators=4,
+        tasks=2,
+        priority=PriorityClass.INTERACTIVE,
+        topology=Topology.SAME_INTERCONNECT_DOMAIN,
+        submit=submit,
+    )
+
+
+def test_domain_gang_preempts_inside_one_domain() -> None:
+    engine = domain_fleet()
+    engine.submit(job("s1", accelerators=4))
+    for name in ("p1", "p2", "p3"):
+        engine.submit(job(name, accelerators=4, priority=PriorityClass.PREEMPTIBLE, submit=1.0))
+    first = placed(engine.schedule(0.0))
+    # Only nvl-b runs nothing but preemptible work, so only its two jobs can make room.
+    in_b = sorted(j for j, p in first.items() if nodes_of(p) <= {"b1", "b2"})
+    assert len(in_b) == 2
+    engine.submit(domain_gang(submit=5.0))
+
+    result = engine.schedule(10.0)
+
+    assert sorted(d.job_id for d in preempts(result)) == in_b
+    for job_id in in_b:
+        engine.apply(JobEnded(job_id, JobOutcome.PREEMPTED))
+    assert nodes_of(placed(engine.schedule(20.0))["g"]) == {"b1", "b2"}
+
+
+def test_domain_gang_preempts_least_work() -> None:
+    engine = domain_fleet()
+    for name in ("p1", "p2", "p3"):
+        engine.submit(job(name, accelerators=4, priority=PriorityClass.PREEMPTIBLE))
+    first = placed(engine.schedule(0.0))
+    used = {node_id for place in first.values() for node_id in nodes_of(place)}
+    [free_node] = {"a1", "a2", "b1", "b2"} - used
+    domain = {"a1", "a2"} if free_node in {"a1", "a2"} else {"b1", "b2"}
+    # The domain with a free node needs one job stopped, the other domain two.
+    [victim] = [j for j, place in first.items() if nodes_of(place) <= domain]
+    engine.submit(domain_gang(submit=5.0))
+
+    result = engine.schedule(10.0)
+
+    assert [d.job_id for d in preempts(result)] == [victim]
+    engine.apply(JobEnded(victim, JobOutcome.PREEMPTED))
+    assert nodes_of(placed(engine.schedule(20.0))["g"]) == domain
