@@ -13,8 +13,8 @@ timeouts, disconnections and no reply while NATS restarts are retried for as lon
 last. Rejections for good (over the stream's max_msg_size or the server's max_payload, no
 stream for the subject, a subject the agent's NATS user may not publish to) are counted, at
 most once per ``rejection_spacing_s``. At ``max_rejections`` the message moves to the dead
-letters. Meanwhile the messages after it are published, and the outbox does not send the
-stored ones again while it waits.
+letters. Meanwhile the messages after it are published, up to :data:`MAX_WINDOW_BATCHES`
+batches from the head of the spool, and the outbox does not send the stored ones again while it waits.
 
 The spool stores the counts each time one grows (one fsync), so a restarted agent goes on
 counting, and the spacing applies across restarts. The stored ids live in memory only, so a
@@ -58,6 +58,11 @@ logger = logging.getLogger(__name__)
 
 MAX_REJECTIONS: Final = 5
 """Default of ACSP_AGENT_MAX_MESSAGE_REJECTIONS."""
+MAX_WINDOW_BATCHES: Final = 16
+"""Batches from the head of the spool that one wave covers at most. Messages stored behind an
+unsettled head stay in the spool until it settles, so each wave covers them plus one batch of
+new ones. A head rejected for good settles after ``max_rejections`` times the spacing (about
+20 s by default), which the window lets a busy agent ride out without filling its spool."""
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
 
 ClientSource = Callable[[], Client | None]
@@ -132,7 +137,7 @@ class Outbox:
         self._closed = False
         self._client: Client | None = None
         self._jetstream: JetStreamContext | None = None
-        # Both hold ids of records in the first batch of the spool only, so they stay small.
+        # Both hold ids of records in the spool's first MAX_WINDOW_BATCHES batches only.
         self._stored: set[str] = set()
         """Ids of messages JetStream stored behind a message that is not settled yet."""
         self._rejections = self._load_rejections()
@@ -243,7 +248,7 @@ class Outbox:
 
     async def _publish_batch(self, client: Client) -> int:
         """Publish the head of the spool; return how many messages left it."""
-        batch = self._spool.peek(self._batch_size)
+        batch = self._spool.peek(self._window())
         messages = [(record.subject, record.payload, record.msg_id) for record in batch]
         outcomes, failure = await self._publish_wave(client, messages)
         self._count_rejections(messages, outcomes)
@@ -259,6 +264,11 @@ class Outbox:
                 self._spool.pending_records,
             )
         return settled
+
+    def _window(self) -> int:
+        """Return how many records from the head of the spool the next wave covers."""
+        known = len(self._stored) + len(self._rejections)
+        return min(self._batch_size + known, self._batch_size * MAX_WINDOW_BATCHES)
 
     def _jetstream_for(self, client: Client) -> JetStreamContext:
         # One context per client, because it owns the subscription that receives the acks.
@@ -366,7 +376,8 @@ class Outbox:
         stored = self._spool.load_rejections()
         if not stored:
             return {}
-        pending = {record.msg_id for record in self._spool.peek(self._batch_size)}
+        window = self._batch_size * MAX_WINDOW_BATCHES
+        pending = {record.msg_id for record in self._spool.peek(window)}
         now, wall_now = time.monotonic(), time.time()
         rejections = {}
         for msg_id, count in stored.items():

@@ -375,3 +375,30 @@ async def test_rejection_counts_survive_restarts(tmp_path: Path, client: Client)
     assert letters[0].rejections == 2
     assert "message size exceeds maximum allowed" in letters[0].reason
     assert await stored_ids(client) == ["m2"]
+
+
+async def test_rejected_head_holds_back_no_later_batch(tmp_path: Path, client: Client) -> None:
+    # The head waits for its rejections, about 20 s at the default spacing. The messages
+    # beyond the first batch are published meanwhile, so a busy agent's spool does not fill.
+    outbox = Outbox(
+        Spool(tmp_path / "spool"),
+        batch_size=4,
+        ack_timeout_s=1.0,
+        retry_s=0.1,
+        max_rejections=2,
+        rejection_spacing_s=60.0,
+    )
+    add(outbox, "m0", size=MAX_MSG_SIZE + 1)
+    later = [f"m{index}" for index in range(1, 13)]
+    for msg_id in later:
+        add(outbox, msg_id)
+    sender = asyncio.create_task(outbox.run(lambda: client))
+    try:
+        await poll(lambda: outbox.counters.publish_failures >= 4, 30, "four retries")
+        assert await stored_ids(client) == later
+        assert outbox.counters.dead_lettered == 0
+        assert outbox.pending == 13
+    finally:
+        outbox.close()
+        await asyncio.wait_for(sender, 10)
+    assert outbox.counters.rejections == 1
