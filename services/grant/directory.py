@@ -176,11 +176,35 @@ async def set_member(
     )
 
 
-async def remove_member(conn: asyncpg.Connection, project_id: str, subject: str) -> None:
+async def remove_member(
+    conn: asyncpg.Connection, project_id: str, subject: str, request_id: str, actor: str
+) -> None:
     """Remove a member; raise NotFound naming the subject when they are not a member.
 
-    NOTE: removals store no request id, so a retry of a removal that succeeded gets NotFound.
+    A retry of the request that removed the member succeeds again. The same request id for a
+    different removal raises FailedPrecondition.
     """
+    # Claimed first, so that two copies of one request in flight wait on each other's key.
+    claimed = await conn.fetchval(
+        "INSERT INTO member_removals (request_id, project_id, member, removed_by)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING RETURNING true",
+        request_id,
+        project_id,
+        subject,
+        actor,
+    )
+    if not claimed:
+        done = await conn.fetchrow(
+            "SELECT project_id, member FROM member_removals WHERE request_id = $1", request_id
+        )
+        if done is not None and (done["project_id"], done["member"]) == (project_id, subject):
+            return
+        removed = f"{done['member']!r} from project {done['project_id']!r}" if done else "a member"
+        raise FailedPrecondition(
+            f"request_id {request_id!r} already removed {removed}; give this removal a new "
+            "request id",
+            field="request_id",
+        )
     role = await conn.fetchval(
         "SELECT role FROM project_members WHERE project_id = $1 AND member = $2 FOR UPDATE",
         project_id,

@@ -220,12 +220,12 @@ class ProgramHandlers:
     async def RemoveProjectMember(
         self, request: grant_pb2.RemoveProjectMemberRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Project:
-        request_id_in(request.request_id)
+        request_key = request_id_in(request.request_id)
         project_id = reference_in("project_id", request.project_id)
         subject = cv.text_in("subject", request.subject)
         async with self.app.database().transaction() as conn:
-            await access.require_project_pi(conn, project_id, "remove members")
-            await directory.remove_member(conn, project_id, subject)
+            principal = await access.require_project_pi(conn, project_id, "remove members")
+            await directory.remove_member(conn, project_id, subject, request_key, principal.subject)
             return await _project_out(conn, project_id)
 
     async def SubmitApplication(

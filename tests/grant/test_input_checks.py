@@ -446,6 +446,36 @@ async def test_remove_non_member_not_found(grant_service: RunningGrant) -> None:
 
 
 @pytest.mark.timeout(120)
+async def test_remove_member_retry_succeeds(grant_service: RunningGrant) -> None:
+    alice = grant_service.stub("alice", ["pi"], "uni-a")
+    removal = grant_pb2.RemoveProjectMemberRequest(
+        request_id=rid(), project_id="proj-a", subject="bob"
+    )
+    first = await alice.RemoveProjectMember(removal)
+    retried = await alice.RemoveProjectMember(removal)
+    assert [m.subject for m in first.members] == ["alice"]
+    assert [m.subject for m in retried.members] == ["alice"]
+
+    reused = await rejected(
+        alice.RemoveProjectMember(
+            grant_pb2.RemoveProjectMemberRequest(
+                request_id=removal.request_id, project_id="proj-a", subject="carol"
+            )
+        )
+    )
+    assert reused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already removed 'bob'" in (reused.details() or "")
+    again = await rejected(
+        alice.RemoveProjectMember(
+            grant_pb2.RemoveProjectMemberRequest(
+                request_id=rid(), project_id="proj-a", subject="bob"
+            )
+        )
+    )
+    assert again.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.timeout(120)
 async def test_ledger_request_id_reuse_rejected(grant_service: RunningGrant) -> None:
     scheduler = grant_service.stub("scheduler", ["service"])
     metering = grant_service.stub("metering", ["service"])
