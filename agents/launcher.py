@@ -29,6 +29,20 @@ exit code, or minus the signal number that ended the task.
 
 The file contains the status as a shell reports it (the exit code, or 128 + N for signal N), the
 format earlier agents wrote with a shell around each task, so that one reader serves both.
+
+With ``--user UID:GID:GROUPS`` (``ACSP_AGENT_TASK_USER``) every task runs as that user, with
+that primary group and those supplementary groups (comma-separated, maybe none), while the
+launcher keeps the agent's user. ``posix_spawn`` cannot switch user, so such a task is started
+by ``subprocess.Popen``, which forks, sets the groups and the user, then executes the program.
+That costs the launcher more CPU time per task than ``posix_spawn`` (see the measurement in
+``docs/deploy.md``), so tasks without a user keep ``posix_spawn``.
+
+NOTE: tasks started by ``posix_spawn`` start with signals 32 and 33 ignored. The child of
+glibc's ``posix_spawn`` (2.36) ignores these two signals, which glibc keeps for itself, and
+``os.posix_spawn`` cannot name them in ``setsigdef`` because glibc's ``sigaddset`` rejects
+them (Python then warns and skips them). Tasks that ``subprocess.Popen`` starts (with a task
+user, or by the agent itself) inherit the action of the process that starts them, which is the
+default unless the agent itself was started with them ignored.
 """
 
 from __future__ import annotations
@@ -40,18 +54,28 @@ import selectors
 import signal
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import subprocess
 
 _READ_SIZE = 1 << 20
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 """Signals Python ignores at start-up; an ignored signal would stay ignored in the task."""
 
 
+TaskUser = tuple[int, int, list[int]]
+"""The uid, the primary gid and the supplementary gids that tasks run with."""
+
+
 class Launcher:
     """Starts tasks on request and reports their exits, on one socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, user: TaskUser | None = None) -> None:
         self._socket = sock
+        self._user = user
+        self._popens: dict[int, subprocess.Popen[bytes]] = {}
+        """The running tasks that ``subprocess.Popen`` started, by pid."""
         self._buffer = b""
         self._out: list[bytes] = []
         self._exit_paths: dict[int, str] = {}
@@ -117,6 +141,9 @@ class Launcher:
         except OSError as error:
             self._reply_error(request_id, error, spawn=False)
             return
+        if self._user is not None:
+            self._start_as_user(request, log, self._user)
+            return
         try:
             pid = os.posix_spawn(
                 request["path"],
@@ -138,6 +165,40 @@ class Launcher:
             os.close(log)
         self._exit_paths[pid] = exit_path
         self._out.append(b'{"id": %d, "pid": %d}\n' % (request_id, pid))
+
+    def _start_as_user(self, request: dict[str, Any], log: int, user: TaskUser) -> None:
+        # Imported here, so that a launcher without a task user starts without it.
+        import subprocess
+
+        request_id = request["id"]
+        path = request["path"]
+        uid, gid, groups = user
+        try:
+            # restore_signals resets the signals of _RESET_SIGNALS, and close_fds leaves the
+            # task only its three standard descriptors.
+            popen = subprocess.Popen(
+                request["argv"],
+                executable=path,
+                env=request["env"],
+                stdin=self._devnull,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                user=uid,
+                group=gid,
+                extra_groups=groups,
+            )
+        except (OSError, ValueError) as error:
+            # Popen names the program only in an error of executing it. The other errors
+            # (setting the groups or the user, a failed fork) are the node's.
+            spawn = not isinstance(error, OSError) or error.filename == path
+            self._reply_error(request_id, error, spawn=spawn)
+            return
+        finally:
+            os.close(log)
+        self._popens[popen.pid] = popen
+        self._exit_paths[popen.pid] = request["exit"]
+        self._out.append(b'{"id": %d, "pid": %d}\n' % (request_id, popen.pid))
 
     def _reply_error(self, request_id: int, error: Exception, spawn: bool) -> None:
         reply: dict[str, Any] = {"id": request_id, "errno": 0, "error": str(error)}
@@ -167,6 +228,11 @@ class Launcher:
             if exit_path is None:
                 continue
             status = os.waitstatus_to_exitcode(wait_status)
+            popen = self._popens.pop(pid, None)
+            if popen is not None:
+                # Reaped here: a Popen that never learns its status would wait for it later,
+                # and reap another task that got its pid.
+                popen.returncode = status
             _write_status(exit_path, status)
             self._out.append(b'{"pid": %d, "status": %d}\n' % (pid, status))
 
@@ -185,7 +251,10 @@ class Launcher:
             self._selector.unregister(self._socket)
 
 
-_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+# O_NOFOLLOW: tasks may write in the task folder, and a symbolic link that one of them put in
+# place of a log would make the launcher, which may run as root, truncate its target.
+_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+_STATUS_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
 def _write_status(path: str, status: int) -> None:
@@ -193,7 +262,13 @@ def _write_status(path: str, status: int) -> None:
     shell_status = status if status >= 0 else 128 - status
     partial = path + ".partial"
     try:
-        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            descriptor = os.open(partial, _STATUS_FLAGS, 0o640)
+        except FileExistsError:
+            # Left by a launcher that stopped halfway, or put there by a task: a new file, so
+            # that no task holds it open or owns it.
+            os.unlink(partial)
+            descriptor = os.open(partial, _STATUS_FLAGS, 0o640)
         try:
             os.write(descriptor, b"%d\n" % shell_status)
         finally:
@@ -204,15 +279,60 @@ def _write_status(path: str, status: int) -> None:
         print(f"acsp task launcher: cannot write {path}: {error}", file=sys.stderr)
 
 
+_CAPABILITY_VERSION_3 = 0x20080522
+"""``_LINUX_CAPABILITY_VERSION_3`` of ``linux/capability.h``: two 32-bit words per set."""
+
+
+def drop_inheritable_capabilities() -> None:
+    """Empty the inheritable and ambient capability sets of this process, keeping the others.
+
+    A process that holds capabilities without being root keeps them when it switches to another
+    user, and hands its ambient set on to the programs it executes. With both sets empty, a
+    program executed after the switch gets only the capabilities that its file carries. Root's
+    capabilities are cleared by the kernel once no uid of the process is 0.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
+    # Two structs of (effective, permitted, inheritable), for capabilities 0-31 and 32-63.
+    data = (ctypes.c_uint32 * 6)()
+    if libc.capget(header, data) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, f"capget failed: {os.strerror(number)}")
+    if not data[2] and not data[5]:
+        return
+    data[2] = data[5] = 0
+    # The ambient set only contains capabilities that are inheritable, so it empties too.
+    if libc.capset(header, data) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, f"capset failed: {os.strerror(number)}")
+
+
+def parse_user(text: str) -> TaskUser:
+    """Parse ``UID:GID:G1,G2`` (the groups may be empty); raise ValueError if malformed."""
+    uid, gid, groups = text.split(":")
+    return int(uid), int(gid), [int(group) for group in groups.split(",") if group]
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or not argv[1].isdigit():
-        print("usage: launcher.py SOCKET_FD", file=sys.stderr)
+    usage = "usage: launcher.py SOCKET_FD [--user UID:GID:GROUPS]"
+    if len(argv) not in (2, 4) or not argv[1].isdigit() or argv[2:3] not in ([], ["--user"]):
+        print(usage, file=sys.stderr)
         return 2
+    user = None
+    if len(argv) == 4:
+        try:
+            user = parse_user(argv[3])
+        except ValueError:
+            print(usage, file=sys.stderr)
+            return 2
+        drop_inheritable_capabilities()
     sock = socket.socket(fileno=int(argv[1]))
     # The socket must not leak into the tasks, which would keep it open after the agent exits.
     sock.set_inheritable(False)
     sock.setblocking(True)
-    Launcher(sock).run()
+    Launcher(sock, user).run()
     return 0
 
 

@@ -38,6 +38,7 @@ from agents.backends.fleet import (
 )
 from agents.dead_letters import DEAD_LETTERS_FILE_NAME, DeadLetters
 from agents.health import HealthSettings
+from agents.launcher import drop_inheritable_capabilities
 from agents.node import NodeAgent
 from agents.outbox import Outbox
 from agents.process import AgentProcess, ConnectionOptions, Intervals
@@ -45,6 +46,11 @@ from agents.settings import AgentSettings
 from agents.spool import Spool
 from agents.state import StateStore
 from agents.task_process import TaskLauncher
+from agents.task_user import (
+    check_agent_can_switch,
+    check_task_folder_reachable,
+    warn_readable_files,
+)
 from services.runtime.heap import settle_heap
 from services.runtime.settings import SettingsError
 from services.runtime.tls import load_nats_ssl_context
@@ -127,6 +133,7 @@ def build_process(
     """Build the nodes, the spool, the outbox and the process from settings and options."""
     state_dir = settings.agent_state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
+    check_isolation(settings)
     state = StateStore(state_dir / "state.json")
     outbox = Outbox(
         Spool(state_dir / "spool", max_bytes=settings.spool_max_bytes),
@@ -137,7 +144,7 @@ def build_process(
     boot = boot_id or uuid.uuid4().hex[:12]
     health_settings = HealthSettings(settings.clear_after_s, settings.double_bit_threshold)
     version = _agent_version()
-    launcher = TaskLauncher() if settings.record_exit_status else None
+    launcher = TaskLauncher(task_user=settings.task_user) if settings.record_exit_status else None
     common = {
         "state": state,
         "work_dir": state_dir,
@@ -147,6 +154,7 @@ def build_process(
         "health_settings": health_settings,
         "agent_version": version,
         "launcher": launcher,
+        "task_user": settings.task_user,
     }
     nodes: list[NodeAgent] = []
     if settings.backend == "nvml":
@@ -179,6 +187,30 @@ def build_process(
         stop_grace_s=settings.shutdown_grace_s,
         launcher=launcher,
     )
+
+
+def check_isolation(settings: AgentSettings) -> None:
+    """Check that tasks can run as the task user, and warn of credentials others may read.
+
+    Raises :class:`SettingsError` when the agent cannot switch to the task user, or the task
+    user cannot reach the task folder.
+    """
+    user = settings.task_user
+    credentials = [
+        ("ACSP_NATS_CREDS", settings.nats_creds),
+        ("ACSP_NATS_TLS_KEY", settings.nats_tls_key),
+        ("ACSP_TLS_KEY", settings.tls_key),
+    ]
+    warn_readable_files(user, [(name, path) for name, path in credentials if path is not None])
+    if user is None:
+        return
+    check_agent_can_switch(user, uses_launcher=settings.record_exit_status)
+    check_task_folder_reachable(user, settings.agent_state_dir)
+    warn_readable_files(user, [("ACSP_AGENT_STATE_DIR", settings.agent_state_dir)])
+    if not settings.record_exit_status:
+        # The agent starts the tasks itself, so they must not inherit its capabilities.
+        drop_inheritable_capabilities()
+    logger.info("tasks run as %s", user)
 
 
 def inbox_prefix(providers: set[str]) -> str | None:

@@ -36,6 +36,7 @@ from agents.outbox import Outbox
 from agents.runner import TaskInterval, TaskRunner
 from agents.state import StateStore
 from agents.task_process import TaskLauncher
+from agents.task_user import TaskUser
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -86,6 +87,7 @@ class NodeAgent:
         play_speed: float = 1.0,
         agent_version: str = "",
         launcher: TaskLauncher | None = None,
+        task_user: TaskUser | None = None,
     ) -> None:
         self.ref = ref
         self.backend = backend
@@ -100,6 +102,7 @@ class NodeAgent:
         self._backend_timeout_s = backend_timeout_s
         self._play_speed = play_speed
         self._launcher = launcher
+        self._task_user = task_user
         self._agent_version = agent_version
         self._event_counter = 0
         self._heartbeat_counter = 0
@@ -148,6 +151,7 @@ class NodeAgent:
             play_speed=self._play_speed,
             launcher=self._launcher,
             after_spooled=self._outbox.call_when_spooled,
+            task_user=self._task_user,
         )
         runner.attach(group)
         self.runner = runner

@@ -43,6 +43,7 @@ from agents.task_process import (
     task_file_stem,
     wait_for_exit_status,
 )
+from agents.task_user import TaskUser, share_task_folder
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class TaskRunner:
         play_speed: float = 1.0,
         launcher: TaskLauncher | None = None,
         after_spooled: Callable[[Callable[[], None]], None] | None = None,
+        task_user: TaskUser | None = None,
     ) -> None:
         """``launcher`` starts the tasks and records their exit status.
 
@@ -118,6 +120,9 @@ class TaskRunner:
         agent's spool (:meth:`agents.outbox.Outbox.call_when_spooled`). An ended task stays in
         the state file until then, so an agent killed before its end event was spooled reports
         the end again after a restart instead of never. Without it, the task is removed at once.
+
+        ``task_user`` is the user that tasks run as (the launcher's own, with a launcher), or
+        None for the agent's user.
         """
         self._node_key = node_key
         self._state = state
@@ -146,6 +151,11 @@ class TaskRunner:
         self._task_dir = work_dir / "tasks"
         # The agent's own variables (credentials among them) never reach a task.
         self._base_env = {k: v for k, v in os.environ.items() if not k.startswith("ACSP_")}
+        self._task_user = task_user
+        self._task_folder_shared = False
+        if task_user is not None and task_user.home:
+            # As a login sets them, so that a task does not take the agent's home for its own.
+            self._base_env.update(HOME=task_user.home, USER=task_user.name, LOGNAME=task_user.name)
 
     def attach(self, group: asyncio.TaskGroup) -> None:
         """Give the runner the task group that owns its supervisors."""
@@ -311,8 +321,7 @@ class TaskRunner:
 
     async def _spawn(self, spec: TaskSpec, record: TaskRecord) -> None:
         try:
-            # Made for every start, so that starts go on after someone removed the folder.
-            self._task_dir.mkdir(parents=True, exist_ok=True)
+            self._make_task_folder()
         except OSError as error:
             self._start_failed(spec, error)
             return
@@ -328,7 +337,9 @@ class TaskRunner:
         record.log_path = str(self._log_path(spec.task_id))
         try:
             if self._launcher is None:
-                process = spawn(spec.command, env, self._task_dir, Path(record.log_path))
+                process = spawn(
+                    spec.command, env, self._task_dir, Path(record.log_path), self._task_user
+                )
                 self._started(spec, record, process)
                 return
             executable = resolve_command(spec.command, env, self._task_dir)
@@ -349,6 +360,20 @@ class TaskRunner:
         # The launch is settled by the callback, even when this coroutine is cancelled.
         launch.add_done_callback(lambda done: self._launched(spec, record, done))
         await asyncio.wait((launch,))
+
+    def _make_task_folder(self) -> None:
+        """Make the task folder, and with a task user, let that user's group write in it.
+
+        Made for every start, so that starts go on after someone removed the folder.
+        """
+        if self._task_user is None:
+            self._task_dir.mkdir(parents=True, exist_ok=True)
+            return
+        if self._task_folder_shared and self._task_dir.is_dir():
+            return
+        self._task_dir.mkdir(parents=True, exist_ok=True)
+        share_task_folder(self._task_dir, self._task_user)
+        self._task_folder_shared = True
 
     def _launched(
         self, spec: TaskSpec, record: TaskRecord, launch: asyncio.Future[TaskProcess]

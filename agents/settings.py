@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from acsp.subjects import TOKEN_PATTERN
+from agents.task_user import TASK_USER_ENV, TaskUser, parse_task_user
 from services.runtime.settings import Settings, SettingsError, setting
 
 Backend = Literal["nvml", "simulated"]
@@ -92,6 +93,14 @@ class AgentSettings(Settings):
         "choice to start tasks through a task launcher process, which records each task's exit "
         "status for a restarted agent; with false, the agent starts tasks itself, and a task "
         "that ends after the agent restarted is reported lost and its job runs again",
+    )
+
+    task_user: TaskUser | None = setting(
+        TASK_USER_ENV,
+        None,
+        "unprivileged user that tasks run as: a name or uid, optionally with :group (a name or "
+        "gid); empty runs them as the agent's own user",
+        parse=parse_task_user,
     )
 
     def validate(self) -> None:

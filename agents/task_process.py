@@ -14,7 +14,8 @@ agent. It writes each task's exit status to a file beside the task's log. A rest
 reads the file when an adopted task ends, or at once for a task that ended while the agent was
 down, so it reports the task as succeeded or failed instead of lost. With the agent setting
 ``ACSP_AGENT_RECORD_EXIT_STATUS`` off, the agent starts each task itself with
-:class:`subprocess.Popen` (which uses ``vfork`` on Linux) and records nothing.
+:class:`subprocess.Popen` (which uses ``vfork`` on Linux unless it switches the user) and
+records nothing.
 
 Earlier agents ran each task under ``/bin/sh``, which wrote the same file; such a task is
 adopted like any other.
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.programs import resolve_command, unrunnable_command
+from agents.task_user import TaskUser
 
 logger = logging.getLogger(__name__)
 
@@ -199,12 +201,17 @@ class TaskLauncher:
     """
 
     def __init__(
-        self, python: str = sys.executable, reply_timeout_s: float = _REPLY_TIMEOUT_S
+        self,
+        python: str = sys.executable,
+        reply_timeout_s: float = _REPLY_TIMEOUT_S,
+        task_user: TaskUser | None = None,
     ) -> None:
         """``reply_timeout_s``: seconds without a message, while requests are pending, after
         which the launcher counts as lost although its process may still run (stopped, or
-        blocked on a file system)."""
+        blocked on a file system). ``task_user``: the user that tasks run as, None for the
+        agent's own."""
         self._python = python
+        self._task_user = task_user
         self._reply_timeout_s = reply_timeout_s
         self._reply_timer: asyncio.TimerHandle | None = None
         self._silent_checks = 0
@@ -299,8 +306,11 @@ class TaskLauncher:
         ours, theirs = socket.socketpair()
         try:
             script = Path(__file__).with_name("launcher.py")
+            arguments = [self._python, "-I", "-S", str(script), str(theirs.fileno())]
+            if self._task_user is not None:
+                arguments += ["--user", self._task_user.launcher_argument]
             self._popen = subprocess.Popen(
-                [self._python, "-I", "-S", str(script), str(theirs.fileno())],
+                arguments,
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 # The agent's own settings (credentials among them) stay out of it.
@@ -479,16 +489,19 @@ def spawn(
     env: Mapping[str, str],
     cwd: Path,
     log_path: Path,
+    user: TaskUser | None = None,
 ) -> TaskProcess:
     """Start ``command`` as our child, in a new session with its output in ``log_path``.
 
-    Raises :class:`agents.programs.CommandNotRunnableError` when the program cannot run for a
-    reason of the job's own (the same ones as the launcher's), and ``OSError`` when the node
-    cannot start the process (the log file, a failed fork).
+    With ``user``, the process runs with that user's uid, primary group and supplementary
+    groups. Raises :class:`agents.programs.CommandNotRunnableError` when the program cannot run
+    for a reason of the job's own (the same ones as the launcher's), and ``OSError`` when the
+    node cannot start the process (the log file, a failed fork, switching the user).
     """
     asyncio.get_running_loop()  # Raise RuntimeError before the process starts, not after.
     executable = resolve_command(command, env, cwd)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    # O_NOFOLLOW, as in the launcher: a task may have put a symbolic link in the task folder.
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
     try:
         popen = subprocess.Popen(
             [executable, *command[1:]],
@@ -498,6 +511,9 @@ def spawn(
             env=env,
             cwd=cwd,
             start_new_session=True,
+            user=None if user is None else user.uid,
+            group=None if user is None else user.gid,
+            extra_groups=None if user is None else list(user.groups),
         )
     except OSError as error:
         # Popen names the executable in an error of the exec itself, and the working directory
