@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from agents.task_user import NON_ROOT_CAPABILITIES
 from tests.deploy.nats_processes import nats_server_binary
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 UNIT = SYSTEMD_DIR / "acsp-agent.service"
+TASK_USER_DROP_IN = SYSTEMD_DIR / "acsp-agent-task-user.conf"
 LEAF_UNIT = SYSTEMD_DIR / "acsp-nats-leaf.service"
 # The program each unit starts, and the local executable that replaces it for verify.
 INSTALLED_BINARIES = {
@@ -102,6 +104,29 @@ def test_agent_unit_runs_without_privileges() -> None:
     assert settings["ReadWritePaths"] == ["/var/lib/acsp-agent"]
     assert settings["StateDirectory"] == ["acsp-agent"]
     assert settings["DevicePolicy"] == ["closed"]
+
+
+def test_task_user_drop_in_passes_verify(tmp_path: Path) -> None:
+    # A drop-in's [Service] section merges into the unit's, as a second section of one file does.
+    unit = _unit_for_this_host(UNIT, tmp_path)
+    unit.write_text(unit.read_text() + "\n" + TASK_USER_DROP_IN.read_text())
+    result = subprocess.run(
+        [_systemd_analyze(), "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+
+
+def test_task_user_drop_in_grants_what_agent_checks() -> None:
+    settings = _settings(TASK_USER_DROP_IN)
+    assert settings["AmbientCapabilities"] == [" ".join(NON_ROOT_CAPABILITIES)]
+    assert settings["CapabilityBoundingSet"] == [" ".join(NON_ROOT_CAPABILITIES)]
+    assert settings["StateDirectoryMode"] == ["0711"]
+    assert settings["Environment"] == ["ACSP_AGENT_TASK_USER=acsp-task"]
 
 
 def test_agent_unit_stop_leaves_tasks_running() -> None:
