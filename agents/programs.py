@@ -141,7 +141,7 @@ def find_executable(name: str, search_path: str, cwd: Path) -> str:
         if stat.S_ISDIR(mode):
             raise CommandNotRunnableError(name, "it is a directory, not a program", errno.EACCES)
         if not os.access(candidate, os.X_OK):
-            reason = "permission denied: the file is not executable (chmod +x makes it so)"
+            reason = f"permission denied: {_not_executable_reason(candidate, mode)}"
             raise CommandNotRunnableError(name, reason, errno.EACCES)
         return candidate
     # A relative entry of the PATH (an empty one is the working directory) is taken from
@@ -162,7 +162,8 @@ def find_executable(name: str, search_path: str, cwd: Path) -> str:
         # As execvp and bash do, a file that only lacks execute permission is denied, not missing.
         denied = _first_file(name, entries)
         if denied is not None:
-            reason = f"permission denied: {_shown(denied)} is not executable (chmod +x makes it so)"
+            path, mode = denied
+            reason = f"permission denied: {_shown(path)}: {_not_executable_reason(path, mode)}"
             raise CommandNotRunnableError(name, reason, errno.EACCES)
         reason = f"no executable file of that name on the task's PATH ({search_path})"
         raise CommandNotRunnableError(name, reason, errno.ENOENT)
@@ -177,12 +178,32 @@ def _executable_file(path: str) -> bool:
     return os.access(path, os.X_OK) and not os.path.isdir(path)
 
 
-def _first_file(name: str, folders: Sequence[str]) -> str | None:
-    """Return the first regular file named ``name`` in ``folders``, or None."""
+def _not_executable_reason(path: str, mode: int) -> str:
+    """Return why the file at ``path``, of ``mode``, that ``os.access`` denied cannot run."""
+    try:
+        noexec = bool(os.statvfs(path).f_flag & os.ST_NOEXEC)
+    except OSError:
+        noexec = False
+    if noexec:
+        return (
+            "its file system is mounted noexec "
+            "(move the program to one that allows programs to run)"
+        )
+    if not mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH):
+        return "the file is not executable (chmod +x makes it so)"
+    return "its owner and mode do not let the agent's user execute it"
+
+
+def _first_file(name: str, folders: Sequence[str]) -> tuple[str, int] | None:
+    """Return the first regular file named ``name`` in ``folders`` with its mode, or None."""
     for folder in folders:
         candidate = os.path.join(folder, name)
-        if os.path.isfile(candidate):
-            return candidate
+        try:
+            mode = os.stat(candidate).st_mode
+        except OSError:
+            continue
+        if stat.S_ISREG(mode):
+            return candidate, mode
     return None
 
 

@@ -327,6 +327,39 @@ def test_program_on_path_not_executable(tmp_path: Path) -> None:
     assert raised.value.errno == errno.EACCES
     assert raised.value.exit_code == 126
     assert str(raised.value) == (
-        f"cannot run tool: permission denied: {folder / 'tool'} is not executable "
+        f"cannot run tool: permission denied: {folder / 'tool'}: the file is not executable "
         "(chmod +x makes it so)"
+    )
+
+
+class NoexecStatvfs:
+    """The ``os.statvfs`` result of a file system mounted noexec."""
+
+    f_flag = os.ST_NOEXEC
+
+
+def test_program_on_noexec_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # chmod +x does not help there, so the message names the mount instead.
+    write_program(tmp_path / "run.sh", b"#!/bin/sh\n")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    monkeypatch.setattr(os, "statvfs", lambda path: NoexecStatvfs())
+    with pytest.raises(programs.CommandNotRunnableError) as raised:
+        find_executable("./run.sh", os.defpath, tmp_path)
+    assert raised.value.exit_code == 126
+    assert str(raised.value) == (
+        "cannot run ./run.sh: permission denied: its file system is mounted noexec "
+        "(move the program to one that allows programs to run)"
+    )
+
+
+def test_program_executable_by_others_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The file has execute bits, but not for the user that the agent runs as.
+    write_program(tmp_path / "run.sh", b"#!/bin/sh\n", mode=0o700)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(programs.CommandNotRunnableError) as raised:
+        find_executable("./run.sh", os.defpath, tmp_path)
+    assert raised.value.exit_code == 126
+    assert str(raised.value) == (
+        "cannot run ./run.sh: permission denied: its owner and mode do not let the agent's "
+        "user execute it"
     )
