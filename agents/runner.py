@@ -227,7 +227,32 @@ class TaskRunner:
         # although its task already ran here. Its log outlives the agent, and the scheduler
         # never reuses a task id, so a log means the task ran. recover() or the spool reports
         # how it ended.
-        return os.path.exists(self._log_path(task_id))
+        if self._task_user is None:
+            return os.path.exists(self._log_path(task_id))
+        return self._agent_log_exists(task_id)
+
+    def _agent_log_exists(self, task_id: str) -> bool:
+        """Return whether the agent made ``task_id``'s log, removing one that a task put there.
+
+        Tasks that run as the task user may write in the task folder. A log they made for a
+        task id that has not started yet would make the agent ignore that task's start.
+        """
+        path = self._log_path(task_id)
+        try:
+            owner = os.lstat(path).st_uid
+        except FileNotFoundError:
+            return False
+        if owner == os.geteuid():
+            return True
+        logger.warning(
+            "log of task %s is owned by uid %d, not the agent; removing it", task_id, owner
+        )
+        try:
+            path.unlink()
+        except OSError as error:
+            # The start then fails when it opens the log, as a fault of the node.
+            logger.error("cannot remove the log of task %s: %s", task_id, error)
+        return False
 
     def _plays(self, spec: TaskSpec) -> bool:
         # A simulated backend plays a task that gives a run time even when it names a command

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from agents.checkpoints import CheckpointFiles
 from agents.model import TaskSpec, TaskState
 from agents.runner import TaskRunner
 from agents.state import StateStore
@@ -86,6 +87,7 @@ kill -0 "$AGENT_PID" 2>/dev/null; echo "kill agent: $?"
 cat ./agent-only 2>/dev/null; echo "read agent-only: $?"
 cat ./world-readable >/dev/null; echo "read world-readable: $?"
 echo written > ./output
+echo checkpoint-1 > ./p.partial && mv ./p.partial ./p_1_0.checkpoint; echo "checkpoint: $?"
 exit 3
 """
 
@@ -157,6 +159,11 @@ async def test_task_runs_as_task_user(
     assert "agent secret" not in ended.output_tail
     assert "read world-readable: 0" in ended.output_tail
 
+    assert fields["checkpoint"] == "0"
+    checkpoints = CheckpointFiles(tasks)
+    checkpoints.watch("p/1/0")
+    assert checkpoints.changed("p/1/0") == "checkpoint-1"
+
     output = (tasks / "output").stat()
     assert (output.st_uid, output.st_gid) == (task_user.uid, task_user.gid)
     folder = tasks.stat()
@@ -216,6 +223,40 @@ async def test_unrunnable_program_fails_as_job_error(
     failed = recorder.last("u/1/0")
     assert failed.exit_code == 127
     assert failed.reason.startswith("cannot run ./run.sh: bad interpreter /no/such/interpreter")
+
+
+@root_only
+async def test_log_made_by_task_does_not_block_start(tmp_path: Path, task_user: TaskUser) -> None:
+    # A task could create the log of a task id that has not started yet. A log that the agent
+    # did not make must not pass for a task that already ran.
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    forged = tasks / "f_1_0.log"
+    forged.write_text("forged\n")
+    os.chown(forged, task_user.uid, task_user.gid)
+    launcher = TaskLauncher(task_user=task_user)
+    recorder = Recorder()
+    runner = TaskRunner(
+        "acme.eu-1.node-1",
+        StateStore(tmp_path / "state.json"),
+        tmp_path,
+        recorder,
+        time.time,
+        ["GPU-0"],
+        lambda uuids: {},
+        launcher=launcher,
+        task_user=task_user,
+    )
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            await runner.start(TaskSpec("f", "f/1/0", ("GPU-0",), ("/bin/echo", "ran")))
+            await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("f/1/0"))
+    finally:
+        launcher.close()
+
+    assert recorder.last("f/1/0").output_tail == "ran\n"
+    assert forged.stat().st_uid == os.geteuid()
 
 
 @root_only
