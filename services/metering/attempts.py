@@ -158,9 +158,12 @@ async def record_attempts(conn: asyncpg.Connection, facts: Sequence[AttemptFacts
     """Insert or update attempts as if one by one in the given order. A recorded end never moves.
 
     The facts about one attempt (admitted, started, ended) are merged first (see
-    :func:`merge_facts`), so that every attempt is one row of a single statement.
+    :func:`merge_facts`), so that every attempt is one row of a single statement. The rows go
+    in key order, so that replicas recording the same attempts lock the rows in the same order
+    instead of deadlocking.
     """
-    rows = [_attempt_row(f) for f in merge_facts(facts)]
+    merged = sorted(merge_facts(facts), key=lambda fact: (fact.job_id, fact.attempt))
+    rows = [_attempt_row(fact) for fact in merged]
     if rows:
         await conn.execute(_RECORD_ATTEMPTS, *(list(column) for column in zip(*rows, strict=True)))
 
