@@ -24,7 +24,10 @@ import struct
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final
+
+if TYPE_CHECKING:
+    from agents.task_user import TaskUser
 
 JOB_ERRNOS: Final = frozenset(
     {
@@ -100,14 +103,17 @@ costs a few file checks each. A reused program is checked to be still an executa
 program removed or made unexecutable within this time is searched for again. A program added to
 an earlier PATH entry within this time is not seen until it passes."""
 _FOUND_ON_PATH_MAX: Final = 256
-_found_on_path: dict[tuple[str, str, str], tuple[float, str]] = {}
-"""(program name, PATH, working directory) to (monotonic time found, file)."""
+_found_on_path: dict[tuple[str, str, str, int | None], tuple[float, str]] = {}
+"""(program name, PATH, working directory, task uid) to (monotonic time found, file)."""
 
 
-def resolve_command(command: Sequence[str], env: Mapping[str, str], cwd: Path) -> str:
+def resolve_command(
+    command: Sequence[str], env: Mapping[str, str], cwd: Path, user: TaskUser | None = None
+) -> str:
     """Return the file that ``command`` runs, or raise :class:`CommandNotRunnableError`.
 
-    Raises ``OSError`` when the node cannot look for the file (an I/O error, say).
+    ``user`` is the task user the command runs as, or None for the agent's own user. Raises
+    ``OSError`` when the node cannot look for the file (an I/O error, say).
     """
     texts = [*command, *env, *env.values()]
     if any("\0" in text for text in texts):
@@ -118,10 +124,10 @@ def resolve_command(command: Sequence[str], env: Mapping[str, str], cwd: Path) -
     if bad_names:
         reason = f"invalid environment variable name (empty or with '='): {', '.join(bad_names)}"
         raise CommandNotRunnableError(command[0], reason, errno.EINVAL)
-    return find_executable(command[0], env.get("PATH", os.defpath), cwd)
+    return find_executable(command[0], env.get("PATH", os.defpath), cwd, user)
 
 
-def find_executable(name: str, search_path: str, cwd: Path) -> str:
+def find_executable(name: str, search_path: str, cwd: Path, user: TaskUser | None = None) -> str:
     """Return the file that executing ``name`` runs: a path as given, else found on ``search_path``.
 
     The task is given this file rather than the bare name, so that it runs the program and not
@@ -140,30 +146,36 @@ def find_executable(name: str, search_path: str, cwd: Path) -> str:
             raise CommandNotRunnableError(name, os.strerror(error.errno), error.errno) from error
         if stat.S_ISDIR(mode):
             raise CommandNotRunnableError(name, "it is a directory, not a program", errno.EACCES)
-        if not os.access(candidate, os.X_OK):
-            reason = f"permission denied: {_not_executable_reason(candidate, mode)}"
+        if not may_execute(candidate, user):
+            reason = f"permission denied: {_not_executable_reason(candidate, mode, user)}"
             raise CommandNotRunnableError(name, reason, errno.EACCES)
         return candidate
     # A relative entry of the PATH (an empty one is the working directory) is taken from
     # the task's working directory, as execvp would take it from inside the task.
     base = os.path.join(os.getcwd(), cwd)
-    key = (name, search_path, base)
+    key = (name, search_path, base, user.uid if user is not None else None)
     now = time.monotonic()
     cached = _found_on_path.get(key)
     if cached is not None and now - cached[0] < FOUND_ON_PATH_TTL_S:
         # One check in place of the search, because a spawn of a file removed since would fail
         # the task for good while a later PATH entry may hold the program.
-        if _executable_file(cached[1]):
+        if _executable_file(cached[1], user):
             return cached[1]
     entries = [os.path.join(base, entry) for entry in search_path.split(os.pathsep)]
-    # which() skips directories and files without execute permission, as execvp does.
-    found = shutil.which(name, path=os.pathsep.join(entries))
+    # Directories and files without execute permission are skipped, as execvp skips them.
+    if user is None:
+        found = shutil.which(name, path=os.pathsep.join(entries))
+    else:
+        paths = (os.path.join(entry, name) for entry in entries)
+        found = next((path for path in paths if _executable_file(path, user)), None)
     if found is None:
         # As execvp and bash do, a file that only lacks execute permission is denied, not missing.
         denied = _first_file(name, entries)
         if denied is not None:
             path, mode = denied
-            reason = f"permission denied: {_shown(path)}: {_not_executable_reason(path, mode)}"
+            reason = (
+                f"permission denied: {_shown(path)}: {_not_executable_reason(path, mode, user)}"
+            )
             raise CommandNotRunnableError(name, reason, errno.EACCES)
         reason = f"no executable file of that name on the task's PATH ({search_path})"
         raise CommandNotRunnableError(name, reason, errno.ENOENT)
@@ -173,13 +185,49 @@ def find_executable(name: str, search_path: str, cwd: Path) -> str:
     return found
 
 
-def _executable_file(path: str) -> bool:
-    """Return whether ``path`` passes the checks that :func:`shutil.which` makes."""
-    return os.access(path, os.X_OK) and not os.path.isdir(path)
+def _executable_file(path: str, user: TaskUser | None) -> bool:
+    """Return whether ``path`` passes the checks that :func:`shutil.which` makes, for ``user``."""
+    return may_execute(path, user) and not os.path.isdir(path)
 
 
-def _not_executable_reason(path: str, mode: int) -> str:
-    """Return why the file at ``path``, of ``mode``, that ``os.access`` denied cannot run."""
+def may_execute(path: str, user: TaskUser | None) -> bool:
+    """Return whether ``user``, or the agent's own user when None, may execute ``path``.
+
+    For a task user the mode bits decide, as the kernel decides for its uid and groups: those
+    of the file, and the search bit of each folder on the file's resolved path. Access control
+    lists are not read, and a file on a file system mounted noexec is never executable.
+    """
+    if user is None:
+        return os.access(path, os.X_OK)
+    try:
+        resolved = os.path.realpath(path)
+        if os.statvfs(resolved).f_flag & os.ST_NOEXEC:
+            return False
+        if not _mode_lets(os.stat(resolved), user):
+            return False
+        folder = os.path.dirname(resolved)
+        while True:
+            if not _mode_lets(os.stat(folder), user):
+                return False
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                return True
+            folder = parent
+    except OSError:
+        return False
+
+
+def _mode_lets(status: os.stat_result, user: TaskUser) -> bool:
+    """Return whether the execute (or search) bit that applies to ``user`` is set."""
+    if status.st_uid == user.uid:
+        return bool(status.st_mode & stat.S_IXUSR)
+    if status.st_gid == user.gid or status.st_gid in user.groups:
+        return bool(status.st_mode & stat.S_IXGRP)
+    return bool(status.st_mode & stat.S_IXOTH)
+
+
+def _not_executable_reason(path: str, mode: int, user: TaskUser | None = None) -> str:
+    """Return why the file at ``path``, of ``mode``, that :func:`may_execute` denied cannot run."""
     try:
         noexec = bool(os.statvfs(path).f_flag & os.ST_NOEXEC)
     except OSError:
@@ -191,6 +239,11 @@ def _not_executable_reason(path: str, mode: int) -> str:
         )
     if not mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH):
         return "the file is not executable (chmod +x makes it so)"
+    if user is not None:
+        return (
+            f"its owner and mode, or those of a folder above it, do not let the task user "
+            f"{user.name} execute it"
+        )
     return "its owner and mode do not let the agent's user execute it"
 
 
@@ -213,12 +266,14 @@ def unrunnable_command(
     executable: str,
     env: Mapping[str, str],
     cwd: Path,
+    user: TaskUser | None = None,
 ) -> CommandNotRunnableError | None:
     """Explain an error of executing ``executable`` if it is the job's own, else return None.
 
     ``error`` must come from executing the program, not from the steps before, whose failures
     are the node's own. ``command`` and ``env`` are the task's arguments and environment, and
-    ``cwd`` its working directory, from which a relative interpreter path is taken.
+    ``cwd`` its working directory, from which a relative interpreter path is taken. ``user``
+    is the task user it ran as, or None for the agent's own user.
     """
     number = error.errno or 0
     if number not in JOB_ERRNOS:
@@ -226,19 +281,24 @@ def unrunnable_command(
     program = command[0]
     if "/" not in program and executable != program:
         program = f"{program} ({executable})"
-    reason = _exec_reason(number, executable, command, env, cwd)
+    reason = _exec_reason(number, executable, command, env, cwd, user)
     return CommandNotRunnableError(program, reason, number)
 
 
 def _exec_reason(
-    number: int, executable: str, command: Sequence[str], env: Mapping[str, str], cwd: Path
+    number: int,
+    executable: str,
+    command: Sequence[str],
+    env: Mapping[str, str],
+    cwd: Path,
+    user: TaskUser | None,
 ) -> str:
     """Return why executing ``executable`` failed with ``number``, from what its file shows."""
     if number == errno.E2BIG:
         return _too_large_reason(command, env)
     head = _read_head(executable)
     if head.startswith(b"#!"):
-        reason = _interpreter_reason(number, head, cwd)
+        reason = _interpreter_reason(number, head, cwd, user)
         if reason is not None:
             return reason
     if head.startswith(_ELF_MAGIC):
@@ -260,10 +320,15 @@ def _exec_reason(
         )
     if number == errno.EACCES and os.path.isdir(executable):
         return "it is a directory, not a program"
+    if number == errno.EACCES and user is not None:
+        return (
+            f"{os.strerror(number)} for the task user {user.name} (the file, its interpreter "
+            "or a folder above them does not let that user execute it)"
+        )
     return os.strerror(number)
 
 
-def _interpreter_reason(number: int, head: bytes, cwd: Path) -> str | None:
+def _interpreter_reason(number: int, head: bytes, cwd: Path, user: TaskUser | None) -> str | None:
     """Return why the ``#!`` interpreter in ``head`` failed, or None if it is not at fault."""
     line = head[2:].split(b"\n", 1)[0]
     # Linux ends the interpreter at the first space or tab, so a carriage return is part of it.
@@ -272,7 +337,7 @@ def _interpreter_reason(number: int, head: bytes, cwd: Path) -> str | None:
         return "exec format error: the #! line names no interpreter"
     interpreter = os.fsdecode(name)
     path = os.path.join(os.getcwd(), cwd, interpreter)
-    runnable = os.access(path, os.X_OK) and not os.path.isdir(path)
+    runnable = _executable_file(path, user)
     if number == errno.EACCES and runnable:
         # The interpreter may run, so the script itself is denied (a noexec file system, say).
         return None

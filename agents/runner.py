@@ -367,7 +367,7 @@ class TaskRunner:
                 )
                 self._started(spec, record, process)
                 return
-            executable = resolve_command(spec.command, env, self._task_dir)
+            executable = resolve_command(spec.command, env, self._task_dir, self._task_user)
             launch = self._launcher.launch(
                 executable,
                 spec.command,

@@ -402,7 +402,7 @@ class TaskLauncher:
                 if not launch.future.done():
                     launch.future.set_result(process)
             elif not launch.future.done():
-                launch.future.set_exception(_launch_error(message, launch))
+                launch.future.set_exception(_launch_error(message, launch, self._task_user))
             return
         entry = self._running.pop(message["pid"], None)
         if entry is not None:
@@ -470,13 +470,20 @@ class _Launch:
     cwd: Path
 
 
-def _launch_error(reply: dict[str, Any], launch: _Launch) -> Exception:
-    """Rebuild the error in a launcher's reply, as ``CommandNotRunnableError`` if the job's own."""
+def _launch_error(
+    reply: dict[str, Any], launch: _Launch, user: TaskUser | None = None
+) -> Exception:
+    """Rebuild the error in a launcher's reply, as ``CommandNotRunnableError`` if the job's own.
+
+    ``user`` is the task user the launcher starts tasks as, or None for its own user.
+    """
     error = OSError(reply.get("errno", 0), reply.get("error", ""), reply.get("filename"))
     if not reply.get("spawn"):
         # The launcher failed before the spawn (the working directory, the log file).
         return error
-    failure = unrunnable_command(error, launch.argv, launch.executable, launch.env, launch.cwd)
+    failure = unrunnable_command(
+        error, launch.argv, launch.executable, launch.env, launch.cwd, user
+    )
     return error if failure is None else failure
 
 
@@ -499,7 +506,7 @@ def spawn(
     node cannot start the process (the log file, a failed fork, switching the user).
     """
     asyncio.get_running_loop()  # Raise RuntimeError before the process starts, not after.
-    executable = resolve_command(command, env, cwd)
+    executable = resolve_command(command, env, cwd, user)
     # O_NOFOLLOW, as in the launcher: a task may have put a symbolic link in the task folder.
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
     try:
@@ -520,7 +527,7 @@ def spawn(
         # or nothing in an error of the fork or of a step before the exec.
         failure = None
         if error.filename == executable:
-            failure = unrunnable_command(error, command, executable, env, cwd)
+            failure = unrunnable_command(error, command, executable, env, cwd, user)
         if failure is None:
             raise
         raise failure from error

@@ -26,6 +26,7 @@ import pytest
 
 from agents.checkpoints import CheckpointFiles
 from agents.model import TaskSpec, TaskState
+from agents.programs import find_executable, may_execute
 from agents.runner import TaskRunner
 from agents.state import StateStore
 from agents.task_process import TaskLauncher, read_exit_status
@@ -223,6 +224,66 @@ async def test_unrunnable_program_fails_as_job_error(
     failed = recorder.last("u/1/0")
     assert failed.exit_code == 127
     assert failed.reason.startswith("cannot run ./run.sh: bad interpreter /no/such/interpreter")
+
+
+@root_only
+@PATHS
+async def test_program_task_user_cannot_run(
+    reachable_folder: Path, task_user: TaskUser, record_exit_status: bool
+) -> None:
+    # Executable for root only: the agent could run it, the task user cannot.
+    tasks = reachable_folder / "tasks"
+    tasks.mkdir()
+    private = reachable_folder / "private"
+    private.mkdir(mode=0o700)
+    program = private / "tool"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+
+    launcher = TaskLauncher(task_user=task_user) if record_exit_status else None
+    recorder = Recorder()
+    runner = TaskRunner(
+        "acme.eu-1.node-1",
+        StateStore(reachable_folder / "state.json"),
+        tasks,
+        recorder,
+        time.time,
+        ["GPU-0"],
+        lambda uuids: {},
+        launcher=launcher,
+        task_user=task_user,
+    )
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            await runner.start(TaskSpec("p", "p/1/0", ("GPU-0",), (str(program),)))
+            await wait_for(lambda: recorder.states("p/1/0") != [])
+    finally:
+        if launcher is not None:
+            launcher.close()
+
+    assert recorder.states("p/1/0") == [TaskState.FAILED]
+    failed = recorder.last("p/1/0")
+    assert failed.exit_code == 126
+    assert f"do not let the task user {task_user.name} execute it" in failed.reason
+
+
+@root_only
+def test_path_search_skips_root_only_program(reachable_folder: Path, task_user: TaskUser) -> None:
+    private, public = reachable_folder / "private", reachable_folder / "public"
+    private.mkdir(mode=0o700)
+    public.mkdir(mode=0o755)
+    for folder in (private, public):
+        program = folder / "tool"
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o755)
+    search_path = f"{private}:{public}"
+
+    assert find_executable("tool", search_path, reachable_folder) == str(private / "tool")
+    found = find_executable("tool", search_path, reachable_folder, task_user)
+    assert found == str(public / "tool")
+    assert may_execute(str(public / "tool"), task_user)
+    assert not may_execute(str(private / "tool"), task_user)
 
 
 @root_only
