@@ -111,7 +111,8 @@ class NodeAgent:
         self._failure_events: dict[str, str] = {}
         """Failed accelerator UUID -> id of the health event that failed it."""
         self._last_usage = clock()
-        self.fencing_token = 0
+        self.fencing_token = state.node(ref.key).fencing_token
+        """Highest fencing token acted on. Commands with a lower one are ignored."""
         self.reading_gaps = 0
         self.inventory: NodeInventory | None = None
         self.health: HealthTracker | None = None
@@ -314,9 +315,9 @@ class NodeAgent:
                 self.fencing_token,
             )
             return
-        # NOTE: the highest fencing token is kept in memory only, so right after an agent
-        # restart a command from an older scheduler epoch is accepted once.
-        self.fencing_token = command.fencing_token
+        if command.fencing_token > self.fencing_token:
+            self._state.raise_fencing_token(self.ref.key, command.fencing_token)
+            self.fencing_token = command.fencing_token
         if command.kind == "start" and command.spec is not None:
             spec = command.spec
             if self._backend_name == "simulated":

@@ -93,6 +93,8 @@ class NodeState:
     sequence_reserved: int = 0
     usage_reported_until: float = 0.0
     """Clock seconds up to which usage went into the spool; a restart reports from here."""
+    fencing_token: int = 0
+    """Highest fencing token (scheduler leader epoch) of a command the node acted on."""
     health: dict[str, list[str]] = field(default_factory=dict)
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
     intents: dict[str, TaskRecord] = field(default_factory=dict)
@@ -265,6 +267,16 @@ class StateStore:
         if self._dirty:
             self.save()
 
+    def raise_fencing_token(self, key: str, token: int) -> None:
+        """Record a higher fencing token for the node and write the file at once.
+
+        Written before the command that carries it is acted on, so a restarted agent still
+        ignores commands of older scheduler leaders. Tokens rise only when leadership moves,
+        so this write is rare.
+        """
+        self.node(key).fencing_token = token
+        self.save()
+
     def mark_usage_reported(self, key: str, until: float) -> None:
         """Record that the node's usage up to ``until`` is reported; saved before spooling."""
         self.node(key).usage_reported_until = until
@@ -289,6 +301,7 @@ class StateStore:
                 # A restart continues after the reserved block, never inside it.
                 "sequence_reserved": state.sequence_reserved,
                 "usage_reported_until": state.usage_reported_until,
+                "fencing_token": state.fencing_token,
                 "health": state.health,
                 "tasks": [_task_fields(t) for t in state.tasks.values()],
             }
@@ -320,6 +333,7 @@ class StateStore:
                 sequence_next=reserved + 1,
                 sequence_reserved=reserved,
                 usage_reported_until=float(raw.get("usage_reported_until", 0.0)),
+                fencing_token=int(raw.get("fencing_token", 0)),
                 health={uuid: list(causes) for uuid, causes in raw.get("health", {}).items()},
                 tasks={t["task_id"]: TaskRecord(**t) for t in raw.get("tasks", [])},
                 intents={t["task_id"]: TaskRecord(**t) for t in raw.get("intents", [])},
