@@ -41,8 +41,8 @@ NOTE: tasks started by ``posix_spawn`` start with signals 32 and 33 ignored. The
 glibc's ``posix_spawn`` (2.36) ignores these two signals, which glibc keeps for itself, and
 ``os.posix_spawn`` cannot name them in ``setsigdef`` because glibc's ``sigaddset`` rejects
 them (Python then warns and skips them). Tasks that ``subprocess.Popen`` starts (with a task
-user, or by the agent itself) inherit the action of the process that starts them, which is the
-default unless the agent itself was started with them ignored.
+user, or by the agent itself) inherit the action of the process that starts them, which
+:func:`restore_glibc_signals` sets back to the default.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import selectors
 import signal
 import socket
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     import subprocess
@@ -309,6 +309,45 @@ def drop_inheritable_capabilities() -> None:
         raise OSError(number, f"capset failed: {os.strerror(number)}")
 
 
+_RT_SIGACTION: Final = {"x86_64": 13, "aarch64": 134}
+"""Number of the ``rt_sigaction`` system call on each machine."""
+_GLIBC_SIGNALS: Final = (32, 33)
+"""The real-time signals that glibc keeps for itself (thread cancellation and set*id)."""
+_glibc_signals_checked = False
+
+
+def restore_glibc_signals() -> None:
+    """Set signals 32 and 33 back to their default action if this process ignores them.
+
+    A process that glibc's ``posix_spawn`` started ignores them (GNU make starts its recipes
+    so), and the programs it starts by fork and exec inherit that. glibc's ``sigaction``
+    rejects these two numbers, so the kernel's ``rt_sigaction`` is called directly. A handler
+    that glibc installed is left alone, and the check runs once per process.
+    """
+    global _glibc_signals_checked
+    if _glibc_signals_checked:
+        return
+    _glibc_signals_checked = True
+    number = _RT_SIGACTION.get(os.uname().machine)
+    if number is None:
+        return
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            line = next(x for x in status if x.startswith("SigIgn:"))
+        ignored = int(line.split()[1], 16)
+    except (OSError, StopIteration, ValueError):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for signal_number in _GLIBC_SIGNALS:
+        if ignored & (1 << (signal_number - 1)):
+            # The default handler, no flags, no restorer and an empty mask: all zeros in the
+            # kernel's struct sigaction on both machines.
+            action = (ctypes.c_ulong * 4)()
+            libc.syscall(number, signal_number, ctypes.byref(action), None, 8)
+
+
 def parse_user(text: str) -> TaskUser:
     """Parse ``UID:GID:G1,G2`` (the groups may be empty); raise ValueError if malformed."""
     uid, gid, groups = text.split(":")
@@ -328,6 +367,7 @@ def main(argv: list[str]) -> int:
             print(usage, file=sys.stderr)
             return 2
         drop_inheritable_capabilities()
+    restore_glibc_signals()
     sock = socket.socket(fileno=int(argv[1]))
     # The socket must not leak into the tasks, which would keep it open after the agent exits.
     sock.set_inheritable(False)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agents.launcher import restore_glibc_signals
 from agents.programs import resolve_command, unrunnable_command
 from agents.task_user import TaskUser
 
@@ -506,6 +507,7 @@ def spawn(
     node cannot start the process (the log file, a failed fork, switching the user).
     """
     asyncio.get_running_loop()  # Raise RuntimeError before the process starts, not after.
+    restore_glibc_signals()
     executable = resolve_command(command, env, cwd, user)
     # O_NOFOLLOW, as in the launcher: a task may have put a symbolic link in the task folder.
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
