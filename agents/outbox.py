@@ -53,6 +53,7 @@ from services.runtime.publish_errors import (
     publish_outcome,
     reject_streamless,
     reject_unpermitted,
+    wait_for_acks,
 )
 
 logger = logging.getLogger(__name__)
@@ -306,10 +307,9 @@ class Outbox:
                         unacknowledged.append(index)
                     else:
                         futures[index] = await self._send(js, message)
-                if futures:
-                    # The deadline above bounds this too, unless a library swallows its
-                    # cancellation, so the wait carries its own bound as well.
-                    await asyncio.wait(futures.values(), timeout=self._ack_timeout_s)
+                # The deadline above bounds this too, unless a library swallows its
+                # cancellation, so the wait carries its own bound as well.
+                await wait_for_acks(js, futures, messages, self._ack_timeout_s, sent_at)
         except (NatsError, TimeoutError, OSError) as error:
             failure = error
         finally:

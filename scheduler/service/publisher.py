@@ -27,6 +27,7 @@ from services.runtime.publish_errors import (
     reject_streamless,
     reject_unpermitted,
     rejection_reason,
+    wait_for_acks,
 )
 
 from .commands import command_subject
@@ -76,7 +77,7 @@ class Publisher:
         messages = [(command_subject(r), r.payload, "/".join(map(str, r.key))) for r in records]
         messages.extend((e.subject, e.payload, e.msg_id) for e in events)
         sent_at = time.monotonic()
-        answers = await self._publish(messages)
+        answers = await self._publish(messages, sent_at)
         # Commands that no stream replied to, or whose subject the scheduler's NATS user may
         # not publish to, are retried, and their job fails at its start timeout.
         command_outcomes = [False if a is None else a for a in answers[: len(records)]]
@@ -98,8 +99,11 @@ class Publisher:
                 result.rejected_events.append((event, outcome))
         return result
 
-    async def _publish(self, messages: Sequence[Message]) -> list[Outcome | None]:
-        """Return each message's outcome, or None where no stream replied to it."""
+    async def _publish(self, messages: Sequence[Message], sent_at: float) -> list[Outcome | None]:
+        """Return each message's outcome, or None where no stream replied to it.
+
+        ``sent_at`` is the monotonic time before the first message was sent.
+        """
         if not messages:
             return []
         outcomes: list[Outcome | None] = [False] * len(messages)
@@ -121,10 +125,9 @@ class Publisher:
             logger.warning(
                 "publishing stalled after %d of %d messages: %s", sent, len(messages), exc
             )
-        if futures:
-            _, pending = await asyncio.wait(futures.values(), timeout=self._timeout)
-            for future in pending:
-                future.cancel()
+        await wait_for_acks(self._js, futures, messages, self._timeout, sent_at)
+        for future in futures.values():
+            future.cancel()  # a no-op for the settled ones
         unacknowledged: list[int] = []
         for index, future in futures.items():
             if future.cancelled() or not future.done():

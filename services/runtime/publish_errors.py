@@ -24,8 +24,8 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Collection, Iterable, Sequence
-from typing import Final
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any, Final
 
 from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
 from nats.errors import Error as NatsError
@@ -97,6 +97,7 @@ class PublishViolations:
         self._max_subjects = max_subjects
         self._reported_at: dict[str, float] = {}
         """Monotonic time of the latest violation, by lowercased subject, oldest first."""
+        self._waiters: list[asyncio.Future[None]] = []
 
     def __len__(self) -> int:
         return len(self._reported_at)
@@ -111,7 +112,21 @@ class PublishViolations:
         self._reported_at[subject] = time.monotonic()
         if len(self._reported_at) > self._max_subjects:
             del self._reported_at[next(iter(self._reported_at))]
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         return True
+
+    def next_report(self) -> asyncio.Future[None]:
+        """Return a future that completes when the next violation is recorded.
+
+        Cancel it when it is no longer needed. Call from the connection's event loop.
+        """
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters = [w for w in self._waiters if not w.done()]
+        self._waiters.append(waiter)
+        return waiter
 
     def reported_since(self, subject: str, since: float) -> bool:
         """Return whether a violation for ``subject`` arrived at or after monotonic ``since``."""
@@ -127,6 +142,48 @@ def publish_violations(js: JetStreamContext) -> PublishViolations | None:
     """
     violations = getattr(getattr(js, "_nc", None), "publish_violations", None)
     return violations if isinstance(violations, PublishViolations) else None
+
+
+async def wait_for_acks(
+    js: JetStreamContext,
+    futures: Mapping[int, asyncio.Future[Any]],
+    messages: Sequence[Message],
+    timeout_s: float,
+    sent_at: float,
+) -> None:
+    """Wait up to ``timeout_s`` for the acknowledgements in ``futures``, by message index.
+
+    Returns early once every message still waiting is on a subject with a permissions
+    violation reported at or after monotonic ``sent_at``: the server never replies to those,
+    so waiting longer only delays what comes after. The caller reads the futures' states.
+    """
+    violations = publish_violations(js)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        remaining = deadline - loop.time()
+        waiting = [
+            future
+            for index, future in futures.items()
+            if not future.done()
+            and not (
+                violations is not None and violations.reported_since(messages[index][0], sent_at)
+            )
+        ]
+        if not waiting or remaining <= 0:
+            return
+        if violations is None:
+            await asyncio.wait(waiting, timeout=remaining)
+            return
+        # Woken by the last acknowledgement or by a report, which may leave fewer to wait for.
+        acks = asyncio.ensure_future(asyncio.wait(waiting))
+        report = violations.next_report()
+        waits: list[asyncio.Future[Any]] = [acks, report]
+        try:
+            await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            acks.cancel()
+            report.cancel()
 
 
 def reject_unpermitted(

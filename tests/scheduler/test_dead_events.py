@@ -6,6 +6,7 @@ PostgreSQL database.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -114,6 +115,34 @@ async def test_event_on_denied_subject_rejected(tmp_path: Path) -> None:
     reason = result.rejected_events[0][1]
     assert "permissions violation for publish" in reason
     assert f"on {denied.subject}" in reason
+
+
+async def test_denied_subject_ends_wait_early(tmp_path: Path) -> None:
+    denied_kind = "admitted"
+    server = await start_denying_server(
+        tmp_path,
+        subjects.EVENT_STREAM,
+        [subjects.job_event_subject(STORED_KIND), subjects.job_event_subject(denied_kind)],
+        [subjects.job_event_subject(denied_kind)],
+    )
+    denied, allowed = event("j1", kind=denied_kind), event("j1")
+    try:
+        client = await connect_limited(server)
+        try:
+            publisher = Publisher(client.jetstream(), timeout_s=20.0)
+            began = time.monotonic()
+            result = await publisher.publish_all([], [denied, allowed])
+            elapsed = time.monotonic() - began
+        finally:
+            await client.close()
+    finally:
+        server.stop()
+
+    # The server reports the violation at once, so the wave does not wait out its 20 s.
+    assert result.event_ids == [allowed.msg_id]
+    assert [e.msg_id for e, _ in result.rejected_events] == [denied.msg_id], result
+    assert elapsed < 10.0
+    assert [e.msg_id for e, _ in result.rejected_events] == [denied.msg_id]
 
 
 async def test_event_retried_without_jetstream(tmp_path: Path) -> None:
