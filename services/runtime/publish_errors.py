@@ -97,7 +97,7 @@ class PublishViolations:
         self._max_subjects = max_subjects
         self._reported_at: dict[str, float] = {}
         """Monotonic time of the latest violation, by lowercased subject, oldest first."""
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: set[asyncio.Future[None]] = set()
 
     def __len__(self) -> int:
         return len(self._reported_at)
@@ -112,7 +112,7 @@ class PublishViolations:
         self._reported_at[subject] = time.monotonic()
         if len(self._reported_at) > self._max_subjects:
             del self._reported_at[next(iter(self._reported_at))]
-        waiters, self._waiters = self._waiters, []
+        waiters, self._waiters = self._waiters, set()
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -121,11 +121,12 @@ class PublishViolations:
     def next_report(self) -> asyncio.Future[None]:
         """Return a future that completes when the next violation is recorded.
 
-        Cancel it when it is no longer needed. Call from the connection's event loop.
+        Cancel it when it is no longer needed, which removes it. Call from the connection's
+        event loop.
         """
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters = [w for w in self._waiters if not w.done()]
-        self._waiters.append(waiter)
+        self._waiters.add(waiter)
+        waiter.add_done_callback(self._waiters.discard)
         return waiter
 
     def reported_since(self, subject: str, since: float) -> bool:
@@ -176,14 +177,33 @@ async def wait_for_acks(
             await asyncio.wait(waiting, timeout=remaining)
             return
         # Woken by the last acknowledgement or by a report, which may leave fewer to wait for.
-        acks = asyncio.ensure_future(asyncio.wait(waiting))
-        report = violations.next_report()
-        waits: list[asyncio.Future[Any]] = [acks, report]
-        try:
-            await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            acks.cancel()
-            report.cancel()
+        await _wait_for_all_or_report(waiting, violations, remaining)
+
+
+async def _wait_for_all_or_report(
+    waiting: Sequence[asyncio.Future[Any]], violations: PublishViolations, timeout_s: float
+) -> None:
+    """Wait up to ``timeout_s`` until every future in ``waiting`` is done or a violation comes.
+
+    Uses callbacks rather than a task, so a cancelled caller leaves no task or callback behind.
+    """
+    wake = violations.next_report()
+    unsettled = len(waiting)
+
+    def settled(_: asyncio.Future[Any]) -> None:
+        nonlocal unsettled
+        unsettled -= 1
+        if unsettled == 0 and not wake.done():
+            wake.set_result(None)
+
+    for future in waiting:
+        future.add_done_callback(settled)
+    try:
+        await asyncio.wait([wake], timeout=timeout_s)
+    finally:
+        wake.cancel()
+        for future in waiting:
+            future.remove_done_callback(settled)
 
 
 def reject_unpermitted(

@@ -25,6 +25,7 @@ from services.runtime.publish_errors import (
     PublishViolations,
     publish_violations,
     reject_unpermitted,
+    wait_for_acks,
 )
 from tests.agent.natsserver import (
     LIMITED_PASSWORD,
@@ -121,6 +122,44 @@ def test_plain_client_keeps_no_violations() -> None:
     stand_in = cast(JetStreamContext, SimpleNamespace(_nc=SimpleNamespace()))
 
     assert publish_violations(stand_in) is None
+
+
+async def test_cancelled_ack_wait_leaves_nothing() -> None:
+    # The agent's outbox cancels the wait at its wave's deadline.
+    violations = PublishViolations()
+    loop = asyncio.get_running_loop()
+    futures = {0: loop.create_future(), 1: loop.create_future()}
+    messages: list[Message] = [(ALLOWED, b"x", "m1"), (DENIED, b"x", "m2")]
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await wait_for_acks(context_with(violations), futures, messages, 30.0, 0.0)
+
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    assert all(not future.done() for future in futures.values())
+    for future in futures.values():
+        future.set_result(None)
+    await asyncio.sleep(0)
+    assert not violations._waiters
+
+
+async def test_ack_wait_ends_on_denied() -> None:
+    violations = PublishViolations()
+    violations.record(violation(ALLOWED))  # before the wave, so it does not end the wait
+    sent_at = time.monotonic()
+    loop = asyncio.get_running_loop()
+    futures = {i: loop.create_future() for i in range(3)}
+    messages: list[Message] = [(DENIED, b"x", "m1"), (ALLOWED, b"x", "m2"), (DENIED, b"x", "m3")]
+    loop.call_later(0.05, violations.record, violation(DENIED))
+    loop.call_later(0.2, futures[1].set_result, None)
+
+    began = time.monotonic()
+    await wait_for_acks(context_with(violations), futures, messages, 30.0, sent_at)
+
+    assert futures[1].done()
+    assert not futures[0].done()
+    assert not futures[2].done()
+    assert time.monotonic() - began < 10.0
 
 
 # Against a nats-server.
