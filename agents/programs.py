@@ -102,6 +102,8 @@ A node starts hundreds of tasks a second that name the same program, and searchi
 costs a few file checks each. A reused program is checked to be still an executable file, so a
 program removed or made unexecutable within this time is searched for again. A program added to
 an earlier PATH entry within this time is not seen until it passes."""
+_MAX_LINKS: Final = 40
+"""Symbolic links that resolving one path follows at most, as Linux follows (then ELOOP)."""
 _FOUND_ON_PATH_MAX: Final = 256
 _found_on_path: dict[tuple[str, str, str, int | None], tuple[float, str]] = {}
 """(program name, PATH, working directory, task uid) to (monotonic time found, file)."""
@@ -194,27 +196,52 @@ def may_execute(path: str, user: TaskUser | None) -> bool:
     """Return whether ``user``, or the agent's own user when None, may execute ``path``.
 
     For a task user the mode bits decide, as the kernel decides for its uid and groups: those
-    of the file, and the search bit of each folder on the file's resolved path. Access control
-    lists are not read, and a file on a file system mounted noexec is never executable.
+    of the file, and the search bit of each folder that the kernel looks a name up in on the
+    way, those holding symbolic links and their targets included. Access control lists are
+    not read, and a file on a file system mounted noexec is never executable.
     """
     if user is None:
         return os.access(path, os.X_OK)
     try:
-        resolved = os.path.realpath(path)
+        resolved = _resolve_as(os.path.join(os.getcwd(), path), user)
+        if resolved is None:
+            return False
         if os.statvfs(resolved).f_flag & os.ST_NOEXEC:
             return False
-        if not _mode_lets(os.stat(resolved), user):
-            return False
-        folder = os.path.dirname(resolved)
-        while True:
-            if not _mode_lets(os.stat(folder), user):
-                return False
-            parent = os.path.dirname(folder)
-            if parent == folder:
-                return True
-            folder = parent
+        return _mode_lets(os.stat(resolved), user)
     except OSError:
         return False
+
+
+def _resolve_as(path: str, user: TaskUser) -> str | None:
+    """Return absolute ``path`` with its links resolved, or None if ``user`` cannot reach it.
+
+    Walks the path one name at a time, as the kernel does, and requires the search bit that
+    applies to ``user`` on each folder a name is looked up in. Raises ``OSError`` when a name
+    is missing, and returns None after more than :data:`_MAX_LINKS` symbolic links (ELOOP).
+    """
+    names = [name for name in reversed(path.split("/")) if name not in ("", ".")]
+    current = "/"
+    links = 0
+    while names:
+        name = names.pop()
+        if not _mode_lets(os.stat(current), user):
+            return None
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, name)
+        if not stat.S_ISLNK(os.lstat(candidate).st_mode):
+            current = candidate
+            continue
+        links += 1
+        if links > _MAX_LINKS:
+            return None
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            current = "/"
+        names.extend(name for name in reversed(target.split("/")) if name not in ("", "."))
+    return current
 
 
 def _mode_lets(status: os.stat_result, user: TaskUser) -> bool:

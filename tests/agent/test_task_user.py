@@ -287,6 +287,26 @@ def test_path_search_skips_root_only_program(reachable_folder: Path, task_user: 
 
 
 @root_only
+def test_path_search_skips_link_in_private_folder(
+    reachable_folder: Path, task_user: TaskUser
+) -> None:
+    # The link's target is executable by anyone, but the task user cannot look the link up.
+    private, public = reachable_folder / "private", reachable_folder / "public"
+    private.mkdir(mode=0o700)
+    public.mkdir(mode=0o755)
+    (private / "tool").symlink_to("/bin/true")
+    (public / "tool").symlink_to("/bin/true")
+    (public / "via-private").symlink_to("../private/tool")
+    search_path = f"{private}:{public}"
+
+    found = find_executable("tool", search_path, reachable_folder, task_user)
+    assert found == str(public / "tool")
+    assert not may_execute(str(private / "tool"), task_user)
+    assert not may_execute(str(public / "via-private"), task_user)
+    assert may_execute(str(public / "tool"), task_user)
+
+
+@root_only
 async def test_log_made_by_task_does_not_block_start(tmp_path: Path, task_user: TaskUser) -> None:
     # A task could create the log of a task id that has not started yet. A log that the agent
     # did not make must not pass for a task that already ran.
