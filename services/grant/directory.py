@@ -181,8 +181,8 @@ async def remove_member(
 ) -> None:
     """Remove a member; raise NotFound naming the subject when they are not a member.
 
-    A retry of the request that removed the member succeeds again. The same request id for a
-    different removal raises FailedPrecondition.
+    A retry of the request that removed the member, by the same caller, succeeds again. The
+    same request id for a different removal, or from another caller, raises FailedPrecondition.
     """
     # Claimed first, so that two copies of one request in flight wait on each other's key.
     claimed = await conn.fetchval(
@@ -195,11 +195,14 @@ async def remove_member(
     )
     if not claimed:
         done = await conn.fetchrow(
-            "SELECT project_id, member FROM member_removals WHERE request_id = $1", request_id
+            "SELECT project_id, member, removed_by FROM member_removals WHERE request_id = $1",
+            request_id,
         )
-        if done is not None and (done["project_id"], done["member"]) == (project_id, subject):
+        # Only the caller who made the removal learns what it removed, as for projects.
+        own = done is not None and done["removed_by"] == actor
+        if own and (done["project_id"], done["member"]) == (project_id, subject):
             return
-        removed = f"{done['member']!r} from project {done['project_id']!r}" if done else "a member"
+        removed = f"{done['member']!r} from project {done['project_id']!r}" if own else "a member"
         raise FailedPrecondition(
             f"request_id {request_id!r} already removed {removed}; give this removal a new "
             "request id",

@@ -476,6 +476,30 @@ async def test_remove_member_retry_succeeds(grant_service: RunningGrant) -> None
 
 
 @pytest.mark.timeout(120)
+async def test_reused_removal_id_hides_member(grant_service: RunningGrant) -> None:
+    # A request id tells its own caller what it removed, and another caller nothing.
+    alice = grant_service.stub("alice", ["pi"], "uni-a")
+    eve = await create_eve_project(grant_service)
+    removal = grant_pb2.RemoveProjectMemberRequest(
+        request_id=rid(), project_id="proj-a", subject="bob"
+    )
+    await alice.RemoveProjectMember(removal)
+
+    reused = await rejected(
+        eve.RemoveProjectMember(
+            grant_pb2.RemoveProjectMemberRequest(
+                request_id=removal.request_id, project_id="proj-e", subject="bob"
+            )
+        )
+    )
+    assert reused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = reused.details() or ""
+    assert "request_id" in details
+    assert "bob" not in details
+    assert "proj-a" not in details
+
+
+@pytest.mark.timeout(120)
 async def test_ledger_request_id_reuse_rejected(grant_service: RunningGrant) -> None:
     scheduler = grant_service.stub("scheduler", ["service"])
     metering = grant_service.stub("metering", ["service"])
