@@ -66,7 +66,11 @@ def _node_victims(
     jobs were stopped; ``None`` when it has none to stop."""
     victims: set[str] = set()
     reclaimable = 0
-    for owners in node.owners:
+    failed = node.failed
+    for index, owners in enumerate(node.owners):
+        # Stopping the jobs on a failed accelerator frees nothing that can be placed.
+        if index in failed:
+            continue
         if not owners:
             reclaimable += 1
             continue

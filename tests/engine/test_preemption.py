@@ -245,3 +245,21 @@ def test_domain_gang_preempts_least_work() -> None:
     assert [d.job_id for d in preempts(result)] == [victim]
     engine.apply(JobEnded(victim, JobOutcome.PREEMPTED))
     assert nodes_of(placed(engine.schedule(20.0))["g"]) == domain
+
+
+def test_domain_gang_skips_failed_accelerator() -> None:
+    # Stopping every job in nvl-a leaves a1 with three healthy accelerators, too few.
+    engine = make_engine()
+    for name in ("a1", "a2"):
+        engine.add_node(node(name, 4, domain="nvl-a"))
+    engine.apply(AcceleratorFailed("a1", "a1-gpu3", "a1/boot/1"))
+    engine.submit(job("p1", accelerators=3, priority=PriorityClass.PREEMPTIBLE))
+    engine.submit(job("p2", accelerators=4, priority=PriorityClass.PREEMPTIBLE))
+    first = placed(engine.schedule(0.0))
+    assert nodes_of(first["p1"]) == {"a1"}
+    assert nodes_of(first["p2"]) == {"a2"}
+    engine.submit(domain_gang(submit=5.0))
+
+    result = engine.schedule(10.0)
+
+    assert preempts(result) == []
