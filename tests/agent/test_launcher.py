@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -200,3 +201,45 @@ async def test_launcher_survives_bad_request(tmp_path: Path, launcher: TaskLaunc
         with pytest.raises(OSError, match="null"):
             await bad
         assert launcher.identity != (0, 0)
+
+
+IGNORING_AGENT = """
+import asyncio, ctypes, os, sys
+from pathlib import Path
+from agents.launcher import _RT_SIGACTION
+from agents.task_process import spawn
+
+# What glibc's posix_spawn leaves behind: signals 32 and 33 ignored (SIG_IGN is 1).
+libc = ctypes.CDLL(None, use_errno=True)
+for number in (32, 33):
+    action = (ctypes.c_ulong * 4)(1, 0, 0, 0)
+    if libc.syscall(_RT_SIGACTION[os.uname().machine], number, ctypes.byref(action), None, 8):
+        sys.exit(f"rt_sigaction failed: {os.strerror(ctypes.get_errno())}")
+log = Path(sys.argv[1])
+
+async def main() -> None:
+    command = ["/bin/sh", "-c", "grep SigIgn /proc/self/status"]
+    spawn(command, dict(os.environ), log.parent, log)
+    while "SigIgn" not in log.read_text():
+        await asyncio.sleep(0.01)
+
+asyncio.run(main())
+"""
+SIGNALS_32_AND_33 = 0b11 << 31
+"""Bits of signals 32 and 33 in a SigIgn mask of ``/proc/<pid>/status`` (bit N-1 is signal N)."""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(
+    os.uname().machine not in ("x86_64", "aarch64"), reason="rt_sigaction number unknown"
+)
+def test_task_of_ignoring_agent_gets_default_signals(tmp_path: Path) -> None:
+    # An agent that a posix_spawn started ignores 32 and 33, and its tasks must not.
+    log = tmp_path / "task.log"
+    repository = Path(__file__).resolve().parents[2]
+    subprocess.run(
+        [sys.executable, "-c", IGNORING_AGENT, str(log)], cwd=repository, check=True, timeout=30
+    )
+
+    mask = int(log.read_text().split()[1], 16)
+    assert mask & SIGNALS_32_AND_33 == 0
