@@ -157,43 +157,71 @@ async def wait_for_acks(
     Returns early once every message still waiting is on a subject with a permissions
     violation reported at or after monotonic ``sent_at``: the server never replies to those,
     so waiting longer only delays what comes after. The caller reads the futures' states.
+    A report names its subject lowercased, so while messages on two subjects that differ only
+    in case both wait, the report may be about either, and both keep waiting.
     """
     violations = publish_violations(js)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
         remaining = deadline - loop.time()
-        waiting = [
-            future
-            for index, future in futures.items()
-            if not future.done()
-            and not (
-                violations is not None and violations.reported_since(messages[index][0], sent_at)
-            )
-        ]
+        pending = {index: future for index, future in futures.items() if not future.done()}
+        denied: set[int] = set()
+        uncertain: set[int] = set()
+        if violations:
+            denied, uncertain = _reported_indexes(violations, pending, messages, sent_at)
+        waiting = [future for index, future in pending.items() if index not in denied]
         if not waiting or remaining <= 0:
             return
         if violations is None:
             await asyncio.wait(waiting, timeout=remaining)
             return
-        # Woken by the last acknowledgement or by a report, which may leave fewer to wait for.
-        await _wait_for_all_or_report(waiting, violations, remaining)
+        # Woken by the last acknowledgement, by one that settles which case variant a report
+        # was about, or by a report: each may leave fewer to wait for.
+        settling = {pending[index] for index in uncertain}
+        await _wait_for_all_or_report(waiting, settling, violations, remaining)
+
+
+def _reported_indexes(
+    violations: PublishViolations,
+    pending: Mapping[int, asyncio.Future[Any]],
+    messages: Sequence[Message],
+    sent_at: float,
+) -> tuple[set[int], set[int]]:
+    """Return the indexes in ``pending`` whose subject has a violation since ``sent_at``.
+
+    The first set holds those that the violation is about for certain, and the second those
+    that share their lowercased subject with a message on another subject still pending.
+    """
+    reported = [i for i in pending if violations.reported_since(messages[i][0], sent_at)]
+    if not reported:
+        return set(), set()
+    variants: dict[str, set[str]] = {}
+    for index in pending:
+        subject = messages[index][0]
+        variants.setdefault(subject.lower(), set()).add(subject)
+    denied = {i for i in reported if len(variants[messages[i][0].lower()]) == 1}
+    return denied, set(reported) - denied
 
 
 async def _wait_for_all_or_report(
-    waiting: Sequence[asyncio.Future[Any]], violations: PublishViolations, timeout_s: float
+    waiting: Sequence[asyncio.Future[Any]],
+    settling: Collection[asyncio.Future[Any]],
+    violations: PublishViolations,
+    timeout_s: float,
 ) -> None:
-    """Wait up to ``timeout_s`` until every future in ``waiting`` is done or a violation comes.
+    """Wait up to ``timeout_s`` until every future in ``waiting`` is done, one in ``settling``
+    is done, or a violation is reported.
 
     Uses callbacks rather than a task, so a cancelled caller leaves no task or callback behind.
     """
     wake = violations.next_report()
     unsettled = len(waiting)
 
-    def settled(_: asyncio.Future[Any]) -> None:
+    def settled(future: asyncio.Future[Any]) -> None:
         nonlocal unsettled
         unsettled -= 1
-        if unsettled == 0 and not wake.done():
+        if (unsettled == 0 or future in settling) and not wake.done():
             wake.set_result(None)
 
     for future in waiting:
@@ -219,6 +247,9 @@ def reject_unpermitted(
     violation for the message's subject at or after monotonic ``sent_at``, when the messages
     were sent. A violation reported before then, such as one from before an operator granted
     the permission, changes nothing.
+
+    NOTE: a report names its subject lowercased, so an unanswered message on a permitted
+    subject is rejected too when another subject that differs from it only in case is denied.
     """
     violations = publish_violations(js)
     if not violations:

@@ -162,6 +162,22 @@ async def test_ack_wait_ends_on_denied() -> None:
     assert time.monotonic() - began < 10.0
 
 
+async def test_ack_wait_keeps_case_variant() -> None:
+    # nats-py lowercases the report, so it may be about either subject: both keep waiting.
+    violations = PublishViolations()
+    sent_at = time.monotonic()
+    loop = asyncio.get_running_loop()
+    futures = {i: loop.create_future() for i in range(2)}
+    messages: list[Message] = [(DENIED, b"x", "m1"), (DENIED.lower(), b"x", "m2")]
+    violations.record(violation(DENIED))
+    loop.call_later(0.1, futures[1].set_result, None)
+
+    await wait_for_acks(context_with(violations), futures, messages, 30.0, sent_at)
+
+    assert futures[1].done()
+    assert not futures[0].done()
+
+
 # Against a nats-server.
 
 
