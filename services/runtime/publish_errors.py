@@ -190,7 +190,7 @@ def _reported_indexes(
 ) -> tuple[set[int], set[int]]:
     """Return the indexes in ``pending`` whose subject has a violation since ``sent_at``.
 
-    The first set holds those that the violation is about for certain, and the second those
+    The first set contains those that the violation is about for certain, and the second those
     that share their lowercased subject with a message on another subject still pending.
     """
     reported = [i for i in pending if violations.reported_since(messages[i][0], sent_at)]
