@@ -476,6 +476,27 @@ async def test_remove_member_retry_succeeds(grant_service: RunningGrant) -> None
 
 
 @pytest.mark.timeout(120)
+async def test_concurrent_removal_copies_succeed(grant_service: RunningGrant) -> None:
+    # Both copies of one request succeed, and a PI stays, whatever request removes them.
+    alice = grant_service.stub("alice", ["pi"], "uni-a")
+    removal = grant_pb2.RemoveProjectMemberRequest(
+        request_id=rid(), project_id="proj-a", subject="bob"
+    )
+
+    copies = await asyncio.gather(*(alice.RemoveProjectMember(removal) for _ in range(4)))
+
+    for project in copies:
+        assert [m.subject for m in project.members] == ["alice"]
+    pi = grant_pb2.RemoveProjectMemberRequest(
+        request_id=rid(), project_id="proj-a", subject="alice"
+    )
+    for _ in range(2):
+        refused = await rejected(alice.RemoveProjectMember(pi))
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "is the PI" in (refused.details() or "")
+
+
+@pytest.mark.timeout(120)
 async def test_reused_removal_id_hides_member(grant_service: RunningGrant) -> None:
     # A request id tells its own caller what it removed, and another caller nothing.
     alice = grant_service.stub("alice", ["pi"], "uni-a")
