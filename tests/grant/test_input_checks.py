@@ -491,14 +491,14 @@ async def test_concurrent_removal_copies_succeed(grant_service: RunningGrant) ->
         request_id=rid(), project_id="proj-a", subject="alice"
     )
     for _ in range(2):
-        refused = await rejected(alice.RemoveProjectMember(pi))
-        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "is the PI" in (refused.details() or "")
+        denied = await rejected(alice.RemoveProjectMember(pi))
+        assert denied.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "is the PI" in (denied.details() or "")
 
 
 @pytest.mark.timeout(120)
 async def test_reused_removal_id_hides_member(grant_service: RunningGrant) -> None:
-    # A request id tells its own caller what it removed, and another caller nothing.
+    # An error names what a request id removed to its own caller only.
     alice = grant_service.stub("alice", ["pi"], "uni-a")
     eve = await create_eve_project(grant_service)
     removal = grant_pb2.RemoveProjectMemberRequest(
