@@ -266,7 +266,7 @@ def _write_status(path: str, status: int) -> None:
             descriptor = os.open(partial, _STATUS_FLAGS, 0o640)
         except FileExistsError:
             # Left by a launcher that stopped halfway, or put there by a task: a new file, so
-            # that no task holds it open or owns it.
+            # that no task has it open or owns it.
             os.unlink(partial)
             descriptor = os.open(partial, _STATUS_FLAGS, 0o640)
         try:

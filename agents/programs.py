@@ -195,10 +195,10 @@ def _executable_file(path: str, user: TaskUser | None) -> bool:
 def may_execute(path: str, user: TaskUser | None) -> bool:
     """Return whether ``user``, or the agent's own user when None, may execute ``path``.
 
-    For a task user the mode bits decide, as the kernel decides for its uid and groups: those
-    of the file, and the search bit of each folder that the kernel looks a name up in on the
-    way, those holding symbolic links and their targets included. Access control lists are
-    not read, and a file on a file system mounted noexec is never executable.
+    For a task user the mode bits decide, as the kernel decides for its uid and groups. They
+    are those of the file, and the search bit of each folder that the kernel looks a name up
+    in on the way, including folders that contain symbolic links and their targets. Access
+    control lists are not read, and a file on a file system mounted noexec is never executable.
     """
     if user is None:
         return os.access(path, os.X_OK)

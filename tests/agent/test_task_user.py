@@ -402,7 +402,7 @@ def test_non_root_agent_fails_start(tmp_path: Path, task_user: TaskUser) -> None
     state.mkdir()
     os.chown(state, task_user.uid, task_user.gid)
     # The agent runs as the test user and may read the interpreter wherever it is installed
-    # (CAP_DAC_READ_SEARCH), but holds none of the capabilities that switch users.
+    # (CAP_DAC_READ_SEARCH), but has none of the capabilities that switch users.
     prefix = ["setpriv", f"--reuid={task_user.uid}", f"--regid={task_user.gid}"]
     prefix += ["--clear-groups", "--inh-caps=+dac_read_search"]
     prefix += ["--ambient-caps=+dac_read_search", "--"]
