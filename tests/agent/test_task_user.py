@@ -185,6 +185,34 @@ def reachable_folder() -> Iterator[Path]:
     shutil.rmtree(folder)
 
 
+async def run_until_first_state(
+    folder: Path, task_dir: Path, user: TaskUser, record_exit_status: bool, spec: TaskSpec
+) -> Recorder:
+    """Start ``spec`` as ``user`` and return the recorder once the task reported a state."""
+    launcher = TaskLauncher(task_user=user) if record_exit_status else None
+    recorder = Recorder()
+    runner = TaskRunner(
+        "acme.eu-1.node-1",
+        StateStore(folder / "state.json"),
+        task_dir,
+        recorder,
+        time.time,
+        ["GPU-0"],
+        lambda uuids: {},
+        launcher=launcher,
+        task_user=user,
+    )
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            await runner.start(spec)
+            await wait_for(lambda: recorder.states(spec.task_id) != [])
+    finally:
+        if launcher is not None:
+            launcher.close()
+    return recorder
+
+
 @root_only
 @PATHS
 async def test_unrunnable_program_fails_as_job_error(
@@ -198,27 +226,10 @@ async def test_unrunnable_program_fails_as_job_error(
     script.write_text("#!/no/such/interpreter\n")
     script.chmod(0o755)
 
-    launcher = TaskLauncher(task_user=task_user) if record_exit_status else None
-    recorder = Recorder()
-    runner = TaskRunner(
-        "acme.eu-1.node-1",
-        StateStore(reachable_folder / "state.json"),
-        reachable_folder,
-        recorder,
-        time.time,
-        ["GPU-0"],
-        lambda uuids: {},
-        launcher=launcher,
-        task_user=task_user,
+    spec = TaskSpec("u", "u/1/0", ("GPU-0",), ("./run.sh",))
+    recorder = await run_until_first_state(
+        reachable_folder, reachable_folder, task_user, record_exit_status, spec
     )
-    try:
-        async with asyncio.TaskGroup() as group:
-            runner.attach(group)
-            await runner.start(TaskSpec("u", "u/1/0", ("GPU-0",), ("./run.sh",)))
-            await wait_for(lambda: recorder.states("u/1/0") != [])
-    finally:
-        if launcher is not None:
-            launcher.close()
 
     assert recorder.states("u/1/0") == [TaskState.FAILED]
     failed = recorder.last("u/1/0")
@@ -240,27 +251,10 @@ async def test_program_task_user_cannot_run(
     program.write_text("#!/bin/sh\n")
     program.chmod(0o755)
 
-    launcher = TaskLauncher(task_user=task_user) if record_exit_status else None
-    recorder = Recorder()
-    runner = TaskRunner(
-        "acme.eu-1.node-1",
-        StateStore(reachable_folder / "state.json"),
-        tasks,
-        recorder,
-        time.time,
-        ["GPU-0"],
-        lambda uuids: {},
-        launcher=launcher,
-        task_user=task_user,
+    spec = TaskSpec("p", "p/1/0", ("GPU-0",), (str(program),))
+    recorder = await run_until_first_state(
+        reachable_folder, tasks, task_user, record_exit_status, spec
     )
-    try:
-        async with asyncio.TaskGroup() as group:
-            runner.attach(group)
-            await runner.start(TaskSpec("p", "p/1/0", ("GPU-0",), (str(program),)))
-            await wait_for(lambda: recorder.states("p/1/0") != [])
-    finally:
-        if launcher is not None:
-            launcher.close()
 
     assert recorder.states("p/1/0") == [TaskState.FAILED]
     failed = recorder.last("p/1/0")

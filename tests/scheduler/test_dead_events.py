@@ -18,7 +18,7 @@ from nats.js.client import JetStreamContext
 
 from acsp import subjects
 from acsp.v1 import scheduler_pb2
-from scheduler.service.publisher import Publisher
+from scheduler.service.publisher import Publisher, PublishResult
 from scheduler.service.store import DeadEvent, Fenced, JobStore, OutboxEvent
 from services.runtime.auth import Role
 from tests.agent.natsserver import (
@@ -91,24 +91,40 @@ async def test_event_without_stream_rejected(events_nats: NatsServer) -> None:
     assert f"no JetStream stream captures subject {streamless.subject}" in reason
 
 
-async def test_event_on_denied_subject_rejected(tmp_path: Path) -> None:
-    denied_kind = "admitted"
+DENIED_KIND = "admitted"
+"""The kind of job event whose subject the denying server's user may not publish."""
+
+
+async def publish_past_denial(
+    directory: Path, timeout_s: float
+) -> tuple[PublishResult, float, OutboxEvent, OutboxEvent]:
+    """Publish a denied and an allowed event on a server that denies the first's subject.
+
+    Returns the result, the seconds ``publish_all`` took, and the denied and allowed events.
+    """
     server = await start_denying_server(
-        tmp_path,
+        directory,
         subjects.EVENT_STREAM,
-        [subjects.job_event_subject(STORED_KIND), subjects.job_event_subject(denied_kind)],
-        [subjects.job_event_subject(denied_kind)],
+        [subjects.job_event_subject(STORED_KIND), subjects.job_event_subject(DENIED_KIND)],
+        [subjects.job_event_subject(DENIED_KIND)],
     )
-    denied, allowed = event("j1", kind=denied_kind), event("j1")
+    denied, allowed = event("j1", kind=DENIED_KIND), event("j1")
     try:
         client = await connect_limited(server)
         try:
-            publisher = Publisher(client.jetstream(), timeout_s=1.0)
+            publisher = Publisher(client.jetstream(), timeout_s=timeout_s)
+            began = time.monotonic()
             result = await publisher.publish_all([], [denied, allowed])
+            elapsed = time.monotonic() - began
         finally:
             await client.close()
     finally:
         server.stop()
+    return result, elapsed, denied, allowed
+
+
+async def test_event_on_denied_subject_rejected(tmp_path: Path) -> None:
+    result, _, denied, allowed = await publish_past_denial(tmp_path, timeout_s=1.0)
 
     assert result.event_ids == [allowed.msg_id]
     assert [e.msg_id for e, _ in result.rejected_events] == [denied.msg_id]
@@ -118,31 +134,12 @@ async def test_event_on_denied_subject_rejected(tmp_path: Path) -> None:
 
 
 async def test_denied_subject_ends_wait_early(tmp_path: Path) -> None:
-    denied_kind = "admitted"
-    server = await start_denying_server(
-        tmp_path,
-        subjects.EVENT_STREAM,
-        [subjects.job_event_subject(STORED_KIND), subjects.job_event_subject(denied_kind)],
-        [subjects.job_event_subject(denied_kind)],
-    )
-    denied, allowed = event("j1", kind=denied_kind), event("j1")
-    try:
-        client = await connect_limited(server)
-        try:
-            publisher = Publisher(client.jetstream(), timeout_s=20.0)
-            began = time.monotonic()
-            result = await publisher.publish_all([], [denied, allowed])
-            elapsed = time.monotonic() - began
-        finally:
-            await client.close()
-    finally:
-        server.stop()
+    result, elapsed, denied, allowed = await publish_past_denial(tmp_path, timeout_s=20.0)
 
     # The server reports the violation at once, so the wave does not wait out its 20 s.
     assert result.event_ids == [allowed.msg_id]
-    assert [e.msg_id for e, _ in result.rejected_events] == [denied.msg_id], result
-    assert elapsed < 10.0
     assert [e.msg_id for e, _ in result.rejected_events] == [denied.msg_id]
+    assert elapsed < 10.0
 
 
 async def test_event_retried_without_jetstream(tmp_path: Path) -> None:
