@@ -286,7 +286,7 @@ _CAPABILITY_VERSION_3 = 0x20080522
 def drop_inheritable_capabilities() -> None:
     """Empty the inheritable and ambient capability sets of this process, keeping the others.
 
-    A process that holds capabilities without being root keeps them when it switches to another
+    A process that has capabilities without being root keeps them when it switches to another
     user, and hands its ambient set on to the programs it executes. With both sets empty, a
     program executed after the switch gets only the capabilities that its file carries. Root's
     capabilities are cleared by the kernel once no uid of the process is 0.

@@ -158,7 +158,7 @@ def check_agent_can_switch(
 ) -> None:
     """Raise :class:`SettingsError` unless this process can start tasks as ``user``.
 
-    ``uses_launcher`` tells whether the task launcher, a program that the agent executes, starts
+    ``uses_launcher`` is True when the task launcher, a program that the agent executes, starts
     the tasks. The launcher keeps only the agent's ambient capabilities. ``euid`` and
     ``status_text`` (``/proc/self/status``) default to this process's own.
     """

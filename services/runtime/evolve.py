@@ -4,9 +4,9 @@
 ``__init__``, which sets each field of a frozen class through ``object.__setattr__``. For the
 scheduler's job record (22 fields) that measured 5 to 6 µs a copy on a 2-core test machine. A
 job is copied about 17 times from submission to its end (an estimate from profiles of the
-end-to-end benchmark). :func:`evolve` builds one
-copy function per class, the first time it sees the class. That function reads every field once
-and sets it through the slot's own descriptor, at 1.3 to 1.8 µs a copy on the same machine.
+end-to-end benchmark). :func:`evolve` builds one copy function per class, the first time it
+is called for the class. That function reads every field once and sets it through the slot's
+own descriptor, at 1.3 to 1.8 µs a copy on the same machine.
 
 It skips ``__init__`` and ``__post_init__``, so it serves only classes whose copies need no
 check or derived field: frozen dataclasses with ``slots=True`` whose fields all take part in
