@@ -45,6 +45,9 @@ MINUTES = 100
 JOBS = 6
 ENDED_JOBS = 3
 """Jobs with a lower index end, so metering releases their holds. The others keep running."""
+BATCH = 5
+WORKERS = 2
+"""Each replica's ingest workers and the messages each takes at a time."""
 
 
 def _reports(base: datetime) -> list[tuple[str, bytes, list[agent_pb2.UsageSample]]]:
@@ -131,8 +134,8 @@ async def _start_replica(
         ACSP_GRANT_ADDRESS=grant_address,
         ACSP_METERING_PERIOD_S=str(PERIOD_S),
         ACSP_METERING_LATENESS_S="1",
-        ACSP_METERING_INGEST_BATCH="5",
-        ACSP_METERING_INGEST_WORKERS="2",
+        ACSP_METERING_INGEST_BATCH=str(BATCH),
+        ACSP_METERING_INGEST_WORKERS=str(WORKERS),
         ACSP_METERING_ACK_WAIT_S="2",
         ACSP_LOG_LEVEL="WARNING",
         ACSP_GRPC_LISTEN="127.0.0.1:0",
@@ -159,34 +162,49 @@ async def _publish_load(
             await js.publish(subject, payload, headers={"Nats-Msg-Id": f"usage-{index}"})
         if index % 7 == 0:
             await js.publish(subject, payload, headers={"Nats-Msg-Id": f"usage-{index}-again"})
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.01)
 
 
 async def _kill_holding_messages(process: asyncio.subprocess.Process, js: JetStreamContext) -> None:
     """SIGKILL ``process`` at a moment when messages delivered to it are still unacked.
 
-    The process is paused with SIGSTOP until the consumer shows unacked messages, and they must
-    still be unacked half a second later. The other replica acks its own within milliseconds
-    even on a loaded machine, so messages unacked that long are the paused one's, and the test
-    checks afterwards that messages were redelivered. When none show within a second, the
+    The process is paused with SIGSTOP. A message it holds keeps the consumer's ack floor where
+    it is, while the other replica goes on taking and acking newer messages. Each worker acks a
+    batch before it fetches the next, so once more messages than the other replica's workers can
+    hold have been delivered and the floor has not moved, the message just above the floor is
+    the paused replica's, however slow the other replica is. When the floor moves instead, the
     process resumes and the next try pauses it again.
     """
+    held_by_other = 2 * WORKERS * BATCH
     for _ in range(20):
         process.send_signal(signal.SIGSTOP)
+        before = await js.consumer_info(subjects.USAGE_STREAM, IngestConfig().durable)
         try:
-            await wait_until(_unacked(js), timeout_s=1.0)
-            # A pause, not a poll: the point is that the same messages stay unacked meanwhile.
-            await asyncio.sleep(0.5)
-            still_unacked = await _unacked(js)()
+            await wait_until(
+                _delivered_past(js, before.delivered.stream_seq + held_by_other), timeout_s=1.5
+            )
         except TimeoutError:
-            still_unacked = False
-        if not still_unacked:
-            process.send_signal(signal.SIGCONT)
-            await asyncio.sleep(0.2)
-            continue
-        process.send_signal(signal.SIGKILL)
-        return
-    raise AssertionError("no unacked messages showed while the replica was paused, in 20 tries")
+            pass
+        after = await js.consumer_info(subjects.USAGE_STREAM, IngestConfig().durable)
+        holding = (
+            after.delivered.stream_seq > before.delivered.stream_seq + held_by_other
+            and after.ack_floor.stream_seq == before.ack_floor.stream_seq
+            and (after.num_ack_pending or 0) > 0
+        )
+        if holding:
+            process.send_signal(signal.SIGKILL)
+            return
+        process.send_signal(signal.SIGCONT)
+        await asyncio.sleep(0.2)
+    raise AssertionError("the paused replica held no unacked message in 20 tries")
+
+
+def _delivered_past(js: JetStreamContext, stream_seq: int):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        info = await js.consumer_info(subjects.USAGE_STREAM, IngestConfig().durable)
+        return info.delivered.stream_seq > stream_seq
+
+    return check
 
 
 async def _stop(process: asyncio.subprocess.Process) -> None:
@@ -268,14 +286,6 @@ def _pulling(js: JetStreamContext, workers: int):  # type: ignore[no-untyped-def
         except NotFoundError:
             return False
         return (info.num_waiting or 0) >= workers
-
-    return check
-
-
-def _unacked(js: JetStreamContext):  # type: ignore[no-untyped-def]
-    async def check() -> bool:
-        info = await js.consumer_info(subjects.USAGE_STREAM, IngestConfig().durable)
-        return (info.num_ack_pending or 0) > 0
 
     return check
 
