@@ -17,6 +17,7 @@ from typing import Final
 
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_DROP_LOG_EVERY: Final = 1000
 FETCH_BATCH: Final = 500
 BATCHES_IN_FLIGHT: Final = 4
+LIVE_HEARTBEATS_PENDING: Final = 1_000_000
+"""Heartbeats the subscription buffers while the process is busy, before NATS drops some."""
 
 
 class InvalidAgentMessage(Exception):
@@ -308,11 +311,49 @@ class AgentFeed:
             logger.info("health event on %s: %s (%s)", key, event.condition, event.message)
         return inputs
 
-    async def run_heartbeats(self, stop: asyncio.Event) -> None:
-        """Watch the heartbeat bucket; heartbeats are dropped, counted, when the loop lags."""
+    async def run_heartbeats(self, stop: asyncio.Event, client: Client) -> None:
+        """Replay the heartbeat bucket, then follow new heartbeats on the bucket's subjects.
+
+        New heartbeats come through a plain subscription whose callback applies each one as it
+        is taken from the subscription's queue. A KV watch or ``next_msg`` awaits one heartbeat
+        at a time, which costs an event loop iteration each. While this process was busy, that
+        let through a few heartbeats a second of the hundreds sent, and live nodes looked
+        silent. Only a node's latest heartbeat matters, so nothing needs the watch's order.
+        Heartbeats that arrive during the replay are applied after it. Heartbeats are dropped,
+        counted, when the loop lags.
+        """
+        prefix = f"$KV.{subjects.HEARTBEAT_BUCKET}."
+        during_replay: list[Msg] = []
+        replaying = True
+
+        def apply(message: Msg) -> None:
+            if message.data and message.subject.startswith(prefix):
+                self._heartbeat(message.subject[len(prefix) :], message.data)
+
+        async def receive(message: Msg) -> None:
+            if replaying:
+                during_replay.append(message)
+            else:
+                apply(message)
+
+        live = await client.subscribe(
+            f"{prefix}>", cb=receive, pending_msgs_limit=LIVE_HEARTBEATS_PENDING
+        )
+        try:
+            await self._replay_heartbeats(stop)
+            for message in during_replay:
+                apply(message)
+            during_replay.clear()
+            replaying = False
+            await stop.wait()
+        finally:
+            with contextlib.suppress(NatsError):
+                await live.unsubscribe()
+
+    async def _replay_heartbeats(self, stop: asyncio.Event) -> None:
+        """Queue the heartbeats stored in the bucket before this call, with their store times."""
         kv = await self._js.key_value(subjects.HEARTBEAT_BUCKET)
         watcher = await kv.watchall()
-        replaying = True
         try:
             while not stop.is_set():
                 try:
@@ -322,14 +363,9 @@ class AgentFeed:
                 if entry is None:
                     # nats-py returns None once it has delivered the values stored before the
                     # watch began.
-                    replaying = False
-                    continue
-                if entry.value is None or not entry.value:
-                    continue
-                if replaying:
+                    return
+                if entry.value:
                     self._replayed_heartbeat(entry.key, entry.value, entry.created)
-                else:
-                    self._heartbeat(entry.key, entry.value)
         finally:
             await watcher.stop()
 
@@ -340,8 +376,10 @@ class AgentFeed:
         running = frozenset(beat.running_task_ids)
         drain = _drain_requested(beat)
         # Most heartbeats change nothing but the time; they skip the loop's queue.
-        if self._running.get(key) == running and self._fleet.touch(key, time.time(), drain):
+        now = time.time()
+        if self._running.get(key) == running and self._fleet.touch(key, now, drain):
             return
+        self._fleet.heard(key, now)
         item = HeartbeatReceived(key, beat.boot_id, running, drain, agent_time=_beat_time(beat))
         if self._put(item):
             self._running[key] = running

@@ -145,6 +145,16 @@ class FleetView:
         self._seen[key] = now
         return True
 
+    def heard(self, key: str, now: float) -> None:
+        """Record that an up or draining node sent a heartbeat, before the loop applies it.
+
+        The loop may apply the heartbeat's task list seconds later, behind a backlog of other
+        inputs. Recording the time here keeps that backlog from making a live node unknown.
+        """
+        node = self._nodes.get(key)
+        if node is not None and node.status in ("up", "draining"):
+            self._seen[key] = max(now, self._seen.get(key, 0.0))
+
     def _fresh(self, node: NodeView) -> NodeView:
         seen = self._seen.get(node.key, 0.0)
         return evolve(node, last_heartbeat=seen) if seen > node.last_heartbeat else node

@@ -96,7 +96,7 @@ class Leadership:
         admission: GrantAdmission,
         rates: Callable[[], Awaitable[RateCard]],
         projects: ProjectDirectory,
-        nats: Client | None = None,
+        nats: Client,
     ) -> None:
         self.config = config
         self._nats = nats
@@ -117,7 +117,7 @@ class Leadership:
     @property
     def max_payload(self) -> int:
         """Largest NATS message in bytes, as the connected server reports it."""
-        if self._nats is None or not self._nats.is_connected:
+        if not self._nats.is_connected:
             return DEFAULT_MAX_PAYLOAD
         return self._nats.max_payload
 
@@ -202,7 +202,7 @@ class Leadership:
             tasks.create_task(loop.run(), name="scheduling-loop")
             tasks.create_task(batcher.run(), name="submission-batcher")
             tasks.create_task(feed.run_stream(stop), name="agent-stream")
-            tasks.create_task(feed.run_heartbeats(stop), name="heartbeats")
+            tasks.create_task(feed.run_heartbeats(stop, self._nats), name="heartbeats")
             tasks.create_task(_stop_on(stop), name="stop-watch")
 
     async def _restore(self, loop: SchedulingLoop, nodes: NodeStore) -> None:

