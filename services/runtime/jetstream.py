@@ -47,12 +47,15 @@ from services.runtime.publish_errors import (
     publish_outcome,
     reject_streamless,
     reject_unpermitted,
+    wait_for_acks,
 )
 from services.runtime.telemetry import context_from_headers, inject_headers
 
 log = logging.getLogger(__name__)
 
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
+ACK_WAIT_MARGIN_S: Final = 1.0
+"""Seconds a batch waits past the ack timeout, for the publishes that time out to end."""
 
 _meter = metrics.get_meter(__name__)
 _publish_stalls = _meter.create_counter(
@@ -139,6 +142,10 @@ class Publisher:
     def _finished(self, task: asyncio.Task[PubAck]) -> None:
         self._pending.discard(task)
         self._slots.release()
+        if not task.cancelled():
+            # A batch may stop awaiting a task early, and asyncio would log the failure of a
+            # task that no caller awaits as never retrieved.
+            task.exception()
 
     @property
     def pending(self) -> int:
@@ -174,16 +181,24 @@ class Publisher:
                 error,
             )
         answers: list[Outcome | None] = [False] * len(messages)
-        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
-        for index, result in zip(tasks, results, strict=True):
-            if isinstance(result, PubAck):
+        # Each task ends by its ack timeout, and the margin lets that timeout report itself. The
+        # wait ends sooner once only messages on denied subjects are left, because they get no
+        # reply. Their tasks end at their own timeout and free their slots then.
+        await wait_for_acks(
+            self._js, tasks, messages, self._ack_timeout_s + ACK_WAIT_MARGIN_S, sent_at
+        )
+        for index, task in tasks.items():
+            if not task.done():
+                continue
+            exception = task.exception()
+            if exception is None:
                 answers[index] = True
                 continue
-            if not isinstance(result, nats.errors.Error | TimeoutError | Unavailable):
-                raise result
+            if not isinstance(exception, nats.errors.Error | TimeoutError | Unavailable):
+                raise exception
             # _send turns a missing reply into Unavailable, raised from the client's error.
-            failure = result.__cause__ if isinstance(result, Unavailable) else None
-            answers[index] = publish_outcome(failure or result, messages[index])
+            failure = exception.__cause__ if isinstance(exception, Unavailable) else None
+            answers[index] = publish_outcome(failure or exception, messages[index])
         reject_unpermitted(self._js, answers, messages, tasks, sent_at)
         outcomes = await reject_streamless(self._js, answers, messages, self._lookup_timeout_s)
         log_outcomes(outcomes)

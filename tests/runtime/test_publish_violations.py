@@ -234,6 +234,24 @@ async def test_denied_message_rejected_others_stored(guarded_nats: NatsServer) -
     assert stored == ["m1", "m3"]
 
 
+async def test_denied_message_rejected_before_ack_timeout(guarded_nats: NatsServer) -> None:
+    batch: list[Message] = [(ALLOWED, b"x", "m1"), (DENIED, b"x", "m2")]
+    client = await connect_limited(guarded_nats)
+    try:
+        publisher = Publisher(client.jetstream(), ack_timeout_s=30.0)
+        began = time.monotonic()
+        outcomes = await publisher.publish_batch(batch)
+        took = time.monotonic() - began
+    finally:
+        await client.close()
+
+    assert outcomes[0] is True
+    assert isinstance(outcomes[1], str)
+    assert "permissions violation for publish" in outcomes[1]
+    # The server's report ends the wait, not the 30 s ack timeout.
+    assert took < 10.0
+
+
 async def test_denied_message_retried_by_plain_client(guarded_nats: NatsServer) -> None:
     # A client that records no violations cannot tell a denied publish from a lost ack.
     client = await nats.connect(
