@@ -240,8 +240,8 @@ async def test_down_node_stays_down_on_new_leader(stack: Stack) -> None:
         await wait_for(n0_unknown, 60, "n0 unknown", 0.2)
         lost_copy = f"{first}/1/0"
         await wait_for(lambda: _equals(stored_orphans(stack), [lost_copy]), 30, "the stored copy")
-        moved = await client.running(first)
-        assert moved is not None
+        # The copy is stored in the turn that requeues the job, before the job starts on n1.
+        moved = await wait_for(lambda: client.running(first), 30, "first to run on n1", 0.2)
         assert list(nodes(moved).values()) == ["n1"]
 
         request = scheduler_pb2.MarkNodeDownRequest(
