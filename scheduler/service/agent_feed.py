@@ -319,30 +319,30 @@ class AgentFeed:
         at a time, which costs an event loop iteration each. While this process was busy, that
         let through a few heartbeats a second of the hundreds sent, and live nodes looked
         silent. Only a node's latest heartbeat matters, so nothing needs the watch's order.
-        Heartbeats that arrive during the replay are applied after it. Heartbeats are dropped,
-        counted, when the loop lags.
+        The latest heartbeat of each node that arrives during the replay is held and applied
+        after it, so the hold grows with the fleet, not with the replay's length. Heartbeats
+        are dropped, counted, when the loop lags.
         """
         prefix = f"$KV.{subjects.HEARTBEAT_BUCKET}."
-        during_replay: list[Msg] = []
+        during_replay: dict[str, bytes] = {}
         replaying = True
 
-        def apply(message: Msg) -> None:
-            if message.data and message.subject.startswith(prefix):
-                self._heartbeat(message.subject[len(prefix) :], message.data)
-
         async def receive(message: Msg) -> None:
+            if not message.data or not message.subject.startswith(prefix):
+                return
+            key = message.subject[len(prefix) :]
             if replaying:
-                during_replay.append(message)
+                during_replay[key] = message.data
             else:
-                apply(message)
+                self._heartbeat(key, message.data)
 
         live = await client.subscribe(
             f"{prefix}>", cb=receive, pending_msgs_limit=LIVE_HEARTBEATS_PENDING
         )
         try:
             await self._replay_heartbeats(stop)
-            for message in during_replay:
-                apply(message)
+            for key, value in during_replay.items():
+                self._heartbeat(key, value)
             during_replay.clear()
             replaying = False
             await stop.wait()

@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.subscription import Subscription
 from nats.js.api import KeyValueConfig
 
 from acsp import subjects
@@ -87,3 +89,62 @@ async def test_busy_feed_hears_every_node(client: Client) -> None:
     live = [inbox.get_nowait() for _ in range(inbox.qsize())]
     assert len(live) == NODES
     assert all(isinstance(item, HeartbeatReceived) and not item.replayed for item in live)
+
+
+async def test_replay_holds_latest_heartbeat_per_node(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    js = client.jetstream()
+    await js.create_key_value(KeyValueConfig(bucket=subjects.HEARTBEAT_BUCKET, history=1))
+    inbox: asyncio.Queue[Input] = asyncio.Queue()
+    feed = AgentFeed(js, inbox, "scheduler-test", FleetView(heartbeat_timeout_s=30))
+    replay_done = asyncio.Event()
+
+    async def slow_replay(stop: asyncio.Event) -> None:
+        await replay_done.wait()
+
+    monkeypatch.setattr(feed, "_replay_heartbeats", slow_replay)
+    subscriptions: list[Subscription] = []
+    subscribe = client.subscribe
+
+    async def capture(*args: Any, **kwargs: Any) -> Subscription:
+        subscription = await subscribe(*args, **kwargs)
+        subscriptions.append(subscription)
+        return subscription
+
+    monkeypatch.setattr(client, "subscribe", capture)
+    stop = asyncio.Event()
+    heartbeats = asyncio.create_task(feed.run_heartbeats(stop, client))
+    nodes, beats = 3, 5
+    try:
+        deadline = time.monotonic() + 10
+        while not subscriptions:
+            assert time.monotonic() < deadline, "the feed did not subscribe"
+            await asyncio.sleep(0.01)
+        (live,) = subscriptions
+        for beat in range(beats):
+            for index in range(nodes):
+                subject = f"$KV.{subjects.HEARTBEAT_BUCKET}.{key(index)}"
+                await client.publish(subject, heartbeat([f"t/{beat}/0"]))
+        await client.flush(timeout=10)
+        while live.delivered < nodes * beats or live.pending_msgs:
+            assert time.monotonic() < deadline, "the heartbeats did not reach the feed"
+            await asyncio.sleep(0.01)
+        assert inbox.empty()
+
+        replay_done.set()
+        while inbox.qsize() < nodes:
+            assert time.monotonic() < deadline, "held heartbeats were not applied"
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await asyncio.wait_for(heartbeats, timeout=10)
+
+    applied = [inbox.get_nowait() for _ in range(inbox.qsize())]
+    assert len(applied) == nodes
+    for item in applied:
+        assert isinstance(item, HeartbeatReceived)
+        assert item.running == frozenset({f"t/{beats - 1}/0"})
+    assert {item.node_key for item in applied if isinstance(item, HeartbeatReceived)} == {
+        key(index) for index in range(nodes)
+    }
