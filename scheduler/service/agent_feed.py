@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from acsp import subjects
 from acsp.v1 import agent_pb2, scheduler_pb2
@@ -351,23 +351,51 @@ class AgentFeed:
                 await live.unsubscribe()
 
     async def _replay_heartbeats(self, stop: asyncio.Event) -> None:
-        """Queue the heartbeats stored in the bucket before this call, with their store times."""
-        kv = await self._js.key_value(subjects.HEARTBEAT_BUCKET)
-        watcher = await kv.watchall()
+        """Queue the heartbeats stored in the bucket before this call, with their store times.
+
+        An ordered consumer delivers each key's latest value to a callback, which applies it as
+        nats-py takes it from the subscription's queue. A KV watch hands over one value per
+        event loop iteration, so with the loop busy, a large bucket's replay took that many
+        iterations while every live heartbeat was held back. The replay ends at the first
+        value delivered with nothing pending after it, as the KV watch of nats-py 2.16 does.
+        """
+        prefix = f"$KV.{subjects.HEARTBEAT_BUCKET}."
+        replayed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def finish() -> None:
+            if not replayed.done():
+                replayed.set_result(True)
+
+        async def receive(message: Msg) -> None:
+            metadata = message.metadata
+            try:
+                if message.data and message.subject.startswith(prefix):
+                    key = message.subject[len(prefix) :]
+                    self._replayed_heartbeat(key, message.data, metadata.timestamp)
+            finally:
+                # nats-py passes an error raised here to the error callback, and the replay
+                # must still end.
+                if metadata.num_pending == 0:
+                    finish()
+
+        stored = await self._js.subscribe(
+            f"{prefix}>",
+            stream=f"KV_{subjects.HEARTBEAT_BUCKET}",
+            cb=receive,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        )
+        stopped: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
         try:
-            while not stop.is_set():
-                try:
-                    entry = await watcher.updates(timeout=1.0)
-                except TimeoutError:
-                    continue
-                if entry is None:
-                    # nats-py returns None once it has delivered the values stored before the
-                    # watch began.
-                    return
-                if entry.value:
-                    self._replayed_heartbeat(entry.key, entry.value, entry.created)
+            info = await stored.consumer_info()
+            if info.num_pending == 0 and stored.delivered == 0:
+                # Nothing is stored, so no value comes to end the replay.
+                finish()
+            await asyncio.wait([replayed, stopped], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await watcher.stop()
+            stopped.cancel()
+            with contextlib.suppress(NatsError):
+                await stored.unsubscribe()
 
     def _heartbeat(self, key: str, value: bytes) -> None:
         beat = _decode_heartbeat(key, value)

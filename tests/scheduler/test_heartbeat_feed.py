@@ -148,3 +148,45 @@ async def test_replay_holds_latest_heartbeat_per_node(
     assert {item.node_key for item in applied if isinstance(item, HeartbeatReceived)} == {
         key(index) for index in range(nodes)
     }
+
+
+async def test_busy_feed_replays_every_stored_value(client: Client) -> None:
+    js = client.jetstream()
+    bucket = await js.create_key_value(KeyValueConfig(bucket=subjects.HEARTBEAT_BUCKET, history=1))
+    for index in range(NODES):
+        await bucket.put(key(index), heartbeat([f"stored/{index}/0"]))
+    inbox: asyncio.Queue[Input] = asyncio.Queue()
+    feed = AgentFeed(js, inbox, "scheduler-test", FleetView(heartbeat_timeout_s=30))
+    stop, done = asyncio.Event(), asyncio.Event()
+    busy = asyncio.create_task(hold_event_loop(done))
+    heartbeats = asyncio.create_task(feed.run_heartbeats(stop, client))
+    try:
+        # A KV watch takes one event loop iteration per stored value: NODES * BUSY_SLICE_S = 10 s.
+        deadline = time.monotonic() + 5.0
+        while inbox.qsize() < NODES:
+            assert time.monotonic() < deadline, "some stored heartbeats were not replayed"
+            await asyncio.sleep(0.05)
+    finally:
+        done.set()
+        stop.set()
+        await busy
+        await asyncio.wait_for(heartbeats, timeout=10)
+
+    replayed = [inbox.get_nowait() for _ in range(inbox.qsize())]
+    assert len(replayed) == NODES
+    assert all(isinstance(item, HeartbeatReceived) and item.replayed for item in replayed)
+    assert {item.node_key for item in replayed if isinstance(item, HeartbeatReceived)} == {
+        key(index) for index in range(NODES)
+    }
+
+
+async def test_empty_bucket_ends_replay(client: Client) -> None:
+    js = client.jetstream()
+    await js.create_key_value(KeyValueConfig(bucket=subjects.HEARTBEAT_BUCKET, history=1))
+    inbox: asyncio.Queue[Input] = asyncio.Queue()
+    feed = AgentFeed(js, inbox, "scheduler-test", FleetView(heartbeat_timeout_s=30))
+
+    # No stored value arrives with nothing pending after it, so the consumer's info ends it.
+    await asyncio.wait_for(feed._replay_heartbeats(asyncio.Event()), timeout=10)
+
+    assert inbox.empty()
