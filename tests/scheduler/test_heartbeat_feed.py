@@ -153,8 +153,11 @@ async def test_replay_holds_latest_heartbeat_per_node(
 async def test_busy_feed_replays_every_stored_value(client: Client) -> None:
     js = client.jetstream()
     bucket = await js.create_key_value(KeyValueConfig(bucket=subjects.HEARTBEAT_BUCKET, history=1))
+    # The NATS server runs on this machine, so its store times follow this clock.
+    stored_after = time.time() - 1.0
     for index in range(NODES):
         await bucket.put(key(index), heartbeat([f"stored/{index}/0"]))
+    stored_before = time.time() + 1.0
     inbox: asyncio.Queue[Input] = asyncio.Queue()
     feed = AgentFeed(js, inbox, "scheduler-test", FleetView(heartbeat_timeout_s=30))
     stop, done = asyncio.Event(), asyncio.Event()
@@ -174,7 +177,12 @@ async def test_busy_feed_replays_every_stored_value(client: Client) -> None:
 
     replayed = [inbox.get_nowait() for _ in range(inbox.qsize())]
     assert len(replayed) == NODES
-    assert all(isinstance(item, HeartbeatReceived) and item.replayed for item in replayed)
+    running = {key(index): frozenset({f"stored/{index}/0"}) for index in range(NODES)}
+    for item in replayed:
+        assert isinstance(item, HeartbeatReceived)
+        assert item.replayed
+        assert stored_after < item.sent_at < stored_before
+        assert item.running == running[item.node_key]
     assert {item.node_key for item in replayed if isinstance(item, HeartbeatReceived)} == {
         key(index) for index in range(NODES)
     }
