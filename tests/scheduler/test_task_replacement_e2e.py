@@ -135,9 +135,15 @@ async def test_restarted_scheduler_keeps_lost_node_fenced(stack: Stack) -> None:
             states = {n.node_id: n.state for n in reply.nodes}
             return states.get("n0") == scheduler_pb2.NODE_STATE_UNKNOWN
 
+        async def single_with_reason() -> scheduler_pb2.Job | None:
+            job = await client.get(single)
+            if job is None or job.pending_reason == scheduler_pb2.PENDING_REASON_UNSPECIFIED:
+                return None
+            return job
+
         await wait_for(n0_unknown, 60, "the new leader to find n0 unknown", 0.2)
-        waiting = await client.get(single)
-        assert waiting is not None
+        # A stale stored heartbeat makes n0 unknown at once, maybe before the first pass.
+        waiting = await wait_for(single_with_reason, 30, "a pass to give single a reason", 0.2)
         # Never placed: a placement on n0 would have been requeued as attempt 2 by now.
         assert waiting.attempt == 1
         assert waiting.state == scheduler_pb2.JOB_STATE_PENDING
