@@ -68,7 +68,9 @@ def build_service(settings: SchedulerSettings) -> Service:
 
 
 def _leadership(settings: SchedulerSettings, runtime: Runtime) -> Leadership:
-    assert runtime.db is not None and runtime.js is not None and runtime.nats is not None
+    assert runtime.db is not None
+    assert runtime.js is not None
+    assert runtime.nats is not None
     token = _service_token(settings)
     channel = service_channel(settings, settings.require("grant_url"), token=token)
     grants = grant_pb2_grpc.GrantServiceStub(channel)

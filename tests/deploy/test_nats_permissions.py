@@ -147,12 +147,12 @@ async def test_leaf_agent_publishes_and_puts_heartbeat(mesh: Mesh) -> None:
 
 
 async def test_scheduler_subscription_hears_leaf_heartbeat(mesh: Mesh) -> None:
-    """The scheduler follows heartbeats on the bucket's subjects; a leaf agent's reach it."""
+    """The scheduler follows heartbeats on the bucket's subjects, and a leaf agent's reach it."""
     key = subjects.heartbeat_key("alpha", "r1", "n8")
-    heard: list[Msg] = []
+    received: list[Msg] = []
 
     async def receive(message: Msg) -> None:
-        heard.append(message)
+        received.append(message)
 
     scheduler = await _connect(mesh, mesh.hub_urls, "scheduler", PASSWORDS["scheduler"], "_INBOX")
     agent = await _connect(mesh, [mesh.leaf_url], "agent", AGENT_PASSWORD, "_INBOX.alpha")
@@ -164,14 +164,14 @@ async def test_scheduler_subscription_hears_leaf_heartbeat(mesh: Mesh) -> None:
         for _ in range(50):
             await agent.publish(f"$KV.{subjects.HEARTBEAT_BUCKET}.{key}", b"alive")
             await agent.flush()
-            if await _wait_until(lambda: bool(heard), timeout_s=0.2):
+            if await _wait_until(lambda: bool(received), timeout_s=0.2):
                 break
     finally:
         await agent.close()
         await scheduler.close()
-    assert heard
-    assert heard[0].subject == f"$KV.{subjects.HEARTBEAT_BUCKET}.{key}"
-    assert heard[0].data == b"alive"
+    assert received
+    assert received[0].subject == f"$KV.{subjects.HEARTBEAT_BUCKET}.{key}"
+    assert received[0].data == b"alive"
 
 
 async def _kv_get(nc: Client, key: str) -> bytes | None:

@@ -168,12 +168,12 @@ async def _publish_load(
 async def _kill_holding_messages(process: asyncio.subprocess.Process, js: JetStreamContext) -> None:
     """SIGKILL ``process`` at a moment when messages delivered to it are still unacked.
 
-    The process is paused with SIGSTOP. A message it holds keeps the consumer's ack floor where
-    it is, while the other replica goes on taking and acking newer messages. Each worker acks a
-    batch before it fetches the next, so once more messages than the other replica's workers can
-    hold have been delivered and the floor has not moved, the message just above the floor is
-    the paused replica's, however slow the other replica is. When the floor moves instead, the
-    process resumes and the next try pauses it again.
+    The process is paused with SIGSTOP. A message delivered to it and not yet acked keeps the
+    consumer's ack floor where it is, while the other replica goes on taking and acking newer
+    messages. Each worker acks a batch before it fetches the next, so once more messages than
+    the other replica's workers can take have been delivered and the floor has not moved, the
+    message just above the floor is the paused replica's, however slow the other replica is.
+    When the floor moves instead, the process resumes and the next try pauses it again.
     """
     held_by_other = 2 * WORKERS * BATCH
     for _ in range(20):
