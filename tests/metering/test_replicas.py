@@ -170,8 +170,8 @@ async def _kill_holding_messages(process: asyncio.subprocess.Process, js: JetStr
 
     The process is paused with SIGSTOP. A message delivered to it and not yet acked keeps the
     consumer's ack floor where it is, while the other replica goes on taking and acking newer
-    messages. Each worker acks a batch before it fetches the next, so once more messages than
-    the other replica's workers can take have been delivered and the floor has not moved, the
+    messages. Each worker acks a batch before it fetches the next. So once the floor has stayed
+    put while more messages were delivered than the other replica's workers can take, the
     message just above the floor is the paused replica's, however slow the other replica is.
     When the floor moves instead, the process resumes and the next try pauses it again.
     """

@@ -51,6 +51,20 @@ async def hold_event_loop(done: asyncio.Event) -> None:
         await asyncio.sleep(0)
 
 
+async def stop_feed(
+    stop: asyncio.Event,
+    heartbeats: asyncio.Task[None],
+    done: asyncio.Event,
+    busy: asyncio.Task[None],
+) -> None:
+    """End the blocking task, then the feed, and wait for both."""
+    done.set()
+    stop.set()
+    await busy
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(heartbeats, timeout=10)
+
+
 async def test_busy_feed_hears_every_node(client: Client) -> None:
     js = client.jetstream()
     bucket = await js.create_key_value(KeyValueConfig(bucket=subjects.HEARTBEAT_BUCKET, history=1))
@@ -80,11 +94,7 @@ async def test_busy_feed_hears_every_node(client: Client) -> None:
             assert time.monotonic() < deadline, "some nodes' heartbeats did not reach the fleet"
             await asyncio.sleep(0.05)
     finally:
-        done.set()
-        stop.set()
-        await busy
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(heartbeats, timeout=10)
+        await stop_feed(stop, heartbeats, done, busy)
 
     live = [inbox.get_nowait() for _ in range(inbox.qsize())]
     assert len(live) == NODES
@@ -170,10 +180,7 @@ async def test_busy_feed_replays_every_stored_value(client: Client) -> None:
             assert time.monotonic() < deadline, "some stored heartbeats were not replayed"
             await asyncio.sleep(0.05)
     finally:
-        done.set()
-        stop.set()
-        await busy
-        await asyncio.wait_for(heartbeats, timeout=10)
+        await stop_feed(stop, heartbeats, done, busy)
 
     replayed = [inbox.get_nowait() for _ in range(inbox.qsize())]
     assert len(replayed) == NODES
