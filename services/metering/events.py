@@ -175,22 +175,27 @@ class FactConsumers:
                         )
 
     async def handle_tasks(self, messages: Sequence[Msg]) -> None:
+        # Nearly every task event is a start or an ordinary end, which metering does not
+        # store: a batch without a hardware failure costs no database round trip.
+        triggers = []
+        for message in messages:
+            event = agent_pb2.TaskEvent()
+            try:
+                event.ParseFromString(message.data)
+            except DecodeError as error:
+                logger.error("skipping a task event that does not parse: %s", error)
+                continue
+            if event.state != agent_pb2.TASK_STATE_FAILED_HARDWARE:
+                continue
+            attempt = task_attempt(event.task_id)
+            if attempt is None or not event.health_event_id:
+                continue
+            triggers.append((attempt[0], attempt[1], f"health:{event.health_event_id}"))
+        if not triggers:
+            return
         async with self._db.acquire() as conn, conn.transaction():
-            for message in messages:
-                event = agent_pb2.TaskEvent()
-                try:
-                    event.ParseFromString(message.data)
-                except DecodeError as error:
-                    logger.error("skipping a task event that does not parse: %s", error)
-                    continue
-                if event.state != agent_pb2.TASK_STATE_FAILED_HARDWARE:
-                    continue
-                attempt = task_attempt(event.task_id)
-                if attempt is None or not event.health_event_id:
-                    continue
-                await record_end_trigger(
-                    conn, attempt[0], attempt[1], f"health:{event.health_event_id}"
-                )
+            for job_id, attempt_number, trigger in triggers:
+                await record_end_trigger(conn, job_id, attempt_number, trigger)
 
     async def handle_inventory(self, messages: Sequence[Msg]) -> None:
         nodes: dict[str, tuple[str, str, str]] = {}
