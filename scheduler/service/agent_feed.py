@@ -320,11 +320,11 @@ class AgentFeed:
         let through a few heartbeats a second of the hundreds sent, and live nodes looked
         silent. Only a node's latest heartbeat matters, so nothing needs the watch's order.
         The latest heartbeat of each node that arrives during the replay is held and applied
-        after it, so the hold grows with the fleet, not with the replay's length. Heartbeats
-        are dropped, counted, when the loop lags.
+        after it with its arrival time, so the hold grows with the fleet, not with the
+        replay's length. Heartbeats are dropped, counted, when the loop lags.
         """
         prefix = f"$KV.{subjects.HEARTBEAT_BUCKET}."
-        during_replay: dict[str, bytes] = {}
+        during_replay: dict[str, tuple[bytes, float]] = {}
         replaying = True
 
         async def receive(message: Msg) -> None:
@@ -332,7 +332,7 @@ class AgentFeed:
                 return
             key = message.subject[len(prefix) :]
             if replaying:
-                during_replay[key] = message.data
+                during_replay[key] = (message.data, time.time())
             else:
                 self._heartbeat(key, message.data)
 
@@ -341,8 +341,8 @@ class AgentFeed:
         )
         try:
             await self._replay_heartbeats(stop)
-            for key, value in during_replay.items():
-                self._heartbeat(key, value)
+            for key, (value, received_at) in during_replay.items():
+                self._heartbeat(key, value, received_at)
             during_replay.clear()
             replaying = False
             await stop.wait()
@@ -397,18 +397,21 @@ class AgentFeed:
             with contextlib.suppress(NatsError):
                 await stored.unsubscribe()
 
-    def _heartbeat(self, key: str, value: bytes) -> None:
+    def _heartbeat(self, key: str, value: bytes, received_at: float | None = None) -> None:
+        """Apply or queue a live heartbeat received at ``received_at`` (default: now)."""
         beat = _decode_heartbeat(key, value)
         if beat is None:
             return
         running = frozenset(beat.running_task_ids)
         drain = _drain_requested(beat)
         # Most heartbeats change nothing but the time; they skip the loop's queue.
-        now = time.time()
+        now = time.time() if received_at is None else received_at
         if self._running.get(key) == running and self._fleet.touch(key, now, drain):
             return
         self._fleet.heard(key, now)
-        item = HeartbeatReceived(key, beat.boot_id, running, drain, agent_time=_beat_time(beat))
+        item = HeartbeatReceived(
+            key, beat.boot_id, running, drain, agent_time=_beat_time(beat), received_at=now
+        )
         if self._put(item):
             self._running[key] = running
 

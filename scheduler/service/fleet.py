@@ -142,7 +142,7 @@ class FleetView:
             return False
         if drain_requested is False and node.agent_drained:
             return False
-        self._seen[key] = now
+        self._seen[key] = max(now, self._seen.get(key, 0.0))
         return True
 
     def heard(self, key: str, now: float) -> None:
@@ -194,18 +194,33 @@ class FleetView:
             reason = "heartbeats resumed"
         updated = evolve(
             old,
-            last_heartbeat=now,
+            last_heartbeat=max(now, old.last_heartbeat),
             boot_id=boot_id or old.boot_id,
             running_task_ids=running,
             status=status,
             status_reason=reason,
         )
         self._nodes[key] = updated
-        self._seen[key] = now
+        self._seen[key] = max(now, self._seen.get(key, 0.0))
         self._loaded.discard(key)
         if status != old.status:
             return NodeChange(updated, old.status, reason)
         return None
+
+    def receive_heartbeat(
+        self, key: str, boot_id: str, running: frozenset[str], received_at: float, now: float
+    ) -> tuple[NodeChange | None, bool]:
+        """Record a live heartbeat received at ``received_at`` and applied at ``now``.
+
+        Return the change if an unknown node came back, and whether the heartbeat is a sign of
+        life. One that waited longer than the heartbeat timeout before it was applied is not,
+        so it changes nothing, as an overdue replayed heartbeat does. A ``received_at`` of
+        0.0 counts as received at ``now``.
+        """
+        heard_at = min(received_at, now) if received_at > 0.0 else now
+        if self.overdue(heard_at, now):
+            return None, False
+        return self.apply_heartbeat(key, boot_id, running, heard_at), True
 
     def overdue(self, heard_at: float, now: float) -> bool:
         """Return whether a node last heard from at ``heard_at`` has missed its heartbeats."""

@@ -83,10 +83,13 @@ class HeartbeatReceived:
     sent before the node was marked down, or long ago by a node that is gone."""
     sent_at: float = 0.0
     """Epoch seconds at which a replayed heartbeat was stored, or 0.0 when that is not known.
-    Live heartbeats count as received when the loop applies them and leave it 0.0."""
+    Live heartbeats leave it 0.0 and carry ``received_at``."""
     agent_time: float = 0.0
     """The time the heartbeat carries, by the agent's clock, in Unix seconds; 0.0 when it
     carries none. It is compared only with the time of the agent's drain request."""
+    received_at: float = 0.0
+    """Epoch seconds at which this process received a live heartbeat, or 0.0 to count it as
+    received when the loop applies it."""
 
 
 @dataclass(frozen=True, slots=True)

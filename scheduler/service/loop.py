@@ -339,8 +339,9 @@ class SchedulingLoop:
             # that started before the node was lost, so it confirms no stop.
             alive = not self.fleet.overdue(item.sent_at, fx.now)
         else:
-            change = self.fleet.apply_heartbeat(key, item.boot_id, item.running, fx.now)
-            alive = True
+            change, alive = self.fleet.receive_heartbeat(
+                key, item.boot_id, item.running, item.received_at, fx.now
+            )
         if change is not None:
             self._on_node_change(change, fx)
         if alive:

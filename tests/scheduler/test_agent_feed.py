@@ -145,6 +145,24 @@ def test_replayed_heartbeats_carry_their_time() -> None:
     assert all(beat.running == frozenset({"j1/1/0"}) for beat in beats)
 
 
+def test_held_heartbeat_keeps_arrival_time() -> None:
+    inbox: asyncio.Queue[Input] = asyncio.Queue()
+    fleet = FleetView(heartbeat_timeout_s=30)
+    fleet.apply_inventory(
+        NodeView("p", "r", "n1", (AcceleratorView("GPU-1", "A100-SXM4-80GB"),)), 90.0
+    )
+    feed = AgentFeed(None, inbox, "scheduler-test", fleet)  # type: ignore[arg-type]
+
+    feed._heartbeat("p.r.n1", heartbeat_payload(99.0), received_at=100.0)
+
+    (beat,) = [inbox.get_nowait() for _ in range(inbox.qsize())]
+    assert isinstance(beat, HeartbeatReceived)
+    assert beat.received_at == 100.0
+    assert not beat.replayed
+    assert fleet.expire(129.0) == []
+    assert [change.node.status for change in fleet.expire(131.0)] == ["unknown"]
+
+
 def drain_feed() -> tuple[AgentFeed, FleetView, asyncio.Queue[Input]]:
     """Return a feed whose fleet has node ``p.r.n1`` up, and the inbox it fills."""
     inbox: asyncio.Queue[Input] = asyncio.Queue()

@@ -46,6 +46,43 @@ def test_unknown_node_needs_full_heartbeat() -> None:
     assert change.previous == "unknown"
 
 
+def test_late_heartbeat_counts_from_receipt() -> None:
+    fleet = make_fleet()
+
+    change, alive = fleet.receive_heartbeat("p.r.n1", "boot", frozenset(), 105.0, 108.0)
+
+    assert change is None
+    assert alive
+    # Counted from when it was received, the node is overdue at 115.5, not at 118.5.
+    assert [c.node.status for c in fleet.expire(115.5)] == ["unknown"]
+
+
+def test_overdue_live_heartbeat_keeps_node_unknown() -> None:
+    fleet = make_fleet()
+    fleet.expire(111.0)
+
+    change, alive = fleet.receive_heartbeat("p.r.n1", "boot", frozenset({"j1/1/0"}), 100.5, 112.0)
+
+    assert change is None
+    assert not alive
+    node = fleet.get("p.r.n1")
+    assert node is not None
+    assert node.status == "unknown"
+    assert node.running_task_ids == frozenset()
+
+
+def test_older_heartbeat_keeps_later_time() -> None:
+    fleet = make_fleet()
+    assert fleet.touch("p.r.n1", 109.0)
+
+    fleet.receive_heartbeat("p.r.n1", "boot", frozenset(), 104.0, 109.5)
+
+    assert fleet.expire(118.0) == []
+    node = fleet.get("p.r.n1")
+    assert node is not None
+    assert node.last_heartbeat == 109.0
+
+
 def test_drained_node_stays_draining_after_inventory() -> None:
     fleet = make_fleet()
     fleet.operator_drain("p.r.n1", True, "maintenance", 110.0)
