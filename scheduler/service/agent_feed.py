@@ -412,7 +412,9 @@ class AgentFeed:
         item = HeartbeatReceived(
             key, beat.boot_id, running, drain, agent_time=_beat_time(beat), received_at=now
         )
-        if self._put(item):
+        # The task list of a node the fleet does not know yet is not remembered, so the
+        # node's first heartbeat after its inventory goes through the loop.
+        if self._put(item) and key in self._fleet:
             self._running[key] = running
 
     def _replayed_heartbeat(self, key: str, value: bytes, stored: object) -> None:

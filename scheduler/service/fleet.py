@@ -117,6 +117,9 @@ class FleetView:
     def __len__(self) -> int:
         return len(self._nodes)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._nodes
+
     def get(self, key: str) -> NodeView | None:
         node = self._nodes.get(key)
         if node is None:

@@ -163,6 +163,26 @@ def test_held_heartbeat_keeps_arrival_time() -> None:
     assert [change.node.status for change in fleet.expire(131.0)] == ["unknown"]
 
 
+def test_heartbeat_before_inventory_reaches_loop_again() -> None:
+    inbox: asyncio.Queue[Input] = asyncio.Queue()
+    fleet = FleetView(heartbeat_timeout_s=30)
+    feed = AgentFeed(None, inbox, "scheduler-test", fleet)  # type: ignore[arg-type]
+    feed._heartbeat("p.r.n1", heartbeat_payload(99.0), received_at=100.0)
+    fleet.apply_inventory(
+        NodeView("p", "r", "n1", (AcceleratorView("GPU-1", "A100-SXM4-80GB"),)), 100.5
+    )
+
+    # The same task list again: the loop has not seen it with the node known.
+    feed._heartbeat("p.r.n1", heartbeat_payload(100.0), received_at=101.0)
+    feed._heartbeat("p.r.n1", heartbeat_payload(101.0), received_at=102.0)
+
+    beats = [inbox.get_nowait() for _ in range(inbox.qsize())]
+    assert [beat.received_at for beat in beats if isinstance(beat, HeartbeatReceived)] == [
+        100.0,
+        101.0,
+    ]
+
+
 def drain_feed() -> tuple[AgentFeed, FleetView, asyncio.Queue[Input]]:
     """Return a feed whose fleet has node ``p.r.n1`` up, and the inbox it fills."""
     inbox: asyncio.Queue[Input] = asyncio.Queue()
