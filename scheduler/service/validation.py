@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -115,8 +116,12 @@ def validate_spec(
         )
     if not out:
         _check_command_size(spec, max_payload, bad)
-    if spec.simulated_run_s < 0 or spec.simulated_run_s != spec.simulated_run_s:
-        bad("simulated_run_seconds", f"is {spec.simulated_run_s}; use 0 or a positive number")
+    # Infinity and NaN have no JSON form, so the stored spec could not be written.
+    if not math.isfinite(spec.simulated_run_s) or spec.simulated_run_s < 0:
+        bad(
+            "simulated_run_seconds",
+            f"is {spec.simulated_run_s}; use 0 or a finite positive number of seconds",
+        )
     return out
 
 

@@ -132,3 +132,9 @@ def test_start_command_size_follows_max_payload() -> None:
     assert [v.field for v in violations] == ["spec.command"]
     assert "65536 bytes" in violations[0].reason
     assert "max_payload of 131072" in violations[0].reason
+
+
+def test_simulated_run_time_must_be_finite() -> None:
+    for value in (float("inf"), float("-inf"), float("nan"), -1.0):
+        assert fields_of(valid_spec(simulated_run_s=value)) == {"spec.simulated_run_seconds"}
+    assert validate_spec(valid_spec(simulated_run_s=30.0)) == []
