@@ -295,7 +295,11 @@ def _check_operator(principal: Principal, provider: str) -> None:
 
 
 def _node_state_name(value: int) -> str:
-    name = scheduler_pb2.NodeState.Name(value).removeprefix("NODE_STATE_").lower()  # type: ignore[arg-type]
+    try:
+        enum_name = scheduler_pb2.NodeState.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        enum_name = ""
+    name = enum_name.removeprefix("NODE_STATE_").lower()
     if name not in NODE_STATUSES:
         raise InvalidArgument("state", f"{value} is not a node state", "omit it or pass one")
     return name

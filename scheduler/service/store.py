@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -617,9 +618,14 @@ def decode_page_token(token: str) -> str:
         value = raw.decode()
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"page_token {token!r} is malformed") from exc
-    if not value.startswith("j"):
+    if not _PAGE_TOKEN_JOB_ID.fullmatch(value):
         raise ValueError(f"page_token {token!r} is malformed")
     return value
+
+
+_PAGE_TOKEN_JOB_ID: Final = re.compile(r"j[A-Za-z0-9_.:-]{1,127}")
+"""A job id that a page token may carry. A forged token's value reaches PostgreSQL as the bound
+of the next page, and one with a NUL character fails there as an internal error."""
 
 
 def _job_from_row(row: asyncpg.Record) -> Job:
