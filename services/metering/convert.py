@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import Final
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -28,6 +28,20 @@ MAX_PAGE_SIZE: Final = 1000
 MAX_PEAK_TFLOPS: Final = Decimal(1_000_000)
 """Largest peak of one accelerator model, TFLOP/s: 1 EFLOP/s, over 700 times the MI300X's
 1,307.4. It keeps charges far below the ledger's maximum of 10^24 PF-days."""
+PEAK_QUANTUM: Final = Decimal("1e-6")
+"""Finest step of a published peak, TFLOP/s. The built-in catalog's peaks have at most one
+decimal place, and the bound keeps exact pricing fast: a peak such as 1e-10000000 would make the
+service compute with integers of millions of digits."""
+_PEAK_CONTEXT: Final = Context(prec=20, traps=[Inexact, InvalidOperation])
+"""Enough digits for any peak up to MAX_PEAK_TFLOPS on PEAK_QUANTUM, and any rounding raises."""
+MAX_RATE_CARD_MODELS: Final = 256
+MAX_MODEL_TEXT: Final = 64
+"""Characters in a reference precision or software stack name."""
+MAX_MODEL_SOURCE: Final = 500
+MAX_SOFTWARE_STACKS: Final = 16
+"""These limits keep a serialized rate card under an estimated 500 KB (256 models of about 1.8 KB),
+within NATS's default maximum payload of 1 MiB, so every stored version fits the rate-card KV
+bucket."""
 MAX_TOKEN_NUMBER: Final = 2**63 - 1
 """Largest key a numeric page token can name: the maximum of a PostgreSQL ``bigint``."""
 MAX_ATTEMPT: Final = 2**31 - 1
@@ -183,6 +197,12 @@ def models_in(message: metering_pb2.RateCard) -> list[AcceleratorModel]:
     """Validate the catalog of a rate card to publish; rates are derived, never taken."""
     if not message.rates:
         raise InvalidArgument("rate_card.rates", "is empty", "give at least one model")
+    if len(message.rates) > MAX_RATE_CARD_MODELS:
+        raise InvalidArgument(
+            "rate_card.rates",
+            f"has {len(message.rates)} models, above the maximum of {MAX_RATE_CARD_MODELS}",
+            "publish only the models that providers pledge",
+        )
     models = []
     seen: set[str] = set()
     for index, rate in enumerate(message.rates):
@@ -192,7 +212,14 @@ def models_in(message: metering_pb2.RateCard) -> list[AcceleratorModel]:
             raise InvalidArgument(
                 f"{field}.name", f"{model.name!r} is empty or repeated", "name each model once"
             )
+        if not TOKEN_PATTERN.match(model.name):
+            raise InvalidArgument(
+                f"{field}.name",
+                f"{quoted(model.name)} is not a model name that agents can report",
+                "use 1 to 64 ASCII letters, digits, '_' or '-', as in 'A100-SXM4-80GB'",
+            )
         seen.add(model.name)
+        _check_model_texts(field, model)
         vendor = _VENDOR_IN.get(model.vendor)
         if vendor is None:
             raise InvalidArgument(f"{field}.vendor", "is not set", "set the model's vendor")
@@ -207,6 +234,14 @@ def models_in(message: metering_pb2.RateCard) -> list[AcceleratorModel]:
                 f"{peak} is above the maximum of {MAX_PEAK_TFLOPS} TFLOP/s",
                 "give the peak of one accelerator in TFLOP/s, not in FLOP/s or of a node",
             )
+        try:
+            peak.quantize(PEAK_QUANTUM, context=_PEAK_CONTEXT)
+        except Inexact:
+            raise InvalidArgument(
+                f"{field}.peak_dense_tflops",
+                f"{quoted(model.peak_dense_tflops.value)} has more than 6 decimal places",
+                "give the peak in TFLOP/s to at most 0.000001, e.g. '989.4'",
+            ) from None
         if not model.source:
             raise InvalidArgument(
                 f"{field}.source", "is missing", "name the datasheet the peak figure comes from"
@@ -223,3 +258,28 @@ def models_in(message: metering_pb2.RateCard) -> list[AcceleratorModel]:
             )
         )
     return models
+
+
+def _check_model_texts(field: str, model: common_pb2.AcceleratorModel) -> None:
+    """Raise InvalidArgument naming the first text of ``model`` that is over its length limit."""
+    if len(model.source) > MAX_MODEL_SOURCE:
+        raise InvalidArgument(
+            f"{field}.source",
+            f"is {len(model.source)} characters long, above the maximum of {MAX_MODEL_SOURCE}",
+            "name the datasheet, or link to it, in fewer characters",
+        )
+    if len(model.software_stacks) > MAX_SOFTWARE_STACKS:
+        raise InvalidArgument(
+            f"{field}.software_stacks",
+            f"has {len(model.software_stacks)} entries, above the maximum of {MAX_SOFTWARE_STACKS}",
+            "list only the stacks that jobs ask for",
+        )
+    texts = [("reference_precision", model.reference_precision)]
+    texts += [(f"software_stacks[{i}]", stack) for i, stack in enumerate(model.software_stacks)]
+    for name, text in texts:
+        if len(text) > MAX_MODEL_TEXT:
+            raise InvalidArgument(
+                f"{field}.{name}",
+                f"is {len(text)} characters long, above the maximum of {MAX_MODEL_TEXT}",
+                f"keep it to {MAX_MODEL_TEXT} characters",
+            )

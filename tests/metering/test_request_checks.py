@@ -348,6 +348,70 @@ async def test_publish_rejects_huge_peak(
     assert await _versions(client) == [1]
 
 
+def _with_new_model(card: metering_pb2.RateCard, name: str) -> metering_pb2.AcceleratorModel:
+    added = card.rates.add()
+    added.model.CopyFrom(card.rates[0].model)
+    added.model.name = name
+    return added.model
+
+
+async def test_publish_rejects_unbounded_card(
+    running: tuple[Service, Client],  # noqa: F811
+) -> None:
+    """Each card is rejected whole, naming its field, before anything is stored or priced."""
+    _, client = running
+    current = await _current_card(client)
+    cases: list[tuple[str, Callable[[metering_pb2.RateCard], object], str]] = [
+        (
+            # Pricing this peak exactly kept the service busy for over 20 s.
+            "rate_card.rates[0].model.peak_dense_tflops",
+            lambda card: setattr(card.rates[0].model.peak_dense_tflops, "value", "1e-10000000"),
+            "has more than 6 decimal places",
+        ),
+        (
+            "rate_card.rates[0].model.peak_dense_tflops",
+            lambda card: setattr(card.rates[0].model.peak_dense_tflops, "value", "989.40000001"),
+            "has more than 6 decimal places",
+        ),
+        (
+            f"rate_card.rates[{len(current.rates)}].model.name",
+            lambda card: _with_new_model(card, "H200 SXM\u200b"),
+            "is not a model name that agents can report",
+        ),
+        (
+            f"rate_card.rates[{len(current.rates)}].model.source",
+            lambda card: setattr(_with_new_model(card, "NEW-1"), "source", "s" * 501),
+            "above the maximum of 500",
+        ),
+        (
+            "rate_card.rates[0].model.software_stacks[0]",
+            lambda card: card.rates[0].model.software_stacks.insert(0, "x" * 65),
+            "above the maximum of 64",
+        ),
+        (
+            # With long texts, so many models could exceed the 1 MiB NATS payload.
+            "rate_card.rates",
+            lambda card: [_with_new_model(card, f"NEW-{i}") for i in range(257)],
+            "above the maximum of 256",
+        ),
+    ]
+    for index, (field, change, reason) in enumerate(cases):
+        card = metering_pb2.RateCard()
+        card.CopyFrom(current)
+        change(card)
+        error = await _error(
+            client.stub.PublishRateCard(
+                metering_pb2.PublishRateCardRequest(request_id=f"rc-bad-{index}", rate_card=card),
+                metadata=client.metadata(Role.PROGRAM_OFFICE),
+                timeout=10,
+            )
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert f"invalid {field}: " in (error.details() or "")
+        assert reason in (error.details() or "")
+    assert await _versions(client) == [1]
+
+
 async def test_publish_accepts_added_model(
     running: tuple[Service, Client],  # noqa: F811
 ) -> None:
