@@ -81,12 +81,21 @@ def validate_amount(field: str, value: Decimal, *, allow_zero: bool = False) -> 
         return abs(exact).normalize() if exact != ZERO else ZERO
 
 
+PLAIN_EXPONENT_LIMIT: Final = 64
+"""Largest power of ten, up or down, that :func:`format_amount` writes in plain notation."""
+
+
 def format_amount(value: Decimal) -> str:
     """Format a decimal as :func:`acsp.decimals.format_decimal` does, e.g. ``1.6E+2`` as ``160``.
 
     Unlike that function, NaN and infinities give their names instead of raising, so an error
-    message can quote any rejected value, such as a settings value of ``Infinity``.
+    message can quote any rejected value, such as a settings value of ``Infinity``. A value of
+    1e65 or more, or below 1e-64, far outside any amount, keeps its exponent, e.g. ``1E+1000000``,
+    because plain notation would need a digit per power of ten and, past 1e999999, overflows
+    the decimal context (an INTERNAL error instead of INVALID_ARGUMENT) or rounds to zero.
     """
     if not value.is_finite():
+        return str(value)
+    if not value.is_zero() and abs(value.adjusted()) > PLAIN_EXPONENT_LIMIT:
         return str(value)
     return format_decimal(value)
