@@ -18,7 +18,6 @@ from acsp.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.runtime.auth import Principal, Role, current_principal, require_roles
 from services.runtime.context import remaining_s, request_id
 from services.runtime.errors import (
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -33,8 +32,9 @@ from .grant_limits import check_against_grant, narrow_to_grant
 from .inputs import CancelRequested
 from .job_access import JobAccess, ReadScope
 from .leadership import Leadership
-from .model import Job, JobFilter, JobSpec, JobState, new_job_id
+from .model import Job, JobFilter, JobState, new_job_id
 from .providers import ProviderDirectory
+from .request_ids import check_repeated_in_batch, check_reused_ids, check_stored, request_key
 from .store import decode_page_token
 from .validation import FieldViolation, validate_array_size, validate_models, validate_spec
 from .watch import WatchOverflow
@@ -60,14 +60,17 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         principal = require_roles(*SUBMITTERS)
         jobs, request_ids, array_id = self._prepare(request, principal, "")
         jobs = await self._check_access(principal, jobs, "spec")
+        key = request_key(principal.subject, request.request_id)
+        await check_stored(self._lead.store, [(jobs, key, "request_id")])
         stored = await self._lead.require().batcher.submit(jobs, request_ids)
-        _check_reused_ids(jobs, stored, "request_id")
+        check_reused_ids(jobs, stored, "request_id")
         return _submit_response(stored, array_id, request.spec.array_size)
 
     async def SubmitJobs(
         self, request: scheduler_pb2.SubmitJobsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.SubmitJobsResponse:
         principal = require_roles(*SUBMITTERS)
+        check_repeated_in_batch(request.jobs)
         prepared = [
             self._prepare(item, principal, f"jobs[{i}].") for i, item in enumerate(request.jobs)
         ]
@@ -76,6 +79,13 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             await self._check_access(principal, batch, f"jobs[{i}].spec")
             for i, (batch, _, _) in enumerate(prepared)
         ]
+        await check_stored(
+            self._lead.store,
+            [
+                (batch, request_key(principal.subject, item.request_id), f"jobs[{i}].request_id")
+                for i, (batch, item) in enumerate(zip(checked, request.jobs, strict=True))
+            ],
+        )
         jobs = [job for batch in checked for job in batch]
         request_ids = [rid for p in prepared for rid in p[1]]
         stored = await self._lead.require().batcher.submit(jobs, request_ids)
@@ -84,7 +94,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         for i, ((batch, _, array_id), item) in enumerate(zip(prepared, request.jobs, strict=True)):
             part = stored[offset : offset + len(batch)]
             offset += len(batch)
-            _check_reused_ids(batch, part, f"jobs[{i}].request_id")
+            check_reused_ids(batch, part, f"jobs[{i}].request_id")
             results.append(_submit_response(part, array_id, item.spec.array_size))
         return scheduler_pb2.SubmitJobsResponse(results=results)
 
@@ -131,7 +141,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         owner = principal.subject
         institution = principal.institution or ""
         size = request.spec.array_size
-        rid = _request_key(owner, request.request_id)
+        rid = request_key(owner, request.request_id)
         # The submission is each job's first change, and the store records it as such.
         now = time.time()
         if size <= 1:
@@ -392,41 +402,3 @@ def _array_parent(elements: list[Job]) -> scheduler_pb2.Job:
     summary = ", ".join(f"{counts[s]} {s}" for s in _OPEN_ORDER + _ENDED_ORDER if counts.get(s))
     proto.state_message = f"array of {len(elements)} jobs: {summary}"
     return proto
-
-
-def _check_reused_ids(submitted: list[Job], stored: list[Job], field: str) -> None:
-    """Raise FAILED_PRECONDITION when a request id returned a job of another spec.
-
-    A retry returns the job its first request stored. A request id used again for a different
-    job is a caller's mistake that would otherwise go unnoticed, and the grant service rejects
-    such a reuse too. Only what the caller sent is compared, not the grant's constraints that
-    the scheduler copies into a spec or the grant that pays a job which named none.
-    """
-    for new, old in zip(submitted, stored, strict=True):
-        if new.job_id == old.job_id or _same_submission(old.spec, new.spec):
-            continue
-        raise FailedPrecondition(
-            f"was used before for job {old.job_id} with another spec; repeat that request "
-            "unchanged to get its job, or use a new request_id for a new job",
-            field,
-        )
-
-
-def _same_submission(stored: JobSpec, submitted: JobSpec) -> bool:
-    def sent(spec: JobSpec) -> JobSpec:
-        # A job that named no grant keeps none here, whichever grant came to pay for it.
-        grant = spec.grant_id if submitted.grant_id else ""
-        return evolve(spec, grant_id=grant, grant_providers=(), grant_regions=(), grant_models=())
-
-    return sent(stored) == sent(submitted)
-
-
-def _request_key(owner: str, request_id: str) -> str | None:
-    """Return the stored idempotency key of a submission, or None without a request id.
-
-    The key is scoped to the submitter, so a request id that another caller used creates a
-    job instead of returning theirs. The owner's length makes the key unambiguous.
-    """
-    if not request_id:
-        return None
-    return f"{len(owner)}:{owner}/{request_id}"

@@ -507,6 +507,19 @@ class JobStore:
             )
         return [_job_from_row(row) for row in rows]
 
+    async def jobs_by_request_ids(self, request_ids: Sequence[str]) -> dict[str, Job]:
+        """Return the stored job of each of ``request_ids`` that has one."""
+        if not request_ids:
+            return {}
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                f"SELECT {JOB_SELECT_LIST}, request_id FROM scheduler.jobs"
+                " WHERE request_id = ANY($1::text[])",
+                list(request_ids),
+                timeout=self._timeout,
+            )
+        return {row["request_id"]: _job_from_row(row) for row in rows}
+
     async def get_job(self, job_id: str) -> Job | None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             row = await conn.fetchrow(

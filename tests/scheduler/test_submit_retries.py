@@ -158,3 +158,78 @@ async def test_reused_id_with_other_spec_rejected(stack: Stack) -> None:
     assert (batched.value.details() or "").startswith("jobs[0].request_id: was used before")
     assert retried.job.job_id == stored.job.job_id
     assert [job.job_id for job in listed.jobs] == [stored.job.job_id]
+
+
+async def test_rejected_batch_stores_no_job(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    stored = scheduler_pb2.SubmitJobRequest(
+        request_id="batch-1", spec=job_spec(project, grant, task_count=1)
+    )
+    fresh = scheduler_pb2.SubmitJobRequest(
+        request_id="batch-2", spec=job_spec(project, grant, task_count=1, name="fresh")
+    )
+    reused = scheduler_pb2.SubmitJobRequest(
+        request_id="batch-1", spec=job_spec(project, grant, task_count=1, name="reused")
+    )
+    twice = scheduler_pb2.SubmitJobRequest(
+        request_id="batch-3", spec=job_spec(project, grant, task_count=1, name="twice")
+    )
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        first = await scheduler.SubmitJob(stored, metadata=md, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as across:
+            await scheduler.SubmitJobs(
+                scheduler_pb2.SubmitJobsRequest(jobs=[fresh, reused]), metadata=md, timeout=10
+            )
+        twice_changed = scheduler_pb2.SubmitJobRequest()
+        twice_changed.CopyFrom(twice)
+        twice_changed.spec.name = "changed"
+        with pytest.raises(grpc.aio.AioRpcError) as within:
+            await scheduler.SubmitJobs(
+                scheduler_pb2.SubmitJobsRequest(jobs=[fresh, twice, twice_changed]),
+                metadata=md,
+                timeout=10,
+            )
+        listed = await scheduler.ListJobs(scheduler_pb2.ListJobsRequest(), metadata=md, timeout=10)
+
+    assert across.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (across.value.details() or "").startswith("jobs[1].request_id: was used before")
+    assert within.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "jobs[2].request_id" in (within.value.details() or "")
+    assert "jobs[1]" in (within.value.details() or "")
+    assert [job.job_id for job in listed.jobs] == [first.job.job_id]
+
+
+async def test_request_id_reused_with_other_array_size(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+
+    def request(request_id: str, array_size: int) -> scheduler_pb2.SubmitJobRequest:
+        spec = job_spec(project, grant, task_count=1, array_size=array_size)
+        return scheduler_pb2.SubmitJobRequest(request_id=request_id, spec=spec)
+
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        array = await scheduler.SubmitJob(request("array-2", 2), metadata=md, timeout=10)
+        single = await scheduler.SubmitJob(request("single-1", 0), metadata=md, timeout=10)
+        errors = []
+        for reuse in (request("array-2", 3), request("array-2", 0), request("single-1", 2)):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await scheduler.SubmitJob(reuse, metadata=md, timeout=10)
+            errors.append(error.value)
+        smaller = scheduler_pb2.SubmitJobRequest(request_id="array-3", spec=request("", 3).spec)
+        await scheduler.SubmitJob(smaller, metadata=md, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as shrunk:
+            await scheduler.SubmitJob(request("array-3", 2), metadata=md, timeout=10)
+        errors.append(shrunk.value)
+        listed = await scheduler.ListJobs(scheduler_pb2.ListJobsRequest(), metadata=md, timeout=10)
+
+    for error in errors:
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (error.details() or "").startswith("request_id: was used before for job")
+    assert len(listed.jobs) == 2 + 1 + 3
+    assert {job.array_job_id for job in listed.jobs if job.array_job_id} >= {array.job.job_id}
+    assert single.job.job_id in {job.job_id for job in listed.jobs}
