@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.runtime.auth import Principal
-from services.runtime.errors import PermissionDenied
+from services.runtime.errors import PermissionDenied, require_id
 from services.runtime.grant_directory import ProjectDirectory, sees_every_project
 
 from .model import Job
@@ -51,6 +51,10 @@ class JobAccess:
         they are a member of it, and only their own jobs when they name no project. Raises
         NotFound for an unknown project and PermissionDenied for a non-member.
         """
+        if project_id:
+            # An over-long id would reach the grant service, whose INVALID_ARGUMENT reply
+            # comes back as UNAVAILABLE and so invites endless retries.
+            require_id("project_id", project_id, "pass the id of a project you belong to")
         if sees_every_project(principal):
             return ReadScope(project_id)
         if not project_id:

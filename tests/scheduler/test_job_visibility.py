@@ -174,6 +174,8 @@ async def test_member_lists_project_jobs(stack: Stack) -> None:
         assert await status_of(outsider) == grpc.StatusCode.PERMISSION_DENIED
         unknown = listed(scheduler, team.member, project_id="no-such-project")
         assert await status_of(unknown) == grpc.StatusCode.NOT_FOUND
+        too_long = listed(scheduler, team.member, project_id="p" * 300)
+        assert await status_of(too_long) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_cancel_limited_to_owner_pi_office(stack: Stack) -> None:
