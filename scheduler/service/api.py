@@ -36,7 +36,13 @@ from .model import Job, JobFilter, JobState, new_job_id
 from .providers import ProviderDirectory
 from .request_ids import check_repeated_in_batch, check_reused_ids, check_stored, request_key
 from .store import decode_page_token
-from .validation import FieldViolation, validate_array_size, validate_models, validate_spec
+from .validation import (
+    FieldViolation,
+    validate_array_size,
+    validate_batch_size,
+    validate_models,
+    validate_spec,
+)
 from .watch import WatchOverflow
 
 logger = logging.getLogger(__name__)
@@ -70,6 +76,9 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.SubmitJobsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.SubmitJobsResponse:
         principal = require_roles(*SUBMITTERS)
+        too_many = validate_batch_size([item.spec.array_size for item in request.jobs])
+        if too_many:
+            raise InvalidFields(too_many)
         check_repeated_in_batch(request.jobs)
         prepared = [
             self._prepare(item, principal, f"jobs[{i}].") for i, item in enumerate(request.jobs)

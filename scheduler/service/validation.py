@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -20,6 +20,8 @@ MAX_WALL_TIME_S: Final = 60 * 86_400
 """Sixty days; longer work needs an advance reservation arranged with the program office."""
 MAX_GRACE_S: Final = 3600
 MAX_ARRAY_SIZE: Final = 10_000
+MAX_BATCH_JOBS: Final = MAX_ARRAY_SIZE
+"""Jobs one SubmitJobs call may create, array elements included, so one largest array fits."""
 MAX_NAME_LENGTH: Final = 128
 MAX_COMMAND_BYTES: Final = 64 * 1024
 MAX_COMMAND_ARGS: Final = 4096
@@ -191,6 +193,20 @@ def validate_array_size(size: int, field: str = "spec.array_size") -> list[Field
     if not 0 <= size <= MAX_ARRAY_SIZE:
         return [FieldViolation(field, f"is {size}; use 0 (no array) to {MAX_ARRAY_SIZE}")]
     return []
+
+
+def validate_batch_size(array_sizes: Sequence[int]) -> list[FieldViolation]:
+    """Check the number of jobs that a SubmitJobs call of these array sizes would create."""
+    total = sum(max(size, 1) for size in array_sizes)
+    if total <= MAX_BATCH_JOBS:
+        return []
+    return [
+        FieldViolation(
+            "jobs",
+            f"would create {total} jobs, counting array elements; send at most "
+            f"{MAX_BATCH_JOBS} per call and the rest in further calls",
+        )
+    ]
 
 
 def _check_ids(spec: JobSpec, bad: _Reporter) -> None:

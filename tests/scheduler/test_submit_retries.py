@@ -12,6 +12,7 @@ import pytest
 
 from acsp.submitter import JobSubmitter
 from acsp.v1 import scheduler_pb2
+from scheduler.service.validation import MAX_ARRAY_SIZE
 from services.runtime.auth import Role
 
 from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
@@ -192,6 +193,13 @@ async def test_rejected_batch_stores_no_job(stack: Stack) -> None:
                 metadata=md,
                 timeout=10,
             )
+        large = scheduler_pb2.SubmitJobRequest(
+            spec=job_spec(project, grant, task_count=1, array_size=MAX_ARRAY_SIZE // 2 + 1)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as oversized:
+            await scheduler.SubmitJobs(
+                scheduler_pb2.SubmitJobsRequest(jobs=[large, large]), metadata=md, timeout=30
+            )
         listed = await scheduler.ListJobs(scheduler_pb2.ListJobsRequest(), metadata=md, timeout=10)
 
     assert across.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -199,6 +207,8 @@ async def test_rejected_batch_stores_no_job(stack: Stack) -> None:
     assert within.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "jobs[2].request_id" in (within.value.details() or "")
     assert "jobs[1]" in (within.value.details() or "")
+    assert oversized.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "invalid request: jobs would create" in (oversized.value.details() or "")
     assert [job.job_id for job in listed.jobs] == [first.job.job_id]
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from scheduler.service.model import JobSpec
 from scheduler.service.validation import (
+    MAX_BATCH_JOBS,
     MAX_CHECKPOINT_REF_BYTES,
     MAX_COMMAND_ARGS,
     MAX_ENV_BYTES,
     MAX_ENV_VALUE_BYTES,
     MAX_ENV_VARS,
     validate_array_size,
+    validate_batch_size,
     validate_spec,
 )
 
@@ -138,3 +140,10 @@ def test_simulated_run_time_must_be_finite() -> None:
     for value in (float("inf"), float("-inf"), float("nan"), -1.0):
         assert fields_of(valid_spec(simulated_run_s=value)) == {"spec.simulated_run_seconds"}
     assert validate_spec(valid_spec(simulated_run_s=30.0)) == []
+
+
+def test_batch_size_counts_array_elements() -> None:
+    assert validate_batch_size([0, 1, MAX_BATCH_JOBS - 2]) == []
+    violations = validate_batch_size([MAX_BATCH_JOBS, 1])
+    assert [v.field for v in violations] == ["jobs"]
+    assert f"would create {MAX_BATCH_JOBS + 1} jobs" in violations[0].reason
