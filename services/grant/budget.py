@@ -71,6 +71,10 @@ async def existing_entry(conn: asyncpg.Connection, key: str) -> asyncpg.Record |
     return await conn.fetchrow("SELECT * FROM ledger_entries WHERE idempotency_key = $1", key)
 
 
+IDEMPOTENCY_KEY_CONSTRAINT = "ledger_entries_idempotency_key_key"
+"""PostgreSQL's name for the UNIQUE constraint on ``ledger_entries.idempotency_key``."""
+
+
 def check_same_entry(stored: asyncpg.Record, grant_id: str, amount: Decimal) -> None:
     """Raise FailedPrecondition unless a stored entry moved ``amount`` on ``grant_id``."""
     if stored["grant_id"] != grant_id or stored["amount"] != amount:
@@ -96,25 +100,36 @@ async def insert_entry(
     allocation_id: str | None = None,
     digest: str = "",
 ) -> int:
-    """Write one entry with its postings; return its id."""
-    entry_id: int = await conn.fetchval(
-        """
-        INSERT INTO ledger_entries (idempotency_key, request_digest, kind, grant_id,
-                                    allocation_id, amount, actor, trigger, reason, created_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-        RETURNING id
-        """,
-        key,
-        digest,
-        movement.kind.value,
-        grant_id,
-        allocation_id,
-        movement.amount,
-        cause.actor,
-        cause.trigger,
-        cause.reason,
-        now,
-    )
+    """Write one entry with its postings; return its id.
+
+    Raises FailedPrecondition naming ``request_id`` when another transaction committed an entry
+    with ``key`` first. Supplements and sub-allocations lock their grant before they look the key
+    up, so a concurrent retry on the same grant waits and finds the stored entry instead, and
+    only the same key used on another grant gets here.
+    """
+    try:
+        entry_id: int = await conn.fetchval(
+            """
+            INSERT INTO ledger_entries (idempotency_key, request_digest, kind, grant_id,
+                                        allocation_id, amount, actor, trigger, reason, created_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+            RETURNING id
+            """,
+            key,
+            digest,
+            movement.kind.value,
+            grant_id,
+            allocation_id,
+            movement.amount,
+            cause.actor,
+            cause.trigger,
+            cause.reason,
+            now,
+        )
+    except asyncpg.UniqueViolationError as error:
+        if error.constraint_name != IDEMPOTENCY_KEY_CONSTRAINT:
+            raise
+        raise _reused() from None
     if movement.postings:
         await conn.executemany(
             "INSERT INTO postings (entry_id, account, amount) VALUES ($1, $2, $3)",
@@ -190,9 +205,10 @@ async def award_grant(
 async def supplement_grant(
     conn: asyncpg.Connection, grant_id: str, amount: Decimal, key: str, cause: Cause, now: datetime
 ) -> None:
-    """Credit a grant's one supplement; the caller checks the tier rule on the locked row."""
-    if await existing_entry(conn, key) is not None:
-        return
+    """Credit a grant's one supplement; the caller checks the tier rule on the locked row.
+
+    The caller has locked the grant and found no entry with ``key``.
+    """
     row = await lock_grant(conn, grant_id)
     movement = rules.award(
         grant_state(row), pot_from_row(grant_pot_name(grant_id), row), amount, supplement=True
@@ -220,6 +236,9 @@ async def create_sub_allocation(
     names the same grant, parent, holder and amount, and raises FailedPrecondition
     otherwise.
     """
+    row = await lock_grant(conn, grant_id)
+    # Read after the lock, so that a retry racing the first request waits for it to commit and
+    # then returns its sub-allocation.
     stored = await existing_entry(conn, key)
     if stored is not None:
         check_same_entry(stored, grant_id, amount)
@@ -232,7 +251,6 @@ async def create_sub_allocation(
         ):
             raise _reused()
         return str(stored["allocation_id"])
-    row = await lock_grant(conn, grant_id)
     grant = grant_state(row)
     if parent_id:
         parent_row = await conn.fetchrow(

@@ -165,11 +165,13 @@ class LedgerHandlers:
         reason = cv.text_in("reason", request.reason, limit=2000)
         now = datetime.now(UTC)
         async with self.app.database().transaction() as conn:
+            row = await budget.lock_grant(conn, grant_id)
+            # Read after the lock, so that a retry racing the first request waits for it to
+            # commit and then returns its result instead of finding the grant supplemented.
             stored = await budget.existing_entry(conn, key)
             if stored is not None:
                 budget.check_same_entry(stored, grant_id, amount)
             else:
-                row = await budget.lock_grant(conn, grant_id)
                 check_supplement(
                     Tier(row["tier"]), amount, row["supplemented"], self.app.settings.tier_limits()
                 )

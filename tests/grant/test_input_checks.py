@@ -189,6 +189,74 @@ async def test_sub_allocation_request_id_scoped(grant_service: RunningGrant) -> 
     assert balance.delegated_pf_days.value == "1"
 
 
+async def outcomes(calls: list[Any]) -> list[str]:
+    """Await calls at once and return each one's status code name, "OK" for a success."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    names = []
+    for result in results:
+        if isinstance(result, grpc.aio.AioRpcError):
+            names.append(result.code().name)
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            names.append("OK")
+    return names
+
+
+@pytest.mark.timeout(120)
+async def test_racing_retries_return_first(grant_service: RunningGrant) -> None:
+    """Copies of one request sent at once all get the first one's result."""
+    alice = grant_service.stub("alice", ["pi"], "uni-a")
+    office = grant_service.stub("office", ["program_office"])
+    grant_id = await standard_grant(grant_service, "100")
+    create = grant_pb2.CreateSubAllocationRequest(
+        request_id="sub-race", grant_id=grant_id, holder="bob", amount_pf_days=dec("1")
+    )
+    created = await asyncio.gather(*(alice.CreateSubAllocation(create) for _ in range(6)))
+    assert len({c.sub_allocation_id for c in created}) == 1
+    supplement = grant_pb2.SupplementGrantRequest(
+        request_id="supplement-race", grant_id=grant_id, amount_pf_days=dec("10"), reason="more"
+    )
+    supplemented = await asyncio.gather(*(office.SupplementGrant(supplement) for _ in range(6)))
+    assert {s.balance.credited_pf_days.value for s in supplemented} == {"110"}
+    balance = await alice.GetBalance(grant_pb2.GetBalanceRequest(grant_id=grant_id))
+    assert balance.delegated_pf_days.value == "1"
+    assert balance.credited_pf_days.value == "110"
+    assert balance.available_pf_days.value == "109"
+
+
+@pytest.mark.timeout(120)
+async def test_racing_key_reuse_named(grant_service: RunningGrant) -> None:
+    """One request id sent at once for two grants applies once and names request_id once."""
+    alice = grant_service.stub("alice", ["pi"], "uni-a")
+    office = grant_service.stub("office", ["program_office"])
+    grants = [await standard_grant(grant_service, "100") for _ in range(2)]
+
+    def create(grant_id: str) -> Any:
+        return alice.CreateSubAllocation(
+            grant_pb2.CreateSubAllocationRequest(
+                request_id="sub-shared", grant_id=grant_id, holder="bob", amount_pf_days=dec("1")
+            )
+        )
+
+    def supplement(grant_id: str) -> Any:
+        return office.SupplementGrant(
+            grant_pb2.SupplementGrantRequest(
+                request_id="supplement-shared",
+                grant_id=grant_id,
+                amount_pf_days=dec("10"),
+                reason="more",
+            )
+        )
+
+    for make in (create, supplement):
+        assert sorted(await outcomes([make(g) for g in grants])) == ["FAILED_PRECONDITION", "OK"]
+    summary = await office.GetLedgerSummary(grant_pb2.GetLedgerSummaryRequest())
+    # Two awards, one transfer and one supplement.
+    assert summary.entry_count == 4
+    assert summary.postings_sum_pf_days.value == "0"
+
+
 @pytest.mark.timeout(120)
 async def test_exploratory_limit_per_project(grant_service: RunningGrant) -> None:
     alice = grant_service.stub("alice", ["pi"], "uni-a")
