@@ -10,6 +10,8 @@ from typing import Any
 
 import asyncpg
 
+from acsp.subjects import TOKEN_PATTERN
+
 from .providers import ProviderRecord, RegionRecord
 
 logger = logging.getLogger(__name__)
@@ -239,7 +241,12 @@ def decode_provider_page_token(token: str) -> str:
         raise ValueError(f"page_token {token!r} is malformed") from exc
     if not value.startswith(_PAGE_TOKEN_PREFIX):
         raise ValueError(f"page_token {token!r} is not a provider listing's token")
-    return value.removeprefix(_PAGE_TOKEN_PREFIX)
+    provider_id = value.removeprefix(_PAGE_TOKEN_PREFIX)
+    # A forged id reaches PostgreSQL as the bound of the next page, where a NUL character
+    # would fail as an internal error.
+    if not TOKEN_PATTERN.match(provider_id):
+        raise ValueError(f"page_token {token!r} is malformed")
+    return provider_id
 
 
 def _record_to_json(provider: ProviderRecord) -> dict[str, object]:
