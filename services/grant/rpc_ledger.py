@@ -24,6 +24,7 @@ from services.grant.app import (
 )
 from services.grant.constraints import OUTSIDE_CONSTRAINTS, OutsideConstraints
 from services.grant.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.grant.extension import extend_grant
 from services.grant.ledger import RequestRejected
 from services.grant.ledger_ops import (
     Cause,
@@ -35,7 +36,7 @@ from services.grant.ledger_ops import (
     ReleaseRequest,
 )
 from services.grant.ledger_state import allocation_pot_name, grant_pot_name, pot_from_row
-from services.grant.review_rules import Tier, check_supplement, check_validity
+from services.grant.review_rules import Tier, check_supplement
 from services.runtime.auth import Principal, current_principal
 from services.runtime.context import request_id
 from services.runtime.errors import ServiceError
@@ -184,37 +185,24 @@ class LedgerHandlers:
         self, request: grant_pb2.ExtendGrantRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Grant:
         principal = access.require_program_office("extend grants")
-        request_id_in(request.request_id)
+        key = scoped_key("extend", principal.subject, request_id_in(request.request_id))
         grant_id = reference_in("grant_id", request.grant_id)
         new_end = cv.time_in("new_end_time", request.new_end_time, request.HasField("new_end_time"))
         reason = cv.text_in("reason", request.reason, limit=2000)
         async with self.app.database().transaction() as conn:
-            row = await budget.lock_grant(conn, grant_id)
-            if row["expired"]:
-                raise FailedPrecondition(f"grant {grant_id} has expired", field="grant_id")
-            if new_end < row["ends_at"]:
-                raise InvalidArgument(
-                    "new_end_time",
-                    f"{new_end.isoformat()} is before the current end {row['ends_at'].isoformat()}",
-                    "an extension moves the end later",
-                )
-            check_validity(
-                row["starts_at"],
-                new_end,
-                datetime.now(UTC),
-                self.app.settings.max_validity_days,
-                "new_end_time",
-            )
-            await conn.execute(
-                "UPDATE grants SET ends_at = $2, expiring_notified = false WHERE id = $1",
+            moved = await extend_grant(
+                conn,
                 grant_id,
                 new_end,
+                key,
+                principal.subject,
+                reason,
+                now=datetime.now(UTC),
+                max_validity_days=self.app.settings.max_validity_days,
             )
-            detail = (
-                f"end moved from {row['ends_at'].isoformat()} to {new_end.isoformat()}: {reason}"
-            )
-            await budget.record_change(conn, grant_id, "extended", principal.subject, detail)
             view = await views.grant_view(conn, grant_id)
+        if not moved:
+            return cv.grant_out(view.row, view.institution_id, view.balance, datetime.now(UTC))
         log.info(
             "grant extended",
             extra={

@@ -452,6 +452,38 @@ async def test_extend_end_checked(grant_service: RunningGrant) -> None:
     assert after.validity.end_time == grant.validity.end_time
 
 
+@pytest.mark.timeout(120)
+async def test_extend_request_id_checked(grant_service: RunningGrant) -> None:
+    office = grant_service.stub("office", ["program_office"])
+    grant_id = await standard_grant(grant_service, "100")
+    grant = await office.GetGrant(grant_pb2.GetGrantRequest(grant_id=grant_id))
+    end = grant.validity.end_time.ToDatetime(tzinfo=UTC)
+
+    def extend(request_id: str, days: int) -> grant_pb2.ExtendGrantRequest:
+        message = grant_pb2.ExtendGrantRequest(
+            request_id=request_id, grant_id=grant_id, reason="delays"
+        )
+        message.new_end_time.FromDatetime(end + timedelta(days=days))
+        return message
+
+    async def current_end() -> datetime:
+        grant = await office.GetGrant(grant_pb2.GetGrantRequest(grant_id=grant_id))
+        return grant.validity.end_time.ToDatetime(tzinfo=UTC)
+
+    racing = await asyncio.gather(*(office.ExtendGrant(extend("extend-1", 10)) for _ in range(4)))
+    assert {g.validity.end_time.ToDatetime(tzinfo=UTC) for g in racing} == {
+        end + timedelta(days=10)
+    }
+    await office.ExtendGrant(extend("extend-2", 20))
+    # A late retry of the first extension succeeds and leaves the later end alone.
+    retried = await office.ExtendGrant(extend("extend-1", 10))
+    assert retried.validity.end_time.ToDatetime(tzinfo=UTC) == end + timedelta(days=20)
+    error = await rejected(office.ExtendGrant(extend("extend-1", 30)))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "request_id" in (error.details() or "")
+    assert await current_end() == end + timedelta(days=20)
+
+
 BAD_NAMES = {
     "bell": ("A\x07B", "control character U+0007"),
     "newline": ("A\nB", "control character U+000A"),
