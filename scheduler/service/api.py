@@ -260,7 +260,12 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         # caller may not read fails at once instead of staying silent.
         scope = await self._access.read_scope(principal, request.project_id)
         if request.job_id:
-            await self._visible_job(principal, request.job_id)
+            try:
+                await self._visible_job(principal, request.job_id)
+            except NotFound:
+                # A job array's parent id, as GetJob and CancelJob take it, watches its elements.
+                if not await self._visible_array(principal, request.job_id):
+                    raise
             # A job the caller may read is watched even when another member submitted it.
             scope = ReadScope(scope.project_id)
         watcher = leader.watchers.subscribe(request.job_id, request.project_id)
@@ -332,7 +337,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> list[Job]:
         if request.job_id:
             job = await self._lead.store.get_job(request.job_id)
-            return [job] if job is not None and scope.matches(job) else []
+            found = [job] if job is not None else await self._lead.store.array_jobs(request.job_id)
+            return [job for job in found if scope.matches(job)]
         filters = JobFilter(
             ("pending", "starting", "running", "stopping"), scope.project_id, "", scope.owner
         )

@@ -26,7 +26,9 @@ class Watcher:
     overflowed: bool = False
 
     def matches(self, job: Job) -> bool:
-        if self.job_id and job.job_id != self.job_id:
+        # A job array's parent id matches its elements. Array ids are drawn like job ids, so
+        # no single job has an id equal to an array's id.
+        if self.job_id and self.job_id not in (job.job_id, job.array_id):
             return False
         return not self.project_id or job.spec.project_id == self.project_id
 
