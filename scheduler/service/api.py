@@ -268,7 +268,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
                     raise
             # A job the caller may read is watched even when another member submitted it.
             scope = ReadScope(scope.project_id)
-        watcher = leader.watchers.subscribe(request.job_id, request.project_id)
+        watcher = leader.watchers.subscribe(request.job_id, request.project_id, principal.subject)
         try:
             if request.send_initial:
                 for initial in await self._initial(request, scope):

@@ -6,10 +6,25 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Final
+
+import grpc
+
+from services.runtime.errors import CallerError
 
 from .model import Job
 
 logger = logging.getLogger(__name__)
+
+MAX_WATCHES_PER_CALLER: Final = 64
+"""Streams one caller may hold open. Every stream takes one of the server's concurrent calls
+(ACSP_GRPC_MAX_CONCURRENT_RPCS, 1000 by default), so one caller cannot starve the others."""
+
+
+class TooManyWatches(CallerError):
+    """A caller already holds the maximum number of open watches."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class WatchOverflow(Exception):
@@ -22,6 +37,8 @@ class Watcher:
 
     job_id: str
     project_id: str
+    subject: str = ""
+    """The caller that opened the stream."""
     queue: asyncio.Queue[Job | None] = field(default_factory=lambda: asyncio.Queue(1024))
     overflowed: bool = False
 
@@ -49,12 +66,23 @@ class Watcher:
 class WatchHub:
     """Registry of watchers; :meth:`publish` never blocks the scheduling loop."""
 
-    def __init__(self, queue_size: int = 1024) -> None:
+    def __init__(
+        self, queue_size: int = 1024, max_per_caller: int = MAX_WATCHES_PER_CALLER
+    ) -> None:
         self._watchers: set[Watcher] = set()
         self._queue_size = queue_size
+        self._max_per_caller = max_per_caller
 
-    def subscribe(self, job_id: str = "", project_id: str = "") -> Watcher:
-        watcher = Watcher(job_id, project_id, asyncio.Queue(self._queue_size))
+    def subscribe(self, job_id: str = "", project_id: str = "", subject: str = "") -> Watcher:
+        """Register a watcher; raise :class:`TooManyWatches` past the caller's limit."""
+        open_count = sum(1 for watcher in self._watchers if watcher.subject == subject)
+        if open_count >= self._max_per_caller:
+            logger.warning("rejected a watch by %r, who holds %d open", subject, open_count)
+            raise TooManyWatches(
+                f"{subject!r} already holds {open_count} open WatchJobs streams, the maximum; "
+                "close one, or watch a whole project with project_id instead of single jobs"
+            )
+        watcher = Watcher(job_id, project_id, subject, asyncio.Queue(self._queue_size))
         self._watchers.add(watcher)
         return watcher
 

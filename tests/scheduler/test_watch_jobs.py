@@ -1,4 +1,5 @@
-"""WatchJobs streams: what a watch of a job array's parent id sends, and who may open one."""
+"""WatchJobs streams: what a watch of a job array's parent id sends, who may open one, and
+how many one caller may hold."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import grpc
 import pytest
 
 from acsp.v1 import scheduler_pb2
+from scheduler.service.watch import TooManyWatches, WatchHub
 from services.runtime.auth import Role
 
 from .harness import Stack, fund_grant, metadata, scheduler_stub
@@ -70,3 +72,17 @@ async def test_array_parent_watch_streams_elements(stack: Stack) -> None:
     assert {job.array_job_id for job in initial} == {parent_id}
     assert cancelled == set(submitted.array_job_ids)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_watches_limited_per_caller() -> None:
+    hub = WatchHub(max_per_caller=2)
+    first = hub.subscribe(subject="alice")
+    hub.subscribe(subject="alice")
+    with pytest.raises(TooManyWatches) as error:
+        hub.subscribe(subject="alice")
+    hub.subscribe(subject="bob")
+    hub.unsubscribe(first)
+    hub.subscribe(subject="alice")
+
+    assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "'alice' already holds 2 open WatchJobs streams" in error.value.message
