@@ -1,9 +1,10 @@
 """Writing usage samples to PostgreSQL exactly once.
 
 One batch is one transaction: the samples are copied into a session-local staging table with
-COPY, moved into ``usage_samples`` with ``ON CONFLICT (sample_id) DO NOTHING`` and the rows
-that were new are added to ``usage_periods`` in the same statement. The primary key on the
-sample id, not the message bus, is what recognises a replay, however late it comes.
+COPY, moved into ``usage_samples`` with ``ON CONFLICT (provider, sample_id) DO NOTHING`` and
+the rows that were new are added to ``usage_periods`` in the same statement. The primary key on
+the provider and the sample id, not the message bus, is what recognises a replay, however late
+it comes. The provider comes from the subject, which only that provider may publish on.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ WITH inserted AS (
            'epoch'::timestamptz + (start_us - start_us % $1) * interval '1 microsecond',
            stream_sequence, $2
     FROM usage_staging
-    ON CONFLICT (sample_id) DO NOTHING
+    ON CONFLICT (provider, sample_id) DO NOTHING
     RETURNING job_id, attempt, period_start, provider, region, accelerator_model,
               accelerator_micros, utilization
 ), grouped AS (
@@ -103,7 +104,7 @@ async def write_batch(
     received_at: datetime,
 ) -> BatchResult:
     """Store one batch of samples and rejections in one transaction."""
-    unique = list({sample.sample_id: sample for sample in samples}.values())
+    unique = list({(sample.provider, sample.sample_id): sample for sample in samples}.values())
     inserted = 0
     async with conn.transaction():
         if unique:

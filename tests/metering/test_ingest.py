@@ -166,6 +166,32 @@ async def test_sample_for_other_providers_node_rejected(
     assert "belongs to provider 'prov-a'" in reason
 
 
+async def test_other_providers_sample_id_kept(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    """A provider that copies another's sample id does not make ingest drop that sample."""
+    taken = "prov-a.r1.node-1/7"
+    async with running_ingest(nats_url, db) as (js, ingest):
+        forged = report([sample(taken, "job-b", T0)], provider="prov-b", node="node-9")
+        await js.publish(usage_subject("prov-b", "r1", "node-9"), forged)
+        await wait_until(lambda: _messages_done(ingest, 1))
+        await js.publish(SUBJECT, report([sample(taken, "job-a", T0)]))
+        await wait_until(lambda: _messages_done(ingest, 2))
+        # A replay of provider a's sample is still recognised.
+        await js.publish(SUBJECT, report([sample(taken, "job-a", T0)]))
+        await wait_until(lambda: _messages_done(ingest, 3))
+    assert ingest.counters.inserted == 2
+    assert ingest.counters.duplicates == 1
+    async with db.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT provider, job_id FROM metering.usage_samples ORDER BY provider"
+        )
+    assert [(r["provider"], r["job_id"]) for r in rows] == [
+        ("prov-a", "job-a"),
+        ("prov-b", "job-b"),
+    ]
+
+
 async def test_job_ending_on_period_boundary_charged_once(
     nats_url: str, db: Database, ledger: LedgerDouble
 ) -> None:
