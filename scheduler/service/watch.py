@@ -17,12 +17,12 @@ from .model import Job
 logger = logging.getLogger(__name__)
 
 MAX_WATCHES_PER_CALLER: Final = 64
-"""Streams one caller may hold open. Every stream takes one of the server's concurrent calls
-(ACSP_GRPC_MAX_CONCURRENT_RPCS, 1000 by default), so one caller cannot starve the others."""
+"""Streams one caller may have open. Every stream takes one of the server's concurrent calls
+(ACSP_GRPC_MAX_CONCURRENT_RPCS, 1000 by default), so one caller cannot take them all."""
 
 
 class TooManyWatches(CallerError):
-    """A caller already holds the maximum number of open watches."""
+    """A caller already has the maximum number of open watches."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -77,9 +77,8 @@ class WatchHub:
         """Register a watcher; raise :class:`TooManyWatches` past the caller's limit."""
         open_count = sum(1 for watcher in self._watchers if watcher.subject == subject)
         if open_count >= self._max_per_caller:
-            logger.warning("rejected a watch by %r, who holds %d open", subject, open_count)
             raise TooManyWatches(
-                f"{subject!r} already holds {open_count} open WatchJobs streams, the maximum; "
+                f"{subject!r} already has {open_count} open WatchJobs streams, the maximum; "
                 "close one, or watch a whole project with project_id instead of single jobs"
             )
         watcher = Watcher(job_id, project_id, subject, asyncio.Queue(self._queue_size))

@@ -1,5 +1,5 @@
 """WatchJobs streams: what a watch of a job array's parent id sends, who may open one, and
-how many one caller may hold."""
+how many one caller may have open."""
 
 from __future__ import annotations
 
@@ -85,4 +85,4 @@ def test_watches_limited_per_caller() -> None:
     hub.subscribe(subject="alice")
 
     assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "'alice' already holds 2 open WatchJobs streams" in error.value.message
+    assert "'alice' already has 2 open WatchJobs streams" in error.value.message
