@@ -79,12 +79,24 @@ MAX_BIGINT = 2**63 - 1
 """Largest ledger entry id, PostgreSQL's ``bigint``."""
 
 
-def _hold_in(item: grant_pb2.PlaceHoldRequest, cause: Cause, prefix: str) -> HoldRequest:
-    """Convert one hold of a PlaceHolds call, naming its fields under ``prefix``."""
-    if not item.grant_id and not item.project_id:
+def _check_payer(prefix: str, grant_id: str, project_id: str, sub_allocation_id: str) -> None:
+    """Raise InvalidArgument unless the request names a grant, or a project without a
+    sub-allocation, because a sub-allocation draws on one grant that the caller must name."""
+    if not grant_id and not project_id:
         raise InvalidArgument(
             f"{prefix}grant_id", "and project_id are both missing", "name the grant or the project"
         )
+    if sub_allocation_id and not grant_id:
+        raise InvalidArgument(
+            f"{prefix}grant_id",
+            f"is missing, but sub_allocation_id {sub_allocation_id!r} names a part of one grant",
+            "name the grant that the sub-allocation belongs to",
+        )
+
+
+def _hold_in(item: grant_pb2.PlaceHoldRequest, cause: Cause, prefix: str) -> HoldRequest:
+    """Convert one hold of a PlaceHolds call, naming its fields under ``prefix``."""
+    _check_payer(prefix, item.grant_id, item.project_id, item.sub_allocation_id)
     return HoldRequest(
         key=request_id_in(item.request_id, f"{prefix}request_id"),
         grant_id=item.grant_id or None,
@@ -279,6 +291,7 @@ class LedgerHandlers:
         self, request: grant_pb2.CheckFundsRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.CheckFundsResponse:
         amount = cv.amount_in("amount_pf_days", request.amount_pf_days)
+        _check_payer("", request.grant_id, request.project_id, request.sub_allocation_id)
         now = datetime.now(UTC)
         async with self.app.database().acquire() as conn:
             if request.grant_id:
@@ -329,10 +342,7 @@ class LedgerHandlers:
         key = request_id_in(request.request_id)
         amount = cv.amount_in("amount_pf_days", request.amount_pf_days)
         job_id = cv.text_in("job_id", request.job_id)
-        if not request.grant_id and not request.project_id:
-            raise InvalidArgument(
-                "grant_id", "and project_id are both missing", "name the grant or the project"
-            )
+        _check_payer("", request.grant_id, request.project_id, request.sub_allocation_id)
         if not request.grant_id:
             async with self.app.database().acquire() as conn:
                 if (

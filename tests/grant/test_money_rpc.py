@@ -125,3 +125,41 @@ async def test_check_funds_reports_shortfall(schema: str, tmp_path: Path) -> Non
     assert by_project.sufficient is True
     assert by_project.grant_id == grant_id
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_sub_allocation_needs_its_grant(schema: str, tmp_path: Path) -> None:
+    """A hold or check that names a sub-allocation but no grant is rejected, naming grant_id."""
+    async with running_grant(schema, tmp_path) as svc:
+        await setup_project(svc)
+        grant_id = await standard_grant(svc, "100")
+        alice = svc.stub("alice", ["pi"], "uni-a")
+        scheduler = svc.stub("scheduler", ["service"])
+        delegated = await alice.CreateSubAllocation(
+            grant_pb2.CreateSubAllocationRequest(
+                request_id="sub-bob", grant_id=grant_id, holder="bob", amount_pf_days=dec("90")
+            )
+        )
+        sub_id = delegated.sub_allocation_id
+        by_project = hold_request("", "50")
+        by_project.project_id = "proj-a"
+        by_project.sub_allocation_id = sub_id
+        with pytest.raises(grpc.aio.AioRpcError) as single:
+            await scheduler.PlaceHold(by_project)
+        batch = await scheduler.PlaceHolds(grant_pb2.PlaceHoldsRequest(holds=[by_project]))
+        with pytest.raises(grpc.aio.AioRpcError) as check:
+            await scheduler.CheckFunds(
+                grant_pb2.CheckFundsRequest(
+                    project_id="proj-a", sub_allocation_id=sub_id, amount_pf_days=dec("50")
+                )
+            )
+        by_grant = hold_request(grant_id, "50")
+        by_grant.sub_allocation_id = sub_id
+        placed = await scheduler.PlaceHold(by_grant)
+        balance = await alice.GetBalance(grant_pb2.GetBalanceRequest(grant_id=grant_id))
+    for error in (single.value, check.value):
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "grant_id: is missing" in (error.details() or "")
+    assert batch.results[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "holds[0].grant_id: is missing" in batch.results[0].message
+    assert placed.sub_allocation_id == sub_id
+    assert balance.held_pf_days.value == "50"
