@@ -540,7 +540,9 @@ def register(subparsers: Any) -> None:
 
     p = command("review", run_review, "submit your review of an application")
     p.add_argument("application")
-    p.add_argument("--score", type=int, required=True, help="1 (poor) to 5 (excellent)")
+    p.add_argument(
+        "--score", type=whole_number(1, 5), required=True, help="1 (poor) to 5 (excellent)"
+    )
     p.add_argument("--comments", required=True)
     idempotent(p)
 

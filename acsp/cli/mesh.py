@@ -23,6 +23,7 @@ from acsp.cli._common import (
     output_options,
     positive_seconds,
     print_records,
+    whole_number,
 )
 from acsp.mesh.credentials import mint_token
 from acsp.mesh.endpoints import (
@@ -69,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     up.add_argument(
         "--agents",
-        type=int,
+        type=whole_number(0),
         default=4,
         help="simulated nodes in the fleet; 0 for none (default: 4)",
     )
@@ -81,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     up.add_argument(
         "--start-timeout",
-        type=float,
+        type=positive_seconds,
         default=60.0,
         metavar="SECONDS",
         help="seconds for every service to report SERVING (default: 60)",
@@ -135,12 +136,6 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    if args.agents < 0:
-        raise CommandError(f"--agents must be 0 or more, got {args.agents}", EXIT_USAGE)
-    if args.start_timeout <= 0:
-        raise CommandError(
-            f"--start-timeout must be positive, got {args.start_timeout}", EXIT_USAGE
-        )
     # The supervisor reports its progress at INFO unless -v asked for more.
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)

@@ -35,6 +35,8 @@ GROUPINGS = {
     "region": metering_pb2.USAGE_GROUPING_REGION,
     "model": metering_pb2.USAGE_GROUPING_MODEL,
 }
+MAX_PAGE_SIZE = 1000
+"""Maximum rows of one metering list call; the service rejects larger pages."""
 MAX_PAGES = 10_000
 """Upper bound on pages fetched by --all, so a server bug cannot loop forever."""
 
@@ -351,7 +353,12 @@ def register(subparsers: Any) -> None:
         parser.add_argument("--to", dest="end", required=True, help="end time (exclusive)")
 
     def paged(parser: Any) -> None:
-        parser.add_argument("--page-size", type=whole_number(1), default=100, help="rows per page")
+        parser.add_argument(
+            "--page-size",
+            type=whole_number(1, MAX_PAGE_SIZE),
+            default=100,
+            help=f"rows per page, at most {MAX_PAGE_SIZE} (default: 100)",
+        )
         parser.add_argument("--all", action="store_true", help="fetch every page")
 
     p = command("query", run_query, "usage grouped over a time range")

@@ -31,6 +31,13 @@ from acsp.v1 import common_pb2, metering_pb2
         (["token", "--role", "pi", "--subject", "a", "--ttl", "99999999999999"], "--ttl"),
         (["token", "--role", "pi", "--subject", "a", "--ttl", "inf"], "--ttl"),
         (["token", "--role", "pi", "--subject", "a", "--ttl", "nan"], "--ttl"),
+        (
+            ["grants", "review", "app-1", "--score", "99999999999999999999", "--comments", "c"],
+            "--score",
+        ),
+        (["grants", "review", "app-1", "--score", "-1", "--comments", "c"], "--score"),
+        (["grants", "review", "app-1", "--score", "6", "--comments", "c"], "--score"),
+        (["usage", "charges", "--page-size", "1001"], "--page-size"),
     ],
 )
 def test_out_of_range_option_exits_2_naming_it(
@@ -42,6 +49,26 @@ def test_out_of_range_option_exits_2_naming_it(
     err = capsys.readouterr().err
     assert f"argument {option}:" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["up", "--agents", "-1"], "--agents"),
+        (["up", "--agents", "many"], "--agents"),
+        (["up", "--start-timeout", "0"], "--start-timeout"),
+        (["up", "--start-timeout", "nan"], "--start-timeout"),
+        (["up", "--start-timeout", "inf"], "--start-timeout"),
+    ],
+)
+def test_up_rejects_bad_option_before_start(
+    argv: list[str], option: str, capsys: pytest.CaptureFixture[str]
+):
+    # Parse only: a value that got past the parser would start a mesh.
+    with pytest.raises(SystemExit) as exit_info:
+        main.build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {option}:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text", ["nan", "inf", "-1", "0", "0.0001", "1.5", "1e30", "abc"])
