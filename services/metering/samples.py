@@ -20,6 +20,10 @@ from acsp.v1 import agent_pb2
 from services.metering.ratecard import EXACT, SECONDS_QUANTUM
 
 MAX_ID_LENGTH: Final = 256
+MAX_SECONDS_DIGITS: Final = 12
+"""Integer digits of accelerator-seconds that ingest parses. A 24 h interval holds at most 86,400
+accelerator-seconds, and the bound keeps ``int()`` below the 4,300-digit default limit on
+converting a string that CPython has applied since 3.11."""
 MAX_INTERVAL_NS: Final = 24 * 3600 * 1_000_000_000
 """Maximum interval one sample may cover (24 h); agents report every few seconds."""
 MAX_CLOCK_SKEW: Final = timedelta(minutes=10)
@@ -254,7 +258,8 @@ def _convert(
 def _check_accelerator_seconds(text: str, interval_ns: int, share_millis: int) -> int:
     """Parse accelerator-seconds into accelerator-microseconds, checked against the interval."""
     whole, dot, fraction = text.partition(".")
-    if _digits(whole) and (not dot or (_digits(fraction) and len(fraction) <= 6)):
+    fast = len(whole) <= MAX_SECONDS_DIGITS and _digits(whole)
+    if fast and (not dot or (_digits(fraction) and len(fraction) <= 6)):
         micros = int(whole) * 1_000_000 + (int(fraction.ljust(6, "0")) if dot else 0)
     else:
         micros = _parse_unusual_seconds(text)
@@ -274,15 +279,22 @@ def _parse_unusual_seconds(text: str) -> int:
     """Parse forms the fast path skips (exponent, sign, trailing zeros past 6 places)."""
     try:
         value = Decimal(text)
+    except InvalidOperation:
+        raise InvalidSample(f"accelerator_seconds {text!r} is not a decimal number") from None
+    if not value.is_finite():
+        raise InvalidSample(f"accelerator_seconds {text!r} is not a finite number")
+    if value.adjusted() >= MAX_SECONDS_DIGITS:
+        # Checked before quantize, which fails on a value of more digits than EXACT holds.
+        raise InvalidSample(
+            f"accelerator_seconds {text[:40]!r} has more than {MAX_SECONDS_DIGITS} integer "
+            "digits, far more than any 24 h interval"
+        )
+    try:
         exact = value.quantize(SECONDS_QUANTUM, context=EXACT)
     except Inexact:
         raise InvalidSample(
             f"accelerator_seconds {text!r} has more than 6 decimal places"
         ) from None
-    except InvalidOperation:
-        raise InvalidSample(f"accelerator_seconds {text!r} is not a decimal number") from None
-    if not exact.is_finite():
-        raise InvalidSample(f"accelerator_seconds {text!r} is not a finite number")
     return int(exact.scaleb(6))
 
 

@@ -153,6 +153,27 @@ def test_invalid_sample_rejected_with_reason(field: str, value: object, reason: 
     assert reason in rejected[0].reason
 
 
+@pytest.mark.parametrize(
+    ("seconds", "reason"),
+    [
+        ("9" * 5000, "more than 12 integer digits"),
+        ("9" * 5000 + ".5", "more than 12 integer digits"),
+        ("1e5000", "more than 12 integer digits"),
+        ("-1e5000", "more than 12 integer digits"),
+        ("1e-5000", "more than 6 decimal places"),
+    ],
+)
+def test_huge_seconds_reject_only_their_sample(seconds: str, reason: str) -> None:
+    item = sample("s1", "job-1", T0)
+    item.accelerator_seconds.value = seconds
+    accepted, rejected = _decode(item, sample("s2", "job-1", T0))
+    assert [s.sample_id for s in accepted] == ["s2"]
+    assert len(rejected) == 1
+    assert rejected[0].sample_id == "s1"
+    assert "accelerator_seconds" in rejected[0].reason
+    assert reason in rejected[0].reason
+
+
 def test_superscript_seconds_rejected() -> None:
     item = sample("s1", "job-1", T0)
     item.accelerator_seconds.value = "\u00b2"
