@@ -34,6 +34,7 @@ from .model import utc_text
 from .pledges import (
     PledgeStore,
     RecallRecord,
+    RequestReused,
     pledge_from_proto,
     pledge_to_proto,
     recall_to_proto,
@@ -173,16 +174,19 @@ class FleetRpcs(ProviderRpcs):
         self, request: scheduler_pb2.SetPledgeRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.Pledge:
         _require_operator_of(request.pledge.provider_id)
-        pledge, violations = pledge_from_proto(request.pledge)
+        pledge, violations = pledge_from_proto(request.pledge, request.request_id)
         if violations:
             raise InvalidFields(violations)
         leader = self._lead.require()
         await self._check_registered_region(leader, pledge.provider, pledge.region)
         cause = f"rpc:SetPledge:{request.request_id or request_id() or ''}"
+        created = not request.pledge.pledge_id
         try:
-            stored = await self._pledges.upsert(pledge, cause)
+            stored = await self._pledges.upsert(pledge, cause, created)
         except LookupError as exc:
             raise FailedPrecondition(str(exc), "pledge.recallable_count") from None
+        except RequestReused as exc:
+            raise FailedPrecondition(f"{exc} {_REUSED_FIX}", "request_id") from None
         if not stored:
             raise InvalidArgument(
                 "pledge.pledge_id",
@@ -268,6 +272,8 @@ class FleetRpcs(ProviderRpcs):
             recall, pledge = await self._pledges.add_recall(recall, request.request_id or None)
         except KeyError:
             raise NotFound("pledge", wanted.pledge_id) from None
+        except RequestReused as exc:
+            raise FailedPrecondition(f"{exc} {_REUSED_FIX}", "request_id") from None
         except LookupError as exc:
             raise FailedPrecondition(str(exc), "recall.count") from None
         await leader.inbox.put(RecallAdded(recall, pledge))
@@ -279,6 +285,11 @@ class FleetRpcs(ProviderRpcs):
         current_principal()
         recalls = await self._pledges.recalls(request.provider_id)
         return scheduler_pb2.ListRecallsResponse(recalls=[recall_to_proto(r) for r in recalls])
+
+
+_REUSED_FIX: Final = (
+    "with other values; repeat that request unchanged to get its result, or use a new request_id"
+)
 
 
 def _require_operator_of(provider: str) -> Principal:

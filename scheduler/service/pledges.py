@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import asyncpg
@@ -38,8 +39,26 @@ class RecallRecord:
     reason: str
 
 
-def pledge_from_proto(msg: scheduler_pb2.Pledge) -> tuple[PledgeRecord, list[FieldViolation]]:
-    """Convert a requested pledge; a new one (empty id) gets a fresh id."""
+class RequestReused(Exception):
+    """A request id was used before for a pledge or recall with other values."""
+
+
+def new_pledge_id(provider: str, request_id: str) -> str:
+    """Return the id of a pledge that SetPledge creates.
+
+    With a request id the pledge id is derived from it and the provider, so a retried call
+    finds the pledge its first call created instead of adding a second one.
+    """
+    if not request_id:
+        return f"pl-{uuid.uuid4().hex[:16]}"
+    digest = hashlib.sha256(f"{len(provider)}:{provider}/{request_id}".encode()).hexdigest()
+    return f"pl-{digest[:16]}"
+
+
+def pledge_from_proto(
+    msg: scheduler_pb2.Pledge, request_id: str = ""
+) -> tuple[PledgeRecord, list[FieldViolation]]:
+    """Convert a requested pledge; a new one (empty id) gets :func:`new_pledge_id`."""
     bad: list[FieldViolation] = []
     for name, value in (
         ("pledge.provider_id", msg.provider_id),
@@ -59,7 +78,7 @@ def pledge_from_proto(msg: scheduler_pb2.Pledge) -> tuple[PledgeRecord, list[Fie
     if msg.protected_count + msg.recallable_count == 0:
         bad.append(FieldViolation("pledge", "pledges no accelerators; set a count above 0"))
     pledge = PledgeRecord(
-        pledge_id=msg.pledge_id or f"pl-{uuid.uuid4().hex[:16]}",
+        pledge_id=msg.pledge_id or new_pledge_id(msg.provider_id, request_id),
         provider=msg.provider_id,
         region=msg.region_id,
         model=msg.model,
@@ -103,19 +122,29 @@ class PledgeStore:
         self._pool = pool
         self._timeout = timeout_s
 
-    async def upsert(self, pledge: PledgeRecord, cause: str) -> bool:
+    async def upsert(self, pledge: PledgeRecord, cause: str, created: bool = False) -> bool:
         """Create or replace a pledge; return False if its id names another pool.
 
-        Raises ``LookupError`` if the pledge would fall below what recalls already took.
+        ``created`` marks a pledge that the request creates. Its id was derived from the
+        request id, so a stored row with that id comes from an earlier call. The same values
+        leave it as it is, and other values raise :class:`RequestReused`. Raises
+        ``LookupError`` if the pledge would fall below what recalls already took.
         """
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             row = await conn.fetchrow(
-                "SELECT provider, region, model FROM scheduler.pledges WHERE pledge_id = $1"
-                " FOR UPDATE",
+                f"SELECT {_PLEDGE_COLUMNS} FROM scheduler.pledges WHERE pledge_id = $1 FOR UPDATE",
                 pledge.pledge_id,
                 timeout=self._timeout,
             )
-            if row is not None and tuple(row) != (pledge.provider, pledge.region, pledge.model):
+            if row is not None and created:
+                if _same_pledge(_pledge_from_row(row), pledge):
+                    return True
+                raise RequestReused(f"was used before for pledge {pledge.pledge_id}")
+            if row is not None and (row["provider"], row["region"], row["model"]) != (
+                pledge.provider,
+                pledge.region,
+                pledge.model,
+            ):
                 return False
             recalled = await self._recalled(conn, pledge.pledge_id)
             if recalled > pledge.recallable:
@@ -157,6 +186,10 @@ class PledgeStore:
                 )
                 if existing is not None:
                     earlier = _recall_from_row(existing)
+                    # The check also keeps one provider's recall from another provider
+                    # that happens to send the same request id.
+                    if not _same_recall(earlier, recall):
+                        raise RequestReused("was used before for another recall")
                     return earlier, await self._pledge(conn, earlier.pledge_id)
             pledge = await self._pledge(conn, recall.pledge_id, lock=True)
             left = pledge.recallable - await self._recalled(conn, pledge.pledge_id)
@@ -252,6 +285,30 @@ def _recall_from_row(row: asyncpg.Record) -> RecallRecord:
         ends.timestamp() if ends is not None else None,
         row["reason"],
     )
+
+
+def _same_pledge(stored: PledgeRecord, requested: PledgeRecord) -> bool:
+    # PostgreSQL keeps timestamps to the microsecond.
+    return replace(stored, start=0.0, end=0.0) == replace(
+        requested, start=0.0, end=0.0
+    ) and _same_times((stored.start, stored.end), (requested.start, requested.end))
+
+
+def _same_recall(stored: RecallRecord, requested: RecallRecord) -> bool:
+    same_fields = (stored.pledge_id, stored.count, stored.reason) == (
+        requested.pledge_id,
+        requested.count,
+        requested.reason,
+    )
+    if not same_fields or (stored.end is None) != (requested.end is None):
+        return False
+    return _same_times(
+        (stored.effective_at, stored.end or 0.0), (requested.effective_at, requested.end or 0.0)
+    )
+
+
+def _same_times(stored: tuple[float, ...], requested: tuple[float, ...]) -> bool:
+    return all(abs(a - b) < 1e-6 for a, b in zip(stored, requested, strict=True))
 
 
 def _seconds(stamp: Timestamp) -> float:
