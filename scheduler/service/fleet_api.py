@@ -38,6 +38,7 @@ from .pledges import (
     pledge_from_proto,
     pledge_to_proto,
     recall_to_proto,
+    timestamp_problem,
 )
 from .provider_api import ProviderRpcs
 
@@ -243,6 +244,10 @@ class FleetRpcs(ProviderRpcs):
             raise InvalidArgument(
                 "recall.effective_time", "is missing", "set when the capacity must be free"
             )
+        for name in ("effective_time", "end_time"):
+            problem = timestamp_problem(getattr(wanted, name))
+            if problem:
+                raise InvalidArgument(f"recall.{name}", problem, "pass a time within that range")
         effective = wanted.effective_time.ToNanoseconds() / 1e9
         if effective < time.time() - RECALL_PAST_LEEWAY_S:
             raise InvalidArgument(

@@ -6,6 +6,7 @@ import hashlib
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Final
 
 import asyncpg
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -37,6 +38,23 @@ class RecallRecord:
     effective_at: float
     end: float | None
     reason: str
+
+
+MAX_PLEDGE_ACCELERATORS: Final = 1_000_000
+"""Largest protected or recallable count of one pledge. It is far above any one region's
+fleet and keeps the counts within the database's 32-bit integer columns."""
+
+
+def timestamp_problem(stamp: Timestamp) -> str:
+    """Return why ``stamp`` is not a valid protobuf Timestamp, or an empty string."""
+    try:
+        stamp.ToNanoseconds()
+    except ValueError:
+        return (
+            f"has seconds={stamp.seconds} nanos={stamp.nanos}, outside the Timestamp range "
+            "of years 1 to 9999"
+        )
+    return ""
 
 
 class RequestReused(Exception):
@@ -71,6 +89,20 @@ def pledge_from_proto(
         bad.append(FieldViolation("pledge.model", f"{msg.model!r} is not in the catalog"))
     if not msg.window.HasField("start_time") or not msg.window.HasField("end_time"):
         bad.append(FieldViolation("pledge.window", "needs both start_time and end_time"))
+    for name, stamp in (("start_time", msg.window.start_time), ("end_time", msg.window.end_time)):
+        problem = timestamp_problem(stamp)
+        if problem:
+            bad.append(FieldViolation(f"pledge.window.{name}", problem))
+    for name, count in (
+        ("protected_count", msg.protected_count),
+        ("recallable_count", msg.recallable_count),
+    ):
+        if count > MAX_PLEDGE_ACCELERATORS:
+            bad.append(
+                FieldViolation(
+                    f"pledge.{name}", f"is {count}; use at most {MAX_PLEDGE_ACCELERATORS}"
+                )
+            )
     start = _seconds(msg.window.start_time)
     end = _seconds(msg.window.end_time)
     if msg.window.HasField("end_time") and end <= start:

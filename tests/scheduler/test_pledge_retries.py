@@ -1,5 +1,6 @@
 """A repeated SetPledge or RecallCapacity request id returns what its first call made, and
-a request id reused with other values, or by another provider, is rejected."""
+a request id reused with other values, or by another provider, is rejected. So is a recall
+time outside the Timestamp range."""
 
 from __future__ import annotations
 
@@ -94,6 +95,10 @@ async def test_pledge_and_recall_request_ids(stack: Stack) -> None:
             await recall("recall-1", recall_of(pledge_a.pledge_id, 2), first)
         with pytest.raises(grpc.aio.AioRpcError) as other_provider:
             await recall("recall-1", recall_of(pledge_b.pledge_id, 2), second)
+        far_future = recall_of(pledge_a.pledge_id, 1)
+        far_future.effective_time.seconds = 2**62
+        with pytest.raises(grpc.aio.AioRpcError) as out_of_range:
+            await recall("recall-2", far_future, first)
         pledges = await scheduler.ListPledges(
             scheduler_pb2.ListPledgesRequest(provider_id="pa"), metadata=first, timeout=10
         )
@@ -112,3 +117,5 @@ async def test_pledge_and_recall_request_ids(stack: Stack) -> None:
     assert other_provider.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert recall_a.recall_id not in (other_provider.value.details() or "")
     assert list(recalls_b.recalls) == []
+    assert out_of_range.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "recall.effective_time" in (out_of_range.value.details() or "")

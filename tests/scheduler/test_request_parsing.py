@@ -1,4 +1,5 @@
-"""Parsing of request fields that a client may forge: page tokens and enum numbers."""
+"""Parsing of request fields that a client may forge: page tokens, enum numbers, counts and
+timestamps."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import base64
 
 import pytest
 
+from acsp.v1 import common_pb2, scheduler_pb2
 from scheduler.service.fleet_api import _node_state_name
+from scheduler.service.pledges import MAX_PLEDGE_ACCELERATORS, pledge_from_proto
 from scheduler.service.provider_store import (
     decode_provider_page_token,
     encode_provider_page_token,
@@ -45,3 +48,37 @@ def test_unknown_node_state_rejected() -> None:
         _node_state_name(77)
     assert error.value.field == "state"
     assert "77 is not a node state" in str(error.value)
+
+
+def pledge_request(**changes: object) -> scheduler_pb2.Pledge:
+    window = common_pb2.TimeWindow()
+    window.start_time.FromSeconds(1_800_000_000)
+    window.end_time.FromSeconds(1_800_086_400)
+    pledge = scheduler_pb2.Pledge(
+        provider_id="prov", region_id="reg", model="A100-SXM4-80GB", window=window
+    )
+    pledge.protected_count = 1
+    for name, value in changes.items():
+        setattr(pledge, name, value)
+    return pledge
+
+
+def test_pledge_counts_bounded() -> None:
+    largest = pledge_request(protected_count=MAX_PLEDGE_ACCELERATORS)
+    assert pledge_from_proto(largest)[1] == []
+    too_many = pledge_request(
+        protected_count=MAX_PLEDGE_ACCELERATORS + 1, recallable_count=4_000_000_000
+    )
+    fields = [v.field for v in pledge_from_proto(too_many)[1]]
+    assert fields == ["pledge.protected_count", "pledge.recallable_count"]
+
+
+def test_pledge_window_outside_timestamp_range() -> None:
+    pledge = pledge_request()
+    pledge.window.start_time.seconds = 2**62
+    pledge.window.end_time.seconds = 2**62 + 86_400
+    violations = pledge_from_proto(pledge)[1]
+    fields = {v.field for v in violations}
+    assert "pledge.window.start_time" in fields
+    assert "pledge.window.end_time" in fields
+    assert "years 1 to 9999" in violations[0].reason
