@@ -14,6 +14,7 @@ from decimal import Decimal, Inexact, InvalidOperation
 from typing import Final, NamedTuple
 
 from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from acsp.subjects import TOKEN_PATTERN
 from acsp.v1 import agent_pb2
@@ -21,7 +22,7 @@ from services.metering.ratecard import EXACT, SECONDS_QUANTUM
 
 MAX_ID_LENGTH: Final = 256
 MAX_SECONDS_DIGITS: Final = 12
-"""Integer digits of accelerator-seconds that ingest parses. A 24 h interval holds at most 86,400
+"""Integer digits of accelerator-seconds that ingest parses. A 24 h interval covers at most 86,400
 accelerator-seconds, and the bound keeps ``int()`` below the 4,300-digit default limit on
 converting a string that CPython has applied since 3.11."""
 MAX_INTERVAL_NS: Final = 24 * 3600 * 1_000_000_000
@@ -29,6 +30,11 @@ MAX_INTERVAL_NS: Final = 24 * 3600 * 1_000_000_000
 MAX_CLOCK_SKEW: Final = timedelta(minutes=10)
 """How far in the future a sample may end, to allow for agent clock skew."""
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+EARLIEST_SAMPLE_TIME: Final = datetime(2000, 1, 1, tzinfo=UTC)
+"""Samples that start or end before this come from a node whose clock is wrong."""
+EARLIEST_SAMPLE_SECONDS: Final = int(EARLIEST_SAMPLE_TIME.timestamp())
+LATEST_TIMESTAMP_SECONDS: Final = 253_402_300_799
+"""9999-12-31T23:59:59Z, the last second a protobuf Timestamp may hold."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +223,8 @@ def _convert(
 
     start = item.start_time
     end = item.end_time
+    _check_time("start_time", start)
+    _check_time("end_time", end)
     start_ns = start.seconds * 1_000_000_000 + start.nanos
     end_ns = end.seconds * 1_000_000_000 + end.nanos
     interval_ns = end_ns - start_ns
@@ -255,6 +263,21 @@ def _convert(
     )
 
 
+def _check_time(field: str, stamp: Timestamp) -> None:
+    """Raise InvalidSample unless ``stamp`` is a valid time from EARLIEST_SAMPLE_TIME on.
+
+    Every later step can then format the time and store it in a PostgreSQL ``timestamptz``.
+    """
+    if not 0 <= stamp.nanos < 1_000_000_000:
+        raise InvalidSample(f"{field} has {stamp.nanos} nanoseconds, outside 0..999999999")
+    if stamp.seconds < EARLIEST_SAMPLE_SECONDS:
+        raise InvalidSample(
+            f"{field} is {stamp.seconds} s since 1970, before {EARLIEST_SAMPLE_TIME.isoformat()}"
+        )
+    if stamp.seconds > LATEST_TIMESTAMP_SECONDS:
+        raise InvalidSample(f"{field} is {stamp.seconds} s since 1970, after the year 9999")
+
+
 def _check_accelerator_seconds(text: str, interval_ns: int, share_millis: int) -> int:
     """Parse accelerator-seconds into accelerator-microseconds, checked against the interval."""
     whole, dot, fraction = text.partition(".")
@@ -284,7 +307,7 @@ def _parse_unusual_seconds(text: str) -> int:
     if not value.is_finite():
         raise InvalidSample(f"accelerator_seconds {text!r} is not a finite number")
     if value.adjusted() >= MAX_SECONDS_DIGITS:
-        # Checked before quantize, which fails on a value of more digits than EXACT holds.
+        # Checked before quantize, which fails on a value with more digits than the EXACT context keeps.
         raise InvalidSample(
             f"accelerator_seconds {text[:40]!r} has more than {MAX_SECONDS_DIGITS} integer "
             "digits, far more than any 24 h interval"

@@ -174,6 +174,30 @@ def test_huge_seconds_reject_only_their_sample(seconds: str, reason: str) -> Non
     assert reason in rejected[0].reason
 
 
+@pytest.mark.parametrize(
+    ("start_offset_s", "end_offset_s", "end_nanos", "reason"),
+    [
+        # Before PostgreSQL's earliest timestamptz: storing it failed the whole batch.
+        (-300_000_000_000, -300_000_000_000 + 60, 0, "start_time is -29"),
+        (-T0.timestamp(), -T0.timestamp() + 60, 0, "start_time is 0 s since 1970, before 2000"),
+        (0, 10**12, 0, "end_time is 1"),
+        (0, 60, -5, "end_time has -5 nanoseconds, outside 0..999999999"),
+    ],
+)
+def test_bad_sample_time_rejects_only_its_sample(
+    start_offset_s: float, end_offset_s: float, end_nanos: int, reason: str
+) -> None:
+    """A time that cannot be formatted or stored rejects its sample, not its whole report."""
+    item = sample("s1", "job-1", T0)
+    item.start_time.seconds = int(T0.timestamp() + start_offset_s)
+    item.end_time.seconds = int(T0.timestamp() + end_offset_s)
+    item.end_time.nanos = end_nanos
+    accepted, rejected = _decode(item, sample("s2", "job-1", T0))
+    assert [s.sample_id for s in accepted] == ["s2"]
+    assert len(rejected) == 1
+    assert reason in rejected[0].reason
+
+
 def test_superscript_seconds_rejected() -> None:
     item = sample("s1", "job-1", T0)
     item.accelerator_seconds.value = "\u00b2"
