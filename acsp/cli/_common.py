@@ -8,13 +8,15 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
 import grpc
 from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -45,6 +47,10 @@ UINT32_MAX: Final = 2**32 - 1
 CONTROL_CHARACTERS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 """C0 and C1 control characters, which a terminal interprets instead of displaying."""
 TIME_EXAMPLE: Final = "e.g. 2026-01-31 or 2026-01-31T12:00Z"
+STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
+"""Trailing metadata key of the ``google.rpc.Status`` that a failed call's details travel in."""
+FIELD_INDEX: Final = re.compile(r"\[[^\]]*\]")
+"""A list index or map key in a field path, e.g. ``[0]`` in ``spec.accelerators.models[0]``."""
 
 
 class CommandError(Exception):
@@ -266,3 +272,43 @@ def exit_code_for_rpc_error(error: grpc.RpcError) -> int:
 def rows_of(pairs: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
     """Return ``[{"field": k, "value": v}, ...]`` for printing one object as a table."""
     return [{"field": key, "value": value} for key, value in pairs]
+
+
+@contextmanager
+def naming_options(options: Mapping[str, str]) -> Iterator[None]:
+    """Add the command-line option behind each request field that a failed call names.
+
+    Services name request fields (``pledge.model``); a CLI user sets options (``--model``).
+    ``options`` maps field paths without list indexes or map keys to options, so
+    ``spec.accelerators.models`` covers ``spec.accelerators.models[2]``.
+    """
+    try:
+        yield
+    except grpc.RpcError as error:
+        hints = []
+        for field in rejected_fields(error):
+            option = options.get(field) or options.get(FIELD_INDEX.sub("", field))
+            if option:
+                hints.append(f"{field} is set by {option}")
+        if not hints:
+            raise
+        message = f"{describe_rpc_error(error)} ({'; '.join(hints)})"
+        raise CommandError(message, exit_code_for_rpc_error(error)) from None
+
+
+def rejected_fields(error: grpc.RpcError) -> list[str]:
+    """Return the request fields that a failed call's ``google.rpc`` status details name."""
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    packed = dict(trailers or ()).get(STATUS_DETAILS_KEY)
+    if not isinstance(packed, bytes):
+        return []
+    status = status_pb2.Status.FromString(packed)
+    fields: list[str] = []
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        precondition = error_details_pb2.PreconditionFailure()
+        if detail.Unpack(bad_request):
+            fields += [v.field for v in bad_request.field_violations]
+        elif detail.Unpack(precondition):
+            fields += [v.subject for v in precondition.violations]
+    return list(dict.fromkeys(fields))

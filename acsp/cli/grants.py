@@ -15,12 +15,14 @@ from acsp.cli._common import (
     CommandError,
     connection_options,
     format_time,
+    naming_options,
     output_options,
     parse_time,
     print_records,
     rows_of,
     whole_number,
 )
+from acsp.cli._grant_fields import FIELD_OPTIONS
 from acsp.decimals import format_decimal
 from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
 
@@ -483,7 +485,13 @@ def register(subparsers: Any) -> None:
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> Any:
         parser = commands.add_parser(name, parents=common, help=help, description=help)
-        parser.set_defaults(func=func)
+        options = {"request_id": "--request-id", **FIELD_OPTIONS.get(name, {})}
+
+        def run(args: argparse.Namespace) -> int:
+            with naming_options(options):
+                return func(args)
+
+        parser.set_defaults(func=run)
         return parser
 
     def idempotent(parser: Any) -> None:

@@ -21,6 +21,7 @@ from acsp.cli._common import (
     async_client_from_args,
     connection_options,
     format_time,
+    naming_options,
     output_options,
     print_records,
     rows_of,
@@ -57,6 +58,24 @@ ENDED_STATES: Final = frozenset(
 STARTED_TASK_STATES: Final = frozenset({"started", "exited", "stopped", "timed_out", "lost"})
 """Task states that only a task that started can reach. ``failed_hardware`` is left out
 because the scheduler also gives it to tasks that never started."""
+SUBMIT_OPTIONS: Final = {
+    "request_id": "--request-id",
+    "spec.project_id": "--project",
+    "spec.grant_id": "--grant",
+    "spec.sub_allocation_id": "--sub-allocation",
+    "spec.name": "--name",
+    "spec.task_count": "--tasks",
+    "spec.accelerator_millis_per_task": "--accelerators, in thousandths of an accelerator",
+    "spec.accelerators.models": "--model",
+    "spec.allowed_regions": "--region",
+    "spec.priority_class": "--priority",
+    "spec.topology": "--topology",
+    "spec.wall_time_seconds": "--wall-time",
+    "spec.command": "the command after --",
+    "spec.environment": "--env",
+    "spec.array_size": "--array",
+}
+"""The option of ``acsp jobs submit`` that sets each field SubmitJob may reject."""
 LIST_COLUMNS = ("job", "name", "state", "reason", "tasks", "accelerators", "attempt", "submitted")
 
 
@@ -249,7 +268,7 @@ def submit_job(args: argparse.Namespace) -> int:
     request = scheduler_pb2.SubmitJobRequest(
         request_id=args.request_id or uuid.uuid4().hex, spec=spec
     )
-    with open_scheduler(args) as scheduler:
+    with open_scheduler(args) as scheduler, naming_options(SUBMIT_OPTIONS):
         response = scheduler.SubmitJob(request)
     if response.array_job_ids:
         rows = [job_row_of(response.job)] + [

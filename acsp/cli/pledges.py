@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any, Final
 
-import grpc
 from google.protobuf import timestamp_pb2
-from google.rpc import error_details_pb2, status_pb2
 
 from acsp.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
     TIME_EXAMPLE,
     CommandError,
-    describe_rpc_error,
-    exit_code_for_rpc_error,
     format_time,
+    naming_options,
     parse_time,
     positive_seconds,
     print_records,
@@ -60,7 +55,6 @@ RECALL_OPTIONS: Final = {
     "recall.end_time": "--end or --duration",
 }
 """The option of ``acsp fleet recall create`` that sets each field RecallCapacity may reject."""
-STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 MAX_TIMESTAMP_S: Final = 253_402_300_799
 """9999-12-31T23:59:59Z in Unix seconds, the last time a protobuf Timestamp can carry."""
 
@@ -250,41 +244,6 @@ def list_recalls_command(args: argparse.Namespace) -> int:
     rows = [recall_row(r) for r in response.recalls]
     print_records(rows, RECALL_COLUMNS, output_format=args.format, title="recalls")
     return EXIT_OK
-
-
-@contextmanager
-def naming_options(options: Mapping[str, str]) -> Iterator[None]:
-    """Add the command-line option behind each request field that a failed call names.
-
-    The scheduler names request fields (``pledge.model``); a CLI user sets options (``--model``).
-    """
-    try:
-        yield
-    except grpc.RpcError as error:
-        fields = rejected_fields(error)
-        hints = [f"{field} is set by {options[field]}" for field in fields if field in options]
-        if not hints:
-            raise
-        message = f"{describe_rpc_error(error)} ({'; '.join(hints)})"
-        raise CommandError(message, exit_code_for_rpc_error(error)) from None
-
-
-def rejected_fields(error: grpc.RpcError) -> list[str]:
-    """Return the request fields that a failed call's ``google.rpc`` status details name."""
-    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    packed = dict(trailers or ()).get(STATUS_DETAILS_KEY)
-    if not isinstance(packed, bytes):
-        return []
-    status = status_pb2.Status.FromString(packed)
-    fields: list[str] = []
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        precondition = error_details_pb2.PreconditionFailure()
-        if detail.Unpack(bad_request):
-            fields += [v.field for v in bad_request.field_violations]
-        elif detail.Unpack(precondition):
-            fields += [v.subject for v in precondition.violations]
-    return list(dict.fromkeys(fields))
 
 
 def pledge_row(pledge: scheduler_pb2.Pledge) -> dict[str, Any]:

@@ -236,3 +236,39 @@ async def test_cli_assign_unregistered_institution(
         code, out, err = await run_cli(capsys, *assign, "--institution", "uni-b")
         assert code == 0, err
         assert "rita" in out
+
+
+async def test_cli_errors_name_the_option(
+    schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_grant(schema, tmp_path) as svc:
+        use_identity(monkeypatch, svc, "office", ["program_office"])
+        code, _, err = await run_cli(capsys, "institution", "uni-a", " ")
+        assert code == 2
+        assert "institution.display_name is set by the name argument" in err
+        code, _, err = await run_cli(capsys, "institution", "uni-a", "University A")
+        assert code == 0, err
+
+        use_identity(monkeypatch, svc, "alice", ["pi"])
+        project = ("project", "proj-a", "--institution", "uni-a", "--pi", "alice")
+        code, _, err = await run_cli(capsys, *project, "--member", ":viewer")
+        assert code == 2
+        assert "project.members[0].subject is set by --member" in err
+        code, _, err = await run_cli(capsys, *project)
+        assert code == 0, err
+
+        apply = ("apply", "--project", "proj-a", "--tier", "standard", "--justification", "j")
+        window = ("--start", START, "--end", END)
+        code, _, err = await run_cli(capsys, *apply, "--pf-days", "-3", *window)
+        assert code == 2
+        assert "application.requested_pf_days is set by --pf-days" in err
+        code, _, err = await run_cli(
+            capsys, *apply, "--pf-days", "3", "--start", END, "--end", START
+        )
+        assert code == 2
+        assert "application.validity.end_time is set by --end" in err
+
+        # The rejected applications were not stored.
+        code, out, err = await run_cli(capsys, "applications", "--format", "json")
+        assert code == 0, err
+        assert out == ""

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import pytest
+from google.rpc import status_pb2
 
 from acsp.cli import jobs as jobs_cli
-from acsp.cli._common import CommandError
+from acsp.cli._common import STATUS_DETAILS_KEY, CommandError
 from acsp.cli.fleet import list_providers, provider_rows
 from acsp.cli.jobs import job_details, job_row_of, parse_millis, spec_from_args, watch_line
 from acsp.cli.main import build_parser, main
 from acsp.v1 import common_pb2, scheduler_pb2
+from scheduler.service.errors import InvalidFields
+from scheduler.service.validation import FieldViolation
 
 
 def parse(*argv: str) -> object:
@@ -356,3 +360,50 @@ async def test_watch_prints_each_change_once(
     ]
     assert all(stamp.utcoffset() == timedelta(0) for stamp in stamps)
     assert all(before <= stamp <= after for stamp in stamps)
+
+
+class _RejectedSubmit(grpc.RpcError):
+    """The error SubmitJob returns for invalid fields, with their ``BadRequest`` details."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        error = InvalidFields(violations)
+        status = status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0])
+        status.details.extend(error.details())
+        self._message = error.message
+        self._trailers = ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.INVALID_ARGUMENT
+
+    def details(self) -> str:
+        return self._message
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return self._trailers
+
+
+def test_submit_error_names_options(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    violations = [
+        FieldViolation("spec.accelerator_millis_per_task", "is 1000000000; use at most 64000"),
+        FieldViolation("spec.accelerators.models[1]", "'NOPE' is not in the accelerator catalog"),
+        FieldViolation("spec.environment['']", "is not a valid environment variable name"),
+    ]
+
+    class Scheduler:
+        def SubmitJob(self, request: object) -> None:
+            raise _RejectedSubmit(violations)
+
+    @contextlib.contextmanager
+    def open_scheduler(args: object) -> Iterator[Scheduler]:
+        yield Scheduler()
+
+    monkeypatch.setattr(jobs_cli, "open_scheduler", open_scheduler)
+    code = main(["jobs", "submit", "--project", "p1", "--accelerators", "1000000", "--", "true"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "spec.accelerator_millis_per_task is set by --accelerators, in thousandths" in err
+    assert "spec.accelerators.models[1] is set by --model" in err
+    assert "spec.environment[''] is set by --env" in err
+    assert "Traceback" not in err
