@@ -157,7 +157,8 @@ def decode_report(
         try:
             accepted.append(_convert(item, origin, known_models, latest_end_ns, tasks))
         except InvalidSample as error:
-            sample_id = item.sample_id or None
+            # PostgreSQL text cannot store U+0000, so such an id is left out of the dead letter.
+            sample_id = item.sample_id if item.sample_id and "\x00" not in item.sample_id else None
             key = _sample_key(origin, sample_id, index)
             payload = item.SerializeToString()
             reason = str(error)
@@ -206,6 +207,11 @@ def _convert(
         raise InvalidSample(f"sample_id {sample_id!r} is missing or too long")
     if not accelerator_id or len(accelerator_id) > MAX_ID_LENGTH:
         raise InvalidSample(f"accelerator_id {accelerator_id!r} is missing or too long")
+    if "\x00" in sample_id or "\x00" in accelerator_id or "\x00" in task_id:
+        # PostgreSQL text cannot store U+0000: the sample would fail its whole batch's insert.
+        texts = {"sample_id": sample_id, "accelerator_id": accelerator_id, "task_id": task_id}
+        field = next(name for name, text in texts.items() if "\x00" in text)
+        raise InvalidSample(f"{field} {texts[field]!r} contains a NUL character (U+0000)")
     parsed = tasks.get(task_id)
     if parsed is None:
         parsed = tasks[task_id] = _parse_task_id(task_id)
@@ -307,7 +313,7 @@ def _parse_unusual_seconds(text: str) -> int:
     if not value.is_finite():
         raise InvalidSample(f"accelerator_seconds {text!r} is not a finite number")
     if value.adjusted() >= MAX_SECONDS_DIGITS:
-        # Checked before quantize, which fails on a value with more digits than the EXACT context keeps.
+        # Checked before quantize, which fails on a value with more digits than EXACT keeps.
         raise InvalidSample(
             f"accelerator_seconds {text[:40]!r} has more than {MAX_SECONDS_DIGITS} integer "
             "digits, far more than any 24 h interval"

@@ -198,6 +198,22 @@ def test_bad_sample_time_rejects_only_its_sample(
     assert reason in rejected[0].reason
 
 
+@pytest.mark.parametrize("field", ["sample_id", "accelerator_id", "task_id"])
+def test_nul_in_sample_rejects_only_it(field: str) -> None:
+    """PostgreSQL cannot store U+0000, so such a sample would fail its whole batch's insert."""
+    item = sample("s1", "job-1", T0)
+    item.job_id = ""  # Left out, so the job id comes from the task id alone.
+    value = getattr(item, field)
+    setattr(item, field, value[:1] + "\x00" + value[1:])
+    accepted, rejected = _decode(item, sample("s2", "job-1", T0))
+    assert [s.sample_id for s in accepted] == ["s2"]
+    assert len(rejected) == 1
+    assert f"{field} " in rejected[0].reason
+    assert "contains a NUL character" in rejected[0].reason
+    assert "\x00" not in rejected[0].dedupe_key
+    assert rejected[0].sample_id is None or "\x00" not in rejected[0].sample_id
+
+
 def test_superscript_seconds_rejected() -> None:
     item = sample("s1", "job-1", T0)
     item.accelerator_seconds.value = "\u00b2"
