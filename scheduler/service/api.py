@@ -37,7 +37,10 @@ from .providers import ProviderDirectory
 from .request_ids import check_repeated_in_batch, check_reused_ids, check_stored, request_key
 from .store import decode_page_token
 from .validation import (
+    MAX_REASON_LENGTH,
+    MAX_REQUEST_ID_LENGTH,
     FieldViolation,
+    check_length,
     validate_array_size,
     validate_batch_size,
     validate_models,
@@ -64,6 +67,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.SubmitJobResponse:
         principal = require_roles(*SUBMITTERS)
+        check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
         jobs, request_ids, array_id = self._prepare(request, principal, "")
         jobs = await self._check_access(principal, jobs, "spec")
         key = request_key(principal.subject, request.request_id)
@@ -79,6 +83,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         too_many = validate_batch_size([item.spec.array_size for item in request.jobs])
         if too_many:
             raise InvalidFields(too_many)
+        for i, item in enumerate(request.jobs):
+            check_length(f"jobs[{i}].request_id", item.request_id, MAX_REQUEST_ID_LENGTH)
         check_repeated_in_batch(request.jobs)
         prepared = [
             self._prepare(item, principal, f"jobs[{i}].") for i, item in enumerate(request.jobs)
@@ -230,6 +236,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         principal = current_principal()
         if not request.job_id:
             raise InvalidArgument("job_id", "is empty", "pass the id of the job to cancel")
+        check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
+        check_length("reason", request.reason, MAX_REASON_LENGTH)
         try:
             job = await self._visible_job(principal, request.job_id)
         except NotFound:

@@ -41,6 +41,7 @@ from .pledges import (
     timestamp_problem,
 )
 from .provider_api import ProviderRpcs
+from .validation import MAX_REASON_LENGTH, MAX_REQUEST_ID_LENGTH, check_length
 
 OPERATORS: Final = (Role.PROVIDER_OPERATOR, Role.PROGRAM_OFFICE, Role.SERVICE)
 
@@ -113,6 +114,8 @@ class FleetRpcs(ProviderRpcs):
                 f"operator of provider {principal.provider!r} cannot drain "
                 f"nodes of {request.provider_id!r}"
             )
+        check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
+        check_length("reason", request.reason, MAX_REASON_LENGTH)
         key = f"{request.provider_id}.{request.region_id}.{request.node_id}"
         leader = self._lead.require()
         reply: asyncio.Future[NodeView | None] = asyncio.get_running_loop().create_future()
@@ -128,6 +131,8 @@ class FleetRpcs(ProviderRpcs):
         self, request: scheduler_pb2.MarkNodeDownRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.Node:
         _require_operator_of(request.provider_id)
+        check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
+        check_length("reason", request.reason, MAX_REASON_LENGTH)
         if not request.reason.strip():
             raise InvalidArgument(
                 "reason",
@@ -175,6 +180,7 @@ class FleetRpcs(ProviderRpcs):
         self, request: scheduler_pb2.SetPledgeRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.Pledge:
         _require_operator_of(request.pledge.provider_id)
+        check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
         pledge, violations = pledge_from_proto(request.pledge, request.request_id)
         if violations:
             raise InvalidFields(violations)
@@ -236,6 +242,8 @@ class FleetRpcs(ProviderRpcs):
     ) -> scheduler_pb2.Recall:
         principal = require_roles(*OPERATORS)
         wanted = request.recall
+        check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
+        check_length("recall.reason", wanted.reason, MAX_REASON_LENGTH)
         if not wanted.pledge_id:
             raise InvalidArgument("recall.pledge_id", "is empty", "name the pledge to recall from")
         if wanted.count <= 0:

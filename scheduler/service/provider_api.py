@@ -17,6 +17,7 @@ from .inputs import ProviderRegistered
 from .leadership import Leadership
 from .provider_store import ProviderStore, RequestReused
 from .providers import provider_from_proto, provider_to_proto
+from .validation import MAX_REQUEST_ID_LENGTH, check_length
 
 REGISTRARS: Final = (Role.PROGRAM_OFFICE, Role.PROVIDER_OPERATOR)
 DEFAULT_PAGE_SIZE: Final = 100
@@ -40,6 +41,7 @@ class ProviderRpcs:
         self, request: scheduler_pb2.RegisterProviderRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.Provider:
         principal = require_roles(*REGISTRARS)
+        check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
         if not request.HasField("provider"):
             raise InvalidArgument("provider", "is missing", "pass the provider and its regions")
         provider, violations = provider_from_proto(request.provider)

@@ -11,6 +11,7 @@ from typing import Final
 from acsp.subjects import TOKEN_PATTERN
 from acsp.v1 import agent_pb2
 from scheduler.engine.catalog import AcceleratorModel, Catalog
+from services.runtime.errors import InvalidArgument
 
 from .model import MILLIS_PER_ACCELERATOR, PRIORITY_CLASSES, TOPOLOGIES, JobSpec
 
@@ -30,6 +31,12 @@ MAX_ENV_VALUE_BYTES: Final = 32 * 1024
 MAX_ENV_BYTES: Final = 128 * 1024
 """Keys and values of the environment together, in UTF-8 bytes."""
 MAX_CHECKPOINT_REF_BYTES: Final = 4096
+MAX_REQUEST_ID_LENGTH: Final = 200
+"""Characters of a request id, the grant service's limit too. Request ids are unique keys
+of btree indexes, which reject rows of more than about 2,700 bytes."""
+MAX_REASON_LENGTH: Final = 1024
+"""Characters of a free-text reason (cancel, drain, node down, recall). The scheduler stores
+it with the change and copies it into replies, job watches and events."""
 DEFAULT_MAX_PAYLOAD: Final = 1024 * 1024
 """nats-server's default ``max_payload``, used when no server has reported its own."""
 VENDORS: Final = ("", "nvidia", "amd", "huawei", "cambricon", "other")
@@ -193,6 +200,14 @@ def validate_array_size(size: int, field: str = "spec.array_size") -> list[Field
     if not 0 <= size <= MAX_ARRAY_SIZE:
         return [FieldViolation(field, f"is {size}; use 0 (no array) to {MAX_ARRAY_SIZE}")]
     return []
+
+
+def check_length(field: str, value: str, limit: int) -> None:
+    """Raise INVALID_ARGUMENT naming ``field`` when ``value`` has more than ``limit`` characters."""
+    if len(value) > limit:
+        raise InvalidArgument(
+            field, f"is {len(value)} characters long", f"use at most {limit} characters"
+        )
 
 
 def validate_batch_size(array_sizes: Sequence[int]) -> list[FieldViolation]:
