@@ -31,6 +31,11 @@ MAX_ENV_VALUE_BYTES: Final = 32 * 1024
 MAX_ENV_BYTES: Final = 128 * 1024
 """Keys and values of the environment together, in UTF-8 bytes."""
 MAX_CHECKPOINT_REF_BYTES: Final = 4096
+MAX_MODELS: Final = 64
+"""Accepted models of one job, well above the size of the accelerator catalog."""
+MAX_ALLOWED_REGIONS: Final = 256
+"""Entries of a job's allowed regions; a longer list is better written as jurisdictions. Every
+stored job, listing and watch carries the whole list."""
 MAX_REQUEST_ID_LENGTH: Final = 200
 """Characters of a request id, the grant service's limit too. Request ids are unique keys
 of btree indexes, which reject rows of more than about 2,700 bytes."""
@@ -109,6 +114,14 @@ def validate_spec(
         )
     if spec.vendor not in VENDORS:
         bad("accelerators.vendor", f"{spec.vendor!r} is unknown")
+    if len(spec.models) > MAX_MODELS:
+        bad("accelerators.models", f"has {len(spec.models)} entries; use at most {MAX_MODELS}")
+    if len(spec.allowed_regions) > MAX_ALLOWED_REGIONS:
+        bad(
+            "allowed_regions",
+            f"has {len(spec.allowed_regions)} entries; use at most {MAX_ALLOWED_REGIONS}, or "
+            "name jurisdictions instead of single regions",
+        )
     for i, model in enumerate(spec.models):
         if not TOKEN_PATTERN.match(model):
             bad(f"accelerators.models[{i}]", f"{model!r} is not a catalog model name")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from scheduler.service.model import JobSpec
 from scheduler.service.validation import (
+    MAX_ALLOWED_REGIONS,
     MAX_BATCH_JOBS,
     MAX_CHECKPOINT_REF_BYTES,
     MAX_COMMAND_ARGS,
     MAX_ENV_BYTES,
     MAX_ENV_VALUE_BYTES,
     MAX_ENV_VARS,
+    MAX_MODELS,
     validate_array_size,
     validate_batch_size,
     validate_spec,
@@ -147,3 +149,11 @@ def test_batch_size_counts_array_elements() -> None:
     violations = validate_batch_size([MAX_BATCH_JOBS, 1])
     assert [v.field for v in violations] == ["jobs"]
     assert f"would create {MAX_BATCH_JOBS + 1} jobs" in violations[0].reason
+
+
+def test_constraint_lists_bounded() -> None:
+    regions = tuple(f"p/r{i}" for i in range(MAX_ALLOWED_REGIONS + 1))
+    models = ("A100-SXM4-80GB",) * (MAX_MODELS + 1)
+    assert fields_of(valid_spec(allowed_regions=regions)) == {"spec.allowed_regions"}
+    assert fields_of(valid_spec(models=models)) == {"spec.accelerators.models"}
+    assert validate_spec(valid_spec(allowed_regions=regions[:MAX_ALLOWED_REGIONS])) == []
