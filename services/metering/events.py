@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -33,6 +33,7 @@ from services.metering.ratecard import RatePolicy
 from services.metering.refunds import HealthFact, is_fatal, recall_trigger, task_attempt
 from services.runtime.db import Database
 from services.runtime.nats import BatchHandler, PullConsumer
+from services.runtime.nul_check import find_nul_field
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,20 @@ _END_REASONS = {
 }
 
 
+def _unstorable(event: Message, kind: str) -> bool:
+    """Log and return True when an event has text that PostgreSQL cannot store.
+
+    Such an event would fail its whole batch on every redelivery, so it is skipped instead.
+    """
+    field = find_nul_field(event)
+    if field is None:
+        return False
+    logger.error("skipping a %s event whose %s contains a NUL character (U+0000)", kind, field)
+    return True
+
+
 def _time(value: Timestamp) -> datetime | None:
+    """Convert a timestamp, or return None when unset. Raises ValueError outside years 1-9999."""
     if value.seconds == 0 and value.nanos == 0:
         return None
     return value.ToDatetime(tzinfo=UTC)
@@ -97,9 +111,12 @@ class FactConsumers:
             except DecodeError as error:
                 logger.error("skipping a job event that does not parse: %s", error)
                 continue
-            if not event.job_id or not event.hold_id:
+            if not event.job_id or not event.hold_id or _unstorable(event, "job"):
                 continue
-            facts.append(await self._attempt_facts(event))
+            try:
+                facts.append(await self._attempt_facts(event))
+            except ValueError as error:
+                logger.error("skipping job event %r: %s", event.event_id, error)
         async with self._db.acquire() as conn, conn.transaction():
             await record_attempts(conn, facts)
 
@@ -148,7 +165,13 @@ class FactConsumers:
                 except DecodeError as error:
                     logger.error("skipping a health event that does not parse: %s", error)
                     continue
-                time = _time(event.time)
+                if _unstorable(event, "health"):
+                    continue
+                try:
+                    time = _time(event.time)
+                except ValueError as error:
+                    logger.error("skipping health event %r: %s", event.event_id, error)
+                    continue
                 if event.cleared or not event.event_id or time is None:
                     continue
                 fact = HealthFact(
@@ -185,7 +208,7 @@ class FactConsumers:
             except DecodeError as error:
                 logger.error("skipping a task event that does not parse: %s", error)
                 continue
-            if event.state != agent_pb2.TASK_STATE_FAILED_HARDWARE:
+            if event.state != agent_pb2.TASK_STATE_FAILED_HARDWARE or _unstorable(event, "task"):
                 continue
             attempt = task_attempt(event.task_id)
             if attempt is None or not event.health_event_id:

@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import cast
 
 import nats
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
@@ -284,3 +286,55 @@ async def test_recall_in_preemption_reason_refunds(
     assert amount == ledger.total_charged()
     assert_priced(amount, exact_price("A100-SXM4-80GB", 10 * 60), charges=10)
     assert "provider recall rc-9f8d3dcaea90470b" in reason
+
+
+class _Message:
+    """The part of a NATS message that the fact handlers read."""
+
+    def __init__(self, data: bytes, subject: str = "") -> None:
+        self.data = data
+        self.subject = subject
+
+
+def _message(data: bytes) -> Msg:
+    return cast(Msg, _Message(data))
+
+
+async def test_unstorable_events_skipped_alone(db: Database, ledger: LedgerDouble) -> None:
+    """An event with a NUL character or an invalid time does not fail its batch."""
+    facts = FactConsumers(db, ledger)
+
+    def health(event_id: str, seconds: int, message: str = "") -> Msg:
+        event = agent_pb2.HealthEvent(
+            event_id=event_id,
+            node=agent_pb2.NodeRef(provider_id="prov-a", region_id="r1", node_id="node-1"),
+            accelerator_id="GPU-0",
+            condition="xid",
+            xid=79,
+            severity=agent_pb2.HEALTH_SEVERITY_FATAL,
+            message=message,
+            task_ids=["job-h/0/0"],
+        )
+        event.time.FromDatetime(T0)
+        event.time.seconds = seconds
+        return _message(event.SerializeToString())
+
+    good = int(T0.timestamp())
+    await facts.handle_health(
+        [
+            health("h-nul", good, message="bad\x00text"),
+            health("h-time", 10**12),
+            health("h-good", good),
+        ]
+    )
+    task = agent_pb2.TaskEvent(
+        task_id="job\x00-t/0/0",
+        state=agent_pb2.TASK_STATE_FAILED_HARDWARE,
+        health_event_id="h-good",
+    )
+    await facts.handle_tasks([_message(task.SerializeToString())])
+    async with db.acquire() as conn:
+        events = await conn.fetch("SELECT event_id FROM metering.health_events")
+        triggers = await conn.fetch("SELECT job_id, end_trigger FROM metering.jobs")
+    assert [r["event_id"] for r in events] == ["h-good"]
+    assert [(r["job_id"], r["end_trigger"]) for r in triggers] == [("job-h", "health:h-good")]
