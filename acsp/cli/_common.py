@@ -220,6 +220,15 @@ def print_records(
     Console(file=out, soft_wrap=True, width=width).print(table)
 
 
+def note_more_rows(shown: int, fix: str, stream: TextIO | None = None) -> None:
+    """Write to stderr that a listing stopped at ``shown`` rows while more may exist.
+
+    The note goes to stderr, so CSV and JSON on stdout stay whole for scripts.
+    """
+    out = stream if stream is not None else sys.stderr
+    out.write(f"note: more rows may exist than the {shown} shown; {fix}\n")
+
+
 def _plain_text(value: str) -> Text:
     """Wrap ``value`` for rich without markup, with control characters escaped as ``\\x1b``."""
     return Text(CONTROL_CHARACTERS.sub(lambda match: repr(match.group())[1:-1], value))

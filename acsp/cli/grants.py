@@ -16,6 +16,7 @@ from acsp.cli._common import (
     connection_options,
     format_time,
     naming_options,
+    note_more_rows,
     output_options,
     parse_time,
     print_records,
@@ -65,6 +66,16 @@ def _decimal(text: str) -> common_pb2.Decimal:
 
 def _enum_name(enum: Any, number: int, prefix: str) -> str:
     return str(enum.Name(number)).removeprefix(prefix).lower()
+
+
+def _note_limit(response: Any, shown: int, args: argparse.Namespace, narrow: str) -> None:
+    """Write a note to stderr when a list stopped at ``--limit`` and the service has more rows."""
+    if not response.page.next_page_token:
+        return
+    if args.limit < MAX_PAGE_SIZE:
+        note_more_rows(shown, f"pass a --limit above {args.limit}, up to {MAX_PAGE_SIZE}")
+    else:
+        note_more_rows(shown, f"{MAX_PAGE_SIZE} is the largest --limit; {narrow}")
 
 
 def _request_id(args: argparse.Namespace) -> str:
@@ -295,6 +306,7 @@ def run_applications(args: argparse.Namespace) -> int:
     ]
     columns = ["application", "project", "tier", "requested", "state", "grant"]
     print_records(records, columns, output_format=args.format, title="applications")
+    _note_limit(response, len(records), args, "narrow the list with --project")
     return EXIT_OK
 
 
@@ -308,6 +320,7 @@ def run_list(args: argparse.Namespace) -> int:
     records = [_grant_record(g) for g in response.grants]
     columns = ["grant", "project", "tier", "state", "available", "held", "charged", "ends"]
     print_records(records, columns, output_format=args.format, title="grants (PF-days)")
+    _note_limit(response, len(records), args, "narrow the list with --project")
     return EXIT_OK
 
 
@@ -409,6 +422,8 @@ def run_suballocations(args: argparse.Namespace) -> int:
     columns = ["sub-allocation", "parent", "holder", "available", "held", "charged", "delegated"]
     title = f"sub-allocations of {args.grant} (PF-days)"
     print_records(records, columns, output_format=args.format, title=title)
+    # NOTE: ListSubAllocations has no filter, so rows past the 1000th cannot be listed here.
+    _note_limit(response, len(records), args, "the SDK's ListSubAllocations pages further")
     return EXIT_OK
 
 

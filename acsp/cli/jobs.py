@@ -22,6 +22,7 @@ from acsp.cli._common import (
     connection_options,
     format_time,
     naming_options,
+    note_more_rows,
     output_options,
     print_records,
     rows_of,
@@ -301,6 +302,8 @@ def list_jobs(args: argparse.Namespace) -> int:
             if not token:
                 break
     print_records(rows, LIST_COLUMNS, output_format=args.format, title="jobs, newest first")
+    if token:
+        note_more_rows(len(rows), f"pass a --limit above {args.limit} to list more")
     return EXIT_OK
 
 

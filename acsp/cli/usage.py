@@ -19,6 +19,7 @@ from acsp.cli._common import (
     connection_options,
     decimal_text,
     format_time,
+    note_more_rows,
     output_options,
     parse_time,
     print_records,
@@ -61,13 +62,20 @@ def _window(args: argparse.Namespace) -> common_pb2.TimeWindow:
 def _pages(
     fetch: Callable[[common_pb2.PageRequest], Any], args: argparse.Namespace
 ) -> Iterator[Any]:
-    """Yield responses page by page: one page, or every page with --all."""
+    """Yield responses page by page: one page, or every page with --all.
+
+    Without --all, a note on stderr tells the user when the page was full, so more rows may
+    exist.
+    """
     token = ""
     for _ in range(MAX_PAGES):
         response = fetch(common_pb2.PageRequest(page_size=args.page_size, page_token=token))
         yield response
         token = response.page.next_page_token
-        if not token or not args.all:
+        if not token:
+            return
+        if not args.all:
+            note_more_rows(args.page_size, "pass --all to fetch every page")
             return
 
 

@@ -272,3 +272,35 @@ async def test_cli_errors_name_the_option(
         code, out, err = await run_cli(capsys, "applications", "--format", "json")
         assert code == 0, err
         assert out == ""
+
+
+async def test_cli_list_notes_rows_past_limit(
+    schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_grant(schema, tmp_path) as svc:
+        use_identity(monkeypatch, svc, "office", ["program_office"])
+        code, _, err = await run_cli(capsys, "institution", "uni-a", "University A")
+        assert code == 0, err
+        use_identity(monkeypatch, svc, "alice", ["pi"])
+        for project in ("proj-a", "proj-b", "proj-c"):
+            code, _, err = await run_cli(
+                capsys, "project", project, "--institution", "uni-a", "--pi", "alice"
+            )
+            assert code == 0, err
+            code, _, err = await run_cli(
+                capsys,
+                *("apply", "--project", project, "--tier", "standard", "--pf-days", "5"),
+                *("--start", START, "--end", END, "--justification", "j"),
+            )
+            assert code == 0, err
+
+        code, out, err = await run_cli(capsys, "applications", "--limit", "2", "--format", "csv")
+        assert code == 0, err
+        assert len(out.splitlines()) == 3
+        assert "more rows may exist than the 2 shown" in err
+        assert "--limit above 2" in err
+
+        code, out, err = await run_cli(capsys, "applications", "--limit", "5", "--format", "csv")
+        assert code == 0, err
+        assert len(out.splitlines()) == 4
+        assert err == ""

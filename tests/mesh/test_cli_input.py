@@ -194,3 +194,38 @@ def test_unauthenticated_error_names_acsp_token():
     message = _common.describe_rpc_error(_UnauthenticatedError())
     assert message.startswith("UNAUTHENTICATED: missing credentials")
     assert "ACSP_TOKEN" in message
+
+
+@pytest.mark.parametrize(("all_pages", "pages_read"), [(False, 1), (True, 2)])
+def test_usage_page_notes_more_rows(
+    all_pages: bool,
+    pages_read: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    requests: list[metering_pb2.ListChargesRequest] = []
+
+    class Metering:
+        def ListCharges(self, request: metering_pb2.ListChargesRequest) -> object:
+            requests.append(request)
+            token = "" if request.page.page_token else "next"
+            charge = metering_pb2.Charge(charge_id=f"c{len(requests)}")
+            return metering_pb2.ListChargesResponse(
+                charges=[charge], page=common_pb2.PageResponse(next_page_token=token)
+            )
+
+    @contextmanager
+    def open_metering(args: object) -> Iterator[Metering]:
+        yield Metering()
+
+    monkeypatch.setattr(usage, "open_metering", open_metering)
+    argv = ["usage", "charges", "--grant", "g", "--page-size", "1", "--format", "csv"]
+    code = main.main(argv + (["--all"] if all_pages else []))
+    captured = capsys.readouterr()
+    assert code == 0
+    assert len(requests) == pages_read
+    assert len(captured.out.splitlines()) == 1 + pages_read
+    if all_pages:
+        assert captured.err == ""
+    else:
+        assert "more rows may exist than the 1 shown; pass --all" in captured.err

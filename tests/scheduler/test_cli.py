@@ -407,3 +407,26 @@ def test_submit_error_names_options(
     assert "spec.accelerators.models[1] is set by --model" in err
     assert "spec.environment[''] is set by --env" in err
     assert "Traceback" not in err
+
+
+def test_list_notes_jobs_past_limit(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Scheduler:
+        def ListJobs(self, request: scheduler_pb2.ListJobsRequest) -> object:
+            jobs = [scheduler_pb2.Job(job_id=f"j{i}") for i in range(request.page.page_size)]
+            return scheduler_pb2.ListJobsResponse(
+                jobs=jobs, page=common_pb2.PageResponse(next_page_token="more")
+            )
+
+    @contextlib.contextmanager
+    def open_scheduler(args: object) -> Iterator[Scheduler]:
+        yield Scheduler()
+
+    monkeypatch.setattr(jobs_cli, "open_scheduler", open_scheduler)
+    code = main(["jobs", "list", "--limit", "2", "--format", "csv"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert [line.split(",")[0] for line in captured.out.splitlines()] == ["job", "j0", "j1"]
+    assert "more rows may exist than the 2 shown" in captured.err
+    assert "--limit above 2" in captured.err
