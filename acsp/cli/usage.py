@@ -99,7 +99,11 @@ def _filter_required(filtered: bool, listing: str, options: str) -> Iterator[Non
 
 def run_query(args: argparse.Namespace) -> int:
     records = []
-    with open_metering(args) as metering:
+    options = "--project PROJECT or --grant GRANT of a project you are a member of"
+    with (
+        _filter_required(bool(args.project or args.grant), "usage", options),
+        open_metering(args) as metering,
+    ):
 
         def fetch(page: common_pb2.PageRequest) -> metering_pb2.QueryUsageResponse:
             return metering.QueryUsage(

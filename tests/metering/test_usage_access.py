@@ -284,13 +284,17 @@ async def test_unfiltered_listing_asks_for_filter(callers: tuple[Callers, str]) 
 
 @pytest.mark.parametrize(
     ("command", "options"),
-    [("charges", ["--grant GRANT", "--job JOB"]), ("refunds", ["--job JOB", "--provider"])],
+    [
+        (["charges"], ["--grant GRANT", "--job JOB"]),
+        (["refunds"], ["--job JOB", "--provider"]),
+        (["query", "--from", "2026-01-01", "--to", "2026-02-01"], ["--project", "--grant"]),
+    ],
 )
 async def test_unfiltered_cli_listing_names_options(
     callers: tuple[Callers, str],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    command: str,
+    command: list[str],
     options: list[str],
 ) -> None:
     client, _ = callers
@@ -302,11 +306,12 @@ async def test_unfiltered_cli_listing_names_options(
             yield BlockingStub(stub, client.metadata("bob", "researcher"))
 
     monkeypatch.setattr(usage_cli, "open_metering", open_metering)
-    code = await asyncio.to_thread(main, ["usage", command])
+    code = await asyncio.to_thread(main, ["usage", *command])
     captured = capsys.readouterr()
     assert code == 1
     assert "a filter is required" in captured.err
     for option in options:
         assert option in captured.err
     assert "job_id" not in captured.err
+    assert "project_id" not in captured.err
     assert captured.out == ""
