@@ -175,8 +175,12 @@ class Ledger:
         seen: dict[str, int] = {}
         for index, request in enumerate(requests):
             if request.key in seen:
+                first = seen[request.key]
+                if requests[first].digest() != request.digest():
+                    outcomes.append(_reused_key(request.key))
+                    continue
                 # A duplicate inside the batch gets the first one's outcome once it is written.
-                outcomes.append(_Duplicate(seen[request.key]))
+                outcomes.append(_Duplicate(first))
                 continue
             seen[request.key] = index
             try:
@@ -191,10 +195,7 @@ class Ledger:
         stored = batch.existing.get(request.key)
         if stored is not None:
             if stored["request_digest"] != request.digest():
-                raise FailedPrecondition(
-                    f"idempotency key {request.key!r} was already used for a different request",
-                    field="request_id",
-                )
+                raise _reused_key(request.key)
             return _result_from_row(stored, applied=False)
         if isinstance(request, HoldRequest):
             return self._hold(batch, request, project_grants)
@@ -352,6 +353,13 @@ class Ledger:
                 crossing=meta["low_crossings"],
             )
         )
+
+
+def _reused_key(key: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"idempotency key {key!r} was already used for a different request",
+        field="request_id",
+    )
 
 
 def _constraints(batch: BatchState, grant_id: str) -> GrantConstraints:

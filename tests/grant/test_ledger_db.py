@@ -12,7 +12,7 @@ import pytest
 
 from services.grant import budget
 from services.grant.errors import InsufficientBudget, NotFound
-from services.grant.ledger import Ledger
+from services.grant.ledger import Ledger, RequestRejected
 from services.grant.ledger_batcher import LedgerBatcher
 from services.grant.ledger_ops import (
     Cause,
@@ -200,6 +200,31 @@ async def test_key_reused_for_other_request_rejected(db: Database, ledger: Ledge
     [outcome] = await ledger.apply([hold_request(grant_id, "2", key="k")])
     assert "already used for a different request" in str(outcome)
     assert (await grant_row(db, grant_id))["held"] == 1
+
+
+async def test_key_reused_within_batch_rejected(db: Database, ledger: Ledger) -> None:
+    """Two requests with one key in one batch: a copy gets the first's result, another body
+    gets an error, whether or not the batch is atomic."""
+    await seed_project(db)
+    grant_id = await seed_grant(db, "10")
+    hold = await place(ledger, hold_request(grant_id, "5"))
+    assert hold.hold_id is not None
+    first = ChargeRequest("batch-key", hold.hold_id, Decimal(1), METERING)
+    copy = ChargeRequest("batch-key", hold.hold_id, Decimal(1), METERING)
+    other = ChargeRequest("batch-key", hold.hold_id, Decimal(2), METERING)
+    with pytest.raises(RequestRejected) as rejected:
+        await ledger.apply([first, other], atomic=True)
+    assert rejected.value.index == 1
+    assert "already used for a different request" in str(rejected.value.error)
+    assert (await grant_row(db, grant_id))["consumed"] == 0
+    outcomes = await ledger.apply([first, copy, other])
+    assert isinstance(outcomes[0], EntryResult)
+    assert outcomes[0].applied
+    assert isinstance(outcomes[1], EntryResult)
+    assert outcomes[1].entry_id == outcomes[0].entry_id
+    assert not outcomes[1].applied
+    assert "already used for a different request" in str(outcomes[2])
+    assert (await grant_row(db, grant_id))["consumed"] == 1
 
 
 async def test_project_hold_spends_grant_expiring_first(db: Database, ledger: Ledger) -> None:
