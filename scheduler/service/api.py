@@ -14,7 +14,7 @@ from typing import Final, cast
 
 import grpc
 
-from acsp.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from acsp.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.runtime.auth import Principal, Role, current_principal, require_roles
 from services.runtime.context import remaining_s, request_id
 from services.runtime.errors import (
@@ -35,7 +35,7 @@ from .leadership import Leadership
 from .model import Job, JobFilter, JobState, new_job_id
 from .providers import ProviderDirectory
 from .request_ids import check_repeated_in_batch, check_reused_ids, check_stored, request_key
-from .store import decode_page_token
+from .store import decode_page_token, encode_page_token
 from .validation import (
     MAX_REASON_LENGTH,
     MAX_REQUEST_ID_LENGTH,
@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 WATCH_POLL_S: Final = 1.0
 SUBMITTERS: Final = (Role.RESEARCHER, Role.PI, Role.SERVICE, Role.PROGRAM_OFFICE)
+MAX_PAGE_BYTES: Final = 3 * 1024 * 1024
+"""Encoded jobs of one ListJobs page, below the 4 MiB that gRPC clients receive by default."""
 
 
 class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -225,10 +227,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         jobs, token = await self._lead.store.list_jobs(
             filters, request.page.page_size, request.page.page_token
         )
-        return scheduler_pb2.ListJobsResponse(
-            jobs=[job_to_proto(job) for job in jobs],
-            page=common_pb2.PageResponse(next_page_token=token),
-        )
+        return _jobs_page(jobs, token)
 
     async def CancelJob(
         self, request: scheduler_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
@@ -367,6 +366,26 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             response.used_millis_by_region.update(used)
             response.total_millis_by_region.update(total)
         return response
+
+
+def _jobs_page(jobs: list[Job], token: str) -> scheduler_pb2.ListJobsResponse:
+    """Return a ListJobs page of ``jobs`` that stays within :data:`MAX_PAGE_BYTES`.
+
+    A job may encode to a few hundred kilobytes, so a full page of large jobs is cut short
+    and its token continues after the last job it contains.
+    """
+    page = scheduler_pb2.ListJobsResponse()
+    size = 0
+    for job in jobs:
+        message = job_to_proto(job)
+        # Each job also takes a field tag and a length prefix of at most 6 bytes in the page.
+        size += message.ByteSize() + 6
+        if page.jobs and size > MAX_PAGE_BYTES:
+            token = encode_page_token(page.jobs[-1].job_id)
+            break
+        page.jobs.append(message)
+    page.page.next_page_token = token
+    return page
 
 
 def _submit_response(
