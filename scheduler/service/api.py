@@ -349,7 +349,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         filters = JobFilter(
             ("pending", "starting", "running", "stopping"), scope.project_id, "", scope.owner
         )
-        # NOTE: only the newest 1000 open jobs are sent. Paging on would fill the watch queue
+        # NOTE: only the newest 1000 open jobs are sent. Paging on could fill the watch queue
         # (1024 changes) while a large initial state streams, which closes the watch.
         jobs, _ = await self._lead.store.list_jobs(filters, 1000, "")
         return jobs
