@@ -135,9 +135,11 @@ def find_cause(
 ) -> tuple[str, datetime] | None:
     """Return (reason, time of the loss) when the attempt's end is the provider's fault.
 
-    A fatal event ties the end to the hardware when the agent named it as the cause, or when it
-    hit an accelerator the attempt used (or its node, for node-wide events) between the
-    attempt's start and ``tie_window`` after its end.
+    A fatal event ties the end to the hardware only when it hit an accelerator the attempt used
+    (or its node, for node-wide events), and then when the agent named it as the cause or it
+    came between the attempt's start and ``tie_window`` after its end. An event elsewhere is
+    never the cause, even when an agent named it: a provider could otherwise have any attempt
+    refunded, at the cost of the provider whose hardware ran it.
     """
     if attempt.end_trigger.startswith("recall:"):
         return f"provider recall {attempt.end_trigger.removeprefix('recall:')}", attempt.ended_at
@@ -155,7 +157,7 @@ def find_cause(
             if event.accelerator_id
             else event.node in used_nodes
         )
-        if event.event_id == named or (on_ours and start <= event.time <= latest):
+        if on_ours and (event.event_id == named or start <= event.time <= latest):
             condition = f"xid {event.xid}" if event.condition == "xid" else event.condition
             target = event.accelerator_id or f"node {event.node}"
             return f"{condition} on {target}", min(event.time, attempt.ended_at)

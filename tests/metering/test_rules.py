@@ -301,6 +301,19 @@ def test_application_xid_or_other_accelerator_is_not() -> None:
     assert find_cause(completed, [_fault(79)], used, frozenset(), timedelta(0)) is None
 
 
+def test_named_fault_elsewhere_is_not() -> None:
+    """A fault that an agent named counts only on the attempt's own accelerators or nodes."""
+    used = frozenset({"GPU-0"})
+    named = _attempt(end_reason="completed", end_trigger="health:e1")
+    on_ours = find_cause(named, [_fault(79)], used, frozenset({"node-1"}), timedelta(0))
+    assert on_ours is not None
+    elsewhere = find_cause(named, [_fault(79, "GPU-9")], used, frozenset(), timedelta(0))
+    assert elsewhere is None
+    node_wide = _fault(79, "")
+    other_node = find_cause(named, [node_wide], used, frozenset({"node-2"}), timedelta(0))
+    assert other_node is None
+
+
 def _minute_slices(minutes: range, model: str = "T4") -> list[Slice]:
     """One 60-second slice a minute from T0, in five-minute charging periods."""
     return [
