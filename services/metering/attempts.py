@@ -449,7 +449,7 @@ async def _health_events_for(
     triggers = [row["end_trigger"].removeprefix("health:") for row in rows if row["end_trigger"]]
     event_rows = await conn.fetch(
         """
-        SELECT event_id, accelerator_id, node, kind, code, fatal, event_time
+        SELECT event_id, accelerator_id, node, kind, code, fatal, event_time, provider
         FROM metering.health_events
         WHERE accelerator_id = any($1::text[]) OR (accelerator_id = '' AND node = any($2::text[]))
            OR event_id = any($3::text[])
@@ -482,13 +482,19 @@ async def _decide_one(
     )
     accelerators = frozenset(s.accelerator_id for s in samples)
     nodes = frozenset(s.node for s in samples)
+    providers = frozenset(s.provider for s in samples)
     trigger = attempt.end_trigger.removeprefix("health:")
+    # An event counts only if it came from the provider whose nodes ran the attempt, because
+    # another provider could name any accelerator or node in an event of its own.
     events = [
         e
         for e in candidates
-        if e.accelerator_id in accelerators
-        or (e.accelerator_id == "" and e.node in nodes)
-        or (trigger != "" and e.event_id == trigger)
+        if e.provider in providers
+        and (
+            e.accelerator_id in accelerators
+            or (e.accelerator_id == "" and e.node in nodes)
+            or (trigger != "" and e.event_id == trigger)
+        )
     ]
     cause = find_cause(attempt, events, accelerators, nodes, tie_window)
     if cause is None:

@@ -62,6 +62,33 @@ def _unstorable(event: Message, kind: str) -> bool:
     return True
 
 
+def _health_origin(subject: str, event: agent_pb2.HealthEvent) -> tuple[str, str, str] | None:
+    """Return the (provider, region, node) of a health event, taken from its subject.
+
+    NATS lets a provider's agents publish only on their own provider's subjects, but nothing
+    checks the payload's NodeRef. For an event whose NodeRef names another node or provider
+    than its subject, this logs the mismatch and returns None, so the event is skipped.
+    """
+    parts = subject.split(".")
+    if len(parts) != 5:
+        logger.error("skipping health event %r on subject %r", event.event_id, subject)
+        return None
+    provider, region, node = parts[2], parts[3], parts[4]
+    named = event.node
+    if (named.provider_id and named.provider_id != provider) or (
+        named.node_id and named.node_id != node
+    ):
+        logger.error(
+            "skipping health event %r: it names node %r of provider %r but came on %s",
+            event.event_id,
+            named.node_id,
+            named.provider_id,
+            subject,
+        )
+        return None
+    return provider, region, node
+
+
 def _time(value: Timestamp) -> datetime | None:
     """Convert a timestamp, or return None when unset. Raises ValueError outside years 1-9999."""
     if value.seconds == 0 and value.nanos == 0:
@@ -174,18 +201,21 @@ class FactConsumers:
                     continue
                 if event.cleared or not event.event_id or time is None:
                     continue
+                origin = _health_origin(message.subject, event)
+                if origin is None:
+                    continue
+                provider, region, node = origin
                 fact = HealthFact(
                     event.event_id,
                     event.accelerator_id,
-                    event.node.node_id,
+                    node,
                     event.condition,
                     event.xid,
                     event.severity == agent_pb2.HEALTH_SEVERITY_FATAL,
                     time,
+                    provider,
                 )
-                await record_health_event(
-                    conn, fact, event.node.provider_id, event.node.region_id, event.message
-                )
+                await record_health_event(conn, fact, provider, region, event.message)
                 if not is_fatal(fact.condition, fact.xid, fact.fatal_severity):
                     continue
                 # The agent names the tasks that ran on the accelerator when it failed: the

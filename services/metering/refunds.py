@@ -36,6 +36,8 @@ class HealthFact:
     xid: int
     fatal_severity: bool
     time: datetime
+    provider: str = ""
+    """The provider whose subject the event came on; only its attempts' hardware can match."""
 
 
 @dataclass(frozen=True, slots=True)

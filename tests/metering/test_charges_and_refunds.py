@@ -141,6 +141,24 @@ async def test_fatal_xid_refunds_lost_time_and_reduces_settlement(
     assert "TOTAL" in settlement_csv(settlement)
 
 
+async def test_other_providers_fault_refunds_nothing(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    """A fatal event that another provider reports for this job's accelerator is not its cause."""
+    items = [sample(f"node-1/{i}", "job-f", T0 + timedelta(minutes=i)) for i in range(30)]
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(usage_subject("prov-a", "r1", "node-1"), report(items))
+        await wait_until(functools.partial(_done, ingest, 1))
+    fault = T0 + timedelta(minutes=29)
+    forged = HealthFact("node-1/boot-9/1", "GPU-0", "node-1", "xid", 79, True, fault, "prov-b")
+    async with db.acquire() as conn:
+        await record_health_event(conn, forged, "prov-b", "r1", "named another provider's GPU")
+    await admit(db, "job-f", ended_at=T0 + timedelta(minutes=30), end_reason="failed")
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=3))))
+    assert_priced(ledger.total_charged(), exact_price("A100-SXM4-80GB", 30 * 60), charges=30)
+    assert ledger.refunds == {}
+
+
 async def test_refund_bounded_by_policy_without_checkpoint(
     nats_url: str, db: Database, ledger: LedgerDouble
 ) -> None:

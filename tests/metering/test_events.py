@@ -296,8 +296,8 @@ class _Message:
         self.subject = subject
 
 
-def _message(data: bytes) -> Msg:
-    return cast(Msg, _Message(data))
+def _message(data: bytes, subject: str = "") -> Msg:
+    return cast(Msg, _Message(data, subject))
 
 
 async def test_unstorable_events_skipped_alone(db: Database, ledger: LedgerDouble) -> None:
@@ -317,7 +317,9 @@ async def test_unstorable_events_skipped_alone(db: Database, ledger: LedgerDoubl
         )
         event.time.FromDatetime(T0)
         event.time.seconds = seconds
-        return _message(event.SerializeToString())
+        return _message(
+            event.SerializeToString(), subjects.health_subject("prov-a", "r1", "node-1")
+        )
 
     good = int(T0.timestamp())
     await facts.handle_health(
@@ -338,3 +340,35 @@ async def test_unstorable_events_skipped_alone(db: Database, ledger: LedgerDoubl
         triggers = await conn.fetch("SELECT job_id, end_trigger FROM metering.jobs")
     assert [r["event_id"] for r in events] == ["h-good"]
     assert [(r["job_id"], r["end_trigger"]) for r in triggers] == [("job-h", "health:h-good")]
+
+
+async def test_health_origin_from_subject(db: Database, ledger: LedgerDouble) -> None:
+    """A health event is stored under the node of its subject, and one naming another is not."""
+    facts = FactConsumers(db, ledger)
+
+    def health(event_id: str, node: agent_pb2.NodeRef) -> Msg:
+        event = agent_pb2.HealthEvent(
+            event_id=event_id,
+            node=node,
+            accelerator_id="GPU-0",
+            condition="xid",
+            xid=79,
+            severity=agent_pb2.HEALTH_SEVERITY_FATAL,
+        )
+        event.time.FromDatetime(T0)
+        return _message(
+            event.SerializeToString(), subjects.health_subject("prov-b", "r2", "node-7")
+        )
+
+    await facts.handle_health(
+        [
+            health("h-forged", agent_pb2.NodeRef(provider_id="prov-a", node_id="node-1")),
+            health("h-other-node", agent_pb2.NodeRef(provider_id="prov-b", node_id="node-1")),
+            health("h-own", agent_pb2.NodeRef()),
+        ]
+    )
+    async with db.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT event_id, provider, region, node FROM metering.health_events"
+        )
+    assert [tuple(r) for r in rows] == [("h-own", "prov-b", "r2", "node-7")]
