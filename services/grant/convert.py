@@ -92,11 +92,19 @@ def time_in(field: str, message: timestamp_pb2.Timestamp, present: bool) -> date
     if not earliest <= message.seconds < latest or not 0 <= message.nanos < 1_000_000_000:
         raise InvalidArgument(
             field,
-            f"{message.seconds} s, {message.nanos} ns since 1970 is outside the years "
+            f"{_time_text(message)} is outside the years "
             f"{EARLIEST_TIME.year}..{LATEST_TIME.year - 1}",
             f"give a time from {EARLIEST_TIME.date()} to before {LATEST_TIME.date()} (UTC)",
         )
     return message.ToDatetime(tzinfo=UTC)
+
+
+def _time_text(message: timestamp_pb2.Timestamp) -> str:
+    """Write a timestamp as ISO 8601 UTC, or as raw seconds outside the years 1 to 9999."""
+    try:
+        return message.ToDatetime(tzinfo=UTC).isoformat()
+    except (ValueError, OverflowError):
+        return f"{message.seconds} s, {message.nanos} ns since 1970"
 
 
 def time_out(value: datetime, target: timestamp_pb2.Timestamp) -> None:

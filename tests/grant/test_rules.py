@@ -7,10 +7,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from google.protobuf import timestamp_pb2
 
 from services.grant import ledger_rules as rules
 from services.grant.amounts import format_amount, parse_amount
-from services.grant.convert import amount_out, signed_out, text_in
+from services.grant.convert import amount_out, signed_out, text_in, time_in
 from services.grant.errors import FailedPrecondition, InsufficientBudget, InvalidArgument
 from services.grant.ledger_rules import EntryKind, GrantState, HoldBalance, Pot
 from services.grant.review_rules import (
@@ -321,3 +322,19 @@ def test_blank_text_fix_names_field(field: str) -> None:
     assert caught.value.field == field
     assert caught.value.reason == "is missing"
     assert caught.value.fix == f"set {field} to text that is not blank"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (7_271_164_800, "2200-06-01T00:00:00+00:00 is outside the years 2000..2199"),
+        (-62_135_596_800, "0001-01-01T00:00:00+00:00 is outside the years 2000..2199"),
+        (2**62, f"{2**62} s, 0 ns since 1970 is outside the years 2000..2199"),
+    ],
+)
+def test_time_out_of_range_shown_as_time(seconds: int, shown: str) -> None:
+    stamp = timestamp_pb2.Timestamp(seconds=seconds)
+    with pytest.raises(InvalidArgument) as caught:
+        time_in("application.validity.end_time", stamp, present=True)
+    assert caught.value.field == "application.validity.end_time"
+    assert caught.value.reason == shown
