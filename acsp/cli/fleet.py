@@ -10,7 +10,13 @@ import uuid
 from typing import Any
 
 from acsp.cli import pledges
-from acsp.cli._common import EXIT_OK, connection_options, output_options, print_records
+from acsp.cli._common import (
+    EXIT_OK,
+    connection_options,
+    format_time,
+    output_options,
+    print_records,
+)
 from acsp.cli.jobs import open_scheduler
 from acsp.v1 import common_pb2, scheduler_pb2
 
@@ -109,7 +115,6 @@ def register(subparsers: Any) -> None:
 def node_row(node: scheduler_pb2.Node) -> dict[str, Any]:
     models = sorted({a.model for a in node.accelerators})
     healthy = sum(1 for a in node.accelerators if a.health != scheduler_pb2.HEALTH_STATE_FAILED)
-    beat = node.last_heartbeat_time
     return {
         "node": f"{node.provider_id}/{node.region_id}/{node.node_id}",
         "state": scheduler_pb2.NodeState.Name(node.state).removeprefix("NODE_STATE_").lower(),
@@ -122,7 +127,7 @@ def node_row(node: scheduler_pb2.Node) -> dict[str, Any]:
             if a.health == scheduler_pb2.HEALTH_STATE_FAILED
         ),
         "jobs": len(node.job_ids),
-        "last heartbeat": beat.ToDatetime().isoformat(timespec="seconds") if beat.seconds else "",
+        "last heartbeat": format_time(node.last_heartbeat_time),
         "reason": node.state_cause.reason,
         # The trigger distinguishes a drain the node's agent requested from an operator's.
         "cause": node.state_cause.trigger,

@@ -15,7 +15,7 @@ from google.rpc import status_pb2
 
 from acsp.cli import jobs as jobs_cli
 from acsp.cli._common import STATUS_DETAILS_KEY, CommandError
-from acsp.cli.fleet import list_providers, provider_rows
+from acsp.cli.fleet import list_providers, node_row, provider_rows
 from acsp.cli.jobs import job_details, job_row_of, parse_millis, spec_from_args, watch_line
 from acsp.cli.main import build_parser, main
 from acsp.v1 import common_pb2, scheduler_pb2
@@ -430,3 +430,11 @@ def test_list_notes_jobs_past_limit(
     assert [line.split(",")[0] for line in captured.out.splitlines()] == ["job", "j0", "j1"]
     assert "more rows may exist than the 2 shown" in captured.err
     assert "--limit above 2" in captured.err
+
+
+def test_node_row_heartbeat_in_utc() -> None:
+    node = scheduler_pb2.Node(provider_id="p", region_id="r", node_id="n")
+    assert node_row(node)["last heartbeat"] == ""
+    node.last_heartbeat_time.FromDatetime(datetime(2026, 3, 1, 12, 30, 5, tzinfo=UTC))
+    # Every other time the CLI prints carries its offset, so this one does too.
+    assert node_row(node)["last heartbeat"] == "2026-03-01T12:30:05+00:00"
