@@ -91,6 +91,19 @@ async def _require_application_visible(conn: asyncpg.Connection, application_id:
     return str(project_id)
 
 
+def _country_code_in(text: str) -> str:
+    """Return an ISO 3166-1 alpha-2 code in upper case, or "" when none is given."""
+    code = cv.text_in("institution.country_code", text, required=False, limit=2)
+    # Checked before upper(), which turns 'ß' into the two letters 'SS'.
+    if code and not (len(code) == 2 and code.isascii() and code.isalpha()):
+        raise InvalidArgument(
+            "institution.country_code",
+            f"{code!r} is not an ISO 3166-1 alpha-2 code",
+            "give two letters such as 'DE', or leave it empty",
+        )
+    return code.upper()
+
+
 class ProgramHandlers:
     """Institutions, projects and applications."""
 
@@ -106,12 +119,7 @@ class ProgramHandlers:
                 "institution.institution_id", request.institution.institution_id
             ),
             name=cv.text_in("institution.display_name", request.institution.display_name),
-            country_code=cv.text_in(
-                "institution.country_code",
-                request.institution.country_code,
-                required=False,
-                limit=2,
-            ).upper(),
+            country_code=_country_code_in(request.institution.country_code),
         )
         async with self.app.database().transaction() as conn:
             row = await directory.create_institution(conn, new, principal.subject)

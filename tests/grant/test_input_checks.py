@@ -643,3 +643,26 @@ async def test_ledger_request_id_reuse_rejected(grant_service: RunningGrant) -> 
     balance = await scheduler.GetBalance(grant_pb2.GetBalanceRequest(grant_id=grant_id))
     assert balance.held_pf_days.value == "4"
     assert balance.refunded_pf_days.value == "0"
+
+
+@pytest.mark.parametrize("code", ["12", "D", "D1", "ß"])
+async def test_country_code_must_be_letters(grant_service: RunningGrant, code: str) -> None:
+    office = grant_service.stub("office", ["program_office"])
+    institution = grant_pb2.Institution(
+        institution_id="uni-z", display_name="University Z", country_code=code
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await office.CreateInstitution(
+            grant_pb2.CreateInstitutionRequest(request_id=rid(), institution=institution)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "institution.country_code" in field_violations(caught.value)
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await office.GetInstitution(grant_pb2.GetInstitutionRequest(institution_id="uni-z"))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+    institution.country_code = "de"
+    stored = await office.CreateInstitution(
+        grant_pb2.CreateInstitutionRequest(request_id=rid(), institution=institution)
+    )
+    assert stored.country_code == "DE"
