@@ -62,12 +62,18 @@ def decimal_out(value: Decimal) -> common_pb2.Decimal:
 
 
 def decimal_in(field: str, message: common_pb2.Decimal) -> Decimal:
+    not_decimal = InvalidArgument(
+        field, f"{quoted(message.value)} is not a decimal number", "give digits such as '312.5'"
+    )
+    # Decimal() also reads digit group underscores, non-ASCII digits and surrounding spaces,
+    # so '3_12' would be 312 where the caller mistyped.
+    text = message.value
+    if not text.isascii() or "_" in text or text != text.strip():
+        raise not_decimal
     try:
-        value = Decimal(message.value)
+        value = Decimal(text)
     except InvalidOperation:
-        raise InvalidArgument(
-            field, f"{message.value!r} is not a decimal number", "give digits such as '312.5'"
-        ) from None
+        raise not_decimal from None
     if not value.is_finite():
         raise InvalidArgument(field, f"{message.value!r} is not finite", "give a finite number")
     return value

@@ -374,6 +374,18 @@ async def test_publish_rejects_unbounded_card(
             "has more than 6 decimal places",
         ),
         (
+            "rate_card.rates[0].model.peak_dense_tflops",
+            lambda card: setattr(card.rates[0].model.peak_dense_tflops, "value", "3_12"),
+            "'3_12' is not a decimal number",
+        ),
+        (
+            "rate_card.rates[0].model.peak_dense_tflops",
+            lambda card: setattr(
+                card.rates[0].model.peak_dense_tflops, "value", "\u0663\u0661\u0662"
+            ),
+            "is not a decimal number",
+        ),
+        (
             f"rate_card.rates[{len(current.rates)}].model.name",
             lambda card: _with_new_model(card, "H200 SXM\u200b"),
             "is not a model name that agents can report",
