@@ -306,10 +306,14 @@ def _check_accelerator_seconds(text: str, interval_ns: int, share_millis: int) -
 
 def _parse_unusual_seconds(text: str) -> int:
     """Parse forms the fast path skips (exponent, sign, trailing zeros past 6 places)."""
+    not_decimal = InvalidSample(f"accelerator_seconds {text[:40]!r} is not a decimal number")
+    # Decimal() also reads digit group underscores, non-ASCII digits and surrounding spaces.
+    if not text.isascii() or "_" in text or text != text.strip():
+        raise not_decimal
     try:
         value = Decimal(text)
     except InvalidOperation:
-        raise InvalidSample(f"accelerator_seconds {text!r} is not a decimal number") from None
+        raise not_decimal from None
     if not value.is_finite():
         raise InvalidSample(f"accelerator_seconds {text!r} is not a finite number")
     if value.adjusted() >= MAX_SECONDS_DIGITS:

@@ -161,9 +161,12 @@ def test_invalid_sample_rejected_with_reason(field: str, value: object, reason: 
         ("1e5000", "more than 12 integer digits"),
         ("-1e5000", "more than 12 integer digits"),
         ("1e-5000", "more than 6 decimal places"),
+        ("6_0", "not a decimal number"),
+        ("\u0666\u0660", "not a decimal number"),
+        (" 60", "not a decimal number"),
     ],
 )
-def test_huge_seconds_reject_only_their_sample(seconds: str, reason: str) -> None:
+def test_bad_seconds_reject_only_their_sample(seconds: str, reason: str) -> None:
     item = sample("s1", "job-1", T0)
     item.accelerator_seconds.value = seconds
     accepted, rejected = _decode(item, sample("s2", "job-1", T0))
