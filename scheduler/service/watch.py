@@ -70,6 +70,11 @@ class WatchHub:
         self, queue_size: int = 1024, max_per_caller: int = MAX_WATCHES_PER_CALLER
     ) -> None:
         self._watchers: set[Watcher] = set()
+        # Each watcher is indexed by its narrowest filter, so a change visits only the
+        # watchers that may match it instead of every open stream.
+        self._by_job: dict[str, set[Watcher]] = {}
+        self._by_project: dict[str, set[Watcher]] = {}
+        self._unfiltered: set[Watcher] = set()
         self._queue_size = queue_size
         self._max_per_caller = max_per_caller
 
@@ -83,16 +88,25 @@ class WatchHub:
             )
         watcher = Watcher(job_id, project_id, subject, asyncio.Queue(self._queue_size))
         self._watchers.add(watcher)
+        self._index_of(watcher).add(watcher)
         return watcher
 
     def unsubscribe(self, watcher: Watcher) -> None:
         self._watchers.discard(watcher)
+        index = self._index_of(watcher)
+        index.discard(watcher)
+        if not index and index is not self._unfiltered:
+            # Drop the emptied set, so finished watches of many jobs leave no keys behind.
+            if watcher.job_id:
+                self._by_job.pop(watcher.job_id, None)
+            else:
+                self._by_project.pop(watcher.project_id, None)
 
     def publish(self, jobs: Iterable[Job]) -> None:
         if not self._watchers:
             return
         for job in jobs:
-            for watcher in list(self._watchers):
+            for watcher in self._candidates(job):
                 if watcher.overflowed or not watcher.matches(job):
                     continue
                 try:
@@ -100,9 +114,25 @@ class WatchHub:
                 except asyncio.QueueFull:
                     self._overflow(watcher)
 
+    def _index_of(self, watcher: Watcher) -> set[Watcher]:
+        if watcher.job_id:
+            return self._by_job.setdefault(watcher.job_id, set())
+        if watcher.project_id:
+            return self._by_project.setdefault(watcher.project_id, set())
+        return self._unfiltered
+
+    def _candidates(self, job: Job) -> list[Watcher]:
+        """Return the watchers that may match ``job``, copied so that an overflow may remove
+        one while the caller iterates."""
+        found = [*self._unfiltered, *self._by_job.get(job.job_id, ())]
+        if job.array_id:
+            found += self._by_job.get(job.array_id, ())
+        found += self._by_project.get(job.spec.project_id, ())
+        return found
+
     def _overflow(self, watcher: Watcher) -> None:
         watcher.overflowed = True
-        self._watchers.discard(watcher)
+        self.unsubscribe(watcher)
         logger.warning(
             "watch of job %r project %r fell behind and was closed",
             watcher.job_id,

@@ -10,7 +10,8 @@ import grpc
 import pytest
 
 from acsp.v1 import scheduler_pb2
-from scheduler.service.watch import TooManyWatches, WatchHub
+from scheduler.service.model import Job, JobSpec
+from scheduler.service.watch import TooManyWatches, Watcher, WatchHub
 from services.runtime.auth import Role
 
 from .harness import Stack, fund_grant, metadata, scheduler_stub
@@ -86,3 +87,46 @@ def test_watches_limited_per_caller() -> None:
 
     assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "'alice' already has 2 open WatchJobs streams" in error.value.message
+
+
+def job_of(job_id: str, project: str, array_id: str = "") -> Job:
+    spec = JobSpec(name="w", project_id=project, command=("true",))
+    return Job(job_id=job_id, spec=spec, owner="alice", array_id=array_id)
+
+
+def drained(watcher: Watcher) -> list[str]:
+    out = []
+    while not watcher.queue.empty():
+        job = watcher.queue.get_nowait()
+        out.append(job.job_id if job is not None else "end")
+    return out
+
+
+def test_hub_routes_changes_by_filter() -> None:
+    hub = WatchHub()
+    everything = hub.subscribe()
+    by_job = hub.subscribe(job_id="j1")
+    by_array = hub.subscribe(job_id="a1")
+    by_project = hub.subscribe(project_id="p2")
+    both = hub.subscribe(job_id="j1", project_id="p2")
+    hub.publish([job_of("j1", "p1"), job_of("a1-0", "p2", "a1"), job_of("j3", "p3")])
+
+    assert drained(everything) == ["j1", "a1-0", "j3"]
+    assert drained(by_job) == ["j1"]
+    assert drained(by_array) == ["a1-0"]
+    assert drained(by_project) == ["a1-0"]
+    assert drained(both) == []
+
+
+def test_hub_forgets_closed_watchers() -> None:
+    hub = WatchHub(queue_size=1)
+    slow = hub.subscribe(project_id="p1")
+    closed = hub.subscribe(job_id="j1")
+    hub.unsubscribe(closed)
+    hub.publish([job_of("j1", "p1"), job_of("j2", "p1"), job_of("j3", "p1")])
+    hub.unsubscribe(slow)
+
+    assert drained(slow) == ["end"]
+    assert drained(closed) == []
+    assert hub._by_job == {}
+    assert hub._by_project == {}
