@@ -80,7 +80,9 @@ def _check_one(jobs: list[Job], key: str, found: dict[str, Job], field: str) -> 
     again = "repeat that request unchanged to get its jobs, or use a new request_id for new jobs"
     if size == 0:
         element = found.get(f"{key}/0")
-        if element is not None:
+        # A single job submitted under the request id "<id>/0" has the same key as element 0
+        # of an array under "<id>", and it is no earlier use of this request id.
+        if element is not None and element.array_id:
             raise FailedPrecondition(
                 f"was used before for job array {element.array_id}; {again}", field
             )

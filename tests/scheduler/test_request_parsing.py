@@ -1,5 +1,5 @@
-"""Parsing of request fields that a client may forge: page tokens, enum numbers, counts and
-timestamps."""
+"""Parsing of request fields that a client may forge: page tokens, enum numbers, counts,
+timestamps and request ids."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import pytest
 
 from acsp.v1 import common_pb2, scheduler_pb2
 from scheduler.service.fleet_api import _node_state_name
+from scheduler.service.model import Job, JobSpec
 from scheduler.service.pledges import MAX_PLEDGE_ACCELERATORS, pledge_from_proto
 from scheduler.service.provider_store import (
     decode_provider_page_token,
     encode_provider_page_token,
 )
+from scheduler.service.request_ids import _check_one as check_one
 from scheduler.service.store import decode_page_token, encode_page_token
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import FailedPrecondition, InvalidArgument
 
 
 def forged_token(value: bytes) -> str:
@@ -82,3 +84,15 @@ def test_pledge_window_outside_timestamp_range() -> None:
     assert "pledge.window.start_time" in fields
     assert "pledge.window.end_time" in fields
     assert "years 1 to 9999" in violations[0].reason
+
+
+def test_single_job_key_not_taken_for_array() -> None:
+    spec = JobSpec(name="n", project_id="p1", command=("true",))
+    earlier = Job(job_id="j1", spec=spec, owner="alice")
+    new = Job(job_id="j2", spec=spec, owner="alice")
+    # "x/0" was the request id of a single job, so "x" has not been used before.
+    check_one([new], "5:alice/x", {"5:alice/x/0": earlier}, "request_id")
+
+    element = Job(job_id="a1-0", spec=spec, owner="alice", array_id="a1", array_index=0)
+    with pytest.raises(FailedPrecondition, match="job array a1"):
+        check_one([new], "5:alice/x", {"5:alice/x/0": element}, "request_id")
