@@ -190,6 +190,13 @@ class FleetRpcs(ProviderRpcs):
         created = not request.pledge.pledge_id
         try:
             stored = await self._pledges.upsert(pledge, cause, created)
+        except KeyError:
+            # Caught before LookupError, which is its base class.
+            raise NotFound(
+                "pledge",
+                pledge.pledge_id,
+                "leave pledge_id empty to create a pledge, or pass an id that ListPledges returns",
+            ) from None
         except LookupError as exc:
             raise FailedPrecondition(str(exc), "pledge.recallable_count") from None
         except RequestReused as exc:

@@ -159,8 +159,10 @@ class PledgeStore:
 
         ``created`` marks a pledge that the request creates. Its id was derived from the
         request id, so a stored row with that id comes from an earlier call. The same values
-        leave it as it is, and other values raise :class:`RequestReused`. Raises
-        ``LookupError`` if the pledge would fall below what recalls already took.
+        leave it as it is, and other values raise :class:`RequestReused`. A pledge to change
+        (``created`` false) that is not stored raises ``KeyError``, because pledge ids are the
+        scheduler's to assign. Raises ``LookupError`` if the pledge would fall below what
+        recalls already took.
         """
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             row = await conn.fetchrow(
@@ -172,6 +174,8 @@ class PledgeStore:
                 if _same_pledge(_pledge_from_row(row), pledge):
                     return True
                 raise RequestReused(f"was used before for pledge {pledge.pledge_id}")
+            if row is None and not created:
+                raise KeyError(pledge.pledge_id)
             if row is not None and (row["provider"], row["region"], row["model"]) != (
                 pledge.provider,
                 pledge.region,

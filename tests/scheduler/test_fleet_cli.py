@@ -284,7 +284,13 @@ async def test_pledge_of_unregistered_region(
     assert "reg, reg-2" in err
     assert "--region" in err
 
-    # Neither rejected pledge was stored.
+    # An id that names no pledge is not taken as the id of a new one.
+    code, _, err = await run_cli(capsys, *pledge_set("reg"), "--pledge-id", "pl-typo")
+    assert code == 1
+    assert "NOT_FOUND" in err
+    assert "pledge 'pl-typo' not found" in err
+
+    # No rejected pledge was stored.
     code, out, err = await run_cli(capsys, "pledge", "list", "--format", "json")
     assert code == 0, err
     assert json_rows(out) == []
