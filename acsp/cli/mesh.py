@@ -270,6 +270,18 @@ def _process_reports(info: MeshInfo) -> list[HealthReport]:
 
 
 def run_token(args: argparse.Namespace) -> int:
+    if not args.subject.strip():
+        raise CommandError(
+            "--subject is empty; give the user id the token speaks for, e.g. --subject alice",
+            EXIT_USAGE,
+        )
+    roles = {role.strip().lower().replace("-", "_") for role in args.role}
+    if "provider_operator" in roles and not args.provider:
+        raise CommandError(
+            "--provider is missing: a provider_operator token acts for one provider; "
+            "add e.g. --provider acme",
+            EXIT_USAGE,
+        )
     data_dir = args.data_dir.expanduser() if args.data_dir is not None else default_data_dir()
     key_path = data_dir / TOKEN_KEY_PATH
     if not key_path.is_file():

@@ -107,6 +107,24 @@ def test_token_command_accepts_maximum_ttl(tmp_path: Path, capsys: pytest.Captur
     assert claims["exp"] - claims["iat"] == mesh.MAX_TOKEN_TTL_S
 
 
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--role", "pi", "--subject", " "], "--subject is empty"),
+        (["--role", "provider-operator", "--subject", "op"], "--provider is missing"),
+    ],
+)
+def test_token_command_names_missing_claim(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], named: str
+):
+    prepare(tmp_path, services=[])
+    code = main.main(["token", "--data-dir", str(tmp_path), *options])
+    captured = capsys.readouterr()
+    assert code == _common.EXIT_USAGE
+    assert named in captured.err
+    assert captured.out == ""
+
+
 def test_token_command_without_key_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     code = main.main(["token", "--data-dir", str(tmp_path), "--role", "pi", "--subject", "a"])
     assert code == _common.EXIT_NO_MESH
