@@ -15,16 +15,20 @@ from services.runtime.errors import NotFound, PermissionDenied
 from services.runtime.grant_directory import ProjectDirectory, sees_every_project
 
 
-def check_provider_access(provider: str) -> None:
-    """Let the program office and services see any settlement, an operator only their own."""
+def check_provider_access(provider: str, records: str) -> None:
+    """Raise PermissionDenied unless the caller may read ``provider``'s ``records``.
+
+    The program office and services read every provider's records, and an operator reads
+    only their own provider's. ``records`` names what is read in the error, e.g. ``refunds``.
+    """
     principal = current_principal()
     if principal.has_any((Role.PROGRAM_OFFICE, Role.SERVICE)):
         return
     if Role.PROVIDER_OPERATOR in principal.roles and principal.provider == provider:
         return
     raise PermissionDenied(
-        f"{principal.subject!r} may not see provider {provider!r}'s settlement: it needs the "
-        "program office role or an operator token for that provider"
+        f"{principal.subject!r} may not see the {records} of provider {provider!r}: it needs "
+        "the program office role or an operator token for that provider"
     )
 
 

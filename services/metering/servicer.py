@@ -187,7 +187,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         job_id = convert.job_filter_in("job_id", request.job_id)
         project_id = ""
         if request.provider_id:
-            check_provider_access(request.provider_id)
+            check_provider_access(request.provider_id, "refunds")
         else:
             project_id = await self._usage_project(current_principal(), ("job_id",), job_id=job_id)
         limit, token = convert.page_in(request.page)
@@ -295,7 +295,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def _settlement(self, provider: str, window: common_pb2.TimeWindow) -> Settlement:
         if not provider:
             raise InvalidArgument("provider_id", "is missing", "name the provider")
-        check_provider_access(provider)
+        check_provider_access(provider, "settlement")
         start, end = convert.window_in("period", window)
         database = self._app.database()
         async with database.acquire() as conn:

@@ -108,10 +108,10 @@ class Callers:
         return grpc.StatusCode.OK
 
     async def refunds(
-        self, subject: str, role: str, job_id: str = ""
+        self, subject: str, role: str, job_id: str = "", provider_id: str = ""
     ) -> metering_pb2.ListRefundsResponse:
         return await self.stub.ListRefunds(
-            metering_pb2.ListRefundsRequest(job_id=job_id),
+            metering_pb2.ListRefundsRequest(job_id=job_id, provider_id=provider_id),
             metadata=self.metadata(subject, role),
             timeout=20,
         )
@@ -265,6 +265,15 @@ async def test_refunds_scoped_to_member_jobs(callers: tuple[Callers, str]) -> No
     assert denied == grpc.StatusCode.PERMISSION_DENIED
     unnamed = await client.refunds_code("bob", "researcher")
     assert unnamed == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_provider_refunds_denial_names_refunds(callers: tuple[Callers, str]) -> None:
+    client, _ = callers
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await client.refunds("bob", "researcher", provider_id="prov-a")
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "may not see the refunds of provider 'prov-a'" in (denied.value.details() or "")
+    assert "settlement" not in (denied.value.details() or "")
 
 
 async def test_unfiltered_listing_asks_for_filter(callers: tuple[Callers, str]) -> None:
