@@ -440,12 +440,23 @@ def job_details(job: scheduler_pb2.Job) -> list[tuple[str, Any]]:
         ("submitted", format_time(job.submit_time)),
         ("started", format_time(job.start_time)),
         ("ended", format_time(job.end_time)),
-        ("array", f"{job.array_job_id}[{job.array_index}]" if job.array_job_id else ""),
+        ("array", _array_text(job)),
         ("checkpointable", "yes" if job.spec.checkpointable else "no"),
         ("first checkpoint", job.spec.checkpoint_reference),
         ("last checkpoint", job.checkpoint_reference),
         ("last checkpoint at", format_time(job.checkpoint_time)),
     ]
+
+
+def _array_text(job: scheduler_pb2.Job) -> str:
+    """Return ``<array>[<index>]`` for an element of a job array, or how to list a parent's."""
+    if not job.array_job_id:
+        return ""
+    # The scheduler sends a parent with its own id as the array id and index 0, which would
+    # read as the array's first element.
+    if job.array_job_id == job.job_id:
+        return f"the whole array; list its jobs with acsp jobs list --array {job.job_id}"
+    return f"{job.array_job_id}[{job.array_index}]"
 
 
 def placement_row(task: scheduler_pb2.TaskPlacement) -> dict[str, Any]:

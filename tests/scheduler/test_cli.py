@@ -438,3 +438,14 @@ def test_node_row_heartbeat_in_utc() -> None:
     node.last_heartbeat_time.FromDatetime(datetime(2026, 3, 1, 12, 30, 5, tzinfo=UTC))
     # Every other time the CLI prints carries its offset, so this one does too.
     assert node_row(node)["last heartbeat"] == "2026-03-01T12:30:05+00:00"
+
+
+def test_details_tell_array_parent_from_element() -> None:
+    parent = scheduler_pb2.Job(job_id="j1", array_job_id="j1", array_index=0)
+    element = scheduler_pb2.Job(job_id="j1-0", array_job_id="j1", array_index=0)
+    single = scheduler_pb2.Job(job_id="j2")
+    assert dict(job_details(parent))["array"] == (
+        "the whole array; list its jobs with acsp jobs list --array j1"
+    )
+    assert dict(job_details(element))["array"] == "j1[0]"
+    assert dict(job_details(single))["array"] == ""
