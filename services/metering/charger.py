@@ -19,7 +19,7 @@ from services.metering.attempts import (
 )
 from services.metering.charge_store import post_pending_charges, record_due_charges
 from services.metering.ledger import Ledger
-from services.metering.ratecard import RateCardHistory
+from services.metering.ratecard import RateCardHistory, UnknownVersionError
 from services.runtime.db import Database
 from services.runtime.errors import Unavailable
 
@@ -85,6 +85,14 @@ class Charger:
                 # Two replicas can race for one period's next sequence number (a unique
                 # violation) or the pool can be exhausted; the next pass retries.
                 logger.warning("charging pass failed, retrying: %s", error)
+                busy = False
+            except UnknownVersionError as error:
+                # Another replica published a version and priced with it before this one's
+                # cache refreshed. The failed step's transaction rolled back, so a later pass
+                # with the refreshed cache does the work.
+                logger.warning(
+                    "charging pass failed: %s; retrying once the rate cards refresh", error
+                )
                 busy = False
             if not busy:
                 try:

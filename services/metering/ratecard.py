@@ -69,6 +69,14 @@ class RatePolicy(StrEnum):
     FIXED_AT_AWARD = "fixed_at_award"
 
 
+class UnknownVersionError(LookupError):
+    """A rate-card history has no such version, e.g. one that another replica just published."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"rate card version {version} does not exist")
+        self.version = version
+
+
 class UnknownModelError(LookupError):
     """The rate card has no entry for an accelerator model."""
 
@@ -242,7 +250,7 @@ class RateCardHistory:
 
     def get(self, version: int) -> RateCard:
         if not 1 <= version <= len(self.versions):
-            raise LookupError(f"rate card version {version} does not exist")
+            raise UnknownVersionError(version)
         return self.versions[version - 1]
 
     def for_grant(self, policy: RatePolicy, award_version: int | None) -> RateCard:

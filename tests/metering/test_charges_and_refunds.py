@@ -355,3 +355,55 @@ async def test_settlement_counts_pledged_and_recalled_hours(db: Database) -> Non
     assert settlement.recall_count == 1
     assert settlement.pledge_kept
     assert settlement.delivered_pf_days == 0
+
+
+async def test_version_published_elsewhere_waits(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    """A charge priced at a version this replica has not loaded yet waits for the refresh."""
+    items = [sample(f"node-1/{i}", "job-v", T0 + timedelta(minutes=i)) for i in range(5)]
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(usage_subject("prov-a", "r1", "node-1"), report(items))
+        await wait_until(functools.partial(_done, ingest, 1))
+    async with db.acquire() as conn:
+        await record_attempt(
+            conn,
+            AttemptFacts(
+                job_id="job-v",
+                attempt=0,
+                hold_id="hold-job-v-0",
+                grant_id="grant-1",
+                rate_policy=RatePolicy.FIXED_AT_AWARD,
+                award_rate_card_version=2,
+                ended_at=T0 + timedelta(minutes=5),
+                end_reason="completed",
+            ),
+        )
+    stale = RateCardHistory((CARD,))
+    fresh = stale.with_version(CARD.models.values(), T0)
+    calls: list[RateCardHistory] = []
+
+    def history() -> RateCardHistory:
+        # The first pass reads the cache before it refreshed.
+        calls.append(stale if not calls else fresh)
+        return calls[-1]
+
+    config = ChargerConfig(period_seconds=300, lateness_s=30.0, interval_s=0.05)
+    charger = Charger(db, ledger, history, config, Clock(T0 + timedelta(hours=1)))
+    stop = asyncio.Event()
+    task = asyncio.create_task(charger.run(stop))
+
+    async def charged() -> bool:
+        if task.done():
+            task.result()  # Raises what stopped the charger.
+        return len(ledger.charges) == 1
+
+    try:
+        await wait_until(charged)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert calls[0] is stale
+    async with db.acquire() as conn:
+        versions = await conn.fetch("SELECT rate_card_version FROM metering.charges")
+    assert [r["rate_card_version"] for r in versions] == [2]
