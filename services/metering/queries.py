@@ -1,7 +1,8 @@
 """Usage queries: metered and charged usage grouped by grant, project, institution, provider,
 region or model over a time range, one page at a time (keyset pages ordered by the group key).
 
-A sample counts in the range when its charging period starts in it.
+A sample counts in the range when its charging period starts in it. Charges and refunds that
+the ledger rejected for good (state ``failed``) moved no budget, so they are left out.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ async def query_usage(
         JOIN metering.charges c ON c.charge_id = l.charge_id
         JOIN metering.jobs j ON j.job_id = c.job_id AND j.attempt = c.attempt
         WHERE l.period_start >= $1 AND l.period_start < $2 {_FILTER.format(t="l")}
+          AND c.state <> 'failed'
           AND {line_key} = any($7::text[])
         GROUP BY 1
         """,
@@ -122,8 +124,10 @@ async def query_usage(
         f"""
         SELECT {line_key} AS key, sum(l.amount) AS amount
         FROM metering.refund_lines l
+        JOIN metering.refunds r ON r.job_id = l.job_id AND r.attempt = l.attempt
         JOIN metering.jobs j ON j.job_id = l.job_id AND j.attempt = l.attempt
         WHERE l.refund_time >= $1 AND l.refund_time < $2 {_FILTER.format(t="l")}
+          AND r.state <> 'failed'
           AND {line_key} = any($7::text[])
         GROUP BY 1
         """,

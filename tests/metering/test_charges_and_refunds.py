@@ -16,6 +16,7 @@ from services.metering.attempts import AttemptFacts, record_attempt, record_heal
 from services.metering.charger import Charger, ChargerConfig
 from services.metering.ingest import IngestConfig, UsageIngest, declare_usage_stream
 from services.metering.pledges import PledgeRecord, RecallRecord, store_pledges
+from services.metering.queries import Grouping, UsageFilter, query_usage
 from services.metering.ratecard import RateCardHistory, RatePolicy, default_rate_card
 from services.metering.refunds import HealthFact
 from services.metering.settlement import build_settlement, settlement_csv
@@ -407,3 +408,45 @@ async def test_version_published_elsewhere_waits(
     async with db.acquire() as conn:
         versions = await conn.fetch("SELECT rate_card_version FROM metering.charges")
     assert [r["rate_card_version"] for r in versions] == [2]
+
+
+async def test_usage_leaves_out_rejected_money(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    """Charges and refunds that the ledger rejected for good count as neither."""
+    items = [sample(f"node-1/{i}", "job-u", T0 + timedelta(minutes=i)) for i in range(10)]
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(usage_subject("prov-a", "r1", "node-1"), report(items))
+        await wait_until(functools.partial(_done, ingest, 1))
+    await admit(db, "job-u", ended_at=T0 + timedelta(minutes=10), end_reason="completed")
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=1))))
+    period = CARD.charge("A100-SXM4-80GB", Decimal(300))
+    async with db.acquire() as conn:
+        # The ledger rejected the second period's charge and a refund for good.
+        await conn.execute(
+            "UPDATE metering.charges SET state = 'failed' WHERE period_start = $1",
+            T0 + timedelta(minutes=5),
+        )
+        await conn.execute(
+            "INSERT INTO metering.refunds (job_id, attempt, request_id, hold_id, amount, "
+            "accelerator_seconds, lost_from, lost_until, reason, cause, state) "
+            "VALUES ('job-u', 0, 'refund/job-u/0', 'hold-job-u-0', $1, 300, $2, $3, 'x', 'x', "
+            "'failed')",
+            period,
+            T0,
+            T0 + timedelta(minutes=5),
+        )
+        await conn.execute(
+            "INSERT INTO metering.refund_lines (job_id, attempt, provider, region, "
+            "accelerator_model, accelerator_seconds, amount, refund_time) "
+            "VALUES ('job-u', 0, 'prov-a', 'r1', 'A100-SXM4-80GB', 300, $1, $2)",
+            period,
+            T0 + timedelta(minutes=5),
+        )
+        rows = await query_usage(
+            conn, Grouping.GRANT, T0, T0 + timedelta(days=1), UsageFilter(), after="", limit=10
+        )
+    assert [row.key for row in rows] == ["grant-1"]
+    assert rows[0].charged_pf_days == period
+    assert rows[0].refunded_pf_days == 0
+    assert rows[0].accelerator_hours == Decimal("0.166666666667")
