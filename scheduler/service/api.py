@@ -34,7 +34,7 @@ from .job_access import JobAccess, ReadScope
 from .leadership import Leadership
 from .model import Job, JobFilter, JobState, new_job_id
 from .providers import ProviderDirectory
-from .request_ids import check_repeated_in_batch, check_reused_ids, check_stored, request_key
+from .request_ids import check_repeated_in_batch, check_reused_ids, request_key
 from .store import decode_page_token, encode_page_token
 from .validation import (
     MAX_REASON_LENGTH,
@@ -73,8 +73,9 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         jobs, request_ids, array_id = self._prepare(request, principal, "")
         jobs = await self._check_access(principal, jobs, "spec")
         key = request_key(principal.subject, request.request_id)
-        await check_stored(self._lead.store, [(jobs, key, "request_id")])
-        stored = await self._lead.require().batcher.submit(jobs, request_ids)
+        stored = await self._lead.require().batcher.submit(
+            jobs, request_ids, [(jobs, key, "request_id")]
+        )
         check_reused_ids(jobs, stored, "request_id")
         return _submit_response(stored, array_id, request.spec.array_size)
 
@@ -96,16 +97,13 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             await self._check_access(principal, batch, f"jobs[{i}].spec")
             for i, (batch, _, _) in enumerate(prepared)
         ]
-        await check_stored(
-            self._lead.store,
-            [
-                (batch, request_key(principal.subject, item.request_id), f"jobs[{i}].request_id")
-                for i, (batch, item) in enumerate(zip(checked, request.jobs, strict=True))
-            ],
-        )
+        submissions = [
+            (batch, request_key(principal.subject, item.request_id), f"jobs[{i}].request_id")
+            for i, (batch, item) in enumerate(zip(checked, request.jobs, strict=True))
+        ]
         jobs = [job for batch in checked for job in batch]
         request_ids = [rid for p in prepared for rid in p[1]]
-        stored = await self._lead.require().batcher.submit(jobs, request_ids)
+        stored = await self._lead.require().batcher.submit(jobs, request_ids, submissions)
         results = []
         offset = 0
         for i, ((batch, _, array_id), item) in enumerate(zip(prepared, request.jobs, strict=True)):

@@ -11,7 +11,6 @@ from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.evolve import evolve
 
 from .model import Job, JobSpec
-from .store import JobStore
 
 
 def check_repeated_in_batch(requests: Sequence[scheduler_pb2.SubmitJobRequest]) -> None:
@@ -45,25 +44,31 @@ def lookup_keys(key: str, array_size: int) -> list[str]:
     return [key, *(f"{key}/{i}" for i in range(array_size + 1))]
 
 
-async def check_stored(
-    store: JobStore, submissions: Sequence[tuple[list[Job], str | None, str]]
-) -> None:
-    """Raise FAILED_PRECONDITION when a submission's request id was used for other jobs.
+Submission = tuple[list[Job], str | None, str]
+"""One submission's jobs, its key from :func:`request_key` (None without a request id) and the
+request_id field to name in an error."""
 
-    Each submission is its jobs, its key from :func:`request_key` (None without a request id)
-    and the request_id field to name. Callers check before they store anything, so a rejected
-    SubmitJobs call creates none of its other jobs.
 
-    NOTE: a concurrent call can store under the same key between this read and the insert.
-    :func:`check_reused_ids` still rejects its spec afterwards, but the call's other jobs stay.
-    """
-    keys = [
+def stored_keys(submissions: Sequence[Submission]) -> list[str]:
+    """Return the keys to look up before ``submissions`` are stored (see :func:`lookup_keys`)."""
+    return [
         stored_key
         for jobs, key, _ in submissions
         if key is not None
         for stored_key in lookup_keys(key, _array_size(jobs))
     ]
-    found = await store.jobs_by_request_ids(keys)
+
+
+def check_stored(submissions: Sequence[Submission], found: dict[str, Job]) -> None:
+    """Raise FAILED_PRECONDITION when a submission's request id was used for other jobs.
+
+    ``found`` maps each key of :func:`stored_keys` that is stored to its job. The submission
+    batcher checks a call before it stores any of the call's jobs, so a rejected SubmitJobs
+    call creates none of its other jobs.
+
+    NOTE: a concurrent call can store under the same key between the lookup and the insert.
+    :func:`check_reused_ids` still rejects its spec afterwards, but the call's other jobs stay.
+    """
     if not found:
         return
     for jobs, key, field in submissions:
