@@ -52,8 +52,8 @@ async def submit(batcher: SubmissionBatcher, job: Job, request_id: str) -> list[
 
 async def test_calls_share_one_lookup() -> None:
     store = MemoryStore()
-    taken = make_job("first")
-    store.jobs[cast(str, request_key(OWNER, "taken"))] = taken
+    stored_job = make_job("first")
+    store.jobs[cast(str, request_key(OWNER, "taken"))] = stored_job
     inbox: asyncio.Queue[Input] = asyncio.Queue()
     batcher = SubmissionBatcher(cast(JobStore, store), 1, inbox, linger_s=0.05)
     runner = asyncio.create_task(batcher.run())
@@ -76,7 +76,7 @@ async def test_calls_share_one_lookup() -> None:
     assert store.inserts == 1
     assert results[:3] == [[job] for job in fresh]
     assert isinstance(results[3], FailedPrecondition)
-    assert taken.job_id in str(results[3])
+    assert stored_job.job_id in str(results[3])
     queued = inbox.get_nowait()
     assert isinstance(queued, Submitted)
     assert queued.jobs == tuple(fresh)
