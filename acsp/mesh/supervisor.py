@@ -267,6 +267,10 @@ class LocalMesh:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.start_timeout_s
         self._failure = loop.create_future()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Claimed before anything starts, so a refusal stops and logs nothing: a "stopped"
+        # line would read as if the other mesh had been stopped.
+        self._claim_data_dir()
         try:
             await self._start(deadline)
         except BaseException:
@@ -275,8 +279,6 @@ class LocalMesh:
 
     async def _start(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._claim_data_dir()
         if self.config.stop_orphans and not become_subreaper():
             logger.warning(
                 "cannot become a child subreaper: tasks left by the fleet may outlive it"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from acsp.cli import _common, main, mesh
 from acsp.mesh.credentials import mint_token, prepare
 from acsp.mesh.endpoints import MeshInfo, MeshNotFoundError, load_mesh, supervisor_alive
+from acsp.mesh.supervisor import LocalMesh, MeshConfig, MeshStartError
 
 
 def _info(data_dir: Path) -> MeshInfo:
@@ -208,3 +211,14 @@ def test_command_rpc_error_prints_without_traceback(
     err = capsys.readouterr().err
     assert code == _common.EXIT_FAILURE
     assert err == "error: PERMISSION_DENIED: needs program_office\n"
+
+
+async def test_busy_data_dir_refused_without_stop(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    # A mesh file whose supervisor runs, as another `acsp up` on this data dir leaves it.
+    info = dataclasses.replace(_info(tmp_path), supervisor_pid=os.getppid())
+    info.write()
+    caplog.set_level(logging.INFO, logger="acsp.mesh")
+    with pytest.raises(MeshStartError, match="another mesh"):
+        await LocalMesh(MeshConfig(tmp_path, agents=0)).start()
+    assert "stopped" not in caplog.text
+    assert load_mesh(tmp_path) == info
