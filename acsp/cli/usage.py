@@ -183,6 +183,7 @@ def refund_row(refund: metering_pb2.RefundRecord) -> dict[str, Any]:
         "lost_seconds": f"{refund.lost_seconds:.6f}".rstrip("0").rstrip("."),
         "reason": refund.reason,
         "time": format_time(refund.create_time),
+        "committed": refund.committed,
     }
 
 
@@ -206,7 +207,16 @@ def run_refunds(args: argparse.Namespace) -> int:
 
         for response in _pages(fetch, args):
             records.extend(refund_row(refund) for refund in response.refunds)
-    columns = ["refund", "job", "provider", "pf_days", "lost_seconds", "reason", "time"]
+    columns = [
+        "refund",
+        "job",
+        "provider",
+        "pf_days",
+        "lost_seconds",
+        "reason",
+        "time",
+        "committed",
+    ]
     print_records(records, columns, output_format=args.format, title="refunds")
     return EXIT_OK
 

@@ -78,7 +78,7 @@ class Charge(_message.Message):
     def __init__(self, charge_id: _Optional[str] = ..., job_id: _Optional[str] = ..., hold_id: _Optional[str] = ..., grant_id: _Optional[str] = ..., period_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accelerator_seconds: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., amount_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., rate_card_version: _Optional[int] = ..., sample_count: _Optional[int] = ..., committed: _Optional[bool] = ...) -> None: ...
 
 class RefundRecord(_message.Message):
-    __slots__ = ("refund_id", "job_id", "hold_id", "provider_id", "amount_pf_days", "lost_seconds", "reason", "create_time")
+    __slots__ = ("refund_id", "job_id", "hold_id", "provider_id", "amount_pf_days", "lost_seconds", "reason", "create_time", "committed")
     REFUND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     HOLD_ID_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class RefundRecord(_message.Message):
     LOST_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
     refund_id: str
     job_id: str
     hold_id: str
@@ -95,7 +96,8 @@ class RefundRecord(_message.Message):
     lost_seconds: float
     reason: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, refund_id: _Optional[str] = ..., job_id: _Optional[str] = ..., hold_id: _Optional[str] = ..., provider_id: _Optional[str] = ..., amount_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., lost_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    committed: bool
+    def __init__(self, refund_id: _Optional[str] = ..., job_id: _Optional[str] = ..., hold_id: _Optional[str] = ..., provider_id: _Optional[str] = ..., amount_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., lost_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., committed: _Optional[bool] = ...) -> None: ...
 
 class UsageRow(_message.Message):
     __slots__ = ("key", "accelerator_hours", "charged_pf_days", "refunded_pf_days", "mean_utilization", "sample_count")

@@ -221,6 +221,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 lost_seconds=(row["lost_until"] - row["lost_from"]).total_seconds(),
                 reason=row["reason"],
                 create_time=convert.time_out(row["created_at"]),
+                committed=row["state"] == "committed",
             )
             for row in rows
         ]

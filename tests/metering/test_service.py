@@ -337,3 +337,27 @@ async def test_ingest_status_counts_dead_events(
     assert code == 0
     assert rows["dead events"] == "2"
     assert rows["dead letters"] == "1"
+
+
+async def test_refund_list_shows_committed(running: tuple[Service, Client], db: Database) -> None:
+    """A refund the ledger has not accepted is listed as not committed."""
+    _, client = running
+    async with db.acquire() as conn:
+        for job_id, state in (("job-c", "committed"), ("job-f", "failed")):
+            await conn.execute(
+                "INSERT INTO metering.refunds (job_id, attempt, request_id, hold_id, amount, "
+                "accelerator_seconds, lost_from, lost_until, reason, cause, state) "
+                "VALUES ($1, 0, $2, 'hold', 1, 60, $3, $4, 'xid 79', 'x', $5)",
+                job_id,
+                f"refund/{job_id}/0",
+                T0,
+                T0 + timedelta(minutes=1),
+                state,
+            )
+    listed = await client.stub.ListRefunds(
+        metering_pb2.ListRefundsRequest(), metadata=client.metadata(Role.PROGRAM_OFFICE)
+    )
+    assert [(r.job_id, r.committed) for r in listed.refunds] == [
+        ("job-c", True),
+        ("job-f", False),
+    ]
