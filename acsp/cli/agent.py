@@ -39,7 +39,12 @@ def register(subparsers: Any) -> None:
     discover = commands.add_parser(
         "discover", parents=[output_options()], help="list the accelerators a backend finds"
     )
-    discover.add_argument("--backend", choices=("nvml", "simulated"), default="nvml")
+    discover.add_argument(
+        "--backend",
+        choices=("nvml", "simulated"),
+        default="nvml",
+        help="nvml reads the NVIDIA GPUs of this machine; simulated makes up nodes (default: nvml)",
+    )
     discover.add_argument(
         "--nodes", type=whole_number(1), default=1, help="simulated: nodes to list"
     )

@@ -58,9 +58,11 @@ def register(subparsers: Any) -> None:
     output = output_options()
 
     nodes = commands.add_parser("nodes", parents=[connection, output], help="list nodes")
-    nodes.add_argument("--provider", default="")
-    nodes.add_argument("--region", default="")
-    nodes.add_argument("--state", choices=sorted(NODE_STATES), default=None)
+    nodes.add_argument("--provider", default="", help="only this provider's nodes")
+    nodes.add_argument("--region", default="", help="only the nodes of this region")
+    nodes.add_argument(
+        "--state", choices=sorted(NODE_STATES), default=None, help="only nodes in this state"
+    )
     nodes.set_defaults(func=list_nodes)
 
     node = commands.add_parser(

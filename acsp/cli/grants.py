@@ -523,7 +523,7 @@ def register(subparsers: Any) -> None:
 
     p = command("project", run_project, "create a project with its PI and members")
     p.add_argument("project_id")
-    p.add_argument("--institution", required=True)
+    p.add_argument("--institution", required=True, help="institution the project belongs to")
     p.add_argument("--pi", required=True, help="subject of the principal investigator")
     p.add_argument("--name", help="display name (default: the project id)")
     p.add_argument(
@@ -534,12 +534,17 @@ def register(subparsers: Any) -> None:
     p = command("member", run_member, "add, change or remove a project member (PI only)")
     p.add_argument("project")
     p.add_argument("subject")
-    p.add_argument("--role", choices=sorted(ROLES), default="member")
+    p.add_argument(
+        "--role",
+        choices=sorted(ROLES),
+        default="member",
+        help="a viewer may only read, and a member also submits jobs (default: member)",
+    )
     p.add_argument("--remove", action="store_true", help="remove the member instead")
     idempotent(p)
 
     p = command("apply", run_apply, "submit an application (exploratory ones are awarded at once)")
-    p.add_argument("--project", required=True)
+    p.add_argument("--project", required=True, help="project that applies")
     p.add_argument(
         "--tier",
         choices=sorted(TIERS),
@@ -550,14 +555,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pf-days", required=True, help="requested budget in PF-days, e.g. 12.5")
     p.add_argument("--start", required=True, help="start of the validity window, ISO 8601")
     p.add_argument("--end", required=True, help="end of the validity window, ISO 8601")
-    p.add_argument("--justification", required=True)
+    p.add_argument(
+        "--justification", required=True, help="what the compute is for, for the reviewers"
+    )
     p.add_argument("--model", action="append", default=[], help="preferred accelerator model")
     p.add_argument("--region", action="append", default=[], help="preferred <provider>/<region>")
     idempotent(p)
 
     p = command("assign", run_assign, "assign a reviewer to an application (program office)")
     p.add_argument("application")
-    p.add_argument("--reviewer", required=True)
+    p.add_argument("--reviewer", required=True, help="subject of the reviewer")
     p.add_argument("--institution", required=True, help="the reviewer's institution")
     idempotent(p)
 
@@ -566,13 +573,18 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--score", type=whole_number(1, 5), required=True, help="1 (poor) to 5 (excellent)"
     )
-    p.add_argument("--comments", required=True)
+    p.add_argument("--comments", required=True, help="the review's text")
     idempotent(p)
 
     p = command("award", run_award, "decide an application: award, award less or reject")
     p.add_argument("application")
-    p.add_argument("--outcome", choices=sorted(OUTCOMES), default="award")
-    p.add_argument("--reason", required=True)
+    p.add_argument(
+        "--outcome",
+        choices=sorted(OUTCOMES),
+        default="award",
+        help="award grants the request in full, award-less grants --pf-days (default: award)",
+    )
+    p.add_argument("--reason", required=True, help="why, shown to the applicant")
     p.add_argument("--pf-days", help="the awarded PF-days, for --outcome award-less")
     p.add_argument("--provider", action="append", default=[], help="restrict to a provider")
     p.add_argument("--region", action="append", default=[], help="restrict to a region")
@@ -584,7 +596,7 @@ def register(subparsers: Any) -> None:
 
     p = command("applications", run_applications, "list applications, or show one")
     p.add_argument("application", nargs="?", help="show this application with its history")
-    p.add_argument("--project")
+    p.add_argument("--project", help="only this project's applications")
     p.add_argument(
         "--limit",
         type=whole_number(1, MAX_PAGE_SIZE),
@@ -593,7 +605,7 @@ def register(subparsers: Any) -> None:
     )
 
     p = command("list", run_list, "list the grants you may see")
-    p.add_argument("--project")
+    p.add_argument("--project", help="only this project's grants")
     p.add_argument(
         "--limit",
         type=whole_number(1, MAX_PAGE_SIZE),
@@ -603,11 +615,11 @@ def register(subparsers: Any) -> None:
 
     p = command("balance", run_balance, "show a grant's or sub-allocation's balance")
     p.add_argument("grant")
-    p.add_argument("--sub-allocation")
+    p.add_argument("--sub-allocation", help="this sub-allocation of the grant instead")
 
     p = command("history", run_history, "list a grant's ledger entries, oldest first")
     p.add_argument("grant")
-    p.add_argument("--kind", choices=sorted(KINDS))
+    p.add_argument("--kind", choices=sorted(KINDS), help="only entries of this kind")
     p.add_argument(
         "--limit",
         type=whole_number(1, MAX_PAGE_SIZE),
@@ -623,7 +635,7 @@ def register(subparsers: Any) -> None:
     p = command("delegate", run_delegate, "delegate part of a grant to a member (PI only)")
     p.add_argument("grant")
     p.add_argument("--holder", required=True, help="member subject or sub-project name")
-    p.add_argument("--pf-days", required=True)
+    p.add_argument("--pf-days", required=True, help="PF-days to delegate, e.g. 12.5")
     p.add_argument("--parent", help="parent sub-allocation (default: the grant itself)")
     idempotent(p)
 
@@ -641,14 +653,18 @@ def register(subparsers: Any) -> None:
 
     p = command("supplement", run_supplement, "add the one supplement to a grant (program office)")
     p.add_argument("grant")
-    p.add_argument("--pf-days", required=True)
-    p.add_argument("--reason", required=True)
+    p.add_argument(
+        "--pf-days",
+        required=True,
+        help="PF-days to add, at most half the tier limit, once per grant",
+    )
+    p.add_argument("--reason", required=True, help="why, recorded with the change")
     idempotent(p)
 
     p = command("extend", run_extend, "move a grant's end later (program office)")
     p.add_argument("grant")
     p.add_argument("--end", required=True, help="new end time, ISO 8601")
-    p.add_argument("--reason", required=True)
+    p.add_argument("--reason", required=True, help="why, recorded with the change")
     idempotent(p)
 
     command("summary", run_summary, "check the whole ledger's invariants (program office)")

@@ -130,8 +130,19 @@ def register(subparsers: Any) -> None:
     submit.add_argument(
         "--region", action="append", default=[], help="allowed <provider>/<region>; repeat"
     )
-    submit.add_argument("--priority", choices=sorted(PRIORITIES), default="standard")
-    submit.add_argument("--topology", choices=sorted(TOPOLOGIES), default=None)
+    submit.add_argument(
+        "--priority",
+        choices=sorted(PRIORITIES),
+        default="standard",
+        help="interactive must start within seconds; preemptible may be stopped for higher "
+        "classes and provider recalls (default: standard)",
+    )
+    submit.add_argument(
+        "--topology",
+        choices=sorted(TOPOLOGIES),
+        default=None,
+        help="where the tasks must run relative to each other (default: anywhere)",
+    )
     # Kept only to reject it with a message that names the job array, the way to start
     # tasks independently, because the scheduler always starts a job's tasks together.
     submit.add_argument("--no-gang", action="store_true", help=argparse.SUPPRESS)
@@ -142,7 +153,11 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="wall-time limit in seconds (default: 3600)",
     )
-    submit.add_argument("--checkpointable", action="store_true")
+    submit.add_argument(
+        "--checkpointable",
+        action="store_true",
+        help="the job can checkpoint, so a preemption gives it a grace period first",
+    )
     submit.add_argument(
         "--array",
         type=whole_number(0),
@@ -151,7 +166,13 @@ def register(subparsers: Any) -> None:
         help="submit a job array of N jobs, which start independently of each other; each "
         "job gets its index, from 0, in $ACSP_ARRAY_INDEX",
     )
-    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable of every task; repeat",
+    )
     submit.add_argument("--request-id", default="", help="idempotency key (default: random)")
     submit.add_argument("command", nargs=argparse.REMAINDER, help="-- program and arguments")
     submit.set_defaults(func=submit_job)
@@ -162,7 +183,13 @@ def register(subparsers: Any) -> None:
         default="",
         help="this project's jobs, by every member (default: the jobs you submitted)",
     )
-    listing.add_argument("--state", action="append", default=[], choices=sorted(STATES))
+    listing.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        choices=sorted(STATES),
+        help="only jobs in this state; repeat for several (default: every state)",
+    )
     listing.add_argument("--array", default="", help="only the jobs of this array")
     listing.add_argument(
         "--limit", type=whole_number(1), default=50, help="jobs to show (default: 50)"

@@ -222,3 +222,18 @@ async def test_busy_data_dir_refused_without_stop(tmp_path: Path, caplog: pytest
         await LocalMesh(MeshConfig(tmp_path, agents=0)).start()
     assert "stopped" not in caplog.text
     assert load_mesh(tmp_path) == info
+
+
+def _options_without_help(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, command in action.choices.items():
+                missing += _options_without_help(command, f"{path} {name}")
+        elif action.option_strings and action.help is None:
+            missing.append(f"{path} {action.option_strings[-1]}")
+    return missing
+
+
+def test_every_option_has_help():
+    assert _options_without_help(main.build_parser(), "acsp") == []
