@@ -223,7 +223,11 @@ def run_refunds(args: argparse.Namespace) -> int:
 
 def run_efficiency(args: argparse.Namespace) -> int:
     records = []
-    with open_metering(args) as metering:
+    options = "--project PROJECT of a project you are a member of"
+    with (
+        _filter_required(bool(args.project), "efficiency", options),
+        open_metering(args) as metering,
+    ):
 
         def fetch(page: common_pb2.PageRequest) -> metering_pb2.ListJobEfficiencyResponse:
             return metering.ListJobEfficiency(

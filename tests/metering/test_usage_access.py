@@ -297,6 +297,7 @@ async def test_unfiltered_listing_asks_for_filter(callers: tuple[Callers, str]) 
         (["charges"], ["--grant GRANT", "--job JOB"]),
         (["refunds"], ["--job JOB", "--provider"]),
         (["query", "--from", "2026-01-01", "--to", "2026-02-01"], ["--project", "--grant"]),
+        (["efficiency"], ["--project PROJECT"]),
     ],
 )
 async def test_unfiltered_cli_listing_names_options(
