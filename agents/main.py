@@ -237,15 +237,21 @@ def _simulated_nodes(
 
     fleet = fleet_nodes(args, settings)
     faults_path = args.faults or str(DEFAULT_FAULT_TRACE)
-    faults = (
-        {}
-        if faults_path == "none"
-        else assign_faults(load_fault_trace(Path(faults_path)), len(fleet))
-    )
     utilization_path = args.utilization or str(DEFAULT_UTILIZATION_TRACE)
-    utilization = (
-        None if utilization_path == "none" else load_utilization_trace(Path(utilization_path))
-    )
+    try:
+        faults = (
+            {}
+            if faults_path == "none"
+            else assign_faults(load_fault_trace(Path(faults_path)), len(fleet))
+        )
+    except ValueError as error:
+        raise SystemExit(f"agent: {error}; fix the file, or pass --faults none") from None
+    try:
+        utilization = (
+            None if utilization_path == "none" else load_utilization_trace(Path(utilization_path))
+        )
+    except ValueError as error:
+        raise SystemExit(f"agent: {error}; fix the file, or pass --utilization none") from None
     fault_speed = settings.fault_speed or settings.speed
     nodes = []
     for index, spec in enumerate(fleet):

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 import tarfile
 from dataclasses import dataclass
@@ -75,26 +76,38 @@ def _token(value: str) -> str:
 def load_fleet(path: Path, provider: str, region: str) -> list[FleetNode]:
     """Read a fleet file, skipping nodes without accelerators.
 
-    Raises ``ValueError`` naming the file when its header is unknown, and the file and line
-    when a row has a count that is not an integer or a model that is not in the catalog.
+    Raises ``ValueError`` naming the file when it cannot be read or its header is unknown,
+    and the file and line when a row lacks a column, or has a count that is not an integer or
+    a model that is not in the catalog.
     """
-    with open(path, newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        columns = set(reader.fieldnames or ())
-        if not any(required <= columns for required in _FLEET_COLUMNS):
-            raise ValueError(
-                f"fleet file {path} has columns {sorted(columns)}; expected the openb node "
-                "list, the spot node list, or node,model,accelerators"
-            )
-        nodes = []
-        for row in reader:
-            try:
-                node = _parse_row(row, columns, provider, region)
-            except ValueError as error:
-                raise ValueError(f"fleet file {path}, line {reader.line_num}: {error}") from None
-            if node is not None:
-                nodes.append(node)
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            nodes = _read_fleet(csv.DictReader(file), path, provider, region)
+    except OSError as error:
+        raise ValueError(f"fleet file {path} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"fleet file {path} is not UTF-8 text: {error.reason}") from None
     logger.info("loaded %d nodes from fleet file %s", len(nodes), path)
+    return nodes
+
+
+def _read_fleet(
+    reader: csv.DictReader[str], path: Path, provider: str, region: str
+) -> list[FleetNode]:
+    columns = set(reader.fieldnames or ())
+    if not any(required <= columns for required in _FLEET_COLUMNS):
+        raise ValueError(
+            f"fleet file {path} has columns {sorted(columns)}; expected the openb node "
+            "list, the spot node list, or node,model,accelerators"
+        )
+    nodes = []
+    for row in reader:
+        try:
+            node = _parse_row(row, columns, provider, region)
+        except ValueError as error:
+            raise ValueError(f"fleet file {path}, line {reader.line_num}: {error}") from None
+        if node is not None:
+            nodes.append(node)
     return nodes
 
 
@@ -108,6 +121,10 @@ def _parse_row(
     row: dict[str, str], columns: set[str], provider: str, region: str
 ) -> FleetNode | None:
     """Return the row's node, or None when it has no accelerators."""
+    # csv.DictReader fills the columns missing from a short row with None.
+    missing = sorted(name for name in columns if row.get(name) is None)
+    if missing:
+        raise ValueError(f"the row has no value for {', '.join(missing)}")
     if _OPENB_COLUMNS <= columns:
         node, model, count = _token(row["sn"]), row["model"], int(row["gpu"])
     elif _SPOT_COLUMNS <= columns:
@@ -173,18 +190,28 @@ def _fault_cause(fault_type: dict[str, str]) -> tuple[str, bool]:
 
 
 def load_fault_trace(path: Path) -> list[FaultInterval]:
-    """Pair each ``fault_start`` with the next ``fault_end`` of the same server and fault."""
-    with open(path, encoding="utf-8") as file:
-        events = json.load(file)
-    events.sort(key=lambda e: (float(e["event_time"]), e["event_type"] != "fault_end"))
+    """Pair each ``fault_start`` with the next ``fault_end`` of the same server and fault.
+
+    Raises ``ValueError`` naming the file when it cannot be read or is not a JSON list, and
+    the position of the first event that lacks a field or has a field of the wrong type.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            document = json.load(file)
+    except OSError as error:
+        raise ValueError(f"fault trace {path} cannot be read: {error.strerror or error}") from None
+    except ValueError as error:
+        raise ValueError(f"fault trace {path} is not valid JSON: {error}") from None
+    if not isinstance(document, list):
+        raise ValueError(f"fault trace {path} is not a JSON list of events")
+    events = [_fault_event(path, position, event) for position, event in enumerate(document)]
+    events.sort(key=lambda e: (e[0], e[1] != "fault_end"))
     open_faults: dict[tuple[str, str], list[tuple[float, dict[str, str]]]] = {}
     intervals = []
-    for event in events:
-        server = str(event["node_id"])
-        fault_type = event["fault_type"]
+    for event_time, event_type, server, fault_type in events:
         key = (server, json.dumps(fault_type, sort_keys=True))
-        time_s = float(event["event_time"]) * 86_400
-        if event["event_type"] == "fault_start":
+        time_s = event_time * 86_400
+        if event_type == "fault_start":
             open_faults.setdefault(key, []).append((time_s, fault_type))
         elif open_faults.get(key):
             start_s, start_type = open_faults[key].pop(0)
@@ -195,6 +222,33 @@ def load_fault_trace(path: Path) -> list[FaultInterval]:
     intervals.sort(key=lambda interval: interval.start_s)
     logger.info("loaded %d fault intervals from %s", len(intervals), path)
     return intervals
+
+
+def _fault_event(
+    path: Path, position: int, event: object
+) -> tuple[float, str, str, dict[str, str]]:
+    """Return an event's time in days, type, server id and fault type, checking each."""
+    where = f"fault trace {path}, event {position}"
+    if not isinstance(event, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    missing = [name for name in _FAULT_EVENT_FIELDS if name not in event]
+    if missing:
+        raise ValueError(f"{where} has no {', '.join(missing)}")
+    try:
+        event_time = float(event["event_time"])
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{where}: event_time {event['event_time']!r} is not a number of days"
+        ) from None
+    if not math.isfinite(event_time):
+        raise ValueError(f"{where}: event_time {event['event_time']!r} is not finite")
+    fault_type = event["fault_type"]
+    if not isinstance(fault_type, dict):
+        raise ValueError(f"{where}: fault_type is not an object with Level, Class and Desc")
+    return event_time, str(event["event_type"]), str(event["node_id"]), fault_type
+
+
+_FAULT_EVENT_FIELDS: Final = ("node_id", "event_time", "event_type", "fault_type")
 
 
 def _interval(
@@ -228,6 +282,9 @@ _MAX_PICKED = 100_000
 """Task ids whose series is cached; the cache starts over when full."""
 
 
+_UTILIZATION_COLUMNS: Final = frozenset({"container_ip", "timestamp_anon", "value"})
+
+
 class UtilizationTrace:
     """Per-container duty-cycle series, looked up by a task id and the time since it started."""
 
@@ -255,29 +312,68 @@ class UtilizationTrace:
 
 
 def load_utilization_trace(path: Path) -> UtilizationTrace:
-    """Read the GenAI duty-cycle trace from its ``.tar.gz`` (or a plain CSV)."""
-    if path.suffix == ".gz":
-        with tarfile.open(path, "r:gz") as archive:
-            member = next(m for m in archive.getmembers() if m.name.endswith(".csv"))
-            extracted = archive.extractfile(member)
-            if extracted is None:
-                raise ValueError(f"{path} member {member.name} is not a file")
-            text = extracted.read().decode("utf-8")
-    else:
-        text = path.read_text(encoding="utf-8")
-    rows: dict[str, list[tuple[float, float]]] = {}
-    for row in csv.DictReader(io.StringIO(text)):
-        rows.setdefault(row["container_ip"], []).append(
-            (float(row["timestamp_anon"]), float(row["value"]))
+    """Read the GenAI duty-cycle trace from its ``.tar.gz`` (or a plain CSV).
+
+    Raises ``ValueError`` naming the file when it cannot be read, contains no CSV member, lacks a
+    column, or has a value that is not a number.
+    """
+    try:
+        text = _utilization_text(path)
+    except OSError as error:
+        raise ValueError(
+            f"utilization trace {path} cannot be read: {error.strerror or error}"
+        ) from None
+    except tarfile.TarError as error:
+        raise ValueError(f"utilization trace {path} is not a readable archive: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"utilization trace {path} is not UTF-8 text: {error.reason}") from None
+    reader = csv.DictReader(io.StringIO(text))
+    missing = sorted(_UTILIZATION_COLUMNS - set(reader.fieldnames or ()))
+    if missing:
+        raise ValueError(
+            f"utilization trace {path} has no column {', '.join(missing)}; expected "
+            "container_ip,timestamp_anon,value"
         )
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for row in reader:
+        try:
+            point = (float(row["timestamp_anon"]), float(row["value"]))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"utilization trace {path}, line {reader.line_num}: timestamp_anon "
+                f"{row['timestamp_anon']!r} or value {row['value']!r} is not a number"
+            ) from None
+        if not all(math.isfinite(number) for number in point):
+            raise ValueError(
+                f"utilization trace {path}, line {reader.line_num}: timestamp_anon or value "
+                "is not finite"
+            )
+        rows.setdefault(row["container_ip"], []).append(point)
+    if not rows:
+        raise ValueError(f"utilization trace {path} has no rows")
     series = []
     steps = []
     for points in rows.values():
         points.sort()
         series.append([value for _, value in points])
-        if len(points) > 1:
+        # Points of one container at a single time give no step, and a zero step would divide
+        # by zero when a task's utilization is looked up.
+        if len(points) > 1 and points[-1][0] > points[0][0]:
             steps.append((points[-1][0] - points[0][0]) / (len(points) - 1))
     steps.sort()
     step_s = steps[len(steps) // 2] if steps else 60.0
     logger.info("loaded %d utilization series (step %.0f s) from %s", len(series), step_s, path)
     return UtilizationTrace(series, step_s)
+
+
+def _utilization_text(path: Path) -> str:
+    if path.suffix != ".gz":
+        return path.read_text(encoding="utf-8")
+    with tarfile.open(path, "r:gz") as archive:
+        member = next((m for m in archive.getmembers() if m.name.endswith(".csv")), None)
+        if member is None:
+            raise ValueError(f"utilization trace {path} has no .csv member")
+        extracted = archive.extractfile(member)
+        if extracted is None:
+            raise ValueError(f"utilization trace {path}: member {member.name} is not a file")
+        return extracted.read().decode("utf-8")
