@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
+from acsp.cli._common import whole_number
 from agents import wire
 from agents.backends.base import Backend, BackendError
 from agents.backends.fleet import (
@@ -66,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region", help="region id (ACSP_AGENT_REGION)")
     parser.add_argument("--node", help="node id for the NVML backend (ACSP_AGENT_NODE)")
     parser.add_argument("--state-dir", type=Path, help="state, spool and logs folder")
-    parser.add_argument("--nodes", type=int, help="simulated: number of nodes (default: all)")
+    parser.add_argument(
+        "--nodes", type=whole_number(1), help="simulated: number of nodes (default: all)"
+    )
     parser.add_argument(
         "--fleet",
         action="append",
@@ -81,25 +85,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-s", type=float, help="seconds between readings")
 
 
+_OPTION_FIELDS = {
+    "backend": "--backend",
+    "nats_url": "--nats-url",
+    "provider": "--provider",
+    "region": "--region",
+    "node": "--node",
+    "state_dir": "--state-dir",
+    "speed": "--speed",
+    "heartbeat_s": "--heartbeat-s",
+    "usage_s": "--usage-s",
+    "read_s": "--read-s",
+}
+"""Settings fields that a command-line option overrides, and the option of each."""
+
+
 def settings_from(args: argparse.Namespace) -> AgentSettings:
-    """Read the environment, then apply the options given on the command line."""
-    settings = AgentSettings.from_env()
-    overrides = {
-        "backend": args.backend,
-        "nats_url": args.nats_url,
-        "provider": args.provider,
-        "region": args.region,
-        "node": args.node,
-        "state_dir": args.state_dir,
-        "speed": args.speed,
-        "heartbeat_s": args.heartbeat_s,
-        "usage_s": args.usage_s,
-        "read_s": args.read_s,
-    }
-    changed = {key: value for key, value in overrides.items() if value is not None}
-    settings = dataclasses.replace(settings, **changed)
-    settings.validate()
-    return settings
+    """Read the environment, then apply the options given on the command line.
+
+    An option is parsed and checked like the environment variable it overrides (URL form,
+    minimum), and a :class:`SettingsError` about it names the option.
+    """
+    environ = dict(os.environ)
+    options: dict[str, str] = {}
+    variables = {spec.name: spec.metadata["env"] for spec in dataclasses.fields(AgentSettings)}
+    for name, option in _OPTION_FIELDS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        environ[variables[name]] = str(value)
+        options[variables[name]] = option
+    try:
+        return AgentSettings.from_env(environ)
+    except SettingsError as error:
+        option = options.get(error.variable)
+        if option is None:
+            raise
+        raise SettingsError(f"{option} ({error.variable})", error.reason, error.fix) from None
 
 
 def _parse_fleet_option(text: str, index: int) -> tuple[Path, str, str]:

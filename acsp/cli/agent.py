@@ -87,8 +87,13 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 def _run(args: argparse.Namespace) -> Any:
     from agents.main import build_process, run, settings_from
+    from services.runtime.settings import SettingsError
 
-    return run(build_process(settings_from(args), args))
+    try:
+        process = build_process(settings_from(args), args)
+    except SettingsError as error:
+        raise CommandError(f"agent: {error}", EXIT_USAGE) from None
+    return run(process)
 
 
 def _discover(args: argparse.Namespace) -> int:

@@ -108,6 +108,10 @@ def _parse_nats_urls(text: str) -> str:
             raise ValueError(f"{url!r} does not start with nats://, tls://, ws:// or wss://")
         if not parts.hostname:
             raise ValueError(f"{url!r} has no host")
+        try:
+            parts.port  # noqa: B018 - reading it checks the port
+        except ValueError:
+            raise ValueError(f"{url!r} has a port that is not a number from 0 to 65535") from None
     return text
 
 

@@ -1,0 +1,69 @@
+"""Command-line options of the agent are checked like the environment variables they override."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from acsp.cli.main import main as acsp_main
+from agents.main import add_arguments, settings_from
+from services.runtime.settings import SettingsError
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--speed", "0"], r"^--speed \(ACSP_AGENT_SPEED\): 0.0 is below the minimum"),
+        (["--heartbeat-s", "0"], r"^--heartbeat-s \(ACSP_AGENT_HEARTBEAT_S\): .* minimum"),
+        (["--usage-s", "-1"], r"^--usage-s \(ACSP_AGENT_USAGE_S\): .* minimum"),
+        (["--read-s", "0"], r"^--read-s \(ACSP_AGENT_READ_S\): .* minimum"),
+        (["--nats-url", "http://127.0.0.1:1"], r"^--nats-url \(ACSP_NATS_URL\): .*nats://"),
+        (["--nats-url", "nats://127.0.0.1:port"], r"^--nats-url .*port that is not a number"),
+        (["--nats-url", "nats://127.0.0.1:70000"], r"^--nats-url .*port that is not a number"),
+        (
+            ["--provider", "a.b"],
+            r"^--provider \(ACSP_AGENT_PROVIDER\): 'a.b' is not a subject token",
+        ),
+    ],
+)
+def test_bad_option_rejected(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], message: str
+) -> None:
+    monkeypatch.delenv("ACSP_NATS_URL", raising=False)
+    with pytest.raises(SettingsError, match=message):
+        settings_from(_parse(*argv))
+
+
+def test_options_override_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ACSP_AGENT_SPEED", "2")
+    monkeypatch.setenv("ACSP_NATS_URL", "nats://127.0.0.1:1")
+    settings = settings_from(
+        _parse("--speed", "30", "--nats-url", "tls://127.0.0.1:2", "--state-dir", str(tmp_path))
+    )
+    assert settings.speed == 30.0
+    assert settings.nats_url == "tls://127.0.0.1:2"
+    assert settings.agent_state_dir == tmp_path
+
+
+@pytest.mark.parametrize("count", ["0", "-3", "many"])
+def test_node_count_below_one_rejected(capsys: pytest.CaptureFixture[str], count: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _parse("--nodes", count)
+    assert exit_info.value.code == 2
+    assert "argument --nodes" in capsys.readouterr().err
+
+
+def test_cli_run_reports_bad_option(capsys: pytest.CaptureFixture[str]) -> None:
+    status = acsp_main(["agent", "run", "--backend", "simulated", "--speed", "0"])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "--speed (ACSP_AGENT_SPEED): 0.0 is below the minimum" in error
+    assert "Traceback" not in error
