@@ -53,6 +53,7 @@ from agents.task_user import (
     check_task_folder_reachable,
     warn_readable_files,
 )
+from services.runtime.errors import StartupError
 from services.runtime.heap import settle_heap
 from services.runtime.settings import SettingsError
 from services.runtime.tls import load_nats_ssl_context
@@ -118,10 +119,10 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
     try:
         return AgentSettings.from_env(environ)
     except SettingsError as error:
-        option = options.get(error.variable)
-        if option is None:
+        given = options.get(error.variable)
+        if given is None:
             raise
-        raise SettingsError(f"{option} ({error.variable})", error.reason, error.fix) from None
+        raise SettingsError(f"{given} ({error.variable})", error.reason, error.fix) from None
 
 
 def _parse_fleet_option(text: str, index: int) -> tuple[Path, str, str]:
@@ -154,7 +155,26 @@ def build_process(
 ) -> AgentProcess:
     """Build the nodes, the spool, the outbox and the process from settings and options."""
     state_dir = settings.agent_state_dir
-    state_dir.mkdir(parents=True, exist_ok=True)
+    if state_dir.exists() and not state_dir.is_dir():
+        raise SettingsError(
+            "ACSP_AGENT_STATE_DIR",
+            f"{state_dir} is not a folder",
+            "point it to a folder, or to a path where the agent can create one",
+        )
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SettingsError(
+            "ACSP_AGENT_STATE_DIR",
+            f"folder {state_dir} cannot be created: {error.strerror or error}",
+            "point it to a folder the agent can write, or to a place where it can create one",
+        ) from None
+    if not os.access(state_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise SettingsError(
+            "ACSP_AGENT_STATE_DIR",
+            f"folder {state_dir} is not readable and writable by this process",
+            "give the agent's user read, write and search access to it",
+        )
     check_isolation(settings)
     state = StateStore(state_dir / "state.json")
     outbox = Outbox(
@@ -320,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         process = build_process(settings, args)
-    except SettingsError as error:
+    except StartupError as error:
         print(f"agent: {error}", file=sys.stderr)
         return 2
     failures: list[BaseException] = []

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.model import WHOLE_MILLI
+from services.runtime.errors import StartupError
 
 logger = logging.getLogger(__name__)
 
@@ -320,13 +321,20 @@ class StateStore:
         self._intents_unsaved = False
 
     def _load(self) -> None:
-        with open(self._path, encoding="utf-8") as file:
-            document: dict[str, Any] = json.load(file)
+        document = _read_document(self._path)
         if document.get("version") != FORMAT_VERSION:
-            raise ValueError(
-                f"state file {self._path} has format version {document.get('version')!r}, "
-                f"expected {FORMAT_VERSION}; move it away to start without state"
+            raise StateFileError(
+                f"state file {self._path}",
+                f"format version {document.get('version')!r}, expected {FORMAT_VERSION}",
+                "run the agent version that wrote it, or move it away to start without state",
             )
+        try:
+            self._load_nodes(document)
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise _damaged(self._path, f"{type(error).__name__}: {error}") from None
+        logger.info("loaded agent state for %d nodes from %s", len(self._nodes), self._path)
+
+    def _load_nodes(self, document: dict[str, Any]) -> None:
         for key, raw in document.get("nodes", {}).items():
             reserved = int(raw.get("sequence_reserved", 0))
             state = NodeState(
@@ -340,7 +348,6 @@ class StateStore:
             )
             self._nodes[key] = state
         self._intents_sequence = int(document.get("intents_sequence", 0))
-        logger.info("loaded agent state for %d nodes from %s", len(self._nodes), self._path)
 
     @property
     def _journal_path(self) -> Path:
@@ -385,17 +392,54 @@ class StateStore:
         path = self._intents_path
         if not path.exists():
             return
-        with open(path, encoding="utf-8") as file:
-            document: dict[str, Any] = json.load(file)
-        sequence = int(document.get("sequence", 0))
-        if sequence <= self._intents_sequence:
-            return
+        document = _read_document(path)
+        try:
+            sequence = int(document.get("sequence", 0))
+            if sequence <= self._intents_sequence:
+                return
+            intents = {
+                key: [TaskRecord(**fields) for fields in records]
+                for key, records in document.get("nodes", {}).items()
+            }
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise _damaged(path, f"{type(error).__name__}: {error}") from None
         self._intents_sequence = sequence
-        for key, records in document.get("nodes", {}).items():
+        for key, records in intents.items():
             state = self.node(key)
-            for fields in records:
-                state.intents.setdefault(fields["task_id"], TaskRecord(**fields))
+            for record in records:
+                state.intents.setdefault(record.task_id, record)
         logger.info("loaded start intents number %d from %s", sequence, path)
+
+
+class StateFileError(StartupError, ValueError):
+    """A state file that cannot be read or parsed; ``str()`` names the file, the reason, the fix."""
+
+
+def _damaged(path: Path, reason: str) -> StateFileError:
+    return StateFileError(
+        f"state file {path}",
+        f"damaged ({reason})",
+        "restore it from a backup, or move it away to start without state; the agent then "
+        "no longer knows the tasks it lists",
+    )
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    """Read a JSON object from ``path``, raising :class:`StateFileError` for anything else."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            document = json.load(file)
+    except OSError as error:
+        raise StateFileError(
+            f"state file {path}",
+            f"cannot be read: {error.strerror or error}",
+            "give the agent read and write access to its state folder",
+        ) from None
+    except ValueError as error:
+        raise _damaged(path, f"invalid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise _damaged(path, "not a JSON object")
+    return document
 
 
 _TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskRecord))

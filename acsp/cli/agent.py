@@ -87,11 +87,11 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 def _run(args: argparse.Namespace) -> Any:
     from agents.main import build_process, run, settings_from
-    from services.runtime.settings import SettingsError
+    from services.runtime.errors import StartupError
 
     try:
         process = build_process(settings_from(args), args)
-    except SettingsError as error:
+    except StartupError as error:
         raise CommandError(f"agent: {error}", EXIT_USAGE) from None
     return run(process)
 
@@ -139,12 +139,15 @@ def _discover(args: argparse.Namespace) -> int:
 
 
 def _load_state(args: argparse.Namespace) -> Any:
-    from agents.state import StateStore
+    from agents.state import StateFileError, StateStore
 
     path = _state_dir(args) / "state.json"
     if not path.exists():
         raise CommandError(f"no agent state file at {path}; pass --state-dir", EXIT_USAGE)
-    return StateStore(path)
+    try:
+        return StateStore(path)
+    except StateFileError as error:
+        raise CommandError(str(error), EXIT_FAILURE) from None
 
 
 def _health(args: argparse.Namespace) -> int:

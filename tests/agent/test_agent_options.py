@@ -9,6 +9,7 @@ import pytest
 
 from acsp.cli.main import main as acsp_main
 from agents.main import add_arguments, settings_from
+from agents.main import main as agent_main
 from services.runtime.settings import SettingsError
 
 
@@ -67,3 +68,34 @@ def test_cli_run_reports_bad_option(capsys: pytest.CaptureFixture[str]) -> None:
     error = capsys.readouterr().err
     assert "--speed (ACSP_AGENT_SPEED): 0.0 is below the minimum" in error
     assert "Traceback" not in error
+
+
+def test_state_dir_that_is_a_file_rejected(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "state"
+    path.write_text("")
+    argv = ["--backend", "simulated", "--faults", "none", "--utilization", "none"]
+    status = agent_main([*argv, "--state-dir", str(path)])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert f"ACSP_AGENT_STATE_DIR: {path} is not a folder" in error
+
+
+def test_damaged_state_file_stops_agent(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text('{"version": 1, "nod')
+    argv = ["--backend", "simulated", "--faults", "none", "--utilization", "none"]
+    status = agent_main([*argv, "--state-dir", str(tmp_path)])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert f"agent: state file {tmp_path / 'state.json'}: damaged (invalid JSON" in error
+    assert "Traceback" not in error
+
+
+def test_cli_health_reports_damaged_state(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "state.json").write_text("[]")
+    status = acsp_main(["agent", "health", "--state-dir", str(tmp_path)])
+    assert status == 1
+    assert "damaged (not a JSON object)" in capsys.readouterr().err

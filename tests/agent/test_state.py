@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.state import SEQUENCE_BLOCK, StateStore, TaskRecord
+from agents.state import SEQUENCE_BLOCK, StateFileError, StateStore, TaskRecord
 
 KEY = "acme.eu-1.node-1"
 
@@ -39,6 +39,41 @@ def test_unknown_format_version_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.write_text('{"version": 99, "nodes": {}}')
     with pytest.raises(ValueError, match="format version 99"):
+        StateStore(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"version": 1, "nodes": {"a', r"invalid JSON"),
+        ("", r"invalid JSON"),
+        ("[]", r"not a JSON object"),
+        ('{"version": 1, "nodes": []}', r"AttributeError"),
+        ('{"version": 1, "nodes": {"n": {"tasks": [{"job_id": "j"}]}}}', r"KeyError: 'task_id'"),
+        ('{"version": 1, "nodes": {"n": {"sequence_reserved": "many"}}}', r"ValueError"),
+    ],
+)
+def test_damaged_state_file_rejected(tmp_path: Path, text: str, reason: str) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(text)
+    with pytest.raises(StateFileError, match=rf"^state file {path}: damaged \({reason}.*fix: "):
+        StateStore(path)
+    assert path.read_text() == text
+
+
+def test_damaged_intents_file_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    intents = tmp_path / "state.json.intents"
+    intents.write_text('{"version": 1, "sequence": 3, "nodes": {"n": [{"task_id": "t"}]}}')
+    with pytest.raises(StateFileError, match=r"state\.json\.intents: damaged \(TypeError"):
+        StateStore(path)
+    assert not path.exists()
+
+
+def test_unreadable_state_file_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.mkdir()
+    with pytest.raises(StateFileError, match=r"cannot be read: Is a directory; fix: "):
         StateStore(path)
 
 
