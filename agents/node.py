@@ -377,7 +377,7 @@ class NodeAgent:
                 share = _task_share(interval, uuid, shares.get(uuid, WHOLE_MILLI))
                 samples.append(
                     UsageSample(
-                        sample_id=f"{self.ref.key}/{sequence}",
+                        sample_id=self._state.sample_id(self.ref.key, sequence),
                         sequence=sequence,
                         job_id=interval.job_id,
                         task_id=interval.task_id,

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,12 @@ class NodeState:
     """Clock seconds up to which usage went into the spool; a restart reports from here."""
     fencing_token: int = 0
     """Highest fencing token (scheduler leader epoch) of a command the node acted on."""
+    sample_series: str = ""
+    """Random id in the node's usage-sample ids, made when its state starts empty.
+
+    Metering drops a sample whose id it has stored, so an agent whose state file was lost
+    or moved away must not hand out ``<node>/1`` again. Empty for state written before the
+    series existed, whose ids stay ``<node>/<sequence>``."""
     health: dict[str, list[str]] = field(default_factory=dict)
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
     intents: dict[str, TaskRecord] = field(default_factory=dict)
@@ -136,8 +143,13 @@ class StateStore:
     def node(self, key: str) -> NodeState:
         state = self._nodes.get(key)
         if state is None:
-            state = self._nodes[key] = NodeState()
+            state = self._nodes[key] = NodeState(sample_series=uuid.uuid4().hex[:12])
         return state
+
+    def sample_id(self, key: str, sequence: int) -> str:
+        """Return the id of the node's usage sample number ``sequence``."""
+        series = self.node(key).sample_series
+        return f"{key}/{series}/{sequence}" if series else f"{key}/{sequence}"
 
     def next_sequence(self, key: str) -> int:
         """Return the node's next usage-sample sequence number; it is never handed out twice.
@@ -303,6 +315,7 @@ class StateStore:
                 "sequence_reserved": state.sequence_reserved,
                 "usage_reported_until": state.usage_reported_until,
                 "fencing_token": state.fencing_token,
+                "sample_series": state.sample_series,
                 "health": state.health,
                 "tasks": [_task_fields(t) for t in state.tasks.values()],
             }
@@ -342,6 +355,7 @@ class StateStore:
                 sequence_reserved=reserved,
                 usage_reported_until=float(raw.get("usage_reported_until", 0.0)),
                 fencing_token=int(raw.get("fencing_token", 0)),
+                sample_series=str(raw.get("sample_series", "")),
                 health={uuid: list(causes) for uuid, causes in raw.get("health", {}).items()},
                 tasks={t["task_id"]: TaskRecord(**t) for t in raw.get("tasks", [])},
                 intents={t["task_id"]: TaskRecord(**t) for t in raw.get("intents", [])},

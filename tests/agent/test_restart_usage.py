@@ -69,3 +69,31 @@ async def test_restart_reports_downtime_usage_once(tmp_path: Path) -> None:
     assert after.accelerator_seconds.value == "110.000000"
     assert after.sequence > before.sequence
     assert before.sample_id != after.sample_id
+
+
+async def _report_one_sample(
+    directory: Path, clock: ManualClock, task_id: str
+) -> agent_pb2.UsageSample:
+    node, outbox, spool = make_node(SimulatedBackend(SPEC, clock), directory, clock)
+    sleeper = (sys.executable, "-c", "import time; time.sleep(60)")
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        assert node.runner is not None
+        uuid = node.backend.discover().accelerators[0].uuid
+        await node.runner.start(TaskSpec("job", task_id, (uuid,), sleeper))
+        clock.advance(10)
+        assert node.report_usage() == 1
+        outbox.flush_to_spool()
+        await node.runner.stop(task_id, "cleanup")
+    (sample,) = usage_samples(spool)
+    spool.close()
+    return sample
+
+
+async def test_lost_state_reuses_no_sample_id(tmp_path: Path) -> None:
+    clock = ManualClock(time.time())
+    before = await _report_one_sample(tmp_path / "first", clock, "job/1/0")
+    # The operator moves the damaged state away and starts again; the spool was already sent.
+    after = await _report_one_sample(tmp_path / "second", clock, "job/2/0")
+    assert after.sequence == before.sequence
+    assert before.sample_id != after.sample_id

@@ -77,6 +77,29 @@ def test_unreadable_state_file_rejected(tmp_path: Path) -> None:
         StateStore(path)
 
 
+def test_sample_series_survives_restart(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "state.json")
+    sequence = state.next_sequence(KEY)
+    first = state.sample_id(KEY, sequence)
+    state.save_before_spool()
+    assert StateStore(tmp_path / "state.json").sample_id(KEY, sequence) == first
+    assert first.startswith(f"{KEY}/")
+    assert first.endswith(f"/{sequence}")
+
+
+def test_fresh_state_has_new_series(tmp_path: Path) -> None:
+    first = StateStore(tmp_path / "a" / "state.json")
+    second = StateStore(tmp_path / "b" / "state.json")
+    assert first.sample_id(KEY, 1) != second.sample_id(KEY, 1)
+
+
+def test_state_without_series_keeps_old_ids(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(f'{{"version": 1, "nodes": {{"{KEY}": {{"sequence_reserved": 10000}}}}}}')
+    state = StateStore(path)
+    assert state.sample_id(KEY, state.next_sequence(KEY)) == f"{KEY}/10001"
+
+
 def test_save_before_spool_writes_only_after_a_new_block(tmp_path: Path) -> None:
     state = StateStore(tmp_path / "state.json")
     state.next_sequence(KEY)
