@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ class AttemptFacts:
     end_trigger: str = ""
     last_checkpoint_at: datetime | None = None
     cause: str = ""
+    providers: tuple[str, ...] | None = None
+    """Providers of the attempt's placements, sorted; None when the event names none."""
 
 
 _UPSERT_SET = """
@@ -71,29 +74,45 @@ ON CONFLICT (job_id, attempt) DO UPDATE SET
                        ELSE j.end_trigger END,
     last_checkpoint_at = greatest(j.last_checkpoint_at, excluded.last_checkpoint_at),
     cause = excluded.cause,
+    providers = CASE
+        WHEN excluded.providers IS NULL THEN j.providers
+        WHEN j.providers IS NULL THEN excluded.providers
+        ELSE ARRAY(SELECT DISTINCT p FROM unnest(j.providers || excluded.providers) AS p
+                   ORDER BY p)
+    END,
     updated_at = now()
 """
 
 _COLUMNS = """
     (job_id, attempt, hold_id, grant_id, project_id, institution_id, rate_policy,
      award_rate_card_version, started_at, ended_at, end_reason, end_trigger,
-     last_checkpoint_at, cause)
+     last_checkpoint_at, cause, providers)
 """
+
+# Providers travel as a JSON array (or NULL) in both statements, because unnest() flattens an
+# array of arrays instead of returning one array per row.
+_PROVIDERS = "CASE WHEN {0} IS NULL THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text({0})) END"
 
 _RECORD_ATTEMPT = f"""
 INSERT INTO metering.jobs AS j {_COLUMNS}
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+        {_PROVIDERS.format("$15::jsonb")})
 {_UPSERT_SET}
 """
 
 # One row per attempt, because an upsert may not change the same row twice in one statement.
 _RECORD_ATTEMPTS = f"""
 INSERT INTO metering.jobs AS j {_COLUMNS}
-SELECT * FROM unnest(
+SELECT u.job_id, u.attempt, u.hold_id, u.grant_id, u.project_id, u.institution_id,
+       u.rate_policy, u.award_rate_card_version, u.started_at, u.ended_at, u.end_reason,
+       u.end_trigger, u.last_checkpoint_at, u.cause, {_PROVIDERS.format("u.providers")}
+FROM unnest(
     $1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::int[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::text[],
-    $13::timestamptz[], $14::text[]
-)
+    $13::timestamptz[], $14::text[], $15::jsonb[]
+) AS u(job_id, attempt, hold_id, grant_id, project_id, institution_id, rate_policy,
+       award_rate_card_version, started_at, ended_at, end_reason, end_trigger,
+       last_checkpoint_at, cause, providers)
 {_UPSERT_SET}
 """
 
@@ -114,6 +133,7 @@ def _attempt_row(facts: AttemptFacts) -> tuple[object, ...]:
         facts.end_trigger,
         facts.last_checkpoint_at,
         facts.cause,
+        None if facts.providers is None else json.dumps(list(facts.providers)),
     )
 
 
@@ -123,7 +143,8 @@ def merge_facts(facts: Sequence[AttemptFacts]) -> list[AttemptFacts]:
     Storing the combined fact gives the row that storing the facts one after another gives,
     because each field follows the upsert's rule. A non-empty id, the rate terms and the cause
     take the later value. The start, the end and the end trigger keep the first that is set.
-    The end reason comes with the first end, and the latest checkpoint time wins.
+    The end reason comes with the first end, and the latest checkpoint time wins. The
+    providers are the union of those named.
     """
     merged: dict[tuple[str, int], AttemptFacts] = {}
     for fact in facts:
@@ -151,7 +172,16 @@ def _combine(earlier: AttemptFacts, later: AttemptFacts) -> AttemptFacts:
         end_trigger=earlier.end_trigger or later.end_trigger,
         last_checkpoint_at=max(checkpoints) if checkpoints else None,
         cause=later.cause,
+        providers=_union(earlier.providers, later.providers),
     )
+
+
+def _union(
+    earlier: tuple[str, ...] | None, later: tuple[str, ...] | None
+) -> tuple[str, ...] | None:
+    if earlier is None or later is None:
+        return later if earlier is None else earlier
+    return tuple(sorted(set(earlier) | set(later)))
 
 
 async def record_attempts(conn: asyncpg.Connection, facts: Sequence[AttemptFacts]) -> None:

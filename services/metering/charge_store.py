@@ -23,6 +23,7 @@ from services.metering.charging import (
     UsageDelta,
     plan_charges,
 )
+from services.metering.ingest_store import INSERT_DEAD_LETTER
 from services.metering.ledger import Ledger, LedgerCharge, LedgerRejected, LedgerUnavailable
 from services.metering.ratecard import RateCardHistory, RatePolicy
 from services.metering.samples import micros_to_seconds
@@ -33,7 +34,8 @@ _DUE_USAGE = """
 SELECT up.job_id, up.attempt, up.period_start, up.provider, up.region, up.accelerator_model,
        up.accelerator_micros - up.charged_micros AS delta_micros,
        j.hold_id, j.rate_policy, j.award_rate_card_version,
-       (j.ended_at IS NOT NULL AND j.ended_at <= $2) AS final
+       (j.ended_at IS NOT NULL AND j.ended_at <= $2) AS final,
+       (j.providers IS NOT NULL AND up.provider <> ALL(j.providers)) AS unplaced
 FROM metering.usage_periods up
 JOIN metering.jobs j ON j.job_id = up.job_id AND j.attempt = up.attempt
 WHERE up.accelerator_micros > up.charged_micros
@@ -97,7 +99,11 @@ async def record_due_charges(
     latest_closed_start = now - timedelta(seconds=lateness_s + period_seconds)
     ended_before = now - timedelta(seconds=lateness_s)
     async with conn.transaction():
-        rows = await conn.fetch(_DUE_USAGE, latest_closed_start, ended_before, limit)
+        due = await conn.fetch(_DUE_USAGE, latest_closed_start, ended_before, limit)
+        unplaced = [r for r in due if r["unplaced"]]
+        if unplaced:
+            await _reject_unplaced(conn, unplaced)
+        rows = [r for r in due if not r["unplaced"]]
         if not rows:
             return []
         deltas = [
@@ -134,6 +140,42 @@ async def record_due_charges(
             [r["delta_micros"] for r in rows],
         )
     return planned
+
+
+async def _reject_unplaced(conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> None:
+    """Mark usage from providers that run no task of its attempt as done, charging nothing.
+
+    Each rejection is logged and kept as a dead letter for an operator. It names the amount, so a
+    later sample of the same period adds another.
+    """
+    letters = []
+    for r in rows:
+        reason = (
+            f"provider {r['provider']} reported {micros_to_seconds(r['delta_micros'])} "
+            f"accelerator-seconds for job {r['job_id']} attempt {r['attempt']}, which runs on "
+            "none of its nodes; the usage is not charged"
+        )
+        logger.warning(
+            "rejecting usage from a provider that does not run the attempt: %s",
+            reason,
+            extra={"job_id": r["job_id"], "attempt": r["attempt"], "provider": r["provider"]},
+        )
+        key = (
+            f"unplaced:{r['job_id']}/{r['attempt']}/{r['period_start'].isoformat()}/"
+            f"{r['provider']}/{r['region']}/{r['accelerator_model']}/{r['delta_micros']}"
+        )
+        letters.append((key, "", 0, None, reason, None))
+    await conn.executemany(INSERT_DEAD_LETTER, letters)
+    await conn.execute(
+        _MARK_CHARGED,
+        [r["job_id"] for r in rows],
+        [r["attempt"] for r in rows],
+        [r["period_start"] for r in rows],
+        [r["provider"] for r in rows],
+        [r["region"] for r in rows],
+        [r["accelerator_model"] for r in rows],
+        [r["delta_micros"] for r in rows],
+    )
 
 
 async def _next_sequences(

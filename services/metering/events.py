@@ -104,6 +104,12 @@ def _end_reason(event: events_pb2.JobEvent) -> str:
     return _END_REASONS.get(event.state, "ended")
 
 
+def _placement_providers(event: events_pb2.JobEvent) -> tuple[str, ...] | None:
+    """Return the sorted providers of the event's placements, or None if it names none."""
+    providers = {placement.provider_id for placement in event.placements if placement.provider_id}
+    return tuple(sorted(providers)) if providers else None
+
+
 class FactConsumers:
     """Stores job, health, task and inventory facts for charging and refunds."""
 
@@ -181,6 +187,7 @@ class FactConsumers:
             end_trigger=trigger,
             last_checkpoint_at=_time(event.last_checkpoint_time),
             cause=f"event:{event.event_id}",
+            providers=_placement_providers(event),
         )
 
     async def handle_health(self, messages: Sequence[Msg]) -> None:

@@ -76,7 +76,7 @@ WITH inserted AS (
 SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM merged) AS periods
 """
 
-_INSERT_DEAD_LETTER = """
+INSERT_DEAD_LETTER = """
 INSERT INTO metering.dead_letters
     (dedupe_key, subject, stream_sequence, sample_id, reason, payload)
 VALUES ($1, $2, $3, $4, $5, $6)
@@ -114,7 +114,7 @@ async def write_batch(
             assert row is not None
             inserted = int(row["inserted"])
         if rejections:
-            await conn.executemany(_INSERT_DEAD_LETTER, [_dead_letter(r) for r in rejections])
+            await conn.executemany(INSERT_DEAD_LETTER, [_dead_letter(r) for r in rejections])
     return BatchResult(inserted, len(samples) - inserted, len(rejections))
 
 

@@ -92,6 +92,7 @@ async def query_usage(
         FROM metering.usage_periods u
         JOIN metering.jobs j ON j.job_id = u.job_id AND j.attempt = u.attempt
         WHERE u.period_start >= $1 AND u.period_start < $2 {_FILTER.format(t="u")}
+          AND (j.providers IS NULL OR u.provider = ANY(j.providers))
           AND {usage_key} > $7
         GROUP BY 1 ORDER BY 1 LIMIT $8
         """,

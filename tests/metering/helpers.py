@@ -217,6 +217,7 @@ async def admit(
     end_reason: str = "",
     end_trigger: str = "",
     last_checkpoint_at: datetime | None = None,
+    providers: tuple[str, ...] | None = None,
 ) -> None:
     """Record an attempt as the job events would: hold, grant, and optionally its end."""
     async with db.acquire() as conn:
@@ -235,6 +236,7 @@ async def admit(
                 end_trigger=end_trigger,
                 last_checkpoint_at=last_checkpoint_at,
                 cause="test",
+                providers=providers,
             ),
         )
 
