@@ -47,6 +47,9 @@ _NVLINK_COUNTERS = (
     pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT,
     pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA,
 )
+_NO_SUCH_LINK_CODES = frozenset(
+    {pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_INVALID_ARGUMENT}
+)
 _MAX_EVENTS_PER_POLL = 1024
 
 
@@ -149,10 +152,15 @@ class NvmlBackend(Backend):
         try:
             pynvml.nvmlInit()
             self._driver_version = _text(pynvml.nvmlSystemGetDriverVersion())
-            self._cuda_version = _cuda_version(pynvml.nvmlSystemGetCudaDriverVersion())
             count = pynvml.nvmlDeviceGetCount()
         except pynvml.NVMLError as error:
             raise BackendError(f"NVML initialisation failed: {error}") from error
+        try:
+            self._cuda_version = _cuda_version(pynvml.nvmlSystemGetCudaDriverVersion())
+        except pynvml.NVMLError as error:
+            # A driver that cannot report its CUDA version still serves its GPUs.
+            logger.warning("CUDA driver version unreadable, reported as empty: %s", error)
+            self._cuda_version = ""
         found: dict[str, _Device] = {}
         for index in range(count):
             try:
@@ -355,6 +363,8 @@ class NvmlBackend(Backend):
 
     @staticmethod
     def _read_nvlink(reader: _Reader) -> int | None:
+        # A sum that misses a link or a counter would read as a drop, and the next full sum as
+        # an increase that the health rules report, so any failed read makes the total None.
         total = 0
         active = 0
         for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
@@ -362,16 +372,21 @@ class NvmlBackend(Backend):
                 if not pynvml.nvmlDeviceGetNvLinkState(reader.handle, link):
                     continue
             except pynvml.NVMLError as error:
-                # NOT_SUPPORTED or INVALID_ARGUMENT here mean "no such link", not a stale handle.
                 if error.value == pynvml.NVML_ERROR_GPU_IS_LOST:
                     raise _DeviceLost from error
-                break
+                # NOT_SUPPORTED or INVALID_ARGUMENT here mean "no such link", not a stale handle.
+                if error.value in _NO_SUCH_LINK_CODES:
+                    break
+                logger.debug("NVML NVLink %d state failed: %s", link, error)
+                return None
             active += 1
             for counter in _NVLINK_COUNTERS:
                 value = reader.get(
                     "nvlink_errors", pynvml.nvmlDeviceGetNvLinkErrorCounter, link, counter
                 )
-                total += value or 0
+                if value is None:
+                    return None
+                total += value
         if active == 0:
             reader.unsupported.add("nvlink_errors")
             return None
@@ -412,6 +427,10 @@ class NvmlBackend(Backend):
         try:
             if self._event_set is not None:
                 pynvml.nvmlEventSetFree(self._event_set)
+        except pynvml.NVMLError as error:
+            logger.warning("freeing the NVML event set failed: %s", error)
+        self._event_set = None
+        try:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError as error:
             logger.warning("NVML shutdown failed: %s", error)

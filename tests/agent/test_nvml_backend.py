@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pynvml
 import pytest
 
 from acsp.v1 import scheduler_pb2
@@ -230,3 +233,59 @@ def test_mig_instances_are_fractional_accelerators(monkeypatch: pytest.MonkeyPat
     assert "utilization" in readings["MIG-aaaa"].unsupported
     assert readings["MIG-aaaa"].memory_used_bytes == 1_200 << 20
     assert backend.visible_devices_env(["MIG-aaaa"]) == {"CUDA_VISIBLE_DEVICES": "MIG-aaaa"}
+
+
+def _failing(code: int) -> Callable[..., Any]:
+    def call(*_args: Any) -> Any:
+        raise pynvml.NVMLError(code)
+
+    return call
+
+
+def test_unreadable_cuda_version_keeps_gpus(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        pynvml, "nvmlSystemGetCudaDriverVersion", _failing(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+    )
+    inventory = NvmlBackend().discover()
+    assert len(inventory.accelerators) == 8
+    assert inventory.software_version == ""
+    assert inventory.driver_version == "550.54.15"
+
+
+def test_close_shuts_down_when_free_fails(fake: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = NvmlBackend()
+    backend.discover()
+    monkeypatch.setattr(pynvml, "nvmlEventSetFree", _failing(pynvml.NVML_ERROR_UNKNOWN))
+    backend.close()
+    assert not fake.initialised
+
+
+@pytest.mark.parametrize(
+    ("function", "code"),
+    [
+        ("nvmlDeviceGetNvLinkErrorCounter", pynvml.NVML_ERROR_UNKNOWN),
+        ("nvmlDeviceGetNvLinkErrorCounter", pynvml.NVML_ERROR_NO_PERMISSION),
+        ("nvmlDeviceGetNvLinkState", pynvml.NVML_ERROR_UNKNOWN),
+    ],
+)
+def test_failed_nvlink_read_is_not_a_drop(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch, function: str, code: int
+) -> None:
+    fake.gpus[0].nvlink_errors_per_counter = 2
+    backend = NvmlBackend()
+    backend.discover()
+    assert backend.read()[0].nvlink_errors == 18 * 4 * 2
+    original = getattr(fake, function)
+
+    def fail_on_link_5(handle: Any, link: int, *args: Any) -> Any:
+        if link == 5:
+            raise pynvml.NVMLError(code)
+        return original(handle, link, *args)
+
+    monkeypatch.setattr(pynvml, function, fail_on_link_5)
+    reading = backend.read()[0]
+    assert reading.nvlink_errors is None
+    assert "nvlink_errors" not in reading.unsupported
+    assert reading.temperature_c == 61
