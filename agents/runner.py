@@ -4,7 +4,9 @@ A task with a command runs as its own process group (``start_new_session``) with
 accelerators visible (the backend's variable, e.g. ``CUDA_VISIBLE_DEVICES`` with UUIDs) and its
 output in a log file under the agent's work directory. The runner enforces the wall time,
 stops a task with SIGTERM to the group and SIGKILL after the grace period, and reports every
-state change as a :class:`TaskEvent` with the exit code and the tail of the output.
+state change as a :class:`TaskEvent` with the exit code and the tail of the output. Processes
+that left the group get the same signals (:mod:`agents.stray_processes`), and none of the
+task's processes outlives its end.
 
 Before a task is reported running, its pid and the kernel's start time of the process are in
 the state file. A restarted agent adopts each recorded process that still runs (same pid and
@@ -31,6 +33,7 @@ from pathlib import Path
 from agents.model import WHOLE_MILLI, TaskEvent, TaskSpec, TaskState
 from agents.programs import CommandNotRunnableError, resolve_command
 from agents.state import StateStore, TaskRecord
+from agents.stray_processes import kill_task_processes, signal_strays
 from agents.task_process import (
     SPAWN_ID_ENV,
     TaskLauncher,
@@ -497,6 +500,7 @@ class TaskRunner:
         self._emit_state(record, TaskState.STOPPING, reason)
         if record.pid:
             _signal_group(record.pid, signal.SIGTERM)
+            signal_strays(record.spawn_id, record.pid, signal.SIGTERM)
         else:
             # A played task has nothing to signal: it stops at once.
             self._finish(task, None, "")
@@ -530,6 +534,7 @@ class TaskRunner:
                     record.grace_period_s,
                 )
                 _signal_group(record.pid, signal.SIGKILL)
+                signal_strays(record.spawn_id, record.pid, signal.SIGKILL)
                 task.killed = True
             # Sleep until the process exits, a stop is requested or the next deadline.
             task.changed = loop.create_future()
@@ -542,6 +547,12 @@ class TaskRunner:
         if _signal_group(record.pid, 0):
             logger.warning("task %s left processes behind; killing its group", record.task_id)
             _signal_group(record.pid, signal.SIGKILL)
+        # So do processes that left the group (daemons) but carry the task's spawn id.
+        strays = await asyncio.to_thread(kill_task_processes, record.spawn_id)
+        if strays:
+            logger.warning(
+                "task %s left %d processes outside its group; killed them", record.task_id, strays
+            )
         exit_code = None if task.process is None else task.process.returncode
         self._finish(task, exit_code, _tail(record.log_path))
 

@@ -1,0 +1,117 @@
+"""Processes that leave a task's process group (daemons, new sessions) end with the task."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from agents.model import TaskSpec, TaskState
+from agents.runner import TaskRunner
+from agents.stray_processes import find_task_processes
+from tests.agent.test_runner import (
+    Recorder,
+    close_launchers,  # noqa: F401 - the fixture closes the launchers the runners start
+    python_command,
+    run_with_group,
+    wait_for,
+)
+
+# Forks a daemon (fork, setsid, fork) that writes its pid to the file in argv[1], then sleeps.
+DAEMON = """
+import os, signal, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        if len(sys.argv) > 2:
+            signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[2], "w").close(), os._exit(0)))
+        with open(sys.argv[1] + ".tmp", "w") as file:
+            file.write(str(os.getpid()))
+        os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+        time.sleep(30)
+    os._exit(0)
+"""
+
+# A daemon that starts a new session in a fresh child every 20 ms, 40 times at most.
+SPREADING = """
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    open(sys.argv[1], "w").close()
+    for _ in range(40):
+        if os.fork() == 0:
+            os.setsid()
+            time.sleep(30)
+            os._exit(0)
+        time.sleep(0.02)
+    time.sleep(30)
+    os._exit(0)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            state = file.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in (b"Z", b"X")
+
+
+def _command(code: str, *args: str, then: str = "time.sleep(30)") -> tuple[str, ...]:
+    return (*python_command(f"{code}\nimport time\n{then}\n"), *args)
+
+
+async def test_stop_kills_daemonized_child(tmp_path: Path) -> None:
+    pid_file = tmp_path / "daemon.pid"
+    terminated = tmp_path / "daemon.terminated"
+    spawn_ids: list[str] = []
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        command = _command(DAEMON, str(pid_file), str(terminated))
+        await runner.start(TaskSpec("j", "j/1/0", ("GPU-1",), command, grace_period_s=2.0))
+        spawn_ids.append(runner._tasks["j/1/0"].record.spawn_id)
+        await wait_for(pid_file.exists)
+        await runner.stop("j/1/0", "preempted")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+
+    await run_with_group(tmp_path, body)
+    assert not _alive(int(pid_file.read_text()))
+    assert terminated.exists(), "the daemon got no SIGTERM before the SIGKILL"
+    assert find_task_processes(spawn_ids[0]) == []
+
+
+async def test_exit_kills_daemon_left_behind(tmp_path: Path) -> None:
+    pid_file = tmp_path / "daemon.pid"
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        wait_for_daemon = (
+            "import os, sys, time\nwhile not os.path.exists(sys.argv[1]):\n    time.sleep(0.01)\n"
+        )
+        command = _command(DAEMON, str(pid_file), then=wait_for_daemon)
+        await runner.start(TaskSpec("j", "j/1/0", ("GPU-1",), command))
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("j/1/0"))
+
+    await run_with_group(tmp_path, body)
+    assert not _alive(int(pid_file.read_text()))
+
+
+async def test_stop_kills_spreading_daemon(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    spawn_ids: list[str] = []
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        command = _command(SPREADING, str(started))
+        await runner.start(TaskSpec("j", "j/1/0", ("GPU-1",), command, grace_period_s=0.2))
+        spawn_ids.append(runner._tasks["j/1/0"].record.spawn_id)
+        await wait_for(started.exists)
+        await wait_for(lambda: len(find_task_processes(spawn_ids[0])) > 5)
+        await runner.stop("j/1/0", "preempted")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+
+    await run_with_group(tmp_path, body)
+    assert find_task_processes(spawn_ids[0]) == []
+
+
+def test_no_spawn_id_finds_nothing() -> None:
+    assert find_task_processes("") == []
+    assert os.getpid() not in find_task_processes("no-such-spawn-id")
