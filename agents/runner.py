@@ -5,8 +5,8 @@ accelerators visible (the backend's variable, e.g. ``CUDA_VISIBLE_DEVICES`` with
 output in a log file under the agent's work directory. The runner enforces the wall time,
 stops a task with SIGTERM to the group and SIGKILL after the grace period, and reports every
 state change as a :class:`TaskEvent` with the exit code and the tail of the output. Processes
-that left the group get the same signals (:mod:`agents.stray_processes`), and none of the
-task's processes outlives its end.
+that left the group but kept the task's environment get the same signals, and are killed when
+the task ends (:mod:`agents.stray_processes`).
 
 Before a task is reported running, its pid and the kernel's start time of the process are in
 the state file. A restarted agent adopts each recorded process that still runs (same pid and
