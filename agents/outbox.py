@@ -66,6 +66,8 @@ unsettled head stay in the spool until it settles, so each wave covers them plus
 new ones. A head rejected for good settles after ``max_rejections`` times the spacing (about
 20 s by default), which the window lets a busy agent ride out without filling its spool."""
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
+_SPOOL_ERROR_LOG_S: Final = 60.0
+"""Seconds between two log lines about a spool that cannot be written."""
 
 ClientSource = Callable[[], Client | None]
 """A function that returns the agent's NATS client, or None before the first connection."""
@@ -82,6 +84,9 @@ class OutboxCounters:
     """Rejections for good counted, at most one per message every ``rejection_spacing_s``."""
     dead_lettered: int = 0
     """Messages moved to the dead letters after ``max_rejections`` rejections for good."""
+    spool_errors: int = 0
+    """Flushes to the spool that failed with a disk error (a full disk); the messages stayed
+    queued in memory."""
 
 
 @dataclass(slots=True)
@@ -136,6 +141,8 @@ class Outbox:
         self._wake = asyncio.Event()
         self.counters = OutboxCounters()
         self._last_drop_log = 0
+        self._last_spool_error_log: float | None = None
+        """Monotonic time of the last logged spool error, or None while the spool works."""
         self._closed = False
         self._client: Client | None = None
         self._jetstream: JetStreamContext | None = None
@@ -193,7 +200,13 @@ class Outbox:
             self._before_append()
         queued, self._queue = self._queue, []
         callbacks, self._when_spooled = self._when_spooled, []
-        accepted = self._spool.append(queued)
+        try:
+            accepted = self._spool.append(queued)
+        except OSError:
+            # None of the batch is in the spool, so it stays queued for the next flush.
+            self._queue[:0] = queued
+            self._when_spooled[:0] = callbacks
+            raise
         self.counters.spooled += accepted
         if accepted < len(queued):
             self._count_drops(len(queued) - accepted, "the spool is full")
@@ -220,7 +233,7 @@ class Outbox:
     async def run(self, client: ClientSource) -> None:
         """Spool and publish until cancelled or closed, while ``client()`` is connected."""
         while not self._closed:
-            self.flush_to_spool()
+            self._flush_or_log()
             current = client()
             if self._spool.pending_records == 0 or current is None or not current.is_connected:
                 self._wake.clear()
@@ -232,6 +245,33 @@ class Outbox:
                 continue
             if await self._publish_batch(current) == 0:
                 await asyncio.sleep(self._retry_s)
+
+    def _flush_or_log(self) -> None:
+        """Flush to the spool; on a disk error keep the messages queued and log it, rate-limited.
+
+        The messages already in the spool are still published meanwhile, and the queue's bound
+        (``max_queued``) drops and counts new messages if the error lasts.
+        """
+        try:
+            self.flush_to_spool()
+        except OSError as error:
+            self.counters.spool_errors += 1
+            now = time.monotonic()
+            last = self._last_spool_error_log
+            if last is None or now - last >= _SPOOL_ERROR_LOG_S:
+                self._last_spool_error_log = now
+                logger.error(
+                    "writing to the spool in %s failed (%d times so far), %d messages wait in "
+                    "memory; free disk space there: %s",
+                    self._spool.directory,
+                    self.counters.spool_errors,
+                    len(self._queue),
+                    error,
+                )
+            return
+        if self._last_spool_error_log is not None:
+            self._last_spool_error_log = None
+            logger.info("writing to the spool in %s works again", self._spool.directory)
 
     async def drain(self, client: Client, timeout_s: float) -> None:
         """Publish what is queued and spooled, for at most ``timeout_s`` (at shutdown)."""

@@ -24,6 +24,7 @@ rejection is counted, so a restarted agent goes on counting instead of starting 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import json
 import logging
@@ -132,16 +133,43 @@ class Spool:
             self.dropped += rejected
         if not encoded:
             return 0
-        for frame in encoded:
-            writer = self._writer_for(len(frame))
-            writer.write(frame)
-            self._tail += len(frame)
-        assert self._writer is not None
-        self._writer.flush()
-        os.fsync(self._writer.fileno())
+        start = self._tail
+        segment_count = len(self._segments)
+        try:
+            for frame in encoded:
+                writer = self._writer_for(len(frame))
+                writer.write(frame)
+                self._tail += len(frame)
+            assert self._writer is not None
+            self._writer.flush()
+            os.fsync(self._writer.fileno())
+        except OSError:
+            # A full disk fails a write or the fsync after part of the batch reached the file.
+            # Records appended later must not follow those bytes, which a reopened spool would
+            # read as a torn tail and cut off together with everything after them.
+            self._undo_append(start, segment_count)
+            raise
         self._pending_records += len(encoded)
         self._cache_appended(records[: len(encoded)], encoded)
         return len(encoded)
+
+    def _undo_append(self, start: int, segment_count: int) -> None:
+        """Cut the spool back to offset ``start`` and its first ``segment_count`` segments."""
+        if self._writer is not None:
+            # Closing flushes what is still buffered, which may fail again. The truncation below
+            # cuts whatever part of the batch reached the file.
+            with contextlib.suppress(OSError):
+                self._writer.close()
+            self._writer = None
+        for offset in self._segments[segment_count:]:
+            with contextlib.suppress(FileNotFoundError):
+                self._segment_path(offset).unlink()
+        del self._segments[segment_count:]
+        self._tail = start
+        if self._segments:
+            last = self._segments[-1]
+            os.truncate(self._segment_path(last), start - last)
+            self._writer = open(self._segment_path(last), "ab")
 
     def _cache_appended(self, records: Sequence[SpoolRecord], frames: list[bytes]) -> None:
         if self._cache is None:
