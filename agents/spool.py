@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
+from services.runtime.errors import StartupError
+
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">II")
@@ -47,6 +49,18 @@ _READ_CHUNK = 256 << 10
 _CACHE_MAX_RECORDS = 8192
 _CACHE_MAX_BYTES = 8 << 20
 REJECTIONS_FILE_NAME: Final = "rejections.json"
+
+
+class SpoolHeadError(StartupError, OSError):
+    """The spool's head file is damaged, so the first unacknowledged record is unknown."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"spool head file {path}",
+            f"damaged: {reason}",
+            "move it away; the spool then publishes again from its oldest segment, which may "
+            "send messages JetStream already stored",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,10 +343,10 @@ class Spool:
             return first
         data = path.read_bytes()
         if len(data) != _HEAD.size:
-            raise OSError(f"spool head file {path} is damaged: {len(data)} bytes")
+            raise SpoolHeadError(path, f"{len(data)} bytes long, expected {_HEAD.size}")
         head, crc = _HEAD.unpack(data)
         if zlib.crc32(data[:8]) != crc:
-            raise OSError(f"spool head file {path} fails its checksum")
+            raise SpoolHeadError(path, "fails its checksum")
         return max(head, first)
 
     def _recover_tail(self) -> int:

@@ -182,12 +182,15 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _spool(args: argparse.Namespace) -> int:
-    from agents.spool import Spool
+    from agents.spool import Spool, SpoolHeadError
 
     path = _state_dir(args) / "spool"
     if not path.exists():
         raise CommandError(f"no spool at {path}; pass --state-dir", EXIT_USAGE)
-    spool = Spool(path)
+    try:
+        spool = Spool(path)
+    except SpoolHeadError as error:
+        raise CommandError(str(error), EXIT_FAILURE) from None
     records = [{"pending_messages": spool.pending_records, "pending_bytes": spool.pending_bytes}]
     spool.close()
     print_records(records, ["pending_messages", "pending_bytes"], output_format=args.format)
