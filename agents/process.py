@@ -118,6 +118,8 @@ class ProcessCounters:
     heartbeats_skipped: int = 0
     commands_handled: int = 0
     commands_rejected: int = 0
+    command_batches_failed: int = 0
+    """Command batches left unacknowledged because the state could not be written."""
     usage_samples: int = 0
 
 
@@ -536,7 +538,20 @@ class AgentProcess:
                 batch = [message]
                 while len(batch) < _COMMAND_BATCH and not queue.empty():
                     batch.append(queue.get_nowait())
-                await self._handle_commands(batch)
+                try:
+                    await self._handle_commands(batch)
+                except OSError as error:
+                    # The state or the start intents could not be written (a full disk). The
+                    # batch stays unacknowledged, so JetStream delivers it again after the ack
+                    # wait, and a start that already spawned its process is then ignored.
+                    self.counters.command_batches_failed += 1
+                    logger.error(
+                        "handling %d commands on %s failed; JetStream delivers them again after %g s: %s",
+                        len(batch),
+                        consumer.filter_subject,
+                        self._intervals.command_ack_wait_s,
+                        error,
+                    )
         finally:
             if subscription is not None and not client.is_closed:
                 with contextlib.suppress(nats.errors.Error):
