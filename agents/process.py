@@ -546,7 +546,8 @@ class AgentProcess:
                     # wait, and a start that already spawned its process is then ignored.
                     self.counters.command_batches_failed += 1
                     logger.error(
-                        "handling %d commands on %s failed; JetStream delivers them again after %g s: %s",
+                        "handling %d commands on %s failed; JetStream delivers them again after "
+                        "%g s: %s",
                         len(batch),
                         consumer.filter_subject,
                         self._intervals.command_ack_wait_s,
