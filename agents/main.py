@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 
 from acsp.cli._common import whole_number
+from acsp.subjects import TOKEN_PATTERN
 from agents import wire
 from agents.backends.base import Backend, BackendError
 from agents.backends.fleet import (
@@ -128,7 +129,16 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
 def _parse_fleet_option(text: str, index: int) -> tuple[Path, str, str]:
     path, _, rest = text.partition(":")
     provider, _, region = rest.partition(":")
-    return Path(path), provider or f"provider-{index + 1}", region or "region-1"
+    provider = provider or f"provider-{index + 1}"
+    region = region or "region-1"
+    # Both become NATS subject tokens, which the node rows of some formats do not override.
+    for name, value in (("provider", provider), ("region", region)):
+        if not TOKEN_PATTERN.match(value):
+            raise SystemExit(
+                f"agent: --fleet {text}: {name} {value!r} is not a subject token; "
+                "use 1-64 of A-Z a-z 0-9 _ -"
+            )
+    return Path(path), provider, region
 
 
 def fleet_nodes(args: argparse.Namespace, settings: AgentSettings) -> list[FleetNode]:

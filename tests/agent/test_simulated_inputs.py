@@ -131,3 +131,15 @@ def test_agent_exits_on_bad_utilization_trace(tmp_path: Path) -> None:
     args = _args(tmp_path, "--faults", "none", "--utilization", str(bad))
     with pytest.raises(SystemExit, match=r"^agent: utilization trace .*pass --utilization none$"):
         build_process(settings_from(args), args)
+
+
+@pytest.mark.parametrize("option", ["a>b:r", "p:r.1", "p:" + "r" * 65])
+def test_fleet_option_bad_token(tmp_path: Path, option: str) -> None:
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_text("sn,cpu_milli,memory_mib,gpu,model\nx,1,1,1,A10\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--backend", "simulated", "--fleet", f"{fleet}:{option}", "--state-dir", str(tmp_path)]
+    args = parser.parse_args([*argv, "--faults", "none", "--utilization", "none"])
+    with pytest.raises(SystemExit, match=r"^agent: --fleet .* is not a subject token"):
+        build_process(settings_from(args), args)
