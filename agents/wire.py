@@ -7,6 +7,7 @@ payloads the agent publishes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -131,10 +132,21 @@ def parse_command(data: bytes) -> Command:
         raise InvalidCommand("job_id is required for START_TASK")
     if not message.accelerators:
         raise InvalidCommand("accelerators must name at least one accelerator")
-    if message.simulated_run_seconds < 0:
-        raise InvalidCommand("simulated_run_seconds must not be negative")
+    if not math.isfinite(message.simulated_run_seconds) or message.simulated_run_seconds < 0:
+        raise InvalidCommand(
+            f"simulated_run_seconds {message.simulated_run_seconds} is not a finite number of "
+            "seconds at or above 0"
+        )
     if any(a.millis > WHOLE_MILLI for a in message.accelerators):
         raise InvalidCommand(f"an accelerator share is above {WHOLE_MILLI} milli-shares")
+    ids = [a.accelerator_id for a in message.accelerators]
+    if "" in ids:
+        raise InvalidCommand("accelerators has an entry without accelerator_id")
+    # A second share of one accelerator would pass the node's capacity check on its own and
+    # report the accelerator's usage twice; one entry carries the task's whole share.
+    repeated = sorted({uuid for uuid in ids if ids.count(uuid) > 1})
+    if repeated:
+        raise InvalidCommand(f"accelerators lists {', '.join(repeated)} more than once")
 
     spec = TaskSpec(
         job_id=message.job_id,
