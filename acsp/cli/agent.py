@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,23 @@ def _run(args: argparse.Namespace) -> Any:
     try:
         process = build_process(settings_from(args), args)
     except StartupError as error:
-        raise CommandError(f"agent: {error}", EXIT_USAGE) from None
-    return run(process)
+        raise CommandError(str(error), EXIT_USAGE) from None
+    return _run_process(run(process))
+
+
+async def _run_process(running: Coroutine[Any, Any, None]) -> None:
+    """Await the agent, turning a failed accelerator library into one line."""
+    from agents.backends.base import BackendError
+
+    failures: list[BaseException] = []
+    try:
+        await running
+    except* BackendError as group:
+        failures.extend(group.exceptions)
+    if failures:
+        raise CommandError(
+            f"{failures[0]}; check the driver, or use --backend simulated", EXIT_FAILURE
+        )
 
 
 def _discover(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pynvml
 import pytest
 
 from acsp.cli.main import main as acsp_main
@@ -110,4 +111,20 @@ def test_damaged_spool_head_stops_agent(capsys: pytest.CaptureFixture[str], tmp_
     error = capsys.readouterr().err
     assert "spool head file" in error
     assert "fix: move it away" in error
+    assert "Traceback" not in error
+
+
+def test_cli_run_reports_nvml_failure(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def no_library() -> None:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_library)
+    argv = ["agent", "run", "--backend", "nvml", "--nats-url", "nats://127.0.0.1:1"]
+    status = acsp_main([*argv, "--state-dir", str(tmp_path)])
+    assert status == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: NVML initialisation failed")
+    assert "--backend simulated" in error
     assert "Traceback" not in error
