@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -179,12 +180,15 @@ def build_process(
             f"folder {state_dir} cannot be created: {error.strerror or error}",
             "point it to a folder the agent can write, or to a place where it can create one",
         ) from None
-    if not os.access(state_dir, os.R_OK | os.W_OK | os.X_OK):
+    try:
+        # A file made and removed there checks the access the agent has, with its capabilities.
+        tempfile.TemporaryFile(dir=state_dir).close()
+    except OSError as error:
         raise SettingsError(
             "ACSP_AGENT_STATE_DIR",
-            f"folder {state_dir} is not readable and writable by this process",
-            "give the agent's user read, write and search access to it",
-        )
+            f"no file can be created in folder {state_dir}: {error.strerror or error}",
+            "give the agent's user write and search access to it, and free space there",
+        ) from None
     check_isolation(settings)
     state = StateStore(state_dir / "state.json")
     outbox = Outbox(

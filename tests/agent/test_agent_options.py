@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import tempfile
 from pathlib import Path
 
 import pynvml
@@ -128,3 +130,18 @@ def test_cli_run_reports_nvml_failure(
     assert error.startswith("error: NVML initialisation failed")
     assert "--backend simulated" in error
     assert "Traceback" not in error
+
+
+def test_unwritable_state_dir_rejected(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def denied(**_options: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)
+    argv = ["--backend", "simulated", "--faults", "none", "--utilization", "none"]
+    status = agent_main([*argv, "--state-dir", str(tmp_path)])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert f"no file can be created in folder {tmp_path}: Permission denied" in error
+    assert "fix: give the agent's user write and search access" in error
