@@ -385,8 +385,16 @@ class StateStore:
         path = self._journal_path
         if not path.exists():
             return
-        text = path.read_text(encoding="utf-8")
-        for line in text.splitlines():
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise StateFileError(
+                f"ended-task journal {path}",
+                f"cannot be read: {error.strerror or error}",
+                "give the agent read and write access to its state folder",
+            ) from None
+        # A byte that is not UTF-8 damages its line only, which the loop below skips.
+        for line in data.decode("utf-8", errors="replace").splitlines():
             try:
                 fields = json.loads(line)
                 key = fields.pop("node")

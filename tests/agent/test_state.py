@@ -194,3 +194,16 @@ def test_ended_journal_reload_and_prune(tmp_path: Path) -> None:
     reloaded.prune_ended("acme.eu-1.n1", 140.0)
     reloaded.save()
     assert StateStore(path).node("acme.eu-1.n1").ended == {}
+
+
+def test_journal_line_with_bad_bytes_skipped(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "state.json")
+    for task_id in ("j/1/0", "j/2/0"):
+        state.put_task(KEY, TaskRecord("j", task_id, ["GPU-1"], 10.0, 60.0, 5.0, pid=1))
+        state.end_task(KEY, task_id, 20.0)
+    state.save()
+    journal = tmp_path / "state.json.ended"
+    first, second = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(first[:10] + b"\xff\xfe" + first[12:] + second)
+    reloaded = StateStore(tmp_path / "state.json")
+    assert sorted(reloaded.node(KEY).ended) == ["j/2/0"]
