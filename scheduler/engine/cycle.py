@@ -167,8 +167,15 @@ class PassState:
         """
         spec = record.spec
         engine = self.engine
-        if engine.no_budget and spec.project in engine.no_budget:
-            return self.wait(record, ReasonCode.BUDGET, "the project's grants have no budget left")
+        if engine.no_budget:
+            blocked = engine.no_budget.get(spec.project)
+            if blocked is not None and spec.budget_size >= blocked:
+                return self.wait(
+                    record,
+                    ReasonCode.BUDGET,
+                    "the project's grants could not pay a hold this large; it is retried "
+                    "when the budget block expires",
+                )
         shape = record.shape
         assert shape is not None
         if shape.pools_version == engine.fleet.version:

@@ -51,7 +51,9 @@ class Engine:
         self.limits: dict[tuple[LimitScope, str], int] = {}
         self.in_use: dict[tuple[LimitScope, str], int] = {}
         """Millis running per project and per institution."""
-        self.no_budget: set[str] = set()
+        self.no_budget: dict[str, float] = {}
+        """Per project, the smallest :attr:`JobSpec.budget_size` whose hold failed: jobs of
+        that size or larger wait, smaller ones may still be paid for."""
         self.advance_jobs: set[str] = set()
         """Pending jobs with an advance reservation (``start_at``)."""
         self.broken: set[str] = set()

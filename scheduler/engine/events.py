@@ -160,10 +160,16 @@ class RecallEnded:
 
 @dataclass(frozen=True, slots=True)
 class BudgetChanged:
-    """Whether the project's grants can hold budget for another job (from the grant service)."""
+    """Whether the project's grants can hold budget for another job (from the grant service).
+
+    ``available=False`` with a ``size`` blocks the project's jobs whose
+    :attr:`JobSpec.budget_size` is at least ``size``; 0.0 blocks all of them. Of several blocks, the
+    smallest size applies, and ``available=True`` lifts them.
+    """
 
     project: str
     available: bool
+    size: float = 0.0
 
 
 Event = (

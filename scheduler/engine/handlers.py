@@ -132,9 +132,10 @@ def _on_recall_ended(engine: Engine, event: ev.RecallEnded) -> None:
 
 def _on_budget(engine: Engine, event: ev.BudgetChanged) -> None:
     if event.available:
-        engine.no_budget.discard(event.project)
+        engine.no_budget.pop(event.project, None)
     else:
-        engine.no_budget.add(event.project)
+        blocked = engine.no_budget.get(event.project, event.size)
+        engine.no_budget[event.project] = min(blocked, event.size)
 
 
 HANDLERS: dict[type, Callable[[Engine, Any], None]] = {

@@ -7,6 +7,7 @@ multiple of 1000, so every sum the engine makes is exact.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Final
@@ -142,6 +143,13 @@ class JobSpec:
     @property
     def total_millis(self) -> int:
         return self.task_count * self.millis_per_task
+
+    @property
+    def budget_size(self) -> float:
+        """Milli-accelerator-seconds the job may use, which its hold pays for; inf if unbounded."""
+        if self.wall_time_s is None:
+            return math.inf
+        return self.total_millis * self.wall_time_s
 
     def validate(self) -> None:
         """Raise :class:`InvalidInputError` naming the first invalid field."""

@@ -473,6 +473,16 @@ class EngineAdapter:
     def set_budget(self, project: str, available: bool) -> None:
         self.engine.apply(ev.BudgetChanged(project, available))
 
+    def block_budget(self, project: str, job_id: str) -> None:
+        """Hold back the project's jobs as large as ``job_id``, whose hold the grant refused.
+
+        Smaller jobs of the project are still tried, so one job that its grant cannot pay
+        does not stop the others. Without the job's record, every job of the project waits.
+        """
+        record = self.engine.jobs.get(job_id)
+        size = record.spec.budget_size if record is not None else 0.0
+        self.engine.apply(ev.BudgetChanged(project, False, size))
+
     # Passes.
 
     def schedule(self, now: float) -> PassResult:

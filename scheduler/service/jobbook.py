@@ -401,7 +401,7 @@ class JobBook:
             return
         self.engine.requeue(job.job_id, fx.now)
         if outcome.status == "no_budget":
-            self.engine.set_budget(job.spec.project_id, False)
+            self.engine.block_budget(job.spec.project_id, job.job_id)
             message = f"the grant cannot pay the hold: {outcome.message}"
         else:
             message = f"grant service unavailable, retrying: {outcome.message}"

@@ -78,6 +78,22 @@ def test_budget_blocks_project() -> None:
     assert reasons(engine.schedule(0.0))["j"] == "budget"
 
 
+def test_budget_block_spares_smaller_jobs() -> None:
+    engine = mixed_engine()
+    engine.apply(BudgetChanged("proj", available=False, size=2000 * 3600.0))
+    engine.apply(BudgetChanged("proj", available=False, size=4000 * 3600.0))
+    engine.submit(job("big", accelerators=2, wall_time_s=3600.0))
+    engine.submit(job("unbounded", submit=1.0))
+    engine.submit(job("small", wall_time_s=3600.0, submit=2.0))
+
+    result = engine.schedule(0.0)
+
+    # The smaller of the two blocks applies: two accelerators for an hour wait, one does not.
+    assert reasons(result)["big"] == ReasonCode.BUDGET
+    assert reasons(result)["unbounded"] == ReasonCode.BUDGET
+    assert "small" in placed(result)
+
+
 def test_every_pending_job_has_one_reason() -> None:
     engine = mixed_engine()
     for i in range(10):

@@ -138,6 +138,20 @@ def test_no_budget_returns_job_to_queue_with_reason() -> None:
     assert book.jobs[job.job_id].pending_reason == "budget"
 
 
+def test_unpaid_large_job_leaves_small_ones() -> None:
+    book = make_book()
+    large = make_job(tasks=4)
+    place(book, large)
+    fx = Effects(NOW + 2)
+    book.apply_hold(large.job_id, 1, HoldOutcome("no_budget", message="available 1"), fx)
+
+    small = make_job(tasks=1)
+    fx2 = place(book, small, NOW + 3)
+
+    assert [j.job_id for j, _ in fx2.admit] == [small.job_id]
+    assert book.jobs[large.job_id].pending_reason == "budget"
+
+
 def test_gang_task_start_failure_requeues_whole_job() -> None:
     book = make_book()
     job = make_job()
