@@ -697,6 +697,13 @@ class TaskRunner:
         ended. When the launcher itself was killed, or an agent without a launcher started the
         task, the task is lost and the scheduler requeues it.
         """
+        strays = kill_task_processes(record.spawn_id)
+        if strays:
+            logger.warning(
+                "task %s left %d processes behind while the agent was down; killed them",
+                record.task_id,
+                strays,
+            )
         exit_path = self._exit_path(record.task_id)
         exit_code = read_exit_status(exit_path)
         if exit_code is None and recorder_alive(_recorder(record)):

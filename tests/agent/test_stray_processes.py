@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from agents.stray_processes import find_task_processes
 from tests.agent.test_runner import (
     Recorder,
     close_launchers,  # noqa: F401 - the fixture closes the launchers the runners start
+    make_runner,
     python_command,
     run_with_group,
     wait_for,
@@ -115,3 +117,33 @@ async def test_stop_kills_spreading_daemon(tmp_path: Path) -> None:
 def test_no_spawn_id_finds_nothing() -> None:
     assert find_task_processes("") == []
     assert os.getpid() not in find_task_processes("no-such-spawn-id")
+
+
+async def test_restart_kills_daemon_of_ended_task(tmp_path: Path) -> None:
+    pid_file = tmp_path / "daemon.pid"
+    recorder = Recorder()
+    runner = make_runner(tmp_path, recorder)
+    wait_for_daemon = (
+        "import os, sys, time\nwhile not os.path.exists(sys.argv[1]):\n    time.sleep(0.01)\n"
+    )
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        command = _command(DAEMON, str(pid_file), then=wait_for_daemon)
+        await runner.start(TaskSpec("j", "j/1/0", ("GPU-1",), command))
+        # The agent dies here: its supervisors stop, the task goes on and ends.
+        task = runner._tasks["j/1/0"]
+        assert task.supervisor is not None
+        task.supervisor.cancel()
+    assert task.process is not None
+    await task.process.wait()
+    daemon = int(pid_file.read_text())
+    assert _alive(daemon)
+
+    second = Recorder()
+    restarted = make_runner(tmp_path, second)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        await wait_for(lambda: second.states("j/1/0") != [])
+    assert second.states("j/1/0") == [TaskState.SUCCEEDED]
+    assert not _alive(daemon)
