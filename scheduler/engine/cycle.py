@@ -168,8 +168,8 @@ class PassState:
         spec = record.spec
         engine = self.engine
         if engine.no_budget:
-            blocked = engine.no_budget.get(spec.project)
-            if blocked is not None and spec.budget_size >= blocked:
+            ceiling = engine.no_budget.get(spec.project)
+            if ceiling is not None and spec.budget_size >= ceiling:
                 return self.wait(
                     record,
                     ReasonCode.BUDGET,
