@@ -27,6 +27,13 @@ and ``/dev/null`` itself, and the spawn only duplicates them. When a task ends t
 writes its status to the ``exit`` file, then sends ``{"pid": 1234, "status": 0}``, with the
 exit code, or minus the signal number that ended the task.
 
+The launcher is the child subreaper of its tasks (``PR_SET_CHILD_SUBREAPER``): a task's process
+whose parent ends (a daemon that forked twice, or a child of the task's leader after the leader
+exits) becomes the launcher's child, not init's, and the launcher reaps it when it ends. So the
+agent finds what a task left running among the launcher's children (see
+``agents.stray_processes``). The launcher's first message says whether it is one:
+``{"subreaper": true}``.
+
 The file contains the status as a shell reports it (the exit code, or 128 + N for signal N), the
 format earlier agents wrote with a shell around each task, so that one reader serves both.
 
@@ -47,6 +54,7 @@ user, or by the agent itself) inherit the action of the process that starts them
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import select
@@ -217,7 +225,8 @@ class Launcher:
             pass
 
     def _reap(self) -> None:
-        while self._exit_paths:
+        # Every child, because processes that tasks left behind are the launcher's children too.
+        while True:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -235,6 +244,10 @@ class Launcher:
                 popen.returncode = status
             _write_status(exit_path, status)
             self._out.append(b'{"pid": %d, "status": %d}\n' % (pid, status))
+
+    def announce_subreaper(self, subreaper: bool) -> None:
+        """Queue the first message, which reports whether the tasks' orphans become its children."""
+        self._out.insert(0, b'{"subreaper": %s}\n' % (b"true" if subreaper else b"false"))
 
     def _send(self) -> None:
         if not self._out:
@@ -372,8 +385,27 @@ def main(argv: list[str]) -> int:
     # The socket must not leak into the tasks, which would keep it open after the agent exits.
     sock.set_inheritable(False)
     sock.setblocking(True)
-    Launcher(sock, user).run()
+    launcher = Launcher(sock, user)
+    launcher.announce_subreaper(become_subreaper())
+    launcher.run()
     return 0
+
+
+_PR_SET_CHILD_SUBREAPER: Final = 36
+"""The ``prctl`` option from ``<linux/prctl.h>``."""
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants of this process its children; return whether that worked."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0:
+            return True
+        error = os.strerror(ctypes.get_errno())
+    except (OSError, AttributeError) as exc:
+        error = str(exc)
+    print(f"launcher: cannot become the tasks' child subreaper: {error}", file=sys.stderr)
+    return False
 
 
 if __name__ == "__main__":

@@ -548,7 +548,19 @@ class TaskRunner:
             logger.warning("task %s left processes behind; killing its group", record.task_id)
             _signal_group(record.pid, signal.SIGKILL)
         # So do processes that left the group (daemons) but carry the task's spawn id.
-        strays = await asyncio.to_thread(kill_task_processes, record.spawn_id)
+        launcher = self._launcher
+        if (
+            launcher is not None
+            and record.launcher_pid
+            and launcher.adopts_orphans
+            and launcher.identity == (record.launcher_pid, record.launcher_start_ticks)
+        ):
+            # They are the launcher's children now: a few reads, done at once.
+            strays = kill_task_processes(
+                record.spawn_id, record.launcher_pid, launcher.leader_pids()
+            )
+        else:
+            strays = await asyncio.to_thread(kill_task_processes, record.spawn_id)
         if strays:
             logger.warning(
                 "task %s left %d processes outside its group; killed them", record.task_id, strays

@@ -3,7 +3,13 @@
 A task runs as its own session and process group, and the runner signals that group. A child
 that calls ``setsid`` or ``setpgid`` (a daemon, a double fork) leaves the group but keeps the
 environment it inherited, including the task's spawn id variable. The runner finds such strays
-by scanning ``/proc`` for that value, and signals them with the group.
+by that value, and signals them with the group.
+
+When a task has ended, everything it left running has become a child of the task launcher,
+which is the tasks' child subreaper (see ``agents.launcher``). Then only the launcher's children
+that lead no running task are read, which costs a few file reads per task instead of a scan of
+every process on the node. Otherwise (a stop while the task runs, a launcher that is gone or is
+no subreaper) the runner scans ``/proc``.
 
 NOTE: a process that clears or rewrites its environment before it leaves the group is not
 found; only a cgroup per task would catch it.
@@ -14,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Collection
 
 from agents.task_process import SPAWN_ID_ENV, stat_fields
 
@@ -54,6 +61,35 @@ def find_task_processes(spawn_id: str, outside_group: int = 0) -> list[int]:
     return found
 
 
+def adopted_processes(adopter: int, spawn_id: str, leaders: Collection[int]) -> list[int] | None:
+    """Return the children of ``adopter`` outside ``leaders`` that carry ``spawn_id``.
+
+    ``adopter`` is the task launcher and ``leaders`` the pids of the tasks it runs, whose
+    environment need not be read. Returns None when the children cannot be listed (a kernel
+    without ``/proc/PID/task/TID/children``, or ``adopter`` gone).
+    """
+    children: list[int] = []
+    try:
+        for thread in os.listdir(f"/proc/{adopter}/task"):
+            with open(f"/proc/{adopter}/task/{thread}/children", "rb") as file:
+                children.extend(int(pid) for pid in file.read().split())
+    except (OSError, ValueError):
+        return None
+    target = f"{SPAWN_ID_ENV}={spawn_id}".encode()
+    found = []
+    for pid in children:
+        if pid in leaders:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as file:
+                environ = file.read()
+        except OSError:
+            continue
+        if target in environ.split(b"\0"):
+            found.append(pid)
+    return found
+
+
 def signal_strays(spawn_id: str, group: int, signum: int) -> int:
     """Send ``signum`` to the task's processes outside process group ``group``; return how many.
 
@@ -66,21 +102,34 @@ def signal_strays(spawn_id: str, group: int, signum: int) -> int:
     return signalled
 
 
-def kill_task_processes(spawn_id: str) -> int:
+def kill_task_processes(
+    spawn_id: str, adopter: int = 0, leaders: Collection[int] = frozenset()
+) -> int:
     """Send SIGKILL to the task's processes until none is left; return how many were killed.
 
-    Gives up after a bounded number of scans, logging the processes still alive, because a
-    process started by another user cannot always be killed.
+    With ``adopter`` (the launcher of an ended task, which is its child subreaper), only the
+    adopter's children outside ``leaders`` are searched. A killed process's children become the
+    adopter's in turn, so the next round finds them. Gives up after a bounded number of
+    rounds, logging the processes still alive, because a process started by another user
+    cannot always be killed.
     """
+
+    def find() -> list[int]:
+        if adopter:
+            adopted = adopted_processes(adopter, spawn_id, leaders)
+            if adopted is not None:
+                return adopted
+        return find_task_processes(spawn_id)
+
     killed: set[int] = set()
     for _ in range(_KILL_PASSES):
-        pids = find_task_processes(spawn_id)
+        pids = find()
         if not pids:
             return len(killed)
         for pid in pids:
             if _signal(pid, signal.SIGKILL):
                 killed.add(pid)
-    left = find_task_processes(spawn_id)
+    left = find()
     if left:
         logger.error(
             "processes %s of spawn id %s still run after %d rounds of SIGKILL",

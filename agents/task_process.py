@@ -229,6 +229,8 @@ class TaskLauncher:
         self._writing = False
         self.identity: tuple[int, int] = (0, 0)
         """The launcher's pid and start ticks, which a task's record keeps; zeros if none."""
+        self.adopts_orphans = False
+        """Whether the running launcher reported that it is its tasks' child subreaper."""
 
     def launch(
         self,
@@ -328,6 +330,7 @@ class TaskLauncher:
         self._socket = ours
         self._incoming = b""
         self.identity = (self._popen.pid, process_start_ticks(self._popen.pid) or 0)
+        self.adopts_orphans = False
         self._loop.add_reader(ours.fileno(), self._on_readable)
         logger.info("task launcher started as pid %d", self._popen.pid)
 
@@ -394,7 +397,14 @@ class TaskLauncher:
             return
         self._schedule_reply_check()
 
+    def leader_pids(self) -> frozenset[int]:
+        """Return the pids of the running tasks this launcher started."""
+        return frozenset(self._running)
+
     def _on_message(self, message: dict[str, Any]) -> None:
+        if "subreaper" in message:
+            self.adopts_orphans = message["subreaper"] is True
+            return
         if "id" in message:
             launch = self._pending.pop(message["id"])
             if "pid" in message:
@@ -439,6 +449,7 @@ class TaskLauncher:
                     process = TaskProcess(pid, exit_path=launch.exit_path, recorder=self.identity)
                     launch.future.set_result(process)
         self.identity = (0, 0)
+        self.adopts_orphans = False
 
     def _reap_when_exited(self, popen: subprocess.Popen[bytes]) -> None:
         """Reap a lost launcher once it exits, which may be long after it stopped replying."""

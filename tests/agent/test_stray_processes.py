@@ -6,6 +6,9 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
+from agents import stray_processes
 from agents.model import TaskSpec, TaskState
 from agents.runner import TaskRunner
 from agents.stray_processes import find_task_processes
@@ -83,6 +86,27 @@ async def test_stop_kills_daemonized_child(tmp_path: Path) -> None:
 
 
 async def test_exit_kills_daemon_left_behind(tmp_path: Path) -> None:
+    pid_file = tmp_path / "daemon.pid"
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        wait_for_daemon = (
+            "import os, sys, time\nwhile not os.path.exists(sys.argv[1]):\n    time.sleep(0.01)\n"
+        )
+        command = _command(DAEMON, str(pid_file), then=wait_for_daemon)
+        await runner.start(TaskSpec("j", "j/1/0", ("GPU-1",), command))
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("j/1/0"))
+
+    await run_with_group(tmp_path, body)
+    assert not _alive(int(pid_file.read_text()))
+
+
+async def test_exit_reads_only_launcher_children(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def scan_everything(spawn_id: str, outside_group: int = 0) -> list[int]:
+        raise AssertionError("an ended task's strays were searched in all of /proc")
+
+    monkeypatch.setattr(stray_processes, "find_task_processes", scan_everything)
     pid_file = tmp_path / "daemon.pid"
 
     async def body(runner: TaskRunner, recorder: Recorder) -> None:
