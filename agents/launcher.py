@@ -31,8 +31,9 @@ The launcher is the child subreaper of its tasks (``PR_SET_CHILD_SUBREAPER``): a
 whose parent ends (a daemon that forked twice, or a child of the task's leader after the leader
 exits) becomes the launcher's child, not init's, and the launcher reaps it when it ends. So the
 agent finds what a task left running among the launcher's children (see
-``agents.stray_processes``). The launcher's first message says whether it is one:
-``{"subreaper": true}``.
+``agents.stray_processes``). The launcher's first message reports whether it is one:
+``{"subreaper": true}``. An exit message carries ``"adopted": [pids]`` when the launcher has
+children it did not start at that moment.
 
 The file contains the status as a shell reports it (the exit code, or 128 + N for signal N), the
 format earlier agents wrote with a shell around each task, so that one reader serves both.
@@ -226,13 +227,14 @@ class Launcher:
 
     def _reap(self) -> None:
         # Every child, because processes that tasks left behind are the launcher's children too.
+        exits: list[tuple[int, int]] = []
         while True:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             exit_path = self._exit_paths.pop(pid, None)
             if exit_path is None:
                 continue
@@ -243,7 +245,15 @@ class Launcher:
                 # and reap another task that got its pid.
                 popen.returncode = status
             _write_status(exit_path, status)
-            self._out.append(b'{"pid": %d, "status": %d}\n' % (pid, status))
+            exits.append((pid, status))
+        if not exits:
+            return
+        # A task's processes that outlived it became our children when it exited, before it
+        # could be reaped, so this list contains them.
+        adopted = [pid for pid in _children() if pid not in self._exit_paths]
+        extra = b', "adopted": %s' % json.dumps(adopted).encode() if adopted else b""
+        for pid, status in exits:
+            self._out.append(b'{"pid": %d, "status": %d%s}\n' % (pid, status, extra))
 
     def announce_subreaper(self, subreaper: bool) -> None:
         """Queue the first message, which reports whether the tasks' orphans become its children."""
@@ -389,6 +399,19 @@ def main(argv: list[str]) -> int:
     launcher.announce_subreaper(become_subreaper())
     launcher.run()
     return 0
+
+
+def _children() -> list[int]:
+    """Return this process's children, or none if the kernel does not list them."""
+    own = os.getpid()
+    children: list[int] = []
+    try:
+        for thread in os.listdir(f"/proc/{own}/task"):
+            with open(f"/proc/{own}/task/{thread}/children", "rb") as file:
+                children.extend(int(pid) for pid in file.read().split())
+    except (OSError, ValueError):
+        return []
+    return children
 
 
 _PR_SET_CHILD_SUBREAPER: Final = 36

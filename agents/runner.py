@@ -544,22 +544,26 @@ class TaskRunner:
                 return_when=asyncio.FIRST_COMPLETED,
             )
         # The leader exited; anything left in its process group belongs to the task too.
-        if _signal_group(record.pid, 0):
+        group_left = _signal_group(record.pid, 0)
+        if group_left:
             logger.warning("task %s left processes behind; killing its group", record.task_id)
             _signal_group(record.pid, signal.SIGKILL)
         # So do processes that left the group (daemons) but carry the task's spawn id.
         launcher = self._launcher
         if (
-            launcher is not None
+            not group_left
+            and launcher is not None
             and record.launcher_pid
             and launcher.adopts_orphans
             and launcher.identity == (record.launcher_pid, record.launcher_start_ticks)
         ):
-            # They are the launcher's children now: a few reads, done at once.
+            # They are the launcher's children now: a few reads at most, done at once.
+            adopted = None if task.process is None else task.process.adopted
             strays = kill_task_processes(
-                record.spawn_id, record.launcher_pid, launcher.leader_pids()
+                record.spawn_id, record.launcher_pid, launcher.leader_pids(), adopted
             )
         else:
+            # The group's members, killed just now, may leave children that are nobody's yet.
             strays = await asyncio.to_thread(kill_task_processes, record.spawn_id)
         if strays:
             logger.warning(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 
 from agents.task_process import SPAWN_ID_ENV, stat_fields
 
@@ -75,11 +75,14 @@ def adopted_processes(adopter: int, spawn_id: str, leaders: Collection[int]) -> 
                 children.extend(int(pid) for pid in file.read().split())
     except (OSError, ValueError):
         return None
+    return carrying(spawn_id, [pid for pid in children if pid not in leaders])
+
+
+def carrying(spawn_id: str, pids: Iterable[int]) -> list[int]:
+    """Return those of ``pids`` whose environment sets the spawn id variable to ``spawn_id``."""
     target = f"{SPAWN_ID_ENV}={spawn_id}".encode()
     found = []
-    for pid in children:
-        if pid in leaders:
-            continue
+    for pid in pids:
         try:
             with open(f"/proc/{pid}/environ", "rb") as file:
                 environ = file.read()
@@ -103,18 +106,30 @@ def signal_strays(spawn_id: str, group: int, signum: int) -> int:
 
 
 def kill_task_processes(
-    spawn_id: str, adopter: int = 0, leaders: Collection[int] = frozenset()
+    spawn_id: str,
+    adopter: int = 0,
+    leaders: Collection[int] = frozenset(),
+    adopted: Iterable[int] | None = None,
 ) -> int:
     """Send SIGKILL to the task's processes until none is left; return how many were killed.
 
     With ``adopter`` (the launcher of an ended task, which is its child subreaper), only the
-    adopter's children outside ``leaders`` are searched. A killed process's children become the
-    adopter's in turn, so the next round finds them. Gives up after a bounded number of
+    adopter's children outside ``leaders`` are searched. ``adopted`` is the list of those
+    children that the launcher sent with the task's exit, which the first round reads instead,
+    so a task that left nothing behind costs no read at all. A killed process's children become
+    the adopter's in turn, so the next round finds them. Gives up after a bounded number of
     rounds, logging the processes still alive, because a process started by another user
     cannot always be killed.
     """
+    first = None if adopted is None or not adopter else carrying(spawn_id, adopted)
+    if first == []:
+        return 0
 
     def find() -> list[int]:
+        nonlocal first
+        if first is not None:
+            found, first = first, None
+            return found
         if adopter:
             adopted = adopted_processes(adopter, spawn_id, leaders)
             if adopted is not None:

@@ -87,6 +87,9 @@ class TaskProcess:
         self._launched = launched
         self._recorder = recorder
         self._status: int | None = None
+        self.adopted: tuple[int, ...] | None = None
+        """The launcher's children that it did not start, as listed when it reaped this
+        process; None when no launcher reported the exit."""
         self._loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = self._loop.create_future()
         """Done once the process has exited (and, for a child, was reaped)."""
@@ -136,10 +139,11 @@ class TaskProcess:
         """Mark an adopted process as ended (found so by the caller's own check)."""
         self._set_exited()
 
-    def set_launcher_status(self, status: int) -> None:
+    def set_launcher_status(self, status: int, adopted: tuple[int, ...] = ()) -> None:
         """Record the exit that the launcher reported for a launched process."""
         if not self.exited.done():
             self._status = status
+            self.adopted = adopted
             self.exited.set_result(None)
 
     def orphan(self, exit_path: Path, recorder: tuple[int, int]) -> None:
@@ -417,7 +421,7 @@ class TaskLauncher:
             return
         entry = self._running.pop(message["pid"], None)
         if entry is not None:
-            entry[0].set_launcher_status(message["status"])
+            entry[0].set_launcher_status(message["status"], tuple(message.get("adopted", ())))
 
     def _fail(self, reason: str) -> None:
         """Watch the launched tasks by pidfd, and settle the requests still without a reply.

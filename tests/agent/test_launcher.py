@@ -243,3 +243,44 @@ def test_task_of_ignoring_agent_gets_default_signals(tmp_path: Path) -> None:
 
     mask = int(log.read_text().split()[1], 16)
     assert mask & SIGNALS_32_AND_33 == 0
+
+
+# Starts a child in a new session that writes its pid to argv[1] and sleeps, then exits.
+LEAVES_DAEMON = """
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    with open(sys.argv[1] + ".tmp", "w") as file:
+        file.write(str(os.getpid()))
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    time.sleep(30)
+    os._exit(0)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.timeout(30)
+async def test_exit_names_processes_task_left(tmp_path: Path, launcher: TaskLauncher) -> None:
+    pid_file = tmp_path / "daemon.pid"
+    program = python_command(LEAVES_DAEMON)
+    started = launcher.launch(
+        program[0],
+        [*program, str(pid_file)],
+        dict(os.environ),
+        tmp_path,
+        tmp_path / "t.log",
+        tmp_path / "t.exit",
+        "spawn-1",
+    )
+    process = await asyncio.wait_for(started, 10)
+    try:
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+        daemon = int(pid_file.read_text())
+
+        assert launcher.adopts_orphans
+        assert process.adopted is not None
+        assert daemon in process.adopted
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
