@@ -50,11 +50,15 @@ _END_REASONS = {
 }
 
 
-def _unstorable(event: Message, kind: str) -> bool:
+def _unstorable(event: Message, kind: str, data: bytes) -> bool:
     """Log and return True when an event has text that PostgreSQL cannot store.
 
     Such an event would fail its whole batch on every redelivery, so it is skipped instead.
+    ``data`` is the event as received: a NUL in a string field is a zero byte there, so without
+    one no field needs to be searched.
     """
+    if b"\x00" not in data:
+        return False
     field = find_nul_field(event)
     if field is None:
         return False
@@ -144,7 +148,7 @@ class FactConsumers:
             except DecodeError as error:
                 logger.error("skipping a job event that does not parse: %s", error)
                 continue
-            if not event.job_id or not event.hold_id or _unstorable(event, "job"):
+            if not event.job_id or not event.hold_id or _unstorable(event, "job", message.data):
                 continue
             try:
                 facts.append(await self._attempt_facts(event))
@@ -199,7 +203,7 @@ class FactConsumers:
                 except DecodeError as error:
                     logger.error("skipping a health event that does not parse: %s", error)
                     continue
-                if _unstorable(event, "health"):
+                if _unstorable(event, "health", message.data):
                     continue
                 try:
                     time = _time(event.time)
@@ -245,7 +249,9 @@ class FactConsumers:
             except DecodeError as error:
                 logger.error("skipping a task event that does not parse: %s", error)
                 continue
-            if event.state != agent_pb2.TASK_STATE_FAILED_HARDWARE or _unstorable(event, "task"):
+            if event.state != agent_pb2.TASK_STATE_FAILED_HARDWARE or _unstorable(
+                event, "task", message.data
+            ):
                 continue
             attempt = task_attempt(event.task_id)
             if attempt is None or not event.health_event_id:

@@ -17,7 +17,7 @@ from nats.js.api import StreamConfig
 
 from acsp import subjects
 from acsp.v1 import agent_pb2, common_pb2, events_pb2, scheduler_pb2
-from services.metering.events import FactConsumers, run_when_stream_exists
+from services.metering.events import FactConsumers, _unstorable, run_when_stream_exists
 from services.metering.ingest import UsageIngest
 from services.metering.ratecard import default_rate_card
 from services.runtime.db import Database
@@ -372,3 +372,11 @@ async def test_health_origin_from_subject(db: Database, ledger: LedgerDouble) ->
             "SELECT event_id, provider, region, node FROM metering.health_events"
         )
     assert [tuple(r) for r in rows] == [("h-own", "prov-b", "r2", "node-7")]
+
+
+def test_nul_check_reads_received_bytes() -> None:
+    clean = events_pb2.JobEvent(job_id="job-n", hold_id="hold-n")
+    damaged = events_pb2.JobEvent(job_id="job-\x00", hold_id="hold-n")
+
+    assert not _unstorable(clean, "job", clean.SerializeToString())
+    assert _unstorable(damaged, "job", damaged.SerializeToString())
