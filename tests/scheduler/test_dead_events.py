@@ -20,6 +20,7 @@ from acsp import subjects
 from acsp.v1 import scheduler_pb2
 from scheduler.service.publisher import Publisher, PublishResult
 from scheduler.service.store import DeadEvent, Fenced, JobStore, OutboxEvent
+from scheduler.service.validation import MAX_REASON_LENGTH
 from services.runtime.auth import Role
 from tests.agent.natsserver import (
     NatsServer,
@@ -274,8 +275,9 @@ async def test_scheduler_dead_letters_oversize_event(stack: Stack) -> None:
     async with channel:
         job_ids = []
         # No node runs them, so each waits until its cancel ends it with an ended event that
-        # carries the reason: the first over MAX_MSG_SIZE, the second well under.
-        for reason in ("r" * 2 * MAX_MSG_SIZE, "not needed"):
+        # carries the reason. The longest reason a cancel takes puts the first event over
+        # MAX_MSG_SIZE with the event's other fields, and the second stays well under.
+        for reason in ("r" * MAX_REASON_LENGTH, "not needed"):
             submitted = await scheduler.SubmitJob(
                 scheduler_pb2.SubmitJobRequest(spec=job_spec(project, grant, task_count=1)),
                 metadata=md,
