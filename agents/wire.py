@@ -142,8 +142,8 @@ def parse_command(data: bytes) -> Command:
     ids = [a.accelerator_id for a in message.accelerators]
     if "" in ids:
         raise InvalidCommand("accelerators has an entry without accelerator_id")
-    # A second share of one accelerator would pass the node's capacity check on its own and
-    # report the accelerator's usage twice; one entry carries the task's whole share.
+    # Each share of a repeated accelerator would pass the node's capacity check on its own,
+    # and its usage would be reported twice. One entry carries the task's whole share.
     repeated = sorted({uuid for uuid in ids if ids.count(uuid) > 1})
     if repeated:
         raise InvalidCommand(f"accelerators lists {', '.join(repeated)} more than once")

@@ -64,7 +64,7 @@ def _pages(
 ) -> Iterator[Any]:
     """Yield responses page by page: one page, or every page with --all.
 
-    Without --all, a note on stderr tells the user when the page was full, so more rows may
+    Without --all, a note on stderr warns when the page was full, so more rows may
     exist.
     """
     token = ""

@@ -275,7 +275,7 @@ async def test_scheduler_dead_letters_oversize_event(stack: Stack) -> None:
     async with channel:
         job_ids = []
         # No node runs them, so each waits until its cancel ends it with an ended event that
-        # carries the reason. The longest reason a cancel takes puts the first event over
+        # carries the reason. A reason at the cancel's length cap puts the first event over
         # MAX_MSG_SIZE with the event's other fields, and the second stays well under.
         for reason in ("r" * MAX_REASON_LENGTH, "not needed"):
             submitted = await scheduler.SubmitJob(
