@@ -39,9 +39,8 @@ def find_task_processes(spawn_id: str, outside_group: int = 0) -> list[int]:
     """
     if not spawn_id:
         return []
-    target = f"{SPAWN_ID_ENV}={spawn_id}".encode()
     own = os.getpid()
-    found = []
+    live = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == own:
             continue
@@ -51,14 +50,8 @@ def find_task_processes(spawn_id: str, outside_group: int = 0) -> list[int]:
             continue
         if outside_group and int(fields[2]) == outside_group:
             continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as file:
-                environ = file.read()
-        except OSError:
-            continue
-        if target in environ.split(b"\0"):
-            found.append(pid)
-    return found
+        live.append(pid)
+    return carrying(spawn_id, live)
 
 
 def adopted_processes(adopter: int, spawn_id: str, leaders: Collection[int]) -> list[int] | None:

@@ -129,17 +129,22 @@ async def record_due_charges(
         planned = plan_charges(deltas, terms, next_seq, history, final)
         ids = await _insert_charges(conn, planned)
         await _insert_lines(conn, planned, ids)
-        await conn.execute(
-            _MARK_CHARGED,
-            [d.job_id for d in deltas],
-            [d.attempt for d in deltas],
-            [d.period_start for d in deltas],
-            [d.provider for d in deltas],
-            [d.region for d in deltas],
-            [d.accelerator_model for d in deltas],
-            [r["delta_micros"] for r in rows],
-        )
+        await _mark_charged(conn, rows)
     return planned
+
+
+async def _mark_charged(conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> None:
+    """Add each due row's uncharged micros to its period's charged micros."""
+    await conn.execute(
+        _MARK_CHARGED,
+        [r["job_id"] for r in rows],
+        [r["attempt"] for r in rows],
+        [r["period_start"] for r in rows],
+        [r["provider"] for r in rows],
+        [r["region"] for r in rows],
+        [r["accelerator_model"] for r in rows],
+        [r["delta_micros"] for r in rows],
+    )
 
 
 async def _reject_unplaced(conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> None:
@@ -166,16 +171,7 @@ async def _reject_unplaced(conn: asyncpg.Connection, rows: Sequence[asyncpg.Reco
         )
         letters.append((key, "", 0, None, reason, None))
     await conn.executemany(INSERT_DEAD_LETTER, letters)
-    await conn.execute(
-        _MARK_CHARGED,
-        [r["job_id"] for r in rows],
-        [r["attempt"] for r in rows],
-        [r["period_start"] for r in rows],
-        [r["provider"] for r in rows],
-        [r["region"] for r in rows],
-        [r["accelerator_model"] for r in rows],
-        [r["delta_micros"] for r in rows],
-    )
+    await _mark_charged(conn, rows)
 
 
 async def _next_sequences(
