@@ -478,6 +478,9 @@ class EngineAdapter:
 
         Smaller jobs of the project are still tried, so one job that its grant cannot pay
         does not stop the others. Without the job's record, every job of the project waits.
+
+        NOTE: jobs are compared by accelerator-seconds, not by price, so a smaller job on a
+        dearer model may still be tried, and fail, once.
         """
         record = self.engine.jobs.get(job_id)
         size = record.spec.budget_size if record is not None else 0.0

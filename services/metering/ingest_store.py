@@ -103,7 +103,11 @@ async def write_batch(
     period_seconds: int,
     received_at: datetime,
 ) -> BatchResult:
-    """Store one batch of samples and rejections in one transaction."""
+    """Store one batch of samples and rejections in one transaction.
+
+    NOTE: a replay is recognised by its provider and sample id only. Two samples of one
+    accelerator whose times overlap under different ids are both stored and charged.
+    """
     unique = list({(sample.provider, sample.sample_id): sample for sample in samples}.values())
     inserted = 0
     async with conn.transaction():
