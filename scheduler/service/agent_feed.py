@@ -388,8 +388,10 @@ class AgentFeed:
         stopped: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
         try:
             info = await stored.consumer_info()
-            if info.num_pending == 0 and stored.delivered == 0:
-                # Nothing is stored, so no value comes to end the replay.
+            sent = info.delivered.consumer_seq if info.delivered is not None else 0
+            if info.num_pending == 0 and not sent:
+                # Nothing is stored, so no value comes to end the replay. The server's count
+                # decides because its reply may arrive before a value it sent earlier.
                 finish()
             await asyncio.wait([replayed, stopped], return_when=asyncio.FIRST_COMPLETED)
         finally:

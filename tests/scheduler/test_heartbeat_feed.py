@@ -205,3 +205,64 @@ async def test_empty_bucket_ends_replay(client: Client) -> None:
     await asyncio.wait_for(feed._replay_heartbeats(asyncio.Event()), timeout=10)
 
     assert inbox.empty()
+
+
+class _LateValues:
+    """JetStream context whose subscriptions receive values only after the consumer's info.
+
+    This is what happens when the server's reply to the info request overtakes a value."""
+
+    def __init__(self, js: Any) -> None:
+        self._js = js
+
+    async def subscribe(self, subject: str, *, cb: Any, **kwargs: Any) -> Any:
+        info_returned = asyncio.Event()
+
+        async def late(message: Any) -> None:
+            await info_returned.wait()
+            await asyncio.sleep(0.2)  # The value is still in transit after the info is read.
+            await cb(message)
+
+        subscription = await self._js.subscribe(subject, cb=late, **kwargs)
+        return _InfoFirst(subscription, info_returned)
+
+
+class _InfoFirst:
+    """Subscription that releases its held values once its consumer's info is read."""
+
+    def __init__(self, subscription: Any, info_returned: asyncio.Event) -> None:
+        self._subscription = subscription
+        self._info_returned = info_returned
+
+    @property
+    def delivered(self) -> int:
+        return 0  # Nothing has reached this client yet.
+
+    async def consumer_info(self) -> Any:
+        # Wait until the server has sent the stored value.
+        deadline = time.monotonic() + 5.0
+        while True:
+            info = await self._subscription.consumer_info()
+            if info.num_pending == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        self._info_returned.set()
+        return info
+
+    async def unsubscribe(self) -> None:
+        await self._subscription.unsubscribe()
+
+
+async def test_replay_waits_for_late_value(client: Client) -> None:
+    js = client.jetstream()
+    bucket = await js.create_key_value(KeyValueConfig(bucket=subjects.HEARTBEAT_BUCKET, history=1))
+    await bucket.put(key(0), heartbeat(["stored/0/0"]))
+    inbox: asyncio.Queue[Input] = asyncio.Queue()
+    feed = AgentFeed(_LateValues(js), inbox, "scheduler-test", FleetView(heartbeat_timeout_s=30))  # type: ignore[arg-type]
+
+    await asyncio.wait_for(feed._replay_heartbeats(asyncio.Event()), timeout=10)
+
+    replayed = inbox.get_nowait()
+    assert isinstance(replayed, HeartbeatReceived)
+    assert replayed.replayed
+    assert replayed.node_key == key(0)
