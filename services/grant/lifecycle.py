@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import asyncpg
 
 from services.grant.app import GrantApp
+from services.grant.expiry import expire_due, notify_expiring
 from services.grant.ledger_ops import Cause
-from services.grant.rpc_ledger import expire_due, notify_expiring
 from services.runtime.errors import ServiceError
 
 log = logging.getLogger(__name__)

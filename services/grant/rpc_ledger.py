@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal, localcontext
+from datetime import UTC, datetime
+from decimal import localcontext
 
 import asyncpg
 import grpc
@@ -13,7 +13,7 @@ from acsp.v1 import grant_pb2
 from services.grant import access, budget, views
 from services.grant import convert as cv
 from services.grant import ledger_rules as rules
-from services.grant.amounts import EXACT, ZERO, format_amount
+from services.grant.amounts import EXACT, ZERO
 from services.grant.app import (
     GrantApp,
     page_in,
@@ -24,6 +24,7 @@ from services.grant.app import (
 )
 from services.grant.constraints import OUTSIDE_CONSTRAINTS, OutsideConstraints
 from services.grant.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.grant.expiry import ExpiryRequest, expire_requested
 from services.grant.extension import extend_grant
 from services.grant.ledger import RequestRejected
 from services.grant.ledger_ops import (
@@ -232,6 +233,7 @@ class LedgerHandlers:
         principal = current_principal()
         if not access.is_overseer(principal):
             access.require_program_office("expire grants")
+        key = request_id_in(request.request_id)
         now = datetime.now(UTC)
         as_of = now
         if request.HasField("as_of_time"):
@@ -240,9 +242,15 @@ class LedgerHandlers:
             raise InvalidArgument(
                 "as_of_time", "is in the future", "grants can only expire once their window ended"
             )
-        expired, total = await expire_due(self.app, as_of, _cause(principal, "ExpireGrants"))
+        expiry = ExpiryRequest(
+            key=scoped_key("expiry", principal.subject, key),
+            requested_as_of=as_of if request.HasField("as_of_time") else None,
+            as_of=as_of,
+            actor=principal.subject,
+        )
+        result = await expire_requested(self.app, expiry, _cause(principal, "ExpireGrants"))
         return grant_pb2.ExpireGrantsResponse(
-            grant_ids=expired, returned_pf_days=cv.amount_out(total)
+            grant_ids=result.grant_ids, returned_pf_days=cv.amount_out(result.returned)
         )
 
     async def CreateSubAllocation(
@@ -623,30 +631,3 @@ def _allocation_out(row: asyncpg.Record, balance: rules.RolledBalance) -> grant_
     )
     cv.time_out(row["created_at"], message.create_time)
     return message
-
-
-async def expire_due(app: GrantApp, as_of: datetime, cause: Cause) -> tuple[list[str], Decimal]:
-    """Expire every grant whose window ended by ``as_of``, one transaction per grant."""
-    db = app.database()
-    async with db.acquire() as conn:
-        due = await budget.grants_to_expire(conn, as_of)
-    expired: list[str] = []
-    total = ZERO
-    for grant_id in due:
-        async with db.transaction() as conn:
-            returned = await budget.expire_grant(conn, grant_id, cause, as_of)
-        if returned is not None:
-            expired.append(grant_id)
-            with localcontext(EXACT):
-                total += returned
-            log.info(
-                "grant expired",
-                extra={"grant_id": grant_id, "returned_pf_days": format_amount(returned)},
-            )
-    return expired, total
-
-
-async def notify_expiring(app: GrantApp, now: datetime, cause: Cause) -> list[str]:
-    horizon = now + timedelta(days=app.settings.expiring_soon_days)
-    async with app.database().transaction() as conn:
-        return await budget.mark_expiring_soon(conn, horizon, cause, now)

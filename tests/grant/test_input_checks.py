@@ -298,7 +298,7 @@ async def test_exploratory_limit_frees_after_expiry(grant_service: RunningGrant)
     await rejected(alice.SubmitApplication(apply_request("10")))
     deadline = datetime.now(UTC) + timedelta(seconds=30)
     while True:
-        expired = await office.ExpireGrants(grant_pb2.ExpireGrantsRequest())
+        expired = await office.ExpireGrants(grant_pb2.ExpireGrantsRequest(request_id=rid()))
         if expired.grant_ids or datetime.now(UTC) > deadline:
             break
         await asyncio.sleep(0.2)
