@@ -108,6 +108,20 @@ MODELS: Final[tuple[ModelFigures, ...]] = (
         "bf16-tensor",
         "NVIDIA H800 SXM5 datasheet: 1,979 TFLOPS BF16 with sparsity, halved for dense",
     ),
+    # The H200 is the H100's GH100 die with 141 GB of HBM3e. NVML reports 143,771 MiB (about
+    # 140.4 GiB) for the 141 GB of an H200 NVL, so 140 GiB is what a min_memory_gib can rely on.
+    # NOTE: a deployment that stored version 1 of the rate card before this entry existed keeps
+    # that version, so metering prices H200 usage only once a version that includes it is
+    # published.
+    _nvidia(
+        "H200-SXM5-141GB",
+        140,
+        "989.5",
+        "bf16-tensor",
+        "NVIDIA H200 SXM, dense figures as tabulated at "
+        "https://itkb.uw.cz/2026/06/nvidia-h200-vs-b300-precisions-cores.html: about 989 TFLOPS "
+        "FP16/BF16, 1,979 FP8 and 34 FP64; 989.5 is half of 1,979 with sparsity, as for the H800",
+    ),
     # openb_node_list_gpu_node.csv puts G2 on 549 nodes of 8 GPUs and 96 CPU cores, the shape
     # of its V100M32 nodes. G3 sits on 39 nodes of 8 GPUs, 128 CPU cores and 768 GiB, more
     # CPU cores than any other 8-GPU node of the trace, so it is taken as a newer part.

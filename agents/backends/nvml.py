@@ -95,6 +95,11 @@ class _Reader:
 # Memory tells the V100 variants apart; an unknown product keeps NVML's name.
 _CATALOG_NAMES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"H100.*80GB"), "H100-SXM5-80GB"),
+    # NVML names the SXM part "NVIDIA H200" and the PCIe card "NVIDIA H200 NVL". The NVL is
+    # limited to 600 W, below the SXM's 700 W, so it is slower than the SXM figures that the
+    # catalog prices and keeps its NVML name. The word boundary leaves the Grace Hopper "GH200"
+    # alone.
+    (re.compile(r"\bH200\b(?!.*\bNVL\b)"), "H200-SXM5-141GB"),
     (re.compile(r"H800"), "H800"),
     (re.compile(r"A100.*80GB"), "A100-SXM4-80GB"),
     (re.compile(r"A800.*80GB"), "A800-SXM4-80GB"),

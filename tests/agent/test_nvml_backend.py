@@ -11,9 +11,10 @@ from typing import Any
 import pynvml
 import pytest
 
+from acsp.catalog import MODELS
 from acsp.v1 import scheduler_pb2
 from agents.backends.base import BackendError
-from agents.backends.nvml import NvmlBackend
+from agents.backends.nvml import NvmlBackend, catalog_model
 from agents.model import DeviceEventKind, HealthState
 from tests.agent.fake_nvml import FakeGpu, FakeMig, FakeNvml
 from tests.agent.helpers import ManualClock, make_node, published_health
@@ -35,6 +36,35 @@ def test_discovery_keys_accelerators_by_uuid_and_pci(fake: FakeNvml) -> None:
     assert inventory.accelerators[0].model == "H100-SXM5-80GB"
     assert inventory.accelerators[0].memory_bytes == 81_559 << 20
     assert fake.registered == set(range(8))
+
+
+def test_discovery_maps_h200_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 143,771 MiB is what NVML reports for the 141 GB of HBM3e of an H200.
+    memory = 143_771 << 20
+    names = ["NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA GH200 480GB"]
+    gpus = [
+        FakeGpu(i, f"GPU-{i:08x}-1111-2222-3333-{i:012x}", name=name, memory_total=memory)
+        for i, name in enumerate(names)
+    ]
+    FakeNvml(gpus).install(monkeypatch)
+    models = [a.model for a in NvmlBackend().discover().accelerators]
+    assert models[0] == "H200-SXM5-141GB"
+    # Neither the slower NVL card nor the Grace Hopper part is priced as an H200 SXM.
+    assert models[1] == "NVIDIA H200 NVL"
+    assert models[2] == "NVIDIA GH200 480GB"
+
+
+@pytest.mark.parametrize("product", ["NVIDIA H100 80GB HBM3", "NVIDIA H200"])
+def test_mapped_models_are_in_catalog(product: str) -> None:
+    catalog = {model.name: model for model in MODELS}
+    model = catalog.get(catalog_model(product))
+    assert model is not None
+    assert model.vendor == "nvidia"
+
+
+def test_h200_fits_in_reported_memory() -> None:
+    catalog = {model.name: model for model in MODELS}
+    assert catalog["H200-SXM5-141GB"].memory_gib << 30 <= 143_771 << 20
 
 
 def test_reading_has_every_metric(fake: FakeNvml) -> None:
