@@ -87,6 +87,10 @@ class OutboxCounters:
     spool_errors: int = 0
     """Flushes to the spool that failed with a disk error (a full disk); the messages stayed
     queued in memory."""
+    spool_damaged_segments: int = 0
+    """Spool segments found damaged when the spool opened; see :mod:`agents.spool_repair`."""
+    spool_lost_bytes: int = 0
+    """Bytes of those segments that held no intact record, kept in ``.corrupt`` files."""
 
 
 @dataclass(slots=True)
@@ -139,7 +143,9 @@ class Outbox:
         self._before_spooled: list[Callable[[], None]] = []
         """Callbacks to run right before the messages queued now go into the spool."""
         self._wake = asyncio.Event()
-        self.counters = OutboxCounters()
+        self.counters = OutboxCounters(
+            spool_damaged_segments=spool.damaged_segments, spool_lost_bytes=spool.lost_bytes
+        )
         self._last_drop_log = 0
         self._last_spool_error_log: float | None = None
         """Monotonic time of the last logged spool error, or None while the spool works."""

@@ -5,10 +5,16 @@ Every usage report, health event and task event goes through the spool before it
 sender replays messages in the order they were appended.
 
 Layout: segment files ``<offset>.seg`` named by the global byte offset of their first record,
-and a ``head`` file with the offset of the first record not yet acknowledged by JetStream. A
-record is ``length:u32 crc32:u32 body`` with ``body = subject_len:u16 subject
-msg_id_len:u16 msg_id payload``. A torn record at the end of the last segment (a crash during
-``append``) fails its CRC and is cut off when the spool opens.
+and a ``head`` file with the offset of the first record not yet acknowledged by JetStream. The
+record format is in :mod:`agents.spool_format`. A torn record at the end of the last segment (a
+crash during ``append``) fails its CRC and is cut off when the spool opens.
+
+Damaged segments: when the spool opens, it reads every record from the head on. A segment with
+records that fail to decode is repaired by :mod:`agents.spool_repair`: the intact records stay
+at their offsets, the original file is kept as ``<segment>.corrupt``, and the loss is logged
+and counted in :attr:`Spool.damaged_segments` and :attr:`Spool.lost_bytes`. A file named
+``*.seg`` without an offset for a name is renamed to ``*.seg.corrupt``. So the agent starts
+with what is intact instead of stopping.
 
 Full spool policy: when appending would take the unacknowledged bytes over ``max_bytes``, the
 new records are rejected (the oldest are kept, so what is replayed has no gap before the
@@ -37,12 +43,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
+from agents.spool_format import SpoolRecord, decode_record, encode_record
+from agents.spool_repair import QUARANTINE_SUFFIX, scan_segment
 from services.runtime.errors import StartupError
+
+__all__ = [
+    "REJECTIONS_FILE_NAME",
+    "RejectionCount",
+    "Spool",
+    "SpoolHeadError",
+    "SpoolRecord",
+]
 
 logger = logging.getLogger(__name__)
 
-_HEADER = struct.Struct(">II")
-_LENGTH = struct.Struct(">H")
 _HEAD = struct.Struct(">QI")
 _SUFFIX = ".seg"
 _READ_CHUNK = 256 << 10
@@ -61,14 +75,6 @@ class SpoolHeadError(StartupError, OSError):
             "move it away; the spool then publishes again from its oldest segment, which may "
             "send messages JetStream already stored",
         )
-
-
-@dataclass(frozen=True, slots=True)
-class SpoolRecord:
-    subject: str
-    msg_id: str
-    """JetStream ``Nats-Msg-Id``, so that a replayed message is stored once."""
-    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +108,13 @@ class Spool:
         self._segment_bytes = segment_bytes
         self._dir.mkdir(parents=True, exist_ok=True)
         self._writer: BinaryIO | None = None
-        self._segments: list[int] = sorted(
-            int(p.name.removesuffix(_SUFFIX)) for p in self._dir.glob(f"*{_SUFFIX}")
-        )
+        self.damaged_segments = 0
+        """Segments found damaged and repaired when this object was created."""
+        self.lost_bytes = 0
+        """Bytes of those segments that held no intact record."""
+        self._segments = self._list_segments()
         self._head = self._read_head()
-        self._tail = self._recover_tail()
-        self._pending_records = self._count_records()
+        self._tail, self._pending_records = self._recover()
         # A copy of the pending records while they are few, so that the sender peeks and
         # commits without reading the segments back. None while they are on disk only.
         self._cache: deque[_Read] | None = deque() if self._pending_records == 0 else None
@@ -137,7 +144,7 @@ class Spool:
         encoded = []
         size = self.pending_bytes
         for record in records:
-            frame = _encode(record)
+            frame = encode_record(record)
             if size + len(frame) > self._max_bytes:
                 break
             encoded.append(frame)
@@ -264,7 +271,7 @@ class Spool:
                 buffer = b""
                 offset = 0
                 while len(result) < max_records and position < end:
-                    decoded = _decode(buffer, offset)
+                    decoded = decode_record(buffer, offset)
                     if decoded is None:
                         chunk = file.read(_READ_CHUNK)
                         if not chunk:
@@ -277,7 +284,8 @@ class Spool:
                     record, size = decoded
                     offset += size
                     position += size
-                    result.append(_Read(record, position))
+                    if not record.is_padding:
+                        result.append(_Read(record, position))
         return result
 
     # Rejection counts ------------------------------------------------------------------------
@@ -349,37 +357,45 @@ class Spool:
             raise SpoolHeadError(path, "fails its checksum")
         return max(head, first)
 
-    def _recover_tail(self) -> int:
-        if not self._segments:
-            return self._head
-        start = self._segments[-1]
-        path = self._segment_path(start)
-        data = path.read_bytes()
-        offset = 0
-        while offset < len(data):
-            decoded = _decode(data, offset)
-            if decoded is None:
-                break
-            offset += decoded[1]
-        if offset < len(data):
-            logger.warning(
-                "spool segment %s ends in a torn record; cutting %d bytes", path, len(data) - offset
+    def _list_segments(self) -> list[int]:
+        segments = []
+        for path in self._dir.glob(f"*{_SUFFIX}"):
+            name = path.name.removesuffix(_SUFFIX)
+            if name.isdigit():
+                segments.append(int(name))
+                continue
+            target = path.with_name(path.name + QUARANTINE_SUFFIX)
+            os.replace(path, target)
+            self.damaged_segments += 1
+            logger.error(
+                "spool file %s is not named by an offset, so its contents cannot be placed; "
+                "renamed it to %s",
+                path,
+                target,
             )
-            with open(path, "r+b") as file:
-                file.truncate(offset)
-                os.fsync(file.fileno())
-        return start + offset
+        return sorted(segments)
 
-    def _count_records(self) -> int:
-        count = 0
-        position = self._head
-        while position < self._tail:
-            batch = self._read_at(position, 4096)
-            if not batch:
-                break
-            count += len(batch)
-            position = batch[-1].end
-        return count
+    def _recover(self) -> tuple[int, int]:
+        """Scan and repair the segments from the head on, and return the tail and record count."""
+        if not self._segments:
+            return self._head, 0
+        first = max(0, bisect.bisect_right(self._segments, self._head) - 1)
+        records = 0
+        tail = self._head
+        for index in range(first, len(self._segments)):
+            start = self._segments[index]
+            last = index == len(self._segments) - 1
+            scan = scan_segment(
+                self._segment_path(start),
+                max(0, self._head - start),
+                None if last else self._segments[index + 1] - start,
+            )
+            records += scan.records
+            tail = start + scan.size
+            if scan.lost_bytes:
+                self.damaged_segments += 1
+                self.lost_bytes += scan.lost_bytes
+        return max(tail, self._head), records
 
     def _write_head(self) -> None:
         path = self._dir / "head"
@@ -408,30 +424,3 @@ class Spool:
             os.fsync(self._writer.fileno())
             self._writer.close()
             self._writer = None
-
-
-def _encode(record: SpoolRecord) -> bytes:
-    subject = record.subject.encode()
-    msg_id = record.msg_id.encode()
-    body = b"".join(
-        (_LENGTH.pack(len(subject)), subject, _LENGTH.pack(len(msg_id)), msg_id, record.payload)
-    )
-    return _HEADER.pack(len(body), zlib.crc32(body)) + body
-
-
-def _decode(data: bytes, offset: int) -> tuple[SpoolRecord, int] | None:
-    if offset + _HEADER.size > len(data):
-        return None
-    length, crc = _HEADER.unpack_from(data, offset)
-    start = offset + _HEADER.size
-    body = data[start : start + length]
-    if len(body) != length or zlib.crc32(body) != crc:
-        return None
-    (subject_length,) = _LENGTH.unpack_from(body, 0)
-    subject = body[2 : 2 + subject_length].decode()
-    cursor = 2 + subject_length
-    (msg_id_length,) = _LENGTH.unpack_from(body, cursor)
-    cursor += 2
-    msg_id = body[cursor : cursor + msg_id_length].decode()
-    payload = bytes(body[cursor + msg_id_length :])
-    return SpoolRecord(subject, msg_id, payload), _HEADER.size + length
