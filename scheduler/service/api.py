@@ -139,7 +139,11 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> tuple[list[Job], list[str | None], str]:
         spec, violations = spec_from_proto(request.spec)
         violations += validate_spec(
-            spec, f"{prefix}spec", self.known_jurisdictions(), self._lead.max_payload
+            spec,
+            f"{prefix}spec",
+            self.known_jurisdictions(),
+            self._lead.max_payload,
+            regions=self.known_regions(),
         )
         violations += validate_models(spec, self._lead.catalog, f"{prefix}spec")
         violations += validate_array_size(request.spec.array_size, f"{prefix}spec.array_size")

@@ -212,6 +212,7 @@ class EngineAdapter:
         self._known_nodes: set[str] = set()
         self._fleet_providers: frozenset[str] = frozenset()
         self._fleet_regions: frozenset[str] = frozenset()
+        self._known_regions: frozenset[str] = self.providers.region_keys
         self._dependent: dict[str, Job] = {}
         """Jobs in the engine whose input depends on the registry, by id."""
         self._failed: dict[tuple[str, str], AcceleratorHealth] = {}
@@ -224,7 +225,14 @@ class EngineAdapter:
     def set_providers(self, providers: ProviderDirectory) -> None:
         """Use a changed registry, entering again the pending jobs whose input it changes."""
         self.providers = providers
+        self._known_regions = providers.region_keys | self._fleet_regions
         self._reenter_dependent()
+
+    @property
+    def known_regions(self) -> frozenset[str]:
+        """``provider/region`` keys that a job may name: the registered regions and the regions
+        of every node seen this term, including nodes that are down now."""
+        return self._known_regions
 
     def _spec(self, job: Job) -> es.JobSpec:
         if depends_on_providers(job):
@@ -264,6 +272,7 @@ class EngineAdapter:
         if node.provider not in self._fleet_providers or region_key not in self._fleet_regions:
             self._fleet_providers = self._fleet_providers | {node.provider}
             self._fleet_regions = self._fleet_regions | {region_key}
+            self._known_regions = self._known_regions | {region_key}
             if self._dependent:
                 self._reenter_dependent()
         return True

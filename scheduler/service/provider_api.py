@@ -37,6 +37,14 @@ class ProviderRpcs:
         term = self._lead.current
         return term.book.engine.providers.jurisdictions if term is not None else None
 
+    def known_regions(self) -> frozenset[str] | None:
+        """``provider/region`` keys that a job may name, from the leader's memory; None on a
+        standby, which checks none because it rejects submissions anyway."""
+        # NOTE: a region that a leader of another shard registers during this term is missing
+        # here until this shard's next term reads the registry from PostgreSQL.
+        term = self._lead.current
+        return term.book.engine.known_regions if term is not None else None
+
     async def RegisterProvider(
         self, request: scheduler_pb2.RegisterProviderRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.Provider:

@@ -154,6 +154,10 @@ class ProviderDirectory:
 
     def __init__(self, providers: Iterable[ProviderRecord] = ()) -> None:
         self._providers: dict[str, ProviderRecord] = {p.provider_id: p for p in providers}
+        self.region_keys: Final[frozenset[str]] = frozenset(
+            f"{p.provider_id}/{r.region_id}" for p in self._providers.values() for r in p.regions
+        )
+        """``provider/region`` keys of every registered region, with or without nodes."""
         regions: dict[str, set[str]] = {}
         for provider in self._providers.values():
             for region in provider.regions:

@@ -36,6 +36,8 @@ MAX_MODELS: Final = 64
 MAX_ALLOWED_REGIONS: Final = 256
 """Entries of a job's allowed regions; a longer list is better written as jurisdictions. Every
 stored job, listing and watch carries the whole list."""
+MAX_REGIONS_SHOWN: Final = 10
+"""Known regions that the error for an unknown region lists before it counts the rest."""
 MAX_REQUEST_ID_LENGTH: Final = 200
 """Characters of a request id, the grant service's limit too. Request ids are unique keys
 of btree indexes, which reject rows of more than about 2,700 bytes."""
@@ -78,11 +80,15 @@ def validate_spec(
     prefix: str = "spec",
     jurisdictions: Collection[str] | None = None,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
+    *,
+    regions: Collection[str] | None = None,
 ) -> list[FieldViolation]:
     """Return every violation in ``spec``; an empty list means it is valid.
 
     ``jurisdictions`` are the codes registered regions declare; a ``jurisdiction:<code>``
-    entry of the allowed regions must name one of them. ``None`` checks only the syntax.
+    entry of the allowed regions must name one of them. ``regions`` are the ``provider/region``
+    keys of the registered regions and of the regions of known nodes; a ``provider/region``
+    entry must be one of them. ``None`` for either checks only the syntax.
     ``max_payload`` is the NATS server's largest message in bytes, which bounds the start
     command every task of the job is sent as.
     """
@@ -126,7 +132,7 @@ def validate_spec(
         if not TOKEN_PATTERN.match(model):
             bad(f"accelerators.models[{i}]", f"{model!r} is not a catalog model name")
     for i, entry in enumerate(spec.allowed_regions):
-        reason = _region_entry_problem(entry, jurisdictions)
+        reason = _region_entry_problem(entry, jurisdictions, regions)
         if reason:
             bad(f"allowed_regions[{i}]", reason)
     _check_env(spec, bad)
@@ -347,7 +353,9 @@ def _check_millis(spec: JobSpec, bad: _Reporter) -> None:
         bad(name, f"is {millis}; above 1000 use a whole multiple of 1000")
 
 
-def _region_entry_problem(entry: str, jurisdictions: Collection[str] | None) -> str:
+def _region_entry_problem(
+    entry: str, jurisdictions: Collection[str] | None, regions: Collection[str] | None
+) -> str:
     """Return what is wrong with one allowed-region entry, or an empty string."""
     if entry.startswith(JURISDICTION_PREFIX):
         code = entry.removeprefix(JURISDICTION_PREFIX)
@@ -362,7 +370,23 @@ def _region_entry_problem(entry: str, jurisdictions: Collection[str] | None) -> 
         return ""
     if not _valid_region_entry(entry):
         return f"{entry!r} is neither '<provider>/<region>' nor 'jurisdiction:<CODE>'"
+    if regions is not None and entry not in regions:
+        return _unknown_region(entry, regions)
     return ""
+
+
+def _unknown_region(entry: str, regions: Collection[str]) -> str:
+    """Return the reason for a region that no provider offers, with known regions to use."""
+    if not regions:
+        known = "no region is registered yet"
+    else:
+        shown = sorted(regions)[:MAX_REGIONS_SHOWN]
+        more = f" and {len(regions) - len(shown)} more" if len(regions) > len(shown) else ""
+        known = f"known regions: {', '.join(shown)}{more}"
+    return (
+        f"no provider offers region {entry!r} ({known}); name a known region, "
+        "which `acsp fleet providers` lists"
+    )
 
 
 def _valid_region_entry(entry: str) -> bool:

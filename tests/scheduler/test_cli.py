@@ -20,7 +20,8 @@ from acsp.cli.jobs import job_details, job_row_of, parse_millis, spec_from_args,
 from acsp.cli.main import build_parser, main
 from acsp.v1 import common_pb2, scheduler_pb2
 from scheduler.service.errors import InvalidFields
-from scheduler.service.validation import FieldViolation
+from scheduler.service.model import JobSpec
+from scheduler.service.validation import FieldViolation, validate_spec
 
 
 def parse(*argv: str) -> object:
@@ -407,6 +408,32 @@ def test_submit_error_names_options(
     assert "spec.accelerators.models[1] is set by --model" in err
     assert "spec.environment[''] is set by --env" in err
     assert "Traceback" not in err
+
+
+def test_submit_unknown_region_shows_reason(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    violations = validate_spec(
+        JobSpec(name="ok", project_id="p1", command=("true",), allowed_regions=("nope/x",)),
+        regions={"cloud-a/west"},
+    )
+
+    class Scheduler:
+        def SubmitJob(self, request: object) -> None:
+            raise _RejectedSubmit(violations)
+
+    @contextlib.contextmanager
+    def open_scheduler(args: object) -> Iterator[Scheduler]:
+        yield Scheduler()
+
+    monkeypatch.setattr(jobs_cli, "open_scheduler", open_scheduler)
+    code = main(["jobs", "submit", "--project", "p1", "--region", "nope/x", "--", "true"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "spec.allowed_regions[0] is set by --region" in err
+    assert "no provider offers region 'nope/x'" in err
+    assert "cloud-a/west" in err
+    assert "acsp fleet providers" in err
 
 
 def test_list_notes_jobs_past_limit(

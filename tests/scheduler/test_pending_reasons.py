@@ -44,6 +44,13 @@ async def test_unplaceable_jobs_name_their_reason(stack: Stack) -> None:
             return len(nodes.nodes) == 7
 
         await wait_for(fleet_known, 30, "the agents' inventories", 0.2)
+        # A registered region with no nodes, so the job is accepted and waits.
+        mars = scheduler_pb2.Provider(
+            provider_id="mars", regions=[scheduler_pb2.Region(region_id="x")]
+        )
+        await scheduler.RegisterProvider(
+            scheduler_pb2.RegisterProviderRequest(provider=mars), metadata=operator, timeout=10
+        )
         gang = await scheduler.SubmitJob(
             scheduler_pb2.SubmitJobRequest(
                 spec=job_spec(project, grant, accelerator_millis_per_task=8000)

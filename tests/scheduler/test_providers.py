@@ -216,3 +216,13 @@ def test_job_without_registry_passes_constraints_through() -> None:
     spec = job_to_engine(job)
     assert spec.regions == {"jurisdiction:EU"}
     assert spec.allow_cross_provider
+
+
+def test_known_regions_include_registered_and_fleet() -> None:
+    # "cn/sh" has no node, as when every node of a region is down for maintenance.
+    adapter = make_adapter(directory(), ("eu", "fra"), ("auto", "west"))
+    assert adapter.known_regions == {"eu/fra", "cn/hz", "cn/sh", "auto/west"}
+    registered = ProviderRecord("no", "Norway", (RegionRecord("osl", "", "NO"),), revision=1)
+    adapter.set_providers(adapter.providers.with_provider(registered))
+    assert "no/osl" in adapter.known_regions
+    assert "auto/west" in adapter.known_regions

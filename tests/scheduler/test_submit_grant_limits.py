@@ -82,6 +82,13 @@ async def test_submit_outside_grant_constraints_rejected(stack: Stack) -> None:
     }
     channel, scheduler = scheduler_stub(address)
     async with channel:
+        # Registered, so the submission gets past the scheduler's own region check.
+        other = scheduler_pb2.Provider(
+            provider_id="other", regions=[scheduler_pb2.Region(region_id="reg")]
+        )
+        await scheduler.RegisterProvider(
+            scheduler_pb2.RegisterProviderRequest(provider=other), metadata=office, timeout=10
+        )
         for field, spec in rejected.items():
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await scheduler.SubmitJob(

@@ -12,6 +12,7 @@ from scheduler.service.validation import (
     MAX_ENV_VALUE_BYTES,
     MAX_ENV_VARS,
     MAX_MODELS,
+    MAX_REGIONS_SHOWN,
     validate_array_size,
     validate_batch_size,
     validate_spec,
@@ -77,6 +78,38 @@ def test_jurisdiction_with_no_registered_region_names_none() -> None:
         valid_spec(allowed_regions=("jurisdiction:EU",)), jurisdictions=frozenset()
     )
     assert "registered: none" in violations[0].reason
+
+
+def test_unknown_region_rejected_with_known_ones() -> None:
+    spec = valid_spec(allowed_regions=("cloud-a/west", "nope/x"))
+    violations = validate_spec(spec, regions={"cloud-a/west", "cloud-b/east"})
+    assert [v.field for v in violations] == ["spec.allowed_regions[1]"]
+    reason = violations[0].reason
+    assert "no provider offers region 'nope/x'" in reason
+    assert "known regions: cloud-a/west, cloud-b/east" in reason
+    assert "acsp fleet providers" in reason
+
+
+def test_known_region_list_is_capped() -> None:
+    known = {f"p/r{i:02}" for i in range(MAX_REGIONS_SHOWN + 5)}
+    violations = validate_spec(valid_spec(allowed_regions=("nope/x",)), regions=known)
+    assert f"p/r{MAX_REGIONS_SHOWN - 1:02}" in violations[0].reason
+    assert f"p/r{MAX_REGIONS_SHOWN:02}" not in violations[0].reason
+    assert "and 5 more" in violations[0].reason
+
+
+def test_region_with_empty_registry_names_none() -> None:
+    violations = validate_spec(valid_spec(allowed_regions=("nope/x",)), regions=frozenset())
+    assert "no region is registered yet" in violations[0].reason
+
+
+def test_known_region_is_valid() -> None:
+    spec = valid_spec(allowed_regions=("cloud-a/west", "jurisdiction:EU"))
+    assert validate_spec(spec, jurisdictions={"EU"}, regions={"cloud-a/west"}) == []
+
+
+def test_region_without_registry_checks_syntax_only() -> None:
+    assert validate_spec(valid_spec(allowed_regions=("nope/x",))) == []
 
 
 def test_array_size_bounds() -> None:
