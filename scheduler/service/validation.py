@@ -380,9 +380,9 @@ def _unknown_region(entry: str, regions: Collection[str]) -> str:
     if not regions:
         known = "no region is registered yet"
     else:
-        shown = sorted(regions)[:MAX_REGIONS_SHOWN]
-        more = f" and {len(regions) - len(shown)} more" if len(regions) > len(shown) else ""
-        known = f"known regions: {', '.join(shown)}{more}"
+        listed = sorted(regions)[:MAX_REGIONS_SHOWN]
+        more = f" and {len(regions) - len(listed)} more" if len(regions) > len(listed) else ""
+        known = f"known regions: {', '.join(listed)}{more}"
     return (
         f"no provider offers region {entry!r} ({known}); name a known region, "
         "which `acsp fleet providers` lists"
