@@ -4,7 +4,9 @@ One batch is one transaction: the samples are copied into a session-local stagin
 COPY, moved into ``usage_samples`` with ``ON CONFLICT (provider, sample_id) DO NOTHING`` and
 the rows that were new are added to ``usage_periods`` in the same statement. The primary key on
 the provider and the sample id, not the message bus, is what recognises a replay, however late
-it comes. The provider comes from the subject, which only that provider may publish on.
+it comes. The provider comes from the subject, which only that provider may publish on. A
+sample that reports time already stored under another id is taken out of the staging table
+before the merge and kept as a dead letter (see :mod:`services.metering.overlaps`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ from datetime import datetime
 
 import asyncpg
 
+from services.metering.overlaps import (
+    drop_staged,
+    find_stored_overlaps,
+    lock_nodes,
+    split_overlapping,
+)
 from services.metering.samples import Rejection, UsageSample
 
 # The staging table holds the samples as the ingest has them: integers for times and amounts,
@@ -28,6 +36,13 @@ CREATE TEMP TABLE IF NOT EXISTS usage_staging (
     stream_sequence bigint
 ) ON COMMIT DELETE ROWS
 """
+
+LOCK_TIMEOUT_MS = 30_000
+"""Milliseconds a batch waits for a lock, such as a node lock held by a concurrent batch,
+before it fails and is delivered again."""
+
+# One simple-protocol round trip for both statements. SET LOCAL lasts until the commit.
+_START_BATCH = f"{_CREATE_STAGING}; SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"
 
 # Moves the staged rows, keeps only the new ones, and adds them to the period aggregates in
 # key order so that concurrent replicas lock usage_periods rows in the same order. $1 is the
@@ -105,21 +120,37 @@ async def write_batch(
 ) -> BatchResult:
     """Store one batch of samples and rejections in one transaction.
 
-    NOTE: a replay is recognised by its provider and sample id only. Two samples of one
-    accelerator whose times overlap under different ids are both stored and charged.
+    A sample whose interval overlaps a stored sample, or an earlier sample of the batch, of the
+    same task, accelerator, node and provider becomes a dead letter instead (see
+    :mod:`services.metering.overlaps`).
     """
     unique = list({(sample.provider, sample.sample_id): sample for sample in samples}.values())
+    dead_letters = list(rejections)
     inserted = 0
+    overlapping = 0
     async with conn.transaction():
         if unique:
-            await conn.execute(_CREATE_STAGING)
+            await conn.execute(_START_BATCH)
+            # The node locks come before the first read of usage_samples, so that read returns
+            # every row that a concurrent batch of the same nodes committed.
+            await lock_nodes(conn, unique)
             await conn.copy_records_to_table("usage_staging", records=unique)
-            row = await conn.fetchrow(_MERGE, period_seconds * 1_000_000, received_at)
-            assert row is not None
-            inserted = int(row["inserted"])
-        if rejections:
-            await conn.executemany(INSERT_DEAD_LETTER, [_dead_letter(r) for r in rejections])
-    return BatchResult(inserted, len(samples) - inserted, len(rejections))
+            stored = await find_stored_overlaps(conn)
+            accepted, overlaps = split_overlapping(unique, stored)
+            if overlaps:
+                accepted_keys = {(s.provider, s.sample_id) for s in accepted}
+                await drop_staged(
+                    conn, [s for s in unique if (s.provider, s.sample_id) not in accepted_keys]
+                )
+                dead_letters.extend(overlaps)
+                overlapping = len(overlaps)
+            if accepted:
+                row = await conn.fetchrow(_MERGE, period_seconds * 1_000_000, received_at)
+                assert row is not None
+                inserted = int(row["inserted"])
+        if dead_letters:
+            await conn.executemany(INSERT_DEAD_LETTER, [_dead_letter(r) for r in dead_letters])
+    return BatchResult(inserted, len(samples) - inserted - overlapping, len(dead_letters))
 
 
 def _dead_letter(rejection: Rejection) -> tuple[object, ...]:

@@ -1,0 +1,181 @@
+"""Finding usage samples that meter an accelerator-second a second time under a new id.
+
+The primary key recognises a replay of one sample id. An agent that lost its state, or a
+misbehaving provider, can also report time that is already stored under another id. Such a
+sample overlaps a stored sample of the same task (and so job attempt), accelerator, node and
+provider, and ingest keeps it as a dead letter instead of charging it. The task is part of the
+key because the tasks of one fractional job may share an accelerator, each with its own share.
+
+Samples are taken in arrival order: one that overlaps a stored sample, or an earlier sample of
+its own batch that was accepted, is rejected. The samples of one key stored since this check
+exists are therefore disjoint, so the stored sample that starts last before a new one ends is the
+only one that can overlap it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import zlib
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Final, NamedTuple
+
+import asyncpg
+
+from acsp import subjects
+from services.metering.samples import Rejection, UsageSample, micros_to_seconds
+
+NODE_LOCK_CLASS: Final = 0x75736167
+"""First key of the transaction advisory locks that ingest takes per provider and node."""
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+# For every staged sample not stored yet, the stored sample of the same key that starts last
+# before the staged one ends, if it ends after the staged one starts. The index on
+# (job_id, attempt, task_id, accelerator_id, node, provider, start_time) makes that one probe.
+# Times are compared as timestamps built the way the merge stores them.
+_FIND_STORED_OVERLAPS = """
+SELECT s.provider, s.sample_id, u.sample_id AS stored_id,
+       u.start_us AS stored_start_us, u.end_us AS stored_end_us
+FROM usage_staging s
+CROSS JOIN LATERAL (
+    SELECT p.sample_id, p.end_time,
+           (extract(epoch FROM p.start_time) * 1000000)::bigint AS start_us,
+           (extract(epoch FROM p.end_time) * 1000000)::bigint AS end_us
+    FROM metering.usage_samples p
+    WHERE p.job_id = s.job_id AND p.attempt = s.attempt AND p.task_id = s.task_id
+      AND p.accelerator_id = s.accelerator_id AND p.node = s.node AND p.provider = s.provider
+      AND p.start_time < 'epoch'::timestamptz + s.end_us * interval '1 microsecond'
+    ORDER BY p.start_time DESC
+    LIMIT 1
+) u
+WHERE u.end_time > 'epoch'::timestamptz + s.start_us * interval '1 microsecond'
+  AND NOT EXISTS (
+      SELECT 1 FROM metering.usage_samples r
+      WHERE r.provider = s.provider AND r.sample_id = s.sample_id)
+"""
+
+_DROP_STAGED = """
+DELETE FROM usage_staging s
+USING unnest($1::text[], $2::text[]) AS d(provider, sample_id)
+WHERE s.provider = d.provider AND s.sample_id = d.sample_id
+"""
+
+
+class StoredSample(NamedTuple):
+    """A stored sample that a new sample overlaps."""
+
+    sample_id: str
+    start_us: int
+    end_us: int
+
+
+AcceleratorKey = tuple[str, str, str, str]
+"""Provider, node, accelerator id and task id: the time of one key is metered once."""
+
+
+def accelerator_key(sample: UsageSample) -> AcceleratorKey:
+    return (sample.provider, sample.node, sample.accelerator_id, sample.task_id)
+
+
+def node_lock_keys(samples: Sequence[UsageSample]) -> list[int]:
+    """Return the sorted second keys of the node locks that a batch of samples needs.
+
+    CRC-32 is the same in every process, unlike ``hash()``. Two nodes that share a key only
+    wait for each other. Taking the locks in sorted order keeps two batches from deadlocking.
+    """
+    keys = set()
+    for provider, node in {(s.provider, s.node) for s in samples}:
+        unsigned = zlib.crc32(f"{provider}/{node}".encode())
+        keys.add(unsigned - (1 << 32) if unsigned >= 1 << 31 else unsigned)
+    return sorted(keys)
+
+
+async def lock_nodes(conn: asyncpg.Connection, samples: Sequence[UsageSample]) -> None:
+    """Lock the samples' nodes until the transaction ends.
+
+    Two workers that store overlapping samples of one node in concurrent transactions would
+    each miss the other's rows, so each waits for the other's commit and then reads its rows.
+    """
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int[]) AS k",
+        NODE_LOCK_CLASS,
+        node_lock_keys(samples),
+    )
+
+
+async def find_stored_overlaps(
+    conn: asyncpg.Connection,
+) -> dict[tuple[str, str], StoredSample]:
+    """Return, by provider and sample id, the stored sample that each staged sample overlaps."""
+    rows = await conn.fetch(_FIND_STORED_OVERLAPS)
+    return {
+        (r["provider"], r["sample_id"]): StoredSample(
+            r["stored_id"], r["stored_start_us"], r["stored_end_us"]
+        )
+        for r in rows
+    }
+
+
+async def drop_staged(conn: asyncpg.Connection, samples: Sequence[UsageSample]) -> None:
+    """Remove samples from the staging table, so that the merge does not store them."""
+    await conn.execute(_DROP_STAGED, [s.provider for s in samples], [s.sample_id for s in samples])
+
+
+def split_overlapping(
+    samples: Sequence[UsageSample], stored: Mapping[tuple[str, str], StoredSample]
+) -> tuple[list[UsageSample], list[Rejection]]:
+    """Split samples, in arrival order, into those to store and rejections for the rest.
+
+    A sample is rejected when it overlaps the stored sample given for it in ``stored``, or a
+    sample of this batch that arrived earlier and was accepted.
+    """
+    accepted: list[UsageSample] = []
+    rejected: list[Rejection] = []
+    # Per key, the accepted samples of this batch and their starts, sorted by start. They are
+    # disjoint, so the one that starts last before a sample ends is the only one to compare.
+    starts: dict[AcceleratorKey, list[int]] = {}
+    accepted_by_key: dict[AcceleratorKey, list[UsageSample]] = {}
+    for sample in sorted(samples, key=lambda s: s.stream_sequence):
+        conflict = stored.get((sample.provider, sample.sample_id))
+        if conflict is not None:
+            rejected.append(overlap_rejection(sample, conflict, "stored"))
+            continue
+        key = accelerator_key(sample)
+        key_starts = starts.setdefault(key, [])
+        key_accepted = accepted_by_key.setdefault(key, [])
+        index = bisect.bisect_left(key_starts, sample.end_us)
+        if index and key_accepted[index - 1].end_us > sample.start_us:
+            earlier = key_accepted[index - 1]
+            other = StoredSample(earlier.sample_id, earlier.start_us, earlier.end_us)
+            rejected.append(overlap_rejection(sample, other, "received earlier in its batch"))
+            continue
+        key_starts.insert(index, sample.start_us)
+        key_accepted.insert(index, sample)
+        accepted.append(sample)
+    return accepted, rejected
+
+
+def overlap_rejection(sample: UsageSample, other: StoredSample, where: str) -> Rejection:
+    """Return the dead letter of a sample that overlaps ``other``, naming both intervals."""
+    other_start = _iso(other.start_us)
+    other_end = _iso(other.end_us)
+    reason = (
+        f"sample {sample.sample_id} of job {sample.job_id} attempt {sample.attempt} on "
+        f"accelerator {sample.accelerator_id} of node {sample.node} covers "
+        f"{sample.start_time.isoformat()} to {sample.end_time.isoformat()} "
+        f"({micros_to_seconds(sample.accelerator_micros)} accelerator-seconds), which overlaps "
+        f"sample {other.sample_id} ({other_start} to {other_end}), {where}; "
+        "the sample is not charged"
+    )
+    return Rejection(
+        f"overlap:{sample.provider}/{sample.sample_id}",
+        subjects.usage_subject(sample.provider, sample.region, sample.node),
+        sample.stream_sequence,
+        sample.sample_id,
+        reason,
+        None,
+    )
+
+
+def _iso(micros: int) -> str:
+    return (_EPOCH + timedelta(microseconds=micros)).isoformat()

@@ -1,0 +1,280 @@
+"""Samples that report time already stored under another id are dead-lettered, not charged."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from datetime import UTC, datetime, timedelta
+
+from acsp.subjects import usage_subject
+from services.metering.ingest import UsageIngest
+from services.metering.ingest_store import BatchResult, write_batch
+from services.metering.overlaps import StoredSample, lock_nodes, split_overlapping
+from services.metering.samples import UsageSample
+from services.runtime.db import Database
+from tests.metering.helpers import (
+    T0,
+    Clock,
+    LedgerDouble,
+    admit,
+    assert_priced,
+    count,
+    drain,
+    exact_price,
+    make_charger,
+    report,
+    running_ingest,
+    sample,
+    wait_until,
+)
+
+MODEL = "A100-SXM4-80GB"
+T0_US = int(T0.timestamp()) * 1_000_000
+SECOND_US = 1_000_000
+
+
+def _usage(
+    sample_id: str,
+    start_s: int,
+    end_s: int,
+    *,
+    sequence: int = 1,
+    accelerator_id: str = "GPU-0",
+    node: str = "node-1",
+    provider: str = "prov-a",
+    attempt: int = 0,
+    task: int = 0,
+    share_millis: int = 1000,
+) -> UsageSample:
+    """Return a sample of job-o from T0 + start_s to T0 + end_s."""
+    return UsageSample(
+        sample_id,
+        "job-o",
+        attempt,
+        f"job-o/{attempt}/{task}",
+        provider,
+        "r1",
+        node,
+        accelerator_id,
+        MODEL,
+        share_millis,
+        T0_US + start_s * SECOND_US,
+        T0_US + end_s * SECOND_US,
+        (end_s - start_s) * share_millis * 1000,
+        0.5,
+        sequence,
+    )
+
+
+async def _write(db: Database, samples: list[UsageSample]) -> BatchResult:
+    async with db.acquire() as conn:
+        return await write_batch(
+            conn, samples, [], period_seconds=300, received_at=datetime.now(UTC)
+        )
+
+
+async def _stored_ids(db: Database) -> list[str]:
+    async with db.acquire() as conn:
+        rows = await conn.fetch("SELECT sample_id FROM metering.usage_samples ORDER BY start_time")
+    return [row["sample_id"] for row in rows]
+
+
+async def _stored_micros(db: Database) -> int:
+    return await count(
+        db, "SELECT coalesce(sum(accelerator_micros), 0) FROM metering.usage_periods"
+    )
+
+
+def test_split_keeps_first_arrival() -> None:
+    first = _usage("a", 0, 60, sequence=1)
+    overlapping = _usage("b", 30, 90, sequence=2)
+    # Overlaps only the rejected sample, so it is kept.
+    after_rejected = _usage("c", 60, 120, sequence=3)
+    other_accelerator = _usage("d", 0, 60, sequence=4, accelerator_id="GPU-1")
+    other_attempt = _usage("e", 0, 60, sequence=5, attempt=1)
+
+    accepted, rejected = split_overlapping(
+        [after_rejected, overlapping, first, other_accelerator, other_attempt], {}
+    )
+
+    assert [s.sample_id for s in accepted] == ["a", "c", "d", "e"]
+    assert [r.sample_id for r in rejected] == ["b"]
+    assert rejected[0].dedupe_key == "overlap:prov-a/b"
+    assert "overlaps sample a" in rejected[0].reason
+    assert rejected[0].subject == usage_subject("prov-a", "r1", "node-1")
+
+
+def test_split_rejects_stored_overlap_first() -> None:
+    # "a" overlaps a stored sample, so "b", which overlaps only "a", is kept.
+    overlapping_stored = _usage("a", 0, 60, sequence=1)
+    after = _usage("b", 50, 120, sequence=2)
+    stored = {("prov-a", "a"): StoredSample("old", T0_US - 10 * SECOND_US, T0_US + SECOND_US)}
+
+    accepted, rejected = split_overlapping([overlapping_stored, after], stored)
+
+    assert [s.sample_id for s in accepted] == ["b"]
+    assert [r.sample_id for r in rejected] == ["a"]
+    assert "overlaps sample old" in rejected[0].reason
+
+
+def test_split_adjacent_samples_kept() -> None:
+    samples = [_usage(str(i), i * 60, (i + 1) * 60, sequence=i) for i in (3, 1, 0, 2)]
+
+    accepted, rejected = split_overlapping(samples, {})
+
+    assert len(accepted) == 4
+    assert rejected == []
+
+
+async def test_overlap_with_stored_dead_lettered(db: Database) -> None:
+    await _write(db, [_usage("a", 0, 60), _usage("b", 60, 120)])
+
+    result = await _write(db, [_usage("x", 90, 150, sequence=2), _usage("y", 120, 180)])
+
+    assert result.inserted == 1
+    assert result.duplicates == 0
+    assert result.dead_lettered == 1
+    assert await _stored_ids(db) == ["a", "b", "y"]
+    assert await _stored_micros(db) == 180 * SECOND_US
+    reasons = await count(
+        db,
+        "SELECT count(*) FROM metering.dead_letters WHERE dedupe_key = 'overlap:prov-a/x' "
+        "AND sample_id = 'x' AND reason LIKE '%overlaps sample b%'",
+    )
+    assert reasons == 1
+
+
+async def test_out_of_order_samples_checked(db: Database) -> None:
+    """A sample older than the latest stored one is compared with the one it falls beside."""
+    await _write(db, [_usage("late", 600, 660)])
+    await _write(db, [_usage("early", 0, 60)])
+
+    # Inside the gap between the two: stored. Across the first one's end: rejected.
+    result = await _write(db, [_usage("gap", 60, 600, sequence=2), _usage("x", 30, 61)])
+
+    assert result.inserted == 1
+    assert result.dead_lettered == 1
+    assert await _stored_ids(db) == ["early", "gap", "late"]
+
+    # Covering stored samples entirely: rejected.
+    result = await _write(db, [_usage("wide", 0, 700)])
+    assert result.dead_lettered == 1
+    assert await _stored_micros(db) == 660 * SECOND_US
+
+
+async def test_overlap_redelivery_changes_nothing(db: Database) -> None:
+    batch = [_usage("a", 0, 60), _usage("b", 30, 90, sequence=2)]
+
+    first = await _write(db, batch)
+    second = await _write(db, batch)
+
+    assert (first.inserted, first.duplicates, first.dead_lettered) == (1, 0, 1)
+    # "a" is a replay of its own id, not an overlap with itself.
+    assert (second.inserted, second.duplicates, second.dead_lettered) == (0, 1, 1)
+    assert await count(db, "SELECT count(*) FROM metering.dead_letters") == 1
+    assert await _stored_micros(db) == 60 * SECOND_US
+
+
+async def test_other_node_or_provider_not_overlap(db: Database) -> None:
+    await _write(db, [_usage("a", 0, 60)])
+
+    result = await _write(
+        db, [_usage("a", 0, 60, provider="prov-b"), _usage("n2", 0, 60, node="node-2")]
+    )
+
+    assert result.inserted == 2
+    assert result.dead_lettered == 0
+
+
+async def test_tasks_sharing_accelerator_kept(db: Database) -> None:
+    """Two tasks of one fractional job may share an accelerator over the same time."""
+    shared = [
+        _usage("t0", 0, 60, task=0, share_millis=500),
+        _usage("t1", 0, 60, task=1, share_millis=500, sequence=2),
+    ]
+
+    result = await _write(db, shared)
+    again = await _write(db, [_usage("t1-again", 30, 60, task=1, share_millis=500)])
+
+    assert result.inserted == 2
+    assert result.dead_lettered == 0
+    assert again.dead_lettered == 1
+    assert await _stored_micros(db) == 60 * SECOND_US
+
+
+async def test_concurrent_batch_waits_for_node_lock(db: Database) -> None:
+    """A batch waits for a concurrent batch of its node and then reads its rows."""
+    pool = db.pool
+    async with pool.acquire() as holder:
+        transaction = holder.transaction()
+        await transaction.start()
+        try:
+            # Stands in for a concurrent batch that stored "a" and has not committed yet.
+            await lock_nodes(holder, [_usage("a", 0, 60)])
+            await holder.execute(
+                """
+                INSERT INTO metering.usage_samples
+                    (sample_id, job_id, attempt, task_id, provider, region, node,
+                     accelerator_id, accelerator_model, share_millis, start_time, end_time,
+                     accelerator_micros, utilization, period_start, stream_sequence,
+                     received_at)
+                VALUES ('a', 'job-o', 0, 'job-o/0/0', 'prov-a', 'r1', 'node-1', 'GPU-0',
+                        $1, 1000, $2, $3, 60000000, 0.5, $2, 1, now())
+                """,
+                MODEL,
+                T0,
+                T0 + timedelta(seconds=60),
+            )
+            writer = asyncio.create_task(_write(db, [_usage("b", 30, 90, sequence=2)]))
+
+            async def waiting() -> bool:
+                waits = await count(
+                    db,
+                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                    "WHERE l.locktype = 'advisory' AND NOT l.granted "
+                    "AND d.datname = current_database()",
+                )
+                return waits == 1
+
+            await wait_until(waiting)
+            assert not writer.done()
+        finally:
+            await transaction.commit()
+        result = await asyncio.wait_for(writer, 10)
+
+    assert result.inserted == 0
+    assert result.dead_lettered == 1
+    assert await _stored_ids(db) == ["a"]
+
+
+async def _done(ingest: UsageIngest, expected: int) -> bool:
+    return ingest.counters.messages >= expected
+
+
+async def test_restarted_agent_charged_once(
+    nats_url: str, db: Database, ledger: LedgerDouble
+) -> None:
+    """An agent that lost its state reports the same half hour again under new ids."""
+    items = [sample(f"node-1/{i}", "job-r", T0 + timedelta(minutes=i)) for i in range(30)]
+    again = [sample(f"node-1/b2/{i}", "job-r", T0 + timedelta(minutes=i)) for i in range(30)]
+    async with running_ingest(nats_url, db) as (js, ingest):
+        await js.publish(usage_subject("prov-a", "r1", "node-1"), report(items))
+        await wait_until(functools.partial(_done, ingest, 1))
+        await js.publish(usage_subject("prov-a", "r1", "node-1"), report(again))
+        await wait_until(functools.partial(_done, ingest, 2))
+    await admit(
+        db,
+        "job-r",
+        ended_at=T0 + timedelta(minutes=30),
+        end_reason="completed",
+        providers=("prov-a",),
+    )
+
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=2))))
+
+    assert ingest.counters.dead_lettered == 30
+    assert_priced(ledger.total_charged(), exact_price(MODEL, 30 * 60), charges=30)
+    overlaps = await count(
+        db, "SELECT count(*) FROM metering.dead_letters WHERE dedupe_key LIKE 'overlap:%'"
+    )
+    assert overlaps == 30
