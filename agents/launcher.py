@@ -276,7 +276,8 @@ class Launcher:
 
 # O_NOFOLLOW: tasks may write in the task folder, and a symbolic link that one of them put in
 # place of a log would make the launcher, which may run as root, truncate its target.
-_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+# O_APPEND, so that after the agent trims a long log the task writes at its new end.
+_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW
 _STATUS_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 

@@ -211,6 +211,7 @@ def build_process(
         "agent_version": version,
         "launcher": launcher,
         "task_user": settings.task_user,
+        "task_log_max_bytes": settings.task_log_max_bytes,
     }
     nodes: list[NodeAgent] = []
     if settings.backend == "nvml":

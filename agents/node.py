@@ -35,6 +35,7 @@ from agents.model import (
 from agents.outbox import Outbox
 from agents.runner import TaskInterval, TaskRunner
 from agents.state import StateStore
+from agents.task_logs import TASK_LOG_MAX_BYTES
 from agents.task_process import TaskLauncher
 from agents.task_user import TaskUser
 
@@ -88,6 +89,7 @@ class NodeAgent:
         agent_version: str = "",
         launcher: TaskLauncher | None = None,
         task_user: TaskUser | None = None,
+        task_log_max_bytes: int = TASK_LOG_MAX_BYTES,
     ) -> None:
         self.ref = ref
         self.backend = backend
@@ -103,6 +105,7 @@ class NodeAgent:
         self._play_speed = play_speed
         self._launcher = launcher
         self._task_user = task_user
+        self._task_log_max_bytes = task_log_max_bytes
         self._agent_version = agent_version
         self._event_counter = 0
         self._heartbeat_counter = 0
@@ -153,6 +156,7 @@ class NodeAgent:
             launcher=self._launcher,
             after_spooled=self._outbox.call_when_spooled,
             task_user=self._task_user,
+            task_log_max_bytes=self._task_log_max_bytes,
         )
         runner.attach(group)
         self.runner = runner

@@ -105,6 +105,8 @@ class Intervals:
     usage_s: float = 10.0
     tick_s: float = 0.5
     """Seconds between checks of played tasks."""
+    log_check_s: float = 1.0
+    """Seconds between checks of the size of running tasks' logs."""
     state_flush_s: float = 1.0
     command_heartbeat_s: float = 5.0
     """Idle heartbeat of the command consumers."""
@@ -194,6 +196,7 @@ class AgentProcess:
                 group.create_task(self._every(self._intervals.usage_s, self._usage_all)),
                 group.create_task(self._every(self._intervals.heartbeat_s, self._heartbeat_all)),
                 group.create_task(self._every(self._intervals.tick_s, self._tick_all)),
+                group.create_task(self._every(self._intervals.log_check_s, self._trim_logs_all)),
                 group.create_task(self._every(self._intervals.state_flush_s, self._flush_state)),
                 group.create_task(self._inventory_on_reconnect(), name="inventory"),
                 group.create_task(self._command_loop(), name="commands"),
@@ -395,6 +398,13 @@ class AgentProcess:
         for node in self.nodes:
             if node.runner is not None:
                 node.runner.tick()
+
+    async def _trim_logs_all(self) -> None:
+        for index, node in enumerate(self.nodes):
+            if node.runner is not None:
+                node.runner.trim_logs()
+            if index % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)
 
     async def _flush_state(self) -> None:
         self._state.flush()

@@ -34,6 +34,7 @@ from agents.model import WHOLE_MILLI, TaskEvent, TaskSpec, TaskState
 from agents.programs import CommandNotRunnableError, resolve_command
 from agents.state import StateStore, TaskRecord
 from agents.stray_processes import kill_task_processes, signal_strays
+from agents.task_logs import TASK_LOG_MAX_BYTES, trim_log
 from agents.task_process import (
     SPAWN_ID_ENV,
     TaskLauncher,
@@ -113,6 +114,7 @@ class TaskRunner:
         launcher: TaskLauncher | None = None,
         after_spooled: Callable[[Callable[[], None]], None] | None = None,
         task_user: TaskUser | None = None,
+        task_log_max_bytes: int = TASK_LOG_MAX_BYTES,
     ) -> None:
         """``launcher`` starts the tasks and records their exit status.
 
@@ -126,6 +128,9 @@ class TaskRunner:
 
         ``task_user`` is the user that tasks run as (the launcher's own, with a launcher), or
         None for the agent's user.
+
+        ``task_log_max_bytes`` is the size at which :meth:`trim_logs` trims a task's log (see
+        :mod:`agents.task_logs`).
         """
         self._node_key = node_key
         self._state = state
@@ -155,6 +160,9 @@ class TaskRunner:
         # The agent's own variables (credentials among them) never reach a task.
         self._base_env = {k: v for k, v in os.environ.items() if not k.startswith("ACSP_")}
         self._task_user = task_user
+        self._task_log_max_bytes = task_log_max_bytes
+        self._log_trim_failed: set[str] = set()
+        """Ids of running tasks whose log could not be trimmed, logged once each."""
         self._task_folder_shared = False
         if task_user is not None and task_user.home:
             # As a login sets them, so that a task does not take the agent's home for its own.
@@ -570,6 +578,8 @@ class TaskRunner:
                 "task %s left %d processes outside its group; killed them", record.task_id, strays
             )
         exit_code = None if task.process is None else task.process.returncode
+        self._trim_log(record)
+        self._log_trim_failed.discard(record.task_id)
         self._finish(task, exit_code, _tail(record.log_path))
 
     def _has_exited(self, task: _Task) -> bool:
@@ -614,6 +624,34 @@ class TaskRunner:
                 self._finish(task, None, "", ended_at=wall_end)
             elif now >= run_end:
                 self._finish(task, 0, "", ended_at=run_end)
+
+    def trim_logs(self) -> None:
+        """Trim the logs of running tasks that are over the size limit: one ``stat`` each."""
+        for task in self._tasks.values():
+            if task.record.pid:
+                self._trim_log(task.record)
+
+    def _trim_log(self, record: TaskRecord) -> None:
+        if not record.log_path:
+            return
+        try:
+            dropped = trim_log(record.log_path, self._task_log_max_bytes)
+        except FileNotFoundError:
+            return  # The task removed its log.
+        except OSError as error:
+            if record.task_id not in self._log_trim_failed:
+                self._log_trim_failed.add(record.task_id)
+                logger.warning(
+                    "task %s: failed to trim its log %s to %d bytes, so it may grow without "
+                    "bound: %s",
+                    record.task_id,
+                    record.log_path,
+                    self._task_log_max_bytes,
+                    error,
+                )
+            return
+        if dropped:
+            logger.debug("task %s: dropped %d bytes from its log", record.task_id, dropped)
 
     def report_running(self) -> None:
         """Report every running task again (a reconcile command)."""
@@ -741,6 +779,8 @@ class TaskRunner:
             # The launcher wrote the status file when it reaped the task.
             ended_at = _modified_at(self._exit_path(record.task_id))
         task = _Task(record)
+        self._trim_log(record)
+        self._log_trim_failed.discard(record.task_id)
         if ended_at is not None:
             # Its usage since the last report is reported with the next one.
             task.ended_at = max(ended_at, record.started_at)

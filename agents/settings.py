@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from acsp.subjects import TOKEN_PATTERN
+from agents.task_logs import MIN_TASK_LOG_MAX_BYTES, TASK_LOG_MAX_BYTES
 from agents.task_user import TASK_USER_ENV, TaskUser, parse_task_user
 from services.runtime.settings import Settings, SettingsError, setting
 
@@ -45,6 +46,14 @@ class AgentSettings(Settings):
     )
     spool_max_bytes: int = setting(
         "ACSP_AGENT_SPOOL_MAX_BYTES", 256 << 20, "bytes of unsent messages kept on disk", minimum=1
+    )
+    task_log_max_bytes: int = setting(
+        "ACSP_AGENT_TASK_LOG_MAX_BYTES",
+        TASK_LOG_MAX_BYTES,
+        "size in bytes at which a task's log is trimmed to the first and the latest quarter of "
+        "this size, with a line that counts the bytes dropped between them; at least "
+        f"{MIN_TASK_LOG_MAX_BYTES}",
+        minimum=MIN_TASK_LOG_MAX_BYTES,
     )
     max_message_rejections: int = setting(
         "ACSP_AGENT_MAX_MESSAGE_REJECTIONS",

@@ -525,7 +525,9 @@ def spawn(
     restore_glibc_signals()
     executable = resolve_command(command, env, cwd, user)
     # O_NOFOLLOW, as in the launcher: a task may have put a symbolic link in the task folder.
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+    # O_APPEND, so that after the agent trims a long log the task writes at its new end.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW
+    log = os.open(log_path, flags, 0o640)
     try:
         popen = subprocess.Popen(
             [executable, *command[1:]],

@@ -1,0 +1,211 @@
+"""Task logs over their size limit keep their start and latest output, with a marker between."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from agents.backends.fleet import FleetNode
+from agents.backends.simulated import SimulatedBackend
+from agents.health import HealthSettings
+from agents.model import TaskSpec
+from agents.node import NodeAgent
+from agents.outbox import Outbox
+from agents.settings import AgentSettings
+from agents.spool import Spool
+from agents.state import StateStore
+from agents.task_logs import MIN_TASK_LOG_MAX_BYTES, TASK_LOG_MAX_BYTES, trim_log
+from agents.task_process import TaskLauncher
+from services.runtime.settings import SettingsError
+from tests.agent.helpers import NODE, ManualClock
+from tests.agent.test_runner import python_command, wait_for
+
+SPEC = FleetNode("acme", "eu-1", "node-1", "A100-SXM4-80GB", 8)
+LIMIT = MIN_TASK_LOG_MAX_BYTES
+QUARTER = LIMIT // 4
+MARKER = re.compile(rb"\n\[acsp agent: (\d+) bytes of output dropped here[^\n]*\]\n")
+
+PRINTER = """
+import os, sys, time
+for i in range(20000):
+    sys.stdout.write(f"line {i:06d}\\n")
+sys.stdout.flush()
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+sys.stdout.write("after the trim\\n")
+"""
+"""Writes 240,000 bytes, waits for the file named by its argument, then writes one line."""
+
+
+def make_node(directory: Path, launcher: TaskLauncher | None, max_bytes: int = LIMIT) -> NodeAgent:
+    clock = ManualClock(time.time())
+    spool = Spool(directory / "spool")
+    state = StateStore(directory / "state.json")
+    return NodeAgent(
+        NODE,
+        SimulatedBackend(SPEC, clock),
+        "simulated",
+        state,
+        directory,
+        Outbox(spool, before_append=state.save_before_spool),
+        "boot-1",
+        clock,
+        HealthSettings(),
+        launcher=launcher,
+        task_log_max_bytes=max_bytes,
+    )
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size
+
+
+def contents(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def printed(start: int, stop: int) -> bytes:
+    return b"".join(b"line %06d\n" % i for i in range(start, stop))
+
+
+def test_trim_keeps_start_and_tail(tmp_path: Path) -> None:
+    log = tmp_path / "t.log"
+    original = printed(0, 30000)
+    log.write_bytes(original)
+
+    dropped = trim_log(str(log), LIMIT)
+
+    data = log.read_bytes()
+    marker = MARKER.search(data)
+    assert marker is not None
+    assert dropped == len(original) - 2 * QUARTER
+    assert int(marker.group(1)) == dropped
+    assert data[:QUARTER] == original[:QUARTER]
+    assert marker.start() == QUARTER
+    assert data[marker.end() :] == original[-QUARTER:]
+
+
+def test_second_trim_adds_to_count(tmp_path: Path) -> None:
+    log = tmp_path / "t.log"
+    original = printed(0, 30000)
+    log.write_bytes(original)
+    first = trim_log(str(log), LIMIT)
+    more = printed(30000, 40000)
+    with open(log, "ab") as file:
+        file.write(more)
+
+    second = trim_log(str(log), LIMIT)
+
+    data = log.read_bytes()
+    assert len(MARKER.findall(data)) == 1
+    marker = MARKER.search(data)
+    assert marker is not None
+    assert int(marker.group(1)) == first + second
+    assert first + second == len(original) + len(more) - 2 * QUARTER
+    assert data[:QUARTER] == original[:QUARTER]
+    assert data[marker.end() :] == more[-QUARTER:]
+
+
+def test_log_within_limit_is_untouched(tmp_path: Path) -> None:
+    log = tmp_path / "t.log"
+    log.write_bytes(b"x" * LIMIT)
+
+    assert trim_log(str(log), LIMIT) == 0
+    assert log.read_bytes() == b"x" * LIMIT
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("with_launcher", [True, False], ids=["launcher", "agent"])
+async def test_running_task_writes_after_kept_tail(tmp_path: Path, with_launcher: bool) -> None:
+    launcher = TaskLauncher() if with_launcher else None
+    node = make_node(tmp_path, launcher)
+    go = tmp_path / "go"
+    try:
+        async with asyncio.TaskGroup() as group:
+            await node.start(group)
+            runner = node.runner
+            assert runner is not None
+            uuid = node.backend.discover().accelerators[0].uuid
+            command = (*python_command(PRINTER), str(go))
+            await runner.start(TaskSpec("job", "job/1/0", (uuid,), command))
+            log = Path(runner.running[0].log_path)
+            await wait_for(lambda: size_of(log) >= 20000 * 12, 30)
+
+            runner.trim_logs()
+            assert size_of(log) <= LIMIT // 2 + 200
+            go.touch()
+            await wait_for(lambda: not runner.running, 30)
+    finally:
+        if launcher is not None:
+            launcher.close()
+
+    data = contents(log)
+    # Without O_APPEND the task would write at its old offset, past a hole of zero bytes.
+    assert b"\x00" not in data
+    assert data.startswith(printed(0, 10))
+    assert data.endswith(printed(19990, 20000) + b"after the trim\n")
+    marker = MARKER.search(data)
+    assert marker is not None
+    assert int(marker.group(1)) == 20000 * 12 - 2 * QUARTER
+
+
+@pytest.mark.timeout(60)
+async def test_ended_task_log_is_trimmed(tmp_path: Path) -> None:
+    launcher = TaskLauncher()
+    node = make_node(tmp_path, launcher)
+    go = tmp_path / "go"
+    go.touch()
+    try:
+        async with asyncio.TaskGroup() as group:
+            await node.start(group)
+            runner = node.runner
+            assert runner is not None
+            uuid = node.backend.discover().accelerators[0].uuid
+            command = (*python_command(PRINTER), str(go))
+            await runner.start(TaskSpec("job", "job/1/0", (uuid,), command))
+            log = Path(runner.running[0].log_path)
+            await wait_for(lambda: not runner.running, 30)
+    finally:
+        launcher.close()
+
+    assert size_of(log) < LIMIT
+    assert contents(log).endswith(b"after the trim\n")
+
+
+def test_settings_default_log_limit() -> None:
+    settings = AgentSettings.from_env({})
+
+    assert settings.task_log_max_bytes == TASK_LOG_MAX_BYTES
+
+
+def test_settings_read_log_limit() -> None:
+    settings = AgentSettings.from_env({"ACSP_AGENT_TASK_LOG_MAX_BYTES": "1048576"})
+
+    assert settings.task_log_max_bytes == 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1000", r"ACSP_AGENT_TASK_LOG_MAX_BYTES.*1000 is below the minimum"),
+        ("lots", r"ACSP_AGENT_TASK_LOG_MAX_BYTES.*lots"),
+    ],
+)
+def test_settings_reject_bad_log_limit(value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        AgentSettings.from_env({"ACSP_AGENT_TASK_LOG_MAX_BYTES": value})
+
+
+def test_odd_limit_still_bounds_log(tmp_path: Path) -> None:
+    # A limit that is not a multiple of four still keeps the log within it after a trim.
+    log = tmp_path / "t.log"
+    log.write_bytes(os.urandom(LIMIT * 3))
+
+    trim_log(str(log), LIMIT + 3)
+
+    assert log.stat().st_size <= LIMIT + 3
