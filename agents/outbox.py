@@ -88,7 +88,7 @@ class OutboxCounters:
     """Flushes to the spool that failed with a disk error (a full disk); the messages stayed
     queued in memory."""
     spool_damaged_segments: int = 0
-    """Spool segments found damaged when the spool opened; see :mod:`agents.spool_repair`."""
+    """Spool segments found damaged and repaired, see :mod:`agents.spool_repair`."""
     spool_lost_bytes: int = 0
     """Bytes of those segments that held no intact record, kept in ``.corrupt`` files."""
 
@@ -297,6 +297,9 @@ class Outbox:
     async def _publish_batch(self, client: Client) -> int:
         """Publish the head of the spool; return how many messages left it."""
         batch = self._spool.peek(self._window())
+        # Reading may have repaired a segment damaged since the spool opened.
+        self.counters.spool_damaged_segments = self._spool.damaged_segments
+        self.counters.spool_lost_bytes = self._spool.lost_bytes
         messages = [(record.subject, record.payload, record.msg_id) for record in batch]
         outcomes, failure = await self._publish_wave(client, messages)
         self._count_rejections(messages, outcomes)

@@ -13,7 +13,8 @@ Damaged segments: when the spool opens, it reads every record from the head on. 
 records that fail to decode is repaired by :mod:`agents.spool_repair`: the intact records stay
 at their offsets, the original file is kept as ``<segment>.corrupt``, and the loss is logged
 and counted in :attr:`Spool.damaged_segments` and :attr:`Spool.lost_bytes`. A file named
-``*.seg`` without an offset for a name is renamed to ``*.seg.corrupt``. So the agent starts
+``*.seg`` without an offset for a name is renamed to ``*.seg.corrupt``. A segment damaged
+after the spool opened is repaired the same way when a read reaches it. So the agent goes on
 with what is intact instead of stopping.
 
 Full spool policy: when appending would take the unacknowledged bytes over ``max_bytes``, the
@@ -88,6 +89,14 @@ class RejectionCount:
     """Reason of the last rejection."""
 
 
+class _SegmentDamagedError(Exception):
+    """A record of segment ``index`` fails to decode, or its file ends before its range does."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
+
+
 @dataclass(frozen=True, slots=True)
 class _Read:
     record: SpoolRecord
@@ -109,7 +118,7 @@ class Spool:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._writer: BinaryIO | None = None
         self.damaged_segments = 0
-        """Segments found damaged and repaired when this object was created."""
+        """Segments found damaged and repaired since this object was created."""
         self.lost_bytes = 0
         """Bytes of those segments that held no intact record."""
         self._segments = self._list_segments()
@@ -256,6 +265,14 @@ class Spool:
         return self._read_at(self._head, max_records)
 
     def _read_at(self, position: int, max_records: int) -> list[_Read]:
+        try:
+            return self._read_records(position, max_records)
+        except _SegmentDamagedError as error:
+            # Damaged since the spool opened: repaired the same way, then read again.
+            self._repair(error.index)
+            return self._read_at(position, max_records)
+
+    def _read_records(self, position: int, max_records: int) -> list[_Read]:
         if self._writer is not None:
             self._writer.flush()
         result: list[_Read] = []
@@ -275,9 +292,7 @@ class Spool:
                     if decoded is None:
                         chunk = file.read(_READ_CHUNK)
                         if not chunk:
-                            raise OSError(
-                                f"spool segment {start} is corrupt at offset {position - start}"
-                            )
+                            raise _SegmentDamagedError(index)
                         buffer = buffer[offset:] + chunk
                         offset = 0
                         continue
@@ -396,6 +411,35 @@ class Spool:
                 self.damaged_segments += 1
                 self.lost_bytes += scan.lost_bytes
         return max(tail, self._head), records
+
+    def _repair(self, index: int) -> None:
+        """Repair segment ``index``, found damaged after the spool opened, and count again."""
+        start = self._segments[index]
+        last = index == len(self._segments) - 1
+        end = self._tail if last else self._segments[index + 1]
+        if last and self._writer is not None:
+            # The repair replaces the file, so appends must go to the new one.
+            self._writer.close()
+            self._writer = None
+        scan = scan_segment(self._segment_path(start), max(0, self._head - start), end - start)
+        if last:
+            self._writer = open(self._segment_path(start), "ab")
+        if not scan.lost_bytes:
+            raise OSError(f"spool segment {self._segment_path(start)} cannot be read")
+        self.damaged_segments += 1
+        self.lost_bytes += scan.lost_bytes
+        self._pending_records = self._count_records()
+
+    def _count_records(self) -> int:
+        count = 0
+        position = self._head
+        while position < self._tail:
+            batch = self._read_at(position, 4096)
+            if not batch:
+                break
+            count += len(batch)
+            position = batch[-1].end
+        return count
 
     def _write_head(self) -> None:
         path = self._dir / "head"

@@ -208,6 +208,34 @@ def test_repaired_spool_reopens_without_damage(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("*.corrupt"))) == 2
 
 
+def test_damage_after_open_is_repaired(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Opened with records pending, the spool reads them from disk, not from memory.
+    files = write_spool(tmp_path)
+    spool = Spool(tmp_path, segment_bytes=SEGMENT_BYTES)
+    assert ids(spool)[:2] == [10, 11]
+    spool.commit(2)
+    lost = ids_in(files[5])
+    os.truncate(files[5], 0)
+    last = ids_in(files[-1])[1]
+    data = bytearray(files[-1].read_bytes())
+    data[RECORD + 12] ^= 0xFF
+    files[-1].write_bytes(bytes(data))
+
+    with caplog.at_level(logging.ERROR):
+        found = ids(spool)
+    spool.append(records(50, 1))
+
+    assert found == [i for i in range(12, 50) if i not in lost and i != last]
+    assert spool.pending_records == len(found) + 1
+    assert spool.damaged_segments == 2
+    assert spool.lost_bytes == 5 * RECORD
+    assert ids(spool)[-1] == 50
+    assert len([r for r in caplog.records if "is damaged" in r.getMessage()]) == 2
+    spool.commit(spool.pending_records)
+    spool.close()
+    assert Spool(tmp_path, segment_bytes=SEGMENT_BYTES).pending_records == 0
+
+
 def test_outbox_counts_spool_damage(tmp_path: Path) -> None:
     files = write_spool(tmp_path)
     os.truncate(files[1], 0)
