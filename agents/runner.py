@@ -626,7 +626,11 @@ class TaskRunner:
                 self._finish(task, 0, "", ended_at=run_end)
 
     def trim_logs(self) -> None:
-        """Trim the logs of running tasks that are over the size limit: one ``stat`` each."""
+        """Trim the logs of running tasks that are over the size limit: one ``stat`` each.
+
+        NOTE: a trim copies a quarter of the limit (64 MiB by default) on the event loop, which
+        blocks it for tens of milliseconds once per half a limit of output a task writes.
+        """
         for task in self._tasks.values():
             if task.record.pid:
                 self._trim_log(task.record)
