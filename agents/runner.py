@@ -565,11 +565,16 @@ class TaskRunner:
             and launcher.adopts_orphans
             and launcher.identity == (record.launcher_pid, record.launcher_start_ticks)
         ):
-            # They are the launcher's children now: a few reads at most, done at once.
+            # They are the launcher's children now: a few reads at most, done at once. A task
+            # that left processes behind waits for them to exit, so a thread does that.
             adopted = None if task.process is None else task.process.adopted
-            strays = kill_task_processes(
-                record.spawn_id, record.launcher_pid, launcher.leader_pids(), adopted
-            )
+            leaders = launcher.leader_pids()
+            if adopted:
+                strays = await asyncio.to_thread(
+                    kill_task_processes, record.spawn_id, record.launcher_pid, leaders, adopted
+                )
+            else:
+                strays = kill_task_processes(record.spawn_id, record.launcher_pid, leaders, adopted)
         else:
             # The group's members, killed just now, may leave children that are nobody's yet.
             strays = await asyncio.to_thread(kill_task_processes, record.spawn_id)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Collection, Iterable
 
 from agents.task_process import SPAWN_ID_ENV, stat_fields
@@ -29,6 +30,12 @@ logger = logging.getLogger(__name__)
 _KILL_PASSES = 20
 """Scans of ``/proc`` when killing strays: a process that forks between two scans is found in the
 next one, and a killed process forks no more."""
+
+_EXIT_WAIT_S = 0.5
+"""How long a kill waits for killed processes to finish exiting, so that their children are
+found. A pid that an unrelated new process took over meanwhile costs at most this much."""
+
+_EXIT_POLL_S = 0.001
 
 
 def find_task_processes(spawn_id: str, outside_group: int = 0) -> list[int]:
@@ -130,13 +137,26 @@ def kill_task_processes(
         return find_task_processes(spawn_id)
 
     killed: set[int] = set()
-    for _ in range(_KILL_PASSES):
+    rounds = 0
+    deadline = 0.0
+    while rounds < _KILL_PASSES:
+        # A killed process stops showing its environment before its children pass to the
+        # adopter, so only a search after every killed process has exited can find none left.
+        exited = not any(_exiting(pid) for pid in killed)
         pids = find()
-        if not pids:
+        if pids:
+            rounds += 1
+            for pid in pids:
+                if _signal(pid, signal.SIGKILL):
+                    killed.add(pid)
+            continue
+        if exited:
             return len(killed)
-        for pid in pids:
-            if _signal(pid, signal.SIGKILL):
-                killed.add(pid)
+        now = time.monotonic()
+        deadline = deadline or now + _EXIT_WAIT_S
+        if now > deadline:
+            break
+        time.sleep(_EXIT_POLL_S)
     left = find()
     if left:
         logger.error(
@@ -146,6 +166,12 @@ def kill_task_processes(
             _KILL_PASSES,
         )
     return len(killed)
+
+
+def _exiting(pid: int) -> bool:
+    """Return whether ``pid`` still exists and is not yet a zombie."""
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] not in (b"Z", b"X")
 
 
 def _signal(pid: int, signum: int) -> bool:

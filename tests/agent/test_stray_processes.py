@@ -171,3 +171,35 @@ async def test_restart_kills_daemon_of_ended_task(tmp_path: Path) -> None:
         await wait_for(lambda: second.states("j/1/0") != [])
     assert second.states("j/1/0") == [TaskState.SUCCEEDED]
     assert not _alive(daemon)
+
+
+def test_kill_waits_for_exiting_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The killed parent 100 hides its environment while it exits, and its child 101 passes to
+    # the adopter only once the parent is a zombie.
+    parent_state = iter([b"R", b"R", b"Z"])
+    states: dict[int, bytes] = {}
+    killed: list[int] = []
+
+    def children(adopter: int, spawn_id: str, leaders: object) -> list[int]:
+        if 100 not in killed:
+            return [100]
+        if states.get(100) == b"Z" and 101 not in killed:
+            return [101]
+        return []
+
+    def stat(pid: int) -> tuple[bytes, ...] | None:
+        if pid == 100 and 100 in killed:
+            states[100] = next(parent_state, b"Z")
+            return (states[100], b"1", b"100")
+        return None
+
+    def kill(pid: int, signum: int) -> bool:
+        killed.append(pid)
+        return True
+
+    monkeypatch.setattr(stray_processes, "adopted_processes", children)
+    monkeypatch.setattr(stray_processes, "stat_fields", stat)
+    monkeypatch.setattr(stray_processes, "_signal", kill)
+
+    assert stray_processes.kill_task_processes("spawn", adopter=1) == 2
+    assert killed == [100, 101]
