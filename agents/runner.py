@@ -33,7 +33,7 @@ from pathlib import Path
 from agents.model import WHOLE_MILLI, TaskEvent, TaskSpec, TaskState
 from agents.programs import CommandNotRunnableError, resolve_command
 from agents.state import StateStore, TaskRecord
-from agents.stray_processes import kill_task_processes, signal_strays
+from agents.stray_processes import find_task_processes, kill_task_processes, signal_strays
 from agents.task_logs import TASK_LOG_MAX_BYTES, trim_log
 from agents.task_process import (
     SPAWN_ID_ENV,
@@ -56,6 +56,9 @@ _POLL_S = 0.1
 """Seconds between exit checks of a process that no pidfd watches."""
 _MAX_SLEEP_S = 5.0
 """Maximum seconds a supervisor sleeps, so that a step of the clock delays a deadline by no more."""
+_REST_POLL_S = (0.01, 0.2)
+"""First and maximum seconds between checks for a stopping task's processes that outlive its
+leader. The interval doubles after each check."""
 _REMEMBERED_FINISHED = 4096
 TIMED_OUT = "wall time exceeded"
 AGENT_EXIT = "the agent stopped"
@@ -551,6 +554,22 @@ class TaskRunner:
                 timeout=self._next_check_s(task),
                 return_when=asyncio.FIRST_COMPLETED,
             )
+        if record.stop_reason and not task.killed and await self._await_rest_of_task(task):
+            strays = 0
+        else:
+            strays = await self._kill_rest_of_task(task)
+        if strays:
+            logger.warning(
+                "task %s left %d processes outside its group; killed them", record.task_id, strays
+            )
+        exit_code = None if task.process is None else task.process.returncode
+        self._trim_log(record)
+        self._log_trim_failed.discard(record.task_id)
+        self._finish(task, exit_code, _tail(record.log_path))
+
+    async def _kill_rest_of_task(self, task: _Task) -> int:
+        """Send SIGKILL to what is left of an ended task; return how many strays were killed."""
+        record = task.record
         # The leader exited; anything left in its process group belongs to the task too.
         group_left = _signal_group(record.pid, 0)
         if group_left:
@@ -558,8 +577,11 @@ class TaskRunner:
             _signal_group(record.pid, signal.SIGKILL)
         # So do processes that left the group (daemons) but carry the task's spawn id.
         launcher = self._launcher
+        # A stop signals strays apart from the leader. Some may still be children of other
+        # strays, which the launcher's list from the leader's exit leaves out, so /proc is read.
         if (
             not group_left
+            and not record.stop_reason
             and launcher is not None
             and record.launcher_pid
             and launcher.adopts_orphans
@@ -570,22 +592,36 @@ class TaskRunner:
             adopted = None if task.process is None else task.process.adopted
             leaders = launcher.leader_pids()
             if adopted:
-                strays = await asyncio.to_thread(
+                return await asyncio.to_thread(
                     kill_task_processes, record.spawn_id, record.launcher_pid, leaders, adopted
                 )
-            else:
-                strays = kill_task_processes(record.spawn_id, record.launcher_pid, leaders, adopted)
-        else:
-            # The group's members, killed just now, may leave children that are nobody's yet.
-            strays = await asyncio.to_thread(kill_task_processes, record.spawn_id)
-        if strays:
-            logger.warning(
-                "task %s left %d processes outside its group; killed them", record.task_id, strays
-            )
-        exit_code = None if task.process is None else task.process.returncode
-        self._trim_log(record)
-        self._log_trim_failed.discard(record.task_id)
-        self._finish(task, exit_code, _tail(record.log_path))
+            return kill_task_processes(record.spawn_id, record.launcher_pid, leaders, adopted)
+        # The group's members, killed just now, may leave children that are nobody's yet.
+        return await asyncio.to_thread(kill_task_processes, record.spawn_id)
+
+    async def _await_rest_of_task(self, task: _Task) -> bool:
+        """Wait until a stopping task's other processes exit; return False if its grace period
+        ends first.
+
+        SIGTERM may end the leader at once while the rest of its group and its strays still
+        clean up, and the grace period covers them too. The caller then sends SIGKILL to
+        whatever outlives it.
+        """
+        record = task.record
+        interval_s, max_interval_s = _REST_POLL_S
+        loop = asyncio.get_running_loop()
+        while self._clock() < record.stop_deadline:
+            # The group test is one system call, so /proc is scanned only once it is empty.
+            if not _signal_group(record.pid, 0) and not await asyncio.to_thread(
+                find_task_processes, record.spawn_id
+            ):
+                return True
+            # A shorter grace period (the agent stopping) wakes this wait too.
+            task.changed = loop.create_future()
+            remaining_s = max(0.0, record.stop_deadline - self._clock())
+            await asyncio.wait((task.changed,), timeout=min(interval_s, remaining_s))
+            interval_s = min(interval_s * 2, max_interval_s)
+        return False
 
     def _has_exited(self, task: _Task) -> bool:
         process = task.process

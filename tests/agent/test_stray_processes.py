@@ -52,6 +52,51 @@ if os.fork() == 0:
     os._exit(0)
 """
 
+# Forks a child in the task's group and a daemon outside it. Each takes 0.3 s to clean up on
+# SIGTERM and then creates the file argv[1] + ".member" or ".daemon". The leader dies at once.
+SLOW_CLEANUP = """
+import os, signal, sys, time
+def clean_up_into(path):
+    def handle(*_):
+        time.sleep(0.3)
+        open(path, "w").close()
+        os._exit(0)
+    signal.signal(signal.SIGTERM, handle)
+    open(path + ".ready", "w").close()
+    time.sleep(30)
+    os._exit(0)
+if os.fork() == 0:
+    clean_up_into(sys.argv[1] + ".member")
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        clean_up_into(sys.argv[1] + ".daemon")
+    os._exit(0)
+"""
+
+# Forks a daemon that, 0.2 s after a SIGTERM, forks a child that ignores SIGTERM and writes its
+# pid to the file in argv[1], then exits. The daemon writes argv[1] + ".ready" once its handler
+# is set.
+HANDS_OVER = """
+import os, signal, sys, time
+def hand_over(*_):
+    time.sleep(0.2)
+    if os.fork() == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with open(sys.argv[1] + ".tmp", "w") as file:
+            file.write(str(os.getpid()))
+        os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+        time.sleep(30)
+    os._exit(0)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        signal.signal(signal.SIGTERM, hand_over)
+        open(sys.argv[1] + ".ready", "w").close()
+        time.sleep(30)
+    os._exit(0)
+"""
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -82,6 +127,46 @@ async def test_stop_kills_daemonized_child(tmp_path: Path) -> None:
     await run_with_group(tmp_path, body)
     assert not _alive(int(pid_file.read_text()))
     assert terminated.exists(), "the daemon got no SIGTERM before the SIGKILL"
+    assert find_task_processes(spawn_ids[0]) == []
+
+
+async def test_stop_grace_covers_group_and_strays(tmp_path: Path) -> None:
+    base = tmp_path / "cleaned"
+    member = tmp_path / "cleaned.member"
+    daemon = tmp_path / "cleaned.daemon"
+    spawn_ids: list[str] = []
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        command = _command(SLOW_CLEANUP, str(base))
+        await runner.start(TaskSpec("j", "j/1/0", ("GPU-1",), command, grace_period_s=10.0))
+        spawn_ids.append(runner._tasks["j/1/0"].record.spawn_id)
+        await wait_for(lambda: Path(f"{member}.ready").exists())
+        await wait_for(lambda: Path(f"{daemon}.ready").exists())
+        await runner.stop("j/1/0", "preempted")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+
+    await run_with_group(tmp_path, body)
+    # The leader's exit on SIGTERM does not cut the grace period of the task's other processes.
+    assert member.exists(), "the group member was killed before it finished its cleanup"
+    assert daemon.exists(), "the daemon was killed before it finished its cleanup"
+    assert find_task_processes(spawn_ids[0]) == []
+
+
+async def test_stop_kills_child_of_stopped_daemon(tmp_path: Path) -> None:
+    heir_file = tmp_path / "heir.pid"
+    spawn_ids: list[str] = []
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        command = _command(HANDS_OVER, str(heir_file))
+        await runner.start(TaskSpec("j", "j/1/0", ("GPU-1",), command, grace_period_s=1.0))
+        spawn_ids.append(runner._tasks["j/1/0"].record.spawn_id)
+        await wait_for(lambda: Path(f"{heir_file}.ready").exists())
+        await runner.stop("j/1/0", "preempted")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+
+    await run_with_group(tmp_path, body)
+    # The heir passed to the launcher when the daemon exited, after the leader's exit.
+    assert not _alive(int(heir_file.read_text()))
     assert find_task_processes(spawn_ids[0]) == []
 
 
