@@ -20,7 +20,7 @@ import asyncpg
 from services.metering.overlaps import (
     drop_staged,
     find_stored_overlaps,
-    lock_nodes,
+    lock_sample_times,
     split_overlapping,
 )
 from services.metering.samples import Rejection, UsageSample
@@ -38,8 +38,8 @@ CREATE TEMP TABLE IF NOT EXISTS usage_staging (
 """
 
 LOCK_TIMEOUT_MS = 30_000
-"""Milliseconds a batch waits for a lock, such as a node lock held by a concurrent batch,
-before it fails and is delivered again."""
+"""Milliseconds a batch waits for a lock, such as a sample time lock held by a concurrent
+batch, before it fails and is delivered again."""
 
 # One simple-protocol round trip for both statements. SET LOCAL lasts until the commit.
 _START_BATCH = f"{_CREATE_STAGING}; SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"
@@ -131,10 +131,11 @@ async def write_batch(
     async with conn.transaction():
         if unique:
             await conn.execute(_START_BATCH)
-            # The node locks come before the first read of usage_samples, so that read returns
-            # every row that a concurrent batch of the same nodes committed.
-            await lock_nodes(conn, unique)
             await conn.copy_records_to_table("usage_staging", records=unique)
+            # The locks come before the first read of usage_samples, so that read returns every
+            # row that a concurrent batch of the same times committed. They come after the copy,
+            # so that a stalled batch keeps them for as short a time as it can.
+            await lock_sample_times(conn, unique)
             stored = await find_stored_overlaps(conn)
             accepted, overlaps = split_overlapping(unique, stored)
             if overlaps:

@@ -6,7 +6,7 @@ sample overlaps a stored sample of the same task (and so job attempt), accelerat
 provider, and ingest keeps it as a dead letter instead of charging it. The task is part of the
 key because the tasks of one fractional job may share an accelerator, each with its own share.
 
-Samples are taken in arrival order: one that overlaps a stored sample, or an earlier sample of
+Samples are checked in arrival order: one that overlaps a stored sample, or an earlier sample of
 its own batch that was accepted, is rejected. The samples of one key stored since this check
 exists are therefore disjoint, so the stored sample that starts last before a new one ends is the
 only one that can overlap it.
@@ -27,6 +27,11 @@ from services.metering.samples import Rejection, UsageSample, micros_to_seconds
 
 NODE_LOCK_CLASS: Final = 0x75736167
 """First key of the transaction advisory locks that ingest takes per provider and node."""
+TIME_LOCK_CLASS: Final = 0x75736168
+"""First key of the locks per provider, node and minute (see :func:`lock_sample_times`)."""
+LOCK_MINUTE_US: Final = 60 * 1_000_000
+MAX_MINUTE_LOCKS: Final = 8
+"""Minutes a sample may span and still lock each minute; a longer sample locks its node."""
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 # For every staged sample not stored yet, the stored sample of the same key that starts last
@@ -77,29 +82,56 @@ def accelerator_key(sample: UsageSample) -> AcceleratorKey:
     return (sample.provider, sample.node, sample.accelerator_id, sample.task_id)
 
 
-def node_lock_keys(samples: Sequence[UsageSample]) -> list[int]:
-    """Return the sorted second keys of the node locks that a batch of samples needs.
+def _lock_key(text: str) -> int:
+    """Return a signed 32-bit lock key for ``text``, the same in every process (unlike hash)."""
+    unsigned = zlib.crc32(text.encode())
+    return unsigned - (1 << 32) if unsigned >= 1 << 31 else unsigned
 
-    CRC-32 is the same in every process, unlike ``hash()``. Two nodes that share a key only
-    wait for each other. Taking the locks in sorted order keeps two batches from deadlocking.
+
+def sample_time_locks(samples: Sequence[UsageSample]) -> list[tuple[int, int, bool]]:
+    """Return the advisory locks a batch takes as (class, key, exclusive), in the order to take.
+
+    Each sample locks every minute it covers on its node exclusively, and its node shared. A
+    sample longer than MAX_MINUTE_LOCKS minutes locks its node exclusively instead. Two samples
+    that overlap share a minute, or one of them locks the node exclusively, so their batches
+    take turns, while batches with other minutes of a node run side by side. Keys that collide
+    only make batches wait. Every batch takes node locks before minute locks and each kind in
+    key order, so the advisory locks of two batches never form a wait cycle.
     """
-    keys = set()
-    for provider, node in {(s.provider, s.node) for s in samples}:
-        unsigned = zlib.crc32(f"{provider}/{node}".encode())
-        keys.add(unsigned - (1 << 32) if unsigned >= 1 << 31 else unsigned)
-    return sorted(keys)
+    exclusive_nodes: set[int] = set()
+    shared_nodes: set[int] = set()
+    minutes: set[int] = set()
+    for sample in samples:
+        node = f"{sample.provider}/{sample.node}"
+        first = sample.start_us // LOCK_MINUTE_US
+        last = (sample.end_us - 1) // LOCK_MINUTE_US
+        if last - first >= MAX_MINUTE_LOCKS:
+            exclusive_nodes.add(_lock_key(node))
+            continue
+        shared_nodes.add(_lock_key(node))
+        minutes.update(_lock_key(f"{node}/{minute}") for minute in range(first, last + 1))
+    node_locks = {key: False for key in shared_nodes} | {key: True for key in exclusive_nodes}
+    return [(NODE_LOCK_CLASS, key, node_locks[key]) for key in sorted(node_locks)] + [
+        (TIME_LOCK_CLASS, key, True) for key in sorted(minutes)
+    ]
 
 
-async def lock_nodes(conn: asyncpg.Connection, samples: Sequence[UsageSample]) -> None:
-    """Lock the samples' nodes until the transaction ends.
+async def lock_sample_times(conn: asyncpg.Connection, samples: Sequence[UsageSample]) -> None:
+    """Lock the samples' times on their nodes until the transaction ends.
 
-    Two workers that store overlapping samples of one node in concurrent transactions would
-    each miss the other's rows, so each waits for the other's commit and then reads its rows.
+    Two workers that store overlapping samples in concurrent transactions would each miss the
+    other's rows, so the second waits for the first's commit and then reads its rows.
     """
+    locks = sample_time_locks(samples)
     await conn.execute(
-        "SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int[]) AS k",
-        NODE_LOCK_CLASS,
-        node_lock_keys(samples),
+        """
+        SELECT CASE WHEN l.exclusive THEN pg_advisory_xact_lock(l.class, l.key)
+                    ELSE pg_advisory_xact_lock_shared(l.class, l.key) END
+        FROM unnest($1::int[], $2::int[], $3::bool[]) AS l(class, key, exclusive)
+        """,
+        [lock[0] for lock in locks],
+        [lock[1] for lock in locks],
+        [lock[2] for lock in locks],
     )
 
 

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+
+import pytest
 
 from acsp.subjects import usage_subject
 from services.metering.ingest import UsageIngest
 from services.metering.ingest_store import BatchResult, write_batch
-from services.metering.overlaps import StoredSample, lock_nodes, split_overlapping
+from services.metering.overlaps import (
+    NODE_LOCK_CLASS,
+    TIME_LOCK_CLASS,
+    StoredSample,
+    lock_sample_times,
+    sample_time_locks,
+    split_overlapping,
+)
 from services.metering.samples import UsageSample
 from services.runtime.db import Database
 from tests.metering.helpers import (
@@ -126,6 +137,29 @@ def test_split_adjacent_samples_kept() -> None:
     assert rejected == []
 
 
+def test_time_locks_shared_by_overlaps() -> None:
+    first = set(sample_time_locks([_usage("a", 0, 60)]))
+    overlapping = set(sample_time_locks([_usage("b", 59, 61)]))
+    next_minute = set(sample_time_locks([_usage("c", 60, 120)]))
+
+    exclusive = {lock for lock in first if lock[2]}
+    assert exclusive & overlapping
+    assert not exclusive & next_minute
+    # Both take their node shared, which lets them run side by side.
+    assert {lock for lock in first if lock[0] == NODE_LOCK_CLASS} == {
+        lock for lock in next_minute if lock[0] == NODE_LOCK_CLASS
+    }
+
+
+def test_time_locks_long_sample_locks_node() -> None:
+    locks = sample_time_locks([_usage("long", 0, 3600), _usage("short", 0, 60, node="node-2")])
+
+    assert [lock[0] for lock in locks] == [NODE_LOCK_CLASS, NODE_LOCK_CLASS, TIME_LOCK_CLASS]
+    assert sorted(lock[2] for lock in locks if lock[0] == NODE_LOCK_CLASS) == [False, True]
+    node_keys = [lock[1] for lock in locks if lock[0] == NODE_LOCK_CLASS]
+    assert node_keys == sorted(node_keys)
+
+
 async def test_overlap_with_stored_dead_lettered(db: Database) -> None:
     await _write(db, [_usage("a", 0, 60), _usage("b", 60, 120)])
 
@@ -202,15 +236,14 @@ async def test_tasks_sharing_accelerator_kept(db: Database) -> None:
     assert await _stored_micros(db) == 60 * SECOND_US
 
 
-async def test_concurrent_batch_waits_for_node_lock(db: Database) -> None:
-    """A batch waits for a concurrent batch of its node and then reads its rows."""
-    pool = db.pool
-    async with pool.acquire() as holder:
+@asynccontextmanager
+async def _uncommitted_batch(db: Database) -> AsyncIterator[None]:
+    """Hold a transaction that stored sample "a" (0 to 60 s) as ingest does, until the exit."""
+    async with db.pool.acquire() as holder:
         transaction = holder.transaction()
         await transaction.start()
         try:
-            # Stands in for a concurrent batch that stored "a" and has not committed yet.
-            await lock_nodes(holder, [_usage("a", 0, 60)])
+            await lock_sample_times(holder, [_usage("a", 0, 60)])
             await holder.execute(
                 """
                 INSERT INTO metering.usage_samples
@@ -225,26 +258,46 @@ async def test_concurrent_batch_waits_for_node_lock(db: Database) -> None:
                 T0,
                 T0 + timedelta(seconds=60),
             )
-            writer = asyncio.create_task(_write(db, [_usage("b", 30, 90, sequence=2)]))
-
-            async def waiting() -> bool:
-                waits = await count(
-                    db,
-                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
-                    "WHERE l.locktype = 'advisory' AND NOT l.granted "
-                    "AND d.datname = current_database()",
-                )
-                return waits == 1
-
-            await wait_until(waiting)
-            assert not writer.done()
+            yield
         finally:
             await transaction.commit()
-        result = await asyncio.wait_for(writer, 10)
+
+
+async def _lock_waits(db: Database) -> int:
+    return await count(
+        db,
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+        "WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()",
+    )
+
+
+@pytest.mark.parametrize(
+    ("start_s", "end_s"), [(30, 90), (-600, 600)], ids=["same-minute", "long-sample"]
+)
+async def test_concurrent_overlap_waits_for_commit(db: Database, start_s: int, end_s: int) -> None:
+    """A batch waits for a concurrent batch of the same times and then reads its rows."""
+    async with _uncommitted_batch(db):
+        writer = asyncio.create_task(_write(db, [_usage("b", start_s, end_s, sequence=2)]))
+
+        async def waiting() -> bool:
+            return await _lock_waits(db) == 1
+
+        await wait_until(waiting)
+        assert not writer.done()
+    result = await asyncio.wait_for(writer, 10)
 
     assert result.inserted == 0
     assert result.dead_lettered == 1
     assert await _stored_ids(db) == ["a"]
+
+
+async def test_concurrent_other_minute_not_blocked(db: Database) -> None:
+    async with _uncommitted_batch(db):
+        result = await asyncio.wait_for(_write(db, [_usage("c", 60, 120, sequence=2)]), 10)
+
+    assert result.inserted == 1
+    assert result.dead_lettered == 0
+    assert await _stored_ids(db) == ["a", "c"]
 
 
 async def _done(ingest: UsageIngest, expected: int) -> bool:
