@@ -55,7 +55,16 @@ class AttemptFacts:
     """Providers of the attempt's placements, sorted; None when the event names none."""
 
 
-_UPSERT_SET = """
+# True when an agent's provider named the stored end trigger before the attempt's providers were
+# known, and the event being stored shows that provider runs none of its tasks. The upsert then
+# replaces the trigger with the event's, so the other provider's trigger cannot decide a refund.
+_FOREIGN_TRIGGER = """(
+        j.end_trigger_provider IS NOT NULL
+        AND (j.providers IS NOT NULL OR excluded.providers IS NOT NULL)
+        AND j.end_trigger_provider <> ALL(
+            coalesce(j.providers, '{}'::text[]) || coalesce(excluded.providers, '{}'::text[])))"""
+
+_UPSERT_SET = f"""
 ON CONFLICT (job_id, attempt) DO UPDATE SET
     hold_id = CASE WHEN excluded.hold_id <> '' THEN excluded.hold_id ELSE j.hold_id END,
     grant_id = CASE WHEN excluded.grant_id <> '' THEN excluded.grant_id
@@ -70,8 +79,11 @@ ON CONFLICT (job_id, attempt) DO UPDATE SET
     ended_at = coalesce(j.ended_at, excluded.ended_at),
     end_reason = CASE WHEN j.ended_at IS NULL THEN excluded.end_reason
                       ELSE j.end_reason END,
-    end_trigger = CASE WHEN j.end_trigger = '' THEN excluded.end_trigger
+    end_trigger = CASE WHEN j.end_trigger = '' OR {_FOREIGN_TRIGGER} THEN excluded.end_trigger
                        ELSE j.end_trigger END,
+    end_trigger_provider = CASE WHEN j.end_trigger = '' OR {_FOREIGN_TRIGGER}
+                                THEN excluded.end_trigger_provider
+                                ELSE j.end_trigger_provider END,
     last_checkpoint_at = greatest(j.last_checkpoint_at, excluded.last_checkpoint_at),
     cause = excluded.cause,
     providers = CASE
@@ -201,23 +213,6 @@ async def record_attempts(conn: asyncpg.Connection, facts: Sequence[AttemptFacts
 async def record_attempt(conn: asyncpg.Connection, facts: AttemptFacts) -> None:
     """Insert or update one attempt; see :func:`record_attempts`."""
     await conn.execute(_RECORD_ATTEMPT, *_attempt_row(facts))
-
-
-async def record_end_trigger(
-    conn: asyncpg.Connection, job_id: str, attempt: int, trigger: str
-) -> None:
-    """Record what ended an attempt (e.g. the health event an agent named), if none is yet."""
-    await conn.execute(
-        """
-        INSERT INTO metering.jobs (job_id, attempt, hold_id, grant_id, end_trigger, cause)
-        VALUES ($1, $2, '', '', $3, 'event:task')
-        ON CONFLICT (job_id, attempt) DO UPDATE SET end_trigger = excluded.end_trigger
-        WHERE metering.jobs.end_trigger = ''
-        """,
-        job_id,
-        attempt,
-        trigger,
-    )
 
 
 async def record_health_event(

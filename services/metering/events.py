@@ -21,12 +21,8 @@ from nats.js.errors import NotFoundError
 
 from acsp import subjects
 from acsp.v1 import agent_pb2, events_pb2, scheduler_pb2
-from services.metering.attempts import (
-    AttemptFacts,
-    record_attempts,
-    record_end_trigger,
-    record_health_event,
-)
+from services.metering.attempts import AttemptFacts, record_attempts, record_health_event
+from services.metering.end_triggers import EndTrigger, record_end_triggers
 from services.metering.ingest_store import register_nodes
 from services.metering.ledger import GrantTerms, Ledger, LedgerRejected
 from services.metering.ratecard import RatePolicy
@@ -91,6 +87,32 @@ def _health_origin(subject: str, event: agent_pb2.HealthEvent) -> tuple[str, str
         )
         return None
     return provider, region, node
+
+
+def _task_provider(subject: str, event: agent_pb2.TaskEvent) -> str | None:
+    """Return the provider of a task event, taken from its subject, or None to skip the event.
+
+    As for health events, an event whose NodeRef names another node or provider than its
+    subject is logged and skipped.
+    """
+    parts = subject.split(".")
+    if len(parts) != 5:
+        logger.error("skipping task event %r on subject %r", event.event_id, subject)
+        return None
+    provider, node = parts[2], parts[4]
+    named = event.node
+    if (named.provider_id and named.provider_id != provider) or (
+        named.node_id and named.node_id != node
+    ):
+        logger.error(
+            "skipping task event %r: it names node %r of provider %r but came on %s",
+            event.event_id,
+            named.node_id,
+            named.provider_id,
+            subject,
+        )
+        return None
+    return provider
 
 
 def _time(value: Timestamp) -> datetime | None:
@@ -195,6 +217,7 @@ class FactConsumers:
         )
 
     async def handle_health(self, messages: Sequence[Msg]) -> None:
+        triggers: list[EndTrigger] = []
         async with self._db.acquire() as conn, conn.transaction():
             for message in messages:
                 event = agent_pb2.HealthEvent()
@@ -234,14 +257,23 @@ class FactConsumers:
                 for task_id in event.task_ids:
                     attempt = task_attempt(task_id)
                     if attempt is not None:
-                        await record_end_trigger(
-                            conn, attempt[0], attempt[1], f"health:{event.event_id}"
+                        trigger = f"health:{event.event_id}"
+                        triggers.append(
+                            EndTrigger(
+                                attempt[0],
+                                attempt[1],
+                                trigger,
+                                provider,
+                                message.subject,
+                                message.data,
+                            )
                         )
+            await record_end_triggers(conn, triggers)
 
     async def handle_tasks(self, messages: Sequence[Msg]) -> None:
         # Nearly every task event is a start or an ordinary end, which metering does not
         # store: a batch without a hardware failure costs no database round trip.
-        triggers = []
+        triggers: list[EndTrigger] = []
         for message in messages:
             event = agent_pb2.TaskEvent()
             try:
@@ -256,12 +288,17 @@ class FactConsumers:
             attempt = task_attempt(event.task_id)
             if attempt is None or not event.health_event_id:
                 continue
-            triggers.append((attempt[0], attempt[1], f"health:{event.health_event_id}"))
+            provider = _task_provider(message.subject, event)
+            if provider is None:
+                continue
+            trigger = f"health:{event.health_event_id}"
+            triggers.append(
+                EndTrigger(attempt[0], attempt[1], trigger, provider, message.subject, message.data)
+            )
         if not triggers:
             return
-        async with self._db.acquire() as conn, conn.transaction():
-            for job_id, attempt_number, trigger in triggers:
-                await record_end_trigger(conn, job_id, attempt_number, trigger)
+        async with self._db.acquire() as conn:
+            await record_end_triggers(conn, triggers)
 
     async def handle_inventory(self, messages: Sequence[Msg]) -> None:
         nodes: dict[str, tuple[str, str, str]] = {}

@@ -1,0 +1,109 @@
+"""Recording the health event that an agent names as the end of an attempt's work.
+
+A task event that reports a hardware failure, or a fatal health event that lists the tasks on
+the failed accelerator, names the health event as the attempt's end trigger, and the first
+trigger recorded decides the attempt's refund. Only the providers whose nodes run the attempt's
+tasks may name it. A trigger from another provider is logged and kept as a dead letter, as
+usage from such a provider is, and the attempt is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+logger = logging.getLogger(__name__)
+
+# One statement for the whole batch. An attempt whose providers are not known yet (NULL, or no
+# row) accepts any provider's trigger. The upsert in attempts.py clears such a trigger when the
+# placements show that its provider runs none of the attempt's tasks. The ON CONFLICT condition
+# repeats the provider check on the row it locks, in case the placements arrived meanwhile.
+# Rows are inserted in key order, so that concurrent batches lock them in the same order.
+_RECORD_END_TRIGGERS = """
+WITH given AS (
+    SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::bytea[])
+        WITH ORDINALITY AS g(job_id, attempt, end_trigger, provider, subject, payload, position)
+), checked AS (
+    SELECT g.*, coalesce(g.provider <> ALL(j.providers), false) AS unplaced
+    FROM given g
+    LEFT JOIN metering.jobs j ON j.job_id = g.job_id AND j.attempt = g.attempt
+), recorded AS (
+    INSERT INTO metering.jobs AS j
+        (job_id, attempt, hold_id, grant_id, end_trigger, end_trigger_provider, cause)
+    SELECT DISTINCT ON (job_id, attempt) job_id, attempt, '', '', end_trigger, provider,
+           'event:task'
+    FROM checked
+    WHERE NOT unplaced
+    ORDER BY job_id, attempt, position
+    ON CONFLICT (job_id, attempt) DO UPDATE
+    SET end_trigger = excluded.end_trigger, end_trigger_provider = excluded.end_trigger_provider
+    WHERE j.end_trigger = ''
+      AND (j.providers IS NULL OR excluded.end_trigger_provider = ANY(j.providers))
+    RETURNING 1
+), rejected AS (
+    INSERT INTO metering.dead_letters (dedupe_key, subject, stream_sequence, reason, payload)
+    SELECT DISTINCT ON (key) key, subject, 0, reason, payload
+    FROM (
+        SELECT 'unplaced-trigger:' || job_id || '/' || attempt || '/' || provider || '/'
+                   || end_trigger AS key,
+               subject, payload, position,
+               'provider ' || provider || ' named ' || end_trigger || ' as the end of job '
+                   || job_id || ' attempt ' || attempt || ', which runs on none of its '
+                   || 'nodes; the trigger is not recorded' AS reason
+        FROM checked
+        WHERE unplaced
+    ) AS u
+    ORDER BY key, position
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING 1
+)
+SELECT job_id, attempt, end_trigger, provider FROM checked WHERE unplaced ORDER BY position
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class EndTrigger:
+    """A health event that an agent names as the end of an attempt's work."""
+
+    job_id: str
+    attempt: int
+    trigger: str
+    """``health:<event id>``."""
+    provider: str
+    """The provider of the subject the event came on, which NATS authenticates."""
+    subject: str
+    payload: bytes
+    """The event as received, kept in the dead letter when the trigger is rejected."""
+
+
+async def record_end_triggers(conn: asyncpg.Connection, triggers: Sequence[EndTrigger]) -> int:
+    """Record each attempt's first trigger from a provider that runs its tasks.
+
+    An attempt that already has a trigger keeps it. Rejected triggers are logged and kept as
+    dead letters, and the return value is their number.
+    """
+    if not triggers:
+        return 0
+    rows = await conn.fetch(
+        _RECORD_END_TRIGGERS,
+        [t.job_id for t in triggers],
+        [t.attempt for t in triggers],
+        [t.trigger for t in triggers],
+        [t.provider for t in triggers],
+        [t.subject for t in triggers],
+        [t.payload for t in triggers],
+    )
+    for row in rows:
+        logger.warning(
+            "ignoring end trigger %s of job %s attempt %s from provider %s, which runs none "
+            "of its tasks",
+            row["end_trigger"],
+            row["job_id"],
+            row["attempt"],
+            row["provider"],
+            extra={"job_id": row["job_id"], "attempt": row["attempt"], "provider": row["provider"]},
+        )
+    return len(rows)

@@ -1,0 +1,247 @@
+"""Only a provider that runs an attempt may name the health event that ended its work."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import cast
+
+import asyncpg
+from nats.aio.msg import Msg
+
+from acsp import subjects
+from acsp.v1 import agent_pb2
+from services.metering.attempts import AttemptFacts, record_attempts
+from services.metering.events import FactConsumers
+from services.metering.ingest_store import write_batch
+from services.metering.samples import UsageSample
+from services.runtime.db import Database
+from tests.metering.helpers import T0, Clock, LedgerDouble, admit, count, drain, make_charger
+
+MODEL = "A100-SXM4-80GB"
+
+
+class _Message:
+    """The part of a NATS message that the fact handlers read."""
+
+    def __init__(self, data: bytes, subject: str) -> None:
+        self.data = data
+        self.subject = subject
+
+
+def _task_failed(provider: str, node: str, health_event_id: str, job_id: str = "job-t") -> Msg:
+    event = agent_pb2.TaskEvent(
+        event_id=f"{node}/boot-1/{health_event_id}",
+        node=agent_pb2.NodeRef(provider_id=provider, region_id="r1", node_id=node),
+        task_id=f"{job_id}/0/0",
+        job_id=job_id,
+        state=agent_pb2.TASK_STATE_FAILED_HARDWARE,
+        health_event_id=health_event_id,
+    )
+    data = event.SerializeToString()
+    return cast(Msg, _Message(data, subjects.task_subject(provider, "r1", node)))
+
+
+def _task_event(provider: str, node: str, state: agent_pb2.TaskState) -> Msg:
+    event = agent_pb2.TaskEvent(
+        event_id=f"{node}/boot-1/{state}",
+        task_id="job-t/0/0",
+        job_id="job-t",
+        state=state,
+    )
+    data = event.SerializeToString()
+    return cast(Msg, _Message(data, subjects.task_subject(provider, "r1", node)))
+
+
+def _fatal_health(
+    provider: str, node: str, event_id: str, time: datetime, task_ids: list[str]
+) -> Msg:
+    event = agent_pb2.HealthEvent(
+        event_id=event_id,
+        node=agent_pb2.NodeRef(provider_id=provider, region_id="r1", node_id=node),
+        accelerator_id="GPU-0",
+        condition="xid",
+        xid=79,
+        severity=agent_pb2.HEALTH_SEVERITY_FATAL,
+        task_ids=task_ids,
+    )
+    event.time.FromDatetime(time)
+    data = event.SerializeToString()
+    return cast(Msg, _Message(data, subjects.health_subject(provider, "r1", node)))
+
+
+async def _trigger(db: Database) -> tuple[str, str | None]:
+    async with db.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT end_trigger, end_trigger_provider FROM metering.jobs "
+            "WHERE job_id = 'job-t' AND attempt = 0"
+        )
+    assert row is not None
+    return row["end_trigger"], row["end_trigger_provider"]
+
+
+async def _unplaced_letters(db: Database) -> int:
+    return await count(
+        db,
+        "SELECT count(*) FROM metering.dead_letters "
+        "WHERE dedupe_key LIKE 'unplaced-trigger:job-t/0/prov-b/%' AND reason LIKE '%prov-b%'",
+    )
+
+
+async def test_unplaced_task_event_ignored(db: Database, ledger: LedgerDouble) -> None:
+    await admit(db, "job-t", providers=("prov-a",))
+    facts = FactConsumers(db, ledger)
+
+    await facts.handle_tasks([_task_failed("prov-b", "node-9", "b-1")])
+    assert await _trigger(db) == ("", None)
+    assert await _unplaced_letters(db) == 1
+
+    await facts.handle_tasks([_task_failed("prov-a", "node-1", "a-1")])
+    assert await _trigger(db) == ("health:a-1", "prov-a")
+
+
+async def test_placed_trigger_wins_in_batch(db: Database, ledger: LedgerDouble) -> None:
+    await admit(db, "job-t", providers=("prov-a",))
+    facts = FactConsumers(db, ledger)
+
+    await facts.handle_tasks(
+        [
+            _task_failed("prov-b", "node-9", "b-1"),
+            _task_failed("prov-a", "node-1", "a-1"),
+            _task_failed("prov-a", "node-1", "a-2"),
+        ]
+    )
+
+    assert await _trigger(db) == ("health:a-1", "prov-a")
+    assert await _unplaced_letters(db) == 1
+
+
+async def test_early_unplaced_trigger_cleared(db: Database, ledger: LedgerDouble) -> None:
+    """A trigger stored before the placements were known goes once they show another provider."""
+    facts = FactConsumers(db, ledger)
+    await facts.handle_tasks([_task_failed("prov-b", "node-9", "b-1")])
+    assert await _trigger(db) == ("health:b-1", "prov-b")
+
+    await admit(db, "job-t", providers=("prov-a",))
+    assert await _trigger(db) == ("", None)
+
+    await facts.handle_tasks([_task_failed("prov-a", "node-1", "a-1")])
+    assert await _trigger(db) == ("health:a-1", "prov-a")
+
+
+async def test_early_placed_trigger_kept(db: Database, ledger: LedgerDouble) -> None:
+    facts = FactConsumers(db, ledger)
+    await facts.handle_tasks([_task_failed("prov-a", "node-1", "a-1")])
+
+    async with db.acquire() as conn:
+        # Facts of two job events in one batch: the first names no placement.
+        await record_attempts(
+            conn,
+            [
+                AttemptFacts("job-t", 0, "hold-t", "grant-1"),
+                AttemptFacts("job-t", 0, "hold-t", "grant-1", providers=("prov-a", "prov-c")),
+            ],
+        )
+
+    assert await _trigger(db) == ("health:a-1", "prov-a")
+
+
+async def test_unplaced_health_event_names_no_trigger(db: Database, ledger: LedgerDouble) -> None:
+    await admit(db, "job-t", providers=("prov-a",))
+    facts = FactConsumers(db, ledger)
+
+    await facts.handle_health([_fatal_health("prov-b", "node-9", "b-1", T0, ["job-t/0/0"])])
+
+    assert await _trigger(db) == ("", None)
+    assert await _unplaced_letters(db) == 1
+    # The event itself is stored: it is a fact about prov-b's own accelerator.
+    assert await count(db, "SELECT count(*) FROM metering.health_events") == 1
+
+
+class _NoDatabase:
+    """A database that fails the test when a handler requests a connection."""
+
+    @asynccontextmanager
+    async def acquire(self, timeout_s: float | None = None) -> AsyncIterator[asyncpg.Connection]:
+        raise AssertionError("the handler used the database")
+        yield
+
+
+async def test_task_batch_without_failure_skips_database(ledger: LedgerDouble) -> None:
+    facts = FactConsumers(cast(Database, _NoDatabase()), ledger)
+    # The last one names a node of another provider than its subject, so it is skipped.
+    forged = agent_pb2.TaskEvent(
+        task_id="job-t/0/0",
+        node=agent_pb2.NodeRef(provider_id="prov-a", node_id="node-1"),
+        state=agent_pb2.TASK_STATE_FAILED_HARDWARE,
+        health_event_id="a-1",
+    )
+    forged_message = cast(
+        Msg,
+        _Message(forged.SerializeToString(), subjects.task_subject("prov-b", "r1", "node-9")),
+    )
+
+    await facts.handle_tasks(
+        [
+            _task_event("prov-a", "node-1", agent_pb2.TASK_STATE_STARTED),
+            _task_event("prov-b", "node-9", agent_pb2.TASK_STATE_EXITED),
+            forged_message,
+        ]
+    )
+
+
+def _usage(index: int) -> UsageSample:
+    start_us = int((T0 + timedelta(minutes=index)).timestamp()) * 1_000_000
+    return UsageSample(
+        f"node-1/{index}",
+        "job-t",
+        0,
+        "job-t/0/0",
+        "prov-a",
+        "r1",
+        "node-1",
+        "GPU-0",
+        MODEL,
+        1000,
+        start_us,
+        start_us + 60_000_000,
+        60_000_000,
+        0.9,
+        index + 1,
+    )
+
+
+async def test_unplaced_trigger_refunds_nothing(db: Database, ledger: LedgerDouble) -> None:
+    """Another provider cannot turn a fault on the attempt's accelerator into a refund.
+
+    prov-a's accelerator reported a fatal fault during the attempt that did not stop its task,
+    and the attempt completed, so prov-a is paid in full. A task event from prov-b that names
+    a fault as the attempt's end would make the refund check blame prov-a's fault.
+    """
+    async with db.acquire() as conn:
+        await write_batch(
+            conn,
+            [_usage(i) for i in range(30)],
+            [],
+            period_seconds=300,
+            received_at=datetime.now(UTC),
+        )
+    await admit(
+        db,
+        "job-t",
+        ended_at=T0 + timedelta(minutes=30),
+        end_reason="completed",
+        providers=("prov-a",),
+    )
+    facts = FactConsumers(db, ledger)
+    await facts.handle_health(
+        [_fatal_health("prov-a", "node-1", "a-1", T0 + timedelta(minutes=10), [])]
+    )
+    await facts.handle_tasks([_task_failed("prov-b", "node-9", "a-1")])
+
+    await drain(make_charger(db, ledger, Clock(T0 + timedelta(hours=2))))
+
+    assert len(ledger.charges) > 0
+    assert ledger.refund_calls == []
+    assert await count(db, "SELECT count(*) FROM metering.refunds") == 0
