@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import grpc
 import pytest
 import pytest_asyncio
 
+from acsp import _retry
 from acsp._channel import Credentials
 from acsp._retry import MAX_ATTEMPTS
 from acsp.client import AsyncClient, Client
@@ -230,9 +232,13 @@ async def test_batch_retries_end_at_max_attempts(flaky):
     assert service.calls["CommitCharges"] == MAX_ATTEMPTS
 
 
-async def test_batch_retries_end_at_deadline(flaky):
+async def test_batch_retries_end_at_deadline(flaky, monkeypatch: pytest.MonkeyPatch):
     service, endpoints = flaky
     service.failures = 100
+    # Each delay is drawn between 0 and its ceiling, so in about 2 % of runs (an estimate from
+    # simulating the draws) four short delays fit all five attempts in the deadline. With every
+    # delay at its ceiling, 0.1 s and then 0.2 s, the second one reaches past the deadline.
+    monkeypatch.setattr(_retry, "random", SimpleNamespace(uniform=lambda low, high: high))
     charges = grant_pb2.CommitChargesRequest(charges=[grant_pb2.ChargeItem(request_id="c/1")])
     loop = asyncio.get_running_loop()
     async with AsyncClient(endpoints, Credentials()) as client:
