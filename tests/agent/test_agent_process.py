@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -155,10 +157,16 @@ async def test_nvml_agent_runs_commands_and_reports(
         started = agent_pb2.TASK_STATE_STARTED
         await poll(lambda: started in stream.states("long/1/0"), 20, "the long task to start")
         kv = await js.key_value(subjects.HEARTBEAT_BUCKET)
-        await asyncio.sleep(0.6)
-        entry = await kv.get(NODE.key)
+        # The agent sends a heartbeat every 0.3 s, but a busy machine can delay the first one
+        # after the start by more than that.
         heartbeat = agent_pb2.Heartbeat()
-        heartbeat.ParseFromString(entry.value or b"")
+        deadline = time.monotonic() + 20
+        while "long/1/0" not in heartbeat.running_task_ids:
+            assert time.monotonic() < deadline, "no heartbeat listed the long task"
+            await asyncio.sleep(0.1)
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                entry = await kv.get(NODE.key)
+                heartbeat = agent_pb2.Heartbeat.FromString(entry.value or b"")
         assert list(heartbeat.running_task_ids) == ["long/1/0"]
         assert heartbeat.state == agent_pb2.AGENT_NODE_STATE_READY
         assert len(heartbeat.accelerator_health) == 8
