@@ -42,6 +42,7 @@ from services.metering.samples import (
     UsageSample,
     decode_report,
     parse_subject,
+    sample_dead_letter_key,
 )
 from services.runtime.db import Database
 from services.runtime.errors import Unavailable
@@ -340,7 +341,7 @@ class UsageIngest:
                 )
             rejected.append(
                 Rejection(
-                    f"sample:{sample.sample_id}",
+                    sample_dead_letter_key(sample.provider, sample.sample_id),
                     subjects.usage_subject(sample.provider, sample.region, sample.node),
                     sample.stream_sequence,
                     sample.sample_id,

@@ -346,9 +346,18 @@ def _digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def sample_dead_letter_key(provider: str, sample_id: str) -> str:
+    """Return the dead-letter key of an invalid sample.
+
+    It names the provider because sample ids are unique only per provider, so one provider's
+    dead letter never hides another's for the same id.
+    """
+    return f"sample:{provider}/{sample_id}"
+
+
 def _sample_key(origin: Origin, sample_id: str | None, index: int) -> str:
     if sample_id:
-        return f"sample:{sample_id}"
+        return sample_dead_letter_key(origin.provider, sample_id)
     return f"seq:{origin.stream_sequence}:{index}"
 
 

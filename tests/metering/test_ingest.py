@@ -23,6 +23,7 @@ from services.metering.ingest import (
 from services.metering.ratecard import RateCardHistory, default_rate_card
 from services.runtime.db import Database
 from services.runtime.errors import Unavailable
+from services.runtime.migrations import load_migrations
 from tests.metering.helpers import (
     T0,
     Clock,
@@ -164,6 +165,38 @@ async def test_sample_for_other_providers_node_rejected(
     async with db.acquire() as conn:
         reason = await conn.fetchval("SELECT reason FROM metering.dead_letters")
     assert "belongs to provider 'prov-a'" in reason
+
+
+async def test_invalid_sample_dead_letter_per_provider(nats_url: str, db: Database) -> None:
+    shared = "node/1"
+    async with running_ingest(nats_url, db) as (js, ingest):
+        for done, (provider, node) in enumerate([("prov-a", "node-1"), ("prov-b", "node-9")], 1):
+            item = sample(shared, "job-5", T0)
+            item.share_millis = 0
+            data = report([item], provider=provider, node=node)
+            await js.publish(usage_subject(provider, "r1", node), data)
+            await wait_until(functools.partial(_messages_done, ingest, done))
+    async with db.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT dedupe_key, sample_id FROM metering.dead_letters ORDER BY dedupe_key"
+        )
+    assert [row["dedupe_key"] for row in rows] == ["sample:prov-a/node/1", "sample:prov-b/node/1"]
+    assert [row["sample_id"] for row in rows] == [shared, shared]
+
+
+async def test_migration_adds_provider_to_key(db: Database) -> None:
+    """Keys stored as ``sample:<id>`` are rewritten so a replay still meets its row."""
+    migrations = load_migrations("services.metering.migrations")
+    (migration,) = [item for item in migrations if item.name == "sample_dead_letter_provider"]
+    async with db.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO metering.dead_letters (dedupe_key, subject, stream_sequence, reason) "
+            "VALUES ('sample:node/1', $1, 3, 'invalid'), ('seq:4', $1, 4, 'undecodable')",
+            usage_subject("prov-b", "r1", "node-9"),
+        )
+        await conn.execute(migration.sql)
+        keys = await conn.fetch("SELECT dedupe_key FROM metering.dead_letters ORDER BY 1")
+    assert [row["dedupe_key"] for row in keys] == ["sample:prov-b/node/1", "seq:4"]
 
 
 async def test_other_providers_sample_id_kept(

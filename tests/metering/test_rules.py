@@ -217,6 +217,25 @@ def test_nul_in_sample_rejects_only_it(field: str) -> None:
     assert rejected[0].sample_id is None or "\x00" not in rejected[0].sample_id
 
 
+def test_invalid_sample_key_names_provider() -> None:
+    """Sample ids are unique per provider, so two providers' dead letters must not share a key."""
+    keys = []
+    for provider in ("prov-a", "prov-b"):
+        item = sample("shared/1", "job-1", T0)
+        item.share_millis = 0
+        accepted, rejected = decode_report(
+            report([item], provider=provider),
+            parse_subject(f"acsp.usage.{provider}.r1.node-1", 7),
+            known_models=CARD.rates,
+            node_owner=lambda node: None,
+            now=NOW,
+        )
+        assert accepted == []
+        assert len(rejected) == 1
+        keys.append(rejected[0].dedupe_key)
+    assert keys == ["sample:prov-a/shared/1", "sample:prov-b/shared/1"]
+
+
 def test_superscript_seconds_rejected() -> None:
     item = sample("s1", "job-1", T0)
     item.accelerator_seconds.value = "\u00b2"
