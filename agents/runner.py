@@ -28,6 +28,7 @@ import signal
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from agents.model import WHOLE_MILLI, TaskEvent, TaskSpec, TaskState
@@ -166,6 +167,8 @@ class TaskRunner:
         self._task_log_max_bytes = task_log_max_bytes
         self._log_trim_failed: set[str] = set()
         """Ids of running tasks whose log could not be trimmed, logged once each."""
+        self._log_trims: dict[str, asyncio.Future[int | OSError]] = {}
+        """Trims running in a worker thread, by task id: at most one per task."""
         self._task_folder_shared = False
         if task_user is not None and task_user.home:
             # As a login sets them, so that a task does not take the agent's home for its own.
@@ -563,8 +566,7 @@ class TaskRunner:
                 "task %s left %d processes outside its group; killed them", record.task_id, strays
             )
         exit_code = None if task.process is None else task.process.returncode
-        self._trim_log(record)
-        self._log_trim_failed.discard(record.task_id)
+        await self._trim_ended_log(record)
         self._finish(task, exit_code, _tail(record.log_path))
 
     async def _kill_rest_of_task(self, task: _Task) -> int:
@@ -667,23 +669,57 @@ class TaskRunner:
                 self._finish(task, 0, "", ended_at=run_end)
 
     def trim_logs(self) -> None:
-        """Trim the logs of running tasks that are over the size limit: one ``stat`` each.
+        """Start a trim in a worker thread for each running task's log that is over the limit.
 
-        NOTE: a trim copies a quarter of the limit (64 MiB by default) on the event loop, which
-        blocks it for tens of milliseconds once per half a limit of output a task writes.
+        The check is one ``stat`` per task on the event loop. The trim copies up to a quarter
+        of the limit, so it runs in a thread, and a task whose trim is still running gets no
+        second one.
         """
+        loop = asyncio.get_running_loop()
         for task in self._tasks.values():
-            if task.record.pid:
-                self._trim_log(task.record)
+            record = task.record
+            if not record.pid or not record.log_path or record.task_id in self._log_trims:
+                continue
+            try:
+                size = os.stat(record.log_path).st_size
+            except FileNotFoundError:
+                continue  # The task removed its log.
+            except OSError as error:
+                self._report_trim(record, error)
+                continue
+            if size <= self._task_log_max_bytes:
+                continue
+            trim = loop.run_in_executor(
+                None, _trim_or_error, record.log_path, self._task_log_max_bytes
+            )
+            self._log_trims[record.task_id] = trim
+            trim.add_done_callback(partial(self._log_trimmed, record))
+
+    def _log_trimmed(self, record: TaskRecord, trim: asyncio.Future[int | OSError]) -> None:
+        self._log_trims.pop(record.task_id, None)
+        # Nothing cancels the future itself: waiters use asyncio.wait, which never does.
+        if record.task_id in self._tasks and not trim.cancelled():
+            self._report_trim(record, trim.result())
+
+    async def _trim_ended_log(self, record: TaskRecord) -> None:
+        """Trim the log of an ended task in a worker thread, after any trim still running.
+
+        The caller reads the log's tail afterwards, so the tail is what the log keeps.
+        """
+        running = self._log_trims.get(record.task_id)
+        if running is not None:
+            await asyncio.wait((running,))
+        outcome = await asyncio.to_thread(_trim_or_error, record.log_path, self._task_log_max_bytes)
+        self._report_trim(record, outcome)
+        self._log_trim_failed.discard(record.task_id)
 
     def _trim_log(self, record: TaskRecord) -> None:
-        if not record.log_path:
-            return
-        try:
-            dropped = trim_log(record.log_path, self._task_log_max_bytes)
-        except FileNotFoundError:
-            return  # The task removed its log.
-        except OSError as error:
+        """Trim a task's log on the event loop."""
+        self._report_trim(record, _trim_or_error(record.log_path, self._task_log_max_bytes))
+
+    def _report_trim(self, record: TaskRecord, outcome: int | OSError) -> None:
+        """Log a trim's bytes dropped, or its error once per task."""
+        if isinstance(outcome, OSError):
             if record.task_id not in self._log_trim_failed:
                 self._log_trim_failed.add(record.task_id)
                 logger.warning(
@@ -692,11 +728,10 @@ class TaskRunner:
                     record.task_id,
                     record.log_path,
                     self._task_log_max_bytes,
-                    error,
+                    outcome,
                 )
-            return
-        if dropped:
-            logger.debug("task %s: dropped %d bytes from its log", record.task_id, dropped)
+        elif outcome:
+            logger.debug("task %s: dropped %d bytes from its log", record.task_id, outcome)
 
     def report_running(self) -> None:
         """Report every running task again (a reconcile command)."""
@@ -824,6 +859,8 @@ class TaskRunner:
             # The launcher wrote the status file when it reaped the task.
             ended_at = _modified_at(self._exit_path(record.task_id))
         task = _Task(record)
+        # NOTE: this trim copies on the event loop. It runs once for each task that ended
+        # while the agent was down.
         self._trim_log(record)
         self._log_trim_failed.discard(record.task_id)
         if ended_at is not None:
@@ -983,6 +1020,21 @@ def _signal_group(pid: int, signum: int) -> bool:
         logger.error("cannot signal process group %d: %s", pid, error)
         return False
     return True
+
+
+def _trim_or_error(path: str, max_bytes: int) -> int | OSError:
+    """Trim the log at ``path`` (see :func:`trim_log`); return the bytes dropped or the error.
+
+    A missing path or log counts as nothing dropped.
+    """
+    if not path:
+        return 0
+    try:
+        return trim_log(path, max_bytes)
+    except FileNotFoundError:
+        return 0  # The task removed its log.
+    except OSError as error:
+        return error
 
 
 def _tail(path: str, size: int = OUTPUT_TAIL_BYTES) -> str:

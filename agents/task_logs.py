@@ -3,7 +3,8 @@
 A task writes its standard output and error straight into its log file, which the launcher
 opens with ``O_APPEND``, so no process or thread of the agent's copies the output. The agent
 checks the size of each running task's log every second (``Intervals.log_check_s``) and when a
-task ends. A log over the limit is trimmed in place. Its first quarter of the limit stays,
+task ends. A log over the limit is trimmed in place, in a worker thread because the trim copies
+up to a quarter of the limit. Its first quarter of the limit stays,
 followed by a marker line with the number of bytes dropped, then the latest quarter of the limit.
 Because the task appends, its next write lands after the kept tail, at the new end of the file.
 

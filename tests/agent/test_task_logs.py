@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from agents import runner as runner_module
 from agents.backends.fleet import FleetNode
 from agents.backends.simulated import SimulatedBackend
 from agents.health import HealthSettings
-from agents.model import TaskSpec
+from agents.model import TaskSpec, TaskState
 from agents.node import NodeAgent
 from agents.outbox import Outbox
+from agents.runner import TaskRunner
 from agents.settings import AgentSettings
 from agents.spool import Spool
 from agents.state import StateStore
@@ -23,7 +26,7 @@ from agents.task_logs import MIN_TASK_LOG_MAX_BYTES, TASK_LOG_MAX_BYTES, trim_lo
 from agents.task_process import TaskLauncher
 from services.runtime.settings import SettingsError
 from tests.agent.helpers import NODE, ManualClock
-from tests.agent.test_runner import python_command, wait_for
+from tests.agent.test_runner import ACCELERATORS, Recorder, _visible, python_command, wait_for
 
 SPEC = FleetNode("acme", "eu-1", "node-1", "A100-SXM4-80GB", 8)
 LIMIT = MIN_TASK_LOG_MAX_BYTES
@@ -137,7 +140,7 @@ async def test_running_task_writes_after_kept_tail(tmp_path: Path, with_launcher
             await wait_for(lambda: size_of(log) >= 20000 * 12, 30)
 
             runner.trim_logs()
-            assert size_of(log) <= LIMIT // 2 + 200
+            await wait_for(lambda: size_of(log) <= LIMIT // 2 + 200, 10)
             go.touch()
             await wait_for(lambda: not runner.running, 30)
     finally:
@@ -175,6 +178,113 @@ async def test_ended_task_log_is_trimmed(tmp_path: Path) -> None:
 
     assert size_of(log) < LIMIT
     assert contents(log).endswith(b"after the trim\n")
+
+
+class BlockedTrims:
+    """Stands in for ``trim_log``: each call waits for ``release``, then trims."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.active = 0
+        self.max_active = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, path: str, max_bytes: int) -> int:
+        with self._lock:
+            self.threads.append(threading.current_thread())
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            # Bounded, so that a trim run on the event loop fails the test instead of hanging.
+            self.release.wait(5)
+            return trim_log(path, max_bytes)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def make_runner(directory: Path, recorder: Recorder, launcher: TaskLauncher) -> TaskRunner:
+    return TaskRunner(
+        "acme.eu-1.node-1",
+        StateStore(directory / "state.json"),
+        directory,
+        recorder,
+        time.time,
+        ACCELERATORS,
+        _visible,
+        launcher=launcher,
+        task_log_max_bytes=LIMIT,
+    )
+
+
+@pytest.mark.timeout(60)
+async def test_trim_runs_in_thread_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trims = BlockedTrims()
+    monkeypatch.setattr(runner_module, "trim_log", trims)
+    launcher = TaskLauncher()
+    recorder = Recorder()
+    runner = make_runner(tmp_path, recorder, launcher)
+    go = tmp_path / "go"
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            command = (*python_command(PRINTER), str(go))
+            await runner.start(TaskSpec("job", "job/1/0", ("GPU-0",), command))
+            log = Path(runner.running[0].log_path)
+            await wait_for(lambda: size_of(log) >= 20000 * 12, 30)
+
+            runner.trim_logs()
+            runner.trim_logs()
+            await wait_for(lambda: len(trims.threads) == 1, 10)
+            runner.trim_logs()
+            assert len(trims.threads) == 1
+            trims.release.set()
+            await wait_for(lambda: size_of(log) <= LIMIT // 2 + 200, 10)
+            go.touch()
+            await wait_for(lambda: not runner.running, 30)
+    finally:
+        launcher.close()
+
+    # One periodic trim and the one at the task's end, never two at once.
+    assert len(trims.threads) == 2
+    assert trims.max_active == 1
+    assert threading.main_thread() not in trims.threads
+
+
+@pytest.mark.timeout(60)
+async def test_end_waits_for_running_trim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trims = BlockedTrims()
+    monkeypatch.setattr(runner_module, "trim_log", trims)
+    launcher = TaskLauncher()
+    recorder = Recorder()
+    runner = make_runner(tmp_path, recorder, launcher)
+    go = tmp_path / "go"
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            command = (*python_command(PRINTER), str(go))
+            await runner.start(TaskSpec("job", "job/1/0", ("GPU-0",), command))
+            log = Path(runner.running[0].log_path)
+            await wait_for(lambda: size_of(log) >= 20000 * 12, 30)
+
+            runner.trim_logs()
+            await wait_for(lambda: len(trims.threads) == 1, 10)
+            # The task ends while its log's trim waits.
+            go.touch()
+            exit_status = runner._exit_path("job/1/0")
+            await wait_for(exit_status.exists, 10)
+            assert runner.running
+            trims.release.set()
+            await wait_for(lambda: not runner.running, 30)
+    finally:
+        launcher.close()
+
+    assert trims.max_active == 1
+    final = recorder.last("job/1/0")
+    assert final.state is TaskState.SUCCEEDED
+    assert final.output_tail.endswith("line 019999\nafter the trim\n")
+    assert size_of(log) <= LIMIT // 2 + 200
 
 
 def test_settings_default_log_limit() -> None:
