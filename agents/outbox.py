@@ -91,6 +91,9 @@ class OutboxCounters:
     """Spool segments found damaged and repaired, see :mod:`agents.spool_repair`."""
     spool_lost_bytes: int = 0
     """Bytes of those segments that held no intact record, kept in ``.corrupt`` files."""
+    spool_damaged_heads: int = 0
+    """Spool head files found damaged and moved aside, after which the spool published again
+    from its oldest segment."""
 
 
 @dataclass(slots=True)
@@ -144,7 +147,9 @@ class Outbox:
         """Callbacks to run right before the messages queued now go into the spool."""
         self._wake = asyncio.Event()
         self.counters = OutboxCounters(
-            spool_damaged_segments=spool.damaged_segments, spool_lost_bytes=spool.lost_bytes
+            spool_damaged_segments=spool.damaged_segments,
+            spool_lost_bytes=spool.lost_bytes,
+            spool_damaged_heads=spool.damaged_heads,
         )
         self._last_drop_log = 0
         self._last_spool_error_log: float | None = None

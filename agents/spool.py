@@ -17,6 +17,13 @@ and counted in :attr:`Spool.damaged_segments` and :attr:`Spool.lost_bytes`. A fi
 after the spool opened is repaired the same way when a read reaches it. So the agent goes on
 with what is intact instead of stopping.
 
+Damaged head: a ``head`` file of the wrong length, failing its checksum, or with an offset past
+the end of the records is renamed to ``head.corrupt``, logged and counted in
+:attr:`Spool.damaged_heads`. Reading then starts again at the oldest segment on disk, so
+records that JetStream already acknowledged are published again. They keep their message ids
+and payloads, and metering stores a usage sample once per (provider, sample id), so they are
+not charged twice.
+
 Full spool policy: when appending would take the unacknowledged bytes over ``max_bytes``, the
 new records are rejected (the oldest are kept, so what is replayed has no gap before the
 point where the spool filled). :attr:`Spool.dropped` counts rejected records; the caller logs
@@ -45,14 +52,12 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final
 
 from agents.spool_format import SpoolRecord, decode_record, encode_record
-from agents.spool_repair import QUARANTINE_SUFFIX, scan_segment
-from services.runtime.errors import StartupError
+from agents.spool_repair import QUARANTINE_SUFFIX, quarantine_path, scan_segment
 
 __all__ = [
     "REJECTIONS_FILE_NAME",
     "RejectionCount",
     "Spool",
-    "SpoolHeadError",
     "SpoolRecord",
 ]
 
@@ -64,18 +69,6 @@ _READ_CHUNK = 256 << 10
 _CACHE_MAX_RECORDS = 8192
 _CACHE_MAX_BYTES = 8 << 20
 REJECTIONS_FILE_NAME: Final = "rejections.json"
-
-
-class SpoolHeadError(StartupError, OSError):
-    """The spool's head file is damaged, so the first unacknowledged record is unknown."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(
-            f"spool head file {path}",
-            f"damaged: {reason}",
-            "move it away; the spool then publishes again from its oldest segment, which may "
-            "send messages JetStream already stored",
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +114,15 @@ class Spool:
         """Segments found damaged and repaired since this object was created."""
         self.lost_bytes = 0
         """Bytes of those segments that held no intact record."""
+        self.damaged_heads = 0
+        """Head files found damaged and moved aside since this object was created."""
         self._segments = self._list_segments()
         self._head = self._read_head()
         self._tail, self._pending_records = self._recover()
+        if self._tail < self._head:
+            self._move_head_aside(f"its offset {self._head} is past the end of the records")
+            self._head = self._segments[0] if self._segments else 0
+            self._tail, self._pending_records = self._recover()
         # A copy of the pending records while they are few, so that the sender peeks and
         # commits without reading the segments back. None while they are on disk only.
         self._cache: deque[_Read] | None = deque() if self._pending_records == 0 else None
@@ -366,11 +365,30 @@ class Spool:
             return first
         data = path.read_bytes()
         if len(data) != _HEAD.size:
-            raise SpoolHeadError(path, f"{len(data)} bytes long, expected {_HEAD.size}")
+            self._move_head_aside(f"it is {len(data)} bytes long, expected {_HEAD.size}")
+            return first
         head, crc = _HEAD.unpack(data)
         if zlib.crc32(data[:8]) != crc:
-            raise SpoolHeadError(path, "fails its checksum")
+            self._move_head_aside("it fails its checksum")
+            return first
         return max(head, first)
+
+    def _move_head_aside(self, reason: str) -> None:
+        """Rename the damaged head file to a free ``head.corrupt`` name, log and count it."""
+        path = self._dir / "head"
+        target = quarantine_path(path)
+        os.replace(path, target)
+        self.damaged_heads += 1
+        first = self._segments[0] if self._segments else 0
+        logger.error(
+            "spool head file %s is damaged because %s; renamed it to %s and reading starts "
+            "again at the oldest segment (offset %d), so messages that JetStream already "
+            "acknowledged may be published again",
+            path,
+            reason,
+            target,
+            first,
+        )
 
     def _list_segments(self) -> list[int]:
         segments = []
@@ -410,7 +428,7 @@ class Spool:
             if scan.lost_bytes:
                 self.damaged_segments += 1
                 self.lost_bytes += scan.lost_bytes
-        return max(tail, self._head), records
+        return tail, records
 
     def _repair(self, index: int) -> None:
         """Repair segment ``index``, found damaged after the spool opened, and count again."""

@@ -161,13 +161,19 @@ def _widen_short_ranges(
     return ranges
 
 
-def _quarantine(path: Path) -> Path:
-    """Copy the segment to a ``.corrupt`` file beside it that no earlier repair uses."""
+def quarantine_path(path: Path) -> Path:
+    """Return ``<path>.corrupt``, or ``<path>.corrupt.<n>`` with the lowest free ``n``."""
     target = path.with_name(path.name + QUARANTINE_SUFFIX)
     number = 0
     while target.exists():
         number += 1
         target = path.with_name(f"{path.name}{QUARANTINE_SUFFIX}.{number}")
+    return target
+
+
+def _quarantine(path: Path) -> Path:
+    """Copy the segment to a ``.corrupt`` file beside it that no earlier repair uses."""
+    target = quarantine_path(path)
     temporary = target.with_name(target.name + ".tmp")
     with open(temporary, "wb") as file:
         file.write(path.read_bytes())

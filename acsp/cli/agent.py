@@ -198,15 +198,12 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _spool(args: argparse.Namespace) -> int:
-    from agents.spool import Spool, SpoolHeadError
+    from agents.spool import Spool
 
     path = _state_dir(args) / "spool"
     if not path.exists():
         raise CommandError(f"no spool at {path}; pass --state-dir", EXIT_USAGE)
-    try:
-        spool = Spool(path)
-    except SpoolHeadError as error:
-        raise CommandError(str(error), EXIT_FAILURE) from None
+    spool = Spool(path)
     records = [{"pending_messages": spool.pending_records, "pending_bytes": spool.pending_bytes}]
     spool.close()
     print_records(records, ["pending_messages", "pending_bytes"], output_format=args.format)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agents.outbox import Outbox
-from agents.spool import REJECTIONS_FILE_NAME, RejectionCount, Spool, SpoolHeadError, SpoolRecord
+from agents.spool import REJECTIONS_FILE_NAME, RejectionCount, Spool, SpoolRecord
 
 
 def records(start: int, count: int, size: int = 10) -> list[SpoolRecord]:
@@ -158,18 +158,3 @@ def test_outbox_loads_counts_of_spooled_messages(tmp_path: Path) -> None:
     # Counts leave the file only on its next save, so a restart finds those of gone messages.
     assert set(outbox._rejections) == {"id-1"}
     assert outbox._rejections["id-1"].count == 4
-
-
-@pytest.mark.parametrize(
-    ("data", "reason"), [(b"xx", r"2 bytes long, expected 12"), (b"\0" * 12, r"fails its checksum")]
-)
-def test_damaged_head_named_with_fix(tmp_path: Path, data: bytes, reason: str) -> None:
-    spool = Spool(tmp_path)
-    spool.append(records(0, 3))
-    spool.commit(1)
-    spool.close()
-    (tmp_path / "head").write_bytes(data)
-    with pytest.raises(SpoolHeadError, match=rf"^spool head file .*head: damaged: {reason}"):
-        Spool(tmp_path)
-    (tmp_path / "head").unlink()
-    assert [r.msg_id for r in Spool(tmp_path).peek(10)] == ["id-0", "id-1", "id-2"]

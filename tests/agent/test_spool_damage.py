@@ -6,6 +6,9 @@ import asyncio
 import logging
 import os
 import random
+import struct
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -245,6 +248,98 @@ def test_outbox_counts_spool_damage(tmp_path: Path) -> None:
     assert outbox.counters.spool_damaged_segments == 1
     assert outbox.counters.spool_lost_bytes == 4 * RECORD
     assert outbox.pending == 36
+
+
+def packed_head(offset: int) -> bytes:
+    """Return the bytes of a head file with ``offset`` and a valid checksum."""
+    packed = struct.pack(">Q", offset)
+    return packed + struct.pack(">I", zlib.crc32(packed))
+
+
+def flipped(data: bytes, index: int) -> bytes:
+    changed = bytearray(data)
+    changed[index] ^= 0x01
+    return bytes(changed)
+
+
+DAMAGED_HEADS = {
+    "empty": lambda head: b"",
+    "truncated": lambda head: head[:5],
+    "too long": lambda head: head + b"\0",
+    "flipped offset": lambda head: flipped(head, 7),
+    "flipped checksum": lambda head: flipped(head, 11),
+    "zeros": lambda head: bytes(12),
+    "past the end": lambda head: packed_head(10**6),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_HEADS.values(), ids=DAMAGED_HEADS.keys())
+def test_damaged_head_reads_from_oldest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: Callable[[bytes], bytes]
+) -> None:
+    # Committing ten records deletes the first two segments, records 10 to 17.
+    files = write_spool(tmp_path, committed=10)
+    assert files[0].name == f"{8 * RECORD:020d}.seg"
+    head = tmp_path / "head"
+    damaged = damage(head.read_bytes())
+    head.write_bytes(damaged)
+
+    with caplog.at_level(logging.ERROR):
+        spool = Spool(tmp_path, segment_bytes=SEGMENT_BYTES)
+
+    # Records 18 and 19 were acknowledged and are read again, with their message ids.
+    assert ids(spool) == list(range(18, 50))
+    assert spool.pending_records == 32
+    assert spool.damaged_heads == 1
+    assert spool.damaged_segments == 0
+    assert not head.exists()
+    assert (tmp_path / "head.corrupt").read_bytes() == damaged
+    (line,) = [r.getMessage() for r in caplog.records if "head file" in r.getMessage()]
+    assert str(head) in line
+    assert "published again" in line
+
+    spool.commit(5)
+    spool.close()
+    reopened = Spool(tmp_path, segment_bytes=SEGMENT_BYTES)
+    assert ids(reopened) == list(range(23, 50))
+    assert reopened.damaged_heads == 0
+
+
+def test_second_damaged_head_kept_apart(tmp_path: Path) -> None:
+    write_spool(tmp_path, committed=10)
+    head = tmp_path / "head"
+    head.write_bytes(b"first")
+    Spool(tmp_path, segment_bytes=SEGMENT_BYTES).close()
+    head.write_bytes(b"second")
+
+    spool = Spool(tmp_path, segment_bytes=SEGMENT_BYTES)
+
+    assert spool.damaged_heads == 1
+    assert (tmp_path / "head.corrupt").read_bytes() == b"first"
+    assert (tmp_path / "head.corrupt.1").read_bytes() == b"second"
+
+
+def test_damaged_head_appends_after_tail(tmp_path: Path) -> None:
+    write_spool(tmp_path, committed=40)
+    (tmp_path / "head").write_bytes(packed_head(10**6))
+
+    spool = Spool(tmp_path, segment_bytes=SEGMENT_BYTES)
+    spool.append(records(50, 2))
+
+    # Only the last segment, records 46 to 49, is left after everything was acknowledged.
+    assert ids(spool) == [46, 47, 48, 49, 50, 51]
+    spool.close()
+    assert ids(Spool(tmp_path, segment_bytes=SEGMENT_BYTES)) == [46, 47, 48, 49, 50, 51]
+
+
+def test_outbox_counts_damaged_head(tmp_path: Path) -> None:
+    write_spool(tmp_path, committed=10)
+    (tmp_path / "head").write_bytes(b"")
+
+    outbox = Outbox(Spool(tmp_path, segment_bytes=SEGMENT_BYTES))
+
+    assert outbox.counters.spool_damaged_heads == 1
+    assert outbox.pending == 32
 
 
 @pytest.mark.timeout(120)
