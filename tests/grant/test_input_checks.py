@@ -8,11 +8,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 
 from acsp.v1 import grant_pb2, grant_pb2_grpc
+from services.runtime.db import quote_ident
 from services.runtime.errors import field_violations
+from tests.grant.conftest import TEST_DSN
 from tests.grant.service_helpers import RunningGrant, running_grant
 from tests.grant.test_service_rpc import application, dec, rid, setup_project, standard_grant
 
@@ -288,21 +291,52 @@ async def test_exploratory_limit_under_concurrency(grant_service: RunningGrant) 
     assert await application_ids(grant_service, "proj-a") == [awarded[0].application_id]
 
 
+@pytest.fixture
+async def grant_service_without_scan(schema: str, tmp_path: Path) -> AsyncIterator[RunningGrant]:
+    """The grant service with its background expiry scan an hour apart."""
+    # The scan must not expire a test grant before the ExpireGrants call under test does.
+    extra = {"ACSP_GRANT_EXPIRY_INTERVAL_S": "3600"}
+    async with running_grant(schema, tmp_path, extra) as running:
+        await setup_project(running)
+        yield running
+
+
+async def end_grant_window(schema: str, grant_id: str) -> None:
+    """Move a grant's window end one second into the past, as if its window had run out.
+
+    ExpireGrants rejects an ``as_of_time`` in the future, so a test that must not wait for a
+    window to end moves the end instead.
+    """
+    conn = await asyncpg.connect(TEST_DSN, timeout=10)
+    try:
+        updated = await conn.execute(
+            f"UPDATE {quote_ident(schema)}.grants "
+            "SET starts_at = least(starts_at, now() - interval '2 seconds'), "
+            "ends_at = now() - interval '1 second' WHERE id = $1",
+            grant_id,
+        )
+    finally:
+        await conn.close()
+    assert updated == "UPDATE 1"
+
+
 @pytest.mark.timeout(120)
-async def test_exploratory_limit_frees_after_expiry(grant_service: RunningGrant) -> None:
-    alice = grant_service.stub("alice", ["pi"], "uni-a")
-    office = grant_service.stub("office", ["program_office"])
+async def test_exploratory_limit_frees_after_expiry(
+    grant_service_without_scan: RunningGrant, schema: str
+) -> None:
+    service = grant_service_without_scan
+    alice = service.stub("alice", ["pi"], "uni-a")
+    office = service.stub("office", ["program_office"])
+    # An hour-long window outlasts any slow call, so the second application meets a live grant.
     request = apply_request("10")
-    request.application.validity.end_time.FromDatetime(datetime.now(UTC) + timedelta(seconds=2))
-    await alice.SubmitApplication(request)
+    request.application.validity.end_time.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
+    first = await alice.SubmitApplication(request)
+    assert first.grant_id
     await rejected(alice.SubmitApplication(apply_request("10")))
-    deadline = datetime.now(UTC) + timedelta(seconds=30)
-    while True:
-        expired = await office.ExpireGrants(grant_pb2.ExpireGrantsRequest(request_id=rid()))
-        if expired.grant_ids or datetime.now(UTC) > deadline:
-            break
-        await asyncio.sleep(0.2)
-    assert expired.grant_ids
+
+    await end_grant_window(schema, first.grant_id)
+    expired = await office.ExpireGrants(grant_pb2.ExpireGrantsRequest(request_id=rid()))
+    assert list(expired.grant_ids) == [first.grant_id]
     again = await alice.SubmitApplication(apply_request("10"))
     assert again.state == grant_pb2.APPLICATION_STATE_AWARDED
 
