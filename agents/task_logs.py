@@ -4,8 +4,8 @@ A task writes its standard output and error straight into its log file, which th
 opens with ``O_APPEND``, so no process or thread of the agent's copies the output. The agent
 checks the size of each running task's log every second (``Intervals.log_check_s``) and when a
 task ends. A log over the limit is trimmed in place, in a worker thread because the trim copies
-up to a quarter of the limit. Its first quarter of the limit stays,
-followed by a marker line with the number of bytes dropped, then the latest quarter of the limit.
+up to a quarter of the limit. The log's first quarter of the limit stays, followed by a marker
+line with the number of bytes dropped, then the latest quarter of the limit.
 Because the task appends, its next write lands after the kept tail, at the new end of the file.
 
 So a log holds between a quarter and all of the limit of the latest output, and it grows past
@@ -13,7 +13,9 @@ the limit by at most what the task writes between two checks. A log trimmed agai
 start and its marker, whose count then covers every trim.
 
 NOTE: output that the task writes between the last size check of a trim and its truncation
-(a few system calls) is dropped without being counted in the marker.
+is dropped without being counted in the marker. That window covers writing the kept tail back
+(up to a quarter of the limit) and, because the trim runs in a worker thread, any wait for the
+GIL between those system calls.
 """
 
 from __future__ import annotations
