@@ -61,6 +61,9 @@ _REST_POLL_S = (0.01, 0.2)
 """First and maximum seconds between checks for a stopping task's processes that outlive its
 leader. The interval doubles after each check."""
 _REMEMBERED_FINISHED = 4096
+_MAX_LOG_TRIMS = 2
+"""Maximum log trims of one runner running at once, so that they leave the default thread
+pool free for the stops that wait for processes in it."""
 TIMED_OUT = "wall time exceeded"
 AGENT_EXIT = "the agent stopped"
 """Stop reason of the tasks an agent stops because it is shutting down."""
@@ -673,7 +676,8 @@ class TaskRunner:
 
         The check is one ``stat`` per task on the event loop. The trim copies up to a quarter
         of the limit, so it runs in a thread, and a task whose trim is still running gets no
-        second one.
+        second one. Logs over the limit past :data:`_MAX_LOG_TRIMS` trims running wait for a
+        later check.
         """
         loop = asyncio.get_running_loop()
         for task in self._tasks.values():
@@ -689,6 +693,8 @@ class TaskRunner:
                 continue
             if size <= self._task_log_max_bytes:
                 continue
+            if len(self._log_trims) >= _MAX_LOG_TRIMS:
+                break
             trim = loop.run_in_executor(
                 None, _trim_or_error, record.log_path, self._task_log_max_bytes
             )

@@ -287,6 +287,41 @@ async def test_end_waits_for_running_trim(tmp_path: Path, monkeypatch: pytest.Mo
     assert size_of(log) <= LIMIT // 2 + 200
 
 
+@pytest.mark.timeout(60)
+async def test_at_most_two_trims_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trims = BlockedTrims()
+    monkeypatch.setattr(runner_module, "trim_log", trims)
+    launcher = TaskLauncher()
+    runner = make_runner(tmp_path, Recorder(), launcher)
+    go = tmp_path / "go"
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            for index in range(3):
+                command = (*python_command(PRINTER), str(go))
+                spec = TaskSpec("job", f"job/1/{index}", (f"GPU-{index}",), command)
+                await runner.start(spec)
+            logs = [Path(record.log_path) for record in runner.running]
+            await wait_for(lambda: all(size_of(log) >= 20000 * 12 for log in logs), 30)
+
+            runner.trim_logs()
+            await wait_for(lambda: len(trims.threads) == 2, 10)
+            runner.trim_logs()
+            assert len(trims.threads) == 2
+            trims.release.set()
+            await wait_for(lambda: sum(size_of(log) > LIMIT for log in logs) == 1, 10)
+            runner.trim_logs()
+            await wait_for(lambda: all(size_of(log) <= LIMIT // 2 + 200 for log in logs), 10)
+            # The trims at the tasks' ends are not limited, so the maximum is taken before.
+            max_active = trims.max_active
+            go.touch()
+            await wait_for(lambda: not runner.running, 30)
+    finally:
+        launcher.close()
+
+    assert max_active == 2
+
+
 def test_settings_default_log_limit() -> None:
     settings = AgentSettings.from_env({})
 
