@@ -384,6 +384,49 @@ async def test_agent_publishes_intact_records_once(tmp_path: Path) -> None:
     assert read_stats(state_dir)["outbox"]["spool_damaged_segments"] == 2
 
 
+@pytest.mark.timeout(120)
+async def test_agent_runs_on_damaged_head(tmp_path: Path) -> None:
+    state_dir = tmp_path / "agent"
+    spool = Spool(state_dir / "spool", segment_bytes=SEGMENT_BYTES)
+    spooled = [SpoolRecord("acsp.usage.acme.eu-1.n1", f"head-{i:02d}", b"x") for i in range(8)]
+    spool.append(spooled)
+    spool.commit(3)
+    spool.close()
+    (state_dir / "spool" / "head").write_bytes(b"\0" * 12)
+
+    server = NatsServer(tmp_path / "jetstream")
+    server.start()
+    await declare_agent_streams(server.url)
+    # The three committed records reached JetStream before the head was damaged.
+    client = await nats.connect(server.url)
+    try:
+        js = client.jetstream()
+        for record in spooled[:3]:
+            await js.publish(record.subject, record.payload, headers={"Nats-Msg-Id": record.msg_id})
+    finally:
+        await client.close()
+    process = build_process(state_dir, server.url)
+    stop = asyncio.Event()
+    agent = asyncio.create_task(process.run(stop))
+    try:
+        await asyncio.wait_for(process.started.wait(), 30)
+        await poll(
+            lambda: read_stats(state_dir).get("outbox", {}).get("published", 0) >= 8,
+            30,
+            "the spooled records published again",
+        )
+        message_ids = await _usage_message_ids(server.url)
+    finally:
+        stop.set()
+        await asyncio.wait_for(agent, 30)
+        server.stop()
+
+    # JetStream drops the three published again, because they keep their message ids.
+    assert [i for i in message_ids if i.startswith("head-")] == [r.msg_id for r in spooled]
+    assert read_stats(state_dir)["outbox"]["spool_damaged_heads"] == 1
+    assert (state_dir / "spool" / "head.corrupt").exists()
+
+
 async def _usage_message_ids(url: str) -> list[str]:
     client = await nats.connect(url)
     try:
