@@ -710,7 +710,8 @@ class TaskRunner:
     async def _trim_ended_log(self, record: TaskRecord) -> None:
         """Trim the log of an ended task in a worker thread, after any trim still running.
 
-        The caller reads the log's tail afterwards, so the tail is what the log keeps.
+        The caller reads the output tail for the end event after this returns, so no trim
+        changes the log after that read.
         """
         running = self._log_trims.get(record.task_id)
         if running is not None:
