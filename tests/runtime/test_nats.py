@@ -191,19 +191,23 @@ async def test_consumer_keeps_long_work_in_progress(
     redelivered: list[Msg] = []
     done = asyncio.Event()
 
+    # PullConsumer sends in-progress acks every ack_wait / 3, so JetStream redelivers only when
+    # the event loop stalls for more than two thirds of ack_wait: 2 s on a busy machine here.
+    ack_wait_s = 3.0
+
     async def handle(messages: list[Msg]) -> None:
         # Work for longer than ack_wait while a second worker on the same durable consumer
         # fetches. Only in-progress acks keep JetStream from redelivering this message to it.
         rival = await js.pull_subscribe("", durable="slow", stream=name)
         try:
-            redelivered.extend(await rival.fetch(1, timeout=2.5))
+            redelivered.extend(await rival.fetch(1, timeout=2.5 * ack_wait_s))
         except nats.errors.TimeoutError:
             pass
         finally:
             await rival.unsubscribe()
         done.set()
 
-    consumer = PullConsumer(js, name, "slow", handle, fetch_timeout_s=0.5, ack_wait_s=1.0)
+    consumer = PullConsumer(js, name, "slow", handle, fetch_timeout_s=0.5, ack_wait_s=ack_wait_s)
     await run_until(consumer, done)
     assert len(redelivered) == (0 if in_progress else 1)
 
