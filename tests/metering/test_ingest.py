@@ -184,6 +184,21 @@ async def test_invalid_sample_dead_letter_per_provider(nats_url: str, db: Databa
     assert [row["sample_id"] for row in rows] == [shared, shared]
 
 
+async def test_unregistered_node_dead_letter_per_provider(nats_url: str, db: Database) -> None:
+    shared = "node/1"
+    async with running_ingest(nats_url, db, require_registered_nodes=True) as (js, ingest):
+        for done, provider in enumerate(["prov-a", "prov-b"], 1):
+            data = report([sample(shared, "job-6", T0)], provider=provider, node="node-x")
+            await js.publish(usage_subject(provider, "r1", "node-x"), data)
+            await wait_until(functools.partial(_messages_done, ingest, done))
+    async with db.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT dedupe_key, reason FROM metering.dead_letters ORDER BY dedupe_key"
+        )
+    assert [row["dedupe_key"] for row in rows] == ["sample:prov-a/node/1", "sample:prov-b/node/1"]
+    assert all("is not registered with any provider" in row["reason"] for row in rows)
+
+
 async def test_migration_adds_provider_to_key(db: Database) -> None:
     """Keys stored as ``sample:<id>`` are rewritten so a replay still meets its row."""
     migrations = load_migrations("services.metering.migrations")
