@@ -66,7 +66,6 @@ ADMIN_URL = os.environ.get(
 )
 SAMPLE_TIME_BASE = datetime(2026, 11, 1, tzinfo=UTC)
 """Sample time of the first publish; the charger's clock runs from it at wall-clock speed."""
-SAMPLE_SECONDS = 5
 JOBS = 200
 MODELS = ("A100-SXM4-80GB", "H800", "T4", "MI300X")
 
@@ -123,14 +122,18 @@ def build_reports(total: int, per_report: int, rate: float) -> list[tuple[float,
     """Return (planned publish offset in seconds, payload) for every report."""
     reports = []
     sample_rate = rate if rate > 0 else 50_000.0
+    # Each job's samples follow one another without overlap, as one agent's samples of an
+    # accelerator do, and end about when they are published.
+    width_us = round(JOBS / sample_rate * 1_000_000)
     for first in range(0, total, per_report):
         offset = first / sample_rate
-        end = SAMPLE_TIME_BASE + timedelta(seconds=offset)
-        start = end - timedelta(seconds=SAMPLE_SECONDS)
         samples = []
         for index in range(first, min(first + per_report, total)):
             job = index % JOBS
+            end = SAMPLE_TIME_BASE + timedelta(microseconds=(index // JOBS + 1) * width_us)
+            start = end - timedelta(microseconds=width_us)
             share = 1000 if job % 3 else 250
+            seconds = Decimal(width_us * share) / 1_000_000_000
             item = agent_pb2.UsageSample(
                 sample_id=f"bench.r1.node-{job % 50}/{index}",
                 task_id=f"job-{job}/0/0",
@@ -138,7 +141,7 @@ def build_reports(total: int, per_report: int, rate: float) -> list[tuple[float,
                 accelerator_id=f"GPU-{job}",
                 model=MODELS[job % len(MODELS)],
                 share_millis=share,
-                accelerator_seconds=common_pb2.Decimal(value=str(SAMPLE_SECONDS * share / 1000)),
+                accelerator_seconds=common_pb2.Decimal(value=str(seconds)),
                 utilization=agent_pb2.OptionalMetric(value=0.5 + (index % 50) / 100),
                 sequence=index,
             )
@@ -254,7 +257,11 @@ async def run_main_phase(
         published = time.time()
         # Poll the ingest's own counter: counting rows in SQL would load PostgreSQL and
         # distort the CPU figures.
-        while ingest.counters.inserted < args.samples:  # noqa: ASYNC110
+        while ingest.counters.inserted < args.samples:
+            if ingest.counters.dead_lettered:
+                raise AssertionError(
+                    f"the ingest kept {ingest.counters.dead_lettered} samples as dead letters"
+                )
             await asyncio.sleep(0.02)
         committed = time.time()
         if await count_rows(db, "usage_samples") != args.samples:
@@ -335,7 +342,7 @@ async def run_baseline(args: argparse.Namespace, js: JetStreamContext, db: Datab
                     "'epoch'::timestamptz + $11 * interval '1 microsecond',"
                     "'epoch'::timestamptz + $12 * interval '1 microsecond',$13,$14,"
                     "'epoch'::timestamptz + $11 * interval '1 microsecond',$15,now()) "
-                    "ON CONFLICT (sample_id) DO NOTHING",
+                    "ON CONFLICT (provider, sample_id) DO NOTHING",
                     s.sample_id,
                     s.job_id,
                     s.attempt,
