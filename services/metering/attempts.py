@@ -57,12 +57,24 @@ class AttemptFacts:
 
 # True when an agent's provider named the stored end trigger before the attempt's providers were
 # known, and the event being stored shows that provider runs none of its tasks. The upsert then
-# replaces the trigger with the event's, so the other provider's trigger cannot decide a refund.
+# replaces the trigger with the earliest candidate of a placed provider (see end_triggers.py),
+# or else with the event's, so the other provider's trigger cannot decide a refund.
 _FOREIGN_TRIGGER = """(
         j.end_trigger_provider IS NOT NULL
         AND (j.providers IS NOT NULL OR excluded.providers IS NOT NULL)
         AND j.end_trigger_provider <> ALL(
             coalesce(j.providers, '{}'::text[]) || coalesce(excluded.providers, '{}'::text[])))"""
+
+# A column of the earliest trigger that a placed provider named while the providers were
+# unknown; NULL when there is none. Only a foreign trigger evaluates it.
+_PLACED_CANDIDATE = """(
+        SELECT c.{0}
+        FROM metering.end_trigger_candidates c
+        WHERE c.job_id = excluded.job_id AND c.attempt = excluded.attempt
+          AND c.provider = ANY(
+              coalesce(j.providers, '{{}}'::text[]) || coalesce(excluded.providers, '{{}}'::text[]))
+        ORDER BY c.recorded_at, c.position
+        LIMIT 1)"""
 
 _UPSERT_SET = f"""
 ON CONFLICT (job_id, attempt) DO UPDATE SET
@@ -79,10 +91,15 @@ ON CONFLICT (job_id, attempt) DO UPDATE SET
     ended_at = coalesce(j.ended_at, excluded.ended_at),
     end_reason = CASE WHEN j.ended_at IS NULL THEN excluded.end_reason
                       ELSE j.end_reason END,
-    end_trigger = CASE WHEN j.end_trigger = '' OR {_FOREIGN_TRIGGER} THEN excluded.end_trigger
+    end_trigger = CASE WHEN j.end_trigger = '' THEN excluded.end_trigger
+                       WHEN {_FOREIGN_TRIGGER}
+                       THEN coalesce({_PLACED_CANDIDATE.format("end_trigger")},
+                                     excluded.end_trigger)
                        ELSE j.end_trigger END,
-    end_trigger_provider = CASE WHEN j.end_trigger = '' OR {_FOREIGN_TRIGGER}
-                                THEN excluded.end_trigger_provider
+    end_trigger_provider = CASE WHEN j.end_trigger = '' THEN excluded.end_trigger_provider
+                                WHEN {_FOREIGN_TRIGGER}
+                                THEN coalesce({_PLACED_CANDIDATE.format("provider")},
+                                              excluded.end_trigger_provider)
                                 ELSE j.end_trigger_provider END,
     last_checkpoint_at = greatest(j.last_checkpoint_at, excluded.last_checkpoint_at),
     cause = excluded.cause,

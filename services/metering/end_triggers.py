@@ -18,16 +18,19 @@ import asyncpg
 logger = logging.getLogger(__name__)
 
 # One statement for the whole batch. An attempt whose providers are not known yet (NULL, or no
-# row) accepts any provider's trigger. The upsert in attempts.py clears such a trigger when the
-# placements show that its provider runs none of the attempt's tasks. The ON CONFLICT condition
-# repeats the provider check on the row it locks, in case the placements arrived meanwhile.
+# row) accepts any provider's trigger, and each provider's first trigger is kept as a candidate.
+# The upsert in attempts.py replaces such a trigger with the earliest candidate of a placed
+# provider, or clears it, when the placements show that its provider runs none of the tasks.
+# The ON CONFLICT condition repeats the provider check on the row it locks, in case the
+# placements arrived meanwhile.
 # Rows are inserted in key order, so that concurrent batches lock them in the same order.
 _RECORD_END_TRIGGERS = """
 WITH given AS (
     SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::bytea[])
         WITH ORDINALITY AS g(job_id, attempt, end_trigger, provider, subject, payload, position)
 ), checked AS (
-    SELECT g.*, coalesce(g.provider <> ALL(j.providers), false) AS unplaced
+    SELECT g.*, coalesce(g.provider <> ALL(j.providers), false) AS unplaced,
+           j.providers IS NULL AS unknown
     FROM given g
     LEFT JOIN metering.jobs j ON j.job_id = g.job_id AND j.attempt = g.attempt
 ), recorded AS (
@@ -42,6 +45,14 @@ WITH given AS (
     SET end_trigger = excluded.end_trigger, end_trigger_provider = excluded.end_trigger_provider
     WHERE j.end_trigger = ''
       AND (j.providers IS NULL OR excluded.end_trigger_provider = ANY(j.providers))
+    RETURNING 1
+), candidates AS (
+    INSERT INTO metering.end_trigger_candidates (job_id, attempt, provider, end_trigger, position)
+    SELECT DISTINCT ON (job_id, attempt, provider) job_id, attempt, provider, end_trigger, position
+    FROM checked
+    WHERE unknown
+    ORDER BY job_id, attempt, provider, position
+    ON CONFLICT (job_id, attempt, provider) DO NOTHING
     RETURNING 1
 ), rejected AS (
     INSERT INTO metering.dead_letters (dedupe_key, subject, stream_sequence, reason, payload)

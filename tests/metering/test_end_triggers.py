@@ -130,6 +130,34 @@ async def test_early_unplaced_trigger_cleared(db: Database, ledger: LedgerDouble
     assert await _trigger(db) == ("health:a-1", "prov-a")
 
 
+async def test_early_placed_trigger_survives_foreign(db: Database, ledger: LedgerDouble) -> None:
+    """A placed provider's trigger that came after another's, before the placements, is kept."""
+    facts = FactConsumers(db, ledger)
+    await facts.handle_tasks([_task_failed("prov-b", "node-9", "b-1")])
+    await facts.handle_tasks([_task_failed("prov-a", "node-1", "a-1")])
+    assert await _trigger(db) == ("health:b-1", "prov-b")
+
+    await admit(db, "job-t", providers=("prov-a",))
+
+    assert await _trigger(db) == ("health:a-1", "prov-a")
+
+
+async def test_early_triggers_in_batch_keep_order(db: Database, ledger: LedgerDouble) -> None:
+    facts = FactConsumers(db, ledger)
+    await facts.handle_tasks(
+        [
+            _task_failed("prov-b", "node-9", "b-1"),
+            _task_failed("prov-c", "node-5", "c-1"),
+            _task_failed("prov-a", "node-1", "a-1"),
+            _task_failed("prov-c", "node-5", "c-2"),
+        ]
+    )
+
+    await admit(db, "job-t", providers=("prov-a", "prov-c"))
+
+    assert await _trigger(db) == ("health:c-1", "prov-c")
+
+
 async def test_early_placed_trigger_kept(db: Database, ledger: LedgerDouble) -> None:
     facts = FactConsumers(db, ledger)
     await facts.handle_tasks([_task_failed("prov-a", "node-1", "a-1")])
