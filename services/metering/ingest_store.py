@@ -19,6 +19,7 @@ import asyncpg
 
 from services.metering.overlaps import (
     drop_staged,
+    find_stored_ids,
     find_stored_overlaps,
     lock_sample_times,
     split_overlapping,
@@ -149,6 +150,12 @@ async def write_batch(
             await lock_sample_times(conn, unique)
             stored = await find_stored_overlaps(conn)
             accepted, overlaps = split_overlapping(unique, stored)
+            if len(overlaps) > len(stored):
+                # Some samples overlap an earlier one of the batch, which may be a replay that
+                # the merge does not store. Rare, so only then are the replays looked up.
+                replays = await find_stored_ids(conn, accepted)
+                if replays:
+                    accepted, overlaps = split_overlapping(unique, stored, replays)
             if overlaps:
                 accepted_keys = {(s.provider, s.sample_id) for s in accepted}
                 await drop_staged(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final, NamedTuple
 
@@ -162,13 +162,35 @@ async def drop_staged(conn: asyncpg.Connection, samples: Sequence[UsageSample]) 
     await conn.execute(_DROP_STAGED, [s.provider for s in samples], [s.sample_id for s in samples])
 
 
+async def find_stored_ids(
+    conn: asyncpg.Connection, samples: Sequence[UsageSample]
+) -> set[tuple[str, str]]:
+    """Return the provider and sample id of each of ``samples`` that is already stored."""
+    rows = await conn.fetch(
+        """
+        SELECT u.provider, u.sample_id
+        FROM unnest($1::text[], $2::text[]) AS d(provider, sample_id)
+        JOIN metering.usage_samples u ON u.provider = d.provider AND u.sample_id = d.sample_id
+        """,
+        [s.provider for s in samples],
+        [s.sample_id for s in samples],
+    )
+    return {(r["provider"], r["sample_id"]) for r in rows}
+
+
 def split_overlapping(
-    samples: Sequence[UsageSample], stored: Mapping[tuple[str, str], StoredSample]
+    samples: Sequence[UsageSample],
+    stored: Mapping[tuple[str, str], StoredSample],
+    replays: Collection[tuple[str, str]] = (),
 ) -> tuple[list[UsageSample], list[Rejection]]:
     """Split samples, in arrival order, into those to store and rejections for the rest.
 
     A sample is rejected when it overlaps the stored sample given for it in ``stored``, or a
-    sample of this batch that arrived earlier and was accepted.
+    sample of this batch that arrived earlier and was accepted. ``replays`` are the provider
+    and sample ids already stored: they are accepted, and the merge stores nothing for them, so
+    no later sample is compared with them. A sample that overlaps a replay equal to its stored
+    row overlaps that row, which the probe of stored samples finds. A replay with other times
+    or another key than its stored row has nothing stored to overlap.
     """
     accepted: list[UsageSample] = []
     rejected: list[Rejection] = []
@@ -190,9 +212,11 @@ def split_overlapping(
             other = StoredSample(earlier.sample_id, earlier.start_us, earlier.end_us)
             rejected.append(overlap_rejection(sample, other, "received earlier in its batch"))
             continue
+        accepted.append(sample)
+        if (sample.provider, sample.sample_id) in replays:
+            continue
         key_starts.insert(index, sample.start_us)
         key_accepted.insert(index, sample)
-        accepted.append(sample)
     return accepted, rejected
 
 

@@ -160,6 +160,25 @@ def test_time_locks_long_sample_locks_node() -> None:
     assert node_keys == sorted(node_keys)
 
 
+async def test_replayed_id_of_other_key_overlaps_nothing(db: Database) -> None:
+    """A sample id stored for another accelerator stores nothing, so it hides no time."""
+    await _write(db, [_usage("a", 0, 60)])
+
+    result = await _write(
+        db,
+        [
+            _usage("a", 0, 60, sequence=2, accelerator_id="GPU-1"),
+            _usage("b", 30, 90, sequence=3, accelerator_id="GPU-1"),
+        ],
+    )
+
+    assert result.inserted == 1
+    assert result.duplicates == 1
+    assert result.dead_lettered == 0
+    assert sorted(await _stored_ids(db)) == ["a", "b"]
+    assert await _stored_micros(db) == 120 * SECOND_US
+
+
 async def test_overlap_with_stored_dead_lettered(db: Database) -> None:
     await _write(db, [_usage("a", 0, 60), _usage("b", 60, 120)])
 
