@@ -104,18 +104,6 @@ def test_cli_health_reports_damaged_state(
     assert "damaged (not a JSON object)" in capsys.readouterr().err
 
 
-def test_damaged_spool_head_stops_agent(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    (tmp_path / "spool").mkdir()
-    (tmp_path / "spool" / "head").write_bytes(b"xx")
-    argv = ["--backend", "simulated", "--faults", "none", "--utilization", "none"]
-    status = agent_main([*argv, "--state-dir", str(tmp_path)])
-    assert status == 2
-    error = capsys.readouterr().err
-    assert "spool head file" in error
-    assert "fix: move it away" in error
-    assert "Traceback" not in error
-
-
 def test_cli_run_reports_nvml_failure(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
