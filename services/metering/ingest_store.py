@@ -18,12 +18,10 @@ from datetime import datetime
 import asyncpg
 
 from services.metering.overlaps import (
-    batch_token,
     drop_staged,
     find_stored_ids,
     find_stored_overlaps,
     lock_sample_times,
-    raise_coverage,
     split_overlapping,
 )
 from services.metering.samples import Rejection, UsageSample
@@ -48,8 +46,9 @@ batch, before it fails and is delivered again."""
 _START_BATCH = f"{_CREATE_STAGING}; SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"
 
 # Moves the staged rows, keeps only the new ones, and adds them to the period aggregates in
-# key order so that concurrent replicas lock usage_periods rows in the same order. $1 is the
-# period length in microseconds, $2 the receive time.
+# key order so that concurrent replicas lock usage_periods rows in the same order. It also
+# moves each key's coverage (see services.metering.overlaps) to its latest staged end, in key
+# order too. $1 is the period length in microseconds, $2 the receive time.
 _MERGE = """
 WITH inserted AS (
     INSERT INTO metering.usage_samples
@@ -90,8 +89,18 @@ WITH inserted AS (
         utilization_seconds = p.utilization_seconds + excluded.utilization_seconds,
         utilization_weight = p.utilization_weight + excluded.utilization_weight
     RETURNING 1
+), covered AS (
+    INSERT INTO metering.sample_coverage AS c (provider, node, accelerator_id, task_id, end_us)
+    SELECT provider, node, accelerator_id, task_id, max(end_us)
+    FROM usage_staging
+    GROUP BY provider, node, accelerator_id, task_id
+    ORDER BY provider, node, accelerator_id, task_id
+    ON CONFLICT (provider, node, accelerator_id, task_id)
+    DO UPDATE SET end_us = greatest(c.end_us, excluded.end_us)
+    RETURNING 1
 )
-SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM merged) AS periods
+SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM merged) AS periods,
+       (SELECT count(*) FROM covered) AS covered
 """
 
 INSERT_DEAD_LETTER = """
@@ -131,9 +140,6 @@ async def write_batch(
     dead_letters = list(rejections)
     inserted = 0
     overlapping = 0
-    token = batch_token()
-    if unique:
-        await raise_coverage(conn, unique, token)
     async with conn.transaction():
         if unique:
             await conn.execute(_START_BATCH)
@@ -142,7 +148,7 @@ async def write_batch(
             # row that a concurrent batch of the same times committed. They come after the copy,
             # so that a stalled batch keeps them for as short a time as it can.
             await lock_sample_times(conn, unique)
-            stored = await find_stored_overlaps(conn, token)
+            stored = await find_stored_overlaps(conn)
             accepted, overlaps = split_overlapping(unique, stored)
             if len(overlaps) > len(stored):
                 # Some samples overlap an earlier one of the batch, which may be a replay that
