@@ -46,9 +46,8 @@ batch, before it fails and is delivered again."""
 _START_BATCH = f"{_CREATE_STAGING}; SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"
 
 # Moves the staged rows, keeps only the new ones, and adds them to the period aggregates in
-# key order so that concurrent replicas lock usage_periods rows in the same order. It also
-# moves each key's coverage (see services.metering.overlaps) to its latest staged end, in key
-# order too. $1 is the period length in microseconds, $2 the receive time.
+# key order so that concurrent replicas lock usage_periods rows in the same order. $1 is the
+# period length in microseconds, $2 the receive time.
 _MERGE = """
 WITH inserted AS (
     INSERT INTO metering.usage_samples
@@ -89,18 +88,8 @@ WITH inserted AS (
         utilization_seconds = p.utilization_seconds + excluded.utilization_seconds,
         utilization_weight = p.utilization_weight + excluded.utilization_weight
     RETURNING 1
-), covered AS (
-    INSERT INTO metering.sample_coverage AS c (provider, node, accelerator_id, task_id, end_us)
-    SELECT provider, node, accelerator_id, task_id, max(end_us)
-    FROM usage_staging
-    GROUP BY provider, node, accelerator_id, task_id
-    ORDER BY provider, node, accelerator_id, task_id
-    ON CONFLICT (provider, node, accelerator_id, task_id)
-    DO UPDATE SET end_us = greatest(c.end_us, excluded.end_us)
-    RETURNING 1
 )
-SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM merged) AS periods,
-       (SELECT count(*) FROM covered) AS covered
+SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM merged) AS periods
 """
 
 INSERT_DEAD_LETTER = """

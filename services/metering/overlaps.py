@@ -10,11 +10,6 @@ Samples are checked in arrival order: one that overlaps a stored sample, or an e
 its own batch that was accepted, is rejected. The samples of one key stored since this check
 exists are therefore disjoint, so the stored sample that starts last before a new one ends is the
 only one that can overlap it.
-
-``sample_coverage`` keeps the latest end of each key's stored samples. Agents report a key's
-time in order, so nearly every new sample starts after it and needs no probe of
-``usage_samples``. The merge moves that end in the batch's transaction, so concurrent batches
-of one key take turns on its row.
 """
 
 from __future__ import annotations
@@ -40,17 +35,13 @@ MAX_MINUTE_LOCKS: Final = 8
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 # For every staged sample not stored yet, the stored sample of the same key that starts last
-# before the staged one ends, if it ends after the staged one starts. Only a sample that starts
-# before its key's coverage ends is probed, and the index on (job_id, attempt, task_id,
-# accelerator_id, node, provider, start_time) makes that one probe. Times are compared as
-# timestamps built the way the merge stores them.
+# before the staged one ends, if it ends after the staged one starts. The index on
+# (job_id, attempt, task_id, accelerator_id, node, provider, start_time) makes that one probe.
+# Times are compared as timestamps built the way the merge stores them.
 _FIND_STORED_OVERLAPS = """
 SELECT s.provider, s.sample_id, u.sample_id AS stored_id,
        u.start_us AS stored_start_us, u.end_us AS stored_end_us
 FROM usage_staging s
-JOIN metering.sample_coverage c
-  ON c.provider = s.provider AND c.node = s.node AND c.accelerator_id = s.accelerator_id
- AND c.task_id = s.task_id AND c.end_us > s.start_us
 CROSS JOIN LATERAL (
     SELECT p.sample_id, p.end_time,
            (extract(epoch FROM p.start_time) * 1000000)::bigint AS start_us,

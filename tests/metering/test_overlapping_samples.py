@@ -257,8 +257,7 @@ async def test_tasks_sharing_accelerator_kept(db: Database) -> None:
 
 @asynccontextmanager
 async def _uncommitted_batch(db: Database) -> AsyncIterator[None]:
-    """Hold a transaction that stored sample "a" (0 to 60 s) and its coverage as ingest does,
-    until the exit."""
+    """Hold a transaction that stored sample "a" (0 to 60 s) as ingest does, until the exit."""
     async with db.pool.acquire() as holder:
         transaction = holder.transaction()
         await transaction.start()
@@ -276,15 +275,6 @@ async def _uncommitted_batch(db: Database) -> AsyncIterator[None]:
                 """,
                 MODEL,
                 T0,
-                T0 + timedelta(seconds=60),
-            )
-            await holder.execute(
-                """
-                INSERT INTO metering.sample_coverage
-                    (provider, node, accelerator_id, task_id, end_us)
-                VALUES ('prov-a', 'node-1', 'GPU-0', 'job-o/0/0',
-                        (extract(epoch FROM $1::timestamptz) * 1000000)::bigint)
-                """,
                 T0 + timedelta(seconds=60),
             )
             yield
@@ -321,11 +311,8 @@ async def test_concurrent_overlap_waits_for_commit(db: Database, start_s: int, e
 
 
 async def test_concurrent_other_minute_not_blocked(db: Database) -> None:
-    # Another accelerator of the node: batches of one accelerator also take turns on its
-    # coverage row.
     async with _uncommitted_batch(db):
-        other = _usage("c", 60, 120, sequence=2, accelerator_id="GPU-1")
-        result = await asyncio.wait_for(_write(db, [other]), 10)
+        result = await asyncio.wait_for(_write(db, [_usage("c", 60, 120, sequence=2)]), 10)
 
     assert result.inserted == 1
     assert result.dead_lettered == 0
