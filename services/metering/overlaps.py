@@ -10,6 +10,9 @@ Samples are checked in arrival order: one that overlaps a stored sample, or an e
 its own batch that was accepted, is rejected. The samples of one key stored since this check
 exists are therefore disjoint, so the stored sample that starts last before a new one ends is the
 only one that can overlap it.
+
+NOTE: the probe of ``usage_samples`` runs for every sample and triples PostgreSQL's CPU per
+sample, which puts ingest below 50,000 samples/s (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
