@@ -8,7 +8,7 @@ up to a quarter of the limit. The log's first quarter of the limit stays, follow
 line with the number of bytes dropped, then the latest quarter of the limit.
 Because the task appends, its next write lands after the kept tail, at the new end of the file.
 
-So a log holds between a quarter and all of the limit of the latest output, and it grows past
+So a log contains between a quarter and all of the limit of the latest output, and it grows past
 the limit by at most what the task writes between two checks. A log trimmed again keeps its
 start and its marker, whose count then covers every trim.
 
