@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import sys
 from datetime import UTC, datetime, timedelta
@@ -41,13 +42,18 @@ CARD = default_rate_card()
 PERIOD_S = 300
 NODES = {"node-0": "A100-SXM4-80GB", "node-1": "A100-SXM4-80GB", "node-2": "H800", "node-3": "T4"}
 ACCELERATORS_PER_NODE = 8
-MINUTES = 100
+MINUTES = 125
 JOBS = 6
 ENDED_JOBS = 3
 """Jobs with a lower index end, so metering releases their holds. The others keep running."""
 BATCH = 5
 WORKERS = 2
 """Each replica's ingest workers and the messages each takes at a time."""
+ACK_WAIT_S = 8
+"""The consumer's ack wait: well above the longest pause, so a paused replica keeps its messages."""
+KILL_TRIES = 10
+BURST_REPORTS = 30
+"""Reports published while the replica is paused: more messages than the other replica holds."""
 
 
 def _reports(base: datetime) -> list[tuple[str, bytes, list[agent_pb2.UsageSample]]]:
@@ -136,7 +142,7 @@ async def _start_replica(
         ACSP_METERING_LATENESS_S="1",
         ACSP_METERING_INGEST_BATCH=str(BATCH),
         ACSP_METERING_INGEST_WORKERS=str(WORKERS),
-        ACSP_METERING_ACK_WAIT_S="2",
+        ACSP_METERING_ACK_WAIT_S=str(ACK_WAIT_S),
         ACSP_LOG_LEVEL="WARNING",
         ACSP_GRPC_LISTEN="127.0.0.1:0",
         # The grant service's signing key is here, so each replica mints its service token.
@@ -147,41 +153,77 @@ async def _start_replica(
     )
 
 
-async def _publish_load(
-    js: JetStreamContext, reports: list[tuple[str, bytes, list[agent_pb2.UsageSample]]]
-) -> None:
-    """Publish every report at a steady pace.
+class _Publisher:
+    """Publish the reports in order, at a steady pace or in bursts, from one shared position.
 
     Every fifth report is sent twice with the same message id, and the stream drops the copy.
     Every seventh is sent again under a new id, as an agent does when its ack was lost and the
     duplicate window has passed. The sample ids' primary key drops that copy.
     """
-    for index, (subject, payload, _) in enumerate(reports):
-        await js.publish(subject, payload, headers={"Nats-Msg-Id": f"usage-{index}"})
-        if index % 5 == 0:
-            await js.publish(subject, payload, headers={"Nats-Msg-Id": f"usage-{index}"})
-        if index % 7 == 0:
-            await js.publish(subject, payload, headers={"Nats-Msg-Id": f"usage-{index}-again"})
-        await asyncio.sleep(0.01)
+
+    def __init__(
+        self, js: JetStreamContext, reports: list[tuple[str, bytes, list[agent_pb2.UsageSample]]]
+    ) -> None:
+        self._js = js
+        self._reports = reports
+        self._next = 0
+
+    async def steady(self, until: int) -> None:
+        """Publish one report every 10 ms until ``until`` reports are out."""
+        while self._next < until:
+            await self.burst(1)
+            await asyncio.sleep(0.01)
+
+    async def burst(self, reports: int) -> None:
+        """Publish the next ``reports`` reports at once."""
+        for _ in range(reports):
+            if self._next == len(self._reports):
+                raise AssertionError("the publisher has no report left")
+            index = self._next
+            self._next += 1
+            subject, payload, _ = self._reports[index]
+            await self._js.publish(subject, payload, headers={"Nats-Msg-Id": f"usage-{index}"})
+            if index % 5 == 0:
+                await self._js.publish(subject, payload, headers={"Nats-Msg-Id": f"usage-{index}"})
+            if index % 7 == 0:
+                await self._js.publish(
+                    subject, payload, headers={"Nats-Msg-Id": f"usage-{index}-again"}
+                )
 
 
-async def _kill_holding_messages(process: asyncio.subprocess.Process, js: JetStreamContext) -> None:
+async def _kill_holding_messages(
+    process: asyncio.subprocess.Process, js: JetStreamContext, db: Database, publisher: _Publisher
+) -> None:
     """SIGKILL ``process`` at a moment when messages delivered to it are still unacked.
 
-    The process is paused with SIGSTOP. A message delivered to it and not yet acked keeps the
-    consumer's ack floor where it is, while the other replica goes on taking and acking newer
-    messages. Each worker acks a batch before it fetches the next. So once the floor has stayed
-    put while more messages were delivered than the other replica's workers can take, the
-    message just above the floor is the paused replica's, however slow the other replica is.
-    When the floor moves instead, the process resumes and the next try pauses it again.
+    The process is paused with SIGSTOP. A pause inside a transaction could hold rows the other
+    replica needs, so such a pause is undone and tried again a moment later. Otherwise a burst of
+    reports is published. The paused workers' pull requests are still open on the server, so some
+    of the burst goes to them, and a message delivered to the paused process keeps the
+    consumer's ack floor where it is while the other replica takes and acks newer messages. Each
+    worker acks a batch before it fetches the next. So once the floor has stayed put while more
+    messages were delivered than the other replica's workers can take, the message just above
+    the floor is the paused replica's, however slow the other replica is. The pause stays well
+    inside the consumer's ack wait, so the server does not hand those messages on first. When
+    the floor moves instead, the process resumes and the next try pauses it again.
     """
     held_by_other = 2 * WORKERS * BATCH
-    for _ in range(20):
+    tries: list[str] = []
+    in_transaction = 0
+    while len(tries) < KILL_TRIES:
         process.send_signal(signal.SIGSTOP)
+        if await _paused_in_transaction(db, process.pid):
+            in_transaction += 1
+            if in_transaction > 10 * KILL_TRIES:
+                raise AssertionError("the paused replica was inside a transaction at every pause")
+            process.send_signal(signal.SIGCONT)
+            await asyncio.sleep(random.uniform(0.05, 0.2))
+            continue
         before = await js.consumer_info(subjects.USAGE_STREAM, IngestConfig().durable)
+        await publisher.burst(BURST_REPORTS)
         try:
             await wait_until(
-                _delivered_past(js, before.delivered.stream_seq + held_by_other), timeout_s=1.5
+                _delivered_past(js, before.delivered.stream_seq + held_by_other), timeout_s=3
             )
         except TimeoutError:
             pass
@@ -194,9 +236,54 @@ async def _kill_holding_messages(process: asyncio.subprocess.Process, js: JetStr
         if holding:
             process.send_signal(signal.SIGKILL)
             return
+        tries.append(
+            f"delivered {before.delivered.stream_seq}->{after.delivered.stream_seq}, "
+            f"floor {before.ack_floor.stream_seq}->{after.ack_floor.stream_seq}, "
+            f"pending {after.num_ack_pending}"
+        )
         process.send_signal(signal.SIGCONT)
         await asyncio.sleep(0.2)
-    raise AssertionError("the paused replica held no unacked message in 20 tries")
+    raise AssertionError(
+        f"the paused replica held no unacked message in {KILL_TRIES} tries: " + "; ".join(tries)
+    )
+
+
+async def _paused_in_transaction(db: Database, pid: int) -> bool:
+    """Check whether the paused process ``pid`` has a database connection inside a transaction.
+
+    A statement sent just before the pause still runs, so this waits up to a second for the
+    process's connections to finish it. A connection still busy after that counts as inside one.
+    """
+    ports = _local_tcp_ports(pid)
+    query = "SELECT state FROM pg_stat_activity WHERE client_port = ANY($1::int[])"
+    deadline = asyncio.get_running_loop().time() + 1
+    while True:
+        async with db.acquire() as conn:
+            states = {row["state"] for row in await conn.fetch(query, sorted(ports))}
+        if "active" not in states or asyncio.get_running_loop().time() > deadline:
+            return bool(states - {"idle"})
+        await asyncio.sleep(0.02)
+
+
+def _local_tcp_ports(pid: int) -> set[int]:
+    """Return the local ports of the open TCP sockets of process ``pid`` (Linux)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def _delivered_past(js: JetStreamContext, stream_seq: int):  # type: ignore[no-untyped-def]
@@ -235,11 +322,16 @@ async def test_replica_killed_mid_load_charges_exactly(
         publishing: asyncio.Task[None] | None = None
         try:
             await wait_until(_pulling(js, 4), timeout_s=60)
-            publishing = asyncio.create_task(_publish_load(js, reports))
+            publisher = _Publisher(js, reports)
+            # The bursts of the kill come from the reports held back here.
+            reserve = KILL_TRIES * BURST_REPORTS
+            publishing = asyncio.create_task(publisher.steady(len(reports) - reserve))
             await wait_until(_stored_above(db, len(items) // 4), timeout_s=60)
-            await _kill_holding_messages(first, js)
+            await _kill_holding_messages(first, js, db, publisher)
             await asyncio.wait_for(first.wait(), 10)
             stored_at_kill = await count(db, "SELECT count(*) FROM metering.usage_samples")
+            await asyncio.wait_for(publishing, 60)
+            publishing = asyncio.create_task(publisher.steady(len(reports)))
             await asyncio.wait_for(publishing, 60)
 
             await wait_until(_stored_above(db, len(items) - 1), timeout_s=120)
