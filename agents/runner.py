@@ -708,7 +708,7 @@ class TaskRunner:
             self._report_trim(record, trim.result())
 
     async def _trim_ended_log(self, record: TaskRecord) -> None:
-        """Trim the log of an ended task in a worker thread, after any trim still running.
+        """Trim the log of an ended task over its limit in a worker thread, after any running trim.
 
         The caller reads the output tail for the end event after this returns, so no trim
         changes the log after that read.
@@ -716,6 +716,10 @@ class TaskRunner:
         running = self._log_trims.get(record.task_id)
         if running is not None:
             await asyncio.wait((running,))
+        if _within_limit(record.log_path, self._task_log_max_bytes):
+            # Most logs are short: one stat here spares them the hop to a worker thread.
+            self._log_trim_failed.discard(record.task_id)
+            return
         outcome = await asyncio.to_thread(_trim_or_error, record.log_path, self._task_log_max_bytes)
         self._report_trim(record, outcome)
         self._log_trim_failed.discard(record.task_id)
@@ -1027,6 +1031,21 @@ def _signal_group(pid: int, signum: int) -> bool:
         logger.error("cannot signal process group %d: %s", pid, error)
         return False
     return True
+
+
+def _within_limit(path: str, max_bytes: int) -> bool:
+    """Return True if the log at ``path`` is missing or at most ``max_bytes`` long.
+
+    An error other than a missing file returns False, so that the trim reports it.
+    """
+    if not path:
+        return True
+    try:
+        return os.stat(path).st_size <= max_bytes
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def _trim_or_error(path: str, max_bytes: int) -> int | OSError:
