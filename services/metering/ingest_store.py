@@ -18,10 +18,12 @@ from datetime import datetime
 import asyncpg
 
 from services.metering.overlaps import (
+    batch_token,
     drop_staged,
     find_stored_ids,
     find_stored_overlaps,
     lock_sample_times,
+    raise_coverage,
     split_overlapping,
 )
 from services.metering.samples import Rejection, UsageSample
@@ -129,6 +131,9 @@ async def write_batch(
     dead_letters = list(rejections)
     inserted = 0
     overlapping = 0
+    token = batch_token()
+    if unique:
+        await raise_coverage(conn, unique, token)
     async with conn.transaction():
         if unique:
             await conn.execute(_START_BATCH)
@@ -137,7 +142,7 @@ async def write_batch(
             # row that a concurrent batch of the same times committed. They come after the copy,
             # so that a stalled batch keeps them for as short a time as it can.
             await lock_sample_times(conn, unique)
-            stored = await find_stored_overlaps(conn)
+            stored = await find_stored_overlaps(conn, token)
             accepted, overlaps = split_overlapping(unique, stored)
             if len(overlaps) > len(stored):
                 # Some samples overlap an earlier one of the batch, which may be a replay that

@@ -11,13 +11,18 @@ its own batch that was accepted, is rejected. The samples of one key stored sinc
 exists are therefore disjoint, so the stored sample that starts last before a new one ends is the
 only one that can overlap it.
 
-NOTE: the probe of ``usage_samples`` runs for every sample and triples PostgreSQL's CPU per
-sample, which puts ingest below 50,000 samples/s (see docs/benchmarks.md).
+``sample_coverage`` keeps, per key, an end no earlier than that of any stored sample. Agents
+report a key's time in order, so nearly every new sample starts after it and needs no probe of
+``usage_samples``. A batch raises it in its own short transaction before it stores anything, so
+the end is never too early, and a stalled batch does not hold the row for other batches of the
+key. The batch that raised a row last compares its samples with the end before its raise. A
+batch that fails leaves the end too late, which only costs probes.
 """
 
 from __future__ import annotations
 
 import bisect
+import secrets
 import zlib
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -38,13 +43,18 @@ MAX_MINUTE_LOCKS: Final = 8
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 # For every staged sample not stored yet, the stored sample of the same key that starts last
-# before the staged one ends, if it ends after the staged one starts. The index on
-# (job_id, attempt, task_id, accelerator_id, node, provider, start_time) makes that one probe.
-# Times are compared as timestamps built the way the merge stores them.
+# before the staged one ends, if it ends after the staged one starts. Only a sample that starts
+# before its key's coverage ends is probed, and the index on (job_id, attempt, task_id,
+# accelerator_id, node, provider, start_time) makes that one probe. Times are compared as
+# timestamps built the way the merge stores them.
 _FIND_STORED_OVERLAPS = """
 SELECT s.provider, s.sample_id, u.sample_id AS stored_id,
        u.start_us AS stored_start_us, u.end_us AS stored_end_us
 FROM usage_staging s
+JOIN metering.sample_coverage c
+  ON c.provider = s.provider AND c.node = s.node AND c.accelerator_id = s.accelerator_id
+ AND c.task_id = s.task_id
+ AND CASE WHEN c.raised_by = $1 THEN c.prior_end ELSE c.end_us END > s.start_us
 CROSS JOIN LATERAL (
     SELECT p.sample_id, p.end_time,
            (extract(epoch FROM p.start_time) * 1000000)::bigint AS start_us,
@@ -138,11 +148,56 @@ async def lock_sample_times(conn: asyncpg.Connection, samples: Sequence[UsageSam
     )
 
 
+_RAISE_COVERAGE = """
+INSERT INTO metering.sample_coverage AS c
+    (provider, node, accelerator_id, task_id, end_us, prior_end, raised_by)
+SELECT provider, node, accelerator_id, task_id, max(end_us), 0, $6
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+    AS n(provider, node, accelerator_id, task_id, end_us)
+GROUP BY provider, node, accelerator_id, task_id
+ORDER BY provider, node, accelerator_id, task_id
+ON CONFLICT (provider, node, accelerator_id, task_id)
+DO UPDATE SET end_us = greatest(c.end_us, excluded.end_us), prior_end = c.end_us,
+              raised_by = excluded.raised_by
+"""
+
+
+def batch_token() -> int:
+    """Return a random id for one batch's coverage raise."""
+    return secrets.randbits(63)
+
+
+async def raise_coverage(
+    conn: asyncpg.Connection, samples: Sequence[UsageSample], token: int
+) -> None:
+    """Raise the coverage of the samples' keys to their latest ends, committed at once.
+
+    ``token`` is the batch's id, which :func:`find_stored_overlaps` takes too. Keys are updated
+    in key order, so that concurrent batches lock the rows in the same order.
+    """
+    ends: dict[AcceleratorKey, int] = {}
+    for sample in samples:
+        key = accelerator_key(sample)
+        ends[key] = max(ends.get(key, 0), sample.end_us)
+    await conn.execute(
+        _RAISE_COVERAGE,
+        [key[0] for key in ends],
+        [key[1] for key in ends],
+        [key[2] for key in ends],
+        [key[3] for key in ends],
+        list(ends.values()),
+        token,
+    )
+
+
 async def find_stored_overlaps(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection, token: int
 ) -> dict[tuple[str, str], StoredSample]:
-    """Return, by provider and sample id, the stored sample that each staged sample overlaps."""
-    rows = await conn.fetch(_FIND_STORED_OVERLAPS)
+    """Return, by provider and sample id, the stored sample that each staged sample overlaps.
+
+    ``token`` is the id of the batch's coverage raise.
+    """
+    rows = await conn.fetch(_FIND_STORED_OVERLAPS, token)
     return {
         (r["provider"], r["sample_id"]): StoredSample(
             r["stored_id"], r["stored_start_us"], r["stored_end_us"]

@@ -24,7 +24,7 @@ ADMIN_URL = os.environ.get("ACSP_TEST_DATABASE_URL", "postgresql://postgres@127.
 TABLES = (
     "waste_flags, recalls, pledges, refund_lines, refunds, health_events, charge_lines, "
     "charges, end_trigger_candidates, dead_letters, dead_events, usage_periods, usage_samples, "
-    "jobs, nodes, rate_cards"
+    "sample_coverage, jobs, nodes, rate_cards"
 )
 
 

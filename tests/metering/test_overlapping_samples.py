@@ -17,7 +17,9 @@ from services.metering.overlaps import (
     NODE_LOCK_CLASS,
     TIME_LOCK_CLASS,
     StoredSample,
+    batch_token,
     lock_sample_times,
+    raise_coverage,
     sample_time_locks,
     split_overlapping,
 )
@@ -259,6 +261,7 @@ async def test_tasks_sharing_accelerator_kept(db: Database) -> None:
 async def _uncommitted_batch(db: Database) -> AsyncIterator[None]:
     """Hold a transaction that stored sample "a" (0 to 60 s) as ingest does, until the exit."""
     async with db.pool.acquire() as holder:
+        await raise_coverage(holder, [_usage("a", 0, 60)], batch_token())
         transaction = holder.transaction()
         await transaction.start()
         try:
