@@ -11,22 +11,27 @@ before the merge and kept as a dead letter (see :mod:`services.metering.overlaps
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 
+from acsp import subjects
 from services.metering.overlaps import (
     batch_token,
     drop_staged,
     find_stored_ids,
     find_stored_overlaps,
+    iso_micros,
     lock_sample_times,
     raise_coverage,
     split_overlapping,
 )
-from services.metering.samples import Rejection, UsageSample
+from services.metering.samples import Rejection, UsageSample, micros_to_seconds
+
+logger = logging.getLogger(__name__)
 
 # The staging table holds the samples as the ingest has them: integers for times and amounts,
 # which binary COPY encodes far faster than timestamps and numerics. Column order is
@@ -94,6 +99,24 @@ WITH inserted AS (
 SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM merged) AS periods
 """
 
+# The staged samples whose id is stored with other charged content: another job, task,
+# accelerator, node, share, interval or amount. The rows the merge just inserted equal their
+# staged rows, so only earlier rows of the id can differ.
+_FIND_REUSED_IDS = """
+SELECT s.provider, s.sample_id, u.job_id, u.attempt, u.accelerator_id, u.node,
+       (extract(epoch FROM u.start_time) * 1000000)::bigint AS start_us,
+       (extract(epoch FROM u.end_time) * 1000000)::bigint AS end_us,
+       u.accelerator_micros
+FROM usage_staging s
+JOIN metering.usage_samples u ON u.provider = s.provider AND u.sample_id = s.sample_id
+WHERE (u.job_id, u.attempt, u.task_id, u.region, u.node, u.accelerator_id, u.accelerator_model,
+       u.share_millis, u.start_time, u.end_time, u.accelerator_micros)
+      IS DISTINCT FROM
+      (s.job_id, s.attempt, s.task_id, s.region, s.node, s.accelerator_id, s.accelerator_model,
+       s.share_millis, 'epoch'::timestamptz + s.start_us * interval '1 microsecond',
+       'epoch'::timestamptz + s.end_us * interval '1 microsecond', s.accelerator_micros)
+"""
+
 INSERT_DEAD_LETTER = """
 INSERT INTO metering.dead_letters
     (dedupe_key, subject, stream_sequence, sample_id, reason, payload)
@@ -130,7 +153,7 @@ async def write_batch(
     unique = list({(sample.provider, sample.sample_id): sample for sample in samples}.values())
     dead_letters = list(rejections)
     inserted = 0
-    overlapping = 0
+    not_stored = 0  # samples that became dead letters: overlaps and reused ids
     token = batch_token()
     if unique:
         await raise_coverage(conn, unique, token)
@@ -156,14 +179,54 @@ async def write_batch(
                     conn, [s for s in unique if (s.provider, s.sample_id) not in accepted_keys]
                 )
                 dead_letters.extend(overlaps)
-                overlapping = len(overlaps)
+                not_stored = len(overlaps)
             if accepted:
                 row = await conn.fetchrow(_MERGE, period_seconds * 1_000_000, received_at)
                 assert row is not None
                 inserted = int(row["inserted"])
+            if inserted < len(accepted):
+                # Some ids were stored already. A replay of the same sample is a duplicate, but
+                # an id reused for other usage would hide that usage, so it is a dead letter.
+                by_key = {(s.provider, s.sample_id): s for s in accepted}
+                reused = [
+                    _reused_id_rejection(by_key[(row["provider"], row["sample_id"])], row)
+                    for row in await conn.fetch(_FIND_REUSED_IDS)
+                ]
+                if reused:
+                    logger.warning(
+                        "%d samples reuse a stored sample id for other usage, kept as dead "
+                        "letters, the first: %s",
+                        len(reused),
+                        reused[0].dedupe_key,
+                    )
+                dead_letters.extend(reused)
+                not_stored += len(reused)
         if dead_letters:
             await conn.executemany(INSERT_DEAD_LETTER, [_dead_letter(r) for r in dead_letters])
-    return BatchResult(inserted, len(samples) - inserted - overlapping, len(dead_letters))
+    return BatchResult(inserted, len(samples) - inserted - not_stored, len(dead_letters))
+
+
+def _reused_id_rejection(sample: UsageSample, stored: asyncpg.Record) -> Rejection:
+    """Return the dead letter of a sample whose id is stored with other usage."""
+    reason = (
+        f"sample id {sample.sample_id} of provider {sample.provider} is already stored for job "
+        f"{stored['job_id']} attempt {stored['attempt']} on accelerator "
+        f"{stored['accelerator_id']} of node {stored['node']} from "
+        f"{iso_micros(stored['start_us'])} to {iso_micros(stored['end_us'])} "
+        f"({micros_to_seconds(stored['accelerator_micros'])} accelerator-seconds); this sample "
+        f"(job {sample.job_id} attempt {sample.attempt} on accelerator {sample.accelerator_id} "
+        f"of node {sample.node} from {sample.start_time.isoformat()} to "
+        f"{sample.end_time.isoformat()}, {micros_to_seconds(sample.accelerator_micros)} "
+        "accelerator-seconds) is not charged; the agent must give each sample its own id"
+    )
+    return Rejection(
+        f"reused-id:{sample.provider}/{sample.sample_id}/{sample.stream_sequence}",
+        subjects.usage_subject(sample.provider, sample.region, sample.node),
+        sample.stream_sequence,
+        sample.sample_id,
+        reason,
+        None,
+    )
 
 
 def _dead_letter(rejection: Rejection) -> tuple[object, ...]:

@@ -271,8 +271,8 @@ def split_overlapping(
 
 def overlap_rejection(sample: UsageSample, other: StoredSample, where: str) -> Rejection:
     """Return the dead letter of a sample that overlaps ``other``, naming both intervals."""
-    other_start = _iso(other.start_us)
-    other_end = _iso(other.end_us)
+    other_start = iso_micros(other.start_us)
+    other_end = iso_micros(other.end_us)
     reason = (
         f"sample {sample.sample_id} of job {sample.job_id} attempt {sample.attempt} on "
         f"accelerator {sample.accelerator_id} of node {sample.node} covers "
@@ -291,5 +291,6 @@ def overlap_rejection(sample: UsageSample, other: StoredSample, where: str) -> R
     )
 
 
-def _iso(micros: int) -> str:
+def iso_micros(micros: int) -> str:
+    """Return a time in microseconds since the epoch as ISO 8601 in UTC."""
     return (_EPOCH + timedelta(microseconds=micros)).isoformat()

@@ -162,8 +162,8 @@ def test_time_locks_long_sample_locks_node() -> None:
     assert node_keys == sorted(node_keys)
 
 
-async def test_replayed_id_of_other_key_overlaps_nothing(db: Database) -> None:
-    """A sample id stored for another accelerator stores nothing, so it hides no time."""
+async def test_reused_id_dead_lettered(db: Database) -> None:
+    """A sample id stored for another accelerator is a dead letter, and it hides no time."""
     await _write(db, [_usage("a", 0, 60)])
 
     result = await _write(
@@ -175,10 +175,39 @@ async def test_replayed_id_of_other_key_overlaps_nothing(db: Database) -> None:
     )
 
     assert result.inserted == 1
-    assert result.duplicates == 1
-    assert result.dead_lettered == 0
+    assert result.duplicates == 0
+    assert result.dead_lettered == 1
     assert sorted(await _stored_ids(db)) == ["a", "b"]
     assert await _stored_micros(db) == 120 * SECOND_US
+    reasons = await count(
+        db,
+        "SELECT count(*) FROM metering.dead_letters WHERE dedupe_key = 'reused-id:prov-a/a/2' "
+        "AND sample_id = 'a' AND reason LIKE '%already stored for job job-o attempt 0 on "
+        "accelerator GPU-0%' AND reason LIKE '%own id'",
+    )
+    assert reasons == 1
+
+
+async def test_reused_id_redelivery_changes_nothing(db: Database) -> None:
+    await _write(db, [_usage("a", 0, 60)])
+    longer = [_usage("a", 0, 120, sequence=2)]
+
+    first = await _write(db, longer)
+    second = await _write(db, longer)
+
+    assert (first.inserted, first.duplicates, first.dead_lettered) == (0, 0, 1)
+    assert (second.inserted, second.duplicates, second.dead_lettered) == (0, 0, 1)
+    assert await count(db, "SELECT count(*) FROM metering.dead_letters") == 1
+    assert await _stored_micros(db) == 60 * SECOND_US
+
+
+async def test_replayed_sample_is_duplicate(db: Database) -> None:
+    await _write(db, [_usage("a", 0, 60)])
+
+    result = await _write(db, [_usage("a", 0, 60, sequence=2)])
+
+    assert (result.inserted, result.duplicates, result.dead_lettered) == (0, 1, 0)
+    assert await count(db, "SELECT count(*) FROM metering.dead_letters") == 0
 
 
 async def test_overlap_with_stored_dead_lettered(db: Database) -> None:
