@@ -53,6 +53,10 @@ logger = logging.getLogger(__name__)
 WATCH_POLL_S: Final = 1.0
 SUBMITTERS: Final = (Role.RESEARCHER, Role.PI, Role.SERVICE, Role.PROGRAM_OFFICE)
 MAX_PAGE_BYTES: Final = 3 * 1024 * 1024
+INITIAL_PAGE_SIZE: Final = 1000
+"""Open jobs read per query while a watch sends its initial state."""
+INITIAL_DRAIN_EVERY: Final = 100
+"""Initial jobs sent between two moves of the watcher's queued changes aside."""
 """Encoded jobs of one ListJobs page, below the 4 MiB that gRPC clients receive by default."""
 
 
@@ -280,8 +284,21 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         watcher = leader.watchers.subscribe(request.job_id, request.project_id, principal.subject)
         try:
             if request.send_initial:
-                for initial in await self._initial(request, scope):
-                    yield job_to_proto(initial)
+                # Changes that arrive meanwhile wait here, the latest per job, so that a long
+                # initial state cannot overflow the watcher's queue. They follow it.
+                latest_changes: dict[str, Job] = {}
+                try:
+                    async for page in self._initial(request, scope):
+                        for index, initial in enumerate(page):
+                            yield job_to_proto(initial)
+                            if index % INITIAL_DRAIN_EVERY == 0:
+                                _hold_latest(latest_changes, watcher.take_queued())
+                        _hold_latest(latest_changes, watcher.take_queued())
+                except WatchOverflow as exc:
+                    raise Unavailable(str(exc)) from None
+                for latest in latest_changes.values():
+                    if scope.matches(latest) and await self._access.may_see(principal, latest):
+                        yield job_to_proto(latest)
             while True:
                 try:
                     change = await watcher.next(WATCH_POLL_S)
@@ -343,18 +360,22 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
 
     async def _initial(
         self, request: scheduler_pb2.WatchJobsRequest, scope: ReadScope
-    ) -> list[Job]:
+    ) -> AsyncIterator[list[Job]]:
+        """Yield the watched open jobs in pages, newest first."""
         if request.job_id:
             job = await self._lead.store.get_job(request.job_id)
             found = [job] if job is not None else await self._lead.store.array_jobs(request.job_id)
-            return [job for job in found if scope.matches(job)]
+            yield [job for job in found if scope.matches(job)]
+            return
         filters = JobFilter(
             ("pending", "starting", "running", "stopping"), scope.project_id, "", scope.owner
         )
-        # NOTE: only the newest 1000 open jobs are sent. Paging on could fill the watch queue
-        # (1024 changes) while a large initial state streams, which closes the watch.
-        jobs, _ = await self._lead.store.list_jobs(filters, 1000, "")
-        return jobs
+        token = ""
+        while True:
+            jobs, token = await self._lead.store.list_jobs(filters, INITIAL_PAGE_SIZE, token)
+            yield jobs
+            if not token:
+                return
 
     async def GetQueueSummary(
         self, request: scheduler_pb2.GetQueueSummaryRequest, context: grpc.aio.ServicerContext
@@ -370,6 +391,13 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             response.used_millis_by_region.update(used)
             response.total_millis_by_region.update(total)
         return response
+
+
+def _hold_latest(latest_changes: dict[str, Job], changes: list[Job]) -> None:
+    """Keep the latest of ``changes`` per job, ordered by each job's last change."""
+    for change in changes:
+        latest_changes.pop(change.job_id, None)
+        latest_changes[change.job_id] = change
 
 
 def _jobs_page(jobs: list[Job], token: str) -> scheduler_pb2.ListJobsResponse:

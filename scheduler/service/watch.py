@@ -39,6 +39,8 @@ class Watcher:
     project_id: str
     subject: str = ""
     """The caller that opened the stream."""
+    # NOTE: a pass that changes more matching jobs than the queue can queue (the first pass over a
+    # large new array, say) closes the watch at once, however fast its caller reads.
     queue: asyncio.Queue[Job | None] = field(default_factory=lambda: asyncio.Queue(1024))
     overflowed: bool = False
 
@@ -61,6 +63,19 @@ class Watcher:
         if job is None:
             raise WatchOverflow("the watch fell behind; watch again with send_initial")
         return job
+
+    def take_queued(self) -> list[Job]:
+        """Remove and return the queued changes, oldest first, without waiting.
+
+        Raises :class:`WatchOverflow` if the queue overflowed.
+        """
+        changes = []
+        while not self.queue.empty():
+            job = self.queue.get_nowait()
+            if job is None:
+                raise WatchOverflow("the watch fell behind; watch again with send_initial")
+            changes.append(job)
+        return changes
 
 
 class WatchHub:

@@ -1,5 +1,5 @@
-"""WatchJobs streams: what a watch of a job array's parent id sends, who may open one, and
-how many one caller may have open."""
+"""WatchJobs streams: what a watch of a job array's parent id sends, how a long initial state
+is sent, who may open one, and how many one caller may have open."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import grpc
 import pytest
 
 from acsp.v1 import scheduler_pb2
+from scheduler.service.api import INITIAL_PAGE_SIZE, _hold_latest
 from scheduler.service.model import Job, JobSpec
-from scheduler.service.watch import TooManyWatches, Watcher, WatchHub
+from scheduler.service.watch import TooManyWatches, Watcher, WatchHub, WatchOverflow
 from services.runtime.auth import Role
+from services.runtime.evolve import evolve
 
-from .harness import Stack, fund_grant, metadata, scheduler_stub
+from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
 from .test_end_to_end import job_spec
 
 pytestmark = pytest.mark.timeout(120)
@@ -73,6 +75,70 @@ async def test_array_parent_watch_streams_elements(stack: Stack) -> None:
     assert {job.array_job_id for job in initial} == {parent_id}
     assert cancelled == set(submitted.array_job_ids)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_initial_state_sends_every_open_job(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    # More open jobs than one page of the initial state; no node is up, so all wait.
+    size = INITIAL_PAGE_SIZE + INITIAL_PAGE_SIZE // 5
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                spec=job_spec(project, grant, task_count=1, array_size=size)
+            ),
+            metadata=md,
+            timeout=30,
+        )
+
+        async def reasons_set() -> bool:
+            # The first pass gives every job its reason at once, more changes than a watch
+            # queues, so the watch starts after it.
+            summary = await scheduler.GetQueueSummary(
+                scheduler_pb2.GetQueueSummaryRequest(), metadata=md, timeout=10
+            )
+            return summary.pending_by_reason.get("no_matching_model", 0) == size
+
+        await wait_for(reasons_set, 30, "every job's pending reason")
+        stream = scheduler.WatchJobs(
+            scheduler_pb2.WatchJobsRequest(project_id=project, send_initial=True),
+            metadata=md,
+            timeout=60,
+        )
+        initial = [await stream.read() for _ in range(size)]
+        stream.cancel()
+
+    assert all(job is not grpc.aio.EOF for job in initial)
+    assert sorted(job.job_id for job in initial) == sorted(submitted.array_job_ids)
+
+
+def test_take_queued_empties_queue() -> None:
+    hub = WatchHub(queue_size=2)
+    watcher = hub.subscribe(project_id="p1")
+    hub.publish([job_of("j1", "p1"), job_of("j2", "p1")])
+
+    first_take = watcher.take_queued()
+    again = watcher.take_queued()
+    hub.publish([job_of("j3", "p1"), job_of("j4", "p1"), job_of("j5", "p1")])
+
+    assert [job.job_id for job in first_take] == ["j1", "j2"]
+    assert again == []
+    with pytest.raises(WatchOverflow):
+        watcher.take_queued()
+
+
+def test_held_changes_keep_latest() -> None:
+    latest_changes: dict[str, Job] = {}
+    first = job_of("j1", "p1")
+    latest = evolve(first, state="running")
+
+    _hold_latest(latest_changes, [first, job_of("j2", "p1")])
+    _hold_latest(latest_changes, [latest])
+
+    assert list(latest_changes) == ["j2", "j1"]
+    assert latest_changes["j1"].state == "running"
 
 
 def test_watches_limited_per_caller() -> None:
