@@ -248,7 +248,9 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJobs(self, request, context):
-        """Streams job changes.
+        """Streams job changes. A job that changes again before its change is sent is sent once, in
+        its latest state. A watch with changes of more than 8,192 jobs waiting ends with
+        UNAVAILABLE; watch again with send_initial.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

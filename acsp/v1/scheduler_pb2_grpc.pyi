@@ -75,7 +75,10 @@ class SchedulerServiceStub:
     returns the parent.
     """
     WatchJobs: _grpc.UnaryStreamMultiCallable[_scheduler_pb2.WatchJobsRequest, _scheduler_pb2.Job]
-    """Streams job changes."""
+    """Streams job changes. A job that changes again before its change is sent is sent once, in
+    its latest state. A watch with changes of more than 8,192 jobs waiting ends with
+    UNAVAILABLE; watch again with send_initial.
+    """
     GetQueueSummary: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetQueueSummaryRequest, _scheduler_pb2.GetQueueSummaryResponse]
     """Returns queue counts."""
 
@@ -123,7 +126,10 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     returns the parent.
     """
     WatchJobs: _aio.UnaryStreamMultiCallable[_scheduler_pb2.WatchJobsRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
-    """Streams job changes."""
+    """Streams job changes. A job that changes again before its change is sent is sent once, in
+    its latest state. A watch with changes of more than 8,192 jobs waiting ends with
+    UNAVAILABLE; watch again with send_initial.
+    """
     GetQueueSummary: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetQueueSummaryRequest, _scheduler_pb2.GetQueueSummaryResponse]  # type: ignore[assignment]
     """Returns queue counts."""
 
@@ -270,7 +276,10 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.WatchJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.Job], _abc.AsyncIterator[_scheduler_pb2.Job]]:
-        """Streams job changes."""
+        """Streams job changes. A job that changes again before its change is sent is sent once, in
+        its latest state. A watch with changes of more than 8,192 jobs waiting ends with
+        UNAVAILABLE; watch again with send_initial.
+        """
 
     @_abc_1.abstractmethod
     def GetQueueSummary(

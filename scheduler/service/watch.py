@@ -31,17 +31,26 @@ class WatchOverflow(Exception):
     """A watcher fell behind by more than its queue holds; it must watch again."""
 
 
+QUEUED_JOBS: Final = 8192
+"""Jobs whose changes one watch may have waiting before it is closed."""
+
+
 @dataclass(eq=False, slots=True)
 class Watcher:
-    """One stream's subscription; empty filters match every job."""
+    """One stream's subscription; empty filters match every job.
+
+    Changes wait in ``pending``, the latest per job: a job that changes again before the stream
+    sends it keeps its place with its new state, so repeated changes of the same jobs take no
+    more room. More than ``limit`` jobs waiting closes the watch.
+    """
 
     job_id: str
     project_id: str
     subject: str = ""
     """The caller that opened the stream."""
-    # NOTE: a pass that changes more matching jobs than the queue can queue (the first pass over a
-    # large new array, say) closes the watch at once, however fast its caller reads.
-    queue: asyncio.Queue[Job | None] = field(default_factory=lambda: asyncio.Queue(1024))
+    limit: int = QUEUED_JOBS
+    pending: dict[str, Job] = field(default_factory=dict)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
     overflowed: bool = False
 
     def matches(self, job: Job) -> bool:
@@ -51,30 +60,40 @@ class Watcher:
             return False
         return not self.project_id or job.spec.project_id == self.project_id
 
+    def offer(self, job: Job) -> bool:
+        """Queue the change of ``job``; return False if that would pass the limit."""
+        if job.job_id not in self.pending and len(self.pending) >= self.limit:
+            return False
+        self.pending[job.job_id] = job
+        self.arrived.set()
+        return True
+
     async def next(self, timeout_s: float) -> Job | None:
         """Return the next change, or None after ``timeout_s`` without one.
 
-        Raises :class:`WatchOverflow` once the queue overflowed and is drained.
+        Raises :class:`WatchOverflow` once the watch overflowed and its queue is empty.
         """
-        try:
-            job = await asyncio.wait_for(self.queue.get(), timeout=timeout_s)
-        except TimeoutError:
-            return None
-        if job is None:
+        if not self.pending and not self.overflowed:
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), timeout=timeout_s)
+            except TimeoutError:
+                return None
+        if self.pending:
+            return self.pending.pop(next(iter(self.pending)))
+        if self.overflowed:
             raise WatchOverflow("the watch fell behind; watch again with send_initial")
-        return job
+        return None
 
     def take_queued(self) -> list[Job]:
         """Remove and return the queued changes, oldest first, without waiting.
 
-        Raises :class:`WatchOverflow` if the queue overflowed.
+        Raises :class:`WatchOverflow` if the watch overflowed.
         """
-        changes = []
-        while not self.queue.empty():
-            job = self.queue.get_nowait()
-            if job is None:
-                raise WatchOverflow("the watch fell behind; watch again with send_initial")
-            changes.append(job)
+        if self.overflowed:
+            raise WatchOverflow("the watch fell behind; watch again with send_initial")
+        changes = list(self.pending.values())
+        self.pending.clear()
         return changes
 
 
@@ -82,7 +101,7 @@ class WatchHub:
     """Registry of watchers; :meth:`publish` never blocks the scheduling loop."""
 
     def __init__(
-        self, queue_size: int = 1024, max_per_caller: int = MAX_WATCHES_PER_CALLER
+        self, queue_size: int = QUEUED_JOBS, max_per_caller: int = MAX_WATCHES_PER_CALLER
     ) -> None:
         self._watchers: set[Watcher] = set()
         # Each watcher is indexed by its narrowest filter, so a change visits only the
@@ -101,7 +120,7 @@ class WatchHub:
                 f"{subject!r} already has {open_count} open WatchJobs streams, the maximum; "
                 "close one, or watch a whole project with project_id instead of single jobs"
             )
-        watcher = Watcher(job_id, project_id, subject, asyncio.Queue(self._queue_size))
+        watcher = Watcher(job_id, project_id, subject, self._queue_size)
         self._watchers.add(watcher)
         self._index_of(watcher).add(watcher)
         return watcher
@@ -124,9 +143,7 @@ class WatchHub:
             for watcher in self._candidates(job):
                 if watcher.overflowed or not watcher.matches(job):
                     continue
-                try:
-                    watcher.queue.put_nowait(job)
-                except asyncio.QueueFull:
+                if not watcher.offer(job):
                     self._overflow(watcher)
 
     def _index_of(self, watcher: Watcher) -> set[Watcher]:
@@ -153,6 +170,4 @@ class WatchHub:
             watcher.job_id,
             watcher.project_id,
         )
-        # Make room for the end marker by dropping the oldest queued change.
-        watcher.queue.get_nowait()
-        watcher.queue.put_nowait(None)
+        watcher.arrived.set()

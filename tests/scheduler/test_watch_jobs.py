@@ -3,6 +3,7 @@ is sent, who may open one, and how many one caller may have open."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from scheduler.service.watch import TooManyWatches, Watcher, WatchHub, WatchOver
 from services.runtime.auth import Role
 from services.runtime.evolve import evolve
 
-from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
+from .harness import Stack, fund_grant, metadata, scheduler_stub
 from .test_end_to_end import job_spec
 
 pytestmark = pytest.mark.timeout(120)
@@ -93,15 +94,6 @@ async def test_initial_state_sends_every_open_job(stack: Stack) -> None:
             timeout=30,
         )
 
-        async def reasons_set() -> bool:
-            # The first pass gives every job its reason at once, more changes than a watch
-            # queues, so the watch starts after it.
-            summary = await scheduler.GetQueueSummary(
-                scheduler_pb2.GetQueueSummaryRequest(), metadata=md, timeout=10
-            )
-            return summary.pending_by_reason.get("no_matching_model", 0) == size
-
-        await wait_for(reasons_set, 30, "every job's pending reason")
         stream = scheduler.WatchJobs(
             scheduler_pb2.WatchJobsRequest(project_id=project, send_initial=True),
             metadata=md,
@@ -127,6 +119,47 @@ def test_take_queued_empties_queue() -> None:
     assert again == []
     with pytest.raises(WatchOverflow):
         watcher.take_queued()
+
+
+def test_repeated_changes_take_one_place() -> None:
+    hub = WatchHub(queue_size=2)
+    watcher = hub.subscribe(project_id="p1")
+    first = job_of("j1", "p1")
+
+    hub.publish([first, job_of("j2", "p1"), evolve(first, state="running")])
+    queued = watcher.take_queued()
+
+    assert [job.job_id for job in queued] == ["j1", "j2"]
+    assert queued[0].state == "running"
+    assert not watcher.overflowed
+
+
+async def test_next_sends_queue_then_overflow() -> None:
+    hub = WatchHub(queue_size=1)
+    watcher = hub.subscribe(project_id="p1")
+
+    idle = await watcher.next(0.01)
+    hub.publish([job_of("j1", "p1"), job_of("j2", "p1")])
+    queued = await watcher.next(0.01)
+    with pytest.raises(WatchOverflow):
+        await watcher.next(0.01)
+
+    assert idle is None
+    assert queued is not None
+    assert queued.job_id == "j1"
+
+
+async def test_next_wakes_on_change() -> None:
+    hub = WatchHub()
+    watcher = hub.subscribe(project_id="p1")
+
+    waiting = asyncio.create_task(watcher.next(10))
+    await asyncio.sleep(0)
+    hub.publish([job_of("j1", "p1")])
+    change = await asyncio.wait_for(waiting, 5)
+
+    assert change is not None
+    assert change.job_id == "j1"
 
 
 def test_held_changes_keep_latest() -> None:
@@ -161,11 +194,10 @@ def job_of(job_id: str, project: str, array_id: str = "") -> Job:
 
 
 def drained(watcher: Watcher) -> list[str]:
-    out = []
-    while not watcher.queue.empty():
-        job = watcher.queue.get_nowait()
-        out.append(job.job_id if job is not None else "end")
-    return out
+    try:
+        return [job.job_id for job in watcher.take_queued()]
+    except WatchOverflow:
+        return ["end"]
 
 
 def test_hub_routes_changes_by_filter() -> None:
