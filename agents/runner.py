@@ -725,8 +725,9 @@ class TaskRunner:
         self._log_trim_failed.discard(record.task_id)
 
     def _trim_log(self, record: TaskRecord) -> None:
-        """Trim a task's log on the event loop."""
-        self._report_trim(record, _trim_or_error(record.log_path, self._task_log_max_bytes))
+        """Trim a task's log on the event loop if it is over the limit."""
+        if not _within_limit(record.log_path, self._task_log_max_bytes):
+            self._report_trim(record, _trim_or_error(record.log_path, self._task_log_max_bytes))
 
     def _report_trim(self, record: TaskRecord, outcome: int | OSError) -> None:
         """Log a trim's bytes dropped, or its error once per task."""
@@ -870,8 +871,8 @@ class TaskRunner:
             # The launcher wrote the status file when it reaped the task.
             ended_at = _modified_at(self._exit_path(record.task_id))
         task = _Task(record)
-        # NOTE: this trim copies on the event loop. It runs once for each task that ended
-        # while the agent was down.
+        # NOTE: a trim here copies on the event loop. It runs once for each task that ended
+        # while the agent was down, and only for a log over its limit.
         self._trim_log(record)
         self._log_trim_failed.discard(record.task_id)
         if ended_at is not None:
