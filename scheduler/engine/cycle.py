@@ -113,8 +113,12 @@ class PassState:
     # Planning.
 
     def plan(
-        self, spec: JobSpec, pools: tuple[Pool, ...], excluded: Excluded
+        self, spec: JobSpec, pools: tuple[Pool, ...], excluded: Excluded, *, avoid: bool = False
     ) -> list[TaskPlan] | None:
+        """Plan ``spec`` on ``pools`` off the ``excluded`` nodes and, with ``avoid``, off the
+        nodes the job avoids."""
+        if avoid and spec.avoid_nodes:
+            excluded = excluded | self.avoided(spec)
         fleet = self.engine.fleet
         if spec.fractional:
             return self._plan_fractional(spec, pools, excluded)
@@ -123,6 +127,11 @@ class PassState:
         if spec.topology is Topology.SAME_INTERCONNECT_DOMAIN:
             return plan_domain(fleet, spec, pools, excluded)
         return plan_spread(fleet, spec, self.groups(spec, pools), excluded)
+
+    def avoided(self, spec: JobSpec) -> Excluded:
+        """Return the ordinals of the fleet's nodes that ``spec`` avoids."""
+        by_id = self.engine.fleet.by_id
+        return frozenset(by_id[n].ordinal for n in spec.avoid_nodes if n in by_id)
 
     def groups(self, spec: JobSpec, pools: tuple[Pool, ...]) -> list[list[Pool]]:
         """Return :func:`topology_groups`, computed once per pass for the same pools."""
@@ -208,7 +217,11 @@ class PassState:
             shape.failed_epoch = self.epoch
         cached = shape.failed.get(count)
         if cached is None:
-            plans = self.plan(spec, pools, self.excluded_prefix[count])
+            excluded = self.excluded_prefix[count]
+            plans = self.plan(spec, pools, excluded, avoid=True)
+            if plans is None and spec.avoid_nodes:
+                # The nodes a job avoids are a preference: the job starts there rather than wait.
+                plans = self.plan(spec, pools, excluded)
             if plans is not None:
                 self.place(record, plans)
                 return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from scheduler.engine import events as ev
 from scheduler.engine.capacity import CapacityPlan
@@ -392,6 +393,13 @@ class Engine:
                     allocation = record.tasks[task_index]
                     self.fleet.allocate_many(node, allocation.indices, owner, allocation.millis)
             node.fenced.add(owner)
+
+    def avoid_nodes(self, record: JobRecord, node_ids: Iterable[str]) -> None:
+        """Place the later attempts of ``record`` elsewhere than ``node_ids`` if there is room."""
+        avoided = record.spec.avoid_nodes | frozenset(node_ids)
+        if avoided != record.spec.avoid_nodes:
+            record.spec = replace(record.spec, avoid_nodes=avoided)
+            record.shape = self.shapes.shape_of(record.spec)
 
     def _requeue(self, record: JobRecord, message: str) -> None:
         self._release(record)

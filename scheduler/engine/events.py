@@ -123,6 +123,9 @@ class JobRequeued:
     """``(task index, node id)`` of each task that got a stop command its node has not
     confirmed. A task whose allocation is on another node (it was replaced from this one)
     fences nothing."""
+    avoid_nodes: tuple[str, ...] = ()
+    """Node ids that rejected a task's start: the job's later attempts go there only if no
+    other node has room."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,6 +111,8 @@ def _on_job_requeued(engine: Engine, event: ev.JobRequeued) -> None:
     if not record.running:
         raise InvalidInputError(f"job {event.job_id}: requeued but it is not running")
     engine._fence_tasks(record, event.stopping)
+    if event.avoid_nodes:
+        engine.avoid_nodes(record, event.avoid_nodes)
     engine._requeue(record, "requeued; back in the queue")
 
 

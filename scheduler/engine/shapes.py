@@ -78,6 +78,7 @@ class ShapeIndex:
             spec.millis_per_task,
             spec.topology,
             spec.allow_cross_provider,
+            spec.avoid_nodes,
         )
         shape = self._shapes.get(key)
         if shape is None:

@@ -130,6 +130,9 @@ class JobSpec:
     checkpointable: bool = False
     start_at: float | None = None
     """Start time of an advance reservation; ``None`` starts as soon as possible."""
+    avoid_nodes: frozenset[str] = frozenset()
+    """Node ids that rejected the start of an earlier attempt. The job is placed there only if
+    no other node has room."""
 
     @property
     def fractional(self) -> bool:

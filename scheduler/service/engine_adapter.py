@@ -458,15 +458,21 @@ class EngineAdapter:
         if job_id in self.engine.jobs:
             self.engine.remove(job_id)
 
-    def requeue(self, job_id: str, now: float, stopping: tuple[tuple[int, str], ...] = ()) -> None:
+    def requeue(
+        self,
+        job_id: str,
+        now: float,
+        stopping: tuple[tuple[int, str], ...] = (),
+        avoid_nodes: tuple[str, ...] = (),
+    ) -> None:
         """Send a placed job back to the queue, releasing its accelerators.
 
         ``stopping`` lists the task index and node key of each task that got a stop command
         its node has not confirmed. Their accelerators stay fenced until :meth:`tasks_stopped`
-        for the job on that node.
+        for the job on that node. The job's later attempts are not placed on ``avoid_nodes``.
         """
         if self.running_in_engine(job_id):
-            self.engine.apply(ev.JobRequeued(job_id, stopping), now)
+            self.engine.apply(ev.JobRequeued(job_id, stopping, avoid_nodes), now)
         elif job_id not in self.engine.jobs:
             logger.warning("requeue of job %s that the engine does not know", job_id)
 

@@ -485,11 +485,15 @@ class JobBook:
         elif state in _FAULTS:
             self._release_fences(node_key, job.job_id)
             reason = f"task {tid.task_index} {state.replace('_', ' ')}: {message}"
-            if state == "start_failed" and self._count_start_failure(job):
-                reason = f"{reason} ({MAX_START_FAILURES} attempts in a row failed to start)"
-                self.stop(job.job_id, "failed", reason, 0, f"task:{state}", fx)
-                return
-            self.requeue(job.job_id, reason, f"task:{state}", fx, release=True)
+            avoid: tuple[str, ...] = ()
+            if state == "start_failed":
+                if self._count_start_failure(job):
+                    reason = f"{reason} ({MAX_START_FAILURES} attempts in a row failed to start)"
+                    self.stop(job.job_id, "failed", reason, 0, f"task:{state}", fx)
+                    return
+                # The next attempt goes elsewhere if it can: the node may reject it again.
+                avoid = (node_key,)
+            self.requeue(job.job_id, reason, f"task:{state}", fx, release=True, avoid_nodes=avoid)
         else:
             outcome: JobState = "timed_out" if state == "timed_out" else "failed"
             self._release_fences(node_key, job.job_id)
@@ -699,7 +703,16 @@ class JobBook:
         self.jobs[job_id] = stopping
         fx.change(stopping, cause)
 
-    def requeue(self, job_id: str, reason: str, cause: str, fx: Effects, *, release: bool) -> None:
+    def requeue(
+        self,
+        job_id: str,
+        reason: str,
+        cause: str,
+        fx: Effects,
+        *,
+        release: bool,
+        avoid_nodes: tuple[str, ...] = (),
+    ) -> None:
         """End the current attempt and queue the job again as the next attempt.
 
         Live tasks of the old attempt get stop commands and become orphans, whose
@@ -708,6 +721,10 @@ class JobBook:
         requeue. Without it, the engine has requeued the job already and fenced every share
         it had, so the shares on nodes without an orphan of the job are freed here. An
         attempt whose hold was still in flight sent no start command, so its tasks get no stop.
+        With ``release``, the engine places later attempts elsewhere than ``avoid_nodes`` if it can.
+
+        NOTE: the nodes a job avoids live in the engine only, so a new leader may place the job
+        on them again. The count of failed starts is stored, so the job still fails at the limit.
         """
         job = self.jobs.get(job_id)
         if job is None or job.terminal:
@@ -726,7 +743,7 @@ class JobBook:
         # reference a task reported, or the spec's own when none did.
         if release:
             stopping = tuple((t.task_index, t.node_key) for t in live)
-            self.engine.requeue(job_id, fx.now, stopping)
+            self.engine.requeue(job_id, fx.now, stopping, avoid_nodes)
         requeued = evolve(
             job,
             state="pending",

@@ -449,6 +449,49 @@ def test_requeue_fences_only_stopping_tasks() -> None:
     assert n1.free_whole == 2
 
 
+def test_start_rejected_job_avoids_node() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 1))
+    engine.add_node(node("n2", 1))
+    engine.submit(job("j"))
+    first = nodes_of(placed(engine.schedule(0.0))["j"])
+    other = {"n1", "n2"} - first
+
+    # The node rejected the start and confirmed no task runs there.
+    engine.apply(JobRequeued("j", avoid_nodes=tuple(first)))
+    again = placed(engine.schedule(1.0))
+
+    assert nodes_of(again["j"]) == other
+    assert engine.jobs["j"].spec.avoid_nodes == frozenset(first)
+
+
+def test_avoided_node_used_when_only_room() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 1))
+    engine.submit(job("j"))
+    assert nodes_of(placed(engine.schedule(0.0))["j"]) == {"n1"}
+
+    engine.apply(JobRequeued("j", avoid_nodes=("n1",)))
+    again = placed(engine.schedule(1.0))
+
+    assert nodes_of(again["j"]) == {"n1"}
+
+
+def test_avoided_nodes_kept_across_requeues() -> None:
+    engine = make_engine()
+    for name in ("n1", "n2", "n3"):
+        engine.add_node(node(name, 1))
+    engine.submit(job("j"))
+    used = nodes_of(placed(engine.schedule(0.0))["j"])
+    engine.apply(JobRequeued("j", avoid_nodes=tuple(used)))
+    used |= nodes_of(placed(engine.schedule(1.0))["j"])
+    engine.apply(JobRequeued("j", avoid_nodes=tuple(sorted(used))))
+    last = nodes_of(placed(engine.schedule(2.0))["j"])
+
+    assert len(used) == 2
+    assert last == {"n1", "n2", "n3"} - used
+
+
 def test_requeue_of_pending_job_rejected() -> None:
     engine = make_engine()
     engine.submit(job("a"))

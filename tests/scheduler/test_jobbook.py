@@ -168,6 +168,29 @@ def test_gang_task_start_failure_requeues_whole_job() -> None:
     assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/requeued"]
 
 
+def test_start_failure_avoids_node_next_attempt() -> None:
+    book = make_book()
+    job = make_job(tasks=1)
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "start_failed")
+
+    record = book.engine.engine.jobs[job.job_id]
+    assert record.spec.avoid_nodes == frozenset({"prov.reg.n1"})
+    assert book.jobs[job.job_id].state == "pending"
+
+
+def test_lost_task_avoids_no_node() -> None:
+    book = make_book()
+    job = make_job(tasks=1)
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "lost")
+
+    record = book.engine.engine.jobs[job.job_id]
+    assert record.spec.avoid_nodes == frozenset()
+
+
 def attempt_start(book: JobBook, job: Job, now: float, *states: str) -> Effects:
     """Place ``job``'s next attempt, hold its budget and report its one task in ``states``."""
     place(book, job, now)
