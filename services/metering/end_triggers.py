@@ -75,6 +75,27 @@ SELECT job_id, attempt, end_trigger, provider FROM checked WHERE unplaced ORDER 
 """
 
 
+# Placements that commit while the statement above runs make its provider check on the locked
+# row reject the batch's first trigger of an attempt, and the statement tries no other. Its
+# candidates are stored by then, and the placements were stored before them, so no upsert in
+# attempts.py reads them. Run after it, this gives each attempt of the batch that still has no
+# trigger the earliest candidate of a placed provider.
+_TAKE_PLACED_CANDIDATES = """
+UPDATE metering.jobs AS j
+SET end_trigger = c.end_trigger, end_trigger_provider = c.provider
+FROM (
+    SELECT DISTINCT ON (c.job_id, c.attempt) c.job_id, c.attempt, c.end_trigger, c.provider
+    FROM metering.end_trigger_candidates c
+    JOIN metering.jobs p ON p.job_id = c.job_id AND p.attempt = c.attempt
+    JOIN unnest($1::text[], $2::int[]) AS g(job_id, attempt)
+      ON g.job_id = c.job_id AND g.attempt = c.attempt
+    WHERE p.end_trigger = '' AND c.provider = ANY(p.providers)
+    ORDER BY c.job_id, c.attempt, c.recorded_at, c.position
+) AS c
+WHERE j.job_id = c.job_id AND j.attempt = c.attempt AND j.end_trigger = ''
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class EndTrigger:
     """A health event that an agent names as the end of an attempt's work."""
@@ -98,15 +119,18 @@ async def record_end_triggers(conn: asyncpg.Connection, triggers: Sequence[EndTr
     """
     if not triggers:
         return 0
+    job_ids = [t.job_id for t in triggers]
+    attempts = [t.attempt for t in triggers]
     rows = await conn.fetch(
         _RECORD_END_TRIGGERS,
-        [t.job_id for t in triggers],
-        [t.attempt for t in triggers],
+        job_ids,
+        attempts,
         [t.trigger for t in triggers],
         [t.provider for t in triggers],
         [t.subject for t in triggers],
         [t.payload for t in triggers],
     )
+    await conn.execute(_TAKE_PLACED_CANDIDATES, job_ids, attempts)
     for row in rows:
         logger.warning(
             "ignoring end trigger %s of job %s attempt %s from provider %s, which runs none "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -13,11 +14,21 @@ from nats.aio.msg import Msg
 from acsp import subjects
 from acsp.v1 import agent_pb2
 from services.metering.attempts import AttemptFacts, record_attempts
+from services.metering.end_triggers import EndTrigger, record_end_triggers
 from services.metering.events import FactConsumers
 from services.metering.ingest_store import write_batch
 from services.metering.samples import UsageSample
 from services.runtime.db import Database
-from tests.metering.helpers import T0, Clock, LedgerDouble, admit, count, drain, make_charger
+from tests.metering.helpers import (
+    T0,
+    Clock,
+    LedgerDouble,
+    admit,
+    count,
+    drain,
+    make_charger,
+    wait_until,
+)
 
 MODEL = "A100-SXM4-80GB"
 
@@ -156,6 +167,35 @@ async def test_early_triggers_in_batch_keep_order(db: Database, ledger: LedgerDo
     await admit(db, "job-t", providers=("prov-a", "prov-c"))
 
     assert await _trigger(db) == ("health:c-1", "prov-c")
+
+
+async def test_batch_during_placements_keeps_placed(db: Database) -> None:
+    """Placements that commit while a batch of triggers waits on the row lose no trigger."""
+    triggers = [
+        EndTrigger("job-t", 0, "health:b-1", "prov-b", "acsp.task.prov-b.r1.node-9", b""),
+        EndTrigger("job-t", 0, "health:a-1", "prov-a", "acsp.task.prov-a.r1.node-1", b""),
+    ]
+    async with db.acquire() as placing, db.acquire() as recording:
+        transaction = placing.transaction()
+        await transaction.start()
+        try:
+            await record_attempts(
+                placing, [AttemptFacts("job-t", 0, "hold-t", "grant-1", providers=("prov-a",))]
+            )
+            batch = asyncio.create_task(record_end_triggers(recording, triggers))
+            await wait_until(_lock_awaited(db), timeout_s=10)
+        finally:
+            await transaction.commit()
+        await asyncio.wait_for(batch, 10)
+
+    assert await _trigger(db) == ("health:a-1", "prov-a")
+
+
+def _lock_awaited(db: Database):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        return await count(db, "SELECT count(*) FROM pg_locks WHERE NOT granted") > 0
+
+    return check
 
 
 async def test_early_placed_trigger_kept(db: Database, ledger: LedgerDouble) -> None:
