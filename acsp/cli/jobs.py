@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shlex
 import sys
 import uuid
@@ -11,6 +12,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
+
+import grpc
 
 from acsp.cli._common import (
     EXIT_FAILURE,
@@ -46,6 +49,9 @@ STATES = {
     if number
 }
 WATCH_DEADLINE_S = 7 * 86_400.0
+WATCH_RESUMES: Final = 5
+"""Times in a row that ``jobs watch`` opens a stream again after UNAVAILABLE."""
+WATCH_RESUME_MAX_DELAY_S: Final = 10.0
 """A watch runs until Ctrl-C; the SDK would otherwise apply its short default deadline."""
 ENDED_STATES: Final = frozenset(
     {
@@ -368,6 +374,9 @@ async def watch_jobs(args: argparse.Namespace) -> int:
     """Print one line per job change until interrupted, the stream ends, or the one job
     watched has ended.
 
+    A stream that ends with UNAVAILABLE (the scheduler lost its leadership, or the watch fell
+    behind) is opened again with the initial state, up to :data:`WATCH_RESUMES` times in a row.
+
     Returns EXIT_OK for a watch of all jobs. For one job it returns EXIT_OK only when that job
     completed, so that a script can test the outcome by the exit status.
     """
@@ -379,22 +388,28 @@ async def watch_jobs(args: argparse.Namespace) -> int:
     # leaves out (the hold, a checkpoint), and a change made while the watch starts comes
     # again after the initial state. So a line is printed only when it differs from the last.
     last_lines: dict[str, str] = {}
+    resumes = 0
     async with async_client_from_args(args) as client:
-        stream = client.scheduler.WatchJobs(request, timeout=WATCH_DEADLINE_S)
-        async for job in stream:
-            line = watch_line(job)
-            if last_lines.get(job.job_id) != line:
-                sys.stdout.write(f"{change_time(job)}  {line}\n")
-                sys.stdout.flush()
-            if job.state not in ENDED_STATES:
-                last_lines[job.job_id] = line
+        while final_state == scheduler_pb2.JOB_STATE_UNSPECIFIED:
+            stream = client.scheduler.WatchJobs(request, timeout=WATCH_DEADLINE_S)
+            try:
+                async for job in stream:
+                    resumes = 0
+                    if _print_change(job, last_lines) and args.job_id:
+                        final_state = job.state
+                        stream.cancel()
+                        break
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or resumes >= WATCH_RESUMES:
+                    raise
+                resumes += 1
+                delay_s = min(WATCH_RESUME_MAX_DELAY_S, 0.5 * 2**resumes)
+                sys.stderr.write(
+                    f"watch interrupted: {error.details()}; watching again in {delay_s:.0f} s\n"
+                )
+                await asyncio.sleep(delay_s)
                 continue
-            # An ended job changes no more, and a watch of all jobs may run for weeks.
-            last_lines.pop(job.job_id, None)
-            if args.job_id:
-                final_state = job.state
-                stream.cancel()
-                break
+            break
     if not args.job_id or final_state == scheduler_pb2.JOB_STATE_COMPLETED:
         return EXIT_OK
     if final_state == scheduler_pb2.JOB_STATE_UNSPECIFIED:
@@ -403,6 +418,20 @@ async def watch_jobs(args: argparse.Namespace) -> int:
             f"unknown. Run acsp jobs watch {args.job_id} again"
         )
     return EXIT_FAILURE
+
+
+def _print_change(job: scheduler_pb2.Job, last_lines: dict[str, str]) -> bool:
+    """Print the change of ``job`` if its line differs from the last; return True if it ended."""
+    line = watch_line(job)
+    if last_lines.get(job.job_id) != line:
+        sys.stdout.write(f"{change_time(job)}  {line}\n")
+        sys.stdout.flush()
+    if job.state not in ENDED_STATES:
+        last_lines[job.job_id] = line
+        return False
+    # An ended job changes no more, and a watch of all jobs may run for weeks.
+    last_lines.pop(job.job_id, None)
+    return True
 
 
 def change_time(job: scheduler_pb2.Job) -> str:

@@ -144,7 +144,10 @@ class Stack:
         """Start a gRPC service process and return it with its bound address."""
         ready = self.work_dir / f"{name}.addr"
         ready.unlink(missing_ok=True)
-        env = self.env(ACSP_GRPC_LISTEN="127.0.0.1:0", ACSP_READY_FILE=str(ready), **extra)
+        # ``extra`` may name a listen address, for a service started again on its old port.
+        env = self.env(
+            **{"ACSP_GRPC_LISTEN": "127.0.0.1:0", **extra, "ACSP_READY_FILE": str(ready)}
+        )
         process = Process(name, [sys.executable, "-m", module], env, self.log_dir)
         self.processes.append(process)
 

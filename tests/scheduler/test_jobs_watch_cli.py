@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -65,8 +66,17 @@ async def get_job(address: str, token: str, job_id: str) -> scheduler_pb2.Job:
 
 async def watch(capsys: pytest.CaptureFixture[str], job_id: str) -> tuple[int, list[str]]:
     """Run ``acsp jobs watch JOB_ID`` to its end; return its exit status and output lines."""
+    code, lines, _ = await watch_with_errors(capsys, job_id)
+    return code, lines
+
+
+async def watch_with_errors(
+    capsys: pytest.CaptureFixture[str], job_id: str
+) -> tuple[int, list[str], str]:
+    """Run ``acsp jobs watch JOB_ID`` to its end; return its exit status, lines and stderr."""
     code = await asyncio.wait_for(asyncio.to_thread(main, ["jobs", "watch", job_id]), 90)
-    return code, capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err
 
 
 async def test_watch_exit_status_follows_outcome(
@@ -156,6 +166,41 @@ async def test_watch_prints_time_scheduler_recorded(
     assert code == 0
     assert len(lines) == 1
     assert lines[0].split("  ", 1)[0] == format_time(job.end_time)
+
+
+async def test_watch_resumes_after_scheduler_restart(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    token = stack.token(pi, Role.PI)
+    use_scheduler(monkeypatch, address, token)
+    # Room for the restart and the new leader's election, at short intervals.
+    monkeypatch.setattr(jobs_cli, "WATCH_RESUMES", 60)
+    monkeypatch.setattr(jobs_cli, "WATCH_RESUME_MAX_DELAY_S", 1.0)
+    printed = threading.Event()
+    print_change = jobs_cli._print_change
+
+    def print_and_signal(job: scheduler_pb2.Job, last_lines: dict[str, str]) -> bool:
+        ended = print_change(job, last_lines)
+        printed.set()
+        return ended
+
+    monkeypatch.setattr(jobs_cli, "_print_change", print_and_signal)
+    # No node is up yet, so the job waits while the scheduler restarts.
+    job_id = await submit(address, token, job_spec(project, grant, task_count=1))
+    watching = asyncio.create_task(watch_with_errors(capsys, job_id))
+    await wait_for(printed.is_set, 60, "the watch's first line")
+
+    first.kill()
+    await stack.start_scheduler(name="scheduler-again", ACSP_GRPC_LISTEN=address)
+    stack.start_agents(nodes=1)
+    code, lines, errors = await watching
+
+    assert code == 0
+    assert "pending" in lines[0]
+    assert "completed" in lines[-1]
+    assert "watch interrupted" in errors
 
 
 def test_change_time_without_update_time_is_receive_time() -> None:
