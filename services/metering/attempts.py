@@ -11,6 +11,7 @@ from decimal import Decimal
 
 import asyncpg
 
+from services.metering.end_triggers import take_placed_candidates
 from services.metering.ledger import (
     MAX_RELEASES_PER_CALL,
     HoldRelease,
@@ -225,11 +226,20 @@ async def record_attempts(conn: asyncpg.Connection, facts: Sequence[AttemptFacts
     rows = [_attempt_row(fact) for fact in merged]
     if rows:
         await conn.execute(_RECORD_ATTEMPTS, *(list(column) for column in zip(*rows, strict=True)))
+    placed = [fact for fact in merged if fact.providers]
+    if placed:
+        # The upsert reads candidates with its own snapshot, so it misses those of a batch of end
+        # triggers that committed while it waited on the row. This statement reads them.
+        await take_placed_candidates(
+            conn, [fact.job_id for fact in placed], [fact.attempt for fact in placed]
+        )
 
 
 async def record_attempt(conn: asyncpg.Connection, facts: AttemptFacts) -> None:
     """Insert or update one attempt; see :func:`record_attempts`."""
     await conn.execute(_RECORD_ATTEMPT, *_attempt_row(facts))
+    if facts.providers:
+        await take_placed_candidates(conn, [facts.job_id], [facts.attempt])
 
 
 async def record_health_event(

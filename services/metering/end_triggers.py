@@ -75,11 +75,12 @@ SELECT job_id, attempt, end_trigger, provider FROM checked WHERE unplaced ORDER 
 """
 
 
-# Placements that commit while the statement above runs make its provider check on the locked
-# row reject the batch's first trigger of an attempt, and the statement tries no other. Its
-# candidates are stored by then, and the placements were stored before them, so no upsert in
-# attempts.py reads them. Run after it, this gives each attempt of the batch that still has no
-# trigger the earliest candidate of a placed provider.
+# Gives each given attempt that has no trigger the earliest candidate of a placed provider. Each
+# side of a race needs it. Placements that commit while the statement above runs make its
+# provider check on the locked row reject the batch's first trigger of an attempt, and the
+# statement tries no other, so it runs after that statement. An upsert in attempts.py that waits
+# on a row this batch locked reads the candidates with a snapshot taken before the batch
+# committed, which misses the batch's candidates, so it runs this statement after itself.
 _TAKE_PLACED_CANDIDATES = """
 UPDATE metering.jobs AS j
 SET end_trigger = c.end_trigger, end_trigger_provider = c.provider
@@ -130,7 +131,7 @@ async def record_end_triggers(conn: asyncpg.Connection, triggers: Sequence[EndTr
         [t.subject for t in triggers],
         [t.payload for t in triggers],
     )
-    await conn.execute(_TAKE_PLACED_CANDIDATES, job_ids, attempts)
+    await take_placed_candidates(conn, job_ids, attempts)
     for row in rows:
         logger.warning(
             "ignoring end trigger %s of job %s attempt %s from provider %s, which runs none "
@@ -142,3 +143,13 @@ async def record_end_triggers(conn: asyncpg.Connection, triggers: Sequence[EndTr
             extra={"job_id": row["job_id"], "attempt": row["attempt"], "provider": row["provider"]},
         )
     return len(rows)
+
+
+async def take_placed_candidates(
+    conn: asyncpg.Connection, job_ids: Sequence[str], attempts: Sequence[int]
+) -> None:
+    """Give each attempt without a trigger the earliest candidate of a placed provider.
+
+    ``job_ids`` and ``attempts`` name the attempts pairwise.
+    """
+    await conn.execute(_TAKE_PLACED_CANDIDATES, list(job_ids), list(attempts))

@@ -313,3 +313,24 @@ async def test_unplaced_trigger_refunds_nothing(db: Database, ledger: LedgerDoub
     assert len(ledger.charges) > 0
     assert ledger.refund_calls == []
     assert await count(db, "SELECT count(*) FROM metering.refunds") == 0
+
+
+async def test_placement_waiting_on_batch_keeps_placed(db: Database) -> None:
+    """Placements that wait on a batch of triggers still give the attempt a placed trigger."""
+    triggers = [
+        EndTrigger("job-t", 0, "health:b-1", "prov-b", "acsp.task.prov-b.r1.node-9", b""),
+        EndTrigger("job-t", 0, "health:a-1", "prov-a", "acsp.task.prov-a.r1.node-1", b""),
+    ]
+    placed = AttemptFacts("job-t", 0, "hold-t", "grant-1", providers=("prov-a",))
+    async with db.acquire() as recording, db.acquire() as placing:
+        transaction = recording.transaction()
+        await transaction.start()
+        try:
+            await record_end_triggers(recording, triggers)
+            placement = asyncio.create_task(record_attempts(placing, [placed]))
+            await wait_until(_lock_awaited(db), timeout_s=10)
+        finally:
+            await transaction.commit()
+        await asyncio.wait_for(placement, 10)
+
+    assert await _trigger(db) == ("health:a-1", "prov-a")
