@@ -12,9 +12,10 @@ before the merge and kept as a dead letter (see :mod:`services.metering.overlaps
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -154,6 +155,18 @@ async def write_batch(
     dead_letters = list(rejections)
     inserted = 0
     not_stored = 0  # samples that became dead letters: overlaps and reused ids
+    if len(unique) < len(samples):
+        # Rare, so only then is each repeated id compared with its first sample.
+        unique, reused_in_batch = _first_of_each_id(samples)
+        if reused_in_batch:
+            logger.warning(
+                "%d samples reuse the id of an earlier sample of their batch for other usage, "
+                "kept as dead letters, the first: %s",
+                len(reused_in_batch),
+                reused_in_batch[0].dedupe_key,
+            )
+        dead_letters.extend(reused_in_batch)
+        not_stored = len(reused_in_batch)
     token = batch_token()
     if unique:
         await raise_coverage(conn, unique, token)
@@ -206,10 +219,52 @@ async def write_batch(
     return BatchResult(inserted, len(samples) - inserted - not_stored, len(dead_letters))
 
 
-def _reused_id_rejection(sample: UsageSample, stored: asyncpg.Record) -> Rejection:
-    """Return the dead letter of a sample whose id is stored with other usage."""
+def _first_of_each_id(samples: Sequence[UsageSample]) -> tuple[list[UsageSample], list[Rejection]]:
+    """Keep the first sample of each provider and sample id, as the primary key does across
+    batches, and return dead letters for the later ones that carry other charged usage."""
+    first: dict[tuple[str, str], UsageSample] = {}
+    reused: list[Rejection] = []
+    for sample in samples:
+        first_sample = first.setdefault((sample.provider, sample.sample_id), sample)
+        if first_sample is sample or _charged_usage(first_sample) == _charged_usage(sample):
+            continue
+        earlier = {
+            "job_id": first_sample.job_id,
+            "attempt": first_sample.attempt,
+            "accelerator_id": first_sample.accelerator_id,
+            "node": first_sample.node,
+            "start_us": first_sample.start_us,
+            "end_us": first_sample.end_us,
+            "accelerator_micros": first_sample.accelerator_micros,
+        }
+        reused.append(_reused_id_rejection(sample, earlier, "used earlier in its batch"))
+    return list(first.values()), reused
+
+
+def _charged_usage(sample: UsageSample) -> tuple[object, ...]:
+    """Return the fields that _FIND_REUSED_IDS compares with the stored row."""
+    return (
+        sample.job_id,
+        sample.attempt,
+        sample.task_id,
+        sample.region,
+        sample.node,
+        sample.accelerator_id,
+        sample.accelerator_model,
+        sample.share_millis,
+        sample.start_us,
+        sample.end_us,
+        sample.accelerator_micros,
+    )
+
+
+def _reused_id_rejection(
+    sample: UsageSample, stored: Mapping[str, Any], where: str = "already stored"
+) -> Rejection:
+    """Return the dead letter of a sample whose id is stored, or used earlier in its batch,
+    with other usage."""
     reason = (
-        f"sample id {sample.sample_id} of provider {sample.provider} is already stored for job "
+        f"sample id {sample.sample_id} of provider {sample.provider} is {where} for job "
         f"{stored['job_id']} attempt {stored['attempt']} on accelerator "
         f"{stored['accelerator_id']} of node {stored['node']} from "
         f"{iso_micros(stored['start_us'])} to {iso_micros(stored['end_us'])} "

@@ -188,6 +188,35 @@ async def test_reused_id_dead_lettered(db: Database) -> None:
     assert reasons == 1
 
 
+async def test_reused_id_in_one_batch(db: Database) -> None:
+    """The first sample of an id in a batch is stored, and a later one with other usage is a
+    dead letter, as when they come in two batches."""
+    result = await _write(
+        db,
+        [
+            _usage("a", 0, 60),
+            _usage("a", 0, 60, sequence=2),
+            _usage("a", 0, 60, sequence=3, accelerator_id="GPU-1"),
+        ],
+    )
+
+    assert result.inserted == 1
+    assert result.duplicates == 1
+    assert result.dead_lettered == 1
+    assert await _stored_micros(db) == 60 * SECOND_US
+    stored = await count(
+        db, "SELECT count(*) FROM metering.usage_samples WHERE accelerator_id = 'GPU-0'"
+    )
+    assert stored == 1
+    reasons = await count(
+        db,
+        "SELECT count(*) FROM metering.dead_letters WHERE dedupe_key = 'reused-id:prov-a/a/3' "
+        "AND reason LIKE '%used earlier in its batch for job job-o attempt 0 on accelerator "
+        "GPU-0%'",
+    )
+    assert reasons == 1
+
+
 async def test_reused_id_redelivery_changes_nothing(db: Database) -> None:
     await _write(db, [_usage("a", 0, 60)])
     longer = [_usage("a", 0, 120, sequence=2)]
