@@ -53,11 +53,11 @@ logger = logging.getLogger(__name__)
 WATCH_POLL_S: Final = 1.0
 SUBMITTERS: Final = (Role.RESEARCHER, Role.PI, Role.SERVICE, Role.PROGRAM_OFFICE)
 MAX_PAGE_BYTES: Final = 3 * 1024 * 1024
+"""Encoded jobs of one ListJobs page, below the 4 MiB that gRPC clients receive by default."""
 INITIAL_PAGE_SIZE: Final = 1000
 """Open jobs read per query while a watch sends its initial state."""
 INITIAL_DRAIN_EVERY: Final = 100
 """Initial jobs sent between two moves of the watcher's queued changes aside."""
-"""Encoded jobs of one ListJobs page, below the 4 MiB that gRPC clients receive by default."""
 
 
 class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):

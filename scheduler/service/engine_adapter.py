@@ -469,7 +469,8 @@ class EngineAdapter:
 
         ``stopping`` lists the task index and node key of each task that got a stop command
         its node has not confirmed. Their accelerators stay fenced until :meth:`tasks_stopped`
-        for the job on that node. The job's later attempts are not placed on ``avoid_nodes``.
+        for the job on that node. The job's later attempts go to ``avoid_nodes`` only when no other
+        node has room.
         """
         if self.running_in_engine(job_id):
             self.engine.apply(ev.JobRequeued(job_id, stopping, avoid_nodes), now)
