@@ -254,7 +254,9 @@ async def _paused_in_transaction(db: Database, pid: int) -> bool:
     A statement sent just before the pause still runs, so this waits up to a second for the
     process's connections to finish it. A connection still busy after that counts as inside one.
     """
-    ports = _local_tcp_ports(pid)
+    async with db.acquire() as conn:
+        server_port = await conn.fetchval("SELECT inet_server_port()")
+    ports = _client_ports(pid, server_port)
     query = "SELECT state FROM pg_stat_activity WHERE client_port = ANY($1::int[])"
     deadline = asyncio.get_running_loop().time() + 1
     while True:
@@ -265,8 +267,12 @@ async def _paused_in_transaction(db: Database, pid: int) -> bool:
         await asyncio.sleep(0.02)
 
 
-def _local_tcp_ports(pid: int) -> set[int]:
-    """Return the local ports of the open TCP sockets of process ``pid`` (Linux)."""
+def _client_ports(pid: int, server_port: int) -> set[int]:
+    """Return the local ports of process ``pid``'s TCP connections to ``server_port`` (Linux).
+
+    Only those connections count: a local port of another connection, to NATS say, may equal
+    the client port of another process's database connection, such as the survivor's.
+    """
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -281,7 +287,8 @@ def _local_tcp_ports(pid: int) -> set[int]:
             next(lines)
             for line in lines:
                 fields = line.split()
-                if fields[9] in inodes:
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if fields[9] in inodes and remote_port == server_port:
                     ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
 
