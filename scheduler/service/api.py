@@ -292,8 +292,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
                         for index, initial in enumerate(page):
                             yield job_to_proto(initial)
                             if index % INITIAL_DRAIN_EVERY == 0:
-                                _hold_latest(latest_changes, watcher.take_queued())
-                        _hold_latest(latest_changes, watcher.take_queued())
+                                _hold_latest(latest_changes, watcher.take_queued(), watcher.limit)
+                        _hold_latest(latest_changes, watcher.take_queued(), watcher.limit)
                 except WatchOverflow as exc:
                     raise Unavailable(str(exc)) from None
                 for latest in latest_changes.values():
@@ -393,11 +393,17 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         return response
 
 
-def _hold_latest(latest_changes: dict[str, Job], changes: list[Job]) -> None:
-    """Keep the latest of ``changes`` per job, ordered by each job's last change."""
+def _hold_latest(latest_changes: dict[str, Job], changes: list[Job], limit: int) -> None:
+    """Keep the latest of ``changes`` per job, the job last changed last.
+
+    Raises :class:`WatchOverflow` once more than ``limit`` jobs wait, the limit of the
+    watcher's own queue.
+    """
     for change in changes:
         latest_changes.pop(change.job_id, None)
         latest_changes[change.job_id] = change
+    if len(latest_changes) > limit:
+        raise WatchOverflow("the watch fell behind; watch again with send_initial")
 
 
 def _jobs_page(jobs: list[Job], token: str) -> scheduler_pb2.ListJobsResponse:

@@ -167,11 +167,13 @@ def test_held_changes_keep_latest() -> None:
     first = job_of("j1", "p1")
     latest = evolve(first, state="running")
 
-    _hold_latest(latest_changes, [first, job_of("j2", "p1")])
-    _hold_latest(latest_changes, [latest])
+    _hold_latest(latest_changes, [first, job_of("j2", "p1")], limit=2)
+    _hold_latest(latest_changes, [latest], limit=2)
 
     assert list(latest_changes) == ["j2", "j1"]
     assert latest_changes["j1"].state == "running"
+    with pytest.raises(WatchOverflow):
+        _hold_latest(latest_changes, [job_of("j3", "p1")], limit=2)
 
 
 def test_watches_limited_per_caller() -> None:
