@@ -126,6 +126,7 @@ def job_to_engine(
         regions=regions,
         wall_time_s=float(spec.wall_time_s),
         checkpointable=spec.checkpointable,
+        avoid_nodes=frozenset(job.avoid_nodes),
     )
 
 

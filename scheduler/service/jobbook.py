@@ -721,10 +721,8 @@ class JobBook:
         requeue. Without it, the engine has requeued the job already and fenced every share
         it had, so the shares on nodes without an orphan of the job are freed here. An
         attempt whose hold was still in flight sent no start command, so its tasks get no stop.
-        With ``release``, the engine places later attempts elsewhere than ``avoid_nodes`` if it can.
-
-        NOTE: the nodes a job avoids live in the engine only, so a new leader may place the job
-        on them again. The count of failed starts is stored, so the job still fails at the limit.
+        ``avoid_nodes`` join the job's stored nodes to avoid, and with ``release`` the engine
+        learns them too: it places later attempts elsewhere if it can.
         """
         job = self.jobs.get(job_id)
         if job is None or job.terminal:
@@ -755,6 +753,7 @@ class JobBook:
             hold_amount=None,
             started_at=None,
             stop_outcome="",
+            avoid_nodes=tuple(sorted({*job.avoid_nodes, *avoid_nodes})),
         )
         self.jobs[job_id] = requeued
         fx.change(requeued, cause)

@@ -206,6 +206,9 @@ class Job:
     start_failures: int = 0
     """Attempts in a row that a node rejected at start, reset to 0 once every task of an
     attempt starts."""
+    avoid_nodes: tuple[str, ...] = ()
+    """Keys of the nodes that rejected a start of the job, sorted. Its later attempts go there
+    only if no other node has room."""
     updated_at: float | None = None
     """When the scheduler recorded the job's latest change, in Unix seconds: the submission
     time, then the clock of each loop turn that changes the job."""

@@ -670,6 +670,7 @@ def _job_from_row(row: asyncpg.Record) -> Job:
         placement=placement_from_json(row["placement"]),
         stop_outcome=row["stop_outcome"],
         start_failures=row["start_failures"],
+        avoid_nodes=tuple(json.loads(row["avoid_nodes"])),
         updated_at=from_datetime(row["updated_at"]),
     )
 
@@ -696,6 +697,7 @@ def _job_columns(jobs: Sequence[Job], causes: Sequence[str]) -> list[list[Any]]:
         # None writes the database's clock, for callers that change a job outside a loop turn.
         [to_datetime(job.updated_at) for job in jobs],
         [job.start_failures for job in jobs],
+        [json.dumps(job.avoid_nodes) for job in jobs],
     ]
 
 

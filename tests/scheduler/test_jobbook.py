@@ -178,6 +178,20 @@ def test_start_failure_avoids_node_next_attempt() -> None:
     record = book.engine.engine.jobs[job.job_id]
     assert record.spec.avoid_nodes == frozenset({"prov.reg.n1"})
     assert book.jobs[job.job_id].state == "pending"
+    assert book.jobs[job.job_id].avoid_nodes == ("prov.reg.n1",)
+
+
+def test_reloaded_job_keeps_avoided_nodes() -> None:
+    book = make_book()
+    job = make_job(tasks=1)
+    attempt_start(book, job, NOW + 1, "start_failed")
+    stored = book.jobs[job.job_id]
+
+    restarted = make_book()
+    restarted.add([stored], NOW + 10)
+
+    record = restarted.engine.engine.jobs[job.job_id]
+    assert record.spec.avoid_nodes == frozenset({"prov.reg.n1"})
 
 
 def test_lost_task_avoids_no_node() -> None:
