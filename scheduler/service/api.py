@@ -285,11 +285,14 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         try:
             if request.send_initial:
                 # Changes that arrive meanwhile wait here, the latest per job, so that a long
-                # initial state cannot overflow the watcher's queue. They follow it.
+                # initial state cannot overflow the watcher's queue. They follow it, except
+                # those no newer than the state a page sent.
                 latest_changes: dict[str, Job] = {}
+                sent_at: dict[str, float | None] = {}
                 try:
                     async for page in self._initial(request, scope):
                         for index, initial in enumerate(page):
+                            sent_at[initial.job_id] = initial.updated_at
                             yield job_to_proto(initial)
                             if index % INITIAL_DRAIN_EVERY == 0:
                                 _hold_latest(latest_changes, watcher.take_queued(), watcher.limit)
@@ -297,6 +300,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
                 except WatchOverflow as exc:
                     raise Unavailable(str(exc)) from None
                 for latest in latest_changes.values():
+                    if _sent_already(latest, sent_at):
+                        continue
                     if scope.matches(latest) and await self._access.may_see(principal, latest):
                         yield job_to_proto(latest)
             while True:
@@ -391,6 +396,12 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             response.used_millis_by_region.update(used)
             response.total_millis_by_region.update(total)
         return response
+
+
+def _sent_already(change: Job, sent_at: dict[str, float | None]) -> bool:
+    """Return True if the initial state sent ``change``'s job as recorded then or later."""
+    sent = sent_at.get(change.job_id)
+    return sent is not None and change.updated_at is not None and change.updated_at <= sent
 
 
 def _hold_latest(latest_changes: dict[str, Job], changes: list[Job], limit: int) -> None:

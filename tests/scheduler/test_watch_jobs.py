@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from acsp.v1 import scheduler_pb2
-from scheduler.service.api import INITIAL_PAGE_SIZE, _hold_latest
+from scheduler.service.api import INITIAL_PAGE_SIZE, _hold_latest, _sent_already
 from scheduler.service.model import Job, JobSpec
 from scheduler.service.watch import TooManyWatches, Watcher, WatchHub, WatchOverflow
 from services.runtime.auth import Role
@@ -174,6 +174,22 @@ def test_held_changes_keep_latest() -> None:
     assert latest_changes["j1"].state == "running"
     with pytest.raises(WatchOverflow):
         _hold_latest(latest_changes, [job_of("j3", "p1")], limit=2)
+
+
+def test_change_sent_in_initial_state_skipped() -> None:
+    sent_at: dict[str, float | None] = {"j1": 20.0, "j2": None}
+
+    older = evolve(job_of("j1", "p1"), updated_at=10.0)
+    same = evolve(job_of("j1", "p1"), updated_at=20.0)
+    newer = evolve(job_of("j1", "p1"), updated_at=30.0)
+    unknown_time = evolve(job_of("j2", "p1"), updated_at=30.0)
+    not_sent = evolve(job_of("j3", "p1"), updated_at=10.0)
+
+    assert _sent_already(older, sent_at)
+    assert _sent_already(same, sent_at)
+    assert not _sent_already(newer, sent_at)
+    assert not _sent_already(unknown_time, sent_at)
+    assert not _sent_already(not_sent, sent_at)
 
 
 def test_watches_limited_per_caller() -> None:
