@@ -193,7 +193,12 @@ async def test_batch_during_placements_keeps_placed(db: Database) -> None:
 
 def _lock_awaited(db: Database):  # type: ignore[no-untyped-def]
     async def check() -> bool:
-        return await count(db, "SELECT count(*) FROM pg_locks WHERE NOT granted") > 0
+        waiting = await count(
+            db,
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        return waiting > 0
 
     return check
 
