@@ -573,7 +573,11 @@ class JobBook:
                 timeout_s,
             )
             reason = f"tasks did not start within {timeout_s:.0f} s"
-            self.requeue(job_id, reason, "timer:start-deadline", fx, release=True)
+            # The nodes that did not start their tasks in time may be slow to start them again.
+            silent = tuple(t.node_key for t in job.placement if t.state == "assigned")
+            self.requeue(
+                job_id, reason, "timer:start-deadline", fx, release=True, avoid_nodes=silent
+            )
 
     def _expire_replacements(self, timeout_s: float, limit: float, fx: Effects) -> None:
         """Requeue whole the running jobs whose replaced task did not start in time."""
@@ -597,7 +601,14 @@ class JobBook:
                 timeout_s,
             )
             reason = f"replaced task {task_index} did not start within {timeout_s:.0f} s"
-            self.requeue(job_id, reason, "timer:start-deadline", fx, release=True)
+            self.requeue(
+                job_id,
+                reason,
+                "timer:start-deadline",
+                fx,
+                release=True,
+                avoid_nodes=(task.node_key,),
+            )
 
     def fail_unpublishable(self, record: DispatchRecord, reason: str, fx: Effects) -> None:
         """Fail the attempt whose start command ``record`` NATS rejected for good.

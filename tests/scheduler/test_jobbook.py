@@ -426,6 +426,7 @@ def test_start_deadline_requeues_silent_job() -> None:
     assert requeued.attempt == 2
     assert "did not start" in requeued.reason
     assert sorted(r.task_index for r in fx.commands if r.kind == "stop") == [0, 1]
+    assert requeued.avoid_nodes == ("prov.reg.n1",)
 
 
 def test_hold_of_cancelled_admission_is_released() -> None:

@@ -169,6 +169,7 @@ def test_unstarted_replacement_requeues_gang() -> None:
     assert stops == {("stop", target), ("stop", survivor.node_key)}
     assert [e.msg_id for e in fx.events] == [f"{job.job_id}/1/requeued"]
     assert not book.engine.running_in_engine(job.job_id)
+    assert requeued.avoid_nodes == (target,)
 
 
 def test_unpublishable_replacement_fails_attempt() -> None:
