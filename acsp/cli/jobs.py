@@ -180,6 +180,12 @@ def register(subparsers: Any) -> None:
         help="environment variable of every task; repeat",
     )
     submit.add_argument("--request-id", default="", help="idempotency key (default: random)")
+    submit.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="print only the job id (an array's id), for JOB_ID=$(acsp jobs submit -q ...)",
+    )
     submit.add_argument("command", nargs=argparse.REMAINDER, help="-- program and arguments")
     submit.set_defaults(func=submit_job)
 
@@ -304,6 +310,9 @@ def submit_job(args: argparse.Namespace) -> int:
     )
     with open_scheduler(args) as scheduler, naming_options(SUBMIT_OPTIONS):
         response = scheduler.SubmitJob(request)
+    if args.quiet:
+        print(response.job.job_id)
+        return EXIT_OK
     if response.array_job_ids:
         rows = [job_row_of(response.job)] + [
             {"job": job_id, "name": spec.name, "state": "pending"}
@@ -378,7 +387,8 @@ async def watch_jobs(args: argparse.Namespace) -> int:
     behind) is opened again with the initial state, up to :data:`WATCH_RESUMES` times in a row.
 
     Returns EXIT_OK for a watch of all jobs. For one job it returns EXIT_OK only when that job
-    completed, so that a script can test the outcome by the exit status.
+    completed, so that a script can test the outcome by the exit status. A job array's id
+    watches its elements until the last one ends, and the outcome is the array's.
     """
     request = scheduler_pb2.WatchJobsRequest(
         job_id=args.job_id, project_id=args.project, send_initial=True
@@ -395,10 +405,19 @@ async def watch_jobs(args: argparse.Namespace) -> int:
             try:
                 async for job in stream:
                     resumes = 0
-                    if _print_change(job, last_lines) and args.job_id:
-                        final_state = job.state
-                        stream.cancel()
-                        break
+                    if not (_print_change(job, last_lines) and args.job_id):
+                        continue
+                    if job.job_id != args.job_id:
+                        # An element of the array watched: the array ends with its last one.
+                        parent = await client.scheduler.GetJob(
+                            scheduler_pb2.GetJobRequest(job_id=args.job_id)
+                        )
+                        if parent.state not in ENDED_STATES:
+                            continue
+                        job = parent
+                    final_state = job.state
+                    stream.cancel()
+                    break
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE or resumes >= WATCH_RESUMES:
                     raise

@@ -168,6 +168,33 @@ async def test_watch_prints_time_scheduler_recorded(
     assert lines[0].split("  ", 1)[0] == format_time(job.end_time)
 
 
+async def test_watch_of_array_waits_for_last_element(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    token = stack.token(pi, Role.PI)
+    use_scheduler(monkeypatch, address, token)
+    # Each element takes the node's 8 accelerators, so the second starts after the first ends.
+    spec = job_spec(
+        project,
+        grant,
+        task_count=1,
+        accelerator_millis_per_task=8000,
+        array_size=2,
+        command=["sleep", "1"],
+    )
+    array_id = await submit(address, token, spec)
+
+    code, lines = await watch(capsys, array_id)
+    parent = await get_job(address, token, array_id)
+
+    assert code == 0
+    assert parent.state == scheduler_pb2.JOB_STATE_COMPLETED
+    assert sum("completed" in line for line in lines) == 2
+
+
 async def test_watch_resumes_after_scheduler_restart(
     stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
