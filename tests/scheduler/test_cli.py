@@ -436,6 +436,25 @@ def test_submit_unknown_region_shows_reason(
     assert "acsp fleet providers" in err
 
 
+def test_submit_quiet_prints_only_id(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Scheduler:
+        def SubmitJob(self, request: object) -> scheduler_pb2.SubmitJobResponse:
+            job = scheduler_pb2.Job(job_id="j-array", state=scheduler_pb2.JOB_STATE_PENDING)
+            return scheduler_pb2.SubmitJobResponse(job=job, array_job_ids=["j-1", "j-2"])
+
+    @contextlib.contextmanager
+    def open_scheduler(args: object) -> Iterator[Scheduler]:
+        yield Scheduler()
+
+    monkeypatch.setattr(jobs_cli, "open_scheduler", open_scheduler)
+    code = main(["jobs", "submit", "-q", "--project", "p1", "--array", "2", "--", "true"])
+
+    assert code == 0
+    assert capsys.readouterr().out == "j-array\n"
+
+
 def test_list_notes_jobs_past_limit(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
