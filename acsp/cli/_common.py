@@ -10,7 +10,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -117,6 +117,18 @@ def parse_time(text: str, option: str) -> timestamp_pb2.Timestamp:
         value = value.replace(tzinfo=UTC)
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value)
+    return stamp
+
+
+def parse_end_time(text: str, option: str) -> timestamp_pb2.Timestamp:
+    """Parse the end of a window for ``option``, as :func:`parse_time` does.
+
+    A date alone (``2027-12-31``) ends the window when that day ends, at the next midnight
+    UTC, so that the window includes the whole day it names.
+    """
+    stamp = parse_time(text, option)
+    if len(text) == len("YYYY-MM-DD"):
+        stamp.FromDatetime(stamp.ToDatetime(tzinfo=UTC) + timedelta(days=1))
     return stamp
 
 

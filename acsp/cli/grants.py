@@ -18,6 +18,7 @@ from acsp.cli._common import (
     naming_options,
     note_more_rows,
     output_options,
+    parse_end_time,
     parse_time,
     print_records,
     rows_of,
@@ -215,7 +216,7 @@ def run_apply(args: argparse.Namespace) -> int:
         justification=args.justification,
     )
     application.validity.start_time.CopyFrom(parse_time(args.start, "--start"))
-    application.validity.end_time.CopyFrom(parse_time(args.end, "--end"))
+    application.validity.end_time.CopyFrom(parse_end_time(args.end, "--end"))
     with open_grants(args) as grants:
         app = grants.SubmitApplication(
             grant_pb2.SubmitApplicationRequest(
@@ -458,7 +459,7 @@ def run_extend(args: argparse.Namespace) -> int:
             grant_pb2.ExtendGrantRequest(
                 request_id=_request_id(args),
                 grant_id=args.grant,
-                new_end_time=parse_time(args.end, "--end"),
+                new_end_time=parse_end_time(args.end, "--end"),
                 reason=args.reason,
             )
         )
@@ -554,7 +555,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--pf-days", required=True, help="requested budget in PF-days, e.g. 12.5")
     p.add_argument("--start", required=True, help="start of the validity window, ISO 8601")
-    p.add_argument("--end", required=True, help="end of the validity window, ISO 8601")
+    p.add_argument(
+        "--end",
+        required=True,
+        help="end of the validity window, ISO 8601; a date alone includes that whole day",
+    )
     p.add_argument(
         "--justification", required=True, help="what the compute is for, for the reviewers"
     )
@@ -663,7 +668,9 @@ def register(subparsers: Any) -> None:
 
     p = command("extend", run_extend, "move a grant's end later (program office)")
     p.add_argument("grant")
-    p.add_argument("--end", required=True, help="new end time, ISO 8601")
+    p.add_argument(
+        "--end", required=True, help="new end time, ISO 8601; a date alone includes that day"
+    )
     p.add_argument("--reason", required=True, help="why, recorded with the change")
     idempotent(p)
 

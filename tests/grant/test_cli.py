@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from acsp.cli import grants as grants_cli
+from acsp.cli._common import format_time, parse_end_time
 from acsp.cli.main import main
 from acsp.v1 import grant_pb2_grpc
 from services.runtime.auth import mint_token
@@ -304,3 +305,11 @@ async def test_cli_list_notes_rows_past_limit(
         assert code == 0, err
         assert len(out.splitlines()) == 4
         assert err == ""
+
+
+def test_end_date_includes_whole_day() -> None:
+    day_end = parse_end_time("2027-12-31", "--end")
+    exact = parse_end_time("2027-12-31T12:00:00", "--end")
+
+    assert format_time(day_end) == "2028-01-01T00:00:00+00:00"
+    assert format_time(exact) == "2027-12-31T12:00:00+00:00"
