@@ -34,6 +34,7 @@ from acsp.mesh.endpoints import (
     supervisor_alive,
 )
 from acsp.mesh.health import HealthReport, check_health
+from acsp.mesh.postgres import cluster_dir_for
 from acsp.mesh.supervisor import LocalMesh, MeshConfig, MeshStartError
 
 logger = logging.getLogger(__name__)
@@ -198,8 +199,12 @@ def _print_banner(info: MeshInfo) -> None:
     lines = [f"acsp mesh is up (data dir {info.data_dir})"]
     for name, endpoint in info.endpoints.items():
         lines.append(f"  {name:<10} {endpoint}   SERVING")
+    lines.append(f"  {'postgres':<10} {info.database_url}")
+    cluster = cluster_dir_for(info.data_dir)
+    if cluster.exists() and info.data_dir not in cluster.parents:
+        # As root the server's own user may not reach the data dir, so its files live elsewhere.
+        lines.append(f"  {'':<10} its files: {cluster} (outside the data dir)")
     lines += [
-        f"  {'postgres':<10} {info.database_url}",
         f"  {'nats':<10} {info.nats_url}",
         f"  {'CA':<10} {info.ca_cert}",
         f"  {'mesh file':<10} {info.data_dir / 'mesh.json'}",

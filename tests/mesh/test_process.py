@@ -9,7 +9,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
+from acsp.cli.mesh import _print_banner
 from acsp.mesh._process import ChildProcess
+from acsp.mesh.endpoints import MeshInfo
 from acsp.mesh.postgres import cluster_dir_for
 
 IGNORES_SIGTERM = """
@@ -116,3 +120,29 @@ def test_cluster_of_private_data_dir_as_root_moves_to_tmp():
         return
     assert cluster.parent == Path(tempfile.gettempdir())
     assert cluster.name.startswith("acsp-postgres-")
+
+
+def test_banner_shows_cluster_outside_data_dir(capsys: pytest.CaptureFixture[str]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root keeps the cluster outside a private data dir")
+    data_dir = Path(tempfile.mkdtemp(prefix="acsp-private-"))
+    data_dir.chmod(0o700)
+    cluster = cluster_dir_for(data_dir)
+    try:
+        cluster.mkdir()
+        info = MeshInfo(
+            data_dir=data_dir.resolve(),
+            endpoints={"grant": "127.0.0.1:1"},
+            ca_cert=data_dir / "ca.pem",
+            token_key=data_dir / "token.key",
+            database_url="postgresql://127.0.0.1:2/acsp",
+            nats_url="nats://127.0.0.1:3",
+            supervisor_pid=1,
+        )
+        _print_banner(info)
+    finally:
+        if cluster.exists():
+            cluster.rmdir()
+        data_dir.rmdir()
+
+    assert f"its files: {cluster} (outside the data dir)" in capsys.readouterr().out
