@@ -278,7 +278,38 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
     if code == grpc.StatusCode.UNAUTHENTICATED:
         # The service's message speaks of gRPC metadata; a CLI user sets a variable instead.
         message += f"\n{TOKEN_HINT}"
+    if code == grpc.StatusCode.NOT_FOUND:
+        hint = next((NOT_FOUND_HINTS[k] for k in missing_kinds(error) if k in NOT_FOUND_HINTS), "")
+        if hint and hint not in message:
+            message += f"; {hint}"
     return message
+
+
+NOT_FOUND_HINTS: Final = {
+    "project": "list the projects you belong to with acsp grants list, or create one with "
+    "acsp grants project",
+    "grant": "list the grants you may see with acsp grants list",
+    "sub-allocation": "list a grant's sub-allocations with acsp grants suballocations GRANT_ID",
+    "application": "list applications with acsp grants applications",
+    "job": "list jobs with acsp jobs list (an id you may not read is not found either)",
+    "node": "list nodes with acsp fleet nodes; a node id is PROVIDER/REGION/NODE",
+    "institution": "register it with acsp grants institution (program office)",
+}
+"""The command to run next, by the kind of object that a NOT_FOUND call names."""
+
+
+def missing_kinds(error: grpc.RpcError) -> list[str]:
+    """Return the resource kinds that a NOT_FOUND call's ``google.rpc`` status details name."""
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    packed = dict(trailers or ()).get(STATUS_DETAILS_KEY)
+    if not isinstance(packed, bytes):
+        return []
+    kinds = []
+    for detail in status_pb2.Status.FromString(packed).details:
+        info = error_details_pb2.ResourceInfo()
+        if detail.Unpack(info):
+            kinds.append(info.resource_type)
+    return kinds
 
 
 def exit_code_for_rpc_error(error: grpc.RpcError) -> int:

@@ -226,6 +226,7 @@ async def test_cli_assign_unregistered_institution(
         assert "NOT_FOUND" in err
         assert "institution 'uni-x' not found" in err
         assert "reviewer_institution_id" in err
+        assert "register it with acsp grants institution" in err
 
         # The rejected assignment changed nothing.
         code, out, err = await run_cli(capsys, "applications", application, "--format", "json")

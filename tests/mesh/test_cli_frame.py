@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from acsp.cli import _common, main, mesh
 from acsp.mesh.credentials import mint_token, prepare
@@ -186,6 +187,30 @@ def test_rpc_error_prints_code_and_message():
     error = _FakeRpcError(grpc.StatusCode.NOT_FOUND, "grant g-9 not found")
     assert _common.describe_rpc_error(error) == "NOT_FOUND: grant g-9 not found"
     assert _common.exit_code_for_rpc_error(error) == _common.EXIT_FAILURE
+
+
+class _FakeMissing(_FakeRpcError):
+    """A NOT_FOUND error whose status details name the missing object's kind."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(grpc.StatusCode.NOT_FOUND, message)
+        status = status_pb2.Status(code=grpc.StatusCode.NOT_FOUND.value[0], message=message)
+        status.details.add().Pack(error_details_pb2.ResourceInfo(resource_type=kind))
+        self._trailers = ((_common.STATUS_DETAILS_KEY, status.SerializeToString()),)
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return self._trailers
+
+
+def test_not_found_error_says_what_to_run():
+    project = _FakeMissing("project", "project 'nosuch-lab' not found")
+    unknown_kind = _FakeMissing("hold", "hold 'h-1' not found")
+
+    assert _common.describe_rpc_error(project) == (
+        "NOT_FOUND: project 'nosuch-lab' not found; list the projects you belong to with "
+        "acsp grants list, or create one with acsp grants project"
+    )
+    assert _common.describe_rpc_error(unknown_kind) == "NOT_FOUND: hold 'h-1' not found"
 
 
 def test_unavailable_maps_to_no_mesh_exit():
