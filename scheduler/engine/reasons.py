@@ -82,6 +82,24 @@ def size_reason(job: JobSpec, pools: Sequence[Pool]) -> tuple[ReasonCode, str] |
     )
 
 
+def largest_group_millis(job: JobSpec, pools: Sequence[Pool]) -> tuple[str, int]:
+    """Return the largest group of ``pools`` that one placement of the job may span.
+
+    The group is named for the message (``the largest region of ``, say, before the pools) and
+    measured in millis of every node it has, free or not.
+    """
+    if job.topology is Topology.SAME_REGION:
+        scope, key = "the largest region of ", lambda pool: pool.region_key
+    elif job.topology is Topology.SAME_PROVIDER and not job.allow_cross_provider:
+        scope, key = "the largest provider of ", lambda pool: pool.provider
+    else:
+        scope, key = "", lambda pool: ""
+    totals: dict[str, int] = {}
+    for pool in pools:
+        totals[key(pool)] = totals.get(key(pool), 0) + pool.total_millis
+    return scope, max(totals.values(), default=0)
+
+
 def no_pool_message(job: JobSpec, fleet_pools: Iterable[Pool]) -> str:
     """Explain why no pool of the fleet is a candidate for the job."""
     if not job.regions:
@@ -104,6 +122,14 @@ def capacity_reason(
     need = job.total_millis
     demand = describe_demand(job)
     where = describe_pools(pools)
+    scope, largest = largest_group_millis(job, pools)
+    if need > largest:
+        return (
+            ReasonCode.NO_CAPACITY,
+            f"{demand} needs {need / MILLIS_PER_ACCELERATOR:g} accelerators, more than "
+            f"{scope}{where} has ({largest / MILLIS_PER_ACCELERATOR:g}); it waits until the "
+            "fleet grows",
+        )
     if sum(up_nodes(pool) for pool in pools) == 0:
         return ReasonCode.NO_CAPACITY, f"no node of {where} is up"
     free_total = sum(free_millis(pool) for pool in pools)

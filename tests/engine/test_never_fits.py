@@ -84,3 +84,16 @@ def test_region_without_model_is_named() -> None:
 
     assert reason == "no_matching_model"
     assert "has an accepted accelerator model" in message
+
+
+def test_job_larger_than_fleet_says_so() -> None:
+    engine = make_engine()
+    for i in range(2):
+        engine.add_node(node(f"n{i}", 8))
+    engine.submit(job("huge", accelerators=2, tasks=100, topology=Topology.SAME_REGION))
+
+    reason, message = waiting_message("huge", engine.schedule(10.0))
+
+    assert reason == "no_capacity"
+    assert "needs 200 accelerators, more than the largest region of" in message
+    assert "has (16); it waits until the fleet grows" in message
