@@ -243,7 +243,7 @@ def run_status(args: argparse.Namespace) -> int:
         )
     if all(report.status in ("SERVING", "RUNNING") for report in reports):
         return EXIT_OK
-    if all(report.status == "UNREACHABLE" for report in reports):
+    if all(report.status in ("UNREACHABLE", "STOPPED") for report in reports):
         return EXIT_NO_MESH
     return EXIT_FAILURE
 

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from acsp.cli import _common, main, mesh
+from acsp.mesh._ports import free_port
 from acsp.mesh.credentials import mint_token, prepare
 from acsp.mesh.endpoints import MeshInfo, MeshNotFoundError, load_mesh, supervisor_alive
 from acsp.mesh.supervisor import LocalMesh, MeshConfig, MeshStartError
@@ -139,6 +141,28 @@ def test_status_without_mesh_exits_3(tmp_path: Path, capsys: pytest.CaptureFixtu
     code = main.main(["status", "--data-dir", str(tmp_path)])
     assert code == _common.EXIT_NO_MESH
     assert "no running mesh found" in capsys.readouterr().err
+
+
+def test_status_of_killed_mesh_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    credentials = prepare(tmp_path, services=[])
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    info = MeshInfo(
+        data_dir=tmp_path.resolve(),
+        endpoints={"grant": f"127.0.0.1:{free_port()}"},
+        ca_cert=credentials.client_identity.ca,
+        token_key=credentials.token_private_key,
+        database_url="postgresql://127.0.0.1:1/acsp",
+        nats_url="nats://127.0.0.1:1",
+        supervisor_pid=ended.pid,
+        extra={"pids": {"fleet": ended.pid}},
+    )
+    info.write()
+
+    code = main.main(["status", "--data-dir", str(tmp_path), "--timeout", "2"])
+
+    assert code == _common.EXIT_NO_MESH
+    assert "is not running" in capsys.readouterr().err
 
 
 def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]):
