@@ -270,8 +270,8 @@ async def _paused_in_transaction(db: Database, pid: int) -> bool:
 def _client_ports(pid: int, server_port: int) -> set[int]:
     """Return the local ports of process ``pid``'s TCP connections to ``server_port`` (Linux).
 
-    Only those connections count: a local port of another connection, to NATS say, may equal
-    the client port of another process's database connection, such as the survivor's.
+    Only those connections count: a local port of another connection (to NATS, for example)
+    may equal the client port of another process's database connection, such as the survivor's.
     """
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
