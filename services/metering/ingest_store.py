@@ -192,7 +192,7 @@ async def write_batch(
                     conn, [s for s in unique if (s.provider, s.sample_id) not in accepted_keys]
                 )
                 dead_letters.extend(overlaps)
-                not_stored = len(overlaps)
+                not_stored += len(overlaps)
             if accepted:
                 row = await conn.fetchrow(_MERGE, period_seconds * 1_000_000, received_at)
                 assert row is not None

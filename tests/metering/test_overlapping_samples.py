@@ -188,6 +188,21 @@ async def test_reused_id_dead_lettered(db: Database) -> None:
     assert reasons == 1
 
 
+async def test_reused_id_and_overlap_counted(db: Database) -> None:
+    result = await _write(
+        db,
+        [
+            _usage("a", 0, 60),
+            _usage("a", 0, 60, sequence=2, accelerator_id="GPU-1"),
+            _usage("b", 30, 90, sequence=3),
+        ],
+    )
+
+    assert result.inserted == 1
+    assert result.duplicates == 0
+    assert result.dead_lettered == 2
+
+
 async def test_reused_id_in_one_batch(db: Database) -> None:
     """The first sample of an id in a batch is stored, and a later one with other usage is a
     dead letter, as when they come in two batches."""
