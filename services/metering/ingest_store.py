@@ -19,7 +19,6 @@ from typing import Any
 
 import asyncpg
 
-from acsp import subjects
 from services.metering.overlaps import (
     batch_token,
     drop_staged,
@@ -28,6 +27,7 @@ from services.metering.overlaps import (
     iso_micros,
     lock_sample_times,
     raise_coverage,
+    sample_rejection,
     split_overlapping,
 )
 from services.metering.samples import Rejection, UsageSample, micros_to_seconds
@@ -151,22 +151,17 @@ async def write_batch(
     same task, accelerator, node and provider becomes a dead letter instead (see
     :mod:`services.metering.overlaps`).
     """
-    unique = list({(sample.provider, sample.sample_id): sample for sample in samples}.values())
-    dead_letters = list(rejections)
+    unique, reused_in_batch = _first_of_each_id(samples)
+    dead_letters = [*rejections, *reused_in_batch]
     inserted = 0
-    not_stored = 0  # samples that became dead letters: overlaps and reused ids
-    if len(unique) < len(samples):
-        # Rare, so only then is each repeated id compared with its first sample.
-        unique, reused_in_batch = _first_of_each_id(samples)
-        if reused_in_batch:
-            logger.warning(
-                "%d samples reuse the id of an earlier sample of their batch for other usage, "
-                "kept as dead letters, the first: %s",
-                len(reused_in_batch),
-                reused_in_batch[0].dedupe_key,
-            )
-        dead_letters.extend(reused_in_batch)
-        not_stored = len(reused_in_batch)
+    not_stored = len(reused_in_batch)  # samples that became dead letters: overlaps, reused ids
+    if reused_in_batch:
+        logger.warning(
+            "%d samples reuse the id of an earlier sample of their batch for other usage, "
+            "kept as dead letters, the first: %s",
+            len(reused_in_batch),
+            reused_in_batch[0].dedupe_key,
+        )
     token = batch_token()
     if unique:
         await raise_coverage(conn, unique, token)
@@ -274,14 +269,8 @@ def _reused_id_rejection(
         f"{sample.end_time.isoformat()}, {micros_to_seconds(sample.accelerator_micros)} "
         "accelerator-seconds) is not charged; the agent must give each sample its own id"
     )
-    return Rejection(
-        f"reused-id:{sample.provider}/{sample.sample_id}/{sample.stream_sequence}",
-        subjects.usage_subject(sample.provider, sample.region, sample.node),
-        sample.stream_sequence,
-        sample.sample_id,
-        reason,
-        None,
-    )
+    key = f"reused-id:{sample.provider}/{sample.sample_id}/{sample.stream_sequence}"
+    return sample_rejection(sample, key, reason)
 
 
 def _dead_letter(rejection: Rejection) -> tuple[object, ...]:

@@ -281,8 +281,13 @@ def overlap_rejection(sample: UsageSample, other: StoredSample, where: str) -> R
         f"sample {other.sample_id} ({other_start} to {other_end}), {where}; "
         "the sample is not charged"
     )
+    return sample_rejection(sample, f"overlap:{sample.provider}/{sample.sample_id}", reason)
+
+
+def sample_rejection(sample: UsageSample, dedupe_key: str, reason: str) -> Rejection:
+    """Return the dead letter of one valid sample that is not charged, for ``reason``."""
     return Rejection(
-        f"overlap:{sample.provider}/{sample.sample_id}",
+        dedupe_key,
         subjects.usage_subject(sample.provider, sample.region, sample.node),
         sample.stream_sequence,
         sample.sample_id,
