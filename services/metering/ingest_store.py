@@ -151,7 +151,11 @@ async def write_batch(
     same task, accelerator, node and provider becomes a dead letter instead (see
     :mod:`services.metering.overlaps`).
     """
-    unique, reused_in_batch = _first_of_each_id(samples)
+    unique = list({(sample.provider, sample.sample_id): sample for sample in samples}.values())
+    reused_in_batch: list[Rejection] = []
+    if len(unique) < len(samples):
+        # Rare, so only then is each repeated id compared with its first sample.
+        unique, reused_in_batch = _first_of_each_id(samples)
     dead_letters = [*rejections, *reused_in_batch]
     inserted = 0
     not_stored = len(reused_in_batch)  # samples that became dead letters: overlaps, reused ids
