@@ -129,7 +129,11 @@ class PassState:
         return plan_spread(fleet, spec, self.groups(spec, pools), excluded)
 
     def avoided(self, spec: JobSpec) -> Excluded:
-        """Return the ordinals of the fleet's nodes that ``spec`` avoids."""
+        """Return the ordinals of the fleet's nodes that ``spec`` avoids.
+
+        NOTE: only a job's own placement reads them. Preemption and reservations for the job
+        may still pick the nodes it avoids.
+        """
         by_id = self.engine.fleet.by_id
         return frozenset(by_id[n].ordinal for n in spec.avoid_nodes if n in by_id)
 

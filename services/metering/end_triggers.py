@@ -81,6 +81,8 @@ SELECT job_id, attempt, end_trigger, provider FROM checked WHERE unplaced ORDER 
 # statement tries no other, so it runs after that statement. An upsert in attempts.py that waits
 # on a row this batch locked reads the candidates with a snapshot taken before the batch
 # committed, which misses the batch's candidates, so it runs this statement after itself.
+# NOTE: the UPDATE locks rows in the planner's order, not in key order, so two batches could
+# deadlock. PostgreSQL then fails one of them, and its messages are delivered again.
 _TAKE_PLACED_CANDIDATES = """
 UPDATE metering.jobs AS j
 SET end_trigger = c.end_trigger, end_trigger_provider = c.provider

@@ -17,6 +17,9 @@ report a key's time in order, so nearly every new sample starts after it and nee
 the end is never too early, and a stalled batch does not hold the row for other batches of the
 key. The batch that raised a row last compares its samples with the end before its raise. A
 batch that fails leaves the end too late, which only costs probes.
+
+NOTE: the check is per task, so two jobs that both report one whole accelerator for the same
+time are both charged. Only shares of one task are compared with each other.
 """
 
 from __future__ import annotations
