@@ -131,8 +131,8 @@ class PassState:
     def avoided(self, spec: JobSpec) -> Excluded:
         """Return the ordinals of the fleet's nodes that ``spec`` avoids.
 
-        NOTE: only a job's own placement reads them. Preemption and reservations for the job
-        may still pick the nodes it avoids.
+        Placement, preemption and reservations try without them first and fall back to them,
+        so a job starts on a node it avoids rather than wait longer.
         """
         by_id = self.engine.fleet.by_id
         return frozenset(by_id[n].ordinal for n in spec.avoid_nodes if n in by_id)
@@ -329,14 +329,22 @@ class PassState:
     def reserve(
         self, spec: JobSpec, pools: tuple[Pool, ...], not_before: float
     ) -> Reservation | None:
+        excluded = self.excluded_prefix[-1]
         reservation = earliest_start(
-            self.engine.fleet,
-            spec,
-            pools,
-            self._releases(pools),
-            not_before,
-            self.excluded_prefix[-1],
+            self.engine.fleet, spec, pools, self._releases(pools), not_before, excluded
         )
+        if reservation is not None and spec.avoid_nodes:
+            # Take a reservation off the nodes the job avoids when it starts no later.
+            elsewhere = earliest_start(
+                self.engine.fleet,
+                spec,
+                pools,
+                self._releases(pools),
+                not_before,
+                excluded | self.avoided(spec),
+            )
+            if elsewhere is not None and elsewhere.start <= reservation.start:
+                reservation = elsewhere
         if reservation is not None:
             self.add_reservation(reservation)
         return reservation

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from scheduler.engine.decisions import Cause, Preempt, ReplaceTask, Requeue, TaskPlacement
-from scheduler.engine.fleet import TENTATIVE_OWNER, Pool
-from scheduler.engine.placement import TaskPlan, best_fit_share, emptiest_first, fill_nodes
+from scheduler.engine.fleet import TENTATIVE_OWNER, NodeRecord, Pool
+from scheduler.engine.placement import (
+    Excluded,
+    TaskPlan,
+    best_fit_share,
+    emptiest_first,
+    fill_nodes,
+)
 from scheduler.engine.preemption import grace_deadline, priority_victims, shrink_victims
 from scheduler.engine.records import JobRecord
 from scheduler.engine.spec import MILLIS_PER_ACCELERATOR, PriorityClass, Topology
@@ -84,13 +91,21 @@ def preempt_for(state: PassState, record: JobRecord, pools: tuple[Pool, ...]) ->
     """Preempt preemptible jobs so that ``record`` fits later; return the victims."""
     engine = state.engine
     fleet = engine.fleet
-    nodes = (
-        fleet.nodes[ordinal]
-        for pool in pools
-        for ordinal in pool.preemptible_nodes
-        if fleet.nodes[ordinal].schedulable
-    )
-    victims = priority_victims(record.spec, pools, nodes, engine.jobs)
+    spec = record.spec
+
+    def nodes(skip: Excluded) -> Iterator[NodeRecord]:
+        for pool in pools:
+            for ordinal in pool.preemptible_nodes:
+                found = fleet.nodes[ordinal]
+                if found.schedulable and ordinal not in skip:
+                    yield found
+
+    victims = None
+    if spec.avoid_nodes:
+        # Prefer victims off the nodes the job avoids, because its placement tries those first.
+        victims = priority_victims(spec, pools, nodes(state.avoided(spec)), engine.jobs)
+    if not victims:
+        victims = priority_victims(spec, pools, nodes(frozenset()), engine.jobs)
     if not victims:
         return []
     for job_id in victims:

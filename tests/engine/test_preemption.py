@@ -263,3 +263,49 @@ def test_domain_gang_skips_failed_accelerator() -> None:
     result = engine.schedule(10.0)
 
     assert preempts(result) == []
+
+
+def test_preemption_stops_jobs_off_avoided_nodes() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 1))
+    engine.add_node(node("n2", 1))
+    engine.submit(job("low-1", priority=PriorityClass.PREEMPTIBLE))
+    engine.submit(job("low-2", priority=PriorityClass.PREEMPTIBLE, submit=1.0))
+    running = placed(engine.schedule(0.0))
+    on_n2 = next(job_id for job_id, place in running.items() if nodes_of(place) == {"n2"})
+
+    engine.submit(
+        job(
+            "high",
+            priority=PriorityClass.INTERACTIVE,
+            submit=2.0,
+            avoid_nodes=frozenset({"n1"}),
+        )
+    )
+    [decision] = preempts(engine.schedule(2.0))
+
+    assert decision.job_id == on_n2
+    engine.apply(JobEnded(on_n2, JobOutcome.PREEMPTED))
+    assert nodes_of(placed(engine.schedule(3.0))["high"]) == {"n2"}
+
+
+def test_preemption_falls_back_to_avoided_node() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 1))
+    engine.add_node(node("n2", 1))
+    engine.submit(job("low", priority=PriorityClass.PREEMPTIBLE))
+    engine.submit(job("standard", submit=1.0))
+    running = placed(engine.schedule(0.0))
+    low_node = nodes_of(running["low"])
+
+    engine.submit(
+        job(
+            "high",
+            priority=PriorityClass.INTERACTIVE,
+            submit=2.0,
+            avoid_nodes=frozenset(low_node),
+        )
+    )
+    [decision] = preempts(engine.schedule(2.0))
+
+    assert decision.job_id == "low"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from scheduler.engine import Engine, Pledge, Reserve, ScheduleResult, Topology
 from scheduler.engine.reasons import at
-from tests.engine.helpers import job, make_engine, node, placed, reasons
+from tests.engine.helpers import job, make_engine, node, nodes_of, placed, reasons
 
 
 def reserves(result: ScheduleResult) -> list[Reserve]:
@@ -123,3 +123,39 @@ def test_advance_reservation_starts_when_due() -> None:
 def test_message_times_read_as_dates_or_seconds() -> None:
     assert at(3600.4) == "t=3600 s"
     assert at(1_796_436_818.5) == "2026-12-05 02:13:38 UTC"
+
+
+def running_on_two_nodes(first_ends: float, second_ends: float) -> Engine:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.add_node(node("n2", 4))
+    engine.submit(job("on-n1", accelerators=4, wall_time_s=first_ends))
+    engine.submit(job("on-n2", accelerators=4, wall_time_s=second_ends, submit=1.0))
+    result = engine.schedule(0.0)
+    assert {job_id: nodes_of(place) for job_id, place in placed(result).items()} == {
+        "on-n1": {"n1"},
+        "on-n2": {"n2"},
+    }
+    return engine
+
+
+def test_reservation_off_avoided_node_when_no_later() -> None:
+    engine = running_on_two_nodes(1000.0, 1000.0)
+    engine.submit(
+        job("whole", accelerators=4, wall_time_s=100.0, submit=2.0, avoid_nodes=frozenset({"n1"}))
+    )
+
+    [reserve] = reserves(engine.schedule(5.0))
+
+    assert (reserve.start_time, reserve.node_ids) == (1000.0, ("n2",))
+
+
+def test_reservation_keeps_avoided_node_when_sooner() -> None:
+    engine = running_on_two_nodes(1000.0, 2000.0)
+    engine.submit(
+        job("whole", accelerators=4, wall_time_s=100.0, submit=2.0, avoid_nodes=frozenset({"n1"}))
+    )
+
+    [reserve] = reserves(engine.schedule(5.0))
+
+    assert (reserve.start_time, reserve.node_ids) == (1000.0, ("n1",))
