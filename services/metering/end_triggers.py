@@ -81,12 +81,12 @@ SELECT job_id, attempt, end_trigger, provider FROM checked WHERE unplaced ORDER 
 # statement tries no other, so it runs after that statement. An upsert in attempts.py that waits
 # on a row this batch locked reads the candidates with a snapshot taken before the batch
 # committed, which misses the batch's candidates, so it runs this statement after itself.
-# NOTE: the UPDATE locks rows in the planner's order, not in key order, so two batches could
-# deadlock. PostgreSQL then fails one of them, and its messages are delivered again.
+# An UPDATE alone locks rows in the order its plan visits them: a nested loop visits keys in
+# order, a hash join the table's physical order. Two batches with different plans could then
+# deadlock. So the locked CTE locks the rows first, in key order, because FOR UPDATE locks rows
+# after the sort, and the UPDATE touches only rows that this transaction has locked.
 _TAKE_PLACED_CANDIDATES = """
-UPDATE metering.jobs AS j
-SET end_trigger = c.end_trigger, end_trigger_provider = c.provider
-FROM (
+WITH taken AS (
     SELECT DISTINCT ON (c.job_id, c.attempt) c.job_id, c.attempt, c.end_trigger, c.provider
     FROM metering.end_trigger_candidates c
     JOIN metering.jobs p ON p.job_id = c.job_id AND p.attempt = c.attempt
@@ -94,8 +94,18 @@ FROM (
       ON g.job_id = c.job_id AND g.attempt = c.attempt
     WHERE p.end_trigger = '' AND c.provider = ANY(p.providers)
     ORDER BY c.job_id, c.attempt, c.recorded_at, c.position
-) AS c
-WHERE j.job_id = c.job_id AND j.attempt = c.attempt AND j.end_trigger = ''
+), locked AS MATERIALIZED (
+    SELECT l.job_id, l.attempt
+    FROM metering.jobs l
+    JOIN taken t ON t.job_id = l.job_id AND t.attempt = l.attempt
+    ORDER BY l.job_id, l.attempt
+    FOR UPDATE OF l
+)
+UPDATE metering.jobs AS j
+SET end_trigger = t.end_trigger, end_trigger_provider = t.provider
+FROM locked l
+JOIN taken t ON t.job_id = l.job_id AND t.attempt = l.attempt
+WHERE j.job_id = l.job_id AND j.attempt = l.attempt AND j.end_trigger = ''
 """
 
 

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from acsp import subjects
 from acsp.v1 import agent_pb2
 from services.metering.attempts import AttemptFacts, record_attempts
-from services.metering.end_triggers import EndTrigger, record_end_triggers
+from services.metering.end_triggers import EndTrigger, record_end_triggers, take_placed_candidates
 from services.metering.events import FactConsumers
 from services.metering.ingest_store import write_batch
 from services.metering.samples import UsageSample
@@ -339,3 +339,87 @@ async def test_placement_waiting_on_batch_keeps_placed(db: Database) -> None:
         await asyncio.wait_for(placement, 10)
 
     assert await _trigger(db) == ("health:a-1", "prov-a")
+
+
+_KEY_ORDER_PLAN = ("enable_hashjoin", "enable_mergejoin", "enable_seqscan")
+"""Planner settings that make a nested loop visit the attempts in key order."""
+_PHYSICAL_ORDER_PLAN = (
+    "enable_nestloop",
+    "enable_mergejoin",
+    "enable_indexscan",
+    "enable_bitmapscan",
+)
+"""Planner settings that make a hash join visit the jobs table in physical order."""
+
+
+async def _take_with_plan(
+    db: Database, disabled: tuple[str, ...], job_ids: list[str], started: asyncio.Event
+) -> None:
+    async with db.acquire() as conn, conn.transaction():
+        for setting in disabled:
+            await conn.execute(f"SET LOCAL {setting} = off")
+        started.set()
+        await take_placed_candidates(conn, job_ids, [0] * len(job_ids))
+
+
+async def test_concurrent_candidate_batches_no_deadlock(db: Database) -> None:
+    """Two batches lock the same attempts in key order, whatever plan each statement gets.
+
+    The jobs are stored in reverse key order, so one plan visits job-a first and the other
+    job-z first. A third transaction locks job-m, which both batches reach second, so each
+    batch has locked its first row when that transaction commits.
+    """
+    job_ids = ["job-a", "job-m", "job-z"]
+    for round_index in range(3):
+        async with db.acquire() as conn:
+            await conn.execute("TRUNCATE metering.jobs, metering.end_trigger_candidates")
+            for job_id in reversed(job_ids):
+                await conn.execute(
+                    "INSERT INTO metering.jobs (job_id, attempt, hold_id, grant_id, providers) "
+                    "VALUES ($1, 0, 'hold', 'grant-1', ARRAY['prov-a'])",
+                    job_id,
+                )
+                await conn.execute(
+                    "INSERT INTO metering.end_trigger_candidates "
+                    "(job_id, attempt, provider, end_trigger, position) "
+                    "VALUES ($1, 0, 'prov-a', $2, 1)",
+                    job_id,
+                    f"health:{job_id}-{round_index}",
+                )
+        async with db.acquire() as holder:
+            transaction = holder.transaction()
+            await transaction.start()
+            try:
+                await holder.execute(
+                    "SELECT 1 FROM metering.jobs WHERE job_id = 'job-m' FOR UPDATE"
+                )
+                started = [asyncio.Event(), asyncio.Event()]
+                batches = [
+                    asyncio.create_task(_take_with_plan(db, _KEY_ORDER_PLAN, job_ids, started[0])),
+                    asyncio.create_task(
+                        _take_with_plan(db, _PHYSICAL_ORDER_PLAN, job_ids, started[1])
+                    ),
+                ]
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 10)
+                await wait_until(_lock_waits_at_least(db, 2), timeout_s=10)
+            finally:
+                await transaction.commit()
+            await asyncio.wait_for(asyncio.gather(*batches), 20)
+
+        async with db.acquire() as conn:
+            rows = await conn.fetch("SELECT job_id, end_trigger FROM metering.jobs ORDER BY job_id")
+        assert [(r["job_id"], r["end_trigger"]) for r in rows] == [
+            (job_id, f"health:{job_id}-{round_index}") for job_id in job_ids
+        ]
+
+
+def _lock_waits_at_least(db: Database, waiting: int):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        found = await count(
+            db,
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        return found >= waiting
+
+    return check
