@@ -30,6 +30,7 @@ _TUPLE_FIELDS = (
     "grant_providers",
     "grant_regions",
     "grant_models",
+    "after_job_ids",
 )
 
 

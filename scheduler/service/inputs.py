@@ -146,6 +146,14 @@ class HoldDone:
     outcome: HoldOutcome
 
 
+@dataclass(frozen=True, slots=True)
+class DependencyStates:
+    """Stored states of jobs that others wait for, read because the loop did not know them."""
+
+    states: tuple[tuple[str, str], ...]
+    """Job id and state; ``not_found`` for an id the store does not hold."""
+
+
 Input = (
     Submitted
     | CancelRequested
@@ -160,4 +168,5 @@ Input = (
     | PledgeChanged
     | RecallAdded
     | ProviderRegistered
+    | DependencyStates
 )

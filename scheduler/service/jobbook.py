@@ -23,6 +23,7 @@ from .commands import (
     start_record,
     stop_record,
 )
+from .dependencies import NOT_FOUND, Dependencies
 from .engine_adapter import AcceleratorHealth, EngineAdapter, PassResult
 from .model import Job, JobState, TaskPlacement, node_name
 from .store import DispatchRecord, Orphan
@@ -126,6 +127,12 @@ class JobBook:
         self._replacing_since: dict[tuple[str, int, int], float] = {}
         """Job id, attempt and task index of a replaced task not yet started, to the time its
         start command went out."""
+        self.dependencies = Dependencies()
+        self._dependency_waits: list[str] = []
+        """Jobs added since the last turn that wait for others, whose reason is recorded then."""
+        self._dependency_failures: list[tuple[str, str, str]] = []
+        """Jobs added since the last turn that can never start, with the job they named and its
+        final state, cancelled on the next turn."""
 
     # Loading and submission.
 
@@ -143,7 +150,8 @@ class JobBook:
                 continue
             try:
                 if job.state == "pending":
-                    self.engine.add_job(job)
+                    if not (job.spec.after_job_ids and self._wait_for_dependencies(job)):
+                        self.engine.add_job(job)
                     continue
                 if not self.engine.add_running(job, now):
                     self._requeue_reloaded.append(job.job_id)
@@ -167,6 +175,22 @@ class JobBook:
                 self.engine.mark_stopping(job.job_id)
                 if not live:
                     self._settle_reloaded.append(job.job_id)
+
+    def _wait_for_dependencies(self, job: Job) -> bool:
+        """Keep ``job`` out of the engine while jobs it names have not completed; return
+        whether it is kept out."""
+        failed = self.dependencies.register(
+            job.job_id, job.spec.after_job_ids, self.jobs.__contains__
+        )
+        if failed is not None:
+            self._dependency_failures.append((job.job_id, *failed))
+            return True
+        if not self.dependencies.waits(job.job_id):
+            return False
+        waiting = job.with_state("pending", self.dependencies.message(job.job_id), "dependency")
+        self.jobs[job.job_id] = waiting
+        self._dependency_waits.append(job.job_id)
+        return True
 
     def adopt_orphans(self, orphans: list[Orphan]) -> None:
         """Take back the stored task copies that wait for a confirmed stop, after a restart.
@@ -252,6 +276,55 @@ class JobBook:
                 continue
             self.engine.end(job_id, stopping.outcome, fx.now)
             self._finish(job, stopping.outcome, stopping.reason, "reload", fx)
+        self._settle_dependencies(fx)
+
+    def _settle_dependencies(self, fx: Effects) -> None:
+        """Record why new jobs wait for others, and apply the ends of the jobs they wait for.
+
+        A job whose last awaited job completed enters the engine. One whose awaited job ended
+        otherwise is cancelled, and its own end applies to the jobs that wait for it.
+        """
+        for job_id in self._dependency_waits:
+            job = self.jobs.get(job_id)
+            if job is not None and job.pending_reason == "dependency":
+                fx.change(job, "dependency")
+        self._dependency_waits.clear()
+        for job_id, other, state in self._dependency_failures:
+            self._cancel_waiting(job_id, other, state, fx)
+        self._dependency_failures.clear()
+        while (end := self.dependencies.next_end()) is not None:
+            other, state, dependents = end
+            for job_id in dependents:
+                if state != "completed":
+                    self.dependencies.forget(job_id)
+                    self._cancel_waiting(job_id, other, state, fx)
+                    continue
+                job = self.jobs.get(job_id)
+                if job is None or job.state != "pending":
+                    continue
+                if not self.dependencies.completed(job_id, other):
+                    waiting = evolve(job, reason=self.dependencies.message(job_id))
+                    self.jobs[job_id] = waiting
+                    fx.change(waiting, "dependency")
+                    continue
+                released = job.with_state("pending")
+                self.jobs[job_id] = released
+                fx.change(released, "dependency")
+                try:
+                    self.engine.add_job(released)
+                except InvalidInputError as exc:
+                    logger.error("job %s failed: the engine rejected it: %s", job_id, exc)
+                    self._rejected.append((job_id, str(exc)))
+
+    def _cancel_waiting(self, job_id: str, other: str, state: str, fx: Effects) -> None:
+        """Cancel ``job_id``, which waits outside the engine, because ``other`` ended in
+        ``state`` and so it can never start."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state != "pending":
+            return
+        ended = "is not found" if state == NOT_FOUND else f"ended {state}"
+        reason = f"job {other} that it waits for {ended}, so it can never start"
+        self._finish(job, "cancelled", reason, "dependency", fx)
 
     # Engine passes.
 
@@ -663,7 +736,8 @@ class JobBook:
             self.jobs[job_id] = stopping
             fx.change(stopping, cause)
         elif job.state == "pending":
-            self.engine.remove(job_id)
+            if not self.dependencies.forget(job_id):
+                self.engine.remove(job_id)
             self._finish(evolve(job, placement=()), "cancelled", reason, cause, fx)
         elif job_id not in self._stopping:
             self.stop(job_id, "cancelled", reason, job.spec.grace_s, cause, fx)
@@ -916,6 +990,7 @@ class JobBook:
         elif state == "completed":
             ended = evolve(ended, exit_code=0)
         self.jobs.pop(job.job_id, None)
+        self.dependencies.ended(job.job_id, state)
         self._stopping.pop(job.job_id, None)
         self._admitting.discard(job.job_id)
         self._starting_since.pop(job.job_id, None)

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final
 
+import asyncpg
 from opentelemetry import metrics
 
 from services.runtime.evolve import evolve
 
 from .admission import GrantAdmission, HoldOutcome, RateCard
+from .dependencies import NOT_FOUND
 from .engine_adapter import AcceleratorHealth
 from .fleet import DrainChange, FleetView, NodeChange
 from .inputs import (
@@ -28,6 +30,7 @@ from .inputs import (
     Ack,
     AgentDrainRequested,
     CancelRequested,
+    DependencyStates,
     DrainRequested,
     HeartbeatReceived,
     HoldDone,
@@ -206,6 +209,9 @@ class SchedulingLoop:
         step = self.settings.holds_per_call
         for first in range(0, len(fx.admit), step):
             self._tasks.create_task(self._holds(fx.admit[first : first + step]))
+        unresolved = self.book.dependencies.take_unresolved()
+        if unresolved:
+            self._tasks.create_task(self._read_dependencies(unresolved))
         await self._send(fx.commands, fx.events)
         for ack in acks:
             await ack()
@@ -223,6 +229,28 @@ class SchedulingLoop:
         if self._purge.claim():
             # Beside the turns, because the first purge of a large backlog takes many statements.
             self._tasks.create_task(self._purge.run(), name="outbox-purge")
+
+    async def _read_dependencies(self, job_ids: list[str]) -> None:
+        """Read the states of jobs that others wait for and hand them to the loop.
+
+        Reads that fail are tried again, because the waiting jobs stay pending until then.
+        """
+        delay = 0.1
+        while True:
+            try:
+                states = await self.store.job_states(job_ids)
+                break
+            except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+                logger.warning(
+                    "reading the states of %d awaited jobs failed, retrying in %.1f s: %s",
+                    len(job_ids),
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        found = tuple((job_id, states.get(job_id, NOT_FOUND)) for job_id in job_ids)
+        await self.inbox.put(DependencyStates(found))
 
     def _stamp_changes(self, fx: Effects) -> None:
         """Record the turn's clock as the update time of every job the turn changed.
@@ -258,6 +286,8 @@ class SchedulingLoop:
         match item:
             case Submitted(jobs):
                 self.book.add(list(jobs), fx.now)
+            case DependencyStates(states):
+                self.book.dependencies.apply_stored(dict(states))
             case TaskReported(node_key, task_id, state, exit_code, message, ack):
                 if item.checkpoint_ref:
                     self.book.apply_checkpoint(

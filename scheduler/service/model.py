@@ -54,6 +54,7 @@ PENDING_REASONS: Final[tuple[str, ...]] = (
     "topology",
     "requeued",
     "priority",
+    "dependency",
 )
 """Reason a pending job waits, named as ``acsp.v1.PendingReason`` in lower case."""
 
@@ -134,6 +135,8 @@ class JobSpec:
     """``<provider>/<region>`` keys the paying grant allows; empty allows any."""
     grant_models: tuple[str, ...] = ()
     """Catalog models the paying grant allows; empty allows any."""
+    after_job_ids: tuple[str, ...] = ()
+    """Jobs that must complete before this one starts; a job array is named by its elements."""
 
     @property
     def total_millis(self) -> int:

@@ -562,6 +562,31 @@ class JobStore:
         token = encode_page_token(jobs[-1].job_id) if len(rows) > size else ""
         return jobs, token
 
+    async def job_states(self, job_ids: list[str]) -> dict[str, str]:
+        """Return the state of each of ``job_ids`` that the store holds, by job id."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT job_id, state FROM scheduler.jobs WHERE job_id = ANY($1::text[])",
+                job_ids,
+                timeout=self._timeout,
+            )
+        return {row["job_id"]: row["state"] for row in rows}
+
+    async def awaited_jobs(self, ids: list[str]) -> list[tuple[str, str, str, str]]:
+        """Return job id, array id, project id and state of the jobs with one of ``ids`` as
+        their job id or array id."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT job_id, array_id, project_id, state FROM scheduler.jobs"
+                " WHERE job_id = ANY($1::text[])"
+                " UNION ALL"
+                " SELECT job_id, array_id, project_id, state FROM scheduler.jobs"
+                " WHERE array_id = ANY($1::text[]) AND array_id <> ''",
+                ids,
+                timeout=self._timeout,
+            )
+        return [(r["job_id"], r["array_id"], r["project_id"], r["state"]) for r in rows]
+
     async def array_jobs(self, array_id: str) -> list[Job]:
         """Return every element of the job array ``array_id`` in index order; empty if none."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
