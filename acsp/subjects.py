@@ -88,6 +88,26 @@ def command_deliver_subject(provider: str, region: str, node: str) -> str:
     return f"acsp.deliver.{node_suffix(provider, region, node)}"
 
 
+def output_subject(provider: str, region: str, node: str) -> str:
+    """Subject on which one node's agent receives the scheduler's requests for task output."""
+    return f"acsp.output.{node_suffix(provider, region, node)}"
+
+
+def output_reply_prefix(provider: str, region: str, node: str) -> str:
+    """Prefix of the reply subjects of output requests to a node, ending with a dot.
+
+    Agents reply there instead of to an ``_INBOX`` subject, because the NATS server confines
+    a provider's publishes to subjects that name the provider, and ignores
+    ``allow_responses`` on leaf connections.
+    """
+    return f"acsp.output_reply.{node_suffix(provider, region, node)}."
+
+
+def output_reply_subject(provider: str, region: str, node: str, token: str) -> str:
+    """Reply subject of one output request to a node; ``token`` keeps requests apart."""
+    return output_reply_prefix(provider, region, node) + check_token("token", token)
+
+
 def grant_event_subject(kind: str) -> str:
     return f"acsp.events.grant.{check_token('kind', kind)}"
 

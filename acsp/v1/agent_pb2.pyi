@@ -52,6 +52,13 @@ class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATE_LOST: _ClassVar[TaskState]
     TASK_STATE_FAILED_HARDWARE: _ClassVar[TaskState]
     TASK_STATE_CHECKPOINTED: _ClassVar[TaskState]
+
+class TaskOutputStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_OUTPUT_STATUS_UNSPECIFIED: _ClassVar[TaskOutputStatus]
+    TASK_OUTPUT_STATUS_OK: _ClassVar[TaskOutputStatus]
+    TASK_OUTPUT_STATUS_NOT_FOUND: _ClassVar[TaskOutputStatus]
+    TASK_OUTPUT_STATUS_FAILED: _ClassVar[TaskOutputStatus]
 AGENT_NODE_STATE_UNSPECIFIED: AgentNodeState
 AGENT_NODE_STATE_READY: AgentNodeState
 AGENT_NODE_STATE_DRAIN_REQUESTED: AgentNodeState
@@ -77,6 +84,10 @@ TASK_STATE_TIMED_OUT: TaskState
 TASK_STATE_LOST: TaskState
 TASK_STATE_FAILED_HARDWARE: TaskState
 TASK_STATE_CHECKPOINTED: TaskState
+TASK_OUTPUT_STATUS_UNSPECIFIED: TaskOutputStatus
+TASK_OUTPUT_STATUS_OK: TaskOutputStatus
+TASK_OUTPUT_STATUS_NOT_FOUND: TaskOutputStatus
+TASK_OUTPUT_STATUS_FAILED: TaskOutputStatus
 
 class NodeRef(_message.Message):
     __slots__ = ("provider_id", "region_id", "node_id")
@@ -292,3 +303,23 @@ class TaskEvent(_message.Message):
     checkpoint_reference: str
     checkpoint_time: _timestamp_pb2.Timestamp
     def __init__(self, event_id: _Optional[str] = ..., node: _Optional[_Union[NodeRef, _Mapping]] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., output_tail: _Optional[str] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., health_event_id: _Optional[str] = ..., checkpoint_reference: _Optional[str] = ..., checkpoint_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class TaskOutputRequest(_message.Message):
+    __slots__ = ("task_id", "max_bytes")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    max_bytes: int
+    def __init__(self, task_id: _Optional[str] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class TaskOutputReply(_message.Message):
+    __slots__ = ("status", "output", "truncated", "message")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    status: TaskOutputStatus
+    output: bytes
+    truncated: bool
+    message: str
+    def __init__(self, status: _Optional[_Union[TaskOutputStatus, str]] = ..., output: _Optional[bytes] = ..., truncated: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...

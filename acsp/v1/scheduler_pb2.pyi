@@ -591,3 +591,29 @@ class GetQueueSummaryResponse(_message.Message):
     used_millis_by_region: _containers.ScalarMap[str, int]
     total_millis_by_region: _containers.ScalarMap[str, int]
     def __init__(self, jobs_by_state: _Optional[_Mapping[str, int]] = ..., pending_by_reason: _Optional[_Mapping[str, int]] = ..., used_millis_by_region: _Optional[_Mapping[str, int]] = ..., total_millis_by_region: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ReadTaskOutputRequest(_message.Message):
+    __slots__ = ("job_id", "task_index", "max_bytes")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    task_index: int
+    max_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., task_index: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class ReadTaskOutputResponse(_message.Message):
+    __slots__ = ("output", "truncated", "provider_id", "region_id", "node_id", "attempt")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    output: bytes
+    truncated: bool
+    provider_id: str
+    region_id: str
+    node_id: str
+    attempt: int
+    def __init__(self, output: _Optional[bytes] = ..., truncated: _Optional[bool] = ..., provider_id: _Optional[str] = ..., region_id: _Optional[str] = ..., node_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...

@@ -126,6 +126,11 @@ class SchedulerServiceStub:
                 request_serializer=acsp_dot_v1_dot_scheduler__pb2.GetQueueSummaryRequest.SerializeToString,
                 response_deserializer=acsp_dot_v1_dot_scheduler__pb2.GetQueueSummaryResponse.FromString,
                 _registered_method=True)
+        self.ReadTaskOutput = channel.unary_unary(
+                '/acsp.v1.SchedulerService/ReadTaskOutput',
+                request_serializer=acsp_dot_v1_dot_scheduler__pb2.ReadTaskOutputRequest.SerializeToString,
+                response_deserializer=acsp_dot_v1_dot_scheduler__pb2.ReadTaskOutputResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -263,6 +268,15 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadTaskOutput(self, request, context):
+        """Returns the end of one task's output, read from the node that ran the task's latest
+        attempt. Its agent keeps the log after the task ends, so this works while the node is
+        connected. Readers of the job (as for GetJob) may call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -355,6 +369,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.GetQueueSummary,
                     request_deserializer=acsp_dot_v1_dot_scheduler__pb2.GetQueueSummaryRequest.FromString,
                     response_serializer=acsp_dot_v1_dot_scheduler__pb2.GetQueueSummaryResponse.SerializeToString,
+            ),
+            'ReadTaskOutput': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadTaskOutput,
+                    request_deserializer=acsp_dot_v1_dot_scheduler__pb2.ReadTaskOutputRequest.FromString,
+                    response_serializer=acsp_dot_v1_dot_scheduler__pb2.ReadTaskOutputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -844,6 +863,33 @@ class SchedulerService:
             '/acsp.v1.SchedulerService/GetQueueSummary',
             acsp_dot_v1_dot_scheduler__pb2.GetQueueSummaryRequest.SerializeToString,
             acsp_dot_v1_dot_scheduler__pb2.GetQueueSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadTaskOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/acsp.v1.SchedulerService/ReadTaskOutput',
+            acsp_dot_v1_dot_scheduler__pb2.ReadTaskOutputRequest.SerializeToString,
+            acsp_dot_v1_dot_scheduler__pb2.ReadTaskOutputResponse.FromString,
             options,
             channel_credentials,
             insecure,

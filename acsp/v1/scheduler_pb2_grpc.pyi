@@ -81,6 +81,11 @@ class SchedulerServiceStub:
     """
     GetQueueSummary: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetQueueSummaryRequest, _scheduler_pb2.GetQueueSummaryResponse]
     """Returns queue counts."""
+    ReadTaskOutput: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ReadTaskOutputRequest, _scheduler_pb2.ReadTaskOutputResponse]
+    """Returns the end of one task's output, read from the node that ran the task's latest
+    attempt. Its agent keeps the log after the task ends, so this works while the node is
+    connected. Readers of the job (as for GetJob) may call it.
+    """
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -132,6 +137,11 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """
     GetQueueSummary: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetQueueSummaryRequest, _scheduler_pb2.GetQueueSummaryResponse]  # type: ignore[assignment]
     """Returns queue counts."""
+    ReadTaskOutput: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ReadTaskOutputRequest, _scheduler_pb2.ReadTaskOutputResponse]  # type: ignore[assignment]
+    """Returns the end of one task's output, read from the node that ran the task's latest
+    attempt. Its agent keeps the log after the task ends, so this works while the node is
+    connected. Readers of the job (as for GetJob) may call it.
+    """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """The scheduler service."""
@@ -288,5 +298,16 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.GetQueueSummaryResponse, _abc.Awaitable[_scheduler_pb2.GetQueueSummaryResponse]]:
         """Returns queue counts."""
+
+    @_abc_1.abstractmethod
+    def ReadTaskOutput(
+        self,
+        request: _scheduler_pb2.ReadTaskOutputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ReadTaskOutputResponse, _abc.Awaitable[_scheduler_pb2.ReadTaskOutputResponse]]:
+        """Returns the end of one task's output, read from the node that ran the task's latest
+        attempt. Its agent keeps the log after the task ends, so this works while the node is
+        connected. Readers of the job (as for GetJob) may call it.
+        """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

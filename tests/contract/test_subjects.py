@@ -21,3 +21,16 @@ def test_invalid_tokens_name_the_field(value: str) -> None:
 def test_usage_subject_carries_provider_region_node() -> None:
     assert subjects.usage_subject("p", "r", "n") == "acsp.usage.p.r.n"
     assert subjects.command_deliver_subject("p", "r", "n") == "acsp.deliver.p.r.n"
+
+
+def test_output_subjects_carry_node() -> None:
+    assert subjects.output_subject("p", "r", "n") == "acsp.output.p.r.n"
+    assert subjects.output_reply_subject("p", "r", "n", "abc") == "acsp.output_reply.p.r.n.abc"
+    assert subjects.output_reply_subject("p", "r", "n", "abc").startswith(
+        subjects.output_reply_prefix("p", "r", "n")
+    )
+
+
+def test_output_reply_token_is_checked() -> None:
+    with pytest.raises(ValueError, match="token"):
+        subjects.output_reply_subject("p", "r", "n", "a.b")
