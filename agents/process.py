@@ -63,6 +63,7 @@ from agents.node import NodeAgent
 from agents.outbox import Outbox
 from agents.runner import AGENT_EXIT
 from agents.state import StateStore
+from agents.task_output import output_reply
 from agents.task_process import TaskLauncher
 from services.runtime.nats import TlsCheckingClient, TlsRequiredError
 
@@ -77,6 +78,9 @@ FLEET_DELIVER_SUFFIX = "fleet.all"
 _DRAIN_S = 5.0
 """Seconds a stopping agent spends publishing what waits in the spool."""
 _HEARTBEAT_CHUNK = 500
+_OUTPUT_PENDING = 64
+"""Output requests queued per subscription; NATS drops those beyond, and the scheduler's
+request then times out."""
 _COMMAND_BATCH = 256
 """Maximum queued commands handled before the state is saved and they are acknowledged."""
 # Nodes handled between yields to the event loop, so that commands wait at most a few ms.
@@ -200,6 +204,7 @@ class AgentProcess:
                 group.create_task(self._every(self._intervals.state_flush_s, self._flush_state)),
                 group.create_task(self._inventory_on_reconnect(), name="inventory"),
                 group.create_task(self._command_loop(), name="commands"),
+                group.create_task(self._output_loop(), name="output-requests"),
             ]
             self.started.set()
             logger.info("agent serving %d nodes", len(self.nodes))
@@ -645,6 +650,71 @@ class AgentProcess:
                 f"node {command.node.key} in the command does not match {message.subject}"
             )
         return node, command
+
+    # Output requests -------------------------------------------------------------------------
+
+    def output_subjects(self) -> list[str]:
+        """Return the subjects of the output requests to this process's nodes.
+
+        A fleet process takes one wildcard subject per provider region, as its command
+        consumers do.
+        """
+        if self._per_provider:
+            regions = sorted({(node.ref.provider, node.ref.region) for node in self.nodes})
+            return [f"acsp.output.{provider}.{region}.*" for provider, region in regions]
+        return [
+            subjects.output_subject(ref.provider, ref.region, ref.node)
+            for ref in (node.ref for node in self.nodes)
+        ]
+
+    async def _output_loop(self) -> None:
+        """Reply to output requests until the process stops.
+
+        The client subscribes again by itself after a reconnect, so one subscription per
+        subject lasts the whole run.
+        """
+        await self._connected_once.wait()
+        assert self._client is not None
+        client = self._client
+        subscriptions = []
+        try:
+            for subject in self.output_subjects():
+                subscriptions.append(
+                    await client.subscribe(
+                        subject, cb=self._reply_output, pending_msgs_limit=_OUTPUT_PENDING
+                    )
+                )
+            # Until _stop_loops cancels this loop.
+            await asyncio.Event().wait()
+        finally:
+            if not client.is_closed:
+                for subscription in subscriptions:
+                    with contextlib.suppress(nats.errors.Error):
+                        await subscription.unsubscribe()
+
+    async def _reply_output(self, message: Msg) -> None:
+        key = _node_key_of(message.subject)
+        node = self._by_key.get(key)
+        if node is None:
+            # A node of another agent process in the same region, which replies itself.
+            return
+        prefix = subjects.output_reply_prefix(node.ref.provider, node.ref.region, node.ref.node)
+        if not message.reply.startswith(prefix):
+            logger.warning(
+                "output request on %s ignored: its reply subject %r is not under %s",
+                message.subject,
+                message.reply,
+                prefix,
+            )
+            return
+        assert self._client is not None
+        client = self._client
+        log_path = node.runner.log_path if node.runner is not None else None
+        reply = await output_reply(log_path, key, message.data, client.max_payload)
+        try:
+            await client.publish(message.reply, reply.SerializeToString())
+        except (nats.errors.Error, OSError) as error:
+            logger.warning("reply to output request on %s failed: %s", message.subject, error)
 
 
 @dataclass(frozen=True, slots=True)

@@ -292,6 +292,10 @@ class TaskRunner:
             spawn_id=secrets.token_hex(16),
         )
 
+    def log_path(self, task_id: str) -> Path:
+        """Return the path of ``task_id``'s log, which stays after the task ends."""
+        return self._log_path(task_id)
+
     def _log_path(self, task_id: str) -> Path:
         return self._task_dir / f"{task_file_stem(task_id)}.log"
 

@@ -20,8 +20,11 @@ GIL between those system calls.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
+from dataclasses import dataclass
 from typing import Final
 
 TASK_LOG_MAX_BYTES: Final = 256 << 20
@@ -32,6 +35,62 @@ _MARKER = re.compile(rb"\n\[acsp agent: (\d+) bytes of output dropped here[^\n]*
 _MARKER_MAX_BYTES: Final = 256
 _SIZE_CHECKS: Final = 3
 """Maximum number of times the tail is read again when the task wrote while it was read."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogTail:
+    """The end of a task's log."""
+
+    data: bytes
+    """The last bytes of the log, as the task wrote them."""
+    truncated: bool
+    """Whether ``data`` is less than the task wrote: the log is longer than ``data``, or a
+    trim dropped part of it (its marker line is in ``data``)."""
+
+
+class UnreadableLogError(OSError):
+    """The path of a task's log is not a regular file that the agent owns."""
+
+
+def read_tail(path: str, max_bytes: int) -> LogTail:
+    """Read the last ``max_bytes`` of the log at ``path``, which blocks: call it in a thread.
+
+    Raises ``FileNotFoundError`` when there is no log, and ``OSError`` when the read fails.
+    Raises :class:`UnreadableLogError` when the path is a symbolic link, is not a regular file
+    or belongs to another user, because a task running as another user may have replaced its
+    log.
+
+    NOTE: a read that overlaps a trim of the same log can return part of the bytes from
+    before the trim and part from after it.
+    """
+    try:
+        # O_NONBLOCK, so that a FIFO put in place of the log cannot block the open.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UnreadableLogError(f"{path} is a symbolic link, not a task log") from None
+        raise
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnreadableLogError(f"{path} is not a regular file")
+        if info.st_uid != os.geteuid():
+            raise UnreadableLogError(
+                f"{path} belongs to uid {info.st_uid}, not to the agent's uid {os.geteuid()}"
+            )
+        start = max(0, info.st_size - max_bytes)
+        chunks = []
+        length = 0
+        while length < max_bytes:
+            chunk = os.pread(descriptor, max_bytes - length, start + length)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            length += len(chunk)
+    finally:
+        os.close(descriptor)
+    data = b"".join(chunks)
+    return LogTail(data, start > 0 or _MARKER.search(data) is not None)
 
 
 def marker_line(dropped: int, max_bytes: int) -> bytes:
