@@ -36,6 +36,7 @@ from .model import Job, JobFilter, JobState, new_job_id
 from .providers import ProviderDirectory
 from .request_ids import check_repeated_in_batch, check_reused_ids, request_key
 from .store import decode_page_token, encode_page_token
+from .task_output import TaskOutputReader, output_limit
 from .validation import (
     MAX_REASON_LENGTH,
     MAX_REQUEST_ID_LENGTH,
@@ -63,9 +64,11 @@ INITIAL_DRAIN_EVERY: Final = 100
 class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
     """Job RPCs here, fleet and pledge RPCs in :class:`~.fleet_api.FleetRpcs`."""
 
-    def __init__(self, leadership: Leadership) -> None:
+    def __init__(self, leadership: Leadership, output_reply_timeout_s: float = 5.0) -> None:
+        """``output_reply_timeout_s`` bounds ReadTaskOutput's wait for an agent, in seconds."""
         super().__init__(leadership)
         self._access = JobAccess(leadership.projects)
+        self._output = TaskOutputReader(leadership.pool, leadership.nats, output_reply_timeout_s)
 
     # Jobs.
 
@@ -319,6 +322,23 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
                     yield job_to_proto(change)
         finally:
             leader.watchers.unsubscribe(watcher)
+
+    async def ReadTaskOutput(
+        self, request: scheduler_pb2.ReadTaskOutputRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ReadTaskOutputResponse:
+        principal = current_principal()
+        max_bytes = output_limit(request.max_bytes)
+        try:
+            job = await self._visible_job(principal, request.job_id)
+        except NotFound:
+            if await self._visible_array(principal, request.job_id):
+                raise InvalidArgument(
+                    "job_id",
+                    f"{request.job_id} is a job array, whose tasks belong to its elements",
+                    "pass the id of one element (array_job_ids of SubmitJob)",
+                ) from None
+            raise
+        return await self._output.read(job, request.task_index, max_bytes)
 
     async def _visible_job(self, principal: Principal, job_id: str) -> Job:
         """Return job ``job_id`` if ``principal`` may read it.

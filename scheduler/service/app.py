@@ -47,7 +47,7 @@ def build_service(settings: SchedulerSettings) -> Service:
         leadership = _leadership(settings, runtime)
         holder["leadership"] = leadership
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
-            SchedulerServicer(leadership), server
+            SchedulerServicer(leadership, settings.output_timeout_s), server
         )
         return [scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name]
 

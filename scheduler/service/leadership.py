@@ -115,6 +115,11 @@ class Leadership:
         self.terms = 0
 
     @property
+    def nats(self) -> Client:
+        """The service's NATS connection."""
+        return self._nats
+
+    @property
     def max_payload(self) -> int:
         """Largest NATS message in bytes, as the connected server reports it."""
         if not self._nats.is_connected:

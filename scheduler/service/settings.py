@@ -73,6 +73,12 @@ class SchedulerSettings(Settings):
         " (commands also until their job ends), for debugging",
         minimum=0.0,
     )
+    output_timeout_s: float = setting(
+        "ACSP_SCHEDULER_OUTPUT_TIMEOUT_S",
+        5.0,
+        "seconds ReadTaskOutput waits for the node's agent to return a task's output",
+        minimum=0.1,
+    )
     max_event_rejections: int = setting(
         "ACSP_SCHEDULER_MAX_EVENT_REJECTIONS",
         5,
