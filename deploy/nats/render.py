@@ -26,6 +26,10 @@ what an agent does through JetStream, not only core publishes:
   consumer cannot be confined: its fetch subject names the consumer, not the provider.
   A simulated fleet uses one consumer per provider region, delivering to
   ``acsp.deliver.<provider>.<region>.fleet.all``, which the same permissions allow.
+- the scheduler asks an agent for a task's output over core NATS on
+  ``acsp.output.<provider>.<region>.<node>``, with a reply subject under
+  ``acsp.output_reply.<provider>.<region>.<node>``, so a provider receives only its own
+  nodes' requests and publishes replies only under its own name.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ DEFAULT_STORE_DIR = "/data/jetstream"
 # Agent subject families, one per fact an agent reports (see acsp.subjects).
 AGENT_SUBJECT_KINDS = ("usage", "inventory", "health", "task")
 DELIVER_PREFIX = "acsp.deliver"
+OUTPUT_PREFIX = "acsp.output"
+OUTPUT_REPLY_PREFIX = "acsp.output_reply"
 _ENV_NAME = re.compile(r"[^A-Z0-9_]")
 
 
@@ -142,8 +148,15 @@ def agent_permissions(provider: str, scope: str, domain: str) -> dict[str, Any]:
         # node's consumer name and sequence numbers could ack that node's command. The server
         # ignores allow_responses on leaf connections, so nothing narrower works here.
         f"$JS.ACK.{COMMAND_STREAM}.>",
+        # Replies to the scheduler's output requests, which carry their own reply subjects
+        # because a leaf connection ignores allow_responses.
+        f"{OUTPUT_REPLY_PREFIX}.{scope}.>",
     ]
-    subscribe = [f"_INBOX.{provider}.>", f"{DELIVER_PREFIX}.{scope}.>"]
+    subscribe = [
+        f"_INBOX.{provider}.>",
+        f"{DELIVER_PREFIX}.{scope}.>",
+        f"{OUTPUT_PREFIX}.{scope}.>",
+    ]
     return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
 
 

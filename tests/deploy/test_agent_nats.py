@@ -34,6 +34,7 @@ from agents.outbox import Outbox
 from agents.process import AgentProcess, ConnectionOptions, Intervals
 from agents.spool import Spool
 from agents.state import StateStore
+from scheduler.service.task_output import TaskLocation, request_output
 from tests.deploy.nats_mesh import AGENT_PASSWORD, PASSWORDS, ErrorList, Mesh, connect
 
 FLEET_HEADER = "node,model,accelerators\n"
@@ -264,6 +265,14 @@ async def test_agents_run_only_own_commands(mesh: Mesh, agents: tuple[AgentRun, 
 
         await _poll(both_exited, 60, "both tasks to exit")
         assert "ran" in (await _final_event(hub, "alpha", "a2", "ja/1/0")).output_tail
+
+        # The scheduler reads each task's output from its agent, alpha's through its leaf node.
+        for provider, node, task_id in (("alpha", "a2", "ja/1/0"), ("beta", "b1", "jb/1/0")):
+            job_id, attempt, index = task_id.split("/")
+            location = TaskLocation(job_id, int(index), int(attempt), provider, "r1", node)
+            reply = await request_output(hub, location, 1024, timeout_s=10)
+            assert reply.status == agent_pb2.TASK_OUTPUT_STATUS_OK, reply.message
+            assert reply.output == b"ran\n"
         started = agent_pb2.TASK_STATE_STARTED
         assert (await _task_states(hub, "alpha", "a2", "ja/1/0")).count(started) == 1
         assert await _task_states(hub, "alpha", "a2", "stale/1/0") == []

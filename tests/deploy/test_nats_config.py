@@ -97,7 +97,9 @@ def test_provider_permissions_stay_in_own_namespace() -> None:
     assert not any(subject.startswith("acsp.*") for subject in publish)
     assert not any(subject.startswith("acsp.cmd.") for subject in publish)
     assert "_INBOX.>" not in subscribe
-    assert subscribe == ["_INBOX.alpha.>", "acsp.deliver.alpha.>"]
+    assert subscribe == ["_INBOX.alpha.>", "acsp.deliver.alpha.>", "acsp.output.alpha.>"]
+    assert "acsp.output_reply.alpha.>" in publish
+    assert not any(subject.startswith("acsp.output.") for subject in publish)
 
 
 @pytest.mark.parametrize(
