@@ -1,4 +1,4 @@
-"""``acsp jobs``: submit, list, show, cancel and watch jobs on the federated scheduler."""
+"""``acsp jobs``: submit, list, show, cancel and watch jobs and read their tasks' output."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import grpc
 
+from acsp.cli import job_logs
 from acsp.cli._common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -98,7 +99,9 @@ def open_scheduler(args: argparse.Namespace) -> Iterator[scheduler_pb2_grpc.Sche
 
 
 def register(subparsers: Any) -> None:
-    jobs = subparsers.add_parser("jobs", help="submit, list, show, cancel and watch jobs")
+    jobs = subparsers.add_parser(
+        "jobs", help="submit, list, show, cancel and watch jobs, and read their output"
+    )
     commands = jobs.add_subparsers(title="jobs commands", metavar="COMMAND", required=True)
     connection = connection_options()
     output = output_options()
@@ -233,6 +236,8 @@ def register(subparsers: Any) -> None:
         "--project", default="", help="this project's jobs, by every member (default: yours)"
     )
     watch.set_defaults(func=watch_jobs)
+
+    job_logs.register(commands, connection)
 
 
 def parse_millis(text: str) -> int:

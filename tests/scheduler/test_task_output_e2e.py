@@ -1,4 +1,4 @@
-"""ReadTaskOutput against a real scheduler, NATS and simulated agents.
+"""ReadTaskOutput and ``acsp jobs logs`` against a real scheduler, NATS and simulated agents.
 
 Tasks of a simulated agent that name a command run it as a process whose output goes to the
 task's log in the agent's state folder. The scheduler reads that log's end from the agent.
@@ -14,6 +14,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from acsp._channel import Credentials
+from acsp.cli import job_logs
+from acsp.cli.main import main
+from acsp.client import Client
 from acsp.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.runtime.auth import Role
 
@@ -75,6 +79,16 @@ async def read_error(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await scheduler.ReadTaskOutput(request, metadata=md, timeout=10)
     return caught.value
+
+
+def use_scheduler(monkeypatch: pytest.MonkeyPatch, address: str, token: str) -> None:
+    """Point ``acsp jobs logs`` at ``address`` over plaintext, with ``token``."""
+
+    def client(args: object) -> Client:
+        endpoints = {"grant": address, "scheduler": address, "metering": address}
+        return Client(endpoints, Credentials(token=token), wait_for_ready=False)
+
+    monkeypatch.setattr(job_logs, "client_from_args", client)
 
 
 async def test_output_read_back_through_rpc(stack: Stack) -> None:
@@ -222,3 +236,36 @@ async def test_silent_agent_is_unavailable(stack: Stack) -> None:
         stopped = await read_error(scheduler, md, request)
         assert stopped.code() == grpc.StatusCode.UNAVAILABLE
         assert "no agent of node prov/reg/n0 is connected" in (stopped.details() or "")
+
+
+async def test_logs_command_prints_raw_output(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    _, address = await stack.start_scheduler(ACSP_SCHEDULER_OUTPUT_TIMEOUT_S=OUTPUT_TIMEOUT_S)
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    token = stack.token(pi, Role.PI)
+    md = metadata(token)
+    use_scheduler(monkeypatch, address, token)
+    command = ["sh", "-c", r"printf 'caf\303\251\n\001\002 no newline'"]
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        job_id = await submit(
+            scheduler, md, job_spec(project, grant, task_count=1, command=command)
+        )
+        await wait_state(scheduler, md, job_id, scheduler_pb2.JOB_STATE_COMPLETED)
+    capfdbinary.readouterr()
+
+    assert main(["jobs", "logs", job_id]) == 0
+    whole = capfdbinary.readouterr()
+    assert whole.out == b"caf\xc3\xa9\n\x01\x02 no newline"
+    assert whole.err == b""
+
+    assert main(["jobs", "logs", job_id, "--task", "0", "--bytes", "10"]) == 0
+    cut = capfdbinary.readouterr()
+    assert cut.out == b"no newline"
+    assert b"note: output cut" in cut.err
+    assert b"prov/reg/n0" in cut.err
+
+    assert main(["jobs", "logs", job_id, "--task", "3"]) == 1
+    assert b"NOT_FOUND" in capfdbinary.readouterr().err
