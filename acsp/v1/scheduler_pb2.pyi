@@ -61,6 +61,7 @@ class PendingReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PENDING_REASON_TOPOLOGY: _ClassVar[PendingReason]
     PENDING_REASON_REQUEUED: _ClassVar[PendingReason]
     PENDING_REASON_PRIORITY: _ClassVar[PendingReason]
+    PENDING_REASON_DEPENDENCY: _ClassVar[PendingReason]
 NODE_STATE_UNSPECIFIED: NodeState
 NODE_STATE_UP: NodeState
 NODE_STATE_DRAINING: NodeState
@@ -96,6 +97,7 @@ PENDING_REASON_LIMIT: PendingReason
 PENDING_REASON_TOPOLOGY: PendingReason
 PENDING_REASON_REQUEUED: PendingReason
 PENDING_REASON_PRIORITY: PendingReason
+PENDING_REASON_DEPENDENCY: PendingReason
 
 class Provider(_message.Message):
     __slots__ = ("provider_id", "display_name", "regions", "allow_cross_provider_gangs")
@@ -210,7 +212,7 @@ class AcceleratorConstraint(_message.Message):
     def __init__(self, models: _Optional[_Iterable[str]] = ..., vendor: _Optional[_Union[_common_pb2.Vendor, str]] = ..., min_memory_gib: _Optional[int] = ..., software_stack: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "project_id", "grant_id", "sub_allocation_id", "task_count", "accelerator_millis_per_task", "gang", "topology", "allow_cross_provider", "accelerators", "allowed_regions", "priority_class", "wall_time_seconds", "checkpointable", "grace_seconds", "command", "environment", "checkpoint_reference", "array_size", "simulated_run_seconds")
+    __slots__ = ("name", "project_id", "grant_id", "sub_allocation_id", "task_count", "accelerator_millis_per_task", "gang", "topology", "allow_cross_provider", "accelerators", "allowed_regions", "priority_class", "wall_time_seconds", "checkpointable", "grace_seconds", "command", "environment", "checkpoint_reference", "array_size", "simulated_run_seconds", "after_job_ids")
     class EnvironmentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +240,7 @@ class JobSpec(_message.Message):
     CHECKPOINT_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     ARRAY_SIZE_FIELD_NUMBER: _ClassVar[int]
     SIMULATED_RUN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     project_id: str
     grant_id: str
@@ -258,7 +261,8 @@ class JobSpec(_message.Message):
     checkpoint_reference: str
     array_size: int
     simulated_run_seconds: float
-    def __init__(self, name: _Optional[str] = ..., project_id: _Optional[str] = ..., grant_id: _Optional[str] = ..., sub_allocation_id: _Optional[str] = ..., task_count: _Optional[int] = ..., accelerator_millis_per_task: _Optional[int] = ..., gang: _Optional[bool] = ..., topology: _Optional[_Union[Topology, str]] = ..., allow_cross_provider: _Optional[bool] = ..., accelerators: _Optional[_Union[AcceleratorConstraint, _Mapping]] = ..., allowed_regions: _Optional[_Iterable[str]] = ..., priority_class: _Optional[_Union[_common_pb2.PriorityClass, str]] = ..., wall_time_seconds: _Optional[int] = ..., checkpointable: _Optional[bool] = ..., grace_seconds: _Optional[int] = ..., command: _Optional[_Iterable[str]] = ..., environment: _Optional[_Mapping[str, str]] = ..., checkpoint_reference: _Optional[str] = ..., array_size: _Optional[int] = ..., simulated_run_seconds: _Optional[float] = ...) -> None: ...
+    after_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., project_id: _Optional[str] = ..., grant_id: _Optional[str] = ..., sub_allocation_id: _Optional[str] = ..., task_count: _Optional[int] = ..., accelerator_millis_per_task: _Optional[int] = ..., gang: _Optional[bool] = ..., topology: _Optional[_Union[Topology, str]] = ..., allow_cross_provider: _Optional[bool] = ..., accelerators: _Optional[_Union[AcceleratorConstraint, _Mapping]] = ..., allowed_regions: _Optional[_Iterable[str]] = ..., priority_class: _Optional[_Union[_common_pb2.PriorityClass, str]] = ..., wall_time_seconds: _Optional[int] = ..., checkpointable: _Optional[bool] = ..., grace_seconds: _Optional[int] = ..., command: _Optional[_Iterable[str]] = ..., environment: _Optional[_Mapping[str, str]] = ..., checkpoint_reference: _Optional[str] = ..., array_size: _Optional[int] = ..., simulated_run_seconds: _Optional[float] = ..., after_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskPlacement(_message.Message):
     __slots__ = ("task_index", "provider_id", "region_id", "node_id", "accelerators", "state", "exit_code")

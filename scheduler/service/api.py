@@ -26,6 +26,7 @@ from services.runtime.errors import (
 from services.runtime.evolve import evolve
 
 from .convert import job_state_from_proto, job_to_proto, spec_from_proto
+from .dependency_check import resolve_after_ids
 from .errors import GrantConstraintViolations, InvalidFields
 from .fleet_api import FleetRpcs
 from .grant_limits import check_against_grant, narrow_to_grant
@@ -79,6 +80,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
         jobs, request_ids, array_id = self._prepare(request, principal, "")
         jobs = await self._check_access(principal, jobs, "spec")
+        jobs = await self._resolve_after(jobs, "spec.after_job_ids")
         key = request_key(principal.subject, request.request_id)
         stored = await self._lead.require().batcher.submit(
             jobs, request_ids, [(jobs, key, "request_id")]
@@ -101,7 +103,10 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         ]
         # Every item is checked before any is stored, so a rejected item writes nothing.
         checked = [
-            await self._check_access(principal, batch, f"jobs[{i}].spec")
+            await self._resolve_after(
+                await self._check_access(principal, batch, f"jobs[{i}].spec"),
+                f"jobs[{i}].spec.after_job_ids",
+            )
             for i, (batch, _, _) in enumerate(prepared)
         ]
         submissions = [
@@ -140,6 +145,20 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         if violations:
             raise GrantConstraintViolations(violations)
         return [evolve(job, spec=narrow_to_grant(job.spec, limits, catalog)) for job in jobs]
+
+    async def _resolve_after(self, jobs: list[Job], field: str) -> list[Job]:
+        """Check the jobs that ``jobs`` (one spec) wait for, and name arrays by their elements.
+
+        Raises INVALID_ARGUMENT for an id of no job of the project, and FAILED_PRECONDITION
+        for a job that ended without completing.
+        """
+        spec = jobs[0].spec
+        if not spec.after_job_ids:
+            return jobs
+        awaited = await resolve_after_ids(
+            spec.after_job_ids, spec.project_id, field, self._lead.store.awaited_jobs
+        )
+        return [evolve(job, spec=evolve(job.spec, after_job_ids=awaited)) for job in jobs]
 
     def _prepare(
         self, request: scheduler_pb2.SubmitJobRequest, principal: Principal, prefix: str

@@ -76,6 +76,7 @@ def spec_from_proto(msg: scheduler_pb2.JobSpec) -> tuple[JobSpec, list[FieldViol
         env=tuple(sorted(msg.environment.items())),
         checkpoint_ref=msg.checkpoint_reference,
         simulated_run_s=msg.simulated_run_seconds,
+        after_job_ids=tuple(msg.after_job_ids),
     )
     return spec, violations
 
@@ -107,6 +108,7 @@ def spec_to_proto(spec: JobSpec, array_size: int = 0) -> scheduler_pb2.JobSpec:
         checkpoint_reference=spec.checkpoint_ref,
         array_size=array_size,
         simulated_run_seconds=spec.simulated_run_s,
+        after_job_ids=spec.after_job_ids,
     )
     return msg
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
-from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.errors import FailedPrecondition, InvalidArgument, require_id
 
 MAX_AFTER_IDS: Final = 100
 """Job or array ids that one job may wait for."""
@@ -39,8 +39,7 @@ async def resolve_after_ids(
             "others and have this one wait for it",
         )
     for index, job_id in enumerate(after):
-        if not job_id:
-            raise InvalidArgument(f"{field}[{index}]", "is empty", "pass a job id or array id")
+        require_id(f"{field}[{index}]", job_id, "pass a job id or job array id")
     rows = await read(list(dict.fromkeys(after)))
     by_job = {row[0]: row for row in rows}
     by_array: dict[str, list[AwaitedRow]] = {}

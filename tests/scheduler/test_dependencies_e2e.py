@@ -1,0 +1,144 @@
+"""Jobs that wait for others, end to end: real grant service, NATS, agents and schedulers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from acsp.v1 import scheduler_pb2
+from services.runtime.auth import Role
+
+from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
+from .test_end_to_end import job_spec
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_servers()
+        await stack.start_grant()
+        yield stack
+    finally:
+        await stack.close()
+
+
+class Jobs:
+    """Submits and reads jobs of one project as its PI."""
+
+    def __init__(self, stack: Stack, address: str, project: str, grant: str, pi: str) -> None:
+        self.channel, self.scheduler = scheduler_stub(address)
+        self.md = metadata(stack.token(pi, Role.PI))
+        self.project = project
+        self.grant = grant
+
+    async def submit(self, command: list[str], *after: str) -> str:
+        spec = job_spec(
+            self.project, self.grant, task_count=1, command=command, after_job_ids=list(after)
+        )
+        response = await self.scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=spec), metadata=self.md, timeout=10
+        )
+        return response.job.job_id
+
+    async def get(self, job_id: str) -> scheduler_pb2.Job:
+        return await self.scheduler.GetJob(
+            scheduler_pb2.GetJobRequest(job_id=job_id), metadata=self.md, timeout=10
+        )
+
+    async def wait_state(self, job_id: str, state: int, awaited: str) -> scheduler_pb2.Job:
+        async def reached() -> scheduler_pb2.Job | None:
+            job = await self.get(job_id)
+            return job if job.state == state else None
+
+        found = await wait_for(reached, 60, awaited, 0.2)
+        assert found is not None
+        return found
+
+
+def wait_for_file(path: Path) -> list[str]:
+    return ["sh", "-c", f"while [ ! -e {path} ]; do sleep 0.1; done"]
+
+
+async def test_job_starts_after_dependency_across_restart(stack: Stack, tmp_path: Path) -> None:
+    scheduler_process, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    jobs = Jobs(stack, address, project, grant, pi)
+    release = tmp_path / "release"
+    first = await jobs.submit(wait_for_file(release))
+    second = await jobs.submit(["true"], first)
+    await jobs.wait_state(first, scheduler_pb2.JOB_STATE_RUNNING, "the first job to run")
+
+    waiting = await jobs.get(second)
+    assert waiting.state == scheduler_pb2.JOB_STATE_PENDING
+    assert waiting.pending_reason == scheduler_pb2.PENDING_REASON_DEPENDENCY
+    assert waiting.state_message == f"waiting for job {first} to complete"
+    assert list(waiting.spec.after_job_ids) == [first]
+
+    # A new leader loads the waiting job and keeps it waiting.
+    await jobs.channel.close()
+    scheduler_process.kill()
+    _, address = await stack.start_scheduler("scheduler-restarted")
+    jobs = Jobs(stack, address, project, grant, pi)
+    reloaded = await jobs.get(second)
+    assert reloaded.pending_reason == scheduler_pb2.PENDING_REASON_DEPENDENCY
+
+    release.touch()
+    done = await jobs.wait_state(
+        second, scheduler_pb2.JOB_STATE_COMPLETED, "the second job to complete"
+    )
+    ended = await jobs.get(first)
+    assert ended.state == scheduler_pb2.JOB_STATE_COMPLETED
+    assert done.start_time.ToNanoseconds() >= ended.end_time.ToNanoseconds()
+    await jobs.channel.close()
+
+
+async def test_failed_dependency_cancels_waiting_job(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    jobs = Jobs(stack, address, project, grant, pi)
+    failing = await jobs.submit(["sh", "-c", "sleep 1; exit 3"])
+    waiting = await jobs.submit(["true"], failing)
+
+    cancelled = await jobs.wait_state(
+        waiting, scheduler_pb2.JOB_STATE_CANCELLED, "the waiting job to be cancelled"
+    )
+    assert cancelled.state_message == (
+        f"job {failing} that it waits for ended failed, so it can never start"
+    )
+    assert not cancelled.placements
+
+    # A job that ended failed is rejected as a dependency at submission.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await jobs.submit(["true"], failing)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"job {failing} ended failed" in (caught.value.details() or "")
+    await jobs.channel.close()
+
+
+async def test_unknown_dependency_rejected(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    jobs = Jobs(stack, address, project, grant, pi)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await jobs.submit(["true"], "j00000000000000nosuch")
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == (
+        "invalid spec.after_job_ids[0]: job j00000000000000nosuch is not found in project "
+        f"{project}; pass the id of a job or job array of the same project, as SubmitJob "
+        "returned it"
+    )
+    listed = await jobs.scheduler.ListJobs(
+        scheduler_pb2.ListJobsRequest(project_id=project), metadata=jobs.md, timeout=10
+    )
+    assert list(listed.jobs) == []
+    await jobs.channel.close()
