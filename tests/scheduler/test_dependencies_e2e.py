@@ -70,6 +70,8 @@ async def test_job_starts_after_dependency_across_restart(stack: Stack, tmp_path
     stack.start_agents(nodes=1)
     project, grant, pi = await fund_grant(stack)
     jobs = Jobs(stack, address, project, grant, pi)
+    earlier = await jobs.submit(["true"])
+    await jobs.wait_state(earlier, scheduler_pb2.JOB_STATE_COMPLETED, "an earlier job to complete")
     release = tmp_path / "release"
     first = await jobs.submit(wait_for_file(release))
     second = await jobs.submit(["true"], first)
@@ -88,6 +90,9 @@ async def test_job_starts_after_dependency_across_restart(stack: Stack, tmp_path
     jobs = Jobs(stack, address, project, grant, pi)
     reloaded = await jobs.get(second)
     assert reloaded.pending_reason == scheduler_pb2.PENDING_REASON_DEPENDENCY
+    # The new leader reads from the store how a job that ended before it led ended.
+    later = await jobs.submit(["true"], earlier)
+    await jobs.wait_state(later, scheduler_pb2.JOB_STATE_COMPLETED, "a job after the earlier one")
 
     release.touch()
     done = await jobs.wait_state(
