@@ -6,6 +6,9 @@ most :data:`MAX_REFERENCE_BYTES` bytes of UTF-8), ideally to a temporary file th
 renames over the path, so the agent never reads half a write. The agent reads the file on its
 usage tick, and on the task's end, only when the file's size, modification time or inode
 changed, and reports each new reference once.
+
+With a pool of task users (``ACSP_AGENT_TASK_USERS``) the file is in the job's own folder,
+``<task folder>/jobs/<job>``, which only the job's user and the agent can enter.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Final
 
 from agents.task_process import task_file_stem
+from agents.task_users import job_folder
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +48,23 @@ class _Watched:
 class CheckpointFiles:
     """The checkpoint files of one node's tasks, and the last reference reported for each."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, per_job: bool = False) -> None:
+        """``directory`` is the task folder. With ``per_job`` the files are in the jobs'
+        folders under it, which the task runner makes."""
         # Absolute, because tasks run in another working directory than the agent.
         self._directory = directory.absolute()
-        self._directory_made = False
+        self._per_job = per_job
+        self._directory_made = per_job
         self._watched: dict[str, _Watched] = {}
 
-    def environment(self, task_id: str, start_reference: str) -> tuple[tuple[str, str], ...]:
+    def environment(
+        self, task_id: str, start_reference: str, job_id: str = ""
+    ) -> tuple[tuple[str, str], ...]:
         """Prepare ``task_id``'s checkpoint file and return the variables that tell the task."""
         if not self._directory_made:
             self._directory.mkdir(parents=True, exist_ok=True)
             self._directory_made = True
-        path = self._path(task_id)
+        path = self._path(task_id, job_id)
         watched = self._watched.get(task_id)
         if watched is None:
             self._watched[task_id] = _Watched(path, reported=start_reference)
@@ -64,14 +73,14 @@ class CheckpointFiles:
             env.append((REFERENCE_ENV, start_reference))
         return tuple(env)
 
-    def watch(self, task_id: str) -> None:
+    def watch(self, task_id: str, job_id: str = "") -> None:
         """Watch the file of a task found running again after an agent restart.
 
         The last reported reference is not persisted, so the current one is reported once
         more. The scheduler ignores a reference equal to the one it stored.
         """
         if task_id not in self._watched:
-            self._watched[task_id] = _Watched(self._path(task_id))
+            self._watched[task_id] = _Watched(self._path(task_id, job_id))
 
     def changed(self, task_id: str) -> str | None:
         """Return the task's reference if it changed since the last report, else None."""
@@ -95,19 +104,25 @@ class CheckpointFiles:
         watched.reported = reference
         return reference
 
-    def forget(self, task_id: str) -> None:
+    def forget(self, task_id: str, job_id: str = "") -> None:
         """Stop watching an ended task and delete its file.
 
         The file of a task that ended while the agent was down is deleted too.
         """
         self._watched.pop(task_id, None)
         try:
-            self._path(task_id).unlink(missing_ok=True)
+            self._path(task_id, job_id).unlink(missing_ok=True)
+        except PermissionError as error:
+            if not self._per_job:
+                logger.warning("checkpoint file of task %s was not deleted: %s", task_id, error)
+            # An agent that is not root cannot write in the job's folder, and the file stays
+            # there with the job's other files.
         except OSError as error:
             logger.warning("checkpoint file of task %s was not deleted: %s", task_id, error)
 
-    def _path(self, task_id: str) -> Path:
-        return self._directory / f"{task_file_stem(task_id)}.checkpoint"
+    def _path(self, task_id: str, job_id: str) -> Path:
+        folder = job_folder(self._directory, job_id) if self._per_job else self._directory
+        return folder / f"{task_file_stem(task_id)}.checkpoint"
 
 
 def _read_reference(task_id: str, path: Path) -> str | None:

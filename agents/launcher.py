@@ -45,6 +45,9 @@ by ``subprocess.Popen``, which forks, sets the groups and the user, then execute
 That costs the launcher more CPU time per task than ``posix_spawn`` (see the measurement in
 ``docs/deploy.md``), so tasks without a user keep ``posix_spawn``.
 
+With ``--users`` (``ACSP_AGENT_TASK_USERS``, a pool of task users) each request names its own
+user as ``"user": "UID:GID:GROUPS"``, and a request without one is rejected.
+
 NOTE: tasks started by ``posix_spawn`` start with signals 32 and 33 ignored. The child of
 glibc's ``posix_spawn`` (2.36) ignores these two signals, which glibc keeps for itself, and
 ``os.posix_spawn`` cannot name them in ``setsigdef`` because glibc's ``sigaddset`` rejects
@@ -56,6 +59,7 @@ user, or by the agent itself) inherit the action of the process that starts them
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import select
@@ -80,9 +84,12 @@ TaskUser = tuple[int, int, list[int]]
 class Launcher:
     """Starts tasks on request and reports their exits, on one socket."""
 
-    def __init__(self, sock: socket.socket, user: TaskUser | None = None) -> None:
+    def __init__(
+        self, sock: socket.socket, user: TaskUser | None = None, user_per_request: bool = False
+    ) -> None:
         self._socket = sock
         self._user = user
+        self._user_per_request = user_per_request
         self._popens: dict[int, subprocess.Popen[bytes]] = {}
         """The running tasks that ``subprocess.Popen`` started, by pid."""
         self._buffer = b""
@@ -138,6 +145,14 @@ class Launcher:
     def _start(self, request: dict[str, Any]) -> None:
         request_id = request["id"]
         exit_path = request["exit"]
+        user = self._user
+        if self._user_per_request:
+            try:
+                user = parse_user(request["user"])
+            except (KeyError, ValueError):
+                error = OSError(errno.EINVAL, "the request names no valid task user")
+                self._reply_error(request_id, error, spawn=False)
+                return
         try:
             # The launcher runs no threads, so changing its own directory cannot race.
             os.chdir(request["cwd"])
@@ -150,8 +165,8 @@ class Launcher:
         except OSError as error:
             self._reply_error(request_id, error, spawn=False)
             return
-        if self._user is not None:
-            self._start_as_user(request, log, self._user)
+        if user is not None:
+            self._start_as_user(request, log, user)
             return
         try:
             pid = os.posix_spawn(
@@ -379,11 +394,20 @@ def parse_user(text: str) -> TaskUser:
 
 
 def main(argv: list[str]) -> int:
-    usage = "usage: launcher.py SOCKET_FD [--user UID:GID:GROUPS]"
-    if len(argv) not in (2, 4) or not argv[1].isdigit() or argv[2:3] not in ([], ["--user"]):
+    usage = "usage: launcher.py SOCKET_FD [--user UID:GID:GROUPS | --users]"
+    options = argv[2:3]
+    if (
+        len(argv) not in (2, 3, 4)
+        or not argv[1].isdigit()
+        or options not in ([], ["--user"], ["--users"])
+        or (len(argv) == 4) != (options == ["--user"])
+    ):
         print(usage, file=sys.stderr)
         return 2
     user = None
+    user_per_request = options == ["--users"]
+    if user_per_request:
+        drop_inheritable_capabilities()
     if len(argv) == 4:
         try:
             user = parse_user(argv[3])
@@ -396,7 +420,7 @@ def main(argv: list[str]) -> int:
     # The socket must not leak into the tasks, which would keep it open after the agent exits.
     sock.set_inheritable(False)
     sock.setblocking(True)
-    launcher = Launcher(sock, user)
+    launcher = Launcher(sock, user, user_per_request)
     launcher.announce_subreaper(become_subreaper())
     launcher.run()
     return 0

@@ -51,10 +51,12 @@ from agents.spool import Spool
 from agents.state import StateStore
 from agents.task_process import TaskLauncher
 from agents.task_user import (
+    POOL_LAUNCHER_CAPABILITIES,
     check_agent_can_switch,
     check_task_folder_reachable,
     warn_readable_files,
 )
+from agents.task_users import TASK_USERS_ENV, TaskUserPool
 from services.runtime.errors import StartupError
 from services.runtime.heap import settle_heap
 from services.runtime.settings import SettingsError
@@ -200,7 +202,11 @@ def build_process(
     boot = boot_id or uuid.uuid4().hex[:12]
     health_settings = HealthSettings(settings.clear_after_s, settings.double_bit_threshold)
     version = _agent_version()
-    launcher = TaskLauncher(task_user=settings.task_user) if settings.record_exit_status else None
+    launcher = None
+    if settings.record_exit_status:
+        launcher = TaskLauncher(
+            task_user=settings.task_user, user_per_request=bool(settings.task_users)
+        )
     common = {
         "state": state,
         "work_dir": state_dir,
@@ -211,6 +217,7 @@ def build_process(
         "agent_version": version,
         "launcher": launcher,
         "task_user": settings.task_user,
+        "task_users": TaskUserPool(settings.task_users) if settings.task_users else None,
         "task_log_max_bytes": settings.task_log_max_bytes,
     }
     nodes: list[NodeAgent] = []
@@ -258,7 +265,11 @@ def check_isolation(settings: AgentSettings) -> None:
         ("ACSP_NATS_TLS_KEY", settings.nats_tls_key),
         ("ACSP_TLS_KEY", settings.tls_key),
     ]
-    warn_readable_files(user, [(name, path) for name, path in credentials if path is not None])
+    files = [(name, path) for name, path in credentials if path is not None]
+    if settings.task_users:
+        check_pool_isolation(settings, files)
+        return
+    warn_readable_files(user, files)
     if user is None:
         return
     check_agent_can_switch(user, uses_launcher=settings.record_exit_status)
@@ -268,6 +279,32 @@ def check_isolation(settings: AgentSettings) -> None:
         # The agent starts the tasks itself, so they must not inherit its capabilities.
         drop_inheritable_capabilities()
     logger.info("tasks run as %s", user)
+
+
+def check_pool_isolation(settings: AgentSettings, files: list[tuple[str, Path]]) -> None:
+    """Check each user of ``ACSP_AGENT_TASK_USERS`` as :func:`check_isolation` checks one.
+
+    A file that several users may read gets one warning.
+    """
+    files = [*files, ("ACSP_AGENT_STATE_DIR", settings.agent_state_dir)]
+    for user in settings.task_users:
+        check_agent_can_switch(
+            user,
+            uses_launcher=settings.record_exit_status,
+            variable=TASK_USERS_ENV,
+            launcher_capabilities=POOL_LAUNCHER_CAPABILITIES,
+        )
+        check_task_folder_reachable(user, settings.agent_state_dir)
+        flagged = warn_readable_files(user, files)
+        files = [(name, path) for name, path in files if name not in flagged]
+    if not settings.record_exit_status:
+        drop_inheritable_capabilities()
+    logger.info(
+        "tasks run as one of %d pool users per job: %s … %s",
+        len(settings.task_users),
+        settings.task_users[0],
+        settings.task_users[-1],
+    )
 
 
 def inbox_prefix(providers: set[str]) -> str | None:

@@ -38,6 +38,7 @@ from agents.state import StateStore
 from agents.task_logs import TASK_LOG_MAX_BYTES
 from agents.task_process import TaskLauncher
 from agents.task_user import TaskUser
+from agents.task_users import TaskUserPool
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -90,6 +91,7 @@ class NodeAgent:
         launcher: TaskLauncher | None = None,
         task_user: TaskUser | None = None,
         task_log_max_bytes: int = TASK_LOG_MAX_BYTES,
+        task_users: TaskUserPool | None = None,
     ) -> None:
         self.ref = ref
         self.backend = backend
@@ -105,6 +107,7 @@ class NodeAgent:
         self._play_speed = play_speed
         self._launcher = launcher
         self._task_user = task_user
+        self._task_users = task_users
         self._task_log_max_bytes = task_log_max_bytes
         self._agent_version = agent_version
         self._event_counter = 0
@@ -120,7 +123,7 @@ class NodeAgent:
         self.inventory: NodeInventory | None = None
         self.health: HealthTracker | None = None
         self.runner: TaskRunner | None = None
-        self._checkpoints = CheckpointFiles(work_dir / "tasks")
+        self._checkpoints = CheckpointFiles(work_dir / "tasks", per_job=task_users is not None)
         self._played_checkpoints = PlayedCheckpoints()
         self._usage_subject = subjects.usage_subject(ref.provider, ref.region, ref.node)
         self._health_subject = subjects.health_subject(ref.provider, ref.region, ref.node)
@@ -157,6 +160,7 @@ class NodeAgent:
             after_spooled=self._outbox.call_when_spooled,
             task_user=self._task_user,
             task_log_max_bytes=self._task_log_max_bytes,
+            task_users=self._task_users,
         )
         runner.attach(group)
         self.runner = runner
@@ -261,14 +265,14 @@ class NodeAgent:
             # A task stopped with a grace period may write its last checkpoint just before
             # it exits, so the file is read once more and the end event carries the change.
             reference = self._checkpoints.changed(event.task_id)
-            self._checkpoints.forget(event.task_id)
+            self._checkpoints.forget(event.task_id, event.job_id)
             self._played_checkpoints.forget(event.task_id)
             if reference is not None:
                 event = replace(
                     event, checkpoint_reference=reference, checkpoint_time=self._clock()
                 )
         elif event.state is TaskState.RUNNING:
-            self._checkpoints.watch(event.task_id)
+            self._checkpoints.watch(event.task_id, event.job_id)
         self._publish_task_event(event)
 
     def report_checkpoints(self) -> int:
@@ -327,7 +331,9 @@ class NodeAgent:
             if self._backend_name == "simulated":
                 self._played_checkpoints.add(spec.task_id, spec.env)
             if spec.command:
-                files = self._checkpoints.environment(spec.task_id, spec.checkpoint_reference)
+                files = self._checkpoints.environment(
+                    spec.task_id, spec.checkpoint_reference, spec.job_id
+                )
                 spec = replace(spec, env=spec.env + files)
             await self.runner.start(spec)
         elif command.kind == "stop":

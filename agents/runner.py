@@ -49,6 +49,14 @@ from agents.task_process import (
     wait_for_exit_status,
 )
 from agents.task_user import TaskUser, share_task_folder
+from agents.task_users import (
+    TaskUserPool,
+    make_job_folder,
+    make_jobs_folder,
+    process_uid,
+    seal_job_folder,
+    sweep_until_gone,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +130,7 @@ class TaskRunner:
         after_spooled: Callable[[Callable[[], None]], None] | None = None,
         task_user: TaskUser | None = None,
         task_log_max_bytes: int = TASK_LOG_MAX_BYTES,
+        task_users: TaskUserPool | None = None,
     ) -> None:
         """``launcher`` starts the tasks and records their exit status.
 
@@ -138,6 +147,10 @@ class TaskRunner:
 
         ``task_log_max_bytes`` is the size at which :meth:`trim_logs` trims a task's log (see
         :mod:`agents.task_logs`).
+
+        ``task_users`` is a pool of task users that gives each job its own user and folder
+        (see :mod:`agents.task_users`), in place of ``task_user``. The launcher must then take
+        a user with each request.
         """
         self._node_key = node_key
         self._state = state
@@ -173,6 +186,7 @@ class TaskRunner:
         self._log_trims: dict[str, asyncio.Future[int | OSError]] = {}
         """Trims running in a worker thread, by task id: at most one per task."""
         self._task_folder_shared = False
+        self._pool = task_users
         if task_user is not None and task_user.home:
             # As a login sets them, so that a task does not take the agent's home for its own.
             self._base_env.update(HOME=task_user.home, USER=task_user.name, LOGNAME=task_user.name)
@@ -222,6 +236,9 @@ class TaskRunner:
 
     async def start(self, spec: TaskSpec) -> None:
         """Start ``spec`` unless it is a redelivered command for a known task."""
+        if self._pool is not None:
+            # Before the checks, so that no await falls between them and the launch.
+            await self._pool.sweep_once()
         intent = self._state.node(self._node_key).intents.get(spec.task_id)
         if self._known(spec.task_id):
             logger.info("start of task %s ignored: already known on this node", spec.task_id)
@@ -238,7 +255,14 @@ class TaskRunner:
             self._state.put_task(self._node_key, record, durable=False)
             self._emit_state(record, TaskState.RUNNING, "played without a process")
             return
-        await self._spawn(spec, record)
+        user = self._task_user
+        if self._pool is not None:
+            user = self._pool.acquire(spec.job_id, spec.task_id)
+            if user is None:
+                self._state.remove_intent(self._node_key, spec.task_id)
+                self._reject(spec, self._pool.busy_reason)
+                return
+        await self._spawn(spec, record, user)
 
     def _known(self, task_id: str) -> bool:
         if task_id in self._tasks or task_id in self._launching or task_id in self._finished:
@@ -247,7 +271,7 @@ class TaskRunner:
         # although its task already ran here. Its log outlives the agent, and the scheduler
         # never reuses a task id, so a log means the task ran. recover() or the spool reports
         # how it ended.
-        if self._task_user is None:
+        if self._task_user is None and self._pool is None:
             return os.path.exists(self._log_path(task_id))
         return self._agent_log_exists(task_id)
 
@@ -368,9 +392,13 @@ class TaskRunner:
             )
         )
 
-    async def _spawn(self, spec: TaskSpec, record: TaskRecord) -> None:
+    async def _spawn(self, spec: TaskSpec, record: TaskRecord, user: TaskUser | None) -> None:
+        """Start ``spec``'s process as ``user`` (None for the agent's own user)."""
+        cwd = self._task_dir
         try:
             self._make_task_folder()
+            if self._pool is not None and user is not None:
+                cwd = make_job_folder(self._task_dir, spec.job_id, user)
         except OSError as error:
             self._start_failed(spec, error)
             return
@@ -379,6 +407,10 @@ class TaskRunner:
         self._state.put_intent(self._node_key, record)
         self._state.save_intents()
         env = dict(self._base_env)
+        if self._pool is not None and user is not None:
+            # The job's folder, because a pool user's home outlives the job and is shared
+            # with the later jobs that get the same user.
+            env.update(HOME=str(cwd), USER=user.name, LOGNAME=user.name)
         env.update(spec.env)
         env.update(self._visible_devices_env(spec.accelerators))
         env.update({"ACSP_JOB_ID": spec.job_id, "ACSP_TASK_ID": spec.task_id})
@@ -386,20 +418,19 @@ class TaskRunner:
         record.log_path = str(self._log_path(spec.task_id))
         try:
             if self._launcher is None:
-                process = spawn(
-                    spec.command, env, self._task_dir, Path(record.log_path), self._task_user
-                )
+                process = spawn(spec.command, env, cwd, Path(record.log_path), user)
                 self._started(spec, record, process)
                 return
-            executable = resolve_command(spec.command, env, self._task_dir, self._task_user)
+            executable = resolve_command(spec.command, env, cwd, user)
             launch = self._launcher.launch(
                 executable,
                 spec.command,
                 env,
-                self._task_dir,
+                cwd,
                 Path(record.log_path),
                 self._exit_path(spec.task_id),
                 record.spawn_id,
+                user,
             )
         except (CommandNotRunnableError, OSError) as error:
             self._start_failed(spec, error)
@@ -413,8 +444,14 @@ class TaskRunner:
     def _make_task_folder(self) -> None:
         """Make the task folder, and with a task user, let that user's group write in it.
 
-        Made for every start, so that starts go on after someone removed the folder.
+        Made for every start, so that starts go on after someone removed the folder. With a
+        pool of task users, tasks get no write access to it (see :mod:`agents.task_users`).
         """
+        if self._pool is not None:
+            if not (self._task_folder_shared and self._task_dir.is_dir()):
+                make_jobs_folder(self._task_dir)
+                self._task_folder_shared = True
+            return
         if self._task_user is None:
             self._task_dir.mkdir(parents=True, exist_ok=True)
             return
@@ -451,6 +488,7 @@ class TaskRunner:
         lists the errors that are the job's own.
         """
         self._state.remove_intent(self._node_key, spec.task_id)
+        self._release_user(spec.task_id)
         if isinstance(error, CommandNotRunnableError):
             self._fail_unrunnable(spec, error)
         else:
@@ -780,6 +818,48 @@ class TaskRunner:
             health_event_id = failure
         self._emit_state(record, state, reason, exit_code, output, task.ended_at, health_event_id)
         self._forget_once_spooled(task)
+        self._release_user(record.task_id)
+
+    def _release_user(self, task_id: str) -> None:
+        """Free the pool user of an ended task once no other task of its job runs as it.
+
+        The task's processes are gone by now, but the job may have left others under its
+        user, so the user is free only after a sweep of its processes.
+        """
+        if self._pool is None:
+            return
+        released = self._pool.release(task_id)
+        if released is None:
+            return
+        if self._group is None:
+            raise RuntimeError("TaskRunner.attach must be called before tasks start")
+        uid, job_id = released
+        freeing = self._free_user(uid, job_id)
+        try:
+            self._group.create_task(freeing, name=f"free-uid-{uid}")
+        except RuntimeError:
+            # The task group is shutting down. A restarted agent sweeps the user before its
+            # first start.
+            freeing.close()
+            logger.info("agent stopping: pool user uid %d of job %s is not freed", uid, job_id)
+
+    async def _free_user(self, uid: int, job_id: str) -> None:
+        assert self._pool is not None
+        await sweep_until_gone(uid)
+        if not self._pool.has_user(job_id):
+            try:
+                seal_job_folder(self._task_dir, job_id)
+            except OSError as error:
+                # The user stays taken: a later job with it could read this job's files.
+                logger.error(
+                    "folder of job %s was not given back to the agent, so its user uid %d "
+                    "stays taken: %s",
+                    job_id,
+                    uid,
+                    error,
+                )
+                return
+        self._pool.freed(uid)
 
     def _forget_once_spooled(self, task: _Task) -> None:
         """Let an ended task go from the state file's tasks once its end event is in the spool.
@@ -830,6 +910,7 @@ class TaskRunner:
             if process_start_ticks(record.pid) == record.process_start_ticks:
                 task.process = process
                 self._tasks[record.task_id] = task
+                self._claim_user(record)
                 logger.info("task %s found again as pid %d", record.task_id, record.pid)
                 self._emit_state(record, TaskState.RUNNING, "found again after agent restart")
                 self._supervise(task)
@@ -839,6 +920,18 @@ class TaskRunner:
                 "task %s (pid %d) ended while the agent was down", record.task_id, record.pid
             )
             self._report_ended_while_down(record)
+
+    def _claim_user(self, record: TaskRecord) -> None:
+        """Give a task found running again the pool user that its process runs as."""
+        if self._pool is None:
+            return
+        uid = process_uid(record.pid)
+        if uid is None or not self._pool.claim(record.job_id, record.task_id, uid):
+            logger.warning(
+                "task %s found again runs as uid %s, which is not in the task user pool",
+                record.task_id,
+                uid,
+            )
 
     def _report_ended_while_down(self, record: TaskRecord) -> None:
         """Report a task whose process ended while the agent was not running.

@@ -16,6 +16,7 @@ from typing import Literal
 from acsp.subjects import TOKEN_PATTERN
 from agents.task_logs import MIN_TASK_LOG_MAX_BYTES, TASK_LOG_MAX_BYTES
 from agents.task_user import TASK_USER_ENV, TaskUser, parse_task_user
+from agents.task_users import MAX_POOL_USERS, TASK_USERS_ENV, parse_task_users
 from services.runtime.settings import Settings, SettingsError, setting
 
 Backend = Literal["nvml", "simulated"]
@@ -112,6 +113,17 @@ class AgentSettings(Settings):
         parse=parse_task_user,
     )
 
+    task_users: tuple[TaskUser, ...] = setting(
+        TASK_USERS_ENV,
+        (),
+        "pool of unprivileged users that tasks run as, one per job running on the node: a "
+        "comma-separated list of names or uids, each optionally with :group, and uid ranges "
+        f"FIRST-LAST[:group] (a uid without a user database entry needs its group), at most "
+        f"{MAX_POOL_USERS} users; the agent kills every process of a user when it frees it, "
+        f"so nothing else may run as them; empty uses {TASK_USER_ENV}",
+        parse=parse_task_users,
+    )
+
     def validate(self) -> None:
         super().validate()
         for variable, value in (
@@ -123,6 +135,13 @@ class AgentSettings(Settings):
                 raise SettingsError(
                     variable, f"{value!r} is not a subject token", "use 1-64 of A-Z a-z 0-9 _ -"
                 )
+        if self.task_user is not None and self.task_users:
+            raise SettingsError(
+                TASK_USERS_ENV,
+                f"set together with {TASK_USER_ENV}={self.task_user.name}",
+                f"unset {TASK_USER_ENV}, or add that user to the pool, or unset {TASK_USERS_ENV}"
+                " to run every task as the one task user",
+            )
 
     @property
     def agent_state_dir(self) -> Path:

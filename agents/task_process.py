@@ -210,13 +210,16 @@ class TaskLauncher:
         python: str = sys.executable,
         reply_timeout_s: float = _REPLY_TIMEOUT_S,
         task_user: TaskUser | None = None,
+        user_per_request: bool = False,
     ) -> None:
         """``reply_timeout_s``: seconds without a message, while requests are pending, after
         which the launcher counts as lost although its process may still run (stopped, or
         blocked on a file system). ``task_user``: the user that tasks run as, None for the
-        agent's own."""
+        agent's own. ``user_per_request``: each :meth:`launch` names its task's user (a pool
+        of task users), and the launcher starts no task without one."""
         self._python = python
         self._task_user = task_user
+        self._user_per_request = user_per_request
         self._reply_timeout_s = reply_timeout_s
         self._reply_timer: asyncio.TimerHandle | None = None
         self._silent_checks = 0
@@ -245,6 +248,7 @@ class TaskLauncher:
         log_path: Path,
         exit_path: Path,
         spawn_id: str,
+        user: TaskUser | None = None,
     ) -> asyncio.Future[TaskProcess]:
         """Ask the launcher to start a program; the future gives its process.
 
@@ -252,7 +256,8 @@ class TaskLauncher:
         future fails with :class:`agents.programs.CommandNotRunnableError` when executing the
         program failed for a reason of the job's own, and with ``OSError`` when the node could
         not start it. ``spawn_id`` is the value of the task's spawn id variable, by which the
-        process is found if the launcher goes away before it replies.
+        process is found if the launcher goes away before it replies. ``user`` is the task's
+        user, for a launcher made with ``user_per_request``.
         """
         self._start()
         assert self._loop is not None
@@ -260,7 +265,10 @@ class TaskLauncher:
         self._next_id += 1
         future: asyncio.Future[TaskProcess] = self._loop.create_future()
         exit_file = Path(os.path.abspath(exit_path))
-        self._pending[request_id] = _Launch(future, exit_file, spawn_id, executable, argv, env, cwd)
+        user = user if self._user_per_request else self._task_user
+        self._pending[request_id] = _Launch(
+            future, exit_file, spawn_id, executable, argv, env, cwd, user
+        )
         request = {
             "id": request_id,
             "path": executable,
@@ -270,6 +278,8 @@ class TaskLauncher:
             "log": os.path.abspath(log_path),
             "exit": str(exit_file),
         }
+        if self._user_per_request and user is not None:
+            request["user"] = user.launcher_argument
         self._outgoing += json.dumps(request).encode() + b"\n"
         if self._reply_timer is None:
             self._schedule_reply_check()
@@ -314,7 +324,9 @@ class TaskLauncher:
         try:
             script = Path(__file__).with_name("launcher.py")
             arguments = [self._python, "-I", "-S", str(script), str(theirs.fileno())]
-            if self._task_user is not None:
+            if self._user_per_request:
+                arguments.append("--users")
+            elif self._task_user is not None:
                 arguments += ["--user", self._task_user.launcher_argument]
             self._popen = subprocess.Popen(
                 arguments,
@@ -417,7 +429,7 @@ class TaskLauncher:
                 if not launch.future.done():
                     launch.future.set_result(process)
             elif not launch.future.done():
-                launch.future.set_exception(_launch_error(message, launch, self._task_user))
+                launch.future.set_exception(_launch_error(message, launch))
             return
         entry = self._running.pop(message["pid"], None)
         if entry is not None:
@@ -484,21 +496,18 @@ class _Launch:
     argv: Sequence[str]
     env: Mapping[str, str]
     cwd: Path
+    user: TaskUser | None = None
+    """The task user the launcher starts the task as, or None for its own user."""
 
 
-def _launch_error(
-    reply: dict[str, Any], launch: _Launch, user: TaskUser | None = None
-) -> Exception:
-    """Rebuild the error in a launcher's reply, as ``CommandNotRunnableError`` if the job's own.
-
-    ``user`` is the task user the launcher starts tasks as, or None for its own user.
-    """
+def _launch_error(reply: dict[str, Any], launch: _Launch) -> Exception:
+    """Rebuild the error in a launcher's reply, as ``CommandNotRunnableError`` if the job's own."""
     error = OSError(reply.get("errno", 0), reply.get("error", ""), reply.get("filename"))
     if not reply.get("spawn"):
         # The launcher failed before the spawn (the working directory, the log file).
         return error
     failure = unrunnable_command(
-        error, launch.argv, launch.executable, launch.env, launch.cwd, user
+        error, launch.argv, launch.executable, launch.env, launch.cwd, launch.user
     )
     return error if failure is None else failure
 

@@ -63,6 +63,10 @@ start got no reply, and shows other users' processes under ``hidepid``.
 LAUNCHER_CAPABILITIES: Final = ("CAP_SETUID", "CAP_SETGID")
 """Capabilities the task launcher, a program the agent executes, needs in the ambient set."""
 
+POOL_LAUNCHER_CAPABILITIES: Final = (*LAUNCHER_CAPABILITIES, "CAP_DAC_READ_SEARCH")
+"""Capabilities the task launcher needs with a pool of task users, which also enters each
+job's folder (mode 0700, owned by the job's user) to start the job's tasks there."""
+
 TASK_FOLDER_MODE: Final = 0o1770
 """Mode of the task folder with a task user: the agent owns it, the task user's group writes,
 and the sticky bit keeps that group from removing or renaming the agent's files."""
@@ -155,17 +159,21 @@ def check_agent_can_switch(
     uses_launcher: bool,
     euid: int | None = None,
     status_text: str | None = None,
+    variable: str = TASK_USER_ENV,
+    launcher_capabilities: tuple[str, ...] = LAUNCHER_CAPABILITIES,
 ) -> None:
     """Raise :class:`SettingsError` unless this process can start tasks as ``user``.
 
     ``uses_launcher`` is True when the task launcher, a program that the agent executes, starts
     the tasks. The launcher keeps only the agent's ambient capabilities. ``euid`` and
-    ``status_text`` (``/proc/self/status``) default to this process's own.
+    ``status_text`` (``/proc/self/status``) default to this process's own. ``variable`` is
+    the setting that names ``user``, for the error, and ``launcher_capabilities`` those that
+    the launcher needs.
     """
     euid = os.geteuid() if euid is None else euid
     if user.uid == euid:
         raise SettingsError(
-            TASK_USER_ENV,
+            variable,
             f"{user} is the agent's own user, so tasks could signal the agent and read its files",
             "create a separate unprivileged user for tasks, or unset it",
         )
@@ -176,11 +184,11 @@ def check_agent_can_switch(
     sets = capability_sets(status_text)
     missing = missing_capabilities(sets.get("CapEff", 0), NON_ROOT_CAPABILITIES)
     if uses_launcher:
-        ambient = missing_capabilities(sets.get("CapAmb", 0), LAUNCHER_CAPABILITIES)
+        ambient = missing_capabilities(sets.get("CapAmb", 0), launcher_capabilities)
         missing += [f"ambient {name}" for name in ambient]
     if missing:
         raise SettingsError(
-            TASK_USER_ENV,
+            variable,
             f"the agent runs as uid {euid} without {', '.join(missing)}, so it cannot start"
             f" tasks as {user}",
             "run the agent as root, or grant it the ambient capabilities "

@@ -1,0 +1,387 @@
+"""A pool of task users (``ACSP_AGENT_TASK_USERS``): one uid for each job running on a node.
+
+With one task user (``ACSP_AGENT_TASK_USER``) every task on a node runs as the same uid, so
+two jobs that share a node can signal each other's processes and read each other's files.
+With a pool, each job that starts on the node gets a user that no other job running there
+has, and all its tasks on the node run as that user. A start finds every user taken by other
+jobs is rejected, and the scheduler places the job elsewhere.
+
+A job keeps its user until its last task on the node has ended. Then every process that still
+runs as that user, which can only be the job's, is killed, and the user is free once none is
+left. A restarted agent reads the uid of each task that it finds running again, and before it
+hands out the first user it kills the processes of the pool's users that no such task runs as.
+So the pool's users must be dedicated to it: nothing else on the node may run as them.
+
+Each job has its own folder, ``<task folder>/jobs/<job>``, owned by its user with mode 0700:
+its working directory, its ``HOME`` and the place of its checkpoint files. The task folder and
+``jobs`` belong to the agent with mode 0711, so tasks pass through them to their own folder
+but can neither list them nor write there, and the logs and exit status files stay the
+agent's. Once the user is free again, the job's folder goes back to the agent (mode 0700), so
+a later job that gets the same user cannot read what this one left.
+
+NOTE: files that a job leaves outside its folder (``/tmp``, ``/dev/shm``) keep its uid, so a
+later job that gets the same user can read them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import stat
+import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import Final
+
+from agents.task_process import stat_fields, task_file_stem
+from agents.task_user import TaskUser, parse_task_user
+
+logger = logging.getLogger(__name__)
+
+TASK_USERS_ENV: Final = "ACSP_AGENT_TASK_USERS"
+
+MAX_POOL_USERS: Final = 4096
+"""Maximum users in a pool. Each one is looked up and checked when the agent starts."""
+
+JOB_FOLDER_MODE: Final = 0o700
+POOL_TASK_FOLDER_MODE: Final = 0o711
+"""Mode of the task folder and of its ``jobs`` folder with a pool: the agent's, searchable
+by the tasks but neither listable nor writable by them."""
+
+_KILL_PASSES: Final = 20
+"""Scans of ``/proc`` in one sweep of a user's processes. A process that forks between two
+scans is found by the next one, and a killed process forks no more."""
+_EXIT_WAIT_S: Final = 0.5
+"""Seconds a sweep waits for the processes it killed to exit."""
+_EXIT_POLL_S: Final = 0.005
+_SWEEP_RETRY_S: Final = 5.0
+"""Seconds between sweeps of a user whose processes outlived one (stuck in the kernel)."""
+
+
+def parse_task_users(text: str) -> tuple[TaskUser, ...]:
+    """Parse a comma-separated list of ``USER[:GROUP]`` items and ``FIRST-LAST[:GROUP]`` ranges.
+
+    A user is a name or a uid, as for ``ACSP_AGENT_TASK_USER``, and a range is every uid from
+    FIRST to LAST. A uid without an entry in the user database needs its group. Raises
+    ValueError naming the bad item.
+    """
+    users: list[TaskUser] = []
+    seen: dict[int, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            raise ValueError("the list has an empty item; separate users with single commas")
+        for name in _expand(item):
+            try:
+                user = parse_task_user(name)
+            except ValueError as error:
+                raise ValueError(f"{name!r}: {error}") from None
+            if user.uid in seen:
+                raise ValueError(f"uid {user.uid} is listed twice ({seen[user.uid]!r}, {name!r})")
+            seen[user.uid] = name
+            users.append(user)
+            if len(users) > MAX_POOL_USERS:
+                raise ValueError(f"it lists more than {MAX_POOL_USERS} users")
+    return tuple(users)
+
+
+def _expand(item: str) -> list[str]:
+    """Expand a ``FIRST-LAST[:GROUP]`` range into its ``UID[:GROUP]`` items; keep other items."""
+    users, colon, group = item.partition(":")
+    first, dash, last = users.partition("-")
+    if not (dash and first.isdigit() and last.isdigit()):
+        return [item]
+    low, high = int(first), int(last)
+    if low > high:
+        raise ValueError(f"range {users} is empty: {low} is above {high}")
+    if high - low >= MAX_POOL_USERS:
+        raise ValueError(f"range {users} has more than {MAX_POOL_USERS} uids")
+    return [f"{uid}{colon}{group}" for uid in range(low, high + 1)]
+
+
+def job_folder(task_dir: Path, job_id: str) -> Path:
+    """Return the folder of ``job_id``'s tasks under the task folder ``task_dir``."""
+    return task_dir / "jobs" / task_file_stem(job_id)
+
+
+class TaskUserPool:
+    """Which pool user each job running on the node has, and which users are free.
+
+    One pool serves every node of an agent process, because their tasks share one machine.
+    """
+
+    def __init__(self, users: Collection[TaskUser]) -> None:
+        if not users:
+            raise ValueError("a task user pool needs at least one user")
+        self._users = {user.uid: user for user in users}
+        self._free: dict[int, None] = dict.fromkeys(self._users)
+        """Free uids, the one freed longest ago first (dicts keep insertion order)."""
+        self._job_uid: dict[str, int] = {}
+        """The uid that each job's next task on the node gets."""
+        self._task_uid: dict[str, int] = {}
+        """The uid of each task that runs as a pool user, by task id."""
+        self._tasks_of_uid: dict[int, set[str]] = {}
+        """Ids of the tasks that run as each uid in use."""
+        self._uid_job: dict[int, str] = {}
+        self._sweep_lock = asyncio.Lock()
+        self._swept = False
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    @property
+    def free_users(self) -> int:
+        """Number of users that no job has and that no sweep is freeing."""
+        return len(self._free)
+
+    @property
+    def busy_reason(self) -> str:
+        """The reason a start is rejected when every user is in use or still being freed."""
+        return (
+            f"all {len(self._users)} task users of {TASK_USERS_ENV} are in use by other jobs "
+            "on this node"
+        )
+
+    def acquire(self, job_id: str, task_id: str) -> TaskUser | None:
+        """Return the user of ``job_id``'s tasks, assigning a free one to a new job.
+
+        Returns None when the job has none and none is free.
+        """
+        uid = self._job_uid.get(job_id)
+        if uid is None:
+            if not self._free:
+                return None
+            uid = next(iter(self._free))
+            del self._free[uid]
+            self._job_uid[job_id] = uid
+            self._uid_job[uid] = job_id
+        self._assign(uid, task_id)
+        return self._users[uid]
+
+    def claim(self, job_id: str, task_id: str, uid: int) -> bool:
+        """Record that a task found running after a restart runs as ``uid``.
+
+        Returns False if ``uid`` is not in the pool (the task started before the pool was
+        set up). A user found with tasks of two jobs stays in use until all of them end.
+        """
+        if uid not in self._users:
+            return False
+        self._free.pop(uid, None)
+        owner = self._uid_job.setdefault(uid, job_id)
+        if owner == job_id:
+            self._job_uid.setdefault(job_id, uid)
+        else:
+            # The job's next tasks get a user of their own.
+            logger.warning(
+                "task %s of job %s runs as uid %d, which a task of job %s also runs as",
+                task_id,
+                job_id,
+                uid,
+                owner,
+            )
+        self._assign(uid, task_id)
+        return True
+
+    def _assign(self, uid: int, task_id: str) -> None:
+        self._task_uid[task_id] = uid
+        self._tasks_of_uid.setdefault(uid, set()).add(task_id)
+
+    def release(self, task_id: str) -> tuple[int, str] | None:
+        """Let ``task_id``'s user go if no other task runs as it; return (uid, job id) if so.
+
+        The caller then sweeps the user's processes (:func:`kill_user_processes`) and calls
+        :meth:`freed`. Until then the user is neither free nor the job's.
+        """
+        uid = self._task_uid.pop(task_id, None)
+        if uid is None:
+            return None
+        tasks = self._tasks_of_uid[uid]
+        tasks.discard(task_id)
+        if tasks:
+            return None
+        del self._tasks_of_uid[uid]
+        job_id = self._uid_job.pop(uid)
+        if self._job_uid.get(job_id) == uid:
+            del self._job_uid[job_id]
+        return uid, job_id
+
+    def freed(self, uid: int) -> None:
+        """Make a released user free, once no process runs as it."""
+        if uid not in self._tasks_of_uid:
+            self._free[uid] = None
+
+    def has_user(self, job_id: str) -> bool:
+        """Return whether ``job_id`` has a user on this node."""
+        return job_id in self._job_uid
+
+    async def sweep_once(self) -> None:
+        """Kill the processes of the users that no task runs as, once, before the first start.
+
+        Such processes were left by jobs that ended while the agent was down, or by a job
+        whose user an earlier agent was still freeing.
+        """
+        async with self._sweep_lock:
+            if self._swept:
+                return
+            unused = frozenset(uid for uid in self._users if uid not in self._tasks_of_uid)
+            left = await asyncio.to_thread(kill_user_processes, unused)
+            for uid in sorted(left):
+                # NOTE: these users stay taken until the agent restarts. A process that
+                # survives SIGKILL is stuck in the kernel, and the node needs an operator.
+                self._free.pop(uid, None)
+                logger.error("processes of pool user uid %d survive SIGKILL; not using it", uid)
+            self._swept = True
+
+
+def kill_user_processes(uids: Collection[int]) -> set[int]:
+    """Send SIGKILL to every process whose real, effective or saved uid is in ``uids``.
+
+    Scans ``/proc`` until a scan finds none left alive, at most :data:`_KILL_PASSES` times.
+    Returns the uids that still have processes (ones that SIGKILL does not end at once).
+    """
+    if not uids:
+        return set()
+    wanted = frozenset(uids)
+    killed: set[int] = set()
+    deadline = 0.0
+    for _ in range(_KILL_PASSES):
+        found = _processes_of(wanted)
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            killed.add(pid)
+        if found:
+            continue
+        if not any(_alive(pid) for pid in killed):
+            return set()
+        deadline = deadline or time.monotonic() + _EXIT_WAIT_S
+        if time.monotonic() > deadline:
+            break
+        time.sleep(_EXIT_POLL_S)
+    return set(_processes_of(wanted).values())
+
+
+def _processes_of(uids: frozenset[int]) -> dict[int, int]:
+    """Return pid -> uid for the live processes (not zombies) that run as one of ``uids``."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        uid = _process_uid(int(entry), uids)
+        if uid is not None:
+            found[int(entry)] = uid
+    return found
+
+
+def _process_uid(pid: int, uids: frozenset[int]) -> int | None:
+    """Return the uid of ``uids`` that ``pid`` runs as, or None (other user, zombie, gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as file:
+            text = file.read()
+    except OSError:
+        return None
+    state = uid_line = b""
+    for line in text.splitlines():
+        if line.startswith(b"State:"):
+            state = line
+        elif line.startswith(b"Uid:"):
+            uid_line = line
+            break
+    if b"Z" in state[6:9] or b"X" in state[6:9]:
+        return None
+    # Real, effective, saved and file system uid.
+    for value in uid_line.split()[1:4]:
+        if int(value) in uids:
+            return int(value)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] not in (b"Z", b"X")
+
+
+def process_uid(pid: int) -> int | None:
+    """Return the real uid of ``pid``, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as file:
+            for line in file:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+async def sweep_until_gone(uid: int) -> None:
+    """Kill ``uid``'s processes in a worker thread until none is left."""
+    logged = False
+    while await asyncio.to_thread(kill_user_processes, (uid,)):
+        if not logged:
+            logger.error(
+                "processes of pool user uid %d survive SIGKILL; it stays taken until they end",
+                uid,
+            )
+            logged = True
+        await asyncio.sleep(_SWEEP_RETRY_S)
+
+
+def make_jobs_folder(task_dir: Path) -> None:
+    """Make the task folder and its ``jobs`` folder, both the agent's with mode 0711.
+
+    Raises OSError when ``jobs`` is not the agent's own folder (left by tasks that ran as a
+    single task user, who could write in the task folder).
+    """
+    jobs = task_dir / "jobs"
+    task_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(task_dir, POOL_TASK_FOLDER_MODE)
+    jobs.mkdir(exist_ok=True)
+    status = os.lstat(jobs)
+    if status.st_uid != os.geteuid() or not stat.S_ISDIR(status.st_mode):
+        raise OSError(
+            f"{jobs} is not a folder of the agent's user (owner uid {status.st_uid}); "
+            "remove it, so that the agent makes it again"
+        )
+    os.chmod(jobs, POOL_TASK_FOLDER_MODE)
+
+
+def make_job_folder(task_dir: Path, job_id: str, user: TaskUser) -> Path:
+    """Make ``job_id``'s folder, or take back the one it had, and give it to ``user``.
+
+    The caller made the ``jobs`` folder first (:func:`make_jobs_folder`).
+    """
+    folder = job_folder(task_dir, job_id)
+    try:
+        folder.mkdir(mode=JOB_FOLDER_MODE)
+    except FileExistsError:
+        pass
+    # Only the agent writes in jobs, so the folder is the one it made. O_NOFOLLOW still
+    # keeps the chown from reaching another file through a link.
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        # An agent that is not root may change the mode only of its own files (it has
+        # CAP_CHOWN but not CAP_FOWNER), so the mode is set while the folder is its own.
+        if os.fstat(descriptor).st_uid != os.geteuid():
+            os.fchown(descriptor, os.geteuid(), os.getegid())
+        os.fchmod(descriptor, JOB_FOLDER_MODE)
+        os.fchown(descriptor, user.uid, user.gid)
+    finally:
+        os.close(descriptor)
+    return folder
+
+
+def seal_job_folder(task_dir: Path, job_id: str) -> None:
+    """Give a job's folder back to the agent, so the user's next job cannot enter it."""
+    folder = job_folder(task_dir, job_id)
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    try:
+        os.fchown(descriptor, os.geteuid(), os.getegid())
+        os.fchmod(descriptor, JOB_FOLDER_MODE)
+    finally:
+        os.close(descriptor)

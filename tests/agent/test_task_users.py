@@ -1,0 +1,579 @@
+"""A pool of task users (``ACSP_AGENT_TASK_USERS``): each job on a node runs as its own uid.
+
+The process tests run real tasks as uids from :data:`POOL_UIDS`, which have no entry in the
+user database and run as the group ``nogroup`` (65534). They need root, and are skipped
+otherwise. The parsing, the settings and the pool's bookkeeping are checked as any user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from agents.checkpoints import CheckpointFiles
+from agents.model import TaskSpec, TaskState
+from agents.runner import TaskRunner
+from agents.settings import AgentSettings
+from agents.state import StateStore
+from agents.task_process import TaskLauncher, stat_fields
+from agents.task_user import NON_ROOT_CAPABILITIES, TaskUser, check_agent_can_switch
+from agents.task_users import (
+    JOB_FOLDER_MODE,
+    MAX_POOL_USERS,
+    POOL_TASK_FOLDER_MODE,
+    TASK_USERS_ENV,
+    TaskUserPool,
+    job_folder,
+    kill_user_processes,
+    parse_task_users,
+)
+from services.runtime.settings import SettingsError
+from tests.agent.test_runner import Recorder, wait_for
+from tests.agent.test_task_user import REPOSITORY, _ensure_test_user, _run_agent
+
+pytestmark = pytest.mark.timeout(60)
+
+POOL_UIDS = (64100, 64101)
+NOGROUP = 65534
+POOL_TEXT = f"{POOL_UIDS[0]}-{POOL_UIDS[-1]}:{NOGROUP}"
+NODE = "acme.eu-1.node-1"
+PATHS = pytest.mark.parametrize("record_exit_status", [True, False], ids=["launcher", "agent"])
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+
+
+def _user(uid: int) -> TaskUser:
+    return TaskUser(str(uid), uid, NOGROUP, (), "")
+
+
+# Parsing and settings ------------------------------------------------------------------------
+
+
+def test_pool_parsing_of_ranges_and_lists() -> None:
+    users = parse_task_users(f"{POOL_TEXT}, 64200:{NOGROUP},nobody")
+    assert [user.uid for user in users[:3]] == [64100, 64101, 64200]
+    assert all(user.gid == NOGROUP for user in users[:3])
+    assert users[3].name == "nobody"
+    assert parse_task_users(f"64300-64300:{NOGROUP}")[0].uid == 64300
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("64100:65534,,64101:65534", "the list has an empty item"),
+        ("64101-64100:65534", "range 64101-64100 is empty: 64101 is above 64100"),
+        (f"1-{MAX_POOL_USERS + 1}:65534", f"range 1-{MAX_POOL_USERS + 1} has more than"),
+        ("64100-64101:65534,64101:65534", "uid 64101 is listed twice"),
+        ("64100-64101", "'64100': uid 64100 has no entry in the user database"),
+        ("no-such-acsp-user", "'no-such-acsp-user': no user 'no-such-acsp-user'"),
+        ("root", "'root': it is root (uid 0)"),
+        ("64100:0", "its groups include root (gid 0)"),
+    ],
+)
+def test_pool_parsing_errors(text: str, reason: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        parse_task_users(text)
+    assert reason in str(raised.value)
+
+
+def test_invalid_pool_setting_names_fix() -> None:
+    with pytest.raises(SettingsError) as raised:
+        AgentSettings.from_env({TASK_USERS_ENV: "64101-64100:65534"})
+    message = str(raised.value)
+    assert f"{TASK_USERS_ENV}: '64101-64100:65534' is invalid" in message
+    assert "range 64101-64100 is empty" in message
+    assert "fix: set it to the pool of unprivileged users that tasks run as" in message
+
+
+def test_pool_with_single_task_user_rejected() -> None:
+    environ = {TASK_USERS_ENV: POOL_TEXT, "ACSP_AGENT_TASK_USER": "nobody"}
+    with pytest.raises(SettingsError) as raised:
+        AgentSettings.from_env(environ)
+    error = raised.value
+    assert error.variable == TASK_USERS_ENV
+    assert "set together with ACSP_AGENT_TASK_USER=nobody" in str(error)
+    assert "unset ACSP_AGENT_TASK_USER, or add that user to the pool" in str(error)
+
+
+def test_invalid_pool_fails_agent_start(tmp_path: Path) -> None:
+    done = _run_agent(tmp_path, {TASK_USERS_ENV: "nobody,no-such-acsp-user"})
+    assert done.returncode == 2
+    assert f"{TASK_USERS_ENV}: 'nobody,no-such-acsp-user' is invalid" in done.stderr
+    assert "'no-such-acsp-user': no user 'no-such-acsp-user' in the user database" in done.stderr
+
+
+@root_only
+def test_non_root_agent_without_capabilities_fails_start(tmp_path: Path) -> None:
+    if shutil.which("setpriv") is None or shutil.which("useradd") is None:
+        pytest.skip("setpriv or useradd is not installed")
+    agent = _ensure_test_user()
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, agent.uid, agent.gid)
+    # As in the single task user's test: it may read the interpreter, and switch no user.
+    prefix = ["setpriv", f"--reuid={agent.uid}", f"--regid={agent.gid}", "--clear-groups"]
+    prefix += ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", "--"]
+    done = _run_agent(tmp_path, {TASK_USERS_ENV: POOL_TEXT}, prefix)
+    assert done.returncode == 2, done.stderr
+    assert f"{TASK_USERS_ENV}: the agent runs as uid {agent.uid} without" in done.stderr
+    assert "ambient CAP_SETUID, ambient CAP_SETGID" in done.stderr
+
+
+def test_pool_setting_read() -> None:
+    settings = AgentSettings.from_env({TASK_USERS_ENV: POOL_TEXT})
+    assert [user.uid for user in settings.task_users] == list(POOL_UIDS)
+    assert settings.task_user is None
+    assert AgentSettings.from_env({}).task_users == ()
+
+
+def test_switch_check_names_pool_setting() -> None:
+    status = "CapEff:\t0000000000000000\nCapAmb:\t0000000000000000\n"
+    with pytest.raises(SettingsError) as raised:
+        check_agent_can_switch(
+            _user(64100), True, euid=1000, status_text=status, variable=TASK_USERS_ENV
+        )
+    assert raised.value.variable == TASK_USERS_ENV
+    assert str(raised.value).startswith(f"{TASK_USERS_ENV}: the agent runs as uid 1000 without")
+    with pytest.raises(SettingsError) as own:
+        check_agent_can_switch(_user(1000), True, euid=1000, variable=TASK_USERS_ENV)
+    assert own.value.variable == TASK_USERS_ENV
+
+
+# The pool's bookkeeping ----------------------------------------------------------------------
+
+
+def test_pool_gives_each_job_its_user() -> None:
+    pool = TaskUserPool([_user(uid) for uid in POOL_UIDS])
+    first = pool.acquire("a", "a/1/0")
+    second = pool.acquire("b", "b/1/0")
+    assert first is not None and second is not None
+    assert first.uid != second.uid
+    assert pool.acquire("a", "a/1/1") == first
+    assert pool.acquire("c", "c/1/0") is None
+    assert pool.free_users == 0
+
+
+def test_pool_frees_user_after_last_task() -> None:
+    pool = TaskUserPool([_user(uid) for uid in POOL_UIDS])
+    user = pool.acquire("a", "a/1/0")
+    pool.acquire("a", "a/1/1")
+    assert user is not None
+    assert pool.release("a/1/0") is None
+    assert pool.release("a/1/1") == (user.uid, "a")
+    assert not pool.has_user("a")
+    # Released but not yet swept: no other job gets it.
+    assert pool.free_users == 1
+    pool.freed(user.uid)
+    assert pool.free_users == 2
+    assert pool.release("a/1/1") is None
+
+
+def test_pool_reuses_user_freed_longest_ago() -> None:
+    pool = TaskUserPool([_user(uid) for uid in (64100, 64101, 64102)])
+    for job in ("a", "b"):
+        pool.acquire(job, f"{job}/1/0")
+    for job in ("b", "a"):
+        released = pool.release(f"{job}/1/0")
+        assert released is not None
+        pool.freed(released[0])
+    order = [pool.acquire(job, f"{job}/1/0") for job in ("c", "d", "e")]
+    assert [user.uid for user in order if user is not None] == [64102, 64101, 64100]
+
+
+def test_pool_claims_recovered_user() -> None:
+    pool = TaskUserPool([_user(uid) for uid in POOL_UIDS])
+    assert pool.claim("a", "a/1/0", POOL_UIDS[1])
+    assert not pool.claim("x", "x/1/0", 4242)
+    assert pool.acquire("a", "a/1/1") == _user(POOL_UIDS[1])
+    assert pool.acquire("b", "b/1/0") == _user(POOL_UIDS[0])
+    assert pool.acquire("c", "c/1/0") is None
+
+
+def test_pool_user_claimed_by_two_jobs() -> None:
+    pool = TaskUserPool([_user(uid) for uid in POOL_UIDS])
+    assert pool.claim("a", "a/1/0", POOL_UIDS[0])
+    assert pool.claim("b", "b/1/0", POOL_UIDS[0])
+    assert pool.acquire("b", "b/1/1") == _user(POOL_UIDS[1])
+    assert pool.release("a/1/0") is None
+    assert pool.release("b/1/0") == (POOL_UIDS[0], "a")
+    assert pool.has_user("b")
+    assert not pool.has_user("a")
+
+
+# Tasks as pool users -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def reachable_folder() -> Iterator[Path]:
+    """A folder that other users can search, unlike pytest's temporary folders."""
+    folder = Path(tempfile.mkdtemp(prefix="acsp-task-users-"))
+    folder.chmod(0o711)
+    yield folder
+    shutil.rmtree(folder)
+
+
+@pytest.fixture
+async def no_pool_processes() -> AsyncIterator[None]:
+    """Kill what the tests left running as the pool's uids, also when a test fails."""
+    yield
+    await asyncio.to_thread(kill_user_processes, POOL_UIDS)
+
+
+def make_runner(
+    folder: Path, recorder: Recorder, record_exit_status: bool, uids: tuple[int, ...] = POOL_UIDS
+) -> tuple[TaskRunner, TaskUserPool, TaskLauncher | None]:
+    pool = TaskUserPool([_user(uid) for uid in uids])
+    launcher = TaskLauncher(user_per_request=True) if record_exit_status else None
+    runner = TaskRunner(
+        NODE,
+        StateStore(folder / "state.json"),
+        folder,
+        recorder,
+        time.time,
+        ["GPU-0", "GPU-1", "GPU-2"],
+        lambda uuids: {},
+        launcher=launcher,
+        task_users=pool,
+    )
+    return runner, pool, launcher
+
+
+def _spec(
+    job: str, accelerator: str, script: str, env: tuple[tuple[str, str], ...] = ()
+) -> TaskSpec:
+    return TaskSpec(job, f"{job}/1/0", (accelerator,), ("/bin/sh", "-c", script), env=env)
+
+
+def _log(folder: Path, task_id: str) -> str:
+    return (folder / "tasks" / f"{task_id.replace('/', '_')}.log").read_text()
+
+
+SLEEPER = (
+    'id -u; echo secret > ./private; env -i setsid sleep 300 & echo "$!" > ./stray; exec sleep 300'
+)
+
+PROBE = """
+id -u
+echo "home: $HOME"
+kill -0 "$TARGET" 2>/dev/null; echo "kill: $?"
+cat "$OTHER/private" 2>/dev/null; echo "read other: $?"
+ls "$TASKS" >/dev/null 2>&1; echo "list tasks: $?"
+touch "$TASKS/forged.log" 2>/dev/null; echo "write tasks: $?"
+echo checkpoint-1 > "$ACSP_CHECKPOINT_FILE"; echo "checkpoint: $?"
+exec sleep 300
+"""
+
+
+def _alive(pid: int) -> bool:
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] not in (b"Z", b"X")
+
+
+def _fields(text: str) -> dict[str, str]:
+    lines = text.splitlines()
+    fields = {"uid": lines[0]}
+    for line in lines[1:]:
+        key, _, value = line.partition(": ")
+        fields[key] = value
+    return fields
+
+
+@root_only
+@PATHS
+async def test_jobs_on_one_node_isolated(
+    reachable_folder: Path, no_pool_processes: None, record_exit_status: bool
+) -> None:
+    folder = reachable_folder
+    tasks = folder / "tasks"
+    recorder = Recorder()
+    runner, pool, launcher = make_runner(folder, recorder, record_exit_status)
+    checkpoints = CheckpointFiles(tasks, per_job=True)
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            await runner.start(_spec("a", "GPU-0", SLEEPER))
+            await wait_for(lambda: (job_folder(tasks, "a") / "stray").exists())
+            target = runner.running[0].pid
+            env = (
+                ("TARGET", str(target)),
+                ("OTHER", str(job_folder(tasks, "a"))),
+                ("TASKS", str(tasks)),
+                *checkpoints.environment("b/1/0", "", "b"),
+            )
+            await runner.start(_spec("b", "GPU-1", PROBE, env))
+            await wait_for(lambda: "checkpoint:" in _log(folder, "b/1/0"))
+            reference = checkpoints.changed("b/1/0")
+
+            # Both users are in use, so a third job is rejected.
+            await runner.start(_spec("c", "GPU-2", "true"))
+            assert recorder.states("c/1/0") == [TaskState.START_FAILED]
+            assert recorder.last("c/1/0").reason == pool.busy_reason
+
+            stray = int((job_folder(tasks, "a") / "stray").read_text())
+            for job in ("a", "b"):
+                await runner.stop(f"{job}/1/0", "done")
+                await wait_for(lambda job=job: TaskState.STOPPED in recorder.states(f"{job}/1/0"))
+            await wait_for(lambda: pool.free_users == 2)
+    finally:
+        if launcher is not None:
+            launcher.close()
+
+    a_uid = int(_log(folder, "a/1/0").splitlines()[0])
+    fields = _fields(_log(folder, "b/1/0"))
+    assert {a_uid, int(fields["uid"])} == set(POOL_UIDS)
+    assert fields["kill"] != "0"
+    assert fields["read other"] != "0"
+    assert fields["list tasks"] != "0"
+    assert fields["write tasks"] != "0"
+    assert fields["checkpoint"] == "0"
+    assert reference == "checkpoint-1"
+    assert fields["home"] == str(job_folder(tasks, "b"))
+    assert "secret" not in recorder.last("b/1/0").output_tail
+
+    # The daemon that left job a's session and dropped its environment was swept.
+    assert not _alive(stray)
+    for job in ("a", "b"):
+        status = job_folder(tasks, job).stat()
+        # Freed: the folder is the agent's again, out of reach of the user's next job.
+        assert (status.st_uid, stat.S_IMODE(status.st_mode)) == (os.geteuid(), JOB_FOLDER_MODE)
+    assert stat.S_IMODE(tasks.stat().st_mode) == POOL_TASK_FOLDER_MODE
+    assert stat.S_IMODE((tasks / "jobs").stat().st_mode) == POOL_TASK_FOLDER_MODE
+    assert not (tasks / "forged.log").exists()
+
+
+@root_only
+async def test_launcher_takes_user_per_request(reachable_folder: Path) -> None:
+    tasks = reachable_folder / "tasks"
+    tasks.mkdir()
+    launcher = TaskLauncher(user_per_request=True)
+    try:
+        process = await launcher.launch(
+            "/usr/bin/id",
+            ["id", "-u"],
+            {},
+            tasks,
+            tasks / "u.log",
+            tasks / "u.exit",
+            "spawn-u",
+            _user(POOL_UIDS[1]),
+        )
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+        # Without a user the launcher starts nothing, rather than run the task as its own.
+        missing = launcher.launch(
+            "/usr/bin/id", ["id", "-u"], {}, tasks, tasks / "n.log", tasks / "n.exit", "spawn-n"
+        )
+        with pytest.raises(OSError) as raised:
+            await missing
+    finally:
+        launcher.close()
+    assert (tasks / "u.log").read_text() == f"{POOL_UIDS[1]}\n"
+    assert "the request names no valid task user" in str(raised.value)
+    assert not (tasks / "n.log").exists()
+
+
+@root_only
+async def test_job_folder_owned_by_its_user(
+    reachable_folder: Path, no_pool_processes: None
+) -> None:
+    tasks = reachable_folder / "tasks"
+    recorder = Recorder()
+    runner, pool, launcher = make_runner(reachable_folder, recorder, True)
+    assert launcher is not None
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            await runner.start(_spec("a", "GPU-0", "exec sleep 300"))
+            await runner.start(TaskSpec("a", "a/1/1", ("GPU-1",), ("/bin/sh", "-c", "id -u")))
+            await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("a/1/1"))
+            status = job_folder(tasks, "a").stat()
+            owner = status.st_uid
+            mode = stat.S_IMODE(status.st_mode)
+            free_while_running = pool.free_users
+            await runner.stop("a/1/0", "done")
+            await wait_for(lambda: pool.free_users == 2)
+    finally:
+        launcher.close()
+
+    # Both tasks of the job ran as one user, which its folder belongs to until it ended.
+    assert int(_log(reachable_folder, "a/1/1")) == owner
+    assert owner in POOL_UIDS
+    assert mode == JOB_FOLDER_MODE
+    assert free_while_running == 1
+
+
+@root_only
+async def test_recovered_task_keeps_its_user(
+    reachable_folder: Path, no_pool_processes: None
+) -> None:
+    first = Recorder()
+    runner, _pool, launcher = make_runner(reachable_folder, first, True)
+    assert launcher is not None
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            # Job "a" takes the first user, then job "b" the second, which outlives the agent.
+            await runner.start(_spec("a", "GPU-0", "true"))
+            await wait_for(lambda: TaskState.SUCCEEDED in first.states("a/1/0"))
+            await runner.start(_spec("b", "GPU-1", "id -u; exec sleep 300"))
+            await wait_for(lambda: TaskState.RUNNING in first.states("b/1/0"))
+            # The agent stops here without stopping its tasks.
+            for supervisor in runner.detach():
+                await asyncio.wait((supervisor,))
+    finally:
+        launcher.close()
+    await wait_for(lambda: _log(reachable_folder, "b/1/0") != "")
+    b_uid = int(_log(reachable_folder, "b/1/0"))
+
+    second = Recorder()
+    restarted, pool, relauncher = make_runner(reachable_folder, second, True)
+    assert relauncher is not None
+    try:
+        async with asyncio.TaskGroup() as group:
+            restarted.attach(group)
+            restarted.recover()
+            assert second.last("b/1/0").state is TaskState.RUNNING
+            assert pool.free_users == 1
+            await restarted.start(_spec("c", "GPU-2", "id -u"))
+            await wait_for(lambda: TaskState.SUCCEEDED in second.states("c/1/0"))
+            await restarted.stop("b/1/0", "done")
+            await wait_for(lambda: TaskState.STOPPED in second.states("b/1/0"))
+    finally:
+        relauncher.close()
+
+    assert int(_log(reachable_folder, "c/1/0")) != b_uid
+
+
+@root_only
+async def test_recovered_user_not_given_to_new_job(
+    reachable_folder: Path, no_pool_processes: None
+) -> None:
+    first = Recorder()
+    runner, _pool, launcher = make_runner(reachable_folder, first, True, POOL_UIDS[:1])
+    assert launcher is not None
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            await runner.start(_spec("a", "GPU-0", "exec sleep 300"))
+            await wait_for(lambda: TaskState.RUNNING in first.states("a/1/0"))
+            for supervisor in runner.detach():
+                await asyncio.wait((supervisor,))
+    finally:
+        launcher.close()
+
+    second = Recorder()
+    restarted, pool, relauncher = make_runner(reachable_folder, second, True, POOL_UIDS[:1])
+    assert relauncher is not None
+    try:
+        async with asyncio.TaskGroup() as group:
+            restarted.attach(group)
+            restarted.recover()
+            await restarted.start(_spec("b", "GPU-1", "true"))
+            assert second.states("b/1/0") == [TaskState.START_FAILED]
+            assert second.last("b/1/0").reason == pool.busy_reason
+            # A new task of the recovered job gets its user.
+            await restarted.start(TaskSpec("a", "a/1/1", ("GPU-2",), ("/bin/sh", "-c", "id -u")))
+            await wait_for(lambda: TaskState.SUCCEEDED in second.states("a/1/1"))
+            await restarted.stop("a/1/0", "done")
+            await wait_for(lambda: TaskState.STOPPED in second.states("a/1/0"))
+    finally:
+        relauncher.close()
+    assert int(_log(reachable_folder, "a/1/1")) == POOL_UIDS[0]
+
+
+@root_only
+async def test_first_start_sweeps_unused_users(
+    reachable_folder: Path, no_pool_processes: None
+) -> None:
+    # A process left as a pool user by a job that ended while the agent was down.
+    leftover = await asyncio.create_subprocess_exec(
+        "setpriv", f"--reuid={POOL_UIDS[0]}", f"--regid={NOGROUP}", "--clear-groups", "sleep", "300"
+    )
+    recorder = Recorder()
+    runner, _pool, launcher = make_runner(reachable_folder, recorder, True)
+    assert launcher is not None
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            runner.recover()
+            await runner.start(_spec("a", "GPU-0", "true"))
+            await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("a/1/0"))
+    finally:
+        launcher.close()
+    assert await asyncio.wait_for(leftover.wait(), 10) == -9
+
+
+NON_ROOT_PROBE = """
+import asyncio, os, sys, time
+from pathlib import Path
+from agents.checkpoints import CheckpointFiles
+from agents.model import TaskSpec, TaskState
+from agents.runner import TaskRunner
+from agents.state import StateStore
+from agents.task_process import TaskLauncher
+from agents.task_user import POOL_LAUNCHER_CAPABILITIES, check_agent_can_switch
+from agents.task_users import TaskUserPool, job_folder, parse_task_users
+from tests.agent.test_runner import Recorder, wait_for
+from tests.agent.test_task_user import REPOSITORY, _ensure_test_user, _run_agent
+
+async def main(directory, pool_text):
+    users = parse_task_users(pool_text)
+    check_agent_can_switch(
+        users[0], uses_launcher=True, launcher_capabilities=POOL_LAUNCHER_CAPABILITIES
+    )
+    pool = TaskUserPool(users)
+    launcher = TaskLauncher(user_per_request=True)
+    recorder = Recorder()
+    runner = TaskRunner(
+        "acme.eu-1.node-1", StateStore(directory / "state.json"), directory, recorder,
+        time.time, ["GPU-0"], lambda uuids: {}, launcher=launcher, task_users=pool,
+    )
+    tasks = directory / "tasks"
+    checkpoints = CheckpointFiles(tasks, per_job=True)
+    env = checkpoints.environment("p/1/0", "", "p")
+    probe = 'id -u; echo ref-1 > "$ACSP_CHECKPOINT_FILE"; exec sleep 60'
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(TaskSpec("p", "p/1/0", ("GPU-0",), ("/bin/sh", "-c", probe), env=env))
+        await wait_for(lambda: checkpoints.changed("p/1/0") == "ref-1")
+        await runner.stop("p/1/0", "probed")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("p/1/0"))
+        await wait_for(lambda: pool.free_users == 1)
+    launcher.close()
+    print(recorder.last("p/1/0").exit_code)
+    print((tasks / "p_1_0.log").read_text(), end="")
+    print(job_folder(tasks, "p").stat().st_uid)
+
+asyncio.run(main(Path(sys.argv[1]), sys.argv[2]))
+"""
+"""An agent's runner, not root, that runs one task as a pool user and frees the user."""
+
+
+@root_only
+def test_non_root_agent_runs_pool(reachable_folder: Path, no_pool_processes: None) -> None:
+    # The agent runs as a user that is not root, with the capabilities as ambient ones, as
+    # systemd's AmbientCapabilities= grants them.
+    if shutil.which("setpriv") is None or shutil.which("useradd") is None:
+        pytest.skip("setpriv or useradd is not installed")
+    agent = _ensure_test_user()
+    directory = reachable_folder / "agent"
+    directory.mkdir()
+    os.chown(directory, agent.uid, agent.gid)
+    capabilities = ",".join(f"+{name[4:].lower()}" for name in NON_ROOT_CAPABILITIES)
+    command = ["setpriv", f"--reuid={agent.uid}", f"--regid={agent.gid}", "--clear-groups"]
+    command += [f"--inh-caps={capabilities}", f"--ambient-caps={capabilities}", "--"]
+    command += [sys.executable, "-c", NON_ROOT_PROBE, str(directory), f"{POOL_UIDS[0]}:{NOGROUP}"]
+    done = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=40)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # Stopped by SIGTERM, which takes CAP_KILL to send to another user's process.
+    assert lines == ["-15", str(POOL_UIDS[0]), str(agent.uid)]
