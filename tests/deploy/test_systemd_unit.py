@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from agents.task_user import NON_ROOT_CAPABILITIES
+from agents.task_user import NON_ROOT_CAPABILITIES, POOL_LAUNCHER_CAPABILITIES
+from agents.task_users import parse_task_users
 from tests.deploy.nats_processes import nats_server_binary
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 UNIT = SYSTEMD_DIR / "acsp-agent.service"
 TASK_USER_DROP_IN = SYSTEMD_DIR / "acsp-agent-task-user.conf"
+TASK_USERS_DROP_IN = SYSTEMD_DIR / "acsp-agent-task-users.conf"
 LEAF_UNIT = SYSTEMD_DIR / "acsp-nats-leaf.service"
 # The program each unit starts, and the local executable that replaces it for verify.
 INSTALLED_BINARIES = {
@@ -106,10 +108,14 @@ def test_agent_unit_runs_without_privileges() -> None:
     assert settings["DevicePolicy"] == ["closed"]
 
 
-def test_task_user_drop_in_passes_verify(tmp_path: Path) -> None:
+DROP_INS = [TASK_USER_DROP_IN, TASK_USERS_DROP_IN]
+
+
+@pytest.mark.parametrize("drop_in", DROP_INS, ids=[drop_in.name for drop_in in DROP_INS])
+def test_task_user_drop_in_passes_verify(tmp_path: Path, drop_in: Path) -> None:
     # A drop-in's [Service] section merges into the unit's, as a second section of one file does.
     unit = _unit_for_this_host(UNIT, tmp_path)
-    unit.write_text(unit.read_text() + "\n" + TASK_USER_DROP_IN.read_text())
+    unit.write_text(unit.read_text() + "\n" + drop_in.read_text())
     result = subprocess.run(
         [_systemd_analyze(), "verify", str(unit)],
         capture_output=True,
@@ -127,6 +133,18 @@ def test_task_user_drop_in_grants_what_agent_checks() -> None:
     assert settings["CapabilityBoundingSet"] == [" ".join(NON_ROOT_CAPABILITIES)]
     assert settings["StateDirectoryMode"] == ["0711"]
     assert settings["Environment"] == ["ACSP_AGENT_TASK_USER=acsp-task"]
+
+
+def test_task_users_drop_in_grants_what_agent_checks() -> None:
+    settings = _settings(TASK_USERS_DROP_IN)
+    assert settings["AmbientCapabilities"] == [" ".join(NON_ROOT_CAPABILITIES)]
+    assert set(POOL_LAUNCHER_CAPABILITIES) <= set(NON_ROOT_CAPABILITIES)
+    assert settings["CapabilityBoundingSet"] == [" ".join(NON_ROOT_CAPABILITIES)]
+    assert settings["StateDirectoryMode"] == ["0711"]
+    assert settings["Environment"] == ["ACSP_AGENT_TASK_USERS=60000-60063:acsp-tasks"]
+    # The group need not exist here: a stand-in gid checks the rest of the value.
+    users = parse_task_users("60000-60063:4242")
+    assert [user.uid for user in users] == list(range(60000, 60064))
 
 
 def test_agent_unit_stop_leaves_tasks_running() -> None:
