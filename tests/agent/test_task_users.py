@@ -20,10 +20,17 @@ from pathlib import Path
 
 import pytest
 
+from acsp.v1 import agent_pb2, scheduler_pb2
+from agents import wire
+from agents.backends.fleet import FleetNode
+from agents.backends.simulated import SimulatedBackend
 from agents.checkpoints import CheckpointFiles
 from agents.model import TaskSpec, TaskState
+from agents.node import NodeAgent
+from agents.outbox import Outbox
 from agents.runner import TaskRunner
 from agents.settings import AgentSettings
+from agents.spool import Spool
 from agents.state import StateStore
 from agents.task_process import TaskLauncher, stat_fields
 from agents.task_user import NON_ROOT_CAPABILITIES, TaskUser, check_agent_can_switch
@@ -38,6 +45,8 @@ from agents.task_users import (
     parse_task_users,
 )
 from services.runtime.settings import SettingsError
+from tests.agent.helpers import NODE as NODE_REF
+from tests.agent.helpers import ManualClock
 from tests.agent.test_runner import Recorder, wait_for
 from tests.agent.test_task_user import REPOSITORY, _ensure_test_user, _run_agent
 
@@ -412,6 +421,65 @@ async def test_job_folder_owned_by_its_user(
 
 
 @root_only
+async def test_node_reads_checkpoint_in_job_folder(
+    reachable_folder: Path, no_pool_processes: None
+) -> None:
+    clock = ManualClock()
+    spec = FleetNode(NODE_REF.provider, NODE_REF.region, NODE_REF.node, "A100-SXM4-80GB", 1)
+    backend = SimulatedBackend(spec, clock)
+    spool = Spool(reachable_folder / "spool")
+    state = StateStore(reachable_folder / "state.json")
+    outbox = Outbox(spool, before_append=state.save_before_spool)
+    pool = TaskUserPool([_user(uid) for uid in POOL_UIDS])
+    node = NodeAgent(
+        NODE_REF,
+        backend,
+        "simulated",
+        state,
+        reachable_folder,
+        outbox,
+        "boot-1",
+        clock,
+        task_users=pool,
+    )
+    script = 'echo ref-1 > "$ACSP_CHECKPOINT_FILE"; exec sleep 60'
+    message = agent_pb2.AgentCommand(
+        command_id="c1",
+        kind=agent_pb2.COMMAND_KIND_START_TASK,
+        node=NODE_REF.message(),
+        task_id="job-1/1/0",
+        job_id="job-1",
+        accelerators=[
+            scheduler_pb2.AcceleratorShare(
+                accelerator_id=backend.discover().accelerators[0].uuid, millis=1000
+            )
+        ],
+        command=["/bin/sh", "-c", script],
+        grace_seconds=5,
+    )
+    checkpoint = job_folder(reachable_folder / "tasks", "job-1") / "job-1_1_0.checkpoint"
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        await node.handle(wire.parse_command(message.SerializeToString()))
+        await wait_for(checkpoint.exists)
+        await wait_for(lambda: checkpoint.read_text() == "ref-1\n")
+        assert node.report_checkpoints() == 1
+        assert node.runner is not None
+        await node.runner.stop("job-1/1/0", "done")
+        await wait_for(lambda: pool.free_users == 2)
+
+    outbox.flush_to_spool()
+    events = [
+        agent_pb2.TaskEvent.FromString(record.payload)
+        for record in spool.peek(100)
+        if record.subject.startswith("acsp.task.")
+    ]
+    references = [e.checkpoint_reference for e in events if e.checkpoint_reference]
+    assert references == ["ref-1"]
+    assert not checkpoint.exists()
+
+
+@root_only
 async def test_recovered_task_keeps_its_user(
     reachable_folder: Path, no_pool_processes: None
 ) -> None:
@@ -515,13 +583,22 @@ async def test_first_start_sweeps_unused_users(
 NON_ROOT_PROBE = """
 import asyncio, os, sys, time
 from pathlib import Path
+from acsp.v1 import agent_pb2, scheduler_pb2
+from agents import wire
+from agents.backends.fleet import FleetNode
+from agents.backends.simulated import SimulatedBackend
 from agents.checkpoints import CheckpointFiles
 from agents.model import TaskSpec, TaskState
+from agents.node import NodeAgent
+from agents.outbox import Outbox
 from agents.runner import TaskRunner
+from agents.spool import Spool
 from agents.state import StateStore
 from agents.task_process import TaskLauncher
 from agents.task_user import POOL_LAUNCHER_CAPABILITIES, check_agent_can_switch
 from agents.task_users import TaskUserPool, job_folder, parse_task_users
+from tests.agent.helpers import NODE as NODE_REF
+from tests.agent.helpers import ManualClock
 from tests.agent.test_runner import Recorder, wait_for
 from tests.agent.test_task_user import REPOSITORY, _ensure_test_user, _run_agent
 
