@@ -238,7 +238,7 @@ class TaskRunner:
         """Start ``spec`` unless it is a redelivered command for a known task."""
         if self._pool is not None:
             # Before the checks, so that no await falls between them and the launch.
-            await self._pool.sweep_once()
+            await self._pool.sweep_once(self._task_dir)
         intent = self._state.node(self._node_key).intents.get(spec.task_id)
         if self._known(spec.task_id):
             logger.info("start of task %s ignored: already known on this node", spec.task_id)

@@ -3,14 +3,15 @@
 With one task user (``ACSP_AGENT_TASK_USER``) every task on a node runs as the same uid, so
 two jobs that share a node can signal each other's processes and read each other's files.
 With a pool, each job that starts on the node gets a user that no other job running there
-has, and all its tasks on the node run as that user. A start finds every user taken by other
-jobs is rejected, and the scheduler places the job elsewhere.
+has, and all its tasks on the node run as that user. A start that finds every user taken by
+other jobs is rejected, and the scheduler places the job elsewhere.
 
 A job keeps its user until its last task on the node has ended. Then every process that still
 runs as that user, which can only be the job's, is killed, and the user is free once none is
-left. A restarted agent reads the uid of each task that it finds running again, and before it
-hands out the first user it kills the processes of the pool's users that no such task runs as.
-So the pool's users must be dedicated to it: nothing else on the node may run as them.
+left. So the pool's users must be dedicated to it: nothing else on the node may run as them.
+A restarted agent reads the uid of each task that it finds running again. Before it hands out
+the first user, it kills the processes of the pool's users that no such task runs as, and
+takes back the folders of the jobs that ended while it was down.
 
 Each job has its own folder, ``<task folder>/jobs/<job>``, owned by its user with mode 0700:
 its working directory, its ``HOME`` and the place of its checkpoint files. The task folder and
@@ -31,7 +32,7 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -126,6 +127,8 @@ class TaskUserPool:
         self._uid_job: dict[int, str] = {}
         self._sweep_lock = asyncio.Lock()
         self._swept = False
+        self._sealed: set[Path] = set()
+        """Task folders whose stale job folders were given back to the agent."""
 
     def __len__(self) -> int:
         return len(self._users)
@@ -215,23 +218,30 @@ class TaskUserPool:
         """Return whether ``job_id`` has a user on this node."""
         return job_id in self._job_uid
 
-    async def sweep_once(self) -> None:
-        """Kill the processes of the users that no task runs as, once, before the first start.
+    async def sweep_once(self, task_dir: Path) -> None:
+        """Clean up after jobs that ended while the agent was down, before the first start.
 
-        Such processes were left by jobs that ended while the agent was down, or by a job
-        whose user an earlier agent was still freeing.
+        Kills the processes of the users that no task runs as, once, and gives back to the
+        agent the job folders under ``task_dir`` that no running job owns, once per task
+        folder. Such processes and folders were left by jobs that ended while the agent was
+        down, or by a job whose user an earlier agent was still freeing.
         """
+        if self._swept and task_dir in self._sealed:
+            return
         async with self._sweep_lock:
-            if self._swept:
-                return
-            unused = frozenset(uid for uid in self._users if uid not in self._tasks_of_uid)
-            left = await asyncio.to_thread(kill_user_processes, unused)
-            for uid in sorted(left):
-                # NOTE: these users stay taken until the agent restarts. A process that
-                # survives SIGKILL is stuck in the kernel, and the node needs an operator.
-                self._free.pop(uid, None)
-                logger.error("processes of pool user uid %d survive SIGKILL; not using it", uid)
-            self._swept = True
+            if not self._swept:
+                unused = frozenset(uid for uid in self._users if uid not in self._tasks_of_uid)
+                left = await asyncio.to_thread(kill_user_processes, unused)
+                for uid in sorted(left):
+                    # NOTE: these users stay taken until the agent restarts. A process that
+                    # survives SIGKILL is stuck in the kernel, and the node needs an operator.
+                    self._free.pop(uid, None)
+                    logger.error("processes of pool user uid %d survive SIGKILL; not using it", uid)
+                self._swept = True
+            if task_dir not in self._sealed:
+                owners = {task_file_stem(job): uid for job, uid in self._job_uid.items()}
+                await asyncio.to_thread(seal_stale_job_folders, task_dir, owners)
+                self._sealed.add(task_dir)
 
 
 def kill_user_processes(uids: Collection[int]) -> set[int]:
@@ -385,3 +395,27 @@ def seal_job_folder(task_dir: Path, job_id: str) -> None:
         os.fchmod(descriptor, JOB_FOLDER_MODE)
     finally:
         os.close(descriptor)
+
+
+def seal_stale_job_folders(task_dir: Path, owners: Mapping[str, int]) -> int:
+    """Give back to the agent each job folder under ``task_dir`` that a running job does not own.
+
+    ``owners`` maps the folder name of each job with a user to that user's uid. Returns the
+    number of folders given back.
+    """
+    try:
+        entries = list(os.scandir(task_dir / "jobs"))
+    except FileNotFoundError:
+        return 0
+    sealed = 0
+    for entry in entries:
+        try:
+            owner = entry.stat(follow_symlinks=False).st_uid
+            if owner == os.geteuid() or owners.get(entry.name) == owner:
+                continue
+            seal_job_folder(task_dir, entry.name)
+        except OSError as error:
+            logger.warning("job folder %s was not given back to the agent: %s", entry.path, error)
+            continue
+        sealed += 1
+    return sealed

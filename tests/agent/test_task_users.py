@@ -513,12 +513,15 @@ async def test_recovered_task_keeps_its_user(
             assert pool.free_users == 1
             await restarted.start(_spec("c", "GPU-2", "id -u"))
             await wait_for(lambda: TaskState.SUCCEEDED in second.states("c/1/0"))
+            # The first start gave stale job folders back to the agent, but not b's.
+            b_owner = job_folder(reachable_folder / "tasks", "b").stat().st_uid
             await restarted.stop("b/1/0", "done")
             await wait_for(lambda: TaskState.STOPPED in second.states("b/1/0"))
     finally:
         relauncher.close()
 
     assert int(_log(reachable_folder, "c/1/0")) != b_uid
+    assert b_owner == b_uid
 
 
 @root_only
@@ -566,6 +569,10 @@ async def test_first_start_sweeps_unused_users(
     leftover = await asyncio.create_subprocess_exec(
         "setpriv", f"--reuid={POOL_UIDS[0]}", f"--regid={NOGROUP}", "--clear-groups", "sleep", "300"
     )
+    # And the folder of that job, still its user's.
+    stale = job_folder(reachable_folder / "tasks", "old")
+    stale.mkdir(parents=True)
+    os.chown(stale, POOL_UIDS[0], NOGROUP)
     recorder = Recorder()
     runner, _pool, launcher = make_runner(reachable_folder, recorder, True)
     assert launcher is not None
@@ -573,11 +580,16 @@ async def test_first_start_sweeps_unused_users(
         async with asyncio.TaskGroup() as group:
             runner.attach(group)
             runner.recover()
-            await runner.start(_spec("a", "GPU-0", "true"))
-            await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("a/1/0"))
+            await runner.start(_spec("a", "GPU-0", "exec sleep 300"))
+            await wait_for(lambda: TaskState.RUNNING in recorder.states("a/1/0"))
+            running = job_folder(reachable_folder / "tasks", "a").stat().st_uid
+            await runner.stop("a/1/0", "done")
+            await wait_for(lambda: TaskState.STOPPED in recorder.states("a/1/0"))
     finally:
         launcher.close()
     assert await asyncio.wait_for(leftover.wait(), 10) == -9
+    assert stale.stat().st_uid == os.geteuid()
+    assert running in POOL_UIDS
 
 
 NON_ROOT_PROBE = """
