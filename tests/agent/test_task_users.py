@@ -8,6 +8,7 @@ otherwise. The parsing, the settings and the pool's bookkeeping are checked as a
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import stat
@@ -25,6 +26,7 @@ from agents import wire
 from agents.backends.fleet import FleetNode
 from agents.backends.simulated import SimulatedBackend
 from agents.checkpoints import CheckpointFiles
+from agents.main import check_isolation
 from agents.model import TaskSpec, TaskState
 from agents.node import NodeAgent
 from agents.outbox import Outbox
@@ -136,6 +138,40 @@ def test_non_root_agent_without_capabilities_fails_start(tmp_path: Path) -> None
     assert done.returncode == 2, done.stderr
     assert f"{TASK_USERS_ENV}: the agent runs as uid {agent.uid} without" in done.stderr
     assert "ambient CAP_SETUID, ambient CAP_SETGID" in done.stderr
+
+
+@root_only
+def test_pool_checks_warn_once_per_file(
+    reachable_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = reachable_folder / "nats.creds"
+    key.write_text("secret")
+    key.chmod(0o644)
+    state = reachable_folder / "state"
+    state.mkdir(mode=0o711)
+    environ = {
+        TASK_USERS_ENV: POOL_TEXT,
+        "ACSP_AGENT_STATE_DIR": str(state),
+        "ACSP_NATS_CREDS": str(key),
+    }
+    with caplog.at_level(logging.WARNING):
+        check_isolation(AgentSettings.from_env(environ))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"ACSP_NATS_CREDS={key} (mode 644) is readable")
+
+
+@root_only
+def test_pool_user_without_state_dir_access(reachable_folder: Path) -> None:
+    state = reachable_folder / "state"
+    state.mkdir(mode=0o700)
+    environ = {TASK_USERS_ENV: POOL_TEXT, "ACSP_AGENT_STATE_DIR": str(state)}
+    with pytest.raises(SettingsError) as raised:
+        check_isolation(AgentSettings.from_env(environ))
+    assert raised.value.variable == "ACSP_AGENT_STATE_DIR"
+    assert f"not searchable by the task user {POOL_UIDS[0]} (uid {POOL_UIDS[0]}" in str(
+        raised.value
+    )
 
 
 def test_pool_setting_read() -> None:
@@ -601,6 +637,7 @@ from agents import wire
 from agents.backends.fleet import FleetNode
 from agents.backends.simulated import SimulatedBackend
 from agents.checkpoints import CheckpointFiles
+from agents.main import check_isolation
 from agents.model import TaskSpec, TaskState
 from agents.node import NodeAgent
 from agents.outbox import Outbox
