@@ -147,8 +147,9 @@ async def write_batch(
 ) -> BatchResult:
     """Store one batch of samples and rejections in one transaction.
 
-    A sample whose interval overlaps a stored sample, or an earlier sample of the batch, of the
-    same task, accelerator, node and provider becomes a dead letter instead (see
+    A sample whose interval overlaps a stored sample, or an earlier sample of the batch, becomes
+    a dead letter instead when the other sample has the same task, accelerator, node and
+    provider, or another task on that accelerator and either holds the whole accelerator (see
     :mod:`services.metering.overlaps`).
     """
     unique = list({(sample.provider, sample.sample_id): sample for sample in samples}.values())

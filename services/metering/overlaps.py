@@ -1,25 +1,30 @@
-"""Finding usage samples that meter an accelerator-second a second time under a new id.
+"""Finding usage samples that meter an accelerator-second a second time.
 
 The primary key recognises a replay of one sample id. An agent that lost its state, or a
 misbehaving provider, can also report time that is already stored under another id. Such a
 sample overlaps a stored sample of the same task (and so job attempt), accelerator, node and
-provider, and ingest keeps it as a dead letter instead of charging it. The task is part of the
-key because the tasks of one fractional job may share an accelerator, each with its own share.
+provider, and ingest keeps it as a dead letter instead of charging it. Two tasks, of one job or
+of two, may overlap on one accelerator only while each holds a fraction of it: a sample that
+overlaps a sample of another task on its accelerator is a dead letter too when either of the
+two has a share of 1000 thousandths, the whole accelerator.
 
 Samples are checked in arrival order: one that overlaps a stored sample, or an earlier sample of
-its own batch that was accepted, is rejected. The samples of one key stored since this check
-exists are therefore disjoint, so the stored sample that starts last before a new one ends is the
-only one that can overlap it.
+its own batch that was accepted, is rejected. The samples of one task and accelerator stored
+since this check exists are therefore disjoint, so the stored sample that starts last before a
+new one ends is the only one of its task that can overlap it.
 
-``sample_coverage`` keeps, per key, an end no earlier than that of any stored sample. Agents
-report a key's time in order, so nearly every new sample starts after it and needs no probe of
-``usage_samples``. A batch raises it in its own short transaction before it stores anything, so
-the end is never too early, and a stalled batch does not hold the row for other batches of the
-key. The batch that raised a row last compares its samples with the end before its raise. A
-batch that fails leaves the end too late, which only costs probes.
+``sample_coverage`` keeps, per task and accelerator, an end no earlier than that of any stored
+sample, and per accelerator (the row with the empty task id) such an end for all its samples
+and another for its whole-accelerator samples. Agents report an accelerator's time in order, so
+nearly every new sample needs no probe of ``usage_samples``: a whole-accelerator sample starts
+after its accelerator's end, and a fractional one after its task's end and after the end of the
+accelerator's whole-accelerator samples. A batch raises the rows in its own short transaction
+before it stores anything, so the ends are never too early, and a stalled batch does not hold
+the rows for other batches. The batch that raised a row last compares its samples with the
+ends before its raise. A batch that fails leaves the ends too late, which only costs probes.
 
-NOTE: the check is per task, so two jobs that both report one whole accelerator for the same
-time are both charged. Only shares of one task are compared with each other.
+NOTE: fractional samples are not added up. Three tasks that each report 0.4 of one accelerator
+for the same time are all charged, because only a whole-accelerator sample excludes others.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import secrets
 import zlib
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Final, NamedTuple
 
 import asyncpg
@@ -45,34 +51,91 @@ MAX_MINUTE_LOCKS: Final = 8
 """Minutes a sample may span and still lock each minute; a longer sample locks its node."""
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
-# For every staged sample not stored yet, the stored sample of the same key that starts last
-# before the staged one ends, if it ends after the staged one starts. Only a sample that starts
-# before its key's coverage ends is probed, and the index on (job_id, attempt, task_id,
-# accelerator_id, node, provider, start_time) makes that one probe. Times are compared as
-# timestamps built the way the merge stores them.
+FULL_SHARE_MILLIS: Final = 1000
+"""The share of a sample that holds the whole accelerator, in thousandths."""
+
+# For every staged sample not stored yet, one stored sample that it overlaps, if any. Kind 0 is
+# the stored sample of its own task, accelerator, node and provider that starts last before the
+# staged one ends, if it ends after the staged one starts. Kind 1 is a stored sample of another
+# task on the accelerator that overlaps it where either of the two has the whole accelerator.
+# Kind 0 wins when both exist. Only a sample that starts before its accelerator's coverage ends
+# is probed, which costs one lookup of the accelerator's coverage row per staged sample. Its own
+# task is probed only if it starts before the task's coverage ends. The other tasks are those
+# whose coverage ends after it starts, and are probed only if it has the whole accelerator or
+# starts before the accelerator's whole-accelerator coverage ends. Of each other task, only the
+# sample that starts last before the staged sample starts, and those that start while it runs,
+# can overlap it. The index on (job_id, attempt, task_id, accelerator_id, node, provider,
+# start_time) serves every probe, with the job id and attempt of another task taken from its
+# task id, <job_id>/<attempt>/<task_index>. Times are compared as timestamps built the way the
+# merge stores them.
 _FIND_STORED_OVERLAPS = """
-SELECT s.provider, s.sample_id, u.sample_id AS stored_id,
-       u.start_us AS stored_start_us, u.end_us AS stored_end_us
+SELECT s.provider, s.sample_id, u.kind, u.sample_id AS stored_id, u.job_id, u.attempt,
+       u.task_id, u.share_millis,
+       (extract(epoch FROM u.start_time) * 1000000)::bigint AS stored_start_us,
+       (extract(epoch FROM u.end_time) * 1000000)::bigint AS stored_end_us
 FROM usage_staging s
-JOIN metering.sample_coverage c
-  ON c.provider = s.provider AND c.node = s.node AND c.accelerator_id = s.accelerator_id
- AND c.task_id = s.task_id
- AND CASE WHEN c.raised_by = $1 THEN c.prior_end ELSE c.end_us END > s.start_us
+JOIN metering.sample_coverage a
+  ON a.provider = s.provider AND a.node = s.node AND a.accelerator_id = s.accelerator_id
+ AND a.task_id = ''
+ AND CASE WHEN a.raised_by = $1 THEN a.prior_end ELSE a.end_us END > s.start_us
 CROSS JOIN LATERAL (
-    SELECT p.sample_id, p.end_time,
-           (extract(epoch FROM p.start_time) * 1000000)::bigint AS start_us,
-           (extract(epoch FROM p.end_time) * 1000000)::bigint AS end_us
-    FROM metering.usage_samples p
-    WHERE p.job_id = s.job_id AND p.attempt = s.attempt AND p.task_id = s.task_id
-      AND p.accelerator_id = s.accelerator_id AND p.node = s.node AND p.provider = s.provider
-      AND p.start_time < 'epoch'::timestamptz + s.end_us * interval '1 microsecond'
-    ORDER BY p.start_time DESC
+    SELECT 'epoch'::timestamptz + s.start_us * interval '1 microsecond' AS start_time,
+           'epoch'::timestamptz + s.end_us * interval '1 microsecond' AS end_time,
+           s.share_millis = 1000
+               OR CASE WHEN a.raised_by = $1 THEN a.prior_exclusive_end
+                       ELSE a.exclusive_end END > s.start_us AS probe_others
+) t
+CROSS JOIN LATERAL (
+    SELECT 0 AS kind, p.sample_id, p.job_id, p.attempt, p.task_id, p.share_millis,
+           p.start_time, p.end_time
+    FROM metering.sample_coverage c
+    CROSS JOIN LATERAL (
+        SELECT p.*
+        FROM metering.usage_samples p
+        WHERE p.job_id = s.job_id AND p.attempt = s.attempt AND p.task_id = s.task_id
+          AND p.accelerator_id = s.accelerator_id AND p.node = s.node
+          AND p.provider = s.provider AND p.start_time < t.end_time
+        ORDER BY p.start_time DESC
+        LIMIT 1
+    ) p
+    WHERE c.provider = s.provider AND c.node = s.node AND c.accelerator_id = s.accelerator_id
+      AND c.task_id = s.task_id
+      AND CASE WHEN c.raised_by = $1 THEN c.prior_end ELSE c.end_us END > s.start_us
+      AND p.end_time > t.start_time
+    UNION ALL
+    SELECT 1, p.sample_id, p.job_id, p.attempt, p.task_id, p.share_millis, p.start_time,
+           p.end_time
+    FROM metering.sample_coverage c
+    CROSS JOIN LATERAL regexp_match(c.task_id, '^(.*)/([0-9]+)/[0-9]+$') AS m(parts)
+    CROSS JOIN LATERAL (
+        (SELECT p.*
+         FROM metering.usage_samples p
+         WHERE p.job_id = m.parts[1] AND p.attempt = m.parts[2]::integer
+           AND p.task_id = c.task_id AND p.accelerator_id = c.accelerator_id
+           AND p.node = c.node AND p.provider = c.provider AND p.start_time < t.start_time
+         ORDER BY p.start_time DESC
+         LIMIT 1)
+        UNION ALL
+        (SELECT p.*
+         FROM metering.usage_samples p
+         WHERE p.job_id = m.parts[1] AND p.attempt = m.parts[2]::integer
+           AND p.task_id = c.task_id AND p.accelerator_id = c.accelerator_id
+           AND p.node = c.node AND p.provider = c.provider
+           AND p.start_time >= t.start_time AND p.start_time < t.end_time
+           AND (s.share_millis = 1000 OR p.share_millis = 1000)
+         ORDER BY p.start_time
+         LIMIT 1)
+    ) p
+    WHERE t.probe_others
+      AND c.provider = s.provider AND c.node = s.node AND c.accelerator_id = s.accelerator_id
+      AND c.task_id <> '' AND c.task_id <> s.task_id AND c.end_us > s.start_us
+      AND p.end_time > t.start_time AND (s.share_millis = 1000 OR p.share_millis = 1000)
+    ORDER BY kind
     LIMIT 1
 ) u
-WHERE u.end_time > 'epoch'::timestamptz + s.start_us * interval '1 microsecond'
-  AND NOT EXISTS (
-      SELECT 1 FROM metering.usage_samples r
-      WHERE r.provider = s.provider AND r.sample_id = s.sample_id)
+WHERE NOT EXISTS (
+    SELECT 1 FROM metering.usage_samples r
+    WHERE r.provider = s.provider AND r.sample_id = s.sample_id)
 """
 
 _DROP_STAGED = """
@@ -83,15 +146,23 @@ WHERE s.provider = d.provider AND s.sample_id = d.sample_id
 
 
 class StoredSample(NamedTuple):
-    """A stored sample that a new sample overlaps."""
+    """A stored sample, or an earlier one of the batch, that a new sample overlaps."""
 
     sample_id: str
     start_us: int
     end_us: int
+    task_id: str = ""
+    """The sample's task when it is another task than the new sample's, else empty."""
+    job_id: str = ""
+    attempt: int = 0
+    share_millis: int = FULL_SHARE_MILLIS
 
 
 AcceleratorKey = tuple[str, str, str, str]
 """Provider, node, accelerator id and task id: the time of one key is metered once."""
+
+Accelerator = tuple[str, str, str]
+"""Provider, node and accelerator id."""
 
 
 def accelerator_key(sample: UsageSample) -> AcceleratorKey:
@@ -151,17 +222,21 @@ async def lock_sample_times(conn: asyncpg.Connection, samples: Sequence[UsageSam
     )
 
 
+# The rows of each accelerator (task id '') come before those of its tasks, so every batch locks
+# the rows in one key order.
 _RAISE_COVERAGE = """
 INSERT INTO metering.sample_coverage AS c
-    (provider, node, accelerator_id, task_id, end_us, prior_end, raised_by)
-SELECT provider, node, accelerator_id, task_id, max(end_us), 0, $6
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
-    AS n(provider, node, accelerator_id, task_id, end_us)
+    (provider, node, accelerator_id, task_id, end_us, exclusive_end, prior_end,
+     prior_exclusive_end, raised_by)
+SELECT provider, node, accelerator_id, task_id, max(end_us), max(exclusive_end), 0, 0, $7
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[])
+    AS n(provider, node, accelerator_id, task_id, end_us, exclusive_end)
 GROUP BY provider, node, accelerator_id, task_id
 ORDER BY provider, node, accelerator_id, task_id
 ON CONFLICT (provider, node, accelerator_id, task_id)
 DO UPDATE SET end_us = greatest(c.end_us, excluded.end_us), prior_end = c.end_us,
-              raised_by = excluded.raised_by
+              exclusive_end = greatest(c.exclusive_end, excluded.exclusive_end),
+              prior_exclusive_end = c.exclusive_end, raised_by = excluded.raised_by
 """
 
 
@@ -173,22 +248,33 @@ def batch_token() -> int:
 async def raise_coverage(
     conn: asyncpg.Connection, samples: Sequence[UsageSample], token: int
 ) -> None:
-    """Raise the coverage of the samples' keys to their latest ends, committed at once.
+    """Raise the coverage of the samples' tasks and accelerators to their latest ends, committed
+    at once.
 
-    ``token`` is the batch's id, which :func:`find_stored_overlaps` takes too. Keys are updated
-    in key order, so that concurrent batches lock the rows in the same order.
+    ``token`` is the batch's id, which :func:`find_stored_overlaps` takes too.
     """
-    ends: dict[AcceleratorKey, int] = {}
+    # Per coverage key, the latest end and the latest end of a whole-accelerator sample. An
+    # accelerator's key has the empty task id. Task keys keep exclusive ends at 0.
+    ends: dict[AcceleratorKey, list[int]] = {}
     for sample in samples:
-        key = accelerator_key(sample)
-        ends[key] = max(ends.get(key, 0), sample.end_us)
+        task_ends = ends.setdefault(accelerator_key(sample), [0, 0])
+        if sample.end_us > task_ends[0]:
+            task_ends[0] = sample.end_us
+        accelerator_ends = ends.setdefault(
+            (sample.provider, sample.node, sample.accelerator_id, ""), [0, 0]
+        )
+        if sample.end_us > accelerator_ends[0]:
+            accelerator_ends[0] = sample.end_us
+        if sample.share_millis == FULL_SHARE_MILLIS and sample.end_us > accelerator_ends[1]:
+            accelerator_ends[1] = sample.end_us
     await conn.execute(
         _RAISE_COVERAGE,
         [key[0] for key in ends],
         [key[1] for key in ends],
         [key[2] for key in ends],
         [key[3] for key in ends],
-        list(ends.values()),
+        [key_ends[0] for key_ends in ends.values()],
+        [key_ends[1] for key_ends in ends.values()],
         token,
     )
 
@@ -203,7 +289,13 @@ async def find_stored_overlaps(
     rows = await conn.fetch(_FIND_STORED_OVERLAPS, token)
     return {
         (r["provider"], r["sample_id"]): StoredSample(
-            r["stored_id"], r["stored_start_us"], r["stored_end_us"]
+            r["stored_id"],
+            r["stored_start_us"],
+            r["stored_end_us"],
+            r["task_id"] if r["kind"] == 1 else "",
+            r["job_id"],
+            r["attempt"],
+            r["share_millis"],
         )
         for r in rows
     }
@@ -230,6 +322,10 @@ async def find_stored_ids(
     return {(r["provider"], r["sample_id"]) for r in rows}
 
 
+_Accepted = tuple[list[int], list[UsageSample]]
+"""The starts of a task's accepted samples and the samples, sorted by start."""
+
+
 def split_overlapping(
     samples: Sequence[UsageSample],
     stored: Mapping[tuple[str, str], StoredSample],
@@ -238,38 +334,89 @@ def split_overlapping(
     """Split samples, in arrival order, into those to store and rejections for the rest.
 
     A sample is rejected when it overlaps the stored sample given for it in ``stored``, or a
-    sample of this batch that arrived earlier and was accepted. ``replays`` are the provider
-    and sample ids already stored: they are accepted, and the merge stores nothing for them, so
-    no later sample is compared with them. A sample that overlaps a replay equal to its stored
-    row overlaps that row, which the probe of stored samples finds. A replay with other times
-    or another key than its stored row has nothing stored to overlap.
+    sample of this batch that arrived earlier and was accepted: one of its own task, or one of
+    another task on its accelerator where either of the two holds the whole accelerator.
+    ``replays`` are the provider and sample ids already stored: they are accepted, and the merge
+    stores nothing for them, so no later sample is compared with them. A sample that overlaps a
+    replay equal to its stored row overlaps that row, which the probe of stored samples finds.
+    A replay with other times or another key than its stored row has nothing stored to overlap.
     """
     accepted: list[UsageSample] = []
     rejected: list[Rejection] = []
-    # Per key, the accepted samples of this batch and their starts, sorted by start. They are
-    # disjoint, so the one that starts last before a sample ends is the only one to compare.
-    starts: dict[AcceleratorKey, list[int]] = {}
-    accepted_by_key: dict[AcceleratorKey, list[UsageSample]] = {}
+    # Per accelerator and task, the starts of the accepted samples of this batch and the samples,
+    # sorted by start. The samples of one task are disjoint, so the one that starts last before
+    # a sample ends is the only one of its task to compare with the sample.
+    tasks_by_accelerator: dict[Accelerator, dict[str, _Accepted]] = {}
     for sample in sorted(samples, key=lambda s: s.stream_sequence):
         conflict = stored.get((sample.provider, sample.sample_id))
         if conflict is not None:
-            rejected.append(overlap_rejection(sample, conflict, "stored"))
+            rejected.append(_stored_rejection(sample, conflict))
             continue
-        key = accelerator_key(sample)
-        key_starts = starts.setdefault(key, [])
-        key_accepted = accepted_by_key.setdefault(key, [])
+        tasks = tasks_by_accelerator.setdefault(
+            (sample.provider, sample.node, sample.accelerator_id), {}
+        )
+        own = tasks.get(sample.task_id)
+        if own is None:
+            own = tasks[sample.task_id] = ([], [])
+        key_starts, key_accepted = own
         index = bisect.bisect_left(key_starts, sample.end_us)
         if index and key_accepted[index - 1].end_us > sample.start_us:
             earlier = key_accepted[index - 1]
             other = StoredSample(earlier.sample_id, earlier.start_us, earlier.end_us)
             rejected.append(overlap_rejection(sample, other, "received earlier in its batch"))
             continue
+        if len(tasks) > 1:
+            other_task = _other_task_overlap(sample, tasks)
+            if other_task is not None:
+                other = _as_other_task(other_task)
+                where = "received earlier in its batch"
+                rejected.append(shared_accelerator_rejection(sample, other, where))
+                continue
         accepted.append(sample)
         if (sample.provider, sample.sample_id) in replays:
             continue
         key_starts.insert(index, sample.start_us)
         key_accepted.insert(index, sample)
     return accepted, rejected
+
+
+def _other_task_overlap(sample: UsageSample, tasks: Mapping[str, _Accepted]) -> UsageSample | None:
+    """Return an accepted sample of another task on the sample's accelerator that overlaps it,
+    where one of the two holds the whole accelerator, if there is one."""
+    whole = sample.share_millis == FULL_SHARE_MILLIS
+    for task_id, (starts, task_samples) in tasks.items():
+        if task_id == sample.task_id:
+            continue
+        # The task's samples are disjoint, so their ends are sorted like their starts: walking
+        # back from the last one that starts before the sample ends meets every one that
+        # overlaps it.
+        index = bisect.bisect_left(starts, sample.end_us)
+        while index:
+            index -= 1
+            other = task_samples[index]
+            if other.end_us <= sample.start_us:
+                break
+            if whole or other.share_millis == FULL_SHARE_MILLIS:
+                return other
+    return None
+
+
+def _as_other_task(sample: UsageSample) -> StoredSample:
+    return StoredSample(
+        sample.sample_id,
+        sample.start_us,
+        sample.end_us,
+        sample.task_id,
+        sample.job_id,
+        sample.attempt,
+        sample.share_millis,
+    )
+
+
+def _stored_rejection(sample: UsageSample, stored: StoredSample) -> Rejection:
+    if stored.task_id:
+        return shared_accelerator_rejection(sample, stored, "stored")
+    return overlap_rejection(sample, stored, "stored")
 
 
 def overlap_rejection(sample: UsageSample, other: StoredSample, where: str) -> Rejection:
@@ -283,6 +430,23 @@ def overlap_rejection(sample: UsageSample, other: StoredSample, where: str) -> R
         f"({micros_to_seconds(sample.accelerator_micros)} accelerator-seconds), which overlaps "
         f"sample {other.sample_id} ({other_start} to {other_end}), {where}; "
         "the sample is not charged"
+    )
+    return sample_rejection(sample, f"overlap:{sample.provider}/{sample.sample_id}", reason)
+
+
+def shared_accelerator_rejection(sample: UsageSample, other: StoredSample, where: str) -> Rejection:
+    """Return the dead letter of a sample that overlaps ``other``, a sample of another task on
+    its accelerator, where one of the two holds the whole accelerator."""
+    reason = (
+        f"sample {sample.sample_id} of job {sample.job_id} attempt {sample.attempt} (task "
+        f"{sample.task_id}, share {sample.share}) on accelerator {sample.accelerator_id} of "
+        f"node {sample.node} covers {sample.start_time.isoformat()} to "
+        f"{sample.end_time.isoformat()} ({micros_to_seconds(sample.accelerator_micros)} "
+        f"accelerator-seconds), which overlaps sample {other.sample_id} of job {other.job_id} "
+        f"attempt {other.attempt} (task {other.task_id}, share "
+        f"{Decimal(other.share_millis).scaleb(-3)}) from {iso_micros(other.start_us)} to "
+        f"{iso_micros(other.end_us)}, {where}; a task that holds the whole accelerator shares "
+        "it with no other task, so the sample is not charged"
     )
     return sample_rejection(sample, f"overlap:{sample.provider}/{sample.sample_id}", reason)
 

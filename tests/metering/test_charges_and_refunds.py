@@ -261,9 +261,16 @@ async def test_invalid_accelerator_seconds_dead_lettered(
 async def test_fixed_at_award_grant_keeps_old_rates(
     nats_url: str, db: Database, ledger: LedgerDouble
 ) -> None:
+    # Each job has an accelerator of its own: two jobs on one whole accelerator are rejected.
     items = [
-        sample(f"node-1/{job}-{i}", job, T0 + timedelta(minutes=i), model="H800")
-        for job in ("job-fixed", "job-current")
+        sample(
+            f"node-1/{job}-{i}",
+            job,
+            T0 + timedelta(minutes=i),
+            model="H800",
+            accelerator_id=accelerator,
+        )
+        for job, accelerator in (("job-fixed", "GPU-0"), ("job-current", "GPU-1"))
         for i in range(10)
     ]
     async with running_ingest(nats_url, db) as (js, ingest):

@@ -104,17 +104,20 @@ def test_split_keeps_first_arrival() -> None:
     # Overlaps only the rejected sample, so it is kept.
     after_rejected = _usage("c", 60, 120, sequence=3)
     other_accelerator = _usage("d", 0, 60, sequence=4, accelerator_id="GPU-1")
+    # Another attempt may share an accelerator only in fractions, and "a" holds it whole.
     other_attempt = _usage("e", 0, 60, sequence=5, attempt=1)
 
     accepted, rejected = split_overlapping(
         [after_rejected, overlapping, first, other_accelerator, other_attempt], {}
     )
 
-    assert [s.sample_id for s in accepted] == ["a", "c", "d", "e"]
-    assert [r.sample_id for r in rejected] == ["b"]
+    assert [s.sample_id for s in accepted] == ["a", "c", "d"]
+    assert [r.sample_id for r in rejected] == ["b", "e"]
     assert rejected[0].dedupe_key == "overlap:prov-a/b"
     assert "overlaps sample a" in rejected[0].reason
     assert rejected[0].subject == usage_subject("prov-a", "r1", "node-1")
+    assert rejected[1].dedupe_key == "overlap:prov-a/e"
+    assert "overlaps sample a of job job-o attempt 0" in rejected[1].reason
 
 
 def test_split_rejects_stored_overlap_first() -> None:
@@ -137,6 +140,21 @@ def test_split_adjacent_samples_kept() -> None:
 
     assert len(accepted) == 4
     assert rejected == []
+
+
+def test_split_other_task_checks_each_overlap() -> None:
+    """A fractional sample is compared with every earlier sample of another task it overlaps,
+    not only the last one, because that task's share may change."""
+    whole = _usage("a", 0, 10)
+    fraction = _usage("b", 10, 60, sequence=2, share_millis=500)
+    other_fraction = _usage("c", 0, 60, sequence=3, task=1, share_millis=500)
+    other_later = _usage("d", 60, 70, sequence=4, task=1)
+
+    accepted, rejected = split_overlapping([whole, fraction, other_fraction, other_later], {})
+
+    assert [s.sample_id for s in accepted] == ["a", "b", "d"]
+    assert [r.sample_id for r in rejected] == ["c"]
+    assert "overlaps sample a of job job-o attempt 0 (task job-o/0/0" in rejected[0].reason
 
 
 def test_time_locks_shared_by_overlaps() -> None:
@@ -330,6 +348,149 @@ async def test_tasks_sharing_accelerator_kept(db: Database) -> None:
     assert await _stored_micros(db) == 60 * SECOND_US
 
 
+def _other_job(
+    sample_id: str, start_s: int, end_s: int, *, sequence: int = 1, share_millis: int = 1000
+) -> UsageSample:
+    """Return a sample of job-p on job-o's accelerator from T0 + start_s to T0 + end_s."""
+    return _usage(sample_id, start_s, end_s, sequence=sequence, share_millis=share_millis)._replace(
+        job_id="job-p", task_id="job-p/0/0"
+    )
+
+
+async def _reasons(db: Database, dedupe_key: str) -> list[str]:
+    async with db.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT reason FROM metering.dead_letters WHERE dedupe_key = $1", dedupe_key
+        )
+    return [row["reason"] for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("stored", "new"),
+    [
+        ((0, 60, 1000), (30, 90, 1000)),
+        ((30, 90, 1000), (0, 60, 1000)),
+        ((0, 60, 500), (30, 90, 1000)),
+        ((0, 60, 1000), (30, 90, 500)),
+        ((20, 40, 1000), (0, 60, 500)),
+        ((0, 600, 1000), (60, 120, 250)),
+    ],
+    ids=[
+        "whole-later",
+        "whole-earlier",
+        "whole-over-fraction",
+        "fraction-over-whole",
+        "whole-inside-fraction",
+        "fraction-inside-whole",
+    ],
+)
+async def test_other_job_on_whole_accelerator_dead_lettered(
+    db: Database, stored: tuple[int, int, int], new: tuple[int, int, int]
+) -> None:
+    """A sample that overlaps another job's sample on its accelerator, where either holds the
+    whole accelerator, is a dead letter that names both."""
+    await _write(db, [_usage("o", stored[0], stored[1], share_millis=stored[2])])
+
+    result = await _write(db, [_other_job("p", new[0], new[1], sequence=2, share_millis=new[2])])
+
+    assert (result.inserted, result.duplicates, result.dead_lettered) == (0, 0, 1)
+    assert await _stored_ids(db) == ["o"]
+    reasons = await _reasons(db, "overlap:prov-a/p")
+    assert len(reasons) == 1
+    assert "sample p of job job-p attempt 0" in reasons[0]
+    assert "overlaps sample o of job job-o attempt 0" in reasons[0]
+    assert "holds the whole accelerator" in reasons[0]
+
+
+async def test_other_job_whole_in_batch_dead_lettered(db: Database) -> None:
+    result = await _write(
+        db,
+        [
+            _usage("o", 0, 60),
+            _other_job("p", 30, 90, sequence=2),
+            _other_job("q", 60, 120, sequence=3, share_millis=500),
+        ],
+    )
+
+    assert (result.inserted, result.duplicates, result.dead_lettered) == (2, 0, 1)
+    assert await _stored_ids(db) == ["o", "q"]
+    reasons = await _reasons(db, "overlap:prov-a/p")
+    assert len(reasons) == 1
+    assert "overlaps sample o of job job-o attempt 0" in reasons[0]
+    assert "received earlier in its batch" in reasons[0]
+
+
+async def test_fractions_of_accelerator_kept(db: Database) -> None:
+    """Jobs that each hold a fraction may share an accelerator over the same time."""
+    first = await _write(db, [_usage("o1", 0, 60, share_millis=400)])
+    second = await _write(
+        db,
+        [
+            _other_job("p1", 0, 60, share_millis=600),
+            _usage("o2", 60, 120, sequence=2, share_millis=400),
+            _other_job("p2", 50, 110, sequence=3, share_millis=600),
+        ],
+    )
+
+    assert first.inserted == 1
+    assert (second.inserted, second.dead_lettered) == (2, 1)
+    assert await _stored_ids(db) == ["o1", "p1", "o2"]
+    # p2 overlaps p1 of its own task, so it is rejected for that overlap.
+    reasons = await _reasons(db, "overlap:prov-a/p2")
+    assert len(reasons) == 1
+    assert "overlaps sample p1 (" in reasons[0]
+    assert await _stored_micros(db) == (24 + 36 + 24) * SECOND_US
+
+
+async def test_whole_accelerator_after_other_job_kept(db: Database) -> None:
+    await _write(db, [_usage("o", 0, 60), _usage("o2", 60, 120, sequence=2)])
+
+    result = await _write(
+        db, [_other_job("p", 120, 180, sequence=3), _other_job("p2", 180, 240, sequence=4)]
+    )
+    late = await _write(db, [_other_job("p0", -60, 0, sequence=5)])
+
+    assert (result.inserted, result.dead_lettered) == (2, 0)
+    assert (late.inserted, late.dead_lettered) == (1, 0)
+    assert await _stored_micros(db) == 300 * SECOND_US
+
+
+async def test_other_job_overlap_redelivery_changes_nothing(db: Database) -> None:
+    await _write(db, [_usage("o", 0, 60)])
+    batch = [_other_job("p", 30, 90, sequence=2)]
+
+    first = await _write(db, batch)
+    second = await _write(db, batch)
+
+    assert (first.inserted, first.dead_lettered) == (0, 1)
+    assert (second.inserted, second.dead_lettered) == (0, 1)
+    assert await count(db, "SELECT count(*) FROM metering.dead_letters") == 1
+    assert await _stored_micros(db) == 60 * SECOND_US
+
+
+async def test_coverage_raised_per_accelerator(db: Database) -> None:
+    samples = [
+        _usage("o", 0, 60, share_millis=500),
+        _other_job("p", 0, 30),
+        _usage("g1", 0, 90, accelerator_id="GPU-1", share_millis=250),
+    ]
+    async with db.acquire() as conn:
+        await raise_coverage(conn, samples, batch_token())
+        rows = await conn.fetch(
+            "SELECT accelerator_id, task_id, end_us, exclusive_end FROM metering.sample_coverage "
+            "ORDER BY accelerator_id, task_id"
+        )
+
+    ends = [(r["accelerator_id"], r["task_id"], r["end_us"], r["exclusive_end"]) for r in rows]
+    assert ends == [
+        ("GPU-0", "", T0_US + 60 * SECOND_US, T0_US + 30 * SECOND_US),
+        ("GPU-0", "job-o/0/0", T0_US + 60 * SECOND_US, 0),
+        ("GPU-0", "job-p/0/0", T0_US + 30 * SECOND_US, 0),
+        ("GPU-1", "", T0_US + 90 * SECOND_US, 0),
+        ("GPU-1", "job-o/0/0", T0_US + 90 * SECOND_US, 0),
+    ]
+
+
 @asynccontextmanager
 async def _uncommitted_batch(db: Database) -> AsyncIterator[None]:
     """Hold a transaction that stored sample "a" (0 to 60 s) as ingest does, until the exit."""
@@ -373,6 +534,23 @@ async def test_concurrent_overlap_waits_for_commit(db: Database, start_s: int, e
     """A batch waits for a concurrent batch of the same times and then reads its rows."""
     async with _uncommitted_batch(db):
         writer = asyncio.create_task(_write(db, [_usage("b", start_s, end_s, sequence=2)]))
+
+        async def waiting() -> bool:
+            return await _lock_waits(db) == 1
+
+        await wait_until(waiting)
+        assert not writer.done()
+    result = await asyncio.wait_for(writer, 10)
+
+    assert result.inserted == 0
+    assert result.dead_lettered == 1
+    assert await _stored_ids(db) == ["a"]
+
+
+async def test_concurrent_other_job_waits_for_commit(db: Database) -> None:
+    """A batch of another job on the accelerator waits for the first batch and reads its rows."""
+    async with _uncommitted_batch(db):
+        writer = asyncio.create_task(_write(db, [_other_job("p", 30, 90, sequence=2)]))
 
         async def waiting() -> bool:
             return await _lock_waits(db) == 1

@@ -167,9 +167,10 @@ async def callers(
 
 async def _store_usage(js: JetStreamContext, db: Database, grant_id: str) -> None:
     """Store and charge an hour of usage for job-a of proj-a and job-b of proj-b."""
+    # Each job has an accelerator of its own: two jobs on one whole accelerator are rejected.
     items = [
-        sample(f"node-1/{job}-{i}", job, T0 + timedelta(minutes=i))
-        for job in ("job-a", "job-b")
+        sample(f"node-1/{job}-{i}", job, T0 + timedelta(minutes=i), accelerator_id=accelerator)
+        for job, accelerator in (("job-a", "GPU-0"), ("job-b", "GPU-1"))
         for i in range(60)
     ]
     await js.publish(usage_subject("prov-a", "r1", "node-1"), report(items))
