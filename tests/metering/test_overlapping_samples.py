@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from acsp.subjects import usage_subject
@@ -491,6 +492,23 @@ async def test_coverage_raised_per_accelerator(db: Database) -> None:
     ]
 
 
+async def _insert_a(conn: asyncpg.Connection) -> None:
+    """Insert sample "a" (0 to 60 s) of job-o as the merge would."""
+    await conn.execute(
+        """
+        INSERT INTO metering.usage_samples
+            (sample_id, job_id, attempt, task_id, provider, region, node, accelerator_id,
+             accelerator_model, share_millis, start_time, end_time, accelerator_micros,
+             utilization, period_start, stream_sequence, received_at)
+        VALUES ('a', 'job-o', 0, 'job-o/0/0', 'prov-a', 'r1', 'node-1', 'GPU-0',
+                $1, 1000, $2, $3, 60000000, 0.5, $2, 1, now())
+        """,
+        MODEL,
+        T0,
+        T0 + timedelta(seconds=60),
+    )
+
+
 @asynccontextmanager
 async def _uncommitted_batch(db: Database) -> AsyncIterator[None]:
     """Hold a transaction that stored sample "a" (0 to 60 s) as ingest does, until the exit."""
@@ -500,20 +518,7 @@ async def _uncommitted_batch(db: Database) -> AsyncIterator[None]:
         await transaction.start()
         try:
             await lock_sample_times(holder, [_usage("a", 0, 60)])
-            await holder.execute(
-                """
-                INSERT INTO metering.usage_samples
-                    (sample_id, job_id, attempt, task_id, provider, region, node,
-                     accelerator_id, accelerator_model, share_millis, start_time, end_time,
-                     accelerator_micros, utilization, period_start, stream_sequence,
-                     received_at)
-                VALUES ('a', 'job-o', 0, 'job-o/0/0', 'prov-a', 'r1', 'node-1', 'GPU-0',
-                        $1, 1000, $2, $3, 60000000, 0.5, $2, 1, now())
-                """,
-                MODEL,
-                T0,
-                T0 + timedelta(seconds=60),
-            )
+            await _insert_a(holder)
             yield
         finally:
             await transaction.commit()
@@ -557,6 +562,34 @@ async def test_concurrent_other_job_waits_for_commit(db: Database) -> None:
 
         await wait_until(waiting)
         assert not writer.done()
+    result = await asyncio.wait_for(writer, 10)
+
+    assert result.inserted == 0
+    assert result.dead_lettered == 1
+    assert await _stored_ids(db) == ["a"]
+
+
+@pytest.mark.parametrize("share_millis", [1000, 500], ids=["whole", "fraction"])
+async def test_concurrent_other_job_raised_later_found(db: Database, share_millis: int) -> None:
+    """A batch that raised the accelerator's coverage before a concurrent batch of another job
+    still finds that batch's sample once it commits."""
+    async with db.pool.acquire() as holder, db.pool.acquire() as raiser:
+        transaction = holder.transaction()
+        await transaction.start()
+        try:
+            await lock_sample_times(holder, [_usage("a", 0, 60)])
+            late = _other_job("p", 30, 90, sequence=2, share_millis=share_millis)
+            writer = asyncio.create_task(_write(db, [late]))
+
+            async def waiting() -> bool:
+                return await _lock_waits(db) == 1
+
+            # The writer waits on the time lock, so it has raised the coverage already.
+            await wait_until(waiting)
+            await raise_coverage(raiser, [_usage("a", 0, 60)], batch_token())
+            await _insert_a(holder)
+        finally:
+            await transaction.commit()
     result = await asyncio.wait_for(writer, 10)
 
     assert result.inserted == 0
