@@ -9,6 +9,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
@@ -32,6 +33,7 @@ from acsp.cli._common import (
     rows_of,
     whole_number,
 )
+from acsp.mesh.endpoints import MeshNotFoundError
 from acsp.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 PRIORITIES = {
@@ -169,8 +171,8 @@ def register(subparsers: Any) -> None:
     )
     submit.add_argument(
         "--array",
-        type=whole_number(0),
-        default=0,
+        type=array_size,
+        default=None,
         metavar="N",
         help="submit a job array of N jobs, which start independently of each other; each "
         "job gets its index, from 0, in $ACSP_ARRAY_INDEX",
@@ -240,6 +242,21 @@ def register(subparsers: Any) -> None:
     job_logs.register(commands, connection)
 
 
+def array_size(text: str) -> int:
+    """Parse ``--array`` for argparse: a whole number of at least 1.
+
+    The scheduler reads an ``array_size`` of 0 as "no array", because a proto3 ``uint32`` has
+    no presence, so an explicit 0 would submit a single job without ``$ACSP_ARRAY_INDEX``.
+    """
+    size = whole_number(0)(text)
+    if size == 0:
+        raise argparse.ArgumentTypeError(
+            "0 is not a valid array size: an array has at least 1 job. Give --array N with "
+            "N of 1 or more, or leave out --array to submit a single job"
+        )
+    return size
+
+
 def parse_millis(text: str) -> int:
     """Convert ``--accelerators`` (``2`` or ``0.25``) to milli-accelerators."""
     try:
@@ -304,7 +321,7 @@ def spec_from_args(args: argparse.Namespace) -> scheduler_pb2.JobSpec:
         checkpointable=args.checkpointable,
         command=command,
         environment=environment,
-        array_size=args.array,
+        array_size=args.array or 0,
     )
 
 
@@ -384,12 +401,24 @@ def cancel_job(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@dataclass(slots=True)
+class _WatchProgress:
+    """What a watch carries from one stream to the next when it resumes."""
+
+    last_lines: dict[str, str] = field(default_factory=dict)
+    """The last line printed for each job that has not ended, by job id."""
+    resumes: int = 0
+    """Streams opened again in a row; a received change resets it to 0."""
+
+
 async def watch_jobs(args: argparse.Namespace) -> int:
     """Print one line per job change until interrupted, the stream ends, or the one job
     watched has ended.
 
-    A stream that ends with UNAVAILABLE (the scheduler lost its leadership, or the watch fell
-    behind) is opened again with the initial state, up to :data:`WATCH_RESUMES` times in a row.
+    A stream that ends with UNAVAILABLE (the scheduler lost its leadership, the watch fell
+    behind, or the mesh restarted) is opened again with the initial state, up to
+    :data:`WATCH_RESUMES` times in a row. Each resume reads the mesh file again, so that it
+    reaches a mesh that ``acsp up`` started anew on other ports.
 
     Returns EXIT_OK for a watch of all jobs. For one job it returns EXIT_OK only when that job
     completed, so that a script can test the outcome by the exit status. A job array's id
@@ -398,42 +427,31 @@ async def watch_jobs(args: argparse.Namespace) -> int:
     request = scheduler_pb2.WatchJobsRequest(
         job_id=args.job_id, project_id=args.project, send_initial=True
     )
-    final_state = scheduler_pb2.JOB_STATE_UNSPECIFIED
     # The service sends the whole job on every committed change, also of fields that the line
     # leaves out (the hold, a checkpoint), and a change made while the watch starts comes
     # again after the initial state. So a line is printed only when it differs from the last.
-    last_lines: dict[str, str] = {}
-    resumes = 0
-    async with async_client_from_args(args) as client:
-        while final_state == scheduler_pb2.JOB_STATE_UNSPECIFIED:
-            stream = client.scheduler.WatchJobs(request, timeout=WATCH_DEADLINE_S)
-            try:
-                async for job in stream:
-                    resumes = 0
-                    if not (_print_change(job, last_lines) and args.job_id):
-                        continue
-                    if job.job_id != args.job_id:
-                        # An element of the array watched: the array ends with its last one.
-                        parent = await client.scheduler.GetJob(
-                            scheduler_pb2.GetJobRequest(job_id=args.job_id)
-                        )
-                        if parent.state not in ENDED_STATES:
-                            continue
-                        job = parent
-                    final_state = job.state
-                    stream.cancel()
-                    break
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or resumes >= WATCH_RESUMES:
-                    raise
-                resumes += 1
-                delay_s = min(WATCH_RESUME_MAX_DELAY_S, 0.5 * 2**resumes)
-                sys.stderr.write(
-                    f"watch interrupted: {error.details()}; watching again in {delay_s:.0f} s\n"
-                )
-                await asyncio.sleep(delay_s)
-                continue
+    progress = _WatchProgress()
+    while True:
+        try:
+            final_state = await _watch_once(args, request, progress)
             break
+        except (grpc.aio.AioRpcError, MeshNotFoundError) as error:
+            if isinstance(error, grpc.aio.AioRpcError):
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                detail = error.details()
+            else:
+                # The first open reports a missing mesh file at once. A resume waits for the
+                # mesh to come back, as it waits for an unreachable scheduler.
+                if not progress.resumes:
+                    raise
+                detail = str(error)
+            if progress.resumes >= WATCH_RESUMES:
+                raise
+            progress.resumes += 1
+            delay_s = min(WATCH_RESUME_MAX_DELAY_S, 0.5 * 2**progress.resumes)
+            sys.stderr.write(f"watch interrupted: {detail}; watching again in {delay_s:.0f} s\n")
+            await asyncio.sleep(delay_s)
     if not args.job_id or final_state == scheduler_pb2.JOB_STATE_COMPLETED:
         return EXIT_OK
     if final_state == scheduler_pb2.JOB_STATE_UNSPECIFIED:
@@ -442,6 +460,33 @@ async def watch_jobs(args: argparse.Namespace) -> int:
             f"unknown. Run acsp jobs watch {args.job_id} again"
         )
     return EXIT_FAILURE
+
+
+async def _watch_once(
+    args: argparse.Namespace, request: scheduler_pb2.WatchJobsRequest, progress: _WatchProgress
+) -> int:
+    """Open a client from the mesh file and follow one WatchJobs stream until it ends.
+
+    Returns the end state of the one job watched, or JOB_STATE_UNSPECIFIED if the stream
+    closed first or the watch is of all jobs.
+    """
+    async with async_client_from_args(args) as client:
+        stream = client.scheduler.WatchJobs(request, timeout=WATCH_DEADLINE_S)
+        async for job in stream:
+            progress.resumes = 0
+            if not (_print_change(job, progress.last_lines) and args.job_id):
+                continue
+            if job.job_id != args.job_id:
+                # An element of the array watched: the array ends with its last one.
+                parent = await client.scheduler.GetJob(
+                    scheduler_pb2.GetJobRequest(job_id=args.job_id)
+                )
+                if parent.state not in ENDED_STATES:
+                    continue
+                job = parent
+            stream.cancel()
+            return int(job.state)
+    return scheduler_pb2.JOB_STATE_UNSPECIFIED
 
 
 def _print_change(job: scheduler_pb2.Job, last_lines: dict[str, str]) -> bool:

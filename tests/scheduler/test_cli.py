@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +20,8 @@ from acsp.cli._common import STATUS_DETAILS_KEY, CommandError
 from acsp.cli.fleet import list_providers, node_row, provider_rows
 from acsp.cli.jobs import job_details, job_row_of, parse_millis, spec_from_args, watch_line
 from acsp.cli.main import build_parser, main
+from acsp.client import AsyncClient
+from acsp.mesh.endpoints import MeshInfo
 from acsp.v1 import common_pb2, scheduler_pb2
 from scheduler.service.errors import InvalidFields
 from scheduler.service.model import JobSpec
@@ -495,3 +499,134 @@ def test_details_tell_array_parent_from_element() -> None:
     )
     assert dict(job_details(element))["array"] == "j1[0]"
     assert dict(job_details(single))["array"] == ""
+
+
+def test_submit_array_zero_is_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The scheduler reads array_size 0 as "no array", so the CLI must reject it itself.
+    monkeypatch.setenv("ACSP_DATA_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as exited:
+        main(["jobs", "submit", "--project", "p1", "--array", "0", "--", "true"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "argument --array: 0 is not a valid array size" in err
+    assert "leave out --array to submit a single job" in err
+
+
+def test_submit_without_array_sends_size_zero() -> None:
+    spec = spec_from_args(parse("jobs", "submit", "--project", "p1", "--", "true"))  # type: ignore[arg-type]
+    assert spec.array_size == 0
+    spec = spec_from_args(
+        parse("jobs", "submit", "--project", "p1", "--array", "3", "--", "true")  # type: ignore[arg-type]
+    )
+    assert spec.array_size == 3
+
+
+def _write_mesh_file(data_dir: Path, scheduler_endpoint: str) -> None:
+    ca_cert = data_dir / "ca.pem"
+    ca_cert.write_text("not read by the fake client\n")
+    endpoints = {"grant": "127.0.0.1:1", "scheduler": scheduler_endpoint, "metering": "127.0.0.1:1"}
+    MeshInfo(
+        data_dir=data_dir,
+        endpoints=endpoints,
+        ca_cert=ca_cert,
+        token_key=data_dir / "signing.key",
+        database_url="postgresql://unused",
+        nats_url="nats://unused",
+        supervisor_pid=os.getpid(),
+    ).write()
+
+
+async def test_watch_resume_reads_mesh_file_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The first stream fails as a mesh stopped by `acsp down` would; `acsp up` has meanwhile
+    # written a mesh file with other ports, and the resume must use them.
+    _write_mesh_file(tmp_path, "127.0.0.1:1111")
+    opened: list[str] = []
+
+    first_calls: list[int] = []
+
+    def first_stream() -> AsyncIterator[scheduler_pb2.Job]:
+        first_calls.append(1)
+        if len(first_calls) > 1:
+            # The old mesh is gone: a stream there would never deliver the end.
+            return aiter(FakeWatch([]))
+
+        async def fail() -> AsyncIterator[scheduler_pb2.Job]:
+            yield scheduler_pb2.Job(job_id="j1", state=scheduler_pb2.JOB_STATE_RUNNING)
+            _write_mesh_file(tmp_path, "127.0.0.1:2222")
+            metadata = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, "gone")
+
+        return fail()
+
+    completed = scheduler_pb2.Job(job_id="j1", state=scheduler_pb2.JOB_STATE_COMPLETED)
+    streams = {"127.0.0.1:1111": first_stream, "127.0.0.1:2222": lambda: FakeWatch([completed])}
+
+    def fake_init(self: AsyncClient, endpoints: dict[str, str], *args: object, **kw: object):
+        endpoint = endpoints["scheduler"]
+        opened.append(endpoint)
+        self._channels = {}
+        self.scheduler = SimpleNamespace(WatchJobs=lambda *a, **k: streams[endpoint]())
+
+    monkeypatch.setattr(AsyncClient, "__init__", fake_init)
+
+    async def no_wait(delay_s: float) -> None:
+        return None
+
+    monkeypatch.setattr(jobs_cli.asyncio, "sleep", no_wait)
+    args = parse("jobs", "watch", "j1", "--data-dir", str(tmp_path))
+
+    code = await asyncio.wait_for(jobs_cli.watch_jobs(args), 10)  # type: ignore[arg-type]
+
+    assert code == 0
+    assert opened == ["127.0.0.1:1111", "127.0.0.1:2222"]
+    captured = capsys.readouterr()
+    assert "watch interrupted: gone" in captured.err
+    assert [line.split("  ", 1)[1] for line in captured.out.splitlines()] == [
+        "j1  running",
+        "j1  completed",
+    ]
+
+
+async def test_watch_resume_waits_for_missing_mesh_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write_mesh_file(tmp_path, "127.0.0.1:1111")
+    mesh_file = tmp_path / "mesh.json"
+    completed = scheduler_pb2.Job(job_id="j1", state=scheduler_pb2.JOB_STATE_COMPLETED)
+
+    def first_stream() -> AsyncIterator[scheduler_pb2.Job]:
+        async def fail() -> AsyncIterator[scheduler_pb2.Job]:
+            mesh_file.unlink(missing_ok=True)
+            metadata = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, "gone")
+            yield completed
+
+        return fail()
+
+    def fake_init(self: AsyncClient, endpoints: dict[str, str], *args: object, **kw: object):
+        stream = first_stream if endpoints["scheduler"] == "127.0.0.1:1111" else None
+        self._channels = {}
+        self.scheduler = SimpleNamespace(
+            WatchJobs=lambda *a, **k: stream() if stream else FakeWatch([completed])
+        )
+
+    monkeypatch.setattr(AsyncClient, "__init__", fake_init)
+    sleeps: list[float] = []
+
+    async def restart_mesh_during_wait(delay_s: float) -> None:
+        sleeps.append(delay_s)
+        if len(sleeps) == 2:
+            _write_mesh_file(tmp_path, "127.0.0.1:2222")
+
+    monkeypatch.setattr(jobs_cli.asyncio, "sleep", restart_mesh_during_wait)
+    args = parse("jobs", "watch", "j1", "--data-dir", str(tmp_path))
+
+    code = await asyncio.wait_for(jobs_cli.watch_jobs(args), 10)  # type: ignore[arg-type]
+
+    assert code == 0
+    assert len(sleeps) == 2
+    assert "no running mesh found" in capsys.readouterr().err
