@@ -10,17 +10,22 @@ Use it from Python (tests, ``acsp demo``, notebooks)::
 or as ``acsp up``, which runs it until Ctrl-C or SIGTERM. It starts every process in its own
 session, waits until each service reports SERVING via grpc.health.v1, writes the mesh file
 (:mod:`acsp.mesh.endpoints`), and stops what it started in two phases (stop signal, wait,
-SIGKILL) in reverse order. If a child dies while the mesh runs, :meth:`LocalMesh.wait_failure`
-returns which one and why.
+SIGKILL) in reverse order. A service or the fleet that exits while the mesh runs is started
+again with the same command line, environment and port, after a delay that doubles with each
+restart. Once one has been restarted ``max_restarts`` times within ``restart_window_s``, its next
+exit ends the wait of :meth:`LocalMesh.wait_failure`, which returns which one died and why. The
+embedded PostgreSQL and NATS are not restarted: their exit ends that wait at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +112,15 @@ class MeshConfig:
     """Seconds each process gets to exit after its stop signal before SIGKILL."""
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment variables for every child process."""
+    max_restarts: int = 5
+    """Restarts of one child within ``restart_window_s`` before its next exit stops the mesh.
+
+    0 stops the mesh at the first exit of any child.
+    """
+    restart_window_s: float = 60.0
+    """Seconds over which restarts of a child count towards ``max_restarts``."""
+    restart_delay_s: float = 0.5
+    """Seconds before the first restart of a child; each restart in the window doubles it."""
     stop_orphans: bool = False
     """Adopt and stop processes that children leave behind (the fleet's tasks) at stop.
 
@@ -167,6 +181,9 @@ class LocalMesh:
         self._failure: asyncio.Future[ChildExit] | None = None
         self._stopping = False
         self._restarting: set[str] = set()
+        # Held while a child starts again and while the mesh stops its children, so that a
+        # restart cannot start a process that the stop has already passed over.
+        self._start_lock = asyncio.Lock()
 
     # --- public surface -------------------------------------------------------------------
 
@@ -459,14 +476,94 @@ class LocalMesh:
                 )
 
     async def _watch(self, child: ChildProcess) -> None:
-        returncode = await child.wait()
-        if child.name in self._restarting:
-            return
-        if self._stopping or self._failure is None or self._failure.done():
-            return
-        failure = ChildExit(child.name, returncode, child.describe_exit(), child.tail())
+        """Start ``child`` again each time it exits on its own, until it exits too often."""
+        loop = asyncio.get_running_loop()
+        window_s = self.config.restart_window_s
+        restarts: deque[float] = deque()
+        while True:
+            returncode = await child.wait()
+            if child.name in self._restarting:
+                return
+            if self._stopping or self._failure is None or self._failure.done():
+                return
+            now = loop.time()
+            while restarts and now - restarts[0] > window_s:
+                restarts.popleft()
+            if child not in self._children or len(restarts) >= self.config.max_restarts:
+                self._fail(child, returncode, len(restarts))
+                return
+            delay_s = self.config.restart_delay_s * 2 ** len(restarts)
+            restarts.append(now)
+            logger.warning(
+                "%s; restarting it in %.1f s (restart %d of at most %d within %g s)",
+                child.describe_exit(),
+                delay_s,
+                len(restarts),
+                self.config.max_restarts,
+                window_s,
+            )
+            await asyncio.sleep(delay_s)
+            if not await self._restart(child):
+                return
+
+    async def _restart(self, child: ChildProcess) -> bool:
+        """Start ``child`` again and wait until it serves; return False if the mesh stops.
+
+        A restarted child that exits again or does not report SERVING within
+        ``start_timeout_s`` returns True too, with the child stopped, so the caller counts
+        its exit as one more restart.
+        """
+        async with self._start_lock:
+            if self._stopping or child.name in self._restarting:
+                return False
+            try:
+                await child.start()
+            except OSError as exc:
+                logger.error("failed to start %s again: %s", child.name, exc)
+                self._fail(child, child.returncode or 1, 0)
+                return False
+            # `acsp status` reports the fleet's state by the pid in the mesh file.
+            self._write_mesh_file()
+        endpoint = self.info.endpoints.get(child.name)
+        if endpoint is None:
+            logger.info("%s is running again (pid %s)", child.name, child.pid)
+            return True
+        try:
+            await wait_serving(
+                child.name,
+                endpoint,
+                self.client_credentials(None),
+                timeout_s=self.config.start_timeout_s,
+                still_running=lambda: child.returncode is None,
+            )
+        except RuntimeError:
+            return True
+        except TimeoutError as exc:
+            logger.warning("%s; killing it to start it again", exc)
+            await child.kill()
+            return True
+        logger.info("%s is SERVING again at %s (pid %s)", child.name, endpoint, child.pid)
+        return True
+
+    def _fail(self, child: ChildProcess, returncode: int, restarts: int) -> None:
+        """End the wait of :meth:`wait_failure` with the exit of ``child``."""
+        assert self._failure is not None
+        description = child.describe_exit()
+        if restarts:
+            description += (
+                f". It was restarted {restarts} times within {self.config.restart_window_s:g} "
+                "s, the maximum, so the mesh stops"
+            )
+        failure = ChildExit(child.name, returncode, description, child.tail())
         logger.error("%s", failure)
         self._failure.set_result(failure)
+
+    def _write_mesh_file(self) -> None:
+        """Write the mesh file again with the current process ids."""
+        if self._info is None:
+            return
+        self._info = dataclasses.replace(self._info, extra={**self._info.extra, "pids": self.pids})
+        self._info.write()
 
     # --- stop -----------------------------------------------------------------------------
 
@@ -489,8 +586,9 @@ class LocalMesh:
         grace = self.config.stop_grace_s
         fleet = [child for child in self._children if child.name == AGENTS_NAME]
         services = [child for child in self._children if child.name != AGENTS_NAME]
-        await asyncio.gather(*(child.stop(grace) for child in fleet))
-        await asyncio.gather(*(child.stop(grace) for child in services))
+        async with self._start_lock:
+            await asyncio.gather(*(child.stop(grace) for child in fleet))
+            await asyncio.gather(*(child.stop(grace) for child in services))
         if self.config.stop_orphans:
             known = {child.pid for child in self._all_children() if child.pid is not None}
             await stop_orphans(known, grace)

@@ -26,10 +26,11 @@ import pytest_asyncio
 from acsp.client import AsyncClient
 from acsp.mesh import BackgroundMesh, LocalMesh, MeshConfig, ProcessSpec, load_mesh
 from acsp.mesh._ports import is_listening
+from acsp.mesh.health import check_health
 from acsp.mesh.supervisor import MeshStartError
 from acsp.v1 import grant_pb2
 from tests.conftest import make_mesh_dir
-from tests.mesh.checks import SERVICE_FULL_NAMES, reflected_services
+from tests.mesh.checks import SERVICE_FULL_NAMES, mesh_credentials, reflected_services
 
 EXTERNAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 EXTERNAL_NATS = "nats://127.0.0.1:4222"
@@ -199,22 +200,43 @@ async def test_acsp_up_serves_then_stops_cleanly(servers: Servers, data_dir: Pat
     assert await _run_cli(["status", "--data-dir", str(data_dir)], env) == 3
 
 
-async def test_acsp_up_exits_when_a_service_dies(data_dir: Path, external_database: str):
+async def test_acsp_up_restarts_a_killed_service(data_dir: Path, external_database: str):
     env, agents = _up_env(Servers("external", external_database))
     up, log_path = await _start_acsp_up(data_dir, env, agents)
     try:
+        info = load_mesh(data_dir)
         pids = json.loads((data_dir / "mesh.json").read_text())["pids"]
         os.kill(pids["metering"], signal.SIGKILL)
+
+        def restarted_pid() -> int | None:
+            pid = json.loads((data_dir / "mesh.json").read_text())["pids"].get("metering")
+            return pid if pid != pids["metering"] else None
+
+        await _poll(lambda: restarted_pid() is not None, 30, "a new metering pid")
+        new_pid = restarted_pid()
+        endpoint = info.endpoints["metering"]
+        await _poll(
+            lambda: f"metering is SERVING again at {endpoint}" in log_path.read_text(),
+            START_TIMEOUT_S,
+            "metering to serve again",
+        )
+        assert up.returncode is None, log_path.read_text()
+        # Clients keep the endpoints they read before the crash.
+        assert load_mesh(data_dir).endpoints == info.endpoints
+        report = await check_health("metering", endpoint, mesh_credentials(info))
+        assert report.status == "SERVING", report.detail
+        up.send_signal(signal.SIGTERM)
         returncode = await asyncio.wait_for(up.wait(), 60)
     finally:
         if up.returncode is None:
             up.kill()
             await up.wait()
     output = log_path.read_text()
-    assert returncode == 1, output
+    assert returncode == 0, output
     assert f"metering (pid {pids['metering']}) was killed by SIGKILL" in output
-    assert "last lines of its log" in output
-    for name, pid in pids.items():
+    assert "restarting it in 0.5 s (restart 1 of at most 5 within 60 s)" in output
+    for name, pid in {**pids, "metering (restarted)": new_pid}.items():
+        assert pid is not None
         assert not _alive(pid), f"{name} (pid {pid}) outlived acsp up"
     assert not (data_dir / "mesh.json").exists()
 
@@ -253,7 +275,9 @@ async def _mint_token_with_cli(data_dir: Path, env: dict[str, str]) -> str:
     return stdout.decode().strip()
 
 
-def _external_config(data_dir: Path, database_url: str, *processes: ProcessSpec) -> MeshConfig:
+def _external_config(
+    data_dir: Path, database_url: str, *processes: ProcessSpec, max_restarts: int = 5
+) -> MeshConfig:
     return MeshConfig(
         data_dir=data_dir,
         database_url=database_url,
@@ -261,6 +285,8 @@ def _external_config(data_dir: Path, database_url: str, *processes: ProcessSpec)
         processes=processes,
         start_timeout_s=20,
         stop_grace_s=5,
+        max_restarts=max_restarts,
+        restart_delay_s=0.05,
     )
 
 
@@ -275,13 +301,63 @@ async def test_child_death_is_reported_with_log_tail(external_database: str, dat
         "sys.exit(3)\n"
     )
     spec = ProcessSpec("fleet", [sys.executable, "-c", script], serves_grpc=False)
-    async with LocalMesh(_external_config(data_dir, external_database, spec)) as mesh:
+    config = _external_config(data_dir, external_database, spec, max_restarts=0)
+    async with LocalMesh(config) as mesh:
         trigger.touch()
         failure = await asyncio.wait_for(mesh.wait_failure(), 30)
     assert failure.name == "fleet"
     assert failure.returncode == 3
     assert "exited with status 3" in failure.description
     assert "lost its NATS credentials" in failure.log_tail
+
+
+async def test_child_that_exits_once_is_restarted(external_database: str, data_dir: Path):
+    marker = data_dir / "crashed-once"
+    script = (
+        "import pathlib, sys, time\n"
+        f"marker = pathlib.Path({str(marker)!r})\n"
+        "if not marker.exists():\n"
+        "    while not marker.with_suffix('.go').exists():\n"
+        "        time.sleep(0.05)\n"
+        "    marker.touch()\n"
+        "    sys.exit(3)\n"
+        "time.sleep(600)\n"
+    )
+    spec = ProcessSpec("fleet", [sys.executable, "-c", script], serves_grpc=False)
+    async with LocalMesh(_external_config(data_dir, external_database, spec)) as mesh:
+        first_pid = mesh.pids["fleet"]
+        marker.with_suffix(".go").touch()
+
+        def file_pid() -> int:
+            return int(load_mesh(data_dir).extra["pids"]["fleet"])
+
+        await _poll(lambda: file_pid() != first_pid, 30, "the fleet to start again")
+        second_pid = file_pid()
+        assert mesh.pids["fleet"] == second_pid
+        assert _alive(second_pid)
+        failure = asyncio.ensure_future(mesh.wait_failure())
+        await asyncio.sleep(0.5)
+        assert not failure.done()
+        failure.cancel()
+    assert not _alive(second_pid)
+
+
+async def test_restarts_stop_at_the_limit(external_database: str, data_dir: Path):
+    # It outlives the start's check that the fleet runs, then exits each time.
+    script = "import time; print('fleet run', flush=True); time.sleep(1); raise SystemExit(3)"
+    spec = ProcessSpec("fleet", [sys.executable, "-c", script], serves_grpc=False)
+    mesh = LocalMesh(_external_config(data_dir, external_database, spec, max_restarts=2))
+    await mesh.start()
+    try:
+        failure = await asyncio.wait_for(mesh.wait_failure(), 30)
+    finally:
+        await mesh.stop()
+    assert failure.name == "fleet"
+    assert failure.returncode == 3
+    assert "exited with status 3" in failure.description
+    assert f"log: {data_dir / 'logs' / 'fleet.log'}" in failure.description
+    assert "restarted 2 times within 60 s, the maximum, so the mesh stops" in failure.description
+    assert (data_dir / "logs" / "fleet.log").read_text().count("fleet run") == 3
 
 
 async def test_start_failure_names_process_and_stops_rest(external_database: str, data_dir: Path):
