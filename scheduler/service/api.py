@@ -18,6 +18,7 @@ from acsp.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.runtime.auth import Principal, Role, current_principal, require_roles
 from services.runtime.context import remaining_s, request_id
 from services.runtime.errors import (
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -35,7 +36,7 @@ from .job_access import JobAccess, ReadScope
 from .leadership import Leadership
 from .model import Job, JobFilter, JobState, new_job_id
 from .providers import ProviderDirectory
-from .request_ids import check_repeated_in_batch, check_reused_ids, request_key
+from .request_ids import check_repeated_in_batch, check_reused_ids, request_key, stored_keys
 from .store import decode_page_token, encode_page_token
 from .task_output import TaskOutputReader, output_limit
 from .validation import (
@@ -80,8 +81,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
         jobs, request_ids, array_id = self._prepare(request, principal, "")
         jobs = await self._check_access(principal, jobs, "spec")
-        jobs = await self._resolve_after(jobs, "spec.after_job_ids")
         key = request_key(principal.subject, request.request_id)
+        jobs = await self._resolve_after(jobs, "spec.after_job_ids", key)
         stored = await self._lead.require().batcher.submit(
             jobs, request_ids, [(jobs, key, "request_id")]
         )
@@ -106,8 +107,9 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             await self._resolve_after(
                 await self._check_access(principal, batch, f"jobs[{i}].spec"),
                 f"jobs[{i}].spec.after_job_ids",
+                request_key(principal.subject, item.request_id),
             )
-            for i, (batch, _, _) in enumerate(prepared)
+            for i, ((batch, _, _), item) in enumerate(zip(prepared, request.jobs, strict=True))
         ]
         submissions = [
             (batch, request_key(principal.subject, item.request_id), f"jobs[{i}].request_id")
@@ -146,18 +148,26 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             raise GrantConstraintViolations(violations)
         return [evolve(job, spec=narrow_to_grant(job.spec, limits, catalog)) for job in jobs]
 
-    async def _resolve_after(self, jobs: list[Job], field: str) -> list[Job]:
+    async def _resolve_after(self, jobs: list[Job], field: str, key: str | None) -> list[Job]:
         """Check the jobs that ``jobs`` (one spec) wait for, and name arrays by their elements.
 
         Raises INVALID_ARGUMENT for an id of no job of the project, and FAILED_PRECONDITION
-        for a job that ended without completing.
+        for a job that ended without completing, unless ``key`` (the submission's request id
+        key) already stored jobs.
         """
         spec = jobs[0].spec
         if not spec.after_job_ids:
             return jobs
-        awaited = await resolve_after_ids(
-            spec.after_job_ids, spec.project_id, field, self._lead.store.awaited_jobs
-        )
+        store = self._lead.store
+        args = (spec.after_job_ids, spec.project_id, field, store.awaited_jobs)
+        try:
+            awaited = await resolve_after_ids(*args)
+        except FailedPrecondition:
+            # A retry of a call that stored its jobs gets them back, although a job that they
+            # wait for ended since. The store is read only here, off the common path.
+            if key is None or not await store.jobs_by_request_ids(stored_keys([(jobs, key, "")])):
+                raise
+            awaited = await resolve_after_ids(*args, reject_ended=False)
         return [evolve(job, spec=evolve(job.spec, after_job_ids=awaited)) for job in jobs]
 
     def _prepare(

@@ -21,13 +21,15 @@ async def resolve_after_ids(
     project_id: str,
     field: str,
     read: Callable[[list[str]], Awaitable[list[AwaitedRow]]],
+    reject_ended: bool = True,
 ) -> tuple[str, ...]:
     """Return the ids of the jobs that ``after`` names, with each array replaced by its
     elements, in the order given and without repeats.
 
     ``read`` returns the stored jobs whose job id or array id is one of the ids. Raises
-    InvalidArgument for an id that names no job of ``project_id``, and FailedPrecondition for a
-    job that ended without completing, because the new job could never start.
+    InvalidArgument for an id that names no job of ``project_id``, and, with ``reject_ended``,
+    FailedPrecondition for a job that ended without completing, because the new job could
+    never start.
     """
     if not after:
         return ()
@@ -56,7 +58,7 @@ async def resolve_after_ids(
                 "pass the id of a job or job array of the same project, as SubmitJob returned it",
             )
         for job_id, _, _, state in sorted(found):
-            if state in ("failed", "cancelled", "timed_out"):
+            if reject_ended and state in ("failed", "cancelled", "timed_out"):
                 raise FailedPrecondition(
                     f"job {job_id} ended {state}, so a job that waits for it could never start; "
                     "submit without it, or wait for a job that completed",

@@ -243,3 +243,44 @@ async def test_request_id_reused_with_other_array_size(stack: Stack) -> None:
     assert len(listed.jobs) == 2 + 1 + 3
     assert {job.array_job_id for job in listed.jobs if job.array_job_id} >= {array.job.job_id}
     assert single.job.job_id in {job.job_id for job in listed.jobs}
+
+
+async def test_retry_after_dependency_ended_returns_job(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        earlier = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=job_spec(project, grant, task_count=1)),
+            metadata=md,
+            timeout=10,
+        )
+        awaited = earlier.job.job_id
+        request = scheduler_pb2.SubmitJobRequest(
+            request_id="after-1",
+            spec=job_spec(project, grant, task_count=1, after_job_ids=[awaited]),
+        )
+        first = await scheduler.SubmitJob(request, metadata=md, timeout=10)
+        await scheduler.CancelJob(
+            scheduler_pb2.CancelJobRequest(job_id=awaited, reason="not needed"),
+            metadata=md,
+            timeout=10,
+        )
+        # The retry of a call whose reply was lost returns the job it created, although the
+        # job it waits for has ended since and a new submission would be rejected.
+        retried = await scheduler.SubmitJob(request, metadata=md, timeout=10)
+        batched = await scheduler.SubmitJobs(
+            scheduler_pb2.SubmitJobsRequest(jobs=[request]), metadata=md, timeout=10
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as fresh:
+            await scheduler.SubmitJob(
+                scheduler_pb2.SubmitJobRequest(request_id="after-2", spec=request.spec),
+                metadata=md,
+                timeout=10,
+            )
+
+    assert retried.job.job_id == first.job.job_id
+    assert batched.results[0].job.job_id == first.job.job_id
+    assert fresh.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"job {awaited} ended cancelled" in (fresh.value.details() or "")
