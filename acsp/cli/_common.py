@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -37,6 +38,8 @@ EXIT_INTERRUPTED: Final = 130
 """Stopped by Ctrl-C, as shells report SIGINT."""
 
 OUTPUT_FORMATS: Final = ("table", "csv", "json")
+TABLE_DECIMAL_PLACES: Final = 6
+"""Decimal places of the amounts (Decimal values) that a table shows; CSV and JSON keep all."""
 TOKEN_HINT: Final = (
     "hint: export ACSP_TOKEN=$(acsp token --role ROLE --subject USER) or pass --token"
 )
@@ -187,7 +190,12 @@ def output_options() -> argparse.ArgumentParser:
         "--format",
         choices=OUTPUT_FORMATS,
         default="table",
-        help="output format: a table for people, csv or json for scripts (default: table)",
+        help=(
+            "output format: a table for people, csv or json for scripts (default: table). A "
+            f"table rounds amounts to {TABLE_DECIMAL_PLACES} decimal places, and shows an amount "
+            "too small for that as <0.000001. CSV and JSON keep every digit. JSON writes exact "
+            "decimal amounts as strings, and counts and flags as numbers and booleans"
+        ),
     )
     return parser
 
@@ -202,9 +210,12 @@ def print_records(
 ) -> None:
     """Print ``records`` (one mapping per row) as a rich table, CSV or JSON lines.
 
-    Values are printed with ``str()``, so Decimal amounts keep every digit. A table prints them
-    as plain text with control characters escaped, so a name that a user chose cannot act as
-    rich markup or as a terminal escape sequence.
+    Decimal values are exact amounts: CSV and JSON write every digit (JSON as a string, since a
+    JSON number may be read as a float), and a table rounds them with :func:`table_amount`.
+    JSON writes ints, floats and bools as JSON numbers and booleans, and None as null. Other
+    values are printed with ``str()``. A table prints them as plain text with control
+    characters escaped, so a name that a user chose cannot act as rich markup or as a terminal
+    escape sequence.
     """
     out = stream if stream is not None else sys.stdout
     if output_format == "csv":
@@ -216,7 +227,8 @@ def print_records(
         return
     if output_format == "json":
         for record in records:
-            out.write(json.dumps({column: _cell(record.get(column)) for column in columns}) + "\n")
+            document = {column: _json_value(record.get(column)) for column in columns}
+            out.write(json.dumps(document) + "\n")
         return
     table = Table(
         title=None if title is None else _plain_text(title), show_edge=False, header_style="bold"
@@ -225,7 +237,7 @@ def print_records(
         # Fold long values instead of cutting them with an ellipsis: ids must stay whole.
         table.add_column(column, overflow="fold")
     for record in records:
-        table.add_row(*(_plain_text(_cell(record.get(column))) for column in columns))
+        table.add_row(*(_plain_text(_table_cell(record.get(column))) for column in columns))
     # Rich assumes 80 columns when the output is not a terminal; a pipe or file gets every
     # row on one line instead.
     width = None if out.isatty() else PIPE_WIDTH
@@ -249,7 +261,40 @@ def _plain_text(value: str) -> Text:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, Decimal) and value.is_finite():
+        return format_decimal(value)
     return str(value)
+
+
+def _table_cell(value: Any) -> str:
+    if isinstance(value, Decimal) and value.is_finite():
+        return table_amount(value)
+    return _cell(value)
+
+
+def _json_value(value: Any) -> Any:
+    """Return ``value`` as :func:`json.dumps` should write it in ``--format json``."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return _cell(value)
+
+
+def table_amount(value: Decimal, places: int = TABLE_DECIMAL_PLACES) -> str:
+    """Round an exact amount to ``places`` decimal places for a table, e.g. ``0.000123``.
+
+    Rounds half to even. A nonzero amount that would round to 0 is shown as ``<0.000001``
+    (``>-0.000001`` below zero), so that a table never shows a charge as nothing.
+    """
+    step = Decimal(1).scaleb(-places)
+    # Wide enough for every digit left of the point, so that quantize never raises.
+    context = Context(prec=max(value.adjusted(), 0) + places + 2)
+    rounded = value.quantize(step, rounding=ROUND_HALF_EVEN, context=context)
+    if rounded.is_zero() and not value.is_zero():
+        smallest = format_decimal(step)
+        return f"<{smallest}" if value > 0 else f">-{smallest}"
+    return format_decimal(rounded)
 
 
 def decimal_text(message: common_pb2.Decimal) -> str:
@@ -263,6 +308,23 @@ def decimal_text(message: common_pb2.Decimal) -> str:
         return format_decimal(from_proto(message))
     except ValueError:
         return message.value
+
+
+def decimal_value(message: common_pb2.Decimal) -> Decimal | str:
+    """Parse a protobuf Decimal for :func:`print_records`, which rounds it only in tables.
+
+    Text that is not a finite decimal is returned as it came.
+    """
+    try:
+        return from_proto(message)
+    except ValueError:
+        return message.value
+
+
+def table_text(message: common_pb2.Decimal) -> str:
+    """Format a protobuf Decimal for a table's title, rounded as :func:`table_amount` does."""
+    value = decimal_value(message)
+    return table_amount(value) if isinstance(value, Decimal) else value
 
 
 def print_error(message: str, stream: TextIO | None = None) -> None:

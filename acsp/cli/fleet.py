@@ -13,6 +13,7 @@ from acsp.cli import pledges
 from acsp.cli._common import (
     EXIT_OK,
     connection_options,
+    decimal_value,
     format_time,
     output_options,
     print_records,
@@ -275,7 +276,7 @@ def list_models(args: argparse.Namespace) -> int:
             "model": m.name,
             "vendor": common_pb2.Vendor.Name(m.vendor).removeprefix("VENDOR_").lower(),
             "memory (GiB)": m.memory_gib,
-            "peak TFLOP/s": m.peak_dense_tflops.value,
+            "peak TFLOP/s": decimal_value(m.peak_dense_tflops),
             "stacks": ", ".join(m.software_stacks),
             "source": m.source,
         }

@@ -14,6 +14,7 @@ from acsp.cli._common import (
     EXIT_USAGE,
     CommandError,
     connection_options,
+    decimal_value,
     format_time,
     naming_options,
     note_more_rows,
@@ -25,7 +26,6 @@ from acsp.cli._common import (
     whole_number,
 )
 from acsp.cli._grant_fields import FIELD_OPTIONS
-from acsp.decimals import format_decimal
 from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
 
 TIERS = {
@@ -83,14 +83,14 @@ def _request_id(args: argparse.Namespace) -> str:
     return args.request_id or uuid.uuid4().hex
 
 
-def _balance_rows(balance: grant_pb2.Balance) -> list[tuple[str, str]]:
+def _balance_rows(balance: grant_pb2.Balance) -> list[tuple[str, Any]]:
     return [
-        ("available PF-days", balance.available_pf_days.value),
-        ("held PF-days", balance.held_pf_days.value),
-        ("charged PF-days", balance.charged_pf_days.value),
-        ("refunded PF-days", balance.refunded_pf_days.value),
-        ("delegated PF-days", balance.delegated_pf_days.value),
-        ("credited PF-days", balance.credited_pf_days.value),
+        ("available PF-days", decimal_value(balance.available_pf_days)),
+        ("held PF-days", decimal_value(balance.held_pf_days)),
+        ("charged PF-days", decimal_value(balance.charged_pf_days)),
+        ("refunded PF-days", decimal_value(balance.refunded_pf_days)),
+        ("delegated PF-days", decimal_value(balance.delegated_pf_days)),
+        ("credited PF-days", decimal_value(balance.credited_pf_days)),
     ]
 
 
@@ -100,9 +100,9 @@ def _grant_record(grant: grant_pb2.Grant) -> dict[str, Any]:
         "project": grant.project_id,
         "tier": _enum_name(grant_pb2.GrantTier, grant.tier, "GRANT_TIER_"),
         "state": _enum_name(grant_pb2.GrantState, grant.state, "GRANT_STATE_"),
-        "available": grant.balance.available_pf_days.value,
-        "held": grant.balance.held_pf_days.value,
-        "charged": grant.balance.charged_pf_days.value,
+        "available": decimal_value(grant.balance.available_pf_days),
+        "held": decimal_value(grant.balance.held_pf_days),
+        "charged": decimal_value(grant.balance.charged_pf_days),
         "ends": format_time(grant.validity.end_time),
     }
 
@@ -112,7 +112,7 @@ def _application_rows(app: grant_pb2.Application) -> list[tuple[str, Any]]:
         ("application", app.application_id),
         ("project", app.project_id),
         ("tier", _enum_name(grant_pb2.GrantTier, app.tier, "GRANT_TIER_")),
-        ("requested PF-days", app.requested_pf_days.value),
+        ("requested PF-days", decimal_value(app.requested_pf_days)),
         ("state", _enum_name(grant_pb2.ApplicationState, app.state, "APPLICATION_STATE_")),
         (
             "window",
@@ -299,7 +299,7 @@ def run_applications(args: argparse.Namespace) -> int:
             "application": a.application_id,
             "project": a.project_id,
             "tier": _enum_name(grant_pb2.GrantTier, a.tier, "GRANT_TIER_"),
-            "requested": a.requested_pf_days.value,
+            "requested": decimal_value(a.requested_pf_days),
             "state": _enum_name(grant_pb2.ApplicationState, a.state, "APPLICATION_STATE_"),
             "grant": a.grant_id,
         }
@@ -357,7 +357,7 @@ def run_history(args: argparse.Namespace) -> int:
             "entry": e.entry_id,
             "time": format_time(e.create_time),
             "kind": _enum_name(common_pb2.LedgerEntryKind, e.kind, "LEDGER_ENTRY_KIND_"),
-            "PF-days": e.amount_pf_days.value,
+            "PF-days": decimal_value(e.amount_pf_days),
             "from": _accounts(e, debited=True),
             "to": _accounts(e, debited=False),
             "hold": e.hold_id,
@@ -413,10 +413,10 @@ def run_suballocations(args: argparse.Namespace) -> int:
             "sub-allocation": s.sub_allocation_id,
             "parent": s.parent_sub_allocation_id or args.grant,
             "holder": s.holder,
-            "available": s.balance.available_pf_days.value,
-            "held": s.balance.held_pf_days.value,
-            "charged": s.balance.charged_pf_days.value,
-            "delegated": s.balance.delegated_pf_days.value,
+            "available": decimal_value(s.balance.available_pf_days),
+            "held": decimal_value(s.balance.held_pf_days),
+            "charged": decimal_value(s.balance.charged_pf_days),
+            "delegated": decimal_value(s.balance.delegated_pf_days),
         }
         for s in response.sub_allocations
     ]
@@ -433,7 +433,7 @@ def run_expire(args: argparse.Namespace) -> int:
         response = grants.ExpireGrants(grant_pb2.ExpireGrantsRequest(request_id=_request_id(args)))
     rows = [
         ("grants expired", ", ".join(response.grant_ids) or "none"),
-        ("returned to the program pool, PF-days", response.returned_pf_days.value),
+        ("returned to the program pool, PF-days", decimal_value(response.returned_pf_days)),
     ]
     print_records(rows_of(rows), ["field", "value"], output_format=args.format)
     return EXIT_OK
@@ -467,10 +467,10 @@ def run_extend(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _negated(text: str) -> str:
-    """Return the negation of a decimal string, written without exponent."""
+def _negated(text: str) -> Decimal:
+    """Return the negation of a decimal string."""
     # copy_negate is exact; unary minus would round to the context's 28 digits.
-    return format_decimal(Decimal(text or "0").copy_negate())
+    return Decimal(text or "0").copy_negate()
 
 
 def run_summary(args: argparse.Namespace) -> int:
@@ -479,7 +479,7 @@ def run_summary(args: argparse.Namespace) -> int:
     # The program pool is never funded by an entry: awards and supplements draw it below zero
     # and expiries return budget to it. Its negation is what the program has handed out net.
     rows = [
-        ("postings sum PF-days", summary.postings_sum_pf_days.value),
+        ("postings sum PF-days", decimal_value(summary.postings_sum_pf_days)),
         ("entries", summary.entry_count),
         (
             "net awarded from the program pool PF-days",

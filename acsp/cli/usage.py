@@ -17,13 +17,14 @@ from acsp.cli._common import (
     EXIT_USAGE,
     CommandError,
     connection_options,
-    decimal_text,
+    decimal_value,
     format_time,
     note_more_rows,
     output_options,
     parse_time,
     print_records,
     rows_of,
+    table_text,
     whole_number,
 )
 from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
@@ -123,9 +124,9 @@ def run_query(args: argparse.Namespace) -> int:
                 records.append(
                     {
                         args.by: row.key,
-                        "accelerator_hours": decimal_text(row.accelerator_hours),
-                        "charged_pf_days": decimal_text(row.charged_pf_days),
-                        "refunded_pf_days": decimal_text(row.refunded_pf_days),
+                        "accelerator_hours": decimal_value(row.accelerator_hours),
+                        "charged_pf_days": decimal_value(row.charged_pf_days),
+                        "refunded_pf_days": decimal_value(row.refunded_pf_days),
                         "mean_utilization": f"{row.mean_utilization:.3f}",
                         "samples": row.sample_count,
                     }
@@ -159,8 +160,8 @@ def run_charges(args: argparse.Namespace) -> int:
                         "job": charge.job_id,
                         "grant": charge.grant_id,
                         "period_start": format_time(charge.period_start_time),
-                        "accelerator_seconds": decimal_text(charge.accelerator_seconds),
-                        "pf_days": decimal_text(charge.amount_pf_days),
+                        "accelerator_seconds": decimal_value(charge.accelerator_seconds),
+                        "pf_days": decimal_value(charge.amount_pf_days),
                         "rate_card": charge.rate_card_version,
                         "committed": charge.committed,
                     }
@@ -177,7 +178,7 @@ def refund_row(refund: metering_pb2.RefundRecord) -> dict[str, Any]:
         "refund": refund.refund_id,
         "job": refund.job_id,
         "provider": refund.provider_id,
-        "pf_days": decimal_text(refund.amount_pf_days),
+        "pf_days": decimal_value(refund.amount_pf_days),
         # Metering measures the lost time to the microsecond, and whole seconds would hide up
         # to half a second of it.
         "lost_seconds": f"{refund.lost_seconds:.6f}".rstrip("0").rstrip("."),
@@ -246,7 +247,7 @@ def run_efficiency(args: argparse.Namespace) -> int:
                         "median": f"{job.median_utilization:.3f}",
                         "longest_idle_s": f"{job.low_utilization_seconds:.0f}",
                         "waste": job.flagged_waste,
-                        "accelerator_hours": decimal_text(job.accelerator_hours),
+                        "accelerator_hours": decimal_value(job.accelerator_hours),
                     }
                 )
     columns = ["job", "project", "mean", "median", "longest_idle_s", "waste", "accelerator_hours"]
@@ -260,7 +261,7 @@ def run_models(args: argparse.Namespace) -> int:
     records = [
         {
             "model": report.model,
-            "accelerator_hours": decimal_text(report.accelerator_hours),
+            "accelerator_hours": decimal_value(report.accelerator_hours),
             "fatal_events": report.fatal_events,
             "per_1000_hours": f"{report.failures_per_thousand_hours:.3f}",
             "mean_utilization": f"{report.mean_utilization:.3f}",
@@ -280,8 +281,8 @@ def run_rates(args: argparse.Namespace) -> int:
             "model": rate.model.name,
             "vendor": common_pb2.Vendor.Name(rate.model.vendor).removeprefix("VENDOR_").lower(),
             "memory_gib": rate.model.memory_gib,
-            "peak_tflops": decimal_text(rate.model.peak_dense_tflops),
-            "pf_days_per_hour": decimal_text(rate.pf_days_per_accelerator_hour),
+            "peak_tflops": decimal_value(rate.model.peak_dense_tflops),
+            "pf_days_per_hour": decimal_value(rate.pf_days_per_accelerator_hour),
             "effective_time": format_time(card.effective_time),
             "source": rate.model.source,
         }
@@ -305,9 +306,9 @@ def run_status(args: argparse.Namespace) -> int:
             ("dead events", status.dead_events),
             ("messages pending", status.pending_messages),
             ("uncommitted charges", status.uncommitted_charges),
-            ("accelerator-seconds", decimal_text(status.accelerator_seconds)),
-            ("charged PF-days", decimal_text(status.charged_pf_days)),
-            ("priced usage PF-days", decimal_text(status.priced_usage_pf_days)),
+            ("accelerator-seconds", decimal_value(status.accelerator_seconds)),
+            ("charged PF-days", decimal_value(status.charged_pf_days)),
+            ("priced usage PF-days", decimal_value(status.priced_usage_pf_days)),
         ]
     )
     print_records(rows, ["field", "value"], output_format=args.format, title="ingest")
@@ -323,20 +324,20 @@ def run_settlement_show(args: argparse.Namespace) -> int:
         {
             "region": line.region_id,
             "model": line.model,
-            "accelerator_hours": decimal_text(line.accelerator_hours),
-            "pf_days": decimal_text(line.pf_days),
-            "pledged_hours": decimal_text(line.pledged_accelerator_hours),
-            "recalled_hours": decimal_text(line.recalled_accelerator_hours),
+            "accelerator_hours": decimal_value(line.accelerator_hours),
+            "pf_days": decimal_value(line.pf_days),
+            "pledged_hours": decimal_value(line.pledged_accelerator_hours),
+            "recalled_hours": decimal_value(line.recalled_accelerator_hours),
         }
         for line in settlement.lines
     ]
     columns = ["region", "model", "accelerator_hours", "pf_days", "pledged_hours"]
     columns.append("recalled_hours")
-    delivered = decimal_text(settlement.delivered_pf_days)
-    refunded = decimal_text(settlement.refunded_pf_days)
+    delivered = table_text(settlement.delivered_pf_days)
+    refunded = table_text(settlement.refunded_pf_days)
     title = (
         f"{settlement.provider_id}: delivered {delivered} PF-days, "
-        f"refunded {refunded}, net {decimal_text(settlement.net_pf_days)}, "
+        f"refunded {refunded}, net {table_text(settlement.net_pf_days)}, "
         f"pledge {'kept' if settlement.pledge_kept else 'broken'}, "
         f"{settlement.recall_count} recalls"
     )

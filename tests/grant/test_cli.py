@@ -98,7 +98,9 @@ async def test_cli_apply_and_balance(
         assert award["from"] == "program:pool"
         assert award["to"] == f"grant:{grant_id}:available"
         first_entry = json.loads(out.splitlines()[0])["entry"]
-        code, out, err = await run_cli(capsys, "history", grant_id, "--after", first_entry)
+        # An entry id is a count, so JSON writes it as a number.
+        assert isinstance(first_entry, int)
+        code, out, err = await run_cli(capsys, "history", grant_id, "--after", str(first_entry))
         assert code == 0, err
         assert "award" not in out
         bad_after = {

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import subprocess
+from decimal import Decimal
 from pathlib import Path
 
 import grpc
@@ -193,6 +194,72 @@ def test_records_print_as_table():
     _common.print_records([{"a": 1, "b": None}], ["a", "b"], stream=stream)
     assert "a" in stream.getvalue()
     assert "1" in stream.getvalue()
+
+
+EXACT_AMOUNT = Decimal("0.000123456789012345678901")
+
+
+def test_table_rounds_amounts():
+    stream = io.StringIO()
+    records = [{"grant": "g-1", "charged": EXACT_AMOUNT}, {"grant": "g-2", "charged": Decimal(12)}]
+    _common.print_records(records, ["grant", "charged"], stream=stream)
+    cells = [line.replace("│", " ").split() for line in stream.getvalue().splitlines()]
+    assert ["g-1", "0.000123"] in cells
+    assert ["g-2", "12"] in cells
+    assert "0.000123456" not in stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("amount", "shown"),
+    [
+        ("0.000123456789012345678901", "0.000123"),
+        ("12.000000000000000000000001", "12"),
+        ("2.5", "2.5"),
+        ("0.0000015", "0.000002"),
+        ("-3.75", "-3.75"),
+        ("0", "0"),
+        ("0E-24", "0"),
+        ("-0", "0"),
+        ("0.0000001", "<0.000001"),
+        ("-0.0000001", ">-0.000001"),
+        ("1E+30", "1" + "0" * 30),
+    ],
+)
+def test_table_amount_rounding(amount: str, shown: str):
+    assert _common.table_amount(Decimal(amount)) == shown
+
+
+def test_csv_and_json_keep_exact_amounts():
+    records = [{"grant": "g-1", "charged": EXACT_AMOUNT, "small": Decimal("1E-8")}]
+    columns = ["grant", "charged", "small"]
+    csv_out = io.StringIO()
+    _common.print_records(records, columns, output_format="csv", stream=csv_out)
+    assert csv_out.getvalue().splitlines()[1] == "g-1,0.000123456789012345678901,0.00000001"
+    json_out = io.StringIO()
+    _common.print_records(records, columns, output_format="json", stream=json_out)
+    document = json.loads(json_out.getvalue())
+    assert document["charged"] == "0.000123456789012345678901"
+    assert document["small"] == "0.00000001"
+
+
+def test_json_keeps_value_types():
+    record = {"job": "j-1", "attempt": 2, "ready": True, "share": 0.25, "hold": None}
+    stream = io.StringIO()
+    _common.print_records([record], list(record), output_format="json", stream=stream)
+    document = json.loads(stream.getvalue())
+    assert document["job"] == "j-1"
+    assert document["attempt"] == 2
+    assert document["ready"] is True
+    assert document["share"] == 0.25
+    assert document["hold"] is None
+
+
+def test_format_help_states_rounding(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        main.build_parser().parse_args(["usage", "rates", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "A table rounds amounts to 6 decimal places" in text
+    assert "JSON writes exact decimal amounts as strings" in text
 
 
 class _FakeRpcError(grpc.RpcError):

@@ -133,8 +133,8 @@ async def test_pledge_and_recall_commands(
     (pledge,) = json_rows(out)
     pledge_id = pledge["pledge"]
     assert pledge_id
-    assert pledge["protected"] == "4"
-    assert pledge["recallable"] == "6"
+    assert pledge["protected"] == 4
+    assert pledge["recallable"] == 6
     assert pledge["start"] == iso(start)
 
     # Changing the pledge keeps its id and replaces its counts.
@@ -159,13 +159,13 @@ async def test_pledge_and_recall_commands(
         "json",
     )
     assert code == 0, err
-    assert json_rows(out)[0]["recallable"] == "8"
+    assert json_rows(out)[0]["recallable"] == 8
 
     code, out, err = await run_cli(capsys, "pledge", "list", "--format", "json")
     assert code == 0, err
     listed = json_rows(out)
     assert [row["pledge"] for row in listed] == [pledge_id]
-    assert listed[0]["protected"] == "2"
+    assert listed[0]["protected"] == 2
 
     code, out, err = await run_cli(capsys, "pledge", "list")
     assert code == 0, err
@@ -194,7 +194,7 @@ async def test_pledge_and_recall_commands(
     effective = datetime.fromisoformat(recall["effective"])
     assert before + timedelta(seconds=3590) <= effective <= before + timedelta(seconds=3610)
     assert datetime.fromisoformat(recall["end"]) - effective == timedelta(seconds=7200)
-    assert recall["count"] == "3"
+    assert recall["count"] == 3
     assert recall["reason"] == "commercial peak"
 
     code, out, err = await run_cli(capsys, "recall", "list", "--provider", "eu", "--format", "csv")
@@ -505,7 +505,7 @@ async def test_failed_accelerator_in_node_views(
             code, out, err = await run_cli(capsys, "nodes", "--format", "json")
             assert code == 0, err
             (row,) = json_rows(out)
-            assert row["healthy"] == "3"
+            assert row["healthy"] == 3
             assert (
                 row["failed"] == f"{target}: XID 79: GPU has fallen off the bus (event hev-fail-1)"
             )
