@@ -27,7 +27,7 @@ from services.runtime.errors import (
 from services.runtime.evolve import evolve
 
 from .convert import job_state_from_proto, job_to_proto, spec_from_proto
-from .dependency_check import resolve_after_ids
+from .dependency_check import check_wait_count, resolve_after_ids
 from .errors import GrantConstraintViolations, InvalidFields
 from .fleet_api import FleetRpcs
 from .grant_limits import check_against_grant, narrow_to_grant
@@ -83,6 +83,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         jobs = await self._check_access(principal, jobs, "spec")
         key = request_key(principal.subject, request.request_id)
         jobs = await self._resolve_after(jobs, "spec.after_job_ids", key)
+        check_wait_count([_waits(jobs)], "spec.after_job_ids")
         stored = await self._lead.require().batcher.submit(
             jobs, request_ids, [(jobs, key, "request_id")]
         )
@@ -111,6 +112,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             )
             for i, ((batch, _, _), item) in enumerate(zip(prepared, request.jobs, strict=True))
         ]
+        check_wait_count([_waits(batch) for batch in checked], "jobs")
         submissions = [
             (batch, request_key(principal.subject, item.request_id), f"jobs[{i}].request_id")
             for i, (batch, item) in enumerate(zip(checked, request.jobs, strict=True))
@@ -484,6 +486,11 @@ def _jobs_page(jobs: list[Job], token: str) -> scheduler_pb2.ListJobsResponse:
         page.jobs.append(message)
     page.page.next_page_token = token
     return page
+
+
+def _waits(jobs: list[Job]) -> tuple[int, int]:
+    """Return the jobs of one submission and the jobs each of them waits for."""
+    return len(jobs), len(jobs[0].spec.after_job_ids)
 
 
 def _submit_response(

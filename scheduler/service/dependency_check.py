@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final
 
 from services.runtime.errors import FailedPrecondition, InvalidArgument, require_id
@@ -11,6 +11,10 @@ MAX_AFTER_IDS: Final = 100
 """Job or array ids that one job may wait for."""
 MAX_AWAITED_JOBS: Final = 10_000
 """Jobs that one job may wait for once arrays are counted by their elements."""
+MAX_WAITS_PER_CALL: Final = 100_000
+"""Waits that one call may create: each pair of a submitted job and a job it waits for. The
+leader keeps every pair in memory and walks them in its loop when the jobs arrive, so an array
+that waits for an array costs the product of their sizes."""
 
 AwaitedRow = tuple[str, str, str, str]
 """Job id, array id, project id and state of a stored job."""
@@ -73,3 +77,21 @@ async def resolve_after_ids(
             "wait for fewer or smaller job arrays",
         )
     return tuple(resolved)
+
+
+def check_wait_count(submissions: Iterable[tuple[int, int]], field: str) -> None:
+    """Raise InvalidArgument when one call's submissions create over MAX_WAITS_PER_CALL waits.
+
+    ``submissions`` gives, per submission, its jobs (array elements counted) and the jobs each
+    of them waits for.
+    """
+    waits = sum(jobs * awaited for jobs, awaited in submissions)
+    if waits <= MAX_WAITS_PER_CALL:
+        return
+    raise InvalidArgument(
+        field,
+        f"would create {waits} waits, one per submitted job and job it waits for (array "
+        f"elements counted), over the {MAX_WAITS_PER_CALL} that one call may create",
+        "submit one job that waits for those jobs and have the others wait for it alone, or "
+        "submit smaller arrays",
+    )

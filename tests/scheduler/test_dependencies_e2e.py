@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from acsp.v1 import scheduler_pb2
+from acsp.v1 import common_pb2, scheduler_pb2
 from services.runtime.auth import Role
 
 from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
@@ -146,4 +146,51 @@ async def test_unknown_dependency_rejected(stack: Stack) -> None:
         scheduler_pb2.ListJobsRequest(project_id=project), metadata=jobs.md, timeout=10
     )
     assert list(listed.jobs) == []
+    await jobs.channel.close()
+
+
+async def test_array_after_large_array_rejected(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    jobs = Jobs(stack, address, project, grant, pi)
+    awaited = await jobs.scheduler.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(spec=job_spec(project, grant, task_count=1, array_size=400)),
+        metadata=jobs.md,
+        timeout=30,
+    )
+    # 251 elements that each wait for 400 jobs are 100,400 waits.
+    spec = job_spec(
+        project, grant, task_count=1, array_size=251, after_job_ids=[awaited.job.job_id]
+    )
+
+    with pytest.raises(grpc.aio.AioRpcError) as single:
+        await jobs.scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=spec), metadata=jobs.md, timeout=30
+        )
+    with pytest.raises(grpc.aio.AioRpcError) as batched:
+        await jobs.scheduler.SubmitJobs(
+            scheduler_pb2.SubmitJobsRequest(
+                jobs=[
+                    scheduler_pb2.SubmitJobRequest(spec=job_spec(project, grant, task_count=1)),
+                    scheduler_pb2.SubmitJobRequest(spec=spec),
+                ]
+            ),
+            metadata=jobs.md,
+            timeout=30,
+        )
+    listed = await jobs.scheduler.ListJobs(
+        scheduler_pb2.ListJobsRequest(
+            project_id=project, page=common_pb2.PageRequest(page_size=1000)
+        ),
+        metadata=jobs.md,
+        timeout=10,
+    )
+
+    assert single.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (single.value.details() or "").startswith(
+        "invalid spec.after_job_ids: would create 100400 waits"
+    )
+    assert batched.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (batched.value.details() or "").startswith("invalid jobs: would create 100400 waits")
+    assert len(listed.jobs) == 400
     await jobs.channel.close()
