@@ -507,14 +507,19 @@ class LocalMesh:
                 return
 
     async def _restart(self, child: ChildProcess) -> bool:
-        """Start ``child`` again and wait until it serves; return False if the mesh stops.
+        """Start ``child`` again and wait until it serves.
 
-        A restarted child that exits again or does not report SERVING within
-        ``start_timeout_s`` returns True too, with the child stopped, so the caller counts
-        its exit as one more restart.
+        Returns False when the caller should stop watching: the mesh stops, or
+        :meth:`kill_and_restart` has started the child itself.
+
+        It returns True for a restarted child that exits again or does not report SERVING
+        within ``start_timeout_s`` too, with the child stopped, so the caller counts its exit
+        as one more restart.
         """
         async with self._start_lock:
-            if self._stopping or child.name in self._restarting:
+            # A running child was started by kill_and_restart meanwhile, whose own watcher
+            # now follows it.
+            if self._stopping or child.name in self._restarting or child.returncode is None:
                 return False
             try:
                 await child.start()

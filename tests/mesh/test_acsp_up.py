@@ -7,6 +7,7 @@ JetStream on 127.0.0.1:4222. Each run gets its own database, created and dropped
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -340,6 +341,34 @@ async def test_child_that_exits_once_is_restarted(external_database: str, data_d
         assert not failure.done()
         failure.cancel()
     assert not _alive(second_pid)
+
+
+async def test_kill_and_restart_during_restart_delay(external_database: str, data_dir: Path):
+    trigger = data_dir / "exit-now"
+    script = (
+        "import pathlib, sys, time\n"
+        f"trigger = pathlib.Path({str(trigger)!r})\n"
+        "print('fleet run', flush=True)\n"
+        "while not trigger.exists():\n"
+        "    time.sleep(0.05)\n"
+        "trigger.unlink()\n"
+        "sys.exit(3)\n"
+    )
+    spec = ProcessSpec("fleet", [sys.executable, "-c", script], serves_grpc=False)
+    config = dataclasses.replace(
+        _external_config(data_dir, external_database, spec), restart_delay_s=1.5
+    )
+    log = data_dir / "logs" / "fleet.log"
+    async with LocalMesh(config) as mesh:
+        trigger.touch()
+        await _poll(lambda: "fleet" not in mesh.pids, 10, "the fleet to exit")
+        # The supervisor now waits 1.5 s before its own restart of the fleet.
+        await mesh.kill_and_restart("fleet", 0)
+        pid = mesh.pids["fleet"]
+        await asyncio.sleep(2.5)
+        assert mesh.pids["fleet"] == pid
+        assert log.read_text().count("fleet run") == 2
+    assert not _alive(pid)
 
 
 async def test_restarts_stop_at_the_limit(external_database: str, data_dir: Path):
