@@ -87,6 +87,27 @@ def mesh_processes(config: DemoConfig, fleet: FleetPlan, data_dir: Path) -> tupl
     return tuple(specs)
 
 
+def demo_mesh_config(config: DemoConfig, fleet: FleetPlan, data_dir: Path) -> MeshConfig:
+    """Return the settings of the demo's local mesh in ``data_dir``."""
+    return MeshConfig(
+        data_dir=data_dir,
+        agents=0,
+        database_url=config.database_url,
+        nats_url=config.nats_url,
+        processes=mesh_processes(config, fleet, data_dir),
+        start_timeout_s=120.0,
+        env={
+            "ACSP_SCHEDULER_TICK_S": "0.25",
+            # Charge an ended attempt 5 s after its end instead of 30 s: the clock is compressed.
+            "ACSP_METERING_LATENESS_S": "5",
+            "ACSP_LOG_LEVEL": "INFO",
+        },
+        stop_orphans=False,
+        # A restart would skew the measured run, so the demo stops at a process's first exit.
+        max_restarts=0,
+    )
+
+
 async def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
     """Run the demo and write its report; return the report document."""
     started = time.monotonic()
@@ -104,21 +125,7 @@ async def run_demo(config: DemoConfig, out: TextIO = sys.stdout) -> dict[str, An
     data_dir = (config.out / "mesh").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o755)
-    mesh_config = MeshConfig(
-        data_dir=data_dir,
-        agents=0,
-        database_url=config.database_url,
-        nats_url=config.nats_url,
-        processes=mesh_processes(config, fleet, data_dir),
-        start_timeout_s=120.0,
-        env={
-            "ACSP_SCHEDULER_TICK_S": "0.25",
-            # Charge an ended attempt 5 s after its end instead of 30 s: the clock is compressed.
-            "ACSP_METERING_LATENESS_S": "5",
-            "ACSP_LOG_LEVEL": "INFO",
-        },
-        stop_orphans=False,
-    )
+    mesh_config = demo_mesh_config(config, fleet, data_dir)
     out.write(
         f"acsp demo: {len(workload.jobs)} jobs, {len(fleet.nodes())} nodes in "
         f"{len(fleet.regions)} regions of {len(fleet.providers)} providers, speed "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from acsp.demo import compare
 from acsp.demo.checks import run_checks
 from acsp.demo.fleet import build_fleet_plan, sample_by_stride
-from acsp.demo.runner import MeshChildExited, _while_mesh_runs
+from acsp.demo.runner import DemoConfig, MeshChildExited, _while_mesh_runs, demo_mesh_config
 from acsp.demo.setup import pick_recall_pool, recallable_count
 from acsp.demo.workload import build_workload, compress, project_plans, wall_time_limit_s
 from agents.backends.fleet import FleetNode
@@ -252,3 +253,11 @@ async def test_live_run_result_passes_through_healthy_mesh() -> None:
         return "figures"
 
     assert await _while_mesh_runs(_FakeMesh(), work()) == "figures"  # type: ignore[arg-type]
+
+
+def test_demo_mesh_stops_at_first_exit(tmp_path: Path) -> None:
+    # A process restarted in the middle of the run would skew the report, so the demo stops.
+    config = DemoConfig(out=tmp_path)
+    fleet = build_fleet_plan(max_nodes=config.max_nodes, simulated_nodes=config.simulated_nodes)
+    mesh_config = demo_mesh_config(config, fleet, tmp_path / "mesh")
+    assert mesh_config.max_restarts == 0
