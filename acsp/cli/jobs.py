@@ -84,8 +84,11 @@ SUBMIT_OPTIONS: Final = {
     "spec.command": "the command after --",
     "spec.environment": "--env",
     "spec.array_size": "--array",
+    "spec.after_job_ids": "--after",
 }
 """The option of ``acsp jobs submit`` that sets each field SubmitJob may reject."""
+AFTER_IDS_SHOWN: Final = 5
+"""Jobs that ``acsp jobs show`` names in its ``after`` row before it counts the others."""
 LIST_COLUMNS = ("job", "name", "state", "reason", "tasks", "accelerators", "attempt", "submitted")
 
 
@@ -176,6 +179,15 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="submit a job array of N jobs, which start independently of each other; each "
         "job gets its index, from 0, in $ACSP_ARRAY_INDEX",
+    )
+    submit.add_argument(
+        "--after",
+        action="append",
+        default=[],
+        metavar="JOB_ID",
+        help="start only once this job, or every job of this array, has completed; if one of "
+        "them fails or is cancelled, this job is cancelled too; repeat --after or separate ids "
+        "with commas",
     )
     submit.add_argument(
         "--env",
@@ -322,6 +334,7 @@ def spec_from_args(args: argparse.Namespace) -> scheduler_pb2.JobSpec:
         command=command,
         environment=environment,
         array_size=args.array or 0,
+        after_job_ids=[job_id for item in args.after for job_id in item.split(",") if job_id],
     )
 
 
@@ -566,11 +579,20 @@ def job_details(job: scheduler_pb2.Job) -> list[tuple[str, Any]]:
         ("started", format_time(job.start_time)),
         ("ended", format_time(job.end_time)),
         ("array", _array_text(job)),
+        ("after", _after_text(job)),
         ("checkpointable", "yes" if job.spec.checkpointable else "no"),
         ("first checkpoint", job.spec.checkpoint_reference),
         ("last checkpoint", job.checkpoint_reference),
         ("last checkpoint at", format_time(job.checkpoint_time)),
     ]
+
+
+def _after_text(job: scheduler_pb2.Job) -> str:
+    """Return the jobs that ``job`` waits for, the first few by id and the others counted."""
+    ids = list(job.spec.after_job_ids)
+    if len(ids) <= AFTER_IDS_SHOWN:
+        return " ".join(ids)
+    return " ".join(ids[:AFTER_IDS_SHOWN]) + f" and {len(ids) - AFTER_IDS_SHOWN} more"
 
 
 def _array_text(job: scheduler_pb2.Job) -> str:

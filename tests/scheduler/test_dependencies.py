@@ -6,6 +6,9 @@ from dataclasses import replace
 
 import pytest
 
+from acsp.cli.jobs import job_details, spec_from_args
+from acsp.cli.main import build_parser
+from acsp.v1 import scheduler_pb2
 from scheduler.service.dependencies import NOT_FOUND, RECENT_ENDS, Dependencies
 from scheduler.service.dependency_check import MAX_AFTER_IDS, resolve_after_ids
 from scheduler.service.jobbook import Effects, JobBook
@@ -219,3 +222,21 @@ async def test_failed_job_rejected() -> None:
 async def test_too_many_ids_rejected() -> None:
     with pytest.raises(InvalidArgument, match="names 101 jobs, over the 100"):
         await resolve(*(f"j{i}" for i in range(MAX_AFTER_IDS + 1)))
+
+
+def test_after_option_becomes_spec() -> None:
+    args = build_parser().parse_args(
+        ["jobs", "submit", "--project", "p1", "--after", "ja,jb", "--after", "jc", "--", "true"]
+    )
+
+    spec = spec_from_args(args)
+
+    assert list(spec.after_job_ids) == ["ja", "jb", "jc"]
+
+
+def test_details_count_awaited_jobs() -> None:
+    job = scheduler_pb2.Job(
+        job_id="j1", spec=scheduler_pb2.JobSpec(after_job_ids=[f"j{i}" for i in range(7)])
+    )
+
+    assert dict(job_details(job))["after"] == "j0 j1 j2 j3 j4 and 2 more"
