@@ -9,6 +9,7 @@ read from the store, once per turn for all such ids, and its stored state is app
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
@@ -30,8 +31,10 @@ class Dependencies:
         """Job id to the ids of the jobs it waits for that have not completed yet."""
         self._dependents: dict[str, set[str]] = {}
         """Job id to the ids of the jobs that wait for it."""
-        self._recent: dict[str, str] = {}
-        """Final state of recently ended jobs, oldest first."""
+        self._recent: OrderedDict[str, str] = OrderedDict()
+        """Final state of recently ended jobs, oldest first. An OrderedDict, because the first
+        key of a plain dict that keeps losing its first keys is found by a scan over the
+        deleted slots: about 50 µs per end at the bound (CPython 3.11, a Xeon server)."""
         self._unresolved: set[str] = set()
         """Ids to read from the store: named as dependencies, neither open nor recently ended."""
         self._ends: list[tuple[str, str]] = []
@@ -82,7 +85,7 @@ class Dependencies:
         """Record that ``job_id`` ended in ``state``."""
         self._recent[job_id] = state
         if len(self._recent) > RECENT_ENDS:
-            del self._recent[next(iter(self._recent))]
+            self._recent.popitem(last=False)
         if job_id in self._dependents:
             self._ends.append((job_id, state))
 
