@@ -570,6 +570,7 @@ def job_details(job: scheduler_pb2.Job) -> list[tuple[str, Any]]:
         ("state", row["state"]),
         ("reason", row["reason"]),
         ("attempt", job.attempt),
+        ("attempt reason", job.attempt_reason),
         ("tasks", job.spec.task_count),
         ("accelerators per task", row["accelerators"]),
         ("wall time (s)", job.spec.wall_time_seconds),

@@ -129,6 +129,7 @@ def job_to_proto(job: Job) -> scheduler_pb2.Job:
         array_index=job.array_index,
         submit_time=timestamp(job.submitted_at),
         checkpoint_reference=job.checkpoint_ref,
+        attempt_reason=job.attempt_reason,
     )
     if job.checkpoint_at is not None:
         msg.checkpoint_time.CopyFrom(timestamp(job.checkpoint_at))

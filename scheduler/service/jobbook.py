@@ -839,6 +839,7 @@ class JobBook:
             started_at=None,
             stop_outcome="",
             avoid_nodes=tuple(sorted({*job.avoid_nodes, *avoid_nodes})),
+            attempt_reason=reason,
         )
         self.jobs[job_id] = requeued
         fx.change(requeued, cause)

@@ -212,6 +212,8 @@ class Job:
     avoid_nodes: tuple[str, ...] = ()
     """Keys of the nodes that rejected a start of the job, sorted. Its later attempts go there
     only if no other node has room."""
+    attempt_reason: str = ""
+    """Why the current attempt began: the reason the previous one ended. Empty on the first."""
     updated_at: float | None = None
     """When the scheduler recorded the job's latest change, in Unix seconds: the submission
     time, then the clock of each loop turn that changes the job."""

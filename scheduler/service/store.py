@@ -696,6 +696,7 @@ def _job_from_row(row: asyncpg.Record) -> Job:
         stop_outcome=row["stop_outcome"],
         start_failures=row["start_failures"],
         avoid_nodes=tuple(json.loads(row["avoid_nodes"])),
+        attempt_reason=row["attempt_reason"],
         updated_at=from_datetime(row["updated_at"]),
     )
 
@@ -723,6 +724,7 @@ def _job_columns(jobs: Sequence[Job], causes: Sequence[str]) -> list[list[Any]]:
         [to_datetime(job.updated_at) for job in jobs],
         [job.start_failures for job in jobs],
         [json.dumps(job.avoid_nodes) for job in jobs],
+        [job.attempt_reason for job in jobs],
     ]
 
 

@@ -161,6 +161,12 @@ def test_details_show_last_checkpoint() -> None:
     assert details["last checkpoint at"] == "2027-01-15T08:00:00+00:00"
 
 
+def test_details_show_attempt_reason() -> None:
+    job = scheduler_pb2.Job(job_id="j1", attempt=2, attempt_reason="node n1 stopped answering")
+
+    assert dict(job_details(job))["attempt reason"] == "node n1 stopped answering"
+
+
 def test_watch_line_counts_started_tasks() -> None:
     job = scheduler_pb2.Job(
         job_id="j1",

@@ -653,3 +653,23 @@ def test_start_failure_fences_started_task() -> None:
 
     assert not node.fenced
     assert node.free_whole == 1
+
+
+def test_new_attempt_keeps_its_reason_once_started() -> None:
+    book = make_book()
+    job = make_job(tasks=1)
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "start_failed")
+    requeued = book.jobs[job.job_id]
+
+    place(book, requeued, NOW + 4)
+    held(book, requeued)
+    report(book, requeued, 0, "started")
+    running = book.jobs[job.job_id]
+
+    assert requeued.attempt == 2
+    assert requeued.attempt_reason != ""
+    assert running.state == "running"
+    assert running.attempt_reason == requeued.attempt_reason
+    assert job.attempt_reason == ""

@@ -208,6 +208,7 @@ async def test_start_failures_count_across_restart(stack: Stack) -> None:
         job = await wait_for(ended, 120, "the job to end", 0.2)
         assert job.state == scheduler_pb2.JOB_STATE_FAILED
         assert job.attempt == MAX_START_FAILURES
+        assert job.attempt_reason.startswith("task 0 start failed: ")
         assert f"{MAX_START_FAILURES} attempts in a row failed to start" in job.state_message
         assert "in use by another task" in job.state_message
         assert (await stored_job(stack, job_id))["start_failures"] == MAX_START_FAILURES

@@ -510,3 +510,26 @@ async def test_avoided_nodes_round_trip(pool: asyncpg.Pool, database_dsn: str) -
     assert loaded is not None
     assert loaded.avoid_nodes == ("prov.reg.n1", "prov.reg.n2")
     await lease.release()
+
+
+async def test_attempt_reason_round_trip(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    job = make_job()
+    await store.insert_jobs([job], [None], epoch, "rpc")
+    inserted = await store.get_job(job.job_id)
+
+    requeued = replace(job, attempt=2, attempt_reason="node prov/reg/n1 stopped answering")
+    await store.commit_turn([requeued], ["node:missed"], [], [], epoch)
+    (reloaded,) = await store.load_open_jobs()
+    again = replace(requeued, attempt=3, attempt_reason="task 0 failed to start")
+    await store.update_jobs([again], epoch, ["task:start_failed"])
+    loaded = await store.get_job(job.job_id)
+
+    assert inserted is not None
+    assert inserted.attempt_reason == ""
+    assert reloaded.attempt_reason == "node prov/reg/n1 stopped answering"
+    assert loaded is not None
+    assert loaded.attempt_reason == "task 0 failed to start"
+    await lease.release()
