@@ -201,7 +201,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         rid = request_key(owner, request.request_id)
         # The submission is each job's first change, and the store records it as such.
         now = time.time()
-        if size <= 1:
+        if size == 0:
             job = Job(
                 job_id=new_job_id(),
                 spec=spec,

@@ -39,7 +39,7 @@ def lookup_keys(key: str, array_size: int) -> list[str]:
     Both forms are looked up, and for an array also the element after its last, so a retry
     with another array size is found as well.
     """
-    if array_size <= 1:
+    if array_size == 0:
         return [key, f"{key}/0"]
     return [key, *(f"{key}/{i}" for i in range(array_size + 1))]
 

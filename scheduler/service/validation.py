@@ -215,7 +215,7 @@ def model_meets(model: AcceleratorModel, spec: JobSpec) -> bool:
 
 
 def validate_array_size(size: int, field: str = "spec.array_size") -> list[FieldViolation]:
-    """Check the size of a job array; 0 and 1 mean a single job."""
+    """Check the size of a job array; 0 means a single job."""
     if not 0 <= size <= MAX_ARRAY_SIZE:
         return [FieldViolation(field, f"is {size}; use 0 (no array) to {MAX_ARRAY_SIZE}")]
     return []

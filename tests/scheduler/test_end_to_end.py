@@ -459,6 +459,31 @@ async def test_array_jobs_share_an_id_and_index(stack: Stack) -> None:
     assert indexes == {0: "0", 1: "1", 2: "2"}
 
 
+async def test_array_of_one_is_an_array(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        response = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                request_id="array-of-one",
+                spec=job_spec(project, grant, task_count=1, array_size=1),
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        listed = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(array_job_id=response.job.job_id),
+            metadata=md,
+            timeout=10,
+        )
+    assert len(response.array_job_ids) == 1
+    [element] = listed.jobs
+    assert element.array_index == 0
+    assert element.spec.environment["ACSP_ARRAY_INDEX"] == "0"
+
+
 async def test_array_parent_shows_and_cancels_elements(stack: Stack) -> None:
     _, address = await stack.start_scheduler()
     project, grant, pi = await fund_grant(stack)
