@@ -59,7 +59,8 @@ async def resolve_after_ids(
             raise InvalidArgument(
                 f"{field}[{index}]",
                 f"job {named} is not found in project {project_id}",
-                "pass the id of a job or job array of the same project, as SubmitJob returned it",
+                "pass the id of a job or job array of the same project that this scheduler "
+                "shard runs, as SubmitJob returned it",
             )
         for job_id, _, _, state in sorted(found):
             if reject_ended and state in ("failed", "cancelled", "timed_out"):

@@ -563,26 +563,33 @@ class JobStore:
         return jobs, token
 
     async def job_states(self, job_ids: list[str]) -> dict[str, str]:
-        """Return the state of each of ``job_ids`` that the store holds, by job id."""
+        """Return the state of each of ``job_ids`` that the shard holds, by job id."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(
-                "SELECT job_id, state FROM scheduler.jobs WHERE job_id = ANY($1::text[])",
+                "SELECT job_id, state FROM scheduler.jobs"
+                " WHERE job_id = ANY($1::text[]) AND shard = $2",
                 job_ids,
+                self.shard,
                 timeout=self._timeout,
             )
         return {row["job_id"]: row["state"] for row in rows}
 
     async def awaited_jobs(self, ids: list[str]) -> list[tuple[str, str, str, str]]:
-        """Return job id, array id, project id and state of the jobs with one of ``ids`` as
-        their job id or array id."""
+        """Return job id, array id, project id and state of the shard's jobs with one of
+        ``ids`` as their job id or array id.
+
+        Only the shard's own, because its leader never learns how another shard's job ends,
+        so a job that waited for one would wait forever.
+        """
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(
                 "SELECT job_id, array_id, project_id, state FROM scheduler.jobs"
-                " WHERE job_id = ANY($1::text[])"
+                " WHERE job_id = ANY($1::text[]) AND shard = $2"
                 " UNION ALL"
                 " SELECT job_id, array_id, project_id, state FROM scheduler.jobs"
-                " WHERE array_id = ANY($1::text[]) AND array_id <> ''",
+                " WHERE array_id = ANY($1::text[]) AND array_id <> '' AND shard = $2",
                 ids,
+                self.shard,
                 timeout=self._timeout,
             )
         return [(r["job_id"], r["array_id"], r["project_id"], r["state"]) for r in rows]

@@ -139,8 +139,8 @@ async def test_unknown_dependency_rejected(stack: Stack) -> None:
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details() == (
         "invalid spec.after_job_ids[0]: job j00000000000000nosuch is not found in project "
-        f"{project}; pass the id of a job or job array of the same project, as SubmitJob "
-        "returned it"
+        f"{project}; pass the id of a job or job array of the same project that this "
+        "scheduler shard runs, as SubmitJob returned it"
     )
     listed = await jobs.scheduler.ListJobs(
         scheduler_pb2.ListJobsRequest(project_id=project), metadata=jobs.md, timeout=10

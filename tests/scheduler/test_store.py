@@ -533,3 +533,22 @@ async def test_attempt_reason_round_trip(pool: asyncpg.Pool, database_dsn: str) 
     assert loaded is not None
     assert loaded.attempt_reason == "task 0 failed to start"
     await lease.release()
+
+
+async def test_awaited_jobs_only_of_own_shard(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = LeaderLease(database_dsn, "s1", "b", poll_interval_s=0.1)
+    epoch = await lease.acquire()
+    other = JobStore(pool, "s1")
+    single = make_job()
+    element = replace(make_job(), array_id="a-other", array_index=0)
+    await other.insert_jobs([single, element], [None, None], epoch, "rpc")
+    own = JobStore(pool, "s0")
+
+    # The leader of s0 never learns how a job of s1 ends, so none may be awaited there.
+    assert await own.awaited_jobs([single.job_id, "a-other"]) == []
+    assert await own.job_states([single.job_id]) == {}
+    assert sorted(await other.awaited_jobs([single.job_id, "a-other"])) == sorted(
+        [(single.job_id, "", "p1", "pending"), (element.job_id, "a-other", "p1", "pending")]
+    )
+    assert await other.job_states([single.job_id]) == {single.job_id: "pending"}
+    await lease.release()
