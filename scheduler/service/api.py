@@ -122,7 +122,9 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         stored = await self._lead.require().batcher.submit(jobs, request_ids, submissions)
         results = []
         offset = 0
-        for i, ((batch, _, array_id), item) in enumerate(zip(prepared, request.jobs, strict=True)):
+        for i, (batch, (_, _, array_id), item) in enumerate(
+            zip(checked, prepared, request.jobs, strict=True)
+        ):
             part = stored[offset : offset + len(batch)]
             offset += len(batch)
             check_reused_ids(batch, part, f"jobs[{i}].request_id")
@@ -151,7 +153,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         return [evolve(job, spec=narrow_to_grant(job.spec, limits, catalog)) for job in jobs]
 
     async def _resolve_after(self, jobs: list[Job], field: str, key: str | None) -> list[Job]:
-        """Check the jobs that ``jobs`` (one spec) wait for, and name arrays by their elements.
+        """Check the jobs that ``jobs`` (one spec) wait for, and set the awaited jobs with each
+        array replaced by its elements.
 
         Raises INVALID_ARGUMENT for an id of no job of the project, and FAILED_PRECONDITION
         for a job that ended without completing, unless ``key`` (the submission's request id
@@ -170,7 +173,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             if key is None or not await store.jobs_by_request_ids(stored_keys([(jobs, key, "")])):
                 raise
             awaited = await resolve_after_ids(*args, reject_ended=False)
-        return [evolve(job, spec=evolve(job.spec, after_job_ids=awaited)) for job in jobs]
+        return [evolve(job, spec=evolve(job.spec, awaited_job_ids=awaited)) for job in jobs]
 
     def _prepare(
         self, request: scheduler_pb2.SubmitJobRequest, principal: Principal, prefix: str
@@ -490,7 +493,7 @@ def _jobs_page(jobs: list[Job], token: str) -> scheduler_pb2.ListJobsResponse:
 
 def _waits(jobs: list[Job]) -> tuple[int, int]:
     """Return the jobs of one submission and the jobs each of them waits for."""
-    return len(jobs), len(jobs[0].spec.after_job_ids)
+    return len(jobs), len(jobs[0].spec.awaited_job_ids)
 
 
 def _submit_response(

@@ -31,6 +31,7 @@ _TUPLE_FIELDS = (
     "grant_regions",
     "grant_models",
     "after_job_ids",
+    "awaited_job_ids",
 )
 
 

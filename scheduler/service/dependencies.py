@@ -1,10 +1,11 @@
 """Jobs that wait for other jobs to complete before they enter the engine's queue.
 
-A job submitted with ``after_job_ids`` stays out of the engine until every job it names has
-completed. When one of them ends in any other state, the job is cancelled with a reason that
-names it, and so are the jobs that wait for that one in turn. Ends are kept for the most recent
-:data:`RECENT_ENDS` jobs. A job named as a dependency that is neither open nor among them is
-read from the store, once per turn for all such ids, and its stored state is applied then.
+A job submitted with ``after_job_ids`` stays out of the engine until every job it names
+(``awaited_job_ids``, with arrays replaced by their elements) has completed. When one of them
+ends in any other state, the job is cancelled with a reason that names it, and so are the jobs
+that wait for that one in turn. Ends are kept for the most recent :data:`RECENT_ENDS` jobs. A
+job named as a dependency that is neither open nor among them is read from the store, once per
+turn for all such ids, and its stored state is applied then.
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ class JobBook:
                 continue
             try:
                 if job.state == "pending":
-                    if not (job.spec.after_job_ids and self._wait_for_dependencies(job)):
+                    if not (job.spec.awaited_job_ids and self._wait_for_dependencies(job)):
                         self.engine.add_job(job)
                     continue
                 if not self.engine.add_running(job, now):
@@ -180,7 +180,7 @@ class JobBook:
         """Keep ``job`` out of the engine while jobs it names have not completed; return
         whether it is kept out."""
         failed = self.dependencies.register(
-            job.job_id, job.spec.after_job_ids, self.jobs.__contains__
+            job.job_id, job.spec.awaited_job_ids, self.jobs.__contains__
         )
         if failed is not None:
             self._dependency_failures.append((job.job_id, *failed))

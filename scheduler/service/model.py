@@ -136,7 +136,10 @@ class JobSpec:
     grant_models: tuple[str, ...] = ()
     """Catalog models the paying grant allows; empty allows any."""
     after_job_ids: tuple[str, ...] = ()
-    """Jobs that must complete before this one starts; a job array is named by its elements."""
+    """Jobs or job arrays that must complete before this one starts, as submitted."""
+    awaited_job_ids: tuple[str, ...] = ()
+    """The jobs of ``after_job_ids`` with each array replaced by its elements, set at
+    submission: the jobs the scheduler waits for."""
 
     @property
     def total_millis(self) -> int:

@@ -20,7 +20,7 @@ from tests.scheduler.test_jobbook import NOW, held, make_book, make_job, place, 
 
 def after(job: Job, *others: Job | str) -> Job:
     ids = tuple(o if isinstance(o, str) else o.job_id for o in others)
-    return evolve(job, spec=replace(job.spec, after_job_ids=ids))
+    return evolve(job, spec=replace(job.spec, after_job_ids=ids, awaited_job_ids=ids))
 
 
 def run_to_end(book: JobBook, job: Job, code: int = 0) -> Effects:

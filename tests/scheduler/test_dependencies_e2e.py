@@ -194,3 +194,36 @@ async def test_array_after_large_array_rejected(stack: Stack) -> None:
     assert (batched.value.details() or "").startswith("invalid jobs: would create 100400 waits")
     assert len(listed.jobs) == 400
     await jobs.channel.close()
+
+
+async def test_job_waits_for_every_array_element(stack: Stack, tmp_path: Path) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    jobs = Jobs(stack, address, project, grant, pi)
+    release = tmp_path / "release"
+    array = await jobs.scheduler.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(
+            spec=job_spec(
+                project, grant, task_count=1, array_size=2, command=wait_for_file(release)
+            )
+        ),
+        metadata=jobs.md,
+        timeout=10,
+    )
+    array_id = array.job.job_id
+    after = await jobs.submit(["true"], array_id)
+
+    async def recorded() -> scheduler_pb2.Job | None:
+        job = await jobs.get(after)
+        return job if job.pending_reason else None
+
+    waiting = await wait_for(recorded, 30, "the job's pending reason", 0.1)
+    elements = sorted(array.array_job_ids)
+    assert list(waiting.spec.after_job_ids) == [array_id]
+    assert waiting.pending_reason == scheduler_pb2.PENDING_REASON_DEPENDENCY
+    assert waiting.state_message == f"waiting for 2 jobs to complete: {', '.join(elements)}"
+
+    release.touch()
+    await jobs.wait_state(after, scheduler_pb2.JOB_STATE_COMPLETED, "the job after the array")
+    await jobs.channel.close()
