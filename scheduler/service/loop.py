@@ -240,7 +240,7 @@ class SchedulingLoop:
             try:
                 states = await self.store.job_states(job_ids)
                 break
-            except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                 logger.warning(
                     "reading the states of %d awaited jobs failed, retrying in %.1f s: %s",
                     len(job_ids),
