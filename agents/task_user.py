@@ -161,12 +161,15 @@ def check_agent_can_switch(
     status_text: str | None = None,
     variable: str = TASK_USER_ENV,
     launcher_capabilities: tuple[str, ...] = LAUNCHER_CAPABILITIES,
+    egid: int | None = None,
 ) -> None:
-    """Raise :class:`SettingsError` unless this process can start tasks as ``user``.
+    """Raise :class:`SettingsError` unless this process can start tasks as ``user``, a user
+    outside the agent's primary group.
 
     ``uses_launcher`` is True when the task launcher, a program that the agent executes, starts
     the tasks. The launcher keeps only the agent's ambient capabilities. ``euid`` and
-    ``status_text`` (``/proc/self/status``) default to this process's own. ``variable`` is
+    ``status_text`` (``/proc/self/status``) default to this process's own, and so does
+    ``egid``. ``variable`` is
     the setting that names ``user``, for the error, and ``launcher_capabilities`` those that
     the launcher needs.
     """
@@ -176,6 +179,14 @@ def check_agent_can_switch(
             variable,
             f"{user} is the agent's own user, so tasks could signal the agent and read its files",
             "create a separate unprivileged user for tasks, or unset it",
+        )
+    egid = os.getegid() if egid is None else egid
+    if egid in (user.gid, *user.groups):
+        raise SettingsError(
+            variable,
+            f"{user} is in the agent's group {egid}, so tasks could read the task logs and "
+            "other files that the agent shares with its group",
+            "give tasks a user outside the agent's group, or run the agent with another group",
         )
     if euid == 0:
         return

@@ -517,6 +517,18 @@ def test_switch_check_for_non_root_agent() -> None:
         check_agent_can_switch(OTHER, uses_launcher=True, euid=4242, status_text=ALL_CAPABILITIES)
 
 
+@pytest.mark.parametrize("egid", [4242, 7])
+def test_task_user_in_agent_group_fails_check(egid: int) -> None:
+    user = TaskUser("other", 4242, 4242, (7,), "")
+
+    with pytest.raises(SettingsError) as caught:
+        check_agent_can_switch(user, uses_launcher=False, euid=0, status_text="", egid=egid)
+
+    assert str(caught.value).startswith(
+        f"ACSP_AGENT_TASK_USER: other (uid 4242, gid 4242) is in the agent's group {egid}"
+    )
+
+
 def test_unsearchable_state_dir_fails_check(tmp_path: Path) -> None:
     closed = tmp_path / "closed"
     (closed / "state").mkdir(parents=True)
