@@ -570,7 +570,10 @@ class JobBook:
         else:
             outcome: JobState = "timed_out" if state == "timed_out" else "failed"
             self._release_fences(node_key, job.job_id)
-            reason = f"task {tid.task_index} {state} with exit code {exit_code}: {message}"
+            what = state.replace("_", " ")
+            reason = f"task {tid.task_index} {what} with exit code {exit_code}"
+            if message and message.replace("_", " ") != what:
+                reason = f"{reason}: {message}"
             self.stop(job.job_id, outcome, reason, 0, f"task:{state}", fx)
 
     def _complete_requeued(self, job: Job, tid: TaskId, fx: Effects) -> None:

@@ -673,3 +673,23 @@ def test_new_attempt_keeps_its_reason_once_started() -> None:
     assert running.state == "running"
     assert running.attempt_reason == requeued.attempt_reason
     assert job.attempt_reason == ""
+
+
+@pytest.mark.parametrize(
+    ("state", "message", "reason"),
+    [
+        ("exited", "exited", "task 0 exited with exit code 7"),
+        ("timed_out", "timed_out", "task 0 timed out with exit code 7"),
+        ("exited", "cannot run /bin/x", "task 0 exited with exit code 7: cannot run /bin/x"),
+    ],
+)
+def test_failed_task_reason_skips_repeated_state(state: str, message: str, reason: str) -> None:
+    book = make_book()
+    job = make_job(tasks=1)
+    place(book, job)
+    held(book, job)
+    report(book, job, 0, "started")
+    fx = Effects(NOW + 4)
+    book.apply_task("prov.reg.n1", f"{job.job_id}/1/0", state, 7, message, fx)
+
+    assert fx.changed[job.job_id][0].reason == reason
