@@ -221,6 +221,22 @@ class TaskSpec:
     """Checkpoint the task resumes from; empty for a fresh start."""
 
 
+TASK_INDEX_ENV = "ACSP_TASK_INDEX"
+"""Environment variable with the task's index in its job, from 0."""
+
+
+def task_index_of(task_id: str) -> str | None:
+    """Return the ``<task_index>`` of a ``<job_id>/<attempt>/<task_index>`` task id.
+
+    The result is None when ``task_id`` does not have that form. The start command carries no
+    task count, so the agent cannot tell a task how many tasks its job has.
+    """
+    parts = task_id.rsplit("/", 2)
+    if len(parts) != 3 or not parts[2].isascii() or not parts[2].isdigit():
+        return None
+    return str(int(parts[2]))
+
+
 @dataclass(frozen=True, slots=True)
 class TaskEvent:
     """A state change of a task, sent on the node's task subject."""

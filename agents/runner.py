@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from agents.model import WHOLE_MILLI, TaskEvent, TaskSpec, TaskState
+from agents.model import (
+    TASK_INDEX_ENV,
+    WHOLE_MILLI,
+    TaskEvent,
+    TaskSpec,
+    TaskState,
+    task_index_of,
+)
 from agents.programs import CommandNotRunnableError, resolve_command
 from agents.state import StateStore, TaskRecord
 from agents.stray_processes import find_task_processes, kill_task_processes, signal_strays
@@ -414,6 +421,9 @@ class TaskRunner:
         env.update(spec.env)
         env.update(self._visible_devices_env(spec.accelerators))
         env.update({"ACSP_JOB_ID": spec.job_id, "ACSP_TASK_ID": spec.task_id})
+        task_index = task_index_of(spec.task_id)
+        if task_index is not None:
+            env[TASK_INDEX_ENV] = task_index
         env[SPAWN_ID_ENV] = record.spawn_id
         record.log_path = str(self._log_path(spec.task_id))
         try:

@@ -130,6 +130,34 @@ async def test_task_sees_exactly_its_two_accelerators(tmp_path: Path) -> None:
     assert recorder.states("job-1/1/0") == [TaskState.RUNNING, TaskState.SUCCEEDED]
 
 
+async def test_task_sees_its_task_index(tmp_path: Path) -> None:
+    code = "import os; print(os.environ.get('ACSP_TASK_INDEX', 'absent'))"
+
+    async def body(runner: TaskRunner, recorder: Recorder) -> None:
+        for accelerator, task_id in (
+            ("GPU-0", "job-3/2/1"),
+            ("GPU-1", "job-3/2/0"),
+            ("GPU-2", "job-3"),
+        ):
+            spec = TaskSpec(
+                job_id="job-3",
+                task_id=task_id,
+                accelerators=(accelerator,),
+                command=python_command(code),
+            )
+            await runner.start(spec)
+
+            def succeeded(started: str = task_id) -> bool:
+                return TaskState.SUCCEEDED in recorder.states(started)
+
+            await wait_for(succeeded)
+
+    recorder = await run_with_group(tmp_path, body)
+    assert recorder.last("job-3/2/1").output_tail.strip() == "1"
+    assert recorder.last("job-3/2/0").output_tail.strip() == "0"
+    assert recorder.last("job-3").output_tail.strip() == "absent"
+
+
 async def test_agent_credentials_are_not_passed_to_tasks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
