@@ -505,7 +505,7 @@ def _submit_response(
     # the id this call drew.
     parent = job_to_proto(evolve(jobs[0], job_id=jobs[0].array_id or array_id, array_index=0))
     parent.spec.array_size = array_size
-    parent.state_message = f"array of {len(jobs)} jobs"
+    parent.state_message = f"array of {_count_jobs(len(jobs))}"
     return scheduler_pb2.SubmitJobResponse(job=parent, array_job_ids=[job.job_id for job in jobs])
 
 
@@ -550,5 +550,10 @@ def _array_parent(elements: list[Job]) -> scheduler_pb2.Job:
     proto = job_to_proto(parent)
     proto.spec.array_size = len(elements)
     summary = ", ".join(f"{counts[s]} {s}" for s in _OPEN_ORDER + _ENDED_ORDER if counts.get(s))
-    proto.state_message = f"array of {len(elements)} jobs: {summary}"
+    proto.state_message = f"array of {_count_jobs(len(elements))}: {summary}"
     return proto
+
+
+def _count_jobs(count: int) -> str:
+    """Return ``1 job`` or ``N jobs``."""
+    return f"{count} job" if count == 1 else f"{count} jobs"
