@@ -43,6 +43,11 @@ TABLE_DECIMAL_PLACES: Final = 6
 TOKEN_HINT: Final = (
     "hint: export ACSP_TOKEN=$(acsp token --role ROLE --subject USER) or pass --token"
 )
+UNREACHABLE_HINT: Final = (
+    "hint: run acsp status to see which service is not serving, then read that service's log "
+    "in the logs folder of the mesh's data dir, e.g. ~/.acsp/logs/scheduler.log"
+)
+"""Next steps for a service of the mesh that cannot be reached or does not reply in time."""
 PIPE_WIDTH: Final = 1_000
 """Table width in characters when stdout is a pipe or a file."""
 UINT32_MAX: Final = 2**32 - 1
@@ -70,17 +75,25 @@ def whole_number(minimum: int, maximum: int = UINT32_MAX) -> Callable[[str], int
     argparse prints the option name before the message and exits with status 2.
     """
 
+    # The wire limit of a uint32 is no limit a user needs to read about unless they pass it.
+    if maximum < UINT32_MAX:
+        expected = f"a whole number from {minimum} to {maximum}"
+    else:
+        expected = f"a whole number of {minimum} or more"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"{text!r} is not a whole number; give one from {minimum} to {maximum}"
+                f"{text!r} is not a whole number; give {expected}"
             ) from None
-        if not minimum <= value <= maximum:
+        if value > maximum:
             raise argparse.ArgumentTypeError(
                 f"{value} is out of range; give a whole number from {minimum} to {maximum}"
             )
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; give {expected}")
         return value
 
     return parse
@@ -191,7 +204,8 @@ def output_options() -> argparse.ArgumentParser:
         choices=OUTPUT_FORMATS,
         default="table",
         help=(
-            "output format: a table for people, csv or json for scripts (default: table). A "
+            "output format: a table for people, csv or json (JSON lines, one object per line) "
+            "for scripts (default: table). A "
             f"table rounds amounts to {TABLE_DECIMAL_PLACES} decimal places, and shows an amount "
             "too small for that as <0.000001. CSV and JSON keep every digit. JSON writes exact "
             "decimal amounts as strings, and counts and flags as numbers and booleans"
@@ -212,8 +226,9 @@ def print_records(
 
     Decimal values are exact amounts: CSV and JSON write every digit (JSON as a string, since a
     JSON number may be read as a float), and a table rounds them with :func:`table_amount`.
-    JSON writes ints, floats and bools as JSON numbers and booleans, and None as null. Other
-    values are printed with ``str()``. A table prints them as plain text with control
+    JSON writes ints, floats and bools as JSON numbers and booleans, and None as null. A table
+    shows a bool as yes or no, and CSV as true or false. Other values are printed with
+    ``str()``. A table prints them as plain text with control
     characters escaped, so a name that a user chose cannot act as rich markup or as a terminal
     escape sequence.
     """
@@ -261,12 +276,17 @@ def _plain_text(value: str) -> Text:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, bool):
+        # As JSON writes them, instead of Python's True and False.
+        return "true" if value else "false"
     if isinstance(value, Decimal) and value.is_finite():
         return format_decimal(value)
     return str(value)
 
 
 def _table_cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, Decimal) and value.is_finite():
         return table_amount(value)
     return _cell(value)
@@ -344,11 +364,14 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
         hint = next((NOT_FOUND_HINTS[k] for k in missing_kinds(error) if k in NOT_FOUND_HINTS), "")
         if hint and hint not in message:
             message += f"; {hint}"
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        message += f"\n{UNREACHABLE_HINT}"
     return message
 
 
 NOT_FOUND_HINTS: Final = {
-    "project": "list the projects you belong to with acsp grants list, or create one with "
+    # No command lists projects, so the hint names the one that creates them.
+    "project": "check the project id (ids are case-sensitive), or create the project with "
     "acsp grants project",
     "grant": "list the grants you may see with acsp grants list",
     "sub-allocation": "list a grant's sub-allocations with acsp grants suballocations GRANT_ID",

@@ -260,6 +260,19 @@ def test_format_help_states_rounding(capsys: pytest.CaptureFixture[str]):
     text = " ".join(capsys.readouterr().out.split())
     assert "A table rounds amounts to 6 decimal places" in text
     assert "JSON writes exact decimal amounts as strings" in text
+    assert "json (JSON lines, one object per line)" in text
+
+
+def test_bools_print_as_yes_no_in_tables():
+    records = [{"job": "j-1", "ready": True}, {"job": "j-2", "ready": False}]
+    table = io.StringIO()
+    csv_out = io.StringIO()
+    _common.print_records(records, ["job", "ready"], stream=table)
+    _common.print_records(records, ["job", "ready"], output_format="csv", stream=csv_out)
+    rows = [line.split() for line in table.getvalue().splitlines()]
+    assert ["j-1", "│", "yes"] in rows
+    assert ["j-2", "│", "no"] in rows
+    assert csv_out.getvalue() == "job,ready\nj-1,true\nj-2,false\n"
 
 
 class _FakeRpcError(grpc.RpcError):
@@ -298,8 +311,8 @@ def test_not_found_error_says_what_to_run():
     unknown_kind = _FakeMissing("hold", "hold 'h-1' not found")
 
     assert _common.describe_rpc_error(project) == (
-        "NOT_FOUND: project 'nosuch-lab' not found; list the projects you belong to with "
-        "acsp grants list, or create one with acsp grants project"
+        "NOT_FOUND: project 'nosuch-lab' not found; check the project id (ids are "
+        "case-sensitive), or create the project with acsp grants project"
     )
     assert _common.describe_rpc_error(unknown_kind) == "NOT_FOUND: hold 'h-1' not found"
 
@@ -307,6 +320,16 @@ def test_not_found_error_says_what_to_run():
 def test_unavailable_maps_to_no_mesh_exit():
     error = _FakeRpcError(grpc.StatusCode.UNAVAILABLE, "connection refused")
     assert _common.exit_code_for_rpc_error(error) == _common.EXIT_NO_MESH
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
+def test_unreachable_service_error_says_where_to_look(code: grpc.StatusCode):
+    message = _common.describe_rpc_error(_FakeRpcError(code, "failed to connect"))
+    first_line, hint = message.split("\n")
+    assert first_line == f"{code.name}: failed to connect"
+    assert "run acsp status" in hint
+    assert "logs" in hint
+    assert "data dir" in hint
 
 
 def test_command_rpc_error_prints_without_traceback(
