@@ -124,15 +124,15 @@ def run_query(args: argparse.Namespace) -> int:
                 records.append(
                     {
                         args.by: row.key,
-                        "accelerator_hours": decimal_value(row.accelerator_hours),
-                        "charged_pf_days": decimal_value(row.charged_pf_days),
-                        "refunded_pf_days": decimal_value(row.refunded_pf_days),
-                        "mean_utilization": f"{row.mean_utilization:.3f}",
+                        "accelerator hours": decimal_value(row.accelerator_hours),
+                        "charged PF-days": decimal_value(row.charged_pf_days),
+                        "refunded PF-days": decimal_value(row.refunded_pf_days),
+                        "mean utilization": f"{row.mean_utilization:.3f}",
                         "samples": row.sample_count,
                     }
                 )
-    columns = [args.by, "accelerator_hours", "charged_pf_days", "refunded_pf_days"]
-    columns += ["mean_utilization", "samples"]
+    columns = [args.by, "accelerator hours", "charged PF-days", "refunded PF-days"]
+    columns += ["mean utilization", "samples"]
     print_records(records, columns, output_format=args.format, title=f"usage by {args.by}")
     return EXIT_OK
 
@@ -159,15 +159,15 @@ def run_charges(args: argparse.Namespace) -> int:
                         "charge": charge.charge_id,
                         "job": charge.job_id,
                         "grant": charge.grant_id,
-                        "period_start": format_time(charge.period_start_time),
-                        "accelerator_seconds": decimal_value(charge.accelerator_seconds),
-                        "pf_days": decimal_value(charge.amount_pf_days),
-                        "rate_card": charge.rate_card_version,
+                        "period start": format_time(charge.period_start_time),
+                        "accelerator seconds": decimal_value(charge.accelerator_seconds),
+                        "PF-days": decimal_value(charge.amount_pf_days),
+                        "rate card": charge.rate_card_version,
                         "committed": charge.committed,
                     }
                 )
-    columns = ["charge", "job", "grant", "period_start", "accelerator_seconds", "pf_days"]
-    columns += ["rate_card", "committed"]
+    columns = ["charge", "job", "grant", "period start", "accelerator seconds", "PF-days"]
+    columns += ["rate card", "committed"]
     print_records(records, columns, output_format=args.format, title="charges")
     return EXIT_OK
 
@@ -178,10 +178,10 @@ def refund_row(refund: metering_pb2.RefundRecord) -> dict[str, Any]:
         "refund": refund.refund_id,
         "job": refund.job_id,
         "provider": refund.provider_id,
-        "pf_days": decimal_value(refund.amount_pf_days),
+        "PF-days": decimal_value(refund.amount_pf_days),
         # Metering measures the lost time to the microsecond, and whole seconds would hide up
         # to half a second of it.
-        "lost_seconds": f"{refund.lost_seconds:.6f}".rstrip("0").rstrip("."),
+        "lost (s)": f"{refund.lost_seconds:.6f}".rstrip("0").rstrip("."),
         "reason": refund.reason,
         "time": format_time(refund.create_time),
         "committed": refund.committed,
@@ -212,8 +212,8 @@ def run_refunds(args: argparse.Namespace) -> int:
         "refund",
         "job",
         "provider",
-        "pf_days",
-        "lost_seconds",
+        "PF-days",
+        "lost (s)",
         "reason",
         "time",
         "committed",
@@ -245,12 +245,12 @@ def run_efficiency(args: argparse.Namespace) -> int:
                         "project": job.project_id,
                         "mean": f"{job.mean_utilization:.3f}",
                         "median": f"{job.median_utilization:.3f}",
-                        "longest_idle_s": f"{job.low_utilization_seconds:.0f}",
+                        "longest idle (s)": f"{job.low_utilization_seconds:.0f}",
                         "waste": job.flagged_waste,
-                        "accelerator_hours": decimal_value(job.accelerator_hours),
+                        "accelerator hours": decimal_value(job.accelerator_hours),
                     }
                 )
-    columns = ["job", "project", "mean", "median", "longest_idle_s", "waste", "accelerator_hours"]
+    columns = ["job", "project", "mean", "median", "longest idle (s)", "waste", "accelerator hours"]
     print_records(records, columns, output_format=args.format, title="job efficiency")
     return EXIT_OK
 
@@ -261,14 +261,14 @@ def run_models(args: argparse.Namespace) -> int:
     records = [
         {
             "model": report.model,
-            "accelerator_hours": decimal_value(report.accelerator_hours),
-            "fatal_events": report.fatal_events,
-            "per_1000_hours": f"{report.failures_per_thousand_hours:.3f}",
-            "mean_utilization": f"{report.mean_utilization:.3f}",
+            "accelerator hours": decimal_value(report.accelerator_hours),
+            "fatal events": report.fatal_events,
+            "per 1000 hours": f"{report.failures_per_thousand_hours:.3f}",
+            "mean utilization": f"{report.mean_utilization:.3f}",
         }
         for report in response.models
     ]
-    columns = ["model", "accelerator_hours", "fatal_events", "per_1000_hours", "mean_utilization"]
+    columns = ["model", "accelerator hours", "fatal events", "per 1000 hours", "mean utilization"]
     print_records(records, columns, output_format=args.format, title="accelerator models")
     return EXIT_OK
 
@@ -280,16 +280,16 @@ def run_rates(args: argparse.Namespace) -> int:
         {
             "model": rate.model.name,
             "vendor": common_pb2.Vendor.Name(rate.model.vendor).removeprefix("VENDOR_").lower(),
-            "memory_gib": rate.model.memory_gib,
-            "peak_tflops": decimal_value(rate.model.peak_dense_tflops),
-            "pf_days_per_hour": decimal_value(rate.pf_days_per_accelerator_hour),
-            "effective_time": format_time(card.effective_time),
+            "memory (GiB)": rate.model.memory_gib,
+            "peak TFLOP/s": decimal_value(rate.model.peak_dense_tflops),
+            "PF-days per hour": decimal_value(rate.pf_days_per_accelerator_hour),
+            "effective time": format_time(card.effective_time),
             "source": rate.model.source,
         }
         for rate in card.rates
     ]
-    columns = ["model", "vendor", "memory_gib", "peak_tflops", "pf_days_per_hour"]
-    columns += ["effective_time", "source"]
+    columns = ["model", "vendor", "memory (GiB)", "peak TFLOP/s", "PF-days per hour"]
+    columns += ["effective time", "source"]
     title = f"rate card version {card.version}"
     print_records(records, columns, output_format=args.format, title=title)
     return EXIT_OK
@@ -324,15 +324,15 @@ def run_settlement_show(args: argparse.Namespace) -> int:
         {
             "region": line.region_id,
             "model": line.model,
-            "accelerator_hours": decimal_value(line.accelerator_hours),
-            "pf_days": decimal_value(line.pf_days),
-            "pledged_hours": decimal_value(line.pledged_accelerator_hours),
-            "recalled_hours": decimal_value(line.recalled_accelerator_hours),
+            "accelerator hours": decimal_value(line.accelerator_hours),
+            "PF-days": decimal_value(line.pf_days),
+            "pledged hours": decimal_value(line.pledged_accelerator_hours),
+            "recalled hours": decimal_value(line.recalled_accelerator_hours),
         }
         for line in settlement.lines
     ]
-    columns = ["region", "model", "accelerator_hours", "pf_days", "pledged_hours"]
-    columns.append("recalled_hours")
+    columns = ["region", "model", "accelerator hours", "PF-days", "pledged hours"]
+    columns.append("recalled hours")
     delivered = table_text(settlement.delivered_pf_days)
     refunded = table_text(settlement.refunded_pf_days)
     title = (

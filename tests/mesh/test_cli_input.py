@@ -229,3 +229,26 @@ def test_usage_page_notes_more_rows(
         assert captured.err == ""
     else:
         assert "more rows may exist than the 1 shown; pass --all" in captured.err
+
+
+def test_usage_headers_read_like_other_commands(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    class Metering:
+        def ListCharges(self, request: metering_pb2.ListChargesRequest) -> object:
+            charge = metering_pb2.Charge(charge_id="c1", committed=True)
+            return metering_pb2.ListChargesResponse(charges=[charge])
+
+    @contextmanager
+    def open_metering(args: object) -> Iterator[Metering]:
+        yield Metering()
+
+    monkeypatch.setattr(usage, "open_metering", open_metering)
+    code = main.main(["usage", "charges", "--grant", "g"])
+    _, header, _, row = capsys.readouterr().out.splitlines()[:4]
+    assert code == 0
+    assert "_" not in header
+    assert "period start" in header
+    assert "PF-days" in header
+    assert row.split()[-1] == "yes"
+    assert "True" not in row

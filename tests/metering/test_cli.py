@@ -38,4 +38,4 @@ def test_usage_query_rejects_unknown_grouping() -> None:
 @pytest.mark.parametrize(("seconds", "text"), [(39.87269, "39.87269"), (40.0, "40"), (0.0, "0")])
 def test_refund_row_keeps_lost_microseconds(seconds: float, text: str) -> None:
     refund = metering_pb2.RefundRecord(refund_id="r1", lost_seconds=seconds)
-    assert refund_row(refund)["lost_seconds"] == text
+    assert refund_row(refund)["lost (s)"] == text

@@ -274,7 +274,7 @@ async def test_rates_cli_shows_effective_time(
         rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
         assert code == 0
         assert len(rows) == len(card.rates)
-        assert {row["effective_time"] for row in rows} == {effective}
+        assert {row["effective time"] for row in rows} == {effective}
 
 
 class BlockingStub:
