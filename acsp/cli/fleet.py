@@ -37,6 +37,7 @@ NODE_COLUMNS = (
     "last heartbeat",
     "reason",
     "cause",
+    "failures",
 )
 ACCELERATOR_COLUMNS = (
     "accelerator",
@@ -47,6 +48,8 @@ ACCELERATOR_COLUMNS = (
     "event",
     "condition",
 )
+QUEUE_COLUMNS = ("table", "state", "reason", "region", "jobs", "used", "total")
+"""Columns of ``fleet queue`` in CSV and JSON, where the rows of its three tables share one."""
 PROVIDER_COLUMNS = ("provider", "name", "region", "region name", "jurisdiction", "cross-provider")
 
 
@@ -108,7 +111,15 @@ def register(subparsers: Any) -> None:
     catalog.set_defaults(func=list_models)
 
     queue = commands.add_parser(
-        "queue", parents=[connection, output], help="jobs by state and pending reason"
+        "queue",
+        parents=[connection, output],
+        help="jobs by state and pending reason, and accelerators in use by region",
+        description=(
+            "Show three tables: jobs by state, pending jobs by reason, and accelerators in use "
+            "by region. CSV and JSON put the rows of all three in one table, with a 'table' "
+            "column (states, pending or accelerators) that names the table of each row and "
+            "empty CSV cells or JSON nulls in the columns of the other tables."
+        ),
     )
     queue.set_defaults(func=queue_summary)
 
@@ -117,23 +128,20 @@ def register(subparsers: Any) -> None:
 
 def node_row(node: scheduler_pb2.Node) -> dict[str, Any]:
     models = sorted({a.model for a in node.accelerators})
-    healthy = sum(1 for a in node.accelerators if a.health != scheduler_pb2.HEALTH_STATE_FAILED)
+    failed = [a for a in node.accelerators if a.health == scheduler_pb2.HEALTH_STATE_FAILED]
     return {
         "node": f"{node.provider_id}/{node.region_id}/{node.node_id}",
         "state": scheduler_pb2.NodeState.Name(node.state).removeprefix("NODE_STATE_").lower(),
         "model": ", ".join(models),
         "accelerators": len(node.accelerators),
-        "healthy": healthy,
-        "failed": "; ".join(
-            failed_accelerator_text(a)
-            for a in node.accelerators
-            if a.health == scheduler_pb2.HEALTH_STATE_FAILED
-        ),
+        "healthy": len(node.accelerators) - len(failed),
+        "failed": len(failed),
         "jobs": len(node.job_ids),
         "last heartbeat": format_time(node.last_heartbeat_time),
         "reason": node.state_cause.reason,
         # The trigger distinguishes a drain the node's agent requested from an operator's.
         "cause": node.state_cause.trigger,
+        "failures": "; ".join(failed_accelerator_text(a) for a in failed),
     }
 
 
@@ -243,7 +251,7 @@ def provider_rows(provider: scheduler_pb2.Provider) -> list[dict[str, Any]]:
             "region": region.region_id,
             "region name": region.display_name,
             "jurisdiction": region.jurisdiction,
-            "cross-provider": "allowed" if provider.allow_cross_provider_gangs else "no",
+            "cross-provider": provider.allow_cross_provider_gangs,
         }
         for region in regions
     ]
@@ -290,22 +298,37 @@ def list_models(args: argparse.Namespace) -> int:
 def queue_summary(args: argparse.Namespace) -> int:
     with open_scheduler(args) as scheduler:
         summary = scheduler.GetQueueSummary(scheduler_pb2.GetQueueSummaryRequest())
-    rows = [{"state": k, "jobs": v} for k, v in sorted(summary.jobs_by_state.items())]
-    print_records(rows, ("state", "jobs"), output_format=args.format, title="jobs by state")
-    reasons = [{"reason": k, "jobs": v} for k, v in sorted(summary.pending_by_reason.items())]
-    print_records(reasons, ("reason", "jobs"), output_format=args.format, title="pending jobs")
+    states = [
+        {"table": "states", "state": k, "jobs": v} for k, v in sorted(summary.jobs_by_state.items())
+    ]
+    reasons = [
+        {"table": "pending", "reason": k, "jobs": v}
+        for k, v in sorted(summary.pending_by_reason.items())
+    ]
     regions = [
         {
+            "table": "accelerators",
             "region": region,
-            "used": f"{summary.used_millis_by_region.get(region, 0) / 1000:g}",
-            "total": f"{total / 1000:g}",
+            "used": accelerator_count(summary.used_millis_by_region.get(region, 0)),
+            "total": accelerator_count(total),
         }
         for region, total in sorted(summary.total_millis_by_region.items())
     ]
-    print_records(
-        regions, ("region", "used", "total"), output_format=args.format, title="accelerators"
-    )
+    if args.format != "table":
+        # One CSV header or one JSON key set for all rows, so a script can filter by table.
+        print_records(states + reasons + regions, QUEUE_COLUMNS, output_format=args.format)
+        return EXIT_OK
+    print_records(states, ("state", "jobs"), title="jobs by state")
+    print_records(reasons, ("reason", "jobs"), title="pending jobs")
+    print_records(regions, ("region", "used", "total"), title="accelerators")
     return EXIT_OK
+
+
+def accelerator_count(millis: int) -> int | float:
+    """Convert milli-accelerators to accelerators: an int when whole, else a float (0.25)."""
+    if millis % 1000 == 0:
+        return millis // 1000
+    return millis / 1000
 
 
 def _node_path(text: str) -> tuple[str, str, str]:

@@ -35,6 +35,7 @@ from acsp.cli._common import (
 )
 from acsp.mesh.endpoints import MeshNotFoundError
 from acsp.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler.service.validation import MAX_ARRAY_SIZE, MAX_TASKS, MAX_WALL_TIME_S
 
 PRIORITIES = {
     "interactive": common_pb2.PRIORITY_CLASS_INTERACTIVE,
@@ -130,9 +131,9 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--name", default="", help="display name")
     submit.add_argument(
         "--tasks",
-        type=whole_number(1),
+        type=whole_number(1, MAX_TASKS),
         default=1,
-        help="number of tasks, which all start together (default: 1)",
+        help=f"number of tasks, at most {MAX_TASKS}, which all start together (default: 1)",
     )
     submit.add_argument(
         "--accelerators",
@@ -162,10 +163,10 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--no-gang", action="store_true", help=argparse.SUPPRESS)
     submit.add_argument(
         "--wall-time",
-        type=whole_number(1),
+        type=whole_number(1, MAX_WALL_TIME_S),
         default=3600,
         metavar="SECONDS",
-        help="wall-time limit in seconds (default: 3600)",
+        help=f"wall-time limit in seconds, at most {MAX_WALL_TIME_S} (default: 3600)",
     )
     submit.add_argument(
         "--checkpointable",
@@ -177,8 +178,8 @@ def register(subparsers: Any) -> None:
         type=array_size,
         default=None,
         metavar="N",
-        help="submit a job array of N jobs, which start independently of each other; each "
-        "job gets its index, from 0, in $ACSP_ARRAY_INDEX",
+        help=f"submit a job array of N jobs, from 1 to {MAX_ARRAY_SIZE}, which start "
+        "independently of each other; each job gets its index, from 0, in $ACSP_ARRAY_INDEX",
     )
     submit.add_argument(
         "--after",
@@ -255,18 +256,43 @@ def register(subparsers: Any) -> None:
 
 
 def array_size(text: str) -> int:
-    """Parse ``--array`` for argparse: a whole number of at least 1.
+    """Parse ``--array`` for argparse: a whole number from 1 to the scheduler's maximum.
 
     The scheduler reads an ``array_size`` of 0 as "no array", because a proto3 ``uint32`` has
     no presence, so an explicit 0 would submit a single job without ``$ACSP_ARRAY_INDEX``.
     """
-    size = whole_number(0)(text)
-    if size == 0:
+    try:
+        is_zero = int(text) == 0
+    except ValueError:
+        is_zero = False
+    if is_zero:
         raise argparse.ArgumentTypeError(
             "0 is not a valid array size: an array has at least 1 job. Give --array N with "
-            "N of 1 or more, or leave out --array to submit a single job"
+            f"N from 1 to {MAX_ARRAY_SIZE}, or leave out --array to submit a single job"
         )
-    return size
+    return whole_number(1, MAX_ARRAY_SIZE)(text)
+
+
+def parse_after(items: list[str]) -> list[str]:
+    """Split the ``--after`` values at commas into job ids, without spaces around each.
+
+    An empty id is rejected, because it usually comes from an empty shell variable, e.g.
+    ``--after "$J"`` after a failed ``J=$(acsp jobs submit -q ...)``, and dropping it would
+    start the job at once, without the dependency the user meant.
+    """
+    job_ids: list[str] = []
+    for item in items:
+        for job_id in item.split(","):
+            job_id = job_id.strip()
+            if not job_id:
+                raise CommandError(
+                    f"--after {item!r} contains an empty job id, perhaps from an empty shell "
+                    "variable. Give one or more job ids, e.g. --after JOB_ID or --after "
+                    "JOB_ID,JOB_ID, or leave out --after to start the job without waiting",
+                    EXIT_USAGE,
+                )
+            job_ids.append(job_id)
+    return job_ids
 
 
 def parse_millis(text: str) -> int:
@@ -315,7 +341,11 @@ def spec_from_args(args: argparse.Namespace) -> scheduler_pb2.JobSpec:
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep:
-            raise CommandError(f"--env {item!r} is not KEY=VALUE", EXIT_USAGE)
+            raise CommandError(
+                f"--env {item!r} is not KEY=VALUE; give --env KEY=VALUE, e.g. "
+                "--env OMP_NUM_THREADS=8",
+                EXIT_USAGE,
+            )
         environment[key] = value
     return scheduler_pb2.JobSpec(
         name=args.name or command[0],
@@ -334,7 +364,7 @@ def spec_from_args(args: argparse.Namespace) -> scheduler_pb2.JobSpec:
         command=command,
         environment=environment,
         array_size=args.array or 0,
-        after_job_ids=[job_id for item in args.after for job_id in item.split(",") if job_id],
+        after_job_ids=parse_after(args.after),
     )
 
 
@@ -581,7 +611,7 @@ def job_details(job: scheduler_pb2.Job) -> list[tuple[str, Any]]:
         ("ended", format_time(job.end_time)),
         ("array", _array_text(job)),
         ("after", _after_text(job)),
-        ("checkpointable", "yes" if job.spec.checkpointable else "no"),
+        ("checkpointable", job.spec.checkpointable),
         ("first checkpoint", job.spec.checkpoint_reference),
         ("last checkpoint", job.checkpoint_reference),
         ("last checkpoint at", format_time(job.checkpoint_time)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ import grpc
 import pytest
 from google.rpc import status_pb2
 
+from acsp.cli import fleet as fleet_cli
 from acsp.cli import jobs as jobs_cli
 from acsp.cli._common import STATUS_DETAILS_KEY, CommandError
 from acsp.cli.fleet import list_providers, node_row, provider_rows
@@ -155,7 +157,7 @@ def test_details_show_last_checkpoint() -> None:
     )
     job.checkpoint_time.FromSeconds(1_800_000_000)
     details = dict(job_details(job))
-    assert details["checkpointable"] == "yes"
+    assert details["checkpointable"] is True
     assert details["first checkpoint"] == "s3://c/0"
     assert details["last checkpoint"] == "s3://c/200"
     assert details["last checkpoint at"] == "2027-01-15T08:00:00+00:00"
@@ -226,14 +228,14 @@ def test_provider_rows_list_each_region() -> None:
     rows = provider_rows(provider)
     assert [row["region"] for row in rows] == ["hz-a", "hz-b"]
     assert [row["jurisdiction"] for row in rows] == ["CN", ""]
-    assert rows[0]["cross-provider"] == "allowed"
+    assert rows[0]["cross-provider"] is True
 
 
 def test_provider_without_regions_gets_one_row() -> None:
     rows = provider_rows(scheduler_pb2.Provider(provider_id="p", display_name="P"))
     assert len(rows) == 1
     assert rows[0]["region"] == ""
-    assert rows[0]["cross-provider"] == "no"
+    assert rows[0]["cross-provider"] is False
 
 
 def test_fleet_providers_command_parses() -> None:
@@ -636,3 +638,147 @@ async def test_watch_resume_waits_for_missing_mesh_file(
     assert code == 0
     assert len(sleeps) == 2
     assert "no running mesh found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("after", ["", " ", "j1,,j2", "j1,"])
+def test_submit_empty_after_id_is_usage_error(after: str) -> None:
+    args = parse("jobs", "submit", "--project", "p1", "--after", after, "--", "true")
+    with pytest.raises(CommandError) as error:
+        spec_from_args(args)  # type: ignore[arg-type]
+    assert error.value.exit_code == 2
+    assert "--after" in str(error.value)
+    assert "empty job id" in str(error.value)
+    assert "leave out --after" in str(error.value)
+
+
+def test_submit_after_ids_lose_spaces() -> None:
+    args = parse(
+        "jobs", "submit", "--project", "p1", "--after", " j1 , j2", "--after", "j3 ", "--", "true"
+    )
+    spec = spec_from_args(args)  # type: ignore[arg-type]
+    assert list(spec.after_job_ids) == ["j1", "j2", "j3"]
+
+
+def test_submit_env_without_equals_shows_fix() -> None:
+    args = parse("jobs", "submit", "--project", "p1", "--env", "NOEQUALS", "--", "true")
+    with pytest.raises(CommandError) as error:
+        spec_from_args(args)  # type: ignore[arg-type]
+    assert error.value.exit_code == 2
+    assert "--env 'NOEQUALS' is not KEY=VALUE" in str(error.value)
+    assert "e.g. --env OMP_NUM_THREADS=8" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--array", "-2", "give a whole number from 1 to 10000"),
+        ("--array", "10001", "give a whole number from 1 to 10000"),
+        ("--wall-time", "5184001", "give a whole number from 1 to 5184000"),
+        ("--wall-time", "0", "give a whole number from 1 to 5184000"),
+        ("--tasks", "4097", "give a whole number from 1 to 4096"),
+    ],
+)
+def test_submit_limits_match_scheduler(
+    option: str, value: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse("jobs", "submit", "--project", "p1", option, value, "--", "true")
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert f"argument {option}: " in err
+    assert expected in err
+
+
+def test_submit_accepts_largest_limits() -> None:
+    args = parse(
+        "jobs",
+        "submit",
+        "--project",
+        "p1",
+        "--array",
+        "10000",
+        "--wall-time",
+        "5184000",
+        "--tasks",
+        "4096",
+        "--",
+        "true",
+    )
+    spec = spec_from_args(args)  # type: ignore[arg-type]
+    assert spec.array_size == 10000
+    assert spec.wall_time_seconds == 5184000
+    assert spec.task_count == 4096
+
+
+def test_negative_task_index_names_no_wire_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("jobs", "logs", "j1", "--task", "-1")
+    err = capsys.readouterr().err
+    assert "give a whole number of 0 or more" in err
+    assert "4294967295" not in err
+
+
+def test_node_row_counts_failed_accelerators() -> None:
+    node = scheduler_pb2.Node(
+        provider_id="p",
+        region_id="r",
+        node_id="n",
+        accelerators=[
+            scheduler_pb2.Accelerator(accelerator_id="a0"),
+            scheduler_pb2.Accelerator(
+                accelerator_id="a1", health=scheduler_pb2.HEALTH_STATE_FAILED
+            ),
+        ],
+    )
+    row = node_row(node)
+    assert row["healthy"] == 1
+    assert row["failed"] == 1
+    assert row["failures"] == "a1"
+    assert node_row(scheduler_pb2.Node())["failed"] == 0
+
+
+def test_details_checkpointable_is_bool() -> None:
+    job = scheduler_pb2.Job(job_id="j1", spec=scheduler_pb2.JobSpec(checkpointable=True))
+    assert dict(job_details(job))["checkpointable"] is True
+    assert dict(job_details(scheduler_pb2.Job()))["checkpointable"] is False
+
+
+def _queue_summary() -> scheduler_pb2.GetQueueSummaryResponse:
+    return scheduler_pb2.GetQueueSummaryResponse(
+        jobs_by_state={"pending": 2},
+        pending_by_reason={"no_capacity": 2},
+        used_millis_by_region={"p/r": 250},
+        total_millis_by_region={"p/r": 8000},
+    )
+
+
+@pytest.mark.parametrize("output_format", ["json", "csv", "table"])
+def test_queue_rows_name_their_table(
+    output_format: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Scheduler:
+        def GetQueueSummary(self, request: object) -> scheduler_pb2.GetQueueSummaryResponse:
+            return _queue_summary()
+
+    @contextlib.contextmanager
+    def open_scheduler(args: object) -> Iterator[Scheduler]:
+        yield Scheduler()
+
+    monkeypatch.setattr(fleet_cli, "open_scheduler", open_scheduler)
+    code = main(["fleet", "queue", "--format", output_format])
+    out = capsys.readouterr().out
+    assert code == 0
+    if output_format == "json":
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert [row["table"] for row in rows] == ["states", "pending", "accelerators"]
+        assert rows[0]["jobs"] == 2
+        assert rows[1]["reason"] == "no_capacity"
+        assert rows[2]["used"] == 0.25
+        assert rows[2]["total"] == 8
+    elif output_format == "csv":
+        lines = out.splitlines()
+        assert lines[0] == "table,state,reason,region,jobs,used,total"
+        assert lines[3] == "accelerators,,,p/r,,0.25,8"
+    else:
+        assert "jobs by state" in out
+        assert "table" not in out

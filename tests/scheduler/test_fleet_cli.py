@@ -506,8 +506,10 @@ async def test_failed_accelerator_in_node_views(
             assert code == 0, err
             (row,) = json_rows(out)
             assert row["healthy"] == 3
+            assert row["failed"] == 1
             assert (
-                row["failed"] == f"{target}: XID 79: GPU has fallen off the bus (event hev-fail-1)"
+                row["failures"]
+                == f"{target}: XID 79: GPU has fallen off the bus (event hev-fail-1)"
             )
 
             code, out, err = await run_cli(capsys, "node", "prov/reg/n0", "--format", "json")
@@ -559,7 +561,8 @@ async def test_failed_accelerator_in_node_views(
 
     code, out, err = await run_cli(capsys, "nodes", "--format", "json")
     assert code == 0, err
-    assert json_rows(out)[0]["failed"] == ""
+    assert json_rows(out)[0]["failed"] == 0
+    assert json_rows(out)[0]["failures"] == ""
 
 
 def test_node_row_names_who_drained() -> None:
