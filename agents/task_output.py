@@ -51,23 +51,25 @@ async def output_reply(
         return _failed(f"invalid task_id: must have 1 to {MAX_TASK_ID_LENGTH} characters")
     if request.max_bytes < 1:
         return _failed("invalid max_bytes: must be at least 1")
+    # Messages name the node as provider/region/node, the way the CLI and the scheduler show it.
+    node = node_key.replace(".", "/")
     if log_path is None:
-        return _not_found(f"node {node_key} has not started its task runner yet")
+        return _not_found(f"node {node} has not started its task runner yet")
     limit = min(request.max_bytes, max(1, max_payload - REPLY_RESERVE_BYTES))
     path = str(log_path(task_id))
     try:
         tail = await asyncio.to_thread(read_tail, path, limit)
     except FileNotFoundError:
         return _not_found(
-            f"node {node_key} has no log of task {task_id}: no process of it started here, "
+            f"node {node} has no log of task {task_id}: no process of it started here, "
             "or the log was removed"
         )
     except UnreadableLogError as error:
         logger.warning("log of task %s not returned: %s", task_id, error)
-        return _failed(f"the log of task {task_id} on node {node_key} is unusable: {error}")
+        return _failed(f"the log of task {task_id} on node {node} is unusable: {error}")
     except OSError as error:
         logger.warning("cannot read the log of task %s at %s: %s", task_id, path, error)
-        return _failed(f"reading the log of task {task_id} on node {node_key} failed: {error}")
+        return _failed(f"reading the log of task {task_id} on node {node} failed: {error}")
     return agent_pb2.TaskOutputReply(
         status=agent_pb2.TASK_OUTPUT_STATUS_OK,
         output=tail.data,

@@ -4,15 +4,40 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
-from acsp.cli._common import EXIT_OK, client_from_args, whole_number
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from acsp.cli._common import (
+    EXIT_OK,
+    STATUS_DETAILS_KEY,
+    CommandError,
+    client_from_args,
+    describe_rpc_error,
+    exit_code_for_rpc_error,
+    naming_options,
+    whole_number,
+)
 from acsp.v1 import scheduler_pb2
 
 DEFAULT_BYTES: Final = 64 << 10
 """The scheduler's default of ``ReadTaskOutputRequest.max_bytes``."""
 MAX_BYTES: Final = 1 << 20
 """Maximum bytes that ``ReadTaskOutput`` returns in one call."""
+LOGS_OPTIONS: Final = {"task_index": "--task", "max_bytes": "--bytes"}
+"""The option behind each ``ReadTaskOutputRequest`` field, for error messages."""
+ENDED_STATES: Final = frozenset(
+    {
+        scheduler_pb2.JOB_STATE_COMPLETED,
+        scheduler_pb2.JOB_STATE_FAILED,
+        scheduler_pb2.JOB_STATE_CANCELLED,
+        scheduler_pb2.JOB_STATE_TIMED_OUT,
+    }
+)
+"""Job states after which a task writes no more output."""
 
 
 def register(commands: Any, connection: argparse.ArgumentParser) -> None:
@@ -24,7 +49,8 @@ def register(commands: Any, connection: argparse.ArgumentParser) -> None:
         description=(
             "Print the last bytes that a task of the job wrote to standard output and standard "
             "error, as written, from the node that ran the task's latest attempt. When that is "
-            "not all that the task wrote, a note on stderr reports the output as cut."
+            "not all that the task wrote, a note on stderr reports the output as cut. A task with "
+            "no output prints nothing on stdout and a note on stderr."
         ),
     )
     logs.add_argument("job_id")
@@ -47,21 +73,70 @@ def register(commands: Any, connection: argparse.ArgumentParser) -> None:
 
 
 def print_task_output(args: argparse.Namespace) -> int:
-    """Write the end of the task's output to stdout unchanged, and a note to stderr if cut."""
+    """Write the end of the task's output to stdout unchanged, and notes to stderr."""
     request = scheduler_pb2.ReadTaskOutputRequest(
         job_id=args.job_id, task_index=args.task, max_bytes=args.bytes
     )
     with client_from_args(args) as client:
-        response = client.scheduler.ReadTaskOutput(request)
+        with naming_options(LOGS_OPTIONS), naming_task_option():
+            response = client.scheduler.ReadTaskOutput(request)
+        ended = False
+        if not response.output:
+            job = client.scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id=args.job_id))
+            ended = job.state in ENDED_STATES
+    task = f"task {args.task} of job {args.job_id}"
+    if not response.output:
+        written = "wrote no output" if ended else "has written no output yet"
+        sys.stderr.write(f"note: {task} {written}\n")
+        return EXIT_OK
     # Text already written to sys.stdout goes out before the raw bytes.
     sys.stdout.flush()
     sys.stdout.buffer.write(response.output)
     sys.stdout.buffer.flush()
     if response.truncated:
         node = f"{response.provider_id}/{response.region_id}/{response.node_id}"
-        sys.stderr.write(
-            f"note: output cut: the {len(response.output)} bytes above are the end of what "
-            f"task {args.task} of job {args.job_id} wrote (attempt {response.attempt}, node "
-            f"{node}); pass --bytes N, up to {MAX_BYTES}, for more\n"
+        returned = len(response.output)
+        note = (
+            f"note: output cut: the {returned} bytes above are the end of what {task} wrote "
+            f"(attempt {response.attempt}, node {node})"
         )
+        if returned < args.bytes:
+            # The agent cuts its reply to fit one NATS message, or kept only the start and
+            # the end of a log over its size limit, so a larger --bytes returns no more.
+            note += (
+                f"; the node returned fewer than the {args.bytes} bytes requested because its "
+                "reply must fit the NATS max payload or it kept only part of a long log"
+            )
+        elif args.bytes < MAX_BYTES:
+            note += f"; pass --bytes N, up to {MAX_BYTES}, for more"
+        sys.stderr.write(note + "\n")
     return EXIT_OK
+
+
+@contextmanager
+def naming_task_option() -> Iterator[None]:
+    """Add ``--task`` to a NOT_FOUND error about a task index the job does not have.
+
+    The scheduler names the request field, ``task_index``, in the message, and the task in a
+    ``ResourceInfo`` detail, which :func:`naming_options` does not read.
+    """
+    try:
+        yield
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.NOT_FOUND or not _names_task(error):
+            raise
+        message = f"{describe_rpc_error(error)} (task_index is set by --task)"
+        raise CommandError(message, exit_code_for_rpc_error(error)) from None
+
+
+def _names_task(error: grpc.RpcError) -> bool:
+    """Return whether a failed call's status details name a task as the missing resource."""
+    trailers = dict(error.trailing_metadata() or ())
+    packed = trailers.get(STATUS_DETAILS_KEY)
+    if not isinstance(packed, bytes):
+        return False
+    for detail in status_pb2.Status.FromString(packed).details:
+        resource = error_details_pb2.ResourceInfo()
+        if detail.Unpack(resource) and resource.resource_type == "task":
+            return True
+    return False

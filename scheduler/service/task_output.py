@@ -200,13 +200,7 @@ class TaskOutputReader:
                 attempt=location.attempt,
             )
         if reply.status == agent_pb2.TASK_OUTPUT_STATUS_NOT_FOUND:
-            raise FailedPrecondition(
-                f"task {task_index} of job {job.job_id} has no output to read: {reply.message} "
-                f"(attempt {location.attempt}, job {job.state}). A task that has not started yet "
-                "has output once it runs; a task played without a command (simulated_run_seconds) "
-                "has none",
-                field="task_index",
-            )
+            raise FailedPrecondition(_no_log(job, location, reply.message), field="task_index")
         logger.warning(
             "agent of node %s failed to return the log of task %s: %s",
             location.node_name,
@@ -222,10 +216,38 @@ class TaskOutputReader:
 
 def _never_started(job: Job, task_index: int) -> str:
     """Return why task ``task_index`` of ``job``, which has no recorded start, has no node."""
-    reason = f"task {task_index} of job {job.job_id} has not started on any node"
+    task = f"task {task_index} of job {job.job_id}"
     if not job.terminal:
-        return f"{reason} (the job is {job.state}); read its output once the job runs"
+        return (
+            f"{task} has not started on any node (the job is {job.state}); read its output "
+            "once the job runs"
+        )
+    # A requeue clears started_at, but an attempt after the first means an earlier one was
+    # placed and sent start commands.
+    if job.started_at is None and job.attempt == 1:
+        return f"{task} never started, so it has no output (the job is {job.state})"
     return (
-        f"{reason}, or the job ended long enough ago (it is {job.state}) that the scheduler "
-        "deleted the record of its start commands (after ACSP_SCHEDULER_OUTBOX_RETENTION_S)"
+        f"{task} has no recorded start: the job ended (it is {job.state}) long enough ago that "
+        "the scheduler deleted the record of its start commands (after "
+        "ACSP_SCHEDULER_OUTBOX_RETENTION_S)"
     )
+
+
+def _no_log(job: Job, location: TaskLocation, agent_message: str) -> str:
+    """Return why the agent of ``location``'s node found no log of the task."""
+    task = f"task {location.task_index} of job {job.job_id}"
+    where = f"attempt {location.attempt}, job {job.state}"
+    if job.spec.simulated_run_s > 0:
+        return (
+            f"{task} has no output: the job sets simulated_run_seconds, so a simulated agent "
+            f"played it without a process ({agent_message}; {where})"
+        )
+    if not job.spec.command:
+        return f"{task} has no output: the job has no command ({where})"
+    # The agent's message names the node.
+    reason = f"{task} has no output: {agent_message} ({where})"
+    if job.reason:
+        reason = f"{reason}. The job's reason: {job.reason}"
+    if not job.terminal:
+        reason = f"{reason}. A task whose process has not started yet has output once it runs"
+    return reason

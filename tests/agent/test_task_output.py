@@ -101,7 +101,8 @@ async def test_reply_for_missing_log_is_not_found(tmp_path: Path) -> None:
     reply = await output_reply(logs_in(tmp_path), NODE_KEY, request(), MAX_PAYLOAD)
     assert reply.status == agent_pb2.TASK_OUTPUT_STATUS_NOT_FOUND
     assert "j1/1/0" in reply.message
-    assert NODE_KEY in reply.message
+    assert "acme/eu-1/node-1" in reply.message
+    assert NODE_KEY not in reply.message
 
 
 async def test_reply_without_runner_is_not_found() -> None:

@@ -190,8 +190,51 @@ async def test_played_task_has_no_output(stack: Stack) -> None:
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     details = error.details() or ""
     assert "task_index" in details
+    assert "sets simulated_run_seconds, so a simulated agent played it" in details
+    assert "prov/reg/n0" in details
+
+
+async def test_unrunnable_command_has_no_output(stack: Stack) -> None:
+    _, address = await stack.start_scheduler(ACSP_SCHEDULER_OUTPUT_TIMEOUT_S=OUTPUT_TIMEOUT_S)
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        spec = job_spec(project, grant, task_count=1, command=["/nonexistent/prog"])
+        job_id = await submit(scheduler, md, spec)
+        await wait_state(scheduler, md, job_id, scheduler_pb2.JOB_STATE_FAILED)
+        error = await read_error(scheduler, md, scheduler_pb2.ReadTaskOutputRequest(job_id=job_id))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = error.details() or ""
     assert "no log of task" in details
-    assert "prov.reg.n0" in details
+    assert "prov/reg/n0" in details
+    assert "prov.reg.n0" not in details
+    assert "simulated_run_seconds" not in details
+    assert "/nonexistent/prog" in details
+
+
+async def test_task_of_job_cancelled_while_pending(stack: Stack) -> None:
+    # No agent runs, so the job waits for capacity until it is cancelled.
+    _, address = await stack.start_scheduler(ACSP_SCHEDULER_OUTPUT_TIMEOUT_S=OUTPUT_TIMEOUT_S)
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        job_id = await submit(scheduler, md, job_spec(project, grant))
+        await scheduler.CancelJob(
+            scheduler_pb2.CancelJobRequest(job_id=job_id, reason="not needed"),
+            metadata=md,
+            timeout=10,
+        )
+        await wait_state(scheduler, md, job_id, scheduler_pb2.JOB_STATE_CANCELLED)
+        error = await read_error(
+            scheduler, md, scheduler_pb2.ReadTaskOutputRequest(job_id=job_id, task_index=1)
+        )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = error.details() or ""
+    assert f"task 1 of job {job_id} never started, so it has no output" in details
+    assert "ACSP_SCHEDULER_OUTBOX_RETENTION_S" not in details
 
 
 async def test_task_never_started_fails_precondition(stack: Stack) -> None:
@@ -268,4 +311,40 @@ async def test_logs_command_prints_raw_output(
     assert b"prov/reg/n0" in cut.err
 
     assert main(["jobs", "logs", job_id, "--task", "3"]) == 1
-    assert b"NOT_FOUND" in capfdbinary.readouterr().err
+    missing = capfdbinary.readouterr().err
+    assert b"NOT_FOUND" in missing
+    assert b"task_index is set by --task" in missing
+
+
+async def test_logs_command_notes_on_stderr(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    _, address = await stack.start_scheduler(ACSP_SCHEDULER_OUTPUT_TIMEOUT_S=OUTPUT_TIMEOUT_S)
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    token = stack.token(pi, Role.PI)
+    md = metadata(token)
+    use_scheduler(monkeypatch, address, token)
+    # More than the 1 MiB that one NATS message may carry by default.
+    large = ["sh", "-c", "head -c 1200000 /dev/zero"]
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        silent_id = await submit(scheduler, md, job_spec(project, grant, task_count=1))
+        await wait_state(scheduler, md, silent_id, scheduler_pb2.JOB_STATE_COMPLETED)
+        large_id = await submit(
+            scheduler, md, job_spec(project, grant, task_count=1, command=large)
+        )
+        await wait_state(scheduler, md, large_id, scheduler_pb2.JOB_STATE_COMPLETED)
+    capfdbinary.readouterr()
+
+    assert main(["jobs", "logs", silent_id]) == 0
+    silent = capfdbinary.readouterr()
+    assert silent.out == b""
+    assert silent.err == f"note: task 0 of job {silent_id} wrote no output\n".encode()
+
+    assert main(["jobs", "logs", large_id, "--bytes", str(job_logs.MAX_BYTES)]) == 0
+    cut = capfdbinary.readouterr()
+    assert 0 < len(cut.out) < job_logs.MAX_BYTES
+    assert b"note: output cut" in cut.err
+    assert b"NATS max payload" in cut.err
+    assert b"pass --bytes" not in cut.err
