@@ -526,6 +526,9 @@ async def _watch_once(
                 )
                 if parent.state not in ENDED_STATES:
                     continue
+                # The array's line counts its elements by outcome, also those whose own
+                # lines the stream had not sent yet.
+                _print_change(parent, progress.last_lines)
                 job = parent
             stream.cancel()
             return int(job.state)

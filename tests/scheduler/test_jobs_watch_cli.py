@@ -192,7 +192,33 @@ async def test_watch_of_array_waits_for_last_element(
 
     assert code == 0
     assert parent.state == scheduler_pb2.JOB_STATE_COMPLETED
-    assert sum("completed" in line for line in lines) == 2
+    assert sum("completed" in line for line in lines[:-1]) == 2
+    assert lines[-1].endswith("array of 2 jobs: 2 completed")
+
+
+async def test_watch_of_ended_array_counts_outcomes(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    token = stack.token(pi, Role.PI)
+    use_scheduler(monkeypatch, address, token)
+    # Element 1 fails, element 0 completes.
+    spec = job_spec(
+        project, grant, task_count=1, array_size=2, command=["sh", "-c", "exit $ACSP_ARRAY_INDEX"]
+    )
+    array_id = await submit(address, token, spec)
+
+    async def ended() -> bool:
+        parent = await get_job(address, token, array_id)
+        return parent.state in jobs_cli.ENDED_STATES
+
+    await wait_for(ended, 60, "the array to end")
+    code, lines = await watch(capsys, array_id)
+
+    assert code == 1
+    assert lines[-1].endswith("array of 2 jobs: 1 failed, 1 completed")
 
 
 async def test_watch_resumes_after_scheduler_restart(
