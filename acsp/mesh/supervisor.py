@@ -252,7 +252,7 @@ class LocalMesh:
         A restarted service gets the same port and environment, and the call returns once it
         reports SERVING again (within ``start_timeout_s``). Used to show that a crash loses
         nothing. Raises ``KeyError`` for an unknown name and MeshStartError if it fails to
-        come back.
+        come back or the mesh stops before it starts again.
         """
         children = {child.name: child for child in self._children}
         child = children[name]
@@ -262,10 +262,16 @@ class LocalMesh:
             await child.kill()
             logger.warning("killed %s; restarting it in %.1f s", name, down_s)
             await asyncio.sleep(down_s)
-            await child.start()
+            # Under the lock that stop() holds, so a process started here cannot outlive it.
+            async with self._start_lock:
+                if self._stopping:
+                    raise MeshStartError(
+                        f"cannot start {name} again after the kill: the mesh is stopping"
+                    )
+                await child.start()
+                self._watchers.append(loop.create_task(self._watch(child), name=f"watch {name}"))
         finally:
             self._restarting.discard(name)
-        self._watchers.append(loop.create_task(self._watch(child), name=f"watch {name}"))
         endpoints = self.info.endpoints
         if name in endpoints:
             deadline = loop.time() + self.config.start_timeout_s

@@ -371,6 +371,29 @@ async def test_kill_and_restart_during_restart_delay(external_database: str, dat
     assert not _alive(pid)
 
 
+async def test_kill_and_restart_during_stop(external_database: str, data_dir: Path):
+    script = "import time; print('fleet run', flush=True); time.sleep(600)"
+    spec = ProcessSpec("fleet", [sys.executable, "-c", script], serves_grpc=False)
+    mesh = LocalMesh(_external_config(data_dir, external_database, spec))
+    await mesh.start()
+    log = data_dir / "logs" / "fleet.log"
+    await _poll(lambda: "fleet run" in log.read_text(), 10, "the fleet to run")
+    children = {child.name: child for child in mesh._children}
+    restart = asyncio.ensure_future(mesh.kill_and_restart("fleet", 1.0))
+    try:
+        await _poll(lambda: "fleet" not in mesh.pids, 10, "the fleet to be killed")
+    finally:
+        await mesh.stop()
+    try:
+        with pytest.raises(MeshStartError, match=r"cannot start fleet again.*the mesh is stopping"):
+            await asyncio.wait_for(restart, 10)
+        assert children["fleet"].returncode is not None
+    finally:
+        # A fleet started after the stop would outlive the test.
+        await children["fleet"].kill()
+    assert log.read_text().count("fleet run") == 1
+
+
 async def test_restarts_stop_at_the_limit(external_database: str, data_dir: Path):
     # It outlives the start's check that the fleet runs, then exits each time.
     script = "import time; print('fleet run', flush=True); time.sleep(1); raise SystemExit(3)"
