@@ -17,6 +17,10 @@ def spec_to_json(spec: JobSpec) -> str:
 
 def spec_from_json(text: str) -> JobSpec:
     doc: dict[str, Any] = json.loads(text)
+    if "awaited_job_ids" not in doc:
+        # Specs stored before the field existed hold the awaited jobs, arrays already replaced
+        # by their elements, in after_job_ids, and a job read with none would not wait.
+        doc["awaited_job_ids"] = doc.get("after_job_ids", ())
     for name in _TUPLE_FIELDS:
         doc[name] = tuple(doc.get(name, ()))
     doc["env"] = tuple((str(k), str(v)) for k, v in doc["env"])
