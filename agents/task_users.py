@@ -107,7 +107,7 @@ def job_folder(task_dir: Path, job_id: str) -> Path:
 
 
 class TaskUserPool:
-    """Which pool user each job running on the node has, and which users are free.
+    """The pool user of each job running on the node, and the users that are free.
 
     One pool serves every node of an agent process, because their tasks share one machine.
     """

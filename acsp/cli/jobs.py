@@ -446,7 +446,7 @@ def cancel_job(args: argparse.Namespace) -> int:
 
 @dataclass(slots=True)
 class _WatchProgress:
-    """What a watch carries from one stream to the next when it resumes."""
+    """The state a watch carries from one stream to the next when it resumes."""
 
     last_lines: dict[str, str] = field(default_factory=dict)
     """The last line printed for each job that has not ended, by job id."""

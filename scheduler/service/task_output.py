@@ -1,4 +1,4 @@
-"""Where a task's output is, and the request that fetches its end from the node's agent.
+"""The lookup of a task's node, and the request that fetches its output from the node's agent.
 
 A task's output lives only in its log on the node that ran it. The scheduler finds that node
 (the placement of the job's current attempt, else the latest start command recorded for the

@@ -4,7 +4,7 @@ The primary key recognises a replay of one sample id. An agent that lost its sta
 misbehaving provider, can also report time that is already stored under another id. Such a
 sample overlaps a stored sample of the same task (and so job attempt), accelerator, node and
 provider, and ingest keeps it as a dead letter instead of charging it. Two tasks, of one job or
-of two, may overlap on one accelerator only while each holds a fraction of it: a sample that
+of two, may overlap on one accelerator only while each uses a fraction of it: a sample that
 overlaps a sample of another task on its accelerator is a dead letter too when either of the
 two has a share of 1000 thousandths, the whole accelerator.
 
@@ -52,7 +52,7 @@ MAX_MINUTE_LOCKS: Final = 8
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 FULL_SHARE_MILLIS: Final = 1000
-"""The share of a sample that holds the whole accelerator, in thousandths."""
+"""The share of a sample that uses the whole accelerator, in thousandths."""
 
 # For every staged sample not stored yet, one stored sample that it overlaps, if any. Kind 0 is
 # the stored sample of its own task, accelerator, node and provider that starts last before the
@@ -335,7 +335,7 @@ def split_overlapping(
 
     A sample is rejected when it overlaps the stored sample given for it in ``stored``, or a
     sample of this batch that arrived earlier and was accepted: one of its own task, or one of
-    another task on its accelerator where either of the two holds the whole accelerator.
+    another task on its accelerator where either of the two uses the whole accelerator.
     ``replays`` are the provider and sample ids already stored: they are accepted, and the merge
     stores nothing for them, so no later sample is compared with them. A sample that overlaps a
     replay equal to its stored row overlaps that row, which the probe of stored samples finds.

@@ -105,7 +105,7 @@ def test_split_keeps_first_arrival() -> None:
     # Overlaps only the rejected sample, so it is kept.
     after_rejected = _usage("c", 60, 120, sequence=3)
     other_accelerator = _usage("d", 0, 60, sequence=4, accelerator_id="GPU-1")
-    # Another attempt may share an accelerator only in fractions, and "a" holds it whole.
+    # Another attempt may share an accelerator only in fractions, and "a" uses it whole.
     other_attempt = _usage("e", 0, 60, sequence=5, attempt=1)
 
     accepted, rejected = split_overlapping(
@@ -388,7 +388,7 @@ async def _reasons(db: Database, dedupe_key: str) -> list[str]:
 async def test_other_job_on_whole_accelerator_dead_lettered(
     db: Database, stored: tuple[int, int, int], new: tuple[int, int, int]
 ) -> None:
-    """A sample that overlaps another job's sample on its accelerator, where either holds the
+    """A sample that overlaps another job's sample on its accelerator, where either uses the
     whole accelerator, is a dead letter that names both."""
     await _write(db, [_usage("o", stored[0], stored[1], share_millis=stored[2])])
 

@@ -549,8 +549,8 @@ def _write_mesh_file(data_dir: Path, scheduler_endpoint: str) -> None:
 async def test_watch_resume_reads_mesh_file_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The first stream fails as a mesh stopped by `acsp down` would; `acsp up` has meanwhile
-    # written a mesh file with other ports, and the resume must use them.
+    # The first stream fails as it would when its mesh stopped. A new `acsp up` has written a
+    # mesh file with other ports meanwhile, so the resume must read it again.
     _write_mesh_file(tmp_path, "127.0.0.1:1111")
     opened: list[str] = []
 
