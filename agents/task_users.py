@@ -140,7 +140,11 @@ class TaskUserPool:
 
     @property
     def busy_reason(self) -> str:
-        """The reason a start is rejected when every user is in use or still being freed."""
+        """The reason a start is rejected when every user is in use or still being freed.
+
+        NOTE: the scheduler counts such a rejection as a failed start, because agents do not
+        report their free pool users, so a job rejected by five full nodes in a row fails.
+        """
         return (
             f"all {len(self._users)} task users of {TASK_USERS_ENV} are in use by other jobs "
             "on this node"
@@ -252,11 +256,11 @@ def kill_user_processes(uids: Collection[int]) -> set[int]:
     """
     if not uids:
         return set()
-    wanted = frozenset(uids)
+    pool_uids = frozenset(uids)
     killed: set[int] = set()
     deadline = 0.0
     for _ in range(_KILL_PASSES):
-        found = _processes_of(wanted)
+        found = _processes_of(pool_uids)
         for pid in found:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -271,7 +275,7 @@ def kill_user_processes(uids: Collection[int]) -> set[int]:
         if time.monotonic() > deadline:
             break
         time.sleep(_EXIT_POLL_S)
-    return set(_processes_of(wanted).values())
+    return set(_processes_of(pool_uids).values())
 
 
 def _processes_of(uids: frozenset[int]) -> dict[int, int]:

@@ -302,6 +302,8 @@ class LocalMesh:
 
     async def _start(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
+        # NOTE: orphans adopted as a subreaper are reaped only at stop, so tasks that a killed
+        # agent leaves behind stay zombies until then.
         if self.config.stop_orphans and not become_subreaper():
             logger.warning(
                 "cannot become a child subreaper: tasks left by the fleet may outlive it"

@@ -54,6 +54,8 @@ class RateCard:
 
         Raises ``KeyError`` when the rate card has no price for ``model``.
         """
+        # NOTE: the per-second rate is already rounded up to 1e-24, so a long hold can exceed the
+        # exact price by up to seconds x 1e-24 PF-days. Metering charges the exact price.
         rate = self.per_second[model]
         accelerators = Decimal(job.spec.total_millis) / MILLIS_PER_ACCELERATOR
         amount = accelerators * job.spec.wall_time_s * rate

@@ -570,9 +570,9 @@ class JobBook:
         else:
             outcome: JobState = "timed_out" if state == "timed_out" else "failed"
             self._release_fences(node_key, job.job_id)
-            what = state.replace("_", " ")
-            reason = f"task {tid.task_index} {what} with exit code {exit_code}"
-            if message and message.replace("_", " ") != what:
+            state_text = state.replace("_", " ")
+            reason = f"task {tid.task_index} {state_text} with exit code {exit_code}"
+            if message and message.replace("_", " ") != state_text:
                 reason = f"{reason}: {message}"
             self.stop(job.job_id, outcome, reason, 0, f"task:{state}", fx)
 

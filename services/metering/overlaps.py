@@ -4,7 +4,7 @@ The primary key recognises a replay of one sample id. An agent that lost its sta
 misbehaving provider, can also report time that is already stored under another id. Such a
 sample overlaps a stored sample of the same task (and so job attempt), accelerator, node and
 provider, and ingest keeps it as a dead letter instead of charging it. Two tasks, of one job or
-of two, may overlap on one accelerator only while each uses a fraction of it: a sample that
+of two, may overlap on one accelerator only while each uses a fraction of it. So a sample that
 overlaps a sample of another task on its accelerator is a dead letter too when either of the
 two has a share of 1000 thousandths, the whole accelerator.
 
@@ -382,7 +382,7 @@ def split_overlapping(
 
 def _other_task_overlap(sample: UsageSample, tasks: Mapping[str, _Accepted]) -> UsageSample | None:
     """Return an accepted sample of another task on the sample's accelerator that overlaps it,
-    where one of the two holds the whole accelerator, if there is one."""
+    where one of the two uses the whole accelerator, if there is one."""
     whole = sample.share_millis == FULL_SHARE_MILLIS
     for task_id, (starts, task_samples) in tasks.items():
         if task_id == sample.task_id:
@@ -436,7 +436,7 @@ def overlap_rejection(sample: UsageSample, other: StoredSample, where: str) -> R
 
 def shared_accelerator_rejection(sample: UsageSample, other: StoredSample, where: str) -> Rejection:
     """Return the dead letter of a sample that overlaps ``other``, a sample of another task on
-    its accelerator, where one of the two holds the whole accelerator."""
+    its accelerator, where one of the two uses the whole accelerator."""
     reason = (
         f"sample {sample.sample_id} of job {sample.job_id} attempt {sample.attempt} (task "
         f"{sample.task_id}, share {sample.share}) on accelerator {sample.accelerator_id} of "
