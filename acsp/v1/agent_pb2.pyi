@@ -53,6 +53,11 @@ class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATE_FAILED_HARDWARE: _ClassVar[TaskState]
     TASK_STATE_CHECKPOINTED: _ClassVar[TaskState]
 
+class StartRejection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    START_REJECTION_UNSPECIFIED: _ClassVar[StartRejection]
+    START_REJECTION_NODE_BUSY: _ClassVar[StartRejection]
+
 class TaskOutputStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TASK_OUTPUT_STATUS_UNSPECIFIED: _ClassVar[TaskOutputStatus]
@@ -84,6 +89,8 @@ TASK_STATE_TIMED_OUT: TaskState
 TASK_STATE_LOST: TaskState
 TASK_STATE_FAILED_HARDWARE: TaskState
 TASK_STATE_CHECKPOINTED: TaskState
+START_REJECTION_UNSPECIFIED: StartRejection
+START_REJECTION_NODE_BUSY: StartRejection
 TASK_OUTPUT_STATUS_UNSPECIFIED: TaskOutputStatus
 TASK_OUTPUT_STATUS_OK: TaskOutputStatus
 TASK_OUTPUT_STATUS_NOT_FOUND: TaskOutputStatus
@@ -108,7 +115,7 @@ class OptionalMetric(_message.Message):
     def __init__(self, value: _Optional[float] = ..., unsupported: _Optional[bool] = ...) -> None: ...
 
 class Inventory(_message.Message):
-    __slots__ = ("node", "backend", "agent_version", "driver_version", "runtime_version", "software_stacks", "accelerators", "memory_total_mib", "time", "running_task_ids", "boot_id")
+    __slots__ = ("node", "backend", "agent_version", "driver_version", "runtime_version", "software_stacks", "accelerators", "memory_total_mib", "time", "running_task_ids", "boot_id", "max_jobs")
     class MemoryTotalMibEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +134,7 @@ class Inventory(_message.Message):
     TIME_FIELD_NUMBER: _ClassVar[int]
     RUNNING_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOBS_FIELD_NUMBER: _ClassVar[int]
     node: NodeRef
     backend: str
     agent_version: str
@@ -138,7 +146,8 @@ class Inventory(_message.Message):
     time: _timestamp_pb2.Timestamp
     running_task_ids: _containers.RepeatedScalarFieldContainer[str]
     boot_id: str
-    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., backend: _Optional[str] = ..., agent_version: _Optional[str] = ..., driver_version: _Optional[str] = ..., runtime_version: _Optional[str] = ..., software_stacks: _Optional[_Iterable[str]] = ..., accelerators: _Optional[_Iterable[_Union[_scheduler_pb2.Accelerator, _Mapping]]] = ..., memory_total_mib: _Optional[_Mapping[str, int]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., running_task_ids: _Optional[_Iterable[str]] = ..., boot_id: _Optional[str] = ...) -> None: ...
+    max_jobs: int
+    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., backend: _Optional[str] = ..., agent_version: _Optional[str] = ..., driver_version: _Optional[str] = ..., runtime_version: _Optional[str] = ..., software_stacks: _Optional[_Iterable[str]] = ..., accelerators: _Optional[_Iterable[_Union[_scheduler_pb2.Accelerator, _Mapping]]] = ..., memory_total_mib: _Optional[_Mapping[str, int]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., running_task_ids: _Optional[_Iterable[str]] = ..., boot_id: _Optional[str] = ..., max_jobs: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("node", "boot_id", "sequence", "state", "accelerator_health", "running_task_ids", "time", "spooled_messages")
@@ -275,7 +284,7 @@ class AgentCommand(_message.Message):
     def __init__(self, command_id: _Optional[str] = ..., kind: _Optional[_Union[CommandKind, str]] = ..., node: _Optional[_Union[NodeRef, _Mapping]] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., accelerators: _Optional[_Iterable[_Union[_scheduler_pb2.AcceleratorShare, _Mapping]]] = ..., command: _Optional[_Iterable[str]] = ..., environment: _Optional[_Mapping[str, str]] = ..., wall_time_seconds: _Optional[int] = ..., grace_seconds: _Optional[int] = ..., simulated_run_seconds: _Optional[float] = ..., checkpoint_reference: _Optional[str] = ..., reason: _Optional[str] = ..., fencing_token: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
-    __slots__ = ("event_id", "node", "task_id", "job_id", "state", "exit_code", "signal", "output_tail", "message", "time", "health_event_id", "checkpoint_reference", "checkpoint_time")
+    __slots__ = ("event_id", "node", "task_id", "job_id", "state", "exit_code", "signal", "output_tail", "message", "time", "health_event_id", "checkpoint_reference", "checkpoint_time", "start_rejection")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -289,6 +298,7 @@ class TaskEvent(_message.Message):
     HEALTH_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_REJECTION_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     node: NodeRef
     task_id: str
@@ -302,7 +312,8 @@ class TaskEvent(_message.Message):
     health_event_id: str
     checkpoint_reference: str
     checkpoint_time: _timestamp_pb2.Timestamp
-    def __init__(self, event_id: _Optional[str] = ..., node: _Optional[_Union[NodeRef, _Mapping]] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., output_tail: _Optional[str] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., health_event_id: _Optional[str] = ..., checkpoint_reference: _Optional[str] = ..., checkpoint_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    start_rejection: StartRejection
+    def __init__(self, event_id: _Optional[str] = ..., node: _Optional[_Union[NodeRef, _Mapping]] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., output_tail: _Optional[str] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., health_event_id: _Optional[str] = ..., checkpoint_reference: _Optional[str] = ..., checkpoint_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_rejection: _Optional[_Union[StartRejection, str]] = ...) -> None: ...
 
 class TaskOutputRequest(_message.Message):
     __slots__ = ("task_id", "max_bytes")
