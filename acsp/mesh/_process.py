@@ -196,7 +196,8 @@ def become_subreaper() -> bool:
 
     A node agent leaves the tasks it started running when it stops (they run in sessions of
     their own, so a restarted agent can adopt them). As a subreaper the supervisor still
-    finds them, through :func:`adopted_orphans`, and stops them with the mesh.
+    finds them, through :func:`adopted_orphans`, reaps those that exit while it runs
+    (:func:`reap_exited_orphans`) and stops the rest with the mesh.
     """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -221,6 +222,33 @@ def adopted_orphans(known: set[int]) -> list[int]:
         if len(fields) > 1 and int(fields[1]) == me:
             orphans.append(int(entry.name))
     return orphans
+
+
+def reap_exited_orphans(known: set[int]) -> list[tuple[int, int]]:
+    """Reap the adopted orphans that have exited; return the pid and exit code of each.
+
+    Children in ``known`` are left alone, because asyncio's child watcher waits for each of
+    them by pid and would lose the exit status to this call. The caller must make sure that
+    ``known`` contains every child that this process started itself. The exit code is negative,
+    -N, for a process that signal N ended, as in :attr:`subprocess.Popen.returncode`.
+    """
+    # WNOWAIT leaves the exited child waitable, so a known child is not reaped here. The
+    # scan of /proc runs only when some child has exited.
+    try:
+        exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return []
+    if exited is None:
+        return []
+    reaped = []
+    for pid in adopted_orphans(known):
+        try:
+            reaped_pid, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if reaped_pid == pid:
+            reaped.append((pid, os.waitstatus_to_exitcode(status)))
+    return reaped
 
 
 async def stop_orphans(known: set[int], grace_s: float) -> list[int]:

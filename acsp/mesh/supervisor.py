@@ -35,7 +35,12 @@ from typing import Final, Self
 from acsp._channel import Credentials
 from acsp.mesh import credentials as mesh_credentials
 from acsp.mesh._ports import LOOPBACK, free_port
-from acsp.mesh._process import ChildProcess, become_subreaper, stop_orphans
+from acsp.mesh._process import (
+    ChildProcess,
+    become_subreaper,
+    reap_exited_orphans,
+    stop_orphans,
+)
 from acsp.mesh.endpoints import (
     MESH_FILE_NAME,
     SERVICE_NAMES,
@@ -60,6 +65,8 @@ SERVICE_MODULES: Final = {
 }
 """The module that ``python -m`` runs for each service."""
 AGENTS_NAME: Final = "agents"
+ORPHAN_REAP_INTERVAL_S: Final = 1.0
+"""Seconds between checks for exited orphans, which stay zombies until the next check."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +129,8 @@ class MeshConfig:
     restart_delay_s: float = 0.5
     """Seconds before the first restart of a child; each restart in the window doubles it."""
     stop_orphans: bool = False
-    """Adopt and stop processes that children leave behind (the fleet's tasks) at stop.
+    """Adopt the processes that children leave behind (the fleet's tasks), reap those that
+    exit while the mesh runs, and stop the rest at stop.
 
     Makes this process a Linux child subreaper, which lasts for its lifetime, so ``acsp up``
     sets it and in-process users (tests, notebooks) normally do not.
@@ -302,9 +310,8 @@ class LocalMesh:
 
     async def _start(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
-        # NOTE: orphans adopted as a subreaper are reaped only at stop, so tasks that a killed
-        # agent leaves behind stay zombies until then.
-        if self.config.stop_orphans and not become_subreaper():
+        reaping = self.config.stop_orphans and become_subreaper()
+        if self.config.stop_orphans and not reaping:
             logger.warning(
                 "cannot become a child subreaper: tasks left by the fleet may outlive it"
             )
@@ -354,6 +361,8 @@ class LocalMesh:
         self._info.write()
         for child in self._all_children():
             self._watchers.append(loop.create_task(self._watch(child), name=f"watch {child.name}"))
+        if reaping:
+            self._watchers.append(loop.create_task(self._reap_orphans(), name="reap orphans"))
         logger.info("local mesh is up in %s: %s", self.data_dir, endpoints)
 
     def _claim_data_dir(self) -> None:
@@ -513,6 +522,25 @@ class LocalMesh:
             await asyncio.sleep(delay_s)
             if not await self._restart(child):
                 return
+
+    async def _reap_orphans(self) -> None:
+        """Reap the adopted orphans that exit while the mesh runs, so that none stays a zombie.
+
+        Runs under the start lock, so that a child being started, whose pid the mesh does not
+        know yet, is never taken for an orphan.
+        """
+        while not self._stopping:
+            await asyncio.sleep(ORPHAN_REAP_INTERVAL_S)
+            async with self._start_lock:
+                if self._stopping:
+                    return
+                known = {child.pid for child in self._all_children() if child.pid is not None}
+                for pid, code in reap_exited_orphans(known):
+                    logger.info(
+                        "reaped pid %s, a process left behind by the mesh, exit code %s",
+                        pid,
+                        code,
+                    )
 
     async def _restart(self, child: ChildProcess) -> bool:
         """Start ``child`` again and wait until it serves.

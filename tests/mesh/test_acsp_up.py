@@ -512,6 +512,89 @@ async def test_stop_orphans_ends_processes_left_by_children(data_dir: Path):
     assert "left behind by the mesh" in stderr.decode()
 
 
+ORPHAN_MAKER = """
+import subprocess, sys, time
+# The intermediate process exits at once, so its child, which exits after half a second, is
+# adopted by the subreaper that runs this process.
+intermediate = subprocess.run(
+    [sys.executable, "-c",
+     "import subprocess, sys; "
+     "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.5)']); "
+     "print(p.pid)"],
+    capture_output=True, text=True, check=True,
+)
+print(intermediate.stdout.strip(), flush=True)
+time.sleep(600)
+"""
+
+QUITTER = """
+import sys, time
+time.sleep(float(sys.argv[1]))
+sys.exit(7)
+"""
+
+REAPING_SUPERVISOR = """
+import asyncio, os, sys
+from pathlib import Path
+from acsp.mesh import LocalMesh, MeshConfig, ProcessSpec
+
+def gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+async def main():
+    data_dir = Path(sys.argv[1])
+    maker = ProcessSpec("maker", [sys.executable, "-c", sys.argv[2]], serves_grpc=False)
+    quitter = ProcessSpec(
+        "quitter", [sys.executable, "-c", sys.argv[3], "8"], serves_grpc=False
+    )
+    config = MeshConfig(
+        data_dir=data_dir, database_url=sys.argv[4], nats_url=sys.argv[5],
+        processes=(maker, quitter), start_timeout_s=20, stop_grace_s=3, stop_orphans=True,
+        max_restarts=0,
+    )
+    async with LocalMesh(config) as mesh:
+        log = data_dir / "logs" / "maker.log"
+        while not log.exists() or not log.read_text().strip():
+            await asyncio.sleep(0.05)
+        orphan = int(log.read_text().split()[-1])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 6
+        while not gone(orphan) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        print("orphan", "reaped" if gone(orphan) else "not reaped", flush=True)
+        failure = await asyncio.wait_for(mesh.wait_failure(), 20)
+        print("failure", failure.name, failure.returncode, flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_orphans_reaped_while_mesh_runs(data_dir: Path):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        REAPING_SUPERVISOR,
+        str(data_dir),
+        ORPHAN_MAKER,
+        QUITTER,
+        f"{EXTERNAL_POSTGRES}/test",
+        EXTERNAL_NATS,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    lines = stdout.decode().splitlines()
+    # A zombie still passes kill(pid, 0), so the orphan is gone only once it was reaped.
+    assert "orphan reaped" in lines, stderr.decode()
+    # The mesh still reports the exit status of a child of its own.
+    assert "failure quitter 7" in lines, stderr.decode()
+
+
 HOLDER = """
 import asyncio, json, sys
 from pathlib import Path
