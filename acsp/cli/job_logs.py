@@ -22,11 +22,16 @@ from acsp.cli._common import (
     whole_number,
 )
 from acsp.v1 import scheduler_pb2
+from scheduler.service.task_output import DEFAULT_OUTPUT_BYTES, MAX_OUTPUT_BYTES
+from scheduler.service.validation import MAX_TASKS
 
-DEFAULT_BYTES: Final = 64 << 10
+DEFAULT_BYTES: Final = DEFAULT_OUTPUT_BYTES
 """The scheduler's default of ``ReadTaskOutputRequest.max_bytes``."""
-MAX_BYTES: Final = 1 << 20
-"""Maximum bytes that ``ReadTaskOutput`` returns in one call."""
+MAX_BYTES: Final = MAX_OUTPUT_BYTES
+"""Maximum bytes that ``ReadTaskOutput`` returns in one call; the scheduler rejects more."""
+LAST_TASK_INDEX: Final = MAX_TASKS - 1
+"""The largest task index a job can have: tasks are numbered from 0 and the scheduler accepts
+at most ``MAX_TASKS`` of them."""
 LOGS_OPTIONS: Final = {"task_index": "--task", "max_bytes": "--bytes"}
 """The option behind each ``ReadTaskOutputRequest`` field, for error messages."""
 ENDED_STATES: Final = frozenset(
@@ -56,20 +61,53 @@ def register(commands: Any, connection: argparse.ArgumentParser) -> None:
     logs.add_argument("job_id")
     logs.add_argument(
         "--task",
-        type=whole_number(0),
+        type=task_index,
         default=0,
         metavar="N",
-        help="the task's index within the job, from 0 (default: 0)",
+        help=f"the task's index within the job, from 0 to the job's task count minus 1, "
+        f"at most {LAST_TASK_INDEX} (default: 0)",
     )
     logs.add_argument(
         "--bytes",
-        type=whole_number(1, MAX_BYTES),
+        type=byte_count,
         default=DEFAULT_BYTES,
         metavar="N",
-        help=f"bytes from the end of the output to print, at most {MAX_BYTES} "
-        f"(default: {DEFAULT_BYTES})",
+        help=f"bytes from the end of the output to print, from 1 to the scheduler's maximum "
+        f"of {MAX_BYTES} (default: {DEFAULT_BYTES})",
     )
     logs.set_defaults(func=print_task_output)
+
+
+def task_index(text: str) -> int:
+    """Parse ``--task`` for argparse: a whole number from 0 to :data:`LAST_TASK_INDEX`."""
+    return _bounded(
+        text,
+        0,
+        LAST_TASK_INDEX,
+        f"A job has at most {MAX_TASKS} tasks, numbered from 0, and `acsp jobs show JOB_ID` "
+        "shows its task count",
+    )
+
+
+def byte_count(text: str) -> int:
+    """Parse ``--bytes`` for argparse: a whole number from 1 to :data:`MAX_BYTES`."""
+    return _bounded(
+        text,
+        1,
+        MAX_BYTES,
+        f"The scheduler returns at most {MAX_BYTES} bytes of a task's output in one call",
+    )
+
+
+def _bounded(text: str, minimum: int, maximum: int, reason: str) -> int:
+    """Parse a whole number from ``minimum`` to ``maximum``, and add ``reason`` to an error
+    about a number above ``maximum``."""
+    try:
+        return whole_number(minimum, maximum)(text)
+    except argparse.ArgumentTypeError as error:
+        if text.strip().lstrip("+").isdigit() and int(text) > maximum:
+            raise argparse.ArgumentTypeError(f"{error}. {reason}") from None
+        raise
 
 
 def print_task_output(args: argparse.Namespace) -> int:

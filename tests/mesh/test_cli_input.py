@@ -11,8 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from acsp.cli import _common, jobs, main, usage
+from acsp.cli import _common, job_logs, jobs, main, usage
 from acsp.v1 import common_pb2, metering_pb2
+from scheduler.service.task_output import MAX_OUTPUT_BYTES
+from scheduler.service.validation import MAX_TASKS
 
 
 @pytest.mark.parametrize(
@@ -252,3 +254,31 @@ def test_usage_headers_read_like_other_commands(
     assert "PF-days" in header
     assert row.split()[-1] == "yes"
     assert "True" not in row
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "reason"),
+    [
+        ("--task", str(job_logs.LAST_TASK_INDEX + 1), f"at most {MAX_TASKS} tasks"),
+        ("--task", str(2**32), f"at most {MAX_TASKS} tasks"),
+        ("--task", str(2**64), f"at most {MAX_TASKS} tasks"),
+        ("--bytes", str(MAX_OUTPUT_BYTES + 1), f"at most {MAX_OUTPUT_BYTES} bytes"),
+        ("--bytes", str(2**64), f"at most {MAX_OUTPUT_BYTES} bytes"),
+    ],
+)
+def test_logs_option_above_maximum_exits_2(
+    option: str, value: str, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    argv = ["jobs", "logs", "job-1", option, value, "--data-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {value} is out of range" in err
+    assert reason in err
+    assert "Traceback" not in err
+
+
+def test_logs_options_accept_their_maximum():
+    assert job_logs.task_index(str(MAX_TASKS - 1)) == MAX_TASKS - 1
+    assert job_logs.byte_count(str(MAX_OUTPUT_BYTES)) == MAX_OUTPUT_BYTES
