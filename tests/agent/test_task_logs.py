@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agents import runner as runner_module
+from agents import task_logs
 from agents.backends.fleet import FleetNode
 from agents.backends.simulated import SimulatedBackend
 from agents.health import HealthSettings
@@ -31,7 +34,12 @@ from tests.agent.test_runner import ACCELERATORS, Recorder, _visible, python_com
 SPEC = FleetNode("acme", "eu-1", "node-1", "A100-SXM4-80GB", 8)
 LIMIT = MIN_TASK_LOG_MAX_BYTES
 QUARTER = LIMIT // 4
-MARKER = re.compile(rb"\n\[acsp agent: (\d+) bytes of output dropped here[^\n]*\]\n")
+MARKER = re.compile(rb"\n\[acsp agent: (\d+) bytes of output dropped here[^\n]*\] *\n")
+BLOCK = os.statvfs("/tmp").f_bsize
+"""Block size of the file systems of the tests' logs: a trim's cuts fall on blocks."""
+TRIMMED_MAX_BYTES = LIMIT // 2 + 2 * BLOCK
+"""Size of a trimmed log at most: half the limit, plus the blocks the kept start and tail
+grow by to reach a block boundary."""
 
 PRINTER = """
 import os, sys, time
@@ -76,6 +84,24 @@ def printed(start: int, stop: int) -> bytes:
     return b"".join(b"line %06d\n" % i for i in range(start, stop))
 
 
+def split_log(data: bytes) -> tuple[bytes, int, bytes]:
+    """Return the kept start of a trimmed log, the count of its one marker, and the kept tail."""
+    markers = list(MARKER.finditer(data))
+    assert len(markers) == 1
+    marker = markers[0]
+    return data[: marker.start()], int(marker.group(1)), data[marker.end() :]
+
+
+def assert_trimmed(data: bytes, original: bytes) -> None:
+    """Check that ``data`` is ``original`` trimmed: nothing lost after the cut, counted right."""
+    head, dropped, tail = split_log(data)
+    assert original.startswith(head)
+    assert original.endswith(tail)
+    assert len(head) + dropped + len(tail) == len(original)
+    assert QUARTER <= len(head) < QUARTER + BLOCK
+    assert QUARTER <= len(tail) < QUARTER + BLOCK
+
+
 def test_trim_keeps_start_and_tail(tmp_path: Path) -> None:
     log = tmp_path / "t.log"
     original = printed(0, 30000)
@@ -84,13 +110,29 @@ def test_trim_keeps_start_and_tail(tmp_path: Path) -> None:
     dropped = trim_log(str(log), LIMIT)
 
     data = log.read_bytes()
-    marker = MARKER.search(data)
-    assert marker is not None
-    assert dropped == len(original) - 2 * QUARTER
-    assert int(marker.group(1)) == dropped
-    assert data[:QUARTER] == original[:QUARTER]
-    assert marker.start() == QUARTER
-    assert data[marker.end() :] == original[-QUARTER:]
+    assert_trimmed(data, original)
+    _, count, tail = split_log(data)
+    assert count == dropped
+    # The marker ends on a block boundary, so the trim could collapse the middle.
+    assert (len(data) - len(tail)) % BLOCK == 0
+
+
+def test_copying_trim_keeps_same_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a file system that cannot collapse a range of a file.
+    monkeypatch.setattr(task_logs, "_collapse", lambda descriptor, start, stop: False)
+    log = tmp_path / "t.log"
+    original = printed(0, 30000)
+    log.write_bytes(original)
+    copy = tmp_path / "copy.log"
+    copy.write_bytes(original)
+
+    dropped = trim_log(str(log), LIMIT)
+    monkeypatch.undo()
+    collapsed = trim_log(str(copy), LIMIT)
+
+    assert dropped == collapsed
+    assert log.read_bytes() == copy.read_bytes()
+    assert_trimmed(log.read_bytes(), original)
 
 
 def test_second_trim_adds_to_count(tmp_path: Path) -> None:
@@ -105,13 +147,114 @@ def test_second_trim_adds_to_count(tmp_path: Path) -> None:
     second = trim_log(str(log), LIMIT)
 
     data = log.read_bytes()
-    assert len(MARKER.findall(data)) == 1
-    marker = MARKER.search(data)
-    assert marker is not None
-    assert int(marker.group(1)) == first + second
-    assert first + second == len(original) + len(more) - 2 * QUARTER
-    assert data[:QUARTER] == original[:QUARTER]
-    assert data[marker.end() :] == more[-QUARTER:]
+    assert_trimmed(data, original + more)
+    _, count, tail = split_log(data)
+    assert count == first + second
+    assert more.endswith(tail)
+
+
+def test_longer_count_keeps_marker_end(tmp_path: Path) -> None:
+    # 100,000 lines drop a count of six digits, and then of seven: the marker grows by one byte.
+    log = tmp_path / "t.log"
+    original = printed(0, 80000)
+    log.write_bytes(original)
+    trim_log(str(log), LIMIT)
+    first_head, _, _ = split_log(log.read_bytes())
+    more = printed(80000, 100000)
+    with open(log, "ab") as file:
+        file.write(more)
+
+    trim_log(str(log), LIMIT)
+
+    data = log.read_bytes()
+    head, count, tail = split_log(data)
+    assert count >= 1_000_000
+    assert len(head) == len(first_head) - 1
+    assert (len(data) - len(tail)) % BLOCK == 0
+    assert len(head) + count + len(tail) == len(original) + len(more)
+
+
+def test_marker_of_unaligned_trim_is_kept(tmp_path: Path) -> None:
+    # A marker right after the first quarter, as agents that did not align their trims wrote.
+    log = tmp_path / "t.log"
+    original = printed(0, 30000)
+    old_marker = b"\n[acsp agent: 1000 bytes of output dropped here because of an old trim]\n"
+    log.write_bytes(original[:QUARTER] + old_marker + original[QUARTER + 1000 :])
+
+    dropped = trim_log(str(log), LIMIT)
+
+    head, count, tail = split_log(log.read_bytes())
+    assert head == original[:QUARTER]
+    assert count == 1000 + dropped
+    assert len(head) + count + len(tail) == len(original)
+    assert original.endswith(tail)
+
+
+WRITER = """
+import os, sys
+index = 0
+while not os.path.exists(sys.argv[1]):
+    for _ in range(100):
+        os.write(1, b"line %09d\\n" % index)
+        index += 1
+os.write(1, b"end %d\\n" % index)
+"""
+"""Writes numbered lines, one system call each, until the file named by its argument exists."""
+
+
+def written_by_writer(data: bytes) -> bytes:
+    """Return all that :data:`WRITER` wrote, from its last line in ``data``."""
+    assert data.endswith(b"\n")
+    last = data[data.rindex(b"\n", 0, len(data) - 1) + 1 :]
+    assert last.startswith(b"end ")
+    count = int(last.split()[1])
+    return b"".join(b"line %09d\n" % index for index in range(count)) + last
+
+
+def collapse_supported(directory: Path) -> bool:
+    probe = directory / "probe"
+    probe.write_bytes(b"x" * 3 * BLOCK)
+    descriptor = os.open(probe, os.O_RDWR)
+    try:
+        return task_logs._collapse(descriptor, BLOCK, 2 * BLOCK)
+    finally:
+        os.close(descriptor)
+        probe.unlink()
+
+
+@pytest.mark.timeout(60)
+def test_trim_loses_no_concurrent_output(tmp_path: Path) -> None:
+    if not collapse_supported(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} cannot collapse a range of a file")
+    log = tmp_path / "t.log"
+    stop = tmp_path / "stop"
+    # The same flags as the launcher's, so that the writer appends at the end after a trim.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    descriptor = os.open(log, flags, 0o640)
+    try:
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(stop)], stdout=descriptor, stdin=subprocess.DEVNULL
+        )
+    finally:
+        os.close(descriptor)
+    trims = 0
+    try:
+        deadline = time.monotonic() + 20
+        while trims < 300 and time.monotonic() < deadline:
+            if trim_log(str(log), LIMIT):
+                trims += 1
+    finally:
+        stop.touch()
+        writer.wait(timeout=10)
+
+    assert trims >= 50
+    data = log.read_bytes()
+    written = written_by_writer(data)
+    head, dropped, tail = split_log(data)
+    assert written.startswith(head)
+    # Every line after the last trim's cut is there, in order, and the count is exact.
+    assert written.endswith(tail)
+    assert len(head) + dropped + len(tail) == len(written)
 
 
 def test_log_within_limit_is_untouched(tmp_path: Path) -> None:
@@ -140,7 +283,7 @@ async def test_running_task_writes_after_kept_tail(tmp_path: Path, with_launcher
             await wait_for(lambda: size_of(log) >= 20000 * 12, 30)
 
             runner.trim_logs()
-            await wait_for(lambda: size_of(log) <= LIMIT // 2 + 200, 10)
+            await wait_for(lambda: size_of(log) <= TRIMMED_MAX_BYTES, 10)
             go.touch()
             await wait_for(lambda: not runner.running, 30)
     finally:
@@ -152,9 +295,7 @@ async def test_running_task_writes_after_kept_tail(tmp_path: Path, with_launcher
     assert b"\x00" not in data
     assert data.startswith(printed(0, 10))
     assert data.endswith(printed(19990, 20000) + b"after the trim\n")
-    marker = MARKER.search(data)
-    assert marker is not None
-    assert int(marker.group(1)) == 20000 * 12 - 2 * QUARTER
+    assert_trimmed(data[: -len(b"after the trim\n")], printed(0, 20000))
 
 
 @pytest.mark.timeout(60)
@@ -240,7 +381,7 @@ async def test_trim_runs_in_thread_once(tmp_path: Path, monkeypatch: pytest.Monk
             runner.trim_logs()
             assert len(trims.threads) == 1
             trims.release.set()
-            await wait_for(lambda: size_of(log) <= LIMIT // 2 + 200, 10)
+            await wait_for(lambda: size_of(log) <= TRIMMED_MAX_BYTES, 10)
             go.touch()
             await wait_for(lambda: not runner.running, 30)
     finally:
@@ -284,7 +425,7 @@ async def test_end_waits_for_running_trim(tmp_path: Path, monkeypatch: pytest.Mo
     final = recorder.last("job/1/0")
     assert final.state is TaskState.SUCCEEDED
     assert final.output_tail.endswith("line 019999\nafter the trim\n")
-    assert size_of(log) <= LIMIT // 2 + 200
+    assert size_of(log) <= TRIMMED_MAX_BYTES
 
 
 @pytest.mark.timeout(60)
@@ -315,7 +456,7 @@ async def test_at_most_two_trims_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
                 # A finished trim frees its slot only after its thread returns, so the check
                 # runs again until the third log gets one.
                 runner.trim_logs()
-                return all(size_of(log) <= LIMIT // 2 + 200 for log in logs)
+                return all(size_of(log) <= TRIMMED_MAX_BYTES for log in logs)
 
             await wait_for(trimmed_all, 10)
             # The trims at the tasks' ends are not limited, so the maximum is taken before.
