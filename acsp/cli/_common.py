@@ -10,7 +10,9 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as datetime_time
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -55,6 +57,8 @@ UINT32_MAX: Final = 2**32 - 1
 CONTROL_CHARACTERS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 """C0 and C1 control characters, which a terminal interprets instead of displaying."""
 TIME_EXAMPLE: Final = "e.g. 2026-01-31 or 2026-01-31T12:00Z"
+END_OF_DAY: Final = " (end of day UTC)"
+"""The suffix that a table adds to the last day included by a window that ends at midnight."""
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 """Trailing metadata key of the ``google.rpc.Status`` that a failed call's details travel in."""
 FIELD_INDEX: Final = re.compile(r"\[[^\]]*\]")
@@ -144,7 +148,14 @@ def parse_end_time(text: str, option: str) -> timestamp_pb2.Timestamp:
     """
     stamp = parse_time(text, option)
     if len(text) == len("YYYY-MM-DD"):
-        stamp.FromDatetime(stamp.ToDatetime(tzinfo=UTC) + timedelta(days=1))
+        try:
+            stamp.FromDatetime(stamp.ToDatetime(tzinfo=UTC) + timedelta(days=1))
+        except OverflowError:
+            raise CommandError(
+                f"{option} {text!r} would end the window after 9999-12-31, the last day a "
+                f"time can name; give a time on that day instead, e.g. {text}T23:59:59Z",
+                EXIT_USAGE,
+            ) from None
     return stamp
 
 
@@ -153,6 +164,41 @@ def format_time(stamp: timestamp_pb2.Timestamp) -> str:
     if not stamp.seconds:
         return ""
     return stamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadableCell:
+    """A value of :func:`print_records` that a table shows differently from CSV and JSON."""
+
+    exact: str
+    """The text that CSV and JSON write, exact and unambiguous, for scripts."""
+    readable: str
+    """The text that a table shows, for people."""
+
+    def __str__(self) -> str:
+        return self.exact
+
+
+def format_end_time(stamp: timestamp_pb2.Timestamp) -> str:
+    """Write the exclusive end of a window for a person, e.g. ``2027-03-31 (end of day UTC)``.
+
+    An end at midnight UTC is written as the last day that the window includes, the date that
+    ``--end`` took (see :func:`parse_end_time`), instead of as the next day at 00:00. Other
+    ends are written as :func:`format_time` writes them.
+    """
+    if not stamp.seconds:
+        return ""
+    end = stamp.ToDatetime(tzinfo=UTC)
+    # The first day a Timestamp can carry has no day before it.
+    if end.time() != datetime_time(0) or end.date() == date.min:
+        return format_time(stamp)
+    return f"{(end - timedelta(days=1)).date().isoformat()}{END_OF_DAY}"
+
+
+def end_time_cell(stamp: timestamp_pb2.Timestamp) -> ReadableCell:
+    """Return the exclusive end of a window as :func:`format_time` writes it for CSV and
+    JSON, and as :func:`format_end_time` writes it for a table."""
+    return ReadableCell(format_time(stamp), format_end_time(stamp))
 
 
 def connection_options() -> argparse.ArgumentParser:
@@ -208,7 +254,10 @@ def output_options() -> argparse.ArgumentParser:
             "for scripts (default: table). A "
             f"table rounds amounts to {TABLE_DECIMAL_PLACES} decimal places, and shows an amount "
             "too small for that as <0.000001. CSV and JSON keep every digit. JSON writes exact "
-            "decimal amounts as strings, and counts and flags as numbers and booleans"
+            "decimal amounts as strings, and counts and flags as numbers and booleans. Times "
+            "are UTC, and an end time is exclusive: CSV and JSON write it exactly, e.g. "
+            "2027-04-01T00:00:00+00:00, while a table shows an end at midnight as the last day "
+            f"it includes, e.g. 2027-03-31{END_OF_DAY}, the date that --end 2027-03-31 sets"
         ),
     )
     return parser
@@ -227,7 +276,9 @@ def print_records(
     Decimal values are exact amounts: CSV and JSON write every digit (JSON as a string, since a
     JSON number may be read as a float), and a table rounds them with :func:`table_amount`.
     JSON writes ints, floats and bools as JSON numbers and booleans, and None as null. A table
-    shows a bool as yes or no, and CSV as true or false. Other values are printed with
+    shows a bool as yes or no, and CSV as true or false. A :class:`ReadableCell` is shown as
+    its ``readable`` text in a table and written as its ``exact`` text in CSV and JSON. Other
+    values are printed with
     ``str()``. A table prints them as plain text with control
     characters escaped, so a name that a user chose cannot act as rich markup or as a terminal
     escape sequence.
@@ -289,6 +340,8 @@ def _table_cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, Decimal) and value.is_finite():
         return table_amount(value)
+    if isinstance(value, ReadableCell):
+        return value.readable
     return _cell(value)
 
 

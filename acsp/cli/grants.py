@@ -13,8 +13,11 @@ from acsp.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
+    ReadableCell,
     connection_options,
     decimal_value,
+    end_time_cell,
+    format_end_time,
     format_time,
     naming_options,
     note_more_rows,
@@ -103,7 +106,7 @@ def _grant_record(grant: grant_pb2.Grant) -> dict[str, Any]:
         "available": decimal_value(grant.balance.available_pf_days),
         "held": decimal_value(grant.balance.held_pf_days),
         "charged": decimal_value(grant.balance.charged_pf_days),
-        "ends": format_time(grant.validity.end_time),
+        "ends": end_time_cell(grant.validity.end_time),
     }
 
 
@@ -114,10 +117,7 @@ def _application_rows(app: grant_pb2.Application) -> list[tuple[str, Any]]:
         ("tier", _enum_name(grant_pb2.GrantTier, app.tier, "GRANT_TIER_")),
         ("requested PF-days", decimal_value(app.requested_pf_days)),
         ("state", _enum_name(grant_pb2.ApplicationState, app.state, "APPLICATION_STATE_")),
-        (
-            "window",
-            f"{format_time(app.validity.start_time)} to {format_time(app.validity.end_time)}",
-        ),
+        ("window", _window_cell(app.validity)),
         ("reviewers", ", ".join(app.reviewer_subjects)),
         ("grant", app.grant_id),
     ]
@@ -131,6 +131,14 @@ def _application_rows(app: grant_pb2.Application) -> list[tuple[str, Any]]:
             (format_time(step.time), f"{step.trigger.removeprefix('application:')} by {step.actor}")
         )
     return rows
+
+
+def _window_cell(window: common_pb2.TimeWindow) -> ReadableCell:
+    start = format_time(window.start_time)
+    return ReadableCell(
+        f"{start} to {format_time(window.end_time)}",
+        f"{start} to {format_end_time(window.end_time)}",
+    )
 
 
 def run_institution(args: argparse.Namespace) -> int:
@@ -454,12 +462,13 @@ def run_supplement(args: argparse.Namespace) -> int:
 
 
 def run_extend(args: argparse.Namespace) -> int:
+    end = parse_end_time(args.end, "--end")
     with open_grants(args) as grants:
         grant = grants.ExtendGrant(
             grant_pb2.ExtendGrantRequest(
                 request_id=_request_id(args),
                 grant_id=args.grant,
-                new_end_time=parse_end_time(args.end, "--end"),
+                new_end_time=end,
                 reason=args.reason,
             )
         )

@@ -13,8 +13,10 @@ from acsp.cli._common import (
     EXIT_USAGE,
     TIME_EXAMPLE,
     CommandError,
+    end_time_cell,
     format_time,
     naming_options,
+    parse_end_time,
     parse_time,
     positive_seconds,
     print_records,
@@ -35,6 +37,7 @@ PLEDGE_COLUMNS: Final = (
 )
 RECALL_COLUMNS: Final = ("recall", "pledge", "count", "effective", "end", "reason")
 TIME_HELP: Final = f"ISO 8601, UTC unless it has an offset ({TIME_EXAMPLE})"
+END_HELP: Final = f"{TIME_HELP}; a date alone includes that whole day"
 PLEDGE_OPTIONS: Final = {
     "pledge.pledge_id": "--pledge-id",
     "pledge.provider_id": "--provider",
@@ -86,7 +89,7 @@ def register(commands: Any, connection: argparse.ArgumentParser, output: Any) ->
         help="accelerators the provider may recall with notice (default: 0)",
     )
     set_pledge.add_argument("--start", required=True, help=f"start of the window: {TIME_HELP}")
-    set_pledge.add_argument("--end", required=True, help=f"end of the window: {TIME_HELP}")
+    set_pledge.add_argument("--end", required=True, help=f"end of the window: {END_HELP}")
     set_pledge.add_argument(
         "--pledge-id", default="", help="pledge to change (default: create a new pledge)"
     )
@@ -123,7 +126,7 @@ def register(commands: Any, connection: argparse.ArgumentParser, output: Any) ->
     )
     when.add_argument("--effective", help=f"when the capacity must be free: {TIME_HELP}")
     until = create.add_mutually_exclusive_group()
-    until.add_argument("--end", help=f"when the capacity returns: {TIME_HELP}")
+    until.add_argument("--end", help=f"when the capacity returns: {END_HELP}")
     until.add_argument(
         "--duration",
         type=positive_seconds,
@@ -149,7 +152,7 @@ def pledge_from_args(args: argparse.Namespace) -> scheduler_pb2.Pledge:
             EXIT_USAGE,
         )
     start = parse_time(args.start, "--start")
-    end = parse_time(args.end, "--end")
+    end = parse_end_time(args.end, "--end")
     if end.ToNanoseconds() <= start.ToNanoseconds():
         raise CommandError(
             f"--end {args.end} is not after --start {args.start}; end the window later",
@@ -179,7 +182,7 @@ def recall_from_args(args: argparse.Namespace, now: float) -> scheduler_pb2.Reca
         reason=args.reason,
     )
     if args.end is not None:
-        end = parse_time(args.end, "--end")
+        end = parse_end_time(args.end, "--end")
         if end.ToNanoseconds() <= effective.ToNanoseconds():
             raise CommandError(
                 f"--end {args.end} is not after the time the recall takes effect "
@@ -255,7 +258,7 @@ def pledge_row(pledge: scheduler_pb2.Pledge) -> dict[str, Any]:
         "protected": pledge.protected_count,
         "recallable": pledge.recallable_count,
         "start": format_time(pledge.window.start_time),
-        "end": format_time(pledge.window.end_time),
+        "end": end_time_cell(pledge.window.end_time),
     }
 
 
@@ -265,6 +268,6 @@ def recall_row(recall: scheduler_pb2.Recall) -> dict[str, Any]:
         "pledge": recall.pledge_id,
         "count": recall.count,
         "effective": format_time(recall.effective_time),
-        "end": format_time(recall.end_time) if recall.HasField("end_time") else "",
+        "end": end_time_cell(recall.end_time) if recall.HasField("end_time") else "",
         "reason": recall.reason,
     }

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from acsp.cli import grants as grants_cli
-from acsp.cli._common import format_time, parse_end_time
+from acsp.cli._common import END_OF_DAY, format_time, parse_end_time
 from acsp.cli.main import main
 from acsp.v1 import grant_pb2_grpc
 from services.runtime.auth import mint_token
@@ -316,3 +316,46 @@ def test_end_date_includes_whole_day() -> None:
 
     assert format_time(day_end) == "2028-01-01T00:00:00+00:00"
     assert format_time(exact) == "2027-12-31T12:00:00+00:00"
+
+
+async def test_cli_shows_end_date_as_typed(
+    schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typed = (TODAY + timedelta(days=90)).isoformat()
+    stored = (TODAY + timedelta(days=91)).isoformat() + "T00:00:00+00:00"
+    extended = (TODAY + timedelta(days=120)).isoformat()
+    async with running_grant(schema, tmp_path) as svc:
+        use_identity(monkeypatch, svc, "office", ["program_office"])
+        code, _, err = await run_cli(capsys, "institution", "uni-a", "University A")
+        assert code == 0, err
+        use_identity(monkeypatch, svc, "alice", ["pi"])
+        code, _, err = await run_cli(
+            capsys, "project", "proj-a", "--institution", "uni-a", "--pi", "alice"
+        )
+        assert code == 0, err
+        apply = ("apply", "--project", "proj-a", "--tier", "exploratory", "--pf-days", "1")
+        window = ("--start", START, "--end", typed, "--justification", "pilot")
+
+        code, out, err = await run_cli(capsys, *apply, *window)
+        assert code == 0, err
+        assert f"{START}T00:00:00+00:00 to {typed}{END_OF_DAY}" in out
+
+        code, out, err = await run_cli(capsys, "list")
+        assert code == 0, err
+        assert f"{typed}{END_OF_DAY}" in out
+        assert stored not in out
+
+        # Scripts get the exact, exclusive end.
+        code, out, err = await run_cli(capsys, "list", "--format", "json")
+        assert code == 0, err
+        (grant,) = map(json.loads, out.splitlines())
+        assert grant["ends"] == stored
+        code, out, err = await run_cli(capsys, "list", "--format", "csv")
+        assert code == 0, err
+        assert out.splitlines()[1].endswith(f",{stored}")
+
+        use_identity(monkeypatch, svc, "office", ["program_office"])
+        extend = ("extend", grant["grant"], "--end", extended, "--reason", "more time")
+        code, out, err = await run_cli(capsys, *extend)
+        assert code == 0, err
+        assert f"{extended}{END_OF_DAY}" in out
