@@ -601,18 +601,22 @@ class PlaceHoldsRequest(_message.Message):
     def __init__(self, holds: _Optional[_Iterable[_Union[PlaceHoldRequest, _Mapping]]] = ...) -> None: ...
 
 class PlaceHoldResult(_message.Message):
-    __slots__ = ("request_id", "hold", "code", "message", "reason")
+    __slots__ = ("request_id", "hold", "code", "message", "reason", "available_pf_days", "credited_pf_days")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HOLD_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
+    CREDITED_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     hold: Hold
     code: int
     message: str
     reason: str
-    def __init__(self, request_id: _Optional[str] = ..., hold: _Optional[_Union[Hold, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    available_pf_days: _common_pb2.Decimal
+    credited_pf_days: _common_pb2.Decimal
+    def __init__(self, request_id: _Optional[str] = ..., hold: _Optional[_Union[Hold, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ..., available_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., credited_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
 
 class PlaceHoldsResponse(_message.Message):
     __slots__ = ("results",)

@@ -70,7 +70,8 @@ def size_reason(job: JobSpec, pools: Sequence[Pool]) -> tuple[ReasonCode, str] |
         return (
             ReasonCode.NO_MATCHING_MODEL,
             f"no node has {per_task} accelerators of an accepted model for one task; the "
-            f"largest node of {describe_pools(pools)} has {largest}",
+            f"largest node of {describe_pools(pools)} has {largest}; it waits until a larger "
+            "node joins",
         )
     need = per_task * job.task_count if job.topology is Topology.SAME_NODE else per_task
     if largest >= need:
@@ -78,7 +79,7 @@ def size_reason(job: JobSpec, pools: Sequence[Pool]) -> tuple[ReasonCode, str] |
     return (
         ReasonCode.TOPOLOGY,
         f"no node of {describe_pools(pools)} has {need} accelerators for "
-        f"{describe_demand(job)}; the largest has {largest}",
+        f"{describe_demand(job)}; the largest has {largest}; it waits until a larger node joins",
     )
 
 
@@ -93,7 +94,7 @@ def largest_group_millis(job: JobSpec, pools: Sequence[Pool]) -> tuple[str, int]
     elif job.topology is Topology.SAME_PROVIDER and not job.allow_cross_provider:
         scope, key = "the largest provider of ", lambda pool: pool.provider
     else:
-        scope, key = "", lambda pool: ""
+        scope, key = "the whole fleet of ", lambda pool: ""
     totals: dict[str, int] = {}
     for pool in pools:
         totals[key(pool)] = totals.get(key(pool), 0) + pool.total_millis

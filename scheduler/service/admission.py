@@ -17,6 +17,7 @@ from acsp.v1 import grant_pb2, grant_pb2_grpc, metering_pb2
 from scheduler.engine.catalog import DEFAULT_CATALOG
 from services.runtime.errors import details_from_error
 
+from .budget_text import no_budget_message
 from .model import MILLIS_PER_ACCELERATOR, Job, idempotency_key
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class GrantAdmission:
             )
         except grpc.aio.AioRpcError as exc:
             reason = OUTSIDE_CONSTRAINTS if _outside_constraints(exc) else ""
-            return _failure(job, exc.code(), exc.details() or "", reason)
+            return _failure(job, exc.code(), exc.details() or "", reason, amount)
         return _held(hold, amount)
 
     async def place_holds(
@@ -143,7 +144,10 @@ class GrantAdmission:
                 outcomes.append(_held(result.hold, amount))
             else:
                 code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
-                outcomes.append(_failure(job, code, result.message, result.reason))
+                budgets = _budget_of(result)
+                outcomes.append(
+                    _failure(job, code, result.message, result.reason, amount, *budgets)
+                )
         return outcomes
 
 
@@ -186,12 +190,39 @@ def _held(hold: grant_pb2.Hold, amount: Decimal) -> HoldOutcome:
     )
 
 
-def _failure(job: Job, code: grpc.StatusCode, detail: str, reason: str = "") -> HoldOutcome:
+def _budget_of(result: grant_pb2.PlaceHoldResult) -> tuple[Decimal | None, Decimal | None]:
+    """Return the available and credited budgets of a hold refused for lack of budget."""
+    budgets: list[Decimal | None] = []
+    for name in ("available_pf_days", "credited_pf_days"):
+        try:
+            value = decimals.from_proto(getattr(result, name)) if result.HasField(name) else None
+        except ValueError:
+            value = None
+        budgets.append(value)
+    return budgets[0], budgets[1]
+
+
+def _failure(
+    job: Job,
+    code: grpc.StatusCode,
+    detail: str,
+    reason: str = "",
+    amount: Decimal | None = None,
+    available: Decimal | None = None,
+    credited: Decimal | None = None,
+) -> HoldOutcome:
     if reason == OUTSIDE_CONSTRAINTS:
         # Waiting does not help: the job's placement is outside its grant's constraints.
         return HoldOutcome("rejected", message=f"{code.name}: {detail}")
     if code in _NO_BUDGET_CODES:
-        return HoldOutcome("no_budget", message=detail)
+        if amount is None or available is None:
+            # Not a shortfall the grant service measured (an expired grant, say): its words.
+            return HoldOutcome("no_budget", message=f"the grant cannot pay the hold: {detail}")
+        spec = job.spec
+        message = no_budget_message(
+            amount, spec.grant_id, spec.sub_allocation_id, available, credited
+        )
+        return HoldOutcome("no_budget", message=message)
     if code in _REJECT_CODES:
         return HoldOutcome("rejected", message=f"{code.name}: {detail}")
     logger.warning("hold for job %s failed with %s: %s", job.job_id, code.name, detail)

@@ -26,6 +26,7 @@ from services.runtime.errors import (
 )
 from services.runtime.evolve import evolve
 
+from .award_check import check_hold_fits
 from .convert import job_state_from_proto, job_to_proto, spec_from_proto
 from .dependency_check import check_wait_count, resolve_after_ids
 from .errors import GrantConstraintViolations, InvalidFields
@@ -136,7 +137,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         service, and narrow their placement to the grant's constraints.
 
         Raises FAILED_PRECONDITION naming the field and the allowed values when the spec
-        cannot run within the constraints.
+        cannot run within the constraints, and naming ``wall_time_seconds`` when its hold
+        exceeds all the grant or sub-allocation can ever be credited.
         """
         spec = jobs[0].spec
         limits = await self._lead.projects.check_submitter(principal, spec, prefix)
@@ -150,7 +152,13 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         violations = check_against_grant(spec, limits, providers, catalog, prefix)
         if violations:
             raise GrantConstraintViolations(violations)
-        return [evolve(job, spec=narrow_to_grant(job.spec, limits, catalog)) for job in jobs]
+        narrowed = [evolve(job, spec=narrow_to_grant(job.spec, limits, catalog)) for job in jobs]
+        # The elements of an array share one spec, so one check covers them, and it reads
+        # only what check_submitter cached: no call to the grant service of its own.
+        ceiling = await self._lead.projects.award_ceiling(spec)
+        if ceiling is not None and term is not None and term.rates is not None:
+            check_hold_fits(narrowed[0], ceiling, term.rates, catalog, prefix)
+        return narrowed
 
     async def _resolve_after(self, jobs: list[Job], field: str, key: str | None) -> list[Job]:
         """Check the jobs that ``jobs`` (one spec) wait for, and set the awaited jobs with each

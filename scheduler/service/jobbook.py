@@ -475,7 +475,7 @@ class JobBook:
         self.engine.requeue(job.job_id, fx.now)
         if outcome.status == "no_budget":
             self.engine.block_budget(job.spec.project_id, job.job_id)
-            message = f"the grant cannot pay the hold: {outcome.message}"
+            message = outcome.message
         else:
             message = f"grant service unavailable, retrying: {outcome.message}"
         waiting = cleared.with_state("pending", message, "budget")

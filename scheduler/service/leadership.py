@@ -58,6 +58,8 @@ class Term:
     book: JobBook
     nodes: NodeStore
     watchers: WatchHub = field(default_factory=WatchHub)
+    rates: RateCard | None = None
+    """The rate card this term prices holds with, which submissions are checked against."""
 
     def usage_by_region(self) -> tuple[dict[str, int], dict[str, int]]:
         """Milli-accelerators in use and in total per ``provider/region``."""
@@ -198,7 +200,7 @@ class Leadership:
         await self._restore(loop, nodes)
         batcher = SubmissionBatcher(self.store, epoch, inbox)
         feed = AgentFeed(self._js, inbox, f"scheduler-{cfg.shard}", fleet)
-        self.current = Term(epoch, inbox, batcher, fleet, book, nodes, loop.watchers)
+        self.current = Term(epoch, inbox, batcher, fleet, book, nodes, loop.watchers, loop.rates)
         logger.info(
             "leading shard %s: %d nodes, %d open jobs", cfg.shard, len(fleet), len(book.jobs)
         )

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal
 
 import grpc
 
+from acsp import decimals
 from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
 from services.runtime import grant_directory
 from services.runtime.auth import Principal
@@ -24,6 +26,7 @@ from services.runtime.grant_directory import (
     grant_service_unavailable,
 )
 
+from .award_check import AwardCeiling
 from .errors import SubAllocationNotFound
 from .grant_limits import GrantLimits
 from .model import JobSpec, utc_text
@@ -40,6 +43,9 @@ class GrantRecord:
     ends_at: float | None = None
     """End of the grant's validity in Unix seconds, or None when it sets none."""
     expired: bool = False
+    credited: Decimal | None = None
+    """PF-days ever credited (award and supplement), or None when the grant service sent none."""
+    supplemented: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +55,8 @@ class SubAllocations:
     fetched_at: float
     """``time.monotonic()`` of the fetch."""
     holders: dict[str, str]
+    credited: dict[str, Decimal] = field(default_factory=dict)
+    """PF-days each sub-allocation was funded with, which never grows."""
 
 
 class ProjectDirectory(grant_directory.ProjectDirectory):
@@ -143,7 +151,38 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         if info is None:
             return None
         limits = GrantLimits(grant_id, info.providers, info.regions, info.accelerator_models)
-        return GrantRecord(info.project_id, limits, info.ends_at, info.ended(time.time()))
+        ended = info.ended(time.time())
+        return GrantRecord(
+            info.project_id,
+            limits,
+            info.ends_at,
+            ended,
+            info.credited_pf_days,
+            info.supplemented,
+        )
+
+    async def award_ceiling(self, spec: JobSpec) -> AwardCeiling | None:
+        """Return all that the pot ``spec`` draws on was ever credited, from the cache.
+
+        Call it after :meth:`check_submitter`, which fetched what it reads. Returns None when
+        the spec names no grant or the amount is unknown.
+        """
+        if not spec.grant_id:
+            return None
+        grant = await self.grant(spec.grant_id)
+        if grant is None:
+            return None
+        if not spec.sub_allocation_id:
+            if grant.credited is None:
+                return None
+            return AwardCeiling(spec.grant_id, "", grant.credited, grant.supplemented)
+        # The holder lookup of check_submitter cached the list, credited amounts included.
+        await self.sub_allocation_holder(spec.grant_id, spec.sub_allocation_id)
+        cached = fresh_entry(self._allocations, spec.grant_id)
+        credited = cached[1].credited.get(spec.sub_allocation_id) if cached else None
+        if credited is None:
+            return None
+        return AwardCeiling(spec.grant_id, spec.sub_allocation_id, credited, True)
 
     async def sub_allocation_holder(self, grant_id: str, allocation_id: str) -> str | None:
         """Return the holder of a sub-allocation of ``grant_id``, or None when it has none."""
@@ -161,6 +200,7 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
 
     async def _fetch_allocations(self, grant_id: str) -> SubAllocations:
         holders: dict[str, str] = {}
+        credited: dict[str, Decimal] = {}
         token = ""
         while True:
             request = grant_pb2.ListSubAllocationsRequest(
@@ -174,10 +214,14 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
                         "sub-allocations of grant", grant_id, exc
                     ) from exc
                 break
-            holders.update((a.sub_allocation_id, a.holder) for a in page.sub_allocations)
+            for allocation in page.sub_allocations:
+                holders[allocation.sub_allocation_id] = allocation.holder
+                if allocation.balance.HasField("credited_pf_days"):
+                    funded = allocation.balance.credited_pf_days
+                    credited[allocation.sub_allocation_id] = decimals.from_proto(funded)
             token = page.page.next_page_token
             if not token:
                 break
-        listed = SubAllocations(time.monotonic(), holders)
+        listed = SubAllocations(time.monotonic(), holders, credited)
         self._store(self._allocations, grant_id, listed, self._ttl)
         return listed

@@ -35,9 +35,18 @@ class InsufficientBudget(FailedPrecondition):
     """A grant or sub-allocation has less available budget than a request needs."""
 
     def __init__(
-        self, pot: str, requested: Decimal, available: Decimal, *, context: str = ""
+        self,
+        pot: str,
+        requested: Decimal,
+        available: Decimal,
+        *,
+        context: str = "",
+        credited: Decimal | None = None,
     ) -> None:
-        """``pot`` is the ledger name (``grant:<id>``); ``context`` opens the message."""
+        """``pot`` is the ledger name (``grant:<id>``); ``context`` opens the message.
+
+        ``credited`` is all the pot was ever credited, when the pot is the one that was asked.
+        """
         with localcontext(EXACT):
             shortfall = requested - available
         super().__init__(
@@ -49,3 +58,4 @@ class InsufficientBudget(FailedPrecondition):
         self.requested = requested
         self.available = available
         self.shortfall = shortfall
+        self.credited = credited

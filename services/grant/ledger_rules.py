@@ -131,7 +131,7 @@ def _entry(*moves: tuple[str, str, Decimal]) -> tuple[Posting, ...]:
 
 def _require_available(pot: Pot, amount: Decimal) -> None:
     if pot.available < amount:
-        raise InsufficientBudget(pot.name, amount, pot.available)
+        raise InsufficientBudget(pot.name, amount, pot.available, credited=pot.credited)
 
 
 def _require_open(grant: GrantState, now: datetime) -> None:

@@ -9,6 +9,7 @@ from decimal import localcontext
 import asyncpg
 import grpc
 
+from acsp import decimals
 from acsp.v1 import grant_pb2
 from services.grant import access, budget, views
 from services.grant import convert as cv
@@ -23,7 +24,7 @@ from services.grant.app import (
     scoped_key,
 )
 from services.grant.constraints import OUTSIDE_CONSTRAINTS, OutsideConstraints
-from services.grant.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.grant.errors import FailedPrecondition, InsufficientBudget, InvalidArgument, NotFound
 from services.grant.expiry import ExpiryRequest, expire_requested
 from services.grant.extension import extend_grant
 from services.grant.ledger import RequestRejected
@@ -112,9 +113,15 @@ def _hold_in(item: grant_pb2.PlaceHoldRequest, cause: Cause, prefix: str) -> Hol
 
 def _hold_failure(request_id: str, error: ServiceError) -> grant_pb2.PlaceHoldResult:
     reason = OUTSIDE_CONSTRAINTS if isinstance(error, OutsideConstraints) else ""
-    return grant_pb2.PlaceHoldResult(
+    result = grant_pb2.PlaceHoldResult(
         request_id=request_id, code=error.code.value[0], message=error.message, reason=reason
     )
+    if isinstance(error, InsufficientBudget):
+        # Exact amounts for the scheduler, which rounds them only for the job's pending reason.
+        result.available_pf_days.CopyFrom(decimals.to_proto(error.available))
+        if error.credited is not None:
+            result.credited_pf_days.CopyFrom(decimals.to_proto(error.credited))
+    return result
 
 
 def _release_in(item: grant_pb2.ReleaseHoldRequest, cause: Cause, prefix: str) -> ReleaseRequest:

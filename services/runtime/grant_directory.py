@@ -14,10 +14,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Final, TypeVar
 
 import grpc
 
+from acsp import decimals
 from acsp.v1 import grant_pb2, grant_pb2_grpc
 from services.runtime.auth import Principal, Role
 
@@ -60,6 +62,10 @@ class GrantInfo:
     """End of the grant's validity in Unix seconds, or None when it sets none."""
     expired: bool = False
     """Whether the grant service has expired the grant."""
+    credited_pf_days: Decimal | None = None
+    """All the grant was ever credited (award and supplement), or None when not returned."""
+    supplemented: bool = False
+    """Whether the grant had its one supplement, after which nothing more is credited."""
 
     def ended(self, now: float) -> bool:
         """Return whether the grant can no longer pay for new work at ``now``."""
@@ -178,6 +184,8 @@ class ProjectDirectory:
             if msg.validity.HasField("end_time")
             else None,
             msg.state == grant_pb2.GRANT_STATE_EXPIRED,
+            _credited(msg.balance),
+            msg.supplemented,
         )
         self._store(self._grants, grant_id, info, self._ttl)
         return info
@@ -189,6 +197,15 @@ class ProjectDirectory:
         cache.move_to_end(key)
         while len(cache) > self._max:
             cache.popitem(last=False)
+
+
+def _credited(balance: grant_pb2.Balance) -> Decimal | None:
+    if not balance.HasField("credited_pf_days"):
+        return None
+    try:
+        return decimals.from_proto(balance.credited_pf_days)
+    except ValueError:
+        return None
 
 
 def fresh_entry(cache: OrderedDict[str, tuple[float, _V]], key: str) -> tuple[float, _V] | None:

@@ -23,7 +23,7 @@ def test_task_too_big_has_no_matching_node() -> None:
 
     assert reason == "no_matching_model"
     assert "no node has 8 accelerators of an accepted model for one task" in message
-    assert message.endswith("has 2")
+    assert message.endswith("has 2; it waits until a larger node joins")
 
 
 def test_single_task_too_big_has_no_matching_node() -> None:
@@ -36,7 +36,7 @@ def test_single_task_too_big_has_no_matching_node() -> None:
 
     assert reason == "no_matching_model"
     assert "no node has 16 accelerators of an accepted model for one task" in message
-    assert message.endswith("has 8")
+    assert message.endswith("has 8; it waits until a larger node joins")
     assert "topology" not in message
 
 
@@ -97,3 +97,26 @@ def test_job_larger_than_fleet_says_so() -> None:
     assert reason == "no_capacity"
     assert "needs 200 accelerators, more than the largest region of" in message
     assert "has (16); it waits until the fleet grows" in message
+
+
+def test_job_larger_than_whole_fleet_says_so() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 8))
+    engine.add_node(node("n2", 8, provider="p2"))
+    engine.submit(job("huge", accelerators=8, tasks=3, allow_cross_provider=True))
+
+    reason, message = waiting_message("huge", engine.schedule(10.0))
+
+    assert reason == "no_capacity"
+    assert "needs 24 accelerators, more than the whole fleet of models" in message
+    assert "has (16); it waits until the fleet grows" in message
+
+
+def test_task_too_big_says_it_waits_for_a_node() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 8))
+    engine.submit(job("big", accelerators=16))
+
+    _, message = waiting_message("big", engine.schedule(10.0))
+
+    assert message.endswith("has 8; it waits until a larger node joins")

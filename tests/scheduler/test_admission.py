@@ -47,6 +47,14 @@ class BatchingGrant:
                         request_id=item.request_id, code=code, message="short"
                     )
                 )
+            elif item.grant_id == "grant-measured":
+                code = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+                result = grant_pb2.PlaceHoldResult(
+                    request_id=item.request_id, code=code, message="amount_pf_days: short"
+                )
+                result.available_pf_days.value = "0.500000000000000000000001"
+                result.credited_pf_days.value = "2"
+                results.append(result)
             else:
                 code = grpc.StatusCode.NOT_FOUND.value[0]
                 results.append(
@@ -79,7 +87,7 @@ async def test_place_holds_maps_each_result() -> None:
     assert [o.status for o in outcomes] == ["held", "no_budget", "rejected"]
     assert outcomes[0].hold_id == f"hold-{jobs[0].job_id}"
     assert outcomes[0].amount == Decimal("1.5")
-    assert outcomes[1].message == "short"
+    assert outcomes[1].message == "the grant cannot pay the hold: short"
     assert "NOT_FOUND" in outcomes[2].message
     [request] = grant.requests
     assert request.holds[0].request_id == idempotency_key(jobs[0].job_id, jobs[0].attempt)
@@ -93,3 +101,18 @@ async def test_place_holds_falls_back_to_single_calls() -> None:
     assert [o.status for o in outcomes] == ["held", "held"]
     assert [o.amount for o in outcomes] == [Decimal(2), Decimal(3)]
     assert grant.single_calls == 2
+
+
+async def test_budget_shortfall_reads_rounded() -> None:
+    admission = GrantAdmission(BatchingGrant())  # type: ignore[arg-type]
+    jobs = [make_job("grant-measured"), make_job("grant-measured")]
+    amounts = [Decimal("1.250000000000000000000001"), Decimal("3")]
+    outcomes = await admission.place_holds(list(zip(jobs, amounts, strict=True)))
+    assert [o.status for o in outcomes] == ["no_budget", "no_budget"]
+    assert outcomes[0].message == (
+        "needs 1.25 PF-days for this hold; grant grant-measured has 0.5 PF-days available"
+    )
+    assert outcomes[1].message.startswith(
+        "needs 3 PF-days for this hold, more than the whole 2 PF-days grant grant-measured "
+        "was ever credited; it waits until the program office supplements the grant"
+    )

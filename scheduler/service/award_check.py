@@ -1,0 +1,85 @@
+"""Reject at submit a job whose hold is larger than its grant could ever pay.
+
+A hold is ``accelerators x wall time x rate`` of the accelerator model the job is placed on, and
+the grant service places it only on a grant or sub-allocation that has that much available.
+Nothing raises a pot above all it was ever credited: a grant is credited its award and at most
+one supplement, and a sub-allocation only the transfer that created it. So once a grant has had
+its supplement, or for any sub-allocation, a hold above the credited budget at the cheapest model
+the job accepts can never be placed, and such a job is rejected instead of waiting forever. A
+grant without its supplement may still grow, so its jobs wait, and their pending reason says so
+(see :mod:`.budget_text`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from scheduler.engine.catalog import Catalog
+from services.runtime.errors import FailedPrecondition
+
+from .admission import RateCard
+from .budget_text import display_pf_days, pot_name
+from .grant_limits import narrow_models
+from .model import MILLIS_PER_ACCELERATOR, Job
+from .validation import model_meets
+
+
+@dataclass(frozen=True, slots=True)
+class AwardCeiling:
+    """All a grant or sub-allocation was ever credited, and whether that can still grow."""
+
+    grant_id: str
+    sub_allocation_id: str
+    credited: Decimal
+    """PF-days."""
+    final: bool
+    """Whether nothing can be credited any more: a supplemented grant, or a sub-allocation."""
+
+
+def cheapest_hold(job: Job, rates: RateCard, catalog: Catalog) -> tuple[Decimal, str] | None:
+    """Return the smallest hold of ``job`` over the models it accepts, and that model.
+
+    Models without a rate are left out, because no hold is placed on them. Returns None when
+    no accepted model has a rate.
+    """
+    spec = job.spec
+    accepted = narrow_models(spec)
+    if accepted:
+        candidates = [name for name in accepted if name in catalog]
+    else:
+        candidates = [name for name in catalog.names() if model_meets(catalog.get(name), spec)]
+    rated = [name for name in candidates if name in rates.per_second]
+    return min(((rates.hold_amount(job, name), name) for name in rated), default=None)
+
+
+def check_hold_fits(
+    job: Job, ceiling: AwardCeiling, rates: RateCard, catalog: Catalog, prefix: str
+) -> None:
+    """Raise FailedPrecondition when ``job``'s cheapest hold exceeds a final ceiling."""
+    if not ceiling.final:
+        return
+    cheapest = cheapest_hold(job, rates, catalog)
+    if cheapest is None:
+        return
+    amount, model = cheapest
+    if amount <= ceiling.credited:
+        return
+    spec = job.spec
+    accelerators = Decimal(spec.total_millis) / MILLIS_PER_ACCELERATOR
+    pot = pot_name(ceiling.grant_id, ceiling.sub_allocation_id)
+    if ceiling.sub_allocation_id:
+        growth = "a sub-allocation is never credited more"
+        other = f"{prefix}.sub_allocation_id for a larger sub-allocation"
+    else:
+        growth = "the grant has had its one supplement"
+        other = f"{prefix}.grant_id for a grant with a larger award"
+    raise FailedPrecondition(
+        f"the job's hold, {accelerators:g} accelerator(s) x {spec.wall_time_s} s on "
+        f"{model} (the cheapest model it accepts, {rates.source}), is "
+        f"{display_pf_days(amount)} PF-days, more than the {display_pf_days(ceiling.credited)} "
+        f"PF-days {pot} was ever credited, and {growth}, so it could never start; lower "
+        f"{prefix}.wall_time_seconds, {prefix}.task_count or "
+        f"{prefix}.accelerator_millis_per_task, or set {other}",
+        f"{prefix}.wall_time_seconds",
+    )

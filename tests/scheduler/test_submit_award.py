@@ -1,0 +1,198 @@
+"""SubmitJob rejects a job whose hold its grant could never pay, and explains budget waits."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2
+from services.runtime.auth import Role
+
+from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
+from .test_end_to_end import job_spec
+from .test_submit_grant_limits import add_member_with_allocation
+
+pytestmark = pytest.mark.timeout(180)
+
+H100 = "H100-SXM5-80GB"
+DAY_S = 86_400
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_servers()
+        await stack.start_grant()
+        yield stack
+    finally:
+        await stack.close()
+
+
+def h100_job(
+    project: str, grant: str, accelerators: int, **fields: object
+) -> scheduler_pb2.JobSpec:
+    """A one-task job on H100s for a day: about 0.99 PF-days per accelerator at catalog rates."""
+    return job_spec(
+        project,
+        grant,
+        task_count=1,
+        accelerator_millis_per_task=accelerators * 1000,
+        wall_time_seconds=DAY_S,
+        accelerators={"models": [H100]},
+        **fields,
+    )
+
+
+async def supplement(stack: Stack, grant: str, pf_days: str) -> None:
+    office = metadata(stack.token("office", Role.PROGRAM_OFFICE))
+    async with grpc.aio.insecure_channel(stack.grant_address) as channel:
+        await grant_pb2_grpc.GrantServiceStub(channel).SupplementGrant(
+            grant_pb2.SupplementGrantRequest(
+                request_id=uuid.uuid4().hex,
+                grant_id=grant,
+                amount_pf_days=common_pb2.Decimal(value=pf_days),
+                reason="test supplement",
+            ),
+            metadata=office,
+            timeout=10,
+        )
+
+
+async def test_hold_above_sub_allocation_rejected(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    allocation = await add_member_with_allocation(stack, project, grant, pi, "bob")
+    bob = metadata(stack.token("bob", Role.RESEARCHER))
+    office = metadata(stack.token("office", Role.PROGRAM_OFFICE))
+    # Four H100s for a day cost about 4 PF-days; the sub-allocation was funded with 2.
+    too_big = h100_job(project, grant, 4, sub_allocation_id=allocation)
+    fits = h100_job(project, grant, 1, sub_allocation_id=allocation)
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as single:
+            await scheduler.SubmitJob(
+                scheduler_pb2.SubmitJobRequest(spec=too_big), metadata=bob, timeout=10
+            )
+        array = scheduler_pb2.JobSpec()
+        array.CopyFrom(too_big)
+        array.array_size = 50
+        with pytest.raises(grpc.aio.AioRpcError) as batch:
+            await scheduler.SubmitJobs(
+                scheduler_pb2.SubmitJobsRequest(
+                    jobs=[
+                        scheduler_pb2.SubmitJobRequest(spec=fits),
+                        scheduler_pb2.SubmitJobRequest(spec=array),
+                    ]
+                ),
+                metadata=bob,
+                timeout=10,
+            )
+        written = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(), metadata=office, timeout=10
+        )
+        accepted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=fits), metadata=bob, timeout=10
+        )
+    details = single.value.details() or ""
+    assert single.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details.startswith("spec.wall_time_seconds: ")
+    assert f"sub-allocation {allocation} of grant {grant}" in details
+    assert "more than the 2 PF-days" in details
+    assert "is 3.958 PF-days" in details
+    assert "spec.task_count" in details
+    assert "spec.accelerator_millis_per_task" in details
+    assert batch.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (batch.value.details() or "").startswith("jobs[1].spec.wall_time_seconds: ")
+    assert list(written.jobs) == []
+    assert accepted.job.job_id
+
+
+async def test_hold_above_supplemented_grant_rejected(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack, pf_days="10")
+    await supplement(stack, grant, "1")
+    owner = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await scheduler.SubmitJob(
+                scheduler_pb2.SubmitJobRequest(spec=h100_job(project, grant, 12)),
+                metadata=owner,
+                timeout=10,
+            )
+        accepted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=h100_job(project, grant, 11)),
+            metadata=owner,
+            timeout=10,
+        )
+    details = caught.value.details() or ""
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details.startswith("spec.wall_time_seconds: ")
+    assert f"more than the 11 PF-days grant {grant} was ever credited" in details
+    assert "one supplement" in details
+    assert accepted.job.job_id
+
+
+async def test_grant_that_may_grow_keeps_job_waiting(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1, gpus=8, model=H100)
+    project, grant, pi = await fund_grant(stack, pf_days="2")
+    owner = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        # About 3.958 PF-days against an award of 2 without its supplement: it may still grow.
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=h100_job(project, grant, 4)),
+            metadata=owner,
+            timeout=10,
+        )
+
+        async def budget_reason() -> scheduler_pb2.Job | None:
+            job = await scheduler.GetJob(
+                scheduler_pb2.GetJobRequest(job_id=submitted.job.job_id),
+                metadata=owner,
+                timeout=10,
+            )
+            return job if job.pending_reason == scheduler_pb2.PENDING_REASON_BUDGET else None
+
+        waiting = await wait_for(budget_reason, 60, "a budget pending reason", 0.2)
+    message = waiting.state_message
+    assert waiting.state == scheduler_pb2.JOB_STATE_PENDING
+    assert message.startswith("needs 3.958 PF-days for this hold, more than the whole 2 ")
+    assert f"grant {grant} was ever credited" in message
+    assert "supplements the grant" in message
+    assert "amount_pf_days" not in message
+
+
+async def test_budget_reason_rounds_amounts(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1, gpus=16, model=H100)
+    project, grant, pi = await fund_grant(stack, pf_days="10")
+    # Delegating 2 PF-days leaves the grant 8 available of the 10 it was credited.
+    await add_member_with_allocation(stack, project, grant, pi, "bob")
+    owner = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=h100_job(project, grant, 9)),
+            metadata=owner,
+            timeout=10,
+        )
+
+        async def budget_reason() -> scheduler_pb2.Job | None:
+            job = await scheduler.GetJob(
+                scheduler_pb2.GetJobRequest(job_id=submitted.job.job_id),
+                metadata=owner,
+                timeout=10,
+            )
+            return job if job.pending_reason == scheduler_pb2.PENDING_REASON_BUDGET else None
+
+        waiting = await wait_for(budget_reason, 60, "a budget pending reason", 0.2)
+    assert waiting.state_message == (
+        f"needs 8.9055 PF-days for this hold; grant {grant} has 8 PF-days available"
+    )
