@@ -63,6 +63,8 @@ def check_hold_fits(
     if cheapest is None:
         return
     amount, model = cheapest
+    # NOTE: holds are priced with the leader's current rate card, and so is this check. A later
+    # card with lower prices could make a rejected job payable.
     if amount <= ceiling.credited:
         return
     spec = job.spec

@@ -45,6 +45,9 @@ async def test_place_holds_one_result_per_hold(schema: str, tmp_path: Path) -> N
     assert len(short) == 2
     assert all(f"grant {grant_id} has " in r.message for r in short)
     assert all("requested; shortfall" in r.message and "grant:" not in r.message for r in short)
+    assert all(r.available_pf_days.value == "0" for r in short)
+    assert all(r.credited_pf_days.value == "10" for r in short)
+    assert not results[5].HasField("available_pf_days")
     assert all(r.hold.grant_id == grant_id and r.hold.held_pf_days.value == "1" for r in placed)
     assert len({r.hold.hold_id for r in placed}) == 10
     assert [r.hold.hold_id for r in again.results] == [r.hold.hold_id for r in results[:3]]
