@@ -147,7 +147,7 @@ def parse_end_time(text: str, option: str) -> timestamp_pb2.Timestamp:
     UTC, so that the window includes the whole day it names.
     """
     stamp = parse_time(text, option)
-    if len(text) == len("YYYY-MM-DD"):
+    if is_date_alone(text):
         try:
             stamp.FromDatetime(stamp.ToDatetime(tzinfo=UTC) + timedelta(days=1))
         except OverflowError:
@@ -157,6 +157,11 @@ def parse_end_time(text: str, option: str) -> timestamp_pb2.Timestamp:
                 EXIT_USAGE,
             ) from None
     return stamp
+
+
+def is_date_alone(text: str) -> bool:
+    """Return whether ``text``, a valid ISO 8601 time, is a date without a time of day."""
+    return len(text) == len("YYYY-MM-DD")
 
 
 def format_time(stamp: timestamp_pb2.Timestamp) -> str:
@@ -483,6 +488,29 @@ def naming_options(options: Mapping[str, str]) -> Iterator[None]:
         if not hints:
             raise
         message = f"{describe_rpc_error(error)} ({'; '.join(hints)})"
+        raise CommandError(message, exit_code_for_rpc_error(error)) from None
+
+
+@contextmanager
+def noting_end_date(text: str, option: str, field: str) -> Iterator[None]:
+    """Explain a rejected end time that ``option`` set as a date alone.
+
+    The service's message names the end that it received, the midnight after the date
+    ``text`` (see :func:`parse_end_time`), which a user who typed that date does not
+    recognise. Errors that do not name ``field``, or a ``text`` with a time of day, pass
+    unchanged.
+    """
+    try:
+        yield
+    except grpc.RpcError as error:
+        if not is_date_alone(text) or field not in rejected_fields(error):
+            raise
+        end = format_time(parse_end_time(text, option))
+        message = (
+            f"{describe_rpc_error(error)} ({field} is set by {option})\n"
+            f"note: {option} {text} is a date alone, so the window ends at {end}, "
+            "when that day ends"
+        )
         raise CommandError(message, exit_code_for_rpc_error(error)) from None
 
 

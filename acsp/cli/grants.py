@@ -21,6 +21,7 @@ from acsp.cli._common import (
     format_time,
     naming_options,
     note_more_rows,
+    noting_end_date,
     output_options,
     parse_end_time,
     parse_time,
@@ -46,6 +47,8 @@ MAX_PAGE_SIZE = 1000
 """Maximum rows of one grant service list call; the service rejects larger pages."""
 MAX_ENTRY_ID = 2**63 - 1
 """Largest ledger entry id: the maximum of a PostgreSQL ``bigint``, the type of the ids."""
+END_FIELD = "application.validity.end_time"
+"""The field of SubmitApplication that ``acsp grants apply --end`` sets."""
 KINDS = {
     name.removeprefix("LEDGER_ENTRY_KIND_").lower(): number
     for name, number in common_pb2.LedgerEntryKind.items()
@@ -223,9 +226,16 @@ def run_apply(args: argparse.Namespace) -> int:
         regions=args.region,
         justification=args.justification,
     )
-    application.validity.start_time.CopyFrom(parse_time(args.start, "--start"))
-    application.validity.end_time.CopyFrom(parse_end_time(args.end, "--end"))
-    with open_grants(args) as grants:
+    start = parse_time(args.start, "--start")
+    end = parse_end_time(args.end, "--end")
+    if end.ToNanoseconds() <= start.ToNanoseconds():
+        raise CommandError(
+            f"--end {args.end} is not after --start {args.start}; end the window later",
+            EXIT_USAGE,
+        )
+    application.validity.start_time.CopyFrom(start)
+    application.validity.end_time.CopyFrom(end)
+    with open_grants(args) as grants, noting_end_date(args.end, "--end", END_FIELD):
         app = grants.SubmitApplication(
             grant_pb2.SubmitApplicationRequest(
                 request_id=_request_id(args), application=application
@@ -463,7 +473,7 @@ def run_supplement(args: argparse.Namespace) -> int:
 
 def run_extend(args: argparse.Namespace) -> int:
     end = parse_end_time(args.end, "--end")
-    with open_grants(args) as grants:
+    with open_grants(args) as grants, noting_end_date(args.end, "--end", "new_end_time"):
         grant = grants.ExtendGrant(
             grant_pb2.ExtendGrantRequest(
                 request_id=_request_id(args),

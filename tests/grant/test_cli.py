@@ -266,8 +266,10 @@ async def test_cli_errors_name_the_option(
         code, _, err = await run_cli(capsys, *apply, "--pf-days", "-3", *window)
         assert code == 2
         assert "application.requested_pf_days is set by --pf-days" in err
+        # A window longer than five years; the service checks its length.
+        too_late = (TODAY + timedelta(days=6 * 366)).isoformat()
         code, _, err = await run_cli(
-            capsys, *apply, "--pf-days", "3", "--start", END, "--end", START
+            capsys, *apply, "--pf-days", "3", "--start", START, "--end", too_late
         )
         assert code == 2
         assert "application.validity.end_time is set by --end" in err
@@ -359,3 +361,37 @@ async def test_cli_shows_end_date_as_typed(
         code, out, err = await run_cli(capsys, *extend)
         assert code == 0, err
         assert f"{extended}{END_OF_DAY}" in out
+
+        # The service names the midnight after the typed date, so the CLI adds a note.
+        earlier = (TODAY + timedelta(days=30)).isoformat()
+        extend = ("extend", grant["grant"], "--end", earlier, "--reason", "less time")
+        code, out, err = await run_cli(capsys, *extend)
+        assert code == 2
+        assert out == ""
+        assert "invalid new_end_time" in err
+        next_midnight = (TODAY + timedelta(days=31)).isoformat() + "T00:00:00+00:00"
+        assert (
+            f"note: --end {earlier} is a date alone, so the window ends at {next_midnight}" in err
+        )
+
+
+async def test_cli_apply_end_before_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    @contextmanager
+    def no_service(args: object) -> Iterator[Any]:
+        raise AssertionError("the window must be checked before any call")
+        yield
+
+    monkeypatch.setattr(grants_cli, "open_grants", no_service)
+    apply = ("apply", "--project", "proj-a", "--tier", "exploratory", "--pf-days", "1")
+    window = ("--start", "2027-01-01", "--end", "2026-12-31", "--justification", "pilot")
+    code, out, err = await run_cli(capsys, *apply, *window)
+    assert code == 2
+    assert out == ""
+    assert "--end 2026-12-31 is not after --start 2027-01-01" in err
+
+    # A date alone in both options is a window of that one day.
+    one_day = ("--start", "2027-01-01", "--end", "2027-01-01", "--justification", "pilot")
+    with pytest.raises(AssertionError, match="before any call"):
+        await run_cli(capsys, *apply, *one_day)
