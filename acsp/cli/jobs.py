@@ -441,6 +441,16 @@ def cancel_job(args: argparse.Namespace) -> int:
             )
         )
     print_records([job_row_of(job)], LIST_COLUMNS, output_format=args.format)
+    # The scheduler returns a job that ended before the call unchanged and without an error.
+    # An array's parent is left out: its state sums up elements, some of which may have been
+    # cancelled by this call.
+    is_array_parent = job.array_job_id == job.job_id
+    ended = job.state in ENDED_STATES and job.state != scheduler_pb2.JOB_STATE_CANCELLED
+    if ended and not is_array_parent:
+        state = _name(scheduler_pb2.JobState, job.state, "JOB_STATE_")
+        sys.stderr.write(
+            f"note: job {job.job_id} had already ended ({state}), so nothing was cancelled\n"
+        )
     return EXIT_OK
 
 

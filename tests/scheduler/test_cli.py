@@ -27,7 +27,7 @@ from acsp.mesh.endpoints import MeshInfo
 from acsp.v1 import common_pb2, scheduler_pb2
 from scheduler.service.errors import InvalidFields
 from scheduler.service.model import JobSpec
-from scheduler.service.validation import FieldViolation, validate_spec
+from scheduler.service.validation import MAX_TASKS, FieldViolation, validate_spec
 
 
 def parse(*argv: str) -> object:
@@ -714,7 +714,7 @@ def test_negative_task_index_names_no_wire_limit(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         parse("jobs", "logs", "j1", "--task", "-1")
     err = capsys.readouterr().err
-    assert "give a whole number of 0 or more" in err
+    assert f"give a whole number from 0 to {MAX_TASKS - 1}" in err
     assert "4294967295" not in err
 
 
@@ -782,3 +782,54 @@ def test_queue_rows_name_their_table(
     else:
         assert "jobs by state" in out
         assert "table" not in out
+
+
+@pytest.mark.parametrize(
+    ("state", "noted"),
+    [
+        (scheduler_pb2.JOB_STATE_FAILED, True),
+        (scheduler_pb2.JOB_STATE_COMPLETED, True),
+        (scheduler_pb2.JOB_STATE_CANCELLED, False),
+        (scheduler_pb2.JOB_STATE_RUNNING, False),
+    ],
+)
+def test_cancel_of_ended_job_notes_it(
+    state: int, noted: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Scheduler:
+        def CancelJob(self, request: scheduler_pb2.CancelJobRequest) -> scheduler_pb2.Job:
+            return scheduler_pb2.Job(job_id=request.job_id, state=state)  # type: ignore[arg-type]
+
+    @contextlib.contextmanager
+    def open_scheduler(args: object) -> Iterator[Scheduler]:
+        yield Scheduler()
+
+    monkeypatch.setattr(jobs_cli, "open_scheduler", open_scheduler)
+    code = main(["jobs", "cancel", "j1", "--format", "csv"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out.splitlines()[1].startswith("j1,")
+    if noted:
+        name = scheduler_pb2.JobState.Name(state).removeprefix("JOB_STATE_").lower()  # type: ignore[arg-type]
+        assert f"note: job j1 had already ended ({name})" in captured.err
+        assert "nothing was cancelled" in captured.err
+    else:
+        assert captured.err == ""
+
+
+def test_cancel_of_array_adds_no_note(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Scheduler:
+        def CancelJob(self, request: scheduler_pb2.CancelJobRequest) -> scheduler_pb2.Job:
+            return scheduler_pb2.Job(
+                job_id="a1", array_job_id="a1", state=scheduler_pb2.JOB_STATE_FAILED
+            )
+
+    @contextlib.contextmanager
+    def open_scheduler(args: object) -> Iterator[Scheduler]:
+        yield Scheduler()
+
+    monkeypatch.setattr(jobs_cli, "open_scheduler", open_scheduler)
+    assert main(["jobs", "cancel", "a1"]) == 0
+    assert capsys.readouterr().err == ""
