@@ -260,9 +260,9 @@ def output_options() -> argparse.ArgumentParser:
             f"table rounds amounts to {TABLE_DECIMAL_PLACES} decimal places, and shows an amount "
             "too small for that as <0.000001. CSV and JSON keep every digit. JSON writes exact "
             "decimal amounts as strings, and counts and flags as numbers and booleans. Times "
-            "are UTC, and an end time is exclusive: CSV and JSON write it exactly, e.g. "
-            "2027-04-01T00:00:00+00:00, while a table shows an end at midnight as the last day "
-            f"it includes, e.g. 2027-03-31{END_OF_DAY}, the date that --end 2027-03-31 sets"
+            "are UTC. A window's end is exclusive: CSV and JSON write it exactly, e.g. "
+            "2027-04-01T00:00:00+00:00, and a table shows an end at midnight as the last day "
+            f"included, 2027-03-31{END_OF_DAY}"
         ),
     )
     return parser
