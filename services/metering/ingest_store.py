@@ -147,10 +147,10 @@ async def write_batch(
 ) -> BatchResult:
     """Store one batch of samples and rejections in one transaction.
 
-    A sample whose interval overlaps a stored sample, or an earlier sample of the batch, becomes
-    a dead letter instead when the other sample has the same task, accelerator, node and
-    provider, or another task on that accelerator and either holds the whole accelerator (see
-    :mod:`services.metering.overlaps`).
+    A sample whose interval overlaps a stored sample, or an earlier sample of the batch, of the
+    same task, accelerator, node and provider becomes a dead letter instead. So does a sample
+    whose share, beside the shares of the samples of other tasks that overlap it, adds up to
+    more than the whole accelerator (see :mod:`services.metering.overlaps`).
     """
     unique = list({(sample.provider, sample.sample_id): sample for sample in samples}.values())
     reused_in_batch: list[Rejection] = []
@@ -179,13 +179,14 @@ async def write_batch(
             # so that a stalled batch keeps them for as short a time as it can.
             await lock_sample_times(conn, unique)
             stored = await find_stored_overlaps(conn, token)
-            accepted, overlaps = split_overlapping(unique, stored)
-            if len(overlaps) > len(stored):
-                # Some samples overlap an earlier one of the batch, which may be a replay that
-                # the merge does not store. Rare, so only then are the replays looked up.
+            accepted, overlaps, compared_with_batch = split_overlapping(unique, stored)
+            if compared_with_batch:
+                # Some samples were rejected beside an earlier one of the batch, which may be a
+                # replay that the merge does not store. Rare, so only then are the replays
+                # looked up.
                 replays = await find_stored_ids(conn, accepted)
                 if replays:
-                    accepted, overlaps = split_overlapping(unique, stored, replays)
+                    accepted, overlaps, _ = split_overlapping(unique, stored, replays)
             if overlaps:
                 accepted_keys = {(s.provider, s.sample_id) for s in accepted}
                 await drop_staged(

@@ -3,28 +3,34 @@
 The primary key recognises a replay of one sample id. An agent that lost its state, or a
 misbehaving provider, can also report time that is already stored under another id. Such a
 sample overlaps a stored sample of the same task (and so job attempt), accelerator, node and
-provider, and ingest keeps it as a dead letter instead of charging it. Two tasks, of one job or
-of two, may overlap on one accelerator only while each uses a fraction of it. So a sample that
-overlaps a sample of another task on its accelerator is a dead letter too when either of the
-two has a share of 1000 thousandths, the whole accelerator.
+provider, and ingest keeps it as a dead letter instead of charging it. Tasks, of one job or of
+several, may share an accelerator in fractions, so the shares of the samples of one accelerator
+add up to at most 1000 thousandths, the whole accelerator, at every moment. A sample whose share
+would push that sum above 1000 anywhere in its interval is a dead letter that names the samples
+it overlaps there. Shares that fit, such as 500 + 500 or 250 four times, are all charged.
 
-Samples are checked in arrival order: one that overlaps a stored sample, or an earlier sample of
-its own batch that was accepted, is rejected. The samples of one task and accelerator stored
-since this check exists are therefore disjoint, so the stored sample that starts last before a
-new one ends is the only one of its task that can overlap it.
+Samples are checked in arrival order: one that overlaps a stored sample of its task, or whose
+share does not fit beside the stored samples and the earlier accepted samples of its batch, is
+rejected. The first sample to arrive is kept, and a stored sample is never rejected later. The
+samples of one task and accelerator stored since this check exists are therefore disjoint. So
+the stored sample that starts last before a new one ends is the only one of its task that can
+overlap it. Of another task, only the last sample that starts before it and those that start
+while it runs can overlap it.
 
 ``sample_coverage`` keeps, per task and accelerator, an end no earlier than that of any stored
-sample, and per accelerator (the row with the empty task id) such an end for all its samples
-and another for its whole-accelerator samples. Agents report an accelerator's time in order, so
-nearly every new sample needs no probe of ``usage_samples``: a whole-accelerator sample starts
-after its accelerator's end, and a fractional one after its task's end and after the end of the
-accelerator's whole-accelerator samples. A batch raises the rows in its own short transaction
-before it stores anything, so the ends are never too early, and a stalled batch does not hold
-the rows for other batches. The batch that raised a row last compares its samples with the
-ends before its raise. A batch that fails leaves the ends too late, which only costs probes.
+sample, and per accelerator (the row with the empty task id) such an end for all its samples.
+Agents report an accelerator's time in order, and cut the samples of the tasks that share an
+accelerator at the same times, so nearly every new sample starts at or after its accelerator's
+end and needs no probe of ``usage_samples``. A batch raises the rows in its own short
+transaction before it stores anything, so the ends are never too early, and a stalled batch
+does not hold the rows for other batches. The batch that raised a row last compares its samples
+with the ends before its raise. A batch that fails leaves the ends too late, which only costs
+probes.
 
-NOTE: fractional samples are not added up. Three tasks that each report 0.4 of one accelerator
-for the same time are all charged, because only a whole-accelerator sample excludes others.
+Concurrent batches that store samples of overlapping times on one node take turns on advisory
+locks (see :func:`lock_sample_times`), so of the samples that run at any one moment on an
+accelerator, the batch that commits last has read all the others, and the sum it checked is
+the stored sum.
 """
 
 from __future__ import annotations
@@ -33,14 +39,19 @@ import bisect
 import secrets
 import zlib
 from collections.abc import Collection, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Final, NamedTuple
 
 import asyncpg
 
 from acsp import subjects
 from services.metering.samples import Rejection, UsageSample, micros_to_seconds
+from services.metering.shares import (
+    StoredSample,
+    exceeds_accelerator,
+    iso_micros,
+    over_share_reason,
+    share_peak,
+)
 
 NODE_LOCK_CLASS: Final = 0x75736167
 """First key of the transaction advisory locks that ingest takes per provider and node."""
@@ -49,25 +60,19 @@ TIME_LOCK_CLASS: Final = 0x75736168
 LOCK_MINUTE_US: Final = 60 * 1_000_000
 MAX_MINUTE_LOCKS: Final = 8
 """Minutes a sample may span and still lock each minute; a longer sample locks its node."""
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
-FULL_SHARE_MILLIS: Final = 1000
-"""The share of a sample that uses the whole accelerator, in thousandths."""
-
-# For every staged sample not stored yet, one stored sample that it overlaps, if any. Kind 0 is
-# the stored sample of its own task, accelerator, node and provider that starts last before the
-# staged one ends, if it ends after the staged one starts. Kind 1 is a stored sample of another
-# task on the accelerator that overlaps it where either of the two has the whole accelerator.
-# Kind 0 wins when both exist. Only a sample that starts before its accelerator's coverage ends
-# is probed, which costs one lookup of the accelerator's coverage row per staged sample. Its own
-# task is probed only if it starts before the task's coverage ends. The other tasks are those
-# whose coverage ends after it starts, and are probed only if it has the whole accelerator or
-# starts before the accelerator's whole-accelerator coverage ends. Of each other task, only the
-# sample that starts last before the staged sample starts, and those that start while it runs,
-# can overlap it. The index on (job_id, attempt, task_id, accelerator_id, node, provider,
-# start_time) serves every probe, with the job id and attempt of another task taken from its
-# task id, <job_id>/<attempt>/<task_index>. Times are compared as timestamps built the way the
-# merge stores them.
+# For every staged sample not stored yet that starts before its accelerator's coverage ends, the
+# stored samples that it overlaps. Kind 0 is the stored sample of its own task, accelerator,
+# node and provider that starts last before the staged one ends, if it ends after the staged one
+# starts. Kind 1 rows are the stored samples of other tasks on the accelerator that overlap it,
+# of the tasks whose coverage ends after it starts. Of each such task, only the sample that
+# starts last before the staged sample starts, and those that start while it runs, can overlap
+# it. A sample that starts at or after its accelerator's coverage end costs one lookup of the
+# coverage row, and its own task is probed only if it starts before the task's coverage ends.
+# The index on (job_id, attempt, task_id, accelerator_id, node, provider, start_time) serves
+# every probe, with the job id and attempt of another task taken from its task id,
+# <job_id>/<attempt>/<task_index>. Times are compared as timestamps built the way the merge
+# stores them.
 _FIND_STORED_OVERLAPS = """
 SELECT s.provider, s.sample_id, u.kind, u.sample_id AS stored_id, u.job_id, u.attempt,
        u.task_id, u.share_millis,
@@ -80,10 +85,7 @@ JOIN metering.sample_coverage a
  AND CASE WHEN a.raised_by = $1 THEN a.prior_end ELSE a.end_us END > s.start_us
 CROSS JOIN LATERAL (
     SELECT 'epoch'::timestamptz + s.start_us * interval '1 microsecond' AS start_time,
-           'epoch'::timestamptz + s.end_us * interval '1 microsecond' AS end_time,
-           s.share_millis = 1000
-               OR CASE WHEN a.raised_by = $1 THEN a.prior_exclusive_end
-                       ELSE a.exclusive_end END > s.start_us AS probe_others
+           'epoch'::timestamptz + s.end_us * interval '1 microsecond' AS end_time
 ) t
 CROSS JOIN LATERAL (
     SELECT 0 AS kind, p.sample_id, p.job_id, p.attempt, p.task_id, p.share_millis,
@@ -121,17 +123,11 @@ CROSS JOIN LATERAL (
          WHERE p.job_id = m.parts[1] AND p.attempt = m.parts[2]::integer
            AND p.task_id = c.task_id AND p.accelerator_id = c.accelerator_id
            AND p.node = c.node AND p.provider = c.provider
-           AND p.start_time >= t.start_time AND p.start_time < t.end_time
-           AND (s.share_millis = 1000 OR p.share_millis = 1000)
-         ORDER BY p.start_time
-         LIMIT 1)
+           AND p.start_time >= t.start_time AND p.start_time < t.end_time)
     ) p
-    WHERE t.probe_others
-      AND c.provider = s.provider AND c.node = s.node AND c.accelerator_id = s.accelerator_id
+    WHERE c.provider = s.provider AND c.node = s.node AND c.accelerator_id = s.accelerator_id
       AND c.task_id <> '' AND c.task_id <> s.task_id AND c.end_us > s.start_us
-      AND p.end_time > t.start_time AND (s.share_millis = 1000 OR p.share_millis = 1000)
-    ORDER BY kind
-    LIMIT 1
+      AND p.end_time > t.start_time
 ) u
 WHERE NOT EXISTS (
     SELECT 1 FROM metering.usage_samples r
@@ -143,19 +139,6 @@ DELETE FROM usage_staging s
 USING unnest($1::text[], $2::text[]) AS d(provider, sample_id)
 WHERE s.provider = d.provider AND s.sample_id = d.sample_id
 """
-
-
-class StoredSample(NamedTuple):
-    """A stored sample, or an earlier one of the batch, that a new sample overlaps."""
-
-    sample_id: str
-    start_us: int
-    end_us: int
-    task_id: str = ""
-    """The sample's task when it is another task than the new sample's, else empty."""
-    job_id: str = ""
-    attempt: int = 0
-    share_millis: int = FULL_SHARE_MILLIS
 
 
 AcceleratorKey = tuple[str, str, str, str]
@@ -226,17 +209,15 @@ async def lock_sample_times(conn: asyncpg.Connection, samples: Sequence[UsageSam
 # the rows in one key order.
 _RAISE_COVERAGE = """
 INSERT INTO metering.sample_coverage AS c
-    (provider, node, accelerator_id, task_id, end_us, exclusive_end, prior_end,
-     prior_exclusive_end, raised_by)
-SELECT provider, node, accelerator_id, task_id, max(end_us), max(exclusive_end), 0, 0, $7
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[])
-    AS n(provider, node, accelerator_id, task_id, end_us, exclusive_end)
+    (provider, node, accelerator_id, task_id, end_us, prior_end, raised_by)
+SELECT provider, node, accelerator_id, task_id, max(end_us), 0, $6
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+    AS n(provider, node, accelerator_id, task_id, end_us)
 GROUP BY provider, node, accelerator_id, task_id
 ORDER BY provider, node, accelerator_id, task_id
 ON CONFLICT (provider, node, accelerator_id, task_id)
 DO UPDATE SET end_us = greatest(c.end_us, excluded.end_us), prior_end = c.end_us,
-              exclusive_end = greatest(c.exclusive_end, excluded.exclusive_end),
-              prior_exclusive_end = c.exclusive_end, raised_by = excluded.raised_by
+              raised_by = excluded.raised_by
 """
 
 
@@ -253,52 +234,51 @@ async def raise_coverage(
 
     ``token`` is the batch's id, which :func:`find_stored_overlaps` takes too.
     """
-    # Per coverage key, the latest end and the latest end of a whole-accelerator sample. An
-    # accelerator's key has the empty task id. Task keys keep exclusive ends at 0.
-    ends: dict[AcceleratorKey, list[int]] = {}
+    # Per coverage key, the latest end. An accelerator's key has the empty task id.
+    ends: dict[AcceleratorKey, int] = {}
     for sample in samples:
-        task_ends = ends.setdefault(accelerator_key(sample), [0, 0])
-        if sample.end_us > task_ends[0]:
-            task_ends[0] = sample.end_us
-        accelerator_ends = ends.setdefault(
-            (sample.provider, sample.node, sample.accelerator_id, ""), [0, 0]
-        )
-        if sample.end_us > accelerator_ends[0]:
-            accelerator_ends[0] = sample.end_us
-        if sample.share_millis == FULL_SHARE_MILLIS and sample.end_us > accelerator_ends[1]:
-            accelerator_ends[1] = sample.end_us
+        for key in (
+            accelerator_key(sample),
+            (sample.provider, sample.node, sample.accelerator_id, ""),
+        ):
+            if sample.end_us > ends.get(key, 0):
+                ends[key] = sample.end_us
     await conn.execute(
         _RAISE_COVERAGE,
         [key[0] for key in ends],
         [key[1] for key in ends],
         [key[2] for key in ends],
         [key[3] for key in ends],
-        [key_ends[0] for key_ends in ends.values()],
-        [key_ends[1] for key_ends in ends.values()],
+        list(ends.values()),
         token,
     )
 
 
-async def find_stored_overlaps(
-    conn: asyncpg.Connection, token: int
-) -> dict[tuple[str, str], StoredSample]:
-    """Return, by provider and sample id, the stored sample that each staged sample overlaps.
+StoredOverlaps = Mapping[tuple[str, str], Sequence[StoredSample]]
+"""By provider and sample id, the stored samples that a staged sample overlaps. One of its own
+task has an empty task id, and at most one such sample is given."""
+
+
+async def find_stored_overlaps(conn: asyncpg.Connection, token: int) -> StoredOverlaps:
+    """Return, by provider and sample id, the stored samples that each staged sample overlaps.
 
     ``token`` is the id of the batch's coverage raise.
     """
     rows = await conn.fetch(_FIND_STORED_OVERLAPS, token)
-    return {
-        (r["provider"], r["sample_id"]): StoredSample(
-            r["stored_id"],
-            r["stored_start_us"],
-            r["stored_end_us"],
-            r["task_id"] if r["kind"] == 1 else "",
-            r["job_id"],
-            r["attempt"],
-            r["share_millis"],
+    found: dict[tuple[str, str], list[StoredSample]] = {}
+    for r in rows:
+        found.setdefault((r["provider"], r["sample_id"]), []).append(
+            StoredSample(
+                r["stored_id"],
+                r["stored_start_us"],
+                r["stored_end_us"],
+                r["task_id"] if r["kind"] == 1 else "",
+                r["job_id"],
+                r["attempt"],
+                r["share_millis"],
+            )
         )
-        for r in rows
-    }
+    return found
 
 
 async def drop_staged(conn: asyncpg.Connection, samples: Sequence[UsageSample]) -> None:
@@ -325,32 +305,48 @@ async def find_stored_ids(
 _Accepted = tuple[list[int], list[UsageSample]]
 """The starts of a task's accepted samples and the samples, sorted by start."""
 
+_IN_BATCH: Final = "received earlier in its batch"
+
+
+class Split(NamedTuple):
+    """Samples split into those to store and rejections for the rest."""
+
+    accepted: list[UsageSample]
+    rejected: list[Rejection]
+    compared_with_batch: bool
+    """Whether a rejection names an earlier sample of the batch, which may be a replay that the
+    merge does not store."""
+
 
 def split_overlapping(
     samples: Sequence[UsageSample],
-    stored: Mapping[tuple[str, str], StoredSample],
+    stored: StoredOverlaps,
     replays: Collection[tuple[str, str]] = (),
-) -> tuple[list[UsageSample], list[Rejection]]:
+) -> Split:
     """Split samples, in arrival order, into those to store and rejections for the rest.
 
-    A sample is rejected when it overlaps the stored sample given for it in ``stored``, or a
-    sample of this batch that arrived earlier and was accepted: one of its own task, or one of
-    another task on its accelerator where either of the two uses the whole accelerator.
-    ``replays`` are the provider and sample ids already stored: they are accepted, and the merge
-    stores nothing for them, so no later sample is compared with them. A sample that overlaps a
-    replay equal to its stored row overlaps that row, which the probe of stored samples finds.
-    A replay with other times or another key than its stored row has nothing stored to overlap.
+    A sample is rejected when it overlaps a stored sample of its own task given for it in
+    ``stored``, or an accepted sample of its own task that arrived earlier in this batch. It is
+    also rejected when its share does not fit beside the samples of other tasks at some moment
+    of its interval. Those are the stored samples given for it and the accepted samples that
+    arrived earlier in this batch, and an earlier one whose id is among the stored samples
+    counts once. ``replays`` are the provider and sample ids already stored. They are accepted,
+    and the merge stores nothing for them, so no later sample is compared with them. A replay
+    equal to its stored row is found among the stored samples anyway, and a replay with other
+    times or another key than its stored row has nothing stored to overlap.
     """
     accepted: list[UsageSample] = []
     rejected: list[Rejection] = []
+    compared_with_batch = False
     # Per accelerator and task, the starts of the accepted samples of this batch and the samples,
     # sorted by start. The samples of one task are disjoint, so the one that starts last before
     # a sample ends is the only one of its task to compare with the sample.
     tasks_by_accelerator: dict[Accelerator, dict[str, _Accepted]] = {}
     for sample in sorted(samples, key=lambda s: s.stream_sequence):
-        conflict = stored.get((sample.provider, sample.sample_id))
-        if conflict is not None:
-            rejected.append(_stored_rejection(sample, conflict))
+        found = stored.get((sample.provider, sample.sample_id), ())
+        own_stored = next((other for other in found if not other.task_id), None) if found else None
+        if own_stored is not None:
+            rejected.append(overlap_rejection(sample, own_stored, "stored"))
             continue
         tasks = tasks_by_accelerator.setdefault(
             (sample.provider, sample.node, sample.accelerator_id), {}
@@ -363,27 +359,43 @@ def split_overlapping(
         if index and key_accepted[index - 1].end_us > sample.start_us:
             earlier = key_accepted[index - 1]
             other = StoredSample(earlier.sample_id, earlier.start_us, earlier.end_us)
-            rejected.append(overlap_rejection(sample, other, "received earlier in its batch"))
+            rejected.append(overlap_rejection(sample, other, _IN_BATCH))
+            compared_with_batch = True
             continue
-        if len(tasks) > 1:
-            other_task = _other_task_overlap(sample, tasks)
-            if other_task is not None:
-                other = _as_other_task(other_task)
-                where = "received earlier in its batch"
-                rejected.append(shared_accelerator_rejection(sample, other, where))
+        if found or len(tasks) > 1:
+            peak = share_peak(sample.start_us, sample.end_us, _other_tasks(sample, found, tasks))
+            if exceeds_accelerator(sample, peak):
+                reason = over_share_reason(sample, peak)
+                rejected.append(sample_rejection(sample, _overlap_key(sample), reason))
+                compared_with_batch |= any(other.where == _IN_BATCH for other in peak.samples)
                 continue
         accepted.append(sample)
         if (sample.provider, sample.sample_id) in replays:
             continue
         key_starts.insert(index, sample.start_us)
         key_accepted.insert(index, sample)
-    return accepted, rejected
+    return Split(accepted, rejected, compared_with_batch)
 
 
-def _other_task_overlap(sample: UsageSample, tasks: Mapping[str, _Accepted]) -> UsageSample | None:
-    """Return an accepted sample of another task on the sample's accelerator that overlaps it,
-    where one of the two uses the whole accelerator, if there is one."""
-    whole = sample.share_millis == FULL_SHARE_MILLIS
+def _other_tasks(
+    sample: UsageSample, found: Sequence[StoredSample], tasks: Mapping[str, _Accepted]
+) -> list[StoredSample]:
+    """Return the samples of other tasks that overlap ``sample``: the stored ones in ``found``
+    and the accepted ones of its batch whose ids are not among them."""
+    others = [other for other in found if other.task_id]
+    if len(tasks) > 1:
+        stored_ids = {other.sample_id for other in found}
+        others.extend(
+            _as_other_task(other)
+            for other in _other_task_overlaps(sample, tasks)
+            if other.sample_id not in stored_ids
+        )
+    return others
+
+
+def _other_task_overlaps(sample: UsageSample, tasks: Mapping[str, _Accepted]) -> list[UsageSample]:
+    """Return the accepted samples of other tasks on the sample's accelerator that overlap it."""
+    overlapping: list[UsageSample] = []
     for task_id, (starts, task_samples) in tasks.items():
         if task_id == sample.task_id:
             continue
@@ -396,9 +408,8 @@ def _other_task_overlap(sample: UsageSample, tasks: Mapping[str, _Accepted]) -> 
             other = task_samples[index]
             if other.end_us <= sample.start_us:
                 break
-            if whole or other.share_millis == FULL_SHARE_MILLIS:
-                return other
-    return None
+            overlapping.append(other)
+    return overlapping
 
 
 def _as_other_task(sample: UsageSample) -> StoredSample:
@@ -410,13 +421,12 @@ def _as_other_task(sample: UsageSample) -> StoredSample:
         sample.job_id,
         sample.attempt,
         sample.share_millis,
+        _IN_BATCH,
     )
 
 
-def _stored_rejection(sample: UsageSample, stored: StoredSample) -> Rejection:
-    if stored.task_id:
-        return shared_accelerator_rejection(sample, stored, "stored")
-    return overlap_rejection(sample, stored, "stored")
+def _overlap_key(sample: UsageSample) -> str:
+    return f"overlap:{sample.provider}/{sample.sample_id}"
 
 
 def overlap_rejection(sample: UsageSample, other: StoredSample, where: str) -> Rejection:
@@ -431,24 +441,7 @@ def overlap_rejection(sample: UsageSample, other: StoredSample, where: str) -> R
         f"sample {other.sample_id} ({other_start} to {other_end}), {where}; "
         "the sample is not charged"
     )
-    return sample_rejection(sample, f"overlap:{sample.provider}/{sample.sample_id}", reason)
-
-
-def shared_accelerator_rejection(sample: UsageSample, other: StoredSample, where: str) -> Rejection:
-    """Return the dead letter of a sample that overlaps ``other``, a sample of another task on
-    its accelerator, where one of the two uses the whole accelerator."""
-    reason = (
-        f"sample {sample.sample_id} of job {sample.job_id} attempt {sample.attempt} (task "
-        f"{sample.task_id}, share {sample.share}) on accelerator {sample.accelerator_id} of "
-        f"node {sample.node} covers {sample.start_time.isoformat()} to "
-        f"{sample.end_time.isoformat()} ({micros_to_seconds(sample.accelerator_micros)} "
-        f"accelerator-seconds), which overlaps sample {other.sample_id} of job {other.job_id} "
-        f"attempt {other.attempt} (task {other.task_id}, share "
-        f"{Decimal(other.share_millis).scaleb(-3)}) from {iso_micros(other.start_us)} to "
-        f"{iso_micros(other.end_us)}, {where}; a task that holds the whole accelerator shares "
-        "it with no other task, so the sample is not charged"
-    )
-    return sample_rejection(sample, f"overlap:{sample.provider}/{sample.sample_id}", reason)
+    return sample_rejection(sample, _overlap_key(sample), reason)
 
 
 def sample_rejection(sample: UsageSample, dedupe_key: str, reason: str) -> Rejection:
@@ -461,8 +454,3 @@ def sample_rejection(sample: UsageSample, dedupe_key: str, reason: str) -> Rejec
         reason,
         None,
     )
-
-
-def iso_micros(micros: int) -> str:
-    """Return a time in microseconds since the epoch as ISO 8601 in UTC."""
-    return (_EPOCH + timedelta(microseconds=micros)).isoformat()

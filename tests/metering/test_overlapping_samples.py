@@ -108,7 +108,7 @@ def test_split_keeps_first_arrival() -> None:
     # Another attempt may share an accelerator only in fractions, and "a" uses it whole.
     other_attempt = _usage("e", 0, 60, sequence=5, attempt=1)
 
-    accepted, rejected = split_overlapping(
+    accepted, rejected, _ = split_overlapping(
         [after_rejected, overlapping, first, other_accelerator, other_attempt], {}
     )
 
@@ -125,9 +125,9 @@ def test_split_rejects_stored_overlap_first() -> None:
     # "a" overlaps a stored sample, so "b", which overlaps only "a", is kept.
     overlapping_stored = _usage("a", 0, 60, sequence=1)
     after = _usage("b", 50, 120, sequence=2)
-    stored = {("prov-a", "a"): StoredSample("old", T0_US - 10 * SECOND_US, T0_US + SECOND_US)}
+    stored = {("prov-a", "a"): [StoredSample("old", T0_US - 10 * SECOND_US, T0_US + SECOND_US)]}
 
-    accepted, rejected = split_overlapping([overlapping_stored, after], stored)
+    accepted, rejected, _ = split_overlapping([overlapping_stored, after], stored)
 
     assert [s.sample_id for s in accepted] == ["b"]
     assert [r.sample_id for r in rejected] == ["a"]
@@ -137,7 +137,7 @@ def test_split_rejects_stored_overlap_first() -> None:
 def test_split_adjacent_samples_kept() -> None:
     samples = [_usage(str(i), i * 60, (i + 1) * 60, sequence=i) for i in (3, 1, 0, 2)]
 
-    accepted, rejected = split_overlapping(samples, {})
+    accepted, rejected, _ = split_overlapping(samples, {})
 
     assert len(accepted) == 4
     assert rejected == []
@@ -151,7 +151,7 @@ def test_split_other_task_checks_each_overlap() -> None:
     other_fraction = _usage("c", 0, 60, sequence=3, task=1, share_millis=500)
     other_later = _usage("d", 60, 70, sequence=4, task=1)
 
-    accepted, rejected = split_overlapping([whole, fraction, other_fraction, other_later], {})
+    accepted, rejected, _ = split_overlapping([whole, fraction, other_fraction, other_later], {})
 
     assert [s.sample_id for s in accepted] == ["a", "b", "d"]
     assert [r.sample_id for r in rejected] == ["c"]
@@ -400,7 +400,7 @@ async def test_other_job_on_whole_accelerator_dead_lettered(
     assert len(reasons) == 1
     assert "sample p of job job-p attempt 0" in reasons[0]
     assert "overlaps sample o of job job-o attempt 0" in reasons[0]
-    assert "holds the whole accelerator" in reasons[0]
+    assert "more than the whole of it" in reasons[0]
 
 
 async def test_other_job_whole_in_batch_dead_lettered(db: Database) -> None:
@@ -478,17 +478,17 @@ async def test_coverage_raised_per_accelerator(db: Database) -> None:
     async with db.acquire() as conn:
         await raise_coverage(conn, samples, batch_token())
         rows = await conn.fetch(
-            "SELECT accelerator_id, task_id, end_us, exclusive_end FROM metering.sample_coverage "
+            "SELECT accelerator_id, task_id, end_us FROM metering.sample_coverage "
             "ORDER BY accelerator_id, task_id"
         )
 
-    ends = [(r["accelerator_id"], r["task_id"], r["end_us"], r["exclusive_end"]) for r in rows]
+    ends = [(r["accelerator_id"], r["task_id"], r["end_us"]) for r in rows]
     assert ends == [
-        ("GPU-0", "", T0_US + 60 * SECOND_US, T0_US + 30 * SECOND_US),
-        ("GPU-0", "job-o/0/0", T0_US + 60 * SECOND_US, 0),
-        ("GPU-0", "job-p/0/0", T0_US + 30 * SECOND_US, 0),
-        ("GPU-1", "", T0_US + 90 * SECOND_US, 0),
-        ("GPU-1", "job-o/0/0", T0_US + 90 * SECOND_US, 0),
+        ("GPU-0", "", T0_US + 60 * SECOND_US),
+        ("GPU-0", "job-o/0/0", T0_US + 60 * SECOND_US),
+        ("GPU-0", "job-p/0/0", T0_US + 30 * SECOND_US),
+        ("GPU-1", "", T0_US + 90 * SECOND_US),
+        ("GPU-1", "job-o/0/0", T0_US + 90 * SECOND_US),
     ]
 
 
