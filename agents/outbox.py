@@ -11,11 +11,11 @@ A message is settled when JetStream stored it, or when it moved to the dead lett
 (:mod:`agents.dead_letters`). Failures are sorted by :mod:`services.runtime.publish_errors`:
 timeouts, disconnections and no reply while NATS restarts are retried for as long as they
 last. Rejections for good (over the stream's max_msg_size or the server's max_payload, no
-stream for the subject, a subject the agent's NATS user may not publish to) are counted, at
-most once per ``rejection_spacing_s``. At ``max_rejections`` the message moves to the dead
-letters. Meanwhile the messages after it are published, up to :data:`MAX_WINDOW_BATCHES`
-batches from the head of the spool, and the outbox does not send the stored ones again while
-it waits.
+stream for the subject, a subject the agent's NATS user or its leaf node's user on the hub may
+not publish to) are counted, at most once per ``rejection_spacing_s``. At ``max_rejections``
+the message moves to the dead letters. Meanwhile the messages after it are published, up to
+:data:`MAX_WINDOW_BATCHES` batches from the head of the spool, and the outbox does not send the
+stored ones again while it waits.
 
 The spool stores the counts each time one grows (one fsync), so a restarted agent goes on
 counting, and the spacing applies across restarts. The stored ids live in memory only, so a

@@ -7,9 +7,10 @@ with its reason instead of being retried forever, while a NATS outage only delay
 - rejected for good: nats-py raised before sending it (over the server's max_payload, an
   invalid subject or header). Or JetStream replied with an error in
   :data:`PERMANENT_JS_ERRORS` (over the stream's max_msg_size). Or no stream replied, and
-  JetStream's API finds no stream for the subject. Or no reply came, and the server reported
-  a permissions violation for the message's subject after the message was sent (see
-  :class:`PublishViolations`).
+  JetStream's API finds no stream for the subject, or finds one with a leader, so a server on
+  the way drops the subject (see :mod:`services.runtime.dropped_subjects`). Or no reply came,
+  and the server reported a permissions violation for the message's subject after the
+  message was sent (see :class:`PublishViolations`).
 - retried: everything else, such as timeouts, disconnections, and no reply while NATS
   restarts, when JetStream's API does not reply either.
 
@@ -24,6 +25,7 @@ import asyncio
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Final
 
@@ -31,6 +33,8 @@ from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+
+from services.runtime.dropped_subjects import DROPPED_SUBJECTS, dropped_reason, dropped_streams
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +90,12 @@ class PublishViolations:
     and two subjects that differ only in case share one entry.
     :class:`services.runtime.nats.TlsCheckingClient` feeds one from its error callback.
 
-    NOTE: only the server that the client is connected to reports a violation to it. A message
-    that a later hop drops, such as the hub behind a leaf node whose remote user has narrower
-    permissions than the leaf's own users, gets no report, so it is still retried forever.
+    Only the server that the client is connected to reports a violation to it. A leaf node
+    whose user on the hub may not publish a subject reports nothing, and the publish gets no
+    responders instead, which :func:`reject_streamless` sorts out.
+
+    NOTE: a server on the way that accepts a message and then drops it without a report leaves
+    the publisher only a timeout, so that message is still retried forever.
     """
 
     def __init__(self, max_subjects: int = MAX_VIOLATION_SUBJECTS) -> None:
@@ -310,36 +317,52 @@ async def reject_streamless(
     """Reject the messages no stream replied to if JetStream has no stream for them.
 
     Outside a NATS restart, no stream replies on a subject that no stream captures. During
-    a restart JetStream's API does not reply either, so those messages are retried. Each
-    lookup is bounded by ``timeout_s``, and one that misses it leaves its messages to retry.
+    a restart JetStream's API does not reply either, so those messages are retried. A subject
+    that a stream with a leader captures is dropped on the way, typically by a leaf node
+    whose user on the hub may not publish it (see :mod:`services.runtime.dropped_subjects`),
+    so its messages are rejected too and counted in :data:`DROPPED_SUBJECTS`. Each lookup is
+    bounded by ``timeout_s``, and one that misses it leaves its messages to retry.
     """
     subjects = {messages[i][0] for i, answer in enumerate(answers) if answer is None}
-    streamless = await _subjects_without_stream(js, subjects, timeout_s)
+    streamless, captured = await _streams_of_subjects(js, subjects, timeout_s)
+    dropped = await dropped_streams(js, captured, timeout_s) if captured else {}
     outcomes: list[Outcome] = []
+    dropped_counts: Counter[str] = Counter()
     for answer, message in zip(answers, messages, strict=True):
+        subject = message[0]
         if answer is not None:
             outcomes.append(answer)
-        elif message[0] in streamless:
-            reason = f"no JetStream stream captures subject {message[0]}"
+        elif subject in streamless:
+            reason = f"no JetStream stream captures subject {subject}"
             outcomes.append(rejection_reason(reason, message))
+        elif subject in dropped:
+            outcomes.append(rejection_reason(dropped_reason(subject, dropped[subject]), message))
+            dropped_counts[subject] += 1
         else:
             outcomes.append(False)
+    for subject, count in dropped_counts.items():
+        DROPPED_SUBJECTS.record(subject, dropped[subject], count)
     return outcomes
 
 
-async def _subjects_without_stream(
+async def _streams_of_subjects(
     js: JetStreamContext, subjects: Collection[str], timeout_s: float
-) -> set[str]:
-    found: set[str] = set()
+) -> tuple[set[str], dict[str, str]]:
+    """Return the subjects that no stream captures, and the stream of each of the others.
+
+    A subject whose lookup fails is in neither.
+    """
+    streamless: set[str] = set()
+    captured: dict[str, str] = {}
     for subject in subjects:
         try:
             async with asyncio.timeout(timeout_s):
-                await js.find_stream_name_by_subject(subject)
+                captured[subject] = await js.find_stream_name_by_subject(subject)
         except NotFoundError:
-            found.add(subject)
+            streamless.add(subject)
         except (NatsError, TimeoutError) as exc:
             logger.warning("stream lookup for subject %s failed: %s", subject, exc)
-    return found
+    return streamless, captured
 
 
 def log_outcomes(outcomes: Sequence[Outcome]) -> None:
