@@ -9,7 +9,12 @@ import pytest
 
 from acsp.subjects import usage_subject
 from services.metering.ingest_store import BatchResult, write_batch
-from services.metering.overlaps import batch_token, lock_sample_times, raise_coverage
+from services.metering.overlaps import (
+    batch_token,
+    lock_sample_times,
+    raise_coverage,
+    split_overlapping,
+)
 from services.metering.samples import UsageSample
 from services.metering.shares import StoredSample, share_peak
 from services.runtime.db import Database
@@ -272,6 +277,44 @@ async def test_replay_beside_new_sample_counted_once(db: Database) -> None:
 
     assert (result.inserted, result.duplicates, result.dead_lettered) == (1, 1, 0)
     assert await _stored_micros(db) == 60 * SECOND_US
+
+
+async def test_reused_id_in_batch_not_counted(db: Database) -> None:
+    """A sample id stored for other times is a dead letter, and its share in the batch does not
+    count against the samples after it."""
+    await _write(db, [_share("a", "job-a", 0, 60, 500)])
+
+    result = await _write(
+        db,
+        [
+            _share("a", "job-a", 60, 120, 500, sequence=2),
+            _share("b", "job-b", 60, 120, 600, sequence=3),
+        ],
+    )
+
+    assert (result.inserted, result.duplicates, result.dead_lettered) == (1, 0, 1)
+    assert await _stored_ids(db) == ["a", "b"]
+    assert list(await _reasons(db)) == ["reused-id:prov-a/a/2"]
+
+
+def test_split_adds_up_shares() -> None:
+    samples = [
+        _share("a", "job-a", 0, 60, 300, sequence=1),
+        _share("b", "job-b", 30, 90, 300, sequence=2),
+        _share("c", "job-c", 50, 70, 500, sequence=3),
+        _share("d", "job-d", 60, 120, 400, sequence=4),
+    ]
+    stored = {("prov-a", "d"): [_stored("x", 80, 100, 400)]}
+
+    accepted, rejected, compared_with_batch = split_overlapping(samples, stored)
+
+    assert [sample.sample_id for sample in accepted] == ["a", "b"]
+    assert [rejection.sample_id for rejection in rejected] == ["c", "d"]
+    assert "add up to 1.1 of the accelerator" in rejected[0].reason
+    # d fits beside b alone and beside x alone, but from 80 s to 90 s both run beside it.
+    assert "sample x of job job-x attempt 0" in rejected[1].reason
+    assert "sample b of job job-b attempt 0" in rejected[1].reason
+    assert compared_with_batch
 
 
 async def test_ended_attempt_frees_its_share(db: Database) -> None:
