@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from acsp.cli._common import (
     connection_options,
     decimal_value,
     format_time,
+    is_date_alone,
     note_more_rows,
     output_options,
     parse_time,
@@ -55,9 +57,20 @@ def open_metering(args: argparse.Namespace) -> Iterator[metering_pb2_grpc.Meteri
 
 
 def _window(args: argparse.Namespace) -> common_pb2.TimeWindow:
-    return common_pb2.TimeWindow(
-        start_time=parse_time(args.start, "--from"), end_time=parse_time(args.end, "--to")
-    )
+    """Return the range of --from and --to; raise CommandError unless it ends after it starts."""
+    start = parse_time(args.start, "--from")
+    end = parse_time(args.end, "--to")
+    if end.ToNanoseconds() <= start.ToNanoseconds():
+        message = f"--to {args.end} is not after --from {args.start}; end the range later"
+        end_date = end.ToDatetime(tzinfo=UTC).date()
+        if is_date_alone(args.end) and end_date < date.max:
+            next_day = (end_date + timedelta(days=1)).isoformat()
+            message += (
+                f". --to is exclusive and a date alone is that day's start, so --to "
+                f"{next_day} includes {args.end}"
+            )
+        raise CommandError(message, EXIT_USAGE)
+    return common_pb2.TimeWindow(start_time=start, end_time=end)
 
 
 def _pages(
@@ -101,6 +114,7 @@ def _filter_required(filtered: bool, listing: str, options: str) -> Iterator[Non
 def run_query(args: argparse.Namespace) -> int:
     records = []
     options = "--project PROJECT or --grant GRANT of a project you are a member of"
+    window = _window(args)
     with (
         _filter_required(bool(args.project or args.grant), "usage", options),
         open_metering(args) as metering,
@@ -110,7 +124,7 @@ def run_query(args: argparse.Namespace) -> int:
             return metering.QueryUsage(
                 metering_pb2.QueryUsageRequest(
                     grouping=GROUPINGS[args.by],
-                    range=_window(args),
+                    range=window,
                     grant_id=args.grant or "",
                     project_id=args.project or "",
                     institution_id=args.institution or "",
@@ -256,8 +270,9 @@ def run_efficiency(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    window = _window(args)
     with open_metering(args) as metering:
-        response = metering.GetModelReport(metering_pb2.GetModelReportRequest(range=_window(args)))
+        response = metering.GetModelReport(metering_pb2.GetModelReportRequest(range=window))
     records = [
         {
             "model": report.model,
@@ -316,9 +331,10 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_settlement_show(args: argparse.Namespace) -> int:
+    window = _window(args)
     with open_metering(args) as metering:
         settlement = metering.GetSettlement(
-            metering_pb2.GetSettlementRequest(provider_id=args.provider, period=_window(args))
+            metering_pb2.GetSettlementRequest(provider_id=args.provider, period=window)
         )
     records = [
         {
@@ -346,9 +362,10 @@ def run_settlement_show(args: argparse.Namespace) -> int:
 
 
 def run_settlement_export(args: argparse.Namespace) -> int:
+    window = _window(args)
     with open_metering(args) as metering:
         response = metering.ExportSettlement(
-            metering_pb2.ExportSettlementRequest(provider_id=args.provider, period=_window(args))
+            metering_pb2.ExportSettlementRequest(provider_id=args.provider, period=window)
         )
     if args.output is None:
         sys.stdout.write(response.csv)
@@ -377,7 +394,13 @@ def register(subparsers: Any) -> None:
 
     def window(parser: Any) -> None:
         parser.add_argument("--from", dest="start", required=True, help="start time, ISO 8601")
-        parser.add_argument("--to", dest="end", required=True, help="end time (exclusive)")
+        parser.add_argument(
+            "--to",
+            dest="end",
+            required=True,
+            help="end time, ISO 8601, exclusive: a date alone is that day's start, so "
+            "--from 2026-01-01 --to 2026-02-01 is all of January",
+        )
 
     def paged(parser: Any) -> None:
         parser.add_argument(

@@ -282,3 +282,24 @@ def test_logs_option_above_maximum_exits_2(
 def test_logs_options_accept_their_maximum():
     assert job_logs.task_index(str(MAX_TASKS - 1)) == MAX_TASKS - 1
     assert job_logs.byte_count(str(MAX_OUTPUT_BYTES)) == MAX_OUTPUT_BYTES
+
+
+@pytest.mark.parametrize(
+    ("command", "hint"),
+    [
+        (["usage", "query", "--from", "2026-12-06", "--to", "2026-12-06"], "--to 2026-12-07"),
+        (["usage", "models", "--from", "2026-12-06", "--to", "2026-12-01"], "--to 2026-12-02"),
+        (["usage", "query", "--from", "2026-12-06T10:00", "--to", "2026-12-06T09:00"], ""),
+        (["usage", "query", "--from", "9999-12-31", "--to", "9999-12-31"], ""),
+    ],
+)
+def test_usage_range_ending_before_start_exits_2(
+    command: list[str], hint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # No mesh runs in tmp_path, so a range sent to metering would exit 3 instead.
+    code = main.main([*command, "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--to {command[-1]} is not after --from {command[-3]}" in err
+    assert hint in err
+    assert "Traceback" not in err
