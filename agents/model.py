@@ -256,6 +256,9 @@ class TaskEvent:
     """The task's latest checkpoint reference, set when it was not reported before."""
     checkpoint_time: float | None = None
     """When the agent read ``checkpoint_reference``."""
+    node_busy: bool = False
+    """Whether a ``START_FAILED`` task was rejected because the node runs as many jobs as it
+    can (its pool of task users is in use), which the scheduler does not count as a failure."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -454,6 +454,7 @@ class NodeAgent:
             used,
             [record.task_id for record in self.runner.running],
             self._clock(),
+            max_jobs=len(self._task_users) if self._task_users is not None else 0,
         )
         self._inventory_counter += 1
         msg_id = f"inventory:{self.ref.key}/{self.boot_id}/{self._inventory_counter}"

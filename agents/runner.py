@@ -58,6 +58,7 @@ from agents.task_process import (
 from agents.task_user import TaskUser, share_task_folder
 from agents.task_users import (
     TaskUserPool,
+    job_temp_folder,
     make_job_folder,
     make_jobs_folder,
     process_uid,
@@ -267,7 +268,7 @@ class TaskRunner:
             user = self._pool.acquire(spec.job_id, spec.task_id)
             if user is None:
                 self._state.remove_intent(self._node_key, spec.task_id)
-                self._reject(spec, self._pool.busy_reason)
+                self._reject(spec, self._pool.busy_reason, node_busy=True)
                 return
         await self._spawn(spec, record, user)
 
@@ -363,7 +364,7 @@ class TaskRunner:
                 used[uuid] = used.get(uuid, 0) + record.share_of(uuid)
         return used
 
-    def _reject(self, spec: TaskSpec, reason: str) -> None:
+    def _reject(self, spec: TaskSpec, reason: str, *, node_busy: bool = False) -> None:
         logger.warning("task %s of job %s rejected: %s", spec.task_id, spec.job_id, reason)
         self._remember(spec.task_id, TaskState.START_FAILED)
         self._emit(
@@ -374,6 +375,7 @@ class TaskRunner:
                 time=self._clock(),
                 reason=reason,
                 accelerators=spec.accelerators,
+                node_busy=node_busy,
             )
         )
 
@@ -415,9 +417,14 @@ class TaskRunner:
         self._state.save_intents()
         env = dict(self._base_env)
         if self._pool is not None and user is not None:
-            # The job's folder, because a pool user's home outlives the job and is shared
-            # with the later jobs that get the same user.
-            env.update(HOME=str(cwd), USER=user.name, LOGNAME=user.name)
+            # The job's folders, because a pool user's home and the node's /tmp outlive the
+            # job, and a later job that gets the same user could read what is left there.
+            env.update(
+                HOME=str(cwd),
+                TMPDIR=str(job_temp_folder(cwd)),
+                USER=user.name,
+                LOGNAME=user.name,
+            )
         env.update(spec.env)
         env.update(self._visible_devices_env(spec.accelerators))
         env.update({"ACSP_JOB_ID": spec.job_id, "ACSP_TASK_ID": spec.task_id})

@@ -3,8 +3,11 @@
 With one task user (``ACSP_AGENT_TASK_USER``) every task on a node runs as the same uid, so
 two jobs that share a node can signal each other's processes and read each other's files.
 With a pool, each job that starts on the node gets a user that no other job running there
-has, and all its tasks on the node run as that user. A start that finds every user taken by
-other jobs is rejected, and the scheduler places the job elsewhere.
+has, and all its tasks on the node run as that user. The agent reports the pool's size as the
+node's ``max_jobs`` in its inventory, and the scheduler sends a node no more jobs at once. A
+start that still finds every user taken (one is still being freed, or the agent runs several
+nodes on one pool) is rejected as ``START_REJECTION_NODE_BUSY``. The scheduler then places the
+job again, elsewhere if it can, and does not count the rejection as a failed start.
 
 A job keeps its user until its last task on the node has ended. Then every process that still
 runs as that user, which can only be the job's, is killed, and the user is free once none is
@@ -14,19 +17,24 @@ the first user, it kills the processes of the pool's users that no such task run
 takes back the folders of the jobs that ended while it was down.
 
 Each job has its own folder, ``<task folder>/jobs/<job>``, owned by its user with mode 0700:
-its working directory, its ``HOME`` and the place of its checkpoint files. The task folder and
+its working directory, its ``HOME`` and the place of its checkpoint files. Its ``tmp``
+folder is the job's ``TMPDIR``. The task folder and
 ``jobs`` belong to the agent with mode 0711, so tasks pass through them to their own folder
 but can neither list them nor write there, and the logs and exit status files stay the
 agent's. Once the user is free again, the job's folder goes back to the agent (mode 0700), so
 a later job that gets the same user cannot read what this one left.
 
-NOTE: files that a job leaves outside its folder (``/tmp``, ``/dev/shm``) keep its uid, so a
-later job that gets the same user can read them.
+NOTE: files that a job leaves outside its folder keep its uid, so a later job that gets the
+same user can read them. ``TMPDIR`` keeps the files of programs that honour it in the job's
+folder, but a task may still write to ``/tmp``, ``/var/tmp`` or ``/dev/shm`` by name. The
+agent does not remove such files when the job ends: an agent that is not root may not delete
+other users' files in those sticky folders, and a scan of them would slow every job's end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -47,6 +55,8 @@ MAX_POOL_USERS: Final = 4096
 """Maximum users in a pool. Each one is looked up and checked when the agent starts."""
 
 JOB_FOLDER_MODE: Final = 0o700
+JOB_TEMP_FOLDER: Final = "tmp"
+"""Name of the job's temporary folder (its ``TMPDIR``) inside the job's folder."""
 POOL_TASK_FOLDER_MODE: Final = 0o711
 """Mode of the task folder and of its ``jobs`` folder with a pool: the agent's, searchable
 by the tasks but neither listable nor writable by them."""
@@ -142,8 +152,8 @@ class TaskUserPool:
     def busy_reason(self) -> str:
         """The reason a start is rejected when every user is in use or still being freed.
 
-        NOTE: the scheduler counts such a rejection as a failed start, because agents do not
-        report their free pool users, so a job rejected by five full nodes in a row fails.
+        The rejection is sent as ``START_REJECTION_NODE_BUSY``, which the scheduler does not
+        count as a failed start.
         """
         return (
             f"all {len(self._users)} task users of {TASK_USERS_ENV} are in use by other jobs "
@@ -362,8 +372,14 @@ def make_jobs_folder(task_dir: Path) -> None:
     os.chmod(jobs, POOL_TASK_FOLDER_MODE)
 
 
+def job_temp_folder(job_folder_path: Path) -> Path:
+    """Return the temporary folder (``TMPDIR``) of the job whose folder is ``job_folder_path``."""
+    return job_folder_path / JOB_TEMP_FOLDER
+
+
 def make_job_folder(task_dir: Path, job_id: str, user: TaskUser) -> Path:
-    """Make ``job_id``'s folder, or take back the one it had, and give it to ``user``.
+    """Make ``job_id``'s folder and its temporary folder, or take back the ones it had, and
+    give both to ``user``.
 
     The caller made the ``jobs`` folder first (:func:`make_jobs_folder`).
     """
@@ -381,10 +397,45 @@ def make_job_folder(task_dir: Path, job_id: str, user: TaskUser) -> Path:
         if os.fstat(descriptor).st_uid != os.geteuid():
             os.fchown(descriptor, os.geteuid(), os.getegid())
         os.fchmod(descriptor, JOB_FOLDER_MODE)
+        _give_temp_folder(descriptor, user)
         os.fchown(descriptor, user.uid, user.gid)
     finally:
         os.close(descriptor)
     return folder
+
+
+def _give_temp_folder(job_descriptor: int, user: TaskUser) -> None:
+    """Make the temporary folder inside the open job folder, unless it has one, and give it to
+    ``user``.
+
+    The job folder is the agent's while this runs, so no task can change its entries meanwhile.
+    An entry of that name that is not a folder (a link that an earlier attempt of the job left,
+    say) is replaced.
+    """
+    try:
+        os.mkdir(JOB_TEMP_FOLDER, JOB_FOLDER_MODE, dir_fd=job_descriptor)
+    except FileExistsError:
+        pass
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        descriptor = os.open(JOB_TEMP_FOLDER, flags, dir_fd=job_descriptor)
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        os.unlink(JOB_TEMP_FOLDER, dir_fd=job_descriptor)
+        os.mkdir(JOB_TEMP_FOLDER, JOB_FOLDER_MODE, dir_fd=job_descriptor)
+        descriptor = os.open(JOB_TEMP_FOLDER, flags, dir_fd=job_descriptor)
+    try:
+        status = os.fstat(descriptor)
+        if (status.st_uid, status.st_gid) == (user.uid, user.gid):
+            # The job's folder from an earlier task of the job, which may still be using it.
+            return
+        if status.st_uid != os.geteuid():
+            os.fchown(descriptor, os.geteuid(), os.getegid())
+        os.fchmod(descriptor, JOB_FOLDER_MODE)
+        os.fchown(descriptor, user.uid, user.gid)
+    finally:
+        os.close(descriptor)
 
 
 def seal_job_folder(task_dir: Path, job_id: str) -> None:

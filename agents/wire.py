@@ -189,7 +189,10 @@ def inventory_message(
     used_milli: Mapping[str, int],
     running_task_ids: Iterable[str],
     now: float,
+    max_jobs: int = 0,
 ) -> agent_pb2.Inventory:
+    """Build the inventory message; ``max_jobs`` is the size of the task user pool, 0 without
+    one."""
     states = {h.uuid: h.state for h in health}
     major = inventory.software_version.split(".", 1)[0]
     stacks = [f"cuda-{major}", f"cuda-{inventory.software_version}"] if major else []
@@ -212,6 +215,7 @@ def inventory_message(
         time=timestamp(now),
         running_task_ids=sorted(running_task_ids),
         boot_id=boot_id,
+        max_jobs=max_jobs,
     )
 
 
@@ -289,6 +293,8 @@ def task_event_message(event_id: str, node: NodeRef, event: TaskEvent) -> agent_
         health_event_id=event.health_event_id,
         checkpoint_reference=event.checkpoint_reference,
     )
+    if event.node_busy:
+        message.start_rejection = agent_pb2.START_REJECTION_NODE_BUSY
     if event.checkpoint_time is not None:
         message.checkpoint_time.CopyFrom(timestamp(event.checkpoint_time))
     return message

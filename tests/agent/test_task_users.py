@@ -44,6 +44,8 @@ from agents.task_users import (
     TaskUserPool,
     job_folder,
     kill_user_processes,
+    make_job_folder,
+    make_jobs_folder,
     parse_task_users,
 )
 from services.runtime.settings import SettingsError
@@ -363,6 +365,7 @@ async def test_jobs_on_one_node_isolated(
             await runner.start(_spec("c", "GPU-2", "true"))
             assert recorder.states("c/1/0") == [TaskState.START_FAILED]
             assert recorder.last("c/1/0").reason == pool.busy_reason
+            assert recorder.last("c/1/0").node_busy
 
             stray = int((job_folder(tasks, "a") / "stray").read_text())
             for job in ("a", "b"):
@@ -704,3 +707,102 @@ def test_non_root_agent_runs_pool(reachable_folder: Path, no_pool_processes: Non
     lines = done.stdout.splitlines()
     # Stopped by SIGTERM, which takes CAP_KILL to send to another user's process.
     assert lines == ["-15", str(POOL_UIDS[0]), str(agent.uid)]
+
+
+def _start_message(job: str, accelerator: str, script: str) -> agent_pb2.AgentCommand:
+    return agent_pb2.AgentCommand(
+        command_id=f"start-{job}",
+        kind=agent_pb2.COMMAND_KIND_START_TASK,
+        node=NODE_REF.message(),
+        task_id=f"{job}/1/0",
+        job_id=job,
+        accelerators=[scheduler_pb2.AcceleratorShare(accelerator_id=accelerator, millis=1000)],
+        command=["/bin/sh", "-c", script],
+        grace_seconds=5,
+    )
+
+
+@root_only
+async def test_full_pool_start_rejected_as_busy(
+    reachable_folder: Path, no_pool_processes: None
+) -> None:
+    clock = ManualClock()
+    spec = FleetNode(NODE_REF.provider, NODE_REF.region, NODE_REF.node, "A100-SXM4-80GB", 2)
+    backend = SimulatedBackend(spec, clock)
+    spool = Spool(reachable_folder / "spool")
+    state = StateStore(reachable_folder / "state.json")
+    outbox = Outbox(spool, before_append=state.save_before_spool)
+    pool = TaskUserPool([_user(POOL_UIDS[0])])
+    node = NodeAgent(
+        NODE_REF,
+        backend,
+        "simulated",
+        state,
+        reachable_folder,
+        outbox,
+        "boot-1",
+        clock,
+        task_users=pool,
+    )
+    first, second = (info.uuid for info in backend.discover().accelerators)
+    temp_file = job_folder(reachable_folder / "tasks", "job-1") / "tmp" / "scratch"
+    script = 'echo "$TMPDIR" > "$TMPDIR/scratch"; exec sleep 60'
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        node.publish_inventory()
+        await node.handle(
+            wire.parse_command(_start_message("job-1", first, script).SerializeToString())
+        )
+        await wait_for(temp_file.exists)
+        await wait_for(lambda: temp_file.read_text() != "")
+        temp_owner = temp_file.stat().st_uid
+        temp_folder_mode = stat.S_IMODE(temp_file.parent.stat().st_mode)
+        await node.handle(
+            wire.parse_command(_start_message("job-2", second, "true").SerializeToString())
+        )
+        assert node.runner is not None
+        await node.runner.stop("job-1/1/0", "done")
+        await wait_for(lambda: pool.free_users == 1)
+
+    outbox.flush_to_spool()
+    records = spool.peek(100)
+    inventories = [
+        agent_pb2.Inventory.FromString(r.payload)
+        for r in records
+        if r.subject.startswith("acsp.inventory.")
+    ]
+    events = {
+        (e.task_id, e.state): e
+        for e in (
+            agent_pb2.TaskEvent.FromString(r.payload)
+            for r in records
+            if r.subject.startswith("acsp.task.")
+        )
+    }
+    assert [i.max_jobs for i in inventories] == [1]
+    rejected = events[("job-2/1/0", agent_pb2.TASK_STATE_START_FAILED)]
+    assert rejected.start_rejection == agent_pb2.START_REJECTION_NODE_BUSY
+    assert rejected.message == pool.busy_reason
+    started = events[("job-1/1/0", agent_pb2.TASK_STATE_STARTED)]
+    assert started.start_rejection == agent_pb2.START_REJECTION_UNSPECIFIED
+    # The job's temporary files were in its own folder, as its user, out of reach of others.
+    assert temp_file.read_text() == f"{temp_file.parent}\n"
+    assert temp_owner == POOL_UIDS[0]
+    assert temp_folder_mode == JOB_FOLDER_MODE
+
+
+@root_only
+async def test_temp_folder_link_replaced(reachable_folder: Path) -> None:
+    tasks = reachable_folder / "tasks"
+    make_jobs_folder(tasks)
+    folder = job_folder(tasks, "a")
+    folder.mkdir()
+    outside = reachable_folder / "outside"
+    outside.mkdir()
+    # An earlier attempt of the job replaced its temporary folder with a link.
+    (folder / "tmp").symlink_to(outside)
+    make_job_folder(tasks, "a", _user(POOL_UIDS[0]))
+    temp = folder / "tmp"
+    assert not temp.is_symlink()
+    assert temp.stat().st_uid == POOL_UIDS[0]
+    assert outside.stat().st_uid == os.geteuid()
