@@ -83,6 +83,25 @@ class Engine:
         for spec in specs:
             self.add_node(spec)
 
+    def set_max_jobs(self, node_id: str, max_jobs: int) -> None:
+        """Set the number of jobs ``node_id`` runs at once at most; 0 is no limit."""
+        node = self.fleet.node(node_id)
+        if node.max_jobs != max_jobs:
+            self.changes += 1
+            self.fleet.set_max_jobs(node, max_jobs)
+
+    def set_busy(self, node_id: str, busy: bool) -> None:
+        """Keep new jobs off ``node_id`` whatever its limit, or stop doing so.
+
+        For a node whose agent rejected a start because it runs as many jobs as it can,
+        although the fleet counts fewer (a job's user is still being freed, or the pool is
+        shared with other nodes).
+        """
+        node = self.fleet.node(node_id)
+        if node.busy != busy:
+            self.changes += 1
+            self.fleet.set_busy(node, busy)
+
     def add_pledge(self, pledge: Pledge) -> None:
         self.changes += 1
         self.capacity.add_pledge(pledge)

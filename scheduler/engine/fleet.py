@@ -6,6 +6,11 @@ used shared accelerators by free millis, and its interconnect domains by free wh
 accelerators. Allocating or releasing an accelerator updates these in O(log n), so placement
 never scans every node. A failed accelerator is in none of these indexes, whatever its use,
 so no placement (whole or shared) lands on it until it recovers.
+
+A node with a job limit (``NodeSpec.max_jobs``, the size of its agent's pool of task users)
+leaves the indexes while it runs that many jobs, and returns when one of them is released, so
+the placement searches stay as cheap as without the limit. A node whose agent rejected a start
+as busy leaves them too, until the caller clears the mark (:meth:`Fleet.set_busy`).
 """
 
 from __future__ import annotations
@@ -40,12 +45,15 @@ class NodeRecord:
     """Mutable state of one node."""
 
     __slots__ = (
+        "busy",
         "domain",
         "draining",
         "failed",
         "fenced",
         "free_whole",
+        "full",
         "jobs",
+        "max_jobs",
         "ordinal",
         "owners",
         "pool",
@@ -75,10 +83,22 @@ class NodeRecord:
         """Jobs whose tasks here were lost but are not confirmed stopped."""
         self.failed: dict[int, str] = {}
         """Index of each failed accelerator -> the health event that failed it."""
+        self.max_jobs = spec.max_jobs
+        """Jobs (owners) the node runs at once at most; 0 is no limit."""
+        self.busy = False
+        """Whether the node's agent rejected a start because it ran as many jobs as it can."""
+        self.full = False
+        """Whether the node is busy or runs ``max_jobs`` jobs, which keeps it out of the
+        indexes."""
+
+    @property
+    def up(self) -> bool:
+        return self.state is NodeState.UP
 
     @property
     def schedulable(self) -> bool:
-        return self.state is NodeState.UP
+        """Whether the node is up and may take another job, and so is in the indexes."""
+        return self.state is NodeState.UP and not self.full
 
     def free_indices(self, count: int) -> list[int]:
         """Return the first ``count`` wholly free accelerator indices."""
@@ -241,6 +261,8 @@ class Fleet:
             raise InvalidInputError(f"node {spec.node_id}: accelerator_ids must not be empty")
         if len(set(spec.accelerator_ids)) != len(spec.accelerator_ids):
             raise InvalidInputError(f"node {spec.node_id}: accelerator_ids must be unique")
+        if spec.max_jobs < 0:
+            raise InvalidInputError(f"node {spec.node_id}: max_jobs must be >= 0")
         key = (spec.provider, spec.region, spec.model)
         pool = self.pools.get(key)
         if pool is None:
@@ -260,6 +282,7 @@ class Fleet:
         pool.total_millis += size * MILLIS_PER_ACCELERATOR
         while len(pool.buckets) <= size:
             pool.buckets.append(SortedList())
+        pool.up_accelerators += size
         self._index_add(node)
         self.version += 1
         return node
@@ -275,10 +298,42 @@ class Fleet:
             return
         if node.schedulable:
             self._index_remove(node)
+        if node.up:
+            node.pool.up_accelerators -= len(node.used) - len(node.failed)
         node.state = state
+        if node.up:
+            node.pool.up_accelerators += len(node.used) - len(node.failed)
         if node.schedulable:
             self._index_add(node)
             self.freed += 1
+
+    def set_max_jobs(self, node: NodeRecord, max_jobs: int) -> None:
+        """Set the number of jobs ``node`` runs at once at most; 0 is no limit."""
+        if max_jobs < 0:
+            raise InvalidInputError(f"node {node.spec.node_id}: max_jobs must be >= 0")
+        node.max_jobs = max_jobs
+        self._refresh_full(node)
+
+    def set_busy(self, node: NodeRecord, busy: bool) -> None:
+        """Mark ``node`` as taking no more jobs, whatever its limit, or clear the mark."""
+        node.busy = busy
+        self._refresh_full(node)
+
+    def _refresh_full(self, node: NodeRecord, freed: bool = True) -> None:
+        self._set_full(node, node.busy or 0 < node.max_jobs <= len(node.jobs), freed)
+
+    def _set_full(self, node: NodeRecord, full: bool, freed: bool = True) -> None:
+        """Take ``node`` out of the indexes, or put it back; ``freed`` False keeps a release
+        of a planning allocation from counting as freed capacity."""
+        if node.full is full:
+            return
+        if node.schedulable:
+            self._index_remove(node)
+        node.full = full
+        if node.schedulable:
+            self._index_add(node)
+            if freed:
+                self.freed += 1
 
     def allocate(self, node: NodeRecord, index: int, job_id: str, millis: int) -> None:
         """Give ``millis`` of accelerator ``index`` on ``node`` to ``job_id``."""
@@ -311,6 +366,8 @@ class Fleet:
         node.pool.used_millis += millis * len(indices)
         if newly_used:
             self._set_free_whole(node, node.free_whole - newly_used)
+        if 0 < node.max_jobs <= len(node.jobs):
+            self._set_full(node, True)
 
     def release_job(self, node: NodeRecord, job_id: str) -> int:
         """Release everything allocated to ``job_id`` on ``node``; return the millis released."""
@@ -334,6 +391,8 @@ class Fleet:
             self._set_free_whole(node, node.free_whole + newly_free)
         if released and job_id != TENTATIVE_OWNER:
             self.freed += 1
+        if node.full:
+            self._refresh_full(node, freed=job_id != TENTATIVE_OWNER)
         return released
 
     def fail_accelerator(self, node: NodeRecord, index: int, event_id: str) -> bool:
@@ -346,6 +405,7 @@ class Fleet:
             return False
         if node.schedulable:
             self._index_remove_accelerator(node, index)
+        if node.up:
             node.pool.up_accelerators -= 1
         node.failed[index] = event_id
         if node.used[index] == 0:
@@ -358,6 +418,7 @@ class Fleet:
             return False
         if node.schedulable:
             self._index_add_accelerator(node, index)
+        if node.up:
             node.pool.up_accelerators += 1
         if node.used[index] == 0:
             self._set_free_whole(node, node.free_whole + 1)
@@ -373,14 +434,12 @@ class Fleet:
         node.free_whole = free
 
     def _index_add(self, node: NodeRecord) -> None:
-        node.pool.up_accelerators += len(node.used) - len(node.failed)
         node.pool.bucket_add(node.free_whole, node.ordinal)
         node.pool.move_domain(node.domain, node.free_whole)
         for index in range(len(node.used)):
             self._index_add_accelerator(node, index)
 
     def _index_remove(self, node: NodeRecord) -> None:
-        node.pool.up_accelerators -= len(node.used) - len(node.failed)
         node.pool.bucket_remove(node.free_whole, node.ordinal)
         node.pool.move_domain(node.domain, -node.free_whole)
         for index in range(len(node.used)):

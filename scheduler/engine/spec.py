@@ -63,6 +63,8 @@ class NodeSpec:
     display_name: str = ""
     """The node as job messages name it, e.g. ``provider/region/node``; empty uses
     ``node_id``."""
+    max_jobs: int = 0
+    """Jobs the node runs at once at most (its agent's pool of task users); 0 is no limit."""
 
     @property
     def region_key(self) -> str:

@@ -87,6 +87,7 @@ def node_from_inventory(msg: agent_pb2.Inventory) -> NodeView:
         software_stacks=tuple(msg.software_stacks),
         boot_id=msg.boot_id,
         running_task_ids=frozenset(msg.running_task_ids),
+        max_jobs=msg.max_jobs,
     )
 
 
@@ -282,6 +283,10 @@ class AgentFeed:
                         ack,  # type: ignore[arg-type]
                         event.checkpoint_reference,
                         _checkpoint_seconds(event),
+                        node_busy=(
+                            event.state == agent_pb2.TASK_STATE_START_FAILED
+                            and event.start_rejection == agent_pb2.START_REJECTION_NODE_BUSY
+                        ),
                     )
                 ]
             if subject.startswith("acsp.inventory."):

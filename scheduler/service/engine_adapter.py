@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Final
 
 from scheduler.engine import decisions as d
 from scheduler.engine import events as ev
@@ -31,6 +32,10 @@ from .providers import ProviderDirectory
 from .validation import JURISDICTION_PREFIX
 
 logger = logging.getLogger(__name__)
+
+BUSY_RETRY_S: Final = 5.0
+"""Seconds a node that rejected a start as busy gets no new jobs, unless one of its tasks ends
+first. It bounds how often a node whose job count the fleet has wrong rejects a start."""
 
 _PRIORITY = {
     "interactive": es.PriorityClass.INTERACTIVE,
@@ -182,6 +187,7 @@ def node_to_engine(node: NodeView) -> es.NodeSpec:
         accelerator_ids=tuple(acc.accelerator_id for acc in node.accelerators),
         interconnect_domain=f"{node.key}/{domain}" if domain else "",
         display_name=node.name,
+        max_jobs=node.max_jobs,
     )
 
 
@@ -211,6 +217,8 @@ class EngineAdapter:
         self.engine = engine
         self.providers = providers or ProviderDirectory()
         self._known_nodes: set[str] = set()
+        self._busy_since: dict[str, float] = {}
+        """Nodes marked busy (:meth:`mark_busy`) -> when."""
         self._fleet_providers: frozenset[str] = frozenset()
         self._fleet_regions: frozenset[str] = frozenset()
         self._known_regions: frozenset[str] = self.providers.region_keys
@@ -359,6 +367,29 @@ class EngineAdapter:
     def node_down(self, key: str, now: float) -> None:
         if key in self._known_nodes:
             self.engine.apply(ev.NodeDown(key), now)
+
+    def set_max_jobs(self, key: str, max_jobs: int) -> None:
+        """Apply the job limit a node's latest inventory reports."""
+        if key in self._known_nodes:
+            self.engine.set_max_jobs(key, max_jobs)
+
+    def mark_busy(self, key: str, now: float) -> None:
+        """Keep new jobs off a node that rejected a start as busy, for :data:`BUSY_RETRY_S`
+        or until :meth:`clear_busy`."""
+        if key in self._known_nodes:
+            self._busy_since[key] = now
+            self.engine.set_busy(key, True)
+
+    def clear_busy(self, key: str) -> None:
+        """Offer jobs to a node marked busy again, because one of its tasks ended."""
+        if self._busy_since.pop(key, None) is not None:
+            self.engine.set_busy(key, False)
+
+    def expire_busy(self, now: float) -> None:
+        """Offer jobs again to the nodes marked busy :data:`BUSY_RETRY_S` ago or earlier."""
+        for key, since in list(self._busy_since.items()):
+            if now - since >= BUSY_RETRY_S:
+                self.clear_busy(key)
 
     def node_back(self, key: str, now: float) -> None:
         if key in self._known_nodes:

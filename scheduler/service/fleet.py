@@ -58,6 +58,9 @@ class NodeView:
     """The drain in force, or None when the node does not drain."""
     running_task_ids: frozenset[str] = field(default_factory=frozenset)
     """Task ids the agent said it runs in its latest inventory or heartbeat."""
+    max_jobs: int = 0
+    """Jobs the node runs at once at most (the size of its agent's pool of task users), from
+    its latest inventory; 0 is no limit."""
 
     @property
     def key(self) -> str:

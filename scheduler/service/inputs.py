@@ -105,6 +105,9 @@ class TaskReported:
     """Checkpoint reference the event carries; empty when it reports none."""
     checkpoint_at: float | None = None
     """When the agent read ``checkpoint_ref``, in Unix seconds."""
+    node_busy: bool = False
+    """Whether a ``start_failed`` task was rejected because its node ran as many jobs as it
+    can, which does not count as a failed start."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -511,9 +511,22 @@ class JobBook:
         fx.change(checkpointed, f"task:{CHECKPOINTED}")
 
     def apply_task(
-        self, node_key: str, task_id: str, state: str, exit_code: int, message: str, fx: Effects
+        self,
+        node_key: str,
+        task_id: str,
+        state: str,
+        exit_code: int,
+        message: str,
+        fx: Effects,
+        *,
+        node_busy: bool = False,
     ) -> None:
-        """Apply one task event from an agent; events of older attempts confirm stops."""
+        """Apply one task event from an agent; events of older attempts confirm stops.
+
+        ``node_busy`` marks a start that the node rejected because it ran as many jobs as it
+        can. The job is placed again, elsewhere if it can be, and the rejection does not count
+        toward :data:`MAX_START_FAILURES`.
+        """
         if state == CHECKPOINTED:
             return  # the task still runs; apply_checkpoint took its reference
         try:
@@ -559,7 +572,13 @@ class JobBook:
             self._release_fences(node_key, job.job_id)
             reason = f"task {tid.task_index} {state.replace('_', ' ')}: {message}"
             avoid: tuple[str, ...] = ()
-            if state == "start_failed":
+            if state == "start_failed" and node_busy:
+                reason = f"task {tid.task_index} start rejected, node busy: {message}"
+                # For a while, so that a node the fleet counts wrong is not offered jobs in a
+                # loop, each with a budget hold.
+                self.engine.mark_busy(node_key, fx.now)
+                avoid = (node_key,)
+            elif state == "start_failed":
                 if self._count_start_failure(job):
                     reason = f"{reason} ({MAX_START_FAILURES} attempts in a row failed to start)"
                     self.stop(job.job_id, "failed", reason, 0, f"task:{state}", fx)

@@ -199,6 +199,7 @@ class SchedulingLoop:
         for change in self.fleet.expire(now):
             self._on_node_change(change, fx)
         self._retry_budgets(now)
+        self.book.engine.expire_busy(now)
         self.book.expire_starts(self.settings.start_timeout_s, fx)
         self._pass_due = self._pass_due or bool(batch)
         since = now - self._last_pass
@@ -293,7 +294,9 @@ class SchedulingLoop:
                     self.book.apply_checkpoint(
                         task_id, item.checkpoint_ref, item.checkpoint_at or fx.now, fx
                     )
-                self.book.apply_task(node_key, task_id, state, exit_code, message, fx)
+                self.book.apply_task(
+                    node_key, task_id, state, exit_code, message, fx, node_busy=item.node_busy
+                )
                 if ack is not None:
                     acks.append(ack)
             case HoldDone(job_id, attempt, outcome):
@@ -376,6 +379,9 @@ class SchedulingLoop:
             self._on_node_change(change, fx)
         if alive:
             self.book.apply_node_running(key, item.running, fx)
+            # A heartbeat reaches the loop when the node's tasks changed, so a node that
+            # rejected a start as busy may have a free task user again.
+            self.book.engine.clear_busy(key)
         if self.fleet.get(key) is None:
             return
         if item.drain_requested:
@@ -424,6 +430,8 @@ class SchedulingLoop:
         elif change.previous in ("unknown", "down"):
             logger.info("node %s is back: %s", node.key, change.reason)
             engine.node_back(node.key, now)
+        # An agent restarted with another pool of task users reports another limit.
+        engine.set_max_jobs(node.key, node.max_jobs)
 
     def _retry_budgets(self, now: float) -> None:
         for project, since in list(self._no_budget.items()):

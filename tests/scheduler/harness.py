@@ -242,6 +242,7 @@ class Stack:
         faults: Path | None = None,
         usage_s: float | None = None,
         region: str = "reg",
+        extra_env: dict[str, str] | None = None,
     ) -> Process:
         """Start one simulated agent process serving nodes ``n<first>`` .. ``n<first+nodes-1>``.
 
@@ -249,7 +250,7 @@ class Stack:
         processes need providers or regions of their own. ``faults`` is a fault trace to
         replay from the start, in real seconds at the default agent speed. Without it no fault
         happens. ``usage_s`` sets the usage tick, on which agents also report new checkpoint
-        references.
+        references. ``extra_env`` adds environment variables, e.g. ``ACSP_AGENT_TASK_USERS``.
         """
         fleet = self.work_dir / f"{name}-fleet.csv"
         rows = [f"n{i},{model},{gpus}" for i in range(first, first + nodes)]
@@ -276,7 +277,7 @@ class Stack:
         ]
         if usage_s is not None:
             argv += ["--usage-s", str(usage_s)]
-        process = Process(name, argv, self.env(), self.log_dir)
+        process = Process(name, argv, self.env(**(extra_env or {})), self.log_dir)
         self.processes.append(process)
         return process
 

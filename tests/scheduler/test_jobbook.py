@@ -11,7 +11,7 @@ from acsp.v1 import agent_pb2, events_pb2
 from scheduler.engine.engine import Engine
 from scheduler.engine.spec import EngineConfig
 from scheduler.service.admission import HoldOutcome, RateCard
-from scheduler.service.engine_adapter import EngineAdapter
+from scheduler.service.engine_adapter import BUSY_RETRY_S, EngineAdapter
 from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
 from scheduler.service.jobbook import MAX_START_FAILURES, Effects, JobBook
 from scheduler.service.model import Job, JobSpec, TaskPlacement, new_job_id
@@ -693,3 +693,27 @@ def test_failed_task_reason_skips_repeated_state(state: str, message: str, reaso
     book.apply_task("prov.reg.n1", f"{job.job_id}/1/0", state, 7, message, fx)
 
     assert fx.changed[job.job_id][0].reason == reason
+
+
+def test_busy_node_rejections_not_counted() -> None:
+    book = make_book()
+    job = make_job(tasks=1)
+    for attempt in range(1, MAX_START_FAILURES + 2):
+        place(book, job, NOW + attempt)
+        book.apply_hold(
+            job.job_id, attempt, HoldOutcome("held", "h1", "g1", Decimal(1)), Effects(NOW)
+        )
+        fx = Effects(NOW + attempt)
+        task_id = f"{job.job_id}/{attempt}/0"
+        book.apply_task(
+            "prov.reg.n1", task_id, "start_failed", 0, "pool in use", fx, node_busy=True
+        )
+        requeued = fx.changed[job.job_id][0]
+        assert requeued.state == "pending"
+        assert requeued.start_failures == 0
+        assert requeued.attempt == attempt + 1
+        assert requeued.avoid_nodes == ("prov.reg.n1",)
+        assert "node busy: pool in use" in requeued.attempt_reason
+        assert book.engine.engine.fleet.by_id["prov.reg.n1"].busy
+        # The mark ends after a while, or when a task on the node ends.
+        book.engine.expire_busy(NOW + attempt + BUSY_RETRY_S)
