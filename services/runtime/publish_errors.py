@@ -8,7 +8,7 @@ with its reason instead of being retried forever, while a NATS outage only delay
   invalid subject or header). Or JetStream replied with an error in
   :data:`PERMANENT_JS_ERRORS` (over the stream's max_msg_size). Or no stream replied, and
   JetStream's API finds no stream for the subject, or finds one with a leader, so a server on
-  the way drops the subject (see :mod:`services.runtime.dropped_subjects`). Or no reply came,
+  the way drops the subject (see :mod:`services.runtime.denied_subjects`). Or no reply came,
   and the server reported a permissions violation for the message's subject after the
   message was sent (see :class:`PublishViolations`).
 - retried: everything else, such as timeouts, disconnections, and no reply while NATS
@@ -34,7 +34,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
-from services.runtime.dropped_subjects import DROPPED_SUBJECTS, dropped_reason, dropped_streams
+from services.runtime.denied_subjects import DENIED_SUBJECTS, dropped_reason, dropped_streams
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ MAX_VIOLATION_SUBJECTS: Final = 1024
 PUBLISH_VIOLATION: Final = re.compile(r'permissions violation for publish to "(.+)"', re.IGNORECASE)
 """The server's error for a publish that the user may not make, as nats-py reports it."""
 NOT_PERMITTED: Final = (
-    "permissions violation for publish (the server denies this subject to the connection's "
-    "NATS user)"
+    "permissions violation for publish (the server denies the subject to the connection's NATS "
+    "user: grant that user, for an agent its provider's user, publish permission for it)"
 )
 
 Outcome = bool | str
@@ -261,10 +261,14 @@ def reject_unpermitted(
     violations = publish_violations(js)
     if not violations:
         return
+    denied: Counter[str] = Counter()
     for index in indexes:
         message = messages[index]
         if outcomes[index] is False and violations.reported_since(message[0], sent_at):
             outcomes[index] = rejection_reason(NOT_PERMITTED, message)
+            denied[message[0]] += 1
+    for subject, count in denied.items():
+        DENIED_SUBJECTS.record(subject, NOT_PERMITTED, count)
 
 
 def rejection_reason(error: BaseException | str, message: Message) -> str:
@@ -319,8 +323,8 @@ async def reject_streamless(
     Outside a NATS restart, no stream replies on a subject that no stream captures. During
     a restart JetStream's API does not reply either, so those messages are retried. A subject
     that a stream with a leader captures is dropped on the way, typically by a leaf node
-    whose user on the hub may not publish it (see :mod:`services.runtime.dropped_subjects`),
-    so its messages are rejected too and counted in :data:`DROPPED_SUBJECTS`. Each lookup is
+    whose user on the hub may not publish it (see :mod:`services.runtime.denied_subjects`),
+    so its messages are rejected too and counted in :data:`DENIED_SUBJECTS`. Each lookup is
     bounded by ``timeout_s``, and one that misses it leaves its messages to retry.
     """
     subjects = {messages[i][0] for i, answer in enumerate(answers) if answer is None}
@@ -341,7 +345,7 @@ async def reject_streamless(
         else:
             outcomes.append(False)
     for subject, count in dropped_counts.items():
-        DROPPED_SUBJECTS.record(subject, dropped[subject], count)
+        DENIED_SUBJECTS.record(subject, dropped_reason(subject, dropped[subject]), count)
     return outcomes
 
 

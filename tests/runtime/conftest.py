@@ -16,10 +16,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf import wrappers_pb2
 
-from services.runtime import Role, Service, Settings, mint_token
+from services.runtime import Role, Service, Settings, mint_token, publish_errors
 from services.runtime.auth import generate_signing_key, load_signing_key
 from services.runtime.channel import open_channel
 from services.runtime.db import quote_ident
+from services.runtime.denied_subjects import DeniedSubjects
 from tests.runtime.sample_service import SERVICE_NAME, SampleServicer, build_service
 
 TEST_DSN = os.environ.get("ACSP_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -122,3 +123,12 @@ async def fresh_schema() -> AsyncIterator[str]:
         await connection.execute(f"DROP SCHEMA IF EXISTS {quote_ident(name)} CASCADE")
     finally:
         await connection.close()
+
+
+@pytest.fixture
+def denied(monkeypatch: pytest.MonkeyPatch) -> DeniedSubjects:
+    """Return empty counts of denied subjects that the publishers use in place of the shared
+    ones, so that no earlier test's log line holds back a test's own."""
+    counts = DeniedSubjects()
+    monkeypatch.setattr(publish_errors, "DENIED_SUBJECTS", counts)
+    return counts

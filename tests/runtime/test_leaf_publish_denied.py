@@ -27,8 +27,12 @@ from nats.js.api import StreamConfig
 from agents.dead_letters import DeadLetters
 from agents.outbox import Outbox
 from agents.spool import Spool
-from services.runtime import dropped_subjects
-from services.runtime.dropped_subjects import DROPPED_SUBJECTS, DroppedSubjects, dropped_streams
+from services.runtime import denied_subjects
+from services.runtime.denied_subjects import (
+    DeniedSubjects,
+    dropped_reason,
+    dropped_streams,
+)
 from services.runtime.jetstream import Publisher
 from services.runtime.nats import TlsCheckingClient
 from services.runtime.publish_errors import Message
@@ -45,38 +49,40 @@ DOMAIN = "hub"
 # Without network.
 
 
-def test_dropped_subject_logged_once_per_spacing(caplog: pytest.LogCaptureFixture) -> None:
-    counts = DroppedSubjects(log_spacing_s=3600.0)
-    caplog.set_level(logging.WARNING, dropped_subjects.__name__)
+def test_denied_subject_logged_once_per_spacing(caplog: pytest.LogCaptureFixture) -> None:
+    counts = DeniedSubjects(log_spacing_s=3600.0)
+    caplog.set_level(logging.WARNING, denied_subjects.__name__)
+    reason = dropped_reason(DENIED, STREAM)
 
-    counts.record(DENIED, STREAM, 2)
-    counts.record(DENIED, STREAM, 3)
-    counts.record(ALLOWED, STREAM, 1)
+    counts.record(DENIED, reason, 2)
+    counts.record(DENIED, reason, 3)
+    counts.record(ALLOWED, "another reason", 1)
 
     assert counts.total == 6
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == 2
-    assert lines[0].startswith("2 messages rejected for good")
+    assert lines[0].startswith(f"2 messages on {DENIED} rejected for good")
     assert f"publish permission for {DENIED}" in lines[0]
     assert f"stream {STREAM}" in lines[0]
-    assert lines[1].startswith("1 messages rejected for good")
+    assert lines[1].startswith(f"1 messages on {ALLOWED} rejected for good")
+    assert lines[1].endswith("another reason")
 
 
-def test_dropped_subject_logs_again_after_spacing(caplog: pytest.LogCaptureFixture) -> None:
-    counts = DroppedSubjects(log_spacing_s=0.0)
-    caplog.set_level(logging.WARNING, dropped_subjects.__name__)
+def test_denied_subject_logs_again_after_spacing(caplog: pytest.LogCaptureFixture) -> None:
+    counts = DeniedSubjects(log_spacing_s=0.0)
+    caplog.set_level(logging.WARNING, denied_subjects.__name__)
 
-    counts.record(DENIED, STREAM, 1)
-    counts.record(DENIED, STREAM, 1)
+    counts.record(DENIED, "a reason", 1)
+    counts.record(DENIED, "a reason", 1)
 
     assert len(caplog.records) == 2
 
 
-def test_dropped_subjects_keep_newest() -> None:
-    counts = DroppedSubjects(log_spacing_s=3600.0, max_subjects=1)
+def test_denied_subjects_keep_newest() -> None:
+    counts = DeniedSubjects(log_spacing_s=3600.0, max_subjects=1)
 
-    counts.record(DENIED, STREAM, 1)
-    counts.record(ALLOWED, STREAM, 1)
+    counts.record(DENIED, "a reason", 1)
+    counts.record(ALLOWED, "a reason", 1)
 
     assert list(counts._reports) == [ALLOWED]
 
@@ -177,11 +183,10 @@ async def hub_message_ids(mesh: LeafMesh) -> list[str]:
 
 
 async def test_leaf_denied_message_rejected(
-    leaf_mesh: LeafMesh, caplog: pytest.LogCaptureFixture
+    leaf_mesh: LeafMesh, denied: DeniedSubjects, caplog: pytest.LogCaptureFixture
 ) -> None:
     batch: list[Message] = [(ALLOWED, b"x", "m1"), (DENIED, b"x", "m2"), (ALLOWED, b"x", "m3")]
-    dropped_before = DROPPED_SUBJECTS.total
-    caplog.set_level(logging.WARNING, dropped_subjects.__name__)
+    caplog.set_level(logging.WARNING, denied_subjects.__name__)
     client = await connect_to_leaf(leaf_mesh)
     try:
         publisher = Publisher(client.jetstream(), ack_timeout_s=2.0)
@@ -198,10 +203,10 @@ async def test_leaf_denied_message_rejected(
     assert f"publish permission for {DENIED}" in reason
     assert f"m2 of 1 bytes on {DENIED}" in reason
     assert isinstance(again[0], str)
-    assert DROPPED_SUBJECTS.total == dropped_before + 2
+    assert denied.total == 2
     assert await hub_message_ids(leaf_mesh) == ["m1", "m3"]
     # Two rejected messages on one subject within the log spacing make one line.
-    lines = [r.getMessage() for r in caplog.records if r.name == dropped_subjects.__name__]
+    lines = [r.getMessage() for r in caplog.records if r.name == denied_subjects.__name__]
     assert len([line for line in lines if DENIED in line]) == 1
 
 

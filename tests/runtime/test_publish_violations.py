@@ -7,6 +7,7 @@ may not publish to one subject that a stream captures.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,8 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
+from services.runtime import denied_subjects
+from services.runtime.denied_subjects import DeniedSubjects
 from services.runtime.jetstream import Publisher
 from services.runtime.nats import TlsCheckingClient
 from services.runtime.publish_errors import (
@@ -230,8 +233,29 @@ async def test_denied_message_rejected_others_stored(guarded_nats: NatsServer) -
     reason = outcomes[1]
     assert isinstance(reason, str)
     assert "permissions violation for publish" in reason
+    assert "grant that user" in reason
     assert f"m2 of 1 bytes on {DENIED}" in reason
     assert stored == ["m1", "m3"]
+
+
+async def test_denied_messages_counted_and_logged_once(
+    guarded_nats: NatsServer, denied: DeniedSubjects, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, denied_subjects.__name__)
+    client = await connect_limited(guarded_nats)
+    try:
+        publisher = Publisher(client.jetstream(), ack_timeout_s=5.0)
+        first = await publisher.publish_batch([(DENIED, b"x", "m1"), (DENIED, b"x", "m2")])
+        second = await publisher.publish_batch([(DENIED, b"x", "m3")])
+    finally:
+        await client.close()
+
+    assert all(isinstance(outcome, str) for outcome in [*first, *second])
+    assert denied.total == 3
+    lines = [r.getMessage() for r in caplog.records if r.name == denied_subjects.__name__]
+    # The first batch's line is the only one within the log spacing, with the fix in it.
+    assert len([line for line in lines if DENIED in line]) == 1
+    assert "grant that user" in lines[-1]
 
 
 async def test_denied_message_rejected_before_ack_timeout(guarded_nats: NatsServer) -> None:

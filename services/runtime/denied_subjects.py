@@ -1,14 +1,15 @@
-"""Subjects that a server between a publisher and its JetStream stream drops.
+"""Subjects that NATS denies to a publisher: their reports, and the leaf node case.
 
-With nats-server 2.15, a publish through a leaf node gets no responders at once when the
+A server that denies a publish to the connection's own user reports a permissions violation
+(see :class:`services.runtime.publish_errors.PublishViolations`). A leaf node on the way does
+not. With nats-server 2.15, a publish through a leaf node gets no responders at once when the
 leaf's NATS user on the hub may not publish its subject. The leaf does not pass the hub's
-interest in that subject on to its clients. The client gets no permissions violation, since its
-own user may publish the subject. A stream without a leader, during an election or without
-quorum, also gets no responders, but then JetStream's API, which the leaf forwards, reports no
-leader for the stream. So a subject that gets no responders while the API finds a stream with a
-leader for it is dropped on the way, and its messages are rejected for good. They go where each
-publisher puts such messages: the agent's dead letters, or the dead events of a service's
-outbox.
+interest in that subject on to its clients. A stream without a leader, during an election
+or without quorum, also gets no responders, but then JetStream's API, which the leaf forwards,
+reports no leader for the stream. So a subject that gets no responders while the API finds a
+stream with a leader for it is dropped on the way, and its messages are rejected for good.
+They go where each publisher puts such messages: the agent's dead letters, or the dead events
+of a service's outbox.
 
 NOTE: the two lookups run after the publish, so a stream that lost its leader just before the
 publish and got one back before the lookup is taken for a dropped subject. The outboxes of the
@@ -31,9 +32,9 @@ from nats.js import JetStreamContext
 logger = logging.getLogger(__name__)
 
 LOG_SPACING_S: Final = 60.0
-"""Seconds between two log lines about the same dropped subject."""
+"""Seconds between two log lines about the same denied subject."""
 MAX_SUBJECTS: Final = 1024
-"""Subjects a :class:`DroppedSubjects` keeps at most. The least recently dropped go first."""
+"""Subjects a :class:`DeniedSubjects` keeps at most. The least recently denied go first."""
 
 
 def dropped_reason(subject: str, stream: str) -> str:
@@ -49,13 +50,13 @@ def dropped_reason(subject: str, stream: str) -> str:
 @dataclass(slots=True)
 class _Report:
     unlogged: int
-    """Messages dropped since the last log line."""
+    """Messages denied since the last log line."""
     logged_at: float
     """Monotonic time of the last log line."""
 
 
-class DroppedSubjects:
-    """Counts of the messages rejected because a server on the way drops their subject.
+class DeniedSubjects:
+    """Counts of the messages rejected because NATS denies their subject to the publisher.
 
     Logs one WARNING per subject at most every ``log_spacing_s``, with the messages counted
     since the previous line, because a denied subject of usage samples repeats every interval.
@@ -69,12 +70,13 @@ class DroppedSubjects:
         self._log_spacing_s = log_spacing_s
         self._max_subjects = max_subjects
         self._reports: dict[str, _Report] = {}
-        """Reports by subject, least recently dropped first."""
+        """Reports by subject, least recently denied first."""
         self.total = 0
-        """Messages rejected for a dropped subject since the process started."""
+        """Messages rejected for a denied subject since the process started."""
 
-    def record(self, subject: str, stream: str, messages: int) -> None:
-        """Count ``messages`` on ``subject`` rejected, and log them unless a line is recent."""
+    def record(self, subject: str, reason: str, messages: int) -> None:
+        """Count ``messages`` on ``subject`` rejected for ``reason``, and log them unless a line
+        about the subject is recent."""
         self.total += messages
         now = time.monotonic()
         report = self._reports.pop(subject, None)
@@ -87,17 +89,19 @@ class DroppedSubjects:
         if now - report.logged_at < self._log_spacing_s:
             return
         logger.warning(
-            "%d messages rejected for good since the last report (%d on all such subjects): %s",
+            "%d messages on %s rejected for good since the last report (%d on all denied "
+            "subjects): %s",
             report.unlogged,
+            subject,
             self.total,
-            dropped_reason(subject, stream),
-            extra={"subject": subject, "stream": stream},
+            reason,
+            extra={"subject": subject},
         )
         report.unlogged = 0
         report.logged_at = now
 
 
-DROPPED_SUBJECTS: Final = DroppedSubjects()
+DENIED_SUBJECTS: Final = DeniedSubjects()
 """The counts of this process, which every publisher shares."""
 
 
@@ -125,8 +129,8 @@ async def _streams_with_leader(
         except (NatsError, TimeoutError) as exc:
             logger.warning("stream info of %s failed: %s", name, exc)
             continue
-        # nats-server 2.15 outside a cluster reports itself as the leader. Without cluster
-        # information at all, the server that replied owns the stream, which is then up.
+        # nats-server 2.15 reports a leader outside a cluster too. A reply without cluster
+        # information is taken for a stream that is up.
         if info.cluster is None or info.cluster.leader:
             led.add(name)
     return led
