@@ -91,7 +91,8 @@ def earliest_start(
         current = end
         for allocation in (record.tasks or {}).values():
             node = allocation.node
-            if node.pool.ordinal not in pool_set or not node.schedulable:
+            # A node at its job limit counts no slots until one of its jobs ends.
+            if node.pool.ordinal not in pool_set or not node.up:
                 continue
             if node.ordinal in excluded:
                 continue
@@ -99,7 +100,9 @@ def earliest_start(
             if used is None:
                 used = node.usage_with_failed()
                 simulated[node.ordinal] = used
-            before = used.count(0) // per_slot
+                before = 0 if node.full else used.count(0) // per_slot
+            else:
+                before = used.count(0) // per_slot
             for index in allocation.indices:
                 used[index] -= allocation.millis
             after = used.count(0) // per_slot
@@ -148,7 +151,7 @@ def _initial_slots(
 ) -> int:
     """Count the slots ``group`` has before any simulated release."""
     if group == ("node", node.ordinal):
-        return node.free_whole // per_slot
+        return 0 if node.full else node.free_whole // per_slot
     if group == ("domain", node.pool.ordinal, node.domain.ordinal):
         members = [n for n in node.domain.nodes if n.schedulable and n.ordinal not in excluded]
         return sum(n.free_whole // per_slot for n in members)

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from scheduler.engine import InvalidInputError, JobEnded, JobOutcome
+from scheduler.engine import InvalidInputError, JobEnded, JobOutcome, Reserve
 from scheduler.engine.fleet import NodeRecord
 from tests.engine.helpers import job, make_engine, node, placed
 
@@ -134,3 +134,18 @@ def test_busy_mark_outlives_released_job() -> None:
 
     assert placed(engine.schedule(1.0)) == {}
     assert not _index_holds(engine.fleet.by_id["n1"])
+
+
+def test_reservation_counts_full_node() -> None:
+    engine = make_engine()
+    engine.add_node(replace(node("limited", 4), max_jobs=1))
+    engine.submit(job("small", accelerators=1, wall_time_s=100.0))
+    assert list(placed(engine.schedule(0.0))) == ["small"]
+    engine.submit(job("big", accelerators=4, wall_time_s=100.0, submit=1.0))
+
+    result = engine.schedule(1.0)
+
+    [reserve] = [d for d in result.decisions if isinstance(d, Reserve)]
+    assert reserve.job_id == "big"
+    assert reserve.start_time == 100.0
+    assert reserve.node_ids == ("limited",)
