@@ -454,6 +454,9 @@ class NodeAgent:
             used,
             [record.task_id for record in self.runner.running],
             self._clock(),
+            # NOTE: nodes that one agent process serves share its pool, yet each reports the
+            # whole pool, so together they are offered more jobs than they can take. Their
+            # agent rejects the extra starts as busy.
             max_jobs=len(self._task_users) if self._task_users is not None else 0,
         )
         self._inventory_counter += 1
