@@ -10,9 +10,11 @@ the latest quarter of the limit or a little more.
 The trim removes the middle with ``fallocate(FALLOC_FL_COLLAPSE_RANGE)``, which shifts the
 rest of the file down under the inode's lock, the same lock that an ``O_APPEND`` write takes.
 So a write of the task lands either before the collapse, and moves with the tail, or after it,
-at the new end: the trim loses nothing that the task writes while it runs. Because the
-collapsed range must start and end on file system blocks (``st_blksize``), the kept start runs
-on to the block boundary where the marker ends, and the kept tail starts on a block boundary.
+at the new end: the trim loses nothing that the task writes while it runs. The file system may
+first write the kept tail's dirty pages to disk, and the task's writes then wait for that.
+Because the collapsed range must start and end on file system blocks (``st_blksize``), the kept
+start runs on to the block boundary where the marker ends, and the kept tail starts on a block
+boundary.
 
 So a log contains between a quarter and all of the limit of the latest output, and it grows past
 the limit by at most what the task writes between two checks. A log trimmed again keeps its
