@@ -109,6 +109,8 @@ def _grant_record(grant: grant_pb2.Grant) -> dict[str, Any]:
         "available": decimal_value(grant.balance.available_pf_days),
         "held": decimal_value(grant.balance.held_pf_days),
         "charged": decimal_value(grant.balance.charged_pf_days),
+        # A grant is pending until its window starts, so the start explains that state.
+        "starts": format_time(grant.validity.start_time),
         "ends": end_time_cell(grant.validity.end_time),
     }
 
@@ -337,7 +339,17 @@ def run_list(args: argparse.Namespace) -> int:
             )
         )
     records = [_grant_record(g) for g in response.grants]
-    columns = ["grant", "project", "tier", "state", "available", "held", "charged", "ends"]
+    columns = [
+        "grant",
+        "project",
+        "tier",
+        "state",
+        "available",
+        "held",
+        "charged",
+        "starts",
+        "ends",
+    ]
     print_records(records, columns, output_format=args.format, title="grants (PF-days)")
     _note_limit(response, len(records), args, "narrow the list with --project")
     return EXIT_OK

@@ -352,6 +352,7 @@ async def test_cli_shows_end_date_as_typed(
         assert code == 0, err
         (grant,) = map(json.loads, out.splitlines())
         assert grant["ends"] == stored
+        assert grant["starts"] == f"{START}T00:00:00+00:00"
         code, out, err = await run_cli(capsys, "list", "--format", "csv")
         assert code == 0, err
         assert out.splitlines()[1].endswith(f",{stored}")
