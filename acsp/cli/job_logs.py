@@ -19,9 +19,10 @@ from acsp.cli._common import (
     describe_rpc_error,
     exit_code_for_rpc_error,
     naming_options,
+    rejected_fields,
     whole_number,
 )
-from acsp.v1 import scheduler_pb2
+from acsp.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler.service.task_output import DEFAULT_OUTPUT_BYTES, MAX_OUTPUT_BYTES
 from scheduler.service.validation import MAX_TASKS
 
@@ -116,7 +117,11 @@ def print_task_output(args: argparse.Namespace) -> int:
         job_id=args.job_id, task_index=args.task, max_bytes=args.bytes
     )
     with client_from_args(args) as client:
-        with naming_options(LOGS_OPTIONS), naming_task_option():
+        with (
+            naming_options(LOGS_OPTIONS),
+            naming_task_option(),
+            explaining_unreadable_job(client.scheduler, args.job_id),
+        ):
             response = client.scheduler.ReadTaskOutput(request)
         ended = False
         if not response.output:
@@ -149,6 +154,41 @@ def print_task_output(args: argparse.Namespace) -> int:
             note += f"; pass --bytes N, up to {MAX_BYTES}, for more"
         sys.stderr.write(note + "\n")
     return EXIT_OK
+
+
+@contextmanager
+def explaining_unreadable_job(
+    scheduler: scheduler_pb2_grpc.SchedulerServiceStub, job_id: str
+) -> Iterator[None]:
+    """Give the command to run next when a job has no task output to read.
+
+    A task without output (not started, or no log on its node) fails with
+    FAILED_PRECONDITION, which names ``task_index`` although another --task is seldom the
+    fix. So the error is raised here without that hint, and with the command that follows a
+    job that has not ended. A job array fails with INVALID_ARGUMENT on ``job_id``, and the
+    error then names the command that lists the array's elements. Each case costs one more
+    GetJob call, on the error path only.
+    """
+    try:
+        yield
+    except grpc.RpcError as error:
+        code = error.code()
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            message = describe_rpc_error(error)
+            job = scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id=job_id))
+            if job.state not in ENDED_STATES:
+                message += f"\nhint: acsp jobs watch {job_id} follows the job until it ends"
+            raise CommandError(message, exit_code_for_rpc_error(error)) from None
+        if code != grpc.StatusCode.INVALID_ARGUMENT or "job_id" not in rejected_fields(error):
+            raise
+        job = scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id=job_id))
+        if job.array_job_id != job.job_id:
+            raise
+        message = (
+            f"{describe_rpc_error(error)}\n"
+            f"hint: acsp jobs list --array {job_id} lists the ids of its elements"
+        )
+        raise CommandError(message, exit_code_for_rpc_error(error)) from None
 
 
 @contextmanager

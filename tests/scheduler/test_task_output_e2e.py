@@ -348,3 +348,31 @@ async def test_logs_command_notes_on_stderr(
     assert b"note: output cut" in cut.err
     assert b"NATS max payload" in cut.err
     assert b"pass --bytes" not in cut.err
+
+
+async def test_logs_command_gives_next_step(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    # No agent runs, so every job stays pending.
+    _, address = await stack.start_scheduler(ACSP_SCHEDULER_OUTPUT_TIMEOUT_S=OUTPUT_TIMEOUT_S)
+    project, grant, pi = await fund_grant(stack)
+    token = stack.token(pi, Role.PI)
+    md = metadata(token)
+    use_scheduler(monkeypatch, address, token)
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        pending_id = await submit(scheduler, md, job_spec(project, grant, task_count=1))
+        array_id = await submit(scheduler, md, job_spec(project, grant, task_count=1, array_size=2))
+    capfdbinary.readouterr()
+
+    assert main(["jobs", "logs", pending_id]) == 1
+    pending = capfdbinary.readouterr().err
+    assert b"has not started on any node" in pending
+    assert f"hint: acsp jobs watch {pending_id}".encode() in pending
+    # Another --task would not help, so the error does not point at it.
+    assert b"set by --task" not in pending
+
+    assert main(["jobs", "logs", array_id]) == 2
+    array = capfdbinary.readouterr().err
+    assert b"is a job array" in array
+    assert f"hint: acsp jobs list --array {array_id}".encode() in array
