@@ -27,6 +27,7 @@ from rich.text import Text
 from acsp._channel import DEFAULT_TIMEOUT_S
 from acsp.client import AsyncClient, Client
 from acsp.decimals import format_decimal, from_proto
+from acsp.mesh.endpoints import default_data_dir
 from acsp.v1 import common_pb2
 
 EXIT_OK: Final = 0
@@ -49,7 +50,9 @@ UNREACHABLE_HINT: Final = (
     "hint: run acsp status to see which service is not serving, then read that service's log "
     "in the logs folder of the mesh's data dir, e.g. ~/.acsp/logs/scheduler.log"
 )
-"""Next steps for a service of the mesh that cannot be reached or does not reply in time."""
+"""Next steps for a service of the mesh that cannot be reached or does not reply in time.
+
+:func:`unreachable_hint` writes them for the data directory in use."""
 PIPE_WIDTH: Final = 1_000
 """Table width in characters when stdout is a pipe or a file."""
 UINT32_MAX: Final = 2**32 - 1
@@ -403,6 +406,19 @@ def table_text(message: common_pb2.Decimal) -> str:
     """Format a protobuf Decimal for a table's title, rounded as :func:`table_amount` does."""
     value = decimal_value(message)
     return table_amount(value) if isinstance(value, Decimal) else value
+
+
+def unreachable_hint(data_dir: Path | None) -> str:
+    """Return :data:`UNREACHABLE_HINT` with the commands and log folder of ``data_dir``.
+
+    ``None`` means the default data directory, ``$ACSP_DATA_DIR`` or ``~/.acsp``.
+    """
+    logs = (data_dir.expanduser() if data_dir is not None else default_data_dir()) / "logs"
+    status = "acsp status" if data_dir is None else f"acsp status --data-dir {data_dir}"
+    return (
+        f"hint: run {status} to see which service is not serving, then read that service's "
+        f"log in {logs}, e.g. {logs / 'scheduler.log'}"
+    )
 
 
 def print_error(message: str, stream: TextIO | None = None) -> None:

@@ -24,10 +24,12 @@ from acsp.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_NO_MESH,
     EXIT_USAGE,
+    UNREACHABLE_HINT,
     CommandError,
     describe_rpc_error,
     exit_code_for_rpc_error,
     print_error,
+    unreachable_hint,
 )
 from acsp.mesh.endpoints import MeshNotFoundError
 
@@ -93,15 +95,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
     except grpc.RpcError as error:
-        print_error(describe_rpc_error(error))
+        print_error(_with_data_dir(describe_rpc_error(error), args))
         return exit_code_for_rpc_error(error)
     except MeshNotFoundError as error:
         print_error(str(error))
         return EXIT_NO_MESH
     except CommandError as error:
-        print_error(str(error))
+        print_error(_with_data_dir(str(error), args))
         return error.exit_code
     return int(result or 0)
+
+
+def _with_data_dir(message: str, args: argparse.Namespace) -> str:
+    """Replace the generic hint for an unreachable service with one for the mesh in use."""
+    data_dir = getattr(args, "data_dir", None)
+    return message.replace(UNREACHABLE_HINT, unreachable_hint(data_dir))
 
 
 def _configure_logging(verbosity: int) -> None:

@@ -303,3 +303,42 @@ def test_usage_range_ending_before_start_exits_2(
     assert f"--to {command[-1]} is not after --from {command[-3]}" in err
     assert hint in err
     assert "Traceback" not in err
+
+
+class _UnavailableError(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "failed to connect to all addresses"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+@contextmanager
+def _unreachable_scheduler(args: object) -> Iterator[object]:
+    class Scheduler:
+        def ListJobs(self, request: object) -> object:
+            raise _UnavailableError()
+
+    yield Scheduler()
+
+
+def test_unreachable_hint_names_data_dir_in_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    monkeypatch.setattr(jobs, "open_scheduler", _unreachable_scheduler)
+    from_env = tmp_path / "from-env"
+    monkeypatch.setenv("ACSP_DATA_DIR", str(from_env))
+    assert main.main(["jobs", "list"]) == _common.EXIT_NO_MESH
+    err = capsys.readouterr().err
+    assert "hint: run acsp status to see" in err
+    assert str(from_env / "logs" / "scheduler.log") in err
+    assert "~/.acsp" not in err
+
+    given = tmp_path / "given"
+    assert main.main(["jobs", "list", "--data-dir", str(given)]) == _common.EXIT_NO_MESH
+    err = capsys.readouterr().err
+    assert f"hint: run acsp status --data-dir {given} to see" in err
+    assert str(given / "logs" / "scheduler.log") in err
