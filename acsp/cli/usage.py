@@ -355,7 +355,7 @@ def run_settlement_show(args: argparse.Namespace) -> int:
         f"{settlement.provider_id}: delivered {delivered} PF-days, "
         f"refunded {refunded}, net {table_text(settlement.net_pf_days)}, "
         f"pledge {'kept' if settlement.pledge_kept else 'broken'}, "
-        f"{settlement.recall_count} recalls"
+        f"{settlement.recall_count} recall{'' if settlement.recall_count == 1 else 's'}"
     )
     print_records(records, columns, output_format=args.format, title=title)
     return EXIT_OK

@@ -342,3 +342,24 @@ def test_unreachable_hint_names_data_dir_in_use(
     err = capsys.readouterr().err
     assert f"hint: run acsp status --data-dir {given} to see" in err
     assert str(given / "logs" / "scheduler.log") in err
+
+
+@pytest.mark.parametrize(("count", "words"), [(0, "0 recalls"), (1, "1 recall"), (2, "2 recalls")])
+def test_settlement_title_counts_recalls(
+    count: int, words: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    class Metering(_SettlementMetering):
+        def GetSettlement(self, request: object) -> metering_pb2.Settlement:
+            settlement = super().GetSettlement(request)
+            settlement.recall_count = count
+            return settlement
+
+    @contextmanager
+    def open_metering(args: argparse.Namespace) -> Iterator[Metering]:
+        yield Metering()
+
+    monkeypatch.setattr(usage, "open_metering", open_metering)
+    args = argparse.Namespace(provider="p", start="2026-01-01", end="2026-01-02", format="table")
+    usage.run_settlement_show(args)
+    title = capsys.readouterr().out.splitlines()[0]
+    assert title.endswith(words)
