@@ -293,6 +293,9 @@ async def submit_review(
 ) -> None:
     """Store the caller's review; a reviewer may revise it until the decision.
 
+    A first review is recorded as ``reviewed`` and each later one as ``review_revised`` with
+    the old and the new score, so the history shows what changed.
+
     ``reviewer_institution`` comes from the caller's own token. A review is rejected as a
     conflict of interest when that token names the applicant's institution or the reviewer has
     joined the project since assignment. It is also rejected when the token names another
@@ -324,20 +327,28 @@ async def submit_review(
         check_known_institution(
             reviewer, reviewer_institution, {assigned}, field="token.institution"
         )
-    updated = await conn.fetchval(
-        "UPDATE application_reviewers SET score = $3, comment = $4, reviewed_at = now() "
-        "WHERE application_id = $1 AND reviewer = $2 RETURNING reviewer",
+    # The old score is read in the same statement, so a revision records what it replaced.
+    previous = await conn.fetchrow(
+        "UPDATE application_reviewers r SET score = $3, comment = $4, reviewed_at = now() "
+        "FROM application_reviewers old "
+        "WHERE r.application_id = $1 AND r.reviewer = $2 "
+        "AND old.application_id = r.application_id AND old.reviewer = r.reviewer "
+        "RETURNING old.score, old.reviewed_at",
         application_id,
         reviewer,
         score,
         comments,
     )
-    if updated is None:
+    if previous is None:
         raise FailedPrecondition(
             f"{reviewer!r} is not assigned to review application {application_id}",
             field="application_id",
         )
-    await _event(conn, application_id, "reviewed", reviewer, f"score {score}")
+    if previous["reviewed_at"] is None:
+        await _event(conn, application_id, "reviewed", reviewer, f"score {score}")
+    else:
+        detail = f"score {previous['score']} -> {score}"
+        await _event(conn, application_id, "review_revised", reviewer, detail)
 
 
 async def decide(

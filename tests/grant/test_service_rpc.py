@@ -164,6 +164,38 @@ async def test_review_flow_records_every_step(grant_service: RunningGrant) -> No
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_second_review_recorded_as_revision(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    pi = grant_service.stub("alice", ["pi"], "uni-a")
+    office = grant_service.stub("office", ["program_office"])
+    rita = grant_service.stub("rita", ["reviewer"], "uni-b")
+    app = await pi.SubmitApplication(
+        grant_pb2.SubmitApplicationRequest(
+            request_id=rid(), application=application(grant_pb2.GRANT_TIER_STANDARD, "50")
+        )
+    )
+    await office.AssignReviewer(
+        grant_pb2.AssignReviewerRequest(
+            request_id=rid(),
+            application_id=app.application_id,
+            reviewer_subject="rita",
+            reviewer_institution_id="uni-b",
+        )
+    )
+    for score in (4, 5):
+        revised = await rita.SubmitReview(
+            grant_pb2.SubmitReviewRequest(
+                request_id=rid(), application_id=app.application_id, score=score, comments="ok"
+            )
+        )
+    assert [(r.reviewer_subject, r.score) for r in revised.reviews] == [("rita", 5)]
+    steps = [(h.trigger, h.actor, h.reason) for h in revised.history]
+    assert steps[-2:] == [
+        ("application:reviewed", "rita", "score 4"),
+        ("application:review_revised", "rita", "score 4 -> 5"),
+    ]
+
+
 async def test_pi_creates_only_own_projects(grant_service: RunningGrant) -> None:
     await setup_project(grant_service)
     pi = grant_service.stub("alice", ["pi"], "uni-a")
