@@ -11,7 +11,8 @@ The digits that remain are exactly the value's digits, so
 
 from __future__ import annotations
 
-from decimal import Context, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
+from typing import Final
 
 from acsp.v1 import common_pb2
 
@@ -31,6 +32,34 @@ def format_decimal(value: Decimal) -> str:
     digits = len(value.as_tuple().digits)
     normalized = value.normalize(Context(prec=max(digits, 28)))
     return format(normalized, "f")
+
+
+DISPLAY_PLACES: Final = 6
+"""Decimal places of a displayed amount of at least :data:`SMALL_AMOUNT`."""
+SMALL_AMOUNT: Final = Decimal("1e-6")
+"""Below this, an amount shows :data:`SMALL_DIGITS` significant digits instead, so a nonzero
+amount never shows as 0."""
+SMALL_DIGITS: Final = 3
+
+
+def display_decimal(value: Decimal) -> str:
+    """Round ``value`` for a message to people, in plain notation: ``1.25``, ``0.000000123``.
+
+    Ledger amounts carry up to 24 decimal places, which no reader needs in an error or a
+    pending reason. Machines read the exact value from the response or the error details.
+    NaN and infinities give their names.
+    """
+    if not value.is_finite():
+        return str(value)
+    if value.is_zero():
+        return "0"
+    if abs(value) >= SMALL_AMOUNT:
+        step = Decimal(1).scaleb(-DISPLAY_PLACES)
+    else:
+        step = Decimal(1).scaleb(value.adjusted() - SMALL_DIGITS + 1)
+    # The context is wide enough for every digit left of the point, so quantize never raises.
+    context = Context(prec=max(value.adjusted(), 0) + DISPLAY_PLACES + 2)
+    return format_decimal(value.quantize(step, rounding=ROUND_HALF_EVEN, context=context))
 
 
 def to_proto(value: Decimal) -> common_pb2.Decimal:

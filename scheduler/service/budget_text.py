@@ -7,28 +7,11 @@ amounts stay in the job's ``hold_amount`` and in the grant service's balances.
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Final
+from decimal import Decimal
 
-from acsp.decimals import format_decimal
+from acsp.decimals import display_decimal as display_pf_days
 
-DISPLAY_PLACES: Final = 6
-"""Decimal places of a displayed amount of at least :data:`SMALL_AMOUNT` PF-days."""
-SMALL_AMOUNT: Final = Decimal("1e-6")
-"""Below this, an amount shows :data:`SMALL_DIGITS` significant digits instead, so a nonzero
-amount never shows as 0."""
-SMALL_DIGITS: Final = 3
-
-
-def display_pf_days(amount: Decimal) -> str:
-    """Round ``amount`` for a message, in plain notation: ``1.25``, ``0.000000123``, ``12``."""
-    if amount.is_zero() or not amount.is_finite():
-        return format_decimal(amount) if amount.is_finite() else str(amount)
-    if abs(amount) >= SMALL_AMOUNT:
-        step = Decimal(1).scaleb(-DISPLAY_PLACES)
-    else:
-        step = Decimal(1).scaleb(amount.adjusted() - SMALL_DIGITS + 1)
-    return format_decimal(amount.quantize(step, rounding=ROUND_HALF_EVEN))
+__all__ = ["display_pf_days", "no_budget_message", "pot_name"]
 
 
 def pot_name(grant_id: str, sub_allocation_id: str) -> str:

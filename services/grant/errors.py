@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from decimal import Decimal, localcontext
+from typing import Final
 
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2
+
+from acsp.decimals import display_decimal
 from services.grant.amounts import EXACT, format_amount
 from services.runtime.errors import (
     AlreadyExists,
@@ -21,6 +26,12 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
 ]
+
+
+INSUFFICIENT_BUDGET: Final = "INSUFFICIENT_BUDGET"
+"""``google.rpc.ErrorInfo.reason`` of :class:`InsufficientBudget`, whose metadata carries the
+exact amounts."""
+ERROR_DOMAIN: Final = "grant.acsp"
 
 
 def describe_pot(name: str) -> str:
@@ -49,9 +60,11 @@ class InsufficientBudget(FailedPrecondition):
         """
         with localcontext(EXACT):
             shortfall = requested - available
+        # The message rounds for people, and details() carries the exact amounts.
         super().__init__(
-            f"{context}{describe_pot(pot)} has {format_amount(available)} PF-days available, "
-            f"{format_amount(requested)} requested; shortfall {format_amount(shortfall)} PF-days",
+            f"{context}{describe_pot(pot)} has {display_decimal(available)} PF-days available, "
+            f"{display_decimal(requested)} requested; shortfall {display_decimal(shortfall)} "
+            "PF-days",
             field="amount_pf_days",
         )
         self.pot = pot
@@ -59,3 +72,19 @@ class InsufficientBudget(FailedPrecondition):
         self.available = available
         self.shortfall = shortfall
         self.credited = credited
+
+    def details(self) -> list[any_pb2.Any]:
+        """Return the precondition failure and an ErrorInfo with the exact amounts."""
+        info = error_details_pb2.ErrorInfo(
+            reason=INSUFFICIENT_BUDGET,
+            domain=ERROR_DOMAIN,
+            metadata={
+                "pot": self.pot,
+                "requested_pf_days": format_amount(self.requested),
+                "available_pf_days": format_amount(self.available),
+                "shortfall_pf_days": format_amount(self.shortfall),
+            },
+        )
+        packed = any_pb2.Any()
+        packed.Pack(info)
+        return [*super().details(), packed]

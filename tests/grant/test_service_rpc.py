@@ -9,9 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 
 from acsp.v1 import common_pb2, grant_pb2
-from services.runtime.errors import field_violations
+from services.runtime.errors import details_from_error, field_violations
 from tests.grant.conftest import open_database
 from tests.grant.service_helpers import RunningGrant, running_grant
 
@@ -328,6 +329,28 @@ async def test_researchers_see_only_their_projects(grant_service: RunningGrant) 
             grant_pb2.DecideApplicationRequest(request_id=rid(), application_id="x")
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_shortfall_message_rounds_amounts(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    grant_id = await standard_grant(grant_service, "2.99996349399938425925926")
+    pi = grant_service.stub("alice", ["pi"], "uni-a")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pi.CreateSubAllocation(
+            grant_pb2.CreateSubAllocationRequest(
+                request_id=rid(), grant_id=grant_id, holder="bob", amount_pf_days=dec("100")
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    message = caught.value.details() or ""
+    assert "has 2.999963 PF-days available" in message
+    assert "shortfall 97.000037 PF-days" in message
+    status = details_from_error(caught.value)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert any(detail.Unpack(info) for detail in status.details)
+    assert info.metadata["available_pf_days"] == "2.99996349399938425925926"
+    assert info.metadata["shortfall_pf_days"] == "97.00003650600061574074074"
 
 
 async def test_sub_allocation_charge_reduces_parents(grant_service: RunningGrant) -> None:

@@ -9,7 +9,7 @@ from decimal import Decimal, localcontext
 
 import pytest
 
-from acsp.decimals import format_decimal, from_proto, to_proto
+from acsp.decimals import display_decimal, format_decimal, from_proto, to_proto
 from acsp.v1 import common_pb2
 from services.metering.settlement import Settlement, SettlementLine, settlement_csv
 
@@ -104,3 +104,18 @@ def test_settlement_csv_has_no_exponents() -> None:
         "1600",
         "0",
     ]
+
+
+@pytest.mark.parametrize(
+    ("amount", "shown"),
+    [
+        ("2.99996349399938425925926", "2.999963"),
+        ("97.00003650600061574074074", "97.000037"),
+        ("-0.5000004", "-0.5"),
+        ("0.0000001234567", "0.000000123"),
+        ("999999999999999999999999.999999999999999999999999", "1000000000000000000000000"),
+        ("Infinity", "Infinity"),
+    ],
+)
+def test_display_decimal_rounds(amount: str, shown: str) -> None:
+    assert display_decimal(Decimal(amount)) == shown
