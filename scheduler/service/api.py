@@ -141,7 +141,13 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         exceeds all the grant or sub-allocation can ever be credited.
         """
         spec = jobs[0].spec
-        limits = await self._lead.projects.check_submitter(principal, spec, prefix)
+        projects = self._lead.projects
+        limits = await projects.check_submitter(principal, spec, prefix)
+        # Usage and fair share count against the project's institution, whoever submits.
+        # check_submitter has just cached the project, so this reads no more than the cache.
+        project = await projects.project(spec.project_id)
+        if project is not None and project.institution_id:
+            jobs = [evolve(job, institution=project.institution_id) for job in jobs]
         if limits is None:
             # NOTE: a job that names no grant is paid by the project's grant that expires first
             # when it is admitted, so only the grant service's check at hold time applies.
@@ -155,7 +161,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         narrowed = [evolve(job, spec=narrow_to_grant(job.spec, limits, catalog)) for job in jobs]
         # The elements of an array share one spec, so one check covers them, and it reads
         # only what check_submitter cached: no call to the grant service of its own.
-        ceiling = await self._lead.projects.award_ceiling(spec)
+        ceiling = await projects.award_ceiling(spec)
         if ceiling is not None and term is not None and term.rates is not None:
             check_hold_fits(narrowed[0], ceiling, term.rates, catalog, prefix)
         return narrowed

@@ -140,6 +140,7 @@ def job_event(
         hold_id=job.hold_id if hold_id is None else hold_id,
         grant_id=job.spec.grant_id,
         project_id=job.spec.project_id,
+        institution_id=job.institution,
         placements=[
             placement_to_proto(t) for t in (job.placement if placement is None else placement)
         ],

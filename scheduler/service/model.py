@@ -182,7 +182,7 @@ class Job:
     owner: str
     """Identity that submitted the job (from the caller's token)."""
     institution: str = ""
-    """Institution of the submitter, for fair share across institutions."""
+    """Institution of the job's project, which fair share and usage reports count against."""
     state: JobState = "pending"
     pending_reason: str = ""
     """One of :data:`PENDING_REASONS` while pending."""

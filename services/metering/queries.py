@@ -18,6 +18,11 @@ import asyncpg
 from services.metering.samples import micros_to_seconds
 
 HOURS_QUANTUM: Final = Decimal("1e-12")
+UNATTRIBUTED: Final = "(unattributed)"
+"""Institution key of attempts stored with no institution, which older schedulers recorded.
+
+Grant service ids start with a letter or digit, so this key cannot name an institution.
+"""
 
 
 def hours(micros: int) -> Decimal:
@@ -38,7 +43,7 @@ class Grouping(StrEnum):
 _KEY: Final = {
     Grouping.GRANT: "j.grant_id",
     Grouping.PROJECT: "j.project_id",
-    Grouping.INSTITUTION: "j.institution_id",
+    Grouping.INSTITUTION: f"coalesce(nullif(j.institution_id, ''), '{UNATTRIBUTED}')",
     Grouping.PROVIDER: "{t}.provider",
     Grouping.REGION: "{t}.provider || '/' || {t}.region",
     Grouping.MODEL: "{t}.accelerator_model",

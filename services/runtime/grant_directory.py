@@ -47,6 +47,8 @@ class ProjectAccess:
     pi_subject: str = ""
     viewers: frozenset[str] = frozenset()
     """Members with the viewer role, who may read but not submit jobs."""
+    institution_id: str = ""
+    """The institution the project belongs to, which its jobs' usage is attributed to."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +163,7 @@ class ProjectDirectory:
         viewers = frozenset(
             m.subject for m in msg.members if m.role == grant_pb2.PROJECT_ROLE_VIEWER
         )
-        access = ProjectAccess(project_id, subjects, msg.pi_subject, viewers)
+        access = ProjectAccess(project_id, subjects, msg.pi_subject, viewers, msg.institution_id)
         self._store(self._projects, project_id, access, self._ttl)
         return access
 

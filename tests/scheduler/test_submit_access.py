@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import grpc
+import nats
 import pytest
+from nats.aio.msg import Msg
 
-from acsp.v1 import scheduler_pb2
+from acsp import subjects
+from acsp.v1 import events_pb2, scheduler_pb2
 from services.runtime.auth import Role
 
 from .harness import Stack, fund_grant, metadata, scheduler_stub
@@ -71,3 +76,45 @@ async def test_submit_checks_membership_and_grant(stack: Stack) -> None:
         )
     assert by_pi.job.job_id
     assert by_office.job.job_id
+
+
+async def test_job_institution_from_project(stack: Stack) -> None:
+    """A job's institution is its project's, not the submitter token's (which may be empty)."""
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1)
+    project, grant, pi = await fund_grant(stack)
+    institution = "inst-" + project.removeprefix("proj-")
+    admitted: asyncio.Queue[events_pb2.JobEvent] = asyncio.Queue()
+
+    async def collect(msg: Msg) -> None:
+        event = events_pb2.JobEvent()
+        event.ParseFromString(msg.data)
+        await admitted.put(event)
+
+    client = await nats.connect(stack.nats_url)
+    try:
+        await client.subscribe(subjects.job_event_subject("admitted"), cb=collect)
+        await client.flush(timeout=5)
+        tokens = {
+            "PI without institution": metadata(stack.token(pi, Role.PI)),
+            "PI of another institution": metadata(stack.token(pi, Role.PI, institution="uni-x")),
+        }
+        channel, scheduler = scheduler_stub(address)
+        async with channel:
+            for case, md in tokens.items():
+                reply = await scheduler.SubmitJob(
+                    scheduler_pb2.SubmitJobRequest(spec=job_spec(project, grant, task_count=1)),
+                    metadata=md,
+                    timeout=10,
+                )
+                event = await asyncio.wait_for(admitted.get(), timeout=30)
+                assert event.job_id == reply.job.job_id, case
+                assert event.institution_id == institution, case
+    finally:
+        await client.close()
+    conn = await asyncpg.connect(stack.dsn, timeout=10)
+    try:
+        stored = await conn.fetch("SELECT DISTINCT institution FROM scheduler.jobs")
+    finally:
+        await conn.close()
+    assert [row["institution"] for row in stored] == [institution]
