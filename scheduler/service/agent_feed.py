@@ -271,8 +271,12 @@ class AgentFeed:
                 failed = state == "timed_out" or (state == "exited" and event.exit_code != 0)
                 summary = output_summary(event.output_tail) if failed else ""
                 if summary and summary != text.strip():
-                    # The job's reason is all that its owner sees of why it failed.
-                    text = f"{text}; output ends with: {summary}"
+                    # The job's reason is all that its owner sees of why it failed. It names
+                    # the state already, so a message that only repeats it ("exited") is dropped.
+                    if _repeats_state(text, state):
+                        text = f"output ends with: {summary}"
+                    else:
+                        text = f"{text}; output ends with: {summary}"
                 return [
                     TaskReported(
                         key,
@@ -481,3 +485,9 @@ def _decode_heartbeat(key: str, value: bytes) -> agent_pb2.Heartbeat | None:
     except DecodeError:
         logger.warning("ignoring malformed heartbeat under key %s", key)
         return None
+
+
+def _repeats_state(message: str, state: str) -> bool:
+    """Return whether an agent's task message is empty or only the name of ``state``."""
+    words = message.strip().replace("_", " ")
+    return words in ("", state.replace("_", " "))

@@ -124,6 +124,8 @@ async def test_failed_job_shows_output_end(stack: Stack) -> None:
     assert job.state == scheduler_pb2.JOB_STATE_FAILED
     assert "exit code 3" in job.state_message
     assert "output ends with: loading | RuntimeError: CUDA out of memory" in job.state_message
+    # The agent's message repeats only the state, which the reason already names.
+    assert job.state_message.count("exited") == 1, job.state_message
 
 
 def test_output_summary_keeps_the_end() -> None:
