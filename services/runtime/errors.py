@@ -52,11 +52,13 @@ Ten violations of two texts of MAX_DETAIL_CHARS each, base64-encoded, and a mess
 MAX_TEXT_CHARS stay under 8 KiB of metadata. A 20,000-character message made grpcio 1.85
 fail the call with RESOURCE_EXHAUSTED "metadata size exceeds hard limit"."""
 
-_QUOTED: Final = re.compile(
-    rf"'(?:[^'\\\n]|\\.){{{MAX_QUOTED_CHARS + 1},}}'"
-    rf'|"(?:[^"\\\n]|\\.){{{MAX_QUOTED_CHARS + 1},}}"'
-)
-"""A Python-quoted string literal with more than MAX_QUOTED_CHARS characters inside."""
+_QUOTED: Final = re.compile(r"""(?<!\w)(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")(?!\w)""")
+"""A Python-quoted string literal of any length.
+
+Every literal is matched, short ones too, so that the closing quote of one value never opens a
+match that runs through the prose to the next value. A quote between two letters or digits
+(``project's``) or after one (``providers'``) is an apostrophe, not the start of a value.
+"""
 
 
 def quoted(value: str) -> str:
@@ -82,6 +84,8 @@ def _shorten_literal(match: re.Match[str]) -> str:
     literal = match.group()
     quote = literal[0]
     inner = literal[1:-1]
+    if len(inner) <= MAX_QUOTED_CHARS:
+        return literal
     prefix = inner[:MAX_QUOTED_CHARS]
     if (len(prefix) - len(prefix.rstrip("\\"))) % 2:
         prefix = prefix[:-1]  # half an escape sequence would escape the closing quote

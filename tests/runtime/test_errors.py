@@ -115,6 +115,50 @@ def test_shorten_keeps_closing_quote_after_escape() -> None:
     assert backslashes % 2 == 0
 
 
+def test_shorten_keeps_prose_between_short_literals() -> None:
+    text = (
+        "spec.allowed_regions[0]: 'jurisdiction:DE' names a jurisdiction no registered region "
+        "declares (registered: none); name a registered one or list '<provider>/<region>'"
+    )
+    assert shorten(text) == text
+
+
+def test_shorten_cuts_long_literal_among_short_ones() -> None:
+    long = "x" * 100
+    text = f"'a' and 'b' are fine, but {long!r} is not; see 'c' and {'y' * 90!r}"
+    short = shorten(text)
+    expected = (
+        f"'a' and 'b' are fine, but {'x' * MAX_QUOTED_CHARS!r}... (100 characters) is not; "
+        f"see 'c' and {'y' * MAX_QUOTED_CHARS!r}... (90 characters)"
+    )
+    assert short == expected
+
+
+def test_shorten_ignores_apostrophes_in_prose() -> None:
+    prose = (
+        "the project's grant allows no region that matches the requested placement, and no "
+        "region of the fleet declares that jurisdiction either, so the providers' nodes stay idle; "
+    )
+    text = f"{prose}{'z' * 100!r}, it's too long; use 'ok'"
+    short = shorten(text)
+    expected = f"{prose}{'z' * MAX_QUOTED_CHARS!r}... (100 characters), it's too long; use 'ok'"
+    assert short == expected
+    assert shorten(prose + "'ok'") == prose + "'ok'"
+
+
+def test_shorten_handles_double_quoted_literals() -> None:
+    value = "it's " * 30
+    text = f"name {value!r} and 'ok' here"
+    short = shorten(text)
+    assert short.startswith(f'name "{value[:MAX_QUOTED_CHARS]}"... ({len(value)} characters)')
+    assert short.endswith(" and 'ok' here")
+
+
+def test_shorten_leaves_unpaired_quote() -> None:
+    text = "a lone ' quote then " + "w" * 120 + " and 'tail'"
+    assert shorten(text) == text
+
+
 def test_status_of_huge_errors_fits_metadata_limit() -> None:
     huge = "x" * 50_000
     errors: list[ServiceError] = [
