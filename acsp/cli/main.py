@@ -45,6 +45,23 @@ COMMAND_MODULES: Final = (
 )
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that rejects arguments it does not know with its own usage.
+
+    argparse parses a subcommand with ``parse_known_args`` and hands what is left to the
+    top-level parser, whose error would show ``usage: acsp [-h] ...`` instead of the usage of
+    the subcommand that the user typed. Nested subcommands inherit this class.
+    """
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="acsp",
@@ -61,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="log more: -v for INFO, -vv for DEBUG",
     )
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    subparsers = parser.add_subparsers(
+        title="commands", metavar="COMMAND", parser_class=SubcommandParser
+    )
     for name in COMMAND_MODULES:
         module_name = f"acsp.cli.{name}"
         try:
