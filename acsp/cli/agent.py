@@ -221,7 +221,12 @@ def _clear_health(args: argparse.Namespace) -> int:
     causes = node.health.get(args.uuid, [])
     remaining = [c for c in causes if args.cause is not None and c != args.cause]
     if len(remaining) == len(causes):
-        raise CommandError(f"accelerator {args.uuid} has no such persistent condition")
+        condition = "persistent condition" if args.cause is None else f"condition {args.cause}"
+        raise CommandError(
+            f"accelerator {args.uuid} has no {condition}; list the conditions with "
+            f"acsp agent health --state-dir {_state_dir(args)}",
+            EXIT_USAGE,
+        )
     health = dict(node.health)
     if remaining:
         health[args.uuid] = remaining

@@ -107,7 +107,8 @@ def _filter_required(filtered: bool, listing: str, options: str) -> Iterator[Non
             raise
         raise CommandError(
             f"a filter is required to list {listing}: pass {options}, because only the program "
-            f"office may list the {listing} of every project"
+            f"office may list the {listing} of every project",
+            EXIT_USAGE,
         ) from error
 
 

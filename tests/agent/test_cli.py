@@ -50,6 +50,21 @@ def test_clear_health_refuses_while_agent_runs(
     assert StateStore(tmp_path / "state.json").node(KEY).health["GPU-b"] == ["xid:79"]
 
 
+@pytest.mark.parametrize(("uuid", "cause"), [("GPU-x", None), ("GPU-b", "xid:48")])
+def test_clear_health_unknown_condition_exits_2(
+    uuid: str, cause: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_state(tmp_path)
+    argv = ["agent", "clear-health", uuid, "--state-dir", str(tmp_path)]
+    if cause is not None:
+        argv += ["--cause", cause]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"accelerator {uuid} has no" in err
+    assert f"acsp agent health --state-dir {tmp_path}" in err
+    assert StateStore(tmp_path / "state.json").node(KEY).health["GPU-b"] == ["xid:79"]
+
+
 def test_discover_lists_simulated_accelerators(capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         main(["agent", "discover", "--backend", "simulated", "--nodes", "2", "--format", "json"])
