@@ -10,6 +10,7 @@ from nats.js.client import JetStreamContext
 
 from acsp.v1 import common_pb2
 from services.grant.errors import InvalidArgument
+from services.grant.fleet import ProviderRegistry, check_registered
 from services.grant.ledger import Ledger
 from services.grant.ledger_batcher import LedgerBatcher
 from services.grant.settings import GrantSettings
@@ -32,6 +33,25 @@ class GrantApp:
     batcher: LedgerBatcher | None = None
     js: JetStreamContext | None = None
     """JetStream, when the service runs with NATS; used to read the current rate card."""
+
+    providers: ProviderRegistry | None = None
+    """The scheduler's registered providers; None when ACSP_SCHEDULER_ADDRESS is not set."""
+
+    async def check_registered(
+        self,
+        providers_field: str,
+        providers: tuple[str, ...],
+        regions_field: str,
+        regions: tuple[str, ...],
+    ) -> None:
+        """Raise InvalidArgument unless the scheduler registered every provider and region.
+
+        Without a scheduler address only the format was checked, by the caller.
+        """
+        if self.providers is None or not (providers or regions):
+            return
+        registered = await self.providers.registered()
+        check_registered(registered, providers_field, providers, regions_field, regions)
 
     def database(self) -> Database:
         if self.db is None:

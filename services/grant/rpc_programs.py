@@ -23,7 +23,7 @@ from services.grant.applications import DecisionRequest, NewApplication
 from services.grant.directory import NewInstitution, NewProject
 from services.grant.errors import InvalidArgument, NotFound, PermissionDenied
 from services.grant.ratecard import current_version
-from services.grant.review_rules import RatePolicy, check_validity
+from services.grant.review_rules import Decision, RatePolicy, check_validity
 from services.runtime.auth import Role, current_principal
 
 
@@ -273,6 +273,8 @@ class ProgramHandlers:
                 "application.justification", application.justification, limit=cv.MAX_JUSTIFICATION
             ),
         )
+        # The regions become the grant's limits when an exploratory application is awarded.
+        await self.app.check_registered("", (), "application.regions", new.regions)
         limits = self.app.settings.tier_limits()
         async with self.app.database().transaction() as conn:
             principal = await access.require_project_pi(conn, project_id, "submit applications")
@@ -380,6 +382,10 @@ class ProgramHandlers:
             ),
             rate_policy=cv.rate_policy_in(request.rate_policy),
         )
+        if outcome is not Decision.REJECT:
+            await self.app.check_registered(
+                "constraints.providers", providers, "constraints.regions", regions
+            )
         if decision.rate_policy is RatePolicy.FIXED_AT_AWARD:
             version = await current_version(self.app.js)
             decision = replace(decision, rate_card_version=version)

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import grpc
 from nats.js.api import StreamConfig
 
 from acsp import subjects
-from acsp.v1 import grant_pb2, grant_pb2_grpc
+from acsp.v1 import grant_pb2, grant_pb2_grpc, scheduler_pb2_grpc
 from services.grant.app import GrantApp
+from services.grant.fleet import ProviderRegistry
 from services.grant.ledger import Ledger
 from services.grant.ledger_batcher import LedgerBatcher
 from services.grant.lifecycle import run_expiry
 from services.grant.outbox import run_publisher
 from services.grant.servicer import GrantServicer
 from services.grant.settings import GrantSettings
+from services.runtime.auth import Role, load_signing_key, mint_token
+from services.runtime.channel import service_channel
 from services.runtime.server import Runtime, Service
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = "grant"
 
@@ -24,6 +30,7 @@ SCHEMA = "grant"
 def build_service(settings: GrantSettings, *, schema: str = SCHEMA) -> Service:
     """Return the grant service, ready to :meth:`~services.runtime.server.Service.run`."""
     app = GrantApp(settings)
+    channels: list[grpc.aio.Channel] = []
 
     def register(server: grpc.aio.Server, runtime: Runtime) -> Iterable[str]:
         grant_pb2_grpc.add_GrantServiceServicer_to_server(GrantServicer(app), server)
@@ -42,6 +49,18 @@ def build_service(settings: GrantSettings, *, schema: str = SCHEMA) -> Service:
             default_timeout_s=settings.default_deadline_s,
         )
         runtime.spawn(app.batcher.run(), name="ledger")
+        if settings.scheduler_address:
+            channel = service_channel(
+                settings, settings.scheduler_address, token=_service_token(settings)
+            )
+            channels.append(channel)
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            app.providers = ProviderRegistry(stub, settings.scheduler_address)
+        else:
+            logger.warning(
+                "ACSP_SCHEDULER_ADDRESS is not set: the providers and regions of awards and "
+                "applications are checked for format only, not against the registered ones"
+            )
         runtime.spawn(run_expiry(app, runtime.stopping), name="expiry")
         if runtime.js is not None:
             runtime.spawn(
@@ -54,6 +73,10 @@ def build_service(settings: GrantSettings, *, schema: str = SCHEMA) -> Service:
                 ),
                 name="outbox",
             )
+
+    async def stop(runtime: Runtime) -> None:
+        for channel in channels:
+            await channel.close()
 
     streams = []
     if settings.nats_url is not None:
@@ -68,4 +91,20 @@ def build_service(settings: GrantSettings, *, schema: str = SCHEMA) -> Service:
         migrations="services.grant.migrations",
         streams=streams,
         on_start=[start],
+        on_stop=[stop],
     )
+
+
+def _service_token(settings: GrantSettings) -> str | None:
+    """Return the bearer token for the scheduler, or None when mutual TLS identifies us."""
+    if settings.service_token_file is not None:
+        return settings.service_token_file.read_text().strip()
+    key_path = settings.data_dir / "token" / "signing.key"
+    if key_path.is_file():
+        return mint_token(load_signing_key(key_path), "grant", [Role.SERVICE])
+    if not settings.tls_enabled:
+        logger.warning(
+            "no ACSP_GRANT_SERVICE_TOKEN_FILE, signing key or TLS identity: the scheduler "
+            "will reject the provider listing that checks award limits as unauthenticated"
+        )
+    return None

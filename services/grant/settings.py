@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 from services.grant.amounts import format_amount
 from services.grant.review_rules import Tier
@@ -94,6 +95,19 @@ class GrantSettings(Settings):
         frozenset({"scheduler", "metering"}),
         "comma-separated service identities allowed to hold, charge, release and refund",
         parse=_parse_names,
+    )
+
+    scheduler_address: str | None = setting(
+        "ACSP_SCHEDULER_ADDRESS",
+        None,
+        "host:port of the scheduler, whose registered providers and regions an award's limits"
+        " are checked against; unset checks only their format",
+    )
+    service_token_file: Path | None = setting(
+        "ACSP_GRANT_SERVICE_TOKEN_FILE",
+        None,
+        "file holding the bearer token this service presents to the scheduler",
+        existing_file=True,
     )
 
     def tier_limits(self) -> dict[Tier, Decimal]:
