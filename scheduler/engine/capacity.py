@@ -60,25 +60,61 @@ class CapacityPlan:
         if not pledges:
             # A pool nobody pledged explicitly is usable whole, as its nodes were registered.
             return PoolCap(limit, None, None, "", now)
-        active = [p for p in pledges if p.start <= now < p.end]
-        protected = sum(p.protected for p in active)
-        recallable = sum(p.recallable for p in active)
+        protected, recallable = self._pledged(pledges, now)
         recalled = 0
         recall_id = ""
         deadline = now
-        for recall in sorted(self.recalls.values(), key=lambda r: r.recall_id):
-            if (recall.provider, recall.region, recall.model) != pool.key:
-                continue
-            if recall.until is not None and recall.until <= now:
-                continue
+        for recall in self._recalls_of(pool, now):
             recalled += recall.count
             if not recall_id:
                 recall_id = recall.recall_id
                 deadline = max(now, recall.effective_at)
-        pledge_millis = (
-            protected + recallable - min(recalled, recallable)
-        ) * MILLIS_PER_ACCELERATOR
+        pledge_millis = recalled_cap_millis(protected, recallable, recalled, pool.total_millis)
         placement = pledge_millis if limit is None else min(limit, pledge_millis)
         return PoolCap(
             placement, pledge_millis, protected * MILLIS_PER_ACCELERATOR, recall_id, deadline
         )
+
+    def freed_millis(self, pool: Pool, at: float, count: int) -> int:
+        """Return the millis a new recall of ``count`` accelerators at ``at`` takes from the
+        cap of ``pool`` with the fleet as it is now; 0 means the recall frees nothing."""
+        pledges = self._pledged_pools.get(pool.key)
+        if not pledges:
+            return 0
+        protected, recallable = self._pledged(pledges, at)
+        recalled = sum(r.count for r in self._recalls_of(pool, at))
+        registered = pool.total_millis
+        before = recalled_cap_millis(protected, recallable, recalled, registered)
+        after = recalled_cap_millis(protected, recallable, recalled + count, registered)
+        # Without a recall the cap is the pledge, which may be above the registered hardware.
+        return min(before, registered) - after
+
+    @staticmethod
+    def _pledged(pledges: list[Pledge], now: float) -> tuple[int, int]:
+        active = [p for p in pledges if p.start <= now < p.end]
+        return sum(p.protected for p in active), sum(p.recallable for p in active)
+
+    def _recalls_of(self, pool: Pool, now: float) -> list[RecallAnnounced]:
+        return [
+            recall
+            for recall in sorted(self.recalls.values(), key=lambda r: r.recall_id)
+            if (recall.provider, recall.region, recall.model) == pool.key
+            and (recall.until is None or recall.until > now)
+        ]
+
+
+def recalled_cap_millis(protected: int, recallable: int, recalled: int, registered: int) -> int:
+    """Return the millis a pledged pool may use while ``recalled`` accelerators are recalled.
+
+    ``registered`` is the millis of the pool's registered accelerators. A recall takes from
+    what the pool can use, the lesser of the pledge and the registered accelerators, so that
+    a pledge above the hardware does not absorb it. It never takes the protected accelerators
+    that are registered, nor more than the recallable count.
+    """
+    pledged = (protected + recallable) * MILLIS_PER_ACCELERATOR
+    if recalled == 0:
+        return pledged
+    usable = min(pledged, registered)
+    taken = min(recalled, recallable) * MILLIS_PER_ACCELERATOR
+    floor = min(protected * MILLIS_PER_ACCELERATOR, registered)
+    return max(usable - taken, floor)

@@ -1,0 +1,82 @@
+"""Recalls take accelerators from what a pool can use, even when pledges exceed its hardware."""
+
+from __future__ import annotations
+
+from scheduler.engine import (
+    Cause,
+    Pledge,
+    Preempt,
+    PriorityClass,
+    RecallAnnounced,
+    ScheduleResult,
+)
+from scheduler.engine.capacity import recalled_cap_millis
+from tests.engine.helpers import job, make_engine, node
+
+A100 = "A100-SXM4-80GB"
+
+
+def preempted(result: ScheduleResult) -> list[Preempt]:
+    return [d for d in result.decisions if isinstance(d, Preempt)]
+
+
+def test_recall_over_pledges_above_fleet() -> None:
+    # Two overlapping pledges add up to 30 accelerators in a pool of 16 (pledges stored
+    # before the scheduler rejected overlaps).
+    engine = make_engine()
+    engine.add_node(node("n1", 8))
+    engine.add_node(node("n2", 8))
+    engine.add_pledge(Pledge("pl-a", "p1", "r1", A100, 0, 15, 0.0, 1e9))
+    engine.add_pledge(Pledge("pl-b", "p1", "r1", A100, 0, 15, 0.0, 1e9))
+    for i in range(16):
+        engine.submit(job(f"j{i}", accelerators=1, priority=PriorityClass.PREEMPTIBLE))
+    engine.schedule(0.0)
+    assert len(engine.running()) == 16
+
+    engine.apply(RecallAnnounced("rc", "p1", "r1", A100, 6, effective_at=5.0))
+    result = engine.schedule(1.0)
+
+    decisions = preempted(result)
+    assert len(decisions) == 6
+    assert {d.cause for d in decisions} == {Cause.PROVIDER_RECALL}
+    assert {d.cause_id for d in decisions} == {"rc"}
+
+
+def test_recall_over_pledge_above_fleet() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 8))
+    engine.add_pledge(Pledge("pl", "p1", "r1", A100, 2, 1_000, 0.0, 1e9))
+    for i in range(8):
+        engine.submit(job(f"j{i}", accelerators=1, priority=PriorityClass.PREEMPTIBLE))
+    engine.schedule(0.0)
+
+    engine.apply(RecallAnnounced("rc", "p1", "r1", A100, 3, effective_at=5.0))
+
+    assert len(preempted(engine.schedule(1.0))) == 3
+
+
+def test_recalled_cap_table() -> None:
+    cases = [
+        # protected, recallable, recalled, registered accelerators, expected cap
+        (10, 4, 0, 16, 14),
+        (10, 4, 4, 16, 10),
+        (0, 30, 6, 16, 10),
+        (2, 1_000, 3, 8, 5),
+        (20, 4, 4, 16, 16),
+        (2, 20, 20, 16, 2),
+        (10, 4, 9, 16, 10),
+        (5, 5, 5, 0, 0),
+    ]
+    for protected, recallable, recalled, registered, expected in cases:
+        cap = recalled_cap_millis(protected, recallable, recalled, registered * 1000)
+        assert cap == expected * 1000, (protected, recallable, recalled, registered)
+
+
+def test_freed_by_new_recall() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 8))
+    engine.add_pledge(Pledge("pl", "p1", "r1", A100, 6, 4, 0.0, 1e9))
+    pool = engine.fleet.pools[("p1", "r1", A100)]
+
+    assert engine.capacity.freed_millis(pool, 1.0, 4) == 2000
+    assert engine.capacity.freed_millis(pool, 2e9, 4) == 0
