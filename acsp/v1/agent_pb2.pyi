@@ -115,7 +115,7 @@ class OptionalMetric(_message.Message):
     def __init__(self, value: _Optional[float] = ..., unsupported: _Optional[bool] = ...) -> None: ...
 
 class Inventory(_message.Message):
-    __slots__ = ("node", "backend", "agent_version", "driver_version", "runtime_version", "software_stacks", "accelerators", "memory_total_mib", "time", "running_task_ids", "boot_id", "max_jobs")
+    __slots__ = ("node", "backend", "agent_version", "driver_version", "runtime_version", "software_stacks", "accelerators", "memory_total_mib", "time", "running_task_ids", "boot_id", "max_jobs", "host", "rendezvous_port_min", "rendezvous_port_max")
     class MemoryTotalMibEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,9 @@ class Inventory(_message.Message):
     RUNNING_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_JOBS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_PORT_MIN_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_PORT_MAX_FIELD_NUMBER: _ClassVar[int]
     node: NodeRef
     backend: str
     agent_version: str
@@ -147,7 +150,10 @@ class Inventory(_message.Message):
     running_task_ids: _containers.RepeatedScalarFieldContainer[str]
     boot_id: str
     max_jobs: int
-    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., backend: _Optional[str] = ..., agent_version: _Optional[str] = ..., driver_version: _Optional[str] = ..., runtime_version: _Optional[str] = ..., software_stacks: _Optional[_Iterable[str]] = ..., accelerators: _Optional[_Iterable[_Union[_scheduler_pb2.Accelerator, _Mapping]]] = ..., memory_total_mib: _Optional[_Mapping[str, int]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., running_task_ids: _Optional[_Iterable[str]] = ..., boot_id: _Optional[str] = ..., max_jobs: _Optional[int] = ...) -> None: ...
+    host: str
+    rendezvous_port_min: int
+    rendezvous_port_max: int
+    def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., backend: _Optional[str] = ..., agent_version: _Optional[str] = ..., driver_version: _Optional[str] = ..., runtime_version: _Optional[str] = ..., software_stacks: _Optional[_Iterable[str]] = ..., accelerators: _Optional[_Iterable[_Union[_scheduler_pb2.Accelerator, _Mapping]]] = ..., memory_total_mib: _Optional[_Mapping[str, int]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., running_task_ids: _Optional[_Iterable[str]] = ..., boot_id: _Optional[str] = ..., max_jobs: _Optional[int] = ..., host: _Optional[str] = ..., rendezvous_port_min: _Optional[int] = ..., rendezvous_port_max: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("node", "boot_id", "sequence", "state", "accelerator_health", "running_task_ids", "time", "spooled_messages")
@@ -243,7 +249,7 @@ class UsageReport(_message.Message):
     def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., samples: _Optional[_Iterable[_Union[UsageSample, _Mapping]]] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
 class AgentCommand(_message.Message):
-    __slots__ = ("command_id", "kind", "node", "task_id", "job_id", "accelerators", "command", "environment", "wall_time_seconds", "grace_seconds", "simulated_run_seconds", "checkpoint_reference", "reason", "fencing_token", "time")
+    __slots__ = ("command_id", "kind", "node", "task_id", "job_id", "accelerators", "command", "environment", "wall_time_seconds", "grace_seconds", "simulated_run_seconds", "checkpoint_reference", "reason", "fencing_token", "time", "node_hosts", "task_node_indexes", "rendezvous_port")
     class EnvironmentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +272,9 @@ class AgentCommand(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    NODE_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    TASK_NODE_INDEXES_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_PORT_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     kind: CommandKind
     node: NodeRef
@@ -281,7 +290,10 @@ class AgentCommand(_message.Message):
     reason: str
     fencing_token: int
     time: _timestamp_pb2.Timestamp
-    def __init__(self, command_id: _Optional[str] = ..., kind: _Optional[_Union[CommandKind, str]] = ..., node: _Optional[_Union[NodeRef, _Mapping]] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., accelerators: _Optional[_Iterable[_Union[_scheduler_pb2.AcceleratorShare, _Mapping]]] = ..., command: _Optional[_Iterable[str]] = ..., environment: _Optional[_Mapping[str, str]] = ..., wall_time_seconds: _Optional[int] = ..., grace_seconds: _Optional[int] = ..., simulated_run_seconds: _Optional[float] = ..., checkpoint_reference: _Optional[str] = ..., reason: _Optional[str] = ..., fencing_token: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    node_hosts: _containers.RepeatedScalarFieldContainer[str]
+    task_node_indexes: _containers.RepeatedScalarFieldContainer[int]
+    rendezvous_port: int
+    def __init__(self, command_id: _Optional[str] = ..., kind: _Optional[_Union[CommandKind, str]] = ..., node: _Optional[_Union[NodeRef, _Mapping]] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., accelerators: _Optional[_Iterable[_Union[_scheduler_pb2.AcceleratorShare, _Mapping]]] = ..., command: _Optional[_Iterable[str]] = ..., environment: _Optional[_Mapping[str, str]] = ..., wall_time_seconds: _Optional[int] = ..., grace_seconds: _Optional[int] = ..., simulated_run_seconds: _Optional[float] = ..., checkpoint_reference: _Optional[str] = ..., reason: _Optional[str] = ..., fencing_token: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_hosts: _Optional[_Iterable[str]] = ..., task_node_indexes: _Optional[_Iterable[int]] = ..., rendezvous_port: _Optional[int] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
     __slots__ = ("event_id", "node", "task_id", "job_id", "state", "exit_code", "signal", "output_tail", "message", "time", "health_event_id", "checkpoint_reference", "checkpoint_time", "start_rejection")
