@@ -15,6 +15,7 @@ import asyncpg
 from google.protobuf import timestamp_pb2
 
 from acsp.subjects import TOKEN_PATTERN
+from acsp.time_range import EARLIEST_TIME, LATEST_TIME
 from acsp.v1 import common_pb2, grant_pb2
 from scheduler.engine.catalog import Catalog
 from services.grant.amounts import format_amount, parse_amount
@@ -66,9 +67,6 @@ MAX_JUSTIFICATION: Final = 20_000
 """Characters in a justification, review comment or other multi-line text."""
 MULTILINE_CONTROLS: Final = frozenset("\n\r\t")
 """Control characters that multi-line text may contain."""
-EARLIEST_TIME: Final = datetime(2000, 1, 1, tzinfo=UTC)
-LATEST_TIME: Final = datetime(2200, 1, 1, tzinfo=UTC)
-"""Timestamps outside [EARLIEST_TIME, LATEST_TIME) are rejected as typing mistakes."""
 CATALOG: Final = Catalog()
 """The accelerator models that providers may pledge, shared with the scheduler."""
 
