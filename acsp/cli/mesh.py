@@ -1,4 +1,4 @@
-"""``acsp up``, ``acsp status`` and ``acsp token``: run and inspect the local mesh."""
+"""``acsp up``, ``down``, ``status`` and ``token``: run, stop and inspect the local mesh."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ from acsp.cli._common import (
 )
 from acsp.mesh.credentials import mint_token
 from acsp.mesh.endpoints import (
+    MESH_FILE_NAME,
     MeshInfo,
+    MeshNotFoundError,
     default_data_dir,
     load_mesh,
     pid_running,
@@ -35,6 +37,7 @@ from acsp.mesh.endpoints import (
 )
 from acsp.mesh.health import HealthReport, check_health
 from acsp.mesh.postgres import cluster_dir_for
+from acsp.mesh.stop import MeshStopTimeoutError, stop_supervisor, supervisor_running
 from acsp.mesh.supervisor import LocalMesh, MeshConfig, MeshStartError
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,11 @@ def token_lifetime(text: str) -> float:
             "ask for a shorter lifetime"
         )
     return seconds
+
+
+DOWN_TIMEOUT_S: Final = 60.0
+"""Default wait of ``acsp down``, in seconds. The supervisor gives the fleet, the services, the
+tasks left behind and the servers 10 s each (``MeshConfig.stop_grace_s``) before SIGKILL."""
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -91,6 +99,31 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="seconds for every service to report SERVING (default: 60)",
     )
     up.set_defaults(func=run_up)
+
+    down = subparsers.add_parser(
+        "down",
+        help="stop the local mesh that acsp up runs",
+        description=(
+            "Stop the mesh named by the mesh file of the data directory: send SIGTERM to the "
+            "acsp up process, which stops every service, server and task it started, and wait "
+            "for it to exit. Exits 0 once it stopped, 3 if no mesh runs there, 1 if it still "
+            "runs when --timeout ends."
+        ),
+    )
+    down.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data directory of the mesh to stop (default: $ACSP_DATA_DIR or ~/.acsp)",
+    )
+    down.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=DOWN_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"seconds to wait for the mesh to stop (default: {DOWN_TIMEOUT_S:g})",
+    )
+    down.set_defaults(func=run_down)
 
     status = subparsers.add_parser(
         "status",
@@ -215,9 +248,46 @@ def _print_banner(info: MeshInfo) -> None:
         "Get a token (roles: researcher, pi, reviewer, program_office, provider_operator):",
         f"  export ACSP_TOKEN=$(acsp token{flag} --role program_office --subject admin)",
         f"Check health:  acsp status{flag}",
-        "Press Ctrl-C to stop.",
+        f"Press Ctrl-C to stop, or run acsp down{flag} from another terminal.",
     ]
     print("\n".join(lines), flush=True)
+
+
+# --- acsp down ----------------------------------------------------------------------------
+
+
+def run_down(args: argparse.Namespace) -> int:
+    data_dir = args.data_dir.expanduser() if args.data_dir is not None else default_data_dir()
+    flag = "" if args.data_dir is None else f" --data-dir {args.data_dir}"
+    try:
+        info = load_mesh(data_dir)
+    except MeshNotFoundError:
+        raise CommandError(
+            f"no mesh runs in {data_dir}: it has no mesh file ({MESH_FILE_NAME}), so there is "
+            "nothing to stop. Pass the --data-dir that acsp up used, or set ACSP_DATA_DIR",
+            EXIT_NO_MESH,
+        ) from None
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_FAILURE) from None
+    if not supervisor_running(info):
+        raise CommandError(
+            f"no mesh runs in {info.data_dir}: the acsp up process (pid {info.supervisor_pid}) "
+            f"that wrote its mesh file is not running. acsp status{flag} shows which of its "
+            f"processes are left, and acsp up{flag} stops them before it starts",
+            EXIT_NO_MESH,
+        )
+    print(f"stopping the mesh in {info.data_dir} (pid {info.supervisor_pid})", file=sys.stderr)
+    try:
+        stop_supervisor(info, args.timeout)
+    except MeshStopTimeoutError as exc:
+        raise CommandError(
+            f"{exc}; its log is the output of acsp up and the services' logs are in "
+            f"{info.data_dir / 'logs'}. Wait longer with --timeout, or end it with "
+            f"kill -KILL {info.supervisor_pid}",
+            EXIT_FAILURE,
+        ) from None
+    print("mesh stopped", file=sys.stderr)
+    return EXIT_OK
 
 
 # --- acsp status --------------------------------------------------------------------------

@@ -377,7 +377,8 @@ class LocalMesh:
             if supervisor_alive(previous):
                 raise MeshStartError(
                     f"another mesh (supervisor pid {previous.supervisor_pid}) runs with data "
-                    f"directory {self.data_dir}: stop it or pass another --data-dir"
+                    f"directory {self.data_dir}: stop it with acsp down --data-dir "
+                    f"{self.data_dir}, or pass another --data-dir"
                 )
         (self.data_dir / MESH_FILE_NAME).unlink(missing_ok=True)
 

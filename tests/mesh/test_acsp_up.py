@@ -27,6 +27,7 @@ import pytest_asyncio
 from acsp.client import AsyncClient
 from acsp.mesh import BackgroundMesh, LocalMesh, MeshConfig, ProcessSpec, load_mesh
 from acsp.mesh._ports import is_listening
+from acsp.mesh.endpoints import MeshInfo
 from acsp.mesh.health import check_health
 from acsp.mesh.supervisor import MeshStartError
 from acsp.v1 import grant_pb2
@@ -653,3 +654,87 @@ async def test_cancelled_start_stops_started_children(external_database: str, da
         await start
     assert not _alive(pid)
     assert mesh.pids == {}
+
+
+async def _run_cli_output(arguments: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``acsp`` with ``arguments``; return its exit status and its stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "acsp.cli.main",
+        *arguments,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 90)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def test_acsp_down_stops_running_mesh(data_dir: Path, external_database: str):
+    env, agents = _up_env(Servers("external", external_database))
+    up, log_path = await _start_acsp_up(data_dir, env, agents)
+    try:
+        pids = json.loads((data_dir / "mesh.json").read_text())["pids"]
+        code, output = await _run_cli_output(["down", "--data-dir", str(data_dir)], env)
+        assert code == 0, output
+        assert "mesh stopped" in output
+        # acsp down returns once the supervisor exited, so nothing is left to wait for.
+        returncode = await asyncio.wait_for(up.wait(), 10)
+    finally:
+        if up.returncode is None:
+            up.kill()
+            await up.wait()
+    assert returncode == 0, log_path.read_text()
+    for name, pid in pids.items():
+        assert not _alive(pid), f"{name} (pid {pid}) outlived acsp down"
+    assert not (data_dir / "mesh.json").exists()
+
+    code, output = await _run_cli_output(["down", "--data-dir", str(data_dir)], env)
+    assert code == 3, output
+    assert f"no mesh runs in {data_dir}" in output
+    assert "nothing to stop" in output
+
+
+def _write_mesh_file(data_dir: Path, supervisor_pid: int) -> Path:
+    info = MeshInfo(
+        data_dir=data_dir,
+        endpoints={"grant": "127.0.0.1:1"},
+        ca_cert=data_dir / "ca.pem",
+        token_key=data_dir / "token" / "signing.key",
+        database_url=f"{EXTERNAL_POSTGRES}/test",
+        nats_url=EXTERNAL_NATS,
+        supervisor_pid=supervisor_pid,
+    )
+    return info.write()
+
+
+async def test_acsp_down_spares_process_reusing_pid(data_dir: Path):
+    # A process that started after the mesh file was written is not the supervisor that wrote
+    # it, even though it has the pid that the file names.
+    sleeper = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        mesh_file = _write_mesh_file(data_dir, sleeper.pid)
+        an_hour_ago = mesh_file.stat().st_mtime - 3600
+        os.utime(mesh_file, (an_hour_ago, an_hour_ago))
+        code, output = await _run_cli_output(
+            ["down", "--data-dir", str(data_dir)], dict(os.environ)
+        )
+        assert code == 3, output
+        assert f"pid {sleeper.pid}) that wrote its mesh file is not running" in output
+        assert sleeper.returncode is None
+        assert _alive(sleeper.pid)
+    finally:
+        sleeper.kill()
+        await sleeper.wait()
+
+
+async def test_acsp_down_reports_dead_supervisor(data_dir: Path):
+    finished = await asyncio.create_subprocess_exec("true")
+    await finished.wait()
+    _write_mesh_file(data_dir, finished.pid)
+    code, output = await _run_cli_output(["down", "--data-dir", str(data_dir)], dict(os.environ))
+    assert code == 3, output
+    assert "is not running" in output
+    assert f"acsp status --data-dir {data_dir}" in output

@@ -1,0 +1,95 @@
+"""Stop a running local mesh from another process, as ``acsp down`` does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Final
+
+from acsp.mesh.endpoints import MESH_FILE_NAME, MeshInfo, pid_running
+
+POLL_INTERVAL_S: Final = 0.1
+START_TIME_SLACK_S: Final = 2.0
+"""Seconds by which the supervisor's start time may appear to follow its mesh file's
+modification time. /proc gives the boot time in whole seconds, so a start time read from it may
+be up to 1 s late."""
+
+
+class MeshStopTimeoutError(Exception):
+    """The supervisor was signalled but still ran when the wait ended."""
+
+
+def supervisor_running(info: MeshInfo) -> bool:
+    """Return whether the supervisor that wrote ``info``'s mesh file still runs.
+
+    A process id is reused once its process exits, so a process that started after the mesh
+    file was written is another program, not the supervisor (checked on Linux, through /proc).
+    A zombie has exited and counts as stopped.
+    """
+    pid = info.supervisor_pid
+    if not pid_running(pid) or _is_zombie(pid):
+        return False
+    started = _start_time(pid)
+    if started is None:
+        return True
+    try:
+        written = (info.data_dir / MESH_FILE_NAME).stat().st_mtime
+    except FileNotFoundError:
+        # The supervisor removes its mesh file as the last step of its stop.
+        return True
+    return started <= written + START_TIME_SLACK_S
+
+
+def stop_supervisor(info: MeshInfo, timeout_s: float) -> None:
+    """Send SIGTERM to the mesh's supervisor and wait up to ``timeout_s`` for it to exit.
+
+    The supervisor stops its children and removes the mesh file before it exits. Raises
+    :class:`MeshStopTimeoutError` if it still runs when the wait ends.
+    """
+    pid = info.supervisor_pid
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while pid_running(pid) and not _is_zombie(pid):
+        if time.monotonic() > deadline:
+            raise MeshStopTimeoutError(
+                f"the mesh's supervisor (pid {pid}) still runs {timeout_s:g} s after SIGTERM"
+            )
+        time.sleep(POLL_INTERVAL_S)
+
+
+def _is_zombie(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] == "Z"
+
+
+def _start_time(pid: int) -> float | None:
+    """Return when process ``pid`` started, in seconds since the epoch, or None off Linux."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    try:
+        boot_time = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration):
+        return None
+    # Field 22 of /proc/PID/stat is the start time in clock ticks after boot. fields[0] is field 3.
+    ticks = int(fields[19])
+    return boot_time + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Return the fields of /proc/PID/stat after the command name, or None if unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name in brackets may contain spaces, so split after its closing bracket.
+    return stat.rsplit(")", 1)[1].split()
