@@ -57,6 +57,7 @@ FIELD_OPTIONS: Final[dict[str, dict[str, str]]] = {
         "constraints.regions": "--region",
         "constraints.accelerator_models": "--model",
     },
+    "show": {"grant_id": GRANT_ARGUMENT},
     "balance": {"grant_id": GRANT_ARGUMENT, "sub_allocation_id": "--sub-allocation"},
     "history": {"grant_id": GRANT_ARGUMENT, "page.page_token": "--after"},
     "delegate": {

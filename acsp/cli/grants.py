@@ -13,11 +13,9 @@ from acsp.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
-    ReadableCell,
     connection_options,
     decimal_value,
     end_time_cell,
-    format_end_time,
     format_time,
     naming_options,
     note_more_rows,
@@ -30,6 +28,7 @@ from acsp.cli._common import (
     whole_number,
 )
 from acsp.cli._grant_fields import FIELD_OPTIONS
+from acsp.cli._grant_views import balance_rows, enum_name, print_application, print_grant
 from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
 
 TIERS = {
@@ -71,10 +70,6 @@ def _decimal(text: str) -> common_pb2.Decimal:
     return common_pb2.Decimal(value=text)
 
 
-def _enum_name(enum: Any, number: int, prefix: str) -> str:
-    return str(enum.Name(number)).removeprefix(prefix).lower()
-
-
 def _note_limit(response: Any, shown: int, args: argparse.Namespace, narrow: str) -> None:
     """Write a note to stderr when a list stopped at ``--limit`` and the service has more rows."""
     if not response.page.next_page_token:
@@ -89,23 +84,12 @@ def _request_id(args: argparse.Namespace) -> str:
     return args.request_id or uuid.uuid4().hex
 
 
-def _balance_rows(balance: grant_pb2.Balance) -> list[tuple[str, Any]]:
-    return [
-        ("available PF-days", decimal_value(balance.available_pf_days)),
-        ("held PF-days", decimal_value(balance.held_pf_days)),
-        ("charged PF-days", decimal_value(balance.charged_pf_days)),
-        ("refunded PF-days", decimal_value(balance.refunded_pf_days)),
-        ("delegated PF-days", decimal_value(balance.delegated_pf_days)),
-        ("credited PF-days", decimal_value(balance.credited_pf_days)),
-    ]
-
-
 def _grant_record(grant: grant_pb2.Grant) -> dict[str, Any]:
     return {
         "grant": grant.grant_id,
         "project": grant.project_id,
-        "tier": _enum_name(grant_pb2.GrantTier, grant.tier, "GRANT_TIER_"),
-        "state": _enum_name(grant_pb2.GrantState, grant.state, "GRANT_STATE_"),
+        "tier": enum_name(grant_pb2.GrantTier, grant.tier, "GRANT_TIER_"),
+        "state": enum_name(grant_pb2.GrantState, grant.state, "GRANT_STATE_"),
         "available": decimal_value(grant.balance.available_pf_days),
         "held": decimal_value(grant.balance.held_pf_days),
         "charged": decimal_value(grant.balance.charged_pf_days),
@@ -113,37 +97,6 @@ def _grant_record(grant: grant_pb2.Grant) -> dict[str, Any]:
         "starts": format_time(grant.validity.start_time),
         "ends": end_time_cell(grant.validity.end_time),
     }
-
-
-def _application_rows(app: grant_pb2.Application) -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = [
-        ("application", app.application_id),
-        ("project", app.project_id),
-        ("tier", _enum_name(grant_pb2.GrantTier, app.tier, "GRANT_TIER_")),
-        ("requested PF-days", decimal_value(app.requested_pf_days)),
-        ("state", _enum_name(grant_pb2.ApplicationState, app.state, "APPLICATION_STATE_")),
-        ("window", _window_cell(app.validity)),
-        ("reviewers", ", ".join(app.reviewer_subjects)),
-        ("grant", app.grant_id),
-    ]
-    for review in app.reviews:
-        rows.append((f"review by {review.reviewer_subject}", f"{review.score}/5 {review.comments}"))
-    if app.HasField("decision"):
-        outcome = _enum_name(grant_pb2.DecisionOutcome, app.decision.outcome, "DECISION_OUTCOME_")
-        rows.append(("decision", f"{outcome} by {app.decision.decided_by}: {app.decision.reason}"))
-    for step in app.history:
-        rows.append(
-            (format_time(step.time), f"{step.trigger.removeprefix('application:')} by {step.actor}")
-        )
-    return rows
-
-
-def _window_cell(window: common_pb2.TimeWindow) -> ReadableCell:
-    start = format_time(window.start_time)
-    return ReadableCell(
-        f"{start} to {format_time(window.end_time)}",
-        f"{start} to {format_end_time(window.end_time)}",
-    )
 
 
 def run_institution(args: argparse.Namespace) -> int:
@@ -192,7 +145,7 @@ def run_project(args: argparse.Namespace) -> int:
 
 def _print_project(project: grant_pb2.Project, output_format: str) -> None:
     records = [
-        {"member": m.subject, "role": _enum_name(grant_pb2.ProjectRole, m.role, "PROJECT_ROLE_")}
+        {"member": m.subject, "role": enum_name(grant_pb2.ProjectRole, m.role, "PROJECT_ROLE_")}
         for m in project.members
     ]
     title = f"{project.project_id} ({project.institution_id})"
@@ -243,7 +196,7 @@ def run_apply(args: argparse.Namespace) -> int:
                 request_id=_request_id(args), application=application
             )
         )
-    print_records(rows_of(_application_rows(app)), ["field", "value"], output_format=args.format)
+    print_application(app, args.format)
     return EXIT_OK
 
 
@@ -257,7 +210,7 @@ def run_assign(args: argparse.Namespace) -> int:
                 reviewer_institution_id=args.institution,
             )
         )
-    print_records(rows_of(_application_rows(app)), ["field", "value"], output_format=args.format)
+    print_application(app, args.format)
     return EXIT_OK
 
 
@@ -271,7 +224,7 @@ def run_review(args: argparse.Namespace) -> int:
                 comments=args.comments,
             )
         )
-    print_records(rows_of(_application_rows(app)), ["field", "value"], output_format=args.format)
+    print_application(app, args.format)
     return EXIT_OK
 
 
@@ -295,7 +248,7 @@ def run_award(args: argparse.Namespace) -> int:
                 ),
             )
         )
-    print_records(rows_of(_application_rows(app)), ["field", "value"], output_format=args.format)
+    print_application(app, args.format)
     return EXIT_OK
 
 
@@ -305,8 +258,7 @@ def run_applications(args: argparse.Namespace) -> int:
             app = grants.GetApplication(
                 grant_pb2.GetApplicationRequest(application_id=args.application)
             )
-            rows = rows_of(_application_rows(app))
-            print_records(rows, ["field", "value"], output_format=args.format)
+            print_application(app, args.format)
             return EXIT_OK
         response = grants.ListApplications(
             grant_pb2.ListApplicationsRequest(
@@ -318,9 +270,9 @@ def run_applications(args: argparse.Namespace) -> int:
         {
             "application": a.application_id,
             "project": a.project_id,
-            "tier": _enum_name(grant_pb2.GrantTier, a.tier, "GRANT_TIER_"),
+            "tier": enum_name(grant_pb2.GrantTier, a.tier, "GRANT_TIER_"),
             "requested": decimal_value(a.requested_pf_days),
-            "state": _enum_name(grant_pb2.ApplicationState, a.state, "APPLICATION_STATE_"),
+            "state": enum_name(grant_pb2.ApplicationState, a.state, "APPLICATION_STATE_"),
             "grant": a.grant_id,
         }
         for a in response.applications
@@ -364,8 +316,15 @@ def run_balance(args: argparse.Namespace) -> int:
         )
     title = args.grant + (f" / {args.sub_allocation}" if args.sub_allocation else "")
     print_records(
-        rows_of(_balance_rows(balance)), ["field", "value"], output_format=args.format, title=title
+        rows_of(balance_rows(balance)), ["field", "value"], output_format=args.format, title=title
     )
+    return EXIT_OK
+
+
+def run_show(args: argparse.Namespace) -> int:
+    with open_grants(args) as grants:
+        grant = grants.GetGrant(grant_pb2.GetGrantRequest(grant_id=args.grant))
+    print_grant(grant, args.format)
     return EXIT_OK
 
 
@@ -386,7 +345,7 @@ def run_history(args: argparse.Namespace) -> int:
         {
             "entry": e.entry_id,
             "time": format_time(e.create_time),
-            "kind": _enum_name(common_pb2.LedgerEntryKind, e.kind, "LEDGER_ENTRY_KIND_"),
+            "kind": enum_name(common_pb2.LedgerEntryKind, e.kind, "LEDGER_ENTRY_KIND_"),
             "PF-days": decimal_value(e.amount_pf_days),
             "from": _accounts(e, debited=True),
             "to": _accounts(e, debited=False),
@@ -426,7 +385,7 @@ def run_delegate(args: argparse.Namespace) -> int:
             )
         )
     rows = [("sub-allocation", sub.sub_allocation_id), ("holder", sub.holder)]
-    rows += _balance_rows(sub.balance)
+    rows += balance_rows(sub.balance)
     print_records(rows_of(rows), ["field", "value"], output_format=args.format)
     return EXIT_OK
 
@@ -652,6 +611,11 @@ def register(subparsers: Any) -> None:
     p = command("balance", run_balance, "show a grant's or sub-allocation's balance")
     p.add_argument("grant")
     p.add_argument("--sub-allocation", help="this sub-allocation of the grant instead")
+
+    p = command(
+        "show", run_show, "show a grant: its window, limits on providers, regions and models"
+    )
+    p.add_argument("grant")
 
     p = command("history", run_history, "list a grant's ledger entries, oldest first")
     p.add_argument("grant")

@@ -29,6 +29,7 @@ from acsp.cli._common import (
     table_text,
     whole_number,
 )
+from acsp.cli.usage_arrays import array_element_ids
 from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
 
 GROUPINGS = {
@@ -153,38 +154,78 @@ def run_query(args: argparse.Namespace) -> int:
 
 
 def run_charges(args: argparse.Namespace) -> int:
-    records = []
     options = "--grant GRANT or --job JOB of a project you are a member of"
     with (
         _filter_required(bool(args.grant or args.job), "charges", options),
         open_metering(args) as metering,
     ):
-
-        def fetch(page: common_pb2.PageRequest) -> metering_pb2.ListChargesResponse:
-            return metering.ListCharges(
-                metering_pb2.ListChargesRequest(
-                    job_id=args.job or "", grant_id=args.grant or "", page=page
+        missing: grpc.RpcError | None = None
+        try:
+            charges = _list_charges(metering, args, args.job or "")
+        except grpc.RpcError as error:
+            if not args.job or error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            charges, missing = [], error
+        if args.job and not charges:
+            # Metering stores the elements of an array as jobs, so an array id finds no job there.
+            elements = array_element_ids(args, args.job)
+            if elements is None and missing is not None:
+                raise missing
+            if elements is not None:
+                sys.stderr.write(
+                    f"note: {args.job} is a job array; listing the charges of its "
+                    f"{len(elements)} elements that started\n"
                 )
-            )
-
-        for response in _pages(fetch, args):
-            for charge in response.charges:
-                records.append(
-                    {
-                        "charge": charge.charge_id,
-                        "job": charge.job_id,
-                        "grant": charge.grant_id,
-                        "period start": format_time(charge.period_start_time),
-                        "accelerator seconds": decimal_value(charge.accelerator_seconds),
-                        "PF-days": decimal_value(charge.amount_pf_days),
-                        "rate card": charge.rate_card_version,
-                        "committed": charge.committed,
-                    }
-                )
+                charges = _element_charges(metering, args, elements)
+    records = [
+        {
+            "charge": charge.charge_id,
+            "job": charge.job_id,
+            "grant": charge.grant_id,
+            "period start": format_time(charge.period_start_time),
+            "accelerator seconds": decimal_value(charge.accelerator_seconds),
+            "PF-days": decimal_value(charge.amount_pf_days),
+            "rate card": charge.rate_card_version,
+            "committed": charge.committed,
+        }
+        for charge in charges
+    ]
     columns = ["charge", "job", "grant", "period start", "accelerator seconds", "PF-days"]
     columns += ["rate card", "committed"]
     print_records(records, columns, output_format=args.format, title="charges")
     return EXIT_OK
+
+
+def _list_charges(
+    metering: metering_pb2_grpc.MeteringServiceStub, args: argparse.Namespace, job_id: str
+) -> list[metering_pb2.Charge]:
+    """Return the charges of ``job_id`` (or of every job, when empty) and of ``--grant``."""
+
+    def fetch(page: common_pb2.PageRequest) -> metering_pb2.ListChargesResponse:
+        return metering.ListCharges(
+            metering_pb2.ListChargesRequest(job_id=job_id, grant_id=args.grant or "", page=page)
+        )
+
+    return [charge for response in _pages(fetch, args) for charge in response.charges]
+
+
+def _element_charges(
+    metering: metering_pb2_grpc.MeteringServiceStub,
+    args: argparse.Namespace,
+    element_ids: list[str],
+) -> list[metering_pb2.Charge]:
+    """Return the charges of each array element in turn, skipping elements metering lacks."""
+    # NOTE: this costs one ListCharges call per started element, because the request takes
+    # one job id.
+    charges: list[metering_pb2.Charge] = []
+    for element_id in element_ids:
+        try:
+            charges += _list_charges(metering, args, element_id)
+        except grpc.RpcError as error:
+            # An element that started moments ago may have no attempt in metering yet.
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+    return charges
 
 
 def refund_row(refund: metering_pb2.RefundRecord) -> dict[str, Any]:
@@ -420,7 +461,7 @@ def register(subparsers: Any) -> None:
     paged(p)
 
     p = command("charges", run_charges, "charges committed against holds")
-    p.add_argument("--job", help="only this job")
+    p.add_argument("--job", help="only this job, or the elements of this job array")
     p.add_argument("--grant", help="only this grant")
     paged(p)
 

@@ -284,6 +284,15 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         jobs, token = await self._lead.store.list_jobs(
             filters, request.page.page_size, request.page.page_token
         )
+        if request.array_job_id and not jobs and not request.page.page_token:
+            # An empty first page is checked, so that a mistyped array id is reported
+            # rather than listed as an array with no jobs.
+            if not await self._visible_array(principal, request.array_job_id):
+                raise NotFound(
+                    "job array",
+                    request.array_job_id,
+                    "pass the id that SubmitJob returned for the array",
+                )
         return _jobs_page(jobs, token)
 
     async def CancelJob(

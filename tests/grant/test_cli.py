@@ -21,6 +21,7 @@ from services.runtime.auth import mint_token
 from tests.grant.service_helpers import RunningGrant, running_grant
 
 TODAY = datetime.now(UTC).date()
+
 START = TODAY.isoformat()
 END = (TODAY + timedelta(days=365)).isoformat()
 
@@ -86,7 +87,7 @@ async def test_cli_apply_and_balance(
             "json",
         )
         assert code == 0, err
-        fields = {row["field"]: row["value"] for row in map(json.loads, out.splitlines())}
+        fields = json.loads(out)
         assert fields["state"] == "awarded"
         grant_id = fields["grant"]
         code, out, err = await run_cli(capsys, "balance", grant_id, "--format", "csv")
@@ -217,8 +218,7 @@ async def test_cli_assign_unregistered_institution(
             "json",
         )
         assert code == 0, err
-        fields = {row["field"]: row["value"] for row in map(json.loads, out.splitlines())}
-        application = fields["application"]
+        application = json.loads(out)["application"]
 
         use_identity(monkeypatch, svc, "office", ["program_office"])
         assign = ("assign", application, "--reviewer", "rita")
@@ -233,13 +233,88 @@ async def test_cli_assign_unregistered_institution(
         # The rejected assignment changed nothing.
         code, out, err = await run_cli(capsys, "applications", application, "--format", "json")
         assert code == 0, err
-        fields = {row["field"]: row["value"] for row in map(json.loads, out.splitlines())}
+        fields = json.loads(out)
         assert fields["state"] == "submitted"
-        assert fields["reviewers"] == ""
+        assert fields["reviewers"] == []
 
         code, out, err = await run_cli(capsys, *assign, "--institution", "uni-b")
         assert code == 0, err
         assert "rita" in out
+
+
+async def test_cli_shows_limits_and_history(
+    schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_grant(schema, tmp_path) as svc:
+        use_identity(monkeypatch, svc, "office", ["program_office"])
+        for institution in ("uni-a", "uni-b"):
+            code, _, err = await run_cli(capsys, "institution", institution, institution)
+            assert code == 0, err
+        use_identity(monkeypatch, svc, "alice", ["pi"])
+        code, _, err = await run_cli(
+            capsys, "project", "proj-a", "--institution", "uni-a", "--pi", "alice"
+        )
+        assert code == 0, err
+        code, out, err = await run_cli(
+            capsys,
+            *("apply", "--project", "proj-a", "--tier", "standard", "--pf-days", "20"),
+            *("--start", START, "--end", END, "--justification", "j", "--format", "json"),
+        )
+        assert code == 0, err
+        application = json.loads(out)["application"]
+        use_identity(monkeypatch, svc, "office", ["program_office"])
+        assign = ("assign", application, "--reviewer", "rita", "--institution", "uni-b")
+        code, _, err = await run_cli(capsys, *assign)
+        assert code == 0, err
+        use_identity(monkeypatch, svc, "rita", ["reviewer"])
+        for score in ("4", "5"):
+            code, _, err = await run_cli(
+                capsys, "review", application, "--score", score, "--comments", "fine"
+            )
+            assert code == 0, err
+        use_identity(monkeypatch, svc, "office", ["program_office"])
+        code, out, err = await run_cli(
+            capsys,
+            *("award", application, "--reason", "ok", "--provider", "openb"),
+            *("--region", "openb/east", "--model", "A100-SXM4-80GB", "--format", "json"),
+        )
+        assert code == 0, err
+        decided = json.loads(out)
+        grant_id = decided["grant"]
+        assert decided["decision"]["outcome"] == "award"
+        assert len(decided["reviews"]) == 1
+        assert decided["reviews"][0]["reviewer"] == "rita"
+        assert decided["reviews"][0]["score"] == 5
+        history = decided["history"]
+        assert [step["event"] for step in history] == [
+            "submitted",
+            "reviewer_assigned",
+            "reviewed",
+            "review_revised",
+            "awarded",
+        ]
+        assert set(history[0]) == {"time", "event", "actor", "detail"}
+        assert history[1]["actor"] == "office"
+        assert history[3]["detail"] == "score 4 -> 5"
+
+        code, out, err = await run_cli(capsys, "applications", application)
+        assert code == 0, err
+        assert "review_revised by rita: score 4 -> 5" in out
+
+        use_identity(monkeypatch, svc, "alice", ["pi"])
+        code, out, err = await run_cli(capsys, "show", grant_id, "--format", "csv")
+        assert code == 0, err
+        assert "providers,openb" in out
+        assert "regions,openb/east" in out
+        assert "accelerator models,A100-SXM4-80GB" in out
+        assert "available PF-days,20" in out
+        code, out, err = await run_cli(capsys, "show", grant_id, "--format", "json")
+        assert code == 0, err
+        shown = json.loads(out)
+        assert shown["providers"] == ["openb"]
+        assert shown["regions"] == ["openb/east"]
+        assert shown["accelerator_models"] == ["A100-SXM4-80GB"]
+        assert shown["available_pf_days"] == "20"
 
 
 async def test_cli_errors_name_the_option(

@@ -9,7 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from acsp.cli import _common, main, usage
+from acsp.cli import _common, main, usage, usage_arrays
+from acsp.v1 import metering_pb2, scheduler_pb2
 
 
 @pytest.mark.parametrize(
@@ -77,3 +78,91 @@ def test_missing_filter_exits_2(
     err = capsys.readouterr().err
     assert "a filter is required" in err
     assert code == _common.EXIT_USAGE
+
+
+class _NotFoundError(grpc.RpcError):
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.NOT_FOUND
+
+    def details(self) -> str:
+        return f"job {self.job_id!r} not found"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+class _ArrayScheduler:
+    """Array ``arr`` with elements 0 and 1 that ran, and 2 that never started."""
+
+    def GetJob(self, request: scheduler_pb2.GetJobRequest) -> scheduler_pb2.Job:
+        if request.job_id != "arr":
+            raise _NotFoundError(request.job_id)
+        return scheduler_pb2.Job(job_id="arr", array_job_id="arr")
+
+    def ListJobs(self, request: scheduler_pb2.ListJobsRequest) -> scheduler_pb2.ListJobsResponse:
+        jobs = [
+            scheduler_pb2.Job(job_id=f"arr-{i}", array_job_id="arr", array_index=i)
+            for i in (2, 1, 0)
+        ]
+        for job in jobs[1:]:
+            job.start_time.FromSeconds(1_800_000_000)
+        return scheduler_pb2.ListJobsResponse(jobs=jobs)
+
+
+class _ElementMetering:
+    """Charges of ``arr-0`` and ``arr-1``; any other job id is not found."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def ListCharges(
+        self, request: metering_pb2.ListChargesRequest
+    ) -> metering_pb2.ListChargesResponse:
+        self.asked.append(request.job_id)
+        if request.job_id not in ("arr-0", "arr-1"):
+            raise _NotFoundError(request.job_id)
+        charge = metering_pb2.Charge(charge_id=f"c-{request.job_id}", job_id=request.job_id)
+        return metering_pb2.ListChargesResponse(charges=[charge])
+
+
+def _stubs(monkeypatch: pytest.MonkeyPatch) -> _ElementMetering:
+    metering = _ElementMetering()
+
+    @contextmanager
+    def open_metering(args: object) -> Iterator[_ElementMetering]:
+        yield metering
+
+    @contextmanager
+    def open_scheduler(args: object) -> Iterator[_ArrayScheduler]:
+        yield _ArrayScheduler()
+
+    monkeypatch.setattr(usage, "open_metering", open_metering)
+    monkeypatch.setattr(usage_arrays, "open_scheduler", open_scheduler)
+    return metering
+
+
+def test_charges_of_array_list_elements(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    metering = _stubs(monkeypatch)
+    argv = ["usage", "charges", "--job", "arr", "--format", "csv", "--data-dir", str(tmp_path)]
+    code = main.main(argv)
+    out, err = capsys.readouterr()
+    assert code == _common.EXIT_OK
+    assert metering.asked == ["arr", "arr-0", "arr-1"]
+    assert "c-arr-0,arr-0" in out
+    assert "c-arr-1,arr-1" in out
+    assert "arr is a job array" in err
+
+
+def test_charges_of_unknown_job_not_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    _stubs(monkeypatch)
+    code = main.main(["usage", "charges", "--job", "nope", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code != _common.EXIT_OK
+    assert "job 'nope' not found" in err

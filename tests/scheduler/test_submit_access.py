@@ -118,3 +118,37 @@ async def test_job_institution_from_project(stack: Stack) -> None:
     finally:
         await conn.close()
     assert [row["institution"] for row in stored] == [institution]
+
+
+async def test_list_unknown_array_not_found(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    owner = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                spec=job_spec(project, grant, task_count=1, array_size=2)
+            ),
+            metadata=owner,
+            timeout=10,
+        )
+        array_id = submitted.job.job_id
+        listed = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(array_job_id=array_id), metadata=owner, timeout=10
+        )
+        none_running = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(
+                array_job_id=array_id, states=[scheduler_pb2.JOB_STATE_RUNNING]
+            ),
+            metadata=owner,
+            timeout=10,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await scheduler.ListJobs(
+                scheduler_pb2.ListJobsRequest(array_job_id="jnope"), metadata=owner, timeout=10
+            )
+    assert len(listed.jobs) == 2
+    assert list(none_running.jobs) == []
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "'jnope'" in (caught.value.details() or "")
