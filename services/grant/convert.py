@@ -156,7 +156,8 @@ def models_in(field: str, values: Iterable[str]) -> tuple[str, ...]:
 def regions_in(field: str, values: Iterable[str]) -> tuple[str, ...]:
     """Convert region names; each must read ``<provider>/<region>`` with two valid ids.
 
-    NOTE: the grant service has no registry of regions, so only the format is checked.
+    Only the format is checked here. :mod:`services.grant.fleet` checks that the scheduler
+    registered the region, when the service knows the scheduler's address.
     """
     regions = names_in(field, values)
     for index, key in enumerate(regions):
@@ -174,7 +175,8 @@ def regions_in(field: str, values: Iterable[str]) -> tuple[str, ...]:
 def providers_in(field: str, values: Iterable[str]) -> tuple[str, ...]:
     """Convert provider ids, each of 1-64 letters, digits, '_' or '-'.
 
-    NOTE: the grant service has no registry of providers, so only the format is checked.
+    Only the format is checked here. :mod:`services.grant.fleet` checks that the scheduler
+    registered the provider, when the service knows the scheduler's address.
     """
     providers = names_in(field, values)
     for index, provider in enumerate(providers):
