@@ -581,9 +581,24 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--reason", required=True, help="why, shown to the applicant")
     p.add_argument("--pf-days", help="the awarded PF-days, for --outcome award-less")
-    p.add_argument("--provider", action="append", default=[], help="restrict to a provider")
-    p.add_argument("--region", action="append", default=[], help="restrict to a region")
-    p.add_argument("--model", action="append", default=[], help="restrict to an accelerator model")
+    p.add_argument(
+        "--provider",
+        action="append",
+        default=[],
+        help="restrict to a registered provider; repeatable, and final once awarded",
+    )
+    p.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        help="restrict to a registered <provider>/<region>; repeatable, and final once awarded",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="restrict to an accelerator model of the catalog; repeatable, and final once awarded",
+    )
     p.add_argument(
         "--fixed-rates", action="store_true", help="price at the rate card current at award"
     )

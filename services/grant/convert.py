@@ -157,7 +157,7 @@ def regions_in(field: str, values: Iterable[str]) -> tuple[str, ...]:
     """Convert region names; each must read ``<provider>/<region>`` with two valid ids.
 
     Only the format is checked here. :mod:`services.grant.fleet` checks that the scheduler
-    registered the region, when the service knows the scheduler's address.
+    registered the region when ACSP_SCHEDULER_ADDRESS is set.
     """
     regions = names_in(field, values)
     for index, key in enumerate(regions):
@@ -176,7 +176,7 @@ def providers_in(field: str, values: Iterable[str]) -> tuple[str, ...]:
     """Convert provider ids, each of 1-64 letters, digits, '_' or '-'.
 
     Only the format is checked here. :mod:`services.grant.fleet` checks that the scheduler
-    registered the provider, when the service knows the scheduler's address.
+    registered the provider when ACSP_SCHEDULER_ADDRESS is set.
     """
     providers = names_in(field, values)
     for index, provider in enumerate(providers):
