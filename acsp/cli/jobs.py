@@ -21,7 +21,6 @@ from acsp.cli._common import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
-    UINT32_MAX,
     CommandError,
     async_client_from_args,
     connection_options,
@@ -33,9 +32,15 @@ from acsp.cli._common import (
     rows_of,
     whole_number,
 )
+from acsp.decimals import format_decimal
 from acsp.mesh.endpoints import MeshNotFoundError
 from acsp.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from scheduler.service.validation import MAX_ARRAY_SIZE, MAX_TASKS, MAX_WALL_TIME_S
+from scheduler.service.validation import (
+    MAX_ARRAY_SIZE,
+    MAX_MILLIS_PER_TASK,
+    MAX_TASKS,
+    MAX_WALL_TIME_S,
+)
 
 PRIORITIES = {
     "interactive": common_pb2.PRIORITY_CLASS_INTERACTIVE,
@@ -90,6 +95,8 @@ SUBMIT_OPTIONS: Final = {
 """The option of ``acsp jobs submit`` that sets each field SubmitJob may reject."""
 AFTER_IDS_SHOWN: Final = 5
 """Jobs that ``acsp jobs show`` names in its ``after`` row before it counts the others."""
+MAX_SHOWN_DIGITS: Final = 12
+"""Length up to which an error writes an --accelerators value in plain digits."""
 LIST_COLUMNS = ("job", "name", "state", "reason", "tasks", "accelerators", "attempt", "submitted")
 
 
@@ -308,9 +315,20 @@ def parse_millis(text: str) -> int:
             f"--accelerators {text!r} is not a number; give e.g. 2 or 0.25", EXIT_USAGE
         ) from None
     millis = value * 1000 if value.is_finite() else Decimal(0)
-    if millis <= 0 or millis != millis.to_integral_value() or millis > UINT32_MAX:
+    if millis <= 0 or millis != millis.to_integral_value():
         raise CommandError(
             f"--accelerators {text!r}: use a positive whole number or thousandths of one",
+            EXIT_USAGE,
+        )
+    if millis > MAX_MILLIS_PER_TASK:
+        # In plain digits, so that 1e3 reads as 1000, unless that is longer than what was typed.
+        shown = format_decimal(value)
+        if len(shown) > max(len(text), MAX_SHOWN_DIGITS):
+            shown = text
+        raise CommandError(
+            f"--accelerators {shown} is more than the maximum of "
+            f"{MAX_MILLIS_PER_TASK // 1000} per task; ask for at most "
+            f"{MAX_MILLIS_PER_TASK // 1000}, and spread larger work over more tasks with --tasks",
             EXIT_USAGE,
         )
     if millis > 1000 and millis % 1000:
@@ -343,6 +361,12 @@ def spec_from_args(args: argparse.Namespace) -> scheduler_pb2.JobSpec:
         if not sep:
             raise CommandError(
                 f"--env {item!r} is not KEY=VALUE; give --env KEY=VALUE, e.g. "
+                "--env OMP_NUM_THREADS=8",
+                EXIT_USAGE,
+            )
+        if not key.strip():
+            raise CommandError(
+                f"--env {item!r} has no variable name before =; give --env KEY=VALUE, e.g. "
                 "--env OMP_NUM_THREADS=8",
                 EXIT_USAGE,
             )

@@ -287,7 +287,11 @@ def _check_env(spec: JobSpec, bad: _Reporter) -> None:
     for key, value in spec.env:
         field = f"environment[{_quote_key(key)}]"
         if not _ENV_NAME.match(key):
-            bad(field, "is not a valid environment variable name")
+            bad(
+                field,
+                "is not a valid environment variable name; use 1 to 128 ASCII letters, digits and "
+                "underscores that do not start with a digit, e.g. OMP_NUM_THREADS",
+            )
         size = len(value.encode())
         if size > MAX_ENV_VALUE_BYTES:
             bad(

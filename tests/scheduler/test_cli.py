@@ -81,6 +81,20 @@ def test_accelerators_option_rejects_bad_values(text: str) -> None:
         parse_millis(text)
 
 
+@pytest.mark.parametrize(("text", "shown"), [("1e3", "1000"), ("65", "65"), ("64.5", "64.5")])
+def test_accelerators_above_maximum_in_option_units(text: str, shown: str) -> None:
+    with pytest.raises(CommandError) as error:
+        parse_millis(text)
+    message = str(error.value)
+    assert error.value.exit_code == 2
+    assert f"--accelerators {shown} is more than the maximum of 64 per task" in message
+    assert "millis" not in message
+
+
+def test_accelerators_maximum_is_accepted() -> None:
+    assert parse_millis("64") == 64_000
+
+
 def test_submit_sub_allocation_reaches_spec() -> None:
     args = parse(
         "jobs",
@@ -413,7 +427,7 @@ def test_submit_error_names_options(
         yield Scheduler()
 
     monkeypatch.setattr(jobs_cli, "open_scheduler", open_scheduler)
-    code = main(["jobs", "submit", "--project", "p1", "--accelerators", "1000000", "--", "true"])
+    code = main(["jobs", "submit", "--project", "p1", "--accelerators", "2", "--", "true"])
     err = capsys.readouterr().err
     assert code == 2
     assert "spec.accelerator_millis_per_task is set by --accelerators, in thousandths" in err
@@ -665,6 +679,16 @@ def test_submit_env_without_equals_shows_fix() -> None:
         spec_from_args(args)  # type: ignore[arg-type]
     assert error.value.exit_code == 2
     assert "--env 'NOEQUALS' is not KEY=VALUE" in str(error.value)
+    assert "e.g. --env OMP_NUM_THREADS=8" in str(error.value)
+
+
+@pytest.mark.parametrize("item", ["=x", " =x", "="])
+def test_submit_env_without_name_shows_fix(item: str) -> None:
+    args = parse("jobs", "submit", "--project", "p1", "--env", item, "--", "true")
+    with pytest.raises(CommandError) as error:
+        spec_from_args(args)  # type: ignore[arg-type]
+    assert error.value.exit_code == 2
+    assert f"--env {item!r} has no variable name before =" in str(error.value)
     assert "e.g. --env OMP_NUM_THREADS=8" in str(error.value)
 
 

@@ -190,3 +190,11 @@ def test_constraint_lists_bounded() -> None:
     assert fields_of(valid_spec(allowed_regions=regions)) == {"spec.allowed_regions"}
     assert fields_of(valid_spec(models=models)) == {"spec.accelerators.models"}
     assert validate_spec(valid_spec(allowed_regions=regions[:MAX_ALLOWED_REGIONS])) == []
+
+
+def test_invalid_environment_name_says_valid_form() -> None:
+    [violation] = validate_spec(valid_spec(env=(("", "x"),)))
+    assert violation.field == "spec.environment['']"
+    assert "is not a valid environment variable name" in violation.reason
+    assert "ASCII letters, digits and underscores" in violation.reason
+    assert "e.g. OMP_NUM_THREADS" in violation.reason
