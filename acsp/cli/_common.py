@@ -163,8 +163,16 @@ def parse_end_time(text: str, option: str) -> timestamp_pb2.Timestamp:
 
 
 def is_date_alone(text: str) -> bool:
-    """Return whether ``text``, a valid ISO 8601 time, is a date without a time of day."""
-    return len(text) == len("YYYY-MM-DD")
+    """Return whether ``text``, a valid ISO 8601 time, is a date without a time of day.
+
+    Any form of a date that :func:`datetime.fromisoformat` accepts counts, such as
+    ``2027-03-31``, ``20270331`` or the week date ``2027-W13-3``.
+    """
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def format_time(stamp: timestamp_pb2.Timestamp) -> str:

@@ -395,6 +395,16 @@ def test_end_date_includes_whole_day() -> None:
     assert format_time(exact) == "2027-12-31T12:00:00+00:00"
 
 
+@pytest.mark.parametrize("text", ["20271231", "2027-W52-5", "2027W525"])
+def test_end_date_other_forms_include_day(text: str) -> None:
+    # Other ISO 8601 forms of 2027-12-31 that datetime.fromisoformat accepts.
+    assert format_time(parse_end_time(text, "--end")) == "2028-01-01T00:00:00+00:00"
+
+
+def test_end_with_hour_is_exact() -> None:
+    assert format_time(parse_end_time("2027-12-31T12", "--end")) == "2027-12-31T12:00:00+00:00"
+
+
 async def test_cli_shows_end_date_as_typed(
     schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
