@@ -19,6 +19,7 @@ from acsp.cli._common import (
     CommandError,
     connection_options,
     decimal_value,
+    describe_rpc_error,
     format_time,
     is_date_alone,
     note_more_rows,
@@ -332,7 +333,18 @@ def run_models(args: argparse.Namespace) -> int:
 
 def run_rates(args: argparse.Namespace) -> int:
     with open_metering(args) as metering:
-        card = metering.GetRateCard(metering_pb2.GetRateCardRequest(version=args.version))
+        try:
+            card = metering.GetRateCard(metering_pb2.GetRateCardRequest(version=args.version))
+        except grpc.RpcError as error:
+            if args.version == 0 or error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            # One more call, on this error path only, to name the version that does exist.
+            current = metering.GetRateCard(metering_pb2.GetRateCardRequest(version=0))
+            raise CommandError(
+                f"{describe_rpc_error(error)}; the current version is {current.version}, and "
+                "versions count up from 1. Pass one of them, or leave out --version for the "
+                "current card"
+            ) from None
     records = [
         {
             "model": rate.model.name,

@@ -166,3 +166,38 @@ def test_charges_of_unknown_job_not_found(
     err = capsys.readouterr().err
     assert code != _common.EXIT_OK
     assert "job 'nope' not found" in err
+
+
+class _RateCardNotFoundError(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.NOT_FOUND
+
+    def details(self) -> str:
+        return "rate card version '999' not found"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+class _RateCardMetering:
+    def GetRateCard(self, request: metering_pb2.GetRateCardRequest) -> metering_pb2.RateCard:
+        if request.version == 0:
+            return metering_pb2.RateCard(version=3)
+        raise _RateCardNotFoundError()
+
+
+@contextmanager
+def _open_rate_card_metering(args: object) -> Iterator[_RateCardMetering]:
+    yield _RateCardMetering()
+
+
+def test_missing_rate_card_version_names_current(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    monkeypatch.setattr(usage, "open_metering", _open_rate_card_metering)
+    code = main.main(["usage", "rates", "--version", "999", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == _common.EXIT_FAILURE
+    assert "rate card version '999' not found" in err
+    assert "the current version is 3" in err
+    assert "leave out --version" in err
