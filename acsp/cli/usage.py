@@ -46,6 +46,21 @@ MAX_PAGE_SIZE = 1000
 MAX_PAGES = 10_000
 """Upper bound on pages fetched by --all, so a server bug cannot loop forever."""
 
+# Metering charges a period's usage once the period has ended and the lateness has passed
+# (ACSP_METERING_PERIOD_S, ACSP_METERING_LATENESS_S), so for a recent range the two commands
+# differ by the usage that is not charged yet. Both notes go to stderr, like note_more_rows.
+USAGE_HOURS_NOTE = (
+    "note: accelerator hours count all metered usage whose charging period starts in the "
+    "range, charged or not yet charged; acsp settlement counts charged usage only, so it "
+    "shows less until metering charges the latest periods\n"
+)
+SETTLEMENT_HOURS_NOTE = (
+    "note: accelerator hours and PF-days count charged usage only, by the start of its "
+    "charging period; usage that is not charged yet (a period that has not ended, or an "
+    "attempt that ended less than the lateness ago) is added when it is charged, and acsp "
+    "usage query counts it already\n"
+)
+
 
 @contextmanager
 def open_metering(args: argparse.Namespace) -> Iterator[metering_pb2_grpc.MeteringServiceStub]:
@@ -151,6 +166,8 @@ def run_query(args: argparse.Namespace) -> int:
     columns = [args.by, "accelerator hours", "charged PF-days", "refunded PF-days"]
     columns += ["mean utilization", "samples"]
     print_records(records, columns, output_format=args.format, title=f"usage by {args.by}")
+    if records:
+        sys.stderr.write(USAGE_HOURS_NOTE)
     return EXIT_OK
 
 
@@ -412,6 +429,8 @@ def run_settlement_show(args: argparse.Namespace) -> int:
         f"{settlement.recall_count} recall{'' if settlement.recall_count == 1 else 's'}"
     )
     print_records(records, columns, output_format=args.format, title=title)
+    if records:
+        sys.stderr.write(SETTLEMENT_HOURS_NOTE)
     return EXIT_OK
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
 
+from acsp.cli import main, usage
 from acsp.cli.main import build_parser
 from acsp.cli.usage import refund_row, run_query, run_settlement_export
 from acsp.v1 import metering_pb2
@@ -39,3 +44,46 @@ def test_usage_query_rejects_unknown_grouping() -> None:
 def test_refund_row_keeps_lost_microseconds(seconds: float, text: str) -> None:
     refund = metering_pb2.RefundRecord(refund_id="r1", lost_seconds=seconds)
     assert refund_row(refund)["lost (s)"] == text
+
+
+class _Metering:
+    """One usage row and one settlement line of 0.5 accelerator-hours."""
+
+    def QueryUsage(
+        self, request: metering_pb2.QueryUsageRequest
+    ) -> metering_pb2.QueryUsageResponse:
+        row = metering_pb2.UsageRow(key="prov-a")
+        row.accelerator_hours.value = "0.5"
+        return metering_pb2.QueryUsageResponse(rows=[row])
+
+    def GetSettlement(self, request: metering_pb2.GetSettlementRequest) -> metering_pb2.Settlement:
+        line = metering_pb2.SettlementLine(region_id="r1", model="A100-SXM4-80GB")
+        line.accelerator_hours.value = "0.5"
+        return metering_pb2.Settlement(provider_id="prov-a", lines=[line])
+
+
+@pytest.mark.parametrize(
+    ("argv", "counted"),
+    [
+        (["usage", "query", "--by", "provider", "--project", "p"], "charged or not"),
+        (["settlement", "show", "prov-a"], "charged usage only"),
+    ],
+)
+def test_usage_and_settlement_say_what_hours_count(
+    argv: list[str],
+    counted: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    @contextmanager
+    def open_metering(args: object) -> Iterator[_Metering]:
+        yield _Metering()
+
+    monkeypatch.setattr(usage, "open_metering", open_metering)
+    window = ["--from", "2026-12-06", "--to", "2026-12-07", "--data-dir", str(tmp_path)]
+    code = main.main([*argv, *window])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "0.5" in out
+    assert counted in err
