@@ -89,6 +89,12 @@ def _node_victims(
     return reclaimable, victims
 
 
+def _usable_whole(node: NodeRecord) -> int:
+    """Return the free whole accelerators a new job could get on ``node`` now: none while the
+    node runs as many jobs as it may, because then it takes no other job."""
+    return 0 if node.full else node.free_whole
+
+
 def priority_victims(
     job: JobSpec,
     pools: Sequence[Pool],
@@ -112,7 +118,7 @@ def priority_victims(
         if found is None:
             continue
         reclaimable, victims = found
-        extra = reclaimable // need - node.free_whole // need
+        extra = reclaimable // need - _usable_whole(node) // need
         if extra > 0:
             cost = sum(jobs[v].spec.total_millis for v in victims)
             options.append((cost // extra, node.ordinal, node, victims, extra))
@@ -132,7 +138,7 @@ def priority_victims(
             break
         slots += (_node_victims(node, jobs, (Cause.PRIORITY, job.job_id)) or (0, set()))[0] // (
             per_task
-        ) - node.free_whole // per_task
+        ) - _usable_whole(node) // per_task
         chosen.update(victims)
     if slots < job.task_count:
         return None

@@ -97,7 +97,8 @@ def preempt_for(state: PassState, record: JobRecord, pools: tuple[Pool, ...]) ->
         for pool in pools:
             for ordinal in pool.preemptible_nodes:
                 found = fleet.nodes[ordinal]
-                if found.schedulable and ordinal not in skip:
+                # A node at its job limit counts too: stopping its victims frees a job slot.
+                if found.up and not found.busy and ordinal not in skip:
                     yield found
 
     victims = None

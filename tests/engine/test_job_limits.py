@@ -6,7 +6,14 @@ from dataclasses import replace
 
 import pytest
 
-from scheduler.engine import InvalidInputError, JobEnded, JobOutcome, Reserve
+from scheduler.engine import (
+    InvalidInputError,
+    JobEnded,
+    JobOutcome,
+    Preempt,
+    PriorityClass,
+    Reserve,
+)
 from scheduler.engine.fleet import NodeRecord
 from tests.engine.helpers import job, make_engine, node, placed
 
@@ -149,3 +156,34 @@ def test_reservation_counts_full_node() -> None:
     assert reserve.job_id == "big"
     assert reserve.start_time == 100.0
     assert reserve.node_ids == ("limited",)
+
+
+def test_full_node_preempted_for_higher_class() -> None:
+    engine = make_engine()
+    engine.add_node(replace(node("limited", 4), max_jobs=1))
+    engine.submit(job("low", accelerators=1, priority=PriorityClass.PREEMPTIBLE))
+    assert list(placed(engine.schedule(0.0))) == ["low"]
+    # The node has 3 free accelerators, but its one job slot is taken by "low".
+    engine.submit(job("high", accelerators=1, priority=PriorityClass.INTERACTIVE, submit=1.0))
+
+    result = engine.schedule(1.0)
+
+    preempted = [d.job_id for d in result.decisions if isinstance(d, Preempt)]
+    assert preempted == ["low"]
+    engine.apply(JobEnded("low", JobOutcome.PREEMPTED), now=2.0)
+    assert list(placed(engine.schedule(2.0))) == ["high"]
+
+
+def test_full_node_preempted_for_spread_gang() -> None:
+    engine = make_engine()
+    engine.add_node(replace(node("limited", 4), max_jobs=1))
+    engine.submit(job("low", accelerators=1, priority=PriorityClass.PREEMPTIBLE))
+    assert list(placed(engine.schedule(0.0))) == ["low"]
+    engine.submit(
+        job("gang", accelerators=1, tasks=2, priority=PriorityClass.INTERACTIVE, submit=1.0)
+    )
+
+    result = engine.schedule(1.0)
+
+    preempted = [d.job_id for d in result.decisions if isinstance(d, Preempt)]
+    assert preempted == ["low"]
