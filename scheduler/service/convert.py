@@ -125,6 +125,7 @@ def job_to_proto(job: Job) -> scheduler_pb2.Job:
         hold_id=job.hold_id,
         grant_id=job.spec.grant_id,
         owner_subject=job.owner,
+        institution_id=job.institution,
         array_job_id=job.array_id,
         array_index=job.array_index,
         submit_time=timestamp(job.submitted_at),

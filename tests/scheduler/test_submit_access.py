@@ -108,6 +108,7 @@ async def test_job_institution_from_project(stack: Stack) -> None:
                     timeout=10,
                 )
                 event = await asyncio.wait_for(admitted.get(), timeout=30)
+                assert reply.job.institution_id == institution, case
                 assert event.job_id == reply.job.job_id, case
                 assert event.institution_id == institution, case
     finally:
