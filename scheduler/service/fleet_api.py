@@ -147,10 +147,19 @@ class FleetRpcs(ProviderRpcs):
         if node is None:
             raise NotFound("node", _node_name(request))
         if node.status != "down":
+            if node.status == "draining":
+                next_step = (
+                    "It takes no new work already. Stop its agent, wait until the node shows "
+                    "as unknown, then mark it down"
+                )
+            else:
+                next_step = (
+                    "Drain it to stop new work, or stop its agent and wait until the node "
+                    "shows as unknown"
+                )
             raise FailedPrecondition(
                 f"node {_node_name(request)} is {node.status}, and only an unknown node (one "
-                "that missed its heartbeats) can be marked down. Drain it to stop new work, or "
-                "stop its agent and wait until the node shows as unknown",
+                f"that missed its heartbeats) can be marked down. {next_step}",
                 "node_id",
             )
         return _node_reply(leader, node)

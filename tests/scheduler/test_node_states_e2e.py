@@ -126,6 +126,13 @@ async def test_drain_survives_missed_heartbeats_and_down(stack: Stack) -> None:
     try:
         await operator.wait_state(UP, "n0 up")
         assert (await operator.drain()).state == DRAINING
+        # A draining node still runs its agent, so it cannot be marked down yet.
+        with pytest.raises(grpc.aio.AioRpcError) as rejected:
+            await operator.mark_down()
+        assert rejected.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "is draining" in (rejected.value.details() or "")
+        assert "Drain it" not in (rejected.value.details() or "")
+        assert "stop its agent" in (rejected.value.details() or "").lower()
 
         # A paused agent misses its heartbeats and later sends them again, with no new
         # inventory in between.
