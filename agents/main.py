@@ -219,6 +219,8 @@ def build_process(
         "task_user": settings.task_user,
         "task_users": TaskUserPool(settings.task_users) if settings.task_users else None,
         "task_log_max_bytes": settings.task_log_max_bytes,
+        "host": settings.host,
+        "rendezvous_ports": settings.rendezvous_ports,
     }
     nodes: list[NodeAgent] = []
     if settings.backend == "nvml":

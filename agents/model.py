@@ -219,6 +219,12 @@ class TaskSpec:
     """Milli-shares of each of ``accelerators``, in the same order; empty means whole ones."""
     checkpoint_reference: str = ""
     """Checkpoint the task resumes from; empty for a fresh start."""
+    node_hosts: tuple[str, ...] = ()
+    """Hosts of the job's nodes, each once; empty for a one-task job."""
+    task_node_indexes: tuple[int, ...] = ()
+    """Index in ``node_hosts`` of each task's node, in task order; empty for a one-task job."""
+    rendezvous_port: int = 0
+    """Port for task 0 to listen on for the job's rendezvous; 0 when the scheduler sent none."""
 
 
 TASK_INDEX_ENV = "ACSP_TASK_INDEX"
@@ -228,8 +234,7 @@ TASK_INDEX_ENV = "ACSP_TASK_INDEX"
 def task_index_of(task_id: str) -> str | None:
     """Return the ``<task_index>`` of a ``<job_id>/<attempt>/<task_index>`` task id.
 
-    The result is None when ``task_id`` does not have that form. The start command carries no
-    task count, so the agent cannot tell a task how many tasks its job has.
+    The result is None when ``task_id`` does not have that form.
     """
     parts = task_id.rsplit("/", 2)
     if len(parts) != 3 or not parts[2].isascii() or not parts[2].isdigit():

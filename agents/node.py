@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from acsp import subjects
+from acsp.rendezvous import DEFAULT_PORT_RANGE
 from agents import wire
 from agents.backends.base import Backend, BackendError
 from agents.checkpoints import CheckpointFiles, PlayedCheckpoints
@@ -29,10 +30,13 @@ from agents.model import (
     HealthState,
     NodeInventory,
     TaskEvent,
+    TaskSpec,
     TaskState,
     UsageSample,
+    task_index_of,
 )
 from agents.outbox import Outbox
+from agents.rendezvous import HostFiles, Placement, task_environment
 from agents.runner import TaskInterval, TaskRunner
 from agents.state import StateStore
 from agents.task_logs import TASK_LOG_MAX_BYTES
@@ -92,7 +96,11 @@ class NodeAgent:
         task_user: TaskUser | None = None,
         task_log_max_bytes: int = TASK_LOG_MAX_BYTES,
         task_users: TaskUserPool | None = None,
+        host: str = "",
+        rendezvous_ports: tuple[int, int] = DEFAULT_PORT_RANGE,
     ) -> None:
+        """``host`` is where other nodes' tasks reach this node's tasks (the node id when
+        empty), and ``rendezvous_ports`` the range it reports for rendezvous ports."""
         self.ref = ref
         self.backend = backend
         self._backend_name = backend_name
@@ -125,6 +133,9 @@ class NodeAgent:
         self.runner: TaskRunner | None = None
         self._checkpoints = CheckpointFiles(work_dir / "tasks", per_job=task_users is not None)
         self._played_checkpoints = PlayedCheckpoints()
+        self._host = host or ref.node
+        self._rendezvous_ports = rendezvous_ports
+        self._host_files = HostFiles(work_dir)
         self._usage_subject = subjects.usage_subject(ref.provider, ref.region, ref.node)
         self._health_subject = subjects.health_subject(ref.provider, ref.region, ref.node)
         self._task_subject = subjects.task_subject(ref.provider, ref.region, ref.node)
@@ -266,6 +277,7 @@ class NodeAgent:
             # it exits, so the file is read once more and the end event carries the change.
             reference = self._checkpoints.changed(event.task_id)
             self._checkpoints.forget(event.task_id, event.job_id)
+            self._host_files.forget(event.task_id)
             self._played_checkpoints.forget(event.task_id)
             if reference is not None:
                 event = replace(
@@ -334,13 +346,29 @@ class NodeAgent:
                 files = self._checkpoints.environment(
                     spec.task_id, spec.checkpoint_reference, spec.job_id
                 )
-                spec = replace(spec, env=spec.env + files)
+                spec = replace(spec, env=spec.env + files + self._rendezvous_env(spec))
             await self.runner.start(spec)
         elif command.kind == "stop":
             await self.runner.stop(command.task_id, command.reason)
         elif command.kind == "reconcile":
             self.runner.report_running()
             self.publish_inventory()
+
+    def _rendezvous_env(self, spec: TaskSpec) -> tuple[tuple[str, str], ...]:
+        """Write the task's hosts file and return its rendezvous variables.
+
+        A hosts file that cannot be written leaves ``ACSP_TASK_HOSTS_FILE`` naming no file,
+        with a warning, while the other variables still let the task start.
+        """
+        index = task_index_of(spec.task_id)
+        task_index = int(index) if index is not None else 0
+        placement = Placement(spec.node_hosts, spec.task_node_indexes)
+        path = self._host_files.path(spec.task_id)
+        try:
+            self._host_files.write(spec.task_id, placement.task_hosts(self._host))
+        except OSError as error:
+            logger.warning("hosts file of task %s was not written: %s", spec.task_id, error)
+        return task_environment(task_index, placement, self._host, spec.rendezvous_port, path)
 
     def _tasks_by_accelerator(self) -> dict[str, list[str]]:
         assert self.runner is not None
@@ -458,6 +486,8 @@ class NodeAgent:
             # whole pool, so together they are offered more jobs than they can take. Their
             # agent rejects the extra starts as busy.
             max_jobs=len(self._task_users) if self._task_users is not None else 0,
+            host=self._host,
+            rendezvous_ports=self._rendezvous_ports,
         )
         self._inventory_counter += 1
         msg_id = f"inventory:{self.ref.key}/{self.boot_id}/{self._inventory_counter}"

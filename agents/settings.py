@@ -8,11 +8,13 @@ options of ``python -m agents`` override them.
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from acsp.rendezvous import DEFAULT_PORT_RANGE, parse_port_range
 from acsp.subjects import TOKEN_PATTERN
 from agents.task_logs import MIN_TASK_LOG_MAX_BYTES, TASK_LOG_MAX_BYTES
 from agents.task_user import TASK_USER_ENV, TaskUser, parse_task_user
@@ -25,6 +27,23 @@ Backend = Literal["nvml", "simulated"]
 def _default_node() -> str:
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
     return name[:64] or "node"
+
+
+MAX_HOST_CHARACTERS = 100
+"""Longest ACSP_AGENT_HOST. A start command lists the hosts of a gang's nodes, and 4,096 hosts
+of this length (the most tasks a job has) take about 410 KiB, which stays within the half of
+NATS's default max_payload of 1 MiB that the scheduler leaves for more than the job's spec."""
+_HOST_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_HOST_CHARACTERS}}}")
+
+
+def parse_host(text: str) -> str:
+    """Check an address or hostname; raise ValueError naming the allowed characters."""
+    if not _HOST_PATTERN.fullmatch(text):
+        raise ValueError(
+            f"{text!r} is not an address or hostname of 1 to {MAX_HOST_CHARACTERS} of "
+            "A-Z a-z 0-9 . - _ :"
+        )
+    return text
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,24 @@ class AgentSettings(Settings):
         f"{MAX_POOL_USERS} users; the agent kills every process of a user when it frees it, "
         f"so nothing else may run as them; empty uses {TASK_USER_ENV}",
         parse=parse_task_users,
+    )
+
+    host: str = setting(
+        "ACSP_AGENT_HOST",
+        socket.gethostname(),
+        "address or hostname at which the tasks of other nodes reach this node's tasks, given "
+        "to tasks as their rendezvous host and in their hosts file: 1 to "
+        f"{MAX_HOST_CHARACTERS} of A-Z a-z 0-9 . - _ :; the machine's hostname by default",
+        parse=parse_host,
+    )
+
+    rendezvous_ports: tuple[int, int] = setting(
+        "ACSP_AGENT_RENDEZVOUS_PORTS",
+        DEFAULT_PORT_RANGE,
+        "range LOW-HIGH of ports from which the scheduler picks, by a hash of the job id, the "
+        "port that a job's task 0 listens on when it runs on this node; a range of N ports "
+        "gives two jobs whose task 0 share the node the same port with a chance of about 1/N",
+        parse=parse_port_range,
     )
 
     def validate(self) -> None:

@@ -29,7 +29,9 @@ from agents.model import (
     TaskSpec,
     TaskState,
     UsageSample,
+    task_index_of,
 )
+from agents.rendezvous import Placement
 
 _MICRO = Decimal("0.000001")
 USAGE_REPORT_MAX_BYTES: Final = 64 << 10
@@ -148,6 +150,7 @@ def parse_command(data: bytes) -> Command:
     if repeated:
         raise InvalidCommand(f"accelerators lists {', '.join(repeated)} more than once")
 
+    _check_rendezvous(message)
     spec = TaskSpec(
         job_id=message.job_id,
         task_id=message.task_id,
@@ -160,8 +163,28 @@ def parse_command(data: bytes) -> Command:
         grace_period_s=float(message.grace_seconds) if message.grace_seconds else 30.0,
         simulated_run_time_s=message.simulated_run_seconds,
         checkpoint_reference=message.checkpoint_reference,
+        node_hosts=tuple(message.node_hosts),
+        task_node_indexes=tuple(message.task_node_indexes),
+        rendezvous_port=message.rendezvous_port,
     )
     return Command(kind="start", spec=spec, **common)  # type: ignore[arg-type]
+
+
+def _check_rendezvous(message: agent_pb2.AgentCommand) -> None:
+    """Raise :class:`InvalidCommand` if the rendezvous fields do not fit the task."""
+    if message.rendezvous_port > 65535:
+        raise InvalidCommand(f"rendezvous_port {message.rendezvous_port} is above 65535")
+    if not message.task_node_indexes and not message.node_hosts:
+        return
+    index = task_index_of(message.task_id)
+    if index is None:
+        raise InvalidCommand(
+            f"task_id {message.task_id!r} is not <job_id>/<attempt>/<task_index>, which "
+            "task_node_indexes needs"
+        )
+    problem = Placement(message.node_hosts, message.task_node_indexes).check(int(index))
+    if problem is not None:
+        raise InvalidCommand(problem)
 
 
 def accelerator_message(
@@ -190,9 +213,12 @@ def inventory_message(
     running_task_ids: Iterable[str],
     now: float,
     max_jobs: int = 0,
+    host: str = "",
+    rendezvous_ports: tuple[int, int] = (0, 0),
 ) -> agent_pb2.Inventory:
     """Build the inventory message; ``max_jobs`` is the size of the task user pool, 0 without
-    one."""
+    one, and ``host`` and ``rendezvous_ports`` are where other nodes' tasks reach this node's
+    tasks."""
     states = {h.uuid: h.state for h in health}
     major = inventory.software_version.split(".", 1)[0]
     stacks = [f"cuda-{major}", f"cuda-{inventory.software_version}"] if major else []
@@ -216,6 +242,9 @@ def inventory_message(
         running_task_ids=sorted(running_task_ids),
         boot_id=boot_id,
         max_jobs=max_jobs,
+        host=host,
+        rendezvous_port_min=rendezvous_ports[0],
+        rendezvous_port_max=rendezvous_ports[1],
     )
 
 

@@ -88,7 +88,17 @@ def node_from_inventory(msg: agent_pb2.Inventory) -> NodeView:
         boot_id=msg.boot_id,
         running_task_ids=frozenset(msg.running_task_ids),
         max_jobs=msg.max_jobs,
+        host=msg.host,
+        rendezvous_ports=_port_range(msg),
     )
+
+
+def _port_range(msg: agent_pb2.Inventory) -> tuple[int, int] | None:
+    """Return the inventory's rendezvous port range, or None for none or an invalid one."""
+    low, high = msg.rendezvous_port_min, msg.rendezvous_port_max
+    if 0 < low <= high <= 65535:
+        return low, high
+    return None
 
 
 def accelerator_health(node_key: str, event: agent_pb2.HealthEvent) -> AcceleratorHealth | None:

@@ -51,8 +51,14 @@ def command_action(kind: str) -> str:
     return kind.partition(":")[0]
 
 
-def start_record(job: Job, task: TaskPlacement, epoch: int, kind: str = "start") -> DispatchRecord:
-    """Build the start command of one task of ``job``'s current attempt."""
+def start_record(
+    job: Job, task: TaskPlacement, epoch: int, kind: str = "start", rendezvous: bytes = b""
+) -> DispatchRecord:
+    """Build the start command of one task of ``job``'s current attempt.
+
+    ``rendezvous`` is the job's serialized rendezvous fields
+    (:func:`scheduler.service.rendezvous.rendezvous_fields`), appended as they are.
+    """
     spec = job.spec
     checkpoint = job.checkpoint_ref or spec.checkpoint_ref
     command = agent_pb2.AgentCommand(
@@ -77,7 +83,7 @@ def start_record(job: Job, task: TaskPlacement, epoch: int, kind: str = "start")
         task.task_index,
         kind,
         task.node_key,
-        command.SerializeToString(deterministic=True),
+        command.SerializeToString(deterministic=True) + rendezvous,
     )
 
 

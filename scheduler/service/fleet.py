@@ -12,6 +12,8 @@ from typing import Final, Literal
 
 from services.runtime.evolve import evolve
 
+from .rendezvous import NodeEndpoint, default_endpoint
+
 NodeStatus = Literal["up", "draining", "drained", "unknown", "down"]
 NODE_STATUSES: Final[tuple[str, ...]] = ("up", "draining", "drained", "unknown", "down")
 DrainSource = Literal["agent", "operator"]
@@ -61,6 +63,12 @@ class NodeView:
     max_jobs: int = 0
     """Jobs the node runs at once at most (the size of its agent's pool of task users), from
     its latest inventory; 0 is no limit."""
+    host: str = ""
+    """Address or hostname at which other nodes' tasks reach this node's tasks, from its
+    latest inventory; empty from agents that do not report one."""
+    rendezvous_ports: tuple[int, int] | None = None
+    """Inclusive range of rendezvous ports from its latest inventory, or None when the agent
+    reports none."""
 
     @property
     def key(self) -> str:
@@ -122,6 +130,18 @@ class FleetView:
 
     def __contains__(self, key: object) -> bool:
         return key in self._nodes
+
+    def endpoint(self, key: str) -> NodeEndpoint:
+        """Return where other nodes' tasks reach the tasks of node ``key``.
+
+        A node without a reported host is reached at its node id, and one without a port
+        range uses the default range.
+        """
+        node = self._nodes.get(key)
+        fallback = default_endpoint(key)
+        if node is None:
+            return fallback
+        return NodeEndpoint(node.host or fallback.host, node.rendezvous_ports or fallback.ports)
 
     def get(self, key: str) -> NodeView | None:
         node = self._nodes.get(key)

@@ -26,6 +26,7 @@ from .commands import (
 from .dependencies import NOT_FOUND, Dependencies
 from .engine_adapter import AcceleratorHealth, EngineAdapter, PassResult
 from .model import Job, JobState, TaskPlacement, node_name
+from .rendezvous import EndpointOf, default_endpoint, rendezvous_fields
 from .store import DispatchRecord, Orphan
 
 logger = logging.getLogger(__name__)
@@ -92,9 +93,13 @@ class _Stopping:
 class JobBook:
     """Open jobs by id and the transitions between their states."""
 
-    def __init__(self, engine: EngineAdapter, epoch: int) -> None:
+    def __init__(
+        self, engine: EngineAdapter, epoch: int, endpoint_of: EndpointOf = default_endpoint
+    ) -> None:
+        """``endpoint_of`` returns where a node's tasks are reached, for start commands."""
         self.engine = engine
         self.epoch = epoch
+        self._endpoint_of = endpoint_of
         self.jobs: dict[str, Job] = {}
         self._stopping: dict[str, _Stopping] = {}
         self._admitting: set[str] = set()
@@ -420,7 +425,10 @@ class JobBook:
         fx.commands.append(stop_record(job_id, job.attempt, old, reason, 0, self.epoch, stop_kind))
         self._add_orphan(old, TaskId(job_id, job.attempt, old.task_index))
         start_kind = replacement_kind("start", new.node_key)
-        fx.commands.append(start_record(replaced, new, self.epoch, start_kind))
+        # NOTE: the job's other tasks keep the hosts and the rendezvous they started with, so a
+        # replaced task 0, or a task that now runs on another host, is not where they look.
+        rendezvous = rendezvous_fields(replaced, self._endpoint_of)
+        fx.commands.append(start_record(replaced, new, self.epoch, start_kind, rendezvous))
         self._replacing_since[(job_id, job.attempt, task.task_index)] = fx.now
         fx.change(replaced, f"node:{lost_node}")
 
@@ -463,7 +471,10 @@ class JobBook:
         self.jobs[job.job_id] = starting
         self._starting_since[job.job_id] = fx.now
         fx.change(starting, f"hold:{outcome.hold_id}")
-        fx.commands.extend(start_record(starting, t, self.epoch) for t in starting.placement)
+        rendezvous = rendezvous_fields(starting, self._endpoint_of)
+        fx.commands.extend(
+            start_record(starting, t, self.epoch, rendezvous=rendezvous) for t in starting.placement
+        )
         fx.events.append(job_event(starting, "admitted", "hold", "budget held"))
 
     def _hold_failed(self, job: Job, outcome: HoldOutcome, fx: Effects) -> None:

@@ -1,0 +1,110 @@
+"""The rendezvous fields of start commands, built without servers."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from acsp.rendezvous import DEFAULT_PORT_RANGE, rendezvous_port
+from acsp.v1 import agent_pb2
+from scheduler.service.commands import start_record
+from scheduler.service.fleet import FleetView, NodeView
+from scheduler.service.model import Job, JobSpec, TaskPlacement
+from scheduler.service.rendezvous import NodeEndpoint, default_endpoint, rendezvous_fields
+
+HOSTS = {"prov.reg.a": "10.0.0.1", "prov.reg.b": "10.0.0.2"}
+
+
+def endpoint_of(key: str) -> NodeEndpoint:
+    return NodeEndpoint(HOSTS[key], (40000, 40009))
+
+
+def running_job(nodes: list[str], attempt: int = 1) -> Job:
+    spec = JobSpec(
+        name="train",
+        project_id="proj",
+        command=("true",),
+        grant_id="g1",
+        task_count=len(nodes),
+        accelerator_millis_per_task=1000,
+        wall_time_s=3600,
+    )
+    placement = tuple(
+        TaskPlacement(index, "prov", "reg", node, (f"GPU-{index}",))
+        for index, node in enumerate(nodes)
+    )
+    return Job(
+        job_id="job-1",
+        spec=spec,
+        owner="alice",
+        submitted_at=0.0,
+        attempt=attempt,
+        placement=placement,
+    )
+
+
+def decode(data: bytes) -> agent_pb2.AgentCommand:
+    return agent_pb2.AgentCommand.FromString(data)
+
+
+def test_gang_lists_each_node_once() -> None:
+    job = running_job(["b", "a", "b", "a"])
+    fields = decode(rendezvous_fields(job, endpoint_of))
+    assert list(fields.node_hosts) == ["10.0.0.2", "10.0.0.1"]
+    assert list(fields.task_node_indexes) == [0, 1, 0, 1]
+
+
+def test_gang_port_from_task_zero_range() -> None:
+    job = running_job(["b", "a"])
+    fields = decode(rendezvous_fields(job, endpoint_of))
+    assert fields.rendezvous_port == rendezvous_port("job-1", 1, 40000, 40009)
+    assert 40000 <= fields.rendezvous_port <= 40009
+
+
+def test_placement_order_does_not_matter() -> None:
+    job = running_job(["b", "a", "a"])
+    shuffled = replace(job, placement=tuple(reversed(job.placement)))
+    assert rendezvous_fields(shuffled, endpoint_of) == rendezvous_fields(job, endpoint_of)
+
+
+def test_one_task_job_gets_only_port() -> None:
+    fields = decode(rendezvous_fields(running_job(["a"]), endpoint_of))
+    assert not fields.node_hosts
+    assert not fields.task_node_indexes
+    assert fields.rendezvous_port != 0
+
+
+def test_job_without_placement_gets_nothing() -> None:
+    job = replace(running_job(["a"]), placement=())
+    assert rendezvous_fields(job, endpoint_of) == b""
+
+
+def test_port_changes_with_attempt() -> None:
+    ports = {rendezvous_port("job-1", attempt, 40000, 49999) for attempt in range(1, 6)}
+    assert len(ports) > 1
+
+
+def test_start_record_carries_fields() -> None:
+    job = running_job(["a", "b"])
+    fields = rendezvous_fields(job, endpoint_of)
+    record = start_record(job, job.placement[1], epoch=3, rendezvous=fields)
+    command = decode(record.payload)
+    assert command.task_id == "job-1/1/1"
+    assert command.fencing_token == 3
+    assert list(command.node_hosts) == ["10.0.0.1", "10.0.0.2"]
+    assert list(command.task_node_indexes) == [0, 1]
+    assert command.rendezvous_port == decode(fields).rendezvous_port
+
+
+def test_fleet_endpoint_from_inventory() -> None:
+    fleet = FleetView(heartbeat_timeout_s=15)
+    node = NodeView("prov", "reg", "a", host="gpu-a.example", rendezvous_ports=(30000, 30010))
+    fleet.apply_inventory(node, 0.0)
+    assert fleet.endpoint("prov.reg.a") == NodeEndpoint("gpu-a.example", (30000, 30010))
+
+
+def test_fleet_endpoint_defaults() -> None:
+    fleet = FleetView(heartbeat_timeout_s=15)
+    fleet.apply_inventory(NodeView("prov", "reg", "a"), 0.0)
+    assert fleet.endpoint("prov.reg.a") == NodeEndpoint("a", DEFAULT_PORT_RANGE)
+    assert fleet.endpoint("prov.reg.unseen") == default_endpoint("prov.reg.unseen")
+    assert default_endpoint("prov.reg.unseen").host == "unseen"
