@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Iterable
 from typing import Any, Final
 
 from google.protobuf import timestamp_pb2
@@ -32,10 +34,12 @@ PLEDGE_COLUMNS: Final = (
     "model",
     "protected",
     "recallable",
+    "registered",
     "start",
     "end",
 )
 RECALL_COLUMNS: Final = ("recall", "pledge", "count", "effective", "end", "reason")
+"""Columns of a recall; the reply to ``acsp fleet recall create`` adds ``freed``."""
 TIME_HELP: Final = f"ISO 8601, UTC unless it has an offset ({TIME_EXAMPLE})"
 END_HELP: Final = f"{TIME_HELP}; a date alone includes that whole day"
 PLEDGE_OPTIONS: Final = {
@@ -74,7 +78,11 @@ def register(commands: Any, connection: argparse.ArgumentParser, output: Any) ->
         help="create a pledge, or change one named by --pledge-id",
     )
     set_pledge.add_argument("--provider", required=True, help="provider that pledges")
-    set_pledge.add_argument("--region", required=True, help="registered region of the provider")
+    set_pledge.add_argument(
+        "--region",
+        required=True,
+        help="registered region of the provider, e.g. region-1 (provider/region-1 also works)",
+    )
     set_pledge.add_argument("--model", required=True, help="accelerator model of the catalog")
     set_pledge.add_argument(
         "--protected",
@@ -216,6 +224,7 @@ def set_pledge_command(args: argparse.Namespace) -> int:
             scheduler_pb2.SetPledgeRequest(request_id=args.request_id, pledge=pledge)
         )
     print_records([pledge_row(stored)], PLEDGE_COLUMNS, output_format=args.format)
+    warn_above_registered([stored])
     return EXIT_OK
 
 
@@ -226,6 +235,9 @@ def list_pledges_command(args: argparse.Namespace) -> int:
         )
     rows = [pledge_row(p) for p in response.pledges]
     print_records(rows, PLEDGE_COLUMNS, output_format=args.format, title="pledges")
+    # A standby scheduler does not count the fleet, and its listing has 0 registered.
+    if response.fleet_counted:
+        warn_above_registered(response.pledges)
     return EXIT_OK
 
 
@@ -235,7 +247,16 @@ def create_recall_command(args: argparse.Namespace) -> int:
         stored = scheduler.RecallCapacity(
             scheduler_pb2.RecallCapacityRequest(request_id=args.request_id, recall=recall)
         )
-    print_records([recall_row(stored)], RECALL_COLUMNS, output_format=args.format)
+    row = recall_row(stored)
+    row["freed"] = stored.freed_count
+    print_records([row], (*RECALL_COLUMNS, "freed"), output_format=args.format)
+    if 0 < stored.freed_count < stored.count:
+        print(
+            f"warning: recall {stored.recall_id} frees {stored.freed_count} of the "
+            f"{stored.count} accelerators it recalls, because the region has fewer registered "
+            "accelerators than the pledge, and recalls never take its protected ones",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -249,6 +270,25 @@ def list_recalls_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def warn_above_registered(pledges: Iterable[scheduler_pb2.Pledge]) -> None:
+    """Print a warning on stderr for each pledge above its region's registered accelerators.
+
+    Such a pledge is accepted because it may precede its hardware, but jobs can use only the
+    registered accelerators.
+    """
+    for pledge in pledges:
+        pledged = pledge.protected_count + pledge.recallable_count
+        if pledge.registered_count >= pledged:
+            continue
+        where = f"{pledge.provider_id}/{pledge.region_id} {pledge.model}"
+        print(
+            f"warning: pledge {pledge.pledge_id} ({where}): pledged {pledged}, registered "
+            f"{pledge.registered_count}; jobs can use only the registered accelerators until "
+            "more nodes join",
+            file=sys.stderr,
+        )
+
+
 def pledge_row(pledge: scheduler_pb2.Pledge) -> dict[str, Any]:
     return {
         "pledge": pledge.pledge_id,
@@ -257,6 +297,7 @@ def pledge_row(pledge: scheduler_pb2.Pledge) -> dict[str, Any]:
         "model": pledge.model,
         "protected": pledge.protected_count,
         "recallable": pledge.recallable_count,
+        "registered": pledge.registered_count,
         "start": format_time(pledge.window.start_time),
         "end": end_time_cell(pledge.window.end_time),
     }

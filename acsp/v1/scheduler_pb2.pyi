@@ -166,7 +166,7 @@ class Node(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., provider_id: _Optional[str] = ..., region_id: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., accelerators: _Optional[_Iterable[_Union[Accelerator, _Mapping]]] = ..., software_stacks: _Optional[_Iterable[str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state_cause: _Optional[_Union[_common_pb2.Cause, _Mapping]] = ..., job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Pledge(_message.Message):
-    __slots__ = ("pledge_id", "provider_id", "region_id", "model", "window", "protected_count", "recallable_count")
+    __slots__ = ("pledge_id", "provider_id", "region_id", "model", "window", "protected_count", "recallable_count", "registered_count", "healthy_count")
     PLEDGE_ID_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,8 @@ class Pledge(_message.Message):
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     PROTECTED_COUNT_FIELD_NUMBER: _ClassVar[int]
     RECALLABLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_COUNT_FIELD_NUMBER: _ClassVar[int]
     pledge_id: str
     provider_id: str
     region_id: str
@@ -181,23 +183,27 @@ class Pledge(_message.Message):
     window: _common_pb2.TimeWindow
     protected_count: int
     recallable_count: int
-    def __init__(self, pledge_id: _Optional[str] = ..., provider_id: _Optional[str] = ..., region_id: _Optional[str] = ..., model: _Optional[str] = ..., window: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., protected_count: _Optional[int] = ..., recallable_count: _Optional[int] = ...) -> None: ...
+    registered_count: int
+    healthy_count: int
+    def __init__(self, pledge_id: _Optional[str] = ..., provider_id: _Optional[str] = ..., region_id: _Optional[str] = ..., model: _Optional[str] = ..., window: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., protected_count: _Optional[int] = ..., recallable_count: _Optional[int] = ..., registered_count: _Optional[int] = ..., healthy_count: _Optional[int] = ...) -> None: ...
 
 class Recall(_message.Message):
-    __slots__ = ("recall_id", "pledge_id", "count", "effective_time", "end_time", "reason")
+    __slots__ = ("recall_id", "pledge_id", "count", "effective_time", "end_time", "reason", "freed_count")
     RECALL_ID_FIELD_NUMBER: _ClassVar[int]
     PLEDGE_ID_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    FREED_COUNT_FIELD_NUMBER: _ClassVar[int]
     recall_id: str
     pledge_id: str
     count: int
     effective_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
     reason: str
-    def __init__(self, recall_id: _Optional[str] = ..., pledge_id: _Optional[str] = ..., count: _Optional[int] = ..., effective_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    freed_count: int
+    def __init__(self, recall_id: _Optional[str] = ..., pledge_id: _Optional[str] = ..., count: _Optional[int] = ..., effective_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., freed_count: _Optional[int] = ...) -> None: ...
 
 class AcceleratorConstraint(_message.Message):
     __slots__ = ("models", "vendor", "min_memory_gib", "software_stack")
@@ -435,12 +441,14 @@ class ListPledgesRequest(_message.Message):
     def __init__(self, provider_id: _Optional[str] = ..., page: _Optional[_Union[_common_pb2.PageRequest, _Mapping]] = ...) -> None: ...
 
 class ListPledgesResponse(_message.Message):
-    __slots__ = ("pledges", "page")
+    __slots__ = ("pledges", "page", "fleet_counted")
     PLEDGES_FIELD_NUMBER: _ClassVar[int]
     PAGE_FIELD_NUMBER: _ClassVar[int]
+    FLEET_COUNTED_FIELD_NUMBER: _ClassVar[int]
     pledges: _containers.RepeatedCompositeFieldContainer[Pledge]
     page: _common_pb2.PageResponse
-    def __init__(self, pledges: _Optional[_Iterable[_Union[Pledge, _Mapping]]] = ..., page: _Optional[_Union[_common_pb2.PageResponse, _Mapping]] = ...) -> None: ...
+    fleet_counted: bool
+    def __init__(self, pledges: _Optional[_Iterable[_Union[Pledge, _Mapping]]] = ..., page: _Optional[_Union[_common_pb2.PageResponse, _Mapping]] = ..., fleet_counted: _Optional[bool] = ...) -> None: ...
 
 class RecallCapacityRequest(_message.Message):
     __slots__ = ("request_id", "recall")

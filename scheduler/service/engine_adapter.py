@@ -438,6 +438,25 @@ class EngineAdapter:
             )
         )
 
+    def registered_accelerators(self, pledge: PledgeRecord) -> int:
+        """Return the accelerators of ``pledge``'s model registered in its region."""
+        pool = self.engine.fleet.pools.get((pledge.provider, pledge.region, pledge.model))
+        return pool.total_millis // es.MILLIS_PER_ACCELERATOR if pool is not None else 0
+
+    def healthy_accelerators(self, pledge: PledgeRecord) -> int:
+        """Return the accelerators of ``pledge``'s model in its region that are on up nodes
+        and not failed."""
+        pool = self.engine.fleet.pools.get((pledge.provider, pledge.region, pledge.model))
+        return pool.up_accelerators if pool is not None else 0
+
+    def recall_frees(self, pledge: PledgeRecord, at: float, count: int) -> int:
+        """Return the accelerators a new recall of ``count`` from ``pledge`` at ``at`` takes
+        from what the region may use, with the fleet as it is now."""
+        pool = self.engine.fleet.pools.get((pledge.provider, pledge.region, pledge.model))
+        if pool is None:
+            return 0
+        return self.engine.capacity.freed_millis(pool, at, count) // es.MILLIS_PER_ACCELERATOR
+
     def add_recall(self, recall: RecallRecord, pledge: PledgeRecord) -> None:
         self.engine.apply(
             ev.RecallAnnounced(

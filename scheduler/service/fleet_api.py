@@ -1,13 +1,12 @@
-"""Fleet RPCs of the scheduler: nodes, drains, the catalog, pledges and recalls.
+"""Fleet RPCs of the scheduler: nodes, drains and the catalog.
 
-The provider registry's RPCs are in :mod:`.provider_api`.
+The pledge and recall RPCs are in :mod:`.pledge_api`, the provider registry's in
+:mod:`.provider_api`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import Mapping
 from typing import Final
 
@@ -16,8 +15,8 @@ import grpc
 from acsp import decimals
 from acsp.v1 import common_pb2, scheduler_pb2
 from scheduler.engine.catalog import DEFAULT_CATALOG
-from services.runtime.auth import Principal, Role, current_principal, require_roles
-from services.runtime.context import remaining_s, request_id
+from services.runtime.auth import Role, current_principal, require_roles
+from services.runtime.context import remaining_s
 from services.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -26,36 +25,15 @@ from services.runtime.errors import (
 )
 
 from .engine_adapter import AcceleratorHealth, EngineAdapter
-from .errors import InvalidFields
 from .fleet import NODE_STATUSES, AcceleratorView, NodeView
-from .inputs import DrainRequested, NodeDownRequested, PledgeChanged, RecallAdded
-from .leadership import Leadership, Term
-from .model import utc_text
-from .pledges import (
-    PledgeStore,
-    RecallRecord,
-    RequestReused,
-    pledge_from_proto,
-    pledge_to_proto,
-    recall_to_proto,
-    timestamp_problem,
-)
-from .provider_api import ProviderRpcs
+from .inputs import DrainRequested, NodeDownRequested
+from .leadership import Term
+from .pledge_api import OPERATORS, PledgeRpcs, require_operator_of
 from .validation import MAX_REASON_LENGTH, MAX_REQUEST_ID_LENGTH, check_length
 
-OPERATORS: Final = (Role.PROVIDER_OPERATOR, Role.PROGRAM_OFFICE, Role.SERVICE)
 
-RECALL_PAST_LEEWAY_S: Final = 300.0
-"""How far in the past a recall may take effect, for clocks that differ and a recall that
-means now."""
-
-
-class FleetRpcs(ProviderRpcs):
+class FleetRpcs(PledgeRpcs):
     """Handlers of the fleet half of ``SchedulerService``."""
-
-    def __init__(self, leadership: Leadership) -> None:
-        super().__init__(leadership)
-        self._pledges = PledgeStore(leadership.pool)
 
     async def ListNodes(
         self, request: scheduler_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
@@ -130,7 +108,7 @@ class FleetRpcs(ProviderRpcs):
     async def MarkNodeDown(
         self, request: scheduler_pb2.MarkNodeDownRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.Node:
-        _require_operator_of(request.provider_id)
+        require_operator_of(request.provider_id)
         check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
         check_length("reason", request.reason, MAX_REASON_LENGTH)
         if not request.reason.strip():
@@ -183,154 +161,6 @@ class FleetRpcs(ProviderRpcs):
                 )
                 for m in DEFAULT_CATALOG
             ]
-        )
-
-    async def SetPledge(
-        self, request: scheduler_pb2.SetPledgeRequest, context: grpc.aio.ServicerContext
-    ) -> scheduler_pb2.Pledge:
-        _require_operator_of(request.pledge.provider_id)
-        check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
-        pledge, violations = pledge_from_proto(request.pledge, request.request_id)
-        if violations:
-            raise InvalidFields(violations)
-        leader = self._lead.require()
-        await self._check_registered_region(leader, pledge.provider, pledge.region)
-        cause = f"rpc:SetPledge:{request.request_id or request_id() or ''}"
-        created = not request.pledge.pledge_id
-        try:
-            stored = await self._pledges.upsert(pledge, cause, created)
-        except KeyError:
-            # Caught before LookupError, which is its base class.
-            raise NotFound(
-                "pledge",
-                pledge.pledge_id,
-                "leave pledge_id empty to create a pledge, or pass an id that ListPledges returns",
-            ) from None
-        except LookupError as exc:
-            raise FailedPrecondition(str(exc), "pledge.recallable_count") from None
-        except RequestReused as exc:
-            raise FailedPrecondition(f"{exc} {_REUSED_FIX}", "request_id") from None
-        if not stored:
-            raise InvalidArgument(
-                "pledge.pledge_id",
-                f"{pledge.pledge_id!r} names a pledge of another provider, region or model",
-                "leave pledge_id empty to create a pledge",
-            )
-        await leader.inbox.put(PledgeChanged(pledge))
-        return pledge_to_proto(pledge)
-
-    async def _check_registered_region(
-        self, leader: Term, provider_id: str, region_id: str
-    ) -> None:
-        """Raise InvalidArgument unless ``region_id`` is a registered region of ``provider_id``.
-
-        The registry also contains the providers and regions that node inventories registered.
-        A node of the region in the leader's fleet counts too: its inventory registers the
-        region in the loop turn's commit, which may not have happened yet.
-        """
-        if any(n.provider == provider_id and n.region == region_id for n in leader.fleet.nodes()):
-            return
-        provider = await self._providers.get(provider_id)
-        if provider is None:
-            raise InvalidArgument(
-                "pledge.provider_id",
-                f"provider {provider_id!r} is not registered",
-                "register it with RegisterProvider before it pledges",
-            )
-        regions = [r.region_id for r in provider.regions]
-        if region_id not in regions:
-            raise InvalidArgument(
-                "pledge.region_id",
-                f"{region_id!r} is not a registered region of provider {provider_id!r}"
-                f" (registered: {', '.join(regions) or 'none'})",
-                "name a registered region, or add it with RegisterProvider",
-            )
-
-    async def ListPledges(
-        self, request: scheduler_pb2.ListPledgesRequest, context: grpc.aio.ServicerContext
-    ) -> scheduler_pb2.ListPledgesResponse:
-        current_principal()
-        pledges = await self._pledges.pledges(request.provider_id)
-        return scheduler_pb2.ListPledgesResponse(pledges=[pledge_to_proto(p) for p in pledges])
-
-    async def RecallCapacity(
-        self, request: scheduler_pb2.RecallCapacityRequest, context: grpc.aio.ServicerContext
-    ) -> scheduler_pb2.Recall:
-        principal = require_roles(*OPERATORS)
-        wanted = request.recall
-        check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
-        check_length("recall.reason", wanted.reason, MAX_REASON_LENGTH)
-        if not wanted.pledge_id:
-            raise InvalidArgument("recall.pledge_id", "is empty", "name the pledge to recall from")
-        if wanted.count <= 0:
-            raise InvalidArgument("recall.count", "is 0", "recall at least one accelerator")
-        if not wanted.HasField("effective_time"):
-            raise InvalidArgument(
-                "recall.effective_time", "is missing", "set when the capacity must be free"
-            )
-        for name in ("effective_time", "end_time"):
-            problem = timestamp_problem(getattr(wanted, name))
-            if problem:
-                raise InvalidArgument(f"recall.{name}", problem, "pass a time within that range")
-        effective = wanted.effective_time.ToNanoseconds() / 1e9
-        if effective < time.time() - RECALL_PAST_LEEWAY_S:
-            raise InvalidArgument(
-                "recall.effective_time",
-                f"is {utc_text(effective)}, in the past, which would skip the jobs' notice",
-                "set it to now or later",
-            )
-        end = wanted.end_time.ToNanoseconds() / 1e9 if wanted.HasField("end_time") else None
-        if end is not None and end <= effective:
-            raise InvalidArgument(
-                "recall.end_time", "is not after effective_time", "end the recall later"
-            )
-        leader = self._lead.require()
-        recall = RecallRecord(
-            f"rc-{uuid.uuid4().hex[:16]}",
-            wanted.pledge_id,
-            wanted.count,
-            effective,
-            end,
-            wanted.reason,
-        )
-        try:
-            owner = {p.pledge_id: p for p in await self._pledges.pledges()}.get(wanted.pledge_id)
-            if owner is None:
-                raise KeyError(wanted.pledge_id)
-            _check_operator(principal, owner.provider)
-            recall, pledge = await self._pledges.add_recall(recall, request.request_id or None)
-        except KeyError:
-            raise NotFound("pledge", wanted.pledge_id) from None
-        except RequestReused as exc:
-            raise FailedPrecondition(f"{exc} {_REUSED_FIX}", "request_id") from None
-        except LookupError as exc:
-            raise FailedPrecondition(str(exc), "recall.count") from None
-        await leader.inbox.put(RecallAdded(recall, pledge))
-        return recall_to_proto(recall)
-
-    async def ListRecalls(
-        self, request: scheduler_pb2.ListRecallsRequest, context: grpc.aio.ServicerContext
-    ) -> scheduler_pb2.ListRecallsResponse:
-        current_principal()
-        recalls = await self._pledges.recalls(request.provider_id)
-        return scheduler_pb2.ListRecallsResponse(recalls=[recall_to_proto(r) for r in recalls])
-
-
-_REUSED_FIX: Final = (
-    "with other values; repeat that request unchanged to get its result, or use a new request_id"
-)
-
-
-def _require_operator_of(provider: str) -> Principal:
-    principal = require_roles(*OPERATORS)
-    _check_operator(principal, provider)
-    return principal
-
-
-def _check_operator(principal: Principal, provider: str) -> None:
-    if Role.PROVIDER_OPERATOR in principal.roles and principal.provider not in (None, provider):
-        raise PermissionDenied(
-            f"operator of provider {principal.provider!r} cannot act for provider {provider!r}"
         )
 
 

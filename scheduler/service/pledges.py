@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Final
@@ -12,6 +13,13 @@ import asyncpg
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from acsp.subjects import TOKEN_PATTERN
+from acsp.time_range import (
+    EARLIEST_SECONDS,
+    EARLIEST_TIME,
+    LATEST_SECONDS,
+    LATEST_TIME,
+    RANGE_FIX,
+)
 from acsp.v1 import common_pb2, scheduler_pb2
 from scheduler.engine.catalog import Catalog
 
@@ -46,19 +54,43 @@ fleet and keeps the counts within the database's 32-bit integer columns."""
 
 
 def timestamp_problem(stamp: Timestamp) -> str:
-    """Return why ``stamp`` is not a valid protobuf Timestamp, or an empty string."""
-    try:
-        stamp.ToNanoseconds()
-    except ValueError:
+    """Return why ``stamp`` is not a time of a pledge or recall window, or an empty string.
+
+    The range is the one the grant service accepts: a year outside it is a typing mistake, and
+    a window ending in 9999 would count pledged hours that no settlement period reaches.
+    """
+    if not 0 <= stamp.nanos < 1_000_000_000:
+        return f"has nanos={stamp.nanos}, outside 0 to 999999999"
+    if not EARLIEST_SECONDS <= stamp.seconds < LATEST_SECONDS:
         return (
-            f"has seconds={stamp.seconds} nanos={stamp.nanos}, outside the Timestamp range "
-            "of years 1 to 9999"
+            f"is {_stamp_text(stamp)}, outside the years "
+            f"{EARLIEST_TIME.year}..{LATEST_TIME.year - 1}"
         )
     return ""
 
 
+def _stamp_text(stamp: Timestamp) -> str:
+    try:
+        return stamp.ToDatetime(tzinfo=UTC).isoformat()
+    except (ValueError, OverflowError):
+        return f"{stamp.seconds} s since 1970"
+
+
 class RequestReused(Exception):
     """A request id was used before for a pledge or recall with other values."""
+
+
+class PledgeOverlap(Exception):
+    """A pledge's window overlaps another pledge of the same provider, region and model."""
+
+    def __init__(self, other: PledgeRecord) -> None:
+        self.other = other
+        super().__init__(
+            f"overlaps pledge {other.pledge_id} of {other.provider}/{other.region} "
+            f"{other.model} ({_utc(other.start)} to {_utc(other.end)}); change that pledge "
+            f"instead (acsp fleet pledge set --pledge-id {other.pledge_id}), or start this "
+            f"one at {_utc(other.end)} or later"
+        )
 
 
 def new_pledge_id(provider: str, request_id: str) -> str:
@@ -78,11 +110,10 @@ def pledge_from_proto(
 ) -> tuple[PledgeRecord, list[FieldViolation]]:
     """Convert a requested pledge; a new one (empty id) gets :func:`new_pledge_id`."""
     bad: list[FieldViolation] = []
-    for name, value in (
-        ("pledge.provider_id", msg.provider_id),
-        ("pledge.region_id", msg.region_id),
-        ("pledge.model", msg.model),
-    ):
+    region, region_problem = _region_of(msg.provider_id, msg.region_id)
+    if region_problem:
+        bad.append(FieldViolation("pledge.region_id", region_problem))
+    for name, value in (("pledge.provider_id", msg.provider_id), ("pledge.model", msg.model)):
         if not TOKEN_PATTERN.match(value):
             bad.append(FieldViolation(name, f"{value!r} is not a valid identifier"))
     if msg.model and msg.model not in Catalog():
@@ -90,9 +121,9 @@ def pledge_from_proto(
     if not msg.window.HasField("start_time") or not msg.window.HasField("end_time"):
         bad.append(FieldViolation("pledge.window", "needs both start_time and end_time"))
     for name, stamp in (("start_time", msg.window.start_time), ("end_time", msg.window.end_time)):
-        problem = timestamp_problem(stamp)
+        problem = timestamp_problem(stamp) if msg.window.HasField(name) else ""
         if problem:
-            bad.append(FieldViolation(f"pledge.window.{name}", problem))
+            bad.append(FieldViolation(f"pledge.window.{name}", f"{problem}; {RANGE_FIX}"))
     for name, count in (
         ("protected_count", msg.protected_count),
         ("recallable_count", msg.recallable_count),
@@ -112,7 +143,7 @@ def pledge_from_proto(
     pledge = PledgeRecord(
         pledge_id=msg.pledge_id or new_pledge_id(msg.provider_id, request_id),
         provider=msg.provider_id,
-        region=msg.region_id,
+        region=region,
         model=msg.model,
         protected=msg.protected_count,
         recallable=msg.recallable_count,
@@ -122,7 +153,31 @@ def pledge_from_proto(
     return pledge, bad
 
 
-def pledge_to_proto(pledge: PledgeRecord) -> scheduler_pb2.Pledge:
+def _region_of(provider: str, region: str) -> tuple[str, str]:
+    """Return the region id of ``region`` and a problem, or an empty one.
+
+    Jobs and grants name a region as ``provider/region``. A pledge names its provider in a
+    field of its own, so that form is accepted only when its provider is the pledge's.
+    """
+    if "/" in region:
+        prefix, _, rest = region.partition("/")
+        if prefix != provider or not TOKEN_PATTERN.match(rest):
+            return region, (
+                f"{region!r} is not a region of provider {provider!r}; give the region without "
+                "the provider prefix, e.g. region-1"
+            )
+        region = rest
+    if not TOKEN_PATTERN.match(region):
+        return region, (
+            f"{region!r} is not a valid identifier; give the region id as `acsp fleet nodes` "
+            "lists it: 1 to 64 letters, digits, '-' or '_'"
+        )
+    return region, ""
+
+
+def pledge_to_proto(
+    pledge: PledgeRecord, registered: int = 0, healthy: int = 0
+) -> scheduler_pb2.Pledge:
     return scheduler_pb2.Pledge(
         pledge_id=pledge.pledge_id,
         provider_id=pledge.provider,
@@ -131,16 +186,19 @@ def pledge_to_proto(pledge: PledgeRecord) -> scheduler_pb2.Pledge:
         window=common_pb2.TimeWindow(start_time=_stamp(pledge.start), end_time=_stamp(pledge.end)),
         protected_count=pledge.protected,
         recallable_count=pledge.recallable,
+        registered_count=registered,
+        healthy_count=healthy,
     )
 
 
-def recall_to_proto(recall: RecallRecord) -> scheduler_pb2.Recall:
+def recall_to_proto(recall: RecallRecord, freed: int = 0) -> scheduler_pb2.Recall:
     msg = scheduler_pb2.Recall(
         recall_id=recall.recall_id,
         pledge_id=recall.pledge_id,
         count=recall.count,
         effective_time=_stamp(recall.effective_at),
         reason=recall.reason,
+        freed_count=freed,
     )
     if recall.end is not None:
         msg.end_time.CopyFrom(_stamp(recall.end))
@@ -162,7 +220,8 @@ class PledgeStore:
         leave it as it is, and other values raise :class:`RequestReused`. A pledge to change
         (``created`` false) that is not stored raises ``KeyError``, because pledge ids are the
         scheduler's to assign. Raises ``LookupError`` if the pledge would fall below what
-        recalls already took.
+        recalls already took, and :class:`PledgeOverlap` if its window overlaps another pledge
+        of the same provider, region and model.
         """
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             row = await conn.fetchrow(
@@ -182,6 +241,7 @@ class PledgeStore:
                 pledge.model,
             ):
                 return False
+            await self._check_overlap(conn, pledge)
             recalled = await self._recalled(conn, pledge.pledge_id)
             if recalled > pledge.recallable:
                 raise LookupError(
@@ -209,10 +269,18 @@ class PledgeStore:
         return True
 
     async def add_recall(
-        self, recall: RecallRecord, request_id: str | None
-    ) -> tuple[RecallRecord, PledgeRecord]:
-        """Store a recall; raise ``KeyError`` for an unknown pledge and ``LookupError`` when
-        the pledge has fewer recallable accelerators left than the recall asks for."""
+        self,
+        recall: RecallRecord,
+        request_id: str | None,
+        check: Callable[[RecallRecord, PledgeRecord], int] | None = None,
+    ) -> tuple[RecallRecord, PledgeRecord, int]:
+        """Store a recall; return it, its pledge and what ``check`` returned for it.
+
+        Raises ``KeyError`` for an unknown pledge and ``LookupError`` when the pledge has fewer
+        recallable accelerators left than the recall asks for. ``check`` runs on a new recall
+        inside the transaction, so an exception it raises stores nothing; a repeated request
+        returns the stored recall with 0 in place of its result.
+        """
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             if request_id:
                 existing = await conn.fetchrow(
@@ -226,7 +294,7 @@ class PledgeStore:
                     # that happens to send the same request id.
                     if not _same_recall(earlier, recall):
                         raise RequestReused("was used before for another recall")
-                    return earlier, await self._pledge(conn, earlier.pledge_id)
+                    return earlier, await self._pledge(conn, earlier.pledge_id), 0
             pledge = await self._pledge(conn, recall.pledge_id, lock=True)
             left = pledge.recallable - await self._recalled(conn, pledge.pledge_id)
             if recall.count > left:
@@ -234,6 +302,7 @@ class PledgeStore:
                     f"pledge {pledge.pledge_id} has {left} recallable accelerators left; "
                     f"the recall asks for {recall.count}"
                 )
+            checked = check(recall, pledge) if check is not None else 0
             await conn.execute(
                 "INSERT INTO scheduler.recalls (recall_id, pledge_id, count, effective_at,"
                 " ends_at, reason, request_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -246,7 +315,7 @@ class PledgeStore:
                 request_id,
                 timeout=self._timeout,
             )
-        return recall, pledge
+        return recall, pledge, checked
 
     async def pledges(self, provider: str = "") -> list[PledgeRecord]:
         async with self._pool.acquire(timeout=self._timeout) as conn:
@@ -281,6 +350,35 @@ class PledgeStore:
         if row is None:
             raise KeyError(pledge_id)
         return _pledge_from_row(row)
+
+    async def _check_overlap(self, conn: asyncpg.Connection, pledge: PledgeRecord) -> None:
+        """Raise :class:`PledgeOverlap` if another pledge of the pool overlaps ``pledge``.
+
+        One pledge at a time per provider, region and model keeps a recall's pledge and a
+        settlement's "kept" about one promise. A transaction-scoped advisory lock on the pool
+        makes two concurrent creations wait for each other, since a row lock cannot cover rows
+        that do not exist yet.
+        """
+        pool = f"{pledge.provider}/{pledge.region}/{pledge.model}"
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('scheduler.pledges'), hashtext($1))",
+            pool,
+            timeout=self._timeout,
+        )
+        row = await conn.fetchrow(
+            f"SELECT {_PLEDGE_COLUMNS} FROM scheduler.pledges"
+            " WHERE provider = $1 AND region = $2 AND model = $3 AND pledge_id <> $4"
+            " AND starts_at < $6 AND ends_at > $5 ORDER BY starts_at LIMIT 1",
+            pledge.provider,
+            pledge.region,
+            pledge.model,
+            pledge.pledge_id,
+            _datetime(pledge.start),
+            _datetime(pledge.end),
+            timeout=self._timeout,
+        )
+        if row is not None:
+            raise PledgeOverlap(_pledge_from_row(row))
 
     async def _recalled(self, conn: asyncpg.Connection, pledge_id: str) -> int:
         value = await conn.fetchval(
@@ -359,3 +457,7 @@ def _stamp(seconds: float) -> Timestamp:
 
 def _datetime(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
+
+
+def _utc(seconds: float) -> str:
+    return _datetime(seconds).strftime("%Y-%m-%dT%H:%M:%SZ")

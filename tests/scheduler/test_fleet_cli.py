@@ -110,6 +110,14 @@ async def test_pledge_and_recall_commands(
     token = stack.token("op-eu", Role.PROVIDER_OPERATOR, provider="eu")
     use_identity(monkeypatch, address, token)
     await register_provider(address, token, "eu", "reg")
+    # Recalls need registered accelerators to take back: 16 of MODEL.
+    stack.start_agents(nodes=2, gpus=8, provider="eu")
+
+    async def registered() -> bool:
+        code, out, _ = await run_cli(capsys, "nodes", "--format", "json")
+        return code == 0 and len(json_rows(out)) == 2
+
+    await wait_for(registered, 30, "the agent's inventory", 0.1)
 
     code, out, err = await run_cli(
         capsys,
@@ -135,7 +143,9 @@ async def test_pledge_and_recall_commands(
     assert pledge_id
     assert pledge["protected"] == 4
     assert pledge["recallable"] == 6
+    assert pledge["registered"] == 16
     assert pledge["start"] == iso(start)
+    assert "warning" not in err
 
     # Changing the pledge keeps its id and replaces its counts.
     code, out, err = await run_cli(
@@ -195,6 +205,7 @@ async def test_pledge_and_recall_commands(
     assert before + timedelta(seconds=3590) <= effective <= before + timedelta(seconds=3610)
     assert datetime.fromisoformat(recall["end"]) - effective == timedelta(seconds=7200)
     assert recall["count"] == 3
+    assert recall["freed"] == 3
     assert recall["reason"] == "commercial peak"
 
     code, out, err = await run_cli(capsys, "recall", "list", "--provider", "eu", "--format", "csv")
@@ -210,6 +221,80 @@ async def test_pledge_and_recall_commands(
     assert "FAILED_PRECONDITION" in err
     assert "5 recallable accelerators left" in err
     assert "--count" in err
+
+    # A pledge above the registered accelerators is accepted with a warning, in its reply and
+    # in the listing, and a recall from it that would free nothing is rejected.
+    code, out, err = await run_cli(
+        capsys,
+        "pledge",
+        "set",
+        "--provider",
+        "eu",
+        "--region",
+        "eu/reg",
+        "--model",
+        "H100-SXM5-80GB",
+        "--protected",
+        "10",
+        "--recallable",
+        "4",
+        *window,
+        "--format",
+        "json",
+    )
+    assert code == 0, err
+    (ahead,) = json_rows(out)
+    assert ahead["region"] == "reg"
+    assert ahead["registered"] == 0
+    assert f"warning: pledge {ahead['pledge']}" in err
+    assert "pledged 14, registered 0" in err
+    code, out, err = await run_cli(capsys, "pledge", "list")
+    assert code == 0, err
+    assert "pledged 14, registered 0" in err
+    assert pledge_id not in err
+    code, out, err = await run_cli(
+        capsys, "recall", "create", ahead["pledge"], "--count", "4", "--notice", "60"
+    )
+    assert code == 1
+    assert "FAILED_PRECONDITION" in err
+    assert "would free nothing" in err
+
+    # A second pledge over the same window is rejected, naming the pledge to change instead.
+    code, out, err = await run_cli(
+        capsys,
+        "pledge",
+        "set",
+        "--provider",
+        "eu",
+        "--region",
+        "reg",
+        "--model",
+        MODEL,
+        "--recallable",
+        "1",
+        *window,
+    )
+    assert code == 1
+    assert f"--pledge-id {pledge_id}" in err
+
+    # A region prefixed with another provider is rejected with the form to use.
+    code, out, err = await run_cli(
+        capsys,
+        "pledge",
+        "set",
+        "--provider",
+        "eu",
+        "--region",
+        "cn/reg",
+        "--model",
+        MODEL,
+        "--recallable",
+        "1",
+        *window,
+    )
+    assert code == 2
+    assert "without the provider prefix" in err
+    assert "--region" in err
 
     # A model outside the catalog is rejected by the scheduler, and the message names --model.
     code, out, err = await run_cli(

@@ -14,7 +14,7 @@ import pytest
 from acsp.v1 import common_pb2, scheduler_pb2
 from services.runtime.auth import Role
 
-from .harness import Stack, metadata, scheduler_stub
+from .harness import Stack, metadata, scheduler_stub, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -82,6 +82,17 @@ async def test_pledge_and_recall_request_ids(stack: Stack) -> None:
         ) -> scheduler_pb2.Recall:
             request = scheduler_pb2.RecallCapacityRequest(request_id=request_id, recall=wanted)
             return await scheduler.RecallCapacity(request, metadata=md, timeout=10)
+
+        # A recall needs registered accelerators of the pledged model to take back.
+        stack.start_agents(nodes=1, provider="pa")
+
+        async def node_known() -> bool:
+            nodes = await scheduler.ListNodes(
+                scheduler_pb2.ListNodesRequest(provider_id="pa"), metadata=first, timeout=10
+            )
+            return len(nodes.nodes) == 1
+
+        await wait_for(node_known, 30, "the agent's inventory", 0.1)
 
         pledge_a = await set_pledge("pledge-1", pledge_of("pa"), first)
         retried_pledge = await set_pledge("pledge-1", pledge_of("pa"), first)

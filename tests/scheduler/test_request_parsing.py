@@ -83,7 +83,7 @@ def test_pledge_window_outside_timestamp_range() -> None:
     fields = {v.field for v in violations}
     assert "pledge.window.start_time" in fields
     assert "pledge.window.end_time" in fields
-    assert "years 1 to 9999" in violations[0].reason
+    assert "years 2000..2199" in violations[0].reason
 
 
 def test_single_job_key_not_taken_for_array() -> None:
