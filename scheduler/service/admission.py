@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_UP, Context, Decimal, InvalidOperation, Overflow, localcontext
 from typing import Final, Literal
 
 import grpc
@@ -23,6 +23,9 @@ from .model import MILLIS_PER_ACCELERATOR, Job, idempotency_key
 logger = logging.getLogger(__name__)
 
 PF_DAY_QUANTUM: Final = Decimal("1e-24")
+_HOLD_CONTEXT: Final = Context(prec=60, rounding=ROUND_UP, traps=[InvalidOperation, Overflow])
+"""Prices holds exactly. The default context keeps 28 digits, which a hold of 10,000 PF-days
+or more at 1e-24 exceeds, and rounds half-even, which could hold less than the price."""
 SECONDS_PER_DAY: Final = 86_400
 
 
@@ -58,9 +61,10 @@ class RateCard:
         # NOTE: the per-second rate is already rounded up to 1e-24, so a long hold can exceed the
         # exact price by up to seconds x 1e-24 PF-days. Metering charges the exact price.
         rate = self.per_second[model]
-        accelerators = Decimal(job.spec.total_millis) / MILLIS_PER_ACCELERATOR
-        amount = accelerators * job.spec.wall_time_s * rate
-        return amount.quantize(PF_DAY_QUANTUM, rounding="ROUND_UP")
+        with localcontext(_HOLD_CONTEXT):
+            accelerators = Decimal(job.spec.total_millis) / MILLIS_PER_ACCELERATOR
+            amount = accelerators * job.spec.wall_time_s * rate
+            return amount.quantize(PF_DAY_QUANTUM, rounding=ROUND_UP)
 
 
 HoldStatus = Literal["held", "no_budget", "rejected", "unavailable"]

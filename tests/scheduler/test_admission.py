@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from acsp.v1 import common_pb2, grant_pb2
-from scheduler.service.admission import GrantAdmission
+from scheduler.service.admission import GrantAdmission, RateCard
 from scheduler.service.model import Job, JobSpec, idempotency_key, new_job_id
 
 
@@ -116,3 +116,42 @@ async def test_budget_shortfall_reads_rounded() -> None:
         "needs 3 PF-days for this hold, more than the whole 2 PF-days grant grant-measured "
         "was ever credited; it waits until the program office supplements the grant"
     )
+
+
+def test_large_hold_priced_exactly() -> None:
+    # 30 days on 1024 accelerators of a model near 1 PF/s: about 30,382 PF-days, which at
+    # 24 decimal places has more digits than the default decimal context keeps.
+    spec = JobSpec(
+        name="j",
+        project_id="proj",
+        command=("true",),
+        task_count=1024,
+        wall_time_s=30 * 86_400,
+    )
+    job = Job(job_id=new_job_id(), spec=spec, owner="alice")
+    rates = RateCard(1, {"H100-SXM5-80GB": Decimal("0.000011446759259259259260")}, "test")
+
+    amount = rates.hold_amount(job, "H100-SXM5-80GB")
+
+    assert amount == Decimal(f"{1024 * 30 * 86_400 * 11446759259259259260}e-24")
+
+
+def test_hold_rounds_up_past_quantum() -> None:
+    # Half an accelerator makes the exact price of about 3,041 PF-days three digits longer than
+    # the ledger keeps, 31 in all, and rounding it to 28 digits half-even first held less.
+    spec = JobSpec(
+        name="j",
+        project_id="proj",
+        command=("true",),
+        task_count=205,
+        accelerator_millis_per_task=500,
+        wall_time_s=30 * 86_400 + 1,
+    )
+    job = Job(job_id=new_job_id(), spec=spec, owner="alice")
+    rate = 11446759259259259261
+    rates = RateCard(1, {"H100-SXM5-80GB": Decimal(f"{rate}e-24")}, "test")
+
+    amount = rates.hold_amount(job, "H100-SXM5-80GB")
+
+    exact_thousandths = 205 * 500 * (30 * 86_400 + 1) * rate
+    assert amount == Decimal(f"{-(-exact_thousandths // 1000)}e-24")
