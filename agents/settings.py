@@ -31,7 +31,7 @@ def _default_node() -> str:
 
 MAX_HOST_CHARACTERS = 100
 """Longest ACSP_AGENT_HOST. A start command lists the hosts of a gang's nodes, and 4,096 hosts
-of this length (the most tasks a job has) take about 410 KiB, which stays within the half of
+of this length (the most tasks a job has) encode to 420 KiB, which stays within the half of
 NATS's default max_payload of 1 MiB that the scheduler leaves for more than the job's spec."""
 _HOST_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_HOST_CHARACTERS}}}")
 

@@ -317,8 +317,9 @@ def max_command_bytes(max_payload: int) -> int:
     """Return the largest encoded job spec part of a start command, in bytes.
 
     Half of ``max_payload`` goes to the command, environment and checkpoint reference. The
-    other half is left for the task's ids, its accelerators and the message headers, so every
-    start command of a valid job fits one NATS message.
+    other half is left for the task's ids, its accelerators, the message headers and a gang's
+    node hosts (at most 4,096 hosts of 100 characters, 420 KiB encoded), so every start command
+    of a valid job fits one NATS message of the default max_payload of 1 MiB.
     """
     return max_payload // 2
 

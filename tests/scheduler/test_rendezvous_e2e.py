@@ -1,8 +1,9 @@
-"""The rendezvous variables of a gang's tasks, with a real scheduler, NATS and agents.
+"""The rendezvous variables of a job's tasks, with a real scheduler, NATS and agents.
 
-Each task of a 4-task gang on two nodes of two accelerators writes its ``ACSP_*`` variables
-and its hosts file to a folder of the test. The test checks that the tasks agree on the
-rendezvous and that their indexes match the placement the scheduler reports.
+Each task of a 4-task gang on two nodes of two accelerators, served by two agent processes in
+two regions with hosts and port ranges of their own, writes its ``ACSP_*`` variables and its
+hosts file to a folder of the test. The test checks that the tasks agree on the rendezvous
+and that their indexes match the placement that the scheduler reports.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from acsp.v1 import scheduler_pb2
+from acsp.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.runtime.auth import Role
 
 from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
@@ -22,8 +23,11 @@ from .test_end_to_end import job_spec
 pytestmark = pytest.mark.timeout(240)
 
 TASKS = 4
-HOST = "127.0.0.1"
-PORTS = (31000, 31099)
+# Host and rendezvous port range of the one node of each region.
+NODES = {
+    "reg": ("n0", "127.0.0.1", (31000, 31099)),
+    "reg2": ("n1", "localhost", (32000, 32099)),
+}
 
 
 @pytest.fixture
@@ -53,56 +57,87 @@ def read_env(path: Path) -> dict[str, str]:
     return dict(pairs)
 
 
-async def test_gang_tasks_share_rendezvous(stack: Stack, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    _, address = await stack.start_scheduler()
-    stack.start_agents(
-        nodes=2,
-        gpus=2,
-        extra_env={
-            "ACSP_AGENT_HOST": HOST,
-            "ACSP_AGENT_RENDEZVOUS_PORTS": f"{PORTS[0]}-{PORTS[1]}",
-        },
+def start_agents(stack: Stack) -> None:
+    for region, (node, host, (low, high)) in NODES.items():
+        first = int(node.removeprefix("n"))
+        stack.start_agents(
+            nodes=1,
+            gpus=2,
+            first=first,
+            name=f"agents-{region}",
+            region=region,
+            extra_env={"ACSP_AGENT_HOST": host, "ACSP_AGENT_RENDEZVOUS_PORTS": f"{low}-{high}"},
+        )
+
+
+async def run_job(
+    scheduler: scheduler_pb2_grpc.SchedulerServiceStub,
+    md: tuple[tuple[str, str], ...],
+    spec: scheduler_pb2.JobSpec,
+) -> scheduler_pb2.Job:
+    submitted = await scheduler.SubmitJob(
+        scheduler_pb2.SubmitJobRequest(spec=spec), metadata=md, timeout=10
     )
+    job_id = submitted.job.job_id
+
+    async def completed() -> scheduler_pb2.Job | None:
+        job = await scheduler.GetJob(
+            scheduler_pb2.GetJobRequest(job_id=job_id), metadata=md, timeout=10
+        )
+        return job if job.state == scheduler_pb2.JOB_STATE_COMPLETED else None
+
+    job: scheduler_pb2.Job = await wait_for(completed, 90, f"job {job_id} to complete", 0.2)
+    return job
+
+
+async def test_tasks_find_each_other(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    single_out = tmp_path / "single"
+    out.mkdir()
+    single_out.mkdir()
+    _, address = await stack.start_scheduler()
+    start_agents(stack)
     project, grant, pi = await fund_grant(stack)
     md = metadata(stack.token(pi, Role.PI))
     channel, scheduler = scheduler_stub(address)
     async with channel:
         spec = job_spec(project, grant, task_count=TASKS, command=recorder(out))
-        submitted = await scheduler.SubmitJob(
-            scheduler_pb2.SubmitJobRequest(spec=spec), metadata=md, timeout=10
-        )
-        job_id = submitted.job.job_id
+        job = await run_job(scheduler, md, spec)
+        single_spec = job_spec(project, grant, task_count=1, command=recorder(single_out))
+        single = await run_job(scheduler, md, single_spec)
 
-        async def completed() -> scheduler_pb2.Job | None:
-            job = await scheduler.GetJob(
-                scheduler_pb2.GetJobRequest(job_id=job_id), metadata=md, timeout=10
-            )
-            return job if job.state == scheduler_pb2.JOB_STATE_COMPLETED else None
-
-        job = await wait_for(completed, 90, f"job {job_id} to complete", 0.2)
-
-    node_of = {p.task_index: p.node_id for p in job.placements}
-    assert sorted(node_of) == list(range(TASKS))
-    assert sorted(set(node_of.values())) == ["n0", "n1"]
+    region_of = {p.task_index: p.region_id for p in job.placements}
+    assert sorted(region_of) == list(range(TASKS))
+    assert sorted(set(region_of.values())) == sorted(NODES)
+    host_of = {index: NODES[region][1] for index, region in region_of.items()}
     envs = {i: read_env(out / f"{i}.env") for i in range(TASKS)}
 
     for index, env in envs.items():
-        same_node = [i for i in range(TASKS) if node_of[i] == node_of[index]]
+        same_node = [i for i in range(TASKS) if region_of[i] == region_of[index]]
         assert env["ACSP_TASK_INDEX"] == str(index)
         assert env["ACSP_TASK_COUNT"] == str(TASKS)
         assert env["ACSP_LOCAL_TASK_COUNT"] == str(len(same_node))
         assert env["ACSP_LOCAL_TASK_INDEX"] == str(same_node.index(index))
-        assert env["ACSP_RENDEZVOUS_HOST"] == HOST
-        assert (out / f"{index}.hosts").read_text() == f"{HOST}\n" * TASKS
+        assert env["ACSP_RENDEZVOUS_HOST"] == host_of[0]
+        hosts = (out / f"{index}.hosts").read_text().splitlines()
+        assert hosts == [host_of[i] for i in range(TASKS)]
 
     ports = {env["ACSP_RENDEZVOUS_PORT"] for env in envs.values()}
     assert len(ports) == 1
-    assert PORTS[0] <= int(ports.pop()) <= PORTS[1]
+    low, high = NODES[region_of[0]][2]
+    assert low <= int(ports.pop()) <= high
     hosts_files = {env["ACSP_TASK_HOSTS_FILE"] for env in envs.values()}
     assert len(hosts_files) == TASKS
     # The agent deletes each hosts file once its task has ended.
     await wait_for(
         lambda: not any(Path(path).exists() for path in hosts_files), 30, "hosts files deleted"
     )
+
+    _, single_host, (single_low, single_high) = NODES[single.placements[0].region_id]
+    env = read_env(single_out / "0.env")
+    assert env["ACSP_TASK_COUNT"] == "1"
+    assert env["ACSP_LOCAL_TASK_INDEX"] == "0"
+    assert env["ACSP_LOCAL_TASK_COUNT"] == "1"
+    assert env["ACSP_RENDEZVOUS_HOST"] == single_host
+    assert single_low <= int(env["ACSP_RENDEZVOUS_PORT"]) <= single_high
+    assert (single_out / "0.hosts").read_text() == f"{single_host}\n"
