@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from acsp.rendezvous import DEFAULT_PORT_RANGE, rendezvous_port
 from acsp.v1 import agent_pb2
+from scheduler.service.agent_feed import node_from_inventory
 from scheduler.service.commands import start_record
 from scheduler.service.fleet import FleetView, NodeView
 from scheduler.service.model import Job, JobSpec, TaskPlacement
@@ -108,3 +111,25 @@ def test_fleet_endpoint_defaults() -> None:
     assert fleet.endpoint("prov.reg.a") == NodeEndpoint("a", DEFAULT_PORT_RANGE)
     assert fleet.endpoint("prov.reg.unseen") == default_endpoint("prov.reg.unseen")
     assert default_endpoint("prov.reg.unseen").host == "unseen"
+
+
+def test_inventory_host_and_ports() -> None:
+    message = agent_pb2.Inventory(
+        node=agent_pb2.NodeRef(provider_id="prov", region_id="reg", node_id="a"),
+        host="gpu-a.example",
+        rendezvous_port_min=30000,
+        rendezvous_port_max=30010,
+    )
+    view = node_from_inventory(message)
+    assert view.host == "gpu-a.example"
+    assert view.rendezvous_ports == (30000, 30010)
+
+
+@pytest.mark.parametrize(("low", "high"), [(0, 0), (30010, 30000), (0, 30000), (30000, 70000)])
+def test_inventory_bad_ports_ignored(low: int, high: int) -> None:
+    message = agent_pb2.Inventory(
+        node=agent_pb2.NodeRef(provider_id="prov", region_id="reg", node_id="a"),
+        rendezvous_port_min=low,
+        rendezvous_port_max=high,
+    )
+    assert node_from_inventory(message).rendezvous_ports is None
