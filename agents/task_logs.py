@@ -181,8 +181,12 @@ def _trim(descriptor: int, max_bytes: int) -> int:
         plan = _plan_trim(descriptor, max_bytes, info.st_size, 1)
     if plan is None:
         return 0
+    # The marker goes in after the collapse, which moves nothing before plan.end, so a collapse
+    # that fails leaves the log as it was, and the next trim does not count its bytes again.
+    aligned = plan.end % block == 0 and plan.cut % block == 0
+    collapsed = aligned and _collapse(descriptor, plan.end, plan.cut)
     os.pwrite(descriptor, plan.marker, plan.start)
-    if plan.end % block or plan.cut % block or not _collapse(descriptor, plan.end, plan.cut):
+    if not collapsed:
         _copy_tail_down(descriptor, plan.cut, plan.end)
     return plan.dropped
 

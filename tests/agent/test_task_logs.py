@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import os
 import re
 import subprocess
@@ -132,6 +134,27 @@ def test_copying_trim_keeps_same_layout(tmp_path: Path, monkeypatch: pytest.Monk
 
     assert dropped == collapsed
     assert log.read_bytes() == copy.read_bytes()
+    assert_trimmed(log.read_bytes(), original)
+
+
+def test_failed_collapse_leaves_log_as_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_fallocate(descriptor: int, mode: int, offset: int, length: int) -> int:
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(task_logs, "_fallocate", lambda: failing_fallocate)
+    log = tmp_path / "t.log"
+    original = printed(0, 30000)
+    log.write_bytes(original)
+
+    for _ in range(2):
+        with pytest.raises(OSError, match="collapsing bytes"):
+            trim_log(str(log), LIMIT)
+        assert log.read_bytes() == original
+
+    monkeypatch.undo()
+    trim_log(str(log), LIMIT)
+    # The failed attempts counted nothing as dropped.
     assert_trimmed(log.read_bytes(), original)
 
 
