@@ -32,6 +32,7 @@ from acsp.cli._common import (
     rows_of,
     whole_number,
 )
+from acsp.client import AsyncClient
 from acsp.decimals import format_decimal
 from acsp.mesh.endpoints import MeshNotFoundError
 from acsp.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -95,6 +96,8 @@ SUBMIT_OPTIONS: Final = {
 """The option of ``acsp jobs submit`` that sets each field SubmitJob may reject."""
 AFTER_IDS_SHOWN: Final = 5
 """Jobs that ``acsp jobs show`` names in its ``after`` row before it counts the others."""
+ELEMENT_PAGE_SIZE: Final = 1000
+"""Jobs per ListJobs page when ``acsp jobs watch`` lists an ended array's elements."""
 MAX_SHOWN_DIGITS: Final = 12
 """Length up to which an error writes an --accelerators value in plain digits."""
 LIST_COLUMNS = ("job", "name", "state", "reason", "tasks", "accelerators", "attempt", "submitted")
@@ -486,6 +489,8 @@ class _WatchProgress:
     """The last line printed for each job that has not ended, by job id."""
     resumes: int = 0
     """Streams opened again in a row; a received change resets it to 0."""
+    ended_elements: set[str] = field(default_factory=set)
+    """The elements of the array watched whose end was printed, by job id."""
 
 
 async def watch_jobs(args: argparse.Namespace) -> int:
@@ -551,22 +556,49 @@ async def _watch_once(
         stream = client.scheduler.WatchJobs(request, timeout=WATCH_DEADLINE_S)
         async for job in stream:
             progress.resumes = 0
+            if args.job_id and job.job_id != args.job_id:
+                # An element of the array watched: the array ends with its last one.
+                if not _print_change(job, progress.last_lines):
+                    continue
+                progress.ended_elements.add(job.job_id)
+                job = await client.scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id=args.job_id))
+                if job.state not in ENDED_STATES:
+                    continue
+            if args.job_id and job.array_job_id == job.job_id and job.state in ENDED_STATES:
+                # For an array that ended before the watch, the first element or the parent
+                # ends the watch before the stream sends the other elements, so their final
+                # states are listed here, once each.
+                await _print_ended_elements(client, job.job_id, progress)
+            # The array's line counts its elements by outcome.
             if not (_print_change(job, progress.last_lines) and args.job_id):
                 continue
-            if job.job_id != args.job_id:
-                # An element of the array watched: the array ends with its last one.
-                parent = await client.scheduler.GetJob(
-                    scheduler_pb2.GetJobRequest(job_id=args.job_id)
-                )
-                if parent.state not in ENDED_STATES:
-                    continue
-                # The array's line counts its elements by outcome, also those whose own
-                # lines the stream had not sent yet.
-                _print_change(parent, progress.last_lines)
-                job = parent
             stream.cancel()
             return int(job.state)
     return scheduler_pb2.JOB_STATE_UNSPECIFIED
+
+
+async def _print_ended_elements(
+    client: AsyncClient, array_job_id: str, progress: _WatchProgress
+) -> None:
+    """Print the final state of each element of an ended array not printed yet, by index."""
+    elements: list[scheduler_pb2.Job] = []
+    token = ""
+    # Bounded, so that a server that keeps returning a page token cannot loop forever.
+    for _ in range(MAX_ARRAY_SIZE // ELEMENT_PAGE_SIZE + 2):
+        response = await client.scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(
+                array_job_id=array_job_id,
+                page=common_pb2.PageRequest(page_size=ELEMENT_PAGE_SIZE, page_token=token),
+            )
+        )
+        elements += [job for job in response.jobs if job.job_id != array_job_id]
+        token = response.page.next_page_token
+        if not token:
+            break
+    for job in sorted(elements, key=lambda element: element.array_index):
+        if job.job_id not in progress.ended_elements:
+            _print_change(job, progress.last_lines)
+            progress.ended_elements.add(job.job_id)
 
 
 def _print_change(job: scheduler_pb2.Job, last_lines: dict[str, str]) -> bool:

@@ -17,6 +17,7 @@ import asyncpg
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from acsp.time_range import LATEST_TIME
 from acsp.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.runtime.db import Database
 
@@ -36,6 +37,11 @@ class PledgeRecord:
     recallable_count: int
     window_start: datetime
     window_end: datetime
+    registered_count: int | None = None
+    """Accelerators of the pool registered when the scheduler listed the pledge; None when
+    it did not count them (a standby scheduler)."""
+    healthy_count: int | None = None
+    """Of those, the ones on up nodes and not failed; None when not counted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +54,17 @@ class RecallRecord:
 
 
 async def store_pledges(
-    conn: asyncpg.Connection, pledges: Sequence[PledgeRecord], recalls: Sequence[RecallRecord]
+    conn: asyncpg.Connection,
+    pledges: Sequence[PledgeRecord],
+    recalls: Sequence[RecallRecord],
+    now: datetime | None = None,
 ) -> None:
-    """Insert or update pledges, then recalls of known pledges, in one transaction."""
+    """Insert or update pledges, then recalls of known pledges, in one transaction.
+
+    The counts of a pledge whose window contains ``now`` (default: the current time) are
+    added to ``metering.pledge_capacity`` when they differ from its latest row.
+    """
+    now = now or datetime.now(UTC)
     async with conn.transaction():
         await conn.executemany(
             """
@@ -97,13 +111,53 @@ async def store_pledges(
                 if r.pledge_id in known
             ],
         )
+        await _store_capacity(conn, pledges, now)
+
+
+async def _store_capacity(
+    conn: asyncpg.Connection, pledges: Sequence[PledgeRecord], now: datetime
+) -> None:
+    counted = [
+        p
+        for p in pledges
+        if p.registered_count is not None
+        and p.healthy_count is not None
+        and p.window_start <= now < p.window_end
+    ]
+    if not counted:
+        return
+    latest = {
+        row["pledge_id"]: (row["registered_count"], row["healthy_count"])
+        for row in await conn.fetch(
+            """
+            SELECT DISTINCT ON (pledge_id) pledge_id, registered_count, healthy_count
+            FROM metering.pledge_capacity WHERE pledge_id = ANY($1::text[])
+            ORDER BY pledge_id, observed_at DESC
+            """,
+            [p.pledge_id for p in counted],
+        )
+    }
+    await conn.executemany(
+        """
+        INSERT INTO metering.pledge_capacity
+            (pledge_id, observed_at, registered_count, healthy_count)
+        VALUES ($1, $2, $3, $4)
+        ON CONFLICT (pledge_id, observed_at) DO NOTHING
+        """,
+        [
+            (p.pledge_id, now, p.registered_count, p.healthy_count)
+            for p in counted
+            if latest.get(p.pledge_id) != (p.registered_count, p.healthy_count)
+        ],
+    )
 
 
 def _time(stamp: Timestamp) -> datetime:
     return stamp.ToDatetime(tzinfo=UTC)
 
 
-def pledge_from_proto(pledge: scheduler_pb2.Pledge) -> PledgeRecord:
+def pledge_from_proto(pledge: scheduler_pb2.Pledge, counted: bool = False) -> PledgeRecord:
+    """Convert a listed pledge; ``counted`` is whether the listing counted the fleet."""
     return PledgeRecord(
         pledge.pledge_id,
         pledge.provider_id,
@@ -113,6 +167,8 @@ def pledge_from_proto(pledge: scheduler_pb2.Pledge) -> PledgeRecord:
         pledge.recallable_count,
         _time(pledge.window.start_time),
         _time(pledge.window.end_time),
+        pledge.registered_count if counted else None,
+        pledge.healthy_count if counted else None,
     )
 
 
@@ -122,7 +178,8 @@ def recall_from_proto(recall: scheduler_pb2.Recall) -> RecallRecord:
         recall.pledge_id,
         recall.count,
         _time(recall.effective_time),
-        _time(recall.end_time),
+        # An open-ended recall lasts until the last time the services accept.
+        _time(recall.end_time) if recall.HasField("end_time") else LATEST_TIME,
     )
 
 
@@ -144,7 +201,7 @@ class PledgeSync:
     async def sync_once(self) -> tuple[int, int]:
         """Copy every pledge and recall; return how many of each were read."""
         pledges = [
-            pledge_from_proto(p)
+            pledge_from_proto(p, page.fleet_counted)
             for page in await self._pages("ListPledges", scheduler_pb2.ListPledgesRequest)
             for p in page.pledges
         ]

@@ -3,7 +3,16 @@
 Delivered PF-days are the charges' lines for the provider's usage whose charging period starts
 in the settlement period; refunds are the refund lines for the provider's faults and recalls in
 it. Pledged and recalled accelerator-hours come from the pledge and recall records clipped to
-the period. A pledge is kept when no recall took more than the pledge's recallable capacity.
+the period and to the time the settlement is built, so they never count the future.
+
+The pledge is kept when no recall took more than its pledge's recallable capacity, and every
+pledge in effect in the period had at least its protected count of healthy accelerators (on up
+nodes, not failed) whenever metering counted them. Metering counts them from the scheduler's
+pledge listing once a sync interval (PledgeSync, a minute by default), so a shortfall shorter
+than that may be missed, and a pledge never counted in the period (metering or the scheduler
+down, or a standby scheduler listing) is reported as uncounted instead of broken. Metering does
+not know whether the healthy accelerators were reachable by jobs (drained nodes count as
+healthy) or what the provider promised beyond the pledge records.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import asyncpg
@@ -44,15 +53,28 @@ class Settlement:
     net_pf_days: Decimal
     pledge_kept: bool
     recall_count: int
+    short_pledges: tuple[str, ...] = ()
+    """Pledges whose healthy accelerators fell below their protected count in the period."""
+    uncounted_pledges: tuple[str, ...] = ()
+    """Pledges in effect in the period whose accelerators metering never counted in it."""
 
 
 # NOTE: pledges and recalls are copied from the scheduler once a minute (PledgeSync), so a
-# settlement may miss a pledge made in the last minute. "Kept" checks recalls against the
-# recallable count only, because metering has no record of delivered availability.
+# settlement may miss a pledge made in the last minute.
 async def build_settlement(
-    conn: asyncpg.Connection, provider: str, start: datetime, end: datetime
+    conn: asyncpg.Connection,
+    provider: str,
+    start: datetime,
+    end: datetime,
+    now: datetime | None = None,
 ) -> Settlement:
-    """Build one provider's settlement for the half-open period [start, end)."""
+    """Build one provider's settlement for the half-open period [start, end).
+
+    Pledge and recall hours stop at ``now`` (default: the current time).
+    """
+    # Pledges, recalls and healthy accelerators count only up to now, and a period that starts
+    # in the future counts none of them.
+    until = max(start, min(end, now or datetime.now(UTC)))
     delivered = await conn.fetch(
         """
         SELECT region, accelerator_model, sum(accelerator_seconds) AS seconds,
@@ -84,25 +106,47 @@ async def build_settlement(
                sum((protected_count + recallable_count) * extract(epoch FROM
                    least(window_end, $3) - greatest(window_start, $2))) AS seconds
         FROM metering.pledges
-        WHERE provider = $1 AND window_start < $3 AND window_end > $2
+        WHERE provider = $1 AND window_start < $3 AND window_end > $2 AND $3 > $2
         GROUP BY region, accelerator_model
         """,
         provider,
         start,
-        end,
+        until,
     )
     recalls = await conn.fetch(
         """
         SELECT p.region, p.accelerator_model, r.accelerator_count, p.recallable_count,
-               extract(epoch FROM least(r.end_time, $3) - greatest(r.start_time, $2)) AS seconds
+               extract(epoch FROM least(r.end_time, $3) - greatest(r.start_time, $2))
+                   AS seconds
         FROM metering.recalls r JOIN metering.pledges p USING (pledge_id)
-        WHERE p.provider = $1 AND r.start_time < $3 AND r.end_time > $2
+        WHERE p.provider = $1 AND r.start_time < $3 AND r.end_time > $2 AND $3 > $2
         """,
         provider,
         start,
-        end,
+        until,
     )
-    return assemble(provider, start, end, delivered, refunded, pledged, recalls)
+    capacity = await conn.fetch(
+        """
+        WITH spans AS (
+            SELECT c.pledge_id, c.healthy_count, c.observed_at AS since,
+                   lead(c.observed_at) OVER (PARTITION BY c.pledge_id ORDER BY c.observed_at)
+                       AS until
+            FROM metering.pledge_capacity c JOIN metering.pledges p USING (pledge_id)
+            WHERE p.provider = $1 AND c.observed_at < $3
+        )
+        SELECT p.pledge_id, p.protected_count, min(s.healthy_count) AS min_healthy
+        FROM metering.pledges p
+        LEFT JOIN spans s ON s.pledge_id = p.pledge_id
+            AND (s.until IS NULL OR s.until > greatest($2, p.window_start))
+        WHERE p.provider = $1 AND p.window_start < $3 AND p.window_end > $2 AND $3 > $2
+        GROUP BY p.pledge_id, p.protected_count
+        ORDER BY p.pledge_id
+        """,
+        provider,
+        start,
+        until,
+    )
+    return assemble(provider, start, end, delivered, refunded, pledged, recalls, capacity)
 
 
 async def has_provider_records(conn: asyncpg.Connection, provider: str) -> bool:
@@ -127,6 +171,7 @@ def assemble(
     refunded: list[asyncpg.Record],
     pledged: list[asyncpg.Record],
     recalls: list[asyncpg.Record],
+    capacity: list[asyncpg.Record],
 ) -> Settlement:
     keys: set[tuple[str, str]] = set()
     seconds: dict[tuple[str, str], Decimal] = {}
@@ -154,6 +199,12 @@ def assemble(
         taken = Decimal(row["accelerator_count"]) * Decimal(row["seconds"])
         recall_seconds[key] = recall_seconds.get(key, Decimal(0)) + taken
         kept = kept and row["accelerator_count"] <= row["recallable_count"]
+    short = tuple(
+        row["pledge_id"]
+        for row in capacity
+        if row["min_healthy"] is not None and row["min_healthy"] < row["protected_count"]
+    )
+    uncounted = tuple(row["pledge_id"] for row in capacity if row["min_healthy"] is None)
     zero = Decimal(0)
     lines = tuple(
         SettlementLine(
@@ -177,8 +228,10 @@ def assemble(
         delivered_pf_days=delivered_total,
         refunded_pf_days=refunded_total,
         net_pf_days=delivered_total - refunded_total,
-        pledge_kept=kept,
+        pledge_kept=kept and not short,
         recall_count=len(recalls),
+        short_pledges=short,
+        uncounted_pledges=uncounted,
     )
 
 

@@ -306,6 +306,107 @@ async def test_watch_of_one_job_stops_when_it_ends(
     assert stream.cancelled
 
 
+def _array_jobs(parent_state: int) -> list[scheduler_pb2.Job]:
+    """An array ``arr`` of 3 elements, the last one failed, and its parent, elements first."""
+    completed, failed = scheduler_pb2.JOB_STATE_COMPLETED, scheduler_pb2.JOB_STATE_FAILED
+    elements = [
+        scheduler_pb2.Job(job_id=f"arr-{i}", array_job_id="arr", array_index=i, state=state)
+        for i, state in enumerate((completed, completed, failed))
+    ]
+    return [*elements, scheduler_pb2.Job(job_id="arr", array_job_id="arr", state=parent_state)]
+
+
+class RecordingWatch(FakeWatch):
+    """A watch stream that records how many jobs it has sent."""
+
+    sent = 0
+
+    async def _iterate(self) -> AsyncIterator[scheduler_pb2.Job]:
+        for job in self.jobs:
+            self.sent += 1
+            yield job
+
+
+def fake_array_scheduler(
+    monkeypatch: pytest.MonkeyPatch, stream: RecordingWatch, ends_after: int = 0
+) -> None:
+    """Serve ``stream`` and the array of :func:`_array_jobs` to ``acsp jobs watch``.
+
+    GetJob reports the parent running until the stream has sent ``ends_after`` jobs, and
+    failed from then on.
+    """
+    ended = _array_jobs(scheduler_pb2.JOB_STATE_FAILED)
+
+    async def get_job(request: scheduler_pb2.GetJobRequest) -> scheduler_pb2.Job:
+        assert request.job_id == "arr"
+        if stream.sent < ends_after:
+            return scheduler_pb2.Job(
+                job_id="arr", array_job_id="arr", state=scheduler_pb2.JOB_STATE_RUNNING
+            )
+        return ended[-1]
+
+    async def list_jobs(request: scheduler_pb2.ListJobsRequest) -> scheduler_pb2.ListJobsResponse:
+        assert request.array_job_id == "arr"
+        # Newest first, as the scheduler lists them, and the parent among its elements.
+        return scheduler_pb2.ListJobsResponse(jobs=list(reversed(ended)))
+
+    scheduler = SimpleNamespace(
+        WatchJobs=lambda *a, **k: stream, GetJob=get_job, ListJobs=list_jobs
+    )
+
+    @contextlib.asynccontextmanager
+    async def fake_client(args: argparse.Namespace) -> AsyncIterator[SimpleNamespace]:
+        yield SimpleNamespace(scheduler=scheduler)
+
+    monkeypatch.setattr(jobs_cli, "async_client_from_args", fake_client)
+
+
+@pytest.mark.parametrize("parent_first", [False, True])
+async def test_watch_of_ended_array_prints_every_element(
+    parent_first: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    initial = _array_jobs(scheduler_pb2.JOB_STATE_FAILED)
+    if parent_first:
+        initial = initial[-1:] + initial[:-1]
+    fake_array_scheduler(monkeypatch, RecordingWatch(initial))
+    args = argparse.Namespace(job_id="arr", project="")
+
+    code = await jobs_cli.watch_jobs(args)
+
+    assert code == 1
+    lines = [line.split("  ")[1:3] for line in capsys.readouterr().out.splitlines()]
+    assert lines == [
+        ["arr-0", "completed"],
+        ["arr-1", "completed"],
+        ["arr-2", "failed"],
+        ["arr", "failed"],
+    ]
+
+
+async def test_watch_of_live_array_prints_each_end_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    running = scheduler_pb2.JOB_STATE_RUNNING
+    ended = _array_jobs(scheduler_pb2.JOB_STATE_FAILED)
+    live = [
+        scheduler_pb2.Job(job_id=f"arr-{i}", array_job_id="arr", array_index=i, state=running)
+        for i in range(3)
+    ]
+    # The array ends with its last element, the last job that the stream sends.
+    fake_array_scheduler(monkeypatch, RecordingWatch([*live, *ended[:3]]), ends_after=6)
+    args = argparse.Namespace(job_id="arr", project="")
+
+    assert await jobs_cli.watch_jobs(args) == 1
+
+    lines = [line.split("  ")[1:3] for line in capsys.readouterr().out.splitlines()]
+    assert lines[3:] == [
+        ["arr-0", "completed"],
+        ["arr-1", "completed"],
+        ["arr-2", "failed"],
+        ["arr", "failed"],
+    ]
+
+
 def fake_scheduler(monkeypatch: pytest.MonkeyPatch, stream: FakeWatch) -> None:
     client = SimpleNamespace(scheduler=SimpleNamespace(WatchJobs=lambda *a, **k: stream))
 

@@ -219,6 +219,9 @@ async def test_watch_of_ended_array_counts_outcomes(
 
     assert code == 1
     assert lines[-1].endswith("array of 2 jobs: 1 failed, 1 completed")
+    # Every element's final state comes before the array's line, once each.
+    element_lines = [line.split("  ")[1:3] for line in lines[:-1]]
+    assert element_lines == [[f"{array_id}-0", "completed"], [f"{array_id}-1", "failed"]]
 
 
 async def test_watch_resumes_after_scheduler_restart(
