@@ -431,6 +431,17 @@ def run_settlement_show(args: argparse.Namespace) -> int:
     print_records(records, columns, output_format=args.format, title=title)
     if records:
         sys.stderr.write(SETTLEMENT_HOURS_NOTE)
+    if settlement.short_pledge_ids:
+        sys.stderr.write(
+            "note: fewer healthy accelerators than protected in pledges "
+            f"{', '.join(settlement.short_pledge_ids)}\n"
+        )
+    if settlement.uncounted_pledge_ids:
+        sys.stderr.write(
+            "note: metering never counted the accelerators of pledges "
+            f"{', '.join(settlement.uncounted_pledge_ids)} in the period, so 'kept' does not "
+            "cover them\n"
+        )
     return EXIT_OK
 
 

@@ -132,7 +132,7 @@ class SettlementLine(_message.Message):
     def __init__(self, region_id: _Optional[str] = ..., model: _Optional[str] = ..., accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pledged_accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., recalled_accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
 
 class Settlement(_message.Message):
-    __slots__ = ("provider_id", "period", "lines", "delivered_pf_days", "refunded_pf_days", "net_pf_days", "pledge_kept", "recall_count")
+    __slots__ = ("provider_id", "period", "lines", "delivered_pf_days", "refunded_pf_days", "net_pf_days", "pledge_kept", "recall_count", "short_pledge_ids", "uncounted_pledge_ids")
     PROVIDER_ID_FIELD_NUMBER: _ClassVar[int]
     PERIOD_FIELD_NUMBER: _ClassVar[int]
     LINES_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,8 @@ class Settlement(_message.Message):
     NET_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
     PLEDGE_KEPT_FIELD_NUMBER: _ClassVar[int]
     RECALL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHORT_PLEDGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    UNCOUNTED_PLEDGE_IDS_FIELD_NUMBER: _ClassVar[int]
     provider_id: str
     period: _common_pb2.TimeWindow
     lines: _containers.RepeatedCompositeFieldContainer[SettlementLine]
@@ -149,7 +151,9 @@ class Settlement(_message.Message):
     net_pf_days: _common_pb2.Decimal
     pledge_kept: bool
     recall_count: int
-    def __init__(self, provider_id: _Optional[str] = ..., period: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., lines: _Optional[_Iterable[_Union[SettlementLine, _Mapping]]] = ..., delivered_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., refunded_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., net_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pledge_kept: _Optional[bool] = ..., recall_count: _Optional[int] = ...) -> None: ...
+    short_pledge_ids: _containers.RepeatedScalarFieldContainer[str]
+    uncounted_pledge_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, provider_id: _Optional[str] = ..., period: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., lines: _Optional[_Iterable[_Union[SettlementLine, _Mapping]]] = ..., delivered_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., refunded_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., net_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pledge_kept: _Optional[bool] = ..., recall_count: _Optional[int] = ..., short_pledge_ids: _Optional[_Iterable[str]] = ..., uncounted_pledge_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JobEfficiency(_message.Message):
     __slots__ = ("job_id", "project_id", "mean_utilization", "median_utilization", "flagged_waste", "low_utilization_seconds", "accelerator_hours")

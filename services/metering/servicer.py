@@ -342,6 +342,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             net_pf_days=convert.decimal_out(settlement.net_pf_days),
             pledge_kept=settlement.pledge_kept,
             recall_count=settlement.recall_count,
+            short_pledge_ids=settlement.short_pledges,
+            uncounted_pledge_ids=settlement.uncounted_pledges,
         )
 
     async def ExportSettlement(

@@ -87,3 +87,31 @@ def test_usage_and_settlement_say_what_hours_count(
     assert code == 0
     assert "0.5" in out
     assert counted in err
+
+
+def test_settlement_names_short_and_uncounted_pledges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Metering:
+        def GetSettlement(
+            self, request: metering_pb2.GetSettlementRequest
+        ) -> metering_pb2.Settlement:
+            return metering_pb2.Settlement(
+                provider_id="prov-a",
+                pledge_kept=False,
+                short_pledge_ids=["pl-h100"],
+                uncounted_pledge_ids=["pl-old"],
+            )
+
+    @contextmanager
+    def open_metering(args: object) -> Iterator[Metering]:
+        yield Metering()
+
+    monkeypatch.setattr(usage, "open_metering", open_metering)
+    window = ["--from", "2026-12-06", "--to", "2026-12-07", "--data-dir", str(tmp_path)]
+    code = main.main(["settlement", "show", "prov-a", *window])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "pledge broken" in out
+    assert "fewer healthy accelerators than protected in pledges pl-h100" in err
+    assert "pledges pl-old in the period" in err
