@@ -68,9 +68,11 @@ class UsageRow:
     sample_count: int
 
 
-_FILTER = """
+# The institution filter compares the grouping key, so the key UNATTRIBUTED selects the rows
+# that a by-institution query listed under it.
+_FILTER = f"""
   AND ($3 = '' OR j.grant_id = $3) AND ($4 = '' OR j.project_id = $4)
-  AND ($5 = '' OR j.institution_id = $5) AND ($6 = '' OR {t}.provider = $6)
+  AND ($5 = '' OR {_KEY[Grouping.INSTITUTION]} = $5) AND ($6 = '' OR {{t}}.provider = $6)
 """
 
 

@@ -62,9 +62,20 @@ async def test_usage_by_institution_keeps_unattributed(nats_url: str, db: Databa
         by_project = await query_usage(
             conn, Grouping.PROJECT, *window, UsageFilter(institution_id="uni-a"), after="", limit=10
         )
+        unattributed = await query_usage(
+            conn,
+            Grouping.GRANT,
+            *window,
+            UsageFilter(institution_id=UNATTRIBUTED),
+            after="",
+            limit=10,
+        )
 
     hours = {row.key: row.accelerator_hours for row in by_institution}
     assert hours == {"uni-a": hours["uni-a"], UNATTRIBUTED: hours["uni-a"]}
     assert hours["uni-a"] > 0
     assert [row.key for row in first_page + second_page] == sorted(hours)
     assert [(row.key, row.accelerator_hours) for row in by_project] == [("proj-1", hours["uni-a"])]
+    assert [(row.key, row.accelerator_hours) for row in unattributed] == [
+        ("grant-1", hours[UNATTRIBUTED])
+    ]
