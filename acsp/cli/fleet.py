@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import uuid
-from typing import Any
+from typing import Any, Final
 
 from acsp.cli import pledges
 from acsp.cli._common import (
@@ -48,7 +48,9 @@ ACCELERATOR_COLUMNS = (
     "event",
     "condition",
 )
-QUEUE_COLUMNS = ("table", "state", "reason", "region", "jobs", "used", "total")
+CAPACITY_COLUMNS: Final = ("used", "usable", "recalled", "unknown", "out of service", "total")
+"""Accelerator counts of ``fleet queue`` per region, in accelerators."""
+QUEUE_COLUMNS = ("table", "state", "reason", "region", "jobs", *CAPACITY_COLUMNS)
 """Columns of ``fleet queue`` in CSV and JSON, where the rows of its three tables share one."""
 PROVIDER_COLUMNS = ("provider", "name", "region", "region name", "jurisdiction", "cross-provider")
 
@@ -115,10 +117,14 @@ def register(subparsers: Any) -> None:
         parents=[connection, output],
         help="jobs by state and pending reason, and accelerators in use by region",
         description=(
-            "Show three tables: jobs by state, pending jobs by reason, and accelerators in use "
-            "by region. CSV and JSON put the rows of all three in one table, with a 'table' "
-            "column (states, pending or accelerators) that names the table of each row and "
-            "empty CSV cells or JSON nulls in the columns of the other tables."
+            "Show three tables: jobs by state, pending jobs by reason, and accelerators by "
+            "region. The accelerators table splits each region's total into usable (on nodes "
+            "that are up, less what recalls take, in use or free), recalled (taken by the "
+            "provider's recalls, from their announcement), unknown (on nodes that missed "
+            "their heartbeats) and out of service (on draining, drained or down nodes); used "
+            "counts those that jobs hold. CSV and JSON put the rows of all three in one table, "
+            "with a 'table' column (states, pending or accelerators) that names the table of "
+            "each row and empty CSV cells or JSON nulls in the columns of the other tables."
         ),
     )
     queue.set_defaults(func=queue_summary)
@@ -305,23 +311,38 @@ def queue_summary(args: argparse.Namespace) -> int:
         {"table": "pending", "reason": k, "jobs": v}
         for k, v in sorted(summary.pending_by_reason.items())
     ]
-    regions = [
-        {
-            "table": "accelerators",
-            "region": region,
-            "used": accelerator_count(summary.used_millis_by_region.get(region, 0)),
-            "total": accelerator_count(total),
-        }
-        for region, total in sorted(summary.total_millis_by_region.items())
-    ]
+    regions = [_capacity_row(summary, region) for region in sorted(summary.total_millis_by_region)]
     if args.format != "table":
         # One CSV header or one JSON key set for all rows, so a script can filter by table.
         print_records(states + reasons + regions, QUEUE_COLUMNS, output_format=args.format)
         return EXIT_OK
     print_records(states, ("state", "jobs"), title="jobs by state")
     print_records(reasons, ("reason", "jobs"), title="pending jobs")
-    print_records(regions, ("region", "used", "total"), title="accelerators")
+    print_records(regions, ("region", *CAPACITY_COLUMNS), title="accelerators")
     return EXIT_OK
+
+
+def _capacity_row(summary: scheduler_pb2.GetQueueSummaryResponse, region: str) -> dict[str, Any]:
+    """Return the accelerators row of ``region``, in accelerators.
+
+    A scheduler older than the split sends only used and total, so the split stays empty.
+    """
+    split = {
+        "usable": summary.usable_millis_by_region,
+        "recalled": summary.recalled_millis_by_region,
+        "unknown": summary.unknown_millis_by_region,
+        "out of service": summary.out_of_service_millis_by_region,
+    }
+    has_split = region in summary.usable_millis_by_region
+    row: dict[str, Any] = {
+        "table": "accelerators",
+        "region": region,
+        "used": accelerator_count(summary.used_millis_by_region.get(region, 0)),
+        "total": accelerator_count(summary.total_millis_by_region[region]),
+    }
+    for column, millis in split.items():
+        row[column] = accelerator_count(millis.get(region, 0)) if has_split else None
+    return row
 
 
 def accelerator_count(millis: int) -> int | float:

@@ -89,6 +89,21 @@ class CapacityPlan:
         # Without a recall the cap is the pledge, which may be above the registered hardware.
         return min(before, registered) - after
 
+    def recalled_millis(self, pool: Pool, now: float) -> int:
+        """Return the millis of ``pool`` that the recalls in force at ``now`` take from use.
+
+        A recall counts from its announcement, when it lowers the cap on new placements.
+        """
+        pledges = self._pledged_pools.get(pool.key)
+        recalled = sum(r.count for r in self._recalls_of(pool, now))
+        if not pledges or not recalled:
+            return 0
+        protected, recallable = self._pledged(pledges, now)
+        registered = pool.total_millis
+        before = min(recalled_cap_millis(protected, recallable, 0, registered), registered)
+        after = recalled_cap_millis(protected, recallable, recalled, registered)
+        return max(0, before - after)
+
     @staticmethod
     def _pledged(pledges: list[Pledge], now: float) -> tuple[int, int]:
         active = [p for p in pledges if p.start <= now < p.end]

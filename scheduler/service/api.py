@@ -469,9 +469,13 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         )
         leader = self._lead.current
         if leader is not None:
-            used, total = leader.usage_by_region()
-            response.used_millis_by_region.update(used)
-            response.total_millis_by_region.update(total)
+            capacity = leader.capacity_by_region(time.time())
+            response.used_millis_by_region.update(capacity.used)
+            response.total_millis_by_region.update(capacity.total)
+            response.usable_millis_by_region.update(capacity.usable)
+            response.recalled_millis_by_region.update(capacity.recalled)
+            response.unknown_millis_by_region.update(capacity.unknown)
+            response.out_of_service_millis_by_region.update(capacity.out_of_service)
         return response
 
 

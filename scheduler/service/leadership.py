@@ -27,6 +27,7 @@ from services.runtime.errors import Unavailable
 
 from .admission import GrantAdmission, RateCard
 from .agent_feed import AgentFeed, node_from_inventory
+from .capacity_summary import NodeCapacity, RegionCapacity, split_capacity
 from .engine_adapter import EngineAdapter
 from .fleet import FleetView
 from .inputs import Input
@@ -61,19 +62,28 @@ class Term:
     rates: RateCard | None = None
     """The rate card this term prices holds with, which submissions are checked against."""
 
-    def usage_by_region(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Milli-accelerators in use and in total per ``provider/region``."""
+    def capacity_by_region(self, now: float) -> RegionCapacity:
+        """Milli-accelerators per ``provider/region``: in use, in total, and the total split
+        into usable, recalled, unknown and out of service."""
+        engine = self.book.engine.engine
+        recalled: dict[str, int] = {}
+        for pool in engine.fleet.pools.values():
+            millis = engine.capacity.recalled_millis(pool, now)
+            if millis:
+                region = f"{pool.key[0]}/{pool.key[1]}"
+                recalled[region] = recalled.get(region, 0) + millis
         used: dict[str, int] = {}
-        total: dict[str, int] = {}
-        for node in self.fleet.nodes():
-            region = f"{node.provider}/{node.region}"
-            total[region] = total.get(region, 0) + 1000 * len(node.accelerators)
-            used.setdefault(region, 0)
         for job in self.book.jobs.values():
             for task in job.placement:
                 region = f"{task.provider}/{task.region}"
                 used[region] = used.get(region, 0) + task.millis * max(1, len(task.accelerators))
-        return used, total
+        nodes = (
+            NodeCapacity(
+                f"{node.provider}/{node.region}", node.status, 1000 * len(node.accelerators)
+            )
+            for node in self.fleet.nodes()
+        )
+        return split_capacity(nodes, recalled, used)
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,3 +80,22 @@ def test_freed_by_new_recall() -> None:
 
     assert engine.capacity.freed_millis(pool, 1.0, 4) == 2000
     assert engine.capacity.freed_millis(pool, 2e9, 4) == 0
+
+
+def test_recalled_millis_of_pool() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 8))
+    engine.add_node(node("n2", 8))
+    engine.add_pledge(Pledge("pl", "p1", "r1", A100, 10, 6, 0.0, 1e9))
+    pool = engine.fleet.pools[("p1", "r1", A100)]
+    assert engine.capacity.recalled_millis(pool, 1.0) == 0
+
+    # Counted from the announcement, before the recall takes effect.
+    engine.apply(RecallAnnounced("rc", "p1", "r1", A100, 4, effective_at=5.0))
+    assert engine.capacity.recalled_millis(pool, 1.0) == 4000
+
+    # No recall takes protected accelerators.
+    engine.apply(RecallAnnounced("rc2", "p1", "r1", A100, 4, effective_at=5.0))
+    assert engine.capacity.recalled_millis(pool, 1.0) == 6000
+    # Pledges end at 1e9, and the recall with them.
+    assert engine.capacity.recalled_millis(pool, 2e9) == 0

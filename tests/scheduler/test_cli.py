@@ -873,7 +873,11 @@ def _queue_summary() -> scheduler_pb2.GetQueueSummaryResponse:
         jobs_by_state={"pending": 2},
         pending_by_reason={"no_capacity": 2},
         used_millis_by_region={"p/r": 250},
-        total_millis_by_region={"p/r": 8000},
+        total_millis_by_region={"p/r": 16000},
+        usable_millis_by_region={"p/r": 4000},
+        recalled_millis_by_region={"p/r": 4000},
+        unknown_millis_by_region={"p/r": 6000},
+        out_of_service_millis_by_region={"p/r": 2000},
     )
 
 
@@ -899,14 +903,41 @@ def test_queue_rows_name_their_table(
         assert rows[0]["jobs"] == 2
         assert rows[1]["reason"] == "no_capacity"
         assert rows[2]["used"] == 0.25
-        assert rows[2]["total"] == 8
+        assert rows[2]["usable"] == 4
+        assert rows[2]["recalled"] == 4
+        assert rows[2]["unknown"] == 6
+        assert rows[2]["out of service"] == 2
+        assert rows[2]["total"] == 16
     elif output_format == "csv":
         lines = out.splitlines()
-        assert lines[0] == "table,state,reason,region,jobs,used,total"
-        assert lines[3] == "accelerators,,,p/r,,0.25,8"
+        header = "table,state,reason,region,jobs,used,usable,recalled,unknown,out of service,total"
+        assert lines[0] == header
+        assert lines[3] == "accelerators,,,p/r,,0.25,4,4,6,2,16"
     else:
         assert "jobs by state" in out
         assert "table" not in out
+        row = next(line for line in out.splitlines() if "p/r" in line).replace("│", " ").split()
+        assert row == ["p/r", "0.25", "4", "4", "6", "2", "16"]
+        for column in ("used", "usable", "recalled", "unknown", "out of service", "total"):
+            assert column in out
+
+
+def test_queue_from_older_scheduler_leaves_split_empty(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Scheduler:
+        def GetQueueSummary(self, request: object) -> scheduler_pb2.GetQueueSummaryResponse:
+            return scheduler_pb2.GetQueueSummaryResponse(
+                used_millis_by_region={"p/r": 1000}, total_millis_by_region={"p/r": 8000}
+            )
+
+    @contextlib.contextmanager
+    def open_scheduler(args: object) -> Iterator[Scheduler]:
+        yield Scheduler()
+
+    monkeypatch.setattr(fleet_cli, "open_scheduler", open_scheduler)
+    assert main(["fleet", "queue", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "accelerators,,,p/r,,1,,,,,8"
 
 
 @pytest.mark.parametrize(

@@ -373,6 +373,13 @@ async def test_pledge_caps_pool_and_recall_is_bounded(stack: Stack) -> None:
         job = await scheduler.GetJob(
             scheduler_pb2.GetJobRequest(job_id=submitted.job.job_id), metadata=md, timeout=10
         )
+        summary = await scheduler.GetQueueSummary(
+            scheduler_pb2.GetQueueSummaryRequest(), metadata=md, timeout=10
+        )
+    total = summary.total_millis_by_region["prov/reg"]
+    assert summary.recalled_millis_by_region["prov/reg"] == 1000
+    assert summary.usable_millis_by_region["prov/reg"] == total - 1000
+    assert summary.unknown_millis_by_region["prov/reg"] == 0
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert stored.pledge_id.startswith("pl-")
     assert [p.pledge_id for p in listed.pledges] == [stored.pledge_id]

@@ -75,6 +75,19 @@ class Operator:
 
         await wait_for(reached, 60, what, 0.2)
 
+    async def capacity(self) -> dict[str, int]:
+        """Return the region's split of accelerators from GetQueueSummary, in millis."""
+        summary = await self.stub.GetQueueSummary(
+            scheduler_pb2.GetQueueSummaryRequest(), metadata=self.md, timeout=10
+        )
+        region = f"prov/{self.region}"
+        return {
+            "total": summary.total_millis_by_region[region],
+            "usable": summary.usable_millis_by_region[region],
+            "unknown": summary.unknown_millis_by_region[region],
+            "out_of_service": summary.out_of_service_millis_by_region[region],
+        }
+
     async def drain(self, undrain: bool = False) -> scheduler_pb2.Node:
         request = scheduler_pb2.DrainNodeRequest(
             provider_id="prov", region_id=self.region, node_id=self.node, undrain=undrain
@@ -125,7 +138,11 @@ async def test_drain_survives_missed_heartbeats_and_down(stack: Stack) -> None:
     agent = start_n0(stack)
     try:
         await operator.wait_state(UP, "n0 up")
+        up = {"total": 1000, "usable": 1000, "unknown": 0, "out_of_service": 0}
+        assert await operator.capacity() == up
         assert (await operator.drain()).state == DRAINING
+        draining = {"total": 1000, "usable": 0, "unknown": 0, "out_of_service": 1000}
+        assert await operator.capacity() == draining
         # A draining node still runs its agent, so it cannot be marked down yet.
         with pytest.raises(grpc.aio.AioRpcError) as rejected:
             await operator.mark_down()
@@ -138,6 +155,8 @@ async def test_drain_survives_missed_heartbeats_and_down(stack: Stack) -> None:
         # inventory in between.
         os.killpg(agent.popen.pid, signal.SIGSTOP)
         await operator.wait_state(UNKNOWN, "n0 unknown")
+        unknown = {"total": 1000, "usable": 0, "unknown": 1000, "out_of_service": 0}
+        assert await operator.capacity() == unknown
         os.killpg(agent.popen.pid, signal.SIGCONT)
         await operator.wait_state(DRAINING, "n0 draining after its heartbeats resumed")
         first = await assert_not_placed(client, "after-unknown")

@@ -1,0 +1,43 @@
+"""The split of each region's accelerators that GetQueueSummary reports."""
+
+from __future__ import annotations
+
+from scheduler.service.capacity_summary import NodeCapacity, split_capacity
+
+
+def test_split_by_node_state_and_recall() -> None:
+    nodes = [
+        NodeCapacity("p/r", "up", 4000),
+        NodeCapacity("p/r", "up", 4000),
+        NodeCapacity("p/r", "unknown", 4000),
+        NodeCapacity("p/r", "draining", 2000),
+        NodeCapacity("p/r", "down", 1000),
+        NodeCapacity("p/s", "up", 8000),
+    ]
+    summary = split_capacity(nodes, recalled={"p/r": 3000}, used={"p/r": 500})
+
+    assert summary.total == {"p/r": 15000, "p/s": 8000}
+    assert summary.usable == {"p/r": 5000, "p/s": 8000}
+    assert summary.recalled == {"p/r": 3000, "p/s": 0}
+    assert summary.unknown == {"p/r": 4000, "p/s": 0}
+    assert summary.out_of_service == {"p/r": 3000, "p/s": 0}
+    assert summary.used == {"p/r": 500, "p/s": 0}
+    for region, total in summary.total.items():
+        parts = (summary.usable, summary.recalled, summary.unknown, summary.out_of_service)
+        assert sum(part[region] for part in parts) == total
+
+
+def test_recall_takes_only_up_nodes() -> None:
+    nodes = [NodeCapacity("p/r", "up", 2000), NodeCapacity("p/r", "unknown", 6000)]
+    summary = split_capacity(nodes, recalled={"p/r": 4000}, used={})
+
+    assert summary.recalled == {"p/r": 2000}
+    assert summary.usable == {"p/r": 0}
+    assert summary.unknown == {"p/r": 6000}
+
+
+def test_used_without_nodes_is_kept() -> None:
+    summary = split_capacity([], recalled={}, used={"p/r": 1000})
+
+    assert summary.used == {"p/r": 1000}
+    assert summary.total == {}
