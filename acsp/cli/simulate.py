@@ -204,7 +204,7 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         f"stranded by fragmentation (mean): {_fmt(summary['stranded_fraction']['mean'])}",
         f"PF-days delivered: {summary['pf_days_delivered']['total']}",
         f"replay took {summary['wall_clock_s']} s for {summary['passes']} passes",
-        f"wrote {out / 'summary.json'}",
+        f"wrote {', '.join([str(out / 'summary.json'), *summary.get('plots', [])])}",
     ]
     sys.stdout.write("\n".join(lines) + "\n")
 

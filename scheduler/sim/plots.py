@@ -79,6 +79,11 @@ def _stranded_over_time(result: ReplayResult, path: Path) -> Path:
     ]
     if points:
         axes.plot([p[0] for p in points], [p[1] for p in points], linewidth=0.8)
+    note = stranded_note(points)
+    if note is not None:
+        # An empty or flat plot alone looks like a failed run.
+        axes.text(0.5, 0.5, note, transform=axes.transAxes, ha="center", va="center")
+        axes.set_ylim(0, 1)
     axes.set_xlabel("days since trace start")
     axes.set_ylabel("stranded fraction")
     axes.set_title("Free capacity no waiting job fits into")
@@ -86,3 +91,19 @@ def _stranded_over_time(result: ReplayResult, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def stranded_note(points: list[tuple[float, float]]) -> str | None:
+    """Return the note for a stranded plot that shows nothing, or None if it shows some.
+
+    ``points`` are (day, stranded fraction) of the samples at which a job waited for
+    capacity; other samples have no stranded fraction.
+    """
+    if not points:
+        return "no job waited for capacity, so no free capacity was stranded"
+    if all(fraction == 0 for _, fraction in points):
+        return (
+            "jobs waited for capacity, but none was stranded:\n"
+            "no free accelerator or share was too small for the smallest waiting job"
+        )
+    return None

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from acsp.cli.main import main
+from scheduler.sim.plots import stranded_note
 
 DATA = Path(__file__).parent / "data"
 
@@ -138,3 +139,23 @@ def test_simulate_prints_pf_days_without_exponent(
     assert figure.startswith("0.0000002")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["pf_days_delivered"]["total"] == figure
+
+
+def test_simulate_names_every_file_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["simulate", "--trace", str(DATA / "tiny.swf"), "--fleet", str(DATA / "two_regions.csv")]
+
+    assert main([*args, "--out", str(tmp_path)]) == 0
+
+    out = capsys.readouterr().out
+    names = ("summary.json", "utilization.png", "queueing_delay_cdf.png", "stranded.png")
+    for name in names:
+        assert (tmp_path / name).is_file()
+        assert str(tmp_path / name) in out
+
+
+def test_stranded_plot_notes_when_nothing_stranded() -> None:
+    assert "no job waited for capacity" in (stranded_note([]) or "")
+    assert "none was stranded" in (stranded_note([(0.0, 0.0), (1.0, 0.0)]) or "")
+    assert stranded_note([(0.0, 0.0), (1.0, 0.25)]) is None
