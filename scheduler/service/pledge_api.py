@@ -116,9 +116,10 @@ class PledgeRpcs(ProviderRpcs):
                 "pledge.region_id",
                 f"{region_id!r} is not a registered region of provider {provider_id!r}"
                 f" (registered: {', '.join(regions) or 'none'})",
-                f"name a registered region; a node agent started with --provider {provider_id} "
-                f"--region {region_id} registers that region with its inventory, and so does "
-                "the RegisterProvider RPC, which the acsp CLI has no command for",
+                "name a registered region, or register this one by starting a node agent in it "
+                f"(acsp agent run --provider {provider_id} --region {region_id}), whose inventory "
+                "registers it. The RegisterProvider RPC registers regions too, but the acsp CLI "
+                "has no command for it",
             )
 
     async def ListPledges(

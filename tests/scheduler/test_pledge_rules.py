@@ -106,6 +106,7 @@ async def test_pledge_rules(stack: Stack) -> None:
         )
         other_prefix = await rejected(pledge_of(now, now + DAY, region="other/reg"))
         far_end = await rejected(pledge_of(now, 253_402_300_799))
+        unregistered = await rejected(pledge_of(now, now + DAY, region="nowhere"))
         huge = await set_pledge(
             pledge_of(now - 60, now + DAY, protected=1_000_000, recallable=4, model=H100)
         )
@@ -141,6 +142,9 @@ async def test_pledge_rules(stack: Stack) -> None:
     assert far_end.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "pledge.window.end_time" in (far_end.details() or "")
     assert "2000..2199" in (far_end.details() or "")
+    assert unregistered.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "acsp agent run --provider prov --region nowhere" in (unregistered.details() or "")
+    assert "the acsp CLI has no command for" in (unregistered.details() or "")
     assert huge.registered_count == 0
     assert listed.fleet_counted
     registered = {p.pledge_id: p.registered_count for p in listed.pledges}
