@@ -123,12 +123,15 @@ def _comparison_check(report: dict[str, Any]) -> dict[str, Any]:
         for item in delays.get("by_class", [])
     )
     verdict = "all within" if delays["within"] else "not all within"
+    allowance = f"{delays['allowance_s']:g} s"
+    if "allowance_wall_s" in delays:
+        allowance += f" ({delays['allowance_wall_s']:g} wall s)"
     return _check(
         "live and simulated agree within the tolerance",
         seconds["within"] and delays["within"],
         f"accelerator-seconds differ by {seconds['relative_difference']:.1%} "
         f"(at most {seconds['tolerance']:.0%}); queueing delay p50 live/simulated in trace s: "
-        f"{by_class or 'no class started a job'}, {verdict} {delays['allowance_s']:g} s",
+        f"{by_class or 'no class started a job'}, {verdict} {allowance}",
     )
 
 

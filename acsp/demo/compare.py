@@ -25,12 +25,17 @@ UTILIZATION_TOLERANCE: Final = 0.15
 Live runs lose work to injected faults (the simulator has none) and placement may pick other
 nodes of the same model, so the two never match exactly.
 """
-DELAY_LATENCY_ALLOWANCE_WALL_S: Final = 3.0
+DELAY_LATENCY_ALLOWANCE_WALL_S: Final = 0.5
 """Wall seconds a live queueing delay p50 may exceed the simulated one.
 
-The live path adds the submission, a scheduler pass (every 0.25 s), the hold at the grant
-service, the start command over NATS and the agent's tick (0.5 s). The simulator places a
-job at its arrival instant. At speed ``x`` this allowance is ``3 x`` trace seconds.
+The simulator places a job at its arrival instant, and the demo's slice leaves most jobs no
+wait, so the simulated p50 is 0. The live p50 then measures what the mesh adds: the scheduler
+pass that the submission triggers, the hold at the grant service, the start command over NATS
+and the agent's report that every task started. Two runs of the default demo on a 2-core
+machine measured a live p50 of 0.065 to 0.07 wall seconds in each class. The allowance leaves
+room for a machine several times slower. Starts that waited for the scheduler's periodic pass
+(every 1 s, so 0.5 s at the median) instead of the pass a submission triggers would exceed it.
+At speed ``x`` it is ``0.5 x`` trace seconds, 4,000 at the default 8,000.
 """
 
 
@@ -112,6 +117,7 @@ def compare(
         },
         "queueing_delay_p50": {
             "allowance_s": allowance,
+            "allowance_wall_s": DELAY_LATENCY_ALLOWANCE_WALL_S,
             "by_class": delays,
             "within": all(item["within"] for item in delays),
         },
