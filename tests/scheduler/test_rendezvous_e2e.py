@@ -3,12 +3,14 @@
 Each task of a 4-task gang on two nodes of two accelerators, served by two agent processes in
 two regions with hosts and port ranges of their own, writes its ``ACSP_*`` variables and its
 hosts file to a folder of the test. The test checks that the tasks agree on the rendezvous
-and that their indexes match the placement that the scheduler reports.
+and that their indexes match the placement that the scheduler reports. A second gang's task
+0 listens on the rendezvous port, and the other tasks connect to it there.
 """
 
 from __future__ import annotations
 
 import shlex
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -80,13 +82,14 @@ async def run_job(
     )
     job_id = submitted.job.job_id
 
-    async def completed() -> scheduler_pb2.Job | None:
+    async def ended() -> scheduler_pb2.Job | None:
         job = await scheduler.GetJob(
             scheduler_pb2.GetJobRequest(job_id=job_id), metadata=md, timeout=10
         )
-        return job if job.state == scheduler_pb2.JOB_STATE_COMPLETED else None
+        return job if job.state >= scheduler_pb2.JOB_STATE_COMPLETED else None
 
-    job: scheduler_pb2.Job = await wait_for(completed, 90, f"job {job_id} to complete", 0.2)
+    job: scheduler_pb2.Job = await wait_for(ended, 90, f"job {job_id} to end", 0.2)
+    assert job.state == scheduler_pb2.JOB_STATE_COMPLETED, job.state_message
     return job
 
 
@@ -141,3 +144,46 @@ async def test_tasks_find_each_other(stack: Stack, tmp_path: Path) -> None:
     assert env["ACSP_RENDEZVOUS_HOST"] == single_host
     assert single_low <= int(env["ACSP_RENDEZVOUS_PORT"]) <= single_high
     assert (single_out / "0.hosts").read_text() == f"{single_host}\n"
+
+
+MEETING = """
+import os, socket, sys, time
+count = int(os.environ["ACSP_TASK_COUNT"])
+index = int(os.environ["ACSP_TASK_INDEX"])
+address = (os.environ["ACSP_RENDEZVOUS_HOST"], int(os.environ["ACSP_RENDEZVOUS_PORT"]))
+if index == 0:
+    server = socket.create_server(("", address[1]))
+    server.settimeout(60)
+    seen = []
+    for _ in range(count - 1):
+        connection, _ = server.accept()
+        with connection:
+            seen.append(connection.recv(16).decode())
+    with open(sys.argv[1], "w") as out:
+        out.write(",".join(sorted(seen)))
+else:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(address, timeout=5) as connection:
+                connection.sendall(str(index).encode())
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+"""
+
+
+async def test_tasks_meet_at_rendezvous(stack: Stack, tmp_path: Path) -> None:
+    met = tmp_path / "met"
+    _, address = await stack.start_scheduler()
+    start_agents(stack)
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    command = [sys.executable, "-c", MEETING, str(met)]
+    async with channel:
+        await run_job(scheduler, md, job_spec(project, grant, task_count=TASKS, command=command))
+
+    assert met.read_text() == ",".join(str(index) for index in range(1, TASKS))
