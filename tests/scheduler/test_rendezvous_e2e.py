@@ -1,8 +1,8 @@
 """The rendezvous variables of a job's tasks, with a real scheduler, NATS and agents.
 
-Each task of a 4-task gang on two nodes of two accelerators, served by two agent processes in
-two regions with hosts and port ranges of their own, writes its ``ACSP_*`` variables and its
-hosts file to a folder of the test. The test checks that the tasks agree on the rendezvous
+Two agent processes serve one node of two accelerators each, in two regions with hosts and
+port ranges of their own. Each task of a 4-task gang on them writes its ``ACSP_*`` variables
+and its hosts file to a folder of the test. The test checks that the tasks agree on the rendezvous
 and that their indexes match the placement that the scheduler reports. A second gang's task
 0 listens on the rendezvous port, and the other tasks connect to it there.
 """
