@@ -360,14 +360,17 @@ class NodeAgent:
         A hosts file that cannot be written leaves ``ACSP_TASK_HOSTS_FILE`` naming no file,
         with a warning, while the other variables still let the task start.
         """
+        assert self.runner is not None
         index = task_index_of(spec.task_id)
         task_index = int(index) if index is not None else 0
         placement = Placement(spec.node_hosts, spec.task_node_indexes)
         path = self._host_files.path(spec.task_id)
-        try:
-            self._host_files.write(spec.task_id, placement.task_hosts(self._host))
-        except OSError as error:
-            logger.warning("hosts file of task %s was not written: %s", spec.task_id, error)
+        # A redelivered start of a task that ended here would leave a file that no end deletes.
+        if not self.runner.knows(spec.task_id):
+            try:
+                self._host_files.write(spec.task_id, placement.task_hosts(self._host))
+            except OSError as error:
+                logger.warning("hosts file of task %s was not written: %s", spec.task_id, error)
         return task_environment(task_index, placement, self._host, spec.rendezvous_port, path)
 
     def _tasks_by_accelerator(self) -> dict[str, list[str]]:

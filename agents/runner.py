@@ -272,6 +272,10 @@ class TaskRunner:
                 return
         await self._spawn(spec, record, user)
 
+    def knows(self, task_id: str) -> bool:
+        """Return whether ``task_id`` runs or ran here, so that :meth:`start` would ignore it."""
+        return self._known(task_id)
+
     def _known(self, task_id: str) -> bool:
         if task_id in self._tasks or task_id in self._launching or task_id in self._finished:
             return True
