@@ -319,7 +319,7 @@ async def test_unfiltered_cli_listing_names_options(
     monkeypatch.setattr(usage_cli, "open_metering", open_metering)
     code = await asyncio.to_thread(main, ["usage", *command])
     captured = capsys.readouterr()
-    assert code == 1
+    assert code == 2
     assert "a filter is required" in captured.err
     for option in options:
         assert option in captured.err
