@@ -89,21 +89,8 @@ def read_tail(path: str, max_bytes: int) -> LogTail:
     NOTE: a read that overlaps a trim of the same log can return part of the bytes from
     before the trim and part from after it.
     """
+    descriptor, info = _open_log(path, os.O_RDONLY)
     try:
-        # O_NONBLOCK, so that a FIFO put in place of the log cannot block the open.
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise UnreadableLogError(f"{path} is a symbolic link, not a task log") from None
-        raise
-    try:
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnreadableLogError(f"{path} is not a regular file")
-        if info.st_uid != os.geteuid():
-            raise UnreadableLogError(
-                f"{path} belongs to uid {info.st_uid}, not to the agent's uid {os.geteuid()}"
-            )
         start = max(0, info.st_size - max_bytes)
         chunks = []
         length = 0
@@ -130,16 +117,46 @@ def trim_log(path: str, max_bytes: int) -> int:
     """Trim the log at ``path`` if it is longer than ``max_bytes`` and return the bytes dropped.
 
     Returns 0 for a log within the limit. Raises ``OSError`` if the log cannot be read or
-    written, and ``FileNotFoundError`` when the task removed it.
+    written, and ``FileNotFoundError`` when the task removed it. Raises
+    :class:`UnreadableLogError`, and changes nothing, when the path is a symbolic link, is not
+    a regular file or belongs to another user.
     """
-    if os.stat(path).st_size <= max_bytes:
-        return 0
     # Without O_APPEND: pwrite on a descriptor opened with it writes at the end on Linux.
-    descriptor = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    descriptor, info = _open_log(path, os.O_RDWR)
     try:
+        if info.st_size <= max_bytes:
+            return 0
         return _trim(descriptor, max_bytes)
     finally:
         os.close(descriptor)
+
+
+def _open_log(path: str, flags: int) -> tuple[int, os.stat_result]:
+    """Open the log at ``path`` with ``flags`` and return the descriptor and its status.
+
+    Raises :class:`UnreadableLogError` when the path is a symbolic link, is not a regular file
+    or belongs to another user, and ``OSError`` when the open fails.
+    """
+    try:
+        # O_NONBLOCK, so that a FIFO put in place of the log cannot block the open. It has no
+        # effect on regular files (open(2)).
+        descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UnreadableLogError(f"{path} is a symbolic link, not a task log") from None
+        raise
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnreadableLogError(f"{path} is not a regular file")
+        if info.st_uid != os.geteuid():
+            raise UnreadableLogError(
+                f"{path} belongs to uid {info.st_uid}, not to the agent's uid {os.geteuid()}"
+            )
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor, info
 
 
 @dataclass(frozen=True, slots=True)

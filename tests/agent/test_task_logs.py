@@ -27,7 +27,12 @@ from agents.runner import TaskRunner
 from agents.settings import AgentSettings
 from agents.spool import Spool
 from agents.state import StateStore
-from agents.task_logs import MIN_TASK_LOG_MAX_BYTES, TASK_LOG_MAX_BYTES, trim_log
+from agents.task_logs import (
+    MIN_TASK_LOG_MAX_BYTES,
+    TASK_LOG_MAX_BYTES,
+    UnreadableLogError,
+    trim_log,
+)
 from agents.task_process import TaskLauncher
 from services.runtime.settings import SettingsError
 from tests.agent.helpers import NODE, ManualClock
@@ -288,6 +293,42 @@ def test_log_within_limit_is_untouched(tmp_path: Path) -> None:
     assert log.read_bytes() == b"x" * LIMIT
 
 
+def test_trim_skips_symlinked_log(tmp_path: Path) -> None:
+    # A task that can write its task folder may put a link to another file in place of its log.
+    target = tmp_path / "other.txt"
+    original = printed(0, 30000)
+    target.write_bytes(original)
+    log = tmp_path / "t.log"
+    log.symlink_to(target)
+
+    with pytest.raises(UnreadableLogError, match="symbolic link"):
+        trim_log(str(log), LIMIT)
+
+    assert target.read_bytes() == original
+
+
+@pytest.mark.timeout(10)
+def test_trim_skips_fifo_log(tmp_path: Path) -> None:
+    log = tmp_path / "t.log"
+    os.mkfifo(log)
+
+    with pytest.raises(UnreadableLogError, match="not a regular file"):
+        trim_log(str(log), LIMIT)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_trim_skips_log_of_other_user(tmp_path: Path) -> None:
+    log = tmp_path / "t.log"
+    original = printed(0, 30000)
+    log.write_bytes(original)
+    os.chown(log, 65534, 65534)
+
+    with pytest.raises(UnreadableLogError, match="belongs to uid 65534"):
+        trim_log(str(log), LIMIT)
+
+    assert log.read_bytes() == original
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("with_launcher", [True, False], ids=["launcher", "agent"])
 async def test_running_task_writes_after_kept_tail(tmp_path: Path, with_launcher: bool) -> None:
@@ -342,6 +383,48 @@ async def test_ended_task_log_is_trimmed(tmp_path: Path) -> None:
 
     assert size_of(log) < LIMIT
     assert contents(log).endswith(b"after the trim\n")
+
+
+WAITER = """
+import os, sys, time
+sys.stdout.write("started\\n")
+sys.stdout.flush()
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+"""
+"""Writes one line, then waits for the file named by its argument."""
+
+
+@pytest.mark.timeout(60)
+async def test_symlinked_log_skipped_with_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    launcher = TaskLauncher()
+    runner = make_runner(tmp_path, Recorder(), launcher)
+    target = tmp_path / "other.txt"
+    original = printed(0, 30000)
+    target.write_bytes(original)
+    go = tmp_path / "go"
+    try:
+        async with asyncio.TaskGroup() as group:
+            runner.attach(group)
+            command = (*python_command(WAITER), str(go))
+            await runner.start(TaskSpec("job", "job/1/0", ("GPU-0",), command))
+            log = Path(runner.running[0].log_path)
+            await wait_for(lambda: size_of(log) > 0, 30)
+            link = tmp_path / "link"
+            os.symlink(target, link)
+            os.replace(link, log)
+
+            runner.trim_logs()
+            await wait_for(lambda: "failed to trim its log" in caplog.text, 10)
+            go.touch()
+            await wait_for(lambda: not runner.running, 30)
+    finally:
+        launcher.close()
+
+    assert "is a symbolic link" in caplog.text
+    assert target.read_bytes() == original
 
 
 class BlockedTrims:
