@@ -737,10 +737,11 @@ class TaskRunner:
     def trim_logs(self) -> None:
         """Start a trim in a worker thread for each running task's log that is over the limit.
 
-        The check is one ``stat`` per task on the event loop. The trim copies up to a quarter
-        of the limit, so it runs in a thread, and a task whose trim is still running gets no
-        second one. Logs over the limit past :data:`_MAX_LOG_TRIMS` trims running wait for a
-        later check.
+        The check is one ``stat`` per task on the event loop. The trim collapses the log's
+        middle in place, or copies its latest quarter of the limit on file systems that cannot
+        collapse (see :mod:`agents.task_logs`). Either may wait on the disk, so it runs in a
+        thread, and a task whose trim is still running gets no second one. Logs over the limit
+        past :data:`_MAX_LOG_TRIMS` trims running wait for a later check.
         """
         loop = asyncio.get_running_loop()
         for task in self._tasks.values():
