@@ -62,6 +62,9 @@ _dead_events = _meter.create_counter(
 
 APPLY_SLICE: Final = 100
 """Inputs a turn applies between two yields to the event loop."""
+ENDED_TASK_STATES: Final = frozenset({"exited", "stopped", "timed_out", "lost", "failed_hardware"})
+"""Task states that end a task that ran, which frees its task user. A failed start is not
+among them, because a start rejected as busy is one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +293,8 @@ class SchedulingLoop:
             case DependencyStates(states):
                 self.book.dependencies.apply_stored(dict(states))
             case TaskReported(node_key, task_id, state, exit_code, message, ack):
+                if state in ENDED_TASK_STATES:
+                    self.book.engine.clear_busy(node_key)
                 if item.checkpoint_ref:
                     self.book.apply_checkpoint(
                         task_id, item.checkpoint_ref, item.checkpoint_at or fx.now, fx
@@ -360,8 +365,9 @@ class SchedulingLoop:
 
     def _apply_heartbeat(self, item: HeartbeatReceived, fx: Effects) -> None:
         key = item.node_key
+        node = self.fleet.get(key)
+        last_running = frozenset() if node is None else node.running_task_ids
         if item.replayed:
-            node = self.fleet.get(key)
             if node is None or node.status == "down":
                 # The stored heartbeat a new leader's watch replays may predate the down mark.
                 return
@@ -379,9 +385,10 @@ class SchedulingLoop:
             self._on_node_change(change, fx)
         if alive:
             self.book.apply_node_running(key, item.running, fx)
-            # A heartbeat reaches the loop when the node's tasks changed, so a node that
-            # rejected a start as busy may have a free task user again.
-            self.book.engine.clear_busy(key)
+            if not last_running <= item.running:
+                # A task that the last heartbeat listed ended, so a node that rejected a start
+                # as busy may have a free task user again.
+                self.book.engine.clear_busy(key)
         if self.fleet.get(key) is None:
             return
         if item.drain_requested:
