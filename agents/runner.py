@@ -42,7 +42,7 @@ from agents.model import (
 from agents.programs import CommandNotRunnableError, resolve_command
 from agents.state import StateStore, TaskRecord
 from agents.stray_processes import find_task_processes, kill_task_processes, signal_strays
-from agents.task_logs import TASK_LOG_MAX_BYTES, trim_log
+from agents.task_logs import TASK_LOG_MAX_BYTES, read_tail, trim_log
 from agents.task_process import (
     SPAWN_ID_ENV,
     TaskLauncher,
@@ -749,7 +749,7 @@ class TaskRunner:
             if not record.pid or not record.log_path or record.task_id in self._log_trims:
                 continue
             try:
-                size = os.stat(record.log_path).st_size
+                size = os.lstat(record.log_path).st_size
             except FileNotFoundError:
                 continue  # The task removed its log.
             except OSError as error:
@@ -1161,7 +1161,7 @@ def _within_limit(path: str, max_bytes: int) -> bool:
     if not path:
         return True
     try:
-        return os.stat(path).st_size <= max_bytes
+        return os.lstat(path).st_size <= max_bytes
     except FileNotFoundError:
         return True
     except OSError:
@@ -1184,13 +1184,14 @@ def _trim_or_error(path: str, max_bytes: int) -> int | OSError:
 
 
 def _tail(path: str, size: int = OUTPUT_TAIL_BYTES) -> str:
+    """Return the end of a task's log for its end event, or "" when it cannot be read.
+
+    The open never follows a symbolic link and never waits on a FIFO that a task left in place
+    of its log (see :func:`agents.task_logs.read_tail`), so it is safe on the event loop.
+    """
     if not path:
         return ""
     try:
-        with open(path, "rb") as file:
-            file.seek(0, os.SEEK_END)
-            length = file.tell()
-            file.seek(max(0, length - size))
-            return file.read().decode("utf-8", errors="replace")
+        return read_tail(path, size).data.decode("utf-8", errors="replace")
     except OSError:
         return ""
