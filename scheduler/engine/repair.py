@@ -104,9 +104,9 @@ def preempt_for(state: PassState, record: JobRecord, pools: tuple[Pool, ...]) ->
     victims = None
     if spec.avoid_nodes:
         # Prefer victims off the nodes the job avoids, because its placement tries those first.
-        victims = priority_victims(spec, pools, nodes(state.avoided(spec)), engine.jobs)
+        victims = priority_victims(spec, pools, nodes(state.avoided(spec)), engine.jobs, state.now)
     if not victims:
-        victims = priority_victims(spec, pools, nodes(frozenset()), engine.jobs)
+        victims = priority_victims(spec, pools, nodes(frozenset()), engine.jobs, state.now)
     if not victims:
         return []
     for job_id in victims:
