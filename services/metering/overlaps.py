@@ -27,6 +27,17 @@ does not hold the rows for other batches. The batch that raised a row last compa
 with the ends before its raise. A batch that fails leaves the ends too late, which only costs
 probes.
 
+A probe reads, through an index, the rows of the other tasks on the accelerator that end in
+the hour the sample starts or later, and not one row per task that ever ran there. It skips
+only rows that end at or before the sample's start. No row is ever deleted, so a sample is
+compared with every stored sample it overlaps, however late it arrives.
+
+NOTE: the table grows by one row per task and accelerator, though a probe of a recent sample
+does not read the old rows. Ingest accepts samples of any age (``ACSP_METERING_LATENESS_S``
+only delays charging, and a sample of an attempt whose hold is settled is still stored), so
+deleting old rows would let a late sample that overlaps their tasks' samples be stored and
+counted twice.
+
 Concurrent batches that store samples of overlapping times on one node take turns on advisory
 locks (see :func:`lock_sample_times`), so of the samples that run at any one moment on an
 accelerator, the batch that commits last has read all the others, and the sum it checked is
@@ -60,6 +71,9 @@ TIME_LOCK_CLASS: Final = 0x75736168
 LOCK_MINUTE_US: Final = 60 * 1_000_000
 MAX_MINUTE_LOCKS: Final = 8
 """Minutes a sample may span and still lock each minute; a longer sample locks its node."""
+END_HOUR_US: Final = 3600 * 1_000_000
+"""Microseconds per value of ``sample_coverage.end_hour``, which migration 016 generates as
+``end_us / 3600000000``."""
 
 # For every staged sample not stored yet that starts before its accelerator's coverage ends, the
 # stored samples that it overlaps. Kind 0 is the stored sample of its own task, accelerator,
@@ -68,21 +82,32 @@ MAX_MINUTE_LOCKS: Final = 8
 # of the tasks whose coverage ends after it starts. Of each such task, only the sample that
 # starts last before the staged sample starts, and those that start while it runs, can overlap
 # it. A sample that starts at or after its accelerator's coverage end costs one lookup of the
-# coverage row, and its own task is probed only if it starts before the task's coverage ends.
+# coverage row by its primary key, and its own task is probed only if it starts before the
+# task's coverage ends. The LIMIT keeps that lookup a subquery of its own, so the planner cannot
+# turn it into a hash join that reads the whole coverage table for every batch.
+# The other tasks' rows come from the index on (provider, node, accelerator_id, end_hour), whose
+# predicate task_id <> '' the scan repeats, read from the hour the sample starts. So a probe
+# reads the rows of the tasks whose coverage ends in that hour or later, not one row per task
+# that ever ran on the accelerator. The rows it skips end before that hour, and those it reads
+# but drops end at or before the sample's start, so no sample of their tasks can overlap it.
 # The index on (job_id, attempt, task_id, accelerator_id, node, provider, start_time) serves
-# every probe, with the job id and attempt of another task taken from its task id,
-# <job_id>/<attempt>/<task_index>. Times are compared as timestamps built the way the merge
+# every probe of usage_samples, with the job id and attempt of another task taken from its task
+# id, <job_id>/<attempt>/<task_index>. Times are compared as timestamps built the way the merge
 # stores them.
-_FIND_STORED_OVERLAPS = """
+_FIND_STORED_OVERLAPS = f"""
 SELECT s.provider, s.sample_id, u.kind, u.sample_id AS stored_id, u.job_id, u.attempt,
        u.task_id, u.share_millis,
        (extract(epoch FROM u.start_time) * 1000000)::bigint AS stored_start_us,
        (extract(epoch FROM u.end_time) * 1000000)::bigint AS stored_end_us
 FROM usage_staging s
-JOIN metering.sample_coverage a
-  ON a.provider = s.provider AND a.node = s.node AND a.accelerator_id = s.accelerator_id
- AND a.task_id = ''
- AND CASE WHEN a.raised_by = $1 THEN a.prior_end ELSE a.end_us END > s.start_us
+CROSS JOIN LATERAL (
+    SELECT 1
+    FROM metering.sample_coverage a
+    WHERE a.provider = s.provider AND a.node = s.node AND a.accelerator_id = s.accelerator_id
+      AND a.task_id = ''
+      AND CASE WHEN a.raised_by = $1 THEN a.prior_end ELSE a.end_us END > s.start_us
+    LIMIT 1
+) a
 CROSS JOIN LATERAL (
     SELECT 'epoch'::timestamptz + s.start_us * interval '1 microsecond' AS start_time,
            'epoch'::timestamptz + s.end_us * interval '1 microsecond' AS end_time
@@ -126,8 +151,8 @@ CROSS JOIN LATERAL (
            AND p.start_time >= t.start_time AND p.start_time < t.end_time)
     ) p
     WHERE c.provider = s.provider AND c.node = s.node AND c.accelerator_id = s.accelerator_id
-      AND c.task_id <> '' AND c.task_id <> s.task_id AND c.end_us > s.start_us
-      AND p.end_time > t.start_time
+      AND c.end_hour >= s.start_us / {END_HOUR_US} AND c.end_us > s.start_us
+      AND c.task_id <> '' AND c.task_id <> s.task_id AND p.end_time > t.start_time
 ) u
 WHERE NOT EXISTS (
     SELECT 1 FROM metering.usage_samples r
