@@ -224,6 +224,9 @@ class PledgeStore:
         of the same provider, region and model.
         """
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            # Lock the pool before reading the row, because two creations of one id (a request
+            # id sent twice) find no row to lock. The second then reads what the first wrote.
+            await self._lock_pool(conn, pledge)
             row = await conn.fetchrow(
                 f"SELECT {_PLEDGE_COLUMNS} FROM scheduler.pledges WHERE pledge_id = $1 FOR UPDATE",
                 pledge.pledge_id,
@@ -351,20 +354,26 @@ class PledgeStore:
             raise KeyError(pledge_id)
         return _pledge_from_row(row)
 
+    async def _lock_pool(self, conn: asyncpg.Connection, pledge: PledgeRecord) -> None:
+        """Take the transaction-scoped advisory lock of ``pledge``'s provider, region and model.
+
+        Concurrent writes to one pool wait for each other, since a row lock cannot cover rows
+        that do not exist yet. The lock lives in PostgreSQL, so it holds across scheduler
+        replicas too.
+        """
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('scheduler.pledges'), hashtext($1))",
+            f"{pledge.provider}/{pledge.region}/{pledge.model}",
+            timeout=self._timeout,
+        )
+
     async def _check_overlap(self, conn: asyncpg.Connection, pledge: PledgeRecord) -> None:
         """Raise :class:`PledgeOverlap` if another pledge of the pool overlaps ``pledge``.
 
         One pledge at a time per provider, region and model keeps a recall's pledge and a
-        settlement's "kept" about one promise. A transaction-scoped advisory lock on the pool
-        makes two concurrent creations wait for each other, since a row lock cannot cover rows
-        that do not exist yet.
+        settlement's "kept" about one promise. The caller holds the pool's lock
+        (:meth:`_lock_pool`), so a pledge created concurrently is either seen here or waits.
         """
-        pool = f"{pledge.provider}/{pledge.region}/{pledge.model}"
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('scheduler.pledges'), hashtext($1))",
-            pool,
-            timeout=self._timeout,
-        )
         row = await conn.fetchrow(
             f"SELECT {_PLEDGE_COLUMNS} FROM scheduler.pledges"
             " WHERE provider = $1 AND region = $2 AND model = $3 AND pledge_id <> $4"
