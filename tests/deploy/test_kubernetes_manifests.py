@@ -211,3 +211,55 @@ def test_nats_values_carry_generated_accounts() -> None:
         for user in account["users"]:
             variable = user["password"].strip("<> $")
             assert variable in env, f"{variable} is not set for the NATS container"
+
+
+def _selects(selector: Resource, labels: dict[str, str]) -> bool:
+    """Return whether a label selector (matchLabels and In expressions) selects ``labels``."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", "only In expressions are checked here"
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def _egress_allowed(policies: list[Resource], source: dict[str, str], target: str) -> bool:
+    """Return whether some policy lets pods with labels ``source`` call ``target`` on 50051."""
+    for policy in policies:
+        if not _selects(policy["spec"]["podSelector"], source):
+            continue
+        for rule in policy["spec"].get("egress", []):
+            ports = {port["port"] for port in rule.get("ports", [])}
+            peers = [peer.get("podSelector", {}) for peer in rule.get("to", [])]
+            if 50051 in ports and any(
+                _selects(peer, {"app.kubernetes.io/component": target}) for peer in peers
+            ):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("name", ["acsp-grant", "acsp-metering", "acsp-scheduler"])
+def test_service_reaches_services_it_calls(name: str) -> None:
+    resources = [doc for _, doc in FILE_RESOURCES]
+    deployment = next(
+        doc for doc in resources if doc["kind"] == "Deployment" and doc["metadata"]["name"] == name
+    )
+    settings = next(
+        doc
+        for doc in resources
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "acsp-settings"
+    )
+    env = dict(settings["data"])
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env.update({item["name"]: item.get("value", "") for item in container["env"]})
+    if name == "acsp-metering":
+        # Without it metering copies no pledges, and settlements show no pledged capacity.
+        assert "ACSP_SCHEDULER_ADDRESS" in env
+    policies = [doc for doc in resources if doc["kind"] == "NetworkPolicy"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for variable, address in env.items():
+        if not (variable.endswith("_ADDRESS") and address.startswith("acsp-")):
+            continue
+        target = address.split(".", 1)[0].removeprefix("acsp-")
+        assert _egress_allowed(policies, labels, target), f"{name} cannot call {address}"
