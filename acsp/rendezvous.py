@@ -8,11 +8,26 @@ the range's size, and a process outside acsp may already listen on it.
 
 from __future__ import annotations
 
+import re
 import zlib
 from typing import Final
 
 DEFAULT_PORT_RANGE: Final = (29500, 29999)
 """Ports used when a node reports no range: 29500 is torch.distributed's default port."""
+
+
+MAX_HOST_CHARACTERS: Final = 100
+"""Longest host a node reports (ACSP_AGENT_HOST). A start command lists the hosts of a gang's
+nodes, and 4,096 hosts of this length (the most tasks a job has) encode to 420 KiB, which stays
+within the half of NATS's default max_payload of 1 MiB that the scheduler leaves for more than
+the job's spec."""
+_HOST_PATTERN: Final = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_HOST_CHARACTERS}}}")
+
+
+def is_valid_host(text: str) -> bool:
+    """Return whether ``text`` is an address or hostname that fits one line of a hosts file
+    and the start command size limit: 1 to 100 of ``A-Z a-z 0-9 . - _ :``."""
+    return _HOST_PATTERN.fullmatch(text) is not None
 
 
 def parse_port_range(text: str) -> tuple[int, int]:

@@ -8,13 +8,17 @@ options of ``python -m agents`` override them.
 
 from __future__ import annotations
 
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from acsp.rendezvous import DEFAULT_PORT_RANGE, parse_port_range
+from acsp.rendezvous import (
+    DEFAULT_PORT_RANGE,
+    MAX_HOST_CHARACTERS,
+    is_valid_host,
+    parse_port_range,
+)
 from acsp.subjects import TOKEN_PATTERN
 from agents.task_logs import MIN_TASK_LOG_MAX_BYTES, TASK_LOG_MAX_BYTES
 from agents.task_user import TASK_USER_ENV, TaskUser, parse_task_user
@@ -29,16 +33,9 @@ def _default_node() -> str:
     return name[:64] or "node"
 
 
-MAX_HOST_CHARACTERS = 100
-"""Longest ACSP_AGENT_HOST. A start command lists the hosts of a gang's nodes, and 4,096 hosts
-of this length (the most tasks a job has) encode to 420 KiB, which stays within the half of
-NATS's default max_payload of 1 MiB that the scheduler leaves for more than the job's spec."""
-_HOST_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_HOST_CHARACTERS}}}")
-
-
 def parse_host(text: str) -> str:
     """Check an address or hostname; raise ValueError naming the allowed characters."""
-    if not _HOST_PATTERN.fullmatch(text):
+    if not is_valid_host(text):
         raise ValueError(
             f"{text!r} is not an address or hostname of 1 to {MAX_HOST_CHARACTERS} of "
             "A-Z a-z 0-9 . - _ :"

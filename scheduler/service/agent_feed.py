@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from acsp import subjects
+from acsp.rendezvous import MAX_HOST_CHARACTERS, is_valid_host
 from acsp.v1 import agent_pb2, scheduler_pb2
 
 from .engine_adapter import AcceleratorHealth
@@ -88,9 +89,37 @@ def node_from_inventory(msg: agent_pb2.Inventory) -> NodeView:
         boot_id=msg.boot_id,
         running_task_ids=frozenset(msg.running_task_ids),
         max_jobs=msg.max_jobs,
-        host=msg.host,
+        host=_host(msg),
         rendezvous_ports=_port_range(msg),
     )
+
+
+def _host(msg: agent_pb2.Inventory) -> str:
+    """Return the inventory's host, or "" (so the node id is used) for an invalid one.
+
+    Agents check ACSP_AGENT_HOST, but the scheduler copies the host into the hosts file of
+    every task of a gang, one line each, and bounds start commands by hosts of at most
+    MAX_HOST_CHARACTERS, so it checks the host again rather than trust an inventory.
+    """
+    if not msg.host or is_valid_host(msg.host):
+        return msg.host
+    key = (msg.node.provider_id, msg.node.region_id, msg.node.node_id)
+    if key not in _warned_hosts:
+        # Once per node and process, because every inventory of the node repeats the host.
+        _warned_hosts.add(key)
+        logger.warning(
+            "node %s.%s.%s reports a host of %d characters that is not 1 to %d of "
+            "A-Z a-z 0-9 . - _ :, so its tasks are reached at its node id; fix ACSP_AGENT_HOST "
+            "on its agent",
+            *key,
+            len(msg.host),
+            MAX_HOST_CHARACTERS,
+        )
+    return ""
+
+
+_warned_hosts: set[tuple[str, str, str]] = set()
+"""Nodes whose invalid host was logged; as many as the fleet has nodes at most."""
 
 
 def _port_range(msg: agent_pb2.Inventory) -> tuple[int, int] | None:

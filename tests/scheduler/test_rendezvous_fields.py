@@ -133,3 +133,14 @@ def test_inventory_bad_ports_ignored(low: int, high: int) -> None:
         rendezvous_port_max=high,
     )
     assert node_from_inventory(message).rendezvous_ports is None
+
+
+@pytest.mark.parametrize("host", ["gpu-a\nevil", "x" * 101, "gpu a", "gpu-a/b"])
+def test_inventory_bad_host_ignored(host: str) -> None:
+    # The host goes into every gang member's hosts file, one line per task, and the start
+    # command size limit counts hosts of at most 100 characters.
+    message = agent_pb2.Inventory(
+        node=agent_pb2.NodeRef(provider_id="prov", region_id="reg", node_id="a"),
+        host=host,
+    )
+    assert node_from_inventory(message).host == ""
