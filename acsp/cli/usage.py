@@ -186,7 +186,17 @@ def run_charges(args: argparse.Namespace) -> int:
             charges, missing = [], error
         if args.job and not charges:
             # Metering stores the elements of an array as jobs, so an array id finds no job there.
-            elements = array_element_ids(args, args.job)
+            try:
+                elements = array_element_ids(args, args.job)
+            except grpc.RpcError as error:
+                if missing is not None:
+                    raise
+                # Metering found the job, so its empty listing is the answer even unchecked.
+                sys.stderr.write(
+                    f"note: could not check whether {args.job} is a job array "
+                    f"({error.code().name}: {error.details()}); listing the job's own charges\n"
+                )
+                elements = None
             if elements is None and missing is not None:
                 raise missing
             if elements is not None:

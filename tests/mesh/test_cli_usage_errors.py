@@ -201,3 +201,61 @@ def test_missing_rate_card_version_names_current(
     assert "rate card version '999' not found" in err
     assert "the current version is 3" in err
     assert "leave out --version" in err
+
+
+class _UnavailableError(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection refused"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+class _DownScheduler:
+    def GetJob(self, request: scheduler_pb2.GetJobRequest) -> scheduler_pb2.Job:
+        raise _UnavailableError()
+
+
+class _UnchargedMetering:
+    """Job ``j-1`` is metered but has no charges yet; any other job id is not found."""
+
+    def ListCharges(
+        self, request: metering_pb2.ListChargesRequest
+    ) -> metering_pb2.ListChargesResponse:
+        if request.job_id != "j-1":
+            raise _NotFoundError(request.job_id)
+        return metering_pb2.ListChargesResponse()
+
+
+@pytest.mark.parametrize(("job", "listed"), [("j-1", True), ("nope", False)])
+def test_charges_with_scheduler_down(
+    job: str,
+    listed: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    @contextmanager
+    def open_metering(args: object) -> Iterator[_UnchargedMetering]:
+        yield _UnchargedMetering()
+
+    @contextmanager
+    def open_scheduler(args: object) -> Iterator[_DownScheduler]:
+        yield _DownScheduler()
+
+    monkeypatch.setattr(usage, "open_metering", open_metering)
+    monkeypatch.setattr(usage_arrays, "open_scheduler", open_scheduler)
+    code = main.main(["usage", "charges", "--job", job, "--data-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    if listed:
+        # Metering answered for the job, so a scheduler that is down only costs the array check.
+        assert code == _common.EXIT_OK
+        assert "charges" in out
+        assert f"could not check whether {job} is a job array" in err
+        assert "connection refused" in err
+    else:
+        assert code != _common.EXIT_OK
+        assert "connection refused" in err
