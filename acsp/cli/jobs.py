@@ -317,21 +317,25 @@ def parse_millis(text: str) -> int:
         raise CommandError(
             f"--accelerators {text!r} is not a number; give e.g. 2 or 0.25", EXIT_USAGE
         ) from None
-    millis = value * 1000 if value.is_finite() else Decimal(0)
-    if millis <= 0 or millis != millis.to_integral_value():
-        raise CommandError(
-            f"--accelerators {text!r}: use a positive whole number or thousandths of one",
-            EXIT_USAGE,
-        )
-    if millis > MAX_MILLIS_PER_TASK:
+    # Before the multiplication by 1000, which raises decimal.Overflow from 1e999997 up.
+    if value.is_finite() and value > Decimal(MAX_MILLIS_PER_TASK) / 1000:
         # In plain digits, so that 1e3 reads as 1000, unless that is longer than what was typed.
-        shown = format_decimal(value)
+        # The digits of a huge exponent are never written out: 1e99999999 would take 100 MB.
+        shown = text
+        if value.adjusted() < max(len(text), MAX_SHOWN_DIGITS):
+            shown = format_decimal(value)
         if len(shown) > max(len(text), MAX_SHOWN_DIGITS):
             shown = text
         raise CommandError(
             f"--accelerators {shown} is more than the maximum of "
             f"{MAX_MILLIS_PER_TASK // 1000} per task; ask for at most "
             f"{MAX_MILLIS_PER_TASK // 1000}, and spread larger work over more tasks with --tasks",
+            EXIT_USAGE,
+        )
+    millis = value * 1000 if value.is_finite() else Decimal(0)
+    if millis <= 0 or millis != millis.to_integral_value():
+        raise CommandError(
+            f"--accelerators {text!r}: use a positive whole number or thousandths of one",
             EXIT_USAGE,
         )
     if millis > 1000 and millis % 1000:

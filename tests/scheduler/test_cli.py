@@ -91,6 +91,16 @@ def test_accelerators_above_maximum_in_option_units(text: str, shown: str) -> No
     assert "millis" not in message
 
 
+@pytest.mark.parametrize("text", ["1e999999", "1e99999999999999999"])
+def test_accelerators_huge_exponent_is_usage_error(text: str) -> None:
+    # 1000 times these overflows the default decimal context, and the plain digits of the
+    # second would take 10**17 characters.
+    with pytest.raises(CommandError) as error:
+        parse_millis(text)
+    assert error.value.exit_code == 2
+    assert f"--accelerators {text} is more than the maximum of 64 per task" in str(error.value)
+
+
 def test_accelerators_maximum_is_accepted() -> None:
     assert parse_millis("64") == 64_000
 
