@@ -191,7 +191,7 @@ def run_charges(args: argparse.Namespace) -> int:
             except grpc.RpcError as error:
                 if missing is not None:
                     raise
-                # Metering found the job, so its empty listing is the answer even unchecked.
+                # Metering reported no missing job, so its empty listing is shown unchecked.
                 sys.stderr.write(
                     f"note: could not check whether {args.job} is a job array "
                     f"({error.code().name}: {error.details()}); listing the job's own charges\n"
