@@ -107,7 +107,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
             "Stop the mesh named by the mesh file of the data directory: send SIGTERM to the "
             "acsp up process, which stops every service, server and task it started, and wait "
             "for it to exit. Exits 0 once it stopped, 3 if no mesh runs there, 1 if it still "
-            "runs when --timeout ends."
+            "runs when --timeout ends or if another user's process may not be signalled."
         ),
     )
     down.add_argument(
@@ -284,6 +284,13 @@ def run_down(args: argparse.Namespace) -> int:
             f"{exc}; its log is the output of acsp up and the services' logs are in "
             f"{info.data_dir / 'logs'}. Wait longer with --timeout, or end it with "
             f"kill -KILL {info.supervisor_pid}",
+            EXIT_FAILURE,
+        ) from None
+    except PermissionError:
+        raise CommandError(
+            f"sending SIGTERM to the mesh's supervisor (pid {info.supervisor_pid}) is not "
+            "permitted, because another user runs it. Run acsp down as the user that ran acsp "
+            "up, or as root",
             EXIT_FAILURE,
         ) from None
     print("mesh stopped", file=sys.stderr)
