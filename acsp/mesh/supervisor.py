@@ -47,11 +47,11 @@ from acsp.mesh.endpoints import (
     MeshInfo,
     MeshNotFoundError,
     load_mesh,
-    supervisor_alive,
 )
 from acsp.mesh.health import wait_serving
 from acsp.mesh.nats import EmbeddedNats
 from acsp.mesh.postgres import EmbeddedPostgres, cluster_dir_for
+from acsp.mesh.stop import supervisor_running
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +374,9 @@ class LocalMesh:
         except ValueError:
             previous = None
         if previous is not None and previous.supervisor_pid != os.getpid():
-            if supervisor_alive(previous):
+            # The same check as acsp down's, so that a pid reused by another program after the
+            # supervisor died does not keep the data directory claimed.
+            if supervisor_running(previous):
                 raise MeshStartError(
                     f"another mesh (supervisor pid {previous.supervisor_pid}) runs with data "
                     f"directory {self.data_dir}: stop it with acsp down --data-dir "

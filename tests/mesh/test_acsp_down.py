@@ -1,4 +1,4 @@
-"""acsp down against a process it may not signal, without any server."""
+"""acsp down and acsp up against the process that a mesh file names, without any server."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from acsp.cli import main
-from acsp.mesh.endpoints import MeshInfo
+from acsp.mesh.endpoints import MESH_FILE_NAME, MeshInfo
+from acsp.mesh.supervisor import LocalMesh, MeshConfig, MeshStartError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -63,3 +64,27 @@ def test_down_not_permitted_is_error(
     assert "not permitted" in error
     assert "user that ran acsp up" in error
     assert sleeper.poll() is None
+
+
+def test_up_claims_dir_of_reused_pid(tmp_path: Path, sleeper: subprocess.Popen[bytes]) -> None:
+    # The supervisor that wrote the mesh file died, and its pid now belongs to a process that
+    # started an hour after the file was written. acsp down leaves that process alone as no
+    # mesh, so acsp up must not take it for a running mesh either.
+    write_mesh_file(tmp_path, sleeper.pid)
+    mesh_file = tmp_path / MESH_FILE_NAME
+    an_hour_ago = mesh_file.stat().st_mtime - 3600
+    os.utime(mesh_file, (an_hour_ago, an_hour_ago))
+
+    LocalMesh(MeshConfig(data_dir=tmp_path))._claim_data_dir()
+
+    assert not mesh_file.exists()
+    assert sleeper.poll() is None
+
+
+def test_up_rejects_dir_of_running_mesh(tmp_path: Path, sleeper: subprocess.Popen[bytes]) -> None:
+    write_mesh_file(tmp_path, sleeper.pid)
+
+    with pytest.raises(MeshStartError, match=f"supervisor pid {sleeper.pid}"):
+        LocalMesh(MeshConfig(data_dir=tmp_path))._claim_data_dir()
+
+    assert (tmp_path / MESH_FILE_NAME).exists()
