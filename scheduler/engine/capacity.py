@@ -115,7 +115,16 @@ class CapacityPlan:
             for recall in sorted(self.recalls.values(), key=lambda r: r.recall_id)
             if (recall.provider, recall.region, recall.model) == pool.key
             and (recall.until is None or recall.until > now)
+            and self._pledge_lasts(recall, now)
         ]
+
+    def _pledge_lasts(self, recall: RecallAnnounced, now: float) -> bool:
+        # A recall stops counting when its pledge ends, so it cannot lower the cap of the pool's
+        # next pledge, even if it was stored with a later end or its pledge was shortened since.
+        if not recall.pledge_id:
+            return True
+        pledge = self.pledges.get(recall.pledge_id)
+        return pledge is not None and now < pledge.end
 
 
 def recalled_cap_millis(protected: int, recallable: int, recalled: int, registered: int) -> int:

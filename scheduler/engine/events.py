@@ -154,6 +154,9 @@ class RecallAnnounced:
     effective_at: float
     until: float | None = None
     """End of the recall; ``None`` lasts until :class:`RecallEnded`."""
+    pledge_id: str = ""
+    """Pledge the recall takes from. The recall stops counting when that pledge's window ends
+    or the pledge is removed. Empty counts it against the pool until ``until``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -467,6 +467,7 @@ class EngineAdapter:
                 recall.count,
                 recall.effective_at,
                 recall.end,
+                pledge.pledge_id,
             )
         )
 

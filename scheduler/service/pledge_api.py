@@ -27,6 +27,7 @@ from .pledges import (
     PledgeOverlap,
     PledgeRecord,
     PledgeStore,
+    RecallPastPledge,
     RecallRecord,
     RequestReused,
     pledge_from_proto,
@@ -192,6 +193,13 @@ class PledgeRpcs(ProviderRpcs):
             )
         except KeyError:
             raise NotFound("pledge", wanted.pledge_id) from None
+        except RecallPastPledge as exc:
+            raise InvalidArgument(
+                "recall.end_time",
+                str(exc),
+                f"end the recall at {utc_text(exc.pledge.end)} or earlier, or leave end_time "
+                "unset so that the recall ends with its pledge",
+            ) from None
         except RequestReused as exc:
             raise FailedPrecondition(f"{exc} {_REUSED_FIX}", "request_id") from None
         except LookupError as exc:

@@ -93,6 +93,16 @@ class PledgeOverlap(Exception):
         )
 
 
+class RecallPastPledge(Exception):
+    """A recall's end_time is after its pledge's window ends."""
+
+    def __init__(self, pledge: PledgeRecord, end: float) -> None:
+        self.pledge = pledge
+        super().__init__(
+            f"is {_utc(end)}, after pledge {pledge.pledge_id} ends at {_utc(pledge.end)}"
+        )
+
+
 def new_pledge_id(provider: str, request_id: str) -> str:
     """Return the id of a pledge that SetPledge creates.
 
@@ -279,10 +289,12 @@ class PledgeStore:
     ) -> tuple[RecallRecord, PledgeRecord, int]:
         """Store a recall; return it, its pledge and what ``check`` returned for it.
 
-        Raises ``KeyError`` for an unknown pledge and ``LookupError`` when the pledge has fewer
-        recallable accelerators left than the recall asks for. ``check`` runs on a new recall
-        inside the transaction, so an exception it raises stores nothing; a repeated request
-        returns the stored recall with 0 in place of its result.
+        A recall without an end is stored with its pledge's end. Raises ``KeyError`` for an
+        unknown pledge, :class:`RecallPastPledge` when the recall ends after its pledge, and
+        ``LookupError`` when the pledge has fewer recallable accelerators left than the recall
+        requests. ``check`` runs on a new recall inside the transaction, so an exception it
+        raises stores nothing. A repeated request returns the stored recall with 0 in place of
+        its result.
         """
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             if request_id:
@@ -293,12 +305,19 @@ class PledgeStore:
                 )
                 if existing is not None:
                     earlier = _recall_from_row(existing)
+                    owner = await self._pledge(conn, earlier.pledge_id)
                     # The check also keeps one provider's recall from another provider
-                    # that happens to send the same request id.
-                    if not _same_recall(earlier, recall):
+                    # that happens to send the same request id. A request without an end
+                    # matches the pledge's end stored in its place.
+                    if not _same_recall(earlier, recall) and not _same_recall(
+                        earlier, _ending_with(recall, owner)
+                    ):
                         raise RequestReused("was used before for another recall")
-                    return earlier, await self._pledge(conn, earlier.pledge_id), 0
+                    return earlier, owner, 0
             pledge = await self._pledge(conn, recall.pledge_id, lock=True)
+            if recall.end is not None and recall.end > pledge.end:
+                raise RecallPastPledge(pledge, recall.end)
+            recall = _ending_with(recall, pledge)
             left = pledge.recallable - await self._recalled(conn, pledge.pledge_id)
             if recall.count > left:
                 raise LookupError(
@@ -435,6 +454,12 @@ def _same_pledge(stored: PledgeRecord, requested: PledgeRecord) -> bool:
     return replace(stored, start=0.0, end=0.0) == replace(
         requested, start=0.0, end=0.0
     ) and _same_times((stored.start, stored.end), (requested.start, requested.end))
+
+
+def _ending_with(recall: RecallRecord, pledge: PledgeRecord) -> RecallRecord:
+    # An open-ended recall ends with its pledge, so that it never lowers the capacity of the
+    # pool's next pledge nor counts in a settlement after its pledge.
+    return recall if recall.end is not None else replace(recall, end=pledge.end)
 
 
 def _same_recall(stored: RecallRecord, requested: RecallRecord) -> bool:

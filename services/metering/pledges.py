@@ -178,7 +178,9 @@ def recall_from_proto(recall: scheduler_pb2.Recall) -> RecallRecord:
         recall.pledge_id,
         recall.count,
         _time(recall.effective_time),
-        # An open-ended recall lasts until the last time the services accept.
+        # The scheduler stores an open-ended recall with its pledge's end, but a recall stored
+        # before that has none. It lasts until the last time the services accept, and
+        # settlements stop counting it when its pledge ends.
         _time(recall.end_time) if recall.HasField("end_time") else LATEST_TIME,
     )
 

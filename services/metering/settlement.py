@@ -3,7 +3,8 @@
 Delivered PF-days are the charges' lines for the provider's usage whose charging period starts
 in the settlement period; refunds are the refund lines for the provider's faults and recalls in
 it. Pledged and recalled accelerator-hours come from the pledge and recall records clipped to
-the period and to the time the settlement is built, so they never count the future.
+the period and to the time the settlement is built, so they never count the future. Recalled
+hours also stop when the recall's pledge ends.
 
 The pledge is kept when no recall took more than its pledge's recallable capacity, and every
 pledge in effect in the period had at least its protected count of healthy accelerators (on up
@@ -113,13 +114,16 @@ async def build_settlement(
         start,
         until,
     )
+    # A recall counts only within its pledge's window, because recalls copied before the
+    # scheduler ended them with their pledge may end later or never.
     recalls = await conn.fetch(
         """
         SELECT p.region, p.accelerator_model, r.accelerator_count, p.recallable_count,
-               extract(epoch FROM least(r.end_time, $3) - greatest(r.start_time, $2))
-                   AS seconds
+               extract(epoch FROM least(r.end_time, p.window_end, $3)
+                   - greatest(r.start_time, $2)) AS seconds
         FROM metering.recalls r JOIN metering.pledges p USING (pledge_id)
-        WHERE p.provider = $1 AND r.start_time < $3 AND r.end_time > $2 AND $3 > $2
+        WHERE p.provider = $1 AND r.start_time < $3 AND r.start_time < p.window_end
+          AND r.end_time > $2 AND p.window_end > $2 AND $3 > $2
         """,
         provider,
         start,

@@ -99,3 +99,20 @@ def test_recalled_millis_of_pool() -> None:
     assert engine.capacity.recalled_millis(pool, 1.0) == 6000
     # Pledges end at 1e9, and the recall with them.
     assert engine.capacity.recalled_millis(pool, 2e9) == 0
+
+
+def test_recall_ends_with_its_pledge() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 8))
+    engine.add_pledge(Pledge("pl-a", "p1", "r1", A100, 2, 6, 0.0, 100.0))
+    engine.add_pledge(Pledge("pl-b", "p1", "r1", A100, 2, 6, 100.0, 1e9))
+    pool = engine.fleet.pools[("p1", "r1", A100)]
+    # An open-ended recall of pl-a, as stored before recalls ended with their pledge.
+    engine.apply(RecallAnnounced("rc", "p1", "r1", A100, 4, 5.0, pledge_id="pl-a"))
+
+    assert engine.capacity.cap(pool, 50.0).pledge_millis == 4000
+    assert engine.capacity.recalled_millis(pool, 50.0) == 4000
+    assert engine.capacity.cap(pool, 150.0).pledge_millis == 8000
+    assert engine.capacity.cap(pool, 150.0).recall_id == ""
+    assert engine.capacity.recalled_millis(pool, 150.0) == 0
+    assert engine.capacity.freed_millis(pool, 150.0, 4) == 4000

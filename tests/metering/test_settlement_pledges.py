@@ -49,6 +49,17 @@ async def test_pledged_hours_stop_at_now(db: Database) -> None:
     assert future.recall_count == 0
 
 
+async def test_recall_hours_stop_with_pledge(db: Database) -> None:
+    open_ended = RecallRecord("rc-1", "pl-1", 2, T0 + HOUR, LATEST_TIME)
+    after_pledge = RecallRecord("rc-2", "pl-1", 1, T0 + 11 * HOUR, T0 + 12 * HOUR)
+    async with db.acquire() as conn:
+        await store_pledges(conn, [pledge()], [open_ended, after_pledge], now=T0)
+        settlement = await build_settlement(conn, "prov-a", T0, T0 + 20 * HOUR, now=T0 + 20 * HOUR)
+    (line,) = settlement.lines
+    assert line.recalled_accelerator_hours == 2 * 9
+    assert settlement.recall_count == 1
+
+
 async def test_pledge_kept_needs_healthy_protected(db: Database) -> None:
     async with db.acquire() as conn:
         await store_pledges(conn, [pledge(healthy=16, registered=16)], [], now=T0 + HOUR)

@@ -114,6 +114,9 @@ async def test_pledge_rules(stack: Stack) -> None:
             scheduler_pb2.ListPledgesRequest(provider_id="prov"), metadata=operator, timeout=10
         )
         nothing_registered = await recall_rejected(recall_of(huge.pledge_id, 4))
+        past_pledge = recall_of(first.pledge_id, 1)
+        past_pledge.end_time.FromSeconds(int(now + DAY + 3600))
+        outlives = await recall_rejected(past_pledge)
         recall = await scheduler.RecallCapacity(
             scheduler_pb2.RecallCapacityRequest(recall=recall_of(first.pledge_id, 4)),
             metadata=operator,
@@ -152,6 +155,11 @@ async def test_pledge_rules(stack: Stack) -> None:
     assert nothing_registered.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert f"no registered {H100} accelerators" in (nothing_registered.details() or "")
     assert recall.freed_count == 4
+    assert recall.end_time == changed.window.end_time
+    assert outlives.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "recall.end_time" in (outlives.details() or "")
+    assert f"after pledge {first.pledge_id} ends" in (outlives.details() or "")
+    assert "leave end_time unset" in (outlives.details() or "")
     assert all_protected.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "protects 20" in (all_protected.details() or "")
     assert outside.code() == grpc.StatusCode.FAILED_PRECONDITION
