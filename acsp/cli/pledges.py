@@ -134,12 +134,15 @@ def register(commands: Any, connection: argparse.ArgumentParser, output: Any) ->
     )
     when.add_argument("--effective", help=f"when the capacity must be free: {TIME_HELP}")
     until = create.add_mutually_exclusive_group()
-    until.add_argument("--end", help=f"when the capacity returns: {END_HELP}")
+    until.add_argument(
+        "--end",
+        help=f"when the capacity returns, at the latest when the pledge ends: {END_HELP}",
+    )
     until.add_argument(
         "--duration",
         type=positive_seconds,
         metavar="SECONDS",
-        help="how long the recall lasts after it takes effect (default: no end)",
+        help="how long the recall lasts after it takes effect (default: until the pledge ends)",
     )
     create.add_argument("--reason", default="", help="why, e.g. 'commercial peak'")
     create.add_argument("--request-id", default="", help="idempotency key (default: a random one)")
@@ -248,8 +251,18 @@ def create_recall_command(args: argparse.Namespace) -> int:
             scheduler_pb2.RecallCapacityRequest(request_id=args.request_id, recall=recall)
         )
     row = recall_row(stored)
-    row["freed"] = stored.freed_count
+    # A new recall that frees nothing is rejected, so 0 marks the reply to a repeated request,
+    # for which the scheduler returns the stored recall without its freed count.
+    repeated = stored.freed_count == 0
+    row["freed"] = None if repeated else stored.freed_count
     print_records([row], (*RECALL_COLUMNS, "freed"), output_format=args.format)
+    if repeated:
+        print(
+            f"note: request id {args.request_id} repeats the request that created recall "
+            f"{stored.recall_id}, so nothing changed; the scheduler does not store how many "
+            "accelerators that request freed",
+            file=sys.stderr,
+        )
     if 0 < stored.freed_count < stored.count:
         print(
             f"warning: recall {stored.recall_id} frees {stored.freed_count} of the "

@@ -297,6 +297,24 @@ async def test_pledge_and_recall_commands(
     assert "without the provider prefix" in err
     assert "--region" in err
 
+    # A repeated request returns the stored recall, whose freed count was not stored.
+    repeat_at = iso(start + timedelta(hours=1))
+    repeat = (
+        *("recall", "create", pledge_id, "--count", "1", "--effective", repeat_at),
+        *("--request-id", "recall-once", "--format", "json"),
+    )
+    code, out, err = await run_cli(capsys, *repeat)
+    assert code == 0, err
+    (first,) = json_rows(out)
+    assert first["freed"] == 1
+    assert "repeat" not in err
+    code, out, err = await run_cli(capsys, *repeat)
+    assert code == 0, err
+    (again,) = json_rows(out)
+    assert again["recall"] == first["recall"]
+    assert again["freed"] is None
+    assert f"repeats the request that created recall {first['recall']}" in err
+
     # A model outside the catalog is rejected by the scheduler, and the message names --model.
     code, out, err = await run_cli(
         capsys,
