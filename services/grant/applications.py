@@ -84,6 +84,25 @@ async def lock_application(conn: asyncpg.Connection, application_id: str) -> asy
     return row
 
 
+async def earlier_submission(
+    conn: asyncpg.Connection, new: NewApplication, request_id: str, actor: str
+) -> str | None:
+    """Return the id of the application that ``actor`` submitted with ``request_id`` for the
+    project of ``new``, or None. Raise FailedPrecondition naming ``request_id`` if that
+    request was for another application."""
+    existing = await conn.fetchrow(
+        "SELECT * FROM applications WHERE submitted_by = $1 AND project_id = $2 "
+        "AND request_id = $3",
+        actor,
+        new.project_id,
+        request_id,
+    )
+    if existing is None:
+        return None
+    _check_same_application(existing, new, request_id)
+    return str(existing["id"])
+
+
 async def submit(
     conn: asyncpg.Connection,
     new: NewApplication,
@@ -101,16 +120,9 @@ async def submit(
     # One submission of a project at a time, so that two concurrent exploratory applications
     # cannot both fit under the tier limit, and a concurrent retry finds the first one's row.
     await conn.execute("SELECT 1 FROM projects WHERE id = $1 FOR NO KEY UPDATE", new.project_id)
-    existing = await conn.fetchrow(
-        "SELECT * FROM applications WHERE submitted_by = $1 AND project_id = $2 "
-        "AND request_id = $3",
-        actor,
-        new.project_id,
-        request_id,
-    )
-    if existing is not None:
-        _check_same_application(existing, new, request_id)
-        return str(existing["id"])
+    earlier = await earlier_submission(conn, new, request_id, actor)
+    if earlier is not None:
+        return earlier
     check_requested(new.tier, new.requested, limits)
     if is_auto_approved(new.tier):
         holdings = await _exploratory_holdings(conn, new.project_id, now)

@@ -273,7 +273,16 @@ class ProgramHandlers:
                 "application.justification", application.justification, limit=cv.MAX_JUSTIFICATION
             ),
         )
+        async with self.app.database().acquire() as conn:
+            principal = await access.require_project_pi(conn, project_id, "submit applications")
+            earlier = await applications.earlier_submission(
+                conn, new, request_key, principal.subject
+            )
+            if earlier is not None:
+                return await _application_out(conn, earlier)
         # The regions become the grant's limits when an exploratory application is awarded.
+        # The check calls the scheduler, so it runs after authorization, only for a new
+        # application, and outside the transaction.
         await self.app.check_registered("", (), "application.regions", new.regions)
         limits = self.app.settings.tier_limits()
         async with self.app.database().transaction() as conn:

@@ -198,3 +198,32 @@ async def test_application_rejects_unregistered_region(grant_service: RunningGra
 async def test_application_accepts_registered_region(grant_service: RunningGrant) -> None:
     application_id = await reviewed_application(grant_service, ("openb/east",))
     await assert_still_in_review(grant_service, application_id)
+
+
+async def test_application_authorized_before_region_check(
+    grant_service: RunningGrant, fake_scheduler: tuple[FakeScheduler, str]
+) -> None:
+    member = grant_service.stub("bob", ["researcher"], "uni-a")
+    message = application(grant_pb2.GRANT_TIER_EXPLORATORY, "5")
+    message.regions.append("openb/moon")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await member.SubmitApplication(
+            grant_pb2.SubmitApplicationRequest(request_id=rid(), application=message)
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert fake_scheduler[0].calls == []
+
+
+async def test_application_retry_skips_scheduler(
+    grant_service: RunningGrant, fake_scheduler: tuple[FakeScheduler, str]
+) -> None:
+    pi = grant_service.stub("alice", ["pi"], "uni-a")
+    message = application(grant_pb2.GRANT_TIER_STANDARD, "20")
+    message.regions.append("openb/east")
+    request = grant_pb2.SubmitApplicationRequest(request_id=rid(), application=message)
+    first = await pi.SubmitApplication(request)
+    fake_scheduler[0].failing = True
+    fake_scheduler[0].calls.clear()
+    again = await pi.SubmitApplication(request)
+    assert again.application_id == first.application_id
+    assert fake_scheduler[0].calls == []
