@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, timedelta
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from acsp.cli._common import (
+    EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
@@ -31,7 +32,7 @@ from acsp.cli._common import (
     whole_number,
 )
 from acsp.cli.usage_arrays import array_element_ids
-from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
+from acsp.v1 import common_pb2, grant_pb2, metering_pb2, metering_pb2_grpc
 
 GROUPINGS = {
     "grant": metering_pb2.USAGE_GROUPING_GRANT,
@@ -41,6 +42,8 @@ GROUPINGS = {
     "region": metering_pb2.USAGE_GROUPING_REGION,
     "model": metering_pb2.USAGE_GROUPING_MODEL,
 }
+UNATTRIBUTED = "(unattributed)"
+"""Institution key metering lists for usage stored with no institution."""
 MAX_PAGE_SIZE = 1000
 """Maximum rows of one metering list call; the service rejects larger pages."""
 MAX_PAGES = 10_000
@@ -111,10 +114,14 @@ def _pages(
 
 
 @contextmanager
-def _filter_required(filtered: bool, listing: str, options: str) -> Iterator[None]:
+def _filter_required(
+    filtered: bool, listing: str, options: str, others: Sequence[str] = ()
+) -> Iterator[None]:
     """Name the CLI options that filter a listing when the service denies an unfiltered one.
 
     The service's message names its request fields, which a CLI user does not set directly.
+    ``others`` are the filters given that only the program office may use alone: with one of
+    them the denial is a permission error (exit 1), without any a usage error (exit 2).
     """
     try:
         yield
@@ -122,6 +129,13 @@ def _filter_required(filtered: bool, listing: str, options: str) -> Iterator[Non
         code = error.code() if hasattr(error, "code") else None
         if filtered or code != grpc.StatusCode.PERMISSION_DENIED:
             raise
+        if others:
+            raise CommandError(
+                f"permission denied: only the program office may list {listing} filtered by "
+                f"{' and '.join(others)} alone; a PI or project member may filter by "
+                f"{options}, so add one of those",
+                EXIT_FAILURE,
+            ) from error
         raise CommandError(
             f"a filter is required to list {listing}: pass {options}, because only the program "
             f"office may list the {listing} of every project",
@@ -133,8 +147,13 @@ def run_query(args: argparse.Namespace) -> int:
     records = []
     options = "--project PROJECT or --grant GRANT of a project you are a member of"
     window = _window(args)
+    others = [
+        f"--{name} {value}"
+        for name, value in (("institution", args.institution), ("provider", args.provider))
+        if value
+    ]
     with (
-        _filter_required(bool(args.project or args.grant), "usage", options),
+        _filter_required(bool(args.project or args.grant), "usage", options, others),
         open_metering(args) as metering,
     ):
 
@@ -163,12 +182,39 @@ def run_query(args: argparse.Namespace) -> int:
                         "samples": row.sample_count,
                     }
                 )
+    if not records and args.institution:
+        _check_institution(args)
     columns = [args.by, "accelerator hours", "charged PF-days", "refunded PF-days"]
     columns += ["mean utilization", "samples"]
     print_records(records, columns, output_format=args.format, title=f"usage by {args.by}")
     if records:
         sys.stderr.write(USAGE_HOURS_NOTE)
     return EXIT_OK
+
+
+def _check_institution(args: argparse.Namespace) -> None:
+    """Raise CommandError when --institution names no institution of the grant service.
+
+    Metering stores an institution only on the jobs that ran, so an empty listing cannot tell
+    an unknown institution from one without usage. The grant service registers every
+    institution, and it is asked only after an empty listing, so a query with rows costs no
+    extra call.
+    """
+    from acsp.cli.grants import open_grants
+
+    if args.institution == UNATTRIBUTED:
+        return
+    try:
+        with open_grants(args) as grants:
+            grants.GetInstitution(grant_pb2.GetInstitutionRequest(institution_id=args.institution))
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        raise CommandError(
+            f"--institution {args.institution}: institution not found; pass the id that "
+            "registered it with acsp grants institution",
+            EXIT_FAILURE,
+        ) from error
 
 
 def run_charges(args: argparse.Namespace) -> int:

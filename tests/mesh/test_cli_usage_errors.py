@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from acsp.cli import _common, main, usage, usage_arrays
-from acsp.v1 import metering_pb2, scheduler_pb2
+from acsp.cli import _common, grants, main, usage, usage_arrays
+from acsp.v1 import grant_pb2, metering_pb2, scheduler_pb2
 
 
 @pytest.mark.parametrize(
@@ -259,3 +259,59 @@ def test_charges_with_scheduler_down(
     else:
         assert code != _common.EXIT_OK
         assert "connection refused" in err
+
+
+def test_institution_filter_alone_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    monkeypatch.setattr(usage, "open_metering", _open_denying_metering)
+    window = ["--from", "2026-12-06", "--to", "2026-12-07"]
+    argv = ["usage", "query", "--by", "institution", *window, "--institution", "uni-a"]
+    code = main.main([*argv, "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == _common.EXIT_FAILURE
+    assert "a filter is required" not in err
+    assert "permission denied" in err
+    assert "--institution uni-a" in err
+    assert "may filter by --project PROJECT or --grant GRANT" in err
+
+
+class _EmptyMetering:
+    def QueryUsage(self, request: object) -> metering_pb2.QueryUsageResponse:
+        return metering_pb2.QueryUsageResponse()
+
+
+class _Institutions:
+    """The grant service with the one institution ``uni-a``."""
+
+    def GetInstitution(self, request: grant_pb2.GetInstitutionRequest) -> grant_pb2.Institution:
+        if request.institution_id != "uni-a":
+            raise _NotFoundError(request.institution_id)
+        return grant_pb2.Institution(institution_id="uni-a")
+
+
+@pytest.mark.parametrize(("institution", "expected"), [("nope", 1), ("uni-a", 0)])
+def test_unknown_institution_not_found(
+    institution: str,
+    expected: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    @contextmanager
+    def open_metering(args: object) -> Iterator[_EmptyMetering]:
+        yield _EmptyMetering()
+
+    @contextmanager
+    def open_grants(args: object) -> Iterator[_Institutions]:
+        yield _Institutions()
+
+    monkeypatch.setattr(usage, "open_metering", open_metering)
+    monkeypatch.setattr(grants, "open_grants", open_grants)
+    window = ["--from", "2026-12-06", "--to", "2026-12-07"]
+    argv = ["usage", "query", "--by", "institution", *window, "--institution", institution]
+    code = main.main([*argv, "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == expected
+    if expected:
+        assert "--institution nope: institution not found" in err
