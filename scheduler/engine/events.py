@@ -126,6 +126,9 @@ class JobRequeued:
     avoid_nodes: tuple[str, ...] = ()
     """Node ids that rejected a task's start: the job's later attempts go there only if no
     other node has room."""
+    started: bool = True
+    """Whether start commands went out for the attempt. An attempt that ends before that, such
+    as one whose budget hold failed, leaves no "requeued" note in the job's later reasons."""
 
 
 @dataclass(frozen=True, slots=True)

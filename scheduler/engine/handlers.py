@@ -113,7 +113,7 @@ def _on_job_requeued(engine: Engine, event: ev.JobRequeued) -> None:
     engine._fence_tasks(record, event.stopping)
     if event.avoid_nodes:
         engine.avoid_nodes(record, event.avoid_nodes)
-    engine._requeue(record, "requeued; back in the queue")
+    engine._requeue(record, "requeued; back in the queue" if event.started else "")
 
 
 def _on_pledge_added(engine: Engine, event: ev.PledgeAdded) -> None:

@@ -516,16 +516,19 @@ class EngineAdapter:
         now: float,
         stopping: tuple[tuple[int, str], ...] = (),
         avoid_nodes: tuple[str, ...] = (),
+        *,
+        started: bool = True,
     ) -> None:
         """Send a placed job back to the queue, releasing its accelerators.
 
         ``stopping`` lists the task index and node key of each task that got a stop command
         its node has not confirmed. Their accelerators stay fenced until :meth:`tasks_stopped`
         for the job on that node. The job's later attempts go to ``avoid_nodes`` only when no other
-        node has room.
+        node has room. ``started`` is False for an attempt that got no start commands, whose
+        later pending reasons then do not say the job was requeued.
         """
         if self.running_in_engine(job_id):
-            self.engine.apply(ev.JobRequeued(job_id, stopping, avoid_nodes), now)
+            self.engine.apply(ev.JobRequeued(job_id, stopping, avoid_nodes, started), now)
         elif job_id not in self.engine.jobs:
             logger.warning("requeue of job %s that the engine does not know", job_id)
 

@@ -483,7 +483,7 @@ class JobBook:
             self.engine.remove(job.job_id)
             self._finish(cleared, "failed", f"hold rejected: {outcome.message}", "hold", fx)
             return
-        self.engine.requeue(job.job_id, fx.now)
+        self.engine.requeue(job.job_id, fx.now, started=False)
         if outcome.status == "no_budget":
             self.engine.block_budget(job.spec.project_id, job.job_id)
             message = outcome.message

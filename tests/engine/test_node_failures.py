@@ -492,6 +492,20 @@ def test_avoided_nodes_kept_across_requeues() -> None:
     assert last == {"n1", "n2", "n3"} - used
 
 
+@pytest.mark.parametrize(("started", "noted"), [(True, True), (False, False)])
+def test_requeue_note_only_after_start(started: bool, noted: bool) -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 1))
+    engine.submit(job("j"))
+    assert "j" in placed(engine.schedule(0.0))
+    engine.apply(JobRequeued("j", started=started))
+    engine.apply(NodeDrain("n1"))
+
+    waiting = {w.job_id: w.message for w in engine.schedule(1.0).waiting}
+
+    assert waiting["j"].startswith("requeued") is noted
+
+
 def test_requeue_of_pending_job_rejected() -> None:
     engine = make_engine()
     engine.submit(job("a"))

@@ -138,6 +138,17 @@ def test_no_budget_returns_job_to_queue_with_reason() -> None:
     assert book.jobs[job.job_id].pending_reason == "budget"
 
 
+def test_failed_hold_leaves_no_requeue_note() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    fx = Effects(NOW + 2)
+    book.apply_hold(job.job_id, 1, HoldOutcome("unavailable", message="UNAVAILABLE: down"), fx)
+
+    # The attempt never started, so later reasons do not say the job was requeued.
+    assert book.engine.engine.jobs[job.job_id].requeue_message == ""
+
+
 def test_unpaid_large_job_leaves_small_ones() -> None:
     book = make_book()
     large = make_job(tasks=4)
