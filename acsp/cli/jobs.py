@@ -87,6 +87,7 @@ SUBMIT_OPTIONS: Final = {
     "spec.allowed_regions": "--region",
     "spec.priority_class": "--priority",
     "spec.topology": "--topology",
+    "spec.allow_cross_provider": "--allow-cross-provider",
     "spec.wall_time_seconds": "--wall-time",
     "spec.command": "the command after --",
     "spec.environment": "--env",
@@ -166,7 +167,14 @@ def register(subparsers: Any) -> None:
         "--topology",
         choices=sorted(TOPOLOGIES),
         default=None,
-        help="where the tasks must run relative to each other (default: anywhere)",
+        help="where the tasks must run relative to each other (default: same-provider, "
+        "so all tasks run on one provider unless --allow-cross-provider is given)",
+    )
+    submit.add_argument(
+        "--allow-cross-provider",
+        action="store_true",
+        help="let the tasks of one job span providers if every provider involved allows "
+        "cross-provider gangs",
     )
     # Kept only to reject it with a message that names the job array, the way to start
     # tasks independently, because the scheduler always starts a job's tasks together.
@@ -387,6 +395,7 @@ def spec_from_args(args: argparse.Namespace) -> scheduler_pb2.JobSpec:
         accelerator_millis_per_task=parse_millis(args.accelerators),
         gang=True,
         topology=TOPOLOGIES[args.topology] if args.topology else 0,  # type: ignore[arg-type]
+        allow_cross_provider=args.allow_cross_provider,
         accelerators=scheduler_pb2.AcceleratorConstraint(models=args.model),
         allowed_regions=args.region,
         priority_class=PRIORITIES[args.priority],  # type: ignore[arg-type]

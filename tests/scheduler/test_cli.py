@@ -123,6 +123,22 @@ def test_submit_sub_allocation_reaches_spec() -> None:
     assert spec.sub_allocation_id == "sub-1"
 
 
+@pytest.mark.parametrize(("flags", "allowed"), [([], False), (["--allow-cross-provider"], True)])
+def test_submit_cross_provider_reaches_spec(flags: list[str], allowed: bool) -> None:
+    args = parse("jobs", "submit", "--project", "p1", "--tasks", "2", *flags, "--", "true")
+    spec = spec_from_args(args)  # type: ignore[arg-type]
+    assert spec.allow_cross_provider is allowed
+
+
+def test_submit_help_names_topology_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("jobs", "submit", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: same-provider" in text
+    assert "(default: anywhere)" not in text
+    assert "--allow-cross-provider" in text
+
+
 def test_submit_no_gang_is_usage_error() -> None:
     args = parse("jobs", "submit", "--project", "p1", "--tasks", "4", "--no-gang", "--", "true")
     with pytest.raises(CommandError) as caught:
