@@ -309,8 +309,7 @@ def print_records(
         return
     if output_format == "json":
         for record in records:
-            document = {column: _json_value(record.get(column)) for column in columns}
-            out.write(json.dumps(document) + "\n")
+            out.write(json.dumps(json_record(record, columns)) + "\n")
         return
     table = Table(
         title=None if title is None else _plain_text(title), show_edge=False, header_style="bold"
@@ -359,6 +358,11 @@ def _table_cell(value: Any) -> str:
     if isinstance(value, ReadableCell):
         return value.readable
     return _cell(value)
+
+
+def json_record(record: Mapping[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+    """Convert one record of :func:`print_records` to the object ``--format json`` writes."""
+    return {column: _json_value(record.get(column)) for column in columns}
 
 
 def _json_value(value: Any) -> Any:

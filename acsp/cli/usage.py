@@ -4,6 +4,7 @@ provider settlements. Every listing prints as a table, CSV or JSON lines (``--fo
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,10 +20,12 @@ from acsp.cli._common import (
     EXIT_USAGE,
     CommandError,
     connection_options,
+    decimal_text,
     decimal_value,
     describe_rpc_error,
     format_time,
     is_date_alone,
+    json_record,
     note_more_rows,
     output_options,
     parse_time,
@@ -484,7 +487,10 @@ def run_settlement_show(args: argparse.Namespace) -> int:
         f"pledge {'kept' if settlement.pledge_kept else 'broken'}, "
         f"{settlement.recall_count} recall{'' if settlement.recall_count == 1 else 's'}"
     )
-    print_records(records, columns, output_format=args.format, title=title)
+    if args.format == "json":
+        _print_settlement_json(settlement, records, columns)
+    else:
+        print_records(records, columns, output_format=args.format, title=title)
     if records:
         sys.stderr.write(SETTLEMENT_HOURS_NOTE)
     if settlement.short_pledge_ids:
@@ -499,6 +505,27 @@ def run_settlement_show(args: argparse.Namespace) -> int:
             "cover them\n"
         )
     return EXIT_OK
+
+
+def _print_settlement_json(
+    settlement: metering_pb2.Settlement, records: list[dict[str, Any]], columns: list[str]
+) -> None:
+    """Write a settlement as one JSON object: the summary, and its lines under ``rows``.
+
+    The rows keep the column labels that the table and CSV use.
+    """
+    document = {
+        "provider": settlement.provider_id,
+        "delivered_pf_days": decimal_text(settlement.delivered_pf_days),
+        "refunded_pf_days": decimal_text(settlement.refunded_pf_days),
+        "net_pf_days": decimal_text(settlement.net_pf_days),
+        "pledge_kept": settlement.pledge_kept,
+        "recall_count": settlement.recall_count,
+        "short_pledge_ids": list(settlement.short_pledge_ids),
+        "uncounted_pledge_ids": list(settlement.uncounted_pledge_ids),
+        "rows": [json_record(record, columns) for record in records],
+    }
+    sys.stdout.write(json.dumps(document) + "\n")
 
 
 def run_settlement_export(args: argparse.Namespace) -> int:
@@ -587,11 +614,17 @@ def register(subparsers: Any) -> None:
     settle = settlement.add_subparsers(
         title="settlement commands", metavar="COMMAND", required=True
     )
-    for name, func, help in (
-        ("show", run_settlement_show, "a provider's settlement for a period"),
-        ("export", run_settlement_export, "a provider's settlement as CSV"),
+    show_description = (
+        "a provider's settlement for a period. A table shows the summary (delivered, refunded "
+        "and net PF-days, whether the pledge was kept, recalls) in its title, and --format "
+        "json writes one object with the summary and the lines under rows. --format csv "
+        "writes the lines only, without the summary"
+    )
+    for name, func, help, description in (
+        ("show", run_settlement_show, "a provider's settlement for a period", show_description),
+        ("export", run_settlement_export, "a provider's settlement as CSV", None),
     ):
-        p = settle.add_parser(name, parents=common, help=help, description=help)
+        p = settle.add_parser(name, parents=common, help=help, description=description or help)
         p.set_defaults(func=func)
         p.add_argument("provider", help="provider id")
         window(p)

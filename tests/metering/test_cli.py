@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,3 +116,54 @@ def test_settlement_names_short_and_uncounted_pledges(
     assert "pledge broken" in out
     assert "fewer healthy accelerators than protected in pledges pl-h100" in err
     assert "pledges pl-old in the period" in err
+
+
+def test_settlement_json_is_one_object(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Metering:
+        def GetSettlement(
+            self, request: metering_pb2.GetSettlementRequest
+        ) -> metering_pb2.Settlement:
+            settlement = metering_pb2.Settlement(
+                provider_id="prov-a",
+                pledge_kept=False,
+                recall_count=2,
+                short_pledge_ids=["pl-h100"],
+                uncounted_pledge_ids=["pl-old"],
+            )
+            settlement.delivered_pf_days.value = "1.5"
+            settlement.refunded_pf_days.value = "0.25"
+            settlement.net_pf_days.value = "1.25"
+            line = settlement.lines.add(region_id="r1", model="A100-SXM4-80GB")
+            line.accelerator_hours.value = "0.5"
+            return settlement
+
+    @contextmanager
+    def open_metering(args: object) -> Iterator[Metering]:
+        yield Metering()
+
+    monkeypatch.setattr(usage, "open_metering", open_metering)
+    window = ["--from", "2026-12-06", "--to", "2026-12-07", "--data-dir", str(tmp_path)]
+    code = main.main(["settlement", "show", "prov-a", *window, "--format", "json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    document = json.loads(out)
+    assert document["provider"] == "prov-a"
+    assert document["delivered_pf_days"] == "1.5"
+    assert document["refunded_pf_days"] == "0.25"
+    assert document["net_pf_days"] == "1.25"
+    assert document["pledge_kept"] is False
+    assert document["recall_count"] == 2
+    assert document["short_pledge_ids"] == ["pl-h100"]
+    assert document["uncounted_pledge_ids"] == ["pl-old"]
+    assert len(document["rows"]) == 1
+    assert document["rows"][0]["region"] == "r1"
+    assert document["rows"][0]["accelerator hours"] == "0.5"
+
+
+def test_settlement_help_says_csv_is_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["settlement", "show", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--format csv writes the lines only, without the summary" in text
