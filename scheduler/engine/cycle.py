@@ -37,7 +37,7 @@ from scheduler.engine.placement import (
     plan_spread,
     topology_groups,
 )
-from scheduler.engine.reasons import at, capacity_reason, no_pool_message
+from scheduler.engine.reasons import at, budget_message, capacity_reason, no_pool_message
 from scheduler.engine.records import JobRecord
 from scheduler.engine.repair import apply_caps, preempt_for, repair_broken, shrink_pools
 from scheduler.engine.reservations import Reservation, earliest_start
@@ -183,12 +183,8 @@ class PassState:
         if engine.no_budget:
             ceiling = engine.no_budget.get(spec.project)
             if ceiling is not None and spec.budget_size >= ceiling:
-                return self.wait(
-                    record,
-                    ReasonCode.BUDGET,
-                    "the project's grants could not pay a hold this large; it is retried "
-                    "when the budget block expires",
-                )
+                block = engine.budget_blocks.get(spec.project)
+                return self.wait(record, ReasonCode.BUDGET, budget_message(block, spec.job_id))
         shape = record.shape
         assert shape is not None
         if shape.pools_version == engine.fleet.version:

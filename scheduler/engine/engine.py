@@ -55,6 +55,9 @@ class Engine:
         self.no_budget: dict[str, float] = {}
         """Per project, the smallest :attr:`JobSpec.budget_size` whose hold failed: jobs of
         that size or larger wait, smaller ones may still be paid for."""
+        self.budget_blocks: dict[str, ev.BudgetChanged] = {}
+        """Per project, the block that set :attr:`no_budget`, for the reasons of the jobs it
+        holds back."""
         self.advance_jobs: set[str] = set()
         """Pending jobs with an advance reservation (``start_at``)."""
         self.broken: set[str] = set()

@@ -179,6 +179,12 @@ class BudgetChanged:
     project: str
     available: bool
     size: float = 0.0
+    job_id: str = ""
+    """The job whose hold the grant service rejected, or empty."""
+    message: str = ""
+    """The reason for rejecting that hold, which states the hold and the grant's available budget."""
+    retry_at: float | None = None
+    """When the scheduler asks for the project's holds again, or None when unknown."""
 
 
 Event = (

@@ -135,9 +135,12 @@ def _on_recall_ended(engine: Engine, event: ev.RecallEnded) -> None:
 def _on_budget(engine: Engine, event: ev.BudgetChanged) -> None:
     if event.available:
         engine.no_budget.pop(event.project, None)
-    else:
-        blocked = engine.no_budget.get(event.project, event.size)
-        engine.no_budget[event.project] = min(blocked, event.size)
+        engine.budget_blocks.pop(event.project, None)
+        return
+    blocked = engine.no_budget.get(event.project)
+    if blocked is None or event.size <= blocked:
+        engine.no_budget[event.project] = event.size
+        engine.budget_blocks[event.project] = event
 
 
 HANDLERS: dict[type, Callable[[Engine, Any], None]] = {

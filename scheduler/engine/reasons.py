@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Final
 
 from scheduler.engine.decisions import ReasonCode
+from scheduler.engine.events import BudgetChanged
 from scheduler.engine.fleet import Pool
 from scheduler.engine.spec import MILLIS_PER_ACCELERATOR, JobSpec, PriorityClass, Topology
 
@@ -20,6 +21,28 @@ def at(t: float) -> str:
     if t >= UNIX_TIME_FROM:
         return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return f"t={t:.0f} s"
+
+
+def budget_message(block: BudgetChanged | None, job_id: str) -> str:
+    """Explain why a job waits behind a project's budget block, and when it is tried again.
+
+    The block comes from the hold the grant service last rejected for the project. A job at
+    least as large as that one is not sent for a hold, because it would be rejected too.
+    """
+    if block is None or not block.message:
+        refused = "the grant service rejected a hold of this project no larger than this job's"
+    elif block.job_id == job_id:
+        refused = block.message
+    else:
+        # NOTE: the block covers the whole project, so it also holds back a job that names
+        # another of the project's grants than the rejected one.
+        refused = (
+            f"the grant service rejected the hold of job {block.job_id}, which is no larger "
+            f"than this one: {block.message}"
+        )
+    if block is None or block.retry_at is None:
+        return f"{refused}; the scheduler asks for the hold again at its next budget check"
+    return f"{refused}; the scheduler asks for the hold again after {at(block.retry_at)}"
 
 
 def free_millis(pool: Pool) -> int:

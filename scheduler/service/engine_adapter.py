@@ -23,6 +23,7 @@ from scheduler.engine import decisions as d
 from scheduler.engine import events as ev
 from scheduler.engine import spec as es
 from scheduler.engine.engine import Engine
+from scheduler.engine.reasons import budget_message
 
 from .fleet import NodeView
 from .grant_limits import depends_on_known_regions, narrow_models, narrow_regions
@@ -544,18 +545,24 @@ class EngineAdapter:
     def set_budget(self, project: str, available: bool) -> None:
         self.engine.apply(ev.BudgetChanged(project, available))
 
-    def block_budget(self, project: str, job_id: str) -> None:
+    def block_budget(
+        self, project: str, job_id: str, message: str = "", retry_at: float | None = None
+    ) -> str:
         """Hold back the project's jobs as large as ``job_id``, whose hold the grant refused.
 
         Smaller jobs of the project are still tried, so one job that its grant cannot pay
         does not stop the others. Without the job's record, every job of the project waits.
+        ``message`` says why the hold was refused, and the jobs held back wait with it until
+        ``retry_at``. Returns the pending reason of ``job_id`` itself.
 
         NOTE: jobs are compared by accelerator-seconds, not by price, so a smaller job on a
         dearer model may still be tried, and fail, once.
         """
         record = self.engine.jobs.get(job_id)
         size = record.spec.budget_size if record is not None else 0.0
-        self.engine.apply(ev.BudgetChanged(project, False, size))
+        block = ev.BudgetChanged(project, False, size, job_id, message, retry_at)
+        self.engine.apply(block)
+        return budget_message(block, job_id)
 
     # Passes.
 

@@ -94,11 +94,20 @@ class JobBook:
     """Open jobs by id and the transitions between their states."""
 
     def __init__(
-        self, engine: EngineAdapter, epoch: int, endpoint_of: EndpointOf = default_endpoint
+        self,
+        engine: EngineAdapter,
+        epoch: int,
+        endpoint_of: EndpointOf = default_endpoint,
+        budget_retry_s: float = 30.0,
     ) -> None:
-        """``endpoint_of`` returns where a node's tasks are reached, for start commands."""
+        """``endpoint_of`` returns where a node's tasks are reached, for start commands.
+
+        ``budget_retry_s`` is how long after a hold rejected for lack of budget the scheduler
+        asks for the project's holds again, which the pending reasons state.
+        """
         self.engine = engine
         self.epoch = epoch
+        self.budget_retry_s = budget_retry_s
         self._endpoint_of = endpoint_of
         self.jobs: dict[str, Job] = {}
         self._stopping: dict[str, _Stopping] = {}
@@ -485,8 +494,9 @@ class JobBook:
             return
         self.engine.requeue(job.job_id, fx.now, started=False)
         if outcome.status == "no_budget":
-            self.engine.block_budget(job.spec.project_id, job.job_id)
-            message = outcome.message
+            retry_at = fx.now + self.budget_retry_s
+            project = job.spec.project_id
+            message = self.engine.block_budget(project, job.job_id, outcome.message, retry_at)
         else:
             message = f"grant service unavailable, retrying: {outcome.message}"
         waiting = cleared.with_state("pending", message, "budget")

@@ -193,7 +193,7 @@ class Leadership:
         inbox: asyncio.Queue[Input] = asyncio.Queue(cfg.inbox_size)
         engine = EngineAdapter(Engine(EngineConfig(half_life_s=cfg.half_life_s), self.catalog))
         fleet = FleetView(cfg.heartbeat_timeout_s)
-        book = JobBook(engine, epoch, fleet.endpoint)
+        book = JobBook(engine, epoch, fleet.endpoint, cfg.loop.budget_retry_s)
         nodes = NodeStore(self._pool, fence=(cfg.shard, epoch))
         loop = SchedulingLoop(
             book=book,

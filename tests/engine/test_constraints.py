@@ -94,6 +94,23 @@ def test_budget_block_spares_smaller_jobs() -> None:
     assert "small" in placed(result)
 
 
+def test_budget_reason_states_refusal() -> None:
+    engine = mixed_engine()
+    engine.submit(job("small", wall_time_s=3600.0))
+    engine.submit(job("big", accelerators=2, wall_time_s=3600.0, submit=1.0))
+    refusal = "needs 2 PF-days for this hold; grant g1 has 0.5 PF-days available"
+    engine.apply(BudgetChanged("proj", False, 1000 * 3600.0, "small", refusal, 1_800_000_030.0))
+
+    messages = {w.job_id: w.message for w in engine.schedule(0.0).waiting}
+
+    assert messages["small"] == (
+        f"{refusal}; the scheduler asks for the hold again after 2027-01-15 08:00:30 UTC"
+    )
+    assert messages["big"].startswith("the grant service rejected the hold of job small")
+    assert refusal in messages["big"]
+    assert "budget block" not in messages["big"]
+
+
 def test_every_pending_job_has_one_reason() -> None:
     engine = mixed_engine()
     for i in range(10):

@@ -149,6 +149,28 @@ def test_failed_hold_leaves_no_requeue_note() -> None:
     assert book.engine.engine.jobs[job.job_id].requeue_message == ""
 
 
+def test_budget_wait_keeps_amounts() -> None:
+    book = make_book()
+    job = make_job()
+    place(book, job)
+    refusal = "needs 2 PF-days for this hold; grant g1 has 0.5 PF-days available"
+    fx = Effects(NOW + 2)
+    book.apply_hold(job.job_id, 1, HoldOutcome("no_budget", message=refusal), fx)
+
+    waiting = book.jobs[job.job_id]
+    larger = make_job(tasks=4)
+    place(book, larger, NOW + 3)
+    held_back = book.jobs[larger.job_id]
+
+    assert waiting.pending_reason == "budget"
+    assert waiting.reason == (
+        f"{refusal}; the scheduler asks for the hold again after 2027-01-15 08:00:32 UTC"
+    )
+    assert held_back.pending_reason == "budget"
+    assert refusal in held_back.reason
+    assert "budget block" not in held_back.reason
+
+
 def test_unpaid_large_job_leaves_small_ones() -> None:
     book = make_book()
     large = make_job(tasks=4)
