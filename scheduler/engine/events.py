@@ -182,7 +182,7 @@ class BudgetChanged:
     job_id: str = ""
     """The job whose hold the grant service rejected, or empty."""
     message: str = ""
-    """The reason for rejecting that hold, which states the hold and the grant's available budget."""
+    """The reason for rejecting that hold, with the hold and the grant's available budget."""
     retry_at: float | None = None
     """When the scheduler asks for the project's holds again, or None when unknown."""
 
