@@ -475,6 +475,9 @@ def show_job(args: argparse.Namespace) -> int:
 
 def cancel_job(args: argparse.Namespace) -> int:
     with open_scheduler(args) as scheduler:
+        # An array's parent ends once all its elements have, whether they were cancelled just
+        # now or ended before, so only its state before the call tells whether any was open.
+        before = scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id=args.job_id))
         job = scheduler.CancelJob(
             scheduler_pb2.CancelJobRequest(
                 request_id=uuid.uuid4().hex, job_id=args.job_id, reason=args.reason
@@ -482,11 +485,17 @@ def cancel_job(args: argparse.Namespace) -> int:
         )
     print_records([job_row_of(job)], LIST_COLUMNS, output_format=args.format)
     # The scheduler returns a job that ended before the call unchanged and without an error.
-    # An array's parent is left out: its state sums up elements, some of which may have been
-    # cancelled by this call.
     is_array_parent = job.array_job_id == job.job_id
+    if is_array_parent:
+        if before.state in ENDED_STATES:
+            state = _name(scheduler_pb2.JobState, before.state, "JOB_STATE_")
+            sys.stderr.write(
+                f"note: every element of job array {job.job_id} had already ended (array "
+                f"state {state}), so nothing was cancelled\n"
+            )
+        return EXIT_OK
     ended = job.state in ENDED_STATES and job.state != scheduler_pb2.JOB_STATE_CANCELLED
-    if ended and not is_array_parent:
+    if ended:
         state = _name(scheduler_pb2.JobState, job.state, "JOB_STATE_")
         sys.stderr.write(
             f"note: job {job.job_id} had already ended ({state}), so nothing was cancelled\n"

@@ -979,6 +979,9 @@ def test_cancel_of_ended_job_notes_it(
     state: int, noted: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     class Scheduler:
+        def GetJob(self, request: scheduler_pb2.GetJobRequest) -> scheduler_pb2.Job:
+            return scheduler_pb2.Job(job_id=request.job_id, state=state)  # type: ignore[arg-type]
+
         def CancelJob(self, request: scheduler_pb2.CancelJobRequest) -> scheduler_pb2.Job:
             return scheduler_pb2.Job(job_id=request.job_id, state=state)  # type: ignore[arg-type]
 
@@ -999,14 +1002,28 @@ def test_cancel_of_ended_job_notes_it(
         assert captured.err == ""
 
 
-def test_cancel_of_array_adds_no_note(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("before", "noted"),
+    [
+        (scheduler_pb2.JOB_STATE_COMPLETED, True),
+        (scheduler_pb2.JOB_STATE_CANCELLED, True),
+        (scheduler_pb2.JOB_STATE_RUNNING, False),
+    ],
+)
+def test_cancel_of_ended_array_notes_it(
+    before: int, noted: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     class Scheduler:
+        def __init__(self) -> None:
+            self.state = before
+
+        def GetJob(self, request: scheduler_pb2.GetJobRequest) -> scheduler_pb2.Job:
+            return scheduler_pb2.Job(job_id="a1", array_job_id="a1", state=self.state)  # type: ignore[arg-type]
+
         def CancelJob(self, request: scheduler_pb2.CancelJobRequest) -> scheduler_pb2.Job:
-            return scheduler_pb2.Job(
-                job_id="a1", array_job_id="a1", state=scheduler_pb2.JOB_STATE_FAILED
-            )
+            if self.state not in jobs_cli.ENDED_STATES:
+                self.state = scheduler_pb2.JOB_STATE_CANCELLED
+            return scheduler_pb2.Job(job_id="a1", array_job_id="a1", state=self.state)  # type: ignore[arg-type]
 
     @contextlib.contextmanager
     def open_scheduler(args: object) -> Iterator[Scheduler]:
@@ -1014,4 +1031,10 @@ def test_cancel_of_array_adds_no_note(
 
     monkeypatch.setattr(jobs_cli, "open_scheduler", open_scheduler)
     assert main(["jobs", "cancel", "a1"]) == 0
-    assert capsys.readouterr().err == ""
+    err = capsys.readouterr().err
+    if noted:
+        name = scheduler_pb2.JobState.Name(before).removeprefix("JOB_STATE_").lower()  # type: ignore[arg-type]
+        assert f"every element of job array a1 had already ended (array state {name})" in err
+        assert "nothing was cancelled" in err
+    else:
+        assert err == ""
