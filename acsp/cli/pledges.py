@@ -39,7 +39,8 @@ PLEDGE_COLUMNS: Final = (
     "end",
 )
 RECALL_COLUMNS: Final = ("recall", "pledge", "count", "effective", "end", "reason")
-"""Columns of a recall; the reply to ``acsp fleet recall create`` adds ``freed``."""
+"""Columns of a recall; the reply to ``acsp fleet recall create`` adds ``freed``, and
+``acsp fleet recall list`` adds ``state``."""
 TIME_HELP: Final = f"ISO 8601, UTC unless it has an offset ({TIME_EXAMPLE})"
 END_HELP: Final = f"{TIME_HELP}; a date alone includes that whole day"
 PLEDGE_OPTIONS: Final = {
@@ -149,7 +150,12 @@ def register(commands: Any, connection: argparse.ArgumentParser, output: Any) ->
     create.set_defaults(func=create_recall_command)
 
     list_recalls = recall_commands.add_parser(
-        "list", parents=[connection, output], help="list recalls"
+        "list",
+        parents=[connection, output],
+        help="list recalls",
+        description="list recalls, each with its state: scheduled before its effective time, "
+        "active until its end time, then ended. The scheduler does not store how many "
+        "accelerators a recall freed, so only acsp fleet recall create prints that",
     )
     list_recalls.add_argument("--provider", default="", help="only this provider's recalls")
     list_recalls.set_defaults(func=list_recalls_command)
@@ -278,9 +284,26 @@ def list_recalls_command(args: argparse.Namespace) -> int:
         response = scheduler.ListRecalls(
             scheduler_pb2.ListRecallsRequest(provider_id=args.provider)
         )
-    rows = [recall_row(r) for r in response.recalls]
-    print_records(rows, RECALL_COLUMNS, output_format=args.format, title="recalls")
+    now = time.time()
+    rows = []
+    for recall in response.recalls:
+        row = recall_row(recall)
+        row["state"] = recall_state(recall, now)
+        rows.append(row)
+    print_records(rows, (*RECALL_COLUMNS, "state"), output_format=args.format, title="recalls")
     return EXIT_OK
+
+
+def recall_state(recall: scheduler_pb2.Recall, now: float) -> str:
+    """Return scheduled, active or ended: where Unix time ``now`` falls in the recall's window.
+
+    A recall is active from its effective time up to its end time, which is exclusive.
+    """
+    if now < recall.effective_time.ToNanoseconds() / 1e9:
+        return "scheduled"
+    if recall.HasField("end_time") and now >= recall.end_time.ToNanoseconds() / 1e9:
+        return "ended"
+    return "active"
 
 
 def warn_above_registered(pledges: Iterable[scheduler_pb2.Pledge]) -> None:

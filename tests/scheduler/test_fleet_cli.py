@@ -698,3 +698,38 @@ def test_node_row_names_who_drained() -> None:
     assert agent_row["reason"] == "health: xid XID 74: NVLink error"
     assert (operator_row["state"], operator_row["cause"]) == ("draining", "rpc:DrainNode")
     assert operator_row["reason"] == "maintenance"
+
+
+def test_recall_list_shows_state(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = datetime.now(UTC)
+    windows = {
+        "r-scheduled": (now + timedelta(hours=1), now + timedelta(hours=2)),
+        "r-active": (now - timedelta(hours=1), now + timedelta(hours=1)),
+        "r-ended": (now - timedelta(hours=2), now - timedelta(hours=1)),
+    }
+
+    class Scheduler:
+        def ListRecalls(
+            self, request: scheduler_pb2.ListRecallsRequest
+        ) -> scheduler_pb2.ListRecallsResponse:
+            recalls = []
+            for recall_id, (effective, end) in windows.items():
+                recall = scheduler_pb2.Recall(recall_id=recall_id, pledge_id="pl-1", count=1)
+                recall.effective_time.FromDatetime(effective)
+                recall.end_time.FromDatetime(end)
+                recalls.append(recall)
+            return scheduler_pb2.ListRecallsResponse(recalls=recalls)
+
+    @contextmanager
+    def open_scheduler(args: object) -> Iterator[Scheduler]:
+        yield Scheduler()
+
+    monkeypatch.setattr(pledges_cli, "open_scheduler", open_scheduler)
+    assert main(["fleet", "recall", "list", "--format", "json"]) == 0
+    rows = {row["recall"]: row for row in json_rows(capsys.readouterr().out)}
+    assert rows["r-scheduled"]["state"] == "scheduled"
+    assert rows["r-active"]["state"] == "active"
+    assert rows["r-ended"]["state"] == "ended"
+    assert "freed" not in rows["r-active"]
