@@ -147,6 +147,9 @@ class Pool:
         self.cap_millis: int | None = None
         """Millis the plan may use now (pledges, recalls and pool limits); ``None`` is no cap."""
         self.protected_millis: int | None = None
+        self.pledge_millis: int | None = None
+        """Millis the pool's pledges allow after recalls, before the pool limit; ``None`` when
+        no pledge names the pool."""
         self.recall_id = ""
         """The recall lowering the cap now, or empty."""
         self.jobs: set[str] = set()

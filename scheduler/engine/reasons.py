@@ -51,6 +51,38 @@ def free_millis(pool: Pool) -> int:
     return whole * MILLIS_PER_ACCELERATOR
 
 
+def usable_free_millis(pool: Pool) -> int:
+    """Millis of wholly free accelerators on the pool's up nodes that its cap lets jobs use."""
+    return min(free_millis(pool), pool.available_millis())
+
+
+def capped_total_millis(pool: Pool) -> int:
+    """Millis of every node of the pool, free or not, no more than its cap."""
+    if pool.cap_millis is None:
+        return pool.total_millis
+    return min(pool.total_millis, pool.cap_millis)
+
+
+def cap_source(pool: Pool) -> str:
+    """Name what sets the pool's cap: a recall, its pledges or its pool limit."""
+    if pool.recall_id:
+        return f"recall {pool.recall_id}"
+    if pool.pledge_millis is not None and pool.cap_millis == pool.pledge_millis:
+        return "the pledge"
+    return "the pool limit"
+
+
+def describe_caps(pools: Sequence[Pool]) -> str:
+    """Name each pool of ``pools`` whose cap is below its registered accelerators, or ''."""
+    parts = [
+        f"{cap_source(pool)} caps {pool.name} at "
+        f"{pool.cap_millis / MILLIS_PER_ACCELERATOR:g} accelerators"
+        for pool in pools
+        if pool.cap_millis is not None and pool.cap_millis < pool.total_millis
+    ]
+    return "; ".join(parts)
+
+
 def up_nodes(pool: Pool) -> int:
     # Every up node sits in exactly one bucket.
     return sum(len(bucket) for bucket in pool.buckets)
@@ -106,11 +138,14 @@ def size_reason(job: JobSpec, pools: Sequence[Pool]) -> tuple[ReasonCode, str] |
     )
 
 
-def largest_group_millis(job: JobSpec, pools: Sequence[Pool]) -> tuple[str, int]:
+def largest_group_millis(
+    job: JobSpec, pools: Sequence[Pool], capped: bool = False
+) -> tuple[str, int]:
     """Return the largest group of ``pools`` that one placement of the job may span.
 
     The group is named for the message (``the largest region of ``, say, before the pools) and
-    measured in millis of every node it has, free or not.
+    measured in millis of every node it has, free or not, each pool no more than its cap when
+    ``capped`` is set.
     """
     if job.topology is Topology.SAME_REGION:
         scope, key = "the largest region of ", lambda pool: pool.region_key
@@ -120,7 +155,8 @@ def largest_group_millis(job: JobSpec, pools: Sequence[Pool]) -> tuple[str, int]
         scope, key = "the whole fleet of ", lambda pool: ""
     totals: dict[str, int] = {}
     for pool in pools:
-        totals[key(pool)] = totals.get(key(pool), 0) + pool.total_millis
+        size = capped_total_millis(pool) if capped else pool.total_millis
+        totals[key(pool)] = totals.get(key(pool), 0) + size
     return scope, max(totals.values(), default=0)
 
 
@@ -154,9 +190,12 @@ def capacity_reason(
             f"{scope}{where} has ({largest / MILLIS_PER_ACCELERATOR:g}); it waits until the "
             "fleet grows",
         )
+    _, largest_capped = largest_group_millis(job, pools, capped=True)
+    if need > largest_capped:
+        return cap_reason(job, pools)
     if sum(up_nodes(pool) for pool in pools) == 0:
         return ReasonCode.NO_CAPACITY, f"no node of {where} is up"
-    free_total = sum(free_millis(pool) for pool in pools)
+    free_total = sum(usable_free_millis(pool) for pool in pools)
     recalled = [pool for pool in pools if pool.recall_id and free_millis(pool) >= need]
     if recalled and all(pool.available_millis() < need for pool in recalled):
         names = ",".join(pool.name for pool in recalled)
@@ -181,8 +220,26 @@ def capacity_reason(
             f"{free_total / MILLIS_PER_ACCELERATOR:g} accelerators of {where} are free but "
             f"not as {demand}",
         )
-    return (
-        ReasonCode.NO_CAPACITY,
-        f"no room for {demand} on {where}: "
-        f"{free_total / MILLIS_PER_ACCELERATOR:g} accelerators free",
+    message = (
+        f"no room for {demand} on {where}: {free_total / MILLIS_PER_ACCELERATOR:g} "
+        "accelerators free"
     )
+    if free_total < sum(free_millis(pool) for pool in pools):
+        # Idle accelerators above a cap are not free for jobs, so the message names the cap.
+        message = f"{message}; {describe_caps(pools)}"
+    return ReasonCode.NO_CAPACITY, message
+
+
+def cap_reason(job: JobSpec, pools: Sequence[Pool]) -> tuple[ReasonCode, str]:
+    """Explain a job that the fleet could hold but the caps of ``pools`` keep from starting."""
+    requested = (
+        f"{job.total_millis / MILLIS_PER_ACCELERATOR:g} requested for {describe_demand(job)}"
+    )
+    caps = describe_caps(pools)
+    if any(pool.recall_id for pool in pools):
+        return ReasonCode.PROVIDER_RECALL, f"{caps}; {requested}; it waits until the recall ends"
+    if any(pool.pledge_millis is not None for pool in pools):
+        growth = "it can start only if the provider pledges more"
+    else:
+        growth = "it can start only if the operator raises the pool limit"
+    return ReasonCode.NO_CAPACITY, f"{caps}; {requested}; {growth}"

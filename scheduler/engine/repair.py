@@ -30,6 +30,7 @@ def apply_caps(state: PassState) -> tuple[object, ...]:
         cap = engine.capacity.cap(pool, state.now)
         pool.cap_millis = cap.placement_millis
         pool.protected_millis = cap.protected_millis
+        pool.pledge_millis = cap.pledge_millis
         pool.recall_id = cap.recall_id
         caps.append((cap.placement_millis, cap.pledge_millis, cap.recall_id))
     return tuple(caps)

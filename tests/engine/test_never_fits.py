@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from scheduler.engine import Topology
+import pytest
+
+from scheduler.engine import Engine, Pledge, Topology
 from tests.engine.helpers import job, make_engine, node
 
 
@@ -120,3 +122,39 @@ def test_task_too_big_says_it_waits_for_a_node() -> None:
     _, message = waiting_message("big", engine.schedule(10.0))
 
     assert message.endswith("has 8; it waits until a larger node joins")
+
+
+def pledged_p100_engine() -> Engine:
+    """Eight P100s registered in openb/region-1, of which a pledge offers six."""
+    engine = make_engine()
+    for i in range(2):
+        engine.add_node(node(f"n{i}", 4, model="P100", provider="openb", region="region-1"))
+    engine.add_pledge(Pledge("pl", "openb", "region-1", "P100", 4, 2, 0.0, 1e9))
+    return engine
+
+
+@pytest.mark.parametrize("tasks", [7, 8])
+def test_gang_above_pledge_names_cap(tasks: int) -> None:
+    engine = pledged_p100_engine()
+    engine.submit(job("gang", tasks=tasks))
+
+    reason, message = waiting_message("gang", engine.schedule(10.0))
+
+    assert reason == "no_capacity"
+    assert message.startswith("the pledge caps openb/region-1/P100 at 6 accelerators")
+    assert f"{tasks} requested" in message
+    assert message.endswith("it can start only if the provider pledges more")
+
+
+def test_gang_within_pledge_names_cap_when_full() -> None:
+    engine = pledged_p100_engine()
+    engine.submit(job("first", tasks=4))
+    engine.schedule(10.0)
+    engine.submit(job("second", tasks=3, submit=11.0))
+
+    reason, message = waiting_message("second", engine.schedule(12.0))
+
+    # Four P100s are idle, but the pledge leaves two of them to jobs.
+    assert reason == "no_capacity"
+    assert "2 accelerators free" in message
+    assert message.endswith("the pledge caps openb/region-1/P100 at 6 accelerators")
