@@ -85,6 +85,8 @@ _COMMAND_BATCH = 256
 """Maximum queued commands handled before the state is saved and they are acknowledged."""
 # Nodes handled between yields to the event loop, so that commands wait at most a few ms.
 _YIELD_EVERY = 50
+_LAUNCHER_EXIT_S = 2.0
+"""Maximum seconds a stop waits for an idle task launcher to exit once its socket closes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +149,8 @@ class AgentProcess:
     ) -> None:
         """``stop_grace_s`` bounds a stop, from the stop signal to the exit, in seconds.
 
-        ``launcher``, shared by the nodes' runners, is closed when the process stops.
+        ``launcher``, shared by the nodes' runners, is closed when the process stops, and
+        reaped then if no task runs.
         """
         if not nodes:
             raise ValueError("an agent process needs at least one node")
@@ -217,7 +220,8 @@ class AgentProcess:
             await self._stop_loops(loops)
             await self._release_tasks()
             if self._launcher is not None:
-                self._launcher.close()
+                remaining_s = deadline - asyncio.get_running_loop().time()
+                await self._launcher.stop(min(_LAUNCHER_EXIT_S, max(remaining_s, 0.1)))
         await self._shutdown(deadline)
 
     async def _release_tasks(self) -> None:

@@ -48,6 +48,7 @@ _LAST_SIGNAL = signal.SIGRTMAX
 _STATUS_WAIT_S = 2.0
 """Maximum seconds to wait for a live launcher to record the status of an adopted task."""
 _STATUS_POLL_S = 0.02
+_LAUNCHER_EXIT_POLL_S = 0.02
 _REPLY_TIMEOUT_S = 10.0
 """Seconds a launcher with start requests pending may send nothing before it is replaced.
 
@@ -304,6 +305,32 @@ class TaskLauncher:
             launch.future.cancel()
         self._pending.clear()
         self.identity = (0, 0)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Close the socket as :meth:`close` does, then reap the launcher if no task runs.
+
+        A launcher without tasks exits once its socket closes. Reaping it here keeps it from
+        outliving the agent as another process's child (``acsp up`` adopts orphans). A
+        launcher with running tasks stays to reap them, and is not waited for. Waits at most
+        ``timeout_s`` seconds, and logs a warning if the launcher is still running then.
+        """
+        popen = self._popen
+        idle = not self._running
+        self.close()
+        if popen is None or not idle:
+            return
+        self._popen = None
+        deadline = time.monotonic() + timeout_s
+        while popen.poll() is None:
+            if time.monotonic() >= deadline:
+                logger.warning(
+                    "task launcher %d did not exit within %g s of its socket closing",
+                    popen.pid,
+                    timeout_s,
+                )
+                return
+            await asyncio.sleep(_LAUNCHER_EXIT_POLL_S)
+        logger.info("task launcher %d exited", popen.pid)
 
     def _disconnect(self) -> None:
         assert self._loop is not None and self._socket is not None
