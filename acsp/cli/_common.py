@@ -442,6 +442,8 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    for rpc_phrase, cli_phrase in CLI_PHRASES.items():
+        details = details.replace(rpc_phrase, cli_phrase) if details else details
     message = f"{name}: {details or 'no details'}"
     if code == grpc.StatusCode.UNAUTHENTICATED:
         # The service's message speaks of gRPC metadata; a CLI user sets a variable instead.
@@ -454,6 +456,17 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
         message += f"\n{UNREACHABLE_HINT}"
     return message
 
+
+CLI_PHRASES: Final = {
+    "that ListPledges returns": "that acsp fleet pledge list prints",
+    "the id that SubmitJob returned for the array": "the array id that acsp jobs submit "
+    "printed, or one that acsp jobs list shows",
+    "(array_job_ids of SubmitJob)": "(acsp jobs list --array ARRAY_ID lists them)",
+    "the outcome award_less": "--outcome award-less",
+    "that award_less grants": "that --outcome award-less grants",
+}
+"""Phrases of service messages that name RPCs or protobuf values, and the command-line words
+that replace them. The services keep their wording for gRPC clients."""
 
 NOT_FOUND_HINTS: Final = {
     # No command lists projects, so the hint names the one that creates them.
@@ -509,14 +522,29 @@ def naming_options(options: Mapping[str, str]) -> Iterator[None]:
         yield
     except grpc.RpcError as error:
         hints = []
-        for field in rejected_fields(error):
+        for field in rejected_fields(error) + fields_in_text(error, options):
             option = options.get(field) or options.get(FIELD_INDEX.sub("", field))
-            if option:
-                hints.append(f"{field} is set by {option}")
+            hint = f"{field} is set by {option}"
+            if option and hint not in hints:
+                hints.append(hint)
         if not hints:
             raise
         message = f"{describe_rpc_error(error)} ({'; '.join(hints)})"
         raise CommandError(message, exit_code_for_rpc_error(error)) from None
+
+
+def fields_in_text(error: grpc.RpcError, options: Mapping[str, str]) -> list[str]:
+    """Return the fields of ``options`` that a failed call's message names as whole words.
+
+    A message may suggest other fields than the one it rejects (lower spec.task_count, or
+    set spec.sub_allocation_id), and only the rejected one is in the status details.
+    """
+    details = error.details() if hasattr(error, "details") else None
+    if not details:
+        return []
+    return [
+        field for field in options if re.search(rf"(?<![\w.]){re.escape(field)}(?!\w|\.\w)", details)
+    ]
 
 
 @contextmanager

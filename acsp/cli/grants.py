@@ -9,13 +9,17 @@ from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
+import grpc
+
 from acsp.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
     connection_options,
     decimal_value,
+    describe_rpc_error,
     end_time_cell,
+    exit_code_for_rpc_error,
     format_time,
     naming_options,
     note_more_rows,
@@ -323,7 +327,17 @@ def run_balance(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     with open_grants(args) as grants:
-        grant = grants.GetGrant(grant_pb2.GetGrantRequest(grant_id=args.grant))
+        try:
+            grant = grants.GetGrant(grant_pb2.GetGrantRequest(grant_id=args.grant))
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND or not args.grant.startswith("sub-"):
+                raise
+            # The grant service names every sub-allocation sub-<hex>.
+            raise CommandError(
+                f"{describe_rpc_error(error)}; {args.grant} looks like a sub-allocation id, "
+                f"so read it with acsp grants balance GRANT_ID --sub-allocation {args.grant}",
+                exit_code_for_rpc_error(error),
+            ) from None
     print_grant(grant, args.format)
     return EXIT_OK
 

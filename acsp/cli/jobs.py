@@ -133,11 +133,15 @@ def register(subparsers: Any) -> None:
         ),
     )
     submit.add_argument("--project", required=True, help="project the job runs for")
-    submit.add_argument("--grant", default="", help="grant that pays (default: the project's)")
+    submit.add_argument(
+        "--grant",
+        default="",
+        help="grant that pays; required with --sub-allocation (default: the project's)",
+    )
     submit.add_argument(
         "--sub-allocation",
         default="",
-        help="sub-allocation of --grant that pays (default: the grant itself)",
+        help="sub-allocation of --grant that pays, which needs --grant (default: the grant itself)",
     )
     submit.add_argument("--name", default="", help="display name")
     submit.add_argument(
@@ -361,6 +365,15 @@ def spec_from_args(args: argparse.Namespace) -> scheduler_pb2.JobSpec:
             "--no-gang is not supported: all tasks of a job start together or none of them "
             "do. Submit tasks that can start independently as a job array instead, e.g. "
             "--array 4 --tasks 1 for 4 one-task jobs",
+            EXIT_USAGE,
+        )
+    if args.sub_allocation and not args.grant:
+        # The grant service finds a sub-allocation only within its grant, so the CLI cannot
+        # fill --grant in from the sub-allocation id.
+        raise CommandError(
+            f"--sub-allocation {args.sub_allocation} needs --grant: a sub-allocation is part "
+            "of one grant, so pass --grant with the id of that grant (acsp grants "
+            "suballocations GRANT_ID lists a grant's sub-allocations)",
             EXIT_USAGE,
         )
     command = list(args.command)

@@ -126,8 +126,10 @@ def pledge_from_proto(
     for name, value in (("pledge.provider_id", msg.provider_id), ("pledge.model", msg.model)):
         if not TOKEN_PATTERN.match(value):
             bad.append(FieldViolation(name, f"{value!r} is not a valid identifier"))
-    if msg.model and msg.model not in Catalog():
-        bad.append(FieldViolation("pledge.model", f"{msg.model!r} is not in the catalog"))
+    catalog = Catalog()
+    if msg.model and msg.model not in catalog:
+        problem = f"{msg.model!r} is not in the accelerator catalog; use one of "
+        bad.append(FieldViolation("pledge.model", problem + ", ".join(catalog.names())))
     if not msg.window.HasField("start_time") or not msg.window.HasField("end_time"):
         bad.append(FieldViolation("pledge.window", "needs both start_time and end_time"))
     for name, stamp in (("start_time", msg.window.start_time), ("end_time", msg.window.end_time)):
