@@ -104,6 +104,15 @@ class CapacityPlan:
         after = recalled_cap_millis(protected, recallable, recalled, registered)
         return max(0, before - after)
 
+    def above_cap_millis(self, pool: Pool, now: float) -> int:
+        """Return the millis of ``pool``'s up accelerators that its cap at ``now`` keeps from
+        new jobs, beyond those that :meth:`recalled_millis` counts."""
+        cap = self.cap(pool, now).placement_millis
+        if cap is None:
+            return 0
+        up = pool.up_accelerators * MILLIS_PER_ACCELERATOR
+        return max(0, up - self.recalled_millis(pool, now) - cap)
+
     @staticmethod
     def _pledged(pledges: list[Pledge], now: float) -> tuple[int, int]:
         active = [p for p in pledges if p.start <= now < p.end]

@@ -26,7 +26,8 @@ class RegionCapacity:
     """Milli-accelerators per ``<provider>/<region>``.
 
     ``total`` is split into ``usable``, ``recalled``, ``unknown`` and ``out_of_service``, whose
-    sums per region equal it. ``used`` is what placements hold, part of any of them.
+    sums per region equal it less the accelerators of up nodes above a pool's pledge or pool
+    limit, which are in none of them. ``used`` is what placements hold, part of any of them.
     """
 
     used: dict[str, int] = field(default_factory=dict)
@@ -38,13 +39,18 @@ class RegionCapacity:
 
 
 def split_capacity(
-    nodes: Iterable[NodeCapacity], recalled: Mapping[str, int], used: Mapping[str, int]
+    nodes: Iterable[NodeCapacity],
+    recalled: Mapping[str, int],
+    used: Mapping[str, int],
+    above_cap: Mapping[str, int] | None = None,
 ) -> RegionCapacity:
     """Split each region's accelerators by node state and by the millis recalls take.
 
     A recall takes from the accelerators of nodes that are up, so a region's recalled count
-    is at most what its up nodes have.
+    is at most what its up nodes have. ``above_cap`` is, per region, the millis of up nodes
+    that pledges or pool limits keep from new jobs besides recalls: they are not usable.
     """
+    above_cap = above_cap or {}
     summary = RegionCapacity()
     up: dict[str, int] = {}
     for node in nodes:
@@ -62,7 +68,7 @@ def split_capacity(
     for region, millis in up.items():
         taken = min(recalled.get(region, 0), millis)
         summary.recalled[region] = taken
-        summary.usable[region] = millis - taken
+        summary.usable[region] = max(0, millis - taken - above_cap.get(region, 0))
         summary.used[region] = used.get(region, 0)
     # Placements on a region without registered nodes (e.g. loaded before the fleet).
     for region, millis in used.items():

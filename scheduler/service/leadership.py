@@ -64,14 +64,19 @@ class Term:
 
     def capacity_by_region(self, now: float) -> RegionCapacity:
         """Milli-accelerators per ``provider/region``: in use, in total, and the total split
-        into usable, recalled, unknown and out of service."""
+        into usable, recalled, unknown and out of service. Accelerators above a pledge or pool
+        limit are in none of the four."""
         engine = self.book.engine.engine
         recalled: dict[str, int] = {}
+        above_cap: dict[str, int] = {}
         for pool in engine.fleet.pools.values():
+            region = f"{pool.key[0]}/{pool.key[1]}"
             millis = engine.capacity.recalled_millis(pool, now)
             if millis:
-                region = f"{pool.key[0]}/{pool.key[1]}"
                 recalled[region] = recalled.get(region, 0) + millis
+            above = engine.capacity.above_cap_millis(pool, now)
+            if above:
+                above_cap[region] = above_cap.get(region, 0) + above
         used: dict[str, int] = {}
         for job in self.book.jobs.values():
             for task in job.placement:
@@ -83,7 +88,7 @@ class Term:
             )
             for node in self.fleet.nodes()
         )
-        return split_capacity(nodes, recalled, used)
+        return split_capacity(nodes, recalled, used, above_cap)
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,3 +116,20 @@ def test_recall_ends_with_its_pledge() -> None:
     assert engine.capacity.cap(pool, 150.0).recall_id == ""
     assert engine.capacity.recalled_millis(pool, 150.0) == 0
     assert engine.capacity.freed_millis(pool, 150.0, 4) == 4000
+
+
+def test_above_cap_of_pool() -> None:
+    engine = make_engine()
+    for name in ("n1", "n2"):
+        engine.add_node(node(name, 4, model="P100", provider="openb", region="region-1"))
+    pool = next(iter(engine.fleet.pools.values()))
+    assert engine.capacity.above_cap_millis(pool, 1.0) == 0
+
+    # A pledge of 4 protected and 2 recallable P100s leaves two of the eight above it.
+    engine.add_pledge(Pledge("pl", "openb", "region-1", "P100", 4, 2, 0.0, 1e9))
+    assert engine.capacity.above_cap_millis(pool, 1.0) == 2000
+
+    # A recall of the two recallable ones counts as recalled, not above the cap.
+    engine.apply(RecallAnnounced("rc", "openb", "region-1", "P100", 2, effective_at=5.0))
+    assert engine.capacity.recalled_millis(pool, 1.0) == 2000
+    assert engine.capacity.above_cap_millis(pool, 1.0) == 2000

@@ -41,3 +41,12 @@ def test_used_without_nodes_is_kept() -> None:
 
     assert summary.used == {"p/r": 1000}
     assert summary.total == {}
+
+
+def test_usable_stops_at_cap() -> None:
+    nodes = [NodeCapacity("openb/region-1", "up", 4000), NodeCapacity("openb/region-1", "up", 4000)]
+    summary = split_capacity(nodes, recalled={}, used={}, above_cap={"openb/region-1": 2000})
+
+    assert summary.total == {"openb/region-1": 8000}
+    assert summary.usable == {"openb/region-1": 6000}
+    assert summary.recalled == {"openb/region-1": 0}
