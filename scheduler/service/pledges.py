@@ -128,7 +128,7 @@ def pledge_from_proto(
             bad.append(FieldViolation(name, f"{value!r} is not a valid identifier"))
     catalog = Catalog()
     if msg.model and msg.model not in catalog:
-        problem = f"{msg.model!r} is not in the accelerator catalog; use one of "
+        problem = f"{msg.model!r} is not in the catalog; use one of "
         bad.append(FieldViolation("pledge.model", problem + ", ".join(catalog.names())))
     if not msg.window.HasField("start_time") or not msg.window.HasField("end_time"):
         bad.append(FieldViolation("pledge.window", "needs both start_time and end_time"))

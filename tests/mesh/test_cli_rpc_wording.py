@@ -135,6 +135,6 @@ def test_pledge_model_error_lists_catalog() -> None:
     pledge = scheduler_pb2.Pledge(provider_id="eu", region_id="r1", model="Z9")
     _, violations = pledge_from_proto(pledge)
     (problem,) = [v for v in violations if v.field == "pledge.model"]
-    assert "'Z9' is not in the accelerator catalog" in problem.reason
+    assert "'Z9' is not in the catalog; use one of" in problem.reason
     for name in Catalog().names():
         assert name in problem.reason
