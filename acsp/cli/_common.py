@@ -542,8 +542,12 @@ def fields_in_text(error: grpc.RpcError, options: Mapping[str, str]) -> list[str
     details = error.details() if hasattr(error, "details") else None
     if not details:
         return []
+    # A field counts when no word character or dotted path continues it on either side, so
+    # spec.grant_id matches at the end of a sentence but not inside spec.grant_id_hint.
     return [
-        field for field in options if re.search(rf"(?<![\w.]){re.escape(field)}(?!\w|\.\w)", details)
+        field
+        for field in options
+        if re.search(rf"(?<![\w.]){re.escape(field)}(?!\w|\.\w)", details)
     ]
 
 
