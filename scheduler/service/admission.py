@@ -81,6 +81,21 @@ class HoldOutcome:
     grant_id: str = ""
     amount: Decimal | None = None
     message: str = ""
+    available: Decimal | None = None
+    """For ``no_budget`` with amounts from the grant service: the pot's available PF-days."""
+    credited: Decimal | None = None
+    """For ``no_budget`` with amounts from the grant service: all the pot was ever credited,
+    in PF-days, or None when the service sent none."""
+
+    @property
+    def beyond_credited(self) -> bool:
+        """Whether the hold was rejected for being larger than all its pot was ever credited."""
+        return (
+            self.status == "no_budget"
+            and self.amount is not None
+            and self.credited is not None
+            and self.amount > self.credited
+        )
 
 
 _NO_BUDGET_CODES: Final = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -226,7 +241,9 @@ def _failure(
         message = no_budget_message(
             amount, spec.grant_id, spec.sub_allocation_id, available, credited
         )
-        return HoldOutcome("no_budget", message=message)
+        return HoldOutcome(
+            "no_budget", amount=amount, message=message, available=available, credited=credited
+        )
     if code in _REJECT_CODES:
         return HoldOutcome("rejected", message=f"{code.name}: {detail}")
     logger.warning("hold for job %s failed with %s: %s", job.job_id, code.name, detail)

@@ -7,19 +7,21 @@ one supplement, and a sub-allocation only the transfer that created it. So once 
 its supplement, or for any sub-allocation, a hold above the credited budget at the cheapest model
 the job accepts can never be placed, and such a job is rejected instead of waiting forever. A
 grant without its supplement may still grow, so its jobs wait, and their pending reason says so
-(see :mod:`.budget_text`).
+(see :mod:`.budget_text`). The same check runs when the grant service rejects a hold as larger
+than its pot was ever credited (:func:`settle_final_hold`), because a job accepted while the
+project cache still showed the grant without its supplement would otherwise wait forever.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from scheduler.engine.catalog import Catalog
 from services.runtime.errors import FailedPrecondition
 
-from .admission import RateCard
-from .budget_text import display_pf_days, pot_name
+from .admission import HoldOutcome, RateCard
+from .budget_text import display_pf_days, no_budget_message, pot_name
 from .grant_limits import narrow_models
 from .model import MILLIS_PER_ACCELERATOR, Job
 from .validation import model_meets
@@ -85,3 +87,33 @@ def check_hold_fits(
         f"{prefix}.accelerator_millis_per_task, or set {other}",
         f"{prefix}.wall_time_seconds",
     )
+
+
+def settle_final_hold(
+    job: Job, outcome: HoldOutcome, rates: RateCard, catalog: Catalog
+) -> HoldOutcome:
+    """Turn a hold beyond a pot that can no longer grow into the job's rejection.
+
+    ``outcome`` is a :attr:`HoldOutcome.beyond_credited` failure on a sub-allocation or on a
+    grant that has had its supplement. When even the cheapest model the job accepts costs more
+    than the pot was ever credited, the job could never be paid, and the outcome becomes
+    ``rejected`` with the reason a submission would have got. Otherwise the job waits for a
+    cheaper model, and its reason says that the pot will not grow.
+    """
+    spec = job.spec
+    assert outcome.credited is not None and outcome.amount is not None
+    ceiling = AwardCeiling(spec.grant_id, spec.sub_allocation_id, outcome.credited, True)
+    try:
+        check_hold_fits(job, ceiling, rates, catalog, "spec")
+    except FailedPrecondition as exc:
+        return HoldOutcome("rejected", message=exc.reason)
+    available = outcome.available if outcome.available is not None else Decimal(0)
+    message = no_budget_message(
+        outcome.amount,
+        spec.grant_id,
+        spec.sub_allocation_id,
+        available,
+        outcome.credited,
+        supplemented=True,
+    )
+    return replace(outcome, message=message)

@@ -27,12 +27,15 @@ def no_budget_message(
     sub_allocation_id: str,
     available: Decimal,
     credited: Decimal | None,
+    *,
+    supplemented: bool = False,
 ) -> str:
     """Explain a hold of ``amount`` PF-days that its grant or sub-allocation could not pay.
 
     ``available`` and ``credited`` are the pot's budgets that the grant service returned.
     ``credited`` is None for a job that names no grant, whose hold any grant of its project
-    could pay: ``available`` is then the most that one of them has.
+    could pay: ``available`` is then the most that one of them has. ``supplemented`` states
+    that the grant has had its one supplement, so its credited total never grows.
     """
     need = f"needs {display_pf_days(amount)} PF-days for this hold"
     if not grant_id:
@@ -44,6 +47,11 @@ def no_budget_message(
     if credited is not None and amount > credited:
         if sub_allocation_id:
             growth = "ask the PI for a sub-allocation that large"
+        elif supplemented:
+            growth = (
+                "the grant has had its one supplement, so the job can start only on a cheaper "
+                "model that it accepts"
+            )
         else:
             growth = "it waits until the program office supplements the grant"
         return (

@@ -211,6 +211,7 @@ class Leadership:
             watchers=WatchHub(),
             settings=cfg.loop,
             inbox=inbox,
+            projects=self.projects,
         )
         await self._restore(loop, nodes)
         batcher = SubmissionBatcher(self.store, epoch, inbox)

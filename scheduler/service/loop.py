@@ -14,14 +14,16 @@ import logging
 import time
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import asyncpg
 from opentelemetry import metrics
 
+from services.runtime.errors import Unavailable
 from services.runtime.evolve import evolve
 
 from .admission import GrantAdmission, HoldOutcome, RateCard
+from .award_check import settle_final_hold
 from .dependencies import NOT_FOUND
 from .engine_adapter import AcceleratorHealth
 from .fleet import DrainChange, FleetView, NodeChange
@@ -50,6 +52,9 @@ from .publisher import Publisher, PublishResult
 from .purge import AckedRowPurge
 from .store import DispatchRecord, JobStore, OutboxEvent
 from .watch import WatchHub
+
+if TYPE_CHECKING:
+    from .projects import ProjectDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +122,12 @@ class SchedulingLoop:
         watchers: WatchHub,
         settings: LoopSettings,
         inbox: asyncio.Queue[Input],
+        projects: ProjectDirectory | None = None,
     ) -> None:
+        """``projects`` is read for whether a grant has had its supplement. Without it, a job
+        whose hold exceeds all its grant was ever credited waits instead of failing."""
         self.book = book
+        self.projects = projects
         self.fleet = fleet
         self.store = store
         self.nodes = nodes
@@ -565,4 +574,34 @@ class SchedulingLoop:
             for (job, _), outcome in zip(priced, placed, strict=True):
                 outcomes[job.job_id] = outcome
         for job, _ in admitted:
-            await self.inbox.put(HoldDone(job.job_id, job.attempt, outcomes[job.job_id]))
+            outcome = outcomes[job.job_id]
+            if outcome.beyond_credited:
+                outcome = await self._settle_beyond_credited(job, outcome)
+            await self.inbox.put(HoldDone(job.job_id, job.attempt, outcome))
+
+    async def _settle_beyond_credited(self, job: Job, outcome: HoldOutcome) -> HoldOutcome:
+        """Fail a job whose hold exceeds all its pot was ever credited, if the pot cannot grow.
+
+        A sub-allocation never grows. A grant grows only by its one supplement, which the
+        project cache reports up to its time to live late, so a job accepted just after the
+        supplement fails at a later retry of its hold.
+        """
+        spec = job.spec
+        if not spec.grant_id:
+            return outcome
+        final = bool(spec.sub_allocation_id)
+        if not final and self.projects is not None:
+            try:
+                grant = await self.projects.grant(spec.grant_id)
+            except Unavailable as exc:
+                logger.warning(
+                    "job %s: could not look up grant %s after its hold failed: %s",
+                    job.job_id,
+                    spec.grant_id,
+                    exc,
+                )
+                return outcome
+            final = grant is not None and grant.supplemented
+        if not final:
+            return outcome
+        return settle_final_hold(job, outcome, self.rates, self.book.engine.engine.catalog)

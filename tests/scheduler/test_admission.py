@@ -116,6 +116,9 @@ async def test_budget_shortfall_reads_rounded() -> None:
         "needs 3 PF-days for this hold, more than the whole 2 PF-days grant grant-measured "
         "was ever credited; it waits until the program office supplements the grant"
     )
+    assert not outcomes[0].beyond_credited
+    assert outcomes[1].beyond_credited
+    assert outcomes[1].credited == Decimal(2)
 
 
 def test_large_hold_priced_exactly() -> None:
