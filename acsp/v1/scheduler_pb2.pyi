@@ -166,7 +166,7 @@ class Node(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., provider_id: _Optional[str] = ..., region_id: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., accelerators: _Optional[_Iterable[_Union[Accelerator, _Mapping]]] = ..., software_stacks: _Optional[_Iterable[str]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state_cause: _Optional[_Union[_common_pb2.Cause, _Mapping]] = ..., job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Pledge(_message.Message):
-    __slots__ = ("pledge_id", "provider_id", "region_id", "model", "window", "protected_count", "recallable_count", "registered_count", "healthy_count")
+    __slots__ = ("pledge_id", "provider_id", "region_id", "model", "window", "protected_count", "recallable_count", "registered_count", "healthy_count", "create_time")
     PLEDGE_ID_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,7 @@ class Pledge(_message.Message):
     RECALLABLE_COUNT_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_COUNT_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     pledge_id: str
     provider_id: str
     region_id: str
@@ -185,7 +186,8 @@ class Pledge(_message.Message):
     recallable_count: int
     registered_count: int
     healthy_count: int
-    def __init__(self, pledge_id: _Optional[str] = ..., provider_id: _Optional[str] = ..., region_id: _Optional[str] = ..., model: _Optional[str] = ..., window: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., protected_count: _Optional[int] = ..., recallable_count: _Optional[int] = ..., registered_count: _Optional[int] = ..., healthy_count: _Optional[int] = ...) -> None: ...
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, pledge_id: _Optional[str] = ..., provider_id: _Optional[str] = ..., region_id: _Optional[str] = ..., model: _Optional[str] = ..., window: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., protected_count: _Optional[int] = ..., recallable_count: _Optional[int] = ..., registered_count: _Optional[int] = ..., healthy_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Recall(_message.Message):
     __slots__ = ("recall_id", "pledge_id", "count", "effective_time", "end_time", "reason", "freed_count")

@@ -36,6 +36,8 @@ class PledgeRecord:
     recallable: int
     start: float
     end: float
+    created: float = 0.0
+    """Seconds since 1970 when the scheduler first stored the pledge; 0.0 before it is stored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +192,7 @@ def _region_of(provider: str, region: str) -> tuple[str, str]:
 def pledge_to_proto(
     pledge: PledgeRecord, registered: int = 0, healthy: int = 0
 ) -> scheduler_pb2.Pledge:
-    return scheduler_pb2.Pledge(
+    msg = scheduler_pb2.Pledge(
         pledge_id=pledge.pledge_id,
         provider_id=pledge.provider,
         region_id=pledge.region,
@@ -201,6 +203,9 @@ def pledge_to_proto(
         registered_count=registered,
         healthy_count=healthy,
     )
+    if pledge.created:
+        msg.create_time.CopyFrom(_stamp(pledge.created))
+    return msg
 
 
 def recall_to_proto(recall: RecallRecord, freed: int = 0) -> scheduler_pb2.Recall:
@@ -421,7 +426,8 @@ class PledgeStore:
 
 
 _PLEDGE_COLUMNS = (
-    "pledge_id, provider, region, model, protected_count, recallable_count, starts_at, ends_at"
+    "pledge_id, provider, region, model, protected_count, recallable_count, starts_at, ends_at,"
+    " created_at"
 )
 _RECALL_COLUMNS = "recall_id, pledge_id, count, effective_at, ends_at, reason"
 
@@ -436,6 +442,7 @@ def _pledge_from_row(row: asyncpg.Record) -> PledgeRecord:
         row["recallable_count"],
         row["starts_at"].timestamp(),
         row["ends_at"].timestamp(),
+        row["created_at"].timestamp(),
     )
 
 
@@ -453,8 +460,8 @@ def _recall_from_row(row: asyncpg.Record) -> RecallRecord:
 
 def _same_pledge(stored: PledgeRecord, requested: PledgeRecord) -> bool:
     # PostgreSQL keeps timestamps to the microsecond.
-    return replace(stored, start=0.0, end=0.0) == replace(
-        requested, start=0.0, end=0.0
+    return replace(stored, start=0.0, end=0.0, created=0.0) == replace(
+        requested, start=0.0, end=0.0, created=0.0
     ) and _same_times((stored.start, stored.end), (requested.start, requested.end))
 
 

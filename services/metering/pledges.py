@@ -37,6 +37,8 @@ class PledgeRecord:
     recallable_count: int
     window_start: datetime
     window_end: datetime
+    created_at: datetime
+    """When the scheduler stored the pledge; hours before it are not counted."""
     registered_count: int | None = None
     """Accelerators of the pool registered when the scheduler listed the pledge; None when
     it did not count them (a standby scheduler)."""
@@ -61,6 +63,8 @@ async def store_pledges(
 ) -> None:
     """Insert or update pledges, then recalls of known pledges, in one transaction.
 
+    A stored pledge keeps the earlier of its stored and its new ``created_at``.
+
     The counts of a pledge whose window contains ``now`` (default: the current time) are
     added to ``metering.pledge_capacity`` when they differ from its latest row.
     """
@@ -70,13 +74,14 @@ async def store_pledges(
             """
             INSERT INTO metering.pledges AS p
                 (pledge_id, provider, region, accelerator_model, protected_count,
-                 recallable_count, window_start, window_end)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 recallable_count, window_start, window_end, created_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
             ON CONFLICT (pledge_id) DO UPDATE SET
                 protected_count = excluded.protected_count,
                 recallable_count = excluded.recallable_count,
                 window_start = excluded.window_start,
-                window_end = excluded.window_end
+                window_end = excluded.window_end,
+                created_at = least(p.created_at, excluded.created_at)
             """,
             [
                 (
@@ -88,6 +93,7 @@ async def store_pledges(
                     p.recallable_count,
                     p.window_start,
                     p.window_end,
+                    p.created_at,
                 )
                 for p in pledges
             ],
@@ -156,8 +162,18 @@ def _time(stamp: Timestamp) -> datetime:
     return stamp.ToDatetime(tzinfo=UTC)
 
 
-def pledge_from_proto(pledge: scheduler_pb2.Pledge, counted: bool = False) -> PledgeRecord:
-    """Convert a listed pledge; ``counted`` is whether the listing counted the fleet."""
+def pledge_from_proto(
+    pledge: scheduler_pb2.Pledge, counted: bool = False, listed_at: datetime | None = None
+) -> PledgeRecord:
+    """Convert a listed pledge; ``counted`` is whether the listing counted the fleet.
+
+    A pledge without a create_time (from a scheduler older than that field) counts as created
+    at ``listed_at`` (default: the current time), the earliest time it is known to exist.
+    """
+    if pledge.HasField("create_time"):
+        created_at = _time(pledge.create_time)
+    else:
+        created_at = listed_at or datetime.now(UTC)
     return PledgeRecord(
         pledge.pledge_id,
         pledge.provider_id,
@@ -167,6 +183,7 @@ def pledge_from_proto(pledge: scheduler_pb2.Pledge, counted: bool = False) -> Pl
         pledge.recallable_count,
         _time(pledge.window.start_time),
         _time(pledge.window.end_time),
+        created_at,
         pledge.registered_count if counted else None,
         pledge.healthy_count if counted else None,
     )
@@ -200,28 +217,35 @@ class PledgeSync:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
 
-    async def sync_once(self) -> tuple[int, int]:
-        """Copy every pledge and recall; return how many of each were read."""
+    async def sync_once(self, provider: str = "") -> tuple[int, int]:
+        """Copy every pledge and recall, or only ``provider``'s; return how many of each were read.
+
+        Raises ``grpc.aio.AioRpcError`` when the scheduler cannot list them.
+        """
+        listed_at = datetime.now(UTC)
         pledges = [
-            pledge_from_proto(p, page.fleet_counted)
-            for page in await self._pages("ListPledges", scheduler_pb2.ListPledgesRequest)
+            pledge_from_proto(p, page.fleet_counted, listed_at)
+            for page in await self._pages("ListPledges", scheduler_pb2.ListPledgesRequest, provider)
             for p in page.pledges
         ]
         recalls = [
             recall_from_proto(r)
-            for page in await self._pages("ListRecalls", scheduler_pb2.ListRecallsRequest)
+            for page in await self._pages("ListRecalls", scheduler_pb2.ListRecallsRequest, provider)
             for r in page.recalls
         ]
         async with self._db.acquire() as conn:
             await store_pledges(conn, pledges, recalls)
         return len(pledges), len(recalls)
 
-    async def _pages(self, method: str, request_type: type) -> list[Any]:
+    async def _pages(self, method: str, request_type: type, provider: str) -> list[Any]:
         call = getattr(self._stub, method)
         pages = []
         token = ""
         for _ in range(MAX_PAGES):
-            request = request_type(page=common_pb2.PageRequest(page_size=1000, page_token=token))
+            request = request_type(
+                provider_id=provider,
+                page=common_pb2.PageRequest(page_size=1000, page_token=token),
+            )
             page = await call(request, timeout=self._timeout_s)
             pages.append(page)
             token = page.page.next_page_token

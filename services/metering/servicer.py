@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +43,9 @@ _GROUPINGS = {
     metering_pb2.USAGE_GROUPING_REGION: Grouping.REGION,
     metering_pb2.USAGE_GROUPING_MODEL: Grouping.MODEL,
 }
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -299,13 +303,23 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         check_provider_access(provider, "settlement")
         start, end = convert.window_in("period", window)
         database = self._app.database()
+        if self._app.pledge_sync is not None:
+            # The periodic copy may be up to a sync interval old and miss a pledge made since,
+            # so the provider's pledges are copied again first (one ListPledges and one
+            # ListRecalls call for one provider).
+            try:
+                await self._app.pledge_sync.sync_once(provider)
+            except grpc.aio.AioRpcError as error:
+                # NOTE: the reply does not say that its pledges may be a sync interval old.
+                logger.warning(
+                    "settlement of %s uses the copied pledges, because the scheduler could "
+                    "not list them: %s: %s",
+                    provider,
+                    error.code().name,
+                    error.details(),
+                )
         async with database.acquire() as conn:
             known = await has_provider_records(conn, provider)
-        if not known and self._app.pledge_sync is not None:
-            # The periodic copy may not have the provider's first pledge yet.
-            await self._app.pledge_sync.sync_once()
-            async with database.acquire() as conn:
-                known = await has_provider_records(conn, provider)
         if not known:
             raise NotFound(
                 "provider",

@@ -3,17 +3,19 @@
 Delivered PF-days are the charges' lines for the provider's usage whose charging period starts
 in the settlement period; refunds are the refund lines for the provider's faults and recalls in
 it. Pledged and recalled accelerator-hours come from the pledge and recall records clipped to
-the period and to the time the settlement is built, so they never count the future. Recalled
-hours also stop when the recall's pledge ends.
+the period and to the time the settlement is built, so they never count the future. They also
+start no earlier than the pledge's creation, because a window may start before the pledge was
+made, when nothing measured the capacity. Recalled hours also stop when the recall's pledge
+ends.
 
 The pledge is kept when no recall took more than its pledge's recallable capacity, and every
-pledge in effect in the period had at least its protected count of healthy accelerators (on up
-nodes, not failed) whenever metering counted them. Metering counts them from the scheduler's
-pledge listing once a sync interval (PledgeSync, a minute by default), so a shortfall shorter
-than that may be missed, and a pledge never counted in the period (metering or the scheduler
-down, or a standby scheduler listing) is reported as uncounted instead of broken. Metering does
-not know whether the healthy accelerators were reachable by jobs (drained nodes count as
-healthy) or what the provider promised beyond the pledge records.
+pledge in effect in the period (from its creation on) had at least its protected count of
+healthy accelerators (on up nodes, not failed) whenever metering counted them. Metering counts
+them from the scheduler's pledge listing once a sync interval (PledgeSync, a minute by default),
+so a shortfall shorter than that may be missed, and a pledge never counted in the period
+(metering or the scheduler down, or a standby scheduler listing) is reported as uncounted
+instead of broken. Metering does not know whether the healthy accelerators were reachable by
+jobs (drained nodes count as healthy) or what the provider promised beyond the pledge records.
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ class Settlement:
     """Pledges in effect in the period whose accelerators metering never counted in it."""
 
 
-# NOTE: pledges and recalls are copied from the scheduler once a minute (PledgeSync), so a
-# settlement may miss a pledge made in the last minute.
+# NOTE: this reads metering's copy of the pledges and recalls. The service copies the
+# provider's pledges again before it calls this, but when the scheduler cannot list them the
+# copy may be up to a sync interval (a minute) old, and the settlement does not say so.
 async def build_settlement(
     conn: asyncpg.Connection,
     provider: str,
@@ -105,9 +108,10 @@ async def build_settlement(
         """
         SELECT region, accelerator_model,
                sum((protected_count + recallable_count) * extract(epoch FROM
-                   least(window_end, $3) - greatest(window_start, $2))) AS seconds
+                   least(window_end, $3) - greatest(window_start, created_at, $2))) AS seconds
         FROM metering.pledges
-        WHERE provider = $1 AND window_start < $3 AND window_end > $2 AND $3 > $2
+        WHERE provider = $1 AND greatest(window_start, created_at) < least(window_end, $3)
+          AND window_end > $2 AND $3 > $2
         GROUP BY region, accelerator_model
         """,
         provider,
@@ -115,14 +119,16 @@ async def build_settlement(
         until,
     )
     # A recall counts only within its pledge's window, because recalls copied before the
-    # scheduler ended them with their pledge may end later or never.
+    # scheduler ended them with their pledge may end later or never, and only from the
+    # pledge's creation, like the pledge's own hours.
     recalls = await conn.fetch(
         """
         SELECT p.region, p.accelerator_model, r.accelerator_count, p.recallable_count,
                extract(epoch FROM least(r.end_time, p.window_end, $3)
-                   - greatest(r.start_time, $2)) AS seconds
+                   - greatest(r.start_time, p.created_at, $2)) AS seconds
         FROM metering.recalls r JOIN metering.pledges p USING (pledge_id)
-        WHERE p.provider = $1 AND r.start_time < $3 AND r.start_time < p.window_end
+        WHERE p.provider = $1
+          AND greatest(r.start_time, p.created_at) < least(r.end_time, p.window_end, $3)
           AND r.end_time > $2 AND p.window_end > $2 AND $3 > $2
         """,
         provider,
@@ -141,8 +147,10 @@ async def build_settlement(
         SELECT p.pledge_id, p.protected_count, min(s.healthy_count) AS min_healthy
         FROM metering.pledges p
         LEFT JOIN spans s ON s.pledge_id = p.pledge_id
-            AND (s.until IS NULL OR s.until > greatest($2, p.window_start))
-        WHERE p.provider = $1 AND p.window_start < $3 AND p.window_end > $2 AND $3 > $2
+            AND (s.until IS NULL OR s.until > greatest($2, p.window_start, p.created_at))
+        WHERE p.provider = $1
+          AND greatest(p.window_start, p.created_at) < least(p.window_end, $3)
+          AND p.window_end > $2 AND $3 > $2
         GROUP BY p.pledge_id, p.protected_count
         ORDER BY p.pledge_id
         """,

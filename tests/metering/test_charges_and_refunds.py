@@ -350,7 +350,7 @@ async def test_two_replicas_share_one_consumer(nats_url: str, db: Database) -> N
 
 
 async def test_settlement_counts_pledged_and_recalled_hours(db: Database) -> None:
-    pledge = PledgeRecord("pl-1", "prov-a", "r1", "H800", 8, 4, T0, T0 + timedelta(hours=10))
+    pledge = PledgeRecord("pl-1", "prov-a", "r1", "H800", 8, 4, T0, T0 + timedelta(hours=10), T0)
     recall = RecallRecord("rc-1", "pl-1", 2, T0 + timedelta(hours=1), T0 + timedelta(hours=4))
     orphan = RecallRecord("rc-2", "pl-unknown", 1, T0, T0 + timedelta(hours=1))
     async with db.acquire() as conn:

@@ -221,7 +221,7 @@ async def test_settlement_of_unknown_provider(
 
     # A provider with records in metering gets a statement, empty when the period has none.
     before = T0 - timedelta(days=2)
-    pledge = PledgeRecord("pl-1", "prov-p", "r1", "A100-SXM4-80GB", 1, 1, before, T0)
+    pledge = PledgeRecord("pl-1", "prov-p", "r1", "A100-SXM4-80GB", 1, 1, before, T0, before)
     async with db.acquire() as conn:
         await store_pledges(conn, [pledge], [])
     settlement = await client.stub.GetSettlement(

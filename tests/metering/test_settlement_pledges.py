@@ -1,9 +1,10 @@
-"""Settlements count pledged hours up to the time they are built, and call a pledge kept only
-when its protected accelerators were registered and healthy whenever metering counted them."""
+"""Settlements count pledged hours from the pledge's creation up to the time they are built, and
+call a pledge kept only when its protected accelerators were registered and healthy whenever
+metering counted them."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from acsp.time_range import LATEST_TIME
 from acsp.v1 import scheduler_pb2
@@ -26,9 +27,10 @@ def pledge(
     model: str = "H800",
     healthy: int | None = None,
     registered: int | None = None,
+    created_at: datetime = T0 - HOUR,
 ) -> PledgeRecord:
     return PledgeRecord(
-        pledge_id, "prov-a", "r1", model, 8, 4, T0, T0 + 10 * HOUR, registered, healthy
+        pledge_id, "prov-a", "r1", model, 8, 4, T0, T0 + 10 * HOUR, created_at, registered, healthy
     )
 
 
@@ -99,6 +101,57 @@ async def test_uncounted_pledge_reported(db: Database) -> None:
         settlement = await build_settlement(conn, "prov-a", T0, T0 + 2 * HOUR, now=T0 + 2 * HOUR)
     assert settlement.pledge_kept
     assert settlement.uncounted_pledges == ("pl-1",)
+
+
+async def test_backdated_pledge_counts_from_creation(db: Database) -> None:
+    # Made at T0 + 4 h for a window that started at T0: nothing measured the hours before.
+    creation = T0 + 4 * HOUR
+    backdated = pledge(healthy=16, registered=16, created_at=creation)
+    recall = RecallRecord("rc-1", "pl-1", 2, T0 + HOUR, T0 + 5 * HOUR)
+    async with db.acquire() as conn:
+        await store_pledges(conn, [backdated], [recall], now=creation + timedelta(minutes=1))
+        whole = await build_settlement(conn, "prov-a", T0, T0 + 10 * HOUR, now=T0 + 6 * HOUR)
+        before = await build_settlement(conn, "prov-a", T0, creation, now=T0 + 6 * HOUR)
+    (line,) = whole.lines
+    assert line.pledged_accelerator_hours == 12 * 2
+    assert line.recalled_accelerator_hours == 2 * 1
+    assert whole.recall_count == 1
+    assert whole.pledge_kept
+    assert whole.uncounted_pledges == ()
+    # Before its creation the pledge was not in effect: no hours, no recall, nothing uncounted.
+    assert before.lines == ()
+    assert before.recall_count == 0
+    assert before.uncounted_pledges == ()
+    assert before.pledge_kept
+
+
+async def test_pledge_made_after_window_counts_nothing(db: Database) -> None:
+    late = pledge(created_at=T0 + 11 * HOUR)
+    async with db.acquire() as conn:
+        await store_pledges(conn, [late], [], now=T0 + 11 * HOUR)
+        settlement = await build_settlement(conn, "prov-a", T0, T0 + 20 * HOUR, now=T0 + 20 * HOUR)
+    assert settlement.lines == ()
+    assert settlement.uncounted_pledges == ()
+
+
+async def test_stored_creation_time_only_lowers(db: Database) -> None:
+    async with db.acquire() as conn:
+        for created_at in (T0 + 2 * HOUR, T0 + HOUR, T0 + 3 * HOUR):
+            await store_pledges(conn, [pledge(created_at=created_at)], [], now=T0)
+        stored = await conn.fetchval(
+            "SELECT created_at FROM metering.pledges WHERE pledge_id = 'pl-1'"
+        )
+    assert stored == T0 + HOUR
+
+
+def test_listed_creation_time() -> None:
+    listed = scheduler_pb2.Pledge(pledge_id="pl-1", provider_id="prov-a", region_id="r1")
+    listed.window.start_time.FromDatetime(T0)
+    listed.window.end_time.FromDatetime(T0 + 10 * HOUR)
+    # A scheduler older than create_time sends none; the listing time is the earliest known.
+    assert pledge_from_proto(listed, listed_at=T0 + 5 * HOUR).created_at == T0 + 5 * HOUR
+    listed.create_time.FromDatetime(T0 + 2 * HOUR)
+    assert pledge_from_proto(listed, listed_at=T0 + 5 * HOUR).created_at == T0 + 2 * HOUR
 
 
 def test_listed_counts_and_open_recall() -> None:

@@ -37,6 +37,7 @@ from .harness import Stack, metadata, scheduler_stub, wait_for
 pytestmark = pytest.mark.timeout(240)
 
 MODEL = "A100-SXM4-80GB"
+OTHER_MODEL = "H100-SXM5-80GB"
 
 
 @pytest.fixture
@@ -404,12 +405,14 @@ async def test_pledge_of_unregistered_region(
     assert json_rows(out)[0]["region"] == "reg-2"
 
 
-def pledge_request(provider: str, start: datetime) -> scheduler_pb2.SetPledgeRequest:
+def pledge_request(
+    provider: str, start: datetime, model: str = MODEL
+) -> scheduler_pb2.SetPledgeRequest:
     window = common_pb2.TimeWindow()
     window.start_time.FromDatetime(start)
     window.end_time.FromDatetime(start + timedelta(days=30))
     pledge = scheduler_pb2.Pledge(
-        provider_id=provider, region_id="reg", model=MODEL, window=window, recallable_count=1
+        provider_id=provider, region_id="reg", model=model, window=window, recallable_count=1
     )
     return scheduler_pb2.SetPledgeRequest(pledge=pledge)
 
@@ -445,12 +448,29 @@ async def test_settlement_of_new_pledge(stack: Stack) -> None:
 
         await wait_for(copied_once, 30, "metering to copy the first pledge", 0.2)
         await scheduler.SetPledge(pledge_request("eu", start), metadata=office, timeout=10)
+        # A second pledge of a provider whose first pledge metering has copied, backdated two days.
+        second_sent_at = datetime.now(UTC)
+        await scheduler.SetPledge(
+            pledge_request("cn", start - timedelta(days=2), OTHER_MODEL),
+            metadata=office,
+            timeout=10,
+        )
 
     period = common_pb2.TimeWindow()
     period.start_time.FromDatetime(start)
     period.end_time.FromDatetime(start + timedelta(days=1))
+    days_before = common_pb2.TimeWindow()
+    days_before.start_time.FromDatetime(start - timedelta(days=3))
+    days_before.end_time.FromDatetime(start + timedelta(days=1))
     async with grpc.aio.insecure_channel(metering_address) as metering_channel:
         metering = metering_pb2_grpc.MeteringServiceStub(metering_channel)
+        # cn first: metering's periodic copy (once a minute) has its first pledge but not the
+        # second, so only the settlement's own copy of cn's pledges brings that one in.
+        known = await metering.GetSettlement(
+            metering_pb2.GetSettlementRequest(provider_id="cn", period=days_before),
+            metadata=office,
+            timeout=20,
+        )
         # The pledge made after the copy is in the settlement at once.
         settlement = await metering.GetSettlement(
             metering_pb2.GetSettlementRequest(provider_id="eu", period=period),
@@ -469,6 +489,13 @@ async def test_settlement_of_new_pledge(stack: Stack) -> None:
     pledged_hours = Decimal(settlement.lines[0].pledged_accelerator_hours.value)
     assert pledged_hours > 0
     assert pledged_hours <= Decimal((built - start).total_seconds()) / 3600
+    # The settlement copies the pledges again, so the second pledge of "cn" is in it. Its
+    # hours count from when it was made, not from its window's start two days earlier.
+    assert [line.model for line in known.lines] == sorted([MODEL, OTHER_MODEL])
+    (other,) = [line for line in known.lines if line.model == OTHER_MODEL]
+    other_hours = Decimal(other.pledged_accelerator_hours.value)
+    assert other_hours > 0
+    assert other_hours <= Decimal((built - second_sent_at).total_seconds() + 1) / 3600
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     assert "provider 'pl-missing' not found" in (missing.value.details() or "")
 

@@ -94,7 +94,9 @@ async def test_pledge_and_recall_request_ids(stack: Stack) -> None:
 
         await wait_for(node_known, 30, "the agent's inventory", 0.1)
 
+        made_from = time.time()
         pledge_a = await set_pledge("pledge-1", pledge_of("pa"), first)
+        made_by = time.time()
         retried_pledge = await set_pledge("pledge-1", pledge_of("pa"), first)
         with pytest.raises(grpc.aio.AioRpcError) as pledge_reused:
             await set_pledge("pledge-1", pledge_of("pa", protected=3), first)
@@ -120,6 +122,9 @@ async def test_pledge_and_recall_request_ids(stack: Stack) -> None:
     assert retried_pledge.pledge_id == pledge_a.pledge_id
     assert [p.pledge_id for p in pledges.pledges] == [pledge_a.pledge_id]
     assert pledges.pledges[0].protected_count == 1
+    # The time the first call stored it, which the retry with the same values leaves as it is.
+    created = pledges.pledges[0].create_time.ToMicroseconds() / 1e6
+    assert made_from - 1 <= created <= made_by + 1
     assert pledge_reused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert (pledge_reused.value.details() or "").startswith("request_id: was used before")
     assert pledge_b.pledge_id != pledge_a.pledge_id
