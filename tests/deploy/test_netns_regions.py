@@ -22,6 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,17 +218,30 @@ async def test_region_cut_spares_other_regions(stack: RegionStack) -> None:
     assert {either_placement.node_id, long_placement.node_id} == set(R1.nodes)
 
     # Every sample the r1 agent produced, stored once.
+    last_seen: dict[str, Any] = {}
+
     def settled() -> bool:
         stats = stack.agent_stats(R1)
+        last_seen["agent"] = stats
         if not stats or stats["outbox_pending"] != 0:
             return False
         stored = stack.query(
             "SELECT count(*) AS n FROM metering.usage_samples"
             " WHERE provider = 'alpha' AND region = 'r1'"
         )
+        last_seen["stored"] = stored[0]["n"]
         return bool(stored[0]["n"] == stats["usage_samples"])
 
-    await wait_for(settled, 60, "metering to store every r1 sample", 1.0)
+    try:
+        await wait_for(settled, 60, "metering to store every r1 sample", 1.0)
+    except TimeoutError as error:
+        dead = stack.query(
+            "SELECT dedupe_key, reason FROM metering.dead_letters"
+            " WHERE subject LIKE 'acsp.usage.alpha.%' ORDER BY dead_letter_id LIMIT 5"
+        )
+        raise AssertionError(
+            f"{error}; last seen: {last_seen}; metering dead letters: {dead}"
+        ) from error
     stats = stack.agent_stats(R1)
     rows = stack.query(
         "SELECT sample_id, node FROM metering.usage_samples"
