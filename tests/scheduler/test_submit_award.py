@@ -196,3 +196,35 @@ async def test_budget_reason_rounds_amounts(stack: Stack) -> None:
     assert waiting.state_message == (
         f"needs 8.9055 PF-days for this hold; grant {grant} has 8 PF-days available"
     )
+
+
+async def test_job_fails_once_grant_supplemented(stack: Stack) -> None:
+    # Holds are retried every second, so the job fails once the project cache, which holds
+    # the grant for 30 s from the submission, shows the supplement.
+    _, address = await stack.start_scheduler(ACSP_SCHEDULER_BUDGET_RETRY_S="1")
+    stack.start_agents(nodes=1, gpus=8, model=H100)
+    project, grant, pi = await fund_grant(stack, pf_days="2")
+    owner = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        # About 3.958 PF-days: accepted against 2 that may still grow, then the grant's one
+        # supplement brings it to 3 only.
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=h100_job(project, grant, 4)),
+            metadata=owner,
+            timeout=10,
+        )
+        await supplement(stack, grant, "1")
+
+        async def failed() -> scheduler_pb2.Job | None:
+            job = await scheduler.GetJob(
+                scheduler_pb2.GetJobRequest(job_id=submitted.job.job_id),
+                metadata=owner,
+                timeout=10,
+            )
+            return job if job.state == scheduler_pb2.JOB_STATE_FAILED else None
+
+        ended = await wait_for(failed, 90, "the job to fail", 0.5)
+    message = ended.state_message
+    assert "more than the 3 PF-days grant" in message
+    assert "the grant has had its one supplement, so it could never start" in message
