@@ -193,8 +193,9 @@ async def test_budget_reason_rounds_amounts(stack: Stack) -> None:
             return job if job.pending_reason == scheduler_pb2.PENDING_REASON_BUDGET else None
 
         waiting = await wait_for(budget_reason, 60, "a budget pending reason", 0.2)
-    assert waiting.state_message == (
-        f"needs 8.9055 PF-days for this hold; grant {grant} has 8 PF-days available"
+    assert waiting.state_message.startswith(
+        f"needs 8.9055 PF-days for this hold; grant {grant} has 8 PF-days available; "
+        "the scheduler asks for the hold again after "
     )
 
 
