@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -504,7 +504,29 @@ def run_settlement_show(args: argparse.Namespace) -> int:
             f"{', '.join(settlement.uncounted_pledge_ids)} in the period, so 'kept' does not "
             "cover them\n"
         )
+    stale = _stale_pledges_note(settlement, datetime.now(UTC))
+    if stale:
+        sys.stderr.write(stale)
     return EXIT_OK
+
+
+STALE_PLEDGES_AFTER = timedelta(seconds=30)
+"""Age of metering's copy of the pledges past which ``acsp settlement show`` prints its time.
+Metering copies them for each settlement, so an older copy means it could not read the
+scheduler."""
+
+
+def _stale_pledges_note(settlement: metering_pb2.Settlement, now: datetime) -> str:
+    """Return a note naming the time of the settlement's pledges if they are old, or ''."""
+    if not settlement.HasField("pledges_copy_time"):
+        return ""
+    copied = settlement.pledges_copy_time.ToDatetime(tzinfo=UTC)
+    if now - copied <= STALE_PLEDGES_AFTER:
+        return ""
+    return (
+        f"note: pledges as of {copied:%Y-%m-%d %H:%M:%S} UTC, because metering could not read "
+        "newer ones from the scheduler; pledges and recalls made since then are missing\n"
+    )
 
 
 def _print_settlement_json(
@@ -523,6 +545,11 @@ def _print_settlement_json(
         "recall_count": settlement.recall_count,
         "short_pledge_ids": list(settlement.short_pledge_ids),
         "uncounted_pledge_ids": list(settlement.uncounted_pledge_ids),
+        "pledges_copied_at": (
+            settlement.pledges_copy_time.ToDatetime(tzinfo=UTC).isoformat()
+            if settlement.HasField("pledges_copy_time")
+            else None
+        ),
         "rows": [json_record(record, columns) for record in records],
     }
     sys.stdout.write(json.dumps(document) + "\n")

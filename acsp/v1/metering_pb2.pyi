@@ -132,7 +132,7 @@ class SettlementLine(_message.Message):
     def __init__(self, region_id: _Optional[str] = ..., model: _Optional[str] = ..., accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pledged_accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., recalled_accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
 
 class Settlement(_message.Message):
-    __slots__ = ("provider_id", "period", "lines", "delivered_pf_days", "refunded_pf_days", "net_pf_days", "pledge_kept", "recall_count", "short_pledge_ids", "uncounted_pledge_ids")
+    __slots__ = ("provider_id", "period", "lines", "delivered_pf_days", "refunded_pf_days", "net_pf_days", "pledge_kept", "recall_count", "short_pledge_ids", "uncounted_pledge_ids", "pledges_copy_time")
     PROVIDER_ID_FIELD_NUMBER: _ClassVar[int]
     PERIOD_FIELD_NUMBER: _ClassVar[int]
     LINES_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class Settlement(_message.Message):
     RECALL_COUNT_FIELD_NUMBER: _ClassVar[int]
     SHORT_PLEDGE_IDS_FIELD_NUMBER: _ClassVar[int]
     UNCOUNTED_PLEDGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    PLEDGES_COPY_TIME_FIELD_NUMBER: _ClassVar[int]
     provider_id: str
     period: _common_pb2.TimeWindow
     lines: _containers.RepeatedCompositeFieldContainer[SettlementLine]
@@ -153,7 +154,8 @@ class Settlement(_message.Message):
     recall_count: int
     short_pledge_ids: _containers.RepeatedScalarFieldContainer[str]
     uncounted_pledge_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, provider_id: _Optional[str] = ..., period: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., lines: _Optional[_Iterable[_Union[SettlementLine, _Mapping]]] = ..., delivered_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., refunded_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., net_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pledge_kept: _Optional[bool] = ..., recall_count: _Optional[int] = ..., short_pledge_ids: _Optional[_Iterable[str]] = ..., uncounted_pledge_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    pledges_copy_time: _timestamp_pb2.Timestamp
+    def __init__(self, provider_id: _Optional[str] = ..., period: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., lines: _Optional[_Iterable[_Union[SettlementLine, _Mapping]]] = ..., delivered_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., refunded_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., net_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pledge_kept: _Optional[bool] = ..., recall_count: _Optional[int] = ..., short_pledge_ids: _Optional[_Iterable[str]] = ..., uncounted_pledge_ids: _Optional[_Iterable[str]] = ..., pledges_copy_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class JobEfficiency(_message.Message):
     __slots__ = ("job_id", "project_id", "mean_utilization", "median_utilization", "flagged_waste", "low_utilization_seconds", "accelerator_hours")

@@ -233,8 +233,17 @@ class PledgeSync:
             for page in await self._pages("ListRecalls", scheduler_pb2.ListRecallsRequest, provider)
             for r in page.recalls
         ]
-        async with self._db.acquire() as conn:
+        async with self._db.acquire() as conn, conn.transaction():
             await store_pledges(conn, pledges, recalls)
+            await conn.execute(
+                """
+                INSERT INTO metering.pledge_copies (provider, copied_at) VALUES ($1, $2)
+                ON CONFLICT (provider) DO UPDATE
+                    SET copied_at = greatest(metering.pledge_copies.copied_at, excluded.copied_at)
+                """,
+                provider,
+                listed_at,
+            )
         return len(pledges), len(recalls)
 
     async def _pages(self, method: str, request_type: type, provider: str) -> list[Any]:

@@ -310,7 +310,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             try:
                 await self._app.pledge_sync.sync_once(provider)
             except grpc.aio.AioRpcError as error:
-                # NOTE: the reply does not say that its pledges may be a sync interval old.
+                # The reply's pledges_copy_time shows how old the copy is.
                 logger.warning(
                     "settlement of %s uses the copied pledges, because the scheduler could "
                     "not list them: %s: %s",
@@ -358,6 +358,11 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             recall_count=settlement.recall_count,
             short_pledge_ids=settlement.short_pledges,
             uncounted_pledge_ids=settlement.uncounted_pledges,
+            pledges_copy_time=(
+                convert.time_out(settlement.pledges_copied_at)
+                if settlement.pledges_copied_at is not None
+                else None
+            ),
         )
 
     async def ExportSettlement(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -60,11 +60,13 @@ class Settlement:
     """Pledges whose healthy accelerators fell below their protected count in the period."""
     uncounted_pledges: tuple[str, ...] = ()
     """Pledges in effect in the period whose accelerators metering never counted in it."""
+    pledges_copied_at: datetime | None = None
+    """When metering last copied the provider's pledges from the scheduler; None if never."""
 
 
-# NOTE: this reads metering's copy of the pledges and recalls. The service copies the
-# provider's pledges again before it calls this, but when the scheduler cannot list them the
-# copy may be up to a sync interval (a minute) old, and the settlement does not say so.
+# The pledges and recalls are metering's copy. The service copies the provider's pledges again
+# before it calls this, but when the scheduler cannot list them the copy may be up to a sync
+# interval (a minute) old, which ``pledges_copied_at`` shows.
 async def build_settlement(
     conn: asyncpg.Connection,
     provider: str,
@@ -158,7 +160,12 @@ async def build_settlement(
         start,
         until,
     )
-    return assemble(provider, start, end, delivered, refunded, pledged, recalls, capacity)
+    copied_at = await conn.fetchval(
+        "SELECT max(copied_at) FROM metering.pledge_copies WHERE provider IN ('', $1)",
+        provider,
+    )
+    settlement = assemble(provider, start, end, delivered, refunded, pledged, recalls, capacity)
+    return replace(settlement, pledges_copied_at=copied_at)
 
 
 async def has_provider_records(conn: asyncpg.Connection, provider: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,37 @@ def test_settlement_names_short_and_uncounted_pledges(
     assert "pledge broken" in out
     assert "fewer healthy accelerators than protected in pledges pl-h100" in err
     assert "pledges pl-old in the period" in err
+
+
+@pytest.mark.parametrize(("age", "noted"), [(timedelta(minutes=5), True), (timedelta(0), False)])
+def test_settlement_notes_old_pledges(
+    age: timedelta,
+    noted: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    copied = datetime.now(UTC).replace(microsecond=0) - age
+
+    class Metering:
+        def GetSettlement(
+            self, request: metering_pb2.GetSettlementRequest
+        ) -> metering_pb2.Settlement:
+            settlement = metering_pb2.Settlement(provider_id="prov-a", pledge_kept=True)
+            settlement.pledges_copy_time.FromDatetime(copied)
+            return settlement
+
+    @contextmanager
+    def open_metering(args: object) -> Iterator[Metering]:
+        yield Metering()
+
+    monkeypatch.setattr(usage, "open_metering", open_metering)
+    window = ["--from", "2026-12-06", "--to", "2026-12-07", "--data-dir", str(tmp_path)]
+    code = main.main(["settlement", "show", "prov-a", *window])
+    _, err = capsys.readouterr()
+    assert code == 0
+    note = f"note: pledges as of {copied:%Y-%m-%d %H:%M:%S} UTC"
+    assert (note in err) is noted
 
 
 def test_settlement_json_is_one_object(

@@ -144,6 +144,21 @@ async def test_stored_creation_time_only_lowers(db: Database) -> None:
     assert stored == T0 + HOUR
 
 
+async def test_settlement_tells_copy_time(db: Database) -> None:
+    async with db.acquire() as conn:
+        never = await build_settlement(conn, "prov-a", T0, T0 + HOUR, now=T0 + HOUR)
+        await conn.executemany(
+            "INSERT INTO metering.pledge_copies (provider, copied_at) VALUES ($1, $2)",
+            [("", T0 + HOUR), ("prov-a", T0 + 2 * HOUR), ("prov-b", T0 + 3 * HOUR)],
+        )
+        own = await build_settlement(conn, "prov-a", T0, T0 + HOUR, now=T0 + HOUR)
+        periodic = await build_settlement(conn, "prov-c", T0, T0 + HOUR, now=T0 + HOUR)
+    assert never.pledges_copied_at is None
+    # The later of the provider's own copy and the periodic copy of every provider.
+    assert own.pledges_copied_at == T0 + 2 * HOUR
+    assert periodic.pledges_copied_at == T0 + HOUR
+
+
 def test_listed_creation_time() -> None:
     listed = scheduler_pb2.Pledge(pledge_id="pl-1", provider_id="prov-a", region_id="r1")
     listed.window.start_time.FromDatetime(T0)

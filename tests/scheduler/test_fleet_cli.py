@@ -492,6 +492,8 @@ async def test_settlement_of_new_pledge(stack: Stack) -> None:
     # The settlement copies the pledges again, so the second pledge of "cn" is in it. Its
     # hours count from when it was made, not from its window's start two days earlier.
     assert [line.model for line in known.lines] == sorted([MODEL, OTHER_MODEL])
+    copied = known.pledges_copy_time.ToDatetime(tzinfo=UTC)
+    assert second_sent_at - timedelta(seconds=1) <= copied <= built
     (other,) = [line for line in known.lines if line.model == OTHER_MODEL]
     other_hours = Decimal(other.pledged_accelerator_hours.value)
     assert other_hours > 0
