@@ -7,8 +7,8 @@ import csv
 import functools
 import io
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
-from datetime import timedelta
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -64,6 +64,15 @@ class Client:
 async def running(
     database_url: str, nats_url: str, tmp_path: Path, db: Database
 ) -> AsyncIterator[tuple[Service, Client]]:
+    async with _serve(database_url, nats_url, tmp_path) as served:
+        yield served
+
+
+@asynccontextmanager
+async def _serve(
+    database_url: str, nats_url: str, tmp_path: Path, **extra_env: str
+) -> AsyncIterator[tuple[Service, Client]]:
+    """Run the metering service with ``extra_env`` added to its settings."""
     private, public = generate_signing_key(tmp_path)
     env = {
         "ACSP_DATABASE_URL": database_url,
@@ -75,6 +84,7 @@ async def running(
         # Nothing listens there: the service's own charger leaves charges pending, and the
         # test commits them through its ledger double.
         "ACSP_GRANT_ADDRESS": f"127.0.0.1:{free_port()}",
+        **extra_env,
     }
     service = build_service(MeteringSettings.from_env(env))
     task = asyncio.create_task(service.run())
@@ -361,3 +371,31 @@ async def test_refund_list_shows_committed(running: tuple[Service, Client], db: 
         ("job-c", True),
         ("job-f", False),
     ]
+
+
+async def test_settlement_without_scheduler_copy_time(
+    database_url: str, nats_url: str, tmp_path: Path, db: Database
+) -> None:
+    # Nothing listens at the scheduler's address, so the settlement uses the copy on hand.
+    copied_at = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+    pledge = PledgeRecord(
+        "pl-1", "prov-p", "r1", "A100-SXM4-80GB", 1, 1, T0, T0 + timedelta(hours=2), T0
+    )
+    async with db.acquire() as conn:
+        await store_pledges(conn, [pledge], [])
+        await conn.execute(
+            "INSERT INTO metering.pledge_copies (provider, copied_at) VALUES ('', $1)", copied_at
+        )
+    scheduler = f"127.0.0.1:{free_port()}"
+    async with _serve(database_url, nats_url, tmp_path, ACSP_SCHEDULER_ADDRESS=scheduler) as (
+        _,
+        client,
+    ):
+        settlement = await client.stub.GetSettlement(
+            metering_pb2.GetSettlementRequest(provider_id="prov-p", period=_window(24)),
+            metadata=client.metadata(Role.PROGRAM_OFFICE),
+            timeout=20,
+        )
+    (line,) = settlement.lines
+    assert Decimal(line.pledged_accelerator_hours.value) == 2 * 2
+    assert settlement.pledges_copy_time.ToDatetime(tzinfo=UTC) == copied_at

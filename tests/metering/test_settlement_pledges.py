@@ -144,7 +144,7 @@ async def test_stored_creation_time_only_lowers(db: Database) -> None:
     assert stored == T0 + HOUR
 
 
-async def test_settlement_tells_copy_time(db: Database) -> None:
+async def test_settlement_latest_copy_time(db: Database) -> None:
     async with db.acquire() as conn:
         never = await build_settlement(conn, "prov-a", T0, T0 + HOUR, now=T0 + HOUR)
         await conn.executemany(
