@@ -22,9 +22,9 @@ from tests.metering.helpers import LedgerDouble
 
 ADMIN_URL = os.environ.get("ACSP_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TABLES = (
-    "waste_flags, recalls, pledge_capacity, pledges, refund_lines, refunds, health_events, "
-    "charge_lines, charges, end_trigger_candidates, dead_letters, dead_events, usage_periods, "
-    "usage_samples, sample_coverage, jobs, nodes, rate_cards"
+    "waste_flags, recalls, pledge_capacity, pledges, pledge_copies, refund_lines, refunds, "
+    "health_events, charge_lines, charges, end_trigger_candidates, dead_letters, dead_events, "
+    "usage_periods, usage_samples, sample_coverage, jobs, nodes, rate_cards"
 )
 
 
