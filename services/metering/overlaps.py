@@ -81,10 +81,12 @@ END_HOUR_US: Final = 3600 * 1_000_000
 # starts. Kind 1 rows are the stored samples of other tasks on the accelerator that overlap it,
 # of the tasks whose coverage ends after it starts. Of each such task, only the sample that
 # starts last before the staged sample starts, and those that start while it runs, can overlap
-# it. A sample that starts at or after its accelerator's coverage end costs one lookup of the
-# coverage row by its primary key, and its own task is probed only if it starts before the
-# task's coverage ends. The LIMIT keeps that lookup a subquery of its own, so the planner cannot
-# turn it into a hash join that reads the whole coverage table for every batch.
+# it. The batch looks up the coverage row of each of its accelerators once, by its primary key.
+# A sample that starts at or after its accelerator's coverage end then costs one hash probe of
+# those rows, and no lookup of its id in usage_samples. Its own task is probed only if it starts
+# before the task's coverage ends. The LIMIT keeps the lookup a subquery of its own, so the
+# planner cannot turn it into a hash join that reads the whole coverage table for every batch.
+# MATERIALIZED keeps the planner from repeating the lookup once per sample.
 # The other tasks' rows come from the index on (provider, node, accelerator_id, end_hour), whose
 # predicate task_id <> '' the scan repeats, read from the hour the sample starts. So a probe
 # reads the rows of the tasks whose coverage ends in that hour or later, not one row per task
@@ -95,19 +97,26 @@ END_HOUR_US: Final = 3600 * 1_000_000
 # id, <job_id>/<attempt>/<task_index>. Times are compared as timestamps built the way the merge
 # stores them.
 _FIND_STORED_OVERLAPS = f"""
+WITH covered AS MATERIALIZED (
+    SELECT d.provider, d.node, d.accelerator_id,
+           CASE WHEN a.raised_by = $1 THEN a.prior_end ELSE a.end_us END AS end_us
+    FROM (SELECT DISTINCT provider, node, accelerator_id FROM usage_staging) d
+    CROSS JOIN LATERAL (
+        SELECT a.raised_by, a.prior_end, a.end_us
+        FROM metering.sample_coverage a
+        WHERE a.provider = d.provider AND a.node = d.node
+          AND a.accelerator_id = d.accelerator_id AND a.task_id = ''
+        LIMIT 1
+    ) a
+)
 SELECT s.provider, s.sample_id, u.kind, u.sample_id AS stored_id, u.job_id, u.attempt,
        u.task_id, u.share_millis,
        (extract(epoch FROM u.start_time) * 1000000)::bigint AS stored_start_us,
        (extract(epoch FROM u.end_time) * 1000000)::bigint AS stored_end_us
 FROM usage_staging s
-CROSS JOIN LATERAL (
-    SELECT 1
-    FROM metering.sample_coverage a
-    WHERE a.provider = s.provider AND a.node = s.node AND a.accelerator_id = s.accelerator_id
-      AND a.task_id = ''
-      AND CASE WHEN a.raised_by = $1 THEN a.prior_end ELSE a.end_us END > s.start_us
-    LIMIT 1
-) a
+JOIN covered a
+  ON a.provider = s.provider AND a.node = s.node AND a.accelerator_id = s.accelerator_id
+ AND a.end_us > s.start_us
 CROSS JOIN LATERAL (
     SELECT 'epoch'::timestamptz + s.start_us * interval '1 microsecond' AS start_time,
            'epoch'::timestamptz + s.end_us * interval '1 microsecond' AS end_time
