@@ -173,3 +173,20 @@ async def test_raise_within_hour_heap_only(db: Database) -> None:
     for row in rows:
         assert row["end_us"] == next_hour_end
         assert row["end_hour"] == next_hour_end // END_HOUR_US
+
+
+async def test_batch_reads_accelerator_row_once(db: Database) -> None:
+    """A batch of samples that follow their accelerator's coverage reads its row once, not once
+    per sample."""
+    await _write(db, [_sample("first", "job-a", T0_US, T0_US + SECOND_US, 1000)])
+    samples = [
+        _sample(f"next-{i}", "job-a", T0_US + i * SECOND_US, T0_US + (i + 1) * SECOND_US, 1000, i)
+        for i in range(1, 201)
+    ]
+
+    result, reads = await _write_counting_reads(db, samples)
+
+    assert (result.inserted, result.dead_lettered) == (200, 0)
+    # The raise reads the accelerator's row and the task's row, and the probe reads the
+    # accelerator's row again.
+    assert reads <= 10
