@@ -274,6 +274,9 @@ class PledgeSync:
                     error.code().name,
                     error.details(),
                 )
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as error:
+                # A database blip must not stop the service; the next sync copies everything.
+                logger.warning("could not store the pledge copy: %s; retrying", error)
             try:
                 await asyncio.wait_for(stop.wait(), self._interval_s)
             except TimeoutError:
