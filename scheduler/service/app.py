@@ -12,7 +12,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from acsp import subjects
 from acsp.v1 import grant_pb2_grpc, metering_pb2, scheduler_pb2, scheduler_pb2_grpc
-from services.runtime.auth import Role, load_signing_key, mint_token
+from services.runtime.auth import service_bearer_token
 from services.runtime.channel import service_channel
 from services.runtime.server import Runtime, Service
 
@@ -108,22 +108,13 @@ def _leadership(settings: SchedulerSettings, runtime: Runtime) -> Leadership:
 
 def _service_token(settings: SchedulerSettings) -> str | None:
     """Return the bearer token for the grant service, or None when mutual TLS identifies us."""
-    if settings.service_token_file is not None:
-        return settings.service_token_file.read_text().strip()
-    if settings.tls_enabled:
-        # The certificate identifies this service for as long as it runs, while a minted token
-        # expires after DEFAULT_TOKEN_TTL (12 h) and is never renewed.
-        return None
-    key_path = settings.data_dir / "token" / "signing.key"
-    if key_path.is_file():
-        # NOTE: this token expires after DEFAULT_TOKEN_TTL (12 h) and is not renewed, so a
-        # service without TLS that runs longer must be given ACSP_SCHEDULER_SERVICE_TOKEN_FILE.
-        return mint_token(load_signing_key(key_path), "scheduler", [Role.SERVICE])
-    logger.warning(
-        "no ACSP_SCHEDULER_SERVICE_TOKEN_FILE, signing key or TLS identity: "
-        "the grant service will reject hold requests as unauthenticated"
+    return service_bearer_token(
+        "scheduler",
+        settings.service_token_file,
+        settings.tls_enabled,
+        settings.data_dir,
+        "the grant service will reject hold requests",
     )
-    return None
 
 
 async def load_rate_card(js: JetStreamContext) -> RateCard:

@@ -18,7 +18,7 @@ from services.grant.lifecycle import run_expiry
 from services.grant.outbox import run_publisher
 from services.grant.servicer import GrantServicer
 from services.grant.settings import GrantSettings
-from services.runtime.auth import Role, load_signing_key, mint_token
+from services.runtime.auth import service_bearer_token
 from services.runtime.channel import service_channel
 from services.runtime.server import Runtime, Service
 
@@ -97,19 +97,10 @@ def build_service(settings: GrantSettings, *, schema: str = SCHEMA) -> Service:
 
 def _service_token(settings: GrantSettings) -> str | None:
     """Return the bearer token for the scheduler, or None when mutual TLS identifies us."""
-    if settings.service_token_file is not None:
-        return settings.service_token_file.read_text().strip()
-    if settings.tls_enabled:
-        # The certificate identifies this service for as long as it runs, while a minted token
-        # expires after DEFAULT_TOKEN_TTL (12 h) and is never renewed.
-        return None
-    key_path = settings.data_dir / "token" / "signing.key"
-    if key_path.is_file():
-        # NOTE: this token expires after DEFAULT_TOKEN_TTL (12 h) and is not renewed, so a
-        # service without TLS that runs longer must be given ACSP_GRANT_SERVICE_TOKEN_FILE.
-        return mint_token(load_signing_key(key_path), "grant", [Role.SERVICE])
-    logger.warning(
-        "no ACSP_GRANT_SERVICE_TOKEN_FILE, signing key or TLS identity: the scheduler "
-        "will reject the provider listing that checks award limits as unauthenticated"
+    return service_bearer_token(
+        "grant",
+        settings.service_token_file,
+        settings.tls_enabled,
+        settings.data_dir,
+        "the scheduler will reject the provider listing that checks award limits",
     )
-    return None

@@ -21,7 +21,7 @@ from services.metering.servicer import MeteringApp, MeteringServicer
 from services.metering.settings import MeteringSettings
 from services.metering.waste_events import run_waste_publisher
 from services.metering.waste_scan import run_waste_scan
-from services.runtime.auth import Role, load_signing_key, mint_token
+from services.runtime.auth import service_bearer_token
 from services.runtime.channel import service_channel
 from services.runtime.grant_directory import ProjectDirectory
 from services.runtime.jetstream import Publisher
@@ -117,19 +117,10 @@ def build_service(settings: MeteringSettings) -> Service:
 
 def _service_token(settings: MeteringSettings) -> str | None:
     """Return the bearer token for the grant service, or None when mutual TLS identifies us."""
-    if settings.service_token_file is not None:
-        return settings.service_token_file.read_text().strip()
-    if settings.tls_enabled:
-        # The certificate identifies this service for as long as it runs, while a minted token
-        # expires after DEFAULT_TOKEN_TTL (12 h) and is never renewed.
-        return None
-    key_path = settings.data_dir / "token" / "signing.key"
-    if key_path.is_file():
-        # NOTE: this token expires after DEFAULT_TOKEN_TTL (12 h) and is not renewed, so a
-        # service without TLS that runs longer must be given ACSP_METERING_SERVICE_TOKEN_FILE.
-        return mint_token(load_signing_key(key_path), "metering", [Role.SERVICE])
-    logger.warning(
-        "no ACSP_METERING_SERVICE_TOKEN_FILE, signing key or TLS identity: "
-        "the grant service will reject charges as unauthenticated"
+    return service_bearer_token(
+        "metering",
+        settings.service_token_file,
+        settings.tls_enabled,
+        settings.data_dir,
+        "the grant service will reject charges",
     )
-    return None

@@ -184,6 +184,32 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+def service_bearer_token(
+    service: str, token_file: Path | None, tls_enabled: bool, data_dir: Path, unauthenticated: str
+) -> str | None:
+    """Return the bearer token ``service`` sends to the services it calls, or None.
+
+    A configured token file wins. Otherwise a service with TLS presents its certificate, which
+    identifies it for as long as it runs, while a minted token expires after DEFAULT_TOKEN_TTL
+    and is never renewed. Without either, a token is minted from the mesh's signing key under
+    ``data_dir``, and without that key a warning says what ``unauthenticated`` calls will fail.
+    """
+    if token_file is not None:
+        return token_file.read_text().strip()
+    if tls_enabled:
+        return None
+    variable = f"ACSP_{service.upper()}_SERVICE_TOKEN_FILE"
+    key_path = data_dir / "token" / "signing.key"
+    if key_path.is_file():
+        # NOTE: this token expires after DEFAULT_TOKEN_TTL (12 h) and is not renewed, so a
+        # service without TLS that runs longer must be given its token file.
+        return mint_token(load_signing_key(key_path), service, [Role.SERVICE])
+    log.warning(
+        "no %s, signing key or TLS identity: %s as unauthenticated", variable, unauthenticated
+    )
+    return None
+
+
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """Load an Ed25519 public key from a PEM file; raise ValueError if it is another kind."""
     key = serialization.load_pem_public_key(path.read_bytes())
