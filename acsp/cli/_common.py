@@ -162,6 +162,20 @@ def parse_end_time(text: str, option: str) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+def parse_window(
+    start_text: str, end_text: str
+) -> tuple[timestamp_pb2.Timestamp, timestamp_pb2.Timestamp]:
+    """Parse ``--start`` and ``--end`` of a window; raise a usage error unless end is later."""
+    start = parse_time(start_text, "--start")
+    end = parse_end_time(end_text, "--end")
+    if end.ToNanoseconds() <= start.ToNanoseconds():
+        raise CommandError(
+            f"--end {end_text} is not after --start {start_text}; end the window later",
+            EXIT_USAGE,
+        )
+    return start, end
+
+
 def is_date_alone(text: str) -> bool:
     """Return whether ``text``, a valid ISO 8601 time, is a date without a time of day.
 

@@ -26,7 +26,7 @@ from acsp.cli._common import (
     noting_end_date,
     output_options,
     parse_end_time,
-    parse_time,
+    parse_window,
     print_records,
     rows_of,
     whole_number,
@@ -185,13 +185,7 @@ def run_apply(args: argparse.Namespace) -> int:
         regions=args.region,
         justification=args.justification,
     )
-    start = parse_time(args.start, "--start")
-    end = parse_end_time(args.end, "--end")
-    if end.ToNanoseconds() <= start.ToNanoseconds():
-        raise CommandError(
-            f"--end {args.end} is not after --start {args.start}; end the window later",
-            EXIT_USAGE,
-        )
+    start, end = parse_window(args.start, args.end)
     application.validity.start_time.CopyFrom(start)
     application.validity.end_time.CopyFrom(end)
     with open_grants(args) as grants, noting_end_date(args.end, "--end", END_FIELD):

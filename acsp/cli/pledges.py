@@ -20,6 +20,7 @@ from acsp.cli._common import (
     naming_options,
     parse_end_time,
     parse_time,
+    parse_window,
     positive_seconds,
     print_records,
     whole_number,
@@ -168,13 +169,7 @@ def pledge_from_args(args: argparse.Namespace) -> scheduler_pb2.Pledge:
             "--protected and --recallable are both 0; pledge at least one accelerator",
             EXIT_USAGE,
         )
-    start = parse_time(args.start, "--start")
-    end = parse_end_time(args.end, "--end")
-    if end.ToNanoseconds() <= start.ToNanoseconds():
-        raise CommandError(
-            f"--end {args.end} is not after --start {args.start}; end the window later",
-            EXIT_USAGE,
-        )
+    start, end = parse_window(args.start, args.end)
     return scheduler_pb2.Pledge(
         pledge_id=args.pledge_id,
         provider_id=args.provider,
