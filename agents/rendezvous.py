@@ -37,7 +37,7 @@ _FILE_MODE: Final = 0o644
 
 
 class Placement:
-    """Where the tasks of one job run, as a start command gives it."""
+    """The nodes of one job's tasks, as a start command lists them."""
 
     __slots__ = ("node_hosts", "task_node_indexes")
 

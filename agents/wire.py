@@ -216,9 +216,11 @@ def inventory_message(
     host: str = "",
     rendezvous_ports: tuple[int, int] = (0, 0),
 ) -> agent_pb2.Inventory:
-    """Build the inventory message; ``max_jobs`` is the size of the task user pool, 0 without
-    one, and ``host`` and ``rendezvous_ports`` are where other nodes' tasks reach this node's
-    tasks."""
+    """Build the inventory message.
+
+    ``max_jobs`` is the size of the task user pool, 0 without one. ``host`` and
+    ``rendezvous_ports`` tell other nodes' tasks how to reach this node's tasks.
+    """
     states = {h.uuid: h.state for h in health}
     major = inventory.software_version.split(".", 1)[0]
     stacks = [f"cuda-{major}", f"cuda-{inventory.software_version}"] if major else []

@@ -97,9 +97,9 @@ def node_from_inventory(msg: agent_pb2.Inventory) -> NodeView:
 def _host(msg: agent_pb2.Inventory) -> str:
     """Return the inventory's host, or "" (so the node id is used) for an invalid one.
 
-    Agents check ACSP_AGENT_HOST, but the scheduler copies the host into the hosts file of
-    every task of a gang, one line each, and bounds start commands by hosts of at most
-    MAX_HOST_CHARACTERS, so it checks the host again rather than trust an inventory.
+    Agents check ACSP_AGENT_HOST, but an inventory may come from any agent. The scheduler
+    writes the host as one line of every gang task's hosts file, and sizes start commands for
+    hosts of at most MAX_HOST_CHARACTERS, so it checks the host again.
     """
     if not msg.host or is_valid_host(msg.host):
         return msg.host

@@ -19,7 +19,7 @@ from .model import Job
 
 @dataclass(frozen=True, slots=True)
 class NodeEndpoint:
-    """Where other nodes' tasks reach a node's tasks."""
+    """The host and rendezvous ports by which other nodes' tasks reach a node's tasks."""
 
     host: str
     """Address or hostname."""
