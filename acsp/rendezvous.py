@@ -54,5 +54,7 @@ def rendezvous_port(job_id: str, attempt: int, low: int, high: int) -> int:
     seed. The attempt is part of the key, so a requeued job does not reuse a port that the
     previous attempt's process may still hold.
     """
+    # NOTE: nothing checks that the port is free, so two jobs whose task 0 share a node get the
+    # same port with a chance of about one in the size of the range.
     key = f"{job_id}/{attempt}".encode()
     return low + zlib.crc32(key) % (high - low + 1)
