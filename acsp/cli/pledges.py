@@ -279,26 +279,40 @@ def list_recalls_command(args: argparse.Namespace) -> int:
         response = scheduler.ListRecalls(
             scheduler_pb2.ListRecallsRequest(provider_id=args.provider)
         )
+        pledges = scheduler.ListPledges(
+            scheduler_pb2.ListPledgesRequest(provider_id=args.provider)
+        ).pledges
+    pledge_ends = {p.pledge_id: _seconds(p.window.end_time) for p in pledges}
     now = time.time()
     rows = []
     for recall in response.recalls:
         row = recall_row(recall)
-        row["state"] = recall_state(recall, now)
+        row["state"] = recall_state(recall, now, pledge_ends.get(recall.pledge_id))
         rows.append(row)
     print_records(rows, (*RECALL_COLUMNS, "state"), output_format=args.format, title="recalls")
     return EXIT_OK
 
 
-def recall_state(recall: scheduler_pb2.Recall, now: float) -> str:
+def recall_state(recall: scheduler_pb2.Recall, now: float, pledge_end: float | None) -> str:
     """Return scheduled, active or ended: where Unix time ``now`` falls in the recall's window.
 
-    A recall is active from its effective time up to its end time, which is exclusive.
+    A recall is active from its effective time up to the earlier of its end time and
+    ``pledge_end``, the end of its pledge's window (None when unknown). Both ends are exclusive.
+    The pledge's end counts because the scheduler stops counting a recall when its pledge
+    ends, even a recall stored without an end or with a later one.
     """
-    if now < recall.effective_time.ToNanoseconds() / 1e9:
+    if now < _seconds(recall.effective_time):
         return "scheduled"
-    if recall.HasField("end_time") and now >= recall.end_time.ToNanoseconds() / 1e9:
+    ends = [pledge_end] if pledge_end is not None else []
+    if recall.HasField("end_time"):
+        ends.append(_seconds(recall.end_time))
+    if ends and now >= min(ends):
         return "ended"
     return "active"
+
+
+def _seconds(stamp: timestamp_pb2.Timestamp) -> float:
+    return stamp.ToNanoseconds() / 1e9
 
 
 def warn_above_registered(pledges: Iterable[scheduler_pb2.Pledge]) -> None:

@@ -740,6 +740,11 @@ def test_recall_list_shows_state(
     }
 
     class Scheduler:
+        def ListPledges(
+            self, request: scheduler_pb2.ListPledgesRequest
+        ) -> scheduler_pb2.ListPledgesResponse:
+            return scheduler_pb2.ListPledgesResponse()
+
         def ListRecalls(
             self, request: scheduler_pb2.ListRecallsRequest
         ) -> scheduler_pb2.ListRecallsResponse:
@@ -762,3 +767,57 @@ def test_recall_list_shows_state(
     assert rows["r-active"]["state"] == "active"
     assert rows["r-ended"]["state"] == "ended"
     assert "freed" not in rows["r-active"]
+
+
+def test_recall_list_ends_with_pledge(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Recalls stored before every recall got an end may have none, and a pledge shortened after
+    # a recall may end before it. Either recall ends with its pledge.
+    now = datetime.now(UTC)
+    pledge = scheduler_pb2.Pledge(pledge_id="pl-old", provider_id="eu")
+    pledge.window.start_time.FromDatetime(now - timedelta(days=2))
+    pledge.window.end_time.FromDatetime(now - timedelta(hours=1))
+    current = scheduler_pb2.Pledge(pledge_id="pl-now", provider_id="eu")
+    current.window.start_time.FromDatetime(now - timedelta(days=2))
+    current.window.end_time.FromDatetime(now + timedelta(days=2))
+    ends = {
+        "r-no-end": ("pl-old", None),
+        "r-after-pledge": ("pl-old", now + timedelta(hours=1)),
+        "r-running-pledge": ("pl-now", None),
+        "r-unlisted-pledge": ("pl-gone", None),
+    }
+    requests: list[str] = []
+
+    class Scheduler:
+        def ListPledges(
+            self, request: scheduler_pb2.ListPledgesRequest
+        ) -> scheduler_pb2.ListPledgesResponse:
+            requests.append(request.provider_id)
+            return scheduler_pb2.ListPledgesResponse(pledges=[pledge, current])
+
+        def ListRecalls(
+            self, request: scheduler_pb2.ListRecallsRequest
+        ) -> scheduler_pb2.ListRecallsResponse:
+            recalls = []
+            for recall_id, (pledge_id, end) in ends.items():
+                recall = scheduler_pb2.Recall(recall_id=recall_id, pledge_id=pledge_id, count=1)
+                recall.effective_time.FromDatetime(now - timedelta(days=1))
+                if end is not None:
+                    recall.end_time.FromDatetime(end)
+                recalls.append(recall)
+            return scheduler_pb2.ListRecallsResponse(recalls=recalls)
+
+    @contextmanager
+    def open_scheduler(args: object) -> Iterator[Scheduler]:
+        yield Scheduler()
+
+    monkeypatch.setattr(pledges_cli, "open_scheduler", open_scheduler)
+    assert main(["fleet", "recall", "list", "--provider", "eu", "--format", "json"]) == 0
+    rows = {row["recall"]: row for row in json_rows(capsys.readouterr().out)}
+    assert rows["r-no-end"]["state"] == "ended"
+    assert rows["r-after-pledge"]["state"] == "ended"
+    assert rows["r-running-pledge"]["state"] == "active"
+    # A recall whose pledge is not listed ends at its own end time, which this one lacks.
+    assert rows["r-unlisted-pledge"]["state"] == "active"
+    assert requests == ["eu"]
