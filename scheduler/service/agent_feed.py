@@ -24,7 +24,12 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from acsp import subjects
-from acsp.rendezvous import MAX_HOST_CHARACTERS, is_valid_host
+from acsp.rendezvous import (
+    DEFAULT_PORT_RANGE,
+    MAX_HOST_CHARACTERS,
+    is_valid_host,
+    parse_port_range,
+)
 from acsp.v1 import agent_pb2, scheduler_pb2
 
 from .engine_adapter import AcceleratorHealth
@@ -123,11 +128,38 @@ _warned_hosts: set[tuple[str, str, str]] = set()
 
 
 def _port_range(msg: agent_pb2.Inventory) -> tuple[int, int] | None:
-    """Return the inventory's rendezvous port range, or None for none or an invalid one."""
+    """Return the inventory's rendezvous port range, or None for none or an invalid one.
+
+    The scheduler applies the agent's own rule for ACSP_AGENT_RENDEZVOUS_PORTS (ports 1024 to
+    65535, low at or below high), because an inventory may come from any agent. A node with
+    an invalid range gets the default range, as a node that reports none does.
+    """
     low, high = msg.rendezvous_port_min, msg.rendezvous_port_max
-    if 0 < low <= high <= 65535:
-        return low, high
+    if low == 0 and high == 0:
+        # Agents that predate the range report none.
+        return None
+    try:
+        return parse_port_range(f"{low}-{high}")
+    except ValueError:
+        pass
+    key = (msg.node.provider_id, msg.node.region_id, msg.node.node_id)
+    if key not in _warned_port_ranges:
+        # Once per node and process, because every inventory of the node repeats the range.
+        _warned_port_ranges.add(key)
+        logger.warning(
+            "node %s.%s.%s reports rendezvous ports %d-%d, which is not a range of ports from "
+            "1024 to 65535 with the lowest first, so its jobs get ports from the default range "
+            "%d-%d; fix ACSP_AGENT_RENDEZVOUS_PORTS on its agent",
+            *key,
+            low,
+            high,
+            *DEFAULT_PORT_RANGE,
+        )
     return None
+
+
+_warned_port_ranges: set[tuple[str, str, str]] = set()
+"""Nodes whose invalid rendezvous port range was logged; as many as the fleet has nodes at most."""
 
 
 def accelerator_health(node_key: str, event: agent_pb2.HealthEvent) -> AcceleratorHealth | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import pytest
@@ -125,14 +126,61 @@ def test_inventory_host_and_ports() -> None:
     assert view.rendezvous_ports == (30000, 30010)
 
 
-@pytest.mark.parametrize(("low", "high"), [(0, 0), (30010, 30000), (0, 30000), (30000, 70000)])
+@pytest.mark.parametrize(
+    ("low", "high"),
+    [(0, 0), (30010, 30000), (0, 30000), (30000, 70000), (80, 90), (1, 1023), (1023, 30000)],
+)
 def test_inventory_bad_ports_ignored(low: int, high: int) -> None:
+    # The agent accepts only ports 1024 to 65535 in ACSP_AGENT_RENDEZVOUS_PORTS, so a range
+    # below 1024 comes from an agent that skipped that check.
     message = agent_pb2.Inventory(
         node=agent_pb2.NodeRef(provider_id="prov", region_id="reg", node_id="a"),
         rendezvous_port_min=low,
         rendezvous_port_max=high,
     )
     assert node_from_inventory(message).rendezvous_ports is None
+
+
+@pytest.mark.parametrize(("low", "high"), [(1024, 1024), (1024, 65535), (65535, 65535)])
+def test_inventory_edge_ports_kept(low: int, high: int) -> None:
+    message = agent_pb2.Inventory(
+        node=agent_pb2.NodeRef(provider_id="prov", region_id="reg", node_id="a"),
+        rendezvous_port_min=low,
+        rendezvous_port_max=high,
+    )
+    assert node_from_inventory(message).rendezvous_ports == (low, high)
+
+
+def test_inventory_bad_ports_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    message = agent_pb2.Inventory(
+        node=agent_pb2.NodeRef(provider_id="prov", region_id="reg", node_id="low-ports"),
+        rendezvous_port_min=80,
+        rendezvous_port_max=90,
+    )
+    caplog.set_level(logging.WARNING, logger="scheduler.service.agent_feed")
+
+    node_from_inventory(message)
+    node_from_inventory(message)
+
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert "prov.reg.low-ports" in text
+    assert "80-90" in text
+    assert "1024 to 65535" in text
+    assert "ACSP_AGENT_RENDEZVOUS_PORTS" in text
+    assert f"{DEFAULT_PORT_RANGE[0]}-{DEFAULT_PORT_RANGE[1]}" in text
+
+
+def test_inventory_without_ports_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # Agents that predate the range report 0 for both ends.
+    message = agent_pb2.Inventory(
+        node=agent_pb2.NodeRef(provider_id="prov", region_id="reg", node_id="no-ports")
+    )
+    caplog.set_level(logging.WARNING, logger="scheduler.service.agent_feed")
+
+    assert node_from_inventory(message).rendezvous_ports is None
+    assert caplog.records == []
 
 
 @pytest.mark.parametrize("host", ["gpu-a\nevil", "x" * 101, "gpu a", "gpu-a/b"])
