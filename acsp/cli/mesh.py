@@ -32,12 +32,15 @@ from acsp.mesh.endpoints import (
     MeshNotFoundError,
     default_data_dir,
     load_mesh,
-    pid_running,
-    supervisor_alive,
 )
 from acsp.mesh.health import HealthReport, check_health
 from acsp.mesh.postgres import cluster_dir_for
-from acsp.mesh.stop import MeshStopTimeoutError, stop_supervisor, supervisor_running
+from acsp.mesh.stop import (
+    MeshStopTimeoutError,
+    mesh_process_running,
+    stop_supervisor,
+    supervisor_running,
+)
 from acsp.mesh.supervisor import LocalMesh, MeshConfig, MeshStartError
 
 logger = logging.getLogger(__name__)
@@ -314,7 +317,7 @@ def run_status(args: argparse.Namespace) -> int:
         for report in reports
     ]
     print_records(records, ["service", "endpoint", "status", "detail"], output_format=args.format)
-    if not supervisor_alive(info):
+    if not supervisor_running(info):
         print(
             f"warning: the supervisor (pid {info.supervisor_pid}) that wrote "
             f"{info.data_dir / 'mesh.json'} is not running",
@@ -345,7 +348,7 @@ def _process_reports(info: MeshInfo) -> list[HealthReport]:
     for name, pid in sorted(pids.items()):
         if name in info.endpoints:
             continue
-        status = "RUNNING" if pid_running(int(pid)) else "STOPPED"
+        status = "RUNNING" if mesh_process_running(info, int(pid)) else "STOPPED"
         reports.append(HealthReport(name, f"pid {pid}", status))
     return reports
 

@@ -150,8 +150,3 @@ def pid_running(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def supervisor_alive(info: MeshInfo) -> bool:
-    """Return True if the process that wrote the mesh file still runs."""
-    return pid_running(info.supervisor_pid)

@@ -22,13 +22,18 @@ class MeshStopTimeoutError(Exception):
 
 
 def supervisor_running(info: MeshInfo) -> bool:
-    """Return whether the supervisor that wrote ``info``'s mesh file still runs.
+    """Return whether the supervisor that wrote ``info``'s mesh file still runs."""
+    return mesh_process_running(info, info.supervisor_pid)
 
-    A process id is reused once its process exits, so a process that started after the mesh
-    file was written is another program, not the supervisor (checked on Linux, through /proc).
-    A zombie has exited and counts as stopped.
+
+def mesh_process_running(info: MeshInfo, pid: int) -> bool:
+    """Return whether process ``pid``, which ``info``'s mesh file names, still runs.
+
+    The supervisor writes the file after it starts its children and again after it restarts
+    one. A process id is reused once its process exits, so a process that started after the
+    file was written is another program (checked on Linux, through /proc). A zombie has exited
+    and counts as stopped.
     """
-    pid = info.supervisor_pid
     if not pid_running(pid) or _is_zombie(pid):
         return False
     started = _start_time(pid)

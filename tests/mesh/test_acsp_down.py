@@ -1,4 +1,5 @@
-"""acsp down and acsp up against the process that a mesh file names, without any server."""
+"""acsp down, acsp up and acsp status against the processes that a mesh file names, without any
+server."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from acsp.cli import main
+from acsp.cli import _common, main
+from acsp.mesh._ports import free_port
+from acsp.mesh.credentials import prepare
 from acsp.mesh.endpoints import MESH_FILE_NAME, MeshInfo
 from acsp.mesh.supervisor import LocalMesh, MeshConfig, MeshStartError
 
@@ -36,6 +39,22 @@ def write_mesh_file(data_dir: Path, supervisor_pid: int) -> None:
         database_url="postgresql://127.0.0.1:1/unused",
         nats_url="nats://127.0.0.1:1",
         supervisor_pid=supervisor_pid,
+    ).write()
+
+
+def write_status_mesh_file(data_dir: Path, pid: int) -> None:
+    """Write a mesh file whose supervisor and fleet are ``pid``, with credentials that acsp
+    status can read and a grant service that nothing serves."""
+    credentials = prepare(data_dir, services=[])
+    MeshInfo(
+        data_dir=data_dir.resolve(),
+        endpoints={"grant": f"127.0.0.1:{free_port()}"},
+        ca_cert=credentials.client_identity.ca,
+        token_key=credentials.token_private_key,
+        database_url="postgresql://127.0.0.1:1/unused",
+        nats_url="nats://127.0.0.1:1",
+        supervisor_pid=pid,
+        extra={"pids": {"fleet": pid}},
     ).write()
 
 
@@ -88,3 +107,40 @@ def test_up_rejects_dir_of_running_mesh(tmp_path: Path, sleeper: subprocess.Pope
         LocalMesh(MeshConfig(data_dir=tmp_path))._claim_data_dir()
 
     assert (tmp_path / MESH_FILE_NAME).exists()
+
+
+def test_status_skips_reused_pids(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The mesh stopped without removing its mesh file, and its supervisor's and fleet's pids
+    # now belong to a process that started an hour after the file was written.
+    write_status_mesh_file(tmp_path, sleeper.pid)
+    mesh_file = tmp_path / MESH_FILE_NAME
+    an_hour_ago = mesh_file.stat().st_mtime - 3600
+    os.utime(mesh_file, (an_hour_ago, an_hour_ago))
+
+    code = main.main(["status", "--data-dir", str(tmp_path), "--format", "csv", "--timeout", "2"])
+
+    captured = capsys.readouterr()
+    fleet_line = next(line for line in captured.out.splitlines() if line.startswith("fleet,"))
+    assert fleet_line.split(",")[2] == "STOPPED"
+    assert f"supervisor (pid {sleeper.pid})" in captured.err
+    assert "is not running" in captured.err
+    assert code == _common.EXIT_NO_MESH
+    assert sleeper.poll() is None
+
+
+def test_status_reports_running_pids(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A mesh file written after its processes started names a running mesh.
+    write_status_mesh_file(tmp_path, sleeper.pid)
+
+    code = main.main(["status", "--data-dir", str(tmp_path), "--format", "csv", "--timeout", "2"])
+
+    captured = capsys.readouterr()
+    fleet_line = next(line for line in captured.out.splitlines() if line.startswith("fleet,"))
+    assert fleet_line.split(",")[2] == "RUNNING"
+    assert "is not running" not in captured.err
+    # The grant service is unreachable while the fleet runs.
+    assert code == _common.EXIT_FAILURE

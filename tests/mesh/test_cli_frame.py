@@ -20,7 +20,8 @@ from google.rpc import error_details_pb2, status_pb2
 from acsp.cli import _common, main, mesh
 from acsp.mesh._ports import free_port
 from acsp.mesh.credentials import mint_token, prepare
-from acsp.mesh.endpoints import MeshInfo, MeshNotFoundError, load_mesh, supervisor_alive
+from acsp.mesh.endpoints import MeshInfo, MeshNotFoundError, load_mesh
+from acsp.mesh.stop import supervisor_running
 from acsp.mesh.supervisor import LocalMesh, MeshConfig, MeshStartError
 
 
@@ -44,7 +45,7 @@ def test_mesh_file_round_trip(tmp_path: Path):
     written.write()
     loaded = load_mesh(tmp_path)
     assert loaded == written
-    assert supervisor_alive(loaded)
+    assert supervisor_running(loaded)
 
 
 def test_mesh_file_missing_names_the_fix(tmp_path: Path):
