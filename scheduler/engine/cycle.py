@@ -181,9 +181,10 @@ class PassState:
         spec = record.spec
         engine = self.engine
         if engine.no_budget:
-            ceiling = engine.no_budget.get(spec.project)
+            budget_key = (spec.project, spec.payer)
+            ceiling = engine.no_budget.get(budget_key)
             if ceiling is not None and spec.budget_size >= ceiling:
-                block = engine.budget_blocks.get(spec.project)
+                block = engine.budget_blocks.get(budget_key)
                 return self.wait(record, ReasonCode.BUDGET, budget_message(block, spec.job_id))
         shape = record.shape
         assert shape is not None

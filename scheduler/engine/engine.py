@@ -52,12 +52,13 @@ class Engine:
         self.limits: dict[tuple[LimitScope, str], int] = {}
         self.in_use: dict[tuple[LimitScope, str], int] = {}
         """Millis running per project and per institution."""
-        self.no_budget: dict[str, float] = {}
-        """Per project, the smallest :attr:`JobSpec.budget_size` whose hold failed: jobs of
-        that size or larger wait, smaller ones may still be paid for."""
-        self.budget_blocks: dict[str, ev.BudgetChanged] = {}
-        """Per project, the block that set :attr:`no_budget`, for the reasons of the jobs it
-        holds back."""
+        self.no_budget: dict[tuple[str, str], float] = {}
+        """Per project and :attr:`JobSpec.payer`, the smallest :attr:`JobSpec.budget_size`
+        whose hold failed: jobs of that size or larger wait, smaller ones may still be paid
+        for."""
+        self.budget_blocks: dict[tuple[str, str], ev.BudgetChanged] = {}
+        """Per project and payer, the block that set :attr:`no_budget`, for the reasons of the
+        jobs it holds back."""
         self.advance_jobs: set[str] = set()
         """Pending jobs with an advance reservation (``start_at``)."""
         self.broken: set[str] = set()

@@ -169,11 +169,12 @@ class RecallEnded:
 
 @dataclass(frozen=True, slots=True)
 class BudgetChanged:
-    """Whether the project's grants can hold budget for another job (from the grant service).
+    """Whether a grant or sub-allocation can hold budget for another job (from the grant service).
 
-    ``available=False`` with a ``size`` blocks the project's jobs whose
-    :attr:`JobSpec.budget_size` is at least ``size``; 0.0 blocks all of them. Of several blocks, the
-    smallest size applies, and ``available=True`` lifts them.
+    ``available=False`` with a ``size`` blocks the project's jobs with the same
+    :attr:`JobSpec.payer` whose :attr:`JobSpec.budget_size` is at least ``size``; 0.0 blocks all
+    of them. Jobs paid by another grant or sub-allocation are not blocked. Of several blocks on
+    one payer, the smallest size applies, and ``available=True`` lifts them.
     """
 
     project: str
@@ -184,7 +185,10 @@ class BudgetChanged:
     message: str = ""
     """The reason for rejecting that hold, with the hold and the grant's available budget."""
     retry_at: float | None = None
-    """When the scheduler asks for the project's holds again, or None when unknown."""
+    """When the scheduler asks for the payer's holds again, or None when unknown."""
+    payer: str = ""
+    """The :attr:`JobSpec.payer` whose jobs the block holds back. Empty blocks the project's
+    jobs that name no grant."""
 
 
 Event = (

@@ -133,14 +133,15 @@ def _on_recall_ended(engine: Engine, event: ev.RecallEnded) -> None:
 
 
 def _on_budget(engine: Engine, event: ev.BudgetChanged) -> None:
+    key = (event.project, event.payer)
     if event.available:
-        engine.no_budget.pop(event.project, None)
-        engine.budget_blocks.pop(event.project, None)
+        engine.no_budget.pop(key, None)
+        engine.budget_blocks.pop(key, None)
         return
-    blocked = engine.no_budget.get(event.project)
+    blocked = engine.no_budget.get(key)
     if blocked is None or event.size <= blocked:
-        engine.no_budget[event.project] = event.size
-        engine.budget_blocks[event.project] = event
+        engine.no_budget[key] = event.size
+        engine.budget_blocks[key] = event
 
 
 HANDLERS: dict[type, Callable[[Engine, Any], None]] = {

@@ -24,21 +24,28 @@ def at(t: float) -> str:
 
 
 def budget_message(block: BudgetChanged | None, job_id: str) -> str:
-    """Explain why a job waits behind a project's budget block, and when it is tried again.
+    """Explain why a job waits behind a budget block, and when it is tried again.
 
-    The block comes from the hold the grant service last rejected for the project. A job at
+    The block comes from the hold the grant service last rejected on the grant or
+    sub-allocation that pays the job, or for the project's jobs that name no grant. A job at
     least as large as that one is not sent for a hold, because it would be rejected too.
     """
     if block is None or not block.message:
-        refused = "the grant service rejected a hold of this project no larger than this job's"
+        refused = (
+            "the grant service rejected a hold no larger than this job's on the grant or "
+            "sub-allocation that pays it"
+        )
     elif block.job_id == job_id:
         refused = block.message
-    else:
-        # NOTE: the block covers the whole project, so it also holds back a job that names
-        # another of the project's grants than the rejected one.
+    elif block.payer:
         refused = (
-            f"the grant service rejected the hold of job {block.job_id}, which is no larger "
-            f"than this one: {block.message}"
+            f"the grant service rejected the hold of job {block.job_id}, which draws on the "
+            f"same grant or sub-allocation and is no larger than this one: {block.message}"
+        )
+    else:
+        refused = (
+            f"the grant service rejected the hold of job {block.job_id}, which names no grant "
+            f"either and is no larger than this one: {block.message}"
         )
     if block is None or block.retry_at is None:
         return f"{refused}; the scheduler asks for the hold again at its next budget check"

@@ -135,6 +135,10 @@ class JobSpec:
     avoid_nodes: frozenset[str] = frozenset()
     """Node ids that rejected the start of an earlier attempt. The job is placed there only if
     no other node has room."""
+    payer: str = ""
+    """The grant or sub-allocation that pays the job's hold, as budget blocks key it (see
+    :class:`~scheduler.engine.events.BudgetChanged`). Empty for a job that names no grant,
+    which the grant service charges to a grant of the project that it picks per hold."""
 
     @property
     def fractional(self) -> bool:

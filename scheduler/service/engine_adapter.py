@@ -16,7 +16,7 @@ of a new provider or region appears.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from scheduler.engine import decisions as d
@@ -133,7 +133,17 @@ def job_to_engine(
         wall_time_s=float(spec.wall_time_s),
         checkpointable=spec.checkpointable,
         avoid_nodes=frozenset(job.avoid_nodes),
+        payer=budget_payer(job),
     )
+
+
+def budget_payer(job: Job) -> str:
+    """Return the engine's key for what pays ``job``'s hold: ``<grant>``,
+    ``<grant>/<sub-allocation>``, or empty when the job names no grant."""
+    spec = job.spec
+    if spec.sub_allocation_id:
+        return f"{spec.grant_id}/{spec.sub_allocation_id}"
+    return spec.grant_id
 
 
 def depends_on_providers(job: Job) -> bool:
@@ -542,26 +552,43 @@ class EngineAdapter:
         else:
             self.remove(job_id)
 
-    def set_budget(self, project: str, available: bool) -> None:
-        self.engine.apply(ev.BudgetChanged(project, available))
+    def lift_budget_block(self, project: str, payer: str) -> None:
+        """Let the jobs of ``project`` paid by ``payer`` ask for holds again."""
+        self.engine.apply(ev.BudgetChanged(project, True, payer=payer))
+
+    def budget_key(self, job_id: str) -> tuple[str, str] | None:
+        """Return the project and payer whose budget block holds ``job_id`` back, or None.
+
+        The engine keeps the payer of the job as it was queued. A job that named no grant
+        keeps the empty payer after the grant service picked a grant for an earlier attempt,
+        so its later holds follow the project's block for jobs that name no grant.
+        """
+        record = self.engine.jobs.get(job_id)
+        if record is None:
+            return None
+        return record.spec.project, record.spec.payer
 
     def block_budget(
         self, project: str, job_id: str, message: str = "", retry_at: float | None = None
     ) -> str:
-        """Hold back the project's jobs as large as ``job_id``, whose hold the grant refused.
+        """Hold back the jobs as large as ``job_id`` that its grant or sub-allocation pays.
 
-        Smaller jobs of the project are still tried, so one job that its grant cannot pay
-        does not stop the others. Without the job's record, every job of the project waits.
-        ``message`` says why the hold was refused, and the jobs held back wait with it until
-        ``retry_at``. Returns the pending reason of ``job_id`` itself.
+        The grant service rejected the hold of ``job_id``. Smaller jobs on the same payer are
+        still tried, so one job that its grant cannot pay does not stop the others. Jobs paid
+        by another grant or sub-allocation of the project are not held back. Without the job's
+        record its payer is unknown, and no job is held back. ``message`` says why the hold
+        was rejected, and the jobs held back wait with it until ``retry_at``. Returns the
+        pending reason of ``job_id`` itself.
 
         NOTE: jobs are compared by accelerator-seconds, not by price, so a smaller job on a
         dearer model may still be tried, and fail, once.
         """
+        block = ev.BudgetChanged(project, False, 0.0, job_id, message, retry_at)
         record = self.engine.jobs.get(job_id)
-        size = record.spec.budget_size if record is not None else 0.0
-        block = ev.BudgetChanged(project, False, size, job_id, message, retry_at)
-        self.engine.apply(block)
+        if record is not None:
+            spec = record.spec
+            block = replace(block, size=spec.budget_size, payer=spec.payer)
+            self.engine.apply(block)
         return budget_message(block, job_id)
 
     # Passes.

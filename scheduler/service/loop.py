@@ -141,7 +141,8 @@ class SchedulingLoop:
         self._hold_calls = asyncio.Semaphore(
             max(1, settings.max_holds_in_flight // settings.holds_per_call)
         )
-        self._no_budget: dict[str, float] = {}
+        self._no_budget: dict[tuple[str, str], float] = {}
+        """When the latest hold failed for lack of budget, per budget block (project, payer)."""
         self._unpublishable: list[tuple[DispatchRecord, str]] = []
         self._published: list[tuple[str, int, int, str]] = []
         self._published_events: list[str] = []
@@ -316,7 +317,9 @@ class SchedulingLoop:
             case HoldDone(job_id, attempt, outcome):
                 self.book.apply_hold(job_id, attempt, outcome, fx)
                 if outcome.status == "no_budget":
-                    self._no_budget[self.book_project(job_id)] = fx.now
+                    blocked = self.book.engine.budget_key(job_id)
+                    if blocked is not None:
+                        self._no_budget[blocked] = fx.now
             case HeartbeatReceived():
                 self._apply_heartbeat(item, fx)
             case InventoryReceived(node, _, ack):
@@ -426,10 +429,6 @@ class SchedulingLoop:
         if self.book.engine.set_accelerator_health(change, fx.now):
             fx.accelerators.append(change)
 
-    def book_project(self, job_id: str) -> str:
-        job = self.book.jobs.get(job_id)
-        return job.spec.project_id if job else ""
-
     def _on_node_change(self, change: NodeChange, fx: Effects) -> None:
         node = change.node
         now = fx.now
@@ -450,10 +449,10 @@ class SchedulingLoop:
         engine.set_max_jobs(node.key, node.max_jobs)
 
     def _retry_budgets(self, now: float) -> None:
-        for project, since in list(self._no_budget.items()):
+        for (project, payer), since in list(self._no_budget.items()):
             if now - since >= self.settings.budget_retry_s:
-                del self._no_budget[project]
-                self.book.engine.set_budget(project, True)
+                del self._no_budget[project, payer]
+                self.book.engine.lift_budget_block(project, payer)
 
     async def _commit(self, fx: Effects, inventories: list[InventoryReceived]) -> None:
         if inventories:

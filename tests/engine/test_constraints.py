@@ -94,6 +94,48 @@ def test_budget_block_spares_smaller_jobs() -> None:
     assert "small" in placed(result)
 
 
+def test_budget_block_spares_other_payers() -> None:
+    engine = mixed_engine()
+    engine.apply(BudgetChanged("proj", available=False, payer="g1"))
+    engine.submit(job("on-g1", payer="g1"))
+    engine.submit(job("on-g2", payer="g2", submit=1.0))
+    engine.submit(job("on-s1", payer="g1/s1", submit=2.0))
+    engine.submit(job("no-grant", submit=3.0))
+
+    result = engine.schedule(0.0)
+
+    assert reasons(result)["on-g1"] == ReasonCode.BUDGET
+    assert "on-g2" in placed(result)
+    assert "on-s1" in placed(result)
+    assert "no-grant" in placed(result)
+
+
+def test_no_grant_block_holds_no_grant_jobs() -> None:
+    engine = mixed_engine()
+    engine.apply(BudgetChanged("proj", available=False))
+    engine.submit(job("no-grant", models=frozenset({"T4"})))
+    engine.submit(job("on-g1", payer="g1", models=frozenset({"T4"}), submit=1.0))
+
+    result = engine.schedule(0.0)
+
+    assert reasons(result)["no-grant"] == ReasonCode.BUDGET
+    assert "on-g1" in placed(result)
+
+
+def test_lifting_block_frees_its_payer_only() -> None:
+    engine = mixed_engine()
+    engine.apply(BudgetChanged("proj", available=False, payer="g1"))
+    engine.apply(BudgetChanged("proj", available=False, payer="g2"))
+    engine.apply(BudgetChanged("proj", available=True, payer="g1"))
+    engine.submit(job("on-g1", payer="g1"))
+    engine.submit(job("on-g2", payer="g2", submit=1.0))
+
+    result = engine.schedule(0.0)
+
+    assert "on-g1" in placed(result)
+    assert reasons(result)["on-g2"] == ReasonCode.BUDGET
+
+
 def test_budget_reason_states_refusal() -> None:
     engine = mixed_engine()
     engine.submit(job("small", wall_time_s=3600.0))
@@ -107,8 +149,24 @@ def test_budget_reason_states_refusal() -> None:
         f"{refusal}; the scheduler asks for the hold again after 2027-01-15 08:00:30 UTC"
     )
     assert messages["big"].startswith("the grant service rejected the hold of job small")
+    assert "names no grant either" in messages["big"]
     assert refusal in messages["big"]
     assert "budget block" not in messages["big"]
+
+
+def test_budget_reason_names_shared_grant() -> None:
+    engine = mixed_engine()
+    engine.submit(job("big", accelerators=2, wall_time_s=3600.0, payer="g1"))
+    refusal = "needs 2 PF-days for this hold; grant g1 has 0.5 PF-days available"
+    engine.apply(BudgetChanged("proj", False, 1000 * 3600.0, "small", refusal, None, "g1"))
+
+    message = {w.job_id: w.message for w in engine.schedule(0.0).waiting}["big"]
+
+    assert message == (
+        "the grant service rejected the hold of job small, which draws on the same grant or "
+        f"sub-allocation and is no larger than this one: {refusal}; the scheduler asks for "
+        "the hold again at its next budget check"
+    )
 
 
 def test_every_pending_job_has_one_reason() -> None:

@@ -34,12 +34,12 @@ def make_book(gpus: int = 8) -> JobBook:
     return JobBook(adapter, epoch=7)
 
 
-def make_job(tasks: int = 2, millis: int = 1000, project: str = "proj") -> Job:
+def make_job(tasks: int = 2, millis: int = 1000, project: str = "proj", grant: str = "g1") -> Job:
     spec = JobSpec(
         name="train",
         project_id=project,
         command=("true",),
-        grant_id="g1",
+        grant_id=grant,
         task_count=tasks,
         accelerator_millis_per_task=millis,
         wall_time_s=3600,
@@ -183,6 +183,40 @@ def test_unpaid_large_job_leaves_small_ones() -> None:
 
     assert [j.job_id for j, _ in fx2.admit] == [small.job_id]
     assert book.jobs[large.job_id].pending_reason == "budget"
+
+
+def test_budget_block_spares_other_grant() -> None:
+    book = make_book()
+    small = make_job(tasks=1)
+    place(book, small)
+    refusal = "needs 1 PF-days for this hold; grant g1 has 0.5 PF-days available"
+    book.apply_hold(small.job_id, 1, HoldOutcome("no_budget", message=refusal), Effects(NOW + 2))
+
+    same_grant = make_job(tasks=4)
+    other_grant = make_job(tasks=4, grant="g2")
+    book.add([same_grant, other_grant], NOW + 3)
+    fx = Effects(NOW + 3)
+    book.apply_pass(book.engine.schedule(NOW + 3), fx)
+
+    assert [j.job_id for j, _ in fx.admit] == [other_grant.job_id]
+    held_back = book.jobs[same_grant.job_id]
+    assert held_back.pending_reason == "budget"
+    assert f"the hold of job {small.job_id}, which draws on the same grant" in held_back.reason
+    assert book.engine.budget_key(small.job_id) == ("proj", "g1")
+
+
+def test_sub_allocation_has_own_budget_block() -> None:
+    book = make_book()
+    on_grant = make_job(tasks=1)
+    place(book, on_grant)
+    book.apply_hold(on_grant.job_id, 1, HoldOutcome("no_budget", message="none"), Effects(NOW + 2))
+
+    on_allocation = make_job(tasks=4)
+    on_allocation = replace(on_allocation, spec=replace(on_allocation.spec, sub_allocation_id="s1"))
+    fx = place(book, on_allocation, NOW + 3)
+
+    assert [j.job_id for j, _ in fx.admit] == [on_allocation.job_id]
+    assert book.engine.budget_key(on_allocation.job_id) == ("proj", "g1/s1")
 
 
 def test_gang_task_start_failure_requeues_whole_job() -> None:
