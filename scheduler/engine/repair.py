@@ -148,8 +148,12 @@ def repair_broken(state: PassState) -> None:
         if record.stopping:
             _fence_shares(record)
         plans = None
+        # Task 0's node is the rendezvous host that every other task connects to, so a gang
+        # that lost it restarts whole at a new rendezvous.
+        rendezvous_lost = 0 in record.lost
         if (
             not record.stopping
+            and not rendezvous_lost
             and len(record.lost) < spec.task_count
             and spec.topology is not Topology.SAME_NODE
         ):
@@ -160,6 +164,9 @@ def repair_broken(state: PassState) -> None:
             lost_nodes = ",".join(sorted(names))
             if record.stopping:
                 message = f"lost task(s) on node {lost_nodes} while it stopped"
+            elif rendezvous_lost:
+                message = f"lost task 0, the rendezvous host, on node {lost_nodes}"
+                _fence_shares(record)
             else:
                 message = f"lost task(s) on node {lost_nodes} and found no replacement"
                 _fence_shares(record)

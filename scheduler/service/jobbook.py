@@ -381,13 +381,16 @@ class JobBook:
     def replace_task(self, job_id: str, task: TaskPlacement, lost_node: str, fx: Effects) -> None:
         """Start a task lost with ``lost_node`` on the new accelerators the engine gave it.
 
-        The other tasks keep running and the job keeps its state. The old copy gets a stop
-        command on the lost node, in case the node comes back, and the engine keeps that
-        node's accelerators fenced until it confirms the copy stopped. A job that a cancel or
-        a failure is stopping ends now as that. A job that is not running or starting here,
-        is being preempted, or whose task is no longer the live one on ``lost_node`` is
-        requeued whole instead, in the engine too, with its live tasks fenced until their
-        nodes confirm their stops.
+        The other tasks keep running and the job keeps its state and rendezvous port. The new
+        copy's start command carries the current hosts, but the other tasks keep the hosts
+        file they started with. The old copy gets a stop command on the lost node, in case
+        the node comes back, and the engine keeps that node's accelerators fenced until it
+        confirms the copy stopped. A job that a cancel or a failure is stopping ends now as
+        that. Task 0, whose node is the rendezvous host, is never replaced: its job is
+        requeued whole, as is a job that is not running or starting here, is being
+        preempted, or whose task is no longer the live one on ``lost_node``. The requeue
+        reaches the engine too, and the job's live tasks stay fenced until their nodes
+        confirm their stops.
         """
         stopping = self._stopping.get(job_id)
         if stopping is not None and stopping.outcome is not None:
@@ -404,6 +407,7 @@ class JobBook:
         if (
             job is None
             or index is None
+            or task.task_index == 0
             or job.state not in ("running", "starting")
             or job_id in self._stopping
             or job.placement[index].node_key != lost_node
@@ -434,8 +438,6 @@ class JobBook:
         fx.commands.append(stop_record(job_id, job.attempt, old, reason, 0, self.epoch, stop_kind))
         self._add_orphan(old, TaskId(job_id, job.attempt, old.task_index))
         start_kind = replacement_kind("start", new.node_key)
-        # NOTE: the job's other tasks keep the hosts and the rendezvous they started with, so a
-        # replaced task 0, or a task that now runs on another host, is not where they look.
         rendezvous = rendezvous_fields(replaced, self._endpoint_of)
         fx.commands.append(start_record(replaced, new, self.epoch, start_kind, rendezvous))
         self._replacing_since[(job_id, job.attempt, task.task_index)] = fx.now

@@ -268,9 +268,9 @@ def test_release_fences_keeps_running_attempt() -> None:
     engine.add_node(node("n2", 1))
     engine.add_node(node("n3", 1))
     assert engine.adopt_fence("n1", "a#old", ("n1-gpu0",), 1000)
-    tasks = [TaskPlacement(0, "n1", ("n1-gpu1",), 1000), TaskPlacement(1, "n2", ("n2-gpu0",), 1000)]
+    tasks = [TaskPlacement(0, "n2", ("n2-gpu0",), 1000), TaskPlacement(1, "n1", ("n1-gpu1",), 1000)]
     engine.adopt(job("a", tasks=2), tasks, 0.0)
-    # n1 is lost: task 0 moves to n3, and the running attempt's share on n1 stays fenced.
+    # n1 is lost: task 1 moves to n3, and the running attempt's share on n1 stays fenced.
     engine.apply(NodeMissedHeartbeats("n1"))
     result = engine.schedule(1.0)
     assert [d.task.node_id for d in result.decisions if isinstance(d, ReplaceTask)] == ["n3"]
@@ -292,27 +292,49 @@ def test_requeued_gang_keeps_survivor_fenced() -> None:
     engine.add_node(node("n1", 1))
     engine.add_node(node("n2", 1))
     engine.submit(job("g", tasks=2, topology=Topology.SAME_PROVIDER))
-    assert nodes_of(placed(engine.schedule(0.0))["g"]) == {"n1", "n2"}
+    first = placed(engine.schedule(0.0))["g"]
+    assert nodes_of(first) == {"n1", "n2"}
+    survivor, lost = (task.node_id for task in sorted(first.tasks, key=lambda t: t.task_index))
     engine.submit(job("next", submit=1.0))
 
-    engine.apply(NodeMissedHeartbeats("n1"))
+    engine.apply(NodeMissedHeartbeats(lost))
     result = engine.schedule(10.0)
 
     requeues = [d for d in result.decisions if isinstance(d, Requeue)]
     assert [(d.job_id, d.message) for d in requeues] == [
-        ("g", "lost task(s) on node n1 and found no replacement")
+        ("g", f"lost task(s) on node {lost} and found no replacement")
     ]
-    # Its task on n2 gets a stop command but may still run, so nothing is placed there.
+    # Its task 0 gets a stop command but may still run, so nothing is placed there.
     assert placed(result) == {}
-    n2 = engine.fleet.by_id["n2"]
-    assert n2.fenced == {"g#1"}
-    assert n2.free_whole == 0
+    survivor_node = engine.fleet.by_id[survivor]
+    assert survivor_node.fenced == {"g#1"}
+    assert survivor_node.free_whole == 0
 
-    engine.apply(TasksStopped("n2", "g"))
+    engine.apply(TasksStopped(survivor, "g"))
 
-    assert not n2.fenced
-    assert n2.free_whole == 1
-    assert engine.fleet.by_id["n1"].fenced == {"g#1"}
+    assert not survivor_node.fenced
+    assert survivor_node.free_whole == 1
+    assert engine.fleet.by_id[lost].fenced == {"g#1"}
+
+
+def test_gang_losing_task_zero_requeued_whole() -> None:
+    engine = make_engine()
+    for name in ("n1", "n2", "n3"):
+        engine.add_node(node(name, 1))
+    engine.submit(job("g", tasks=2, topology=Topology.SAME_PROVIDER))
+    first = placed(engine.schedule(0.0))["g"]
+    rendezvous_node, survivor = (t.node_id for t in sorted(first.tasks, key=lambda t: t.task_index))
+
+    # n3 has room for task 0, but task 1 connects to task 0's node, so the gang restarts.
+    engine.apply(NodeMissedHeartbeats(rendezvous_node))
+    result = engine.schedule(10.0)
+
+    assert not any(isinstance(d, ReplaceTask) for d in result.decisions)
+    requeues = [d for d in result.decisions if isinstance(d, Requeue)]
+    assert [(d.job_id, d.message) for d in requeues] == [
+        ("g", f"lost task 0, the rendezvous host, on node {rendezvous_node}")
+    ]
+    assert engine.fleet.by_id[survivor].fenced == {"g#1"}
 
 
 @pytest.mark.parametrize("stopping", [False, True], ids=["running", "stopping"])

@@ -77,7 +77,7 @@ def free_node(job: Job) -> str:
 def test_replacement_keeps_job_running() -> None:
     book = make_book()
     job = running(book)
-    lost, survivor = job.placement
+    survivor, lost = job.placement
     target = free_node(job)
 
     fx = lose(book, lost.node_key)
@@ -85,25 +85,25 @@ def test_replacement_keeps_job_running() -> None:
     replaced = book.jobs[job.job_id]
     assert replaced.state == "running"
     assert replaced.attempt == 1
-    assert replaced.placement[1] == survivor
-    assert replaced.placement[0].node_key == target
-    assert replaced.placement[0].state == "assigned"
+    assert replaced.placement[0] == survivor
+    assert replaced.placement[1].node_key == target
+    assert replaced.placement[1].state == "assigned"
     commands = {(r.kind, r.node_key, r.task_index) for r in fx.commands}
     assert commands == {
-        (f"stop:{lost.node_key}", lost.node_key, 0),
-        (f"start:{target}", target, 0),
+        (f"stop:{lost.node_key}", lost.node_key, 1),
+        (f"start:{target}", target, 1),
     }
     start = next(r for r in fx.commands if r.kind.startswith("start"))
     command = agent_pb2.AgentCommand.FromString(start.payload)
-    assert command.task_id == f"{job.job_id}/1/0"
-    assert command.command_id == f"{job.job_id}/1/0/start:{target}"
+    assert command.task_id == f"{job.job_id}/1/1"
+    assert command.command_id == f"{job.job_id}/1/1/start:{target}"
     assert fx.events == []
     assert book.engine.running_in_engine(job.job_id)
 
-    started = report(book, target, f"{job.job_id}/1/0", "started", NOW + 11)
+    started = report(book, target, f"{job.job_id}/1/1", "started", NOW + 11)
 
     assert book.jobs[job.job_id].state == "running"
-    assert book.jobs[job.job_id].placement[0].state == "started"
+    assert book.jobs[job.job_id].placement[1].state == "started"
     assert started.events == []
     assert started.commands == []
 
@@ -111,15 +111,15 @@ def test_replacement_keeps_job_running() -> None:
 def test_old_copy_events_skip_new_task() -> None:
     book = make_book()
     job = running(book)
-    lost = job.placement[0]
+    lost = job.placement[1]
     target = free_node(job)
     lose(book, lost.node_key)
-    task_id = f"{job.job_id}/1/0"
+    task_id = f"{job.job_id}/1/1"
 
     late = report(book, lost.node_key, task_id, "started", NOW + 12)
 
-    assert book.jobs[job.job_id].placement[0].node_key == target
-    assert book.jobs[job.job_id].placement[0].state == "assigned"
+    assert book.jobs[job.job_id].placement[1].node_key == target
+    assert book.jobs[job.job_id].placement[1].state == "assigned"
     assert [(r.kind, r.node_key) for r in late.commands] == [
         (f"stop:{lost.node_key}", lost.node_key)
     ]
@@ -128,7 +128,7 @@ def test_old_copy_events_skip_new_task() -> None:
     stopped = report(book, lost.node_key, task_id, "stopped", NOW + 13)
 
     assert book.jobs[job.job_id].state == "running"
-    assert book.jobs[job.job_id].placement[0].state == "assigned"
+    assert book.jobs[job.job_id].placement[1].state == "assigned"
     assert stopped.changed == {}
     # The confirmed stop released the lost node's fenced accelerator.
     fleet = book.engine.engine.fleet
@@ -138,7 +138,7 @@ def test_old_copy_events_skip_new_task() -> None:
 def test_node_listing_confirms_old_copy() -> None:
     book = make_book()
     job = running(book)
-    lost = job.placement[0]
+    lost = job.placement[1]
     lose(book, lost.node_key)
     assert book.engine.engine.fleet.node(lost.node_key).fenced
 
@@ -150,7 +150,7 @@ def test_node_listing_confirms_old_copy() -> None:
 def test_unstarted_replacement_requeues_gang() -> None:
     book = make_book()
     job = running(book)
-    lost, survivor = job.placement
+    survivor, lost = job.placement
     target = free_node(job)
     lose(book, lost.node_key, NOW + 10)
 
@@ -175,22 +175,22 @@ def test_unstarted_replacement_requeues_gang() -> None:
 def test_unpublishable_replacement_fails_attempt() -> None:
     book = make_book()
     job = running(book)
-    fx = lose(book, job.placement[0].node_key)
+    fx = lose(book, job.placement[1].node_key)
     start = next(r for r in fx.commands if r.kind.startswith("start"))
     rejected = Effects(NOW + 11)
 
     book.fail_unpublishable(start, "payload too large", rejected)
 
     assert book.jobs[job.job_id].state == "stopping"
-    assert book.jobs[job.job_id].placement[0].state == "start_failed"
+    assert book.jobs[job.job_id].placement[1].state == "start_failed"
 
 
 def test_unpublishable_old_start_ignored() -> None:
     book = make_book()
     job = running(book)
-    lost = job.placement[0]
+    lost = job.placement[1]
     lose(book, lost.node_key)
-    first = DispatchRecord(job.job_id, 1, 0, "start", lost.node_key, b"")
+    first = DispatchRecord(job.job_id, 1, 1, "start", lost.node_key, b"")
     fx = Effects(NOW + 11)
 
     book.fail_unpublishable(first, "payload too large", fx)
@@ -204,7 +204,7 @@ def test_replacement_before_hold_requeues_gang() -> None:
     job = make_job(tasks=2)
     book.add([job], NOW + 1)
     placed = pass_at(book, NOW + 1)
-    lost = placed.admit[0][0].placement[0]
+    lost = placed.admit[0][0].placement[1]
 
     fx = lose(book, lost.node_key)
 
@@ -221,12 +221,12 @@ def test_requeue_reason_names_node_with_slashes() -> None:
     job = make_job(tasks=2)
     book.add([job], NOW + 1)
     placed = pass_at(book, NOW + 1)
-    lost = placed.admit[0][0].placement[0]
+    lost = placed.admit[0][0].placement[1]
 
     lose(book, lost.node_key)
 
     reason = book.jobs[job.job_id].reason
-    assert reason == f"task 0 lost on prov/reg/{lost.node}"
+    assert reason == f"task 1 lost on prov/reg/{lost.node}"
 
 
 def test_gang_without_room_names_lost_node() -> None:
@@ -237,7 +237,7 @@ def test_gang_without_room_names_lost_node() -> None:
     book.apply_hold(job.job_id, 1, HoldOutcome("held", "h1", "g1", Decimal(1)), Effects(NOW + 2))
     for task in book.jobs[job.job_id].placement:
         report(book, task.node_key, f"{job.job_id}/1/{task.task_index}", "started", NOW + 3)
-    lost = book.jobs[job.job_id].placement[0]
+    lost = book.jobs[job.job_id].placement[1]
 
     lose(book, lost.node_key)
 
@@ -252,7 +252,7 @@ def test_gang_without_room_names_lost_node() -> None:
 def test_replacement_stop_names_nodes_with_slashes() -> None:
     book = make_book()
     job = running(book)
-    lost = job.placement[0]
+    lost = job.placement[1]
     target = free_node(job)
 
     fx = lose(book, lost.node_key)
@@ -260,16 +260,16 @@ def test_replacement_stop_names_nodes_with_slashes() -> None:
     stop = next(r for r in fx.commands if r.kind.startswith("stop"))
     command = agent_pb2.AgentCommand.FromString(stop.payload)
     assert command.reason == (
-        f"task 0 lost on prov/reg/{lost.node}; replaced on {target.replace('.', '/')}"
+        f"task 1 lost on prov/reg/{lost.node}; replaced on {target.replace('.', '/')}"
     )
 
 
 def test_restarted_book_keeps_lost_node_fenced() -> None:
     book = make_book()
     job = running(book)
-    lost = job.placement[0]
+    lost = job.placement[1]
     lose(book, lost.node_key)
-    task_id = f"{job.job_id}/1/0"
+    task_id = f"{job.job_id}/1/1"
     orphans, confirmed = book.take_orphan_writes()
     assert [(o.node_key, o.task_id, o.accelerators, o.millis) for o in orphans] == [
         (lost.node_key, task_id, lost.accelerators, 1000)
@@ -302,7 +302,7 @@ def test_restarted_book_keeps_lost_node_fenced() -> None:
 def test_node_marked_down_frees_old_copy() -> None:
     book = make_book()
     job = running(book)
-    lost = job.placement[0]
+    lost = job.placement[1]
     lose(book, lost.node_key)
     orphans, _ = book.take_orphan_writes()
     assert [o.node_key for o in orphans] == [lost.node_key]
@@ -314,7 +314,7 @@ def test_node_marked_down_frees_old_copy() -> None:
     book.node_down(lost.node_key, Effects(NOW + 12))
     book.engine.node_down(lost.node_key, NOW + 12)
 
-    assert book.take_orphan_writes() == ([], [(lost.node_key, f"{job.job_id}/1/0")])
+    assert book.take_orphan_writes() == ([], [(lost.node_key, f"{job.job_id}/1/1")])
     assert pass_at(book, NOW + 12).admit == []
     # Back with nothing running, the node takes the new job at once.
     book.engine.node_back(lost.node_key, NOW + 13)
@@ -327,12 +327,12 @@ def test_node_marked_down_frees_old_copy() -> None:
 def test_orphan_confirmed_in_its_turn_is_not_stored() -> None:
     book = make_book()
     job = running(book)
-    lost = job.placement[0]
+    lost = job.placement[1]
     lose(book, lost.node_key)
 
-    report(book, lost.node_key, f"{job.job_id}/1/0", "stopped", NOW + 11)
+    report(book, lost.node_key, f"{job.job_id}/1/1", "stopped", NOW + 11)
 
-    assert book.take_orphan_writes() == ([], [(lost.node_key, f"{job.job_id}/1/0")])
+    assert book.take_orphan_writes() == ([], [(lost.node_key, f"{job.job_id}/1/1")])
 
 
 def test_stored_orphan_on_reused_accelerator_is_not_fenced() -> None:
@@ -662,7 +662,7 @@ def fill_free_node(book: JobBook, now: float) -> Job:
 def test_requeued_gang_keeps_survivor_fenced() -> None:
     book = make_book()
     job = running(book)
-    lost, survivor = job.placement
+    survivor, lost = job.placement
     waiting = fill_free_node(book, NOW + 4)
 
     fx = lose(book, lost.node_key)
@@ -805,7 +805,7 @@ def test_start_deadline_fences_until_confirmed() -> None:
 def test_unstarted_replacement_fences_live_tasks() -> None:
     book = make_book()
     job = running(book)
-    lost, survivor = job.placement
+    survivor, lost = job.placement
     target = free_node(job)
     lose(book, lost.node_key, NOW + 10)
 
