@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Final
 
@@ -54,7 +54,7 @@ from .store import DispatchRecord, JobStore, OutboxEvent
 from .watch import WatchHub
 
 if TYPE_CHECKING:
-    from .projects import ProjectDirectory
+    from .projects import GrantRecord, ProjectDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -572,35 +572,69 @@ class SchedulingLoop:
                     self._holds_in_flight -= len(priced)
             for (job, _), outcome in zip(priced, placed, strict=True):
                 outcomes[job.job_id] = outcome
+        # Grants read again in this batch, each after every hold of the batch was rejected.
+        reread: dict[str, GrantRecord | None] = {}
         for job, _ in admitted:
             outcome = outcomes[job.job_id]
             if outcome.beyond_credited:
-                outcome = await self._settle_beyond_credited(job, outcome)
+                outcome = await self._settle_beyond_credited(job, outcome, reread)
             await self.inbox.put(HoldDone(job.job_id, job.attempt, outcome))
 
-    async def _settle_beyond_credited(self, job: Job, outcome: HoldOutcome) -> HoldOutcome:
+    async def _settle_beyond_credited(
+        self, job: Job, outcome: HoldOutcome, reread: dict[str, GrantRecord | None]
+    ) -> HoldOutcome:
         """Fail a job whose hold exceeds all its pot was ever credited, if the pot cannot grow.
 
         A sub-allocation never grows. A grant grows only by its one supplement, which the
         project cache reports up to its time to live late, so a job accepted just after the
-        supplement fails at a later retry of its hold.
+        supplement fails at a later retry of its hold. Before such a job fails, its grant is
+        read again past the cache, once per grant in ``reread``. A supplement that lands after
+        the grant service rejected the hold makes the rejection's credited total stale, while
+        the cache may already show the supplement.
         """
         spec = job.spec
+        catalog = self.book.engine.engine.catalog
         if not spec.grant_id:
             return outcome
-        final = bool(spec.sub_allocation_id)
-        if not final and self.projects is not None:
-            try:
-                grant = await self.projects.grant(spec.grant_id)
-            except Unavailable as exc:
-                logger.warning(
-                    "job %s: could not look up grant %s after its hold failed: %s",
-                    job.job_id,
-                    spec.grant_id,
-                    exc,
-                )
-                return outcome
-            final = grant is not None and grant.supplemented
-        if not final:
+        if spec.sub_allocation_id:
+            return settle_final_hold(job, outcome, self.rates, catalog)
+        if self.projects is None:
             return outcome
-        return settle_final_hold(job, outcome, self.rates, self.book.engine.engine.catalog)
+        try:
+            grant = await self.projects.grant(spec.grant_id)
+        except Unavailable as exc:
+            logger.warning(
+                "job %s: could not look up grant %s after its hold failed: %s",
+                job.job_id,
+                spec.grant_id,
+                exc,
+            )
+            return outcome
+        if grant is None or not grant.supplemented:
+            return outcome
+        settled = settle_final_hold(job, outcome, self.rates, catalog)
+        if settled.status != "rejected":
+            return settled
+        if spec.grant_id not in reread:
+            reread[spec.grant_id] = await self._reload_grant(self.projects, job, spec.grant_id)
+        fresh = reread[spec.grant_id]
+        if fresh is None or fresh.credited is None or outcome.credited is None:
+            # The grant could not be read again, so the job waits and its hold is tried again.
+            return outcome
+        credited = max(fresh.credited, outcome.credited)
+        return settle_final_hold(job, replace(outcome, credited=credited), self.rates, catalog)
+
+    @staticmethod
+    async def _reload_grant(
+        projects: ProjectDirectory, job: Job, grant_id: str
+    ) -> GrantRecord | None:
+        try:
+            return await projects.reload_grant(grant_id)
+        except Unavailable as exc:
+            logger.warning(
+                "job %s: could not read grant %s again before failing the job: %s",
+                job.job_id,
+                grant_id,
+                exc,
+            )
+            return None

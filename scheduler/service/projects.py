@@ -147,19 +147,15 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
 
     async def grant(self, grant_id: str) -> GrantRecord | None:
         """Return the owner and constraints of ``grant_id``, or None when it does not exist."""
-        info = await self.grant_info(grant_id)
-        if info is None:
-            return None
-        limits = GrantLimits(grant_id, info.providers, info.regions, info.accelerator_models)
-        ended = info.ended(time.time())
-        return GrantRecord(
-            info.project_id,
-            limits,
-            info.ends_at,
-            ended,
-            info.credited_pf_days,
-            info.supplemented,
-        )
+        return _grant_record(grant_id, await self.grant_info(grant_id))
+
+    async def reload_grant(self, grant_id: str) -> GrantRecord | None:
+        """Read ``grant_id`` from the grant service past the cache, and cache what it returns.
+
+        The call is not shared with lookups already in flight, so the result is no older than
+        this call. Raises Unavailable when the grant service call fails.
+        """
+        return _grant_record(grant_id, await self._fetch_grant(grant_id))
 
     async def award_ceiling(self, spec: JobSpec) -> AwardCeiling | None:
         """Return all that the pot ``spec`` draws on was ever credited, from the cache.
@@ -225,3 +221,17 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         listed = SubAllocations(time.monotonic(), holders, credited)
         self._store(self._allocations, grant_id, listed, self._ttl)
         return listed
+
+
+def _grant_record(grant_id: str, info: grant_directory.GrantInfo | None) -> GrantRecord | None:
+    if info is None:
+        return None
+    limits = GrantLimits(grant_id, info.providers, info.regions, info.accelerator_models)
+    return GrantRecord(
+        info.project_id,
+        limits,
+        info.ends_at,
+        info.ended(time.time()),
+        info.credited_pf_days,
+        info.supplemented,
+    )

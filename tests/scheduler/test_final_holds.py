@@ -12,6 +12,7 @@ from scheduler.service.award_check import settle_final_hold
 from scheduler.service.budget_text import no_budget_message
 from scheduler.service.loop import SchedulingLoop
 from scheduler.service.model import Job, JobSpec, new_job_id
+from services.runtime.errors import Unavailable
 
 A100 = "A100-SXM4-80GB"
 H100 = "H100-SXM5-80GB"
@@ -70,26 +71,87 @@ def test_supplemented_grant_message_waits_for_no_supplement() -> None:
 
 
 class FakeProjects:
-    def __init__(self, supplemented: bool) -> None:
+    """A project cache whose grant ``g1`` was credited ``credited`` PF-days when read again."""
+
+    def __init__(self, supplemented: bool, credited: str = "1", reachable: bool = True) -> None:
         self.supplemented = supplemented
+        self.credited = Decimal(credited)
+        self.reachable = reachable
+        self.reloads = 0
 
     async def grant(self, grant_id: str) -> SimpleNamespace:
         return SimpleNamespace(supplemented=self.supplemented)
 
+    async def reload_grant(self, grant_id: str) -> SimpleNamespace:
+        self.reloads += 1
+        if not self.reachable:
+            raise Unavailable("the grant service could not confirm grant 'g1'; retry shortly")
+        return SimpleNamespace(supplemented=self.supplemented, credited=self.credited)
 
-def settle_in_loop(supplemented: bool) -> HoldOutcome:
+
+def settle_in_loop(projects: FakeProjects, jobs: int = 1) -> list[HoldOutcome]:
+    """Settle the rejected holds of ``jobs`` jobs on grant ``g1`` as one batch of the loop."""
     loop = SimpleNamespace(
-        projects=FakeProjects(supplemented),
+        projects=projects,
         rates=RateCard(1, {A100: Decimal("0.002")}, "test"),
         book=SimpleNamespace(engine=SimpleNamespace(engine=SimpleNamespace(catalog=Catalog()))),
+        _reload_grant=SchedulingLoop._reload_grant,
     )
-    settle = SchedulingLoop._settle_beyond_credited(loop, make_job(), refused("2", "1"))  # type: ignore[arg-type]
-    return asyncio.run(settle)
+    settle = SchedulingLoop._settle_beyond_credited
+    reread: dict[str, object] = {}
+
+    async def settle_batch() -> list[HoldOutcome]:
+        outcomes = []
+        for _ in range(jobs):
+            rejected = refused("2", "1")
+            outcomes.append(await settle(loop, make_job(), rejected, reread))  # type: ignore[arg-type]
+        return outcomes
+
+    return asyncio.run(settle_batch())
 
 
 def test_loop_fails_job_of_supplemented_grant() -> None:
-    assert settle_in_loop(supplemented=True).status == "rejected"
+    projects = FakeProjects(supplemented=True)
+
+    [outcome] = settle_in_loop(projects)
+
+    assert outcome.status == "rejected"
+    assert projects.reloads == 1
 
 
 def test_loop_keeps_job_of_growable_grant() -> None:
-    assert settle_in_loop(supplemented=False).status == "no_budget"
+    projects = FakeProjects(supplemented=False)
+
+    [outcome] = settle_in_loop(projects)
+
+    assert outcome.status == "no_budget"
+    assert projects.reloads == 0
+
+
+def test_late_supplement_keeps_job_waiting() -> None:
+    # The hold was rejected against 1 PF-day; the supplement that the cache shows brought 3.
+    projects = FakeProjects(supplemented=True, credited="3")
+
+    [outcome] = settle_in_loop(projects)
+
+    assert outcome.status == "no_budget"
+    assert outcome.credited == Decimal(3)
+    assert outcome.message == "needs 2 PF-days for this hold; grant g1 has 0.5 PF-days available"
+
+
+def test_failed_reread_keeps_job_waiting() -> None:
+    projects = FakeProjects(supplemented=True, reachable=False)
+
+    [outcome] = settle_in_loop(projects)
+
+    assert outcome.status == "no_budget"
+    assert outcome.message == "needs more than the grant was ever credited"
+
+
+def test_batch_rereads_grant_once() -> None:
+    projects = FakeProjects(supplemented=True, reachable=False)
+
+    outcomes = settle_in_loop(projects, jobs=3)
+
+    assert [o.status for o in outcomes] == ["no_budget"] * 3
+    assert projects.reloads == 1

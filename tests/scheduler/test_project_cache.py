@@ -167,3 +167,17 @@ async def test_expired_grant_rejected(grant: str) -> None:
     assert f"grant '{grant}' has expired (its validity ended 2023-11-14 22:13:20 UTC)" in str(
         caught.value.reason
     )
+
+
+async def test_reload_grant_skips_cache() -> None:
+    grants = CountingGrants()
+    directory = ProjectDirectory(grants)  # type: ignore[arg-type]
+
+    await directory.grant("g1")
+    reloaded = await directory.reload_grant("g1")
+    await directory.grant("g1")
+
+    assert reloaded is not None
+    assert reloaded.project_id == "p1"
+    # The reload called the grant service again and refreshed the cached entry.
+    assert grants.calls == 2
