@@ -217,6 +217,9 @@ class Job:
     only if no other node has room."""
     attempt_reason: str = ""
     """Why the current attempt began: the reason the previous one ended. Empty on the first."""
+    rendezvous_port: int = 0
+    """Rendezvous port of the current attempt on task 0's node, chosen when its start commands
+    go out. 0 before then, and for attempts started before the port was stored."""
     updated_at: float | None = None
     """When the scheduler recorded the job's latest change, in Unix seconds: the submission
     time, then the clock of each loop turn that changes the job."""

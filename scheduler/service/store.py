@@ -704,6 +704,7 @@ def _job_from_row(row: asyncpg.Record) -> Job:
         start_failures=row["start_failures"],
         avoid_nodes=tuple(json.loads(row["avoid_nodes"])),
         attempt_reason=row["attempt_reason"],
+        rendezvous_port=row["rendezvous_port"],
         updated_at=from_datetime(row["updated_at"]),
     )
 
@@ -732,6 +733,7 @@ def _job_columns(jobs: Sequence[Job], causes: Sequence[str]) -> list[list[Any]]:
         [job.start_failures for job in jobs],
         [json.dumps(job.avoid_nodes) for job in jobs],
         [job.attempt_reason for job in jobs],
+        [job.rendezvous_port for job in jobs],
     ]
 
 

@@ -535,6 +535,29 @@ async def test_attempt_reason_round_trip(pool: asyncpg.Pool, database_dsn: str) 
     await lease.release()
 
 
+async def test_rendezvous_port_round_trip(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    job = make_job()
+    await store.insert_jobs([job], [None], epoch, "rpc")
+    inserted = await store.get_job(job.job_id)
+
+    starting = replace(job, state="starting", rendezvous_port=29517)
+    await store.commit_turn([starting], ["hold:h1"], [], [], epoch)
+    (reloaded,) = await store.load_open_jobs()
+    requeued = replace(starting, state="pending", attempt=2, rendezvous_port=0)
+    await store.update_jobs([requeued], epoch, ["engine:requeue"])
+    loaded = await store.get_job(job.job_id)
+
+    assert inserted is not None
+    assert inserted.rendezvous_port == 0
+    assert reloaded.rendezvous_port == 29517
+    assert loaded is not None
+    assert loaded.rendezvous_port == 0
+    await lease.release()
+
+
 async def test_awaited_jobs_only_of_own_shard(pool: asyncpg.Pool, database_dsn: str) -> None:
     lease = LeaderLease(database_dsn, "s1", "b", poll_interval_s=0.1)
     epoch = await lease.acquire()
