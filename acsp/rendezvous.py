@@ -1,9 +1,9 @@
 """The rendezvous port of a job's tasks, which the scheduler and the agents agree on.
 
 The scheduler picks the port from the range that the node of the job's task 0 reports
-(``ACSP_AGENT_RENDEZVOUS_PORTS``), by a hash of the job id and attempt. Nothing reserves the
-port: two jobs whose task 0 share a node get the same port with a probability of about one in
-the range's size, and a process outside acsp may already listen on it.
+(``ACSP_AGENT_RENDEZVOUS_PORTS``). It starts at a hash of the job id and attempt and moves past
+the ports that other started jobs hold on that node (``scheduler.service.rendezvous``). Nothing
+checks the node itself, so a process outside acsp may already listen on the port.
 """
 
 from __future__ import annotations
@@ -48,13 +48,12 @@ def parse_port_range(text: str) -> tuple[int, int]:
 
 
 def rendezvous_port(job_id: str, attempt: int, low: int, high: int) -> int:
-    """Return the port in ``low..high`` for attempt ``attempt`` of ``job_id``.
+    """Return the hashed port in ``low..high`` for attempt ``attempt`` of ``job_id``, where
+    the scheduler's search for a free port starts.
 
     CRC-32 rather than ``hash()``, because the port must not change with the process's hash
-    seed. The attempt is part of the key, so a requeued job does not reuse a port that the
-    previous attempt's process may still hold.
+    seed. The attempt is part of the key, so a requeued job starts its search elsewhere than
+    the previous attempt, whose process may still hold its port.
     """
-    # NOTE: nothing checks that the port is free, so two jobs whose task 0 share a node get the
-    # same port with a chance of about one in the size of the range.
     key = f"{job_id}/{attempt}".encode()
     return low + zlib.crc32(key) % (high - low + 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from acsp.rendezvous import rendezvous_port
 from scheduler.engine.spec import InvalidInputError
 from services.runtime.evolve import evolve
 
@@ -26,7 +27,7 @@ from .commands import (
 from .dependencies import NOT_FOUND, Dependencies
 from .engine_adapter import AcceleratorHealth, EngineAdapter, PassResult
 from .model import Job, JobState, TaskPlacement, node_name
-from .rendezvous import EndpointOf, default_endpoint, rendezvous_fields
+from .rendezvous import EndpointOf, RendezvousPorts, default_endpoint, rendezvous_fields
 from .store import DispatchRecord, Orphan
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class JobBook:
         self.epoch = epoch
         self.budget_retry_s = budget_retry_s
         self._endpoint_of = endpoint_of
+        self.ports = RendezvousPorts()
         self.jobs: dict[str, Job] = {}
         self._stopping: dict[str, _Stopping] = {}
         self._admitting: set[str] = set()
@@ -162,6 +164,8 @@ class JobBook:
                 self._cancel_after_hold[job.job_id] = (job.reason, "reload")
                 self._hold_reloaded.append(job.job_id)
                 continue
+            if job.state != "pending" and job.hold_id:
+                self._claim_port(job)
             try:
                 if job.state == "pending":
                     if not (job.spec.awaited_job_ids and self._wait_for_dependencies(job)):
@@ -215,6 +219,8 @@ class JobBook:
         """
         # NOTE: a node that never reports again never confirms, so its stored copies stay and
         # each new leader fences them again, until an operator marks the node down.
+        # NOTE: only each job's current attempt stores its rendezvous port, so no port is
+        # reserved here for a task 0 copy of an earlier attempt, and another job may get it.
         for orphan in orphans:
             try:
                 tid = TaskId.parse(orphan.task_id)
@@ -234,6 +240,9 @@ class JobBook:
         for job in jobs:
             if job.terminal and any(t.state == STOPPING for t in job.placement):
                 self._ended[job.job_id] = job
+                task_zero = _task_zero(job)
+                if task_zero is not None and task_zero.state == STOPPING:
+                    self._claim_port(job)
 
     def reload_down(self, node_key: str) -> None:
         """Confirm on the next turn that the copies stored on ``node_key`` stopped, because a
@@ -386,8 +395,8 @@ class JobBook:
         file they started with. The old copy gets a stop command on the lost node, in case
         the node comes back, and the engine keeps that node's accelerators fenced until it
         confirms the copy stopped. A job that a cancel or a failure is stopping ends now as
-        that. Task 0, whose node is the rendezvous host, is never replaced: its job is
-        requeued whole, as is a job that is not running or starting here, is being
+        that. Task 0 is never replaced, because its node is the rendezvous host, so its job
+        is requeued whole. So is a job that is not running or starting here, is being
         preempted, or whose task is no longer the live one on ``lost_node``. The requeue
         reaches the engine too, and the job's live tasks stay fenced until their nodes
         confirm their stops.
@@ -470,6 +479,16 @@ class JobBook:
         if outcome.grant_id and outcome.grant_id != spec.grant_id:
             # A job that named no grant is paid by the one the ledger chose.
             spec = evolve(spec, grant_id=outcome.grant_id)
+        port = 0
+        task_zero = _task_zero(job)
+        if task_zero is not None:
+            port = self.ports.reserve(
+                task_zero.node_key,
+                str(TaskId(job.job_id, job.attempt, 0)),
+                job.job_id,
+                job.attempt,
+                self._endpoint_of(task_zero.node_key).ports,
+            )
         starting = evolve(
             job,
             state="starting",
@@ -478,6 +497,7 @@ class JobBook:
             hold_id=outcome.hold_id,
             hold_amount=outcome.amount,
             spec=spec,
+            rendezvous_port=port,
         )
         self.jobs[job.job_id] = starting
         self._starting_since[job.job_id] = fx.now
@@ -885,10 +905,12 @@ class JobBook:
             stop_outcome="",
             avoid_nodes=tuple(sorted({*job.avoid_nodes, *avoid_nodes})),
             attempt_reason=reason,
+            rendezvous_port=0,
         )
         self.jobs[job_id] = requeued
         fx.change(requeued, cause)
         self._release_stopped_nodes(job)
+        self._release_port(job)
 
     def fail_hardware(
         self, job_id: str, message: str, failure: AcceleratorHealth, fx: Effects
@@ -1042,6 +1064,7 @@ class JobBook:
         self._starting_since.pop(job.job_id, None)
         if any(t.state == STOPPING for t in ended.placement):
             self._ended[job.job_id] = ended
+        self._release_port(job)
         fx.change(ended, cause)
         fx.events.append(job_event(ended, "ended", cause, reason))
 
@@ -1122,6 +1145,7 @@ class JobBook:
         if not orphans:
             del self._orphans[node_key]
         self._orphan_writes[(node_key, task_id)] = None
+        self.ports.release(node_key, task_id)
         self._release_fences(node_key, job_id)
         if job_id in self._ended:
             self._record_stop(node_key, TaskId.parse(task_id), state, exit_code, fx)
@@ -1149,6 +1173,29 @@ class JobBook:
             del self._ended[job.job_id]
         fx.change(job, f"task:{state}")
 
+    def _claim_port(self, job: Job) -> None:
+        """Reserve again the rendezvous port of a reloaded job's attempt on its task 0's node."""
+        task_zero = _task_zero(job)
+        if task_zero is None:
+            return
+        port = job.rendezvous_port
+        if not port:
+            # Started before the port was stored: it got the hashed port of its node's range.
+            ports = self._endpoint_of(task_zero.node_key).ports
+            port = rendezvous_port(job.job_id, job.attempt, *ports)
+        task_id = str(TaskId(job.job_id, job.attempt, 0))
+        self.ports.claim(task_zero.node_key, task_id, port)
+
+    def _release_port(self, job: Job) -> None:
+        """Free the rendezvous port of ``job``'s attempt, unless its task 0 copy awaits a
+        confirmed stop, which frees the port once it comes."""
+        task_zero = _task_zero(job)
+        if task_zero is None:
+            return
+        task_id = str(TaskId(job.job_id, job.attempt, 0))
+        if task_id not in self._orphans.get(task_zero.node_key, ()):
+            self.ports.release(task_zero.node_key, task_id)
+
     def _release_fences(self, node_key: str, job_id: str) -> None:
         """Free what the engine keeps fenced for ``job_id`` on ``node_key`` once no copy of the
         job there awaits a confirmed stop.
@@ -1165,6 +1212,11 @@ class JobBook:
             t.node_key == node_key and t.state in _LIVE for t in job.placement
         )
         self.engine.tasks_stopped(node_key, job_id, keep_running=running)
+
+
+def _task_zero(job: Job) -> TaskPlacement | None:
+    """Return task 0 of ``job``'s placement, whose node hosts the rendezvous, or None."""
+    return next((task for task in job.placement if task.task_index == 0), None)
 
 
 def _reloaded_outcome(stored: str) -> JobState | None:

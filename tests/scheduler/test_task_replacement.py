@@ -108,6 +108,44 @@ def test_replacement_keeps_job_running() -> None:
     assert started.commands == []
 
 
+def test_replaced_task_gets_current_rendezvous() -> None:
+    book = make_book()
+    job = running(book)
+    survivor, lost = job.placement
+    target = free_node(job)
+    assert job.rendezvous_port
+
+    fx = lose(book, lost.node_key)
+
+    start = next(r for r in fx.commands if r.kind.startswith("start"))
+    command = agent_pb2.AgentCommand.FromString(start.payload)
+    # Without endpoints from inventories, a node's host is its node id.
+    assert list(command.node_hosts) == [survivor.node, target.split(".")[-1]]
+    assert list(command.task_node_indexes) == [0, 1]
+    assert command.rendezvous_port == job.rendezvous_port
+    assert book.jobs[job.job_id].rendezvous_port == job.rendezvous_port
+
+
+def test_lost_task_zero_requeues_gang() -> None:
+    book = make_book()
+    job = running(book)
+    rendezvous, survivor = job.placement
+    assert job.rendezvous_port
+
+    fx = lose(book, rendezvous.node_key)
+
+    requeued = book.jobs[job.job_id]
+    assert requeued.state == "pending"
+    assert requeued.attempt == 2
+    assert requeued.rendezvous_port == 0
+    assert requeued.attempt_reason == (
+        f"lost task 0, the rendezvous host, on node prov/reg/{rendezvous.node}"
+    )
+    assert not any(r.kind.startswith("start") for r in fx.commands)
+    stops = {(r.kind, r.node_key) for r in fx.commands}
+    assert stops == {("stop", rendezvous.node_key), ("stop", survivor.node_key)}
+
+
 def test_old_copy_events_skip_new_task() -> None:
     book = make_book()
     job = running(book)
