@@ -74,6 +74,10 @@ class IngestConfig:
     """How long the stream keeps messages, so that a long outage loses nothing."""
     period_seconds: int = 300
     """Length of a charging period; periods align to the Unix epoch."""
+    max_sample_age_s: float | None = None
+    """Seconds before its receipt that a sample may start; an older one is a dead letter. None
+    accepts samples of any age, which is safe only while no coverage sweep runs (see
+    :mod:`services.metering.coverage_sweep`)."""
     require_registered_nodes: bool = False
     """Reject samples from nodes no inventory registered; otherwise the first provider to
     report a node registers it (the subject's provider is authenticated by NATS)."""
@@ -292,6 +296,7 @@ class UsageIngest:
                     known_models=models,
                     node_owner=self._node_owners.get,
                     now=now,
+                    max_age_s=self._config.max_sample_age_s,
                 )
             except Exception as error:
                 # A report that the checks let through and the decoder then failed on would

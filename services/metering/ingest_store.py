@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -31,6 +31,7 @@ from services.metering.overlaps import (
     split_overlapping,
 )
 from services.metering.samples import Rejection, UsageSample, micros_to_seconds
+from services.runtime.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,12 @@ CREATE TEMP TABLE IF NOT EXISTS usage_staging (
 LOCK_TIMEOUT_MS = 30_000
 """Milliseconds a batch waits for a lock, such as a sample time lock held by a concurrent
 batch, before it fails and is delivered again."""
+
+MAX_PROBE_DELAY_S = 600
+"""Seconds after its receipt by which a batch must have read the coverage rows. A later batch
+fails and is delivered again, with a new receipt time, because the coverage sweep deletes the
+rows of samples older than the maximum age counted from the sweep's own time (see
+:mod:`services.metering.coverage_sweep`)."""
 
 # One simple-protocol round trip for both statements. SET LOCAL lasts until the commit.
 _START_BATCH = f"{_CREATE_STAGING}; SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"
@@ -179,6 +186,7 @@ async def write_batch(
             # so that a stalled batch keeps them for as short a time as it can.
             await lock_sample_times(conn, unique)
             stored = await find_stored_overlaps(conn, token)
+            _check_probe_delay(received_at)
             accepted, overlaps, compared_with_batch = split_overlapping(unique, stored)
             if compared_with_batch:
                 # Some samples were rejected beside an earlier one of the batch, which may be a
@@ -218,6 +226,17 @@ async def write_batch(
         if dead_letters:
             await conn.executemany(INSERT_DEAD_LETTER, [_dead_letter(r) for r in dead_letters])
     return BatchResult(inserted, len(samples) - inserted - not_stored, len(dead_letters))
+
+
+def _check_probe_delay(received_at: datetime) -> None:
+    """Raise Unavailable when the batch read the coverage rows too long after its receipt."""
+    delay = datetime.now(UTC) - received_at
+    if delay > timedelta(seconds=MAX_PROBE_DELAY_S):
+        raise Unavailable(
+            f"the batch received at {received_at.isoformat()} read the coverage rows "
+            f"{delay.total_seconds():.0f} s later, more than the {MAX_PROBE_DELAY_S} s "
+            "within which the coverage sweep keeps them; it is delivered again"
+        )
 
 
 def _first_of_each_id(samples: Sequence[UsageSample]) -> tuple[list[UsageSample], list[Rejection]]:

@@ -29,14 +29,10 @@ probes.
 
 A probe reads, through an index, the rows of the other tasks on the accelerator that end in
 the hour the sample starts or later, and not one row per task that ever ran there. It skips
-only rows that end at or before the sample's start. No row is ever deleted, so a sample is
-compared with every stored sample it overlaps, however late it arrives.
-
-NOTE: the table grows by one row per task and accelerator, though a probe of a recent sample
-does not read the old rows. Ingest accepts samples of any age (``ACSP_METERING_LATENESS_S``
-only delays charging, and a sample of an attempt whose hold is settled is still stored), so
-deleting old rows would let a late sample that overlaps their tasks' samples be stored and
-counted twice.
+only rows that end at or before the sample's start. Ingest rejects a sample that starts more
+than ``ACSP_METERING_MAX_SAMPLE_AGE_S`` before its receipt, and the coverage sweep
+(:mod:`services.metering.coverage_sweep`) deletes only rows that end before that, with a margin.
+So a sample that ingest accepts is compared with every stored sample it overlaps.
 
 Concurrent batches that store samples of overlapping times on one node take turns on advisory
 locks (see :func:`lock_sample_times`), so of the samples that run at any one moment on an

@@ -132,12 +132,14 @@ def decode_report(
     known_models: Mapping[str, object],
     node_owner: Callable[[str], str | None],
     now: datetime,
+    max_age_s: float | None = None,
 ) -> tuple[list[UsageSample], list[Rejection]]:
     """Decode one UsageReport and validate its samples.
 
     ``node_owner`` returns the provider a node is registered to, or None when it is unknown.
     A report for a node registered to another provider than the subject's is a forgery, so
-    every sample of it is rejected.
+    every sample of it is rejected. A sample that starts more than ``max_age_s`` seconds before
+    ``now``, the time metering received it, is rejected too. None accepts samples of any age.
     """
     report = agent_pb2.UsageReport()
     try:
@@ -152,10 +154,13 @@ def decode_report(
     accepted: list[UsageSample] = []
     rejected: list[Rejection] = []
     latest_end_ns = _to_ns(now + MAX_CLOCK_SKEW)
+    limits = _TimeLimits(latest_end_ns, 0, 0.0)
+    if max_age_s is not None:
+        limits = _TimeLimits(latest_end_ns, _to_ns(now - timedelta(seconds=max_age_s)), max_age_s)
     tasks: dict[str, tuple[str, int]] = {}
     for index, item in enumerate(report.samples):
         try:
-            accepted.append(_convert(item, origin, known_models, latest_end_ns, tasks))
+            accepted.append(_convert(item, origin, known_models, limits, tasks))
         except InvalidSample as error:
             # PostgreSQL text cannot store U+0000, so such an id is left out of the dead letter.
             sample_id = item.sample_id if item.sample_id and "\x00" not in item.sample_id else None
@@ -189,11 +194,21 @@ def _check_report_node(
         )
 
 
+class _TimeLimits(NamedTuple):
+    """The times a batch accepts, in nanoseconds since the epoch."""
+
+    latest_end_ns: int
+    earliest_start_ns: int
+    """0 when samples of any age are accepted."""
+    max_age_s: float
+    """The maximum age that gives ``earliest_start_ns``, for the rejection's reason."""
+
+
 def _convert(
     item: agent_pb2.UsageSample,
     origin: Origin,
     known_models: Mapping[str, object],
-    latest_end_ns: int,
+    limits: _TimeLimits,
     tasks: dict[str, tuple[str, int]],
 ) -> UsageSample:
     # Each protobuf field is read once: ingest converts tens of thousands of samples a second.
@@ -238,8 +253,15 @@ def _convert(
         raise InvalidSample("end_time is not after start_time")
     if interval_ns > MAX_INTERVAL_NS:
         raise InvalidSample(f"interval of {interval_ns / 1e9} s is longer than 24 h")
-    if end_ns > latest_end_ns:
+    if end_ns > limits.latest_end_ns:
         raise InvalidSample(f"end_time {end.ToJsonString()} is in the future")
+    if start_ns < limits.earliest_start_ns:
+        # The coverage sweep deletes what the overlap check of such a sample would read.
+        raise InvalidSample(
+            f"start_time {start.ToJsonString()} is more than {limits.max_age_s:g} s before "
+            "metering received the sample, the maximum age that ACSP_METERING_MAX_SAMPLE_AGE_S "
+            "sets, so the sample is not charged"
+        )
     micros = _check_accelerator_seconds(item.accelerator_seconds.value, interval_ns, share_millis)
 
     utilization: float | None = None

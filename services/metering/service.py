@@ -12,6 +12,7 @@ from nats.js.api import KeyValueConfig
 from acsp import subjects
 from acsp.v1 import grant_pb2_grpc, metering_pb2, metering_pb2_grpc
 from services.metering.charger import Charger
+from services.metering.coverage_sweep import run_coverage_sweep
 from services.metering.events import FactConsumers, run_when_stream_exists
 from services.metering.ingest import UsageIngest, ingested_through, usage_stream_config
 from services.metering.ledger import GrpcLedger
@@ -83,6 +84,10 @@ def build_service(settings: MeteringSettings) -> Service:
         runtime.spawn(
             run_waste_scan(runtime.db, settings.waste_scan_config(), runtime.stopping),
             name="waste-scan",
+        )
+        runtime.spawn(
+            run_coverage_sweep(runtime.db, settings.coverage_sweep_config(), runtime.stopping),
+            name="coverage-sweep",
         )
         if settings.scheduler_address:
             scheduler = service_channel(

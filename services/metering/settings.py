@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.metering.charger import ChargerConfig
+from services.metering.coverage_sweep import CoverageSweepConfig
 from services.metering.ingest import IngestConfig
 from services.metering.waste_scan import WasteScanConfig
 from services.runtime.settings import Settings, setting
@@ -21,6 +22,21 @@ class MeteringSettings(Settings):
         30.0,
         "seconds after a period or an attempt ends before its usage is charged",
         minimum=0.0,
+    )
+    max_sample_age_s: float = setting(
+        "ACSP_METERING_MAX_SAMPLE_AGE_S",
+        14 * 86_400.0,
+        "seconds before metering receives a sample that the sample may start; an older sample "
+        "is a dead letter, and the coverage sweep deletes the overlap check's rows of older "
+        "samples",
+        minimum=3600.0,
+    )
+    coverage_sweep_s: float = setting(
+        "ACSP_METERING_COVERAGE_SWEEP_S",
+        3600.0,
+        "seconds between sweeps that delete the overlap check's rows of samples older than "
+        "ACSP_METERING_MAX_SAMPLE_AGE_S",
+        minimum=1.0,
     )
     ingest_workers: int = setting(
         "ACSP_METERING_INGEST_WORKERS", 2, "fetch-and-write loops per process", minimum=1
@@ -96,6 +112,7 @@ class MeteringSettings(Settings):
             batch_messages=self.ingest_batch,
             ack_wait_s=self.ack_wait_s,
             period_seconds=self.period_s,
+            max_sample_age_s=self.max_sample_age_s,
             require_registered_nodes=self.require_registered_nodes,
         )
 
@@ -105,6 +122,11 @@ class MeteringSettings(Settings):
             lateness_s=self.lateness_s,
             threshold=self.waste_threshold,
             sustained_s=self.waste_sustained_s,
+        )
+
+    def coverage_sweep_config(self) -> CoverageSweepConfig:
+        return CoverageSweepConfig(
+            interval_s=self.coverage_sweep_s, max_sample_age_s=self.max_sample_age_s
         )
 
     def charger_config(self) -> ChargerConfig:

@@ -1,8 +1,8 @@
 """The overlap probe on a node whose accelerator ran many tasks before.
 
-Every task that ever ran on an accelerator keeps a coverage row. The probe reads only the rows
-that end in the hour the new sample starts or later, and no row is deleted, so a late sample is
-still compared with every stored sample it overlaps.
+Every task that ever ran on an accelerator keeps a coverage row until the coverage sweep, which
+these tests do not run, deletes it. The probe reads only the rows that end in the hour the new
+sample starts or later, so a late sample is still compared with every stored sample it overlaps.
 """
 
 from __future__ import annotations
