@@ -278,6 +278,8 @@ class LocalMesh:
                     )
                 await child.start()
                 self._watchers.append(loop.create_task(self._watch(child), name=f"watch {name}"))
+                # `acsp status` reports a child without an endpoint by the pid in the mesh file.
+                self._write_mesh_file()
         finally:
             self._restarting.discard(name)
         endpoints = self.info.endpoints

@@ -366,6 +366,8 @@ async def test_kill_and_restart_during_restart_delay(external_database: str, dat
         # The supervisor now waits 1.5 s before its own restart of the fleet.
         await mesh.kill_and_restart("fleet", 0)
         pid = mesh.pids["fleet"]
+        # acsp status reports the fleet by the pid in the mesh file.
+        assert load_mesh(data_dir).extra["pids"]["fleet"] == pid
         await asyncio.sleep(2.5)
         assert mesh.pids["fleet"] == pid
         assert log.read_text().count("fleet run") == 2
