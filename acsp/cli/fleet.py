@@ -48,8 +48,17 @@ ACCELERATOR_COLUMNS = (
     "event",
     "condition",
 )
-CAPACITY_COLUMNS: Final = ("used", "usable", "recalled", "unknown", "out of service", "total")
-"""Accelerator counts of ``fleet queue`` per region, in accelerators."""
+CAPACITY_COLUMNS: Final = (
+    "used",
+    "usable",
+    "recalled",
+    "above cap",
+    "unknown",
+    "out of service",
+    "total",
+)
+"""Accelerator counts of ``fleet queue`` per region, in accelerators. All but ``used`` and
+``total`` split the total, so they add up to it."""
 QUEUE_COLUMNS = ("table", "state", "reason", "region", "jobs", *CAPACITY_COLUMNS)
 """Columns of ``fleet queue`` in CSV and JSON, where the rows of its three tables share one."""
 PROVIDER_COLUMNS = ("provider", "name", "region", "region name", "jurisdiction", "cross-provider")
@@ -119,12 +128,15 @@ def register(subparsers: Any) -> None:
         description=(
             "Show three tables: jobs by state, pending jobs by reason, and accelerators by "
             "region. The accelerators table splits each region's total into usable (on nodes "
-            "that are up, less what recalls take, in use or free), recalled (taken by the "
-            "provider's recalls, from their announcement), unknown (on nodes that missed "
-            "their heartbeats) and out of service (on draining, drained or down nodes); used "
-            "counts those that jobs hold. CSV and JSON put the rows of all three in one table, "
-            "with a 'table' column (states, pending or accelerators) that names the table of "
-            "each row and empty CSV cells or JSON nulls in the columns of the other tables."
+            "that are up, less what recalls take and what is above cap, in use or free), "
+            "recalled (taken by the provider's recalls, from their announcement), above cap "
+            "(on up nodes, above what the pledges and pool limits let jobs use), unknown (on "
+            "nodes that missed their heartbeats) and out of service (on draining, drained or "
+            "down nodes). These five add up to the total. Used counts those that jobs hold. A "
+            "scheduler that predates a column leaves it empty. CSV and JSON put the rows of all "
+            "three in one table, with a 'table' column (states, pending or accelerators) that "
+            "names the table of each row and empty CSV cells or JSON nulls in the columns of "
+            "the other tables."
         ),
     )
     queue.set_defaults(func=queue_summary)
@@ -325,7 +337,8 @@ def queue_summary(args: argparse.Namespace) -> int:
 def _capacity_row(summary: scheduler_pb2.GetQueueSummaryResponse, region: str) -> dict[str, Any]:
     """Return the accelerators row of ``region``, in accelerators.
 
-    A scheduler older than the split sends only used and total, so the split stays empty.
+    A scheduler older than the split sends only used and total, so the split stays empty. One
+    older than the above-cap count leaves only that column empty.
     """
     split = {
         "usable": summary.usable_millis_by_region,
@@ -342,6 +355,9 @@ def _capacity_row(summary: scheduler_pb2.GetQueueSummaryResponse, region: str) -
     }
     for column, millis in split.items():
         row[column] = accelerator_count(millis.get(region, 0)) if has_split else None
+    # The scheduler sends an above-cap count for every region it splits, 0 included.
+    above_cap = summary.above_cap_millis_by_region
+    row["above cap"] = accelerator_count(above_cap[region]) if region in above_cap else None
     return row
 
 

@@ -569,7 +569,7 @@ class GetQueueSummaryRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetQueueSummaryResponse(_message.Message):
-    __slots__ = ("jobs_by_state", "pending_by_reason", "used_millis_by_region", "total_millis_by_region", "usable_millis_by_region", "recalled_millis_by_region", "unknown_millis_by_region", "out_of_service_millis_by_region")
+    __slots__ = ("jobs_by_state", "pending_by_reason", "used_millis_by_region", "total_millis_by_region", "usable_millis_by_region", "recalled_millis_by_region", "unknown_millis_by_region", "out_of_service_millis_by_region", "above_cap_millis_by_region")
     class JobsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -626,6 +626,13 @@ class GetQueueSummaryResponse(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class AboveCapMillisByRegionEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     JOBS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
     PENDING_BY_REASON_FIELD_NUMBER: _ClassVar[int]
     USED_MILLIS_BY_REGION_FIELD_NUMBER: _ClassVar[int]
@@ -634,6 +641,7 @@ class GetQueueSummaryResponse(_message.Message):
     RECALLED_MILLIS_BY_REGION_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_MILLIS_BY_REGION_FIELD_NUMBER: _ClassVar[int]
     OUT_OF_SERVICE_MILLIS_BY_REGION_FIELD_NUMBER: _ClassVar[int]
+    ABOVE_CAP_MILLIS_BY_REGION_FIELD_NUMBER: _ClassVar[int]
     jobs_by_state: _containers.ScalarMap[str, int]
     pending_by_reason: _containers.ScalarMap[str, int]
     used_millis_by_region: _containers.ScalarMap[str, int]
@@ -642,7 +650,8 @@ class GetQueueSummaryResponse(_message.Message):
     recalled_millis_by_region: _containers.ScalarMap[str, int]
     unknown_millis_by_region: _containers.ScalarMap[str, int]
     out_of_service_millis_by_region: _containers.ScalarMap[str, int]
-    def __init__(self, jobs_by_state: _Optional[_Mapping[str, int]] = ..., pending_by_reason: _Optional[_Mapping[str, int]] = ..., used_millis_by_region: _Optional[_Mapping[str, int]] = ..., total_millis_by_region: _Optional[_Mapping[str, int]] = ..., usable_millis_by_region: _Optional[_Mapping[str, int]] = ..., recalled_millis_by_region: _Optional[_Mapping[str, int]] = ..., unknown_millis_by_region: _Optional[_Mapping[str, int]] = ..., out_of_service_millis_by_region: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    above_cap_millis_by_region: _containers.ScalarMap[str, int]
+    def __init__(self, jobs_by_state: _Optional[_Mapping[str, int]] = ..., pending_by_reason: _Optional[_Mapping[str, int]] = ..., used_millis_by_region: _Optional[_Mapping[str, int]] = ..., total_millis_by_region: _Optional[_Mapping[str, int]] = ..., usable_millis_by_region: _Optional[_Mapping[str, int]] = ..., recalled_millis_by_region: _Optional[_Mapping[str, int]] = ..., unknown_millis_by_region: _Optional[_Mapping[str, int]] = ..., out_of_service_millis_by_region: _Optional[_Mapping[str, int]] = ..., above_cap_millis_by_region: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ReadTaskOutputRequest(_message.Message):
     __slots__ = ("job_id", "task_index", "max_bytes")

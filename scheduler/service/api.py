@@ -474,6 +474,7 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             response.total_millis_by_region.update(capacity.total)
             response.usable_millis_by_region.update(capacity.usable)
             response.recalled_millis_by_region.update(capacity.recalled)
+            response.above_cap_millis_by_region.update(capacity.above_cap)
             response.unknown_millis_by_region.update(capacity.unknown)
             response.out_of_service_millis_by_region.update(capacity.out_of_service)
         return response

@@ -25,15 +25,18 @@ class NodeCapacity:
 class RegionCapacity:
     """Milli-accelerators per ``<provider>/<region>``.
 
-    ``total`` is split into ``usable``, ``recalled``, ``unknown`` and ``out_of_service``, whose
-    sums per region equal it less the accelerators of up nodes above a pool's pledge or pool
-    limit, which are in none of them. ``used`` is what placements hold, part of any of them.
+    ``total`` is split into ``usable``, ``recalled``, ``above_cap``, ``unknown`` and
+    ``out_of_service``, which add up to it in each region. ``used`` is what placements hold,
+    part of any of them.
     """
 
     used: dict[str, int] = field(default_factory=dict)
     total: dict[str, int] = field(default_factory=dict)
     usable: dict[str, int] = field(default_factory=dict)
     recalled: dict[str, int] = field(default_factory=dict)
+    above_cap: dict[str, int] = field(default_factory=dict)
+    """Millis on up nodes above what the pools' pledges and pool limits let new jobs use,
+    besides what recalls take."""
     unknown: dict[str, int] = field(default_factory=dict)
     out_of_service: dict[str, int] = field(default_factory=dict)
 
@@ -48,7 +51,8 @@ def split_capacity(
 
     A recall takes from the accelerators of nodes that are up, so a region's recalled count
     is at most what its up nodes have. ``above_cap`` is, per region, the millis of up nodes
-    that pledges or pool limits keep from new jobs besides recalls: they are not usable.
+    that pledges or pool limits keep from new jobs besides recalls. They are not usable, and
+    they are at most what the up nodes have left after recalls.
     """
     above_cap = above_cap or {}
     summary = RegionCapacity()
@@ -67,8 +71,10 @@ def split_capacity(
             up[region] += node.millis
     for region, millis in up.items():
         taken = min(recalled.get(region, 0), millis)
+        above = min(above_cap.get(region, 0), millis - taken)
         summary.recalled[region] = taken
-        summary.usable[region] = max(0, millis - taken - above_cap.get(region, 0))
+        summary.above_cap[region] = above
+        summary.usable[region] = millis - taken - above
         summary.used[region] = used.get(region, 0)
     # Placements on a region without registered nodes (e.g. loaded before the fleet).
     for region, millis in used.items():

@@ -64,8 +64,7 @@ class Term:
 
     def capacity_by_region(self, now: float) -> RegionCapacity:
         """Milli-accelerators per ``provider/region``: in use, in total, and the total split
-        into usable, recalled, unknown and out of service. Accelerators above a pledge or pool
-        limit are in none of the four."""
+        into usable, recalled, above a pledge or pool limit, unknown and out of service."""
         engine = self.book.engine.engine
         recalled: dict[str, int] = {}
         above_cap: dict[str, int] = {}

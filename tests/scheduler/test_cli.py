@@ -899,9 +899,10 @@ def _queue_summary() -> scheduler_pb2.GetQueueSummaryResponse:
         jobs_by_state={"pending": 2},
         pending_by_reason={"no_capacity": 2},
         used_millis_by_region={"p/r": 250},
-        total_millis_by_region={"p/r": 16000},
+        total_millis_by_region={"p/r": 19000},
         usable_millis_by_region={"p/r": 4000},
         recalled_millis_by_region={"p/r": 4000},
+        above_cap_millis_by_region={"p/r": 3000},
         unknown_millis_by_region={"p/r": 6000},
         out_of_service_millis_by_region={"p/r": 2000},
     )
@@ -931,20 +932,27 @@ def test_queue_rows_name_their_table(
         assert rows[2]["used"] == 0.25
         assert rows[2]["usable"] == 4
         assert rows[2]["recalled"] == 4
+        assert rows[2]["above cap"] == 3
         assert rows[2]["unknown"] == 6
         assert rows[2]["out of service"] == 2
-        assert rows[2]["total"] == 16
+        assert rows[2]["total"] == 19
+        split = ("usable", "recalled", "above cap", "unknown", "out of service")
+        assert sum(rows[2][column] for column in split) == rows[2]["total"]
     elif output_format == "csv":
         lines = out.splitlines()
-        header = "table,state,reason,region,jobs,used,usable,recalled,unknown,out of service,total"
+        header = (
+            "table,state,reason,region,jobs,used,usable,recalled,above cap,unknown,"
+            "out of service,total"
+        )
         assert lines[0] == header
-        assert lines[3] == "accelerators,,,p/r,,0.25,4,4,6,2,16"
+        assert lines[3] == "accelerators,,,p/r,,0.25,4,4,3,6,2,19"
     else:
         assert "jobs by state" in out
         assert "table" not in out
         row = next(line for line in out.splitlines() if "p/r" in line).replace("│", " ").split()
-        assert row == ["p/r", "0.25", "4", "4", "6", "2", "16"]
-        for column in ("used", "usable", "recalled", "unknown", "out of service", "total"):
+        assert row == ["p/r", "0.25", "4", "4", "3", "6", "2", "19"]
+        columns = ("used", "usable", "recalled", "above cap", "unknown", "out of service", "total")
+        for column in columns:
             assert column in out
 
 
@@ -963,7 +971,27 @@ def test_queue_from_older_scheduler_leaves_split_empty(
 
     monkeypatch.setattr(fleet_cli, "open_scheduler", open_scheduler)
     assert main(["fleet", "queue", "--format", "csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[1] == "accelerators,,,p/r,,1,,,,,8"
+    assert capsys.readouterr().out.splitlines()[1] == "accelerators,,,p/r,,1,,,,,,8"
+
+
+def test_queue_without_above_cap_count(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Scheduler:
+        def GetQueueSummary(self, request: object) -> scheduler_pb2.GetQueueSummaryResponse:
+            summary = _queue_summary()
+            summary.ClearField("above_cap_millis_by_region")
+            return summary
+
+    @contextlib.contextmanager
+    def open_scheduler(args: object) -> Iterator[Scheduler]:
+        yield Scheduler()
+
+    monkeypatch.setattr(fleet_cli, "open_scheduler", open_scheduler)
+    assert main(["fleet", "queue", "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[2])
+    assert row["above cap"] is None
+    assert row["usable"] == 4
 
 
 @pytest.mark.parametrize(

@@ -382,6 +382,9 @@ async def test_pledge_caps_pool_and_recall_is_bounded(stack: Stack) -> None:
     assert total == 8000
     assert summary.usable_millis_by_region["prov/reg"] == 1000
     assert summary.unknown_millis_by_region["prov/reg"] == 0
+    # The other six are above the pledge's cap, so the split adds up to the total.
+    assert summary.above_cap_millis_by_region["prov/reg"] == 6000
+    assert summary.out_of_service_millis_by_region["prov/reg"] == 0
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert stored.pledge_id.startswith("pl-")
     assert [p.pledge_id for p in listed.pledges] == [stored.pledge_id]
