@@ -26,7 +26,7 @@ from services.runtime.errors import (
 )
 from services.runtime.evolve import evolve
 
-from .award_check import check_hold_fits
+from .award_check import check_hold_fits, check_project_hold_fits
 from .convert import job_state_from_proto, job_to_proto, spec_from_proto
 from .dependency_check import check_wait_count, resolve_after_ids
 from .errors import GrantConstraintViolations, InvalidFields
@@ -138,7 +138,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
 
         Raises FAILED_PRECONDITION naming the field and the allowed values when the spec
         cannot run within the constraints, and naming ``wall_time_seconds`` when its hold
-        exceeds all the grant or sub-allocation can ever be credited.
+        exceeds all the grant or sub-allocation can ever be credited. A spec that names no
+        grant is rejected only when no grant of its project could ever pay its hold.
         """
         spec = jobs[0].spec
         projects = self._lead.projects
@@ -148,12 +149,19 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         project = await projects.project(spec.project_id)
         if project is not None and project.institution_id:
             jobs = [evolve(job, institution=project.institution_id) for job in jobs]
-        if limits is None:
-            # NOTE: a job that names no grant is paid by the project's grant that expires first
-            # when it is admitted, so only the grant service's check at hold time applies.
-            return jobs
         catalog = self._lead.catalog
         term = self._lead.current
+        if limits is None:
+            # The grant service picks the grant that pays when it places the hold, so the job
+            # is checked against every grant of the project. Their list is cached per project
+            # like the project itself.
+            if term is not None and term.rates is not None:
+                ceilings = await projects.project_ceilings(spec.project_id)
+                if ceilings:
+                    check_project_hold_fits(
+                        jobs[0], spec.project_id, ceilings, term.rates, catalog, prefix
+                    )
+            return jobs
         providers = term.book.engine.providers if term is not None else ProviderDirectory()
         violations = check_against_grant(spec, limits, providers, catalog, prefix)
         if violations:

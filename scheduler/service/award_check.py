@@ -10,10 +10,13 @@ grant without its supplement may still grow, so its jobs wait, and their pending
 (see :mod:`.budget_text`). The same check runs when the grant service rejects a hold as larger
 than its pot was ever credited (:func:`settle_final_hold`), because a job accepted while the
 project cache still showed the grant without its supplement would otherwise wait forever.
+A job that names no grant is checked against every grant of its project
+(:func:`check_project_hold_fits`), because the grant service picks the one that pays.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 
@@ -37,13 +40,14 @@ class AwardCeiling:
     """PF-days."""
     final: bool
     """Whether nothing can be credited any more: a supplemented grant, or a sub-allocation."""
+    models: tuple[str, ...] = ()
+    """The grant's accelerator model constraint; empty allows any model."""
 
 
-def cheapest_hold(job: Job, rates: RateCard, catalog: Catalog) -> tuple[Decimal, str] | None:
-    """Return the smallest hold of ``job`` over the models it accepts, and that model.
+def rated_models(job: Job, rates: RateCard, catalog: Catalog) -> list[str]:
+    """Return the models ``job`` accepts that the rate card prices.
 
-    Models without a rate are left out, because no hold is placed on them. Returns None when
-    no accepted model has a rate.
+    Models without a rate are left out, because no hold is placed on them.
     """
     spec = job.spec
     accepted = narrow_models(spec)
@@ -51,7 +55,15 @@ def cheapest_hold(job: Job, rates: RateCard, catalog: Catalog) -> tuple[Decimal,
         candidates = [name for name in accepted if name in catalog]
     else:
         candidates = [name for name in catalog.names() if model_meets(catalog.get(name), spec)]
-    rated = [name for name in candidates if name in rates.per_second]
+    return [name for name in candidates if name in rates.per_second]
+
+
+def cheapest_hold(job: Job, rates: RateCard, catalog: Catalog) -> tuple[Decimal, str] | None:
+    """Return the smallest hold of ``job`` over the models it accepts, and that model.
+
+    Returns None when no accepted model has a rate.
+    """
+    rated = rated_models(job, rates, catalog)
     return min(((rates.hold_amount(job, name), name) for name in rated), default=None)
 
 
@@ -86,6 +98,71 @@ def check_hold_fits(
         f"{prefix}.wall_time_seconds, {prefix}.task_count or "
         f"{prefix}.accelerator_millis_per_task, or set {other}",
         f"{prefix}.wall_time_seconds",
+    )
+
+
+def check_project_hold_fits(
+    job: Job,
+    project_id: str,
+    grants: Sequence[AwardCeiling],
+    rates: RateCard,
+    catalog: Catalog,
+    prefix: str,
+) -> None:
+    """Raise FailedPrecondition when no grant of the project could ever pay ``job``'s hold.
+
+    ``job`` names no grant, so the grant service picks one of ``grants``, the project's grants
+    whose validity has not ended, when it places the hold. A grant could pay the job when it
+    may still get its supplement, or when the cheapest hold at a model that both the job and
+    the grant accept is within its credited total. A project without such grants is not
+    checked, because a new award may still pay the job, and neither is a job that no rated
+    model would run.
+    """
+    rated = rated_models(job, rates, catalog)
+    if not rated or not grants:
+        return
+    reasons: list[str] = []
+    shortfall = False
+    for ceiling in grants:
+        if not ceiling.final:
+            return
+        allowed = [name for name in rated if not ceiling.models or name in ceiling.models]
+        if not allowed:
+            reasons.append(f"grant {ceiling.grant_id} allows none of the models the job accepts")
+            continue
+        amount, model = min((rates.hold_amount(job, name), name) for name in allowed)
+        if amount <= ceiling.credited:
+            return
+        shortfall = True
+        reasons.append(
+            f"on grant {ceiling.grant_id} it is {display_pf_days(amount)} PF-days at {model}, "
+            f"more than the {display_pf_days(ceiling.credited)} PF-days the grant was ever "
+            "credited with its one supplement"
+        )
+    raise _unpayable(job, project_id, reasons, shortfall, rates, prefix)
+
+
+def _unpayable(
+    job: Job, project_id: str, reasons: list[str], shortfall: bool, rates: RateCard, prefix: str
+) -> FailedPrecondition:
+    """Build the rejection of a job that names no grant and that no grant could ever pay."""
+    spec = job.spec
+    accelerators = Decimal(spec.total_millis) / MILLIS_PER_ACCELERATOR
+    if shortfall:
+        field = f"{prefix}.wall_time_seconds"
+        fix = (
+            f"lower {prefix}.wall_time_seconds, {prefix}.task_count or "
+            f"{prefix}.accelerator_millis_per_task, or apply for a grant that can pay it"
+        )
+    else:
+        field = f"{prefix}.accelerators.models"
+        fix = "accept a model that a grant of the project allows, or apply for a grant that does"
+    return FailedPrecondition(
+        f"no grant of project {project_id} could ever pay the job's hold of "
+        f"{accelerators:g} accelerator(s) x {spec.wall_time_s} s, priced at the cheapest model "
+        f"each grant allows ({rates.source}): {'; '.join(reasons)}. So it could never start; "
+        f"{fix}",
+        field,
     )
 
 

@@ -84,6 +84,10 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
             timeout_s=timeout_s,
         )
         self._allocations: OrderedDict[str, tuple[float, SubAllocations]] = OrderedDict()
+        self._project_grants: OrderedDict[
+            str, tuple[float, tuple[tuple[str, grant_directory.GrantInfo], ...]]
+        ] = OrderedDict()
+        """Per project, each of its grants by id, as one ListGrants call returned them."""
 
     async def check_submitter(
         self, principal: Principal, spec: JobSpec, prefix: str = "spec"
@@ -179,6 +183,67 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         if credited is None:
             return None
         return AwardCeiling(spec.grant_id, spec.sub_allocation_id, credited, True)
+
+    async def project_ceilings(self, project_id: str) -> list[AwardCeiling] | None:
+        """Return the credited totals of the grants of ``project_id`` that can still pay.
+
+        Grants that expired or whose validity ended are left out, and grants that have not
+        started yet are kept. Returns None when the grant service sent no credited total for
+        one of them. The list is cached per project like the project itself, so a burst of
+        submissions costs one ListGrants call.
+        """
+        cached = fresh_entry(self._project_grants, project_id)
+        if cached is not None:
+            grants = cached[1]
+        else:
+            found = await self._shared(
+                ("project grants", project_id), lambda: self._fetch_project_grants(project_id)
+            )
+            assert isinstance(found, tuple)
+            grants = found
+        now = time.time()
+        ceilings: list[AwardCeiling] = []
+        for grant_id, info in grants:
+            if info.ended(now):
+                continue
+            if info.credited_pf_days is None:
+                return None
+            ceilings.append(
+                AwardCeiling(
+                    grant_id,
+                    "",
+                    info.credited_pf_days,
+                    info.supplemented,
+                    info.accelerator_models,
+                )
+            )
+        return ceilings
+
+    async def _fetch_project_grants(
+        self, project_id: str
+    ) -> tuple[tuple[str, grant_directory.GrantInfo], ...]:
+        grants: list[tuple[str, grant_directory.GrantInfo]] = []
+        token = ""
+        while True:
+            request = grant_pb2.ListGrantsRequest(
+                project_id=project_id,
+                page=common_pb2.PageRequest(page_size=1000, page_token=token),
+            )
+            try:
+                page = await self._stub.ListGrants(request, timeout=self._timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise grant_service_unavailable("grants of project", project_id, exc) from exc
+            for msg in page.grants:
+                info = grant_directory.grant_info_from_proto(msg)
+                grants.append((msg.grant_id, info))
+                # Each grant is as fresh as one looked up alone.
+                self._store(self._grants, msg.grant_id, info, self._ttl)
+            token = page.page.next_page_token
+            if not token:
+                break
+        listed = tuple(grants)
+        self._store(self._project_grants, project_id, listed, self._ttl)
+        return listed
 
     async def sub_allocation_holder(self, grant_id: str, allocation_id: str) -> str | None:
         """Return the holder of a sub-allocation of ``grant_id``, or None when it has none."""

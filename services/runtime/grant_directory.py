@@ -177,18 +177,7 @@ class ProjectDirectory:
                 raise grant_service_unavailable("grant", grant_id, exc) from exc
             self._store(self._grants, grant_id, None, self._missing_ttl)
             return None
-        info = GrantInfo(
-            str(msg.project_id),
-            tuple(msg.constraints.providers),
-            tuple(msg.constraints.regions),
-            tuple(msg.constraints.accelerator_models),
-            msg.validity.end_time.ToMicroseconds() / 1e6
-            if msg.validity.HasField("end_time")
-            else None,
-            msg.state == grant_pb2.GRANT_STATE_EXPIRED,
-            _credited(msg.balance),
-            msg.supplemented,
-        )
+        info = grant_info_from_proto(msg)
         self._store(self._grants, grant_id, info, self._ttl)
         return info
 
@@ -199,6 +188,20 @@ class ProjectDirectory:
         cache.move_to_end(key)
         while len(cache) > self._max:
             cache.popitem(last=False)
+
+
+def grant_info_from_proto(msg: grant_pb2.Grant) -> GrantInfo:
+    """Convert a grant the grant service returned to what the caches keep of it."""
+    return GrantInfo(
+        str(msg.project_id),
+        tuple(msg.constraints.providers),
+        tuple(msg.constraints.regions),
+        tuple(msg.constraints.accelerator_models),
+        msg.validity.end_time.ToMicroseconds() / 1e6 if msg.validity.HasField("end_time") else None,
+        msg.state == grant_pb2.GRANT_STATE_EXPIRED,
+        _credited(msg.balance),
+        msg.supplemented,
+    )
 
 
 def _credited(balance: grant_pb2.Balance) -> Decimal | None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from decimal import Decimal
 
 import grpc
 import pytest
 
 from acsp.v1 import grant_pb2
+from scheduler.service.award_check import AwardCeiling
 from scheduler.service.model import JobSpec
 from scheduler.service.projects import ProjectDirectory
 from services.runtime.auth import Principal, Role
@@ -50,6 +52,27 @@ class CountingGrants:
         elif request.grant_id == "ended":
             grant.validity.end_time.FromSeconds(1_700_000_000)
         return grant
+
+    async def ListGrants(
+        self, request: grant_pb2.ListGrantsRequest, **options: object
+    ) -> grant_pb2.ListGrantsResponse:
+        self.calls += 1
+        await asyncio.sleep(0.01)
+        if request.project_id != "p1":
+            return grant_pb2.ListGrantsResponse()
+        listed = []
+        for grant_id, credited in (("g1", "10"), ("old", "5"), ("ended", "5"), ("g2", "2")):
+            grant = grant_pb2.Grant(grant_id=grant_id, project_id="p1", supplemented=True)
+            grant.balance.credited_pf_days.value = credited
+            if grant_id == "old":
+                grant.state = grant_pb2.GRANT_STATE_EXPIRED
+            elif grant_id == "ended":
+                grant.validity.end_time.FromSeconds(1_700_000_000)
+            elif grant_id == "g2":
+                grant.constraints.accelerator_models.append("H100-SXM5-80GB")
+                grant.supplemented = False
+            listed.append(grant)
+        return grant_pb2.ListGrantsResponse(grants=listed)
 
     async def ListSubAllocations(
         self, request: grant_pb2.ListSubAllocationsRequest, **options: object
@@ -181,3 +204,27 @@ async def test_reload_grant_skips_cache() -> None:
     assert reloaded.project_id == "p1"
     # The reload called the grant service again and refreshed the cached entry.
     assert grants.calls == 2
+
+
+async def test_project_ceilings_cached_per_project() -> None:
+    grants = CountingGrants()
+    directory = ProjectDirectory(grants)  # type: ignore[arg-type]
+
+    first = await asyncio.gather(*(directory.project_ceilings("p1") for _ in range(20)))
+    again = await directory.project_ceilings("p1")
+    listed = await directory.grant("g2")
+
+    assert grants.calls == 1
+    assert first[0] == again
+    assert again == [
+        AwardCeiling("g1", "", Decimal(10), True),
+        AwardCeiling("g2", "", Decimal(2), False, ("H100-SXM5-80GB",)),
+    ]
+    assert listed is not None
+    assert listed.credited == Decimal(2)
+
+
+async def test_project_without_grants_has_no_ceilings() -> None:
+    directory = ProjectDirectory(CountingGrants())  # type: ignore[arg-type]
+
+    assert await directory.project_ceilings("p2") == []

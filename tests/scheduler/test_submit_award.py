@@ -138,6 +138,58 @@ async def test_hold_above_supplemented_grant_rejected(stack: Stack) -> None:
     assert accepted.job.job_id
 
 
+async def test_no_grant_job_beyond_project_rejected(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack, pf_days="10")
+    await supplement(stack, grant, "1")
+    owner = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await scheduler.SubmitJobs(
+                scheduler_pb2.SubmitJobsRequest(
+                    jobs=[
+                        scheduler_pb2.SubmitJobRequest(spec=h100_job(project, "", 1)),
+                        scheduler_pb2.SubmitJobRequest(spec=h100_job(project, "", 12)),
+                    ]
+                ),
+                metadata=owner,
+                timeout=10,
+            )
+        written = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(project_id=project), metadata=owner, timeout=10
+        )
+        accepted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=h100_job(project, "", 11)),
+            metadata=owner,
+            timeout=10,
+        )
+    details = caught.value.details() or ""
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details.startswith(f"jobs[1].spec.wall_time_seconds: no grant of project {project} ")
+    assert f"on grant {grant} it is 11.874 PF-days at {H100}" in details
+    assert "more than the 11 PF-days the grant was ever credited" in details
+    assert "jobs[1].spec.task_count" in details
+    assert list(written.jobs) == []
+    assert accepted.job.job_id
+
+
+async def test_no_grant_job_of_growable_grant_accepted(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, _, pi = await fund_grant(stack, pf_days="2")
+    owner = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        # About 3.958 PF-days against 2 that a supplement may still raise.
+        accepted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=h100_job(project, "", 4)),
+            metadata=owner,
+            timeout=10,
+        )
+    assert accepted.job.job_id
+    assert accepted.job.spec.grant_id == ""
+
+
 async def test_grant_that_may_grow_keeps_job_waiting(stack: Stack) -> None:
     _, address = await stack.start_scheduler()
     stack.start_agents(nodes=1, gpus=8, model=H100)
