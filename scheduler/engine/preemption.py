@@ -64,7 +64,8 @@ def shrink_victims(
     """Pick running jobs of ``pool`` to free at least ``over_millis`` there.
 
     Preemptible jobs go first, then standard, then interactive; jobs placed through an
-    advance reservation on protected capacity go last; the most recently started first.
+    advance reservation on protected capacity go last; the most recently started first. A job
+    picked in that order is then spared when the jobs picked after it free enough without it.
     """
     candidates: list[tuple[int, int, float, int, JobRecord, int]] = []
     for job_id in sorted(pool.jobs):
@@ -80,14 +81,22 @@ def shrink_victims(
         key = (int(record.protected), int(record.spec.priority), -start, record.sequence)
         candidates.append((*key, record, millis))
     candidates.sort(key=lambda c: c[:4])
-    victims: list[JobRecord] = []
     freed = 0
+    victims: list[tuple[JobRecord, int]] = []
     for *_, record, millis in candidates:
         if freed >= over_millis:
             break
-        victims.append(record)
+        victims.append((record, millis))
         freed += millis
-    return victims
+    # The last victim is needed. The others are checked from the costliest to stop down, so
+    # the jobs spared are those that cost most to stop.
+    spared: set[int] = set()
+    for index in range(len(victims) - 2, -1, -1):
+        millis = victims[index][1]
+        if freed - millis >= over_millis:
+            freed -= millis
+            spared.add(index)
+    return [record for index, (record, _) in enumerate(victims) if index not in spared]
 
 
 def stop_cost(record: JobRecord, now: float) -> Cost:

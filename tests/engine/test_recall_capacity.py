@@ -133,3 +133,22 @@ def test_above_cap_of_pool() -> None:
     engine.apply(RecallAnnounced("rc", "openb", "region-1", "P100", 2, effective_at=5.0))
     assert engine.capacity.recalled_millis(pool, 1.0) == 2000
     assert engine.capacity.above_cap_millis(pool, 1.0) == 2000
+
+
+def test_recall_spares_unneeded_small_victim() -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 8))
+    engine.add_node(node("n2", 8))
+    engine.add_pledge(Pledge("pl", "p1", "r1", A100, 0, 16, 0.0, 1e9))
+    engine.submit(job("large", accelerators=8, priority=PriorityClass.PREEMPTIBLE))
+    engine.schedule(0.0)
+    engine.submit(job("small", accelerators=1, priority=PriorityClass.PREEMPTIBLE))
+    engine.schedule(1.0)
+    assert set(engine.running()) == {"large", "small"}
+
+    # Nine recalled leave a cap of 7, so 2 accelerators must go. The small job started last,
+    # so it is picked first, but it frees too little, and the large job alone frees enough.
+    engine.apply(RecallAnnounced("rc", "p1", "r1", A100, 9, effective_at=5.0))
+    decisions = preempted(engine.schedule(2.0))
+
+    assert [d.job_id for d in decisions] == ["large"]
