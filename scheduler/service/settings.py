@@ -63,7 +63,7 @@ class SchedulerSettings(Settings):
     budget_retry_s: float = setting(
         "ACSP_SCHEDULER_BUDGET_RETRY_S",
         30.0,
-        "seconds before a project whose hold failed for budget is tried again",
+        "seconds before the jobs held back by a hold that failed for budget are tried again",
         minimum=0.1,
     )
     outbox_retention_s: float = setting(

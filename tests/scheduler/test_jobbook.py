@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from decimal import Decimal
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +15,7 @@ from scheduler.service.admission import HoldOutcome, RateCard
 from scheduler.service.engine_adapter import BUSY_RETRY_S, EngineAdapter
 from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
 from scheduler.service.jobbook import MAX_START_FAILURES, Effects, JobBook
+from scheduler.service.loop import SchedulingLoop
 from scheduler.service.model import Job, JobSpec, TaskPlacement, new_job_id
 from scheduler.service.pledges import PledgeRecord, RecallRecord
 
@@ -217,6 +219,26 @@ def test_sub_allocation_has_own_budget_block() -> None:
 
     assert [j.job_id for j, _ in fx.admit] == [on_allocation.job_id]
     assert book.engine.budget_key(on_allocation.job_id) == ("proj", "g1/s1")
+
+
+def test_budget_retry_lifts_due_blocks() -> None:
+    book = make_book()
+    on_g1 = make_job(tasks=1)
+    on_g2 = make_job(tasks=1, grant="g2")
+    place(book, on_g1)
+    place(book, on_g2)
+    for job in (on_g1, on_g2):
+        book.apply_hold(job.job_id, 1, HoldOutcome("no_budget", message="none"), Effects(NOW + 2))
+    loop = SimpleNamespace(
+        book=book,
+        settings=SimpleNamespace(budget_retry_s=30.0),
+        _no_budget={("proj", "g1"): NOW + 2, ("proj", "g2"): NOW + 20},
+    )
+
+    SchedulingLoop._retry_budgets(loop, NOW + 35)  # type: ignore[arg-type]
+
+    assert list(loop._no_budget) == [("proj", "g2")]
+    assert list(book.engine.engine.no_budget) == [("proj", "g2")]
 
 
 def test_gang_task_start_failure_requeues_whole_job() -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
 
-from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2
+from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.runtime.auth import Role
 
 from .harness import Stack, fund_grant, metadata, scheduler_stub, wait_for
@@ -61,6 +62,43 @@ async def supplement(stack: Stack, grant: str, pf_days: str) -> None:
             metadata=office,
             timeout=10,
         )
+
+
+async def add_grant(stack: Stack, project: str, pi: str, pf_days: str) -> str:
+    """Award ``project`` (made by ``fund_grant``) one more exploratory grant; return its id."""
+    institution = project.replace("proj-", "inst-", 1)
+    owner = metadata(stack.token(pi, Role.PI, institution=institution))
+    start = datetime.now(UTC) - timedelta(hours=1)
+    window = common_pb2.TimeWindow()
+    window.start_time.FromDatetime(start)
+    window.end_time.FromDatetime(start + timedelta(days=30))
+    async with grpc.aio.insecure_channel(stack.grant_address) as channel:
+        application = await grant_pb2_grpc.GrantServiceStub(channel).SubmitApplication(
+            grant_pb2.SubmitApplicationRequest(
+                request_id=uuid.uuid4().hex,
+                application=grant_pb2.Application(
+                    project_id=project,
+                    tier=grant_pb2.GRANT_TIER_EXPLORATORY,
+                    requested_pf_days=common_pb2.Decimal(value=pf_days),
+                    validity=window,
+                    justification="a second grant of the project",
+                ),
+            ),
+            metadata=owner,
+            timeout=10,
+        )
+    assert application.grant_id, "an exploratory grant within the tier limit is awarded at once"
+    return application.grant_id
+
+
+async def job_state(
+    scheduler: scheduler_pb2_grpc.SchedulerServiceStub,
+    job_id: str,
+    owner: tuple[tuple[str, str], ...],
+) -> scheduler_pb2.Job:
+    return await scheduler.GetJob(
+        scheduler_pb2.GetJobRequest(job_id=job_id), metadata=owner, timeout=10
+    )
 
 
 async def test_hold_above_sub_allocation_rejected(stack: Stack) -> None:
@@ -219,6 +257,42 @@ async def test_grant_that_may_grow_keeps_job_waiting(stack: Stack) -> None:
     assert f"grant {grant} was ever credited" in message
     assert "supplements the grant" in message
     assert "amount_pf_days" not in message
+
+
+async def test_budget_block_spares_other_grant(stack: Stack) -> None:
+    # Blocks are lifted only after 300 s, so a job held back by one gets no hold in this test.
+    _, address = await stack.start_scheduler(ACSP_SCHEDULER_BUDGET_RETRY_S="300")
+    stack.start_agents(nodes=1, gpus=8, model=H100)
+    project, small, pi = await fund_grant(stack, pf_days="2")
+    large = await add_grant(stack, project, pi, "6")
+    owner = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        # About 3.958 PF-days each: more than the 2 of the small grant, within the large one.
+        unpaid = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=h100_job(project, small, 4)),
+            metadata=owner,
+            timeout=10,
+        )
+
+        async def unpaid_waits() -> bool:
+            job = await job_state(scheduler, unpaid.job.job_id, owner)
+            return job.pending_reason == scheduler_pb2.PENDING_REASON_BUDGET
+
+        await wait_for(unpaid_waits, 60, "the first job's budget pending reason", 0.2)
+        paid = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=h100_job(project, large, 4)),
+            metadata=owner,
+            timeout=10,
+        )
+
+        async def paid_started() -> scheduler_pb2.Job | None:
+            job = await job_state(scheduler, paid.job.job_id, owner)
+            return job if job.hold_id else None
+
+        started = await wait_for(paid_started, 60, "the second job's hold", 0.2)
+    assert started.spec.grant_id == large
+    assert started.pending_reason != scheduler_pb2.PENDING_REASON_BUDGET
 
 
 async def test_budget_reason_rounds_amounts(stack: Stack) -> None:
