@@ -4,7 +4,8 @@ Two agent processes serve one node of two accelerators each, in two regions with
 port ranges of their own. Each task of a 4-task gang on them writes its ``ACSP_*`` variables
 and its hosts file to a folder of the test. The test checks that the tasks agree on the rendezvous
 and that their indexes match the placement that the scheduler reports. A second gang's task
-0 listens on the rendezvous port, and the other tasks connect to it there.
+0 listens on the rendezvous port, and the other tasks connect to it there. Four jobs whose task
+0 run on one node at once, with a range of four ports, bind one port each.
 """
 
 from __future__ import annotations
@@ -187,3 +188,78 @@ async def test_tasks_meet_at_rendezvous(stack: Stack, tmp_path: Path) -> None:
         await run_job(scheduler, md, job_spec(project, grant, task_count=TASKS, command=command))
 
     assert met.read_text() == ",".join(str(index) for index in range(1, TASKS))
+
+
+LISTENER = """
+import os, pathlib, socket, sys, time
+out = pathlib.Path(sys.argv[1])
+if os.environ["ACSP_TASK_INDEX"] != "0":
+    sys.exit(0)
+port = int(os.environ["ACSP_RENDEZVOUS_PORT"])
+server = socket.create_server(("127.0.0.1", port))
+(out / os.environ["ACSP_JOB_ID"]).write_text(str(port))
+deadline = time.monotonic() + 60
+while not (out / "release").exists():
+    if time.monotonic() > deadline:
+        sys.exit("timed out waiting for the release file")
+    time.sleep(0.1)
+server.close()
+"""
+"""Task 0 binds its rendezvous port on 127.0.0.1, records it under the job's id, and keeps it
+until the test creates the file ``release``."""
+
+SHARED_RANGE = (33400, 33403)
+
+
+async def test_jobs_on_one_node_get_distinct_ports(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "ports"
+    out.mkdir()
+    _, address = await stack.start_scheduler()
+    low, high = SHARED_RANGE
+    stack.start_agents(nodes=1, gpus=8, extra_env={"ACSP_AGENT_RENDEZVOUS_PORTS": f"{low}-{high}"})
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    command = [sys.executable, "-c", LISTENER, str(out)]
+    # As many jobs as the range has ports, all with task 0 on the one node at once. Hashed
+    # ports alone would give all four distinct ports only about one time in ten.
+    task_counts = (2, 1, 2, 1)
+    async with channel:
+        job_ids = []
+        for task_count in task_counts:
+            spec = job_spec(project, grant, task_count=task_count, command=command)
+            submitted = await scheduler.SubmitJob(
+                scheduler_pb2.SubmitJobRequest(spec=spec), metadata=md, timeout=10
+            )
+            job_ids.append(submitted.job.job_id)
+
+        async def states() -> list[scheduler_pb2.Job]:
+            return [
+                await scheduler.GetJob(
+                    scheduler_pb2.GetJobRequest(job_id=job_id), metadata=md, timeout=10
+                )
+                for job_id in job_ids
+            ]
+
+        async def bound() -> bool:
+            for job in await states():
+                # A task 0 that cannot bind its port fails, and its job ends before the release.
+                ended = job.state >= scheduler_pb2.JOB_STATE_COMPLETED
+                assert not ended, f"job {job.job_id} ended early: {job.state_message}"
+            return all((out / job_id).exists() for job_id in job_ids)
+
+        await wait_for(bound, 90, "every job's task 0 to bind its port", 0.2)
+        (out / "release").touch()
+
+        async def ended() -> list[scheduler_pb2.Job] | None:
+            jobs = await states()
+            done = all(job.state >= scheduler_pb2.JOB_STATE_COMPLETED for job in jobs)
+            return jobs if done else None
+
+        jobs = await wait_for(ended, 60, "every job to end", 0.2)
+
+    ports = [int((out / job_id).read_text()) for job_id in job_ids]
+    assert len(set(ports)) == len(job_ids)
+    assert all(low <= port <= high for port in ports)
+    for job in jobs:
+        assert job.state == scheduler_pb2.JOB_STATE_COMPLETED, job.state_message
