@@ -26,6 +26,7 @@ from services.runtime.errors import (
 )
 from services.runtime.evolve import evolve
 
+from .admission import RateCard
 from .award_check import check_hold_fits, check_project_hold_fits
 from .convert import job_state_from_proto, job_to_proto, spec_from_proto
 from .dependency_check import check_wait_count, resolve_after_ids
@@ -152,15 +153,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         catalog = self._lead.catalog
         term = self._lead.current
         if limits is None:
-            # The grant service picks the grant that pays when it places the hold, so the job
-            # is checked against every grant of the project. Their list is cached per project
-            # like the project itself.
             if term is not None and term.rates is not None:
-                ceilings = await projects.project_ceilings(spec.project_id)
-                if ceilings:
-                    check_project_hold_fits(
-                        jobs[0], spec.project_id, ceilings, term.rates, catalog, prefix
-                    )
+                await self._check_project_hold(jobs[0], term.rates, prefix)
             return jobs
         providers = term.book.engine.providers if term is not None else ProviderDirectory()
         violations = check_against_grant(spec, limits, providers, catalog, prefix)
@@ -173,6 +167,27 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         if ceiling is not None and term is not None and term.rates is not None:
             check_hold_fits(narrowed[0], ceiling, term.rates, catalog, prefix)
         return narrowed
+
+    async def _check_project_hold(self, job: Job, rates: RateCard, prefix: str) -> None:
+        """Reject ``job``, which names no grant, when no grant of its project could pay it.
+
+        The grant service picks the grant that pays when it places the hold, so the job is
+        checked against every grant of the project, from a list cached per project. A grant
+        awarded after the list was cached may pay the job, so a list older than a few seconds
+        is read again before the job is rejected.
+        """
+        projects = self._lead.projects
+        project_id = job.spec.project_id
+        catalog = self._lead.catalog
+        ceilings = await projects.project_ceilings(project_id)
+        if not ceilings:
+            return
+        try:
+            check_project_hold_fits(job, project_id, ceilings, rates, catalog, prefix)
+        except FailedPrecondition:
+            ceilings = await projects.project_ceilings(project_id, recent=True)
+            if ceilings:
+                check_project_hold_fits(job, project_id, ceilings, rates, catalog, prefix)
 
     async def _resolve_after(self, jobs: list[Job], field: str, key: str | None) -> list[Job]:
         """Check the jobs that ``jobs`` (one spec) wait for, and set the awaited jobs with each

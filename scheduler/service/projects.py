@@ -59,6 +59,16 @@ class SubAllocations:
     """PF-days each sub-allocation was funded with, which never grows."""
 
 
+@dataclass(frozen=True, slots=True)
+class ProjectGrants:
+    """The grants of one project, as one ListGrants call returned them."""
+
+    fetched_at: float
+    """``time.monotonic()`` of the fetch."""
+    grants: tuple[tuple[str, grant_directory.GrantInfo], ...]
+    """Each grant by id."""
+
+
 class ProjectDirectory(grant_directory.ProjectDirectory):
     """Bounded, short-lived cache of projects, grants and sub-allocations from the grant service.
 
@@ -84,10 +94,7 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
             timeout_s=timeout_s,
         )
         self._allocations: OrderedDict[str, tuple[float, SubAllocations]] = OrderedDict()
-        self._project_grants: OrderedDict[
-            str, tuple[float, tuple[tuple[str, grant_directory.GrantInfo], ...]]
-        ] = OrderedDict()
-        """Per project, each of its grants by id, as one ListGrants call returned them."""
+        self._project_grants: OrderedDict[str, tuple[float, ProjectGrants]] = OrderedDict()
 
     async def check_submitter(
         self, principal: Principal, spec: JobSpec, prefix: str = "spec"
@@ -184,26 +191,28 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
             return None
         return AwardCeiling(spec.grant_id, spec.sub_allocation_id, credited, True)
 
-    async def project_ceilings(self, project_id: str) -> list[AwardCeiling] | None:
+    async def project_ceilings(
+        self, project_id: str, *, recent: bool = False
+    ) -> list[AwardCeiling] | None:
         """Return the credited totals of the grants of ``project_id`` that can still pay.
 
         Grants that expired or whose validity ended are left out, and grants that have not
         started yet are kept. Returns None when the grant service sent no credited total for
         one of them. The list is cached per project like the project itself, so a burst of
-        submissions costs one ListGrants call.
+        submissions costs one ListGrants call. With ``recent``, a list older than
+        ``missing_ttl_s`` is fetched again, so that a grant awarded since then is seen.
         """
         cached = fresh_entry(self._project_grants, project_id)
-        if cached is not None:
-            grants = cached[1]
-        else:
+        listed = cached[1] if cached is not None else None
+        if listed is None or (recent and time.monotonic() - listed.fetched_at >= self._missing_ttl):
             found = await self._shared(
                 ("project grants", project_id), lambda: self._fetch_project_grants(project_id)
             )
-            assert isinstance(found, tuple)
-            grants = found
+            assert isinstance(found, ProjectGrants)
+            listed = found
         now = time.time()
         ceilings: list[AwardCeiling] = []
-        for grant_id, info in grants:
+        for grant_id, info in listed.grants:
             if info.ended(now):
                 continue
             if info.credited_pf_days is None:
@@ -219,9 +228,7 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
             )
         return ceilings
 
-    async def _fetch_project_grants(
-        self, project_id: str
-    ) -> tuple[tuple[str, grant_directory.GrantInfo], ...]:
+    async def _fetch_project_grants(self, project_id: str) -> ProjectGrants:
         grants: list[tuple[str, grant_directory.GrantInfo]] = []
         token = ""
         while True:
@@ -241,7 +248,7 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
             token = page.page.next_page_token
             if not token:
                 break
-        listed = tuple(grants)
+        listed = ProjectGrants(time.monotonic(), tuple(grants))
         self._store(self._project_grants, project_id, listed, self._ttl)
         return listed
 

@@ -228,3 +228,19 @@ async def test_project_without_grants_has_no_ceilings() -> None:
     directory = ProjectDirectory(CountingGrants())  # type: ignore[arg-type]
 
     assert await directory.project_ceilings("p2") == []
+
+
+async def test_recent_ceilings_refetch_old_list() -> None:
+    grants = CountingGrants()
+    directory = ProjectDirectory(grants)  # type: ignore[arg-type]
+    stale_grants = CountingGrants()
+    stale = ProjectDirectory(stale_grants, missing_ttl_s=0.0)  # type: ignore[arg-type]
+
+    await directory.project_ceilings("p1")
+    await directory.project_ceilings("p1", recent=True)
+    await stale.project_ceilings("p1")
+    await stale.project_ceilings("p1", recent=True)
+
+    # A list younger than missing_ttl_s counts as recent, and an older one is fetched again.
+    assert grants.calls == 1
+    assert stale_grants.calls == 2

@@ -212,6 +212,34 @@ async def test_no_grant_job_beyond_project_rejected(stack: Stack) -> None:
     assert accepted.job.job_id
 
 
+async def test_no_grant_job_sees_new_grant(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack, pf_days="3")
+    await supplement(stack, grant, "1")
+    owner = metadata(stack.token(pi, Role.PI))
+    # Five H100s for a day: about 4.948 PF-days, more than the 4 the first grant was credited.
+    request = scheduler_pb2.SubmitJobRequest(spec=h100_job(project, "", 5))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await scheduler.SubmitJob(request, metadata=owner, timeout=10)
+        await add_grant(stack, project, pi, "5")
+
+        async def accepted() -> scheduler_pb2.SubmitJobResponse | None:
+            try:
+                return await scheduler.SubmitJob(request, metadata=owner, timeout=10)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                return None
+
+        # The project's grants stay cached for 30 s, but a rejection reads a list older
+        # than 5 s again.
+        submitted = await wait_for(accepted, 20, "the job to be accepted", 0.5)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert submitted.job.job_id
+
+
 async def test_no_grant_job_of_growable_grant_accepted(stack: Stack) -> None:
     _, address = await stack.start_scheduler()
     project, _, pi = await fund_grant(stack, pf_days="2")
