@@ -2,13 +2,19 @@
 
 The scheduler owns pledges. Metering reads them over its ListPledges and ListRecalls RPCs every
 ``interval_s`` and upserts them here, so that a settlement never waits on the scheduler.
+
+Only the scheduler's leader counts each pledge's registered and healthy accelerators. A standby
+lists the pledges with ``fleet_counted`` false, and a copy from it would leave every pledge
+uncounted in settlements. So a copy tries each scheduler replica in turn, starting with the one
+that led last, and takes the first listing that counts the fleet. When no replica counts it,
+the copy stores the first standby's listing without counts and logs a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from acsp.time_range import LATEST_TIME
 from acsp.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.metering.scheduler_replicas import SchedulerReplicas
 from services.runtime.db import Database
 
 logger = logging.getLogger(__name__)
@@ -203,34 +210,44 @@ def recall_from_proto(recall: scheduler_pb2.Recall) -> RecallRecord:
 
 
 class PledgeSync:
-    """Copies pledges and recalls from the scheduler into metering's tables."""
+    """Copies pledges and recalls from the scheduler's leader into metering's tables."""
 
     def __init__(
         self,
         db: Database,
-        channel: grpc.aio.Channel,
+        replicas: SchedulerReplicas,
         interval_s: float = 60.0,
         timeout_s: float = 10.0,
     ) -> None:
         self._db = db
-        self._stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        self._replicas = replicas
         self._interval_s = interval_s
         self._timeout_s = timeout_s
+        # The periodic copy and a settlement's copy take turns, because SchedulerReplicas may
+        # close a channel that the other copy is using.
+        self._lock = asyncio.Lock()
 
     async def sync_once(self, provider: str = "") -> tuple[int, int]:
         """Copy every pledge and recall, or only ``provider``'s; return how many of each were read.
 
-        Raises ``grpc.aio.AioRpcError`` when the scheduler cannot list them.
+        Raises ``grpc.aio.AioRpcError`` when no scheduler replica can list them.
         """
+        async with self._lock:
+            return await self._copy(provider)
+
+    async def _copy(self, provider: str) -> tuple[int, int]:
         listed_at = datetime.now(UTC)
+        stub, pledge_pages = await self._list_pledges(provider)
         pledges = [
             pledge_from_proto(p, page.fleet_counted, listed_at)
-            for page in await self._pages("ListPledges", scheduler_pb2.ListPledgesRequest, provider)
+            for page in pledge_pages
             for p in page.pledges
         ]
         recalls = [
             recall_from_proto(r)
-            for page in await self._pages("ListRecalls", scheduler_pb2.ListRecallsRequest, provider)
+            for page in await self._pages(
+                stub.ListRecalls, scheduler_pb2.ListRecallsRequest, provider
+            )
             for r in page.recalls
         ]
         async with self._db.acquire() as conn, conn.transaction():
@@ -246,8 +263,56 @@ class PledgeSync:
             )
         return len(pledges), len(recalls)
 
-    async def _pages(self, method: str, request_type: type, provider: str) -> list[Any]:
-        call = getattr(self._stub, method)
+    async def _list_pledges(
+        self, provider: str
+    ) -> tuple[scheduler_pb2_grpc.SchedulerServiceStub, list[Any]]:
+        """List the pledges from the first replica that counts the fleet, the leader.
+
+        Returns the replica's stub and the pages. Without such a replica, returns the listing
+        of the first standby that returned one. Raises the last ``grpc.aio.AioRpcError`` when
+        every replica failed.
+        """
+        standby: tuple[str, scheduler_pb2_grpc.SchedulerServiceStub, list[Any]] | None = None
+        failure: grpc.aio.AioRpcError | None = None
+        replicas = await self._replicas.replicas()
+        for address, channel in replicas:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            try:
+                pages = await self._pages(
+                    stub.ListPledges, scheduler_pb2.ListPledgesRequest, provider
+                )
+            except grpc.aio.AioRpcError as error:
+                logger.warning(
+                    "scheduler replica %s could not list pledges: %s: %s",
+                    address,
+                    error.code().name,
+                    error.details(),
+                )
+                failure = error
+                continue
+            # A standby leaves fleet_counted false on every page.
+            if all(page.fleet_counted for page in pages):
+                if self._replicas.mark_leader(address):
+                    logger.info("copying pledges from scheduler replica %s, which leads", address)
+                return stub, pages
+            if standby is None:
+                standby = (address, stub, pages)
+        if standby is None:
+            assert failure is not None, "SchedulerReplicas returns at least one replica"
+            raise failure
+        address, stub, pages = standby
+        logger.warning(
+            "no scheduler replica of %s counted the pledges' accelerators, so the pledges are "
+            "copied from standby %s without counts and settlements list them as uncounted; "
+            "make ACSP_SCHEDULER_ADDRESS name every scheduler replica",
+            ", ".join(a for a, _ in replicas),
+            address,
+        )
+        return stub, pages
+
+    async def _pages(
+        self, call: Callable[..., Awaitable[Any]], request_type: type, provider: str
+    ) -> list[Any]:
         pages = []
         token = ""
         for _ in range(MAX_PAGES):

@@ -18,6 +18,7 @@ from services.metering.ingest import UsageIngest, ingested_through, usage_stream
 from services.metering.ledger import GrpcLedger
 from services.metering.pledges import PledgeSync
 from services.metering.ratecard_store import RateCardCache
+from services.metering.scheduler_replicas import SchedulerReplicas, replica_channel_factory
 from services.metering.servicer import MeteringApp, MeteringServicer
 from services.metering.settings import MeteringSettings
 from services.metering.waste_events import run_waste_publisher
@@ -90,10 +91,11 @@ def build_service(settings: MeteringSettings) -> Service:
             name="coverage-sweep",
         )
         if settings.scheduler_address:
-            scheduler = service_channel(
-                settings, settings.scheduler_address, token=_service_token(settings)
+            replicas = SchedulerReplicas(
+                settings.scheduler_addresses,
+                replica_channel_factory(settings, _service_token(settings)),
             )
-            sync = PledgeSync(runtime.db, scheduler)
+            sync = PledgeSync(runtime.db, replicas)
             app.pledge_sync = sync
             runtime.spawn(sync.run(runtime.stopping), name="pledges")
         else:

@@ -8,8 +8,14 @@ from pathlib import Path
 from services.metering.charger import ChargerConfig
 from services.metering.coverage_sweep import CoverageSweepConfig
 from services.metering.ingest import IngestConfig
+from services.metering.scheduler_replicas import parse_targets
 from services.metering.waste_scan import WasteScanConfig
 from services.runtime.settings import Settings, setting
+
+
+def _parse_scheduler_address(text: str) -> str:
+    parse_targets(text)
+    return text
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,10 @@ class MeteringSettings(Settings):
     scheduler_address: str | None = setting(
         "ACSP_SCHEDULER_ADDRESS",
         None,
-        "host:port of the scheduler, whose pledges and recalls settlements use",
+        "host:port of the scheduler, whose pledges and recalls settlements use; a comma-separated "
+        "list, or a host name that resolves to every replica, lets the copy find the leader, "
+        "which alone counts each pledge's healthy accelerators",
+        parse=_parse_scheduler_address,
     )
     service_token_file: Path | None = setting(
         "ACSP_METERING_SERVICE_TOKEN_FILE",
@@ -105,6 +114,11 @@ class MeteringSettings(Settings):
         "seconds between background scans that evaluate ended attempts for waste",
         minimum=0.1,
     )
+
+    @property
+    def scheduler_addresses(self) -> tuple[str, ...]:
+        """The ``host:port`` entries of ACSP_SCHEDULER_ADDRESS, empty when it is not set."""
+        return parse_targets(self.scheduler_address) if self.scheduler_address else ()
 
     def ingest_config(self) -> IngestConfig:
         return IngestConfig(

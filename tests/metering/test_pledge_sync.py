@@ -10,14 +10,19 @@ import grpc
 import pytest
 
 from services.metering.pledges import PledgeSync
+from services.metering.scheduler_replicas import SchedulerReplicas
+
+
+def _no_channel(address: str, host: str) -> grpc.aio.Channel:
+    raise AssertionError("sync_once is replaced, so no channel is opened")
 
 
 class FailingFirstSync(PledgeSync):
     """A sync whose first copies fail with ``errors`` in turn, then succeed."""
 
     def __init__(self, errors: list[BaseException], stop: asyncio.Event) -> None:
-        channel = grpc.aio.insecure_channel("127.0.0.1:1")  # Never called: sync_once is replaced.
-        super().__init__(None, channel, interval_s=0.01)  # type: ignore[arg-type]
+        replicas = SchedulerReplicas(["127.0.0.1:1"], _no_channel)
+        super().__init__(None, replicas, interval_s=0.01)  # type: ignore[arg-type]
         self._errors = errors
         self._stop = stop
         self.calls = 0
