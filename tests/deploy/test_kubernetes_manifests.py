@@ -239,6 +239,25 @@ def _egress_allowed(policies: list[Resource], source: dict[str, str], target: st
     return False
 
 
+def _component_behind(resources: list[Resource], service_name: str) -> str:
+    """Return the component label of the Deployment that the Service ``service_name`` selects."""
+    service = next(
+        doc
+        for doc in resources
+        if doc["kind"] == "Service" and doc["metadata"]["name"] == service_name
+    )
+    deployment = next(
+        doc
+        for doc in resources
+        if doc["kind"] == "Deployment"
+        and _selects(
+            {"matchLabels": service["spec"]["selector"]},
+            doc["spec"]["template"]["metadata"]["labels"],
+        )
+    )
+    return str(deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"])
+
+
 @pytest.mark.parametrize("name", ["acsp-grant", "acsp-metering", "acsp-scheduler"])
 def test_service_reaches_services_it_calls(name: str) -> None:
     resources = [doc for _, doc in FILE_RESOURCES]
@@ -261,5 +280,5 @@ def test_service_reaches_services_it_calls(name: str) -> None:
     for variable, address in env.items():
         if not (variable.endswith("_ADDRESS") and address.startswith("acsp-")):
             continue
-        target = address.split(".", 1)[0].removeprefix("acsp-")
+        target = _component_behind(resources, address.split(".", 1)[0])
         assert _egress_allowed(policies, labels, target), f"{name} cannot call {address}"
