@@ -46,6 +46,7 @@ from agents.launcher import drop_inheritable_capabilities
 from agents.node import NodeAgent
 from agents.outbox import Outbox
 from agents.process import AgentProcess, ConnectionOptions, Intervals
+from agents.scratch_folders import ScratchSweeper
 from agents.settings import AgentSettings
 from agents.spool import Spool
 from agents.state import StateStore
@@ -217,7 +218,7 @@ def build_process(
         "agent_version": version,
         "launcher": launcher,
         "task_user": settings.task_user,
-        "task_users": TaskUserPool(settings.task_users) if settings.task_users else None,
+        "task_users": _task_user_pool(settings),
         "task_log_max_bytes": settings.task_log_max_bytes,
         "host": settings.host,
         "rendezvous_ports": settings.rendezvous_ports,
@@ -253,6 +254,13 @@ def build_process(
         stop_grace_s=settings.shutdown_grace_s,
         launcher=launcher,
     )
+
+
+def _task_user_pool(settings: AgentSettings) -> TaskUserPool | None:
+    if not settings.task_users:
+        return None
+    scratch = ScratchSweeper(settings.scratch_dirs) if settings.scratch_dirs else None
+    return TaskUserPool(settings.task_users, scratch)
 
 
 def check_isolation(settings: AgentSettings) -> None:
@@ -302,10 +310,12 @@ def check_pool_isolation(settings: AgentSettings, files: list[tuple[str, Path]])
     if not settings.record_exit_status:
         drop_inheritable_capabilities()
     logger.info(
-        "tasks run as one of %d pool users per job: %s … %s",
+        "tasks run as one of %d pool users per job: %s … %s; their files in %s are removed "
+        "before another job gets the user",
         len(settings.task_users),
         settings.task_users[0],
         settings.task_users[-1],
+        ", ".join(map(str, settings.scratch_dirs)) or "no folder",
     )
 
 

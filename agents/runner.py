@@ -246,7 +246,7 @@ class TaskRunner:
         """Start ``spec`` unless it is a redelivered command for a known task."""
         if self._pool is not None:
             # Before the checks, so that no await falls between them and the launch.
-            await self._pool.sweep_once(self._task_dir)
+            await self._pool.sweep_once(self._task_dir, self._group)
         intent = self._state.node(self._node_key).intents.get(spec.task_id)
         if self._known(spec.task_id):
             logger.info("start of task %s ignored: already known on this node", spec.task_id)
@@ -846,7 +846,8 @@ class TaskRunner:
         """Free the pool user of an ended task once no other task of its job runs as it.
 
         The task's processes are gone by now, but the job may have left others under its
-        user, so the user is free only after a sweep of its processes.
+        user, and files in the node's scratch folders, so the user is free only after a sweep
+        of both.
         """
         if self._pool is None:
             return
@@ -881,6 +882,8 @@ class TaskRunner:
                     error,
                 )
                 return
+        # After the processes, so that no process of the job creates files behind the sweep.
+        await self._pool.sweep_scratch(uid)
         self._pool.freed(uid)
 
     def _forget_once_spooled(self, task: _Task) -> None:

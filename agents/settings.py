@@ -20,6 +20,12 @@ from acsp.rendezvous import (
     parse_port_range,
 )
 from acsp.subjects import TOKEN_PATTERN
+from agents.scratch_folders import (
+    DEFAULT_SCRATCH_DIRS,
+    NO_SCRATCH_DIRS,
+    SCRATCH_DIRS_ENV,
+    parse_scratch_dirs,
+)
 from agents.task_logs import MIN_TASK_LOG_MAX_BYTES, TASK_LOG_MAX_BYTES
 from agents.task_user import TASK_USER_ENV, TaskUser, parse_task_user
 from agents.task_users import MAX_POOL_USERS, TASK_USERS_ENV, parse_task_users
@@ -138,6 +144,16 @@ class AgentSettings(Settings):
         f"{MAX_POOL_USERS} users; the agent kills every process of a user when it frees it, "
         f"so nothing else may run as them; empty uses {TASK_USER_ENV}",
         parse=parse_task_users,
+    )
+
+    scratch_dirs: tuple[Path, ...] = setting(
+        SCRATCH_DIRS_ENV,
+        DEFAULT_SCRATCH_DIRS,
+        f"comma-separated absolute folders that the tasks of {TASK_USERS_ENV} share, from "
+        "which the agent removes a pool user's files before another job gets the user; "
+        f"{','.join(map(str, DEFAULT_SCRATCH_DIRS))} by default, {NO_SCRATCH_DIRS} for no "
+        "folder",
+        parse=parse_scratch_dirs,
     )
 
     host: str = setting(

@@ -24,11 +24,11 @@ but can neither list them nor write there, and the logs and exit status files st
 agent's. Once the user is free again, the job's folder goes back to the agent (mode 0700), so
 a later job that gets the same user cannot read what this one left.
 
-NOTE: files that a job leaves outside its folder keep its uid, so a later job that gets the
-same user can read them. ``TMPDIR`` keeps the files of programs that honour it in the job's
-folder, but a task may still write to ``/tmp``, ``/var/tmp`` or ``/dev/shm`` by name. The
-agent does not remove such files when the job ends: an agent that is not root may not delete
-other users' files in those sticky folders, and a scan of them would slow every job's end.
+``TMPDIR`` keeps the files of programs that honour it in the job's folder, but a task may still
+write to ``/tmp``, ``/var/tmp`` or ``/dev/shm`` by name. With a :class:`ScratchSweeper`, a
+user is free again only after a sweep of those folders removed what it owns there (see
+:mod:`agents.scratch_folders`), and a restarted agent sweeps the users that no task runs as.
+Files that a job leaves elsewhere (the user's home from the user database, say) keep its uid.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Final
 
+from agents.scratch_folders import ScratchSweeper
 from agents.task_process import stat_fields, task_file_stem
 from agents.task_user import TaskUser, parse_task_user
 
@@ -69,6 +70,9 @@ _EXIT_WAIT_S: Final = 0.5
 _EXIT_POLL_S: Final = 0.005
 _SWEEP_RETRY_S: Final = 5.0
 """Seconds between sweeps of a user whose processes outlived one (stuck in the kernel)."""
+FIRST_CLEAN_USER_WAIT_S: Final = 10.0
+"""Maximum seconds the first start after the agent started waits for the scratch sweep of one
+unused user, so that it finds a user to run as."""
 
 
 def parse_task_users(text: str) -> tuple[TaskUser, ...]:
@@ -120,9 +124,10 @@ class TaskUserPool:
     """The pool user of each job running on the node, and the users that are free.
 
     One pool serves every node of an agent process, because their tasks share one machine.
+    ``scratch`` sweeps a user's files from the node's scratch folders before it is free again.
     """
 
-    def __init__(self, users: Collection[TaskUser]) -> None:
+    def __init__(self, users: Collection[TaskUser], scratch: ScratchSweeper | None = None) -> None:
         if not users:
             raise ValueError("a task user pool needs at least one user")
         self._users = {user.uid: user for user in users}
@@ -139,6 +144,7 @@ class TaskUserPool:
         self._swept = False
         self._sealed: set[Path] = set()
         """Task folders whose stale job folders were given back to the agent."""
+        self._scratch = scratch
 
     def __len__(self) -> int:
         return len(self._users)
@@ -207,8 +213,9 @@ class TaskUserPool:
     def release(self, task_id: str) -> tuple[int, str] | None:
         """Let ``task_id``'s user go if no other task runs as it; return (uid, job id) if so.
 
-        The caller then sweeps the user's processes (:func:`kill_user_processes`) and calls
-        :meth:`freed`. Until then the user is neither free nor the job's.
+        The caller then sweeps the user's processes (:func:`kill_user_processes`) and its
+        files (:meth:`sweep_scratch`), and calls :meth:`freed`. Until then the user is neither
+        free nor the job's.
         """
         uid = self._task_uid.pop(task_id, None)
         if uid is None:
@@ -232,13 +239,20 @@ class TaskUserPool:
         """Return whether ``job_id`` has a user on this node."""
         return job_id in self._job_uid
 
-    async def sweep_once(self, task_dir: Path) -> None:
+    async def sweep_scratch(self, uid: int) -> None:
+        """Remove ``uid``'s files from the scratch folders, retrying until none is left."""
+        if self._scratch is not None:
+            await self._scratch.sweep_until_clean(self._users[uid])
+
+    async def sweep_once(self, task_dir: Path, group: asyncio.TaskGroup | None = None) -> None:
         """Clean up after jobs that ended while the agent was down, before the first start.
 
         Kills the processes of the users that no task runs as, once, and gives back to the
         agent the job folders under ``task_dir`` that no running job owns, once per task
         folder. Such processes and folders were left by jobs that ended while the agent was
-        down, or by a job whose user an earlier agent was still freeing.
+        down, or by a job whose user an earlier agent was still freeing. With a scratch
+        sweeper, those users are free again once their files are swept by tasks of ``group``,
+        and the first call waits up to :data:`FIRST_CLEAN_USER_WAIT_S` for one of them.
         """
         if self._swept and task_dir in self._sealed:
             return
@@ -252,10 +266,31 @@ class TaskUserPool:
                     self._free.pop(uid, None)
                     logger.error("processes of pool user uid %d survive SIGKILL; not using it", uid)
                 self._swept = True
+                await self._sweep_unused_scratch(sorted(unused - left), group)
             if task_dir not in self._sealed:
                 owners = {task_file_stem(job): uid for job, uid in self._job_uid.items()}
                 await asyncio.to_thread(seal_stale_job_folders, task_dir, owners)
                 self._sealed.add(task_dir)
+
+    async def _sweep_unused_scratch(self, uids: list[int], group: asyncio.TaskGroup | None) -> None:
+        """Take ``uids`` out of the free users until their files are swept in ``group``."""
+        if self._scratch is None or not uids:
+            return
+        if group is None:
+            raise RuntimeError("a pool with a scratch sweeper needs a task group to sweep in")
+        for uid in uids:
+            self._free.pop(uid, None)
+        sweeps = [
+            group.create_task(self._sweep_then_free(uid), name=f"sweep-scratch-uid-{uid}")
+            for uid in uids
+        ]
+        await asyncio.wait(
+            sweeps, timeout=FIRST_CLEAN_USER_WAIT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+
+    async def _sweep_then_free(self, uid: int) -> None:
+        await self.sweep_scratch(uid)
+        self.freed(uid)
 
 
 def kill_user_processes(uids: Collection[int]) -> set[int]:

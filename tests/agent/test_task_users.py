@@ -31,6 +31,7 @@ from agents.model import TaskSpec, TaskState
 from agents.node import NodeAgent
 from agents.outbox import Outbox
 from agents.runner import TaskRunner
+from agents.scratch_folders import ScratchSweeper
 from agents.settings import AgentSettings
 from agents.spool import Spool
 from agents.state import StateStore
@@ -277,9 +278,13 @@ async def no_pool_processes() -> AsyncIterator[None]:
 
 
 def make_runner(
-    folder: Path, recorder: Recorder, record_exit_status: bool, uids: tuple[int, ...] = POOL_UIDS
+    folder: Path,
+    recorder: Recorder,
+    record_exit_status: bool,
+    uids: tuple[int, ...] = POOL_UIDS,
+    scratch: ScratchSweeper | None = None,
 ) -> tuple[TaskRunner, TaskUserPool, TaskLauncher | None]:
-    pool = TaskUserPool([_user(uid) for uid in uids])
+    pool = TaskUserPool([_user(uid) for uid in uids], scratch)
     launcher = TaskLauncher(user_per_request=True) if record_exit_status else None
     runner = TaskRunner(
         NODE,
