@@ -10,6 +10,8 @@ import asyncio
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +26,11 @@ from agents.scratch_folders import (
     parse_scratch_dirs,
 )
 from agents.settings import AgentSettings
+from agents.task_user import NON_ROOT_CAPABILITIES
 from agents.task_users import TaskUserPool
 from services.runtime.settings import SettingsError
 from tests.agent.test_runner import Recorder, wait_for
+from tests.agent.test_task_user import REPOSITORY, _ensure_test_user
 from tests.agent.test_task_users import (
     NOGROUP,
     POOL_UIDS,
@@ -202,3 +206,37 @@ async def test_first_start_sweeps_unused_users(
 
 def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
     return [record for record in caplog.records if text in record.getMessage()]
+
+
+NON_ROOT_SWEEP = """
+import sys
+from agents.scratch_sweep import sweep_as
+report = sweep_as(int(sys.argv[1]), int(sys.argv[2]), [sys.argv[3]])
+print(report.files, report.failure_count)
+"""
+"""A sweep by an agent that is not root, with the capabilities of the pool's systemd drop-in."""
+
+
+@root_only
+def test_non_root_agent_sweeps_pool_user(scratch: Path) -> None:
+    if shutil.which("setpriv") is None or shutil.which("useradd") is None:
+        pytest.skip("setpriv or useradd is not installed")
+    agent = _ensure_test_user()
+    mine = scratch / "mine"
+    mine.write_text("x")
+    os.chown(mine, POOL_UIDS[0], NOGROUP)
+    theirs = scratch / "theirs"
+    theirs.write_text("x")
+    os.chown(theirs, POOL_UIDS[1], NOGROUP)
+    capabilities = ",".join(f"+{name[4:].lower()}" for name in NON_ROOT_CAPABILITIES)
+    command = ["setpriv", f"--reuid={agent.uid}", f"--regid={agent.gid}", "--clear-groups"]
+    command += [f"--inh-caps={capabilities}", f"--ambient-caps={capabilities}", "--"]
+    command += [sys.executable, "-c", NON_ROOT_SWEEP, str(POOL_UIDS[0]), str(NOGROUP), str(scratch)]
+
+    done = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=40)
+
+    assert done.returncode == 0, done.stderr
+    # Removed from the sticky folder without CAP_FOWNER, because the sweep had the user's ids.
+    assert done.stdout.split() == ["1", "0"]
+    assert not mine.exists()
+    assert theirs.exists()
