@@ -46,7 +46,7 @@ from agents.launcher import drop_inheritable_capabilities
 from agents.node import NodeAgent
 from agents.outbox import Outbox
 from agents.process import AgentProcess, ConnectionOptions, Intervals
-from agents.scratch_folders import ScratchSweeper
+from agents.scratch_folders import ScratchSweeper, check_scratch_dirs
 from agents.settings import AgentSettings
 from agents.spool import Spool
 from agents.state import StateStore
@@ -307,6 +307,7 @@ def check_pool_isolation(settings: AgentSettings, files: list[tuple[str, Path]])
         check_task_folder_reachable(user, settings.agent_state_dir)
         flagged = warn_readable_files(user, files)
         files = [(name, path) for name, path in files if name not in flagged]
+    check_scratch_dirs(settings.scratch_dirs)
     if not settings.record_exit_status:
         drop_inheritable_capabilities()
     logger.info(

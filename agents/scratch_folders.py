@@ -8,9 +8,9 @@ processes are gone, the agent removes whatever the user owns there, with the use
 (see :mod:`agents.scratch_sweep`), and only then is the user free again. A restarted agent sweeps
 the users that no task runs as before it hands any out.
 
-A sweep that leaves something of the user's (a file it may not remove, a folder of its own that
-contains other users' files, a sweep that timed out or could not switch to the user) keeps the
-user out of the pool, and the sweep runs again every :data:`RETRY_S` seconds until it finds
+A sweep that leaves something of the user's keeps the user out of the pool: a file it may not
+remove, a folder of its own that contains other users' files, a sweep that timed out or could
+not switch to the user. The sweep runs again every :data:`RETRY_S` seconds until it finds
 nothing left. A user handed out dirty would give its next job the files that isolation is meant
 to keep from it, while one user fewer costs the node one job at a time, and the log names the
 paths.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from typing import Final
 
 from agents.scratch_sweep import SweepReport, sweep_as
 from agents.task_user import TaskUser
+from services.runtime.settings import SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,32 @@ def parse_scratch_dirs(text: str) -> tuple[Path, ...]:
                 )
         folders.append(folder)
     return tuple(folders)
+
+
+def check_scratch_dirs(folders: Sequence[Path]) -> None:
+    """Raise :class:`SettingsError` if one of ``folders`` exists but is not a folder.
+
+    A sweep never follows a symbolic link, so it would fail on a listed link every time, and
+    keep every user out of the pool.
+    """
+    for folder in folders:
+        try:
+            status = os.lstat(folder)
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            raise SettingsError(
+                SCRATCH_DIRS_ENV,
+                f"{folder} cannot be read: {error.strerror or error}",
+                "list folders that the agent can reach",
+            ) from None
+        if not stat.S_ISDIR(status.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(status.st_mode) else "not a folder"
+            raise SettingsError(
+                SCRATCH_DIRS_ENV,
+                f"{folder} is {kind}",
+                "list the folder itself (the target of a link), or remove the item",
+            )
 
 
 class ScratchSweeper:

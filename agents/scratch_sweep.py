@@ -185,8 +185,10 @@ class _Walk:
             return
         owned = status.st_uid == self.uid
         if stat.S_ISDIR(status.st_mode):
+            failures = self.report.failure_count
             self._enter(parent, name, path, status, depth + 1)
-            if not owned:
+            # A folder with an entry that the walk could not remove is not empty.
+            if not owned or self.stopped or self.report.failure_count > failures:
                 return
             try:
                 os.rmdir(name, dir_fd=parent)
@@ -229,8 +231,9 @@ class _Walk:
         try:
             opened = os.fstat(handle)
             if (opened.st_dev, opened.st_ino) != (status.st_dev, status.st_ino):
-                # Replaced since it was read. Only a user that may write in the parent folder
-                # can do that, and the replacement is left for that user's own sweep.
+                # Replaced since it was read, by a user that may write in the parent folder.
+                # The next sweep looks at the replacement.
+                self._fail_if_owned(path, OSError("replaced during the sweep"), owned)
                 return
             if owned and opened.st_mode & _OWNER_ACCESS != _OWNER_ACCESS:
                 # The user's own folder that it made unreadable: the owner may change its mode.

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from agents.main import check_isolation
 from agents.model import TaskState
 from agents.scratch_folders import (
     DEFAULT_SCRATCH_DIRS,
@@ -27,7 +28,7 @@ from agents.scratch_folders import (
 )
 from agents.settings import AgentSettings
 from agents.task_user import NON_ROOT_CAPABILITIES
-from agents.task_users import TaskUserPool
+from agents.task_users import TASK_USERS_ENV, TaskUserPool
 from services.runtime.settings import SettingsError
 from tests.agent.test_runner import Recorder, wait_for
 from tests.agent.test_task_user import REPOSITORY, _ensure_test_user
@@ -83,6 +84,25 @@ def test_invalid_scratch_dirs_setting_names_fix() -> None:
     assert f"{SCRATCH_DIRS_ENV}: 'relative' is invalid" in message
     assert "is not an absolute path" in message
     assert "fix: set it to the comma-separated absolute folders" in message
+
+
+@root_only
+def test_linked_scratch_dir_fails_start(reachable_folder: Path) -> None:
+    link = reachable_folder / "tmp-link"
+    link.symlink_to("/tmp")
+    state = reachable_folder / "state"
+    state.mkdir(mode=0o711)
+    environ = {
+        TASK_USERS_ENV: f"{POOL_UIDS[0]}:{NOGROUP}",
+        "ACSP_AGENT_STATE_DIR": str(state),
+        SCRATCH_DIRS_ENV: f"/dev/shm,{link}",
+    }
+    with pytest.raises(SettingsError) as raised:
+        check_isolation(AgentSettings.from_env(environ))
+    error = raised.value
+    assert error.variable == SCRATCH_DIRS_ENV
+    assert f"{link} is a symbolic link" in str(error)
+    assert "list the folder itself (the target of a link)" in str(error)
 
 
 # Sweeps as pool users --------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def test_sweep_reports_too_deep_tree(scratch: Path) -> None:
 
     report = sweep([str(scratch)], USER, frozenset())
 
-    assert report.failure_count >= 1
+    assert report.failure_count == 1
     assert report.failures[0][1] == f"nested deeper than {MAX_DEPTH} folders"
     assert (scratch / "d0").exists()
 
@@ -197,12 +197,17 @@ def test_sweep_as_user_keeps_its_access(scratch: Path) -> None:
     private = _folder(scratch / "roots", 0, 0o755)
     stuck = _make(private / "mine", USER)
     _make(scratch / "free", USER)
+    locked = _folder(scratch / "locked", USER)
+    _make(locked / "inside", USER)
+    locked.chmod(0)
 
     report = sweep_as(USER, GROUP, [str(scratch)])
 
     assert stuck.exists()
     assert not (scratch / "free").exists()
-    assert report.files == 1
+    assert not locked.exists()
+    assert report.files == 2
+    assert report.folders == 1
     assert report.failures == [(str(stuck), "Permission denied")]
     # The thread's file system ids are the process's again.
     (scratch / "after").write_text("x")
