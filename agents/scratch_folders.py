@@ -143,12 +143,17 @@ class ScratchSweeper:
                 return ""
 
             def run() -> None:
+                report: SweepReport | None = None
+                failure: Exception | None = None
                 try:
                     report = sweep_as(user.uid, user.gid, folders, stop_reason)
                 except Exception as error:
-                    loop.call_soon_threadsafe(_settle, done, None, error)
-                else:
-                    loop.call_soon_threadsafe(_settle, done, report, None)
+                    failure = error
+                try:
+                    loop.call_soon_threadsafe(_settle, done, report, failure)
+                except RuntimeError:
+                    # The event loop closed while the sweep ran, so nobody awaits its report.
+                    pass
 
             folders = [str(folder) for folder in self.folders]
             # A thread of its own, because the sweep switches the thread's file system ids,
