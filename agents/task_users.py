@@ -257,6 +257,7 @@ class TaskUserPool:
         if self._swept and task_dir in self._sealed:
             return
         async with self._sweep_lock:
+            unswept: list[int] = []
             if not self._swept:
                 unused = frozenset(uid for uid in self._users if uid not in self._tasks_of_uid)
                 left = await asyncio.to_thread(kill_user_processes, unused)
@@ -266,11 +267,14 @@ class TaskUserPool:
                     self._free.pop(uid, None)
                     logger.error("processes of pool user uid %d survive SIGKILL; not using it", uid)
                 self._swept = True
-                await self._sweep_unused_scratch(sorted(unused - left), group)
+                unswept = sorted(unused - left)
             if task_dir not in self._sealed:
                 owners = {task_file_stem(job): uid for job, uid in self._job_uid.items()}
                 await asyncio.to_thread(seal_stale_job_folders, task_dir, owners)
                 self._sealed.add(task_dir)
+            # After the stale job folders are the agent's again, so that no sweep finds them
+            # among the users' files.
+            await self._sweep_unused_scratch(unswept, group)
 
     async def _sweep_unused_scratch(self, uids: list[int], group: asyncio.TaskGroup | None) -> None:
         """Take ``uids`` out of the free users until their files are swept in ``group``."""
