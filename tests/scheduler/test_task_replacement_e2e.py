@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -46,35 +47,68 @@ def nodes(job: scheduler_pb2.Job) -> dict[int, str]:
     return {p.task_index: p.node_id for p in job.placements}
 
 
-async def move_lost_task(stack: Stack, client: Client) -> tuple[str, scheduler_pb2.Job, int]:
-    """Run a two-node gang on n0 and n1, kill n0's agent, and wait for its task to start on n2.
+@dataclass(frozen=True)
+class GangNode:
+    """A node of the gang in ``move_lost_task`` and the agent process that serves it."""
 
-    Returns the gang's id, the gang as it first ran and the index of the task that moved.
-    """
+    node_id: str
+    region: str
+    agent: str
+    """Name of the agent process, under which ``Stack.start_agents`` starts it again."""
+    first: int
+    """Number of the node in its agent's fleet file (``n<first>``)."""
+
+    def start(self, stack: Stack) -> Process:
+        return stack.start_agents(1, gpus=1, name=self.agent, region=self.region, first=self.first)
+
+    def request(self) -> scheduler_pb2.GetNodeRequest:
+        return scheduler_pb2.GetNodeRequest(
+            provider_id="prov", region_id=self.region, node_id=self.node_id
+        )
+
+
+GANG_NODES = (GangNode("n0", "r1", "agents-r1", 0), GangNode("n1", "r2", "agents-r2", 1))
+
+
+@dataclass(frozen=True)
+class MovedTask:
+    """A gang whose task 1 moved to n2 after its node was lost."""
+
+    gang: str
+    running: scheduler_pb2.Job
+    """The gang as it first ran."""
+    lost: GangNode
+    survivor: GangNode
+    """The node of task 0, which the scheduler never replaces in place."""
+
+
+async def move_lost_task(stack: Stack, client: Client) -> MovedTask:
+    """Run a two-node gang on n0 and n1, kill the agent of task 1's node, and wait for task 1
+    to start on n2."""
     # One accelerator per node, so the two tasks of the gang take two nodes.
-    first = stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
-    stack.start_agents(1, gpus=1, name="agents-r2", region="r2", first=1)
+    agents = {node.node_id: node.start(stack) for node in GANG_NODES}
     gang = await client.submit("gang", 2)
     running = await wait_for(lambda: client.running(gang), 30, "the gang to run", 0.2)
     assert sorted(nodes(running).values()) == ["n0", "n1"]
-    lost_index = next(i for i, node in nodes(running).items() if node == "n0")
+    by_id = {node.node_id: node for node in GANG_NODES}
+    lost, survivor = by_id[nodes(running)[1]], by_id[nodes(running)[0]]
     stack.start_agents(1, gpus=1, name="agents-r3", region="r3", first=2)
 
     # SIGKILL stops the node's heartbeats without any task event.
-    first.kill()
+    agents[lost.node_id].kill()
 
     async def replaced() -> scheduler_pb2.Job | None:
         job = await client.running(gang)
-        if job is None or nodes(job).get(lost_index) != "n2":
+        if job is None or nodes(job).get(1) != "n2":
             return None
-        task = next(p for p in job.placements if p.task_index == lost_index)
+        task = next(p for p in job.placements if p.task_index == 1)
         return job if task.state == "started" else None
 
     moved = await wait_for(replaced, 60, "the lost task to start on n2", 0.2)
     assert moved.attempt == running.attempt
     assert moved.state == scheduler_pb2.JOB_STATE_RUNNING
-    assert nodes(moved)[1 - lost_index] == "n1"
-    return gang, running, lost_index
+    assert nodes(moved)[0] == survivor.node_id
+    return MovedTask(gang, running, lost, survivor)
 
 
 async def test_lost_node_task_moves_in_place(stack: Stack) -> None:
@@ -85,25 +119,27 @@ async def test_lost_node_task_moves_in_place(stack: Stack) -> None:
     collector = asyncio.create_task(messages.collect(stack.nats_url))
     client = Client(address, md, project, grant)
     try:
-        gang, running, lost_index = await move_lost_task(stack, client)
+        moved = await move_lost_task(stack, client)
+        gang = moved.gang
 
-        task_id = f"{gang}/{running.attempt}/{lost_index}"
+        task_id = f"{gang}/{moved.running.attempt}/1"
         starts = [
             e
             for e in messages.tasks
             if e.task_id == task_id and e.state == agent_pb2.TASK_STATE_STARTED
         ]
-        assert [e.node.node_id for e in starts] == ["n0", "n2"]
+        assert [e.node.node_id for e in starts] == [moved.lost.node_id, "n2"]
         events = await job_events(stack.nats_url, gang)
         kinds = [e.kind for e in events]
         assert events_pb2.JOB_EVENT_KIND_REQUEUED not in kinds
         assert kinds.count(events_pb2.JOB_EVENT_KIND_STARTED) == 1
 
-        # Once n0 is back and its old copy confirmed stopped, its accelerator takes new work.
-        stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
+        # Once the lost node is back and its old copy confirmed stopped, its accelerator takes
+        # new work.
+        moved.lost.start(stack)
         single = await client.submit("single", 1)
-        alone = await wait_for(lambda: client.running(single), 60, "single to run on n0", 0.2)
-        assert list(nodes(alone).values()) == ["n0"]
+        alone = await wait_for(lambda: client.running(single), 60, "single to run again", 0.2)
+        assert list(nodes(alone).values()) == [moved.lost.node_id]
         assert (await client.running(gang)) is not None
     finally:
         await client.channel.close()
@@ -118,22 +154,23 @@ async def test_restarted_scheduler_keeps_lost_node_fenced(stack: Stack) -> None:
     md = metadata(stack.token(pi, Role.PI))
     client = Client(address, md, project, grant)
     try:
-        gang, running, lost_index = await move_lost_task(stack, client)
+        moved = await move_lost_task(stack, client)
+        lost = moved.lost
 
-        # The new leader reloads n0 as up until its heartbeats are overdue. The copy it may
-        # still run keeps n0's accelerator from a new job all the same.
+        # The new leader reloads the lost node as up until its heartbeats are overdue. The copy
+        # it may still run keeps its accelerator from a new job all the same.
         await client.channel.close()
         scheduler_process.kill()
         _, address = await stack.start_scheduler("scheduler-restarted")
         client = Client(address, md, project, grant)
         single = await client.submit("single", 1)
 
-        async def n0_unknown() -> bool:
+        async def lost_unknown() -> bool:
             reply = await client.stub.ListNodes(
                 scheduler_pb2.ListNodesRequest(), metadata=stack_md(stack), timeout=10
             )
             states = {n.node_id: n.state for n in reply.nodes}
-            return states.get("n0") == scheduler_pb2.NODE_STATE_UNKNOWN
+            return states.get(lost.node_id) == scheduler_pb2.NODE_STATE_UNKNOWN
 
         async def single_with_reason() -> scheduler_pb2.Job | None:
             job = await client.get(single)
@@ -141,22 +178,22 @@ async def test_restarted_scheduler_keeps_lost_node_fenced(stack: Stack) -> None:
                 return None
             return job
 
-        await wait_for(n0_unknown, 60, "the new leader to find n0 unknown", 0.2)
-        # A stale stored heartbeat makes n0 unknown at once, maybe before the first pass.
+        await wait_for(lost_unknown, 60, "the new leader to find the lost node unknown", 0.2)
+        # A stale stored heartbeat makes the node unknown at once, maybe before the first pass.
         waiting = await wait_for(single_with_reason, 30, "a pass to give single a reason", 0.2)
-        # Never placed: a placement on n0 would have been requeued as attempt 2 by now.
+        # Never placed: a placement on the lost node would have been requeued as attempt 2.
         assert waiting.attempt == 1
         assert waiting.state == scheduler_pb2.JOB_STATE_PENDING
         assert waiting.pending_reason == scheduler_pb2.PENDING_REASON_NO_CAPACITY
 
-        # n0 comes back: its agent stops the old copy, which frees the accelerator.
-        stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
-        alone = await wait_for(lambda: client.running(single), 60, "single to run on n0", 0.2)
-        assert list(nodes(alone).values()) == ["n0"]
-        still = await client.running(gang)
+        # The node comes back: its agent stops the old copy, which frees the accelerator.
+        lost.start(stack)
+        alone = await wait_for(lambda: client.running(single), 60, "single to run again", 0.2)
+        assert list(nodes(alone).values()) == [lost.node_id]
+        still = await client.running(moved.gang)
         assert still is not None
-        assert still.attempt == running.attempt
-        assert nodes(still)[lost_index] == "n2"
+        assert still.attempt == moved.running.attempt
+        assert nodes(still)[1] == "n2"
     finally:
         await client.channel.close()
 
@@ -168,21 +205,28 @@ async def test_node_marked_down_frees_lost_copy(stack: Stack) -> None:
     operator = metadata(stack.token("ops", Role.PROVIDER_OPERATOR, provider="prov"))
     client = Client(address, md, project, grant)
     try:
-        gang, running, lost_index = await move_lost_task(stack, client)
-        lost_copy = f"{gang}/{running.attempt}/{lost_index}"
+        moved = await move_lost_task(stack, client)
+        lost, survivor = moved.lost, moved.survivor
+        lost_copy = f"{moved.gang}/{moved.running.attempt}/1"
 
-        async def n0_state() -> int:
-            node = await client.stub.GetNode(n0_request("r1"), metadata=operator, timeout=10)
+        async def lost_state() -> int:
+            node = await client.stub.GetNode(lost.request(), metadata=operator, timeout=10)
             return int(node.state)
 
         await wait_for(
-            lambda: _equals(n0_state(), scheduler_pb2.NODE_STATE_UNKNOWN), 60, "n0 unknown", 0.2
+            lambda: _equals(lost_state(), scheduler_pb2.NODE_STATE_UNKNOWN),
+            60,
+            "the lost node unknown",
+            0.2,
         )
         await wait_for(lambda: _equals(stored_orphans(stack), [lost_copy]), 30, "the stored copy")
 
         # A node that still sends heartbeats cannot be marked down.
         up = scheduler_pb2.MarkNodeDownRequest(
-            provider_id="prov", region_id="r2", node_id="n1", reason="powered off"
+            provider_id="prov",
+            region_id=survivor.region,
+            node_id=survivor.node_id,
+            reason="powered off",
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await client.stub.MarkNodeDown(up, metadata=operator, timeout=10)
@@ -190,7 +234,7 @@ async def test_node_marked_down_frees_lost_copy(stack: Stack) -> None:
         assert "only an unknown node" in (caught.value.details() or "")
 
         request = scheduler_pb2.MarkNodeDownRequest(
-            provider_id="prov", region_id="r1", node_id="n0", reason="powered off"
+            provider_id="prov", region_id=lost.region, node_id=lost.node_id, reason="powered off"
         )
         down = await client.stub.MarkNodeDown(request, metadata=operator, timeout=10)
         assert down.state == scheduler_pb2.NODE_STATE_DOWN
@@ -198,16 +242,14 @@ async def test_node_marked_down_frees_lost_copy(stack: Stack) -> None:
         await wait_for(lambda: _equals(stored_orphans(stack), []), 30, "the stored copy to go")
 
         # The node comes back with nothing running, and its accelerator takes new work.
-        stack.start_agents(1, gpus=1, name="agents-r1", region="r1")
+        lost.start(stack)
         single = await client.submit("single", 1)
-        alone = await wait_for(lambda: client.running(single), 60, "single to run on n0", 0.2)
-        assert list(nodes(alone).values()) == ["n0"]
-        n0 = await client.stub.GetNode(n0_request("r1"), metadata=operator, timeout=10)
-        assert list(n0.job_ids) == [single]
-        n1 = scheduler_pb2.GetNodeRequest(provider_id="prov", region_id="r2", node_id="n1")
-        assert list((await client.stub.GetNode(n1, metadata=operator, timeout=10)).job_ids) == [
-            gang
-        ]
+        alone = await wait_for(lambda: client.running(single), 60, "single to run again", 0.2)
+        assert list(nodes(alone).values()) == [lost.node_id]
+        back = await client.stub.GetNode(lost.request(), metadata=operator, timeout=10)
+        assert list(back.job_ids) == [single]
+        survivor_node = await client.stub.GetNode(survivor.request(), metadata=operator, timeout=10)
+        assert list(survivor_node.job_ids) == [moved.gang]
     finally:
         await client.channel.close()
 
@@ -465,7 +507,9 @@ async def test_requeued_gang_keeps_survivor_fenced(stack: Stack) -> None:
             return job if pending and job.attempt == 2 else None
 
         again = await wait_for(requeued, 60, "the gang to be requeued", 0.2)
-        assert "found no replacement" in again.state_message
+        # A gang that lost task 0 is requeued for that alone, before any search for room.
+        expected = "the rendezvous host" if lost == 0 else "found no replacement"
+        assert expected in again.state_message
         copies = sorted(f"{gang}/1/{index}" for index in (lost, survivor))
         await wait_for(lambda: _equals(stored_orphans(stack), copies), 30, "the stored copies")
 
@@ -641,10 +685,6 @@ async def stored_down(stack: Stack) -> dict[str, str]:
     finally:
         await conn.close()
     return {row["node"]: row["down_reason"] for row in rows}
-
-
-def n0_request(region: str) -> scheduler_pb2.GetNodeRequest:
-    return scheduler_pb2.GetNodeRequest(provider_id="prov", region_id=region, node_id="n0")
 
 
 async def _equals(value: Awaitable[object], expected: object) -> bool:
