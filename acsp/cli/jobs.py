@@ -705,6 +705,7 @@ def job_details(job: scheduler_pb2.Job) -> list[tuple[str, Any]]:
         ("reason", row["reason"]),
         ("attempt", job.attempt),
         ("attempt reason", job.attempt_reason),
+        ("rendezvous", _rendezvous_text(job)),
         ("tasks", job.spec.task_count),
         ("accelerators per task", row["accelerators"]),
         ("wall time (s)", job.spec.wall_time_seconds),
@@ -720,6 +721,15 @@ def job_details(job: scheduler_pb2.Job) -> list[tuple[str, Any]]:
         ("last checkpoint", job.checkpoint_reference),
         ("last checkpoint at", format_time(job.checkpoint_time)),
     ]
+
+
+def _rendezvous_text(job: scheduler_pb2.Job) -> str:
+    """Return the rendezvous port and task 0's node, or nothing before the attempt starts."""
+    task_zero = next((task for task in job.placements if task.task_index == 0), None)
+    if not job.rendezvous_port or task_zero is None:
+        return ""
+    node = f"{task_zero.provider_id}/{task_zero.region_id}/{task_zero.node_id}"
+    return f"port {job.rendezvous_port} on {node}, the node of task 0"
 
 
 def _after_text(job: scheduler_pb2.Job) -> str:

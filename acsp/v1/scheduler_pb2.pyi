@@ -299,7 +299,7 @@ class AcceleratorShare(_message.Message):
     def __init__(self, accelerator_id: _Optional[str] = ..., millis: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "pending_reason", "state_message", "placements", "attempt", "hold_id", "grant_id", "owner_subject", "institution_id", "array_job_id", "array_index", "submit_time", "start_time", "end_time", "state_cause", "checkpoint_reference", "checkpoint_time", "update_time", "attempt_reason")
+    __slots__ = ("job_id", "spec", "state", "pending_reason", "state_message", "placements", "attempt", "hold_id", "grant_id", "owner_subject", "institution_id", "array_job_id", "array_index", "submit_time", "start_time", "end_time", "state_cause", "checkpoint_reference", "checkpoint_time", "update_time", "attempt_reason", "rendezvous_port")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +321,7 @@ class Job(_message.Message):
     CHECKPOINT_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_REASON_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_PORT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
@@ -342,7 +343,8 @@ class Job(_message.Message):
     checkpoint_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     attempt_reason: str
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., pending_reason: _Optional[_Union[PendingReason, str]] = ..., state_message: _Optional[str] = ..., placements: _Optional[_Iterable[_Union[TaskPlacement, _Mapping]]] = ..., attempt: _Optional[int] = ..., hold_id: _Optional[str] = ..., grant_id: _Optional[str] = ..., owner_subject: _Optional[str] = ..., institution_id: _Optional[str] = ..., array_job_id: _Optional[str] = ..., array_index: _Optional[int] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state_cause: _Optional[_Union[_common_pb2.Cause, _Mapping]] = ..., checkpoint_reference: _Optional[str] = ..., checkpoint_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_reason: _Optional[str] = ...) -> None: ...
+    rendezvous_port: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., pending_reason: _Optional[_Union[PendingReason, str]] = ..., state_message: _Optional[str] = ..., placements: _Optional[_Iterable[_Union[TaskPlacement, _Mapping]]] = ..., attempt: _Optional[int] = ..., hold_id: _Optional[str] = ..., grant_id: _Optional[str] = ..., owner_subject: _Optional[str] = ..., institution_id: _Optional[str] = ..., array_job_id: _Optional[str] = ..., array_index: _Optional[int] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state_cause: _Optional[_Union[_common_pb2.Cause, _Mapping]] = ..., checkpoint_reference: _Optional[str] = ..., checkpoint_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_reason: _Optional[str] = ..., rendezvous_port: _Optional[int] = ...) -> None: ...
 
 class RegisterProviderRequest(_message.Message):
     __slots__ = ("request_id", "provider")

@@ -131,6 +131,7 @@ def job_to_proto(job: Job) -> scheduler_pb2.Job:
         submit_time=timestamp(job.submitted_at),
         checkpoint_reference=job.checkpoint_ref,
         attempt_reason=job.attempt_reason,
+        rendezvous_port=job.rendezvous_port,
     )
     if job.checkpoint_at is not None:
         msg.checkpoint_time.CopyFrom(timestamp(job.checkpoint_at))

@@ -209,6 +209,21 @@ def test_details_show_attempt_reason() -> None:
     assert dict(job_details(job))["attempt reason"] == "node n1 stopped answering"
 
 
+def test_details_show_rendezvous_port() -> None:
+    job = scheduler_pb2.Job(
+        job_id="j1",
+        rendezvous_port=29517,
+        placements=[
+            scheduler_pb2.TaskPlacement(task_index=1, provider_id="p", region_id="r", node_id="b"),
+            scheduler_pb2.TaskPlacement(task_index=0, provider_id="p", region_id="r", node_id="a"),
+        ],
+    )
+    pending = scheduler_pb2.Job(job_id="j2")
+
+    assert dict(job_details(job))["rendezvous"] == "port 29517 on p/r/a, the node of task 0"
+    assert dict(job_details(pending))["rendezvous"] == ""
+
+
 def test_watch_line_counts_started_tasks() -> None:
     job = scheduler_pb2.Job(
         job_id="j1",

@@ -129,7 +129,9 @@ async def test_tasks_find_each_other(stack: Stack, tmp_path: Path) -> None:
     ports = {env["ACSP_RENDEZVOUS_PORT"] for env in envs.values()}
     assert len(ports) == 1
     low, high = NODES[region_of[0]][2]
-    assert low <= int(ports.pop()) <= high
+    port = int(ports.pop())
+    assert low <= port <= high
+    assert job.rendezvous_port == port
     hosts_files = {env["ACSP_TASK_HOSTS_FILE"] for env in envs.values()}
     assert len(hosts_files) == TASKS
     # The agent deletes each hosts file once its task has ended.
