@@ -556,13 +556,19 @@ class EngineAdapter:
         """Let the jobs of ``project`` paid by ``payer`` ask for holds again."""
         self.engine.apply(ev.BudgetChanged(project, True, payer=payer))
 
-    def budget_key(self, job_id: str) -> tuple[str, str] | None:
-        """Return the project and payer whose budget block holds ``job_id`` back, or None.
+    def set_payer(self, job: Job) -> None:
+        """Key the budget blocks of ``job`` by the grant that its spec now names.
 
-        The engine keeps the payer of the job as it was queued. A job that named no grant
-        keeps the empty payer after the grant service picked a grant for an earlier attempt,
-        so its later holds follow the project's block for jobs that name no grant.
+        The grant service picked that grant for a job that named none. The holds of the job's
+        later attempts name it, so their rejection blocks that grant, not the project's jobs
+        that name no grant.
         """
+        self.engine.set_payer(job.job_id, budget_payer(job))
+        if job.job_id in self._dependent:
+            self._dependent[job.job_id] = job
+
+    def budget_key(self, job_id: str) -> tuple[str, str] | None:
+        """Return the project and payer whose budget block holds ``job_id`` back, or None."""
         record = self.engine.jobs.get(job_id)
         if record is None:
             return None

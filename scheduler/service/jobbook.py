@@ -477,8 +477,10 @@ class JobBook:
     def _start(self, job: Job, outcome: HoldOutcome, fx: Effects) -> None:
         spec = job.spec
         if outcome.grant_id and outcome.grant_id != spec.grant_id:
-            # A job that named no grant is paid by the one the ledger chose.
+            # A job that named no grant is paid by the one the ledger chose, and the holds of
+            # its later attempts name that grant.
             spec = evolve(spec, grant_id=outcome.grant_id)
+            self.engine.set_payer(evolve(job, spec=spec))
         port = 0
         task_zero = _task_zero(job)
         if task_zero is not None:
