@@ -48,6 +48,16 @@ That costs the launcher more CPU time per task than ``posix_spawn`` (see the mea
 With ``--users`` (``ACSP_AGENT_TASK_USERS``, a pool of task users) each request names its own
 user as ``"user": "UID:GID:GROUPS"``, and a request without one is rejected.
 
+With ``--cgroup HOME`` (``ACSP_AGENT_TASK_CGROUP``, see ``agents.task_cgroups``) the launcher
+moves itself into the cgroup v2 folder HOME at start, and each request names the task's cgroup
+as ``"cgroup": "/sys/fs/cgroup/.../task-..."``. The launcher writes 0 (itself) to that
+cgroup's ``cgroup.procs``, starts the task, which is born in it, and writes itself back to
+HOME's. ``cgroup.procs`` moves every thread of a process, and the launcher runs no threads, so
+nothing else of it is started meanwhile. A failed move into the task's cgroup fails the start
+as the node's fault. A failed move back would leave the launcher where the task's
+``cgroup.kill`` reaches it, so the launcher exits instead, and a new agent start makes a new
+one.
+
 NOTE: tasks started by ``posix_spawn`` start with signals 32 and 33 ignored. The child of
 glibc's ``posix_spawn`` (2.36) ignores these two signals, which glibc keeps for itself, and
 ``os.posix_spawn`` cannot name them in ``setsigdef`` because glibc's ``sigaddset`` rejects
@@ -85,11 +95,17 @@ class Launcher:
     """Starts tasks on request and reports their exits, on one socket."""
 
     def __init__(
-        self, sock: socket.socket, user: TaskUser | None = None, user_per_request: bool = False
+        self,
+        sock: socket.socket,
+        user: TaskUser | None = None,
+        user_per_request: bool = False,
+        cgroup_home: int = -1,
     ) -> None:
         self._socket = sock
         self._user = user
         self._user_per_request = user_per_request
+        self._cgroup_home = cgroup_home
+        """Open ``cgroup.procs`` of the cgroup the launcher returns to after a start, or -1."""
         self._popens: dict[int, subprocess.Popen[bytes]] = {}
         """The running tasks that ``subprocess.Popen`` started, by pid."""
         self._buffer = b""
@@ -165,9 +181,39 @@ class Launcher:
         except OSError as error:
             self._reply_error(request_id, error, spawn=False)
             return
-        if user is not None:
-            self._start_as_user(request, log, user)
-            return
+        cgroup = request.get("cgroup")
+        if cgroup is not None:
+            try:
+                if self._cgroup_home < 0:
+                    raise OSError(errno.EINVAL, "the launcher was started without --cgroup")
+                _join_cgroup(cgroup)
+            except OSError as error:
+                os.close(log)
+                self._reply_error(request_id, error, spawn=False)
+                return
+        try:
+            if user is not None:
+                self._start_as_user(request, log, user)
+            else:
+                self._spawn(request, log)
+        finally:
+            if cgroup is not None:
+                self._leave_cgroup()
+
+    def _leave_cgroup(self) -> None:
+        try:
+            os.write(self._cgroup_home, b"0")
+        except OSError as error:
+            print(
+                f"acsp task launcher: cannot move back to its own cgroup, so a stop of the task "
+                f"it started last would kill it; exiting: {error}",
+                file=sys.stderr,
+            )
+            os._exit(1)
+
+    def _spawn(self, request: dict[str, Any], log: int) -> None:
+        request_id = request["id"]
+        exit_path = request["exit"]
         try:
             pid = os.posix_spawn(
                 request["path"],
@@ -296,6 +342,16 @@ _LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW
 _STATUS_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
+def _join_cgroup(cgroup: str) -> None:
+    """Move the launcher into the cgroup v2 folder ``cgroup``, where its next child starts."""
+    descriptor = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY)
+    try:
+        # 0 stands for the writing process.
+        os.write(descriptor, b"0")
+    finally:
+        os.close(descriptor)
+
+
 def _write_status(path: str, status: int) -> None:
     """Write ``status`` as a shell reports it, whole or not at all (through a renamed file)."""
     shell_status = status if status >= 0 else 128 - status
@@ -394,13 +450,18 @@ def parse_user(text: str) -> TaskUser:
 
 
 def main(argv: list[str]) -> int:
-    usage = "usage: launcher.py SOCKET_FD [--user UID:GID:GROUPS | --users]"
-    options = argv[2:3]
+    usage = "usage: launcher.py SOCKET_FD [--user UID:GID:GROUPS | --users] [--cgroup HOME]"
+    cgroup = None
+    arguments = argv[1:]
+    if len(arguments) >= 3 and arguments[-2] == "--cgroup":
+        cgroup = arguments[-1]
+        arguments = arguments[:-2]
+    options = arguments[1:2]
     if (
-        len(argv) not in (2, 3, 4)
-        or not argv[1].isdigit()
+        len(arguments) not in (1, 2, 3)
+        or not arguments[0].isdigit()
         or options not in ([], ["--user"], ["--users"])
-        or (len(argv) == 4) != (options == ["--user"])
+        or (len(arguments) == 3) != (options == ["--user"])
     ):
         print(usage, file=sys.stderr)
         return 2
@@ -408,19 +469,27 @@ def main(argv: list[str]) -> int:
     user_per_request = options == ["--users"]
     if user_per_request:
         drop_inheritable_capabilities()
-    if len(argv) == 4:
+    if len(arguments) == 3:
         try:
-            user = parse_user(argv[3])
+            user = parse_user(arguments[2])
         except ValueError:
             print(usage, file=sys.stderr)
             return 2
         drop_inheritable_capabilities()
+    cgroup_home = -1
+    if cgroup is not None:
+        try:
+            cgroup_home = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY)
+            os.write(cgroup_home, b"0")
+        except OSError as error:
+            print(f"acsp task launcher: cannot move into cgroup {cgroup}: {error}", file=sys.stderr)
+            return 1
     restore_glibc_signals()
-    sock = socket.socket(fileno=int(argv[1]))
+    sock = socket.socket(fileno=int(arguments[0]))
     # The socket must not leak into the tasks, which would keep it open after the agent exits.
     sock.set_inheritable(False)
     sock.setblocking(True)
-    launcher = Launcher(sock, user, user_per_request)
+    launcher = Launcher(sock, user, user_per_request, cgroup_home)
     launcher.announce_subreaper(become_subreaper())
     launcher.run()
     return 0

@@ -50,6 +50,12 @@ from agents.scratch_folders import ScratchSweeper, check_scratch_dirs
 from agents.settings import AgentSettings
 from agents.spool import Spool
 from agents.state import StateStore
+from agents.task_cgroups import (
+    TASK_CGROUP_ENV,
+    TaskCgroupError,
+    TaskCgroups,
+    check_task_cgroup,
+)
 from agents.task_process import TaskLauncher
 from agents.task_user import (
     POOL_LAUNCHER_CAPABILITIES,
@@ -193,6 +199,7 @@ def build_process(
             "give the agent's user write and search access to it, and free space there",
         ) from None
     check_isolation(settings)
+    task_cgroups = _task_cgroups(settings)
     state = StateStore(state_dir / "state.json")
     outbox = Outbox(
         Spool(state_dir / "spool", max_bytes=settings.spool_max_bytes),
@@ -206,7 +213,9 @@ def build_process(
     launcher = None
     if settings.record_exit_status:
         launcher = TaskLauncher(
-            task_user=settings.task_user, user_per_request=bool(settings.task_users)
+            task_user=settings.task_user,
+            user_per_request=bool(settings.task_users),
+            cgroup_home=None if task_cgroups is None else task_cgroups.launcher_home,
         )
     common = {
         "state": state,
@@ -219,6 +228,7 @@ def build_process(
         "launcher": launcher,
         "task_user": settings.task_user,
         "task_users": _task_user_pool(settings),
+        "task_cgroups": task_cgroups,
         "task_log_max_bytes": settings.task_log_max_bytes,
         "host": settings.host,
         "rendezvous_ports": settings.rendezvous_ports,
@@ -254,6 +264,30 @@ def build_process(
         stop_grace_s=settings.shutdown_grace_s,
         launcher=launcher,
     )
+
+
+def _task_cgroups(settings: AgentSettings) -> TaskCgroups | None:
+    """Check the folder of ``ACSP_AGENT_TASK_CGROUP`` and make the launcher's cgroup in it.
+
+    Raises :class:`SettingsError` naming the reason and the fix.
+    """
+    root = settings.task_cgroup
+    if root is None:
+        return None
+    cgroups = TaskCgroups(root)
+    try:
+        check_task_cgroup(root)
+        cgroups.make_launcher_home()
+    except TaskCgroupError as error:
+        raise SettingsError(TASK_CGROUP_ENV, error.reason, error.fix) from None
+    except OSError as error:
+        raise SettingsError(
+            TASK_CGROUP_ENV,
+            f"cgroup {cgroups.launcher_home} cannot be created: {error.strerror or error}",
+            "delegate the folder to the agent's user (systemd: Delegate=yes)",
+        ) from None
+    logger.info("each task runs in its own cgroup under %s", root)
+    return cgroups
 
 
 def _task_user_pool(settings: AgentSettings) -> TaskUserPool | None:

@@ -39,6 +39,7 @@ from agents.outbox import Outbox
 from agents.rendezvous import HostFiles, Placement, task_environment
 from agents.runner import TaskInterval, TaskRunner
 from agents.state import StateStore
+from agents.task_cgroups import TaskCgroups
 from agents.task_logs import TASK_LOG_MAX_BYTES
 from agents.task_process import TaskLauncher
 from agents.task_user import TaskUser
@@ -96,6 +97,7 @@ class NodeAgent:
         task_user: TaskUser | None = None,
         task_log_max_bytes: int = TASK_LOG_MAX_BYTES,
         task_users: TaskUserPool | None = None,
+        task_cgroups: TaskCgroups | None = None,
         host: str = "",
         rendezvous_ports: tuple[int, int] = DEFAULT_PORT_RANGE,
     ) -> None:
@@ -116,6 +118,7 @@ class NodeAgent:
         self._launcher = launcher
         self._task_user = task_user
         self._task_users = task_users
+        self._task_cgroups = task_cgroups
         self._task_log_max_bytes = task_log_max_bytes
         self._agent_version = agent_version
         self._event_counter = 0
@@ -172,6 +175,7 @@ class NodeAgent:
             task_user=self._task_user,
             task_log_max_bytes=self._task_log_max_bytes,
             task_users=self._task_users,
+            task_cgroups=self._task_cgroups,
         )
         runner.attach(group)
         self.runner = runner

@@ -42,6 +42,15 @@ from agents.model import (
 from agents.programs import CommandNotRunnableError, resolve_command
 from agents.state import StateStore, TaskRecord
 from agents.stray_processes import find_task_processes, kill_task_processes, signal_strays
+from agents.task_cgroups import (
+    TaskCgroups,
+    is_populated,
+    kill_and_remove,
+    kill_and_remove_now,
+    kill_members,
+    remove,
+    signal_members,
+)
 from agents.task_logs import TASK_LOG_MAX_BYTES, read_tail, trim_log
 from agents.task_process import (
     SPAWN_ID_ENV,
@@ -92,6 +101,8 @@ class _Task:
     """The task's process, a child or one adopted after a restart; ``None`` for a played task."""
     ended_at: float | None = None
     killed: bool = False
+    cgroup: Path | None = None
+    """The task's own cgroup v2 (see :mod:`agents.task_cgroups`); None without one."""
     supervisor: asyncio.Task[None] | None = field(default=None, repr=False)
     changed: asyncio.Future[None] | None = field(default=None, repr=False)
     """Done when a stop is requested, so that the supervisor recomputes its next deadline."""
@@ -139,6 +150,7 @@ class TaskRunner:
         task_user: TaskUser | None = None,
         task_log_max_bytes: int = TASK_LOG_MAX_BYTES,
         task_users: TaskUserPool | None = None,
+        task_cgroups: TaskCgroups | None = None,
     ) -> None:
         """``launcher`` starts the tasks and records their exit status.
 
@@ -159,6 +171,9 @@ class TaskRunner:
         ``task_users`` is a pool of task users that gives each job its own user and folder
         (see :mod:`agents.task_users`), in place of ``task_user``. The launcher must then take
         a user with each request.
+
+        ``task_cgroups`` gives each task its own cgroup, which a stop and the task's end kill
+        whole. The launcher must then have been made with its ``launcher_home``.
         """
         self._node_key = node_key
         self._state = state
@@ -195,6 +210,7 @@ class TaskRunner:
         """Trims running in a worker thread, by task id: at most one per task."""
         self._task_folder_shared = False
         self._pool = task_users
+        self._cgroups = task_cgroups
         if task_user is not None and task_user.home:
             # As a login sets them, so that a task does not take the agent's home for its own.
             self._base_env.update(HOME=task_user.home, USER=task_user.name, LOGNAME=task_user.name)
@@ -419,6 +435,14 @@ class TaskRunner:
         # record is saved leaves the intent, which a restarted agent resolves in recover().
         self._state.put_intent(self._node_key, record)
         self._state.save_intents()
+        cgroup = None
+        if self._cgroups is not None:
+            # After the intent is saved, so that every task cgroup belongs to a saved task.
+            try:
+                cgroup = self._cgroups.create(spec.task_id)
+            except OSError as error:
+                self._start_failed(spec, error)
+                return
         env = dict(self._base_env)
         if self._pool is not None and user is not None:
             # The job's folders, because a pool user's home and the node's /tmp outlive the
@@ -439,7 +463,7 @@ class TaskRunner:
         record.log_path = str(self._log_path(spec.task_id))
         try:
             if self._launcher is None:
-                process = spawn(spec.command, env, cwd, Path(record.log_path), user)
+                process = spawn(spec.command, env, cwd, Path(record.log_path), user, cgroup)
                 self._started(spec, record, process)
                 return
             executable = resolve_command(spec.command, env, cwd, user)
@@ -452,6 +476,7 @@ class TaskRunner:
                 self._exit_path(spec.task_id),
                 record.spawn_id,
                 user,
+                cgroup,
             )
         except (CommandNotRunnableError, OSError) as error:
             self._start_failed(spec, error)
@@ -510,15 +535,26 @@ class TaskRunner:
         """
         self._state.remove_intent(self._node_key, spec.task_id)
         self._release_user(spec.task_id)
+        self._remove_empty_cgroup(spec.task_id)
         if isinstance(error, CommandNotRunnableError):
             self._fail_unrunnable(spec, error)
         else:
             self._reject(spec, f"command could not be started: {error}")
 
+    def _remove_empty_cgroup(self, task_id: str) -> None:
+        """Remove the cgroup of a task whose process never started."""
+        if self._cgroups is None:
+            return
+        try:
+            remove(self._cgroups.path(task_id))
+        except OSError as error:
+            logger.warning("cannot remove the cgroup of task %s: %s", task_id, error)
+
     def _started(self, spec: TaskSpec, record: TaskRecord, process: TaskProcess) -> None:
         record.pid = process.pid
         record.process_start_ticks = process_start_ticks(process.pid) or 0
-        task = _Task(record, process)
+        cgroup = None if self._cgroups is None else self._cgroups.path(spec.task_id)
+        task = _Task(record, process, cgroup=cgroup)
         self._tasks[spec.task_id] = task
         self._state.remove_intent(self._node_key, spec.task_id)
         self._state.put_task(self._node_key, record)
@@ -580,7 +616,10 @@ class TaskRunner:
         self._emit_state(record, TaskState.STOPPING, reason)
         if record.pid:
             _signal_group(record.pid, signal.SIGTERM)
-            signal_strays(record.spawn_id, record.pid, signal.SIGTERM)
+            if task.cgroup is not None:
+                signal_members(task.cgroup, signal.SIGTERM, outside_group=record.pid)
+            else:
+                signal_strays(record.spawn_id, record.pid, signal.SIGTERM)
         else:
             # A played task has nothing to signal: it stops at once.
             self._finish(task, None, "")
@@ -614,7 +653,10 @@ class TaskRunner:
                     record.grace_period_s,
                 )
                 _signal_group(record.pid, signal.SIGKILL)
-                signal_strays(record.spawn_id, record.pid, signal.SIGKILL)
+                if task.cgroup is not None:
+                    kill_members(task.cgroup)
+                else:
+                    signal_strays(record.spawn_id, record.pid, signal.SIGKILL)
                 task.killed = True
             # Sleep until the process exits, a stop is requested or the next deadline.
             task.changed = loop.create_future()
@@ -623,14 +665,23 @@ class TaskRunner:
                 timeout=self._next_check_s(task),
                 return_when=asyncio.FIRST_COMPLETED,
             )
-        if record.stop_reason and not task.killed and await self._await_rest_of_task(task):
-            strays = 0
-        else:
+        if task.cgroup is not None:
+            if record.stop_reason and not task.killed:
+                await self._await_rest_of_task(task)
+            # Whatever its environment and session, a process the task started is in here.
+            left = await kill_and_remove(task.cgroup, record.task_id)
+            if left:
+                logger.warning(
+                    "task %s left %d processes in its cgroup; killed them", record.task_id, left
+                )
+        elif not (record.stop_reason and not task.killed and await self._await_rest_of_task(task)):
             strays = await self._kill_rest_of_task(task)
-        if strays:
-            logger.warning(
-                "task %s left %d processes outside its group; killed them", record.task_id, strays
-            )
+            if strays:
+                logger.warning(
+                    "task %s left %d processes outside its group; killed them",
+                    record.task_id,
+                    strays,
+                )
         exit_code = None if task.process is None else task.process.returncode
         await self._trim_ended_log(record)
         self._finish(task, exit_code, _tail(record.log_path))
@@ -679,8 +730,11 @@ class TaskRunner:
         interval_s, max_interval_s = _REST_POLL_S
         loop = asyncio.get_running_loop()
         while self._clock() < record.stop_deadline:
+            if task.cgroup is not None:
+                if not is_populated(task.cgroup):
+                    return True
             # The group test is one system call, so /proc is scanned only once it is empty.
-            if not _signal_group(record.pid, 0) and not await asyncio.to_thread(
+            elif not _signal_group(record.pid, 0) and not await asyncio.to_thread(
                 find_task_processes, record.spawn_id
             ):
                 return True
@@ -934,6 +988,7 @@ class TaskRunner:
             )
             if process_start_ticks(record.pid) == record.process_start_ticks:
                 task.process = process
+                task.cgroup = self._find_cgroup(record)
                 self._tasks[record.task_id] = task
                 self._claim_user(record)
                 logger.info("task %s found again as pid %d", record.task_id, record.pid)
@@ -945,6 +1000,21 @@ class TaskRunner:
                 "task %s (pid %d) ended while the agent was down", record.task_id, record.pid
             )
             self._report_ended_while_down(record)
+
+    def _find_cgroup(self, record: TaskRecord) -> Path | None:
+        """Return the cgroup of an adopted task, found by its name, or None if it has none."""
+        if self._cgroups is None:
+            return None
+        cgroup = self._cgroups.find(record.task_id)
+        if cgroup is None:
+            # Started by an agent without ACSP_AGENT_TASK_CGROUP: the spawn id finds its strays.
+            logger.warning(
+                "task %s found again has no cgroup in %s; its stop finds the processes it left "
+                "by their spawn id",
+                record.task_id,
+                self._cgroups.root,
+            )
+        return cgroup
 
     def _claim_user(self, record: TaskRecord) -> None:
         """Give a task found running again the pool user that its process runs as."""
@@ -965,7 +1035,11 @@ class TaskRunner:
         ended. When the launcher itself was killed, or an agent without a launcher started the
         task, the task is lost and the scheduler requeues it.
         """
-        strays = kill_task_processes(record.spawn_id)
+        cgroup = None if self._cgroups is None else self._cgroups.find(record.task_id)
+        if cgroup is not None:
+            strays = kill_and_remove_now(cgroup, record.task_id)
+        else:
+            strays = kill_task_processes(record.spawn_id)
         if strays:
             logger.warning(
                 "task %s left %d processes behind while the agent was down; killed them",

@@ -26,6 +26,7 @@ from agents.scratch_folders import (
     SCRATCH_DIRS_ENV,
     parse_scratch_dirs,
 )
+from agents.task_cgroups import TASK_CGROUP_ENV, parse_task_cgroup
 from agents.task_logs import MIN_TASK_LOG_MAX_BYTES, TASK_LOG_MAX_BYTES
 from agents.task_user import TASK_USER_ENV, TaskUser, parse_task_user
 from agents.task_users import MAX_POOL_USERS, TASK_USERS_ENV, parse_task_users
@@ -154,6 +155,17 @@ class AgentSettings(Settings):
         f"{','.join(map(str, DEFAULT_SCRATCH_DIRS))} by default, {NO_SCRATCH_DIRS} for no "
         "folder",
         parse=parse_scratch_dirs,
+    )
+
+    task_cgroup: Path | None = setting(
+        TASK_CGROUP_ENV,
+        None,
+        "absolute path of a cgroup v2 folder delegated to the agent (for example "
+        "/sys/fs/cgroup/system.slice/acsp-agent.service/tasks), in which each task gets its own "
+        "cgroup, so that a stop kills every process the task started; the kernel must be Linux "
+        "5.14 or later (cgroup.kill); empty finds a task's processes by its process group and "
+        "the spawn id in their environment only",
+        parse=parse_task_cgroup,
     )
 
     host: str = setting(

@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -212,15 +213,19 @@ class TaskLauncher:
         reply_timeout_s: float = _REPLY_TIMEOUT_S,
         task_user: TaskUser | None = None,
         user_per_request: bool = False,
+        cgroup_home: Path | None = None,
     ) -> None:
         """``reply_timeout_s``: seconds without a message, while requests are pending, after
         which the launcher counts as lost although its process may still run (stopped, or
         blocked on a file system). ``task_user``: the user that tasks run as, None for the
         agent's own. ``user_per_request``: each :meth:`launch` names its task's user (a pool
-        of task users), and the launcher starts no task without one."""
+        of task users), and the launcher starts no task without one. ``cgroup_home``: the
+        cgroup v2 folder that the launcher runs in between starts, when each :meth:`launch`
+        names the task's cgroup (see :mod:`agents.task_cgroups`)."""
         self._python = python
         self._task_user = task_user
         self._user_per_request = user_per_request
+        self._cgroup_home = cgroup_home
         self._reply_timeout_s = reply_timeout_s
         self._reply_timer: asyncio.TimerHandle | None = None
         self._silent_checks = 0
@@ -250,6 +255,7 @@ class TaskLauncher:
         exit_path: Path,
         spawn_id: str,
         user: TaskUser | None = None,
+        cgroup: Path | None = None,
     ) -> asyncio.Future[TaskProcess]:
         """Ask the launcher to start a program; the future gives its process.
 
@@ -258,7 +264,8 @@ class TaskLauncher:
         program failed for a reason of the job's own, and with ``OSError`` when the node could
         not start it. ``spawn_id`` is the value of the task's spawn id variable, by which the
         process is found if the launcher goes away before it replies. ``user`` is the task's
-        user, for a launcher made with ``user_per_request``.
+        user, for a launcher made with ``user_per_request``. ``cgroup`` is the task's cgroup,
+        which the process starts in, for a launcher made with ``cgroup_home``.
         """
         self._start()
         assert self._loop is not None
@@ -281,6 +288,8 @@ class TaskLauncher:
         }
         if self._user_per_request and user is not None:
             request["user"] = user.launcher_argument
+        if cgroup is not None:
+            request["cgroup"] = str(cgroup)
         self._outgoing += json.dumps(request).encode() + b"\n"
         if self._reply_timer is None:
             self._schedule_reply_check()
@@ -355,6 +364,8 @@ class TaskLauncher:
                 arguments.append("--users")
             elif self._task_user is not None:
                 arguments += ["--user", self._task_user.launcher_argument]
+            if self._cgroup_home is not None:
+                arguments += ["--cgroup", str(self._cgroup_home)]
             self._popen = subprocess.Popen(
                 arguments,
                 pass_fds=(theirs.fileno(),),
@@ -549,11 +560,13 @@ def spawn(
     cwd: Path,
     log_path: Path,
     user: TaskUser | None = None,
+    cgroup: Path | None = None,
 ) -> TaskProcess:
     """Start ``command`` as our child, in a new session with its output in ``log_path``.
 
     With ``user``, the process runs with that user's uid, primary group and supplementary
-    groups. Raises :class:`agents.programs.CommandNotRunnableError` when the program cannot run
+    groups. With ``cgroup``, the child moves into that cgroup v2 folder before it executes
+    the program. Raises :class:`agents.programs.CommandNotRunnableError` when the program cannot run
     for a reason of the job's own (the same ones as the launcher's), and ``OSError`` when the
     node cannot start the process (the log file, a failed fork, switching the user).
     """
@@ -564,7 +577,14 @@ def spawn(
     # O_APPEND, so that after the agent trims a long log the task writes at its new end.
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW
     log = os.open(log_path, flags, 0o640)
+    procs = -1
     try:
+        join_cgroup = None
+        if cgroup is not None:
+            procs = os.open(cgroup / "cgroup.procs", os.O_WRONLY)
+            # The child writes 0 (itself) between fork and exec. The agent has threads, so the
+            # function makes only this one system call.
+            join_cgroup = partial(os.write, procs, b"0")
         popen = subprocess.Popen(
             [executable, *command[1:]],
             stdin=subprocess.DEVNULL,
@@ -576,6 +596,7 @@ def spawn(
             user=None if user is None else user.uid,
             group=None if user is None else user.gid,
             extra_groups=None if user is None else list(user.groups),
+            preexec_fn=join_cgroup,
         )
     except OSError as error:
         # Popen names the executable in an error of the exec itself, and the working directory
@@ -588,6 +609,8 @@ def spawn(
         raise failure from error
     finally:
         os.close(log)
+        if procs >= 0:
+            os.close(procs)
     return TaskProcess(popen.pid, popen)
 
 

@@ -1,0 +1,525 @@
+"""A cgroup v2 per task (ACSP_AGENT_TASK_CGROUP): stops kill what no other search finds.
+
+The tests need a writable cgroup v2 mount (root on a machine with a unified or hybrid
+hierarchy) and skip without one. Each test makes its cgroups under a folder of its own there,
+and removes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from agents import main as agent_main
+from agents.model import TaskSpec, TaskState
+from agents.runner import TaskRunner
+from agents.settings import AgentSettings
+from agents.state import StateStore
+from agents.task_cgroups import (
+    TASK_CGROUP_ENV,
+    TaskCgroupError,
+    TaskCgroups,
+    cgroup_name,
+    check_task_cgroup,
+    is_populated,
+    parse_task_cgroup,
+)
+from agents.task_process import TaskLauncher
+from agents.task_user import TaskUser
+from services.runtime.settings import SettingsError
+from tests.agent.test_runner import (
+    ACCELERATORS,
+    Recorder,
+    make_runner,
+    python_command,
+    wait_for,
+)
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+# Forks a daemon that calls setsid, forks again, and executes a Python that runs with an empty
+# environment (so no spawn id) and writes its pid to the file argv[1]. The task then sleeps.
+CLEARED_DAEMON = """
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        code = (
+            "import os, sys, time\\n"
+            "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\\n"
+            "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\\n"
+            "time.sleep(60)\\n"
+        )
+        os.execve(sys.executable, [sys.executable, "-c", code, sys.argv[1]], {})
+    os._exit(0)
+time.sleep(60)
+"""
+
+
+def _writable_cgroup2_mounts() -> list[Path]:
+    mounts = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as file:
+            for line in file:
+                fields, _sep, rest = line.partition(" - ")
+                if rest.split()[:1] == ["cgroup2"]:
+                    mounts.append(Path(fields.split()[4]))
+    except OSError:
+        return []
+    return mounts
+
+
+def _remove_tree(root: Path) -> None:
+    """Kill everything under ``root`` and remove it, children first."""
+    if not root.exists():
+        return
+    (root / "cgroup.kill").write_text("1")
+    deadline = time.monotonic() + 10
+    while is_populated(root) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for folder, _subfolders, _files in os.walk(root, topdown=False):
+        os.rmdir(folder)
+
+
+@pytest.fixture
+def cgroup_root() -> Iterator[Path]:
+    """A fresh cgroup of this test's own under a writable cgroup v2 mount."""
+    reasons = []
+    for mount in _writable_cgroup2_mounts():
+        root = mount / f"acsp-test-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            root.mkdir()
+        except OSError as error:
+            reasons.append(f"{mount}: {error.strerror}")
+            continue
+        try:
+            yield root
+        finally:
+            _remove_tree(root)
+        return
+    pytest.skip(f"no writable cgroup v2 mount ({'; '.join(reasons) or 'none mounted'})")
+
+
+@pytest.fixture
+async def launchers() -> AsyncIterator[list[TaskLauncher]]:
+    made: list[TaskLauncher] = []
+    yield made
+    for launcher in made:
+        launcher.close()
+
+
+def contained_runner(
+    tmp_path: Path,
+    recorder: Recorder,
+    root: Path,
+    launchers: list[TaskLauncher],
+    record_exit_status: bool = True,
+    task_user: TaskUser | None = None,
+) -> TaskRunner:
+    cgroups = TaskCgroups(root)
+    launcher = None
+    if record_exit_status:
+        launcher = TaskLauncher(task_user=task_user, cgroup_home=cgroups.make_launcher_home())
+        launchers.append(launcher)
+    return TaskRunner(
+        "acme.eu-1.node-1",
+        StateStore(tmp_path / "state.json"),
+        tmp_path,
+        recorder,
+        time.time,
+        ACCELERATORS,
+        lambda uuids: {"CUDA_VISIBLE_DEVICES": ",".join(uuids)},
+        launcher=launcher,
+        task_user=task_user,
+        task_cgroups=cgroups,
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            state = file.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in (b"Z", b"X")
+
+
+def _spec(task_id: str, code: str, *args: str, grace_period_s: float = 0.5) -> TaskSpec:
+    command = (*python_command(code), *args)
+    return TaskSpec("j", task_id, ("GPU-1",), command, grace_period_s=grace_period_s)
+
+
+@pytest.mark.timeout(60)
+async def test_stop_kills_cleared_daemon(
+    tmp_path: Path, cgroup_root: Path, launchers: list[TaskLauncher]
+) -> None:
+    pid_file = tmp_path / "daemon.pid"
+    recorder = Recorder()
+    runner = contained_runner(tmp_path, recorder, cgroup_root, launchers)
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(_spec("j/1/0", CLEARED_DAEMON, str(pid_file)))
+        await wait_for(pid_file.exists)
+        daemon = int(pid_file.read_text())
+        with open(f"/proc/{daemon}/environ", "rb") as environ:  # noqa: ASYNC230 - /proc
+            assert environ.read() == b""
+        await runner.stop("j/1/0", "preempted")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+    assert not _alive(daemon)
+    assert not (cgroup_root / cgroup_name("j/1/0")).exists()
+
+
+@pytest.mark.timeout(60)
+async def test_cleared_daemon_escapes_without_cgroup(tmp_path: Path) -> None:
+    # The control for the test above: the spawn id search cannot find such a daemon.
+    pid_file = tmp_path / "daemon.pid"
+    recorder = Recorder()
+    runner = make_runner(tmp_path, recorder)
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(_spec("j/1/0", CLEARED_DAEMON, str(pid_file)))
+        await wait_for(pid_file.exists)
+        daemon = int(pid_file.read_text())
+        await runner.stop("j/1/0", "preempted")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+    try:
+        assert _alive(daemon)
+    finally:
+        os.kill(daemon, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+async def test_task_end_kills_and_removes_cgroup(
+    tmp_path: Path, cgroup_root: Path, launchers: list[TaskLauncher]
+) -> None:
+    pid_file = tmp_path / "daemon.pid"
+    # The task ends on its own once its daemon runs.
+    code = CLEARED_DAEMON.rsplit("time.sleep(60)", 1)[0]
+    code += "while not os.path.exists(sys.argv[1]):\n    time.sleep(0.01)\n"
+    recorder = Recorder()
+    runner = contained_runner(tmp_path, recorder, cgroup_root, launchers)
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(_spec("j/1/0", code, str(pid_file)))
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("j/1/0"))
+    assert not _alive(int(pid_file.read_text()))
+    assert not (cgroup_root / cgroup_name("j/1/0")).exists()
+    assert (cgroup_root / "launcher").is_dir()
+
+
+@pytest.mark.timeout(60)
+async def test_task_runs_in_own_cgroup(
+    tmp_path: Path, cgroup_root: Path, launchers: list[TaskLauncher]
+) -> None:
+    recorder = Recorder()
+    runner = contained_runner(tmp_path, recorder, cgroup_root, launchers)
+    code = "print(open('/proc/self/cgroup').read().splitlines()[-1])"
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(_spec("j/1/0", code))
+        await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("j/1/0"))
+    output = recorder.last("j/1/0").output_tail
+    assert output.strip().endswith(f"/{cgroup_root.name}/{cgroup_name('j/1/0')}")
+    launcher_pid = launchers[0].identity[0]
+    with open(f"/proc/{launcher_pid}/cgroup") as file:  # noqa: ASYNC230 - /proc
+        launcher_cgroup = file.read().splitlines()[-1]
+    assert launcher_cgroup.endswith(f"/{cgroup_root.name}/launcher")
+    # cgroup.procs moves every thread of the launcher, so it must run only one.
+    assert len(os.listdir(f"/proc/{launcher_pid}/task")) == 1
+
+
+@pytest.mark.timeout(60)
+async def test_task_user_start_joins_cgroup(
+    tmp_path: Path, cgroup_root: Path, launchers: list[TaskLauncher]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("switching to a task user needs root")
+    # Root as the task user takes the launcher's subprocess.Popen path without a new user.
+    user = TaskUser("root", 0, 0, (), "/root")
+    recorder = Recorder()
+    runner = contained_runner(tmp_path, recorder, cgroup_root, launchers, task_user=user)
+    pid_file = tmp_path / "daemon.pid"
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(_spec("j/1/0", CLEARED_DAEMON, str(pid_file)))
+        await wait_for(pid_file.exists)
+        daemon = int(pid_file.read_text())
+        await runner.stop("j/1/0", "preempted")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+    assert not _alive(daemon)
+    assert not (cgroup_root / cgroup_name("j/1/0")).exists()
+
+
+@pytest.mark.timeout(60)
+async def test_start_without_launcher_joins_cgroup(
+    tmp_path: Path, cgroup_root: Path, launchers: list[TaskLauncher]
+) -> None:
+    pid_file = tmp_path / "daemon.pid"
+    recorder = Recorder()
+    runner = contained_runner(tmp_path, recorder, cgroup_root, launchers, record_exit_status=False)
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(_spec("j/1/0", CLEARED_DAEMON, str(pid_file)))
+        await wait_for(pid_file.exists)
+        daemon = int(pid_file.read_text())
+        await runner.stop("j/1/0", "preempted")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+    assert not _alive(daemon)
+    assert not (cgroup_root / cgroup_name("j/1/0")).exists()
+
+
+@pytest.mark.timeout(60)
+async def test_start_fails_without_cgroup_folder(
+    tmp_path: Path, cgroup_root: Path, launchers: list[TaskLauncher]
+) -> None:
+    recorder = Recorder()
+    runner = contained_runner(tmp_path, recorder, cgroup_root, launchers)
+    # The folder goes away after the agent checked it.
+    runner._cgroups = TaskCgroups(cgroup_root / "removed")
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(_spec("j/1/0", "pass"))
+    assert recorder.states("j/1/0") == [TaskState.START_FAILED]
+    assert "No such file or directory" in recorder.last("j/1/0").reason
+    assert "j/1/0" not in runner._tasks
+    assert runner._state.node("acme.eu-1.node-1").intents == {}
+
+
+@pytest.mark.timeout(60)
+async def test_restart_adopts_task_cgroup(
+    tmp_path: Path, cgroup_root: Path, launchers: list[TaskLauncher]
+) -> None:
+    pid_file = tmp_path / "daemon.pid"
+    runner = contained_runner(tmp_path, Recorder(), cgroup_root, launchers)
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(_spec("j/1/0", CLEARED_DAEMON, str(pid_file)))
+        await wait_for(pid_file.exists)
+        # The agent dies here: its supervisors stop, the task goes on.
+        task = runner._tasks["j/1/0"]
+        assert task.supervisor is not None
+        task.supervisor.cancel()
+    for launcher in launchers:
+        launcher.close()
+    daemon = int(pid_file.read_text())
+
+    recorder = Recorder()
+    restarted = contained_runner(tmp_path, recorder, cgroup_root, launchers)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        assert restarted._tasks["j/1/0"].cgroup == cgroup_root / cgroup_name("j/1/0")
+        await restarted.stop("j/1/0", "preempted")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+    assert not _alive(daemon)
+    assert not (cgroup_root / cgroup_name("j/1/0")).exists()
+
+
+@pytest.mark.timeout(60)
+async def test_restart_kills_ended_task_cgroup(
+    tmp_path: Path, cgroup_root: Path, launchers: list[TaskLauncher]
+) -> None:
+    pid_file = tmp_path / "daemon.pid"
+    code = "import time\ntime.sleep(0.3)\n" + CLEARED_DAEMON.rsplit("time.sleep(60)", 1)[0]
+    runner = contained_runner(tmp_path, Recorder(), cgroup_root, launchers)
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(_spec("j/1/0", code, str(pid_file)))
+        task = runner._tasks["j/1/0"]
+        assert task.supervisor is not None
+        task.supervisor.cancel()
+    assert task.process is not None
+    await task.process.wait()
+    await wait_for(pid_file.exists)
+    daemon = int(pid_file.read_text())
+    assert _alive(daemon)
+
+    recorder = Recorder()
+    restarted = contained_runner(tmp_path, recorder, cgroup_root, launchers)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+        await wait_for(lambda: recorder.states("j/1/0") != [])
+    assert recorder.states("j/1/0") == [TaskState.SUCCEEDED]
+    assert not _alive(daemon)
+    assert not (cgroup_root / cgroup_name("j/1/0")).exists()
+
+
+# CLEARED_DAEMON in shell, for a task user that cannot execute this interpreter: setsid(1)
+# calls setsid in the background child, which is no group leader, and env -i clears the
+# environment. The daemon writes its pid to the file $1 once it runs.
+SHELL_DAEMON = (
+    'setsid env -i /bin/sh -c \'echo $$ > "$0.tmp" && mv "$0.tmp" "$0" && exec sleep 60\' '
+    '"$1" & sleep 60'
+)
+
+NON_ROOT_AGENT = """
+import asyncio, sys
+from pathlib import Path
+from agents.model import TaskState
+from agents.task_cgroups import check_task_cgroup
+from tests.agent.test_runner import Recorder, wait_for
+from agents.model import TaskSpec
+from tests.agent.test_task_cgroups import SHELL_DAEMON, _alive, contained_runner
+
+async def main():
+    root, work = Path(sys.argv[1]), Path(sys.argv[2])
+    check_task_cgroup(root)
+    launchers, recorder = [], Recorder()
+    runner = contained_runner(work, recorder, root, launchers)
+    pid_file = work / "daemon.pid"
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        command = ("/bin/sh", "-c", SHELL_DAEMON, "sh", str(pid_file))
+        await runner.start(TaskSpec("j", "j/1/0", ("GPU-1",), command, grace_period_s=0.5))
+        await wait_for(pid_file.exists)
+        daemon = int(pid_file.read_text())
+        await runner.stop("j/1/0", "preempted")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+    for launcher in launchers:
+        launcher.close()
+    print(_alive(daemon), sorted(path.name for path in root.iterdir() if path.is_dir()))
+
+asyncio.run(main())
+"""
+"""An agent that is not root, in the delegated folder as systemd's Delegate=yes puts it: it
+checks the folder, starts a task whose daemon clears its environment, and stops it."""
+
+NOBODY = 65534
+
+
+def _as_nobody(command: list[str]) -> list[str]:
+    # CAP_DAC_READ_SEARCH reaches this interpreter and the repository wherever they are.
+    return [
+        "setpriv",
+        f"--reuid={NOBODY}",
+        f"--regid={NOBODY}",
+        "--clear-groups",
+        "--inh-caps=+dac_read_search",
+        "--ambient-caps=+dac_read_search",
+        "--",
+        *command,
+    ]
+
+
+def _delegate(root: Path) -> None:
+    for path in (root, root / "cgroup.procs", root / "cgroup.subtree_control"):
+        os.chown(path, NOBODY, NOBODY)
+
+
+@pytest.mark.timeout(60)
+def test_non_root_agent_in_delegated_cgroup(tmp_path: Path, cgroup_root: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run an agent as another user")
+    _delegate(cgroup_root)
+    work = tmp_path / "work"
+    work.mkdir()
+    os.chown(work, NOBODY, NOBODY)
+    agent = _as_nobody([sys.executable, "-c", NON_ROOT_AGENT, str(cgroup_root), str(work)])
+    # The shell moves itself into the folder, then becomes the agent.
+    shell = 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"'
+    command = ["sh", "-c", shell, "sh", str(cgroup_root), *agent]
+
+    done = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=40)
+
+    assert done.returncode == 0, done.stderr
+    alive, folders = done.stdout.split(" ", 1)
+    assert alive == "False"
+    assert folders.strip() == "['launcher']"
+
+
+@pytest.mark.timeout(60)
+def test_non_root_agent_outside_rejected(cgroup_root: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run an agent as another user")
+    _delegate(cgroup_root)
+    check = f"from agents.task_cgroups import check_task_cgroup as c; c(Path({str(cgroup_root)!r}))"
+    command = _as_nobody([sys.executable, "-c", f"from pathlib import Path\n{check}"])
+
+    done = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=40)
+
+    assert done.returncode != 0
+    assert "TaskCgroupError" in done.stderr
+    assert f"outside {cgroup_root}" in done.stderr
+    assert "run the agent inside the folder" in done.stderr
+
+
+def test_cgroup_names_are_safe_and_distinct() -> None:
+    assert cgroup_name("job-1.0") == "task-job-1.0"
+    slashed = cgroup_name("j/1/0")
+    underscored = cgroup_name("j_1_0")
+    assert "/" not in slashed
+    assert slashed != underscored
+    assert slashed.startswith("task-j_1_0-")
+    assert len(cgroup_name("x" * 1000)) < 255
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("acsp.slice", "not an absolute path"),
+        ("/sys/fs/cgroup/../cgroup", "contains . or .."),
+        ("/sys/fs/cgroup//acsp", "contains . or .."),
+    ],
+)
+def test_parse_rejects_bad_paths(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_task_cgroup(text)
+
+
+def test_setting_names_variable_on_bad_path() -> None:
+    with pytest.raises(SettingsError) as raised:
+        AgentSettings.from_env({TASK_CGROUP_ENV: "relative/path"})
+    assert raised.value.variable == TASK_CGROUP_ENV
+    assert "not an absolute path" in str(raised.value)
+
+
+def test_check_rejects_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(TaskCgroupError, match="is not a folder"):
+        check_task_cgroup(tmp_path / "missing")
+
+
+def test_check_rejects_folder_outside_cgroup2(tmp_path: Path) -> None:
+    with pytest.raises(TaskCgroupError, match="not cgroup2") as raised:
+        check_task_cgroup(tmp_path)
+    assert "cgroup v2 mount" in raised.value.fix
+
+
+def test_check_rejects_root_cgroup() -> None:
+    mounts = [mount for mount in _writable_cgroup2_mounts() if mount.is_dir()]
+    roots = [mount for mount in mounts if not (mount / "cgroup.kill").exists()]
+    if not roots:
+        pytest.skip("no cgroup v2 mount shows a root cgroup here")
+    with pytest.raises(TaskCgroupError, match=r"no cgroup\.kill file"):
+        check_task_cgroup(roots[0])
+
+
+def test_check_accepts_delegated_cgroup(cgroup_root: Path) -> None:
+    check_task_cgroup(cgroup_root)
+    assert [path.name for path in cgroup_root.iterdir() if path.is_dir()] == []
+
+
+def test_agent_start_rejects_bad_cgroup(tmp_path: Path) -> None:
+    settings = AgentSettings.from_env({TASK_CGROUP_ENV: str(tmp_path)})
+    with pytest.raises(SettingsError) as raised:
+        agent_main._task_cgroups(settings)
+    assert raised.value.variable == TASK_CGROUP_ENV
+    assert "not cgroup2" in str(raised.value)
+
+
+def test_agent_start_makes_launcher_cgroup(cgroup_root: Path) -> None:
+    settings = AgentSettings.from_env({TASK_CGROUP_ENV: str(cgroup_root)})
+    cgroups = agent_main._task_cgroups(settings)
+    assert cgroups is not None
+    assert cgroups.launcher_home == cgroup_root / "launcher"
+    assert cgroups.launcher_home.is_dir()
