@@ -12,7 +12,10 @@ every process on the node. Otherwise (a stop while the task runs, a launcher tha
 no subreaper) the runner scans ``/proc``.
 
 NOTE: a process that clears or rewrites its environment before it leaves the group is not
-found; only a cgroup per task would catch it.
+found. On a node with the agent setting ``ACSP_AGENT_TASK_CGROUP``, each task runs in a cgroup
+of its own, which keeps such a process, and the runner kills that cgroup instead of searching
+(see :mod:`agents.task_cgroups`). A task that a restarted agent adopts without a cgroup (it
+was started before the setting was on) is still searched for here.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agents.task_cgroups import TASK_CGROUP_ENV, parse_task_cgroup
 from agents.task_user import NON_ROOT_CAPABILITIES, POOL_LAUNCHER_CAPABILITIES
 from agents.task_users import parse_task_users
 from tests.deploy.nats_processes import nats_server_binary
@@ -19,6 +20,7 @@ SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 UNIT = SYSTEMD_DIR / "acsp-agent.service"
 TASK_USER_DROP_IN = SYSTEMD_DIR / "acsp-agent-task-user.conf"
 TASK_USERS_DROP_IN = SYSTEMD_DIR / "acsp-agent-task-users.conf"
+TASK_CGROUP_DROP_IN = SYSTEMD_DIR / "acsp-agent-task-cgroup.conf"
 LEAF_UNIT = SYSTEMD_DIR / "acsp-nats-leaf.service"
 # The program each unit starts, and the local executable that replaces it for verify.
 INSTALLED_BINARIES = {
@@ -108,7 +110,7 @@ def test_agent_unit_runs_without_privileges() -> None:
     assert settings["DevicePolicy"] == ["closed"]
 
 
-DROP_INS = [TASK_USER_DROP_IN, TASK_USERS_DROP_IN]
+DROP_INS = [TASK_USER_DROP_IN, TASK_USERS_DROP_IN, TASK_CGROUP_DROP_IN]
 
 
 @pytest.mark.parametrize("drop_in", DROP_INS, ids=[drop_in.name for drop_in in DROP_INS])
@@ -145,6 +147,17 @@ def test_task_users_drop_in_grants_what_agent_checks() -> None:
     # The group need not exist here: a stand-in gid checks the rest of the value.
     users = parse_task_users("60000-60063:4242")
     assert [user.uid for user in users] == list(range(60000, 60064))
+
+
+def test_task_cgroup_drop_in_delegates_unit_cgroup() -> None:
+    settings = _settings(TASK_CGROUP_DROP_IN)
+    assert settings["Delegate"] == ["yes"]
+    assert settings["ProtectControlGroups"] == ["no"]
+    assert _settings(UNIT)["ProtectControlGroups"] == ["yes"]
+    variable, _, value = settings["Environment"][0].partition("=")
+    assert variable == TASK_CGROUP_ENV
+    # systemd puts a system service's cgroup at system.slice/<unit name>.
+    assert parse_task_cgroup(value) == Path("/sys/fs/cgroup/system.slice") / UNIT.name
 
 
 def test_agent_unit_stop_leaves_tasks_running() -> None:
