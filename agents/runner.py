@@ -1124,6 +1124,8 @@ class TaskRunner:
                     "is redelivered",
                     record.task_id,
                 )
+                # Made before the spawn. The redelivered start makes it again.
+                self._remove_empty_cgroup(record.task_id)
 
     # Usage -----------------------------------------------------------------------------------
 

@@ -454,6 +454,26 @@ def test_non_root_agent_outside_rejected(cgroup_root: Path) -> None:
     assert "run the agent inside the folder" in done.stderr
 
 
+@pytest.mark.timeout(60)
+async def test_restart_removes_cgroup_of_unspawned_task(
+    tmp_path: Path, cgroup_root: Path, launchers: list[TaskLauncher]
+) -> None:
+    # The agent stopped after it saved the intent and made the cgroup, before the spawn.
+    runner = contained_runner(tmp_path, Recorder(), cgroup_root, launchers)
+    spec = _spec("j/1/0", "pass")
+    runner.prepare_start(spec)
+    runner._state.save_intents()
+    cgroup = TaskCgroups(cgroup_root).create("j/1/0")
+
+    recorder = Recorder()
+    restarted = contained_runner(tmp_path, recorder, cgroup_root, launchers)
+    async with asyncio.TaskGroup() as group:
+        restarted.attach(group)
+        restarted.recover()
+    assert recorder.states("j/1/0") == []
+    assert not cgroup.exists()
+
+
 def test_cgroup_names_are_safe_and_distinct() -> None:
     assert cgroup_name("job-1.0") == "task-job-1.0"
     slashed = cgroup_name("j/1/0")
