@@ -41,6 +41,12 @@ from acsp._retry import (
 
 DEFAULT_TIMEOUT_S: Final = 10.0
 """Deadline of a call that sets none, in seconds."""
+MAX_TIMEOUT_S: Final = 1e9
+"""Largest deadline of a call, in seconds (about 31.7 years).
+
+With grpcio 1.85, a call whose deadline lies after 2262-04-11, where nanoseconds since the
+Unix epoch overflow a signed 64-bit integer, fails at once with DEADLINE_EXCEEDED. A deadline
+of 1e9 s from now stays before that date until the year 2230."""
 RECONNECT_OPTIONS: Final = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -225,6 +231,15 @@ class _AsyncUnaryStreamDefaults(_AsyncCallDefaults, grpc.aio.UnaryStreamClientIn
         return await continuation(self._details(client_call_details), _with_request_id(request))
 
 
+def check_timeout(timeout_s: float) -> None:
+    """Raise ValueError unless ``timeout_s`` is above zero and at most :data:`MAX_TIMEOUT_S`."""
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(
+            f"timeout_s {timeout_s!r} is invalid; give a number of seconds above 0 and at most "
+            f"{MAX_TIMEOUT_S:.0f}"
+        )
+
+
 def open_async_channel(
     target: str,
     credentials: Credentials,
@@ -238,6 +253,7 @@ def open_async_channel(
     With ``wait_for_ready`` (the default) a call waits, within its deadline, for an unreachable
     server to come back instead of failing at once.
     """
+    check_timeout(timeout_s)
     interceptors: list[grpc.aio.ClientInterceptor] = [
         _AsyncUnaryUnaryDefaults(credentials.token, timeout_s, batch_methods(services)),
         _AsyncUnaryStreamDefaults(credentials.token, timeout_s),
@@ -313,6 +329,7 @@ def open_channel(
 
     ``wait_for_ready`` is as for :func:`open_async_channel`.
     """
+    check_timeout(timeout_s)
     options = channel_options(services, wait_for_ready)
     if credentials.ca_cert_pem is None:
         channel = grpc.insecure_channel(target, options=options)

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from acsp._channel import DEFAULT_TIMEOUT_S
+from acsp._channel import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
 from acsp.client import AsyncClient, Client
 from acsp.decimals import format_decimal, from_proto
 from acsp.mesh.endpoints import default_data_dir
@@ -126,6 +126,17 @@ def positive_number(noun: str) -> Callable[[str], float]:
 
 positive_seconds: Final = positive_number("number of seconds")
 """Parse a duration in seconds for argparse: a finite number above zero."""
+
+
+def call_timeout(text: str) -> float:
+    """Parse ``--timeout`` for argparse: seconds above zero and at most :data:`MAX_TIMEOUT_S`."""
+    seconds = positive_seconds(text)
+    if seconds > MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(
+            f"{text} s is above the maximum of {MAX_TIMEOUT_S:.0f} s (about 31 years); "
+            "give a shorter deadline"
+        )
+    return seconds
 
 
 def parse_time(text: str, option: str) -> timestamp_pb2.Timestamp:
@@ -248,10 +259,13 @@ def connection_options() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--timeout",
-        type=positive_seconds,
+        type=call_timeout,
         default=DEFAULT_TIMEOUT_S,
         metavar="SECONDS",
-        help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
+        help=(
+            f"deadline of each call in seconds, at most {MAX_TIMEOUT_S:.0f} "
+            f"(default: {DEFAULT_TIMEOUT_S:g})"
+        ),
     )
     return parser
 

@@ -30,6 +30,7 @@ from scheduler.service.validation import MAX_TASKS
         (["usage", "charges", "--page-size", "0"], "--page-size"),
         (["status", "--timeout", "-1"], "--timeout"),
         (["status", "--timeout", "nan"], "--timeout"),
+        (["jobs", "list", "--timeout", "1e10"], "--timeout"),
         (["token", "--role", "pi", "--subject", "a", "--ttl", "99999999999999"], "--ttl"),
         (["token", "--role", "pi", "--subject", "a", "--ttl", "inf"], "--ttl"),
         (["token", "--role", "pi", "--subject", "a", "--ttl", "nan"], "--ttl"),

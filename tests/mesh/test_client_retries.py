@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from acsp import _retry
-from acsp._channel import Credentials
+from acsp._channel import MAX_TIMEOUT_S, Credentials
 from acsp._retry import MAX_ATTEMPTS
 from acsp.client import AsyncClient, Client
 from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -155,6 +155,29 @@ async def test_default_deadline_and_per_call_override(flaky):
     assert override.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert default_elapsed < 1.4
     assert override_elapsed >= 1.4
+
+
+async def test_maximum_deadline_reaches_server(flaky):
+    _service, endpoints = flaky
+
+    def blocking_call() -> grant_pb2.Balance:
+        with Client(endpoints, Credentials(), timeout_s=MAX_TIMEOUT_S) as client:
+            return client.grants.GetBalance(grant_pb2.GetBalanceRequest(grant_id="g"))
+
+    async with AsyncClient(endpoints, Credentials(), timeout_s=MAX_TIMEOUT_S) as client:
+        balance = await client.grants.GetBalance(grant_pb2.GetBalanceRequest(grant_id="g"))
+    assert balance.credited_pf_days.value == "1.5"
+    blocking = await asyncio.wait_for(asyncio.to_thread(blocking_call), 30)
+    assert blocking.credited_pf_days.value == "1.5"
+
+
+@pytest.mark.parametrize("timeout_s", [MAX_TIMEOUT_S * 10, 0.0, float("nan")])
+def test_client_rejects_unusable_deadline(timeout_s: float):
+    endpoints = {name: "127.0.0.1:1" for name in ("grant", "scheduler", "metering")}
+    with pytest.raises(ValueError, match="timeout_s"):
+        Client(endpoints, Credentials(), timeout_s=timeout_s)
+    with pytest.raises(ValueError, match="timeout_s"):
+        AsyncClient(endpoints, Credentials(), timeout_s=timeout_s)
 
 
 async def test_blocking_client_retries_and_keeps_request_id(flaky):
