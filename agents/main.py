@@ -50,6 +50,7 @@ from agents.scratch_folders import ScratchSweeper, check_scratch_dirs
 from agents.settings import AgentSettings
 from agents.spool import Spool
 from agents.state import StateStore
+from agents.state_lock import StateFolderLock
 from agents.task_cgroups import (
     TASK_CGROUP_ENV,
     TaskCgroupError,
@@ -198,6 +199,8 @@ def build_process(
             f"no file can be created in folder {state_dir}: {error.strerror or error}",
             "give the agent's user write and search access to it, and free space there",
         ) from None
+    # Taken before anything in the folder is read or written, and held until the agent stops.
+    state_lock = StateFolderLock.acquire(state_dir)
     check_isolation(settings)
     task_cgroups = _task_cgroups(settings)
     state = StateStore(state_dir / "state.json")
@@ -263,6 +266,7 @@ def build_process(
         stop_tasks_on_exit=settings.stop_tasks_on_exit,
         stop_grace_s=settings.shutdown_grace_s,
         launcher=launcher,
+        state_lock=state_lock,
     )
 
 

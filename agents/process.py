@@ -63,6 +63,7 @@ from agents.node import NodeAgent
 from agents.outbox import Outbox
 from agents.runner import AGENT_EXIT
 from agents.state import StateStore
+from agents.state_lock import StateFolderLock, remove_pid_file, write_pid_file
 from agents.task_output import output_reply
 from agents.task_process import TaskLauncher
 from services.runtime.nats import TlsCheckingClient, TlsRequiredError
@@ -146,11 +147,16 @@ class AgentProcess:
         stop_tasks_on_exit: bool = False,
         stop_grace_s: float = 10.0,
         launcher: TaskLauncher | None = None,
+        state_lock: StateFolderLock | None = None,
     ) -> None:
         """``stop_grace_s`` bounds a stop, from the stop signal to the exit, in seconds.
 
         ``launcher``, shared by the nodes' runners, is closed when the process stops, and
         reaped then if no task runs.
+
+        ``state_lock`` is the lock on the state file's folder, taken before the state and the
+        spool were opened and released when :meth:`run` ends. Without it, :meth:`run` takes the
+        lock itself.
         """
         if not nodes:
             raise ValueError("an agent process needs at least one node")
@@ -165,6 +171,7 @@ class AgentProcess:
         self._stop_tasks_on_exit = stop_tasks_on_exit
         self._stop_grace_s = stop_grace_s
         self._launcher = launcher
+        self._state_lock = state_lock
         self._client: Client | None = None
         self._connected_once = asyncio.Event()
         self._reconnected = asyncio.Event()
@@ -180,14 +187,24 @@ class AgentProcess:
     # Lifecycle -------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Start every node, run until ``stop`` is set, then shut down in two phases."""
-        pid_file = self._state.path.parent / "agent.pid"
-        pid_file.parent.mkdir(parents=True, exist_ok=True)
-        pid_file.write_text(f"{os.getpid()}\n")
+        """Start every node, run until ``stop`` is set, then shut down in two phases.
+
+        Raises :class:`agents.state_lock.StateFolderLockedError` when the process was built
+        without the folder's lock and another process holds it.
+        """
+        folder = self._state.path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = self._state_lock
+        if lock is None or not lock.held:
+            lock = StateFolderLock.acquire(folder)
         try:
-            await self._run(stop)
+            write_pid_file(folder)
+            try:
+                await self._run(stop)
+            finally:
+                remove_pid_file(folder)
         finally:
-            pid_file.unlink(missing_ok=True)
+            lock.release()
 
     async def _run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:

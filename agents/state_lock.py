@@ -1,0 +1,154 @@
+"""The lock that gives one process at a time an agent's state folder, and the agent's pid file.
+
+Two agents on one state folder would both append to its spool, and the later one would cut
+off as damaged a record that the first was still writing. Both would also report the same
+tasks, so metering would receive overlapping usage samples. An agent therefore takes an
+exclusive ``flock`` on ``agent.lock`` in the folder before it opens anything else there, and
+holds it for the life of the process. The kernel releases the lock when the process ends,
+even on SIGKILL, so a crash leaves no stale lock behind. The lock file is opened
+close-on-exec, as Python opens every file, so the task launcher and the tasks that outlive a
+killed agent do not hold the lock.
+
+The holder writes its pid and a label into the file, so that a process that finds the
+folder locked can name the holder. The file stays after the holder exits, because only the
+lock counts: deleting the file could let two processes lock two different files of one name.
+
+``acsp agent clear-health`` takes the same lock while it rewrites the state file, so it
+neither rewrites the state of a running agent nor races an agent that starts meanwhile.
+
+``agent.pid`` names the running agent for operators and tools. A process removes it on exit
+only if the file still names that process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import BinaryIO, Final
+
+from services.runtime.errors import StartupError
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE_NAME: Final = "agent.lock"
+PID_FILE_NAME: Final = "agent.pid"
+AGENT_LABEL: Final = "the agent"
+"""Label that the lock file records for an agent process."""
+AGENT_FIX: Final = (
+    "stop that agent first, because two agents on one folder damage its spool and report its "
+    "tasks twice, or give this agent a folder of its own with --state-dir (ACSP_AGENT_STATE_DIR)"
+)
+_HOLDER_MAX_BYTES: Final = 4096
+
+
+class StateFolderLockedError(StartupError):
+    """A state folder locked by another process; ``str()`` names the folder, the pid and the fix."""
+
+    def __init__(self, directory: Path, pid: int | None, label: str, fix: str) -> None:
+        holder = f"pid {pid}" if pid is not None else "pid unknown"
+        super().__init__(
+            f"state folder {directory}",
+            f"in use by {label or 'another process'} ({holder}), which holds the lock on "
+            f"{directory / LOCK_FILE_NAME}",
+            fix,
+        )
+        self.directory = directory
+        self.pid = pid
+        """Pid of the holder as its lock file records it, or None if the file names none."""
+        self.label = label
+
+
+class StateFolderLock:
+    """An exclusive lock on an agent's state folder, held until :meth:`release` or exit."""
+
+    def __init__(self, directory: Path, file: BinaryIO) -> None:
+        self.directory = directory
+        self._file: BinaryIO | None = file
+
+    @classmethod
+    def acquire(
+        cls, directory: Path, label: str = AGENT_LABEL, fix: str = AGENT_FIX
+    ) -> StateFolderLock:
+        """Lock ``directory`` without waiting, and record this process as the holder.
+
+        Raises :class:`StateFolderLockedError`, with ``fix`` as its fix, when another process
+        holds the lock, and :class:`StartupError` when the lock file cannot be opened or locked.
+        """
+        path = directory / LOCK_FILE_NAME
+        try:
+            # Append mode creates the file without truncating the holder's record.
+            file = open(path, "a+b")
+        except OSError as error:
+            raise StartupError(
+                f"lock file {path}",
+                f"cannot be opened: {error.strerror or error}",
+                "give this user write access to the agent's state folder",
+            ) from None
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, holder = _read_holder(file)
+            file.close()
+            raise StateFolderLockedError(directory, pid, holder, fix) from None
+        except OSError as error:
+            file.close()
+            raise StartupError(
+                f"lock file {path}",
+                f"cannot be locked: {error.strerror or error}",
+                "put the state folder on a file system that supports flock, such as a local disk",
+            ) from None
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n{label}\n".encode())
+        file.flush()
+        logger.debug("locked state folder %s", directory)
+        return cls(directory, file)
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def release(self) -> None:
+        """Unlock the folder. A second call does nothing."""
+        file, self._file = self._file, None
+        if file is not None:
+            # Closing the only descriptor of the open file releases the flock.
+            file.close()
+
+
+def _read_holder(file: BinaryIO) -> tuple[int | None, str]:
+    """Return the pid and label that the holder wrote, or None and "" where they are missing.
+
+    The holder writes them just after it takes the lock, so a reader in between finds none.
+    """
+    file.seek(0)
+    lines = file.read(_HOLDER_MAX_BYTES).decode("utf-8", errors="replace").splitlines()
+    pid_text = lines[0].strip() if lines else ""
+    label = lines[1].strip() if len(lines) > 1 else ""
+    return (int(pid_text) if pid_text.isdigit() else None), label
+
+
+def write_pid_file(directory: Path) -> Path:
+    """Write this process's pid to ``agent.pid`` in ``directory`` and return the file's path."""
+    path = directory / PID_FILE_NAME
+    path.write_text(f"{os.getpid()}\n")
+    return path
+
+
+def remove_pid_file(directory: Path) -> None:
+    """Remove ``agent.pid`` from ``directory`` if it names this process, else leave it."""
+    path = directory / PID_FILE_NAME
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return
+    if text != str(os.getpid()):
+        logger.warning(
+            "%s names pid %r, not this agent's pid %d, so it was left in place",
+            path,
+            text,
+            os.getpid(),
+        )
+        return
+    path.unlink(missing_ok=True)
