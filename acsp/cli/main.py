@@ -31,7 +31,7 @@ from acsp.cli._common import (
     print_error,
     unreachable_hint,
 )
-from acsp.mesh.endpoints import MeshNotFoundError
+from acsp.mesh.endpoints import MeshFileError, MeshNotFoundError
 
 COMMAND_MODULES: Final = (
     "mesh",
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as error:
         print_error(_with_data_dir(describe_rpc_error(error), args))
         return exit_code_for_rpc_error(error)
-    except MeshNotFoundError as error:
+    except (MeshNotFoundError, MeshFileError) as error:
         print_error(str(error))
         return EXIT_NO_MESH
     except CommandError as error:

@@ -28,6 +28,7 @@ from acsp.cli._common import (
 from acsp.mesh.credentials import mint_token
 from acsp.mesh.endpoints import (
     MESH_FILE_NAME,
+    MeshFileError,
     MeshInfo,
     MeshNotFoundError,
     default_data_dir,
@@ -111,6 +112,14 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
             "acsp up process, which stops every service, server and task it started, and wait "
             "for it to exit. Exits 0 once it stopped, 3 if no mesh runs there, 1 if it still "
             "runs when --timeout ends or if another user's process may not be signalled."
+        ),
+    )
+    down.add_argument(
+        "--force",
+        action="store_true",
+        help=(
+            "remove the mesh file if it is damaged, because it then names no process to stop; "
+            "has no effect on a mesh file that can be read"
         ),
     )
     down.add_argument(
@@ -270,8 +279,16 @@ def run_down(args: argparse.Namespace) -> int:
             "nothing to stop. Pass the --data-dir that acsp up used, or set ACSP_DATA_DIR",
             EXIT_NO_MESH,
         ) from None
-    except ValueError as exc:
-        raise CommandError(str(exc), EXIT_FAILURE) from None
+    except MeshFileError as exc:
+        if not args.force:
+            raise CommandError(str(exc), EXIT_NO_MESH) from None
+        exc.path.unlink(missing_ok=True)
+        print(
+            f"removed the damaged mesh file {exc.path}. If an acsp up still runs with this "
+            "data directory, stop it with Ctrl-C in its terminal",
+            file=sys.stderr,
+        )
+        return EXIT_OK
     if not supervisor_running(info):
         raise CommandError(
             f"no mesh runs in {info.data_dir}: the acsp up process (pid {info.supervisor_pid}) "

@@ -92,8 +92,25 @@ class MeshNotFoundError(FileNotFoundError):
     """No mesh file in the data directory: no ``acsp up`` has run there, or it has stopped."""
 
 
+class MeshFileError(ValueError):
+    """The mesh file exists but cannot be read as a mesh file of this version of acsp."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"{path} is damaged: {reason}. It names no mesh that acsp can reach or stop. "
+            f"Remove it with acsp down --force --data-dir {path.parent}, or start a new mesh "
+            f"with acsp up --data-dir {path.parent}, which replaces it"
+        )
+        self.path = path
+        self.reason = reason
+
+
 def load_mesh(data_dir: Path | None = None) -> MeshInfo:
-    """Read the mesh file of ``data_dir`` (default: :func:`default_data_dir`)."""
+    """Read the mesh file of ``data_dir`` (default: :func:`default_data_dir`).
+
+    Raises :class:`MeshNotFoundError` if there is none and :class:`MeshFileError` if it is
+    damaged or written by another format version.
+    """
     directory = (data_dir.expanduser() if data_dir is not None else default_data_dir()).resolve()
     path = directory / MESH_FILE_NAME
     try:
@@ -103,16 +120,28 @@ def load_mesh(data_dir: Path | None = None) -> MeshInfo:
             f"no running mesh found: {path} does not exist. Start one with `acsp up`, or "
             f"point to a running one with --data-dir or {DATA_DIR_ENV}"
         ) from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(
-            f"{path} is not valid JSON ({exc}); restart the mesh with `acsp up`"
-        ) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MeshFileError(path, f"it is not valid JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise MeshFileError(
+            path, f"it holds a JSON {type(document).__name__}, not an object with fields"
+        )
     version = document.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {version!r}, expected {FORMAT_VERSION}; "
-            "restart the mesh with this version of acsp"
+        raise MeshFileError(
+            path,
+            f"it has format_version {version!r}, expected {FORMAT_VERSION}, so another "
+            "version of acsp may have written it",
         )
+    try:
+        return _mesh_info(directory, document)
+    except KeyError as exc:
+        raise MeshFileError(path, f"it lacks the field {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise MeshFileError(path, f"a field has the wrong type ({exc})") from None
+
+
+def _mesh_info(directory: Path, document: dict[str, Any]) -> MeshInfo:
     known = {
         "format_version",
         "endpoints",
@@ -124,21 +153,18 @@ def load_mesh(data_dir: Path | None = None) -> MeshInfo:
         "client_cert",
         "client_key",
     }
-    try:
-        return MeshInfo(
-            data_dir=directory,
-            endpoints=dict(document["endpoints"]),
-            ca_cert=Path(document["ca_cert"]),
-            token_key=Path(document["token_key"]),
-            database_url=str(document["database_url"]),
-            nats_url=str(document["nats_url"]),
-            supervisor_pid=int(document["supervisor_pid"]),
-            client_cert=Path(document["client_cert"]) if document.get("client_cert") else None,
-            client_key=Path(document["client_key"]) if document.get("client_key") else None,
-            extra={key: value for key, value in document.items() if key not in known},
-        )
-    except KeyError as exc:
-        raise ValueError(f"{path} lacks the field {exc.args[0]!r}; restart the mesh") from None
+    return MeshInfo(
+        data_dir=directory,
+        endpoints=dict(document["endpoints"]),
+        ca_cert=Path(document["ca_cert"]),
+        token_key=Path(document["token_key"]),
+        database_url=str(document["database_url"]),
+        nats_url=str(document["nats_url"]),
+        supervisor_pid=int(document["supervisor_pid"]),
+        client_cert=Path(document["client_cert"]) if document.get("client_cert") else None,
+        client_key=Path(document["client_key"]) if document.get("client_key") else None,
+        extra={key: value for key, value in document.items() if key not in known},
+    )
 
 
 def pid_running(pid: int) -> bool:

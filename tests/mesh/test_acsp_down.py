@@ -144,3 +144,59 @@ def test_status_reports_running_pids(
     assert "is not running" not in captured.err
     # The grant service is unreachable while the fleet runs.
     assert code == _common.EXIT_FAILURE
+
+
+DAMAGED_MESH_FILES = {
+    "empty": "",
+    "list": "[]",
+    "string": '"mesh"',
+    "truncated": '{"format_version": 1, "endpoints": {',
+    "missing field": '{"format_version": 1}',
+    "wrong type": '{"format_version": 1, "endpoints": 5, "ca_cert": "a", "token_key": "b", '
+    '"database_url": "c", "nats_url": "d", "supervisor_pid": "x"}',
+}
+
+
+@pytest.mark.parametrize("content", DAMAGED_MESH_FILES.values(), ids=DAMAGED_MESH_FILES.keys())
+@pytest.mark.parametrize("command", [["status"], ["jobs", "list"], ["down", "--timeout", "2"]])
+def test_damaged_mesh_file_exits_3_naming_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, command: list[str]
+) -> None:
+    mesh_file = tmp_path / MESH_FILE_NAME
+    mesh_file.write_text(content)
+
+    code = main.main([*command, "--data-dir", str(tmp_path)])
+
+    error = capsys.readouterr().err
+    assert code == _common.EXIT_NO_MESH
+    assert error.startswith(f"error: {mesh_file.resolve()} is damaged")
+    assert "acsp down --force" in error
+    assert "Traceback" not in error
+    assert mesh_file.read_text() == content
+
+
+@pytest.mark.parametrize("content", ["", "[]"])
+def test_down_force_removes_damaged_mesh_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    mesh_file = tmp_path / MESH_FILE_NAME
+    mesh_file.write_text(content)
+
+    code = main.main(["down", "--force", "--data-dir", str(tmp_path)])
+
+    assert code == _common.EXIT_OK
+    assert not mesh_file.exists()
+    assert "removed the damaged mesh file" in capsys.readouterr().err
+
+
+def test_down_force_stops_readable_mesh(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_mesh_file(tmp_path, sleeper.pid)
+
+    code = main.main(["down", "--force", "--data-dir", str(tmp_path), "--timeout", "10"])
+
+    assert code == _common.EXIT_OK
+    assert sleeper.wait(timeout=10) == -signal.SIGTERM
+    assert "mesh stopped" in capsys.readouterr().err
+
