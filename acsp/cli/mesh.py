@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -188,12 +189,38 @@ def run_up(args: argparse.Namespace) -> int:
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     data_dir = args.data_dir.expanduser() if args.data_dir is not None else default_data_dir()
+    # Name the source of the folder in errors: the option, or the default it came from.
+    source = (
+        "--data-dir" if args.data_dir is not None else "the data dir ($ACSP_DATA_DIR or ~/.acsp)"
+    )
+    _make_data_dir(data_dir, source)
     config = dataclasses.replace(
         MeshConfig.from_env(data_dir, agents=args.agents),
         start_timeout_s=args.start_timeout,
         stop_orphans=True,
     )
     return asyncio.run(_serve(config))
+
+
+def _make_data_dir(data_dir: Path, source: str) -> None:
+    """Create the data directory, or raise CommandError if it cannot be created or written."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, FileExistsError):
+            reason = "a file that is not a folder has this name"
+        raise CommandError(
+            f"{source} {data_dir}: cannot create the folder ({reason}); "
+            "name a folder you can write",
+            EXIT_USAGE,
+        ) from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise CommandError(
+            f"{source} {data_dir}: the folder is not writable by this user; "
+            "name a folder you can write",
+            EXIT_USAGE,
+        )
 
 
 async def _serve(config: MeshConfig) -> int:

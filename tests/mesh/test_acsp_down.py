@@ -200,3 +200,18 @@ def test_down_force_stops_readable_mesh(
     assert sleeper.wait(timeout=10) == -signal.SIGTERM
     assert "mesh stopped" in capsys.readouterr().err
 
+
+def test_up_uncreatable_data_dir_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("kept")
+
+    for data_dir in (not_a_folder, not_a_folder / "sub", Path("/proc/acsp-nope")):
+        code = main.main(["up", "--agents", "0", "--data-dir", str(data_dir)])
+
+        error = capsys.readouterr().err
+        assert code == _common.EXIT_USAGE, data_dir
+        assert error.startswith(f"error: --data-dir {data_dir}: cannot create the folder")
+        assert "name a folder you can write" in error
+    assert not_a_folder.read_text() == "kept"
