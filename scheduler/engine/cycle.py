@@ -272,6 +272,7 @@ class PassState:
         """Preempt or reserve for a job that found no room, within this pass's bounds."""
         awaiting = record.awaiting_victims
         if awaiting:
+            self.hold_for_victims(record, pools)
             return self.wait(
                 record,
                 ReasonCode.PRIORITY,
@@ -287,6 +288,7 @@ class PassState:
             if not victims:
                 shape.preemption_failed_pass = self.pass_id
             else:
+                self.hold_for_victims(record, pools)
                 return self.wait(
                     record,
                     ReasonCode.PRIORITY,
@@ -295,6 +297,27 @@ class PassState:
         if self.reserving:
             message = self.maybe_reserve(record, pools, message)
         return self.wait(record, code, message)
+
+    def hold_for_victims(self, record: JobRecord, pools: tuple[Pool, ...]) -> None:
+        """Reserve, from now, the nodes where ``record`` fits once its victims have stopped.
+
+        The victims stop one by one, and each is queued again once it has stopped. Without this
+        reservation, the jobs served after ``record`` would take the room that each stop frees,
+        the requeued victims among them. The preemptor would then still not fit after its last
+        victim stopped, and it would preempt other jobs, until it had preempted every job it may.
+        """
+        jobs = self.engine.jobs
+        victims = sorted((jobs[v] for v in record.awaiting_victims), key=lambda r: r.sequence)
+        reservation = earliest_start(
+            self.engine.fleet,
+            record.spec,
+            pools,
+            ((self.now, victim) for victim in victims),
+            self.now,
+            self.excluded_prefix[-1],
+        )
+        if reservation is not None:
+            self.add_reservation(reservation)
 
     def explain(self, spec: JobSpec, pools: tuple[Pool, ...], count: int) -> tuple[ReasonCode, str]:
         if count and self.plan(spec, pools, frozenset()) is not None:

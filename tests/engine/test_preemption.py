@@ -309,3 +309,72 @@ def test_preemption_falls_back_to_avoided_node() -> None:
     [decision] = preempts(engine.schedule(2.0))
 
     assert decision.job_id == "low"
+
+
+def full_fleet_of_preemptible(jobs: int = 16) -> Engine:
+    """Return an engine with 8 nodes of 2 accelerators and ``jobs`` one-accelerator
+    preemptible jobs running there."""
+    engine = make_engine()
+    for index in range(8):
+        engine.add_node(node(f"n{index}", 2))
+    for index in range(jobs):
+        engine.submit(job(f"low{index:02d}", priority=PriorityClass.PREEMPTIBLE, wall_time_s=600.0))
+    engine.schedule(0.0)
+    return engine
+
+
+def run_until_placed(engine: Engine, job_id: str, now: float) -> list[str]:
+    """Run passes until ``job_id`` is placed, ending one preempted job after each pass.
+
+    Returns the preempted jobs in the order of their preemption.
+    """
+    preempted: list[str] = []
+    stopping: list[str] = []
+    for _ in range(40):
+        result = engine.schedule(now)
+        for decision in preempts(result):
+            preempted.append(decision.job_id)
+            stopping.append(decision.job_id)
+        if job_id in placed(result):
+            break
+        if stopping:
+            # Each victim stops on its own, and the next pass runs before the others stop.
+            engine.apply(JobEnded(stopping.pop(0), JobOutcome.PREEMPTED), now)
+        now += 1.0
+    return preempted
+
+
+def test_preemptor_keeps_room_of_stopped_victims() -> None:
+    engine = full_fleet_of_preemptible()
+    engine.submit(job("gang", tasks=2, priority=PriorityClass.INTERACTIVE, submit=1.0))
+
+    preempted = run_until_placed(engine, "gang", 1.0)
+
+    assert len(preempted) == 2
+    assert "gang" in engine.running()
+    assert sorted(engine.pending()) == sorted(preempted)
+
+
+def test_requeued_victim_waits_for_preemptor() -> None:
+    engine = full_fleet_of_preemptible()
+    engine.submit(job("gang", tasks=2, priority=PriorityClass.INTERACTIVE, submit=1.0))
+    first, _ = [d.job_id for d in preempts(engine.schedule(1.0))]
+
+    engine.apply(JobEnded(first, JobOutcome.PREEMPTED), 2.0)
+    result = engine.schedule(2.0)
+
+    assert placed(result) == {}
+    assert reasons(result)["gang"] == "priority"
+    assert reasons(result)[first] == "reservation"
+
+
+def test_preemptor_keeps_free_room_meanwhile() -> None:
+    engine = full_fleet_of_preemptible(jobs=15)
+    engine.submit(job("gang", tasks=2, priority=PriorityClass.INTERACTIVE, submit=1.0))
+    engine.submit(job("late", priority=PriorityClass.PREEMPTIBLE, submit=1.0))
+
+    preempted = run_until_placed(engine, "gang", 1.0)
+
+    assert len(preempted) == 1
+    assert "gang" in engine.running()
+    assert "late" in engine.pending()
