@@ -36,6 +36,7 @@ from agents.backends.fleet import (
     DEFAULT_UTILIZATION_TRACE,
     FleetNode,
     assign_faults,
+    check_unique_nodes,
     load_fault_trace,
     load_fleet,
     load_utilization_trace,
@@ -158,12 +159,14 @@ def fleet_nodes(args: argparse.Namespace, settings: AgentSettings) -> list[Fleet
         if args.fleet
         else list(DEFAULT_FLEETS)
     )
-    nodes: list[FleetNode] = []
-    for path, provider, region in sources:
-        try:
-            nodes.extend(load_fleet(path, provider, region))
-        except ValueError as error:
-            raise SystemExit(f"agent: {error}") from None
+    loaded: list[tuple[Path, list[FleetNode]]] = []
+    try:
+        for path, provider, region in sources:
+            loaded.append((path, load_fleet(path, provider, region)))
+        check_unique_nodes(loaded)
+    except ValueError as error:
+        raise SystemExit(f"agent: {error}") from None
+    nodes = [node for _, file_nodes in loaded for node in file_nodes]
     if args.nodes is not None:
         if args.nodes > len(nodes):
             raise SystemExit(f"--nodes {args.nodes} is more than the {len(nodes)} nodes given")

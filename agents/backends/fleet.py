@@ -77,8 +77,8 @@ def load_fleet(path: Path, provider: str, region: str) -> list[FleetNode]:
     """Read a fleet file, skipping nodes without accelerators.
 
     Raises ``ValueError`` naming the file when it cannot be read or its header is unknown,
-    and the file and line when a row lacks a column, or has a count that is not an integer or
-    a model that is not in the catalog.
+    and the file and line when a row lacks a column, has a count that is not an integer or
+    a model that is not in the catalog, or repeats the node of an earlier row.
     """
     try:
         with open(path, newline="", encoding="utf-8") as file:
@@ -101,14 +101,45 @@ def _read_fleet(
             "list, the spot node list, or node,model,accelerators"
         )
     nodes = []
+    # The line of each node's row, by provider, region and node name.
+    first_lines: dict[tuple[str, str, str], int] = {}
     for row in reader:
         try:
             node = _parse_row(row, columns, provider, region)
         except ValueError as error:
             raise ValueError(f"fleet file {path}, line {reader.line_num}: {error}") from None
-        if node is not None:
-            nodes.append(node)
+        if node is None:
+            continue
+        key = (node.provider, node.region, node.node)
+        first_line = first_lines.setdefault(key, reader.line_num)
+        # A second row of a node would replace the first one's accelerators in the fleet.
+        if first_line != reader.line_num:
+            raise ValueError(
+                f"fleet file {path}, line {reader.line_num}: node {node.node} of "
+                f"{node.provider}/{node.region} is already on line {first_line}; give each node "
+                "its own name, or list the node once with all its accelerators"
+            )
+        nodes.append(node)
     return nodes
+
+
+def check_unique_nodes(sources: list[tuple[Path, list[FleetNode]]]) -> None:
+    """Raise ValueError naming both files when two fleet files list the same node.
+
+    ``sources`` pairs each fleet file with the nodes :func:`load_fleet` read from it.
+    """
+    # The position in ``sources`` of the file that lists each node, so that one file given
+    # twice counts as two files.
+    positions: dict[tuple[str, str, str], int] = {}
+    for position, (path, nodes) in enumerate(sources):
+        for node in nodes:
+            first = positions.setdefault((node.provider, node.region, node.node), position)
+            if first != position:
+                raise ValueError(
+                    f"fleet files {sources[first][0]} and {path} both list node {node.node} of "
+                    f"{node.provider}/{node.region}; give the files different providers or "
+                    "regions (--fleet FILE:PROVIDER:REGION), or rename the node in one of them"
+                )
 
 
 _OPENB_COLUMNS: Final = frozenset({"sn", "gpu", "model"})

@@ -74,6 +74,62 @@ def test_agent_exits_on_fleet_outside_catalog(tmp_path: Path) -> None:
         build_process(settings_from(args), args)
 
 
+@pytest.mark.parametrize(
+    ("content", "node"),
+    [
+        ("sn,cpu_milli,memory_mib,gpu,model\nd1,1,1,2,T4\nd1,1,1,2,T4\n", "d1"),
+        ("node,model,accelerators\nn-1,T4,2\nn2,T4,1\nn 1,T4,4\n", "n-1"),
+        ("gpu_model,gpu_capacity_num,cpu_num,node_name\nT4,1,8,7\nT4,2,8,7\n", "spot-7"),
+    ],
+)
+def test_repeated_fleet_node_is_rejected(tmp_path: Path, content: str, node: str) -> None:
+    path = tmp_path / "fleet.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError) as caught:
+        load_fleet(path, "acme", "eu-3")
+    message = str(caught.value)
+    assert f"fleet.csv, line {content.count(chr(10))}: node {node} of acme/eu-3" in message
+    assert "is already on line 2" in message
+    assert "give each node its own name" in message
+
+
+def test_rows_of_other_regions_may_share_a_name(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.csv"
+    path.write_text("node,model,accelerators,provider,region\nn1,T4,2,a,r1\nn1,T4,2,a,r2\n")
+    nodes = load_fleet(path, "p", "r")
+    assert [(n.region, n.node) for n in nodes] == [("r1", "n1"), ("r2", "n1")]
+
+
+def test_agent_exits_on_node_in_two_fleet_files(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    first.write_text("node,model,accelerators\nn1,T4,2\n")
+    second.write_text("node,model,accelerators\nn2,T4,2\nn1,T4,2\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    fleets = ["--fleet", f"{first}:p:r", "--fleet", f"{second}:p:r"]
+    args = parser.parse_args(
+        ["--backend", "simulated", *fleets, "--state-dir", str(tmp_path / "state")]
+    )
+    with pytest.raises(SystemExit) as caught:
+        build_process(settings_from(args), args)
+    message = str(caught.value)
+    assert f"fleet files {first} and {second} both list node n1 of p/r" in message
+    assert "--fleet FILE:PROVIDER:REGION" in message
+
+
+def test_agent_exits_on_fleet_file_given_twice(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_text("node,model,accelerators\nn1,T4,2\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    fleets = ["--fleet", f"{path}:p:r", "--fleet", f"{path}:p:r"]
+    args = parser.parse_args(
+        ["--backend", "simulated", *fleets, "--state-dir", str(tmp_path / "state")]
+    )
+    with pytest.raises(SystemExit, match="both list node n1 of p/r"):
+        build_process(settings_from(args), args)
+
+
 def test_fault_trace_pairs_starts_and_ends() -> None:
     intervals = load_fault_trace(DEFAULT_FAULT_TRACE)
     assert len(intervals) == 584
