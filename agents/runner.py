@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from agents.model import (
     TASK_INDEX_ENV,
@@ -590,15 +591,21 @@ class TaskRunner:
                 supervisors.append(task.supervisor)
         return supervisors
 
-    def detach(self) -> list[asyncio.Task[None]]:
-        """Cancel the supervisors of the running tasks, which keep running for adoption.
+    def detach(self) -> list[asyncio.Task[Any]]:
+        """Cancel the supervisors of the running tasks, which keep running for adoption, and
+        the pool's scratch sweeps.
 
-        Returns the cancelled supervisors for the caller to await.
+        Returns the cancelled tasks for the caller to await.
         """
-        supervisors = [t.supervisor for t in self._tasks.values() if t.supervisor is not None]
-        for supervisor in supervisors:
-            supervisor.cancel()
-        return supervisors
+        cancelled: list[asyncio.Task[Any]] = []
+        for task in self._tasks.values():
+            if task.supervisor is not None:
+                task.supervisor.cancel()
+                cancelled.append(task.supervisor)
+        if self._pool is not None:
+            # A dirty user's sweeps retry for good, and the task group waits for its tasks.
+            cancelled.extend(self._pool.cancel_scratch_sweeps())
+        return cancelled
 
     def _begin_stop(self, task: _Task, reason: str, grace_s: float | None = None) -> None:
         record = task.record

@@ -42,7 +42,7 @@ import stat
 import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from agents.scratch_folders import ScratchSweeper
 from agents.task_process import stat_fields, task_file_stem
@@ -145,6 +145,8 @@ class TaskUserPool:
         self._sealed: set[Path] = set()
         """Task folders whose stale job folders were given back to the agent."""
         self._scratch = scratch
+        self._scratch_sweeps: set[asyncio.Task[Any]] = set()
+        """Tasks waiting in :meth:`sweep_scratch`, where a dirty user's sweeps retry for good."""
 
     def __len__(self) -> int:
         return len(self._users)
@@ -240,9 +242,30 @@ class TaskUserPool:
         return job_id in self._job_uid
 
     async def sweep_scratch(self, uid: int) -> None:
-        """Remove ``uid``'s files from the scratch folders, retrying until none is left."""
-        if self._scratch is not None:
+        """Remove ``uid``'s files from the scratch folders, retrying until none is left.
+
+        :meth:`cancel_scratch_sweeps` cancels the calling task while it waits here.
+        """
+        if self._scratch is None:
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._scratch_sweeps.add(task)
+        try:
             await self._scratch.sweep_until_clean(self._users[uid])
+        finally:
+            self._scratch_sweeps.discard(task)
+
+    def cancel_scratch_sweeps(self) -> list[asyncio.Task[Any]]:
+        """Cancel the tasks that wait in :meth:`sweep_scratch`, as the agent stops.
+
+        Their users stay out of the pool, and a restarted agent sweeps them before its first
+        start. Returns the cancelled tasks for the caller to await.
+        """
+        tasks = list(self._scratch_sweeps)
+        for task in tasks:
+            task.cancel()
+        return tasks
 
     async def sweep_once(self, task_dir: Path, group: asyncio.TaskGroup | None = None) -> None:
         """Clean up after jobs that ended while the agent was down, before the first start.

@@ -224,6 +224,40 @@ async def test_first_start_sweeps_unused_users(
     assert os.listdir(scratch) == []
 
 
+@root_only
+async def test_detach_cancels_dirty_user_sweeps(
+    reachable_folder: Path, scratch: Path, no_pool_processes: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    runner, pool, launcher = make_runner(
+        reachable_folder, recorder, True, uids=POOL_UIDS[:1], scratch=ScratchSweeper([scratch])
+    )
+    assert launcher is not None
+    private = scratch / "private"
+    private.mkdir(mode=0o755)
+    stuck = private / "stuck"
+    try:
+        with caplog.at_level(logging.ERROR, logger="agents.scratch_folders"):
+            async with asyncio.timeout(20):
+                async with asyncio.TaskGroup() as group:
+                    runner.attach(group)
+                    await runner.start(_spec("a", "GPU-0", "sleep 0.5"))
+                    # A file of the user's in root's folder keeps every later sweep failing,
+                    # a minute apart.
+                    stuck.write_text("x")
+                    os.chown(stuck, POOL_UIDS[0], NOGROUP)
+                    await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("a/1/0"))
+                    await wait_for(lambda: bool(_messages(caplog, "stays out of the pool")))
+                    # As the agent does when it stops, before the group waits for its tasks.
+                    detached = runner.detach()
+                    if detached:
+                        await asyncio.wait(detached, timeout=5.0)
+    finally:
+        launcher.close()
+    assert pool.free_users == 0
+    assert stuck.exists()
+
+
 def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
     return [record for record in caplog.records if text in record.getMessage()]
 
