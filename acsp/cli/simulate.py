@@ -110,7 +110,21 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     summary = simulate(config)
     _print_summary(summary, args.out)
+    _warn_deleted_before_start(summary)
     return EXIT_OK
+
+
+def _warn_deleted_before_start(summary: dict[str, Any]) -> None:
+    """Warn on stderr about trace rows that the replay left out for ending before they start."""
+    from scheduler.sim.traces import DELETED_BEFORE_START
+
+    count = summary["inputs"]["skipped_rows"].get(DELETED_BEFORE_START, 0)
+    if count:
+        sys.stderr.write(
+            f"warning: skipped {count} trace row{'' if count == 1 else 's'} whose deletion_time "
+            "is before its creation_time or scheduled_time; summary.json counts them under "
+            f"inputs.skipped_rows.{DELETED_BEFORE_START}\n"
+        )
 
 
 def _check_inputs(config: SimulationConfig) -> None:

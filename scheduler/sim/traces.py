@@ -32,6 +32,8 @@ QOS_PRIORITY: Final[dict[str, PriorityClass]] = {
 """openb QoS class -> priority class: latency-sensitive pods are interactive, best-effort pods
 preemptible, and the Kubernetes Guaranteed and Burstable classes standard."""
 
+DELETED_BEFORE_START: Final = "deleted_before_start"
+"""Reason of skipped openb rows whose ``deletion_time`` is before the pod's start."""
 SWF_ACCELERATORS_PER_NODE: Final = 8
 """SWF jobs wider than this become gangs of tasks of this many accelerators."""
 
@@ -68,10 +70,12 @@ def load_openb_pods(
 
     Run time is ``deletion_time - scheduled_time`` for pods that ran, else
     ``deletion_time - creation_time``; pods still running at the trace end are cut there.
-    The trace has no wall-time limits, so the run time is used as the limit.
+    The trace has no wall-time limits, so the run time is used as the limit. A pod deleted
+    before it was created or scheduled has no run time, so it is skipped and counted under
+    ``deleted_before_start``.
     """
     jobs: list[TraceJob] = []
-    skipped = {"no_gpu": 0, "no_deletion_time": 0}
+    skipped = {"no_gpu": 0, "no_deletion_time": 0, DELETED_BEFORE_START: 0}
     with path.open(newline="") as handle:
         for row in csv.DictReader(handle):
             num_gpu = int(row["num_gpu"])
@@ -84,7 +88,11 @@ def load_openb_pods(
             created = float(row["creation_time"])
             scheduled = float(row["scheduled_time"] or 0)
             started = scheduled if scheduled >= created and row["scheduled_time"] else created
-            runtime = max(1.0, float(row["deletion_time"]) - started)
+            deleted = float(row["deletion_time"])
+            if deleted < started:
+                skipped[DELETED_BEFORE_START] += 1
+                continue
+            runtime = max(1.0, deleted - started)
             gpu_milli = int(row["gpu_milli"])
             millis = gpu_milli if gpu_milli < MILLIS_PER_ACCELERATOR else num_gpu * 1000
             spec = row["gpu_spec"].strip()

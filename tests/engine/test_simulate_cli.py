@@ -141,6 +141,25 @@ def test_simulate_prints_pf_days_without_exponent(
     assert summary["pf_days_delivered"]["total"] == figure
 
 
+def test_simulate_skips_pod_deleted_before_creation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "pods.csv"
+    rows = ["p1,1000,100,1,1000,,LS,Running,500,100,", "p2,1000,100,1,1000,,LS,Running,0,60,0"]
+    trace.write_text("\n".join([OPENB_HEADER, *rows]) + "\n")
+    fleet = ["--fleet", str(DATA / "two_regions.csv")]
+
+    status = main(["simulate", "--trace", str(trace), *fleet, "--out", str(tmp_path), "--no-plots"])
+
+    assert status == 0
+    err = capsys.readouterr().err
+    assert "warning: skipped 1 trace row whose deletion_time is before its creation_time" in err
+    assert "inputs.skipped_rows.deleted_before_start" in err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["inputs"]["skipped_rows"]["deleted_before_start"] == 1
+    assert summary["jobs"]["replayed"] == 1
+
+
 def test_simulate_names_every_file_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

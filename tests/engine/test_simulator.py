@@ -46,6 +46,27 @@ def test_openb_loader_skips_zero_gpu_pods() -> None:
     assert first.priority is PriorityClass.INTERACTIVE
 
 
+def test_openb_loader_skips_pods_deleted_before_start(tmp_path: Path) -> None:
+    header = (
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,"
+        "creation_time,deletion_time,scheduled_time"
+    )
+    rows = [
+        "before-creation,1,1,1,1000,,LS,Running,500,100,",
+        "before-scheduling,1,1,1,1000,,LS,Running,0,100,200",
+        "same-second,1,1,1,1000,,LS,Running,0,100,100",
+        "ran,1,1,1,1000,,LS,Running,0,100,40",
+    ]
+    path = tmp_path / "pods.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+
+    trace = load_openb_pods(path)
+
+    assert trace.skipped["deleted_before_start"] == 2
+    runtimes = {job.name: job.runtime for job in trace.jobs}
+    assert runtimes == {"same-second": 1.0, "ran": 60.0}
+
+
 def test_openb_fleet_loads_all_gpus() -> None:
     nodes = load_openb_nodes(OPENB_NODES)
 
