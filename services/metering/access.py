@@ -2,7 +2,9 @@
 
 Program office and service callers read everything. Anyone else names a project, a grant or a
 job and must be a member of the project it belongs to. Membership comes from the grant service
-through :class:`~services.runtime.grant_directory.ProjectDirectory`.
+through :class:`~services.runtime.grant_directory.ProjectDirectory`. A project, grant or job
+that the caller may not read is reported as not found, as the grant service and the scheduler
+report it, so that its existence and its project do not leak.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ async def usage_project(
     For program office and service callers it is ``project_id`` unchanged, which may be empty.
     Anyone else must name a project, a grant or a job, all of one project they are a member
     of, and gets that project. ``fields`` are the request's fields that name one, for the
-    error message. Raises NotFound for an unknown project, grant or job, and
-    PermissionDenied otherwise.
+    error message. Raises NotFound naming the job, else the grant, else the project given
+    when one is unknown or belongs to a project the caller is not a member of, and
+    PermissionDenied when none is given.
     """
     if sees_every_project(principal):
         return project_id
@@ -73,9 +76,11 @@ async def usage_project(
             "are a member of, because only the program office and services may read the usage "
             "of every project"
         )
-    await directory.member_project(
-        principal,
-        project_id,
-        "may not see its usage; ask its PI to add you, or query a project you belong to",
-    )
+    project = await directory.project(project_id)
+    if project is None or principal.subject not in project.subjects:
+        if job_id:
+            raise NotFound("job", job_id)
+        if grant_id:
+            raise NotFound("grant", grant_id)
+        raise NotFound("project", project_id)
     return project_id

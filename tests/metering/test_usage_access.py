@@ -214,13 +214,14 @@ async def test_member_sees_own_project(callers: tuple[Callers, str]) -> None:
     assert await client.usage("bob", "researcher", grant_id=grant_id) == ["proj-a"]
 
 
-async def test_researcher_denied_other_projects(callers: tuple[Callers, str]) -> None:
+async def test_other_projects_are_not_found(callers: tuple[Callers, str]) -> None:
     client, grant_id = callers
     other = await client.usage_error("mallory", "researcher", project_id="proj-a")
-    assert other.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "not a member of project 'proj-a'" in (other.details() or "")
+    assert other.code() == grpc.StatusCode.NOT_FOUND
+    assert other.details() == "project 'proj-a' not found"
     by_grant = await client.usage_error("mallory", "researcher", grant_id=grant_id)
-    assert by_grant.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert by_grant.code() == grpc.StatusCode.NOT_FOUND
+    assert by_grant.details() == f"grant {grant_id!r} not found"
     unnamed = await client.usage_error("bob", "researcher")
     assert unnamed.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "set project_id or grant_id" in (unnamed.details() or "")
@@ -240,8 +241,8 @@ async def test_charges_scoped_to_member_jobs(callers: tuple[Callers, str]) -> No
     client, _ = callers
     assert set(await client.charged_jobs("office", "program_office")) == {"job-a", "job-b"}
     assert set(await client.charged_jobs("bob", "researcher", job_id="job-a")) == {"job-a"}
-    denied = client.charged_jobs("mallory", "researcher", job_id="job-a")
-    assert await client.error_code(denied) == grpc.StatusCode.PERMISSION_DENIED
+    other = client.charged_jobs("mallory", "researcher", job_id="job-a")
+    assert await client.error_code(other) == grpc.StatusCode.NOT_FOUND
     unnamed = client.charged_jobs("bob", "researcher")
     assert await client.error_code(unnamed) == grpc.StatusCode.PERMISSION_DENIED
     unknown = client.charged_jobs("bob", "researcher", job_id="job-z")
@@ -252,8 +253,8 @@ async def test_efficiency_scoped_to_member_projects(callers: tuple[Callers, str]
     client, _ = callers
     assert await client.efficiency_jobs("office", "program_office") == ["job-a", "job-b"]
     assert await client.efficiency_jobs("bob", "researcher", project_id="proj-a") == ["job-a"]
-    denied = client.efficiency_jobs("mallory", "researcher", project_id="proj-a")
-    assert await client.error_code(denied) == grpc.StatusCode.PERMISSION_DENIED
+    other = client.efficiency_jobs("mallory", "researcher", project_id="proj-a")
+    assert await client.error_code(other) == grpc.StatusCode.NOT_FOUND
     unnamed = client.efficiency_jobs("bob", "researcher")
     assert await client.error_code(unnamed) == grpc.StatusCode.PERMISSION_DENIED
 
@@ -262,10 +263,38 @@ async def test_refunds_scoped_to_member_jobs(callers: tuple[Callers, str]) -> No
     client, _ = callers
     assert await client.refunds_code("office", "program_office") == grpc.StatusCode.OK
     assert await client.refunds_code("bob", "researcher", job_id="job-a") == grpc.StatusCode.OK
-    denied = await client.refunds_code("mallory", "researcher", job_id="job-a")
-    assert denied == grpc.StatusCode.PERMISSION_DENIED
+    other = await client.refunds_code("mallory", "researcher", job_id="job-a")
+    assert other == grpc.StatusCode.NOT_FOUND
     unnamed = await client.refunds_code("bob", "researcher")
     assert unnamed == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_job_of_other_project_looks_unknown(callers: tuple[Callers, str]) -> None:
+    client, _ = callers
+    answers = []
+    for job_id in ("job-a", "job-z"):
+        for call in (
+            client.stub.ListCharges(
+                metering_pb2.ListChargesRequest(job_id=job_id), **_as_mallory(client)
+            ),
+            client.stub.ListRefunds(
+                metering_pb2.ListRefundsRequest(job_id=job_id), **_as_mallory(client)
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call
+            answers.append((raised.value.code(), raised.value.details()))
+    for code, details in answers:
+        assert code == grpc.StatusCode.NOT_FOUND
+        assert "proj-a" not in (details or "")
+    assert answers[0] == (grpc.StatusCode.NOT_FOUND, "job 'job-a' not found")
+    assert answers[1] == answers[0]
+    assert answers[2] == (grpc.StatusCode.NOT_FOUND, "job 'job-z' not found")
+
+
+def _as_mallory(client: Callers) -> dict[str, Any]:
+    """Return the call options of a researcher who is a member of no project here."""
+    return {"metadata": client.metadata("mallory", "researcher"), "timeout": 20}
 
 
 async def test_provider_refunds_denial_names_refunds(callers: tuple[Callers, str]) -> None:
