@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from scheduler.engine.events import RecallAnnounced
@@ -20,8 +22,17 @@ class PoolCap:
     protected_millis: int | None
     recall_id: str
     """The recall that lowers the cap now, or empty."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShrinkStep:
+    """A cap that running jobs of a pool must be down to by a deadline."""
+
     deadline: float
-    """When the lowered cap takes effect for running jobs."""
+    pledge_millis: int
+    """Pledges minus the recalls in force at ``deadline``."""
+    recall_id: str
+    """The recall that takes effect at ``deadline``, or empty for the pledges alone."""
 
 
 class CapacityPlan:
@@ -55,34 +66,63 @@ class CapacityPlan:
         self.recalls[recall.recall_id] = recall
 
     def cap(self, pool: Pool, now: float) -> PoolCap:
+        """Return the caps of ``pool`` at ``now``.
+
+        A recall lowers the cap on new placements from its announcement, so that no job starts
+        on capacity it would have to leave. Recalls add up only where their windows overlap,
+        so the cap counts the largest number recalled at one instant from ``now`` on.
+        """
         limit = self.pool_limits.get(pool.name)
         pledges = self._pledged_pools.get(pool.key)
         if not pledges:
             # A pool nobody pledged explicitly is usable whole, as its nodes were registered.
-            return PoolCap(limit, None, None, "", now)
+            return PoolCap(limit, None, None, "")
         protected, recallable = self._pledged(pledges, now)
-        recalled = 0
-        recall_id = ""
-        deadline = now
-        for recall in self._recalls_of(pool, now):
-            recalled += recall.count
-            if not recall_id:
-                recall_id = recall.recall_id
-                deadline = max(now, recall.effective_at)
+        windows = self._windows(pool, now)
+        recalled, peak_at = peak_overlap((start, end, r.count) for start, end, r in windows)
+        # The recall named is the earliest of those in force at the peak.
+        recall_id = next((r.recall_id for s, e, r in windows if s <= peak_at < e), "")
         pledge_millis = recalled_cap_millis(protected, recallable, recalled, pool.total_millis)
         placement = pledge_millis if limit is None else min(limit, pledge_millis)
-        return PoolCap(
-            placement, pledge_millis, protected * MILLIS_PER_ACCELERATOR, recall_id, deadline
-        )
+        return PoolCap(placement, pledge_millis, protected * MILLIS_PER_ACCELERATOR, recall_id)
 
-    def freed_millis(self, pool: Pool, at: float, count: int) -> int:
-        """Return the millis a new recall of ``count`` accelerators at ``at`` takes from the
-        cap of ``pool`` with the fleet as it is now; 0 means the recall frees nothing."""
+    def shrink_steps(self, pool: Pool, now: float) -> list[ShrinkStep]:
+        """Return the caps that running jobs of ``pool`` must meet, earliest deadline first.
+
+        The first step is the pledges without recalls, due at ``now``. Then comes one step per
+        time a recall takes effect, with every recall in force at that time, so that a recall
+        booked for later does not shorten the notice of the jobs that an earlier one stops.
+        """
+        pledges = self._pledged_pools.get(pool.key)
+        if not pledges:
+            return []
+        protected, recallable = self._pledged(pledges, now)
+        registered = pool.total_millis
+        steps = [ShrinkStep(now, recalled_cap_millis(protected, recallable, 0, registered), "")]
+        windows = self._windows(pool, now)
+        for start, _, recall in windows:
+            if steps[-1].recall_id and steps[-1].deadline == start:
+                continue
+            level = sum(r.count for s, e, r in windows if s <= start < e)
+            cap_millis = recalled_cap_millis(protected, recallable, level, registered)
+            steps.append(ShrinkStep(start, cap_millis, recall.recall_id))
+        return steps
+
+    def freed_millis(self, pool: Pool, at: float, until: float | None, count: int) -> int:
+        """Return the millis a new recall of ``count`` accelerators from ``at`` to ``until``
+        takes from the cap of ``pool`` with the fleet as it is now; 0 means it frees nothing.
+
+        Only the recalls whose windows overlap the new one count, at the instant of that
+        window where most are recalled.
+        """
         pledges = self._pledged_pools.get(pool.key)
         if not pledges:
             return 0
         protected, recallable = self._pledged(pledges, at)
-        recalled = sum(r.count for r in self._recalls_of(pool, at))
+        end = math.inf if until is None else until
+        recalled, _ = peak_overlap(
+            (max(start, at), min(stop, end), r.count) for start, stop, r in self._windows(pool, at)
+        )
         registered = pool.total_millis
         before = recalled_cap_millis(protected, recallable, recalled, registered)
         after = recalled_cap_millis(protected, recallable, recalled + count, registered)
@@ -95,7 +135,7 @@ class CapacityPlan:
         A recall counts from its announcement, when it lowers the cap on new placements.
         """
         pledges = self._pledged_pools.get(pool.key)
-        recalled = sum(r.count for r in self._recalls_of(pool, now))
+        recalled, _ = peak_overlap((s, e, r.count) for s, e, r in self._windows(pool, now))
         if not pledges or not recalled:
             return 0
         protected, recallable = self._pledged(pledges, now)
@@ -127,6 +167,19 @@ class CapacityPlan:
             and self._pledge_lasts(recall, now)
         ]
 
+    def _windows(self, pool: Pool, now: float) -> list[tuple[float, float, RecallAnnounced]]:
+        """Return the recalls of ``pool`` in force at ``now`` with the window each takes
+        capacity in, from ``now`` at the earliest, ordered by start and then id."""
+        windows = []
+        for recall in self._recalls_of(pool, now):
+            end = math.inf if recall.until is None else recall.until
+            pledge = self.pledges.get(recall.pledge_id) if recall.pledge_id else None
+            if pledge is not None:
+                end = min(end, pledge.end)
+            windows.append((max(now, recall.effective_at), end, recall))
+        windows.sort(key=lambda w: (w[0], w[2].recall_id))
+        return windows
+
     def _pledge_lasts(self, recall: RecallAnnounced, now: float) -> bool:
         # A recall stops counting when its pledge ends, so it cannot lower the cap of the pool's
         # next pledge, even if it was stored with a later end or its pledge was shortened since.
@@ -151,3 +204,24 @@ def recalled_cap_millis(protected: int, recallable: int, recalled: int, register
     taken = min(recalled, recallable) * MILLIS_PER_ACCELERATOR
     floor = min(protected * MILLIS_PER_ACCELERATOR, registered)
     return max(usable - taken, floor)
+
+
+def peak_overlap(windows: Iterable[tuple[float, float, int]]) -> tuple[int, float]:
+    """Return the largest sum of counts of windows ``[start, end)`` in force at one instant,
+    and the first instant with that sum (``-inf`` when no window is open).
+
+    Windows that only touch, one ending where the other starts, do not add up.
+    """
+    events: list[tuple[float, int, int]] = []
+    for start, end, count in windows:
+        if start < end:
+            events.append((start, 1, count))
+            events.append((end, 0, -count))
+    # At one instant the ends (0) sort before the starts (1).
+    events.sort()
+    peak, peak_at, level = 0, -math.inf, 0
+    for at, _, delta in events:
+        level += delta
+        if level > peak:
+            peak, peak_at = level, at
+    return peak, peak_at

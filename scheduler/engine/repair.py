@@ -37,35 +37,47 @@ def apply_caps(state: PassState) -> tuple[object, ...]:
 
 
 def shrink_pools(state: PassState) -> None:
-    """Preempt running jobs over a recalled or ended pledge (caps set by :func:`apply_caps`)."""
+    """Preempt running jobs over a recalled or ended pledge.
+
+    Each step of :meth:`CapacityPlan.shrink_steps` stops what its cap requires by its deadline,
+    beyond what earlier steps already stop.
+    """
     engine = state.engine
     for pool in engine.fleet.pools.values():
-        cap = engine.capacity.cap(pool, state.now)
-        if cap.pledge_millis is None:
+        steps = engine.capacity.shrink_steps(pool, state.now)
+        if not steps:
             continue
         stopping_jobs = [engine.jobs[j] for j in pool.jobs if engine.jobs[j].stopping]
-        stopping = sum(
-            allocation.millis * len(allocation.indices)
-            for record in stopping_jobs
-            for allocation in (record.tasks or {}).values()
-            if allocation.node.pool is pool
-        )
-        over = pool.used_millis - stopping - cap.pledge_millis
-        if over > 0:
-            # Shares fenced until the stops of a requeued attempt are confirmed are on their
-            # way out too, like those of the stopping jobs.
-            over -= _fenced_millis(pool, {record.owner for record in stopping_jobs})
-        if over <= 0:
-            continue
-        if cap.recall_id:
-            cause, cause_id = Cause.PROVIDER_RECALL, cap.recall_id
-        else:
-            cause, cause_id = Cause.PLEDGE_ENDED, pool.name
-        for victim in shrink_victims(pool, over, engine.jobs, (cause, cause_id)):
-            deadline = max(
-                cap.deadline, grace_deadline(victim, state.now, engine.config.preemption_grace_s)
-            )
-            _preempt(state, victim, cause, cause_id, deadline)
+        stopping = sum(_pool_millis(record, pool) for record in stopping_jobs)
+        for step in steps:
+            over = pool.used_millis - stopping - step.pledge_millis
+            if over > 0:
+                # Shares fenced until the stops of a requeued attempt are confirmed are on
+                # their way out too, like those of the stopping jobs.
+                over -= _fenced_millis(pool, {record.owner for record in stopping_jobs})
+            if over <= 0:
+                continue
+            if step.recall_id:
+                cause, cause_id = Cause.PROVIDER_RECALL, step.recall_id
+            else:
+                cause, cause_id = Cause.PLEDGE_ENDED, pool.name
+            for victim in shrink_victims(pool, over, engine.jobs, (cause, cause_id)):
+                deadline = max(
+                    step.deadline,
+                    grace_deadline(victim, state.now, engine.config.preemption_grace_s),
+                )
+                _preempt(state, victim, cause, cause_id, deadline)
+                stopping_jobs.append(victim)
+                stopping += _pool_millis(victim, pool)
+
+
+def _pool_millis(record: JobRecord, pool: Pool) -> int:
+    """Return the millis ``record``'s tasks hold on ``pool``."""
+    return sum(
+        allocation.millis * len(allocation.indices)
+        for allocation in (record.tasks or {}).values()
+        if allocation.node.pool is pool
+    )
 
 
 def _fenced_millis(pool: Pool, counted: set[str]) -> int:

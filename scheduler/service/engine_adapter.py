@@ -460,13 +460,16 @@ class EngineAdapter:
         pool = self.engine.fleet.pools.get((pledge.provider, pledge.region, pledge.model))
         return pool.up_accelerators if pool is not None else 0
 
-    def recall_frees(self, pledge: PledgeRecord, at: float, count: int) -> int:
-        """Return the accelerators a new recall of ``count`` from ``pledge`` at ``at`` takes
-        from what the region may use, with the fleet as it is now."""
+    def recall_frees(self, pledge: PledgeRecord, recall: RecallRecord) -> int:
+        """Return the accelerators a new ``recall`` from ``pledge`` takes from what the region
+        may use, with the fleet as it is now."""
         pool = self.engine.fleet.pools.get((pledge.provider, pledge.region, pledge.model))
         if pool is None:
             return 0
-        return self.engine.capacity.freed_millis(pool, at, count) // es.MILLIS_PER_ACCELERATOR
+        freed = self.engine.capacity.freed_millis(
+            pool, recall.effective_at, recall.end, recall.count
+        )
+        return freed // es.MILLIS_PER_ACCELERATOR
 
     def add_recall(self, recall: RecallRecord, pledge: PledgeRecord) -> None:
         self.engine.apply(

@@ -236,7 +236,7 @@ def _freed_by(term: Term, recall: RecallRecord, pledge: PledgeRecord) -> int:
             "would free nothing; set a time within the window",
             "recall.effective_time",
         )
-    freed = term.book.engine.recall_frees(pledge, recall.effective_at, recall.count)
+    freed = term.book.engine.recall_frees(pledge, recall)
     if freed > 0:
         return freed
     registered = term.book.engine.registered_accelerators(pledge)

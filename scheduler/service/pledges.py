@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,6 +23,7 @@ from acsp.time_range import (
     RANGE_FIX,
 )
 from acsp.v1 import common_pb2, scheduler_pb2
+from scheduler.engine.capacity import peak_overlap
 from scheduler.engine.catalog import Catalog
 
 from .validation import FieldViolation
@@ -262,11 +265,13 @@ class PledgeStore:
             ):
                 return False
             await self._check_overlap(conn, pledge)
-            recalled = await self._recalled(conn, pledge.pledge_id)
+            recalls = await self._open_recalls(conn, pledge.pledge_id)
+            recalled, at = peak_overlap(_windows(recalls, time.time(), math.inf))
             if recalled > pledge.recallable:
                 raise LookupError(
-                    f"{recalled} accelerators of pledge {pledge.pledge_id} are recalled; "
-                    "recallable_count cannot go below that"
+                    f"{recalled} accelerators of pledge {pledge.pledge_id} are recalled at "
+                    f"{_utc(at)} by {_describe(_in_force(recalls, at))}; recallable_count "
+                    "cannot go below that"
                 )
             await conn.execute(
                 "INSERT INTO scheduler.pledges (pledge_id, provider, region, model,"
@@ -325,12 +330,7 @@ class PledgeStore:
             if recall.end is not None and recall.end > pledge.end:
                 raise RecallPastPledge(pledge, recall.end)
             recall = _ending_with(recall, pledge)
-            left = pledge.recallable - await self._recalled(conn, pledge.pledge_id)
-            if recall.count > left:
-                raise LookupError(
-                    f"pledge {pledge.pledge_id} has {left} recallable accelerators left; "
-                    f"the recall asks for {recall.count}"
-                )
+            self._check_left(pledge, recall, await self._open_recalls(conn, pledge.pledge_id))
             checked = check(recall, pledge) if check is not None else 0
             await conn.execute(
                 "INSERT INTO scheduler.recalls (recall_id, pledge_id, count, effective_at,"
@@ -415,14 +415,68 @@ class PledgeStore:
         if row is not None:
             raise PledgeOverlap(_pledge_from_row(row))
 
-    async def _recalled(self, conn: asyncpg.Connection, pledge_id: str) -> int:
-        value = await conn.fetchval(
-            "SELECT coalesce(sum(count), 0) FROM scheduler.recalls WHERE pledge_id = $1"
-            " AND (ends_at IS NULL OR ends_at > now())",
+    async def _open_recalls(self, conn: asyncpg.Connection, pledge_id: str) -> list[RecallRecord]:
+        """Return the recalls of ``pledge_id`` that have not ended, earliest first."""
+        rows = await conn.fetch(
+            f"SELECT {_RECALL_COLUMNS} FROM scheduler.recalls WHERE pledge_id = $1"
+            " AND (ends_at IS NULL OR ends_at > now()) ORDER BY effective_at, recall_id",
             pledge_id,
             timeout=self._timeout,
         )
-        return int(value)
+        return [_recall_from_row(row) for row in rows]
+
+    @staticmethod
+    def _check_left(pledge: PledgeRecord, recall: RecallRecord, others: list[RecallRecord]) -> None:
+        """Raise ``LookupError`` if ``recall`` and the recalls of ``others`` that overlap it in
+        time take more than ``pledge``'s recallable accelerators at some instant.
+
+        Recalls whose windows do not overlap do not add up, so an operator can book recalls
+        for several peaks of one pledge, each up to the recallable count.
+        """
+        end = recall.end if recall.end is not None else math.inf
+        recalled, at = peak_overlap(_windows(others, recall.effective_at, end))
+        left = pledge.recallable - recalled
+        if recall.count <= left:
+            return
+        if not recalled:
+            raise LookupError(
+                f"pledge {pledge.pledge_id} has {pledge.recallable} recallable accelerators; "
+                f"the recall asks for {recall.count}. Recall at most {pledge.recallable}"
+            )
+        fix = f"Recall at most {left}, or " if left > 0 else "To recall this many, "
+        raise LookupError(
+            f"pledge {pledge.pledge_id} has {left} recallable accelerators left at {_utc(at)}, "
+            f"because recalls in force then take {recalled}: "
+            f"{_describe(_in_force(others, at))}. This recall asks for {recall.count} from "
+            f"{_utc(recall.effective_at)} to {_utc(end)}. {fix}choose a window that does not "
+            "overlap theirs"
+        )
+
+
+def _windows(
+    recalls: list[RecallRecord], start: float, end: float
+) -> list[tuple[float, float, int]]:
+    """Return the windows of ``recalls`` cut to ``[start, end)``, with their counts."""
+    return [(max(r.effective_at, start), min(_end_of(r), end), r.count) for r in recalls]
+
+
+def _in_force(recalls: list[RecallRecord], at: float) -> list[RecallRecord]:
+    return [r for r in recalls if r.effective_at <= at < _end_of(r)]
+
+
+def _end_of(recall: RecallRecord) -> float:
+    # Recalls stored before they ended with their pledge may have no end.
+    return recall.end if recall.end is not None else math.inf
+
+
+def _describe(recalls: list[RecallRecord]) -> str:
+    """Name ``recalls`` with their counts and windows, for an error message."""
+    parts = [
+        f"{r.recall_id} ({r.count} from {_utc(r.effective_at)} to "
+        + (f"{_utc(r.end)})" if r.end is not None else "the pledge's end)")
+        for r in recalls
+    ]
+    return ", ".join(parts)
 
 
 _PLEDGE_COLUMNS = (

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from scheduler.engine import (
     Cause,
+    Engine,
     Pledge,
     Preempt,
     PriorityClass,
     RecallAnnounced,
     ScheduleResult,
 )
-from scheduler.engine.capacity import recalled_cap_millis
+from scheduler.engine.capacity import peak_overlap, recalled_cap_millis
+from scheduler.engine.fleet import Pool
 from tests.engine.helpers import job, make_engine, node
 
 A100 = "A100-SXM4-80GB"
+DAY = 86_400.0
 
 
 def preempted(result: ScheduleResult) -> list[Preempt]:
@@ -72,14 +75,28 @@ def test_recalled_cap_table() -> None:
         assert cap == expected * 1000, (protected, recallable, recalled, registered)
 
 
+def test_peak_overlap_table() -> None:
+    cases = [
+        # windows, expected peak and its first instant
+        ([], (0, float("-inf"))),
+        ([(0.0, 10.0, 3)], (3, 0.0)),
+        ([(0.0, 10.0, 3), (10.0, 20.0, 5)], (5, 10.0)),
+        ([(0.0, 10.0, 3), (5.0, 20.0, 5)], (8, 5.0)),
+        ([(0.0, 10.0, 3), (2.0, 4.0, 1), (6.0, 8.0, 1)], (4, 2.0)),
+        ([(5.0, 5.0, 9), (0.0, 1.0, 2)], (2, 0.0)),
+    ]
+    for windows, expected in cases:
+        assert peak_overlap(windows) == expected, windows
+
+
 def test_freed_by_new_recall() -> None:
     engine = make_engine()
     engine.add_node(node("n1", 8))
     engine.add_pledge(Pledge("pl", "p1", "r1", A100, 6, 4, 0.0, 1e9))
     pool = engine.fleet.pools[("p1", "r1", A100)]
 
-    assert engine.capacity.freed_millis(pool, 1.0, 4) == 2000
-    assert engine.capacity.freed_millis(pool, 2e9, 4) == 0
+    assert engine.capacity.freed_millis(pool, 1.0, None, 4) == 2000
+    assert engine.capacity.freed_millis(pool, 2e9, None, 4) == 0
 
 
 def test_recalled_millis_of_pool() -> None:
@@ -115,7 +132,7 @@ def test_recall_ends_with_its_pledge() -> None:
     assert engine.capacity.cap(pool, 150.0).pledge_millis == 8000
     assert engine.capacity.cap(pool, 150.0).recall_id == ""
     assert engine.capacity.recalled_millis(pool, 150.0) == 0
-    assert engine.capacity.freed_millis(pool, 150.0, 4) == 4000
+    assert engine.capacity.freed_millis(pool, 150.0, None, 4) == 4000
 
 
 def test_above_cap_of_pool() -> None:
@@ -152,3 +169,61 @@ def test_recall_spares_unneeded_small_victim() -> None:
     decisions = preempted(engine.schedule(2.0))
 
     assert [d.job_id for d in decisions] == ["large"]
+
+
+def recall_engine() -> tuple[Engine, Pool]:
+    """Return an engine with one pool of 8 accelerators, all pledged as recallable."""
+    engine = make_engine()
+    engine.add_node(node("n1", 8))
+    engine.add_pledge(Pledge("pl", "p1", "r1", A100, 0, 8, 0.0, 1e9))
+    return engine, engine.fleet.pools[("p1", "r1", A100)]
+
+
+def recall(recall_id: str, count: int, start: float, end: float) -> RecallAnnounced:
+    return RecallAnnounced(recall_id, "p1", "r1", A100, count, start, end, "pl")
+
+
+def test_recalls_apart_in_time_do_not_add_up() -> None:
+    engine, pool = recall_engine()
+    engine.apply(recall("rc-now", 4, 60.0, 660.0))
+    engine.apply(recall("rc-later", 4, DAY, DAY + 7200.0))
+
+    # At most 4 are recalled at any instant, so 4 stay usable.
+    assert engine.capacity.cap(pool, 1.0).pledge_millis == 4000
+    assert engine.capacity.recalled_millis(pool, 1.0) == 4000
+    # A third recall that overlaps only the first can take the other 4, and one that
+    # overlaps neither can take up to 8.
+    assert engine.capacity.freed_millis(pool, 300.0, 900.0, 6) == 4000
+    assert engine.capacity.freed_millis(pool, 900.0, 1200.0, 6) == 6000
+
+
+def test_overlapping_recalls_add_up() -> None:
+    engine, pool = recall_engine()
+    engine.apply(recall("rc-a", 4, DAY, DAY + 7200.0))
+    engine.apply(recall("rc-b", 3, DAY + 3600.0, DAY + 9000.0))
+
+    cap = engine.capacity.cap(pool, 1.0)
+    assert cap.pledge_millis == 1000
+    assert cap.recall_id == "rc-a"
+    assert engine.capacity.freed_millis(pool, DAY + 7000.0, DAY + 8000.0, 1) == 1000
+    assert engine.capacity.freed_millis(pool, DAY + 7000.0, DAY + 8000.0, 2) == 1000
+
+
+def test_booked_recall_keeps_its_notice() -> None:
+    engine, _ = recall_engine()
+    for i in range(8):
+        engine.submit(job(f"j{i}", accelerators=1, priority=PriorityClass.PREEMPTIBLE))
+    engine.schedule(0.0)
+    # An urgent recall of 1 now and a booked one of all 8 tomorrow: the urgent one's short
+    # notice applies to one job only.
+    engine.apply(recall("rc-a", 1, 60.0, 660.0))
+    engine.apply(recall("rc-b", 8, DAY, DAY + 7200.0))
+
+    decisions = preempted(engine.schedule(1.0))
+
+    urgent = [d for d in decisions if d.cause_id == "rc-a"]
+    booked = [d for d in decisions if d.cause_id == "rc-b"]
+    assert len(urgent) == 1
+    assert urgent[0].deadline == 60.0
+    assert len(booked) == 7
+    assert {d.deadline for d in booked} == {DAY}

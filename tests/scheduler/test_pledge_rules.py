@@ -164,3 +164,55 @@ async def test_pledge_rules(stack: Stack) -> None:
     assert "protects 20" in (all_protected.details() or "")
     assert outside.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "outside the window" in (outside.details() or "")
+
+
+async def test_recall_now_beside_booked_peak(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=1, gpus=16)
+    operator = metadata(stack.token("op", Role.PROVIDER_OPERATOR, provider="prov"))
+    now = time.time()
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+
+        async def fleet_known() -> bool:
+            nodes = await scheduler.ListNodes(
+                scheduler_pb2.ListNodesRequest(), metadata=operator, timeout=10
+            )
+            return len(nodes.nodes) == 1
+
+        await wait_for(fleet_known, 30, "the agent's inventory", 0.1)
+
+        async def recall_between(count: int, start: float, end: float) -> scheduler_pb2.Recall:
+            requested = recall_of(pledge.pledge_id, count)
+            requested.effective_time.FromSeconds(int(start))
+            requested.end_time.FromSeconds(int(end))
+            request = scheduler_pb2.RecallCapacityRequest(recall=requested)
+            return await scheduler.RecallCapacity(request, metadata=operator, timeout=10)
+
+        pledge = await scheduler.SetPledge(
+            scheduler_pb2.SetPledgeRequest(
+                pledge=pledge_of(now - 60, now + 30 * DAY, protected=8, recallable=8)
+            ),
+            metadata=operator,
+            timeout=10,
+        )
+        peak = await recall_between(8, now + DAY, now + DAY + 7200)
+
+        async def peak_counted() -> bool:
+            summary = await scheduler.GetQueueSummary(
+                scheduler_pb2.GetQueueSummaryRequest(), metadata=operator, timeout=10
+            )
+            return summary.recalled_millis_by_region.get("prov/reg") == 8000
+
+        # The scheduler counts a recall from its announcement, so the booked peak is in force.
+        await wait_for(peak_counted, 30, "the booked recall in the scheduler", 0.1)
+        urgent = await recall_between(1, now + 60, now + 660)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await recall_between(1, now + DAY + 3600, now + DAY + 10_800)
+
+    assert peak.freed_count == 8
+    assert urgent.freed_count == 1
+    overlapping = caught.value
+    assert overlapping.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "0 recallable accelerators left" in (overlapping.details() or "")
+    assert f"{peak.recall_id} (8 from " in (overlapping.details() or "")
