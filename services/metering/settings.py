@@ -35,7 +35,9 @@ class MeteringSettings(Settings):
         "seconds before metering receives a sample that the sample may start; an older sample "
         "is a dead letter, and the coverage sweep deletes the overlap check's rows of older "
         "samples",
-        minimum=3600.0,
+        # Agents send samples of up to an hour, later after an outage, so an hour would turn
+        # the samples of any delay into dead letters.
+        minimum=86_400.0,
     )
     coverage_sweep_s: float = setting(
         "ACSP_METERING_COVERAGE_SWEEP_S",

@@ -224,7 +224,7 @@ async def test_sample_older_than_max_age_dead_lettered(nats_url: str, db: Databa
 
 @pytest.mark.parametrize(
     ("value", "reason"),
-    [("60", "below the minimum 3600"), ("two weeks", "two weeks")],
+    [("3600", "below the minimum 86400"), ("two weeks", "two weeks")],
 )
 def test_bad_max_sample_age_rejected(value: str, reason: str) -> None:
     with pytest.raises(SettingsError) as caught:
