@@ -216,11 +216,10 @@ class JobBook:
         Call after :meth:`add` has re-entered the open jobs. The engine keeps each copy's
         accelerators from other jobs, unless a running job uses them now, until the node
         confirms the stop with an event of the copy or a heartbeat that no longer lists it.
+        A task 0 copy stored with its rendezvous port keeps that port reserved until then.
         """
         # NOTE: a node that never reports again never confirms, so its stored copies stay and
         # each new leader fences them again, until an operator marks the node down.
-        # NOTE: only each job's current attempt stores its rendezvous port, so no port is
-        # reserved here for a task 0 copy of an earlier attempt, and another job may get it.
         for orphan in orphans:
             try:
                 tid = TaskId.parse(orphan.task_id)
@@ -228,6 +227,9 @@ class JobBook:
                 logger.warning("ignoring stored orphan with malformed task id %r", orphan.task_id)
                 continue
             self._orphans.setdefault(orphan.node_key, set()).add(orphan.task_id)
+            if orphan.rendezvous_port:
+                # A task 0 copy of an earlier attempt may still listen on its port.
+                self.ports.claim(orphan.node_key, orphan.task_id, orphan.rendezvous_port)
             self.engine.fence(
                 orphan.node_key, tid.job_id, orphan.task_id, orphan.accelerators, orphan.millis
             )
@@ -1127,7 +1129,8 @@ class JobBook:
         if task_id in waiting:
             return
         waiting.add(task_id)
-        orphan = Orphan(task.node_key, task_id, task.accelerators, task.millis)
+        port = self.ports.port_of(task.node_key, task_id)
+        orphan = Orphan(task.node_key, task_id, task.accelerators, task.millis, port)
         self._orphan_writes[(task.node_key, task_id)] = orphan
 
     def _confirm_orphan(

@@ -145,6 +145,10 @@ class RendezvousPorts:
             del self._reservations[node_key]
         self._exhausted.discard(node_key)
 
+    def port_of(self, node_key: str, task_id: str) -> int:
+        """Return the port reserved on ``node_key`` for the copy ``task_id``, or 0 for none."""
+        return self._ports.get((node_key, task_id), 0)
+
     def reserved_for(self, node_key: str, port: int) -> str | None:
         """Return the task id of the copy that ``port`` on ``node_key`` is reserved for, or
         None."""

@@ -124,6 +124,8 @@ class Orphan:
     accelerators: tuple[str, ...]
     millis: int
     """Thousandths of each accelerator it held."""
+    rendezvous_port: int = 0
+    """Port reserved on the node for the copy of a task 0, or 0 when none was reserved."""
 
 
 _JOB_COLUMNS: Final = (
@@ -269,6 +271,7 @@ class JobStore:
                 [o.task_id for o in orphans],
                 [json.dumps(o.accelerators) for o in orphans],
                 [o.millis for o in orphans],
+                [o.rendezvous_port for o in orphans],
                 [node_key for node_key, _ in confirmed],
                 [task_id for _, task_id in confirmed],
                 *_drain_columns(drains),
@@ -491,7 +494,7 @@ class JobStore:
         """Return the shard's task copies still waiting for a confirmed stop, oldest first."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(LOAD_ORPHANS, self.shard, timeout=self._timeout)
-        return [Orphan(row[0], row[1], tuple(row[2]), row[3]) for row in rows]
+        return [Orphan(row[0], row[1], tuple(row[2]), row[3], row[4]) for row in rows]
 
     async def ended_jobs(self, job_ids: Sequence[str]) -> list[Job]:
         """Return the jobs of ``job_ids`` that have ended, in id order."""

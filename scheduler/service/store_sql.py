@@ -176,17 +176,19 @@ new_events AS (
     ON CONFLICT DO NOTHING
 ),
 new_orphans AS (
-    INSERT INTO scheduler.orphans (shard, node_key, task_id, accelerators, millis)
+    INSERT INTO scheduler.orphans
+        (shard, node_key, task_id, accelerators, millis, rendezvous_port)
     SELECT $1, u.node_key, u.task_id,
-        ARRAY(SELECT jsonb_array_elements_text(u.accelerators::jsonb)), u.millis
-    FROM unnest($38::text[], $39::text[], $40::text[], $41::int[])
-        AS u(node_key, task_id, accelerators, millis)
+        ARRAY(SELECT jsonb_array_elements_text(u.accelerators::jsonb)), u.millis,
+        u.rendezvous_port
+    FROM unnest($38::text[], $39::text[], $40::text[], $41::int[], $42::int[])
+        AS u(node_key, task_id, accelerators, millis, rendezvous_port)
     WHERE (SELECT ok FROM fence)
     ON CONFLICT DO NOTHING
 ),
 confirmed_orphans AS (
     DELETE FROM scheduler.orphans AS o
-    USING unnest($42::text[], $43::text[]) AS u(node_key, task_id)
+    USING unnest($43::text[], $44::text[]) AS u(node_key, task_id)
     WHERE (SELECT ok FROM fence) AND o.shard = $1 AND o.node_key = u.node_key
         AND o.task_id = u.task_id
 ),
@@ -195,8 +197,8 @@ changed_drains AS (
         draining = u.draining, drain_source = u.source, drain_reason = u.reason,
         drain_at = u.at, updated_at = now()
     FROM unnest(
-        $44::text[], $45::text[], $46::text[], $47::boolean[], $48::text[], $49::text[],
-        $50::timestamptz[]
+        $45::text[], $46::text[], $47::text[], $48::boolean[], $49::text[], $50::text[],
+        $51::timestamptz[]
     ) AS u(provider, region, node, draining, source, reason, at)
     WHERE (SELECT ok FROM fence) AND n.provider = u.provider AND n.region = u.region
         AND n.node = u.node
@@ -218,6 +220,6 @@ current epoch.
 """
 
 LOAD_ORPHANS: Final = """
-SELECT node_key, task_id, accelerators, millis
+SELECT node_key, task_id, accelerators, millis, rendezvous_port
 FROM scheduler.orphans WHERE shard = $1 ORDER BY created_at, node_key, task_id
 """

@@ -201,6 +201,31 @@ def test_requeued_job_frees_port_once_task_zero_stops() -> None:
     assert book.ports.reserved_for(NODE, port) is None
 
 
+def test_restarted_book_keeps_orphan_port() -> None:
+    book = make_book()
+    job = make_job(tasks=2)
+    start(book, job)
+    port = book.jobs[job.job_id].rendezvous_port
+    report(book, job, 0, "started")
+    # Task 1 fails to start, so the job is requeued while its task 0 still runs.
+    report(book, job, 1, "start_failed")
+    orphans, _ = book.take_orphan_writes()
+
+    restarted = make_book()
+    restarted.add([book.jobs[job.job_id]], NOW + 10)
+    restarted.adopt_orphans(orphans)
+    same_start = next(
+        replace(make_job(tasks=1), job_id=f"job-{n}")
+        for n in range(10_000)
+        if rendezvous_port(f"job-{n}", 1, *RANGE) == port
+    )
+    start(restarted, same_start)
+
+    assert [o.rendezvous_port for o in orphans] == [port]
+    assert restarted.ports.reserved_for(NODE, port) == f"{job.job_id}/1/0"
+    assert restarted.jobs[same_start.job_id].rendezvous_port != port
+
+
 def test_restarted_book_keeps_stored_ports() -> None:
     book = make_book()
     first = make_job(tasks=2)

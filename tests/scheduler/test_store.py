@@ -322,7 +322,7 @@ async def test_commit_turn_keeps_orphans_until_confirmed(
     lease = await lead(database_dsn, "a")
     epoch = lease.epoch or 0
     store = JobStore(pool, "s0")
-    lost = Orphan("p.r.n0", "j1/1/0", ("GPU-0", "GPU 1"), 1000)
+    lost = Orphan("p.r.n0", "j1/1/0", ("GPU-0", "GPU 1"), 1000, rendezvous_port=29517)
     shared = Orphan("p.r.n1", "j2/3/1", ("GPU-7",), 250)
 
     await store.commit_turn([], [], [], [], epoch, orphans=[lost, shared])
