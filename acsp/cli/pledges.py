@@ -27,6 +27,7 @@ from acsp.cli._common import (
 )
 from acsp.cli.jobs import open_scheduler
 from acsp.v1 import common_pb2, scheduler_pb2
+from scheduler.service.pledges import MAX_PLEDGE_ACCELERATORS
 
 PLEDGE_COLUMNS: Final = (
     "pledge",
@@ -88,15 +89,21 @@ def register(commands: Any, connection: argparse.ArgumentParser, output: Any) ->
     set_pledge.add_argument("--model", required=True, help="accelerator model of the catalog")
     set_pledge.add_argument(
         "--protected",
-        type=whole_number(0),
+        type=whole_number(0, MAX_PLEDGE_ACCELERATORS),
         default=0,
-        help="accelerators that cannot be recalled in the window (default: 0)",
+        help=(
+            "accelerators that cannot be recalled in the window, "
+            f"0 to {MAX_PLEDGE_ACCELERATORS} (default: 0)"
+        ),
     )
     set_pledge.add_argument(
         "--recallable",
-        type=whole_number(0),
+        type=whole_number(0, MAX_PLEDGE_ACCELERATORS),
         default=0,
-        help="accelerators the provider may recall with notice (default: 0)",
+        help=(
+            "accelerators the provider may recall with notice, "
+            f"0 to {MAX_PLEDGE_ACCELERATORS} (default: 0)"
+        ),
     )
     set_pledge.add_argument("--start", required=True, help=f"start of the window: {TIME_HELP}")
     set_pledge.add_argument("--end", required=True, help=f"end of the window: {END_HELP}")

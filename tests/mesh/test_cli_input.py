@@ -13,6 +13,7 @@ import pytest
 
 from acsp.cli import _common, job_logs, jobs, main, usage
 from acsp.v1 import common_pb2, metering_pb2
+from scheduler.service.pledges import MAX_PLEDGE_ACCELERATORS
 from scheduler.service.task_output import MAX_OUTPUT_BYTES
 from scheduler.service.validation import MAX_TASKS
 
@@ -278,6 +279,27 @@ def test_logs_option_above_maximum_exits_2(
     assert f"argument {option}: {value} is out of range" in err
     assert reason in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("option", ["--protected", "--recallable"])
+def test_pledge_count_above_cap_exits_2(option: str, capsys: pytest.CaptureFixture[str]):
+    window = ["--start", "2026-01-01", "--end", "2026-12-31"]
+    pool = ["--provider", "p", "--region", "r", "--model", "P100"]
+    count = str(MAX_PLEDGE_ACCELERATORS + 1)
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["fleet", "pledge", "set", *pool, option, count, *window])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {count} is out of range" in err
+    assert f"from 0 to {MAX_PLEDGE_ACCELERATORS}" in err
+
+
+def test_pledge_help_names_count_cap(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        main.main(["fleet", "pledge", "set", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"cannot be recalled in the window, 0 to {MAX_PLEDGE_ACCELERATORS}" in out
+    assert f"recall with notice, 0 to {MAX_PLEDGE_ACCELERATORS}" in out
 
 
 def test_logs_options_accept_their_maximum():
