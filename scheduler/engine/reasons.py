@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
@@ -102,7 +102,21 @@ def describe_demand(job: JobSpec) -> str:
         each = f"{job.accelerators_per_task} accelerator(s)"
     if job.task_count == 1:
         return each
+    if job.topology is Topology.SAME_PROVIDER and job.allow_cross_provider:
+        return f"{job.task_count} tasks x {each} (across providers)"
     return f"{job.task_count} tasks x {each} ({job.topology})"
+
+
+def cross_provider_denial(job: JobSpec) -> str:
+    """Explain why a gang that asked to span providers must stay within one, or return ''."""
+    denying = sorted(job.cross_provider_denied_by)
+    if not denying or job.task_count == 1 or job.topology is not Topology.SAME_PROVIDER:
+        return ""
+    names = ",".join(denying)
+    return (
+        f"the job allows cross-provider placement, but provider(s) {names} do not allow "
+        "cross-provider gangs, so all its tasks must run on one provider"
+    )
 
 
 def describe_pools(pools: Sequence[Pool]) -> str:
@@ -150,21 +164,28 @@ def largest_group_millis(
 ) -> tuple[str, int]:
     """Return the largest group of ``pools`` that one placement of the job may span.
 
-    The group is named for the message (``the largest region of ``, say, before the pools) and
-    measured in millis of every node it has, free or not, each pool no more than its cap when
-    ``capped`` is set.
+    All tasks of a gang use one accelerator model, so a group is the pools of one model in one
+    region, in one provider or in the whole fleet, as the job's topology allows. The group is
+    named for the message (``any one region``, say) and measured in millis of every node it
+    has, free or not, each pool no more than its cap when ``capped`` is set.
     """
     if job.topology is Topology.SAME_REGION:
-        scope, key = "the largest region of ", lambda pool: pool.region_key
-    elif job.topology is Topology.SAME_PROVIDER and not job.allow_cross_provider:
-        scope, key = "the largest provider of ", lambda pool: pool.provider
-    else:
-        scope, key = "the whole fleet of ", lambda pool: ""
-    totals: dict[str, int] = {}
+        return "any one region", _largest_millis(pools, lambda pool: pool.key, capped)
+    if job.topology is Topology.SAME_PROVIDER and not job.allow_cross_provider:
+        by_provider = _largest_millis(pools, lambda pool: (pool.provider, pool.model), capped)
+        return "any one provider", by_provider
+    return "the whole fleet", _largest_millis(pools, lambda pool: (pool.model,), capped)
+
+
+def _largest_millis(
+    pools: Sequence[Pool], key: Callable[[Pool], tuple[str, ...]], capped: bool
+) -> int:
+    """Return the millis of the largest group of ``pools`` that have the same ``key``."""
+    totals: dict[tuple[str, ...], int] = {}
     for pool in pools:
         size = capped_total_millis(pool) if capped else pool.total_millis
         totals[key(pool)] = totals.get(key(pool), 0) + size
-    return scope, max(totals.values(), default=0)
+    return max(totals.values(), default=0)
 
 
 def no_pool_message(job: JobSpec, fleet_pools: Iterable[Pool]) -> str:
@@ -190,12 +211,25 @@ def capacity_reason(
     demand = describe_demand(job)
     where = describe_pools(pools)
     scope, largest = largest_group_millis(job, pools)
+    denial = cross_provider_denial(job)
     if need > largest:
+        message = (
+            f"{demand} needs {need / MILLIS_PER_ACCELERATOR:g} accelerators of one model, but "
+            f"{scope} has at most {largest / MILLIS_PER_ACCELERATOR:g} of one of {where}"
+        )
+        if not denial:
+            return ReasonCode.NO_CAPACITY, f"{message}; it waits until the fleet grows"
+        fleet = _largest_millis(pools, lambda pool: (pool.model,), capped=False)
+        if need <= fleet:
+            return (
+                ReasonCode.NO_CAPACITY,
+                f"{message}; {denial}; it waits until the fleet grows or those providers "
+                "allow cross-provider gangs",
+            )
         return (
             ReasonCode.NO_CAPACITY,
-            f"{demand} needs {need / MILLIS_PER_ACCELERATOR:g} accelerators, more than "
-            f"{scope}{where} has ({largest / MILLIS_PER_ACCELERATOR:g}); it waits until the "
-            "fleet grows",
+            f"{message}; {denial}, and the whole fleet has at most "
+            f"{fleet / MILLIS_PER_ACCELERATOR:g} of one model; it waits until the fleet grows",
         )
     _, largest_capped = largest_group_millis(job, pools, capped=True)
     if need > largest_capped:
@@ -222,11 +256,11 @@ def capacity_reason(
             f"jobs ahead in fair-share order took the last free {where}",
         )
     if job.task_count > 1 and free_total >= need:
-        return (
-            ReasonCode.TOPOLOGY,
+        message = (
             f"{free_total / MILLIS_PER_ACCELERATOR:g} accelerators of {where} are free but "
-            f"not as {demand}",
+            f"not as {demand}"
         )
+        return ReasonCode.TOPOLOGY, f"{message}; {denial}" if denial else message
     message = (
         f"no room for {demand} on {where}: {free_total / MILLIS_PER_ACCELERATOR:g} "
         "accelerators free"
@@ -234,6 +268,8 @@ def capacity_reason(
     if free_total < sum(free_millis(pool) for pool in pools):
         # Idle accelerators above a cap are not free for jobs, so the message names the cap.
         message = f"{message}; {describe_caps(pools)}"
+    if denial:
+        message = f"{message}; {denial}"
     return ReasonCode.NO_CAPACITY, message
 
 

@@ -1,11 +1,12 @@
 """Job shapes: pending jobs that a placement search cannot tell apart.
 
 Two jobs share a shape when they accept the same pools (models, constraint, regions) and ask
-for the same tasks (count, millis, topology, cross-provider flag). Capacity only shrinks while
-a pass serves the queue, so once a search for a shape fails, every later job of that shape
-would fail the same way. A shape keeps that failure for the rest of the pass, or until a new
-reservation changes which nodes jobs must avoid. The next job of the shape then gets its reason
-without a search and without building a key per job.
+for the same tasks (count, millis, topology, cross-provider flag). The providers that deny
+a job's request to span providers are part of the shape too, because its pending reason names
+them. Capacity only shrinks while a pass serves the queue, so once a search for a shape
+fails, every later job of that shape would fail the same way. A shape keeps that failure for
+the rest of the pass, or until a new reservation changes which nodes jobs must avoid. The next
+job of the shape then gets its reason without a search and without building a key per job.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class ShapeIndex:
             spec.millis_per_task,
             spec.topology,
             spec.allow_cross_provider,
+            spec.cross_provider_denied_by,
             spec.avoid_nodes,
         )
         shape = self._shapes.get(key)

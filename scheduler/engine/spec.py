@@ -122,6 +122,10 @@ class JobSpec:
     """1..999 for a share of one accelerator, else a multiple of 1000 (whole, exclusive)."""
     topology: Topology = Topology.SAME_PROVIDER
     allow_cross_provider: bool = False
+    cross_provider_denied_by: frozenset[str] = frozenset()
+    """Providers that do not allow cross-provider gangs, which keep the tasks within one
+    provider although the job asked to span providers. Empty unless the caller cleared
+    ``allow_cross_provider`` for that reason. Pending reasons name these providers."""
     models: frozenset[str] = frozenset()
     """Accepted catalog models; empty accepts any model that meets ``constraint``."""
     constraint: ModelConstraint = NO_CONSTRAINT
@@ -178,6 +182,11 @@ class JobSpec:
             )
         if self.wall_time_s is not None and self.wall_time_s <= 0:
             raise InvalidInputError(f"job {self.job_id}: wall_time_s must be > 0 when set")
+        if self.allow_cross_provider and self.cross_provider_denied_by:
+            raise InvalidInputError(
+                f"job {self.job_id}: cross_provider_denied_by must be empty when "
+                "allow_cross_provider is true; clear one of them"
+            )
         if self.fractional and self.task_count > 1 and self.topology in _SINGLE_DOMAIN:
             raise InvalidInputError(
                 f"job {self.job_id}: a fractional multi-task job needs topology same_region or "

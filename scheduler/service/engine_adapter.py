@@ -115,8 +115,10 @@ def job_to_engine(
         known = _registered_regions(providers) | fleet_regions
     regions = narrow_regions(spec, regions, known)
     cross_provider = spec.allow_cross_provider
+    denied_by: frozenset[str] = frozenset()
     if providers is not None and cross_provider:
-        cross_provider = _cross_provider_allowed(regions, providers, fleet_providers)
+        denied_by = _providers_denying_spanning(regions, providers, fleet_providers)
+        cross_provider = not denied_by
     return es.JobSpec(
         job_id=job.job_id,
         project=spec.project_id,
@@ -127,6 +129,7 @@ def job_to_engine(
         millis_per_task=spec.accelerator_millis_per_task,
         topology=topology,
         allow_cross_provider=cross_provider,
+        cross_provider_denied_by=denied_by,
         models=narrow_models(spec),
         constraint=es.ModelConstraint(spec.vendor, spec.min_memory_gib, spec.software_stack),
         regions=regions,
@@ -171,9 +174,13 @@ def _names_jurisdiction(allowed: tuple[str, ...]) -> bool:
     return any(entry.startswith(JURISDICTION_PREFIX) for entry in allowed)
 
 
-def _cross_provider_allowed(
+def _providers_denying_spanning(
     regions: frozenset[str], providers: ProviderDirectory, fleet_providers: frozenset[str]
-) -> bool:
+) -> frozenset[str]:
+    """Return the providers the job may use that do not allow cross-provider gangs.
+
+    A provider with nodes that is not registered allows none.
+    """
     # NOTE: the engine has one cross-provider switch per job, not one per provider. So a gang
     # may span providers only when every provider the job may use allows it, and a job that
     # may also use a provider that does not stays within one provider.
@@ -182,7 +189,7 @@ def _cross_provider_allowed(
         usable = frozenset(key.split("/", 1)[0] for key in regions if "/" in key)
     else:
         usable = providers.provider_ids() | fleet_providers
-    return all(providers.allows_cross_provider(provider) for provider in usable)
+    return frozenset(p for p in usable if not providers.allows_cross_provider(p))
 
 
 def node_to_engine(node: NodeView) -> es.NodeSpec:

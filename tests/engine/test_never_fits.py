@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.engine import Engine, Pledge, Topology
+from scheduler.engine import Engine, InvalidInputError, Pledge, Topology
 from tests.engine.helpers import job, make_engine, node
 
 
@@ -97,8 +97,8 @@ def test_job_larger_than_fleet_says_so() -> None:
     reason, message = waiting_message("huge", engine.schedule(10.0))
 
     assert reason == "no_capacity"
-    assert "needs 200 accelerators, more than the largest region of" in message
-    assert "has (16); it waits until the fleet grows" in message
+    assert "needs 200 accelerators of one model, but any one region has at most 16" in message
+    assert message.endswith("; it waits until the fleet grows")
 
 
 def test_job_larger_than_whole_fleet_says_so() -> None:
@@ -110,8 +110,81 @@ def test_job_larger_than_whole_fleet_says_so() -> None:
     reason, message = waiting_message("huge", engine.schedule(10.0))
 
     assert reason == "no_capacity"
-    assert "needs 24 accelerators, more than the whole fleet of models" in message
-    assert "has (16); it waits until the fleet grows" in message
+    assert "(across providers) needs 24 accelerators of one model" in message
+    assert "but the whole fleet has at most 16 of one of models" in message
+    assert message.endswith("; it waits until the fleet grows")
+
+
+def test_gang_counts_one_model_per_provider() -> None:
+    engine = make_engine()
+    engine.add_node(node("h1", 16, model="H100-SXM5-80GB", provider="acme"))
+    engine.add_node(node("t1", 2, model="T4", provider="acme"))
+    engine.add_node(node("p1", 16, model="P100", provider="openb"))
+    engine.submit(job("gang", tasks=17))
+
+    reason, message = waiting_message("gang", engine.schedule(10.0))
+
+    assert reason == "no_capacity"
+    assert "needs 17 accelerators of one model, but any one provider has at most 16" in message
+    assert "cross-provider" not in message
+
+
+def test_denied_cross_provider_gang_names_providers() -> None:
+    engine = make_engine()
+    engine.add_node(node("h1", 16, model="P100", provider="acme"))
+    engine.add_node(node("p1", 16, model="P100", provider="openb"))
+    denying = frozenset({"acme", "openb"})
+    engine.submit(job("gang", tasks=20, cross_provider_denied_by=denying))
+
+    reason, message = waiting_message("gang", engine.schedule(10.0))
+
+    assert reason == "no_capacity"
+    assert "(same_provider) needs 20 accelerators of one model" in message
+    assert "but provider(s) acme,openb do not allow cross-provider gangs" in message
+    assert message.endswith("until the fleet grows or those providers allow cross-provider gangs")
+
+
+def test_denied_cross_provider_gang_too_big_anyway() -> None:
+    engine = make_engine()
+    engine.add_node(node("h1", 16, model="H100-SXM5-80GB", provider="acme"))
+    engine.add_node(node("t1", 2, model="T4", provider="acme"))
+    engine.add_node(node("p1", 16, model="P100", provider="openb"))
+    denying = frozenset({"acme", "openb"})
+    engine.submit(job("gang", tasks=20, cross_provider_denied_by=denying))
+
+    reason, message = waiting_message("gang", engine.schedule(10.0))
+
+    assert reason == "no_capacity"
+    assert "but provider(s) acme,openb do not allow cross-provider gangs" in message
+    assert "and the whole fleet has at most 16 of one model" in message
+    assert message.endswith("; it waits until the fleet grows")
+
+
+def test_denied_cross_provider_gang_waits_for_room() -> None:
+    engine = make_engine()
+    engine.add_node(node("a1", 2, model="P100", provider="acme"))
+    engine.add_node(node("a2", 2, model="P100", provider="acme"))
+    engine.add_node(node("o1", 2, model="P100", provider="openb"))
+    engine.submit(job("first", accelerators=2, regions=frozenset({"acme/r1"})))
+    engine.schedule(0.0)
+    denying = frozenset({"openb"})
+    engine.submit(job("gang", tasks=3, cross_provider_denied_by=denying, submit=1.0))
+
+    reason, message = waiting_message("gang", engine.schedule(10.0))
+
+    assert reason == "topology"
+    assert "4 accelerators of models P100 in acme/r1,openb/r1 are free" in message
+    assert "but provider(s) openb do not allow cross-provider gangs" in message
+    assert message.endswith("so all its tasks must run on one provider")
+
+
+def test_cross_provider_denial_needs_flag_cleared() -> None:
+    spec = job(
+        "gang", tasks=2, allow_cross_provider=True, cross_provider_denied_by=frozenset({"a"})
+    )
+
+    with pytest.raises(InvalidInputError, match="cross_provider_denied_by"):
+        spec.validate()
 
 
 def test_task_too_big_says_it_waits_for_a_node() -> None:

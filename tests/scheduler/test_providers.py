@@ -191,12 +191,33 @@ def test_gang_stays_within_provider_when_one_refuses() -> None:
     assert placed_regions(adapter, job) == {"eu/fra", "cn/hz"}
 
 
+def test_denied_gang_reason_names_provider() -> None:
+    adapter = make_adapter(crossing(True, False), ("eu", "fra"), ("cn", "hz"))
+    job = gang_job()
+    adapter.add_job(job)
+
+    assert adapter.engine.jobs[job.job_id].spec.cross_provider_denied_by == {"cn"}
+    waiting = {job_id: message for job_id, _, message in adapter.schedule(NOW + 1).waiting}
+    message = waiting[job.job_id]
+    assert "the job allows cross-provider placement, but provider(s) cn do not allow" in message
+    assert message.endswith("or those providers allow cross-provider gangs")
+
+
+def test_allowed_gang_has_no_denial() -> None:
+    adapter = make_adapter(crossing(True, True), ("eu", "fra"), ("cn", "hz"))
+    job = gang_job()
+    adapter.add_job(job)
+
+    assert adapter.engine.jobs[job.job_id].spec.cross_provider_denied_by == frozenset()
+
+
 def test_unregistered_provider_does_not_allow_spanning() -> None:
     registry = ProviderDirectory(
         [ProviderRecord("eu", "", (RegionRecord("fra"),), allow_cross_provider_gangs=True)]
     )
     spec = job_to_engine(gang_job(), registry, frozenset({"eu", "auto"}))
     assert not spec.allow_cross_provider
+    assert spec.cross_provider_denied_by == {"auto"}
     only_eu = job_to_engine(gang_job(), registry, frozenset({"eu"}))
     assert only_eu.allow_cross_provider
 
