@@ -3,8 +3,8 @@
 Two agents on one state folder would both append to its spool, and the later one would cut
 off as damaged a record that the first was still writing. Both would also report the same
 tasks, so metering would receive overlapping usage samples. An agent therefore takes an
-exclusive ``flock`` on ``agent.lock`` in the folder before it opens anything else there, and
-holds it for the life of the process. The kernel releases the lock when the process ends,
+exclusive ``flock`` on ``agent.lock`` in the folder before it opens its state file or its
+spool, and holds it until it stops. The kernel releases the lock when the process ends,
 even on SIGKILL, so a crash leaves no stale lock behind. The lock file is opened
 close-on-exec, as Python opens every file, so the task launcher and the tasks that outlive a
 killed agent do not hold the lock.
@@ -13,8 +13,9 @@ The holder writes its pid and a label into the file, so that a process that find
 folder locked can name the holder. The file stays after the holder exits, because only the
 lock counts: deleting the file could let two processes lock two different files of one name.
 
-``acsp agent clear-health`` takes the same lock while it rewrites the state file, so it
-neither rewrites the state of a running agent nor races an agent that starts meanwhile.
+``acsp agent clear-health`` and ``acsp agent spool`` take the same lock while they write to
+the folder (opening the spool may repair it), so they neither change the files of a running
+agent nor race an agent that starts meanwhile.
 
 ``agent.pid`` names the running agent for operators and tools. A process removes it on exit
 only if the file still names that process.
@@ -99,6 +100,7 @@ class StateFolderLock:
                 f"cannot be locked: {error.strerror or error}",
                 "put the state folder on a file system that supports flock, such as a local disk",
             ) from None
+        _give_to_folder_owner(file, directory)
         file.truncate(0)
         file.write(f"{os.getpid()}\n{label}\n".encode())
         file.flush()
@@ -115,6 +117,18 @@ class StateFolderLock:
         if file is not None:
             # Closing the only descriptor of the open file releases the flock.
             file.close()
+
+
+def _give_to_folder_owner(file: BinaryIO, directory: Path) -> None:
+    """Make the folder's owner own the lock file when root created it, e.g. under sudo.
+
+    Otherwise an agent running as that owner could no longer open the file to lock it.
+    """
+    if os.geteuid() != 0:
+        return
+    folder = os.stat(directory)
+    if os.fstat(file.fileno()).st_uid != folder.st_uid:
+        os.fchown(file.fileno(), folder.st_uid, folder.st_gid)
 
 
 def _read_holder(file: BinaryIO) -> tuple[int | None, str]:

@@ -7,13 +7,16 @@
 - ``acsp agent spool``: how many messages wait to be published;
 - ``acsp agent clear-health UUID``: clear an accelerator's persistent conditions after a
   repair (the agent must be stopped, since it rewrites the state file).
+
+``spool`` and ``clear-health`` write to the state folder (opening the spool repairs it), so
+they take the lock that a running agent holds on the folder, and fail while an agent runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Coroutine
+import contextlib
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,12 +157,17 @@ def _discover(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_state(args: argparse.Namespace) -> Any:
-    from agents.state import StateFileError, StateStore
-
+def _state_file(args: argparse.Namespace) -> Path:
     path = _state_dir(args) / "state.json"
     if not path.exists():
         raise CommandError(f"no agent state file at {path}; pass --state-dir", EXIT_USAGE)
+    return path
+
+
+def _load_state(args: argparse.Namespace) -> Any:
+    from agents.state import StateFileError, StateStore
+
+    path = _state_file(args)
     try:
         return StateStore(path)
     except StateFileError as error:
@@ -200,19 +208,33 @@ def _tasks(args: argparse.Namespace) -> int:
 def _spool(args: argparse.Namespace) -> int:
     from agents.spool import Spool
 
-    path = _state_dir(args) / "spool"
+    directory = _state_dir(args)
+    path = directory / "spool"
     if not path.exists():
         raise CommandError(f"no spool at {path}; pass --state-dir", EXIT_USAGE)
-    spool = Spool(path)
-    records = [{"pending_messages": spool.pending_records, "pending_bytes": spool.pending_bytes}]
-    spool.close()
+    fix = (
+        f"read the messages waiting in outbox_pending of {directory / 'stats.json'}, which the "
+        "running agent rewrites every second, or stop the agent first, because opening its "
+        "spool here could cut off a record it is writing"
+    )
+    with _locked_state_folder(directory, "acsp agent spool", fix):
+        spool = Spool(path)
+        pending = spool.pending_records
+        pending_bytes = spool.pending_bytes
+        spool.close()
+    records = [{"pending_messages": pending, "pending_bytes": pending_bytes}]
     print_records(records, ["pending_messages", "pending_bytes"], output_format=args.format)
     return 0
 
 
 def _clear_health(args: argparse.Namespace) -> int:
-    directory = _state_dir(args)
-    _check_agent_stopped(directory)
+    directory = _state_file(args).parent
+    fix = "stop the agent first, because it rewrites the state file, then run this again"
+    with _locked_state_folder(directory, "acsp agent clear-health", fix):
+        return _clear_locked(args)
+
+
+def _clear_locked(args: argparse.Namespace) -> int:
     state = _load_state(args)
     keys = [args.node_key] if args.node_key else sorted(state.nodes)
     if len(keys) != 1:
@@ -237,18 +259,17 @@ def _clear_health(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_agent_stopped(directory: Path) -> None:
-    pid_file = directory / "agent.pid"
-    if not pid_file.exists():
-        return
+@contextlib.contextmanager
+def _locked_state_folder(directory: Path, label: str, fix: str) -> Iterator[None]:
+    """Hold the lock of the agent's state folder, or fail naming the agent that holds it."""
+    from agents.state_lock import StateFolderLock
+    from services.runtime.errors import StartupError
+
     try:
-        pid = int(pid_file.read_text().strip())
-        os.kill(pid, 0)
-    except (ValueError, ProcessLookupError):
-        return
-    except PermissionError:
-        pass
-    raise CommandError(
-        f"the agent (pid {pid_file.read_text().strip()}) is running with this state; stop it "
-        "first, because it rewrites the state file"
-    )
+        lock = StateFolderLock.acquire(directory, label, fix)
+    except StartupError as error:
+        raise CommandError(str(error), EXIT_FAILURE) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -10,6 +10,7 @@ import pytest
 
 from acsp.cli.main import main
 from agents.state import StateStore
+from agents.state_lock import StateFolderLock
 
 KEY = "acme.eu-1.node-1"
 
@@ -44,9 +45,14 @@ def test_clear_health_refuses_while_agent_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_state(tmp_path)
-    (tmp_path / "agent.pid").write_text(f"{os.getpid()}\n")
-    assert main(["agent", "clear-health", "GPU-b", "--state-dir", str(tmp_path)]) == 1
-    assert "stop it first" in capsys.readouterr().err
+    lock = StateFolderLock.acquire(tmp_path)
+    try:
+        assert main(["agent", "clear-health", "GPU-b", "--state-dir", str(tmp_path)]) == 1
+    finally:
+        lock.release()
+    error = capsys.readouterr().err
+    assert f"in use by the agent (pid {os.getpid()})" in error
+    assert "stop the agent first" in error
     assert StateStore(tmp_path / "state.json").node(KEY).health["GPU-b"] == ["xid:79"]
 
 
