@@ -49,38 +49,52 @@ async def usage_project(
     For program office and service callers it is ``project_id`` unchanged, which may be empty.
     Anyone else must name a project, a grant or a job, all of one project they are a member
     of, and gets that project. ``fields`` are the request's fields that name one, for the
-    error message. Raises NotFound naming the job, else the grant, else the project given
-    when one is unknown or belongs to a project the caller is not a member of, and
-    PermissionDenied when none is given.
+    error message. Raises NotFound for a project, grant or job that is unknown, that
+    belongs to a project the caller is not a member of, or that belongs to another project
+    than the other ids given. Raises PermissionDenied when none is given.
     """
     if sees_every_project(principal):
         return project_id
-    if grant_id:
-        grant = await directory.grant_info(grant_id)
-        # A grant of another project is reported as not found, as the grant service reports
-        # what the caller may not see.
-        if grant is None or (project_id and grant.project_id != project_id):
-            raise NotFound("grant", grant_id)
-        project_id = grant.project_id
-    if job_id:
-        async with db.acquire() as conn:
-            job_project = await conn.fetchval(
-                "SELECT project_id FROM metering.jobs WHERE job_id = $1 LIMIT 1", job_id
-            )
-        if not job_project or (project_id and job_project != project_id):
-            raise NotFound("job", job_id)
-        project_id = job_project
-    if not project_id:
+    if not (project_id or grant_id or job_id):
         raise PermissionDenied(
             f"a filter is required: set {' or '.join(fields)} to name usage of a project you "
             "are a member of, because only the program office and services may read the usage "
             "of every project"
         )
-    project = await directory.project(project_id)
-    if project is None or principal.subject not in project.subjects:
-        if job_id:
-            raise NotFound("job", job_id)
-        if grant_id:
-            raise NotFound("grant", grant_id)
-        raise NotFound("project", project_id)
+    # Each id is checked on its own before the ids are compared, so that an id the caller may
+    # not read gets the same error as an id that does not exist, whatever else the request
+    # names.
+    if project_id:
+        await _require_member(principal, directory, project_id, "project", project_id)
+    if grant_id:
+        grant = await directory.grant_info(grant_id)
+        grant_project = grant.project_id if grant is not None else ""
+        await _require_member(principal, directory, grant_project, "grant", grant_id)
+        if project_id and grant_project != project_id:
+            raise NotFound("grant", grant_id, f"no such grant in project {project_id!r}")
+        project_id = grant_project
+    if job_id:
+        async with db.acquire() as conn:
+            job_project = await conn.fetchval(
+                "SELECT project_id FROM metering.jobs WHERE job_id = $1 LIMIT 1", job_id
+            )
+        await _require_member(principal, directory, job_project or "", "job", job_id)
+        if project_id and job_project != project_id:
+            raise NotFound("job", job_id, f"no such job in project {project_id!r}")
+        project_id = job_project
     return project_id
+
+
+async def _require_member(
+    principal: Principal,
+    directory: ProjectDirectory,
+    project_id: str,
+    kind: str,
+    object_id: str,
+) -> None:
+    """Raise NotFound for ``kind`` ``object_id`` unless ``principal`` is a member of
+    ``project_id``, the project it belongs to. An empty ``project_id`` means that the object
+    does not exist."""
+    project = await directory.project(project_id) if project_id else None
+    if project is None or principal.subject not in project.subjects:
+        raise NotFound(kind, object_id)

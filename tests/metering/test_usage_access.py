@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from acsp.cli import usage as usage_cli
 from acsp.cli.main import main
 from acsp.subjects import usage_subject
-from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
+from acsp.v1 import common_pb2, grant_pb2, metering_pb2, metering_pb2_grpc
 from services.metering.attempts import AttemptFacts, record_attempt
 from services.metering.service import build_service
 from services.metering.settings import MeteringSettings
@@ -52,10 +52,10 @@ class Callers:
         self.stub = metering_pb2_grpc.MeteringServiceStub(channel)
         self.address = address
         """The metering service's address, for blocking calls such as the CLI makes."""
-        self._grant = grant
+        self.grant = grant
 
     def metadata(self, subject: str, *roles: str) -> list[tuple[str, str]]:
-        token = mint_token(self._grant.key, subject, list(roles), institution="uni-a")
+        token = mint_token(self.grant.key, subject, list(roles), institution="uni-a")
         return [("authorization", f"Bearer {token}")]
 
     async def usage(
@@ -290,6 +290,59 @@ async def test_job_of_other_project_looks_unknown(callers: tuple[Callers, str]) 
     assert answers[0] == (grpc.StatusCode.NOT_FOUND, "job 'job-a' not found")
     assert answers[1] == answers[0]
     assert answers[2] == (grpc.StatusCode.NOT_FOUND, "job 'job-z' not found")
+
+
+async def test_grant_of_other_project_looks_unknown(
+    callers: tuple[Callers, str], db: Database
+) -> None:
+    client, grant_id = callers
+    await _carol_with_job(client, db)
+    carol = {"metadata": client.metadata("carol", "pi"), "timeout": 20}
+    # Carol names her own job or project with a grant of proj-a, then with an unknown grant.
+    for grant in (grant_id, f"g-{uuid.uuid4().hex}"):
+        charges = metering_pb2.ListChargesRequest(job_id="job-c", grant_id=grant)
+        usage = metering_pb2.QueryUsageRequest(range=_window(), project_id="proj-c", grant_id=grant)
+        for call in (
+            client.stub.ListCharges(charges, **carol),
+            client.stub.QueryUsage(usage, **carol),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call
+            assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+            assert raised.value.details() == f"grant {grant!r} not found"
+    assert await client.charged_jobs("carol", "pi", job_id="job-c") == []
+
+
+async def _carol_with_job(client: Callers, db: Database) -> None:
+    """Create project proj-c of PI carol, and store an attempt of its job job-c."""
+    pi = client.grant.stub("carol", ["pi"], "uni-a")
+    await pi.CreateProject(
+        grant_pb2.CreateProjectRequest(
+            request_id=uuid.uuid4().hex,
+            project=grant_pb2.Project(
+                project_id="proj-c",
+                institution_id="uni-a",
+                display_name="Project C",
+                pi_subject="carol",
+            ),
+        )
+    )
+    async with db.acquire() as conn:
+        await record_attempt(
+            conn,
+            AttemptFacts(
+                job_id="job-c",
+                attempt=0,
+                hold_id="hold-job-c",
+                grant_id="g-c",
+                project_id="proj-c",
+                institution_id="uni-a",
+                started_at=T0,
+                ended_at=T0 + timedelta(minutes=1),
+                end_reason="completed",
+                cause="test",
+            ),
+        )
 
 
 def _as_mallory(client: Callers) -> dict[str, Any]:
