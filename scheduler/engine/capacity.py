@@ -47,6 +47,11 @@ class CapacityPlan:
     def add_pledge(self, pledge: Pledge) -> None:
         if pledge.protected < 0 or pledge.recallable < 0:
             raise InvalidInputError(f"pledge {pledge.pledge_id}: counts must be >= 0")
+        if not math.isfinite(pledge.start) or not math.isfinite(pledge.end):
+            raise InvalidInputError(
+                f"pledge {pledge.pledge_id}: start ({pledge.start}) and end ({pledge.end}) "
+                "must be finite numbers of seconds"
+            )
         if pledge.end <= pledge.start:
             raise InvalidInputError(f"pledge {pledge.pledge_id}: end must be after start")
         self.remove_pledge(pledge.pledge_id)
@@ -63,6 +68,15 @@ class CapacityPlan:
     def add_recall(self, recall: RecallAnnounced) -> None:
         if recall.count < 0:
             raise InvalidInputError(f"recall {recall.recall_id}: count must be >= 0")
+        until = recall.until
+        if not math.isfinite(recall.effective_at) or (
+            until is not None and not math.isfinite(until)
+        ):
+            raise InvalidInputError(
+                f"recall {recall.recall_id}: effective_at ({recall.effective_at}) and until "
+                f"({until}) must be finite numbers of seconds. Set until to None for a recall "
+                "that lasts until RecallEnded."
+            )
         self.recalls[recall.recall_id] = recall
 
     def cap(self, pool: Pool, now: float) -> PoolCap:

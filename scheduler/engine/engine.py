@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
@@ -287,6 +288,10 @@ class Engine:
     # Internals shared with the pass.
 
     def _advance(self, now: float) -> None:
+        if not math.isfinite(now):
+            raise InvalidInputError(
+                f"now is {now}, not a finite number of seconds. Pass the current time."
+            )
         if self.clock is not None and now < self.clock:
             raise InvalidInputError(
                 f"now={now} is earlier than the last time the engine saw ({self.clock})"

@@ -180,8 +180,24 @@ class JobSpec:
             raise InvalidInputError(
                 f"job {self.job_id}: millis_per_task={millis} must be 1..999 or a multiple of 1000"
             )
-        if self.wall_time_s is not None and self.wall_time_s <= 0:
+        if not math.isfinite(self.submit_time):
+            raise InvalidInputError(
+                f"job {self.job_id}: submit_time is {self.submit_time}, not a finite number of "
+                "seconds. Set it to the time the job was submitted."
+            )
+        wall_time = self.wall_time_s
+        if wall_time is not None and not math.isfinite(wall_time):
+            raise InvalidInputError(
+                f"job {self.job_id}: wall_time_s is {wall_time}, not a finite number of seconds. "
+                "Set it to a limit > 0, or to None for a job without a limit."
+            )
+        if wall_time is not None and wall_time <= 0:
             raise InvalidInputError(f"job {self.job_id}: wall_time_s must be > 0 when set")
+        if self.start_at is not None and not math.isfinite(self.start_at):
+            raise InvalidInputError(
+                f"job {self.job_id}: start_at is {self.start_at}, not a finite number of "
+                "seconds. Set it to the start of the advance reservation, or to None."
+            )
         if self.allow_cross_provider and self.cross_provider_denied_by:
             raise InvalidInputError(
                 f"job {self.job_id}: cross_provider_denied_by must be empty when "
@@ -234,13 +250,20 @@ class EngineConfig:
     def validate(self) -> None:
         if self.half_life_s is None:
             raise InvalidInputError("half_life_s: must be set (seconds of fair-share decay)")
-        if self.half_life_s <= 0:
-            raise InvalidInputError(f"half_life_s: {self.half_life_s} must be > 0 seconds")
-        if self.preemption_grace_s < 0:
-            raise InvalidInputError("preemption_grace_s: must be >= 0 seconds")
+        if not math.isfinite(self.half_life_s) or self.half_life_s <= 0:
+            raise InvalidInputError(
+                f"half_life_s: {self.half_life_s} must be a finite number of seconds > 0"
+            )
+        if not math.isfinite(self.preemption_grace_s) or self.preemption_grace_s < 0:
+            raise InvalidInputError(
+                f"preemption_grace_s: {self.preemption_grace_s} must be a finite number of "
+                "seconds >= 0"
+            )
         if self.reservation_depth < 0:
             raise InvalidInputError("reservation_depth: must be >= 0")
         if self.preemptions_per_pass < 0:
             raise InvalidInputError("preemptions_per_pass: must be >= 0")
-        if self.default_weight < 0:
-            raise InvalidInputError("default_weight: must be >= 0")
+        if not math.isfinite(self.default_weight) or self.default_weight < 0:
+            raise InvalidInputError(
+                f"default_weight: {self.default_weight} must be a finite number >= 0"
+            )

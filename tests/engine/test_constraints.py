@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -9,9 +10,12 @@ import pytest
 from scheduler.engine import (
     BudgetChanged,
     Engine,
+    EngineConfig,
     InvalidInputError,
     ModelConstraint,
+    Pledge,
     ReasonCode,
+    RecallAnnounced,
 )
 from tests.engine.helpers import job, make_engine, node, placed, reasons
 
@@ -184,7 +188,18 @@ def test_every_pending_job_has_one_reason() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("task_count", 0), ("millis_per_task", 1500), ("millis_per_task", 0), ("wall_time_s", 0.0)],
+    [
+        ("task_count", 0),
+        ("millis_per_task", 1500),
+        ("millis_per_task", 0),
+        ("wall_time_s", 0.0),
+        ("wall_time_s", math.nan),
+        ("wall_time_s", math.inf),
+        ("submit_time", math.inf),
+        ("submit_time", math.nan),
+        ("start_at", math.nan),
+        ("start_at", -math.inf),
+    ],
 )
 def test_invalid_job_is_rejected(field: str, value: object) -> None:
     engine = mixed_engine()
@@ -192,6 +207,54 @@ def test_invalid_job_is_rejected(field: str, value: object) -> None:
     with pytest.raises(InvalidInputError, match=field):
         engine.submit(spec)
     assert engine.pending() == []
+
+
+def test_non_finite_time_is_rejected() -> None:
+    engine = mixed_engine()
+    engine.submit(job("ok"))
+
+    with pytest.raises(InvalidInputError, match="now is nan"):
+        engine.schedule(math.nan)
+    with pytest.raises(InvalidInputError, match="now is inf"):
+        engine.schedule(math.inf)
+    assert engine.clock is None
+    assert "ok" in placed(engine.schedule(0.0))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("half_life_s", math.nan),
+        ("half_life_s", math.inf),
+        ("preemption_grace_s", math.nan),
+        ("preemption_grace_s", math.inf),
+        ("default_weight", math.nan),
+    ],
+)
+def test_invalid_config_is_rejected(field: str, value: float) -> None:
+    settings = {"half_life_s": 3600.0, field: value}
+
+    with pytest.raises(InvalidInputError, match=field):
+        Engine(EngineConfig(**settings))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("start", "end"), [(math.nan, 10.0), (0.0, math.nan), (0.0, math.inf)])
+def test_non_finite_pledge_is_rejected(start: float, end: float) -> None:
+    engine = mixed_engine()
+
+    with pytest.raises(InvalidInputError, match="finite"):
+        engine.add_pledge(Pledge("pl", "p1", "r1", "A100-SXM4-80GB", 1, 1, start, end))
+    assert engine.capacity.pledges == {}
+
+
+@pytest.mark.parametrize(("effective_at", "until"), [(math.nan, None), (0.0, math.nan)])
+def test_non_finite_recall_is_rejected(effective_at: float, until: float | None) -> None:
+    engine = mixed_engine()
+    recall = RecallAnnounced("rc", "p1", "r1", "A100-SXM4-80GB", 1, effective_at, until)
+
+    with pytest.raises(InvalidInputError, match="finite"):
+        engine.apply(recall)
+    assert engine.capacity.recalls == {}
 
 
 def test_unknown_model_is_rejected() -> None:
