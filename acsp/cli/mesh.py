@@ -274,12 +274,16 @@ def _print_banner(info: MeshInfo) -> None:
     for name, endpoint in info.endpoints.items():
         lines.append(f"  {name:<10} {endpoint}   SERVING")
     lines.append(f"  {'postgres':<10} {info.database_url}")
+    if info.database_password_file is not None:
+        lines.append(f"  {'':<10} its password: {info.database_password_file}")
     cluster = cluster_dir_for(info.data_dir)
     if cluster.exists() and info.data_dir not in cluster.parents:
         # As root the server's own user may not reach the data dir, so its files live elsewhere.
         lines.append(f"  {'':<10} its files: {cluster} (outside the data dir)")
+    lines.append(f"  {'nats':<10} {info.nats_url}")
+    if info.nats_password_file is not None:
+        lines.append(f"  {'':<10} user {info.nats_user}, password: {info.nats_password_file}")
     lines += [
-        f"  {'nats':<10} {info.nats_url}",
         f"  {'CA':<10} {info.ca_cert}",
         f"  {'mesh file':<10} {info.data_dir / 'mesh.json'}",
         f"  {'logs':<10} {info.data_dir / 'logs'}",

