@@ -655,9 +655,18 @@ def register(subparsers: Any) -> None:
         help="continue after this entry id, as the 'more:' line of the previous page gives it",
     )
 
-    p = command("delegate", run_delegate, "delegate part of a grant to a member (PI only)")
+    p = command(
+        "delegate", run_delegate, "delegate part of a grant to a member or sub-project (PI only)"
+    )
     p.add_argument("grant")
-    p.add_argument("--holder", required=True, help="member subject or sub-project name")
+    p.add_argument(
+        "--holder",
+        required=True,
+        help=(
+            "member subject or sub-project name. Only the holder and the project's PI may "
+            "draw on the sub-allocation"
+        ),
+    )
     p.add_argument("--pf-days", required=True, help="PF-days to delegate, e.g. 12.5")
     p.add_argument("--parent", help="parent sub-allocation (default: the grant itself)")
     idempotent(p)

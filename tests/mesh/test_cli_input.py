@@ -302,6 +302,15 @@ def test_pledge_help_names_count_cap(capsys: pytest.CaptureFixture[str]):
     assert f"recall with notice, 0 to {MAX_PLEDGE_ACCELERATORS}" in out
 
 
+def test_delegate_help_names_sub_projects(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        main.main(["grants", "delegate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "delegate part of a grant to a member or sub-project (PI only)" in out
+    assert "member subject or sub-project name" in out
+    assert "Only the holder and the project's PI may draw on" in out
+
+
 def test_logs_options_accept_their_maximum():
     assert job_logs.task_index(str(MAX_TASKS - 1)) == MAX_TASKS - 1
     assert job_logs.byte_count(str(MAX_OUTPUT_BYTES)) == MAX_OUTPUT_BYTES
