@@ -464,6 +464,28 @@ async def test_supplement_once_and_half_limit(grant_service: RunningGrant) -> No
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_supplement_checks_role_before_grant(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    grant_id = await standard_grant(grant_service, "100")
+    office = grant_service.stub("office", ["program_office"])
+    alice = grant_service.stub("alice", ["pi"], "uni-a")
+    await office.SupplementGrant(
+        grant_pb2.SupplementGrantRequest(
+            request_id=rid(), grant_id=grant_id, amount_pf_days=dec("10"), reason="more"
+        )
+    )
+    # A PI gets PERMISSION_DENIED whether the grant was supplemented or does not exist.
+    for target in (grant_id, "grant-unknown"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await alice.SupplementGrant(
+                grant_pb2.SupplementGrantRequest(
+                    request_id=rid(), grant_id=target, amount_pf_days=dec("1"), reason="again"
+                )
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, target
+        assert "only the program_office role" in (caught.value.details() or ""), target
+
+
 async def test_history_pages_in_order(grant_service: RunningGrant) -> None:
     await setup_project(grant_service)
     grant_id = await standard_grant(grant_service, "100")
