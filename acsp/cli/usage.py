@@ -34,7 +34,7 @@ from acsp.cli._common import (
     table_text,
     whole_number,
 )
-from acsp.cli.usage_arrays import array_element_ids
+from acsp.cli.usage_arrays import job_records
 from acsp.v1 import common_pb2, grant_pb2, metering_pb2, metering_pb2_grpc
 
 GROUPINGS = {
@@ -226,34 +226,12 @@ def run_charges(args: argparse.Namespace) -> int:
         _filter_required(bool(args.grant or args.job), "charges", options),
         open_metering(args) as metering,
     ):
-        missing: grpc.RpcError | None = None
-        try:
-            charges = _list_charges(metering, args, args.job or "")
-        except grpc.RpcError as error:
-            if not args.job or error.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            charges, missing = [], error
-        if args.job and not charges:
-            # Metering stores the elements of an array as jobs, so an array id finds no job there.
-            try:
-                elements = array_element_ids(args, args.job)
-            except grpc.RpcError as error:
-                if missing is not None:
-                    raise
-                # Metering reported no missing job, so its empty listing is shown unchecked.
-                sys.stderr.write(
-                    f"note: could not check whether {args.job} is a job array "
-                    f"({error.code().name}: {error.details()}); listing the job's own charges\n"
-                )
-                elements = None
-            if elements is None and missing is not None:
-                raise missing
-            if elements is not None:
-                sys.stderr.write(
-                    f"note: {args.job} is a job array; listing the charges of its "
-                    f"{len(elements)} elements that started\n"
-                )
-                charges = _element_charges(metering, args, elements)
+        if args.job:
+            charges = job_records(
+                args, "charges", lambda job_id: _list_charges(metering, args, job_id)
+            )
+        else:
+            charges = _list_charges(metering, args, "")
     records = [
         {
             "charge": charge.charge_id,
@@ -286,25 +264,6 @@ def _list_charges(
     return [charge for response in _pages(fetch, args) for charge in response.charges]
 
 
-def _element_charges(
-    metering: metering_pb2_grpc.MeteringServiceStub,
-    args: argparse.Namespace,
-    element_ids: list[str],
-) -> list[metering_pb2.Charge]:
-    """Return the charges of each array element in turn, skipping elements metering lacks."""
-    # NOTE: this costs one ListCharges call per started element, because the request takes
-    # one job id.
-    charges: list[metering_pb2.Charge] = []
-    for element_id in element_ids:
-        try:
-            charges += _list_charges(metering, args, element_id)
-        except grpc.RpcError as error:
-            # An element that started moments ago may have no attempt in metering yet.
-            if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-    return charges
-
-
 def refund_row(refund: metering_pb2.RefundRecord) -> dict[str, Any]:
     """Build the output row of one refund."""
     return {
@@ -331,16 +290,13 @@ def run_refunds(args: argparse.Namespace) -> int:
         _filter_required(bool(args.job or args.provider), "refunds", options),
         open_metering(args) as metering,
     ):
-
-        def fetch(page: common_pb2.PageRequest) -> metering_pb2.ListRefundsResponse:
-            return metering.ListRefunds(
-                metering_pb2.ListRefundsRequest(
-                    provider_id=args.provider or "", job_id=args.job or "", page=page
-                )
+        if args.job:
+            refunds = job_records(
+                args, "refunds", lambda job_id: _list_refunds(metering, args, job_id)
             )
-
-        for response in _pages(fetch, args):
-            records.extend(refund_row(refund) for refund in response.refunds)
+        else:
+            refunds = _list_refunds(metering, args, "")
+        records.extend(refund_row(refund) for refund in refunds)
     columns = [
         "refund",
         "job",
@@ -353,6 +309,21 @@ def run_refunds(args: argparse.Namespace) -> int:
     ]
     print_records(records, columns, output_format=args.format, title="refunds")
     return EXIT_OK
+
+
+def _list_refunds(
+    metering: metering_pb2_grpc.MeteringServiceStub, args: argparse.Namespace, job_id: str
+) -> list[metering_pb2.RefundRecord]:
+    """Return the refunds of ``job_id`` (or of every job, when empty) and of ``--provider``."""
+
+    def fetch(page: common_pb2.PageRequest) -> metering_pb2.ListRefundsResponse:
+        return metering.ListRefunds(
+            metering_pb2.ListRefundsRequest(
+                provider_id=args.provider or "", job_id=job_id, page=page
+            )
+        )
+
+    return [refund for response in _pages(fetch, args) for refund in response.refunds]
 
 
 def run_efficiency(args: argparse.Namespace) -> int:
@@ -619,7 +590,7 @@ def register(subparsers: Any) -> None:
 
     p = command("refunds", run_refunds, "refunds of time lost to faults and recalls")
     p.add_argument("--provider", help="only this provider's refunds")
-    p.add_argument("--job", help="only this job")
+    p.add_argument("--job", help="only this job, or the elements of this job array")
     paged(p)
 
     p = command("efficiency", run_efficiency, "utilization per job and waste flags")

@@ -113,7 +113,7 @@ class _ArrayScheduler:
 
 
 class _ElementMetering:
-    """Charges of ``arr-0`` and ``arr-1``; any other job id is not found."""
+    """Charges and refunds of ``arr-0`` and ``arr-1``; any other job id is not found."""
 
     def __init__(self) -> None:
         self.asked: list[str] = []
@@ -126,6 +126,15 @@ class _ElementMetering:
             raise _NotFoundError(request.job_id)
         charge = metering_pb2.Charge(charge_id=f"c-{request.job_id}", job_id=request.job_id)
         return metering_pb2.ListChargesResponse(charges=[charge])
+
+    def ListRefunds(
+        self, request: metering_pb2.ListRefundsRequest
+    ) -> metering_pb2.ListRefundsResponse:
+        self.asked.append(request.job_id)
+        if request.job_id not in ("arr-0", "arr-1"):
+            raise _NotFoundError(request.job_id)
+        refund = metering_pb2.RefundRecord(refund_id=f"r-{request.job_id}", job_id=request.job_id)
+        return metering_pb2.ListRefundsResponse(refunds=[refund])
 
 
 def _stubs(monkeypatch: pytest.MonkeyPatch) -> _ElementMetering:
@@ -156,6 +165,32 @@ def test_charges_of_array_list_elements(
     assert "c-arr-0,arr-0" in out
     assert "c-arr-1,arr-1" in out
     assert "arr is a job array" in err
+
+
+def test_refunds_of_array_list_elements(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    metering = _stubs(monkeypatch)
+    argv = ["usage", "refunds", "--job", "arr", "--format", "csv", "--data-dir", str(tmp_path)]
+    code = main.main(argv)
+    out, err = capsys.readouterr()
+    assert code == _common.EXIT_OK
+    assert metering.asked == ["arr", "arr-0", "arr-1"]
+    assert "r-arr-0,arr-0" in out
+    assert "r-arr-1,arr-1" in out
+    assert "arr is a job array; listing the refunds of its 2 elements that started" in err
+    assert "acsp jobs list --array arr lists every element" in err
+
+
+def test_refunds_of_unknown_job_not_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    _stubs(monkeypatch)
+    code = main.main(["usage", "refunds", "--job", "nope", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code != _common.EXIT_OK
+    assert "job 'nope' not found" in err
+    assert "job array" not in err
 
 
 def test_charges_of_unknown_job_not_found(
