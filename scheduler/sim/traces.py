@@ -117,14 +117,26 @@ def load_openb_pods(
 
 def load_openb_nodes(path: Path = OPENB_NODES) -> list[NodeSpec]:
     """Load a node list: ``sn``, ``gpu``, ``model`` and optional ``provider``, ``region``,
-    ``domain`` columns (openb has none of them: provider ``alibaba``, region ``openb``)."""
+    ``domain`` columns (openb has none of them: provider ``alibaba``, region ``openb``).
+
+    Raises ValueError naming the line of a row whose ``sn`` repeats an earlier row's, because
+    the engine keys nodes by that name.
+    """
     nodes: list[NodeSpec] = []
+    first_lines: dict[str, int] = {}
     with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
+        reader = csv.DictReader(handle)
+        for row in reader:
             count = int(row["gpu"])
             if count <= 0:
                 continue
             name = row["sn"]
+            first_line = first_lines.setdefault(name, reader.line_num)
+            if first_line != reader.line_num:
+                raise ValueError(
+                    f"line {reader.line_num}: node {name} is already on line {first_line}; give "
+                    "each node its own sn, or list the node once with all its accelerators"
+                )
             nodes.append(
                 NodeSpec(
                     node_id=name,

@@ -109,6 +109,23 @@ def test_simulate_rejects_fleet_without_nodes(
     assert "--fleet" in capsys.readouterr().err
 
 
+def test_simulate_rejects_repeated_fleet_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_text("sn,cpu_milli,memory_mib,gpu,model\nd1,1,1,2,T4\nd2,1,1,0,\nd1,1,1,2,T4\n")
+    out = tmp_path / "out"
+
+    status = main(["simulate", "--fleet", str(fleet), "--out", str(out), "--no-plots"])
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"--fleet {fleet}" in err
+    assert "line 4: node d1 is already on line 2" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
 def test_simulate_rejects_out_that_is_a_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
