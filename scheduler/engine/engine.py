@@ -9,7 +9,7 @@ from dataclasses import replace
 from scheduler.engine import events as ev
 from scheduler.engine.capacity import CapacityPlan
 from scheduler.engine.catalog import Catalog
-from scheduler.engine.decisions import ScheduleResult, TaskPlacement
+from scheduler.engine.decisions import Cause, ScheduleResult, TaskPlacement
 from scheduler.engine.fairshare import FairShare, Level
 from scheduler.engine.fleet import Fleet, NodeRecord
 from scheduler.engine.handlers import HANDLERS
@@ -224,6 +224,25 @@ class Engine:
             # No change count: the mark frees nothing, so a pass that skips the waiting jobs
             # because nothing changed still decides the same.
             record.stopping = True
+
+    def mark_preempted(self, job_id: str, cause: Cause, cause_id: str) -> None:
+        """Record that a running job stops for a preemption decision an earlier engine made.
+
+        For a service that rebuilds the engine after a restart. The job is marked stopping and
+        is not chosen again for ``cause``. For a priority preemption, the preempting job
+        ``cause_id``, while it is pending, waits for this job to stop before it preempts
+        others, and keeps the room the stop frees, as it did before the restart. So call this
+        after the preempting job is submitted. A job that is not running changes nothing.
+        """
+        record = self.jobs.get(job_id)
+        if record is None or not record.running:
+            return
+        record.stopping = True
+        record.preempted_by.add((cause, cause_id))
+        preemptor = self.jobs.get(cause_id) if cause is Cause.PRIORITY else None
+        if preemptor is not None and not preemptor.running:
+            preemptor.awaiting_victims = preemptor.awaiting_victims | {job_id}
+            self.changes += 1
 
     def set_payer(self, job_id: str, payer: str) -> None:
         """Record ``payer`` as what pays the holds of ``job_id``'s later attempts, so that its

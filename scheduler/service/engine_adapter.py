@@ -209,6 +209,23 @@ def node_to_engine(node: NodeView) -> es.NodeSpec:
     )
 
 
+def preemption_message(decision: d.Preempt) -> str:
+    """Return how a preempted job's stop reason names ``decision``: ``<cause> <cause id>``."""
+    return f"{decision.cause} {decision.cause_id}"
+
+
+def preemption_of(message: str) -> tuple[d.Cause, str] | None:
+    """Return the cause and cause id in a message of :func:`preemption_message`, or None when
+    ``message`` is not one."""
+    cause, _, cause_id = message.partition(" ")
+    if not cause_id:
+        return None
+    try:
+        return d.Cause(cause), cause_id
+    except ValueError:
+        return None
+
+
 def preempt_trigger(decision: d.Preempt) -> str:
     """Return the trigger recorded for a preemption, ``recall:<id>`` for a recall."""
     if decision.cause is d.Cause.PROVIDER_RECALL:
@@ -521,6 +538,14 @@ class EngineAdapter:
         it loses meanwhile frees none of the accelerators its other tasks still hold."""
         self.engine.mark_stopping(job_id)
 
+    def mark_preempted(self, job_id: str, message: str) -> None:
+        """Tell the engine that a reloaded running job stops for the preemption that
+        ``message`` (from :func:`preemption_message`) names, so that a job that preempted it
+        waits for it again. Another message changes nothing."""
+        found = preemption_of(message)
+        if found is not None:
+            self.engine.mark_preempted(job_id, *found)
+
     def running_in_engine(self, job_id: str) -> bool:
         record = self.engine.jobs.get(job_id)
         return record is not None and record.running
@@ -626,7 +651,7 @@ class EngineAdapter:
                     out.requeues.append((decision.job_id, decision.message))
             elif isinstance(decision, d.Preempt):
                 grace = max(0, int(decision.deadline - now))
-                message = f"{decision.cause} {decision.cause_id}"
+                message = preemption_message(decision)
                 out.preempts.append((decision.job_id, grace, message, preempt_trigger(decision)))
             elif isinstance(decision, d.ReplaceTask):
                 task = placement_from_engine(decision.task)

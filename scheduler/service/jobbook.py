@@ -49,6 +49,8 @@ _RAN = ("started", "exited")
 """Task states of a task that has started."""
 REQUEUE = "requeue"
 """Stop outcome of a preempted job, which is queued again once its tasks stopped."""
+PREEMPTED = "preempted: "
+"""Start of a preempted job's stop reason, which the preemption's message follows."""
 _STOP_OUTCOMES: dict[str, JobState] = {
     "completed": "completed",
     "failed": "failed",
@@ -154,6 +156,7 @@ class JobBook:
 
     def add(self, jobs: list[Job], now: float) -> None:
         """Add submitted or reloaded jobs: pending ones are queued, others hold their place."""
+        preempted: list[Job] = []
         for job in jobs:
             if job.job_id in self.jobs:
                 continue
@@ -193,6 +196,11 @@ class JobBook:
                 self.engine.mark_stopping(job.job_id)
                 if not live:
                     self._settle_reloaded.append(job.job_id)
+                elif outcome is None and job.reason.startswith(PREEMPTED):
+                    preempted.append(job)
+        # After the loop, because a job that preempted others may come after them.
+        for job in preempted:
+            self.engine.mark_preempted(job.job_id, job.reason.removeprefix(PREEMPTED))
 
     def _wait_for_dependencies(self, job: Job) -> bool:
         """Keep ``job`` out of the engine while jobs it names have not completed; return
@@ -387,7 +395,7 @@ class JobBook:
         for job_id, task, lost_node in result.replacements:
             self.replace_task(job_id, task, lost_node, fx)
         for job_id, grace_s, message, trigger in result.preempts:
-            self.stop(job_id, None, f"preempted: {message}", grace_s, trigger, fx)
+            self.stop(job_id, None, f"{PREEMPTED}{message}", grace_s, trigger, fx)
 
     def replace_task(self, job_id: str, task: TaskPlacement, lost_node: str, fx: Effects) -> None:
         """Start a task lost with ``lost_node`` on the new accelerators the engine gave it.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from scheduler.engine import (
     AcceleratorFailed,
     Cause,
@@ -14,6 +16,7 @@ from scheduler.engine import (
     PriorityClass,
     RecallAnnounced,
     ScheduleResult,
+    TaskPlacement,
     TasksStopped,
     Topology,
 )
@@ -323,13 +326,16 @@ def full_fleet_of_preemptible(jobs: int = 16) -> Engine:
     return engine
 
 
-def run_until_placed(engine: Engine, job_id: str, now: float) -> list[str]:
+def run_until_placed(
+    engine: Engine, job_id: str, now: float, stopping: Sequence[str] = ()
+) -> list[str]:
     """Run passes until ``job_id`` is placed, ending one preempted job after each pass.
 
-    Returns the preempted jobs in the order of their preemption.
+    ``stopping`` are jobs preempted before the first pass. Returns the jobs preempted by
+    these passes in the order of their preemption.
     """
     preempted: list[str] = []
-    stopping: list[str] = []
+    stopping = list(stopping)
     for _ in range(40):
         result = engine.schedule(now)
         for decision in preempts(result):
@@ -378,3 +384,36 @@ def test_preemptor_keeps_free_room_meanwhile() -> None:
     assert len(preempted) == 1
     assert "gang" in engine.running()
     assert "late" in engine.pending()
+
+
+def placed_tasks(engine: Engine, job_id: str) -> list[TaskPlacement]:
+    """Return the placement of the running ``job_id`` as :meth:`Engine.adopt` takes it."""
+    tasks = engine.jobs[job_id].tasks
+    assert tasks is not None
+    placements = []
+    for index, allocation in sorted(tasks.items()):
+        spec = allocation.node.spec
+        accelerators = tuple(spec.accelerator_ids[i] for i in allocation.indices)
+        placements.append(TaskPlacement(index, spec.node_id, accelerators, allocation.millis))
+    return placements
+
+
+def test_restored_preemption_keeps_preemptor_waiting() -> None:
+    running = full_fleet_of_preemptible()
+    engine = make_engine()
+    for index in range(8):
+        engine.add_node(node(f"n{index}", 2))
+    for job_id in running.running():
+        record = running.jobs[job_id]
+        engine.adopt(record.spec, placed_tasks(running, job_id), 0.0)
+    engine.submit(job("gang", tasks=2, priority=PriorityClass.INTERACTIVE, submit=1.0))
+    for victim in ("low00", "low01"):
+        engine.mark_preempted(victim, Cause.PRIORITY, "gang")
+
+    result = engine.schedule(2.0)
+    later = run_until_placed(engine, "gang", 3.0, stopping=["low00", "low01"])
+
+    assert preempts(result) == []
+    assert reasons(result)["gang"] == "priority"
+    assert later == []
+    assert "gang" in engine.running()
