@@ -79,9 +79,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         description=(
             "Start the local mesh and keep it running until Ctrl-C or SIGTERM. Uses the "
             "PostgreSQL and NATS named by ACSP_DATABASE_URL and ACSP_NATS_URL when they are "
-            "set, and starts embedded ones otherwise. A service or the fleet that exits is "
-            "started again on the same port, up to 5 times within 60 s; its next exit stops "
-            "the mesh."
+            "set, and starts embedded ones otherwise. A service, the fleet or the embedded "
+            "NATS that exits is started again on the same port, up to 5 times within 60 s, "
+            "and its next exit stops the mesh. NATS keeps its JetStream store."
         ),
     )
     up.add_argument(

@@ -26,3 +26,15 @@ def is_listening(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def port_free(port: int, host: str = LOOPBACK) -> bool:
+    """Return True if a server could bind ``host:port`` now, as with :func:`free_port`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As servers do, so that connections of an earlier server in TIME_WAIT do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True

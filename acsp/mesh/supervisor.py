@@ -10,11 +10,13 @@ Use it from Python (tests, ``acsp demo``, notebooks)::
 or as ``acsp up``, which runs it until Ctrl-C or SIGTERM. It starts every process in its own
 session, waits until each service reports SERVING via grpc.health.v1, writes the mesh file
 (:mod:`acsp.mesh.endpoints`), and stops what it started in two phases (stop signal, wait,
-SIGKILL) in reverse order. A service or the fleet that exits while the mesh runs is started
-again with the same command line, environment and port, after a delay that doubles with each
-restart. Once one has been restarted ``max_restarts`` times within ``restart_window_s``, its next
-exit ends the wait of :meth:`LocalMesh.wait_failure`, which returns which one died and why. The
-embedded PostgreSQL and NATS are not restarted: their exit ends that wait at once.
+SIGKILL) in reverse order. A service, the fleet or the embedded NATS that exits while the mesh
+runs is started again with the same command line, environment and port, after a delay that
+doubles with each restart. NATS keeps its JetStream store, and its clients (services, agents,
+also agents started by hand) reconnect to the same URL. Once one has been restarted
+``max_restarts`` times within ``restart_window_s``, its next exit ends the wait of
+:meth:`LocalMesh.wait_failure`, which returns which one died and why. The embedded PostgreSQL
+is not restarted: its exit ends that wait at once.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Final, Self
 from acsp._channel import Credentials
 from acsp.mesh import credentials as mesh_credentials
 from acsp.mesh import passwords
-from acsp.mesh._ports import LOOPBACK, free_port
+from acsp.mesh._ports import LOOPBACK, free_port, port_free
 from acsp.mesh._process import (
     ChildProcess,
     become_subreaper,
@@ -66,6 +68,8 @@ SERVICE_MODULES: Final = {
 }
 """The module that ``python -m`` runs for each service."""
 AGENTS_NAME: Final = "agents"
+NATS_PORT_FILE: Final = "nats.port"
+"""File in ``data_dir/run`` with the port of the last embedded NATS."""
 ORPHAN_REAP_INTERVAL_S: Final = 1.0
 """Seconds between checks for exited orphans, which stay zombies until the next check."""
 
@@ -409,6 +413,7 @@ class LocalMesh:
                 self.data_dir / "nats",
                 log_path=self._log_path("nats"),
                 password=passwords.nats_password(self.data_dir),
+                port=self._nats_port(),
             )
             starts.append(self._nats.start(timeout_s))
         results = await asyncio.gather(*starts, return_exceptions=True)
@@ -421,6 +426,22 @@ class LocalMesh:
             nats_url = self._nats.url
         assert database_url is not None and nats_url is not None
         return database_url, nats_url
+
+    def _nats_port(self) -> int:
+        """Pick the port of the embedded NATS: the one of the last start if it is still free.
+
+        Agents started by hand with ``--nats-url`` then reconnect to a mesh started again.
+        """
+        path = self.data_dir / "run" / NATS_PORT_FILE
+        try:
+            port: int | None = int(path.read_text())
+        except (OSError, ValueError):
+            port = None
+        if port is None or not 0 < port < 65536 or not port_free(port):
+            port = free_port()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{port}\n")
+        return port
 
     def _child_env(
         self, spec: ProcessSpec, database_url: str, nats_url: str, endpoints: Mapping[str, str]
@@ -531,7 +552,8 @@ class LocalMesh:
             now = loop.time()
             while restarts and now - restarts[0] > window_s:
                 restarts.popleft()
-            if child not in self._children or len(restarts) >= self.config.max_restarts:
+            restartable = child in self._children or self._is_nats(child)
+            if not restartable or len(restarts) >= self.config.max_restarts:
                 self._fail(child, returncode, len(restarts))
                 return
             delay_s = self.config.restart_delay_s * 2 ** len(restarts)
@@ -590,6 +612,8 @@ class LocalMesh:
                 return False
             # `acsp status` reports the fleet's state by the pid in the mesh file.
             self._write_mesh_file()
+        if self._nats is not None and self._is_nats(child):
+            return await self._wait_nats_again(self._nats)
         endpoint = self.info.endpoints.get(child.name)
         if endpoint is None:
             logger.info("%s is running again (pid %s)", child.name, child.pid)
@@ -610,6 +634,25 @@ class LocalMesh:
             return True
         logger.info("%s is SERVING again at %s (pid %s)", child.name, endpoint, child.pid)
         return True
+
+    async def _wait_nats_again(self, server: EmbeddedNats) -> bool:
+        """Wait until a restarted NATS serves JetStream, and kill it if it does not in time.
+
+        Returns True, as :meth:`_restart` does, so the caller counts a failed start as a restart.
+        """
+        try:
+            await server.wait_ready(self.config.start_timeout_s)
+        except RuntimeError:
+            return True
+        except TimeoutError as exc:
+            logger.warning("%s; killing it to start it again", exc)
+            await server.process.kill()
+            return True
+        logger.info("nats-server serves again at %s (pid %s)", server.url, server.process.pid)
+        return True
+
+    def _is_nats(self, child: ChildProcess) -> bool:
+        return self._nats is not None and child is self._nats.process
 
     def _fail(self, child: ChildProcess, returncode: int, restarts: int) -> None:
         """End the wait of :meth:`wait_failure` with the exit of ``child``."""
