@@ -244,14 +244,6 @@ class Engine:
             preemptor.awaiting_victims = preemptor.awaiting_victims | {job_id}
             self.changes += 1
 
-    def set_payer(self, job_id: str, payer: str) -> None:
-        """Record ``payer`` as what pays the holds of ``job_id``'s later attempts, so that its
-        budget blocks hold the job back (see :attr:`JobSpec.payer`). An unknown job changes
-        nothing."""
-        record = self.jobs.get(job_id)
-        if record is not None and record.spec.payer != payer:
-            record.spec = replace(record.spec, payer=payer)
-
     def release_fences(self, node_id: str, job_id: str, keep_running: bool) -> None:
         """Free the shares of ``job_id`` fenced on ``node_id``, as TasksStopped does.
 

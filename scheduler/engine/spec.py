@@ -141,9 +141,8 @@ class JobSpec:
     no other node has room."""
     payer: str = ""
     """The grant or sub-allocation that pays the job's hold, as budget blocks key it (see
-    :class:`~scheduler.engine.events.BudgetChanged`). Empty for a job that names no grant
-    until a hold is placed, because the grant service picks which grant of the project pays
-    it. The caller then sets the grant it picked, which pays the job's later attempts too."""
+    :class:`~scheduler.engine.events.BudgetChanged`). Empty for a job that names no grant,
+    which the grant service charges to a grant of the project that it picks per hold."""
 
     @property
     def fractional(self) -> bool:

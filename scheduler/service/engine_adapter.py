@@ -142,8 +142,14 @@ def job_to_engine(
 
 def budget_payer(job: Job) -> str:
     """Return the engine's key for what pays ``job``'s hold: ``<grant>``,
-    ``<grant>/<sub-allocation>``, or empty when the job names no grant."""
+    ``<grant>/<sub-allocation>``, or empty when the job names no grant.
+
+    A job that named no grant keeps the empty key after the grant service picked a grant for
+    its hold, because its next attempt names no grant either.
+    """
     spec = job.spec
+    if job.grant_picked:
+        return ""
     if spec.sub_allocation_id:
         return f"{spec.grant_id}/{spec.sub_allocation_id}"
     return spec.grant_id
@@ -590,17 +596,6 @@ class EngineAdapter:
     def lift_budget_block(self, project: str, payer: str) -> None:
         """Let the jobs of ``project`` paid by ``payer`` ask for holds again."""
         self.engine.apply(ev.BudgetChanged(project, True, payer=payer))
-
-    def set_payer(self, job: Job) -> None:
-        """Key the budget blocks of ``job`` by the grant that its spec now names.
-
-        The grant service picked that grant for a job that named none. The holds of the job's
-        later attempts name it, so their rejection blocks that grant, not the project's jobs
-        that name no grant.
-        """
-        self.engine.set_payer(job.job_id, budget_payer(job))
-        if job.job_id in self._dependent:
-            self._dependent[job.job_id] = job
 
     def budget_key(self, job_id: str) -> tuple[str, str] | None:
         """Return the project and payer whose budget block holds ``job_id`` back, or None."""

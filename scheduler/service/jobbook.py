@@ -486,11 +486,11 @@ class JobBook:
 
     def _start(self, job: Job, outcome: HoldOutcome, fx: Effects) -> None:
         spec = job.spec
+        picked = job.grant_picked
         if outcome.grant_id and outcome.grant_id != spec.grant_id:
-            # A job that named no grant is paid by the one the ledger chose, and the holds of
-            # its later attempts name that grant.
+            # A job that named no grant is paid by the one the ledger chose.
             spec = evolve(spec, grant_id=outcome.grant_id)
-            self.engine.set_payer(evolve(job, spec=spec))
+            picked = True
         port = 0
         task_zero = _task_zero(job)
         if task_zero is not None:
@@ -510,6 +510,7 @@ class JobBook:
             hold_amount=outcome.amount,
             spec=spec,
             rendezvous_port=port,
+            grant_picked=picked,
         )
         self.jobs[job.job_id] = starting
         self._starting_since[job.job_id] = fx.now
@@ -904,8 +905,15 @@ class JobBook:
         if release:
             stopping = tuple((t.task_index, t.node_key) for t in live)
             self.engine.requeue(job_id, fx.now, stopping, avoid_nodes)
+        spec = job.spec
+        if job.grant_picked:
+            # The grant that paid this attempt may have ended or run dry, so the grant service
+            # picks again for the next one.
+            spec = evolve(spec, grant_id="")
         requeued = evolve(
             job,
+            spec=spec,
+            grant_picked=False,
             state="pending",
             pending_reason="requeued",
             reason=reason,

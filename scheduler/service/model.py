@@ -220,6 +220,9 @@ class Job:
     rendezvous_port: int = 0
     """Rendezvous port of the current attempt on task 0's node, chosen when its start commands
     go out. 0 before then, and for attempts started before the port was stored."""
+    grant_picked: bool = False
+    """Whether the grant service picked ``spec.grant_id`` for the current attempt's hold,
+    because the job named no grant. The job's next attempt names none again."""
     updated_at: float | None = None
     """When the scheduler recorded the job's latest change, in Unix seconds: the submission
     time, then the clock of each loop turn that changes the job."""

@@ -680,7 +680,8 @@ def _job_from_row(row: asyncpg.Record) -> Job:
     submitted = cast(datetime, row["submitted_at"])
     hold_amount = cast(Decimal | None, row["hold_amount"])
     spec = spec_from_json(row["spec"])
-    if row["grant_id"] and row["grant_id"] != spec.grant_id:
+    picked = bool(row["grant_id"]) and not spec.grant_id
+    if picked:
         # The grant a job that named none is paid by, once its hold is placed.
         spec = replace(spec, grant_id=row["grant_id"])
     return Job(
@@ -708,6 +709,7 @@ def _job_from_row(row: asyncpg.Record) -> Job:
         avoid_nodes=tuple(json.loads(row["avoid_nodes"])),
         attempt_reason=row["attempt_reason"],
         rendezvous_port=row["rendezvous_port"],
+        grant_picked=picked,
         updated_at=from_datetime(row["updated_at"]),
     )
 

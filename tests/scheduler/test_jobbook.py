@@ -221,17 +221,32 @@ def test_sub_allocation_has_own_budget_block() -> None:
     assert book.engine.budget_key(on_allocation.job_id) == ("proj", "g1/s1")
 
 
-def test_paying_grant_keys_later_blocks() -> None:
+def test_requeue_lets_grant_service_pick() -> None:
     book = make_book()
-    # Named no grant: the grant service chose g1 for the first attempt, whose task was lost.
+    # Named no grant: the grant service picked g1 for the first attempt, whose task was lost.
+    requeued = make_job(tasks=1, grant="")
+    place(book, requeued)
+    held(book, requeued)
+    assert book.jobs[requeued.job_id].spec.grant_id == "g1"
+    report(book, requeued, 0, "lost")
+    fx = place(book, requeued, NOW + 4)
+
+    # g1 may have ended or run dry since, so the next hold names no grant again.
+    assert [j.spec.grant_id for j, _ in fx.admit] == [""]
+    assert book.jobs[requeued.job_id].spec.grant_id == ""
+    assert not book.jobs[requeued.job_id].grant_picked
+    assert book.engine.budget_key(requeued.job_id) == ("proj", "")
+
+
+def test_unnamed_rejection_spares_grant_jobs() -> None:
+    book = make_book()
     requeued = make_job(tasks=1, grant="")
     place(book, requeued)
     held(book, requeued)
     report(book, requeued, 0, "lost")
     place(book, requeued, NOW + 4)
-    assert book.jobs[requeued.job_id].spec.grant_id == "g1"
 
-    # Its next hold names g1, and g1 rejects it.
+    # No grant of the project could pay the second hold.
     book.apply_hold(requeued.job_id, 2, HoldOutcome("no_budget", message="none"), Effects(NOW + 5))
     no_grant = make_job(tasks=1, grant="")
     on_g1 = make_job(tasks=1)
@@ -239,9 +254,8 @@ def test_paying_grant_keys_later_blocks() -> None:
     fx = Effects(NOW + 6)
     book.apply_pass(book.engine.schedule(NOW + 6), fx)
 
-    assert [j.job_id for j, _ in fx.admit] == [no_grant.job_id]
-    assert book.jobs[on_g1.job_id].pending_reason == "budget"
-    assert book.engine.budget_key(requeued.job_id) == ("proj", "g1")
+    assert [j.job_id for j, _ in fx.admit] == [on_g1.job_id]
+    assert book.jobs[no_grant.job_id].pending_reason == "budget"
 
 
 def test_budget_retry_lifts_due_blocks() -> None:

@@ -313,6 +313,7 @@ async def test_paying_grant_is_stored(pool: asyncpg.Pool, database_dsn: str) -> 
     stored = await store.get_job(job.job_id)
     assert stored is not None
     assert stored.spec.grant_id == "g9"
+    assert stored.grant_picked
     await lease.release()
 
 
