@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from agents.scratch_sweep import SweepReport, sweep_as
+from agents.scratch_sweep import MAX_DEPTH, SweepReport, sweep_as
 from agents.task_user import TaskUser
 from services.runtime.settings import SettingsError
 
@@ -212,6 +212,14 @@ class ScratchSweeper:
             user.uid,
             ", ".join(map(str, self.folders)),
         )
+        if report.moved:
+            logger.info(
+                "moved %d folders of uid %d that were nested deeper than %d folders up into "
+                "their scratch folder to remove them",
+                report.moved,
+                user.uid,
+                MAX_DEPTH,
+            )
 
 
 def _describe_failures(report: SweepReport) -> str:

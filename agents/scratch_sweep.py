@@ -15,6 +15,18 @@ folders are opened with ``O_NOFOLLOW`` relative to their parent, and a link that
 is removed as a link. It enters no folder on another file system or under another mount point,
 and removes none. It enters other users' folders that it may list, to find the user's files.
 
+A folder of the user's nested deeper than :data:`MAX_DEPTH` folders is moved, as the user, into
+the scratch folder under a fresh name (``.acsp-deep-<uid>-<random hex>``). The walk empties it
+from there once it is done, so no tree of the user's is too deep to remove. The move is
+a ``renameat2(2)`` relative to the open parent and scratch folders with ``RENAME_NOREPLACE``,
+which never follows a link and never crosses a mount. The folder gets mode 0700 first, so that
+no other user can enter it where it lands. A folder that another user swapped in under the
+name before the move is moved back. A folder above a mount point is not moved.
+
+NOTE: the move needs the user's write access to the scratch folder, as ``/tmp``, ``/var/tmp``
+and ``/dev/shm`` give. In a listed folder that the user may not write, a folder of the user's
+deeper than :data:`MAX_DEPTH` still keeps the user out of the pool.
+
 NOTE: a file that the user wrote into another user's folder that it can search but not list
 (mode 0711, say) is not found, yet the user's next job can still open it by its name. So is a
 file below :data:`MAX_DEPTH` folders inside another user's folder.
@@ -24,14 +36,20 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
+import secrets
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 MAX_DEPTH = 128
 """Maximum folder depth below a scratch folder that a sweep enters. Each level keeps two file
-descriptors open, so this bounds the sweep to 256 of them."""
+descriptors open, so this bounds the sweep to 256 of them. A deeper folder of the user's is
+moved up into the scratch folder and emptied from there."""
+
+MOVED_FOLDER_PREFIX = ".acsp-deep-"
+"""Start of the name of a folder that a sweep moved up into the scratch folder."""
 
 MAX_REPORTED_FAILURES = 10
 """Failures listed by path in a report; the others are only counted."""
@@ -54,6 +72,8 @@ class SweepReport:
     failures: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) of the first :data:`MAX_REPORTED_FAILURES` entries that were not removed."""
     failure_count: int = 0
+    moved: int = 0
+    """Folders nested deeper than :data:`MAX_DEPTH` that were moved up into the scratch folder."""
 
     def fail(self, path: str, reason: str) -> None:
         """Record an entry of the user that stays in place."""
@@ -89,8 +109,10 @@ def sweep(
             report.fail(folder, _reason(error))
             continue
         try:
-            walk = _Walk(uid, os.fstat(descriptor).st_dev, mount_points, report, stop_reason)
+            device = os.fstat(descriptor).st_dev
+            walk = _Walk(uid, device, mount_points, report, stop_reason, descriptor, folder)
             walk.empty(descriptor, folder, 0)
+            walk.empty_moved()
         finally:
             os.close(descriptor)
     return report
@@ -110,6 +132,19 @@ def sweep_as(
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+"""``renameat2(2)``, in glibc since 2.28, or None."""
+if _renameat2 is not None:
+    _renameat2.argtypes = (
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    )
+    _renameat2.restype = ctypes.c_int
+_RENAME_NOREPLACE = 1
+"""Flag of ``renameat2(2)`` (``linux/fs.h``): fail with EEXIST if the new name exists."""
 
 
 @contextlib.contextmanager
@@ -147,7 +182,12 @@ class _Walk:
     mount_points: frozenset[str]
     report: SweepReport
     stop_reason: Callable[[], str]
+    root: int
+    """Open descriptor of the scratch folder."""
+    root_path: str
     stopped: bool = False
+    moved: list[str] = field(default_factory=list)
+    """Names in the scratch folder of the folders moved there and not yet emptied."""
 
     def empty(self, descriptor: int, path: str, depth: int) -> None:
         """Remove the user's entries in the open folder ``descriptor`` and in its subfolders."""
@@ -163,6 +203,17 @@ class _Walk:
                     return
                 self.remove(descriptor, entry.name, os.path.join(path, entry.name), depth)
 
+    def empty_moved(self) -> None:
+        """Remove the folders that the walk moved up into the scratch folder, and their entries.
+
+        Runs after the walk of the scratch folder, when no descriptor of a deep tree is open. A
+        moved folder that is again too deep moves again, so each pass goes :data:`MAX_DEPTH` folders
+        further down.
+        """
+        while self.moved and not self.stopped:
+            name = self.moved.pop()
+            self.remove(self.root, name, os.path.join(self.root_path, name), 0)
+
     def _stop(self, path: str) -> bool:
         reason = self.stop_reason()
         if reason:
@@ -173,6 +224,9 @@ class _Walk:
     def remove(self, parent: int, name: str, path: str, depth: int) -> None:
         """Remove ``name`` in the open folder ``parent`` if the user owns it, and look inside
         it if it is a folder."""
+        if depth == 0 and name in self.moved:
+            # Moved up while the scratch folder was being listed, and emptied after the walk.
+            return
         try:
             status = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
@@ -185,6 +239,10 @@ class _Walk:
             return
         owned = status.st_uid == self.uid
         if stat.S_ISDIR(status.st_mode):
+            if depth >= MAX_DEPTH:
+                if owned:
+                    self._move_up(parent, name, path, status)
+                return
             failures = self.report.failure_count
             self._enter(parent, name, path, status, depth + 1)
             # A folder with an entry that the walk could not remove is not empty.
@@ -215,10 +273,6 @@ class _Walk:
     def _enter(self, parent: int, name: str, path: str, status: os.stat_result, depth: int) -> None:
         """Empty the subfolder ``name`` of ``parent`` of the user's entries."""
         owned = status.st_uid == self.uid
-        if depth > MAX_DEPTH:
-            if owned:
-                self.report.fail(path, f"nested deeper than {MAX_DEPTH} folders")
-            return
         try:
             # O_PATH needs no access to the folder itself, and O_NOFOLLOW with O_DIRECTORY
             # fails on a symbolic link that replaced the folder since it was read.
@@ -250,6 +304,65 @@ class _Walk:
         finally:
             os.close(descriptor)
 
+    def _move_up(self, parent: int, name: str, path: str, status: os.stat_result) -> None:
+        """Move the user's folder ``name`` of ``parent``, which is too deep to enter, into the
+        scratch folder under a fresh name, for :meth:`empty_moved`."""
+        below = path + "/"
+        if any(point.startswith(below) for point in self.mount_points):
+            # Its new path would hide the mount point from the path checks of the walk.
+            self.report.fail(path, f"nested deeper than {MAX_DEPTH} folders, above a mount point")
+            return
+        try:
+            handle = os.open(name, _PATH_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            self.report.fail(path, _reason(error))
+            return
+        try:
+            opened = os.fstat(handle)
+            if (opened.st_dev, opened.st_ino) != (status.st_dev, status.st_ino):
+                self.report.fail(path, "replaced during the sweep")
+                return
+            # Moving a folder to another parent changes its ".." entry, which needs write
+            # access to it. Mode 0700 also keeps other users out of it in the scratch folder.
+            os.chmod(f"/proc/self/fd/{handle}", _OWNER_ACCESS)
+            fresh = f"{MOVED_FOLDER_PREFIX}{self.uid}-{secrets.token_hex(8)}"
+            _rename_no_replace(parent, name, self.root, fresh)
+        except OSError as error:
+            self.report.fail(path, _reason(error))
+            return
+        finally:
+            os.close(handle)
+        self._check_moved(parent, name, path, fresh, opened)
+
+    def _check_moved(
+        self, parent: int, name: str, path: str, fresh: str, expected: os.stat_result
+    ) -> None:
+        """Queue the folder moved to ``fresh`` for :meth:`empty_moved` if it is the one
+        expected, or move it back to ``name`` of ``parent``.
+
+        Another user who may write in ``parent`` can swap its own entry in under ``name``
+        between the check and the move. The move runs with the user's access, so it moves
+        nothing that the user's next job could not move.
+        """
+        fresh_path = os.path.join(self.root_path, fresh)
+        try:
+            moved = os.stat(fresh, dir_fd=self.root, follow_symlinks=False)
+        except OSError as error:
+            self.report.fail(fresh_path, _reason(error))
+            return
+        if (moved.st_dev, moved.st_ino) == (expected.st_dev, expected.st_ino):
+            self.report.moved += 1
+            self.moved.append(fresh)
+            return
+        try:
+            _rename_no_replace(self.root, fresh, parent, name)
+        except OSError as error:
+            self.report.fail(fresh_path, f"moved from {path} and not moved back: {_reason(error)}")
+            return
+        self.report.fail(path, "replaced during the sweep")
+
     def _fail_if_owned(self, path: str, error: OSError, owned: bool) -> None:
         """Record ``error`` on ``path`` if the user owns it. Another user's folder that the
         user cannot open is out of reach of its next job as well."""
@@ -259,6 +372,24 @@ class _Walk:
 
 def _reason(error: OSError) -> str:
     return error.strerror or str(error)
+
+
+def _rename_no_replace(old_parent: int, old: str, new_parent: int, new: str) -> None:
+    """Rename ``old`` in the open folder ``old_parent`` to ``new`` in ``new_parent``, failing
+    with EEXIST instead of replacing an entry named ``new``.
+
+    Neither name is followed if it is a symbolic link. Raises OSError, also with ENOSYS when
+    the C library has no ``renameat2``, and EINVAL on a file system without
+    ``RENAME_NOREPLACE``.
+    """
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is missing from the C library")
+    result = _renameat2(
+        old_parent, os.fsencode(old), new_parent, os.fsencode(new), _RENAME_NOREPLACE
+    )
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def read_mount_points(mountinfo: str = "/proc/self/mountinfo") -> frozenset[str]:

@@ -162,6 +162,41 @@ async def test_next_job_finds_no_leftovers(
     assert kept.read_text() == "root's"
 
 
+DEEP = """
+cd "$SCRATCH" || exit 1
+for level in $(seq 140); do mkdir d && cd d || exit 1; done
+echo x > bottom
+chmod 500 .
+"""
+
+
+@root_only
+async def test_too_deep_tree_frees_user(
+    reachable_folder: Path,
+    scratch: Path,
+    no_pool_processes: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    recorder = Recorder()
+    runner, pool, launcher = make_runner(
+        reachable_folder, recorder, True, uids=POOL_UIDS[:1], scratch=ScratchSweeper([scratch])
+    )
+    assert launcher is not None
+    try:
+        with caplog.at_level(logging.INFO, logger="agents.scratch_folders"):
+            async with asyncio.timeout(30):
+                async with asyncio.TaskGroup() as group:
+                    runner.attach(group)
+                    await runner.start(_spec("a", "GPU-0", DEEP, (("SCRATCH", str(scratch)),)))
+                    await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("a/1/0"))
+                    await wait_for(lambda: pool.free_users == 1)
+    finally:
+        launcher.close()
+    assert os.listdir(scratch) == []
+    assert not _messages(caplog, "stays out of the pool")
+    assert _messages(caplog, "moved 1 folders of uid")
+
+
 @root_only
 async def test_dirty_user_stays_out_of_pool(
     scratch: Path, caplog: pytest.LogCaptureFixture

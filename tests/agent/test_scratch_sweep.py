@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from agents import scratch_sweep
 from agents.scratch_sweep import (
     MAX_DEPTH,
     MAX_REPORTED_FAILURES,
+    MOVED_FOLDER_PREFIX,
     read_mount_points,
     sweep,
     sweep_as,
@@ -152,18 +154,104 @@ def test_sweep_opens_locked_own_folder(scratch: Path) -> None:
     assert report.folders == 1
 
 
+def _chain(top: Path, levels: int, uid: int, mode: int = 0o755) -> list[Path]:
+    """Make ``levels`` nested folders of ``uid`` below ``top``, each with a file; return them."""
+    folders = []
+    folder = top
+    for _ in range(levels):
+        folder = _folder(folder / "d", uid, mode)
+        _make(folder / "f", uid)
+        folders.append(folder)
+    return folders
+
+
 @root_only
-def test_sweep_reports_too_deep_tree(scratch: Path) -> None:
-    folder = scratch
-    for index in range(MAX_DEPTH + 1):
-        folder = _folder(folder / f"d{index}", USER)
-    _make(folder / "bottom", USER)
+def test_sweep_removes_too_deep_tree(scratch: Path) -> None:
+    # Deep enough that the folder moved up is itself too deep and moves again.
+    levels = 2 * MAX_DEPTH + 5
+    _chain(scratch, levels, USER)
 
     report = sweep([str(scratch)], USER, frozenset())
 
-    assert report.failure_count == 1
-    assert report.failures[0][1] == f"nested deeper than {MAX_DEPTH} folders"
-    assert (scratch / "d0").exists()
+    assert os.listdir(scratch) == []
+    assert report.failures == []
+    assert report.moved == 2
+    assert report.folders == levels
+    assert report.files == levels
+
+
+@root_only
+def test_sweep_as_user_removes_too_deep_tree(scratch: Path) -> None:
+    # Read-only folders: a folder moved to another parent needs write access for its "..".
+    folders = _chain(scratch, MAX_DEPTH + 3, USER)
+    for folder in reversed(folders[MAX_DEPTH - 1 :]):
+        folder.chmod(0o555)
+
+    report = sweep_as(USER, GROUP, [str(scratch)])
+
+    assert os.listdir(scratch) == []
+    assert report.failures == []
+    assert report.moved == 1
+
+
+@root_only
+def test_too_deep_tree_with_other_users_file(scratch: Path) -> None:
+    folders = _chain(scratch, MAX_DEPTH + 2, USER, 0o777)
+    theirs = _make(folders[-1] / "theirs", OTHER)
+    _make(scratch / "roots", 0)
+
+    report = sweep([str(scratch)], USER, frozenset())
+
+    # The too-deep folder is in the scratch folder now, kept by the other user's file.
+    moved = [name for name in os.listdir(scratch) if name != "roots"]
+    assert len(moved) == 1
+    assert moved[0].startswith(f"{MOVED_FOLDER_PREFIX}{USER}-")
+    moved_child = scratch / moved[0] / "d"
+    assert os.listdir(moved_child) == ["theirs"]
+    assert (moved_child / "theirs").stat().st_uid == OTHER
+    assert not theirs.exists()
+    assert report.moved == 1
+    assert report.failures == [(str(moved_child), "Directory not empty")]
+
+
+@root_only
+def test_too_deep_folder_above_mount_point_stays(scratch: Path) -> None:
+    folders = _chain(scratch, MAX_DEPTH + 2, USER)
+    deep = folders[MAX_DEPTH]
+
+    report = sweep([str(scratch)], USER, frozenset({str(deep / "d")}))
+
+    assert deep.exists()
+    assert report.moved == 0
+    assert report.failures == [
+        (str(deep), f"nested deeper than {MAX_DEPTH} folders, above a mount point")
+    ]
+
+
+@root_only
+def test_too_deep_folder_swapped_is_moved_back(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folders = _chain(scratch, MAX_DEPTH + 1, USER, 0o777)
+    deep = folders[MAX_DEPTH]
+    aside = scratch / "aside"
+    real_rename = scratch_sweep._rename_no_replace
+
+    def swap_then_rename(old_parent: int, old: str, new_parent: int, new: str) -> None:
+        # Another user swaps its own folder in under the name between the check and the move.
+        if not aside.exists():
+            deep.rename(aside)
+            _folder(deep, OTHER, 0o777)
+        real_rename(old_parent, old, new_parent, new)
+
+    monkeypatch.setattr(scratch_sweep, "_rename_no_replace", swap_then_rename)
+
+    report = sweep([str(scratch)], USER, frozenset())
+
+    assert deep.stat().st_uid == OTHER
+    assert not [name for name in os.listdir(scratch) if name.startswith(MOVED_FOLDER_PREFIX)]
+    assert report.moved == 0
+    assert (str(deep), "replaced during the sweep") in report.failures
 
 
 @root_only
