@@ -211,6 +211,9 @@ class TaskRunner:
         """Trims running in a worker thread, by task id: at most one per task."""
         self._task_folder_shared = False
         self._pool = task_users
+        self._freeing: set[asyncio.Task[None]] = set()
+        """Tasks that free a released pool user (:meth:`_free_user`), which may retry for good."""
+        self._detached = False
         self._cgroups = task_cgroups
         if task_user is not None and task_user.home:
             # As a login sets them, so that a task does not take the agent's home for its own.
@@ -593,19 +596,26 @@ class TaskRunner:
 
     def detach(self) -> list[asyncio.Task[Any]]:
         """Cancel the supervisors of the running tasks, which keep running for adoption, and
-        the pool's scratch sweeps.
+        the tasks that free pool users.
 
-        Returns the cancelled tasks for the caller to await.
+        A user that is being freed stays out of the pool, and a restarted agent sweeps it before
+        its first start. Users released after this call are not freed. Returns the cancelled
+        tasks for the caller to await.
         """
-        cancelled: list[asyncio.Task[Any]] = []
+        self._detached = True
+        cancelled: dict[asyncio.Task[Any], None] = {}
         for task in self._tasks.values():
             if task.supervisor is not None:
                 task.supervisor.cancel()
-                cancelled.append(task.supervisor)
+                cancelled[task.supervisor] = None
+        # A user's processes that outlive SIGKILL, or its files that a sweep cannot remove,
+        # keep these tasks retrying for good, and the task group waits for its tasks.
+        for freeing in self._freeing:
+            freeing.cancel()
+            cancelled[freeing] = None
         if self._pool is not None:
-            # A dirty user's sweeps retry for good, and the task group waits for its tasks.
-            cancelled.extend(self._pool.cancel_scratch_sweeps())
-        return cancelled
+            cancelled.update(dict.fromkeys(self._pool.cancel_scratch_sweeps()))
+        return list(cancelled)
 
     def _begin_stop(self, task: _Task, reason: str, grace_s: float | None = None) -> None:
         record = task.record
@@ -918,14 +928,21 @@ class TaskRunner:
         if self._group is None:
             raise RuntimeError("TaskRunner.attach must be called before tasks start")
         uid, job_id = released
+        if self._detached:
+            # A restarted agent sweeps the user before its first start.
+            logger.info("agent stopping: pool user uid %d of job %s is not freed", uid, job_id)
+            return
         freeing = self._free_user(uid, job_id)
         try:
-            self._group.create_task(freeing, name=f"free-uid-{uid}")
+            task = self._group.create_task(freeing, name=f"free-uid-{uid}")
         except RuntimeError:
             # The task group is shutting down. A restarted agent sweeps the user before its
             # first start.
             freeing.close()
             logger.info("agent stopping: pool user uid %d of job %s is not freed", uid, job_id)
+            return
+        self._freeing.add(task)
+        task.add_done_callback(self._freeing.discard)
 
     async def _free_user(self, uid: int, job_id: str) -> None:
         assert self._pool is not None

@@ -403,7 +403,12 @@ def process_uid(pid: int) -> int | None:
 
 
 async def sweep_until_gone(uid: int) -> None:
-    """Kill ``uid``'s processes in a worker thread until none is left."""
+    """Kill ``uid``'s processes in a worker thread until none is left.
+
+    Processes that outlive SIGKILL keep this retrying every :data:`_SWEEP_RETRY_S` for good, so
+    the task that awaits it must be cancelled when the agent stops
+    (:meth:`agents.runner.TaskRunner.detach` does).
+    """
     logged = False
     while await asyncio.to_thread(kill_user_processes, (uid,)):
         if not logged:

@@ -16,13 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
 
 import pytest
 
 from acsp.v1 import agent_pb2, scheduler_pb2
-from agents import wire
+from agents import task_users, wire
 from agents.backends.fleet import FleetNode
 from agents.backends.simulated import SimulatedBackend
 from agents.checkpoints import CheckpointFiles
@@ -604,6 +604,45 @@ async def test_recovered_user_not_given_to_new_job(
     finally:
         relauncher.close()
     assert int(_log(reachable_folder, "a/1/1")) == POOL_UIDS[0]
+
+
+@root_only
+async def test_detach_cancels_stuck_user_freeing(
+    reachable_folder: Path,
+    no_pool_processes: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stuck: set[int] = set()
+
+    def kill_leaving_stuck(uids: Collection[int]) -> set[int]:
+        # Stands in for processes in uninterruptible sleep, which outlive SIGKILL.
+        return kill_user_processes(uids) | (stuck & set(uids))
+
+    monkeypatch.setattr(task_users, "kill_user_processes", kill_leaving_stuck)
+    recorder = Recorder()
+    runner, pool, launcher = make_runner(reachable_folder, recorder, True, POOL_UIDS[:1])
+    assert launcher is not None
+    try:
+        with caplog.at_level(logging.ERROR, logger="agents.task_users"):
+            async with asyncio.timeout(20):
+                async with asyncio.TaskGroup() as group:
+                    runner.attach(group)
+                    await runner.start(_spec("a", "GPU-0", "true"))
+                    # After the first start's sweep, which would keep the user from job "a".
+                    stuck.add(POOL_UIDS[0])
+                    await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("a/1/0"))
+                    await wait_for(
+                        lambda: any("survive SIGKILL" in r.getMessage() for r in caplog.records)
+                    )
+                    # As the agent does when it stops, before the group waits for its tasks.
+                    detached = runner.detach()
+                    if detached:
+                        await asyncio.wait(detached, timeout=5.0)
+    finally:
+        launcher.close()
+    # The user stays out of the pool, and a restarted agent sweeps it again.
+    assert pool.free_users == 0
 
 
 @root_only
