@@ -37,7 +37,7 @@ from typing import Final, Self
 from acsp._channel import Credentials
 from acsp.mesh import credentials as mesh_credentials
 from acsp.mesh import passwords
-from acsp.mesh._ports import LOOPBACK, free_port, port_free
+from acsp.mesh._ports import LOOPBACK, free_port
 from acsp.mesh._process import (
     ChildProcess,
     become_subreaper,
@@ -52,8 +52,7 @@ from acsp.mesh.endpoints import (
     load_mesh,
 )
 from acsp.mesh.health import wait_serving
-from acsp.mesh.nats import EmbeddedNats
-from acsp.mesh.postgres import EmbeddedPostgres, cluster_dir_for
+from acsp.mesh.servers import EmbeddedServers
 from acsp.mesh.stop import supervisor_running
 
 logger = logging.getLogger(__name__)
@@ -68,8 +67,6 @@ SERVICE_MODULES: Final = {
 }
 """The module that ``python -m`` runs for each service."""
 AGENTS_NAME: Final = "agents"
-NATS_PORT_FILE: Final = "nats.port"
-"""File in ``data_dir/run`` with the port of the last embedded NATS."""
 ORPHAN_REAP_INTERVAL_S: Final = 1.0
 """Seconds between checks for exited orphans, which stay zombies until the next check."""
 
@@ -185,8 +182,7 @@ class LocalMesh:
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
         self.data_dir = config.data_dir.resolve()
-        self._postgres: EmbeddedPostgres | None = None
-        self._nats: EmbeddedNats | None = None
+        self._servers = EmbeddedServers(self.data_dir, self.data_dir / "logs")
         self._children: list[ChildProcess] = []
         self._pki: mesh_credentials.MeshCredentials | None = None
         self._info: MeshInfo | None = None
@@ -328,7 +324,12 @@ class LocalMesh:
             mesh_credentials.prepare, self.data_dir, services=grpc_names
         )
 
-        database_url, nats_url = await self._start_servers(deadline - loop.time())
+        try:
+            database_url, nats_url = await self._servers.start(
+                self.config.database_url, self.config.nats_url, deadline - loop.time()
+            )
+        except Exception as exc:
+            raise MeshStartError(f"the mesh's servers failed to start: {exc}") from exc
         # Ports are picked before the services start so that each can be given the others'
         # addresses. NOTE: another process may take a picked port first; the service then exits
         # with "cannot bind" and the start fails instead of retrying on another port.
@@ -353,6 +354,7 @@ class LocalMesh:
         await self._wait_services(endpoints, credentials, deadline)
         await self._check_fleet_alive()
 
+        postgres, nats = self._servers.postgres, self._servers.nats
         self._info = MeshInfo(
             data_dir=self.data_dir,
             endpoints=endpoints,
@@ -363,11 +365,9 @@ class LocalMesh:
             supervisor_pid=os.getpid(),
             client_cert=self._pki.client_cert,
             client_key=self._pki.client_key,
-            nats_user=passwords.NATS_USER if self._nats is not None else None,
-            nats_password_file=self._nats.password.path if self._nats is not None else None,
-            database_password_file=(
-                self._postgres.password.path if self._postgres is not None else None
-            ),
+            nats_user=passwords.NATS_USER if nats is not None else None,
+            nats_password_file=nats.password.path if nats is not None else None,
+            database_password_file=postgres.password.path if postgres is not None else None,
             extra={"pids": self.pids, "logs": str(self.data_dir / "logs")},
         )
         self._info.write()
@@ -396,53 +396,6 @@ class LocalMesh:
                 )
         (self.data_dir / MESH_FILE_NAME).unlink(missing_ok=True)
 
-    async def _start_servers(self, timeout_s: float) -> tuple[str, str]:
-        """Start the embedded PostgreSQL and NATS unless the config names external ones."""
-        database_url = self.config.database_url
-        nats_url = self.config.nats_url
-        starts = []
-        if database_url is None:
-            self._postgres = EmbeddedPostgres(
-                cluster_dir_for(self.data_dir),
-                log_path=self._log_path("postgres"),
-                password=passwords.postgres_password(self.data_dir),
-            )
-            starts.append(self._postgres.start(timeout_s))
-        if nats_url is None:
-            self._nats = EmbeddedNats(
-                self.data_dir / "nats",
-                log_path=self._log_path("nats"),
-                password=passwords.nats_password(self.data_dir),
-                port=self._nats_port(),
-            )
-            starts.append(self._nats.start(timeout_s))
-        results = await asyncio.gather(*starts, return_exceptions=True)
-        errors = [result for result in results if isinstance(result, BaseException)]
-        if errors:
-            raise MeshStartError(f"the mesh's servers failed to start: {errors[0]}") from errors[0]
-        if self._postgres is not None:
-            database_url = self._postgres.url()
-        if self._nats is not None:
-            nats_url = self._nats.url
-        assert database_url is not None and nats_url is not None
-        return database_url, nats_url
-
-    def _nats_port(self) -> int:
-        """Pick the port of the embedded NATS: the one of the last start if it is still free.
-
-        Agents started by hand with ``--nats-url`` then reconnect to a mesh started again.
-        """
-        path = self.data_dir / "run" / NATS_PORT_FILE
-        try:
-            port: int | None = int(path.read_text())
-        except (OSError, ValueError):
-            port = None
-        if port is None or not 0 < port < 65536 or not port_free(port):
-            port = free_port()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{port}\n")
-        return port
-
     def _child_env(
         self, spec: ProcessSpec, database_url: str, nats_url: str, endpoints: Mapping[str, str]
     ) -> dict[str, str]:
@@ -451,14 +404,6 @@ class LocalMesh:
         # Let in-flight calls finish well before the supervisor's SIGKILL deadline.
         env.setdefault("ACSP_SHUTDOWN_GRACE_S", f"{self.config.stop_grace_s / 2:g}")
         env.update(self.config.env)
-        if self._postgres is not None:
-            database_url = self._postgres.url_with_password()
-        if self._nats is not None:
-            # The embedded server admits only its own user, whatever the caller's NATS
-            # credentials are.
-            env.pop("ACSP_NATS_CREDS", None)
-            env["ACSP_NATS_USER"] = passwords.NATS_USER
-            env["ACSP_NATS_PASSWORD"] = self._nats.password.value
         env.update(
             {
                 "ACSP_DATABASE_URL": database_url,
@@ -468,6 +413,7 @@ class LocalMesh:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        self._servers.child_env(env)
         # ACSP_GRANT_ADDRESS and so on: the host:port at which each service calls the others.
         for name, endpoint in endpoints.items():
             env[f"ACSP_{name.upper()}_ADDRESS"] = endpoint
@@ -552,7 +498,7 @@ class LocalMesh:
             now = loop.time()
             while restarts and now - restarts[0] > window_s:
                 restarts.popleft()
-            restartable = child in self._children or self._is_nats(child)
+            restartable = child in self._children or self._servers.is_nats(child)
             if not restartable or len(restarts) >= self.config.max_restarts:
                 self._fail(child, returncode, len(restarts))
                 return
@@ -612,8 +558,9 @@ class LocalMesh:
                 return False
             # `acsp status` reports the fleet's state by the pid in the mesh file.
             self._write_mesh_file()
-        if self._nats is not None and self._is_nats(child):
-            return await self._wait_nats_again(self._nats)
+        if self._servers.is_nats(child):
+            await self._servers.wait_nats_again(self.config.start_timeout_s)
+            return True
         endpoint = self.info.endpoints.get(child.name)
         if endpoint is None:
             logger.info("%s is running again (pid %s)", child.name, child.pid)
@@ -634,25 +581,6 @@ class LocalMesh:
             return True
         logger.info("%s is SERVING again at %s (pid %s)", child.name, endpoint, child.pid)
         return True
-
-    async def _wait_nats_again(self, server: EmbeddedNats) -> bool:
-        """Wait until a restarted NATS serves JetStream, and kill it if it does not in time.
-
-        Returns True, as :meth:`_restart` does, so the caller counts a failed start as a restart.
-        """
-        try:
-            await server.wait_ready(self.config.start_timeout_s)
-        except RuntimeError:
-            return True
-        except TimeoutError as exc:
-            logger.warning("%s; killing it to start it again", exc)
-            await server.process.kill()
-            return True
-        logger.info("nats-server serves again at %s (pid %s)", server.url, server.process.pid)
-        return True
-
-    def _is_nats(self, child: ChildProcess) -> bool:
-        return self._nats is not None and child is self._nats.process
 
     def _fail(self, child: ChildProcess, returncode: int, restarts: int) -> None:
         """End the wait of :meth:`wait_failure` with the exit of ``child``."""
@@ -701,8 +629,7 @@ class LocalMesh:
         if self.config.stop_orphans:
             known = {child.pid for child in self._all_children() if child.pid is not None}
             await stop_orphans(known, grace)
-        servers = [server for server in (self._nats, self._postgres) if server is not None]
-        await asyncio.gather(*(server.stop(grace) for server in servers))
+        await self._servers.stop(grace)
         for watcher in self._watchers:
             watcher.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
@@ -720,8 +647,7 @@ class LocalMesh:
     # --- helpers --------------------------------------------------------------------------
 
     def _all_children(self) -> list[ChildProcess]:
-        servers = [server.process for server in (self._postgres, self._nats) if server is not None]
-        return [*servers, *self._children]
+        return [*self._servers.processes, *self._children]
 
     def _log_path(self, name: str) -> Path:
         return self.data_dir / "logs" / f"{name}.log"
