@@ -680,9 +680,10 @@ def _job_from_row(row: asyncpg.Record) -> Job:
     submitted = cast(datetime, row["submitted_at"])
     hold_amount = cast(Decimal | None, row["hold_amount"])
     spec = spec_from_json(row["spec"])
-    picked = bool(row["grant_id"]) and not spec.grant_id
+    # The grant a job that named none is paid by, once its hold is placed. A pending job waits
+    # for its next hold, for which the grant service picks again.
+    picked = bool(row["grant_id"]) and not spec.grant_id and row["state"] != "pending"
     if picked:
-        # The grant a job that named none is paid by, once its hold is placed.
         spec = replace(spec, grant_id=row["grant_id"])
     return Job(
         job_id=row["job_id"],

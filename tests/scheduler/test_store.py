@@ -317,6 +317,25 @@ async def test_paying_grant_is_stored(pool: asyncpg.Pool, database_dsn: str) -> 
     await lease.release()
 
 
+async def test_pending_job_names_no_picked_grant(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    job = make_job()
+    unnamed = replace(job, spec=replace(job.spec, grant_id=""))
+    await store.insert_jobs([unnamed], [None], epoch, "rpc")
+    # A requeued job stored with the grant picked for its previous attempt's hold.
+    requeued = replace(unnamed, attempt=2, spec=replace(unnamed.spec, grant_id="g9"))
+
+    await store.commit_turn([requeued], ["engine:requeue"], [], [], epoch)
+
+    stored = await store.get_job(job.job_id)
+    assert stored is not None
+    assert stored.spec.grant_id == ""
+    assert not stored.grant_picked
+    await lease.release()
+
+
 async def test_commit_turn_keeps_orphans_until_confirmed(
     pool: asyncpg.Pool, database_dsn: str
 ) -> None:
