@@ -37,6 +37,12 @@ from scheduler.engine.placement import (
     plan_spread,
     topology_groups,
 )
+from scheduler.engine.preemptor_reservations import (
+    claim_victims,
+    place_on_reservation,
+    reserve_for_preemptors,
+    reserve_for_victims,
+)
 from scheduler.engine.reasons import at, budget_message, capacity_reason, no_pool_message
 from scheduler.engine.records import JobRecord
 from scheduler.engine.repair import apply_caps, preempt_for, repair_broken, shrink_pools
@@ -80,6 +86,8 @@ class PassState:
     )
     """Groups of candidate pools per pool tuple, topology and cross-provider flag."""
     preemptions_left: int = 0
+    preemptor_reservations: dict[str, Reservation] = field(default_factory=dict)
+    """Preemptor job id -> the reservation that keeps the room of its victims for it."""
 
     # Pools and exclusions.
 
@@ -96,8 +104,20 @@ class PassState:
         end = math.inf if spec.wall_time_s is None else self.now + spec.wall_time_s
         return bisect.bisect_left(self.reservation_starts, end)
 
-    def add_reservation(self, reservation: Reservation) -> None:
+    def add_reservation(self, reservation: Reservation, *, announce: bool = True) -> None:
+        """Make later jobs avoid ``reservation``; ``announce`` adds a :class:`Reserve`."""
         self.reservations.append(reservation)
+        self._reservations_changed()
+        if announce:
+            nodes = self.engine.fleet.nodes
+            node_ids = tuple(sorted(nodes[o].spec.node_id for o in reservation.nodes))
+            self.decisions.append(Reserve(reservation.job_id, reservation.start, node_ids))
+
+    def remove_reservation(self, reservation: Reservation) -> None:
+        self.reservations.remove(reservation)
+        self._reservations_changed()
+
+    def _reservations_changed(self) -> None:
         self.reservations.sort(key=lambda r: (r.start, r.job_id))
         self.reservation_starts = [r.start for r in self.reservations]
         prefix: list[Excluded] = [frozenset()]
@@ -107,8 +127,11 @@ class PassState:
         # The nodes jobs must avoid changed, so earlier failed searches no longer apply.
         self.epoch = self.engine.shapes.next_epoch()
         self.avoid_counts.clear()
-        node_ids = tuple(sorted(self.engine.fleet.nodes[o].spec.node_id for o in reservation.nodes))
-        self.decisions.append(Reserve(reservation.job_id, reservation.start, node_ids))
+
+    def preemptor_nodes(self) -> Excluded:
+        """Return the ordinals of the nodes reserved for preemptors in this pass."""
+        reservations = self.preemptor_reservations.values()
+        return frozenset().union(*(reservation.nodes for reservation in reservations))
 
     # Planning.
 
@@ -207,6 +230,11 @@ class PassState:
             record.awaiting_victims = frozenset(
                 v for v in record.awaiting_victims if v in jobs and jobs[v].running
             )
+        kept = self.preemptor_reservations.get(spec.job_id)
+        if kept is not None:
+            placed = place_on_reservation(self, record, pools, kept)
+            if placed is not None:
+                return placed
         count = 0
         if self.reservations:
             count = self.avoid_counts.get(spec.wall_time_s, -1)
@@ -229,8 +257,10 @@ class PassState:
             cached = self.explain(spec, pools, count)
             shape.failed[count] = cached
         code, message = cached
-        if code in _CAPACITY_REASONS and (
-            record.awaiting_victims or self.reserving or self.preemptions_left > 0
+        # A job that awaits its victims keeps their room whatever the reason it did not fit
+        # now, e.g. room that another job's reservation covers.
+        if record.awaiting_victims or (
+            code in _CAPACITY_REASONS and (self.reserving or self.preemptions_left > 0)
         ):
             return self.wait_for_capacity(record, shape, pools, code, message)
         return self.wait(record, code, message)
@@ -245,6 +275,8 @@ class PassState:
         shape = record.shape
         assert shape is not None
         if shape.failed_epoch != self.epoch or record.awaiting_victims:
+            return None
+        if spec.job_id in self.preemptor_reservations:
             return None
         count = self.avoid_counts.get(spec.wall_time_s, -1) if self.reservations else 0
         cached = shape.failed.get(count)
@@ -270,25 +302,23 @@ class PassState:
         message: str,
     ) -> bool:
         """Preempt or reserve for a job that found no room, within this pass's bounds."""
-        awaiting = record.awaiting_victims
-        if awaiting:
-            self.hold_for_victims(record, pools)
-            return self.wait(
-                record,
-                ReasonCode.PRIORITY,
-                f"waiting for {len(awaiting)} preempted job(s) to stop",
-            )
+        if record.awaiting_victims:
+            reserve_for_victims(self, record, pools)
+            return self.wait_for_victims(record)
         if (
             self.preemptions_left > 0
             and record.spec.priority > PriorityClass.PREEMPTIBLE
             and shape.preemption_failed_pass != self.pass_id
         ):
             self.preemptions_left -= 1
+            if claim_victims(self, record, pools):
+                return self.wait_for_victims(record)
             victims = preempt_for(self, record, pools)
             if not victims:
                 shape.preemption_failed_pass = self.pass_id
             else:
-                self.hold_for_victims(record, pools)
+                self.engine.preemptors.add(record.job_id)
+                reserve_for_victims(self, record, pools)
                 return self.wait(
                     record,
                     ReasonCode.PRIORITY,
@@ -298,26 +328,11 @@ class PassState:
             message = self.maybe_reserve(record, pools, message)
         return self.wait(record, code, message)
 
-    def hold_for_victims(self, record: JobRecord, pools: tuple[Pool, ...]) -> None:
-        """Reserve, from now, the nodes where ``record`` fits once its victims have stopped.
-
-        The victims stop one by one, and each is queued again once it has stopped. Without this
-        reservation, the jobs served after ``record`` would take the room that each stop frees,
-        the requeued victims among them. The preemptor would then still not fit after its last
-        victim stopped, and it would preempt other jobs, until it had preempted every job it may.
-        """
-        jobs = self.engine.jobs
-        victims = sorted((jobs[v] for v in record.awaiting_victims), key=lambda r: r.sequence)
-        reservation = earliest_start(
-            self.engine.fleet,
-            record.spec,
-            pools,
-            ((self.now, victim) for victim in victims),
-            self.now,
-            self.excluded_prefix[-1],
+    def wait_for_victims(self, record: JobRecord) -> bool:
+        count = len(record.awaiting_victims)
+        return self.wait(
+            record, ReasonCode.PRIORITY, f"waiting for {count} preempted job(s) to stop"
         )
-        if reservation is not None:
-            self.add_reservation(reservation)
 
     def explain(self, spec: JobSpec, pools: tuple[Pool, ...], count: int) -> tuple[ReasonCode, str]:
         if count and self.plan(spec, pools, frozenset()) is not None:
@@ -540,6 +555,7 @@ class LastPass:
     waiting: dict[str, Waiting]
     reservations: list[Reservation]
     excluded_prefix: list[Excluded]
+    preemptor_reservations: dict[str, Reservation]
 
 
 def _signature(engine: Engine, caps: tuple[object, ...]) -> tuple[object, ...]:
@@ -581,11 +597,13 @@ def run_pass(engine: Engine, now: float) -> ScheduleResult:
         state.reservations = list(last.reservations)
         state.reservation_starts = [r.start for r in state.reservations]
         state.excluded_prefix = list(last.excluded_prefix)
+        state.preemptor_reservations = dict(last.preemptor_reservations)
         state.serve_queue(only=engine.new_jobs)
     else:
         shrink_pools(state)
         repair_broken(state)
         state.serve_advance()
+        reserve_for_preemptors(state)
         state.serve_queue()
     engine.new_jobs = []
     result = state.finish()
@@ -594,5 +612,6 @@ def run_pass(engine: Engine, now: float) -> ScheduleResult:
         state.waiting,
         state.reservations,
         state.excluded_prefix,
+        state.preemptor_reservations,
     )
     return result

@@ -62,6 +62,11 @@ class Engine:
         jobs it holds back."""
         self.advance_jobs: set[str] = set()
         """Pending jobs with an advance reservation (``start_at``)."""
+        self.preemptors: set[str] = set()
+        """Pending jobs that preempted others; each pass reserves the room they free for them."""
+        self.unclaimed_victims: set[str] = set()
+        """Preempted jobs, maybe still stopping, whose preemptor no longer waits for them
+        because it started or left the queue. Another preemptor may claim their room."""
         self.broken: set[str] = set()
         """Running jobs that lost tasks and await repair or requeue in the next pass."""
         self.clock: float | None = None
@@ -242,6 +247,7 @@ class Engine:
         preemptor = self.jobs.get(cause_id) if cause is Cause.PRIORITY else None
         if preemptor is not None and not preemptor.running:
             preemptor.awaiting_victims = preemptor.awaiting_victims | {job_id}
+            self.preemptors.add(cause_id)
             self.changes += 1
 
     def release_fences(self, node_id: str, job_id: str, keep_running: bool) -> None:
@@ -331,6 +337,10 @@ class Engine:
     def _dequeue(self, record: JobRecord) -> None:
         spec = record.spec
         self.advance_jobs.discard(spec.job_id)
+        if spec.job_id in self.preemptors:
+            self.preemptors.discard(spec.job_id)
+            self.unclaimed_victims |= record.awaiting_victims
+            record.awaiting_victims = frozenset()
         key = (spec.priority, spec.project)
         queue = self.queues[key]
         queue.remove(spec.job_id)

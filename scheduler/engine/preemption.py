@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from scheduler.engine.decisions import Cause
 from scheduler.engine.fleet import Domain, NodeRecord, Pool
+from scheduler.engine.placement import Excluded
 from scheduler.engine.records import JobRecord, job_of
 from scheduler.engine.spec import JobSpec, PriorityClass, Topology
 
@@ -282,11 +283,13 @@ def priority_victims(
     nodes_of: Iterable[NodeRecord],
     jobs: Mapping[str, JobRecord],
     now: float,
+    reserved: Sequence[NodeRecord] = (),
 ) -> list[str] | None:
     """Pick the cheapest preemptible jobs whose stop lets ``job`` (of a higher class) fit.
 
-    ``nodes_of`` are the up nodes of ``pools`` that run preemptible jobs. Returns victim job
-    ids, or ``None`` when stopping every preemptible job there would still not be enough.
+    ``nodes_of`` are the up nodes of ``pools`` that run preemptible jobs. The free room of the
+    ``reserved`` nodes is kept for other jobs, so it does not count. Returns victim job ids, or
+    ``None`` when stopping every preemptible job there would still not be enough.
     """
     cause = (Cause.PRIORITY, job.job_id)
     per_task = job.accelerators_per_task
@@ -307,11 +310,15 @@ def priority_victims(
         cheapest = min(offers, key=lambda o: (o.levels[0][0], o.node.ordinal))
         return sorted(cheapest.levels[0][1])
     offers.sort(key=_Offer.per_slot)
+    reserved_ordinals = frozenset(node.ordinal for node in reserved)
     if job.topology is Topology.SAME_INTERCONNECT_DOMAIN:
-        return _domain_victims(job, pools, offers, costs)
+        return _domain_victims(job, pools, offers, costs, reserved_ordinals)
     free_slots = sum(
         sum(len(pool.buckets[f]) * (f // per_task) for f in range(per_task, len(pool.buckets)))
         for pool in pools
+    )
+    free_slots -= sum(
+        node.free_whole // per_task for node in reserved if node.schedulable and node.pool in pools
     )
     chosen = _fill(offers, free_slots, job.task_count)
     return sorted(chosen) if chosen is not None else None
@@ -338,12 +345,13 @@ def _domain_victims(
     pools: Sequence[Pool],
     offers: Sequence[_Offer],
     costs: Mapping[str, Cost],
+    reserved: Excluded,
 ) -> list[str] | None:
     """Pick the victims for a gang bound to one interconnect domain, all inside one domain.
 
-    Each domain is filled from its free slots, then from its nodes cheapest per slot
-    (``offers`` is sorted that way). The domain where the gang fits for the cheapest victims
-    wins, and the first found on a tie.
+    Each domain is filled from its free slots off the ``reserved`` nodes, then from its nodes
+    cheapest per slot (``offers`` is sorted that way). The domain where the gang fits for the
+    cheapest victims wins, and the first found on a tie.
     """
     per_task = job.accelerators_per_task
     by_domain: dict[Domain, list[_Offer]] = {}
@@ -352,7 +360,11 @@ def _domain_victims(
             by_domain.setdefault(offer.node.domain, []).append(offer)
     best: tuple[Cost, list[str]] | None = None
     for domain, domain_offers in by_domain.items():
-        slots = sum(n.free_whole // per_task for n in domain.nodes if n.schedulable)
+        slots = sum(
+            n.free_whole // per_task
+            for n in domain.nodes
+            if n.schedulable and n.ordinal not in reserved
+        )
         chosen = _fill(domain_offers, slots, job.task_count)
         if chosen is None:
             continue

@@ -114,12 +114,18 @@ def preempt_for(state: PassState, record: JobRecord, pools: tuple[Pool, ...]) ->
                 if found.up and not found.busy and ordinal not in skip:
                     yield found
 
+    # The room on nodes reserved for other preemptors is theirs: no victim there, no free room.
+    reserved_ordinals = state.preemptor_nodes()
+    reserved = [fleet.nodes[ordinal] for ordinal in sorted(reserved_ordinals)]
     victims = None
     if spec.avoid_nodes:
         # Prefer victims off the nodes the job avoids, because its placement tries those first.
-        victims = priority_victims(spec, pools, nodes(state.avoided(spec)), engine.jobs, state.now)
+        skip = state.avoided(spec) | reserved_ordinals
+        victims = priority_victims(spec, pools, nodes(skip), engine.jobs, state.now, reserved)
     if not victims:
-        victims = priority_victims(spec, pools, nodes(frozenset()), engine.jobs, state.now)
+        victims = priority_victims(
+            spec, pools, nodes(reserved_ordinals), engine.jobs, state.now, reserved
+        )
     if not victims:
         return []
     for job_id in victims:

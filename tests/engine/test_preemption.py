@@ -417,3 +417,52 @@ def test_restored_preemption_keeps_preemptor_waiting() -> None:
     assert reasons(result)["gang"] == "priority"
     assert later == []
     assert "gang" in engine.running()
+
+
+def test_preemptors_keep_each_others_room() -> None:
+    engine = full_fleet_of_preemptible()
+    engine.submit(job("a", tasks=2, priority=PriorityClass.INTERACTIVE, project="pa", submit=1.0))
+    engine.submit(job("b", tasks=2, priority=PriorityClass.INTERACTIVE, project="pb", submit=1.0))
+    first = preempts(engine.schedule(1.0))
+    # The victims of b stop first, while a is tried first in every pass.
+    stopping = [d.job_id for d in first if d.cause_id == "b"]
+    stopping += [d.job_id for d in first if d.cause_id == "a"]
+
+    later = run_until_placed(engine, "a", 2.0, stopping=stopping)
+
+    assert len(first) == 4
+    assert later == []
+    assert "a" in engine.running()
+    assert "b" in engine.running()
+
+
+def test_preemptor_claims_victims_left_unclaimed() -> None:
+    engine = make_engine(preemption_grace_s=300.0)
+    for index in range(8):
+        engine.add_node(node(f"n{index}", 2))
+    engine.submit(job("standard", accelerators=2, wall_time_s=600.0))
+    for index in range(14):
+        engine.submit(
+            job(
+                f"low{index:02d}",
+                priority=PriorityClass.PREEMPTIBLE,
+                checkpointable=True,
+                wall_time_s=600.0,
+            )
+        )
+    engine.schedule(0.0)
+    engine.submit(job("a", tasks=2, priority=PriorityClass.INTERACTIVE, submit=1.0))
+    victims = [d.job_id for d in preempts(engine.schedule(1.0))]
+    # The standard job ends while the victims of a still checkpoint, so a starts on its room.
+    engine.apply(JobEnded("standard", JobOutcome.COMPLETED), 2.0)
+    assert "a" in placed(engine.schedule(2.0))
+    engine.submit(job("b", tasks=2, priority=PriorityClass.INTERACTIVE, submit=3.0))
+
+    result = engine.schedule(3.0)
+    later = run_until_placed(engine, "b", 4.0, stopping=victims)
+
+    assert len(victims) == 2
+    assert preempts(result) == []
+    assert reasons(result)["b"] == "priority"
+    assert later == []
+    assert "b" in engine.running()

@@ -1,0 +1,154 @@
+"""Preemptor reservations: the room a job that preempted others keeps until it starts.
+
+A preemptor's victims stop one by one, and each is queued again once it has stopped. Without a
+reservation, the jobs served in the passes between those stops would take the room each stop
+frees, the requeued victims among them. The preemptor would then still not fit after its last
+victim stopped, and it would preempt other jobs, until it had preempted every job it may.
+
+So every full pass first reserves, from now, the nodes where each waiting preemptor fits once
+its victims have stopped. Other jobs avoid those nodes like any reservation's, and the
+preemptor may use its own. Victims whose preemptor no longer waits for them, because it
+started on other room or left the queue, are unclaimed. The next preemptor that needs room
+claims them before it preempts anyone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from scheduler.engine.fleet import Pool
+from scheduler.engine.records import JobRecord
+from scheduler.engine.reservations import Reservation, earliest_start
+
+if TYPE_CHECKING:
+    from scheduler.engine.cycle import PassState
+
+
+def reserve_for_preemptors(state: PassState) -> None:
+    """Reserve room for every pending preemptor, before the pass serves the queue.
+
+    Higher classes go first. Inside a class, the preemptors with fewer victims left to stop go
+    first, because the room that is free now is most likely what their own victims freed.
+    """
+    engine = state.engine
+    jobs = engine.jobs
+    engine.unclaimed_victims = {v for v in engine.unclaimed_victims if _still_running(jobs.get(v))}
+    for record in [jobs[job_id] for job_id in engine.preemptors]:
+        record.awaiting_victims = frozenset(
+            v for v in record.awaiting_victims if _still_running(jobs.get(v))
+        )
+    order = sorted((jobs[job_id] for job_id in engine.preemptors), key=_preemptor_order)
+    for record in order:
+        shape = record.shape
+        assert shape is not None
+        reserve_for_victims(state, record, engine.shapes.pools_of(shape, record.spec))
+
+
+def _preemptor_order(record: JobRecord) -> tuple[int, int, float, int]:
+    spec = record.spec
+    return (-spec.priority, len(record.awaiting_victims), spec.submit_time, record.sequence)
+
+
+def _still_running(record: JobRecord | None) -> bool:
+    return record is not None and record.running
+
+
+def reserve_for_victims(state: PassState, record: JobRecord, pools: Sequence[Pool]) -> None:
+    """Reserve, from now, the nodes where ``record`` fits once its victims have stopped.
+
+    A preemptor whose victims have all stopped gets the free room it fits on now. Nothing is
+    reserved when it would not fit even then, e.g. because a job of a higher class took the room.
+    """
+    if record.job_id in state.preemptor_reservations or not pools:
+        return
+    jobs = state.engine.jobs
+    victims = sorted((jobs[v] for v in record.awaiting_victims), key=lambda r: r.sequence)
+    reservation = _earliest(state, record, pools, victims)
+    if reservation is not None:
+        _add_preemptor_reservation(state, record, reservation)
+
+
+def claim_victims(state: PassState, record: JobRecord, pools: Sequence[Pool]) -> bool:
+    """Let ``record`` wait for unclaimed victims instead of preempting others.
+
+    Returns whether it claimed some. It claims the unclaimed victims on the nodes where it fits
+    once they, and the victims it already awaits, have stopped, and reserves those nodes.
+    """
+    engine = state.engine
+    if not engine.unclaimed_victims or record.job_id in state.preemptor_reservations or not pools:
+        return False
+    pool_set = set(pools)
+    jobs = engine.jobs
+    unclaimed = [
+        jobs[v]
+        for v in sorted(engine.unclaimed_victims)
+        if _still_running(jobs.get(v)) and _runs_in(jobs[v], pool_set)
+    ]
+    if not unclaimed:
+        return False
+    own = [jobs[v] for v in record.awaiting_victims]
+    victims = sorted([*own, *unclaimed], key=lambda r: r.sequence)
+    reservation = _earliest(state, record, pools, victims)
+    if reservation is None:
+        return False
+    claimed = {
+        victim.job_id
+        for victim in unclaimed
+        if any(a.node.ordinal in reservation.nodes for a in (victim.tasks or {}).values())
+    }
+    if not claimed:
+        return False
+    engine.unclaimed_victims -= claimed
+    record.awaiting_victims = record.awaiting_victims | claimed
+    engine.preemptors.add(record.job_id)
+    _add_preemptor_reservation(state, record, reservation)
+    return True
+
+
+def _runs_in(record: JobRecord, pools: set[Pool]) -> bool:
+    return any(a.node.pool in pools for a in (record.tasks or {}).values())
+
+
+def _earliest(
+    state: PassState, record: JobRecord, pools: Sequence[Pool], victims: Sequence[JobRecord]
+) -> Reservation | None:
+    """Return where ``record`` fits once ``victims`` have stopped, off every reserved node."""
+    return earliest_start(
+        state.engine.fleet,
+        record.spec,
+        pools,
+        ((state.now, victim) for victim in victims),
+        state.now,
+        state.excluded_prefix[-1],
+    )
+
+
+def _add_preemptor_reservation(
+    state: PassState, record: JobRecord, reservation: Reservation
+) -> None:
+    state.preemptor_reservations[record.job_id] = reservation
+    state.add_reservation(reservation, announce=False)
+
+
+def place_on_reservation(
+    state: PassState, record: JobRecord, pools: tuple[Pool, ...], reservation: Reservation
+) -> bool | None:
+    """Place a preemptor on the room reserved for it, or keep it waiting for its victims.
+
+    Returns whether it was placed. Returns None, with the reservation dropped, when it does not fit
+    and awaits no victim, because then its room is gone and it is served like other jobs.
+    """
+    spec = record.spec
+    excluded = state.excluded_prefix[state.reservations_to_avoid(spec)] - reservation.nodes
+    plans = state.plan(spec, pools, excluded, avoid=True)
+    if plans is None and spec.avoid_nodes:
+        plans = state.plan(spec, pools, excluded)
+    if plans is None and record.awaiting_victims:
+        return state.wait_for_victims(record)
+    del state.preemptor_reservations[spec.job_id]
+    state.remove_reservation(reservation)
+    if plans is None:
+        return None
+    state.place(record, plans)
+    return True
