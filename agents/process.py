@@ -178,6 +178,9 @@ class AgentProcess:
         self.counters = ProcessCounters()
         self.started = asyncio.Event()
         self._closing = False
+        # The latest error that nats-py reported, which a failed connect names: the connect
+        # itself then ends in a timeout that says nothing, such as after a rejected password.
+        self._last_nats_error = ""
         self._stopping = False
 
     @property
@@ -376,10 +379,14 @@ class AgentProcess:
                 await asyncio.sleep(options.reconnect_wait_s)
                 continue
             except (nats.errors.Error, OSError, TimeoutError) as error:
+                reason = str(error) or type(error).__name__
+                if self._last_nats_error:
+                    reason = f"{reason}; the server's last error: {self._last_nats_error}"
+                    self._last_nats_error = ""
                 logger.warning(
                     "cannot connect to NATS at %s (%s); retrying in %g s",
                     ",".join(options.servers),
-                    error or type(error).__name__,
+                    reason,
                     options.reconnect_wait_s,
                 )
                 with contextlib.suppress(nats.errors.Error, OSError):
@@ -395,6 +402,7 @@ class AgentProcess:
         if isinstance(error, TlsRequiredError):
             logger.error("rejected the NATS server on reconnect: %s", error)
         else:
+            self._last_nats_error = str(error) or type(error).__name__
             logger.debug("NATS error: %s", error)
 
     async def _on_disconnected(self) -> None:

@@ -410,3 +410,19 @@ async def test_node_agent_uses_push_consumer(tmp_path: Path, mesh: Mesh) -> None
         await hub.close()
         stop.set()
         await asyncio.wait_for(run, 30)
+
+
+async def test_rejected_password_is_named(tmp_path: Path, mesh: Mesh) -> None:
+    run = _start_agent(
+        tmp_path, "alpha", ["a1"], mesh.leaf_url, "agent", "not-the-password", mesh.ca_file
+    )
+    try:
+
+        async def named() -> bool:
+            lines = run.log.read_text(errors="replace").splitlines()
+            failures = [line for line in lines if "cannot connect to NATS" in line]
+            return any("Authorization Violation" in line for line in failures)
+
+        await _poll(named, 60, "the connect failure to name the rejected password")
+    finally:
+        run.stop()
