@@ -178,8 +178,8 @@ class AgentProcess:
         self.counters = ProcessCounters()
         self.started = asyncio.Event()
         self._closing = False
-        # The latest error that nats-py reported, which a failed connect names: the connect
-        # itself then ends in a timeout that says nothing, such as after a rejected password.
+        # The latest error that nats-py reported. A failed connect logs it, because after a
+        # rejected password the connect itself ends in a timeout with an empty message.
         self._last_nats_error = ""
         self._stopping = False
 
