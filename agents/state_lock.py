@@ -23,9 +23,12 @@ only if the file still names that process.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import stat
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -42,6 +45,7 @@ AGENT_FIX: Final = (
     "tasks twice, or give this agent a folder of its own with --state-dir (ACSP_AGENT_STATE_DIR)"
 )
 _HOLDER_MAX_BYTES: Final = 4096
+_LOCK_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class StateFolderLockedError(StartupError):
@@ -78,15 +82,7 @@ class StateFolderLock:
         holds the lock, and :class:`StartupError` when the lock file cannot be opened or locked.
         """
         path = directory / LOCK_FILE_NAME
-        try:
-            # Append mode creates the file without truncating the holder's record.
-            file = open(path, "a+b")
-        except OSError as error:
-            raise StartupError(
-                f"lock file {path}",
-                f"cannot be opened: {error.strerror or error}",
-                "give this user write access to the agent's state folder",
-            ) from None
+        file = _open_lock_file(path)
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -119,6 +115,40 @@ class StateFolderLock:
             file.close()
 
 
+def _open_lock_file(path: Path) -> BinaryIO:
+    """Open the lock file, creating it, in append mode so the holder's record stays.
+
+    The file must be a regular file with no other name: root may lock a folder that another
+    user owns, and a link planted there would make the lock truncate and chown its target.
+    """
+    try:
+        descriptor = os.open(path, _LOCK_FLAGS, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise StartupError(
+                f"lock file {path}",
+                "is a symbolic link, which the lock does not follow",
+                "remove it, and the next start creates a plain file",
+            ) from None
+        raise StartupError(
+            f"lock file {path}",
+            f"cannot be opened: {error.strerror or error}",
+            "give this user write access to the agent's state folder",
+        ) from None
+    info = os.fstat(descriptor)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file"
+    elif info.st_nlink != 1:
+        problem = f"has other names ({info.st_nlink} hard links)"
+    if problem is not None:
+        os.close(descriptor)
+        raise StartupError(
+            f"lock file {path}", problem, "remove it, and the next start creates a plain file"
+        )
+    return os.fdopen(descriptor, "a+b")
+
+
 def _give_to_folder_owner(file: BinaryIO, directory: Path) -> None:
     """Make the folder's owner own the lock file when root created it, e.g. under sudo.
 
@@ -146,7 +176,16 @@ def _read_holder(file: BinaryIO) -> tuple[int | None, str]:
 def write_pid_file(directory: Path) -> Path:
     """Write this process's pid to ``agent.pid`` in ``directory`` and return the file's path."""
     path = directory / PID_FILE_NAME
-    path.write_text(f"{os.getpid()}\n")
+    # Written beside it and renamed over it, which replaces a link itself, not its target.
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{PID_FILE_NAME}.", dir=directory)
+    try:
+        os.fchmod(descriptor, 0o644)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(f"{os.getpid()}\n")
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
     return path
 
 

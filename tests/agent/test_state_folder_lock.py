@@ -22,7 +22,9 @@ from agents.state_lock import (
     PID_FILE_NAME,
     StateFolderLock,
     StateFolderLockedError,
+    write_pid_file,
 )
+from services.runtime.errors import StartupError
 from tests.agent.helpers import NODE
 from tests.agent.natsserver import NatsServer, declare_agent_streams
 from tests.agent.subprocess_agent import (
@@ -279,3 +281,40 @@ def test_clear_health_ignores_stale_pid_file(tmp_path: Path) -> None:
     (tmp_path / PID_FILE_NAME).write_text(f"{os.getpid()}\n")
     assert acsp_main(["agent", "clear-health", "GPU-a", "--state-dir", str(tmp_path)]) == 0
     assert StateStore(tmp_path / "state.json").node(NODE.key).health == {}
+
+
+def test_lock_rejects_symlink(tmp_path: Path) -> None:
+    # The owner of a folder that root locks (sudo acsp agent ...) may plant a link to a
+    # file of root's, which the lock would truncate and hand to that owner.
+    target = tmp_path / "target"
+    target.write_text("root's data\n")
+    folder = tmp_path / "state"
+    folder.mkdir()
+    (folder / LOCK_FILE_NAME).symlink_to(target)
+    with pytest.raises(StartupError, match="is a symbolic link") as raised:
+        StateFolderLock.acquire(folder)
+    assert "remove it" in str(raised.value)
+    assert target.read_text() == "root's data\n"
+
+
+def test_lock_rejects_hard_link(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.write_text("root's data\n")
+    folder = tmp_path / "state"
+    folder.mkdir()
+    os.link(target, folder / LOCK_FILE_NAME)
+    with pytest.raises(StartupError, match="has other names"):
+        StateFolderLock.acquire(folder)
+    assert target.read_text() == "root's data\n"
+
+
+def test_pid_file_replaces_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.write_text("root's data\n")
+    folder = tmp_path / "state"
+    folder.mkdir()
+    (folder / PID_FILE_NAME).symlink_to(target)
+    path = write_pid_file(folder)
+    assert target.read_text() == "root's data\n"
+    assert not path.is_symlink()
+    assert path.read_text() == f"{os.getpid()}\n"
