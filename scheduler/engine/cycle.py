@@ -39,6 +39,8 @@ from scheduler.engine.placement import (
 )
 from scheduler.engine.preemptor_reservations import (
     claim_victims,
+    forget_stopped_victims,
+    outranks_preemptors,
     place_on_reservation,
     reserve_for_preemptors,
     reserve_for_victims,
@@ -463,6 +465,8 @@ class PassState:
             for items in snapshots.values():
                 items.sort(key=lambda item: item[:2])
         for priority in sorted({key[0] for key in snapshots}, reverse=True):
+            if only is None and engine.preemptors:
+                reserve_for_preemptors(self, priority)
             queues = {key[1]: items for key, items in snapshots.items() if key[0] == priority}
             order = ShareOrder(engine.fair_share, queues)
             while (run := order.next_run()) is not None:
@@ -585,11 +589,14 @@ def run_pass(engine: Engine, now: float) -> ScheduleResult:
     due = any(
         (engine.jobs[job_id].spec.start_at or 0.0) <= now for job_id in engine.advance_jobs
     ) or bool(engine.advance_jobs and any(j in engine.advance_jobs for j in engine.new_jobs))
+    # A new job of a higher class than a waiting preemptor must not avoid its room, because a
+    # full pass serves that job before it reserves the room.
     incremental = (
         isinstance(last, LastPass)
         and last.signature == _signature(engine, caps)
         and not engine.broken
         and not due
+        and not outranks_preemptors(engine, engine.new_jobs, last.preemptor_reservations)
     )
     if incremental:
         assert isinstance(last, LastPass)
@@ -603,7 +610,7 @@ def run_pass(engine: Engine, now: float) -> ScheduleResult:
         shrink_pools(state)
         repair_broken(state)
         state.serve_advance()
-        reserve_for_preemptors(state)
+        forget_stopped_victims(state)
         state.serve_queue()
     engine.new_jobs = []
     result = state.finish()

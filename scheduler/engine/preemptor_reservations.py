@@ -5,16 +5,17 @@ reservation, the jobs served in the passes between those stops would take the ro
 frees, the requeued victims among them. The preemptor would then still not fit after its last
 victim stopped, and it would preempt other jobs, until it had preempted every job it may.
 
-So every full pass first reserves, from now, the nodes where each waiting preemptor fits once
-its victims have stopped. Other jobs avoid those nodes like any reservation's, and the
-preemptor may use its own. Victims whose preemptor no longer waits for them, because it
-started on other room or left the queue, are unclaimed. The next preemptor that needs room
-claims them before it preempts anyone.
+So every full pass reserves, from now, the nodes where each waiting preemptor fits once its
+victims have stopped, before it serves the preemptor's class. The jobs of that class and lower
+ones avoid those nodes like any reservation's, and the preemptor may use its own. Jobs of a
+higher class are served first and may take the room. Victims whose preemptor no longer waits
+for them, because it started on other room or left the queue, are unclaimed. The next
+preemptor that needs room claims them before it preempts anyone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from scheduler.engine.fleet import Pool
@@ -23,14 +24,11 @@ from scheduler.engine.reservations import Reservation, earliest_start
 
 if TYPE_CHECKING:
     from scheduler.engine.cycle import PassState
+    from scheduler.engine.engine import Engine
 
 
-def reserve_for_preemptors(state: PassState) -> None:
-    """Reserve room for every pending preemptor, before the pass serves the queue.
-
-    Higher classes go first. Inside a class, the preemptors with fewer victims left to stop go
-    first, because the room that is free now is most likely what their own victims freed.
-    """
+def forget_stopped_victims(state: PassState) -> None:
+    """Drop the victims that have stopped from every preemptor and from the unclaimed ones."""
     engine = state.engine
     jobs = engine.jobs
     engine.unclaimed_victims = {v for v in engine.unclaimed_victims if _still_running(jobs.get(v))}
@@ -38,16 +36,41 @@ def reserve_for_preemptors(state: PassState) -> None:
         record.awaiting_victims = frozenset(
             v for v in record.awaiting_victims if _still_running(jobs.get(v))
         )
-    order = sorted((jobs[job_id] for job_id in engine.preemptors), key=_preemptor_order)
+
+
+def reserve_for_preemptors(state: PassState, priority: int) -> None:
+    """Reserve room for every pending preemptor of class ``priority``, before the pass serves
+    that class.
+
+    The jobs of higher classes were served before, so they may take the room first. Inside a
+    class, the preemptors with fewer victims left to stop go first, because the room that is
+    free now is most likely what their own victims freed.
+    """
+    engine = state.engine
+    jobs = engine.jobs
+    preemptors = (jobs[job_id] for job_id in engine.preemptors)
+    order = sorted((r for r in preemptors if r.spec.priority == priority), key=_preemptor_order)
     for record in order:
         shape = record.shape
         assert shape is not None
         reserve_for_victims(state, record, engine.shapes.pools_of(shape, record.spec))
 
 
-def _preemptor_order(record: JobRecord) -> tuple[int, int, float, int]:
+def _preemptor_order(record: JobRecord) -> tuple[int, float, int]:
     spec = record.spec
-    return (-spec.priority, len(record.awaiting_victims), spec.submit_time, record.sequence)
+    return (len(record.awaiting_victims), spec.submit_time, record.sequence)
+
+
+def outranks_preemptors(
+    engine: Engine, job_ids: Sequence[str], preemptor_ids: Iterable[str]
+) -> bool:
+    """Return whether a job of ``job_ids`` is of a higher class than a preemptor of
+    ``preemptor_ids``, so it must not avoid that preemptor's reservation."""
+    jobs = engine.jobs
+    lowest = min((jobs[j].spec.priority for j in preemptor_ids if j in jobs), default=None)
+    if lowest is None:
+        return False
+    return any(j in jobs and jobs[j].spec.priority > lowest for j in job_ids)
 
 
 def _still_running(record: JobRecord | None) -> bool:

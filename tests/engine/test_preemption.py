@@ -466,3 +466,49 @@ def test_preemptor_claims_victims_left_unclaimed() -> None:
     assert reasons(result)["b"] == "priority"
     assert later == []
     assert "b" in engine.running()
+
+
+def test_preemptor_room_yields_to_higher_class() -> None:
+    engine = make_engine(preemption_grace_s=300.0)
+    engine.add_node(node("n1", 4))
+    engine.submit(
+        job("low", accelerators=2, priority=PriorityClass.PREEMPTIBLE, checkpointable=True)
+    )
+    engine.schedule(0.0)
+    engine.submit(job("standard", accelerators=4, submit=1.0))
+    [decision] = preempts(engine.schedule(1.0))
+    engine.submit(
+        job("interactive", accelerators=2, priority=PriorityClass.INTERACTIVE, submit=2.0)
+    )
+
+    result = engine.schedule(2.0)
+    # The stop brings a full pass, where the standard job still does not fit and preempts no one.
+    engine.apply(JobEnded("low", JobOutcome.PREEMPTED), 3.0)
+    later = engine.schedule(3.0)
+
+    assert decision.job_id == "low"
+    assert "interactive" in placed(result)
+    assert "standard" not in placed(later)
+    assert preempts(later) == []
+
+
+def test_full_pass_serves_higher_class_first() -> None:
+    engine = make_engine(preemption_grace_s=300.0)
+    engine.add_node(node("n1", 4))
+    engine.add_node(node("n2", 1))
+    engine.submit(
+        job("low", accelerators=2, priority=PriorityClass.PREEMPTIBLE, checkpointable=True)
+    )
+    engine.submit(job("small", accelerators=1))
+    engine.schedule(0.0)
+    engine.submit(job("standard", accelerators=4, submit=1.0))
+    engine.schedule(1.0)
+    engine.submit(
+        job("interactive", accelerators=2, priority=PriorityClass.INTERACTIVE, submit=2.0)
+    )
+    # An end frees room that is too small for the new job, and makes the pass a full one.
+    engine.apply(JobEnded("small", JobOutcome.COMPLETED), 2.0)
+
+    result = engine.schedule(2.0)
+
+    assert nodes_of(placed(result)["interactive"]) == {"n1"}
