@@ -151,8 +151,14 @@ class Engine:
         """Enter a job that already runs on ``tasks`` (e.g. after a service restart).
 
         Raises :class:`InvalidInputError`, changing nothing, when a task names an unknown node
-        or accelerator, or an accelerator without room for its share.
+        or accelerator, an accelerator without room for its share, or a start that is not a
+        finite number of seconds.
         """
+        if not math.isfinite(start):
+            raise InvalidInputError(
+                f"job {spec.job_id}: start is {start}, not a finite number of seconds. "
+                "Pass the time the job started."
+            )
         plans: list[TaskPlan] = []
         wanted: dict[tuple[int, int], int] = {}
         for task in tasks:

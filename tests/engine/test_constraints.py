@@ -16,6 +16,7 @@ from scheduler.engine import (
     Pledge,
     ReasonCode,
     RecallAnnounced,
+    TaskPlacement,
 )
 from tests.engine.helpers import job, make_engine, node, placed, reasons
 
@@ -261,3 +262,15 @@ def test_unknown_model_is_rejected() -> None:
     engine = mixed_engine()
     with pytest.raises(InvalidInputError, match="models"):
         engine.submit(job("x", models=frozenset({"B200-imaginary"})))
+
+
+@pytest.mark.parametrize("start", [math.nan, math.inf, -math.inf])
+def test_adopt_rejects_non_finite_start(start: float) -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    task = TaskPlacement(0, "n1", ("n1-gpu0",), 1000)
+
+    with pytest.raises(InvalidInputError, match="start is"):
+        engine.adopt(job("a"), [task], start)
+
+    assert "a" not in engine.jobs
