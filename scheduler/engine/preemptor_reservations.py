@@ -10,7 +10,8 @@ victims have stopped, before it serves the preemptor's class. The jobs of that c
 ones avoid those nodes like any reservation's, and the preemptor may use its own. Jobs of a
 higher class are served first and may take the room. Victims whose preemptor no longer waits
 for them, because it started on other room or left the queue, are unclaimed. The next
-preemptor that needs room claims them before it preempts anyone.
+preemptor that needs room claims them before it preempts anyone. A preemptor whose victims have
+all stopped and whose room is gone is no preemptor any more, and waits in its place.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def reserve_for_victims(state: PassState, record: JobRecord, pools: Sequence[Poo
     reservation = _earliest(state, record, pools, victims)
     if reservation is not None:
         _add_preemptor_reservation(state, record, reservation)
+    elif not record.awaiting_victims:
+        # The room its victims freed is gone, so it waits in its place like other jobs.
+        state.engine.preemptors.discard(record.job_id)
 
 
 def claim_victims(state: PassState, record: JobRecord, pools: Sequence[Pool]) -> bool:
@@ -172,6 +176,7 @@ def place_on_reservation(
     del state.preemptor_reservations[spec.job_id]
     state.remove_reservation(reservation)
     if plans is None:
+        state.engine.preemptors.discard(spec.job_id)
         return None
     state.place(record, plans)
     return True

@@ -512,3 +512,31 @@ def test_full_pass_serves_higher_class_first() -> None:
     result = engine.schedule(2.0)
 
     assert nodes_of(placed(result)["interactive"]) == {"n1"}
+
+
+def test_preemptor_without_room_loses_precedence() -> None:
+    engine = make_engine(preemption_grace_s=300.0)
+    engine.add_node(node("n1", 4))
+    engine.submit(
+        job("low", accelerators=4, priority=PriorityClass.PREEMPTIBLE, checkpointable=True)
+    )
+    engine.schedule(0.0)
+    engine.submit(job("standard", accelerators=4, submit=1.0))
+    [decision] = preempts(engine.schedule(1.0))
+    engine.submit(
+        job("interactive", accelerators=2, priority=PriorityClass.INTERACTIVE, submit=2.0)
+    )
+    engine.schedule(2.0)
+    # The interactive job takes half the room of the only victim, so the standard job lost it.
+    engine.apply(JobEnded("low", JobOutcome.PREEMPTED), 3.0)
+    stopped = engine.schedule(3.0)
+    engine.submit(job("earlier", accelerators=4, submit=0.5))
+    engine.schedule(4.0)
+    engine.apply(JobEnded("interactive", JobOutcome.COMPLETED), 5.0)
+
+    result = engine.schedule(5.0)
+
+    assert decision.job_id == "low"
+    assert "interactive" in placed(stopped)
+    assert "earlier" in placed(result)
+    assert reasons(result)["standard"] == "fair_share"
