@@ -44,6 +44,7 @@ from acsp.mesh._process import (
     reap_exited_orphans,
     stop_orphans,
 )
+from acsp.mesh.data_dir_lock import LOCK_FILE_NAME, DataDirLock, DataDirLockedError
 from acsp.mesh.endpoints import (
     MESH_FILE_NAME,
     SERVICE_NAMES,
@@ -193,6 +194,7 @@ class LocalMesh:
         # Held while a child starts again and while the mesh stops its children, so that a
         # restart cannot start a process that the stop has already passed over.
         self._start_lock = asyncio.Lock()
+        self._data_dir_lock: DataDirLock | None = None
 
     # --- public surface -------------------------------------------------------------------
 
@@ -304,7 +306,12 @@ class LocalMesh:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Claimed before anything starts, so a refusal stops and logs nothing: a "stopped"
         # line would read as if the other mesh had been stopped.
-        self._claim_data_dir()
+        self._lock_data_dir()
+        try:
+            self._claim_data_dir()
+        except BaseException:
+            self._release_data_dir()
+            raise
         try:
             await self._start(deadline)
         except BaseException:
@@ -376,6 +383,28 @@ class LocalMesh:
         if reaping:
             self._watchers.append(loop.create_task(self._reap_orphans(), name="reap orphans"))
         logger.info("local mesh is up in %s: %s", self.data_dir, endpoints)
+
+    def _lock_data_dir(self) -> None:
+        """Take the data directory's lock, or raise MeshStartError naming the mesh that has it."""
+        try:
+            self._data_dir_lock = DataDirLock.acquire(self.data_dir)
+        except DataDirLockedError as exc:
+            raise MeshStartError(
+                f"another mesh (supervisor pid {exc.pid}) runs with data directory "
+                f"{self.data_dir}: stop it with acsp down --data-dir {self.data_dir} once it "
+                "is up, or pass another --data-dir"
+            ) from None
+        except OSError as exc:
+            raise MeshStartError(
+                f"cannot lock data directory {self.data_dir}: {exc}. Remove "
+                f"{self.data_dir / LOCK_FILE_NAME} if it is not a plain file, or pass another "
+                "--data-dir"
+            ) from None
+
+    def _release_data_dir(self) -> None:
+        if self._data_dir_lock is not None:
+            self._data_dir_lock.release()
+            self._data_dir_lock = None
 
     def _claim_data_dir(self) -> None:
         """Remove a mesh file left by a dead supervisor; raise if its supervisor still runs."""
@@ -642,6 +671,8 @@ class LocalMesh:
                     mesh_file.unlink()
         if self._failure is not None and not self._failure.done():
             self._failure.cancel()
+        # Last, once no process of this mesh runs.
+        self._release_data_dir()
         logger.info("local mesh in %s stopped", self.data_dir)
 
     # --- helpers --------------------------------------------------------------------------
