@@ -49,6 +49,7 @@ from agents.task_cgroups import (
     kill_and_remove,
     kill_and_remove_now,
     kill_members,
+    member_pids,
     remove,
     signal_members,
 )
@@ -546,13 +547,34 @@ class TaskRunner:
             self._reject(spec, f"command could not be started: {error}")
 
     def _remove_empty_cgroup(self, task_id: str) -> None:
-        """Remove the cgroup of a task whose process never started."""
+        """Remove the cgroup of a task whose start failed, killing what runs in it.
+
+        A launcher that dies or falls silent after it spawned the task leaves the process in
+        the cgroup, and nothing else stops it once the start is rejected.
+        """
         if self._cgroups is None:
             return
+        cgroup = self._cgroups.path(task_id)
         try:
-            remove(self._cgroups.path(task_id))
+            if remove(cgroup):
+                return
         except OSError as error:
             logger.warning("cannot remove the cgroup of task %s: %s", task_id, error)
+            return
+        logger.warning(
+            "task %s, whose start failed, runs processes %s in cgroup %s; killing them",
+            task_id,
+            member_pids(cgroup),
+            cgroup,
+        )
+        try:
+            if self._group is not None:
+                self._group.create_task(kill_and_remove(cgroup, task_id))
+                return
+        except RuntimeError:
+            # The task group is shutting down and takes no more tasks.
+            pass
+        kill_and_remove_now(cgroup, task_id)
 
     def _started(self, spec: TaskSpec, record: TaskRecord, process: TaskProcess) -> None:
         record.pid = process.pid

@@ -8,6 +8,7 @@ and removes them.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import secrets
 import shutil
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -471,6 +473,38 @@ async def test_restart_removes_cgroup_of_unspawned_task(
         restarted.attach(group)
         restarted.recover()
     assert recorder.states("j/1/0") == []
+    assert not cgroup.exists()
+
+
+@pytest.mark.timeout(60)
+async def test_failed_start_kills_spawned_process(
+    tmp_path: Path, cgroup_root: Path, launchers: list[TaskLauncher]
+) -> None:
+    # The launcher spawned the task, then died or fell silent before its reply, so the start
+    # fails and the scheduler places the job elsewhere while the process runs on here.
+    recorder = Recorder()
+    runner = contained_runner(tmp_path, recorder, cgroup_root, launchers)
+    launcher = launchers[0]
+    real_launch = launcher.launch
+    spawned: list[int] = []
+
+    def launch_without_reply(*args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        lost: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def fail(done: asyncio.Future[Any]) -> None:
+            spawned.append(done.result().pid)
+            lost.set_exception(OSError(errno.EPIPE, "the task launcher exited"))
+
+        real_launch(*args, **kwargs).add_done_callback(fail)
+        return lost
+
+    launcher.launch = launch_without_reply  # type: ignore[method-assign]
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(_spec("j/1/0", "import time; time.sleep(60)"))
+        await wait_for(lambda: TaskState.START_FAILED in recorder.states("j/1/0"))
+    cgroup = cgroup_root / cgroup_name("j/1/0")
+    await wait_for(lambda: not _alive(spawned[0]))
     assert not cgroup.exists()
 
 
