@@ -327,6 +327,9 @@ class PledgeStore:
                         raise RequestReused("was used before for another recall")
                     return earlier, owner, 0
             pledge = await self._pledge(conn, recall.pledge_id, lock=True)
+            # The table keeps microseconds, so the checks compare the times as stored. A recall
+            # that starts where another ends then does not overlap it by a rounding.
+            recall = _as_stored(recall)
             if recall.end is not None and recall.end > pledge.end:
                 raise RecallPastPledge(pledge, recall.end)
             recall = _ending_with(recall, pledge)
@@ -523,6 +526,16 @@ def _ending_with(recall: RecallRecord, pledge: PledgeRecord) -> RecallRecord:
     # An open-ended recall ends with its pledge, so that it never lowers the capacity of the
     # pool's next pledge nor counts in a settlement after its pledge.
     return recall if recall.end is not None else replace(recall, end=pledge.end)
+
+
+def _as_stored(recall: RecallRecord) -> RecallRecord:
+    """Return ``recall`` with its times rounded to microseconds, as the table stores them."""
+    end = recall.end
+    return replace(
+        recall,
+        effective_at=_datetime(recall.effective_at).timestamp(),
+        end=_datetime(end).timestamp() if end is not None else None,
+    )
 
 
 def _same_recall(stored: RecallRecord, requested: RecallRecord) -> bool:

@@ -64,3 +64,18 @@ async def test_recalls_add_up_only_when_overlapping(pool: asyncpg.Pool) -> None:
     with pytest.raises(LookupError) as caught:
         await store.upsert(replace(pledge, recallable=7), "test")
     assert "8 accelerators of pledge pl-peaks are recalled at " in str(caught.value)
+
+
+async def test_recall_touching_below_microsecond(pool: asyncpg.Pool) -> None:
+    store = PledgeStore(pool)
+    now = float(int(time.time()))
+    pledge = PledgeRecord("pl-peaks", "prov", "reg", "P100", 8, 8, now - 60, now + 30 * DAY)
+    assert await store.upsert(pledge, "test", created=True)
+    # 0.7 us past a whole microsecond: the table stores the end rounded up to the next one.
+    edge = now + DAY + 0.4999997
+
+    await store.add_recall(recall("rc-first", 8, now + HOUR, edge), None)
+    second, _, _ = await store.add_recall(recall("rc-second", 8, edge, edge + HOUR), None)
+    [first] = [r for r in await store.recalls("prov") if r.recall_id == "rc-first"]
+
+    assert second.effective_at == first.end
