@@ -52,6 +52,11 @@ def reserve_for_preemptors(state: PassState, priority: int) -> None:
     preemptors = (jobs[job_id] for job_id in engine.preemptors)
     order = sorted((r for r in preemptors if r.spec.priority == priority), key=_preemptor_order)
     for record in order:
+        if _held_back(state, record):
+            # It cannot start in this pass whatever room it has, so others may use the room.
+            if not record.awaiting_victims:
+                engine.preemptors.discard(record.job_id)
+            continue
         shape = record.shape
         assert shape is not None
         reserve_for_victims(state, record, engine.shapes.pools_of(shape, record.spec))
@@ -72,6 +77,17 @@ def outranks_preemptors(
     if lowest is None:
         return False
     return any(j in jobs and jobs[j].spec.priority > lowest for j in job_ids)
+
+
+def _held_back(state: PassState, record: JobRecord) -> bool:
+    """Return whether a budget block or a limit keeps ``record`` waiting, as in try_job()."""
+    engine = state.engine
+    spec = record.spec
+    if engine.no_budget:
+        ceiling = engine.no_budget.get((spec.project, spec.payer))
+        if ceiling is not None and spec.budget_size >= ceiling:
+            return True
+    return bool(engine.limits and state.limit_blocking(spec))
 
 
 def _still_running(record: JobRecord | None) -> bool:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
+
 from scheduler.engine import (
     AcceleratorFailed,
+    BudgetChanged,
     Cause,
     Engine,
     JobEnded,
     JobOutcome,
     JobSpec,
+    Limit,
+    LimitScope,
     Pledge,
     Preempt,
     PriorityClass,
@@ -540,3 +545,36 @@ def test_preemptor_without_room_loses_precedence() -> None:
     assert "interactive" in placed(stopped)
     assert "earlier" in placed(result)
     assert reasons(result)["standard"] == "fair_share"
+
+
+@pytest.mark.parametrize("block", ["budget", "limit"])
+def test_held_back_preemptor_frees_room(block: str) -> None:
+    engine = make_engine(preemption_grace_s=300.0)
+    engine.add_node(node("n1", 4))
+    engine.add_node(node("n2", 4))
+    engine.submit(job("own", accelerators=4, wall_time_s=600.0))
+    engine.submit(
+        job(
+            "low",
+            accelerators=4,
+            project="other",
+            priority=PriorityClass.PREEMPTIBLE,
+            checkpointable=True,
+        )
+    )
+    engine.schedule(0.0)
+    engine.submit(job("standard", accelerators=4, payer="g1", submit=1.0))
+    [decision] = preempts(engine.schedule(1.0))
+    # A block that comes while the victim stops keeps the preemptor from starting.
+    if block == "budget":
+        engine.apply(BudgetChanged("proj", available=False, payer="g1"), 2.0)
+    else:
+        engine.set_limit(Limit(LimitScope.PROJECT, "proj", 4000))
+    engine.apply(JobEnded("low", JobOutcome.PREEMPTED), 3.0)
+    engine.submit(job("next", accelerators=4, project="third", submit=3.0))
+
+    result = engine.schedule(3.0)
+
+    assert decision.job_id == "low"
+    assert reasons(result)["standard"] == block
+    assert "next" in placed(result)
