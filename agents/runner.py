@@ -549,8 +549,10 @@ class TaskRunner:
     def _remove_empty_cgroup(self, task_id: str) -> None:
         """Remove the cgroup of a task whose start failed, killing what runs in it.
 
-        A launcher that dies or falls silent after it spawned the task leaves the process in
-        the cgroup, and nothing else stops it once the start is rejected.
+        A lost launcher fails a start when no process carries the task's spawn id, yet the
+        task may run: it cleared its environment at once, or the launcher was slow and spawned
+        it after the agent gave up. Nothing else stops that process once the start is rejected.
+        NOTE: a launcher still inside the cgroup, in the middle of that start, is killed too.
         """
         if self._cgroups is None:
             return
