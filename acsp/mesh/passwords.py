@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ NATS_USER: Final = "acsp"
 PASSWORD_BYTES: Final = 32
 """Random bytes per password. ``secrets.token_urlsafe`` writes them as 43 URL-safe characters,
 which need no quoting in a URL, a NATS configuration file or SQL."""
+
+
+_PASSWORD_CHARACTERS: Final = re.compile(r"[A-Za-z0-9_-]*")
+"""The characters of ``secrets.token_urlsafe``. An empty file means no password yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +78,20 @@ def _read_or_create(path: Path) -> Password:
 
 
 def _read_private(path: Path) -> str:
-    """Read the password in ``path``, first making the file readable by its owner only."""
+    """Read the password in ``path``, first making the file readable by its owner only.
+
+    Raises ValueError, without the password, if it has characters that a generated one has
+    not, because the URL, the NATS configuration and the SQL take it unquoted.
+    """
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         logger.warning("%s had mode %o, so other users could read it. Setting mode 600", path, mode)
         path.chmod(0o600)
-    return path.read_text().strip()
+    value = path.read_text().strip()
+    if not _PASSWORD_CHARACTERS.fullmatch(value):
+        raise ValueError(
+            f"the password in {path} contains characters other than letters, digits, - and _, "
+            "which a database URL and the NATS configuration cannot take unquoted: remove the "
+            "file, and acsp up generates a new password"
+        )
+    return value

@@ -202,10 +202,14 @@ class EmbeddedPostgres:
             stdin=f"ALTER ROLE {SUPERUSER} PASSWORD '{self.password.value}';\n",
             timeout_s=60,
         )
-        if result.returncode != 0:
+        # Single-user mode (PostgreSQL 18 of the wheel) exits 0 after a failed statement, and
+        # prints the statement, password included, after the error.
+        failed = result.returncode != 0 or " ERROR: " in result.stderr
+        if failed:
+            output = result.stderr.replace(self.password.value, "<password>")
             raise RuntimeError(
                 f"setting the password of the PostgreSQL cluster in {self.cluster_dir} failed "
-                f"with status {result.returncode}: {result.stderr.strip()[-2000:]}"
+                f"with status {result.returncode}: {output.strip()[-2000:]}"
             )
 
     def _run_as_server_user(

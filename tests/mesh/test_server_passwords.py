@@ -168,3 +168,37 @@ def _init_trusting_cluster(cluster: Path, user: str | None) -> None:
         user=user,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize("value", ["it's", 'say "x"', "a b", "p@ss/word"])
+def test_edited_password_file_rejected(tmp_path: Path, value: str) -> None:
+    # A password typed into the file by hand goes unquoted into a URL, a NATS configuration
+    # file and SQL, so it may use only the characters that generated passwords use.
+    path = passwords.nats_password(tmp_path).path
+    path.write_text(value + "\n")
+
+    with pytest.raises(ValueError, match="letters, digits") as raised:
+        passwords.nats_password(tmp_path)
+
+    assert str(path) in str(raised.value)
+    assert value not in str(raised.value)
+    assert path.read_text() == value + "\n"
+
+
+async def test_failed_password_change_raises() -> None:
+    # Single-user mode exits 0 after a failed statement, so only its output shows the failure.
+    data_dir = make_mesh_dir("acsp-alter-")
+    cluster = cluster_dir_for(data_dir)
+    try:
+        created = passwords.postgres_password(data_dir)
+        server = EmbeddedPostgres(cluster, log_path=data_dir / "postgres.log", password=created)
+        await asyncio.to_thread(server._init_cluster)
+        server.password = passwords.Password("secret'value", created.path, created=True)
+
+        with pytest.raises(RuntimeError, match="setting the password") as raised:
+            await asyncio.to_thread(server._set_password_offline)
+
+        assert "secret'value" not in str(raised.value)
+    finally:
+        shutil.rmtree(cluster, ignore_errors=True)
+        shutil.rmtree(data_dir, ignore_errors=True)
