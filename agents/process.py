@@ -394,6 +394,7 @@ class AgentProcess:
                 await asyncio.sleep(options.reconnect_wait_s)
                 continue
             self._client = client
+            self._last_nats_error = ""
             logger.info("connected to NATS at %s", ",".join(options.servers))
             self._connected_once.set()
             self._reconnected.set()
