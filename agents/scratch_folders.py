@@ -8,9 +8,9 @@ processes are gone, the agent removes whatever the user owns there, with the use
 (see :mod:`agents.scratch_sweep`), and only then is the user free again. A restarted agent sweeps
 the users that no task runs as before it hands any out.
 
-A sweep that leaves something of the user's keeps the user out of the pool: a file it may not
-remove, a folder of its own that contains other users' files, a sweep that timed out or could
-not switch to the user. The sweep runs again every :data:`RETRY_S` seconds until it finds
+A sweep that leaves something of the user's keeps the user out of the pool. That is a file it
+may not remove, a folder of its own that contains other users' files, or a sweep that timed out
+or could not switch to the user. The sweep runs again every :data:`RETRY_S` seconds until it finds
 nothing left. A user handed out dirty would give its next job the files that isolation is meant
 to keep from it, while one user fewer costs the node one job at a time, and the log names the
 paths.
@@ -152,7 +152,7 @@ class ScratchSweeper:
                 try:
                     loop.call_soon_threadsafe(_settle, done, report, failure)
                 except RuntimeError:
-                    # The event loop closed while the sweep ran, so nobody awaits its report.
+                    # The event loop closed while the sweep ran, so no caller awaits its report.
                     pass
 
             folders = [str(folder) for folder in self.folders]

@@ -21,8 +21,8 @@ SIGKILL to everything in it, and removes the cgroup once ``cgroup.events`` repor
 cgroups of the tasks it adopts.
 
 The launcher and the tasks run only in leaf cgroups. The kernel allows no process in a cgroup
-that enables controllers for its children, so an operator who wants to limit each task's
-memory, say, also runs the agent in a leaf, and then enables the controllers in the folder's
+that enables controllers for its children. So an operator who wants to limit each task's memory
+also moves the agent into a leaf, then enables the controllers in the folder's
 ``cgroup.subtree_control``.
 
 NOTE: a task that runs as root (the agent is root and no task user is set) may write any
