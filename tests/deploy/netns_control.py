@@ -26,6 +26,7 @@ import asyncpg
 import nats
 
 from acsp import subjects
+from acsp.mesh.passwords import postgres_password
 from acsp.mesh.postgres import EmbeddedPostgres, cluster_dir_for
 from acsp.v1 import agent_pb2
 
@@ -35,13 +36,17 @@ STOP_GRACE_S = 10.0
 
 async def serve_postgres(data_dir: str, ready_file: str) -> None:
     directory = Path(data_dir)
-    server = EmbeddedPostgres(cluster_dir_for(directory), log_path=directory / "postgres.log")
+    server = EmbeddedPostgres(
+        cluster_dir_for(directory),
+        log_path=directory / "postgres.log",
+        password=postgres_password(directory),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await server.start(START_TIMEOUT_S)
     try:
-        await asyncio.to_thread(Path(ready_file).write_text, server.url() + "\n")
+        await asyncio.to_thread(Path(ready_file).write_text, server.url_with_password() + "\n")
         await stop.wait()
     finally:
         await server.stop(STOP_GRACE_S)
