@@ -492,10 +492,17 @@ class EngineAdapter:
 
     def recall_frees(self, pledge: PledgeRecord, recall: RecallRecord) -> int:
         """Return the accelerators a new ``recall`` from ``pledge`` takes from what the region
-        may use, with the fleet as it is now."""
+        may use, with the fleet as it is now.
+
+        A pledge stored a moment ago reaches the engine with the loop's next turn, so one the
+        engine does not know yet is added now, or the recall would seem to free nothing. A
+        changed pledge is left to the loop, which applies the changes in the order stored.
+        """
         pool = self.engine.fleet.pools.get((pledge.provider, pledge.region, pledge.model))
         if pool is None:
             return 0
+        if pledge.pledge_id not in self.engine.capacity.pledges:
+            self.set_pledge(pledge)
         freed = self.engine.capacity.freed_millis(
             pool, recall.effective_at, recall.end, recall.count
         )

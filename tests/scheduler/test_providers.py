@@ -8,6 +8,7 @@ from scheduler.engine.spec import EngineConfig
 from scheduler.service.engine_adapter import EngineAdapter, job_to_engine
 from scheduler.service.fleet import AcceleratorView, NodeView
 from scheduler.service.model import Job, JobSpec, new_job_id
+from scheduler.service.pledges import PledgeRecord, RecallRecord
 from scheduler.service.providers import (
     ProviderDirectory,
     ProviderRecord,
@@ -247,3 +248,12 @@ def test_known_regions_include_registered_and_fleet() -> None:
     adapter.set_providers(adapter.providers.with_provider(registered))
     assert "no/osl" in adapter.known_regions
     assert "auto/west" in adapter.known_regions
+
+
+def test_recall_counts_pledge_not_yet_applied() -> None:
+    adapter = make_adapter(directory(), ("eu", "fra"))
+    pledge = PledgeRecord("pl-1", "eu", "fra", MODEL, 4, 4, NOW - 60, NOW + 86_400)
+    recall = RecallRecord("rc-1", "pl-1", 4, NOW + 3600, NOW + 7200, "peak")
+
+    # The loop has not applied the pledge yet: the engine learns it from the recall check.
+    assert adapter.recall_frees(pledge, recall) == 4
