@@ -61,6 +61,19 @@ def make_mesh_dir(prefix: str = "acsp-mesh-") -> Path:
     return data_dir
 
 
+def nats_only_mesh(data_dir: Path, restart_delay_s: float = 0.5) -> MeshConfig:
+    """Return a mesh of the embedded NATS alone: no services, fleet or PostgreSQL."""
+    return MeshConfig(
+        data_dir=data_dir,
+        agents=0,
+        processes=(),
+        database_url="postgresql://127.0.0.1:1/unused",
+        nats_url=None,
+        restart_delay_s=restart_delay_s,
+        start_timeout_s=60,
+    )
+
+
 @pytest.fixture(scope="session")
 def mesh_data_dir() -> Iterator[Path]:
     data_dir = make_mesh_dir()

@@ -161,6 +161,19 @@ def _spec(task_id: str, code: str, *args: str, grace_period_s: float = 0.5) -> T
     return TaskSpec("j", task_id, ("GPU-1",), command, grace_period_s=grace_period_s)
 
 
+async def _start_and_stop_daemon(runner: TaskRunner, recorder: Recorder, pid_file: Path) -> int:
+    """Start a task that leaves a daemon with a cleared environment, stop the task, and return
+    the daemon's pid."""
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(_spec("j/1/0", CLEARED_DAEMON, str(pid_file)))
+        await wait_for(pid_file.exists)
+        daemon = int(pid_file.read_text())  # noqa: ASYNC240 - a file of a few bytes
+        await runner.stop("j/1/0", "preempted")
+        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+    return daemon
+
+
 @pytest.mark.timeout(60)
 async def test_stop_kills_cleared_daemon(
     tmp_path: Path, cgroup_root: Path, launchers: list[TaskLauncher]
@@ -187,13 +200,7 @@ async def test_cleared_daemon_escapes_without_cgroup(tmp_path: Path) -> None:
     pid_file = tmp_path / "daemon.pid"
     recorder = Recorder()
     runner = make_runner(tmp_path, recorder)
-    async with asyncio.TaskGroup() as group:
-        runner.attach(group)
-        await runner.start(_spec("j/1/0", CLEARED_DAEMON, str(pid_file)))
-        await wait_for(pid_file.exists)
-        daemon = int(pid_file.read_text())
-        await runner.stop("j/1/0", "preempted")
-        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+    daemon = await _start_and_stop_daemon(runner, recorder, pid_file)
     try:
         assert _alive(daemon)
     finally:
@@ -251,13 +258,7 @@ async def test_task_user_start_joins_cgroup(
     recorder = Recorder()
     runner = contained_runner(tmp_path, recorder, cgroup_root, launchers, task_user=user)
     pid_file = tmp_path / "daemon.pid"
-    async with asyncio.TaskGroup() as group:
-        runner.attach(group)
-        await runner.start(_spec("j/1/0", CLEARED_DAEMON, str(pid_file)))
-        await wait_for(pid_file.exists)
-        daemon = int(pid_file.read_text())
-        await runner.stop("j/1/0", "preempted")
-        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+    daemon = await _start_and_stop_daemon(runner, recorder, pid_file)
     assert not _alive(daemon)
     assert not (cgroup_root / cgroup_name("j/1/0")).exists()
 
@@ -269,13 +270,7 @@ async def test_start_without_launcher_joins_cgroup(
     pid_file = tmp_path / "daemon.pid"
     recorder = Recorder()
     runner = contained_runner(tmp_path, recorder, cgroup_root, launchers, record_exit_status=False)
-    async with asyncio.TaskGroup() as group:
-        runner.attach(group)
-        await runner.start(_spec("j/1/0", CLEARED_DAEMON, str(pid_file)))
-        await wait_for(pid_file.exists)
-        daemon = int(pid_file.read_text())
-        await runner.stop("j/1/0", "preempted")
-        await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+    daemon = await _start_and_stop_daemon(runner, recorder, pid_file)
     assert not _alive(daemon)
     assert not (cgroup_root / cgroup_name("j/1/0")).exists()
 
@@ -385,7 +380,7 @@ async def main():
         command = ("/bin/sh", "-c", SHELL_DAEMON, "sh", str(pid_file))
         await runner.start(TaskSpec("j", "j/1/0", ("GPU-1",), command, grace_period_s=0.5))
         await wait_for(pid_file.exists)
-        daemon = int(pid_file.read_text())
+        daemon = int(pid_file.read_text())  # noqa: ASYNC240 - a file of a few bytes
         await runner.stop("j/1/0", "preempted")
         await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
     for launcher in launchers:

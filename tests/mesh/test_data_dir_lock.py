@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from acsp.mesh import LocalMesh, MeshConfig
+from acsp.mesh import LocalMesh
 from acsp.mesh.endpoints import MESH_FILE_NAME
 from acsp.mesh.servers import NATS_PORT_FILE
 from acsp.mesh.supervisor import MeshStartError
-from tests.conftest import make_mesh_dir
+from tests.conftest import make_mesh_dir, nats_only_mesh
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,25 +24,13 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _nats_only(data_dir: Path) -> MeshConfig:
-    """A mesh of the embedded NATS alone: no services, fleet or PostgreSQL."""
-    return MeshConfig(
-        data_dir=data_dir,
-        agents=0,
-        processes=(),
-        database_url="postgresql://127.0.0.1:1/unused",
-        nats_url=None,
-        start_timeout_s=60,
-    )
-
-
 async def test_second_mesh_rejected_while_first_starts(data_dir: Path) -> None:
-    async with LocalMesh(_nats_only(data_dir)) as first:
+    async with LocalMesh(nats_only_mesh(data_dir)) as first:
         port_file = data_dir / "run" / NATS_PORT_FILE
         port_record = port_file.read_text()
         # As while the first mesh starts: it writes the mesh file only once all serve.
         (data_dir / MESH_FILE_NAME).unlink()
-        second = LocalMesh(_nats_only(data_dir))
+        second = LocalMesh(nats_only_mesh(data_dir))
 
         with pytest.raises(MeshStartError, match="another mesh") as raised:
             await second.start()
@@ -53,7 +41,7 @@ async def test_second_mesh_rejected_while_first_starts(data_dir: Path) -> None:
 
 
 async def test_data_dir_free_after_stop(data_dir: Path) -> None:
-    async with LocalMesh(_nats_only(data_dir)):
+    async with LocalMesh(nats_only_mesh(data_dir)):
         pass
-    async with LocalMesh(_nats_only(data_dir)) as again:
+    async with LocalMesh(nats_only_mesh(data_dir)) as again:
         assert again.info.nats_url

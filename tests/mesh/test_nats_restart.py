@@ -13,8 +13,8 @@ import nats
 import pytest
 from nats.js.errors import NotFoundError
 
-from acsp.mesh import LocalMesh, MeshConfig, MeshInfo
-from tests.conftest import make_mesh_dir
+from acsp.mesh import LocalMesh, MeshInfo
+from tests.conftest import make_mesh_dir, nats_only_mesh
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,19 +26,6 @@ def data_dir() -> Iterator[Path]:
     directory = make_mesh_dir("acsp-nats-")
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
-
-
-def _nats_only(data_dir: Path) -> MeshConfig:
-    """A mesh of the embedded NATS alone: no services, fleet or PostgreSQL."""
-    return MeshConfig(
-        data_dir=data_dir,
-        agents=0,
-        processes=(),
-        database_url="postgresql://127.0.0.1:1/unused",
-        nats_url=None,
-        restart_delay_s=0.1,
-        start_timeout_s=60,
-    )
 
 
 async def _connect(info: MeshInfo) -> nats.NATS:
@@ -63,7 +50,7 @@ async def _stream_subjects(client: nats.NATS) -> list[str] | None:
 
 
 async def test_killed_nats_restarts_on_same_port(data_dir: Path) -> None:
-    async with LocalMesh(_nats_only(data_dir)) as mesh:
+    async with LocalMesh(nats_only_mesh(data_dir, restart_delay_s=0.1)) as mesh:
         client = await _connect(mesh.info)
         try:
             await client.jetstream(timeout=5).add_stream(name=STREAM, subjects=["restart.>"])
@@ -95,8 +82,8 @@ async def test_killed_nats_restarts_on_same_port(data_dir: Path) -> None:
 
 
 async def test_mesh_started_again_keeps_nats_port(data_dir: Path) -> None:
-    async with LocalMesh(_nats_only(data_dir)) as mesh:
+    async with LocalMesh(nats_only_mesh(data_dir, restart_delay_s=0.1)) as mesh:
         first_url = mesh.info.nats_url
 
-    async with LocalMesh(_nats_only(data_dir)) as mesh:
+    async with LocalMesh(nats_only_mesh(data_dir, restart_delay_s=0.1)) as mesh:
         assert mesh.info.nats_url == first_url
