@@ -108,23 +108,16 @@ def _host(msg: agent_pb2.Inventory) -> str:
     """
     if not msg.host or is_valid_host(msg.host):
         return msg.host
-    key = (msg.node.provider_id, msg.node.region_id, msg.node.node_id)
-    if key not in _warned_hosts:
-        # Once per node and process, because every inventory of the node repeats the host.
-        _warned_hosts.add(key)
-        logger.warning(
-            "node %s.%s.%s reports a host of %d characters that is not 1 to %d of "
-            "A-Z a-z 0-9 . - _ :, so its tasks are reached at its node id; fix ACSP_AGENT_HOST "
-            "on its agent",
-            *key,
-            len(msg.host),
-            MAX_HOST_CHARACTERS,
-        )
+    _warn_once(
+        "host",
+        msg,
+        "node %s.%s.%s reports a host of %d characters that is not 1 to %d of "
+        "A-Z a-z 0-9 . - _ :, so its tasks are reached at its node id; fix ACSP_AGENT_HOST "
+        "on its agent",
+        len(msg.host),
+        MAX_HOST_CHARACTERS,
+    )
     return ""
-
-
-_warned_hosts: set[tuple[str, str, str]] = set()
-"""Nodes whose invalid host was logged; as many as the fleet has nodes at most."""
 
 
 def _port_range(msg: agent_pb2.Inventory) -> tuple[int, int] | None:
@@ -142,24 +135,31 @@ def _port_range(msg: agent_pb2.Inventory) -> tuple[int, int] | None:
         return parse_port_range(f"{low}-{high}")
     except ValueError:
         pass
-    key = (msg.node.provider_id, msg.node.region_id, msg.node.node_id)
-    if key not in _warned_port_ranges:
-        # Once per node and process, because every inventory of the node repeats the range.
-        _warned_port_ranges.add(key)
-        logger.warning(
-            "node %s.%s.%s reports rendezvous ports %d-%d, which is not a range of ports from "
-            "1024 to 65535 with the lowest first, so its jobs get ports from the default range "
-            "%d-%d; fix ACSP_AGENT_RENDEZVOUS_PORTS on its agent",
-            *key,
-            low,
-            high,
-            *DEFAULT_PORT_RANGE,
-        )
+    _warn_once(
+        "ports",
+        msg,
+        "node %s.%s.%s reports rendezvous ports %d-%d, which is not a range of ports from "
+        "1024 to 65535 with the lowest first, so its jobs get ports from the default range "
+        "%d-%d; fix ACSP_AGENT_RENDEZVOUS_PORTS on its agent",
+        low,
+        high,
+        *DEFAULT_PORT_RANGE,
+    )
     return None
 
 
-_warned_port_ranges: set[tuple[str, str, str]] = set()
-"""Nodes whose invalid rendezvous port range was logged; as many as the fleet has nodes at most."""
+def _warn_once(field: str, msg: agent_pb2.Inventory, text: str, *args: object) -> None:
+    """Log ``text`` about ``field`` of the inventory's node once per node and process, because
+    every inventory of the node repeats the field. ``text`` starts with the node's three ids."""
+    key = (field, msg.node.provider_id, msg.node.region_id, msg.node.node_id)
+    if key in _warned:
+        return
+    _warned.add(key)
+    logger.warning(text, *key[1:], *args)
+
+
+_warned: set[tuple[str, str, str, str]] = set()
+"""Fields and nodes of the invalid inventory fields logged; two per node of the fleet at most."""
 
 
 def accelerator_health(node_key: str, event: agent_pb2.HealthEvent) -> AcceleratorHealth | None:
