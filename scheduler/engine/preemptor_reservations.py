@@ -157,6 +157,8 @@ def _earliest(
     state: PassState, record: JobRecord, pools: Sequence[Pool], victims: Sequence[JobRecord]
 ) -> Reservation | None:
     """Return where ``record`` fits once ``victims`` have stopped, off every reserved node."""
+    # NOTE: the reservation starts now, not at the victims' grace deadlines, so with long
+    # grace periods the room it keeps sits idle even for jobs that would end before it.
     return earliest_start(
         state.engine.fleet,
         record.spec,

@@ -457,6 +457,8 @@ class JobBook:
         fx.commands.append(stop_record(job_id, job.attempt, old, reason, 0, self.epoch, stop_kind))
         self._add_orphan(old, TaskId(job_id, job.attempt, old.task_index))
         start_kind = replacement_kind("start", new.node_key)
+        # NOTE: only the new copy gets the current hosts. The other tasks' hosts files still
+        # name the lost node, because agents have no command to rewrite them.
         rendezvous = rendezvous_fields(replaced, self._endpoint_of)
         fx.commands.append(start_record(replaced, new, self.epoch, start_kind, rendezvous))
         self._replacing_since[(job_id, job.attempt, task.task_index)] = fx.now

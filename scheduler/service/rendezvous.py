@@ -122,6 +122,8 @@ class RendezvousPorts:
                 task_id,
                 first,
             )
+        # NOTE: this port is stored with the job although nothing reserves it, so after a
+        # leader change the first job loaded claims it, and its release frees it for both.
         return first
 
     def claim(self, node_key: str, task_id: str, port: int) -> None:
