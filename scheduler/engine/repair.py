@@ -114,8 +114,10 @@ def preempt_for(state: PassState, record: JobRecord, pools: tuple[Pool, ...]) ->
                 if found.up and not found.busy and ordinal not in skip:
                     yield found
 
-    # The room on nodes reserved for other preemptors is theirs: no victim there, no free room.
-    reserved_ordinals = state.preemptor_nodes()
+    # The nodes of the reservations the job must avoid, other preemptors' among them, are kept
+    # for those jobs. So no victim is chosen there, and their free room does not count.
+    avoided = state.excluded_prefix[state.reservations_to_avoid(spec)]
+    reserved_ordinals = avoided | state.preemptor_nodes()
     reserved = [fleet.nodes[ordinal] for ordinal in sorted(reserved_ordinals)]
     victims = None
     if spec.avoid_nodes:

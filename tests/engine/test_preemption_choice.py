@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from scheduler.engine import (
     AcceleratorFailed,
     Engine,
@@ -234,3 +236,37 @@ def test_fenced_share_of_requeued_job_is_not_preempted() -> None:
     assert preempted(engine.schedule(20.0)) == ["other"]
     engine.apply(JobEnded("other", JobOutcome.PREEMPTED))
     assert nodes_of(placed(engine.schedule(30.0))["high"]) == {"b"}
+
+
+@pytest.mark.parametrize(("wall_time_s", "victim"), [(None, "dear"), (60.0, "cheap")])
+def test_victims_respect_advance_reservation(wall_time_s: float | None, victim: str) -> None:
+    engine = make_engine()
+    engine.add_node(node("n1", 4))
+    engine.add_node(node("n2", 4))
+    # "cheap" ends before the advance job's start, so only n1 can be reserved for it.
+    start(engine, 0.0, "cheap", accelerators=4, checkpointable=True, wall_time_s=600.0)
+    start(engine, 0.0, "dear", accelerators=4)
+    engine.submit(job("booked", accelerators=4, start_at=1000.0, wall_time_s=60.0, submit=5.0))
+    engine.schedule(5.0)
+    # Without a wall-time limit the interactive job must avoid every reservation. With one
+    # that ends before the reservation starts, it may take the cheaper victim on n1.
+    engine.submit(job("high", accelerators=4, priority=HIGH, submit=10.0, wall_time_s=wall_time_s))
+
+    result = engine.schedule(10.0)
+
+    assert preempted(result) == [victim]
+
+
+def test_gang_counts_no_free_room_of_reserved_node() -> None:
+    engine = make_engine()
+    for index in (1, 2, 3):
+        engine.add_node(node(f"n{index}", 4))
+    engine.submit(job("booked", accelerators=4, start_at=1000.0, wall_time_s=60.0))
+    engine.schedule(0.0)
+    start(engine, 1.0, "p2", "p3", accelerators=4)
+    engine.submit(job("gang", accelerators=4, tasks=2, priority=HIGH, submit=5.0))
+
+    result = engine.schedule(5.0)
+
+    # The free n1 is reserved for "booked", so the gang needs both running nodes.
+    assert preempted(result) == ["p2", "p3"]
