@@ -243,18 +243,25 @@ class Engine:
         is not chosen again for ``cause``. For a priority preemption, the preempting job
         ``cause_id``, while it is pending, waits for this job to stop before it preempts
         others, and keeps the room the stop frees, as it did before the restart. So call this
-        after the preempting job is submitted. A job that is not running changes nothing.
+        after the preempting job is submitted or adopted. A preempting job that is running
+        or unknown (it left the queue) leaves this job unclaimed, as leaving the queue did
+        before the restart, so the next preemptor that needs its room claims it. A job that
+        is not running changes nothing.
         """
         record = self.jobs.get(job_id)
         if record is None or not record.running:
             return
         record.stopping = True
         record.preempted_by.add((cause, cause_id))
-        preemptor = self.jobs.get(cause_id) if cause is Cause.PRIORITY else None
+        if cause is not Cause.PRIORITY:
+            return
+        preemptor = self.jobs.get(cause_id)
         if preemptor is not None and not preemptor.running:
             preemptor.awaiting_victims = preemptor.awaiting_victims | {job_id}
             self.preemptors.add(cause_id)
-            self.changes += 1
+        else:
+            self.unclaimed_victims.add(job_id)
+        self.changes += 1
 
     def release_fences(self, node_id: str, job_id: str, keep_running: bool) -> None:
         """Free the shares of ``job_id`` fenced on ``node_id``, as TasksStopped does.

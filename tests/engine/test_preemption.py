@@ -424,6 +424,33 @@ def test_restored_preemption_keeps_preemptor_waiting() -> None:
     assert "gang" in engine.running()
 
 
+@pytest.mark.parametrize("preemptor", ["cancelled", "running"])
+def test_absent_preemptor_leaves_victims_unclaimed(preemptor: str) -> None:
+    running = full_fleet_of_preemptible()
+    engine = make_engine()
+    for index in range(8):
+        engine.add_node(node(f"n{index}", 2))
+    for job_id in running.running():
+        record = running.jobs[job_id]
+        engine.adopt(record.spec, placed_tasks(running, job_id), 0.0)
+    if preemptor == "running":
+        # The preemptor started on room of its own while its victims still stopped.
+        engine.apply(JobEnded("low15", JobOutcome.COMPLETED), 0.0)
+        engine.submit(job("a", priority=PriorityClass.INTERACTIVE, submit=0.5))
+        assert "a" in placed(engine.schedule(0.5))
+    for victim in ("low00", "low01"):
+        engine.mark_preempted(victim, Cause.PRIORITY, "a")
+    engine.submit(job("b", tasks=2, priority=PriorityClass.INTERACTIVE, submit=1.0))
+
+    result = engine.schedule(2.0)
+    later = run_until_placed(engine, "b", 3.0, stopping=["low00", "low01"])
+
+    assert preempts(result) == []
+    assert reasons(result)["b"] == "priority"
+    assert later == []
+    assert "b" in engine.running()
+
+
 def test_preemptors_keep_each_others_room() -> None:
     engine = full_fleet_of_preemptible()
     engine.submit(job("a", tasks=2, priority=PriorityClass.INTERACTIVE, project="pa", submit=1.0))
