@@ -327,6 +327,18 @@ class NodeAgent:
         message = wire.task_event_message(event_id, self.ref, event)
         self._outbox.add(self._task_subject, f"task:{event_id}", message.SerializeToString())
 
+    def accept_fencing_token(self, token: int) -> bool:
+        """Take ``token`` as the node's fencing token if it is higher, without saving.
+
+        Return whether it was higher. The caller must save the state before the command that
+        carries the token acts, as :meth:`handle` does when it raises the token itself.
+        """
+        if token <= self.fencing_token:
+            return False
+        self._state.set_fencing_token(self.ref.key, token)
+        self.fencing_token = token
+        return True
+
     async def handle(self, command: wire.Command) -> None:
         """Act on one command addressed to this node."""
         assert self.runner is not None

@@ -642,10 +642,21 @@ class AgentProcess:
                 logger.error("command on %s rejected: %s", message.subject, error)
                 with contextlib.suppress(nats.errors.Error):
                     await message.term()
+        tokens_raised = False
+        seen: set[str] = set()
         for _message, node, command in accepted:
+            # Only a node's first command, so that commands are still fenced in their order.
+            if node.ref.key not in seen:
+                seen.add(node.ref.key)
+                tokens_raised |= node.accept_fencing_token(command.fencing_token)
             if command.kind == "start" and command.spec is not None and node.runner is not None:
                 node.runner.prepare_start(command.spec)
-        self._state.save_intents()
+        if tokens_raised:
+            # A new leader's first commands reach many nodes at once: one write records every
+            # node's new token, and the intents with them, before any command acts.
+            self._state.save()
+        else:
+            self._state.save_intents()
         # Consecutive starts go to the launcher together and wait for its replies together.
         # Without a launcher a start never waits, so the batch runs in one loop turn.
         starts: list[Coroutine[Any, Any, None]] = []

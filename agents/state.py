@@ -290,6 +290,16 @@ class StateStore:
         self.node(key).fencing_token = token
         self.save()
 
+    def set_fencing_token(self, key: str, token: int) -> None:
+        """Record a higher fencing token in memory; the caller saves before acting on it.
+
+        A batch of commands that brings a new leader's token to many nodes then costs one
+        write instead of one per node.
+        """
+        self.node(key).fencing_token = token
+        self._dirty = True
+        self._spool_guard_unsaved = True
+
     def mark_usage_reported(self, key: str, until: float) -> None:
         """Record that the node's usage up to ``until`` is reported; saved before spooling."""
         self.node(key).usage_reported_until = until
