@@ -49,7 +49,8 @@ class JobAccess:
 
         A caller without program office or service rights gets the named project's jobs if
         they are a member of it, and only their own jobs when they name no project. Raises
-        NotFound for an unknown project and PermissionDenied for a non-member.
+        NotFound both for an unknown project and for one the caller is not a member of, as
+        for a job they may not read, so that the answer does not tell whether it exists.
         """
         if project_id:
             # An over-long id would reach the grant service, whose INVALID_ARGUMENT reply
@@ -62,8 +63,8 @@ class JobAccess:
         await self._projects.member_project(
             principal,
             project_id,
-            "may not see its jobs; ask its PI to add you, or leave project_id empty to see the "
-            "jobs you submitted",
+            "pass the id of a project you are a member of, or leave project_id empty to see "
+            "the jobs you submitted",
         )
         return ReadScope(project_id)
 

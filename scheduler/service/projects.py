@@ -101,17 +101,20 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
     ) -> GrantLimits | None:
         """Check who submits ``spec`` and what it draws on; return the named grant's limits.
 
-        Raises NotFound for an unknown project or grant, and PermissionDenied for a
-        non-member or a viewer. A grant must belong to the job's project and must not have
-        expired (FailedPrecondition). A sub-allocation must belong to the job's grant
-        (SubAllocationNotFound), and only its holder or the project's PI may draw on it
-        (PermissionDenied). Program office and service callers may submit for any project
+        Raises NotFound for an unknown project or grant and for a project the caller is not a
+        member of, and PermissionDenied for a viewer. A grant must belong to the job's project
+        and must not have expired (FailedPrecondition). A sub-allocation must belong to the
+        job's grant (SubAllocationNotFound), and only its holder or the project's PI may draw
+        on it (PermissionDenied). Program office and service callers may submit for any project
         that exists and draw on any of its sub-allocations. Returns None when the spec names
         no grant.
         """
+        privileged = grant_directory.sees_every_project(principal)
         project = await self.project(spec.project_id)
-        if project is None:
-            raise NotFound("project", spec.project_id)
+        # A project the caller is not a member of is reported as not found, before its grant
+        # is looked at, so that neither the project nor its grants leak to non-members.
+        if project is None or (not privileged and principal.subject not in project.subjects):
+            raise NotFound("project", spec.project_id, "submit for a project you are a member of")
         grant: GrantRecord | None = None
         if spec.grant_id:
             grant = await self.grant(spec.grant_id)
@@ -131,12 +134,6 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
                     f"project {spec.project_id!r}, or none to use the one that expires first",
                     f"{prefix}.grant_id",
                 )
-        privileged = grant_directory.sees_every_project(principal)
-        if not privileged and principal.subject not in project.subjects:
-            raise PermissionDenied(
-                f"{principal.subject!r} is not a member of project {spec.project_id!r}; "
-                "ask its PI to add you, or submit for a project you belong to"
-            )
         if not privileged and principal.subject in project.viewers:
             raise PermissionDenied(
                 f"{principal.subject!r} is a viewer of project {spec.project_id!r} and may only "

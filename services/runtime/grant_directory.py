@@ -23,7 +23,7 @@ from acsp import decimals
 from acsp.v1 import grant_pb2, grant_pb2_grpc
 from services.runtime.auth import Principal, Role
 
-from .errors import NotFound, PermissionDenied, Unavailable
+from .errors import NotFound, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -109,20 +109,17 @@ class ProjectDirectory:
         return found
 
     async def member_project(
-        self, principal: Principal, project_id: str, denial: str
+        self, principal: Principal, project_id: str, fix: str = ""
     ) -> ProjectAccess:
         """Look up ``project_id`` and check that ``principal`` is one of its members.
 
-        Raises NotFound for an unknown project, and PermissionDenied for a non-member. That
-        message ends in ``denial``, which says what they may not do and how to fix it.
+        Raises NotFound both for an unknown project and for one the caller is not a member
+        of, so that a caller cannot probe which project ids exist. The message ends in
+        ``fix``, which says what to do instead.
         """
         project = await self.project(project_id)
-        if project is None:
-            raise NotFound("project", project_id)
-        if principal.subject not in project.subjects:
-            raise PermissionDenied(
-                f"{principal.subject!r} is not a member of project {project_id!r} and {denial}"
-            )
+        if project is None or principal.subject not in project.subjects:
+            raise NotFound("project", project_id, fix)
         return project
 
     async def grant_info(self, grant_id: str) -> GrantInfo | None:

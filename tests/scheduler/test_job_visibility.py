@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,12 +168,14 @@ async def test_member_lists_project_jobs(stack: Stack) -> None:
         everything = await listed(scheduler, team.office)
         assert set(everything) == {*both, team.other_job}
 
-        denied = listed(scheduler, team.member, project_id=team.other_project)
-        assert await status_of(denied) == grpc.StatusCode.PERMISSION_DENIED
+        foreign = listed(scheduler, team.member, project_id=team.other_project)
+        assert await status_of(foreign) == grpc.StatusCode.NOT_FOUND
         outsider = listed(scheduler, team.outsider, project_id=team.project)
-        assert await status_of(outsider) == grpc.StatusCode.PERMISSION_DENIED
+        assert await status_of(outsider) == grpc.StatusCode.NOT_FOUND
         unknown = listed(scheduler, team.member, project_id="no-such-project")
         assert await status_of(unknown) == grpc.StatusCode.NOT_FOUND
+        by_office = await listed(scheduler, team.office, project_id=team.other_project)
+        assert by_office == [team.other_job]
         too_long = listed(scheduler, team.member, project_id="p" * 300)
         assert await status_of(too_long) == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -253,7 +255,7 @@ async def test_member_watches_project_jobs(stack: Stack) -> None:
         for request, expected in [
             (
                 scheduler_pb2.WatchJobsRequest(project_id=team.project, send_initial=True),
-                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.NOT_FOUND,
             ),
             (
                 scheduler_pb2.WatchJobsRequest(job_id=team.member_job),
@@ -264,3 +266,111 @@ async def test_member_watches_project_jobs(stack: Stack) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await asyncio.wait_for(denied.__aiter__().__anext__(), 20)
             assert raised.value.code() == expected
+
+
+async def error_of(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def first_watched(
+    scheduler: scheduler_pb2_grpc.SchedulerServiceStub,
+    md: Metadata,
+    request: scheduler_pb2.WatchJobsRequest,
+) -> scheduler_pb2.Job:
+    stream = scheduler.WatchJobs(request, metadata=md, timeout=20)
+    try:
+        return await asyncio.wait_for(stream.__aiter__().__anext__(), 20)
+    finally:
+        stream.cancel()
+
+
+async def test_hidden_ids_read_as_missing(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        team = await form_team(stack, scheduler)
+        array = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(
+                spec=job_spec(team.project, team.grant, task_count=1, array_size=2)
+            ),
+            metadata=team.pi,
+            timeout=10,
+        )
+        hidden = {"project": team.project, "job": team.member_job, "array": array.job.job_id}
+        missing = {"project": "no-such-project", "job": "no-such-job", "array": "no-such-array"}
+
+        def calls(ids: dict[str, str]) -> dict[str, Callable[[], Awaitable[object]]]:
+            md = team.outsider
+            return {
+                "GetJob job": lambda: scheduler.GetJob(
+                    scheduler_pb2.GetJobRequest(job_id=ids["job"]), metadata=md, timeout=10
+                ),
+                "GetJob array": lambda: scheduler.GetJob(
+                    scheduler_pb2.GetJobRequest(job_id=ids["array"]), metadata=md, timeout=10
+                ),
+                "ListJobs project": lambda: listed(scheduler, md, project_id=ids["project"]),
+                "ListJobs array": lambda: listed(scheduler, md, array_job_id=ids["array"]),
+                "CancelJob job": lambda: scheduler.CancelJob(
+                    scheduler_pb2.CancelJobRequest(job_id=ids["job"]), metadata=md, timeout=10
+                ),
+                "CancelJob array": lambda: scheduler.CancelJob(
+                    scheduler_pb2.CancelJobRequest(job_id=ids["array"]), metadata=md, timeout=10
+                ),
+                "WatchJobs project": lambda: first_watched(
+                    scheduler, md, scheduler_pb2.WatchJobsRequest(project_id=ids["project"])
+                ),
+                "WatchJobs job": lambda: first_watched(
+                    scheduler, md, scheduler_pb2.WatchJobsRequest(job_id=ids["job"])
+                ),
+                "WatchJobs array": lambda: first_watched(
+                    scheduler, md, scheduler_pb2.WatchJobsRequest(job_id=ids["array"])
+                ),
+                "ReadTaskOutput job": lambda: scheduler.ReadTaskOutput(
+                    scheduler_pb2.ReadTaskOutputRequest(job_id=ids["job"]), metadata=md, timeout=10
+                ),
+                "ReadTaskOutput array": lambda: scheduler.ReadTaskOutput(
+                    scheduler_pb2.ReadTaskOutputRequest(job_id=ids["array"]),
+                    metadata=md,
+                    timeout=10,
+                ),
+                "SubmitJob project": lambda: scheduler.SubmitJob(
+                    scheduler_pb2.SubmitJobRequest(
+                        spec=job_spec(ids["project"], team.grant, task_count=1)
+                    ),
+                    metadata=md,
+                    timeout=10,
+                ),
+            }
+
+        hidden_calls = calls(hidden)
+        missing_calls = calls(missing)
+        for name, call in hidden_calls.items():
+            code, message = await error_of(call())
+            missing_code, missing_message = await error_of(missing_calls[name]())
+            assert code == grpc.StatusCode.NOT_FOUND, name
+            assert missing_code == grpc.StatusCode.NOT_FOUND, name
+            for kind, value in hidden.items():
+                message = message.replace(value, missing[kind])
+            assert message == missing_message, name
+
+        # The program office reads and cancels every project's jobs and arrays.
+        office_job = await scheduler.GetJob(
+            scheduler_pb2.GetJobRequest(job_id=team.member_job), metadata=team.office, timeout=10
+        )
+        office_array = await listed(scheduler, team.office, array_job_id=hidden["array"])
+        office_watch = await first_watched(
+            scheduler,
+            team.office,
+            scheduler_pb2.WatchJobsRequest(job_id=hidden["array"], send_initial=True),
+        )
+        cancelled = await scheduler.CancelJob(
+            scheduler_pb2.CancelJobRequest(job_id=hidden["array"]), metadata=team.office, timeout=20
+        )
+    assert office_job.job_id == team.member_job
+    assert sorted(office_array) == sorted(array.array_job_ids)
+    assert office_watch.job_id in array.array_job_ids
+    assert cancelled.job_id == hidden["array"]

@@ -114,10 +114,14 @@ async def test_concurrent_lookups_share_one_call() -> None:
 async def test_missing_project_and_outsider_rejected() -> None:
     directory = ProjectDirectory(CountingGrants())  # type: ignore[arg-type]
 
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as missing:
         await directory.check_submitter(user("pi"), spec("p2"))
-    with pytest.raises(PermissionDenied):
+    with pytest.raises(NotFound) as outsider:
         await directory.check_submitter(user("mallory"), spec("p1", "g1"))
+
+    # An outsider learns no more about p1 and its grant than about a project that is missing.
+    assert outsider.value.kind == "project"
+    assert outsider.value.message == missing.value.message.replace("'p2'", "'p1'")
 
 
 async def test_viewer_cannot_submit() -> None:

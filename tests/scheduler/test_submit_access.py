@@ -47,7 +47,7 @@ async def test_submit_checks_membership_and_grant(stack: Stack) -> None:
         "grant of another project": (owner, job_spec(project, other_grant, task_count=1)),
     }
     expected = {
-        "non-member": grpc.StatusCode.PERMISSION_DENIED,
+        "non-member": grpc.StatusCode.NOT_FOUND,
         "unknown project": grpc.StatusCode.NOT_FOUND,
         "unknown grant": grpc.StatusCode.NOT_FOUND,
         "grant of another project": grpc.StatusCode.NOT_FOUND,
