@@ -78,9 +78,9 @@ class PassResult:
     failed_hardware: list[tuple[str, str, AcceleratorHealth]] = field(default_factory=list)
     """Job id, message and accelerator failure of running jobs that go back to the queue
     because an accelerator under them failed."""
-    preempts: list[tuple[str, int, str, str]] = field(default_factory=list)
-    """Job id, grace in seconds, message and trigger (``recall:<id>`` for a recall) of jobs
-    to stop."""
+    preempts: list[tuple[str, int, str, str, str]] = field(default_factory=list)
+    """Job id, grace in seconds, message, trigger (``recall:<id>`` for a recall) and
+    preempting job id (empty unless a priority preemption) of jobs to stop."""
     waiting: list[tuple[str, str, str]] = field(default_factory=list)
     """Job id, pending reason and message of jobs that did not start."""
     replacements: list[tuple[str, TaskPlacement, str]] = field(default_factory=list)
@@ -551,12 +551,23 @@ class EngineAdapter:
         it loses meanwhile frees none of the accelerators its other tasks still hold."""
         self.engine.mark_stopping(job_id)
 
-    def mark_preempted(self, job_id: str, message: str) -> None:
-        """Tell the engine that a reloaded running job stops for the preemption that
-        ``message`` (from :func:`preemption_message`) names, so that a job that preempted it
-        waits for it again. Another message changes nothing."""
+    def mark_preempted(self, job_id: str, preemptor_id: str | None, message: str) -> None:
+        """Tell the engine that a reloaded running job stops for a preemption, so that a job
+        that preempted it waits for it again.
+
+        ``preemptor_id`` is the stored id of the job whose priority preemption stops it, and
+        ``message`` the stop reason (from :func:`preemption_message`) that names a recall or
+        an ended pledge. A stored id of None comes from a row written before the id was kept,
+        so ``message`` names the preempting job too. A message that names no preemption
+        changes nothing.
+        """
+        if preemptor_id:
+            self.engine.mark_preempted(job_id, d.Cause.PRIORITY, preemptor_id)
+            return
         found = preemption_of(message)
-        if found is not None:
+        if found is None:
+            return
+        if preemptor_id is None or found[0] is not d.Cause.PRIORITY:
             self.engine.mark_preempted(job_id, *found)
 
     def running_in_engine(self, job_id: str) -> bool:
@@ -654,7 +665,9 @@ class EngineAdapter:
             elif isinstance(decision, d.Preempt):
                 grace = max(0, int(decision.deadline - now))
                 message = preemption_message(decision)
-                out.preempts.append((decision.job_id, grace, message, preempt_trigger(decision)))
+                trigger = preempt_trigger(decision)
+                preemptor = decision.cause_id if decision.cause is d.Cause.PRIORITY else ""
+                out.preempts.append((decision.job_id, grace, message, trigger, preemptor))
             elif isinstance(decision, d.ReplaceTask):
                 task = placement_from_engine(decision.task)
                 out.replacements.append((decision.job_id, task, decision.lost_node_id))

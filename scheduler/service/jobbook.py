@@ -196,11 +196,13 @@ class JobBook:
                 self.engine.mark_stopping(job.job_id)
                 if not live:
                     self._settle_reloaded.append(job.job_id)
-                elif outcome is None and job.reason.startswith(PREEMPTED):
+                elif job.preemptor_id or (outcome is None and job.reason.startswith(PREEMPTED)):
+                    # A victim cancelled while it stops still frees its preemptor's room.
                     preempted.append(job)
         # After the loop, because a job that preempted others may come after them.
         for job in preempted:
-            self.engine.mark_preempted(job.job_id, job.reason.removeprefix(PREEMPTED))
+            message = job.reason.removeprefix(PREEMPTED) if job.reason.startswith(PREEMPTED) else ""
+            self.engine.mark_preempted(job.job_id, job.preemptor_id, message)
 
     def _wait_for_dependencies(self, job: Job) -> bool:
         """Keep ``job`` out of the engine while jobs it names have not completed; return
@@ -394,8 +396,9 @@ class JobBook:
             fx.admit.append((placed, result.models.get(job_id, "")))
         for job_id, task, lost_node in result.replacements:
             self.replace_task(job_id, task, lost_node, fx)
-        for job_id, grace_s, message, trigger in result.preempts:
-            self.stop(job_id, None, f"{PREEMPTED}{message}", grace_s, trigger, fx)
+        for job_id, grace_s, message, trigger, preemptor_id in result.preempts:
+            reason = f"{PREEMPTED}{message}"
+            self.stop(job_id, None, reason, grace_s, trigger, fx, preemptor_id=preemptor_id)
 
     def replace_task(self, job_id: str, task: TaskPlacement, lost_node: str, fx: Effects) -> None:
         """Start a task lost with ``lost_node`` on the new accelerators the engine gave it.
@@ -840,11 +843,14 @@ class JobBook:
         grace_s: int,
         cause: str,
         fx: Effects,
+        *,
+        preemptor_id: str = "",
     ) -> None:
         """Stop every live task of the current attempt; finish or requeue once all stopped.
 
         A preemption (``outcome`` None) of a job that a cancel or a failure is stopping
-        changes nothing.
+        changes nothing. ``preemptor_id`` names the job of a priority preemption, stored with
+        the stop so that a new leader makes it wait for the stop again.
         """
         job = self.jobs.get(job_id)
         if job is None or job.terminal:
@@ -864,7 +870,11 @@ class JobBook:
         fx.commands.extend(
             stop_record(job_id, job.attempt, t, reason, grace_s, self.epoch) for t in live
         )
-        stopping = evolve(job.with_state("stopping", reason), stop_outcome=outcome or REQUEUE)
+        stopping = evolve(
+            job.with_state("stopping", reason),
+            stop_outcome=outcome or REQUEUE,
+            preemptor_id=preemptor_id,
+        )
         self.jobs[job_id] = stopping
         fx.change(stopping, cause)
 
@@ -925,6 +935,7 @@ class JobBook:
             hold_amount=None,
             started_at=None,
             stop_outcome="",
+            preemptor_id="",
             avoid_nodes=tuple(sorted({*job.avoid_nodes, *avoid_nodes})),
             attempt_reason=reason,
             rendezvous_port=0,
@@ -1072,7 +1083,13 @@ class JobBook:
     def _finish(self, job: Job, state: JobState, reason: str, cause: str, fx: Effects) -> None:
         """Make ``job`` terminal; the caller has already reported the end to the engine."""
         ended = evolve(
-            job, state=state, reason=reason, pending_reason="", ended_at=fx.now, stop_outcome=""
+            job,
+            state=state,
+            reason=reason,
+            pending_reason="",
+            ended_at=fx.now,
+            stop_outcome="",
+            preemptor_id="",
         )
         codes = [t.exit_code for t in job.placement if t.exit_code]
         if codes:

@@ -220,6 +220,10 @@ class Job:
     rendezvous_port: int = 0
     """Rendezvous port of the current attempt on task 0's node, chosen when its start commands
     go out. 0 before then, and for attempts started before the port was stored."""
+    preemptor_id: str | None = ""
+    """While stopping, the job whose priority preemption stops the current attempt. Empty
+    when none does. None for jobs loaded from rows stored before the id was kept, whose stop
+    reason names that job instead."""
     grant_picked: bool = False
     """Whether the grant service picked ``spec.grant_id`` for the current attempt's hold,
     because the job named no grant. The job's next attempt names none again."""

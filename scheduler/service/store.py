@@ -710,6 +710,7 @@ def _job_from_row(row: asyncpg.Record) -> Job:
         avoid_nodes=tuple(json.loads(row["avoid_nodes"])),
         attempt_reason=row["attempt_reason"],
         rendezvous_port=row["rendezvous_port"],
+        preemptor_id=row["preemptor_id"],
         grant_picked=picked,
         updated_at=from_datetime(row["updated_at"]),
     )
@@ -740,6 +741,7 @@ def _job_columns(jobs: Sequence[Job], causes: Sequence[str]) -> list[list[Any]]:
         [json.dumps(job.avoid_nodes) for job in jobs],
         [job.attempt_reason for job in jobs],
         [job.rendezvous_port for job in jobs],
+        [job.preemptor_id for job in jobs],
     ]
 
 

@@ -8,7 +8,7 @@ JOB_SELECT_LIST: Final = (
     "job_id, owner, institution, spec::text, state, pending_reason, reason, attempt, array_id,"
     " array_index, submitted_at, started_at, ended_at, hold_id, hold_amount, checkpoint_ref,"
     " checkpoint_at, exit_code, placement::text, stop_outcome, grant_id, updated_at,"
-    " start_failures, avoid_nodes::text, attempt_reason, rendezvous_port"
+    " start_failures, avoid_nodes::text, attempt_reason, rendezvous_port, preemptor_id"
 )
 
 INSERT_JOBS: Final = """
@@ -40,18 +40,19 @@ UPDATE scheduler.jobs AS j SET
     started_at = u.started_at, ended_at = u.ended_at, hold_id = u.hold_id,
     hold_amount = u.hold_amount, checkpoint_ref = u.checkpoint_ref,
     checkpoint_at = u.checkpoint_at, exit_code = u.exit_code, placement = u.placement::jsonb,
-    cause = u.cause, stop_outcome = u.stop_outcome, grant_id = u.grant_id, epoch = $22,
+    cause = u.cause, stop_outcome = u.stop_outcome, grant_id = u.grant_id, epoch = $23,
     updated_at = coalesce(u.updated_at, now()), start_failures = u.start_failures,
     avoid_nodes = u.avoid_nodes::jsonb, attempt_reason = u.attempt_reason,
-    rendezvous_port = u.rendezvous_port
+    rendezvous_port = u.rendezvous_port, preemptor_id = u.preemptor_id
 FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
     $7::timestamptz[], $8::text[], $9::numeric[], $10::text[], $11::timestamptz[], $12::int[],
     $13::text[], $14::text[], $15::text[], $16::text[], $17::timestamptz[], $18::int[],
-    $19::text[], $20::text[], $21::int[]
+    $19::text[], $20::text[], $21::int[], $22::text[]
 ) AS u(job_id, state, pending_reason, reason, attempt, started_at, ended_at, hold_id,
        hold_amount, checkpoint_ref, checkpoint_at, exit_code, placement, cause, stop_outcome,
-       grant_id, updated_at, start_failures, avoid_nodes, attempt_reason, rendezvous_port)
+       grant_id, updated_at, start_failures, avoid_nodes, attempt_reason, rendezvous_port,
+       preemptor_id)
 WHERE j.job_id = u.job_id
 """
 
@@ -147,22 +148,23 @@ changed_jobs AS (
         placement = u.placement::jsonb, cause = u.cause, stop_outcome = u.stop_outcome,
         grant_id = u.grant_id, epoch = $2, updated_at = coalesce(u.updated_at, now()),
         start_failures = u.start_failures, avoid_nodes = u.avoid_nodes::jsonb,
-        attempt_reason = u.attempt_reason, rendezvous_port = u.rendezvous_port
+        attempt_reason = u.attempt_reason, rendezvous_port = u.rendezvous_port,
+        preemptor_id = u.preemptor_id
     FROM unnest(
         $8::text[], $9::text[], $10::text[], $11::text[], $12::int[], $13::timestamptz[],
         $14::timestamptz[], $15::text[], $16::numeric[], $17::text[], $18::timestamptz[],
         $19::int[], $20::text[], $21::text[], $22::text[], $23::text[], $24::timestamptz[],
-        $25::int[], $26::text[], $27::text[], $28::int[]
+        $25::int[], $26::text[], $27::text[], $28::int[], $29::text[]
     ) AS u(job_id, state, pending_reason, reason, attempt, started_at, ended_at, hold_id,
            hold_amount, checkpoint_ref, checkpoint_at, exit_code, placement, cause,
            stop_outcome, grant_id, updated_at, start_failures, avoid_nodes,
-           attempt_reason, rendezvous_port)
+           attempt_reason, rendezvous_port, preemptor_id)
     WHERE (SELECT ok FROM fence) AND j.job_id = u.job_id
 ),
 new_dispatches AS (
     INSERT INTO scheduler.dispatches (job_id, attempt, task_index, kind, node_key, payload, epoch)
     SELECT u.*, $2 FROM unnest(
-        $29::text[], $30::int[], $31::int[], $32::text[], $33::text[], $34::bytea[]
+        $30::text[], $31::int[], $32::int[], $33::text[], $34::text[], $35::bytea[]
     ) AS u(job_id, attempt, task_index, kind, node_key, payload)
     WHERE (SELECT ok FROM fence)
     ON CONFLICT DO NOTHING
@@ -171,7 +173,7 @@ new_dispatches AS (
 new_events AS (
     INSERT INTO scheduler.outbox (event_id, shard, subject, payload)
     SELECT u.event_id, $1, u.subject, u.payload
-    FROM unnest($35::text[], $36::text[], $37::bytea[]) AS u(event_id, subject, payload)
+    FROM unnest($36::text[], $37::text[], $38::bytea[]) AS u(event_id, subject, payload)
     WHERE (SELECT ok FROM fence)
     ON CONFLICT DO NOTHING
 ),
@@ -181,14 +183,14 @@ new_orphans AS (
     SELECT $1, u.node_key, u.task_id,
         ARRAY(SELECT jsonb_array_elements_text(u.accelerators::jsonb)), u.millis,
         u.rendezvous_port
-    FROM unnest($38::text[], $39::text[], $40::text[], $41::int[], $42::int[])
+    FROM unnest($39::text[], $40::text[], $41::text[], $42::int[], $43::int[])
         AS u(node_key, task_id, accelerators, millis, rendezvous_port)
     WHERE (SELECT ok FROM fence)
     ON CONFLICT DO NOTHING
 ),
 confirmed_orphans AS (
     DELETE FROM scheduler.orphans AS o
-    USING unnest($43::text[], $44::text[]) AS u(node_key, task_id)
+    USING unnest($44::text[], $45::text[]) AS u(node_key, task_id)
     WHERE (SELECT ok FROM fence) AND o.shard = $1 AND o.node_key = u.node_key
         AND o.task_id = u.task_id
 ),
@@ -197,8 +199,8 @@ changed_drains AS (
         draining = u.draining, drain_source = u.source, drain_reason = u.reason,
         drain_at = u.at, updated_at = now()
     FROM unnest(
-        $45::text[], $46::text[], $47::text[], $48::boolean[], $49::text[], $50::text[],
-        $51::timestamptz[]
+        $46::text[], $47::text[], $48::text[], $49::boolean[], $50::text[], $51::text[],
+        $52::timestamptz[]
     ) AS u(provider, region, node, draining, source, reason, at)
     WHERE (SELECT ok FROM fence) AND n.provider = u.provider AND n.region = u.region
         AND n.node = u.node
