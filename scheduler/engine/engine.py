@@ -425,6 +425,7 @@ class Engine:
         record.lost_nodes.clear()
         record.hardware_fault = None
         record.stopping = False
+        record.stop_deadline = None
         record.awaiting_victims = frozenset()
 
     @staticmethod

@@ -5,9 +5,10 @@ reservation, the jobs served in the passes between those stops would take the ro
 frees, the requeued victims among them. The preemptor would then still not fit after its last
 victim stopped, and it would preempt other jobs, until it had preempted every job it may.
 
-So every full pass reserves, from now, the nodes where each waiting preemptor fits once its
-victims have stopped, before it serves the preemptor's class. The jobs of that class and lower
-ones avoid those nodes like any reservation's, and the preemptor may use its own. Jobs of a
+So every full pass reserves the nodes where each waiting preemptor fits once its victims have
+stopped, from the grace deadline by which they must have, before it serves the preemptor's
+class. The jobs of that class and lower ones avoid those nodes like any reservation's, unless
+they end before it starts, and the preemptor may use its own. Jobs of a
 higher class are served first and may take the room. Victims whose preemptor no longer waits
 for them, because it started on other room or left the queue, are unclaimed. The next
 preemptor that needs room claims them before it preempts anyone. A preemptor whose victims have
@@ -103,7 +104,7 @@ def reserve_for_victims(state: PassState, record: JobRecord, pools: Sequence[Poo
     if record.job_id in state.preemptor_reservations or not pools:
         return
     jobs = state.engine.jobs
-    victims = sorted((jobs[v] for v in record.awaiting_victims), key=lambda r: r.sequence)
+    victims = [jobs[v] for v in record.awaiting_victims]
     reservation = _earliest(state, record, pools, victims)
     if reservation is not None:
         _add_preemptor_reservation(state, record, reservation)
@@ -131,8 +132,7 @@ def claim_victims(state: PassState, record: JobRecord, pools: Sequence[Pool]) ->
     if not unclaimed:
         return False
     own = [jobs[v] for v in record.awaiting_victims]
-    victims = sorted([*own, *unclaimed], key=lambda r: r.sequence)
-    reservation = _earliest(state, record, pools, victims)
+    reservation = _earliest(state, record, pools, [*own, *unclaimed])
     if reservation is None:
         return False
     claimed = {
@@ -156,17 +156,31 @@ def _runs_in(record: JobRecord, pools: set[Pool]) -> bool:
 def _earliest(
     state: PassState, record: JobRecord, pools: Sequence[Pool], victims: Sequence[JobRecord]
 ) -> Reservation | None:
-    """Return where ``record`` fits once ``victims`` have stopped, off every reserved node."""
-    # NOTE: the reservation starts now, not at the victims' grace deadlines, so with long
-    # grace periods the room it keeps sits idle even for jobs that would end before it.
+    """Return where ``record`` fits once ``victims`` have stopped, off every reserved node.
+
+    Each victim counts as stopped at its grace deadline, so the reservation starts when the
+    victims it needs may have stopped at the latest. Until then the reserved room backfills
+    jobs whose wall-time limit ends before that start, as any reservation's does. A victim
+    that stops earlier lets ``record`` start at once, on room such jobs do not hold.
+    """
+    now = state.now
+    releases = sorted((_release_time(victim, now), victim.sequence, victim) for victim in victims)
     return earliest_start(
         state.engine.fleet,
         record.spec,
         pools,
-        ((state.now, victim) for victim in victims),
-        state.now,
+        ((end, victim) for end, _, victim in releases),
+        now,
         state.excluded_prefix[-1],
     )
+
+
+def _release_time(victim: JobRecord, now: float) -> float:
+    """Return when ``victim`` has stopped at the latest: now when its deadline is unknown."""
+    deadline = victim.stop_deadline
+    # NOTE: an engine rebuilt after a restart has no deadline for the stops an earlier one
+    # decided, so it keeps their room from now, and that room backfills nothing.
+    return now if deadline is None or deadline < now else deadline
 
 
 def _add_preemptor_reservation(

@@ -41,6 +41,9 @@ class JobRecord:
     """A preemption decision is out, or the caller marked a stop of its own, and the job has
     not stopped yet."""
     preempted_by: set[tuple[Cause, str]] = field(default_factory=set)
+    stop_deadline: float | None = None
+    """Deadline by which a preemption decision requires the running job to have stopped. None
+    while no decision stops it, or when an earlier engine made the decision."""
     awaiting_victims: frozenset[str] = frozenset()
     """Preempted jobs this job waits for; replaced, never changed in place."""
     requeue_message: str = ""

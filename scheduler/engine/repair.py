@@ -96,6 +96,7 @@ def _preempt(
     state: PassState, victim: JobRecord, cause: Cause, cause_id: str, deadline: float
 ) -> None:
     victim.stopping = True
+    victim.stop_deadline = deadline
     victim.preempted_by.add((cause, cause_id))
     state.decisions.append(Preempt(victim.job_id, cause, cause_id, deadline))
 

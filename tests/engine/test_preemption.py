@@ -500,6 +500,31 @@ def test_preemptor_claims_victims_left_unclaimed() -> None:
     assert "b" in engine.running()
 
 
+@pytest.mark.parametrize(("wall_time_s", "backfilled"), [(100.0, True), (1000.0, False)])
+def test_backfill_before_victims_grace_ends(wall_time_s: float, backfilled: bool) -> None:
+    engine = make_engine(preemption_grace_s=300.0)
+    engine.add_node(node("n1", 8))
+    engine.submit(
+        job("low", accelerators=4, priority=PriorityClass.PREEMPTIBLE, checkpointable=True)
+    )
+    engine.schedule(0.0)
+    engine.submit(job("big", accelerators=8, submit=1.0))
+    [decision] = preempts(engine.schedule(10.0))
+    # The victim may run until 310, so a job that ends before then does not delay "big".
+    engine.submit(job("short", accelerators=4, project="other", wall_time_s=wall_time_s))
+
+    result = engine.schedule(20.0)
+    assert ("short" in placed(result)) is backfilled
+    if backfilled:
+        engine.apply(JobEnded("short", JobOutcome.COMPLETED), 120.0)
+    engine.apply(JobEnded("low", JobOutcome.PREEMPTED), 310.0)
+    later = engine.schedule(310.0)
+
+    assert decision.deadline == 310.0
+    assert "big" in placed(later)
+    assert preempts(later) == []
+
+
 def test_preemptor_room_yields_to_higher_class() -> None:
     engine = make_engine(preemption_grace_s=300.0)
     engine.add_node(node("n1", 4))
