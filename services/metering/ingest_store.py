@@ -125,6 +125,18 @@ WHERE (u.job_id, u.attempt, u.task_id, u.region, u.node, u.accelerator_id, u.acc
        'epoch'::timestamptz + s.end_us * interval '1 microsecond', s.accelerator_micros)
 """
 
+# The stored samples with the ids of the given late samples, with the fields that
+# _charged_usage compares.
+_FIND_STORED_SAMPLES = """
+SELECT u.provider, u.sample_id, u.job_id, u.attempt, u.task_id, u.region, u.node,
+       u.accelerator_id, u.accelerator_model, u.share_millis,
+       (extract(epoch FROM u.start_time) * 1000000)::bigint AS start_us,
+       (extract(epoch FROM u.end_time) * 1000000)::bigint AS end_us,
+       u.accelerator_micros
+FROM unnest($1::text[], $2::text[]) AS d(provider, sample_id)
+JOIN metering.usage_samples u ON u.provider = d.provider AND u.sample_id = d.sample_id
+"""
+
 INSERT_DEAD_LETTER = """
 INSERT INTO metering.dead_letters
     (dedupe_key, subject, stream_sequence, sample_id, reason, payload)
@@ -140,7 +152,8 @@ class BatchResult:
     inserted: int
     """Samples stored for the first time."""
     duplicates: int
-    """Samples already stored, recognised by their sample id."""
+    """Samples already stored, recognised by their sample id, including replays that came
+    after the maximum sample age."""
     dead_lettered: int
 
 
@@ -158,6 +171,9 @@ async def write_batch(
     same task, accelerator, node and provider becomes a dead letter instead. So does a sample
     whose share, beside the shares of the samples of other tasks that overlap it, adds up to
     more than the whole accelerator (see :mod:`services.metering.overlaps`).
+
+    A rejection for age alone whose sample is stored with the same usage is a replay of a
+    charged sample, so it counts as a duplicate instead of a dead letter.
     """
     unique = list({(sample.provider, sample.sample_id): sample for sample in samples}.values())
     reused_in_batch: list[Rejection] = []
@@ -177,7 +193,11 @@ async def write_batch(
     token = batch_token()
     if unique:
         await raise_coverage(conn, unique, token)
+    late_replays = 0
     async with conn.transaction():
+        if any(r.late_sample is not None for r in rejections):
+            # Rare, so the stored ids are looked up only for a batch with a late sample.
+            dead_letters, late_replays = await _drop_late_replays(conn, dead_letters)
         if unique:
             await conn.execute(_START_BATCH)
             await conn.copy_records_to_table("usage_staging", records=unique)
@@ -225,7 +245,46 @@ async def write_batch(
                 not_stored += len(reused)
         if dead_letters:
             await conn.executemany(INSERT_DEAD_LETTER, [_dead_letter(r) for r in dead_letters])
-    return BatchResult(inserted, len(samples) - inserted - not_stored, len(dead_letters))
+    duplicates = len(samples) - inserted - not_stored + late_replays
+    return BatchResult(inserted, duplicates, len(dead_letters))
+
+
+async def _drop_late_replays(
+    conn: asyncpg.Connection, rejections: Sequence[Rejection]
+) -> tuple[list[Rejection], int]:
+    """Remove the late samples that are stored with the same usage from ``rejections``.
+
+    Returns the remaining rejections and how many were removed. A late sample whose id is
+    stored with other usage stays a dead letter, as it would within the maximum age.
+    """
+    late = [r.late_sample for r in rejections if r.late_sample is not None]
+    rows = await conn.fetch(
+        _FIND_STORED_SAMPLES, [s.provider for s in late], [s.sample_id for s in late]
+    )
+    stored = {
+        (row["provider"], row["sample_id"]): (
+            row["job_id"],
+            row["attempt"],
+            row["task_id"],
+            row["region"],
+            row["node"],
+            row["accelerator_id"],
+            row["accelerator_model"],
+            row["share_millis"],
+            row["start_us"],
+            row["end_us"],
+            row["accelerator_micros"],
+        )
+        for row in rows
+    }
+    remaining = [
+        r
+        for r in rejections
+        if r.late_sample is None
+        or stored.get((r.late_sample.provider, r.late_sample.sample_id))
+        != _charged_usage(r.late_sample)
+    ]
+    return remaining, len(rejections) - len(remaining)
 
 
 def _check_probe_delay(received_at: datetime) -> None:

@@ -108,10 +108,21 @@ class Rejection:
     sample_id: str | None
     reason: str
     payload: bytes | None
+    late_sample: UsageSample | None = None
+    """The sample when its age is its only fault. A replay of a stored sample is then a
+    duplicate, not a dead letter, because the first delivery charged it."""
 
 
 class InvalidSample(ValueError):
     """A sample field is invalid; the message names the field and the reason."""
+
+
+class SampleTooOld(InvalidSample):
+    """A sample is valid but starts before the maximum sample age."""
+
+    def __init__(self, message: str, sample: UsageSample) -> None:
+        super().__init__(message)
+        self.sample = sample
 
 
 def parse_subject(subject: str, stream_sequence: int) -> Origin:
@@ -161,6 +172,20 @@ def decode_report(
     for index, item in enumerate(report.samples):
         try:
             accepted.append(_convert(item, origin, known_models, limits, tasks))
+        except SampleTooOld as error:
+            key = sample_dead_letter_key(origin.provider, error.sample.sample_id)
+            payload = item.SerializeToString()
+            rejected.append(
+                Rejection(
+                    key,
+                    origin.subject,
+                    origin.stream_sequence,
+                    error.sample.sample_id,
+                    str(error),
+                    payload,
+                    error.sample,
+                )
+            )
         except InvalidSample as error:
             # PostgreSQL text cannot store U+0000, so such an id is left out of the dead letter.
             sample_id = item.sample_id if item.sample_id and "\x00" not in item.sample_id else None
@@ -255,13 +280,6 @@ def _convert(
         raise InvalidSample(f"interval of {interval_ns / 1e9} s is longer than 24 h")
     if end_ns > limits.latest_end_ns:
         raise InvalidSample(f"end_time {end.ToJsonString()} is in the future")
-    if start_ns < limits.earliest_start_ns:
-        # The coverage sweep deletes what the overlap check of such a sample would read.
-        raise InvalidSample(
-            f"start_time {start.ToJsonString()} is more than {limits.max_age_s:g} s before "
-            "metering received the sample, the maximum age that ACSP_METERING_MAX_SAMPLE_AGE_S "
-            "sets, so the sample is not charged"
-        )
     micros = _check_accelerator_seconds(item.accelerator_seconds.value, interval_ns, share_millis)
 
     utilization: float | None = None
@@ -272,7 +290,7 @@ def _convert(
             if not 0.0 <= utilization <= 1.0:
                 raise InvalidSample(f"utilization {utilization} is outside 0..1")
 
-    return UsageSample(
+    sample = UsageSample(
         sample_id,
         job_id,
         attempt,
@@ -289,6 +307,16 @@ def _convert(
         utilization,
         origin.stream_sequence,
     )
+    if start_ns < limits.earliest_start_ns:
+        # The coverage sweep deletes what the overlap check of such a sample would read. The
+        # check comes last, so that the rejection carries a sample valid in every other field.
+        raise SampleTooOld(
+            f"start_time {start.ToJsonString()} is more than {limits.max_age_s:g} s before "
+            "metering received the sample, the maximum age that ACSP_METERING_MAX_SAMPLE_AGE_S "
+            "sets, so the sample is not charged",
+            sample,
+        )
+    return sample
 
 
 def _check_time(field: str, stamp: Timestamp) -> None:
