@@ -29,6 +29,7 @@ from services.metering.settlement import (
     has_provider_records,
     settlement_csv,
 )
+from services.metering.settlement_copy import copy_for_settlement
 from services.runtime.auth import Principal, Role, current_principal, require_roles
 from services.runtime.db import Database
 from services.runtime.errors import InvalidArgument, NotFound, Unavailable
@@ -304,20 +305,14 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         start, end = convert.window_in("period", window)
         database = self._app.database()
         if self._app.pledge_sync is not None:
-            # The periodic copy may be up to a sync interval old and miss a pledge made since,
-            # so the provider's pledges are copied again first (one ListPledges and one
-            # ListRecalls call for one provider).
-            try:
-                await self._app.pledge_sync.sync_once(provider)
-            except grpc.aio.AioRpcError as error:
-                # The reply's pledges_copy_time shows how old the copy is.
-                logger.warning(
-                    "settlement of %s uses the copied pledges, because the scheduler could "
-                    "not list them: %s: %s",
-                    provider,
-                    error.code().name,
-                    error.details(),
-                )
+            # The reply's pledges_copy_time shows when the copy was made.
+            await copy_for_settlement(
+                self._app.pledge_sync,
+                database,
+                provider,
+                end,
+                self._app.settings.pledge_copy_wait_s,
+            )
         async with database.acquire() as conn:
             known = await has_provider_records(conn, provider)
         if not known:

@@ -71,6 +71,14 @@ class MeteringSettings(Settings):
         "which alone counts each pledge's healthy accelerators",
         parse=_parse_scheduler_address,
     )
+    pledge_copy_wait_s: float = setting(
+        "ACSP_METERING_PLEDGE_COPY_WAIT_S",
+        15.0,
+        "seconds a settlement waits for a fresh copy of the provider's pledges from the "
+        "scheduler; after that it uses the stored copy only when that copy was made after the "
+        "period ended, and fails otherwise",
+        minimum=0.1,
+    )
     service_token_file: Path | None = setting(
         "ACSP_METERING_SERVICE_TOKEN_FILE",
         None,

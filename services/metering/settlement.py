@@ -65,8 +65,8 @@ class Settlement:
 
 
 # The pledges and recalls are metering's copy. The service copies the provider's pledges again
-# before it calls this, but when the scheduler cannot list them the copy may be up to a sync
-# interval (a minute) old, which ``pledges_copied_at`` shows.
+# before it calls this, and uses an older copy only when it was made after the period ended
+# (see :mod:`services.metering.settlement_copy`), which ``pledges_copied_at`` shows.
 async def build_settlement(
     conn: asyncpg.Connection,
     provider: str,
