@@ -7,7 +7,9 @@ Only the scheduler's leader counts each pledge's registered and healthy accelera
 lists the pledges with ``fleet_counted`` false, and a copy from it would leave every pledge
 uncounted in settlements. So a copy tries each scheduler replica in turn, starting with the one
 that led last, and takes the first listing that counts the fleet. When no replica counts it,
-the copy stores the first standby's listing without counts and logs a warning.
+the copy stores the first standby's listing without counts and logs a warning, unless a copy
+stored since the listing started is newer. Another metering replica's copy from the leader may
+commit while a standby's listing is read, and the standby's older listing must not replace it.
 """
 
 from __future__ import annotations
@@ -209,6 +211,22 @@ def recall_from_proto(recall: scheduler_pb2.Recall) -> RecallRecord:
     )
 
 
+async def _newer_copy(
+    conn: asyncpg.Connection, provider: str, listed_at: datetime
+) -> datetime | None:
+    """Return the time of a stored copy newer than ``listed_at`` that a copy of ``provider``'s
+    pledges (every provider's when empty) would overwrite, or None."""
+    newer: datetime | None = await conn.fetchval(
+        """
+        SELECT max(copied_at) FROM metering.pledge_copies
+        WHERE ($1 = '' OR provider IN ('', $1)) AND copied_at > $2
+        """,
+        provider,
+        listed_at,
+    )
+    return newer
+
+
 class PledgeSync:
     """Copies pledges and recalls from the scheduler's leader into metering's tables."""
 
@@ -237,7 +255,7 @@ class PledgeSync:
 
     async def _copy(self, provider: str) -> tuple[int, int]:
         listed_at = datetime.now(UTC)
-        stub, pledge_pages = await self._list_pledges(provider)
+        stub, pledge_pages, counted = await self._list_pledges(provider)
         pledges = [
             pledge_from_proto(p, page.fleet_counted, listed_at)
             for page in pledge_pages
@@ -251,6 +269,19 @@ class PledgeSync:
             for r in page.recalls
         ]
         async with self._db.acquire() as conn, conn.transaction():
+            # Copies from every metering replica take turns, so none commits between the
+            # check of the stored copy's time below and this copy's store.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('metering.pledge_copies'))")
+            if not counted:
+                newer = await _newer_copy(conn, provider, listed_at)
+                if newer is not None:
+                    logger.warning(
+                        "the pledges that a standby scheduler listed at %s are not stored, "
+                        "because they are older than the copy stored at %s",
+                        listed_at.isoformat(),
+                        newer.isoformat(),
+                    )
+                    return len(pledges), len(recalls)
             await store_pledges(conn, pledges, recalls)
             await conn.execute(
                 """
@@ -265,12 +296,12 @@ class PledgeSync:
 
     async def _list_pledges(
         self, provider: str
-    ) -> tuple[scheduler_pb2_grpc.SchedulerServiceStub, list[Any]]:
+    ) -> tuple[scheduler_pb2_grpc.SchedulerServiceStub, list[Any], bool]:
         """List the pledges from the first replica that counts the fleet, the leader.
 
-        Returns the replica's stub and the pages. Without such a replica, returns the listing
-        of the first standby that returned one. Raises the last ``grpc.aio.AioRpcError`` when
-        every replica failed.
+        Returns the replica's stub, the pages and whether they count the fleet. Without such a
+        replica, returns the listing of the first standby that returned one. Raises the last
+        ``grpc.aio.AioRpcError`` when every replica failed.
         """
         standby: tuple[str, scheduler_pb2_grpc.SchedulerServiceStub, list[Any]] | None = None
         failure: grpc.aio.AioRpcError | None = None
@@ -294,7 +325,7 @@ class PledgeSync:
             if all(page.fleet_counted for page in pages):
                 if self._replicas.mark_leader(address):
                     logger.info("copying pledges from scheduler replica %s, which leads", address)
-                return stub, pages
+                return stub, pages, True
             if standby is None:
                 standby = (address, stub, pages)
         if standby is None:
@@ -308,7 +339,7 @@ class PledgeSync:
             ", ".join(a for a, _ in replicas),
             address,
         )
-        return stub, pages
+        return stub, pages, False
 
     async def _pages(
         self, call: Callable[..., Awaitable[Any]], request_type: type, provider: str
