@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from .model import JobSpec, TaskPlacement
 
 
 def spec_to_json(spec: JobSpec) -> str:
-    doc = {f.name: getattr(spec, f.name) for f in fields(JobSpec)}
-    return json.dumps(doc, separators=(",", ":"))
+    # orjson writes a dataclass as an object of its fields, tuples as arrays.
+    return orjson.dumps(spec).decode()
 
 
 def spec_from_json(text: str) -> JobSpec:
@@ -40,7 +41,7 @@ _TUPLE_FIELDS = (
 
 
 def placement_to_json(placement: tuple[TaskPlacement, ...]) -> str:
-    return json.dumps(
+    return orjson.dumps(
         [
             {
                 "task_index": task.task_index,
@@ -53,9 +54,8 @@ def placement_to_json(placement: tuple[TaskPlacement, ...]) -> str:
                 "exit_code": task.exit_code,
             }
             for task in placement
-        ],
-        separators=(",", ":"),
-    )
+        ]
+    ).decode()
 
 
 def placement_from_json(text: str) -> tuple[TaskPlacement, ...]:
