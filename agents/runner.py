@@ -32,6 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from agents.backoff import CLEANUP_BACKOFF, Backoff
 from agents.model import (
     TASK_INDEX_ENV,
     WHOLE_MILLI,
@@ -44,6 +45,7 @@ from agents.programs import CommandNotRunnableError, resolve_command
 from agents.state import StateStore, TaskRecord
 from agents.stray_processes import find_task_processes, kill_task_processes, signal_strays
 from agents.task_cgroups import (
+    LauncherIdentity,
     TaskCgroups,
     is_populated,
     kill_and_remove,
@@ -51,6 +53,7 @@ from agents.task_cgroups import (
     kill_members,
     member_pids,
     remove,
+    remove_until_gone,
     signal_members,
 )
 from agents.task_logs import TASK_LOG_MAX_BYTES, read_tail, trim_log
@@ -74,7 +77,6 @@ from agents.task_users import (
     make_jobs_folder,
     process_uid,
     seal_job_folder,
-    sweep_until_gone,
 )
 
 logger = logging.getLogger(__name__)
@@ -153,6 +155,7 @@ class TaskRunner:
         task_log_max_bytes: int = TASK_LOG_MAX_BYTES,
         task_users: TaskUserPool | None = None,
         task_cgroups: TaskCgroups | None = None,
+        cleanup_backoff: Backoff = CLEANUP_BACKOFF,
     ) -> None:
         """``launcher`` starts the tasks and records their exit status.
 
@@ -176,6 +179,9 @@ class TaskRunner:
 
         ``task_cgroups`` gives each task its own cgroup, which a stop and the task's end kill
         whole. The launcher must then have been made with its ``launcher_home``.
+
+        ``cleanup_backoff`` spaces the retries of a task cgroup that stays populated after
+        SIGKILL (see :func:`agents.task_cgroups.remove_until_gone`).
         """
         self._node_key = node_key
         self._state = state
@@ -212,10 +218,12 @@ class TaskRunner:
         """Trims running in a worker thread, by task id: at most one per task."""
         self._task_folder_shared = False
         self._pool = task_users
-        self._freeing: set[asyncio.Task[None]] = set()
-        """Tasks that free a released pool user (:meth:`_free_user`), which may retry for good."""
+        self._cleanups: set[asyncio.Task[None]] = set()
+        """Tasks that free a released pool user (:meth:`_free_user`) or remove a task cgroup
+        left populated (:meth:`_remove_later`), which may retry for good."""
         self._detached = False
         self._cgroups = task_cgroups
+        self._cleanup_backoff = cleanup_backoff
         if task_user is not None and task_user.home:
             # As a login sets them, so that a task does not take the agent's home for its own.
             self._base_env.update(HOME=task_user.home, USER=task_user.name, LOGNAME=task_user.name)
@@ -526,33 +534,37 @@ class TaskRunner:
             return
         error = launch.exception()
         if error is not None:
-            self._start_failed(spec, error)
+            self._start_failed(spec, error, (record.launcher_pid, record.launcher_start_ticks))
             return
         self._started(spec, record, launch.result())
         if stop_reason is not None:
             self._begin_stop(self._tasks[spec.task_id], stop_reason)
 
-    def _start_failed(self, spec: TaskSpec, error: BaseException) -> None:
+    def _start_failed(
+        self, spec: TaskSpec, error: BaseException, launcher: LauncherIdentity = (0, 0)
+    ) -> None:
         """Fail the task if its program cannot run on any node, else reject the start.
 
         The scheduler places a rejected task's job again. :data:`agents.programs.JOB_ERRNOS`
-        lists the errors that are the job's own.
+        lists the errors that are the job's own. ``launcher`` is the identity of the launcher
+        that was asked to start the task, if one was.
         """
         self._state.remove_intent(self._node_key, spec.task_id)
         self._release_user(spec.task_id)
-        self._remove_empty_cgroup(spec.task_id)
+        self._remove_empty_cgroup(spec.task_id, launcher)
         if isinstance(error, CommandNotRunnableError):
             self._fail_unrunnable(spec, error)
         else:
             self._reject(spec, f"command could not be started: {error}")
 
-    def _remove_empty_cgroup(self, task_id: str) -> None:
+    def _remove_empty_cgroup(self, task_id: str, launcher: LauncherIdentity = (0, 0)) -> None:
         """Remove the cgroup of a task whose start failed, killing what runs in it.
 
         A lost launcher fails a start when no process carries the task's spawn id, yet the
         task may run: it cleared its environment at once, or the launcher was slow and spawned
         it after the agent gave up. Nothing else stops that process once the start is rejected.
-        NOTE: a launcher still inside the cgroup, in the middle of that start, is killed too.
+        The launcher ``launcher``, and the runner's own, may still be inside the cgroup in the
+        middle of that start. They are spared, and the cgroup is removed once they have left.
         """
         if self._cgroups is None:
             return
@@ -569,14 +581,52 @@ class TaskRunner:
             member_pids(cgroup),
             cgroup,
         )
-        try:
-            if self._group is not None:
-                self._group.create_task(kill_and_remove(cgroup, task_id))
+        spared = self._spared_launchers(launcher)
+        if self._group is not None:
+            killing = self._kill_and_remove(cgroup, task_id, spared)
+            try:
+                self._group.create_task(killing)
                 return
+            except RuntimeError:
+                # The task group is shutting down and takes no more tasks.
+                killing.close()
+        kill_and_remove_now(cgroup, task_id, spared)
+
+    def _spared_launchers(self, launcher: LauncherIdentity) -> tuple[LauncherIdentity, ...]:
+        """Return ``launcher`` and the runner's current launcher, which no cgroup kill may end."""
+        current = (0, 0) if self._launcher is None else self._launcher.identity
+        return tuple(identity for identity in {launcher, current} if identity[0])
+
+    async def _kill_and_remove(
+        self, cgroup: Path, task_id: str, spared: tuple[LauncherIdentity, ...] = ()
+    ) -> int:
+        """Kill and remove a task's cgroup, and retry later if it stays populated.
+
+        Returns how many processes were killed at first.
+        """
+        count = await kill_and_remove(cgroup, task_id, spared)
+        if os.path.isdir(cgroup):  # noqa: ASYNC240 - cgroupfs, which never waits on a disk
+            self._remove_later(cgroup, task_id, spared)
+        return count
+
+    def _remove_later(
+        self, cgroup: Path, task_id: str, spared: tuple[LauncherIdentity, ...] = ()
+    ) -> None:
+        """Retry the kill and removal of a task cgroup after each delay of the backoff."""
+        if self._group is None:
+            raise RuntimeError("TaskRunner.attach must be called before tasks start")
+        retry = remove_until_gone(cgroup, task_id, self._cleanup_backoff.delays(), spared)
+        try:
+            if self._detached:
+                raise RuntimeError("the runner is detached")
+            task = self._group.create_task(retry, name=f"remove-cgroup-{cgroup.name}")
         except RuntimeError:
-            # The task group is shutting down and takes no more tasks.
-            pass
-        kill_and_remove_now(cgroup, task_id)
+            # The agent is stopping.
+            retry.close()
+            logger.info("agent stopping: cgroup %s of task %s stays in place", cgroup, task_id)
+            return
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     def _started(self, spec: TaskSpec, record: TaskRecord, process: TaskProcess) -> None:
         record.pid = process.pid
@@ -619,12 +669,15 @@ class TaskRunner:
         return supervisors
 
     def detach(self) -> list[asyncio.Task[Any]]:
-        """Cancel the supervisors of the running tasks, which keep running for adoption, and
-        the tasks that free pool users.
+        """Cancel the supervisors of the running tasks, which keep running for adoption, the
+        tasks that free pool users and those that retry the removal of task cgroups.
 
         A user that is being freed stays out of the pool, and a restarted agent sweeps it before
         its first start. Users released after this call are not freed. Returns the cancelled
         tasks for the caller to await.
+
+        NOTE: a task cgroup still populated here stays in place, and a restarted agent does not
+        look for it, because the state file no longer lists its task.
         """
         self._detached = True
         cancelled: dict[asyncio.Task[Any], None] = {}
@@ -632,13 +685,13 @@ class TaskRunner:
             if task.supervisor is not None:
                 task.supervisor.cancel()
                 cancelled[task.supervisor] = None
-        # A user's processes that outlive SIGKILL, or its files that a sweep cannot remove,
-        # keep these tasks retrying for good, and the task group waits for its tasks.
-        for freeing in self._freeing:
-            freeing.cancel()
-            cancelled[freeing] = None
+        # Processes that outlive SIGKILL, or files that a sweep cannot remove, keep these tasks
+        # retrying for good, and the task group waits for its tasks.
+        for cleanup in self._cleanups:
+            cleanup.cancel()
+            cancelled[cleanup] = None
         if self._pool is not None:
-            cancelled.update(dict.fromkeys(self._pool.cancel_scratch_sweeps()))
+            cancelled.update(dict.fromkeys(self._pool.cancel_sweeps()))
         return list(cancelled)
 
     def _begin_stop(self, task: _Task, reason: str, grace_s: float | None = None) -> None:
@@ -710,7 +763,7 @@ class TaskRunner:
             if record.stop_reason and not task.killed:
                 await self._await_rest_of_task(task)
             # Whatever its environment and session, a process the task started is in here.
-            left = await kill_and_remove(task.cgroup, record.task_id)
+            left = await self._kill_and_remove(task.cgroup, record.task_id)
             if left:
                 logger.warning(
                     "task %s left %d processes in its cgroup; killed them", record.task_id, left
@@ -965,28 +1018,20 @@ class TaskRunner:
             freeing.close()
             logger.info("agent stopping: pool user uid %d of job %s is not freed", uid, job_id)
             return
-        self._freeing.add(task)
-        task.add_done_callback(self._freeing.discard)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def _free_user(self, uid: int, job_id: str) -> None:
-        assert self._pool is not None
-        await sweep_until_gone(uid)
-        if not self._pool.has_user(job_id):
-            try:
+        pool = self._pool
+        assert pool is not None
+
+        def seal() -> None:
+            # Until it is the agent's again, a later job with the user could read its files.
+            # A job that has a user again (a task of it started meanwhile) keeps its folder.
+            if not pool.has_user(job_id):
                 seal_job_folder(self._task_dir, job_id)
-            except OSError as error:
-                # The user stays taken: a later job with it could read this job's files.
-                logger.error(
-                    "folder of job %s was not given back to the agent, so its user uid %d "
-                    "stays taken: %s",
-                    job_id,
-                    uid,
-                    error,
-                )
-                return
-        # After the processes, so that no process of the job creates files behind the sweep.
-        await self._pool.sweep_scratch(uid)
-        self._pool.freed(uid)
+
+        await pool.reclaim(uid, seal)
 
     def _forget_once_spooled(self, task: _Task) -> None:
         """Let an ended task go from the state file's tasks once its end event is in the spool.
@@ -1085,7 +1130,10 @@ class TaskRunner:
         """
         cgroup = None if self._cgroups is None else self._cgroups.find(record.task_id)
         if cgroup is not None:
-            strays = kill_and_remove_now(cgroup, record.task_id)
+            spared = self._spared_launchers((record.launcher_pid, record.launcher_start_ticks))
+            strays = kill_and_remove_now(cgroup, record.task_id, spared)
+            if os.path.isdir(cgroup):
+                self._remove_later(cgroup, record.task_id, spared)
         else:
             strays = kill_task_processes(record.spawn_id)
         if strays:
@@ -1173,7 +1221,8 @@ class TaskRunner:
                     record.task_id,
                 )
                 # Made before the spawn. The redelivered start makes it again.
-                self._remove_empty_cgroup(record.task_id)
+                launcher = (record.launcher_pid, record.launcher_start_ticks)
+                self._remove_empty_cgroup(record.task_id, launcher)
 
     # Usage -----------------------------------------------------------------------------------
 

@@ -10,10 +10,10 @@ the users that no task runs as before it hands any out.
 
 A sweep that leaves something of the user's keeps the user out of the pool. That is a file it
 may not remove, a folder of its own that contains other users' files, or a sweep that timed out
-or could not switch to the user. The sweep runs again every :data:`RETRY_S` seconds until it finds
-nothing left. A user handed out dirty would give its next job the files that isolation is meant
-to keep from it, while one user fewer costs the node one job at a time, and the log names the
-paths.
+or could not switch to the user. The sweep runs again until it finds nothing left, first after
+:data:`RETRY_S` seconds, then after twice the last delay, up to :data:`MAX_RETRY_S`. A user
+handed out dirty would give its next job the files that isolation is meant to keep from it,
+while one user fewer costs the node one job at a time, and the log names the paths.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
+from agents.backoff import Backoff
 from agents.scratch_sweep import MAX_DEPTH, SweepReport, sweep_as
 from agents.task_user import TaskUser
 from services.runtime.settings import SettingsError
@@ -43,7 +44,9 @@ SWEEP_TIMEOUT_S: Final = 300.0
 """Seconds after which a sweep stops at its next entry and counts as failed. An estimate that
 leaves room for a few million entries, not measured on a large ``/tmp``."""
 RETRY_S: Final = 60.0
-"""Seconds between sweeps of a user that the last sweep did not leave clean."""
+"""Seconds before the next sweep of a user that a sweep did not leave clean."""
+MAX_RETRY_S: Final = 960.0
+"""Maximum seconds between two sweeps of such a user, because each walks whole folder trees."""
 MAX_CONCURRENT_SWEEPS: Final = 2
 """Sweeps that run at once. Each walks whole folder trees, so more would compete for the disk
 and the CPU with the jobs."""
@@ -117,10 +120,11 @@ class ScratchSweeper:
         folders: Sequence[Path],
         timeout_s: float = SWEEP_TIMEOUT_S,
         retry_s: float = RETRY_S,
+        max_retry_s: float = MAX_RETRY_S,
     ) -> None:
         self.folders = tuple(folders)
         self._timeout_s = timeout_s
-        self._retry_s = retry_s
+        self._backoff = Backoff(retry_s, max(retry_s, max_retry_s))
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_SWEEPS)
 
     async def sweep(self, user: TaskUser) -> SweepReport:
@@ -167,11 +171,16 @@ class ScratchSweeper:
             finally:
                 cancelled.set()
 
-    async def sweep_until_clean(self, user: TaskUser) -> None:
-        """Sweep as ``user`` until a sweep leaves nothing of the user's, every ``retry_s``.
+    async def sweep_until_clean(
+        self, user: TaskUser, on_retry: Callable[[], None] | None = None
+    ) -> None:
+        """Sweep as ``user`` until a sweep leaves nothing of the user's, first ``retry_s`` after
+        a failed one, then twice as long each time, up to ``max_retry_s``.
 
-        Logs each sweep's counts once, the first failure at ERROR and the later ones at DEBUG.
+        Calls ``on_retry`` after each failed sweep. Logs each sweep's counts once, the first
+        failure at ERROR and the later ones at DEBUG.
         """
+        delays = self._backoff.delays()
         attempts = 0
         while True:
             attempts += 1
@@ -189,16 +198,19 @@ class ScratchSweeper:
                         )
                     return
                 problem = _describe_failures(report)
+            if on_retry is not None:
+                on_retry()
+            delay = next(delays)
             log = logger.error if attempts == 1 else logger.debug
             log(
                 "pool user uid %d stays out of the pool until a sweep of %s leaves none of its "
                 "files, next sweep in %g s: %s",
                 user.uid,
                 ", ".join(map(str, self.folders)),
-                self._retry_s,
+                delay,
                 problem,
             )
-            await asyncio.sleep(self._retry_s)
+            await asyncio.sleep(delay)
 
     def _log_removed(self, user: TaskUser, report: SweepReport) -> None:
         # One line per sweep, at INFO only when it removed something, because most jobs

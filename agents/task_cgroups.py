@@ -17,8 +17,13 @@ itself into the task's cgroup, starts the task, and moves itself back into ``lau
 requires of an agent that is not root. After a stop's grace period, and when a task ends,
 the agent writes 1 to the cgroup's ``cgroup.kill`` (Linux 5.14 and later), which sends
 SIGKILL to everything in it, and removes the cgroup once ``cgroup.events`` reports
-``populated 0``. The name depends on the task id alone, so a restarted agent finds the
-cgroups of the tasks it adopts.
+``populated 0``. A cgroup still populated after that is killed and removed again with a
+backoff that grows to 5 minutes (:func:`remove_until_gone`). The name depends on the task id
+alone, so a restarted agent finds the cgroups of the tasks it adopts.
+
+A launcher that stops replying between its two moves stays in the task's cgroup until it
+resumes. The kills of a failed start spare it, because it still records the exit status of
+its other tasks, and remove the cgroup once it has left.
 
 The launcher and the tasks run only in leaf cgroups. The kernel allows no process in a cgroup
 that enables controllers for its children. So an operator who wants to limit each task's memory
@@ -36,10 +41,12 @@ import errno
 import hashlib
 import logging
 import os
+import signal
 import time
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from agents.task_process import stat_fields, task_file_stem
+from agents.task_process import process_start_ticks, stat_fields, task_file_stem
 
 logger = logging.getLogger(__name__)
 
@@ -325,48 +332,147 @@ def remove(cgroup: Path) -> bool:
     return True
 
 
-async def kill_and_remove(cgroup: Path, task_id: str) -> int:
-    """Kill what runs in a task's cgroup, wait until it is empty, and remove it.
+LauncherIdentity = tuple[int, int]
+"""A task launcher's pid and start ticks, as :attr:`agents.task_process.TaskLauncher.identity`."""
 
-    Returns how many processes were in it. A cgroup still populated after
-    :data:`_EMPTY_WAIT_S` seconds is logged and left in place. ``OSError`` of the removal is
-    logged too, so that a task always ends.
+
+def _kill(
+    cgroup: Path, task_id: str, spared: Collection[LauncherIdentity], retry: bool = False
+) -> tuple[int, bool]:
+    """Send SIGKILL to the processes in ``cgroup``, and return how many and whether a launcher
+    of ``spared`` is among them. A ``retry`` logs the spared launcher at DEBUG only.
+
+    A task launcher is in a task's cgroup only between its move in and its move out around a
+    start. One that stopped replying there (blocked, or stopped) still records the exits of
+    its other tasks, so it is left alive, and the others get SIGKILL one by one in place of
+    ``cgroup.kill``. A child that it starts after the list was read is killed by a later retry.
     """
-    count = len(member_pids(cgroup)) if is_populated(cgroup) else 0
-    if count:
+    if not is_populated(cgroup):
+        return 0, False
+    members = member_pids(cgroup)
+    inside = {
+        pid
+        for pid, ticks in spared
+        if pid in members and ticks and process_start_ticks(pid) == ticks
+    }
+    if not inside:
         kill_members(cgroup)
+        return len(members), False
+    log = logger.debug if retry else logger.warning
+    log(
+        "task launcher %s is in cgroup %s of task %s; sending SIGKILL to its other processes "
+        "one by one and removing the cgroup once the launcher has left",
+        ", ".join(map(str, sorted(inside))),
+        cgroup,
+        task_id,
+    )
+    for pid in members:
+        if pid in inside:
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    return len(members) - len(inside), True
+
+
+async def _wait_empty(cgroup: Path) -> bool:
+    """Wait up to :data:`_EMPTY_WAIT_S` for ``cgroup`` to report ``populated 0``."""
     interval_s, max_interval_s = _EMPTY_POLL_S
     deadline = time.monotonic() + _EMPTY_WAIT_S
     while is_populated(cgroup):
         if time.monotonic() > deadline:
-            logger.error(
-                "cgroup %s of task %s still has processes %s %g s after cgroup.kill; "
-                "leaving it in place",
-                cgroup,
-                task_id,
-                member_pids(cgroup),
-                _EMPTY_WAIT_S,
-            )
-            return count
+            return False
         await asyncio.sleep(interval_s)
         interval_s = min(interval_s * 2, max_interval_s)
-    _remove_logged(cgroup, task_id)
+    return True
+
+
+async def kill_and_remove(
+    cgroup: Path, task_id: str, spared: Collection[LauncherIdentity] = ()
+) -> int:
+    """Kill what runs in a task's cgroup, wait until it is empty, and remove it.
+
+    Returns how many processes were killed. A cgroup still populated after
+    :data:`_EMPTY_WAIT_S` seconds, or one that contains a launcher of ``spared``, is logged and
+    left in place for :func:`remove_until_gone`. ``OSError`` of the removal is logged too, so
+    that a task always ends.
+    """
+    count, launcher_inside = _kill(cgroup, task_id, spared)
+    if launcher_inside:
+        return count
+    if await _wait_empty(cgroup):
+        _remove_logged(cgroup, task_id)
+        return count
+    logger.error(
+        "cgroup %s of task %s still has processes %s %g s after SIGKILL; leaving it in place "
+        "and retrying later",
+        cgroup,
+        task_id,
+        member_pids(cgroup),
+        _EMPTY_WAIT_S,
+    )
     return count
 
 
-def kill_and_remove_now(cgroup: Path, task_id: str) -> int:
+async def remove_until_gone(
+    cgroup: Path,
+    task_id: str,
+    delays: Iterator[float],
+    spared: Collection[LauncherIdentity] = (),
+) -> None:
+    """Kill what runs in a cgroup that :func:`kill_and_remove` left in place, and remove it,
+    after each delay of ``delays`` until it is gone.
+
+    Logs the processes that remain after each attempt at DEBUG, because the first attempt
+    logged them at ERROR, and the removal at INFO.
+    """
+    attempts = 1
+    while os.path.isdir(cgroup):  # noqa: ASYNC240 - cgroupfs, which never waits on a disk
+        await asyncio.sleep(next(delays))
+        attempts += 1
+        count, launcher_inside = _kill(cgroup, task_id, spared, retry=True)
+        if not launcher_inside and await _wait_empty(cgroup):
+            try:
+                if remove(cgroup):
+                    logger.info(
+                        "cgroup %s of task %s removed after %d attempts, the last of which "
+                        "killed %d processes",
+                        cgroup,
+                        task_id,
+                        attempts,
+                        count,
+                    )
+                    return
+            except OSError as error:
+                logger.debug("cannot remove cgroup %s of task %s: %s", cgroup, task_id, error)
+                continue
+        logger.debug(
+            "cgroup %s of task %s still has processes %s after %d attempts",
+            cgroup,
+            task_id,
+            member_pids(cgroup),
+            attempts,
+        )
+
+
+def kill_and_remove_now(
+    cgroup: Path, task_id: str, spared: Collection[LauncherIdentity] = ()
+) -> int:
     """Do what :func:`kill_and_remove` does, blocking, for a task that ended while the agent
     was down (one per such task, at start)."""
-    count = len(member_pids(cgroup)) if is_populated(cgroup) else 0
-    if count:
-        kill_members(cgroup)
+    count, launcher_inside = _kill(cgroup, task_id, spared)
+    if launcher_inside:
+        return count
     deadline = time.monotonic() + _EMPTY_WAIT_S
     while is_populated(cgroup):
         if time.monotonic() > deadline:
             logger.error(
-                "cgroup %s of task %s still has processes after cgroup.kill; leaving it",
+                "cgroup %s of task %s still has processes %s after SIGKILL; leaving it in "
+                "place and retrying later",
                 cgroup,
                 task_id,
+                member_pids(cgroup),
             )
             return count
         time.sleep(_EMPTY_POLL_S[0])

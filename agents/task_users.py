@@ -12,9 +12,12 @@ job again, elsewhere if it can, and does not count the rejection as a failed sta
 A job keeps its user until its last task on the node has ended. Then every process that still
 runs as that user, which can only be the job's, is killed, and the user is free once none is
 left. So the pool's users must be dedicated to it: nothing else on the node may run as them.
-A restarted agent reads the uid of each task that it finds running again. Before it hands out
-the first user, it kills the processes of the pool's users that no such task runs as, and
-takes back the folders of the jobs that ended while it was down.
+A user whose processes outlive SIGKILL, or whose job folder cannot be given back, stays out of
+the pool while the agent retries with a backoff that grows to 5 minutes, and
+:attr:`TaskUserPool.held_users` counts it. A restarted agent reads the uid of each task that
+it finds running again. Before it hands out the first user, it kills the processes of the
+pool's users that no such task runs as, and takes back the folders of the jobs that ended while
+it was down.
 
 Each job has its own folder, ``<task folder>/jobs/<job>``, owned by its user with mode 0700:
 its working directory, its ``HOME`` and the place of its checkpoint files. Its ``tmp``
@@ -40,10 +43,11 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from agents.backoff import CLEANUP_BACKOFF, Backoff
 from agents.scratch_folders import ScratchSweeper
 from agents.task_process import stat_fields, task_file_stem
 from agents.task_user import TaskUser, parse_task_user
@@ -68,8 +72,6 @@ scans is found by the next one, and a killed process forks no more."""
 _EXIT_WAIT_S: Final = 0.5
 """Seconds a sweep waits for the processes it killed to exit."""
 _EXIT_POLL_S: Final = 0.005
-_SWEEP_RETRY_S: Final = 5.0
-"""Seconds between sweeps of a user whose processes outlived one (stuck in the kernel)."""
 FIRST_CLEAN_USER_WAIT_S: Final = 10.0
 """Maximum seconds the first start after the agent started waits for the scratch sweep of one
 unused user, so that it finds a user to run as."""
@@ -115,6 +117,15 @@ def _expand(item: str) -> list[str]:
     return [f"{uid}{colon}{group}" for uid in range(low, high + 1)]
 
 
+async def _seal_step(seal: Callable[[], None]) -> str:
+    """Call ``seal`` and return the problem if it raises OSError, or "" if it succeeds."""
+    try:
+        seal()
+    except OSError as error:
+        return f"its job folder was not given back to the agent: {error}"
+    return ""
+
+
 def job_folder(task_dir: Path, job_id: str) -> Path:
     """Return the folder of ``job_id``'s tasks under the task folder ``task_dir``."""
     return task_dir / "jobs" / task_file_stem(job_id)
@@ -125,9 +136,15 @@ class TaskUserPool:
 
     One pool serves every node of an agent process, because their tasks share one machine.
     ``scratch`` sweeps a user's files from the node's scratch folders before it is free again.
+    ``backoff`` spaces the retries of a user that cannot be freed at once.
     """
 
-    def __init__(self, users: Collection[TaskUser], scratch: ScratchSweeper | None = None) -> None:
+    def __init__(
+        self,
+        users: Collection[TaskUser],
+        scratch: ScratchSweeper | None = None,
+        backoff: Backoff = CLEANUP_BACKOFF,
+    ) -> None:
         if not users:
             raise ValueError("a task user pool needs at least one user")
         self._users = {user.uid: user for user in users}
@@ -145,8 +162,12 @@ class TaskUserPool:
         self._sealed: set[Path] = set()
         """Task folders whose stale job folders were given back to the agent."""
         self._scratch = scratch
-        self._scratch_sweeps: set[asyncio.Task[Any]] = set()
-        """Tasks waiting in :meth:`sweep_scratch`, where a dirty user's sweeps retry for good."""
+        self._backoff = backoff
+        self._sweeps: set[asyncio.Task[Any]] = set()
+        """Tasks waiting in :meth:`reclaim` or :meth:`sweep_scratch`, which retry for good."""
+        self._held: dict[int, float] = {}
+        """Users that a failed cleanup step keeps out of the pool: uid -> monotonic time of the
+        first failure."""
 
     def __len__(self) -> int:
         return len(self._users)
@@ -155,6 +176,13 @@ class TaskUserPool:
     def free_users(self) -> int:
         """Number of users that no job has and that no sweep is freeing."""
         return len(self._free)
+
+    @property
+    def held_users(self) -> int:
+        """Number of users kept out of the pool by a cleanup step that failed and is retried,
+        because of processes that outlive SIGKILL, a job folder not given back or scratch
+        files left."""
+        return len(self._held)
 
     @property
     def busy_reason(self) -> str:
@@ -234,8 +262,69 @@ class TaskUserPool:
 
     def freed(self, uid: int) -> None:
         """Make a released user free, once no process runs as it."""
-        if uid not in self._tasks_of_uid:
-            self._free[uid] = None
+        if uid in self._tasks_of_uid:
+            return
+        self._free[uid] = None
+        held_since = self._held.pop(uid, None)
+        if held_since is not None:
+            logger.info(
+                "pool user uid %d is back in the pool after %.0f s out of it; %d users are "
+                "still held",
+                uid,
+                time.monotonic() - held_since,
+                len(self._held),
+            )
+
+    def _hold(self, uid: int) -> None:
+        """Count ``uid`` as kept out of the pool by a failed cleanup step."""
+        self._held.setdefault(uid, time.monotonic())
+
+    async def reclaim(self, uid: int, seal: Callable[[], None] | None = None) -> None:
+        """Free a released user once its processes are gone, ``seal`` has returned and its
+        scratch files are swept, in that order.
+
+        ``seal`` gives the job's folder back to the agent and raises OSError if it cannot. A
+        step that fails is retried after each delay of the pool's backoff, for good, and the
+        user counts in :attr:`held_users` until it is free. :meth:`cancel_sweeps` cancels the
+        calling task while it waits here.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        self._sweeps.add(task)
+        try:
+            await self._retry(uid, lambda: self._kill_step(uid))
+            if seal is not None:
+                await self._retry(uid, lambda: _seal_step(seal))
+            await self.sweep_scratch(uid)
+        finally:
+            self._sweeps.discard(task)
+        self.freed(uid)
+
+    async def _kill_step(self, uid: int) -> str:
+        if await asyncio.to_thread(kill_user_processes, (uid,)):
+            return "its processes survive SIGKILL (stuck in the kernel)"
+        return ""
+
+    async def _retry(self, uid: int, attempt: Callable[[], Awaitable[str]]) -> None:
+        """Await ``attempt`` until it returns no problem, after each delay of the backoff.
+
+        Logs the first problem at ERROR and the later ones at DEBUG.
+        """
+        delays = self._backoff.delays()
+        attempts = 0
+        while problem := await attempt():
+            attempts += 1
+            self._hold(uid)
+            delay = next(delays)
+            log = logger.error if attempts == 1 else logger.debug
+            log(
+                "pool user uid %d stays out of the pool: %s; retrying in %g s (attempt %d)",
+                uid,
+                problem,
+                delay,
+                attempts,
+            )
+            await asyncio.sleep(delay)
 
     def has_user(self, job_id: str) -> bool:
         """Return whether ``job_id`` has a user on this node."""
@@ -244,25 +333,28 @@ class TaskUserPool:
     async def sweep_scratch(self, uid: int) -> None:
         """Remove ``uid``'s files from the scratch folders, retrying until none is left.
 
-        :meth:`cancel_scratch_sweeps` cancels the calling task while it waits here.
+        :meth:`cancel_sweeps` cancels the calling task while it waits here.
         """
         if self._scratch is None:
             return
         task = asyncio.current_task()
         assert task is not None
-        self._scratch_sweeps.add(task)
+        self._sweeps.add(task)
         try:
-            await self._scratch.sweep_until_clean(self._users[uid])
+            await self._scratch.sweep_until_clean(
+                self._users[uid], on_retry=lambda: self._hold(uid)
+            )
         finally:
-            self._scratch_sweeps.discard(task)
+            self._sweeps.discard(task)
 
-    def cancel_scratch_sweeps(self) -> list[asyncio.Task[Any]]:
-        """Cancel the tasks that wait in :meth:`sweep_scratch`, as the agent stops.
+    def cancel_sweeps(self) -> list[asyncio.Task[Any]]:
+        """Cancel the tasks that wait in :meth:`reclaim` or :meth:`sweep_scratch`, as the
+        agent stops.
 
         Their users stay out of the pool, and a restarted agent sweeps them before its first
         start. Returns the cancelled tasks for the caller to await.
         """
-        tasks = list(self._scratch_sweeps)
+        tasks = list(self._sweeps)
         for task in tasks:
             task.cancel()
         return tasks
@@ -275,7 +367,8 @@ class TaskUserPool:
         folder. Such processes and folders were left by jobs that ended while the agent was
         down, or by a job whose user an earlier agent was still freeing. With a scratch
         sweeper, those users are free again once their files are swept by tasks of ``group``,
-        and the first call waits up to :data:`FIRST_CLEAN_USER_WAIT_S` for one of them.
+        and the first call waits up to :data:`FIRST_CLEAN_USER_WAIT_S` for one of them. A user
+        whose processes outlive SIGKILL is retried by a task of ``group`` (:meth:`reclaim`).
         """
         if self._swept and task_dir in self._sealed:
             return
@@ -284,11 +377,7 @@ class TaskUserPool:
             if not self._swept:
                 unused = frozenset(uid for uid in self._users if uid not in self._tasks_of_uid)
                 left = await asyncio.to_thread(kill_user_processes, unused)
-                for uid in sorted(left):
-                    # NOTE: these users stay taken until the agent restarts. A process that
-                    # survives SIGKILL is stuck in the kernel, and the node needs an operator.
-                    self._free.pop(uid, None)
-                    logger.error("processes of pool user uid %d survive SIGKILL; not using it", uid)
+                self._reclaim_later(sorted(left), group)
                 self._swept = True
                 unswept = sorted(unused - left)
             if task_dir not in self._sealed:
@@ -298,6 +387,22 @@ class TaskUserPool:
             # After the stale job folders are the agent's again, so that no sweep finds them
             # among the users' files.
             await self._sweep_unused_scratch(unswept, group)
+
+    def _reclaim_later(self, uids: list[int], group: asyncio.TaskGroup | None) -> None:
+        """Take ``uids``, whose processes outlived SIGKILL, out of the free users until tasks of
+        ``group`` have reclaimed them."""
+        if not uids:
+            return
+        if group is None:
+            raise RuntimeError("a pool whose users keep processes needs a task group to retry in")
+        for uid in uids:
+            self._free.pop(uid, None)
+            self._hold(uid)
+            # Its first attempt kills again and logs what it finds. Tracked from here, so
+            # that cancel_sweeps reaches it even before it first runs.
+            task = group.create_task(self.reclaim(uid), name=f"reclaim-uid-{uid}")
+            self._sweeps.add(task)
+            task.add_done_callback(self._sweeps.discard)
 
     async def _sweep_unused_scratch(self, uids: list[int], group: asyncio.TaskGroup | None) -> None:
         """Take ``uids`` out of the free users until their files are swept in ``group``."""
@@ -400,24 +505,6 @@ def process_uid(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-async def sweep_until_gone(uid: int) -> None:
-    """Kill ``uid``'s processes in a worker thread until none is left.
-
-    Processes that outlive SIGKILL keep this retrying every :data:`_SWEEP_RETRY_S` for good, so
-    the task that awaits it must be cancelled when the agent stops
-    (:meth:`agents.runner.TaskRunner.detach` does).
-    """
-    logged = False
-    while await asyncio.to_thread(kill_user_processes, (uid,)):
-        if not logged:
-            logger.error(
-                "processes of pool user uid %d survive SIGKILL; it stays taken until they end",
-                uid,
-            )
-            logged = True
-        await asyncio.sleep(_SWEEP_RETRY_S)
 
 
 def make_jobs_folder(task_dir: Path) -> None:

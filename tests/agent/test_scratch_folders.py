@@ -222,11 +222,14 @@ async def test_dirty_user_stays_out_of_pool(
         freeing = asyncio.create_task(free())
         await wait_for(lambda: len(_messages(caplog, "stays out of the pool")) >= 3)
         free_while_dirty = pool.free_users
+        held_while_dirty = pool.held_users
         stuck.unlink()
         await asyncio.wait_for(freeing, 10)
 
     assert free_while_dirty == 0
+    assert held_while_dirty == 1
     assert pool.free_users == 1
+    assert pool.held_users == 0
     failures = _messages(caplog, "stays out of the pool")
     assert [record.levelno for record in failures[:2]] == [logging.ERROR, logging.DEBUG]
     assert f"{stuck}: Permission denied" in failures[0].getMessage()

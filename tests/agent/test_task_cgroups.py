@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import secrets
 import shutil
@@ -23,6 +24,8 @@ from typing import Any
 import pytest
 
 from agents import main as agent_main
+from agents import task_cgroups
+from agents.backoff import CLEANUP_BACKOFF, Backoff
 from agents.model import TaskSpec, TaskState
 from agents.runner import TaskRunner
 from agents.settings import AgentSettings
@@ -127,6 +130,7 @@ def contained_runner(
     launchers: list[TaskLauncher],
     record_exit_status: bool = True,
     task_user: TaskUser | None = None,
+    cleanup_backoff: Backoff = CLEANUP_BACKOFF,
 ) -> TaskRunner:
     cgroups = TaskCgroups(root)
     launcher = None
@@ -144,6 +148,7 @@ def contained_runner(
         launcher=launcher,
         task_user=task_user,
         task_cgroups=cgroups,
+        cleanup_backoff=cleanup_backoff,
     )
 
 
@@ -572,3 +577,107 @@ def test_agent_start_makes_launcher_cgroup(cgroup_root: Path) -> None:
     assert cgroups is not None
     assert cgroups.launcher_home == cgroup_root / "launcher"
     assert cgroups.launcher_home.is_dir()
+
+
+FAST_RETRIES = Backoff(first_s=0.05, max_s=0.2)
+
+
+@pytest.mark.timeout(60)
+async def test_populated_cgroup_removed_on_retry(
+    tmp_path: Path,
+    cgroup_root: Path,
+    launchers: list[TaskLauncher],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pid_file = tmp_path / "daemon.pid"
+    # The task ends on its own once its daemon runs.
+    code = CLEARED_DAEMON.rsplit("time.sleep(60)", 1)[0]
+    code += "while not os.path.exists(sys.argv[1]):\n    time.sleep(0.01)\n"
+    real_kill_members = task_cgroups.kill_members
+    stuck = [True]
+
+    def kill_unless_stuck(cgroup: Path) -> bool:
+        # Stands in for processes in uninterruptible sleep, which cgroup.kill does not end.
+        return cgroup.is_dir() if stuck[0] else real_kill_members(cgroup)
+
+    monkeypatch.setattr(task_cgroups, "kill_members", kill_unless_stuck)
+    monkeypatch.setattr(task_cgroups, "_EMPTY_WAIT_S", 0.2)
+    recorder = Recorder()
+    runner = contained_runner(
+        tmp_path, recorder, cgroup_root, launchers, cleanup_backoff=FAST_RETRIES
+    )
+    cgroup = cgroup_root / cgroup_name("j/1/0")
+    with caplog.at_level(logging.DEBUG, logger="agents"):
+        async with asyncio.timeout(30):
+            async with asyncio.TaskGroup() as group:
+                runner.attach(group)
+                await runner.start(_spec("j/1/0", code, str(pid_file)))
+                await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("j/1/0"))
+                daemon = int(pid_file.read_text())
+                await wait_for(lambda: len(_messages(caplog, "still has processes")) >= 3)
+                left_while_stuck = cgroup.is_dir() and _alive(daemon)
+                stuck[0] = False
+                await wait_for(lambda: not cgroup.exists())
+    assert left_while_stuck
+    assert not _alive(daemon)
+    first = _messages(caplog, "still has processes")[0]
+    assert first.levelno == logging.ERROR
+    assert str(daemon) in first.getMessage()
+    assert _messages(caplog, f"cgroup {cgroup} of task j/1/0 removed after")
+
+
+@pytest.mark.timeout(60)
+async def test_failed_start_spares_launcher_in_cgroup(
+    tmp_path: Path,
+    cgroup_root: Path,
+    launchers: list[TaskLauncher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The launcher spawned the task and then fell silent before it moved back out of the
+    # task's cgroup, as a launcher blocked there does. The start fails, and the task's
+    # processes are killed, but the launcher still records the exits of its other tasks.
+    recorder = Recorder()
+    runner = contained_runner(
+        tmp_path, recorder, cgroup_root, launchers, cleanup_backoff=FAST_RETRIES
+    )
+    launcher = launchers[0]
+    real_launch = launcher.launch
+    spawned: list[int] = []
+    cgroup = cgroup_root / cgroup_name("j/1/0")
+
+    def launch_without_reply(*args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        lost: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def fail(done: asyncio.Future[Any]) -> None:
+            spawned.append(done.result().pid)
+            (cgroup / "cgroup.procs").write_text(str(launcher.identity[0]))
+            lost.set_exception(OSError(errno.EPIPE, "no reply from the task launcher"))
+
+        real_launch(*args, **kwargs).add_done_callback(fail)
+        return lost
+
+    launcher.launch = launch_without_reply  # type: ignore[method-assign]
+    with caplog.at_level(logging.DEBUG, logger="agents.task_cgroups"):
+        async with asyncio.timeout(30):
+            async with asyncio.TaskGroup() as group:
+                runner.attach(group)
+                await runner.start(_spec("j/1/0", "import time; time.sleep(60)"))
+                launcher_pid = launcher.identity[0]
+                await wait_for(lambda: TaskState.START_FAILED in recorder.states("j/1/0"))
+                await wait_for(lambda: not _alive(spawned[0]))
+                await wait_for(lambda: len(_messages(caplog, "still has processes")) >= 2)
+                launcher_alive = _alive(launcher_pid)
+                kept_while_inside = cgroup.is_dir()
+                # The launcher wakes and moves itself back.
+                (cgroup_root / "launcher" / "cgroup.procs").write_text(str(launcher_pid))
+                await wait_for(lambda: not cgroup.exists())
+    assert launcher_alive
+    assert kept_while_inside
+    assert _alive(launcher_pid)
+    spared = _messages(caplog, f"task launcher {launcher_pid} is in cgroup")
+    assert spared[0].levelno == logging.WARNING
+
+
+def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if text in record.getMessage()]

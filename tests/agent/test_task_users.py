@@ -8,6 +8,7 @@ otherwise. The parsing, the settings and the pool's bookkeeping are checked as a
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ from acsp.v1 import agent_pb2, scheduler_pb2
 from agents import task_users, wire
 from agents.backends.fleet import FleetNode
 from agents.backends.simulated import SimulatedBackend
+from agents.backoff import Backoff
 from agents.checkpoints import CheckpointFiles
 from agents.main import check_isolation
 from agents.model import TaskSpec, TaskState
@@ -256,6 +258,108 @@ def test_pool_user_claimed_by_two_jobs() -> None:
     assert pool.release("b/1/0") == (POOL_UIDS[0], "a")
     assert pool.has_user("b")
     assert not pool.has_user("a")
+
+
+class StuckProcesses:
+    """Stands in for :func:`kill_user_processes` with processes that outlive SIGKILL.
+
+    The uids in ``stuck`` keep processes, as ones in uninterruptible sleep do, until a test
+    takes them out. ``calls`` counts the calls.
+    """
+
+    def __init__(self, stuck: Collection[int]) -> None:
+        self.stuck = set(stuck)
+        self.calls = 0
+
+    def __call__(self, uids: Collection[int]) -> set[int]:
+        self.calls += 1
+        return self.stuck & set(uids)
+
+
+FAST_RETRIES = Backoff(first_s=0.01, max_s=0.04)
+
+
+async def test_stuck_unused_user_comes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A process of a user that a job left while the agent was down does not die at once.
+    stuck = StuckProcesses([POOL_UIDS[0]])
+    monkeypatch.setattr(task_users, "kill_user_processes", stuck)
+    pool = TaskUserPool([_user(uid) for uid in POOL_UIDS], backoff=FAST_RETRIES)
+    with caplog.at_level(logging.INFO, logger="agents.task_users"):
+        async with asyncio.timeout(10):
+            async with asyncio.TaskGroup() as group:
+                await pool.sweep_once(tmp_path, group)
+                held_while_stuck = pool.held_users
+                free_while_stuck = pool.free_users
+                await wait_for(lambda: stuck.calls >= 4)
+                stuck.stuck.clear()
+                await wait_for(lambda: pool.free_users == 2)
+    assert held_while_stuck == 1
+    assert free_while_stuck == 1
+    assert pool.held_users == 0
+    back = [r for r in caplog.records if "back in the pool" in r.getMessage()]
+    assert len(back) == 1
+    assert f"uid {POOL_UIDS[0]}" in back[0].getMessage()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+
+
+async def test_released_stuck_user_comes_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    stuck = StuckProcesses([POOL_UIDS[0]])
+    monkeypatch.setattr(task_users, "kill_user_processes", stuck)
+    pool = TaskUserPool([_user(uid) for uid in POOL_UIDS[:1]], backoff=FAST_RETRIES)
+    assert pool.acquire("a", "a/1/0") is not None
+    released = pool.release("a/1/0")
+    assert released is not None
+    with caplog.at_level(logging.INFO, logger="agents.task_users"):
+        async with asyncio.timeout(10):
+            freeing = asyncio.create_task(pool.reclaim(released[0]))
+            await wait_for(lambda: stuck.calls >= 3)
+            held_while_stuck = pool.held_users
+            stuck.stuck.clear()
+            await freeing
+    assert held_while_stuck == 1
+    assert pool.free_users == 1
+    assert pool.held_users == 0
+    assert any("back in the pool" in r.getMessage() for r in caplog.records)
+
+
+async def test_unsealed_job_folder_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(task_users, "kill_user_processes", StuckProcesses(()))
+    pool = TaskUserPool([_user(uid) for uid in POOL_UIDS[:1]], backoff=FAST_RETRIES)
+    assert pool.acquire("a", "a/1/0") is not None
+    released = pool.release("a/1/0")
+    assert released is not None
+    failures = [OSError(errno.EIO, "Input/output error"), OSError(errno.EIO, "Input/output error")]
+    calls = []
+
+    def seal() -> None:
+        calls.append(pool.held_users)
+        if failures:
+            raise failures.pop()
+
+    async with asyncio.timeout(10):
+        await pool.reclaim(released[0], seal)
+    assert calls == [0, 1, 1]
+    assert pool.free_users == 1
+    assert pool.held_users == 0
+
+
+def test_backoff_doubles_to_maximum() -> None:
+    delays = Backoff(first_s=5.0, max_s=30.0).delays()
+    assert [next(delays) for _ in range(6)] == [5.0, 10.0, 20.0, 30.0, 30.0, 30.0]
+
+
+@pytest.mark.parametrize(
+    ("first_s", "max_s", "reason"),
+    [(0.0, 1.0, "first_s"), (-1.0, 1.0, "first_s"), (2.0, 1.0, "max_s")],
+)
+def test_backoff_rejects_bad_bounds(first_s: float, max_s: float, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        Backoff(first_s=first_s, max_s=max_s)
 
 
 # Tasks as pool users -------------------------------------------------------------------------
