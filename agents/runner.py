@@ -75,9 +75,9 @@ from agents.task_users import (
     job_temp_folder,
     make_job_folder,
     make_jobs_folder,
-    process_uid,
     seal_job_folder,
 )
+from agents.user_processes import process_uid
 
 logger = logging.getLogger(__name__)
 
