@@ -90,6 +90,8 @@ class PassState:
     preemptions_left: int = 0
     preemptor_reservations: dict[str, Reservation] = field(default_factory=dict)
     """Preemptor job id -> the reservation that keeps the room of its victims for it."""
+    previous_preemptor_reservations: dict[str, Reservation] = field(default_factory=dict)
+    """:attr:`preemptor_reservations` of the last pass, read only."""
 
     # Pools and exclusions.
 
@@ -368,7 +370,7 @@ class PassState:
     ) -> Reservation | None:
         excluded = self.excluded_prefix[-1]
         reservation = earliest_start(
-            self.engine.fleet, spec, pools, self._releases(pools), not_before, excluded
+            self.engine.fleet, spec, pools, self.releases(pools), not_before, excluded
         )
         if reservation is not None and spec.avoid_nodes:
             # Take a reservation off the nodes the job avoids when it starts no later.
@@ -376,7 +378,7 @@ class PassState:
                 self.engine.fleet,
                 spec,
                 pools,
-                self._releases(pools),
+                self.releases(pools),
                 not_before,
                 excluded | self.avoided(spec),
             )
@@ -386,7 +388,7 @@ class PassState:
             self.add_reservation(reservation)
         return reservation
 
-    def _releases(self, pools: tuple[Pool, ...]) -> Iterator[tuple[float, JobRecord]]:
+    def releases(self, pools: Sequence[Pool]) -> Iterator[tuple[float, JobRecord]]:
         """Yield running jobs of ``pools`` by expected end, each once."""
         seen: set[str] = set()
         jobs = self.engine.jobs
@@ -607,6 +609,8 @@ def run_pass(engine: Engine, now: float) -> ScheduleResult:
         state.preemptor_reservations = dict(last.preemptor_reservations)
         state.serve_queue(only=engine.new_jobs)
     else:
+        if isinstance(last, LastPass):
+            state.previous_preemptor_reservations = last.preemptor_reservations
         shrink_pools(state)
         repair_broken(state)
         state.serve_advance()

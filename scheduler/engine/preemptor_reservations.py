@@ -17,10 +17,14 @@ all stopped and whose room is gone is no preemptor any more, and waits in its pl
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Sequence
+from itertools import takewhile
 from typing import TYPE_CHECKING
 
+from scheduler.engine.decisions import ReasonCode
 from scheduler.engine.fleet import Pool
+from scheduler.engine.reasons import at
 from scheduler.engine.records import JobRecord
 from scheduler.engine.reservations import Reservation, earliest_start
 
@@ -96,10 +100,12 @@ def _still_running(record: JobRecord | None) -> bool:
 
 
 def reserve_for_victims(state: PassState, record: JobRecord, pools: Sequence[Pool]) -> None:
-    """Reserve, from now, the nodes where ``record`` fits once its victims have stopped.
+    """Reserve the nodes where ``record`` fits once its victims have stopped.
 
-    A preemptor whose victims have all stopped gets the free room it fits on now. Nothing is
-    reserved when it would not fit even then, e.g. because a job of a higher class took the room.
+    A preemptor whose victims have all stopped gets the room it fits on by the start that the
+    last pass reserved for it, counting the ends of jobs that backfilled that room. Nothing is
+    reserved when it would not fit even then, e.g. because a job of a higher class took the
+    room.
     """
     if record.job_id in state.preemptor_reservations or not pools:
         return
@@ -165,11 +171,24 @@ def _earliest(
     """
     now = state.now
     releases = sorted((_release_time(victim, now), victim.sequence, victim) for victim in victims)
+    stops = [(end, victim) for end, _, victim in releases]
+    # Jobs that backfilled the room end before it is due, so their ends count too. Once the
+    # victims have stopped, the room is due when the last pass reserved it.
+    due = stops[-1][0] if stops else now
+    previous = state.previous_preemptor_reservations.get(record.job_id)
+    if previous is not None:
+        due = max(due, previous.start)
+    victim_ids = {victim.job_id for victim in victims}
+    backfilled = (
+        (end, job)
+        for end, job in takewhile(lambda item: item[0] <= due, state.releases(pools))
+        if job.job_id not in victim_ids
+    )
     return earliest_start(
         state.engine.fleet,
         record.spec,
         pools,
-        ((end, victim) for end, _, victim in releases),
+        heapq.merge(stops, backfilled, key=lambda item: item[0]),
         now,
         state.excluded_prefix[-1],
     )
@@ -205,6 +224,12 @@ def place_on_reservation(
         plans = state.plan(spec, pools, excluded)
     if plans is None and record.awaiting_victims:
         return state.wait_for_victims(record)
+    if plans is None and reservation.start > state.now:
+        # Its victims have stopped, and jobs that end before the room is due backfilled it.
+        message = (
+            f"waiting for the room its preempted jobs freed, reserved from {at(reservation.start)}"
+        )
+        return state.wait(record, ReasonCode.PRIORITY, message)
     del state.preemptor_reservations[spec.job_id]
     state.remove_reservation(reservation)
     if plans is None:

@@ -525,6 +525,34 @@ def test_backfill_before_victims_grace_ends(wall_time_s: float, backfilled: bool
     assert preempts(later) == []
 
 
+def test_victim_stopping_early_beside_backfilled_job() -> None:
+    engine = make_engine(preemption_grace_s=300.0)
+    engine.add_node(node("n1", 8))
+    engine.add_node(node("n2", 8))
+    engine.submit(
+        job("other", accelerators=8, priority=PriorityClass.PREEMPTIBLE, checkpointable=True)
+    )
+    engine.submit(
+        job("low", accelerators=4, priority=PriorityClass.PREEMPTIBLE, checkpointable=True)
+    )
+    engine.schedule(0.0)
+    engine.submit(job("big", accelerators=8, submit=1.0))
+    assert [d.job_id for d in preempts(engine.schedule(10.0))] == ["low"]
+    engine.submit(job("short", accelerators=4, project="pb", submit=15.0, wall_time_s=100.0))
+    assert "short" in placed(engine.schedule(20.0))
+    # "low" stops long before its deadline at 310, while "short" uses the rest of the room
+    # until 120, before the reservation of "big" starts.
+    engine.apply(JobEnded("low", JobOutcome.PREEMPTED), 50.0)
+
+    early = engine.schedule(50.0)
+    engine.apply(JobEnded("short", JobOutcome.COMPLETED), 120.0)
+    later = engine.schedule(120.0)
+
+    assert preempts(early) == []
+    assert reasons(early)["big"] == "priority"
+    assert "big" in placed(later)
+
+
 def test_preemptor_room_yields_to_higher_class() -> None:
     engine = make_engine(preemption_grace_s=300.0)
     engine.add_node(node("n1", 4))
