@@ -7,9 +7,10 @@ Only the scheduler's leader counts each pledge's registered and healthy accelera
 lists the pledges with ``fleet_counted`` false, and a copy from it would leave every pledge
 uncounted in settlements. So a copy tries each scheduler replica in turn, starting with the one
 that led last, and takes the first listing that counts the fleet. When no replica counts it,
-the copy stores the first standby's listing without counts and logs a warning, unless a copy
-stored since the listing started is newer. Another metering replica's copy from the leader may
-commit while a standby's listing is read, and the standby's older listing must not replace it.
+the copy stores the first standby's listing without counts and logs a warning. No listing,
+from the leader or a standby, is stored when a copy stored since the listing started is newer.
+Another metering replica's copy may commit while a listing is read or waits for the database,
+and the older listing must not replace it.
 """
 
 from __future__ import annotations
@@ -270,18 +271,20 @@ class PledgeSync:
         ]
         async with self._db.acquire() as conn, conn.transaction():
             # Copies from every metering replica take turns, so none commits between the
-            # check of the stored copy's time below and this copy's store.
+            # check of the stored copy's time below and this copy's store. A listing older
+            # than the stored copy is dropped even from the leader, because storing it would
+            # undo the pledge changes of that copy while its newer time stays.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('metering.pledge_copies'))")
-            if not counted:
-                newer = await _newer_copy(conn, provider, listed_at)
-                if newer is not None:
-                    logger.warning(
-                        "the pledges that a standby scheduler listed at %s are not stored, "
-                        "because they are older than the copy stored at %s",
-                        listed_at.isoformat(),
-                        newer.isoformat(),
-                    )
-                    return len(pledges), len(recalls)
+            newer = await _newer_copy(conn, provider, listed_at)
+            if newer is not None:
+                logger.warning(
+                    "the pledges that %s listed at %s are not stored, because they are older "
+                    "than the copy stored at %s",
+                    "the scheduler's leader" if counted else "a standby scheduler",
+                    listed_at.isoformat(),
+                    newer.isoformat(),
+                )
+                return len(pledges), len(recalls)
             await store_pledges(conn, pledges, recalls)
             await conn.execute(
                 """

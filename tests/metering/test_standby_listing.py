@@ -1,6 +1,7 @@
-"""A standby scheduler's listing of pledges never replaces a newer stored copy.
+"""A scheduler's listing of pledges never replaces a newer stored copy.
 
-The standby is a real gRPC server on port 0 that lists one pledge without counting the fleet.
+The scheduler is a real gRPC server on port 0 that lists one pledge, without counting the
+fleet as a standby does, or counting it as the leader does.
 """
 
 from __future__ import annotations
@@ -52,15 +53,19 @@ def _listed_pledge(protected: int) -> scheduler_pb2.Pledge:
 
 
 class StandbyScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
-    """Lists one pledge without counting the fleet, as a standby scheduler does."""
+    """Lists one pledge without counting the fleet, as a standby scheduler does, unless
+    ``counted`` is set, as on the leader."""
 
     def __init__(self, protected: int) -> None:
         self.protected = protected
+        self.counted = False
 
     async def ListPledges(
         self, request: scheduler_pb2.ListPledgesRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.ListPledgesResponse:
-        return scheduler_pb2.ListPledgesResponse(pledges=[_listed_pledge(self.protected)])
+        return scheduler_pb2.ListPledgesResponse(
+            pledges=[_listed_pledge(self.protected)], fleet_counted=self.counted
+        )
 
     async def ListRecalls(
         self, request: scheduler_pb2.ListRecallsRequest, context: grpc.aio.ServicerContext
@@ -107,6 +112,28 @@ async def test_standby_listing_keeps_newer_copy(
     assert listed == (1, 0)
     assert await _stored_protected(db) is None
     assert copied_at == newer
+    assert "older than the copy stored at" in caplog.text
+
+
+async def test_leader_listing_keeps_newer_copy(
+    db: Database, standby: tuple[StandbyScheduler, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    servicer, address = standby
+    servicer.counted = True
+    # Another metering replica's copy that listed the leader after this listing started, and
+    # committed first while this one waited for the database.
+    newer = datetime.now(UTC) + timedelta(minutes=1)
+    await _store_copy_time(db, "", newer)
+    sync, replicas = _sync(db, address)
+    try:
+        listed = await sync.sync_once("prov-a")
+    finally:
+        await replicas.close()
+    async with db.acquire() as conn:
+        copies = await conn.fetch("SELECT provider, copied_at FROM metering.pledge_copies")
+    assert listed == (1, 0)
+    assert await _stored_protected(db) is None
+    assert [(row["provider"], row["copied_at"]) for row in copies] == [("", newer)]
     assert "older than the copy stored at" in caplog.text
 
 
