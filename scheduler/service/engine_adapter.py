@@ -557,17 +557,16 @@ class EngineAdapter:
 
         ``preemptor_id`` is the stored id of the job whose priority preemption stops it, and
         ``message`` the stop reason (from :func:`preemption_message`) that names a recall or
-        an ended pledge. A stored id of None comes from a row written before the id was kept,
-        so ``message`` names the preempting job too. A message that names no preemption
-        changes nothing.
+        an ended pledge. Without a stored id, ``message`` may name the preempting job too.
+        Rows stored before the id was kept hold None. A leader of that earlier version, still
+        running while a new one migrates the schema, stores the column default, empty.
+        A message that names no preemption changes nothing.
         """
         if preemptor_id:
             self.engine.mark_preempted(job_id, d.Cause.PRIORITY, preemptor_id)
             return
         found = preemption_of(message)
-        if found is None:
-            return
-        if preemptor_id is None or found[0] is not d.Cause.PRIORITY:
+        if found is not None:
             self.engine.mark_preempted(job_id, *found)
 
     def running_in_engine(self, job_id: str) -> bool:

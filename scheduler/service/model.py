@@ -222,8 +222,9 @@ class Job:
     go out. 0 before then, and for attempts started before the port was stored."""
     preemptor_id: str | None = ""
     """While stopping, the job whose priority preemption stops the current attempt. Empty
-    when none does. None for jobs loaded from rows stored before the id was kept, whose stop
-    reason names that job instead."""
+    when none does, or when a leader of a version that did not store it made the stop. None
+    for jobs loaded from rows stored before the id was kept. In both cases without an id, a
+    stop reason of the preemption names that job instead."""
     grant_picked: bool = False
     """Whether the grant service picked ``spec.grant_id`` for the current attempt's hold,
     because the job named no grant. The job's next attempt names none again."""

@@ -134,3 +134,30 @@ async def test_restart_keeps_victims_of_cancelled_preemptor(
     assert later == []
     assert len(restarted.jobs[successor.job_id].placement) == 2
     await lease.release()
+
+
+async def test_restart_reads_empty_preemptor_id_of_older_leader(
+    pool: asyncpg.Pool, database_dsn: str
+) -> None:
+    lease = await lead(database_dsn, "a")
+    store = JobStore(pool, "s0")
+    book, gang, victims = await preempting_book(store, lease.epoch or 0)
+    jobs = {job.job_id: job for job in book.jobs.values()}
+    # A leader of the version before the column, still running while a new one applied the
+    # migration, inserts rows that get the column default and stops jobs without setting it.
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE scheduler.jobs SET preemptor_id = DEFAULT WHERE job_id = ANY($1::text[])",
+            victims,
+        )
+
+    restarted = await restart(store, NOW + 2)
+    loaded = [restarted.jobs[job_id].preemptor_id for job_id in victims]
+    after_restart = preempted_jobs(run_pass(restarted, NOW + 2))
+    later = finish_preemption(restarted, jobs, list(victims), gang, NOW + 3)
+
+    assert loaded == ["", ""]
+    assert after_restart == []
+    assert later == []
+    assert len(restarted.jobs[gang.job_id].placement) == 2
+    await lease.release()
