@@ -642,21 +642,30 @@ class AgentProcess:
                 logger.error("command on %s rejected: %s", message.subject, error)
                 with contextlib.suppress(nats.errors.Error):
                     await message.term()
-        tokens_raised = False
+        earlier_tokens: dict[NodeAgent, int] = {}
         seen: set[str] = set()
-        for _message, node, command in accepted:
-            # Only a node's first command, so that commands are still fenced in their order.
-            if node.ref.key not in seen:
-                seen.add(node.ref.key)
-                tokens_raised |= node.accept_fencing_token(command.fencing_token)
-            if command.kind == "start" and command.spec is not None and node.runner is not None:
-                node.runner.prepare_start(command.spec)
-        if tokens_raised:
-            # A new leader's first commands reach many nodes at once: one write records every
-            # node's new token, and the intents with them, before any command acts.
-            self._state.save()
-        else:
-            self._state.save_intents()
+        try:
+            for _message, node, command in accepted:
+                # Only a node's first command, so that commands are still fenced in their order.
+                if node.ref.key not in seen:
+                    seen.add(node.ref.key)
+                    token = node.fencing_token
+                    if node.accept_fencing_token(command.fencing_token):
+                        earlier_tokens[node] = token
+                if command.kind == "start" and command.spec is not None and node.runner is not None:
+                    node.runner.prepare_start(command.spec)
+            if earlier_tokens:
+                # A new leader's first commands reach many nodes at once: one write records
+                # every node's new token, and the intents with them, before any command acts.
+                self._state.save()
+            else:
+                self._state.save_intents()
+        except BaseException:
+            # The new tokens are not on disk. Their redelivered commands must raise them again
+            # and save before acting, which they do only if the nodes keep the earlier ones.
+            for node, token in earlier_tokens.items():
+                node.fencing_token = token
+            raise
         # Consecutive starts go to the launcher together and wait for its replies together.
         # Without a launcher a start never waits, so the batch runs in one loop turn.
         starts: list[Coroutine[Any, Any, None]] = []

@@ -19,6 +19,7 @@ from agents.model import TaskSpec
 from agents.node import NodeAgent
 from agents.outbox import Outbox
 from agents.process import AgentProcess, ConnectionOptions
+from agents.runner import TaskRunner
 from agents.spool import Spool
 from agents.state import StateStore
 from agents.task_process import TaskLauncher
@@ -156,3 +157,45 @@ async def test_batch_keeps_token_order(tmp_path: Path) -> None:
     spool.close()
     assert node.fencing_token == 9
     assert saved_token(tmp_path) == 9
+
+
+async def test_redelivered_batch_saves_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock(time.time())
+    launcher = TaskLauncher()
+    node, outbox, spool, state = make_node(tmp_path, clock, launcher, "boot-1")
+    process = AgentProcess([node], outbox, state, ConnectionOptions(servers=["nats://127.0.0.1:1"]))
+    save = StateStore.save
+    failing = True
+
+    def save_or_fail(self: StateStore) -> None:
+        if failing:
+            raise OSError(28, "No space left on device")
+        save(self)
+
+    tokens_on_disk_at_stop: list[int] = []
+    stop = TaskRunner.stop
+
+    async def recorded_stop(self: TaskRunner, task_id: str, reason: str) -> None:
+        tokens_on_disk_at_stop.append(saved_token(tmp_path))
+        await stop(self, task_id, reason)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            await node.start(group)
+            state.save()
+            monkeypatch.setattr(StateStore, "save", save_or_fail)
+            monkeypatch.setattr(TaskRunner, "stop", recorded_stop)
+            with pytest.raises(OSError):
+                await process._handle_commands([stop_message(NODE, 7)])  # type: ignore[list-item]
+            failing = False
+            # JetStream delivers the unacknowledged command again.
+            message = stop_message(NODE, 7)
+            await process._handle_commands([message])  # type: ignore[list-item]
+    finally:
+        launcher.close()
+    spool.close()
+    assert message.acked
+    assert tokens_on_disk_at_stop == [7]
+    assert node.fencing_token == 7
