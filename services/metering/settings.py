@@ -75,8 +75,8 @@ class MeteringSettings(Settings):
         "ACSP_METERING_PLEDGE_COPY_WAIT_S",
         15.0,
         "seconds a settlement waits for a fresh copy of the provider's pledges from the "
-        "scheduler; after that it uses the stored copy only when that copy was made after the "
-        "period ended, and fails otherwise",
+        "scheduler; after that it uses the stored copy only when that copy was made at least "
+        "10 minutes after the period ended, and fails otherwise",
         minimum=0.1,
     )
     service_token_file: Path | None = setting(

@@ -3,12 +3,12 @@
 A settlement copies the provider's pledges from the scheduler again first, because the
 periodic copy may be a sync interval old and miss a pledge made since. That copy waits at most
 ``ACSP_METERING_PLEDGE_COPY_WAIT_S``. When it fails or times out, the settlement may use the
-stored copy. It does so only if that copy was made after the end of what the settlement counts
-(the period's end, or now for a period still running) plus the time a recall may take effect
-before the scheduler stores it. Such a copy contains every pledge and recall that counts in the
-period, because hours before a pledge's creation are not counted. Otherwise the settlement
-fails with UNAVAILABLE, because its pledged hours and ``pledge_kept`` would rest on pledges
-that metering may not have.
+stored copy. It does so only if that copy was made at least COPY_DELAY after the end of what
+the settlement counts (the period's end, or now for a period still running). Such a copy
+contains every pledge and recall that counts in the period, because hours before a pledge's
+creation are not counted and a recall takes effect at most that long before the scheduler
+stores it. Otherwise the settlement fails with UNAVAILABLE, because its pledged hours and
+``pledge_kept`` would rest on pledges that metering may not have.
 """
 
 from __future__ import annotations
@@ -27,9 +27,17 @@ from services.runtime.errors import Unavailable
 logger = logging.getLogger(__name__)
 
 RECALL_LEEWAY: Final = timedelta(seconds=300)
-"""How long before the scheduler stores a recall the recall may take effect. The scheduler's
+"""How long before RecallCapacity checks a recall the recall may take effect. The scheduler's
 RecallCapacity accepts an effective time up to 300 s in the past (RECALL_PAST_LEEWAY_S in
 scheduler/service/pledge_api.py)."""
+
+STORE_MARGIN: Final = timedelta(seconds=300)
+"""Time allowed between RecallCapacity's check of the effective time and the commit of the
+recall, and for the difference between the scheduler's and metering's clocks."""
+
+COPY_DELAY: Final = RECALL_LEEWAY + STORE_MARGIN
+"""How long after the end of what a settlement counts a stored copy must have been made to
+contain every recall that takes effect before that end."""
 
 
 def copy_covers(copied_at: datetime | None, end: datetime, now: datetime) -> bool:
@@ -38,7 +46,10 @@ def copy_covers(copied_at: datetime | None, end: datetime, now: datetime) -> boo
     if copied_at is None:
         return False
     # NOTE: a pledge changed in the scheduler after ``copied_at`` is settled as it was then.
-    return copied_at >= min(end, now) + RECALL_LEEWAY
+    # NOTE: STORE_MARGIN is an estimate. After its check, RecallCapacity makes seven pool
+    # acquires and statements of up to 10 s each (PledgeStore's timeout) and then commits,
+    # which nothing bounds.
+    return copied_at >= min(end, now) + COPY_DELAY
 
 
 async def copy_for_settlement(
@@ -80,7 +91,7 @@ async def copy_for_settlement(
     if end > now:
         needed = "a fresh copy of its pledges, because the period has not ended"
     else:
-        needed = f"a copy of its pledges made after {(end + RECALL_LEEWAY).isoformat()}"
+        needed = f"a copy of its pledges made after {(end + COPY_DELAY).isoformat()}"
     raise Unavailable(
         f"settlement of provider {provider} needs {needed}, but {failure} and {stored}; retry "
         "when a scheduler replica responds to ListPledges, and check that "

@@ -18,6 +18,7 @@ from services.metering.pledges import PledgeSync
 from services.metering.scheduler_replicas import SchedulerReplicas
 from services.metering.settings import MeteringSettings
 from services.metering.settlement_copy import (
+    COPY_DELAY,
     RECALL_LEEWAY,
     copy_covers,
     copy_for_settlement,
@@ -37,7 +38,8 @@ DAY = timedelta(days=1)
     [
         (None, NOW - DAY, False),
         (NOW - DAY, NOW - DAY, False),
-        (NOW - DAY + RECALL_LEEWAY, NOW - DAY, True),
+        (NOW - DAY + COPY_DELAY - timedelta(microseconds=1), NOW - DAY, False),
+        (NOW - DAY + COPY_DELAY, NOW - DAY, True),
         (NOW, NOW - DAY, True),
         # A period still running is settled up to now, which a stored copy never reaches.
         (NOW - timedelta(seconds=1), NOW + DAY, False),
@@ -45,6 +47,16 @@ DAY = timedelta(days=1)
 )
 def test_copy_covers_period(copied_at: datetime | None, end: datetime, covers: bool) -> None:
     assert copy_covers(copied_at, end, NOW) is covers
+
+
+def test_copy_covers_slow_recall_store() -> None:
+    end = NOW - DAY
+    # RecallCapacity accepts this effective time, the last one inside the period, from a
+    # request made RECALL_LEEWAY after it, and then stores the recall 30 s later.
+    requested_at = end - timedelta(microseconds=1) + RECALL_LEEWAY
+    stored_at = requested_at + timedelta(seconds=30)
+    copied_before_store = stored_at - timedelta(seconds=1)
+    assert copy_covers(copied_before_store, end, NOW) is False
 
 
 def test_pledge_copy_wait_setting() -> None:
