@@ -370,7 +370,7 @@ class PassState:
     ) -> Reservation | None:
         excluded = self.excluded_prefix[-1]
         reservation = earliest_start(
-            self.engine.fleet, spec, pools, self.releases(pools), not_before, excluded
+            self.engine.fleet, spec, pools, self._releases(pools), not_before, excluded
         )
         if reservation is not None and spec.avoid_nodes:
             # Take a reservation off the nodes the job avoids when it starts no later.
@@ -378,7 +378,7 @@ class PassState:
                 self.engine.fleet,
                 spec,
                 pools,
-                self.releases(pools),
+                self._releases(pools),
                 not_before,
                 excluded | self.avoided(spec),
             )
@@ -388,7 +388,7 @@ class PassState:
             self.add_reservation(reservation)
         return reservation
 
-    def releases(self, pools: Sequence[Pool]) -> Iterator[tuple[float, JobRecord]]:
+    def _releases(self, pools: tuple[Pool, ...]) -> Iterator[tuple[float, JobRecord]]:
         """Yield running jobs of ``pools`` by expected end, each once."""
         seen: set[str] = set()
         jobs = self.engine.jobs

@@ -17,15 +17,13 @@ all stopped and whose room is gone is no preemptor any more, and waits in its pl
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable, Sequence
-from itertools import takewhile
 from typing import TYPE_CHECKING
 
 from scheduler.engine.decisions import ReasonCode
 from scheduler.engine.fleet import Pool
 from scheduler.engine.reasons import at
-from scheduler.engine.records import JobRecord
+from scheduler.engine.records import JobRecord, job_of
 from scheduler.engine.reservations import Reservation, earliest_start
 
 if TYPE_CHECKING:
@@ -170,28 +168,41 @@ def _earliest(
     that stops earlier lets ``record`` start at once, on room such jobs do not hold.
     """
     now = state.now
-    releases = sorted((_release_time(victim, now), victim.sequence, victim) for victim in victims)
-    stops = [(end, victim) for end, _, victim in releases]
-    # Jobs that backfilled the room end before it is due, so their ends count too. Once the
-    # victims have stopped, the room is due when the last pass reserved it.
-    due = stops[-1][0] if stops else now
+    releases = [(_release_time(victim, now), victim.sequence, victim) for victim in victims]
     previous = state.previous_preemptor_reservations.get(record.job_id)
     if previous is not None:
-        due = max(due, previous.start)
-    victim_ids = {victim.job_id for victim in victims}
-    backfilled = (
-        (end, job)
-        for end, job in takewhile(lambda item: item[0] <= due, state.releases(pools))
-        if job.job_id not in victim_ids
-    )
+        releases.extend(_backfilled(state, previous, victims))
+    releases.sort(key=lambda release: release[:2])
     return earliest_start(
         state.engine.fleet,
         record.spec,
         pools,
-        heapq.merge(stops, backfilled, key=lambda item: item[0]),
+        ((end, job) for end, _, job in releases),
         now,
         state.excluded_prefix[-1],
     )
+
+
+def _backfilled(
+    state: PassState, reservation: Reservation, victims: Sequence[JobRecord]
+) -> list[tuple[float, int, JobRecord]]:
+    """Return the jobs other than ``victims`` on ``reservation``'s nodes that end by its start.
+
+    Those jobs may have backfilled the room while the victims stopped, and it counts as free
+    again when they end. Each comes with its expected end and sequence.
+    """
+    engine = state.engine
+    skipped = {victim.job_id for victim in victims}
+    found: dict[str, tuple[float, int, JobRecord]] = {}
+    for ordinal in reservation.nodes:
+        for owner in engine.fleet.nodes[ordinal].jobs:
+            job = engine.jobs.get(job_of(owner))
+            if job is None or job.owner != owner or job.job_id in skipped or job.job_id in found:
+                continue
+            end = job.end_estimate
+            if job.running and end is not None and end <= reservation.start:
+                found[job.job_id] = (end, job.sequence, job)
+    return list(found.values())
 
 
 def _release_time(victim: JobRecord, now: float) -> float:

@@ -500,6 +500,29 @@ def test_preemptor_claims_victims_left_unclaimed() -> None:
     assert "b" in engine.running()
 
 
+def test_claim_ignores_other_jobs_ending_sooner() -> None:
+    engine = make_engine(preemption_grace_s=300.0)
+    for index in (1, 2, 3):
+        engine.add_node(node(f"n{index}", 4))
+    engine.submit(job("standard", accelerators=4, wall_time_s=100.0))
+    for job_id in ("low1", "low2"):
+        engine.submit(
+            job(job_id, accelerators=4, priority=PriorityClass.PREEMPTIBLE, checkpointable=True)
+        )
+    engine.schedule(0.0)
+    engine.submit(job("a", accelerators=4, priority=PriorityClass.INTERACTIVE, submit=1.0))
+    [victim] = [d.job_id for d in preempts(engine.schedule(1.0))]
+    engine.remove("a")
+    engine.submit(job("b", accelerators=4, priority=PriorityClass.INTERACTIVE, submit=2.0))
+
+    # "standard" ends before the victim's deadline, on a node where "b" claims nothing.
+    result = engine.schedule(2.0)
+
+    assert preempts(result) == []
+    assert reasons(result)["b"] == "priority"
+    assert engine.jobs["b"].awaiting_victims == {victim}
+
+
 @pytest.mark.parametrize(("wall_time_s", "backfilled"), [(100.0, True), (1000.0, False)])
 def test_backfill_before_victims_grace_ends(wall_time_s: float, backfilled: bool) -> None:
     engine = make_engine(preemption_grace_s=300.0)
