@@ -362,19 +362,23 @@ class NodeAgent:
                 files = self._checkpoints.environment(
                     spec.task_id, spec.checkpoint_reference, spec.job_id
                 )
-                spec = replace(spec, env=spec.env + files + self._rendezvous_env(spec))
+                rendezvous = self._rendezvous_env(spec, command.issued_at_ns)
+                spec = replace(spec, env=spec.env + files + rendezvous)
             await self.runner.start(spec)
         elif command.kind == "stop":
             await self.runner.stop(command.task_id, command.reason)
+        elif command.kind == "hosts" and command.placement is not None:
+            self._update_hosts(command.task_id, command.placement, command.issued_at_ns)
         elif command.kind == "reconcile":
             self.runner.report_running()
             self.publish_inventory()
 
-    def _rendezvous_env(self, spec: TaskSpec) -> tuple[tuple[str, str], ...]:
+    def _rendezvous_env(self, spec: TaskSpec, issued_at_ns: int) -> tuple[tuple[str, str], ...]:
         """Write the task's hosts file and return its rendezvous variables.
 
-        A hosts file that cannot be written leaves ``ACSP_TASK_HOSTS_FILE`` naming no file,
-        with a warning, while the other variables still let the task start.
+        ``issued_at_ns`` is the start command's time, which orders the hosts that later
+        commands send. A hosts file that cannot be written leaves ``ACSP_TASK_HOSTS_FILE``
+        naming no file, with a warning, while the other variables still let the task start.
         """
         assert self.runner is not None
         index = task_index_of(spec.task_id)
@@ -384,10 +388,37 @@ class NodeAgent:
         # A redelivered start of a task that ended here would leave a file that no end deletes.
         if not self.runner.knows(spec.task_id):
             try:
-                self._host_files.write(spec.task_id, placement.task_hosts(self._host))
+                hosts = placement.task_hosts(self._host)
+                self._host_files.write(spec.task_id, hosts, issued_at_ns)
             except OSError as error:
                 logger.warning("hosts file of task %s was not written: %s", spec.task_id, error)
         return task_environment(task_index, placement, self._host, spec.rendezvous_port, path)
+
+    def _update_hosts(self, task_id: str, placement: Placement, issued_at_ns: int) -> None:
+        """Rewrite the hosts file of ``task_id`` while that copy runs here.
+
+        :func:`wire.parse_command` has checked ``placement`` against the task's index. A copy
+        that ended or never ran here, and one played without a process or file, is ignored.
+        """
+        assert self.runner is not None
+        record = next((r for r in self.runner.running if r.task_id == task_id), None)
+        path = self._host_files.path(task_id)
+        if record is None or not (record.pid or path.exists()):
+            logger.debug(
+                "hosts update of task %s ignored: no copy with a hosts file runs here", task_id
+            )
+            return
+        try:
+            written = self._host_files.update(
+                task_id, placement.task_hosts(self._host), issued_at_ns
+            )
+        except OSError as error:
+            logger.warning("hosts file of task %s was not rewritten: %s", task_id, error)
+            return
+        if written:
+            logger.info("rewrote the hosts file of task %s", task_id)
+        else:
+            logger.debug("hosts update of task %s ignored: the file has later hosts", task_id)
 
     def _tasks_by_accelerator(self) -> dict[str, list[str]]:
         assert self.runner is not None

@@ -112,8 +112,15 @@ class HostFiles:
     def path(self, task_id: str) -> Path:
         return self._directory / f"{task_file_stem(task_id)}.hosts"
 
-    def write(self, task_id: str, hosts: Sequence[str]) -> Path:
-        """Write ``task_id``'s hosts file, replacing any earlier one whole; raise OSError."""
+    def write(
+        self, task_id: str, hosts: Sequence[str], issued_at_ns: int = 0, sync: bool = False
+    ) -> Path:
+        """Write ``task_id``'s hosts file, replacing any earlier one whole; raise OSError.
+
+        The file's modification time becomes ``issued_at_ns``, the time of the command that
+        sent ``hosts``, so that :meth:`update` keeps the latest hosts. 0 leaves the time of the
+        write. ``sync`` flushes the file to disk before it replaces the earlier one.
+        """
         if not self._directory_made:
             self._directory.mkdir(mode=_FOLDER_MODE, parents=True, exist_ok=True)
             os.chmod(self._directory, _FOLDER_MODE)
@@ -126,10 +133,30 @@ class HostFiles:
         )
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
+            file.flush()
+            if sync:
+                os.fsync(descriptor)
+            if issued_at_ns:
+                os.utime(descriptor, ns=(issued_at_ns, issued_at_ns))
         # The umask may have cleared the read bits that task users need.
         os.chmod(temporary, _FILE_MODE)
         os.replace(temporary, path)
         return path
+
+    def update(self, task_id: str, hosts: Sequence[str], issued_at_ns: int) -> bool:
+        """Rewrite ``task_id``'s hosts file unless it contains hosts sent after ``issued_at_ns``.
+
+        Return whether the file was written; raise OSError. Tasks may read the file at any
+        time, so it is replaced by a rename and never seen half-written.
+        """
+        try:
+            written_ns = os.stat(self.path(task_id)).st_mtime_ns
+        except FileNotFoundError:
+            written_ns = 0
+        if written_ns > issued_at_ns:
+            return False
+        self.write(task_id, hosts, issued_at_ns, sync=True)
+        return True
 
     def forget(self, task_id: str) -> None:
         """Delete an ended task's hosts file, if it has one."""

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Final
+from typing import Any, Final
 
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -91,12 +91,16 @@ class InvalidCommand(ValueError):
 class Command:
     command_id: str
     kind: str
-    """``start``, ``stop`` or ``reconcile``."""
+    """``start``, ``stop``, ``reconcile`` or ``hosts``."""
     node: NodeRef
     task_id: str = ""
     reason: str = ""
     fencing_token: int = 0
     spec: TaskSpec | None = None
+    placement: Placement | None = None
+    """The gang's current hosts, for ``hosts`` commands."""
+    issued_at_ns: int = 0
+    """The command's ``time`` in Unix nanoseconds; 0 when the scheduler sent none."""
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -119,16 +123,21 @@ def parse_command(data: bytes) -> Command:
         "task_id": message.task_id,
         "reason": message.reason,
         "fencing_token": message.fencing_token,
+        "issued_at_ns": message.time.ToNanoseconds(),
     }
 
     if message.kind == agent_pb2.COMMAND_KIND_RECONCILE:
         return Command(kind="reconcile", **common)  # type: ignore[arg-type]
     if not message.task_id:
-        raise InvalidCommand("task_id is required for START_TASK and STOP_TASK")
+        raise InvalidCommand("task_id is required for START_TASK, STOP_TASK and UPDATE_HOSTS")
     if message.kind == agent_pb2.COMMAND_KIND_STOP_TASK:
         return Command(kind="stop", **common)  # type: ignore[arg-type]
+    if message.kind == agent_pb2.COMMAND_KIND_UPDATE_HOSTS:
+        return _hosts_command(message, common)
     if message.kind != agent_pb2.COMMAND_KIND_START_TASK:
-        raise InvalidCommand(f"kind {message.kind} is not START_TASK, STOP_TASK or RECONCILE")
+        raise InvalidCommand(
+            f"kind {message.kind} is not START_TASK, STOP_TASK, RECONCILE or UPDATE_HOSTS"
+        )
 
     if not message.job_id:
         raise InvalidCommand("job_id is required for START_TASK")
@@ -168,6 +177,18 @@ def parse_command(data: bytes) -> Command:
         rendezvous_port=message.rendezvous_port,
     )
     return Command(kind="start", spec=spec, **common)  # type: ignore[arg-type]
+
+
+def _hosts_command(message: agent_pb2.AgentCommand, common: dict[str, Any]) -> Command:
+    """Convert an UPDATE_HOSTS command; raise :class:`InvalidCommand` if it lists no hosts."""
+    if not message.node_hosts or not message.task_node_indexes:
+        raise InvalidCommand(
+            "node_hosts and task_node_indexes are required for UPDATE_HOSTS, because only a "
+            "task of a job of two or more tasks has hosts to update"
+        )
+    _check_rendezvous(message)
+    placement = Placement(message.node_hosts, message.task_node_indexes)
+    return Command(kind="hosts", placement=placement, **common)
 
 
 def _check_rendezvous(message: agent_pb2.AgentCommand) -> None:

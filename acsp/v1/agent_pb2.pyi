@@ -40,6 +40,7 @@ class CommandKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMMAND_KIND_START_TASK: _ClassVar[CommandKind]
     COMMAND_KIND_STOP_TASK: _ClassVar[CommandKind]
     COMMAND_KIND_RECONCILE: _ClassVar[CommandKind]
+    COMMAND_KIND_UPDATE_HOSTS: _ClassVar[CommandKind]
 
 class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -80,6 +81,7 @@ COMMAND_KIND_UNSPECIFIED: CommandKind
 COMMAND_KIND_START_TASK: CommandKind
 COMMAND_KIND_STOP_TASK: CommandKind
 COMMAND_KIND_RECONCILE: CommandKind
+COMMAND_KIND_UPDATE_HOSTS: CommandKind
 TASK_STATE_UNSPECIFIED: TaskState
 TASK_STATE_STARTED: TaskState
 TASK_STATE_START_FAILED: TaskState

@@ -34,7 +34,7 @@ pathlib.Path(sys.argv[1]).write_text("\\n".join(lines) + "\\n--\\n" + hosts)
 """
 
 
-def start_command(uuid: str, out: Path) -> wire.Command:
+def start_command(uuid: str, out: Path, command: list[str] | None = None) -> wire.Command:
     message = agent_pb2.AgentCommand(
         command_id="c1",
         kind=agent_pb2.COMMAND_KIND_START_TASK,
@@ -42,10 +42,45 @@ def start_command(uuid: str, out: Path) -> wire.Command:
         task_id=TASK,
         job_id="job-1",
         accelerators=[scheduler_pb2.AcceleratorShare(accelerator_id=uuid, millis=1000)],
-        command=[sys.executable, "-c", SCRIPT, str(out)],
+        command=command or [sys.executable, "-c", SCRIPT, str(out)],
         node_hosts=["h-a", "h-b"],
         task_node_indexes=[1, 0, 0],
         rendezvous_port=29555,
+        time=wire.timestamp(START_TIME),
+    )
+    return wire.parse_command(message.SerializeToString())
+
+
+START_TIME = 1_700_000_000.0
+"""Issue time of the start command, which orders it before the host updates."""
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def hosts_command(task_id: str, hosts: list[str], issued_at: float) -> wire.Command:
+    """Return an UPDATE_HOSTS command that moves task 1 of ``TASK``'s job to ``hosts[1]``."""
+    message = agent_pb2.AgentCommand(
+        command_id=f"{task_id}/hosts:{issued_at}",
+        kind=agent_pb2.COMMAND_KIND_UPDATE_HOSTS,
+        node=NODE.message(),
+        task_id=task_id,
+        job_id="job-1",
+        node_hosts=hosts,
+        task_node_indexes=[0, 1, 0],
+        rendezvous_port=29555,
+        time=wire.timestamp(issued_at),
+    )
+    return wire.parse_command(message.SerializeToString())
+
+
+def stop_command(task_id: str) -> wire.Command:
+    message = agent_pb2.AgentCommand(
+        command_id=f"{task_id}/stop",
+        kind=agent_pb2.COMMAND_KIND_STOP_TASK,
+        node=NODE.message(),
+        task_id=task_id,
+        job_id="job-1",
+        grace_seconds=1,
     )
     return wire.parse_command(message.SerializeToString())
 
@@ -115,3 +150,58 @@ async def test_redelivered_start_leaves_no_file(tmp_path: Path) -> None:
 
     assert not out.exists()
     assert list((tmp_path / "hosts").iterdir()) == []
+
+
+def task_state(outbox: Outbox, spool: Spool, state: int) -> bool:
+    outbox.flush_to_spool()
+    return any(
+        agent_pb2.TaskEvent.FromString(record.payload).state == state
+        for record in spool.peek(10_000)
+        if record.subject.startswith("acsp.task.")
+    )
+
+
+async def test_host_update_rewrites_running_task(tmp_path: Path) -> None:
+    node, outbox, spool = make(tmp_path)
+    hosts_file = tmp_path / "hosts" / "job-1_1_2.hosts"
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        uuid = node.backend.discover().accelerators[0].uuid
+        await node.handle(start_command(uuid, tmp_path / "unused", SLEEPER))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STARTED), "the task to start"
+        )
+        assert hosts_file.read_text() == "h-b\nh-a\nh-a\n"
+
+        await node.handle(hosts_command(TASK, ["h-a", "h-c"], START_TIME + 20))
+        moved = hosts_file.read_text()
+        # A redelivered command and one issued before it change nothing.
+        await node.handle(hosts_command(TASK, ["h-a", "h-c"], START_TIME + 20))
+        redelivered = hosts_file.read_text()
+        await node.handle(hosts_command(TASK, ["h-a", "h-d"], START_TIME + 10))
+        older = hosts_file.read_text()
+        leftovers = sorted(p.name for p in hosts_file.parent.iterdir())
+
+        await node.handle(stop_command(TASK))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STOPPED), "the task to stop"
+        )
+        # The copy has ended, so a later command no longer makes a file for it.
+        await node.handle(hosts_command(TASK, ["h-a", "h-e"], START_TIME + 30))
+        assert node.runner is not None
+        await node.runner.launches_settled()
+
+    assert moved == "h-a\nh-c\nh-a\n"
+    assert redelivered == moved
+    assert older == moved
+    assert leftovers == ["job-1_1_2.hosts"]
+    assert not hosts_file.exists()
+
+
+async def test_host_update_skips_unknown_task(tmp_path: Path) -> None:
+    node, _outbox, _spool = make(tmp_path)
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        await node.handle(hosts_command("job-1/1/0", ["h-a", "h-c"], START_TIME + 20))
+
+    assert not (tmp_path / "hosts" / "job-1_1_0.hosts").exists()
