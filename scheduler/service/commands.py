@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from acsp import subjects
 from acsp.v1 import agent_pb2, common_pb2, events_pb2
@@ -47,7 +50,7 @@ def replacement_kind(action: str, node_key: str) -> str:
 
 
 def command_action(kind: str) -> str:
-    """Return ``start`` or ``stop`` for a dispatch kind, bare or of a replacement."""
+    """Return ``start``, ``stop`` or ``hosts`` for a dispatch kind."""
     return kind.partition(":")[0]
 
 
@@ -116,6 +119,44 @@ def stop_record(
         task.node_key,
         command.SerializeToString(deterministic=True),
     )
+
+
+def hosts_records(
+    job: Job,
+    tasks: Iterable[TaskPlacement],
+    epoch: int,
+    replaced_index: int,
+    rendezvous: bytes,
+) -> list[DispatchRecord]:
+    """Build the commands that rewrite the hosts files of live ``tasks`` of ``job``.
+
+    They are sent after task ``replaced_index`` moved to another node, and ``rendezvous`` is
+    the job's serialized rendezvous fields after that move. Their time orders each task's
+    hosts files on its node. The kind ``hosts:<replaced_index>:<microseconds of that time>``
+    gives each replacement its own dedupe key and ``Nats-Msg-Id``, also when two tasks of one
+    job move in one turn.
+    """
+    micros = time.time_ns() // 1000
+    issued_at = Timestamp(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
+    kind = f"hosts:{replaced_index}:{micros}"
+    records = []
+    for task in tasks:
+        command = agent_pb2.AgentCommand(
+            command_id=dispatch_msg_id(job.job_id, job.attempt, task.task_index, kind),
+            kind=agent_pb2.COMMAND_KIND_UPDATE_HOSTS,
+            node=agent_pb2.NodeRef(
+                provider_id=task.provider, region_id=task.region, node_id=task.node
+            ),
+            task_id=str(TaskId(job.job_id, job.attempt, task.task_index)),
+            job_id=job.job_id,
+            fencing_token=epoch,
+            time=issued_at,
+        )
+        payload = command.SerializeToString(deterministic=True) + rendezvous
+        records.append(
+            DispatchRecord(job.job_id, job.attempt, task.task_index, kind, task.node_key, payload)
+        )
+    return records
 
 
 def command_subject(record: DispatchRecord) -> str:

@@ -19,6 +19,7 @@ from .commands import (
     JobEventOut,
     TaskId,
     command_action,
+    hosts_records,
     job_event,
     replacement_kind,
     start_record,
@@ -404,15 +405,15 @@ class JobBook:
         """Start a task lost with ``lost_node`` on the new accelerators the engine gave it.
 
         The other tasks keep running and the job keeps its state and rendezvous port. The new
-        copy's start command carries the current hosts, but the other tasks keep the hosts
-        file they started with. The old copy gets a stop command on the lost node, in case
-        the node comes back, and the engine keeps that node's accelerators fenced until it
-        confirms the copy stopped. A job that a cancel or a failure is stopping ends now as
-        that. Task 0 is never replaced, because its node is the rendezvous host, so its job
-        is requeued whole. So is a job that is not running or starting here, is being
-        preempted, or whose task is no longer the live one on ``lost_node``. The requeue
-        reaches the engine too, and the job's live tasks stay fenced until their nodes
-        confirm their stops.
+        copy's start command carries the current hosts, and each other live task off the lost
+        node gets a command that rewrites its hosts file with them. The old copy gets a stop
+        command on the lost node, in case the node comes back, and the engine keeps that
+        node's accelerators fenced until it confirms the copy stopped. A job that a cancel or
+        a failure is stopping ends now as that. Task 0 is never replaced, because its node is
+        the rendezvous host, so its job is requeued whole. So is a job that is not running or
+        starting here, is being preempted, or whose task is no longer the live one on
+        ``lost_node``. The requeue reaches the engine too, and the job's live tasks stay fenced
+        until their nodes confirm their stops.
         """
         stopping = self._stopping.get(job_id)
         if stopping is not None and stopping.outcome is not None:
@@ -460,10 +461,15 @@ class JobBook:
         fx.commands.append(stop_record(job_id, job.attempt, old, reason, 0, self.epoch, stop_kind))
         self._add_orphan(old, TaskId(job_id, job.attempt, old.task_index))
         start_kind = replacement_kind("start", new.node_key)
-        # NOTE: only the new copy gets the current hosts. The other tasks' hosts files still
-        # name the lost node, because agents have no command to rewrite them.
         rendezvous = rendezvous_fields(replaced, self._endpoint_of)
         fx.commands.append(start_record(replaced, new, self.epoch, start_kind, rendezvous))
+        # A task still on the lost node gets its own replacement, or its gang a requeue.
+        others = [
+            t
+            for t in replaced.placement
+            if t is not new and t.state in _LIVE and t.node_key != lost_node
+        ]
+        fx.commands.extend(hosts_records(replaced, others, self.epoch, new.task_index, rendezvous))
         self._replacing_since[(job_id, job.attempt, task.task_index)] = fx.now
         fx.change(replaced, f"node:{lost_node}")
 

@@ -22,11 +22,11 @@ NODES = ("n1", "n2", "n3")
 """One accelerator each, so a two-task gang fills two nodes and the third is free."""
 
 
-def make_book(sizes: tuple[int, ...] = (1, 1, 1)) -> JobBook:
-    """Return a book whose nodes ``NODES`` have ``sizes`` accelerators each."""
+def make_book(sizes: tuple[int, ...] = (1, 1, 1), names: tuple[str, ...] = NODES) -> JobBook:
+    """Return a book whose nodes ``names`` have ``sizes`` accelerators each."""
     adapter = EngineAdapter(Engine(EngineConfig(half_life_s=3600.0)))
     fleet = FleetView(heartbeat_timeout_s=15)
-    for name, size in zip(NODES, sizes, strict=True):
+    for name, size in zip(names, sizes, strict=True):
         accelerators = tuple(
             AcceleratorView(f"{name}-GPU-{i}", "A100-SXM4-80GB") for i in range(size)
         )
@@ -88,11 +88,15 @@ def test_replacement_keeps_job_running() -> None:
     assert replaced.placement[0] == survivor
     assert replaced.placement[1].node_key == target
     assert replaced.placement[1].state == "assigned"
-    commands = {(r.kind, r.node_key, r.task_index) for r in fx.commands}
+    commands = {
+        (r.kind, r.node_key, r.task_index) for r in fx.commands if not r.kind.startswith("hosts:")
+    }
     assert commands == {
         (f"stop:{lost.node_key}", lost.node_key, 1),
         (f"start:{target}", target, 1),
     }
+    updates = [(r.node_key, r.task_index) for r in fx.commands if r.kind.startswith("hosts:")]
+    assert updates == [(survivor.node_key, 0)]
     start = next(r for r in fx.commands if r.kind.startswith("start"))
     command = agent_pb2.AgentCommand.FromString(start.payload)
     assert command.task_id == f"{job.job_id}/1/1"
@@ -124,6 +128,50 @@ def test_replaced_task_gets_current_rendezvous() -> None:
     assert list(command.task_node_indexes) == [0, 1]
     assert command.rendezvous_port == job.rendezvous_port
     assert book.jobs[job.job_id].rendezvous_port == job.rendezvous_port
+
+
+def test_replacement_updates_running_tasks_hosts() -> None:
+    book = make_book((1,) * 6, names=("n1", "n2", "n3", "n4", "n5", "n6"))
+    job = make_job(tasks=4)
+    book.add([job], NOW + 1)
+    pass_at(book, NOW + 1)
+    book.apply_hold(job.job_id, 1, HoldOutcome("held", "h1", "g1", Decimal(1)), Effects(NOW + 2))
+    placed = {t.task_index: t for t in book.jobs[job.job_id].placement}
+    for index in (0, 1, 3):
+        report(book, placed[index].node_key, f"{job.job_id}/1/{index}", "started", NOW + 3)
+    # A task that exited runs nowhere, so it has no hosts file to rewrite.
+    report(book, placed[2].node_key, f"{job.job_id}/1/2", "exited", NOW + 4)
+    assert book.jobs[job.job_id].state == "running"
+
+    fx = lose(book, placed[3].node_key)
+
+    updates = [r for r in fx.commands if r.kind.startswith("hosts:")]
+    assert {(r.task_index, r.node_key) for r in updates} == {
+        (0, placed[0].node_key),
+        (1, placed[1].node_key),
+    }
+    start = next(r for r in fx.commands if r.kind.startswith("start"))
+    new_copy = agent_pb2.AgentCommand.FromString(start.payload)
+    for record in updates:
+        command = agent_pb2.AgentCommand.FromString(record.payload)
+        assert command.kind == agent_pb2.COMMAND_KIND_UPDATE_HOSTS
+        assert command.task_id == f"{job.job_id}/1/{record.task_index}"
+        assert command.job_id == job.job_id
+        assert command.node.node_id == placed[record.task_index].node
+        assert command.command_id == f"{job.job_id}/1/{record.task_index}/{record.kind}"
+        assert command.fencing_token == 7
+        assert list(command.node_hosts) == list(new_copy.node_hosts)
+        assert list(command.task_node_indexes) == list(new_copy.task_node_indexes)
+        assert command.rendezvous_port == new_copy.rendezvous_port
+    assert placed[3].node not in new_copy.node_hosts
+    # Each replacement sends updates of its own, so none is dropped as a duplicate of another.
+    assert len({r.kind for r in updates}) == 1
+    later = book.jobs[job.job_id].placement[3]
+    report(book, later.node_key, f"{job.job_id}/1/3", "started", NOW + 11)
+    again = lose(book, later.node_key, NOW + 20)
+    kinds = {r.kind for r in again.commands if r.kind.startswith("hosts:")}
+    assert kinds
+    assert kinds.isdisjoint(r.kind for r in updates)
 
 
 def test_lost_task_zero_requeues_gang() -> None:

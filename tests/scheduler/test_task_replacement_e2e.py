@@ -59,12 +59,24 @@ class GangNode:
     """Number of the node in its agent's fleet file (``n<first>``)."""
 
     def start(self, stack: Stack) -> Process:
-        return stack.start_agents(1, gpus=1, name=self.agent, region=self.region, first=self.first)
+        return stack.start_agents(
+            1,
+            gpus=1,
+            name=self.agent,
+            region=self.region,
+            first=self.first,
+            extra_env={"ACSP_AGENT_HOST": host_of(self.node_id)},
+        )
 
     def request(self) -> scheduler_pb2.GetNodeRequest:
         return scheduler_pb2.GetNodeRequest(
             provider_id="prov", region_id=self.region, node_id=self.node_id
         )
+
+
+def host_of(node_id: str) -> str:
+    """Return the host that the agent of ``node_id`` reports in these tests."""
+    return f"host-{node_id}"
 
 
 GANG_NODES = (GangNode("n0", "r1", "agents-r1", 0), GangNode("n1", "r2", "agents-r2", 1))
@@ -92,7 +104,8 @@ async def move_lost_task(stack: Stack, client: Client) -> MovedTask:
     assert sorted(nodes(running).values()) == ["n0", "n1"]
     by_id = {node.node_id: node for node in GANG_NODES}
     lost, survivor = by_id[nodes(running)[1]], by_id[nodes(running)[0]]
-    stack.start_agents(1, gpus=1, name="agents-r3", region="r3", first=2)
+    spare = {"ACSP_AGENT_HOST": host_of("n2")}
+    stack.start_agents(1, gpus=1, name="agents-r3", region="r3", first=2, extra_env=spare)
 
     # SIGKILL stops the node's heartbeats without any task event.
     agents[lost.node_id].kill()
@@ -146,6 +159,29 @@ async def test_lost_node_task_moves_in_place(stack: Stack) -> None:
         collector.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await collector
+
+
+async def test_survivor_hosts_file_names_new_node(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    md = metadata(stack.token(pi, Role.PI))
+    client = Client(address, md, project, grant)
+    try:
+        moved = await move_lost_task(stack, client)
+        task_zero = f"{moved.gang}/{moved.running.attempt}/0"
+        state_dir = stack.work_dir / moved.survivor.agent
+        # The agent names a task's files after its id, with each "/" made "_".
+        [hosts_file] = state_dir.rglob(f"{task_zero.replace('/', '_')}.hosts")
+
+        def hosts() -> list[str]:
+            return hosts_file.read_text().splitlines()
+
+        expected = [host_of(moved.survivor.node_id), host_of("n2")]
+        await wait_for(lambda: hosts() == expected, 30, "task 0's hosts to name n2")
+        assert host_of(moved.lost.node_id) not in hosts()
+        assert [p.name for p in hosts_file.parent.iterdir() if p.suffix == ".tmp"] == []
+    finally:
+        await client.channel.close()
 
 
 async def test_restarted_scheduler_keeps_lost_node_fenced(stack: Stack) -> None:
