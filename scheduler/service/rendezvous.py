@@ -74,14 +74,16 @@ class RendezvousPorts:
     """The rendezvous ports reserved on each node for task 0 copies that may still run.
 
     The caller reserves a port when an attempt's start commands go out and releases it once
-    that attempt's task 0 copy is known to have stopped. Each call costs a few dictionary
-    operations, except that :meth:`reserve` probes past reserved ports, at most once per port
-    of the range.
+    that attempt's task 0 copy is known to have stopped. Copies may share a port, when the
+    range is full or as stored, and the port stays reserved until the last of them releases
+    it. Each call costs a few dictionary operations, except that :meth:`reserve` probes past
+    reserved ports, at most once per port of the range.
     """
 
     def __init__(self) -> None:
-        self._reservations: dict[str, dict[int, str]] = {}
-        """Node key to port to the task id of the copy it is reserved for."""
+        self._reservations: dict[str, dict[int, list[str]]] = {}
+        """Node key to port to the task ids of the copies it is reserved for, first holder
+        first."""
         self._ports: dict[tuple[str, str], int] = {}
         """Node key and task id to the port reserved for the copy there."""
         self._exhausted: set[str] = set()
@@ -95,8 +97,8 @@ class RendezvousPorts:
 
         Probing starts at the hashed port of ``job_id`` and ``attempt`` and moves up through
         the range, wrapping around, to the first port not reserved. When every port of the
-        range is reserved, the hashed port is returned without a reservation, and a warning
-        names the node, because the attempt's task 0 may then fail to bind it.
+        range is reserved, the hashed port is shared with the copies that reserved it, and a
+        warning names the node, because the attempt's task 0 may then fail to bind it.
         """
         reserved = self._ports.get((node_key, task_id))
         if reserved is not None:
@@ -108,7 +110,7 @@ class RendezvousPorts:
         for step in range(size):
             port = low + (first - low + step) % size
             if port not in reservations:
-                reservations[port] = task_id
+                reservations[port] = [task_id]
                 self._ports[(node_key, task_id)] = port
                 return port
         if node_key not in self._exhausted:
@@ -122,26 +124,33 @@ class RendezvousPorts:
                 task_id,
                 first,
             )
-        # NOTE: this port is stored with the job although nothing reserves it, so after a
-        # leader change the first job loaded claims it, and its release frees it for both.
+        reservations[first].append(task_id)
+        self._ports[(node_key, task_id)] = first
         return first
 
     def claim(self, node_key: str, task_id: str, port: int) -> None:
         """Record ``port`` on ``node_key`` as reserved for the copy ``task_id``, as stored.
 
-        A port reserved for another copy stays with it, because attempts started before ports
-        were stored may share one.
+        A port reserved for another copy is shared with it, because attempts started before
+        ports were stored, or on a full range, may share one.
         """
-        reservations = self._reservations.setdefault(node_key, {})
-        if reservations.setdefault(port, task_id) == task_id:
-            self._ports[(node_key, task_id)] = port
+        if (node_key, task_id) in self._ports:
+            return
+        holders = self._reservations.setdefault(node_key, {}).setdefault(port, [])
+        holders.append(task_id)
+        self._ports[(node_key, task_id)] = port
 
     def release(self, node_key: str, task_id: str) -> None:
-        """Free the port reserved for the copy ``task_id`` on ``node_key``, if there is one."""
+        """Free the port reserved for the copy ``task_id`` on ``node_key``, if there is one,
+        unless other copies share it."""
         port = self._ports.pop((node_key, task_id), None)
         if port is None:
             return
         reservations = self._reservations[node_key]
+        holders = reservations[port]
+        holders.remove(task_id)
+        if holders:
+            return
         del reservations[port]
         if not reservations:
             del self._reservations[node_key]
@@ -152,6 +161,7 @@ class RendezvousPorts:
         return self._ports.get((node_key, task_id), 0)
 
     def reserved_for(self, node_key: str, port: int) -> str | None:
-        """Return the task id of the copy that ``port`` on ``node_key`` is reserved for, or
-        None."""
-        return self._reservations.get(node_key, {}).get(port)
+        """Return the task id of the first copy that ``port`` on ``node_key`` is reserved for,
+        or None."""
+        holders = self._reservations.get(node_key, {}).get(port)
+        return holders[0] if holders else None

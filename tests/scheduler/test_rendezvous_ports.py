@@ -116,6 +116,24 @@ def test_full_range_shares_hashed_port(caplog: pytest.LogCaptureFixture) -> None
     assert ports.reserved_for(NODE, shared[0]) == first_copy
 
 
+def test_shared_port_outlives_first_release() -> None:
+    ports = RendezvousPorts()
+    for number in range(RANGE[1] - RANGE[0] + 1):
+        reserve(ports, f"held-{number}")
+    shared = reserve(ports, "late-0")
+    holder = ports.reserved_for(NODE, shared)
+    assert holder is not None
+
+    ports.release(NODE, holder)
+
+    # The late copy's task 0 may still listen on the port, so no other job gets it.
+    assert ports.reserved_for(NODE, shared) == "late-0/1/0"
+    assert ports.port_of(NODE, "late-0/1/0") == shared
+    ports.release(NODE, "late-0/1/0")
+    assert ports.reserved_for(NODE, shared) is None
+    assert reserve(ports, "next") == shared
+
+
 def test_claim_keeps_first_reservation() -> None:
     ports = RendezvousPorts()
     ports.claim(NODE, "a/1/0", 40001)
@@ -124,6 +142,17 @@ def test_claim_keeps_first_reservation() -> None:
     assert ports.reserved_for(NODE, 40001) == "a/1/0"
     ports.release(NODE, "b/1/0")
     assert ports.reserved_for(NODE, 40001) == "a/1/0"
+
+
+def test_claimed_shared_port_outlives_first_release() -> None:
+    ports = RendezvousPorts()
+    ports.claim(NODE, "a/1/0", 40001)
+    ports.claim(NODE, "b/1/0", 40001)
+
+    ports.release(NODE, "a/1/0")
+
+    assert ports.reserved_for(NODE, 40001) == "b/1/0"
+    assert ports.port_of(NODE, "b/1/0") == 40001
 
 
 # The job book: one node of 8 accelerators whose range has four ports.
