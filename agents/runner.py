@@ -224,6 +224,9 @@ class TaskRunner:
         self._detached = False
         self._cgroups = task_cgroups
         self._cleanup_backoff = cleanup_backoff
+        self._emptying_cgroups: set[str] = set()
+        """Ids of the tasks whose cgroup is being killed and removed, by a task of the group or
+        a retry. A start of such a task id would run in the cgroup that the removal kills."""
         if task_user is not None and task_user.home:
             # As a login sets them, so that a task does not take the agent's home for its own.
             self._base_env.update(HOME=task_user.home, USER=task_user.name, LOGNAME=task_user.name)
@@ -285,6 +288,11 @@ class TaskRunner:
         if problem:
             self._state.remove_intent(self._node_key, spec.task_id)
             self._reject(spec, problem)
+            return
+        if spec.task_id in self._emptying_cgroups:
+            self._state.remove_intent(self._node_key, spec.task_id)
+            reason = "the cgroup of an earlier start of the task still has processes"
+            self._reject(spec, reason, node_busy=True)
             return
         record = intent if intent is not None else self._new_record(spec)
         if self._plays(spec):
@@ -583,6 +591,8 @@ class TaskRunner:
         )
         spared = self._spared_launchers(launcher)
         if self._group is not None:
+            # Marked now, because a start of the same task id may come before the task runs.
+            self._emptying_cgroups.add(task_id)
             killing = self._kill_and_remove(cgroup, task_id, spared)
             try:
                 self._group.create_task(killing)
@@ -590,6 +600,7 @@ class TaskRunner:
             except RuntimeError:
                 # The task group is shutting down and takes no more tasks.
                 killing.close()
+                self._emptying_cgroups.discard(task_id)
         kill_and_remove_now(cgroup, task_id, spared)
 
     def _spared_launchers(self, launcher: LauncherIdentity) -> tuple[LauncherIdentity, ...]:
@@ -604,7 +615,11 @@ class TaskRunner:
 
         Returns how many processes were killed at first.
         """
-        count = await kill_and_remove(cgroup, task_id, spared)
+        self._emptying_cgroups.add(task_id)
+        try:
+            count = await kill_and_remove(cgroup, task_id, spared)
+        finally:
+            self._emptying_cgroups.discard(task_id)
         if os.path.isdir(cgroup):  # noqa: ASYNC240 - cgroupfs, which never waits on a disk
             self._remove_later(cgroup, task_id, spared)
         return count
@@ -627,6 +642,8 @@ class TaskRunner:
             return
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+        self._emptying_cgroups.add(task_id)
+        task.add_done_callback(lambda _done: self._emptying_cgroups.discard(task_id))
 
     def _started(self, spec: TaskSpec, record: TaskRecord, process: TaskProcess) -> None:
         record.pid = process.pid

@@ -8,6 +8,7 @@ and removes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -681,3 +682,49 @@ async def test_failed_start_spares_launcher_in_cgroup(
 
 def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
     return [record for record in caplog.records if text in record.getMessage()]
+
+
+@pytest.mark.timeout(60)
+async def test_start_rejected_while_cgroup_retried(
+    tmp_path: Path,
+    cgroup_root: Path,
+    launchers: list[TaskLauncher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The agent stopped after it made the cgroup and before the spawn, and a process stuck in
+    # the kernel sits in the cgroup. The redelivered start comes while the removal retries.
+    real_kill_members = task_cgroups.kill_members
+    stuck = [True]
+
+    def kill_unless_stuck(cgroup: Path) -> bool:
+        return cgroup.is_dir() if stuck[0] else real_kill_members(cgroup)
+
+    monkeypatch.setattr(task_cgroups, "kill_members", kill_unless_stuck)
+    monkeypatch.setattr(task_cgroups, "_EMPTY_WAIT_S", 0.2)
+    runner = contained_runner(tmp_path, Recorder(), cgroup_root, launchers)
+    spec = _spec("j/1/0", "import time; time.sleep(2)")
+    runner.prepare_start(spec)
+    runner._state.save_intents()
+    cgroup = TaskCgroups(cgroup_root).create("j/1/0")
+    sleeper = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        (cgroup / "cgroup.procs").write_text(str(sleeper.pid))
+        recorder = Recorder()
+        restarted = contained_runner(
+            tmp_path, recorder, cgroup_root, launchers, cleanup_backoff=FAST_RETRIES
+        )
+        async with asyncio.timeout(30):
+            async with asyncio.TaskGroup() as group:
+                restarted.attach(group)
+                restarted.recover()
+                await restarted.start(spec)
+                await wait_for(lambda: bool(recorder.states("j/1/0")))
+                stuck[0] = False
+                await wait_for(lambda: not cgroup.exists())
+                await wait_for(lambda: len(recorder.states("j/1/0")) > 1 or not restarted.running)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            sleeper.kill()
+        await sleeper.wait()
+    assert recorder.states("j/1/0") == [TaskState.START_FAILED]
+    assert recorder.last("j/1/0").node_busy
