@@ -366,14 +366,35 @@ def _kill(
         cgroup,
         task_id,
     )
-    for pid in members:
-        if pid in inside:
-            continue
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
+    _kill_listed(cgroup, [pid for pid in members if pid not in inside])
     return len(members) - len(inside), True
+
+
+def _kill_listed(cgroup: Path, pids: list[int]) -> None:
+    """Send SIGKILL to each of ``pids`` that is still in ``cgroup``, through a pidfd.
+
+    A listed process may exit and its pid go to a process outside the cgroup before the
+    signal. So each pid is pinned with a pidfd first, and the membership is read again. A
+    pidfd whose process is alive when signalled held its pid when the membership was read.
+    """
+    pidfds: dict[int, int] = {}
+    try:
+        for pid in pids:
+            try:
+                pidfds[pid] = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+        still_inside = set(member_pids(cgroup))
+        for pid, pidfd in pidfds.items():
+            if pid not in still_inside:
+                continue
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+    finally:
+        for pidfd in pidfds.values():
+            os.close(pidfd)
 
 
 async def _wait_empty(cgroup: Path) -> bool:

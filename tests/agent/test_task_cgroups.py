@@ -40,7 +40,7 @@ from agents.task_cgroups import (
     is_populated,
     parse_task_cgroup,
 )
-from agents.task_process import TaskLauncher
+from agents.task_process import TaskLauncher, process_start_ticks
 from agents.task_user import TaskUser
 from services.runtime.settings import SettingsError
 from tests.agent.test_runner import (
@@ -728,3 +728,46 @@ async def test_start_rejected_while_cgroup_retried(
         await sleeper.wait()
     assert recorder.states("j/1/0") == [TaskState.START_FAILED]
     assert recorder.last("j/1/0").node_busy
+
+
+def test_one_by_one_kill_skips_reused_pid(
+    cgroup_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A member listed in cgroup.procs exits before its SIGKILL, and its pid goes to a process
+    # outside the cgroup, which the kill must not reach.
+    cgroup = TaskCgroups(cgroup_root).create("j/1/0")
+    launcher = subprocess.Popen(["sleep", "60"])
+    member = subprocess.Popen(["sleep", "60"])
+    outside = subprocess.Popen(["sleep", "60"])
+    try:
+        for process in (launcher, member):
+            (cgroup / "cgroup.procs").write_text(str(process.pid))
+        real_member_pids = task_cgroups.member_pids
+        listed = [False]
+
+        def member_pids_with_reused(path: Path) -> list[int]:
+            pids = real_member_pids(path)
+            if listed[0]:
+                return pids
+            listed[0] = True
+            return [*pids, outside.pid]
+
+        monkeypatch.setattr(task_cgroups, "member_pids", member_pids_with_reused)
+        ticks = process_start_ticks(launcher.pid)
+        assert ticks is not None
+        task_cgroups._kill(cgroup, "j/1/0", [(launcher.pid, ticks)])
+        member.wait(timeout=10)
+        # SIGKILL takes effect a moment after the call that sends it returns.
+        try:
+            outside.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        outside_alive = outside.returncode is None
+        launcher_alive = launcher.poll() is None
+    finally:
+        for process in (launcher, member, outside):
+            process.kill()
+            process.wait()
+    assert outside_alive
+    assert launcher_alive
+    assert member.returncode == -signal.SIGKILL
