@@ -43,7 +43,7 @@ from acsp.mesh.stop import (
     stop_supervisor,
     supervisor_running,
 )
-from acsp.mesh.supervisor import LocalMesh, MeshConfig, MeshStartError
+from acsp.mesh.supervisor import EXITS_KEY, LocalMesh, MeshConfig, MeshStartError
 
 logger = logging.getLogger(__name__)
 
@@ -353,8 +353,8 @@ def run_down(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     info = load_mesh(args.data_dir)
-    reports = asyncio.run(_check_all(info, args.timeout))
-    reports += _process_reports(info)
+    reports = _with_exit_reasons(info, asyncio.run(_check_all(info, args.timeout)))
+    reports += process_reports(info)
     records = [
         {
             "service": report.service,
@@ -389,16 +389,36 @@ async def _check_all(info: MeshInfo, timeout_s: float) -> list[HealthReport]:
     return list(await asyncio.gather(*checks))
 
 
-def _process_reports(info: MeshInfo) -> list[HealthReport]:
-    """Report the mesh's processes without a health endpoint (servers, fleet) by process id."""
+def process_reports(info: MeshInfo) -> list[HealthReport]:
+    """Report the mesh's processes without a health endpoint (servers, fleet) by process id.
+
+    A process that is not running gets the reason that the supervisor wrote for its exit.
+    """
     pids = info.extra.get("pids", {})
+    exits = info.extra.get(EXITS_KEY, {})
     reports = []
     for name, pid in sorted(pids.items()):
         if name in info.endpoints:
             continue
-        status = "RUNNING" if mesh_process_running(info, int(pid)) else "STOPPED"
-        reports.append(HealthReport(name, f"pid {pid}", status))
+        running = mesh_process_running(info, int(pid))
+        detail = "" if running else str(exits.get(name, ""))
+        reports.append(
+            HealthReport(name, f"pid {pid}", "RUNNING" if running else "STOPPED", detail)
+        )
     return reports
+
+
+def _with_exit_reasons(info: MeshInfo, reports: list[HealthReport]) -> list[HealthReport]:
+    """Add the supervisor's reason for its exit to each service that does not report SERVING."""
+    exits = info.extra.get(EXITS_KEY, {})
+    result = []
+    for report in reports:
+        reason = exits.get(report.service)
+        if reason and not report.serving:
+            detail = f"{reason}; {report.detail}" if report.detail else str(reason)
+            report = dataclasses.replace(report, detail=detail)
+        result.append(report)
+    return result
 
 
 # --- acsp token ---------------------------------------------------------------------------

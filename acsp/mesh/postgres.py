@@ -258,6 +258,13 @@ class EmbeddedPostgres:
             "using this data directory? Stop it or pass another --data-dir"
         )
 
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Wait until the server accepts the superuser's password.
+
+        Raises RuntimeError if the server exits first and TimeoutError after ``timeout_s``.
+        """
+        await self._wait_ready(asyncio.get_running_loop().time() + timeout_s)
+
     async def _wait_ready(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         last_error: Exception | None = None

@@ -82,25 +82,33 @@ class EmbeddedServers:
             env["ACSP_NATS_USER"] = passwords.NATS_USER
             env["ACSP_NATS_PASSWORD"] = self.nats.password.value
 
-    def is_nats(self, child: ChildProcess) -> bool:
-        return self.nats is not None and child is self.nats.process
+    def is_server(self, child: ChildProcess) -> bool:
+        """Return whether ``child`` is the embedded PostgreSQL or NATS."""
+        return any(child is server.process for server in (self.postgres, self.nats) if server)
 
-    async def wait_nats_again(self, timeout_s: float) -> None:
-        """Wait until a restarted NATS serves JetStream, and kill it if it does not in time.
+    async def wait_ready_again(self, child: ChildProcess, timeout_s: float) -> bool:
+        """Wait until a restarted server serves, and kill it if it does not in time.
 
-        A NATS that exits or is killed here is left to the caller's watch to count and restart.
+        PostgreSQL is ready once it accepts the superuser's password, and NATS once it serves
+        JetStream. Returns whether it serves. A server that exits or is killed here is left to
+        the caller's watch to count and restart.
         """
-        server = self.nats
+        server: EmbeddedPostgres | EmbeddedNats | None = None
+        for candidate in (self.postgres, self.nats):
+            if candidate is not None and child is candidate.process:
+                server = candidate
         assert server is not None
         try:
             await server.wait_ready(timeout_s)
         except RuntimeError:
-            return
+            return False
         except TimeoutError as exc:
             logger.warning("%s; killing it to start it again", exc)
-            await server.process.kill()
-            return
-        logger.info("nats-server serves again at %s (pid %s)", server.url, server.process.pid)
+            await child.kill()
+            return False
+        address = server.url() if isinstance(server, EmbeddedPostgres) else server.url
+        logger.info("%s serves again at %s (pid %s)", child.name, address, child.pid)
+        return True
 
     async def stop(self, grace_s: float) -> None:
         """Stop NATS and PostgreSQL together."""

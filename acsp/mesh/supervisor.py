@@ -10,13 +10,14 @@ Use it from Python (tests, ``acsp demo``, notebooks)::
 or as ``acsp up``, which runs it until Ctrl-C or SIGTERM. It starts every process in its own
 session, waits until each service reports SERVING via grpc.health.v1, writes the mesh file
 (:mod:`acsp.mesh.endpoints`), and stops what it started in two phases (stop signal, wait,
-SIGKILL) in reverse order. A service, the fleet or the embedded NATS that exits while the mesh
-runs is started again with the same command line, environment and port, after a delay that
-doubles with each restart. NATS keeps its JetStream store, and its clients (services, agents,
-also agents started by hand) reconnect to the same URL. Once one has been restarted
-``max_restarts`` times within ``restart_window_s``, its next exit ends the wait of
-:meth:`LocalMesh.wait_failure`, which returns which one died and why. The embedded PostgreSQL
-is not restarted: its exit ends that wait at once.
+SIGKILL) in reverse order. A service, the fleet, the embedded PostgreSQL or the embedded NATS
+that exits while the mesh runs is started again with the same command line, environment and
+port, after a delay that doubles with each restart up to ``max_restart_delay_s``. PostgreSQL
+keeps its data directory and password, and NATS its JetStream store, so their clients
+reconnect to the same URL. While a child is down, the mesh file gives the reason, which
+``acsp status`` shows. Once one has been restarted ``max_restarts`` times within
+``restart_window_s``, its next exit ends the wait of :meth:`LocalMesh.wait_failure`, which
+returns which one died and why.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from acsp.mesh.endpoints import (
     load_mesh,
 )
 from acsp.mesh.health import wait_serving
+from acsp.mesh.restarts import exit_reason, restart_delay
 from acsp.mesh.servers import EmbeddedServers
 from acsp.mesh.stop import supervisor_running
 
@@ -70,6 +72,8 @@ SERVICE_MODULES: Final = {
 AGENTS_NAME: Final = "agents"
 ORPHAN_REAP_INTERVAL_S: Final = 1.0
 """Seconds between checks for exited orphans, which stay zombies until the next check."""
+EXITS_KEY: Final = "exits"
+"""Key of the mesh file that maps each child that is down to the reason, for ``acsp status``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +135,8 @@ class MeshConfig:
     """Seconds over which restarts of a child count towards ``max_restarts``."""
     restart_delay_s: float = 0.5
     """Seconds before the first restart of a child; each restart in the window doubles it."""
+    max_restart_delay_s: float = 30.0
+    """Seconds that the delay before a restart never exceeds, however many restarts came before."""
     stop_orphans: bool = False
     """Adopt the processes that children leave behind (the fleet's tasks), reap those that
     exit while the mesh runs, and stop the rest at stop.
@@ -191,6 +197,8 @@ class LocalMesh:
         self._failure: asyncio.Future[ChildExit] | None = None
         self._stopping = False
         self._restarting: set[str] = set()
+        self._exits: dict[str, str] = {}
+        """The reason each child that exited on its own is not running yet, by child name."""
         # Held while a child starts again and while the mesh stops its children, so that a
         # restart cannot start a process that the stop has already passed over.
         self._start_lock = asyncio.Lock()
@@ -527,20 +535,21 @@ class LocalMesh:
             now = loop.time()
             while restarts and now - restarts[0] > window_s:
                 restarts.popleft()
-            restartable = child in self._children or self._servers.is_nats(child)
+            restartable = child in self._children or self._servers.is_server(child)
             if not restartable or len(restarts) >= self.config.max_restarts:
                 self._fail(child, returncode, len(restarts))
                 return
-            delay_s = self.config.restart_delay_s * 2 ** len(restarts)
-            restarts.append(now)
-            logger.warning(
-                "%s; restarting it in %.1f s (restart %d of at most %d within %g s)",
-                child.describe_exit(),
-                delay_s,
-                len(restarts),
-                self.config.max_restarts,
-                window_s,
+            delay_s = restart_delay(
+                self.config.restart_delay_s, self.config.max_restart_delay_s, len(restarts)
             )
+            restarts.append(now)
+            plan = (
+                f"restarting it in {delay_s:.1f} s (restart {len(restarts)} of at most "
+                f"{self.config.max_restarts} within {window_s:g} s)"
+            )
+            logger.warning("%s; %s", child.describe_exit(), plan)
+            self._exits[child.name] = f"{exit_reason(child)}; {plan}"
+            self._write_mesh_file()
             await asyncio.sleep(delay_s)
             if not await self._restart(child):
                 return
@@ -587,12 +596,14 @@ class LocalMesh:
                 return False
             # `acsp status` reports the fleet's state by the pid in the mesh file.
             self._write_mesh_file()
-        if self._servers.is_nats(child):
-            await self._servers.wait_nats_again(self.config.start_timeout_s)
+        if self._servers.is_server(child):
+            if await self._servers.wait_ready_again(child, self.config.start_timeout_s):
+                self._clear_exit(child.name)
             return True
         endpoint = self.info.endpoints.get(child.name)
         if endpoint is None:
             logger.info("%s is running again (pid %s)", child.name, child.pid)
+            self._clear_exit(child.name)
             return True
         try:
             await wait_serving(
@@ -609,26 +620,43 @@ class LocalMesh:
             await child.kill()
             return True
         logger.info("%s is SERVING again at %s (pid %s)", child.name, endpoint, child.pid)
+        self._clear_exit(child.name)
         return True
+
+    def _clear_exit(self, name: str) -> None:
+        """Forget why ``name`` was down, now that it runs again, and write the mesh file."""
+        if self._exits.pop(name, None) is not None:
+            self._write_mesh_file()
 
     def _fail(self, child: ChildProcess, returncode: int, restarts: int) -> None:
         """End the wait of :meth:`wait_failure` with the exit of ``child``."""
         assert self._failure is not None
         description = child.describe_exit()
+        limit = ""
         if restarts:
-            description += (
-                f". It was restarted {restarts} times within {self.config.restart_window_s:g} "
+            limit = (
+                f"It was restarted {restarts} times within {self.config.restart_window_s:g} "
                 "s, the maximum, so the mesh stops"
             )
+            description += f". {limit}"
         failure = ChildExit(child.name, returncode, description, child.tail())
         logger.error("%s", failure)
+        self._exits[child.name] = f"{exit_reason(child)}. {limit or 'The mesh stops'}"
+        self._write_mesh_file()
         self._failure.set_result(failure)
 
     def _write_mesh_file(self) -> None:
-        """Write the mesh file again with the current process ids."""
+        """Write the mesh file again with the current process ids and the reasons of exits."""
         if self._info is None:
             return
-        self._info = dataclasses.replace(self._info, extra={**self._info.extra, "pids": self.pids})
+        # A child that is down keeps its last pid, so that `acsp status` lists it as stopped.
+        written = self._info.extra.get("pids", {})
+        pids = {name: pid for name, pid in written.items() if name in self._exits}
+        pids.update(self.pids)
+        extra = {**self._info.extra, "pids": pids, EXITS_KEY: dict(self._exits)}
+        if not self._exits:
+            del extra[EXITS_KEY]
+        self._info = dataclasses.replace(self._info, extra=extra)
         self._info.write()
 
     # --- stop -----------------------------------------------------------------------------
