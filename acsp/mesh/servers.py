@@ -1,7 +1,9 @@
 """The embedded PostgreSQL and NATS of a local mesh, for the URLs that its config leaves unset.
 
 Each server gets the password that :mod:`acsp.mesh.passwords` keeps in the data directory,
-and :meth:`EmbeddedServers.child_env` passes the passwords to the services and the fleet.
+and :meth:`EmbeddedServers.child_env` passes the passwords to the services and the fleet. The
+supervisor then removes the database URL, and with it PostgreSQL's password, from the
+environment of the fleet, which uses NATS alone.
 """
 
 from __future__ import annotations

@@ -88,6 +88,9 @@ class ProcessSpec:
     """True for services, which get a port, TLS files, and are health-checked."""
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment variables for this process only."""
+    uses_database: bool = True
+    """False leaves ACSP_DATABASE_URL, which contains the embedded PostgreSQL's password, out
+    of the environment of this process."""
 
 
 def default_processes(agents: int, data_dir: Path) -> tuple[ProcessSpec, ...]:
@@ -102,7 +105,12 @@ def default_processes(agents: int, data_dir: Path) -> tuple[ProcessSpec, ...]:
         # The mesh stops as a whole, so the fleet stops its tasks and reports their usage up
         # to that moment, instead of leaving them to be killed as orphans unreported.
         stop_tasks = {"ACSP_AGENT_STOP_TASKS_ON_EXIT": "true"}
-        specs.append(ProcessSpec(AGENTS_NAME, fleet_argv, serves_grpc=False, env=stop_tasks))
+        # Agents talk to NATS alone, and a task that runs as the fleet's user could read the
+        # fleet's environment, so the fleet gets no database URL.
+        fleet = ProcessSpec(
+            AGENTS_NAME, fleet_argv, serves_grpc=False, env=stop_tasks, uses_database=False
+        )
+        specs.append(fleet)
     return tuple(specs)
 
 
@@ -471,6 +479,8 @@ class LocalMesh:
             ready_file.unlink(missing_ok=True)
             env["ACSP_READY_FILE"] = str(ready_file)
         env.update(spec.env)
+        if not spec.uses_database:
+            env.pop("ACSP_DATABASE_URL", None)
         return env
 
     async def _wait_services(

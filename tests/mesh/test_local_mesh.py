@@ -92,6 +92,21 @@ async def test_fleet_process_runs(mesh: RunningMesh):
     assert "agents" in mesh.supervisor.pids
 
 
+def _environment_names(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/environ", "rb") as file:
+        entries = file.read().split(b"\0")
+    return {entry.split(b"=", 1)[0].decode() for entry in entries if entry}
+
+
+async def test_fleet_gets_no_database_password(mesh: RunningMesh):
+    pids = mesh.supervisor.pids
+    fleet = _environment_names(pids["agents"])
+    scheduler = _environment_names(pids["scheduler"])
+    assert "ACSP_DATABASE_URL" not in fleet
+    assert "ACSP_NATS_PASSWORD" in fleet
+    assert "ACSP_DATABASE_URL" in scheduler
+
+
 async def test_acsp_status_exits_0_when_serving(mesh: RunningMesh):
     process = await asyncio.create_subprocess_exec(
         sys.executable,
