@@ -203,7 +203,7 @@ class StateStore:
         record.ended_at = ended_at
         fields = _task_fields(record)
         fields["node"] = key
-        line = orjson.dumps(fields).decode()
+        line = _encode(fields).decode()
         self._journal.append((key, ended_at, line))
         self._journal_unsaved.append(line)
         self.remove_task(key, task_id)
@@ -251,7 +251,7 @@ class StateStore:
                 if state.intents
             },
         }
-        _write_atomically(self._intents_path, orjson.dumps(document))
+        _write_atomically(self._intents_path, _encode(document))
         self._intents_unsaved = False
 
     @property
@@ -329,7 +329,6 @@ class StateStore:
                 "fencing_token": state.fencing_token,
                 "sample_series": state.sample_series,
                 "health": state.health,
-                # orjson writes a dataclass as an object of its fields, in their order.
                 "tasks": list(state.tasks.values()),
             }
             if state.intents:
@@ -340,8 +339,7 @@ class StateStore:
             "intents_sequence": self._intents_sequence,
             "nodes": nodes,
         }
-        # orjson encodes the records about four times as fast as the standard json module.
-        _write_atomically(self._path, orjson.dumps(document))
+        _write_atomically(self._path, _encode(document))
         self._dirty = False
         self._spool_guard_unsaved = False
         self._intents_unsaved = False
@@ -483,6 +481,19 @@ _TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskRecord))
 def _task_fields(record: TaskRecord) -> dict[str, Any]:
     # Faster than dataclasses.asdict, which deep-copies every value.
     return {name: getattr(record, name) for name in _TASK_FIELDS}
+
+
+def _encode(document: dict[str, Any]) -> bytes:
+    """Encode ``document``, whose task records may be dataclasses, as compact JSON.
+
+    orjson encodes the records about four times as fast as the standard json module, but it
+    rejects strings with unpaired surrogates, which a path decoded with ``surrogateescape``
+    contains. Such a document is written by the json module, which escapes them.
+    """
+    try:
+        return orjson.dumps(document)
+    except TypeError:
+        return json.dumps(document, separators=(",", ":"), default=_task_fields).encode()
 
 
 def _write_atomically(path: Path, content: str | bytes) -> None:

@@ -35,6 +35,22 @@ def test_tasks_round_trip(tmp_path: Path) -> None:
     assert StateStore(tmp_path / "state.json").node(KEY).tasks == {"j/1/0": record}
 
 
+def test_surrogate_paths_round_trip(tmp_path: Path) -> None:
+    # A log folder named with bytes that are not UTF-8, decoded with surrogateescape.
+    log_path = "/scratch/\udcff/j.log"
+    state = StateStore(tmp_path / "state.json")
+    record = TaskRecord("j", "j/1/0", ["GPU-1"], 10.0, 60.0, 5.0, pid=12, log_path=log_path)
+    state.put_intent(KEY, record)
+    state.save_intents()
+    state.put_task(KEY, record)
+    state.end_task(KEY, "j/1/0", 20.0)
+    state.save()
+
+    reloaded = StateStore(tmp_path / "state.json").node(KEY)
+    assert reloaded.intents["j/1/0"].log_path == log_path
+    assert reloaded.ended["j/1/0"].log_path == log_path
+
+
 def test_unknown_format_version_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.write_text('{"version": 99, "nodes": {}}')
