@@ -362,21 +362,21 @@ class NodeAgent:
                 files = self._checkpoints.environment(
                     spec.task_id, spec.checkpoint_reference, spec.job_id
                 )
-                rendezvous = self._rendezvous_env(spec, command.issued_at_ns)
+                rendezvous = self._rendezvous_env(spec, command)
                 spec = replace(spec, env=spec.env + files + rendezvous)
             await self.runner.start(spec)
         elif command.kind == "stop":
             await self.runner.stop(command.task_id, command.reason)
         elif command.kind == "hosts" and command.placement is not None:
-            self._update_hosts(command.task_id, command.placement, command.issued_at_ns)
+            self._update_hosts(command, command.placement)
         elif command.kind == "reconcile":
             self.runner.report_running()
             self.publish_inventory()
 
-    def _rendezvous_env(self, spec: TaskSpec, issued_at_ns: int) -> tuple[tuple[str, str], ...]:
+    def _rendezvous_env(self, spec: TaskSpec, command: wire.Command) -> tuple[tuple[str, str], ...]:
         """Write the task's hosts file and return its rendezvous variables.
 
-        ``issued_at_ns`` is the start command's time, which orders the hosts that later
+        The start ``command``'s placement version and time order the hosts that later
         commands send. A hosts file that cannot be written leaves ``ACSP_TASK_HOSTS_FILE``
         naming no file, with a warning, while the other variables still let the task start.
         """
@@ -389,18 +389,21 @@ class NodeAgent:
         if not self.runner.knows(spec.task_id):
             try:
                 hosts = placement.task_hosts(self._host)
-                self._host_files.write(spec.task_id, hosts, issued_at_ns)
+                self._host_files.write(
+                    spec.task_id, hosts, command.issued_at_ns, command.placement_version
+                )
             except OSError as error:
                 logger.warning("hosts file of task %s was not written: %s", spec.task_id, error)
         return task_environment(task_index, placement, self._host, spec.rendezvous_port, path)
 
-    def _update_hosts(self, task_id: str, placement: Placement, issued_at_ns: int) -> None:
-        """Rewrite the hosts file of ``task_id`` while that copy runs here.
+    def _update_hosts(self, command: wire.Command, placement: Placement) -> None:
+        """Rewrite the hosts file of ``command``'s task while that copy runs here.
 
         :func:`wire.parse_command` has checked ``placement`` against the task's index. A copy
         that ended or never ran here, and one played without a process or file, is ignored.
         """
         assert self.runner is not None
+        task_id = command.task_id
         record = next((r for r in self.runner.running if r.task_id == task_id), None)
         path = self._host_files.path(task_id)
         if record is None or not (record.pid or path.exists()):
@@ -410,13 +413,20 @@ class NodeAgent:
             return
         try:
             written = self._host_files.update(
-                task_id, placement.task_hosts(self._host), issued_at_ns
+                task_id,
+                placement.task_hosts(self._host),
+                command.issued_at_ns,
+                command.placement_version,
             )
         except OSError as error:
             logger.warning("hosts file of task %s was not rewritten: %s", task_id, error)
             return
         if written:
-            logger.info("rewrote the hosts file of task %s", task_id)
+            logger.info(
+                "rewrote the hosts file of task %s with placement version %d",
+                task_id,
+                command.placement_version,
+            )
         else:
             logger.debug("hosts update of task %s ignored: the file has later hosts", task_id)
 

@@ -112,22 +112,48 @@ class HostFiles:
     def path(self, task_id: str) -> Path:
         return self._directory / f"{task_file_stem(task_id)}.hosts"
 
+    def _version_path(self, task_id: str) -> Path:
+        return self._directory / f"{task_file_stem(task_id)}.hosts-version"
+
     def write(
-        self, task_id: str, hosts: Sequence[str], issued_at_ns: int = 0, sync: bool = False
+        self,
+        task_id: str,
+        hosts: Sequence[str],
+        issued_at_ns: int = 0,
+        version: int = 0,
+        sync: bool = False,
     ) -> Path:
         """Write ``task_id``'s hosts file, replacing any earlier one whole; raise OSError.
 
-        The file's modification time becomes ``issued_at_ns``, the time of the command that
-        sent ``hosts``, so that :meth:`update` keeps the latest hosts. 0 leaves the time of the
-        write. ``sync`` flushes the file to disk before it replaces the earlier one.
+        ``version`` and ``issued_at_ns`` are the placement version and the time of the command
+        that sent ``hosts``, kept so that :meth:`update` keeps the latest hosts. A version above
+        0 goes to a file beside the hosts file, and the time becomes the hosts file's
+        modification time (0 leaves the time of the write). ``sync`` flushes the files and then
+        their folder to disk.
         """
         if not self._directory_made:
             self._directory.mkdir(mode=_FOLDER_MODE, parents=True, exist_ok=True)
             os.chmod(self._directory, _FOLDER_MODE)
             self._directory_made = True
+        # The version goes first, so a crash between the two renames leaves a version ahead of
+        # the hosts, and the redelivered command of that version still rewrites them.
+        if version:
+            self._replace(self._version_path(task_id), f"{version}\n".encode(), 0, sync)
         path = self.path(task_id)
-        temporary = path.with_suffix(".hosts.tmp")
-        data = "".join(f"{host}\n" for host in hosts).encode()
+        self._replace(path, "".join(f"{host}\n" for host in hosts).encode(), issued_at_ns, sync)
+        if sync:
+            # A rename reaches the disk with its folder, not with the file.
+            descriptor = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        return path
+
+    @staticmethod
+    def _replace(path: Path, data: bytes, modified_ns: int, sync: bool) -> None:
+        """Replace ``path`` whole with ``data`` by a rename, so no reader sees it half-written."""
+        temporary = path.with_name(f"{path.name}.tmp")
         descriptor = os.open(
             temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, _FILE_MODE
         )
@@ -136,31 +162,57 @@ class HostFiles:
             file.flush()
             if sync:
                 os.fsync(descriptor)
-            if issued_at_ns:
-                os.utime(descriptor, ns=(issued_at_ns, issued_at_ns))
+            if modified_ns:
+                os.utime(descriptor, ns=(modified_ns, modified_ns))
         # The umask may have cleared the read bits that task users need.
         os.chmod(temporary, _FILE_MODE)
         os.replace(temporary, path)
-        return path
 
-    def update(self, task_id: str, hosts: Sequence[str], issued_at_ns: int) -> bool:
-        """Rewrite ``task_id``'s hosts file unless it contains hosts sent after ``issued_at_ns``.
+    def update(
+        self, task_id: str, hosts: Sequence[str], issued_at_ns: int, version: int = 0
+    ) -> bool:
+        """Rewrite ``task_id``'s hosts file unless it contains later hosts; raise OSError.
 
-        Return whether the file was written; raise OSError. Tasks may read the file at any
-        time, so it is replaced by a rename and never seen half-written.
+        Hosts are later by ``version``, the command's placement version, and then by
+        ``issued_at_ns``, its time. Return whether the file was written.
+
+        NOTE: schedulers that send no version order a task's hosts by their clock alone, so a
+        clock stepped back, or file times of one second, can let older hosts replace newer.
+        """
+        if self._written(task_id) > (version, issued_at_ns):
+            return False
+        self.write(task_id, hosts, issued_at_ns, version, sync=True)
+        return True
+
+    def _written(self, task_id: str) -> tuple[int, int]:
+        """Return the placement version and time of the hosts in ``task_id``'s file.
+
+        A file without a version file is of version 0, as written for the placement that the
+        job started with or by a scheduler that sends no version. (0, 0) when there is no file.
         """
         try:
             written_ns = os.stat(self.path(task_id)).st_mtime_ns
         except FileNotFoundError:
-            written_ns = 0
-        if written_ns > issued_at_ns:
-            return False
-        self.write(task_id, hosts, issued_at_ns, sync=True)
-        return True
+            return (0, 0)
+        try:
+            text = self._version_path(task_id).read_text()
+        except FileNotFoundError:
+            return (0, written_ns)
+        try:
+            return (int(text), written_ns)
+        except ValueError:
+            logger.warning(
+                "hosts version file of task %s is not a number (%r), so any later command may "
+                "rewrite its hosts",
+                task_id,
+                text[:40],
+            )
+            return (0, written_ns)
 
     def forget(self, task_id: str) -> None:
-        """Delete an ended task's hosts file, if it has one."""
+        """Delete an ended task's hosts file and its version, if it has them."""
         try:
             self.path(task_id).unlink(missing_ok=True)
+            self._version_path(task_id).unlink(missing_ok=True)
         except OSError as error:
             logger.warning("hosts file of task %s was not deleted: %s", task_id, error)

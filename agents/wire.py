@@ -101,6 +101,9 @@ class Command:
     """The gang's current hosts, for ``hosts`` commands."""
     issued_at_ns: int = 0
     """The command's ``time`` in Unix nanoseconds; 0 when the scheduler sent none."""
+    placement_version: int = 0
+    """Version of the hosts that a ``start`` or ``hosts`` command carries, which orders them
+    before ``issued_at_ns`` does; 0 from schedulers that send none."""
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -124,6 +127,7 @@ def parse_command(data: bytes) -> Command:
         "reason": message.reason,
         "fencing_token": message.fencing_token,
         "issued_at_ns": message.time.ToNanoseconds(),
+        "placement_version": message.placement_version,
     }
 
     if message.kind == agent_pb2.COMMAND_KIND_RECONCILE:

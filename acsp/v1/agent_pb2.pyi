@@ -251,7 +251,7 @@ class UsageReport(_message.Message):
     def __init__(self, node: _Optional[_Union[NodeRef, _Mapping]] = ..., samples: _Optional[_Iterable[_Union[UsageSample, _Mapping]]] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
 class AgentCommand(_message.Message):
-    __slots__ = ("command_id", "kind", "node", "task_id", "job_id", "accelerators", "command", "environment", "wall_time_seconds", "grace_seconds", "simulated_run_seconds", "checkpoint_reference", "reason", "fencing_token", "time", "node_hosts", "task_node_indexes", "rendezvous_port")
+    __slots__ = ("command_id", "kind", "node", "task_id", "job_id", "accelerators", "command", "environment", "wall_time_seconds", "grace_seconds", "simulated_run_seconds", "checkpoint_reference", "reason", "fencing_token", "time", "node_hosts", "task_node_indexes", "rendezvous_port", "placement_version")
     class EnvironmentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +277,7 @@ class AgentCommand(_message.Message):
     NODE_HOSTS_FIELD_NUMBER: _ClassVar[int]
     TASK_NODE_INDEXES_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_PORT_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     kind: CommandKind
     node: NodeRef
@@ -295,7 +296,8 @@ class AgentCommand(_message.Message):
     node_hosts: _containers.RepeatedScalarFieldContainer[str]
     task_node_indexes: _containers.RepeatedScalarFieldContainer[int]
     rendezvous_port: int
-    def __init__(self, command_id: _Optional[str] = ..., kind: _Optional[_Union[CommandKind, str]] = ..., node: _Optional[_Union[NodeRef, _Mapping]] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., accelerators: _Optional[_Iterable[_Union[_scheduler_pb2.AcceleratorShare, _Mapping]]] = ..., command: _Optional[_Iterable[str]] = ..., environment: _Optional[_Mapping[str, str]] = ..., wall_time_seconds: _Optional[int] = ..., grace_seconds: _Optional[int] = ..., simulated_run_seconds: _Optional[float] = ..., checkpoint_reference: _Optional[str] = ..., reason: _Optional[str] = ..., fencing_token: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_hosts: _Optional[_Iterable[str]] = ..., task_node_indexes: _Optional[_Iterable[int]] = ..., rendezvous_port: _Optional[int] = ...) -> None: ...
+    placement_version: int
+    def __init__(self, command_id: _Optional[str] = ..., kind: _Optional[_Union[CommandKind, str]] = ..., node: _Optional[_Union[NodeRef, _Mapping]] = ..., task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., accelerators: _Optional[_Iterable[_Union[_scheduler_pb2.AcceleratorShare, _Mapping]]] = ..., command: _Optional[_Iterable[str]] = ..., environment: _Optional[_Mapping[str, str]] = ..., wall_time_seconds: _Optional[int] = ..., grace_seconds: _Optional[int] = ..., simulated_run_seconds: _Optional[float] = ..., checkpoint_reference: _Optional[str] = ..., reason: _Optional[str] = ..., fencing_token: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_hosts: _Optional[_Iterable[str]] = ..., task_node_indexes: _Optional[_Iterable[int]] = ..., rendezvous_port: _Optional[int] = ..., placement_version: _Optional[int] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
     __slots__ = ("event_id", "node", "task_id", "job_id", "state", "exit_code", "signal", "output_tail", "message", "time", "health_event_id", "checkpoint_reference", "checkpoint_time", "start_rejection")

@@ -59,6 +59,7 @@ def _hosts(hosts: list[str], indexes: list[int], task_id: str = "job/1/1") -> by
         node_hosts=hosts,
         task_node_indexes=indexes,
         time=Timestamp(seconds=1_700_000_000, nanos=5000),
+        placement_version=3,
     ).SerializeToString()
 
 
@@ -84,3 +85,4 @@ def test_hosts_update_accepted() -> None:
     assert command.placement is not None
     assert command.placement.task_hosts("own") == ["h-a", "h-b"]
     assert command.issued_at_ns == 1_700_000_000_000_005_000
+    assert command.placement_version == 3

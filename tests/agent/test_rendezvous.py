@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -82,6 +83,52 @@ def test_hosts_file_replaced_then_deleted(tmp_path: Path) -> None:
     files.forget("job/1/0")
     assert not path.exists()
     files.forget("job/1/0")
+
+
+SECOND_NS = 1_000_000_000
+
+
+def test_update_orders_by_version_then_time(tmp_path: Path) -> None:
+    files = HostFiles(tmp_path)
+    path = files.write("job/1/0", ["a", "b"], 100 * SECOND_NS)
+
+    # A later placement wins even when its clock was behind the one that wrote the file.
+    assert files.update("job/1/0", ["a", "c"], 50 * SECOND_NS, version=1)
+    assert not files.update("job/1/0", ["a", "b"], 200 * SECOND_NS)
+    assert not files.update("job/1/0", ["a", "d"], 40 * SECOND_NS, version=1)
+    assert files.update("job/1/0", ["a", "e"], 60 * SECOND_NS, version=1)
+    # Versions order hosts sent within one second, which one-second file times cannot.
+    assert files.update("job/1/0", ["a", "f"], 60 * SECOND_NS + 1, version=2)
+    assert not files.update("job/1/0", ["a", "e"], 60 * SECOND_NS + 2, version=1)
+
+    assert path.read_text() == "a\nf\n"
+
+
+def test_start_file_keeps_its_version(tmp_path: Path) -> None:
+    files = HostFiles(tmp_path)
+    files.write("job/1/1", ["a", "c"], 100 * SECOND_NS, version=3)
+
+    assert not files.update("job/1/1", ["a", "b"], 200 * SECOND_NS, version=2)
+    assert files.path("job/1/1").read_text() == "a\nc\n"
+    files.forget("job/1/1")
+    assert list(files.path("job/1/1").parent.iterdir()) == []
+
+
+def test_update_syncs_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = HostFiles(tmp_path)
+    files.write("job/1/0", ["a", "b"], 100 * SECOND_NS)
+    synced: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append(stat.S_ISDIR(os.fstat(descriptor).st_mode))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert files.update("job/1/0", ["a", "c"], 200 * SECOND_NS)
+
+    # The file before its rename, then the folder that records the rename.
+    assert synced == [False, True]
 
 
 def _start(

@@ -57,10 +57,12 @@ START_TIME = 1_700_000_000.0
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
-def hosts_command(task_id: str, hosts: list[str], issued_at: float) -> wire.Command:
+def hosts_command(
+    task_id: str, hosts: list[str], issued_at: float, version: int = 0
+) -> wire.Command:
     """Return an UPDATE_HOSTS command that moves task 1 of ``TASK``'s job to ``hosts[1]``."""
     message = agent_pb2.AgentCommand(
-        command_id=f"{task_id}/hosts:{issued_at}",
+        command_id=f"{task_id}/hosts:1:{version}:{issued_at}",
         kind=agent_pb2.COMMAND_KIND_UPDATE_HOSTS,
         node=NODE.message(),
         task_id=task_id,
@@ -69,6 +71,7 @@ def hosts_command(task_id: str, hosts: list[str], issued_at: float) -> wire.Comm
         task_node_indexes=[0, 1, 0],
         rendezvous_port=29555,
         time=wire.timestamp(issued_at),
+        placement_version=version,
     )
     return wire.parse_command(message.SerializeToString())
 
@@ -196,6 +199,35 @@ async def test_host_update_rewrites_running_task(tmp_path: Path) -> None:
     assert older == moved
     assert leftovers == ["job-1_1_2.hosts"]
     assert not hosts_file.exists()
+
+
+async def test_host_update_orders_by_version(tmp_path: Path) -> None:
+    node, outbox, spool = make(tmp_path)
+    hosts_file = tmp_path / "hosts" / "job-1_1_2.hosts"
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        uuid = node.backend.discover().accelerators[0].uuid
+        await node.handle(start_command(uuid, tmp_path / "unused", SLEEPER))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STARTED), "the task to start"
+        )
+
+        # A leader whose clock is behind the last one still sends the later placement.
+        await node.handle(hosts_command(TASK, ["h-a", "h-c"], START_TIME - 50, version=2))
+        second = hosts_file.read_text()
+        await node.handle(hosts_command(TASK, ["h-a", "h-d"], START_TIME + 50, version=1))
+        after_older = hosts_file.read_text()
+
+        await node.handle(stop_command(TASK))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STOPPED), "the task to stop"
+        )
+        assert node.runner is not None
+        await node.runner.launches_settled()
+
+    assert second == "h-a\nh-c\nh-a\n"
+    assert after_older == second
+    assert list(hosts_file.parent.iterdir()) == []
 
 
 async def test_host_update_skips_unknown_task(tmp_path: Path) -> None:
