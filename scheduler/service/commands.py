@@ -6,8 +6,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from acsp import subjects
 from acsp.v1 import agent_pb2, common_pb2, events_pb2
 
@@ -40,13 +38,16 @@ class TaskId:
         return cls(job_id, int(attempt), int(index))
 
 
-def replacement_kind(action: str, node_key: str) -> str:
+def replacement_kind(action: str, node_key: str, replacement: int) -> str:
     """Return the dispatch kind of a ``start`` or ``stop`` sent when a task is replaced.
 
     The first start and the last stop of a task use the bare action. A replacement adds the
-    node it addresses, so its commands keep their own dedupe key and ``Nats-Msg-Id``.
+    node it addresses and ``replacement``, the job's count of replacements with this one
+    (:attr:`Job.replacements`). So its commands keep their own dedupe key and
+    ``Nats-Msg-Id``, also when a task returns to a node it was replaced from, and a command
+    recorded again after a restart keeps its key.
     """
-    return f"{action}:{node_key}"
+    return f"{action}:{node_key}:{replacement}"
 
 
 def command_action(kind: str) -> str:
@@ -60,7 +61,8 @@ def start_record(
     """Build the start command of one task of ``job``'s current attempt.
 
     ``rendezvous`` is the job's serialized rendezvous fields
-    (:func:`scheduler.service.rendezvous.rendezvous_fields`), appended as they are.
+    (:func:`scheduler.service.rendezvous.rendezvous_fields`), appended as they are, and
+    ``job.replacements`` is the version of those hosts.
     """
     spec = job.spec
     checkpoint = job.checkpoint_ref or spec.checkpoint_ref
@@ -79,6 +81,7 @@ def start_record(
         checkpoint_reference=checkpoint,
         fencing_token=epoch,
         time=timestamp(time.time()),
+        placement_version=job.replacements,
     )
     return DispatchRecord(
         job.job_id,
@@ -131,14 +134,13 @@ def hosts_records(
     """Build the commands that rewrite the hosts files of live ``tasks`` of ``job``.
 
     They are sent after task ``replaced_index`` moved to another node, and ``rendezvous`` is
-    the job's serialized rendezvous fields after that move. Their time orders each task's
-    hosts files on its node. The kind ``hosts:<replaced_index>:<microseconds of that time>``
-    gives each replacement its own dedupe key and ``Nats-Msg-Id``, also when two tasks of one
-    job move in one turn.
+    the job's serialized rendezvous fields after that move. ``job.replacements`` counts that
+    move, so it orders each task's hosts files on its node, and the kind
+    ``hosts:<replaced_index>:<job.replacements>`` gives each replacement its own dedupe key
+    and ``Nats-Msg-Id``, also when two tasks of one job move in one turn.
     """
-    micros = time.time_ns() // 1000
-    issued_at = Timestamp(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
-    kind = f"hosts:{replaced_index}:{micros}"
+    issued_at = timestamp(time.time())
+    kind = f"hosts:{replaced_index}:{job.replacements}"
     records = []
     for task in tasks:
         command = agent_pb2.AgentCommand(
@@ -151,6 +153,7 @@ def hosts_records(
             job_id=job.job_id,
             fencing_token=epoch,
             time=issued_at,
+            placement_version=job.replacements,
         )
         payload = command.SerializeToString(deterministic=True) + rendezvous
         records.append(

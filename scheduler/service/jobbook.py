@@ -445,7 +445,7 @@ class JobBook:
         new = evolve(task, state="assigned", exit_code=0)
         tasks = list(job.placement)
         tasks[index] = new
-        replaced = evolve(job, placement=tuple(tasks))
+        replaced = evolve(job, placement=tuple(tasks), replacements=job.replacements + 1)
         self.jobs[job_id] = replaced
         logger.warning(
             "job %s attempt %d: task %d lost on node %s, starting it again on node %s",
@@ -457,10 +457,10 @@ class JobBook:
             extra={"job_id": job_id},
         )
         reason = f"{message}; replaced on {new.node_name}"
-        stop_kind = replacement_kind("stop", old.node_key)
+        stop_kind = replacement_kind("stop", old.node_key, replaced.replacements)
         fx.commands.append(stop_record(job_id, job.attempt, old, reason, 0, self.epoch, stop_kind))
         self._add_orphan(old, TaskId(job_id, job.attempt, old.task_index))
-        start_kind = replacement_kind("start", new.node_key)
+        start_kind = replacement_kind("start", new.node_key, replaced.replacements)
         rendezvous = rendezvous_fields(replaced, self._endpoint_of)
         fx.commands.append(start_record(replaced, new, self.epoch, start_kind, rendezvous))
         # A task still on the lost node gets its own replacement, or its gang a requeue.
@@ -1148,7 +1148,11 @@ class JobBook:
         self._add_orphan(task, tid)
 
     def _stop_replaced(self, job: Job, tid: TaskId, node_key: str, fx: Effects) -> None:
-        """Stop again a copy that reports started on a node its task was replaced from."""
+        """Stop again a copy that reports started on a node its task was replaced from.
+
+        The command has the key of the latest replacement's stop when that replacement left
+        ``node_key``, so a redelivered report adds no command.
+        """
         logger.warning(
             "task %s reported started on node %s, which it was replaced from; stopping it",
             tid,
@@ -1157,7 +1161,7 @@ class JobBook:
         )
         provider, region, node = node_key.split(".", 2)
         task = TaskPlacement(tid.task_index, provider, region, node, ())
-        kind = replacement_kind("stop", node_key)
+        kind = replacement_kind("stop", node_key, job.replacements)
         fx.commands.append(
             stop_record(job.job_id, tid.attempt, task, "task replaced", 0, self.epoch, kind)
         )

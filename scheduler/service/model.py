@@ -228,6 +228,9 @@ class Job:
     grant_picked: bool = False
     """Whether the grant service picked ``spec.grant_id`` for the current attempt's hold,
     because the job named no grant. The job's next attempt names none again."""
+    replacements: int = 0
+    """Tasks replaced in place since the job was submitted, over all attempts. Each
+    replacement's commands carry the new count, which orders a task's hosts files."""
     updated_at: float | None = None
     """When the scheduler recorded the job's latest change, in Unix seconds: the submission
     time, then the clock of each loop turn that changes the job."""

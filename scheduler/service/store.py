@@ -275,6 +275,8 @@ class JobStore:
                 [node_key for node_key, _ in confirmed],
                 [task_id for _, task_id in confirmed],
                 *_drain_columns(drains),
+                # Last, so that the numbers of the parameters before it stay as they were.
+                [job.replacements for job in jobs],
                 timeout=self._timeout,
             )
         if rows and rows[0][0] is None:
@@ -297,6 +299,7 @@ class JobStore:
             UPDATE_JOBS,
             *_job_columns(jobs, causes),
             epoch,
+            [job.replacements for job in jobs],
             timeout=self._timeout,
         )
 
@@ -711,6 +714,7 @@ def _job_from_row(row: asyncpg.Record) -> Job:
         attempt_reason=row["attempt_reason"],
         rendezvous_port=row["rendezvous_port"],
         preemptor_id=row["preemptor_id"],
+        replacements=row["replacements"],
         grant_picked=picked,
         updated_at=from_datetime(row["updated_at"]),
     )

@@ -578,6 +578,28 @@ async def test_rendezvous_port_round_trip(pool: asyncpg.Pool, database_dsn: str)
     await lease.release()
 
 
+async def test_replacement_count_round_trip(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    job = make_job()
+    await store.insert_jobs([job], [None], epoch, "rpc")
+    inserted = await store.get_job(job.job_id)
+
+    running = replace(job, state="running", replacements=2)
+    await store.commit_turn([running], ["node:p.r.a"], [], [], epoch)
+    (reloaded,) = await store.load_open_jobs()
+    await store.update_jobs([replace(running, replacements=3)], epoch, ["node:p.r.b"])
+    loaded = await store.get_job(job.job_id)
+
+    assert inserted is not None
+    assert inserted.replacements == 0
+    assert reloaded.replacements == 2
+    assert loaded is not None
+    assert loaded.replacements == 3
+    await lease.release()
+
+
 async def test_awaited_jobs_only_of_own_shard(pool: asyncpg.Pool, database_dsn: str) -> None:
     lease = LeaderLease(database_dsn, "s1", "b", poll_interval_s=0.1)
     epoch = await lease.acquire()

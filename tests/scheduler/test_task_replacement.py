@@ -92,15 +92,16 @@ def test_replacement_keeps_job_running() -> None:
         (r.kind, r.node_key, r.task_index) for r in fx.commands if not r.kind.startswith("hosts:")
     }
     assert commands == {
-        (f"stop:{lost.node_key}", lost.node_key, 1),
-        (f"start:{target}", target, 1),
+        (f"stop:{lost.node_key}:1", lost.node_key, 1),
+        (f"start:{target}:1", target, 1),
     }
     updates = [(r.node_key, r.task_index) for r in fx.commands if r.kind.startswith("hosts:")]
     assert updates == [(survivor.node_key, 0)]
     start = next(r for r in fx.commands if r.kind.startswith("start"))
     command = agent_pb2.AgentCommand.FromString(start.payload)
     assert command.task_id == f"{job.job_id}/1/1"
-    assert command.command_id == f"{job.job_id}/1/1/start:{target}"
+    assert command.command_id == f"{job.job_id}/1/1/start:{target}:1"
+    assert command.placement_version == 1
     assert fx.events == []
     assert book.engine.running_in_engine(job.job_id)
 
@@ -160,6 +161,7 @@ def test_replacement_updates_running_tasks_hosts() -> None:
         assert command.node.node_id == placed[record.task_index].node
         assert command.command_id == f"{job.job_id}/1/{record.task_index}/{record.kind}"
         assert command.fencing_token == 7
+        assert command.placement_version == 1
         assert list(command.node_hosts) == list(new_copy.node_hosts)
         assert list(command.task_node_indexes) == list(new_copy.task_node_indexes)
         assert command.rendezvous_port == new_copy.rendezvous_port
@@ -172,6 +174,42 @@ def test_replacement_updates_running_tasks_hosts() -> None:
     kinds = {r.kind for r in again.commands if r.kind.startswith("hosts:")}
     assert kinds
     assert kinds.isdisjoint(r.kind for r in updates)
+
+
+def test_task_back_on_earlier_node_gets_new_commands() -> None:
+    book = make_book()
+    job = running(book)
+    task_id = f"{job.job_id}/1/1"
+    first = job.placement[1].node_key
+    commands: list[DispatchRecord] = []
+    now = NOW + 10
+    # Each lost node comes back empty, so the task moves between two nodes and back again.
+    for _ in range(3):
+        lost = book.jobs[job.job_id].placement[1].node_key
+        commands += lose(book, lost, now).commands
+        book.apply_node_running(lost, frozenset(), Effects(now + 1))
+        book.engine.node_back(lost, now + 1)
+        report(book, book.jobs[job.job_id].placement[1].node_key, task_id, "started", now + 2)
+        now += 10
+
+    second = free_node(job)
+    starts = [r for r in commands if r.kind.startswith("start")]
+    assert [r.node_key for r in starts] == [second, first, second]
+    stops = [r for r in commands if r.kind.startswith("stop")]
+    assert [r.node_key for r in stops] == [first, second, first]
+    # The store drops a command whose key it has seen, so each move needs keys of its own.
+    keys = [r.key for r in commands]
+    assert len(set(keys)) == len(keys)
+    ids = [agent_pb2.AgentCommand.FromString(r.payload).command_id for r in commands]
+    assert len(set(ids)) == len(ids)
+    # Each move raises the version of the hosts that the task 0 and the new copy get.
+    versions = [
+        agent_pb2.AgentCommand.FromString(r.payload).placement_version
+        for r in commands
+        if not r.kind.startswith("stop")
+    ]
+    assert versions == [1, 1, 2, 2, 3, 3]
+    assert book.jobs[job.job_id].replacements == 3
 
 
 def test_lost_task_zero_requeues_gang() -> None:
@@ -207,7 +245,7 @@ def test_old_copy_events_skip_new_task() -> None:
     assert book.jobs[job.job_id].placement[1].node_key == target
     assert book.jobs[job.job_id].placement[1].state == "assigned"
     assert [(r.kind, r.node_key) for r in late.commands] == [
-        (f"stop:{lost.node_key}", lost.node_key)
+        (f"stop:{lost.node_key}:1", lost.node_key)
     ]
     assert late.changed == {}
 
