@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 
 from acsp.rendezvous import rendezvous_port
+from scheduler.engine.decisions import Cause
 from scheduler.engine.spec import InvalidInputError
 from services.runtime.evolve import evolve
 
@@ -26,7 +27,7 @@ from .commands import (
     stop_record,
 )
 from .dependencies import NOT_FOUND, Dependencies
-from .engine_adapter import AcceleratorHealth, EngineAdapter, PassResult
+from .engine_adapter import AcceleratorHealth, EngineAdapter, PassResult, preemption_of
 from .model import Job, JobState, TaskPlacement, node_name
 from .rendezvous import EndpointOf, RendezvousPorts, default_endpoint, rendezvous_fields
 from .store import DispatchRecord, Orphan
@@ -199,11 +200,25 @@ class JobBook:
                     self._settle_reloaded.append(job.job_id)
                 elif job.preemptor_id or (outcome is None and job.reason.startswith(PREEMPTED)):
                     # A victim cancelled while it stops still frees its preemptor's room.
-                    preempted.append(job)
+                    preempted.append(self._keep_parsed_preemptor(job))
         # After the loop, because a job that preempted others may come after them.
         for job in preempted:
             message = job.reason.removeprefix(PREEMPTED) if job.reason.startswith(PREEMPTED) else ""
             self.engine.mark_preempted(job.job_id, job.preemptor_id, message)
+
+    def _keep_parsed_preemptor(self, job: Job) -> Job:
+        """Copy the preempting job named in the stop reason of a row stored without its id.
+
+        Its next write then stores the id, which a cancel's reason no longer names.
+        """
+        if job.preemptor_id:
+            return job
+        found = preemption_of(job.reason.removeprefix(PREEMPTED))
+        if found is None or found[0] is not Cause.PRIORITY:
+            return job
+        job = evolve(job, preemptor_id=found[1])
+        self.jobs[job.job_id] = job
+        return job
 
     def _wait_for_dependencies(self, job: Job) -> bool:
         """Keep ``job`` out of the engine while jobs it names have not completed; return

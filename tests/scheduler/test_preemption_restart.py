@@ -102,10 +102,42 @@ async def test_restart_reads_rows_without_preemptor_id(
     after_restart = preempted_jobs(run_pass(restarted, NOW + 2))
     later = finish_preemption(restarted, jobs, list(victims), gang, NOW + 3)
 
-    assert loaded == [None, None]
+    # The book takes the preemptor from the reason, so that its next write stores it.
+    assert loaded == [gang.job_id, gang.job_id]
     assert after_restart == []
     assert later == []
     assert len(restarted.jobs[gang.job_id].placement) == 2
+    await lease.release()
+
+
+async def test_second_restart_keeps_parsed_preemptor(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    book, gang, victims = await preempting_book(store, epoch)
+    jobs = {job.job_id: job for job in book.jobs.values()}
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE scheduler.jobs SET preemptor_id = NULL WHERE job_id = ANY($1::text[])",
+            victims,
+        )
+    first = await restart(store, NOW + 2)
+    # After the upgrade a cancel replaces the reason, the only place the old row named the
+    # preemptor.
+    fx = Effects(NOW + 2)
+    for job_id in victims:
+        first.cancel(job_id, "cancelled by owner", "rpc:CancelJob", fx)
+    await commit(store, fx, epoch)
+
+    second = await restart(store, NOW + 3)
+    loaded = [second.jobs[job_id].preemptor_id for job_id in victims]
+    after_restart = preempted_jobs(run_pass(second, NOW + 3))
+    later = finish_preemption(second, jobs, list(victims), gang, NOW + 4)
+
+    assert loaded == [gang.job_id, gang.job_id]
+    assert after_restart == []
+    assert later == []
+    assert len(second.jobs[gang.job_id].placement) == 2
     await lease.release()
 
 
@@ -156,7 +188,7 @@ async def test_restart_reads_empty_preemptor_id_of_older_leader(
     after_restart = preempted_jobs(run_pass(restarted, NOW + 2))
     later = finish_preemption(restarted, jobs, list(victims), gang, NOW + 3)
 
-    assert loaded == ["", ""]
+    assert loaded == [gang.job_id, gang.job_id]
     assert after_restart == []
     assert later == []
     assert len(restarted.jobs[gang.job_id].placement) == 2
