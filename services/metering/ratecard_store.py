@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from datetime import datetime
 
 import asyncpg
+import nats.errors
 from nats.js.kv import KeyValue
 
 from services.metering.convert import rate_card_out
@@ -18,7 +19,7 @@ from services.metering.ratecard import (
     default_rate_card,
 )
 from services.runtime.db import Database
-from services.runtime.errors import FailedPrecondition
+from services.runtime.errors import FailedPrecondition, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +150,15 @@ class RateCardCache:
         """Refresh until ``stop`` is set, mirroring a new current version into the bucket."""
         published = 0
         while not stop.is_set():
-            history = await self.load()
-            if kv is not None and history.current.version != published:
-                await put_in_bucket(kv, history.current)
-                published = history.current.version
+            try:
+                history = await self.load()
+                if kv is not None and history.current.version != published:
+                    await put_in_bucket(kv, history.current)
+                    published = history.current.version
+            except (Unavailable, asyncpg.PostgresError, nats.errors.Error) as error:
+                # PostgreSQL or NATS restarting must not stop metering: it prices with the
+                # history it has, and the next pass loads and mirrors the current version.
+                logger.warning("rate card refresh failed, retrying: %s", error)
             try:
                 await asyncio.wait_for(stop.wait(), self._refresh_s)
             except TimeoutError:

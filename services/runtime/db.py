@@ -40,6 +40,13 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S: Final = 10.0
 CLOSE_TIMEOUT_S: Final = 10.0
 RETRYABLE_ERRORS: Final = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+CONNECT_ERRORS: Final = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+)
+"""Errors of a pool that cannot open a connection because the server is down, starting up or
+shutting down."""
 
 # Overload shows in metrics, not only in callers' errors.
 _meter = metrics.get_meter(__name__)
@@ -111,7 +118,8 @@ class Database:
 
     @asynccontextmanager
     async def acquire(self, timeout_s: float | None = None) -> AsyncIterator[asyncpg.Connection]:
-        """Lend a connection for the block; raise Unavailable if none is free in time.
+        """Lend a connection for the block; raise Unavailable if none is free in time or the
+        server cannot be reached.
 
         The wait is ``timeout_s`` (default ACSP_DB_ACQUIRE_TIMEOUT_S), cut short by the
         current request's deadline.
@@ -128,6 +136,12 @@ class Database:
                 f"no database connection became free within {limit:.3f} s "
                 f"(pool of {self.pool.get_max_size()}); retry later"
             ) from None
+        except CONNECT_ERRORS as error:
+            # A server that stops while the service runs (a restart, a failover) makes the
+            # pool reconnect on a later acquire, so callers and background loops retry.
+            raise Unavailable(
+                f"cannot connect to the database: {describe_connect_error(error)}; retry later"
+            ) from error
         try:
             yield connection
         finally:

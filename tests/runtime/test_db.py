@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -147,3 +148,23 @@ async def test_unreachable_database_names_variable() -> None:
         await Database.connect(settings, "unused", "runtime-test")
     assert caught.value.variable == "ACSP_DATABASE_URL"
     assert "Connect call failed" in str(caught.value)
+
+
+async def test_acquire_from_stopped_server_is_unavailable() -> None:
+    # A server that stops while the service runs (a restart, a failover) must not end the
+    # background loops, which retry on Unavailable, nor reach callers as INTERNAL.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pool = await asyncpg.create_pool(
+        f"postgresql://postgres@127.0.0.1:{port}/test", min_size=0, max_size=1
+    )
+    database = Database(pool, "unused", acquire_timeout_s=5.0)
+    try:
+        with pytest.raises(Unavailable) as caught:
+            async with database.acquire():
+                raise AssertionError("no server listens, so no connection is lent")
+    finally:
+        await database.close()
+    assert "cannot connect to the database" in caught.value.message
+    assert "retry later" in caught.value.message
