@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 SYSTEM_USER: Final = "embedded_postgres"
 SUPERUSER: Final = "postgres"
 DATABASE: Final = "acsp"
+LEFTOVER_TIMEOUT_S: Final = 10.0
+"""Seconds a restart waits for the SIGKILLed backends of a dead postmaster to exit."""
 """The database the mesh's services share; each service owns one schema in it."""
 HBA_CONFIG: Final = """\
 # Written by acsp up at every start: password (SCRAM-SHA-256) on the loopback addresses only.
@@ -257,6 +259,59 @@ class EmbeddedPostgres:
             f"PostgreSQL (pid {pid}) already runs on {self.cluster_dir}: is another `acsp up` "
             "using this data directory? Stop it or pass another --data-dir"
         )
+
+    async def kill_leftover_backends(self) -> None:
+        """SIGKILL the processes that a dead postmaster left on this cluster, and wait for them.
+
+        A backend busy on a query outlives a killed postmaster until the query ends, and it
+        keeps the old shared memory attached, so a new postmaster refuses to start on the
+        cluster until then. Each backend runs in a session of its own, so they are found by
+        their program and working directory, which is the cluster's.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LEFTOVER_TIMEOUT_S
+        leftovers = self._leftover_backends()
+        if leftovers:
+            logger.warning(
+                "killing %d PostgreSQL process(es) that the dead postmaster left on %s: %s",
+                len(leftovers),
+                self.cluster_dir,
+                leftovers,
+            )
+        while leftovers:
+            for pid in leftovers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if loop.time() > deadline:
+                logger.warning(
+                    "PostgreSQL processes %s did not exit within %.0f s of SIGKILL",
+                    leftovers,
+                    LEFTOVER_TIMEOUT_S,
+                )
+                return
+            await asyncio.sleep(0.05)
+            leftovers = self._leftover_backends()
+
+    def _leftover_backends(self) -> list[int]:
+        """Return the pids of the running PostgreSQL processes on this cluster, zombies aside."""
+        program = (_bin_dir() / "postgres").resolve()
+        cluster = self.cluster_dir.resolve()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if Path(os.readlink(entry / "exe")) != program:
+                    continue
+                if Path(os.readlink(entry / "cwd")) != cluster:
+                    continue
+                state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+            except (OSError, IndexError):
+                continue
+            # A zombie has no shared memory attached, and only its parent can reap it.
+            if state not in ("Z", "X"):
+                found.append(int(entry.name))
+        return found
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Wait until the server accepts the superuser's password.

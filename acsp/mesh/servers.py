@@ -88,6 +88,11 @@ class EmbeddedServers:
         """Return whether ``child`` is the embedded PostgreSQL or NATS."""
         return any(child is server.process for server in (self.postgres, self.nats) if server)
 
+    async def prepare_restart(self, child: ChildProcess) -> None:
+        """Kill what a dead PostgreSQL left running, so that ``child`` can start again."""
+        if self.postgres is not None and child is self.postgres.process:
+            await self.postgres.kill_leftover_backends()
+
     async def wait_ready_again(self, child: ChildProcess, timeout_s: float) -> bool:
         """Wait until a restarted server serves, and kill it if it does not in time.
 

@@ -599,6 +599,7 @@ class LocalMesh:
             if self._stopping or child.name in self._restarting or child.returncode is None:
                 return False
             try:
+                await self._servers.prepare_restart(child)
                 await child.start()
             except OSError as exc:
                 logger.error("failed to start %s again: %s", child.name, exc)

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 
@@ -169,3 +170,37 @@ async def test_services_outlive_postgres_outage(data_dir: Path) -> None:
                 await asyncio.sleep(0.5)
         after = {name: mesh.pids[name] for name in services}
     assert after == services
+
+
+async def test_restart_kills_leftover_busy_backend(data_dir: Path) -> None:
+    async with LocalMesh(_services_mesh(data_dir)) as mesh:
+        password_file = mesh.info.database_password_file
+        assert password_file is not None
+        password = (await asyncio.to_thread(Path(password_file).read_text)).strip()
+        connection = await asyncpg.connect(mesh.info.database_url, password=password, timeout=10)
+        # A backend busy on the CPU notices the postmaster's death only once its query ends,
+        # and until then it keeps the old shared memory, on which no new postmaster starts.
+        busy = asyncio.ensure_future(
+            connection.fetchval("SELECT count(*) FROM generate_series(1, 10000000000)")
+        )
+        try:
+            await asyncio.sleep(0.5)
+            failure = asyncio.ensure_future(mesh.wait_failure())
+            killed_pid = mesh.pids["postgres"]
+
+            os.kill(killed_pid, signal.SIGKILL)
+
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while mesh.pids.get("postgres") in (None, killed_pid) or "postgres" in load_mesh(
+                data_dir
+            ).extra.get("exits", {}):
+                assert not failure.done(), failure.result()
+                assert loop.time() < deadline, "PostgreSQL did not serve again in 60 s"
+                await asyncio.sleep(0.2)
+            assert not failure.done()
+            failure.cancel()
+        finally:
+            busy.cancel()
+            await asyncio.gather(busy, return_exceptions=True)
+            connection.terminate()
