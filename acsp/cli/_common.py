@@ -498,8 +498,9 @@ that replace them. The services keep their wording for gRPC clients."""
 
 NOT_FOUND_HINTS: Final = {
     # No command lists projects, so the hint names the one that creates them.
-    "project": "check the project id (ids are case-sensitive), or create the project with "
-    "acsp grants project",
+    "project": "check the project id (ids are case-sensitive) and ask its PI to add you, "
+    "because a project you are not a member of is not found either, or create the project "
+    "with acsp grants project",
     "grant": "list the grants you may see with acsp grants list",
     "sub-allocation": "list a grant's sub-allocations with acsp grants suballocations GRANT_ID",
     "application": "list applications with acsp grants applications",

@@ -313,7 +313,8 @@ def test_not_found_error_says_what_to_run():
 
     assert _common.describe_rpc_error(project) == (
         "NOT_FOUND: project 'nosuch-lab' not found; check the project id (ids are "
-        "case-sensitive), or create the project with acsp grants project"
+        "case-sensitive) and ask its PI to add you, because a project you are not a member "
+        "of is not found either, or create the project with acsp grants project"
     )
     assert _common.describe_rpc_error(unknown_kind) == "NOT_FOUND: hold 'h-1' not found"
 
