@@ -707,3 +707,31 @@ async def test_refusals_name_the_role_each_action_needs(grant_service: RunningGr
             await call  # type: ignore[misc]
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, expected
         assert expected in (caught.value.details() or ""), caught.value.details()
+
+
+async def test_unassigned_reviewer_sees_no_application(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    pi = grant_service.stub("alice", ["pi"], "uni-a")
+    app = await pi.SubmitApplication(
+        grant_pb2.SubmitApplicationRequest(
+            request_id=rid(), application=application(grant_pb2.GRANT_TIER_STANDARD, "50")
+        )
+    )
+    # A reviewer of another institution, assigned to nothing, and one of the applicant's.
+    outsiders = [
+        grant_service.stub("victor", ["reviewer"], "uni-b"),
+        grant_service.stub("mallory", ["reviewer"], "uni-a"),
+    ]
+    for outsider in outsiders:
+        answers = []
+        for application_id in (app.application_id, "app-missing"):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await outsider.SubmitReview(
+                    grant_pb2.SubmitReviewRequest(
+                        request_id=rid(), application_id=application_id, score=5, comments="ok"
+                    )
+                )
+            details = (caught.value.details() or "").replace(application_id, "ID")
+            answers.append((caught.value.code(), details))
+        assert answers[0][0] == grpc.StatusCode.NOT_FOUND
+        assert answers[0] == answers[1]
