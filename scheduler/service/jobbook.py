@@ -29,6 +29,7 @@ from .commands import (
 from .dependencies import NOT_FOUND, Dependencies
 from .engine_adapter import AcceleratorHealth, EngineAdapter, PassResult, preemption_of
 from .model import Job, JobState, TaskPlacement, node_name
+from .reason_refresh import REASON_REFRESHES_PER_PASS, ReasonWriter
 from .rendezvous import EndpointOf, RendezvousPorts, default_endpoint, rendezvous_fields
 from .store import DispatchRecord, Orphan
 
@@ -104,13 +105,17 @@ class JobBook:
         epoch: int,
         endpoint_of: EndpointOf = default_endpoint,
         budget_retry_s: float = 30.0,
+        reason_refreshes_per_pass: int = REASON_REFRESHES_PER_PASS,
     ) -> None:
         """``endpoint_of`` returns where a node's tasks are reached, for start commands.
 
         ``budget_retry_s`` is how long after a hold rejected for lack of budget the scheduler
         asks for the project's holds again, which the pending reasons state.
+        ``reason_refreshes_per_pass`` bounds the pending jobs per pass whose message alone is
+        rewritten (see :mod:`.reason_refresh`).
         """
         self.engine = engine
+        self._reasons = ReasonWriter(reason_refreshes_per_pass)
         self.epoch = epoch
         self.budget_retry_s = budget_retry_s
         self._endpoint_of = endpoint_of
@@ -391,16 +396,9 @@ class JobBook:
             self.requeue(job_id, message, "engine:requeue", fx, release=False)
         for job_id, message, failure in result.failed_hardware:
             self.fail_hardware(job_id, message, failure, fx)
-        for job_id, reason, message in result.waiting:
-            job = self.jobs.get(job_id)
-            if job is None or job.state != "pending" or job_id in self._admitting:
-                continue
-            if job.pending_reason != reason:
-                # Only a new reason code is written: the message's details (free counts,
-                # reservation times) change on every pass and would rewrite every row.
-                waiting = evolve(job, pending_reason=reason, reason=message)
-                self.jobs[job_id] = waiting
-                fx.change(waiting, "engine:waiting")
+        for waiting in self._reasons.write(result.waiting, self._waiting_job, fx.now):
+            self.jobs[waiting.job_id] = waiting
+            fx.change(waiting, "engine:waiting")
         for job_id, tasks in result.places:
             job = self.jobs.get(job_id)
             if job is None or job.state != "pending" or job_id in self._admitting:
@@ -415,6 +413,13 @@ class JobBook:
         for job_id, grace_s, message, trigger, preemptor_id in result.preempts:
             reason = f"{PREEMPTED}{message}"
             self.stop(job_id, None, reason, grace_s, trigger, fx, preemptor_id=preemptor_id)
+
+    def _waiting_job(self, job_id: str) -> Job | None:
+        """Return the pending job ``job_id`` if the engine's reason applies to it, else None."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state != "pending" or job_id in self._admitting:
+            return None
+        return job
 
     def replace_task(self, job_id: str, task: TaskPlacement, lost_node: str, fx: Effects) -> None:
         """Start a task lost with ``lost_node`` on the new accelerators the engine gave it.

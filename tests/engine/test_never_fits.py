@@ -197,6 +197,20 @@ def test_task_too_big_says_it_waits_for_a_node() -> None:
     assert message.endswith("has 8; it waits until a larger node joins")
 
 
+def test_too_big_reason_follows_new_node() -> None:
+    engine = make_engine()
+    engine.add_node(node("p1", 2, model="P100", provider="openb", region="region-1"))
+    engine.submit(job("big", accelerators=64, tasks=4096, topology=Topology.SAME_REGION))
+    engine.schedule(10.0)
+    engine.schedule(11.0)
+
+    engine.add_node(node("h1", 8, model="H100-SXM5-80GB", provider="openb", region="region-1"))
+    reason, message = waiting_message("big", engine.schedule(12.0))
+
+    assert reason == "no_matching_model"
+    assert "the largest node of models H100-SXM5-80GB,P100 in openb/region-1 has 8" in message
+
+
 def pledged_p100_engine() -> Engine:
     """Eight P100s registered in openb/region-1, of which a pledge offers six."""
     engine = make_engine()
