@@ -111,7 +111,23 @@ def run(args: argparse.Namespace) -> int:
     summary = simulate(config)
     _print_summary(summary, args.out)
     _warn_deleted_before_start(summary)
+    if trace.suffix.lower() == ".swf":
+        _warn_skipped_rows(summary)
     return EXIT_OK
+
+
+def _warn_skipped_rows(summary: dict[str, Any]) -> None:
+    """Write one line on stderr that counts the trace rows the replay left out, by reason."""
+    skipped = {
+        reason: count for reason, count in summary["inputs"]["skipped_rows"].items() if count
+    }
+    total = sum(skipped.values())
+    if total:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
+        sys.stderr.write(
+            f"warning: skipped {total} trace row{'' if total == 1 else 's'} ({reasons}); "
+            "summary.json counts them under inputs.skipped_rows\n"
+        )
 
 
 def _warn_deleted_before_start(summary: dict[str, Any]) -> None:

@@ -150,13 +150,33 @@ def load_openb_nodes(path: Path = OPENB_NODES) -> list[NodeSpec]:
     return nodes
 
 
-def _swf_rows(path: Path) -> Iterator[list[str]]:
+SWF_FIELDS: Final = 18
+"""Fields of an SWF row; shorter rows are skipped and counted as ``malformed``."""
+
+
+def _swf_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield the line number and fields of each row of an SWF file, past comments."""
     with path.open() as handle:
-        for line in handle:
+        for number, line in enumerate(handle, 1):
             text = line.strip()
             if not text or text.startswith(";"):
                 continue
-            yield text.split()
+            yield number, text.split()
+
+
+def _swf_field(
+    path: Path, line: int, fields: list[str], index: int, name: str, kind: type[int] | type[float]
+) -> float:
+    """Parse field ``index`` (from 0) of an SWF row, or raise ValueError naming its place."""
+    text = fields[index]
+    try:
+        return kind(text)
+    except ValueError:
+        expected = "a whole number" if kind is int else "a number"
+        raise ValueError(
+            f"{path}:{line}: field {index + 1} ({name}) is {text!r}, not {expected}; fix or "
+            "remove that line"
+        ) from None
 
 
 def load_swf(path: Path, limit: int | None = None, seed: int = 0) -> LoadedTrace:
@@ -166,16 +186,20 @@ def load_swf(path: Path, limit: int | None = None, seed: int = 0) -> LoadedTrace
     node of :data:`SWF_ACCELERATORS_PER_NODE`, else a gang of ``ceil(n / 8)`` tasks of 8.
     User and group ids become project and institution; the requested time is the wall-time
     limit (the run time where none was requested). Jobs with no run time or no processors
-    are skipped.
+    are skipped, and so are rows of fewer than :data:`SWF_FIELDS` fields. A field that is not
+    a number raises ValueError naming the file, line and field.
     """
     jobs: list[TraceJob] = []
     skipped = {"no_runtime": 0, "no_processors": 0, "malformed": 0}
-    for fields in _swf_rows(path):
-        if len(fields) < 18:
+    for line, fields in _swf_rows(path):
+        if len(fields) < SWF_FIELDS:
             skipped["malformed"] += 1
             continue
-        number, submit, _, run = fields[0], float(fields[1]), fields[2], float(fields[3])
-        allocated, requested = int(fields[4]), int(fields[7])
+        number = fields[0]
+        submit = _swf_field(path, line, fields, 1, "submit time", float)
+        run = _swf_field(path, line, fields, 3, "run time", float)
+        allocated = int(_swf_field(path, line, fields, 4, "allocated processors", int))
+        requested = int(_swf_field(path, line, fields, 7, "requested processors", int))
         processors = requested if requested > 0 else allocated
         if run <= 0:
             skipped["no_runtime"] += 1
@@ -187,7 +211,7 @@ def load_swf(path: Path, limit: int | None = None, seed: int = 0) -> LoadedTrace
             tasks, per_task = 1, processors
         else:
             tasks, per_task = math.ceil(processors / SWF_ACCELERATORS_PER_NODE), 8
-        requested_time = float(fields[8])
+        requested_time = _swf_field(path, line, fields, 8, "requested time", float)
         user, group = fields[11], fields[12]
         name = f"swf-{number}"
         jobs.append(

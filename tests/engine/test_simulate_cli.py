@@ -23,8 +23,25 @@ def test_simulate_swf_on_custom_fleet(tmp_path: Path, capsys: pytest.CaptureFixt
     assert summary["jobs"]["completed"] == 4
     assert summary["inputs"]["accelerators"] == 24
     assert set(summary["utilization"]["by_region"]) == {"cloud-a/east", "cloud-a/west"}
-    assert "PF-days delivered" in capsys.readouterr().out
+    output = capsys.readouterr()
+    assert "PF-days delivered" in output.out
     assert not (tmp_path / "utilization.png").exists()
+    assert (
+        "warning: skipped 3 trace rows (malformed: 1, no_processors: 1, no_runtime: 1); "
+        "summary.json counts them under inputs.skipped_rows"
+    ) in output.err
+
+
+def test_simulate_names_bad_swf_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "bad.swf"
+    trace.write_text("1 0 0 abc 4 -1 -1 4 900 -1 1 1 1 -1 1 -1 -1 -1\n")
+
+    status = main(["simulate", "--trace", str(trace), "--out", str(tmp_path), "--no-plots"])
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"{trace}:1: field 4 (run time) is 'abc'" in err
+    assert not (tmp_path / "summary.json").exists()
 
 
 def test_simulate_rejects_missing_trace(tmp_path: Path) -> None:

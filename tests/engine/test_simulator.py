@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from scheduler.engine import Engine, EngineConfig, NodeSpec, PriorityClass
 from scheduler.sim.accounts import assign_account
 from scheduler.sim.metrics import jain_index, percentile
@@ -32,6 +34,29 @@ def test_swf_loader_maps_processors_to_tasks() -> None:
     assert jobs["swf-6"].wall_time_s == 200
     assert jobs["swf-2"].account.project == "user-2"
     assert trace.skipped == {"no_runtime": 1, "no_processors": 1, "malformed": 1}
+
+
+def test_swf_loader_names_bad_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.swf"
+    good = "1 0 0 600 4 -1 -1 4 900 -1 1 1 1 -1 1 -1 -1 -1"
+    bad = "2 10 0 abc 4 -1 -1 4 900 -1 1 1 1 -1 1 -1 -1 -1"
+    path.write_text(f"; a comment\n{good}\n{bad}\n")
+
+    with pytest.raises(ValueError) as caught:
+        load_swf(path)
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}:3: ")
+    assert "field 4 (run time) is 'abc'" in message
+    assert "fix or remove that line" in message
+
+
+def test_swf_loader_names_fractional_processors(tmp_path: Path) -> None:
+    path = tmp_path / "bad.swf"
+    path.write_text("1 0 0 600 4.5 -1 -1 4 900 -1 1 1 1 -1 1 -1 -1 -1\n")
+
+    with pytest.raises(ValueError, match=r":1: field 5 \(allocated processors\) is '4.5'"):
+        load_swf(path)
 
 
 def test_openb_loader_skips_zero_gpu_pods() -> None:
