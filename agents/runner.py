@@ -660,7 +660,10 @@ class TaskRunner:
         self._supervise(task)
 
     async def stop(self, task_id: str, reason: str) -> None:
-        """Ask a task to stop: SIGTERM now, SIGKILL after its grace period."""
+        """Ask a task to stop: SIGTERM now, SIGKILL after its grace period.
+
+        A task whose process has exited already gets no stop and reports its own end.
+        """
         task = self._tasks.get(task_id)
         if task is None and task_id in self._launching:
             self._stops_after_launch.setdefault(task_id, reason or "stop requested")
@@ -719,6 +722,12 @@ class TaskRunner:
                 record.stop_deadline = min(record.stop_deadline, self._clock() + grace_s)
                 task.wake_supervisor()
             return
+        if record.pid and self._leader_exited(task):
+            # The process ended on its own, so the end its supervisor is about to report is
+            # the task's real one. A stop reason would turn an exit with code 0 into a stopped
+            # or lost task, and the scheduler would run a finished job again.
+            logger.debug("stop of task %s not sent: its process already exited", record.task_id)
+            return
         record.stop_reason = reason
         grace = record.grace_period_s if grace_s is None else min(grace_s, record.grace_period_s)
         record.stop_deadline = self._clock() + grace
@@ -734,6 +743,18 @@ class TaskRunner:
         else:
             # A played task has nothing to signal: it stops at once.
             self._finish(task, None, "")
+
+    @staticmethod
+    def _leader_exited(task: _Task) -> bool:
+        """Return whether the task's leader process has exited, seen or not by its supervisor.
+
+        A leader that exited is a zombie until its parent (the launcher) reaps it, and has no
+        start time then. A pid that a new process took over shows another start time. A
+        leader that exits between this check and the stop's signal counts as stopped.
+        """
+        if task.process is not None and task.process.exited.done():
+            return True
+        return process_start_ticks(task.record.pid) != task.record.process_start_ticks
 
     # Supervision -----------------------------------------------------------------------------
 
@@ -876,7 +897,9 @@ class TaskRunner:
             if not task.killed:
                 deadline = record.stop_deadline
         elif record.wall_time_s > 0:
-            deadline = record.started_at + record.wall_time_s
+            # A wall time that passed without a stop means the leader had exited already, so
+            # its exit report comes soon. The short wait keeps the loop from spinning until then.
+            deadline = max(record.started_at + record.wall_time_s, self._clock() + _POLL_S)
         delay = _MAX_SLEEP_S if deadline is None else max(0.0, deadline - self._clock())
         assert task.process is not None
         return min(delay, _POLL_S if task.process.polled else _MAX_SLEEP_S)
