@@ -687,11 +687,16 @@ class JobBook:
 
         A job is requeued when its node is lost, but the task may still run there to its end,
         and the agent reports its recorded exit status once it is back. Running the job again
-        would repeat finished work, so a job that waits for its next attempt ends instead.
+        would repeat finished work, so a job whose next attempt has not started ends instead.
+        A next attempt with start commands out is stopped first, and the job ends as completed
+        once its task confirms the stop.
         """
-        # NOTE: a gang, or a job whose next attempt was already placed, still runs again,
-        # because the book keeps no task states of earlier attempts.
-        if job.spec.task_count != 1 or job.state != "pending":
+        # NOTE: a gang still runs again, because the book keeps no task states of earlier
+        # attempts. So does a job whose next attempt's task has started, whose work a stop
+        # would waste.
+        if job.spec.task_count != 1 or job.state not in ("pending", "starting"):
+            return
+        if job.state == "starting" and any(t.state != "assigned" for t in job.placement):
             return
         reason = f"task {tid.task_index} of attempt {tid.attempt} exited with code 0"
         logger.info(
@@ -700,6 +705,9 @@ class JobBook:
             reason,
             extra={"job_id": job.job_id},
         )
+        if job.state == "starting":
+            self.stop(job.job_id, "completed", reason, 0, "task:exited", fx)
+            return
         self._abandon_admission(job)
         self.engine.end(job.job_id, "completed", fx.now)
         self._finish(evolve(job, placement=()), "completed", reason, "task:exited", fx)
