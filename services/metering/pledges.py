@@ -30,6 +30,7 @@ from acsp.time_range import LATEST_TIME
 from acsp.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.metering.scheduler_replicas import SchedulerReplicas
 from services.runtime.db import Database
+from services.runtime.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -373,7 +374,13 @@ class PledgeSync:
                     error.code().name,
                     error.details(),
                 )
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as error:
+            except (
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                OSError,
+                TimeoutError,
+                Unavailable,
+            ) as error:
                 # A database blip must not stop the service; the next sync copies everything.
                 logger.warning("could not store the pledge copy: %s; retrying", error)
             try:
