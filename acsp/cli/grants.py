@@ -549,7 +549,9 @@ def register(subparsers: Any) -> None:
         choices=sorted(TIERS),
         required=True,
         help="exploratory is awarded at once, up to the exploratory limit per project at a "
-        "time; standard and flagship are reviewed",
+        "time and within the caps per PI and per institution over a rolling period, 365 days "
+        "by default (over a cap it goes to peer review, and the application's history says "
+        "why); standard and flagship are reviewed",
     )
     p.add_argument("--pf-days", required=True, help="requested budget in PF-days, e.g. 12.5")
     p.add_argument("--start", required=True, help="start of the validity window, ISO 8601")

@@ -14,7 +14,7 @@ from decimal import Decimal
 
 import asyncpg
 
-from services.grant import budget
+from services.grant import budget, exploratory
 from services.grant.amounts import format_amount
 from services.grant.budget import NewGrant
 from services.grant.errors import FailedPrecondition, NotFound
@@ -22,6 +22,7 @@ from services.grant.ledger_ops import Cause
 from services.grant.review_rules import (
     ApplicationState,
     Decision,
+    ExploratoryCaps,
     ExploratoryHolding,
     RatePolicy,
     Tier,
@@ -109,9 +110,13 @@ async def submit(
     request_id: str,
     actor: str,
     limits: Mapping[Tier, Decimal],
+    caps: ExploratoryCaps,
     now: datetime,
 ) -> str:
     """Record an application and return its id; award exploratory ones at once.
+
+    An exploratory request that would take its PI or institution over ``caps`` stays
+    submitted for peer review instead, with the reason in its history.
 
     A request id is scoped to the submitter and the project. The same caller's retry returns
     the application the first request created, and a reuse of the id for another application
@@ -124,9 +129,13 @@ async def submit(
     if earlier is not None:
         return earlier
     check_requested(new.tier, new.requested, limits)
+    review_reason = None
     if is_auto_approved(new.tier):
         holdings = await _exploratory_holdings(conn, new.project_id, now)
         check_exploratory_room(new.project_id, holdings, new.requested, limits[new.tier])
+        review_reason = await exploratory.review_reason(
+            conn, new.project_id, new.requested, caps, SYSTEM_ACTOR, now
+        )
     application_id = f"app-{uuid.uuid4().hex[:16]}"
     await conn.execute(
         """
@@ -155,7 +164,9 @@ async def submit(
         actor,
         f"{new.tier} tier, {format_amount(new.requested)} PF-days requested",
     )
-    if is_auto_approved(new.tier):
+    if review_reason is not None:
+        await _event(conn, application_id, "sent_to_review", SYSTEM_ACTOR, review_reason)
+    elif is_auto_approved(new.tier):
         reason = "exploratory tier: awarded without review within the tier limit"
         await _award(
             conn,

@@ -137,6 +137,60 @@ def check_exploratory_room(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ExploratoryCaps:
+    """Limits on the PF-days awarded without review over a rolling period."""
+
+    pi_limit: Decimal
+    """PF-days that the projects led by one PI may be awarded without review per period."""
+    institution_limit: Decimal
+    """PF-days that the projects of one institution may be awarded without review per period."""
+    period_days: int
+    """Length of the rolling period that ends now, in days."""
+
+
+@dataclass(frozen=True, slots=True)
+class AutoAwardTotals:
+    """PF-days already awarded without review within the current period."""
+
+    pi: Decimal
+    """To the projects led by the applying project's PI."""
+    institution: Decimal
+    """To the projects of the applying project's institution."""
+
+
+def exploratory_review_reason(
+    pi: str,
+    institution_id: str,
+    requested: Decimal,
+    totals: AutoAwardTotals,
+    caps: ExploratoryCaps,
+) -> str | None:
+    """Return why an exploratory request goes to peer review, or None to award it at once.
+
+    The per-project tier limit bounds one project, but a PI may create projects, so awards
+    without review are also capped per PI and per institution over a rolling period.
+    """
+    checks = (
+        (f"led by PI {pi!r}", totals.pi, caps.pi_limit, "ACSP_GRANT_EXPLORATORY_PI_LIMIT_PF_DAYS"),
+        (
+            f"of institution {institution_id!r}",
+            totals.institution,
+            caps.institution_limit,
+            "ACSP_GRANT_EXPLORATORY_INSTITUTION_LIMIT_PF_DAYS",
+        ),
+    )
+    for scope, total, limit, variable in checks:
+        if total + requested > limit:
+            return (
+                f"the projects {scope} were awarded {format_amount(total)} PF-days without "
+                f"review in the last {caps.period_days} days, and {format_amount(requested)} "
+                f"more would exceed the limit of {format_amount(limit)} PF-days ({variable}), "
+                "so the application goes to peer review instead of being awarded at once"
+            )
+    return None
+
+
 def is_auto_approved(tier: Tier) -> bool:
     """Return whether applications of the tier are awarded without review (within its limit)."""
     return tier is Tier.EXPLORATORY

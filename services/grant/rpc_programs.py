@@ -288,7 +288,13 @@ class ProgramHandlers:
         async with self.app.database().transaction() as conn:
             principal = await access.require_project_pi(conn, project_id, "submit applications")
             application_id = await applications.submit(
-                conn, new, request_key, principal.subject, limits, datetime.now(UTC)
+                conn,
+                new,
+                request_key,
+                principal.subject,
+                limits,
+                self.app.settings.exploratory_caps(),
+                datetime.now(UTC),
             )
             return await _application_out(conn, application_id)
 

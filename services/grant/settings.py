@@ -7,8 +7,11 @@ from decimal import Decimal
 from pathlib import Path
 
 from services.grant.amounts import format_amount
-from services.grant.review_rules import Tier
+from services.grant.review_rules import ExploratoryCaps, Tier
 from services.runtime.settings import Settings, SettingsError, setting
+
+MAX_EXPLORATORY_PERIOD_DAYS = 3660
+"""Ten years, in days. The bound keeps the period's start a valid timestamp."""
 
 
 def _parse_names(text: str) -> frozenset[str]:
@@ -27,6 +30,29 @@ class GrantSettings(Settings):
         Decimal(10),
         "largest exploratory request in PF-days; these are awarded without review",
         minimum=0,
+    )
+    # Two full exploratory grants a PI and twenty an institution per year, before the program
+    # office reviews further ones.
+    exploratory_pi_limit_pf_days: Decimal = setting(
+        "ACSP_GRANT_EXPLORATORY_PI_LIMIT_PF_DAYS",
+        Decimal(20),
+        "PF-days that the projects led by one PI may be awarded without review per period;"
+        " further exploratory applications go to peer review",
+        minimum=0,
+    )
+    exploratory_institution_limit_pf_days: Decimal = setting(
+        "ACSP_GRANT_EXPLORATORY_INSTITUTION_LIMIT_PF_DAYS",
+        Decimal(200),
+        "PF-days that the projects of one institution may be awarded without review per"
+        " period; further exploratory applications go to peer review",
+        minimum=0,
+    )
+    exploratory_period_days: int = setting(
+        "ACSP_GRANT_EXPLORATORY_PERIOD_DAYS",
+        365,
+        f"days of the rolling period over which awards without review are summed, at most"
+        f" {MAX_EXPLORATORY_PERIOD_DAYS}",
+        minimum=1,
     )
     standard_limit_pf_days: Decimal = setting(
         "ACSP_GRANT_STANDARD_LIMIT_PF_DAYS", Decimal(500), "largest standard request, PF-days"
@@ -117,8 +143,30 @@ class GrantSettings(Settings):
             Tier.FLAGSHIP: self.flagship_limit_pf_days,
         }
 
+    def exploratory_caps(self) -> ExploratoryCaps:
+        return ExploratoryCaps(
+            pi_limit=self.exploratory_pi_limit_pf_days,
+            institution_limit=self.exploratory_institution_limit_pf_days,
+            period_days=self.exploratory_period_days,
+        )
+
     def validate(self) -> None:
         super().validate()
+        if self.exploratory_period_days > MAX_EXPLORATORY_PERIOD_DAYS:
+            raise SettingsError(
+                "ACSP_GRANT_EXPLORATORY_PERIOD_DAYS",
+                f"{self.exploratory_period_days} is above the maximum"
+                f" {MAX_EXPLORATORY_PERIOD_DAYS}",
+                "give a period of at most ten years in days, e.g. 365",
+            )
+        if self.exploratory_pi_limit_pf_days > self.exploratory_institution_limit_pf_days:
+            raise SettingsError(
+                "ACSP_GRANT_EXPLORATORY_PI_LIMIT_PF_DAYS",
+                f"{format_amount(self.exploratory_pi_limit_pf_days)} PF-days is above the"
+                " per-institution limit ACSP_GRANT_EXPLORATORY_INSTITUTION_LIMIT_PF_DAYS of"
+                f" {format_amount(self.exploratory_institution_limit_pf_days)} PF-days",
+                "lower the per-PI limit or raise the per-institution limit",
+            )
         if self.budget_low_fraction > 1:
             raise SettingsError(
                 "ACSP_GRANT_BUDGET_LOW_FRACTION",
