@@ -665,7 +665,8 @@ def register(subparsers: Any) -> None:
         "--holder",
         required=True,
         help=(
-            "member subject or sub-project name. Only the holder and the project's PI may "
+            "a member (not a viewer) of the grant's project, or the id of another project "
+            "that its PI leads, as a sub-project. Only the holder and the project's PI may "
             "draw on the sub-allocation"
         ),
     )

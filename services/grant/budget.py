@@ -15,6 +15,7 @@ from decimal import Decimal
 
 import asyncpg
 
+from services.grant import directory
 from services.grant import ledger_rules as rules
 from services.grant.amounts import ZERO, format_amount
 from services.grant.errors import FailedPrecondition, NotFound
@@ -252,6 +253,7 @@ async def create_sub_allocation(
             raise _reused()
         return str(stored["allocation_id"])
     grant = grant_state(row)
+    await directory.check_holder(conn, row["project_id"], holder)
     if parent_id:
         parent_row = await conn.fetchrow(
             "SELECT * FROM allocations WHERE id = $1 AND grant_id = $2 FOR UPDATE",

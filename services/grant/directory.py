@@ -223,3 +223,40 @@ async def remove_member(
     await conn.execute(
         "DELETE FROM project_members WHERE project_id = $1 AND member = $2", project_id, subject
     )
+
+
+async def check_holder(conn: asyncpg.Connection, project_id: str, holder: str) -> None:
+    """Raise unless ``holder`` may hold a sub-allocation of a grant of ``project_id``.
+
+    A holder is the PI or a member (not a viewer) of the project, or another project led by
+    the same PI, as a sub-project. Any other name raises NotFound naming ``holder``, with the
+    same message whether or not a project of that id exists, so the error reveals no other
+    PI's projects.
+    """
+    role = await conn.fetchval(
+        "SELECT role FROM project_members WHERE project_id = $1 AND member = $2",
+        project_id,
+        holder,
+    )
+    if role == "viewer":
+        raise FailedPrecondition(
+            f"{holder!r} is a viewer of project {project_id!r}, who cannot submit jobs, so the "
+            f"budget would sit unused; make them a member first with `acsp grants member "
+            f"{project_id} {holder} --role member`",
+            field="holder",
+        )
+    if role is not None:
+        return
+    sub_project = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM projects p JOIN projects own ON own.pi = p.pi "
+        "WHERE own.id = $1 AND p.id = $2 AND p.id <> own.id)",
+        project_id,
+        holder,
+    )
+    if not sub_project:
+        raise NotFound(
+            "holder",
+            holder,
+            f"set holder to a member of project {project_id!r} (add one with `acsp grants "
+            f"member {project_id} SUBJECT`) or to another project that its PI leads",
+        )

@@ -369,7 +369,7 @@ async def test_sub_allocation_charge_reduces_parents(grant_service: RunningGrant
             request_id=rid(),
             grant_id=grant_id,
             parent_sub_allocation_id=level1.sub_allocation_id,
-            holder="bob-student",
+            holder="alice",
             amount_pf_days=dec("10"),
         )
     )
@@ -418,7 +418,7 @@ async def test_sub_allocation_charge_reduces_parents(grant_service: RunningGrant
                 request_id=rid(),
                 grant_id=grant_id,
                 parent_sub_allocation_id=level2.sub_allocation_id,
-                holder="too-much",
+                holder="bob",
                 amount_pf_days=dec("5"),
             )
         )

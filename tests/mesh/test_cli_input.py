@@ -307,7 +307,8 @@ def test_delegate_help_names_sub_projects(capsys: pytest.CaptureFixture[str]):
         main.main(["grants", "delegate", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "delegate part of a grant to a member or sub-project (PI only)" in out
-    assert "member subject or sub-project name" in out
+    assert "a member (not a viewer) of the grant's project" in out
+    assert "the id of another project that its PI leads" in out
     assert "Only the holder and the project's PI may draw on" in out
 
 
