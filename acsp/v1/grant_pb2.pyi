@@ -189,7 +189,7 @@ class GrantConstraints(_message.Message):
     def __init__(self, providers: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[str]] = ..., accelerator_models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Grant(_message.Message):
-    __slots__ = ("grant_id", "project_id", "institution_id", "tier", "validity", "constraints", "rate_policy", "rate_card_version", "state", "application_id", "supplemented", "balance", "fair_share_weight", "create_time")
+    __slots__ = ("grant_id", "project_id", "institution_id", "tier", "validity", "constraints", "rate_policy", "rate_card_version", "state", "application_id", "supplemented", "balance", "fair_share_weight", "create_time", "supplement_limit_pf_days")
     GRANT_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     INSTITUTION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +204,7 @@ class Grant(_message.Message):
     BALANCE_FIELD_NUMBER: _ClassVar[int]
     FAIR_SHARE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    SUPPLEMENT_LIMIT_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
     grant_id: str
     project_id: str
     institution_id: str
@@ -218,7 +219,8 @@ class Grant(_message.Message):
     balance: Balance
     fair_share_weight: _common_pb2.Decimal
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, grant_id: _Optional[str] = ..., project_id: _Optional[str] = ..., institution_id: _Optional[str] = ..., tier: _Optional[_Union[GrantTier, str]] = ..., validity: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., constraints: _Optional[_Union[GrantConstraints, _Mapping]] = ..., rate_policy: _Optional[_Union[RatePolicy, str]] = ..., rate_card_version: _Optional[int] = ..., state: _Optional[_Union[GrantState, str]] = ..., application_id: _Optional[str] = ..., supplemented: _Optional[bool] = ..., balance: _Optional[_Union[Balance, _Mapping]] = ..., fair_share_weight: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    supplement_limit_pf_days: _common_pb2.Decimal
+    def __init__(self, grant_id: _Optional[str] = ..., project_id: _Optional[str] = ..., institution_id: _Optional[str] = ..., tier: _Optional[_Union[GrantTier, str]] = ..., validity: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., constraints: _Optional[_Union[GrantConstraints, _Mapping]] = ..., rate_policy: _Optional[_Union[RatePolicy, str]] = ..., rate_card_version: _Optional[int] = ..., state: _Optional[_Union[GrantState, str]] = ..., application_id: _Optional[str] = ..., supplemented: _Optional[bool] = ..., balance: _Optional[_Union[Balance, _Mapping]] = ..., fair_share_weight: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., supplement_limit_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
 
 class Balance(_message.Message):
     __slots__ = ("credited_pf_days", "held_pf_days", "charged_pf_days", "refunded_pf_days", "delegated_pf_days", "available_pf_days")

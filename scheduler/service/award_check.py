@@ -6,8 +6,9 @@ Nothing raises a pot above all it was ever credited: a grant is credited its awa
 one supplement, and a sub-allocation only the transfer that created it. So once a grant has had
 its supplement, or for any sub-allocation, a hold above the credited budget at the cheapest model
 the job accepts can never be placed, and such a job is rejected instead of waiting forever. A
-grant without its supplement may still grow, so its jobs wait, and their pending reason says so
-(see :mod:`.budget_text`). The same check runs when the grant service rejects a hold as larger
+grant without its supplement may still grow by at most half its tier's limit, which the grant
+service returns. A job above that sum is rejected too, and a job within it waits with a pending
+reason that says so (see :mod:`.budget_text`). The same check runs when the grant service rejects a hold as larger
 than its pot was ever credited (:func:`settle_final_hold`), because a job accepted while the
 project cache still showed the grant without its supplement would otherwise wait forever.
 A job that names no grant is checked against every grant of its project
@@ -42,6 +43,20 @@ class AwardCeiling:
     """Whether nothing can be credited any more: a supplemented grant, or a sub-allocation."""
     models: tuple[str, ...] = ()
     """The grant's accelerator model constraint; empty allows any model."""
+    supplement_limit: Decimal | None = None
+    """PF-days the grant's one supplement may still add, or None when unknown."""
+
+    def most_credited(self) -> Decimal | None:
+        """Return the most PF-days the pot can ever be credited, or None when unbounded.
+
+        That is the credited total of a pot that cannot grow, or that total plus the most the
+        grant's one supplement may add. A grant whose supplement limit is unknown is unbounded.
+        """
+        if self.final:
+            return self.credited
+        if self.supplement_limit is None:
+            return None
+        return self.credited + self.supplement_limit
 
 
 def rated_models(job: Job, rates: RateCard, catalog: Catalog) -> list[str]:
@@ -70,8 +85,10 @@ def cheapest_hold(job: Job, rates: RateCard, catalog: Catalog) -> tuple[Decimal,
 def check_hold_fits(
     job: Job, ceiling: AwardCeiling, rates: RateCard, catalog: Catalog, prefix: str
 ) -> None:
-    """Raise FailedPrecondition when ``job``'s cheapest hold exceeds a final ceiling."""
-    if not ceiling.final:
+    """Raise FailedPrecondition when ``job``'s cheapest hold exceeds all the pot can ever be
+    credited, its one supplement included."""
+    most = ceiling.most_credited()
+    if most is None:
         return
     cheapest = cheapest_hold(job, rates, catalog)
     if cheapest is None:
@@ -79,22 +96,31 @@ def check_hold_fits(
     amount, model = cheapest
     # NOTE: holds are priced with the leader's current rate card, and so is this check. A later
     # card with lower prices could make a rejected job payable.
-    if amount <= ceiling.credited:
+    if amount <= most:
         return
     spec = job.spec
     accelerators = Decimal(spec.total_millis) / MILLIS_PER_ACCELERATOR
     pot = pot_name(ceiling.grant_id, ceiling.sub_allocation_id)
+    credited = display_pf_days(ceiling.credited)
     if ceiling.sub_allocation_id:
-        growth = "a sub-allocation is never credited more"
+        bound = f"the {credited} PF-days {pot} was ever credited, and a sub-allocation is never "
+        bound += "credited more"
         other = f"{prefix}.sub_allocation_id for a larger sub-allocation"
+    elif ceiling.final:
+        bound = f"the {credited} PF-days {pot} was ever credited, and the grant has had its one "
+        bound += "supplement"
+        other = f"{prefix}.grant_id for a grant with a larger award"
     else:
-        growth = "the grant has had its one supplement"
+        limit = display_pf_days(ceiling.supplement_limit or Decimal(0))
+        bound = (
+            f"the {display_pf_days(most)} PF-days {pot} can ever be credited: {credited} PF-days "
+            f"so far and at most {limit} more from its one supplement"
+        )
         other = f"{prefix}.grant_id for a grant with a larger award"
     raise FailedPrecondition(
         f"the job's hold, {accelerators:g} accelerator(s) x {spec.wall_time_s} s on "
         f"{model} (the cheapest model it accepts, {rates.source}), is "
-        f"{display_pf_days(amount)} PF-days, more than the {display_pf_days(ceiling.credited)} "
-        f"PF-days {pot} was ever credited, and {growth}, so it could never start; lower "
+        f"{display_pf_days(amount)} PF-days, more than {bound}, so it could never start; lower "
         f"{prefix}.wall_time_seconds, {prefix}.task_count or "
         f"{prefix}.accelerator_millis_per_task, or set {other}",
         f"{prefix}.wall_time_seconds",
@@ -124,20 +150,26 @@ def check_project_hold_fits(
     reasons: list[str] = []
     shortfall = False
     for ceiling in grants:
-        if not ceiling.final:
+        most = ceiling.most_credited()
+        if most is None:
             return
         allowed = [name for name in rated if not ceiling.models or name in ceiling.models]
         if not allowed:
             reasons.append(f"grant {ceiling.grant_id} allows none of the models the job accepts")
             continue
         amount, model = min((rates.hold_amount(job, name), name) for name in allowed)
-        if amount <= ceiling.credited:
+        if amount <= most:
             return
         shortfall = True
+        if ceiling.final:
+            bound = f"the {display_pf_days(most)} PF-days the grant was ever credited with its "
+            bound += "one supplement"
+        else:
+            bound = f"the {display_pf_days(most)} PF-days the grant can ever be credited with "
+            bound += "its one supplement"
         reasons.append(
             f"on grant {ceiling.grant_id} it is {display_pf_days(amount)} PF-days at {model}, "
-            f"more than the {display_pf_days(ceiling.credited)} PF-days the grant was ever "
-            "credited with its one supplement"
+            f"more than {bound}"
         )
     raise _unpayable(job, project_id, reasons, shortfall, rates, prefix)
 

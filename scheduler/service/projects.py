@@ -46,6 +46,8 @@ class GrantRecord:
     credited: Decimal | None = None
     """PF-days ever credited (award and supplement), or None when the grant service sent none."""
     supplemented: bool = False
+    supplement_limit: Decimal | None = None
+    """PF-days the grant's one supplement may still add, or None when unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +181,13 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         if not spec.sub_allocation_id:
             if grant.credited is None:
                 return None
-            return AwardCeiling(spec.grant_id, "", grant.credited, grant.supplemented)
+            return AwardCeiling(
+                spec.grant_id,
+                "",
+                grant.credited,
+                grant.supplemented,
+                supplement_limit=grant.supplement_limit,
+            )
         # The holder lookup of check_submitter cached the list, credited amounts included.
         await self.sub_allocation_holder(spec.grant_id, spec.sub_allocation_id)
         cached = fresh_entry(self._allocations, spec.grant_id)
@@ -221,6 +229,7 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
                     info.credited_pf_days,
                     info.supplemented,
                     info.accelerator_models,
+                    info.supplement_limit_pf_days,
                 )
             )
         return ceilings
@@ -303,4 +312,5 @@ def _grant_record(grant_id: str, info: grant_directory.GrantInfo | None) -> Gran
         info.ended(time.time()),
         info.credited_pf_days,
         info.supplemented,
+        info.supplement_limit_pf_days,
     )

@@ -6,7 +6,7 @@ Inputs are validated here, so every error names the request field the caller mus
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final
@@ -287,13 +287,21 @@ def grant_state_out(row: asyncpg.Record, now: datetime) -> int:
 
 
 def grant_out(
-    row: asyncpg.Record, institution_id: str, balance: RolledBalance, now: datetime
+    row: asyncpg.Record,
+    institution_id: str,
+    balance: RolledBalance,
+    now: datetime,
+    tier_limits: Mapping[Tier, Decimal],
 ) -> grant_pb2.Grant:
+    """Convert a grant row; ``tier_limits`` (PF-days by tier) bound its one supplement."""
+    tier = Tier(row["tier"])
+    # check_supplement allows one supplement of at most half the tier's limit.
+    supplement_limit = Decimal(0) if row["supplemented"] else tier_limits[tier] / 2
     message = grant_pb2.Grant(
         grant_id=row["id"],
         project_id=row["project_id"],
         institution_id=institution_id,
-        tier=TIER_OUT[Tier(row["tier"])],
+        tier=TIER_OUT[tier],
         constraints=grant_pb2.GrantConstraints(
             providers=row["providers"],
             regions=row["regions"],
@@ -307,6 +315,7 @@ def grant_out(
         balance=balance_out(balance),
         # NOTE: the weight is the credited budget in PF-days; the scheduler may scale it.
         fair_share_weight=amount_out(row["credited"]),
+        supplement_limit_pf_days=amount_out(supplement_limit),
     )
     time_out(row["starts_at"], message.validity.start_time)
     time_out(row["ends_at"], message.validity.end_time)

@@ -151,7 +151,13 @@ class LedgerHandlers:
         grant_id = reference_in("grant_id", request.grant_id)
         async with self.app.database().acquire() as conn:
             view = await _visible_grant(conn, grant_id)
-        return cv.grant_out(view.row, view.institution_id, view.balance, datetime.now(UTC))
+        return cv.grant_out(
+            view.row,
+            view.institution_id,
+            view.balance,
+            datetime.now(UTC),
+            self.app.settings.tier_limits(),
+        )
 
     async def ListGrants(
         self, request: grant_pb2.ListGrantsRequest, context: grpc.aio.ServicerContext
@@ -171,8 +177,11 @@ class LedgerHandlers:
                 after,
                 limit,
             )
+        tier_limits = self.app.settings.tier_limits()
         return grant_pb2.ListGrantsResponse(
-            grants=[cv.grant_out(g.row, g.institution_id, g.balance, now) for g in grants],
+            grants=[
+                cv.grant_out(g.row, g.institution_id, g.balance, now, tier_limits) for g in grants
+            ],
             page=page_out([g.row["id"] for g in grants], limit),
         )
 
@@ -199,7 +208,9 @@ class LedgerHandlers:
                 cause = _cause(principal, "SupplementGrant", reason)
                 await budget.supplement_grant(conn, grant_id, amount, key, cause, now)
             view = await views.grant_view(conn, grant_id)
-        return cv.grant_out(view.row, view.institution_id, view.balance, now)
+        return cv.grant_out(
+            view.row, view.institution_id, view.balance, now, self.app.settings.tier_limits()
+        )
 
     async def ExtendGrant(
         self, request: grant_pb2.ExtendGrantRequest, context: grpc.aio.ServicerContext
@@ -222,7 +233,13 @@ class LedgerHandlers:
             )
             view = await views.grant_view(conn, grant_id)
         if not moved:
-            return cv.grant_out(view.row, view.institution_id, view.balance, datetime.now(UTC))
+            return cv.grant_out(
+                view.row,
+                view.institution_id,
+                view.balance,
+                datetime.now(UTC),
+                self.app.settings.tier_limits(),
+            )
         log.info(
             "grant extended",
             extra={
@@ -232,7 +249,13 @@ class LedgerHandlers:
                 "reason": reason,
             },
         )
-        return cv.grant_out(view.row, view.institution_id, view.balance, datetime.now(UTC))
+        return cv.grant_out(
+            view.row,
+            view.institution_id,
+            view.balance,
+            datetime.now(UTC),
+            self.app.settings.tier_limits(),
+        )
 
     async def ExpireGrants(
         self, request: grant_pb2.ExpireGrantsRequest, context: grpc.aio.ServicerContext

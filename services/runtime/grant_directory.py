@@ -68,6 +68,9 @@ class GrantInfo:
     """All the grant was ever credited (award and supplement), or None when not returned."""
     supplemented: bool = False
     """Whether the grant had its one supplement, after which nothing more is credited."""
+    supplement_limit_pf_days: Decimal | None = None
+    """The maximum PF-days the grant's one supplement may still add (0 once it had it), or
+    None when the grant service did not return it."""
 
     def ended(self, now: float) -> bool:
         """Return whether the grant can no longer pay for new work at ``now``."""
@@ -198,7 +201,17 @@ def grant_info_from_proto(msg: grant_pb2.Grant) -> GrantInfo:
         msg.state == grant_pb2.GRANT_STATE_EXPIRED,
         _credited(msg.balance),
         msg.supplemented,
+        _supplement_limit(msg),
     )
+
+
+def _supplement_limit(msg: grant_pb2.Grant) -> Decimal | None:
+    if not msg.HasField("supplement_limit_pf_days"):
+        return None
+    try:
+        return decimals.from_proto(msg.supplement_limit_pf_days)
+    except ValueError:
+        return None
 
 
 def _credited(balance: grant_pb2.Balance) -> Decimal | None:

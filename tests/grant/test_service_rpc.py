@@ -464,6 +464,23 @@ async def test_supplement_once_and_half_limit(grant_service: RunningGrant) -> No
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_grant_reports_supplement_limit(grant_service: RunningGrant) -> None:
+    await setup_project(grant_service)
+    grant_id = await standard_grant(grant_service, "100")
+    office = grant_service.stub("office", ["program_office"])
+
+    before = await office.GetGrant(grant_pb2.GetGrantRequest(grant_id=grant_id))
+    after = await office.SupplementGrant(
+        grant_pb2.SupplementGrantRequest(
+            request_id=rid(), grant_id=grant_id, amount_pf_days=dec("10"), reason="more"
+        )
+    )
+
+    # Half the standard tier's limit of 500 PF-days, then nothing once supplemented.
+    assert before.supplement_limit_pf_days.value == "250"
+    assert after.supplement_limit_pf_days.value == "0"
+
+
 async def test_supplement_checks_role_before_grant(grant_service: RunningGrant) -> None:
     await setup_project(grant_service)
     grant_id = await standard_grant(grant_service, "100")

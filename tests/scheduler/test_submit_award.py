@@ -176,6 +176,57 @@ async def test_hold_above_supplemented_grant_rejected(stack: Stack) -> None:
     assert accepted.job.job_id
 
 
+async def test_hold_beyond_supplement_limit_rejected(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    # An exploratory grant of 5; its one supplement may add half the tier limit of 10.
+    project, grant, pi = await fund_grant(stack, pf_days="5")
+    owner = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            # About 10.88 PF-days: more than the 10 the grant can ever be credited.
+            await scheduler.SubmitJob(
+                scheduler_pb2.SubmitJobRequest(spec=h100_job(project, grant, 11)),
+                metadata=owner,
+                timeout=10,
+            )
+        # About 9.89 PF-days: payable once the grant gets its supplement.
+        accepted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=h100_job(project, grant, 10)),
+            metadata=owner,
+            timeout=10,
+        )
+        listed = await scheduler.ListJobs(
+            scheduler_pb2.ListJobsRequest(project_id=project), metadata=owner, timeout=10
+        )
+    details = caught.value.details() or ""
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details.startswith("spec.wall_time_seconds: ")
+    assert "is 10.8845 PF-days" in details
+    assert f"more than the 10 PF-days grant {grant} can ever be credited" in details
+    assert "5 PF-days so far and at most 5 more from its one supplement" in details
+    assert "lower spec.wall_time_seconds" in details
+    assert [job.job_id for job in listed.jobs] == [accepted.job.job_id]
+
+
+async def test_no_grant_job_beyond_supplement_limit_rejected(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack, pf_days="5")
+    owner = metadata(stack.token(pi, Role.PI))
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await scheduler.SubmitJob(
+                scheduler_pb2.SubmitJobRequest(spec=h100_job(project, "", 11)),
+                metadata=owner,
+                timeout=10,
+            )
+    details = caught.value.details() or ""
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"on grant {grant} it is 10.8845 PF-days at {H100}" in details
+    assert "more than the 10 PF-days the grant can ever be credited" in details
+
+
 async def test_no_grant_job_beyond_project_rejected(stack: Stack) -> None:
     _, address = await stack.start_scheduler()
     project, grant, pi = await fund_grant(stack, pf_days="10")
