@@ -517,7 +517,9 @@ def register(subparsers: Any) -> None:
     p = command("institution", run_institution, "register an institution (program office)")
     p.add_argument("institution_id")
     p.add_argument("name")
-    p.add_argument("--country", default="", help="ISO 3166-1 alpha-2 country code")
+    p.add_argument(
+        "--country", required=True, help="ISO 3166-1 alpha-2 country code, e.g. DE or NO"
+    )
     idempotent(p)
 
     p = command("project", run_project, "create a project with its PI and members")

@@ -20,11 +20,17 @@ from services.grant.app import (
     request_id_in,
 )
 from services.grant.applications import DecisionRequest, NewApplication
+from services.grant.countries import country_code_in
 from services.grant.directory import NewInstitution, NewProject
 from services.grant.errors import InvalidArgument, NotFound, PermissionDenied
 from services.grant.ratecard import current_version
 from services.grant.review_rules import Decision, RatePolicy, check_validity
-from services.runtime.auth import Role, current_principal
+from services.runtime.auth import (
+    PRINCIPAL_NAME_RULE,
+    Role,
+    current_principal,
+    is_principal_name,
+)
 
 
 async def _project_out(conn: asyncpg.Connection, project_id: str) -> grant_pb2.Project:
@@ -91,17 +97,12 @@ async def _require_application_visible(conn: asyncpg.Connection, application_id:
     return str(project_id)
 
 
-def _country_code_in(text: str) -> str:
-    """Return an ISO 3166-1 alpha-2 code in upper case, or "" when none is given."""
-    code = cv.text_in("institution.country_code", text, required=False, limit=2)
-    # Checked before upper(), which turns 'ß' into the two letters 'SS'.
-    if code and not (len(code) == 2 and code.isascii() and code.isalpha()):
-        raise InvalidArgument(
-            "institution.country_code",
-            f"{code!r} is not an ISO 3166-1 alpha-2 code",
-            "give two letters such as 'DE', or leave it empty",
-        )
-    return code.upper()
+def _principal_name_in(field: str, text: str) -> str:
+    """Return a PI or member name that follows the rule for principal names in tokens."""
+    name = cv.text_in(field, text)
+    if not is_principal_name(name):
+        raise InvalidArgument(field, f"{name!r} is not a valid principal name", PRINCIPAL_NAME_RULE)
+    return name
 
 
 class ProgramHandlers:
@@ -119,7 +120,9 @@ class ProgramHandlers:
                 "institution.institution_id", request.institution.institution_id
             ),
             name=cv.text_in("institution.display_name", request.institution.display_name),
-            country_code=_country_code_in(request.institution.country_code),
+            country_code=country_code_in(
+                "institution.country_code", request.institution.country_code
+            ),
         )
         async with self.app.database().transaction() as conn:
             row = await directory.create_institution(conn, new, principal.subject)
@@ -158,7 +161,7 @@ class ProgramHandlers:
             )
         request_key = request_id_in(request.request_id)
         project = request.project
-        pi = cv.text_in("project.pi_subject", project.pi_subject)
+        pi = _principal_name_in("project.pi_subject", project.pi_subject)
         institution_id = reference_in("project.institution_id", project.institution_id)
         if not principal.has_any({Role.PROGRAM_OFFICE}):
             if pi != principal.subject:
@@ -177,7 +180,8 @@ class ProgramHandlers:
                 raise InvalidArgument(
                     f"project.members[{index}].role", "is not set", "use member or viewer"
                 )
-            members.append((cv.text_in(f"project.members[{index}].subject", member.subject), role))
+            subject = _principal_name_in(f"project.members[{index}].subject", member.subject)
+            members.append((subject, role))
         new = NewProject(
             project_id=identifier_in("project.project_id", project.project_id),
             institution_id=institution_id,
@@ -216,7 +220,7 @@ class ProgramHandlers:
     ) -> grant_pb2.Project:
         request_id_in(request.request_id)
         project_id = reference_in("project_id", request.project_id)
-        subject = cv.text_in("member.subject", request.member.subject)
+        subject = _principal_name_in("member.subject", request.member.subject)
         role = cv.ROLES.get(request.member.role)  # type: ignore[call-overload]
         if role is None:
             raise InvalidArgument("member.role", "is not set", "use member or viewer")

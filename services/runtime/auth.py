@@ -29,6 +29,7 @@ import datetime
 import enum
 import logging
 import os
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -53,6 +54,21 @@ AUDIENCE: Final = "acsp"
 ALGORITHM: Final = "EdDSA"
 CLOCK_LEEWAY_S: Final = 30
 DEFAULT_TOKEN_TTL: Final = datetime.timedelta(hours=12)
+
+PRINCIPAL_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
+"""Rule for a principal's name (a token's ``sub``): 1 to 128 ASCII letters, digits and
+``. _ @ + -``, starting with a letter or digit. It admits user ids such as ``alice`` and
+``alice@uni.example`` but no spaces, slashes or non-ASCII letters, so two spellings of one name
+cannot look alike."""
+PRINCIPAL_NAME_RULE: Final = (
+    "use 1 to 128 ASCII letters, digits, '.', '_', '@', '+' or '-', starting with a letter "
+    "or digit, e.g. alice or alice@uni.example"
+)
+
+
+def is_principal_name(name: str) -> bool:
+    """Return whether ``name`` follows :data:`PRINCIPAL_NAME_PATTERN`."""
+    return PRINCIPAL_NAME_PATTERN.fullmatch(name) is not None
 
 
 class Role(enum.StrEnum):
@@ -230,8 +246,10 @@ def mint_token(
 ) -> str:
     """Sign a bearer token for ``subject``; raise ValueError on an unknown role or bad claims."""
     checked = [Role(role) for role in roles]
-    if not subject:
-        raise ValueError("subject must not be empty")
+    if not is_principal_name(subject):
+        raise ValueError(
+            f"subject {subject!r} is not a valid principal name: {PRINCIPAL_NAME_RULE}"
+        )
     if not checked:
         raise ValueError("a token needs at least one role")
     if Role.PROVIDER_OPERATOR in checked and not provider:
@@ -318,10 +336,13 @@ def _principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     provider = claims.get("provider")
     if Role.PROVIDER_OPERATOR in roles and not provider:
         raise Unauthenticated("provider_operator token names no provider")
+    subject = str(claims["sub"])
+    if not is_principal_name(subject):
+        raise Unauthenticated(f"bearer token subject {subject!r} is not a valid principal name")
     kind: Literal["user", "service"] = "service" if Role.SERVICE in roles else "user"
     return Principal(
         kind=kind,
-        subject=str(claims["sub"]),
+        subject=subject,
         roles=roles,
         institution=claims.get("inst"),
         provider=provider,

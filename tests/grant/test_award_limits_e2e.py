@@ -59,7 +59,7 @@ async def test_award_checked_against_real_scheduler(stack: tuple[Stack, str]) ->
                 grant_pb2.CreateInstitutionRequest(
                     request_id=rid(),
                     institution=grant_pb2.Institution(
-                        institution_id=institution, display_name=institution
+                        institution_id=institution, display_name=institution, country_code="NO"
                     ),
                 ),
                 metadata=office,

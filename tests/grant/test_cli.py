@@ -60,7 +60,9 @@ async def test_cli_apply_and_balance(
 ) -> None:
     async with running_grant(schema, tmp_path) as svc:
         use_identity(monkeypatch, svc, "office", ["program_office"])
-        code, _, err = await run_cli(capsys, "institution", "uni-a", "University A")
+        code, _, err = await run_cli(
+            capsys, "institution", "uni-a", "University A", "--country", "DE"
+        )
         assert code == 0, err
         use_identity(monkeypatch, svc, "alice", ["pi"])
         code, out, err = await run_cli(
@@ -192,7 +194,9 @@ async def test_cli_assign_unregistered_institution(
     async with running_grant(schema, tmp_path) as svc:
         use_identity(monkeypatch, svc, "office", ["program_office"])
         for institution in ("uni-a", "uni-b"):
-            code, _, err = await run_cli(capsys, "institution", institution, institution)
+            code, _, err = await run_cli(
+                capsys, "institution", institution, institution, "--country", "DE"
+            )
             assert code == 0, err
         use_identity(monkeypatch, svc, "alice", ["pi"])
         code, _, err = await run_cli(
@@ -248,7 +252,9 @@ async def test_cli_shows_limits_and_history(
     async with running_grant(schema, tmp_path) as svc:
         use_identity(monkeypatch, svc, "office", ["program_office"])
         for institution in ("uni-a", "uni-b"):
-            code, _, err = await run_cli(capsys, "institution", institution, institution)
+            code, _, err = await run_cli(
+                capsys, "institution", institution, institution, "--country", "DE"
+            )
             assert code == 0, err
         use_identity(monkeypatch, svc, "alice", ["pi"])
         code, _, err = await run_cli(
@@ -322,10 +328,19 @@ async def test_cli_errors_name_the_option(
 ) -> None:
     async with running_grant(schema, tmp_path) as svc:
         use_identity(monkeypatch, svc, "office", ["program_office"])
-        code, _, err = await run_cli(capsys, "institution", "uni-a", " ")
+        code, _, err = await run_cli(capsys, "institution", "uni-a", " ", "--country", "DE")
         assert code == 2
         assert "institution.display_name is set by the name argument" in err
-        code, _, err = await run_cli(capsys, "institution", "uni-a", "University A")
+        for country, reason in (("", "is missing"), ("UK", "use GB")):
+            code, _, err = await run_cli(
+                capsys, "institution", "uni-a", "University A", "--country", country
+            )
+            assert code == 2
+            assert "institution.country_code is set by --country" in err
+            assert reason in err
+        code, _, err = await run_cli(
+            capsys, "institution", "uni-a", "University A", "--country", "DE"
+        )
         assert code == 0, err
 
         use_identity(monkeypatch, svc, "alice", ["pi"])
@@ -333,6 +348,10 @@ async def test_cli_errors_name_the_option(
         code, _, err = await run_cli(capsys, *project, "--member", ":viewer")
         assert code == 2
         assert "project.members[0].subject is set by --member" in err
+        code, _, err = await run_cli(capsys, *project, "--member", "bad name")
+        assert code == 2
+        assert "project.members[0].subject is set by --member" in err
+        assert "'bad name' is not a valid principal name" in err
         code, _, err = await run_cli(capsys, *project)
         assert code == 0, err
 
@@ -360,7 +379,9 @@ async def test_cli_list_notes_rows_past_limit(
 ) -> None:
     async with running_grant(schema, tmp_path) as svc:
         use_identity(monkeypatch, svc, "office", ["program_office"])
-        code, _, err = await run_cli(capsys, "institution", "uni-a", "University A")
+        code, _, err = await run_cli(
+            capsys, "institution", "uni-a", "University A", "--country", "DE"
+        )
         assert code == 0, err
         use_identity(monkeypatch, svc, "alice", ["pi"])
         for project in ("proj-a", "proj-b", "proj-c"):
@@ -413,7 +434,9 @@ async def test_cli_shows_end_date_as_typed(
     extended = (TODAY + timedelta(days=120)).isoformat()
     async with running_grant(schema, tmp_path) as svc:
         use_identity(monkeypatch, svc, "office", ["program_office"])
-        code, _, err = await run_cli(capsys, "institution", "uni-a", "University A")
+        code, _, err = await run_cli(
+            capsys, "institution", "uni-a", "University A", "--country", "DE"
+        )
         assert code == 0, err
         use_identity(monkeypatch, svc, "alice", ["pi"])
         code, _, err = await run_cli(

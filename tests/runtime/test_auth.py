@@ -15,6 +15,7 @@ from services.runtime.auth import (
     TokenVerifier,
     ensure_signing_key,
     generate_signing_key,
+    is_principal_name,
     is_public_method,
     load_public_key,
     load_signing_key,
@@ -221,3 +222,30 @@ def test_token_cache_is_bounded(keys: Keys) -> None:
     for token in tokens:
         verifier.verify(token)
     assert list(verifier._verified) == tokens[2:]
+
+
+@pytest.mark.parametrize("subject", ["", "bad name", ".alice", "alice/bob", "a" * 129, "ålice"])
+def test_mint_rejects_bad_subjects(keys: Keys, subject: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        mint_token(keys.private_key, subject, [Role.PI])
+    assert "subject" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "subject", ["alice", "alice@uni.example", "b.o_b-2", "Carol+lab", "a" * 128]
+)
+def test_principal_names_accepted(keys: Keys, subject: str) -> None:
+    assert is_principal_name(subject)
+    token = mint_token(keys.private_key, subject, [Role.PI])
+    assert verifier_for(keys).verify(token).subject == subject
+
+
+def test_token_with_bad_subject_is_unauthenticated(keys: Keys) -> None:
+    import jwt
+
+    now = int(time.time())
+    claims = {"sub": "bad name", "roles": ["pi"], "iss": "acsp", "aud": "acsp"}
+    token = jwt.encode({**claims, "iat": now, "exp": now + 60}, keys.private_key, "EdDSA")
+    with pytest.raises(Unauthenticated) as caught:
+        verifier_for(keys).verify(token)
+    assert "'bad name' is not a valid principal name" in str(caught.value)
