@@ -8,9 +8,10 @@ its supplement, or for any sub-allocation, a hold above the credited budget at t
 the job accepts can never be placed, and such a job is rejected instead of waiting forever. A
 grant without its supplement may still grow by at most half its tier's limit, which the grant
 service returns. A job above that sum is rejected too, and a job within it waits with a pending
-reason that says so (see :mod:`.budget_text`). The same check runs when the grant service rejects a hold as larger
-than its pot was ever credited (:func:`settle_final_hold`), because a job accepted while the
-project cache still showed the grant without its supplement would otherwise wait forever.
+reason that says so (see :mod:`.budget_text`). The same check runs when the grant service
+rejects a hold as larger than its pot was ever credited (:func:`settle_final_hold`), because a
+job accepted while the project cache showed an older supplement or limit, or while the grant
+service returned no limit, would otherwise wait forever.
 A job that names no grant is checked against every grant of its project
 (:func:`check_project_hold_fits`), because the grant service picks the one that pays.
 """
@@ -199,23 +200,38 @@ def _unpayable(
 
 
 def settle_final_hold(
-    job: Job, outcome: HoldOutcome, rates: RateCard, catalog: Catalog
+    job: Job,
+    outcome: HoldOutcome,
+    rates: RateCard,
+    catalog: Catalog,
+    supplement_limit: Decimal | None = None,
 ) -> HoldOutcome:
-    """Turn a hold beyond a pot that can no longer grow into the job's rejection.
+    """Turn a hold beyond all its pot can ever be credited into the job's rejection.
 
-    ``outcome`` is a :attr:`HoldOutcome.beyond_credited` failure on a sub-allocation or on a
-    grant that has had its supplement. When even the cheapest model the job accepts costs more
-    than the pot was ever credited, the job could never be paid, and the outcome becomes
-    ``rejected`` with the reason a submission would have got. Otherwise the job waits for a
-    cheaper model, and its reason says that the pot will not grow.
+    ``outcome`` is a :attr:`HoldOutcome.beyond_credited` failure. ``supplement_limit`` is the
+    most that a grant without its supplement may still gain, and None means the pot can no
+    longer grow (a sub-allocation, or a grant that has had its supplement). When even the
+    cheapest model the job accepts costs more than that bound, the job could never be paid, and
+    the outcome becomes ``rejected`` with the reason a submission would have got. Otherwise a
+    job on a pot that cannot grow waits for a cheaper model, and its pending reason states that.
+    A job within a supplement limit gets ``outcome`` back unchanged.
     """
     spec = job.spec
     assert outcome.credited is not None and outcome.amount is not None
-    ceiling = AwardCeiling(spec.grant_id, spec.sub_allocation_id, outcome.credited, True)
+    final = supplement_limit is None
+    ceiling = AwardCeiling(
+        spec.grant_id,
+        spec.sub_allocation_id,
+        outcome.credited,
+        final,
+        supplement_limit=supplement_limit,
+    )
     try:
         check_hold_fits(job, ceiling, rates, catalog, "spec")
     except FailedPrecondition as exc:
         return HoldOutcome("rejected", message=exc.reason)
+    if not final:
+        return outcome
     available = outcome.available if outcome.available is not None else Decimal(0)
     message = no_budget_message(
         outcome.amount,

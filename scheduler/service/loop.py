@@ -583,14 +583,16 @@ class SchedulingLoop:
     async def _settle_beyond_credited(
         self, job: Job, outcome: HoldOutcome, reread: dict[str, GrantRecord | None]
     ) -> HoldOutcome:
-        """Fail a job whose hold exceeds all its pot was ever credited, if the pot cannot grow.
+        """Fail a job whose hold exceeds all its pot can ever be credited.
 
-        A sub-allocation never grows. A grant grows only by its one supplement, which the
-        project cache reports up to its time to live late, so a job accepted just after the
-        supplement fails at a later retry of its hold. Before such a job fails, its grant is
-        read again past the cache, once per grant in ``reread``. A supplement that lands after
-        the grant service rejected the hold makes the rejection's credited total stale, while
-        the cache may already show the supplement.
+        A sub-allocation never grows. A grant grows only by its one supplement, of at most the
+        limit that the grant service returns, and by any amount when an older grant service
+        returns no limit. The project cache reports the supplement and the limit up to its
+        time to live late, so a job accepted just before either changed fails at a later retry
+        of its hold. Before such a job fails, its grant is read again past the cache, once per
+        grant in ``reread``. A supplement that lands after the grant service rejected the hold
+        makes the rejection's credited total stale, while the cache may already show the
+        supplement.
         """
         spec = job.spec
         catalog = self.book.engine.engine.catalog
@@ -610,9 +612,9 @@ class SchedulingLoop:
                 exc,
             )
             return outcome
-        if grant is None or not grant.supplemented:
+        if grant is None or not _growth_bounded(grant):
             return outcome
-        settled = settle_final_hold(job, outcome, self.rates, catalog)
+        settled = settle_final_hold(job, outcome, self.rates, catalog, _growth_limit(grant))
         if settled.status != "rejected":
             return settled
         if spec.grant_id not in reread:
@@ -621,8 +623,12 @@ class SchedulingLoop:
         if fresh is None or fresh.credited is None or outcome.credited is None:
             # The grant could not be read again, so the job waits and its hold is tried again.
             return outcome
+        if not _growth_bounded(fresh):
+            return outcome
         credited = max(fresh.credited, outcome.credited)
-        return settle_final_hold(job, replace(outcome, credited=credited), self.rates, catalog)
+        return settle_final_hold(
+            job, replace(outcome, credited=credited), self.rates, catalog, _growth_limit(fresh)
+        )
 
     @staticmethod
     async def _reload_grant(
@@ -638,3 +644,13 @@ class SchedulingLoop:
                 exc,
             )
             return None
+
+
+def _growth_bounded(grant: GrantRecord) -> bool:
+    """Return whether ``grant`` can grow by a known amount, nothing once supplemented."""
+    return grant.supplemented or grant.supplement_limit is not None
+
+
+def _growth_limit(grant: GrantRecord) -> Decimal | None:
+    """Return the maximum PF-days ``grant`` may still gain, or None when it can no longer grow."""
+    return None if grant.supplemented else grant.supplement_limit

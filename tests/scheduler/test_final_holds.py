@@ -73,20 +73,33 @@ def test_supplemented_grant_message_waits_for_no_supplement() -> None:
 class FakeProjects:
     """A project cache whose grant ``g1`` was credited ``credited`` PF-days when read again."""
 
-    def __init__(self, supplemented: bool, credited: str = "1", reachable: bool = True) -> None:
+    def __init__(
+        self,
+        supplemented: bool,
+        credited: str = "1",
+        reachable: bool = True,
+        supplement_limit: str | None = None,
+    ) -> None:
         self.supplemented = supplemented
         self.credited = Decimal(credited)
         self.reachable = reachable
+        self.supplement_limit = None if supplement_limit is None else Decimal(supplement_limit)
         self.reloads = 0
 
     async def grant(self, grant_id: str) -> SimpleNamespace:
-        return SimpleNamespace(supplemented=self.supplemented)
+        return SimpleNamespace(
+            supplemented=self.supplemented, supplement_limit=self.supplement_limit
+        )
 
     async def reload_grant(self, grant_id: str) -> SimpleNamespace:
         self.reloads += 1
         if not self.reachable:
             raise Unavailable("the grant service could not confirm grant 'g1'; retry shortly")
-        return SimpleNamespace(supplemented=self.supplemented, credited=self.credited)
+        return SimpleNamespace(
+            supplemented=self.supplemented,
+            credited=self.credited,
+            supplement_limit=self.supplement_limit,
+        )
 
 
 def settle_in_loop(projects: FakeProjects, jobs: int = 1) -> list[HoldOutcome]:
@@ -120,12 +133,58 @@ def test_loop_fails_job_of_supplemented_grant() -> None:
 
 
 def test_loop_keeps_job_of_growable_grant() -> None:
+    # An older grant service returns no supplement limit, so the grant may grow by any amount.
     projects = FakeProjects(supplemented=False)
 
     [outcome] = settle_in_loop(projects)
 
     assert outcome.status == "no_budget"
     assert projects.reloads == 0
+
+
+def test_loop_fails_job_beyond_supplement_limit() -> None:
+    # Credited 1 PF-day, and its supplement may add 0.5: the 2 PF-day hold never fits.
+    projects = FakeProjects(supplemented=False, supplement_limit="0.5")
+
+    [outcome] = settle_in_loop(projects)
+
+    assert outcome.status == "rejected"
+    assert "is 2 PF-days, more than the 1.5 PF-days grant g1 can ever be credited" in (
+        outcome.message
+    )
+    assert "1 PF-days so far and at most 0.5 more from its one supplement" in outcome.message
+    assert "lower spec.wall_time_seconds" in outcome.message
+    assert projects.reloads == 1
+
+
+def test_loop_keeps_job_within_supplement_limit() -> None:
+    projects = FakeProjects(supplemented=False, supplement_limit="1")
+
+    [outcome] = settle_in_loop(projects)
+
+    assert outcome.status == "no_budget"
+    assert outcome.message == "needs more than the grant was ever credited"
+    assert projects.reloads == 0
+
+
+def test_raised_supplement_limit_keeps_job_waiting() -> None:
+    # The cache shows a limit of 0.5, but the grant read again may grow by 2.
+    projects = FakeProjects(supplemented=False, supplement_limit="0.5")
+    reread_limits = iter([Decimal(2)])
+    reload = projects.reload_grant
+
+    async def reload_raised(grant_id: str) -> SimpleNamespace:
+        fresh = await reload(grant_id)
+        fresh.supplement_limit = next(reread_limits)
+        return fresh
+
+    projects.reload_grant = reload_raised  # type: ignore[method-assign]
+
+    [outcome] = settle_in_loop(projects)
+
+    assert outcome.status == "no_budget"
+    assert outcome.message == "needs more than the grant was ever credited"
+    assert projects.reloads == 1
 
 
 def test_late_supplement_keeps_job_waiting() -> None:
