@@ -545,20 +545,21 @@ def naming_options(options: Mapping[str, str]) -> Iterator[None]:
 
     Services name request fields (``pledge.model``); a CLI user sets options (``--model``).
     ``options`` maps field paths without list indexes or map keys to options, so
-    ``spec.accelerators.models`` covers ``spec.accelerators.models[2]``.
+    ``spec.accelerators.models`` covers ``spec.accelerators.models[2]``. Each option is named
+    once, after the first field that maps to it, which is a rejected one when the status
+    details name one.
     """
     try:
         yield
     except grpc.RpcError as error:
-        hints = []
+        hints: dict[str, str] = {}
         for field in rejected_fields(error) + fields_in_text(error, options):
             option = options.get(field) or options.get(FIELD_INDEX.sub("", field))
-            hint = f"{field} is set by {option}"
-            if option and hint not in hints:
-                hints.append(hint)
+            if option and option not in hints:
+                hints[option] = f"{field} is set by {option}"
         if not hints:
             raise
-        message = f"{describe_rpc_error(error)} ({'; '.join(hints)})"
+        message = f"{describe_rpc_error(error)} ({'; '.join(hints.values())})"
         raise CommandError(message, exit_code_for_rpc_error(error)) from None
 
 

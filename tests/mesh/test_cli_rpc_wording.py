@@ -9,6 +9,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from acsp.cli import _common, grants, jobs
 from acsp.cli.main import main
@@ -138,3 +140,24 @@ def test_pledge_model_error_lists_catalog() -> None:
     assert "'Z9' is not in the catalog; use one of" in problem.reason
     for name in Catalog().names():
         assert name in problem.reason
+
+
+def test_each_option_named_once() -> None:
+    # The status details name a list entry and the message names the list: one option.
+    field = "spec.accelerators.models[0]"
+    violation = error_details_pb2.BadRequest.FieldViolation(field=field, description="unknown")
+    packed = any_pb2.Any()
+    packed.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    status = status_pb2.Status(code=3, details=[packed]).SerializeToString()
+
+    class _Rejected(_Error):
+        def trailing_metadata(self) -> tuple[tuple[str, bytes]]:  # type: ignore[override]
+            return ((_common.STATUS_DETAILS_KEY, status),)
+
+    details = f"{field}: 'x y' is not a catalog model name; list names in spec.accelerators.models"
+    with pytest.raises(_common.CommandError) as caught:
+        with _common.naming_options(jobs.SUBMIT_OPTIONS):
+            raise _Rejected(grpc.StatusCode.INVALID_ARGUMENT, details)
+    message = str(caught.value)
+    assert message.count("--model") == 1, message
+    assert f"{field} is set by --model" in message
