@@ -431,11 +431,30 @@ def run_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def settlement_provider(args: argparse.Namespace) -> str:
+    """Return the provider of ``acsp settlement show`` or ``export``: ``--provider``, or the
+    deprecated positional argument. Raise CommandError unless exactly one provider is named."""
+    option, positional = args.provider_option, args.provider
+    if option and positional and option != positional:
+        raise CommandError(
+            f"the PROVIDER argument names provider {positional}, but --provider names "
+            f"{option}; give the provider once, with --provider",
+            EXIT_USAGE,
+        )
+    provider: str | None = option or positional
+    if not provider:
+        raise CommandError(
+            "--provider is required; name the provider whose settlement to build", EXIT_USAGE
+        )
+    return provider
+
+
 def run_settlement_show(args: argparse.Namespace) -> int:
+    provider = settlement_provider(args)
     window = _window(args)
     with open_metering(args) as metering:
         settlement = metering.GetSettlement(
-            metering_pb2.GetSettlementRequest(provider_id=args.provider, period=window)
+            metering_pb2.GetSettlementRequest(provider_id=provider, period=window)
         )
     records = [
         {
@@ -527,10 +546,11 @@ def _print_settlement_json(
 
 
 def run_settlement_export(args: argparse.Namespace) -> int:
+    provider = settlement_provider(args)
     window = _window(args)
     with open_metering(args) as metering:
         response = metering.ExportSettlement(
-            metering_pb2.ExportSettlementRequest(provider_id=args.provider, period=window)
+            metering_pb2.ExportSettlementRequest(provider_id=provider, period=window)
         )
     if args.output is None:
         sys.stdout.write(response.csv)
@@ -624,7 +644,14 @@ def register(subparsers: Any) -> None:
     ):
         p = settle.add_parser(name, parents=common, help=help, description=description or help)
         p.set_defaults(func=func)
-        p.add_argument("provider", help="provider id")
+        p.add_argument(
+            "--provider",
+            dest="provider_option",
+            metavar="PROVIDER",
+            help="provider whose settlement to build",
+        )
+        # The positional form came first, and scripts may still use it.
+        p.add_argument("provider", nargs="?", metavar="PROVIDER", help="deprecated: use --provider")
         window(p)
         if name == "export":
             p.add_argument(

@@ -35,6 +35,41 @@ def test_settlement_export_takes_provider_and_output() -> None:
     assert str(args.output) == "out.csv"
 
 
+@pytest.mark.parametrize("command", ["show", "export"])
+@pytest.mark.parametrize(
+    ("provider", "message"),
+    [
+        (["prov-a", "--provider", "prov-b"], "names provider prov-a, but --provider names prov-b"),
+        ([], "--provider is required"),
+    ],
+)
+def test_settlement_provider_usage_errors(
+    command: str,
+    provider: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # No mesh runs in an empty data directory, so a call would exit 3. Exit 2 shows that the
+    # command stopped before it connected.
+    window = ["--from", "2026-12-01", "--to", "2026-12-02", "--data-dir", str(tmp_path)]
+    code = main.main(["settlement", command, *provider, *window])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+
+
+@pytest.mark.parametrize("command", ["show", "export"])
+def test_settlement_help_deprecates_positional(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main.main(["settlement", command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--provider PROVIDER" in text
+    assert "deprecated: use --provider" in text
+
+
 def test_usage_query_rejects_unknown_grouping() -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(

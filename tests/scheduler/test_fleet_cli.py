@@ -21,6 +21,7 @@ import pytest
 from acsp import subjects
 from acsp.cli import fleet as fleet_cli
 from acsp.cli import pledges as pledges_cli
+from acsp.cli import usage as usage_cli
 from acsp.cli.main import main
 from acsp.v1 import (
     agent_pb2,
@@ -52,9 +53,9 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
 
 
 class _TokenStub:
-    """A blocking scheduler stub that sends a bearer token and a deadline with each call."""
+    """A blocking service stub that sends a bearer token and a deadline with each call."""
 
-    def __init__(self, stub: scheduler_pb2_grpc.SchedulerServiceStub, token: str) -> None:
+    def __init__(self, stub: Any, token: str) -> None:
         self._stub = stub
         self._metadata = metadata(token)
 
@@ -417,7 +418,9 @@ def pledge_request(
     return scheduler_pb2.SetPledgeRequest(pledge=pledge)
 
 
-async def test_settlement_of_new_pledge(stack: Stack) -> None:
+async def test_settlement_of_new_pledge(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, address = await stack.start_scheduler()
     office_token = stack.token("office", Role.PROGRAM_OFFICE)
     office = metadata(office_token)
@@ -484,6 +487,25 @@ async def test_settlement_of_new_pledge(stack: Stack) -> None:
                 timeout=20,
             )
     built = datetime.now(UTC)
+
+    # acsp settlement show takes the provider as --provider, and the deprecated positional
+    # form still works.
+    @contextmanager
+    def open_metering(args: object) -> Iterator[Any]:
+        with grpc.insecure_channel(metering_address) as channel:
+            yield _TokenStub(metering_pb2_grpc.MeteringServiceStub(channel), office_token)
+
+    monkeypatch.setattr(usage_cli, "open_metering", open_metering)
+    days = ("--from", iso(start), "--to", iso(start + timedelta(days=1)), "--format", "json")
+    shown = []
+    for naming in (("--provider", "eu"), ("eu",), ("eu", "--provider", "eu")):
+        code = await asyncio.to_thread(main, ["settlement", "show", *naming, *days])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        shown.append(json.loads(captured.out))
+    assert [document["provider"] for document in shown] == ["eu", "eu", "eu"]
+    assert [len(document["rows"]) for document in shown] == [1, 1, 1]
+
     assert [line.region_id for line in settlement.lines] == ["reg"]
     # A settlement counts pledged hours only up to when it is built, never into the future.
     pledged_hours = Decimal(settlement.lines[0].pledged_accelerator_hours.value)
