@@ -63,6 +63,8 @@ RECALL_OPTIONS: Final = {
     "recall.count": "--count",
     "recall.effective_time": "--notice or --effective",
     "recall.end_time": "--end or --duration",
+    "notice": "--notice",
+    "duration": "--duration",
 }
 """The option of ``acsp fleet recall create`` that sets each field RecallCapacity may reject."""
 MAX_TIMESTAMP_S: Final = 253_402_300_799
@@ -188,18 +190,37 @@ def pledge_from_args(args: argparse.Namespace) -> scheduler_pb2.Pledge:
     )
 
 
+def recall_request_from_args(
+    args: argparse.Namespace, now: float
+) -> scheduler_pb2.RecallCapacityRequest:
+    """Build the RecallCapacity request of ``acsp fleet recall create``.
+
+    ``--notice`` and ``--duration`` travel as durations that the scheduler resolves once, when
+    it first accepts the request. So a retry with the same ``--request-id`` sends the same
+    values and gets the stored recall back.
+    """
+    request = scheduler_pb2.RecallCapacityRequest(
+        request_id=args.request_id, recall=recall_from_args(args, now)
+    )
+    if args.notice is not None:
+        request.notice.FromNanoseconds(round(args.notice * 1e9))
+    if args.duration is not None:
+        request.duration.FromNanoseconds(round(args.duration * 1e9))
+    return request
+
+
 def recall_from_args(args: argparse.Namespace, now: float) -> scheduler_pb2.Recall:
-    """Build the recall of ``acsp fleet recall create``; ``now`` is Unix seconds."""
+    """Build the recall of ``acsp fleet recall create`` with the times given as times.
+
+    The times that ``--notice`` and ``--duration`` lead to are counted from ``now`` (Unix
+    seconds) only to check them here; the recall does not carry them.
+    """
+    recall = scheduler_pb2.Recall(pledge_id=args.pledge, count=args.count, reason=args.reason)
     if args.effective is not None:
         effective = parse_time(args.effective, "--effective")
+        recall.effective_time.CopyFrom(effective)
     else:
         effective = seconds_later(now, args.notice, "--notice")
-    recall = scheduler_pb2.Recall(
-        pledge_id=args.pledge,
-        count=args.count,
-        effective_time=effective,
-        reason=args.reason,
-    )
     if args.end is not None:
         end = parse_end_time(args.end, "--end")
         if end.ToNanoseconds() <= effective.ToNanoseconds():
@@ -210,8 +231,7 @@ def recall_from_args(args: argparse.Namespace, now: float) -> scheduler_pb2.Reca
             )
         recall.end_time.CopyFrom(end)
     elif args.duration is not None:
-        start = effective.ToNanoseconds() / 1e9
-        recall.end_time.CopyFrom(seconds_later(start, args.duration, "--duration"))
+        seconds_later(effective.ToNanoseconds() / 1e9, args.duration, "--duration")
     return recall
 
 
@@ -253,11 +273,9 @@ def list_pledges_command(args: argparse.Namespace) -> int:
 
 
 def create_recall_command(args: argparse.Namespace) -> int:
-    recall = recall_from_args(args, time.time())
+    request = recall_request_from_args(args, time.time())
     with open_scheduler(args) as scheduler, naming_options(RECALL_OPTIONS):
-        stored = scheduler.RecallCapacity(
-            scheduler_pb2.RecallCapacityRequest(request_id=args.request_id, recall=recall)
-        )
+        stored = scheduler.RecallCapacity(request)
     row = recall_row(stored)
     # A new recall that frees nothing is rejected, so 0 marks the reply to a repeated request,
     # for which the scheduler returns the stored recall without its freed count.

@@ -2,6 +2,7 @@
 import datetime
 
 from acsp.v1 import common_pb2 as _common_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -455,12 +456,16 @@ class ListPledgesResponse(_message.Message):
     def __init__(self, pledges: _Optional[_Iterable[_Union[Pledge, _Mapping]]] = ..., page: _Optional[_Union[_common_pb2.PageResponse, _Mapping]] = ..., fleet_counted: _Optional[bool] = ...) -> None: ...
 
 class RecallCapacityRequest(_message.Message):
-    __slots__ = ("request_id", "recall")
+    __slots__ = ("request_id", "recall", "notice", "duration")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RECALL_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     recall: Recall
-    def __init__(self, request_id: _Optional[str] = ..., recall: _Optional[_Union[Recall, _Mapping]] = ...) -> None: ...
+    notice: _duration_pb2.Duration
+    duration: _duration_pb2.Duration
+    def __init__(self, request_id: _Optional[str] = ..., recall: _Optional[_Union[Recall, _Mapping]] = ..., notice: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ListRecallsRequest(_message.Message):
     __slots__ = ("provider_id", "page")

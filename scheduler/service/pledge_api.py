@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import grpc
+from google.protobuf import duration_pb2
 
-from acsp.time_range import RANGE_FIX
+from acsp.time_range import LATEST_SECONDS, LATEST_TIME, RANGE_FIX
 from acsp.v1 import scheduler_pb2
 from services.runtime.auth import Principal, Role, current_principal, require_roles
 from services.runtime.context import request_id
@@ -154,35 +156,8 @@ class PledgeRpcs(ProviderRpcs):
             raise InvalidArgument("recall.pledge_id", "is empty", "name the pledge to recall from")
         if wanted.count <= 0:
             raise InvalidArgument("recall.count", "is 0", "recall at least one accelerator")
-        if not wanted.HasField("effective_time"):
-            raise InvalidArgument(
-                "recall.effective_time", "is missing", "set when the capacity must be free"
-            )
-        for name in ("effective_time", "end_time"):
-            problem = timestamp_problem(getattr(wanted, name)) if wanted.HasField(name) else ""
-            if problem:
-                raise InvalidArgument(f"recall.{name}", problem, RANGE_FIX)
-        effective = wanted.effective_time.ToNanoseconds() / 1e9
-        if effective < time.time() - RECALL_PAST_LEEWAY_S:
-            raise InvalidArgument(
-                "recall.effective_time",
-                f"is {utc_text(effective)}, in the past, which would skip the jobs' notice",
-                "set it to now or later",
-            )
-        end = wanted.end_time.ToNanoseconds() / 1e9 if wanted.HasField("end_time") else None
-        if end is not None and end <= effective:
-            raise InvalidArgument(
-                "recall.end_time", "is not after effective_time", "end the recall later"
-            )
+        recall = recall_from_request(request, time.time())
         leader = self._lead.require()
-        recall = RecallRecord(
-            f"rc-{uuid.uuid4().hex[:16]}",
-            wanted.pledge_id,
-            wanted.count,
-            effective,
-            end,
-            wanted.reason,
-        )
         try:
             owner = {p.pledge_id: p for p in await self._pledges.pledges()}.get(wanted.pledge_id)
             if owner is None:
@@ -194,10 +169,17 @@ class PledgeRpcs(ProviderRpcs):
         except KeyError:
             raise NotFound("pledge", wanted.pledge_id) from None
         except RecallPastPledge as exc:
+            field, name, reason = "recall.end_time", "end_time", str(exc)
+            if recall.duration is not None and recall.end is not None:
+                field = name = "duration"
+                reason = (
+                    f"ends the recall at {utc_text(recall.end)}, after pledge "
+                    f"{exc.pledge.pledge_id} ends at {utc_text(exc.pledge.end)}"
+                )
             raise InvalidArgument(
-                "recall.end_time",
-                str(exc),
-                f"end the recall at {utc_text(exc.pledge.end)} or earlier, or leave end_time "
+                field,
+                reason,
+                f"end the recall at {utc_text(exc.pledge.end)} or earlier, or leave {name} "
                 "unset so that the recall ends with its pledge",
             ) from None
         except RequestReused as exc:
@@ -213,6 +195,103 @@ class PledgeRpcs(ProviderRpcs):
         current_principal()
         recalls = await self._pledges.recalls(request.provider_id)
         return scheduler_pb2.ListRecallsResponse(recalls=[recall_to_proto(r) for r in recalls])
+
+
+def recall_from_request(request: scheduler_pb2.RecallCapacityRequest, now: float) -> RecallRecord:
+    """Convert the recall of a RecallCapacity request; raise InvalidArgument naming the field.
+
+    A notice or duration resolves to an effective or end time from ``now`` (Unix seconds).
+    The recall keeps both, so that a retry of the request matches on them.
+    """
+    requested = request.recall
+    notice = _relative(request, "notice", "effective_time", allow_zero=True)
+    duration = _relative(request, "duration", "end_time", allow_zero=False)
+    if notice is None and not requested.HasField("effective_time"):
+        raise InvalidArgument(
+            "recall.effective_time",
+            "is missing",
+            "set when the capacity must be free, or set notice instead",
+        )
+    for name in ("effective_time", "end_time"):
+        problem = timestamp_problem(getattr(requested, name)) if requested.HasField(name) else ""
+        if problem:
+            raise InvalidArgument(f"recall.{name}", problem, RANGE_FIX)
+    # The arithmetic is on datetimes, exact to the microsecond that the table keeps, so the
+    # stored end is exactly duration after the stored effective time.
+    if notice is not None:
+        _check_before_latest("notice", notice, now)
+        effective = datetime.fromtimestamp(now, UTC) + notice
+    else:
+        effective = requested.effective_time.ToDatetime(tzinfo=UTC)
+        if effective.timestamp() < now - RECALL_PAST_LEEWAY_S:
+            raise InvalidArgument(
+                "recall.effective_time",
+                f"is {utc_text(effective.timestamp())}, in the past, which would skip the "
+                "jobs' notice",
+                "set it to now or later, or set notice instead",
+            )
+    end: datetime | None = None
+    if duration is not None:
+        _check_before_latest("duration", duration, effective.timestamp())
+        end = effective + duration
+    elif requested.HasField("end_time"):
+        end = requested.end_time.ToDatetime(tzinfo=UTC)
+        if end <= effective:
+            raise InvalidArgument(
+                "recall.end_time", "is not after effective_time", "end the recall later"
+            )
+    return RecallRecord(
+        f"rc-{uuid.uuid4().hex[:16]}",
+        requested.pledge_id,
+        requested.count,
+        effective.timestamp(),
+        end.timestamp() if end is not None else None,
+        requested.reason,
+        notice,
+        duration,
+    )
+
+
+def _relative(
+    request: scheduler_pb2.RecallCapacityRequest, name: str, absolute: str, allow_zero: bool
+) -> timedelta | None:
+    """Return the request's ``name`` Duration as a timedelta, or None when it is unset.
+
+    Raise InvalidArgument when it is set together with ``recall.<absolute>``, which it
+    replaces, or when it is not a valid Duration, negative, or 0 without ``allow_zero``.
+    """
+    if not request.HasField(name):
+        return None
+    value: duration_pb2.Duration = getattr(request, name)
+    if request.recall.HasField(absolute):
+        raise InvalidArgument(
+            name, f"is set together with recall.{absolute}", "set only one of them"
+        )
+    seconds, nanos = value.seconds, value.nanos
+    if abs(nanos) >= 1_000_000_000 or (seconds and nanos and (seconds > 0) != (nanos > 0)):
+        raise InvalidArgument(
+            name,
+            f"has seconds={seconds} and nanos={nanos}, which is not a valid Duration",
+            "give nanos from -999999999 to 999999999 with the sign of seconds",
+        )
+    if seconds < 0 or nanos < 0:
+        raise InvalidArgument(name, "is negative", "give 0 seconds or more")
+    if not allow_zero and seconds == 0 and nanos == 0:
+        raise InvalidArgument(name, "is not above 0", "give a duration above 0 seconds")
+    # Microseconds, toward zero, as the table stores intervals.
+    return timedelta(seconds=seconds, microseconds=nanos // 1000)
+
+
+def _check_before_latest(name: str, length: timedelta, start: float) -> None:
+    """Raise InvalidArgument naming ``name`` unless ``start`` plus ``length`` falls before
+    the latest time a recall may name."""
+    if start + length.total_seconds() < LATEST_SECONDS:
+        return
+    raise InvalidArgument(
+        name,
+        f"is {length.total_seconds():g} s, which ends on or after {LATEST_TIME.date()}",
+        f"give fewer seconds, so that the recall ends before {LATEST_TIME.date()}",
+    )
 
 
 _REUSED_FIX: Final = (

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import asyncpg
@@ -51,6 +51,12 @@ class RecallRecord:
     effective_at: float
     end: float | None
     reason: str
+    notice: timedelta | None = None
+    """The notice that the request gave in place of an effective time, or None. A retry of
+    the request matches on it, not on ``effective_at``, which was resolved from it once."""
+    duration: timedelta | None = None
+    """The duration that the request gave in place of an end time, or None. A retry of the
+    request matches on it, not on ``end``."""
 
 
 MAX_PLEDGE_ACCELERATORS: Final = 1_000_000
@@ -306,7 +312,8 @@ class PledgeStore:
         ``LookupError`` when the pledge has fewer recallable accelerators left than the recall
         requests. ``check`` runs on a new recall inside the transaction, so an exception it
         raises stores nothing. A repeated request returns the stored recall with 0 in place of
-        its result.
+        its result. It repeats the first one when its notice and duration, or the times it
+        gives in their place, are the first one's (:func:`_repeats`).
         """
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             if request_id:
@@ -319,11 +326,8 @@ class PledgeStore:
                     earlier = _recall_from_row(existing)
                     owner = await self._pledge(conn, earlier.pledge_id)
                     # The check also keeps one provider's recall from another provider
-                    # that happens to send the same request id. A request without an end
-                    # matches the pledge's end stored in its place.
-                    if not _same_recall(earlier, recall) and not _same_recall(
-                        earlier, _ending_with(recall, owner)
-                    ):
+                    # that happens to send the same request id.
+                    if not _repeats(earlier, recall, owner):
                         raise RequestReused("was used before for another recall")
                     return earlier, owner, 0
             pledge = await self._pledge(conn, recall.pledge_id, lock=True)
@@ -337,7 +341,8 @@ class PledgeStore:
             checked = check(recall, pledge) if check is not None else 0
             await conn.execute(
                 "INSERT INTO scheduler.recalls (recall_id, pledge_id, count, effective_at,"
-                " ends_at, reason, request_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                " ends_at, reason, request_id, notice, duration)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 recall.recall_id,
                 recall.pledge_id,
                 recall.count,
@@ -345,6 +350,8 @@ class PledgeStore:
                 _datetime(recall.end) if recall.end is not None else None,
                 recall.reason,
                 request_id,
+                recall.notice,
+                recall.duration,
                 timeout=self._timeout,
             )
         return recall, pledge, checked
@@ -362,7 +369,8 @@ class PledgeStore:
     async def recalls(self, provider: str = "") -> list[RecallRecord]:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(
-                "SELECT r.recall_id, r.pledge_id, r.count, r.effective_at, r.ends_at, r.reason"
+                "SELECT r.recall_id, r.pledge_id, r.count, r.effective_at, r.ends_at, r.reason,"
+                " r.notice, r.duration"
                 " FROM scheduler.recalls r JOIN scheduler.pledges p USING (pledge_id)"
                 " WHERE $1 = '' OR p.provider = $1 ORDER BY r.recall_id",
                 provider,
@@ -486,7 +494,7 @@ _PLEDGE_COLUMNS = (
     "pledge_id, provider, region, model, protected_count, recallable_count, starts_at, ends_at,"
     " created_at"
 )
-_RECALL_COLUMNS = "recall_id, pledge_id, count, effective_at, ends_at, reason"
+_RECALL_COLUMNS = "recall_id, pledge_id, count, effective_at, ends_at, reason, notice, duration"
 
 
 def _pledge_from_row(row: asyncpg.Record) -> PledgeRecord:
@@ -512,6 +520,8 @@ def _recall_from_row(row: asyncpg.Record) -> RecallRecord:
         row["effective_at"].timestamp(),
         ends.timestamp() if ends is not None else None,
         row["reason"],
+        row["notice"],
+        row["duration"],
     )
 
 
@@ -538,17 +548,32 @@ def _as_stored(recall: RecallRecord) -> RecallRecord:
     )
 
 
-def _same_recall(stored: RecallRecord, requested: RecallRecord) -> bool:
-    same_fields = (stored.pledge_id, stored.count, stored.reason) == (
+def _repeats(stored: RecallRecord, requested: RecallRecord, pledge: PledgeRecord) -> bool:
+    """Return whether ``requested`` carries the values of the request that stored ``stored``.
+
+    A notice or duration matches the stored one, never the time resolved from it, so a retry
+    of a relative request matches however late it comes. An absolute time matches the stored
+    time, and a request without an end matches the pledge's end stored in its place.
+    """
+    if (stored.pledge_id, stored.count, stored.reason) != (
         requested.pledge_id,
         requested.count,
         requested.reason,
-    )
-    if not same_fields or (stored.end is None) != (requested.end is None):
+    ):
         return False
-    return _same_times(
-        (stored.effective_at, stored.end or 0.0), (requested.effective_at, requested.end or 0.0)
-    )
+    if (stored.notice, stored.duration) != (requested.notice, requested.duration):
+        return False
+    if requested.notice is None and not _same_times(
+        (stored.effective_at,), (requested.effective_at,)
+    ):
+        return False
+    if requested.duration is not None:
+        return True
+    if stored.end is None:
+        # Recalls stored before open-ended ones got their pledge's end have none.
+        return requested.end is None
+    end = requested.end if requested.end is not None else pledge.end
+    return _same_times((stored.end,), (end,))
 
 
 def _same_times(stored: tuple[float, ...], requested: tuple[float, ...]) -> bool:
