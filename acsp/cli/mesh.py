@@ -27,6 +27,7 @@ from acsp.cli._common import (
     whole_number,
 )
 from acsp.mesh.credentials import mint_token
+from acsp.mesh.data_dir_lock import LOCK_FILE_NAME
 from acsp.mesh.endpoints import (
     MESH_FILE_NAME,
     MeshFileError,
@@ -39,6 +40,7 @@ from acsp.mesh.health import HealthReport, check_health
 from acsp.mesh.postgres import cluster_dir_for
 from acsp.mesh.stop import (
     MeshStopTimeoutError,
+    lock_holding_supervisor,
     mesh_process_running,
     stop_supervisor,
     supervisor_running,
@@ -109,18 +111,19 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "down",
         help="stop the local mesh that acsp up runs",
         description=(
-            "Stop the mesh named by the mesh file of the data directory: send SIGTERM to the "
-            "acsp up process, which stops every service, server and task it started, and wait "
-            "for it to exit. Exits 0 once it stopped, 3 if no mesh runs there, 1 if it still "
-            "runs when --timeout ends or if another user's process may not be signalled."
+            "Stop the mesh of the data directory: send SIGTERM to the acsp up process that "
+            "holds the directory's lock (mesh.lock), or else the one its mesh file names, and "
+            "wait for it to exit. That process stops every service, server and task it "
+            "started. Exits 0 once it stopped, 3 if no mesh runs there, 1 if it still runs "
+            "when --timeout ends or if another user's process may not be signalled."
         ),
     )
     down.add_argument(
         "--force",
         action="store_true",
         help=(
-            "remove the mesh file if it is damaged, because it then names no process to stop; "
-            "has no effect on a mesh file that can be read"
+            "also remove the mesh file if it is damaged, once no mesh runs; has no effect on a "
+            "mesh file that can be read"
         ),
     )
     down.add_argument(
@@ -302,50 +305,88 @@ def _print_banner(info: MeshInfo) -> None:
 def run_down(args: argparse.Namespace) -> int:
     data_dir = args.data_dir.expanduser() if args.data_dir is not None else default_data_dir()
     flag = "" if args.data_dir is None else f" --data-dir {args.data_dir}"
+    info: MeshInfo | None = None
+    damaged: MeshFileError | None = None
     try:
         info = load_mesh(data_dir)
     except MeshNotFoundError:
-        raise CommandError(
-            f"no mesh runs in {data_dir}: it has no mesh file ({MESH_FILE_NAME}), so there is "
-            "nothing to stop. Pass the --data-dir that acsp up used, or set ACSP_DATA_DIR",
-            EXIT_NO_MESH,
-        ) from None
+        pass
     except MeshFileError as exc:
-        if not args.force:
-            raise CommandError(str(exc), EXIT_NO_MESH) from None
-        exc.path.unlink(missing_ok=True)
-        print(
-            f"removed the damaged mesh file {exc.path}. If an acsp up still runs with this "
-            "data directory, stop it with Ctrl-C in its terminal",
-            file=sys.stderr,
-        )
-        return EXIT_OK
-    if not supervisor_running(info):
-        raise CommandError(
-            f"no mesh runs in {info.data_dir}: the acsp up process (pid {info.supervisor_pid}) "
-            f"that wrote its mesh file is not running. acsp status{flag} shows which of its "
-            f"processes are left, and acsp up{flag} stops them before it starts",
-            EXIT_NO_MESH,
-        )
-    print(f"stopping the mesh in {info.data_dir} (pid {info.supervisor_pid})", file=sys.stderr)
+        damaged = exc
+    # The lock names the supervisor whatever the mesh file contains, and also before the
+    # supervisor writes that file, once every service serves.
+    pid = _lock_holding_supervisor(data_dir)
+    if pid is None and info is not None and supervisor_running(info):
+        # A mesh of an acsp version that took no lock.
+        pid = info.supervisor_pid
+    if pid is None:
+        return _report_no_supervisor(args, data_dir, flag, info, damaged)
+    print(f"stopping the mesh in {data_dir} (pid {pid})", file=sys.stderr)
     try:
-        stop_supervisor(info, args.timeout)
+        stop_supervisor(pid, args.timeout)
     except MeshStopTimeoutError as exc:
         raise CommandError(
             f"{exc}; its log is the output of acsp up and the services' logs are in "
-            f"{info.data_dir / 'logs'}. Wait longer with --timeout, or end it with "
-            f"kill -KILL {info.supervisor_pid}",
+            f"{data_dir / 'logs'}. Wait longer with acsp down{flag} --timeout SECONDS, or end "
+            f"it with kill -KILL {pid}",
             EXIT_FAILURE,
         ) from None
     except PermissionError:
         raise CommandError(
-            f"sending SIGTERM to the mesh's supervisor (pid {info.supervisor_pid}) is not "
-            "permitted, because another user runs it. Run acsp down as the user that ran acsp "
-            "up, or as root",
+            f"sending SIGTERM to the mesh's supervisor (pid {pid}) is not permitted, because "
+            "another user runs it. Run acsp down as the user that ran acsp up, or as root",
             EXIT_FAILURE,
         ) from None
+    if damaged is not None and args.force:
+        # The supervisor removes only a mesh file that names it.
+        damaged.path.unlink(missing_ok=True)
+        print(f"removed the damaged mesh file {damaged.path}", file=sys.stderr)
     print("mesh stopped", file=sys.stderr)
     return EXIT_OK
+
+
+def _lock_holding_supervisor(data_dir: Path) -> int | None:
+    try:
+        return lock_holding_supervisor(data_dir)
+    except OSError as exc:
+        lock_file = data_dir / LOCK_FILE_NAME
+        raise CommandError(
+            f"cannot read the lock file {lock_file}: {exc.strerror or exc}. Remove it if it is "
+            "not a plain file, then run acsp down again",
+            EXIT_FAILURE,
+        ) from None
+
+
+def _report_no_supervisor(
+    args: argparse.Namespace,
+    data_dir: Path,
+    flag: str,
+    info: MeshInfo | None,
+    damaged: MeshFileError | None,
+) -> int:
+    """Remove a damaged mesh file with --force, or raise the error that no mesh runs."""
+    if damaged is not None:
+        if not args.force:
+            raise CommandError(str(damaged), EXIT_NO_MESH)
+        damaged.path.unlink(missing_ok=True)
+        print(
+            f"removed the damaged mesh file {damaged.path}; no mesh runs in {data_dir}",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+    if info is None:
+        raise CommandError(
+            f"no mesh runs in {data_dir}: it has no mesh file ({MESH_FILE_NAME}) and no acsp "
+            "up holds its lock, so there is nothing to stop. Pass the --data-dir that acsp up "
+            "used, or set ACSP_DATA_DIR",
+            EXIT_NO_MESH,
+        )
+    raise CommandError(
+        f"no mesh runs in {info.data_dir}: the acsp up process (pid {info.supervisor_pid}) "
+        f"that wrote its mesh file is not running. acsp status{flag} shows which of its "
+        f"processes are left, and acsp up{flag} stops them before it starts",
+        EXIT_NO_MESH,
+    )
 
 
 # --- acsp status --------------------------------------------------------------------------

@@ -7,7 +7,8 @@ second nats-server on the same JetStream store and record that server's port in
 ``flock`` on ``mesh.lock`` before it writes anything in the directory, and holds it until every
 process it started has stopped. The kernel releases the lock when the
 supervisor ends, even on SIGKILL. The file is opened close-on-exec, so the children do not
-hold it.
+hold it. ``acsp down`` finds the supervisor through the lock (:func:`lock_holder`), so it can
+stop a mesh whose mesh file is missing or damaged.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Final
 
 LOCK_FILE_NAME: Final = "mesh.lock"
 _FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _HOLDER_MAX_BYTES: Final = 64
 
 
@@ -49,9 +51,9 @@ class DataDirLock:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            text = os.pread(descriptor, _HOLDER_MAX_BYTES, 0).decode(errors="replace").strip()
+            pid = _recorded_pid(descriptor)
             os.close(descriptor)
-            raise DataDirLockedError(directory, int(text) if text.isdigit() else None) from None
+            raise DataDirLockedError(directory, pid) from None
         except BaseException:
             os.close(descriptor)
             raise
@@ -64,3 +66,30 @@ class DataDirLock:
         descriptor, self._descriptor = self._descriptor, -1
         if descriptor >= 0:
             os.close(descriptor)
+
+
+def lock_holder(directory: Path) -> int | None:
+    """Return the pid that the holder of ``directory``'s lock recorded, or None if none holds it.
+
+    It is also None while the holder has not written its pid yet. The check takes a shared
+    lock for a moment, and an ``acsp up`` that tries to lock the directory in that moment fails
+    as if a mesh ran there. Raises ``OSError`` when the lock file exists but
+    cannot be opened, such as a symbolic link in its place.
+    """
+    try:
+        descriptor = os.open(directory / LOCK_FILE_NAME, _READ_FLAGS)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _recorded_pid(descriptor)
+    finally:
+        # Closing the descriptor also releases the shared lock.
+        os.close(descriptor)
+    return None
+
+
+def _recorded_pid(descriptor: int) -> int | None:
+    text = os.pread(descriptor, _HOLDER_MAX_BYTES, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None

@@ -107,9 +107,10 @@ class MeshFileError(ValueError):
 
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(
-            f"{path} is damaged: {reason}. It names no mesh that acsp can reach or stop. "
-            f"Remove it with acsp down --force --data-dir {path.parent}, or start a new mesh "
-            f"with acsp up --data-dir {path.parent}, which replaces it"
+            f"{path} is damaged: {reason}. It names no mesh that acsp can reach. Stop the "
+            f"mesh that may still run there and remove the file with acsp down --force "
+            f"--data-dir {path.parent}, then start a new mesh with acsp up --data-dir "
+            f"{path.parent}"
         )
         self.path = path
         self.reason = reason

@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 from typing import Final
 
+from acsp.mesh.data_dir_lock import LOCK_FILE_NAME, lock_holder
 from acsp.mesh.endpoints import MESH_FILE_NAME, MeshInfo, pid_running
 
 POLL_INTERVAL_S: Final = 0.1
 START_TIME_SLACK_S: Final = 2.0
-"""Seconds by which the supervisor's start time may appear to follow its mesh file's
-modification time. /proc gives the boot time in whole seconds, so a start time read from it may
-be up to 1 s late."""
+"""Seconds by which the supervisor's start time may appear to follow the modification time of
+its mesh file or lock file. /proc gives the boot time in whole seconds, so a start time read
+from it may be up to 1 s late."""
 
 
 class MeshStopTimeoutError(Exception):
@@ -34,26 +35,49 @@ def mesh_process_running(info: MeshInfo, pid: int) -> bool:
     file was written is another program (checked on Linux, through /proc). A zombie has exited
     and counts as stopped.
     """
+    # The supervisor removes its mesh file as the last step of its stop, so a missing file
+    # leaves only the liveness check.
+    return _started_before(pid, info.data_dir / MESH_FILE_NAME)
+
+
+def lock_holding_supervisor(data_dir: Path) -> int | None:
+    """Return the pid of the supervisor that holds ``data_dir``'s lock, or None if none runs.
+
+    The supervisor records its pid in the lock file right after it takes the lock, and runs
+    until it releases the lock, so it started before the file's last change. A recorded pid
+    whose process started later belongs to another program, which took the pid after a
+    process that inherited the lock outlived the supervisor.
+    """
+    pid = lock_holder(data_dir)
+    if pid is None:
+        return None
+    return pid if _started_before(pid, data_dir / LOCK_FILE_NAME) else None
+
+
+def _started_before(pid: int, path: Path) -> bool:
+    """Return whether ``pid`` runs and started before ``path`` was last modified (with slack).
+
+    A zombie has exited and counts as stopped. Without /proc, or without ``path``, only
+    whether it runs counts.
+    """
     if not pid_running(pid) or _is_zombie(pid):
         return False
     started = _start_time(pid)
     if started is None:
         return True
     try:
-        written = (info.data_dir / MESH_FILE_NAME).stat().st_mtime
+        written = path.stat().st_mtime
     except FileNotFoundError:
-        # The supervisor removes its mesh file as the last step of its stop.
         return True
     return started <= written + START_TIME_SLACK_S
 
 
-def stop_supervisor(info: MeshInfo, timeout_s: float) -> None:
-    """Send SIGTERM to the mesh's supervisor and wait up to ``timeout_s`` for it to exit.
+def stop_supervisor(pid: int, timeout_s: float) -> None:
+    """Send SIGTERM to the mesh's supervisor ``pid`` and wait up to ``timeout_s`` for it to exit.
 
-    The supervisor stops its children and removes the mesh file before it exits. Raises
-    :class:`MeshStopTimeoutError` if it still runs when the wait ends.
+    The supervisor stops its children, removes its own mesh file and releases the lock before
+    it exits. Raises :class:`MeshStopTimeoutError` if it still runs when the wait ends.
     """
-    pid = info.supervisor_pid
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

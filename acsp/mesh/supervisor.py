@@ -309,8 +309,8 @@ class LocalMesh:
         except DataDirLockedError as exc:
             raise MeshStartError(
                 f"another mesh (supervisor pid {exc.pid}) runs with data directory "
-                f"{self.data_dir}: stop it with acsp down --data-dir {self.data_dir} once it "
-                "is up, or pass another --data-dir"
+                f"{self.data_dir}: stop it with acsp down --data-dir {self.data_dir}, or pass "
+                "another --data-dir"
             ) from None
         except OSError as exc:
             raise MeshStartError(
