@@ -44,6 +44,7 @@ from services.metering.samples import (
     parse_subject,
     sample_dead_letter_key,
 )
+from services.metering.store_outage import StoreOutage
 from services.runtime.db import Database
 from services.runtime.errors import Unavailable
 
@@ -92,6 +93,8 @@ class IngestCounters:
     duplicates: int = 0
     dead_lettered: int = 0
     batches: int = 0
+    failed_batches: int = 0
+    """Batches whose write failed and that JetStream delivers again."""
     last_commit_monotonic: float = field(default=0.0)
 
 
@@ -181,6 +184,7 @@ class UsageIngest:
         self._known_models = known_models
         self._node_owners: dict[str, str] = {}
         self.counters = IngestCounters()
+        self._outage = StoreOutage(logger)
 
     @property
     def config(self) -> IngestConfig:
@@ -228,6 +232,10 @@ class UsageIngest:
                     )
                     await asyncio.sleep(FETCH_RETRY_S)
                     continue
+                # nats-py 2.16 returns an empty list when a status message (408 request
+                # timeout, say) ends the pull before any message arrived.
+                if not messages:
+                    continue
                 try:
                     await self.process(messages)
                 except (
@@ -238,17 +246,16 @@ class UsageIngest:
                 ) as error:
                     # Nothing was acked, so the batch comes back; the sample ids make the retry
                     # safe even if the failure came after the commit.
-                    logger.error(
-                        "storing a batch of %d messages failed; it will be redelivered: %s",
-                        len(messages),
-                        error,
-                    )
+                    self.counters.failed_batches += 1
+                    self._outage.record_failure(len(messages), error)
                     await asyncio.shield(_nak_all(messages, self._config.retry_delay_s))
         finally:
             await asyncio.shield(subscription.unsubscribe())
 
     async def process(self, messages: Sequence[Msg]) -> BatchResult:
-        """Validate, store and then ack one batch of messages."""
+        """Validate, store and then ack one batch of messages; an empty one changes nothing."""
+        if not messages:
+            return BatchResult(inserted=0, duplicates=0, dead_lettered=0)
         now = datetime.now(UTC)
         samples, rejections = self._decode(messages, now)
         await self._resolve_unknown_nodes(samples)
@@ -270,6 +277,7 @@ class UsageIngest:
         # The rows are committed: acking must finish even if this task is being cancelled,
         # or the batch is redelivered (harmless, but wasted work).
         await asyncio.shield(self._ack_all(messages))
+        self._outage.record_success()
         self._count(len(messages), result)
         return result
 
