@@ -1067,6 +1067,10 @@ class JobBook:
     def _settle_stopped(
         self, job: Job, outcome: JobState | None, reason: str, cause: str, fx: Effects
     ) -> None:
+        if outcome is None and all(t.state == "exited" and t.exit_code == 0 for t in job.placement):
+            # Every task finished before the preemption's stop reached it, so a requeue would
+            # run the finished job again.
+            outcome, reason = "completed", "every task exited with code 0"
         if outcome is None:
             fx.events.append(job_event(job, "preempted", cause, reason))
             self.requeue(job.job_id, reason, cause, fx, release=True)
