@@ -585,8 +585,10 @@ def _seconds(stamp: Timestamp) -> float:
 
 
 def _stamp(seconds: float) -> Timestamp:
+    # Round to the microsecond that the tables keep: a float of Unix seconds carries about
+    # 0.2 us, so whole nanoseconds from it could land 1 us below the stored time.
     stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
+    stamp.FromMicroseconds(round(seconds * 1e6))
     return stamp
 
 

@@ -20,6 +20,7 @@ from acsp.cli import fleet as fleet_cli
 from acsp.cli import pledges as pledges_cli
 from acsp.cli.main import main
 from acsp.v1 import scheduler_pb2, scheduler_pb2_grpc
+from scheduler.service.pledges import RecallRecord, recall_to_proto
 from services.runtime.auth import Role
 
 from .harness import Stack, metadata, scheduler_stub, wait_for
@@ -260,3 +261,10 @@ async def test_recall_capacity_relative_fields(
         assert open_ended.end_time == pledge.window.end_time
         again = await call(request("rel-3", 10, None))
         assert again.recall_id == open_ended.recall_id
+
+
+def test_recall_reply_keeps_stored_microseconds() -> None:
+    # 13:33:30.730160 is 1796564010.7301600 s, which a float holds as ...0.73015987.
+    stored = datetime(2026, 12, 6, 13, 33, 30, 730160, tzinfo=UTC)
+    recall = RecallRecord("rc-1", "pl-1", 1, stored.timestamp(), None, "")
+    assert recall_to_proto(recall).effective_time.ToDatetime(tzinfo=UTC) == stored
