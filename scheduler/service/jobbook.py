@@ -1130,10 +1130,12 @@ class JobBook:
             preemptor_id="",
         )
         codes = [t.exit_code for t in job.placement if t.exit_code]
-        if codes:
-            ended = evolve(ended, exit_code=codes[0])
-        elif state == "completed":
+        if state == "completed":
+            # A requeued job completes by an earlier attempt's exit, whatever the code of the
+            # attempt that was stopped for it.
             ended = evolve(ended, exit_code=0)
+        elif codes:
+            ended = evolve(ended, exit_code=codes[0])
         self.jobs.pop(job.job_id, None)
         self.dependencies.ended(job.job_id, state)
         self._stopping.pop(job.job_id, None)

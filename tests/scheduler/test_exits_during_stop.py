@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from acsp.v1 import events_pb2
-from tests.scheduler.test_jobbook import make_book, make_job, recalled, report
+from scheduler.service.admission import HoldOutcome
+from scheduler.service.jobbook import Effects
+from tests.scheduler.test_jobbook import NOW, make_book, make_job, place, recalled, report
 
 
 def test_exit_during_preemption_completes_job() -> None:
@@ -35,3 +39,26 @@ def test_stop_during_preemption_requeues_job() -> None:
     # Task 1 did not finish, so the whole gang runs again.
     assert fx.changed[job.job_id][0].state == "pending"
     assert book.jobs[job.job_id].attempt == 2
+
+
+def test_requeued_exit_completes_with_code_zero() -> None:
+    book = make_book()
+    job = make_job(tasks=1)
+    place(book, job)
+    fx = Effects(NOW + 2)
+    book.apply_hold(job.job_id, 1, HoldOutcome("held", "h1", "g1", Decimal(1)), fx)
+    report(book, job, 0, "started")
+    report(book, job, 0, "lost")
+    place(book, job, NOW + 5)
+    fx = Effects(NOW + 6)
+    book.apply_hold(job.job_id, 2, HoldOutcome("held", "h2", "g1", Decimal(1)), fx)
+
+    fx = Effects(NOW + 7)
+    book.apply_task("prov.reg.n1", f"{job.job_id}/1/0", "exited", 0, "", fx)
+    fx = Effects(NOW + 8)
+    book.apply_task("prov.reg.n1", f"{job.job_id}/2/0", "stopped", -15, "", fx)
+
+    # Attempt 1 exited with code 0, so the stopped attempt 2 does not make the code -15.
+    ended = fx.changed[job.job_id][0]
+    assert ended.state == "completed"
+    assert ended.exit_code == 0
