@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from acsp.node_lists import parse_accelerator_count
 from scheduler.engine import MILLIS_PER_ACCELERATOR, NodeSpec, PriorityClass
 from scheduler.sim.accounts import Account, assign_account
 
@@ -119,16 +120,25 @@ def load_openb_nodes(path: Path = OPENB_NODES) -> list[NodeSpec]:
     """Load a node list: ``sn``, ``gpu``, ``model`` and optional ``provider``, ``region``,
     ``domain`` columns (openb has none of them: provider ``alibaba``, region ``openb``).
 
-    Raises ValueError naming the line of a row whose ``sn`` repeats an earlier row's, because
-    the engine keys nodes by that name.
+    A row with ``gpu`` 0 is a node without accelerators and is skipped, as the agent's fleet
+    files skip it (:mod:`acsp.node_lists`). Raises ValueError naming the line of a row whose
+    ``gpu`` is negative or not a whole number, or whose ``sn`` repeats an earlier row's,
+    because the engine keys nodes by that name.
     """
     nodes: list[NodeSpec] = []
     first_lines: dict[str, int] = {}
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         for row in reader:
-            count = int(row["gpu"])
-            if count <= 0:
+            # csv.DictReader gives None for the columns missing from a short row.
+            text = row["gpu"]
+            if text is None:
+                raise ValueError(f"line {reader.line_num}: the row has no value for gpu")
+            try:
+                count = parse_accelerator_count("gpu", text)
+            except ValueError as error:
+                raise ValueError(f"line {reader.line_num}: {error}") from None
+            if count == 0:
                 continue
             name = row["sn"]
             first_line = first_lines.setdefault(name, reader.line_num)

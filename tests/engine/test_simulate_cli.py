@@ -143,6 +143,28 @@ def test_simulate_rejects_repeated_fleet_node(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("count", "reason"),
+    [("-3", "gpu -3 is negative"), ("2.5", "gpu '2.5' is not a whole number")],
+)
+def test_simulate_rejects_bad_fleet_count(
+    count: str, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_text(f"sn,cpu_milli,memory_mib,gpu,model\nd1,1,1,2,T4\nd2,1,1,{count},T4\n")
+    out = tmp_path / "out"
+
+    status = main(["simulate", "--fleet", str(fleet), "--out", str(out), "--no-plots"])
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"--fleet {fleet}" in err
+    assert f"line 3: {reason}" in err
+    assert "give the node's accelerator count" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
 def test_simulate_rejects_out_that_is_a_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -99,6 +99,24 @@ def test_openb_fleet_loads_all_gpus() -> None:
     assert sum(len(n.accelerator_ids) for n in nodes) == 6212
 
 
+def test_node_list_skips_nodes_without_accelerators(tmp_path: Path) -> None:
+    # The openb full node list gives its CPU-only nodes gpu 0 and no model.
+    path = tmp_path / "nodes.csv"
+    path.write_text("sn,cpu_milli,memory_mib,gpu,model\ncpu-1,32000,262144,0,\nn1,1,1,2,T4\n")
+
+    nodes = load_openb_nodes(path)
+
+    assert [node.node_id for node in nodes] == ["n1"]
+
+
+def test_node_list_rejects_negative_count(tmp_path: Path) -> None:
+    path = tmp_path / "nodes.csv"
+    path.write_text("sn,cpu_milli,memory_mib,gpu,model\nn1,1,1,-3,T4\n")
+
+    with pytest.raises(ValueError, match=r"^line 2: gpu -3 is negative; give the node's"):
+        load_openb_nodes(path)
+
+
 def test_account_assignment_is_deterministic() -> None:
     first = assign_account("openb-pod-0042", seed=3)
 
