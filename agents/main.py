@@ -27,20 +27,8 @@ from importlib import metadata
 from pathlib import Path
 
 from acsp.cli._common import whole_number
-from acsp.subjects import TOKEN_PATTERN
 from agents import wire
 from agents.backends.base import Backend, BackendError
-from agents.backends.fleet import (
-    DEFAULT_FAULT_TRACE,
-    DEFAULT_FLEETS,
-    DEFAULT_UTILIZATION_TRACE,
-    FleetNode,
-    assign_faults,
-    check_unique_nodes,
-    load_fault_trace,
-    load_fleet,
-    load_utilization_trace,
-)
 from agents.dead_letters import DEAD_LETTERS_FILE_NAME, DeadLetters
 from agents.health import HealthSettings
 from agents.launcher import drop_inheritable_capabilities
@@ -49,6 +37,7 @@ from agents.outbox import Outbox
 from agents.process import AgentProcess, ConnectionOptions, Intervals
 from agents.scratch_folders import ScratchSweeper, check_scratch_dirs
 from agents.settings import AgentSettings
+from agents.simulated_inputs import SimulatedInputError, SimulatedInputs, load_simulated_inputs
 from agents.spool import Spool
 from agents.state import StateStore
 from agents.state_lock import StateFolderLock
@@ -78,8 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the agent's options to ``parser`` (shared with ``acsp agent run``)."""
     parser.add_argument("--backend", choices=("nvml", "simulated"), help="accelerator backend")
     parser.add_argument("--nats-url", help="NATS URL(s), comma-separated (ACSP_NATS_URL)")
-    parser.add_argument("--provider", help="provider id (ACSP_AGENT_PROVIDER)")
-    parser.add_argument("--region", help="region id (ACSP_AGENT_REGION)")
+    parser.add_argument(
+        "--provider", help="nvml: provider id (ACSP_AGENT_PROVIDER); simulated: see --fleet"
+    )
+    parser.add_argument(
+        "--region", help="nvml: region id (ACSP_AGENT_REGION); simulated: see --fleet"
+    )
     parser.add_argument("--node", help="node id for the NVML backend (ACSP_AGENT_NODE)")
     parser.add_argument("--state-dir", type=Path, help="state, spool and logs folder")
     parser.add_argument(
@@ -88,8 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fleet",
         action="append",
-        metavar="FILE[:PROVIDER[:REGION]]",
-        help="simulated: fleet file; repeat for several (default: the two Alibaba node lists)",
+        metavar="FILE:PROVIDER:REGION",
+        help=(
+            "simulated: fleet file (CSV) and the provider and region ids its nodes register "
+            "under, e.g. acme.csv:acme:eu-1; both ids are required, and provider and region "
+            "columns of a node,model,accelerators file override them per row. Rows with 0 "
+            "accelerators are skipped. Repeat for several files (default: the two Alibaba "
+            "node lists, as providers openb and spot)"
+        ),
     )
     parser.add_argument("--faults", help="simulated: fault trace JSON, or 'none'")
     parser.add_argument("--utilization", help="simulated: utilization trace, or 'none'")
@@ -138,42 +137,6 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
         raise SettingsError(f"{given} ({error.variable})", error.reason, error.fix) from None
 
 
-def _parse_fleet_option(text: str, index: int) -> tuple[Path, str, str]:
-    path, _, rest = text.partition(":")
-    provider, _, region = rest.partition(":")
-    provider = provider or f"provider-{index + 1}"
-    region = region or "region-1"
-    # Both become NATS subject tokens, which the node rows of some formats do not override.
-    for name, value in (("provider", provider), ("region", region)):
-        if not TOKEN_PATTERN.match(value):
-            raise SystemExit(
-                f"agent: --fleet {text}: {name} {value!r} is not a subject token; "
-                "use 1-64 of A-Z a-z 0-9 _ -"
-            )
-    return Path(path), provider, region
-
-
-def fleet_nodes(args: argparse.Namespace, settings: AgentSettings) -> list[FleetNode]:
-    sources = (
-        [_parse_fleet_option(text, i) for i, text in enumerate(args.fleet)]
-        if args.fleet
-        else list(DEFAULT_FLEETS)
-    )
-    loaded: list[tuple[Path, list[FleetNode]]] = []
-    try:
-        for path, provider, region in sources:
-            loaded.append((path, load_fleet(path, provider, region)))
-        check_unique_nodes(loaded)
-    except ValueError as error:
-        raise SystemExit(f"agent: {error}") from None
-    nodes = [node for _, file_nodes in loaded for node in file_nodes]
-    if args.nodes is not None:
-        if args.nodes > len(nodes):
-            raise SystemExit(f"--nodes {args.nodes} is more than the {len(nodes)} nodes given")
-        nodes = nodes[: args.nodes]
-    return nodes
-
-
 def build_process(
     settings: AgentSettings, args: argparse.Namespace, boot_id: str | None = None
 ) -> AgentProcess:
@@ -204,6 +167,15 @@ def build_process(
         ) from None
     # Taken before anything in the folder is read or written, and held until the agent stops.
     state_lock = StateFolderLock.acquire(state_dir)
+    inputs = None
+    if settings.backend == "simulated":
+        # Read before the state and the spool are opened, so that a bad input file leaves
+        # neither of them behind.
+        try:
+            inputs = load_simulated_inputs(args)
+        except SimulatedInputError:
+            state_lock.release()
+            raise
     check_isolation(settings)
     task_cgroups = _task_cgroups(settings)
     state = StateStore(state_dir / "state.json")
@@ -240,7 +212,7 @@ def build_process(
         "rendezvous_ports": settings.rendezvous_ports,
     }
     nodes: list[NodeAgent] = []
-    if settings.backend == "nvml":
+    if inputs is None:
         from agents.backends.nvml import NvmlBackend
 
         ref = wire.NodeRef(settings.provider, settings.region, settings.node)
@@ -248,7 +220,7 @@ def build_process(
             NodeAgent(ref, NvmlBackend(), "nvml", blocking_backend=True, **common)  # type: ignore[arg-type]
         )
     else:
-        nodes = _simulated_nodes(settings, args, common)
+        nodes = _simulated_nodes(settings, inputs, common)
     connection = ConnectionOptions(
         servers=[s.strip() for s in (settings.nats_url or "nats://127.0.0.1:4222").split(",")],
         user=settings.nats_user,
@@ -379,39 +351,27 @@ def inbox_prefix(providers: set[str]) -> str | None:
 
 
 def _simulated_nodes(
-    settings: AgentSettings, args: argparse.Namespace, common: dict[str, object]
+    settings: AgentSettings, inputs: SimulatedInputs, common: dict[str, object]
 ) -> list[NodeAgent]:
     from agents.backends.simulated import SimulatedBackend
 
-    fleet = fleet_nodes(args, settings)
-    faults_path = args.faults or str(DEFAULT_FAULT_TRACE)
-    utilization_path = args.utilization or str(DEFAULT_UTILIZATION_TRACE)
-    try:
-        faults = (
-            {}
-            if faults_path == "none"
-            else assign_faults(load_fault_trace(Path(faults_path)), len(fleet))
-        )
-    except ValueError as error:
-        raise SystemExit(f"agent: {error}; fix the file, or pass --faults none") from None
-    try:
-        utilization = (
-            None if utilization_path == "none" else load_utilization_trace(Path(utilization_path))
-        )
-    except ValueError as error:
-        raise SystemExit(f"agent: {error}; fix the file, or pass --utilization none") from None
     fault_speed = settings.fault_speed or settings.speed
     nodes = []
-    for index, spec in enumerate(fleet):
+    for index, spec in enumerate(inputs.fleet):
         backend: Backend = SimulatedBackend(
-            spec, speed=fault_speed, faults=faults.get(index, ()), utilization=utilization
+            spec,
+            speed=fault_speed,
+            faults=inputs.faults.get(index, ()),
+            utilization=inputs.utilization,
         )
         ref = wire.NodeRef(spec.provider, spec.region, spec.node)
         node = NodeAgent(ref, backend, "simulated", play_speed=settings.speed, **common)  # type: ignore[arg-type]
         backend.set_busy(node.busy)  # type: ignore[attr-defined]
         nodes.append(node)
     logger.info(
-        "simulating %d nodes with %d accelerators", len(nodes), sum(s.accelerators for s in fleet)
+        "simulating %d nodes with %d accelerators",
+        len(nodes),
+        sum(s.accelerators for s in inputs.fleet),
     )
     return nodes
 
@@ -446,8 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         process = build_process(settings, args)
-    except StartupError as error:
-        print(f"agent: {error}", file=sys.stderr)
+    except (StartupError, SimulatedInputError) as error:
+        for line in str(error).splitlines():
+            print(f"agent: {line}", file=sys.stderr)
         return 2
     failures: list[BaseException] = []
     settle_heap()

@@ -90,12 +90,12 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 
 def _run(args: argparse.Namespace) -> Any:
-    from agents.main import build_process, run, settings_from
+    from agents.main import SimulatedInputError, build_process, run, settings_from
     from services.runtime.errors import StartupError
 
     try:
         process = build_process(settings_from(args), args)
-    except StartupError as error:
+    except (StartupError, SimulatedInputError) as error:
         raise CommandError(str(error), EXIT_USAGE) from None
     return _run_process(run(process))
 

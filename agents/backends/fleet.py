@@ -6,8 +6,9 @@ Fleet files are CSV files in one of three formats, recognised by their header:
 - the Alibaba 2026 spot node list: ``gpu_model,gpu_capacity_num,cpu_num,node_name``;
 - our own: ``node,model,accelerators`` (optionally ``provider,region`` too).
 
-Nodes without accelerators are skipped. Node names become NATS subject tokens, so characters
-outside ``[A-Za-z0-9_-]`` are replaced by ``-``.
+A row with 0 accelerators is a node without accelerators, like the CPU-only nodes of the
+openb full node list, and is skipped (:mod:`acsp.node_lists`). Node names become NATS subject
+tokens, so characters outside ``[A-Za-z0-9_-]`` are replaced by ``-``.
 
 The fault trace is the InfiniteHBD JSON (``node_id``, ``event_time`` in days,
 ``event_type`` ``fault_start``/``fault_end``, ``fault_type`` with ``Level``, ``Class``,
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Final
 
 from acsp.catalog import MODELS
+from acsp.node_lists import parse_accelerator_count
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ MEMORY_GIB: Final[dict[str, int]] = {model.name: model.memory_gib for model in M
 """Device memory per accelerator model, from :data:`acsp.catalog.MODELS`."""
 
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+MAX_REPORTED_ROWS: Final = 20
+"""Maximum number of invalid rows that the error about one fleet file lists. It counts the
+rest."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,26 +79,35 @@ def _token(value: str) -> str:
 
 
 def load_fleet(path: Path, provider: str, region: str) -> list[FleetNode]:
-    """Read a fleet file, skipping nodes without accelerators.
+    """Read a fleet file, skipping nodes without accelerators (a count of 0).
 
-    Raises ``ValueError`` naming the file when it cannot be read or its header is unknown,
-    and the file and line when a row lacks a column, has a count that is not an integer or
-    a model that is not in the catalog, or repeats the node of an earlier row.
+    Raises ``ValueError`` naming the file when it cannot be read or its header is unknown.
+    Rows that lack a column, have a count that is negative or not a whole number, have no
+    node name or a model outside the catalog, or repeat the node of an earlier row raise one
+    ``ValueError`` with a line for each of them, up to :data:`MAX_REPORTED_ROWS`, that names
+    the file, the line, the column, the reason and the fix.
     """
     try:
         with open(path, newline="", encoding="utf-8") as file:
-            nodes = _read_fleet(csv.DictReader(file), path, provider, region)
+            nodes, skipped = _read_fleet(csv.DictReader(file), path, provider, region)
     except OSError as error:
         raise ValueError(f"fleet file {path} cannot be read: {error.strerror or error}") from None
     except UnicodeDecodeError as error:
         raise ValueError(f"fleet file {path} is not UTF-8 text: {error.reason}") from None
-    logger.info("loaded %d nodes from fleet file %s", len(nodes), path)
+    logger.info(
+        "loaded %d nodes from fleet file %s; skipped %d %s without accelerators",
+        len(nodes),
+        path,
+        skipped,
+        "row" if skipped == 1 else "rows",
+    )
     return nodes
 
 
 def _read_fleet(
     reader: csv.DictReader[str], path: Path, provider: str, region: str
-) -> list[FleetNode]:
+) -> tuple[list[FleetNode], int]:
+    """Return the file's nodes and the number of rows without accelerators."""
     columns = set(reader.fieldnames or ())
     if not any(required <= columns for required in _FLEET_COLUMNS):
         raise ValueError(
@@ -101,26 +115,44 @@ def _read_fleet(
             "list, the spot node list, or node,model,accelerators"
         )
     nodes = []
+    skipped = 0
+    problems: list[str] = []
     # The line of each node's row, by provider, region and node name.
     first_lines: dict[tuple[str, str, str], int] = {}
     for row in reader:
         try:
             node = _parse_row(row, columns, provider, region)
         except ValueError as error:
-            raise ValueError(f"fleet file {path}, line {reader.line_num}: {error}") from None
+            problems.append(f"fleet file {path}, line {reader.line_num}: {error}")
+            continue
         if node is None:
+            skipped += 1
             continue
         key = (node.provider, node.region, node.node)
         first_line = first_lines.setdefault(key, reader.line_num)
         # A second row of a node would replace the first one's accelerators in the fleet.
         if first_line != reader.line_num:
-            raise ValueError(
+            problems.append(
                 f"fleet file {path}, line {reader.line_num}: node {node.node} of "
                 f"{node.provider}/{node.region} is already on line {first_line}; give each node "
                 "its own name, or list the node once with all its accelerators"
             )
+            continue
         nodes.append(node)
-    return nodes
+    if problems:
+        raise ValueError(_join_problems(path, problems))
+    return nodes, skipped
+
+
+def _join_problems(path: Path, problems: list[str]) -> str:
+    listed = problems[:MAX_REPORTED_ROWS]
+    unlisted = len(problems) - len(listed)
+    if unlisted:
+        listed.append(
+            f"fleet file {path}: {unlisted} more invalid rows are not listed; fix the rows "
+            "above and run again to see them"
+        )
+    return "\n".join(listed)
 
 
 def check_unique_nodes(sources: list[tuple[Path, list[FleetNode]]]) -> None:
@@ -151,22 +183,37 @@ _FLEET_COLUMNS: Final = (_OPENB_COLUMNS, _SPOT_COLUMNS, _OWN_COLUMNS)
 def _parse_row(
     row: dict[str, str], columns: set[str], provider: str, region: str
 ) -> FleetNode | None:
-    """Return the row's node, or None when it has no accelerators."""
+    """Return the row's node, or None when it has no accelerators.
+
+    Raises ValueError naming the column, the reason and the fix.
+    """
     # csv.DictReader fills the columns missing from a short row with None.
     missing = sorted(name for name in columns if row.get(name) is None)
     if missing:
-        raise ValueError(f"the row has no value for {', '.join(missing)}")
+        raise ValueError(
+            f"the row has no value for {', '.join(missing)}; give each row a value in every column"
+        )
     if _OPENB_COLUMNS <= columns:
-        node, model, count = _token(row["sn"]), row["model"], int(row["gpu"])
+        name_column, model_column, count_column = "sn", "model", "gpu"
     elif _SPOT_COLUMNS <= columns:
-        node = _token(f"spot-{row['node_name']}")
-        model, count = row["gpu_model"], int(row["gpu_capacity_num"])
+        name_column, model_column, count_column = "node_name", "gpu_model", "gpu_capacity_num"
     else:
+        name_column, model_column, count_column = "node", "model", "accelerators"
         provider = _token(row.get("provider") or provider)
         region = _token(row.get("region") or region)
-        node, model, count = _token(row["node"]), row["model"], int(row["accelerators"])
-    if count <= 0:
+    count = parse_accelerator_count(count_column, row[count_column])
+    if count == 0:
         return None
+    name = row[name_column].strip()
+    if not name:
+        raise ValueError(f"{name_column} is empty; give each node a name")
+    model = row[model_column].strip()
+    if model not in MEMORY_GIB:
+        raise ValueError(
+            f"{model_column} {model!r} is not in the catalog; use one of "
+            f"{', '.join(sorted(MEMORY_GIB))} or add it to acsp.catalog.MODELS"
+        )
+    node = _token(f"spot-{name}") if name_column == "node_name" else _token(name)
     return FleetNode(provider, region, node, model, count)
 
 

@@ -23,6 +23,7 @@ from agents.backends.fleet import (
 from agents.backends.simulated import SimulatedBackend
 from agents.main import add_arguments, build_process, settings_from
 from agents.model import DeviceEventKind, TaskSpec
+from agents.simulated_inputs import SimulatedInputError
 from tests.agent.helpers import ManualClock, make_node, published_health
 
 
@@ -55,7 +56,7 @@ def test_fleet_memory_comes_from_catalog(tmp_path: Path) -> None:
 def test_fleet_model_outside_catalog_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "fleet.csv"
     path.write_text("node,model,accelerators\nn1,T4,2\nn2,B200,8\n")
-    with pytest.raises(ValueError, match=r"fleet\.csv, line 3: node n2: .*'B200'") as caught:
+    with pytest.raises(ValueError, match=r"fleet\.csv, line 3: model 'B200' is not in") as caught:
         load_fleet(path, "p", "r")
     assert "MI300X" in str(caught.value)
     with pytest.raises(ValueError, match="not in the catalog"):
@@ -70,7 +71,7 @@ def test_agent_exits_on_fleet_outside_catalog(tmp_path: Path) -> None:
     args = parser.parse_args(
         ["--backend", "simulated", "--fleet", f"{path}:p:r", "--state-dir", str(tmp_path)]
     )
-    with pytest.raises(SystemExit, match=r"^agent: fleet file .*'B200' is not in the catalog"):
+    with pytest.raises(SimulatedInputError, match=r"^fleet file .*'B200' is not in the catalog"):
         build_process(settings_from(args), args)
 
 
@@ -110,7 +111,7 @@ def test_agent_exits_on_node_in_two_fleet_files(tmp_path: Path) -> None:
     args = parser.parse_args(
         ["--backend", "simulated", *fleets, "--state-dir", str(tmp_path / "state")]
     )
-    with pytest.raises(SystemExit) as caught:
+    with pytest.raises(SimulatedInputError) as caught:
         build_process(settings_from(args), args)
     message = str(caught.value)
     assert f"fleet files {first} and {second} both list node n1 of p/r" in message
@@ -126,7 +127,7 @@ def test_agent_exits_on_fleet_file_given_twice(tmp_path: Path) -> None:
     args = parser.parse_args(
         ["--backend", "simulated", *fleets, "--state-dir", str(tmp_path / "state")]
     )
-    with pytest.raises(SystemExit, match="both list node n1 of p/r"):
+    with pytest.raises(SimulatedInputError, match="both list node n1 of p/r"):
         build_process(settings_from(args), args)
 
 

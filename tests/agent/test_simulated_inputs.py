@@ -11,13 +11,14 @@ import pytest
 
 from agents.backends.fleet import load_fault_trace, load_fleet, load_utilization_trace
 from agents.main import add_arguments, build_process, settings_from
+from agents.simulated_inputs import SimulatedInputError
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("node,model,accelerators\nn1,A10\n", r"line 2: the row has no value for accelerators"),
-        ("node,model,accelerators\nn1,A10,x\n", r"line 2: invalid literal"),
+        ("node,model,accelerators\nn1,A10,x\n", r"line 2: accelerators 'x' is not a whole"),
         (b"node,model,accelerators\nn\xff,A10,1\n", r"is not UTF-8 text"),
     ],
 )
@@ -121,7 +122,7 @@ def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
 
 def test_agent_exits_on_missing_fault_trace(tmp_path: Path) -> None:
     args = _args(tmp_path, "--faults", str(tmp_path / "absent.json"), "--utilization", "none")
-    with pytest.raises(SystemExit, match=r"^agent: fault trace .*absent\.json cannot be read"):
+    with pytest.raises(SimulatedInputError, match=r"^fault trace .*absent\.json cannot be read"):
         build_process(settings_from(args), args)
 
 
@@ -129,7 +130,7 @@ def test_agent_exits_on_bad_utilization_trace(tmp_path: Path) -> None:
     bad = tmp_path / "utilization.csv"
     bad.write_text("x\n1\n")
     args = _args(tmp_path, "--faults", "none", "--utilization", str(bad))
-    with pytest.raises(SystemExit, match=r"^agent: utilization trace .*pass --utilization none$"):
+    with pytest.raises(SimulatedInputError, match=r"^utilization trace .*--utilization none$"):
         build_process(settings_from(args), args)
 
 
@@ -141,5 +142,5 @@ def test_fleet_option_bad_token(tmp_path: Path, option: str) -> None:
     add_arguments(parser)
     argv = ["--backend", "simulated", "--fleet", f"{fleet}:{option}", "--state-dir", str(tmp_path)]
     args = parser.parse_args([*argv, "--faults", "none", "--utilization", "none"])
-    with pytest.raises(SystemExit, match=r"^agent: --fleet .* is not a subject token"):
+    with pytest.raises(SimulatedInputError, match=r"^--fleet .* is not a subject token"):
         build_process(settings_from(args), args)
