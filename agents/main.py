@@ -63,8 +63,17 @@ from services.runtime.tls import load_nats_ssl_context
 logger = logging.getLogger(__name__)
 
 
+RETIRING_HINT = (
+    "A node whose agent stops stays in the scheduler's fleet as unknown, and nothing is placed "
+    "on it. To retire it: acsp fleet drain, stop the agent once the node runs no job, then acsp "
+    "fleet down (docs/deploy.md, Retiring a node)."
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the agent's options to ``parser`` (shared with ``acsp agent run``)."""
+    """Add the agent's options and :data:`RETIRING_HINT` to ``parser`` (shared with
+    ``acsp agent run``)."""
+    parser.epilog = RETIRING_HINT
     parser.add_argument("--backend", choices=("nvml", "simulated"), help="accelerator backend")
     parser.add_argument("--nats-url", help="NATS URL(s), comma-separated (ACSP_NATS_URL)")
     parser.add_argument(
