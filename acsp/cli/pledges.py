@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -199,6 +200,7 @@ def recall_request_from_args(
     it first accepts the request. So a retry with the same ``--request-id`` sends the same
     values and gets the stored recall back.
     """
+    args.request_id = args.request_id or uuid.uuid4().hex
     request = scheduler_pb2.RecallCapacityRequest(
         request_id=args.request_id, recall=recall_from_args(args, now)
     )
@@ -252,7 +254,9 @@ def set_pledge_command(args: argparse.Namespace) -> int:
     pledge = pledge_from_args(args)
     with open_scheduler(args) as scheduler, naming_options(PLEDGE_OPTIONS):
         stored = scheduler.SetPledge(
-            scheduler_pb2.SetPledgeRequest(request_id=args.request_id, pledge=pledge)
+            scheduler_pb2.SetPledgeRequest(
+                request_id=args.request_id or uuid.uuid4().hex, pledge=pledge
+            )
         )
     print_records([pledge_row(stored)], PLEDGE_COLUMNS, output_format=args.format)
     warn_above_registered([stored])

@@ -18,7 +18,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from acsp.cli import fleet as fleet_cli
 from acsp.cli import pledges as pledges_cli
-from acsp.cli.main import main
+from acsp.cli.main import build_parser, main
 from acsp.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler.service.pledges import RecallRecord, recall_to_proto
 from services.runtime.auth import Role
@@ -268,3 +268,15 @@ def test_recall_reply_keeps_stored_microseconds() -> None:
     stored = datetime(2026, 12, 6, 13, 33, 30, 730160, tzinfo=UTC)
     recall = RecallRecord("rc-1", "pl-1", 1, stored.timestamp(), None, "")
     assert recall_to_proto(recall).effective_time.ToDatetime(tzinfo=UTC) == stored
+
+
+def test_requests_without_id_get_random_ids() -> None:
+    parser = build_parser()
+    recall = ["fleet", "recall", "create", "pl-1", "--count", "1", "--notice", "5"]
+    requests = [
+        pledges_cli.recall_request_from_args(parser.parse_args(recall), 1_800_000_000.0)
+        for _ in range(2)
+    ]
+
+    assert requests[0].request_id
+    assert requests[0].request_id != requests[1].request_id
