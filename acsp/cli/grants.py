@@ -668,8 +668,9 @@ def register(subparsers: Any) -> None:
         required=True,
         help=(
             "a member (not a viewer) of the grant's project, or the id of another project "
-            "that its PI leads, as a sub-project. Only the holder and the project's PI may "
-            "draw on the sub-allocation"
+            "that its PI leads, as a sub-project. A member's sub-allocation pays for jobs of "
+            "the grant's project that the member or the PI submits; a sub-project's pays for "
+            "jobs of the sub-project, submitted by any of its members"
         ),
     )
     p.add_argument("--pf-days", required=True, help="PF-days to delegate, e.g. 12.5")

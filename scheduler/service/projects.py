@@ -104,12 +104,14 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         """Check who submits ``spec`` and what it draws on; return the named grant's limits.
 
         Raises NotFound for an unknown project or grant and for a project the caller is not a
-        member of, and PermissionDenied for a viewer. A grant must belong to the job's project
-        and must not have expired (FailedPrecondition). A sub-allocation must belong to the
-        job's grant (SubAllocationNotFound), and only its holder or the project's PI may draw
-        on it (PermissionDenied). Program office and service callers may submit for any project
-        that exists and draw on any of its sub-allocations. Returns None when the spec names
-        no grant.
+        member of, and PermissionDenied for a viewer. A grant must belong to the job's project,
+        or the job's project must be the sub-project (led by the same PI) that holds the named
+        sub-allocation of it, and the grant must not have expired (FailedPrecondition). A
+        sub-allocation must belong to the job's grant (SubAllocationNotFound). Only its
+        holder, the project's PI or, for a sub-project's sub-allocation, the sub-project's
+        members may draw on it (PermissionDenied). Program office and service callers may
+        submit for any project that exists and draw on any of its sub-allocations. Returns
+        None when the spec names no grant.
         """
         privileged = grant_directory.sees_every_project(principal)
         project = await self.project(spec.project_id)
@@ -118,11 +120,15 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         if project is None or (not privileged and principal.subject not in project.subjects):
             raise NotFound("project", spec.project_id, "submit for a project you are a member of")
         grant: GrantRecord | None = None
+        by_sub_project = False
         if spec.grant_id:
             grant = await self.grant(spec.grant_id)
             if grant is None:
                 raise NotFound("grant", spec.grant_id)
-            if grant.project_id != spec.project_id:
+            by_sub_project = grant.project_id != spec.project_id
+            if by_sub_project and not await self._holds_as_sub_project(
+                spec, grant.project_id, project
+            ):
                 # A grant of another project is reported as not found, like the grant service
                 # reports what the caller may not see.
                 raise NotFound("grant", spec.grant_id)
@@ -147,13 +153,36 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
                 raise SubAllocationNotFound(
                     f"{prefix}.sub_allocation_id", spec.sub_allocation_id, spec.grant_id
                 )
-            if not privileged and principal.subject not in (holder, project.pi_subject):
+            # Every member of a sub-project that holds the sub-allocation may draw on it,
+            # and viewers were rejected above.
+            drawers = (holder, project.pi_subject)
+            if not privileged and not by_sub_project and principal.subject not in drawers:
                 raise PermissionDenied(
                     f"{prefix}.sub_allocation_id: sub-allocation {spec.sub_allocation_id!r} "
                     f"is held by {holder!r}, and only its holder or the project's PI may "
                     "draw on it; leave the field empty to draw on the grant itself"
                 )
         return grant.limits if grant is not None else None
+
+    async def _holds_as_sub_project(
+        self, spec: JobSpec, grant_project_id: str, project: ProjectAccess
+    ) -> bool:
+        """Return whether the job's project holds the sub-allocation ``spec`` names, as a
+        sub-project of the grant's project.
+
+        The two projects must have the same PI, as the grant service requires of a
+        sub-project holder, so a holder that also reads as another PI's project id gives that
+        project nothing.
+        """
+        if not spec.sub_allocation_id:
+            return False
+        holder = await self.sub_allocation_holder(spec.grant_id, spec.sub_allocation_id)
+        if holder != spec.project_id:
+            return False
+        owner = await self.project(grant_project_id)
+        if owner is None or not owner.pi_subject:
+            return False
+        return owner.pi_subject == project.pi_subject
 
     async def grant(self, grant_id: str) -> GrantRecord | None:
         """Return the owner and constraints of ``grant_id``, or None when it does not exist."""

@@ -309,7 +309,7 @@ def test_delegate_help_names_sub_projects(capsys: pytest.CaptureFixture[str]):
     assert "delegate part of a grant to a member or sub-project (PI only)" in out
     assert "a member (not a viewer) of the grant's project" in out
     assert "the id of another project that its PI leads" in out
-    assert "Only the holder and the project's PI may draw on" in out
+    assert "jobs of the sub-project, submitted by any of its members" in out
 
 
 def test_logs_options_accept_their_maximum():

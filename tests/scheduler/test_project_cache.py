@@ -248,3 +248,68 @@ async def test_recent_ceilings_refetch_old_list() -> None:
     # A list younger than missing_ttl_s counts as recent, and an older one is fetched again.
     assert grants.calls == 1
     assert stale_grants.calls == 2
+
+
+class SubProjectGrants(CountingGrants):
+    """``CountingGrants`` plus project ``q1`` (PI ``pi``, member ``dana``, viewer ``vic``) and
+    project ``x1`` of another PI (``olga``, member ``eve``). Grant ``g1`` of ``p1`` has
+    sub-allocation ``sq`` held by the sub-project ``q1`` and ``sx`` held by ``x1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allocations.update({"sq": "q1", "sx": "x1"})
+
+    async def GetProject(
+        self, request: grant_pb2.GetProjectRequest, **options: object
+    ) -> grant_pb2.Project:
+        members = {
+            "q1": ("pi", [("dana", grant_pb2.PROJECT_ROLE_MEMBER)], "vic"),
+            "x1": ("olga", [("eve", grant_pb2.PROJECT_ROLE_MEMBER)], ""),
+        }
+        if request.project_id not in members:
+            return await super().GetProject(request, **options)
+        pi, listed, viewer = members[request.project_id]
+        project = grant_pb2.Project(project_id=request.project_id, pi_subject=pi)
+        for subject, role in listed:
+            project.members.append(grant_pb2.ProjectMember(subject=subject, role=role))
+        if viewer:
+            project.members.append(
+                grant_pb2.ProjectMember(subject=viewer, role=grant_pb2.PROJECT_ROLE_VIEWER)
+            )
+        return project
+
+
+async def test_sub_project_members_draw_on_its_allocation() -> None:
+    directory = ProjectDirectory(SubProjectGrants())  # type: ignore[arg-type]
+
+    limits = await directory.check_submitter(user("dana"), spec("q1", "g1", "sq"))
+    await directory.check_submitter(user("pi"), spec("q1", "g1", "sq"))
+
+    assert limits is not None
+
+
+async def test_sub_project_viewer_cannot_draw() -> None:
+    directory = ProjectDirectory(SubProjectGrants())  # type: ignore[arg-type]
+
+    with pytest.raises(PermissionDenied) as denied:
+        await directory.check_submitter(user("vic"), spec("q1", "g1", "sq"))
+
+    assert "'vic' is a viewer of project 'q1'" in denied.value.message
+
+
+@pytest.mark.parametrize(
+    ("who", "job"),
+    [
+        ("dana", spec("q1", "g1")),
+        ("dana", spec("q1", "g1", "s1")),
+        ("eve", spec("x1", "g1", "sx")),
+    ],
+    ids=["grant itself", "member's allocation", "project of another PI"],
+)
+async def test_other_project_cannot_draw_on_grant(who: str, job: JobSpec) -> None:
+    directory = ProjectDirectory(SubProjectGrants())  # type: ignore[arg-type]
+
+    with pytest.raises(NotFound) as missing:
+        await directory.check_submitter(user(who), job)
+
+    assert missing.value.kind == "grant"

@@ -180,6 +180,62 @@ async def test_submit_checks_sub_allocation(stack: Stack) -> None:
     assert by_pi.job.job_id
 
 
+async def test_sub_project_member_draws_on_allocation(stack: Stack) -> None:
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    sub_project = f"{project}-sub"
+
+    pi_md = metadata(stack.token(pi, Role.PI))
+    async with grpc.aio.insecure_channel(stack.grant_address) as channel:
+        grants = grant_pb2_grpc.GrantServiceStub(channel)
+        parent = await grants.GetProject(
+            grant_pb2.GetProjectRequest(project_id=project), metadata=pi_md, timeout=10
+        )
+        await grants.CreateProject(
+            grant_pb2.CreateProjectRequest(
+                request_id=uuid.uuid4().hex,
+                project=grant_pb2.Project(
+                    project_id=sub_project,
+                    institution_id=parent.institution_id,
+                    display_name="Sub-project",
+                    pi_subject=pi,
+                    members=[
+                        grant_pb2.ProjectMember(subject="erin", role=grant_pb2.PROJECT_ROLE_MEMBER)
+                    ],
+                ),
+            ),
+            metadata=pi_md,
+            timeout=10,
+        )
+        allocation = await grants.CreateSubAllocation(
+            grant_pb2.CreateSubAllocationRequest(
+                request_id=uuid.uuid4().hex,
+                grant_id=grant,
+                holder=sub_project,
+                amount_pf_days=common_pb2.Decimal(value="2"),
+            ),
+            metadata=pi_md,
+            timeout=10,
+        )
+
+    erin = metadata(stack.token("erin", Role.RESEARCHER))
+    spec = job_spec(sub_project, grant, task_count=1)
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await scheduler.SubmitJob(
+                scheduler_pb2.SubmitJobRequest(spec=spec), metadata=erin, timeout=10
+            )
+        spec.sub_allocation_id = allocation.sub_allocation_id
+        submitted = await scheduler.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec=spec), metadata=erin, timeout=10
+        )
+    # Without the sub-allocation, the grant of the parent project is not the sub-project's.
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert submitted.job.spec.project_id == sub_project
+    assert submitted.job.spec.sub_allocation_id == allocation.sub_allocation_id
+
+
 async def test_jobs_placed_within_grant_constraints(stack: Stack) -> None:
     _, address = await stack.start_scheduler()
     stack.start_agents(nodes=2, provider="cheap", name="cheap")
