@@ -24,6 +24,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -39,9 +40,12 @@ logger = logging.getLogger(__name__)
 SYSTEM_USER: Final = "embedded_postgres"
 SUPERUSER: Final = "postgres"
 DATABASE: Final = "acsp"
-LEFTOVER_TIMEOUT_S: Final = 10.0
-"""Seconds a restart waits for the SIGKILLed backends of a dead postmaster to exit."""
 """The database the mesh's services share; each service owns one schema in it."""
+LEFTOVER_TIMEOUT_S: Final = 10.0
+"""Seconds a start waits for the PostgreSQL processes left on the cluster to exit after each
+signal: the fast shutdown of a running postmaster, then SIGKILL."""
+LEFTOVER_POLL_S: Final = 0.05
+"""Seconds between checks for those processes."""
 HBA_CONFIG: Final = """\
 # Written by acsp up at every start: password (SCRAM-SHA-256) on the loopback addresses only.
 host all all 127.0.0.1/32 scram-sha-256
@@ -158,6 +162,7 @@ class EmbeddedPostgres:
 
     def _init_cluster(self) -> None:
         if (self.cluster_dir / "PG_VERSION").exists():
+            self._stop_leftovers()
             self._remove_stale_pid_file()
             hba_path = self.cluster_dir / "pg_hba.conf"
             current = hba_path.exists() and hba_path.read_text() == HBA_CONFIG
@@ -243,21 +248,21 @@ class EmbeddedPostgres:
             path.unlink(missing_ok=True)
 
     def _remove_stale_pid_file(self) -> None:
-        """Remove ``postmaster.pid`` left by a server that no longer runs (killed mesh)."""
+        """Remove ``postmaster.pid`` left by a server that no longer runs (killed mesh).
+
+        A pid that another program took since then does not count as the server.
+        """
         pid_file = self.cluster_dir / "postmaster.pid"
-        try:
-            pid = int(pid_file.read_text().splitlines()[0])
-        except (FileNotFoundError, IndexError, ValueError):
+        pid = self._recorded_postmaster()
+        if pid is None:
             return
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if pid not in self._leftover_backends():
             logger.info("removing stale %s of pid %s", pid_file, pid)
             pid_file.unlink(missing_ok=True)
             return
         raise RuntimeError(
-            f"PostgreSQL (pid {pid}) already runs on {self.cluster_dir}: is another `acsp up` "
-            "using this data directory? Stop it or pass another --data-dir"
+            f"PostgreSQL (pid {pid}) still runs on {self.cluster_dir} after SIGKILL: end it "
+            f"with kill -KILL {pid} once it can exit, or pass another --data-dir"
         )
 
     async def kill_leftover_backends(self) -> None:
@@ -268,8 +273,6 @@ class EmbeddedPostgres:
         cluster until then. Each backend runs in a session of its own, so they are found by
         their program and working directory, which is the cluster's.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + LEFTOVER_TIMEOUT_S
         leftovers = self._leftover_backends()
         if leftovers:
             logger.warning(
@@ -278,19 +281,61 @@ class EmbeddedPostgres:
                 self.cluster_dir,
                 leftovers,
             )
+            await asyncio.to_thread(self._kill_and_wait, leftovers)
+
+    def _stop_leftovers(self) -> None:
+        """Stop the PostgreSQL processes that a killed supervisor left on this cluster.
+
+        Called before the first start, while the mesh holds the data directory's lock, so no
+        running mesh owns them. Such a postmaster got SIGTERM from the parent-death signal, a
+        smart shutdown that waits for a busy backend's query to end. A backend of a postmaster
+        killed since then keeps the old shared memory attached. Either blocks a new postmaster,
+        so a running postmaster gets SIGINT (a fast shutdown, which ends the sessions), and
+        what still runs after LEFTOVER_TIMEOUT_S gets SIGKILL.
+        """
+        leftovers = self._leftover_backends()
+        if not leftovers:
+            return
+        postmaster = self._recorded_postmaster()
+        logger.warning(
+            "stopping %d PostgreSQL process(es) that an earlier mesh left on %s: %s",
+            len(leftovers),
+            self.cluster_dir,
+            leftovers,
+        )
+        if postmaster in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(postmaster, signal.SIGINT)
+            deadline = time.monotonic() + LEFTOVER_TIMEOUT_S
+            while leftovers and time.monotonic() < deadline:
+                time.sleep(LEFTOVER_POLL_S)
+                leftovers = self._leftover_backends()
+        if leftovers:
+            self._kill_and_wait(leftovers)
+
+    def _kill_and_wait(self, leftovers: list[int]) -> None:
+        """SIGKILL ``leftovers`` and wait up to LEFTOVER_TIMEOUT_S for this cluster to have none."""
+        deadline = time.monotonic() + LEFTOVER_TIMEOUT_S
         while leftovers:
             for pid in leftovers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            if loop.time() > deadline:
+            if time.monotonic() > deadline:
                 logger.warning(
                     "PostgreSQL processes %s did not exit within %.0f s of SIGKILL",
                     leftovers,
                     LEFTOVER_TIMEOUT_S,
                 )
                 return
-            await asyncio.sleep(0.05)
+            time.sleep(LEFTOVER_POLL_S)
             leftovers = self._leftover_backends()
+
+    def _recorded_postmaster(self) -> int | None:
+        """Return the postmaster's pid from ``postmaster.pid``, or None if there is none."""
+        try:
+            return int((self.cluster_dir / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, IndexError, ValueError):
+            return None
 
     def _leftover_backends(self) -> list[int]:
         """Return the pids of the running PostgreSQL processes on this cluster, zombies aside."""
