@@ -21,10 +21,6 @@ class StoreOutage:
         self._failures = 0
         """Batches that failed in the current outage."""
 
-    @property
-    def ongoing(self) -> bool:
-        return self._started is not None
-
     def record_failure(self, message_count: int, error: BaseException) -> None:
         """Count a batch of ``message_count`` messages whose write failed with ``error``."""
         self._failures += 1
