@@ -133,7 +133,11 @@ def _open_fake_metering(args: argparse.Namespace) -> Iterator[_FakeMetering]:
 def test_export_to_missing_folder_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(usage, "open_metering", _open_fake_metering)
     args = argparse.Namespace(
-        provider="p", start="2026-01-01", end="2026-01-02", output=tmp_path / "missing" / "x.csv"
+        provider="p",
+        provider_option=None,
+        start="2026-01-01",
+        end="2026-01-02",
+        output=tmp_path / "missing" / "x.csv",
     )
     with pytest.raises(_common.CommandError) as error:
         usage.run_settlement_export(args)
@@ -179,7 +183,9 @@ def test_settlement_show_prints_no_exponent(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ):
     monkeypatch.setattr(usage, "open_metering", _open_settlement_metering)
-    args = argparse.Namespace(provider="p", start="2026-01-01", end="2026-01-02", format="csv")
+    args = argparse.Namespace(
+        provider="p", provider_option=None, start="2026-01-01", end="2026-01-02", format="csv"
+    )
     usage.run_settlement_show(args)
     out = capsys.readouterr().out
     assert "E-" not in out
@@ -392,7 +398,9 @@ def test_settlement_title_counts_recalls(
         yield Metering()
 
     monkeypatch.setattr(usage, "open_metering", open_metering)
-    args = argparse.Namespace(provider="p", start="2026-01-01", end="2026-01-02", format="table")
+    args = argparse.Namespace(
+        provider="p", provider_option=None, start="2026-01-01", end="2026-01-02", format="table"
+    )
     usage.run_settlement_show(args)
     title = capsys.readouterr().out.splitlines()[0]
     assert title.endswith(words)
