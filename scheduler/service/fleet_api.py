@@ -42,12 +42,13 @@ class FleetRpcs(PledgeRpcs):
         leader = self._lead.require()
         wanted = _node_state_name(request.state) if request.state else ""
         nodes = sorted(leader.fleet.nodes(), key=lambda n: n.key)
+        jobs = leader.book.jobs_by_node()
         selected = [
             n
             for n in nodes
             if (not request.provider_id or n.provider == request.provider_id)
             and (not request.region_id or n.region == request.region_id)
-            and (not wanted or n.status == wanted)
+            and (not wanted or shown_status(n, jobs) == wanted)
         ]
         size = request.page.page_size or 100
         if size > 1000:
@@ -63,7 +64,6 @@ class FleetRpcs(PledgeRpcs):
         page = selected[start : start + size]
         token = str(start + size) if start + size < len(selected) else ""
         failures = _failures_by_accelerator(leader.book.engine)
-        jobs = leader.book.jobs_by_node()
         return scheduler_pb2.ListNodesResponse(
             nodes=[_node_to_proto(n, failures, jobs) for n in page],
             page=common_pb2.PageResponse(next_page_token=token),
@@ -223,7 +223,7 @@ def _node_to_proto(
         node_id=node.node,
         provider_id=node.provider,
         region_id=node.region,
-        state=scheduler_pb2.NodeState.Value(f"NODE_STATE_{node.status.upper()}"),  # type: ignore[arg-type]
+        state=scheduler_pb2.NodeState.Value(f"NODE_STATE_{shown_status(node, jobs).upper()}"),  # type: ignore[arg-type]
         accelerators=[_accelerator_to_proto(node, acc, failures) for acc in node.accelerators],
         software_stacks=node.software_stacks,
         state_cause=_state_cause(node),
@@ -232,6 +232,17 @@ def _node_to_proto(
     if node.last_heartbeat:
         msg.last_heartbeat_time.FromNanoseconds(int(node.last_heartbeat * 1e9))
     return msg
+
+
+def shown_status(node: NodeView, jobs: Mapping[str, list[str]]) -> str:
+    """Return the status that node lists show: a draining node that runs nothing is drained.
+
+    ``jobs`` maps node keys to the jobs that may still run a task there, including copies
+    whose stop is not yet confirmed, so a node is drained only once every stop is confirmed.
+    """
+    if node.status == "draining" and not jobs.get(node.key):
+        return "drained"
+    return node.status
 
 
 DRAIN_TRIGGERS: Final[Mapping[str, str]] = {

@@ -15,7 +15,7 @@ from services.runtime.auth import Role
 
 from .harness import Stack, fund_grant, metadata, wait_for
 from .test_accelerator_failure_e2e import Client
-from .test_node_states_e2e import DRAINING, UP, Operator, assert_not_placed, heartbeat_age
+from .test_node_states_e2e import DRAINED, UP, Operator, assert_not_placed, heartbeat_age
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -75,7 +75,7 @@ async def test_agent_drain_survives_new_leader(stack: Stack, tmp_path: Path) -> 
     try:
         faults = node_fault_trace(tmp_path / "faults.json")
         agent = stack.start_agents(1, gpus=1, name="agents-r1", region="r1", faults=faults)
-        await operator.wait_state(DRAINING, "n0 to drain at its agent's request")
+        await operator.wait_state(DRAINED, "n0 to drain at its agent's request")
         node = await operator.get()
         assert node is not None
         request_cause = node.state_cause
@@ -105,7 +105,7 @@ async def test_agent_drain_survives_new_leader(stack: Stack, tmp_path: Path) -> 
         operator = Operator(stack, client)
         node = await operator.get()
         assert node is not None
-        assert node.state == DRAINING
+        assert node.state == DRAINED
         loaded = node.state_cause
         assert (loaded.trigger, loaded.reason) == (request_cause.trigger, request_cause.reason)
         # PostgreSQL stores the time in microseconds.
@@ -140,7 +140,7 @@ async def test_agent_cannot_end_operator_drain(stack: Stack, tmp_path: Path) -> 
     try:
         faults = node_fault_trace(tmp_path / "faults.json")
         agent = stack.start_agents(1, gpus=1, name="agents-r1", region="r1", faults=faults)
-        await operator.wait_state(DRAINING, "n0 to drain at its agent's request")
+        await operator.wait_state(DRAINED, "n0 to drain at its agent's request")
         # The operator takes the drain over, so a withdrawal of the agent's request leaves it.
         drained = await operator.drain()
         assert drained.state_cause.trigger == "rpc:DrainNode"
@@ -165,7 +165,7 @@ async def test_agent_cannot_end_operator_drain(stack: Stack, tmp_path: Path) -> 
         await wait_for(heard_again, 60, "heartbeats of n0's new agent", 0.2)
         node = await operator.get()
         assert node is not None
-        assert node.state == DRAINING
+        assert node.state == DRAINED
         assert node.state_cause.trigger == "rpc:DrainNode"
         waiting = await assert_not_placed(client, "while-operator-drains")
 

@@ -10,6 +10,7 @@ from scheduler.service.fleet import (
     FleetView,
     NodeView,
 )
+from scheduler.service.fleet_api import shown_status
 
 
 def make_fleet() -> FleetView:
@@ -313,3 +314,13 @@ def test_touch_passes_drain_changes_on() -> None:
 
     fleet.operator_drain("p.r.n1", True, "maintenance", 103.0)
     assert fleet.touch("p.r.n1", 104.0, drain_requested=False)
+
+
+def test_idle_draining_node_shows_drained() -> None:
+    node = NodeView("prov", "reg", "n0", status="draining", drain=Drain("operator", "repair", 1.0))
+    busy = {node.key: ["j1"]}
+
+    assert shown_status(node, busy) == "draining"
+    assert shown_status(node, {}) == "drained"
+    assert shown_status(NodeView("prov", "reg", "n1"), {}) == "up"
+    assert shown_status(NodeView("prov", "reg", "n2", status="unknown"), {}) == "unknown"

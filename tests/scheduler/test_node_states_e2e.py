@@ -26,6 +26,7 @@ pytestmark = pytest.mark.timeout(300)
 
 UP = scheduler_pb2.NODE_STATE_UP
 DRAINING = scheduler_pb2.NODE_STATE_DRAINING
+DRAINED = scheduler_pb2.NODE_STATE_DRAINED
 UNKNOWN = scheduler_pb2.NODE_STATE_UNKNOWN
 DOWN = scheduler_pb2.NODE_STATE_DOWN
 
@@ -140,7 +141,8 @@ async def test_drain_survives_missed_heartbeats_and_down(stack: Stack) -> None:
         await operator.wait_state(UP, "n0 up")
         up = {"total": 1000, "usable": 1000, "unknown": 0, "out_of_service": 0}
         assert await operator.capacity() == up
-        assert (await operator.drain()).state == DRAINING
+        # Nothing runs on n0, so it is drained at once.
+        assert (await operator.drain()).state == DRAINED
         draining = {"total": 1000, "usable": 0, "unknown": 0, "out_of_service": 1000}
         assert await operator.capacity() == draining
         # A draining node still runs its agent, so it cannot be marked down yet.
@@ -158,7 +160,7 @@ async def test_drain_survives_missed_heartbeats_and_down(stack: Stack) -> None:
         unknown = {"total": 1000, "usable": 0, "unknown": 1000, "out_of_service": 0}
         assert await operator.capacity() == unknown
         os.killpg(agent.popen.pid, signal.SIGCONT)
-        await operator.wait_state(DRAINING, "n0 draining after its heartbeats resumed")
+        await operator.wait_state(DRAINED, "n0 drained after its heartbeats resumed")
         first = await assert_not_placed(client, "after-unknown")
 
         # A node marked down comes back with a new agent, which sends an inventory first.
@@ -166,7 +168,7 @@ async def test_drain_survives_missed_heartbeats_and_down(stack: Stack) -> None:
         await operator.wait_state(UNKNOWN, "n0 unknown again")
         assert (await operator.mark_down()).state == DOWN
         agent = start_n0(stack)
-        await operator.wait_state(DRAINING, "n0 draining after it was down")
+        await operator.wait_state(DRAINED, "n0 drained after it was down")
         second = await assert_not_placed(client, "after-down")
         still = await client.get(first)
         assert still is not None
@@ -194,7 +196,7 @@ async def test_drain_survives_down_across_leaders(stack: Stack) -> None:
     try:
         agent = start_n0(stack)
         await operator.wait_state(UP, "n0 up")
-        assert (await operator.drain()).state == DRAINING
+        assert (await operator.drain()).state == DRAINED
         agent.kill()
         await operator.wait_state(UNKNOWN, "n0 unknown")
         assert (await operator.mark_down()).state == DOWN
@@ -208,7 +210,7 @@ async def test_drain_survives_down_across_leaders(stack: Stack) -> None:
         assert await operator.state() == DOWN
 
         start_n0(stack)
-        await operator.wait_state(DRAINING, "n0 draining after it was down")
+        await operator.wait_state(DRAINED, "n0 drained after it was down")
         waiting = await assert_not_placed(client, "after-down")
 
         assert (await operator.drain(undrain=True)).state == UP
