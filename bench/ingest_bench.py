@@ -406,7 +406,9 @@ async def seed_holds(address: str, key_path: Path) -> dict[str, str]:
     await office.CreateInstitution(
         grant_pb2.CreateInstitutionRequest(
             request_id="bench-inst",
-            institution=grant_pb2.Institution(institution_id="uni-bench", display_name="U"),
+            institution=grant_pb2.Institution(
+                institution_id="uni-bench", display_name="U", country_code="NO"
+            ),
         )
     )
     await pi.CreateProject(

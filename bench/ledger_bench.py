@@ -149,7 +149,9 @@ async def seed(office: Caller, pi: Caller, grants: int, tag: str) -> list[str]:
         "CreateInstitution",
         grant_pb2.CreateInstitutionRequest(
             request_id=uuid.uuid4().hex,
-            institution=grant_pb2.Institution(institution_id=f"uni-{tag}", display_name="U"),
+            institution=grant_pb2.Institution(
+                institution_id=f"uni-{tag}", display_name="U", country_code="NO"
+            ),
         ),
     )
     now = datetime.now(UTC)
