@@ -379,6 +379,9 @@ async def start_grant_service(url: str, work: Path) -> tuple[asyncio.subprocess.
         "ACSP_LOG_LEVEL": "WARNING",
         "ACSP_OTEL_EXPORTER": "none",
         "ACSP_GRANT_EXPLORATORY_LIMIT_PF_DAYS": "1000000",
+        # The benchmark's one PI awards itself its grants without review.
+        "ACSP_GRANT_EXPLORATORY_PI_LIMIT_PF_DAYS": "100000000",
+        "ACSP_GRANT_EXPLORATORY_INSTITUTION_LIMIT_PF_DAYS": "100000000",
     }
     environ.pop("ACSP_NATS_URL", None)
     process = await asyncio.create_subprocess_exec(
