@@ -47,7 +47,7 @@ class AwardCeiling:
     supplement_limit: Decimal | None = None
     """PF-days the grant's one supplement may still add, or None when unknown."""
 
-    def most_credited(self) -> Decimal | None:
+    def max_credited(self) -> Decimal | None:
         """Return the most PF-days the pot can ever be credited, or None when unbounded.
 
         That is the credited total of a pot that cannot grow, or that total plus the most the
@@ -88,8 +88,8 @@ def check_hold_fits(
 ) -> None:
     """Raise FailedPrecondition when ``job``'s cheapest hold exceeds all the pot can ever be
     credited, its one supplement included."""
-    most = ceiling.most_credited()
-    if most is None:
+    maximum = ceiling.max_credited()
+    if maximum is None:
         return
     cheapest = cheapest_hold(job, rates, catalog)
     if cheapest is None:
@@ -97,7 +97,7 @@ def check_hold_fits(
     amount, model = cheapest
     # NOTE: holds are priced with the leader's current rate card, and so is this check. A later
     # card with lower prices could make a rejected job payable.
-    if amount <= most:
+    if amount <= maximum:
         return
     spec = job.spec
     accelerators = Decimal(spec.total_millis) / MILLIS_PER_ACCELERATOR
@@ -113,8 +113,9 @@ def check_hold_fits(
         other = f"{prefix}.grant_id for a grant with a larger award"
     else:
         limit = display_pf_days(ceiling.supplement_limit or Decimal(0))
+        ceiling_pf_days = display_pf_days(maximum)
         bound = (
-            f"the {display_pf_days(most)} PF-days {pot} can ever be credited: {credited} PF-days "
+            f"the {ceiling_pf_days} PF-days {pot} can ever be credited: {credited} PF-days "
             f"so far and at most {limit} more from its one supplement"
         )
         other = f"{prefix}.grant_id for a grant with a larger award"
@@ -151,22 +152,22 @@ def check_project_hold_fits(
     reasons: list[str] = []
     shortfall = False
     for ceiling in grants:
-        most = ceiling.most_credited()
-        if most is None:
+        maximum = ceiling.max_credited()
+        if maximum is None:
             return
         allowed = [name for name in rated if not ceiling.models or name in ceiling.models]
         if not allowed:
             reasons.append(f"grant {ceiling.grant_id} allows none of the models the job accepts")
             continue
         amount, model = min((rates.hold_amount(job, name), name) for name in allowed)
-        if amount <= most:
+        if amount <= maximum:
             return
         shortfall = True
         if ceiling.final:
-            bound = f"the {display_pf_days(most)} PF-days the grant was ever credited with its "
+            bound = f"the {display_pf_days(maximum)} PF-days the grant was ever credited with its "
             bound += "one supplement"
         else:
-            bound = f"the {display_pf_days(most)} PF-days the grant can ever be credited with "
+            bound = f"the {display_pf_days(maximum)} PF-days the grant can ever be credited with "
             bound += "its one supplement"
         reasons.append(
             f"on grant {ceiling.grant_id} it is {display_pf_days(amount)} PF-days at {model}, "

@@ -38,7 +38,7 @@ ASSIGNED_CODES: Final = frozenset(
 """The 249 officially assigned codes of ISO 3166-1. Reserved and user-assigned codes, such as
 ``UK``, ``EU`` or ``XX``, are not among them."""
 # The list was checked against the alpha-2 codes of pycountry 26.2.16 (its ISO 3166-1 data
-# comes from Debian's iso-codes), which holds the same 249 codes.
+# comes from Debian's iso-codes), which contains the same 249 codes.
 # NOTE: the list is written out here, so a code that ISO assigns later is rejected until it is
 # added.
 

@@ -362,7 +362,7 @@ class ProgramHandlers:
         application_id = reference_in("application_id", request.application_id)
         comments = cv.text_in("comments", request.comments, limit=cv.MAX_JUSTIFICATION)
         async with self.app.database().transaction() as conn:
-            # A reviewer who may not read the application gets the answer of a missing one,
+            # A reviewer who may not read the application gets the NOT_FOUND of a missing one,
             # not its state, its applicant's institution or whether they are assigned.
             await _require_application_visible(conn, application_id)
             await applications.submit_review(
