@@ -431,7 +431,11 @@ def _parse_float(raw: str) -> float:
 
 
 def _parse_decimal(raw: str) -> Decimal:
-    value = Decimal(raw)
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        # Its own message names only the signal class, such as ConversionSyntax.
+        raise ValueError("expected a decimal number such as 12.5") from None
     if not value.is_finite():
         raise ValueError("expected a finite number")
     return value

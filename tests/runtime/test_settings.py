@@ -137,6 +137,14 @@ def test_decimal_field_rejects_non_finite(raw: str) -> None:
     assert "finite" in str(caught.value)
 
 
+def test_decimal_field_rejects_text() -> None:
+    with pytest.raises(SettingsError) as caught:
+        LedgerSettings.from_env({"ACSP_TEST_QUANTUM": "abc"})
+    assert caught.value.variable == "ACSP_TEST_QUANTUM"
+    assert "'abc' is invalid: expected a decimal number" in str(caught.value)
+    assert "ConversionSyntax" not in str(caught.value)
+
+
 def test_subclass_validation_runs() -> None:
     with pytest.raises(SettingsError) as caught:
         LedgerSettings.from_env({"ACSP_TEST_HOLD_TTL_S": "7200", "ACSP_TEST_BATCH": "false"})
