@@ -145,19 +145,23 @@ class LedgerHandlers:
 
     app: GrantApp
 
+    def _grant_out(self, view: views.GrantView, now: datetime | None = None) -> grant_pb2.Grant:
+        """Convert ``view`` into a reply's Grant, as of ``now`` (the current time by default)."""
+        return cv.grant_out(
+            view.row,
+            view.institution_id,
+            view.balance,
+            now or datetime.now(UTC),
+            self.app.settings.tier_limits(),
+        )
+
     async def GetGrant(
         self, request: grant_pb2.GetGrantRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.Grant:
         grant_id = reference_in("grant_id", request.grant_id)
         async with self.app.database().acquire() as conn:
             view = await _visible_grant(conn, grant_id)
-        return cv.grant_out(
-            view.row,
-            view.institution_id,
-            view.balance,
-            datetime.now(UTC),
-            self.app.settings.tier_limits(),
-        )
+        return self._grant_out(view)
 
     async def ListGrants(
         self, request: grant_pb2.ListGrantsRequest, context: grpc.aio.ServicerContext
@@ -208,9 +212,7 @@ class LedgerHandlers:
                 cause = _cause(principal, "SupplementGrant", reason)
                 await budget.supplement_grant(conn, grant_id, amount, key, cause, now)
             view = await views.grant_view(conn, grant_id)
-        return cv.grant_out(
-            view.row, view.institution_id, view.balance, now, self.app.settings.tier_limits()
-        )
+        return self._grant_out(view, now)
 
     async def ExtendGrant(
         self, request: grant_pb2.ExtendGrantRequest, context: grpc.aio.ServicerContext
@@ -233,13 +235,7 @@ class LedgerHandlers:
             )
             view = await views.grant_view(conn, grant_id)
         if not moved:
-            return cv.grant_out(
-                view.row,
-                view.institution_id,
-                view.balance,
-                datetime.now(UTC),
-                self.app.settings.tier_limits(),
-            )
+            return self._grant_out(view)
         log.info(
             "grant extended",
             extra={
@@ -249,13 +245,7 @@ class LedgerHandlers:
                 "reason": reason,
             },
         )
-        return cv.grant_out(
-            view.row,
-            view.institution_id,
-            view.balance,
-            datetime.now(UTC),
-            self.app.settings.tier_limits(),
-        )
+        return self._grant_out(view)
 
     async def ExpireGrants(
         self, request: grant_pb2.ExpireGrantsRequest, context: grpc.aio.ServicerContext
