@@ -264,7 +264,7 @@ async def test_recall_capacity_relative_fields(
 
 
 def test_recall_reply_keeps_stored_microseconds() -> None:
-    # 13:33:30.730160 is 1796564010.7301600 s, which a float holds as ...0.73015987.
+    # 13:33:30.730160 is 1796564010.7301600 s, which a float stores as ...0.73015987.
     stored = datetime(2026, 12, 6, 13, 33, 30, 730160, tzinfo=UTC)
     recall = RecallRecord("rc-1", "pl-1", 1, stored.timestamp(), None, "")
     assert recall_to_proto(recall).effective_time.ToDatetime(tzinfo=UTC) == stored
