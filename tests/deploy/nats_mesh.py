@@ -8,6 +8,7 @@ beta (region r1) has no leaf node: its clients connect to the hub as user ``beta
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import ssl
 import time
@@ -22,6 +23,7 @@ from nats.js.api import KeyValueConfig, StreamConfig
 
 from acsp import subjects
 from deploy.nats import render
+from tests.deploy.jetstream_retry import until_answered
 from tests.deploy.nats_processes import NatsProcess, free_ports
 from tests.deploy.tls_material import write_tls_dir
 
@@ -98,24 +100,15 @@ async def declare_streams(mesh: Mesh) -> None:
     nc = await connect(mesh, mesh.hub_urls, "scheduler", PASSWORDS["scheduler"], "_INBOX")
     try:
         js = nc.jetstream(timeout=10)
-        await js.add_stream(
-            StreamConfig(
-                name=subjects.USAGE_STREAM, subjects=list(subjects.USAGE_SUBJECTS), num_replicas=3
-            )
-        )
-        await js.add_stream(
-            StreamConfig(
-                name=subjects.AGENT_STREAM, subjects=list(subjects.AGENT_SUBJECTS), num_replicas=3
-            )
-        )
-        await js.add_stream(
-            StreamConfig(
-                name=subjects.COMMAND_STREAM,
-                subjects=list(subjects.COMMAND_SUBJECTS),
-                num_replicas=3,
-            )
-        )
-        await js.create_key_value(KeyValueConfig(bucket=subjects.HEARTBEAT_BUCKET, replicas=3))
+        for name, subject_list in (
+            (subjects.USAGE_STREAM, subjects.USAGE_SUBJECTS),
+            (subjects.AGENT_STREAM, subjects.AGENT_SUBJECTS),
+            (subjects.COMMAND_STREAM, subjects.COMMAND_SUBJECTS),
+        ):
+            config = StreamConfig(name=name, subjects=list(subject_list), num_replicas=3)
+            await until_answered(functools.partial(js.add_stream, config))
+        bucket = KeyValueConfig(bucket=subjects.HEARTBEAT_BUCKET, replicas=3)
+        await until_answered(lambda: js.create_key_value(bucket))
     finally:
         await nc.close()
 

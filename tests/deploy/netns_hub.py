@@ -19,6 +19,7 @@ import nats
 from nats.js.api import StreamConfig
 
 from acsp import subjects
+from tests.deploy.jetstream_retry import until_answered
 
 
 async def main(command: str, url: str, ca: str, password: str, *rest: str) -> None:
@@ -31,14 +32,14 @@ async def main(command: str, url: str, ca: str, password: str, *rest: str) -> No
     js = nc.jetstream(timeout=10)
     try:
         if command == "declare":
-            await js.add_stream(
-                StreamConfig(
-                    name=subjects.USAGE_STREAM,
-                    subjects=list(subjects.USAGE_SUBJECTS),
-                    num_replicas=3,
-                    duplicate_window=120.0,
-                )
+            config = StreamConfig(
+                name=subjects.USAGE_STREAM,
+                subjects=list(subjects.USAGE_SUBJECTS),
+                num_replicas=3,
+                duplicate_window=120.0,
             )
+            # Stays under the 60 s timeout that the test gives this process.
+            await until_answered(lambda: js.add_stream(config), timeout_s=45.0)
             return
         (subject,) = rest
         info = await js.stream_info(subjects.USAGE_STREAM)
