@@ -338,7 +338,8 @@ class GrantServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSubAllocations(self, request, context):
-        """Lists a grant's sub-allocations.
+        """Lists a grant's sub-allocations. A member of a sub-project who is not in the grant's
+        project gets only the sub-allocations that the sub-project holds and may draw on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -394,7 +395,8 @@ class GrantServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetBalance(self, request, context):
-        """Returns the balance of a grant or sub-allocation.
+        """Returns the balance of a grant or sub-allocation. A member of a sub-project may read the
+        sub-allocations that the sub-project holds, but not the grant itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

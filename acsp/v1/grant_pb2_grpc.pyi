@@ -77,7 +77,9 @@ class GrantServiceStub:
     CreateSubAllocation: _grpc.UnaryUnaryMultiCallable[_grant_pb2.CreateSubAllocationRequest, _grant_pb2.SubAllocation]
     """Delegates part of a grant (PI only)."""
     ListSubAllocations: _grpc.UnaryUnaryMultiCallable[_grant_pb2.ListSubAllocationsRequest, _grant_pb2.ListSubAllocationsResponse]
-    """Lists a grant's sub-allocations."""
+    """Lists a grant's sub-allocations. A member of a sub-project who is not in the grant's
+    project gets only the sub-allocations that the sub-project holds and may draw on.
+    """
     CheckFunds: _grpc.UnaryUnaryMultiCallable[_grant_pb2.CheckFundsRequest, _grant_pb2.CheckFundsResponse]
     """Checks whether a grant can pay an amount now (services)."""
     PlaceHold: _grpc.UnaryUnaryMultiCallable[_grant_pb2.PlaceHoldRequest, _grant_pb2.Hold]
@@ -93,7 +95,9 @@ class GrantServiceStub:
     Refund: _grpc.UnaryUnaryMultiCallable[_grant_pb2.RefundRequest, _grant_pb2.LedgerEntry]
     """Refunds charges of a hold (metering)."""
     GetBalance: _grpc.UnaryUnaryMultiCallable[_grant_pb2.GetBalanceRequest, _grant_pb2.Balance]
-    """Returns the balance of a grant or sub-allocation."""
+    """Returns the balance of a grant or sub-allocation. A member of a sub-project may read the
+    sub-allocations that the sub-project holds, but not the grant itself.
+    """
     ListLedgerEntries: _grpc.UnaryUnaryMultiCallable[_grant_pb2.ListLedgerEntriesRequest, _grant_pb2.ListLedgerEntriesResponse]
     """Lists a grant's ledger entries, oldest first."""
     GetLedgerSummary: _grpc.UnaryUnaryMultiCallable[_grant_pb2.GetLedgerSummaryRequest, _grant_pb2.GetLedgerSummaryResponse]
@@ -145,7 +149,9 @@ class GrantServiceAsyncStub(GrantServiceStub):
     CreateSubAllocation: _aio.UnaryUnaryMultiCallable[_grant_pb2.CreateSubAllocationRequest, _grant_pb2.SubAllocation]  # type: ignore[assignment]
     """Delegates part of a grant (PI only)."""
     ListSubAllocations: _aio.UnaryUnaryMultiCallable[_grant_pb2.ListSubAllocationsRequest, _grant_pb2.ListSubAllocationsResponse]  # type: ignore[assignment]
-    """Lists a grant's sub-allocations."""
+    """Lists a grant's sub-allocations. A member of a sub-project who is not in the grant's
+    project gets only the sub-allocations that the sub-project holds and may draw on.
+    """
     CheckFunds: _aio.UnaryUnaryMultiCallable[_grant_pb2.CheckFundsRequest, _grant_pb2.CheckFundsResponse]  # type: ignore[assignment]
     """Checks whether a grant can pay an amount now (services)."""
     PlaceHold: _aio.UnaryUnaryMultiCallable[_grant_pb2.PlaceHoldRequest, _grant_pb2.Hold]  # type: ignore[assignment]
@@ -161,7 +167,9 @@ class GrantServiceAsyncStub(GrantServiceStub):
     Refund: _aio.UnaryUnaryMultiCallable[_grant_pb2.RefundRequest, _grant_pb2.LedgerEntry]  # type: ignore[assignment]
     """Refunds charges of a hold (metering)."""
     GetBalance: _aio.UnaryUnaryMultiCallable[_grant_pb2.GetBalanceRequest, _grant_pb2.Balance]  # type: ignore[assignment]
-    """Returns the balance of a grant or sub-allocation."""
+    """Returns the balance of a grant or sub-allocation. A member of a sub-project may read the
+    sub-allocations that the sub-project holds, but not the grant itself.
+    """
     ListLedgerEntries: _aio.UnaryUnaryMultiCallable[_grant_pb2.ListLedgerEntriesRequest, _grant_pb2.ListLedgerEntriesResponse]  # type: ignore[assignment]
     """Lists a grant's ledger entries, oldest first."""
     GetLedgerSummary: _aio.UnaryUnaryMultiCallable[_grant_pb2.GetLedgerSummaryRequest, _grant_pb2.GetLedgerSummaryResponse]  # type: ignore[assignment]
@@ -336,7 +344,9 @@ class GrantServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _grant_pb2.ListSubAllocationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_grant_pb2.ListSubAllocationsResponse, _abc.Awaitable[_grant_pb2.ListSubAllocationsResponse]]:
-        """Lists a grant's sub-allocations."""
+        """Lists a grant's sub-allocations. A member of a sub-project who is not in the grant's
+        project gets only the sub-allocations that the sub-project holds and may draw on.
+        """
 
     @_abc_1.abstractmethod
     def CheckFunds(
@@ -400,7 +410,9 @@ class GrantServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _grant_pb2.GetBalanceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_grant_pb2.Balance, _abc.Awaitable[_grant_pb2.Balance]]:
-        """Returns the balance of a grant or sub-allocation."""
+        """Returns the balance of a grant or sub-allocation. A member of a sub-project may read the
+        sub-allocations that the sub-project holds, but not the grant itself.
+        """
 
     @_abc_1.abstractmethod
     def ListLedgerEntries(

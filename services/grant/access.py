@@ -1,8 +1,9 @@
 """Who may do what in the grant service, on top of the roles the runtime authenticates.
 
-Researchers and PIs see only the projects they belong to. Only a project's PI changes its
-members and sub-allocations, and only the program office awards. Only the service identities
-named in ACSP_GRANT_MONEY_SERVICES (scheduler and metering by default) move money.
+Researchers and PIs see only the projects they belong to, and the members of a sub-project
+also the sub-allocations it holds. Only a project's PI changes its members and
+sub-allocations, and only the program office awards. Only the service identities named in
+ACSP_GRANT_MONEY_SERVICES (scheduler and metering by default) move money.
 """
 
 from __future__ import annotations
@@ -61,6 +62,26 @@ async def project_role(conn: asyncpg.Connection, project_id: str, subject: str) 
         subject,
     )
     return role
+
+
+async def drawing_sub_projects(
+    conn: asyncpg.Connection, project_id: str, subject: str
+) -> frozenset[str]:
+    """Return the sub-projects of ``project_id`` whose jobs ``subject`` may submit.
+
+    A sub-project is another project led by the same PI. Its members and PI, but not its
+    viewers, may draw on the sub-allocations it holds of ``project_id``'s grants, so they may
+    also read those sub-allocations.
+    """
+    rows = await conn.fetch(
+        "SELECT sub.id FROM projects own "
+        "JOIN projects sub ON sub.pi = own.pi AND sub.id <> own.id "
+        "JOIN project_members m ON m.project_id = sub.id "
+        "WHERE own.id = $1 AND m.member = $2 AND m.role <> 'viewer'",
+        project_id,
+        subject,
+    )
+    return frozenset(row["id"] for row in rows)
 
 
 async def require_project_visible(

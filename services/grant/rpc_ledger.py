@@ -68,6 +68,47 @@ async def _visible_grant(conn: asyncpg.Connection, grant_id: str) -> views.Grant
     return view
 
 
+async def _grant_for_allocations(
+    conn: asyncpg.Connection, grant_id: str
+) -> tuple[views.GrantView, frozenset[str] | None]:
+    """Return the grant and the holders whose sub-allocations of it the caller may read.
+
+    The holders are None when the caller may see the whole grant. A member of sub-projects
+    that hold sub-allocations of it gets those sub-projects' ids, since they may draw on those
+    sub-allocations. Anyone else gets NotFound for the grant, as from :func:`_visible_grant`.
+    """
+    view = await views.grant_view(conn, grant_id)
+    project_id = view.row["project_id"]
+    try:
+        await access.require_project_visible(conn, project_id)
+    except NotFound:
+        subject = current_principal().subject
+        holders = await access.drawing_sub_projects(conn, project_id, subject)
+        if not holders:
+            raise NotFound("grant", grant_id) from None
+        return view, holders
+    return view, None
+
+
+async def _grant_of_readable_allocation(
+    conn: asyncpg.Connection, grant_id: str, allocation_id: str
+) -> views.GrantView:
+    """Return the grant if the caller may read its sub-allocation ``allocation_id``.
+
+    A caller limited to some holders gets NotFound for the grant when the sub-allocation is
+    missing or held by another, so the reply does not reveal the grant's other sub-allocations.
+    """
+    view, holders = await _grant_for_allocations(conn, grant_id)
+    if holders is None:
+        return view
+    holder = await conn.fetchval(
+        "SELECT holder FROM allocations WHERE id = $1 AND grant_id = $2", allocation_id, grant_id
+    )
+    if holder not in holders:
+        raise NotFound("grant", grant_id)
+    return view
+
+
 def _raise_outcome(outcome: object) -> EntryResult:
     if isinstance(outcome, Exception):
         raise outcome
@@ -308,8 +349,8 @@ class LedgerHandlers:
         grant_id = reference_in("grant_id", request.grant_id)
         limit, after = page_in(request.page)
         async with self.app.database().acquire() as conn:
-            await _visible_grant(conn, grant_id)
-            page = await views.list_allocations(conn, grant_id, after, limit)
+            _, holders = await _grant_for_allocations(conn, grant_id)
+            page = await views.list_allocations(conn, grant_id, after, limit, holders)
         return grant_pb2.ListSubAllocationsResponse(
             sub_allocations=[_allocation_out(r, b) for r, b in page],
             page=page_out([r["id"] for r, _ in page], limit),
@@ -323,7 +364,12 @@ class LedgerHandlers:
         now = datetime.now(UTC)
         async with self.app.database().acquire() as conn:
             if request.grant_id:
-                view = await _visible_grant(conn, request.grant_id)
+                if request.sub_allocation_id:
+                    view = await _grant_of_readable_allocation(
+                        conn, request.grant_id, request.sub_allocation_id
+                    )
+                else:
+                    view = await _visible_grant(conn, request.grant_id)
                 grant = budget.grant_state(view.row)
                 pot = pot_from_row(grant_pot_name(grant.grant_id), view.row)
                 if request.sub_allocation_id:
@@ -599,9 +645,10 @@ class LedgerHandlers:
     ) -> grant_pb2.Balance:
         grant_id = reference_in("grant_id", request.grant_id)
         async with self.app.database().acquire() as conn:
-            view = await _visible_grant(conn, grant_id)
             if not request.sub_allocation_id:
+                view = await _visible_grant(conn, grant_id)
                 return cv.balance_out(view.balance)
+            await _grant_of_readable_allocation(conn, grant_id, request.sub_allocation_id)
             balance = await views.allocation_balance(conn, grant_id, request.sub_allocation_id)
         return cv.balance_out(balance)
 

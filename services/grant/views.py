@@ -61,10 +61,18 @@ async def allocation_balance(
 
 
 async def list_allocations(
-    conn: asyncpg.Connection, grant_id: str, after: str, limit: int
+    conn: asyncpg.Connection,
+    grant_id: str,
+    after: str,
+    limit: int,
+    holders: frozenset[str] | None = None,
 ) -> list[tuple[asyncpg.Record, RolledBalance]]:
+    """Return a page of the grant's sub-allocations, only those of ``holders`` if it is set."""
     allocations = await _allocations(conn, grant_id)
-    page = sorted((a for a in allocations if a["id"] > after), key=lambda a: a["id"])[:limit]
+    listed = (
+        a for a in allocations if a["id"] > after and (holders is None or a["holder"] in holders)
+    )
+    page = sorted(listed, key=lambda a: a["id"])[:limit]
     return [(a, _roll(allocation_pot_name(a["id"]), a, a["id"], allocations)) for a in page]
 
 
