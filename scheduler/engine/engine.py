@@ -236,7 +236,9 @@ class Engine:
             # because nothing changed still decides the same.
             record.stopping = True
 
-    def mark_preempted(self, job_id: str, cause: Cause, cause_id: str) -> None:
+    def mark_preempted(
+        self, job_id: str, cause: Cause, cause_id: str, deadline: float | None = None
+    ) -> None:
         """Record that a running job stops for a preemption decision an earlier engine made.
 
         For a service that rebuilds the engine after a restart. The job is marked stopping and
@@ -245,13 +247,16 @@ class Engine:
         others, and keeps the room the stop frees, as it did before the restart. So call this
         after the preempting job is submitted or adopted. A preempting job that is running
         or unknown (it left the queue) leaves this job unclaimed, as leaving the queue did
-        before the restart, so the next preemptor that needs its room claims it. A job that
-        is not running changes nothing.
+        before the restart, so the next preemptor that needs its room claims it. ``deadline``
+        is the decision's :attr:`Preempt.deadline`. Until then, the room the job frees may
+        backfill jobs that end sooner. Without a deadline, because the caller did not store
+        it, that room is kept from now. A job that is not running changes nothing.
         """
         record = self.jobs.get(job_id)
         if record is None or not record.running:
             return
         record.stopping = True
+        record.stop_deadline = deadline
         record.preempted_by.add((cause, cause_id))
         if cause is not Cause.PRIORITY:
             return

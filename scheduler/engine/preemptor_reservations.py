@@ -206,10 +206,13 @@ def _backfilled(
 
 
 def _release_time(victim: JobRecord, now: float) -> float:
-    """Return when ``victim`` has stopped at the latest: now when its deadline is unknown."""
+    """Return when ``victim`` has stopped at the latest.
+
+    That is now when its deadline is unknown, e.g. for a stop that a restart restored from a
+    row stored before deadlines were kept. Its room is then kept from now and backfills
+    nothing.
+    """
     deadline = victim.stop_deadline
-    # NOTE: an engine rebuilt after a restart has no deadline for the stops an earlier one
-    # decided, so it keeps their room from now, and that room backfills nothing.
     return now if deadline is None or deadline < now else deadline
 
 

@@ -43,7 +43,8 @@ class JobRecord:
     preempted_by: set[tuple[Cause, str]] = field(default_factory=set)
     stop_deadline: float | None = None
     """Deadline by which a preemption decision requires the running job to have stopped. None
-    while no decision stops it, or when an earlier engine made the decision."""
+    while no decision stops it, or when an earlier engine made the decision and its caller
+    did not restore the deadline."""
     awaiting_victims: frozenset[str] = frozenset()
     """Preempted jobs this job waits for; replaced, never changed in place."""
     requeue_message: str = ""

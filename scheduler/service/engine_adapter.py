@@ -78,9 +78,9 @@ class PassResult:
     failed_hardware: list[tuple[str, str, AcceleratorHealth]] = field(default_factory=list)
     """Job id, message and accelerator failure of running jobs that go back to the queue
     because an accelerator under them failed."""
-    preempts: list[tuple[str, int, str, str, str]] = field(default_factory=list)
-    """Job id, grace in seconds, message, trigger (``recall:<id>`` for a recall) and
-    preempting job id (empty unless a priority preemption) of jobs to stop."""
+    preempts: list[tuple[str, int, str, str, str, float]] = field(default_factory=list)
+    """Job id, grace in seconds, message, trigger (``recall:<id>`` for a recall), preempting
+    job id (empty unless a priority preemption) and deadline of jobs to stop."""
     waiting: list[tuple[str, str, str]] = field(default_factory=list)
     """Job id, pending reason and message of jobs that did not start."""
     replacements: list[tuple[str, TaskPlacement, str]] = field(default_factory=list)
@@ -551,7 +551,9 @@ class EngineAdapter:
         it loses meanwhile frees none of the accelerators its other tasks still hold."""
         self.engine.mark_stopping(job_id)
 
-    def mark_preempted(self, job_id: str, preemptor_id: str | None, message: str) -> None:
+    def mark_preempted(
+        self, job_id: str, preemptor_id: str | None, message: str, deadline: float | None
+    ) -> None:
         """Tell the engine that a reloaded running job stops for a preemption, so that a job
         that preempted it waits for it again.
 
@@ -560,14 +562,15 @@ class EngineAdapter:
         an ended pledge. Without a stored id, ``message`` may name the preempting job too.
         Rows stored before the id was kept hold None. A leader of that earlier version, still
         running while a new one migrates the schema, stores the column default, empty.
-        A message that names no preemption changes nothing.
+        A message that names no preemption changes nothing. ``deadline`` is the stored stop
+        deadline, or None for a row stored before deadlines were kept.
         """
         if preemptor_id:
-            self.engine.mark_preempted(job_id, d.Cause.PRIORITY, preemptor_id)
+            self.engine.mark_preempted(job_id, d.Cause.PRIORITY, preemptor_id, deadline)
             return
         found = preemption_of(message)
         if found is not None:
-            self.engine.mark_preempted(job_id, *found)
+            self.engine.mark_preempted(job_id, *found, deadline)
 
     def running_in_engine(self, job_id: str) -> bool:
         record = self.engine.jobs.get(job_id)
@@ -666,7 +669,9 @@ class EngineAdapter:
                 message = preemption_message(decision)
                 trigger = preempt_trigger(decision)
                 preemptor = decision.cause_id if decision.cause is d.Cause.PRIORITY else ""
-                out.preempts.append((decision.job_id, grace, message, trigger, preemptor))
+                out.preempts.append(
+                    (decision.job_id, grace, message, trigger, preemptor, decision.deadline)
+                )
             elif isinstance(decision, d.ReplaceTask):
                 task = placement_from_engine(decision.task)
                 out.replacements.append((decision.job_id, task, decision.lost_node_id))

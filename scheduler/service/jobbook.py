@@ -209,7 +209,7 @@ class JobBook:
         # After the loop, because a job that preempted others may come after them.
         for job in preempted:
             message = job.reason.removeprefix(PREEMPTED) if job.reason.startswith(PREEMPTED) else ""
-            self.engine.mark_preempted(job.job_id, job.preemptor_id, message)
+            self.engine.mark_preempted(job.job_id, job.preemptor_id, message, job.stop_deadline)
 
     def _keep_parsed_preemptor(self, job: Job) -> Job:
         """Copy the preempting job named in the stop reason of a row stored without its id.
@@ -410,9 +410,18 @@ class JobBook:
             fx.admit.append((placed, result.models.get(job_id, "")))
         for job_id, task, lost_node in result.replacements:
             self.replace_task(job_id, task, lost_node, fx)
-        for job_id, grace_s, message, trigger, preemptor_id in result.preempts:
+        for job_id, grace_s, message, trigger, preemptor_id, deadline in result.preempts:
             reason = f"{PREEMPTED}{message}"
-            self.stop(job_id, None, reason, grace_s, trigger, fx, preemptor_id=preemptor_id)
+            self.stop(
+                job_id,
+                None,
+                reason,
+                grace_s,
+                trigger,
+                fx,
+                preemptor_id=preemptor_id,
+                deadline=deadline,
+            )
 
     def _waiting_job(self, job_id: str) -> Job | None:
         """Return the pending job ``job_id`` if the engine's reason applies to it, else None."""
@@ -879,12 +888,15 @@ class JobBook:
         fx: Effects,
         *,
         preemptor_id: str = "",
+        deadline: float | None = None,
     ) -> None:
         """Stop every live task of the current attempt; finish or requeue once all stopped.
 
         A preemption (``outcome`` None) of a job that a cancel or a failure is stopping
         changes nothing. ``preemptor_id`` names the job of a priority preemption, stored with
-        the stop so that a new leader makes it wait for the stop again.
+        the stop so that a new leader makes it wait for the stop again. ``deadline`` is the
+        preemption's, stored so that a new leader's engine knows when the stop frees the room
+        at the latest. It defaults to the end of ``grace_s``.
         """
         job = self.jobs.get(job_id)
         if job is None or job.terminal:
@@ -908,6 +920,7 @@ class JobBook:
             job.with_state("stopping", reason),
             stop_outcome=outcome or REQUEUE,
             preemptor_id=preemptor_id,
+            stop_deadline=fx.now + grace_s if deadline is None else deadline,
         )
         self.jobs[job_id] = stopping
         fx.change(stopping, cause)
@@ -970,6 +983,7 @@ class JobBook:
             started_at=None,
             stop_outcome="",
             preemptor_id="",
+            stop_deadline=None,
             avoid_nodes=tuple(sorted({*job.avoid_nodes, *avoid_nodes})),
             attempt_reason=reason,
             rendezvous_port=0,
@@ -1128,6 +1142,7 @@ class JobBook:
             ended_at=fx.now,
             stop_outcome="",
             preemptor_id="",
+            stop_deadline=None,
         )
         codes = [t.exit_code for t in job.placement if t.exit_code]
         if state == "completed":

@@ -225,6 +225,10 @@ class Job:
     when none does, or when a leader of a version that did not store it made the stop. None
     for jobs loaded from rows stored before the id was kept. In both cases without an id, a
     stop reason of the preemption names that job instead."""
+    stop_deadline: float | None = None
+    """While stopping, when the stop commands of the current attempt require its tasks to have
+    stopped, in Unix seconds: a preemption's deadline, or the end of the grace the commands
+    give. None in every other state, and for rows stored before the deadline was kept."""
     grant_picked: bool = False
     """Whether the grant service picked ``spec.grant_id`` for the current attempt's hold,
     because the job named no grant. The job's next attempt names none again."""

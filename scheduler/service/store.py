@@ -275,8 +275,9 @@ class JobStore:
                 [node_key for node_key, _ in confirmed],
                 [task_id for _, task_id in confirmed],
                 *_drain_columns(drains),
-                # Last, so that the numbers of the parameters before it stay as they were.
+                # Last, so that the numbers of the parameters before them stay as they were.
                 [job.replacements for job in jobs],
+                [to_datetime(job.stop_deadline) for job in jobs],
                 timeout=self._timeout,
             )
         if rows and rows[0][0] is None:
@@ -300,6 +301,7 @@ class JobStore:
             *_job_columns(jobs, causes),
             epoch,
             [job.replacements for job in jobs],
+            [to_datetime(job.stop_deadline) for job in jobs],
             timeout=self._timeout,
         )
 
@@ -715,6 +717,7 @@ def _job_from_row(row: asyncpg.Record) -> Job:
         rendezvous_port=row["rendezvous_port"],
         preemptor_id=row["preemptor_id"],
         replacements=row["replacements"],
+        stop_deadline=from_datetime(row["stop_deadline"]),
         grant_picked=picked,
         updated_at=from_datetime(row["updated_at"]),
     )

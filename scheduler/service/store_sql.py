@@ -9,7 +9,7 @@ JOB_SELECT_LIST: Final = (
     " array_index, submitted_at, started_at, ended_at, hold_id, hold_amount, checkpoint_ref,"
     " checkpoint_at, exit_code, placement::text, stop_outcome, grant_id, updated_at,"
     " start_failures, avoid_nodes::text, attempt_reason, rendezvous_port, preemptor_id,"
-    " replacements"
+    " replacements, stop_deadline"
 )
 
 INSERT_JOBS: Final = """
@@ -45,16 +45,16 @@ UPDATE scheduler.jobs AS j SET
     updated_at = coalesce(u.updated_at, now()), start_failures = u.start_failures,
     avoid_nodes = u.avoid_nodes::jsonb, attempt_reason = u.attempt_reason,
     rendezvous_port = u.rendezvous_port, preemptor_id = u.preemptor_id,
-    replacements = u.replacements
+    replacements = u.replacements, stop_deadline = u.stop_deadline
 FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
     $7::timestamptz[], $8::text[], $9::numeric[], $10::text[], $11::timestamptz[], $12::int[],
     $13::text[], $14::text[], $15::text[], $16::text[], $17::timestamptz[], $18::int[],
-    $19::text[], $20::text[], $21::int[], $22::text[], $24::int[]
+    $19::text[], $20::text[], $21::int[], $22::text[], $24::int[], $25::timestamptz[]
 ) AS u(job_id, state, pending_reason, reason, attempt, started_at, ended_at, hold_id,
        hold_amount, checkpoint_ref, checkpoint_at, exit_code, placement, cause, stop_outcome,
        grant_id, updated_at, start_failures, avoid_nodes, attempt_reason, rendezvous_port,
-       preemptor_id, replacements)
+       preemptor_id, replacements, stop_deadline)
 WHERE j.job_id = u.job_id
 """
 
@@ -151,16 +151,18 @@ changed_jobs AS (
         grant_id = u.grant_id, epoch = $2, updated_at = coalesce(u.updated_at, now()),
         start_failures = u.start_failures, avoid_nodes = u.avoid_nodes::jsonb,
         attempt_reason = u.attempt_reason, rendezvous_port = u.rendezvous_port,
-        preemptor_id = u.preemptor_id, replacements = u.replacements
+        preemptor_id = u.preemptor_id, replacements = u.replacements,
+        stop_deadline = u.stop_deadline
     FROM unnest(
         $8::text[], $9::text[], $10::text[], $11::text[], $12::int[], $13::timestamptz[],
         $14::timestamptz[], $15::text[], $16::numeric[], $17::text[], $18::timestamptz[],
         $19::int[], $20::text[], $21::text[], $22::text[], $23::text[], $24::timestamptz[],
-        $25::int[], $26::text[], $27::text[], $28::int[], $29::text[], $53::int[]
+        $25::int[], $26::text[], $27::text[], $28::int[], $29::text[], $53::int[],
+        $54::timestamptz[]
     ) AS u(job_id, state, pending_reason, reason, attempt, started_at, ended_at, hold_id,
            hold_amount, checkpoint_ref, checkpoint_at, exit_code, placement, cause,
            stop_outcome, grant_id, updated_at, start_failures, avoid_nodes,
-           attempt_reason, rendezvous_port, preemptor_id, replacements)
+           attempt_reason, rendezvous_port, preemptor_id, replacements, stop_deadline)
     WHERE (SELECT ok FROM fence) AND j.job_id = u.job_id
 ),
 new_dispatches AS (

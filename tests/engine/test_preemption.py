@@ -424,6 +424,27 @@ def test_restored_preemption_keeps_preemptor_waiting() -> None:
     assert "gang" in engine.running()
 
 
+@pytest.mark.parametrize(("deadline", "backfilled"), [(310.0, True), (None, False)])
+def test_restored_deadline_lets_jobs_backfill(deadline: float | None, backfilled: bool) -> None:
+    engine = make_engine(preemption_grace_s=300.0)
+    engine.add_node(node("n1", 8))
+    low = job("low", accelerators=4, priority=PriorityClass.PREEMPTIBLE, checkpointable=True)
+    accelerators = tuple(f"n1-gpu{i}" for i in range(4))
+    engine.adopt(low, [TaskPlacement(0, "n1", accelerators, 1000)], 0.0)
+    engine.submit(job("big", accelerators=8, submit=1.0))
+    # An engine before the restart preempted "low" for "big" at 10, with a grace until 310.
+    # Without the deadline, the room of "big" is reserved from now.
+    engine.mark_preempted("low", Cause.PRIORITY, "big", deadline)
+    engine.submit(job("short", accelerators=4, project="other", wall_time_s=100.0))
+
+    result = engine.schedule(20.0)
+
+    assert preempts(result) == []
+    assert reasons(result)["big"] == "priority"
+    assert ("short" in placed(result)) is backfilled
+    assert engine.jobs["low"].stop_deadline == deadline
+
+
 @pytest.mark.parametrize("preemptor", ["cancelled", "running"])
 def test_absent_preemptor_leaves_victims_unclaimed(preemptor: str) -> None:
     running = full_fleet_of_preemptible()

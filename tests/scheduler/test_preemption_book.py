@@ -143,3 +143,21 @@ def test_restart_keeps_preemptor_waiting_for_victims() -> None:
     assert after_restart == []
     assert later == []
     assert len(restarted.jobs[gang.job_id].placement) == 2
+
+
+def test_stop_deadline_follows_stops() -> None:
+    book, fillers = full_book()
+    gang = make_job("interactive", tasks=2, submitted_at=NOW + 1)
+    book.add([gang], NOW + 1)
+    first, second = preempted_jobs(run_pass(book, NOW + 1))
+    jobs = {job.job_id: job for job in [*fillers, gang]}
+    cancelled = next(job_id for job_id, job in book.jobs.items() if job.state == "running")
+
+    book.cancel(cancelled, "cancelled by owner", "rpc:CancelJob", Effects(NOW + 2))
+    report_all(book, jobs[first], "stopped", NOW + 3)
+
+    # The engine gives checkpointable victims 300 s, and a cancel the job's own grace.
+    assert book.jobs[second].stop_deadline == NOW + 301
+    assert book.jobs[cancelled].stop_deadline == NOW + 2 + jobs[cancelled].spec.grace_s
+    assert book.jobs[first].state == "pending"
+    assert book.jobs[first].stop_deadline is None

@@ -8,6 +8,7 @@ import asyncpg
 from scheduler.service.jobbook import Effects, JobBook
 from scheduler.service.model import Job
 from scheduler.service.store import JobStore
+from services.runtime.evolve import evolve
 from tests.scheduler.test_preemption_book import (
     NOW,
     finish_preemption,
@@ -15,6 +16,7 @@ from tests.scheduler.test_preemption_book import (
     make_book,
     make_job,
     preempted_jobs,
+    report_all,
     run_pass,
 )
 from tests.scheduler.test_store import lead
@@ -189,6 +191,54 @@ async def test_restart_reads_empty_preemptor_id_of_older_leader(
     later = finish_preemption(restarted, jobs, list(victims), gang, NOW + 3)
 
     assert loaded == [gang.job_id, gang.job_id]
+    assert after_restart == []
+    assert later == []
+    assert len(restarted.jobs[gang.job_id].placement) == 2
+    await lease.release()
+
+
+async def test_restart_keeps_grace_deadlines(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    store = JobStore(pool, "s0")
+    book, gang, victims = await preempting_book(store, lease.epoch or 0)
+    jobs = {job.job_id: job for job in book.jobs.values()}
+
+    restarted = await restart(store, NOW + 2)
+    loaded = [restarted.jobs[job_id].stop_deadline for job_id in victims]
+    # One victim checkpoints and stops long before its grace ends. A job of another project
+    # that ends before the other victim's grace may use the room until then.
+    report_all(restarted, jobs[victims[0]], "stopped", NOW + 3)
+    short = make_job("standard", submitted_at=NOW + 3)
+    short = evolve(short, spec=evolve(short.spec, project_id="other", wall_time_s=100))
+    restarted.add([short], NOW + 3)
+    fx = run_pass(restarted, NOW + 3)
+
+    # The engine gives checkpointable victims 300 s by default.
+    assert loaded == [NOW + 301, NOW + 301]
+    assert preempted_jobs(fx) == []
+    assert restarted.jobs[gang.job_id].pending_reason == "priority"
+    assert len(restarted.jobs[short.job_id].placement) == 1
+    await lease.release()
+
+
+async def test_restart_reads_rows_without_deadline(pool: asyncpg.Pool, database_dsn: str) -> None:
+    lease = await lead(database_dsn, "a")
+    store = JobStore(pool, "s0")
+    book, gang, victims = await preempting_book(store, lease.epoch or 0)
+    jobs = {job.job_id: job for job in book.jobs.values()}
+    # Rows stored before the deadline was kept: the gang's room is kept from now.
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE scheduler.jobs SET stop_deadline = NULL WHERE job_id = ANY($1::text[])",
+            victims,
+        )
+
+    restarted = await restart(store, NOW + 2)
+    loaded = [restarted.jobs[job_id].stop_deadline for job_id in victims]
+    after_restart = preempted_jobs(run_pass(restarted, NOW + 2))
+    later = finish_preemption(restarted, jobs, list(victims), gang, NOW + 3)
+
+    assert loaded == [None, None]
     assert after_restart == []
     assert later == []
     assert len(restarted.jobs[gang.job_id].placement) == 2
