@@ -379,6 +379,9 @@ class NodeAgent:
         The start ``command``'s placement version and time order the hosts that later
         commands send. A hosts file that cannot be written leaves ``ACSP_TASK_HOSTS_FILE``
         naming no file, with a warning, while the other variables still let the task start.
+        The file of a task that runs a process is synced to disk before the task starts, as a
+        rewrite is. A played task's file is not, because no process reads it, and a played
+        start saves its task record without an fsync too.
         """
         assert self.runner is not None
         index = task_index_of(spec.task_id)
@@ -390,7 +393,11 @@ class NodeAgent:
             try:
                 hosts = placement.task_hosts(self._host)
                 self._host_files.write(
-                    spec.task_id, hosts, command.issued_at_ns, command.placement_version
+                    spec.task_id,
+                    hosts,
+                    command.issued_at_ns,
+                    command.placement_version,
+                    sync=not self.runner.plays(spec),
                 )
             except OSError as error:
                 logger.warning("hosts file of task %s was not written: %s", spec.task_id, error)

@@ -270,7 +270,7 @@ class TaskRunner:
         The caller saves every intent of a batch with one :meth:`StateStore.save_intents`
         before it calls :meth:`start` for each, so the spawns wait for one fsync in all.
         """
-        if self._known(spec.task_id) or self._plays(spec):
+        if self._known(spec.task_id) or self.plays(spec):
             return
         self._state.put_intent(self._node_key, self._new_record(spec))
 
@@ -295,7 +295,7 @@ class TaskRunner:
             self._reject(spec, reason, node_busy=True)
             return
         record = intent if intent is not None else self._new_record(spec)
-        if self._plays(spec):
+        if self.plays(spec):
             self._tasks[spec.task_id] = _Task(record)
             self._state.put_task(self._node_key, record, durable=False)
             self._emit_state(record, TaskState.RUNNING, "played without a process")
@@ -347,7 +347,8 @@ class TaskRunner:
             logger.error("cannot remove the log of task %s: %s", task_id, error)
         return False
 
-    def _plays(self, spec: TaskSpec) -> bool:
+    def plays(self, spec: TaskSpec) -> bool:
+        """Return whether ``spec`` is played without a process (simulated backend only)."""
         # A simulated backend plays a task that gives a run time even when it names a command
         # too, because the scheduler requires a command for every job.
         return not spec.command or (self._allow_played and spec.simulated_run_time_s > 0)

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,60 @@ async def test_task_gets_env_and_hosts(tmp_path: Path) -> None:
     assert env["ACSP_RENDEZVOUS_PORT"] == "29555"
     assert hosts == "h-b\nh-a\nh-a\n"
     assert not file_exists(env["ACSP_TASK_HOSTS_FILE"])
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the path of each file and folder that ``os.fsync`` flushes from now on."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+async def test_start_syncs_hosts_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node, outbox, spool = make(tmp_path)
+    folder = tmp_path / "hosts"
+    synced = record_fsyncs(monkeypatch)
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        uuid = node.backend.discover().accelerators[0].uuid
+        await node.handle(start_command(uuid, tmp_path / "unused", SLEEPER))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STARTED), "the task to start"
+        )
+        started = list(synced)
+        await node.handle(stop_command(TASK))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STOPPED), "the task to stop"
+        )
+
+    # The file before its rename, then the folder that records the rename.
+    assert str(folder / "job-1_1_2.hosts.tmp") in started
+    assert str(folder) in started
+    assert started.index(str(folder / "job-1_1_2.hosts.tmp")) < started.index(str(folder))
+
+
+async def test_played_start_skips_hosts_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node, _outbox, _spool = make(tmp_path)
+    folder = tmp_path / "hosts"
+    synced = record_fsyncs(monkeypatch)
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        uuid = node.backend.discover().accelerators[0].uuid
+        command = start_command(uuid, tmp_path / "unused", SLEEPER)
+        assert command.spec is not None
+        played = replace(command, spec=replace(command.spec, simulated_run_time_s=60.0))
+        await node.handle(played)
+
+    assert (folder / "job-1_1_2.hosts").read_text() == "h-b\nh-a\nh-a\n"
+    assert [path for path in synced if path.startswith(str(folder))] == []
 
 
 async def test_redelivered_start_leaves_no_file(tmp_path: Path) -> None:
