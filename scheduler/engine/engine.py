@@ -93,6 +93,17 @@ class Engine:
         for spec in specs:
             self.add_node(spec)
 
+    def remove_node(self, node_id: str) -> None:
+        """Forget a node that no job has accelerators on, e.g. a retired machine.
+
+        Raises :class:`InvalidInputError`, changing nothing, for a node not in the fleet or
+        one with accelerators allocated to a running job or to a copy whose stop is not
+        confirmed. Reservations of earlier passes that name the node stay valid, and the next
+        pass plans without it. A node added later with the same id is a new node.
+        """
+        self.fleet.remove_node(self.fleet.node(node_id))
+        self.changes += 1
+
     def set_max_jobs(self, node_id: str, max_jobs: int) -> None:
         """Set the number of jobs ``node_id`` runs at once at most; 0 is no limit."""
         node = self.fleet.node(node_id)

@@ -231,6 +231,18 @@ class Pool:
             domain.free += delta
             self._stale_domains.add(domain)
 
+    def trim_buckets(self) -> None:
+        """Drop the free-count buckets above the size of the pool's largest node.
+
+        Called after a node left the pool. Those buckets are empty, and
+        :func:`scheduler.engine.reasons.largest_node` counts them.
+        """
+        largest = max((len(node.used) for node in self.nodes), default=0)
+        if len(self.buckets) > largest + 1:
+            del self.buckets[largest + 1 :]
+            self.nonempty &= (1 << (largest + 1)) - 1
+            self._slots.clear()
+
     def smallest_fit(self, count: int) -> int | None:
         """Return the smallest free count >= ``count`` that some up node has, if any."""
         above = self.nonempty >> count
@@ -250,10 +262,14 @@ class Fleet:
 
     def __init__(self) -> None:
         self.nodes: list[NodeRecord] = []
+        """Every node ever added, by ordinal. A removed node's record stays here, out of every
+        pool, domain and index, so that the ordinals an earlier pass kept stay valid."""
         self.by_id: dict[str, NodeRecord] = {}
+        """The nodes in the fleet by id, removed ones not included."""
         self.pools: dict[PoolKey, Pool] = {}
         self.version = 0
-        """Bumped whenever a pool or node is added, so cached pool lists can be rebuilt."""
+        """Bumped whenever a pool or node is added or a node removed, so cached pool lists can
+        be rebuilt."""
         self.freed = 0
         """Bumped whenever capacity is released or a node comes up."""
 
@@ -289,6 +305,32 @@ class Fleet:
         self._index_add(node)
         self.version += 1
         return node
+
+    def remove_node(self, node: NodeRecord) -> None:
+        """Take ``node`` out of its pool, its domain and every index, and forget its id.
+
+        Raises :class:`InvalidInputError`, changing nothing, while any of its accelerators is
+        allocated to a job, a fenced copy included. A node added later with the same id is a
+        new node with a new ordinal.
+        """
+        node_id = node.spec.node_id
+        if self.by_id.get(node_id) is not node:
+            raise InvalidInputError(f"node {node_id}: not in the fleet")
+        if node.jobs:
+            owners = ", ".join(sorted(node.jobs))
+            raise InvalidInputError(f"node {node_id}: accelerators are still allocated to {owners}")
+        if node.schedulable:
+            self._index_remove(node)
+        pool = node.pool
+        if node.up:
+            pool.up_accelerators -= len(node.used) - len(node.failed)
+        node.state = NodeState.DOWN
+        pool.nodes.remove(node)
+        node.domain.nodes.remove(node)
+        pool.total_millis -= len(node.used) * MILLIS_PER_ACCELERATOR
+        pool.trim_buckets()
+        del self.by_id[node_id]
+        self.version += 1
 
     def node(self, node_id: str) -> NodeRecord:
         try:
