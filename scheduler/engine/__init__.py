@@ -9,6 +9,7 @@ waits. The engine reads no clock and does no I/O.
 from scheduler.engine.catalog import DEFAULT_CATALOG, AcceleratorModel, Catalog
 from scheduler.engine.decisions import (
     Cause,
+    Claim,
     Decision,
     Place,
     Preempt,
@@ -66,6 +67,7 @@ __all__ = [
     "BudgetChanged",
     "Catalog",
     "Cause",
+    "Claim",
     "Decision",
     "Engine",
     "EngineConfig",

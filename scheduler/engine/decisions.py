@@ -70,6 +70,22 @@ class Preempt:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """A pending job now waits for a running job that an earlier decision is stopping, instead
+    of preempting others, because that stop frees room it fits on.
+
+    The caller records ``preemptor_id`` with the stopping job, so that after a restart it can
+    pass it to :meth:`~scheduler.engine.engine.Engine.mark_preempted` instead of the job the
+    stop was decided for.
+    """
+
+    job_id: str
+    """The stopping job."""
+    preemptor_id: str
+    """The pending job that waits for it."""
+
+
+@dataclass(frozen=True, slots=True)
 class Requeue:
     """A running job lost tasks, or an accelerator under it failed, and goes back to the queue
     whole.
@@ -98,7 +114,7 @@ class Reserve:
     node_ids: tuple[str, ...]
 
 
-Decision = Place | ReplaceTask | Preempt | Requeue | Reserve
+Decision = Place | ReplaceTask | Preempt | Claim | Requeue | Reserve
 
 
 @dataclass(frozen=True, slots=True)

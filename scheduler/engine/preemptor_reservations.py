@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from scheduler.engine.decisions import ReasonCode
+from scheduler.engine.decisions import Claim, ReasonCode
 from scheduler.engine.fleet import Pool
 from scheduler.engine.reasons import at
 from scheduler.engine.records import JobRecord, job_of
@@ -121,7 +121,8 @@ def claim_victims(state: PassState, record: JobRecord, pools: Sequence[Pool]) ->
     """Let ``record`` wait for unclaimed victims instead of preempting others.
 
     Returns whether it claimed some. It claims the unclaimed victims on the nodes where it fits
-    once they, and the victims it already awaits, have stopped, and reserves those nodes.
+    once they, and the victims it already awaits, have stopped, and reserves those nodes. Each
+    claimed victim gets a :class:`Claim` decision.
     """
     engine = state.engine
     if not engine.unclaimed_victims or record.job_id in state.preemptor_reservations or not pools:
@@ -148,6 +149,7 @@ def claim_victims(state: PassState, record: JobRecord, pools: Sequence[Pool]) ->
         return False
     engine.unclaimed_victims -= claimed
     record.awaiting_victims = record.awaiting_victims | claimed
+    state.decisions.extend(Claim(job_id, record.job_id) for job_id in sorted(claimed))
     engine.preemptors.add(record.job_id)
     _add_preemptor_reservation(state, record, reservation)
     return True

@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from scheduler.engine.decisions import Cause, Preempt, ReplaceTask, Requeue, TaskPlacement
+from scheduler.engine.decisions import (
+    Cause,
+    Claim,
+    Preempt,
+    ReplaceTask,
+    Requeue,
+    TaskPlacement,
+)
 from scheduler.engine.fleet import TENTATIVE_OWNER, NodeRecord, Pool
 from scheduler.engine.placement import (
     Excluded,
@@ -134,6 +141,8 @@ def preempt_for(state: PassState, record: JobRecord, pools: tuple[Pool, ...]) ->
     for job_id in victims:
         victim = engine.jobs[job_id]
         if victim.stopping:
+            # An earlier decision stops it already, so the job only starts to wait for it.
+            state.decisions.append(Claim(job_id, record.job_id))
             continue
         deadline = grace_deadline(victim, state.now, engine.config.preemption_grace_s)
         _preempt(state, victim, Cause.PRIORITY, record.job_id, deadline)

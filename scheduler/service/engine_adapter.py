@@ -81,6 +81,8 @@ class PassResult:
     preempts: list[tuple[str, int, str, str, str, float]] = field(default_factory=list)
     """Job id, grace in seconds, message, trigger (``recall:<id>`` for a recall), preempting
     job id (empty unless a priority preemption) and deadline of jobs to stop."""
+    claims: list[tuple[str, str]] = field(default_factory=list)
+    """Job id of a stopping job and id of the pending job that now waits for it."""
     waiting: list[tuple[str, str, str]] = field(default_factory=list)
     """Job id, pending reason and message of jobs that did not start."""
     replacements: list[tuple[str, TaskPlacement, str]] = field(default_factory=list)
@@ -672,6 +674,8 @@ class EngineAdapter:
                 out.preempts.append(
                     (decision.job_id, grace, message, trigger, preemptor, decision.deadline)
                 )
+            elif isinstance(decision, d.Claim):
+                out.claims.append((decision.job_id, decision.preemptor_id))
             elif isinstance(decision, d.ReplaceTask):
                 task = placement_from_engine(decision.task)
                 out.replacements.append((decision.job_id, task, decision.lost_node_id))

@@ -422,6 +422,21 @@ class JobBook:
                 preemptor_id=preemptor_id,
                 deadline=deadline,
             )
+        for job_id, preemptor_id in result.claims:
+            self._claim(job_id, preemptor_id, fx)
+
+    def _claim(self, job_id: str, preemptor_id: str, fx: Effects) -> None:
+        """Store that ``preemptor_id`` now waits for the stopping job ``job_id``, so that a new
+        leader makes it wait for the stop again.
+
+        The job keeps the stop it has, whether a cancel or an earlier preemption began it.
+        """
+        job = self.jobs.get(job_id)
+        if job is None or job.state != "stopping" or job.preemptor_id == preemptor_id:
+            return
+        claimed = evolve(job, preemptor_id=preemptor_id)
+        self.jobs[job_id] = claimed
+        fx.change(claimed, "engine:claim")
 
     def _waiting_job(self, job_id: str) -> Job | None:
         """Return the pending job ``job_id`` if the engine's reason applies to it, else None."""

@@ -221,10 +221,11 @@ class Job:
     """Rendezvous port of the current attempt on task 0's node, chosen when its start commands
     go out. 0 before then, and for attempts started before the port was stored."""
     preemptor_id: str | None = ""
-    """While stopping, the job whose priority preemption stops the current attempt. Empty
-    when none does, or when a leader of a version that did not store it made the stop. None
-    for jobs loaded from rows stored before the id was kept. In both cases without an id, a
-    stop reason of the preemption names that job instead."""
+    """While stopping, the job whose priority preemption stops the current attempt, or the job
+    that claimed the stop after that one left the queue. Empty when none does, or when a
+    leader of a version that did not store it made the stop. None for jobs loaded from rows
+    stored before the id was kept. In both cases without an id, a stop reason of the
+    preemption names that job instead."""
     stop_deadline: float | None = None
     """While stopping, when the stop commands of the current attempt require its tasks to have
     stopped, in Unix seconds: a preemption's deadline, or the end of the grace the commands

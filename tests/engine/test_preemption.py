@@ -10,6 +10,7 @@ from scheduler.engine import (
     AcceleratorFailed,
     BudgetChanged,
     Cause,
+    Claim,
     Engine,
     JobEnded,
     JobOutcome,
@@ -519,6 +520,30 @@ def test_preemptor_claims_victims_left_unclaimed() -> None:
     assert reasons(result)["b"] == "priority"
     assert later == []
     assert "b" in engine.running()
+
+
+def test_claim_names_new_preemptor() -> None:
+    engine = make_engine(preemption_grace_s=300.0)
+    for index in range(8):
+        engine.add_node(node(f"n{index}", 2))
+    for index in range(16):
+        engine.submit(
+            job(f"low{index:02d}", priority=PriorityClass.PREEMPTIBLE, checkpointable=True)
+        )
+    engine.schedule(0.0)
+    engine.submit(job("a", tasks=2, priority=PriorityClass.INTERACTIVE, submit=1.0))
+    victims = sorted(d.job_id for d in preempts(engine.schedule(1.0)))
+    # The owner of "a" cancels it while its victims still checkpoint.
+    engine.remove("a")
+    engine.submit(job("b", tasks=2, priority=PriorityClass.INTERACTIVE, submit=2.0))
+
+    result = engine.schedule(2.0)
+    claims = [d for d in result.decisions if isinstance(d, Claim)]
+
+    assert len(victims) == 2
+    assert preempts(result) == []
+    assert claims == [Claim(victim, "b") for victim in victims]
+    assert engine.jobs["b"].awaiting_victims == set(victims)
 
 
 def test_claim_ignores_other_jobs_ending_sooner() -> None:

@@ -78,10 +78,11 @@ def full_book() -> tuple[JobBook, list[Job]]:
 
 
 def preempted_jobs(fx: Effects) -> list[str]:
+    """Return the jobs that the pass of ``fx`` preempted, leaving out stopping jobs it claimed."""
     return [
         job.job_id
-        for job, _ in fx.changed.values()
-        if job.state == "stopping" and job.stop_outcome == "requeue"
+        for job, cause in fx.changed.values()
+        if job.state == "stopping" and job.stop_outcome == "requeue" and cause != "engine:claim"
     ]
 
 

@@ -243,3 +243,40 @@ async def test_restart_reads_rows_without_deadline(pool: asyncpg.Pool, database_
     assert later == []
     assert len(restarted.jobs[gang.job_id].placement) == 2
     await lease.release()
+
+
+async def test_restart_keeps_claimed_cancelled_victims(
+    pool: asyncpg.Pool, database_dsn: str
+) -> None:
+    lease = await lead(database_dsn, "a")
+    epoch = lease.epoch or 0
+    store = JobStore(pool, "s0")
+    book, gang, victims = await preempting_book(store, epoch)
+    # The owners cancel the victims while they stop, then the gang is cancelled too, and the
+    # next preemptor claims the victims before the restart.
+    fx = Effects(NOW + 2)
+    for job_id in victims:
+        book.cancel(job_id, "cancelled by owner", "rpc:CancelJob", fx)
+    book.cancel(gang.job_id, "cancelled by owner", "rpc:CancelJob", fx)
+    await commit(store, fx, epoch)
+    successor = make_job("interactive", tasks=2, submitted_at=NOW + 3)
+    await store.insert_jobs([successor], [None], epoch, "test")
+    book.add([successor], NOW + 3)
+    fx = run_pass(book, NOW + 3)
+    await commit(store, fx, epoch)
+    jobs = {job.job_id: job for job in book.jobs.values()}
+    stored = [await store.get_job(job_id) for job_id in victims]
+
+    restarted = await restart(store, NOW + 4)
+    awaited = restarted.engine.engine.jobs[successor.job_id].awaiting_victims
+    after_restart = preempted_jobs(run_pass(restarted, NOW + 4))
+    later = finish_preemption(restarted, jobs, list(victims), successor, NOW + 5)
+
+    assert preempted_jobs(fx) == []
+    assert [job.preemptor_id for job in stored if job is not None] == [successor.job_id] * 2
+    assert [job.stop_outcome for job in stored if job is not None] == ["cancelled"] * 2
+    assert awaited == set(victims)
+    assert after_restart == []
+    assert later == []
+    assert len(restarted.jobs[successor.job_id].placement) == 2
+    await lease.release()
