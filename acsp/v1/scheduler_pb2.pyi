@@ -429,6 +429,20 @@ class MarkNodeDownRequest(_message.Message):
     reason: str
     def __init__(self, request_id: _Optional[str] = ..., provider_id: _Optional[str] = ..., region_id: _Optional[str] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class DeleteNodeRequest(_message.Message):
+    __slots__ = ("request_id", "provider_id", "region_id", "node_id", "reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    provider_id: str
+    region_id: str
+    node_id: str
+    reason: str
+    def __init__(self, request_id: _Optional[str] = ..., provider_id: _Optional[str] = ..., region_id: _Optional[str] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class SetPledgeRequest(_message.Message):
     __slots__ = ("request_id", "pledge")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -66,6 +66,11 @@ class SchedulerServiceStub:
                 request_serializer=acsp_dot_v1_dot_scheduler__pb2.MarkNodeDownRequest.SerializeToString,
                 response_deserializer=acsp_dot_v1_dot_scheduler__pb2.Node.FromString,
                 _registered_method=True)
+        self.DeleteNode = channel.unary_unary(
+                '/acsp.v1.SchedulerService/DeleteNode',
+                request_serializer=acsp_dot_v1_dot_scheduler__pb2.DeleteNodeRequest.SerializeToString,
+                response_deserializer=acsp_dot_v1_dot_scheduler__pb2.Node.FromString,
+                _registered_method=True)
         self.SetPledge = channel.unary_unary(
                 '/acsp.v1.SchedulerService/SetPledge',
                 request_serializer=acsp_dot_v1_dot_scheduler__pb2.SetPledgeRequest.SerializeToString,
@@ -175,6 +180,15 @@ class SchedulerServiceServicer:
     def MarkNodeDown(self, request, context):
         """Declares an unknown node down: its operator confirms that nothing runs on it any more, so
         the accelerators its lost tasks kept are freed (provider operator).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteNode(self, request, context):
+        """Deletes a drained or down node that no job may still run a task on, and returns it as it
+        was. An inventory that its agent sends later adds it again as a new node (provider
+        operator).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -308,6 +322,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
             'MarkNodeDown': grpc.unary_unary_rpc_method_handler(
                     servicer.MarkNodeDown,
                     request_deserializer=acsp_dot_v1_dot_scheduler__pb2.MarkNodeDownRequest.FromString,
+                    response_serializer=acsp_dot_v1_dot_scheduler__pb2.Node.SerializeToString,
+            ),
+            'DeleteNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNode,
+                    request_deserializer=acsp_dot_v1_dot_scheduler__pb2.DeleteNodeRequest.FromString,
                     response_serializer=acsp_dot_v1_dot_scheduler__pb2.Node.SerializeToString,
             ),
             'SetPledge': grpc.unary_unary_rpc_method_handler(
@@ -538,6 +557,33 @@ class SchedulerService:
             target,
             '/acsp.v1.SchedulerService/MarkNodeDown',
             acsp_dot_v1_dot_scheduler__pb2.MarkNodeDownRequest.SerializeToString,
+            acsp_dot_v1_dot_scheduler__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/acsp.v1.SchedulerService/DeleteNode',
+            acsp_dot_v1_dot_scheduler__pb2.DeleteNodeRequest.SerializeToString,
             acsp_dot_v1_dot_scheduler__pb2.Node.FromString,
             options,
             channel_credentials,

@@ -50,6 +50,11 @@ class SchedulerServiceStub:
     """Declares an unknown node down: its operator confirms that nothing runs on it any more, so
     the accelerators its lost tasks kept are freed (provider operator).
     """
+    DeleteNode: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteNodeRequest, _scheduler_pb2.Node]
+    """Deletes a drained or down node that no job may still run a task on, and returns it as it
+    was. An inventory that its agent sends later adds it again as a new node (provider
+    operator).
+    """
     SetPledge: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.SetPledgeRequest, _scheduler_pb2.Pledge]
     """Creates or changes a pledge (provider operator)."""
     ListPledges: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListPledgesRequest, _scheduler_pb2.ListPledgesResponse]
@@ -105,6 +110,11 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     MarkNodeDown: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.MarkNodeDownRequest, _scheduler_pb2.Node]  # type: ignore[assignment]
     """Declares an unknown node down: its operator confirms that nothing runs on it any more, so
     the accelerators its lost tasks kept are freed (provider operator).
+    """
+    DeleteNode: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteNodeRequest, _scheduler_pb2.Node]  # type: ignore[assignment]
+    """Deletes a drained or down node that no job may still run a task on, and returns it as it
+    was. An inventory that its agent sends later adds it again as a new node (provider
+    operator).
     """
     SetPledge: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.SetPledgeRequest, _scheduler_pb2.Pledge]  # type: ignore[assignment]
     """Creates or changes a pledge (provider operator)."""
@@ -194,6 +204,17 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_scheduler_pb2.Node, _abc.Awaitable[_scheduler_pb2.Node]]:
         """Declares an unknown node down: its operator confirms that nothing runs on it any more, so
         the accelerators its lost tasks kept are freed (provider operator).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteNode(
+        self,
+        request: _scheduler_pb2.DeleteNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.Node, _abc.Awaitable[_scheduler_pb2.Node]]:
+        """Deletes a drained or down node that no job may still run a task on, and returns it as it
+        was. An inventory that its agent sends later adds it again as a new node (provider
+        operator).
         """
 
     @_abc_1.abstractmethod
