@@ -519,6 +519,14 @@ def _stale_pledges_note(settlement: metering_pb2.Settlement, now: datetime) -> s
     )
 
 
+PLEDGE_COPY_SOURCES = {
+    metering_pb2.PLEDGE_COPY_SOURCE_FRESH: "fresh",
+    metering_pb2.PLEDGE_COPY_SOURCE_STORED: "stored",
+}
+"""The words that the settlement CSV uses for each source of the pledge copy. A server that
+does not report the source leaves it unset, which JSON output writes as null."""
+
+
 def _print_settlement_json(
     settlement: metering_pb2.Settlement, records: list[dict[str, Any]], columns: list[str]
 ) -> None:
@@ -540,6 +548,7 @@ def _print_settlement_json(
             if settlement.HasField("pledges_copy_time")
             else None
         ),
+        "pledges_copy_source": PLEDGE_COPY_SOURCES.get(settlement.pledges_copy_source),
         "rows": [json_record(record, columns) for record in records],
     }
     sys.stdout.write(json.dumps(document) + "\n")
@@ -638,9 +647,14 @@ def register(subparsers: Any) -> None:
         "json writes one object with the summary and the lines under rows. --format csv "
         "writes the lines only, without the summary"
     )
+    export_description = (
+        "a provider's settlement as CSV: one row per region and model, then a TOTAL row. The "
+        "last two columns, pledges_copied_at and pledges_copy_source (fresh or stored), name "
+        "the copy of the provider's pledges that the settlement used"
+    )
     for name, func, help, description in (
         ("show", run_settlement_show, "a provider's settlement for a period", show_description),
-        ("export", run_settlement_export, "a provider's settlement as CSV", None),
+        ("export", run_settlement_export, "a provider's settlement as CSV", export_description),
     ):
         p = settle.add_parser(name, parents=common, help=help, description=description or help)
         p.set_defaults(func=func)

@@ -21,6 +21,12 @@ class UsageGrouping(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     USAGE_GROUPING_PROVIDER: _ClassVar[UsageGrouping]
     USAGE_GROUPING_REGION: _ClassVar[UsageGrouping]
     USAGE_GROUPING_MODEL: _ClassVar[UsageGrouping]
+
+class PledgeCopySource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLEDGE_COPY_SOURCE_UNSPECIFIED: _ClassVar[PledgeCopySource]
+    PLEDGE_COPY_SOURCE_FRESH: _ClassVar[PledgeCopySource]
+    PLEDGE_COPY_SOURCE_STORED: _ClassVar[PledgeCopySource]
 USAGE_GROUPING_UNSPECIFIED: UsageGrouping
 USAGE_GROUPING_GRANT: UsageGrouping
 USAGE_GROUPING_PROJECT: UsageGrouping
@@ -28,6 +34,9 @@ USAGE_GROUPING_INSTITUTION: UsageGrouping
 USAGE_GROUPING_PROVIDER: UsageGrouping
 USAGE_GROUPING_REGION: UsageGrouping
 USAGE_GROUPING_MODEL: UsageGrouping
+PLEDGE_COPY_SOURCE_UNSPECIFIED: PledgeCopySource
+PLEDGE_COPY_SOURCE_FRESH: PledgeCopySource
+PLEDGE_COPY_SOURCE_STORED: PledgeCopySource
 
 class Rate(_message.Message):
     __slots__ = ("model", "pf_days_per_accelerator_second", "pf_days_per_accelerator_hour")
@@ -132,7 +141,7 @@ class SettlementLine(_message.Message):
     def __init__(self, region_id: _Optional[str] = ..., model: _Optional[str] = ..., accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pledged_accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., recalled_accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
 
 class Settlement(_message.Message):
-    __slots__ = ("provider_id", "period", "lines", "delivered_pf_days", "refunded_pf_days", "net_pf_days", "pledge_kept", "recall_count", "short_pledge_ids", "uncounted_pledge_ids", "pledges_copy_time")
+    __slots__ = ("provider_id", "period", "lines", "delivered_pf_days", "refunded_pf_days", "net_pf_days", "pledge_kept", "recall_count", "short_pledge_ids", "uncounted_pledge_ids", "pledges_copy_time", "pledges_copy_source")
     PROVIDER_ID_FIELD_NUMBER: _ClassVar[int]
     PERIOD_FIELD_NUMBER: _ClassVar[int]
     LINES_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +153,7 @@ class Settlement(_message.Message):
     SHORT_PLEDGE_IDS_FIELD_NUMBER: _ClassVar[int]
     UNCOUNTED_PLEDGE_IDS_FIELD_NUMBER: _ClassVar[int]
     PLEDGES_COPY_TIME_FIELD_NUMBER: _ClassVar[int]
+    PLEDGES_COPY_SOURCE_FIELD_NUMBER: _ClassVar[int]
     provider_id: str
     period: _common_pb2.TimeWindow
     lines: _containers.RepeatedCompositeFieldContainer[SettlementLine]
@@ -155,7 +165,8 @@ class Settlement(_message.Message):
     short_pledge_ids: _containers.RepeatedScalarFieldContainer[str]
     uncounted_pledge_ids: _containers.RepeatedScalarFieldContainer[str]
     pledges_copy_time: _timestamp_pb2.Timestamp
-    def __init__(self, provider_id: _Optional[str] = ..., period: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., lines: _Optional[_Iterable[_Union[SettlementLine, _Mapping]]] = ..., delivered_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., refunded_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., net_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pledge_kept: _Optional[bool] = ..., recall_count: _Optional[int] = ..., short_pledge_ids: _Optional[_Iterable[str]] = ..., uncounted_pledge_ids: _Optional[_Iterable[str]] = ..., pledges_copy_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    pledges_copy_source: PledgeCopySource
+    def __init__(self, provider_id: _Optional[str] = ..., period: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., lines: _Optional[_Iterable[_Union[SettlementLine, _Mapping]]] = ..., delivered_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., refunded_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., net_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pledge_kept: _Optional[bool] = ..., recall_count: _Optional[int] = ..., short_pledge_ids: _Optional[_Iterable[str]] = ..., uncounted_pledge_ids: _Optional[_Iterable[str]] = ..., pledges_copy_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pledges_copy_source: _Optional[_Union[PledgeCopySource, str]] = ...) -> None: ...
 
 class JobEfficiency(_message.Message):
     __slots__ = ("job_id", "project_id", "mean_utilization", "median_utilization", "flagged_waste", "low_utilization_seconds", "accelerator_hours")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -24,6 +24,7 @@ from services.metering.ratecard_store import RateCardCache, publish_version, put
 from services.metering.samples import micros_to_seconds
 from services.metering.settings import MeteringSettings
 from services.metering.settlement import (
+    PledgeCopySource,
     Settlement,
     build_settlement,
     has_provider_records,
@@ -45,6 +46,10 @@ _GROUPINGS = {
     metering_pb2.USAGE_GROUPING_MODEL: Grouping.MODEL,
 }
 
+_PLEDGE_COPY_SOURCES: dict[PledgeCopySource, metering_pb2.PledgeCopySource] = {
+    "fresh": metering_pb2.PLEDGE_COPY_SOURCE_FRESH,
+    "stored": metering_pb2.PLEDGE_COPY_SOURCE_STORED,
+}
 
 logger = logging.getLogger(__name__)
 
@@ -304,15 +309,18 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         check_provider_access(provider, "settlement")
         start, end = convert.window_in("period", window)
         database = self._app.database()
+        # Without a scheduler address metering copies nothing and settles from what it stored.
+        source: PledgeCopySource = "stored"
         if self._app.pledge_sync is not None:
-            # The reply's pledges_copy_time shows when the copy was made.
-            await copy_for_settlement(
+            stored_at = await copy_for_settlement(
                 self._app.pledge_sync,
                 database,
                 provider,
                 end,
                 self._app.settings.pledge_copy_wait_s,
             )
+            if stored_at is None:
+                source = "fresh"
         async with database.acquire() as conn:
             known = await has_provider_records(conn, provider)
         if not known:
@@ -323,7 +331,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 "pass a provider id that ListPledges returns",
             )
         async with database.acquire() as conn:
-            return await build_settlement(conn, provider, start, end)
+            settlement = await build_settlement(conn, provider, start, end)
+        return replace(settlement, pledges_copy_source=source)
 
     async def GetSettlement(
         self, request: metering_pb2.GetSettlementRequest, context: grpc.aio.ServicerContext
@@ -358,6 +367,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 if settlement.pledges_copied_at is not None
                 else None
             ),
+            pledges_copy_source=_PLEDGE_COPY_SOURCES[settlement.pledges_copy_source],
         )
 
     async def ExportSettlement(

@@ -25,6 +25,7 @@ import io
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Literal
 
 import asyncpg
 
@@ -45,6 +46,11 @@ class SettlementLine:
     recalled_accelerator_hours: Decimal
 
 
+PledgeCopySource = Literal["fresh", "stored"]
+"""The origin of a settlement's pledges and recalls: "fresh" for a copy that metering made from
+the scheduler for the settlement, "stored" for the copy it had stored before."""
+
+
 @dataclass(frozen=True, slots=True)
 class Settlement:
     provider: str
@@ -62,6 +68,9 @@ class Settlement:
     """Pledges in effect in the period whose accelerators metering never counted in it."""
     pledges_copied_at: datetime | None = None
     """When metering last copied the provider's pledges from the scheduler; None if never."""
+    pledges_copy_source: PledgeCopySource = "stored"
+    """Whether the copy at ``pledges_copied_at`` was made for this settlement. Only the service,
+    which makes that copy before it builds the settlement, sets "fresh"."""
 
 
 # The pledges and recalls are metering's copy. The service copies the provider's pledges again
@@ -271,6 +280,8 @@ CSV_HEADER = (
     "net_pf_days",
     "pledged_accelerator_hours",
     "recalled_accelerator_hours",
+    "pledges_copied_at",
+    "pledges_copy_source",
 )
 
 
@@ -278,12 +289,19 @@ def settlement_csv(settlement: Settlement) -> str:
     """Render a settlement as CSV: one row per region and model, then a TOTAL row.
 
     Numbers are written in the positional notation of :func:`acsp.decimals.format_decimal`.
+    Every row ends with the time and source of the pledge copy, which the whole settlement
+    shares, and the time is empty when the pledges were never copied.
     """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_HEADER)
     start = settlement.period_start.isoformat()
     end = settlement.period_end.isoformat()
+    copied_at = settlement.pledges_copied_at
+    pledge_copy = (
+        copied_at.isoformat() if copied_at is not None else "",
+        settlement.pledges_copy_source,
+    )
     for line in settlement.lines:
         writer.writerow(
             (
@@ -298,6 +316,7 @@ def settlement_csv(settlement: Settlement) -> str:
                 format_decimal(line.pf_days - line.refunded_pf_days),
                 format_decimal(line.pledged_accelerator_hours),
                 format_decimal(line.recalled_accelerator_hours),
+                *pledge_copy,
             )
         )
     writer.writerow(
@@ -317,6 +336,7 @@ def settlement_csv(settlement: Settlement) -> str:
             format_decimal(
                 sum((line.recalled_accelerator_hours for line in settlement.lines), ZERO)
             ),
+            *pledge_copy,
         )
     )
     return out.getvalue()

@@ -202,6 +202,8 @@ def test_settlement_json_is_one_object(
             settlement.delivered_pf_days.value = "1.5"
             settlement.refunded_pf_days.value = "0.25"
             settlement.net_pf_days.value = "1.25"
+            settlement.pledges_copy_time.FromDatetime(datetime(2026, 12, 7, 0, 10, tzinfo=UTC))
+            settlement.pledges_copy_source = metering_pb2.PLEDGE_COPY_SOURCE_STORED
             line = settlement.lines.add(region_id="r1", model="A100-SXM4-80GB")
             line.accelerator_hours.value = "0.5"
             return settlement
@@ -224,6 +226,8 @@ def test_settlement_json_is_one_object(
     assert document["recall_count"] == 2
     assert document["short_pledge_ids"] == ["pl-h100"]
     assert document["uncounted_pledge_ids"] == ["pl-old"]
+    assert document["pledges_copied_at"] == "2026-12-07T00:10:00+00:00"
+    assert document["pledges_copy_source"] == "stored"
     assert len(document["rows"]) == 1
     assert document["rows"][0]["region"] == "r1"
     assert document["rows"][0]["accelerator hours"] == "0.5"

@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from acsp.cli import usage as usage_cli
 from acsp.cli.main import main
 from acsp.subjects import RATE_CARD_BUCKET, usage_subject
-from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
+from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.metering.pledges import PledgeRecord, store_pledges
 from services.metering.ratecard import default_rate_card
 from services.metering.service import build_service
@@ -396,6 +396,82 @@ async def test_settlement_without_scheduler_copy_time(
             metadata=client.metadata(Role.PROGRAM_OFFICE),
             timeout=20,
         )
+        exported = await client.stub.ExportSettlement(
+            metering_pb2.ExportSettlementRequest(provider_id="prov-p", period=_window(24)),
+            metadata=client.metadata(Role.PROGRAM_OFFICE),
+            timeout=20,
+        )
     (line,) = settlement.lines
     assert Decimal(line.pledged_accelerator_hours.value) == 2 * 2
     assert settlement.pledges_copy_time.ToDatetime(tzinfo=UTC) == copied_at
+    assert settlement.pledges_copy_source == metering_pb2.PLEDGE_COPY_SOURCE_STORED
+    rows = list(csv.DictReader(io.StringIO(exported.csv)))
+    assert [row["region"] for row in rows] == ["r1", "TOTAL"]
+    for row in rows:
+        assert row["pledges_copied_at"] == copied_at.isoformat()
+        assert row["pledges_copy_source"] == "stored"
+
+
+class ListingScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
+    """Lists one pledge of prov-p, counted as the scheduler's leader counts it."""
+
+    async def ListPledges(
+        self, request: scheduler_pb2.ListPledgesRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListPledgesResponse:
+        pledge = scheduler_pb2.Pledge(
+            pledge_id="pl-1",
+            provider_id="prov-p",
+            region_id="r1",
+            model="A100-SXM4-80GB",
+            protected_count=1,
+            recallable_count=1,
+        )
+        pledge.window.start_time.FromDatetime(T0)
+        pledge.window.end_time.FromDatetime(T0 + timedelta(hours=2))
+        pledge.create_time.FromDatetime(T0)
+        return scheduler_pb2.ListPledgesResponse(pledges=[pledge], fleet_counted=True)
+
+    async def ListRecalls(
+        self, request: scheduler_pb2.ListRecallsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListRecallsResponse:
+        return scheduler_pb2.ListRecallsResponse()
+
+
+async def test_settlement_names_fresh_copy(
+    database_url: str, nats_url: str, tmp_path: Path, db: Database
+) -> None:
+    scheduler = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
+        ListingScheduler(),  # type: ignore[abstract]
+        scheduler,
+    )
+    port = scheduler.add_insecure_port("127.0.0.1:0")
+    await scheduler.start()
+
+    try:
+        async with _serve(
+            database_url, nats_url, tmp_path, ACSP_SCHEDULER_ADDRESS=f"127.0.0.1:{port}"
+        ) as (_, client):
+            requested_at = datetime.now(UTC)
+            settlement = await client.stub.GetSettlement(
+                metering_pb2.GetSettlementRequest(provider_id="prov-p", period=_window(24)),
+                metadata=client.metadata(Role.PROGRAM_OFFICE),
+                timeout=20,
+            )
+            exported = await client.stub.ExportSettlement(
+                metering_pb2.ExportSettlementRequest(provider_id="prov-p", period=_window(24)),
+                metadata=client.metadata(Role.PROGRAM_OFFICE),
+                timeout=20,
+            )
+    finally:
+        await scheduler.stop(None)
+
+    (line,) = settlement.lines
+    assert Decimal(line.pledged_accelerator_hours.value) == 2 * 2
+    assert settlement.pledges_copy_source == metering_pb2.PLEDGE_COPY_SOURCE_FRESH
+    assert settlement.pledges_copy_time.ToDatetime(tzinfo=UTC) >= requested_at
+    rows = list(csv.DictReader(io.StringIO(exported.csv)))
+    assert [row["region"] for row in rows] == ["r1", "TOTAL"]
+    for row in rows:
+        assert datetime.fromisoformat(row["pledges_copied_at"]) >= requested_at
+        assert row["pledges_copy_source"] == "fresh"

@@ -88,7 +88,7 @@ def test_settlement_csv_has_no_exponents() -> None:
         recall_count=0,
     )
     rows = list(csv.reader(io.StringIO(settlement_csv(settlement))))
-    assert rows[1][5:] == [
+    assert rows[1][5:11] == [
         "0",
         "0.00000001056073842591689",
         "0",
@@ -96,7 +96,7 @@ def test_settlement_csv_has_no_exponents() -> None:
         "1600",
         "0",
     ]
-    assert rows[2][5:] == [
+    assert rows[2][5:11] == [
         "0",
         "0.00000001056073842591689",
         "0",
