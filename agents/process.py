@@ -61,7 +61,7 @@ from acsp import subjects
 from agents import wire
 from agents.node import NodeAgent
 from agents.outbox import Outbox
-from agents.runner import AGENT_EXIT
+from agents.runner import AGENT_EXIT, remove_stale_cgroups
 from agents.state import StateStore
 from agents.state_lock import StateFolderLock, remove_pid_file, write_pid_file
 from agents.task_output import output_reply
@@ -215,6 +215,8 @@ class AgentProcess:
                 await node.start(group)
                 if index % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)
+            # After every node has found its tasks again, because they share the cgroup folder.
+            remove_stale_cgroups([node.runner for node in self.nodes if node.runner is not None])
             self._state.save()
             loops = [
                 group.create_task(self._connect_loop(), name="nats-connect"),

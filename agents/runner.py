@@ -604,6 +604,32 @@ class TaskRunner:
                 self._emptying_cgroups.discard(task_id)
         kill_and_remove_now(cgroup, task_id, spared)
 
+    def _cgroup_task_ids(self) -> set[str]:
+        """Return the ids of the tasks whose cgroup this runner uses: running, being launched or
+        being emptied."""
+        return {*self._tasks, *self._launching, *self._emptying_cgroups}
+
+    def _recorders(self) -> set[LauncherIdentity]:
+        """Return the launchers that record the exit status of this runner's tasks, among them
+        the tasks that ended while the agent was down and whose status is still awaited."""
+        records = [*self._records(), *self._state.node(self._node_key).tasks.values()]
+        recorders = {_recorder(record) for record in records}
+        return {recorder for recorder in recorders if recorder is not None}
+
+    def _remove_stale_cgroup(self, cgroup: Path, spared: tuple[LauncherIdentity, ...]) -> None:
+        """Kill and remove a task cgroup that belongs to no task of the agent, in the background."""
+        if self._group is None:
+            raise RuntimeError("TaskRunner.attach must be called before tasks start")
+        logger.warning(
+            "cgroup %s belongs to no task of this agent; killing its processes %s and removing it",
+            cgroup,
+            member_pids(cgroup),
+        )
+        # A task id cannot be read back from its cgroup's name, so the name stands for it.
+        self._group.create_task(
+            self._kill_and_remove(cgroup, cgroup.name, spared), name=f"remove-{cgroup.name}"
+        )
+
     def _spared_launchers(self, launcher: LauncherIdentity) -> tuple[LauncherIdentity, ...]:
         """Return ``launcher`` and the runner's current launcher, which no cgroup kill may end."""
         current = (0, 0) if self._launcher is None else self._launcher.identity
@@ -694,11 +720,9 @@ class TaskRunner:
         tasks that free pool users and those that retry the removal of task cgroups.
 
         A user that is being freed stays out of the pool, and a restarted agent sweeps it before
-        its first start. Users released after this call are not freed. Returns the cancelled
-        tasks for the caller to await.
-
-        NOTE: a task cgroup still populated here stays in place, and a restarted agent does not
-        look for it, because the state file no longer lists its task.
+        its first start. Users released after this call are not freed. A task cgroup still
+        populated stays in place, and a restarted agent removes it
+        (:func:`remove_stale_cgroups`). Returns the cancelled tasks for the caller to await.
         """
         self._detached = True
         cancelled: dict[asyncio.Task[Any], None] = {}
@@ -1318,6 +1342,38 @@ class TaskRunner:
                 health_event_id=health_event_id,
             )
         )
+
+
+def remove_stale_cgroups(runners: Sequence[TaskRunner]) -> int:
+    """Kill and remove the task cgroups that belong to no task of ``runners``, and return how
+    many were found.
+
+    An agent that stops while a cgroup stays populated after SIGKILL leaves it in place (see
+    :meth:`TaskRunner.detach`), and its task may be gone from the state file by then. Call this
+    once every runner of the agent process has recovered, because they share the cgroup
+    folder. The first runner of each folder removes such cgroups, and retries the ones that
+    stay populated with its backoff. Launchers that record the exit status of a task of
+    ``runners``, and the runners' own, are spared.
+    """
+    by_root: dict[Path, list[TaskRunner]] = {}
+    for runner in runners:
+        if runner._cgroups is not None:
+            by_root.setdefault(runner._cgroups.root, []).append(runner)
+    found = 0
+    for owners in by_root.values():
+        tracked: set[str] = set()
+        launchers: set[LauncherIdentity] = set()
+        for runner in owners:
+            tracked |= runner._cgroup_task_ids()
+            launchers |= runner._recorders() | set(runner._spared_launchers((0, 0)))
+        owner = owners[0]
+        assert owner._cgroups is not None
+        stale = owner._cgroups.stale(tracked)
+        spared = tuple(launchers)
+        for cgroup in stale:
+            owner._remove_stale_cgroup(cgroup, spared)
+        found += len(stale)
+    return found
 
 
 def _ended_state(record: TaskRecord, exit_code: int | None, failure: str | None) -> TaskState:

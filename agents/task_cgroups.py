@@ -19,7 +19,10 @@ the agent writes 1 to the cgroup's ``cgroup.kill`` (Linux 5.14 and later), which
 SIGKILL to everything in it, and removes the cgroup once ``cgroup.events`` reports
 ``populated 0``. A cgroup still populated after that is killed and removed again with a
 backoff that grows to 5 minutes (:func:`remove_until_gone`). The name depends on the task id
-alone, so a restarted agent finds the cgroups of the tasks it adopts.
+alone, so a restarted agent finds the cgroups of the tasks it adopts. At start the agent also
+kills and removes, with the same retries, each task cgroup that belongs to no task it tracks,
+such as one still populated when the previous agent stopped (:meth:`TaskCgroups.stale`). So
+the folder must be the agent's alone, because two agents that share it kill each other's tasks.
 
 A launcher that stops replying between its two moves stays in the task's cgroup until it
 resumes. The kills of a failed start spare it, because it still records the exit status of
@@ -43,7 +46,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from agents.task_process import process_start_ticks, stat_fields, task_file_stem
@@ -243,6 +246,25 @@ class TaskCgroups:
         """Return the cgroup of a task that runs, found by its name, or None if none exists."""
         path = self.path(task_id)
         return path if path.is_dir() else None
+
+    def stale(self, task_ids: Iterable[str]) -> list[Path]:
+        """Return the task cgroups in the folder that belong to none of ``task_ids``.
+
+        Logs an error and returns an empty list when the folder cannot be listed.
+        """
+        names = {cgroup_name(task_id) for task_id in task_ids}
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError as error:
+            logger.error("cannot list the task cgroups in %s: %s", self.root, error)
+            return []
+        return sorted(
+            Path(entry.path)
+            for entry in entries
+            if entry.name.startswith(_TASK_PREFIX)
+            and entry.name not in names
+            and entry.is_dir(follow_symlinks=False)
+        )
 
 
 def is_populated(cgroup: Path) -> bool:

@@ -25,12 +25,18 @@ from typing import Any
 import pytest
 
 from agents import main as agent_main
-from agents import task_cgroups
+from agents import task_cgroups, wire
+from agents.backends.fleet import FleetNode
+from agents.backends.simulated import SimulatedBackend
 from agents.backoff import CLEANUP_BACKOFF, Backoff
 from agents.model import TaskSpec, TaskState
-from agents.runner import TaskRunner
+from agents.node import NodeAgent
+from agents.outbox import Outbox
+from agents.process import AgentProcess, ConnectionOptions
+from agents.runner import TaskRunner, remove_stale_cgroups
 from agents.settings import AgentSettings
-from agents.state import StateStore
+from agents.spool import Spool
+from agents.state import StateStore, TaskRecord
 from agents.task_cgroups import (
     TASK_CGROUP_ENV,
     TaskCgroupError,
@@ -43,6 +49,7 @@ from agents.task_cgroups import (
 from agents.task_process import TaskLauncher, process_start_ticks
 from agents.task_user import TaskUser
 from services.runtime.settings import SettingsError
+from tests.agent.natsserver import NatsServer, declare_agent_streams
 from tests.agent.test_runner import (
     ACCELERATORS,
     Recorder,
@@ -771,3 +778,190 @@ def test_one_by_one_kill_skips_reused_pid(
     assert outside_alive
     assert launcher_alive
     assert member.returncode == -signal.SIGKILL
+
+
+async def _sleeper_in(cgroup: Path) -> asyncio.subprocess.Process:
+    """Start ``sleep 60`` and move it into ``cgroup``."""
+    sleeper = await asyncio.create_subprocess_exec("sleep", "60")
+    (cgroup / "cgroup.procs").write_text(str(sleeper.pid))
+    return sleeper
+
+
+@pytest.mark.timeout(60)
+async def test_restart_removes_stale_cgroup(
+    tmp_path: Path,
+    cgroup_root: Path,
+    launchers: list[TaskLauncher],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The task ends and leaves a daemon that SIGKILL does not end at once, and the agent
+    # stops while it retries the cgroup. The state file no longer lists the task.
+    pid_file = tmp_path / "daemon.pid"
+    code = CLEARED_DAEMON.rsplit("time.sleep(60)", 1)[0]
+    code += "while not os.path.exists(sys.argv[1]):\n    time.sleep(0.01)\n"
+    real_kill_members = task_cgroups.kill_members
+    stuck = [True]
+
+    def kill_unless_stuck(cgroup: Path) -> bool:
+        return cgroup.is_dir() if stuck[0] else real_kill_members(cgroup)
+
+    monkeypatch.setattr(task_cgroups, "kill_members", kill_unless_stuck)
+    monkeypatch.setattr(task_cgroups, "_EMPTY_WAIT_S", 0.2)
+    cgroup = cgroup_root / cgroup_name("j/1/0")
+    runner = contained_runner(
+        tmp_path, Recorder(), cgroup_root, launchers, cleanup_backoff=FAST_RETRIES
+    )
+    with caplog.at_level(logging.DEBUG, logger="agents"):
+        async with asyncio.timeout(30):
+            async with asyncio.TaskGroup() as group:
+                runner.attach(group)
+                await runner.start(_spec("j/1/0", code, str(pid_file)))
+                await wait_for(lambda: len(_messages(caplog, "still has processes")) >= 2)
+                await asyncio.wait(runner.detach())
+    daemon = int(pid_file.read_text())
+    assert "j/1/0" not in runner._state.node("acme.eu-1.node-1").tasks
+
+    restarted = contained_runner(
+        tmp_path, Recorder(), cgroup_root, launchers, cleanup_backoff=FAST_RETRIES
+    )
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="agents"):
+        async with asyncio.timeout(30):
+            async with asyncio.TaskGroup() as group:
+                restarted.attach(group)
+                restarted.recover()
+                found = remove_stale_cgroups([restarted])
+                await wait_for(lambda: len(_messages(caplog, "still has processes")) >= 2)
+                kept_while_stuck = cgroup.is_dir() and _alive(daemon)
+                stuck[0] = False
+                await wait_for(lambda: not cgroup.exists())
+    assert found == 1
+    assert kept_while_stuck
+    assert not _alive(daemon)
+    assert (cgroup_root / "launcher").is_dir()
+    assert _messages(caplog, f"cgroup {cgroup} belongs to no task")
+
+
+@pytest.mark.timeout(60)
+async def test_stale_cgroup_spares_recording_launcher(
+    tmp_path: Path, cgroup_root: Path, launchers: list[TaskLauncher]
+) -> None:
+    # The launcher of the agent that stopped still records the exit of a task that the
+    # restarted agent adopts, and it sits in a stale cgroup, as one blocked between its moves.
+    runner = contained_runner(tmp_path, Recorder(), cgroup_root, launchers)
+    async with asyncio.TaskGroup() as group:
+        runner.attach(group)
+        await runner.start(_spec("j/1/0", "import time; time.sleep(60)"))
+        task = runner._tasks["j/1/0"]
+        assert task.supervisor is not None
+        task.supervisor.cancel()
+    old_launcher = launchers[0].identity[0]
+    for launcher in launchers:
+        launcher.close()
+    stale = TaskCgroups(cgroup_root).create("j/0/0")
+    sleeper = await _sleeper_in(stale)
+    (stale / "cgroup.procs").write_text(str(old_launcher))
+
+    recorder = Recorder()
+    restarted = contained_runner(
+        tmp_path, recorder, cgroup_root, launchers, cleanup_backoff=FAST_RETRIES
+    )
+    try:
+        async with asyncio.timeout(30):
+            async with asyncio.TaskGroup() as group:
+                restarted.attach(group)
+                restarted.recover()
+                assert remove_stale_cgroups([restarted]) == 1
+                assert await sleeper.wait() == -signal.SIGKILL
+                launcher_alive = _alive(old_launcher)
+                kept_while_inside = stale.is_dir()
+                # The launcher wakes and moves itself back.
+                (cgroup_root / "launcher" / "cgroup.procs").write_text(str(old_launcher))
+                await wait_for(lambda: not stale.exists())
+                await restarted.stop("j/1/0", "preempted")
+                await wait_for(lambda: TaskState.STOPPED in recorder.states("j/1/0"))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            sleeper.kill()
+        await sleeper.wait()
+    assert launcher_alive
+    assert kept_while_inside
+    # The launcher recorded the exit of the task it started: SIGTERM.
+    assert recorder.last("j/1/0").exit_code == -signal.SIGTERM
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    server = NatsServer(tmp_path / "jetstream")
+    server.start()
+    await declare_agent_streams(server.url)
+    yield server
+    server.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_agent_start_keeps_other_nodes_cgroups(
+    tmp_path: Path, cgroup_root: Path, nats_server: NatsServer
+) -> None:
+    # Two nodes of one agent process share the cgroup folder. The first node's start must not
+    # take the second node's running task for a stale one.
+    refs = [wire.NodeRef("acme", "eu-1", f"node-{index}") for index in (1, 2)]
+    cgroups = TaskCgroups(cgroup_root)
+    state = StateStore(tmp_path / "state.json")
+    running = await _sleeper_in(cgroups.create("j/2/0"))
+    stale = cgroups.create("j/0/0")
+    left = await _sleeper_in(stale)
+    state.put_task(
+        refs[1].key,
+        TaskRecord(
+            "j",
+            "j/2/0",
+            ["GPU-0"],
+            time.time(),
+            0.0,
+            5.0,
+            pid=running.pid,
+            process_start_ticks=process_start_ticks(running.pid) or 0,
+            spawn_id="spawn-j-2-0",
+        ),
+    )
+    state.save()
+
+    outbox = Outbox(Spool(tmp_path / "spool"), before_append=state.save_before_spool)
+    nodes = [
+        NodeAgent(
+            ref,
+            SimulatedBackend(FleetNode(ref.provider, ref.region, ref.node, "A100-SXM4-80GB", 2)),
+            "simulated",
+            state,
+            tmp_path,
+            outbox,
+            "boot-1",
+            time.time,
+            task_cgroups=cgroups,
+        )
+        for ref in refs
+    ]
+    process = AgentProcess(
+        nodes, outbox, state, ConnectionOptions(servers=[nats_server.url], reconnect_wait_s=0.2)
+    )
+    stop = asyncio.Event()
+
+    try:
+        async with asyncio.timeout(30):
+            agent = asyncio.create_task(process.run(stop))
+            await wait_for(lambda: not stale.exists())
+            adopted = [record.task_id for record in nodes[1].runner.running]  # type: ignore[union-attr]
+            stop.set()
+            await agent
+
+        assert await left.wait() == -signal.SIGKILL
+        assert adopted == ["j/2/0"]
+        assert running.returncode is None
+        assert (cgroup_root / cgroup_name("j/2/0")).is_dir()
+    finally:
+        for sleeper in (running, left):
+            with contextlib.suppress(ProcessLookupError):
+                sleeper.kill()
+            await sleeper.wait()
