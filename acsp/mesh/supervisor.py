@@ -18,32 +18,27 @@ reconnect to the same URL. While a child is down, the mesh file gives the reason
 ``acsp status`` shows. Once one has been restarted ``max_restarts`` times within
 ``restart_window_s``, its next exit ends the wait of :meth:`LocalMesh.wait_failure`, which
 returns which one died and why.
+
+The parts live in their own modules: :mod:`acsp.mesh.launch` (the children's environment and
+the wait until they serve), :mod:`acsp.mesh.watch` (restarts), :mod:`acsp.mesh.status` (the
+data directory's lock and the mesh file) and :mod:`acsp.mesh.config` (settings and processes).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import logging
 import os
-from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Self
 
 from acsp._channel import Credentials
 from acsp.mesh import credentials as mesh_credentials
 from acsp.mesh import passwords
 from acsp.mesh._ports import LOOPBACK, free_port
-from acsp.mesh._process import (
-    ChildProcess,
-    become_subreaper,
-    reap_exited_orphans,
-    stop_orphans,
-)
+from acsp.mesh._process import ChildProcess, become_subreaper, stop_orphans
 from acsp.mesh.config import (
     AGENTS_NAME,
     DATABASE_URL_ENV,
@@ -53,44 +48,15 @@ from acsp.mesh.config import (
     ProcessSpec,
     default_processes,
 )
-from acsp.mesh.data_dir_lock import LOCK_FILE_NAME, DataDirLock, DataDirLockedError
-from acsp.mesh.endpoints import (
-    MESH_FILE_NAME,
-    SERVICE_NAMES,
-    MeshInfo,
-    MeshNotFoundError,
-    load_mesh,
-)
-from acsp.mesh.health import wait_serving
-from acsp.mesh.restarts import exit_reason, restart_delay
+from acsp.mesh.data_dir_lock import DataDirLock
+from acsp.mesh.endpoints import SERVICE_NAMES, MeshInfo
+from acsp.mesh.failures import ChildExit, MeshStartError
+from acsp.mesh.launch import MeshEnvironment, check_running, wait_services
 from acsp.mesh.servers import EmbeddedServers
-from acsp.mesh.stop import supervisor_running
+from acsp.mesh.status import EXITS_KEY, MeshStatus, claim_data_dir
+from acsp.mesh.watch import ChildWatch
 
 logger = logging.getLogger(__name__)
-
-ORPHAN_REAP_INTERVAL_S: Final = 1.0
-"""Seconds between checks for exited orphans, which stay zombies until the next check."""
-EXITS_KEY: Final = "exits"
-"""Key of the mesh file that maps each child that is down to the reason, for ``acsp status``."""
-
-
-class MeshStartError(RuntimeError):
-    """The mesh failed to start; the message names the process and shows its last log lines."""
-
-
-@dataclass(frozen=True, slots=True)
-class ChildExit:
-    """A child of the mesh that exited while the mesh was running."""
-
-    name: str
-    returncode: int
-    description: str
-    """Exit status and log path, as one sentence."""
-    log_tail: str
-    """Its last log lines."""
-
-    def __str__(self) -> str:
-        return f"{self.description}\n--- last lines of its log ---\n{self.log_tail}"
 
 
 class LocalMesh:
@@ -102,16 +68,18 @@ class LocalMesh:
         self._servers = EmbeddedServers(self.data_dir, self.data_dir / "logs")
         self._children: list[ChildProcess] = []
         self._pki: mesh_credentials.MeshCredentials | None = None
-        self._info: MeshInfo | None = None
-        self._watchers: list[asyncio.Task[None]] = []
-        self._failure: asyncio.Future[ChildExit] | None = None
-        self._stopping = False
-        self._restarting: set[str] = set()
-        self._exits: dict[str, str] = {}
-        """The reason each child that exited on its own is not running yet, by child name."""
+        self._status = MeshStatus(self.data_dir, lambda: self.pids)
         # Held while a child starts again and while the mesh stops its children, so that a
         # restart cannot start a process that the stop has already passed over.
         self._start_lock = asyncio.Lock()
+        self._watch = ChildWatch(
+            config,
+            self._servers,
+            self._children,
+            self._status,
+            self._start_lock,
+            lambda: self.client_credentials(None),
+        )
         self._data_dir_lock: DataDirLock | None = None
 
     # --- public surface -------------------------------------------------------------------
@@ -119,15 +87,15 @@ class LocalMesh:
     @property
     def info(self) -> MeshInfo:
         """Endpoints and credential paths; available once :meth:`start` returned."""
-        if self._info is None:
+        if self._status.info is None:
             raise RuntimeError("the mesh is not running: use `async with LocalMesh(...)`")
-        return self._info
+        return self._status.info
 
     @property
     def pids(self) -> dict[str, int]:
         """Process ids of every child the mesh started and that still runs."""
         result = {}
-        for child in self._all_children():
+        for child in self._watch.all_children():
             if child.pid is not None and child.returncode is None:
                 result[child.name] = child.pid
         return result
@@ -171,9 +139,9 @@ class LocalMesh:
 
     async def wait_failure(self) -> ChildExit:
         """Wait until a child exits on its own and return which one and why."""
-        if self._failure is None:
+        if self._watch.failure is None:
             raise RuntimeError("the mesh is not running")
-        return await asyncio.shield(self._failure)
+        return await asyncio.shield(self._watch.failure)
 
     async def kill_and_restart(self, name: str, down_s: float) -> None:
         """SIGKILL the child ``name``, keep it down ``down_s`` seconds, start it again.
@@ -186,28 +154,25 @@ class LocalMesh:
         children = {child.name: child for child in self._children}
         child = children[name]
         loop = asyncio.get_running_loop()
-        self._restarting.add(name)
-        try:
+        with self._watch.restarting(name):
             await child.kill()
             logger.warning("killed %s; restarting it in %.1f s", name, down_s)
             await asyncio.sleep(down_s)
             # Under the lock that stop() holds, so a process started here cannot outlive it.
             async with self._start_lock:
-                if self._stopping:
+                if self._watch.stopping:
                     raise MeshStartError(
                         f"cannot start {name} again after the kill: the mesh is stopping"
                     )
                 await child.start()
-                self._watchers.append(loop.create_task(self._watch(child), name=f"watch {name}"))
+                self._watch.watch(child)
                 # `acsp status` reports a child without an endpoint by the pid in the mesh file.
-                self._write_mesh_file()
-        finally:
-            self._restarting.discard(name)
+                self._status.write()
         endpoints = self.info.endpoints
         if name in endpoints:
             deadline = loop.time() + self.config.start_timeout_s
-            await self._wait_services(
-                {name: endpoints[name]}, self.client_credentials(None), deadline
+            await wait_services(
+                self._children, {name: endpoints[name]}, self.client_credentials(None), deadline
             )
 
     # --- start ----------------------------------------------------------------------------
@@ -220,16 +185,11 @@ class LocalMesh:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.start_timeout_s
-        self._failure = loop.create_future()
+        self._watch.begin()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Claimed before anything starts, so a refusal stops and logs nothing: a "stopped"
         # line would read as if the other mesh had been stopped.
-        self._lock_data_dir()
-        try:
-            self._claim_data_dir()
-        except BaseException:
-            self._release_data_dir()
-            raise
+        self._data_dir_lock = claim_data_dir(self.data_dir)
         try:
             await self._start(deadline)
         except BaseException:
@@ -260,12 +220,15 @@ class LocalMesh:
         # with "cannot bind" and the start fails instead of retrying on another port.
         ports = {name: free_port() for name in grpc_names}
         endpoints = {name: f"{LOOPBACK}:{port}" for name, port in ports.items()}
+        environment = MeshEnvironment(
+            self.config, self.data_dir, self._pki, self._servers, database_url, nats_url, endpoints
+        )
         for spec in specs:
             child = ChildProcess(
                 spec.name,
                 spec.argv,
                 log_path=self._log_path(spec.name),
-                env=self._child_env(spec, database_url, nats_url, endpoints),
+                env=environment.for_process(spec),
                 cwd=Path.cwd(),
             )
             self._children.append(child)
@@ -276,301 +239,32 @@ class LocalMesh:
             client_cert=self._pki.client_cert,
             client_key=self._pki.client_key,
         )
-        await self._wait_services(endpoints, credentials, deadline)
-        await self._check_fleet_alive()
+        await wait_services(self._children, endpoints, credentials, deadline)
+        check_running(self._children)
 
         postgres, nats = self._servers.postgres, self._servers.nats
-        self._info = MeshInfo(
-            data_dir=self.data_dir,
-            endpoints=endpoints,
-            ca_cert=self._pki.ca_cert,
-            token_key=self._pki.token_private_key,
-            database_url=database_url,
-            nats_url=nats_url,
-            supervisor_pid=os.getpid(),
-            client_cert=self._pki.client_cert,
-            client_key=self._pki.client_key,
-            nats_user=passwords.NATS_USER if nats is not None else None,
-            nats_password_file=nats.password.path if nats is not None else None,
-            database_password_file=postgres.password.path if postgres is not None else None,
-            extra={"pids": self.pids, "logs": str(self.data_dir / "logs")},
+        self._status.publish(
+            MeshInfo(
+                data_dir=self.data_dir,
+                endpoints=endpoints,
+                ca_cert=self._pki.ca_cert,
+                token_key=self._pki.token_private_key,
+                database_url=database_url,
+                nats_url=nats_url,
+                supervisor_pid=os.getpid(),
+                client_cert=self._pki.client_cert,
+                client_key=self._pki.client_key,
+                nats_user=passwords.NATS_USER if nats is not None else None,
+                nats_password_file=nats.password.path if nats is not None else None,
+                database_password_file=postgres.password.path if postgres is not None else None,
+                extra={"pids": self.pids, "logs": str(self.data_dir / "logs")},
+            )
         )
-        self._info.write()
-        for child in self._all_children():
-            self._watchers.append(loop.create_task(self._watch(child), name=f"watch {child.name}"))
+        for child in self._watch.all_children():
+            self._watch.watch(child)
         if reaping:
-            self._watchers.append(loop.create_task(self._reap_orphans(), name="reap orphans"))
+            self._watch.reap_orphans()
         logger.info("local mesh is up in %s: %s", self.data_dir, endpoints)
-
-    def _lock_data_dir(self) -> None:
-        """Take the data directory's lock, or raise MeshStartError naming the mesh that has it."""
-        try:
-            self._data_dir_lock = DataDirLock.acquire(self.data_dir)
-        except DataDirLockedError as exc:
-            raise MeshStartError(
-                f"another mesh (supervisor pid {exc.pid}) runs with data directory "
-                f"{self.data_dir}: stop it with acsp down --data-dir {self.data_dir}, or pass "
-                "another --data-dir"
-            ) from None
-        except OSError as exc:
-            raise MeshStartError(
-                f"cannot lock data directory {self.data_dir}: {exc}. Remove "
-                f"{self.data_dir / LOCK_FILE_NAME} if it is not a plain file, or pass another "
-                "--data-dir"
-            ) from None
-
-    def _release_data_dir(self) -> None:
-        if self._data_dir_lock is not None:
-            self._data_dir_lock.release()
-            self._data_dir_lock = None
-
-    def _claim_data_dir(self) -> None:
-        """Remove a mesh file left by a dead supervisor; raise if its supervisor still runs."""
-        try:
-            previous = load_mesh(self.data_dir)
-        except MeshNotFoundError:
-            return
-        except ValueError:
-            previous = None
-        if previous is not None and previous.supervisor_pid != os.getpid():
-            # The same check as acsp down's, so that a pid reused by another program after the
-            # supervisor died does not keep the data directory claimed.
-            if supervisor_running(previous):
-                raise MeshStartError(
-                    f"another mesh (supervisor pid {previous.supervisor_pid}) runs with data "
-                    f"directory {self.data_dir}: stop it with acsp down --data-dir "
-                    f"{self.data_dir}, or pass another --data-dir"
-                )
-        (self.data_dir / MESH_FILE_NAME).unlink(missing_ok=True)
-
-    def _child_env(
-        self, spec: ProcessSpec, database_url: str, nats_url: str, endpoints: Mapping[str, str]
-    ) -> dict[str, str]:
-        assert self._pki is not None
-        env = dict(os.environ)
-        # Let in-flight calls finish well before the supervisor's SIGKILL deadline.
-        env.setdefault("ACSP_SHUTDOWN_GRACE_S", f"{self.config.stop_grace_s / 2:g}")
-        env.update(self.config.env)
-        env.update(
-            {
-                "ACSP_DATABASE_URL": database_url,
-                "ACSP_NATS_URL": nats_url,
-                "ACSP_DATA_DIR": str(self.data_dir),
-                "ACSP_TOKEN_PUBLIC_KEY": str(self._pki.token_public_key),
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        self._servers.child_env(env)
-        # ACSP_GRANT_ADDRESS and so on: the host:port at which each service calls the others.
-        for name, endpoint in endpoints.items():
-            env[f"ACSP_{name.upper()}_ADDRESS"] = endpoint
-        # Processes that call services (the scheduler calls the grant service, say) use the
-        # client certificate unless they are services with a certificate of their own.
-        identity = self._pki.identities.get(spec.name, self._pki.client_identity)
-        env.update(
-            {
-                "ACSP_TLS_CA": str(identity.ca),
-                "ACSP_TLS_CERT": str(identity.cert),
-                "ACSP_TLS_KEY": str(identity.key),
-            }
-        )
-        if spec.serves_grpc:
-            env["ACSP_GRPC_LISTEN"] = endpoints[spec.name]
-            ready_file = self.data_dir / "run" / f"{spec.name}.addr"
-            ready_file.parent.mkdir(parents=True, exist_ok=True)
-            ready_file.unlink(missing_ok=True)
-            env["ACSP_READY_FILE"] = str(ready_file)
-        env.update(spec.env)
-        if not spec.uses_database:
-            env.pop("ACSP_DATABASE_URL", None)
-        return env
-
-    async def _wait_services(
-        self, endpoints: Mapping[str, str], credentials: Credentials, deadline: float
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        children = {child.name: child for child in self._children}
-
-        async def wait_one(name: str) -> None:
-            child = children[name]
-            try:
-                await wait_serving(
-                    name,
-                    endpoints[name],
-                    credentials,
-                    timeout_s=max(deadline - loop.time(), 0.1),
-                    still_running=lambda: child.returncode is None,
-                )
-            except RuntimeError:
-                raise MeshStartError(
-                    f"{child.describe_exit()}\n--- last lines of its log ---\n{child.tail()}"
-                ) from None
-            except TimeoutError as exc:
-                raise MeshStartError(
-                    f"{exc}\nlog: {child.log_path}\n--- last lines of its log ---\n{child.tail()}"
-                ) from None
-            logger.info("%s is SERVING at %s", name, endpoints[name])
-
-        waits = [loop.create_task(wait_one(name), name=f"wait for {name}") for name in endpoints]
-        if not waits:
-            return
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                # Raise the first failure as itself, not wrapped in an ExceptionGroup, so the
-                # caller sees which process failed.
-                task.result()
-        finally:
-            for task in waits:
-                task.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-
-    async def _check_fleet_alive(self) -> None:
-        """Fail the start if a process without a health endpoint already died."""
-        for child in self._children:
-            if child.returncode is not None:
-                raise MeshStartError(
-                    f"{child.describe_exit()}\n--- last lines of its log ---\n{child.tail()}"
-                )
-
-    async def _watch(self, child: ChildProcess) -> None:
-        """Start ``child`` again each time it exits on its own, until it exits too often."""
-        loop = asyncio.get_running_loop()
-        window_s = self.config.restart_window_s
-        restarts: deque[float] = deque()
-        while True:
-            returncode = await child.wait()
-            if child.name in self._restarting:
-                return
-            if self._stopping or self._failure is None or self._failure.done():
-                return
-            now = loop.time()
-            while restarts and now - restarts[0] > window_s:
-                restarts.popleft()
-            restartable = child in self._children or self._servers.is_server(child)
-            if not restartable or len(restarts) >= self.config.max_restarts:
-                self._fail(child, returncode, len(restarts))
-                return
-            delay_s = restart_delay(
-                self.config.restart_delay_s, self.config.max_restart_delay_s, len(restarts)
-            )
-            restarts.append(now)
-            plan = (
-                f"restarting it in {delay_s:.1f} s (restart {len(restarts)} of at most "
-                f"{self.config.max_restarts} within {window_s:g} s)"
-            )
-            logger.warning("%s; %s", child.describe_exit(), plan)
-            self._exits[child.name] = f"{exit_reason(child)}; {plan}"
-            self._write_mesh_file()
-            await asyncio.sleep(delay_s)
-            if not await self._restart(child):
-                return
-
-    async def _reap_orphans(self) -> None:
-        """Reap the adopted orphans that exit while the mesh runs, so that none stays a zombie.
-
-        Runs under the start lock, so that a child being started, whose pid the mesh does not
-        know yet, is never taken for an orphan.
-        """
-        while not self._stopping:
-            await asyncio.sleep(ORPHAN_REAP_INTERVAL_S)
-            async with self._start_lock:
-                if self._stopping:
-                    return
-                known = {child.pid for child in self._all_children() if child.pid is not None}
-                for pid, code in reap_exited_orphans(known):
-                    logger.info(
-                        "reaped pid %s, a process left behind by the mesh, exit code %s",
-                        pid,
-                        code,
-                    )
-
-    async def _restart(self, child: ChildProcess) -> bool:
-        """Start ``child`` again and wait until it serves.
-
-        Returns False when the caller should stop watching: the mesh stops, or
-        :meth:`kill_and_restart` has started the child itself.
-
-        It returns True for a restarted child that exits again or does not report SERVING
-        within ``start_timeout_s`` too, with the child stopped, so the caller counts its exit
-        as one more restart.
-        """
-        async with self._start_lock:
-            # A running child was started by kill_and_restart meanwhile, whose own watcher
-            # now follows it.
-            if self._stopping or child.name in self._restarting or child.returncode is None:
-                return False
-            try:
-                await self._servers.prepare_restart(child)
-                await child.start()
-            except OSError as exc:
-                logger.error("failed to start %s again: %s", child.name, exc)
-                self._fail(child, child.returncode or 1, 0)
-                return False
-            # `acsp status` reports the fleet's state by the pid in the mesh file.
-            self._write_mesh_file()
-        if self._servers.is_server(child):
-            if await self._servers.wait_ready_again(child, self.config.start_timeout_s):
-                self._clear_exit(child.name)
-            return True
-        endpoint = self.info.endpoints.get(child.name)
-        if endpoint is None:
-            logger.info("%s is running again (pid %s)", child.name, child.pid)
-            self._clear_exit(child.name)
-            return True
-        try:
-            await wait_serving(
-                child.name,
-                endpoint,
-                self.client_credentials(None),
-                timeout_s=self.config.start_timeout_s,
-                still_running=lambda: child.returncode is None,
-            )
-        except RuntimeError:
-            return True
-        except TimeoutError as exc:
-            logger.warning("%s; killing it to start it again", exc)
-            await child.kill()
-            return True
-        logger.info("%s is SERVING again at %s (pid %s)", child.name, endpoint, child.pid)
-        self._clear_exit(child.name)
-        return True
-
-    def _clear_exit(self, name: str) -> None:
-        """Forget why ``name`` was down, now that it runs again, and write the mesh file."""
-        if self._exits.pop(name, None) is not None:
-            self._write_mesh_file()
-
-    def _fail(self, child: ChildProcess, returncode: int, restarts: int) -> None:
-        """End the wait of :meth:`wait_failure` with the exit of ``child``."""
-        assert self._failure is not None
-        description = child.describe_exit()
-        limit = ""
-        if restarts:
-            limit = (
-                f"It was restarted {restarts} times within {self.config.restart_window_s:g} "
-                "s, the maximum, so the mesh stops"
-            )
-            description += f". {limit}"
-        failure = ChildExit(child.name, returncode, description, child.tail())
-        logger.error("%s", failure)
-        self._exits[child.name] = f"{exit_reason(child)}. {limit or 'The mesh stops'}"
-        self._write_mesh_file()
-        self._failure.set_result(failure)
-
-    def _write_mesh_file(self) -> None:
-        """Write the mesh file again with the current process ids and the reasons of exits."""
-        if self._info is None:
-            return
-        # A child that is down keeps its last pid, so that `acsp status` lists it as stopped.
-        written = self._info.extra.get("pids", {})
-        pids = {name: pid for name, pid in written.items() if name in self._exits}
-        pids.update(self.pids)
-        extra = {**self._info.extra, "pids": pids, EXITS_KEY: dict(self._exits)}
-        if not self._exits:
-            del extra[EXITS_KEY]
-        self._info = dataclasses.replace(self._info, extra=extra)
-        self._info.write()
 
     # --- stop -----------------------------------------------------------------------------
 
@@ -581,7 +275,7 @@ class LocalMesh:
         twice. Cancellation during stop is deferred until every child is gone, so that no
         process outlives the mesh.
         """
-        self._stopping = True
+        self._watch.stopping = True
         stopping = asyncio.ensure_future(self._stop_all())
         try:
             await asyncio.shield(stopping)
@@ -597,29 +291,16 @@ class LocalMesh:
             await asyncio.gather(*(child.stop(grace) for child in fleet))
             await asyncio.gather(*(child.stop(grace) for child in services))
         if self.config.stop_orphans:
-            known = {child.pid for child in self._all_children() if child.pid is not None}
+            known = {child.pid for child in self._watch.all_children() if child.pid is not None}
             await stop_orphans(known, grace)
         await self._servers.stop(grace)
-        for watcher in self._watchers:
-            watcher.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
-        self._watchers.clear()
-        if self._info is not None:
-            with contextlib.suppress(FileNotFoundError):
-                mesh_file = self.data_dir / MESH_FILE_NAME
-                # Remove only our own file: another mesh may have taken the directory since.
-                if f'"supervisor_pid": {os.getpid()}' in mesh_file.read_text():
-                    mesh_file.unlink()
-        if self._failure is not None and not self._failure.done():
-            self._failure.cancel()
+        await self._watch.close()
+        self._status.remove()
         # Last, once no process of this mesh runs.
-        self._release_data_dir()
+        if self._data_dir_lock is not None:
+            self._data_dir_lock.release()
+            self._data_dir_lock = None
         logger.info("local mesh in %s stopped", self.data_dir)
-
-    # --- helpers --------------------------------------------------------------------------
-
-    def _all_children(self) -> list[ChildProcess]:
-        return [*self._servers.processes, *self._children]
 
     def _log_path(self, name: str) -> Path:
         return self.data_dir / "logs" / f"{name}.log"
@@ -628,6 +309,7 @@ class LocalMesh:
 __all__ = [
     "AGENTS_NAME",
     "DATABASE_URL_ENV",
+    "EXITS_KEY",
     "NATS_URL_ENV",
     "SERVICE_MODULES",
     "SERVICE_NAMES",

@@ -15,7 +15,8 @@ from acsp.cli import _common, main
 from acsp.mesh._ports import free_port
 from acsp.mesh.credentials import prepare
 from acsp.mesh.endpoints import MESH_FILE_NAME, MeshInfo
-from acsp.mesh.supervisor import LocalMesh, MeshConfig, MeshStartError
+from acsp.mesh.status import claim_data_dir
+from acsp.mesh.supervisor import MeshStartError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -94,7 +95,7 @@ def test_up_claims_dir_of_reused_pid(tmp_path: Path, sleeper: subprocess.Popen[b
     an_hour_ago = mesh_file.stat().st_mtime - 3600
     os.utime(mesh_file, (an_hour_ago, an_hour_ago))
 
-    LocalMesh(MeshConfig(data_dir=tmp_path))._claim_data_dir()
+    claim_data_dir(tmp_path).release()
 
     assert not mesh_file.exists()
     assert sleeper.poll() is None
@@ -104,7 +105,7 @@ def test_up_rejects_dir_of_running_mesh(tmp_path: Path, sleeper: subprocess.Pope
     write_mesh_file(tmp_path, sleeper.pid)
 
     with pytest.raises(MeshStartError, match=f"supervisor pid {sleeper.pid}"):
-        LocalMesh(MeshConfig(data_dir=tmp_path))._claim_data_dir()
+        claim_data_dir(tmp_path)
 
     assert (tmp_path / MESH_FILE_NAME).exists()
 
