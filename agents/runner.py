@@ -59,6 +59,7 @@ from agents.task_cgroups import (
 from agents.task_logs import TASK_LOG_MAX_BYTES, read_tail, trim_log
 from agents.task_process import (
     SPAWN_ID_ENV,
+    LauncherLostError,
     TaskLauncher,
     TaskProcess,
     find_task_leaders,
@@ -559,7 +560,8 @@ class TaskRunner:
         that was asked to start the task, if one was.
         """
         self._state.remove_intent(self._node_key, spec.task_id)
-        self._release_user(spec.task_id)
+        lost = isinstance(error, LauncherLostError) and launcher[0] != 0
+        self._release_user(spec.task_id, launcher if lost else None)
         self._remove_empty_cgroup(spec.task_id, launcher)
         if isinstance(error, CommandNotRunnableError):
             self._fail_unrunnable(spec, error)
@@ -625,7 +627,7 @@ class TaskRunner:
             cgroup,
             member_pids(cgroup),
         )
-        # A task id cannot be read back from its cgroup's name, so the name stands for it.
+        # A task id cannot be read back from its cgroup's name, so the name is used in its place.
         self._group.create_task(
             self._kill_and_remove(cgroup, cgroup.name, spared), name=f"remove-{cgroup.name}"
         )
@@ -1055,16 +1057,17 @@ class TaskRunner:
         self._forget_once_spooled(task)
         self._release_user(record.task_id)
 
-    def _release_user(self, task_id: str) -> None:
+    def _release_user(self, task_id: str, lost_launcher: LauncherIdentity | None = None) -> None:
         """Free the pool user of an ended task once no other task of its job runs as it.
 
         The task's processes are gone by now, but the job may have left others under its
         user, and files in the node's scratch folders, so the user is free only after a sweep
-        of both.
+        of both. ``lost_launcher`` is the launcher that went away without replying to the
+        task's start, which may still start the task as the user.
         """
         if self._pool is None:
             return
-        released = self._pool.release(task_id)
+        released = self._pool.release(task_id, lost_launcher)
         if released is None:
             return
         if self._group is None:

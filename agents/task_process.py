@@ -64,6 +64,14 @@ agent itself did not run (stopped, or its event loop busy) counts once at most.
 """
 
 
+class LauncherLostError(OSError):
+    """The error of a start that got no reply because the task launcher went away.
+
+    Whether the task started is unknown. A launcher that stopped replying may still run, and
+    may start the task later as it finishes the request it was handling.
+    """
+
+
 class TaskProcess:
     """A running task process, known in one of three ways.
 
@@ -497,7 +505,7 @@ class TaskLauncher:
                 pid = leaders.get(launch.spawn_id)
                 if pid is None:
                     launch.future.set_exception(
-                        OSError(errno.ECHILD, f"the task launcher went away ({reason})")
+                        LauncherLostError(errno.ECHILD, f"the task launcher went away ({reason})")
                     )
                 else:
                     process = TaskProcess(pid, exit_path=launch.exit_path, recorder=self.identity)

@@ -14,10 +14,16 @@ runs as that user, which can only be the job's, is killed, and the user is free 
 left. So the pool's users must be dedicated to it: nothing else on the node may run as them.
 A user whose processes outlive SIGKILL, or whose job folder cannot be given back, stays out of
 the pool while the agent retries with a backoff that grows to 5 minutes, and
-:attr:`TaskUserPool.held_users` counts it. A restarted agent reads the uid of each task that
-it finds running again. Before it hands out the first user, it kills the processes of the
-pool's users that no such task runs as, and takes back the folders of the jobs that ended while
-it was down.
+:attr:`TaskUserPool.held_users` counts it. So does a user whose task's start got no reply from
+a task launcher that may still run, because that launcher may start the task late, as the
+user, after the sweep. The user is free again once the launcher has exited, which it does after
+its last task ends, and no process runs as the user. A restarted agent reads the uid of each
+task that it finds running again. Before it hands out the first user, it kills the processes
+of the pool's users that no such task runs as, and takes back the folders of the jobs that
+ended while it was down.
+
+NOTE: a restarted agent does not know which launchers of the earlier agent lost a start, so a
+task that one of them starts after the restarted agent's first sweep runs as a free user.
 
 Each job has its own folder, ``<task folder>/jobs/<job>``, owned by its user with mode 0700:
 its working directory, its ``HOME`` and the place of its checkpoint files. Its ``tmp``
@@ -48,7 +54,7 @@ from typing import Any, Final
 
 from agents.backoff import CLEANUP_BACKOFF, Backoff
 from agents.scratch_folders import ScratchSweeper
-from agents.task_process import task_file_stem
+from agents.task_process import recorder_alive, task_file_stem
 from agents.task_user import TaskUser, parse_task_user
 from agents.user_processes import kill_user_processes
 
@@ -162,6 +168,9 @@ class TaskUserPool:
         self._held: dict[int, float] = {}
         """Users that a failed cleanup step keeps out of the pool: uid -> monotonic time of the
         first failure."""
+        self._lost_launchers: dict[int, set[tuple[int, int]]] = {}
+        """Launchers (pid, start ticks) that went away without replying to a start as each
+        uid, and that may still start that task: uid -> launchers."""
 
     def __len__(self) -> int:
         return len(self._users)
@@ -234,16 +243,21 @@ class TaskUserPool:
         self._task_uid[task_id] = uid
         self._tasks_of_uid.setdefault(uid, set()).add(task_id)
 
-    def release(self, task_id: str) -> tuple[int, str] | None:
+    def release(
+        self, task_id: str, lost_launcher: tuple[int, int] | None = None
+    ) -> tuple[int, str] | None:
         """Let ``task_id``'s user go if no other task runs as it; return (uid, job id) if so.
 
         The caller then sweeps the user's processes (:func:`kill_user_processes`) and its
         files (:meth:`sweep_scratch`), and calls :meth:`freed`. Until then the user is neither
-        free nor the job's.
+        free nor the job's. ``lost_launcher`` (pid, start ticks) went away without replying to
+        the task's start, so :meth:`reclaim` frees the user only once that launcher has exited.
         """
         uid = self._task_uid.pop(task_id, None)
         if uid is None:
             return None
+        if lost_launcher is not None:
+            self._lost_launchers.setdefault(uid, set()).add(lost_launcher)
         tasks = self._tasks_of_uid[uid]
         tasks.discard(task_id)
         if tasks:
@@ -295,8 +309,17 @@ class TaskUserPool:
         self.freed(uid)
 
     async def _kill_step(self, uid: int) -> str:
+        # Checked before the sweep, because a launcher gone by then starts nothing after it.
+        launchers = self._lost_launchers.get(uid, set())
+        running = sorted(pid for pid, ticks in launchers if recorder_alive((pid, ticks)))
         if await asyncio.to_thread(kill_user_processes, (uid,)):
             return "its processes survive SIGKILL (stuck in the kernel)"
+        if running:
+            return (
+                f"task launcher {', '.join(map(str, running))} went away without replying to a "
+                "start as this user, and may still start that task until it exits"
+            )
+        self._lost_launchers.pop(uid, None)
         return ""
 
     async def _retry(self, uid: int, attempt: Callable[[], Awaitable[str]]) -> None:

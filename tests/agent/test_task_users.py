@@ -8,6 +8,7 @@ otherwise. The parsing, the settings and the pool's bookkeeping are checked as a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -19,6 +20,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,7 +39,7 @@ from agents.scratch_folders import ScratchSweeper
 from agents.settings import AgentSettings
 from agents.spool import Spool
 from agents.state import StateStore
-from agents.task_process import TaskLauncher, stat_fields
+from agents.task_process import TaskLauncher, process_start_ticks, stat_fields
 from agents.task_user import NON_ROOT_CAPABILITIES, TaskUser, check_agent_can_switch
 from agents.task_users import (
     JOB_FOLDER_MODE,
@@ -346,6 +348,46 @@ async def test_unsealed_job_folder_retried(monkeypatch: pytest.MonkeyPatch) -> N
     assert calls == [0, 1, 1]
     assert pool.free_users == 1
     assert pool.held_users == 0
+
+
+async def test_lost_launcher_holds_released_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A sleep process takes the place of the launcher that went away without replying.
+    stuck = StuckProcesses(())
+    monkeypatch.setattr(task_users, "kill_user_processes", stuck)
+    launcher = await asyncio.create_subprocess_exec("sleep", "60")
+    identity = (launcher.pid, process_start_ticks(launcher.pid) or 0)
+    pool = TaskUserPool([_user(uid) for uid in POOL_UIDS[:1]], backoff=FAST_RETRIES)
+    assert pool.acquire("a", "a/1/0") is not None
+    released = pool.release("a/1/0", identity)
+    assert released is not None
+
+    try:
+        async with asyncio.timeout(10):
+            freeing = asyncio.create_task(pool.reclaim(released[0]))
+            await wait_for(lambda: stuck.calls >= 3)
+            held_while_running = pool.held_users
+            free_while_running = pool.free_users
+            launcher.kill()
+            await launcher.wait()
+            await freeing
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            launcher.kill()
+        await launcher.wait()
+
+    assert held_while_running == 1
+    assert free_while_running == 0
+    assert pool.free_users == 1
+    assert pool.held_users == 0
+
+    # A later release without a lost launcher frees the user at once.
+    assert pool.acquire("b", "b/1/0") is not None
+    again = pool.release("b/1/0")
+    assert again is not None
+    calls = stuck.calls
+    async with asyncio.timeout(10):
+        await pool.reclaim(again[0])
+    assert stuck.calls == calls + 1
 
 
 def test_backoff_doubles_to_maximum() -> None:
@@ -954,3 +996,92 @@ async def test_temp_folder_link_replaced(reachable_folder: Path) -> None:
     assert not temp.is_symlink()
     assert temp.stat().st_uid == POOL_UIDS[0]
     assert outside.stat().st_uid == os.geteuid()
+
+
+def _pids_of(uid: int) -> list[int]:
+    """Return the live processes whose real uid is ``uid``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _alive(int(entry)):
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    pids.append(int(entry))
+    return pids
+
+
+def _read_available(descriptor: int) -> bytes:
+    """Return what a non-blocking FIFO holds now, or b"" when it holds nothing."""
+    try:
+        return os.read(descriptor, 64)
+    except BlockingIOError:
+        return b""
+
+
+@root_only
+async def test_lost_start_keeps_user_until_checked(
+    reachable_folder: Path, no_pool_processes: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The launcher blocks on opening the task's log, here a FIFO without a reader, as on a
+    # hung file system, so the agent gives up on its reply. It starts the task once it resumes.
+    uid = POOL_UIDS[0]
+    pool = TaskUserPool([_user(uid)], backoff=Backoff(first_s=1.0, max_s=1.0))
+    launcher = TaskLauncher(user_per_request=True, reply_timeout_s=0.5)
+    recorder = Recorder()
+    runner = TaskRunner(
+        NODE,
+        StateStore(reachable_folder / "state.json"),
+        reachable_folder,
+        recorder,
+        time.time,
+        ["GPU-0", "GPU-1", "GPU-2"],
+        lambda uuids: {},
+        launcher=launcher,
+        task_users=pool,
+    )
+    real_launch = launcher.launch
+    logs: list[Path] = []
+
+    def launch_into_fifo(*args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        log = Path(args[4])
+        if not logs:
+            os.mkfifo(log)
+            logs.append(log)
+        return real_launch(*args, **kwargs)
+
+    launcher.launch = launch_into_fifo  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.ERROR, logger="agents"):
+            async with asyncio.timeout(40):
+                async with asyncio.TaskGroup() as group:
+                    runner.attach(group)
+                    await runner.start(_spec("b", "GPU-0", "echo late; exec sleep 300"))
+                    rejected_b = recorder.states("b/1/0")
+                    lost_launcher = recorder.last("b/1/0")
+                    # The first sweep of the user's processes has run.
+                    await wait_for(lambda: pool.held_users == 1 or pool.free_users == 1)
+                    held_before_late_start = pool.held_users
+
+                    # The launcher resumes and starts b's task as the user.
+                    reader = os.open(logs[0], os.O_RDONLY | os.O_NONBLOCK)
+                    try:
+                        await wait_for(lambda: _read_available(reader) == b"late\n")
+                    finally:
+                        os.close(reader)
+                    await runner.start(_spec("c", "GPU-1", "id -u"))
+
+                    await wait_for(lambda: pool.free_users == 1)
+                    left = _pids_of(uid)
+                    await runner.start(_spec("d", "GPU-2", "id -u"))
+                    await wait_for(lambda: TaskState.SUCCEEDED in recorder.states("d/1/0"))
+    finally:
+        launcher.close()
+    assert rejected_b == [TaskState.START_FAILED]
+    assert "went away" in lost_launcher.reason
+    # The user stays out of the pool while the task started late runs as it.
+    assert recorder.states("c/1/0") == [TaskState.START_FAILED]
+    assert recorder.last("c/1/0").node_busy
+    assert held_before_late_start == 1
+    assert left == []
+    assert int(_log(reachable_folder, "d/1/0")) == uid
+    retries = [r for r in caplog.records if "may still start that task" in r.getMessage()]
+    assert len(retries) == 1
