@@ -186,9 +186,9 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteNode(self, request, context):
-        """Deletes a drained or down node that no job may still run a task on, and returns it as it
-        was. An inventory that its agent sends later adds it again as a new node (provider
-        operator).
+        """Deletes a node that was drained or marked down and that no job may still run a task on,
+        and returns it as it was. An inventory that its agent sends later adds it again as a new
+        node (provider operator).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

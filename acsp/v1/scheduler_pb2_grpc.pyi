@@ -51,9 +51,9 @@ class SchedulerServiceStub:
     the accelerators its lost tasks kept are freed (provider operator).
     """
     DeleteNode: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteNodeRequest, _scheduler_pb2.Node]
-    """Deletes a drained or down node that no job may still run a task on, and returns it as it
-    was. An inventory that its agent sends later adds it again as a new node (provider
-    operator).
+    """Deletes a node that was drained or marked down and that no job may still run a task on,
+    and returns it as it was. An inventory that its agent sends later adds it again as a new
+    node (provider operator).
     """
     SetPledge: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.SetPledgeRequest, _scheduler_pb2.Pledge]
     """Creates or changes a pledge (provider operator)."""
@@ -112,9 +112,9 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     the accelerators its lost tasks kept are freed (provider operator).
     """
     DeleteNode: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteNodeRequest, _scheduler_pb2.Node]  # type: ignore[assignment]
-    """Deletes a drained or down node that no job may still run a task on, and returns it as it
-    was. An inventory that its agent sends later adds it again as a new node (provider
-    operator).
+    """Deletes a node that was drained or marked down and that no job may still run a task on,
+    and returns it as it was. An inventory that its agent sends later adds it again as a new
+    node (provider operator).
     """
     SetPledge: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.SetPledgeRequest, _scheduler_pb2.Pledge]  # type: ignore[assignment]
     """Creates or changes a pledge (provider operator)."""
@@ -212,9 +212,9 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.DeleteNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.Node, _abc.Awaitable[_scheduler_pb2.Node]]:
-        """Deletes a drained or down node that no job may still run a task on, and returns it as it
-        was. An inventory that its agent sends later adds it again as a new node (provider
-        operator).
+        """Deletes a node that was drained or marked down and that no job may still run a task on,
+        and returns it as it was. An inventory that its agent sends later adds it again as a new
+        node (provider operator).
         """
 
     @_abc_1.abstractmethod

@@ -494,10 +494,14 @@ class AgentFeed:
         item = HeartbeatReceived(
             key, beat.boot_id, running, drain, agent_time=_beat_time(beat), received_at=now
         )
-        # The task list of a node the fleet does not know yet is not remembered, so the
-        # node's first heartbeat after its inventory goes through the loop.
-        if self._put(item) and key in self._fleet:
-            self._running[key] = running
+        # The task list of a node that is not in the fleet, because its inventory has not
+        # arrived yet or because it was deleted, is not remembered. So the node's first
+        # heartbeat after its inventory goes through the loop.
+        if self._put(item):
+            if key in self._fleet:
+                self._running[key] = running
+            else:
+                self._running.pop(key, None)
 
     def _replayed_heartbeat(self, key: str, value: bytes, stored: object) -> None:
         """Queue a heartbeat stored before the watch began, with the time it was stored.

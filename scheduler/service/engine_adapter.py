@@ -24,6 +24,7 @@ from scheduler.engine import events as ev
 from scheduler.engine import spec as es
 from scheduler.engine.engine import Engine
 from scheduler.engine.reasons import budget_message
+from scheduler.engine.records import job_of
 
 from .fleet import NodeView
 from .grant_limits import depends_on_known_regions, narrow_models, narrow_regions
@@ -331,6 +332,28 @@ class EngineAdapter:
 
     def has_node(self, key: str) -> bool:
         return key in self._known_nodes
+
+    def jobs_on_node(self, key: str) -> list[str]:
+        """Return the sorted ids of the jobs with accelerators allocated on node ``key``,
+        copies whose stop is not confirmed included."""
+        node = self.engine.fleet.by_id.get(key) if key in self._known_nodes else None
+        if node is None:
+            return []
+        return sorted({job_of(owner) for owner in node.jobs})
+
+    def remove_node(self, key: str) -> None:
+        """Forget node ``key`` and its failed accelerators, e.g. when an operator deletes it.
+
+        Raises :class:`~scheduler.engine.spec.InvalidInputError`, changing nothing, while
+        :meth:`jobs_on_node` returns a job. A node with this key added later is a new node.
+        """
+        if key in self._known_nodes:
+            self.engine.remove_node(key)
+            self._known_nodes.discard(key)
+        self._busy_since.pop(key, None)
+        for failure_key in [k for k in self._failed if k[0] == key]:
+            failure = self._failed.pop(failure_key)
+            self._failure_events.pop(failure.event_id, None)
 
     def node_model(self, key: str) -> str:
         """Return the accelerator model of node ``key``, or an empty string if it is unknown."""

@@ -301,6 +301,13 @@ class FleetView:
         self._nodes[key] = updated
         return NodeChange(updated, old.status, reason)
 
+    def remove(self, key: str) -> None:
+        """Forget node ``key``, so that heartbeats under its key change nothing until an
+        inventory adds it again as a new node."""
+        self._nodes.pop(key, None)
+        self._seen.pop(key, None)
+        self._loaded.discard(key)
+
     def restore_down(self, key: str, reason: str) -> NodeView:
         """Mark a node down whatever its state, as a new leader does for a node stored as down.
 

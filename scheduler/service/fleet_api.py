@@ -1,4 +1,4 @@
-"""Fleet RPCs of the scheduler: nodes, drains and the catalog.
+"""Fleet RPCs of the scheduler: nodes, drains, deletions and the catalog.
 
 The pledge and recall RPCs are in :mod:`.pledge_api`, the provider registry's in
 :mod:`.provider_api`.
@@ -7,8 +7,6 @@ The pledge and recall RPCs are in :mod:`.pledge_api`, the provider registry's in
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Final
 
 import grpc
 
@@ -22,12 +20,14 @@ from services.runtime.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    quoted,
 )
 
-from .engine_adapter import AcceleratorHealth, EngineAdapter
-from .fleet import NODE_STATUSES, AcceleratorView, NodeView
-from .inputs import DrainRequested, NodeDownRequested
+from .fleet import NODE_STATUSES, NodeView
+from .inputs import DrainRequested, NodeDeleteRequested, NodeDownRequested
 from .leadership import Term
+from .node_deletion import DeleteOutcome
+from .node_proto import failures_by_accelerator, node_to_proto, shown_status
 from .pledge_api import OPERATORS, PledgeRpcs, require_operator_of
 from .validation import MAX_REASON_LENGTH, MAX_REQUEST_ID_LENGTH, check_length
 
@@ -63,9 +63,9 @@ class FleetRpcs(PledgeRpcs):
         start = int(token_text or 0)
         page = selected[start : start + size]
         token = str(start + size) if start + size < len(selected) else ""
-        failures = _failures_by_accelerator(leader.book.engine)
+        failures = failures_by_accelerator(leader.book.engine)
         return scheduler_pb2.ListNodesResponse(
-            nodes=[_node_to_proto(n, failures, jobs) for n in page],
+            nodes=[node_to_proto(n, failures, jobs) for n in page],
             page=common_pb2.PageResponse(next_page_token=token),
         )
 
@@ -142,6 +142,33 @@ class FleetRpcs(PledgeRpcs):
             )
         return _node_reply(leader, node)
 
+    async def DeleteNode(
+        self, request: scheduler_pb2.DeleteNodeRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Node:
+        principal = require_operator_of(request.provider_id)
+        check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
+        check_length("reason", request.reason, MAX_REASON_LENGTH)
+        key = f"{request.provider_id}.{request.region_id}.{request.node_id}"
+        leader = self._lead.require()
+        if request.request_id:
+            earlier = await _earlier_deletion(leader, request)
+            if earlier is not None:
+                return earlier
+        reply: asyncio.Future[DeleteOutcome] = asyncio.get_running_loop().create_future()
+        await leader.inbox.put(
+            NodeDeleteRequested(key, request.reason, request.request_id, principal.subject, reply)
+        )
+        outcome = await asyncio.wait_for(reply, timeout=remaining_s(10.0))
+        if outcome.deletion is not None:
+            return scheduler_pb2.Node.FromString(outcome.deletion.node_message)
+        if outcome.node is None:
+            # A call with the same request id may have deleted the node in the meantime.
+            earlier = await _earlier_deletion(leader, request) if request.request_id else None
+            if earlier is not None:
+                return earlier
+            raise NotFound("node", _node_name(request))
+        raise FailedPrecondition(_kept_reason(_node_name(request), outcome), "node_id")
+
     async def ListAcceleratorModels(
         self,
         request: scheduler_pb2.ListAcceleratorModelsRequest,
@@ -175,99 +202,70 @@ def _node_state_name(value: int) -> str:
     return name
 
 
-def _failures_by_accelerator(
-    engine: EngineAdapter,
-) -> dict[tuple[str, str], AcceleratorHealth]:
-    """Index the leader's failed accelerators by node key and accelerator id."""
-    return {(f.node_key, f.accelerator_id): f for f in engine.failed_accelerators()}
-
-
-def _accelerator_to_proto(
-    node: NodeView, acc: AcceleratorView, failures: Mapping[tuple[str, str], AcceleratorHealth]
-) -> scheduler_pb2.Accelerator:
-    """Convert one accelerator, failed if the leader keeps it out of placement.
-
-    The leader's failure list wins over the inventory: a failure stays until the agent
-    reports the condition cleared, even when a later inventory calls the device healthy.
-    """
-    msg = scheduler_pb2.Accelerator(
-        accelerator_id=acc.accelerator_id,
-        pci_bus_id=acc.pci_bus_id,
-        model=acc.model,
-        interconnect_domain=acc.interconnect_domain,
-        health=scheduler_pb2.HEALTH_STATE_OK if acc.healthy else scheduler_pb2.HEALTH_STATE_FAILED,
-    )
-    failure = failures.get((node.key, acc.accelerator_id))
-    if failure is not None:
-        msg.health = scheduler_pb2.HEALTH_STATE_FAILED
-        trigger = "inventory" if failure.event_id.startswith("inventory:") else "event:health"
-        msg.health_cause.CopyFrom(
-            common_pb2.Cause(trigger=trigger, reference_id=failure.event_id, reason=failure.reason)
-        )
-    return msg
-
-
 def _node_reply(leader: Term, node: NodeView) -> scheduler_pb2.Node:
     """Return ``node`` as the reply of a call about one node, with its failures and jobs."""
-    return _node_to_proto(
-        node, _failures_by_accelerator(leader.book.engine), leader.book.jobs_by_node()
+    return node_to_proto(
+        node, failures_by_accelerator(leader.book.engine), leader.book.jobs_by_node()
     )
 
 
-def _node_to_proto(
-    node: NodeView,
-    failures: Mapping[tuple[str, str], AcceleratorHealth],
-    jobs: Mapping[str, list[str]],
-) -> scheduler_pb2.Node:
-    msg = scheduler_pb2.Node(
-        node_id=node.node,
-        provider_id=node.provider,
-        region_id=node.region,
-        state=scheduler_pb2.NodeState.Value(f"NODE_STATE_{shown_status(node, jobs).upper()}"),  # type: ignore[arg-type]
-        accelerators=[_accelerator_to_proto(node, acc, failures) for acc in node.accelerators],
-        software_stacks=node.software_stacks,
-        state_cause=_state_cause(node),
-        job_ids=jobs.get(node.key, ()),
-    )
-    if node.last_heartbeat:
-        msg.last_heartbeat_time.FromNanoseconds(int(node.last_heartbeat * 1e9))
-    return msg
+async def _earlier_deletion(
+    leader: Term, request: scheduler_pb2.DeleteNodeRequest
+) -> scheduler_pb2.Node | None:
+    """Return the node that an earlier DeleteNode call with the request's id deleted, or None.
 
-
-def shown_status(node: NodeView, jobs: Mapping[str, list[str]]) -> str:
-    """Return the status that node lists show: a draining node that runs nothing is drained.
-
-    ``jobs`` maps node keys to the jobs that may still run a task there, including copies
-    whose stop is not yet confirmed, so a node is drained only once every stop is confirmed.
+    Raises FAILED_PRECONDITION when that call deleted another node.
     """
-    if node.status == "draining" and not jobs.get(node.key):
-        return "drained"
-    return node.status
+    found = await leader.nodes.deletion(request.request_id)
+    if found is None:
+        return None
+    key, message = found
+    node = scheduler_pb2.Node.FromString(message)
+    name = f"{node.provider_id}/{node.region_id}/{node.node_id}"
+    if key != f"{request.provider_id}.{request.region_id}.{request.node_id}":
+        raise FailedPrecondition(
+            f"request_id {quoted(request.request_id)} was already used to delete node {name}; "
+            "repeat that request unchanged to get its result, or use a new request_id",
+            "request_id",
+        )
+    return node
 
 
-DRAIN_TRIGGERS: Final[Mapping[str, str]] = {
-    "operator": "rpc:DrainNode",
-    "agent": "agent:drain_requested",
-}
-"""The trigger of a draining node's state cause, by who requested the drain."""
-
-
-def _state_cause(node: NodeView) -> common_pb2.Cause:
-    """Return the cause of ``node``'s state. For a draining node it names who requested the
-    drain, and when."""
-    drain = node.drain
-    if drain is None or node.status not in ("draining", "drained"):
-        return common_pb2.Cause(reason=node.status_reason)
-    cause = common_pb2.Cause(trigger=DRAIN_TRIGGERS[drain.source], reason=drain.reason)
-    if drain.at:
-        cause.time.FromNanoseconds(int(drain.at * 1e9))
-    return cause
+def _kept_reason(name: str, outcome: DeleteOutcome) -> str:
+    """Return why node ``name`` was not deleted and what to do first."""
+    status = outcome.status
+    if outcome.jobs:
+        listed = ", ".join(outcome.jobs[:5])
+        if len(outcome.jobs) > 5:
+            listed += f" and {len(outcome.jobs) - 5} more"
+        if status == "up":
+            fix = "Drain it, wait until its jobs stop, then delete it"
+        elif status == "unknown":
+            fix = (
+                "It missed its heartbeats, so it cannot confirm their stops. Once the machine "
+                "is off or runs nothing, mark it down, then delete it"
+            )
+        else:
+            fix = (
+                "Wait until they stop and their node confirms the stops, or cancel them, "
+                "then delete it"
+            )
+        return f"node {name} is {status} and jobs {listed} may still run a task on it. {fix}"
+    if status == "unknown":
+        fix = "Drain it, or mark it down once the machine is off or runs nothing, then delete it"
+    else:
+        fix = "Drain it, wait until it shows as drained, then delete it"
+    return (
+        f"node {name} is {status} and not drained, and only a drained or down node can be "
+        f"deleted. {fix}"
+    )
 
 
 def _node_name(
     request: scheduler_pb2.GetNodeRequest
     | scheduler_pb2.DrainNodeRequest
-    | scheduler_pb2.MarkNodeDownRequest,
+    | scheduler_pb2.MarkNodeDownRequest
+    | scheduler_pb2.DeleteNodeRequest,
 ) -> str:
     """Return the node of ``request`` as ``<provider>/<region>/<node>``, as operators write it."""
     return f"{request.provider_id}/{request.region_id}/{request.node_id}"

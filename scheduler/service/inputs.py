@@ -10,6 +10,7 @@ from .admission import HoldOutcome
 from .engine_adapter import AcceleratorHealth
 from .fleet import NodeView
 from .model import Job
+from .node_deletion import DeleteOutcome
 from .pledges import PledgeRecord, RecallRecord
 from .providers import ProviderRecord
 
@@ -60,6 +61,19 @@ class NodeDownRequested:
     reason: str
     reply: asyncio.Future[NodeView | None]
     """Resolved with the node as it is after the request, or None for an unknown key."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDeleteRequested:
+    """An operator's request to delete a node."""
+
+    node_key: str
+    reason: str
+    request_id: str
+    deleted_by: str
+    """The subject of the caller."""
+    reply: asyncio.Future[DeleteOutcome]
+    """Resolved after the turn's commit, which stores the deletion."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +177,7 @@ Input = (
     | DrainRequested
     | AgentDrainRequested
     | NodeDownRequested
+    | NodeDeleteRequested
     | InventoryReceived
     | HeartbeatReceived
     | TaskReported

@@ -38,6 +38,7 @@ from .inputs import (
     HoldDone,
     Input,
     InventoryReceived,
+    NodeDeleteRequested,
     NodeDownRequested,
     PledgeChanged,
     ProviderRegistered,
@@ -47,6 +48,7 @@ from .inputs import (
 )
 from .jobbook import Effects, JobBook
 from .model import Job
+from .node_deletion import NodeDeletion, delete_node
 from .node_store import NodeStore
 from .publisher import Publisher, PublishResult
 from .purge import AckedRowPurge
@@ -150,6 +152,8 @@ class SchedulingLoop:
         """Commands NATS rejected for good, with the reason, to fail in the next turn."""
         self._drains: dict[str, DrainChange] = {}
         """Drains started or ended this turn by node key, written with the turn's commit."""
+        self._deletions: list[NodeDeletion] = []
+        """Nodes deleted this turn, written first in the turn's commit."""
         self._last_pass = 0.0
         self._pass_gap = settings.min_pass_interval_s
         self._pass_due = False
@@ -374,6 +378,25 @@ class SchedulingLoop:
                         fx.nodes_down[key] = reason
                         node_view = down.node
                 replies.append((reply, node_view))  # type: ignore[arg-type]
+            case NodeDeleteRequested(key, reason, request_id, deleted_by, reply):
+                deleted = delete_node(self.fleet, self.book, key, reason, request_id, deleted_by)
+                if deleted.deletion is not None:
+                    self._drop_node_writes(key, fx, inventories)
+                    self._deletions.append(deleted.deletion)
+                replies.append((reply, deleted))  # type: ignore[arg-type]
+
+    def _drop_node_writes(
+        self, key: str, fx: Effects, inventories: list[InventoryReceived]
+    ) -> None:
+        """Drop the writes that this turn queued for node ``key`` before it was deleted.
+
+        The deletion is written before the turn's other node writes, so an inventory that
+        reaches the node later in the turn adds it again.
+        """
+        inventories[:] = [item for item in inventories if item.node.key != key]
+        fx.accelerators[:] = [change for change in fx.accelerators if change.node_key != key]
+        fx.nodes_down.pop(key, None)
+        self._drains.pop(key, None)
 
     def _apply_heartbeat(self, item: HeartbeatReceived, fx: Effects) -> None:
         key = item.node_key
@@ -455,6 +478,8 @@ class SchedulingLoop:
                 self.book.engine.lift_budget_block(project, payer)
 
     async def _commit(self, fx: Effects, inventories: list[InventoryReceived]) -> None:
+        deletions, self._deletions = self._deletions, []
+        await self.nodes.delete(deletions)
         if inventories:
             await self.nodes.upsert_inventories(
                 [(i.node.provider, i.node.region, i.node.node, i.payload) for i in inventories]

@@ -1,5 +1,5 @@
 """Node inventories, drains and down marks in ``scheduler.nodes``, failed accelerators in
-``scheduler.failed_accelerators``.
+``scheduler.failed_accelerators``, and deleted nodes in ``scheduler.node_deletions``.
 
 Drains are written with the scheduling loop's turn (see :meth:`.store.JobStore.commit_turn`).
 """
@@ -12,6 +12,7 @@ import asyncpg
 
 from .engine_adapter import AcceleratorHealth
 from .fleet import Drain
+from .node_deletion import NodeDeletion
 from .provider_store import register_named_regions
 from .store import check_epoch
 
@@ -79,6 +80,70 @@ class NodeStore:
                 [reason or "" for reason in changes.values()],
                 timeout=self._timeout,
             )
+
+    async def delete(self, deletions: Sequence[NodeDeletion]) -> None:
+        """Delete nodes with their failed accelerators, and record each deletion.
+
+        A deletion whose request id is recorded already is not recorded again.
+        """
+        if not deletions:
+            return
+        parts = [deletion.node_key.split(".", 2) for deletion in deletions]
+        providers = [p[0] for p in parts]
+        regions = [p[1] for p in parts]
+        nodes = [p[2] for p in parts]
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await self._check_fence(conn)
+            await conn.execute(
+                "DELETE FROM scheduler.failed_accelerators AS f"
+                " USING unnest($1::text[], $2::text[], $3::text[]) AS d(provider, region, node)"
+                " WHERE f.provider = d.provider AND f.region = d.region AND f.node = d.node",
+                providers,
+                regions,
+                nodes,
+                timeout=self._timeout,
+            )
+            await conn.execute(
+                "DELETE FROM scheduler.nodes AS n"
+                " USING unnest($1::text[], $2::text[], $3::text[]) AS d(provider, region, node)"
+                " WHERE n.provider = d.provider AND n.region = d.region AND n.node = d.node",
+                providers,
+                regions,
+                nodes,
+                timeout=self._timeout,
+            )
+            await conn.execute(
+                "INSERT INTO scheduler.node_deletions"
+                " (request_id, provider, region, node, reason, deleted_by, node_message)"
+                " SELECT nullif(d.request_id, ''), d.provider, d.region, d.node, d.reason,"
+                " d.deleted_by, d.node_message"
+                " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+                " $6::text[], $7::bytea[])"
+                " AS d(request_id, provider, region, node, reason, deleted_by, node_message)"
+                " ON CONFLICT (request_id) DO NOTHING",
+                [deletion.request_id for deletion in deletions],
+                providers,
+                regions,
+                nodes,
+                [deletion.reason for deletion in deletions],
+                [deletion.deleted_by for deletion in deletions],
+                [deletion.node_message for deletion in deletions],
+                timeout=self._timeout,
+            )
+
+    async def deletion(self, request_id: str) -> tuple[str, bytes] | None:
+        """Return the key and the serialized ``acsp.v1.Node`` of the node that the DeleteNode
+        call with ``request_id`` deleted, or None if no call with that id deleted one."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            row = await conn.fetchrow(
+                "SELECT provider, region, node, node_message FROM scheduler.node_deletions"
+                " WHERE request_id = $1",
+                request_id,
+                timeout=self._timeout,
+            )
+        if row is None:
+            return None
+        return f"{row[0]}.{row[1]}.{row[2]}", row[3]
 
     async def load_down(self) -> dict[str, str]:
         """Return the key and reason of every node marked down."""

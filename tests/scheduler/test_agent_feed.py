@@ -183,6 +183,29 @@ def test_heartbeat_before_inventory_reaches_loop_again() -> None:
     ]
 
 
+def test_deleted_node_heartbeat_reaches_loop_again() -> None:
+    inbox: asyncio.Queue[Input] = asyncio.Queue()
+    fleet = FleetView(heartbeat_timeout_s=30)
+    node = NodeView("p", "r", "n1", (AcceleratorView("GPU-1", "A100-SXM4-80GB"),))
+    fleet.apply_inventory(node, 100.0)
+    feed = AgentFeed(None, inbox, "scheduler-test", fleet)  # type: ignore[arg-type]
+    feed._heartbeat("p.r.n1", heartbeat_payload(100.0), received_at=100.5)
+    fleet.remove("p.r.n1")
+
+    feed._heartbeat("p.r.n1", heartbeat_payload(101.0), received_at=101.5)
+    fleet.apply_inventory(node, 102.0)
+    # The same task list again: the loop has not seen it since the node returned.
+    feed._heartbeat("p.r.n1", heartbeat_payload(102.0), received_at=102.5)
+    feed._heartbeat("p.r.n1", heartbeat_payload(103.0), received_at=103.5)
+
+    beats = [inbox.get_nowait() for _ in range(inbox.qsize())]
+    assert [beat.received_at for beat in beats if isinstance(beat, HeartbeatReceived)] == [
+        100.5,
+        101.5,
+        102.5,
+    ]
+
+
 def drain_feed() -> tuple[AgentFeed, FleetView, asyncio.Queue[Input]]:
     """Return a feed whose fleet has node ``p.r.n1`` up, and the inbox it fills."""
     inbox: asyncio.Queue[Input] = asyncio.Queue()

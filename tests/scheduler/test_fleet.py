@@ -324,3 +324,30 @@ def test_idle_draining_node_shows_drained() -> None:
     assert shown_status(node, {}) == "drained"
     assert shown_status(NodeView("prov", "reg", "n1"), {}) == "up"
     assert shown_status(NodeView("prov", "reg", "n2", status="unknown"), {}) == "unknown"
+
+
+def test_removed_node_ignores_heartbeats() -> None:
+    fleet = make_fleet()
+    fleet.restore_down("p.r.n1", "powered off")
+
+    fleet.remove("p.r.n1")
+
+    assert fleet.get("p.r.n1") is None
+    assert "p.r.n1" not in fleet
+    assert not fleet.touch("p.r.n1", 200.0)
+    assert fleet.apply_heartbeat("p.r.n1", "boot-2", frozenset(), 201.0) is None
+    assert fleet.expire(300.0) == []
+    assert fleet.get("p.r.n1") is None
+
+
+def test_removed_node_returns_as_new() -> None:
+    fleet = make_fleet()
+    fleet.operator_drain("p.r.n1", True, "retiring", 101.0)
+    fleet.remove("p.r.n1")
+
+    change = fleet.apply_inventory(NodeView("p", "r", "n1"), 300.0)
+
+    assert change.previous is None
+    assert change.node.status == "up"
+    assert change.node.drain is None
+    assert change.node.last_heartbeat == 300.0
