@@ -65,8 +65,8 @@ logger = logging.getLogger(__name__)
 
 RETIRING_HINT = (
     "A node whose agent stops stays in the scheduler's fleet as unknown, and nothing is placed "
-    "on it. To retire it: acsp fleet drain, stop the agent once the node runs no job, then acsp "
-    "fleet down (docs/deploy.md, Retiring a node)."
+    "on it. To retire it: acsp fleet drain, stop the agent once the node shows as drained, then "
+    "acsp fleet delete (docs/deploy.md, Retiring a node)."
 )
 
 

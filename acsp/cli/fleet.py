@@ -1,4 +1,5 @@
-"""``acsp fleet``: nodes, drains, providers, the accelerator catalog and queue summary.
+"""``acsp fleet``: nodes, drains, deletions, providers, the accelerator catalog and queue
+summary.
 
 Pledges and recalls are in :mod:`acsp.cli.pledges`.
 """
@@ -6,6 +7,7 @@ Pledges and recalls are in :mod:`acsp.cli.pledges`.
 from __future__ import annotations
 
 import argparse
+import sys
 import uuid
 from typing import Any, Final
 
@@ -110,6 +112,23 @@ def register(subparsers: Any) -> None:
         help="how you know that nothing runs on it any more, e.g. 'powered off'",
     )
     down.set_defaults(func=mark_node_down)
+
+    delete = commands.add_parser(
+        "delete",
+        parents=[connection, output],
+        help="delete a drained or down node that no job may still run a task on",
+        description=(
+            "Delete a node from the scheduler's fleet, e.g. a retired machine, and print it as "
+            "it was. Only a drained or down node on which no job may still run a task can be "
+            "deleted. To retire a machine: drain its node, wait until it shows as drained, "
+            "stop its agent, then delete the node. An agent that still runs adds its node "
+            "again, as a new node that is up, with its next inventory, which it sends when it "
+            "restarts or reconnects to NATS."
+        ),
+    )
+    delete.add_argument("node", help="<provider>/<region>/<node>")
+    delete.add_argument("--reason", default="", help="why, e.g. 'retired'; kept with the deletion")
+    delete.set_defaults(func=delete_node)
 
     providers = commands.add_parser(
         "providers", parents=[connection, output], help="list providers and their regions"
@@ -256,6 +275,28 @@ def mark_node_down(args: argparse.Namespace) -> int:
             )
         )
     print_records([node_row(result)], NODE_COLUMNS, output_format=args.format)
+    return EXIT_OK
+
+
+def delete_node(args: argparse.Namespace) -> int:
+    provider, region, node = _node_path(args.node)
+    with open_scheduler(args) as scheduler:
+        result = scheduler.DeleteNode(
+            scheduler_pb2.DeleteNodeRequest(
+                request_id=uuid.uuid4().hex,
+                provider_id=provider,
+                region_id=region,
+                node_id=node,
+                reason=args.reason,
+            )
+        )
+    print_records([node_row(result)], NODE_COLUMNS, output_format=args.format, title="deleted")
+    if result.state == scheduler_pb2.NODE_STATE_DRAINED:
+        # A drained node still sent heartbeats, so its agent runs.
+        sys.stderr.write(
+            f"note: the agent of {args.node} still runs. Stop it, or the node comes back as a "
+            "new node that is up when the agent restarts or reconnects to NATS\n"
+        )
     return EXIT_OK
 
 

@@ -724,6 +724,54 @@ async def test_failed_accelerator_in_node_views(
     assert json_rows(out)[0]["failures"] == ""
 
 
+async def test_delete_command(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, address = await stack.start_scheduler()
+    stack.start_agents(nodes=2, gpus=2)
+    use_identity(monkeypatch, address, stack.token("op", Role.PROVIDER_OPERATOR, provider="prov"))
+
+    async def registered() -> bool:
+        code, out, _ = await run_cli(capsys, "nodes", "--format", "json")
+        return code == 0 and len(json_rows(out)) == 2
+
+    await wait_for(registered, 30, "the agents' inventories", 0.1)
+
+    code, out, err = await run_cli(capsys, "delete", "prov/reg/n0")
+    assert code == 1
+    assert "FAILED_PRECONDITION" in err
+    assert "node prov/reg/n0 is up and not drained" in err
+    assert "Drain it, wait until it shows as drained, then delete it" in err
+    code, out, err = await run_cli(capsys, "delete", "prov/reg/n9")
+    assert code == 1
+    assert "node 'prov/reg/n9' not found" in err
+    code, out, err = await run_cli(capsys, "delete", "prov/n0")
+    assert code == 2
+    assert "node 'prov/n0' is not <provider>/<region>/<node>" in err
+
+    for node in ("n0", "n1"):
+        code, out, err = await run_cli(capsys, "drain", f"prov/reg/{node}", "--reason", "retiring")
+        assert code == 0, err
+    code, out, err = await run_cli(
+        capsys, "delete", "prov/reg/n0", "--reason", "retired", "--format", "json"
+    )
+    assert code == 0, err
+    (row,) = json_rows(out)
+    assert row["node"] == "prov/reg/n0"
+    assert row["state"] == "drained"
+    assert row["accelerators"] == 2
+    assert "note: the agent of prov/reg/n0 still runs" in err
+
+    code, out, err = await run_cli(capsys, "delete", "prov/reg/n1")
+    assert code == 0, err
+    assert "deleted" in out
+    assert "prov/reg/n1" in out
+
+    code, out, err = await run_cli(capsys, "nodes", "--format", "json")
+    assert code == 0, err
+    assert json_rows(out) == []
+
+
 def test_node_row_names_who_drained() -> None:
     by_agent = scheduler_pb2.Node(
         node_id="n0",
