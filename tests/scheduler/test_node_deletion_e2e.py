@@ -171,7 +171,8 @@ async def test_deleted_node_returns_with_inventory(stack: Stack) -> None:
         assert await operator.get() is None
         assert await listed_nodes(operator) == []
 
-        # A new leader loads no row of n0, and the heartbeats it replays change nothing.
+        # A new leader loads no row of n0, and the heartbeats it replays or receives change
+        # nothing.
         await client.channel.close()
         scheduler_process.kill()
         _, address = await stack.start_scheduler("scheduler-restarted")
