@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from acsp.mesh.fleet_tasks import FleetTasks, plan_fleet_tasks
+
 DATABASE_URL_ENV: Final = "ACSP_DATABASE_URL"
 NATS_URL_ENV: Final = "ACSP_NATS_URL"
 
@@ -38,22 +40,29 @@ class ProcessSpec:
     of the environment of this process."""
 
 
-def default_processes(agents: int, data_dir: Path) -> tuple[ProcessSpec, ...]:
-    """Return the grant, scheduler and metering services and, if ``agents`` > 0, the fleet."""
+def default_processes(
+    agents: int, data_dir: Path, environ: Mapping[str, str] | None = None
+) -> tuple[ProcessSpec, ...]:
+    """Return the grant, scheduler and metering services and, if ``agents`` > 0, the fleet.
+
+    ``environ`` is the environment that the processes inherit (default: this process's),
+    which may set the fleet's task user (see :mod:`acsp.mesh.fleet_tasks`).
+    """
     specs = [
         ProcessSpec(name, [sys.executable, "-m", module])
         for name, module in SERVICE_MODULES.items()
     ]
     if agents > 0:
+        tasks = plan_fleet_tasks(data_dir, os.environ if environ is None else environ)
         fleet_argv = [sys.executable, "-m", "agents", "--backend", "simulated"]
-        fleet_argv += ["--nodes", str(agents), "--state-dir", str(data_dir / AGENTS_NAME)]
+        fleet_argv += ["--nodes", str(agents), "--state-dir", str(tasks.state_dir)]
         # The mesh stops as a whole, so the fleet stops its tasks and reports their usage up
         # to that moment, instead of leaving them to be killed as orphans unreported.
-        stop_tasks = {"ACSP_AGENT_STOP_TASKS_ON_EXIT": "true"}
+        fleet_env = {"ACSP_AGENT_STOP_TASKS_ON_EXIT": "true", **tasks.env}
         # Agents talk to NATS alone, and a task that runs as the fleet's user could read the
         # fleet's environment, so the fleet gets no database URL.
         fleet = ProcessSpec(
-            AGENTS_NAME, fleet_argv, serves_grpc=False, env=stop_tasks, uses_database=False
+            AGENTS_NAME, fleet_argv, serves_grpc=False, env=fleet_env, uses_database=False
         )
         specs.append(fleet)
     return tuple(specs)
@@ -114,4 +123,14 @@ class MeshConfig:
     def resolved_processes(self) -> tuple[ProcessSpec, ...]:
         if self.processes is not None:
             return self.processes
-        return default_processes(self.agents, self.data_dir.resolve())
+        return default_processes(self.agents, self.data_dir.resolve(), self.inherited_env())
+
+    def inherited_env(self) -> dict[str, str]:
+        """Return the environment that every child inherits before its own settings."""
+        return {**os.environ, **self.env}
+
+    def fleet_tasks(self) -> FleetTasks | None:
+        """Return the task user and state folder of the default fleet; None without one."""
+        if self.processes is not None or self.agents <= 0:
+            return None
+        return plan_fleet_tasks(self.data_dir, self.inherited_env())

@@ -21,7 +21,6 @@ import os
 import pwd
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 import time
@@ -31,6 +30,7 @@ from typing import Final
 
 import asyncpg
 
+from acsp.mesh._paths import traversable_by_others
 from acsp.mesh._ports import LOOPBACK, free_port
 from acsp.mesh._process import ChildProcess
 from acsp.mesh.passwords import Password
@@ -86,14 +86,6 @@ def _ensure_system_user() -> pwd.struct_passwd:
     return pwd.getpwnam(SYSTEM_USER)
 
 
-def _traversable_by_others(path: Path) -> bool:
-    """Return True if a user other than the owner can reach ``path`` through its parents."""
-    for parent in [path, *path.parents]:
-        if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
-            return False
-    return True
-
-
 def cluster_dir_for(data_dir: Path) -> Path:
     """Return where the cluster of the mesh in ``data_dir`` lives.
 
@@ -103,7 +95,7 @@ def cluster_dir_for(data_dir: Path) -> Path:
     directories.
     """
     data_dir = data_dir.resolve()
-    if os.geteuid() != 0 or _traversable_by_others(data_dir):
+    if os.geteuid() != 0 or traversable_by_others(data_dir):
         return data_dir / "postgres"
     digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"acsp-postgres-{digest}"
