@@ -26,6 +26,7 @@ from acsp.mesh.fleet_tasks import (
     plan_fleet_tasks,
     prepare_fleet_tasks,
 )
+from acsp.mesh.postgres import cluster_dir_for
 from acsp.v1 import common_pb2, grant_pb2, scheduler_pb2
 from tests.conftest import RunningMesh, make_mesh_dir
 
@@ -177,10 +178,11 @@ def private_data_dir() -> Iterator[Path]:
     parent = Path(tempfile.mkdtemp(prefix="acsp-private-"))
     parent.chmod(0o700)
     data_dir = parent / "mesh"
-    state_dir = plan_fleet_tasks(data_dir, os.environ).state_dir
+    # As root both of these move out of the unreachable data directory.
+    moved = [plan_fleet_tasks(data_dir, os.environ).state_dir, cluster_dir_for(data_dir)]
     yield data_dir
-    shutil.rmtree(parent, ignore_errors=True)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    for folder in [parent, *moved]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @needs_root
