@@ -65,21 +65,25 @@ async def project_role(conn: asyncpg.Connection, project_id: str, subject: str) 
 
 
 async def drawing_sub_projects(
-    conn: asyncpg.Connection, project_id: str, subject: str
+    conn: asyncpg.Connection, project_id: str, grant_id: str, subject: str
 ) -> frozenset[str]:
-    """Return the sub-projects of ``project_id`` whose jobs ``subject`` may submit.
+    """Return the sub-projects that hold sub-allocations of ``grant_id``, a grant of
+    ``project_id``, and whose jobs ``subject`` may submit.
 
     A sub-project is another project led by the same PI. Its members and PI, but not its
     viewers, may draw on the sub-allocations it holds of ``project_id``'s grants, so they may
-    also read those sub-allocations.
+    also read those sub-allocations. A sub-project that holds none of ``grant_id`` is left
+    out, so that the grant reads to its members as not found.
     """
     rows = await conn.fetch(
         "SELECT sub.id FROM projects own "
         "JOIN projects sub ON sub.pi = own.pi AND sub.id <> own.id "
         "JOIN project_members m ON m.project_id = sub.id "
-        "WHERE own.id = $1 AND m.member = $2 AND m.role <> 'viewer'",
+        "WHERE own.id = $1 AND m.member = $2 AND m.role <> 'viewer' "
+        "AND EXISTS (SELECT 1 FROM allocations a WHERE a.grant_id = $3 AND a.holder = sub.id)",
         project_id,
         subject,
+        grant_id,
     )
     return frozenset(row["id"] for row in rows)
 

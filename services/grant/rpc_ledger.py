@@ -83,7 +83,7 @@ async def _grant_for_allocations(
         await access.require_project_visible(conn, project_id)
     except NotFound:
         subject = current_principal().subject
-        holders = await access.drawing_sub_projects(conn, project_id, subject)
+        holders = await access.drawing_sub_projects(conn, project_id, grant_id, subject)
         if not holders:
             raise NotFound("grant", grant_id) from None
         return view, holders

@@ -189,3 +189,20 @@ async def test_holder_named_like_project_hidden(grant_service: RunningGrant) -> 
     request = balance_request(grant_id, allocation.sub_allocation_id)
     await hidden_grant(eve.GetBalance(request), grant_id)
     await hidden_grant(eve.ListSubAllocations(list_request(grant_id)), grant_id)
+
+
+@pytest.mark.timeout(120)
+async def test_grant_without_its_allocation_hidden(
+    grant_service: RunningGrant, delegated: Delegated
+) -> None:
+    """Another grant of the parent project, of which the sub-project holds nothing, is hidden."""
+    other_grant = await standard_grant(grant_service, "50")
+    alice = grant_service.stub("alice", ["pi"], "uni-a")
+    await alice.CreateSubAllocation(delegate(other_grant, "bob"))
+    sam = grant_service.stub("sam", ["researcher"], "uni-a")
+    await hidden_grant(sam.ListSubAllocations(list_request(other_grant)), other_grant)
+    await hidden_grant(sam.GetBalance(balance_request(other_grant)), other_grant)
+    listed = await sam.ListSubAllocations(list_request(delegated.grant_id))
+    assert [s.sub_allocation_id for s in listed.sub_allocations] == [
+        delegated.sub_project_allocation
+    ]
