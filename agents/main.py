@@ -255,7 +255,8 @@ def build_process(
 
 
 def _task_cgroups(settings: AgentSettings) -> TaskCgroups | None:
-    """Check the folder of ``ACSP_AGENT_TASK_CGROUP`` and make the launcher's cgroup in it.
+    """Check and lock the folder of ``ACSP_AGENT_TASK_CGROUP``, and make the launcher's cgroup
+    in it.
 
     Raises :class:`SettingsError` naming the reason and the fix.
     """
@@ -265,6 +266,7 @@ def _task_cgroups(settings: AgentSettings) -> TaskCgroups | None:
     cgroups = TaskCgroups(root)
     try:
         check_task_cgroup(root)
+        cgroups.lock()
         cgroups.make_launcher_home()
     except TaskCgroupError as error:
         raise SettingsError(TASK_CGROUP_ENV, error.reason, error.fix) from None

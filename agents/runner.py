@@ -290,7 +290,7 @@ class TaskRunner:
             self._state.remove_intent(self._node_key, spec.task_id)
             self._reject(spec, problem)
             return
-        if spec.task_id in self._emptying_cgroups:
+        if spec.task_id in self._emptying_cgroups or self._stale_cgroup_left(spec.task_id):
             self._state.remove_intent(self._node_key, spec.task_id)
             reason = "the cgroup of an earlier start of the task still has processes"
             self._reject(spec, reason, node_busy=True)
@@ -617,6 +617,22 @@ class TaskRunner:
         records = [*self._records(), *self._state.node(self._node_key).tasks.values()]
         recorders = {_recorder(record) for record in records}
         return {recorder for recorder in recorders if recorder is not None}
+
+    def _stale_cgroup_left(self, task_id: str) -> bool:
+        """Return whether ``task_id``'s cgroup is one that :func:`remove_stale_cgroups` found
+        with no task and that is not removed yet.
+
+        Its removal ends once the cgroup is gone, so a name whose cgroup is gone is forgotten.
+        """
+        if self._cgroups is None or not self._cgroups.stale_names:
+            return False
+        cgroup = self._cgroups.path(task_id)
+        if cgroup.name not in self._cgroups.stale_names:
+            return False
+        if cgroup.is_dir():
+            return True
+        self._cgroups.stale_names.discard(cgroup.name)
+        return False
 
     def _remove_stale_cgroup(self, cgroup: Path, spared: tuple[LauncherIdentity, ...]) -> None:
         """Kill and remove a task cgroup that belongs to no task of the agent, in the background."""
@@ -1373,6 +1389,10 @@ def remove_stale_cgroups(runners: Sequence[TaskRunner]) -> int:
         assert owner._cgroups is not None
         stale = owner._cgroups.stale(tracked)
         spared = tuple(launchers)
+        # So that the runner of every node rejects a start of a task whose cgroup is one of these.
+        for runner in owners:
+            assert runner._cgroups is not None
+            runner._cgroups.stale_names.update(cgroup.name for cgroup in stale)
         for cgroup in stale:
             owner._remove_stale_cgroup(cgroup, spared)
         found += len(stale)

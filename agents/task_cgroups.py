@@ -22,7 +22,8 @@ backoff that grows to 5 minutes (:func:`remove_until_gone`). The name depends on
 alone, so a restarted agent finds the cgroups of the tasks it adopts. At start the agent also
 kills and removes, with the same retries, each task cgroup that belongs to no task it tracks,
 such as one still populated when the previous agent stopped (:meth:`TaskCgroups.stale`). So
-the folder must be the agent's alone, because two agents that share it kill each other's tasks.
+the folder must be the agent's alone, because two agents that share it kill each other's tasks:
+an agent locks it at start (:meth:`TaskCgroups.lock`), and a second agent on it fails to start.
 
 A launcher that stops replying between its two moves stays in the task's cgroup until it
 resumes. The kills of a failed start spare it, because it still records the exit status of
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -222,6 +224,49 @@ class TaskCgroups:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.stale_names: set[str] = set()
+        """Names of the cgroups of no task that the agent kills and removes, and may still be
+        retrying. A task whose cgroup has such a name must not start while it exists, because
+        a retry would kill the task too."""
+        self._lock_descriptor = -1
+
+    def lock(self) -> None:
+        """Lock the folder for this process, so that no other agent uses it meanwhile.
+
+        Takes an exclusive ``flock`` on the folder without waiting, which the kernel releases
+        when the process ends, and raises :class:`TaskCgroupError` when another process holds
+        it. The descriptor is close-on-exec, so the task launcher does not keep the lock.
+        """
+        if self._lock_descriptor >= 0:
+            return
+        try:
+            descriptor = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as error:
+            raise TaskCgroupError(
+                f"{self.root} cannot be opened to lock it: {error.strerror or error}",
+                "give the agent's user read access to the folder",
+            ) from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(descriptor)
+            if not isinstance(error, BlockingIOError):
+                raise TaskCgroupError(
+                    f"{self.root} cannot be locked: {error.strerror or error}",
+                    "point the setting to a folder under the cgroup v2 mount",
+                ) from None
+            raise TaskCgroupError(
+                f"another agent uses the task cgroups in {self.root}, and each agent kills the "
+                "task cgroups there that belong to none of its own tasks",
+                "stop that agent first, or give each agent a cgroup folder of its own",
+            ) from None
+        self._lock_descriptor = descriptor
+
+    def unlock(self) -> None:
+        """Release the lock that :meth:`lock` took. A second call does nothing."""
+        descriptor, self._lock_descriptor = self._lock_descriptor, -1
+        if descriptor >= 0:
+            os.close(descriptor)
 
     @property
     def launcher_home(self) -> Path:

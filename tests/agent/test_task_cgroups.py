@@ -44,6 +44,7 @@ from agents.task_cgroups import (
     cgroup_name,
     check_task_cgroup,
     is_populated,
+    member_pids,
     parse_task_cgroup,
 )
 from agents.task_process import TaskLauncher, process_start_ticks
@@ -965,3 +966,68 @@ async def test_agent_start_keeps_other_nodes_cgroups(
             with contextlib.suppress(ProcessLookupError):
                 sleeper.kill()
             await sleeper.wait()
+
+
+@pytest.mark.timeout(60)
+async def test_start_rejected_while_stale_cgroup_removed(
+    tmp_path: Path,
+    cgroup_root: Path,
+    launchers: list[TaskLauncher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The previous agent stopped while it retried the cgroup of a start that failed before the
+    # task's log was opened, and a process stuck in the kernel keeps that cgroup. The state
+    # file no longer lists the task, and its redelivered start comes while the restarted agent
+    # retries the removal, which would kill the task too.
+    real_kill_members = task_cgroups.kill_members
+    stuck = [True]
+
+    def kill_unless_stuck(cgroup: Path) -> bool:
+        return cgroup.is_dir() if stuck[0] else real_kill_members(cgroup)
+
+    monkeypatch.setattr(task_cgroups, "kill_members", kill_unless_stuck)
+    monkeypatch.setattr(task_cgroups, "_EMPTY_WAIT_S", 0.2)
+    cgroup = TaskCgroups(cgroup_root).create("j/1/0")
+    left = await _sleeper_in(cgroup)
+    recorder = Recorder()
+    runner = contained_runner(
+        tmp_path, recorder, cgroup_root, launchers, cleanup_backoff=FAST_RETRIES
+    )
+    try:
+        async with asyncio.timeout(30):
+            async with asyncio.TaskGroup() as group:
+                runner.attach(group)
+                runner.recover()
+                found = remove_stale_cgroups([runner])
+                await runner.start(_spec("j/1/0", "import time; time.sleep(60)"))
+                await wait_for(lambda: bool(recorder.states("j/1/0")))
+                members_while_stuck = member_pids(cgroup)
+                stuck[0] = False
+                await wait_for(lambda: not cgroup.exists())
+                running = list(runner.running)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            left.kill()
+        await left.wait()
+    assert found == 1
+    assert members_while_stuck == [left.pid]
+    assert recorder.states("j/1/0") == [TaskState.START_FAILED]
+    assert recorder.last("j/1/0").node_busy
+    assert running == []
+
+
+def test_agent_start_rejects_locked_cgroup(cgroup_root: Path) -> None:
+    settings = AgentSettings.from_env({TASK_CGROUP_ENV: str(cgroup_root)})
+    first = agent_main._task_cgroups(settings)
+    assert first is not None
+    try:
+        with pytest.raises(SettingsError) as raised:
+            agent_main._task_cgroups(settings)
+        first.unlock()
+        second = agent_main._task_cgroups(settings)
+    finally:
+        first.unlock()
+    assert second is not None
+    second.unlock()
+    assert raised.value.variable == TASK_CGROUP_ENV
+    assert f"another agent uses the task cgroups in {cgroup_root}" in str(raised.value)
