@@ -130,7 +130,7 @@ class MeshConfig:
         return {**os.environ, **self.env}
 
     def fleet_tasks(self) -> FleetTasks | None:
-        """Return the task user and state folder of the default fleet; None without one."""
+        """Return the task user and state folder of the default fleet, or None without one."""
         if self.processes is not None or self.agents <= 0:
             return None
         return plan_fleet_tasks(self.data_dir, self.inherited_env())

@@ -20,10 +20,12 @@ warning that names what they can read.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import pwd
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -42,8 +44,8 @@ TASK_USER: Final = "acsp_mesh_task"
 TASK_USER_ENV: Final = "ACSP_AGENT_TASK_USER"
 TASK_USERS_ENV: Final = "ACSP_AGENT_TASK_USERS"
 STATE_DIR_MODE: Final = 0o711
-"""Mode of the fleet's state folder when tasks run as another user: they pass through it to
-their task folder, but can neither list it nor write there."""
+"""Mode of the fleet's state folder when tasks run as another user, so that they pass through
+it to their task folder but can neither list it nor write there."""
 USERADD_TIMEOUT_S: Final = 30.0
 
 
@@ -59,6 +61,12 @@ class FleetTasks:
     separate_user: bool
     """True when the tasks run as a user other than the mesh's, chosen by the mesh or set in
     the environment."""
+    other_state_dir: Path | None = None
+    """The state folder that the other placement picks, where an earlier mesh of this data
+    directory may have left the fleet's state: ``data_dir/agents`` when ``state_dir`` is in the
+    temporary folder, and the reverse. A mesh that ran tasks as its own user, such as an
+    earlier version run by root, kept it in ``data_dir/agents``. None when the tasks run as the
+    mesh's user."""
 
 
 def plan_fleet_tasks(data_dir: Path, environ: Mapping[str, str]) -> FleetTasks:
@@ -71,11 +79,14 @@ def plan_fleet_tasks(data_dir: Path, environ: Mapping[str, str]) -> FleetTasks:
     configured = any(environ.get(name, "").strip() for name in (TASK_USER_ENV, TASK_USERS_ENV))
     env = {TASK_USER_ENV: TASK_USER} if os.geteuid() == 0 and not configured else {}
     separate_user = configured or bool(env)
-    state_dir = data_dir / "agents"
-    if separate_user and not traversable_by_others(data_dir):
-        digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
-        state_dir = Path(tempfile.gettempdir()) / f"acsp-agents-{digest}"
-    return FleetTasks(state_dir, env, separate_user)
+    in_data_dir = data_dir / "agents"
+    if not separate_user:
+        return FleetTasks(in_data_dir, env, separate_user)
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+    in_temp_dir = Path(tempfile.gettempdir()) / f"acsp-agents-{digest}"
+    if traversable_by_others(data_dir):
+        return FleetTasks(in_data_dir, env, separate_user, other_state_dir=in_temp_dir)
+    return FleetTasks(in_temp_dir, env, separate_user, other_state_dir=in_data_dir)
 
 
 def prepare_fleet_tasks(plan: FleetTasks) -> None:
@@ -96,6 +107,8 @@ def prepare_fleet_tasks(plan: FleetTasks) -> None:
         return
     if plan.env.get(TASK_USER_ENV) == TASK_USER:
         _ensure_task_user()
+    if plan.other_state_dir is not None:
+        _move_other_state(plan.other_state_dir, plan.state_dir)
     _make_state_dir(plan.state_dir)
     user = plan.env.get(TASK_USER_ENV, f"the user that {TASK_USER_ENV} or {TASK_USERS_ENV} sets")
     logger.info("the fleet runs its tasks as %s, in %s", user, plan.state_dir / "tasks")
@@ -139,6 +152,85 @@ def _ensure_task_user() -> None:
         f"Create it yourself (useradd --system --user-group {TASK_USER}), or set "
         f"{TASK_USER_ENV} to an unprivileged user that exists"
     )
+
+
+def _move_other_state(other: Path, state_dir: Path) -> None:
+    """Move the fleet's state from ``other`` to ``state_dir``, unless ``state_dir`` exists.
+
+    The spool in it may contain usage samples that were never sent, and its state file the
+    tasks that the fleet plays and resumes, so it must not be left behind when the state
+    folder moves. A folder of another user, or a symbolic link, is left alone, because that
+    user could have put usage samples there. Raises MeshStartError when an agent still runs
+    in ``other`` or the move fails.
+    """
+    # Imported here, because only a mesh that switches its state folder needs the agent's lock.
+    from agents.state_lock import StateFolderLock
+    from services.runtime.errors import StartupError
+
+    try:
+        status = other.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid():
+        logger.warning(
+            "%s is not a folder of uid %d, so the fleet does not take its state from there",
+            other,
+            os.geteuid(),
+        )
+        return
+    if os.path.lexists(state_dir):
+        logger.warning(
+            "the fleet keeps its state in %s, and leaves the state that an earlier mesh kept "
+            "in %s, whose usage samples it does not send; move what you need, then remove it",
+            state_dir,
+            other,
+        )
+        return
+    try:
+        lock = StateFolderLock.acquire(
+            other, label="acsp up, moving the folder", fix="stop that agent, then start the mesh"
+        )
+    except StartupError as exc:
+        raise MeshStartError(
+            f"cannot move the fleet's state from {other} to {state_dir}: {exc}"
+        ) from None
+    try:
+        _move_folder(other, state_dir)
+    except OSError as exc:
+        raise MeshStartError(
+            f"cannot move the fleet's state from {other} to {state_dir}, where its tasks' "
+            f"user can reach it: {exc}. Move the folder yourself, and start the mesh again"
+        ) from None
+    finally:
+        lock.release()
+    logger.info("moved the fleet's state from %s to %s", other, state_dir)
+
+
+def _move_folder(source: Path, target: Path) -> None:
+    """Move the folder ``source`` to ``target``, which does not exist, whole or not at all.
+
+    A move to another file system copies into a new folder beside ``target`` first, so that a
+    failed copy leaves no ``target`` that holds only part of the state.
+    """
+    try:
+        source.rename(target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        shutil.copytree(source, partial, symlinks=True, dirs_exist_ok=True)
+        partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    try:
+        shutil.rmtree(source)
+    except OSError as exc:
+        logger.warning(
+            "copied the fleet's state to %s, but cannot remove %s: %s", target, source, exc
+        )
 
 
 def _make_state_dir(state_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ from acsp.mesh.fleet_tasks import (
 )
 from acsp.mesh.postgres import cluster_dir_for
 from acsp.v1 import common_pb2, grant_pb2, scheduler_pb2
+from agents.state_lock import StateFolderLock
 from tests.conftest import RunningMesh, make_mesh_dir
 
 pytestmark = pytest.mark.timeout(240)
@@ -253,3 +255,80 @@ def test_state_dir_gets_mode_0711(tmp_path: Path):
     prepare_fleet_tasks(FleetTasks(state_dir, {}, separate_user=True))
 
     assert state_dir.stat().st_mode & 0o777 == 0o711
+
+
+def _earlier_fleet_state(data_dir: Path) -> Path:
+    """Write a state file and a spool segment where a mesh that ran tasks as itself kept them."""
+    earlier = data_dir / "agents"
+    (earlier / "spool").mkdir(parents=True)
+    (earlier / "state.json").write_text('{"nodes": {}}')
+    (earlier / "spool" / "segment-1").write_bytes(b"unsent usage")
+    return earlier
+
+
+def test_earlier_state_moves_to_reachable_folder(private_data_dir: Path):
+    plan = plan_fleet_tasks(private_data_dir, {TASK_USER_ENV: "someone"})
+    earlier = _earlier_fleet_state(private_data_dir)
+    try:
+        prepare_fleet_tasks(plan)
+
+        assert plan.state_dir != earlier
+        assert not earlier.exists()
+        assert (plan.state_dir / "state.json").read_text() == '{"nodes": {}}'
+        assert (plan.state_dir / "spool" / "segment-1").read_bytes() == b"unsent usage"
+        assert plan.state_dir.stat().st_mode & 0o777 == 0o711
+    finally:
+        shutil.rmtree(plan.state_dir, ignore_errors=True)
+
+
+def test_earlier_state_of_running_agent_stays(private_data_dir: Path):
+    plan = plan_fleet_tasks(private_data_dir, {TASK_USER_ENV: "someone"})
+    earlier = _earlier_fleet_state(private_data_dir)
+    lock = StateFolderLock.acquire(earlier)
+    try:
+        with pytest.raises(MeshStartError, match=f"state folder {earlier}"):
+            prepare_fleet_tasks(plan)
+    finally:
+        lock.release()
+        shutil.rmtree(plan.state_dir, ignore_errors=True)
+
+    assert (earlier / "state.json").exists()
+    assert not plan.state_dir.exists()
+
+
+def test_earlier_state_kept_beside_newer(private_data_dir: Path, caplog: pytest.LogCaptureFixture):
+    plan = plan_fleet_tasks(private_data_dir, {TASK_USER_ENV: "someone"})
+    earlier = _earlier_fleet_state(private_data_dir)
+    plan.state_dir.mkdir(mode=0o711)
+    caplog.set_level(logging.WARNING, logger="acsp.mesh")
+    try:
+        prepare_fleet_tasks(plan)
+    finally:
+        shutil.rmtree(plan.state_dir, ignore_errors=True)
+
+    assert (earlier / "state.json").exists()
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(str(earlier) in message for message in messages), messages
+
+
+def test_earlier_state_copied_across_file_systems(
+    private_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    plan = plan_fleet_tasks(private_data_dir, {TASK_USER_ENV: "someone"})
+    earlier = _earlier_fleet_state(private_data_dir)
+    real_rename = Path.rename
+
+    def rename_within_file_system(source: Path, target: Path) -> Path:
+        if source == earlier:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return real_rename(source, target)
+
+    monkeypatch.setattr(Path, "rename", rename_within_file_system)
+    try:
+        prepare_fleet_tasks(plan)
+
+        assert not earlier.exists()
+        assert (plan.state_dir / "spool" / "segment-1").read_bytes() == b"unsent usage"
+        assert [path.name for path in plan.state_dir.parent.glob(f".{plan.state_dir.name}-*")] == []
+    finally:
+        shutil.rmtree(plan.state_dir, ignore_errors=True)
