@@ -9,6 +9,7 @@ connection and the timers; the simulated fleet runs thousands of these in one pr
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -362,7 +363,7 @@ class NodeAgent:
                 files = self._checkpoints.environment(
                     spec.task_id, spec.checkpoint_reference, spec.job_id
                 )
-                rendezvous = self._rendezvous_env(spec, command)
+                rendezvous = await self._rendezvous_env(spec, command)
                 spec = replace(spec, env=spec.env + files + rendezvous)
             await self.runner.start(spec)
         elif command.kind == "stop":
@@ -373,15 +374,18 @@ class NodeAgent:
             self.runner.report_running()
             self.publish_inventory()
 
-    def _rendezvous_env(self, spec: TaskSpec, command: wire.Command) -> tuple[tuple[str, str], ...]:
+    async def _rendezvous_env(
+        self, spec: TaskSpec, command: wire.Command
+    ) -> tuple[tuple[str, str], ...]:
         """Write the task's hosts file and return its rendezvous variables.
 
         The start ``command``'s placement version and time order the hosts that later
         commands send. A hosts file that cannot be written leaves ``ACSP_TASK_HOSTS_FILE``
         naming no file, with a warning, while the other variables still let the task start.
         The file of a task that runs a process is synced to disk before the task starts, as a
-        rewrite is. A played task's file is not, because no process reads it, and a played
-        start saves its task record without an fsync too.
+        rewrite is, in a worker thread, so that the fsyncs delay neither the other commands nor
+        the heartbeats. A played task's file is not, because no process reads it, and a
+        played start saves its task record without an fsync too.
         """
         assert self.runner is not None
         index = task_index_of(spec.task_id)
@@ -391,14 +395,17 @@ class NodeAgent:
         # A redelivered start of a task that ended here would leave a file that no end deletes.
         if not self.runner.knows(spec.task_id):
             try:
-                hosts = placement.task_hosts(self._host)
-                self._host_files.write(
+                write = functools.partial(
+                    self._host_files.write,
                     spec.task_id,
-                    hosts,
+                    placement.task_hosts(self._host),
                     command.issued_at_ns,
                     command.placement_version,
-                    sync=not self.runner.plays(spec),
                 )
+                if self.runner.plays(spec):
+                    write()
+                else:
+                    await asyncio.to_thread(write, sync=True)
             except OSError as error:
                 logger.warning("hosts file of task %s was not written: %s", spec.task_id, error)
         return task_environment(task_index, placement, self._host, spec.rendezvous_port, path)

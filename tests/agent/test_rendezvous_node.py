@@ -175,6 +175,51 @@ async def test_start_syncs_hosts_file(tmp_path: Path, monkeypatch: pytest.Monkey
     assert started.index(str(folder / "job-1_1_2.hosts.tmp")) < started.index(str(folder))
 
 
+async def test_hosts_sync_leaves_loop_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The disk takes 0.2 s for each fsync of the hosts folder's files, as a loaded one may. The
+    # agent's other work (heartbeats, the other nodes' commands) must not wait for them.
+    node, outbox, spool = make(tmp_path)
+    folder = str(tmp_path / "hosts")
+    real_fsync = os.fsync
+
+    def slow_fsync(descriptor: int) -> None:
+        if os.readlink(f"/proc/self/fd/{descriptor}").startswith(folder):
+            time.sleep(0.2)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        uuid = node.backend.discover().accelerators[0].uuid
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0.05)
+        await node.handle(start_command(uuid, tmp_path / "unused", SLEEPER))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STARTED), "the task to start"
+        )
+        # Long enough for the ticker to record the gap that a blocked loop left.
+        await asyncio.sleep(0.05)
+        ticker.cancel()
+        written = (tmp_path / "hosts" / "job-1_1_2.hosts").read_text()
+        await node.handle(stop_command(TASK))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STOPPED), "the task to stop"
+        )
+
+    assert written == "h-b\nh-a\nh-a\n"
+    assert max(gaps) < 0.2, gaps
+
+
 async def test_played_start_skips_hosts_sync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
