@@ -523,8 +523,8 @@ PLEDGE_COPY_SOURCES = {
     metering_pb2.PLEDGE_COPY_SOURCE_FRESH: "fresh",
     metering_pb2.PLEDGE_COPY_SOURCE_STORED: "stored",
 }
-"""The words that the settlement CSV uses for each source of the pledge copy. A server that
-does not report the source leaves it unset, which JSON output writes as null."""
+"""The word for each source of the pledge copy in JSON output, as the settlement CSV writes it.
+A server that does not report the source leaves it unset, which JSON output writes as null."""
 
 
 def _print_settlement_json(

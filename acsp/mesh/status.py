@@ -85,7 +85,7 @@ class MeshStatus:
         self._running_pids = running_pids
         """Callable that maps the name of each child that runs to its pid."""
         self.info: MeshInfo | None = None
-        """Contents of the mesh file; None until :meth:`publish`."""
+        """Contents of the mesh file, or None until :meth:`publish`."""
         self._exits: dict[str, str] = {}
         """The reason each child that exited on its own is not running yet, by child name."""
 

@@ -61,7 +61,7 @@ class ChildWatch:
         self._credentials = credentials
         """Callable that returns the credentials of the health checks of a restarted service."""
         self.failure: asyncio.Future[ChildExit] | None = None
-        """Future of the exit of the child that exited too often; created by :meth:`begin`."""
+        """Future of the exit of the child that exited too often, created by :meth:`begin`."""
         self.stopping = False
         """Flag set once the mesh stops, after which no child is started again."""
         self._restarting: set[str] = set()

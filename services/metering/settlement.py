@@ -69,8 +69,8 @@ class Settlement:
     pledges_copied_at: datetime | None = None
     """When metering last copied the provider's pledges from the scheduler; None if never."""
     pledges_copy_source: PledgeCopySource = "stored"
-    """Whether the copy at ``pledges_copied_at`` was made for this settlement. Only the service,
-    which makes that copy before it builds the settlement, sets "fresh"."""
+    """Source of the copy at ``pledges_copied_at``: "fresh" for one made for this settlement.
+    Only the service, which makes that copy before it builds the settlement, sets "fresh"."""
 
 
 # The pledges and recalls are metering's copy. The service copies the provider's pledges again

@@ -413,7 +413,7 @@ async def test_settlement_without_scheduler_copy_time(
 
 
 class ListingScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
-    """Lists one pledge of prov-p, counted as the scheduler's leader counts it."""
+    """A scheduler that lists one pledge of prov-p, with counts, as its leader lists them."""
 
     async def ListPledges(
         self, request: scheduler_pb2.ListPledgesRequest, context: grpc.aio.ServicerContext
