@@ -429,14 +429,17 @@ class JobBook:
         """Store that ``preemptor_id`` now waits for the stopping job ``job_id``, so that a new
         leader makes it wait for the stop again.
 
-        The job keeps the stop it has, whether a cancel or an earlier preemption began it.
+        The job keeps the stop it has, whether a cancel or an earlier preemption began it. The
+        turn writes the job's row once with one cause, so a change made earlier in the turn,
+        e.g. the cancel, keeps its cause.
         """
         job = self.jobs.get(job_id)
         if job is None or job.state != "stopping" or job.preemptor_id == preemptor_id:
             return
         claimed = evolve(job, preemptor_id=preemptor_id)
         self.jobs[job_id] = claimed
-        fx.change(claimed, "engine:claim")
+        earlier = fx.changed.get(job_id)
+        fx.change(claimed, "engine:claim" if earlier is None else earlier[1])
 
     def _waiting_job(self, job_id: str) -> Job | None:
         """Return the pending job ``job_id`` if the engine's reason applies to it, else None."""

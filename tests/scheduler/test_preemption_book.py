@@ -162,3 +162,25 @@ def test_stop_deadline_follows_stops() -> None:
     assert book.jobs[cancelled].stop_deadline == NOW + 2 + jobs[cancelled].spec.grace_s
     assert book.jobs[first].state == "pending"
     assert book.jobs[first].stop_deadline is None
+
+
+def test_claim_keeps_cancel_cause() -> None:
+    book, _ = full_book()
+    gang = make_job("interactive", tasks=2, submitted_at=NOW + 1)
+    book.add([gang], NOW + 1)
+    victim, other = preempted_jobs(run_pass(book, NOW + 1))
+    book.cancel(gang.job_id, "cancelled by owner", "rpc:CancelJob:req-1", Effects(NOW + 2))
+    successor = make_job("interactive", tasks=2, submitted_at=NOW + 2)
+    book.add([successor], NOW + 2)
+
+    # The victim's owner cancels it in the turn whose pass lets the successor claim it. The
+    # turn writes the victim once, with the cause of the cancel.
+    fx = Effects(NOW + 3)
+    book.cancel(victim, "cancelled by owner", "rpc:CancelJob:req-2", fx)
+    book.apply_pass(book.engine.schedule(NOW + 3), fx)
+
+    assert fx.changed[victim][0].preemptor_id == successor.job_id
+    assert fx.changed[victim][0].stop_outcome == "cancelled"
+    assert fx.changed[victim][1] == "rpc:CancelJob:req-2"
+    assert fx.changed[other][0].preemptor_id == successor.job_id
+    assert fx.changed[other][1] == "engine:claim"
