@@ -73,7 +73,8 @@ class NodeDeleteRequested:
     deleted_by: str
     """The subject of the caller."""
     reply: asyncio.Future[DeleteOutcome]
-    """Resolved after the turn's commit, which stores the deletion."""
+    """Resolved after the commit of the turn after the one that takes the request, because
+    that turn applies it and stores the deletion."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,6 +152,9 @@ class SchedulingLoop:
         """Commands NATS rejected for good, with the reason, to fail in the next turn."""
         self._drains: dict[str, DrainChange] = {}
         """Drains started or ended this turn by node key, written with the turn's commit."""
+        self._delete_requests: list[NodeDeleteRequested] = []
+        """Delete requests that the next turn applies first, against the state that this
+        turn's commit stores."""
         self._deletions: list[NodeDeletion] = []
         """Nodes deleted this turn, written first in the turn's commit."""
         self._last_pass = 0.0
@@ -183,7 +186,9 @@ class SchedulingLoop:
     async def _next_batch(self) -> list[Input]:
         batch: list[Input] = []
         wait_s = self.settings.tick_s
-        if self._pass_due:
+        if self._delete_requests:
+            wait_s = 0.0
+        elif self._pass_due:
             wait_s = max(0.0, self._last_pass + self._pass_gap - time.time())
         try:
             first = await asyncio.wait_for(self.inbox.get(), timeout=wait_s)
@@ -203,6 +208,7 @@ class SchedulingLoop:
         acks: list[Ack] = []
         replies: list[tuple[asyncio.Future[object], object]] = []
         inventories: list[InventoryReceived] = []
+        self._apply_deletions(fx, replies)
         self.book.settle_reloaded(fx)
         for record, reason in self._unpublishable:
             self.book.fail_unpublishable(record, reason, fx)
@@ -378,25 +384,34 @@ class SchedulingLoop:
                         fx.nodes_down[key] = reason
                         node_view = down.node
                 replies.append((reply, node_view))  # type: ignore[arg-type]
-            case NodeDeleteRequested(key, reason, request_id, deleted_by, reply):
-                deleted = delete_node(self.fleet, self.book, key, reason, request_id, deleted_by)
-                if deleted.deletion is not None:
-                    self._drop_node_writes(key, fx, inventories)
-                    self._deletions.append(deleted.deletion)
-                replies.append((reply, deleted))  # type: ignore[arg-type]
+            case NodeDeleteRequested():
+                self._delete_requests.append(item)
 
-    def _drop_node_writes(
-        self, key: str, fx: Effects, inventories: list[InventoryReceived]
+    def _apply_deletions(
+        self, fx: Effects, replies: list[tuple[asyncio.Future[object], object]]
     ) -> None:
-        """Drop the writes that this turn queued for node ``key`` before it was deleted.
+        """Apply the delete requests of the last turn, before anything else in this one.
 
-        The deletion is written before the turn's other node writes, so an inventory that
-        reaches the node later in the turn adds it again.
+        The last turn's commit stored every change it made, so a node is deleted only when
+        the stored jobs and task copies leave nothing on it too. Deciding within the turn that
+        confirmed its last stop would write the deletion before that stop, and a crash between
+        the two writes would leave a stored job with a live task on a node that is gone. The
+        deletion is written before this turn's other node writes, so an inventory that reaches
+        the node later in the turn adds it again.
         """
-        inventories[:] = [item for item in inventories if item.node.key != key]
-        fx.accelerators[:] = [change for change in fx.accelerators if change.node_key != key]
-        fx.nodes_down.pop(key, None)
-        self._drains.pop(key, None)
+        requests, self._delete_requests = self._delete_requests, []
+        for request in requests:
+            deleted = delete_node(
+                self.fleet,
+                self.book,
+                request.node_key,
+                request.reason,
+                request.request_id,
+                request.deleted_by,
+            )
+            if deleted.deletion is not None:
+                self._deletions.append(deleted.deletion)
+            replies.append((request.reply, deleted))  # type: ignore[arg-type]
 
     def _apply_heartbeat(self, item: HeartbeatReceived, fx: Effects) -> None:
         key = item.node_key
