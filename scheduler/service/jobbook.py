@@ -282,6 +282,11 @@ class JobBook:
         new leader loaded the node as down."""
         self._down_reloaded.append(node_key)
 
+    def nodes_with_new_copies(self) -> set[str]:
+        """Return the nodes where task copies began to wait for a confirmed stop since the
+        last :meth:`take_orphan_writes`."""
+        return {key for (key, _), orphan in self._orphan_writes.items() if orphan is not None}
+
     def take_orphan_writes(self) -> tuple[list[Orphan], list[tuple[str, str]]]:
         """Return and forget the orphans added and confirmed since the last call."""
         added = [o for o in self._orphan_writes.values() if o is not None]

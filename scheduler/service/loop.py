@@ -228,6 +228,7 @@ class SchedulingLoop:
         since = now - self._last_pass
         if since >= self._pass_gap and (self._pass_due or since >= self.settings.tick_s):
             self._run_pass(now, fx)
+        self._confirm_stops_on_down_nodes(fx)
         self._stamp_changes(fx)
         await self._commit(fx, inventories)
         step = self.settings.holds_per_call
@@ -275,6 +276,19 @@ class SchedulingLoop:
                 delay = min(delay * 2, 5.0)
         found = tuple((job_id, states.get(job_id, NOT_FOUND)) for job_id in job_ids)
         await self.inbox.put(DependencyStates(found))
+
+    def _confirm_stops_on_down_nodes(self, fx: Effects) -> None:
+        """Confirm the stops that this turn sent to nodes marked down.
+
+        The down mark confirmed the copies that waited on the node then. A job that is
+        requeued later, e.g. by the first pass after the mark, leaves a copy there too. No
+        heartbeat will confirm it, so it would keep the node's job listed, and the node from
+        being deleted, for good. The mark covers it, because it declares that nothing runs there.
+        """
+        for key in sorted(self.book.nodes_with_new_copies()):
+            node = self.fleet.get(key)
+            if node is not None and node.status == "down":
+                self.book.node_down(key, fx)
 
     def _stamp_changes(self, fx: Effects) -> None:
         """Record the turn's clock as the update time of every job the turn changed.

@@ -23,6 +23,7 @@ from scheduler.service.inputs import (
     DrainRequested,
     InventoryReceived,
     NodeDeleteRequested,
+    NodeDownRequested,
     TaskReported,
 )
 from scheduler.service.jobbook import Effects, JobBook
@@ -287,3 +288,38 @@ async def test_deletion_written_after_stop() -> None:
     assert reply.done()
     assert reply.result().deletion is not None
     assert loop.fleet.get(NODE) is None
+
+
+async def test_down_mark_before_requeue_frees_node() -> None:
+    # The node is marked down before any pass requeued its job. The requeue then sends a
+    # stop there, which no heartbeat will confirm, and which the down mark covers.
+    loop, stores = loop_with_stores()
+    book = loop.book
+    job = make_job("standard")
+    book.add([job], NOW)
+    book.apply_pass(book.engine.schedule(NOW), Effects(NOW))
+    start(book, job, NOW)
+    down: asyncio.Future[NodeView | None] = asyncio.get_running_loop().create_future()
+    request, reply = delete_request()
+
+    async with asyncio.TaskGroup() as tasks:
+        loop._tasks = tasks
+        # The node's heartbeats are overdue, and no pass is due in this turn.
+        loop._clock = NOW + 100
+        loop._last_pass = NOW + 100
+        await loop._turn([])
+        unknown = loop.fleet.get(NODE)
+        loop._clock = NOW + 101
+        await loop._turn([NodeDownRequested(NODE, "powered off", down)])
+        loop._clock = NOW + 102
+        await loop._turn([request])
+        loop._clock = NOW + 103
+        await loop._turn([])
+
+    assert unknown is not None
+    assert unknown.status == "unknown"
+    assert book.jobs[job.job_id].state == "pending"
+    assert book.jobs_by_node() == {}
+    assert reply.result().jobs == ()
+    assert reply.result().deletion is not None
+    assert ("delete", [NODE]) in stores.writes
