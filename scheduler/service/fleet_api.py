@@ -238,6 +238,12 @@ def _kept_reason(name: str, outcome: DeleteOutcome) -> str:
         listed = ", ".join(outcome.jobs[:5])
         if len(outcome.jobs) > 5:
             listed += f" and {len(outcome.jobs) - 5} more"
+        if status == "down":
+            # The down mark confirmed that nothing runs there, so no stop is awaited.
+            return (
+                f"node {name} is down and jobs {listed} still have tasks placed there, which "
+                "the next scheduling pass requeues, moves or ends. Retry in a few seconds"
+            )
         if status == "up":
             fix = "Drain it, wait until its jobs stop, then delete it"
         elif status == "unknown":

@@ -18,6 +18,7 @@ from scheduler.engine.engine import Engine
 from scheduler.engine.spec import EngineConfig
 from scheduler.service.engine_adapter import AcceleratorHealth, EngineAdapter
 from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
+from scheduler.service.fleet_api import _kept_reason
 from scheduler.service.inputs import (
     AcceleratorHealthReported,
     DrainRequested,
@@ -323,3 +324,14 @@ async def test_down_mark_before_requeue_frees_node() -> None:
     assert reply.result().jobs == ()
     assert reply.result().deletion is not None
     assert ("delete", [NODE]) in stores.writes
+
+
+def test_down_node_reason_names_next_pass() -> None:
+    node = NodeView("prov", "reg", "n1", ACCELERATORS, status="down")
+
+    reason = _kept_reason("prov/reg/n1", DeleteOutcome(node, "down", ("j1",)))
+
+    # A down node confirms no stop, and the down mark already confirmed them.
+    assert reason.startswith("node prov/reg/n1 is down and jobs j1 still have tasks placed")
+    assert "the next scheduling pass" in reason
+    assert "confirms" not in reason
