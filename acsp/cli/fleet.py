@@ -127,7 +127,11 @@ def register(subparsers: Any) -> None:
         ),
     )
     delete.add_argument("node", help="<provider>/<region>/<node>")
-    delete.add_argument("--reason", default="", help="why, e.g. 'retired'; kept with the deletion")
+    delete.add_argument(
+        "--reason",
+        default="",
+        help="why the node is deleted, e.g. 'retired', recorded with the deletion",
+    )
     delete.set_defaults(func=delete_node)
 
     providers = commands.add_parser(
@@ -292,10 +296,12 @@ def delete_node(args: argparse.Namespace) -> int:
         )
     print_records([node_row(result)], NODE_COLUMNS, output_format=args.format, title="deleted")
     if result.state == scheduler_pb2.NODE_STATE_DRAINED:
-        # A drained node still sent heartbeats, so its agent runs.
+        # A drained node shows as unknown once its heartbeats are overdue. Until then its agent
+        # may run, or may have stopped only within the heartbeat timeout.
         sys.stderr.write(
-            f"note: the agent of {args.node} still runs. Stop it, or the node comes back as a "
-            "new node that is up when the agent restarts or reconnects to NATS\n"
+            f"note: the heartbeats of {args.node} were not overdue yet, so its agent may still "
+            "run. If it does, stop it, or the node comes back as a new node that is up when "
+            "the agent restarts or reconnects to NATS\n"
         )
     return EXIT_OK
 

@@ -760,7 +760,8 @@ async def test_delete_command(
     assert row["node"] == "prov/reg/n0"
     assert row["state"] == "drained"
     assert row["accelerators"] == 2
-    assert "note: the agent of prov/reg/n0 still runs" in err
+    assert "note: the heartbeats of prov/reg/n0 were not overdue yet" in err
+    assert "its agent may still run" in err
 
     code, out, err = await run_cli(capsys, "delete", "prov/reg/n1")
     assert code == 0, err
