@@ -224,8 +224,8 @@ async def _earlier_deletion(
     name = f"{node.provider_id}/{node.region_id}/{node.node_id}"
     if key != f"{request.provider_id}.{request.region_id}.{request.node_id}":
         raise FailedPrecondition(
-            f"request_id {quoted(request.request_id)} was already used to delete node {name}; "
-            "repeat that request unchanged to get its result, or use a new request_id",
+            f"request_id {quoted(request.request_id)} was already used to delete node {name}. "
+            "Repeat that request unchanged to get its result, or use a new request_id",
             "request_id",
         )
     return node

@@ -26,7 +26,7 @@ class NodeDeletion:
 
     node_key: str
     request_id: str
-    """The request id of the DeleteNode call; empty for a call that sent none."""
+    """The request id of the DeleteNode call, empty for a call that sent none."""
     reason: str
     deleted_by: str
     """The subject of the caller."""
@@ -51,8 +51,8 @@ class DeleteOutcome:
 def delete_node(
     fleet: FleetView, book: JobBook, key: str, reason: str, request_id: str, deleted_by: str
 ) -> DeleteOutcome:
-    """Delete node ``key`` from ``fleet`` and the engine if an operator drained it or marked it
-    down, and no job may still run a task on it.
+    """Delete node ``key`` from ``fleet`` and the engine if it was drained, by its operator or
+    at its agent's request, or marked down, and no job may still run a task on it.
 
     Jobs count while a task of theirs there is assigned or started, and while a copy there
     waits for its stop to be confirmed. A drained node whose agent stopped, which shows as

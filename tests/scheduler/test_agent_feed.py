@@ -194,7 +194,7 @@ def test_deleted_node_heartbeat_reaches_loop_again() -> None:
 
     feed._heartbeat("p.r.n1", heartbeat_payload(101.0), received_at=101.5)
     fleet.apply_inventory(node, 102.0)
-    # The same task list again: the loop has not seen it since the node returned.
+    # The same task list again, which the loop has not seen since the node returned.
     feed._heartbeat("p.r.n1", heartbeat_payload(102.0), received_at=102.5)
     feed._heartbeat("p.r.n1", heartbeat_payload(103.0), received_at=103.5)
 

@@ -226,7 +226,7 @@ async def test_restart_reads_rows_without_deadline(pool: asyncpg.Pool, database_
     store = JobStore(pool, "s0")
     book, gang, victims = await preempting_book(store, lease.epoch or 0)
     jobs = {job.job_id: job for job in book.jobs.values()}
-    # Rows stored before the deadline was kept: the gang's room is kept from now.
+    # In rows stored before the deadline was kept, the gang's room is kept from now.
     async with pool.acquire() as conn:
         await conn.execute(
             "UPDATE scheduler.jobs SET stop_deadline = NULL WHERE job_id = ANY($1::text[])",
