@@ -39,7 +39,7 @@ from agents.model import (
 from agents.outbox import Outbox
 from agents.rendezvous import HostFiles, Placement, task_environment
 from agents.runner import TaskInterval, TaskRunner
-from agents.state import StateStore
+from agents.state import StateStore, TaskRecord
 from agents.task_cgroups import TaskCgroups
 from agents.task_logs import TASK_LOG_MAX_BYTES
 from agents.task_process import TaskLauncher
@@ -140,6 +140,7 @@ class NodeAgent:
         self._host = host or ref.node
         self._rendezvous_ports = rendezvous_ports
         self._host_files = HostFiles(work_dir)
+        self._hosts_update_lock = asyncio.Lock()
         self._usage_subject = subjects.usage_subject(ref.provider, ref.region, ref.node)
         self._health_subject = subjects.health_subject(ref.provider, ref.region, ref.node)
         self._task_subject = subjects.task_subject(ref.provider, ref.region, ref.node)
@@ -369,7 +370,7 @@ class NodeAgent:
         elif command.kind == "stop":
             await self.runner.stop(command.task_id, command.reason)
         elif command.kind == "hosts" and command.placement is not None:
-            self._update_hosts(command, command.placement)
+            await self._update_hosts(command, command.placement)
         elif command.kind == "reconcile":
             self.runner.report_running()
             self.publish_inventory()
@@ -410,31 +411,42 @@ class NodeAgent:
                 logger.warning("hosts file of task %s was not written: %s", spec.task_id, error)
         return task_environment(task_index, placement, self._host, spec.rendezvous_port, path)
 
-    def _update_hosts(self, command: wire.Command, placement: Placement) -> None:
+    async def _update_hosts(self, command: wire.Command, placement: Placement) -> None:
         """Rewrite the hosts file of ``command``'s task while that copy runs here.
 
         :func:`wire.parse_command` has checked ``placement`` against the task's index. A copy
         that ended or never ran here, and one played without a process or file, is ignored.
+        The synced rewrite runs in a worker thread, as the write at the start does. Rewrites
+        run one at a time in the order of their calls, so each one compares its version with
+        what the previous one wrote.
         """
         assert self.runner is not None
         task_id = command.task_id
-        record = next((r for r in self.runner.running if r.task_id == task_id), None)
+        record = self._running_record(task_id)
         path = self._host_files.path(task_id)
         if record is None or not (record.pid or path.exists()):
             logger.debug(
                 "hosts update of task %s ignored: no copy with a hosts file runs here", task_id
             )
             return
-        try:
-            written = self._host_files.update(
-                task_id,
-                placement.task_hosts(self._host),
-                command.issued_at_ns,
-                command.placement_version,
-            )
-        except OSError as error:
-            logger.warning("hosts file of task %s was not rewritten: %s", task_id, error)
-            return
+        update = functools.partial(
+            self._host_files.update,
+            task_id,
+            placement.task_hosts(self._host),
+            command.issued_at_ns,
+            command.placement_version,
+        )
+        async with self._hosts_update_lock:
+            try:
+                written = await asyncio.to_thread(update)
+            except OSError as error:
+                logger.warning("hosts file of task %s was not rewritten: %s", task_id, error)
+                return
+            finally:
+                # If the task ended during the write, its end deleted the file before the
+                # rename restored it, and no later event deletes it.
+                if self._running_record(task_id) is None:
+                    self._host_files.forget(task_id)
         if written:
             logger.info(
                 "rewrote the hosts file of task %s with placement version %d",
@@ -443,6 +455,10 @@ class NodeAgent:
             )
         else:
             logger.debug("hosts update of task %s ignored: the file has later hosts", task_id)
+
+    def _running_record(self, task_id: str) -> TaskRecord | None:
+        assert self.runner is not None
+        return next((r for r in self.runner.running if r.task_id == task_id), None)
 
     def _tasks_by_accelerator(self) -> dict[str, list[str]]:
         assert self.runner is not None

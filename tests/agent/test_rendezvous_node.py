@@ -18,6 +18,7 @@ from agents.backends.fleet import FleetNode
 from agents.backends.simulated import SimulatedBackend
 from agents.node import NodeAgent
 from agents.outbox import Outbox
+from agents.rendezvous import HostFiles
 from agents.spool import Spool
 from tests.agent.helpers import NODE, ManualClock, make_node
 
@@ -337,3 +338,142 @@ async def test_host_update_skips_unknown_task(tmp_path: Path) -> None:
         await node.handle(hosts_command("job-1/1/0", ["h-a", "h-c"], START_TIME + 20))
 
     assert not (tmp_path / "hosts" / "job-1_1_0.hosts").exists()
+
+
+def slow_hosts_fsyncs(monkeypatch: pytest.MonkeyPatch, folder: Path, delays_s: list[float]) -> None:
+    """Make the fsyncs of files in ``folder`` take ``delays_s`` in turn, then none."""
+    real_fsync = os.fsync
+    remaining = list(delays_s)
+
+    def slow_fsync(descriptor: int) -> None:
+        if os.readlink(f"/proc/self/fd/{descriptor}").startswith(str(folder)) and remaining:
+            time.sleep(remaining.pop(0))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+
+
+async def test_host_update_leaves_loop_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node, outbox, spool = make(tmp_path)
+    hosts_file = tmp_path / "hosts" / "job-1_1_2.hosts"
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        uuid = node.backend.discover().accelerators[0].uuid
+        await node.handle(start_command(uuid, tmp_path / "unused", SLEEPER))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STARTED), "the task to start"
+        )
+        # From now on each fsync of the hosts folder's files takes 0.2 s, as on a loaded disk.
+        slow_hosts_fsyncs(monkeypatch, hosts_file.parent, [0.2] * 3)
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0.05)
+        await node.handle(hosts_command(TASK, ["h-a", "h-c"], START_TIME + 20, version=1))
+        await asyncio.sleep(0.05)
+        ticker.cancel()
+        moved = hosts_file.read_text()
+        await node.handle(stop_command(TASK))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STOPPED), "the task to stop"
+        )
+
+    assert moved == "h-a\nh-c\nh-a\n"
+    assert max(gaps) < 0.2, gaps
+
+
+async def test_host_updates_keep_their_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node, outbox, spool = make(tmp_path)
+    hosts_file = tmp_path / "hosts" / "job-1_1_2.hosts"
+    steps: list[str] = []
+    real_update = HostFiles.update
+
+    def slow_first_update(
+        files: HostFiles, task_id: str, hosts: list[str], issued_at_ns: int, version: int = 0
+    ) -> bool:
+        # The first rewrite is slow, as on a loaded disk, so a second one that did not wait
+        # for it would check the version on disk too early and finish first.
+        steps.append(f"begin {version}")
+        if version == 1:
+            time.sleep(0.3)
+        written = real_update(files, task_id, hosts, issued_at_ns, version)
+        steps.append(f"end {version}")
+        return written
+
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        uuid = node.backend.discover().accelerators[0].uuid
+        await node.handle(start_command(uuid, tmp_path / "unused", SLEEPER))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STARTED), "the task to start"
+        )
+        monkeypatch.setattr(HostFiles, "update", slow_first_update)
+        await asyncio.gather(
+            node.handle(hosts_command(TASK, ["h-a", "h-c"], START_TIME + 20, version=1)),
+            node.handle(hosts_command(TASK, ["h-a", "h-d"], START_TIME + 30, version=2)),
+        )
+        latest = hosts_file.read_text()
+        version = hosts_file.with_name("job-1_1_2.hosts-version").read_text()
+        await node.handle(stop_command(TASK))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STOPPED), "the task to stop"
+        )
+
+    assert steps == ["begin 1", "end 1", "begin 2", "end 2"]
+    assert latest == "h-a\nh-d\nh-a\n"
+    assert version == "2\n"
+
+
+async def test_task_end_during_update_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node, outbox, spool = make(tmp_path)
+    folder = tmp_path / "hosts"
+    hosts_file = folder / "job-1_1_2.hosts"
+    trigger = tmp_path / "exit-now"
+    # Exits as soon as the trigger file appears.
+    waiter = [
+        sys.executable,
+        "-c",
+        "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.01)",
+        str(trigger),
+    ]
+    real_fsync = os.fsync
+
+    def fsync_after_task_end(descriptor: int) -> None:
+        # The rewrite's first fsync lets the task exit and waits until its end has deleted
+        # the old file, so the rename that follows brings the file back.
+        if os.readlink(f"/proc/self/fd/{descriptor}").startswith(str(folder)):
+            if not trigger.exists():
+                trigger.touch()
+                deadline = time.monotonic() + 10.0
+                while hosts_file.exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        real_fsync(descriptor)
+
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        uuid = node.backend.discover().accelerators[0].uuid
+        await node.handle(start_command(uuid, tmp_path / "unused", waiter))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STARTED), "the task to start"
+        )
+        monkeypatch.setattr(os, "fsync", fsync_after_task_end)
+        await node.handle(hosts_command(TASK, ["h-a", "h-c"], START_TIME + 20, version=1))
+        await poll(lambda: ended(outbox, spool), "the task to exit")
+        assert node.runner is not None
+        await node.runner.launches_settled()
+
+    assert sorted(path.name for path in folder.iterdir()) == []
