@@ -27,7 +27,7 @@ from acsp.v1 import common_pb2 as acsp_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61\x63sp/v1/metering.proto\x12\x07\x61\x63sp.v1\x1a\x14\x61\x63sp/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x01\n\x04Rate\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.acsp.v1.AcceleratorModel\x12\x38\n\x1epf_days_per_accelerator_second\x18\x02 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x36\n\x1cpf_days_per_accelerator_hour\x18\x03 \x01(\x0b\x32\x10.acsp.v1.Decimal\"\x81\x01\n\x08RateCard\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x05rates\x18\x03 \x03(\x0b\x32\r.acsp.v1.Rate\x12\x12\n\nderivation\x18\x04 \x01(\t\"\xd7\x02\n\x06\x43harge\x12\x11\n\tcharge_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07hold_id\x18\x03 \x01(\t\x12\x10\n\x08grant_id\x18\x04 \x01(\t\x12\x35\n\x11period_start_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fperiod_end_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x13\x61\x63\x63\x65lerator_seconds\x18\x07 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12(\n\x0e\x61mount_pf_days\x18\x08 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x19\n\x11rate_card_version\x18\t \x01(\r\x12\x14\n\x0csample_count\x18\n \x01(\r\x12\x11\n\tcommitted\x18\x0b \x01(\x08\"\xeb\x01\n\x0cRefundRecord\x12\x11\n\trefund_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07hold_id\x18\x03 \x01(\t\x12\x13\n\x0bprovider_id\x18\x04 \x01(\t\x12(\n\x0e\x61mount_pf_days\x18\x05 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x14\n\x0clost_seconds\x18\x06 \x01(\x01\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcommitted\x18\t \x01(\x08\"\xcb\x01\n\x08UsageRow\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x11\x61\x63\x63\x65lerator_hours\x18\x02 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12)\n\x0f\x63harged_pf_days\x18\x03 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12*\n\x10refunded_pf_days\x18\x04 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x18\n\x10mean_utilization\x18\x05 \x01(\x01\x12\x14\n\x0csample_count\x18\x06 \x01(\x04\"\xed\x01\n\x0eSettlementLine\x12\x11\n\tregion_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x11\x61\x63\x63\x65lerator_hours\x18\x03 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12!\n\x07pf_days\x18\x04 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x33\n\x19pledged_accelerator_hours\x18\x05 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x34\n\x1arecalled_accelerator_hours\x18\x06 \x01(\x0b\x32\x10.acsp.v1.Decimal\"\xc0\x03\n\nSettlement\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12#\n\x06period\x18\x02 \x01(\x0b\x32\x13.acsp.v1.TimeWindow\x12&\n\x05lines\x18\x03 \x03(\x0b\x32\x17.acsp.v1.SettlementLine\x12+\n\x11\x64\x65livered_pf_days\x18\x04 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12*\n\x10refunded_pf_days\x18\x05 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12%\n\x0bnet_pf_days\x18\x06 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x13\n\x0bpledge_kept\x18\x07 \x01(\x08\x12\x14\n\x0crecall_count\x18\x08 \x01(\r\x12\x18\n\x10short_pledge_ids\x18\t \x03(\t\x12\x1c\n\x14uncounted_pledge_ids\x18\n \x03(\t\x12\x35\n\x11pledges_copy_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x13pledges_copy_source\x18\x0c \x01(\x0e\x32\x19.acsp.v1.PledgeCopySource\"\xce\x01\n\rJobEfficiency\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x18\n\x10mean_utilization\x18\x03 \x01(\x01\x12\x1a\n\x12median_utilization\x18\x04 \x01(\x01\x12\x15\n\rflagged_waste\x18\x05 \x01(\x08\x12\x1f\n\x17low_utilization_seconds\x18\x06 \x01(\x01\x12+\n\x11\x61\x63\x63\x65lerator_hours\x18\x07 \x01(\x0b\x32\x10.acsp.v1.Decimal\"\x9e\x01\n\x0bModelReport\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x11\x61\x63\x63\x65lerator_hours\x18\x02 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x14\n\x0c\x66\x61tal_events\x18\x03 \x01(\x04\x12#\n\x1b\x66\x61ilures_per_thousand_hours\x18\x04 \x01(\x01\x12\x18\n\x10mean_utilization\x18\x05 \x01(\x01\"%\n\x12GetRateCardRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\":\n\x14ListRateCardsRequest\x12\"\n\x04page\x18\x01 \x01(\x0b\x32\x14.acsp.v1.PageRequest\"c\n\x15ListRateCardsResponse\x12%\n\nrate_cards\x18\x01 \x03(\x0b\x32\x11.acsp.v1.RateCard\x12#\n\x04page\x18\x02 \x01(\x0b\x32\x15.acsp.v1.PageResponse\"R\n\x16PublishRateCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\trate_card\x18\x02 \x01(\x0b\x32\x11.acsp.v1.RateCard\"Z\n\x12ListChargesRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08grant_id\x18\x02 \x01(\t\x12\"\n\x04page\x18\x03 \x01(\x0b\x32\x14.acsp.v1.PageRequest\"\\\n\x13ListChargesResponse\x12 \n\x07\x63harges\x18\x01 \x03(\x0b\x32\x0f.acsp.v1.Charge\x12#\n\x04page\x18\x02 \x01(\x0b\x32\x15.acsp.v1.PageResponse\"]\n\x12ListRefundsRequest\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\"\n\x04page\x18\x03 \x01(\x0b\x32\x14.acsp.v1.PageRequest\"b\n\x13ListRefundsResponse\x12&\n\x07refunds\x18\x01 \x03(\x0b\x32\x15.acsp.v1.RefundRecord\x12#\n\x04page\x18\x02 \x01(\x0b\x32\x15.acsp.v1.PageResponse\"\xd8\x01\n\x11QueryUsageRequest\x12(\n\x08grouping\x18\x01 \x01(\x0e\x32\x16.acsp.v1.UsageGrouping\x12\"\n\x05range\x18\x02 \x01(\x0b\x32\x13.acsp.v1.TimeWindow\x12\x10\n\x08grant_id\x18\x03 \x01(\t\x12\x12\n\nproject_id\x18\x04 \x01(\t\x12\x16\n\x0einstitution_id\x18\x05 \x01(\t\x12\x13\n\x0bprovider_id\x18\x06 \x01(\t\x12\"\n\x04page\x18\x07 \x01(\x0b\x32\x14.acsp.v1.PageRequest\"Z\n\x12QueryUsageResponse\x12\x1f\n\x04rows\x18\x01 \x03(\x0b\x32\x11.acsp.v1.UsageRow\x12#\n\x04page\x18\x02 \x01(\x0b\x32\x15.acsp.v1.PageResponse\"P\n\x14GetSettlementRequest\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12#\n\x06period\x18\x02 \x01(\x0b\x32\x13.acsp.v1.TimeWindow\"S\n\x17\x45xportSettlementRequest\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12#\n\x06period\x18\x02 \x01(\x0b\x32\x13.acsp.v1.TimeWindow\"\'\n\x18\x45xportSettlementResponse\x12\x0b\n\x03\x63sv\x18\x01 \x01(\t\"h\n\x18ListJobEfficiencyRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66lagged_only\x18\x02 \x01(\x08\x12\"\n\x04page\x18\x03 \x01(\x0b\x32\x14.acsp.v1.PageRequest\"f\n\x19ListJobEfficiencyResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.acsp.v1.JobEfficiency\x12#\n\x04page\x18\x02 \x01(\x0b\x32\x15.acsp.v1.PageResponse\";\n\x15GetModelReportRequest\x12\"\n\x05range\x18\x01 \x01(\x0b\x32\x13.acsp.v1.TimeWindow\">\n\x16GetModelReportResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.acsp.v1.ModelReport\"\x18\n\x16GetIngestStatusRequest\"\xbc\x02\n\x17GetIngestStatusResponse\x12\x18\n\x10samples_ingested\x18\x01 \x01(\x04\x12\x1a\n\x12\x64uplicates_ignored\x18\x02 \x01(\x04\x12\x15\n\rdead_lettered\x18\x03 \x01(\x04\x12\x18\n\x10pending_messages\x18\x04 \x01(\x04\x12\x1b\n\x13uncommitted_charges\x18\x05 \x01(\x04\x12-\n\x13\x61\x63\x63\x65lerator_seconds\x18\x06 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12)\n\x0f\x63harged_pf_days\x18\x07 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12.\n\x14priced_usage_pf_days\x18\x08 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x13\n\x0b\x64\x65\x61\x64_events\x18\t \x01(\x04*\xd7\x01\n\rUsageGrouping\x12\x1e\n\x1aUSAGE_GROUPING_UNSPECIFIED\x10\x00\x12\x18\n\x14USAGE_GROUPING_GRANT\x10\x01\x12\x1a\n\x16USAGE_GROUPING_PROJECT\x10\x02\x12\x1e\n\x1aUSAGE_GROUPING_INSTITUTION\x10\x03\x12\x1b\n\x17USAGE_GROUPING_PROVIDER\x10\x04\x12\x19\n\x15USAGE_GROUPING_REGION\x10\x05\x12\x18\n\x14USAGE_GROUPING_MODEL\x10\x06*s\n\x10PledgeCopySource\x12\"\n\x1ePLEDGE_COPY_SOURCE_UNSPECIFIED\x10\x00\x12\x1c\n\x18PLEDGE_COPY_SOURCE_FRESH\x10\x01\x12\x1d\n\x19PLEDGE_COPY_SOURCE_STORED\x10\x02\x32\xe5\x06\n\x0fMeteringService\x12=\n\x0bGetRateCard\x12\x1b.acsp.v1.GetRateCardRequest\x1a\x11.acsp.v1.RateCard\x12N\n\rListRateCards\x12\x1d.acsp.v1.ListRateCardsRequest\x1a\x1e.acsp.v1.ListRateCardsResponse\x12\x45\n\x0fPublishRateCard\x12\x1f.acsp.v1.PublishRateCardRequest\x1a\x11.acsp.v1.RateCard\x12H\n\x0bListCharges\x12\x1b.acsp.v1.ListChargesRequest\x1a\x1c.acsp.v1.ListChargesResponse\x12H\n\x0bListRefunds\x12\x1b.acsp.v1.ListRefundsRequest\x1a\x1c.acsp.v1.ListRefundsResponse\x12\x45\n\nQueryUsage\x12\x1a.acsp.v1.QueryUsageRequest\x1a\x1b.acsp.v1.QueryUsageResponse\x12\x43\n\rGetSettlement\x12\x1d.acsp.v1.GetSettlementRequest\x1a\x13.acsp.v1.Settlement\x12W\n\x10\x45xportSettlement\x12 .acsp.v1.ExportSettlementRequest\x1a!.acsp.v1.ExportSettlementResponse\x12Z\n\x11ListJobEfficiency\x12!.acsp.v1.ListJobEfficiencyRequest\x1a\".acsp.v1.ListJobEfficiencyResponse\x12Q\n\x0eGetModelReport\x12\x1e.acsp.v1.GetModelReportRequest\x1a\x1f.acsp.v1.GetModelReportResponse\x12T\n\x0fGetIngestStatus\x12\x1f.acsp.v1.GetIngestStatusRequest\x1a .acsp.v1.GetIngestStatusResponseB\x0f\n\x0borg.acsp.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61\x63sp/v1/metering.proto\x12\x07\x61\x63sp.v1\x1a\x14\x61\x63sp/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x01\n\x04Rate\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.acsp.v1.AcceleratorModel\x12\x38\n\x1epf_days_per_accelerator_second\x18\x02 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x36\n\x1cpf_days_per_accelerator_hour\x18\x03 \x01(\x0b\x32\x10.acsp.v1.Decimal\"\x81\x01\n\x08RateCard\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x05rates\x18\x03 \x03(\x0b\x32\r.acsp.v1.Rate\x12\x12\n\nderivation\x18\x04 \x01(\t\"\xd7\x02\n\x06\x43harge\x12\x11\n\tcharge_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07hold_id\x18\x03 \x01(\t\x12\x10\n\x08grant_id\x18\x04 \x01(\t\x12\x35\n\x11period_start_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fperiod_end_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x13\x61\x63\x63\x65lerator_seconds\x18\x07 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12(\n\x0e\x61mount_pf_days\x18\x08 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x19\n\x11rate_card_version\x18\t \x01(\r\x12\x14\n\x0csample_count\x18\n \x01(\r\x12\x11\n\tcommitted\x18\x0b \x01(\x08\"\xeb\x01\n\x0cRefundRecord\x12\x11\n\trefund_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07hold_id\x18\x03 \x01(\t\x12\x13\n\x0bprovider_id\x18\x04 \x01(\t\x12(\n\x0e\x61mount_pf_days\x18\x05 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x14\n\x0clost_seconds\x18\x06 \x01(\x01\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcommitted\x18\t \x01(\x08\"\xcb\x01\n\x08UsageRow\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x11\x61\x63\x63\x65lerator_hours\x18\x02 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12)\n\x0f\x63harged_pf_days\x18\x03 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12*\n\x10refunded_pf_days\x18\x04 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x18\n\x10mean_utilization\x18\x05 \x01(\x01\x12\x14\n\x0csample_count\x18\x06 \x01(\x04\"\xc0\x02\n\x0eSettlementLine\x12\x11\n\tregion_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x11\x61\x63\x63\x65lerator_hours\x18\x03 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12!\n\x07pf_days\x18\x04 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x33\n\x19pledged_accelerator_hours\x18\x05 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x34\n\x1arecalled_accelerator_hours\x18\x06 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12*\n\x10refunded_pf_days\x18\x07 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12%\n\x0bnet_pf_days\x18\x08 \x01(\x0b\x32\x10.acsp.v1.Decimal\"\xc0\x03\n\nSettlement\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12#\n\x06period\x18\x02 \x01(\x0b\x32\x13.acsp.v1.TimeWindow\x12&\n\x05lines\x18\x03 \x03(\x0b\x32\x17.acsp.v1.SettlementLine\x12+\n\x11\x64\x65livered_pf_days\x18\x04 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12*\n\x10refunded_pf_days\x18\x05 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12%\n\x0bnet_pf_days\x18\x06 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x13\n\x0bpledge_kept\x18\x07 \x01(\x08\x12\x14\n\x0crecall_count\x18\x08 \x01(\r\x12\x18\n\x10short_pledge_ids\x18\t \x03(\t\x12\x1c\n\x14uncounted_pledge_ids\x18\n \x03(\t\x12\x35\n\x11pledges_copy_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x13pledges_copy_source\x18\x0c \x01(\x0e\x32\x19.acsp.v1.PledgeCopySource\"\xce\x01\n\rJobEfficiency\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x18\n\x10mean_utilization\x18\x03 \x01(\x01\x12\x1a\n\x12median_utilization\x18\x04 \x01(\x01\x12\x15\n\rflagged_waste\x18\x05 \x01(\x08\x12\x1f\n\x17low_utilization_seconds\x18\x06 \x01(\x01\x12+\n\x11\x61\x63\x63\x65lerator_hours\x18\x07 \x01(\x0b\x32\x10.acsp.v1.Decimal\"\x9e\x01\n\x0bModelReport\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x11\x61\x63\x63\x65lerator_hours\x18\x02 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x14\n\x0c\x66\x61tal_events\x18\x03 \x01(\x04\x12#\n\x1b\x66\x61ilures_per_thousand_hours\x18\x04 \x01(\x01\x12\x18\n\x10mean_utilization\x18\x05 \x01(\x01\"%\n\x12GetRateCardRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\":\n\x14ListRateCardsRequest\x12\"\n\x04page\x18\x01 \x01(\x0b\x32\x14.acsp.v1.PageRequest\"c\n\x15ListRateCardsResponse\x12%\n\nrate_cards\x18\x01 \x03(\x0b\x32\x11.acsp.v1.RateCard\x12#\n\x04page\x18\x02 \x01(\x0b\x32\x15.acsp.v1.PageResponse\"R\n\x16PublishRateCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\trate_card\x18\x02 \x01(\x0b\x32\x11.acsp.v1.RateCard\"Z\n\x12ListChargesRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08grant_id\x18\x02 \x01(\t\x12\"\n\x04page\x18\x03 \x01(\x0b\x32\x14.acsp.v1.PageRequest\"\\\n\x13ListChargesResponse\x12 \n\x07\x63harges\x18\x01 \x03(\x0b\x32\x0f.acsp.v1.Charge\x12#\n\x04page\x18\x02 \x01(\x0b\x32\x15.acsp.v1.PageResponse\"]\n\x12ListRefundsRequest\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\"\n\x04page\x18\x03 \x01(\x0b\x32\x14.acsp.v1.PageRequest\"b\n\x13ListRefundsResponse\x12&\n\x07refunds\x18\x01 \x03(\x0b\x32\x15.acsp.v1.RefundRecord\x12#\n\x04page\x18\x02 \x01(\x0b\x32\x15.acsp.v1.PageResponse\"\xd8\x01\n\x11QueryUsageRequest\x12(\n\x08grouping\x18\x01 \x01(\x0e\x32\x16.acsp.v1.UsageGrouping\x12\"\n\x05range\x18\x02 \x01(\x0b\x32\x13.acsp.v1.TimeWindow\x12\x10\n\x08grant_id\x18\x03 \x01(\t\x12\x12\n\nproject_id\x18\x04 \x01(\t\x12\x16\n\x0einstitution_id\x18\x05 \x01(\t\x12\x13\n\x0bprovider_id\x18\x06 \x01(\t\x12\"\n\x04page\x18\x07 \x01(\x0b\x32\x14.acsp.v1.PageRequest\"Z\n\x12QueryUsageResponse\x12\x1f\n\x04rows\x18\x01 \x03(\x0b\x32\x11.acsp.v1.UsageRow\x12#\n\x04page\x18\x02 \x01(\x0b\x32\x15.acsp.v1.PageResponse\"P\n\x14GetSettlementRequest\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12#\n\x06period\x18\x02 \x01(\x0b\x32\x13.acsp.v1.TimeWindow\"S\n\x17\x45xportSettlementRequest\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12#\n\x06period\x18\x02 \x01(\x0b\x32\x13.acsp.v1.TimeWindow\"\'\n\x18\x45xportSettlementResponse\x12\x0b\n\x03\x63sv\x18\x01 \x01(\t\"h\n\x18ListJobEfficiencyRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66lagged_only\x18\x02 \x01(\x08\x12\"\n\x04page\x18\x03 \x01(\x0b\x32\x14.acsp.v1.PageRequest\"f\n\x19ListJobEfficiencyResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.acsp.v1.JobEfficiency\x12#\n\x04page\x18\x02 \x01(\x0b\x32\x15.acsp.v1.PageResponse\";\n\x15GetModelReportRequest\x12\"\n\x05range\x18\x01 \x01(\x0b\x32\x13.acsp.v1.TimeWindow\">\n\x16GetModelReportResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.acsp.v1.ModelReport\"\x18\n\x16GetIngestStatusRequest\"\xbc\x02\n\x17GetIngestStatusResponse\x12\x18\n\x10samples_ingested\x18\x01 \x01(\x04\x12\x1a\n\x12\x64uplicates_ignored\x18\x02 \x01(\x04\x12\x15\n\rdead_lettered\x18\x03 \x01(\x04\x12\x18\n\x10pending_messages\x18\x04 \x01(\x04\x12\x1b\n\x13uncommitted_charges\x18\x05 \x01(\x04\x12-\n\x13\x61\x63\x63\x65lerator_seconds\x18\x06 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12)\n\x0f\x63harged_pf_days\x18\x07 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12.\n\x14priced_usage_pf_days\x18\x08 \x01(\x0b\x32\x10.acsp.v1.Decimal\x12\x13\n\x0b\x64\x65\x61\x64_events\x18\t \x01(\x04*\xd7\x01\n\rUsageGrouping\x12\x1e\n\x1aUSAGE_GROUPING_UNSPECIFIED\x10\x00\x12\x18\n\x14USAGE_GROUPING_GRANT\x10\x01\x12\x1a\n\x16USAGE_GROUPING_PROJECT\x10\x02\x12\x1e\n\x1aUSAGE_GROUPING_INSTITUTION\x10\x03\x12\x1b\n\x17USAGE_GROUPING_PROVIDER\x10\x04\x12\x19\n\x15USAGE_GROUPING_REGION\x10\x05\x12\x18\n\x14USAGE_GROUPING_MODEL\x10\x06*s\n\x10PledgeCopySource\x12\"\n\x1ePLEDGE_COPY_SOURCE_UNSPECIFIED\x10\x00\x12\x1c\n\x18PLEDGE_COPY_SOURCE_FRESH\x10\x01\x12\x1d\n\x19PLEDGE_COPY_SOURCE_STORED\x10\x02\x32\xe5\x06\n\x0fMeteringService\x12=\n\x0bGetRateCard\x12\x1b.acsp.v1.GetRateCardRequest\x1a\x11.acsp.v1.RateCard\x12N\n\rListRateCards\x12\x1d.acsp.v1.ListRateCardsRequest\x1a\x1e.acsp.v1.ListRateCardsResponse\x12\x45\n\x0fPublishRateCard\x12\x1f.acsp.v1.PublishRateCardRequest\x1a\x11.acsp.v1.RateCard\x12H\n\x0bListCharges\x12\x1b.acsp.v1.ListChargesRequest\x1a\x1c.acsp.v1.ListChargesResponse\x12H\n\x0bListRefunds\x12\x1b.acsp.v1.ListRefundsRequest\x1a\x1c.acsp.v1.ListRefundsResponse\x12\x45\n\nQueryUsage\x12\x1a.acsp.v1.QueryUsageRequest\x1a\x1b.acsp.v1.QueryUsageResponse\x12\x43\n\rGetSettlement\x12\x1d.acsp.v1.GetSettlementRequest\x1a\x13.acsp.v1.Settlement\x12W\n\x10\x45xportSettlement\x12 .acsp.v1.ExportSettlementRequest\x1a!.acsp.v1.ExportSettlementResponse\x12Z\n\x11ListJobEfficiency\x12!.acsp.v1.ListJobEfficiencyRequest\x1a\".acsp.v1.ListJobEfficiencyResponse\x12Q\n\x0eGetModelReport\x12\x1e.acsp.v1.GetModelReportRequest\x1a\x1f.acsp.v1.GetModelReportResponse\x12T\n\x0fGetIngestStatus\x12\x1f.acsp.v1.GetIngestStatusRequest\x1a .acsp.v1.GetIngestStatusResponseB\x0f\n\x0borg.acsp.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'acsp.v1.metering_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\013org.acsp.v1P\001'
-  _globals['_USAGEGROUPING']._serialized_start=4103
-  _globals['_USAGEGROUPING']._serialized_end=4318
-  _globals['_PLEDGECOPYSOURCE']._serialized_start=4320
-  _globals['_PLEDGECOPYSOURCE']._serialized_end=4435
+  _globals['_USAGEGROUPING']._serialized_start=4186
+  _globals['_USAGEGROUPING']._serialized_end=4401
+  _globals['_PLEDGECOPYSOURCE']._serialized_start=4403
+  _globals['_PLEDGECOPYSOURCE']._serialized_end=4518
   _globals['_RATE']._serialized_start=91
   _globals['_RATE']._serialized_end=253
   _globals['_RATECARD']._serialized_start=256
@@ -50,51 +50,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGEROW']._serialized_start=972
   _globals['_USAGEROW']._serialized_end=1175
   _globals['_SETTLEMENTLINE']._serialized_start=1178
-  _globals['_SETTLEMENTLINE']._serialized_end=1415
-  _globals['_SETTLEMENT']._serialized_start=1418
-  _globals['_SETTLEMENT']._serialized_end=1866
-  _globals['_JOBEFFICIENCY']._serialized_start=1869
-  _globals['_JOBEFFICIENCY']._serialized_end=2075
-  _globals['_MODELREPORT']._serialized_start=2078
-  _globals['_MODELREPORT']._serialized_end=2236
-  _globals['_GETRATECARDREQUEST']._serialized_start=2238
-  _globals['_GETRATECARDREQUEST']._serialized_end=2275
-  _globals['_LISTRATECARDSREQUEST']._serialized_start=2277
-  _globals['_LISTRATECARDSREQUEST']._serialized_end=2335
-  _globals['_LISTRATECARDSRESPONSE']._serialized_start=2337
-  _globals['_LISTRATECARDSRESPONSE']._serialized_end=2436
-  _globals['_PUBLISHRATECARDREQUEST']._serialized_start=2438
-  _globals['_PUBLISHRATECARDREQUEST']._serialized_end=2520
-  _globals['_LISTCHARGESREQUEST']._serialized_start=2522
-  _globals['_LISTCHARGESREQUEST']._serialized_end=2612
-  _globals['_LISTCHARGESRESPONSE']._serialized_start=2614
-  _globals['_LISTCHARGESRESPONSE']._serialized_end=2706
-  _globals['_LISTREFUNDSREQUEST']._serialized_start=2708
-  _globals['_LISTREFUNDSREQUEST']._serialized_end=2801
-  _globals['_LISTREFUNDSRESPONSE']._serialized_start=2803
-  _globals['_LISTREFUNDSRESPONSE']._serialized_end=2901
-  _globals['_QUERYUSAGEREQUEST']._serialized_start=2904
-  _globals['_QUERYUSAGEREQUEST']._serialized_end=3120
-  _globals['_QUERYUSAGERESPONSE']._serialized_start=3122
-  _globals['_QUERYUSAGERESPONSE']._serialized_end=3212
-  _globals['_GETSETTLEMENTREQUEST']._serialized_start=3214
-  _globals['_GETSETTLEMENTREQUEST']._serialized_end=3294
-  _globals['_EXPORTSETTLEMENTREQUEST']._serialized_start=3296
-  _globals['_EXPORTSETTLEMENTREQUEST']._serialized_end=3379
-  _globals['_EXPORTSETTLEMENTRESPONSE']._serialized_start=3381
-  _globals['_EXPORTSETTLEMENTRESPONSE']._serialized_end=3420
-  _globals['_LISTJOBEFFICIENCYREQUEST']._serialized_start=3422
-  _globals['_LISTJOBEFFICIENCYREQUEST']._serialized_end=3526
-  _globals['_LISTJOBEFFICIENCYRESPONSE']._serialized_start=3528
-  _globals['_LISTJOBEFFICIENCYRESPONSE']._serialized_end=3630
-  _globals['_GETMODELREPORTREQUEST']._serialized_start=3632
-  _globals['_GETMODELREPORTREQUEST']._serialized_end=3691
-  _globals['_GETMODELREPORTRESPONSE']._serialized_start=3693
-  _globals['_GETMODELREPORTRESPONSE']._serialized_end=3755
-  _globals['_GETINGESTSTATUSREQUEST']._serialized_start=3757
-  _globals['_GETINGESTSTATUSREQUEST']._serialized_end=3781
-  _globals['_GETINGESTSTATUSRESPONSE']._serialized_start=3784
-  _globals['_GETINGESTSTATUSRESPONSE']._serialized_end=4100
-  _globals['_METERINGSERVICE']._serialized_start=4438
-  _globals['_METERINGSERVICE']._serialized_end=5307
+  _globals['_SETTLEMENTLINE']._serialized_end=1498
+  _globals['_SETTLEMENT']._serialized_start=1501
+  _globals['_SETTLEMENT']._serialized_end=1949
+  _globals['_JOBEFFICIENCY']._serialized_start=1952
+  _globals['_JOBEFFICIENCY']._serialized_end=2158
+  _globals['_MODELREPORT']._serialized_start=2161
+  _globals['_MODELREPORT']._serialized_end=2319
+  _globals['_GETRATECARDREQUEST']._serialized_start=2321
+  _globals['_GETRATECARDREQUEST']._serialized_end=2358
+  _globals['_LISTRATECARDSREQUEST']._serialized_start=2360
+  _globals['_LISTRATECARDSREQUEST']._serialized_end=2418
+  _globals['_LISTRATECARDSRESPONSE']._serialized_start=2420
+  _globals['_LISTRATECARDSRESPONSE']._serialized_end=2519
+  _globals['_PUBLISHRATECARDREQUEST']._serialized_start=2521
+  _globals['_PUBLISHRATECARDREQUEST']._serialized_end=2603
+  _globals['_LISTCHARGESREQUEST']._serialized_start=2605
+  _globals['_LISTCHARGESREQUEST']._serialized_end=2695
+  _globals['_LISTCHARGESRESPONSE']._serialized_start=2697
+  _globals['_LISTCHARGESRESPONSE']._serialized_end=2789
+  _globals['_LISTREFUNDSREQUEST']._serialized_start=2791
+  _globals['_LISTREFUNDSREQUEST']._serialized_end=2884
+  _globals['_LISTREFUNDSRESPONSE']._serialized_start=2886
+  _globals['_LISTREFUNDSRESPONSE']._serialized_end=2984
+  _globals['_QUERYUSAGEREQUEST']._serialized_start=2987
+  _globals['_QUERYUSAGEREQUEST']._serialized_end=3203
+  _globals['_QUERYUSAGERESPONSE']._serialized_start=3205
+  _globals['_QUERYUSAGERESPONSE']._serialized_end=3295
+  _globals['_GETSETTLEMENTREQUEST']._serialized_start=3297
+  _globals['_GETSETTLEMENTREQUEST']._serialized_end=3377
+  _globals['_EXPORTSETTLEMENTREQUEST']._serialized_start=3379
+  _globals['_EXPORTSETTLEMENTREQUEST']._serialized_end=3462
+  _globals['_EXPORTSETTLEMENTRESPONSE']._serialized_start=3464
+  _globals['_EXPORTSETTLEMENTRESPONSE']._serialized_end=3503
+  _globals['_LISTJOBEFFICIENCYREQUEST']._serialized_start=3505
+  _globals['_LISTJOBEFFICIENCYREQUEST']._serialized_end=3609
+  _globals['_LISTJOBEFFICIENCYRESPONSE']._serialized_start=3611
+  _globals['_LISTJOBEFFICIENCYRESPONSE']._serialized_end=3713
+  _globals['_GETMODELREPORTREQUEST']._serialized_start=3715
+  _globals['_GETMODELREPORTREQUEST']._serialized_end=3774
+  _globals['_GETMODELREPORTRESPONSE']._serialized_start=3776
+  _globals['_GETMODELREPORTRESPONSE']._serialized_end=3838
+  _globals['_GETINGESTSTATUSREQUEST']._serialized_start=3840
+  _globals['_GETINGESTSTATUSREQUEST']._serialized_end=3864
+  _globals['_GETINGESTSTATUSRESPONSE']._serialized_start=3867
+  _globals['_GETINGESTSTATUSRESPONSE']._serialized_end=4183
+  _globals['_METERINGSERVICE']._serialized_start=4521
+  _globals['_METERINGSERVICE']._serialized_end=5390
 # @@protoc_insertion_point(module_scope)

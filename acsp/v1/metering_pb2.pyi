@@ -125,20 +125,24 @@ class UsageRow(_message.Message):
     def __init__(self, key: _Optional[str] = ..., accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., charged_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., refunded_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., mean_utilization: _Optional[float] = ..., sample_count: _Optional[int] = ...) -> None: ...
 
 class SettlementLine(_message.Message):
-    __slots__ = ("region_id", "model", "accelerator_hours", "pf_days", "pledged_accelerator_hours", "recalled_accelerator_hours")
+    __slots__ = ("region_id", "model", "accelerator_hours", "pf_days", "pledged_accelerator_hours", "recalled_accelerator_hours", "refunded_pf_days", "net_pf_days")
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ACCELERATOR_HOURS_FIELD_NUMBER: _ClassVar[int]
     PF_DAYS_FIELD_NUMBER: _ClassVar[int]
     PLEDGED_ACCELERATOR_HOURS_FIELD_NUMBER: _ClassVar[int]
     RECALLED_ACCELERATOR_HOURS_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
+    NET_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
     region_id: str
     model: str
     accelerator_hours: _common_pb2.Decimal
     pf_days: _common_pb2.Decimal
     pledged_accelerator_hours: _common_pb2.Decimal
     recalled_accelerator_hours: _common_pb2.Decimal
-    def __init__(self, region_id: _Optional[str] = ..., model: _Optional[str] = ..., accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pledged_accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., recalled_accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
+    refunded_pf_days: _common_pb2.Decimal
+    net_pf_days: _common_pb2.Decimal
+    def __init__(self, region_id: _Optional[str] = ..., model: _Optional[str] = ..., accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., pledged_accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., recalled_accelerator_hours: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., refunded_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., net_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
 
 class Settlement(_message.Message):
     __slots__ = ("provider_id", "period", "lines", "delivered_pf_days", "refunded_pf_days", "net_pf_days", "pledge_kept", "recall_count", "short_pledge_ids", "uncounted_pledge_ids", "pledges_copy_time", "pledges_copy_source")
