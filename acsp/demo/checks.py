@@ -5,9 +5,15 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-CHARGE_TOLERANCE_PF_DAYS = Decimal("1e-18")
-"""Maximum gap allowed between charges and priced usage. It covers the rounding of each charge
-to the ledger quantum (1e-24 PF-day) over up to a million charges."""
+from acsp.decimals import format_decimal
+
+CHARGE_RULE = (
+    "each charge line (one attempt, charging period, provider, region and model) costs its "
+    "accelerator-seconds x peak TFLOP/s / 86,400,000 at the charge's rate-card version, "
+    "rounded half-even to 1e-24 PF-day, and the charges must equal the sum of those line prices"
+)
+"""Metering's pricing rule. The charges check compares with equality, because a rounding that
+departs from this rule by even one quantum is a metering fault."""
 
 
 def _check(name: str, passed: bool, detail: str) -> dict[str, Any]:
@@ -45,7 +51,8 @@ def _ledger_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         _check(
             "ledger postings sum to zero",
             postings == 0,
-            f"sum of postings {postings} PF-days over {ledger['entry_count']} entries",
+            f"sum of postings {format_decimal(postings)} PF-days over {ledger['entry_count']} "
+            "entries",
         ),
         _check(
             "no grant balance is negative",
@@ -65,11 +72,10 @@ def _charges_check(report: dict[str, Any]) -> dict[str, Any]:
     uncommitted = ingest.get("uncommitted_charges")
     return _check(
         "charges equal metered usage times the rates",
-        abs(charged - priced) <= CHARGE_TOLERANCE_PF_DAYS
-        and charged == ledger_charged
-        and uncommitted == 0,
-        f"metering charged {charged}, usage times rates {priced}, grant ledgers charged "
-        f"{ledger_charged} PF-days; {uncommitted} charges not yet in the ledger",
+        charged == priced and charged == ledger_charged and uncommitted == 0,
+        f"metering charged {format_decimal(charged)}, metered usage priced by the rule "
+        f"{format_decimal(priced)}, grant ledgers charged {format_decimal(ledger_charged)} "
+        f"PF-days; {uncommitted} charges not yet in the ledger. Rule: {CHARGE_RULE}",
     )
 
 

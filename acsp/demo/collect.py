@@ -7,13 +7,14 @@ import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import grpc
 
 from acsp.client import AsyncClient
+from acsp.decimals import format_decimal
 from acsp.demo.fleet import FleetPlan
 from acsp.demo.live import BalanceSample, LiveRun
 from acsp.demo.setup import AwardedGrant
@@ -25,6 +26,10 @@ logger = logging.getLogger(__name__)
 JOB_STATE_NAMES = {
     value: name.removeprefix("JOB_STATE_").lower() for name, value in scheduler_pb2.JobState.items()
 }
+EXACT: Final = Context(prec=60, traps=[Inexact, InvalidOperation, Overflow])
+"""Context for sums of amounts. Ledger amounts have at most 24 places and 24 integer digits,
+so 60 digits hold any sum the report forms, and the Inexact trap makes a rounding an error.
+The default context keeps 28 digits, which would round a sum of 10,000 PF-days or more."""
 PENDING_REASON_NAMES = {
     value: name.removeprefix("PENDING_REASON_").lower()
     for name, value in scheduler_pb2.PendingReason.items()
@@ -33,6 +38,11 @@ PENDING_REASON_NAMES = {
 
 def _decimal(message: common_pb2.Decimal) -> Decimal:
     return Decimal(message.value or "0")
+
+
+def _amount(message: common_pb2.Decimal) -> str:
+    """Write an exact amount for the report in plain notation, e.g. ``0.00000008`` for 8E-8."""
+    return format_decimal(_decimal(message))
 
 
 async def grant_balances(client: AsyncClient, grant_ids: Iterable[str]) -> dict[str, BalanceSample]:
@@ -74,9 +84,9 @@ def _ingest_dict(status: metering_pb2.GetIngestStatusResponse) -> dict[str, Any]
         "dead_lettered": status.dead_lettered,
         "pending_messages": status.pending_messages,
         "uncommitted_charges": status.uncommitted_charges,
-        "accelerator_seconds": str(_decimal(status.accelerator_seconds)),
-        "charged_pf_days": str(_decimal(status.charged_pf_days)),
-        "priced_usage_pf_days": str(_decimal(status.priced_usage_pf_days)),
+        "accelerator_seconds": _amount(status.accelerator_seconds),
+        "charged_pf_days": _amount(status.charged_pf_days),
+        "priced_usage_pf_days": _amount(status.priced_usage_pf_days),
     }
 
 
@@ -107,7 +117,7 @@ async def wait_settled(
             continue
         ingest = _ingest_dict(status)
         held = await _held_total(client, grant_ids)
-        ingest["held_pf_days"] = str(held)
+        ingest["held_pf_days"] = format_decimal(held)
         matched = held == 0 and (
             stats is not None
             and stats["outbox_pending"] == 0
@@ -128,7 +138,7 @@ async def _held_total(client: AsyncClient, grant_ids: Sequence[str]) -> Decimal:
         balance = await client.grants.GetBalance(
             grant_pb2.GetBalanceRequest(grant_id=grant_id), timeout=10
         )
-        total += _decimal(balance.held_pf_days)
+        total = EXACT.add(total, _decimal(balance.held_pf_days))
     return total
 
 
@@ -223,10 +233,10 @@ async def collect(
     jobs = await list_jobs(client, run)
     summary = await client.grants.GetLedgerSummary(grant_pb2.GetLedgerSummaryRequest(), timeout=30)
     ledger = {
-        "postings_sum_pf_days": str(_decimal(summary.postings_sum_pf_days)),
+        "postings_sum_pf_days": _amount(summary.postings_sum_pf_days),
         "entry_count": summary.entry_count,
         "negative_grant_ids": list(summary.negative_grant_ids),
-        "program_pool_pf_days": str(_decimal(summary.program_pool_pf_days)),
+        "program_pool_pf_days": _amount(summary.program_pool_pf_days),
     }
     balances = {}
     for grant in grants:
@@ -234,11 +244,11 @@ async def collect(
             grant_pb2.GetBalanceRequest(grant_id=grant.grant_id), timeout=10
         )
         balances[grant.grant_id] = {
-            "credited": str(_decimal(balance.credited_pf_days)),
-            "held": str(_decimal(balance.held_pf_days)),
-            "charged": str(_decimal(balance.charged_pf_days)),
-            "refunded": str(_decimal(balance.refunded_pf_days)),
-            "available": str(_decimal(balance.available_pf_days)),
+            "credited": _amount(balance.credited_pf_days),
+            "held": _amount(balance.held_pf_days),
+            "charged": _amount(balance.charged_pf_days),
+            "refunded": _amount(balance.refunded_pf_days),
+            "available": _amount(balance.available_pf_days),
         }
     window = common_pb2.TimeWindow()
     window.start_time.FromSeconds(int(run.started_at) - 600)
@@ -276,17 +286,17 @@ async def _settlement(
     except grpc.aio.AioRpcError as error:
         return {"error": f"{error.code().name}: {error.details()}"}
     return {
-        "delivered_pf_days": str(_decimal(settlement.delivered_pf_days)),
-        "refunded_pf_days": str(_decimal(settlement.refunded_pf_days)),
-        "net_pf_days": str(_decimal(settlement.net_pf_days)),
+        "delivered_pf_days": _amount(settlement.delivered_pf_days),
+        "refunded_pf_days": _amount(settlement.refunded_pf_days),
+        "net_pf_days": _amount(settlement.net_pf_days),
         "pledge_kept": settlement.pledge_kept,
         "recall_count": settlement.recall_count,
         "lines": [
             {
                 "region": line.region_id,
                 "model": line.model,
-                "accelerator_hours": str(_decimal(line.accelerator_hours)),
-                "pf_days": str(_decimal(line.pf_days)),
+                "accelerator_hours": _amount(line.accelerator_hours),
+                "pf_days": _amount(line.pf_days),
             }
             for line in settlement.lines
         ],
@@ -306,12 +316,12 @@ async def _refunds(client: AsyncClient) -> dict[str, Any]:
             timeout=30,
         )
         for refund in response.refunds:
-            total += _decimal(refund.amount_pf_days)
+            total = EXACT.add(total, _decimal(refund.amount_pf_days))
             count += 1
             by_reason[refund.reason] = by_reason.get(refund.reason, 0) + 1
         token = response.page.next_page_token
         if not token:
-            return {"count": count, "pf_days": str(total), "by_reason": by_reason}
+            return {"count": count, "pf_days": format_decimal(total), "by_reason": by_reason}
 
 
 async def _ledger_entries(
@@ -352,12 +362,13 @@ async def refunds_by_job(client: AsyncClient, grant_ids: Sequence[str]) -> list[
         for entries, sums in ((charges, charged), (refunds, refunded)):
             for entry in entries:
                 job = job_of_hold.get(entry.hold_id) or entry.job_id or f"hold {entry.hold_id}"
-                sums[job] = sums.get(job, Decimal(0)) + _decimal(entry.amount_pf_days)
+                value = _decimal(entry.amount_pf_days)
+                sums[job] = EXACT.add(sums.get(job, Decimal(0)), value)
     return [
         {
             "job_id": job,
-            "charged_pf_days": str(charged.get(job, Decimal(0))),
-            "refunded_pf_days": str(amount),
+            "charged_pf_days": format_decimal(charged.get(job, Decimal(0))),
+            "refunded_pf_days": format_decimal(amount),
         }
         for job, amount in sorted(refunded.items())
     ]
@@ -379,9 +390,9 @@ async def _usage(
         )
         for row in response.rows:
             rows[row.key] = {
-                "accelerator_hours": str(_decimal(row.accelerator_hours)),
-                "charged_pf_days": str(_decimal(row.charged_pf_days)),
-                "refunded_pf_days": str(_decimal(row.refunded_pf_days)),
+                "accelerator_hours": _amount(row.accelerator_hours),
+                "charged_pf_days": _amount(row.charged_pf_days),
+                "refunded_pf_days": _amount(row.refunded_pf_days),
                 "mean_utilization": f"{row.mean_utilization:.4f}",
                 "samples": str(row.sample_count),
             }

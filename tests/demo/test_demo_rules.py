@@ -9,12 +9,14 @@ from typing import Any
 
 import pytest
 
-from acsp.demo import compare
+from acsp.demo import compare, report
 from acsp.demo.checks import run_checks
+from acsp.demo.collect import LiveFigures, _ingest_dict
 from acsp.demo.fleet import build_fleet_plan, sample_by_stride
 from acsp.demo.runner import DemoConfig, MeshChildExited, _while_mesh_runs, demo_mesh_config
 from acsp.demo.setup import pick_recall_pool, recallable_count
 from acsp.demo.workload import build_workload, compress, project_plans, wall_time_limit_s
+from acsp.v1 import common_pb2, metering_pb2
 from agents.backends.fleet import FleetNode
 from scheduler.engine import PriorityClass
 from scheduler.sim.accounts import Account
@@ -207,6 +209,11 @@ def test_delay_check_names_failing_class() -> None:
         (("ledger", "postings_sum_pf_days"), "1E-24", "ledger postings sum to zero"),
         (("grants", "negative"), ["g-1"], "no grant balance is negative"),
         (("pf_days", "charged_gross"), "0.4", "charges equal metered usage times the rates"),
+        (
+            ("metering", "ingest", "priced_usage_pf_days"),
+            "0.500000000000000000000001",
+            "charges equal metered usage times the rates",
+        ),
         (("metering", "agents", "usage_samples"), 41, "samples published equal samples ingested"),
         (("jobs", "unexplained"), ["j-1"], "every job is finished or pending with a reason"),
         (("inputs", "kill_metering_at_s"), 5.0, "metering was killed and came back"),
@@ -235,6 +242,36 @@ def test_check_fails_on_inconsistency(path: tuple[str, ...], value: object, fail
     target[path[-1]] = value
     assert _failed(report) == [failing]
 
+
+
+def test_ingest_amounts_have_no_exponent() -> None:
+    small = "0.000000081119791666666666"
+    status = metering_pb2.GetIngestStatusResponse(
+        accelerator_seconds=common_pb2.Decimal(value="0.000001"),
+        charged_pf_days=common_pb2.Decimal(value=small),
+        priced_usage_pf_days=common_pb2.Decimal(value="0"),
+    )
+
+    ingest = _ingest_dict(status)
+
+    assert ingest["accelerator_seconds"] == "0.000001"
+    assert ingest["charged_pf_days"] == small
+    assert ingest["priced_usage_pf_days"] == "0"
+
+
+def test_pf_days_totals_are_exact_and_plain() -> None:
+    balances = {
+        "g-1": {"charged": "12345.000000000000000000000001", "refunded": "0", "held": "0"},
+        "g-2": {"charged": "0.00000008", "refunded": "0.00000001", "held": "0"},
+    }
+    figures = LiveFigures([], {}, balances, {}, {}, {}, {}, {}, None)
+
+    section = report._pf_days_section(figures)
+
+    assert section["charged"] == "12345.000000080000000000000001"
+    assert section["charged_gross"] == "12345.000000090000000000000001"
+    assert section["refunded"] == "0.00000001"
+    assert section["held_at_end"] == "0"
 
 class _FakeMesh:
     """Stands in for LocalMesh: ``wait_failure`` returns once ``fail`` is set."""
