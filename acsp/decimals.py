@@ -11,7 +11,8 @@ The digits that remain are exactly the value's digits, so
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
+from collections.abc import Iterable
+from decimal import ROUND_HALF_EVEN, Context, Decimal, Inexact, InvalidOperation, Overflow
 from typing import Final
 
 from acsp.v1 import common_pb2
@@ -32,6 +33,23 @@ def format_decimal(value: Decimal) -> str:
     digits = len(value.as_tuple().digits)
     normalized = value.normalize(Context(prec=max(digits, 28)))
     return format(normalized, "f")
+
+
+SUM_CONTEXT: Final = Context(prec=60, traps=[Inexact, InvalidOperation, Overflow])
+"""Context of :func:`exact_sum`. Ledger amounts have at most 24 places and 24 integer digits,
+so 60 digits hold their sums, and the Inexact trap turns any rounding into an error."""
+
+
+def exact_sum(amounts: Iterable[Decimal]) -> Decimal:
+    """Add amounts without rounding; raises ``decimal.Inexact`` if the sum needs over 60 digits.
+
+    The built-in ``sum()`` adds in the default context of 28 digits, so it rounds a sum of
+    10,000 PF-days or more at the ledger's 24 places.
+    """
+    total = Decimal(0)
+    for amount in amounts:
+        total = SUM_CONTEXT.add(total, amount)
+    return total
 
 
 DISPLAY_PLACES: Final = 6

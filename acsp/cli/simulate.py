@@ -112,22 +112,32 @@ def run(args: argparse.Namespace) -> int:
     _print_summary(summary, args.out)
     _warn_deleted_before_start(summary)
     if trace.suffix.lower() == ".swf":
-        _warn_skipped_rows(summary)
+        _warn_skipped_rows(summary, trace)
     return EXIT_OK
 
 
-def _warn_skipped_rows(summary: dict[str, Any]) -> None:
-    """Write one line on stderr that counts the trace rows the replay left out, by reason."""
+def _warn_skipped_rows(summary: dict[str, Any], trace: Path) -> None:
+    """Warn on stderr about the trace rows the replay left out.
+
+    The first line counts them by reason, and the next lines name the first few rows of each
+    reason by file and line.
+    """
     skipped = {
         reason: count for reason, count in summary["inputs"]["skipped_rows"].items() if count
     }
     total = sum(skipped.values())
-    if total:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
-        sys.stderr.write(
-            f"warning: skipped {total} trace row{'' if total == 1 else 's'} ({reasons}); "
-            "summary.json counts them under inputs.skipped_rows\n"
-        )
+    if not total:
+        return
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
+    lines = [
+        f"warning: skipped {total} trace row{'' if total == 1 else 's'} ({reasons}); "
+        "summary.json counts them under inputs.skipped_rows"
+    ]
+    examples = summary["inputs"].get("skipped_examples", [])
+    lines += [f"  {trace}:{row['line']}: {row['reason']}: {row['detail']}" for row in examples]
+    if len(examples) < total:
+        lines.append(f"  ({total - len(examples)} more not shown)")
+    sys.stderr.write("\n".join(lines) + "\n")
 
 
 def _warn_deleted_before_start(summary: dict[str, Any]) -> None:
@@ -223,15 +233,18 @@ def _describe(exc: Exception) -> str:
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
     jobs = summary["jobs"]
-    delay = summary["queueing_delay_s"]["by_class"]
     lines = [
         f"jobs: {jobs['replayed']} replayed, {jobs['completed']} completed, "
         f"{jobs['never_started']} never started, {jobs['preemptions']} preemptions",
         f"utilization by model: {json.dumps(_rounded(summary['utilization']['by_model']))}",
-        "queueing delay p50/p99 (s): "
-        + ", ".join(f"{name} {_fmt(d['p50'])}/{_fmt(d['p99'])}" for name, d in delay.items()),
-        f"Jain fairness over projects: {_fmt(summary['jain_fairness_projects'])}",
-        f"stranded by fragmentation (mean): {_fmt(summary['stranded_fraction']['mean'])}",
+        _delay_line(summary["queueing_delay_s"]["by_class"]),
+        "Jain fairness over projects: "
+        + _fmt(summary["jain_fairness_projects"], "n/a, no job completed"),
+        "stranded by fragmentation (mean): "
+        + _fmt(
+            summary["stranded_fraction"]["mean"],
+            "n/a, no job waited for capacity at a sample time",
+        ),
         f"PF-days delivered: {summary['pf_days_delivered']['total']}",
         f"replay took {summary['wall_clock_s']} s for {summary['passes']} passes",
         f"wrote {', '.join([str(out / 'summary.json'), *summary.get('plots', [])])}",
@@ -239,8 +252,22 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     sys.stdout.write("\n".join(lines) + "\n")
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
+def _delay_line(by_class: dict[str, dict[str, Any]]) -> str:
+    """Write the queueing delay of each class that started a job, and name the others."""
+    started = [
+        f"{name} {_fmt(d['p50'])}/{_fmt(d['p99'])}" for name, d in by_class.items() if d["jobs"]
+    ]
+    idle = [name for name, d in by_class.items() if not d["jobs"]]
+    if not started:
+        return "queueing delay p50/p99 (s): n/a, no job started"
+    line = "queueing delay p50/p99 (s): " + ", ".join(started)
+    if idle:
+        line += f" (no job of class {', '.join(idle)} started)"
+    return line
+
+
+def _fmt(value: float | None, missing: str = "n/a") -> str:
+    return missing if value is None else f"{value:.4g}"
 
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:

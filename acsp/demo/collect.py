@@ -7,14 +7,14 @@ import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
+from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import grpc
 
 from acsp.client import AsyncClient
-from acsp.decimals import format_decimal
+from acsp.decimals import exact_sum, format_decimal
 from acsp.demo.fleet import FleetPlan
 from acsp.demo.live import BalanceSample, LiveRun
 from acsp.demo.setup import AwardedGrant
@@ -26,10 +26,6 @@ logger = logging.getLogger(__name__)
 JOB_STATE_NAMES = {
     value: name.removeprefix("JOB_STATE_").lower() for name, value in scheduler_pb2.JobState.items()
 }
-EXACT: Final = Context(prec=60, traps=[Inexact, InvalidOperation, Overflow])
-"""Context for sums of amounts. Ledger amounts have at most 24 places and 24 integer digits,
-so 60 digits hold any sum the report forms, and the Inexact trap makes a rounding an error.
-The default context keeps 28 digits, which would round a sum of 10,000 PF-days or more."""
 PENDING_REASON_NAMES = {
     value: name.removeprefix("PENDING_REASON_").lower()
     for name, value in scheduler_pb2.PendingReason.items()
@@ -138,7 +134,7 @@ async def _held_total(client: AsyncClient, grant_ids: Sequence[str]) -> Decimal:
         balance = await client.grants.GetBalance(
             grant_pb2.GetBalanceRequest(grant_id=grant_id), timeout=10
         )
-        total = EXACT.add(total, _decimal(balance.held_pf_days))
+        total = exact_sum((total, _decimal(balance.held_pf_days)))
     return total
 
 
@@ -316,7 +312,7 @@ async def _refunds(client: AsyncClient) -> dict[str, Any]:
             timeout=30,
         )
         for refund in response.refunds:
-            total = EXACT.add(total, _decimal(refund.amount_pf_days))
+            total = exact_sum((total, _decimal(refund.amount_pf_days)))
             count += 1
             by_reason[refund.reason] = by_reason.get(refund.reason, 0) + 1
         token = response.page.next_page_token
@@ -363,7 +359,7 @@ async def refunds_by_job(client: AsyncClient, grant_ids: Sequence[str]) -> list[
             for entry in entries:
                 job = job_of_hold.get(entry.hold_id) or entry.job_id or f"hold {entry.hold_id}"
                 value = _decimal(entry.amount_pf_days)
-                sums[job] = EXACT.add(sums.get(job, Decimal(0)), value)
+                sums[job] = exact_sum((sums.get(job, Decimal(0)), value))
     return [
         {
             "job_id": job,

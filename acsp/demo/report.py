@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from acsp.decimals import format_decimal
+from acsp.decimals import exact_sum, format_decimal
 from acsp.demo import plots
-from acsp.demo.collect import EXACT, JobRecord, LiveFigures, Settlement
+from acsp.demo.collect import JobRecord, LiveFigures, Settlement
 from acsp.demo.compare import Simulated, compare
 from acsp.demo.fleet import FleetPlan
 from acsp.demo.live import LiveRun
@@ -183,27 +183,20 @@ def _grants_section(grants: Sequence[AwardedGrant], figures: LiveFigures) -> dic
             tier: sum(1 for g in grants if g.tier == tier)
             for tier in ("exploratory", "standard", "flagship")
         },
-        "awarded_pf_days": format_decimal(_exact_sum(g.awarded_pf_days for g in grants)),
+        "awarded_pf_days": format_decimal(exact_sum(g.awarded_pf_days for g in grants)),
         "negative": [g for g, b in figures.balances.items() if Decimal(b["available"]) < 0],
     }
 
 
-def _exact_sum(amounts: Iterable[Decimal]) -> Decimal:
-    total = Decimal(0)
-    for amount in amounts:
-        total = EXACT.add(total, amount)
-    return total
-
-
 def _pf_days_section(figures: LiveFigures) -> dict[str, Any]:
     def total(field: str) -> Decimal:
-        return _exact_sum(Decimal(b[field]) for b in figures.balances.values())
+        return exact_sum(Decimal(b[field]) for b in figures.balances.values())
 
     charged = total("charged")
     refunded = total("refunded")
     return {
         "charged": format_decimal(charged),
-        "charged_gross": format_decimal(EXACT.add(charged, refunded)),
+        "charged_gross": format_decimal(exact_sum((charged, refunded))),
         "refunded": format_decimal(refunded),
         "held_at_end": format_decimal(total("held")),
         "refunds": figures.refunds,

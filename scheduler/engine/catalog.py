@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from fractions import Fraction
 from typing import Final
 
 from acsp.catalog import MODELS, ModelFigures
 
 SECONDS_PER_DAY: Final = 86_400
 TFLOPS_PER_PFLOPS: Final = Decimal(1000)
+PF_DAY_PLACES: Final = 24
+"""Decimal places of a PF-day amount, the ledger's quantum of 1e-24 PF-day."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +37,20 @@ class AcceleratorModel:
     """Source of the figures."""
 
     def pf_days(self, accelerator_seconds: Decimal) -> Decimal:
-        """Convert accelerator-seconds at peak into PF-days (1e15 FLOP/s for 86,400 s)."""
-        return accelerator_seconds * self.peak_tflops / TFLOPS_PER_PFLOPS / SECONDS_PER_DAY
+        """Convert accelerator-seconds at peak into PF-days (1e15 FLOP/s for 86,400 s).
+
+        The product is exact and rounded once, half-even, to the ledger's 24 places, as
+        metering rounds a charge.
+        """
+        exact = (
+            Fraction(accelerator_seconds)
+            * Fraction(self.peak_tflops)
+            / int(TFLOPS_PER_PFLOPS * SECONDS_PER_DAY)
+        )
+        # round() of a Fraction rounds half to even. Decimal() reads the text exactly, where
+        # scaleb() would round to the context's 28 digits.
+        units = round(exact * 10**PF_DAY_PLACES)
+        return Decimal(f"{units}E-{PF_DAY_PLACES}")
 
 
 def _from_figures(figures: ModelFigures) -> AcceleratorModel:

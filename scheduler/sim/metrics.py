@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
-from acsp.decimals import format_decimal
+from acsp.decimals import exact_sum, format_decimal
 from scheduler.engine import Catalog, PriorityClass
 from scheduler.sim.replay import ReplayResult
 
@@ -66,7 +66,8 @@ def summarize(result: ReplayResult, catalog: Catalog) -> dict[str, Any]:
     pf_days: dict[str, Decimal] = {}
     for pool, seconds in result.accelerator_seconds.items():
         model = pool.rsplit("/", 1)[1]
-        pf_days[model] = pf_days.get(model, Decimal(0)) + catalog.get(model).pf_days(seconds)
+        delivered = catalog.get(model).pf_days(seconds)
+        pf_days[model] = exact_sum((pf_days.get(model, Decimal(0)), delivered))
     stranded = [s.stranded_fraction for s in result.samples if s.stranded_fraction is not None]
     return {
         "jobs": {
@@ -101,7 +102,7 @@ def summarize(result: ReplayResult, catalog: Catalog) -> dict[str, Any]:
             "samples": len(stranded),
         },
         "pf_days_delivered": {
-            "total": format_decimal(sum(pf_days.values(), Decimal(0))),
+            "total": format_decimal(exact_sum(pf_days.values())),
             "by_model": {model: format_decimal(value) for model, value in sorted(pf_days.items())},
         },
     }

@@ -70,6 +70,10 @@ def simulate(config: SimulationConfig) -> dict[str, Any]:
         "nodes": len(nodes),
         "accelerators": sum(len(n.accelerator_ids) for n in nodes),
         "skipped_rows": trace.skipped,
+        "skipped_examples": [
+            {"line": row.line, "reason": row.reason, "detail": row.detail}
+            for row in trace.skipped_examples
+        ],
         "seed": config.seed,
         "half_life_s": config.half_life_s,
         "time_scale": config.time_scale,

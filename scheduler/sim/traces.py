@@ -16,6 +16,7 @@ from typing import Final
 
 from acsp.node_lists import parse_accelerator_count
 from scheduler.engine import MILLIS_PER_ACCELERATOR, NodeSpec, PriorityClass
+from scheduler.service.validation import MAX_TASKS
 from scheduler.sim.accounts import Account, assign_account
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,11 @@ DELETED_BEFORE_START: Final = "deleted_before_start"
 """Reason of skipped openb rows whose ``deletion_time`` is before the pod's start."""
 SWF_ACCELERATORS_PER_NODE: Final = 8
 """SWF jobs wider than this become gangs of tasks of this many accelerators."""
+TOO_MANY_TASKS: Final = "too_many_tasks"
+"""Reason of skipped SWF rows whose gang would have more tasks than the scheduler accepts at
+submission (:data:`scheduler.service.validation.MAX_TASKS`)."""
+EXAMPLES_PER_REASON: Final = 3
+"""Skipped rows a trace keeps, per reason, to show where and why rows were left out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +63,39 @@ class TraceJob:
 
 
 @dataclass(frozen=True, slots=True)
+class SkippedRow:
+    """One trace row the loader left out, and why."""
+
+    line: int
+    """Line number in the trace file, from 1."""
+    reason: str
+    """The key under which :attr:`LoadedTrace.skipped` counts the row."""
+    detail: str
+    """The fault in the row, e.g. ``12 fields, not 18``."""
+
+
+@dataclass(frozen=True, slots=True)
 class LoadedTrace:
     jobs: tuple[TraceJob, ...]
     skipped: dict[str, int]
     """Rows left out, by reason."""
     source: str
+    skipped_examples: tuple[SkippedRow, ...] = ()
+    """The first :data:`EXAMPLES_PER_REASON` rows left out for each reason, in file order."""
+
+
+class _Skips:
+    """Counts of skipped rows by reason, and the first few rows of each reason."""
+
+    def __init__(self, *reasons: str) -> None:
+        self.counts = dict.fromkeys(reasons, 0)
+        self.examples: list[SkippedRow] = []
+
+    def add(self, line: int, reason: str, detail: str) -> None:
+        count = self.counts.get(reason, 0)
+        self.counts[reason] = count + 1
+        if count < EXAMPLES_PER_REASON:
+            self.examples.append(SkippedRow(line, reason, detail))
 
 
 def load_openb_pods(
@@ -196,14 +230,15 @@ def load_swf(path: Path, limit: int | None = None, seed: int = 0) -> LoadedTrace
     node of :data:`SWF_ACCELERATORS_PER_NODE`, else a gang of ``ceil(n / 8)`` tasks of 8.
     User and group ids become project and institution; the requested time is the wall-time
     limit (the run time where none was requested). Jobs with no run time or no processors
-    are skipped, and so are rows of fewer than :data:`SWF_FIELDS` fields. A field that is not
-    a number raises ValueError naming the file, line and field.
+    are skipped, and so are rows of fewer than :data:`SWF_FIELDS` fields and gangs of more
+    tasks than the scheduler accepts (:data:`TOO_MANY_TASKS`). A field that is not a number
+    raises ValueError naming the file, line and field.
     """
     jobs: list[TraceJob] = []
-    skipped = {"no_runtime": 0, "no_processors": 0, "malformed": 0}
+    skips = _Skips("no_runtime", "no_processors", "malformed", TOO_MANY_TASKS)
     for line, fields in _swf_rows(path):
         if len(fields) < SWF_FIELDS:
-            skipped["malformed"] += 1
+            skips.add(line, "malformed", f"{len(fields)} fields, not {SWF_FIELDS}")
             continue
         number = fields[0]
         submit = _swf_field(path, line, fields, 1, "submit time", float)
@@ -212,15 +247,29 @@ def load_swf(path: Path, limit: int | None = None, seed: int = 0) -> LoadedTrace
         requested = int(_swf_field(path, line, fields, 7, "requested processors", int))
         processors = requested if requested > 0 else allocated
         if run <= 0:
-            skipped["no_runtime"] += 1
+            skips.add(line, "no_runtime", f"run time {fields[3]} is not above 0")
             continue
         if processors <= 0:
-            skipped["no_processors"] += 1
+            skips.add(
+                line,
+                "no_processors",
+                f"requested processors {requested} and allocated processors {allocated} "
+                "are not above 0",
+            )
             continue
         if processors <= SWF_ACCELERATORS_PER_NODE:
             tasks, per_task = 1, processors
         else:
-            tasks, per_task = math.ceil(processors / SWF_ACCELERATORS_PER_NODE), 8
+            tasks = math.ceil(processors / SWF_ACCELERATORS_PER_NODE)
+            per_task = SWF_ACCELERATORS_PER_NODE
+        if tasks > MAX_TASKS:
+            skips.add(
+                line,
+                TOO_MANY_TASKS,
+                f"{processors} processors make {tasks} tasks of {per_task} accelerators, and "
+                f"the scheduler rejects a job of more than {MAX_TASKS} tasks at submission",
+            )
+            continue
         requested_time = _swf_field(path, line, fields, 8, "requested time", float)
         user, group = fields[11], fields[12]
         name = f"swf-{number}"
@@ -242,4 +291,4 @@ def load_swf(path: Path, limit: int | None = None, seed: int = 0) -> LoadedTrace
         jobs = jobs[:limit]
     if seed:
         logger.debug("seed %s unused for SWF: accounts come from user and group ids", seed)
-    return LoadedTrace(tuple(jobs), skipped, str(path))
+    return LoadedTrace(tuple(jobs), skips.counts, str(path), tuple(skips.examples))

@@ -30,6 +30,56 @@ def test_simulate_swf_on_custom_fleet(tmp_path: Path, capsys: pytest.CaptureFixt
         "warning: skipped 3 trace rows (malformed: 1, no_processors: 1, no_runtime: 1); "
         "summary.json counts them under inputs.skipped_rows"
     ) in output.err
+    assert f"  {DATA / 'tiny.swf'}:8: no_runtime: run time -1 is not above 0\n" in output.err
+    assert f"  {DATA / 'tiny.swf'}:11: malformed: 3 fields, not 18\n" in output.err
+    lines = output.out.splitlines()
+    delay = next(line for line in lines if line.startswith("queueing delay"))
+    assert "n/a/n/a" not in delay
+    assert delay.endswith("(no job of class preemptible, interactive started)")
+    stranded = next(line for line in lines if line.startswith("stranded"))
+    assert stranded.endswith("n/a, no job waited for capacity at a sample time")
+
+
+def test_simulate_says_why_figures_are_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The fleet has no T4, so the only job never starts and no figure can be computed.
+    trace = tmp_path / "pods.csv"
+    trace.write_text(f"{OPENB_HEADER}\np1,1000,100,1,1000,T4,LS,Running,0,60,0\n")
+    args = ["simulate", "--trace", str(trace), "--fleet", str(DATA / "two_regions.csv")]
+
+    status = main([*args, "--out", str(tmp_path / "out"), "--no-plots"])
+
+    assert status == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "jobs: 1 replayed, 0 completed, 1 never started, 0 preemptions" in lines
+    assert "queueing delay p50/p99 (s): n/a, no job started" in lines
+    assert "Jain fairness over projects: n/a, no job completed" in lines
+
+
+def test_simulate_rejects_gang_over_task_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "wide.swf"
+    rows = [
+        "1 0 0 600 4 -1 -1 4 900 -1 1 1 1 -1 1 -1 -1 -1",
+        "2 10 0 600 -1 -1 -1 100000 900 -1 1 1 1 -1 1 -1 -1 -1",
+    ]
+    trace.write_text("\n".join(rows) + "\n")
+    args = ["simulate", "--trace", str(trace), "--fleet", str(DATA / "two_regions.csv")]
+
+    status = main([*args, "--out", str(tmp_path / "out"), "--no-plots"])
+
+    assert status == 0
+    output = capsys.readouterr()
+    assert "jobs: 1 replayed, 1 completed, 0 never started" in output.out
+    assert f"  {trace}:2: too_many_tasks: 100000 processors make 12500 tasks" in output.err
+    assert "rejects a job of more than 4096 tasks at submission" in output.err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["inputs"]["skipped_rows"]["too_many_tasks"] == 1
+    [example] = summary["inputs"]["skipped_examples"]
+    assert example["line"] == 2
+    assert example["reason"] == "too_many_tasks"
 
 
 def test_simulate_names_bad_swf_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -193,6 +243,7 @@ def test_simulate_prints_pf_days_without_exponent(
     figure = line.rsplit(" ", 1)[1]
     assert "E" not in figure
     assert figure.startswith("0.0000002")
+    assert len(figure.split(".")[1]) <= 24
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["pf_days_delivered"]["total"] == figure
 

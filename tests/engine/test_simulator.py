@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from scheduler.engine import Engine, EngineConfig, NodeSpec, PriorityClass
+from scheduler.service.validation import MAX_TASKS
 from scheduler.sim.accounts import assign_account
 from scheduler.sim.metrics import jain_index, percentile
 from scheduler.sim.replay import Replay
@@ -33,7 +34,56 @@ def test_swf_loader_maps_processors_to_tasks() -> None:
     assert jobs["swf-3"].wall_time_s == 300
     assert jobs["swf-6"].wall_time_s == 200
     assert jobs["swf-2"].account.project == "user-2"
-    assert trace.skipped == {"no_runtime": 1, "no_processors": 1, "malformed": 1}
+    assert trace.skipped == {
+        "no_runtime": 1,
+        "no_processors": 1,
+        "malformed": 1,
+        "too_many_tasks": 0,
+    }
+
+
+def test_swf_loader_keeps_skipped_rows() -> None:
+    trace = load_swf(DATA / "tiny.swf")
+
+    by_reason = {row.reason: row for row in trace.skipped_examples}
+    assert [row.line for row in trace.skipped_examples] == [8, 9, 11]
+    assert by_reason["no_runtime"].detail == "run time -1 is not above 0"
+    assert "processors 0" in by_reason["no_processors"].detail
+    assert by_reason["malformed"].detail == "3 fields, not 18"
+
+
+def test_swf_loader_keeps_first_examples_only(tmp_path: Path) -> None:
+    path = tmp_path / "short.swf"
+    path.write_text("".join(f"{i} 0 0\n" for i in range(1, 6)))
+
+    trace = load_swf(path)
+
+    assert trace.skipped["malformed"] == 5
+    assert [row.line for row in trace.skipped_examples] == [1, 2, 3]
+
+
+def test_swf_loader_rejects_gang_over_task_limit(tmp_path: Path) -> None:
+    # The scheduler accepts at most MAX_TASKS tasks per job: 4096 tasks of 8 is 32768
+    # processors, and one processor more makes 4097 tasks.
+    path = tmp_path / "wide.swf"
+    rest = "-1 -1 {procs} 900 -1 1 1 1 -1 1 -1 -1 -1"
+    rows = [
+        f"1 0 0 600 -1 {rest.format(procs=MAX_TASKS * 8)}",
+        f"2 0 0 600 -1 {rest.format(procs=MAX_TASKS * 8 + 1)}",
+        f"3 0 0 600 -1 {rest.format(procs=100_000)}",
+    ]
+    path.write_text("\n".join(rows) + "\n")
+
+    trace = load_swf(path)
+
+    assert [(job.name, job.task_count) for job in trace.jobs] == [("swf-1", MAX_TASKS)]
+    assert trace.skipped["too_many_tasks"] == 2
+    examples = [row for row in trace.skipped_examples if row.reason == "too_many_tasks"]
+    assert [row.line for row in examples] == [2, 3]
+    assert examples[1].detail == (
+        "100000 processors make 12500 tasks of 8 accelerators, and the scheduler rejects a "
+        f"job of more than {MAX_TASKS} tasks at submission"
+    )
 
 
 def test_swf_loader_names_bad_field(tmp_path: Path) -> None:

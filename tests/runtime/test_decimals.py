@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import io
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, localcontext
+from decimal import Decimal, Inexact, localcontext
 
 import pytest
 
-from acsp.decimals import display_decimal, format_decimal, from_proto, to_proto
+from acsp.decimals import display_decimal, exact_sum, format_decimal, from_proto, to_proto
 from acsp.v1 import common_pb2
 from services.metering.settlement import Settlement, SettlementLine, settlement_csv
 
@@ -119,3 +119,16 @@ def test_settlement_csv_has_no_exponents() -> None:
 )
 def test_display_decimal_rounds(amount: str, shown: str) -> None:
     assert display_decimal(Decimal(amount)) == shown
+
+
+def test_exact_sum_keeps_every_place() -> None:
+    amounts = [Decimal("12345.000000000000000000000001"), Decimal("0.000000000000000000000001")]
+
+    assert exact_sum(amounts) == Decimal("12345.000000000000000000000002")
+    assert sum(amounts, Decimal(0)) != Decimal("12345.000000000000000000000002")
+    assert exact_sum([]) == 0
+
+
+def test_exact_sum_raises_instead_of_rounding() -> None:
+    with pytest.raises(Inexact):
+        exact_sum([Decimal("1e40"), Decimal("1e-24")])
