@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from acsp.subjects import TOKEN_PATTERN
+from acsp.task_environment import RESERVED_VARIABLES
 from acsp.v1 import agent_pb2
 from scheduler.engine.catalog import AcceleratorModel, Catalog
 from services.runtime.errors import InvalidArgument
@@ -301,6 +302,13 @@ def _check_env(spec: JobSpec, bad: _Reporter) -> None:
             )
         if "\x00" in value:
             bad(field, "value contains a NUL character")
+        described = RESERVED_VARIABLES.get(key)
+        if described is not None:
+            bad(
+                field,
+                f"is reserved, because acsp sets it to {described} when it starts a task, "
+                "replacing the job's value; leave it out, or pass the value under another name",
+            )
 
 
 def _quote_key(key: str) -> str:
