@@ -50,6 +50,7 @@ from agents.task_cgroups import (
 from agents.task_process import TaskLauncher
 from agents.task_user import (
     POOL_LAUNCHER_CAPABILITIES,
+    TASK_USER_ENV,
     check_agent_can_switch,
     check_task_folder_reachable,
     warn_readable_files,
@@ -290,6 +291,9 @@ def _task_user_pool(settings: AgentSettings) -> TaskUserPool | None:
 def check_isolation(settings: AgentSettings) -> None:
     """Check that tasks can run as the task user, and warn of credentials others may read.
 
+    An agent that runs as root without a task user or pool logs a warning, because its tasks
+    run as root too.
+
     Raises :class:`SettingsError` when the agent cannot switch to the task user, or the task
     user cannot reach the task folder.
     """
@@ -305,6 +309,17 @@ def check_isolation(settings: AgentSettings) -> None:
         return
     warn_readable_files(user, files)
     if user is None:
+        if os.geteuid() == 0:
+            logger.warning(
+                "the agent runs as root and neither %s nor %s is set, so every job's tasks run "
+                "as root. A job's code can then read and change any file on this machine, such "
+                "as the agent's NATS credentials and state, or a local mesh's passwords and "
+                "token signing key. Set %s to an unprivileged user for the tasks "
+                "(docs/deploy.md, Tasks as a separate user)",
+                TASK_USER_ENV,
+                TASK_USERS_ENV,
+                TASK_USER_ENV,
+            )
         return
     check_agent_can_switch(user, uses_launcher=settings.record_exit_status)
     check_task_folder_reachable(user, settings.agent_state_dir)

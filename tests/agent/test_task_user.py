@@ -25,20 +25,24 @@ from pathlib import Path
 import pytest
 
 from agents.checkpoints import CheckpointFiles
+from agents.main import check_isolation
 from agents.model import TaskSpec, TaskState
 from agents.programs import find_executable, may_execute
 from agents.runner import TaskRunner
+from agents.settings import AgentSettings
 from agents.state import StateStore
 from agents.task_process import TaskLauncher, read_exit_status
 from agents.task_user import (
     NON_ROOT_CAPABILITIES,
     TASK_FOLDER_MODE,
+    TASK_USER_ENV,
     TaskUser,
     check_agent_can_switch,
     check_task_folder_reachable,
     parse_task_user,
     warn_readable_files,
 )
+from agents.task_users import TASK_USERS_ENV
 from services.runtime.settings import SettingsError
 from tests.agent.test_runner import Recorder, wait_for
 
@@ -564,3 +568,48 @@ def test_readable_credentials_warned(tmp_path: Path, caplog: pytest.LogCaptureFi
         assert warn_readable_files(task_group, files) == ["B", "C"]
     assert f"B={public} (mode 644) is readable by users other than the agent's" in caplog.text
     assert "among them the task user other (uid 4242" in caplog.text
+
+
+def _root_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.WARNING and "runs as root" in record.getMessage()
+    ]
+
+
+def test_root_agent_without_task_user_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = AgentSettings.from_env({"ACSP_AGENT_STATE_DIR": str(tmp_path)})
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with caplog.at_level(logging.WARNING):
+        check_isolation(settings)
+
+    warnings = _root_warnings(caplog)
+    assert len(warnings) == 1
+    assert "every job's tasks run as root" in warnings[0]
+    assert "token signing key" in warnings[0]
+    assert f"Set {TASK_USER_ENV} to an unprivileged user" in warnings[0]
+    assert TASK_USERS_ENV in warnings[0]
+
+
+def test_other_agent_user_gets_no_root_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = AgentSettings.from_env({"ACSP_AGENT_STATE_DIR": str(tmp_path)})
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    with caplog.at_level(logging.WARNING):
+        check_isolation(settings)
+
+    assert _root_warnings(caplog) == []
+
+
+def test_task_user_silences_root_warning(
+    reachable_folder: Path, task_user: TaskUser, caplog: pytest.LogCaptureFixture
+) -> None:
+    environ = {"ACSP_AGENT_STATE_DIR": str(reachable_folder), TASK_USER_ENV: task_user.name}
+    with caplog.at_level(logging.WARNING):
+        check_isolation(AgentSettings.from_env(environ))
+
+    assert _root_warnings(caplog) == []
