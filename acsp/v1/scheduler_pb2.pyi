@@ -63,6 +63,7 @@ class PendingReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PENDING_REASON_REQUEUED: _ClassVar[PendingReason]
     PENDING_REASON_PRIORITY: _ClassVar[PendingReason]
     PENDING_REASON_DEPENDENCY: _ClassVar[PendingReason]
+    PENDING_REASON_TASK_TOO_LARGE: _ClassVar[PendingReason]
 NODE_STATE_UNSPECIFIED: NodeState
 NODE_STATE_UP: NodeState
 NODE_STATE_DRAINING: NodeState
@@ -99,6 +100,7 @@ PENDING_REASON_TOPOLOGY: PendingReason
 PENDING_REASON_REQUEUED: PendingReason
 PENDING_REASON_PRIORITY: PendingReason
 PENDING_REASON_DEPENDENCY: PendingReason
+PENDING_REASON_TASK_TOO_LARGE: PendingReason
 
 class Provider(_message.Message):
     __slots__ = ("provider_id", "display_name", "regions", "allow_cross_provider_gangs")

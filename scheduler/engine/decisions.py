@@ -19,6 +19,7 @@ class ReasonCode(StrEnum):
     TOPOLOGY = "topology"
     REQUEUED = "requeued"
     PRIORITY = "priority"
+    TASK_TOO_LARGE = "task_too_large"
 
 
 class Cause(StrEnum):

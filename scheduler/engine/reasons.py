@@ -135,8 +135,8 @@ def size_reason(job: JobSpec, pools: Sequence[Pool]) -> tuple[ReasonCode, str] |
     """Return why no node of ``pools`` can ever hold the job's tasks, or None if one can.
 
     A task larger than every node of an accepted model can run on no node at all, so it gets
-    NO_MATCHING_MODEL. Tasks that fit one by one but not together on one node, as
-    ``same_node`` requires, get TOPOLOGY.
+    TASK_TOO_LARGE. Tasks that fit one by one but not together on one node, as ``same_node``
+    requires, get TOPOLOGY. ``pools`` must each have a node, as candidate pools do.
     """
     if job.fractional:
         return None
@@ -144,7 +144,7 @@ def size_reason(job: JobSpec, pools: Sequence[Pool]) -> tuple[ReasonCode, str] |
     per_task = job.accelerators_per_task
     if per_task > largest:
         return (
-            ReasonCode.NO_MATCHING_MODEL,
+            ReasonCode.TASK_TOO_LARGE,
             f"no node has {per_task} accelerators of an accepted model for one task; the "
             f"largest node of {describe_pools(pools)} has {largest}; it waits until a larger "
             "node joins",
@@ -193,7 +193,8 @@ def no_pool_message(job: JobSpec, fleet_pools: Iterable[Pool]) -> str:
     if not job.regions:
         return "no node in the fleet has an accepted accelerator model"
     allowed = ",".join(sorted(job.regions))
-    if not any(pool.region_key in job.regions for pool in fleet_pools):
+    # A pool outlives its last node, so a region counts only while a pool there has one.
+    if not any(pool.nodes and pool.region_key in job.regions for pool in fleet_pools):
         return f"no node in the allowed regions ({allowed})"
     return f"no node in the allowed regions ({allowed}) has an accepted accelerator model"
 

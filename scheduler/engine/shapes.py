@@ -96,7 +96,11 @@ class ShapeIndex:
         return shape.pools
 
     def candidate_pools(self, spec: JobSpec) -> tuple[PoolCacheKey, tuple[Pool, ...]]:
-        """Return the cache key and the pools of accepted models in allowed regions."""
+        """Return the cache key and the pools of accepted models in allowed regions.
+
+        A pool whose last node was removed stays in the fleet but is no candidate, so a job
+        that only it would accept gets NO_MATCHING_MODEL and not a size or capacity reason.
+        """
         if self._version != self._fleet.version:
             self._pools.clear()
             self._version = self._fleet.version
@@ -108,6 +112,8 @@ class ShapeIndex:
         return key, pools
 
     def _accepts(self, spec: JobSpec, pool: Pool) -> bool:
+        if not pool.nodes:
+            return False
         if spec.models and pool.model not in spec.models:
             return False
         if spec.regions and pool.region_key not in spec.regions:

@@ -18,7 +18,7 @@ def test_arrivals_only_pass_keeps_reasons() -> None:
     second = engine.schedule(5.0)
 
     assert list(placed(second)) == ["small"]
-    assert reasons(second) == {"big": "no_matching_model"}
+    assert reasons(second) == {"big": "task_too_large"}
     assert second.waiting[0] is first.waiting[0]
 
 

@@ -15,7 +15,7 @@ def waiting_message(engine_job: str, result: object) -> tuple[str, str]:
     raise AssertionError(f"{engine_job} is not waiting")
 
 
-def test_task_too_big_has_no_matching_node() -> None:
+def test_task_too_big_for_every_node() -> None:
     engine = make_engine()
     for i in range(7):
         engine.add_node(node(f"n{i}", 2))
@@ -23,12 +23,12 @@ def test_task_too_big_has_no_matching_node() -> None:
 
     reason, message = waiting_message("big", engine.schedule(10.0))
 
-    assert reason == "no_matching_model"
+    assert reason == "task_too_large"
     assert "no node has 8 accelerators of an accepted model for one task" in message
     assert message.endswith("has 2; it waits until a larger node joins")
 
 
-def test_single_task_too_big_has_no_matching_node() -> None:
+def test_single_task_too_big_for_every_node() -> None:
     engine = make_engine()
     engine.add_node(node("n1", 8))
     engine.add_node(node("n2", 8))
@@ -36,10 +36,24 @@ def test_single_task_too_big_has_no_matching_node() -> None:
 
     reason, message = waiting_message("big", engine.schedule(10.0))
 
-    assert reason == "no_matching_model"
+    assert reason == "task_too_large"
     assert "no node has 16 accelerators of an accepted model for one task" in message
     assert message.endswith("has 8; it waits until a larger node joins")
     assert "topology" not in message
+
+
+def test_task_too_big_without_models_is_size() -> None:
+    # Any model is accepted, so the request per task is what no node can meet.
+    engine = make_engine()
+    engine.add_node(node("n1", 2))
+    engine.add_node(node("n2", 2, model="T4"))
+    engine.submit(job("four", accelerators=4))
+
+    reason, message = waiting_message("four", engine.schedule(10.0))
+
+    assert reason == "task_too_large"
+    assert "no node has 4 accelerators of an accepted model for one task" in message
+    assert "has 2; it waits until a larger node joins" in message
 
 
 def test_same_node_gang_too_big_is_topology() -> None:
@@ -207,7 +221,7 @@ def test_too_big_reason_follows_new_node() -> None:
     engine.add_node(node("h1", 8, model="H100-SXM5-80GB", provider="openb", region="region-1"))
     reason, message = waiting_message("big", engine.schedule(12.0))
 
-    assert reason == "no_matching_model"
+    assert reason == "task_too_large"
     assert "the largest node of models H100-SXM5-80GB,P100 in openb/region-1 has 8" in message
 
 

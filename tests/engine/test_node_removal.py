@@ -48,6 +48,37 @@ def test_removed_node_leaves_pool_and_id() -> None:
     assert engine.fleet.by_id["n2"].ordinal != old.ordinal
 
 
+def test_removing_last_node_leaves_no_model() -> None:
+    engine = make_engine()
+    engine.add_node(node("t1", 2, model="T4"))
+    engine.add_node(node("a1", 2))
+    engine.submit(job("t4-pair", accelerators=2, models=frozenset({"T4"})))
+    engine.submit(job("t4-four", accelerators=4, models=frozenset({"T4"})))
+    engine.submit(job("anywhere", accelerators=4, regions=frozenset({"p1/r1"})))
+    engine.apply(NodeDrain("t1"))
+    engine.apply(NodeDrain("a1"))
+
+    engine.remove_node("t1")
+    engine.remove_node("a1")
+    result = engine.schedule(0.0)
+
+    by_job = {w.job_id: w for w in result.waiting}
+    for job_id in ("t4-pair", "t4-four"):
+        assert by_job[job_id].reason == "no_matching_model"
+        assert by_job[job_id].message == "no node in the fleet has an accepted accelerator model"
+    assert by_job["anywhere"].reason == "no_matching_model"
+    assert by_job["anywhere"].message == "no node in the allowed regions (p1/r1)"
+    assert all("has 0" not in w.message for w in result.waiting)
+
+    engine.add_node(node("t2", 2, model="T4"))
+    result = engine.schedule(1.0)
+
+    assert nodes_of(placed(result)["t4-pair"]) == {"t2"}
+    by_job = {w.job_id: w for w in result.waiting}
+    assert by_job["t4-four"].reason == "task_too_large"
+    assert "the largest node of models T4 in p1/r1 has 2" in by_job["t4-four"].message
+
+
 def test_up_node_without_jobs_is_removed() -> None:
     engine = make_engine()
     engine.add_node(node("n1", 2))

@@ -89,7 +89,7 @@ async def test_unplaceable_jobs_name_their_reason(stack: Stack) -> None:
             lambda: reason_of(same_node.job.job_id), 20, "the same-node gang's reason", 0.2
         )
         far_job = await wait_for(lambda: reason_of(far.job.job_id), 20, "the far job's reason", 0.2)
-    assert gang_job.pending_reason == scheduler_pb2.PENDING_REASON_NO_MATCHING_MODEL
+    assert gang_job.pending_reason == scheduler_pb2.PENDING_REASON_TASK_TOO_LARGE
     assert "no node has 8 accelerators of an accepted model for one task" in gang_job.state_message
     assert gang_job.state_message.endswith("has 2; it waits until a larger node joins")
     assert same_node_job.pending_reason == scheduler_pb2.PENDING_REASON_TOPOLOGY

@@ -56,18 +56,18 @@ def test_reason_follows_larger_node() -> None:
     job = replace(big_job(), updated_at=NOW)
     book.add([job], NOW)
     run_pass(book, NOW + 1)
-    assert book.jobs[job.job_id].pending_reason == "no_matching_model"
+    assert book.jobs[job.job_id].pending_reason == "task_too_large"
     assert "models P100 in prov/reg has 2" in book.jobs[job.job_id].reason
 
     add_node(book, fleet, "h100", 8, "H100-SXM5-80GB")
     soon = run_pass(book, NOW + 2)
     later = run_pass(book, NOW + 1 + REASON_REFRESH_S)
 
-    # The code stays no_matching_model, but the message names the node that joined.
+    # The code stays task_too_large, but the message names the node that joined.
     assert job.job_id not in soon.changed
     assert job.job_id in later.changed
     waiting = book.jobs[job.job_id]
-    assert waiting.pending_reason == "no_matching_model"
+    assert waiting.pending_reason == "task_too_large"
     assert "models H100-SXM5-80GB,P100 in prov/reg has 8" in waiting.reason
 
 
@@ -105,10 +105,10 @@ def test_new_code_ignores_refresh_bounds() -> None:
     book.add(jobs, NOW)
     run_pass(book, NOW + 10)
 
-    # A node large enough for one task turns no_matching_model into another code at once.
+    # A node large enough for one task turns task_too_large into another code at once.
     add_node(book, fleet, "big", 64, "P100")
     fx = run_pass(book, NOW + 11)
 
     assert len(fx.changed) == 3
     for job in jobs:
-        assert book.jobs[job.job_id].pending_reason != "no_matching_model"
+        assert book.jobs[job.job_id].pending_reason != "task_too_large"
