@@ -30,6 +30,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
+from agents.private_files import private_opener
+
 logger = logging.getLogger(__name__)
 
 DEAD_LETTERS_FILE_NAME: Final = "dead_letters.jsonl"
@@ -90,7 +92,7 @@ class DeadLetters:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Opened for each append, so that an operator who replaces the file (an editor saving
         # it after deleting a line) gets the next letters in the new file.
-        with open(self.path, "ab") as file:
+        with open(self.path, "ab", opener=private_opener) as file:
             file.write(b"".join(lines))
             file.flush()
             os.fsync(file.fileno())
@@ -122,7 +124,7 @@ class DeadLetters:
             data = data[:complete]
         elif tail:
             # A whole letter whose newline an operator's editor removed: keep it.
-            with open(self.path, "ab") as file:
+            with open(self.path, "ab", opener=private_opener) as file:
                 file.write(b"\n")
                 os.fsync(file.fileno())
             data += b"\n"

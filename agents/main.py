@@ -34,13 +34,14 @@ from agents.health import HealthSettings
 from agents.launcher import drop_inheritable_capabilities
 from agents.node import NodeAgent
 from agents.outbox import Outbox
+from agents.private_files import restrict_modes
 from agents.process import AgentProcess, ConnectionOptions, Intervals
 from agents.scratch_folders import ScratchSweeper, check_scratch_dirs
 from agents.settings import AgentSettings
 from agents.simulated_inputs import SimulatedInputError, SimulatedInputs, load_simulated_inputs
 from agents.spool import Spool
 from agents.state import StateStore
-from agents.state_lock import StateFolderLock
+from agents.state_lock import LOCK_FILE_NAME, StateFolderLock
 from agents.task_cgroups import (
     TASK_CGROUP_ENV,
     TaskCgroupError,
@@ -189,10 +190,14 @@ def build_process(
     check_isolation(settings)
     task_cgroups = _task_cgroups(settings)
     state = StateStore(state_dir / "state.json")
+    spool_dir = state_dir / "spool"
+    dead_letters_path = state_dir / DEAD_LETTERS_FILE_NAME
+    # Created private now, but an earlier version may have left them readable by others.
+    restrict_modes([*state.files, spool_dir, dead_letters_path, state_dir / LOCK_FILE_NAME])
     outbox = Outbox(
-        Spool(state_dir / "spool", max_bytes=settings.spool_max_bytes),
+        Spool(spool_dir, max_bytes=settings.spool_max_bytes),
         before_append=state.save_before_spool,
-        dead_letters=DeadLetters(state_dir / DEAD_LETTERS_FILE_NAME),
+        dead_letters=DeadLetters(dead_letters_path),
         max_rejections=settings.max_message_rejections,
     )
     boot = boot_id or uuid.uuid4().hex[:12]

@@ -61,6 +61,7 @@ from acsp import subjects
 from agents import wire
 from agents.node import NodeAgent
 from agents.outbox import Outbox
+from agents.private_files import private_opener
 from agents.runner import AGENT_EXIT, remove_stale_cgroups
 from agents.state import StateStore
 from agents.state_lock import StateFolderLock, remove_pid_file, write_pid_file
@@ -457,7 +458,8 @@ class AgentProcess:
         }
         path = self._state.path.parent / STATS_FILE_NAME
         temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(stats) + "\n")
+        with open(temporary, "w", encoding="utf-8", opener=private_opener) as file:
+            file.write(json.dumps(stats) + "\n")
         os.replace(temporary, path)
 
     async def _heartbeat_all(self) -> None:

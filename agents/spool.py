@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
+from agents.private_files import PRIVATE_FOLDER_MODE, private_opener
 from agents.spool_format import SpoolRecord, decode_record, encode_record
 from agents.spool_repair import QUARANTINE_SUFFIX, quarantine_path, scan_segment
 
@@ -108,7 +109,7 @@ class Spool:
         self._dir = directory
         self._max_bytes = max_bytes
         self._segment_bytes = segment_bytes
-        self._dir.mkdir(parents=True, exist_ok=True)
+        self._dir.mkdir(mode=PRIVATE_FOLDER_MODE, parents=True, exist_ok=True)
         self._writer: BinaryIO | None = None
         self.damaged_segments = 0
         """Segments found damaged and repaired since this object was created."""
@@ -129,7 +130,7 @@ class Spool:
         self.dropped = 0
         """Records rejected because the spool was full, since this object was created."""
         if self._segments:
-            self._writer = open(self._segment_path(self._segments[-1]), "ab")
+            self._writer = open(self._segment_path(self._segments[-1]), "ab", opener=private_opener)
 
     # Properties ------------------------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class Spool:
         if self._segments:
             last = self._segments[-1]
             os.truncate(self._segment_path(last), start - last)
-            self._writer = open(self._segment_path(last), "ab")
+            self._writer = open(self._segment_path(last), "ab", opener=private_opener)
 
     def _cache_appended(self, records: Sequence[SpoolRecord], frames: list[bytes]) -> None:
         if self._cache is None:
@@ -226,7 +227,7 @@ class Spool:
             os.fsync(self._writer.fileno())
             self._writer.close()
         self._segments.append(self._tail)
-        self._writer = open(self._segment_path(self._tail), "ab")
+        self._writer = open(self._segment_path(self._tail), "ab", opener=private_opener)
         self._fsync_directory()
 
     # Reading ---------------------------------------------------------------------------------
@@ -316,7 +317,7 @@ class Spool:
         }
         path = self._dir / REJECTIONS_FILE_NAME
         temporary = path.with_suffix(".tmp")
-        with open(temporary, "wb") as file:
+        with open(temporary, "wb", opener=private_opener) as file:
             file.write(json.dumps(document).encode())
             file.flush()
             os.fsync(file.fileno())
@@ -441,7 +442,7 @@ class Spool:
             self._writer = None
         scan = scan_segment(self._segment_path(start), max(0, self._head - start), end - start)
         if last:
-            self._writer = open(self._segment_path(start), "ab")
+            self._writer = open(self._segment_path(start), "ab", opener=private_opener)
         if not scan.lost_bytes:
             raise OSError(f"spool segment {self._segment_path(start)} cannot be read")
         self.damaged_segments += 1
@@ -463,7 +464,7 @@ class Spool:
         path = self._dir / "head"
         temporary = self._dir / "head.tmp"
         packed = struct.pack(">Q", self._head)
-        with open(temporary, "wb") as file:
+        with open(temporary, "wb", opener=private_opener) as file:
             file.write(packed + struct.pack(">I", zlib.crc32(packed)))
             file.flush()
             os.fsync(file.fileno())

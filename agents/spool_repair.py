@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agents.private_files import private_opener
 from agents.spool_format import (
     MIN_RECORD_BYTES,
     decode_record,
@@ -175,7 +176,7 @@ def _quarantine(path: Path) -> Path:
     """Copy the segment to a ``.corrupt`` file beside it that no earlier repair uses."""
     target = quarantine_path(path)
     temporary = target.with_name(target.name + ".tmp")
-    with open(temporary, "wb") as file:
+    with open(temporary, "wb", opener=private_opener) as file:
         file.write(path.read_bytes())
         file.flush()
         os.fsync(file.fileno())
@@ -196,7 +197,7 @@ def _rewrite(path: Path, data: bytes, ranges: list[tuple[int, int]], size: int) 
         offset = end
     parts.append(data[offset:size])
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
+    with open(temporary, "wb", opener=private_opener) as file:
         file.write(b"".join(parts))
         file.flush()
         os.fsync(file.fileno())

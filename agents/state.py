@@ -40,6 +40,7 @@ from typing import Any
 import orjson
 
 from agents.model import WHOLE_MILLI
+from agents.private_files import private_opener
 from services.runtime.errors import StartupError
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,11 @@ class StateStore:
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The state file, and the intents file and ended-task journal beside it."""
+        return (self._path, self._intents_path, self._journal_path)
 
     @property
     def nodes(self) -> dict[str, NodeState]:
@@ -384,7 +390,7 @@ class StateStore:
             text = "".join(line + "\n" for _key, _ended_at, line in self._journal)
             _write_atomically(self._journal_path, text)
         elif self._journal_unsaved:
-            with open(self._journal_path, "a", encoding="utf-8") as file:
+            with open(self._journal_path, "a", encoding="utf-8", opener=private_opener) as file:
                 file.write("".join(line + "\n" for line in self._journal_unsaved))
                 file.flush()
                 os.fsync(file.fileno())
@@ -504,7 +510,7 @@ def _write_atomically(path: Path, content: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(path.suffix + ".tmp")
     data = content.encode() if isinstance(content, str) else content
-    with open(temporary, "wb") as file:
+    with open(temporary, "wb", opener=private_opener) as file:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())

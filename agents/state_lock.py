@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Final
 
+from agents.private_files import PRIVATE_FILE_MODE
 from services.runtime.errors import StartupError
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def _open_lock_file(path: Path) -> BinaryIO:
     user owns, and a link planted there would make the lock truncate and chown its target.
     """
     try:
-        descriptor = os.open(path, _LOCK_FLAGS, 0o644)
+        descriptor = os.open(path, _LOCK_FLAGS, PRIVATE_FILE_MODE)
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise StartupError(
@@ -177,9 +178,9 @@ def write_pid_file(directory: Path) -> Path:
     """Write this process's pid to ``agent.pid`` in ``directory`` and return the file's path."""
     path = directory / PID_FILE_NAME
     # Written beside it and renamed over it, which replaces a link itself, not its target.
+    # mkstemp creates it with mode 0600, which keeps it from other users of a shared folder.
     descriptor, temporary = tempfile.mkstemp(prefix=f".{PID_FILE_NAME}.", dir=directory)
     try:
-        os.fchmod(descriptor, 0o644)
         with os.fdopen(descriptor, "w") as file:
             file.write(f"{os.getpid()}\n")
         os.replace(temporary, path)

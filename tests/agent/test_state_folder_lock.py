@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import stat
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from acsp import subjects
 from acsp.cli.main import main as acsp_main
 from agents.backends.simulated import SimulatedBackend
+from agents.dead_letters import DEAD_LETTERS_FILE_NAME
 from agents.state import StateStore
 from agents.state_lock import (
     LOCK_FILE_NAME,
@@ -318,3 +320,39 @@ def test_pid_file_replaces_symlink(tmp_path: Path) -> None:
     assert target.read_text() == "root's data\n"
     assert not path.is_symlink()
     assert path.read_text() == f"{os.getpid()}\n"
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    """Return the mode of each file and folder under ``folder`` but its task folders."""
+    skipped = ("tasks", "hosts")
+    return {
+        str(path.relative_to(folder)): stat.S_IMODE(path.lstat().st_mode)
+        for path in folder.rglob("*")
+        if path.relative_to(folder).parts[0] not in skipped
+    }
+
+
+@pytest.mark.timeout(120)
+async def test_agent_files_hidden_from_others(tmp_path: Path, nats_server: NatsServer) -> None:
+    state_dir = tmp_path / "agent"
+    # Left by an earlier version, which created its files with the modes that the umask left.
+    (state_dir / "spool").mkdir(parents=True)
+    (state_dir / "spool").chmod(0o755)
+    (state_dir / DEAD_LETTERS_FILE_NAME).write_bytes(b"")
+    (state_dir / DEAD_LETTERS_FILE_NAME).chmod(0o644)
+    agent = await _start_agent(nats_server.url, state_dir, "agent.log")
+    try:
+        await _wait_serving(agent, state_dir)
+        await _start_task(nats_server.url)
+        await poll(lambda: recorded_task(state_dir) is not None, 30, "the task to start")
+        modes = _modes(state_dir)
+    finally:
+        await _stop(agent)
+        _kill_task(state_dir)
+
+    for name in ("state.json", PID_FILE_NAME, LOCK_FILE_NAME, DEAD_LETTERS_FILE_NAME):
+        assert modes.pop(name) == 0o600, name
+    assert modes.pop("spool") == 0o700
+    assert any(name.endswith(".seg") for name in modes)
+    for name, mode in modes.items():
+        assert mode == 0o600, name
