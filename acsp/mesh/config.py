@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from acsp.mesh.fleet_tasks import FleetTasks, plan_fleet_tasks
+from acsp.mesh.fleet_tasks import FleetTasks, plan_fleet_tasks, prepare_fleet_tasks
 
 DATABASE_URL_ENV: Final = "ACSP_DATABASE_URL"
 NATS_URL_ENV: Final = "ACSP_NATS_URL"
@@ -46,7 +46,10 @@ def default_processes(
     """Return the grant, scheduler and metering services and, if ``agents`` > 0, the fleet.
 
     ``environ`` is the environment that the processes inherit (default: this process's),
-    which may set the fleet's task user (see :mod:`acsp.mesh.fleet_tasks`).
+    which may set the fleet's task user (see :mod:`acsp.mesh.fleet_tasks`). With a fleet, it
+    also prepares what the fleet's tasks need, with :func:`prepare_fleet_tasks`: as root it
+    creates the task user that the fleet's environment names and the fleet's state folder.
+    Raises MeshStartError when they cannot be made.
     """
     specs = [
         ProcessSpec(name, [sys.executable, "-m", module])
@@ -54,6 +57,9 @@ def default_processes(
     ]
     if agents > 0:
         tasks = plan_fleet_tasks(data_dir, os.environ if environ is None else environ)
+        # Prepared where it is planned, so that no caller gets a fleet whose task user or
+        # state folder does not exist.
+        prepare_fleet_tasks(tasks)
         fleet_argv = [sys.executable, "-m", "agents", "--backend", "simulated"]
         fleet_argv += ["--nodes", str(agents), "--state-dir", str(tasks.state_dir)]
         # The mesh stops as a whole, so the fleet stops its tasks and reports their usage up
@@ -121,6 +127,8 @@ class MeshConfig:
         )
 
     def resolved_processes(self) -> tuple[ProcessSpec, ...]:
+        """Return ``processes``, or else :func:`default_processes`, which prepares the fleet's
+        tasks."""
         if self.processes is not None:
             return self.processes
         return default_processes(self.agents, self.data_dir.resolve(), self.inherited_env())

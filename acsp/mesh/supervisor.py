@@ -51,7 +51,6 @@ from acsp.mesh.config import (
 from acsp.mesh.data_dir_lock import DataDirLock
 from acsp.mesh.endpoints import SERVICE_NAMES, MeshInfo
 from acsp.mesh.failures import ChildExit, MeshStartError
-from acsp.mesh.fleet_tasks import prepare_fleet_tasks
 from acsp.mesh.launch import MeshEnvironment, check_running, wait_services
 from acsp.mesh.servers import EmbeddedServers
 from acsp.mesh.status import EXITS_KEY, MeshStatus, claim_data_dir
@@ -204,10 +203,9 @@ class LocalMesh:
             logger.warning(
                 "cannot become a child subreaper: tasks left by the fleet may outlive it"
             )
-        specs = self.config.resolved_processes()
-        fleet_tasks = self.config.fleet_tasks()
-        if fleet_tasks is not None:
-            await asyncio.to_thread(prepare_fleet_tasks, fleet_tasks)
+        # In a worker thread, because preparing the fleet's tasks may run useradd or copy the
+        # fleet's state to another file system.
+        specs = await asyncio.to_thread(self.config.resolved_processes)
         grpc_names = [spec.name for spec in specs if spec.serves_grpc]
         self._pki = await asyncio.to_thread(
             mesh_credentials.prepare, self.data_dir, services=grpc_names

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import os
+import pwd
 import shutil
 import tempfile
 import uuid
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from acsp.client import AsyncClient
-from acsp.mesh import LocalMesh, MeshConfig, MeshInfo
+from acsp.mesh import LocalMesh, MeshConfig, MeshInfo, ProcessSpec, default_processes
 from acsp.mesh.credentials import mint_token
 from acsp.mesh.failures import MeshStartError
 from acsp.mesh.fleet_tasks import (
@@ -332,3 +333,32 @@ def test_earlier_state_copied_across_file_systems(
         assert [path.name for path in plan.state_dir.parent.glob(f".{plan.state_dir.name}-*")] == []
     finally:
         shutil.rmtree(plan.state_dir, ignore_errors=True)
+
+
+def _fleet_of(specs: tuple[ProcessSpec, ...]) -> ProcessSpec:
+    return next(spec for spec in specs if spec.name == "agents")
+
+
+@needs_root
+def test_default_processes_prepare_task_user(private_data_dir: Path):
+    fleet = _fleet_of(default_processes(1, private_data_dir, {}))
+
+    state_dir = Path(fleet.argv[fleet.argv.index("--state-dir") + 1])
+    assert fleet.env[TASK_USER_ENV] == TASK_USER
+    assert pwd.getpwnam(TASK_USER).pw_uid != 0
+    assert state_dir.is_dir()
+    assert state_dir.stat().st_mode & 0o777 == 0o711
+
+
+def test_default_processes_warn_of_shared_uid(
+    reachable_data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    # As any user but root, the fleet's tasks keep the mesh's uid.
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    caplog.set_level(logging.WARNING, logger="acsp.mesh")
+
+    fleet = _fleet_of(default_processes(1, reachable_data_dir, {}))
+
+    assert TASK_USER_ENV not in fleet.env
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("uid 4242" in message for message in messages), messages
