@@ -30,13 +30,17 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
             "plots. Exits 1 if one of its checks fails."
         ),
     )
-    parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path("demo-out"), help="output folder (default: demo-out)"
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
         "--jobs", type=whole_number(1), default=2000, help="jobs to replay (default: 2000)"
     )
     size.add_argument("--full", action="store_true", help="replay every GPU job of the trace")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the project assignment")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the project assignment (default: 0)"
+    )
     parser.add_argument(
         "--speed",
         type=positive_number("number"),
