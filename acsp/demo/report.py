@@ -283,8 +283,15 @@ def write(
     tiers = {grant.grant_id: grant.tier for grant in grants}
     written = plots.write_plots(document, run, simulated, delays, tiers, out)
     document["plots"] = [path.name for path in written]
-    (out / "report.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
+    (out / "report.json").write_text(json.dumps(document, indent=2, default=json_value) + "\n")
     (out / "report.md").write_text(markdown(document))
     (out / "progress.json").write_text(
-        json.dumps([asdict(sample) for sample in run.progress], default=str) + "\n"
+        json.dumps([asdict(sample) for sample in run.progress], default=json_value) + "\n"
     )
+
+
+def json_value(value: object) -> str:
+    """Write a value that JSON has no type for: an amount in plain notation, else its str()."""
+    if isinstance(value, Decimal):
+        return format_decimal(value)
+    return str(value)

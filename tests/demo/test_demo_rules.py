@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +245,6 @@ def test_check_fails_on_inconsistency(path: tuple[str, ...], value: object, fail
     assert _failed(report) == [failing]
 
 
-
 def test_ingest_amounts_have_no_exponent() -> None:
     small = "0.000000081119791666666666"
     status = metering_pb2.GetIngestStatusResponse(
@@ -272,6 +273,15 @@ def test_pf_days_totals_are_exact_and_plain() -> None:
     assert section["charged_gross"] == "12345.000000090000000000000001"
     assert section["refunded"] == "0.00000001"
     assert section["held_at_end"] == "0"
+
+
+def test_json_writes_decimals_in_plain_notation() -> None:
+    sample = {"held": Decimal("8.1119791666666666E-8"), "charged": Decimal("0E-24")}
+
+    text = json.dumps(sample, default=report.json_value)
+
+    assert json.loads(text) == {"held": "0.000000081119791666666666", "charged": "0"}
+
 
 class _FakeMesh:
     """Stands in for LocalMesh: ``wait_failure`` returns once ``fail`` is set."""
