@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ from acsp.cli._common import (
     describe_rpc_error,
     format_time,
     is_date_alone,
-    json_record,
     note_more_rows,
     output_options,
     parse_time,
@@ -462,13 +462,15 @@ def run_settlement_show(args: argparse.Namespace) -> int:
             "model": line.model,
             "accelerator hours": decimal_value(line.accelerator_hours),
             "PF-days": decimal_value(line.pf_days),
+            "refunded PF-days": _line_amount(line, "refunded_pf_days"),
+            "net PF-days": _line_amount(line, "net_pf_days"),
             "pledged hours": decimal_value(line.pledged_accelerator_hours),
             "recalled hours": decimal_value(line.recalled_accelerator_hours),
         }
         for line in settlement.lines
     ]
-    columns = ["region", "model", "accelerator hours", "PF-days", "pledged hours"]
-    columns.append("recalled hours")
+    columns = ["region", "model", "accelerator hours", "PF-days", "refunded PF-days"]
+    columns += ["net PF-days", "pledged hours", "recalled hours"]
     delivered = table_text(settlement.delivered_pf_days)
     refunded = table_text(settlement.refunded_pf_days)
     title = (
@@ -478,7 +480,7 @@ def run_settlement_show(args: argparse.Namespace) -> int:
         f"{settlement.recall_count} recall{'' if settlement.recall_count == 1 else 's'}"
     )
     if args.format == "json":
-        _print_settlement_json(settlement, records, columns)
+        _print_settlement_json(settlement)
     else:
         print_records(records, columns, output_format=args.format, title=title)
     if records:
@@ -527,15 +529,44 @@ PLEDGE_COPY_SOURCES = {
 A server that does not report the source leaves it unset, which JSON output writes as null."""
 
 
-def _print_settlement_json(
-    settlement: metering_pb2.Settlement, records: list[dict[str, Any]], columns: list[str]
-) -> None:
+def _line_amount(line: metering_pb2.SettlementLine, field: str) -> Decimal | str | None:
+    """Return an amount of ``line`` as :func:`decimal_value` does, or None when it is unset,
+    as metering versions that predate the field leave it."""
+    if not line.HasField(field):
+        return None
+    return decimal_value(getattr(line, field))
+
+
+def _line_text(line: metering_pb2.SettlementLine, field: str) -> str | None:
+    """Return an amount of ``line`` as :func:`decimal_text` does, or None when it is unset."""
+    return decimal_text(getattr(line, field)) if line.HasField(field) else None
+
+
+def settlement_row(line: metering_pb2.SettlementLine) -> dict[str, Any]:
+    """Describe one line of a settlement for JSON, keyed by the columns of ``acsp settlement
+    export``, with amounts as exact decimal strings."""
+    return {
+        "region": line.region_id,
+        "accelerator_model": line.model,
+        "accelerator_hours": decimal_text(line.accelerator_hours),
+        "pf_days": decimal_text(line.pf_days),
+        "refunded_pf_days": _line_text(line, "refunded_pf_days"),
+        "net_pf_days": _line_text(line, "net_pf_days"),
+        "pledged_accelerator_hours": decimal_text(line.pledged_accelerator_hours),
+        "recalled_accelerator_hours": decimal_text(line.recalled_accelerator_hours),
+    }
+
+
+def _print_settlement_json(settlement: metering_pb2.Settlement) -> None:
     """Write a settlement as one JSON object: the summary, and its lines under ``rows``.
 
-    The rows keep the column labels that the table and CSV use.
+    The keys are the columns of ``acsp settlement export``. A line's refunded and net PF-days
+    are null when metering predates them.
     """
     document = {
         "provider": settlement.provider_id,
+        "period_start": format_time(settlement.period.start_time),
+        "period_end": format_time(settlement.period.end_time),
         "delivered_pf_days": decimal_text(settlement.delivered_pf_days),
         "refunded_pf_days": decimal_text(settlement.refunded_pf_days),
         "net_pf_days": decimal_text(settlement.net_pf_days),
@@ -549,7 +580,7 @@ def _print_settlement_json(
             else None
         ),
         "pledges_copy_source": PLEDGE_COPY_SOURCES.get(settlement.pledges_copy_source),
-        "rows": [json_record(record, columns) for record in records],
+        "rows": [settlement_row(line) for line in settlement.lines],
     }
     sys.stdout.write(json.dumps(document) + "\n")
 
@@ -644,8 +675,9 @@ def register(subparsers: Any) -> None:
     show_description = (
         "a provider's settlement for a period. A table shows the summary (delivered, refunded "
         "and net PF-days, whether the pledge was kept, recalls) in its title, and --format "
-        "json writes one object with the summary and the lines under rows. --format csv "
-        "writes the lines only, without the summary"
+        "json writes one object with the summary and the lines under rows, keyed by the "
+        "columns of acsp settlement export. --format csv writes the lines only, without the "
+        "summary"
     )
     export_description = (
         "a provider's settlement as CSV: one row per region and model, then a TOTAL row. The "

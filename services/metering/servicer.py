@@ -353,6 +353,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                     pf_days=convert.decimal_out(line.pf_days),
                     pledged_accelerator_hours=convert.decimal_out(line.pledged_accelerator_hours),
                     recalled_accelerator_hours=convert.decimal_out(line.recalled_accelerator_hours),
+                    refunded_pf_days=convert.decimal_out(line.refunded_pf_days),
+                    net_pf_days=convert.decimal_out(line.net_pf_days),
                 )
                 for line in settlement.lines
             ],

@@ -29,7 +29,7 @@ from typing import Literal
 
 import asyncpg
 
-from acsp.decimals import format_decimal
+from acsp.decimals import SUM_CONTEXT, exact_sum, format_decimal
 
 _HOURS = Decimal(3600)
 ZERO = Decimal(0)
@@ -44,6 +44,11 @@ class SettlementLine:
     refunded_pf_days: Decimal
     pledged_accelerator_hours: Decimal
     recalled_accelerator_hours: Decimal
+
+    @property
+    def net_pf_days(self) -> Decimal:
+        """PF-days delivered less those refunded, without rounding."""
+        return SUM_CONTEXT.subtract(self.pf_days, self.refunded_pf_days)
 
 
 PledgeCopySource = Literal["fresh", "stored"]
@@ -246,8 +251,8 @@ def assemble(
         )
         for key in sorted(keys)
     )
-    delivered_total = sum((line.pf_days for line in lines), zero)
-    refunded_total = sum((line.refunded_pf_days for line in lines), zero)
+    delivered_total = exact_sum(line.pf_days for line in lines)
+    refunded_total = exact_sum(line.refunded_pf_days for line in lines)
     return Settlement(
         provider=provider,
         period_start=start,
@@ -255,7 +260,7 @@ def assemble(
         lines=lines,
         delivered_pf_days=delivered_total,
         refunded_pf_days=refunded_total,
-        net_pf_days=delivered_total - refunded_total,
+        net_pf_days=SUM_CONTEXT.subtract(delivered_total, refunded_total),
         pledge_kept=kept and not short,
         recall_count=len(recalls),
         short_pledges=short,
@@ -313,7 +318,7 @@ def settlement_csv(settlement: Settlement) -> str:
                 format_decimal(line.accelerator_hours),
                 format_decimal(line.pf_days),
                 format_decimal(line.refunded_pf_days),
-                format_decimal(line.pf_days - line.refunded_pf_days),
+                format_decimal(line.net_pf_days),
                 format_decimal(line.pledged_accelerator_hours),
                 format_decimal(line.recalled_accelerator_hours),
                 *pledge_copy,

@@ -14,6 +14,7 @@ from acsp.cli import main, usage
 from acsp.cli.main import build_parser
 from acsp.cli.usage import refund_row, run_query, run_settlement_export
 from acsp.v1 import metering_pb2
+from services.metering.settlement import CSV_HEADER as SETTLEMENT_CSV_HEADER
 
 
 def test_usage_query_parses_grouping_and_window() -> None:
@@ -194,6 +195,7 @@ def test_settlement_json_is_one_object(
         ) -> metering_pb2.Settlement:
             settlement = metering_pb2.Settlement(
                 provider_id="prov-a",
+                period=request.period,
                 pledge_kept=False,
                 recall_count=2,
                 short_pledge_ids=["pl-h100"],
@@ -206,6 +208,11 @@ def test_settlement_json_is_one_object(
             settlement.pledges_copy_source = metering_pb2.PLEDGE_COPY_SOURCE_STORED
             line = settlement.lines.add(region_id="r1", model="A100-SXM4-80GB")
             line.accelerator_hours.value = "0.5"
+            line.pf_days.value = "1.5"
+            line.refunded_pf_days.value = "0.25"
+            line.net_pf_days.value = "1.25"
+            line.pledged_accelerator_hours.value = "48"
+            line.recalled_accelerator_hours.value = "2"
             return settlement
 
     @contextmanager
@@ -228,9 +235,49 @@ def test_settlement_json_is_one_object(
     assert document["uncounted_pledge_ids"] == ["pl-old"]
     assert document["pledges_copied_at"] == "2026-12-07T00:10:00+00:00"
     assert document["pledges_copy_source"] == "stored"
-    assert len(document["rows"]) == 1
-    assert document["rows"][0]["region"] == "r1"
-    assert document["rows"][0]["accelerator hours"] == "0.5"
+    assert document["period_start"] == "2026-12-06T00:00:00+00:00"
+    assert document["period_end"] == "2026-12-07T00:00:00+00:00"
+    assert document["rows"] == [
+        {
+            "region": "r1",
+            "accelerator_model": "A100-SXM4-80GB",
+            "accelerator_hours": "0.5",
+            "pf_days": "1.5",
+            "refunded_pf_days": "0.25",
+            "net_pf_days": "1.25",
+            "pledged_accelerator_hours": "48",
+            "recalled_accelerator_hours": "2",
+        }
+    ]
+    # The summary and the rows together carry every column of acsp settlement export.
+    assert set(SETTLEMENT_CSV_HEADER) <= set(document) | set(document["rows"][0])
+
+
+def test_settlement_json_without_line_refunds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A metering version that predates a line's refunded and net PF-days leaves them null."""
+
+    class Metering:
+        def GetSettlement(
+            self, request: metering_pb2.GetSettlementRequest
+        ) -> metering_pb2.Settlement:
+            settlement = metering_pb2.Settlement(provider_id="prov-a")
+            settlement.lines.add(region_id="r1", model="A100-SXM4-80GB").pf_days.value = "1"
+            return settlement
+
+    @contextmanager
+    def open_metering(args: object) -> Iterator[Metering]:
+        yield Metering()
+
+    monkeypatch.setattr(usage, "open_metering", open_metering)
+    window = ["--from", "2026-12-06", "--to", "2026-12-07", "--data-dir", str(tmp_path)]
+    code = main.main(["settlement", "show", "prov-a", *window, "--format", "json"])
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert code == 0
+    assert row["pf_days"] == "1"
+    assert row["refunded_pf_days"] is None
+    assert row["net_pf_days"] is None
 
 
 def test_settlement_help_says_csv_is_rows(capsys: pytest.CaptureFixture[str]) -> None:
