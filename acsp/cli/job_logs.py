@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from acsp.cli._common import (
     EXIT_OK,
+    EXIT_USAGE,
     STATUS_DETAILS_KEY,
     CommandError,
     client_from_args,
@@ -59,7 +60,7 @@ def register(commands: Any, connection: argparse.ArgumentParser) -> None:
             "no output prints nothing on stdout and a note on stderr."
         ),
     )
-    logs.add_argument("job_id")
+    logs.add_argument("job_id", help="the job whose task's output to print")
     logs.add_argument(
         "--task",
         type=task_index,
@@ -193,10 +194,12 @@ def explaining_unreadable_job(
 
 @contextmanager
 def naming_task_option() -> Iterator[None]:
-    """Add ``--task`` to a NOT_FOUND error about a task index the job does not have.
+    """Add ``--task`` to a NOT_FOUND error about a task index the job does not have, and exit
+    with the status of invalid input.
 
-    The scheduler names the request field, ``task_index``, in the message, and the task in a
-    ``ResourceInfo`` detail, which :func:`naming_options` does not read.
+    Older schedulers return NOT_FOUND for such an index, with the request field
+    ``task_index`` in the message and the task in a ``ResourceInfo`` detail. Current ones
+    return INVALID_ARGUMENT, which :func:`naming_options` handles.
     """
     try:
         yield
@@ -204,7 +207,7 @@ def naming_task_option() -> Iterator[None]:
         if error.code() != grpc.StatusCode.NOT_FOUND or not _names_task(error):
             raise
         message = f"{describe_rpc_error(error)} (task_index is set by --task)"
-        raise CommandError(message, exit_code_for_rpc_error(error)) from None
+        raise CommandError(message, EXIT_USAGE) from None
 
 
 def _names_task(error: grpc.RpcError) -> bool:

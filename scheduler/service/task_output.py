@@ -26,7 +26,6 @@ from services.runtime.errors import (
     FailedPrecondition,
     Internal,
     InvalidArgument,
-    NotFound,
     Unavailable,
 )
 from services.runtime.telemetry import inject_headers
@@ -167,16 +166,18 @@ class TaskOutputReader:
     ) -> scheduler_pb2.ReadTaskOutputResponse:
         """Return the last ``max_bytes`` of the output of ``job``'s task ``task_index``.
 
-        Raises NotFound for a task index the job does not have, FailedPrecondition when the
-        task has no log to read, Unavailable when the node's agent does not reply, and
+        Raises InvalidArgument for a task index the job does not have, FailedPrecondition when
+        the task has no log to read, Unavailable when the node's agent does not reply, and
         Internal when the agent could not read the log.
         """
         count = job.spec.task_count
         if task_index >= count:
-            raise NotFound(
-                "task",
-                f"{job.job_id}/{task_index}",
-                f"job {job.job_id} has {count} tasks, so pass a task_index from 0 to {count - 1}",
+            if count == 1:
+                tasks, fix = "task 0", "pass task_index 0"
+            else:
+                tasks, fix = f"tasks 0 to {count - 1}", f"pass a task_index from 0 to {count - 1}"
+            raise InvalidArgument(
+                "task_index", f"is {task_index}, but job {job.job_id} has only {tasks}", fix
             )
         lookup_s = remaining_s(LOOKUP_TIMEOUT_S) or 0.0
         location = await locate_task(self._pool, job, task_index, min(lookup_s, LOOKUP_TIMEOUT_S))

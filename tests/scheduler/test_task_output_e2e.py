@@ -136,8 +136,9 @@ async def test_output_read_back_through_rpc(stack: Stack) -> None:
         missing_task = await read_error(
             scheduler, md, scheduler_pb2.ReadTaskOutputRequest(job_id=job_id, task_index=2)
         )
-        assert missing_task.code() == grpc.StatusCode.NOT_FOUND
-        assert "task_index from 0 to 1" in (missing_task.details() or "")
+        assert missing_task.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "invalid task_index: is 2" in (missing_task.details() or "")
+        assert "has only tasks 0 to 1" in (missing_task.details() or "")
 
         too_much = await read_error(
             scheduler,
@@ -310,9 +311,10 @@ async def test_logs_command_prints_raw_output(
     assert b"note: output cut" in cut.err
     assert b"prov/reg/n0" in cut.err
 
-    assert main(["jobs", "logs", job_id, "--task", "3"]) == 1
+    assert main(["jobs", "logs", job_id, "--task", "3"]) == 2
     missing = capfdbinary.readouterr().err
-    assert b"NOT_FOUND" in missing
+    assert b"INVALID_ARGUMENT" in missing
+    assert f"job {job_id} has only task 0; pass task_index 0".encode() in missing
     assert b"task_index is set by --task" in missing
 
 
