@@ -64,6 +64,8 @@ END_OF_DAY: Final = " (end of day UTC)"
 """The suffix that a table adds to the last day included by a window that ends at midnight."""
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 """Trailing metadata key of the ``google.rpc.Status`` that a failed call's details travel in."""
+JSON_KEY_WORD: Final = re.compile(r"[a-z0-9]+")
+"""A run of the characters that a key of ``--format json`` keeps from a column label."""
 FIELD_INDEX: Final = re.compile(r"\[[^\]]*\]")
 """A list index or map key in a field path, e.g. ``[0]`` in ``spec.accelerators.models[0]``."""
 
@@ -286,24 +288,27 @@ def async_client_from_args(args: argparse.Namespace) -> AsyncClient:
     )
 
 
-def output_options() -> argparse.ArgumentParser:
-    """Return a parent parser with --format for commands that print records."""
+def output_options(amounts: bool = True) -> argparse.ArgumentParser:
+    """Return a parent parser with --format for commands that print records.
+
+    With ``amounts`` the help also explains how each format writes amounts and windows. Pass
+    False for commands that print neither.
+    """
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument(
-        "--format",
-        choices=OUTPUT_FORMATS,
-        default="table",
-        help=(
-            "output format: a table for people, csv or json (JSON lines, one object per line) "
-            "for scripts (default: table). A "
-            f"table rounds amounts to {TABLE_DECIMAL_PLACES} decimal places, and shows an amount "
-            "too small for that as <0.000001. CSV and JSON keep every digit. JSON writes exact "
-            "decimal amounts as strings, and counts and flags as numbers and booleans. Times "
-            "are UTC. A window's end is exclusive: CSV and JSON write it exactly, e.g. "
+    help_text = (
+        "output format: a table for people, csv or json (JSON lines, one object per line) "
+        "for scripts (default: table)"
+    )
+    if amounts:
+        help_text += (
+            f". A table rounds amounts to {TABLE_DECIMAL_PLACES} decimal places, and shows an "
+            "amount too small for that as <0.000001. CSV and JSON keep every digit. JSON writes "
+            "exact decimal amounts as strings, and counts and flags as numbers and booleans. "
+            "Times are UTC. A window's end is exclusive: CSV and JSON write it exactly, e.g. "
             "2027-04-01T00:00:00+00:00, and a table shows an end at midnight as the last day "
             f"included, 2027-03-31{END_OF_DAY}"
-        ),
-    )
+        )
+    parser.add_argument("--format", choices=OUTPUT_FORMATS, default="table", help=help_text)
     return parser
 
 
@@ -389,8 +394,21 @@ def _table_cell(value: Any) -> str:
 
 
 def json_record(record: Mapping[str, Any], columns: Sequence[str]) -> dict[str, Any]:
-    """Convert one record of :func:`print_records` to the object ``--format json`` writes."""
-    return {column: _json_value(record.get(column)) for column in columns}
+    """Convert one record of :func:`print_records` to the object ``--format json`` writes.
+
+    Each column becomes the key that :func:`json_key` makes of it.
+    """
+    return {json_key(column): _json_value(record.get(column)) for column in columns}
+
+
+def json_key(column: str) -> str:
+    """Return the snake_case key of a column in ``--format json``, e.g. ``pf_days`` for
+    ``PF-days`` and ``lost_s`` for ``lost (s)``.
+
+    Letters are lowercased, and each run of characters other than ASCII letters and digits
+    becomes one underscore, with none at either end.
+    """
+    return "_".join(JSON_KEY_WORD.findall(column.lower()))
 
 
 def _json_value(value: Any) -> Any:

@@ -41,7 +41,9 @@ def register(subparsers: Any) -> None:
     run.set_defaults(func=_run)
 
     discover = commands.add_parser(
-        "discover", parents=[output_options()], help="list the accelerators a backend finds"
+        "discover",
+        parents=[output_options(amounts=False)],
+        help="list the accelerators a backend finds",
     )
     discover.add_argument(
         "--backend",
@@ -50,7 +52,7 @@ def register(subparsers: Any) -> None:
         help="nvml reads the NVIDIA GPUs of this machine; simulated makes up nodes (default: nvml)",
     )
     discover.add_argument(
-        "--nodes", type=whole_number(1), default=1, help="simulated: nodes to list"
+        "--nodes", type=whole_number(1), default=1, help="simulated: nodes to list (default: 1)"
     )
     discover.set_defaults(func=_discover)
 
@@ -59,7 +61,7 @@ def register(subparsers: Any) -> None:
         ("tasks", _tasks, "show the tasks the agent accounts for"),
         ("spool", _spool, "show how many messages wait in the spool"),
     ):
-        sub = commands.add_parser(name, parents=[output_options()], help=help_text)
+        sub = commands.add_parser(name, parents=[output_options(amounts=False)], help=help_text)
         _add_state_dir(sub)
         sub.set_defaults(func=function)
 

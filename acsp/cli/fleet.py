@@ -72,7 +72,9 @@ def register(subparsers: Any) -> None:
     )
     commands = fleet.add_subparsers(title="fleet commands", metavar="COMMAND", required=True)
     connection = connection_options()
-    output = output_options()
+    output = output_options(amounts=False)
+    # The catalog's peak TFLOP/s are amounts, and pledges and recalls have windows.
+    amounts_output = output_options()
 
     nodes = commands.add_parser("nodes", parents=[connection, output], help="list nodes")
     nodes.add_argument("--provider", default="", help="only this provider's nodes")
@@ -140,7 +142,7 @@ def register(subparsers: Any) -> None:
     providers.set_defaults(func=list_providers)
 
     catalog = commands.add_parser(
-        "models", parents=[connection, output], help="list the accelerator catalog"
+        "models", parents=[connection, amounts_output], help="list the accelerator catalog"
     )
     catalog.set_defaults(func=list_models)
 
@@ -164,7 +166,7 @@ def register(subparsers: Any) -> None:
     )
     queue.set_defaults(func=queue_summary)
 
-    pledges.register(commands, connection, output)
+    pledges.register(commands, connection, amounts_output)
 
 
 def node_row(node: scheduler_pb2.Node) -> dict[str, Any]:

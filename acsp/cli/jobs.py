@@ -54,10 +54,11 @@ TOPOLOGIES = {
     if number
 }
 STATES = {
-    name.removeprefix("JOB_STATE_").lower().replace("_", "-"): number
+    name.removeprefix("JOB_STATE_").lower(): number
     for name, number in scheduler_pb2.JobState.items()
     if number
 }
+"""Job states by the name that the output prints, e.g. ``timed_out``."""
 WATCH_DEADLINE_S = 7 * 86_400.0
 WATCH_RESUMES: Final = 5
 """Times in a row that ``jobs watch`` opens a stream again after UNAVAILABLE."""
@@ -121,7 +122,7 @@ def register(subparsers: Any) -> None:
     )
     commands = jobs.add_subparsers(title="jobs commands", metavar="COMMAND", required=True)
     connection = connection_options()
-    output = output_options()
+    output = output_options(amounts=False)
 
     submit = commands.add_parser(
         "submit",
@@ -154,7 +155,7 @@ def register(subparsers: Any) -> None:
         "--accelerators",
         default="1",
         metavar="N",
-        help="accelerators per task: a whole number, or a share of one such as 0.25",
+        help="accelerators per task: a whole number, or a share of one such as 0.25 (default: 1)",
     )
     submit.add_argument("--model", action="append", default=[], help="accepted model; repeat")
     submit.add_argument(
@@ -229,7 +230,13 @@ def register(subparsers: Any) -> None:
     submit.add_argument("command", nargs=argparse.REMAINDER, help="-- program and arguments")
     submit.set_defaults(func=submit_job)
 
-    listing = commands.add_parser("list", parents=[connection, output], help="list jobs")
+    listing = commands.add_parser(
+        "list",
+        parents=[connection, output],
+        help="list jobs",
+        description="List the jobs you submitted, or a project's with --project, newest "
+        "first, with each job's state and the reason for it.",
+    )
     listing.add_argument(
         "--project",
         default="",
@@ -239,8 +246,10 @@ def register(subparsers: Any) -> None:
         "--state",
         action="append",
         default=[],
+        type=state_name,
         choices=sorted(STATES),
-        help="only jobs in this state; repeat for several (default: every state)",
+        help="only jobs in this state, as the state column prints it; repeat for several "
+        "(default: every state)",
     )
     listing.add_argument("--array", default="", help="only the jobs of this array")
     listing.add_argument(
@@ -248,12 +257,27 @@ def register(subparsers: Any) -> None:
     )
     listing.set_defaults(func=list_jobs)
 
-    show = commands.add_parser("show", parents=[connection, output], help="show one job")
-    show.add_argument("job_id")
+    show = commands.add_parser(
+        "show",
+        parents=[connection, output],
+        help="show one job",
+        description="Show one job: its spec, state, attempt, grant and hold, and where each "
+        "task of its current attempt runs.",
+    )
+    show.add_argument("job_id", help="the job to show, as acsp jobs submit or list print it")
     show.set_defaults(func=show_job)
 
-    cancel = commands.add_parser("cancel", parents=[connection, output], help="cancel a job")
-    cancel.add_argument("job_id")
+    cancel = commands.add_parser(
+        "cancel",
+        parents=[connection, output],
+        help="cancel a job",
+        description="Cancel a job, or every element of a job array that has not ended, and "
+        "print the job. The scheduler stops the job's running tasks. A job that already ended "
+        "is printed unchanged, with a note on stderr.",
+    )
+    cancel.add_argument(
+        "job_id", help="the job to cancel, or a job array's id to cancel all its elements"
+    )
     cancel.add_argument("--reason", default="", help="why, recorded with the job")
     cancel.set_defaults(func=cancel_job)
 
@@ -275,6 +299,14 @@ def register(subparsers: Any) -> None:
     watch.set_defaults(func=watch_jobs)
 
     job_logs.register(commands, connection)
+
+
+def state_name(text: str) -> str:
+    """Parse ``--state`` for argparse: the state as the output prints it, e.g. ``timed_out``.
+
+    Earlier versions took ``timed-out``, with a hyphen, so a hyphen is read as an underscore.
+    """
+    return text.replace("-", "_")
 
 
 def array_size(text: str) -> int:

@@ -143,8 +143,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     status = subparsers.add_parser(
         "status",
-        parents=[connection_options(), output_options()],
+        parents=[connection_options(), output_options(amounts=False)],
         help="print the health of each service and process; exit 0 only if all are up",
+        description=(
+            "Print one row per service and process of the running mesh, with its endpoint and "
+            "status (SERVING or RUNNING when up). Exit 0 if all are up, 3 if no mesh runs or "
+            "none of its services and processes can be reached, and 1 otherwise."
+        ),
     )
     status.set_defaults(func=run_status)
 

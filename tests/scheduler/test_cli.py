@@ -947,11 +947,11 @@ def test_queue_rows_name_their_table(
         assert rows[2]["used"] == 0.25
         assert rows[2]["usable"] == 4
         assert rows[2]["recalled"] == 4
-        assert rows[2]["above cap"] == 3
+        assert rows[2]["above_cap"] == 3
         assert rows[2]["unknown"] == 6
-        assert rows[2]["out of service"] == 2
+        assert rows[2]["out_of_service"] == 2
         assert rows[2]["total"] == 19
-        split = ("usable", "recalled", "above cap", "unknown", "out of service")
+        split = ("usable", "recalled", "above_cap", "unknown", "out_of_service")
         assert sum(rows[2][column] for column in split) == rows[2]["total"]
     elif output_format == "csv":
         lines = out.splitlines()
@@ -1005,7 +1005,7 @@ def test_queue_without_above_cap_count(
     monkeypatch.setattr(fleet_cli, "open_scheduler", open_scheduler)
     assert main(["fleet", "queue", "--format", "json"]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[2])
-    assert row["above cap"] is None
+    assert row["above_cap"] is None
     assert row["usable"] == 4
 
 
