@@ -31,12 +31,26 @@ def enum_name(enum: Any, number: int, prefix: str) -> str:
 
 
 def balance_rows(balance: grant_pb2.Balance) -> list[tuple[str, Any]]:
+    """Return one row per amount of ``balance``, as the Balance message documents them.
+
+    Held and charged include the sub-allocations', and delegated is what was transferred to
+    them, which their holds and charges leave unchanged.
+    """
     return [
         ("available PF-days", decimal_value(balance.available_pf_days)),
         ("held PF-days", decimal_value(balance.held_pf_days)),
         ("charged PF-days", decimal_value(balance.charged_pf_days)),
         ("refunded PF-days", decimal_value(balance.refunded_pf_days)),
         ("delegated PF-days", decimal_value(balance.delegated_pf_days)),
+        (
+            "sub-allocations available PF-days",
+            decimal_value(balance.sub_allocations_available_pf_days),
+        ),
+        ("sub-allocations held PF-days", decimal_value(balance.sub_allocations_held_pf_days)),
+        (
+            "sub-allocations charged PF-days",
+            decimal_value(balance.sub_allocations_charged_pf_days),
+        ),
         ("credited PF-days", decimal_value(balance.credited_pf_days)),
     ]
 
@@ -178,6 +192,11 @@ def grant_document(grant: grant_pb2.Grant) -> dict[str, Any]:
         "charged_pf_days": decimal_text(balance.charged_pf_days),
         "refunded_pf_days": decimal_text(balance.refunded_pf_days),
         "delegated_pf_days": decimal_text(balance.delegated_pf_days),
+        "sub_allocations_available_pf_days": decimal_text(
+            balance.sub_allocations_available_pf_days
+        ),
+        "sub_allocations_held_pf_days": decimal_text(balance.sub_allocations_held_pf_days),
+        "sub_allocations_charged_pf_days": decimal_text(balance.sub_allocations_charged_pf_days),
         "credited_pf_days": decimal_text(balance.credited_pf_days),
     }
 

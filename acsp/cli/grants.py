@@ -283,26 +283,79 @@ def run_applications(args: argparse.Namespace) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     with open_grants(args) as grants:
-        response = grants.ListGrants(
-            grant_pb2.ListGrantsRequest(
-                project_id=args.project or "", page=common_pb2.PageRequest(page_size=args.limit)
+        listed: list[grant_pb2.Grant] = []
+        if not args.sub_allocations or args.project:
+            response = grants.ListGrants(
+                grant_pb2.ListGrantsRequest(
+                    project_id=args.project or "",
+                    page=common_pb2.PageRequest(page_size=args.limit),
+                )
             )
-        )
-    records = [_grant_record(g) for g in response.grants]
-    columns = [
-        "grant",
-        "project",
-        "tier",
-        "state",
-        "available",
-        "held",
-        "charged",
-        "starts",
-        "ends",
-    ]
-    print_records(records, columns, output_format=args.format, title="grants (PF-days)")
-    _note_limit(response, len(records), args, "narrow the list with --project")
+            listed = list(response.grants)
+        if not args.sub_allocations:
+            records = [_grant_record(g) for g in listed]
+            columns = [
+                "grant",
+                "project",
+                "tier",
+                "state",
+                "available",
+                "held",
+                "charged",
+                "starts",
+                "ends",
+            ]
+            print_records(records, columns, output_format=args.format, title="grants (PF-days)")
+            _note_limit(response, len(records), args, "narrow the list with --project")
+        # CSV and JSON keep one kind of record, so they list sub-allocations only when asked.
+        if args.sub_allocations or args.format == "table":
+            grant_ids = {g.grant_id for g in listed}
+            _print_drawable(grants, args, grant_ids, quiet=not args.sub_allocations)
     return EXIT_OK
+
+
+def _print_drawable(
+    grants: grant_pb2_grpc.GrantServiceStub,
+    args: argparse.Namespace,
+    listed_grants: set[str],
+    *,
+    quiet: bool = False,
+) -> None:
+    """Print the sub-allocations the caller may draw on, of any grant.
+
+    With ``--project``, only those of ``listed_grants`` (the project's grants) or held by the
+    project are printed. With ``quiet``, an empty list prints nothing.
+    """
+    response = grants.ListSubAllocations(
+        grant_pb2.ListSubAllocationsRequest(
+            caller_may_draw=True, page=common_pb2.PageRequest(page_size=args.limit)
+        )
+    )
+    allocations = [
+        s
+        for s in response.sub_allocations
+        if not args.project or s.holder == args.project or s.grant_id in listed_grants
+    ]
+    if quiet and not allocations:
+        return
+    records = [
+        {
+            "grant": s.grant_id,
+            "sub-allocation": s.sub_allocation_id,
+            "holder": s.holder,
+            "available": decimal_value(s.balance.available_pf_days),
+            "held": decimal_value(s.balance.held_pf_days),
+            "charged": decimal_value(s.balance.charged_pf_days),
+            "credited": decimal_value(s.balance.credited_pf_days),
+        }
+        for s in allocations
+    ]
+    columns = ["grant", "sub-allocation", "holder", "available", "held", "charged", "credited"]
+    title = "sub-allocations you may draw on (PF-days)"
+    print_records(records, columns, output_format=args.format, title=title)
+    _note_limit(
+        response, len(response.sub_allocations), args, "the SDK's ListSubAllocations pages further"
+    )
 
 
 def run_balance(args: argparse.Namespace) -> int:
@@ -626,8 +679,24 @@ def register(subparsers: Any) -> None:
         help=f"rows to show (at most {MAX_PAGE_SIZE})",
     )
 
-    p = command("list", run_list, "list the grants you may see")
-    p.add_argument("--project", help="only this project's grants")
+    p = command(
+        "list",
+        run_list,
+        "list the grants you may see, and in a table also the sub-allocations you may draw on",
+    )
+    p.add_argument(
+        "--project",
+        help="only this project's grants, and the sub-allocations of them or held by it",
+    )
+    p.add_argument(
+        "--sub-allocations",
+        action="store_true",
+        help=(
+            "list only the sub-allocations you may draw on, of any grant, with their grant id: "
+            "those you hold, those of grants of projects you lead, and those held by "
+            "sub-projects you are a member of (submit with --grant and --sub-allocation)"
+        ),
+    )
     p.add_argument(
         "--limit",
         type=whole_number(1, MAX_PAGE_SIZE),
@@ -670,7 +739,8 @@ def register(subparsers: Any) -> None:
             "a member (not a viewer) of the grant's project, or the id of another project "
             "that its PI leads, as a sub-project. A member's sub-allocation pays for jobs of "
             "the grant's project that the member or the PI submits; a sub-project's pays for "
-            "jobs of the sub-project, submitted by any of its members"
+            "jobs of the sub-project, submitted by any of its members, and for jobs of the "
+            "grant's project that the PI submits"
         ),
     )
     p.add_argument("--pf-days", required=True, help="PF-days to delegate, e.g. 12.5")

@@ -223,20 +223,26 @@ class Grant(_message.Message):
     def __init__(self, grant_id: _Optional[str] = ..., project_id: _Optional[str] = ..., institution_id: _Optional[str] = ..., tier: _Optional[_Union[GrantTier, str]] = ..., validity: _Optional[_Union[_common_pb2.TimeWindow, _Mapping]] = ..., constraints: _Optional[_Union[GrantConstraints, _Mapping]] = ..., rate_policy: _Optional[_Union[RatePolicy, str]] = ..., rate_card_version: _Optional[int] = ..., state: _Optional[_Union[GrantState, str]] = ..., application_id: _Optional[str] = ..., supplemented: _Optional[bool] = ..., balance: _Optional[_Union[Balance, _Mapping]] = ..., fair_share_weight: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., supplement_limit_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
 
 class Balance(_message.Message):
-    __slots__ = ("credited_pf_days", "held_pf_days", "charged_pf_days", "refunded_pf_days", "delegated_pf_days", "available_pf_days")
+    __slots__ = ("credited_pf_days", "held_pf_days", "charged_pf_days", "refunded_pf_days", "delegated_pf_days", "available_pf_days", "sub_allocations_available_pf_days", "sub_allocations_held_pf_days", "sub_allocations_charged_pf_days")
     CREDITED_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
     HELD_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
     CHARGED_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
     REFUNDED_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
     DELEGATED_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
+    SUB_ALLOCATIONS_AVAILABLE_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
+    SUB_ALLOCATIONS_HELD_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
+    SUB_ALLOCATIONS_CHARGED_PF_DAYS_FIELD_NUMBER: _ClassVar[int]
     credited_pf_days: _common_pb2.Decimal
     held_pf_days: _common_pb2.Decimal
     charged_pf_days: _common_pb2.Decimal
     refunded_pf_days: _common_pb2.Decimal
     delegated_pf_days: _common_pb2.Decimal
     available_pf_days: _common_pb2.Decimal
-    def __init__(self, credited_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., held_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., charged_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., refunded_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., delegated_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., available_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
+    sub_allocations_available_pf_days: _common_pb2.Decimal
+    sub_allocations_held_pf_days: _common_pb2.Decimal
+    sub_allocations_charged_pf_days: _common_pb2.Decimal
+    def __init__(self, credited_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., held_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., charged_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., refunded_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., delegated_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., available_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., sub_allocations_available_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., sub_allocations_held_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ..., sub_allocations_charged_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
 
 class SubAllocation(_message.Message):
     __slots__ = ("sub_allocation_id", "grant_id", "parent_sub_allocation_id", "holder", "balance", "create_time")
@@ -537,12 +543,16 @@ class CreateSubAllocationRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., grant_id: _Optional[str] = ..., parent_sub_allocation_id: _Optional[str] = ..., holder: _Optional[str] = ..., amount_pf_days: _Optional[_Union[_common_pb2.Decimal, _Mapping]] = ...) -> None: ...
 
 class ListSubAllocationsRequest(_message.Message):
-    __slots__ = ("grant_id", "page")
+    __slots__ = ("grant_id", "page", "holder", "caller_may_draw")
     GRANT_ID_FIELD_NUMBER: _ClassVar[int]
     PAGE_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    CALLER_MAY_DRAW_FIELD_NUMBER: _ClassVar[int]
     grant_id: str
     page: _common_pb2.PageRequest
-    def __init__(self, grant_id: _Optional[str] = ..., page: _Optional[_Union[_common_pb2.PageRequest, _Mapping]] = ...) -> None: ...
+    holder: str
+    caller_may_draw: bool
+    def __init__(self, grant_id: _Optional[str] = ..., page: _Optional[_Union[_common_pb2.PageRequest, _Mapping]] = ..., holder: _Optional[str] = ..., caller_may_draw: _Optional[bool] = ...) -> None: ...
 
 class ListSubAllocationsResponse(_message.Message):
     __slots__ = ("sub_allocations", "page")

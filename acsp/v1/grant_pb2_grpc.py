@@ -338,8 +338,9 @@ class GrantServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSubAllocations(self, request, context):
-        """Lists a grant's sub-allocations. A member of a sub-project who is not in the grant's
-        project gets only the sub-allocations that the sub-project holds and may draw on.
+        """Lists a grant's sub-allocations, or with holder or caller_may_draw those of every grant
+        the caller may read. A member of a sub-project who is not in the grant's project gets only
+        the sub-allocations that the sub-project holds and may draw on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -77,8 +77,9 @@ class GrantServiceStub:
     CreateSubAllocation: _grpc.UnaryUnaryMultiCallable[_grant_pb2.CreateSubAllocationRequest, _grant_pb2.SubAllocation]
     """Delegates part of a grant (PI only)."""
     ListSubAllocations: _grpc.UnaryUnaryMultiCallable[_grant_pb2.ListSubAllocationsRequest, _grant_pb2.ListSubAllocationsResponse]
-    """Lists a grant's sub-allocations. A member of a sub-project who is not in the grant's
-    project gets only the sub-allocations that the sub-project holds and may draw on.
+    """Lists a grant's sub-allocations, or with holder or caller_may_draw those of every grant
+    the caller may read. A member of a sub-project who is not in the grant's project gets only
+    the sub-allocations that the sub-project holds and may draw on.
     """
     CheckFunds: _grpc.UnaryUnaryMultiCallable[_grant_pb2.CheckFundsRequest, _grant_pb2.CheckFundsResponse]
     """Checks whether a grant can pay an amount now (services)."""
@@ -149,8 +150,9 @@ class GrantServiceAsyncStub(GrantServiceStub):
     CreateSubAllocation: _aio.UnaryUnaryMultiCallable[_grant_pb2.CreateSubAllocationRequest, _grant_pb2.SubAllocation]  # type: ignore[assignment]
     """Delegates part of a grant (PI only)."""
     ListSubAllocations: _aio.UnaryUnaryMultiCallable[_grant_pb2.ListSubAllocationsRequest, _grant_pb2.ListSubAllocationsResponse]  # type: ignore[assignment]
-    """Lists a grant's sub-allocations. A member of a sub-project who is not in the grant's
-    project gets only the sub-allocations that the sub-project holds and may draw on.
+    """Lists a grant's sub-allocations, or with holder or caller_may_draw those of every grant
+    the caller may read. A member of a sub-project who is not in the grant's project gets only
+    the sub-allocations that the sub-project holds and may draw on.
     """
     CheckFunds: _aio.UnaryUnaryMultiCallable[_grant_pb2.CheckFundsRequest, _grant_pb2.CheckFundsResponse]  # type: ignore[assignment]
     """Checks whether a grant can pay an amount now (services)."""
@@ -344,8 +346,9 @@ class GrantServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _grant_pb2.ListSubAllocationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_grant_pb2.ListSubAllocationsResponse, _abc.Awaitable[_grant_pb2.ListSubAllocationsResponse]]:
-        """Lists a grant's sub-allocations. A member of a sub-project who is not in the grant's
-        project gets only the sub-allocations that the sub-project holds and may draw on.
+        """Lists a grant's sub-allocations, or with holder or caller_may_draw those of every grant
+        the caller may read. A member of a sub-project who is not in the grant's project gets only
+        the sub-allocations that the sub-project holds and may draw on.
         """
 
     @_abc_1.abstractmethod

@@ -64,6 +64,41 @@ async def project_role(conn: asyncpg.Connection, project_id: str, subject: str) 
     return role
 
 
+_SUB_PROJECT_DRAWER = (
+    "EXISTS (SELECT 1 FROM projects sub JOIN project_members sm ON sm.project_id = sub.id "
+    "WHERE sub.id = a.holder AND sub.pi = own.pi AND sub.id <> own.id "
+    "AND sm.member = {subject} AND sm.role <> 'viewer')"
+)
+"""SQL that is true when ``{subject}`` may draw on the sub-allocation ``a`` of a grant of the
+project ``own`` as a member of the sub-project that holds it. A sub-project is another project
+led by the same PI, and its viewers may not draw."""
+
+
+def allocation_readable_sql(subject: str) -> str:
+    """Return SQL that is true when ``subject`` may read the sub-allocation ``a`` of a grant of
+    the project ``own``: as anyone who sees the project, or as a member of the sub-project that
+    holds it. ``subject`` is the SQL parameter, e.g. ``$2``."""
+    return (
+        "(EXISTS (SELECT 1 FROM project_members om WHERE om.project_id = own.id "
+        f"AND om.member = {subject}) OR {_SUB_PROJECT_DRAWER.format(subject=subject)})"
+    )
+
+
+def allocation_drawable_sql(subject: str) -> str:
+    """Return SQL that is true when the project roles of ``subject`` let their jobs draw on the
+    sub-allocation ``a`` of a grant of the project ``own``.
+
+    The PI of ``own`` may draw on every sub-allocation of its grants, a member (not a viewer)
+    on the ones they hold, and a member (not a viewer) of a sub-project on the ones it holds.
+    ``subject`` is the SQL parameter, e.g. ``$2``.
+    """
+    return (
+        f"(own.pi = {subject} OR EXISTS (SELECT 1 FROM project_members om "
+        f"WHERE om.project_id = own.id AND om.member = {subject} AND om.role <> 'viewer' "
+        f"AND a.holder = {subject}) OR {_SUB_PROJECT_DRAWER.format(subject=subject)})"
+    )
+
+
 async def drawing_sub_projects(
     conn: asyncpg.Connection, project_id: str, grant_id: str, subject: str
 ) -> frozenset[str]:
@@ -76,16 +111,13 @@ async def drawing_sub_projects(
     out, so that the grant reads to its members as not found.
     """
     rows = await conn.fetch(
-        "SELECT sub.id FROM projects own "
-        "JOIN projects sub ON sub.pi = own.pi AND sub.id <> own.id "
-        "JOIN project_members m ON m.project_id = sub.id "
-        "WHERE own.id = $1 AND m.member = $2 AND m.role <> 'viewer' "
-        "AND EXISTS (SELECT 1 FROM allocations a WHERE a.grant_id = $3 AND a.holder = sub.id)",
+        "SELECT DISTINCT a.holder FROM allocations a JOIN projects own ON own.id = $1 "
+        f"WHERE a.grant_id = $3 AND {_SUB_PROJECT_DRAWER.format(subject='$2')}",
         project_id,
         subject,
         grant_id,
     )
-    return frozenset(row["id"] for row in rows)
+    return frozenset(row["holder"] for row in rows)
 
 
 async def require_project_visible(

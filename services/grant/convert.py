@@ -275,6 +275,9 @@ def balance_out(balance: RolledBalance) -> grant_pb2.Balance:
         refunded_pf_days=amount_out(balance.refunded),
         delegated_pf_days=amount_out(balance.delegated),
         available_pf_days=amount_out(balance.available),
+        sub_allocations_available_pf_days=amount_out(balance.sub_allocations_available),
+        sub_allocations_held_pf_days=amount_out(balance.sub_allocations_held),
+        sub_allocations_charged_pf_days=amount_out(balance.sub_allocations_charged),
     )
 
 

@@ -8,7 +8,8 @@ balanced set of postings that sums to zero.
 A sub-allocation is funded by a transfer from its parent's available account, so a child can
 never spend more than it was given, and it can only be given what its parent has available.
 Holds and charges through a sub-allocation move only its own accounts. The parent's rolled-up
-balance (:func:`roll_up`) then shows that budget as held or charged instead of delegated.
+balance (:func:`roll_up`) shows them in its held and charged amounts and, apart, as what its
+sub-allocations hold and were charged, while its delegated amount stays what it transferred.
 Only award, supplement, release and refund raise a pot's available budget, and only a transfer
 from its parent raises a sub-allocation's.
 """
@@ -317,27 +318,63 @@ def choose_grant(
 
 @dataclass(frozen=True, slots=True)
 class RolledBalance:
-    """A pot's balance including its sub-allocations, as reported to callers, in PF-days."""
+    """A pot's balance including its sub-allocations, as reported to callers, in PF-days.
+
+    Until the grant expires, ``credited`` is ``available + held + charged +
+    sub_allocations_available``, and ``delegated`` is the sum of the three
+    ``sub_allocations_*`` amounts.
+    """
 
     credited: Decimal
     held: Decimal
+    """Held on the pot and on every sub-allocation below it."""
     charged: Decimal
+    """Charged, net of refunds, to the pot and to every sub-allocation below it."""
     refunded: Decimal
     delegated: Decimal
-    """Available in sub-allocations below this pot: given away and not yet spent."""
+    """Transferred to the sub-allocations directly below: all they were ever credited, which
+    their holds and charges do not change."""
     available: Decimal
+    """Available to the pot's own jobs, outside its sub-allocations."""
+    sub_allocations_available: Decimal = ZERO
+    """Available in the sub-allocations below: delegated and not yet held or charged."""
+    sub_allocations_held: Decimal = ZERO
+    """The part of ``held`` that jobs drawing on the sub-allocations below hold."""
+    sub_allocations_charged: Decimal = ZERO
+    """The part of ``charged`` that the sub-allocations below were charged."""
 
 
-def roll_up(pot: Pot, descendants: Iterable[Pot]) -> RolledBalance:
-    """Sum a pot with every sub-allocation below it, so a child's charge shows on each parent."""
+def roll_up(pot: Pot, children: Iterable[Pot], deeper: Iterable[Pot]) -> RolledBalance:
+    """Sum a pot with every sub-allocation below it, so a child's charge shows on each parent.
+
+    ``children`` are the sub-allocations directly below the pot, and ``deeper`` the ones below
+    those. Only transfers to the children count as delegated, since a grandchild is funded
+    from its parent's budget, not from the pot's.
+    """
     with localcontext(EXACT):
-        held, charged, refunded, delegated = pot.held, pot.consumed, pot.refunded, ZERO
-        for child in descendants:
+        delegated = held = charged = refunded = available = ZERO
+        for child in children:
+            delegated += child.credited
             held += child.held
             charged += child.consumed
             refunded += child.refunded
-            delegated += child.available
-    return RolledBalance(pot.credited, held, charged, refunded, delegated, pot.available)
+            available += child.available
+        for below in deeper:
+            held += below.held
+            charged += below.consumed
+            refunded += below.refunded
+            available += below.available
+        return RolledBalance(
+            credited=pot.credited,
+            held=pot.held + held,
+            charged=pot.consumed + charged,
+            refunded=pot.refunded + refunded,
+            delegated=delegated,
+            available=pot.available,
+            sub_allocations_available=available,
+            sub_allocations_held=held,
+            sub_allocations_charged=charged,
+        )
 
 
 def subtree(root: str | None, parents: Mapping[str, str | None]) -> list[str]:

@@ -346,11 +346,31 @@ class LedgerHandlers:
     async def ListSubAllocations(
         self, request: grant_pb2.ListSubAllocationsRequest, context: grpc.aio.ServicerContext
     ) -> grant_pb2.ListSubAllocationsResponse:
-        grant_id = reference_in("grant_id", request.grant_id)
+        principal = current_principal()
+        filtered = bool(request.holder) or request.caller_may_draw
+        if not request.grant_id and not filtered:
+            raise InvalidArgument(
+                "grant_id",
+                "is missing",
+                "name the grant, or set holder or caller_may_draw to list across grants",
+            )
+        grant_id = reference_in("grant_id", request.grant_id) if request.grant_id else ""
+        holder = cv.text_in("holder", request.holder, required=False)
         limit, after = page_in(request.page)
         async with self.app.database().acquire() as conn:
-            _, holders = await _grant_for_allocations(conn, grant_id)
-            page = await views.list_allocations(conn, grant_id, after, limit, holders)
+            see_all = access.is_overseer(principal)
+            if grant_id:
+                _, holders = await _grant_for_allocations(conn, grant_id)
+                # The caller sees the whole grant, unless only as a sub-project's member.
+                see_all = holders is None
+            listed = views.AllocationFilter(
+                subject=principal.subject,
+                see_all=see_all,
+                grant_id=grant_id,
+                holder=holder,
+                caller_may_draw=request.caller_may_draw,
+            )
+            page = await views.list_allocations(conn, listed, after, limit)
         return grant_pb2.ListSubAllocationsResponse(
             sub_allocations=[_allocation_out(r, b) for r, b in page],
             page=page_out([r["id"] for r, _ in page], limit),

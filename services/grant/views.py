@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import asyncpg
 
+from services.grant import access
 from services.grant import ledger_rules as rules
 from services.grant.errors import NotFound
 from services.grant.ledger_rules import RolledBalance
@@ -32,8 +33,12 @@ def _roll(
     parents = {a["id"]: a["parent_id"] for a in allocations}
     by_id = {a["id"]: a for a in allocations}
     below = rules.subtree(root, parents)
+    children = [i for i in below if parents[i] == root]
+    deeper = [i for i in below if parents[i] != root]
     return rules.roll_up(
-        pot_from_row(name, row), (pot_from_row(allocation_pot_name(i), by_id[i]) for i in below)
+        pot_from_row(name, row),
+        (pot_from_row(allocation_pot_name(i), by_id[i]) for i in children),
+        (pot_from_row(allocation_pot_name(i), by_id[i]) for i in deeper),
     )
 
 
@@ -60,20 +65,54 @@ async def allocation_balance(
     return _roll(allocation_pot_name(allocation_id), row, allocation_id, allocations)
 
 
+@dataclass(frozen=True, slots=True)
+class AllocationFilter:
+    """The filters of one ListSubAllocations call, and the caller they apply to."""
+
+    subject: str
+    """The caller."""
+    see_all: bool
+    """Whether the caller may read every listed grant's sub-allocations. Otherwise only those
+    of grants whose project the caller sees, and those held by sub-projects they draw for."""
+    grant_id: str = ""
+    """Only this grant's, if set."""
+    holder: str = ""
+    """Only this holder's, if set."""
+    caller_may_draw: bool = False
+    """Only those that the caller's project roles let them draw on."""
+
+
 async def list_allocations(
-    conn: asyncpg.Connection,
-    grant_id: str,
-    after: str,
-    limit: int,
-    holders: frozenset[str] | None = None,
+    conn: asyncpg.Connection, listed: AllocationFilter, after: str, limit: int
 ) -> list[tuple[asyncpg.Record, RolledBalance]]:
-    """Return a page of the grant's sub-allocations, only those of ``holders`` if it is set."""
-    allocations = await _allocations(conn, grant_id)
-    listed = (
-        a for a in allocations if a["id"] > after and (holders is None or a["holder"] in holders)
+    """Return a page of the sub-allocations that ``listed`` selects, ordered by id."""
+    readable = access.allocation_readable_sql("$4")
+    drawable = access.allocation_drawable_sql("$4")
+    rows = await conn.fetch(
+        "SELECT a.* FROM allocations a JOIN grants g ON g.id = a.grant_id "
+        "JOIN projects own ON own.id = g.project_id "
+        "WHERE a.id > $1 AND ($2 = '' OR a.grant_id = $2) AND ($3 = '' OR a.holder = $3) "
+        f"AND ($5 OR {readable}) AND (NOT $6 OR {drawable}) "
+        "ORDER BY a.id LIMIT $7",
+        after,
+        listed.grant_id,
+        listed.holder,
+        listed.subject,
+        listed.see_all,
+        listed.caller_may_draw,
+        limit,
     )
-    page = sorted(listed, key=lambda a: a["id"])[:limit]
-    return [(a, _roll(allocation_pot_name(a["id"]), a, a["id"], allocations)) for a in page]
+    # A balance sums the sub-allocations below, so it needs each listed grant's whole tree.
+    grant_ids = sorted({row["grant_id"] for row in rows})
+    trees: dict[str, list[asyncpg.Record]] = {grant_id: [] for grant_id in grant_ids}
+    for allocation in await conn.fetch(
+        "SELECT * FROM allocations WHERE grant_id = ANY($1::text[])", grant_ids
+    ):
+        trees[allocation["grant_id"]].append(allocation)
+    return [
+        (row, _roll(allocation_pot_name(row["id"]), row, row["id"], trees[row["grant_id"]]))
+        for row in rows
+    ]
 
 
 async def list_grants(

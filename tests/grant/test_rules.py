@@ -138,13 +138,24 @@ def test_transfer_limited_by_parent() -> None:
 
 def test_roll_up_shows_child_spending_on_parent() -> None:
     parent = Pot("grant:g1", Decimal(100), Decimal(60), ZERO, ZERO, ZERO)
-    child = Pot("sub_allocation:a", Decimal(40), Decimal(30), Decimal(6), Decimal(4), ZERO)
-    rolled = rules.roll_up(parent, [child])
-    assert rolled.held == 6
-    assert rolled.charged == 4
-    assert rolled.delegated == 30
+    child = Pot("sub_allocation:a", Decimal(40), Decimal(20), Decimal(6), Decimal(4), ZERO)
+    grandchild = Pot("sub_allocation:b", Decimal(10), Decimal(7), Decimal(1), Decimal(2), ZERO)
+    rolled = rules.roll_up(parent, [child], [grandchild])
+    assert rolled.held == 7
+    assert rolled.charged == 6
+    assert rolled.delegated == 40
     assert rolled.available == 60
-    assert rolled.credited == rolled.available + rolled.held + rolled.charged + rolled.delegated
+    assert rolled.sub_allocations_available == 27
+    assert rolled.sub_allocations_held == 7
+    assert rolled.sub_allocations_charged == 6
+    assert rolled.credited == (
+        rolled.available + rolled.held + rolled.charged + rolled.sub_allocations_available
+    )
+    assert rolled.delegated == (
+        rolled.sub_allocations_available
+        + rolled.sub_allocations_held
+        + rolled.sub_allocations_charged
+    )
 
 
 def test_subtree_finds_grandchildren() -> None:

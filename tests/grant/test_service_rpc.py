@@ -405,13 +405,17 @@ async def test_sub_allocation_charge_reduces_parents(grant_service: RunningGrant
     assert child.charged_pf_days.value == "4"
     assert child.available_pf_days.value == "4"
     assert parent.charged_pf_days.value == "4"
-    assert parent.delegated_pf_days.value == "4"
+    assert parent.delegated_pf_days.value == "10"
+    assert parent.sub_allocations_available_pf_days.value == "4"
     assert root.charged_pf_days.value == "4"
     assert root.held_pf_days.value == "2"
-    # Budget left under each level: the charge and the hold reduced every parent by 6.
+    assert root.sub_allocations_charged_pf_days.value == "4"
+    assert root.sub_allocations_held_pf_days.value == "2"
+    # Each level's own budget stays; only what its sub-allocations have left shrinks.
     assert parent.available_pf_days.value == "30"
     assert root.available_pf_days.value == "60"
-    assert root.delegated_pf_days.value == "34"
+    assert root.delegated_pf_days.value == "40"
+    assert root.sub_allocations_available_pf_days.value == "34"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await pi.CreateSubAllocation(
             grant_pb2.CreateSubAllocationRequest(

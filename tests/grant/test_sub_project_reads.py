@@ -206,3 +206,73 @@ async def test_grant_without_its_allocation_hidden(
     assert [s.sub_allocation_id for s in listed.sub_allocations] == [
         delegated.sub_project_allocation
     ]
+
+
+def drawable_request() -> grant_pb2.ListSubAllocationsRequest:
+    return grant_pb2.ListSubAllocationsRequest(caller_may_draw=True)
+
+
+async def listed_ids(call: object) -> list[str]:
+    reply = await call  # type: ignore[misc]
+    return [s.sub_allocation_id for s in reply.sub_allocations]
+
+
+@pytest.mark.timeout(120)
+async def test_drawable_listed_without_grant_id(
+    grant_service: RunningGrant, delegated: Delegated
+) -> None:
+    """Each caller lists, across grants, the sub-allocations their project roles draw on."""
+    sam = grant_service.stub("sam", ["researcher"], "uni-a")
+    bob = grant_service.stub("bob", ["researcher"], "uni-a")
+    alice = grant_service.stub("alice", ["pi"], "uni-a")
+    listed = await sam.ListSubAllocations(drawable_request())
+    assert [s.sub_allocation_id for s in listed.sub_allocations] == [
+        delegated.sub_project_allocation
+    ]
+    assert listed.sub_allocations[0].grant_id == delegated.grant_id
+    assert listed.sub_allocations[0].holder == "proj-a-sub"
+    assert listed.sub_allocations[0].balance.available_pf_days.value == "1"
+    assert await listed_ids(bob.ListSubAllocations(drawable_request())) == [
+        delegated.member_allocation
+    ]
+    assert sorted(await listed_ids(alice.ListSubAllocations(drawable_request()))) == sorted(
+        [delegated.sub_project_allocation, delegated.member_allocation]
+    )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("subject", ["vera", "mallory", "office"])
+async def test_drawable_list_empty_for_others(
+    grant_service: RunningGrant, delegated: Delegated, subject: str
+) -> None:
+    """A viewer draws on nothing, and the program office's role adds no project roles."""
+    roles = ["program_office"] if subject == "office" else ["researcher"]
+    caller = grant_service.stub(subject, roles, "uni-a")
+    assert await listed_ids(caller.ListSubAllocations(drawable_request())) == []
+
+
+@pytest.mark.timeout(120)
+async def test_holder_listed_without_grant_id(
+    grant_service: RunningGrant, delegated: Delegated
+) -> None:
+    """A holder's sub-allocations list across grants, each only to callers who may read it."""
+    request = grant_pb2.ListSubAllocationsRequest(holder="proj-a-sub")
+    scheduler = grant_service.stub("scheduler", ["service"])
+    expected = [delegated.sub_project_allocation]
+    for subject in ("sam", "bob", "alice"):
+        caller = grant_service.stub(subject, ["researcher"], "uni-a")
+        assert await listed_ids(caller.ListSubAllocations(request)) == expected, subject
+    assert await listed_ids(scheduler.ListSubAllocations(request)) == expected
+    for subject in ("vera", "mallory"):
+        caller = grant_service.stub(subject, ["researcher"], "uni-a")
+        assert await listed_ids(caller.ListSubAllocations(request)) == [], subject
+
+
+@pytest.mark.timeout(120)
+async def test_list_without_grant_or_filter_rejected(
+    grant_service: RunningGrant, delegated: Delegated
+) -> None:
+    alice = grant_service.stub("alice", ["pi"], "uni-a")
+    error = await rejected(alice.ListSubAllocations(grant_pb2.ListSubAllocationsRequest()))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.details() or "").startswith("invalid grant_id: is missing")
