@@ -36,7 +36,7 @@ from .grant_limits import check_against_grant, narrow_to_grant
 from .inputs import CancelRequested
 from .job_access import JobAccess, ReadScope
 from .leadership import Leadership
-from .model import Job, JobFilter, JobState, new_job_id
+from .model import Job, JobFilter, JobSpec, JobState, new_job_id
 from .providers import ProviderDirectory
 from .request_ids import check_repeated_in_batch, check_reused_ids, request_key, stored_keys
 from .store import decode_page_token, encode_page_token
@@ -140,11 +140,20 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         Raises FAILED_PRECONDITION naming the field and the allowed values when the spec
         cannot run within the constraints, and naming ``wall_time_seconds`` when its hold
         exceeds all the grant or sub-allocation can ever be credited. A spec that names no
-        grant is rejected only when no grant of its project could ever pay its hold.
+        grant draws on the one sub-allocation its project holds when the project has no grant
+        of its own (see :meth:`ProjectDirectory.pick_sub_allocation`). Otherwise it is
+        rejected only when no grant of its project could ever pay its hold.
         """
         spec = jobs[0].spec
         projects = self._lead.projects
         limits = await projects.check_submitter(principal, spec, prefix)
+        if limits is None:
+            picked = await projects.pick_sub_allocation(spec, prefix)
+            if picked is not spec:
+                # Checked again as if the caller had named the sub-allocation: from the cache.
+                spec = picked
+                jobs = [evolve(job, spec=_picked(job.spec, spec)) for job in jobs]
+                limits = await projects.check_submitter(principal, spec, prefix)
         # Usage and fair share count against the project's institution, whoever submits.
         # check_submitter has just cached the project, so this reads no more than the cache.
         project = await projects.project(spec.project_id)
@@ -540,6 +549,19 @@ def _jobs_page(jobs: list[Job], token: str) -> scheduler_pb2.ListJobsResponse:
         page.jobs.append(message)
     page.page.next_page_token = token
     return page
+
+
+def _picked(spec: JobSpec, picked: JobSpec) -> JobSpec:
+    """Return ``spec`` drawing on what :meth:`ProjectDirectory.pick_sub_allocation` picked.
+
+    The elements of an array differ in their environment, so each keeps its own spec.
+    """
+    return evolve(
+        spec,
+        grant_id=picked.grant_id,
+        sub_allocation_id=picked.sub_allocation_id,
+        sub_allocation_picked=picked.sub_allocation_picked,
+    )
 
 
 def _waits(jobs: list[Job]) -> tuple[int, int]:

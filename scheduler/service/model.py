@@ -96,7 +96,8 @@ class JobSpec:
     command: tuple[str, ...]
     """Program and arguments each task runs (argv, no shell)."""
     grant_id: str = ""
-    """Grant that pays; empty lets the grant service pick the project's grant expiring first."""
+    """Grant that pays; empty lets the grant service pick the project's grant expiring first,
+    unless the scheduler picks a sub-allocation (see ``sub_allocation_picked``)."""
     sub_allocation_id: str = ""
     task_count: int = 1
     accelerator_millis_per_task: int = MILLIS_PER_ACCELERATOR
@@ -140,6 +141,9 @@ class JobSpec:
     awaited_job_ids: tuple[str, ...] = ()
     """The jobs of ``after_job_ids`` with each array replaced by its elements, set at
     submission: the jobs the scheduler waits for."""
+    sub_allocation_picked: bool = False
+    """Whether the scheduler set ``grant_id`` and ``sub_allocation_id`` at submission, because
+    the job named neither and its project, a sub-project, holds that one sub-allocation."""
 
     @property
     def total_millis(self) -> int:

@@ -19,6 +19,7 @@ from acsp.v1 import common_pb2, grant_pb2, grant_pb2_grpc
 from services.runtime import grant_directory
 from services.runtime.auth import Principal
 from services.runtime.errors import FailedPrecondition, NotFound, PermissionDenied
+from services.runtime.evolve import evolve
 from services.runtime.grant_directory import (
     ANY_PROJECT,
     ProjectAccess,
@@ -29,6 +30,7 @@ from services.runtime.grant_directory import (
 from .award_check import AwardCeiling
 from .errors import SubAllocationNotFound
 from .grant_limits import GrantLimits
+from .held_allocations import HeldSubAllocation, HeldSubAllocations, choose_held, fetch_held
 from .model import JobSpec, utc_text
 
 __all__ = ["ANY_PROJECT", "GrantRecord", "ProjectAccess", "ProjectDirectory", "SubAllocations"]
@@ -97,6 +99,7 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         )
         self._allocations: OrderedDict[str, tuple[float, SubAllocations]] = OrderedDict()
         self._project_grants: OrderedDict[str, tuple[float, ProjectGrants]] = OrderedDict()
+        self._held: OrderedDict[str, tuple[float, HeldSubAllocations]] = OrderedDict()
 
     async def check_submitter(
         self, principal: Principal, spec: JobSpec, prefix: str = "spec"
@@ -108,10 +111,10 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         or the job's project must be the sub-project (led by the same PI) that holds the named
         sub-allocation of it, and the grant must not have expired (FailedPrecondition). A
         sub-allocation must belong to the job's grant (SubAllocationNotFound). Only its
-        holder, the project's PI or, for a sub-project's sub-allocation, the sub-project's
-        members may draw on it (PermissionDenied). Program office and service callers may
-        submit for any project that exists and draw on any of its sub-allocations. Returns
-        None when the spec names no grant.
+        holder, the PI of the grant's project or, for a sub-project's sub-allocation, the
+        sub-project's members for its jobs may draw on it (PermissionDenied). Program office
+        and service callers may submit for any project that exists and draw on any of its
+        sub-allocations. Returns None when the spec names no grant.
         """
         privileged = grant_directory.sees_every_project(principal)
         project = await self.project(spec.project_id)
@@ -154,15 +157,32 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
                     f"{prefix}.sub_allocation_id", spec.sub_allocation_id, spec.grant_id
                 )
             # Every member of a sub-project that holds the sub-allocation may draw on it,
-            # and viewers were rejected above.
+            # and viewers were rejected above. The PI controls the whole grant, so the PI may
+            # also charge a job of the grant's project to any of its sub-allocations.
             drawers = (holder, project.pi_subject)
             if not privileged and not by_sub_project and principal.subject not in drawers:
-                raise PermissionDenied(
-                    f"{prefix}.sub_allocation_id: sub-allocation {spec.sub_allocation_id!r} "
-                    f"is held by {holder!r}, and only its holder or the project's PI may "
-                    "draw on it; leave the field empty to draw on the grant itself"
-                )
+                raise PermissionDenied(await self._not_a_drawer(spec, holder, project, prefix))
         return grant.limits if grant is not None else None
+
+    async def _not_a_drawer(
+        self, spec: JobSpec, holder: str, project: ProjectAccess, prefix: str
+    ) -> str:
+        """Explain who may draw on the sub-allocation ``spec`` names, which the caller may not."""
+        allocation = f"{prefix}.sub_allocation_id: sub-allocation {spec.sub_allocation_id!r}"
+        pi = f"the PI of project {spec.project_id!r}"
+        # A member of the grant's project holds as that member, even if a project has its name.
+        if holder not in project.subjects and await self.project(holder) is not None:
+            return (
+                f"{allocation} is held by sub-project {holder!r}, so it pays for that "
+                f"project's jobs, which its members submit with project_id {holder!r}, and "
+                f"for jobs of project {spec.project_id!r} only when {pi} submits them; submit "
+                f"with project_id {holder!r} or leave the field empty to draw on the grant "
+                "itself"
+            )
+        return (
+            f"{allocation} is held by {holder!r}, and only {holder!r} or {pi} may draw on it; "
+            "leave the field empty to draw on the grant itself"
+        )
 
     async def _holds_as_sub_project(
         self, spec: JobSpec, grant_project_id: str, project: ProjectAccess
@@ -236,14 +256,7 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         submissions costs one ListGrants call. With ``recent``, a list older than
         ``missing_ttl_s`` is fetched again, so that a grant awarded since then is seen.
         """
-        cached = fresh_entry(self._project_grants, project_id)
-        listed = cached[1] if cached is not None else None
-        if listed is None or (recent and time.monotonic() - listed.fetched_at >= self._missing_ttl):
-            found = await self._shared(
-                ("project grants", project_id), lambda: self._fetch_project_grants(project_id)
-            )
-            assert isinstance(found, ProjectGrants)
-            listed = found
+        listed = await self._listed_grants(project_id, recent=recent)
         now = time.time()
         ceilings: list[AwardCeiling] = []
         for grant_id, info in listed.grants:
@@ -262,6 +275,74 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
                 )
             )
         return ceilings
+
+    async def _listed_grants(self, project_id: str, *, recent: bool) -> ProjectGrants:
+        """Return the cached grants of ``project_id``, fetched again when missing or, with
+        ``recent``, older than ``missing_ttl_s``."""
+        cached = fresh_entry(self._project_grants, project_id)
+        listed = cached[1] if cached is not None else None
+        if listed is None or (recent and time.monotonic() - listed.fetched_at >= self._missing_ttl):
+            found = await self._shared(
+                ("project grants", project_id), lambda: self._fetch_project_grants(project_id)
+            )
+            assert isinstance(found, ProjectGrants)
+            listed = found
+        return listed
+
+    async def pick_sub_allocation(self, spec: JobSpec, prefix: str = "spec") -> JobSpec:
+        """Return ``spec`` set to draw on the sub-allocation its project holds, when it names
+        no grant and its project has no grant of its own that can still pay.
+
+        The project must hold exactly one sub-allocation of a grant that can still pay, of a
+        project led by the same PI. With none, ``spec`` is returned unchanged and its job
+        waits for a grant of its own. With several, InvalidArgument names
+        ``<prefix>.sub_allocation_id`` and lists them. Call it after :meth:`check_submitter`,
+        so that only the project's members learn what it holds. Both lists are read again
+        when older than ``missing_ttl_s``, so a grant or sub-allocation created seconds ago
+        counts.
+        """
+        if spec.grant_id or spec.sub_allocation_id:
+            return spec
+        now = time.time()
+        own = await self._listed_grants(spec.project_id, recent=True)
+        if any(not info.ended(now) for _, info in own.grants):
+            return spec
+        project = await self.project(spec.project_id)
+        if project is None:
+            return spec
+        usable: list[HeldSubAllocation] = []
+        for held in await self._held_sub_allocations(spec.project_id):
+            grant = await self.grant(held.grant_id)
+            if grant is None or grant.expired:
+                continue
+            owner = await self.project(grant.project_id)
+            if owner is not None and owner.pi_subject == project.pi_subject:
+                usable.append(held)
+        chosen = choose_held(spec.project_id, usable, f"{prefix}.sub_allocation_id")
+        if chosen is None:
+            return spec
+        return evolve(
+            spec,
+            grant_id=chosen.grant_id,
+            sub_allocation_id=chosen.sub_allocation_id,
+            sub_allocation_picked=True,
+        )
+
+    async def _held_sub_allocations(self, project_id: str) -> tuple[HeldSubAllocation, ...]:
+        cached = fresh_entry(self._held, project_id)
+        if cached is not None:
+            return cached[1].allocations
+        found = await self._shared(
+            ("held sub-allocations", project_id), lambda: self._fetch_held(project_id)
+        )
+        assert isinstance(found, HeldSubAllocations)
+        return found.allocations
+
+    async def _fetch_held(self, project_id: str) -> HeldSubAllocations:
+        held = await fetch_held(self._stub, project_id, self._timeout)
+        listed = HeldSubAllocations(time.monotonic(), tuple(held))
+        self._store(self._held, project_id, listed, self._missing_ttl)
+        return listed
 
     async def _fetch_project_grants(self, project_id: str) -> ProjectGrants:
         grants: list[tuple[str, grant_directory.GrantInfo]] = []

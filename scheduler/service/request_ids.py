@@ -118,7 +118,8 @@ def check_reused_ids(submitted: list[Job], stored: list[Job], field: str) -> Non
     A retry returns the job its first request stored. A request id used again for a different
     job is a caller's mistake that would otherwise go unnoticed, and the grant service rejects
     such a reuse too. Only what the caller sent is compared, not the grant's constraints that
-    the scheduler copies into a spec or the grant that pays a job which named none.
+    the scheduler copies into a spec or the grant or sub-allocation that pays a job which
+    named none.
     """
     for new, old in zip(submitted, stored, strict=True):
         if new.job_id == old.job_id or _same_submission(old.spec, new.spec):
@@ -131,9 +132,13 @@ def check_reused_ids(submitted: list[Job], stored: list[Job], field: str) -> Non
 
 
 def _same_submission(stored: JobSpec, submitted: JobSpec) -> bool:
+    named_grant = bool(submitted.grant_id) and not submitted.sub_allocation_picked
+
     def sent(spec: JobSpec) -> JobSpec:
+        if spec.sub_allocation_picked:
+            spec = evolve(spec, grant_id="", sub_allocation_id="", sub_allocation_picked=False)
         # A job that named no grant keeps none here, whichever grant came to pay for it.
-        grant = spec.grant_id if submitted.grant_id else ""
+        grant = spec.grant_id if named_grant else ""
         return evolve(spec, grant_id=grant, grant_providers=(), grant_regions=(), grant_models=())
 
     return sent(stored) == sent(submitted)

@@ -13,7 +13,7 @@ from scheduler.service.award_check import AwardCeiling
 from scheduler.service.model import JobSpec
 from scheduler.service.projects import ProjectDirectory
 from services.runtime.auth import Principal, Role
-from services.runtime.errors import FailedPrecondition, NotFound, PermissionDenied
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
 
 class CountingGrants:
@@ -313,3 +313,86 @@ async def test_other_project_cannot_draw_on_grant(who: str, job: JobSpec) -> Non
         await directory.check_submitter(user(who), job)
 
     assert missing.value.kind == "grant"
+
+
+class HeldGrants(SubProjectGrants):
+    """``SubProjectGrants`` that also lists sub-allocations by holder across grants, with
+    ``extra`` sub-allocations (id to grant and holder) of other grants of ``p1``."""
+
+    def __init__(self, extra: dict[str, tuple[str, str]] | None = None) -> None:
+        super().__init__()
+        self.extra = extra or {}
+
+    async def ListSubAllocations(
+        self, request: grant_pb2.ListSubAllocationsRequest, **options: object
+    ) -> grant_pb2.ListSubAllocationsResponse:
+        if request.grant_id:
+            return await super().ListSubAllocations(request, **options)
+        self.calls += 1
+        held = {k: ("g1", v) for k, v in self.allocations.items()} | self.extra
+        listed = []
+        for allocation_id, (grant_id, holder) in sorted(held.items()):
+            if holder == request.holder:
+                allocation = grant_pb2.SubAllocation(
+                    sub_allocation_id=allocation_id, grant_id=grant_id, holder=holder
+                )
+                allocation.balance.available_pf_days.value = "1.5"
+                listed.append(allocation)
+        return grant_pb2.ListSubAllocationsResponse(sub_allocations=listed)
+
+
+async def test_sub_project_job_picks_its_allocation() -> None:
+    directory = ProjectDirectory(HeldGrants())  # type: ignore[arg-type]
+
+    picked = await directory.pick_sub_allocation(spec("q1"))
+    limits = await directory.check_submitter(user("dana"), picked)
+
+    assert picked.grant_id == "g1"
+    assert picked.sub_allocation_id == "sq"
+    assert picked.sub_allocation_picked
+    assert limits is not None
+
+
+@pytest.mark.parametrize(
+    ("job", "extra"),
+    [
+        (spec("p1"), {}),
+        (spec("x1"), {}),
+        (spec("q1"), {"s-old": ("old", "q1"), "s-ended": ("ended", "q1")}),
+        (spec("q1", "g1", "sq"), {}),
+    ],
+    ids=["project with grants", "project of another PI", "ended grants", "named"],
+)
+async def test_no_allocation_picked(job: JobSpec, extra: dict[str, tuple[str, str]]) -> None:
+    grants = HeldGrants(extra)
+    grants.allocations.pop("sq")
+    grants.allocations["sp"] = "p1"
+    directory = ProjectDirectory(grants)  # type: ignore[arg-type]
+
+    assert await directory.pick_sub_allocation(job) is job
+
+
+async def test_several_allocations_listed_in_error() -> None:
+    directory = ProjectDirectory(HeldGrants({"sq2": ("g2", "q1")}))  # type: ignore[arg-type]
+
+    with pytest.raises(InvalidArgument) as caught:
+        await directory.pick_sub_allocation(spec("q1"), "jobs[1].spec")
+
+    assert caught.value.field == "jobs[1].spec.sub_allocation_id"
+    assert "holds 2 sub-allocations" in caught.value.reason
+    assert "--grant g1 --sub-allocation sq (1.5 PF-days available)" in caught.value.fix
+    assert "--grant g2 --sub-allocation sq2 (1.5 PF-days available)" in caught.value.fix
+
+
+async def test_parent_job_on_sub_project_allocation() -> None:
+    """The PI may charge a job of the grant's project to a sub-project's sub-allocation, and
+    the refusal of another member names who may draw on it."""
+    directory = ProjectDirectory(SubProjectGrants())  # type: ignore[arg-type]
+
+    await directory.check_submitter(user("pi"), spec("p1", "g1", "sq"))
+    with pytest.raises(PermissionDenied) as denied:
+        await directory.check_submitter(user("carol"), spec("p1", "g1", "sq"))
+
+    assert "is held by sub-project 'q1'" in denied.value.message
+    assert "submit with project_id 'q1'" in denied.value.message
+    assert "only when the PI of project 'p1' submits them" in denied.value.message

@@ -4,6 +4,7 @@ timestamps and request ids."""
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import pytest
 
@@ -96,3 +97,18 @@ def test_single_job_key_not_taken_for_array() -> None:
     element = Job(job_id="a1-0", spec=spec, owner="alice", array_id="a1", array_index=0)
     with pytest.raises(FailedPrecondition, match="job array a1"):
         check_one([new], "5:alice/x", {"5:alice/x/0": element}, "request_id")
+
+
+def test_retry_ignores_picked_sub_allocation() -> None:
+    """A retry of a job that named no grant matches its stored job whatever the scheduler
+    picked for either, and a retry that names a grant does not."""
+    sent = JobSpec(name="n", project_id="q1", command=("true",))
+    picked = replace(sent, grant_id="g1", sub_allocation_id="s1", sub_allocation_picked=True)
+    stored = Job(job_id="j1", spec=picked, owner="dana")
+    key = {"4:dana/x": stored}
+    for retry in (sent, picked, replace(picked, sub_allocation_id="s2")):
+        check_one([Job(job_id="j2", spec=retry, owner="dana")], "4:dana/x", key, "request_id")
+
+    named = replace(picked, sub_allocation_picked=False)
+    with pytest.raises(FailedPrecondition, match="another spec"):
+        check_one([Job(job_id="j2", spec=named, owner="dana")], "4:dana/x", key, "request_id")
