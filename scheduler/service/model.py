@@ -55,6 +55,7 @@ PENDING_REASONS: Final[tuple[str, ...]] = (
     "requeued",
     "priority",
     "dependency",
+    "task_too_large",
 )
 """Reason a pending job waits, named as ``acsp.v1.PendingReason`` in lower case."""
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from acsp.v1 import scheduler_pb2
+from scheduler.engine.decisions import ReasonCode
 from scheduler.engine.engine import Engine
 from scheduler.engine.spec import EngineConfig
+from scheduler.service.convert import pending_reason_to_proto
 from scheduler.service.engine_adapter import EngineAdapter
 from scheduler.service.fleet import AcceleratorView, FleetView, NodeView
 from scheduler.service.jobbook import Effects, JobBook
-from scheduler.service.model import Job, JobSpec, new_job_id
+from scheduler.service.model import PENDING_REASONS, Job, JobSpec, new_job_id
 from scheduler.service.reason_refresh import REASON_REFRESH_S
 
 NOW = 1_800_000_000.0
@@ -112,3 +115,13 @@ def test_new_code_ignores_refresh_bounds() -> None:
     assert len(fx.changed) == 3
     for job in jobs:
         assert book.jobs[job.job_id].pending_reason != "task_too_large"
+
+
+def test_reason_names_match_proto() -> None:
+    names = [
+        name.removeprefix("PENDING_REASON_").lower() for name in scheduler_pb2.PendingReason.keys()
+    ]
+    assert list(PENDING_REASONS) == ["", *names[1:]]
+    for code in ReasonCode:
+        assert code.value in PENDING_REASONS
+        assert pending_reason_to_proto(code.value) == PENDING_REASONS.index(code.value)
