@@ -304,9 +304,11 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         if spec.grant_id or spec.sub_allocation_id:
             return spec
         now = time.time()
-        own = await self._listed_grants(spec.project_id, recent=True)
-        if any(not info.ended(now) for _, info in own.grants):
-            return spec
+        # The cached list answers the common case, a project with grants, without a call.
+        for recent in (False, True):
+            own = await self._listed_grants(spec.project_id, recent=recent)
+            if any(not info.ended(now) for _, info in own.grants):
+                return spec
         project = await self.project(spec.project_id)
         if project is None:
             return spec

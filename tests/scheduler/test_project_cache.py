@@ -396,3 +396,17 @@ async def test_parent_job_on_sub_project_allocation() -> None:
     assert "is held by sub-project 'q1'" in denied.value.message
     assert "submit with project_id 'q1'" in denied.value.message
     assert "only when the PI of project 'p1' submits them" in denied.value.message
+
+
+async def test_pick_for_project_with_grants_cached() -> None:
+    """A project with grants of its own costs no call once its grants are cached."""
+    grants = HeldGrants()
+    directory = ProjectDirectory(grants, missing_ttl_s=0.0)  # type: ignore[arg-type]
+    await directory.project_ceilings("p1")
+    calls = grants.calls
+
+    job = spec("p1")
+    picked = await directory.pick_sub_allocation(job)
+
+    assert picked is job
+    assert grants.calls == calls
