@@ -304,7 +304,7 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         if spec.grant_id or spec.sub_allocation_id:
             return spec
         now = time.time()
-        # The cached list answers the common case, a project with grants, without a call.
+        # The cached list settles the common case, a project with grants, without a call.
         for recent in (False, True):
             own = await self._listed_grants(spec.project_id, recent=recent)
             if any(not info.ended(now) for _, info in own.grants):
