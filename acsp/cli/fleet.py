@@ -125,7 +125,9 @@ def register(subparsers: Any) -> None:
             "deleted. To retire a machine: drain its node, wait until it shows as drained, "
             "stop its agent, then delete the node. An agent that still runs adds its node "
             "again, as a new node that is up, with its next inventory, which it sends when it "
-            "restarts or reconnects to NATS."
+            "restarts or reconnects to NATS. The local mesh of acsp up runs every node in one "
+            "process, so there, restart the mesh with a smaller --agents instead of stopping "
+            'one node\'s agent (docs/deploy.md, "Retiring a node").'
         ),
     )
     delete.add_argument("node", help="<provider>/<region>/<node>")

@@ -568,15 +568,15 @@ def register(subparsers: Any) -> None:
         )
 
     p = command("institution", run_institution, "register an institution (program office)")
-    p.add_argument("institution_id")
-    p.add_argument("name")
+    p.add_argument("institution_id", help="id of the new institution, e.g. uni-a")
+    p.add_argument("name", help="the institution's display name, e.g. 'University A'")
     p.add_argument(
         "--country", required=True, help="ISO 3166-1 alpha-2 country code, e.g. DE or NO"
     )
     idempotent(p)
 
     p = command("project", run_project, "create a project with its PI and members")
-    p.add_argument("project_id")
+    p.add_argument("project_id", help="id of the new project, e.g. alice-lab")
     p.add_argument("--institution", required=True, help="institution the project belongs to")
     p.add_argument("--pi", required=True, help="subject of the principal investigator")
     p.add_argument("--name", help="display name (default: the project id)")
@@ -586,8 +586,8 @@ def register(subparsers: Any) -> None:
     idempotent(p)
 
     p = command("member", run_member, "add, change or remove a project member (PI only)")
-    p.add_argument("project")
-    p.add_argument("subject")
+    p.add_argument("project", help="the project, which you lead as its PI")
+    p.add_argument("subject", help="the member's user id, the subject of their token")
     p.add_argument(
         "--role",
         choices=sorted(ROLES),
@@ -623,13 +623,13 @@ def register(subparsers: Any) -> None:
     idempotent(p)
 
     p = command("assign", run_assign, "assign a reviewer to an application (program office)")
-    p.add_argument("application")
+    p.add_argument("application", help="the application to assign a reviewer to")
     p.add_argument("--reviewer", required=True, help="subject of the reviewer")
     p.add_argument("--institution", required=True, help="the reviewer's institution")
     idempotent(p)
 
     p = command("review", run_review, "submit your review of an application")
-    p.add_argument("application")
+    p.add_argument("application", help="the application to review")
     p.add_argument(
         "--score", type=whole_number(1, 5), required=True, help="1 (poor) to 5 (excellent)"
     )
@@ -637,7 +637,7 @@ def register(subparsers: Any) -> None:
     idempotent(p)
 
     p = command("award", run_award, "decide an application: award, award less or reject")
-    p.add_argument("application")
+    p.add_argument("application", help="the application to decide")
     p.add_argument(
         "--outcome",
         choices=sorted(OUTCOMES),
@@ -676,7 +676,7 @@ def register(subparsers: Any) -> None:
         "--limit",
         type=whole_number(1, MAX_PAGE_SIZE),
         default=100,
-        help=f"rows to show (at most {MAX_PAGE_SIZE})",
+        help=f"rows to show, at most {MAX_PAGE_SIZE} (default: 100)",
     )
 
     p = command(
@@ -701,26 +701,26 @@ def register(subparsers: Any) -> None:
         "--limit",
         type=whole_number(1, MAX_PAGE_SIZE),
         default=100,
-        help=f"rows to show (at most {MAX_PAGE_SIZE})",
+        help=f"rows to show, at most {MAX_PAGE_SIZE} (default: 100)",
     )
 
     p = command("balance", run_balance, "show a grant's or sub-allocation's balance")
-    p.add_argument("grant")
+    p.add_argument("grant", help="the grant whose balance to show")
     p.add_argument("--sub-allocation", help="this sub-allocation of the grant instead")
 
     p = command(
         "show", run_show, "show a grant: its window, limits on providers, regions and models"
     )
-    p.add_argument("grant")
+    p.add_argument("grant", help="the grant to show")
 
     p = command("history", run_history, "list a grant's ledger entries, oldest first")
-    p.add_argument("grant")
+    p.add_argument("grant", help="the grant whose ledger entries to list")
     p.add_argument("--kind", choices=sorted(KINDS), help="only entries of this kind")
     p.add_argument(
         "--limit",
         type=whole_number(1, MAX_PAGE_SIZE),
         default=100,
-        help=f"entries to show (at most {MAX_PAGE_SIZE})",
+        help=f"entries to show, at most {MAX_PAGE_SIZE} (default: 100)",
     )
     p.add_argument(
         "--after",
@@ -731,7 +731,7 @@ def register(subparsers: Any) -> None:
     p = command(
         "delegate", run_delegate, "delegate part of a grant to a member or sub-project (PI only)"
     )
-    p.add_argument("grant")
+    p.add_argument("grant", help="the grant to delegate from")
     p.add_argument(
         "--holder",
         required=True,
@@ -748,19 +748,19 @@ def register(subparsers: Any) -> None:
     idempotent(p)
 
     p = command("suballocations", run_suballocations, "list a grant's sub-allocations")
-    p.add_argument("grant")
+    p.add_argument("grant", help="the grant whose sub-allocations to list")
     p.add_argument(
         "--limit",
         type=whole_number(1, MAX_PAGE_SIZE),
         default=100,
-        help=f"rows to show (at most {MAX_PAGE_SIZE})",
+        help=f"rows to show, at most {MAX_PAGE_SIZE} (default: 100)",
     )
 
     p = command("expire", run_expire, "expire grants whose window ended (program office)")
     idempotent(p)
 
     p = command("supplement", run_supplement, "add the one supplement to a grant (program office)")
-    p.add_argument("grant")
+    p.add_argument("grant", help="the grant to add to")
     p.add_argument(
         "--pf-days",
         required=True,
@@ -770,7 +770,7 @@ def register(subparsers: Any) -> None:
     idempotent(p)
 
     p = command("extend", run_extend, "move a grant's end later (program office)")
-    p.add_argument("grant")
+    p.add_argument("grant", help="the grant to extend")
     p.add_argument(
         "--end", required=True, help="new end time, ISO 8601; a date alone includes that day"
     )

@@ -637,7 +637,9 @@ def register(subparsers: Any) -> None:
         parser.add_argument("--all", action="store_true", help="fetch every page")
 
     p = command("query", run_query, "usage grouped over a time range")
-    p.add_argument("--by", choices=sorted(GROUPINGS), default="grant", help="how to group")
+    p.add_argument(
+        "--by", choices=sorted(GROUPINGS), default="grant", help="how to group (default: grant)"
+    )
     window(p)
     for name in ("grant", "project", "institution", "provider"):
         p.add_argument(f"--{name}", help=f"only this {name}")
