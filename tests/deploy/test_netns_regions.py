@@ -233,14 +233,19 @@ async def test_region_cut_spares_other_regions(stack: RegionStack) -> None:
         return bool(stored[0]["n"] == stats["usage_samples"])
 
     try:
-        await wait_for(settled, 60, "metering to store every r1 sample", 1.0)
+        # The spooled samples arrive in a burst after the cut, so a loaded machine needs time.
+        await wait_for(settled, 120, "metering to store every r1 sample", 1.0)
     except TimeoutError as error:
         dead = stack.query(
             "SELECT dedupe_key, reason FROM metering.dead_letters"
             " WHERE subject LIKE 'acsp.usage.alpha.%' ORDER BY dead_letter_id LIMIT 5"
         )
+        in_stream = stack.usage_messages("acsp.usage.alpha.r1.")
+        samples_in_stream = sum(len(message["sample_ids"]) for message in in_stream)
         raise AssertionError(
-            f"{error}; last seen: {last_seen}; metering dead letters: {dead}"
+            f"{error}; last seen: {last_seen}; metering dead letters: {dead}; the stream "
+            f"contains {samples_in_stream} r1 samples in {len(in_stream)} messages\n"
+            f"{stack.logs(60)}"
         ) from error
     stats = stack.agent_stats(R1)
     rows = stack.query(
