@@ -82,8 +82,8 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         principal = require_roles(*SUBMITTERS)
         check_length("request_id", request.request_id, MAX_REQUEST_ID_LENGTH)
         jobs, request_ids, array_id = self._prepare(request, principal, "")
-        jobs = await self._check_access(principal, jobs, "spec")
         key = request_key(principal.subject, request.request_id)
+        jobs = await self._check_access(principal, jobs, "spec", key)
         jobs = await self._resolve_after(jobs, "spec.after_job_ids", key)
         check_wait_count([_waits(jobs)], "spec.after_job_ids")
         stored = await self._lead.require().batcher.submit(
@@ -106,14 +106,11 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             self._prepare(item, principal, f"jobs[{i}].") for i, item in enumerate(request.jobs)
         ]
         # Every item is checked before any is stored, so a rejected item writes nothing.
-        checked = [
-            await self._resolve_after(
-                await self._check_access(principal, batch, f"jobs[{i}].spec"),
-                f"jobs[{i}].spec.after_job_ids",
-                request_key(principal.subject, item.request_id),
-            )
-            for i, ((batch, _, _), item) in enumerate(zip(prepared, request.jobs, strict=True))
-        ]
+        checked = []
+        for i, ((batch, _, _), item) in enumerate(zip(prepared, request.jobs, strict=True)):
+            key = request_key(principal.subject, item.request_id)
+            allowed = await self._check_access(principal, batch, f"jobs[{i}].spec", key)
+            checked.append(await self._resolve_after(allowed, f"jobs[{i}].spec.after_job_ids", key))
         check_wait_count([_waits(batch) for batch in checked], "jobs")
         submissions = [
             (batch, request_key(principal.subject, item.request_id), f"jobs[{i}].request_id")
@@ -133,7 +130,9 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
             results.append(_submit_response(part, array_id, item.spec.array_size))
         return scheduler_pb2.SubmitJobsResponse(results=results)
 
-    async def _check_access(self, principal: Principal, jobs: list[Job], prefix: str) -> list[Job]:
+    async def _check_access(
+        self, principal: Principal, jobs: list[Job], prefix: str, key: str | None = None
+    ) -> list[Job]:
         """Check the submitter, grant and sub-allocation of ``jobs`` (one spec) with the grant
         service, and narrow their placement to the grant's constraints.
 
@@ -142,13 +141,14 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         exceeds all the grant or sub-allocation can ever be credited. A spec that names no
         grant draws on the one sub-allocation its project holds when the project has no grant
         of its own (see :meth:`ProjectDirectory.pick_sub_allocation`). Otherwise it is
-        rejected only when no grant of its project could ever pay its hold.
+        rejected only when no grant of its project could ever pay its hold. ``key`` is the
+        submission's request id key, whose stored jobs a retry gets back.
         """
         spec = jobs[0].spec
         projects = self._lead.projects
         limits = await projects.check_submitter(principal, spec, prefix)
         if limits is None:
-            picked = await projects.pick_sub_allocation(spec, prefix)
+            picked = await self._pick_sub_allocation(jobs, prefix, key)
             if picked is not spec:
                 # Checked again as if the caller had named the sub-allocation: from the cache.
                 spec = picked
@@ -176,6 +176,23 @@ class SchedulerServicer(FleetRpcs, scheduler_pb2_grpc.SchedulerServiceServicer):
         if ceiling is not None and term is not None and term.rates is not None:
             check_hold_fits(narrowed[0], ceiling, term.rates, catalog, prefix)
         return narrowed
+
+    async def _pick_sub_allocation(self, jobs: list[Job], prefix: str, key: str | None) -> JobSpec:
+        """Return the spec of ``jobs`` set to draw on its project's one sub-allocation, if any.
+
+        A retry of a call that stored its jobs gets them back, although the project may have
+        come to hold several sub-allocations since, so the spec then stays unchanged. The
+        store is read only when the pick fails, off the common path.
+        """
+        spec = jobs[0].spec
+        try:
+            return await self._lead.projects.pick_sub_allocation(spec, prefix)
+        except InvalidArgument:
+            if key is None:
+                raise
+            if not await self._lead.store.jobs_by_request_ids(stored_keys([(jobs, key, "")])):
+                raise
+            return spec
 
     async def _check_project_hold(self, job: Job, rates: RateCard, prefix: str) -> None:
         """Reject ``job``, which names no grant, when no grant of its project could pay it.

@@ -190,3 +190,59 @@ async def test_pi_charges_parent_job_to_allocation(stack: Stack) -> None:
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert f"is held by sub-project '{project}-sub'" in details
     assert f"only when the PI of project '{project}' submits them" in details
+
+
+async def test_retry_after_second_allocation(stack: Stack) -> None:
+    """A retry gets the job its first call stored, although the sub-project has come to hold
+    a second sub-allocation since, which a new job would have to name."""
+    _, address = await stack.start_scheduler()
+    project, grant, pi = await fund_grant(stack)
+    sub_project, [first] = await sub_project_with_allocations(stack, project, grant, pi, 1)
+    carol = metadata(stack.token("carol", Role.RESEARCHER))
+    request = scheduler_pb2.SubmitJobRequest(
+        request_id="carol-retry", spec=job_spec(sub_project, "", task_count=1)
+    )
+    batch = scheduler_pb2.SubmitJobsRequest(
+        jobs=[
+            scheduler_pb2.SubmitJobRequest(
+                request_id="carol-batch", spec=job_spec(sub_project, "", task_count=1)
+            )
+        ]
+    )
+    channel, scheduler = scheduler_stub(address)
+    async with channel:
+        submitted = await scheduler.SubmitJob(request, metadata=carol, timeout=10)
+        submitted_batch = await scheduler.SubmitJobs(batch, metadata=carol, timeout=10)
+        async with grpc.aio.insecure_channel(stack.grant_address) as grant_channel:
+            await grant_pb2_grpc.GrantServiceStub(grant_channel).CreateSubAllocation(
+                grant_pb2.CreateSubAllocationRequest(
+                    request_id=uuid.uuid4().hex,
+                    grant_id=grant,
+                    holder=sub_project,
+                    amount_pf_days=common_pb2.Decimal(value="1"),
+                ),
+                metadata=metadata(stack.token(pi, Role.PI)),
+                timeout=10,
+            )
+
+        async def sees_two() -> bool:
+            # A job without a request id is rejected once the scheduler's cached list of the
+            # sub-project's sub-allocations has expired and been read again.
+            try:
+                await scheduler.SubmitJob(
+                    scheduler_pb2.SubmitJobRequest(spec=request.spec), metadata=carol, timeout=10
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    return True
+                raise
+            return False
+
+        await wait_for(sees_two, 60, "the scheduler to list the second sub-allocation", 0.5)
+        again = await scheduler.SubmitJob(request, metadata=carol, timeout=10)
+        again_batch = await scheduler.SubmitJobs(batch, metadata=carol, timeout=10)
+
+    assert submitted.job.spec.sub_allocation_id == first
+    assert again.job.job_id == submitted.job.job_id
+    assert again.job.spec.sub_allocation_id == first
+    assert again_batch.results[0].job.job_id == submitted_batch.results[0].job.job_id
