@@ -692,9 +692,10 @@ def register(subparsers: Any) -> None:
         "--sub-allocations",
         action="store_true",
         help=(
-            "list only the sub-allocations you may draw on, of any grant, with their grant id: "
-            "those you hold, those of grants of projects you lead, and those held by "
-            "sub-projects you are a member of (submit with --grant and --sub-allocation)"
+            "list only the sub-allocations you may draw on, of any grant whose window has not "
+            "ended, with their grant id: those you hold, those of grants of projects you lead, "
+            "and those held by sub-projects you are a member of (submit with --grant and "
+            "--sub-allocation)"
         ),
     )
     p.add_argument(

@@ -73,13 +73,15 @@ class AllocationFilter:
     """The caller."""
     see_all: bool
     """Whether the caller may read every listed grant's sub-allocations. Otherwise only those
-    of grants whose project the caller sees, and those held by sub-projects they draw for."""
+    of grants whose project the caller may read, and those held by sub-projects they draw
+    for."""
     grant_id: str = ""
     """Only this grant's, if set."""
     holder: str = ""
     """Only this holder's, if set."""
     caller_may_draw: bool = False
-    """Only those that the caller's project roles let them draw on."""
+    """Only those that the caller's project roles let them draw on, of grants whose window
+    has not ended."""
 
 
 async def list_allocations(
@@ -88,11 +90,14 @@ async def list_allocations(
     """Return a page of the sub-allocations that ``listed`` selects, ordered by id."""
     readable = access.allocation_readable_sql("$4")
     drawable = access.allocation_drawable_sql("$4")
+    # The grant service places no hold on a grant whose window has ended, so with
+    # caller_may_draw its sub-allocations are left out.
     rows = await conn.fetch(
         "SELECT a.* FROM allocations a JOIN grants g ON g.id = a.grant_id "
         "JOIN projects own ON own.id = g.project_id "
         "WHERE a.id > $1 AND ($2 = '' OR a.grant_id = $2) AND ($3 = '' OR a.holder = $3) "
-        f"AND ($5 OR {readable}) AND (NOT $6 OR {drawable}) "
+        f"AND ($5 OR {readable}) "
+        f"AND (NOT $6 OR ({drawable} AND NOT g.expired AND g.ends_at > now())) "
         "ORDER BY a.id LIMIT $7",
         after,
         listed.grant_id,

@@ -17,7 +17,7 @@ import pytest
 from acsp.v1 import grant_pb2, grant_pb2_grpc
 from tests.grant.service_helpers import RunningGrant, running_grant
 from tests.grant.test_holders_and_names import create_project, delegate
-from tests.grant.test_input_checks import create_eve_project, rejected
+from tests.grant.test_input_checks import create_eve_project, end_grant_window, rejected
 from tests.grant.test_service_rpc import dec, rid, setup_project, standard_grant
 
 Stub = grant_pb2_grpc.GrantServiceStub
@@ -276,3 +276,22 @@ async def test_list_without_grant_or_filter_rejected(
     error = await rejected(alice.ListSubAllocations(grant_pb2.ListSubAllocationsRequest()))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (error.details() or "").startswith("invalid grant_id: is missing")
+
+
+@pytest.mark.timeout(120)
+async def test_drawable_list_skips_ended_grants(
+    grant_service: RunningGrant, delegated: Delegated, schema: str
+) -> None:
+    """A sub-allocation of a grant whose window has ended can no longer pay for a job."""
+    alice = grant_service.stub("alice", ["pi"], "uni-a")
+    later = await standard_grant(grant_service, "50")
+    open_allocation = await alice.CreateSubAllocation(delegate(later, "proj-a-sub"))
+    await end_grant_window(schema, delegated.grant_id)
+    for subject in ("sam", "bob", "alice"):
+        caller = grant_service.stub(subject, ["researcher"], "uni-a")
+        listed = await listed_ids(caller.ListSubAllocations(drawable_request()))
+        expected = [] if subject == "bob" else [open_allocation.sub_allocation_id]
+        assert listed == expected, subject
+    # Without caller_may_draw, the ended grant's sub-allocations still list.
+    everything = await alice.ListSubAllocations(list_request(delegated.grant_id))
+    assert len(everything.sub_allocations) == 2
