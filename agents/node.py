@@ -9,6 +9,7 @@ connection and the timers; the simulated fleet runs thousands of these in one pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -383,10 +384,11 @@ class NodeAgent:
         The start ``command``'s placement version and time order the hosts that later
         commands send. A hosts file that cannot be written leaves ``ACSP_TASK_HOSTS_FILE``
         naming no file, with a warning, while the other variables still let the task start.
-        The file of a task that runs a process is synced to disk before the task starts, as a
-        rewrite is, in a worker thread, so that the fsyncs delay neither the other commands nor
-        the heartbeats. A played task's file is not, because no process reads it, and a
-        played start saves its task record without an fsync too.
+        The file of a task that runs a process, of a job of two or more tasks, is synced to
+        disk before the task starts, as a rewrite is. The fsyncs run in a worker thread, so
+        they delay neither the other commands nor the heartbeats. A played task's file is not
+        synced, because no process reads it and a played start saves its task record without
+        an fsync too. Nor is a one-task job's file, which no UPDATE_HOSTS command rewrites.
         """
         assert self.runner is not None
         index = task_index_of(spec.task_id)
@@ -395,20 +397,26 @@ class NodeAgent:
         path = self._host_files.path(spec.task_id)
         # A redelivered start of a task that ended here would leave a file that no end deletes.
         if not self.runner.knows(spec.task_id):
+            write = functools.partial(
+                self._host_files.write,
+                spec.task_id,
+                placement.task_hosts(self._host),
+                command.issued_at_ns,
+                command.placement_version,
+            )
             try:
-                write = functools.partial(
-                    self._host_files.write,
-                    spec.task_id,
-                    placement.task_hosts(self._host),
-                    command.issued_at_ns,
-                    command.placement_version,
-                )
-                if self.runner.plays(spec):
+                # A one-task job's file names only this host, and no rewrite orders hosts
+                # against it, so syncing it would add fsyncs to every start for nothing.
+                if self.runner.plays(spec) or not placement.task_node_indexes:
                     write()
                 else:
-                    await asyncio.to_thread(write, sync=True)
+                    await _run_to_end_in_thread(functools.partial(write, sync=True))
             except OSError as error:
                 logger.warning("hosts file of task %s was not written: %s", spec.task_id, error)
+            except asyncio.CancelledError:
+                # The task does not start, so nothing else deletes the file just written.
+                self._host_files.forget(spec.task_id)
+                raise
         return task_environment(task_index, placement, self._host, spec.rendezvous_port, path)
 
     async def _update_hosts(self, command: wire.Command, placement: Placement) -> None:
@@ -438,7 +446,7 @@ class NodeAgent:
         )
         async with self._hosts_update_lock:
             try:
-                written = await asyncio.to_thread(update)
+                written = await _run_to_end_in_thread(update)
             except OSError as error:
                 logger.warning("hosts file of task %s was not rewritten: %s", task_id, error)
                 return
@@ -586,6 +594,29 @@ class NodeAgent:
     def _next_event_id(self) -> str:
         self._event_counter += 1
         return f"{self.ref.key}/{self.boot_id}/{self._event_counter}"
+
+
+async def _run_to_end_in_thread(function: Callable[[], _T]) -> _T:
+    """Run ``function`` in a worker thread and return its result.
+
+    A cancellation waits for the thread to end before it propagates, because a thread cannot
+    be stopped. So a caller's cleanup (deleting a task's hosts file, releasing the rewrite
+    lock) comes after the thread's last write, and no write follows the agent's stop.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(function))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        # The agent's stop cancels its loops again every second, and each wait must outlast
+        # a slow disk's fsyncs.
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([future])
+        if not future.cancelled() and future.exception() is not None:
+            logger.warning(
+                "hosts file write failed after its command was cancelled: %s", future.exception()
+            )
+        raise
 
 
 MAX_SAMPLE_US = 3600 * 1_000_000

@@ -671,7 +671,8 @@ class AgentProcess:
                 node.fencing_token = token
             raise
         # Consecutive starts go to the launcher together and wait for its replies together.
-        # Without a launcher a start never waits, so the batch runs in one loop turn.
+        # Without a launcher a start waits only while the hosts file of a task of a job of two
+        # or more tasks is synced, so those starts sync one after another.
         starts: list[Coroutine[Any, Any, None]] = []
         for _message, node, command in accepted:
             if command.kind == "start" and self._launcher is not None:

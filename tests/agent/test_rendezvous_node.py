@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -477,3 +479,126 @@ async def test_task_end_during_update_leaves_no_file(
         await node.runner.launches_settled()
 
     assert sorted(path.name for path in folder.iterdir()) == []
+
+
+async def test_one_task_start_skips_hosts_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A one-task job's file names only this node, and no UPDATE_HOSTS rewrites it, so a node
+    # that starts many such jobs must not wait for fsyncs at each start.
+    node, outbox, spool = make(tmp_path)
+    folder = tmp_path / "hosts"
+    out = tmp_path / "task-env.txt"
+    synced = record_fsyncs(monkeypatch)
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        uuid = node.backend.discover().accelerators[0].uuid
+        command = start_command(uuid, out)
+        assert command.spec is not None
+        alone = replace(command.spec, task_id="job-1/1/0", node_hosts=(), task_node_indexes=())
+        await node.handle(replace(command, task_id="job-1/1/0", spec=alone))
+        await poll(lambda: ended(outbox, spool), "the task to exit")
+        assert node.runner is not None
+        await node.runner.launches_settled()
+
+    variables, hosts = out.read_text().split("--\n")
+    env = dict(line.split("=", 1) for line in variables.splitlines())
+    assert env["ACSP_TASK_COUNT"] == "1"
+    assert env["ACSP_TASK_HOSTS_FILE"] == str(folder / "job-1_1_0.hosts")
+    assert hosts == f"{NODE.node}\n"
+    assert [path for path in synced if path.startswith(str(folder))] == []
+
+
+def record_hosts_writes(
+    monkeypatch: pytest.MonkeyPatch, folder: Path
+) -> tuple[threading.Event, threading.Event]:
+    """Make the first fsync in ``folder`` wait, and return (fsync began, write ended).
+
+    The write is :meth:`HostFiles.write`, which an UPDATE_HOSTS rewrite calls too.
+    """
+    began = threading.Event()
+    finished = threading.Event()
+    real_fsync = os.fsync
+    real_write = HostFiles.write
+
+    def slow_fsync(descriptor: int) -> None:
+        if os.readlink(f"/proc/self/fd/{descriptor}").startswith(str(folder)):
+            if not began.is_set():
+                began.set()
+                time.sleep(0.3)
+        real_fsync(descriptor)
+
+    def write(files: HostFiles, *args: Any, **kwargs: Any) -> Path:
+        try:
+            return real_write(files, *args, **kwargs)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    monkeypatch.setattr(HostFiles, "write", write)
+    return began, finished
+
+
+async def wait_for_event(event: threading.Event, what: str) -> None:
+    await poll(event.is_set, what)
+
+
+async def test_cancelled_start_leaves_no_hosts_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The agent stops while a start syncs its hosts file. The task never starts, so the write
+    # must end before the cancellation does, and its file must be deleted.
+    node, _outbox, _spool = make(tmp_path)
+    folder = tmp_path / "hosts"
+    began, finished = record_hosts_writes(monkeypatch, folder)
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        uuid = node.backend.discover().accelerators[0].uuid
+        handling = asyncio.create_task(node.handle(start_command(uuid, tmp_path / "u", SLEEPER)))
+        await wait_for_event(began, "the hosts file's fsync")
+        handling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handling
+        finished_at_cancel = finished.is_set()
+        await wait_for_event(finished, "the hosts file's write to end")
+        assert node.runner is not None
+        running = list(node.runner.running)
+
+    assert finished_at_cancel
+    assert running == []
+    assert sorted(path.name for path in folder.iterdir()) == []
+
+
+async def test_cancelled_update_ends_its_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The agent stops while an UPDATE_HOSTS rewrite syncs the file. The rewrite lock and the
+    # stop must both wait for the write, or a later rewrite or the end of the task could
+    # act on the file while the cancelled one still writes it.
+    node, outbox, spool = make(tmp_path)
+    hosts_file = tmp_path / "hosts" / "job-1_1_2.hosts"
+    async with asyncio.TaskGroup() as group:
+        await node.start(group)
+        uuid = node.backend.discover().accelerators[0].uuid
+        await node.handle(start_command(uuid, tmp_path / "unused", SLEEPER))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STARTED), "the task to start"
+        )
+        began, finished = record_hosts_writes(monkeypatch, hosts_file.parent)
+        update = hosts_command(TASK, ["h-a", "h-c"], START_TIME + 20, version=1)
+        handling = asyncio.create_task(node.handle(update))
+        await wait_for_event(began, "the rewrite's fsync")
+        handling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handling
+        finished_at_cancel = finished.is_set()
+        await wait_for_event(finished, "the rewrite to end")
+        moved = hosts_file.read_text()
+        await node.handle(stop_command(TASK))
+        await poll(
+            lambda: task_state(outbox, spool, agent_pb2.TASK_STATE_STOPPED), "the task to stop"
+        )
+
+    assert finished_at_cancel
+    assert moved == "h-a\nh-c\nh-a\n"
+    assert not hosts_file.exists()
