@@ -324,13 +324,18 @@ def _print_drawable(
     """Print the sub-allocations the caller may draw on, of any grant.
 
     With ``--project``, only those of ``listed_grants`` (the project's grants) or held by the
-    project are printed. With ``quiet``, an empty list prints nothing.
+    project are printed. With ``quiet``, an empty list prints nothing, and so does a grant
+    service older than ``caller_may_draw``, which rejects the request for its missing grant id.
     """
-    response = grants.ListSubAllocations(
-        grant_pb2.ListSubAllocationsRequest(
-            caller_may_draw=True, page=common_pb2.PageRequest(page_size=args.limit)
-        )
+    request = grant_pb2.ListSubAllocationsRequest(
+        caller_may_draw=True, page=common_pb2.PageRequest(page_size=args.limit)
     )
+    try:
+        response = grants.ListSubAllocations(request)
+    except grpc.RpcError as error:
+        if quiet and error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            return
+        raise
     allocations = [
         s
         for s in response.sub_allocations

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from acsp.v1 import grant_pb2
+from services.grant.errors import InvalidArgument
+from services.grant.rpc_ledger import LedgerHandlers
 from tests.grant.service_helpers import running_grant
 from tests.grant.test_cli import run_cli, use_identity
 from tests.grant.test_holders_and_names import create_project
@@ -83,3 +85,31 @@ async def test_cli_balance_shows_delegated(
     assert grant["delegated_pf_days"] == "3"
     assert grant["sub_allocations_charged_pf_days"] == CHARGE
     assert grant["sub_allocations_available_pf_days"] == "2.5"
+
+
+@pytest.mark.timeout(120)
+async def test_cli_list_against_older_service(
+    schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A grant service older than caller_may_draw rejects a list without a grant id, and the
+    table of grants still prints, without the sub-allocations that --sub-allocations requests."""
+
+    async def reject_missing_grant_id(
+        self: LedgerHandlers, request: grant_pb2.ListSubAllocationsRequest, context: object
+    ) -> grant_pb2.ListSubAllocationsResponse:
+        raise InvalidArgument("grant_id", "is missing", "name the grant")
+
+    # The service binds its handlers when it starts.
+    monkeypatch.setattr(LedgerHandlers, "ListSubAllocations", reject_missing_grant_id)
+    async with running_grant(schema, tmp_path) as svc:
+        await setup_project(svc)
+        grant_id = await standard_grant(svc, "100")
+        use_identity(monkeypatch, svc, "alice", ["pi"])
+        code, table, err = await run_cli(capsys, "list")
+        asked_code, _, asked_err = await run_cli(capsys, "list", "--sub-allocations")
+
+    assert code == 0, err
+    assert grant_id in table
+    assert "sub-allocations you may draw on" not in table
+    assert asked_code == 2
+    assert "invalid grant_id: is missing" in asked_err
