@@ -44,6 +44,6 @@ RESERVED_VARIABLES: Final[Mapping[str, str]] = {
     RENDEZVOUS_PORT: "the port for task 0 to listen on",
     VISIBLE_DEVICES: "the UUIDs of the task's accelerators",
 }
-"""What acsp sets each reserved variable to, by name. The scheduler sets ``ACSP_ARRAY_INDEX``
-when it creates an array's elements, and the node agent sets the others when it starts a
-task, some only when they apply (``ACSP_CHECKPOINT_REF`` on a resume)."""
+"""The value that acsp gives each reserved variable, by name. The scheduler sets
+``ACSP_ARRAY_INDEX`` when it creates an array's elements, and the node agent sets the others
+when it starts a task, some only when they apply (``ACSP_CHECKPOINT_REF`` on a resume)."""

@@ -170,7 +170,8 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         """Explain who may draw on the sub-allocation ``spec`` names, which the caller may not."""
         allocation = f"{prefix}.sub_allocation_id: sub-allocation {spec.sub_allocation_id!r}"
         pi = f"the PI of project {spec.project_id!r}"
-        # A member of the grant's project holds as that member, even if a project has its name.
+        # A holder that is a member of the grant's project is that member, even if a project
+        # has the same id.
         if holder not in project.subjects and await self.project(holder) is not None:
             return (
                 f"{allocation} is held by sub-project {holder!r}, so it pays for that "

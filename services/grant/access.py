@@ -76,8 +76,8 @@ led by the same PI, and its viewers may not draw."""
 
 def allocation_readable_sql(subject: str) -> str:
     """Return SQL that is true when ``subject`` may read the sub-allocation ``a`` of a grant of
-    the project ``own``: as anyone who sees the project, or as a member of the sub-project that
-    holds it. ``subject`` is the SQL parameter, e.g. ``$2``."""
+    the project ``own``: as anyone who may read the project, or as a member of the sub-project
+    that holds it. ``subject`` is the SQL parameter, e.g. ``$2``."""
     return (
         "(EXISTS (SELECT 1 FROM project_members om WHERE om.project_id = own.id "
         f"AND om.member = {subject}) OR {_SUB_PROJECT_DRAWER.format(subject=subject)})"
