@@ -148,29 +148,3 @@ def _sum(values: Iterable[Decimal]) -> Decimal:
         total = EXACT.add(total, value)
     return total
 
-
-@dataclass(frozen=True, slots=True)
-class PricedLines:
-    """Charge lines of the same time on one model, priced with one rate-card version."""
-
-    rate_card_version: int
-    accelerator_model: str
-    seconds: Decimal
-    """Accelerator-seconds of each line."""
-    count: int
-
-
-def price_charge_lines(history: RateCardHistory, groups: Iterable[PricedLines]) -> Decimal:
-    """Sum the price of every charge line in ``groups`` exactly, in PF-days.
-
-    Charging prices each line (one attempt, period, provider, region and model) on its own and
-    rounds it half-even to the ledger quantum, so the charges must add up to this sum. Pricing
-    the summed seconds of many lines at once could differ from it by up to half a quantum per
-    line.
-    """
-    total = Decimal(0)
-    for group in groups:
-        card = history.get(group.rate_card_version)
-        line = card.charge(group.accelerator_model, group.seconds)
-        total = EXACT.add(total, EXACT.multiply(line, group.count))
-    return total

@@ -134,6 +134,20 @@ def charge(accelerator_seconds: Decimal, peak_dense_tflops: Decimal) -> Decimal:
     return _from_units(round(exact * _UNITS_PER_PF_DAY))
 
 
+def charge_units_per_microsecond(peak_dense_tflops: Decimal) -> Fraction:
+    """Return the exact charge of one accelerator-microsecond, in ledger quanta.
+
+    :func:`charge` of ``micros`` microseconds is this times ``micros``, rounded half-even to
+    a whole number of quanta.
+    """
+    microseconds_per_second = 10**6
+    return (
+        _peak_fraction(peak_dense_tflops)
+        * _UNITS_PER_PF_DAY
+        / (int(TFLOPS_PER_PF_DAY_SECOND) * microseconds_per_second)
+    )
+
+
 def _peak_fraction(peak_dense_tflops: Decimal) -> Fraction:
     if not peak_dense_tflops.is_finite() or peak_dense_tflops <= 0:
         raise ValueError(f"peak_dense_tflops {peak_dense_tflops} must be a positive number")

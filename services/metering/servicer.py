@@ -16,10 +16,10 @@ from acsp.subjects import RATE_CARD_BUCKET
 from acsp.v1 import common_pb2, metering_pb2, metering_pb2_grpc
 from services.metering import convert
 from services.metering.access import check_provider_access, usage_project
-from services.metering.charging import PricedLines, price_charge_lines
 from services.metering.efficiency import job_efficiency, model_report
 from services.metering.ingest import UsageIngest
 from services.metering.pledges import PledgeSync
+from services.metering.priced_usage import priced_usage
 from services.metering.queries import Grouping, UsageFilter, query_usage
 from services.metering.ratecard_store import RateCardCache, publish_version, put_in_bucket
 from services.metering.samples import micros_to_seconds
@@ -464,29 +464,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                        (SELECT coalesce(sum(amount), 0) FROM metering.charges) AS charged
                 """
             )
-            # Lines of equal time on one model and card cost the same, so one row per
-            # distinct time keeps the result small whatever the number of charges.
-            line_rows = await conn.fetch(
-                """
-                SELECT c.rate_card_version, l.accelerator_model, l.accelerator_seconds,
-                       count(*) AS lines
-                FROM metering.charge_lines l JOIN metering.charges c USING (charge_id)
-                GROUP BY 1, 2, 3
-                """
-            )
+            priced = await priced_usage(conn, history)
         assert counts is not None
-        priced = price_charge_lines(
-            history,
-            (
-                PricedLines(
-                    row["rate_card_version"],
-                    row["accelerator_model"],
-                    row["accelerator_seconds"],
-                    int(row["lines"]),
-                )
-                for row in line_rows
-            ),
-        )
         pending = 0
         ingest = self._app.ingest
         if self._app.js is not None and ingest is not None:

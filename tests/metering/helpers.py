@@ -251,3 +251,28 @@ def assert_priced(amount: Decimal, exact: Fraction, charges: int = 1) -> None:
     """Assert ``amount`` is ``exact`` within half a ledger quantum for each of ``charges``."""
     gap = abs(Fraction(amount) - exact)
     assert gap <= Fraction(charges, 2) * Fraction(AMOUNT_QUANTUM), f"{amount} is {float(gap)} off"
+
+
+async def insert_charge_lines(db: Database, lines: Sequence[tuple[int, str, Decimal]]) -> None:
+    """Insert one charge with one line for each (rate-card version, model, seconds)."""
+    charges = [
+        (f"job-{index}", T0, seconds, version) for index, (version, _, seconds) in enumerate(lines)
+    ]
+    async with db.acquire() as conn, conn.transaction():
+        await conn.executemany(
+            """
+            INSERT INTO metering.charges (request_id, job_id, attempt, period_start, seq,
+                hold_id, accelerator_seconds, amount, rate_card_version)
+            VALUES ($1, $1, 0, $2, 0, 'hold-1', $3, 0, $4)
+            """,
+            charges,
+        )
+        await conn.executemany(
+            """
+            INSERT INTO metering.charge_lines (charge_id, provider, region, accelerator_model,
+                accelerator_seconds, amount, period_start)
+            SELECT charge_id, 'prov-a', 'r1', $2, $3, 0, period_start
+            FROM metering.charges WHERE request_id = $1
+            """,
+            [(f"job-{index}", model, seconds) for index, (_, model, seconds) in enumerate(lines)],
+        )

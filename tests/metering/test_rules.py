@@ -11,14 +11,7 @@ import pytest
 
 from acsp.v1 import agent_pb2, common_pb2
 from scheduler.engine.catalog import Catalog
-from services.metering.charging import (
-    AttemptTerms,
-    PricedLines,
-    UsageDelta,
-    charge_request_id,
-    plan_charges,
-    price_charge_lines,
-)
+from services.metering.charging import AttemptTerms, UsageDelta, charge_request_id, plan_charges
 from services.metering.convert import window_in
 from services.metering.efficiency import UtilizationPoint, longest_low_run
 from services.metering.ratecard import (
@@ -28,6 +21,7 @@ from services.metering.ratecard import (
     RatePolicy,
     Vendor,
     charge,
+    charge_units_per_microsecond,
     default_rate_card,
     rate_per_hour,
     rate_per_second,
@@ -295,22 +289,13 @@ def test_plan_groups_by_attempt_and_period() -> None:
     assert planned[0].request_id.endswith("/2")
 
 
-def test_priced_lines_equal_charges_exactly() -> None:
-    # 300 A100 seconds cost 0.00108333... PF-days, which each line rounds down by a third
-    # of a quantum, so twelve lines charge four quanta less than their summed time would.
-    terms = {("job-1", 0): AttemptTerms("hold-1", RatePolicy.CURRENT, None)}
-    model = "A100-SXM4-80GB"
-    deltas = [
-        UsageDelta("job-1", 0, T0 + timedelta(seconds=300 * i), "p", "r", model, Decimal(300))
-        for i in range(12)
-    ]
-    history = RateCardHistory((CARD,))
-    charged = sum(p.amount for p in plan_charges(deltas, terms, {}, history))
-
-    priced = price_charge_lines(history, [PricedLines(1, model, Decimal(300), 12)])
-
-    assert priced == charged
-    assert CARD.charge(model, Decimal(3600)) - charged == 4 * AMOUNT_QUANTUM
+@pytest.mark.parametrize("model", ["A100-SXM4-80GB", "T4", "MI300X", "G2"])
+def test_units_per_microsecond_match_charge(model: str) -> None:
+    factor = charge_units_per_microsecond(CARD.models[model].peak_dense_tflops)
+    for micros in (1, 7, 999_999, 300_000_000, 3_600_000_001, 123_456_789_012):
+        seconds = Decimal(micros).scaleb(-6)
+        units = round(factor * micros)
+        assert CARD.charge(model, seconds) == Decimal(units) * AMOUNT_QUANTUM, micros
 
 
 def _attempt(**changes: object) -> EndedAttempt:

@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -40,6 +41,7 @@ from tests.metering.helpers import (
     assert_priced,
     drain,
     exact_price,
+    insert_charge_lines,
     make_charger,
     report,
     wait_until,
@@ -348,6 +350,41 @@ async def test_ingest_status_counts_dead_events(
     assert code == 0
     assert rows["dead events"] == "2"
     assert rows["dead letters"] == "1"
+
+
+async def test_ingest_status_reads_no_row_per_line(
+    running: tuple[Service, Client], db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each line has its own time, as partial periods do, so pricing in the service would
+    # read one row per line on the event loop that also serves ingest.
+    _service, client = running
+    lines = [
+        (1, "A100-SXM4-80GB", Decimal(7 + index * 1_000_003).scaleb(-6)) for index in range(300)
+    ]
+    await insert_charge_lines(db, lines)
+    rows_read: list[int] = []
+    real_fetch = asyncpg.connection.Connection.fetch
+    real_fetchrow = asyncpg.connection.Connection.fetchrow
+
+    async def fetch(self: asyncpg.Connection, *args: Any, **kwargs: Any) -> list[Any]:
+        rows = await real_fetch(self, *args, **kwargs)
+        rows_read.append(len(rows))
+        return rows
+
+    async def fetchrow(self: asyncpg.Connection, *args: Any, **kwargs: Any) -> Any:
+        row = await real_fetchrow(self, *args, **kwargs)
+        rows_read.append(0 if row is None else 1)
+        return row
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetch", fetch)
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetchrow", fetchrow)
+    status = await client.stub.GetIngestStatus(
+        metering_pb2.GetIngestStatusRequest(), metadata=client.metadata(Role.PROGRAM_OFFICE)
+    )
+
+    expected = sum(CARD.charge(model, seconds) for _, model, seconds in lines)
+    assert Decimal(status.priced_usage_pf_days.value) == expected
+    assert sum(rows_read) < 10, rows_read
 
 
 async def test_refund_list_shows_committed(running: tuple[Service, Client], db: Database) -> None:
