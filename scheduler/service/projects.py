@@ -324,6 +324,10 @@ class ProjectDirectory(grant_directory.ProjectDirectory):
         chosen = choose_held(spec.project_id, usable, f"{prefix}.sub_allocation_id")
         if chosen is None:
             return spec
+        if await self.sub_allocation_holder(chosen.grant_id, chosen.sub_allocation_id) is None:
+            # The grant's cached list predates the sub-allocation that the holder's list has,
+            # and check_submitter reads that list next, so it is read again.
+            await self._fetch_allocations(chosen.grant_id)
         return evolve(
             spec,
             grant_id=chosen.grant_id,

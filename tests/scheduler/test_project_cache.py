@@ -410,3 +410,19 @@ async def test_pick_for_project_with_grants_cached() -> None:
 
     assert picked is job
     assert grants.calls == calls
+
+
+async def test_picked_allocation_newer_than_grant_list() -> None:
+    """A sub-allocation created seconds after its grant's list was cached can be picked and
+    then drawn on, although the cached list of the grant's sub-allocations lacks it."""
+    grants = HeldGrants()
+    grants.allocations.pop("sq")
+    directory = ProjectDirectory(grants)  # type: ignore[arg-type]
+    await directory.check_submitter(user("bob"), spec("p1", "g1", "s1"))
+    grants.allocations["sq"] = "q1"
+
+    picked = await directory.pick_sub_allocation(spec("q1"))
+    limits = await directory.check_submitter(user("dana"), picked)
+
+    assert picked.sub_allocation_id == "sq"
+    assert limits is not None
