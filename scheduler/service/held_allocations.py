@@ -9,6 +9,7 @@ one.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -21,6 +22,8 @@ from services.runtime.errors import InvalidArgument
 from services.runtime.grant_directory import grant_service_unavailable
 
 from .budget_text import display_pf_days
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +50,9 @@ async def fetch_held(
 ) -> list[HeldSubAllocation]:
     """List every sub-allocation that ``holder`` holds, of any grant, page by page.
 
-    Raises Unavailable when the grant service call fails.
+    A grant service older than the ``holder`` filter rejects the request for its missing grant
+    id, and then none is listed, so that a job naming no grant waits for a grant as it did
+    before. Raises Unavailable when the grant service call fails otherwise.
     """
     held: list[HeldSubAllocation] = []
     token = ""
@@ -58,7 +63,15 @@ async def fetch_held(
         try:
             page = await stub.ListSubAllocations(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise grant_service_unavailable("sub-allocations held by", holder, exc) from exc
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or token:
+                raise grant_service_unavailable("sub-allocations held by", holder, exc) from exc
+            logger.warning(
+                "listing the sub-allocations held by %s failed with INVALID_ARGUMENT (%s), as "
+                "from a grant service older than the holder filter: picking none",
+                holder,
+                exc.details(),
+            )
+            return []
         for allocation in page.sub_allocations:
             held.append(
                 HeldSubAllocation(

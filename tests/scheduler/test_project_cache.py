@@ -426,3 +426,30 @@ async def test_picked_allocation_newer_than_grant_list() -> None:
 
     assert picked.sub_allocation_id == "sq"
     assert limits is not None
+
+
+class OlderGrants(HeldGrants):
+    """``HeldGrants`` as a grant service older than the holder filter answers: a list of
+    sub-allocations without a grant id is invalid."""
+
+    async def ListSubAllocations(
+        self, request: grant_pb2.ListSubAllocationsRequest, **options: object
+    ) -> grant_pb2.ListSubAllocationsResponse:
+        if request.grant_id:
+            return await super().ListSubAllocations(request, **options)
+        self.calls += 1
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            "invalid grant_id: is missing",
+        )
+
+
+async def test_no_pick_from_older_grant_service() -> None:
+    """A job of a project without a grant is accepted to wait for one, as before the scheduler
+    picked sub-allocations, while the grant service is older than the holder filter."""
+    job = spec("q1")
+    directory = ProjectDirectory(OlderGrants())  # type: ignore[arg-type]
+
+    assert await directory.pick_sub_allocation(job) is job
