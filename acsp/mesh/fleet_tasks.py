@@ -221,7 +221,11 @@ def _move_folder(source: Path, target: Path) -> None:
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         shutil.copytree(source, partial, symlinks=True, dirs_exist_ok=True)
+        # The source is removed next, so the copy must reach the disk first, or a crash
+        # could lose the usage samples in the spool and the task records in the state file.
+        _sync_tree(partial)
         partial.rename(target)
+        _sync_folder(target.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -231,6 +235,29 @@ def _move_folder(source: Path, target: Path) -> None:
         logger.warning(
             "copied the fleet's state to %s, but cannot remove %s: %s", target, source, exc
         )
+
+
+def _sync_tree(folder: Path) -> None:
+    """Flush every regular file and folder under ``folder``, and ``folder`` itself, to disk."""
+    for directory, _folders, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(directory, name)
+            # Links and special files are skipped, because opening a FIFO would block.
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    os.fsync(descriptor)
+                finally:
+                    os.close(descriptor)
+        _sync_folder(Path(directory))
+
+
+def _sync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _make_state_dir(state_dir: Path) -> None:

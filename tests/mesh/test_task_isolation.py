@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -333,6 +334,49 @@ def test_earlier_state_copied_across_file_systems(
         assert [path.name for path in plan.state_dir.parent.glob(f".{plan.state_dir.name}-*")] == []
     finally:
         shutil.rmtree(plan.state_dir, ignore_errors=True)
+
+
+def test_copied_state_synced_before_removal(
+    private_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # The copy must be on disk before the earlier folder goes, or a crash between the two
+    # loses the spool's unsent usage samples.
+    plan = plan_fleet_tasks(private_data_dir, {TASK_USER_ENV: "someone"})
+    earlier = _earlier_fleet_state(private_data_dir)
+    real_rename = Path.rename
+    real_fsync = os.fsync
+    real_rmtree = shutil.rmtree
+    events: list[str] = []
+
+    def rename_within_file_system(source: Path, target: Path) -> Path:
+        if source == earlier:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return real_rename(source, target)
+
+    def fsync(descriptor: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+        if path.parent.name == "spool" or path.name == "state.json":
+            events.append(f"sync {path.parent.name}/{path.name}")
+        real_fsync(descriptor)
+
+    def rmtree(path: Path, *args: Any, **kwargs: Any) -> None:
+        if Path(path) == earlier:
+            events.append("remove earlier")
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "rename", rename_within_file_system)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    try:
+        prepare_fleet_tasks(plan)
+    finally:
+        real_rmtree(plan.state_dir, ignore_errors=True)
+
+    assert "remove earlier" in events
+    removed = events.index("remove earlier")
+    synced = events[:removed]
+    assert any(event.endswith("/state.json") for event in synced), events
+    assert any(event == "sync spool/segment-1" for event in synced), events
 
 
 def _fleet_of(specs: tuple[ProcessSpec, ...]) -> ProcessSpec:
