@@ -405,11 +405,7 @@ class StateStore:
         try:
             data = path.read_bytes()
         except OSError as error:
-            raise StateFileError(
-                f"ended-task journal {path}",
-                f"cannot be read: {error.strerror or error}",
-                "give the agent read and write access to its state folder",
-            ) from None
+            raise _unreadable(f"ended-task journal {path}", path, error) from None
         # A byte that is not UTF-8 damages its line only, which the loop below skips.
         for line in data.decode("utf-8", errors="replace").splitlines():
             try:
@@ -463,17 +459,27 @@ def _damaged(path: Path, reason: str) -> StateFileError:
     )
 
 
+def _unreadable(what: str, path: Path, error: OSError) -> StateFileError:
+    """Return the error for a state file that cannot be read, with the fix for the reader."""
+    fix = "give the agent read and write access to its state folder"
+    try:
+        owner = path.stat().st_uid
+    except OSError:
+        owner = os.geteuid()
+    if isinstance(error, PermissionError) and owner != os.geteuid():
+        # The agent creates its files with mode 0600, so a tool run as another user, such as
+        # `acsp agent tasks`, cannot read them.
+        fix = f"run this as the agent's user (uid {owner}) or as root"
+    return StateFileError(what, f"cannot be read: {error.strerror or error}", fix)
+
+
 def _read_document(path: Path) -> dict[str, Any]:
     """Read a JSON object from ``path``, raising :class:`StateFileError` for anything else."""
     try:
         with open(path, encoding="utf-8") as file:
             document = json.load(file)
     except OSError as error:
-        raise StateFileError(
-            f"state file {path}",
-            f"cannot be read: {error.strerror or error}",
-            "give the agent read and write access to its state folder",
-        ) from None
+        raise _unreadable(f"state file {path}", path, error) from None
     except ValueError as error:
         raise _damaged(path, f"invalid JSON: {error}") from None
     if not isinstance(document, dict):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from agents.dead_letters import DEAD_LETTERS_FILE_NAME, DeadLetter, DeadLetters
 from agents.private_files import restrict_modes
 from agents.spool import RejectionCount, Spool, SpoolRecord
-from agents.state import StateStore, TaskRecord
+from agents.state import StateFileError, StateStore, TaskRecord
 from agents.state_lock import StateFolderLock, write_pid_file
 
 KEY = "acme.eu-1.node-1"
@@ -119,3 +121,31 @@ def test_restrict_modes_narrows_earlier_files(tmp_path: Path) -> None:
     assert mode_of(spool) == 0o700
     assert mode_of(private) == 0o600
     assert mode_of(outside) == 0o644
+
+
+@pytest.fixture
+def traversable_folder() -> Iterator[Path]:
+    """A folder that every user may pass through, as the state folder of a root mesh's fleet."""
+    folder = Path(tempfile.mkdtemp(prefix="acsp-state-"))
+    folder.chmod(0o711)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to read as another user")
+def test_other_user_told_whose_file(traversable_folder: Path) -> None:
+    # `acsp agent tasks` run by another user than the agent's cannot read its 0600 files, so
+    # the error names the user to run it as, not a change of the agent's access.
+    path = traversable_folder / "state.json"
+    state = StateStore(path)
+    state.put_task(KEY, TaskRecord("j", "j/1/0", ["GPU-0"], 100.0, 60.0, 30.0, pid=4242))
+    state.save()
+    os.seteuid(65534)
+    try:
+        with pytest.raises(StateFileError) as raised:
+            StateStore(path)
+    finally:
+        os.seteuid(0)
+
+    assert raised.value.reason == "cannot be read: Permission denied"
+    assert raised.value.fix == "run this as the agent's user (uid 0) or as root"
