@@ -41,7 +41,7 @@ so 60 digits hold their sums, and the Inexact trap turns any rounding into an er
 
 
 def exact_sum(amounts: Iterable[Decimal]) -> Decimal:
-    """Add amounts without rounding; raises ``decimal.Inexact`` if the sum needs over 60 digits.
+    """Add amounts without rounding, raising ``decimal.Inexact`` if the sum needs over 60 digits.
 
     The built-in ``sum()`` adds in the default context of 28 digits, so it rounds a sum of
     10,000 PF-days or more at the ledger's 24 places.

@@ -619,10 +619,10 @@ class TaskRunner:
         return {recorder for recorder in recorders if recorder is not None}
 
     def _stale_cgroup_left(self, task_id: str) -> bool:
-        """Return whether ``task_id``'s cgroup is one that :func:`remove_stale_cgroups` found
-        with no task and that is not removed yet.
+        """Check whether ``task_id``'s cgroup is one that :func:`remove_stale_cgroups` found
+        with no task and has not removed yet.
 
-        Its removal ends once the cgroup is gone, so a name whose cgroup is gone is forgotten.
+        A name whose cgroup is gone is forgotten, because its removal has ended.
         """
         if self._cgroups is None or not self._cgroups.stale_names:
             return False

@@ -291,7 +291,10 @@ def write(
 
 
 def json_value(value: object) -> str:
-    """Write a value that JSON has no type for: an amount in plain notation, else its str()."""
+    """Convert a value that JSON has no type for to text.
+
+    A Decimal is written in plain notation, and anything else with ``str()``.
+    """
     if isinstance(value, Decimal):
         return format_decimal(value)
     return str(value)
