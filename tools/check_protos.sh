@@ -14,8 +14,11 @@ cd "$root/protos"
 "$buf" lint
 echo "buf lint: ok"
 base=${PROTO_BASE_REF:-HEAD~1}
-if git -C "$root" cat-file -e "$base:protos/buf.yaml" 2>/dev/null; then
-  "$buf" breaking --against "$root/.git#ref=$base,subdir=protos"
+# buf clones the repository at the ref and accepts only a full commit id or a ref name, so an
+# abbreviated id is resolved first.
+commit=$(git -C "$root" rev-parse --verify --quiet "$base^{commit}" || true)
+if [[ -n $commit ]] && git -C "$root" cat-file -e "$commit:protos/buf.yaml" 2>/dev/null; then
+  "$buf" breaking --against "$root/.git#ref=$commit,subdir=protos"
   echo "buf breaking against $base: ok"
 else
   echo "buf breaking: skipped, $base has no protos/buf.yaml to compare with"
