@@ -13,6 +13,9 @@ from enum import IntEnum, StrEnum
 from typing import Final
 
 MILLIS_PER_ACCELERATOR: Final = 1000
+MAX_TASKS: Final = 4096
+"""Task count limit of one job. The scheduler service rejects a larger job at submission, and
+the simulator skips such a trace row."""
 
 
 class InvalidInputError(ValueError):

@@ -12,11 +12,11 @@ from acsp.subjects import TOKEN_PATTERN
 from acsp.task_environment import RESERVED_VARIABLES
 from acsp.v1 import agent_pb2
 from scheduler.engine.catalog import AcceleratorModel, Catalog
+from scheduler.engine.spec import MAX_TASKS
 from services.runtime.errors import InvalidArgument
 
 from .model import MILLIS_PER_ACCELERATOR, PRIORITY_CLASSES, TOPOLOGIES, JobSpec
 
-MAX_TASKS: Final = 4096
 MAX_MILLIS_PER_TASK: Final = 64 * MILLIS_PER_ACCELERATOR
 MAX_WALL_TIME_S: Final = 60 * 86_400
 """Sixty days; longer work needs an advance reservation arranged with the program office."""

@@ -16,7 +16,7 @@ from typing import Final
 
 from acsp.node_lists import parse_accelerator_count
 from scheduler.engine import MILLIS_PER_ACCELERATOR, NodeSpec, PriorityClass
-from scheduler.service.validation import MAX_TASKS
+from scheduler.engine.spec import MAX_TASKS
 from scheduler.sim.accounts import Account, assign_account
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ SWF_ACCELERATORS_PER_NODE: Final = 8
 """SWF jobs wider than this become gangs of tasks of this many accelerators."""
 TOO_MANY_TASKS: Final = "too_many_tasks"
 """Reason of skipped SWF rows whose gang would have more tasks than the scheduler accepts at
-submission (:data:`scheduler.service.validation.MAX_TASKS`)."""
+submission (:data:`scheduler.engine.spec.MAX_TASKS`)."""
 EXAMPLES_PER_REASON: Final = 3
 """Skipped rows a trace keeps, per reason, to show where and why rows were left out."""
 
