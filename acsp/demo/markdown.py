@@ -181,7 +181,7 @@ def summary_lines(document: dict[str, Any]) -> str:
     lines = [
         f"jobs: {jobs['submitted']} submitted, {jobs['completed']} completed, "
         f"{jobs['failed']} failed, {jobs['pending']} pending",
-        f"PF-days charged {document['pf_days']['charged']}, refunded "
+        f"PF-days charged {document['pf_days']['charged']} after refunds of "
         f"{document['pf_days']['refunded']}",
     ]
     for check in document["checks"]:

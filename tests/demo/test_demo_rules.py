@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from acsp.demo import compare, report
+from acsp.demo import compare, markdown, report
 from acsp.demo.checks import run_checks
 from acsp.demo.collect import LiveFigures, _ingest_dict
 from acsp.demo.fleet import build_fleet_plan, sample_by_stride
@@ -324,3 +324,16 @@ def test_demo_mesh_stops_at_first_exit(tmp_path: Path) -> None:
     fleet = build_fleet_plan(max_nodes=config.max_nodes, simulated_nodes=config.simulated_nodes)
     mesh_config = demo_mesh_config(config, fleet, tmp_path / "mesh")
     assert mesh_config.max_restarts == 0
+
+
+def test_summary_names_charge_after_refunds() -> None:
+    document = {
+        "jobs": {"submitted": 3, "completed": 2, "failed": 0, "pending": 1},
+        "pf_days": {"charged": "0.5", "refunded": "0.25"},
+        "checks": [],
+        "wall_clock_s": 1.0,
+    }
+
+    lines = markdown.summary_lines(document).splitlines()
+
+    assert lines[1] == "PF-days charged 0.5 after refunds of 0.25"
