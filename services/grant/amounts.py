@@ -6,10 +6,10 @@ Every amount is a :class:`~decimal.Decimal` with at most 24 decimal places (the 
 
 from __future__ import annotations
 
-from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, localcontext
+from decimal import Decimal, Inexact, InvalidOperation, localcontext
 from typing import Final
 
-from acsp.decimals import format_decimal
+from acsp.decimals import SUM_CONTEXT, format_decimal
 from services.runtime.errors import InvalidArgument
 
 QUANTUM: Final = Decimal("1e-24")
@@ -18,7 +18,7 @@ LIMIT: Final = Decimal(10) ** 24
 """Amounts must be below this many PF-days to fit NUMERIC(48,24)."""
 _FIX: Final = "give a decimal number of PF-days, e.g. '12.5'"
 ZERO: Final = Decimal(0)
-EXACT: Final = Context(prec=60, traps=[InvalidOperation, Inexact, Overflow])
+EXACT: Final = SUM_CONTEXT
 """Arithmetic context for ledger sums: 60 digits hold any sum of NUMERIC(48,24) values that the
 ledger forms, and the Inexact trap turns any rounding into an error instead of a lost quantum."""
 
