@@ -497,6 +497,8 @@ class AgentFeed:
         # The task list of a node that is not in the fleet, because its inventory has not
         # arrived yet or because it was deleted, is not remembered. So the node's first
         # heartbeat after its inventory goes through the loop.
+        # NOTE: heartbeats never register a node, so a deleted node whose agent keeps running
+        # stays out of the fleet until the agent restarts or reconnects and sends an inventory.
         if self._put(item):
             if key in self._fleet:
                 self._running[key] = running

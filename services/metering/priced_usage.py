@@ -65,6 +65,7 @@ async def priced_usage(conn: asyncpg.Connection, history: RateCardHistory) -> De
     :class:`~services.metering.ratecard.UnknownModelError`, as charging does, for a line
     whose version or model ``history`` lacks.
     """
+    # NOTE: the query reads every charge line on each call, so its cost grows with the table.
     versions: list[int] = []
     models: list[str] = []
     numerators: list[Decimal] = []
