@@ -106,10 +106,10 @@ async def test_cli_list_against_older_service(
         grant_id = await standard_grant(svc, "100")
         use_identity(monkeypatch, svc, "alice", ["pi"])
         code, table, err = await run_cli(capsys, "list")
-        asked_code, _, asked_err = await run_cli(capsys, "list", "--sub-allocations")
+        requested_code, _, requested_err = await run_cli(capsys, "list", "--sub-allocations")
 
     assert code == 0, err
     assert grant_id in table
     assert "sub-allocations you may draw on" not in table
-    assert asked_code == 2
-    assert "invalid grant_id: is missing" in asked_err
+    assert requested_code == 2
+    assert "invalid grant_id: is missing" in requested_err

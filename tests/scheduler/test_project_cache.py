@@ -429,8 +429,8 @@ async def test_picked_allocation_newer_than_grant_list() -> None:
 
 
 class OlderGrants(HeldGrants):
-    """``HeldGrants`` as a grant service older than the holder filter answers: a list of
-    sub-allocations without a grant id is invalid."""
+    """``HeldGrants`` that behaves as a grant service older than the holder filter, which
+    rejects a list of sub-allocations without a grant id as invalid."""
 
     async def ListSubAllocations(
         self, request: grant_pb2.ListSubAllocationsRequest, **options: object
